@@ -1,0 +1,5 @@
+import sys
+
+from ctperf.cli import main
+
+sys.exit(main())

@@ -1,0 +1,52 @@
+"""The ``ctperf`` command line: discovers the subcommands in :mod:`ctperf.commands`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from ctperf import commands
+from ctperf.errors import CTPerfError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ctperf import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="ctperf",
+        description="CT perfusion maps for acute ischemic stroke (model-based and U-Net).",
+    )
+    parser.add_argument("--version", action="version", version=f"ctperf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    modules = [importlib.import_module(f"{commands.__name__}.{m.name}")
+               for m in pkgutil.iter_modules(commands.__path__)]
+    for module in sorted(modules, key=lambda m: (getattr(m, "ORDER", 99), m.__name__)):
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except CTPerfError as exc:
+        print(f"ctperf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"ctperf {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Reading and writing CT perfusion studies, maps and masks. The only package that touches files."""
+
+from ctperf.io.atomic import atomic_dir, atomic_file
+from ctperf.io.nifti import (
+    is_nifti,
+    read_mask,
+    read_maps,
+    read_nifti_series,
+    read_volume,
+    write_json,
+    write_maps_nifti,
+    write_series_nifti,
+    write_volume,
+)
+
+__all__ = [
+    "atomic_dir",
+    "atomic_file",
+    "is_nifti",
+    "read_mask",
+    "read_maps",
+    "read_nifti_series",
+    "read_volume",
+    "write_json",
+    "write_maps_nifti",
+    "write_series_nifti",
+    "write_volume",
+]

@@ -1,0 +1,234 @@
+"""Core data types: a CT perfusion series and a set of perfusion maps.
+
+Numpy only, no file access. Arrays are indexed (T, Z, Y, X) for series and (Z, Y, X) for maps; the
+affine maps a voxel's *index vector in reverse array order* ``(x, y, z, 1)`` (column, row, slice) to
+patient coordinates in mm, as in NIfTI. :func:`spacing_zyx` returns the voxel size in array order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ctperf.errors import ValidationError
+
+__all__ = [
+    "MAP_NAMES",
+    "MAP_UNITS",
+    "CTPSeries",
+    "PerfusionMaps",
+    "spacing_zyx",
+]
+
+#: Map names written to disk (``<out>/<name>.nii.gz``) and their physical units.
+MAP_UNITS: dict[str, str] = {
+    "cbf": "mL/100g/min",
+    "cbv": "mL/100g",
+    "mtt": "s",
+    "ttp": "s",
+    "tmax": "s",
+    "delay": "s",
+}
+MAP_NAMES: tuple[str, ...] = tuple(MAP_UNITS)
+
+
+def spacing_zyx(affine: np.ndarray) -> tuple[float, float, float]:
+    """Voxel size in mm in array order (dz, dy, dx) from a 4x4 voxel-to-patient affine."""
+    norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
+    return float(norms[2]), float(norms[1]), float(norms[0])
+
+
+def _check_affine(affine: Any) -> np.ndarray:
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise ValidationError(f"affine must be 4x4, got shape {a.shape}")
+    if not np.all(np.isfinite(a)):
+        raise ValidationError("affine contains NaN or Inf")
+    if not np.allclose(a[3], [0, 0, 0, 1]):
+        raise ValidationError(f"affine's last row must be [0, 0, 0, 1], got {a[3].tolist()}")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-9:
+        raise ValidationError("affine is singular (a voxel axis has zero length)")
+    return a
+
+
+def _check_increasing(times: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(times)):
+        raise ValidationError(f"{what} contain NaN or Inf")
+    steps = np.diff(times, axis=0)
+    if np.any(steps <= 0):
+        bad = int(np.argwhere(steps <= 0)[0][0])
+        raise ValidationError(
+            f"{what} must be strictly increasing; frame {bad + 1} is not after frame {bad} "
+            f"({np.take(times, bad, axis=0)} -> {np.take(times, bad + 1, axis=0)} s)"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class CTPSeries:
+    """A 4D CT perfusion study.
+
+    Parameters
+    ----------
+    hu : ndarray, float32, shape (T, Z, Y, X)
+        Attenuation in Hounsfield units.
+    times : ndarray, float64, shape (T,)
+        Acquisition time of each frame in seconds, strictly increasing, possibly non-uniform.
+    affine : ndarray, shape (4, 4)
+        Voxel ``(x, y, z, 1)`` -> patient mm (see module docstring).
+    slice_times : ndarray, float64, shape (T, Z), optional
+        Per-slice acquisition times when a scanner gives each slice its own (shuttle mode);
+        ``times`` is then their mean over slices.
+    meta : mapping
+        Free metadata: ``series_uid``, ``description``, ``scanner``, ``kvp``, ``mas``,
+        ``timing_source`` and whatever a reader knows.
+    """
+
+    hu: np.ndarray
+    times: np.ndarray
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    slice_times: np.ndarray | None = None
+    meta: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        hu = np.asarray(self.hu)
+        if hu.ndim != 4:
+            raise ValidationError(
+                f"hu must be 4D (T, Z, Y, X), got {hu.ndim}D with shape {hu.shape}"
+            )
+        if min(hu.shape) < 1:
+            raise ValidationError(f"hu has an empty axis: shape {hu.shape}")
+        hu = hu.astype(np.float32, copy=False)
+        if not np.all(np.isfinite(hu)):
+            raise ValidationError("hu contains NaN or Inf values")
+        times = np.asarray(self.times, dtype=np.float64)
+        if times.shape != (hu.shape[0],):
+            raise ValidationError(
+                f"times must have shape (T,) = ({hu.shape[0]},) to match hu, got {times.shape}"
+            )
+        _check_increasing(times, "times")
+        slice_times = self.slice_times
+        if slice_times is not None:
+            slice_times = np.asarray(slice_times, dtype=np.float64)
+            if slice_times.shape != hu.shape[:2]:
+                raise ValidationError(
+                    f"slice_times must have shape (T, Z) = {hu.shape[:2]}, got {slice_times.shape}"
+                )
+            _check_increasing(slice_times, "slice_times")
+        object.__setattr__(self, "hu", hu)
+        object.__setattr__(self, "times", times)
+        object.__setattr__(self, "slice_times", slice_times)
+        object.__setattr__(self, "affine", _check_affine(self.affine))
+        object.__setattr__(self, "meta", dict(self.meta))
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(T, Z, Y, X)."""
+        t, z, y, x = self.hu.shape
+        return t, z, y, x
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.hu.shape[0])
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm, (dz, dy, dx)."""
+        return spacing_zyx(self.affine)
+
+    @property
+    def frame_interval(self) -> float:
+        """Median time between frames in seconds."""
+        return float(np.median(np.diff(self.times))) if self.n_frames > 1 else 0.0
+
+    def replace(self, **changes: Any) -> CTPSeries:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True, eq=False)
+class PerfusionMaps:
+    """Named perfusion maps on one grid.
+
+    Parameters
+    ----------
+    maps : mapping of str to ndarray, float32, shape (Z, Y, X)
+        Usually keys from :data:`MAP_NAMES`; other names (e.g. ``residual``) are allowed.
+    affine : ndarray, shape (4, 4)
+        Voxel ``(x, y, z, 1)`` -> patient mm.
+    units : mapping of str to str
+        Unit per map; defaults to :data:`MAP_UNITS` for the known names and ``"1"`` otherwise.
+    provenance : mapping
+        ``method``, ``constants`` (e.g. rho, kH), ``software_version`` and anything else that
+        explains how the maps were made; written into every output.
+    """
+
+    maps: Mapping[str, np.ndarray]
+    affine: np.ndarray = field(default_factory=lambda: np.eye(4))
+    units: Mapping[str, str] = field(default_factory=dict)
+    provenance: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.maps:
+            raise ValidationError("PerfusionMaps needs at least one map")
+        maps: dict[str, np.ndarray] = {}
+        shape = None
+        for name, value in self.maps.items():
+            arr = np.asarray(value)
+            if arr.ndim != 3:
+                raise ValidationError(
+                    f"map {name!r} must be 3D (Z, Y, X), got shape {arr.shape}"
+                )
+            if shape is None:
+                shape = arr.shape
+            elif arr.shape != shape:
+                raise ValidationError(
+                    f"all maps must share one shape: {name!r} is {arr.shape}, expected {shape}"
+                )
+            if np.any(np.isinf(arr)):
+                raise ValidationError(f"map {name!r} contains Inf values")
+            maps[name] = arr.astype(np.float32, copy=False)
+        units = {name: MAP_UNITS.get(name, "1") for name in maps}
+        units.update(self.units)
+        unknown = set(units) - set(maps)
+        if unknown:
+            raise ValidationError(f"units given for maps that do not exist: {sorted(unknown)}")
+        provenance = dict(self.provenance)
+        if "software_version" not in provenance:
+            from ctperf import __version__
+
+            provenance["software_version"] = __version__
+        object.__setattr__(self, "maps", maps)
+        object.__setattr__(self, "units", units)
+        object.__setattr__(self, "affine", _check_affine(self.affine))
+        object.__setattr__(self, "provenance", provenance)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        try:
+            return self.maps[name]
+        except KeyError:
+            raise KeyError(f"no map {name!r}; have {sorted(self.maps)}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.maps
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.maps)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        z, y, x = next(iter(self.maps.values())).shape
+        return z, y, x
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size in mm, (dz, dy, dx)."""
+        return spacing_zyx(self.affine)
+
+    def replace(self, **changes: Any) -> PerfusionMaps:
+        """A validated copy with some fields changed."""
+        return dataclasses.replace(self, **changes)

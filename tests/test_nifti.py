@@ -1,0 +1,93 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from ctperf import InputError, PerfusionMaps
+from ctperf.io import (
+    read_mask,
+    read_maps,
+    read_nifti_series,
+    write_maps_nifti,
+    write_series_nifti,
+    write_volume,
+)
+
+
+def test_series_round_trip_keeps_values_times_and_geometry(small_series, tmp_path):
+    path = write_series_nifti(small_series, tmp_path / "study.nii.gz")
+    back = read_nifti_series(path)
+    np.testing.assert_array_equal(back.hu, small_series.hu)
+    np.testing.assert_allclose(back.times, small_series.times)  # non-uniform: from the sidecar
+    np.testing.assert_allclose(back.affine, small_series.affine)
+    assert back.meta["timing_source"] == "sidecar FrameTimes"
+    assert back.meta["kvp"] == 80
+    assert not list(tmp_path.glob(".*")), "temporary files left behind"
+
+
+def test_time_step_from_pixdim_in_milliseconds(tmp_path):
+    data = np.zeros((4, 5, 2, 6), dtype=np.float32)
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_xyzt_units("mm", "msec")
+    img.header.set_zooms((1, 1, 1, 500))
+    nib.save(img, tmp_path / "s.nii.gz")
+    series = read_nifti_series(tmp_path / "s.nii.gz")
+    np.testing.assert_allclose(series.times, np.arange(6) * 0.5)
+    assert series.shape == (6, 2, 5, 4)
+
+
+@pytest.mark.parametrize(
+    ("shape", "fill", "sidecar", "message"),
+    [
+        ((4, 4, 2), 0.0, None, "must be 4D"),
+        ((4, 4, 2, 3), np.nan, None, "NaN"),
+        ((4, 4, 2, 3), 0.0, {"FrameTimes": [0, 1]}, "FrameTimes has 2 entries"),
+        ((4, 4, 2, 3), 0.0, {"FrameTimes": [0, 2, 1]}, "strictly increasing"),
+    ],
+)
+def test_bad_nifti_studies_name_the_file(tmp_path, shape, fill, sidecar, message):
+    path = tmp_path / "bad.nii.gz"
+    img = nib.Nifti1Image(np.full(shape, fill, dtype=np.float32), np.eye(4))
+    img.header.set_xyzt_units("mm", "sec")
+    if len(shape) == 4:
+        img.header.set_zooms((1, 1, 1, 1.0))
+    nib.save(img, path)
+    if sidecar is not None:
+        (tmp_path / "bad.json").write_text(json.dumps(sidecar))
+    with pytest.raises(InputError, match=message) as info:
+        read_nifti_series(path)
+    assert "bad." in str(info.value)
+
+
+def test_truncated_file_is_a_clear_error(small_series, tmp_path):
+    path = write_series_nifti(small_series, tmp_path / "study.nii.gz")
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(InputError, match="study.nii.gz: not a readable NIfTI"):
+        read_nifti_series(path)
+
+
+def test_maps_round_trip_with_units_and_provenance(tmp_path, rng):
+    affine = np.diag([0.5, 0.5, 5.0, 1.0])
+    maps = PerfusionMaps(
+        maps={"cbf": rng.random((2, 3, 4)) * 80, "tmax": rng.random((2, 3, 4)) * 10},
+        affine=affine, provenance={"method": "nlr", "constants": {"rho": 1.04, "kh": 0.733}})
+    write_maps_nifti(maps, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "cbf.json", "cbf.nii.gz", "tmax.json", "tmax.nii.gz"]
+    back = read_maps(tmp_path)
+    np.testing.assert_allclose(back["cbf"], maps["cbf"])
+    np.testing.assert_allclose(back.affine, affine)
+    assert back.units["cbf"] == "mL/100g/min"
+    assert back.provenance["constants"] == {"rho": 1.04, "kh": 0.733}
+
+
+def test_mask_on_another_grid_is_rejected(tmp_path):
+    mask = np.zeros((2, 3, 4), dtype=bool)
+    mask[1, 1, 1] = True
+    write_volume(mask, np.eye(4), tmp_path / "m.nii.gz")
+    assert read_mask(tmp_path / "m.nii.gz", shape=(2, 3, 4), affine=np.eye(4)).sum() == 1
+    with pytest.raises(InputError, match="mask grid"):
+        read_mask(tmp_path / "m.nii.gz", shape=(2, 3, 5), affine=np.eye(4))
+    with pytest.raises(InputError, match="mask affine"):
+        read_mask(tmp_path / "m.nii.gz", shape=(2, 3, 4), affine=np.diag([2, 1, 1, 1.0]))
