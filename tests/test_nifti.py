@@ -6,8 +6,8 @@ import pytest
 
 from ctperf import InputError, PerfusionMaps
 from ctperf.io import (
-    read_mask,
     read_maps,
+    read_mask,
     read_nifti_series,
     write_maps_nifti,
     write_series_nifti,

@@ -3,8 +3,8 @@
 from ctperf.io.atomic import atomic_dir, atomic_file
 from ctperf.io.nifti import (
     is_nifti,
-    read_mask,
     read_maps,
+    read_mask,
     read_nifti_series,
     read_volume,
     write_json,
@@ -17,8 +17,8 @@ __all__ = [
     "atomic_dir",
     "atomic_file",
     "is_nifti",
-    "read_mask",
     "read_maps",
+    "read_mask",
     "read_nifti_series",
     "read_volume",
     "write_json",

@@ -21,8 +21,8 @@ from ctperf.types import MAP_NAMES, CTPSeries, PerfusionMaps
 
 __all__ = [
     "is_nifti",
-    "read_mask",
     "read_maps",
+    "read_mask",
     "read_nifti_series",
     "read_volume",
     "sidecar_path",
