@@ -63,7 +63,7 @@ def test_bad_nifti_studies_name_the_file(tmp_path, shape, fill, sidecar, message
 def test_truncated_file_is_a_clear_error(small_series, tmp_path):
     path = write_series_nifti(small_series, tmp_path / "study.nii.gz")
     path.write_bytes(path.read_bytes()[:200])
-    with pytest.raises(InputError, match="study.nii.gz: not a readable NIfTI"):
+    with pytest.raises(InputError, match=r"study\.nii\.gz: not a readable NIfTI"):
         read_nifti_series(path)
 
 

@@ -1,7 +1,7 @@
 """NIfTI reading and writing: 4D studies with a JSON timing sidecar, perfusion maps and masks.
 
-On disk a study is (X, Y, Z, T) as NIfTI stores it; in memory it is (T, Z, Y, X). The NIfTI affine maps
-the (X, Y, Z) data indices to mm, which is the affine convention of :mod:`ctperf.types` unchanged.
+On disk a study is (X, Y, Z, T) as NIfTI stores it; in memory it is (T, Z, Y, X). The NIfTI affine
+maps the (X, Y, Z) data indices to mm, which is the affine convention of :mod:`ctperf.types`.
 """
 
 from __future__ import annotations
@@ -84,7 +84,8 @@ def read_nifti_series(path: PathLike) -> CTPSeries:
     """Read a 4D NIfTI (X, Y, Z, T) study.
 
     Frame times come from the JSON sidecar's ``FrameTimes`` (seconds) when present, else from
-    ``pixdim[4]`` in the header's time unit. A sidecar's ``SliceTimes`` (T x Z) and ``meta`` are kept.
+    ``pixdim[4]`` in the header's time unit. A sidecar's ``SliceTimes`` (T x Z) and ``meta``
+    are kept.
     """
     p = Path(path)
     data, affine, header = _load(p)
@@ -141,7 +142,7 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
         raise ValueError(f"dtype must be 'float32' or 'int16', got {dtype!r}")
     img = nib.Nifti1Image(np.ascontiguousarray(data), series.affine)
     img.header.set_xyzt_units("mm", "sec")
-    zooms = list(img.header.get_zooms()[:3]) + [series.frame_interval]
+    zooms = [*img.header.get_zooms()[:3], series.frame_interval]
     img.header.set_zooms(zooms)
     with atomic_file(p) as tmp:
         nib.save(img, str(tmp))
