@@ -1,7 +1,8 @@
 """ctperf: CT perfusion maps for acute ischemic stroke.
 
 Model-based maps (box-model NLR, SVD family), the U-Net of Gava et al. 2023
-(doi:10.3389/fninf.2023.852105), a digital phantom with known truth and evaluation of lesion agreement.
+(doi:10.3389/fninf.2023.852105), a digital phantom with known truth and evaluation of lesion
+agreement.
 """
 
 from ctperf.errors import CTPerfError, InputError, ValidationError
