@@ -1,9 +1,9 @@
 """Agreement between a map and its reference: voxel-wise errors and lesion overlap.
 
-Voxel-wise figures: MAE, bias, RMSE, Pearson r and Lin's concordance correlation coefficient (Lin
-1989, doi:10.2307/2532051); lesion overlap: the Dice similarity coefficient. All functions take arrays
-of any shape and an optional boolean mask; NaN voxels in either input are left out, and the number of
-voxels used is returned with the figures.
+Voxel-wise figures: MAE, bias, RMSE, Pearson r and Lin's concordance correlation coefficient
+(Lin 1989, doi:10.2307/2532051); lesion overlap: the Dice similarity coefficient. All functions take
+arrays of any shape and an optional boolean mask; NaN voxels in either input are left out, and the
+number of voxels used is returned with the figures.
 """
 
 from __future__ import annotations
