@@ -1,0 +1,59 @@
+"""The U-Net of Gava et al. 2023 (doi:10.3389/fninf.2023.852105): network, slice cache, training,
+patient-level cross-validation and inference. The only ctperf package that imports torch."""
+
+from ctperf.model.checkpoint import (
+    CHECKPOINT_VERSION,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ctperf.model.crossval import cross_validate, format_table, make_folds
+from ctperf.model.data import SliceCache, build_slice_cache, iter_cohort, open_slice_cache
+from ctperf.model.normalise import (
+    DEFAULT_HU_WINDOW,
+    TARGET_MAPS,
+    TARGET_WINDOWS,
+    from_unit,
+    normalise_input,
+    to_unit,
+)
+from ctperf.model.predict import predict_maps
+from ctperf.model.train import TrainResult, evaluate_mse, masked_mse, resolve_device, train
+from ctperf.model.unet import (
+    UNet,
+    resample_frames,
+    select_frames,
+    subsample_indices,
+    unet_flops,
+)
+
+__all__ = [
+    "CHECKPOINT_VERSION",
+    "DEFAULT_HU_WINDOW",
+    "TARGET_MAPS",
+    "TARGET_WINDOWS",
+    "SliceCache",
+    "TrainResult",
+    "UNet",
+    "build_model",
+    "build_slice_cache",
+    "cross_validate",
+    "evaluate_mse",
+    "format_table",
+    "from_unit",
+    "iter_cohort",
+    "load_checkpoint",
+    "make_folds",
+    "masked_mse",
+    "normalise_input",
+    "open_slice_cache",
+    "predict_maps",
+    "resample_frames",
+    "resolve_device",
+    "save_checkpoint",
+    "select_frames",
+    "subsample_indices",
+    "to_unit",
+    "train",
+    "unet_flops",
+]

@@ -1,0 +1,112 @@
+"""Inference: a trained U-Net checkpoint + a CTP series -> perfusion maps in physical units.
+
+The series goes through the same frame selection, HU window and standardisation as the training
+slices (all stored in the checkpoint); the [0, 1] outputs are mapped back with the checkpoint's
+target windows. A ``ttp`` model predicts the box model's delay and its map is named ``delay``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctperf.errors import ValidationError
+from ctperf.model.normalise import from_unit, normalise_input
+from ctperf.model.unet import select_frames
+from ctperf.types import CTPSeries, PerfusionMaps
+
+__all__ = ["predict_maps"]
+
+logger = logging.getLogger(__name__)
+
+
+def _resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    import torch
+    import torch.nn.functional as F
+
+    if arr.shape[-2:] == shape:
+        return arr
+    t = torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))
+    mode = "area" if shape[0] <= arr.shape[-2] and shape[1] <= arr.shape[-1] else "bilinear"
+    kw = {} if mode == "area" else {"align_corners": False}
+    return F.interpolate(t, size=shape, mode=mode, **kw).numpy()
+
+
+def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
+                 device: str = "auto", batch_size: int = 4, resize: bool = False,
+                 mask: np.ndarray | None = None, progress: bool = False) -> PerfusionMaps:
+    """Predict perfusion maps for every slice of a series.
+
+    Parameters
+    ----------
+    series : CTPSeries
+        Study, (T, Z, Y, X) HU; preprocessed as the training data were.
+    checkpoint : path or dict
+        A checkpoint from :func:`ctperf.model.train` (``model.pt``, ``best.pt`` or ``last.pt``),
+        or one already loaded with :func:`ctperf.model.load_checkpoint`.
+    device : str
+        ``auto``, ``cpu`` or ``cuda``.
+    batch_size : int
+        Slices per forward pass.
+    resize : bool
+        Resample slices whose size differs from the training size to it and the maps back
+        (off: a size mismatch is an error, because the net learned one pixel scale).
+    mask : ndarray of bool, shape (Z, Y, X), optional
+        Voxels outside are set to 0.
+    progress : bool
+        Progress bar over slice batches.
+
+    Returns
+    -------
+    PerfusionMaps
+        One float32 (Z, Y, X) map per target, named as in :data:`ctperf.model.TARGET_MAPS`
+        (cbf mL/100 g/min, cbv mL/100 g, delay/mtt/tmax s).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ctperf.model.checkpoint import build_model, load_checkpoint
+    from ctperf.model.train import resolve_device
+
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    cfg = ckpt["config"]
+    _, z, ny, nx = series.shape
+    size = int(cfg["size"])
+    if (ny, nx) != (size, size) and not resize:
+        raise ValidationError(
+            f"the model was trained on {size} x {size} slices, the study has {ny} x {nx}; "
+            "pass resize=True (--resize) to resample, or train at this size")
+    if mask is not None and np.shape(mask) != (z, ny, nx):
+        raise ValidationError(f"mask shape {np.shape(mask)} differs from the study's {(z, ny, nx)}")
+    frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]),
+                           mode=cfg["frame_mode"], frame_interval=cfg["frame_interval"])
+    x = normalise_input(_resize(frames, (size, size)), window=cfg["hu_window"],
+                        mean=cfg["hu_mean"], std=cfg["hu_std"]).transpose(1, 0, 2, 3)
+    dev = resolve_device(device)
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["model"])
+    model.to(dev).eval()
+    outputs = []
+    with torch.no_grad():
+        for start in tqdm(range(0, z, batch_size), desc="predict", disable=not progress):
+            xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(dev)
+            outputs.append(model(xb).float().cpu().numpy())
+    unit = _resize(np.concatenate(outputs, axis=0), (ny, nx))  # (Z, C, Y, X)
+    maps = {}
+    for c, (target, name) in enumerate(zip(cfg["targets"], cfg["map_names"], strict=True)):
+        values = from_unit(np.clip(unit[:, c], 0.0, 1.0), target, windows=cfg["windows"])
+        if mask is not None:
+            values = np.where(mask, values, 0.0).astype(np.float32)
+        maps[name] = values
+    provenance = {"method": "unet", "targets": list(cfg["targets"]),
+                  "windows": cfg["windows"], "trained_reference": cfg["reference"],
+                  "frames": cfg["frames"], "frame_mode": cfg["frame_mode"],
+                  "size": size, "resized": (ny, nx) != (size, size),
+                  "model_software_version": ckpt.get("software_version")}
+    if not isinstance(checkpoint, dict):
+        provenance["checkpoint"] = Path(checkpoint).name
+    logger.info("predicted %s for %d slices", ", ".join(maps), z)
+    return PerfusionMaps(maps=maps, affine=series.affine, provenance=provenance)

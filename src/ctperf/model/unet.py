@@ -1,0 +1,236 @@
+"""The U-Net of Gava et al. 2023 (doi:10.3389/fninf.2023.852105) and its frame selection.
+
+The network maps one CT perfusion slice, its ``t`` time frames stacked as channels (t, H, W), to one
+or more perfusion maps in [0, 1] (sigmoid output). At the default settings it has five resolution
+levels of 64, 128, 256, 512 and 1,024 filters, two convolutions per level, 2 x 2 average pooling,
+2 x 2 up-convolutions, concatenated skip connections and a final 1 x 1 convolution, as in the
+paper. Convolutions use 2 x 2 kernels; an even kernel cannot be centred, so each convolution pads
+one row and one column on the bottom/right side ("same" size, shifted by half a pixel, which the
+next convolution's padding undoes on average). ``kernel_size=3`` gives the usual centred variant.
+
+Sizes that are not a multiple of ``2 ** (depth - 1)`` are reflect-padded up to one and the output
+is cropped back, so any H x W works.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ctperf.errors import ValidationError
+
+__all__ = ["UNet", "resample_frames", "select_frames", "subsample_indices", "unet_flops"]
+
+_NORMS = ("none", "batch", "group")
+
+
+def subsample_indices(n_available: int, n_frames: int) -> np.ndarray:
+    """Frame indices ``arange(0, T, floor(T / n))[:n]``: the authors' temporal subsampling.
+
+    Parameters
+    ----------
+    n_available : int
+        Frames in the study, T.
+    n_frames : int
+        Frames the network takes, n <= T.
+
+    Returns
+    -------
+    ndarray of int, shape (n,)
+    """
+    if n_frames < 1:
+        raise ValidationError(f"the number of frames must be >= 1, got {n_frames}")
+    if n_available < n_frames:
+        raise ValidationError(
+            f"the model takes {n_frames} frames but the study has only {n_available}; "
+            "use a model trained with fewer frames or frame_mode='resample'")
+    return np.arange(0, n_available, n_available // n_frames)[:n_frames]
+
+
+def resample_frames(hu: np.ndarray, times: np.ndarray, *, n_frames: int,
+                    frame_interval: float) -> np.ndarray:
+    """Linearly interpolate every voxel's curve onto the grid ``times[0] + k * frame_interval``.
+
+    Samples after the last frame repeat the last frame.
+
+    Parameters
+    ----------
+    hu : ndarray, shape (T, ...)
+        Curves along the first axis, in HU.
+    times : ndarray, shape (T,)
+        Acquisition times in s, strictly increasing.
+    n_frames : int
+        Number of grid points n.
+    frame_interval : float
+        Grid step in s.
+
+    Returns
+    -------
+    ndarray, float32, shape (n, ...)
+    """
+    times = np.asarray(times, dtype=np.float64)
+    if frame_interval <= 0:
+        raise ValidationError(f"frame_interval must be > 0 s, got {frame_interval}")
+    grid = times[0] + frame_interval * np.arange(n_frames)
+    grid = np.clip(grid, times[0], times[-1])
+    right = np.clip(np.searchsorted(times, grid, side="right"), 1, len(times) - 1)
+    left = right - 1
+    span = times[right] - times[left]
+    w = np.clip((grid - times[left]) / np.where(span > 0, span, 1.0), 0.0, 1.0)
+    shape = (n_frames,) + (1,) * (hu.ndim - 1)
+    out = hu[left] * (1 - w).reshape(shape) + hu[right] * w.reshape(shape)
+    return out.astype(np.float32, copy=False)
+
+
+def select_frames(hu: np.ndarray, times: np.ndarray, *, n_frames: int, mode: str = "subsample",
+                  frame_interval: float | None = None) -> np.ndarray:
+    """The network's input frames from a (T, ...) series: subsampled or resampled in time.
+
+    ``mode="subsample"`` keeps frames :func:`subsample_indices` (the authors' choice, blind to
+    the times); ``mode="resample"`` interpolates onto a uniform grid of ``frame_interval`` s.
+    """
+    if mode == "subsample":
+        return np.asarray(hu[subsample_indices(hu.shape[0], n_frames)], dtype=np.float32)
+    if mode == "resample":
+        if frame_interval is None:
+            raise ValidationError("frame_mode='resample' needs a frame_interval in s")
+        return resample_frames(hu, times, n_frames=n_frames, frame_interval=frame_interval)
+    raise ValidationError(f"frame mode must be 'subsample' or 'resample', got {mode!r}")
+
+
+def _same_pad(kernel_size: int) -> tuple[int, int, int, int]:
+    total = kernel_size - 1
+    before = total // 2
+    return (before, total - before, before, total - before)  # left, right, top, bottom
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    return nn.Identity()
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, cin: int, cout: int, kernel_size: int, norm: str) -> None:
+        layers: list[nn.Module] = []
+        for c in (cin, cout):
+            layers += [nn.ZeroPad2d(_same_pad(kernel_size)),
+                       nn.Conv2d(c, cout, kernel_size, bias=norm == "none"),
+                       _norm(norm, cout), nn.ReLU(inplace=True)]
+        super().__init__(*layers)
+
+
+class UNet(nn.Module):
+    """U-Net from (B, t, H, W) frames to (B, C, H, W) maps in [0, 1].
+
+    Parameters
+    ----------
+    in_frames : int
+        Input channels t (time frames).
+    out_channels : int
+        Output maps C (1 per model in the paper).
+    width : int
+        Filters at the first level; level ``i`` has ``width * 2**i`` (64 -> 1,024 by default).
+    depth : int
+        Resolution levels (5 in the paper).
+    kernel_size : int
+        Convolution kernel (2 in the paper; 3 for the usual variant).
+    norm : {"none", "batch", "group"}
+        Normalisation after each convolution ("none" in the paper).
+    """
+
+    def __init__(self, in_frames: int, *, out_channels: int = 1, width: int = 64, depth: int = 5,
+                 kernel_size: int = 2, norm: str = "none") -> None:
+        super().__init__()
+        if in_frames < 1 or out_channels < 1 or width < 1 or depth < 1 or kernel_size < 1:
+            raise ValidationError(
+                f"UNet sizes must be >= 1: in_frames={in_frames}, out_channels={out_channels}, "
+                f"width={width}, depth={depth}, kernel_size={kernel_size}")
+        if norm not in _NORMS:
+            raise ValidationError(f"norm must be one of {_NORMS}, got {norm!r}")
+        self.config = {"in_frames": in_frames, "out_channels": out_channels, "width": width,
+                       "depth": depth, "kernel_size": kernel_size, "norm": norm}
+        chans = [width * 2**i for i in range(depth)]
+        self.down = nn.ModuleList()
+        cin = in_frames
+        for c in chans:
+            self.down.append(_DoubleConv(cin, c, kernel_size, norm))
+            cin = c
+        self.pool = nn.AvgPool2d(2)
+        self.upconv = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for c in reversed(chans[:-1]):
+            self.upconv.append(nn.ConvTranspose2d(2 * c, c, 2, stride=2))
+            self.up.append(_DoubleConv(2 * c, c, kernel_size, norm))
+        self.head = nn.Conv2d(chans[0], out_channels, 1)
+
+    @property
+    def multiple(self) -> int:
+        """Input sizes that are a multiple of this need no padding."""
+        return 2 ** (self.config["depth"] - 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.config["in_frames"]:
+            raise ValidationError(
+                f"UNet expects input (B, {self.config['in_frames']}, H, W), got {tuple(x.shape)}")
+        h, w = x.shape[-2:]
+        m = self.multiple
+        ph, pw = (-h) % m, (-w) % m
+        if ph or pw:
+            mode = "reflect" if ph < h and pw < w else "replicate"
+            x = F.pad(x, (0, pw, 0, ph), mode=mode)
+        skips = []
+        for i, block in enumerate(self.down):
+            if i:
+                x = self.pool(x)
+            x = block(x)
+            skips.append(x)
+        skips.pop()
+        for upconv, block in zip(self.upconv, self.up, strict=True):
+            x = block(torch.cat([skips.pop(), upconv(x)], dim=1))
+        return torch.sigmoid(self.head(x))[..., :h, :w]
+
+    def n_parameters(self) -> int:
+        """Number of trainable parameters."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def unet_flops(*, in_frames: int, size: int | Sequence[int], out_channels: int = 1,
+               width: int = 64, depth: int = 5, kernel_size: int = 2) -> int:
+    """Floating-point operations of one forward pass on one slice (2 per multiply-add).
+
+    Counts convolutions, up-convolutions and the 1 x 1 head (the operations
+    ``torch.utils.flop_counter`` counts); pooling, activations and biases are ignored (< 1 %).
+
+    Parameters
+    ----------
+    in_frames, out_channels, width, depth, kernel_size
+        As for :class:`UNet`.
+    size : int or (int, int)
+        Slice size H x W in pixels (padded up to a multiple of ``2**(depth-1)`` as the net does).
+    """
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    m = 2 ** (depth - 1)
+    h, w = math.ceil(h / m) * m, math.ceil(w / m) * m
+    k2 = kernel_size**2
+    chans = [width * 2**i for i in range(depth)]
+    macs = 0
+    cin = in_frames
+    for i, c in enumerate(chans):
+        px = (h >> i) * (w >> i)
+        macs += px * k2 * (cin * c + c * c)
+        cin = c
+    for i in reversed(range(depth - 1)):
+        c = chans[i]
+        px = (h >> i) * (w >> i)
+        macs += (px // 4) * (2 * c) * c * 4  # ConvTranspose 2x2 stride 2 from the coarser level
+        macs += px * k2 * (2 * c * c + c * c)
+    macs += h * w * chans[0] * out_channels
+    return 2 * macs
