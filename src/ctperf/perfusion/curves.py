@@ -1,0 +1,181 @@
+"""Time curves: baseline, enhancement, band-limiting and the box-model forward model.
+
+All functions work on (T, N) matrices: T frames, N voxels. Times are seconds, float64, shape (T,),
+strictly increasing and not necessarily uniform. The arterial input is treated as the piecewise
+linear interpolation of its samples, zero before the first frame and held at its last value after
+the last frame, so its running integral A(t) is exact (piecewise quadratic) at any time.
+
+Box model (Bennink et al., J. Med. Imaging 3:026003, 2016, doi:10.1117/1.JMI.3.2.026003)::
+
+    C(t) = (rho / kH) * (CBF / 6000) * (A(t - delay) - A(t - delay - MTT))
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctperf.errors import ValidationError
+
+__all__ = [
+    "ArterialTable",
+    "bandlimit",
+    "bolus_arrival_frame",
+    "box_model",
+    "flow_scale",
+    "time_to_peak",
+    "to_enhancement",
+]
+
+
+def flow_scale(rho: float, kh: float) -> float:
+    """Factor turning CBF in mL/100 g/min into the 1/s rate of the convolution: rho / kH / 6000."""
+    return float(rho) / float(kh) / 6000.0
+
+
+def bandlimit(curves: np.ndarray, *, axis: int = 0) -> np.ndarray:
+    """Smooth along time with the [1/4, 1/2, 1/4] kernel (edges replicated); returns a new array.
+
+    Parameters
+    ----------
+    curves : ndarray, shape (T, ...) (time along ``axis``)
+    """
+    x = np.moveaxis(np.asarray(curves, dtype=np.float64), axis, 0)
+    if x.shape[0] < 3:
+        return np.moveaxis(x.copy(), 0, axis)
+    out = np.empty_like(x)
+    out[1:-1] = 0.25 * x[:-2] + 0.5 * x[1:-1] + 0.25 * x[2:]
+    out[0] = 0.75 * x[0] + 0.25 * x[1]
+    out[-1] = 0.25 * x[-2] + 0.75 * x[-1]
+    return np.moveaxis(out, 0, axis)
+
+
+def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1) -> int:
+    """First frame whose rise above the start exceeds ``fraction`` of the curve's peak rise.
+
+    Parameters
+    ----------
+    curve : ndarray, shape (T,)
+        A strongly enhancing reference curve (e.g. the mean of the brightest vessels), HU.
+    """
+    c = np.asarray(curve, dtype=np.float64)
+    rise = c - np.median(c[: max(1, min(3, c.size))])
+    peak = float(rise.max())
+    if not peak > 0:
+        raise ValidationError(
+            "no contrast arrival: the reference curve never rises above its start")
+    return int(np.argmax(rise > fraction * peak))
+
+
+def to_enhancement(
+    hu: np.ndarray, *, n_baseline: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Subtract each voxel's pre-bolus mean.
+
+    Parameters
+    ----------
+    hu : ndarray, shape (T, N)
+        Attenuation in HU.
+    n_baseline : int
+        Number of leading frames before the bolus arrives (at least 1).
+
+    Returns
+    -------
+    enhancement : ndarray, float32, shape (T, N)
+        HU above baseline.
+    baseline : ndarray, float32, shape (N,)
+        Pre-bolus mean in HU.
+    """
+    n = int(n_baseline)
+    if not 1 <= n <= hu.shape[0]:
+        raise ValidationError(f"n_baseline must be in [1, {hu.shape[0]}], got {n}")
+    base = hu[:n].mean(axis=0, dtype=np.float64).astype(np.float32)
+    return (hu - base).astype(np.float32, copy=False), base
+
+
+class ArterialTable:
+    """Exact running integral A(t) and value Ca(t) of a piecewise linear arterial curve.
+
+    Parameters
+    ----------
+    aif : ndarray, shape (T,)
+        Arterial enhancement in HU at ``times``.
+    times : ndarray, shape (T,)
+        Seconds, strictly increasing.
+    """
+
+    def __init__(self, aif: np.ndarray, times: np.ndarray) -> None:
+        ca = np.asarray(aif, dtype=np.float64)
+        t = np.asarray(times, dtype=np.float64)
+        if ca.shape != t.shape or t.ndim != 1 or t.size < 2:
+            raise ValidationError(
+                f"aif and times must be 1D of the same length >= 2, got {ca.shape} and {t.shape}"
+            )
+        self.t = t
+        self.ca = ca
+        steps = np.diff(t)
+        self.slope = np.diff(ca) / steps
+        self.cum = np.r_[0.0, np.cumsum(0.5 * (ca[1:] + ca[:-1]) * steps)]
+        self.uniform = bool(np.allclose(steps, steps[0], rtol=1e-6, atol=1e-9))
+        self.dt = float(steps[0])
+        self.t0 = float(t[0])
+        self.t_end = float(t[-1])
+
+    def _segment(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        xc = np.clip(x, self.t0, self.t_end)
+        if self.uniform:
+            k = ((xc - self.t0) * (1.0 / self.dt)).astype(np.intp)
+            np.minimum(k, self.t.size - 2, out=k)
+        else:
+            k = np.clip(np.searchsorted(self.t, xc, side="right") - 1, 0, self.t.size - 2)
+        return k, xc - self.t[k]
+
+    def integral(self, x: np.ndarray) -> np.ndarray:
+        """A(x) = integral of Ca from the first frame to ``x`` (HU s); any shape."""
+        x = np.asarray(x, dtype=np.float64)
+        k, tau = self._segment(x)
+        out = self.cum[k] + tau * (self.ca[k] + 0.5 * self.slope[k] * tau)
+        out += self.ca[-1] * np.maximum(x - self.t_end, 0.0)
+        return out
+
+    def value(self, x: np.ndarray) -> np.ndarray:
+        """Ca(x) in HU; zero before the first frame, last value after the last; any shape."""
+        x = np.asarray(x, dtype=np.float64)
+        k, tau = self._segment(x)
+        out = self.ca[k] + self.slope[k] * tau
+        out[x < self.t0] = 0.0
+        return out
+
+    @property
+    def area(self) -> float:
+        """Area under the curve over the acquisition, HU s."""
+        return float(self.cum[-1])
+
+
+def box_model(
+    params: np.ndarray, table: ArterialTable, *, scale: float
+) -> np.ndarray:
+    """Box-model tissue enhancement for many parameter sets.
+
+    Parameters
+    ----------
+    params : ndarray, shape (N, 3)
+        CBF (mL/100 g/min), MTT (s), delay (s) per voxel.
+    table : ArterialTable
+        The arterial input at the acquisition times.
+    scale : float
+        :func:`flow_scale` (rho / kH / 6000).
+
+    Returns
+    -------
+    ndarray, float64, shape (T, N)
+        Tissue enhancement in HU at ``table.t``.
+    """
+    p = np.asarray(params, dtype=np.float64)
+    x = table.t[:, None] - p[:, 2]
+    return (scale * p[:, 0]) * (table.integral(x) - table.integral(x - p[:, 1]))
+
+
+def time_to_peak(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Time of each curve's maximum counted from the first frame, s; shape (N,) from (T, N)."""
+    t = np.asarray(times, dtype=np.float64)
+    return (t[np.argmax(curves, axis=0)] - t[0]).astype(np.float64)
