@@ -1,0 +1,157 @@
+"""Slice cache and target normalisation of ctperf.model, on a tiny synthetic cohort.
+
+:func:`make_cohort` (also used by the other test_model_* files) writes subjects in the phantom
+layout whose maps are a known smooth function of the curves: the enhancement is a gamma variate
+scaled by CBV and shifted by the delay, so a network can learn CBV from the curve's height and the
+delay from its timing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctperf.errors import InputError, ValidationError
+from ctperf.io import write_maps_nifti, write_series_nifti, write_volume
+from ctperf.model import (
+    TARGET_MAPS,
+    build_slice_cache,
+    from_unit,
+    normalise_input,
+    open_slice_cache,
+    to_unit,
+)
+from ctperf.types import CTPSeries, PerfusionMaps
+
+
+def _smooth_field(rng: np.random.Generator, shape: tuple[int, int, int]) -> np.ndarray:
+    z, y, x = np.meshgrid(*(np.linspace(0, 1, n) for n in shape), indexing="ij")
+    f = np.zeros(shape)
+    for _ in range(3):
+        a, b, c, phase = rng.uniform(0.5, 2.5, 4)
+        f += np.sin(np.pi * (a * x + b * y + 0.3 * c * z) + 3 * phase)
+    return (f - f.min()) / (np.ptp(f) + 1e-9)  # in [0, 1]
+
+
+def make_cohort(folder: Path, *, subjects: int = 4, seed: int = 0, size: int = 32, slices: int = 2,
+                frames: int = 16, noise_hu: float = 1.0) -> Path:
+    """Write ``subjects`` phantom-layout subjects (study, truth maps, brain mask) to ``folder``."""
+    rng = np.random.default_rng(seed)
+    times = np.arange(frames, dtype=np.float64) * (32.0 / frames)
+    shape = (slices, size, size)
+    yy, xx = np.mgrid[:size, :size]
+    disc = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 < (0.42 * size) ** 2
+    brain = np.broadcast_to(disc, shape).copy()
+    affine = np.diag([1.0, 1.0, 5.0, 1.0])
+    for s in range(subjects):
+        cbv = np.where(brain, 1.0 + 5.0 * _smooth_field(rng, shape), 0.0)
+        delay = np.where(brain, 6.0 * _smooth_field(rng, shape), 0.0)
+        mtt = np.where(brain, 3.0 + 6.0 * _smooth_field(rng, shape), 0.0)
+        cbf = np.where(brain, 60.0 * cbv / np.maximum(mtt, 1e-6), 0.0)
+        tt = np.clip(times[:, None, None, None] - 4.0 - delay[None], 0.0, None)
+        gamma = (tt / 3.0) ** 3 * np.exp(-tt / 1.5) / ((3 * 1.5 / 3.0) ** 3 * np.exp(-3.0))
+        hu = 30.0 * brain + 8.0 * cbv * gamma + noise_hu * rng.standard_normal((frames, *shape))
+        series = CTPSeries(hu=hu.astype(np.float32), times=times, affine=affine)
+        sub = folder / f"sub-{s:04d}"
+        write_series_nifti(series, sub / "study.nii.gz")
+        maps = PerfusionMaps(maps={"cbf": cbf, "cbv": cbv, "mtt": mtt, "delay": delay,
+                                   "tmax": delay + mtt / 2, "ttp": delay + 4.0},
+                             affine=affine, provenance={"method": "synthetic"})
+        write_maps_nifti(maps, sub / "truth")
+        write_volume(brain, affine, sub / "masks" / "brain.nii.gz")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_cohort(tmp_path_factory.mktemp("cohort"), subjects=3)
+
+
+def test_cache_shapes_dtypes_and_index(cohort: Path, tmp_path: Path):
+    cache = build_slice_cache(cohort, tmp_path, size=32, frames=8, reference="truth")
+    assert cache.inputs.shape == (6, 8, 32, 32) and cache.inputs.dtype == np.float16
+    assert cache.targets.shape == (6, len(TARGET_MAPS), 32, 32)
+    assert cache.targets.dtype == np.float16 and cache.masks.dtype == np.uint8
+    assert cache.patient_ids == ["sub-0000", "sub-0001", "sub-0002"]
+    assert list(cache.rows(["sub-0001"])) == [2, 3]
+    assert list(cache.z) == [0, 1] * 3
+    assert not cache.inputs.flags.writeable  # opened as a read-only memory map
+
+
+def test_cache_is_reused_not_rebuilt(cohort: Path, tmp_path: Path):
+    first = build_slice_cache(cohort, tmp_path, size=32, frames=8)
+    stamp = (first.path / "inputs.npy").stat().st_mtime_ns
+    again = build_slice_cache(cohort, tmp_path, size=32, frames=8)
+    assert again.path == first.path
+    assert (again.path / "inputs.npy").stat().st_mtime_ns == stamp
+    other = build_slice_cache(cohort, tmp_path, size=16, frames=8)
+    assert other.path != first.path and other.size == 16
+    assert not list(tmp_path.glob(".*"))  # no temporary folders left behind
+
+
+def test_cache_holds_the_frames_and_maps_it_was_built_from(cohort: Path, tmp_path: Path):
+    from ctperf.io import read_maps, read_nifti_series
+
+    cache = build_slice_cache(cohort, tmp_path, size=32, frames=5)
+    series = read_nifti_series(cohort / "sub-0002" / "study.nii.gz")
+    idx = np.arange(0, 16, 16 // 5)[:5]  # the authors' subsampling, written out independently
+    row = cache.rows(["sub-0002"])[1]
+    # float16 keeps 11 significant bits: 0.05 HU covers rounding of values up to ~100 HU
+    np.testing.assert_allclose(cache.inputs[row], series.hu[idx, 1], atol=0.05)
+    truth = read_maps(cohort / "sub-0002" / "truth")
+    unit = cache.targets[row, cache.target_index("ttp")].astype(np.float32)
+    # float16 in [0, 1] is exact to 2**-11 ~ 5e-4 of the 15 s window: 0.01 s
+    np.testing.assert_allclose(from_unit(unit, "ttp"), truth["delay"][1], atol=0.01)
+    mask = cache.masks[row].astype(bool)
+    assert 0.4 < mask.mean() < 0.7  # the disc of radius 0.42 covers pi * 0.42**2 = 55 %
+
+
+def test_downsampled_cache_averages_areas(cohort: Path, tmp_path: Path):
+    full = build_slice_cache(cohort, tmp_path, size=32, frames=4)
+    half = build_slice_cache(cohort, tmp_path, size=16, frames=4)
+    block = full.inputs[0].astype(np.float32).reshape(4, 16, 2, 16, 2).mean(axis=(2, 4))
+    # float16 rounding of both caches (~0.03 HU at 40 HU) and of the 2 x 2 mean
+    np.testing.assert_allclose(half.inputs[0], block, atol=0.1)
+
+
+def test_input_stats_match_numpy(cohort: Path, tmp_path: Path):
+    cache = build_slice_cache(cohort, tmp_path, size=32, frames=8)
+    rows = cache.rows(["sub-0000", "sub-0002"])
+    data = cache.inputs[rows].astype(np.float64)
+    mean, std = cache.input_stats(["sub-0000", "sub-0002"])
+    # the stored sums are taken before float16 rounding (< 0.03 HU per value)
+    assert mean == pytest.approx(data.mean(), abs=0.01)
+    assert std == pytest.approx(data.std(), abs=0.01)
+
+
+@pytest.mark.parametrize("target", sorted(TARGET_MAPS))
+def test_normalisation_round_trips_to_physical_units(target: str, rng: np.random.Generator):
+    from ctperf.model import TARGET_WINDOWS
+
+    lo, hi = TARGET_WINDOWS[target]
+    values = rng.uniform(lo, hi, 1000).astype(np.float32)
+    unit = to_unit(values, target)
+    assert unit.min() >= 0 and unit.max() <= 1
+    # float32 arithmetic on values up to 100: a few ulp
+    np.testing.assert_allclose(from_unit(unit, target), values, rtol=1e-5, atol=1e-4)
+    outside = to_unit(np.array([lo - 5, hi + 5]), target)
+    assert list(outside) == [0.0, 1.0]
+
+
+def test_unknown_target_and_bad_window_are_clear_errors():
+    with pytest.raises(ValidationError, match="no window for target 'rcbf'"):
+        to_unit(np.zeros(3), "rcbf")
+    with pytest.raises(ValidationError, match="high > low"):
+        to_unit(np.zeros(3), "cbv", windows={"cbv": (5, 5)})
+    with pytest.raises(ValidationError, match="standard deviation"):
+        normalise_input(np.zeros(3), window=(0, 1), mean=0, std=0)
+
+
+def test_missing_cohort_and_damaged_cache_are_input_errors(tmp_path: Path):
+    with pytest.raises(InputError, match="does not exist"):
+        build_slice_cache(tmp_path / "nope", tmp_path / "cache", size=8, frames=2)
+    (tmp_path / "bad").mkdir()
+    with pytest.raises(InputError, match="not a slice cache"):
+        open_slice_cache(tmp_path / "bad")

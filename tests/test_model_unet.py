@@ -1,0 +1,108 @@
+"""The U-Net's shapes, architecture, FLOP count and frame selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ctperf.errors import ValidationError
+from ctperf.model import UNet, resample_frames, select_frames, subsample_indices, unet_flops
+
+
+@pytest.mark.parametrize(("frames", "h", "w", "kernel"),
+                         [(16, 32, 32, 2), (5, 48, 64, 2), (89, 16, 16, 2), (8, 37, 29, 2),
+                          (8, 33, 33, 3), (3, 7, 9, 3)])
+def test_output_shape_and_range(frames: int, h: int, w: int, kernel: int):
+    torch.manual_seed(0)
+    net = UNet(frames, width=4, kernel_size=kernel)
+    with torch.no_grad():
+        y = net(torch.randn(2, frames, h, w))
+    assert y.shape == (2, 1, h, w)
+    assert float(y.min()) >= 0.0 and float(y.max()) <= 1.0
+
+
+def test_multi_output_and_depth():
+    net = UNet(6, out_channels=3, width=4, depth=3)
+    assert net(torch.randn(1, 6, 20, 20)).shape == (1, 3, 20, 20)
+
+
+def test_default_architecture_is_the_papers():
+    net = UNet(89)
+    down_convs = [m for block in net.down for m in block if isinstance(m, torch.nn.Conv2d)]
+    assert [c.out_channels for c in down_convs] == [64, 64, 128, 128, 256, 256, 512, 512,
+                                                    1024, 1024]
+    assert all(c.kernel_size == (2, 2) for c in down_convs)
+    assert isinstance(net.pool, torch.nn.AvgPool2d)
+    assert all(u.kernel_size == (2, 2) and u.stride == (2, 2) for u in net.upconv)
+    assert net.head.kernel_size == (1, 1)
+
+
+def test_padding_keeps_features_aligned():
+    # a 2 x 2 convolution pads on one side: a one-pixel impulse must stay on the grid, so an
+    # identity-like kernel maps the input to itself without a shift
+    net = UNet(1, width=1, depth=1, kernel_size=2)
+    conv = net.down[0][1]
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.weight[0, 0, 0, 0] = 1.0
+        conv.bias.zero_()
+    x = torch.zeros(1, 1, 8, 8)
+    x[0, 0, 3, 5] = 1.0
+    pad, conv_layer = net.down[0][0], net.down[0][1]
+    with torch.no_grad():
+        assert torch.equal(conv_layer(pad(x)), x)
+
+
+def test_wrong_input_is_a_clear_error():
+    with pytest.raises(ValidationError, match=r"expects input \(B, 8, H, W\)"):
+        UNet(8, width=2)(torch.zeros(1, 7, 16, 16))
+    with pytest.raises(ValidationError, match="norm must be"):
+        UNet(8, norm="layer")
+
+
+@pytest.mark.parametrize(("kernel", "size", "depth"), [(2, 32, 5), (3, 40, 4), (2, 21, 3)])
+def test_flops_formula_matches_torch_counter(kernel: int, size: int, depth: int):
+    net = UNet(7, width=4, depth=depth, kernel_size=kernel)
+    with FlopCounterMode(display=False) as counter:
+        net(torch.zeros(1, 7, size, size))
+    expected = unet_flops(in_frames=7, size=size, width=4, depth=depth, kernel_size=kernel)
+    assert counter.get_total_flops() == expected  # both count 2 per multiply-add, exactly
+
+
+def test_parameter_count_matches_layer_sum():
+    net = UNet(10, width=8, depth=4, kernel_size=3)
+    chans = [8, 16, 32, 64]
+    conv = lambda ci, co, k: ci * co * k * k + co  # noqa: E731
+    n = 0
+    ci = 10
+    for c in chans:
+        n += conv(ci, c, 3) + conv(c, c, 3)
+        ci = c
+    for c in reversed(chans[:-1]):
+        n += conv(2 * c, c, 2) + conv(2 * c, c, 3) + conv(c, c, 3)
+    n += conv(8, 1, 1)
+    assert net.n_parameters() == n
+
+
+def test_subsample_indices_follow_the_authors_rule():
+    idx = subsample_indices(89, 30)
+    assert len(idx) == 30 and idx[0] == 0 and np.all(np.diff(idx) == 2)
+    assert list(subsample_indices(10, 3)) == [0, 3, 6]
+    assert list(subsample_indices(5, 5)) == [0, 1, 2, 3, 4]
+    with pytest.raises(ValidationError, match="only 4"):
+        subsample_indices(4, 5)
+
+
+def test_resample_frames_matches_np_interp(rng: np.random.Generator):
+    times = np.cumsum(rng.uniform(0.5, 2.0, 12))
+    hu = rng.normal(40, 10, (12, 2, 3, 4)).astype(np.float32)
+    out = resample_frames(hu, times, n_frames=20, frame_interval=1.0)
+    grid = times[0] + np.arange(20) * 1.0
+    for z, y, x in [(0, 0, 0), (1, 2, 3), (0, 1, 2)]:
+        expected = np.interp(grid, times, hu[:, z, y, x])  # holds the last value past the end
+        # float32 interpolation of values ~40 HU
+        np.testing.assert_allclose(out[:, z, y, x], expected, atol=1e-4)
+    with pytest.raises(ValidationError, match="frame_interval"):
+        select_frames(hu, times, n_frames=4, mode="resample")
