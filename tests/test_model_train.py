@@ -1,0 +1,124 @@
+"""Training: a batch can be overfitted, a killed run resumes exactly, logs and guards."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctperf.errors import InputError, ValidationError
+from ctperf.model import UNet, build_slice_cache, load_checkpoint, masked_mse, train
+from test_model_data import make_cohort
+
+TINY = {"width": 4, "depth": 3, "batch_size": 2, "lr": 1e-3, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def caches(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("train")
+    cohort = make_cohort(root / "cohort", subjects=3, seed=1)
+    full = build_slice_cache(cohort, root / "cache", size=32, frames=8)
+    small = build_slice_cache(cohort, root / "cache", size=16, frames=8)
+    return full, small
+
+
+def test_one_batch_overfits(caches):
+    cache, _ = caches
+    rows = cache.rows(["sub-0000", "sub-0001"])
+    mean, std = cache.input_stats(["sub-0000", "sub-0001"])
+    x, y, m = (torch.from_numpy(a) for a in cache.batch(
+        rows, target_idx=[cache.target_index("cbv")], mean=mean, std=std))
+    torch.manual_seed(0)
+    net = UNet(8, width=8, depth=3, norm="batch")
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(60):
+        loss = masked_mse(net(x), y, m)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])
+
+
+def test_masked_mse_ignores_outside_voxels():
+    pred = torch.tensor([[[[0.0, 1.0]]]])
+    target = torch.tensor([[[[0.0, 0.0]]]])
+    assert float(masked_mse(pred, target, torch.tensor([[[[1.0, 0.0]]]]))) == 0.0
+    assert float(masked_mse(pred, target, None)) == 0.5
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def test_killed_and_resumed_run_equals_uninterrupted_run(caches, tmp_path: Path):
+    full, small = caches
+    kw = {**TINY, "train_patients": ["sub-0000", "sub-0002"], "val_patients": ["sub-0001"],
+          "epochs": 2, "pretrain_cache": small, "pretrain_epochs": 2, "seed": 3,
+          "augment": True}
+    straight = train(full, tmp_path / "straight", **kw)
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_3(row):
+        if row["epoch"] == 3:  # the first fine-tuning epoch, in the second stage
+            raise Killed
+
+    with pytest.raises(Killed):
+        train(full, tmp_path / "resumed", on_epoch=kill_after_3, **kw)
+    assert not (tmp_path / "resumed" / "model.pt").exists()
+    resumed = train(full, tmp_path / "resumed", resume=True, **kw)
+    a, b = _weights(straight.model_path), _weights(resumed.model_path)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name  # bit-identical, not just close
+    assert [r["val_loss"] for r in straight.history] == [r["val_loss"] for r in resumed.history]
+    with (tmp_path / "resumed" / "log.csv").open() as f:
+        log = list(csv.DictReader(f))
+    assert [r["epoch"] for r in log] == ["1", "2", "3", "4"]
+    assert [r["stage"] for r in log] == ["pretrain", "pretrain", "finetune", "finetune"]
+    assert set(log[0]) == {"epoch", "stage", "train_loss", "val_loss", "lr", "seconds"}
+
+
+def test_kill_at_stage_boundary_resumes_exactly(caches, tmp_path: Path):
+    full, small = caches
+    kw = {**TINY, "train_patients": ["sub-0000"], "val_patients": ["sub-0001"], "epochs": 1,
+          "pretrain_cache": small, "pretrain_epochs": 1, "seed": 5}
+    straight = train(full, tmp_path / "a", **kw)
+
+    def kill(row):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(full, tmp_path / "b", on_epoch=kill, **kw)
+    resumed = train(full, tmp_path / "b", resume=True, **kw)
+    a, b = _weights(straight.model_path), _weights(resumed.model_path)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_checkpoint_holds_states_and_loads_weights_only(caches, tmp_path: Path):
+    full, _ = caches
+    result = train(full, tmp_path, train_patients=["sub-0000"], val_patients=["sub-0001"],
+                   epochs=1, **TINY)
+    last = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "rng", "config", "history"} <= set(last)
+    assert last["config"]["hu_std"] > 0 and last["config"]["windows"] == {"cbv": [0.0, 10.0]}
+    assert result.best_path.exists() and len(result.history) == 1
+
+
+def test_guards(caches, tmp_path: Path):
+    full, _ = caches
+    with pytest.raises(ValidationError, match="both training and validation"):
+        train(full, tmp_path, train_patients=["sub-0000"], val_patients=["sub-0000"], **TINY)
+    train(full, tmp_path, train_patients=["sub-0000"], epochs=1, **TINY)
+    with pytest.raises(InputError, match="already holds a training run"):
+        train(full, tmp_path, train_patients=["sub-0000"], epochs=1, **TINY)
+    with pytest.raises(InputError, match=r"cannot resume with different settings.*width"):
+        train(full, tmp_path, train_patients=["sub-0000"], epochs=2, resume=True,
+              **{**TINY, "width": 8})
+    with pytest.raises(ValidationError, match="target 'bogus' is not in the cache"):
+        train(full, tmp_path / "x", train_patients=["sub-0000"], targets=["bogus"], **TINY)
