@@ -1,0 +1,40 @@
+"""``ctperf cv COHORT OUT``: K-fold cross-validation of the U-Net over patients (Table 1)."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["ORDER", "register", "run"]
+
+ORDER = 61
+
+
+def register(subparsers: Any) -> None:
+    from ctperf.commands.train import add_training_arguments
+
+    p = subparsers.add_parser(
+        "cv", help="cross-validate the U-Net over patients (the paper's Table 1)",
+        description="Train one U-Net per fold (folds over patients, never slices) and print and "
+                    "save the per-fold train and validation MSE on [0, 1] maps, mean +- SD, as "
+                    "OUT/table1.csv and OUT/table1.md.")
+    add_training_arguments(p)
+    p.add_argument("--folds", type=int, default=3, help="number of folds K [3]")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctperf.commands.train import prepare, read_id_list
+    from ctperf.model import cross_validate, format_table
+
+    cache, pretrain, options = prepare(args)
+    options.pop("pretrain_cache")
+    targets = options.pop("targets")
+    resume = options.pop("resume")
+    progress = options.pop("progress")
+    rows = cross_validate(cache, args.out, folds=args.folds, seed=args.seed,
+                          test_patients=read_id_list(args.test), targets=targets,
+                          pretrain_cache=pretrain, resume=resume, progress=progress, **options)
+    print(format_table(rows, target="+".join(targets)), end="")
+    print(f"saved {args.out / 'table1.csv'} and {args.out / 'table1.md'}")
+    return 0
