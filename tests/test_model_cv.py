@@ -1,0 +1,70 @@
+"""Patient-level folds and the cross-validation table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ctperf.errors import ValidationError
+from ctperf.model import build_slice_cache, cross_validate, format_table, make_folds
+from test_model_data import make_cohort
+
+IDS = [f"p{i:02d}" for i in range(11)]
+
+
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_folds_never_share_a_patient_and_cover_all(k: int):
+    folds = make_folds(IDS, k=k, seed=4)
+    assert len(folds) == k
+    vals = [set(v) for _, v in folds]
+    for tr, va in folds:
+        assert not set(tr) & set(va)
+        assert set(tr) | set(va) == set(IDS)
+    for i in range(k):
+        for j in range(i + 1, k):
+            assert not vals[i] & vals[j]
+    assert sorted(len(v) for v in vals)[-1] - sorted(len(v) for v in vals)[0] <= 1
+
+
+def test_folds_are_deterministic_from_the_seed_and_order_free():
+    assert make_folds(IDS, seed=1) == make_folds(list(reversed(IDS)), seed=1)
+    assert make_folds(IDS, seed=1) != make_folds(IDS, seed=2)
+
+
+def test_test_patients_are_in_no_fold():
+    folds = make_folds(IDS, k=3, seed=0, test_patients=["p03", "p07"])
+    for tr, va in folds:
+        assert not {"p03", "p07"} & (set(tr) | set(va))
+
+
+def test_fold_errors():
+    with pytest.raises(ValidationError, match="unique"):
+        make_folds(["a", "a", "b"], k=2)
+    with pytest.raises(ValidationError, match="folds <= 2"):
+        make_folds(["a", "b", "c"], k=3, test_patients=["c"])
+    with pytest.raises(ValidationError, match="not in the cohort"):
+        make_folds(["a", "b"], k=2, test_patients=["z"])
+
+
+def test_format_table_mean_and_sd():
+    rows = [{"fold": 1, "train_mse": 0.010, "val_mse": 0.012},
+            {"fold": 2, "train_mse": 0.012, "val_mse": 0.016}]
+    text = format_table(rows, target="cbv")
+    # mean of (0.012, 0.016) = 0.014, sample SD = 0.004 / sqrt(2) = 0.0028
+    assert "| mean +- SD | 0.0110 +- 0.0014 | 0.0140 +- 0.0028 |" in text
+
+
+def test_cross_validate_writes_table(tmp_path: Path):
+    cohort = make_cohort(tmp_path / "cohort", subjects=4, seed=2, size=16, frames=8)
+    cache = build_slice_cache(cohort, tmp_path / "cache", size=16, frames=8)
+    rows = cross_validate(cache, tmp_path / "cv", folds=2, seed=0, test_patients=["sub-0003"],
+                          targets=["cbv", "ttp"], epochs=1, width=2, depth=2, batch_size=2,
+                          lr=1e-3, device="cpu")
+    assert [r["fold"] for r in rows] == [1, 2]
+    assert all(r["n_train"] + r["n_val"] == 3 for r in rows)
+    assert all(0 < r["val_mse"] < 1 and 0 < r["test_mse"] < 1 for r in rows)
+    csv_text = (tmp_path / "cv" / "table1.csv").read_text().splitlines()
+    assert csv_text[0] == "fold,n_train,n_val,train_mse,val_mse,test_mse" and len(csv_text) == 3
+    assert "CBV+TTP" in (tmp_path / "cv" / "table1.md").read_text()
+    assert (tmp_path / "cv" / "fold-2" / "model.pt").exists()
