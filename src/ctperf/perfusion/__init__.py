@@ -1,0 +1,52 @@
+"""Model-based CT perfusion: box-model NLR (the paper's ground truth), SVD deconvolution,
+automatic AIF/VOF, lesion volumes and QC flags. NumPy and SciPy only (no torch)."""
+
+from ctperf.perfusion.aif import (
+    VesselCurve,
+    correct_partial_volume,
+    curve_features,
+    select_aif,
+    select_vof,
+)
+from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS, BoxFit, fit_box_nlr
+from ctperf.perfusion.curves import (
+    ArterialTable,
+    bandlimit,
+    bolus_arrival_frame,
+    box_model,
+    flow_scale,
+    time_to_peak,
+    to_enhancement,
+)
+from ctperf.perfusion.lesions import LesionResult, normal_cbf_reference, segment_lesions
+from ctperf.perfusion.maps import METHODS, PerfusionResult, compute_maps, run_perfusion
+from ctperf.perfusion.qc import qc_flags
+from ctperf.perfusion.svd import SVDResult, svd_deconvolve
+
+__all__ = [
+    "DEFAULT_BOUNDS",
+    "METHODS",
+    "ArterialTable",
+    "BoxFit",
+    "LesionResult",
+    "PerfusionResult",
+    "SVDResult",
+    "VesselCurve",
+    "bandlimit",
+    "bolus_arrival_frame",
+    "box_model",
+    "compute_maps",
+    "correct_partial_volume",
+    "curve_features",
+    "fit_box_nlr",
+    "flow_scale",
+    "normal_cbf_reference",
+    "qc_flags",
+    "run_perfusion",
+    "segment_lesions",
+    "select_aif",
+    "select_vof",
+    "svd_deconvolve",
+    "time_to_peak",
+    "to_enhancement",
+]

@@ -1,0 +1,253 @@
+"""From a CTP series to perfusion maps: the whole model-based pipeline in one call.
+
+:func:`run_perfusion` reads like its table of contents: check the series, find the bolus arrival,
+mask the brain, subtract baselines, choose AIF and VOF (or take the given ones), correct the AIF
+for partial volume, fit or deconvolve every brain voxel, assemble maps, segment lesions and raise
+QC flags. :func:`compute_maps` returns only the maps.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ctperf.errors import ValidationError
+from ctperf.perfusion.aif import VesselCurve, correct_partial_volume, select_aif, select_vof
+from ctperf.perfusion.boxnlr import fit_box_nlr
+from ctperf.perfusion.curves import bandlimit, bolus_arrival_frame, time_to_peak
+from ctperf.perfusion.lesions import LesionResult, segment_lesions
+from ctperf.perfusion.qc import qc_flags
+from ctperf.perfusion.svd import svd_deconvolve
+from ctperf.types import CTPSeries, PerfusionMaps
+
+__all__ = ["METHODS", "PerfusionResult", "compute_maps", "run_perfusion"]
+
+log = logging.getLogger(__name__)
+
+METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd")
+MIN_FRAMES = 10
+
+
+@dataclass(frozen=True)
+class PerfusionResult:
+    """Maps plus what the CLI writes beside them: lesions, brain and vessel masks (Z, Y, X) bool,
+    the AIF (partial-volume corrected) and VOF curves (T,) in HU."""
+
+    maps: PerfusionMaps
+    lesions: LesionResult
+    brain: np.ndarray
+    vessels: np.ndarray
+    aif: np.ndarray
+    vof: np.ndarray | None
+    times: np.ndarray
+
+
+def _vessel_info(sel: VesselCurve | None, coords: np.ndarray | None, source: str,
+                 curve: np.ndarray | None) -> dict[str, Any]:
+    info: dict[str, Any] = {"source": source}
+    if curve is not None:
+        info["curve_hu"] = np.round(np.asarray(curve, dtype=np.float64), 3).tolist()
+    if sel is not None and coords is not None:
+        info["voxels_zyx"] = coords[:, sel.indices].T.tolist()
+    return info
+
+
+def _curve_from_mask(hu: np.ndarray, region: np.ndarray, n_base: int, what: str) -> np.ndarray:
+    if region.shape != hu.shape[1:]:
+        raise ValidationError(f"{what} mask shape {region.shape} differs from the study grid "
+                              f"{hu.shape[1:]} (Z, Y, X)")
+    if not region.any():
+        raise ValidationError(f"{what} mask is empty")
+    c = hu[:, region].astype(np.float64)
+    return (c - c[:n_base].mean(axis=0)).mean(axis=1)
+
+
+def run_perfusion(
+    series: CTPSeries,
+    *,
+    method: str = "nlr-fast",
+    aif: np.ndarray | None = None,
+    vof: np.ndarray | None = None,
+    aif_mask: np.ndarray | None = None,
+    vof_mask: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    rho: float = 1.04,
+    kh: float = 0.733,
+    motion_mm: np.ndarray | None = None,
+    vessel_fraction: float = 0.25,
+    lesion_options: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> PerfusionResult:
+    """Model-based perfusion analysis of one study.
+
+    Parameters
+    ----------
+    series : CTPSeries
+        HU (T, Z, Y, X), at least 10 frames, the bolus arriving after the first frame.
+    method : {"nlr", "nlr-fast", "ssvd", "bsvd", "osvd"}
+    aif, vof : ndarray, shape (T,), optional
+        Given input/output curves (HU enhancement). A given AIF is used as is unless a VOF (curve
+        or mask) is given too, then it is scaled to the VOF's area.
+    aif_mask, vof_mask : ndarray of bool, shape (Z, Y, X), optional
+        Voxels to average instead of the automatic choice.
+    mask : ndarray of bool, shape (Z, Y, X), optional
+        Brain mask; default :func:`ctperf.preprocess.mask.brain_mask` of the pre-bolus mean,
+        CSF excluded.
+    rho, kh : float
+        Brain density (g/mL) and haematocrit ratio; written into the provenance.
+    motion_mm : ndarray, shape (T,), optional
+        Frame-wise displacement from motion correction, for the QC flags.
+    vessel_fraction : float
+        Brain voxels peaking above this fraction of the measured AIF peak are vessels: mapped,
+        but excluded from lesions.
+    lesion_options : dict, optional
+        Keyword arguments of :func:`segment_lesions`.
+    progress : bool
+        Progress bar over voxel chunks.
+
+    Returns
+    -------
+    PerfusionResult
+    """
+    from ctperf.preprocess.mask import brain_mask
+
+    if method not in METHODS:
+        raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    hu, t = series.hu, series.times
+    n_t = hu.shape[0]
+    if n_t < MIN_FRAMES:
+        raise ValidationError(f"a perfusion study needs at least {MIN_FRAMES} frames, got {n_t}")
+    rise = hu.max(axis=0) - hu[0]
+    if not float(rise.max()) > 5.0:
+        raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
+    # Bolus arrival from the strongest enhancing voxels (the large vessels).
+    top = rise >= np.percentile(rise, 99.9)
+    n_base = max(1, bolus_arrival_frame(hu[:, top].mean(axis=1)))
+    base = hu[:n_base].mean(axis=0)
+    if mask is None:
+        mask = brain_mask(base, spacing=series.spacing, exclude_csf=True)
+        search = brain_mask(base, spacing=series.spacing, exclude_csf=False)
+    else:
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != hu.shape[1:]:
+            raise ValidationError(f"brain mask shape {mask.shape} differs from the study grid "
+                                  f"{hu.shape[1:]} (Z, Y, X)")
+        search = mask
+    if not mask.any():
+        raise ValidationError("no brain voxels found (check that the study is in HU)")
+    coords = np.array(np.nonzero(search))
+    enh_s = hu[:, search] - base[search]
+
+    aif_sel = vof_sel = None
+    if aif is not None:
+        aif_raw, aif_src = np.asarray(aif, dtype=np.float64), "given curve"
+        if aif_raw.shape != (n_t,):
+            raise ValidationError(f"aif must have shape ({n_t},), got {aif_raw.shape}")
+    elif aif_mask is not None:
+        aif_raw, aif_src = _curve_from_mask(hu, aif_mask, n_base, "AIF"), "mask"
+    else:
+        aif_sel = select_aif(enh_s, t)
+        aif_raw, aif_src = aif_sel.curve, "automatic"
+    aif_ttp = float(t[np.argmax(aif_raw)] - t[0])
+    vof_curve: np.ndarray | None
+    if vof is not None:
+        vof_curve, vof_src = np.asarray(vof, dtype=np.float64), "given curve"
+    elif vof_mask is not None:
+        vof_curve, vof_src = _curve_from_mask(hu, vof_mask, n_base, "VOF"), "mask"
+    elif aif is None:
+        try:
+            vof_sel = select_vof(enh_s, t, aif_ttp=aif_ttp)
+            vof_curve, vof_src = vof_sel.curve, "automatic"
+        except ValidationError as exc:
+            log.warning("%s; the AIF is not corrected for partial volume", exc)
+            vof_curve, vof_src = None, "none found"
+    else:
+        vof_curve, vof_src = None, "none"
+    pv = None
+    aif_used = aif_raw
+    if vof_curve is not None:
+        aif_used, pv = correct_partial_volume(aif_raw, vof_curve, t)
+
+    # Tissue curves of all brain voxels, (T, N).
+    tissue = hu[:, mask] - base[mask]
+    peaks = tissue.max(axis=0)
+    vessels = np.zeros(mask.shape, dtype=bool)
+    vessels[mask] = peaks > vessel_fraction * float(np.max(aif_raw))
+    if method in ("nlr", "nlr-fast"):
+        fit = fit_box_nlr(tissue, aif_used, t, mode=method, rho=rho, kh=kh, progress=progress)
+        values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
+                  "delay": fit.delay, "residual": fit.residual}
+    else:
+        res = svd_deconvolve(tissue, aif_used, t, method=method, rho=rho, kh=kh)
+        values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
+                  "delay": res.tmax}
+    values["ttp"] = time_to_peak(bandlimit(tissue), t)
+    maps: dict[str, np.ndarray] = {}
+    for name in ("cbf", "cbv", "mtt", "ttp", "tmax", "delay", "residual"):
+        if name in values:
+            vol = np.full(mask.shape, np.nan, dtype=np.float32)
+            v = np.asarray(values[name], dtype=np.float32)
+            vol[mask] = np.where(np.isfinite(v), v, np.nan)
+            maps[name] = vol
+    units = {"residual": "HU"} if "residual" in maps else {}
+
+    base_sd = float(np.median(hu[:n_base, mask].std(axis=0))) if n_base > 2 else None
+    voxel_ml = float(np.prod(series.spacing)) / 1000.0
+    flags = qc_flags(times=t, aif=aif_raw, vof=vof_curve,
+                     tissue_mean=tissue[:, ~vessels[mask]].mean(axis=1)
+                     if (~vessels[mask]).any() else None,
+                     baseline_sd=base_sd, brain_voxels=int(mask.sum()), voxel_ml=voxel_ml,
+                     pv_factor=pv, displacement_mm=motion_mm)
+    provenance: dict[str, Any] = {
+        "method": method,
+        "constants": {"rho_g_per_ml": rho, "kh": kh},
+        "conventions": {"tmax": "delay + MTT/2 (box model)" if method.startswith("nlr")
+                        else "time of the residue's peak", "ttp": "from the first frame",
+                        "delay": "box start after the AIF" if method.startswith("nlr")
+                        else "equal to tmax for SVD methods"},
+        "times_s": t.tolist(),
+        "baseline_frames": n_base,
+        "aif": {**_vessel_info(aif_sel, coords, aif_src, aif_used), "pv_factor": pv,
+                "measured_hu": np.round(aif_raw, 3).tolist()},
+        "vof": _vessel_info(vof_sel, coords, vof_src, vof_curve),
+        "brain_voxels": int(mask.sum()),
+        "vessel_voxels": int(vessels.sum()),
+        "qc": flags,
+    }
+    pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
+    lesions = segment_lesions(pmaps, brain=mask, exclude=vessels, **(lesion_options or {}))
+    provenance["lesions"] = lesions.summary()
+    pmaps = pmaps.replace(provenance=provenance)
+    return PerfusionResult(maps=pmaps, lesions=lesions, brain=mask, vessels=vessels,
+                           aif=aif_used, vof=vof_curve, times=t)
+
+
+def compute_maps(
+    series: CTPSeries,
+    *,
+    method: str = "nlr-fast",
+    aif: np.ndarray | None = None,
+    vof: np.ndarray | None = None,
+    aif_mask: np.ndarray | None = None,
+    vof_mask: np.ndarray | None = None,
+    mask: np.ndarray | None = None,
+    rho: float = 1.04,
+    kh: float = 0.733,
+    motion_mm: np.ndarray | None = None,
+    progress: bool = False,
+) -> PerfusionMaps:
+    """Perfusion maps of a study (see :func:`run_perfusion` for the parameters).
+
+    Returns
+    -------
+    PerfusionMaps
+        ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt``, ``ttp``, ``tmax``, ``delay`` s, and
+        ``residual`` HU for the NLR methods; NaN outside the brain, never Inf. The provenance
+        holds the method, constants, AIF/VOF voxels and curves, QC flags and lesion volumes.
+    """
+    return run_perfusion(series, method=method, aif=aif, vof=vof, aif_mask=aif_mask,
+                         vof_mask=vof_mask, mask=mask, rho=rho, kh=kh, motion_mm=motion_mm,
+                         progress=progress).maps

@@ -1,0 +1,90 @@
+"""Quality-control flags stored with the maps: each flag is a short name, a bool and a reason."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+__all__ = ["qc_flags"]
+
+
+def qc_flags(
+    *,
+    times: np.ndarray,
+    aif: np.ndarray,
+    vof: np.ndarray | None = None,
+    tissue_mean: np.ndarray | None = None,
+    baseline_sd: float | None = None,
+    brain_voxels: int | None = None,
+    voxel_ml: float | None = None,
+    pv_factor: float | None = None,
+    displacement_mm: np.ndarray | None = None,
+    end_fraction: float = 0.3,
+    min_aif_peak_hu: float = 100.0,
+    late_aif_fraction: float = 0.6,
+    max_baseline_sd_hu: float = 15.0,
+    pv_range: tuple[float, float] = (0.8, 4.0),
+    min_brain_ml: float = 20.0,
+    max_motion_mm: float = 2.0,
+) -> dict[str, dict[str, Any]]:
+    """Flags that warn a reader when the maps may mislead.
+
+    Parameters
+    ----------
+    times : ndarray, shape (T,)
+    aif : ndarray, shape (T,)
+        Measured (uncorrected) AIF enhancement, HU.
+    vof : ndarray, shape (T,), optional
+    tissue_mean : ndarray, shape (T,), optional
+        Mean brain enhancement, HU.
+    baseline_sd : float, optional
+        Median over brain voxels of the pre-bolus standard deviation, HU.
+    brain_voxels : int, optional
+    voxel_ml : float, optional
+    pv_factor : float, optional
+        AIF scale from the VOF (VOF area / AIF area).
+    displacement_mm : ndarray, shape (T,), optional
+        Mean frame-wise displacement from motion correction.
+
+    Returns
+    -------
+    dict
+        ``{name: {"flag": bool, "value": float | None, "reason": str}}`` for ``truncation``,
+        ``aif_low_peak``, ``aif_late_peak``, ``noisy_baseline``, ``aif_vof_ratio``,
+        ``few_brain_voxels`` and ``motion``; a flag that cannot be judged has ``value`` None.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    flags: dict[str, dict[str, Any]] = {}
+
+    def put(name: str, flag: bool, value: float | None, reason: str) -> None:
+        flags[name] = {"flag": bool(flag), "value": None if value is None else float(value),
+                       "reason": reason}
+
+    ends = []
+    for curve in (aif, vof, tissue_mean):
+        if curve is not None and np.max(curve) > 0:
+            ends.append(float(curve[-1] / np.max(curve)))
+    end = max(ends) if ends else None
+    put("truncation", end is not None and end > end_fraction, end,
+        f"a curve's last frame is above {end_fraction:.0%} of its peak: bolus not washed out, "
+        "CBV and MTT underestimated")
+    peak = float(np.max(aif))
+    put("aif_low_peak", peak < min_aif_peak_hu, peak,
+        f"AIF peak below {min_aif_peak_hu:.0f} HU: poor injection or partial volume")
+    when = float(t[int(np.argmax(aif))] - t[0])
+    put("aif_late_peak", when > late_aif_fraction * (t[-1] - t[0]), when,
+        f"AIF peaks after {late_aif_fraction:.0%} of the acquisition: late bolus, risk of "
+        "truncation")
+    put("noisy_baseline", baseline_sd is not None and baseline_sd > max_baseline_sd_hu,
+        baseline_sd, f"pre-bolus noise above {max_baseline_sd_hu:.0f} HU")
+    put("aif_vof_ratio", pv_factor is not None and not pv_range[0] <= pv_factor <= pv_range[1],
+        pv_factor, f"VOF/AIF area ratio outside [{pv_range[0]}, {pv_range[1]}]: wrong AIF or VOF "
+        "choice")
+    vol = None if brain_voxels is None or voxel_ml is None else brain_voxels * voxel_ml
+    put("few_brain_voxels", vol is not None and vol < min_brain_ml, vol,
+        f"brain mask under {min_brain_ml:.0f} mL")
+    motion = None if displacement_mm is None else float(np.max(displacement_mm))
+    put("motion", motion is not None and motion > max_motion_mm, motion,
+        f"frame-wise displacement above {max_motion_mm} mm")
+    return flags
