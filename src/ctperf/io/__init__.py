@@ -1,6 +1,7 @@
 """Reading and writing CT perfusion studies, maps and masks. The only package that touches files."""
 
 from ctperf.io.atomic import atomic_dir, atomic_file
+from ctperf.io.dicom_write import write_maps_dicom, write_series_dicom
 from ctperf.io.nifti import (
     is_nifti,
     read_maps,
@@ -22,7 +23,9 @@ __all__ = [
     "read_nifti_series",
     "read_volume",
     "write_json",
+    "write_maps_dicom",
     "write_maps_nifti",
+    "write_series_dicom",
     "write_series_nifti",
     "write_volume",
 ]

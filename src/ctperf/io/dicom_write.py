@@ -1,0 +1,338 @@
+"""DICOM writers: a CT perfusion study as a CT Image Storage series, maps as derived series.
+
+Coordinates: ctperf affines map voxel indices to RAS+ millimetres (the NIfTI convention); DICOM
+stores LPS. The writers flip the first two axes, the reader flips them back, so a study converted
+between NIfTI and DICOM keeps its place in the scanner. A study is written as one file per
+(frame, slice) with int16 HU (RescaleSlope 1, RescaleIntercept 0) and real timing tags
+(AcquisitionDateTime, AcquisitionTime, ContentTime, TemporalPositionIndex); ``compress=True``
+re-encodes every file as JPEG Lossless (Process 14, selection value 1) with GDCM, as GE scanners
+store perfusion studies.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+from ctperf.errors import ValidationError
+from ctperf.io.atomic import atomic_dir
+from ctperf.types import CTPSeries, PerfusionMaps
+
+__all__ = ["PATIENT_STUDY_TAGS", "write_maps_dicom", "write_series_dicom"]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+#: Patient and study keywords carried from a source study into written series (``meta["dicom"]``).
+PATIENT_STUDY_TAGS: tuple[str, ...] = (
+    "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
+    "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
+    "StudyDescription", "ReferringPhysicianName", "InstitutionName",
+    "Manufacturer", "ManufacturerModelName",
+)
+
+_LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_DEFAULT_START = dt.datetime(2000, 1, 1, 12, 0, 0)
+
+# Display windows (centre, width) per map, in the map's units.
+_MAP_WINDOWS: dict[str, tuple[float, float]] = {
+    "cbf": (40.0, 80.0), "cbv": (3.0, 6.0), "mtt": (8.0, 16.0),
+    "ttp": (15.0, 30.0), "tmax": (8.0, 16.0), "delay": (5.0, 10.0),
+}
+
+
+def _slice_geometry(affine: np.ndarray, n_slices: int) -> dict[str, Any]:
+    """DICOM geometry tags of each slice from a RAS voxel-to-mm affine."""
+    lps = _LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)
+    col_step, row_step, slice_step = lps[:3, 0], lps[:3, 1], lps[:3, 2]
+    dx, dy = float(np.linalg.norm(col_step)), float(np.linalg.norm(row_step))
+    normal = np.cross(col_step / dx, row_step / dy)
+    positions = [lps[:3, 3] + z * slice_step for z in range(n_slices)]
+    return {
+        "iop": [*(col_step / dx), *(row_step / dy)],
+        "pixel_spacing": [dy, dx],
+        "positions": positions,
+        "locations": [float(p @ normal) for p in positions],
+        "thickness": float(np.linalg.norm(slice_step)),
+    }
+
+
+def _ds(value: float) -> str:
+    """A decimal string (VR DS, at most 16 characters) as close to ``value`` as fits."""
+    for digits in range(10, 0, -1):
+        text = f"{value:.{digits}g}"
+        if len(text) <= 16:
+            return text
+    return f"{value:.0f}"
+
+
+def _parse_dicom_datetime(text: str) -> dt.datetime | None:
+    text = str(text).strip().split("+")[0].split("-")[0] if text else ""
+    for fmt in ("%Y%m%d%H%M%S.%f", "%Y%m%d%H%M%S", "%Y%m%d%H%M", "%Y%m%d"):
+        try:
+            return dt.datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+    return None
+
+
+def _start_time(meta: Mapping[str, Any]) -> dt.datetime:
+    """Wall-clock time of t = 0: the reader's ``acquisition_start``, else the study date/time."""
+    start = _parse_dicom_datetime(meta.get("acquisition_start", ""))
+    if start is None:
+        tags = meta.get("dicom", {}) or {}
+        start = _parse_dicom_datetime(f"{tags.get('StudyDate', '')}{tags.get('StudyTime', '')}")
+    return start or _DEFAULT_START
+
+
+def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
+                  *, description: str, sop_class: str) -> Dataset:
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    ds.SOPClassUID = sop_class
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.Modality = "CT"
+    tags: dict[str, Any] = {"PatientName": "Anonymous", "PatientID": "ctperf"}
+    tags.update({k: v for k, v in (meta.get("dicom") or {}).items() if k in PATIENT_STUDY_TAGS})
+    tags.update(patient or {})
+    if meta.get("scanner") and "Manufacturer" not in tags:
+        tags["Manufacturer"] = str(meta["scanner"])
+    for keyword, value in tags.items():
+        setattr(ds, keyword, value)
+    if "StudyInstanceUID" not in ds:
+        ds.StudyInstanceUID = generate_uid()
+    start = _start_time(meta)
+    ds.StudyDate = ds.get("StudyDate") or start.strftime("%Y%m%d")
+    ds.StudyTime = ds.get("StudyTime") or start.strftime("%H%M%S")
+    for keyword in ("StudyID", "AccessionNumber", "ReferringPhysicianName",
+                    "PatientBirthDate", "PatientSex"):
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    ds.SeriesInstanceUID = generate_uid()
+    ds.FrameOfReferenceUID = str(meta.get("frame_of_reference_uid") or generate_uid())
+    ds.SeriesDescription = description[:64]
+    ds.SeriesDate = start.strftime("%Y%m%d")
+    ds.SeriesTime = start.strftime("%H%M%S.%f")
+    ds.PositionReferenceIndicator = ""
+    ds.PatientPosition = "HFS"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    return ds
+
+
+def _finish_file(ds: Dataset, path: Path, compress: bool) -> None:
+    uid = generate_uid()
+    ds.SOPInstanceUID = uid
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.save_as(path, enforce_file_format=True)
+    if compress:
+        _compress_jpeg_lossless(path)
+
+
+def _compress_jpeg_lossless(path: Path) -> None:
+    """Re-encode one file in place as JPEG Lossless, Process 14 SV1 (GDCM)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    if not reader.Read():
+        raise OSError(f"{path}: GDCM could not read the file it was to compress")
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    if not change.Change():
+        raise OSError(f"{path}: GDCM could not encode JPEG Lossless")
+    tmp = path.with_name(path.name + ".jpeg")
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(tmp))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    if not writer.Write():
+        raise OSError(f"{path}: GDCM could not write the compressed file")
+    os.replace(tmp, path)
+
+
+def _times_tags(ds: Dataset, when: dt.datetime) -> None:
+    stamp = when.strftime("%H%M%S.%f")
+    ds.AcquisitionDateTime = when.strftime("%Y%m%d") + stamp
+    ds.AcquisitionDate = when.strftime("%Y%m%d")
+    ds.AcquisitionTime = stamp
+    ds.ContentDate = when.strftime("%Y%m%d")
+    ds.ContentTime = stamp
+
+
+def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = False,
+                       description: str | None = None,
+                       patient: Mapping[str, Any] | None = None,
+                       progress: bool = False) -> Path:
+    """Write a study as a DICOM CT series, one file per (frame, slice).
+
+    Parameters
+    ----------
+    series : CTPSeries
+        The study; ``hu`` (T, Z, Y, X) is rounded to integer HU and clipped to int16.
+    folder : path
+        Output folder, replaced whole (written beside it, then renamed).
+    compress : bool
+        Encode pixels as JPEG Lossless (Process 14 SV1) through GDCM.
+    description : str, optional
+        SeriesDescription; defaults to ``series.meta["description"]``.
+    patient : mapping, optional
+        DICOM keywords -> values for patient/study tags (PatientName, PatientID, StudyDate, ...);
+        they override ``series.meta["dicom"]``.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    Path
+        The folder, holding ``IM_<frame>_<slice>.dcm`` files.
+    """
+    from tqdm import tqdm
+
+    meta = series.meta
+    n_t, n_z, n_y, n_x = series.shape
+    geo = _slice_geometry(series.affine, n_z)
+    desc = description or str(meta.get("description") or "ctperf CT perfusion")
+    base = _base_dataset(meta, patient, description=desc, sop_class=CTImageStorage)
+    base.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    base.SeriesNumber = int(meta.get("series_number") or 1)
+    base.Rows, base.Columns = n_y, n_x
+    base.PixelRepresentation = 1
+    base.RescaleSlope, base.RescaleIntercept, base.RescaleType = "1", "0", "HU"
+    base.WindowCenter, base.WindowWidth = "40", "80"
+    base.ImageOrientationPatient = [_ds(v) for v in geo["iop"]]
+    base.PixelSpacing = [_ds(v) for v in geo["pixel_spacing"]]
+    base.SliceThickness = _ds(geo["thickness"])
+    base.SpacingBetweenSlices = _ds(geo["thickness"])
+    base.NumberOfTemporalPositions = n_t
+    if meta.get("kvp") is not None:
+        base.KVP = _ds(float(meta["kvp"]))
+    if meta.get("mas") is not None:
+        base.Exposure = round(float(meta["mas"]))
+    if meta.get("exposure_time_ms") is not None:
+        base.ExposureTime = round(float(meta["exposure_time_ms"]))
+    if meta.get("tube_current_ma") is not None:
+        base.XRayTubeCurrent = round(float(meta["tube_current_ma"]))
+    start = _start_time(meta)
+    seconds = series.slice_times if series.slice_times is not None else (
+        np.repeat(series.times[:, None], n_z, axis=1))
+    pixels = np.clip(np.rint(series.hu), -32768, 32767).astype(np.int16)
+    out = Path(folder)
+    with atomic_dir(out) as tmp:
+        bar = tqdm(total=n_t * n_z, desc="write DICOM", unit="file", disable=not progress)
+        for t in range(n_t):
+            for z in range(n_z):
+                ds = base.copy()
+                ds.file_meta = base.file_meta.copy()
+                ds.InstanceNumber = t * n_z + z + 1
+                ds.AcquisitionNumber = t + 1
+                ds.TemporalPositionIndex = t + 1
+                ds.ImagePositionPatient = [_ds(v) for v in geo["positions"][z]]
+                ds.SliceLocation = _ds(geo["locations"][z])
+                _times_tags(ds, start + dt.timedelta(seconds=float(seconds[t, z])))
+                ds.PixelData = np.ascontiguousarray(pixels[t, z]).tobytes()
+                _finish_file(ds, tmp / f"IM_{t:04d}_{z:04d}.dcm", compress)
+                bar.update()
+        bar.close()
+    log.info("wrote %d DICOM files to %s", n_t * n_z, out)
+    return out
+
+
+def _map_scaling(values: np.ndarray) -> tuple[np.ndarray, str, float, float]:
+    """Stored integers, dtype name, slope and intercept for a map at 0.01 precision."""
+    finite = values[np.isfinite(values)]
+    lo = float(finite.min()) if finite.size else 0.0
+    hi = float(finite.max()) if finite.size else 0.0
+    slope = 0.01
+    if lo >= 0 and hi / slope <= 65535:
+        stored = np.rint(np.nan_to_num(values, nan=0.0) / slope)
+        return stored.astype(np.uint16), "uint16", slope, 0.0
+    if lo / slope >= -32768 and hi / slope <= 32767:
+        stored = np.rint(np.nan_to_num(values, nan=0.0) / slope)
+        return stored.astype(np.int16), "int16", slope, 0.0
+    # Range too wide for 0.01 steps in 16 bits: coarsen the step to fit, and say so.
+    slope = max((hi - lo) / 65535.0, slope)
+    stored = np.rint((np.nan_to_num(values, nan=lo) - lo) / slope)
+    log.warning("map range %.4g..%.4g does not fit 0.01 steps in 16 bits; step is %.4g",
+                lo, hi, slope)
+    return np.clip(stored, 0, 65535).astype(np.uint16), "uint16", slope, lo
+
+
+def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
+                     source: CTPSeries | None = None) -> list[Path]:
+    """Write each map as its own DICOM series, ``<folder>/<name>/`` with one file per slice.
+
+    Parameters
+    ----------
+    maps : PerfusionMaps
+        Maps (Z, Y, X) in their units; NaN is stored as 0.
+    folder : path
+        Parent folder; each map's subfolder is replaced whole.
+    source : CTPSeries, optional
+        The study the maps come from: its ``meta["dicom"]`` patient/study tags, acquisition
+        start and frame of reference are reused, so viewers file the maps with the study.
+
+    Returns
+    -------
+    list of Path
+        One folder per map. Values are ``stored * RescaleSlope + RescaleIntercept`` with a
+        slope of 0.01 (0.01 precision), stored as uint16 (or int16 for negative maps).
+    """
+    meta = dict(source.meta) if source is not None else {}
+    if source is not None and source.hu.shape[1:] != maps.shape:
+        raise ValidationError(f"maps grid {maps.shape} differs from the source study's "
+                              f"{source.hu.shape[1:]} (Z, Y, X)")
+    method = str(maps.provenance.get("method", "unknown method"))
+    n_z, n_y, n_x = maps.shape
+    geo = _slice_geometry(maps.affine, n_z)
+    frame_uid = meta.get("frame_of_reference_uid") or generate_uid()
+    written = []
+    for number, name in enumerate(maps.names, start=1):
+        values = np.asarray(maps[name], dtype=np.float64)
+        stored, kind, slope, intercept = _map_scaling(values)
+        desc = f"{name.upper()} [{maps.units[name]}] {method}"
+        base = _base_dataset({**meta, "frame_of_reference_uid": frame_uid}, None,
+                             description=desc, sop_class=CTImageStorage)
+        base.ImageType = ["DERIVED", "SECONDARY", "AXIAL", name.upper()]
+        base.SeriesNumber = 100 + number
+        base.Rows, base.Columns = n_y, n_x
+        base.PixelRepresentation = 1 if kind == "int16" else 0
+        base.RescaleSlope, base.RescaleIntercept = _ds(slope), _ds(intercept)
+        base.RescaleType = maps.units[name][:16]
+        centre, width = _MAP_WINDOWS.get(name, (float(np.nanmean(values)),
+                                                 float(np.nanmax(values) - np.nanmin(values))
+                                                 or 1.0))
+        base.WindowCenter, base.WindowWidth = _ds(centre), _ds(width)
+        base.ImageOrientationPatient = [_ds(v) for v in geo["iop"]]
+        base.PixelSpacing = [_ds(v) for v in geo["pixel_spacing"]]
+        base.SliceThickness = _ds(geo["thickness"])
+        base.ImageComments = f"{name} in {maps.units[name]}; method: {method}"[:10240]
+        start = _start_time(meta)
+        target = Path(folder) / name
+        with atomic_dir(target) as tmp:
+            for z in range(n_z):
+                ds = base.copy()
+                ds.file_meta = base.file_meta.copy()
+                ds.InstanceNumber = z + 1
+                ds.ImagePositionPatient = [_ds(v) for v in geo["positions"][z]]
+                ds.SliceLocation = _ds(geo["locations"][z])
+                _times_tags(ds, start)
+                ds.PixelData = np.ascontiguousarray(stored[z]).tobytes()
+                _finish_file(ds, tmp / f"{name}_{z:04d}.dcm", False)
+        written.append(target)
+    return written
