@@ -248,7 +248,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
     if (size is not None and size < 1) or (frames is not None and frames < 1):
         raise ValidationError(f"size and frames must be >= 1, got size={size}, frames={frames}")
     root = Path(cohort)
-    config = {"version": CACHE_VERSION, "size": int(size), "frames": int(frames),
+    config = {"version": CACHE_VERSION, "size": size, "frames": frames,
               "reference": reference, "frame_mode": frame_mode, "frame_interval": frame_interval,
               "hu_window": [float(v) for v in hu_window],
               "windows": {k: list(v) for k, v in TARGET_WINDOWS.items()}}

@@ -1,0 +1,123 @@
+"""Inference, checkpoint safety and the train/cv/predict command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ctperf.cli import main
+from ctperf.errors import InputError, ValidationError
+from ctperf.io import read_maps, read_nifti_series
+from ctperf.model import (
+    TARGET_WINDOWS,
+    build_slice_cache,
+    load_checkpoint,
+    predict_maps,
+    save_checkpoint,
+    train,
+)
+from test_model_data import make_cohort
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("predict")
+    cohort = make_cohort(root / "cohort", subjects=2, seed=3, size=16, frames=12)
+    cache = build_slice_cache(cohort, root / "cache", size=16, frames=6)
+    result = train(cache, root / "run", train_patients=["sub-0000"], val_patients=["sub-0001"],
+                   targets=["cbf", "ttp"], epochs=1, width=2, depth=2, batch_size=2,
+                   device="cpu")
+    return cohort, result.model_path
+
+
+def test_predict_maps_names_units_and_shape(trained):
+    cohort, ckpt = trained
+    series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
+    maps = predict_maps(series, ckpt, device="cpu")
+    assert maps.names == ["cbf", "delay"]  # the paper's TTP is the box delay
+    assert maps.shape == series.shape[1:]
+    assert maps.units["cbf"] == "mL/100g/min" and maps.units["delay"] == "s"
+    for target, name in (("cbf", "cbf"), ("ttp", "delay")):
+        lo, hi = TARGET_WINDOWS[target]
+        assert lo <= maps[name].min() and maps[name].max() <= hi
+        assert np.ptp(maps[name]) > 0
+    np.testing.assert_array_equal(maps.affine, series.affine)
+    assert maps.provenance["method"] == "unet"
+
+
+def test_prediction_is_the_network_output_mapped_back(trained):
+    # the physical map must be lo + (hi - lo) * sigmoid output of the standardised frames
+    from ctperf.model import build_model, normalise_input, subsample_indices
+
+    cohort, path = trained
+    ckpt = load_checkpoint(path)
+    cfg = ckpt["config"]
+    series = read_nifti_series(cohort / "sub-0000" / "study.nii.gz")
+    net = build_model(cfg)
+    net.load_state_dict(ckpt["model"])
+    net.eval()
+    x = series.hu[subsample_indices(12, 6), 1][None]
+    x = normalise_input(x, window=cfg["hu_window"], mean=cfg["hu_mean"], std=cfg["hu_std"])
+    with torch.no_grad():
+        out = net(torch.from_numpy(x)).numpy()[0]
+    maps = predict_maps(series, path, device="cpu")
+    # float32 arithmetic through a sigmoid, scaled by the 100 mL/100g/min window
+    np.testing.assert_allclose(maps["cbf"][1], 100.0 * out[0], atol=1e-3)
+    np.testing.assert_allclose(maps["delay"][1], 15.0 * out[1], atol=1e-3)
+
+
+def test_checkpoints_load_weights_only(trained):
+    _, path = trained
+    ckpt = torch.load(path, weights_only=True)  # would raise on any pickled Python object
+    assert ckpt["format"] == "ctperf-unet" and "model" in ckpt
+
+
+def test_other_version_and_other_shapes_fail_clearly(trained, tmp_path: Path):
+    cohort, path = trained
+    ckpt = load_checkpoint(path)
+    old = tmp_path / "old.pt"
+    save_checkpoint({**ckpt, "format_version": 0}, old)
+    with pytest.raises(InputError, match=r"format version 0.*reads version 1"):
+        load_checkpoint(old)
+    with pytest.raises(InputError, match="takes 6 frames, 10 were asked"):
+        load_checkpoint(path, frames=10)
+    with pytest.raises(InputError, match="trained on 16 x 16"):
+        load_checkpoint(path, size=32)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"state_dict": {}}, foreign)
+    with pytest.raises(InputError, match="not a ctperf U-Net checkpoint"):
+        load_checkpoint(foreign)
+    series = read_nifti_series(cohort / "sub-0000" / "study.nii.gz")
+    big = series.replace(hu=np.tile(series.hu, (1, 1, 2, 2)))
+    with pytest.raises(ValidationError, match="trained on 16 x 16 slices, the study has 32 x 32"):
+        predict_maps(big, path, device="cpu")
+    assert predict_maps(big, path, device="cpu", resize=True).shape == (2, 32, 32)
+    short = series.replace(hu=series.hu[:4], times=series.times[:4])
+    with pytest.raises(ValidationError, match="takes 6 frames but the study has only 4"):
+        predict_maps(short, path, device="cpu")
+
+
+def test_cli_train_cv_predict(tmp_path: Path, capsys):
+    cohort = make_cohort(tmp_path / "cohort", subjects=3, seed=4, size=16, frames=8)
+    small = ["--reference", "truth", "--epochs", "1", "--pretrain-epochs", "0", "--width", "2",
+             "--depth", "2", "--batch", "2", "--device", "cpu"]
+    assert main(["train", str(cohort), str(tmp_path / "run"), "--target", "cbv", *small]) == 0
+    assert "final train MSE" in capsys.readouterr().out
+    assert (cohort / ".ctperf-cache").is_dir()
+    assert main(["cv", str(cohort), str(tmp_path / "cv"), "--folds", "3", *small]) == 0
+    out = capsys.readouterr().out
+    assert "| mean +- SD |" in out and (tmp_path / "cv" / "table1.md").exists()
+    study = cohort / "sub-0000" / "study.nii.gz"
+    assert main(["predict", str(study), str(tmp_path / "maps"), "--model",
+                 str(tmp_path / "run" / "model.pt"), "--device", "cpu"]) == 0
+    maps = read_maps(tmp_path / "maps")
+    assert maps.names == ["cbv"] and maps.shape == (2, 16, 16)
+    assert (tmp_path / "maps" / "summary.json").exists()
+    # a bad checkpoint is one line on stderr and exit status 2
+    (tmp_path / "junk.pt").write_text("not a checkpoint")
+    assert main(["predict", str(study), str(tmp_path / "m2"), "--model",
+                 str(tmp_path / "junk.pt")]) == 2
+    assert "junk.pt" in capsys.readouterr().err
