@@ -112,7 +112,8 @@ def test_cli_train_cv_predict(tmp_path: Path, capsys):
     assert "| mean +- SD |" in out and (tmp_path / "cv" / "table1.md").exists()
     study = cohort / "sub-0000" / "study.nii.gz"
     assert main(["predict", str(study), str(tmp_path / "maps"), "--model",
-                 str(tmp_path / "run" / "model.pt"), "--device", "cpu"]) == 0
+                 str(tmp_path / "run" / "model.pt"), "--device", "cpu", "--dicom"]) == 0
+    assert any((tmp_path / "maps" / "dicom" / "cbv").iterdir())
     maps = read_maps(tmp_path / "maps")
     assert maps.names == ["cbv"] and maps.shape == (2, 16, 16)
     assert (tmp_path / "maps" / "summary.json").exists()

@@ -39,10 +39,7 @@ def _read_study(path: Path) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    import inspect
-
     from ctperf import io
-    from ctperf.errors import CTPerfError
     from ctperf.model import load_checkpoint, predict_maps
 
     ckpt = load_checkpoint(args.model)
@@ -57,11 +54,6 @@ def run(args: argparse.Namespace) -> int:
     io.write_json({**maps.provenance, "maps": maps.names, "units": dict(maps.units),
                    "study": str(args.study)}, args.out / "summary.json")
     if args.dicom:
-        writer = getattr(io, "write_maps_dicom", None)
-        if writer is None:
-            raise CTPerfError("--dicom: this ctperf build has no DICOM map writer")
-        params = inspect.signature(writer).parameters
-        extra = {k: series for k in ("series", "reference") if k in params}
-        writer(maps, args.out / "dicom", **extra)
+        io.write_maps_dicom(maps, args.out / "dicom", source=series)
     print(f"wrote {', '.join(maps.names)} to {args.out}")
     return 0
