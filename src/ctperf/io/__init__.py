@@ -1,6 +1,7 @@
 """Reading and writing CT perfusion studies, maps and masks. The only package that touches files."""
 
 from ctperf.io.atomic import atomic_dir, atomic_file
+from ctperf.io.dicom import read_dicom_headers, read_dicom_series
 from ctperf.io.dicom_write import write_maps_dicom, write_series_dicom
 from ctperf.io.nifti import (
     is_nifti,
@@ -18,6 +19,8 @@ __all__ = [
     "atomic_dir",
     "atomic_file",
     "is_nifti",
+    "read_dicom_headers",
+    "read_dicom_series",
     "read_maps",
     "read_mask",
     "read_nifti_series",

@@ -1,0 +1,411 @@
+"""Read a CT perfusion study from a folder of DICOM files.
+
+:func:`read_dicom_series` reads like its steps: find files -> read headers (no pixels) -> choose
+the series -> check geometry -> group slices by position along the slice normal -> order frames in
+time -> decode pixels in parallel -> build the affine. Files may have any names and lie in any
+sub-folder; JPEG Lossless and other compressed transfer syntaxes are decoded by pydicom's plugins
+(pylibjpeg, GDCM). The returned affine maps voxel indices to RAS+ mm (DICOM's LPS with the first
+two axes flipped), like the NIfTI reader's.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from ctperf.errors import InputError, ValidationError
+from ctperf.io.dicom_write import PATIENT_STUDY_TAGS
+from ctperf.types import CTPSeries
+
+__all__ = ["read_dicom_headers", "read_dicom_series"]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+_RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+_TIME_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "ContentTime")
+_INDEX_TAGS = ("TemporalPositionIndex", "InstanceNumber")
+_EPOCH = dt.datetime(1970, 1, 1)
+_POSITION_TOL_MM = 0.01
+
+
+@dataclass(frozen=True)
+class _Header:
+    """What the header pass keeps of one file."""
+
+    path: Path
+    ds: pydicom.Dataset
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        value = self.ds.get(keyword, default)
+        return default if value is None or value == "" else value
+
+
+def _parse_time(text: str) -> float | None:
+    """DICOM TM (HHMMSS.frac, or the old HH:MM:SS) -> seconds of the day."""
+    text = str(text).strip().replace(":", "")
+    if len(text) < 2 or not text[:2].isdigit():
+        return None
+    try:
+        hours, minutes = int(text[:2]), int(text[2:4] or 0)
+        seconds = float(text[4:] or 0)
+    except ValueError:
+        return None
+    return hours * 3600.0 + minutes * 60.0 + seconds
+
+
+def _parse_date(text: str) -> float:
+    """DICOM DA (YYYYMMDD) -> seconds since 1970, 0 when absent."""
+    try:
+        return (dt.datetime.strptime(str(text).strip()[:8], "%Y%m%d") - _EPOCH).total_seconds()
+    except ValueError:
+        return 0.0
+
+
+def _time_of(h: _Header, tag: str) -> float | None:
+    """Seconds (since 1970 when a date is known) of one timing tag, or None when absent."""
+    value = h.get(tag)
+    if value is None:
+        return None
+    if tag == "AcquisitionDateTime":
+        text = str(value).strip()
+        for sign in "+-":  # drop a UTC offset suffix
+            if sign in text[8:]:
+                text = text[: 8 + text[8:].index(sign)]
+        if len(text) < 8:
+            return None
+        seconds = _parse_time(text[8:]) if len(text) > 8 else 0.0
+        return None if seconds is None else _parse_date(text[:8]) + seconds
+    seconds = _parse_time(value)
+    if seconds is None:
+        return None
+    date_tag = "AcquisitionDate" if tag == "AcquisitionTime" else "ContentDate"
+    return _parse_date(h.get(date_tag) or h.get("SeriesDate") or "") + seconds
+
+
+def _find_files(root: Path) -> list[Path]:
+    if not root.exists():
+        raise InputError(root, "no such folder")
+    if not root.is_dir():
+        raise InputError(root, "expected a folder of DICOM files, got a file")
+    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def _read_header(path: Path) -> _Header | None:
+    """Header without pixels; None for a non-DICOM file; InputError for a damaged one."""
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        return None
+    except Exception as exc:  # pydicom raises many types for truncated or damaged files
+        raise InputError(path, f"damaged or truncated DICOM file ({type(exc).__name__}: "
+                               f"{exc})") from None
+    if "SeriesInstanceUID" not in ds or "Rows" not in ds:
+        sop = ds.get("file_meta", {}).get("MediaStorageSOPClassUID") or ds.get("SOPClassUID")
+        if sop is not None and "Image Storage" in getattr(sop, "name", ""):
+            missing = [k for k in ("SeriesInstanceUID", "Rows") if k not in ds]
+            raise InputError(path, f"truncated or incomplete image file: no {', '.join(missing)}")
+        return None  # DICOMDIR, structured reports and other non-image objects
+    return _Header(path, ds)
+
+
+def read_dicom_headers(folder: PathLike) -> dict[str, list[Any]]:
+    """Headers (pydicom datasets without pixel data) of every image file, by SeriesInstanceUID."""
+    root = Path(folder)
+    groups: dict[str, list[Any]] = defaultdict(list)
+    skipped = []
+    for path in _find_files(root):
+        header = _read_header(path)
+        if header is None:
+            skipped.append(path)
+        else:
+            groups[str(header.ds.SeriesInstanceUID)].append(header)
+    if skipped:
+        names = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
+        more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        log.warning("%s: skipped %d non-DICOM or non-image files: %s%s", root, len(skipped),
+                    names, more)
+    if not groups:
+        raise InputError(root, f"no DICOM image files found ({len(skipped)} other files)")
+    return dict(groups)
+
+
+def _choose_series(root: Path, groups: dict[str, list[_Header]],
+                   series_uid: str | None) -> list[_Header]:
+    def listing() -> str:
+        return "; ".join(f"{uid} {g[0].get('Modality', '?')} "
+                         f"'{g[0].get('SeriesDescription', '')}' ({len(g)} files)"
+                         for uid, g in groups.items())
+
+    if series_uid is not None:
+        if series_uid not in groups:
+            raise InputError(root, f"no series {series_uid}; the folder holds: {listing()}")
+        return groups[series_uid]
+    if len(groups) > 1:
+        raise InputError(root, f"holds {len(groups)} series, choose one with series_uid "
+                               f"(--series UID): {listing()}")
+    return next(iter(groups.values()))
+
+
+def _check_same(headers: Sequence[_Header], keyword: str, *, atol: float | None = None) -> Any:
+    first = headers[0].get(keyword)
+    if first is None:
+        raise InputError(headers[0].path, f"has no {keyword}")
+    for h in headers[1:]:
+        value = h.get(keyword)
+        same = (value is not None and np.allclose(np.asarray(value, float),
+                                                  np.asarray(first, float), atol=atol)
+                if atol is not None else value == first)
+        if not same:
+            raise InputError(h.path, f"inconsistent {keyword}: {value} here, {first} in "
+                                     f"{headers[0].path.name}")
+    return first
+
+
+def _group_slices(headers: Sequence[_Header], normal: np.ndarray) -> list[list[_Header]]:
+    """Files grouped by position along the slice normal, in increasing position."""
+    depth = np.array([np.asarray(h.get("ImagePositionPatient"), float) @ normal
+                      for h in headers])
+    order = np.argsort(depth, kind="stable")
+    breaks = np.flatnonzero(np.diff(depth[order]) > _POSITION_TOL_MM) + 1
+    return [[headers[i] for i in chunk] for chunk in np.split(order, breaks)]
+
+
+def _order_frames(root: Path, slices: list[list[_Header]],
+                  frame_interval: float | None) -> tuple[list[list[_Header]], np.ndarray, str]:
+    """Frames of each slice in time order, (T, Z) times in s since 1970 (or NaN) and the source."""
+    for tag in _TIME_TAGS:
+        values = [[_time_of(h, tag) for h in s] for s in slices]
+        if any(v is None for s in values for v in s):
+            continue
+        ordered = [sorted(zip(v, s, strict=True), key=lambda p: p[0])
+                   for v, s in zip(values, slices, strict=True)]
+        times = np.array([[t for t, _ in o] for o in ordered]).T
+        if np.all(np.ptp(times, axis=0) == 0):
+            if frame_interval is None:
+                raise InputError(root, f"{tag} is identical for all {times.shape[0]} frames; "
+                                       "give the frame spacing with frame_interval "
+                                       "(--frame-interval SECONDS)")
+            continue
+        steps = np.diff(times, axis=0)
+        if np.any(steps <= 0):
+            if frame_interval is None:
+                t, z = np.argwhere(steps <= 0)[0]
+                a, b = ordered[z][t][1], ordered[z][t + 1][1]
+                raise InputError(b.path, f"non-monotonic frame times: same {tag} as "
+                                         f"{a.path.name} in the same slice; give frame_interval "
+                                         "(--frame-interval SECONDS) to order by index instead")
+            continue
+        return [[h for _, h in o] for o in ordered], times, tag
+    for tag in _INDEX_TAGS:
+        keys = [[h.get(tag) for h in s] for s in slices]
+        if any(k is None for s in keys for k in s) or any(len(set(s)) < len(s) for s in keys):
+            continue
+        if frame_interval is None:
+            raise InputError(root, "no acquisition times (AcquisitionDateTime, AcquisitionTime, "
+                                   "ContentTime); give the frame spacing with frame_interval "
+                                   "(--frame-interval SECONDS)")
+        frames = [[h for _, h in sorted(zip(k, s, strict=True), key=lambda p: int(p[0]))]
+                  for k, s in zip(keys, slices, strict=True)]
+        return frames, np.full((len(frames[0]), len(frames)), np.nan), tag
+    raise InputError(root, "cannot order frames: no acquisition times and no unique "
+                           "TemporalPositionIndex or InstanceNumber within each slice")
+
+
+def _decode(path: Path) -> tuple[np.ndarray | None, float, float, str | None]:
+    """Stored pixels, RescaleSlope, RescaleIntercept and an error message (None when fine).
+
+    Errors are returned, not raised, so that they cross a process pool intact.
+    """
+    try:
+        ds = pydicom.dcmread(path)
+    except Exception as exc:  # pydicom raises many types for damaged files
+        return None, 1.0, 0.0, f"damaged or truncated DICOM file ({exc})"
+    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        return None, 1.0, 0.0, "has no pixel data"
+    try:
+        pixels = ds.pixel_array
+    except Exception as exc:  # decoder plugins raise many types
+        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
+        name = getattr(syntax, "name", syntax)
+        return None, 1.0, 0.0, f"cannot decode pixel data ({name}): {exc}"
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    return pixels, slope, intercept, None
+
+
+def _decode_into(out: np.ndarray, paths: Sequence[Path], *, workers: int, executor: str,
+                 progress: bool) -> None:
+    from tqdm import tqdm
+
+    rows, cols = out.shape[1:]
+    pool_type = {"threads": ThreadPoolExecutor, "processes": ProcessPoolExecutor}.get(executor)
+    if pool_type is None:
+        raise ValidationError(f"executor must be 'threads' or 'processes', got {executor!r}")
+    chunk = max(1, len(paths) // (4 * workers)) if executor == "processes" else 1
+    if workers <= 1:
+        results = map(_decode, paths)
+        pool = None
+    else:
+        pool = pool_type(max_workers=workers)
+        kwargs = {"chunksize": chunk} if executor == "processes" else {}
+        results = pool.map(_decode, paths, **kwargs)
+    try:
+        bar = tqdm(results, total=len(paths), desc="decode DICOM", unit="file",
+                   disable=not progress)
+        for i, (pixels, slope, intercept, error) in enumerate(bar):
+            if pixels is None:
+                raise InputError(paths[i], error or "unreadable")
+            if pixels.shape != (rows, cols):
+                raise InputError(paths[i], f"pixel array is {pixels.shape}, header says "
+                                           f"{(rows, cols)}")
+            np.multiply(pixels, slope, out=out[i], casting="unsafe")
+            out[i] += intercept
+            if not np.all(np.isfinite(out[i])):
+                raise InputError(paths[i], "pixel data contains NaN or Inf values")
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+
+
+def _meta(headers: Sequence[_Header], source: str, start: float | None,
+          n_files: int) -> dict[str, Any]:
+    first = headers[0]
+    manufacturer = " ".join(str(first.get(k, "")) for k in ("Manufacturer",
+                                                             "ManufacturerModelName")).strip()
+    mas = first.get("Exposure")
+    if mas is None and first.get("XRayTubeCurrent") and first.get("ExposureTime"):
+        mas = float(first.get("XRayTubeCurrent")) * float(first.get("ExposureTime")) / 1000.0
+    meta: dict[str, Any] = {
+        "series_uid": str(first.ds.SeriesInstanceUID),
+        "description": str(first.get("SeriesDescription", "")),
+        "scanner": manufacturer or None,
+        "kvp": float(first.get("KVP")) if first.get("KVP") is not None else None,
+        "mas": float(mas) if mas is not None else None,
+        "timing_source": source,
+        "series_number": int(first.get("SeriesNumber")) if first.get("SeriesNumber") else None,
+        "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")) or None,
+        "transfer_syntax": str(getattr(first.ds.file_meta.get("TransferSyntaxUID"), "name",
+                                       "unknown")),
+        "n_files": n_files,
+        "dicom": {k: str(first.get(k)) for k in PATIENT_STUDY_TAGS if first.get(k) is not None},
+    }
+    if first.get("ExposureTime") is not None:
+        meta["exposure_time_ms"] = float(first.get("ExposureTime"))
+    if first.get("XRayTubeCurrent") is not None:
+        meta["tube_current_ma"] = float(first.get("XRayTubeCurrent"))
+    if start is not None:
+        when = _EPOCH + dt.timedelta(seconds=start)
+        meta["acquisition_start"] = when.strftime("%Y%m%d%H%M%S.%f")
+    return meta
+
+
+def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
+                      frame_interval: float | None = None, workers: int | None = None,
+                      executor: str = "threads", progress: bool = False) -> CTPSeries:
+    """Read a CT perfusion study from a folder of DICOM files (searched recursively).
+
+    Parameters
+    ----------
+    folder : path
+        Folder holding the study's files, in any order, names and sub-folders. Non-DICOM files
+        are skipped with a logged warning.
+    series_uid : str, optional
+        SeriesInstanceUID to read when the folder holds several series (else an error lists them).
+    frame_interval : float, optional
+        Seconds between frames. Required when acquisition times are missing or identical across
+        frames (frames are then ordered by TemporalPositionIndex, else InstanceNumber); when given,
+        it replaces the times from the files.
+    workers : int, optional
+        Parallel decoders (default: the number of CPUs, at most 8).
+    executor : {"threads", "processes"}
+        Decoder pool kind; see ``benchmarks/bench_dicom_load.py`` for their speeds.
+    progress : bool
+        Show a progress bar while decoding.
+
+    Returns
+    -------
+    CTPSeries
+        ``hu`` (T, Z, Y, X) float32 HU (stored * RescaleSlope + RescaleIntercept); slices ascend
+        along the slice normal; ``times`` (T,) s from the first acquisition; ``slice_times``
+        (T, Z) when slices carry their own times; ``meta`` with series_uid, description,
+        scanner, kvp, mas, timing_source, acquisition_start and ``dicom`` (patient/study tags).
+    """
+    root = Path(folder)
+    headers = _choose_series(root, read_dicom_headers(root), series_uid)
+    modalities = {str(h.get("Modality", "")) for h in headers}
+    if len(modalities) > 1:
+        raise InputError(root, f"mixed modalities in one series: {sorted(modalities)}")
+    if modalities != {"CT"}:
+        raise InputError(headers[0].path, f"modality is {modalities.pop() or 'missing'}, "
+                                          "expected CT")
+    rows, cols = int(_check_same(headers, "Rows")), int(_check_same(headers, "Columns"))
+    iop = np.asarray(_check_same(headers, "ImageOrientationPatient", atol=1e-4), float)
+    spacing = np.asarray(_check_same(headers, "PixelSpacing", atol=1e-4), float)
+    for h in headers:
+        if h.get("ImagePositionPatient") is None:
+            raise InputError(h.path, "has no ImagePositionPatient")
+    normal = np.cross(iop[:3], iop[3:])
+    slices = _group_slices(headers, normal)
+    counts = [len(s) for s in slices]
+    if len(set(counts)) > 1:
+        odd = min(range(len(slices)), key=lambda z: counts.count(counts[z]))
+        raise InputError(slices[odd][0].path, f"slices have different frame counts: this "
+                                              f"slice has {counts[odd]}, counts are {counts}")
+    if counts[0] < 2:
+        raise InputError(root, f"one frame per slice ({len(slices)} slices): a 3D volume, a "
+                               "perfusion study needs several frames (4D)")
+    positions = np.array([np.asarray(s[0].get("ImagePositionPatient"), float) for s in slices])
+    if len(slices) > 1:
+        gaps = np.diff(positions @ normal)
+        if np.ptp(gaps) > max(_POSITION_TOL_MM, 0.01 * np.median(gaps)):
+            bad = int(np.argmax(np.abs(gaps - np.median(gaps))))
+            raise InputError(slices[bad + 1][0].path,
+                             f"inconsistent slice spacing: gaps {np.round(gaps, 3).tolist()} mm")
+        slice_step = (positions[-1] - positions[0]) / (len(slices) - 1)
+    else:
+        thickness = float(headers[0].get("SpacingBetweenSlices")
+                          or headers[0].get("SliceThickness") or 1.0)
+        slice_step = normal * thickness
+
+    frames, abs_times, source = _order_frames(root, slices, frame_interval)
+    n_t, n_z = len(frames[0]), len(frames)
+    start = float(np.nanmin(abs_times)) if np.isfinite(abs_times).any() else None
+    slice_times = None
+    if frame_interval is not None:
+        if not frame_interval > 0:
+            raise ValidationError(f"frame_interval must be > 0 s, got {frame_interval}")
+        times = np.arange(n_t) * float(frame_interval)
+        source = f"frame_interval {frame_interval:g} s (frames ordered by {source})"
+    else:
+        rel = abs_times - start
+        times = rel.mean(axis=1)
+        if np.max(np.ptp(rel, axis=1)) > 1e-3:
+            slice_times = rel
+    hu = np.empty((n_t * n_z, rows, cols), dtype=np.float32)
+    paths = [frames[z][t].path for t in range(n_t) for z in range(n_z)]
+    _decode_into(hu, paths, workers=workers or min(os.cpu_count() or 1, 8), executor=executor,
+                 progress=progress)
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * spacing[1]
+    lps[:3, 1] = iop[3:] * spacing[0]
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = positions[0]
+    meta = _meta(headers, source, start, len(paths))
+    try:
+        return CTPSeries(hu=hu.reshape(n_t, n_z, rows, cols), times=times,
+                         affine=_RAS_FROM_LPS @ lps, slice_times=slice_times, meta=meta)
+    except ValidationError as exc:
+        raise InputError(root, str(exc)) from None

@@ -1,0 +1,123 @@
+"""Synthetic DICOM CT perfusion studies built with pydicom alone, for tests.
+
+Independent of ctperf's own writer, so that reader tests do not share a writer's mistakes. The
+files are stored as uint16 with RescaleIntercept -1024 (as many scanners do), get random names and
+are written slice-descending, so a reader must sort by geometry and time itself.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+__all__ = ["FakeStudy", "ct_dataset", "write_fake_study"]
+
+START = dt.datetime(2021, 3, 4, 10, 20, 30)
+
+
+@dataclass
+class FakeStudy:
+    """What a fake study holds: its folder, files and the values a reader must return."""
+
+    folder: Path
+    hu: np.ndarray  # (T, Z, Y, X) HU, slices ascending along the normal
+    times: np.ndarray  # (T,) s from the first file
+    slice_times: np.ndarray  # (T, Z) s
+    positions: np.ndarray  # (Z, 3) LPS mm, ascending along the normal
+    iop: np.ndarray  # (6,)
+    spacing: tuple[float, float]  # (row spacing, column spacing) mm
+    series_uid: str
+    files: dict[tuple[int, int], Path] = field(default_factory=dict)
+
+
+def ct_dataset(pixels: np.ndarray, *, series_uid: str, study_uid: str, frame_uid: str,
+               position: np.ndarray, iop: np.ndarray, spacing: tuple[float, float],
+               when: dt.datetime | None, temporal_index: int, instance: int,
+               slope: float = 1.0, intercept: float = -1024.0,
+               description: str = "CTP 5mm") -> Dataset:
+    """One CT Image Storage dataset; ``pixels`` are HU, stored as (HU - intercept) / slope."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
+    uid = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
+    ds.Modality = "CT"
+    ds.PatientName, ds.PatientID = "Test^Patient", "P001"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
+        study_uid, series_uid, frame_uid)
+    ds.StudyDate = START.strftime("%Y%m%d")
+    ds.SeriesDescription = description
+    ds.Manufacturer, ds.ManufacturerModelName = "ACME", "Scan 9"
+    ds.KVP, ds.Exposure, ds.XRayTubeCurrent, ds.ExposureTime = 80, 150, 300, 500
+    if when is not None:
+        ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
+        ds.AcquisitionDate = when.strftime("%Y%m%d")
+        ds.AcquisitionTime = when.strftime("%H%M%S.%f")
+        ds.ContentDate = when.strftime("%Y%m%d")
+        ds.ContentTime = when.strftime("%H%M%S.%f")
+    ds.TemporalPositionIndex = temporal_index
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [f"{v:.6g}" for v in position]
+    ds.ImageOrientationPatient = [f"{v:.8g}" for v in iop]
+    ds.PixelSpacing = [f"{v:.6g}" for v in spacing]
+    ds.SliceThickness = "5"
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.RescaleSlope, ds.RescaleIntercept = f"{slope:g}", f"{intercept:g}"
+    stored = np.rint((pixels - intercept) / slope).astype(np.uint16)
+    ds.PixelData = stored.tobytes()
+    return ds
+
+
+def write_fake_study(folder: Path, rng: np.random.Generator, *, n_frames: int = 5,
+                     n_slices: int = 3, rows: int = 8, cols: int = 10,
+                     frame_step: float = 1.5, shuttle: bool = False, tilt_deg: float = 0.0,
+                     series_uid: str | None = None, description: str = "CTP 5mm",
+                     nested: bool = True,
+                     edit: Callable[[Dataset, int, int], None] | None = None) -> FakeStudy:
+    """Write a (n_frames x n_slices) study with random file names; return what a reader owes.
+
+    ``shuttle`` gives each slice its own time (0.2 s apart); ``tilt_deg`` rotates the slices about
+    the patient x axis (gantry tilt); ``edit(ds, t, z)`` may change a dataset before it is saved.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    hu = rng.integers(-100, 200, size=(n_frames, n_slices, rows, cols)).astype(np.float32)
+    a = np.deg2rad(tilt_deg)
+    iop = np.array([1.0, 0.0, 0.0, 0.0, np.cos(a), np.sin(a)])
+    normal = np.cross(iop[:3], iop[3:])
+    origin = np.array([-20.0, -15.0, 40.0])
+    positions = origin + np.arange(n_slices)[:, None] * 5.0 * normal
+    spacing = (0.5, 0.45)
+    offsets = 0.2 * np.arange(n_slices) if shuttle else np.zeros(n_slices)
+    frame_times = np.cumsum(np.r_[0.0, frame_step + 0.25 * (np.arange(n_frames - 1) % 2)])
+    slice_times = frame_times[:, None] + offsets[None, :]
+    uid = series_uid or generate_uid()
+    study_uid, frame_uid = generate_uid(), generate_uid()
+    study = FakeStudy(folder, hu, slice_times.mean(axis=1), slice_times, positions, iop,
+                      spacing, uid)
+    names = rng.permutation(n_frames * n_slices)
+    for t in range(n_frames):
+        for z in reversed(range(n_slices)):
+            when = START + dt.timedelta(seconds=float(slice_times[t, z]))
+            ds = ct_dataset(hu[t, z], series_uid=uid, study_uid=study_uid, frame_uid=frame_uid,
+                            position=positions[z], iop=iop, spacing=spacing, when=when,
+                            temporal_index=t + 1, instance=t * n_slices + z + 1,
+                            description=description)
+            if edit is not None:
+                edit(ds, t, z)
+            number = int(names[t * n_slices + z])
+            sub = folder / f"d{number % 3}" if nested else folder
+            sub.mkdir(exist_ok=True)
+            path = sub / f"{number:05d}"
+            ds.save_as(path, enforce_file_format=True)
+            study.files[(t, z)] = path
+    return study

@@ -1,0 +1,271 @@
+"""Reading CT perfusion studies from DICOM folders: ordering, geometry, timing and bad input."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pydicom
+import pytest
+
+from ctperf.errors import InputError
+from ctperf.io import read_dicom_series, write_series_dicom
+from dicom_factory import FakeStudy, write_fake_study
+
+
+def expected_affine(study: FakeStudy) -> np.ndarray:
+    """RAS affine written out from the LPS geometry tags, the naive way."""
+    iop = study.iop
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * study.spacing[1]
+    lps[:3, 1] = iop[3:] * study.spacing[0]
+    lps[:3, 2] = study.positions[1] - study.positions[0]
+    lps[:3, 3] = study.positions[0]
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+
+
+def test_reads_shuffled_nested_study(tmp_path, rng):
+    study = write_fake_study(tmp_path / "s", rng, tilt_deg=12.0)
+    series = read_dicom_series(study.folder)
+    # stored integers times slope 1 plus intercept: HU come back exactly
+    np.testing.assert_array_equal(series.hu, study.hu)
+    # times are written with microsecond digits; 1e-6 s covers that rounding
+    np.testing.assert_allclose(series.times, study.times, atol=1e-6)
+    # positions are written with 6 significant digits: 1e-4 mm covers the rounding
+    np.testing.assert_allclose(series.affine, expected_affine(study), atol=1e-4)
+    assert series.slice_times is None
+    assert series.meta["timing_source"] == "AcquisitionDateTime"
+    assert series.meta["scanner"] == "ACME Scan 9"
+    assert series.meta["kvp"] == 80 and series.meta["mas"] == 150
+    assert series.meta["series_uid"] == study.series_uid
+    assert series.meta["dicom"]["PatientID"] == "P001"
+
+
+def test_shuttle_mode_gives_slice_times(tmp_path, rng):
+    study = write_fake_study(tmp_path / "s", rng, shuttle=True)
+    series = read_dicom_series(study.folder, workers=1)
+    assert series.slice_times is not None
+    # microsecond digits in the files, see above
+    np.testing.assert_allclose(series.slice_times, study.slice_times, atol=1e-6)
+    np.testing.assert_allclose(series.times, study.times, atol=1e-6)
+
+
+@pytest.mark.parametrize("drop, source", [
+    (("AcquisitionDateTime",), "AcquisitionTime"),
+    (("AcquisitionDateTime", "AcquisitionTime"), "ContentTime"),
+])
+def test_timing_fallbacks(tmp_path, rng, drop, source):
+    def edit(ds, t, z):
+        for keyword in drop:
+            delattr(ds, keyword)
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    series = read_dicom_series(study.folder)
+    assert series.meta["timing_source"] == source
+    np.testing.assert_allclose(series.times, study.times, atol=1e-6)  # microsecond digits
+    np.testing.assert_array_equal(series.hu, study.hu)
+
+
+def drop_times(ds, t, z):
+    for keyword in ("AcquisitionDateTime", "AcquisitionTime", "ContentTime"):
+        delattr(ds, keyword)
+
+
+def test_missing_times_need_frame_interval(tmp_path, rng):
+    study = write_fake_study(tmp_path / "s", rng, edit=drop_times)
+    with pytest.raises(InputError, match="frame-interval"):
+        read_dicom_series(study.folder)
+    series = read_dicom_series(study.folder, frame_interval=2.0)
+    np.testing.assert_array_equal(series.hu, study.hu)
+    np.testing.assert_allclose(series.times, 2.0 * np.arange(5))
+    assert "TemporalPositionIndex" in series.meta["timing_source"]
+
+
+def test_instance_number_fallback(tmp_path, rng):
+    def edit(ds, t, z):
+        drop_times(ds, t, z)
+        del ds.TemporalPositionIndex
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    series = read_dicom_series(study.folder, frame_interval=1.0)
+    np.testing.assert_array_equal(series.hu, study.hu)
+    assert "InstanceNumber" in series.meta["timing_source"]
+
+
+def test_identical_times_rejected(tmp_path, rng):
+    def edit(ds, t, z):
+        ds.AcquisitionDateTime = "20210304102030.000000"
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with pytest.raises(InputError, match="identical"):
+        read_dicom_series(study.folder)
+    # explicit frame spacing: frames ordered by the next usable source, AcquisitionTime
+    series = read_dicom_series(study.folder, frame_interval=1.5)
+    np.testing.assert_array_equal(series.hu, study.hu)
+
+
+def test_rescale_slope_and_intercept(tmp_path, rng):
+    def edit(ds, t, z):
+        stored = np.frombuffer(ds.PixelData, dtype=np.uint16)
+        ds.PixelData = (stored // 2).astype(np.uint16).tobytes()
+        ds.RescaleSlope, ds.RescaleIntercept = "2", "-1024"
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    series = read_dicom_series(study.folder)
+    naive = 2.0 * ((study.hu + 1024) // 2) - 1024  # the edit's rescale, done by hand
+    np.testing.assert_array_equal(series.hu, naive)
+
+
+def test_two_series_listed_and_chosen(tmp_path, rng):
+    a = write_fake_study(tmp_path / "s", rng, description="CTP A", nested=False)
+    b = write_fake_study(tmp_path / "s" / "other", rng, description="CTP B", nested=False)
+    with pytest.raises(InputError, match=r"CTP A.*CTP B|CTP B.*CTP A") as info:
+        read_dicom_series(a.folder)
+    assert a.series_uid in str(info.value) and b.series_uid in str(info.value)
+    series = read_dicom_series(a.folder, series_uid=b.series_uid)
+    np.testing.assert_array_equal(series.hu, b.hu)
+    with pytest.raises(InputError, match=r"no series 9\.9"):
+        read_dicom_series(a.folder, series_uid="9.9")
+
+
+def test_non_dicom_files_skipped_with_warning(tmp_path, rng, caplog):
+    study = write_fake_study(tmp_path / "s", rng)
+    (study.folder / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        series = read_dicom_series(study.folder)
+    assert "notes.txt" in caplog.text
+    np.testing.assert_array_equal(series.hu, study.hu)
+
+
+def test_processes_match_threads(tmp_path, rng):
+    study = write_fake_study(tmp_path / "s", rng)
+    a = read_dicom_series(study.folder, workers=2, executor="threads")
+    b = read_dicom_series(study.folder, workers=2, executor="processes")
+    np.testing.assert_array_equal(a.hu, b.hu)
+
+
+def test_jpeg_lossless_round_trip(tmp_path, rng):
+    study = write_fake_study(tmp_path / "s", rng, shuttle=True)
+    series = read_dicom_series(study.folder)
+    out = write_series_dicom(series, tmp_path / "jpeg", compress=True)
+    first = next(out.iterdir())
+    assert pydicom.dcmread(first).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
+    again = read_dicom_series(out)
+    np.testing.assert_array_equal(again.hu, series.hu)
+    np.testing.assert_allclose(again.affine, series.affine, atol=1e-6)  # DS digits
+    np.testing.assert_allclose(again.slice_times, series.slice_times, atol=1e-6)  # us digits
+
+
+# ---- bad input: each raises InputError naming the file and the problem ----
+
+def test_empty_and_missing_folder(tmp_path):
+    with pytest.raises(InputError, match="no DICOM image files"):
+        read_dicom_series(tmp_path)
+    with pytest.raises(InputError, match="no such folder"):
+        read_dicom_series(tmp_path / "absent")
+
+
+def test_truncated_file(tmp_path, rng):
+    study = write_fake_study(tmp_path / "s", rng)
+    path = study.files[(2, 1)]
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 50])
+    with pytest.raises(InputError, match=path.name):
+        read_dicom_series(study.folder)
+
+
+def test_truncated_header(tmp_path, rng):
+    study = write_fake_study(tmp_path / "s", rng)
+    path = study.files[(0, 0)]
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(InputError, match=f"{path.name}.*(damaged|truncated|pixel)"):
+        read_dicom_series(study.folder)
+
+
+def test_missing_pixel_data(tmp_path, rng):
+    def edit(ds, t, z):
+        if (t, z) == (1, 1):
+            del ds.PixelData
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with pytest.raises(InputError, match=f"{study.files[(1, 1)].name}: has no pixel data"):
+        read_dicom_series(study.folder)
+
+
+def test_mixed_modalities(tmp_path, rng):
+    def edit(ds, t, z):
+        if t == 0:
+            ds.Modality = "MR"
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with pytest.raises(InputError, match="mixed modalities"):
+        read_dicom_series(study.folder)
+
+
+@pytest.mark.parametrize("keyword, value, match", [
+    ("PixelSpacing", ["0.7", "0.7"], "inconsistent PixelSpacing"),
+    ("ImageOrientationPatient", ["0", "1", "0", "1", "0", "0"], "inconsistent ImageOrientation"),
+])
+def test_inconsistent_geometry(tmp_path, rng, keyword, value, match):
+    def edit(ds, t, z):
+        if (t, z) == (3, 2):
+            setattr(ds, keyword, value)
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with pytest.raises(InputError, match=f"{study.files[(3, 2)].name}: {match}"):
+        read_dicom_series(study.folder)
+
+
+def test_uneven_slice_spacing(tmp_path, rng):
+    def edit(ds, t, z):
+        if z == 2:
+            ds.ImagePositionPatient = ["-20", "-15", "52"]
+
+    study = write_fake_study(tmp_path / "s", rng, n_slices=4, edit=edit)
+    with pytest.raises(InputError, match="inconsistent slice spacing"):
+        read_dicom_series(study.folder)
+
+
+def test_different_frame_counts(tmp_path, rng):
+    study = write_fake_study(tmp_path / "s", rng)
+    study.files[(4, 1)].unlink()
+    with pytest.raises(InputError, match="different frame counts"):
+        read_dicom_series(study.folder)
+
+
+@pytest.mark.filterwarnings("ignore:Invalid value for VR DS")  # the NaN slope is the point
+def test_nan_values(tmp_path, rng):
+    def edit(ds, t, z):
+        if (t, z) == (0, 2):
+            ds.RescaleSlope = "nan"
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with pytest.raises(InputError, match=f"{study.files[(0, 2)].name}: .*NaN"):
+        read_dicom_series(study.folder)
+
+
+def test_single_frame_is_not_4d(tmp_path, rng):
+    study = write_fake_study(tmp_path / "s", rng, n_frames=1)
+    with pytest.raises(InputError, match="3D volume"):
+        read_dicom_series(study.folder)
+
+
+def test_duplicate_times_are_non_monotonic(tmp_path, rng):
+    def edit(ds, t, z):
+        if t == 3:
+            ds.AcquisitionDateTime = "20210304102030.000000"  # the same time as frame 0
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with pytest.raises(InputError, match="non-monotonic"):
+        read_dicom_series(study.folder)
+
+
+def test_copy_of_folder_reads_the_same(tmp_path, rng):
+    # names and sub-folders carry no meaning: a flattened copy gives the same series
+    study = write_fake_study(tmp_path / "s", rng)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i, path in enumerate(sorted(study.files.values(), key=lambda p: p.name, reverse=True)):
+        shutil.copy(path, flat / f"x{i}.dcm")
+    np.testing.assert_array_equal(read_dicom_series(flat).hu, read_dicom_series(study.folder).hu)
