@@ -128,6 +128,7 @@ def fit_box_nlr(
     bounds: tuple[tuple[float, float], ...] = DEFAULT_BOUNDS,
     start: tuple[float, float, float] = (60.0, 5.0, 3.5),
     max_iter: int = 300,
+    restarts: int = 1,
     chunk: int = 16384,
     progress: bool = False,
 ) -> BoxFit:
@@ -153,6 +154,9 @@ def fit_box_nlr(
         Nelder-Mead start (CBF, MTT, delay); unused by ``"nlr-fast"``.
     max_iter : int
         Nelder-Mead iterations (``"nlr"``); ``"nlr-fast"`` runs at most 30 LM steps.
+    restarts : int
+        ``"nlr"`` only: voxels whose simplex ended on a bound start once more from there with a
+        fresh simplex (0 = the plain reference algorithm).
     chunk : int
         Voxels fitted at once; bounds peak memory (about 60 x T x chunk bytes).
     progress : bool
@@ -193,8 +197,19 @@ def fit_box_nlr(
         if mode == "nlr":
             x0 = np.clip(np.broadcast_to(np.asarray(start, float), (c.shape[1], 3)),
                          b[:, 0], b[:, 1])
-            p = nelder_mead(lambda q, idx, c=c: _sse(q, c[:, idx], table, scale), x0,
-                            bounds=b, max_iter=max_iter)
+            fun = lambda q, idx, c=c: _sse(q, c[:, idx], table, scale)  # noqa: E731
+            p = nelder_mead(fun, x0, bounds=b, max_iter=max_iter)
+            # Restart once, with a fresh simplex, where a simplex ended on a bound: there it has
+            # usually collapsed against the bound instead of finding the minimum.
+            near = 0.01 * (b[:, 1] - b[:, 0])
+            on_bound = np.any((p - b[:, 0] < near) | (b[:, 1] - p < near), axis=1)
+            for _ in range(restarts):
+                if not on_bound.any():
+                    break
+                sub = np.flatnonzero(on_bound)
+                fun_sub = lambda q, idx, c=c[:, sub]: _sse(q, c[:, idx], table, scale)  # noqa: E731
+                p[sub] = nelder_mead(fun_sub, p[sub], bounds=b, max_iter=max_iter)
+                on_bound[:] = False
         else:
             p = _grid_start(c, table, scale, b, n_mtt=24, delay_step=0.5)
             p = _levenberg_marquardt(c, p, table, scale, b, n_iter=30, rtol=1e-6)

@@ -1,0 +1,152 @@
+"""Kudo-style tile phantom (Kudo et al., Radiology 267:201, 2013): accuracy of the box-NLR and
+SVD methods against known CBF, CBV, MTT and delay.
+
+Per slice 7 x 7 tiles of 16 x 16 voxels: delay 0-3 s (columns, 0.5 s steps) x MTT 24 ... 3.43 s
+(rows); one slice per CBV (1-5 mL/100 g) and per residue shape (box, exponential, linear). Curves
+are simulated on a 0.02 s grid from a gamma-variate AIF and sampled at 89 frames 0.5 s apart (the
+paper's protocol), so no fit ever sees data made by its own discretisation. Tile means are taken
+over each tile's inner voxels (the fits are voxel-independent, so only those are fitted).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+
+from ctperf.perfusion import fit_box_nlr, svd_deconvolve
+
+RHO, KH = 1.04, 0.733
+FINE = 0.02
+TIMES = np.arange(89) * 0.5
+DELAYS = np.arange(7) * 0.5
+MTTS = np.array([24.0, 12.0, 8.0, 6.0, 4.8, 4.0, 3.43])
+CBVS = np.arange(1.0, 6.0)
+
+
+def _aif_fine(t: np.ndarray) -> np.ndarray:
+    x = np.clip(t - 4.0, 0, None)
+    y = x**3 * np.exp(-x / 1.5)
+    return 400.0 * y / y.max()
+
+
+def _residue(shape: str, t: np.ndarray, mtt: float) -> np.ndarray:
+    if shape == "box":
+        return (t < mtt).astype(float)
+    if shape == "exponential":
+        return np.exp(-t / mtt)
+    return np.clip(1 - t / (2 * mtt), 0, None)  # linear: area = MTT
+
+
+def tile_curves(shape: str, cbv: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Noise-free curves of the 49 tiles of one slice: (T, 49) and the truth per tile."""
+    fine_t = np.arange(0, TIMES[-1] + FINE / 2, FINE)
+    ca = _aif_fine(fine_t)
+    sample = np.rint(TIMES / FINE).astype(int)
+    curves, truth = [], {"cbf": [], "cbv": [], "mtt": [], "delay": []}
+    for mtt in MTTS:
+        cbf = cbv / mtt * 60.0
+        r = _residue(shape, fine_t, mtt)
+        conv = fftconvolve(ca, r)[: fine_t.size] * FINE
+        for d in DELAYS:
+            shifted = np.interp(fine_t - d, fine_t, conv, left=0.0)
+            curves.append(RHO / KH * cbf / 6000.0 * shifted[sample])
+            for k, v in zip(("cbf", "cbv", "mtt", "delay"), (cbf, cbv, mtt, d), strict=True):
+                truth[k].append(v)
+    return np.array(curves).T, {k: np.array(v) for k, v in truth.items()}
+
+
+def true_aif() -> np.ndarray:
+    return _aif_fine(TIMES)
+
+
+def tile_study(shapes, *, inner: int, noise: float, rng):
+    """Curves (T, tiles * inner**2) of the inner voxels and per-tile truth (tiles,)."""
+    curves, truths = [], []
+    for shape in shapes:
+        for cbv in CBVS:
+            c, tr = tile_curves(shape, cbv)
+            curves.append(c)
+            truths.append(tr)
+    base = np.concatenate(curves, axis=1)
+    truth = {k: np.concatenate([t[k] for t in truths]) for k in truths[0]}
+    vox = np.repeat(base, inner * inner, axis=1)
+    if noise:
+        vox = vox + noise * rng.standard_normal(vox.shape)
+    return vox, truth, inner * inner
+
+
+def tile_means(values: np.ndarray, per_tile: int) -> np.ndarray:
+    return values.reshape(-1, per_tile).mean(axis=1)
+
+
+@pytest.mark.parametrize("mode", ["nlr", "nlr-fast"])
+def test_box_tiles_noise_free_within_5_percent(mode, rng):
+    vox, truth, per = tile_study(["box"], inner=1, noise=0.0, rng=rng)
+    fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
+    for name in ("cbf", "cbv", "mtt"):
+        est = tile_means(getattr(fit, name), per)
+        err = np.abs(est / truth[name] - 1)
+        # Issue target: within 5 % noise-free. The residual error is the sampling of a 0.5 s
+        # grid (the fit interpolates the AIF linearly between frames).
+        assert err.max() < 0.05, (name, err.max(), truth["mtt"][np.argmax(err)])
+
+
+@pytest.mark.parametrize("mode", ["nlr-fast", "nlr"])
+def test_box_tiles_noisy_correlate(mode, rng):
+    vox, truth, per = tile_study(["box"], inner=8, noise=10.0, rng=rng)
+    fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
+    r_cbv = np.corrcoef(tile_means(fit.cbv, per), truth["cbv"])[0, 1]
+    r_cbf = np.corrcoef(tile_means(fit.cbf, per), truth["cbf"])[0, 1]
+    # Issue targets: r >= 0.95 (CBV) and >= 0.90 (CBF) at 10 HU per frame. With 64 voxels per
+    # tile (the fast test; the slow one uses 14 x 14) the tile means are noisier than with 196.
+    assert r_cbv >= 0.95, r_cbv
+    assert r_cbf >= 0.90, r_cbf
+
+
+def _delay_slope(cbf_est: np.ndarray, truth: dict[str, np.ndarray], *, max_mtt: float = 30.0
+                 ) -> float:
+    """Slope (per s of delay) of the relative CBF error, averaged over CBV and the MTT rows up
+    to ``max_mtt``."""
+    rel = (cbf_est / truth["cbf"] - 1).reshape(-1, MTTS.size, DELAYS.size)
+    rows = rel[:, MTTS <= max_mtt].mean(axis=(0, 1))
+    return float(np.polyfit(DELAYS, rows, 1)[0])
+
+
+@pytest.mark.parametrize("method", ["bsvd", "osvd", "nlr", "nlr-fast"])
+def test_cbf_error_does_not_depend_on_delay(method, rng):
+    vox, truth, per = tile_study(["box"], inner=1, noise=0.0, rng=rng)
+    if method.startswith("nlr"):
+        cbf = fit_box_nlr(vox, true_aif(), TIMES, mode=method).cbf
+    else:
+        cbf = svd_deconvolve(vox, true_aif(), TIMES, method=method).cbf
+    # Issue target: below 2 % per second of delay, over all tiles and over the short (normal
+    # tissue) MTTs alone.
+    for max_mtt in (30.0, 4.0):
+        slope = _delay_slope(tile_means(cbf, per), truth, max_mtt=max_mtt)
+        assert abs(slope) < 0.02, (max_mtt, slope)
+
+
+def test_ssvd_cbf_error_depends_on_delay(rng):
+    vox, truth, per = tile_study(["box"], inner=1, noise=0.0, rng=rng)
+    cbf = svd_deconvolve(vox, true_aif(), TIMES, method="ssvd").cbf
+    slope = _delay_slope(tile_means(cbf, per), truth, max_mtt=4.0)
+    # sSVD underestimates CBF more as the delay grows (Wu 2003), most at short MTTs (normal
+    # tissue): there the slope is clearly beyond the 2 %/s the other methods stay within.
+    assert slope < -0.02, slope
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["nlr-fast", "nlr"])
+def test_all_shapes_full_tiles_noisy(mode, rng):
+    vox, truth, per = tile_study(["box"], inner=14, noise=10.0, rng=rng)
+    fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode, progress=False)
+    r_cbv = np.corrcoef(tile_means(fit.cbv, per), truth["cbv"])[0, 1]
+    r_cbf = np.corrcoef(tile_means(fit.cbf, per), truth["cbf"])[0, 1]
+    # Issue targets, on 14 x 14 inner voxels per tile.
+    assert r_cbv >= 0.95 and r_cbf >= 0.90, (r_cbv, r_cbf)
+    # Non-box residues: the box model is misspecified, but CBV (an area ratio) still tracks.
+    vox, truth, per = tile_study(["exponential", "linear"], inner=6, noise=10.0, rng=rng)
+    fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
+    r_cbv = np.corrcoef(tile_means(fit.cbv, per), truth["cbv"])[0, 1]
+    assert r_cbv >= 0.90, r_cbv  # 36 voxels per tile and long truncated exponential tails
