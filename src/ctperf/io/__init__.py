@@ -1,7 +1,7 @@
 """Reading and writing CT perfusion studies, maps and masks. The only package that touches files."""
 
 from ctperf.io.atomic import atomic_dir, atomic_file
-from ctperf.io.dicom import read_dicom_headers, read_dicom_series
+from ctperf.io.dicom import read_dicom_headers, read_dicom_series, read_dicom_volume
 from ctperf.io.dicom_write import write_maps_dicom, write_series_dicom
 from ctperf.io.nifti import (
     is_nifti,
@@ -14,6 +14,7 @@ from ctperf.io.nifti import (
     write_series_nifti,
     write_volume,
 )
+from ctperf.io.study import read_study
 
 __all__ = [
     "atomic_dir",
@@ -21,9 +22,11 @@ __all__ = [
     "is_nifti",
     "read_dicom_headers",
     "read_dicom_series",
+    "read_dicom_volume",
     "read_maps",
     "read_mask",
     "read_nifti_series",
+    "read_study",
     "read_volume",
     "write_json",
     "write_maps_dicom",

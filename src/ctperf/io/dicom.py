@@ -28,7 +28,7 @@ from ctperf.errors import InputError, ValidationError
 from ctperf.io.dicom_write import PATIENT_STUDY_TAGS
 from ctperf.types import CTPSeries
 
-__all__ = ["read_dicom_headers", "read_dicom_series"]
+__all__ = ["read_dicom_headers", "read_dicom_series", "read_dicom_volume"]
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +224,43 @@ def _order_frames(root: Path, slices: list[list[_Header]],
                            "TemporalPositionIndex or InstanceNumber within each slice")
 
 
+def _geometry(root: Path, headers: Sequence[_Header], *,
+              modality: str | None) -> tuple[list[list[_Header]], np.ndarray, tuple[int, int]]:
+    """Check one grid; files grouped by slice (ascending along the normal), RAS affine, (Y, X)."""
+    modalities = {str(h.get("Modality", "")) for h in headers}
+    if len(modalities) > 1:
+        raise InputError(root, f"mixed modalities in one series: {sorted(modalities)}")
+    if modality is not None and modalities != {modality}:
+        raise InputError(headers[0].path, f"modality is {modalities.pop() or 'missing'}, "
+                                          f"expected {modality}")
+    rows, cols = int(_check_same(headers, "Rows")), int(_check_same(headers, "Columns"))
+    iop = np.asarray(_check_same(headers, "ImageOrientationPatient", atol=1e-4), float)
+    spacing = np.asarray(_check_same(headers, "PixelSpacing", atol=1e-4), float)
+    for h in headers:
+        if h.get("ImagePositionPatient") is None:
+            raise InputError(h.path, "has no ImagePositionPatient")
+    normal = np.cross(iop[:3], iop[3:])
+    slices = _group_slices(headers, normal)
+    positions = np.array([np.asarray(s[0].get("ImagePositionPatient"), float) for s in slices])
+    if len(slices) > 1:
+        gaps = np.diff(positions @ normal)
+        if np.ptp(gaps) > max(_POSITION_TOL_MM, 0.01 * np.median(gaps)):
+            bad = int(np.argmax(np.abs(gaps - np.median(gaps))))
+            raise InputError(slices[bad + 1][0].path,
+                             f"inconsistent slice spacing: gaps {np.round(gaps, 3).tolist()} mm")
+        slice_step = (positions[-1] - positions[0]) / (len(slices) - 1)
+    else:
+        thickness = float(headers[0].get("SpacingBetweenSlices")
+                          or headers[0].get("SliceThickness") or 1.0)
+        slice_step = normal * thickness
+    lps = np.eye(4)
+    lps[:3, 0] = iop[:3] * spacing[1]
+    lps[:3, 1] = iop[3:] * spacing[0]
+    lps[:3, 2] = slice_step
+    lps[:3, 3] = positions[0]
+    return slices, _RAS_FROM_LPS @ lps, (rows, cols)
+
+
 def _decode(path: Path) -> tuple[np.ndarray | None, float, float, str | None]:
     """Stored pixels, RescaleSlope, RescaleIntercept and an error message (None when fine).
 
@@ -345,20 +382,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     """
     root = Path(folder)
     headers = _choose_series(root, read_dicom_headers(root), series_uid)
-    modalities = {str(h.get("Modality", "")) for h in headers}
-    if len(modalities) > 1:
-        raise InputError(root, f"mixed modalities in one series: {sorted(modalities)}")
-    if modalities != {"CT"}:
-        raise InputError(headers[0].path, f"modality is {modalities.pop() or 'missing'}, "
-                                          "expected CT")
-    rows, cols = int(_check_same(headers, "Rows")), int(_check_same(headers, "Columns"))
-    iop = np.asarray(_check_same(headers, "ImageOrientationPatient", atol=1e-4), float)
-    spacing = np.asarray(_check_same(headers, "PixelSpacing", atol=1e-4), float)
-    for h in headers:
-        if h.get("ImagePositionPatient") is None:
-            raise InputError(h.path, "has no ImagePositionPatient")
-    normal = np.cross(iop[:3], iop[3:])
-    slices = _group_slices(headers, normal)
+    slices, affine, (rows, cols) = _geometry(root, headers, modality="CT")
     counts = [len(s) for s in slices]
     if len(set(counts)) > 1:
         odd = min(range(len(slices)), key=lambda z: counts.count(counts[z]))
@@ -367,19 +391,6 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     if counts[0] < 2:
         raise InputError(root, f"one frame per slice ({len(slices)} slices): a 3D volume, a "
                                "perfusion study needs several frames (4D)")
-    positions = np.array([np.asarray(s[0].get("ImagePositionPatient"), float) for s in slices])
-    if len(slices) > 1:
-        gaps = np.diff(positions @ normal)
-        if np.ptp(gaps) > max(_POSITION_TOL_MM, 0.01 * np.median(gaps)):
-            bad = int(np.argmax(np.abs(gaps - np.median(gaps))))
-            raise InputError(slices[bad + 1][0].path,
-                             f"inconsistent slice spacing: gaps {np.round(gaps, 3).tolist()} mm")
-        slice_step = (positions[-1] - positions[0]) / (len(slices) - 1)
-    else:
-        thickness = float(headers[0].get("SpacingBetweenSlices")
-                          or headers[0].get("SliceThickness") or 1.0)
-        slice_step = normal * thickness
-
     frames, abs_times, source = _order_frames(root, slices, frame_interval)
     n_t, n_z = len(frames[0]), len(frames)
     start = float(np.nanmin(abs_times)) if np.isfinite(abs_times).any() else None
@@ -398,14 +409,43 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     paths = [frames[z][t].path for t in range(n_t) for z in range(n_z)]
     _decode_into(hu, paths, workers=workers or min(os.cpu_count() or 1, 8), executor=executor,
                  progress=progress)
-    lps = np.eye(4)
-    lps[:3, 0] = iop[:3] * spacing[1]
-    lps[:3, 1] = iop[3:] * spacing[0]
-    lps[:3, 2] = slice_step
-    lps[:3, 3] = positions[0]
     meta = _meta(headers, source, start, len(paths))
     try:
-        return CTPSeries(hu=hu.reshape(n_t, n_z, rows, cols), times=times,
-                         affine=_RAS_FROM_LPS @ lps, slice_times=slice_times, meta=meta)
+        return CTPSeries(hu=hu.reshape(n_t, n_z, rows, cols), times=times, affine=affine,
+                         slice_times=slice_times, meta=meta)
     except ValidationError as exc:
         raise InputError(root, str(exc)) from None
+
+
+def read_dicom_volume(folder: PathLike, *, series_uid: str | None = None,
+                      workers: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Read a 3D DICOM series (one file per slice, e.g. a perfusion map).
+
+    Returns
+    -------
+    volume : ndarray, float32, shape (Z, Y, X)
+        stored * RescaleSlope + RescaleIntercept, slices ascending along the slice normal.
+    affine : ndarray, shape (4, 4)
+        Voxel -> RAS mm.
+    meta : dict
+        series_uid, description, ``dicom`` tags, ``slice_positions`` (Z,) mm along the normal
+        and the files in slice order.
+    """
+    root = Path(folder)
+    headers = _choose_series(root, read_dicom_headers(root), series_uid)
+    slices, affine, (rows, cols) = _geometry(root, headers, modality=None)
+    for s in slices:
+        if len(s) > 1:
+            raise InputError(s[1].path, f"{len(s)} files at one slice position "
+                                        f"(with {s[0].path.name}); expected a 3D series")
+    volume = np.empty((len(slices), rows, cols), dtype=np.float32)
+    paths = [s[0].path for s in slices]
+    _decode_into(volume, paths, workers=workers or min(os.cpu_count() or 1, 8),
+                 executor="threads", progress=False)
+    meta = _meta(headers, "", None, len(paths))
+    normal = np.cross(*np.reshape(np.asarray(headers[0].get("ImageOrientationPatient"),
+                                             float), (2, 3)))
+    meta["slice_positions"] = np.array([np.asarray(s[0].get("ImagePositionPatient"), float)
+                                        @ normal for s in slices])
+    meta["files"] = paths
+    return volume, affine, meta
