@@ -183,11 +183,13 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
     found = False
     for item in iter_unitobrain(root):
         found = True
-        mask = getattr(item, "mask", None)
-        if mask is None:  # the reference is computed inside the brain only
+        given = getattr(item, "mask", None)
+        if given is not None:
+            mask = np.asarray(given, dtype=bool)
+        else:  # the reference is computed inside the brain only
             mask = np.all([np.isfinite(a) & (a > 0) for a in item.reference.maps.values()],
                           axis=0)
-        yield str(item.patient_id), item.series, item.reference, np.asarray(mask, dtype=bool)
+        yield str(item.patient_id), item.series, item.reference, mask
     if not found:
         raise InputError(root, "no patients found (neither phantom nor UniToBrain layout)")
 

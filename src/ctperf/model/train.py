@@ -210,8 +210,7 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         raise ValidationError("pretrain_epochs > 0 needs a pretrain_cache")
     stages.append(("finetune" if stages else "train", cache, int(epochs)))
     for _, c, _n in stages:
-        assert c is not None
-        if c.n_frames != cache.n_frames:
+        if c is not None and c.n_frames != cache.n_frames:
             raise ValidationError(f"pretraining cache has {c.n_frames} frames, the main cache "
                                   f"{cache.n_frames}")
     mean, std = cache.input_stats(train_patients)
@@ -224,22 +223,22 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         "frame_interval": cache.meta["frame_interval"], "hu_window": cache.meta["hu_window"],
         "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"], "seed": seed,
         "batch_size": batch_size, "lr": lr, "masked_loss": masked_loss, "augment": augment,
-        "stages": [[name, c.size, n] for name, c, n in stages],
+        "stages": [[name, c.size if c is not None else 0, n] for name, c, n in stages],
         "train_patients": list(train_patients), "val_patients": list(val_patients)}
 
-    device = resolve_device(device)
-    rank, world, device = _setup_distributed(device)
-    amp_dtype = _amp_dtype(amp, device)
-    if device.type == "cuda":
+    dev = resolve_device(device)
+    rank, world, dev = _setup_distributed(dev)
+    amp_dtype = _amp_dtype(amp, dev)
+    if dev.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     torch.manual_seed(seed)
-    model = build_model(config).to(device)
+    model = build_model(config).to(dev)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+            model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
 
     def fresh_optim() -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.ReduceLROnPlateau]:
         opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
@@ -269,8 +268,8 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
             sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and device.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], device)
+        if "cuda" in ckpt["rng"] and dev.type == "cuda":
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
         logger.info("resuming %s after epoch %d", out, len(history))
     out.mkdir(parents=True, exist_ok=True)
 
@@ -284,8 +283,9 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
             continue
         rows = stage_cache.rows(train_patients)
         val_rows = stage_cache.rows(val_patients) if val_patients else np.array([], dtype=int)
-        sampler = DistributedSampler(range(len(rows)), num_replicas=world, rank=rank,
-                                     shuffle=True, seed=seed)
+        sampler: DistributedSampler[int] = DistributedSampler(
+            range(len(rows)), num_replicas=world, rank=rank,  # type: ignore[arg-type]
+            shuffle=True, seed=seed)
         val_mine = val_rows[rank::world]
         for ep in tqdm(range(done_in_stage, n_epochs), desc=name, disable=not progress or rank,
                        initial=done_in_stage, total=n_epochs):
@@ -299,11 +299,11 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
             for b in tqdm(range(0, len(order), batch_size), desc=f"epoch {global_epoch}",
                           leave=False, disable=not progress or rank):
                 batch_rows = order[b:b + batch_size]
-                x, y, m = (torch.from_numpy(a).to(device) for a in stage_cache.batch(
+                x, y, m = (torch.from_numpy(a).to(dev) for a in stage_cache.batch(
                     batch_rows, target_idx=target_idx, mean=mean, std=std))
                 if augment:
                     x, y, m = apply_augmentation(x, y, m, draw_augmentation(aug_rng, len(x)))
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32,
                                     enabled=amp_dtype is not None):
                     pred = net(x)
                 loss = masked_mse(pred.float(), y, m if masked_loss else None)
@@ -315,12 +315,12 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
                 n_seen += len(batch_rows)
             train_loss = loss_sum / max(n_seen, 1)
             if world > 1:
-                t = torch.tensor([loss_sum, n_seen], dtype=torch.float64, device=device)
+                t = torch.tensor([loss_sum, n_seen], dtype=torch.float64, device=dev)
                 dist.all_reduce(t)
                 train_loss = float(t[0] / t[1])
             val_loss = (evaluate_mse(model, stage_cache, val_mine, target_idx=target_idx,
                                      mean=mean, std=std, masked=masked_loss,
-                                     batch_size=batch_size, device=device, amp_dtype=amp_dtype)
+                                     batch_size=batch_size, device=dev, amp_dtype=amp_dtype)
                         if len(val_rows) else math.nan)
             sched.step(val_loss if not math.isnan(val_loss) else train_loss)
             row = {"epoch": global_epoch, "stage": name, "train_loss": train_loss,
@@ -336,7 +336,7 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
                                      "history": history}, out / "best.pt")
                 save_checkpoint({"config": config, "model": model.state_dict(),
                                  "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                 "scaler": scaler.state_dict(), "rng": _rng_state(device),
+                                 "scaler": scaler.state_dict(), "rng": _rng_state(dev),
                                  "stage": si, "epoch_in_stage": ep + 1, "history": history,
                                  "best_val": best}, last)
                 _write_log(history, out / "log.csv")

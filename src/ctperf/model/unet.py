@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -155,8 +156,9 @@ class UNet(nn.Module):
                 f"width={width}, depth={depth}, kernel_size={kernel_size}")
         if norm not in _NORMS:
             raise ValidationError(f"norm must be one of {_NORMS}, got {norm!r}")
-        self.config = {"in_frames": in_frames, "out_channels": out_channels, "width": width,
-                       "depth": depth, "kernel_size": kernel_size, "norm": norm}
+        self.config: dict[str, Any] = {
+            "in_frames": in_frames, "out_channels": out_channels, "width": width, "depth": depth,
+            "kernel_size": kernel_size, "norm": norm}
         chans = [width * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
         cin = in_frames
@@ -174,14 +176,14 @@ class UNet(nn.Module):
     @property
     def multiple(self) -> int:
         """Input sizes that are a multiple of this need no padding."""
-        return 2 ** (self.config["depth"] - 1)
+        return int(2 ** (self.config["depth"] - 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.config["in_frames"]:
             raise ValidationError(
                 f"UNet expects input (B, {self.config['in_frames']}, H, W), got {tuple(x.shape)}")
         h, w = x.shape[-2:]
-        m = self.multiple
+        m = int(self.multiple)
         ph, pw = (-h) % m, (-w) % m
         if ph or pw:
             mode = "reflect" if ph < h and pw < w else "replicate"
