@@ -104,6 +104,8 @@ def segment_lesions(
     tmax_severe: float = 10.0,
     reference: str | np.ndarray | float = "contralateral",
     sigma_mm: float = 8.0,
+    smooth_mm: float = 0.0,
+    min_component_ml: float = 0.0,
 ) -> LesionResult:
     """Segment core, hypoperfused tissue and penumbra.
 
@@ -125,6 +127,11 @@ def segment_lesions(
         Normal CBF for rCBF (see module docstring).
     sigma_mm : float
         Neighbourhood of the contralateral reference.
+    smooth_mm : float
+        In-plane Gaussian sigma (mm) applied to CBF, CBV and Tmax inside the brain before
+        thresholding (noisy maps give speckled masks); 0 thresholds the maps as they are.
+    min_component_ml : float
+        Connected pieces of each mask smaller than this are dropped.
 
     Returns
     -------
@@ -138,10 +145,12 @@ def segment_lesions(
         valid &= brain
     if exclude is not None:
         valid &= ~exclude
+    sig = (0.0, smooth_mm / maps.spacing[1], smooth_mm / maps.spacing[2])
+    cbf, tmax = _smooth(cbf, valid, sig), _smooth(tmax, valid, sig)
     hypo = valid & (tmax > tmax_hypo)
     severe = valid & (tmax > tmax_severe)
     if core_cbv is not None:
-        cbv = maps["cbv"].astype(np.float64)
+        cbv = _smooth(maps["cbv"].astype(np.float64), valid, sig)
         core = valid & (cbv < core_cbv) & np.isfinite(cbv)
         ref_value: float | None = None
     else:
@@ -152,8 +161,11 @@ def segment_lesions(
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
         core = valid & (cbf < core_rcbf * ref)
         ref_value = float(np.median(ref[valid])) if valid.any() else None
-    penumbra = hypo & ~core
     voxel_ml = float(np.prod(maps.spacing)) / 1000.0
+    if min_component_ml > 0:
+        min_voxels = min_component_ml / voxel_ml
+        hypo, severe, core = (_drop_small(m, min_voxels) for m in (hypo, severe, core))
+    penumbra = hypo & ~core
     volumes = {"core": float(core.sum() * voxel_ml), "hypoperfused": float(hypo.sum() * voxel_ml),
                "penumbra": float(penumbra.sum() * voxel_ml),
                "tmax10": float(severe.sum() * voxel_ml)}
@@ -163,7 +175,30 @@ def segment_lesions(
                  else f"rCBF < {core_rcbf} ({reference if isinstance(reference, str) else 'given'}"
                       " reference)"),
         "hypoperfused": f"Tmax > {tmax_hypo} s", "tmax10": f"Tmax > {tmax_severe} s",
-        "reference_cbf_median": ref_value,
+        "reference_cbf_median": ref_value, "smooth_mm": smooth_mm,
+        "min_component_ml": min_component_ml,
     }
     return LesionResult(core=core, hypoperfused=hypo, penumbra=penumbra, tmax_severe=severe,
                         volumes_ml=volumes, mismatch_ratio=ratio, thresholds=thresholds)
+
+
+def _smooth(values: np.ndarray, valid: np.ndarray, sigma: tuple[float, float, float]
+            ) -> np.ndarray:
+    """Gaussian average over valid voxels only (normalised convolution); NaN elsewhere."""
+    if not any(sigma):
+        return values
+    w = valid.astype(np.float64)
+    num = ndimage.gaussian_filter(np.where(valid, values, 0.0), sigma, mode="constant")
+    den = ndimage.gaussian_filter(w, sigma, mode="constant")
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(valid & (den > 0), num / den, np.nan)
+
+
+def _drop_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel())
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]

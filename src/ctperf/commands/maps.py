@@ -1,0 +1,207 @@
+"""``ctperf maps STUDY OUT --method M``: model-based perfusion maps, lesions, QC and an overview."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ORDER", "register", "run"]
+
+ORDER = 20
+
+# Display windows a neuroradiologist expects (units of each map).
+_WINDOWS = {"cbf": (0.0, 80.0), "cbv": (0.0, 6.0), "mtt": (0.0, 14.0), "tmax": (0.0, 12.0),
+            "ttp": None, "delay": (0.0, 10.0)}
+_TITLES = {"cbf": "CBF mL/100g/min", "cbv": "CBV mL/100g", "mtt": "MTT s", "tmax": "Tmax s",
+           "ttp": "TTP s", "delay": "delay s"}
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "maps", help="model-based perfusion maps (box-model NLR or SVD), lesions and QC",
+        description="Compute CBF, CBV, MTT, TTP, Tmax and delay maps of a study (DICOM folder or "
+                    "4D NIfTI) and write OUT/<name>.nii.gz, OUT/lesions/<mask>.nii.gz (core, "
+                    "hypoperfused, penumbra, tmax10, brain, vessels), OUT/summary.json (method, "
+                    "constants, AIF/VOF voxels and curves, lesion volumes, QC flags) and "
+                    "OUT/overview.png.")
+    p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
+    p.add_argument("out", type=Path, help="output folder (replaced whole when done)")
+    p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd"),
+                   default="nlr-fast", help="box-model NLR (nlr: the paper's Nelder-Mead; "
+                   "nlr-fast: grid + Levenberg-Marquardt) or SVD deconvolution [nlr-fast]")
+    p.add_argument("--aif-mask", type=Path, default=None, help="3D NIfTI of arterial voxels")
+    p.add_argument("--vof-mask", type=Path, default=None, help="3D NIfTI of venous voxels")
+    p.add_argument("--brain-mask", type=Path, default=None, help="3D NIfTI brain mask")
+    p.add_argument("--dicom", action="store_true", help="also write DICOM maps in OUT/dicom")
+    p.add_argument("--preprocess", action="store_true",
+                   help="motion correction and bilateral filtering first (as in the paper)")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="SeriesInstanceUID to read when the DICOM folder holds several")
+    p.add_argument("--rho", type=float, default=1.04, help="brain density g/mL [1.04]")
+    p.add_argument("--kh", type=float, default=0.733, help="haematocrit ratio kH [0.733]")
+    p.add_argument("--core-cbv", type=float, default=None, metavar="ML",
+                   help="define the core as CBV below ML mL/100g instead of rCBF < 30 %%")
+    p.add_argument("--core-rcbf", type=float, default=0.30, help="core rCBF threshold [0.30]")
+    p.add_argument("--tmax", type=float, default=6.0, help="hypoperfusion Tmax threshold s [6]")
+    p.add_argument("--lesion-smooth", type=float, default=2.0, metavar="MM",
+                   help="in-plane Gaussian sigma on the maps before lesion thresholds [2]")
+    p.add_argument("--min-lesion", type=float, default=0.1, metavar="ML",
+                   help="drop lesion pieces smaller than ML mL [0.1]")
+    p.set_defaults(func=run)
+
+
+def _orient(affine: Any) -> tuple[bool, bool]:
+    """Flips (rows, columns) that show a slice radiologically: anterior up, patient right on
+    the viewer's left (RAS affine)."""
+    import numpy as np
+
+    a = np.asarray(affine)[:3, :3]
+    col_axis = int(np.argmax(np.abs(a[:, 0])))
+    row_axis = int(np.argmax(np.abs(a[:, 1])))
+    flip_cols = col_axis == 0 and a[0, 0] > 0
+    flip_rows = row_axis == 1 and a[1, 1] > 0
+    return flip_rows, flip_cols
+
+
+def overview_figure(result: Any, *, title: str = "") -> Any:
+    """A matplotlib Figure: maps of up to 4 slices with lesion outlines, AIF/VOF, volumes, QC."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    maps = result.maps
+    names = [n for n in ("cbf", "cbv", "mtt", "tmax", "ttp") if n in maps]
+    n_z = maps.shape[0]
+    area = result.brain.sum(axis=(1, 2))
+    order = np.argsort(-area, kind="stable")[: min(4, n_z)]
+    slices = sorted(int(z) for z in order if area[z] > 0) or [n_z // 2]
+    flip_rows, flip_cols = _orient(maps.affine)
+    _, dy, dx = maps.spacing
+    fig = plt.figure(figsize=(3.0 * len(names), 2.9 * len(slices) + 3.4), facecolor="black")
+    grid = fig.add_gridspec(len(slices) + 1, len(names),
+                            height_ratios=[1.0] * len(slices) + [1.15], hspace=0.12, wspace=0.04)
+    brain_any = result.brain.any(axis=0)
+    rows = np.flatnonzero(brain_any.any(axis=1))
+    cols = np.flatnonzero(brain_any.any(axis=0))
+    r0, r1 = max(rows[0] - 2, 0), rows[-1] + 3
+    c0, c1 = max(cols[0] - 2, 0), cols[-1] + 3
+
+    def view(a: Any) -> Any:
+        a = a[r0:r1, c0:c1]
+        if flip_rows:
+            a = a[::-1]
+        if flip_cols:
+            a = a[:, ::-1]
+        return a
+
+    for j, name in enumerate(names):
+        vals = maps[name][result.brain & ~result.vessels]
+        window = _WINDOWS.get(name) or (float(np.nanpercentile(vals, 2)),
+                                        float(np.nanpercentile(vals, 98)))
+        cmap = plt.get_cmap("turbo").with_extremes(bad="black")
+        for i, z in enumerate(slices):
+            ax = fig.add_subplot(grid[i, j])
+            im = ax.imshow(view(maps[name][z]), cmap=cmap, vmin=window[0], vmax=window[1],
+                           interpolation="nearest", aspect=dy / dx)
+            for mask, colour in ((result.lesions.hypoperfused, "white"),
+                                 (result.lesions.core, "magenta")):
+                m = view(mask[z]).astype(float)
+                if m.any() and name in ("cbf", "tmax", "cbv"):
+                    ax.contour(m, levels=[0.5], colors=colour, linewidths=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(f"slice {z}", color="white")
+                ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="white", fontsize=9,
+                        va="center")
+            if i == 0:
+                ax.set_title(_TITLES[name], color="white", fontsize=10)
+        cb = fig.colorbar(im, ax=[fig.axes[-1]], fraction=0.05, pad=0.01, location="bottom")
+        cb.ax.tick_params(colors="white", labelsize=7)
+    ax = fig.add_subplot(grid[-1, : max(2, len(names) - 2)])
+    t = result.times
+    prov = maps.provenance
+    ax.plot(t, prov["aif"]["measured_hu"], color="tab:red", lw=1, ls="--", label="AIF measured")
+    ax.plot(t, result.aif, color="tab:red", lw=2, label="AIF (partial-volume corrected)")
+    if result.vof is not None:
+        ax.plot(t, result.vof, color="tab:blue", lw=2, label="VOF")
+    ax.set_facecolor("black")
+    ax.set_xlabel("time s", color="white")
+    ax.set_ylabel("enhancement HU", color="white")
+    ax.tick_params(colors="white")
+    for side in ax.spines.values():
+        side.set_color("grey")
+    ax.legend(fontsize=8, facecolor="black", labelcolor="white", edgecolor="grey")
+    ax.grid(alpha=0.25)
+    text = fig.add_subplot(grid[-1, max(2, len(names) - 2):])
+    text.axis("off")
+    les = prov["lesions"]
+    mr = les["mismatch_ratio"]
+    lines = [f"method {prov['method']}   rho {prov['constants']['rho_g_per_ml']}   "
+             f"kH {prov['constants']['kh']}",
+             f"core {les['volumes_ml']['core']:.1f} mL  ({les['thresholds']['core']})",
+             f"hypoperfused {les['volumes_ml']['hypoperfused']:.1f} mL  (Tmax > "
+             f"{les['thresholds']['hypoperfused'].split('>')[-1].strip()})",
+             f"penumbra {les['volumes_ml']['penumbra']:.1f} mL   Tmax>10 s "
+             f"{les['volumes_ml']['tmax10']:.1f} mL",
+             f"mismatch ratio {'-' if mr is None else f'{mr:.1f}'}",
+             "outlines: magenta core, white Tmax > threshold", "QC:"]
+    raised = [k for k, v in prov["qc"].items() if v["flag"]]
+    lines += [f"  ! {k}: {prov['qc'][k]['reason']}" for k in raised] or ["  no flags raised"]
+    text.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", fontsize=8, color="white",
+              family="monospace", wrap=True)
+    if title:
+        fig.suptitle(title, color="white")
+    return fig
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ctperf import io
+    from ctperf.errors import CTPerfError
+    from ctperf.perfusion import run_perfusion
+
+    series = io.read_study(args.study, series_uid=args.series, progress=True)
+    motion = None
+    if args.preprocess:
+        try:
+            from ctperf.preprocess import preprocess
+        except ImportError:
+            raise CTPerfError("--preprocess: this installation has no ctperf.preprocess."
+                              "preprocess") from None
+        pre = preprocess(series, progress=True)
+        series, motion = pre.series, np.asarray(pre.displacement_mm)
+    grid = {"shape": series.shape[1:], "affine": series.affine}
+    aif_mask = io.read_mask(args.aif_mask, **grid) if args.aif_mask else None
+    vof_mask = io.read_mask(args.vof_mask, **grid) if args.vof_mask else None
+    brain = io.read_mask(args.brain_mask, **grid) if args.brain_mask else None
+    lesion_options = {"core_rcbf": args.core_rcbf, "core_cbv": args.core_cbv,
+                      "tmax_hypo": args.tmax, "smooth_mm": args.lesion_smooth,
+                      "min_component_ml": args.min_lesion}
+    result = run_perfusion(series, method=args.method, aif_mask=aif_mask, vof_mask=vof_mask,
+                           mask=brain, rho=args.rho, kh=args.kh, motion_mm=motion,
+                           lesion_options=lesion_options, progress=True)
+    maps = result.maps.replace(provenance={**result.maps.provenance, "study": str(args.study),
+                                           "preprocessed": bool(args.preprocess)})
+    with io.atomic_dir(args.out) as tmp:
+        io.write_maps_nifti(maps, tmp)
+        masks = {**result.lesions.masks(), "brain": result.brain, "vessels": result.vessels}
+        for name, mask in masks.items():
+            io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz")
+        io.write_json({**maps.provenance, "maps": maps.names, "units": dict(maps.units)},
+                      tmp / "summary.json")
+        fig = overview_figure(result, title=f"{args.study.name}: {args.method}")
+        with io.atomic_file(tmp / "overview.png") as png:
+            fig.savefig(png, dpi=110, facecolor="black")
+        if args.dicom:
+            io.write_maps_dicom(maps, tmp / "dicom", source=series)
+    vol = maps.provenance["lesions"]["volumes_ml"]
+    raised = [k for k, v in maps.provenance["qc"].items() if v["flag"]]
+    print(f"wrote {', '.join(maps.names)} to {args.out}: core {vol['core']:.1f} mL, "
+          f"hypoperfused {vol['hypoperfused']:.1f} mL"
+          + (f"; QC flags: {', '.join(raised)}" if raised else ""))
+    return 0
