@@ -15,11 +15,14 @@ from ctperf.io.nifti import (
     write_volume,
 )
 from ctperf.io.study import read_study
+from ctperf.io.unitobrain import UniToBrainCase, iter_unitobrain
 
 __all__ = [
+    "UniToBrainCase",
     "atomic_dir",
     "atomic_file",
     "is_nifti",
+    "iter_unitobrain",
     "read_dicom_headers",
     "read_dicom_series",
     "read_dicom_volume",

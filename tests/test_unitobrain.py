@@ -1,0 +1,85 @@
+"""UniToBrain layout: a tiny fake tree, maps paired with input slices by position."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from pydicom.uid import generate_uid
+
+from ctperf.errors import InputError
+from ctperf.io import iter_unitobrain
+from ctperf.io.unitobrain import find_unitobrain
+from dicom_factory import ct_dataset, write_fake_study
+
+
+def write_map(folder, values, positions, iop, order, *, slope=0.01, intercept=0.0):
+    """One DICOM per map slice, written in ``order`` with names that do not follow position."""
+    folder.mkdir(parents=True)
+    uid, study, frame = generate_uid(), generate_uid(), generate_uid()
+    for rank, k in enumerate(order):
+        ds = ct_dataset(values[k], series_uid=uid, study_uid=study, frame_uid=frame,
+                        position=positions[k], iop=iop, spacing=(0.5, 0.45), when=None,
+                        temporal_index=1, instance=rank + 1, slope=slope, intercept=intercept,
+                        description=folder.name)
+        ds.save_as(folder / f"{folder.name}{rank + 1:05d}.dcm", enforce_file_format=True)
+
+
+def make_patient(root, rng, patient, *, n_slices=4):
+    study = write_fake_study(root / f"{patient}_Registered_Filtered_3mm_20HU", rng,
+                             n_frames=4, n_slices=n_slices, nested=False)
+    maps_root = root / f"{patient}_Registered_Filtered_3mm_20HU_Maps"
+    truth = {}
+    for folder, name in [("NLR_CBF", "cbf"), ("NLR_CBV", "cbv"), ("NLR_Delay", "delay")]:
+        # maps cover study slices 1..n-1 plus one slice beyond the study, shuffled on disk
+        positions = np.vstack([study.positions[1:],
+                               study.positions[-1] + (study.positions[1] - study.positions[0])])
+        values = np.rint(rng.uniform(0, 80, (len(positions), 8, 10)) * 100) / 100
+        write_map(maps_root / folder, values, positions, study.iop,
+                  order=rng.permutation(len(positions)))
+        expected = np.full((n_slices, 8, 10), np.nan)
+        expected[1:] = values[: n_slices - 1]
+        truth[name] = expected
+    (maps_root / "notes.txt").write_text("processing notes")
+    return study, truth
+
+
+def test_fake_tree_pairs_maps_by_position(tmp_path, rng):
+    root = tmp_path / "unitobrain"
+    made = {p: make_patient(root, rng, p) for p in ("MOL-002", "MOL-001")}
+    cases = list(iter_unitobrain(root))
+    assert [c.patient_id for c in cases] == ["MOL-001", "MOL-002"]
+    for case in cases:
+        study, truth = made[case.patient_id]
+        np.testing.assert_array_equal(case.series.hu, study.hu)
+        assert sorted(case.reference.names) == ["cbf", "cbv", "delay"]
+        for name, expected in truth.items():
+            # stored at 0.01 steps from values already on that grid: float32 rounding only
+            np.testing.assert_allclose(case.reference[name], expected, atol=1e-4)
+        np.testing.assert_array_equal(case.reference.affine, case.series.affine)
+        assert case.series.meta["patient_id"] == case.patient_id
+
+
+def test_nested_one_level(tmp_path, rng):
+    make_patient(tmp_path / "root" / "batch1", rng, "MOL-007", n_slices=3)
+    assert [p for p, _, _ in find_unitobrain(tmp_path / "root")] == ["MOL-007"]
+
+
+def test_missing_maps_folder(tmp_path, rng):
+    write_fake_study(tmp_path / "MOL-003_Registered_Filtered_3mm_20HU", rng, nested=False)
+    with pytest.raises(InputError, match="MOL-003_Registered_Filtered_3mm_20HU_Maps: missing"):
+        find_unitobrain(tmp_path)
+
+
+def test_no_patients(tmp_path):
+    with pytest.raises(InputError, match="no UniToBrain patients"):
+        find_unitobrain(tmp_path)
+
+
+def test_maps_at_other_positions_rejected(tmp_path, rng):
+    study = write_fake_study(tmp_path / "MOL-004_Registered_Filtered_3mm_20HU", rng,
+                             n_slices=2, nested=False)
+    far = study.positions + np.array([0.0, 0.0, 100.0])
+    write_map(tmp_path / "MOL-004_Registered_Filtered_3mm_20HU_Maps" / "NLR_CBF",
+              np.ones((2, 8, 10)), far, study.iop, order=[0, 1])
+    with pytest.raises(InputError, match="no cbf slice lies at a study slice position"):
+        list(iter_unitobrain(tmp_path))
