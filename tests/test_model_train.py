@@ -122,3 +122,28 @@ def test_guards(caches, tmp_path: Path):
               **{**TINY, "width": 8})
     with pytest.raises(ValidationError, match="target 'bogus' is not in the cache"):
         train(full, tmp_path / "x", train_patients=["sub-0000"], targets=["bogus"], **TINY)
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_on_cpu(caches, tmp_path: Path):
+    # two gloo processes share the epoch: each sees half the slices, losses are all-reduced
+    import subprocess
+    import sys
+
+    full, _ = caches
+    code = (
+        "from ctperf.model import open_slice_cache, train\n"
+        f"c = open_slice_cache({str(full.path)!r})\n"
+        f"train(c, {str(tmp_path / 'ddp')!r}, train_patients=['sub-0000', 'sub-0002'], "
+        "val_patients=['sub-0001'], epochs=2, width=4, depth=3, batch_size=1, device='cpu')\n")
+    script = tmp_path / "ddp_train.py"
+    script.write_text(code)
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          "--nproc_per_node=2", str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    with (tmp_path / "ddp" / "log.csv").open() as f:
+        log = list(csv.DictReader(f))
+    assert [r["epoch"] for r in log] == ["1", "2"]
+    assert load_checkpoint(tmp_path / "ddp" / "model.pt")["config"]["train_patients"] == [
+        "sub-0000", "sub-0002"]

@@ -8,6 +8,7 @@ Patients on an optional held-out test list take part in no fold.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -128,6 +129,8 @@ def cross_validate(cache: SliceCache, out: str | Path, *, folds: int = 3, seed: 
             if test_patients:
                 row["test_mse"] = evaluate_mse(model, cache, cache.rows(test_patients), **kw)
         rows.append(row)
+    if int(os.environ.get("RANK", "0")) > 0:
+        return rows  # under torchrun only process 0 writes the table
     target = "+".join(targets)
     cols = list(rows[0])
     with atomic_file(out / "table1.csv") as tmp:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -257,6 +259,9 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
     key = _cache_key(root, config)
     path = Path(cache_root) / (f"{root.resolve().name}-{size or 'native'}px-"
                                f"{frames or 'all'}f-{reference}-{key}")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
+        while not (path / "index.json").exists():  # under torchrun, process 0 builds the cache
+            time.sleep(1.0)
     if (path / "index.json").exists():
         logger.info("reusing slice cache %s", path)
         return open_slice_cache(path)

@@ -350,5 +350,7 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         if not (out / "best.pt").exists():
             save_checkpoint({"config": config, "model": model.state_dict(),
                              "history": history}, out / "best.pt")
+    if world > 1:
+        dist.barrier()  # the other processes may read model.pt next
     return TrainResult(history=history, model_path=out / "model.pt", best_path=out / "best.pt",
                        config=config)
