@@ -155,3 +155,34 @@ def test_missing_cohort_and_damaged_cache_are_input_errors(tmp_path: Path):
     (tmp_path / "bad").mkdir()
     with pytest.raises(InputError, match="not a slice cache"):
         open_slice_cache(tmp_path / "bad")
+
+
+def test_unitobrain_layout_goes_through_the_io_reader(monkeypatch, tmp_path: Path,
+                                                      rng: np.random.Generator):
+    # no phantom subjects in the folder: the cohort is read with ctperf.io.iter_unitobrain, and
+    # the loss mask is where the reference has tissue (CBV > 0) and every map is finite
+    from types import SimpleNamespace
+
+    import ctperf.io
+
+    def fake_reader(root):
+        for pid in ("MOL-001", "MOL-002"):
+            hu = rng.normal(40, 5, (10, 2, 16, 16)).astype(np.float32)
+            series = CTPSeries(hu=hu, times=np.arange(10) * 0.5)
+            cbv = np.full((2, 16, 16), 3.0, dtype=np.float32)
+            cbv[:, :4] = 0.0  # outside the brain
+            delay = np.zeros_like(cbv)
+            delay[1, 8, 8] = np.nan
+            maps = PerfusionMaps(maps={"cbv": cbv, "cbf": cbv * 10, "delay": delay})
+            yield SimpleNamespace(patient_id=pid, series=series, reference=maps)
+
+    monkeypatch.setattr(ctperf.io, "iter_unitobrain", fake_reader, raising=False)
+    (tmp_path / "utb").mkdir()
+    cache = build_slice_cache(tmp_path / "utb", tmp_path / "cache", size=16, frames=5)
+    assert cache.patient_ids == ["MOL-001", "MOL-002"]
+    assert cache.meta["targets"] == ["cbv", "cbf", "ttp"]  # no mtt or tmax maps
+    mask = cache.masks[cache.rows(["MOL-001"])].astype(bool)
+    assert mask.sum() == 2 * 12 * 16 - 1
+    assert not mask[:, :4].any() and not mask[1, 8, 8]
+    with pytest.raises(ValidationError, match="'mtt' is not in the cache"):
+        cache.target_index("mtt")

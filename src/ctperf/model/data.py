@@ -188,9 +188,10 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
         given = getattr(item, "mask", None)
         if given is not None:
             mask = np.asarray(given, dtype=bool)
-        else:  # the reference is computed inside the brain only
-            mask = np.all([np.isfinite(a) & (a > 0) for a in item.reference.maps.values()],
-                          axis=0)
+        else:  # the reference is computed inside the brain only (delay may be 0 there)
+            ref = item.reference
+            tissue = next(ref[n] for n in ("cbv", "cbf", *ref.names) if n in ref)
+            mask = np.all([np.isfinite(a) for a in ref.maps.values()], axis=0) & (tissue > 0)
         yield str(item.patient_id), item.series, item.reference, mask
     if not found:
         raise InputError(root, "no patients found (neither phantom nor UniToBrain layout)")
