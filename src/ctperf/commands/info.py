@@ -1,0 +1,83 @@
+"""``ctperf info STUDY``: what a study holds (grid, timing, scanner) without computing anything."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ORDER", "describe", "register", "run"]
+
+ORDER = 10
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "info", help="describe a study: shape, spacing, frames, timing, scanner",
+        description="Read a study (DICOM folder, searched recursively, or 4D NIfTI) and print its "
+                    "shape, voxel spacing, frame count, time span and spacing, timing source, "
+                    "series description, scanner, kVp and mAs. A DICOM folder with several "
+                    "series lists them; choose one with --series.")
+    p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
+    p.add_argument("--series", default=None, metavar="UID",
+                   help="SeriesInstanceUID to read when the DICOM folder holds several")
+    p.add_argument("--frame-interval", type=float, default=None, metavar="SECONDS",
+                   help="seconds between frames, for files without usable acquisition times")
+    p.set_defaults(func=run)
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None or value == "":
+        return "unknown"
+    if isinstance(value, float):
+        return f"{value:g}{unit}"
+    return f"{value}{unit}"
+
+
+def describe(series: Any, path: Path) -> list[str]:
+    """Lines of ``ctperf info`` for a CTPSeries read from ``path``."""
+    import numpy as np
+
+    meta = series.meta
+    t, z, y, x = series.shape
+    dz, dy, dx = series.spacing
+    steps = np.diff(series.times)
+    timing = str(meta.get("timing_source") or "unknown")
+    if series.slice_times is not None:
+        timing += " (each slice has its own times)"
+    kind = f"DICOM, {meta.get('transfer_syntax')}" if path.is_dir() else "NIfTI"
+    lines = [
+        f"study        {path}",
+        f"format       {kind}",
+        f"shape        {t} frames x {z} slices x {y} rows x {x} columns (T, Z, Y, X)",
+        f"spacing      {dz:.4g} x {dy:.4g} x {dx:.4g} mm (slice, row, column)",
+        f"frames       {t}, {series.times[0]:.3f} to {series.times[-1]:.3f} s "
+        f"(span {series.times[-1] - series.times[0]:.3f} s)",
+        f"frame step   median {np.median(steps):.3f} s, min {steps.min():.3f} s, "
+        f"max {steps.max():.3f} s",
+        f"timing from  {timing}",
+        f"series       {_fmt(meta.get('description'))}",
+        f"series UID   {_fmt(meta.get('series_uid'))}",
+        f"scanner      {_fmt(meta.get('scanner'))}",
+        f"kVp          {_fmt(meta.get('kvp'))}",
+        f"mAs          {_fmt(meta.get('mas'))}",
+    ]
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctperf import io
+
+    if args.study.is_dir() and args.series is None:
+        groups = io.read_dicom_headers(args.study)
+        if len(groups) > 1:
+            print(f"{args.study} holds {len(groups)} series; choose one with --series UID:")
+            for uid, headers in groups.items():
+                first = headers[0].ds
+                print(f"  {uid}  {first.get('Modality', '?')}  "
+                      f"'{first.get('SeriesDescription', '')}'  {len(headers)} files")
+            return 0
+    series = io.read_study(args.study, series_uid=args.series,
+                           frame_interval=args.frame_interval, progress=True)
+    print("\n".join(describe(series, args.study)))
+    return 0

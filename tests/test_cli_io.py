@@ -1,0 +1,102 @@
+"""``ctperf info`` and ``ctperf convert`` through the CLI entry point and once as a process."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pydicom
+import pytest
+
+from ctperf.cli import main
+from ctperf.io import read_dicom_series, read_nifti_series, write_series_nifti
+from dicom_factory import write_fake_study
+
+
+def test_info_dicom(tmp_path, rng, capsys):
+    study = write_fake_study(tmp_path / "s", rng, n_frames=5, n_slices=3)
+    assert main(["info", str(study.folder)]) == 0
+    out = capsys.readouterr().out
+    assert "5 frames x 3 slices x 8 rows x 10 columns" in out
+    assert "5 x 0.5 x 0.45 mm" in out
+    span = study.times[-1] - study.times[0]
+    assert f"span {span:.3f} s" in out
+    assert "AcquisitionDateTime" in out
+    assert "ACME Scan 9" in out and "CTP 5mm" in out
+    assert "kVp          80" in out and "mAs          150" in out
+
+
+def test_info_lists_series(tmp_path, rng, capsys):
+    a = write_fake_study(tmp_path / "s", rng, description="CTP A", nested=False)
+    b = write_fake_study(tmp_path / "s" / "b", rng, description="CTP B", nested=False)
+    assert main(["info", str(a.folder)]) == 0
+    out = capsys.readouterr().out
+    assert "2 series" in out and a.series_uid in out and b.series_uid in out
+    assert main(["info", str(a.folder), "--series", b.series_uid]) == 0
+    assert "CTP B" in capsys.readouterr().out
+
+
+def test_info_nifti(tmp_path, small_series, capsys):
+    path = write_series_nifti(small_series, tmp_path / "study.nii.gz")
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "12 frames x 3 slices x 16 rows x 20 columns" in out
+    assert "sidecar FrameTimes" in out
+
+
+def test_convert_dicom_to_nifti_and_back(tmp_path, rng, capsys):
+    study = write_fake_study(tmp_path / "s", rng, shuttle=True)
+    nii = tmp_path / "study.nii.gz"
+    assert main(["convert", str(study.folder), str(nii)]) == 0
+    from_nifti = read_nifti_series(nii)
+    from_dicom = read_dicom_series(study.folder)
+    np.testing.assert_array_equal(from_nifti.hu, from_dicom.hu)
+    np.testing.assert_allclose(from_nifti.affine, from_dicom.affine, atol=1e-5)  # float32 header
+    np.testing.assert_allclose(from_nifti.times, from_dicom.times)
+    np.testing.assert_allclose(from_nifti.slice_times, from_dicom.slice_times)
+    out_dir = tmp_path / "back"
+    assert main(["convert", str(nii), str(out_dir), "--compress"]) == 0
+    assert pydicom.dcmread(next(out_dir.iterdir())).file_meta.TransferSyntaxUID.is_compressed
+    again = read_dicom_series(out_dir)
+    np.testing.assert_array_equal(again.hu, from_dicom.hu)
+    np.testing.assert_allclose(again.affine, from_dicom.affine, atol=1e-4)  # float32 header
+    np.testing.assert_allclose(again.slice_times, from_dicom.slice_times, atol=1e-6)  # us digits
+    assert again.meta["dicom"]["PatientID"] == "P001"
+
+
+def test_convert_with_frame_interval(tmp_path, rng):
+    def edit(ds, t, z):
+        for keyword in ("AcquisitionDateTime", "AcquisitionTime", "ContentTime"):
+            delattr(ds, keyword)
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    nii = tmp_path / "study.nii"
+    assert main(["convert", str(study.folder), str(nii)]) == 2
+    assert not nii.exists()
+    assert main(["convert", str(study.folder), str(nii), "--frame-interval", "2"]) == 0
+    np.testing.assert_allclose(read_nifti_series(nii).times, 2.0 * np.arange(5))
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["info", "{tmp}/absent"], "no such file or folder"),
+    (["info", "{tmp}/empty"], "no DICOM image files"),
+    (["convert", "{tmp}/empty", "{tmp}/o.nii.gz"], "no DICOM image files"),
+    (["convert", "{tmp}/empty", "{tmp}/o.nii.gz", "--compress"], "--compress applies"),
+])
+def test_bad_input_exits_2(tmp_path, capsys, argv, problem):
+    (tmp_path / "empty").mkdir()
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and problem in err[0]
+
+
+def test_bad_input_as_a_process(tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti file")
+    result = subprocess.run([sys.executable, "-m", "ctperf", "info", str(broken)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "broken.nii.gz" in lines[0]
+    assert "Traceback" not in result.stderr
