@@ -1,0 +1,145 @@
+"""Acquisition model: baseline attenuation, scanner blur, correlated noise and rigid head motion.
+
+Noise is Gaussian with standard deviation ``K / sqrt(mAs)`` per pixel (K = 103 HU, 8.4 HU at
+150 mAs), spatially correlated by the reconstruction kernel: white noise is filtered with the same
+in-plane Gaussian as the signal and rescaled so that the filtered noise has exactly the requested
+standard deviation. Motion is rigid, per frame, about the slab centre: frame ``t`` shows the head
+moved by ``x -> R_t x + s_t`` (:func:`ctperf.phantom.geometry.rigid_matrix` of the frame's three
+rotations in degrees and three shifts in mm); slices outside the slab are not simulated, so
+through-plane motion repeats the edge slices.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ctperf.phantom.geometry import rigid_matrix
+
+__all__ = [
+    "MOTION_CLASSES",
+    "NOISE_K",
+    "apply_motion",
+    "baseline_hu",
+    "draw_baseline",
+    "draw_motion",
+    "filtered_std",
+    "noise_sigma",
+    "psf_sigma_px",
+    "smooth_noise",
+]
+
+NOISE_K = 103.0
+#: Proportions of negligible, mild-moderate and severe motion in stroke CTP (58/24/19 %).
+MOTION_CLASSES: dict[str, float] = {"none": 0.58, "mild": 0.24, "severe": 0.19}
+
+
+def noise_sigma(mas: float, *, k: float = NOISE_K) -> float:
+    """Per-pixel noise standard deviation in HU at tube current-time product ``mas``."""
+    return float(k / np.sqrt(mas)) if np.isfinite(mas) else 0.0
+
+
+def psf_sigma_px(fwhm_mm: float, pixel_mm: float) -> float:
+    """Gaussian sigma in pixels of an in-plane blur of FWHM ``fwhm_mm``."""
+    return float(fwhm_mm / (2 * np.sqrt(2 * np.log(2))) / pixel_mm)
+
+
+def draw_baseline(rng: np.random.Generator) -> dict[str, float]:
+    """Unenhanced HU per tissue at 80 kV (SCIENCE.md section 4)."""
+    return {"gm": float(rng.uniform(35, 40)), "wm": float(rng.uniform(26, 30)),
+            "csf": float(rng.uniform(5, 15)), "blood": float(rng.uniform(40, 50)),
+            "bone": float(rng.uniform(1200, 1800)), "soft": float(rng.uniform(25, 45)),
+            "air": -1000.0}
+
+
+def baseline_hu(fractions: np.ndarray, hu: dict[str, float], texture: np.ndarray
+                ) -> np.ndarray:
+    """Unenhanced image from channel fractions (C, ...) in anatomy.CHANNELS order.
+
+    ``texture`` (same shape as one channel, unit variance) adds 1.5 HU of tissue texture and
+    8 % of bone density variation (diploe).
+    """
+    gm, wm, csf, bone, soft, art, vein = fractions
+    out = (gm * (hu["gm"] + 1.5 * texture) + wm * (hu["wm"] + 1.5 * texture) + csf * hu["csf"]
+           + bone * hu["bone"] * (1 + 0.08 * texture) + soft * hu["soft"]
+           + (art + vein) * hu["blood"])
+    air = np.clip(1.0 - fractions.sum(axis=0), 0.0, 1.0)
+    return (out + air * hu["air"]).astype(np.float32)
+
+
+def smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], *, sigma_px: float
+                 ) -> np.ndarray:
+    """Unit-variance Gaussian noise (float32), correlated in the last two axes by a Gaussian."""
+    white = rng.standard_normal(shape, dtype=np.float32)
+    if sigma_px < 0.05:
+        return white
+    sig = (0,) * (len(shape) - 2) + (sigma_px, sigma_px)
+    out = ndi.gaussian_filter(white, sig, truncate=3.5)
+    return out * np.float32(1.0 / filtered_std(sigma_px))
+
+
+def filtered_std(sigma_px: float) -> float:
+    """Standard deviation of unit white noise after the Gaussian filter of ``sigma_px``."""
+    delta = np.zeros((41, 41))
+    delta[20, 20] = 1.0
+    k = ndi.gaussian_filter(delta, sigma_px, truncate=3.5)
+    return float(np.sqrt(np.sum(k**2)))
+
+
+def draw_motion(rng: np.random.Generator, category: str, times: np.ndarray
+                ) -> tuple[str, np.ndarray]:
+    """Per-frame rigid motion (T, 6): rotations about x, y, z (deg) then shifts (mm).
+
+    ``category`` is ``"none"``, ``"mild"``, ``"severe"`` or ``"realistic"`` (drawn with the
+    :data:`MOTION_CLASSES` proportions). Frame 0 is the reference (zero motion). Motion is mostly
+    nodding (rotation about the left-right x axis) and grows towards the end of the study.
+    """
+    if category == "realistic":
+        names = list(MOTION_CLASSES)
+        prob = np.array([MOTION_CLASSES[n] for n in names])
+        category = str(rng.choice(names, p=prob / prob.sum()))
+    n = times.size
+    out = np.zeros((n, 6))
+    if category == "none" or n < 2:
+        return category, out
+    if category == "mild":
+        rot, shift, jerks = rng.uniform(0.5, 1.5), rng.uniform(0.5, 1.5), 0
+    elif category == "severe":
+        rot, shift, jerks = rng.uniform(3.0, 7.0), rng.uniform(3.0, 7.0), int(rng.integers(1, 4))
+    else:
+        raise ValueError(f"motion must be none, mild, severe or realistic, got {category!r}")
+    frac = (times - times[0]) / max(times[-1] - times[0], 1e-9)
+    weight = frac**1.5  # worse later
+    axes_scale = np.array([1.0, 0.3, 0.4, 0.4, 0.6, 1.0])  # nodding: rx, ty, tz dominate
+    for c in range(6):
+        walk = np.cumsum(rng.standard_normal(n))
+        walk = ndi.gaussian_filter1d(walk, max(n / 15, 1.0))
+        walk -= walk[0]
+        walk /= max(np.max(np.abs(walk)), 1e-9)
+        amp = rot if c < 3 else shift
+        out[:, c] = amp * axes_scale[c] * walk * weight
+    for _ in range(jerks):  # sudden head movements that persist
+        start = int(rng.integers(n // 3, n))
+        step = rng.normal(0, 1, 6) * np.r_[rot, 0.3 * rot, 0.3 * rot, 0.3 * shift, shift, shift]
+        out[start:] += 0.5 * step
+    out[0] = 0.0
+    return category, out
+
+
+def apply_motion(volume: np.ndarray, affine: np.ndarray, params: Any, *, order: int = 1
+                 ) -> np.ndarray:
+    """Resample one frame (Z, Y, X) as seen after the head moved by ``params`` (6,).
+
+    The head point at patient position ``x`` (mm, slab centre at 0) moves to ``R x + s``, so the
+    output at ``y`` samples the input at ``R^T (y - s)``.
+    """
+    p = np.asarray(params, dtype=float)
+    move = rigid_matrix(p[:3], p[3:])
+    # index (x, y, z) -> mm -> unmoved mm -> index; then to array order (z, y, x)
+    m = np.linalg.inv(affine) @ np.linalg.inv(move) @ affine
+    perm = np.array([[0, 0, 1, 0], [0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+    mz = perm @ m @ perm
+    return ndi.affine_transform(volume, mz[:3, :3], offset=mz[:3, 3], order=order,
+                                mode="nearest")
