@@ -190,7 +190,8 @@ def _order_frames(root: Path, slices: list[list[_Header]],
         values = [[_time_of(h, tag) for h in s] for s in slices]
         if any(v is None for s in values for v in s):
             continue
-        ordered = [sorted(zip(v, s, strict=True), key=lambda p: p[0])
+        ordered = [sorted(((float(t or 0.0), h) for t, h in zip(v, s, strict=True)),
+                          key=lambda p: p[0])
                    for v, s in zip(values, slices, strict=True)]
         times = np.array([[t for t, _ in o] for o in ordered]).T
         if np.all(np.ptp(times, axis=0) == 0):

@@ -11,6 +11,7 @@ store perfusion studies.
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import os
@@ -20,7 +21,7 @@ from typing import Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from ctperf.errors import ValidationError
 from ctperf.io.atomic import atomic_dir
@@ -99,8 +100,8 @@ def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = sop_class
-    ds.SOPClassUID = sop_class
+    ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
+    ds.SOPClassUID = UID(sop_class)
     ds.SpecificCharacterSet = "ISO_IR 100"
     ds.Modality = "CT"
     tags: dict[str, Any] = {"PatientName": "Anonymous", "PatientID": "ctperf"}
@@ -237,8 +238,7 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
         bar = tqdm(total=n_t * n_z, desc="write DICOM", unit="file", disable=not progress)
         for t in range(n_t):
             for z in range(n_z):
-                ds = base.copy()
-                ds.file_meta = base.file_meta.copy()
+                ds = copy.deepcopy(base)  # Dataset.copy() would share elements with base
                 ds.InstanceNumber = t * n_z + z + 1
                 ds.AcquisitionNumber = t + 1
                 ds.TemporalPositionIndex = t + 1
@@ -326,8 +326,7 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
         target = Path(folder) / name
         with atomic_dir(target) as tmp:
             for z in range(n_z):
-                ds = base.copy()
-                ds.file_meta = base.file_meta.copy()
+                ds = copy.deepcopy(base)  # Dataset.copy() would share elements with base
                 ds.InstanceNumber = z + 1
                 ds.ImagePositionPatient = [_ds(v) for v in geo["positions"][z]]
                 ds.SliceLocation = _ds(geo["locations"][z])
