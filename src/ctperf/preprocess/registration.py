@@ -1,0 +1,315 @@
+"""Rigid motion correction: every frame registered to the first with SimpleITK.
+
+Follows the registration of Gava et al. 2023 (doi:10.3389/fninf.2023.852105), done there with
+Elastix: 6 degrees of freedom, two resolution levels (8x down-sampled in plane, then full), sum of
+squared differences, 2,000 and 8,000 random samples, 300 iterations per level.
+
+SimpleITK equivalents used here: mean squares metric; random sampling (a fixed random subset per
+level, whereas Elastix redraws the samples every iteration) restricted to the brain of the first
+frame (with whole-image sampling the skull's partial volume in thick tilted slices biased the fits
+by 2-4 mm in our tests); ITK's regular step gradient descent (a deterministic step that halves when
+the gradient reverses) as the nearest robust stand-in for Elastix's stochastic gradient descent;
+parameter scales from physical shift, so that rotations and shifts take comparable steps. The
+pyramid is built per axis, so thick slices are not shrunk further: with
+0.45 x 0.45 x 5 mm voxels the coarse level is 3.6 x 3.6 x 5 mm.
+
+Transforms follow ITK: a frame's transform maps a point of the first frame (patient mm, in the frame
+of the series' affine) to the same anatomy in that frame. Parameters are (rx, ry, rz) in degrees and
+(tx, ty, tz) in mm, rotating about ``center_mm`` (the centre of the volume).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import SimpleITK as sitk
+
+from ctperf.errors import ValidationError
+from ctperf.types import CTPSeries
+
+__all__ = [
+    "MotionResult",
+    "correct_motion",
+    "frame_displacement",
+    "make_transform",
+    "to_sitk_image",
+]
+
+logger = logging.getLogger(__name__)
+
+
+
+@dataclass(frozen=True, eq=False)
+class MotionResult:
+    """Result of :func:`correct_motion`.
+
+    Attributes
+    ----------
+    series : CTPSeries
+        The registered study, same grid and times as the input.
+    parameters : ndarray, float64, shape (T, 6)
+        Per frame (rx, ry, rz) in degrees and (tx, ty, tz) in mm; frame 0 is all zeros.
+    center_mm : ndarray, float64, shape (3,)
+        Centre of rotation in patient mm.
+    displacement_mm : ndarray, float64, shape (T,)
+        Mean displacement over the brain of each frame relative to the first, in mm.
+    max_displacement_mm : ndarray, float64, shape (T,)
+        Largest displacement over the brain, in mm.
+    metric : ndarray, float64, shape (T,)
+        Final mean-squares metric at full resolution (HU^2); NaN for frame 0.
+    """
+
+    series: CTPSeries
+    parameters: np.ndarray
+    center_mm: np.ndarray
+    displacement_mm: np.ndarray
+    max_displacement_mm: np.ndarray
+    metric: np.ndarray
+
+    @property
+    def transforms(self) -> list[sitk.Euler3DTransform]:
+        """One SimpleITK Euler3DTransform per frame (fixed -> moving point mapping)."""
+        return [make_transform(p, self.center_mm) for p in self.parameters]
+
+
+def to_sitk_image(volume: np.ndarray, affine: np.ndarray) -> sitk.Image:
+    """A (Z, Y, X) array as a SimpleITK image with spacing, origin and direction from ``affine``."""
+    img = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
+    a = np.asarray(affine, dtype=np.float64)
+    spacing = np.linalg.norm(a[:3, :3], axis=0)
+    img.SetSpacing(spacing.tolist())
+    img.SetOrigin(a[:3, 3].tolist())
+    img.SetDirection((a[:3, :3] / spacing).ravel().tolist())
+    return img
+
+
+def make_transform(parameters: Sequence[float],
+                   center_mm: Sequence[float]) -> sitk.Euler3DTransform:
+    """Euler3DTransform from (rx, ry, rz) degrees, (tx, ty, tz) mm and a centre in mm."""
+    p = np.asarray(parameters, dtype=np.float64)
+    tx = sitk.Euler3DTransform()
+    tx.SetCenter([float(c) for c in center_mm])
+    tx.SetParameters([*np.deg2rad(p[:3]).tolist(), *p[3:].tolist()])
+    return tx
+
+
+def frame_displacement(parameters: np.ndarray, center_mm: np.ndarray,
+                       points_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and max displacement |T(x) - x| in mm over points, for each frame.
+
+    Parameters
+    ----------
+    parameters : ndarray, shape (T, 6)
+        Rotations in degrees, shifts in mm.
+    center_mm : ndarray, shape (3,)
+    points_mm : ndarray, shape (N, 3)
+        Points in patient mm (e.g. the brain's voxel centres).
+
+    Returns
+    -------
+    mean, max : ndarray, float64, shape (T,)
+    """
+    params = np.atleast_2d(np.asarray(parameters, dtype=np.float64))
+    pts = np.asarray(points_mm, dtype=np.float64) - np.asarray(center_mm, dtype=np.float64)
+    means = np.zeros(len(params))
+    maxes = np.zeros(len(params))
+    for i, p in enumerate(params):
+        tx = make_transform(p, np.zeros(3))
+        m = np.asarray(tx.GetMatrix()).reshape(3, 3)
+        d = pts @ (m - np.eye(3)).T + p[3:]
+        norm = np.linalg.norm(d, axis=1)
+        means[i], maxes[i] = (norm.mean(), norm.max()) if norm.size else (0.0, 0.0)
+    return means, maxes
+
+
+def _shrink_factors(spacing_xyz: np.ndarray, level: int) -> list[int]:
+    """Per-axis shrink so the finest axis is shrunk ``level`` times and no axis beyond that size."""
+    target = level * spacing_xyz.min()
+    return [max(1, round(target / s)) for s in spacing_xyz]
+
+
+def _pyramid(img: sitk.Image, levels: Sequence[int]) -> list[sitk.Image]:
+    spacing = np.asarray(img.GetSpacing())
+    out = []
+    for level in levels:
+        factors = _shrink_factors(spacing, level)
+        out.append(sitk.BinShrink(img, factors) if max(factors) > 1 else img)
+    return out
+
+
+def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
+                    mask_fraction: float, moving: np.ndarray, affine: np.ndarray,
+                    levels: Sequence[int], samples: Sequence[int], iterations: int,
+                    center: Sequence[float], seed: int,
+                    threads: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """Register one frame; returns (registered (Z, Y, X) float32, parameters (6,), metric)."""
+    moving_img = to_sitk_image(moving, affine)
+    moving_pyr = _pyramid(moving_img, levels)
+    tx = sitk.Euler3DTransform()
+    tx.SetCenter(list(center))
+    metric = float("nan")
+    for fixed_l, mask_l, moving_l, n_samples, level in zip(fixed_pyr, mask_pyr, moving_pyr,
+                                                           samples, levels, strict=True):
+        reg = sitk.ImageRegistrationMethod()
+        reg.SetNumberOfThreads(threads)
+        reg.SetMetricAsMeanSquares()
+        # Gradients by central differences at the samples only: no whole-image gradient filter
+        # (faster with sparse samples, and works on the 1-2 slices of a coarse level).
+        reg.SetMetricUseFixedImageGradientFilter(False)
+        reg.SetMetricUseMovingImageGradientFilter(False)
+        reg.SetShrinkFactorsPerLevel([1])
+        reg.SetSmoothingSigmasPerLevel([0.0])
+        reg.SetMetricFixedMask(mask_l)
+        # ITK draws samples over the whole grid and drops those outside the mask
+        n_vox = int(np.prod(fixed_l.GetSize())) * mask_fraction
+        reg.SetMetricSamplingStrategy(reg.RANDOM)
+        # SimpleITK reads seed 0 as 'wall clock': shift by one to stay reproducible
+        reg.SetMetricSamplingPercentage(min(1.0, n_samples / max(n_vox, 1.0)), seed + 1)
+        reg.SetInterpolator(sitk.sitkLinear)
+        # Initial step of one voxel of the level, down to 1/10,000 of it.
+        step = float(min(fixed_l.GetSpacing()))
+        reg.SetOptimizerAsRegularStepGradientDescent(
+            learningRate=step, minStep=step * 1e-4, numberOfIterations=iterations,
+            relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
+        reg.SetOptimizerScalesFromPhysicalShift()
+        reg.SetInitialTransform(tx, inPlace=True)
+        reg.Execute(fixed_l, moving_l)
+        metric = float(reg.GetMetricValue())
+        logger.debug("level %d: %d iterations, metric %.3g", level,
+                     reg.GetOptimizerIteration(), metric)
+    resampler = sitk.ResampleImageFilter()
+    resampler.SetNumberOfThreads(threads)
+    resampler.SetReferenceImage(moving_img)
+    resampler.SetTransform(tx)
+    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetUseNearestNeighborExtrapolator(True)
+    registered = sitk.GetArrayFromImage(resampler.Execute(moving_img))
+    p = np.asarray(tx.GetParameters(), dtype=np.float64)
+    params = np.r_[np.rad2deg(p[:3]), p[3:]]
+    return registered.astype(np.float32, copy=False), params, metric
+
+
+def _registration_mask(series: CTPSeries, mask: np.ndarray | None) -> np.ndarray:
+    """The brain of the first frame (bool (Z, Y, X)); soft tissue by threshold as a fallback."""
+    if mask is None:
+        from ctperf.preprocess.mask import brain_mask
+
+        try:
+            mask = brain_mask(series.hu[0], spacing=series.spacing)
+        except ValidationError:
+            mask = None
+        if mask is None or mask.sum() < 1000:
+            mask = (series.hu[0] > -20) & (series.hu[0] < 100)
+        if mask.sum() < 1000:  # no recognisable brain: use every voxel
+            mask = np.ones(series.shape[1:], dtype=bool)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != series.shape[1:]:
+        raise ValidationError(f"mask shape {mask.shape} differs from the study grid "
+                              f"{series.shape[1:]} (Z, Y, X)")
+    return mask
+
+
+def _metric_mask(mask: np.ndarray, spacing_zyx: Sequence[float], margin_mm: float) -> np.ndarray:
+    """The mask eroded in plane by ``margin_mm``, away from the skull's partial-volume rim."""
+    from scipy import ndimage
+
+    n = round(margin_mm / min(spacing_zyx[1:]))
+    if n < 1:
+        return mask
+    disk = np.zeros((1, 2 * n + 1, 2 * n + 1), dtype=bool)
+    yy, xx = np.mgrid[-n:n + 1, -n:n + 1]
+    disk[0] = yy ** 2 + xx ** 2 <= n * n
+    eroded = ndimage.binary_erosion(mask, disk)
+    return eroded if eroded.sum() >= 1000 else mask
+
+
+def _mask_points(series: CTPSeries, mask: np.ndarray) -> np.ndarray:
+    """Patient-mm coordinates of the mask's voxels (at most ~100,000, evenly strided)."""
+    zyx = np.argwhere(mask)
+    zyx = zyx[:: max(1, len(zyx) // 100_000)]
+    ijk1 = np.c_[zyx[:, ::-1], np.ones(len(zyx))]
+    return (ijk1 @ series.affine.T)[:, :3]
+
+
+def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
+                   samples: Sequence[int] = (2000, 8000), iterations: int = 300,
+                   workers: int | None = None, seed: int = 0, mask: np.ndarray | None = None,
+                   executor: str = "threads", progress: bool = False) -> MotionResult:
+    """Rigidly register every frame of a study to its first frame.
+
+    Parameters
+    ----------
+    series : CTPSeries
+        Study (T, Z, Y, X) in HU.
+    levels : sequence of int
+        Shrink factor of the finest axis at each resolution level, coarse to fine.
+    samples : sequence of int
+        Random metric samples per level (one per level).
+    iterations : int
+        Maximum optimiser iterations per level.
+    workers : int, optional
+        Frames registered at once; default the number of CPU cores.
+    seed : int
+        Seed of the random sampling (the same for every frame, so results are reproducible).
+    mask : ndarray of bool, shape (Z, Y, X), optional
+        Brain of the first frame: the metric is evaluated there (the skull's partial volume in
+        thick, tilted slices otherwise biases the fit) and displacements are averaged over it.
+        Default :func:`ctperf.preprocess.mask.brain_mask` of the first frame.
+    executor : {"threads", "processes"}
+        Run frames in threads (SimpleITK releases the GIL) or in worker processes.
+    progress : bool
+        Show a progress bar.
+
+    Returns
+    -------
+    MotionResult
+    """
+    if len(levels) != len(samples) or not levels:
+        raise ValidationError(f"levels {tuple(levels)} and samples {tuple(samples)} must be "
+                              "non-empty and of equal length (one sample count per level)")
+    if executor not in ("threads", "processes"):
+        raise ValidationError(f"executor must be 'threads' or 'processes', got {executor!r}")
+    workers = int(workers or os.cpu_count() or 1)
+    n = series.n_frames
+    fixed = to_sitk_image(series.hu[0], series.affine)
+    size = np.asarray(fixed.GetSize(), dtype=np.float64)
+    center = fixed.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist())
+    fixed_pyr = _pyramid(fixed, levels)
+    mask = _registration_mask(series, mask)
+    metric_mask = _metric_mask(mask, series.spacing, margin_mm=4.0)
+    mask_img = sitk.Cast(to_sitk_image(metric_mask.astype(np.float32), series.affine),
+                         sitk.sitkUInt8)
+    mask_pyr = _pyramid(mask_img, levels)  # BinShrink of 0/1 keeps cells fully inside the mask
+    out = np.empty_like(series.hu)
+    out[0] = series.hu[0]
+    params = np.zeros((n, 6))
+    metrics = np.full(n, np.nan)
+    args = (list(levels), list(samples), int(iterations), center, int(seed), 1)
+    pool: Executor = (ThreadPoolExecutor(workers) if executor == "threads"
+                      else ProcessPoolExecutor(workers))
+    with pool:
+        futures = {pool.submit(_register_frame, fixed_pyr, mask_pyr, float(metric_mask.mean()),
+                               series.hu[t], series.affine, *args): t for t in range(1, n)}
+        from concurrent.futures import as_completed
+
+        from tqdm.auto import tqdm
+
+        for fut in tqdm(as_completed(futures), total=len(futures), disable=not progress,
+                        desc="registration", unit="frame"):
+            t = futures[fut]
+            out[t], params[t], metrics[t] = fut.result()
+    points = _mask_points(series, mask)
+    center_arr = np.asarray(center, dtype=np.float64)
+    mean_d, max_d = frame_displacement(params, center_arr, points)
+    logger.info("motion: max mean displacement %.2f mm (frame %d)", mean_d.max(),
+                int(mean_d.argmax()))
+    meta = dict(series.meta)
+    meta["motion_corrected"] = True
+    return MotionResult(series=series.replace(hu=out, meta=meta), parameters=params,
+                        center_mm=center_arr, displacement_mm=mean_d,
+                        max_displacement_mm=max_d, metric=metrics)

@@ -1,0 +1,176 @@
+"""Motion correction: recover known rigid motion of a synthetic head (target registration error)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctperf.errors import ValidationError
+from ctperf.preprocess.registration import (
+    correct_motion,
+    frame_displacement,
+    make_transform,
+    to_sitk_image,
+)
+from ctperf.types import CTPSeries
+
+
+def _sig(d: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * d))
+
+
+#: The head's centre lies below the 40 mm slab, as in a scan at the level of the basal ganglia, so
+#: the skull's cross-section changes from slice to slice.
+HEAD_CENTRE = np.array([0.0, 10.0, -30.0])
+
+
+def head_hu(points: np.ndarray, blobs: list[tuple[np.ndarray, float, float]]) -> np.ndarray:
+    """Smooth head-like HU at points (N, 3) in mm: air, skull shell, brain with blob texture."""
+    x, y, z = (points - HEAD_CENTRE).T
+    r_out = np.sqrt((x / 80) ** 2 + (y / 95) ** 2 + (z / 70) ** 2)
+    r_in = np.sqrt((x / 72) ** 2 + (y / 87) ** 2 + (z / 62) ** 2)
+    inside = _sig((1 - r_out) * 60)
+    brain = _sig((1 - r_in) * 60)
+    hu = -1000 * (1 - inside) + 900 * (inside - brain) + 30 * brain
+    for centre, sd, amp in blobs:
+        hu += amp * brain * np.exp(-((points - centre) ** 2).sum(1) / (2 * sd * sd))
+    return hu
+
+
+def make_blobs(rng: np.random.Generator, n: int = 80) -> list[tuple[np.ndarray, float, float]]:
+    """Grey/white/CSF-like texture: gaussian blobs of 3-8 mm, +-10 to 30 HU."""
+    centres = rng.uniform([-60, -70, -30], [60, 70, 30], size=(n, 3))
+    return [(c, float(rng.uniform(3, 8)), float(rng.choice([-30, -10, 10, 20])))
+            for c in centres]
+
+
+def moving_study(rng: np.random.Generator, params: np.ndarray, *, shape=(8, 96, 96),
+                 spacing=(5.0, 2.0, 2.0), noise=5.0) -> tuple[CTPSeries, np.ndarray]:
+    """Frames of one head under rigid motions ``params`` (T, 6) about the volume centre.
+
+    Frame t is the head seen through transform T_t (first frame -> frame t), each slice averaged
+    over its 5 mm thickness (4 sub-samples) as a scanner would. Returns the series and the centre.
+    """
+    blobs = make_blobs(rng)
+    nz, ny, nx = shape
+    dz, dy, dx = spacing
+    affine = np.diag([dx, dy, dz, 1.0])
+    affine[:3, 3] = [-(nx - 1) * dx / 2, -(ny - 1) * dy / 2, -(nz - 1) * dz / 2]
+    kk, jj, ii = np.meshgrid(np.arange(nz), np.arange(ny), np.arange(nx), indexing="ij")
+    centres = (np.c_[ii.ravel(), jj.ravel(), kk.ravel(), np.ones(ii.size)] @ affine.T)[:, :3]
+    center = np.zeros(3)
+    frames = []
+    for p in params:
+        tx = make_transform(p, center)
+        m = np.asarray(tx.GetMatrix()).reshape(3, 3)
+        acc = np.zeros(len(centres))
+        for sub in (-0.375, -0.125, 0.125, 0.375):
+            y = centres + np.array([0.0, 0.0, sub * dz])
+            x = (y - center - p[3:]) @ np.linalg.inv(m).T + center  # T^-1(y)
+            acc += head_hu(x, blobs) / 4
+        frames.append(acc.reshape(shape) + noise * rng.standard_normal(shape))
+    times = np.arange(len(params)) * 0.5
+    return CTPSeries(hu=np.array(frames, dtype=np.float32), times=times, affine=affine), center
+
+
+def brain_points(series: CTPSeries) -> np.ndarray:
+    """Patient mm of the brain voxels of the first frame (soft tissue HU)."""
+    mask = (series.hu[0] > -10) & (series.hu[0] < 90)
+    zyx = np.argwhere(mask)
+    return (np.c_[zyx[:, ::-1], np.ones(len(zyx))] @ series.affine.T)[:, :3]
+
+
+def tre(est: np.ndarray, true: np.ndarray, center: np.ndarray, points: np.ndarray) -> float:
+    """Mean |T_est(x) - T_true(x)| over points, in mm."""
+    out = []
+    for pe, pt in zip(est, true, strict=True):
+        te, tt = make_transform(pe, center), make_transform(pt, center)
+        a = np.array([te.TransformPoint(tuple(x)) for x in points[::50]])
+        b = np.array([tt.TransformPoint(tuple(x)) for x in points[::50]])
+        out.append(np.linalg.norm(a - b, axis=1).mean())
+    return float(np.max(out))
+
+
+#: In-plane motion (rotation about z, shifts) up to 5 degrees and 5 mm.
+IN_PLANE = np.array([
+    [0, 0, 0, 0, 0, 0],
+    [0, 0, 5.0, 5.0, 0, 0],
+    [0, 0, -5.0, -3.0, 4.0, 0],
+    [0, 0, 3.0, 2.0, -5.0, 0.0],
+])
+
+#: Nodding and tilts up to 5 degrees with through-plane shifts (the hard case for 5 mm slices).
+THROUGH_PLANE = np.array([
+    [0, 0, 0, 0, 0, 0],
+    [5.0, 0, 0, 0, 0, 2.0],
+    [-3.0, 2.0, 4.0, 5.0, -3.0, 0.0],
+    [2.0, 3.0, -2.0, 3.0, 3.0, 2.5],
+])
+
+
+def test_recovers_in_plane_motion(rng):
+    series, center = moving_study(rng, IN_PLANE)
+    result = correct_motion(series, workers=2)
+    # the centre of rotation is the volume centre, which moving_study puts at the origin
+    assert np.allclose(result.center_mm, center, atol=1e-6)
+    points = brain_points(series)
+    before = tre(np.zeros_like(IN_PLANE), IN_PLANE, center, points)
+    after = tre(result.parameters, IN_PLANE, center, points)
+    assert before > 4.0  # the motion is large (sanity check of the test itself)
+    # issue 5 target: mean TRE over the brain < 0.5 mm after motion up to 5 mm / 5 degrees
+    assert after < 0.5, (after, result.parameters)
+    # Registered frames match the first frame: residual close to the 5 HU noise, far below the
+    # residual of the moved frame.
+    inner = np.s_[2:-2, 10:-10, 10:-10]
+    resid_after = np.std(result.series.hu[2][inner] - series.hu[0][inner])
+    resid_before = np.std(series.hu[2][inner] - series.hu[0][inner])
+    assert resid_after < 0.3 * resid_before
+    # reported displacement agrees with the applied motion over the same kind of points
+    assert np.all(np.abs(result.displacement_mm - frame_displacement(
+        IN_PLANE, center, points)[0]) < 1.0)
+
+
+def test_reduces_through_plane_motion(rng):
+    """Tilts of 5 mm slices are only partly recovered: TRE falls, but not yet below 0.5 mm."""
+    series, center = moving_study(rng, THROUGH_PLANE)
+    result = correct_motion(series, workers=2)
+    points = brain_points(series)
+    before = tre(np.zeros_like(THROUGH_PLANE), THROUGH_PLANE, center, points)
+    after = tre(result.parameters, THROUGH_PLANE, center, points)
+    # Measured 1-3 mm worst-frame TRE from 4-7 mm before (see the issue note); 3.5 mm and a
+    # halving leave room for the run-to-run spread of the random sampling.
+    assert after < 3.5 and after < 0.6 * before, (before, after)
+
+
+def test_displacement_matches_transform(rng):
+    points = rng.uniform(-50, 50, size=(500, 3))
+    params = np.array([[0, 0, 0, 0, 0, 0], [0, 0, 0, 3.0, 4.0, 0], [0, 0, 90.0, 0, 0, 0]])
+    mean, mx = frame_displacement(params, np.zeros(3), points)
+    assert mean[0] == 0 and mx[0] == 0
+    assert np.allclose([mean[1], mx[1]], 5.0)  # pure shift (3, 4, 0) is 5 mm everywhere
+    # 90 degrees about z moves a point by sqrt(2) times its distance from the z axis
+    expected = np.sqrt(2) * np.linalg.norm(points[:, :2], axis=1)
+    assert mean[2] == pytest.approx(expected.mean(), rel=1e-9)
+    assert mx[2] == pytest.approx(expected.max(), rel=1e-9)
+
+
+def test_sitk_image_geometry_follows_affine():
+    affine = np.array([[0, -0.5, 0, 10], [0.5, 0, 0, -20], [0, 0, 5, 3], [0, 0, 0, 1.0]])
+    img = to_sitk_image(np.zeros((4, 6, 8), np.float32), affine)
+    assert img.GetSize() == (8, 6, 4)
+    for ijk in [(0, 0, 0), (7, 5, 3), (2, 1, 3)]:
+        expected = affine @ np.r_[ijk, 1.0]
+        assert np.allclose(img.TransformIndexToPhysicalPoint(ijk), expected[:3])
+
+
+def test_static_study_stays_put(small_series):
+    result = correct_motion(small_series.replace(hu=np.repeat(small_series.hu[:1], 3, 0),
+                                                 times=small_series.times[:3]), workers=1)
+    # identical frames: any movement is optimiser noise, well under a hundredth of a voxel
+    assert result.max_displacement_mm.max() < 0.05
+    assert np.allclose(result.series.hu[1], small_series.hu[0], atol=0.5)
+
+
+def test_bad_options(small_series):
+    with pytest.raises(ValidationError, match="one sample count per level"):
+        correct_motion(small_series, levels=(8, 1), samples=(2000,))
