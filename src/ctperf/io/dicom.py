@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,13 @@ _TIME_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "ContentTime")
 _INDEX_TAGS = ("TemporalPositionIndex", "InstanceNumber")
 _EPOCH = dt.datetime(1970, 1, 1)
 _POSITION_TOL_MM = 0.01
+
+try:
+    import gdcm  # noqa: F401  (only asks whether pydicom's GDCM plugin can run)
+
+    _HAVE_GDCM = True
+except ImportError:
+    _HAVE_GDCM = False
 
 
 @dataclass(frozen=True)
@@ -262,60 +270,97 @@ def _geometry(root: Path, headers: Sequence[_Header], *,
     return slices, _RAS_FROM_LPS @ lps, (rows, cols)
 
 
-def _decode(path: Path) -> tuple[np.ndarray | None, float, float, str | None]:
-    """Stored pixels, RescaleSlope, RescaleIntercept and an error message (None when fine).
+def _pixels(ds: pydicom.Dataset) -> np.ndarray:
+    """Decoded pixels; GDCM first for compressed syntaxes (faster than pylibjpeg for JPEG
+    Lossless, see the benchmark), pydicom's other plugins when it is missing or fails."""
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    if syntax is not None and syntax.is_compressed and _HAVE_GDCM:
+        try:
+            ds.pixel_array_options(decoding_plugin="gdcm")
+            return ds.pixel_array
+        except Exception:  # fall back to whatever other plugin can decode it
+            ds.pixel_array_options(decoding_plugin="")
+    return ds.pixel_array
 
-    Errors are returned, not raised, so that they cross a process pool intact.
-    """
+
+def _decode_one(path: Path, out: np.ndarray) -> str | None:
+    """Write one file's HU (stored * slope + intercept) into ``out`` (Y, X); return an error
+    message instead of raising, so that errors cross a process pool intact."""
     try:
         ds = pydicom.dcmread(path)
     except Exception as exc:  # pydicom raises many types for damaged files
-        return None, 1.0, 0.0, f"damaged or truncated DICOM file ({exc})"
+        return f"damaged or truncated DICOM file ({exc})"
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        return None, 1.0, 0.0, "has no pixel data"
+        return "has no pixel data"
     try:
-        pixels = ds.pixel_array
+        pixels = _pixels(ds)
     except Exception as exc:  # decoder plugins raise many types
         syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
-        name = getattr(syntax, "name", syntax)
-        return None, 1.0, 0.0, f"cannot decode pixel data ({name}): {exc}"
+        return f"cannot decode pixel data ({getattr(syntax, 'name', syntax)}): {exc}"
+    if pixels.shape != out.shape:
+        return f"pixel array is {pixels.shape}, header says {out.shape}"
     slope = float(ds.get("RescaleSlope", 1) or 1)
     intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    return pixels, slope, intercept, None
+    np.multiply(pixels, slope, out=out, casting="unsafe")
+    out += intercept
+    if not np.all(np.isfinite(out)):
+        return "pixel data contains NaN or Inf values"
+    return None
+
+
+def _decode_chunk(shm_name: str, shape: tuple[int, ...],
+                  items: list[tuple[int, Path]]) -> list[tuple[int, str | None]]:
+    """Process-pool worker: decode files into the shared (N, Y, X) float32 array."""
+    shm = SharedMemory(name=shm_name)
+    out = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
+    try:
+        return [(i, _decode_one(path, out[i])) for i, path in items]
+    finally:
+        del out  # release the buffer before closing the mapping
+        shm.close()
 
 
 def _decode_into(out: np.ndarray, paths: Sequence[Path], *, workers: int, executor: str,
                  progress: bool) -> None:
+    """Decode ``paths`` into ``out`` (N, Y, X) float32 HU, serially or with a pool."""
     from tqdm import tqdm
 
-    rows, cols = out.shape[1:]
-    pool_type = {"threads": ThreadPoolExecutor, "processes": ProcessPoolExecutor}.get(executor)
-    if pool_type is None:
+    if executor not in ("threads", "processes"):
         raise ValidationError(f"executor must be 'threads' or 'processes', got {executor!r}")
-    chunk = max(1, len(paths) // (4 * workers)) if executor == "processes" else 1
-    if workers <= 1:
-        results = map(_decode, paths)
-        pool = None
+    bar = tqdm(total=len(paths), desc="decode DICOM", unit="file", disable=not progress)
+    errors: list[tuple[int, str | None]] = []
+    if workers <= 1 or len(paths) < 2:
+        for i, path in enumerate(paths):
+            errors.append((i, _decode_one(path, out[i])))
+            bar.update()
+            if errors[-1][1]:
+                break
+    elif executor == "threads":
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i, error in enumerate(pool.map(_decode_one, paths, out)):
+                errors.append((i, error))
+                bar.update()
     else:
-        pool = pool_type(max_workers=workers)
-        kwargs = {"chunksize": chunk} if executor == "processes" else {}
-        results = pool.map(_decode, paths, **kwargs)
-    try:
-        bar = tqdm(results, total=len(paths), desc="decode DICOM", unit="file",
-                   disable=not progress)
-        for i, (pixels, slope, intercept, error) in enumerate(bar):
-            if pixels is None:
-                raise InputError(paths[i], error or "unreadable")
-            if pixels.shape != (rows, cols):
-                raise InputError(paths[i], f"pixel array is {pixels.shape}, header says "
-                                           f"{(rows, cols)}")
-            np.multiply(pixels, slope, out=out[i], casting="unsafe")
-            out[i] += intercept
-            if not np.all(np.isfinite(out[i])):
-                raise InputError(paths[i], "pixel data contains NaN or Inf values")
-    finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        shm = SharedMemory(create=True, size=max(out.nbytes, 1))
+        try:
+            shared = np.ndarray(out.shape, dtype=np.float32, buffer=shm.buf)
+            n_chunks = min(len(paths), 4 * workers)
+            chunks = [[(i, paths[i]) for i in idx]
+                      for idx in np.array_split(np.arange(len(paths)), n_chunks)]
+            with ProcessPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(_decode_chunk, shm.name, out.shape, c) for c in chunks]
+                for future in futures:
+                    errors.extend(future.result())
+                    bar.update(len(errors) - bar.n)
+            out[...] = shared
+            del shared
+        finally:
+            shm.close()
+            shm.unlink()
+    bar.close()
+    for i, error in errors:
+        if error:
+            raise InputError(paths[i], error)
 
 
 def _meta(headers: Sequence[_Header], source: str, start: float | None,

@@ -146,7 +146,10 @@ def _finish_file(ds: Dataset, path: Path, compress: bool) -> None:
 
 def _compress_jpeg_lossless(path: Path) -> None:
     """Re-encode one file in place as JPEG Lossless, Process 14 SV1 (GDCM)."""
-    import gdcm
+    try:
+        import gdcm
+    except ImportError:
+        raise ValidationError("compress=True needs GDCM: pip install python-gdcm") from None
 
     reader = gdcm.ImageReader()
     reader.SetFileName(str(path))
