@@ -10,7 +10,7 @@ import pydicom
 import pytest
 
 from ctperf.errors import InputError
-from ctperf.io import read_dicom_series, write_series_dicom
+from ctperf.io import read_dicom_series, read_study, write_series_dicom, write_series_nifti
 from dicom_factory import FakeStudy, write_fake_study
 
 
@@ -269,3 +269,23 @@ def test_copy_of_folder_reads_the_same(tmp_path, rng):
     for i, path in enumerate(sorted(study.files.values(), key=lambda p: p.name, reverse=True)):
         shutil.copy(path, flat / f"x{i}.dcm")
     np.testing.assert_array_equal(read_dicom_series(flat).hu, read_dicom_series(study.folder).hu)
+
+
+def test_read_study_dispatches_on_path(tmp_path, rng, small_series):
+    study = write_fake_study(tmp_path / "s", rng)
+    np.testing.assert_array_equal(read_study(study.folder).hu, study.hu)
+    nii = write_series_nifti(small_series, tmp_path / "study.nii.gz")
+    np.testing.assert_array_equal(read_study(nii).hu, small_series.hu)
+    resampled = read_study(nii, frame_interval=2.5)
+    np.testing.assert_allclose(resampled.times, 2.5 * np.arange(12))
+    assert resampled.meta["timing_source"] == "frame_interval 2.5 s"
+    other = tmp_path / "notes.txt"
+    other.write_text("x")
+    with pytest.raises(InputError, match=r"notes\.txt: not a study"):
+        read_study(other)
+    with pytest.raises(InputError, match="no such file"):
+        read_study(tmp_path / "absent.nii.gz")
+    with pytest.raises(InputError, match="no such file or folder"):
+        read_study(tmp_path / "absent")
+    with pytest.raises(InputError, match="series_uid"):
+        read_study(nii, series_uid="1.2")
