@@ -6,8 +6,14 @@ Two fits, both vectorised over all voxels of a chunk at once (loops run over ite
   mL/100 g/min, MTT 5 s, delay 3.5 s, initial simplex 5 % around the start (as MATLAB's
   ``fminsearch`` and SciPy build it), stopping per voxel on the usual x and f tolerances.
 - ``"nlr-fast"``: a grid start over (MTT, delay) with the linear parameter CBF solved in closed
-  form (one matrix product for all voxels), then Levenberg-Marquardt steps with the analytic
-  Jacobian of the box model. Parameters are projected onto their bounds after every step.
+  form (variable projection, one matrix product for all voxels), then a short simplex polish
+  (60 iterations, small steps) on the exact O(1) objective of :mod:`ctperf.perfusion.fastsse`.
+  With non-uniform frame times, the polish is Levenberg-Marquardt with the analytic Jacobian of
+  the box model, parameters projected onto their bounds after every step.
+
+With evenly spaced frames both modes evaluate the sum of squared errors through
+:class:`~ctperf.perfusion.fastsse.FastBoxSSE` (exact, a few gathers per evaluation instead of a
+pass over all frames).
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.curves import ArterialTable, bandlimit, box_model, flow_scale
+from ctperf.perfusion.fastsse import FastBoxSSE
 from ctperf.perfusion.nelder_mead import nelder_mead
 
 __all__ = ["DEFAULT_BOUNDS", "BoxFit", "fit_box_nlr"]
@@ -109,8 +116,10 @@ def _levenberg_marquardt(tis: np.ndarray, p: np.ndarray, table: ArterialTable, s
         sse[idx] = t_sse[better]
         lam[idx] = np.maximum(lam[idx] / 5.0, 1e-7)
         lam[active[~better]] *= 4.0
-        done = np.zeros(active.size, dtype=bool)
-        done[better] = gain <= rtol * (t_sse[better] + 1e-12)
+        # Converged: the accepted step gained (or the quadratic model predicts) almost nothing.
+        predicted = np.einsum("ni,ni->n", step, g)
+        done = predicted <= rtol * (sse[active] + 1e-12)
+        done[better] |= gain <= rtol * (t_sse[better] + 1e-12)
         done |= lam[active] > 1e8
         active = active[~done]
     return p
@@ -129,6 +138,7 @@ def fit_box_nlr(
     start: tuple[float, float, float] = (60.0, 5.0, 3.5),
     max_iter: int = 300,
     restarts: int = 1,
+    lm_iter: int = 30,
     chunk: int = 16384,
     progress: bool = False,
 ) -> BoxFit:
@@ -153,10 +163,12 @@ def fit_box_nlr(
     start : 3 floats
         Nelder-Mead start (CBF, MTT, delay); unused by ``"nlr-fast"``.
     max_iter : int
-        Nelder-Mead iterations (``"nlr"``); ``"nlr-fast"`` runs at most 30 LM steps.
+        Nelder-Mead iterations (``"nlr"``); see ``lm_iter`` for ``"nlr-fast"``.
     restarts : int
         ``"nlr"`` only: voxels whose simplex ended on a bound start once more from there with a
         fresh simplex (0 = the plain reference algorithm).
+    lm_iter : int
+        ``"nlr-fast"`` only: most Levenberg-Marquardt steps (voxels stop earlier on their own).
     chunk : int
         Voxels fitted at once; bounds peak memory (about 60 x T x chunk bytes).
     progress : bool
@@ -183,6 +195,8 @@ def fit_box_nlr(
     scale = flow_scale(rho, kh)
     b = np.asarray(bounds, dtype=np.float64)
     n = tis.shape[1]
+    # O(1)-per-evaluation SSE for the simplex when frames are evenly spaced (see fastsse).
+    fast = FastBoxSSE(table, scale, b) if table.uniform else None
     out = np.empty((n, 3))
     rms = np.empty(n)
     starts = range(0, n, max(1, int(chunk)))
@@ -197,7 +211,11 @@ def fit_box_nlr(
         if mode == "nlr":
             x0 = np.clip(np.broadcast_to(np.asarray(start, float), (c.shape[1], 3)),
                          b[:, 0], b[:, 1])
-            fun = lambda q, idx, c=c: _sse(q, c[:, idx], table, scale)  # noqa: E731
+            if fast is not None:
+                fast.set_tissue(c)
+                fun = fast
+            else:
+                fun = lambda q, idx, c=c: _sse(q, c[:, idx], table, scale)  # noqa: E731
             p = nelder_mead(fun, x0, bounds=b, max_iter=max_iter)
             # Restart once, with a fresh simplex, where a simplex ended on a bound: there it has
             # usually collapsed against the bound instead of finding the minimum.
@@ -207,12 +225,18 @@ def fit_box_nlr(
                 if not on_bound.any():
                     break
                 sub = np.flatnonzero(on_bound)
-                fun_sub = lambda q, idx, c=c[:, sub]: _sse(q, c[:, idx], table, scale)  # noqa: E731
+                fun_sub = lambda q, idx, sub=sub, fun=fun: fun(q, sub[idx])  # noqa: E731
                 p[sub] = nelder_mead(fun_sub, p[sub], bounds=b, max_iter=max_iter)
                 on_bound[:] = False
         else:
-            p = _grid_start(c, table, scale, b, n_mtt=24, delay_step=0.5)
-            p = _levenberg_marquardt(c, p, table, scale, b, n_iter=30, rtol=1e-6)
+            if fast is not None:
+                fast.set_tissue(c)
+                p = fast.grid_start(b, n_mtt=16)
+                p = nelder_mead(fast, p, bounds=b, max_iter=60, xatol=1e-2, fatol=1e-2,
+                                steps=np.array([3.0, 0.5 * table.dt, 0.5 * table.dt]))
+            else:
+                p = _grid_start(c, table, scale, b, n_mtt=24, delay_step=0.5)
+                p = _levenberg_marquardt(c, p, table, scale, b, n_iter=lm_iter, rtol=1e-4)
         out[s:s + chunk] = p
         r = c - box_model(p, table, scale=scale)
         rms[s:s + chunk] = np.sqrt(np.mean(r * r, axis=0))

@@ -7,6 +7,7 @@ method="Nelder-Mead")`` and MATLAB's ``fminsearch``. Bounds: a vertex outside th
 its projection onto the box with a penalty growing with the distance, and it keeps its place, so
 the simplex never collapses onto a bound (clipping the vertices themselves does, and stalls the
 search). Voxels that have converged leave the working set, so later iterations cost less.
+Instead of sorting each simplex, only the best, worst and second-worst vertices are located.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ def nelder_mead(
     xatol: float = 1e-4,
     fatol: float = 1e-4,
     initial_step: float = 0.05,
+    steps: np.ndarray | None = None,
 ) -> np.ndarray:
     """Minimise ``fun`` independently for each row of ``x0``.
 
@@ -48,11 +50,13 @@ def nelder_mead(
         values differ by at most ``fatol``.
     initial_step : float
         Relative size of the initial simplex (0.00025 absolute for zero entries).
+    steps : ndarray, shape (D,), optional
+        Absolute initial steps per parameter instead (for a start already near the minimum).
 
     Returns
     -------
     ndarray, shape (N, D)
-        Best vertex of each simplex.
+        Best vertex of each simplex, within the bounds.
     """
     lo, hi = bounds[:, 0], bounds[:, 1]
     width = np.where(hi > lo, hi - lo, 1.0)
@@ -61,61 +65,82 @@ def nelder_mead(
     def fun_bounded(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
         xc = np.clip(x, lo, hi)
         f = fun(xc, rows)
-        excess = np.sum(((x - xc) / width) ** 2, axis=1)
-        return f * (1.0 + 100.0 * excess) + 1e-3 * excess
+        out = (x != xc).any(axis=1)
+        if out.any():
+            excess = (((x[out] - xc[out]) / width) ** 2).sum(axis=1)
+            f[out] = f[out] * (1.0 + 100.0 * excess) + 1e-3 * excess
+        return f
 
     n, d = x0.shape
-    sim = np.repeat(x0[:, None, :], d + 1, axis=1)
+    nv = d + 1
+    sim = np.repeat(x0[:, None, :], nv, axis=1)
     for j in range(d):
         col = sim[:, j + 1, j]
-        sim[:, j + 1, j] = np.where(col != 0, col * (1 + initial_step), 0.00025)
+        if steps is not None:
+            # Step away from the nearer bound so the first vertices are feasible.
+            up = col + steps[j] <= hi[j]
+            sim[:, j + 1, j] = np.where(up, col + steps[j], col - steps[j])
+        else:
+            sim[:, j + 1, j] = np.where(col != 0, col * (1 + initial_step), 0.00025)
     rows = np.arange(n)
-    fs = fun_bounded(sim.reshape(-1, d), np.repeat(rows, d + 1)).reshape(n, d + 1)
+    fs = fun_bounded(sim.reshape(-1, d), np.repeat(rows, nv)).reshape(n, nv)
     result = np.empty((n, d))
     for _ in range(max_iter):
         if rows.size == 0:
             break
-        order = np.argsort(fs, axis=1)
-        sim = np.take_along_axis(sim, order[:, :, None], axis=1)
-        fs = np.take_along_axis(fs, order, axis=1)
-        done = (np.abs(sim[:, 1:] - sim[:, :1]).max(axis=(1, 2)) <= xatol) & (
-            np.abs(fs[:, 1:] - fs[:, :1]).max(axis=1) <= fatol)
+        m = rows.size
+        ar = np.arange(m)
+        ib = np.argmin(fs, axis=1)
+        iw = np.argmax(fs, axis=1)
+        fb, fw = fs[ar, ib], fs[ar, iw]
+        masked = fs.copy()
+        masked[ar, iw] = -np.inf
+        f2w = masked.max(axis=1)  # second worst
+        best = sim[ar, ib]
+        done = (np.abs(sim - best[:, None, :]).reshape(m, -1).max(axis=1) <= xatol) & (
+            fw - fb <= fatol)
         if done.any():
-            result[rows[done]] = np.clip(sim[done, 0], lo, hi)
+            result[rows[done]] = np.clip(best[done], lo, hi)
             keep = ~done
             sim, fs, rows = sim[keep], fs[keep], rows[keep]
-            if rows.size == 0:
+            ib, iw, fb, fw, f2w, best = ib[keep], iw[keep], fb[keep], fw[keep], f2w[keep], \
+                best[keep]
+            m = rows.size
+            if m == 0:
                 break
-        xbar = sim[:, :-1].mean(axis=1)
-        worst = sim[:, -1]
+            ar = np.arange(m)
+        worst = sim[ar, iw]
+        xbar = (sim.sum(axis=1) - worst) / d
         xr = 2.0 * xbar - worst
         fr = fun_bounded(xr, rows)
-        expand = fr < fs[:, 0]
-        outside = (fr >= fs[:, -2]) & (fr < fs[:, -1])
-        inside = fr >= fs[:, -1]
-        new_x, new_f = xr.copy(), fr.copy()
+        expand = fr < fb
+        outside = (fr >= f2w) & (fr < fw)
+        inside = fr >= fw
+        new_x, new_f = xr, fr
         need = expand | outside | inside
-        shrink = np.zeros(rows.size, dtype=bool)
+        shrink = np.zeros(m, dtype=bool)
         if need.any():
-            coef = np.where(expand, 2.0, np.where(outside, 0.5, -0.5))[need, None]
-            x2 = xbar[need] + coef * (xbar[need] - worst[need])
-            f2 = fun_bounded(x2, rows[need])
-            take = np.where(expand[need], f2 < fr[need],
-                            np.where(outside[need], f2 <= fr[need], f2 < fs[need, -1]))
             sel = np.flatnonzero(need)
+            coef = np.where(expand[sel], 2.0, np.where(outside[sel], 0.5, -0.5))[:, None]
+            x2 = xbar[sel] + coef * (xbar[sel] - worst[sel])
+            f2 = fun_bounded(x2, rows[sel])
+            take = np.where(expand[sel], f2 < fr[sel],
+                            np.where(outside[sel], f2 <= fr[sel], f2 < fw[sel]))
             new_x[sel[take]] = x2[take]
             new_f[sel[take]] = f2[take]
-            shrink[sel[~take & ~expand[need]]] = True
-        keep_new = ~shrink
-        sim[keep_new, -1] = new_x[keep_new]
-        fs[keep_new, -1] = new_f[keep_new]
+            shrink[sel[~take & ~expand[sel]]] = True
+        keep_new = np.flatnonzero(~shrink)
+        sim[keep_new, iw[keep_new]] = new_x[keep_new]
+        fs[keep_new, iw[keep_new]] = new_f[keep_new]
         if shrink.any():
-            s = sim[shrink]
-            s[:, 1:] = s[:, :1] + 0.5 * (s[:, 1:] - s[:, :1])
-            vals = fun_bounded(s[:, 1:].reshape(-1, d), np.repeat(rows[shrink], d))
-            sim[shrink] = s
-            fs[shrink, 1:] = vals.reshape(-1, d)
+            sr = np.flatnonzero(shrink)
+            s = best[sr][:, None, :] + 0.5 * (sim[sr] - best[sr][:, None, :])
+            vals = fun_bounded(s.reshape(-1, d), np.repeat(rows[sr], nv)).reshape(-1, nv)
+            # The best vertex stays where it is, with its value.
+            vals[np.arange(sr.size), ib[sr]] = fb[sr]
+            sim[sr] = s
+            fs[sr] = vals
     if rows.size:
-        best = np.argmin(fs, axis=1)
-        result[rows] = np.clip(sim[np.arange(rows.size), best], lo, hi)
+        ib = np.argmin(fs, axis=1)
+        result[rows] = np.clip(sim[np.arange(rows.size), ib], lo, hi)
     return result
