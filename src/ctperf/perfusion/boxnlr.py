@@ -19,6 +19,8 @@ pass over all frames).
 from __future__ import annotations
 
 import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -139,7 +141,8 @@ def fit_box_nlr(
     max_iter: int = 300,
     restarts: int = 1,
     lm_iter: int = 30,
-    chunk: int = 16384,
+    chunk: int = 8192,
+    workers: int | None = None,
     progress: bool = False,
 ) -> BoxFit:
     """Fit the box model to every tissue curve.
@@ -170,7 +173,9 @@ def fit_box_nlr(
     lm_iter : int
         ``"nlr-fast"`` only: most Levenberg-Marquardt steps (voxels stop earlier on their own).
     chunk : int
-        Voxels fitted at once; bounds peak memory (about 60 x T x chunk bytes).
+        Voxels fitted at once; bounds peak memory (about 60 x T x chunk bytes per worker).
+    workers : int, optional
+        Threads fitting chunks in parallel; default the number of CPUs.
     progress : bool
         Show a progress bar over chunks.
 
@@ -180,7 +185,7 @@ def fit_box_nlr(
     """
     if mode not in ("nlr", "nlr-fast"):
         raise ValidationError(f"mode must be 'nlr' or 'nlr-fast', got {mode!r}")
-    tis = np.asarray(tissue, dtype=np.float64)
+    tis = np.asarray(tissue)  # converted to float64 chunk by chunk (memory)
     if tis.ndim == 1:
         tis = tis[:, None]
     t = np.asarray(times, dtype=np.float64)
@@ -199,47 +204,53 @@ def fit_box_nlr(
     fast = FastBoxSSE(table, scale, b) if table.uniform else None
     out = np.empty((n, 3))
     rms = np.empty(n)
-    starts = range(0, n, max(1, int(chunk)))
-    if progress:
-        from tqdm import tqdm
+    near = 0.01 * (b[:, 1] - b[:, 0])
 
-        starts = tqdm(starts, desc=f"box {mode}", unit="chunk")
-    for s in starts:
-        c = tis[:, s:s + chunk]
+    def fit_chunk(s: int) -> None:
+        c = tis[:, s:s + chunk].astype(np.float64)
         if band_limit:
             c = bandlimit(c)
+        obj = fast.with_tissue(c) if fast is not None else None
+        fun = obj if obj is not None else (
+            lambda q, idx: _sse(q, c[:, idx], table, scale))
         if mode == "nlr":
             x0 = np.clip(np.broadcast_to(np.asarray(start, float), (c.shape[1], 3)),
                          b[:, 0], b[:, 1])
-            if fast is not None:
-                fast.set_tissue(c)
-                fun = fast
-            else:
-                fun = lambda q, idx, c=c: _sse(q, c[:, idx], table, scale)  # noqa: E731
             p = nelder_mead(fun, x0, bounds=b, max_iter=max_iter)
             # Restart once, with a fresh simplex, where a simplex ended on a bound: there it has
             # usually collapsed against the bound instead of finding the minimum.
-            near = 0.01 * (b[:, 1] - b[:, 0])
             on_bound = np.any((p - b[:, 0] < near) | (b[:, 1] - p < near), axis=1)
             for _ in range(restarts):
                 if not on_bound.any():
                     break
                 sub = np.flatnonzero(on_bound)
-                fun_sub = lambda q, idx, sub=sub, fun=fun: fun(q, sub[idx])  # noqa: E731
-                p[sub] = nelder_mead(fun_sub, p[sub], bounds=b, max_iter=max_iter)
+                p[sub] = nelder_mead(lambda q, idx, sub=sub: fun(q, sub[idx]), p[sub],
+                                     bounds=b, max_iter=max_iter)
                 on_bound[:] = False
+        elif obj is not None:
+            p = obj.grid_start(b, n_mtt=16)
+            p = nelder_mead(obj, p, bounds=b, max_iter=60, xatol=1e-2, fatol=1e-2,
+                            steps=np.array([3.0, 0.5 * table.dt, 0.5 * table.dt]))
         else:
-            if fast is not None:
-                fast.set_tissue(c)
-                p = fast.grid_start(b, n_mtt=16)
-                p = nelder_mead(fast, p, bounds=b, max_iter=60, xatol=1e-2, fatol=1e-2,
-                                steps=np.array([3.0, 0.5 * table.dt, 0.5 * table.dt]))
-            else:
-                p = _grid_start(c, table, scale, b, n_mtt=24, delay_step=0.5)
-                p = _levenberg_marquardt(c, p, table, scale, b, n_iter=lm_iter, rtol=1e-4)
+            p = _grid_start(c, table, scale, b, n_mtt=24, delay_step=0.5)
+            p = _levenberg_marquardt(c, p, table, scale, b, n_iter=lm_iter, rtol=1e-4)
         out[s:s + chunk] = p
-        r = c - box_model(p, table, scale=scale)
-        rms[s:s + chunk] = np.sqrt(np.mean(r * r, axis=0))
+        rms[s:s + chunk] = np.sqrt(fun(p, np.arange(p.shape[0])) / c.shape[0])
+
+    starts = list(range(0, n, max(1, int(chunk))))
+    n_workers = max(1, min(workers or os.cpu_count() or 1, len(starts)))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n, desc=f"box {mode}", unit="voxel", unit_scale=True)
+    # Threads: the heavy work is NumPy array operations, which release the GIL.
+    with ThreadPoolExecutor(max_workers=n_workers) as pool:
+        for s, _ in zip(starts, pool.map(fit_chunk, starts), strict=True):
+            if bar is not None:
+                bar.update(min(chunk, n - s))
+    if bar is not None:
+        bar.close()
     cbf, mtt, delay = out[:, 0], out[:, 1], out[:, 2]
     return BoxFit(cbf=cbf, cbv=cbf * mtt / 60.0, mtt=mtt, delay=delay, tmax=delay + mtt / 2.0,
                   residual=rms)

@@ -16,6 +16,8 @@ then a few dozen gathers instead of a pass over all T frames, with the same valu
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from ctperf.perfusion.curves import ArterialTable
@@ -62,9 +64,22 @@ class FastBoxSSE:
         # F(a, b) = X(a, a) + X(b, b) - 2 X(a, b) with X(a, b) = sum_t A(t - a) A(t - b): both
         # positions are quadratic in their own offsets, so X needs only the Gram matrix of the
         # shifted tables (3 n_m x 3 n_m), whatever the voxel.
-        self.gram = np.ascontiguousarray(self.shifts.T @ self.shifts).ravel()
+        gram = self.shifts.T @ self.shifts
+        self.gram = np.ascontiguousarray(gram).ravel()
+        # H(a) = X(a, a) is a quartic in the offset: coefficients per column (n_m, 5).
+        diag = [np.diagonal(gram[p * self.n_m:(p + 1) * self.n_m, q * self.n_m:(q + 1) * self.n_m])
+                for p in range(3) for q in range(3)]
+        k00, k01, k02, _, k11, k12, _, _, k22 = diag
+        self.h_coef = np.ascontiguousarray(
+            np.stack([k00, 2 * k01, k11 + k02, k12, 0.25 * k22], axis=1)).ravel()
         self.p: np.ndarray | None = None
         self.c2: np.ndarray | None = None
+
+    def with_tissue(self, tissue: np.ndarray) -> FastBoxSSE:
+        """A copy sharing the AIF tables, set to tissue curves (T, N) (thread-safe use)."""
+        other = copy.copy(self)
+        other.set_tissue(tissue)
+        return other
 
     def set_tissue(self, tissue: np.ndarray) -> None:
         """Tissue curves (T, N) of the voxels to be evaluated."""
@@ -95,10 +110,15 @@ class FastBoxSSE:
             total += wa[p_] * inner
         return total
 
+    def _h(self, j: np.ndarray, tau: np.ndarray) -> np.ndarray:
+        c = self.h_coef
+        i = 5 * j
+        return c[i] + tau * (c[i + 1] + tau * (c[i + 2] + tau * (c[i + 3] + tau * c[i + 4])))
+
     def _f(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         ja, ta = self._split(a)
         jb, tb = self._split(b)
-        return self._x(ja, ta, ja, ta) + self._x(jb, tb, jb, tb) - 2.0 * self._x(ja, ta, jb, tb)
+        return self._h(ja, ta) + self._h(jb, tb) - 2.0 * self._x(ja, ta, jb, tb)
 
     def __call__(self, params: np.ndarray, rows: np.ndarray) -> np.ndarray:
         """SSE (M,) of parameter triples (M, 3) for voxels ``rows`` (M,) of the tissue set."""

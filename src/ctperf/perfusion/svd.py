@@ -103,7 +103,9 @@ def svd_deconvolve(
     """
     if method not in ("ssvd", "bsvd", "osvd"):
         raise ValidationError(f"method must be 'ssvd', 'bsvd' or 'osvd', got {method!r}")
-    tis = np.asarray(tissue, dtype=np.float64)
+    tis = np.asarray(tissue)
+    if not np.issubdtype(tis.dtype, np.floating):
+        tis = tis.astype(np.float64)
     if tis.ndim == 1:
         tis = tis[:, None]
     t = np.asarray(times, dtype=np.float64)
