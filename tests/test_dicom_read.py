@@ -289,3 +289,11 @@ def test_read_study_dispatches_on_path(tmp_path, rng, small_series):
         read_study(tmp_path / "absent")
     with pytest.raises(InputError, match="series_uid"):
         read_study(nii, series_uid="1.2")
+
+
+def test_files_without_preamble_are_read(tmp_path, rng):
+    # old scanners wrote bare datasets without the 128-byte preamble and "DICM"
+    study = write_fake_study(tmp_path / "s", rng)
+    for path in study.files.values():
+        path.write_bytes(path.read_bytes()[132:])
+    np.testing.assert_array_equal(read_dicom_series(study.folder).hu, study.hu)

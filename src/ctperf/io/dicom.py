@@ -116,7 +116,13 @@ def _read_header(path: Path) -> _Header | None:
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except InvalidDicomError:
-        return None
+        # no 128-byte preamble: old files may still be a bare dataset; text and others are not
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        except Exception:  # anything that fails to parse without a preamble is not DICOM
+            return None
+        if not all(k in ds for k in ("SOPClassUID", "SeriesInstanceUID", "Rows")):
+            return None
     except Exception as exc:  # pydicom raises many types for truncated or damaged files
         raise InputError(path, f"damaged or truncated DICOM file ({type(exc).__name__}: "
                                f"{exc})") from None
@@ -287,7 +293,7 @@ def _decode_one(path: Path, out: np.ndarray) -> str | None:
     """Write one file's HU (stored * slope + intercept) into ``out`` (Y, X); return an error
     message instead of raising, so that errors cross a process pool intact."""
     try:
-        ds = pydicom.dcmread(path)
+        ds = pydicom.dcmread(path, force=True)  # the header pass accepted it as DICOM
     except Exception as exc:  # pydicom raises many types for damaged files
         return f"damaged or truncated DICOM file ({exc})"
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
