@@ -297,3 +297,17 @@ def test_files_without_preamble_are_read(tmp_path, rng):
     for path in study.files.values():
         path.write_bytes(path.read_bytes()[132:])
     np.testing.assert_array_equal(read_dicom_series(study.folder).hu, study.hu)
+
+
+def test_acquisition_time_across_midnight(tmp_path, rng):
+    def edit(ds, t, z):
+        del ds.AcquisitionDateTime, ds.AcquisitionDate
+        seconds = (86400 - 4.0 + 1.5 * t) % 86400  # 23:59:56 then past midnight
+        h, rest = divmod(seconds, 3600)
+        m, sec = divmod(rest, 60)
+        ds.AcquisitionTime = f"{int(h):02d}{int(m):02d}{sec:09.6f}"
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    series = read_dicom_series(study.folder)
+    np.testing.assert_array_equal(series.hu, study.hu)
+    np.testing.assert_allclose(series.times, 1.5 * np.arange(5), atol=1e-6)  # us digits

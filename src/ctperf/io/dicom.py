@@ -204,6 +204,10 @@ def _order_frames(root: Path, slices: list[list[_Header]],
         values = [[_time_of(h, tag) for h in s] for s in slices]
         if any(v is None for s in values for v in s):
             continue
+        flat = np.array([v for s in values for v in s], dtype=float)
+        if np.ptp(flat) > 43200:  # a scan of minutes spanning > 12 h crossed midnight undated
+            log.info("%s: %s crosses midnight without a date change; unwrapped", root, tag)
+            values = [[v + 86400.0 if v - flat.min() < 43200 else v for v in s] for s in values]
         ordered = [sorted(((float(t or 0.0), h) for t, h in zip(v, s, strict=True)),
                           key=lambda p: p[0])
                    for v, s in zip(values, slices, strict=True)]
