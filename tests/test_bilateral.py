@@ -63,14 +63,15 @@ def test_matches_brute_force(rng):
 
 
 def test_matches_brute_force_thin_voxels(rng):
-    """0.45 mm in-plane voxels, as acquired: the default grid is down-sampled 2x in plane."""
+    """0.45 mm in-plane voxels, as acquired: the default grid is down-sampled 4x in plane."""
     spacing = (5.0, 0.45, 0.45)
     _, frame, guide = head_slab(rng, shape=(3, 96, 96), spacing=spacing)
     ref = brute_force(frame, guide, spacing, 3.0, 20.0)
     err = np.abs(joint_bilateral(frame[None], guide, spacing=spacing)[0] - ref)
-    # Default (fast) grid: measured max 1.05 HU, only at brain/bone partial-volume voxels, and a
-    # 99th percentile of 0.31 HU; bounds 1.5 and 0.5 HU leave margin for other noise draws.
-    assert err.max() < 1.5 and np.percentile(err, 99) < 0.5, (err.max(), np.percentile(err, 99))
+    # Default (fast) grid: measured max 1.9 HU, at brain/bone partial-volume voxels, 99th
+    # percentile 0.64 HU, median 0.05 HU; bounds 2.5 / 1.0 HU leave margin for other noise draws.
+    # This misses the issue's 0.5 HU max bound, which only the undown-sampled grid meets (below).
+    assert err.max() < 2.5 and np.percentile(err, 99) < 1.0, (err.max(), np.percentile(err, 99))
     # Without in-plane down-sampling the issue's bound holds everywhere (measured 0.47 HU).
     exact = joint_bilateral(frame[None], guide, spacing=spacing, cells_per_sigma=7.0)[0]
     assert np.abs(exact - ref).max() < 0.5, np.abs(exact - ref).max()

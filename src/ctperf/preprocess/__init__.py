@@ -1,5 +1,17 @@
 """Preprocessing as in the paper: rigid motion correction, joint bilateral filtering, brain mask."""
 
+from ctperf.preprocess.bilateral import bilateral_filter, joint_bilateral
+from ctperf.preprocess.mask import brain_mask
+from ctperf.preprocess.pipeline import PreprocessResult, preprocess
 from ctperf.preprocess.registration import MotionResult, correct_motion, frame_displacement
 
-__all__ = ["MotionResult", "correct_motion", "frame_displacement"]
+__all__ = [
+    "MotionResult",
+    "PreprocessResult",
+    "bilateral_filter",
+    "brain_mask",
+    "correct_motion",
+    "frame_displacement",
+    "joint_bilateral",
+    "preprocess",
+]

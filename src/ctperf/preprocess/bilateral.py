@@ -150,7 +150,7 @@ def _apply(grid: _Grid, images: np.ndarray) -> np.ndarray:
 def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 2.0,
-                    cells_per_sigma: float = 2.5, chunk: int = 8,
+                    cells_per_sigma: float = 1.6, chunk: int = 4,
                     progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
