@@ -126,6 +126,7 @@ def select_vof(
     aif_ttp: float,
     n_voxels: int = 20,
     min_lag_s: float = 1.5,
+    pool_fraction: float = 0.7,
 ) -> VesselCurve:
     """Pick venous voxels (late peak, largest area) and average their curves.
 
@@ -136,7 +137,9 @@ def select_vof(
     aif_ttp : float
         The AIF's time to peak, s; veins peak at least ``min_lag_s`` later.
     n_voxels : int
-        How many of the largest-area late voxels to average.
+        How many of the largest-area late voxels to average, at most.
+    pool_fraction : float
+        Keep only those with at least this fraction of the largest late area.
     """
     f = curve_features(enh, times)
     late = np.flatnonzero(f["ttp"] >= aif_ttp + min_lag_s)
@@ -144,6 +147,9 @@ def select_vof(
         raise ValidationError("no venous candidates: no voxel peaks after the AIF; "
                               "give a VOF mask (--vof-mask)")
     chosen = late[np.argsort(-f["area"][late], kind="stable")[: max(1, int(n_voxels))]]
+    # Only voxels close to the largest area: a vein smaller than n_voxels must not be diluted by
+    # tissue or partial-volume rims.
+    chosen = chosen[f["area"][chosen] >= pool_fraction * f["area"][chosen[0]]]
     curve = enh[:, chosen].mean(axis=1, dtype=np.float64)
     log.info("VOF: %d voxels, peak %.0f HU", chosen.size, curve.max())
     return _vessel(chosen, curve, times)
