@@ -137,7 +137,8 @@ def _pyramid(img: sitk.Image, levels: Sequence[int]) -> list[sitk.Image]:
     spacing = np.asarray(img.GetSpacing())
     out = []
     for level in levels:
-        factors = _shrink_factors(spacing, level)
+        factors = [min(f, n) for f, n in zip(_shrink_factors(spacing, level), img.GetSize(),
+                                             strict=True)]
         out.append(sitk.BinShrink(img, factors) if max(factors) > 1 else img)
     return out
 
