@@ -1,5 +1,5 @@
-"""Preprocessing benchmark: registration and filtering of a 512 x 512 x 8 study, peak memory, and the
-fast bilateral filter against brute force on one small volume.
+"""Preprocessing benchmark: registration and filtering of a 512 x 512 x 8 study, peak memory and
+the fast bilateral filter against brute force on one small volume.
 
     python benchmarks/bench_preprocess.py [--frames 89] [--workers 2]
 
