@@ -194,20 +194,29 @@ def _procedural() -> Template:
     sylvian = (ax > 36) & (y > -32) & (y < 22) & (np.abs(z - 2 - 0.3 * y) < 1.6)
     insula = (ax > 32) & (ax < 37) & (y > -26) & (y < 20) & (z > -10) & (z < 20)
     gm |= brain & (insula | ((ax > 34) & (np.abs(z - 2 - 0.3 * y) < 4.5) & (y > -32) & (y < 22)))
+    # deep nuclei and ventricles live in a central box; compute them there only
+    box = (slice(55, 126), slice(56, 170), slice(20, 76))  # x -35..35, y -70..43, z -20..35
+    pb = p[box]
+    deep_b = np.zeros(pb.shape[:-1], dtype=bool)
+    vent_b = np.zeros_like(deep_b)
+    for s in (1.0, -1.0):
+        q = pb - np.array([s * 25, 2, 2], dtype=np.float32)
+        deep_b |= np.sum((q / np.array([6, 14, 9], dtype=np.float32)) ** 2, axis=-1) < 1
+        q = pb - np.array([s * 11, -18, 6], dtype=np.float32)
+        deep_b |= np.sum((q / np.array([8, 13, 8], dtype=np.float32)) ** 2, axis=-1) < 1
+        deep_b |= _seg_distance(pb, np.array([s * 16, 18, 12]), np.array([s * 17, -8, 20])) < 4.5
+        vent_b |= _seg_distance(pb * np.array([1, 1, 0.55], dtype=np.float32),
+                                np.array([s * 9, 14, 18 * 0.55]),
+                                np.array([s * 13, -30, 22 * 0.55])) < 4.0
+        vent_b |= _seg_distance(pb, np.array([s * 9, 26, 12]), np.array([s * 9, 10, 18])) < 4.5
+        vent_b |= _seg_distance(pb, np.array([s * 16, -30, 20]),
+                                np.array([s * 21, -56, 10])) < 3.5
+    bx, by, bz = pb[..., 0], pb[..., 1], pb[..., 2]
+    vent_b |= (np.abs(bx) < 1.5) & (by > -25) & (by < 5) & (bz > -12) & (bz < 10)
     deep = np.zeros_like(brain)
     vent = np.zeros_like(brain)
-    for s in (1.0, -1.0):
-        q = p - np.array([s * 25, 2, 2], dtype=np.float32)
-        deep |= np.sum((q / np.array([6, 14, 9], dtype=np.float32)) ** 2, axis=-1) < 1
-        q = p - np.array([s * 11, -18, 6], dtype=np.float32)
-        deep |= np.sum((q / np.array([8, 13, 8], dtype=np.float32)) ** 2, axis=-1) < 1
-        deep |= _seg_distance(p, np.array([s * 16, 18, 12]), np.array([s * 17, -8, 20])) < 4.5
-        vent |= _seg_distance(p * np.array([1, 1, 0.55], dtype=np.float32),
-                              np.array([s * 9, 14, 18 * 0.55]),
-                              np.array([s * 13, -30, 22 * 0.55])) < 4.0
-        vent |= _seg_distance(p, np.array([s * 9, 26, 12]), np.array([s * 9, 10, 18])) < 4.5
-        vent |= _seg_distance(p, np.array([s * 16, -30, 20]), np.array([s * 21, -56, 10])) < 3.5
-    vent |= (ax < 1.5) & (y > -25) & (y < 5) & (z > -12) & (z < 10)
+    deep[box] = deep_b
+    vent[box] = vent_b
     csf_in = (sulcus | fissure | sylvian | vent) & brain
     gm = (gm | deep) & ~csf_in
     wm = brain & ~gm & ~csf_in

@@ -2,9 +2,11 @@
 
 Layout of one subject folder (docs/ARCHITECTURE.md): ``study.nii.gz`` + ``study.json``,
 ``dicom/``, ``truth/<map>.nii.gz`` (plus ``cbf_healthy``, ``dispersion``, ``severity``,
-``artery_pv`` and the noise-free ``baseline``), ``masks/<name>.nii.gz``, ``curves.json``,
-``motion.json``, ``params.json`` and optionally ``preview.png``. A subject folder is written
-beside its final name and renamed when complete, so an existing folder is a finished subject.
+``artery_pv``, ``vessel_fraction``, ``gm_fraction``, ``wm_fraction`` and the noise-free
+``baseline``), ``masks/<name>.nii.gz``,
+``curves.json``, ``motion.json``, ``params.json`` and optionally ``preview.png``. A subject
+folder is written beside its final name and renamed when complete, so an existing folder is a
+finished subject.
 """
 
 from __future__ import annotations
@@ -36,9 +38,11 @@ __all__ = ["generate_cohort", "read_subject", "subject_seed", "write_subject"]
 
 log = logging.getLogger(__name__)
 
-_EXTRAS = ("cbf_healthy", "dispersion", "severity", "artery_pv")
+_EXTRAS = ("cbf_healthy", "dispersion", "severity", "artery_pv", "vessel_fraction",
+           "gm_fraction", "wm_fraction")
 _EXTRA_UNITS = {"cbf_healthy": "mL/100g/min", "dispersion": "s", "severity": "1",
-                "artery_pv": "1"}
+                "artery_pv": "1", "vessel_fraction": "1", "gm_fraction": "1",
+                "wm_fraction": "1"}
 MOTION_COLUMNS = ("rot_x_deg", "rot_y_deg", "rot_z_deg", "shift_x_mm", "shift_y_mm",
                   "shift_z_mm")
 

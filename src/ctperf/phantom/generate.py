@@ -58,7 +58,9 @@ class PhantomSubject:
         Noise-free unenhanced image (HU), blurred like the study, without motion.
     extras : dict of str to ndarray
         float32 (Z, Y, X): ``cbf_healthy``, ``dispersion`` (kernel mean, s), ``severity``,
-        ``artery_pv`` (fraction of the arterial enhancement each voxel carries).
+        ``artery_pv`` (fraction of the arterial enhancement each voxel carries),
+        ``vessel_fraction`` (arterial plus venous blood fraction, after blur), ``gm_fraction``
+        and ``wm_fraction`` (tissue fractions, without blur).
     fine_times, aif_fine, vof_fine : ndarray, shape (n,)
         The curves on the fine simulation grid.
     """
@@ -122,7 +124,7 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
                      residues: tuple[str, ...] = ("box", "exponential", "gamma"),
                      anatomy: str = "auto", lesion_free_fraction: float = 0.25,
                      aif_peak: float | None = None, noise: bool = True,
-                     psf_fwhm_mm: float = 0.9, fov_mm: float = 230.0, thickness_mm: float = 5.0,
+                     psf_fwhm_mm: float = 1.2, fov_mm: float = 230.0, thickness_mm: float = 5.0,
                      rho: float = hd.RHO, kh: float = hd.KH, progress: bool = False
                      ) -> PhantomSubject:
     """Simulate one CTP study with its true perfusion maps, generated slice by slice.
@@ -200,7 +202,9 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
     maps = {n: np.zeros(shape3, dtype=np.float32) for n in ("cbf", "cbv", "mtt", "ttp", "tmax",
                                                             "delay")}
     extras = {n: np.zeros(shape3, dtype=np.float32) for n in ("cbf_healthy", "dispersion",
-                                                              "severity", "artery_pv")}
+                                                              "severity", "artery_pv",
+                                                              "vessel_fraction", "gm_fraction",
+                                                              "wm_fraction")}
     masks = {n: np.zeros(shape3, dtype=bool) for n in MASK_NAMES if n != "territories"}
     masks["territories"] = np.zeros(shape3, dtype=np.int16)
     baseline = np.zeros(shape3, dtype=np.float32)
@@ -260,7 +264,7 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
         baseline[z] = blur(base)
         art_b = blur(frac[CHANNELS.index("artery")])
         vein_b = blur(frac[CHANNELS.index("vein")])
-        vessels = (art_b + vein_b) > 0.05
+        vessels = (art_b + vein_b) > 0.01
         brain = (tissue >= 0.5) & ~vessels
         masks["brain"][z] = brain
         masks["gm"][z] = brain & (gm >= 0.5)
@@ -278,7 +282,9 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
                           ("ttp", ttp.reshape(size, size)), ("tmax", tmax), ("delay", delay)):
             maps[name][z] = np.where(brain, val, 0.0)
         for name, val in (("cbf_healthy", par["cbf_healthy"]), ("dispersion", tau),
-                          ("severity", severity), ("artery_pv", art_b)):
+                          ("severity", severity), ("artery_pv", art_b),
+                          ("vessel_fraction", art_b + vein_b), ("gm_fraction", gm),
+                          ("wm_fraction", wm)):
             extras[name][z] = val
     category, motion_params = acq.draw_motion(r_motion, motion, times)
     for t in range(1, frames):

@@ -1,0 +1,247 @@
+"""Digital phantom: truth consistency, forward model, noise, motion, lesions, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.signal import fftconvolve
+
+from ctperf.phantom import generate_subject
+from ctperf.phantom import hemodynamics as hd
+from ctperf.phantom.acquisition import MOTION_CLASSES, draw_motion, noise_sigma
+
+# Tiny configurations: 64-96 pixels (3.6-2.4 mm), 2-4 slices, a few dozen frames.
+TINY = {"size": 64, "slices": 2, "frames": 40, "anatomy": "procedural"}
+
+
+@pytest.fixture(scope="module")
+def box_subject():
+    """Noise-free, unblurred, box-residue subject with a lesion and a 400 HU AIF."""
+    return generate_subject(seed=11, residues=("box",), lesion=True, noise=False,
+                            psf_fwhm_mm=0.0, aif_peak=400.0, **TINY)
+
+
+@pytest.fixture(scope="module")
+def healthy_subject():
+    return generate_subject(seed=5, size=96, slices=2, frames=60, anatomy="procedural",
+                            lesion=False, noise=False, aif_peak=400.0)
+
+
+def test_truth_is_self_consistent(box_subject):
+    t, m, x = box_subject.truth, box_subject.masks, box_subject.extras
+    brain = m["brain"]
+    assert brain.sum() > 500
+    # float32 storage of maps: relative rounding ~1e-7, so 1e-5 is generous
+    np.testing.assert_allclose(t["cbv"][brain], t["cbf"][brain] * t["mtt"][brain] / 60,
+                               rtol=1e-5)
+    np.testing.assert_allclose(t["tmax"][brain], t["delay"][brain] + t["mtt"][brain] / 2,
+                               rtol=1e-5)
+    core = brain & (t["cbf"] < 0.3 * x["cbf_healthy"])
+    np.testing.assert_array_equal(m["core"], core)
+    np.testing.assert_array_equal(m["penumbra"], brain & (t["tmax"] > 6) & ~core)
+    assert m["core"].any() and m["penumbra"].any()
+    for name in t.names:
+        assert np.all(t[name][~brain] == 0)
+    assert np.all(m["territories"][brain] >= 1) and np.all(m["territories"][brain] <= 6)
+    assert box_subject.params["rho"] == 1.04
+    assert t.provenance["constants"]["kH"] == pytest.approx(0.55 / 0.75)
+
+
+def test_box_subject_reproduces_analytic_box_curve(box_subject):
+    s = box_subject
+    clean = s.masks["brain"] & (s.extras["vessel_fraction"] == 0)
+    z, y, x = np.nonzero(clean)
+    pick = np.random.default_rng(0).choice(z.size, 40, replace=False)
+    # naive reference on a 1 ms grid: AIF, explicit exponential dispersion, running integral
+    dt = 1e-3
+    grid = np.arange(0, s.series.times[-1] + 1, dt)
+    a = s.params["aif"]
+    ca = hd.aif_curve(grid, peak=a["peak"], t0=a["t0"], alpha=a["alpha"], beta=a["beta"],
+                      recirculation=a["recirculation"], recirc_delay=a["recirc_delay"])
+    enh = s.series.hu - s.baseline[None]
+    k = s.params["rho"] / s.params["kh"] / 6000
+    for i in pick:
+        v = (z[i], y[i], x[i])
+        tau = float(s.extras["dispersion"][v])
+        kernel = np.exp(-grid / tau) / tau * dt if tau > 0 else (grid == 0).astype(float)
+        dispersed = fftconvolve(ca, kernel)[:grid.size]
+        area = np.cumsum(dispersed) * dt
+        d, mtt, cbf = (float(s.truth[n][v]) for n in ("delay", "mtt", "cbf"))
+        t = s.series.times
+        ref = k * cbf * (np.interp(t - d, grid, area, left=0)
+                         - np.interp(t - d - mtt, grid, area, left=0))
+        # the 1 ms left-Riemann reference and the 0.05 s simulation grid agree to ~0.3 % of
+        # the peak (measured); 1 % + 0.02 HU leaves room for float32 and the dispersion kernel
+        assert np.max(np.abs(enh[(slice(None), *v)] - ref)) < 0.01 * ref.max() + 0.02
+
+
+@pytest.mark.parametrize("kind", ["exponential", "gamma"])
+def test_curve_bank_matches_naive_convolution(kind, rng):
+    dt, step, n_frames = 0.05, 10, 60
+    fine = np.arange((n_frames - 1) * step + 1) * dt
+    spec = {"peak": 400.0, "t0": 4.0, "alpha": 3.0, "beta": 1.5, "recirculation": 0.2,
+            "recirc_delay": 10.0}
+    bank = hd.CurveBank.build(hd.aif_curve(fine, **spec), dt=dt, step=step, n_frames=n_frames,
+                              kinds=(kind,), gamma_shape=3.0)
+    n = 5
+    cbf, mtt = rng.uniform(20, 70, n), rng.uniform(2, 15, n)
+    d_steps = bank.quantize_delay(rng.uniform(0, 8, n))
+    t_idx = bank.quantize_tau(rng.uniform(0, 3, n))
+    got = bank.enhancement(kind, cbf=cbf, mtt=mtt, delay_steps=d_steps, tau_index=t_idx)
+    g = np.arange(0, 40, 1e-3)
+    ca = hd.aif_curve(g, **spec)
+    times = np.arange(n_frames) * dt * step
+    for i in range(n):
+        tau = bank.taus[t_idx[i]]
+        ker = np.exp(-g / tau) / tau * 1e-3 if tau > 0 else (g == 0).astype(float)
+        f = fftconvolve(ca, ker)[:g.size]
+        c = fftconvolve(f, hd.residue(kind, g, mtt[i], shape=3.0))[:g.size] * 1e-3
+        ref = hd.RHO / hd.KH * cbf[i] / 6000 * np.interp(times - d_steps[i] * dt, g, c, left=0)
+        # MTT interpolation in the bank (< 0.1 %) plus the 1 ms reference's own error
+        assert np.max(np.abs(got[i] - ref)) < 0.01 * ref.max() + 0.02
+
+
+def test_same_seed_gives_identical_output():
+    opts = {"size": 48, "slices": 1, "frames": 12, "anatomy": "procedural", "motion": "mild"}
+    a = generate_subject(seed=3, **opts)
+    b = generate_subject(seed=3, **opts)
+    c = generate_subject(seed=4, **opts)
+    np.testing.assert_array_equal(a.series.hu, b.series.hu)
+    np.testing.assert_array_equal(a.truth["cbf"], b.truth["cbf"])
+    np.testing.assert_array_equal(a.motion, b.motion)
+    assert a.params == b.params
+    assert not np.array_equal(a.series.hu, c.series.hu)
+
+
+@pytest.mark.parametrize("mas", [150.0, 40.0])
+def test_noise_sigma_matches_request(mas):
+    s = generate_subject(seed=8, size=256, slices=1, frames=8, anatomy="procedural", mas=mas)
+    air = s.baseline[0] < -999.0  # outside the head: noise only
+    assert air.sum() > 2000
+    samples = s.series.hu[:, 0][:, air] - s.baseline[0][air]
+    measured = samples.std()
+    # > 100 000 correlated samples: the estimate's own scatter is ~1 %; the issue asks for 10 %
+    assert measured == pytest.approx(noise_sigma(mas), rel=0.10)
+    frame = s.series.hu[3, 0] - s.baseline[0]
+    inner = air & np.roll(air, 1, axis=1)
+    r = np.corrcoef(frame[inner], np.roll(frame, 1, axis=1)[inner])[0, 1]
+    # spatially correlated: the 1.2 mm FWHM kernel at 0.9 mm pixels gives r ~ 0.4; white
+    # noise would give |r| < 0.02 with this many pixels
+    assert r > 0.15
+
+
+def test_motion_parameters_recover_the_applied_displacement():
+    sitk = pytest.importorskip("SimpleITK")
+    opts = {"seed": 21, "size": 96, "slices": 4, "frames": 24, "anatomy": "procedural",
+            "noise": False, "psf_fwhm_mm": 0.0}
+    still = generate_subject(motion="none", **opts)
+    moved = generate_subject(motion="severe", **opts)
+    assert np.abs(moved.motion).max() > 1.0  # a real displacement, not a trivial pass
+    assert np.all(still.motion == 0)
+    aff = still.series.affine
+    spacing = np.linalg.norm(aff[:3, :3], axis=0)
+    from scipy.spatial.transform import Rotation
+
+    checked = 0
+    for t in (8, 16, 23):
+        img = sitk.GetImageFromArray(still.series.hu[t].astype(np.float64))  # (z, y, x)
+        img.SetSpacing(spacing.tolist())
+        img.SetOrigin(aff[:3, 3].tolist())
+        img.SetDirection((aff[:3, :3] / spacing).ravel().tolist())
+        rot = Rotation.from_euler("xyz", moved.motion[t, :3], degrees=True).as_matrix()
+        shift = moved.motion[t, 3:]
+        tr = sitk.AffineTransform(3)  # output point y samples the input at R^T (y - s)
+        tr.SetMatrix(rot.T.ravel().tolist())
+        tr.SetTranslation((-rot.T @ shift).tolist())
+        out = sitk.GetArrayFromImage(sitk.Resample(img, img, tr, sitk.sitkLinear, -5000.0))
+        inside = out > -4000
+        inside[[0, -1]] = False  # edge slices: the phantom repeats them, SimpleITK does not
+        assert inside.sum() > 0.5 * inside[1:-1].size
+        diff = np.abs(out - moved.series.hu[t])[inside]
+        # same trilinear interpolation on the same grid: differences are float rounding only
+        # (a wrong sign, order or centre gives hundreds of HU at the skull)
+        assert np.percentile(diff, 99) < 0.5
+        checked += 1
+    assert checked == 3
+
+
+def test_realistic_motion_proportions():
+    rng = np.random.default_rng(2)
+    times = np.arange(20) * 0.5
+    cats = [draw_motion(rng, "realistic", times)[0] for _ in range(3000)]
+    total = sum(MOTION_CLASSES.values())
+    for name, p in MOTION_CLASSES.items():
+        # binomial SD for 3000 draws is <= 0.009; allow 4 SD
+        assert cats.count(name) / len(cats) == pytest.approx(p / total, abs=0.036)
+
+
+def test_lesion_volumes_equal_mask_volumes(box_subject):
+    s = box_subject
+    voxel_ml = abs(np.linalg.det(s.series.affine[:3, :3])) / 1000
+    vol = s.params["volumes_ml"]
+    assert vol["core"] == pytest.approx(s.masks["core"].sum() * voxel_ml)
+    assert vol["penumbra"] == pytest.approx(s.masks["penumbra"].sum() * voxel_ml)
+    assert vol["hypoperfused"] == pytest.approx(
+        ((s.truth["tmax"] > 6) & s.masks["brain"]).sum() * voxel_ml)
+
+
+def test_lesion_is_invisible_at_baseline_and_lesion_free_has_none():
+    opts = {"seed": 13, "noise": False, **TINY}
+    sick = generate_subject(lesion=True, **opts)
+    well = generate_subject(lesion=False, **opts)
+    assert sick.masks["core"].any() or sick.masks["penumbra"].any()
+    assert not well.masks["core"].any()
+    np.testing.assert_array_equal(sick.baseline, well.baseline)
+    first = sick.params["aif"]["t0"]
+    before = sick.series.times < first  # before the bolus reaches the arteries
+    np.testing.assert_array_equal(sick.series.hu[before], well.series.hu[before])
+
+
+def test_gm_peak_enhancement_for_400_hu_aif():
+    peaks = []
+    for seed in (5, 6, 7):  # residue shapes and GM perfusion drawn per subject
+        s = generate_subject(seed=seed, size=128, slices=1, frames=60, anatomy="procedural",
+                             lesion=False, noise=False, aif_peak=400.0)
+        assert s.aif.max() == pytest.approx(400, rel=0.05)  # recirculation comes later
+        pure = s.masks["gm"] & (s.extras["gm_fraction"] >= 0.9)
+        assert pure.sum() > 100
+        peaks.append((s.series.hu[:, pure] - s.baseline[pure]).max(axis=0))
+    # SCIENCE.md: GM ~20 HU for a 400 HU AIF; the issue accepts 15-35 HU
+    assert 15 <= np.median(np.concatenate(peaks)) <= 35
+
+
+def test_arteries_partial_volume_and_veins_free_of_it(healthy_subject):
+    s = healthy_subject
+    art, vein = s.masks["artery"], s.masks["vein"]
+    assert art.any() and vein.any()
+    ratio = (s.series.hu[:, art] - s.baseline[art]).max(axis=0) / s.aif.max()
+    # arterial voxels carry 0.4-0.9 of the AIF; tissue around them adds at most a few HU
+    assert np.all(ratio > 0.38) and np.all(ratio < 0.95)
+    vpeak = (s.series.hu[:, vein] - s.baseline[vein]).max(axis=0)
+    # vein voxels are >= 95 % blood; tissue fraction adds < 1 HU
+    assert np.median(vpeak) == pytest.approx(s.vof.max(), rel=0.06)
+    long = np.zeros(4000)
+    long[: s.aif_fine.size] = s.aif_fine
+    dt = s.params["fine_dt"]
+    vof_long = hd.vof_curve(long, dt, transit_mean=s.params["aif"]["vof_transit_mean"])
+    # unit-area transit kernel: the VOF's area equals the AIF's (to the kernel's discretisation)
+    assert vof_long.sum() == pytest.approx(long.sum(), rel=1e-3)
+
+
+def test_healthy_fields_are_never_constant(healthy_subject):
+    s = healthy_subject
+    pure_gm = s.masks["gm"]
+    for name in ("cbf", "cbv", "delay"):
+        vals = s.truth[name][pure_gm]
+        assert vals.std() > 0.03 * abs(vals.mean())
+
+
+def test_bad_configuration_is_rejected():
+    from ctperf.errors import ValidationError
+
+    with pytest.raises(ValidationError, match="motion"):
+        generate_subject(seed=1, motion="wild", **TINY)
+    with pytest.raises(ValidationError, match="residues"):
+        generate_subject(seed=1, residues=("linear",), **TINY)
+    with pytest.raises(ValidationError, match="size"):
+        generate_subject(seed=1, size=8)
