@@ -147,3 +147,23 @@ def test_ddp_under_torchrun_on_cpu(caches, tmp_path: Path):
     assert [r["epoch"] for r in log] == ["1", "2"]
     assert load_checkpoint(tmp_path / "ddp" / "model.pt")["config"]["train_patients"] == [
         "sub-0000", "sub-0002"]
+
+
+def test_bf16_autocast_path_runs_on_cpu(caches, tmp_path: Path):
+    # the mixed-precision branch used on GPUs, exercised with CPU bf16 autocast
+    full, _ = caches
+    result = train(full, tmp_path, train_patients=["sub-0000"], val_patients=["sub-0001"],
+                   epochs=1, amp="bf16", **TINY)
+    row = result.history[0]
+    assert 0 < row["train_loss"] < 1 and 0 < row["val_loss"] < 1
+    with pytest.raises(ValidationError, match="amp must be"):
+        train(full, tmp_path / "x", train_patients=["sub-0000"], epochs=1, amp="fp8", **TINY)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_cuda_without_gpu_is_a_clear_error():
+    from ctperf.model import resolve_device
+
+    with pytest.raises(ValidationError, match="no CUDA device"):
+        resolve_device("cuda")
+    assert resolve_device("auto").type == "cpu"
