@@ -186,3 +186,43 @@ def test_unitobrain_layout_goes_through_the_io_reader(monkeypatch, tmp_path: Pat
     assert not mask[:, :4].any() and not mask[1, 8, 8]
     with pytest.raises(ValidationError, match="'mtt' is not in the cache"):
         cache.target_index("mtt")
+
+
+def test_nlr_reference_is_computed_once_and_cached(monkeypatch, tmp_path: Path):
+    import ctperf.perfusion
+    from ctperf.io import read_maps
+
+    cohort = make_cohort(tmp_path / "c", subjects=2, size=8, frames=12)
+    calls = []
+
+    def fake_compute(series, *, method, mask=None, **kw):
+        calls.append(method)
+        maps = read_maps(cohort / f"sub-000{len(calls) - 1}" / "truth")
+        return maps.replace(maps={k: v * 0.5 for k, v in maps.maps.items()})
+
+    monkeypatch.setattr(ctperf.perfusion, "compute_maps", fake_compute)
+    cache = build_slice_cache(cohort, tmp_path / "cache", size=8, frames=4, reference="nlr")
+    assert calls == ["nlr", "nlr"]
+    assert (cohort / "sub-0001" / "nlr" / "cbv.nii.gz").exists()
+    truth = read_maps(cohort / "sub-0001" / "truth")
+    row = cache.rows(["sub-0001"])[0]
+    unit = cache.targets[row, cache.target_index("cbv")].astype(np.float32)
+    # the halved maps were used; float16 of [0, 1] values: 5e-4 of the 10 mL/100g window
+    np.testing.assert_allclose(from_unit(unit, "cbv"), 0.5 * truth["cbv"][0], atol=0.01)
+    build_slice_cache(cohort, tmp_path / "cache2", size=8, frames=4, reference="nlr")
+    assert len(calls) == 2  # read back from sub-*/nlr, not recomputed
+
+
+def test_failing_nlr_reference_names_the_subject(monkeypatch, tmp_path: Path):
+    import ctperf.perfusion
+
+    cohort = make_cohort(tmp_path / "c", subjects=1, size=8, frames=12)
+
+    def failing(series, **kw):
+        raise ValidationError("no arterial candidates")
+
+    monkeypatch.setattr(ctperf.perfusion, "compute_maps", failing)
+    with pytest.raises(InputError, match="sub-0000: the NLR reference could not be computed"):
+        build_slice_cache(cohort, tmp_path / "cache", size=8, frames=4, reference="nlr")
+    with pytest.raises(ValidationError, match="reference must be one of"):
+        build_slice_cache(cohort, tmp_path / "cache", size=8, frames=4, reference="svd")

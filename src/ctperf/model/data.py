@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.errors import InputError, ValidationError
+from ctperf.errors import CTPerfError, InputError, ValidationError
 from ctperf.model.normalise import (
     DEFAULT_HU_WINDOW,
     TARGET_MAPS,
@@ -150,7 +150,11 @@ def _reference_maps(sub: Path, series: CTPSeries, mask: np.ndarray,
         raise InputError(folder, f"no cached NLR maps and ctperf.perfusion is unavailable "
                                  f"({exc})") from None
     logger.info("computing the NLR reference of %s", sub.name)
-    maps = compute_maps(series, method="nlr", mask=mask)
+    try:
+        maps = compute_maps(series, method="nlr", mask=mask)
+    except CTPerfError as exc:
+        raise InputError(sub, f"the NLR reference could not be computed ({exc}); compute it "
+                              f"into {folder} yourself (e.g. with an AIF mask)") from None
     write_maps_nifti(maps, folder)
     return maps
 
