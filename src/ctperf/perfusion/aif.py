@@ -114,6 +114,9 @@ def select_aif(
     ttp0 = float(np.median(f["ttp"][chosen[: max(1, chosen.size // 4)]]))
     chosen = chosen[np.abs(f["ttp"][chosen] - ttp0) <= 2.0 * float(np.median(np.diff(times)))
                     + 1.0]
+    # And those that peak at least half as high as the best: when an artery has fewer voxels
+    # than n_voxels, its partial-volume rim would otherwise dilute the curve.
+    chosen = chosen[f["peak"][chosen] >= 0.5 * f["peak"][chosen].max()]
     curve = enh[:, chosen].mean(axis=1, dtype=np.float64)
     log.info("AIF: %d voxels, peak %.0f HU at %.1f s", chosen.size, curve.max(), ttp0)
     return _vessel(chosen, curve, times)

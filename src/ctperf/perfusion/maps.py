@@ -123,9 +123,13 @@ def run_perfusion(
     rise = hu.max(axis=0) - hu[0]
     if not float(rise.max()) > 5.0:
         raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
-    # Bolus arrival from the strongest enhancing voxels (the large vessels).
-    top = rise >= np.percentile(rise, 99.9)
-    n_base = max(1, bolus_arrival_frame(hu[:, top].mean(axis=1)))
+    # Bolus arrival from the strongest enhancing voxels (arteries and veins): the earliest of
+    # them ends the baseline, one frame early (their rise of 20 % of the peak is far above the
+    # noise, so a single early voxel is an artery, not chance).
+    n_top = max(20, rise.size // 1000)
+    top = np.argpartition(rise.ravel(), rise.size - n_top)[-n_top:]
+    arrivals = [bolus_arrival_frame(c, fraction=0.2) for c in hu.reshape(n_t, -1)[:, top].T]
+    n_base = max(1, int(min(arrivals)) - 1)
     base = hu[:n_base].mean(axis=0)
     if mask is None:
         mask = brain_mask(base, spacing=series.spacing, exclude_csf=True)
