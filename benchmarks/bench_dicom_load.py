@@ -3,7 +3,7 @@
 Writes a synthetic study of 89 frames x 8 slices of 512 x 512 (712 files, the size of a GE
 perfusion acquisition) twice into a temporary folder, uncompressed and JPEG Lossless (Process 14
 SV1), then times :func:`ctperf.io.read_dicom_series` with one decoder, a thread pool and a process
-pool (and, for JPEG, pylibjpeg instead of GDCM), side by side in one run. Usage::
+pool, side by side in one run. Usage::
 
     python benchmarks/bench_dicom_load.py [--frames 89] [--slices 8] [--size 512] [--repeat 2]
 
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ctperf.io import dicom as dicom_reader
 from ctperf.io import read_dicom_headers, read_dicom_series, write_series_dicom
 from ctperf.types import CTPSeries
 
@@ -67,7 +66,6 @@ def main() -> None:
     n_files = args.frames * args.slices
     print(f"study {args.frames} frames x {args.slices} slices of {args.size}^2 = {n_files} files; "
           f"{workers} workers on {os.cpu_count()} CPUs; best of {args.repeat}")
-    have_gdcm = dicom_reader._HAVE_GDCM
     with tempfile.TemporaryDirectory() as tmp:
         rows = []
         for compress in (False, True):
@@ -82,21 +80,16 @@ def main() -> None:
             modes = [("serial", {"workers": 1}),
                      ("threads", {"workers": workers, "executor": "threads"}),
                      ("processes", {"workers": workers, "executor": "processes"})]
-            if compress and dicom_reader._HAVE_GDCM:
-                modes.append(("serial, pylibjpeg", {"workers": 1}))
             for mode, kw in modes:
-                # the reader prefers GDCM for compressed files; the last row turns that off
-                dicom_reader._HAVE_GDCM = "pylibjpeg" not in mode and have_gdcm
                 seconds, loaded = timed(lambda f=folder, k=kw: read_dicom_series(f, **k),
                                         args.repeat)
                 assert np.array_equal(loaded.hu, np.rint(series.hu)), "values changed"
                 rows.append((label, mode, seconds, header_s))
-            dicom_reader._HAVE_GDCM = have_gdcm
         serial = {label: s for label, mode, s, _ in rows if mode == "serial"}
-        print(f"\n{'storage':14s} {'decoding':18s} {'load s':>8s} {'files/s':>9s} "
+        print(f"\n{'storage':14s} {'decoding':10s} {'load s':>8s} {'files/s':>9s} "
               f"{'vs serial':>9s} {'headers s':>9s}")
         for label, mode, seconds, header_s in rows:
-            print(f"{label:14s} {mode:18s} {seconds:8.2f} {n_files / seconds:9.0f} "
+            print(f"{label:14s} {mode:10s} {seconds:8.2f} {n_files / seconds:9.0f} "
                   f"{serial[label] / seconds:8.2f}x {header_s:9.2f}")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"\nin-memory study: {series.hu.nbytes / 1e6:.0f} MB float32; peak RSS {peak:.0f} MB")

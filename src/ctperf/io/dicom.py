@@ -41,13 +41,6 @@ _INDEX_TAGS = ("TemporalPositionIndex", "InstanceNumber")
 _EPOCH = dt.datetime(1970, 1, 1)
 _POSITION_TOL_MM = 0.01
 
-try:
-    import gdcm  # noqa: F401  (only asks whether pydicom's GDCM plugin can run)
-
-    _HAVE_GDCM = True
-except ImportError:
-    _HAVE_GDCM = False
-
 
 @dataclass(frozen=True)
 class _Header:
@@ -207,7 +200,8 @@ def _order_frames(root: Path, slices: list[list[_Header]],
         flat = np.array([v for s in values for v in s], dtype=float)
         if np.ptp(flat) > 43200:  # a scan of minutes spanning > 12 h crossed midnight undated
             log.info("%s: %s crosses midnight without a date change; unwrapped", root, tag)
-            values = [[v + 86400.0 if v - flat.min() < 43200 else v for v in s] for s in values]
+            values = [[v + 86400.0 if v is not None and v - flat.min() < 43200 else v
+                       for v in s] for s in values]
         ordered = [sorted(((float(t or 0.0), h) for t, h in zip(v, s, strict=True)),
                           key=lambda p: p[0])
                    for v, s in zip(values, slices, strict=True)]
@@ -280,19 +274,6 @@ def _geometry(root: Path, headers: Sequence[_Header], *,
     return slices, _RAS_FROM_LPS @ lps, (rows, cols)
 
 
-def _pixels(ds: pydicom.Dataset) -> np.ndarray:
-    """Decoded pixels; GDCM first for compressed syntaxes (faster than pylibjpeg for JPEG
-    Lossless, see the benchmark), pydicom's other plugins when it is missing or fails."""
-    syntax = ds.file_meta.get("TransferSyntaxUID")
-    if syntax is not None and syntax.is_compressed and _HAVE_GDCM:
-        try:
-            ds.pixel_array_options(decoding_plugin="gdcm")
-            return ds.pixel_array
-        except Exception:  # fall back to whatever other plugin can decode it
-            ds.pixel_array_options(decoding_plugin="")
-    return ds.pixel_array
-
-
 def _decode_one(path: Path, out: np.ndarray) -> str | None:
     """Write one file's HU (stored * slope + intercept) into ``out`` (Y, X); return an error
     message instead of raising, so that errors cross a process pool intact."""
@@ -303,7 +284,7 @@ def _decode_one(path: Path, out: np.ndarray) -> str | None:
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         return "has no pixel data"
     try:
-        pixels = _pixels(ds)
+        pixels = ds.pixel_array
     except Exception as exc:  # decoder plugins raise many types
         syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
         return f"cannot decode pixel data ({getattr(syntax, 'name', syntax)}): {exc}"
