@@ -7,7 +7,7 @@ Two fits, both vectorised over all voxels of a chunk at once (loops run over ite
   ``fminsearch`` and SciPy build it), stopping per voxel on the usual x and f tolerances.
 - ``"nlr-fast"``: a grid start over (MTT, delay) with the linear parameter CBF solved in closed
   form (variable projection, one matrix product for all voxels), then a short simplex polish
-  (60 iterations, small steps) on the exact O(1) objective of :mod:`ctperf.perfusion.fastsse`.
+  (40 iterations, small steps) on the exact O(1) objective of :mod:`ctperf.perfusion.fastsse`.
   With non-uniform frame times, the polish is Levenberg-Marquardt with the analytic Jacobian of
   the box model, parameters projected onto their bounds after every step.
 
@@ -141,6 +141,7 @@ def fit_box_nlr(
     max_iter: int = 300,
     restarts: int = 1,
     lm_iter: int = 30,
+    polish_iter: int = 40,
     chunk: int = 8192,
     workers: int | None = None,
     progress: bool = False,
@@ -170,6 +171,8 @@ def fit_box_nlr(
     restarts : int
         ``"nlr"`` only: voxels whose simplex ended on a bound start once more from there with a
         fresh simplex (0 = the plain reference algorithm).
+    polish_iter : int
+        ``"nlr-fast"`` only: simplex iterations after the grid start (evenly spaced frames).
     lm_iter : int
         ``"nlr-fast"`` only: most Levenberg-Marquardt steps (voxels stop earlier on their own).
     chunk : int
@@ -229,7 +232,7 @@ def fit_box_nlr(
                 on_bound[:] = False
         elif obj is not None:
             p = obj.grid_start(b, n_mtt=16)
-            p = nelder_mead(obj, p, bounds=b, max_iter=60, xatol=1e-2, fatol=1e-2,
+            p = nelder_mead(obj, p, bounds=b, max_iter=polish_iter, xatol=1e-2, fatol=1e-2,
                             steps=np.array([3.0, 0.5 * table.dt, 0.5 * table.dt]))
         else:
             p = _grid_start(c, table, scale, b, n_mtt=24, delay_step=0.5)
