@@ -295,8 +295,7 @@ def sample_template(template: Template, points_mm: np.ndarray) -> np.ndarray:
         One fraction per channel of :data:`CHANNELS`; zero outside the template grid.
     """
     inv = np.linalg.inv(template.affine)
-    ijk = points_mm.reshape(-1, 3) @ inv[:3, :3].T + inv[:3, 3]
-    coords = ijk.T.astype(np.float32)
+    coords = inv[:3, :3] @ points_mm.reshape(-1, 3).T + inv[:3, 3:]  # (3, N), contiguous
     out = np.empty((template.data.shape[0], coords.shape[1]), dtype=np.float32)
     for c in range(template.data.shape[0]):
         out[c] = ndi.map_coordinates(template.data[c], coords, order=1, mode="constant",
