@@ -11,9 +11,10 @@ range sigma apart and the filter becomes, per level, a normalised Gaussian convo
 weighted by Gr(L_k - g) (Durand & Dorsey 2002, doi:10.1145/566654.566574; Yang et al. 2009,
 doi:10.1109/CVPR.2009.5206542), evaluated on a grid down-sampled in plane by about sigma/1.7 and
 interpolated back (a bilateral grid, Chen et al. 2007, doi:10.1145/1276377.1276506): linearly
-between the two levels around g(p), bilinearly in plane. Everything that depends only on the guide
-(level weights, splatting and slicing indices, normalisation) is built once and shared by all
-frames, which are filtered a chunk at a time as columns of one sparse product.
+between the two levels around g(p), bilinearly in plane. Only the (level, cell) pairs that some
+voxel reads, with their Gaussian neighbourhoods, are kept, so splatting, the three 1D Gaussian
+passes and the normalised slicing are four sparse matrices built once from the guide; every frame
+then costs four sparse products, a chunk of frames at a time as the columns of one product.
 
 To keep the result close to brute force at high-contrast edges (bone, air), each frame is split
 into the guide plus its difference from the guide: the guide is filtered once with twice finer
@@ -41,25 +42,52 @@ _RANGE_CUTOFF = 4.0  # range weights are dropped beyond this many range sigmas (
 
 @dataclass(frozen=True)
 class _Grid:
-    """Everything that depends on the guide only."""
+    """Everything that depends on the guide only: sparse operators applied in turn."""
 
-    splat: sparse.csr_matrix  # (n_levels * n_cells, N): range weight of voxel q in (level, cell)
-    den: np.ndarray  # (n_levels * n_cells,) blurred sum of weights
-    shape_low: tuple[int, int, int]  # (Z, Yl, Xl)
+    splat: sparse.csc_matrix  # (R0, N): range weight of voxel q in each used (level, cell)
+    blur: tuple[sparse.csr_matrix, ...]  # x, y, z Gaussian passes between used (level, cell) sets
+    slice: sparse.csr_matrix  # (N, R3): tent x bilinear weights over the normalisation
     n_levels: int
-    sigma_low: tuple[float, float, float]
-    rows: np.ndarray  # (8, N) row of (level, corner cell) read by each voxel
-    coef: np.ndarray  # (8, N) float32 tent x bilinear weights
+    shape_low: tuple[int, int, int]
 
 
-def _blur(a: np.ndarray, sigma_low: tuple[float, float, float]) -> np.ndarray:
-    """Gaussian over the (Z, Yl, Xl) axes 1-3 of (levels, Z, Yl, Xl, B), zero outside."""
-    out = a
-    for axis, s in zip((1, 2, 3), sigma_low, strict=True):
-        if s > 0:
-            out = ndimage.gaussian_filter1d(out, s, axis=axis, mode="constant", cval=0.0,
-                                            truncate=4.0)
-    return out
+def _kernel(sigma: float) -> np.ndarray:
+    """Sampled Gaussian taps for offsets -r..r, r = int(4 sigma + 0.5) (scipy's truncation)."""
+    r = int(4.0 * sigma + 0.5)
+    if sigma <= 0 or r == 0:
+        return np.ones(1)
+    x = np.arange(-r, r + 1)
+    return np.exp(-0.5 * (x / sigma) ** 2)
+
+
+def _ids(mask: np.ndarray) -> np.ndarray:
+    """Compact row id of every True entry of a mask, flattened (-1 elsewhere), int32."""
+    flat = mask.ravel()
+    ids = np.cumsum(flat, dtype=np.int32) - 1
+    ids[~flat] = -1
+    return ids
+
+
+def _pass(rows_mask: np.ndarray, cols_mask: np.ndarray, axis: int,
+          taps: np.ndarray) -> sparse.csr_matrix:
+    """One 1D Gaussian along ``axis`` of (K, Z, Yl, Xl), from the cols set to the rows set."""
+    shape = rows_mask.shape
+    r = len(taps) // 2
+    rows = np.flatnonzero(rows_mask.ravel())
+    coords = np.unravel_index(rows, shape)[axis]
+    col_ids = _ids(cols_mask)
+    stride = int(np.prod(shape[axis + 1:]))
+    cid = np.full((rows.size, 2 * r + 1), -1, dtype=np.int32)
+    for j, o in enumerate(range(-r, r + 1)):
+        ok = (coords + o >= 0) & (coords + o < shape[axis])
+        cid[ok, j] = col_ids[rows[ok] + o * stride]
+    valid = cid >= 0
+    indptr = np.zeros(rows.size + 1, dtype=np.int64)
+    np.cumsum(valid.sum(axis=1), out=indptr[1:])
+    data = np.broadcast_to(taps.astype(np.float32), cid.shape)[valid]
+    # row-major order keeps each row's columns sorted (ids grow along every axis)
+    return sparse.csr_matrix((data, cid[valid], indptr),
+                             shape=(rows.size, int(cols_mask.sum())))
 
 
 def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_hu: float,
@@ -75,82 +103,97 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
     g = guide.ravel().astype(np.float64)
     n = g.size
     lo = g.min() - step_hu
-    level_of = np.floor((g - lo) / step_hu).astype(np.int64)  # level just below each voxel
+    level_of = np.floor((g - lo) / step_hu).astype(np.int32)  # level just below each voxel
     used = np.zeros(level_of.max() + 2, dtype=bool)
     used[level_of] = True
     used[level_of + 1] = True
-    index = np.cumsum(used) - 1  # absolute level -> compact level
+    index = np.cumsum(used, dtype=np.int32) - 1  # absolute level -> compact level
     n_levels = int(used.sum())
     levels = lo + step_hu * np.flatnonzero(used)
-    zz, yy, xx = np.unravel_index(np.arange(n), guide.shape)
+    zz, yy, xx = (a.astype(np.int32) for a in np.unravel_index(np.arange(n), guide.shape))
     cell = ((zz // dz) * shape_low[1] + yy // dy) * shape_low[2] + xx // dx
-    # splat: each voxel into every used level within the range cut-off
+    grid_shape = (n_levels, *shape_low)
+    if n_levels * n_cells >= 2**31 - 1:  # row ids of (level, cell) need 64 bits
+        index, cell = index.astype(np.int64), cell.astype(np.int64)
+    # splat: each voxel into every used level within the range cut-off (a fixed number of
+    # candidate levels per voxel, so the matrix is built column by column without sorting)
     reach = int(np.ceil(_RANGE_CUTOFF * range_sigma / step_hu))
-    r_rows, r_cols, r_vals = [], [], []
-    for off in range(-reach, reach + 2):
-        k_abs = level_of + off
-        ok = (k_abs >= 0) & (k_abs < used.size)
-        ok[ok] = used[k_abs[ok]]
-        q = np.flatnonzero(ok)
-        lev = levels[index[k_abs[q]]]
-        w = np.exp(-0.5 * ((g[q] - lev) / range_sigma) ** 2)
-        keep = w > np.exp(-0.5 * _RANGE_CUTOFF ** 2)
-        q, w = q[keep], w[keep]
-        r_rows.append(index[k_abs[q]] * n_cells + cell[q])
-        r_cols.append(q)
-        r_vals.append(w.astype(np.float32))
-    splat = sparse.csr_matrix(
-        (np.concatenate(r_vals), (np.concatenate(r_rows), np.concatenate(r_cols))),
-        shape=(n_levels * n_cells, n))
-    den = _blur(np.asarray(splat.sum(axis=1), dtype=np.float32).reshape(
-        (n_levels, *shape_low, 1)), sigma_low).ravel()
-    # slicing: tent between the two levels around g(p), bilinear in plane (z is not down-sampled
-    # in practice; when it is, nearest cell in z)
+    offsets = np.arange(-reach, reach + 2, dtype=np.int32)
+    k_abs = level_of[:, None] + offsets  # (N, n_off)
+    ok = (k_abs >= 0) & (k_abs < used.size)
+    k_abs[~ok] = 0
+    ok &= used[k_abs]
+    k_cmp = index[k_abs]
+    w = np.exp(-0.5 * ((g[:, None] - levels[k_cmp]) / range_sigma) ** 2).astype(np.float32)
+    ok &= w > np.exp(-0.5 * _RANGE_CUTOFF ** 2)
+    splat_rows = k_cmp * n_cells + cell[:, None]  # (N, n_off), meaningful where ok
+    # slicing: tent between the two levels around g(p), bilinear in plane (nearest cell in z)
     k0 = index[level_of]
-    t1 = ((g - levels[k0]) / step_hu).astype(np.float32)
-    rows = np.empty((8, n), dtype=np.int64)
-    coef = np.empty((8, n), dtype=np.float32)
+    t1 = (g - levels[k0]) / step_hu
     zc = zz // dz
     uy = np.clip((yy - (dy - 1) / 2.0) / dy, 0, shape_low[1] - 1)
     ux = np.clip((xx - (dx - 1) / 2.0) / dx, 0, shape_low[2] - 1)
     y0 = np.minimum(np.floor(uy).astype(np.int64), shape_low[1] - 1)
     x0 = np.minimum(np.floor(ux).astype(np.int64), shape_low[2] - 1)
-    fy, fx = (uy - y0).astype(np.float32), (ux - x0).astype(np.float32)
+    fy, fx = uy - y0, ux - x0
     y1 = np.minimum(y0 + 1, shape_low[1] - 1)
     x1 = np.minimum(x0 + 1, shape_low[2] - 1)
-    i = 0
+    c_rows, c_coef = [], []
     for k, wk in ((k0, 1 - t1), (k0 + 1, t1)):
         for yc, wy in ((y0, 1 - fy), (y1, fy)):
             for xc, wx in ((x0, 1 - fx), (x1, fx)):
-                rows[i] = k * n_cells + (zc * shape_low[1] + yc) * shape_low[2] + xc
-                coef[i] = wk * wy * wx
-                i += 1
-    return _Grid(splat, den, shape_low, n_levels, sigma_low, rows, coef)  # type: ignore[arg-type]
+                c_rows.append(k * n_cells + (zc * shape_low[1] + yc) * shape_low[2] + xc)
+                c_coef.append(wk * wy * wx)
+    # (level, cell) sets: read by slicing (need3), grown by each pass's reach (need2..0)
+    taps = [_kernel(s) for s in sigma_low]  # z, y, x
+    need3 = np.zeros(grid_shape, dtype=bool)
+    need3.ravel()[np.concatenate(c_rows)] = True
+    occupied = np.zeros(grid_shape, dtype=bool)
+    occupied.ravel()[splat_rows[ok]] = True
+    need2 = ndimage.maximum_filter1d(need3, len(taps[0]), axis=1, mode="constant")
+    need1 = ndimage.maximum_filter1d(need2, len(taps[1]), axis=2, mode="constant")
+    need0 = ndimage.maximum_filter1d(need1, len(taps[2]), axis=3, mode="constant") & occupied
+    id0 = _ids(need0)[splat_rows]
+    ok &= id0 >= 0
+    w[~ok] = 0.0  # unused entries stay as explicit zeros on row 0
+    splat = sparse.csc_matrix(
+        (w.ravel(), np.where(ok, id0, 0).ravel(), np.arange(0, w.size + 1, w.shape[1])),
+        shape=(int(need0.sum()), n))
+    del k_abs, k_cmp, w, ok, splat_rows
+    blur = (_pass(need1, need0, 3, taps[2]), _pass(need2, need1, 2, taps[1]),
+            _pass(need3, need2, 1, taps[0]))
+    den = np.asarray(splat.sum(axis=1), dtype=np.float32)
+    for m in blur:
+        den = m @ den
+    id3 = _ids(need3)
+    # normalise each half (lower and upper level) by its own interpolated denominator
+    cols = np.stack([id3[r] for r in c_rows], axis=1)  # (N, 8)
+    coef = np.stack(c_coef, axis=1)  # (N, 8)
+    vals = np.empty((n, 8), dtype=np.float32)
+    for half in (slice(0, 4), slice(4, 8)):
+        d = (coef[:, half] * den[cols[:, half], 0]).sum(axis=1)
+        scale = np.where(d > 0, coef[:, half].sum(axis=1) / np.maximum(d, 1e-30), 0.0)
+        vals[:, half] = coef[:, half] * scale[:, None]
+    slicer = sparse.csr_matrix((vals.ravel(), cols.ravel(), np.arange(0, 8 * n + 1, 8)),
+                               shape=(n, int(need3.sum())))
+    logger.debug("bilateral grid: %d levels x %s cells; rows used %d, %d, %d, %d of %d",
+                 n_levels, shape_low, splat.shape[0], blur[0].shape[0], blur[1].shape[0],
+                 blur[2].shape[0], need3.size)
+    return _Grid(splat, blur, slicer, n_levels, shape_low)  # type: ignore[arg-type]
 
 
 def _apply(grid: _Grid, images: np.ndarray) -> np.ndarray:
     """Filter images (B, N) -> (B, N) float32 with the guide's grid."""
-    b = images.shape[0]
-    num = grid.splat @ np.ascontiguousarray(images.T, dtype=np.float32)  # (levels*cells, B)
-    num = _blur(num.reshape((grid.n_levels, *grid.shape_low, b)), grid.sigma_low).reshape(-1, b)
-    out = np.zeros((images.shape[1], b), dtype=np.float32)
-    # ratio of interpolated numerator and denominator, per level (corners 0-3 and 4-7)
-    for half in (slice(0, 4), slice(4, 8)):
-        rows, coef = grid.rows[half], grid.coef[half]
-        n_acc = np.zeros_like(out)
-        d_acc = np.zeros(images.shape[1], dtype=np.float32)
-        for r, c in zip(rows, coef, strict=True):
-            n_acc += c[:, None] * num[r]
-            d_acc += c * grid.den[r]
-        tent = coef.sum(axis=0)
-        out += np.where(d_acc > 0, tent / np.maximum(d_acc, 1e-30), 0)[:, None] * n_acc
-    return out.T
+    x = grid.splat @ np.ascontiguousarray(images.T, dtype=np.float32)  # (R0, B)
+    for m in grid.blur:
+        x = m @ x
+    return np.ascontiguousarray((grid.slice @ x).T)
 
 
 def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 2.0,
-                    cells_per_sigma: float = 1.6, chunk: int = 4,
+                    cells_per_sigma: float = 1.6, chunk: int = 8,
                     progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
