@@ -9,7 +9,7 @@ with g the guide (temporal mean), Gs a Gaussian in mm and Gr a Gaussian in HU. B
 ~10^4 neighbours per voxel. Here the range axis is quantised into levels L_k a fraction of the
 range sigma apart and the filter becomes, per level, a normalised Gaussian convolution of the frame
 weighted by Gr(L_k - g) (Durand & Dorsey 2002, doi:10.1145/566654.566574; Yang et al. 2009,
-doi:10.1109/CVPR.2009.5206542), evaluated on a grid down-sampled in plane by about sigma/1.7 and
+doi:10.1109/CVPR.2009.5206542), evaluated on a grid down-sampled in plane by about sigma/1.6 and
 interpolated back (a bilateral grid, Chen et al. 2007, doi:10.1145/1276377.1276506): linearly
 between the two levels around g(p), bilinearly in plane. Only the (level, cell) pairs that some
 voxel reads, with their Gaussian neighbourhoods, are kept, so splatting, the three 1D Gaussian
