@@ -248,7 +248,11 @@ def _mni() -> Template:
     mask = ndi.binary_fill_holes(np.asarray(mask_img.dataobj) > 0)
     total = np.maximum(gm + wm, 1.0)
     gm, wm = gm / total * mask, wm / total * mask
-    dist = ndi.distance_transform_edt(~mask).astype(np.float32)
+    # the skull follows a closed (8 mm ball) brain outline, not every sulcus and notch
+    grown = ndi.distance_transform_edt(~mask) <= 8.0
+    closed = ndi.distance_transform_edt(grown) > 8.0
+    dist = ndi.distance_transform_edt(~(closed | mask)).astype(np.float32)
+    del grown, closed
     icv = dist <= 3.0
     csf = np.where(icv, 1.0 - gm - wm, 0.0)
     out = dist - 3.0

@@ -63,7 +63,7 @@ def draw_physiology(rng: np.random.Generator, *, lesion: bool, residues: tuple[s
             "occlusion": kind,
             "side": str(rng.choice(["R", "L"])),
             "peak_severity": float(rng.uniform(0.6, 1.0)),
-            "width_mm": float(rng.uniform(8, 22)),
+            "width_mm": float(rng.uniform(20, 45)),
             "delay_max": float(rng.uniform(4.0, 9.0)),
             "tau_max": float(rng.uniform(1.0, 2.5)),
             "oligaemia": False,
