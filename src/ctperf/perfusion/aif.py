@@ -96,12 +96,16 @@ def select_aif(
     -------
     VesselCurve
     """
-    f = curve_features(enh, times)
     n_t = enh.shape[0]
-    top = float(np.percentile(f["peak"], 99.9)) if f["peak"].size else 0.0
-    pool = np.flatnonzero((f["peak"] >= max(min_peak_hu, pool_fraction * top))
-                          & (f["end"] <= max_end)
-                          & (np.argmax(enh, axis=0) < n_t - 2))
+    peak_all = enh.max(axis=0)
+    top = float(np.percentile(peak_all, 99.9)) if peak_all.size else 0.0
+    # Features only for the strong voxels (a study has ~10^6 brain voxels, ~10^3 candidates).
+    strong = np.flatnonzero(peak_all >= max(min_peak_hu, pool_fraction * top))
+    f = curve_features(enh[:, strong], times)
+    keep = (f["end"] <= max_end) & (np.argmax(enh[:, strong], axis=0) < n_t - 2)
+    f = {k: v[keep] for k, v in f.items()}
+    strong = strong[keep]
+    pool = np.arange(strong.size)
     if pool.size == 0:
         need = max(min_peak_hu, pool_fraction * top)
         raise ValidationError(
@@ -117,6 +121,7 @@ def select_aif(
     # And those that peak at least half as high as the best: when an artery has fewer voxels
     # than n_voxels, its partial-volume rim would otherwise dilute the curve.
     chosen = chosen[f["peak"][chosen] >= 0.5 * f["peak"][chosen].max()]
+    chosen = strong[chosen]
     curve = enh[:, chosen].mean(axis=1, dtype=np.float64)
     log.info("AIF: %d voxels, peak %.0f HU at %.1f s", chosen.size, curve.max(), ttp0)
     return _vessel(chosen, curve, times)
@@ -144,15 +149,20 @@ def select_vof(
     pool_fraction : float
         Keep only those with at least this fraction of the largest late area.
     """
-    f = curve_features(enh, times)
-    late = np.flatnonzero(f["ttp"] >= aif_ttp + min_lag_s)
+    peak_all = enh.max(axis=0)
+    top = float(np.percentile(peak_all, 99.9)) if peak_all.size else 0.0
+    # Veins carry no partial volume: only voxels peaking within reach of the strongest count.
+    strong = np.flatnonzero(peak_all >= 0.25 * top)
+    f = curve_features(enh[:, strong], times)
+    is_late = f["ttp"] >= aif_ttp + min_lag_s
+    late, area = strong[is_late], f["area"][is_late]
     if late.size == 0:
         raise ValidationError("no venous candidates: no voxel peaks after the AIF; "
                               "give a VOF mask (--vof-mask)")
-    chosen = late[np.argsort(-f["area"][late], kind="stable")[: max(1, int(n_voxels))]]
+    order = np.argsort(-area, kind="stable")[: max(1, int(n_voxels))]
     # Only voxels close to the largest area: a vein smaller than n_voxels must not be diluted by
     # tissue or partial-volume rims.
-    chosen = chosen[f["area"][chosen] >= pool_fraction * f["area"][chosen[0]]]
+    chosen = late[order[area[order] >= pool_fraction * area[order[0]]]]
     curve = enh[:, chosen].mean(axis=1, dtype=np.float64)
     log.info("VOF: %d voxels, peak %.0f HU", chosen.size, curve.max())
     return _vessel(chosen, curve, times)

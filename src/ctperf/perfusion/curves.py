@@ -33,13 +33,17 @@ def flow_scale(rho: float, kh: float) -> float:
 
 
 def bandlimit(curves: np.ndarray, *, axis: int = 0) -> np.ndarray:
-    """Smooth along time with the [1/4, 1/2, 1/4] kernel (edges replicated); returns a new array.
+    """Smooth along time with the [1/4, 1/2, 1/4] kernel (edges replicated); returns a new array
+    of the same float type.
 
     Parameters
     ----------
     curves : ndarray, shape (T, ...) (time along ``axis``)
     """
-    x = np.moveaxis(np.asarray(curves, dtype=np.float64), axis, 0)
+    x = np.asarray(curves)
+    if not np.issubdtype(x.dtype, np.floating):
+        x = x.astype(np.float64)
+    x = np.moveaxis(x, axis, 0)
     if x.shape[0] < 3:
         return np.moveaxis(x.copy(), 0, axis)
     out = np.empty_like(x)

@@ -112,7 +112,7 @@ def run_perfusion(
     -------
     PerfusionResult
     """
-    from ctperf.preprocess.mask import brain_mask
+    from ctperf.preprocess.mask import brain_mask, csf_mask
 
     if method not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -132,8 +132,8 @@ def run_perfusion(
     n_base = max(1, int(min(arrivals)) - 1)
     base = hu[:n_base].mean(axis=0)
     if mask is None:
-        mask = brain_mask(base, spacing=series.spacing, exclude_csf=True)
         search = brain_mask(base, spacing=series.spacing, exclude_csf=False)
+        mask = search & ~csf_mask(base, spacing=series.spacing)
     else:
         mask = np.asarray(mask, dtype=bool)
         if mask.shape != hu.shape[1:]:
@@ -176,7 +176,7 @@ def run_perfusion(
         aif_used, pv = correct_partial_volume(aif_raw, vof_curve, t)
 
     # Tissue curves of all brain voxels, (T, N).
-    tissue = hu[:, mask] - base[mask]
+    tissue = enh_s[:, mask[search]]
     peaks = tissue.max(axis=0)
     vessels = np.zeros(mask.shape, dtype=bool)
     vessels[mask] = peaks > vessel_fraction * float(np.max(aif_raw))

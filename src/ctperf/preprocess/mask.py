@@ -18,7 +18,7 @@ from scipy import ndimage
 from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
-__all__ = ["brain_mask"]
+__all__ = ["brain_mask", "csf_mask"]
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,29 @@ def brain_mask(
     mask = ndimage.binary_fill_holes(largest, structure=_PLANE)
     mask &= ~bone
     if exclude_csf:
-        csf_view = ndimage.gaussian_filter(vol, sigma=(0.0, csf_smooth_mm / dy, csf_smooth_mm / dx))
-        mask &= csf_view >= csf_hu
+        mask &= ~csf_mask(vol, spacing=sampling, csf_hu=csf_hu, smooth_mm=csf_smooth_mm)
     log.info("brain_mask: %d voxels (%.1f mL)", int(mask.sum()), mask.sum() * dz * dy * dx / 1e3)
     return mask
+
+
+def csf_mask(
+    volume: np.ndarray,
+    *,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    csf_hu: float = 15.0,
+    smooth_mm: float = 1.5,
+) -> np.ndarray:
+    """Voxels below ``csf_hu`` after in-plane Gaussian smoothing (CSF, air), bool (Z, Y, X).
+
+    Parameters
+    ----------
+    volume : ndarray, shape (Z, Y, X)
+        HU (e.g. the pre-contrast mean of a study).
+    spacing : (dz, dy, dx) mm
+    csf_hu, smooth_mm : float
+        Threshold in HU and smoothing sigma in mm.
+    """
+    _, dy, dx = (float(v) for v in spacing)
+    view = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32),
+                                   sigma=(0.0, smooth_mm / dy, smooth_mm / dx))
+    return view < csf_hu
