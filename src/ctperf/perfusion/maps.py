@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.aif import VesselCurve, correct_partial_volume, select_aif, select_vof
@@ -78,6 +79,7 @@ def run_perfusion(
     kh: float = 0.733,
     motion_mm: np.ndarray | None = None,
     vessel_fraction: float = 0.25,
+    rim_mm: float = 2.0,
     lesion_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> PerfusionResult:
@@ -103,6 +105,9 @@ def run_perfusion(
     vessel_fraction : float
         Brain voxels peaking above this fraction of the measured AIF peak are vessels: mapped,
         but excluded from lesions.
+    rim_mm : float
+        Brain voxels closer than this (in-plane, mm) to the brain's outer surface are left out
+        of the lesions (0 keeps them).
     lesion_options : dict, optional
         Keyword arguments of :func:`segment_lesions`.
     progress : bool
@@ -222,7 +227,13 @@ def run_perfusion(
         "qc": flags,
     }
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
-    lesions = segment_lesions(pmaps, brain=mask, exclude=vessels, **(lesion_options or {}))
+    # Lesions leave out vessels and the brain's outer rim, where partial volume with cortical
+    # veins and bone makes Tmax unreliable.
+    exclude = vessels.copy()
+    if rim_mm > 0:
+        depth = ndimage.distance_transform_edt(search, sampling=(1e6, *series.spacing[1:]))
+        exclude |= mask & (depth <= rim_mm)
+    lesions = segment_lesions(pmaps, brain=mask, exclude=exclude, **(lesion_options or {}))
     provenance["lesions"] = lesions.summary()
     pmaps = pmaps.replace(provenance=provenance)
     return PerfusionResult(maps=pmaps, lesions=lesions, brain=mask, vessels=vessels,
