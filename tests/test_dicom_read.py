@@ -311,3 +311,13 @@ def test_acquisition_time_across_midnight(tmp_path, rng):
     series = read_dicom_series(study.folder)
     np.testing.assert_array_equal(series.hu, study.hu)
     np.testing.assert_allclose(series.times, 1.5 * np.arange(5), atol=1e-6)  # us digits
+
+
+def test_process_pool_reports_the_bad_file(tmp_path, rng):
+    def edit(ds, t, z):
+        if (t, z) == (2, 0):
+            del ds.PixelData
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with pytest.raises(InputError, match=f"{study.files[(2, 0)].name}: has no pixel data"):
+        read_dicom_series(study.folder, workers=2, executor="processes")
