@@ -245,3 +245,19 @@ def test_bad_configuration_is_rejected():
         generate_subject(seed=1, residues=("linear",), **TINY)
     with pytest.raises(ValidationError, match="size"):
         generate_subject(seed=1, size=8)
+
+
+def test_mni_anatomy_when_nilearn_is_installed():
+    pytest.importorskip("nilearn")
+    s = generate_subject(seed=4, size=96, slices=2, frames=10, anatomy="mni", noise=False)
+    assert s.params["template"] == "mni" and "McGill" in s.params["template_notice"]
+    m = s.masks
+    assert m["gm"].sum() > 200 and m["wm"].sum() > 200 and m["csf"].any()
+    # 80 kV baseline: GM (35-40 HU) above WM (26-30 HU) above CSF, skull far above all;
+    # nearly pure voxels only, since 2.4 mm pixels mix GM and WM (drawn gap >= 5 HU, the blur
+    # and residual mixing take up to ~2 HU of it)
+    gm = s.baseline[m["gm"] & (s.extras["gm_fraction"] > 0.85)].mean()
+    wm = s.baseline[m["wm"] & (s.extras["wm_fraction"] > 0.85)].mean()
+    csf = np.median(s.baseline[m["csf"]])  # median: CSF voxels next to bone catch its blur
+    assert gm > wm + 2 and wm > csf + 5
+    assert s.baseline.max() > 700

@@ -79,6 +79,10 @@ def test_cohort_is_deterministic_and_resumable(tmp_path):
     np.testing.assert_allclose(again.series.hu, orig.series.hu, atol=0.5 + 1e-4)
     leftovers = [p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]
     assert leftovers == []  # no half-written folders
+    from ctperf.errors import InputError
+
+    with pytest.raises(InputError, match="seed 9"):
+        generate_cohort(tmp_path / "c", subjects=4, seed=10, **opts)
 
 
 def test_read_subject_rejects_other_folders(tmp_path):

@@ -7,6 +7,14 @@ Sylvian and interhemispheric fissures, skull and scalp). ``"mni"`` uses the MNI1
 white matter templates shipped with nilearn (loaded offline; see the licence notice in the package
 documentation), with CSF derived from the brain mask and skull and scalp from the distance to it.
 Both get the same vessel tree (arteries and sinuses as tubes), placed in MNI coordinates.
+
+Licence notice of the MNI templates (``TEMPLATE_NOTICE``, also written into each subject's
+params when they are used): MNI ICBM152 non-linear symmetric 2009a templates, Copyright (C)
+1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal Neurological Institute, McGill
+University, distributed with nilearn. Permission to use, copy, modify and distribute them is
+granted by the authors provided the copyright notice appears in all copies; they are provided
+"as is" without warranty. References: Fonov et al., NeuroImage 54:313-327 (2011),
+doi:10.1016/j.neuroimage.2010.07.033; Fonov et al., NeuroImage 47:S102 (2009).
 """
 
 from __future__ import annotations
@@ -21,9 +29,17 @@ from scipy import ndimage as ndi
 
 from ctperf.errors import ValidationError
 
-__all__ = ["CHANNELS", "Template", "available_sources", "load_template", "sample_template"]
+__all__ = ["CHANNELS", "TEMPLATE_NOTICE", "Template", "available_sources", "load_template",
+           "sample_template"]
 
 log = logging.getLogger(__name__)
+
+TEMPLATE_NOTICE = (
+    "MNI ICBM152 non-linear symmetric 2009a templates (grey and white matter, brain mask), "
+    "Copyright (C) 1993-2009 Louis Collins, McConnell Brain Imaging Centre, Montreal "
+    "Neurological Institute, McGill University; distributed with nilearn. Fonov et al., "
+    "NeuroImage 54:313-327 (2011), doi:10.1016/j.neuroimage.2010.07.033."
+)
 
 #: Fraction channels of a template (bone is a density-weighted fraction: 1 = cortical bone).
 CHANNELS: tuple[str, ...] = ("gm", "wm", "csf", "bone", "soft", "artery", "vein")

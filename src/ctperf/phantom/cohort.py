@@ -129,6 +129,10 @@ def read_subject(folder: str | os.PathLike[str]) -> PhantomSubject:
                           vof_fine=np.asarray(curves["vof_fine"], dtype=np.float64))
 
 
+def _count(stored: Path) -> int:
+    return int(_json(stored).get("subjects", 0)) if stored.exists() else 0
+
+
 def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
                     progress: bool = False, dicom: bool = True, preview: bool = False,
                     **subject_options: Any) -> list[Path]:
@@ -136,7 +140,9 @@ def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
 
     Subject ``i`` is :func:`generate_subject` with seed :func:`subject_seed` ``(seed, i)`` and
     ``subject_options``; its params record the cohort seed and index. Interrupting and running
-    again resumes where it stopped.
+    again resumes where it stopped; asking for more subjects extends the cohort. The seed and
+    options are kept in ``cohort.json``; a different seed or options for an existing cohort is
+    an :class:`~ctperf.errors.InputError` (it would mix two designs).
 
     Returns
     -------
@@ -147,8 +153,15 @@ def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
     if root.exists() and not root.is_dir():
         raise InputError(root, "exists and is not a folder")
     root.mkdir(parents=True, exist_ok=True)
-    write_json({"subjects": subjects, "seed": seed, "options": subject_options},
-               root / "cohort.json")
+    recipe = json.loads(json.dumps({"seed": seed, "options": subject_options}))
+    stored = root / "cohort.json"
+    if stored.exists():
+        old = _json(stored)
+        if {"seed": old.get("seed"), "options": old.get("options")} != recipe:
+            raise InputError(stored, f"this cohort was made with seed {old.get('seed')} and "
+                                     f"options {old.get('options')}, not seed {seed} and "
+                                     f"{recipe['options']}; use another folder to change them")
+    write_json({"subjects": max(subjects, _count(stored)), **recipe}, stored)
     folders = [root / f"sub-{i:04d}" for i in range(subjects)]
     todo = [i for i, f in enumerate(folders) if not f.is_dir()]
     if len(todo) < subjects:

@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 from ctperf.errors import ValidationError
 from ctperf.phantom import acquisition as acq
 from ctperf.phantom import hemodynamics as hd
-from ctperf.phantom.anatomy import CHANNELS, load_template, sample_template
+from ctperf.phantom.anatomy import CHANNELS, TEMPLATE_NOTICE, load_template, sample_template
 from ctperf.phantom.geometry import (
     cosine_field,
     draw_field,
@@ -306,7 +306,9 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
     params = {"config": config, "pose": pose, "baseline_hu": base_hu, "artery_pv_field": pv_field,
               "physiology": phys, "aif": aif_p, "motion_category": category,
               "noise_sigma_hu": sigma, "noise_k": acq.NOISE_K, "psf_sigma_px": sig_psf,
-              "fine_dt": dt, "template": template.source, "rho": rho, "kh": kh,
+              "fine_dt": dt, "template": template.source,
+              "template_notice": TEMPLATE_NOTICE if template.source == "mni" else None,
+              "rho": rho, "kh": kh,
               "volumes_ml": volumes, "lesion": phys["lesion"] is not None
               and phys["lesion"]["occlusion"] != "none"}
     uid = int.from_bytes(hashlib.sha256(repr(sorted(config.items())).encode()).digest()[:12],
