@@ -203,7 +203,7 @@ def _procedural() -> Template:
     fold = _cosine_field(p, rng, 16, 17.0)
     sulc_depth = 11.0 + 5.0 * _cosine_field(p, rng, 6, 60.0)
     sulcus = (np.abs(fold) < 0.09) & (depth < sulc_depth)
-    gm = brain & ((depth < 2.8) | ((np.abs(fold) < 0.42) & (depth < sulc_depth + 2.5)))
+    gm = brain & ((depth < 3.2) | ((np.abs(fold) < 0.6) & (depth < sulc_depth + 3.0)))
     fissure = (np.abs(x) < 1.3) & ((z > 30) | (y > 32) | (y < -48))
     gm |= brain & (np.abs(x) < 4.5) & ((z > 26) | (y > 28) | (y < -44))
     ax = np.abs(x)
