@@ -208,3 +208,24 @@ def test_qc_flags_raise_on_truncation_and_motion():
 
 def test_public_types_exported():
     assert PerfusionResult.__name__ == "PerfusionResult"
+
+
+def test_newton_derivatives_match_finite_differences(rng):
+    from ctperf.perfusion.newton import _phi
+
+    tissue, _ = _tissue(rng, 20, 8.0)
+    table = ArterialTable(bandlimit(_aif(TIMES)), TIMES)
+    obj = FastBoxSSE(table, SCALE, np.array(DEFAULT_BOUNDS)).with_tissue(bandlimit(tissue))
+    rows = np.arange(20)
+    a = rng.uniform(0, 5, 20) + 0.123  # away from the frame knots, where G is only C1
+    b = a + rng.uniform(2, 10, 20)
+    for cap in (300.0, 5.0):  # free CBF, and CBF held at its bound
+        phi, grad, hess, _, _ = _phi(obj, a, b, rows, cap)
+        eps = 1e-5
+        pa, pb = _phi(obj, a + eps, b, rows, cap), _phi(obj, a, b + eps, rows, cap)
+        # Forward differences: error ~ eps x third derivative, far below 1e-3 relative.
+        for num, ana in (((pa[0] - phi) / eps, grad[0]), ((pb[0] - phi) / eps, grad[1]),
+                         ((pa[1][0] - grad[0]) / eps, hess[0]),
+                         ((pb[1][0] - grad[0]) / eps, hess[1]),
+                         ((pb[1][1] - grad[1]) / eps, hess[2])):
+            np.testing.assert_allclose(num, ana, rtol=1e-3, atol=1e-3 * np.abs(ana).max())

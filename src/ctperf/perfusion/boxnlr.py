@@ -6,8 +6,9 @@ Two fits, both vectorised over all voxels of a chunk at once (loops run over ite
   mL/100 g/min, MTT 5 s, delay 3.5 s, initial simplex 5 % around the start (as MATLAB's
   ``fminsearch`` and SciPy build it), stopping per voxel on the usual x and f tolerances.
 - ``"nlr-fast"``: a grid start over (MTT, delay) with the linear parameter CBF solved in closed
-  form (variable projection, one matrix product for all voxels), then a short simplex polish
-  (40 iterations, small steps) on the exact O(1) objective of :mod:`ctperf.perfusion.fastsse`.
+  form (variable projection, one matrix product for all voxels), then trust-region Newton steps
+  in (delay, delay + MTT) with CBF eliminated, using the exact derivatives of the O(1) objective
+  (:mod:`ctperf.perfusion.newton`).
   With non-uniform frame times, the polish is Levenberg-Marquardt with the analytic Jacobian of
   the box model, parameters projected onto their bounds after every step.
 
@@ -29,6 +30,7 @@ from ctperf.errors import ValidationError
 from ctperf.perfusion.curves import ArterialTable, bandlimit, box_model, flow_scale
 from ctperf.perfusion.fastsse import FastBoxSSE
 from ctperf.perfusion.nelder_mead import nelder_mead
+from ctperf.perfusion.newton import refine_newton
 
 __all__ = ["DEFAULT_BOUNDS", "BoxFit", "fit_box_nlr"]
 
@@ -141,7 +143,7 @@ def fit_box_nlr(
     max_iter: int = 300,
     restarts: int = 1,
     lm_iter: int = 30,
-    polish_iter: int = 40,
+    polish_iter: int = 12,
     chunk: int = 8192,
     workers: int | None = None,
     progress: bool = False,
@@ -172,7 +174,7 @@ def fit_box_nlr(
         ``"nlr"`` only: voxels whose simplex ended on a bound start once more from there with a
         fresh simplex (0 = the plain reference algorithm).
     polish_iter : int
-        ``"nlr-fast"`` only: simplex iterations after the grid start (evenly spaced frames).
+        ``"nlr-fast"`` only: Newton iterations after the grid start (evenly spaced frames).
     lm_iter : int
         ``"nlr-fast"`` only: most Levenberg-Marquardt steps (voxels stop earlier on their own).
     chunk : int
@@ -231,9 +233,7 @@ def fit_box_nlr(
                                      bounds=b, max_iter=max_iter)
                 on_bound[:] = False
         elif obj is not None:
-            p = obj.grid_start(b, n_mtt=16)
-            p = nelder_mead(obj, p, bounds=b, max_iter=polish_iter, xatol=1e-2, fatol=1e-2,
-                            steps=np.array([3.0, 0.5 * table.dt, 0.5 * table.dt]))
+            p = refine_newton(obj, obj.grid_start(b, n_mtt=16), b, n_iter=polish_iter)
         else:
             p = _grid_start(c, table, scale, b, n_mtt=24, delay_step=0.5)
             p = _levenberg_marquardt(c, p, table, scale, b, n_iter=lm_iter, rtol=1e-4)

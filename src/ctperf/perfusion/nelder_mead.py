@@ -28,7 +28,7 @@ def nelder_mead(
     bounds: np.ndarray,
     max_iter: int = 300,
     xatol: float = 1e-4,
-    fatol: float = 1e-4,
+    fatol: float | np.ndarray = 1e-4,
     initial_step: float = 0.05,
     steps: np.ndarray | None = None,
 ) -> np.ndarray:
@@ -47,7 +47,7 @@ def nelder_mead(
         Iterations per problem.
     xatol, fatol : float
         Stop a problem when its simplex spans at most ``xatol`` in every parameter and its
-        values differ by at most ``fatol``.
+        values differ by at most ``fatol`` (``fatol`` may be an (N,) array, one per problem).
     initial_step : float
         Relative size of the initial simplex (0.00025 absolute for zero entries).
     steps : ndarray, shape (D,), optional
@@ -98,7 +98,7 @@ def nelder_mead(
         f2w = masked.max(axis=1)  # second worst
         best = sim[ar, ib]
         done = (np.abs(sim - best[:, None, :]).reshape(m, -1).max(axis=1) <= xatol) & (
-            fw - fb <= fatol)
+            fw - fb <= (fatol if np.isscalar(fatol) else fatol[rows]))
         if done.any():
             result[rows[done]] = np.clip(best[done], lo, hi)
             keep = ~done
