@@ -120,6 +120,10 @@ def test_halves_noise_and_keeps_edges(rng):
     # clearly less broadening than the Gaussian, and to the same 10 HU noise being halved.
     assert grow < 0.75 * grow_gauss, (grow, grow_gauss)
     assert out.meta["bilateral"]["range_sigma_hu"] == 20.0
+    assert np.array_equal(series.hu, hu.astype(np.float32))  # the input is left alone
+    own = series.replace(hu=series.hu.copy())
+    same = bilateral_filter(own, in_place=True)
+    assert same.hu is own.hu and np.array_equal(same.hu, out.hu)
 
 
 def test_constant_and_guide_checks(small_series):

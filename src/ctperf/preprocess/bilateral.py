@@ -194,7 +194,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 2.0,
                     cells_per_sigma: float = 1.6, chunk: int = 8,
-                    progress: bool = False) -> np.ndarray:
+                    out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
     Parameters
@@ -213,6 +213,9 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         Low-resolution grid cells per spatial sigma (in-plane down-sampling of the grid).
     chunk : int
         Volumes filtered per sparse product (memory grows with it).
+    out : ndarray, float32, shape (B, Z, Y, X), optional
+        Where to write the result; may be ``images`` itself (each chunk is read before it is
+        overwritten), which saves a copy of the study.
     progress : bool
         Show a progress bar.
 
@@ -236,7 +239,10 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     del fine
     grid = _build_grid(guide, sigma_vox, step, range_sigma_hu, factors)  # type: ignore[arg-type]
     logger.debug("bilateral grid: %d levels x %s cells", grid.n_levels, grid.shape_low)
-    out = np.empty_like(images)
+    if out is None:
+        out = np.empty_like(images)
+    elif out.shape != images.shape or out.dtype != np.float32:
+        raise ValidationError(f"out must be float32 {images.shape}, got {out.dtype} {out.shape}")
     flat_guide = guide.ravel()
     from tqdm.auto import tqdm
 
@@ -250,7 +256,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
 
 def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
                      range_sigma_hu: float = 20.0, guide: np.ndarray | None = None,
-                     progress: bool = False) -> CTPSeries:
+                     in_place: bool = False, progress: bool = False) -> CTPSeries:
     """Filter every frame with a 3D bilateral filter guided by the temporal mean.
 
     Parameters
@@ -263,6 +269,9 @@ def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
         Range Gaussian sigma in HU.
     guide : ndarray, shape (Z, Y, X), optional
         Guide image; default the mean of all frames.
+    in_place : bool
+        Overwrite ``series.hu`` with the result instead of allocating a second study (for
+        pipelines that own the series).
     progress : bool
         Show a progress bar.
 
@@ -278,7 +287,7 @@ def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
                               f"{series.shape[1:]} (Z, Y, X)")
     hu = joint_bilateral(series.hu, g, spacing=series.spacing,
                          spatial_sigma_mm=spatial_sigma_mm, range_sigma_hu=range_sigma_hu,
-                         progress=progress)
+                         out=series.hu if in_place else None, progress=progress)
     meta = dict(series.meta)
     meta["bilateral"] = {"spatial_sigma_mm": spatial_sigma_mm, "range_sigma_hu": range_sigma_hu,
                          "guide": "temporal mean" if guide is None else "given"}

@@ -84,7 +84,8 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
         out, params, center = motion.series, motion.parameters, motion.center_mm
         mean_d, max_d = motion.displacement_mm, motion.max_displacement_mm
     if filter:
-        out = bilateral_filter(out, progress=progress)
+        # the registered study is ours: filter it in place (one study less in memory)
+        out = bilateral_filter(out, in_place=out is not series, progress=progress)
     mask = brain_mask(out)
     logger.info("preprocess: %d frames, max mean displacement %.2f mm, brain %d voxels", n,
                 float(mean_d.max()), int(mask.sum()))
