@@ -175,10 +175,13 @@ def run(args: argparse.Namespace) -> int:
                               "preprocess") from None
         pre = preprocess(series, progress=True)
         series, motion = pre.series, np.asarray(pre.displacement_mm)
-    grid = {"shape": series.shape[1:], "affine": series.affine}
-    aif_mask = io.read_mask(args.aif_mask, **grid) if args.aif_mask else None
-    vof_mask = io.read_mask(args.vof_mask, **grid) if args.vof_mask else None
-    brain = io.read_mask(args.brain_mask, **grid) if args.brain_mask else None
+    def mask_of(path: Path | None) -> Any:
+        if path is None:
+            return None
+        return io.read_mask(path, shape=series.shape[1:], affine=series.affine)
+
+    aif_mask, vof_mask, brain = mask_of(args.aif_mask), mask_of(args.vof_mask), \
+        mask_of(args.brain_mask)
     lesion_options = {"core_rcbf": args.core_rcbf, "core_cbv": args.core_cbv,
                       "tmax_hypo": args.tmax, "smooth_mm": args.lesion_smooth,
                       "min_component_ml": args.min_lesion}

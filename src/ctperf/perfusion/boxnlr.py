@@ -216,8 +216,10 @@ def fit_box_nlr(
         if band_limit:
             c = bandlimit(c)
         obj = fast.with_tissue(c) if fast is not None else None
-        fun = obj if obj is not None else (
-            lambda q, idx: _sse(q, c[:, idx], table, scale))
+        def direct(q: np.ndarray, idx: np.ndarray) -> np.ndarray:
+            return _sse(q, c[:, idx], table, scale)
+
+        fun = obj if obj is not None else direct
         if mode == "nlr":
             x0 = np.clip(np.broadcast_to(np.asarray(start, float), (c.shape[1], 3)),
                          b[:, 0], b[:, 1])
@@ -229,8 +231,11 @@ def fit_box_nlr(
                 if not on_bound.any():
                     break
                 sub = np.flatnonzero(on_bound)
-                p[sub] = nelder_mead(lambda q, idx, sub=sub: fun(q, sub[idx]), p[sub],
-                                     bounds=b, max_iter=max_iter)
+
+                def fun_sub(q: np.ndarray, idx: np.ndarray, sub: np.ndarray = sub) -> np.ndarray:
+                    return fun(q, sub[idx])
+
+                p[sub] = nelder_mead(fun_sub, p[sub], bounds=b, max_iter=max_iter)
                 on_bound[:] = False
         elif obj is not None:
             p = refine_newton(obj, obj.grid_start(b, n_mtt=16), b, n_iter=polish_iter)

@@ -98,7 +98,7 @@ def nelder_mead(
         f2w = masked.max(axis=1)  # second worst
         best = sim[ar, ib]
         done = (np.abs(sim - best[:, None, :]).reshape(m, -1).max(axis=1) <= xatol) & (
-            fw - fb <= (fatol if np.isscalar(fatol) else fatol[rows]))
+            fw - fb <= (fatol[rows] if isinstance(fatol, np.ndarray) else fatol))
         if done.any():
             result[rows[done]] = np.clip(best[done], lo, hi)
             keep = ~done
