@@ -80,7 +80,6 @@ def main() -> None:
             modes = [("serial", {"workers": 1}),
                      ("threads", {"workers": workers, "executor": "threads"}),
                      ("processes", {"workers": workers, "executor": "processes"})]
-            modes.append(("auto", {"workers": workers}))
             for mode, kw in modes:
                 seconds, loaded = timed(lambda f=folder, k=kw: read_dicom_series(f, **k),
                                         args.repeat)

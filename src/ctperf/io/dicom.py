@@ -388,7 +388,7 @@ def _meta(headers: Sequence[_Header], source: str, start: float | None,
 
 def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
                       frame_interval: float | None = None, workers: int | None = None,
-                      executor: str = "auto", progress: bool = False) -> CTPSeries:
+                      executor: str = "threads", progress: bool = False) -> CTPSeries:
     """Read a CT perfusion study from a folder of DICOM files (searched recursively).
 
     Parameters
@@ -404,12 +404,12 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         it replaces the times from the files.
     workers : int, optional
         Parallel decoders (default: the number of CPUs, at most 8).
-    executor : {"auto", "threads", "processes"}
-        Decoder pool kind. The JPEG decoders (pylibjpeg, GDCM) hold the GIL, so only processes
-        decode compressed files in parallel; threads overlap file reads. ``"auto"`` takes
-        processes for compressed series of 64 files or more, threads otherwise. Processes
-        decode into shared memory (the study's size once more while loading). See
-        ``benchmarks/bench_dicom_load.py``.
+    executor : {"threads", "processes"}
+        Decoder pool kind. The JPEG decoders (pylibjpeg, GDCM) hold the GIL, so threads only
+        overlap file reads and Python work; processes decode in parallel but pay for start-up
+        and a shared-memory copy (the study's size once more while loading). On a busy
+        2-core machine threads were as fast or faster; try processes on many-core machines
+        (``benchmarks/bench_dicom_load.py``).
     progress : bool
         Show a progress bar while decoding.
 
@@ -448,10 +448,6 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
             slice_times = rel
     hu = np.empty((n_t * n_z, rows, cols), dtype=np.float32)
     paths = [frames[z][t].path for t in range(n_t) for z in range(n_z)]
-    if executor == "auto":
-        syntax = headers[0].ds.file_meta.get("TransferSyntaxUID")
-        compressed = syntax is not None and syntax.is_compressed
-        executor = "processes" if compressed and len(paths) >= 64 else "threads"
     _decode_into(hu, paths, workers=workers or min(os.cpu_count() or 1, 8), executor=executor,
                  progress=progress)
     meta = _meta(headers, source, start, len(paths))
