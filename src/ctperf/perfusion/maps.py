@@ -203,11 +203,15 @@ def run_perfusion(
             maps[name] = vol
     units = {"residual": "HU"} if "residual" in maps else {}
 
-    base_sd = float(np.median(hu[:n_base, mask].std(axis=0))) if n_base > 2 else None
+    # Noise from every 7th brain voxel: a median needs no more, and the gather is (T, N).
+    sample = np.flatnonzero(mask.ravel())[::7]
+    base_sd = (float(np.median(hu.reshape(n_t, -1)[:n_base, sample].std(axis=0)))
+               if n_base > 2 else None)
+    not_vessel = (~vessels[mask]).astype(np.float32)
     voxel_ml = float(np.prod(series.spacing)) / 1000.0
     flags = qc_flags(times=t, aif=aif_raw, vof=vof_curve,
-                     tissue_mean=tissue[:, ~vessels[mask]].mean(axis=1)
-                     if (~vessels[mask]).any() else None,
+                     tissue_mean=(tissue @ not_vessel) / not_vessel.sum()
+                     if not_vessel.any() else None,
                      baseline_sd=base_sd, brain_voxels=int(mask.sum()), voxel_ml=voxel_ml,
                      pv_factor=pv, displacement_mm=motion_mm)
     provenance: dict[str, Any] = {
