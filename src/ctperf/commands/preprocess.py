@@ -61,6 +61,16 @@ def _qc_figure(before: Any, after: Any, result: Any, path: Path) -> None:
     plt.close(fig)
 
 
+def _noise(hu: Any, mask: Any, frames: int = 6) -> float:
+    """SD of consecutive-frame differences over the mask / sqrt(2), first ``frames`` frames."""
+    import numpy as np
+
+    head = hu[:frames]
+    if len(head) < 2 or not mask.any():
+        return float("nan")
+    return float(np.std(np.diff(head[:, mask], axis=0)) / np.sqrt(2.0))
+
+
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
@@ -101,8 +111,9 @@ def run(args: argparse.Namespace) -> int:
         "max_mean_displacement_mm": float(np.max(result.displacement_mm)),
         "max_max_displacement_mm": float(np.max(result.max_displacement_mm)),
         "brain_voxels": int(result.mask.sum()),
-        "noise_sd_hu_before": float(np.std(np.diff(series.hu, axis=0)[:, result.mask]) / 2**0.5),
-        "noise_sd_hu_after": float(np.std(np.diff(final.hu, axis=0)[:, result.mask]) / 2**0.5),
+        # frame-to-frame noise over the brain in the first (pre-contrast) frames
+        "noise_sd_hu_before": _noise(series.hu, result.mask),
+        "noise_sd_hu_after": _noise(final.hu, result.mask),
     }, out / "qc.json")
     _qc_figure(series, final, result, out / "qc.png")
     print(f"wrote {out} (max mean displacement {np.max(result.displacement_mm):.2f} mm)")
