@@ -7,7 +7,8 @@ MCA (M1: the whole territory; M2: its superior or inferior division) creates a s
 With ``s``: ``CBF = (1 - 0.95 s) x healthy``; ``CBV`` follows a piecewise-linear factor (up to
 1.2 x at moderate ``s``, 0.3 x at ``s = 1``), ``delay`` rises by ``s x`` a per-subject maximum
 (4-9 s) and dispersion by up to 1-2.5 s. Healthy fields vary smoothly and by texture, never
-constant inside a tissue.
+constant inside a tissue. Benign oligaemia (in some lesion-free subjects) is a mild severity
+field in one MCA territory: slightly later arrival (up to ~0.75 s), CBF down by at most 10 %.
 """
 
 from __future__ import annotations
@@ -39,8 +40,10 @@ def draw_physiology(rng: np.random.Generator, *, lesion: bool, residues: tuple[s
     p: dict[str, Any] = {
         "cbf_gm": float(np.clip(rng.normal(60, 8), 42, 80)),
         "cbf_wm": float(np.clip(rng.normal(25, 4), 17, 34)),
-        "cbv_gm": float(np.clip(rng.normal(4.0, 0.4), 3.0, 5.0)),
-        "cbv_wm": float(np.clip(rng.normal(2.2, 0.25), 1.6, 2.8)),
+        # MTT rather than CBV is drawn, so that healthy MTT stays plausible (GM ~4 s, WM ~5.3 s)
+        # and CBV follows (GM ~4.0, WM ~2.2 mL/100 g)
+        "mtt_gm": float(np.clip(rng.normal(4.0, 0.35), 3.2, 5.0)),
+        "mtt_wm": float(np.clip(rng.normal(5.3, 0.45), 4.3, 6.5)),
         "delay_base": float(rng.uniform(0.0, 0.6)),
         "tau_base": float(rng.uniform(0.05, 0.3)),
         "field_cbf": draw_field(rng, wavelength_mm=45.0),
@@ -50,13 +53,15 @@ def draw_physiology(rng: np.random.Generator, *, lesion: bool, residues: tuple[s
         "field_jitter": [draw_field(rng, n=6, wavelength_mm=50.0) for _ in range(3)],
         "field_severity": draw_field(rng, wavelength_mm=30.0),
     }
+    p["cbv_gm"] = p["cbf_gm"] * p["mtt_gm"] / 60.0
+    p["cbv_wm"] = p["cbf_wm"] * p["mtt_wm"] / 60.0
     if len(residues) > 1 and rng.uniform() < 0.5:
         p["residue_mode"] = "territory"
         p["residue_by_territory"] = {str(k): str(rng.choice(residues)) for k in TERRITORIES}
     else:
         p["residue_mode"] = "subject"
         p["residue"] = str(rng.choice(residues))
-    p["gamma_shape"] = float(rng.uniform(2.0, 4.0))
+    p["gamma_shape"] = float(rng.uniform(2.5, 5.0))
     if lesion:
         kind = str(rng.choice(["M1", "M2sup", "M2inf"], p=[0.5, 0.25, 0.25]))
         p["lesion"] = {
@@ -72,7 +77,7 @@ def draw_physiology(rng: np.random.Generator, *, lesion: bool, residues: tuple[s
         p["lesion"] = {
             "occlusion": "none", "side": str(rng.choice(["R", "L"])),
             "peak_severity": float(rng.uniform(0.1, 0.25)), "width_mm": 15.0,
-            "delay_max": float(rng.uniform(2.0, 4.0)), "tau_max": 0.5, "oligaemia": True,
+            "delay_max": float(rng.uniform(1.5, 3.0)), "tau_max": 0.5, "oligaemia": True,
         }
     else:
         p["lesion"] = None
@@ -141,7 +146,8 @@ def tissue_parameters(q: np.ndarray, gm: np.ndarray, wm: np.ndarray, severity: n
     tissue = gm + wm
     safe = np.maximum(tissue, 1e-6)
     f_cbf = (1 + 0.10 * cosine_field(q, phys["field_cbf"])) * (1 + 0.05 * texture[0])
-    f_cbv = (1 + 0.08 * cosine_field(q, phys["field_cbv"])) * (1 + 0.04 * texture[1])
+    # CBV follows CBF with its own smaller variation, so healthy MTT varies by ~6 % only
+    f_cbv = f_cbf * (1 + 0.05 * cosine_field(q, phys["field_cbv"])) * (1 + 0.03 * texture[1])
     cbf_h = (gm * phys["cbf_gm"] + wm * phys["cbf_wm"]) * f_cbf
     cbv_h = (gm * phys["cbv_gm"] + wm * phys["cbv_wm"]) * f_cbv
     wm_share = wm / safe
@@ -149,7 +155,12 @@ def tissue_parameters(q: np.ndarray, gm: np.ndarray, wm: np.ndarray, severity: n
     tau = phys["tau_base"] + 0.1 * (1 + cosine_field(q, phys["field_tau"]))
     les = phys.get("lesion")
     s = severity.astype(np.float64)
-    if les is not None:
+    if les is not None and les["oligaemia"]:  # mild: blood flow and volume barely change
+        cbf = cbf_h * (1 - 0.4 * s)
+        cbv = cbv_h * (1 - 0.2 * s)
+        delay = delay + les["delay_max"] * s
+        tau = tau + les["tau_max"] * s
+    elif les is not None:
         cbf = cbf_h * (1 - 0.95 * s)
         cbv = cbv_h * np.interp(s, _CBV_S, _CBV_F)
         delay = delay + les["delay_max"] * s
