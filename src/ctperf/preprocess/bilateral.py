@@ -179,7 +179,7 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
     logger.debug("bilateral grid: %d levels x %s cells; rows used %d, %d, %d, %d of %d",
                  n_levels, shape_low, splat.shape[0], blur[0].shape[0], blur[1].shape[0],
                  blur[2].shape[0], need3.size)
-    return _Grid(splat, blur, slicer, n_levels, shape_low)  # type: ignore[arg-type]
+    return _Grid(splat, blur, slicer, n_levels, shape_low)
 
 
 def _apply(grid: _Grid, images: np.ndarray) -> np.ndarray:

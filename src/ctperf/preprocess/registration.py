@@ -88,8 +88,8 @@ def to_sitk_image(volume: np.ndarray, affine: np.ndarray) -> sitk.Image:
     return img
 
 
-def make_transform(parameters: Sequence[float],
-                   center_mm: Sequence[float]) -> sitk.Euler3DTransform:
+def make_transform(parameters: Sequence[float] | np.ndarray,
+                   center_mm: Sequence[float] | np.ndarray) -> sitk.Euler3DTransform:
     """Euler3DTransform from (rx, ry, rz) degrees, (tx, ty, tz) mm and a centre in mm."""
     p = np.asarray(parameters, dtype=np.float64)
     tx = sitk.Euler3DTransform()
