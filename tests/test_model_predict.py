@@ -46,6 +46,11 @@ def test_predict_maps_names_units_and_shape(trained):
         assert np.ptp(maps[name]) > 0
     np.testing.assert_array_equal(maps.affine, series.affine)
     assert maps.provenance["method"] == "unet"
+    mask = np.zeros(series.shape[1:], dtype=bool)
+    mask[:, 4:12, 4:12] = True
+    masked = predict_maps(series, ckpt, device="cpu", mask=mask)
+    assert np.all(masked["cbf"][~mask] == 0)
+    np.testing.assert_array_equal(masked["cbf"][mask], maps["cbf"][mask])
 
 
 def test_prediction_is_the_network_output_mapped_back(trained):
@@ -107,9 +112,15 @@ def test_cli_train_cv_predict(tmp_path: Path, capsys):
     assert main(["train", str(cohort), str(tmp_path / "run"), "--target", "cbv", *small]) == 0
     assert "final train MSE" in capsys.readouterr().out
     assert (cohort / ".ctperf-cache").is_dir()
-    assert main(["cv", str(cohort), str(tmp_path / "cv"), "--folds", "3", *small]) == 0
+    (tmp_path / "test.txt").write_text("# held out\nsub-0002\n")
+    assert main(["cv", str(cohort), str(tmp_path / "cv"), "--folds", "2", "--test",
+                 str(tmp_path / "test.txt"), *small]) == 0
     out = capsys.readouterr().out
     assert "| mean +- SD |" in out and (tmp_path / "cv" / "table1.md").exists()
+    header = (tmp_path / "cv" / "table1.csv").read_text().splitlines()[0]
+    assert header.endswith("test_mse")
+    cfg = load_checkpoint(tmp_path / "cv" / "fold-1" / "model.pt")["config"]
+    assert "sub-0002" not in cfg["train_patients"] + cfg["val_patients"]
     study = cohort / "sub-0000" / "study.nii.gz"
     assert main(["predict", str(study), str(tmp_path / "maps"), "--model",
                  str(tmp_path / "run" / "model.pt"), "--device", "cpu", "--dicom"]) == 0
