@@ -1,4 +1,4 @@
-"""``ctperf preprocess``: outputs on a small moving phantom, and clean errors."""
+"""``ctperf preprocess``: outputs on a small moving head, and clean errors."""
 
 from __future__ import annotations
 
@@ -12,25 +12,30 @@ from ctperf.io import read_nifti_series, write_series_nifti
 
 
 @pytest.fixture(scope="module")
-def moving_phantom(tmp_path_factory):
-    from ctperf.phantom import generate_subject
+def moving_head(tmp_path_factory):
+    """A small moving head (the synthetic head of test_registration, seconds to make)."""
+    from test_registration import moving_study
 
-    subject = generate_subject(seed=3, size=64, slices=4, frames=8, motion="severe")
+    motion = np.zeros((8, 6))
+    motion[:, 2] = np.linspace(0, 4, 8)  # rotation about z up to 4 degrees
+    motion[:, 3] = np.linspace(0, 3, 8)  # shift up to 3 mm
+    series, _ = moving_study(np.random.default_rng(7), motion, shape=(4, 64, 64),
+                             spacing=(5.0, 3.0, 3.0))
     path = tmp_path_factory.mktemp("study") / "study.nii.gz"
-    write_series_nifti(subject.series, path)
-    return subject, path
+    write_series_nifti(series, path)
+    return series, path
 
 
-def test_preprocess_writes_outputs(moving_phantom, tmp_path, capsys):
-    subject, path = moving_phantom
+def test_preprocess_writes_outputs(moving_head, tmp_path, capsys):
+    series, path = moving_head
     out = tmp_path / "out"
     assert main(["preprocess", str(path), str(out), "--workers", "2"]) == 0
     for name in ("study.nii.gz", "study.json", "transforms.json", "qc.json", "qc.png"):
         assert (out / name).is_file(), name
     result = read_nifti_series(out / "study.nii.gz")
-    assert result.shape == subject.series.shape
-    assert np.allclose(result.times, subject.series.times)
-    assert np.allclose(result.affine, subject.series.affine)
+    assert result.shape == series.shape
+    assert np.allclose(result.times, series.times)
+    assert np.allclose(result.affine, series.affine)
     transforms = json.loads((out / "transforms.json").read_text())
     params = np.asarray(transforms["parameters"])
     assert params.shape == (8, 6) and np.all(params[0] == 0)
@@ -42,13 +47,13 @@ def test_preprocess_writes_outputs(moving_phantom, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_preprocess_no_steps_copies_study(moving_phantom, tmp_path):
-    subject, path = moving_phantom
+def test_preprocess_no_steps_copies_study(moving_head, tmp_path):
+    series, path = moving_head
     out = tmp_path / "plain"
     assert main(["preprocess", str(path), str(out), "--no-register", "--no-filter"]) == 0
     result = read_nifti_series(out / "study.nii.gz")
     # float32 NIfTI round trip of the unchanged study
-    assert np.allclose(result.hu, subject.series.hu, atol=1e-3)
+    assert np.allclose(result.hu, series.hu, atol=1e-3)
 
 
 def test_missing_study_exits_2(tmp_path, capsys):
