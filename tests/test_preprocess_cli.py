@@ -50,8 +50,10 @@ def test_preprocess_writes_outputs(moving_head, tmp_path, capsys):
 def test_preprocess_no_steps_copies_study(moving_head, tmp_path):
     series, path = moving_head
     out = tmp_path / "plain"
-    assert main(["preprocess", str(path), str(out), "--no-register", "--no-filter"]) == 0
+    assert main(["preprocess", str(path), str(out), "--no-register", "--no-filter",
+                 "--dicom"]) == 0
     result = read_nifti_series(out / "study.nii.gz")
+    assert len(list((out / "dicom").rglob("*.dcm"))) == series.hu.shape[0] * series.hu.shape[1]
     # float32 NIfTI round trip of the unchanged study
     assert np.allclose(result.hu, series.hu, atol=1e-3)
 
