@@ -167,3 +167,27 @@ def test_cuda_without_gpu_is_a_clear_error():
     with pytest.raises(ValidationError, match="no CUDA device"):
         resolve_device("cuda")
     assert resolve_device("auto").type == "cpu"
+
+
+def test_augmentation_is_a_seeded_flip_rotation_and_noise():
+    import numpy as np
+
+    from ctperf.model.augment import apply_augmentation, draw_augmentation
+
+    a = draw_augmentation(np.random.default_rng(7), 4)
+    b = draw_augmentation(np.random.default_rng(7), 4)
+    assert all(np.array_equal(a[k], b[k]) for k in a)  # parameters come from the seed only
+    assert np.all(np.abs(a["degrees"]) <= 10)
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+    y, m = x[:, :1] / 100, (x[:, :1] > 50).float()
+    flip = {"flip": np.array([True, False]), "degrees": np.zeros(2), "noise_sd": np.zeros(2),
+            "noise_seed": np.array([1, 2])}
+    xa, ya, ma = apply_augmentation(x, y, m, flip)
+    # a pure flip samples pixel centres exactly: float32 bilinear weights of 0 and 1
+    torch.testing.assert_close(xa[0], x[0].flip(-1), atol=1e-4, rtol=0)
+    torch.testing.assert_close(xa[1], x[1], atol=1e-4, rtol=0)
+    torch.testing.assert_close(ma[0], m[0].flip(-1))
+    noisy = {**flip, "noise_sd": np.full(2, 0.5)}
+    xn, yn, _ = apply_augmentation(x, y, m, noisy)
+    assert 0.3 < float((xn - xa).std()) < 0.7  # SD 0.5 noise on the inputs only
+    torch.testing.assert_close(yn, ya)
