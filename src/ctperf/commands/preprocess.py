@@ -75,7 +75,13 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ctperf.errors import InputError
-    from ctperf.io import read_study, write_json, write_series_dicom, write_series_nifti
+    from ctperf.io import (
+        atomic_dir,
+        read_study,
+        write_json,
+        write_series_dicom,
+        write_series_nifti,
+    )
     from ctperf.preprocess import preprocess
 
     if args.workers is not None and args.workers < 1:
@@ -85,36 +91,36 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(args.out, "output exists and is not a folder")
     result = preprocess(series, register=not args.no_register, filter=not args.no_filter,
                         workers=args.workers, progress=True)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    meta = dict(result.series.meta)
-    meta["preprocess"] = {"registered": not args.no_register, "filtered": not args.no_filter,
-                          "source": str(args.study)}
-    final = result.series.replace(meta=meta)
-    write_series_nifti(final, out / "study.nii.gz")
-    if args.dicom:
-        write_series_dicom(final, out / "dicom")
-    write_json({
-        "convention": "ITK Euler3D: maps a point of frame 0 (patient mm of the affine) to the "
-                      "same anatomy in frame t; rotations (deg) about center_mm, then shifts (mm)",
-        "center_mm": result.center_mm,
-        "parameter_names": ["rx_deg", "ry_deg", "rz_deg", "tx_mm", "ty_mm", "tz_mm"],
-        "times": series.times,
-        "parameters": result.parameters,
-    }, out / "transforms.json")
-    write_json({
-        "frames": series.n_frames,
-        "registered": not args.no_register,
-        "filtered": not args.no_filter,
-        "displacement_mm": result.displacement_mm,
-        "max_displacement_mm": result.max_displacement_mm,
-        "max_mean_displacement_mm": float(np.max(result.displacement_mm)),
-        "max_max_displacement_mm": float(np.max(result.max_displacement_mm)),
-        "brain_voxels": int(result.mask.sum()),
-        # frame-to-frame noise over the brain in the first (pre-contrast) frames
-        "noise_sd_hu_before": _noise(series.hu, result.mask),
-        "noise_sd_hu_after": _noise(final.hu, result.mask),
-    }, out / "qc.json")
-    _qc_figure(series, final, result, out / "qc.png")
-    print(f"wrote {out} (max mean displacement {np.max(result.displacement_mm):.2f} mm)")
+    with atomic_dir(args.out) as tmp:  # all outputs appear together, or none
+        meta = dict(result.series.meta)
+        meta["preprocess"] = {"registered": not args.no_register, "filtered": not args.no_filter,
+                              "source": str(args.study)}
+        final = result.series.replace(meta=meta)
+        write_series_nifti(final, tmp / "study.nii.gz")
+        if args.dicom:
+            write_series_dicom(final, tmp / "dicom")
+        write_json({
+            "convention": "ITK Euler3DTransform: maps a point of frame 0 (patient mm of the "
+                          "affine) to the same anatomy in frame t: x -> R (x - center_mm) + "
+                          "center_mm + t, R = Rz Rx Ry of the rotations in degrees",
+            "center_mm": result.center_mm,
+            "parameter_names": ["rx_deg", "ry_deg", "rz_deg", "tx_mm", "ty_mm", "tz_mm"],
+            "times": series.times,
+            "parameters": result.parameters,
+        }, tmp / "transforms.json")
+        write_json({
+            "frames": series.n_frames,
+            "registered": not args.no_register,
+            "filtered": not args.no_filter,
+            "displacement_mm": result.displacement_mm,
+            "max_displacement_mm": result.max_displacement_mm,
+            "max_mean_displacement_mm": float(np.max(result.displacement_mm)),
+            "max_max_displacement_mm": float(np.max(result.max_displacement_mm)),
+            "brain_voxels": int(result.mask.sum()),
+            # frame-to-frame noise over the brain in the first (pre-contrast) frames
+            "noise_sd_hu_before": _noise(series.hu, result.mask),
+            "noise_sd_hu_after": _noise(final.hu, result.mask),
+        }, tmp / "qc.json")
+        _qc_figure(series, final, result, tmp / "qc.png")
+    print(f"wrote {args.out} (max mean displacement {np.max(result.displacement_mm):.2f} mm)")
     return 0
