@@ -5,10 +5,12 @@ six seed points in template mm, with an anisotropic metric and a smooth jitter. 
 MCA (M1: the whole territory; M2: its superior or inferior division) creates a severity field
 ``s`` in [0, 1] that rises smoothly from the territory border inwards (collaterals at the border).
 With ``s``: ``CBF = (1 - 0.95 s) x healthy``; ``CBV`` follows a piecewise-linear factor (up to
-1.2 x at moderate ``s``, 0.3 x at ``s = 1``), ``delay`` rises by ``s x`` a per-subject maximum
-(4-9 s) and dispersion by up to 1-2.5 s. Healthy fields vary smoothly and by texture, never
-constant inside a tissue. Benign oligaemia (in some lesion-free subjects) is a mild severity
-field in one MCA territory: slightly later arrival (up to ~0.75 s), CBF down by at most 10 %.
+1.2 x at moderate ``s``, 0.3 x at ``s = 1``), ``delay`` rises by ``sqrt(s) x`` a per-subject
+maximum (4-9 s) and dispersion by ``s x`` 1-2.5 s. Within the 40 mm slab this gives cores of
+0-100 mL (median ~15) and hypoperfused volumes of 20-180 mL (median ~70). Healthy fields vary
+smoothly and by texture, never constant inside a tissue. Benign oligaemia (in some lesion-free
+subjects) is a mild severity field in one MCA territory: slightly later arrival (up to ~0.75 s),
+CBF down by at most 10 %.
 """
 
 from __future__ import annotations
@@ -67,8 +69,8 @@ def draw_physiology(rng: np.random.Generator, *, lesion: bool, residues: tuple[s
         p["lesion"] = {
             "occlusion": kind,
             "side": str(rng.choice(["R", "L"])),
-            "peak_severity": float(rng.uniform(0.6, 1.0)),
-            "width_mm": float(rng.uniform(20, 45)),
+            "peak_severity": float(rng.uniform(0.5, 0.95)),
+            "width_mm": float(rng.uniform(30, 60)),
             "delay_max": float(rng.uniform(4.0, 9.0)),
             "tau_max": float(rng.uniform(1.0, 2.5)),
             "oligaemia": False,
@@ -163,7 +165,8 @@ def tissue_parameters(q: np.ndarray, gm: np.ndarray, wm: np.ndarray, severity: n
     elif les is not None:
         cbf = cbf_h * (1 - 0.95 * s)
         cbv = cbv_h * np.interp(s, _CBV_S, _CBV_F)
-        delay = delay + les["delay_max"] * s
+        # arrival is late well beyond the tissue that loses flow: delay rises as sqrt(s)
+        delay = delay + les["delay_max"] * np.sqrt(s)
         tau = tau + les["tau_max"] * s
     else:
         cbf, cbv = cbf_h, cbv_h
