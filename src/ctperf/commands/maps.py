@@ -45,7 +45,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--core-rcbf", type=float, default=0.30, help="core rCBF threshold [0.30]")
     p.add_argument("--tmax", type=float, default=6.0, help="hypoperfusion Tmax threshold s [6]")
     p.add_argument("--lesion-smooth", type=float, default=2.0, metavar="MM",
-                   help="in-plane Gaussian sigma on the maps before lesion thresholds [2]")
+                   help="radius of an in-plane median filter on the maps before the lesion "
+                        "thresholds [2]")
     p.add_argument("--min-lesion", type=float, default=0.1, metavar="ML",
                    help="drop lesion pieces smaller than ML mL [0.1]")
     p.set_defaults(func=run)
