@@ -262,3 +262,26 @@ def test_mni_anatomy_when_nilearn_is_installed():
     csf = np.median(s.baseline[m["csf"]])  # median: CSF voxels next to bone catch its blur
     assert gm > wm + 2 and wm > csf + 5
     assert s.baseline.max() > 700
+
+
+@pytest.mark.slow
+def test_full_size_subject_looks_like_a_ctp_study():
+    s = generate_subject(seed=42, lesion=True)  # 512 x 512 x 8 x 89, 150 mAs
+    assert s.series.shape == (89, 8, 512, 512)
+    assert s.series.spacing == pytest.approx((5.0, 230 / 512, 230 / 512))
+    m = s.masks
+    assert m["artery"].sum() > 50 and m["vein"].sum() > 50
+    pv = s.extras["artery_pv"][m["artery"]]
+    assert pv.min() >= 0.4 and pv.max() <= 0.9 + 1e-6
+    air = s.baseline < -999
+    noise = (s.series.hu[:, air] - s.baseline[air]).std()
+    assert noise == pytest.approx(noise_sigma(150.0), rel=0.10)  # the 10 %
+    # arteries peak before the sinuses, as the VOF is the AIF through a 6-9 s transit
+    art = (s.series.hu[:, m["artery"]] - s.baseline[m["artery"]]).mean(axis=1)
+    vein = (s.series.hu[:, m["vein"]] - s.baseline[m["vein"]]).mean(axis=1)
+    assert np.argmax(art) < np.argmax(vein)
+    # skull bright, CSF dark, GM above WM at baseline (noise-free image)
+    assert np.median(s.baseline[s.baseline > 300]) > 700
+    gm = s.baseline[m["gm"] & (s.extras["gm_fraction"] > 0.9)].mean()
+    wm = s.baseline[m["wm"] & (s.extras["wm_fraction"] > 0.9)].mean()
+    assert gm > wm + 3 > np.median(s.baseline[m["csf"]]) + 3
