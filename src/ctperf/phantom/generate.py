@@ -118,6 +118,52 @@ def _ttp(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
     return np.where(k == kk, t, times[k]) - times[0]
 
 
+def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
+    """In-plane Gaussian blur of a (Y, X) image (identity below 0.05 pixel)."""
+    return ndi.gaussian_filter(image, sigma_px, truncate=3.5) if sigma_px > 0.05 else image
+
+
+def _tissue_enhancement(bank: hd.CurveBank, kinds: tuple[str, ...], phys: dict[str, Any], *,
+                        labels: np.ndarray, tissue: np.ndarray, cbf: np.ndarray,
+                        mtt: np.ndarray, delay_steps: np.ndarray, tau_index: np.ndarray,
+                        times: np.ndarray, rho: float, kh: float
+                        ) -> tuple[np.ndarray, np.ndarray]:
+    """Noise-free tissue enhancement (Y*X, T) float32 and TTP (Y*X,) of one slice."""
+    n = tissue.size
+    enh = np.zeros((n, times.size), dtype=np.float32)  # voxel-major: rows fill fast
+    ttp = np.zeros(n)
+    vox = np.flatnonzero(tissue.ravel() > 0.01)
+    if phys["residue_mode"] == "subject":
+        kind_of = np.zeros(vox.size, dtype=np.int64)
+    else:
+        lut = np.array([kinds.index(phys["residue_by_territory"][str(k)]) for k in range(1, 7)])
+        kind_of = lut[np.clip(labels.ravel()[vox] - 1, 0, 5)]
+    for ki, kind in enumerate(kinds):
+        v = vox[kind_of == ki]
+        if v.size == 0:
+            continue
+        curves = bank.enhancement(kind, cbf=cbf.ravel()[v], mtt=mtt.ravel()[v],
+                                  delay_steps=delay_steps.ravel()[v],
+                                  tau_index=tau_index.ravel()[v], rho=rho, kh=kh)
+        enh[v] = curves
+        ttp[v] = _ttp(curves, times)
+    return enh, ttp
+
+
+def _slice_masks(frac: np.ndarray, art_b: np.ndarray, vein_b: np.ndarray, *,
+                 labels: np.ndarray, cbf: np.ndarray, cbf_healthy: np.ndarray,
+                 tmax: np.ndarray) -> dict[str, np.ndarray]:
+    """The masks of one slice from fractions (C, Y, X), blurred vessel fractions and truth."""
+    gm, wm, csf = frac[0], frac[1], frac[CHANNELS.index("csf")]
+    vessels = (art_b + vein_b) > 0.01
+    brain = (gm + wm >= 0.5) & ~vessels
+    core = brain & (cbf < 0.3 * cbf_healthy)
+    return {"brain": brain, "gm": brain & (gm >= 0.5), "wm": brain & (wm >= 0.5),
+            "csf": (csf >= 0.5) & ~vessels, "vessels": vessels, "artery": art_b >= 0.4,
+            "vein": vein_b >= 0.95, "core": core, "penumbra": brain & (tmax > 6.0) & ~core,
+            "territories": np.where(brain, labels, 0).astype(np.int16)}
+
+
 def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int = 89,
                      interval: float = 0.5, mas: float = 150.0, motion: str = "none",
                      lesion: bool | None = None,
@@ -233,25 +279,9 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
         delay = d_steps * dt
         tau = bank.taus[t_idx]
         tissue = gm + wm
-        vox = np.flatnonzero(tissue.ravel() > 0.01)
-        enh = np.zeros((size * size, frames), dtype=np.float32)  # voxel-major: rows fill fast
-        ttp = np.zeros(size * size)
-        if phys["residue_mode"] == "subject":
-            kind_of = np.zeros(vox.size, dtype=np.int64)
-        else:
-            lab = labels.ravel()[vox]
-            lut = np.array([kinds.index(phys["residue_by_territory"][str(k)])
-                            for k in range(1, 7)])
-            kind_of = lut[np.clip(lab - 1, 0, 5)]
-        for ki, kind in enumerate(kinds):
-            v = vox[kind_of == ki]
-            if v.size == 0:
-                continue
-            curves = bank.enhancement(kind, cbf=par["cbf"].ravel()[v], mtt=mtt.ravel()[v],
-                                      delay_steps=d_steps.ravel()[v], tau_index=t_idx.ravel()[v],
-                                      rho=rho, kh=kh)
-            enh[v] = curves
-            ttp[v] = _ttp(curves, times)
+        enh, ttp = _tissue_enhancement(bank, kinds, phys, labels=labels, tissue=tissue,
+                                       cbf=par["cbf"], mtt=mtt, delay_steps=d_steps,
+                                       tau_index=t_idx, times=times, rho=rho, kh=kh)
         a_frac = frac[CHANNELS.index("artery")].ravel()
         v_frac = frac[CHANNELS.index("vein")].ravel()
         ves = np.flatnonzero((a_frac > 0) | (v_frac > 0))
@@ -261,25 +291,15 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
         hu[:, z] = enh.T.reshape(frames, size, size)
         hu[:, z] += base[None]
         del enh
-        blur = (lambda a: ndi.gaussian_filter(a, sig_psf, truncate=3.5)) if sig_psf > 0.05 \
-            else (lambda a: a)
-        baseline[z] = blur(base)
-        art_b = blur(frac[CHANNELS.index("artery")])
-        vein_b = blur(frac[CHANNELS.index("vein")])
-        vessels = (art_b + vein_b) > 0.01
-        brain = (tissue >= 0.5) & ~vessels
-        masks["brain"][z] = brain
-        masks["gm"][z] = brain & (gm >= 0.5)
-        masks["wm"][z] = brain & (wm >= 0.5)
-        masks["csf"][z] = (frac[CHANNELS.index("csf")] >= 0.5) & ~vessels
-        masks["vessels"][z] = vessels
-        masks["artery"][z] = art_b >= 0.4
-        masks["vein"][z] = vein_b >= 0.95
+        baseline[z] = _blur(base, sig_psf)
+        art_b = _blur(frac[CHANNELS.index("artery")], sig_psf)
+        vein_b = _blur(frac[CHANNELS.index("vein")], sig_psf)
         tmax = delay + mtt / 2
-        core = brain & (par["cbf"] < 0.3 * par["cbf_healthy"])
-        masks["core"][z] = core
-        masks["penumbra"][z] = brain & (tmax > 6.0) & ~core
-        masks["territories"][z] = np.where(brain, labels, 0)
+        slice_masks = _slice_masks(frac, art_b, vein_b, labels=labels, cbf=par["cbf"],
+                                   cbf_healthy=par["cbf_healthy"], tmax=tmax)
+        for name, mask in slice_masks.items():
+            masks[name][z] = mask
+        brain = slice_masks["brain"]
         for name, val in (("cbf", par["cbf"]), ("cbv", cbv), ("mtt", mtt),
                           ("ttp", ttp.reshape(size, size)), ("tmax", tmax), ("delay", delay)):
             maps[name][z] = np.where(brain, val, 0.0)
