@@ -198,13 +198,13 @@ def _procedural() -> Template:
     axes = np.array([68.0, 85.0, 62.0], dtype=np.float32)
     bumps = 2.5 * _cosine_field(p, rng, 8, 90.0)
     depth = _ellipsoid_depth(p, centre, axes) + bumps
-    icv = _ellipsoid_depth(p, centre, axes + 3.0) + 0.6 * bumps
+    icv = _ellipsoid_depth(p, centre, axes + 3.0) + bumps  # a 3 mm CSF layer all round
     brain = depth > 0
     fold = _cosine_field(p, rng, 16, 17.0)
     sulc_depth = 11.0 + 5.0 * _cosine_field(p, rng, 6, 60.0)
     sulcus = (np.abs(fold) < 0.09) & (depth < sulc_depth)
     gm = brain & ((depth < 3.2) | ((np.abs(fold) < 0.6) & (depth < sulc_depth + 3.0)))
-    fissure = (np.abs(x) < 1.3) & ((z > 30) | (y > 32) | (y < -48))
+    fissure = (np.abs(x) < 0.9) & ((z > 30) | (y > 32) | (y < -48))
     gm |= brain & (np.abs(x) < 4.5) & ((z > 26) | (y > 28) | (y < -44))
     ax = np.abs(x)
     sylvian = (ax > 36) & (y > -32) & (y < 22) & (np.abs(z - 2 - 0.3 * y) < 1.6)
