@@ -211,6 +211,8 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
     """
     residues = tuple(residues)
     _check(size, slices, frames, interval, mas, motion, residues)
+    if not 0.0 <= lesion_free_fraction <= 1.0:
+        raise ValidationError(f"lesion_free_fraction must be in [0, 1], got {lesion_free_fraction}")
     config = {"seed": int(seed), "size": size, "slices": slices, "frames": frames,
               "interval": interval, "mas": mas, "motion": motion, "lesion": lesion,
               "residues": list(residues), "anatomy": anatomy,
