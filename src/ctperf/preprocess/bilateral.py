@@ -16,10 +16,10 @@ voxel reads, with their Gaussian neighbourhoods, are kept, so splatting, the thr
 passes and the normalised slicing are four sparse matrices built once from the guide; every frame
 then costs four sparse products, a chunk of frames at a time as the columns of one product.
 
-To keep the result close to brute force at high-contrast edges (bone, air), each frame is split
-into the guide plus its difference from the guide: the guide is filtered once with twice finer
-levels, the difference (small: contrast and noise) with the default levels, and the filter being
-linear in the image, the two results add up.
+Optionally (``refine_guide``), to come closer to brute force at high-contrast edges (bone, air),
+each frame is split into the guide plus its difference from the guide: the guide is filtered once
+with twice finer levels, the difference (small: contrast and noise) with the default levels, and
+the filter being linear in the image, the two results add up.
 """
 
 from __future__ import annotations
@@ -124,9 +124,19 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
     k_abs[~ok] = 0
     ok &= used[k_abs]
     k_cmp = index[k_abs]
-    w = np.exp(-0.5 * ((g[:, None] - levels[k_cmp]) / range_sigma) ** 2).astype(np.float32)
+    del k_abs
+    # float32 (N, n_off) temporaries: this is the largest memory of the filter
+    w = levels.astype(np.float32)[k_cmp]
+    np.subtract(guide.reshape(-1, 1), w, out=w)
+    np.multiply(w, np.float32(1.0 / range_sigma), out=w)
+    np.square(w, out=w)
+    np.multiply(w, np.float32(-0.5), out=w)
+    np.exp(w, out=w)
     ok &= w > np.exp(-0.5 * _RANGE_CUTOFF ** 2)
-    splat_rows = k_cmp * n_cells + cell[:, None]  # (N, n_off), meaningful where ok
+    k_cmp *= n_cells
+    k_cmp += cell[:, None]
+    splat_rows = k_cmp  # (N, n_off) row of (level, cell), meaningful where ok
+    del k_cmp
     # slicing: tent between the two levels around g(p), bilinear in plane (nearest cell in z)
     k0 = index[level_of]
     t1 = (g - levels[k0]) / step_hu
@@ -154,12 +164,15 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
     need1 = ndimage.maximum_filter1d(need2, len(taps[1]), axis=2, mode="constant")
     need0 = ndimage.maximum_filter1d(need1, len(taps[2]), axis=3, mode="constant") & occupied
     id0 = _ids(need0)[splat_rows]
+    del splat_rows
     ok &= id0 >= 0
     w[~ok] = 0.0  # unused entries stay as explicit zeros on row 0
+    id0[~ok] = 0
+    del ok
     splat = sparse.csc_matrix(
-        (w.ravel(), np.where(ok, id0, 0).ravel(), np.arange(0, w.size + 1, w.shape[1])),
+        (w.ravel(), id0.ravel(), np.arange(0, w.size + 1, w.shape[1])),
         shape=(int(need0.sum()), n))
-    del k_abs, k_cmp, w, ok, splat_rows
+    del w, id0
     blur = (_pass(need1, need0, 3, taps[2]), _pass(need2, need1, 2, taps[1]),
             _pass(need3, need2, 1, taps[0]))
     den = np.asarray(splat.sum(axis=1), dtype=np.float32)
@@ -193,7 +206,7 @@ def _apply(grid: _Grid, images: np.ndarray) -> np.ndarray:
 def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 2.0,
-                    cells_per_sigma: float = 1.6, chunk: int = 8,
+                    cells_per_sigma: float = 1.6, refine_guide: bool = False, chunk: int = 8,
                     out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
@@ -208,9 +221,13 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     spatial_sigma_mm, range_sigma_hu : float
         Gaussian widths in mm and HU.
     levels_per_sigma : float
-        Range levels per range sigma (the guide itself is filtered at twice this density).
+        Range levels per range sigma.
     cells_per_sigma : float
         Low-resolution grid cells per spatial sigma (in-plane down-sampling of the grid).
+    refine_guide : bool
+        Filter the guide once with twice finer levels and the frames' differences from it with
+        the normal ones (closer to brute force at bone and air edges; about twice the setup time
+        and memory).
     chunk : int
         Volumes filtered per sparse product (memory grows with it).
     out : ndarray, float32, shape (B, Z, Y, X), optional
@@ -230,27 +247,33 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                               f"{guide.shape} must share the volume shape")
     if spatial_sigma_mm <= 0 or range_sigma_hu <= 0 or levels_per_sigma <= 0:
         raise ValidationError("spatial_sigma_mm, range_sigma_hu and levels_per_sigma must be > 0")
-    sigma_vox = tuple(spatial_sigma_mm / float(s) for s in spacing)
+    sz, sy, sx = (spatial_sigma_mm / float(s) for s in spacing)
+    sigma_vox = (sz, sy, sx)
     # cells_per_sigma low-resolution cells per sigma, never coarser than 8 voxels
-    factors = tuple(int(min(8, max(1, np.floor(s / cells_per_sigma)))) for s in sigma_vox)
+    fz, fy, fx = (int(min(8, max(1, np.floor(s / cells_per_sigma)))) for s in sigma_vox)
+    factors = (fz, fy, fx)
     step = range_sigma_hu / levels_per_sigma
-    fine = _build_grid(guide, sigma_vox, step / 2, range_sigma_hu, factors)  # type: ignore[arg-type]
-    base = _apply(fine, guide.reshape(1, -1))[0]
-    del fine
-    grid = _build_grid(guide, sigma_vox, step, range_sigma_hu, factors)  # type: ignore[arg-type]
+    flat_guide = guide.ravel()
+    if refine_guide:
+        fine = _build_grid(guide, sigma_vox, step / 2, range_sigma_hu, factors)
+        base = _apply(fine, guide.reshape(1, -1))[0]
+        del fine
+    grid = _build_grid(guide, sigma_vox, step, range_sigma_hu, factors)
     logger.debug("bilateral grid: %d levels x %s cells", grid.n_levels, grid.shape_low)
     if out is None:
         out = np.empty_like(images)
     elif out.shape != images.shape or out.dtype != np.float32:
         raise ValidationError(f"out must be float32 {images.shape}, got {out.dtype} {out.shape}")
-    flat_guide = guide.ravel()
     from tqdm.auto import tqdm
 
     for start in tqdm(range(0, len(images), chunk), disable=not progress, desc="bilateral",
                       unit="chunk"):
-        block = images[start:start + chunk].reshape(-1, guide.size) - flat_guide
-        out[start:start + chunk] = (_apply(grid, block) + base).reshape(
-            (-1, *guide.shape))
+        block = images[start:start + chunk].reshape(-1, guide.size)
+        if refine_guide:
+            result = _apply(grid, block - flat_guide) + base
+        else:
+            result = _apply(grid, block)
+        out[start:start + chunk] = result.reshape((-1, *guide.shape))
     return out
 
 
