@@ -91,3 +91,20 @@ def test_mask_on_another_grid_is_rejected(tmp_path):
         read_mask(tmp_path / "m.nii.gz", shape=(2, 3, 5), affine=np.eye(4))
     with pytest.raises(InputError, match="mask affine"):
         read_mask(tmp_path / "m.nii.gz", shape=(2, 3, 4), affine=np.diag([2, 1, 1, 1.0]))
+
+
+def test_atomic_outputs_get_ordinary_permissions(small_series, tmp_path):
+    import os
+    import stat
+
+    from ctperf.io import atomic_dir
+
+    mask = os.umask(0o022)
+    try:
+        path = write_series_nifti(small_series, tmp_path / "study.nii.gz")
+        with atomic_dir(tmp_path / "folder") as tmp:
+            (tmp / "x").write_text("x")
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
