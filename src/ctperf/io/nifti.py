@@ -71,7 +71,9 @@ def _load(path: PathLike) -> tuple[np.ndarray, np.ndarray, Any]:
     if not p.exists():
         raise InputError(p, "no such file")
     try:
-        img = nib.load(str(p))
+        img: Any = nib.load(str(p))
+        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+            raise TypeError(f"a {type(img).__name__}, not NIfTI")
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:  # nibabel raises many types for damaged files
         raise InputError(p, f"not a readable NIfTI file ({exc})") from None
