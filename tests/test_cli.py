@@ -1,0 +1,32 @@
+import subprocess
+import sys
+
+import pytest
+
+from ctperf.cli import build_parser, main
+
+HEAVY = ("torch", "matplotlib", "SimpleITK", "pydicom", "nibabel", "scipy")
+
+
+def test_help_imports_no_heavy_library():
+    # --help must be instant: building the parser may not import the scientific stack.
+    code = ("import sys; from ctperf.cli import build_parser; build_parser(); "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_every_subcommand_has_help(capsys):
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sub.choices, "no subcommands registered"
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0
+        assert "usage: ctperf " + name in capsys.readouterr().out
+
+
+def test_unknown_command_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["no-such-command"])
+    assert info.value.code == 2
