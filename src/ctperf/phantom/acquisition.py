@@ -47,7 +47,7 @@ def psf_sigma_px(fwhm_mm: float, pixel_mm: float) -> float:
 
 
 def draw_baseline(rng: np.random.Generator) -> dict[str, float]:
-    """Unenhanced HU per tissue at 80 kV (SCIENCE.md section 4)."""
+    """Unenhanced HU per tissue at 80 kV."""
     return {"gm": float(rng.uniform(35, 40)), "wm": float(rng.uniform(26, 30)),
             "csf": float(rng.uniform(5, 15)), "blood": float(rng.uniform(40, 50)),
             "bone": float(rng.uniform(1200, 1800)), "soft": float(rng.uniform(25, 45)),

@@ -1,6 +1,6 @@
 """Arterial input, venous output and tissue enhancement curves on a fine time grid.
 
-Tissue enhancement (HU above baseline) follows SCIENCE.md section 3:
+Tissue enhancement (HU above baseline) follows the indicator-dilution model:
 
     C(t) = (rho / kH) * (CBF / 6000) * [Ca(. - delay) * h_disp * R](t)
 
@@ -40,7 +40,7 @@ __all__ = [
     "vof_curve",
 ]
 
-#: Brain density (g/mL) and large-vessel / capillary haematocrit correction (SCIENCE.md section 3).
+#: Brain density (g/mL) and large-vessel / capillary haematocrit correction.
 RHO = 1.04
 KH = (1 - 0.45) / (1 - 0.25)
 RESIDUES: tuple[str, ...] = ("box", "exponential", "gamma")
