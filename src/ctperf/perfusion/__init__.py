@@ -20,6 +20,7 @@ from ctperf.perfusion.curves import (
 )
 from ctperf.perfusion.lesions import LesionResult, normal_cbf_reference, segment_lesions
 from ctperf.perfusion.maps import METHODS, PerfusionResult, compute_maps, run_perfusion
+from ctperf.perfusion.pipeline import analyse_study
 from ctperf.perfusion.qc import qc_flags
 from ctperf.perfusion.svd import SVDResult, svd_deconvolve
 
@@ -32,6 +33,7 @@ __all__ = [
     "PerfusionResult",
     "SVDResult",
     "VesselCurve",
+    "analyse_study",
     "bandlimit",
     "bolus_arrival_frame",
     "box_model",

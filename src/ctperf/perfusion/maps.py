@@ -81,6 +81,7 @@ def run_perfusion(
     vessel_fraction: float = 0.25,
     rim_mm: float = 2.0,
     lesion_options: dict[str, Any] | None = None,
+    vessel_series: CTPSeries | None = None,
     progress: bool = False,
 ) -> PerfusionResult:
     """Model-based perfusion analysis of one study.
@@ -110,6 +111,11 @@ def run_perfusion(
         of the lesions (0 keeps them).
     lesion_options : dict, optional
         Keyword arguments of :func:`segment_lesions`.
+    vessel_series : CTPSeries, optional
+        The same study before spatial filtering (same grid and times). AIF, VOF and vessel
+        voxels are then found and measured on it, while tissue is fitted on ``series``: a
+        bilateral filter mixes 2-4 mm vessels with the tissue around them, which lowers the
+        AIF's peak and the VOF's area.
     progress : bool
         Progress bar over voxel chunks.
 
@@ -125,7 +131,13 @@ def run_perfusion(
     n_t = hu.shape[0]
     if n_t < MIN_FRAMES:
         raise ValidationError(f"a perfusion study needs at least {MIN_FRAMES} frames, got {n_t}")
-    rise = hu.max(axis=0) - hu[0]
+    vhu = hu
+    if vessel_series is not None:
+        if vessel_series.shape != series.shape:
+            raise ValidationError(f"vessel_series shape {vessel_series.shape} differs from the "
+                                  f"study's {series.shape}")
+        vhu = vessel_series.hu
+    rise = vhu.max(axis=0) - vhu[0]
     if not float(rise.max()) > 5.0:
         raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
     # Bolus arrival from the strongest enhancing voxels (arteries and veins): the earliest of
@@ -133,7 +145,7 @@ def run_perfusion(
     # noise, so a single early voxel is an artery, not chance).
     n_top = max(20, rise.size // 1000)
     top = np.argpartition(rise.ravel(), rise.size - n_top)[-n_top:]
-    arrivals = [bolus_arrival_frame(c, fraction=0.2) for c in hu.reshape(n_t, -1)[:, top].T]
+    arrivals = [bolus_arrival_frame(c, fraction=0.2) for c in vhu.reshape(n_t, -1)[:, top].T]
     n_base = max(1, int(min(arrivals)) - 1)
     base = hu[:n_base].mean(axis=0)
     if mask is None:
@@ -149,6 +161,7 @@ def run_perfusion(
         raise ValidationError("no brain voxels found (check that the study is in HU)")
     coords = np.array(np.nonzero(search))
     enh_s = hu[:, search] - base[search]
+    enh_v = enh_s if vhu is hu else vhu[:, search] - vhu[:n_base, search].mean(axis=0)
 
     aif_sel = vof_sel = None
     if aif is not None:
@@ -156,19 +169,19 @@ def run_perfusion(
         if aif_raw.shape != (n_t,):
             raise ValidationError(f"aif must have shape ({n_t},), got {aif_raw.shape}")
     elif aif_mask is not None:
-        aif_raw, aif_src = _curve_from_mask(hu, aif_mask, n_base, "AIF"), "mask"
+        aif_raw, aif_src = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), "mask"
     else:
-        aif_sel = select_aif(enh_s, t)
+        aif_sel = select_aif(enh_v, t)
         aif_raw, aif_src = aif_sel.curve, "automatic"
     aif_ttp = float(t[np.argmax(aif_raw)] - t[0])
     vof_curve: np.ndarray | None
     if vof is not None:
         vof_curve, vof_src = np.asarray(vof, dtype=np.float64), "given curve"
     elif vof_mask is not None:
-        vof_curve, vof_src = _curve_from_mask(hu, vof_mask, n_base, "VOF"), "mask"
+        vof_curve, vof_src = _curve_from_mask(vhu, vof_mask, n_base, "VOF"), "mask"
     elif aif is None:
         try:
-            vof_sel = select_vof(enh_s, t, aif_ttp=aif_ttp)
+            vof_sel = select_vof(enh_v, t, aif_ttp=aif_ttp)
             vof_curve, vof_src = vof_sel.curve, "automatic"
         except ValidationError as exc:
             log.warning("%s; the AIF is not corrected for partial volume", exc)
@@ -182,7 +195,8 @@ def run_perfusion(
 
     # Tissue curves of all brain voxels, (T, N).
     tissue = enh_s[:, mask[search]]
-    peaks = tissue.max(axis=0)
+    peaks = enh_v[:, mask[search]].max(axis=0)
+    del enh_v
     vessels = np.zeros(mask.shape, dtype=bool)
     vessels[mask] = peaks > vessel_fraction * float(np.max(aif_raw))
     if method in ("nlr", "nlr-fast"):
