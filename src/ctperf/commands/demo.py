@@ -42,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from ctperf.commands.maps import write_outputs
     from ctperf.evaluation.plots import comparison_figure
     from ctperf.evaluation.truth import compare_with_truth, truth_table_markdown
-    from ctperf.perfusion import run_perfusion
+    from ctperf.perfusion import analyse_study
     from ctperf.phantom import generate_subject, write_subject
 
     print(f"[1/4] simulating a {args.size} x {args.size} x {args.slices} x {args.frames} "
@@ -50,21 +50,17 @@ def run(args: argparse.Namespace) -> int:
     subject = generate_subject(seed=args.seed, size=args.size, slices=args.slices,
                                frames=args.frames, motion=args.motion, lesion=True,
                                progress=True)
-    series, motion = subject.series, None
     with io.atomic_dir(args.out) as tmp:
         write_subject(subject, tmp / "phantom", dicom=False, preview=True)
-        if args.no_preprocess:
-            print("[2/4] preprocessing skipped")
-        else:
-            from ctperf.preprocess import preprocess
-
-            print("[2/4] motion correction and bilateral filtering")
-            pre = preprocess(series, progress=True)
-            series, motion = pre.series, pre.displacement_mm
-            print(f"      mean displacement {np.mean(motion):.2f} mm, max "
-                  f"{np.max(pre.max_displacement_mm):.2f} mm")
-        print(f"[3/4] perfusion maps ({args.method})")
-        result = run_perfusion(series, method=args.method, motion_mm=motion, progress=True)
+        steps = "maps" if args.no_preprocess else "motion correction, bilateral filter, maps"
+        print(f"[2/4] {steps} ({args.method})")
+        result, pre = analyse_study(subject.series, method=args.method,
+                                    register=not args.no_preprocess,
+                                    filter=not args.no_preprocess, progress=True)
+        if pre is not None:
+            print(f"      measured displacement: mean {np.mean(pre.displacement_mm):.2f} mm, "
+                  f"max {np.max(pre.max_displacement_mm):.2f} mm")
+        print("[3/4] writing maps, lesions and overview")
         write_outputs(result, tmp / "maps", title=f"phantom seed {args.seed}: {args.method}")
 
         print("[4/4] scoring against the phantom's true maps")

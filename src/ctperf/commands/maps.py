@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ORDER", "register", "run"]
+__all__ = ["ORDER", "overview_figure", "register", "run", "write_outputs"]
 
 ORDER = 20
 
@@ -159,23 +160,54 @@ def overview_figure(result: Any, *, title: str = "") -> Any:
     return fig
 
 
-def run(args: argparse.Namespace) -> int:
-    import numpy as np
+def write_outputs(result: Any, folder: Path, *, title: str = "",
+                  dicom_source: Any = None) -> None:
+    """Write the maps, lesion masks, summary and overview of one perfusion run.
+
+    Everything is written inside one :func:`ctperf.io.atomic_dir`: ``folder`` appears whole or
+    not at all (an existing folder is replaced).
+
+    Parameters
+    ----------
+    result : PerfusionResult
+        Output of :func:`ctperf.perfusion.run_perfusion` or
+        :func:`ctperf.perfusion.analyse_study`.
+    folder : Path
+        Output folder: ``<map>.nii.gz``, ``lesions/<mask>.nii.gz`` (core, hypoperfused,
+        penumbra, tmax10, brain, vessels), ``summary.json`` and ``overview.png``.
+    title : str
+        Title of the overview figure.
+    dicom_source : CTPSeries, optional
+        When given, DICOM maps are also written in ``folder/dicom`` with this study's metadata.
+    """
+    import matplotlib.pyplot as plt
 
     from ctperf import io
-    from ctperf.errors import CTPerfError
-    from ctperf.perfusion import run_perfusion
+
+    maps = result.maps
+    with io.atomic_dir(folder) as tmp:
+        io.write_maps_nifti(maps, tmp)
+        masks = {**result.lesions.masks(), "brain": result.brain, "vessels": result.vessels}
+        for name, mask in masks.items():
+            io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz")
+        io.write_json({**maps.provenance, "maps": maps.names, "units": dict(maps.units)},
+                      tmp / "summary.json")
+        fig = overview_figure(result, title=title)
+        try:
+            with io.atomic_file(tmp / "overview.png") as png:
+                fig.savefig(png, dpi=110, facecolor="black")
+        finally:
+            plt.close(fig)
+        if dicom_source is not None:
+            io.write_maps_dicom(maps, tmp / "dicom", source=dicom_source)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctperf import io
+    from ctperf.perfusion import analyse_study
 
     series = io.read_study(args.study, series_uid=args.series, progress=True)
-    motion = None
-    if args.preprocess:
-        try:
-            from ctperf.preprocess import preprocess
-        except ImportError:
-            raise CTPerfError("--preprocess: this installation has no ctperf.preprocess."
-                              "preprocess") from None
-        pre = preprocess(series, progress=True)
-        series, motion = pre.series, np.asarray(pre.displacement_mm)
+
     def mask_of(path: Path | None) -> Any:
         if path is None:
             return None
@@ -186,23 +218,22 @@ def run(args: argparse.Namespace) -> int:
     lesion_options = {"core_rcbf": args.core_rcbf, "core_cbv": args.core_cbv,
                       "tmax_hypo": args.tmax, "smooth_mm": args.lesion_smooth,
                       "min_component_ml": args.min_lesion}
-    result = run_perfusion(series, method=args.method, aif_mask=aif_mask, vof_mask=vof_mask,
-                           mask=brain, rho=args.rho, kh=args.kh, motion_mm=motion,
-                           lesion_options=lesion_options, progress=True)
-    maps = result.maps.replace(provenance={**result.maps.provenance, "study": str(args.study),
-                                           "preprocessed": bool(args.preprocess)})
-    with io.atomic_dir(args.out) as tmp:
-        io.write_maps_nifti(maps, tmp)
-        masks = {**result.lesions.masks(), "brain": result.brain, "vessels": result.vessels}
-        for name, mask in masks.items():
-            io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz")
-        io.write_json({**maps.provenance, "maps": maps.names, "units": dict(maps.units)},
-                      tmp / "summary.json")
-        fig = overview_figure(result, title=f"{args.study.name}: {args.method}")
-        with io.atomic_file(tmp / "overview.png") as png:
-            fig.savefig(png, dpi=110, facecolor="black")
-        if args.dicom:
-            io.write_maps_dicom(maps, tmp / "dicom", source=series)
+    # DICOM output only needs the study's metadata; keep the first frame, not the whole study.
+    source = None
+    if args.dicom:
+        source = series.replace(hu=series.hu[:1], times=series.times[:1],
+                                slice_times=None if series.slice_times is None
+                                else series.slice_times[:1])
+    result, _ = analyse_study(series, method=args.method, register=args.preprocess,
+                              filter=args.preprocess, aif_mask=aif_mask, vof_mask=vof_mask,
+                              mask=brain, rho=args.rho, kh=args.kh,
+                              lesion_options=lesion_options, progress=True)
+    result = dataclasses.replace(result, maps=result.maps.replace(provenance={
+        **result.maps.provenance, "study": str(args.study),
+        "preprocessed": bool(args.preprocess)}))
+    write_outputs(result, args.out, title=f"{args.study.name}: {args.method}",
+                  dicom_source=source)
+    maps = result.maps
     vol = maps.provenance["lesions"]["volumes_ml"]
     raised = [k for k, v in maps.provenance["qc"].items() if v["flag"]]
     print(f"wrote {', '.join(maps.names)} to {args.out}: core {vol['core']:.1f} mL, "
