@@ -40,11 +40,16 @@ def run(args: argparse.Namespace) -> int:
 
     from ctperf import io
     from ctperf.commands.maps import write_outputs
+    from ctperf.errors import ValidationError
     from ctperf.evaluation.plots import comparison_figure
     from ctperf.evaluation.truth import compare_with_truth, truth_table_markdown
     from ctperf.perfusion import analyse_study
     from ctperf.phantom import generate_subject, write_subject
 
+    for name, value, least in (("--size", args.size, 32), ("--slices", args.slices, 1),
+                               ("--frames", args.frames, 30)):
+        if value < least:
+            raise ValidationError(f"demo: {name} must be at least {least}, got {value}")
     print(f"[1/4] simulating a {args.size} x {args.size} x {args.slices} x {args.frames} "
           f"phantom study (seed {args.seed}, {args.motion} motion)")
     subject = generate_subject(seed=args.seed, size=args.size, slices=args.slices,
