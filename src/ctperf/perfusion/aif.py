@@ -136,6 +136,7 @@ def select_vof(
     min_lag_s: float = 1.5,
     min_peak_hu: float = 50.0,
     pool_fraction: float = 0.7,
+    max_tail: float = 0.5,
 ) -> VesselCurve:
     """Pick venous voxels (late peak, largest area) and average their curves.
 
@@ -151,12 +152,18 @@ def select_vof(
         Venous candidates enhance by at least this much.
     pool_fraction : float
         Keep only those with at least this fraction of the largest late area.
+    max_tail : float
+        Candidates must wash out: last frame and deepest dip within this fraction of the peak
+        (a voxel at a bone or vessel edge left misaligned by residual motion shows a step or a
+        dip, not a bolus, and its large area would inflate the partial-volume correction).
     """
     t = np.asarray(times, dtype=np.float64)
     peak_i = np.argmax(enh, axis=0)
     peak_all = enh[peak_i, np.arange(enh.shape[1])]
     # Late and clearly enhancing voxels only (a study has ~10^6 brain voxels).
-    late = np.flatnonzero((t[peak_i] - t[0] >= aif_ttp + min_lag_s) & (peak_all >= min_peak_hu))
+    bolus_like = (enh[-1] <= max_tail * peak_all) & (enh.min(axis=0) >= -max_tail * peak_all)
+    late = np.flatnonzero((t[peak_i] - t[0] >= aif_ttp + min_lag_s) & (peak_all >= min_peak_hu)
+                          & bolus_like)
     area = np.trapezoid(np.clip(enh[:, late], 0, None), t, axis=0)
     if late.size == 0:
         raise ValidationError("no venous candidates: no voxel peaks after the AIF; "
