@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from ctperf.cli import main
 
 
@@ -40,3 +42,31 @@ def test_demo_tiny_writes_every_output(tmp_path):
 def test_demo_rejects_bad_size(tmp_path, capsys):
     assert main(["demo", str(tmp_path / "d"), "--size", "0"]) == 2
     assert not (tmp_path / "d").exists()
+
+
+@pytest.mark.slow
+def test_demo_default_size_accuracy(tmp_path):
+    """256 x 256 x 8 x 89, no motion, filtered (vessels from the unfiltered study), nlr-fast.
+
+    Measured once (seed 3): CBF MAE 4.2 / bias -2.5 of a 30.0 mean, r 0.86; CBV MAE 0.29 of
+    2.58; Tmax MAE 0.50 s, r 0.98; core 35.7 mL vs 25.5 true (Dice 0.53); hypoperfused 173.6 vs
+    164.4 (Dice 0.97). Bounds sit roughly 1.5x beyond these: the phantom is seeded, but the fit
+    runs in float32 and threads may reorder sums, and the bounds are meant to catch a broken
+    pipeline (e.g. a wrong AIF scale gives CBF bias of 15+), not a 5 % drift. Registration is
+    left out: with the current rigid registration a motion-free phantom gains spurious motion.
+    """
+    out = tmp_path / "demo"
+    assert main(["demo", str(out), "--motion", "none", "--no-register"]) == 0
+    scores = json.loads((out / "evaluation.json").read_text())
+    cbf, cbv = scores["maps"]["cbf"]["brain"], scores["maps"]["cbv"]["brain"]
+    tmax = scores["maps"]["tmax"]["brain"]
+    assert cbf["mae"] < 0.2 * cbf["reference_mean"]
+    assert abs(cbf["bias"]) < 0.12 * cbf["reference_mean"]
+    assert cbf["pearson_r"] > 0.8
+    assert cbv["mae"] < 0.15 * cbv["reference_mean"]
+    assert tmax["mae"] < 0.8 and tmax["pearson_r"] > 0.95
+    les = scores["lesions"]
+    assert les["hypoperfused"]["dice"] > 0.9
+    # The core is overestimated (noisy low-flow fits); catch a doubling, not the known +40 %.
+    assert les["core"]["dice"] > 0.4
+    assert les["core"]["volume_ml"] < 2.0 * les["core"]["true_volume_ml"]
