@@ -207,11 +207,12 @@ def run(args: argparse.Namespace) -> int:
     from ctperf.perfusion import analyse_study
 
     series = io.read_study(args.study, series_uid=args.series, progress=True)
+    grid, affine = series.shape[1:], series.affine
 
     def mask_of(path: Path | None) -> Any:
         if path is None:
             return None
-        return io.read_mask(path, shape=series.shape[1:], affine=series.affine)
+        return io.read_mask(path, shape=grid, affine=affine)
 
     aif_mask, vof_mask, brain = mask_of(args.aif_mask), mask_of(args.vof_mask), \
         mask_of(args.brain_mask)
@@ -224,7 +225,10 @@ def run(args: argparse.Namespace) -> int:
         source = series.replace(hu=series.hu[:1], times=series.times[:1],
                                 slice_times=None if series.slice_times is None
                                 else series.slice_times[:1])
-    result, _ = analyse_study(series, method=args.method, register=args.preprocess,
+    # Handed over without a reference kept here, so the raw study is freed once registered.
+    held = [series]
+    del series
+    result, _ = analyse_study(held.pop(), method=args.method, register=args.preprocess,
                               filter=args.preprocess, aif_mask=aif_mask, vof_mask=vof_mask,
                               mask=brain, rho=args.rho, kh=args.kh,
                               lesion_options=lesion_options, progress=True)
