@@ -38,6 +38,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import matplotlib.pyplot as plt
     import numpy as np
 
     from ctperf import io
@@ -93,12 +94,13 @@ def run(args: argparse.Namespace) -> int:
                                 title=f"phantom seed {args.seed}: {args.method} vs truth")
         with io.atomic_file(tmp / "comparison.png") as png:
             fig.savefig(png, dpi=100, facecolor="black")
+        plt.close(fig)
         table = truth_table_markdown(scores)
         steps_done = ("not preprocessed" if args.no_preprocess else "filtered, not registered"
                       if args.no_register else "registered and filtered")
         report = (f"# ctperf demo: {args.method} on a digital phantom\n\n"
                   f"Phantom seed {args.seed}, study {' x '.join(map(str, subject.series.shape))} "
-                  f"(T, Z, Y, X), {args.motion} motion, "
+                  f"(T, Z, Y, X), simulated motion: {args.motion}, "
                   f"{steps_done}.\n\n"
                   f"{table}\n![maps](maps/overview.png)\n\n![comparison](comparison.png)\n\n"
                   "![phantom](phantom/preview.png)\n")
