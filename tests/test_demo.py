@@ -53,10 +53,11 @@ def test_demo_default_size_accuracy(tmp_path):
     164.4 (Dice 0.97). Bounds sit roughly 1.5x beyond these: the phantom is seeded, but the fit
     runs in float32 and threads may reorder sums, and the bounds are meant to catch a broken
     pipeline (e.g. a wrong AIF scale gives CBF bias of 15+), not a 5 % drift. Registration is
-    left out: with the current rigid registration a motion-free phantom gains spurious motion.
+    off (the default): with the current rigid registration a motion-free phantom gains spurious
+    motion.
     """
     out = tmp_path / "demo"
-    assert main(["demo", str(out), "--motion", "none", "--no-register"]) == 0
+    assert main(["demo", str(out), "--motion", "none"]) == 0
     scores = json.loads((out / "evaluation.json").read_text())
     cbf, cbv = scores["maps"]["cbf"]["brain"], scores["maps"]["cbv"]["brain"]
     tmax = scores["maps"]["tmax"]["brain"]
