@@ -4,3 +4,15 @@ Every module defines ``ORDER`` (its place in ``ctperf --help``) and ``register(s
 adds its parser and sets ``func`` to a ``run(args) -> int`` function. Modules import only argparse
 and the standard library at top level; heavy imports happen inside ``run`` so ``--help`` is instant.
 """
+
+from typing import Any
+
+__all__ = ["add_study_options"]
+
+
+def add_study_options(parser: Any) -> None:
+    """``--series`` and ``--frame-interval``: how to read a study (see ``ctperf.io.read_study``)."""
+    parser.add_argument("--series", default=None, metavar="UID",
+                        help="SeriesInstanceUID to read when the DICOM folder holds several")
+    parser.add_argument("--frame-interval", type=float, default=None, metavar="SECONDS",
+                        help="seconds between frames, for files without usable acquisition times")

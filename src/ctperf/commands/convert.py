@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ctperf.commands import add_study_options
+
 __all__ = ["ORDER", "register", "run"]
 
 ORDER = 11
@@ -21,10 +23,7 @@ def register(subparsers: Any) -> None:
                     "when complete.")
     p.add_argument("src", type=Path, help="DICOM folder or 4D NIfTI study")
     p.add_argument("dst", type=Path, help="output .nii/.nii.gz file or DICOM folder")
-    p.add_argument("--series", default=None, metavar="UID",
-                   help="SeriesInstanceUID to read when the DICOM folder holds several")
-    p.add_argument("--frame-interval", type=float, default=None, metavar="SECONDS",
-                   help="seconds between frames, for files without usable acquisition times")
+    add_study_options(p)
     p.add_argument("--compress", action="store_true",
                    help="DICOM output: JPEG Lossless (Process 14 SV1) pixel data")
     p.add_argument("--int16", action="store_true",

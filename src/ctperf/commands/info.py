@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ctperf.commands import add_study_options
+
 __all__ = ["ORDER", "describe", "register", "run"]
 
 ORDER = 10
@@ -19,10 +21,7 @@ def register(subparsers: Any) -> None:
                     "series description, scanner, kVp and mAs. A DICOM folder with several "
                     "series lists them; choose one with --series.")
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
-    p.add_argument("--series", default=None, metavar="UID",
-                   help="SeriesInstanceUID to read when the DICOM folder holds several")
-    p.add_argument("--frame-interval", type=float, default=None, metavar="SECONDS",
-                   help="seconds between frames, for files without usable acquisition times")
+    add_study_options(p)
     p.set_defaults(func=run)
 
 

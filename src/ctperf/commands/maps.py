@@ -7,6 +7,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
+from ctperf.commands import add_study_options
+
 __all__ = ["ORDER", "overview_figure", "register", "run", "write_outputs"]
 
 ORDER = 20
@@ -37,8 +39,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dicom", action="store_true", help="also write DICOM maps in OUT/dicom")
     p.add_argument("--preprocess", action="store_true",
                    help="motion correction and bilateral filtering first (as in the paper)")
-    p.add_argument("--series", default=None, metavar="UID",
-                   help="SeriesInstanceUID to read when the DICOM folder holds several")
+    add_study_options(p)
     p.add_argument("--rho", type=float, default=1.04, help="brain density g/mL [1.04]")
     p.add_argument("--kh", type=float, default=0.733, help="haematocrit ratio kH [0.733]")
     p.add_argument("--core-cbv", type=float, default=None, metavar="ML",
@@ -206,7 +207,8 @@ def run(args: argparse.Namespace) -> int:
     from ctperf import io
     from ctperf.perfusion import analyse_study
 
-    series = io.read_study(args.study, series_uid=args.series, progress=True)
+    series = io.read_study(args.study, series_uid=args.series,
+                           frame_interval=args.frame_interval, progress=True)
     grid, affine = series.shape[1:], series.affine
 
     def mask_of(path: Path | None) -> Any:
