@@ -15,9 +15,7 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
-from multiprocessing.shared_memory import SharedMemory
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +24,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ctperf.errors import InputError, ValidationError
+from ctperf.io.dicom_decode import decode_into
 from ctperf.io.dicom_write import PATIENT_STUDY_TAGS
 from ctperf.types import CTPSeries
 
@@ -274,86 +273,6 @@ def _geometry(root: Path, headers: Sequence[_Header], *,
     return slices, _RAS_FROM_LPS @ lps, (rows, cols)
 
 
-def _decode_one(path: Path, out: np.ndarray) -> str | None:
-    """Write one file's HU (stored * slope + intercept) into ``out`` (Y, X); return an error
-    message instead of raising, so that errors cross a process pool intact."""
-    try:
-        ds = pydicom.dcmread(path, force=True)  # the header pass accepted it as DICOM
-    except Exception as exc:  # pydicom raises many types for damaged files
-        return f"damaged or truncated DICOM file ({exc})"
-    if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        return "has no pixel data"
-    try:
-        pixels = ds.pixel_array
-    except Exception as exc:  # decoder plugins raise many types
-        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
-        return f"cannot decode pixel data ({getattr(syntax, 'name', syntax)}): {exc}"
-    if pixels.shape != out.shape:
-        return f"pixel array is {pixels.shape}, header says {out.shape}"
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
-    np.multiply(pixels, slope, out=out, casting="unsafe")
-    out += intercept
-    if not np.all(np.isfinite(out)):
-        return "pixel data contains NaN or Inf values"
-    return None
-
-
-def _decode_chunk(shm_name: str, shape: tuple[int, ...],
-                  items: list[tuple[int, Path]]) -> list[tuple[int, str | None]]:
-    """Process-pool worker: decode files into the shared (N, Y, X) float32 array."""
-    shm = SharedMemory(name=shm_name)
-    out = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
-    try:
-        return [(i, _decode_one(path, out[i])) for i, path in items]
-    finally:
-        del out  # release the buffer before closing the mapping
-        shm.close()
-
-
-def _decode_into(out: np.ndarray, paths: Sequence[Path], *, workers: int, executor: str,
-                 progress: bool) -> None:
-    """Decode ``paths`` into ``out`` (N, Y, X) float32 HU, serially or with a pool."""
-    from tqdm import tqdm
-
-    if executor not in ("threads", "processes"):
-        raise ValidationError(f"executor must be 'threads' or 'processes', got {executor!r}")
-    bar = tqdm(total=len(paths), desc="decode DICOM", unit="file", disable=not progress)
-    errors: list[tuple[int, str | None]] = []
-    if workers <= 1 or len(paths) < 2:
-        for i, path in enumerate(paths):
-            errors.append((i, _decode_one(path, out[i])))
-            bar.update()
-            if errors[-1][1]:
-                break
-    elif executor == "threads":
-        with ThreadPoolExecutor(max_workers=workers) as pool:
-            for i, error in enumerate(pool.map(_decode_one, paths, out)):
-                errors.append((i, error))
-                bar.update()
-    else:
-        shm = SharedMemory(create=True, size=max(out.nbytes, 1))
-        try:
-            shared = np.ndarray(out.shape, dtype=np.float32, buffer=shm.buf)
-            n_chunks = min(len(paths), 4 * workers)
-            chunks = [[(i, paths[i]) for i in idx]
-                      for idx in np.array_split(np.arange(len(paths)), n_chunks)]
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                futures = [pool.submit(_decode_chunk, shm.name, out.shape, c) for c in chunks]
-                for future in futures:
-                    errors.extend(future.result())
-                    bar.update(len(errors) - bar.n)
-            out[...] = shared
-            del shared
-        finally:
-            shm.close()
-            shm.unlink()
-    bar.close()
-    for i, error in errors:
-        if error:
-            raise InputError(paths[i], error)
-
-
 def _meta(headers: Sequence[_Header], source: str, start: float | None,
           n_files: int) -> dict[str, Any]:
     first = headers[0]
@@ -448,7 +367,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
             slice_times = rel
     hu = np.empty((n_t * n_z, rows, cols), dtype=np.float32)
     paths = [frames[z][t].path for t in range(n_t) for z in range(n_z)]
-    _decode_into(hu, paths, workers=workers or min(os.cpu_count() or 1, 8), executor=executor,
+    decode_into(hu, paths, workers=workers or min(os.cpu_count() or 1, 8), executor=executor,
                  progress=progress)
     meta = _meta(headers, source, start, len(paths))
     try:
@@ -481,7 +400,7 @@ def read_dicom_volume(folder: PathLike, *, series_uid: str | None = None,
                                         f"(with {s[0].path.name}); expected a 3D series")
     volume = np.empty((len(slices), rows, cols), dtype=np.float32)
     paths = [s[0].path for s in slices]
-    _decode_into(volume, paths, workers=workers or min(os.cpu_count() or 1, 8),
+    decode_into(volume, paths, workers=workers or min(os.cpu_count() or 1, 8),
                  executor="threads", progress=False)
     meta = _meta(headers, "", None, len(paths))
     normal = np.cross(*np.reshape(np.asarray(headers[0].get("ImageOrientationPatient"),
