@@ -9,9 +9,13 @@ from typing import Any
 
 from ctperf.commands import add_study_options
 
-__all__ = ["ORDER", "overview_figure", "register", "run", "write_outputs"]
+__all__ = ["LESION_DEFAULTS", "ORDER", "overview_figure", "register", "run", "write_outputs"]
 
 ORDER = 20
+
+#: Lesion options of ``ctperf maps`` beyond the thresholds (the demo uses them too): a 2 mm
+#: median on the maps against speckle, and pieces under 0.1 mL dropped.
+LESION_DEFAULTS: dict[str, float] = {"smooth_mm": 2.0, "min_component_ml": 0.1}
 
 # Display windows a neuroradiologist expects (units of each map).
 _WINDOWS = {"cbf": (0.0, 80.0), "cbv": (0.0, 6.0), "mtt": (0.0, 14.0), "tmax": (0.0, 12.0),
@@ -46,11 +50,11 @@ def register(subparsers: Any) -> None:
                    help="define the core as CBV below ML mL/100g instead of rCBF < 30 %%")
     p.add_argument("--core-rcbf", type=float, default=0.30, help="core rCBF threshold [0.30]")
     p.add_argument("--tmax", type=float, default=6.0, help="hypoperfusion Tmax threshold s [6]")
-    p.add_argument("--lesion-smooth", type=float, default=2.0, metavar="MM",
-                   help="radius of an in-plane median filter on the maps before the lesion "
-                        "thresholds [2]")
-    p.add_argument("--min-lesion", type=float, default=0.1, metavar="ML",
-                   help="drop lesion pieces smaller than ML mL [0.1]")
+    p.add_argument("--lesion-smooth", type=float, default=LESION_DEFAULTS["smooth_mm"],
+                   metavar="MM", help="radius of an in-plane median filter on the maps before "
+                   "the lesion thresholds [%(default)s]")
+    p.add_argument("--min-lesion", type=float, default=LESION_DEFAULTS["min_component_ml"],
+                   metavar="ML", help="drop lesion pieces smaller than ML mL [%(default)s]")
     p.set_defaults(func=run)
 
 
