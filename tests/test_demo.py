@@ -35,6 +35,9 @@ def test_demo_tiny_writes_every_output(tmp_path):
         assert all(math.isfinite(brain[k]) for k in ("mae", "bias", "pearson_r"))
     assert scores["phantom"]["shape"] == [40, 2, 64, 64]
     assert "comparison.png" in (out / "report.md").read_text()
+    rule = scores["lesions_vs_rule_on_truth"]
+    assert set(rule) == {"core", "hypoperfused", "penumbra"}
+    assert all(0.0 <= v["dice"] <= 1.0 and v["rule_volume_ml"] >= 0 for v in rule.values())
     # no half-written sibling folders left beside the output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
@@ -71,3 +74,5 @@ def test_demo_default_size_accuracy(tmp_path):
     # The core is overestimated (noisy low-flow fits); catch a doubling, not the known +40 %.
     assert les["core"]["dice"] > 0.4
     assert les["core"]["volume_ml"] < 2.0 * les["core"]["true_volume_ml"]
+    # The rule itself (contralateral reference) reproduces the hypoperfused mask on true maps.
+    assert scores["lesions_vs_rule_on_truth"]["hypoperfused"]["dice_rule_vs_phantom"] > 0.95
