@@ -23,12 +23,13 @@ import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.curves import ArterialTable, bandlimit, box_model, flow_scale
-from ctperf.perfusion.fastsse import FastBoxSSE
+from ctperf.perfusion.fastsse import FastBoxSSE, array_ops
 from ctperf.perfusion.nelder_mead import nelder_mead
 from ctperf.perfusion.newton import refine_newton
 
@@ -129,6 +130,33 @@ def _levenberg_marquardt(tis: np.ndarray, p: np.ndarray, table: ArterialTable, s
     return p
 
 
+def _resolve_backend(device: str | None, backend: str | None) -> str | None:
+    """The torch device to run on, or None for NumPy."""
+    if backend not in (None, "numpy", "torch"):
+        raise ValidationError(f"backend must be 'numpy' or 'torch', got {backend!r}")
+    if device == "auto":
+        try:
+            import torch
+        except ImportError:
+            return "cpu" if backend == "torch" else None
+        return "cuda" if torch.cuda.is_available() else ("cpu" if backend == "torch" else None)
+    if device is None or device == "cpu":
+        return "cpu" if backend == "torch" else None
+    if backend == "numpy":
+        raise ValidationError(f"device {device!r} needs backend='torch' (NumPy runs on the CPU)")
+    try:
+        import torch
+    except ImportError as exc:
+        raise ValidationError(f"device {device!r} needs PyTorch, which is not installed") from exc
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValidationError(f"unknown torch device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValidationError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return device
+
+
 def fit_box_nlr(
     tissue: np.ndarray,
     aif: np.ndarray,
@@ -144,8 +172,10 @@ def fit_box_nlr(
     restarts: int = 1,
     lm_iter: int = 30,
     polish_iter: int = 12,
-    chunk: int = 8192,
+    chunk: int | None = None,
     workers: int | None = None,
+    device: str | None = None,
+    backend: str | None = None,
     progress: bool = False,
 ) -> BoxFit:
     """Fit the box model to every tissue curve.
@@ -159,7 +189,8 @@ def fit_box_nlr(
     times : ndarray, shape (T,)
         Acquisition times in s.
     mode : {"nlr", "nlr-fast"}
-        Nelder-Mead with the reference settings, or grid start + Levenberg-Marquardt.
+        Nelder-Mead with the reference settings, or grid start + Newton (Levenberg-Marquardt
+        with non-uniform frame times).
     rho, kh : float
         Brain density (g/mL) and haematocrit ratio.
     band_limit : bool
@@ -177,10 +208,19 @@ def fit_box_nlr(
         ``"nlr-fast"`` only: Newton iterations after the grid start (evenly spaced frames).
     lm_iter : int
         ``"nlr-fast"`` only: most Levenberg-Marquardt steps (voxels stop earlier on their own).
-    chunk : int
+    chunk : int, optional
         Voxels fitted at once; bounds peak memory (about 60 x T x chunk bytes per worker).
+        Default 8192 with NumPy, 262144 on a GPU.
     workers : int, optional
-        Threads fitting chunks in parallel; default the number of CPUs.
+        Threads fitting chunks in parallel; default the number of CPUs with NumPy, 1 with torch
+        (torch parallelises inside each operation).
+    device : str, optional
+        Where to fit: None or "cpu" (NumPy, the default), a torch device such as "cuda" or
+        "cuda:1" (torch tensors on that GPU, float64), or "auto" ("cuda" when torch is
+        installed and sees a GPU, else NumPy).
+    backend : {"numpy", "torch"}, optional
+        Array library; default NumPy on the CPU and torch on any other device. ``"torch"`` with
+        ``device="cpu"`` runs the torch code on the CPU. Uneven frame times always use NumPy.
     progress : bool
         Show a progress bar over chunks.
 
@@ -202,51 +242,63 @@ def fit_box_nlr(
     table = ArterialTable(ca, t)
     if not table.area > 0:
         raise ValidationError("the AIF has no positive area: no contrast arrival to fit against")
+    torch_device = _resolve_backend(device, backend)
+    if torch_device is not None and not table.uniform:
+        log.info("uneven frame times: the box fit runs with NumPy, not on %s", torch_device)
+        torch_device = None
+    ops = array_ops(torch_device)
+    if chunk is None:
+        chunk = 8192 if torch_device is None or torch_device == "cpu" else 1 << 18
+    if workers is None:
+        workers = (os.cpu_count() or 1) if ops.is_numpy else 1
     scale = flow_scale(rho, kh)
     b = np.asarray(bounds, dtype=np.float64)
     n = tis.shape[1]
     # O(1)-per-evaluation SSE for the simplex when frames are evenly spaced (see fastsse).
-    fast = FastBoxSSE(table, scale, b) if table.uniform else None
+    fast = FastBoxSSE(table, scale, b, ops=ops) if table.uniform else None
     out = np.empty((n, 3))
     rms = np.empty(n)
-    near = 0.01 * (b[:, 1] - b[:, 0])
+    near = ops.asarray(0.01 * (b[:, 1] - b[:, 0]))
+    lo, hi = ops.asarray(b[:, 0]), ops.asarray(b[:, 1])
 
     def fit_chunk(s: int) -> None:
         c = tis[:, s:s + chunk].astype(np.float64)
         if band_limit:
             c = bandlimit(c)
         obj = fast.with_tissue(c) if fast is not None else None
-        def direct(q: np.ndarray, idx: np.ndarray) -> np.ndarray:
-            return _sse(q, c[:, idx], table, scale)
 
-        fun = obj if obj is not None else direct
+        def fun(q: Any, idx: Any) -> Any:  # q: (3, M) columns of (CBF, MTT, delay)
+            if obj is not None:
+                return obj.sse(q[0], q[1], q[2], idx)
+            return _sse(q.T, c[:, idx], table, scale)
+
         if mode == "nlr":
-            x0 = np.clip(np.broadcast_to(np.asarray(start, float), (c.shape[1], 3)),
-                         b[:, 0], b[:, 1])
-            p = nelder_mead(fun, x0, bounds=b, max_iter=max_iter)
+            x0 = ops.asarray(np.clip(np.broadcast_to(np.asarray(start, float), (c.shape[1], 3)),
+                                     b[:, 0], b[:, 1]))
+            p = nelder_mead(fun, x0, bounds=b, max_iter=max_iter, ops=ops)
             # Restart once, with a fresh simplex, where a simplex ended on a bound: there it has
             # usually collapsed against the bound instead of finding the minimum.
-            on_bound = np.any((p - b[:, 0] < near) | (b[:, 1] - p < near), axis=1)
+            on_bound = ((p - lo < near) | (hi - p < near)).any(axis=1)
             for _ in range(restarts):
                 if not on_bound.any():
                     break
-                sub = np.flatnonzero(on_bound)
+                sub = ops.nonzero(on_bound)
 
-                def fun_sub(q: np.ndarray, idx: np.ndarray, sub: np.ndarray = sub) -> np.ndarray:
+                def fun_sub(q: Any, idx: Any, sub: Any = sub) -> Any:
                     return fun(q, sub[idx])
 
-                p[sub] = nelder_mead(fun_sub, p[sub], bounds=b, max_iter=max_iter)
+                p[sub] = nelder_mead(fun_sub, p[sub], bounds=b, max_iter=max_iter, ops=ops)
                 on_bound[:] = False
         elif obj is not None:
             p = refine_newton(obj, obj.grid_start(b, n_mtt=16), b, n_iter=polish_iter)
         else:
             p = _grid_start(c, table, scale, b, n_mtt=24, delay_step=0.5)
             p = _levenberg_marquardt(c, p, table, scale, b, n_iter=lm_iter, rtol=1e-4)
-        out[s:s + chunk] = p
-        rms[s:s + chunk] = np.sqrt(fun(p, np.arange(p.shape[0])) / c.shape[0])
+        out[s:s + chunk] = ops.to_numpy(p)
+        rms[s:s + chunk] = ops.to_numpy(fun(p.T, ops.arange(p.shape[0]))) / c.shape[0]
 
     starts = list(range(0, n, max(1, int(chunk))))
-    n_workers = max(1, min(workers or os.cpu_count() or 1, len(starts)))
+    n_workers = max(1, min(workers, len(starts)))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -259,6 +311,7 @@ def fit_box_nlr(
                 bar.update(min(chunk, n - s))
     if bar is not None:
         bar.close()
+    np.sqrt(rms, out=rms)
     cbf, mtt, delay = out[:, 0], out[:, 1], out[:, 2]
     return BoxFit(cbf=cbf, cbv=cbf * mtt / 60.0, mtt=mtt, delay=delay, tmax=delay + mtt / 2.0,
                   residual=rms)

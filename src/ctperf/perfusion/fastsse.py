@@ -11,18 +11,154 @@ with ``G(s) = sum_t C(t) A(t - s)`` and ``F(a, b) = sum_t (A(t - a) - A(t - b))^
 quadratic, so G(s) is exactly ``P0[m] + tau P1[m] + tau^2 / 2 P2[m]`` with ``m = floor(-s / dt)``
 and three correlation tables P per voxel: one matrix product for all voxels. F does not depend
 on the voxel and is exact too, from the Gram matrix of the same shifted tables. An evaluation is
-then a few dozen gathers instead of a pass over all T frames, with the same value (to rounding).
+then a few dozen gathers from small tables instead of a pass over all T frames, with the same
+value (to rounding).
+
+The tables are laid out one contiguous row per coefficient, so every gather is a flat ``take``
+and the arithmetic runs on contiguous vectors. The same code runs on NumPy arrays or, through
+:class:`ArrayOps`, on PyTorch tensors (a GPU when asked for); torch is imported only then.
 """
 
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 
 from ctperf.perfusion.curves import ArterialTable
 
-__all__ = ["FastBoxSSE"]
+__all__ = ["ArrayOps", "FastBoxSSE", "array_ops"]
+
+
+class ArrayOps:
+    """The handful of array operations whose spelling differs between NumPy and PyTorch.
+
+    Everything else the fits use (arithmetic, comparisons, slicing, boolean and integer
+    indexing, ``floor``, ``clip``, ``minimum``, ``maximum``, ``abs``) is spelt the same in
+    both libraries and is reached through ``ops.xp``. All floats are float64: the O(1) SSE
+    subtracts large, nearly equal terms (|C|^2 and the cross terms), so float32 would lose
+    most of its digits to cancellation.
+
+    Parameters
+    ----------
+    device : str or None
+        None for NumPy; otherwise a torch device ("cpu", "cuda", "cuda:1", ...).
+    """
+
+    def __init__(self, device: str | None = None) -> None:
+        self.device = device
+        self.float: Any
+        self.index: Any
+        if device is None:
+            self.xp: Any = np
+            self.float = np.float64
+            self.index = np.intp
+        else:
+            import torch  # only when a torch device is asked for
+
+            self.xp = torch
+            self.float = torch.float64
+            self.index = torch.int64
+            self._dev = torch.device(device)
+
+    @property
+    def is_numpy(self) -> bool:
+        return self.device is None
+
+    def asarray(self, x: Any) -> Any:
+        """float64 array on this backend's device."""
+        if self.is_numpy:
+            return np.asarray(x, dtype=np.float64)
+        if isinstance(x, np.ndarray):
+            x = np.ascontiguousarray(x, dtype=np.float64)
+        return self.xp.as_tensor(x, dtype=self.float, device=self._dev)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        return x if self.is_numpy else x.detach().cpu().numpy()
+
+    def arange(self, n: int) -> Any:
+        if self.is_numpy:
+            return np.arange(n)
+        return self.xp.arange(n, device=self._dev)
+
+    def full(self, shape: tuple[int, ...] | int, value: float) -> Any:
+        if self.is_numpy:
+            return np.full(shape, value)
+        return self.xp.full(shape if isinstance(shape, tuple) else (shape,), value,
+                            dtype=self.float, device=self._dev)
+
+    def zeros_index(self, n: int) -> Any:
+        if self.is_numpy:
+            return np.zeros(n, dtype=np.intp)
+        return self.xp.zeros(n, dtype=self.index, device=self._dev)
+
+    def zeros_bool(self, n: int) -> Any:
+        if self.is_numpy:
+            return np.zeros(n, dtype=bool)
+        return self.xp.zeros(n, dtype=self.xp.bool, device=self._dev)
+
+    def take(self, table: Any, index: Any) -> Any:
+        """``table.ravel()[index]`` for a contiguous table."""
+        return np.take(table, index) if self.is_numpy else self.xp.take(table, index)
+
+    def indices(self, x: np.ndarray) -> Any:
+        """A NumPy integer array as an index array of this backend."""
+        return x if self.is_numpy else self.xp.as_tensor(x, dtype=self.index, device=self._dev)
+
+    def pick(self, x: Any, j: Any) -> Any:
+        """``x[i, j[i]]`` for every row i of a 2-D array."""
+        if self.is_numpy:
+            return np.take_along_axis(x, j[:, None], axis=1)[:, 0]
+        return self.xp.take_along_dim(x, j[:, None], dim=1)[:, 0]
+
+    def to_index(self, x: Any) -> Any:
+        """Float array of whole numbers to an index array."""
+        return x.astype(np.intp) if self.is_numpy else x.to(self.index)
+
+    def nonzero(self, mask: Any) -> Any:
+        """Indices of the true entries of a 1-D mask."""
+        return np.flatnonzero(mask) if self.is_numpy else self.xp.nonzero(mask).ravel()
+
+    def select(self, cond: Any, a: float, b: Any) -> Any:
+        """``where(cond, a, b)`` with a scalar ``a`` and an array or scalar ``b`` (float64)."""
+        if self.is_numpy:
+            return np.where(cond, a, b)
+        if not isinstance(b, self.xp.Tensor):
+            b = self.xp.full(cond.shape, b, dtype=self.float, device=cond.device)
+        return self.xp.where(cond, a, b)
+
+    def put(self, dst: Any, mask: Any, src: Any) -> None:
+        """``dst[mask] = src[mask]`` in place (mask broadcast against dst)."""
+        if self.is_numpy:
+            np.copyto(dst, src, where=mask)
+        else:
+            dst.copy_(self.xp.where(mask, src, dst))
+
+    def amax(self, x: Any, axis: tuple[int, ...]) -> Any:
+        return x.max(axis=axis) if self.is_numpy else self.xp.amax(x, dim=axis)
+
+    def argmin(self, x: Any, axis: int) -> Any:
+        return x.argmin(axis=axis) if self.is_numpy else x.argmin(dim=axis)
+
+    def argmax(self, x: Any, axis: int) -> Any:
+        return x.argmax(axis=axis) if self.is_numpy else x.argmax(dim=axis)
+
+    def tile(self, x: Any, reps: int) -> Any:
+        return np.tile(x, reps) if self.is_numpy else x.repeat(reps)
+
+    def concat(self, arrays: list[Any], axis: int) -> Any:
+        if self.is_numpy:
+            return np.concatenate(arrays, axis=axis)
+        return self.xp.cat(arrays, dim=axis)
+
+    def stack(self, arrays: list[Any], axis: int) -> Any:
+        return np.stack(arrays, axis=axis) if self.is_numpy else self.xp.stack(arrays, dim=axis)
+
+
+def array_ops(device: str | None = None) -> ArrayOps:
+    """NumPy operations for ``device=None``, otherwise torch tensors on ``device``."""
+    return ArrayOps(device)
 
 
 class FastBoxSSE:
@@ -36,18 +172,22 @@ class FastBoxSSE:
         rho / kH / 6000.
     bounds : ndarray, shape (3, 2)
         Parameter bounds; evaluations are valid inside them.
+    ops : ArrayOps, optional
+        Array backend (default NumPy).
     """
 
-    def __init__(self, table: ArterialTable, scale: float, bounds: np.ndarray) -> None:
+    def __init__(self, table: ArterialTable, scale: float, bounds: np.ndarray, *,
+                 ops: ArrayOps | None = None) -> None:
         if not table.uniform:
             raise ValueError("FastBoxSSE needs uniform frame times")
+        self.ops = ops if ops is not None else ArrayOps()
         self.table, self.scale, self.dt = table, scale, table.dt
         n_t = table.t.size
         s_lo = float(bounds[2, 0])
         s_hi = float(bounds[2, 1] + bounds[1, 1])
         self.m_lo = int(np.floor(-s_hi / self.dt)) - 1
         m_hi = int(np.floor(-s_lo / self.dt)) + 1
-        self.n_m = m_hi - self.m_lo + 1
+        n_m = self.n_m = m_hi - self.m_lo + 1
         # Extended per-interval tables: A(t0 + k dt + tau) = cum[k] + tau ca[k] + tau^2/2 sl[k].
         k = np.arange(self.m_lo, n_t + m_hi + 1)
         inside = (k >= 0) & (k <= n_t - 2)
@@ -59,110 +199,127 @@ class FastBoxSSE:
         cum[after] = table.cum[-1] + table.ca[-1] * (k[after] - (n_t - 1)) * self.dt
         ca[after] = table.ca[-1]
         # Shifted copies: row t, column j holds tab[t + m_lo + j].
-        idx = np.arange(n_t)[:, None] + np.arange(self.n_m)[None, :]
-        self.shifts = np.concatenate([cum[idx], ca[idx], sl[idx]], axis=1)  # (T, 3 n_m)
+        idx = np.arange(n_t)[:, None] + np.arange(n_m)[None, :]
+        shifts = np.concatenate([cum[idx], ca[idx], sl[idx]], axis=1)  # (T, 3 n_m)
         # F(a, b) = X(a, a) + X(b, b) - 2 X(a, b) with X(a, b) = sum_t A(t - a) A(t - b): both
         # positions are quadratic in their own offsets, so X needs only the Gram matrix of the
         # shifted tables (3 n_m x 3 n_m), whatever the voxel.
-        gram = self.shifts.T @ self.shifts
-        self.gram = np.ascontiguousarray(gram).ravel()
-        # H(a) = X(a, a) is a quartic in the offset: coefficients per column (n_m, 5).
-        diag = [np.diagonal(gram[p * self.n_m:(p + 1) * self.n_m, q * self.n_m:(q + 1) * self.n_m])
+        gram = shifts.T @ shifts
+        # X's 3 x 3 coefficient blocks, one row per block entry (p, q), flat index ja n_m + jb.
+        blocks = gram.reshape(3, n_m, 3, n_m).transpose(0, 2, 1, 3).reshape(9, n_m * n_m)
+        # H(a) = X(a, a) is a quartic in the offset: one row per coefficient (5, n_m).
+        diag = [np.diagonal(gram[p * n_m:(p + 1) * n_m, q * n_m:(q + 1) * n_m])
                 for p in range(3) for q in range(3)]
         k00, k01, k02, _, k11, k12, _, _, k22 = diag
-        self.h_coef = np.ascontiguousarray(
-            np.stack([k00, 2 * k01, k11 + k02, k12, 0.25 * k22], axis=1)).ravel()
-        self.p: np.ndarray | None = None
-        self.c2: np.ndarray | None = None
+        h_coef = np.stack([k00, 2 * k01, k11 + k02, k12, 0.25 * k22])
+        xp_ops = self.ops
+        self.shifts = xp_ops.asarray(shifts)
+        self.blocks = xp_ops.asarray(np.ascontiguousarray(blocks))
+        self.h_coef = xp_ops.asarray(np.ascontiguousarray(h_coef))
+        self.p: Any = None
+        self.c2: Any = None
 
-    def with_tissue(self, tissue: np.ndarray) -> FastBoxSSE:
+    def with_tissue(self, tissue: Any) -> FastBoxSSE:
         """A copy sharing the AIF tables, set to tissue curves (T, N) (thread-safe use)."""
         other = copy.copy(self)
         other.set_tissue(tissue)
         return other
 
-    def set_tissue(self, tissue: np.ndarray) -> None:
-        """Tissue curves (T, N) of the voxels to be evaluated."""
-        self.p = np.ascontiguousarray(tissue.T @ self.shifts)  # (N, 3 n_m)
-        self.c2 = np.einsum("tn,tn->n", tissue, tissue)
+    def set_tissue(self, tissue: Any) -> None:
+        """Tissue curves (T, N) of the voxels to be evaluated (an array of this backend).
 
-    def _split(self, s: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Column index into the shift tables and offset tau (s) of a shift ``s``."""
-        u = -s / self.dt
-        m = np.floor(u)
-        return np.clip(m.astype(np.intp) - self.m_lo, 0, self.n_m - 1), (u - m) * self.dt
+        Sets ``p`` (3, N, n_m): the voxel's correlation tables P0, P1 and P2 / 2 (the halving
+        is exact in binary floating point, so the sums below round as without it)."""
+        tissue = self.ops.asarray(tissue)
+        n_m = self.n_m
+        prod = tissue.T @ self.shifts  # (N, 3 n_m)
+        p = prod.reshape(prod.shape[0], 3, n_m).transpose(1, 0, 2) * 1.0  # copy, (3, N, n_m)
+        if self.ops.is_numpy:
+            p = np.ascontiguousarray(p)
+        else:
+            p = p.contiguous()
+        p[2] *= 0.5
+        self.p = p
+        self.c2 = (tissue * tissue).sum(axis=0)
 
-    def _g(self, s: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        j, tau = self._split(s)
-        flat = rows * (3 * self.n_m) + j
-        p = self.p.ravel()  # type: ignore[union-attr]
-        return p[flat] + tau * (p[flat + self.n_m] + 0.5 * tau * p[flat + 2 * self.n_m])
+    def split(self, s: Any) -> tuple[Any, Any]:
+        """Column index into the shift tables and offset tau (s) of shifts ``s`` (M,)."""
+        xp = self.ops.xp
+        u = s / -self.dt  # = -s / dt exactly (negation is exact)
+        m = xp.floor(u)
+        j = self.ops.to_index(xp.clip(m - self.m_lo, 0, self.n_m - 1))
+        return j, (u - m) * self.dt
 
-    def _x(self, ja: np.ndarray, ta: np.ndarray, jb: np.ndarray, tb: np.ndarray) -> np.ndarray:
-        n_m, size = self.n_m, 3 * self.n_m
-        wa = (1.0, ta, 0.5 * ta * ta)
-        wb = (1.0, tb, 0.5 * tb * tb)
-        g = self.gram
-        total = np.zeros(ja.shape)
-        for p_ in range(3):
-            row = (p_ * n_m + ja) * size + jb
-            inner = g[row] + wb[1] * g[row + n_m] + wb[2] * g[row + 2 * n_m]
-            total += wa[p_] * inner
-        return total
+    def g(self, j: Any, tau: Any, base: Any) -> Any:
+        """G(s) for voxels whose flat table offset is ``base`` (= row x n_m), (M,)."""
+        take, p = self.ops.take, self.p
+        flat = base + j
+        return take(p[0], flat) + tau * (take(p[1], flat) + tau * take(p[2], flat))
 
-    def _h(self, j: np.ndarray, tau: np.ndarray) -> np.ndarray:
-        c = self.h_coef
-        i = 5 * j
-        return c[i] + tau * (c[i + 1] + tau * (c[i + 2] + tau * (c[i + 3] + tau * c[i + 4])))
+    def h(self, j: Any, tau: Any) -> Any:
+        """H(s) = F's diagonal term, (M,)."""
+        take, c = self.ops.take, self.h_coef
+        return take(c[0], j) + tau * (take(c[1], j) + tau * (take(c[2], j) + tau * (
+            take(c[3], j) + tau * take(c[4], j))))
 
-    def _f(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        ja, ta = self._split(a)
-        jb, tb = self._split(b)
-        return self._h(ja, ta) + self._h(jb, tb) - 2.0 * self._x(ja, ta, jb, tb)
+    def x(self, ja: Any, ta: Any, jb: Any, tb: Any) -> Any:
+        """X(a, b) = sum_t A(t - a) A(t - b), (M,)."""
+        take, k = self.ops.take, self.blocks
+        ij = ja * self.n_m + jb
+        wb1, wb2 = tb, 0.5 * tb * tb
+        total = take(k[0], ij) + wb1 * take(k[1], ij) + wb2 * take(k[2], ij)
+        total = total + ta * (take(k[3], ij) + wb1 * take(k[4], ij) + wb2 * take(k[5], ij))
+        return total + (0.5 * ta * ta) * (take(k[6], ij) + wb1 * take(k[7], ij)
+                                          + wb2 * take(k[8], ij))
 
-    def __call__(self, params: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        """SSE (M,) of parameter triples (M, 3) for voxels ``rows`` (M,) of the tissue set."""
-        cbf, mtt, d = params[:, 0], params[:, 1], params[:, 2]
+    def sse(self, cbf: Any, mtt: Any, delay: Any, rows: Any) -> Any:
+        """SSE (M,) of parameters (M,) each, for voxels ``rows`` (M,) of the tissue set."""
+        ja, ta = self.split(delay)
+        jb, tb = self.split(delay + mtt)
+        base = rows * self.n_m
+        cross = self.g(ja, ta, base) - self.g(jb, tb, base)
+        f = self.h(ja, ta) + self.h(jb, tb) - 2.0 * self.x(ja, ta, jb, tb)
         kc = self.scale * cbf
-        cross = self._g(d, rows) - self._g(d + mtt, rows)
-        sse = self.c2[rows] - 2.0 * kc * cross + kc * kc * self._f(d, d + mtt)  # type: ignore[index]
-        return np.maximum(sse, 0.0)
+        sse = self.ops.take(self.c2, rows) - 2.0 * kc * cross + kc * kc * f
+        return self.ops.xp.clip(sse, 0.0, None)
 
-    def grid_start(self, bounds: np.ndarray, *, n_mtt: int = 16) -> np.ndarray:
+    def __call__(self, params: Any, rows: Any) -> Any:
+        """SSE (M,) of parameter triples (M, 3) for voxels ``rows`` (M,) of the tissue set."""
+        return self.sse(params[:, 0], params[:, 1], params[:, 2], rows)
+
+    def grid_start(self, bounds: np.ndarray, *, n_mtt: int = 16) -> Any:
         """Best (CBF, MTT, delay) per voxel of the current tissue set on a grid of delays and
         MTTs at whole multiples of the frame interval, CBF solved in closed form (variable
-        projection); shape (N, 3)."""
-        size = 3 * self.n_m
-        p0 = self.p[:, : self.n_m]  # type: ignore[index]
+        projection); shape (N, 3), an array of this backend."""
+        ops, xp, n_m = self.ops, self.ops.xp, self.n_m
+        p0 = self.p[0]  # (N, n_m)
         n = p0.shape[0]
         # Delays d = -m dt for the columns j = m - m_lo of the tables, inside the bounds.
-        d_cols = np.arange(self.n_m)
+        d_cols = np.arange(n_m)
         d_val = -(d_cols + self.m_lo) * self.dt
         d_cols = d_cols[(d_val >= bounds[2, 0] - 1e-9) & (d_val <= bounds[2, 1] + 1e-9)]
         lo_k = max(1, int(np.ceil(bounds[1, 0] / self.dt - 1e-9)))
         hi_k = max(lo_k, int(np.floor(bounds[1, 1] / self.dt + 1e-9)))
         steps = np.unique(np.rint(np.geomspace(lo_k, hi_k, n_mtt)).astype(np.intp))
-        best_gain = np.full(n, -1.0)
-        best = np.zeros((n, 3))
-        g = self.gram
+        k00 = ops.to_numpy(self.blocks[0]).reshape(n_m, n_m)
+        best_gain = ops.full(n, -1.0)
+        best = ops.full((3, n), 0.0)
         for k in steps:
             # MTT = k dt: the later edge d + MTT sits k columns to the left.
             cols = d_cols[d_cols - k >= 0]
             if cols.size == 0:
                 continue
-            f = g[cols * size + cols] + g[(cols - k) * size + cols - k] \
-                - 2.0 * g[cols * size + cols - k]
+            f = k00[cols, cols] + k00[cols - k, cols - k] - 2.0 * k00[cols, cols - k]
             ok = f > 1e-12 * max(float(f.max()), 1e-300)
-            cols, f = cols[ok], f[ok]
-            cross = p0[:, cols] - p0[:, cols - k]
-            gain = np.where(cross > 0, cross * cross / f, 0.0)
-            j = np.argmax(gain, axis=1)
-            rows = np.arange(n)
-            gj = gain[rows, j]
+            cols, f = cols[ok], ops.asarray(f[ok])
+            cross = p0[:, ops.indices(cols)] - p0[:, ops.indices(cols - k)]  # (N, columns)
+            gain = xp.where(cross > 0, cross * cross / f, 0.0)
+            j = ops.argmax(gain, 1)
+            gj = ops.pick(gain, j)
             upd = gj > best_gain
-            best_gain[upd] = gj[upd]
-            sel = rows[upd]
-            best[upd, 0] = cross[sel, j[upd]] / (self.scale * f[j[upd]])
-            best[upd, 1] = k * self.dt
-            best[upd, 2] = -(cols[j[upd]] + self.m_lo) * self.dt
-        return np.clip(best, bounds[:, 0], bounds[:, 1])
+            ops.put(best_gain, upd, gj)
+            ops.put(best[0], upd, ops.pick(cross, j) / (self.scale * ops.take(f, j)))
+            ops.put(best[1], upd, ops.full(n, k * self.dt))
+            ops.put(best[2], upd, -(ops.take(ops.asarray(cols), j) + self.m_lo) * self.dt)
+        lo, hi = ops.asarray(bounds[:, :1]), ops.asarray(bounds[:, 1:])
+        return xp.clip(best, lo, hi).T

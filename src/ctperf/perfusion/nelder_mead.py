@@ -7,40 +7,58 @@ method="Nelder-Mead")`` and MATLAB's ``fminsearch``. Bounds: a vertex outside th
 its projection onto the box with a penalty growing with the distance, and it keeps its place, so
 the simplex never collapses onto a bound (clipping the vertices themselves does, and stalls the
 search). Voxels that have converged leave the working set, so later iterations cost less.
-Instead of sorting each simplex, only the best, worst and second-worst vertices are located.
+
+Layout: the simplices are stored vertex-major, ``(D + 1, D, M)``, and the values ``(D + 1, M)``,
+so that every step is an operation on contiguous length-M vectors: the best, worst and
+second-worst vertices are found by a running comparison over the D + 1 vertices (no sort), and
+the worst vertex is replaced through masks. Written against :class:`ArrayOps`, so it runs on
+NumPy arrays or torch tensors alike.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
+from ctperf.perfusion.fastsse import ArrayOps
+
 __all__ = ["nelder_mead"]
 
-Objective = Callable[[np.ndarray, np.ndarray], np.ndarray]
+#: ``fun(points, rows) -> values``: points (D, M), problem indices (M,), values (M,).
+Objective = Callable[[Any, Any], Any]
+
+
+def _pick(xp: Any, sim: Any, masks: list[Any]) -> Any:
+    """The vertex chosen by one-hot ``masks`` (one (M,) bool per vertex): (D, M)."""
+    out = sim[-1]
+    for k in range(len(masks) - 2, -1, -1):
+        out = xp.where(masks[k], sim[k], out)
+    return out
 
 
 def nelder_mead(
     fun: Objective,
-    x0: np.ndarray,
+    x0: Any,
     *,
     bounds: np.ndarray,
     max_iter: int = 300,
     xatol: float = 1e-4,
-    fatol: float | np.ndarray = 1e-4,
+    fatol: float | Any = 1e-4,
     initial_step: float = 0.05,
     steps: np.ndarray | None = None,
-) -> np.ndarray:
+    ops: ArrayOps | None = None,
+) -> Any:
     """Minimise ``fun`` independently for each row of ``x0``.
 
     Parameters
     ----------
     fun : callable
-        ``fun(points, rows) -> values``: points (M, D), the problem (row of ``x0``) each point
-        belongs to as int indices (M,); returns (M,) objective values.
-    x0 : ndarray, shape (N, D)
-        Start per problem.
+        ``fun(points, rows) -> values``: points (D, M) (one column per point), the problem (row
+        of ``x0``) each point belongs to as int indices (M,); returns (M,) objective values.
+    x0 : array, shape (N, D)
+        Start per problem (an array of the ``ops`` backend).
     bounds : ndarray, shape (D, 2)
         Lower and upper bound per parameter.
     max_iter : int
@@ -52,64 +70,82 @@ def nelder_mead(
         Relative size of the initial simplex (0.00025 absolute for zero entries).
     steps : ndarray, shape (D,), optional
         Absolute initial steps per parameter instead (for a start already near the minimum).
+    ops : ArrayOps, optional
+        Array backend of ``x0`` and ``fun`` (default NumPy).
 
     Returns
     -------
-    ndarray, shape (N, D)
+    array, shape (N, D)
         Best vertex of each simplex, within the bounds.
     """
-    lo, hi = bounds[:, 0], bounds[:, 1]
-    width = np.where(hi > lo, hi - lo, 1.0)
-    x0 = np.clip(np.asarray(x0, dtype=np.float64), lo, hi)
+    ops = ops if ops is not None else ArrayOps()
+    xp = ops.xp
+    b = np.asarray(bounds, dtype=np.float64)
+    lo, hi = ops.asarray(b[:, :1]), ops.asarray(b[:, 1:])  # (D, 1)
+    width = ops.asarray(np.where(b[:, 1:] > b[:, :1], b[:, 1:] - b[:, :1], 1.0))
+    x0 = xp.clip(ops.asarray(x0).T, lo, hi)  # (D, N)
+    fatol_rows = not isinstance(fatol, float | int)
 
-    def fun_bounded(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
-        xc = np.clip(x, lo, hi)
+    def fun_bounded(x: Any, rows: Any) -> Any:
+        xc = xp.clip(x, lo, hi)
         f = fun(xc, rows)
-        out = (x != xc).any(axis=1)
+        out = (x != xc).any(axis=0)
         if out.any():
-            excess = (((x[out] - xc[out]) / width) ** 2).sum(axis=1)
-            f[out] = f[out] * (1.0 + 100.0 * excess) + 1e-3 * excess
+            sel = ops.nonzero(out)
+            excess = (((x[:, sel] - xc[:, sel]) / width) ** 2).sum(axis=0)
+            f[sel] = f[sel] * (1.0 + 100.0 * excess) + 1e-3 * excess
         return f
 
-    n, d = x0.shape
+    d, n = x0.shape
     nv = d + 1
-    sim = np.repeat(x0[:, None, :], nv, axis=1)
+    sim = ops.stack([x0] * nv, 0)  # (D + 1, D, N)
     for j in range(d):
-        col = sim[:, j + 1, j]
+        col = sim[j + 1, j]
         if steps is not None:
             # Step away from the nearer bound so the first vertices are feasible.
-            up = col + steps[j] <= hi[j]
-            sim[:, j + 1, j] = np.where(up, col + steps[j], col - steps[j])
+            up = col + steps[j] <= b[j, 1]
+            sim[j + 1, j] = xp.where(up, col + steps[j], col - steps[j])
         else:
-            sim[:, j + 1, j] = np.where(col != 0, col * (1 + initial_step), 0.00025)
-    rows = np.arange(n)
-    fs = fun_bounded(sim.reshape(-1, d), np.repeat(rows, nv)).reshape(n, nv)
-    result = np.empty((n, d))
+            sim[j + 1, j] = xp.where(col != 0, col * (1 + initial_step), 0.00025)
+    rows = ops.arange(n)
+    fs = fun_bounded(ops.concat(list(sim), 1), ops.tile(rows, nv)).reshape(nv, n)
+    result = ops.full((d, n), 0.0)
     for it in range(max_iter):
-        if rows.size == 0:
+        m = rows.shape[0]
+        if m == 0:
             break
-        m = rows.size
-        ar = np.arange(m)
-        order = np.argsort(fs, axis=1)
-        ib, i2w, iw = order[:, 0], order[:, -2], order[:, -1]
-        fb, f2w, fw = fs[ar, ib], fs[ar, i2w], fs[ar, iw]
-        best = sim[ar, ib]
+        # Best (first lowest), worst (last highest) and second-highest value, as a stable
+        # sort of the D + 1 values would order them.
+        fb, fw, f2w = fs[0], fs[0], ops.full(m, -np.inf)
+        ib, iw = ops.zeros_index(m), ops.zeros_index(m)
+        for k in range(1, nv):
+            fk = fs[k]
+            ib = xp.where(fk < fb, k, ib)
+            fb = xp.minimum(fb, fk)
+            iw = xp.where(fk >= fw, k, iw)
+            f2w = xp.maximum(f2w, xp.minimum(fw, fk))
+            fw = xp.maximum(fw, fk)
+        best_masks = [ib == k for k in range(nv)]
+        worst_masks = [iw == k for k in range(nv)]
         # Convergence is checked every 4th iteration (a converged simplex only improves on).
-        done = np.zeros(m, dtype=bool) if it % 4 else (
-            np.abs(sim - best[:, None, :]).reshape(m, -1).max(axis=1) <= xatol) & (
-            fw - fb <= (fatol[rows] if isinstance(fatol, np.ndarray) else fatol))
-        if done.any():
-            result[rows[done]] = np.clip(best[done], lo, hi)
-            keep = ~done
-            sim, fs, rows = sim[keep], fs[keep], rows[keep]
-            ib, iw, fb, fw, f2w, best = ib[keep], iw[keep], fb[keep], fw[keep], f2w[keep], \
-                best[keep]
-            m = rows.size
-            if m == 0:
-                break
-            ar = np.arange(m)
-        worst = sim[ar, iw]
-        xbar = (sim.sum(axis=1) - worst) / d
+        if it % 4 == 0:
+            best = _pick(xp, sim, best_masks)
+            spread = ops.amax(xp.abs(sim - best[None]), (0, 1))
+            done = (spread <= xatol) & (fw - fb <= (ops.take(fatol, rows) if fatol_rows
+                                                    else fatol))
+            if done.any():
+                sel = ops.nonzero(done)
+                result[:, rows[sel]] = xp.clip(best[:, sel], lo, hi)
+                keep = ~done
+                sim, fs, rows = sim[:, :, keep], fs[:, keep], rows[keep]
+                ib, iw, fb, fw, f2w = ib[keep], iw[keep], fb[keep], fw[keep], f2w[keep]
+                best_masks = [mk[keep] for mk in best_masks]
+                worst_masks = [mk[keep] for mk in worst_masks]
+                m = rows.shape[0]
+                if m == 0:
+                    break
+        worst = _pick(xp, sim, worst_masks)
+        xbar = (sim.sum(axis=0) - worst) / d
         xr = 2.0 * xbar - worst
         fr = fun_bounded(xr, rows)
         expand = fr < fb
@@ -117,29 +153,36 @@ def nelder_mead(
         inside = fr >= fw
         new_x, new_f = xr, fr
         need = expand | outside | inside
-        shrink = np.zeros(m, dtype=bool)
+        shrink = ops.zeros_bool(m)
         if need.any():
-            sel = np.flatnonzero(need)
-            coef = np.where(expand[sel], 2.0, np.where(outside[sel], 0.5, -0.5))[:, None]
-            x2 = xbar[sel] + coef * (xbar[sel] - worst[sel])
+            sel = ops.nonzero(need)
+            exp_s, out_s = expand[sel], outside[sel]
+            coef = ops.select(exp_s, 2.0, ops.select(out_s, 0.5, -0.5))
+            xb_s = xbar[:, sel]
+            x2 = xb_s + coef * (xb_s - worst[:, sel])
             f2 = fun_bounded(x2, rows[sel])
-            take = np.where(expand[sel], f2 < fr[sel],
-                            np.where(outside[sel], f2 <= fr[sel], f2 < fw[sel]))
-            new_x[sel[take]] = x2[take]
-            new_f[sel[take]] = f2[take]
-            shrink[sel[~take & ~expand[sel]]] = True
-        keep_new = np.flatnonzero(~shrink)
-        sim[keep_new, iw[keep_new]] = new_x[keep_new]
-        fs[keep_new, iw[keep_new]] = new_f[keep_new]
+            fr_s = fr[sel]
+            take = xp.where(exp_s, f2 < fr_s, xp.where(out_s, f2 <= fr_s, f2 < fw[sel]))
+            acc = sel[take]
+            new_x[:, acc] = x2[:, take]
+            new_f[acc] = f2[take]
+            shrink[sel[~take & ~exp_s]] = True
+        stay = ~shrink
+        for k in range(nv):
+            mask = worst_masks[k] & stay
+            ops.put(sim[k], mask[None], new_x)
+            ops.put(fs[k], mask, new_f)
         if shrink.any():
-            sr = np.flatnonzero(shrink)
-            s = best[sr][:, None, :] + 0.5 * (sim[sr] - best[sr][:, None, :])
-            vals = fun_bounded(s.reshape(-1, d), np.repeat(rows[sr], nv)).reshape(-1, nv)
+            sr = ops.nonzero(shrink)
+            sub = sim[:, :, sr]
+            best_sr = _pick(xp, sub, [mk[sr] for mk in best_masks])
+            s = best_sr[None] + 0.5 * (sub - best_sr[None])
+            vals = fun_bounded(ops.concat(list(s), 1), ops.tile(rows[sr], nv)).reshape(nv, -1)
             # The best vertex stays where it is, with its value.
-            vals[np.arange(sr.size), ib[sr]] = fb[sr]
-            sim[sr] = s
-            fs[sr] = vals
-    if rows.size:
-        ib = np.argmin(fs, axis=1)
-        result[rows] = np.clip(sim[np.arange(rows.size), ib], lo, hi)
-    return result
+            vals[ib[sr], ops.arange(sr.shape[0])] = fb[sr]
+            sim[:, :, sr] = s
+            fs[:, sr] = vals
+    if rows.shape[0]:
+        ib = ops.argmin(fs, 0)
+        result[:, rows] = xp.clip(_pick(xp, sim, [ib == k for k in range(nv)]), lo, hi)
+    return result.T
