@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 
@@ -192,6 +194,82 @@ def _phantom_tre(subject, parameters, center) -> tuple[np.ndarray, np.ndarray]:
         tre.append(np.linalg.norm(found - moved, axis=1).mean())
         before.append(np.linalg.norm(moved - pts, axis=1).mean())
     return np.array(tre), np.array(before)
+
+
+def _subset(subject, frames: list[int]):
+    """The subject's series and true motion restricted to ``frames``."""
+    series = subject.series
+    return series.replace(hu=series.hu[frames], times=series.times[frames]), \
+        subject.motion[frames]
+
+
+def _bolus_frames(subject) -> list[int]:
+    """Frames before the bolus, at the arterial and venous peaks and at the end (worst motion)."""
+    n = subject.series.n_frames
+    art, vein = int(np.argmax(subject.aif)), int(np.argmax(subject.vof))
+    return sorted({0, 1, art - 2, art, art + 2, vein, (vein + n) // 2, n - 1})
+
+
+@pytest.fixture(scope="module")
+def bolus_phantoms():
+    """The same 128-px phantom with an MCA lesion, still and with mild motion."""
+    from ctperf.phantom import generate_subject
+
+    kwargs = {"seed": 3, "size": 128, "slices": 8, "lesion": True}
+    return {m: generate_subject(motion=m, **kwargs) for m in ("none", "mild")}
+
+
+def test_bolus_does_not_invent_motion(bolus_phantoms):
+    """A still head whose vessels fill with contrast (arteries +400 HU at the peak) stays put."""
+    subject = bolus_phantoms["none"]
+    frames = _bolus_frames(subject)
+    series, _ = _subset(subject, frames)
+    # the subset does hold the bolus: arteries enhance by well over 100 HU at the arterial peak
+    artery = subject.masks["artery"]
+    assert (series.hu[:, artery].mean(1) - series.hu[0, artery].mean()).max() > 100
+    result = correct_motion(series, workers=2)
+    # issue target: no frame moves any brain voxel by 0.3 mm or more (measured 0.02-0.12 mm)
+    assert result.max_displacement_mm.max() < 0.3, result.max_displacement_mm
+
+
+def test_mild_motion_phantom_tre(bolus_phantoms):
+    subject = bolus_phantoms["mild"]
+    series, motion = _subset(subject, _bolus_frames(subject))
+    result = correct_motion(series, workers=2)
+    sub = SimpleNamespace(masks=subject.masks, series=series, motion=motion)
+    tre, before = _phantom_tre(sub, result.parameters, result.center_mm)
+    assert before.max() > 0.5  # the late frames have moved (sanity check of the test)
+    # issue target: mean TRE over the brain < 0.5 mm (measured 0.05 mean, 0.18 worst frame)
+    assert tre.mean() < 0.5 and tre.max() < 0.5, tre
+
+
+def test_enhancing_voxels_are_vessels_not_moving_edges(bolus_phantoms):
+    """Arteries are found; the skull of a moving head is not mistaken for enhancement."""
+    from scipy import ndimage
+
+    from ctperf.preprocess.registration import _enhancing
+
+    still = bolus_phantoms["none"].series
+    found = _enhancing(still.hu, still.spacing, reach_mm=5.0, threshold_hu=40.0)
+    artery = bolus_phantoms["none"].masks["artery"]
+    # nearly every artery voxel (partial volume 0.4-1 of +150-600 HU) exceeds 40 HU
+    assert found[artery].mean() > 0.9
+    # Severe motion (up to ~5 mm) moves the skull's 1,500 HU edges: they must not be flagged
+    # away from the vessels' margin. The motion is imposed on a frame-0-only copy of the still
+    # study (no contrast at all), so every flagged voxel is a false positive.
+    from ctperf.phantom.acquisition import apply_motion
+
+    frame0 = still.hu[0]
+    moves = np.array([[0, 0, 0, 0, 0, 0], [2.0, 0.5, 2.0, 1.0, 3.0, 1.0],
+                      [-2.0, 0, -2.0, -3.0, 1.0, -1.5]])
+    hu = np.stack([apply_motion(frame0, still.affine, p) for p in moves])
+    flagged = _enhancing(hu, still.spacing, reach_mm=5.0, threshold_hu=40.0)
+    # apply_motion repeats the edge slices through plane: judge the inner slices only
+    inner = np.zeros_like(flagged)
+    inner[1:-1] = True
+    skull = ndimage.binary_dilation(frame0 > 300, iterations=2) & inner
+    # at most 1 % of the skull and its rim: isolated noise peaks (8 HU noise, 3 frames)
+    assert flagged[skull].mean() < 0.01, flagged[skull].mean()
 
 
 @pytest.mark.slow
