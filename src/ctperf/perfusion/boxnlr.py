@@ -304,11 +304,17 @@ def fit_box_nlr(
         from tqdm import tqdm
 
         bar = tqdm(total=n, desc=f"box {mode}", unit="voxel", unit_scale=True)
-    # Threads: the heavy work is NumPy array operations, which release the GIL.
-    with ThreadPoolExecutor(max_workers=n_workers) as pool:
-        for s, _ in zip(starts, pool.map(fit_chunk, starts), strict=True):
+    if n_workers == 1:
+        for s in starts:
+            fit_chunk(s)
             if bar is not None:
                 bar.update(min(chunk, n - s))
+    else:
+        # Threads: the heavy work is NumPy array operations, which release the GIL.
+        with ThreadPoolExecutor(max_workers=n_workers) as pool:
+            for s, _ in zip(starts, pool.map(fit_chunk, starts), strict=True):
+                if bar is not None:
+                    bar.update(min(chunk, n - s))
     if bar is not None:
         bar.close()
     np.sqrt(rms, out=rms)

@@ -67,9 +67,9 @@ class ArrayOps:
         return self.device is None
 
     def asarray(self, x: Any) -> Any:
-        """float64 array on this backend's device."""
+        """float64 array on this backend's device (C-contiguous)."""
         if self.is_numpy:
-            return np.asarray(x, dtype=np.float64)
+            return np.ascontiguousarray(x, dtype=np.float64)
         if isinstance(x, np.ndarray):
             x = np.ascontiguousarray(x, dtype=np.float64)
         return self.xp.as_tensor(x, dtype=self.float, device=self._dev)
@@ -100,7 +100,7 @@ class ArrayOps:
 
     def take(self, table: Any, index: Any) -> Any:
         """``table.ravel()[index]`` for a contiguous table."""
-        return np.take(table, index) if self.is_numpy else self.xp.take(table, index)
+        return table.take(index) if self.is_numpy else self.xp.take(table, index)
 
     def indices(self, x: np.ndarray) -> Any:
         """A NumPy integer array as an index array of this backend."""
@@ -128,7 +128,31 @@ class ArrayOps:
             b = self.xp.full(cond.shape, b, dtype=self.float, device=cond.device)
         return self.xp.where(cond, a, b)
 
-    def put(self, dst: Any, mask: Any, src: Any) -> None:
+    def fill(self, dst: Any, mask: Any, value: float) -> None:
+        """``dst[mask] = value`` in place."""
+        if self.is_numpy:
+            np.putmask(dst, mask, value)
+        else:
+            dst.masked_fill_(mask, value)
+
+    def put(self, dst: Any, index: Any, src: Any) -> None:
+        """``dst.ravel()[index] = src`` in place (contiguous ``dst``)."""
+        if self.is_numpy:
+            if not dst.flags.c_contiguous:
+                raise ValueError("put needs a C-contiguous array")
+            dst.reshape(-1)[index] = src
+        else:
+            dst.view(-1)[index] = src
+
+    def take_cols(self, x: Any, index: Any) -> Any:
+        """Columns ``index`` of a 2-D array."""
+        return np.take(x, index, axis=1) if self.is_numpy else x.index_select(1, index)
+
+    def amax0(self, x: Any) -> Any:
+        """Maximum over the first axis."""
+        return x.max(axis=0) if self.is_numpy else x.amax(dim=0)
+
+    def put_where(self, dst: Any, mask: Any, src: Any) -> None:
         """``dst[mask] = src[mask]`` in place (mask broadcast against dst)."""
         if self.is_numpy:
             np.copyto(dst, src, where=mask)
@@ -212,8 +236,21 @@ class FastBoxSSE:
                 for p in range(3) for q in range(3)]
         k00, k01, k02, _, k11, k12, _, _, k22 = diag
         h_coef = np.stack([k00, 2 * k01, k11 + k02, k12, 0.25 * k22])
+        # F(a, b) as one polynomial in the two offsets, coefficients per column pair (ja, jb):
+        # 13 rows (see ``f``), flat index ja n_m + jb. One gather per coefficient.
+        hh = [h_coef[i] for i in range(5)]
+        ka = [blocks[i].reshape(n_m, n_m) for i in range(9)]
+        ha = [c[:, None] for c in hh]  # varies with ja
+        hb = [c[None, :] for c in hh]  # varies with jb
+        f_coef = np.stack([np.broadcast_to(c, (n_m, n_m)).ravel() for c in (
+            ha[0] + hb[0] - 2 * ka[0], ha[1] - 2 * ka[3], ha[2] - ka[6], ha[3], ha[4],
+            hb[1] - 2 * ka[1], -2 * ka[4], -ka[7],
+            hb[2] - ka[2], -ka[5], -0.5 * ka[8],
+            hb[3], hb[4])])
         xp_ops = self.ops
-        self.shifts = xp_ops.asarray(shifts)
+        self.f_coef = xp_ops.asarray(f_coef)
+        # (3, T, n_m): the shifted cum, ca and slope tables.
+        self.shifts = xp_ops.asarray(shifts.reshape(n_t, 3, n_m).transpose(1, 0, 2))
         self.blocks = xp_ops.asarray(np.ascontiguousarray(blocks))
         self.h_coef = xp_ops.asarray(np.ascontiguousarray(h_coef))
         self.p: Any = None
@@ -231,13 +268,7 @@ class FastBoxSSE:
         Sets ``p`` (3, N, n_m): the voxel's correlation tables P0, P1 and P2 / 2 (the halving
         is exact in binary floating point, so the sums below round as without it)."""
         tissue = self.ops.asarray(tissue)
-        n_m = self.n_m
-        prod = tissue.T @ self.shifts  # (N, 3 n_m)
-        p = prod.reshape(prod.shape[0], 3, n_m).transpose(1, 0, 2) * 1.0  # copy, (3, N, n_m)
-        if self.ops.is_numpy:
-            p = np.ascontiguousarray(p)
-        else:
-            p = p.contiguous()
+        p = tissue.T @ self.shifts  # (3, N, n_m): one product per table, C-contiguous
         p[2] *= 0.5
         self.p = p
         self.c2 = (tissue * tissue).sum(axis=0)
@@ -272,13 +303,23 @@ class FastBoxSSE:
         return total + (0.5 * ta * ta) * (take(k[6], ij) + wb1 * take(k[7], ij)
                                           + wb2 * take(k[8], ij))
 
+    def f(self, ja: Any, ta: Any, jb: Any, tb: Any) -> Any:
+        """F(a, b) = H(a) + H(b) - 2 X(a, b), (M,), from the 13 coefficients of the pair."""
+        take, c = self.ops.take, self.f_coef
+        ij = ja * self.n_m + jb
+        a = take(c[0], ij) + ta * (take(c[1], ij) + ta * (take(c[2], ij) + ta * (
+            take(c[3], ij) + ta * take(c[4], ij))))
+        b1 = take(c[5], ij) + ta * (take(c[6], ij) + ta * take(c[7], ij))
+        b2 = take(c[8], ij) + ta * (take(c[9], ij) + ta * take(c[10], ij))
+        return a + tb * (b1 + tb * (b2 + tb * (take(c[11], ij) + tb * take(c[12], ij))))
+
     def sse(self, cbf: Any, mtt: Any, delay: Any, rows: Any) -> Any:
         """SSE (M,) of parameters (M,) each, for voxels ``rows`` (M,) of the tissue set."""
         ja, ta = self.split(delay)
         jb, tb = self.split(delay + mtt)
         base = rows * self.n_m
         cross = self.g(ja, ta, base) - self.g(jb, tb, base)
-        f = self.h(ja, ta) + self.h(jb, tb) - 2.0 * self.x(ja, ta, jb, tb)
+        f = self.f(ja, ta, jb, tb)
         kc = self.scale * cbf
         sse = self.ops.take(self.c2, rows) - 2.0 * kc * cross + kc * kc * f
         return self.ops.xp.clip(sse, 0.0, None)
@@ -317,9 +358,9 @@ class FastBoxSSE:
             j = ops.argmax(gain, 1)
             gj = ops.pick(gain, j)
             upd = gj > best_gain
-            ops.put(best_gain, upd, gj)
-            ops.put(best[0], upd, ops.pick(cross, j) / (self.scale * ops.take(f, j)))
-            ops.put(best[1], upd, ops.full(n, k * self.dt))
-            ops.put(best[2], upd, -(ops.take(ops.asarray(cols), j) + self.m_lo) * self.dt)
+            ops.put_where(best_gain, upd, gj)
+            ops.put_where(best[0], upd, ops.pick(cross, j) / (self.scale * ops.take(f, j)))
+            ops.put_where(best[1], upd, ops.full(n, k * self.dt))
+            ops.put_where(best[2], upd, -(ops.take(ops.asarray(cols), j) + self.m_lo) * self.dt)
         lo, hi = ops.asarray(bounds[:, :1]), ops.asarray(bounds[:, 1:])
         return xp.clip(best, lo, hi).T

@@ -30,14 +30,6 @@ __all__ = ["nelder_mead"]
 Objective = Callable[[Any, Any], Any]
 
 
-def _pick(xp: Any, sim: Any, masks: list[Any]) -> Any:
-    """The vertex chosen by one-hot ``masks`` (one (M,) bool per vertex): (D, M)."""
-    out = sim[-1]
-    for k in range(len(masks) - 2, -1, -1):
-        out = xp.where(masks[k], sim[k], out)
-    return out
-
-
 def nelder_mead(
     fun: Objective,
     x0: Any,
@@ -83,7 +75,7 @@ def nelder_mead(
     b = np.asarray(bounds, dtype=np.float64)
     lo, hi = ops.asarray(b[:, :1]), ops.asarray(b[:, 1:])  # (D, 1)
     width = ops.asarray(np.where(b[:, 1:] > b[:, :1], b[:, 1:] - b[:, :1], 1.0))
-    x0 = xp.clip(ops.asarray(x0).T, lo, hi)  # (D, N)
+    x0 = ops.asarray(xp.clip(ops.asarray(x0).T, lo, hi))  # (D, N), C-contiguous
     fatol_rows = not isinstance(fatol, float | int)
 
     def fun_bounded(x: Any, rows: Any) -> Any:
@@ -92,60 +84,62 @@ def nelder_mead(
         out = (x != xc).any(axis=0)
         if out.any():
             sel = ops.nonzero(out)
-            excess = (((x[:, sel] - xc[:, sel]) / width) ** 2).sum(axis=0)
-            f[sel] = f[sel] * (1.0 + 100.0 * excess) + 1e-3 * excess
+            excess = (((ops.take_cols(x, sel) - ops.take_cols(xc, sel)) / width) ** 2).sum(axis=0)
+            f_s = ops.take(f, sel)
+            f[sel] = f_s * (1.0 + 100.0 * excess) + 1e-3 * excess
         return f
 
     d, n = x0.shape
     nv = d + 1
-    sim = ops.stack([x0] * nv, 0)  # (D + 1, D, N)
+    # The simplices, vertex-major: row k * D + j holds parameter j of vertex k, (nv D, M).
+    sim = ops.concat([x0] * nv, 0)
     for j in range(d):
-        col = sim[j + 1, j]
+        col = sim[(j + 1) * d + j]
         if steps is not None:
             # Step away from the nearer bound so the first vertices are feasible.
             up = col + steps[j] <= b[j, 1]
-            sim[j + 1, j] = xp.where(up, col + steps[j], col - steps[j])
+            sim[(j + 1) * d + j] = xp.where(up, col + steps[j], col - steps[j])
         else:
-            sim[j + 1, j] = xp.where(col != 0, col * (1 + initial_step), 0.00025)
+            sim[(j + 1) * d + j] = xp.where(col != 0, col * (1 + initial_step), 0.00025)
     rows = ops.arange(n)
-    fs = fun_bounded(ops.concat(list(sim), 1), ops.tile(rows, nv)).reshape(nv, n)
+    fs = fun_bounded(ops.concat([sim[k * d:(k + 1) * d] for k in range(nv)], 1),
+                     ops.tile(rows, nv)).reshape(nv, n)
     result = ops.full((d, n), 0.0)
+    m = n
+    ar, offsets = ops.arange(m), ops.arange(d)[:, None] * m
     for it in range(max_iter):
-        m = rows.shape[0]
         if m == 0:
             break
-        # Best (first lowest), worst (last highest) and second-highest value, as a stable
-        # sort of the D + 1 values would order them.
-        fb, fw, f2w = fs[0], fs[0], ops.full(m, -np.inf)
-        ib, iw = ops.zeros_index(m), ops.zeros_index(m)
+        # Lowest, highest and second-highest value (values only: ties do not matter here).
+        fb, fw, f2w = xp.minimum(fs[0], fs[1]), xp.maximum(fs[0], fs[1]), None
+        f2w = fb
+        for k in range(2, nv):
+            f2w = xp.maximum(f2w, xp.minimum(fw, fs[k]))
+            fw = xp.maximum(fw, fs[k])
+            fb = xp.minimum(fb, fs[k])
+        # Worst vertex: the last one holding the highest value.
+        iw = ops.zeros_index(m)
         for k in range(1, nv):
-            fk = fs[k]
-            ib = xp.where(fk < fb, k, ib)
-            fb = xp.minimum(fb, fk)
-            iw = xp.where(fk >= fw, k, iw)
-            f2w = xp.maximum(f2w, xp.minimum(fw, fk))
-            fw = xp.maximum(fw, fk)
-        best_masks = [ib == k for k in range(nv)]
-        worst_masks = [iw == k for k in range(nv)]
+            ops.fill(iw, fs[k] == fw, k)
         # Convergence is checked every 4th iteration (a converged simplex only improves on).
         if it % 4 == 0:
-            best = _pick(xp, sim, best_masks)
-            spread = ops.amax(xp.abs(sim - best[None]), (0, 1))
+            best = ops.take(sim, _best_index(ops, fs, fb, m) * (d * m) + ar + offsets)
+            spread = ops.amax0(xp.abs(sim.reshape(nv, d, m) - best).reshape(nv * d, m))
             done = (spread <= xatol) & (fw - fb <= (ops.take(fatol, rows) if fatol_rows
                                                     else fatol))
             if done.any():
                 sel = ops.nonzero(done)
-                result[:, rows[sel]] = xp.clip(best[:, sel], lo, hi)
-                keep = ~done
-                sim, fs, rows = sim[:, :, keep], fs[:, keep], rows[keep]
-                ib, iw, fb, fw, f2w = ib[keep], iw[keep], fb[keep], fw[keep], f2w[keep]
-                best_masks = [mk[keep] for mk in best_masks]
-                worst_masks = [mk[keep] for mk in worst_masks]
+                result[:, ops.take(rows, sel)] = xp.clip(ops.take_cols(best, sel), lo, hi)
+                kept = ops.nonzero(~done)
+                sim, fs = ops.take_cols(sim, kept), ops.take_cols(fs, kept)
+                rows, iw, fb, fw, f2w = (ops.take(v, kept) for v in (rows, iw, fb, fw, f2w))
                 m = rows.shape[0]
                 if m == 0:
                     break
-        worst = _pick(xp, sim, worst_masks)
-        xbar = (sim.sum(axis=0) - worst) / d
+                ar, offsets = ops.arange(m), ops.arange(d)[:, None] * m
+        widx = iw * (d * m) + ar + offsets  # flat positions of the worst vertex, (D, M)
+        worst = ops.take(sim, widx)
+        xbar = (sim.reshape(nv, d, m).sum(axis=0) - worst) / d
         xr = 2.0 * xbar - worst
         fr = fun_bounded(xr, rows)
         expand = fr < fb
@@ -153,36 +147,49 @@ def nelder_mead(
         inside = fr >= fw
         new_x, new_f = xr, fr
         need = expand | outside | inside
-        shrink = ops.zeros_bool(m)
+        shrink = None
         if need.any():
             sel = ops.nonzero(need)
-            exp_s, out_s = expand[sel], outside[sel]
+            exp_s, out_s = ops.take(expand, sel), ops.take(outside, sel)
             coef = ops.select(exp_s, 2.0, ops.select(out_s, 0.5, -0.5))
-            xb_s = xbar[:, sel]
-            x2 = xb_s + coef * (xb_s - worst[:, sel])
-            f2 = fun_bounded(x2, rows[sel])
-            fr_s = fr[sel]
-            take = xp.where(exp_s, f2 < fr_s, xp.where(out_s, f2 <= fr_s, f2 < fw[sel]))
+            xb_s = ops.take_cols(xbar, sel)
+            x2 = xb_s + coef * (xb_s - ops.take_cols(worst, sel))
+            f2 = fun_bounded(x2, ops.take(rows, sel))
+            fr_s = ops.take(fr, sel)
+            take = xp.where(exp_s, f2 < fr_s, xp.where(out_s, f2 <= fr_s,
+                                                       f2 < ops.take(fw, sel)))
             acc = sel[take]
             new_x[:, acc] = x2[:, take]
             new_f[acc] = f2[take]
-            shrink[sel[~take & ~exp_s]] = True
-        stay = ~shrink
-        for k in range(nv):
-            mask = worst_masks[k] & stay
-            ops.put(sim[k], mask[None], new_x)
-            ops.put(fs[k], mask, new_f)
-        if shrink.any():
-            sr = ops.nonzero(shrink)
-            sub = sim[:, :, sr]
-            best_sr = _pick(xp, sub, [mk[sr] for mk in best_masks])
-            s = best_sr[None] + 0.5 * (sub - best_sr[None])
-            vals = fun_bounded(ops.concat(list(s), 1), ops.tile(rows[sr], nv)).reshape(nv, -1)
-            # The best vertex stays where it is, with its value.
-            vals[ib[sr], ops.arange(sr.shape[0])] = fb[sr]
-            sim[:, :, sr] = s
-            fs[:, sr] = vals
-    if rows.shape[0]:
-        ib = ops.argmin(fs, 0)
-        result[:, rows] = xp.clip(_pick(xp, sim, [ib == k for k in range(nv)]), lo, hi)
+            shrink_s = ~take & ~exp_s
+            if shrink_s.any():
+                shrink = sel[shrink_s]
+        if shrink is not None:
+            # Shrink towards the best vertex, which stays where it is, with its value.
+            sub = ops.take_cols(sim, shrink)
+            k_s = shrink.shape[0]
+            ib_s = _best_index(ops, ops.take_cols(fs, shrink), ops.take(fb, shrink), k_s)
+            sub_ofs = ops.arange(d)[:, None] * k_s
+            best_s = ops.take(sub, ib_s * (d * k_s) + ops.arange(k_s) + sub_ofs)
+            s_new = (best_s + 0.5 * (sub.reshape(nv, d, k_s) - best_s)).reshape(nv * d, k_s)
+            vals = fun_bounded(ops.concat([s_new[k * d:(k + 1) * d] for k in range(nv)], 1),
+                               ops.tile(ops.take(rows, shrink), nv)).reshape(nv, k_s)
+            vals[ib_s, ops.arange(k_s)] = ops.take(fb, shrink)
+        ops.put(sim, widx, new_x)
+        ops.put(fs, iw * m + ar, new_f)
+        if shrink is not None:
+            sim[:, shrink] = s_new
+            fs[:, shrink] = vals
+    if m:
+        fb = fs.min(axis=0) if ops.is_numpy else fs.amin(dim=0)
+        best = ops.take(sim, _best_index(ops, fs, fb, m) * (d * m) + ar + offsets)
+        result[:, rows] = xp.clip(best, lo, hi)
     return result.T
+
+
+def _best_index(ops: ArrayOps, fs: Any, fb: Any, m: int) -> Any:
+    """Index of the first vertex holding the lowest value ``fb``, (M,)."""
+    ib = ops.zeros_index(m) + (fs.shape[0] - 1)
+    for k in range(fs.shape[0] - 2, -1, -1):
+        ops.fill(ib, fs[k] == fb, k)
+    return ib
