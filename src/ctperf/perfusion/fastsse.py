@@ -236,19 +236,20 @@ class FastBoxSSE:
                 for p in range(3) for q in range(3)]
         k00, k01, k02, _, k11, k12, _, _, k22 = diag
         h_coef = np.stack([k00, 2 * k01, k11 + k02, k12, 0.25 * k22])
-        # F(a, b) as one polynomial in the two offsets, coefficients per column pair (ja, jb):
-        # 13 rows (see ``f``), flat index ja n_m + jb. One gather per coefficient.
-        hh = [h_coef[i] for i in range(5)]
+        # F(a, b) as one polynomial in the two offsets ta, tb, 13 coefficients c_ik (of
+        # ta^i tb^k) per column pair (ja, jb), flat index ja n_m + jb; rows ordered
+        # c00 c01 c02 | c10 c11 c12 | c20 c21 c22 | c30 c40 c03 c04 (see ``sse``).
         ka = [blocks[i].reshape(n_m, n_m) for i in range(9)]
-        ha = [c[:, None] for c in hh]  # varies with ja
-        hb = [c[None, :] for c in hh]  # varies with jb
+        ha = [c[:, None] for c in h_coef]  # H(a)'s coefficients, varying with ja
+        hb = [c[None, :] for c in h_coef]  # H(b)'s, varying with jb
         f_coef = np.stack([np.broadcast_to(c, (n_m, n_m)).ravel() for c in (
-            ha[0] + hb[0] - 2 * ka[0], ha[1] - 2 * ka[3], ha[2] - ka[6], ha[3], ha[4],
-            hb[1] - 2 * ka[1], -2 * ka[4], -ka[7],
-            hb[2] - ka[2], -ka[5], -0.5 * ka[8],
-            hb[3], hb[4])])
+            ha[0] + hb[0] - 2 * ka[0], hb[1] - 2 * ka[1], hb[2] - ka[2],
+            ha[1] - 2 * ka[3], -2 * ka[4], -ka[5],
+            ha[2] - ka[6], -ka[7], -0.5 * ka[8],
+            ha[3], ha[4], hb[3], hb[4])])
         xp_ops = self.ops
         self.f_coef = xp_ops.asarray(f_coef)
+        self.f_offsets = xp_ops.indices(np.arange(13)[:, None] * (n_m * n_m))
         # (3, T, n_m): the shifted cum, ca and slope tables.
         self.shifts = xp_ops.asarray(shifts.reshape(n_t, 3, n_m).transpose(1, 0, 2))
         self.blocks = xp_ops.asarray(np.ascontiguousarray(blocks))
@@ -271,6 +272,7 @@ class FastBoxSSE:
         p = tissue.T @ self.shifts  # (3, N, n_m): one product per table, C-contiguous
         p[2] *= 0.5
         self.p = p
+        self.p_offsets = self.ops.indices(np.arange(3)[:, None, None] * (p.shape[1] * self.n_m))
         self.c2 = (tissue * tissue).sum(axis=0)
 
     def split(self, s: Any) -> tuple[Any, Any]:
@@ -281,48 +283,26 @@ class FastBoxSSE:
         j = self.ops.to_index(xp.clip(m - self.m_lo, 0, self.n_m - 1))
         return j, (u - m) * self.dt
 
-    def g(self, j: Any, tau: Any, base: Any) -> Any:
-        """G(s) for voxels whose flat table offset is ``base`` (= row x n_m), (M,)."""
-        take, p = self.ops.take, self.p
-        flat = base + j
-        return take(p[0], flat) + tau * (take(p[1], flat) + tau * take(p[2], flat))
-
-    def h(self, j: Any, tau: Any) -> Any:
-        """H(s) = F's diagonal term, (M,)."""
-        take, c = self.ops.take, self.h_coef
-        return take(c[0], j) + tau * (take(c[1], j) + tau * (take(c[2], j) + tau * (
-            take(c[3], j) + tau * take(c[4], j))))
-
-    def x(self, ja: Any, ta: Any, jb: Any, tb: Any) -> Any:
-        """X(a, b) = sum_t A(t - a) A(t - b), (M,)."""
-        take, k = self.ops.take, self.blocks
-        ij = ja * self.n_m + jb
-        wb1, wb2 = tb, 0.5 * tb * tb
-        total = take(k[0], ij) + wb1 * take(k[1], ij) + wb2 * take(k[2], ij)
-        total = total + ta * (take(k[3], ij) + wb1 * take(k[4], ij) + wb2 * take(k[5], ij))
-        return total + (0.5 * ta * ta) * (take(k[6], ij) + wb1 * take(k[7], ij)
-                                          + wb2 * take(k[8], ij))
-
-    def f(self, ja: Any, ta: Any, jb: Any, tb: Any) -> Any:
-        """F(a, b) = H(a) + H(b) - 2 X(a, b), (M,), from the 13 coefficients of the pair."""
-        take, c = self.ops.take, self.f_coef
-        ij = ja * self.n_m + jb
-        a = take(c[0], ij) + ta * (take(c[1], ij) + ta * (take(c[2], ij) + ta * (
-            take(c[3], ij) + ta * take(c[4], ij))))
-        b1 = take(c[5], ij) + ta * (take(c[6], ij) + ta * take(c[7], ij))
-        b2 = take(c[8], ij) + ta * (take(c[9], ij) + ta * take(c[10], ij))
-        return a + tb * (b1 + tb * (b2 + tb * (take(c[11], ij) + tb * take(c[12], ij))))
-
     def sse(self, cbf: Any, mtt: Any, delay: Any, rows: Any) -> Any:
-        """SSE (M,) of parameters (M,) each, for voxels ``rows`` (M,) of the tissue set."""
-        ja, ta = self.split(delay)
-        jb, tb = self.split(delay + mtt)
-        base = rows * self.n_m
-        cross = self.g(ja, ta, base) - self.g(jb, tb, base)
-        f = self.f(ja, ta, jb, tb)
+        """SSE (M,) of parameters (M,) each, for voxels ``rows`` (M,) of the tissue set.
+
+        Both box edges (a = delay, b = delay + MTT) are handled together as (2, M) arrays and
+        each table is read with one gather, to keep the number of array operations low."""
+        ops, xp = self.ops, self.ops.xp
+        j, tau = self.split(ops.stack([delay, delay + mtt], 0))  # (2, M)
+        # G(s) = P0 + tau P1 + tau^2 P2 / 2 at both edges.
+        pk = ops.take(self.p, j + rows * self.n_m + self.p_offsets)  # (3, 2, M)
+        g = pk[0] + tau * (pk[1] + tau * pk[2])
+        cross = g[0] - g[1]
+        # F(a, b) by Horner's rule in ta, then in tb.
+        c = ops.take(self.f_coef, j[0] * self.n_m + j[1] + self.f_offsets)  # (13, M)
+        ta, tb = tau[0], tau[1]
+        r = c[0:3] + ta * (c[3:6] + ta * c[6:9])  # coefficients of tb^0, tb^1, tb^2
+        f = r[0] + ta * ta * ta * (c[9] + ta * c[10]) + tb * (
+            r[1] + tb * (r[2] + tb * (c[11] + tb * c[12])))
         kc = self.scale * cbf
-        sse = self.ops.take(self.c2, rows) - 2.0 * kc * cross + kc * kc * f
-        return self.ops.xp.clip(sse, 0.0, None)
+        sse = ops.take(self.c2, rows) - 2.0 * kc * cross + kc * kc * f
+        return xp.clip(sse, 0.0, None)
 
     def __call__(self, params: Any, rows: Any) -> Any:
         """SSE (M,) of parameter triples (M, 3) for voxels ``rows`` (M,) of the tissue set."""
