@@ -1,0 +1,115 @@
+"""The box-model fits on the torch backend give the NumPy results; backend selection and errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ctperf.errors import ValidationError
+from ctperf.perfusion import ArterialTable, box_model, fit_box_nlr, flow_scale
+
+TIMES = np.arange(89) * 0.5
+SCALE = flow_scale(1.04, 0.733)
+
+
+def _aif(t: np.ndarray) -> np.ndarray:
+    x = np.clip(t - 6.0, 0, None)
+    y = x**3 * np.exp(-x / 1.5)
+    return 400.0 * y / y.max()
+
+
+def _tissue(rng: np.random.Generator, n: int, noise: float = 8.0) -> np.ndarray:
+    """Box-model curves simulated on a 0.02 s grid, sampled every 0.5 s, plus noise."""
+    fine = np.arange(0, TIMES[-1] + 0.01, 0.02)
+    p = np.c_[rng.uniform(5, 70, n), rng.uniform(2, 12, n), rng.uniform(-1, 6, n)]
+    c = box_model(p, ArterialTable(_aif(fine), fine), scale=SCALE)
+    return c[np.rint(TIMES / 0.02).astype(int)] + noise * rng.standard_normal((TIMES.size, n))
+
+
+def _params(fit) -> np.ndarray:
+    return np.c_[fit.cbf, fit.mtt, fit.delay]
+
+
+def _compare(ref, other, mode: str) -> None:
+    a, b = _params(ref), _params(other)
+    rel = np.abs(a - b) / (np.abs(a) + 1e-3)
+    # Both backends run the same operations on float64 in the same order; only the matrix
+    # products building the correlation tables (different BLAS) may round differently, by
+    # ~1e-16 relative. Newton stops on thresholds, so such a difference can move its last
+    # accepted step (seen: 5e-7 relative); a simplex can take another branch on a near-tie
+    # and stop elsewhere inside its 1e-4 x tolerance. Hence: nearly all voxels identical to
+    # 1e-9, none further apart than the stopping tolerances, and the same misfit.
+    assert np.mean(rel.max(axis=1) <= 1e-9) >= 0.97, mode
+    assert rel.max() <= (1e-5 if mode == "nlr-fast" else 1e-3), (mode, rel.max())
+    np.testing.assert_allclose(other.residual, ref.residual, rtol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["nlr", "nlr-fast"])
+def test_torch_cpu_matches_numpy(mode, rng, monkeypatch):
+    pytest.importorskip("torch")
+    from ctperf.perfusion import boxnlr
+
+    used, real = [], boxnlr.array_ops
+
+    def spy(device=None):
+        used.append(device)
+        return real(device)
+
+    tissue = _tissue(rng, 300)
+    ref = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode)
+    # A small chunk so that several chunks (and the restart of bound-hugging voxels) run.
+    monkeypatch.setattr(boxnlr, "array_ops", spy)
+    on_torch = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode, backend="torch",
+                           device="cpu", chunk=128)
+    assert used == ["cpu"]  # the torch code ran, not NumPy's
+    _compare(ref, on_torch, mode)
+    assert isinstance(on_torch.cbf, np.ndarray) and on_torch.cbf.dtype == np.float64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["nlr", "nlr-fast"])
+def test_cuda_matches_numpy(mode, rng):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    tissue = _tissue(rng, 2000)
+    ref = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode)
+    _compare(ref, fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode, device="cuda"), mode)
+
+
+def test_numpy_fit_does_not_import_torch():
+    code = ("import sys, numpy as np; from ctperf.perfusion import fit_box_nlr; "
+            "t = np.arange(20) * 0.5; a = np.exp(-(t - 4) ** 2); "
+            "fit_box_nlr(np.outer(a, [1.0, 2.0]), 100 * a, t, device='cpu'); "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_auto_device_runs_and_uneven_frames_fall_back_to_numpy(rng):
+    pytest.importorskip("torch")
+    tissue = _tissue(rng, 20)
+    ref = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode="nlr-fast")
+    auto = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode="nlr-fast", device="auto")
+    _compare(ref, auto, "nlr-fast")
+    times = np.r_[TIMES[:60], TIMES[59] + np.arange(1, 11) * 1.5]  # uneven: NumPy path
+    sub = tissue[:70]
+    uneven = fit_box_nlr(sub, _aif(times), times, mode="nlr-fast", backend="torch")
+    np.testing.assert_array_equal(_params(uneven),
+                                  _params(fit_box_nlr(sub, _aif(times), times, mode="nlr-fast")))
+
+
+def test_backend_errors():
+    tissue, aif = np.zeros((89, 2)), _aif(TIMES)
+    with pytest.raises(ValidationError, match="backend"):
+        fit_box_nlr(tissue, aif, TIMES, backend="jax")
+    with pytest.raises(ValidationError, match="backend='torch'"):
+        fit_box_nlr(tissue, aif, TIMES, backend="numpy", device="cuda")
+    torch = pytest.importorskip("torch")
+    with pytest.raises(ValidationError, match="unknown torch device"):
+        fit_box_nlr(tissue, aif, TIMES, device="warp-drive")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValidationError, match="no CUDA"):
+            fit_box_nlr(tissue, aif, TIMES, device="cuda")
