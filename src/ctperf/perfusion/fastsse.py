@@ -145,8 +145,11 @@ class ArrayOps:
             dst.view(-1)[index] = src
 
     def take_cols(self, x: Any, index: Any) -> Any:
-        """Columns ``index`` of a 2-D array."""
-        return np.take(x, index, axis=1) if self.is_numpy else x.index_select(1, index)
+        """Columns ``index`` (an index array of any shape) of a 2-D array: shape
+        ``(x.shape[0], *index.shape)``."""
+        if self.is_numpy:
+            return x.take(index, axis=1)
+        return x.index_select(1, index.reshape(-1)).reshape(x.shape[0], *index.shape)
 
     def amax0(self, x: Any) -> Any:
         """Maximum over the first axis."""
@@ -249,7 +252,6 @@ class FastBoxSSE:
             ha[3], ha[4], hb[3], hb[4])])
         xp_ops = self.ops
         self.f_coef = xp_ops.asarray(f_coef)
-        self.f_offsets = xp_ops.indices(np.arange(13)[:, None] * (n_m * n_m))
         # (3, T, n_m): the shifted cum, ca and slope tables.
         self.shifts = xp_ops.asarray(shifts.reshape(n_t, 3, n_m).transpose(1, 0, 2))
         self.blocks = xp_ops.asarray(np.ascontiguousarray(blocks))
@@ -272,7 +274,6 @@ class FastBoxSSE:
         p = tissue.T @ self.shifts  # (3, N, n_m): one product per table, C-contiguous
         p[2] *= 0.5
         self.p = p
-        self.p_offsets = self.ops.indices(np.arange(3)[:, None, None] * (p.shape[1] * self.n_m))
         self.c2 = (tissue * tissue).sum(axis=0)
 
     def split(self, s: Any) -> tuple[Any, Any]:
@@ -291,11 +292,11 @@ class FastBoxSSE:
         ops, xp = self.ops, self.ops.xp
         j, tau = self.split(ops.stack([delay, delay + mtt], 0))  # (2, M)
         # G(s) = P0 + tau P1 + tau^2 P2 / 2 at both edges.
-        pk = ops.take(self.p, j + rows * self.n_m + self.p_offsets)  # (3, 2, M)
+        pk = ops.take_cols(self.p.reshape(3, -1), j + rows * self.n_m)  # (3, 2, M)
         g = pk[0] + tau * (pk[1] + tau * pk[2])
         cross = g[0] - g[1]
         # F(a, b) by Horner's rule in ta, then in tb.
-        c = ops.take(self.f_coef, j[0] * self.n_m + j[1] + self.f_offsets)  # (13, M)
+        c = ops.take_cols(self.f_coef, j[0] * self.n_m + j[1])  # (13, M)
         ta, tb = tau[0], tau[1]
         r = c[0:3] + ta * (c[3:6] + ta * c[6:9])  # coefficients of tb^0, tb^1, tb^2
         f = r[0] + ta * ta * ta * (c[9] + ta * c[10]) + tb * (
