@@ -209,8 +209,10 @@ def fit_box_nlr(
     lm_iter : int
         ``"nlr-fast"`` only: most Levenberg-Marquardt steps (voxels stop earlier on their own).
     chunk : int, optional
-        Voxels fitted at once; bounds peak memory (about 60 x T x chunk bytes per worker).
-        Default 8192 with NumPy, 262144 on a GPU.
+        Voxels fitted at once; bounds peak memory: per worker about (24 n + 16 T) bytes per
+        voxel of a chunk, n = (largest delay + MTT - smallest delay) / frame interval + 3
+        (about 4 kB with 0.5 s frames and the default bounds). Default 16384 on the CPU,
+        262144 on a GPU.
     workers : int, optional
         Threads fitting chunks in parallel; default the number of CPUs with NumPy, 1 with torch
         (torch parallelises inside each operation).
@@ -248,7 +250,7 @@ def fit_box_nlr(
         torch_device = None
     ops = array_ops(torch_device)
     if chunk is None:
-        chunk = 8192 if torch_device is None or torch_device == "cpu" else 1 << 18
+        chunk = 1 << 14 if torch_device is None or torch_device == "cpu" else 1 << 18
     if workers is None:
         workers = (os.cpu_count() or 1) if ops.is_numpy else 1
     scale = flow_scale(rho, kh)

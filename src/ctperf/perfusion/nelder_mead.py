@@ -106,7 +106,7 @@ def nelder_mead(
                      ops.tile(rows, nv)).reshape(nv, n)
     result = ops.full((d, n), 0.0)
     m = n
-    ar, offsets = ops.arange(m), ops.arange(d)[:, None] * m
+    ar, cells = ops.arange(m), ops.arange(d * m).reshape(d, m)  # cells: j M + i
     for it in range(max_iter):
         if m == 0:
             break
@@ -123,7 +123,7 @@ def nelder_mead(
             ops.fill(iw, fs[k] == fw, k)
         # Convergence is checked every 4th iteration (a converged simplex only improves on).
         if it % 4 == 0:
-            best = ops.take(sim, _best_index(ops, fs, fb, m) * (d * m) + ar + offsets)
+            best = ops.take(sim, _best_index(ops, fs, fb, m) * (d * m) + cells)
             spread = ops.amax0(xp.abs(sim.reshape(nv, d, m) - best).reshape(nv * d, m))
             done = (spread <= xatol) & (fw - fb <= (ops.take(fatol, rows) if fatol_rows
                                                     else fatol))
@@ -136,8 +136,8 @@ def nelder_mead(
                 m = rows.shape[0]
                 if m == 0:
                     break
-                ar, offsets = ops.arange(m), ops.arange(d)[:, None] * m
-        widx = iw * (d * m) + ar + offsets  # flat positions of the worst vertex, (D, M)
+                ar, cells = ops.arange(m), ops.arange(d * m).reshape(d, m)
+        widx = iw * (d * m) + cells  # flat positions of the worst vertex, (D, M)
         worst = ops.take(sim, widx)
         xbar = (sim.reshape(nv, d, m).sum(axis=0) - worst) / d
         xr = 2.0 * xbar - worst
@@ -147,23 +147,16 @@ def nelder_mead(
         inside = fr >= fw
         new_x, new_f = xr, fr
         need = expand | outside | inside
-        shrink = None
-        if need.any():
-            sel = ops.nonzero(need)
-            exp_s, out_s = ops.take(expand, sel), ops.take(outside, sel)
-            coef = ops.select(exp_s, 2.0, ops.select(out_s, 0.5, -0.5))
-            xb_s = ops.take_cols(xbar, sel)
-            x2 = xb_s + coef * (xb_s - ops.take_cols(worst, sel))
-            f2 = fun_bounded(x2, ops.take(rows, sel))
-            fr_s = ops.take(fr, sel)
-            take = xp.where(exp_s, f2 < fr_s, xp.where(out_s, f2 <= fr_s,
-                                                       f2 < ops.take(fw, sel)))
-            acc = sel[take]
-            new_x[:, acc] = x2[:, take]
-            new_f[acc] = f2[take]
-            shrink_s = ~take & ~exp_s
-            if shrink_s.any():
-                shrink = sel[shrink_s]
+        # Second point for every simplex (those that keep the reflection ignore it).
+        coef = ops.select(expand, 2.0, ops.select(outside, 0.5, -0.5))
+        x2 = xbar + coef * (xbar - worst)
+        f2 = fun_bounded(x2, rows)
+        take = need & xp.where(expand, f2 < fr, xp.where(outside, f2 <= fr, f2 < fw))
+        for j in range(d):
+            ops.put_where(new_x[j], take, x2[j])
+        ops.put_where(new_f, take, f2)
+        shrink_m = need & ~take & ~expand
+        shrink = ops.nonzero(shrink_m) if shrink_m.any() else None
         if shrink is not None:
             # Shrink towards the best vertex, which stays where it is, with its value.
             sub = ops.take_cols(sim, shrink)
@@ -182,7 +175,7 @@ def nelder_mead(
             fs[:, shrink] = vals
     if m:
         fb = fs.min(axis=0) if ops.is_numpy else fs.amin(dim=0)
-        best = ops.take(sim, _best_index(ops, fs, fb, m) * (d * m) + ar + offsets)
+        best = ops.take(sim, _best_index(ops, fs, fb, m) * (d * m) + cells)
         result[:, rows] = xp.clip(best, lo, hi)
     return result.T
 
