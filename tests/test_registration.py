@@ -133,14 +133,19 @@ def test_recovers_in_plane_motion(rng):
 
 
 def test_reduces_through_plane_motion(rng):
-    """Tilts of 5 mm slices are only partly recovered: TRE falls, but not yet below 0.5 mm."""
+    """Tilts of 5 mm slices are only partly recovered: TRE falls, but not below 0.5 mm.
+
+    Each slice of this head integrates the moved anatomy over 5 mm, which no interpolation of
+    the first frame's thick slices reproduces at the tilted skull: started at the true transform
+    the fit drifts by 2 mm, so the residual is a limit of the model, not of the optimiser.
+    """
     series, center = moving_study(rng, THROUGH_PLANE)
     result = correct_motion(series, workers=2)
     points = brain_points(series)
     before = tre(np.zeros_like(THROUGH_PLANE), THROUGH_PLANE, center, points)
     after = tre(result.parameters, THROUGH_PLANE, center, points)
-    # Measured 1-3 mm worst-frame TRE from 4-7 mm before (see the issue note); 3.5 mm and a
-    # halving leave room for the run-to-run spread of the random sampling.
+    # Measured 2.2-2.6 mm worst-frame TRE (per frame) from 6.4 mm before; 3.5 mm and a 0.6
+    # ratio leave room for the spread over seeds of the random sampling and of the texture.
     assert after < 3.5 and after < 0.6 * before, (before, after)
 
 
@@ -273,20 +278,24 @@ def test_enhancing_voxels_are_vessels_not_moving_edges(bolus_phantoms):
 
 
 @pytest.mark.slow
-def test_phantom_severe_motion():
-    """Digital phantom (0.9 mm in plane, 5 mm slices) with severe, mostly nodding motion."""
+@pytest.mark.parametrize(("motion", "size", "seed"), [("none", 256, 3), ("mild", 128, 3),
+                                                      ("severe", 128, 3), ("severe", 128, 5)])
+def test_phantom_full_study(motion, size, seed):
+    """All 89 frames of a phantom with a bolus (0.9 or 1.8 mm pixels, 5 mm slices)."""
     from ctperf.phantom import generate_subject
 
-    subject = generate_subject(seed=5, size=256, slices=8, frames=30, motion="severe")
-    # levels (4, 1): the coarse level of 3.6 mm in plane, as (8, 1) gives at 0.45 mm
-    result = correct_motion(subject.series, levels=(4, 1), workers=2)
+    subject = generate_subject(seed=seed, size=size, slices=8, motion=motion, lesion=True)
+    result = correct_motion(subject.series, workers=2)
     assert np.allclose(result.center_mm, 0.0, atol=1e-6)  # the phantom's slab centre
     tre, before = _phantom_tre(subject, result.parameters, result.center_mm)
-    # Measured: worst frame 1.2 mm, mean 0.74 mm, from up to 5.7 mm before. The issue's 0.5 mm is
-    # not met: tilts about the y axis of 5 mm slices are recovered poorly (see module notes).
-    assert before.max() > 4.0
-    assert tre.max() < 2.0 and tre.mean() < 1.0, (tre.max(), tre.mean())
-    assert tre.max() < 0.35 * before.max()
+    if motion == "none":
+        # issue target 0.3 mm for the largest displacement of any brain voxel (measured 0.07)
+        assert result.max_displacement_mm.max() < 0.3, result.max_displacement_mm.max()
+    else:
+        assert before.max() > 1.0  # the head did move (sanity check of the test)
+    # issue target: mean TRE over the brain < 0.5 mm (measured 0.01-0.18 mm mean over frames,
+    # worst frame 0.42 mm); the worst frame is held to 1 mm
+    assert tre.mean() < 0.5 and tre.max() < 1.0, (tre.mean(), tre.max())
 
 
 @pytest.mark.slow
@@ -298,7 +307,7 @@ def test_nlr_maps_after_correction_match_still_phantom():
     kwargs = {"seed": 5, "size": 128, "slices": 8, "frames": 89}
     moving = generate_subject(motion="severe", **kwargs)
     still = generate_subject(motion="none", **kwargs)  # same anatomy, noise and bolus
-    corrected = correct_motion(moving.series, levels=(2, 1), workers=2).series
+    corrected = correct_motion(moving.series, workers=2).series
     brain = moving.masks["brain"]
     vessels = {"aif_mask": moving.masks["artery"], "vof_mask": moving.masks["vein"]}
     ref = compute_maps(still.series, mask=brain, **vessels)

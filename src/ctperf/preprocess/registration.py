@@ -249,23 +249,15 @@ def _registration_mask(series: CTPSeries, mask: np.ndarray | None) -> np.ndarray
     return mask
 
 
-def _disk(radius_px: int) -> np.ndarray:
-    """In-plane disk footprint (1, 2r+1, 2r+1)."""
-    yy, xx = np.mgrid[-radius_px:radius_px + 1, -radius_px:radius_px + 1]
-    return (yy ** 2 + xx ** 2 <= radius_px * radius_px)[None]
-
-
 def _head_region(mask: np.ndarray, spacing_zyx: Sequence[float], rim_mm: float) -> np.ndarray:
     """The brain grown in plane by ``rim_mm``: brain, skull and scalp with its edge to the air."""
     from scipy import ndimage
 
-    n = round(rim_mm / min(spacing_zyx[1:]))
-    if n < 1:
+    if rim_mm <= 0 or mask.all():
         return mask
-    if n > 4:  # a dilation by a large disk, as a distance threshold (faster)
-        dist = ndimage.distance_transform_edt(~mask, sampling=(1e6, 1.0, 1.0))
-        return dist <= n
-    return ndimage.binary_dilation(mask, _disk(n))
+    # distances within each slice only: an (almost) infinite spacing through plane
+    dist = ndimage.distance_transform_edt(~mask, sampling=(1e9, *spacing_zyx[1:]))
+    return dist <= rim_mm
 
 
 def _enhancing(hu: np.ndarray, spacing_zyx: Sequence[float], *, reach_mm: float,
