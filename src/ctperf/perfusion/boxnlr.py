@@ -14,7 +14,9 @@ Two fits, both vectorised over all voxels of a chunk at once (loops run over ite
 
 With evenly spaced frames both modes evaluate the sum of squared errors through
 :class:`~ctperf.perfusion.fastsse.FastBoxSSE` (exact, a few gathers per evaluation instead of a
-pass over all frames).
+pass over all frames). Chunks of voxels are fitted in parallel threads on the CPU. The same code
+runs on PyTorch tensors (``device="cuda"``, or ``backend="torch"`` on the CPU), in float64;
+torch is imported only then.
 """
 
 from __future__ import annotations

@@ -14,9 +14,11 @@ on the voxel and is exact too, from the Gram matrix of the same shifted tables. 
 then a few dozen gathers from small tables instead of a pass over all T frames, with the same
 value (to rounding).
 
-The tables are laid out one contiguous row per coefficient, so every gather is a flat ``take``
-and the arithmetic runs on contiguous vectors. The same code runs on NumPy arrays or, through
-:class:`ArrayOps`, on PyTorch tensors (a GPU when asked for); torch is imported only then.
+F is stored as one polynomial in the two within-frame offsets, 13 coefficients per pair of
+table columns. Tables hold one contiguous row per coefficient, so each table is read with one
+gather along its columns and the arithmetic runs on contiguous vectors; both box edges are
+evaluated together. The same code runs on NumPy arrays or, through :class:`ArrayOps`, on
+PyTorch tensors (a GPU when asked for); torch is imported only then.
 """
 
 from __future__ import annotations
@@ -93,11 +95,6 @@ class ArrayOps:
             return np.zeros(n, dtype=np.intp)
         return self.xp.zeros(n, dtype=self.index, device=self._dev)
 
-    def zeros_bool(self, n: int) -> Any:
-        if self.is_numpy:
-            return np.zeros(n, dtype=bool)
-        return self.xp.zeros(n, dtype=self.xp.bool, device=self._dev)
-
     def take(self, table: Any, index: Any) -> Any:
         """``table.ravel()[index]`` for a contiguous table."""
         return table.take(index) if self.is_numpy else self.xp.take(table, index)
@@ -161,12 +158,6 @@ class ArrayOps:
             np.copyto(dst, src, where=mask)
         else:
             dst.copy_(self.xp.where(mask, src, dst))
-
-    def amax(self, x: Any, axis: tuple[int, ...]) -> Any:
-        return x.max(axis=axis) if self.is_numpy else self.xp.amax(x, dim=axis)
-
-    def argmin(self, x: Any, axis: int) -> Any:
-        return x.argmin(axis=axis) if self.is_numpy else x.argmin(dim=axis)
 
     def argmax(self, x: Any, axis: int) -> Any:
         return x.argmax(axis=axis) if self.is_numpy else x.argmax(dim=axis)
