@@ -268,33 +268,60 @@ class FastBoxSSE:
         self.c2 = (tissue * tissue).sum(axis=0)
 
     def split(self, s: Any) -> tuple[Any, Any]:
-        """Column index into the shift tables and offset tau (s) of shifts ``s`` (M,)."""
+        """Column index into the shift tables and offset tau (s) of shifts ``s``."""
+        return self._split_in_place(s * 1.0)
+
+    def _split_in_place(self, s: Any) -> tuple[Any, Any]:
+        """As ``split``, overwriting ``s`` (it becomes tau)."""
         xp = self.ops.xp
-        u = s / -self.dt  # = -s / dt exactly (negation is exact)
-        m = xp.floor(u)
-        j = self.ops.to_index(xp.clip(m - self.m_lo, 0, self.n_m - 1))
-        return j, (u - m) * self.dt
+        s /= -self.dt  # u = -s / dt exactly (negation is exact)
+        m = xp.floor(s)
+        s -= m
+        s *= self.dt
+        m -= self.m_lo
+        xp.clip(m, 0, self.n_m - 1, out=m)
+        return self.ops.to_index(m), s
 
     def sse(self, cbf: Any, mtt: Any, delay: Any, rows: Any) -> Any:
         """SSE (M,) of parameters (M,) each, for voxels ``rows`` (M,) of the tissue set.
 
-        Both box edges (a = delay, b = delay + MTT) are handled together as (2, M) arrays and
-        each table is read with one gather, to keep the number of array operations low."""
-        ops, xp = self.ops, self.ops.xp
-        j, tau = self.split(ops.stack([delay, delay + mtt], 0))  # (2, M)
-        # G(s) = P0 + tau P1 + tau^2 P2 / 2 at both edges.
-        pk = ops.take_cols(self.p.reshape(3, -1), j + rows * self.n_m)  # (3, 2, M)
-        g = pk[0] + tau * (pk[1] + tau * pk[2])
-        cross = g[0] - g[1]
-        # F(a, b) by Horner's rule in ta, then in tb.
-        c = ops.take_cols(self.f_coef, j[0] * self.n_m + j[1])  # (13, M)
+        Both box edges (a = delay, b = delay + MTT) are handled together as (2, M) arrays,
+        each table is read with one gather and the arithmetic runs in place where it can, to
+        keep the number of array operations and temporaries low."""
+        ops = self.ops
+        j, tau = self._split_in_place(ops.stack([delay, delay + mtt], 0))  # (2, M) each
         ta, tb = tau[0], tau[1]
-        r = c[0:3] + ta * (c[3:6] + ta * c[6:9])  # coefficients of tb^0, tb^1, tb^2
-        f = r[0] + ta * ta * ta * (c[9] + ta * c[10]) + tb * (
-            r[1] + tb * (r[2] + tb * (c[11] + tb * c[12])))
+        # F(a, b) by Horner's rule in ta (three polynomials at once), then in tb.
+        c = ops.take_cols(self.f_coef, j[0] * self.n_m + j[1])  # (13, M)
+        r = c[6:9]
+        r *= ta
+        r += c[3:6]
+        r *= ta
+        r += c[0:3]  # coefficients of tb^0, tb^1, tb^2
+        high = c[10]
+        high *= ta
+        high += c[9]
+        high *= ta * ta * ta
+        r[0] += high
+        f = c[12]
+        for row in (c[11], r[2], r[1]):
+            f *= tb
+            f += row
+        f *= tb
+        f += r[0]
+        # G(s) = P0 + tau P1 + tau^2 P2 / 2 at both edges.
+        j += rows * self.n_m
+        pk = ops.take_cols(self.p.reshape(3, -1), j)  # (3, 2, M)
+        g = pk[2]
+        g *= tau
+        g += pk[1]
+        g *= tau
+        g += pk[0]
         kc = self.scale * cbf
-        sse = ops.take(self.c2, rows) - 2.0 * kc * cross + kc * kc * f
-        return xp.clip(sse, 0.0, None)
+        out = ops.take(self.c2, rows)
+        out -= 2.0 * kc * (g[0] - g[1])
+        out += kc * kc * f
+        return ops.xp.clip(out, 0.0, None, out=out)
 
     def __call__(self, params: Any, rows: Any) -> Any:
         """SSE (M,) of parameter triples (M, 3) for voxels ``rows`` (M,) of the tissue set."""
