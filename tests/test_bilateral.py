@@ -38,56 +38,78 @@ def brute_force(image: np.ndarray, guide: np.ndarray, spacing, sigma_mm: float,
     return (num / den).astype(np.float32)
 
 
-def head_slab(rng: np.random.Generator, shape=(4, 48, 48), spacing=(5.0, 0.9, 0.9)):
-    """Guide and one noisy frame: air, a bone ring, brain (GM/WM) and a CSF disc, blurred."""
+def head_slab(rng: np.random.Generator, shape=(4, 48, 48), spacing=(5.0, 0.9, 0.9), *,
+              artery: bool = False):
+    """A guide (mean of ~89 frames) and one noisy frame at peak enhancement.
+
+    Brain (grey half 35 HU, white half 27 HU, a CSF disc 8 HU) inside a 6 mm skull (1200 HU), a
+    2 mm scalp (40 HU) and air (-1000 HU), all blurred by a 0.63 mm point spread; at peak the
+    frame has +20 HU in grey and +8 HU in white matter and, optionally, +400 HU in a 3 mm artery,
+    the guide a quarter of that; noise 10 HU per frame, 1 HU in the guide.
+    """
     nz, ny, nx = shape
     yy, xx = np.mgrid[:ny, :nx] * spacing[1]
-    r = np.hypot(yy - yy.mean(), xx - xx.mean())
-    plane = np.where(r < 19, 35.0, np.where(r < 21, 1200.0, -1000.0))
-    plane[(r < 19) & (xx < xx.mean())] = 27.0  # white matter half
-    plane[np.hypot(yy - yy.mean(), xx - xx.mean() - 6) < 4] = 8.0  # CSF
-    truth = np.repeat(plane[None], nz, axis=0)
-    truth = ndimage.gaussian_filter(truth, (0, 0.7, 0.7))
-    frame = truth + 10.0 * rng.standard_normal(shape)
-    guide = truth + 1.0 * rng.standard_normal(shape)  # a mean of ~89 frames
+    cy, cx = yy.mean(), xx.mean()
+    r = np.hypot(yy - cy, xx - cx)
+    plane = np.select([r < 12, r < 18, r < 20], [35.0, 1200.0, 40.0], -1000.0)
+    plane[(r < 12) & (xx < cx)] = 27.0  # white matter half
+    plane[np.hypot(yy - cy, xx - cx - 5) < 3] = 8.0  # CSF
+    peak = 20.0 * (plane == 35.0) + 8.0 * (plane == 27.0)
+    if artery:
+        peak[np.hypot(yy - cy + 6, xx - cx + 3) < 1.5] = 400.0
+    psf = (0, 0.63 / spacing[1], 0.63 / spacing[2])
+    truth, peak = (ndimage.gaussian_filter(np.repeat(a[None], nz, axis=0), psf)
+                   for a in (plane, peak))
+    frame = truth + peak + 10.0 * rng.standard_normal(shape)
+    guide = truth + 0.25 * peak + 1.0 * rng.standard_normal(shape)
     return truth.astype(np.float32), frame.astype(np.float32), guide.astype(np.float32)
 
 
-def test_matches_brute_force(rng):
+def brain_mask(shape, spacing) -> np.ndarray:
+    """Voxels of head_slab's brain at least 1 mm inside the skull."""
+    yy, xx = np.mgrid[:shape[1], :shape[2]] * spacing[1]
+    return np.broadcast_to(np.hypot(yy - yy.mean(), xx - xx.mean()) < 11, shape)
+
+
+def test_matches_brute_force_coarse_voxels(rng):
+    """0.9 mm voxels: sigma is 3.3 voxels, so the grid is not down-sampled in plane."""
     spacing = (5.0, 0.9, 0.9)
-    truth, frame, guide = head_slab(rng, spacing=spacing)
+    _, frame, guide = head_slab(rng, spacing=spacing, artery=True)
     ref = brute_force(frame, guide, spacing, 3.0, 20.0)
-    # issue 5: max |fast - brute force| < 0.5 HU over the whole volume (air, bone and brain),
-    # met by the grid without in-plane down-sampling (range levels only)
-    exact = joint_bilateral(frame[None], guide, spacing=spacing, cells_per_sigma=7.0,
-                            refine_guide=True)[0]
-    assert np.abs(exact - ref).max() < 0.5, np.abs(exact - ref).max()
-    # Default grid (2x down-sampled in plane here): over three noise draws the max was 1.9-2.1 HU,
-    # always at bone/air partial-volume voxels, and 0.35-0.48 HU over soft tissue (brain, CSF):
-    # bounds 3 and 0.75 HU leave room for other draws.
     err = np.abs(joint_bilateral(frame[None], guide, spacing=spacing)[0] - ref)
-    soft = (truth > -50) & (truth < 60)
-    assert err.max() < 3.0 and err[soft].max() < 0.75, (err.max(), err[soft].max())
-    # refine_guide: 1.8-2.1 HU max, 0.35-0.50 HU over soft tissue; it must not be worse
-    refined = joint_bilateral(frame[None], guide, spacing=spacing, refine_guide=True)[0]
-    assert np.abs(refined - ref).max() < 3.0 and np.abs(refined - ref)[soft].max() < 0.75
+    # issue 5: max |fast - brute force| < 0.5 HU over the whole volume (air, skull, scalp,
+    # brain, artery); over five noise draws the max was 0.27-0.35 HU, at the artery's edge
+    assert err.max() < 0.5, err.max()
 
 
 def test_matches_brute_force_thin_voxels(rng):
-    """0.45 mm in-plane voxels, as acquired: the default grid is down-sampled 4x in plane."""
+    """0.45 mm voxels, as acquired: the default grid is down-sampled 3x in plane."""
     spacing = (5.0, 0.45, 0.45)
-    truth, frame, guide = head_slab(rng, shape=(3, 96, 96), spacing=spacing)
+    shape = (3, 96, 96)
+    _, frame, guide = head_slab(rng, shape=shape, spacing=spacing)
     ref = brute_force(frame, guide, spacing, 3.0, 20.0)
     err = np.abs(joint_bilateral(frame[None], guide, spacing=spacing)[0] - ref)
-    # Default (fast) grid: over three noise draws max 2.4-2.8 HU at bone/air partial-volume
-    # voxels and 0.33-0.36 HU over soft tissue; bounds 3.5 and 0.5 HU leave margin. The issue's
-    # 0.5 HU max over the whole volume is met only without in-plane down-sampling (below).
-    soft = (truth > -50) & (truth < 60)
-    assert err.max() < 3.5 and err[soft].max() < 0.5, (err.max(), err[soft].max())
-    # Without in-plane down-sampling the issue's bound holds everywhere (measured 0.47 HU).
-    exact = joint_bilateral(frame[None], guide, spacing=spacing, cells_per_sigma=7.0,
-                            refine_guide=True)[0]
-    assert np.abs(exact - ref).max() < 0.5, np.abs(exact - ref).max()
+    # issue 5's bound over the whole volume; over five noise draws the max was 0.46-0.53 HU, at
+    # partial-volume voxels of the scalp/air and skull edges, and 0.23-0.27 HU over the brain:
+    # the whole-volume bound is 0.6 HU (the issue's 0.5 is not met everywhere at this
+    # down-sampling), the brain bound is the issue's.
+    assert err.max() < 0.6, err.max()
+    assert err[brain_mask(shape, spacing)].max() < 0.5, err[brain_mask(shape, spacing)].max()
+
+
+def test_artery_edge_needs_full_resolution(rng):
+    """A 3 mm artery at peak (+400 HU in the frame, +100 HU in the guide) at 0.45 mm voxels."""
+    spacing = (5.0, 0.45, 0.45)
+    _, frame, guide = head_slab(rng, shape=(3, 96, 96), spacing=spacing, artery=True)
+    ref = brute_force(frame, guide, spacing, 3.0, 20.0)
+    err = np.abs(joint_bilateral(frame[None], guide, spacing=spacing)[0] - ref)
+    # The down-sampled grid's kernel shape errs by ~1 % of the 300 HU frame-guide jump: over
+    # five draws the max was 2.4-2.6 HU (at skull voxels whose guide value equals the
+    # artery's), 99.9th percentile 1.3 HU; bounds 3.5 and 2 HU leave room for other draws.
+    assert err.max() < 3.5 and np.percentile(err, 99.9) < 2.0, err.max()
+    # Without in-plane down-sampling the issue's 0.5 HU holds everywhere (0.26-0.36 HU).
+    full = joint_bilateral(frame[None], guide, spacing=spacing, cells_per_sigma=7.0)[0]
+    assert np.abs(full - ref).max() < 0.5, np.abs(full - ref).max()
 
 
 def test_halves_noise_and_keeps_edges(rng):
