@@ -139,8 +139,11 @@ def nelder_mead(
                 ar, cells = ops.arange(m), ops.arange(d * m).reshape(d, m)
         widx = iw * (d * m) + cells  # flat positions of the worst vertex, (D, M)
         worst = ops.take(sim, widx)
-        xbar = (sim.reshape(nv, d, m).sum(axis=0) - worst) / d
-        xr = 2.0 * xbar - worst
+        xbar = sim.reshape(nv, d, m).sum(axis=0)
+        xbar -= worst
+        xbar /= d
+        xr = xbar * 2.0
+        xr -= worst
         fr = fun_bounded(xr, rows)
         expand = fr < fb
         outside = (fr >= f2w) & (fr < fw)
@@ -149,7 +152,9 @@ def nelder_mead(
         need = expand | outside | inside
         # Second point for every simplex (those that keep the reflection ignore it).
         coef = ops.select(expand, 2.0, ops.select(outside, 0.5, -0.5))
-        x2 = xbar + coef * (xbar - worst)
+        x2 = xbar - worst
+        x2 *= coef
+        x2 += xbar
         f2 = fun_bounded(x2, rows)
         take = need & xp.where(expand, f2 < fr, xp.where(outside, f2 <= fr, f2 < fw))
         for j in range(d):
