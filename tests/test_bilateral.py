@@ -78,7 +78,7 @@ def test_matches_brute_force_coarse_voxels(rng):
     ref = brute_force(frame, guide, spacing, 3.0, 20.0)
     err = np.abs(joint_bilateral(frame[None], guide, spacing=spacing)[0] - ref)
     # issue 5: max |fast - brute force| < 0.5 HU over the whole volume (air, skull, scalp,
-    # brain, artery); over five noise draws the max was 0.27-0.35 HU, at the artery's edge
+    # brain, artery); over four noise draws the max was 0.27-0.35 HU, at the artery's edge
     assert err.max() < 0.5, err.max()
 
 
@@ -89,7 +89,7 @@ def test_matches_brute_force_thin_voxels(rng):
     _, frame, guide = head_slab(rng, shape=shape, spacing=spacing)
     ref = brute_force(frame, guide, spacing, 3.0, 20.0)
     err = np.abs(joint_bilateral(frame[None], guide, spacing=spacing)[0] - ref)
-    # issue 5's bound over the whole volume; over five noise draws the max was 0.46-0.53 HU, at
+    # issue 5's bound over the whole volume; over four noise draws the max was 0.46-0.53 HU, at
     # partial-volume voxels of the scalp/air and skull edges, and 0.23-0.27 HU over the brain:
     # the whole-volume bound is 0.6 HU (the issue's 0.5 is not met everywhere at this
     # down-sampling), the brain bound is the issue's.
@@ -104,50 +104,89 @@ def test_artery_edge_needs_full_resolution(rng):
     ref = brute_force(frame, guide, spacing, 3.0, 20.0)
     err = np.abs(joint_bilateral(frame[None], guide, spacing=spacing)[0] - ref)
     # The down-sampled grid's kernel shape errs by ~1 % of the 300 HU frame-guide jump: over
-    # five draws the max was 2.4-2.6 HU (at skull voxels whose guide value equals the
+    # four draws the max was 2.4-2.6 HU (at skull voxels whose guide value equals the
     # artery's), 99.9th percentile 1.3 HU; bounds 3.5 and 2 HU leave room for other draws.
     assert err.max() < 3.5 and np.percentile(err, 99.9) < 2.0, err.max()
-    # Without in-plane down-sampling the issue's 0.5 HU holds everywhere (0.26-0.36 HU).
+    # Without in-plane down-sampling the issue's 0.5 HU holds everywhere (0.25-0.30 HU).
     full = joint_bilateral(frame[None], guide, spacing=spacing, cells_per_sigma=7.0)[0]
     assert np.abs(full - ref).max() < 0.5, np.abs(full - ref).max()
 
 
-def test_halves_noise_and_keeps_edges(rng):
+def width_10_90(vol: np.ndarray, dx: float) -> float:
+    """10-90 % width in mm of the mean x-profile of an edge falling from high (left) to low."""
+    prof = vol.reshape(-1, vol.shape[-1]).mean(axis=0)
+    hi, lo = prof[:15].mean(), prof[-15:].mean()
+    frac = (prof - lo) / (hi - lo)
+    xs = np.arange(len(prof)) * dx
+    # interpolate the crossings on the reversed (increasing) profile
+    return float(np.interp(0.1, frac[::-1], xs[::-1]) - np.interp(0.9, frac[::-1], xs[::-1]))
+
+
+def edge_study(rng: np.random.Generator, *, step_hu: float, range_sigma_hu: float,
+               frames: int = 6, noise_hu: float = 8.4) -> dict[str, float]:
+    """Tissue/CSF edge at 0.45 x 0.45 x 5 mm: 10-90 % width and noise before and after filtering.
+
+    CSF 10 HU on the right, tissue 10 + ``step_hu`` on the left, blurred by the scanner (1.2 mm
+    FWHM, as the phantom); ``frames`` frames with white noise of ``noise_hu`` (103 / sqrt(150
+    mAs)), guided by a mean of 89 frames (noise / sqrt(89)). Noise is measured 5-18 mm from the
+    edge ("far") and within 2.7 mm of it on the tissue side ("near").
+    """
+    spacing = (5.0, 0.45, 0.45)
+    shape = (4, 32, 128)
+    xx = np.arange(shape[2]) * spacing[2]
+    profile = np.where(xx < xx.mean(), 10.0 + step_hu, 10.0)
+    truth = ndimage.gaussian_filter1d(np.broadcast_to(profile, shape).astype(float),
+                                      1.2 / 2.355 / spacing[2], axis=2)
+    hu = (truth + noise_hu * rng.standard_normal((frames, *shape))).astype(np.float32)
+    guide = (truth + noise_hu / np.sqrt(89) * rng.standard_normal(shape)).astype(np.float32)
+    out = joint_bilateral(hu, guide, spacing=spacing, range_sigma_hu=range_sigma_hu)
+    gauss = ndimage.gaussian_filter(hu, (0, *(3.0 / s for s in spacing)))
+    far, near = np.s_[..., 10:40], np.s_[..., 58:64]
+    width = width_10_90(hu, spacing[2])
+    return {"width_before": width, "growth": width_10_90(out, spacing[2]) - width,
+            "growth_gauss": width_10_90(gauss, spacing[2]) - width,
+            "noise_far": float((out - truth)[far].std() / (hu - truth)[far].std()),
+            "noise_near": float((out - truth)[near].std() / (hu - truth)[near].std())}
+
+
+def test_edge_width_paper_parameters(rng):
+    """Issue 5: noise halved, 10-90 % width of a tissue/CSF edge grows by < 1 mm."""
+    # a 27 HU step: the phantom's grey matter (35-40 HU) against CSF (5-15 HU) at 80 kV
+    res = edge_study(rng, step_hu=27.0, range_sigma_hu=20.0)
+    # White noise is averaged over ~1000 voxels: its SD falls to ~4 % far from the edge and
+    # ~14 % next to it (measured); halving is the issue's requirement.
+    assert res["noise_far"] < 0.5 and res["noise_near"] < 0.5, res
+    # The < 1 mm target is NOT met with the paper's 20 HU range sigma: across a 27 HU step the
+    # range weight is exp(-27^2 / 800) = 0.40, and the edge widens by 4.1-4.4 mm over three
+    # noise draws, against 6.3-6.6 mm for a Gaussian of the same spatial sigma. Held here to
+    # that measurement (+-1 mm around it) so that a change shows.
+    assert 3.2 < res["growth"] < 5.3, res
+    assert res["growth"] < 0.75 * res["growth_gauss"], res
+
+
+def test_edge_width_smaller_range_sigma(rng):
+    """What meets the < 1 mm target on the same 27 HU step: range sigma 10 HU."""
+    res = edge_study(rng, step_hu=27.0, range_sigma_hu=10.0)
+    # measured growth -0.1-0.0 mm over three draws, noise still 4 % of the input far from the
+    # edge and 13-14 % next to it (as with 20 HU): in flat tissue the guide (1 HU noise) hardly
+    # changes the range weights, so a smaller range sigma costs little noise reduction there
+    assert res["growth"] < 1.0 and res["noise_far"] < 0.5 and res["noise_near"] < 0.5, res
+    # a white matter/CSF step (18 HU) needs less still: 10 HU leaves it widening by 2.2-2.7 mm
+    # (7.5 HU: 0.2-0.5 mm)
+    wm = edge_study(rng, step_hu=18.0, range_sigma_hu=10.0)
+    assert wm["growth"] > 1.0, wm
+
+
+def test_series_interface(rng):
     spacing = (5.0, 0.9, 0.9)
-    t, z, y, x = 6, 4, 64, 64
-    xx = np.arange(x) * spacing[2]
-    profile = np.where(xx < xx.mean(), 35.0, 8.0)  # tissue | CSF edge across x
-    truth = ndimage.gaussian_filter1d(np.broadcast_to(profile, (z, y, x)).astype(float), 1.0,
-                                      axis=2)
-    hu = truth + 10.0 * rng.standard_normal((t, z, y, x))
-    series = CTPSeries(hu=hu, times=np.arange(t) * 0.5, affine=np.diag([0.9, 0.9, 5.0, 1.0]))
+    _, frame, _ = head_slab(rng, spacing=spacing)
+    hu = frame[None] + rng.standard_normal((5, *frame.shape)).astype(np.float32)
+    series = CTPSeries(hu=hu, times=np.arange(5) * 0.5, affine=np.diag([0.9, 0.9, 5.0, 1.0]))
     out = bilateral_filter(series)
-    region = np.s_[:, :, 8:-8, 5:20]  # homogeneous tissue, away from the edge
-    sd_before = hu[region].std()
-    sd_after = out.hu[region].std()
-    assert sd_after < 0.5 * sd_before, (sd_before, sd_after)
-
-    def width_10_90(vol: np.ndarray) -> float:
-        """10-90 % edge width in mm of the mean x-profile."""
-        prof = vol.mean(axis=(0, 1, 2)) if vol.ndim == 4 else vol.mean(axis=(0, 1))
-        hi, lo = prof[:10].mean(), prof[-10:].mean()
-        frac = (prof - lo) / (hi - lo)
-        xs = np.arange(len(prof)) * spacing[2]
-        # profile falls from 1 to 0: interpolate the crossings on the reversed, increasing arrays
-        x90 = np.interp(0.9, frac[::-1], xs[::-1])
-        x10 = np.interp(0.1, frac[::-1], xs[::-1])
-        return float(x10 - x90)
-
-    grow = width_10_90(out.hu) - width_10_90(hu)
-    gauss = ndimage.gaussian_filter(hu, (0, 3.0 / 5.0, 3.0 / 0.9, 3.0 / 0.9))
-    grow_gauss = width_10_90(gauss) - width_10_90(hu)
-    # Issue 5 asks for < 1 mm; with the paper's 20 HU range sigma a 27 HU tissue/CSF step is
-    # only partly protected (range weight across it exp(-27^2 / 800) = 0.4): measured ~3.9 mm,
-    # against ~6 mm for a Gaussian of the same spatial sigma. The test holds the filter to
-    # clearly less broadening than the Gaussian, and to the same 10 HU noise being halved.
-    assert grow < 0.75 * grow_gauss, (grow, grow_gauss)
+    guide = hu.mean(axis=0, dtype=np.float64).astype(np.float32)  # the default guide
+    assert np.allclose(out.hu, joint_bilateral(hu, guide, spacing=spacing), atol=1e-3)
     assert out.meta["bilateral"]["range_sigma_hu"] == 20.0
-    assert np.array_equal(series.hu, hu.astype(np.float32))  # the input is left alone
+    assert np.array_equal(series.hu, hu)  # the input is left alone
     own = series.replace(hu=series.hu.copy())
     same = bilateral_filter(own, in_place=True)
     assert same.hu is own.hu and np.array_equal(same.hu, out.hu)
