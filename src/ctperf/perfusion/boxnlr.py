@@ -213,8 +213,8 @@ def fit_box_nlr(
     chunk : int, optional
         Voxels fitted at once; bounds peak memory: per worker about (24 n + 16 T) bytes per
         voxel of a chunk, n = (largest delay + MTT - smallest delay) / frame interval + 3
-        (about 4 kB with 0.5 s frames and the default bounds). Default 16384 on the CPU,
-        262144 on a GPU.
+        (about 4 kB with 0.5 s frames and the default bounds). Default: at most 16384 on the
+        CPU (262144 on a GPU), in a number of chunks that is a multiple of ``workers``.
     workers : int, optional
         Threads fitting chunks in parallel; default the number of CPUs with NumPy, 1 with torch
         (torch parallelises inside each operation).
@@ -251,13 +251,18 @@ def fit_box_nlr(
         log.info("uneven frame times: the box fit runs with NumPy, not on %s", torch_device)
         torch_device = None
     ops = array_ops(torch_device)
-    if chunk is None:
-        chunk = 1 << 14 if torch_device is None or torch_device == "cpu" else 1 << 18
     if workers is None:
         workers = (os.cpu_count() or 1) if ops.is_numpy else 1
+    n = tis.shape[1]
+    if chunk is None:
+        chunk = 1 << 14 if torch_device is None or torch_device == "cpu" else 1 << 18
+        # As many chunks of about equal size as keep every worker busy to the end.
+        n_chunks = -(-n // chunk)
+        if workers > 1 and n_chunks % workers:
+            n_chunks = min(n, n_chunks + workers - n_chunks % workers)
+        chunk = max(1, -(-n // max(1, n_chunks)))
     scale = flow_scale(rho, kh)
     b = np.asarray(bounds, dtype=np.float64)
-    n = tis.shape[1]
     # O(1)-per-evaluation SSE for the simplex when frames are evenly spaced (see fastsse).
     fast = FastBoxSSE(table, scale, b, ops=ops) if table.uniform else None
     out = np.empty((n, 3))

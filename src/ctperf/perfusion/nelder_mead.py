@@ -8,11 +8,14 @@ its projection onto the box with a penalty growing with the distance, and it kee
 the simplex never collapses onto a bound (clipping the vertices themselves does, and stalls the
 search). Voxels that have converged leave the working set, so later iterations cost less.
 
-Layout: the simplices are stored vertex-major, ``(D + 1, D, M)``, and the values ``(D + 1, M)``,
-so that every step is an operation on contiguous length-M vectors: the best, worst and
-second-worst vertices are found by a running comparison over the D + 1 vertices (no sort), and
-the worst vertex is replaced through masks. Written against :class:`ArrayOps`, so it runs on
-NumPy arrays or torch tensors alike.
+Layout: the simplices are stored vertex-major as one ``((D + 1) D, M)`` array and the values as
+``(D + 1, M)``, so that every step is an operation on contiguous length-M vectors: the lowest,
+highest and second-highest values come from a running comparison over the D + 1 vertices (no
+sort), and the worst vertex is read and replaced through flat indices. Among equal values the
+best vertex is the first, the worst the last (SciPy's sort may break such ties otherwise; the
+result then differs within the tolerances). The second point of an iteration (expansion or
+contraction) is evaluated for every simplex, and ignored where the reflection is kept. Written
+against :class:`~ctperf.perfusion.fastsse.ArrayOps`, so it runs on NumPy arrays or torch tensors.
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ def nelder_mead(
         if m == 0:
             break
         # Lowest, highest and second-highest value (values only: ties do not matter here).
-        fb, fw, f2w = xp.minimum(fs[0], fs[1]), xp.maximum(fs[0], fs[1]), None
+        fb, fw = xp.minimum(fs[0], fs[1]), xp.maximum(fs[0], fs[1])
         f2w = fb
         for k in range(2, nv):
             f2w = xp.maximum(f2w, xp.minimum(fw, fs[k]))
