@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 _RANGE_CUTOFF = 4.0  # range weights are dropped beyond this many range sigmas (exp(-8) = 3e-4)
 _STEEP = 1.0
+_TRUNCATE = 3.5  # Gaussian taps kept to this many sigmas (the brute force keeps 4 sigma)
 _LEVELS = (-1, 0, 1, 2)  # levels read around a voxel (cubic interpolation), from the one below
 
 
@@ -57,8 +58,8 @@ class _Grid:
 
 
 def _kernel(sigma: float) -> np.ndarray:
-    """Sampled Gaussian taps for offsets -r..r, r = int(4 sigma + 0.5) (scipy's truncation)."""
-    r = int(4.0 * sigma + 0.5)
+    """Sampled Gaussian taps for offsets -r..r, r = int(_TRUNCATE sigma + 0.5)."""
+    r = int(_TRUNCATE * sigma + 0.5)
     if sigma <= 0 or r == 0:
         return np.ones(1)
     x = np.arange(-r, r + 1)
