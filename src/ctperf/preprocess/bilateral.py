@@ -28,6 +28,7 @@ down-sampling) removes them at several times the cost.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -68,9 +69,9 @@ def _kernel(sigma: float) -> np.ndarray:
 
 def _ids(mask: np.ndarray) -> np.ndarray:
     """Compact row id of every True entry of a mask, flattened (-1 elsewhere), int32."""
-    flat = mask.ravel()
-    ids = np.cumsum(flat, dtype=np.int32) - 1
-    ids[~flat] = -1
+    where = np.flatnonzero(mask.ravel())
+    ids = np.full(mask.size, -1, dtype=np.int32)
+    ids[where] = np.arange(where.size, dtype=np.int32)
     return ids
 
 
@@ -277,8 +278,21 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
     return _Grid((box, tent), blur, slicer, n_levels, shape_low)
 
 
-def _apply(grid: _Grid, images: np.ndarray) -> np.ndarray:
-    """Filter images (B, N) -> (B, N) float32 with the guide's grid."""
+def _apply(grid: _Grid, images: np.ndarray, pool: Executor | None = None,
+           workers: int = 1) -> np.ndarray:
+    """Filter images (B, N) -> (B, N) float32 with the guide's grid.
+
+    With a thread pool the images are shared out among ``workers`` threads (scipy's sparse
+    products release the GIL).
+    """
+    if pool is None or workers < 2 or len(images) < 2:
+        return _apply_one(grid, images)
+    parts = np.array_split(np.arange(len(images)), min(workers, len(images)))
+    done = pool.map(lambda idx: _apply_one(grid, images[idx[0]:idx[-1] + 1]), parts)
+    return np.concatenate(list(done), axis=0)
+
+
+def _apply_one(grid: _Grid, images: np.ndarray) -> np.ndarray:
     cols = np.ascontiguousarray(images.T, dtype=np.float32)  # (N, B)
     box, tent = grid.splat
     x = box @ cols
@@ -292,7 +306,7 @@ def _apply(grid: _Grid, images: np.ndarray) -> np.ndarray:
 def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 3.0,
-                    cells_per_sigma: float = 2.2, chunk: int = 8,
+                    cells_per_sigma: float = 2.2, chunk: int = 8, workers: int = 2,
                     out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
@@ -313,7 +327,9 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         Low-resolution grid cells per spatial sigma (in-plane down-sampling of the grid; 1 cell
         per voxel when the voxels are coarser than that).
     chunk : int
-        Volumes filtered per sparse product (memory grows with it).
+        Volumes filtered at a time (memory grows with it).
+    workers : int
+        Threads sharing each chunk's volumes.
     out : ndarray, float32, shape (B, Z, Y, X), optional
         Where to write the result; may be ``images`` itself (each chunk is read before it is
         overwritten), which saves a copy of the study.
@@ -345,10 +361,12 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         raise ValidationError(f"out must be float32 {images.shape}, got {out.dtype} {out.shape}")
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(images), chunk), disable=not progress, desc="bilateral",
-                      unit="chunk"):
-        block = images[start:start + chunk].reshape(-1, guide.size)
-        out[start:start + chunk] = _apply(grid, block).reshape((-1, *guide.shape))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for start in tqdm(range(0, len(images), chunk), disable=not progress, desc="bilateral",
+                          unit="chunk"):
+            block = images[start:start + chunk].reshape(-1, guide.size)
+            result = _apply(grid, block, pool, workers)
+            out[start:start + chunk] = result.reshape((-1, *guide.shape))
     return out
 
 
