@@ -181,7 +181,7 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
     grid_shape = (n_levels, *shape_low)
     # row ids of (level, cell) need 64 bits beyond 2^31
     idt = np.int64 if n_levels * n_cells >= 2**31 - 1 else np.int32
-    zz, yy, xx = np.unravel_index(np.arange(n, dtype=idt), guide.shape)
+    zz, yy, xx = (a.astype(idt) for a in np.unravel_index(np.arange(n), guide.shape))
     zc = zz // dz
     cell = (zc * shape_low[1] + yy // dy + pad_y) * shape_low[2] + xx // dx + pad_x
     corner_ids, corner_w = _corners(yy, xx, zc, factors, shape_low, idt)
@@ -348,13 +348,15 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     if min(spatial_sigma_mm, range_sigma_hu, levels_per_sigma, cells_per_sigma) <= 0:
         raise ValidationError("spatial_sigma_mm, range_sigma_hu, levels_per_sigma and "
                               "cells_per_sigma must be > 0")
+    if len(spacing) != 3 or not min(spacing) > 0:
+        raise ValidationError(f"spacing must be three voxel sizes > 0 in mm, got {spacing}")
     if not np.all(np.isfinite(guide)):
         raise ValidationError("the guide contains NaN or Inf")
-    sigma_vox = tuple(spatial_sigma_mm / float(s) for s in spacing)
+    sz, sy, sx = (spatial_sigma_mm / float(s) for s in spacing)
     # cells_per_sigma low-resolution cells per sigma, never coarser than 8 voxels
-    factors = tuple(int(min(8, max(1, np.floor(s / cells_per_sigma)))) for s in sigma_vox)
-    grid = _build_grid(guide, sigma_vox, range_sigma_hu / levels_per_sigma,
-                       range_sigma_hu, factors)  # type: ignore[arg-type]
+    fz, fy, fx = (int(min(8, max(1, np.floor(s / cells_per_sigma)))) for s in (sz, sy, sx))
+    grid = _build_grid(guide, (sz, sy, sx), range_sigma_hu / levels_per_sigma, range_sigma_hu,
+                       (fz, fy, fx))
     if out is None:
         out = np.empty_like(images)
     elif out.shape != images.shape or out.dtype != np.float32:
