@@ -198,3 +198,9 @@ def test_constant_and_guide_checks(small_series):
     assert np.allclose(bilateral_filter(flat).hu, 42.0, atol=1e-3)
     with pytest.raises(ValidationError, match="guide shape"):
         bilateral_filter(small_series, guide=np.zeros((2, 2, 2)))
+    frame = small_series.hu[:1]
+    with pytest.raises(ValidationError, match="spacing"):
+        joint_bilateral(frame, frame[0], spacing=(5.0, 0.0, 0.45))
+    with pytest.raises(ValidationError, match="NaN"):
+        joint_bilateral(frame, np.full(frame.shape[1:], np.nan, np.float32),
+                        spacing=(5.0, 0.45, 0.45))
