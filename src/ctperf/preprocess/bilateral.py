@@ -28,7 +28,6 @@ everywhere at several times the cost.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -290,7 +289,7 @@ def _apply(grid: _Grid, images: np.ndarray) -> np.ndarray:
 def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 3.0,
-                    cells_per_sigma: float = 2.2, chunk: int = 8, workers: int = 2,
+                    cells_per_sigma: float = 2.2, chunk: int = 8,
                     out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
@@ -311,9 +310,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         Low-resolution grid cells per spatial sigma (in-plane down-sampling of the grid; 1 cell
         per voxel when the voxels are coarser than that).
     chunk : int
-        Volumes filtered at a time (memory grows with it).
-    workers : int
-        Threads sharing each chunk's volumes.
+        Volumes filtered per sparse product (memory grows with it).
     out : ndarray, float32, shape (B, Z, Y, X), optional
         Where to write the result; may be ``images`` itself (each chunk is read before it is
         overwritten), which saves a copy of the study.
@@ -347,14 +344,10 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         raise ValidationError(f"out must be float32 {images.shape}, got {out.dtype} {out.shape}")
     from tqdm.auto import tqdm
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for start in tqdm(range(0, len(images), chunk), disable=not progress, desc="bilateral",
-                          unit="chunk"):
-            block = images[start:start + chunk].reshape(-1, guide.size)
-            # scipy's sparse products release the GIL: threads share out the chunk's volumes
-            parts = np.array_split(block, min(max(1, workers), len(block)))
-            result = np.concatenate(list(pool.map(lambda b: _apply(grid, b), parts)))
-            out[start:start + chunk] = result.reshape((-1, *guide.shape))
+    for start in tqdm(range(0, len(images), chunk), disable=not progress, desc="bilateral",
+                      unit="chunk"):
+        block = images[start:start + chunk].reshape(-1, guide.size)
+        out[start:start + chunk] = _apply(grid, block).reshape((-1, *guide.shape))
     return out
 
 
