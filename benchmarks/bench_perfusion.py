@@ -90,7 +90,7 @@ def rate_benchmark(n_voxels: int | None, n_loop: int, *, workers: int, chunk: in
     except ImportError:
         threadpool_limits = None
     for mode in ("nlr-fast", "nlr"):
-        for w in (1, workers):
+        for w in sorted({1, workers}):
             limit = threadpool_limits(1) if w == 1 and threadpool_limits else nullcontext()
             with limit:
                 wall, cpu = _timed(lambda mode=mode, w=w: fit_box_nlr(
@@ -102,6 +102,9 @@ def rate_benchmark(n_voxels: int | None, n_loop: int, *, workers: int, chunk: in
     except ImportError:
         torch = None
     if torch is not None and torch_voxels:
+        # One torch thread: its thread pool spins badly on a shared machine, and one thread is
+        # comparable with the 1-thread lines above.
+        torch.set_num_threads(1)
         sub = tissue[:, :torch_voxels]
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
         for dev in devices:
