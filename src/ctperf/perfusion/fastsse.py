@@ -243,8 +243,8 @@ class FastBoxSSE:
             ha[3], ha[4], hb[3], hb[4])])
         xp_ops = self.ops
         self.f_coef = xp_ops.asarray(f_coef)
-        # (3, T, n_m): the shifted cum, ca and slope tables.
-        self.shifts = xp_ops.asarray(shifts.reshape(n_t, 3, n_m).transpose(1, 0, 2))
+        # (3, n_m, T): the shifted cum, ca and slope tables, transposed.
+        self.shifts_t = xp_ops.asarray(shifts.reshape(n_t, 3, n_m).transpose(1, 2, 0))
         self.blocks = xp_ops.asarray(np.ascontiguousarray(blocks))
         self.h_coef = xp_ops.asarray(np.ascontiguousarray(h_coef))
         self.p: Any = None
@@ -259,10 +259,11 @@ class FastBoxSSE:
     def set_tissue(self, tissue: Any) -> None:
         """Tissue curves (T, N) of the voxels to be evaluated (an array of this backend).
 
-        Sets ``p`` (3, N, n_m): the voxel's correlation tables P0, P1 and P2 / 2 (the halving
-        is exact in binary floating point, so the sums below round as without it)."""
+        Sets ``p`` (3, n_m, N): the voxels' correlation tables P0, P1 and P2 / 2 (the halving
+        is exact in binary floating point, so the sums below round as without it), one row
+        per table column, so that voxels near the same shift are read from nearby memory."""
         tissue = self.ops.asarray(tissue)
-        p = tissue.T @ self.shifts  # (3, N, n_m): one product per table, C-contiguous
+        p = self.shifts_t @ tissue  # (3, n_m, N): one product per table, C-contiguous
         p[2] *= 0.5
         self.p = p
         self.c2 = (tissue * tissue).sum(axis=0)
@@ -310,7 +311,8 @@ class FastBoxSSE:
         f *= tb
         f += r[0]
         # G(s) = P0 + tau P1 + tau^2 P2 / 2 at both edges.
-        j += rows * self.n_m
+        j *= self.p.shape[2]
+        j += rows
         pk = ops.take_cols(self.p.reshape(3, -1), j)  # (3, 2, M)
         g = pk[2]
         g *= tau
@@ -332,7 +334,7 @@ class FastBoxSSE:
         MTTs at whole multiples of the frame interval, CBF solved in closed form (variable
         projection); shape (N, 3), an array of this backend."""
         ops, xp, n_m = self.ops, self.ops.xp, self.n_m
-        p0 = self.p[0]  # (N, n_m)
+        p0 = self.p[0].T  # (N, n_m)
         n = p0.shape[0]
         # Delays d = -m dt for the columns j = m - m_lo of the tables, inside the bounds.
         d_cols = np.arange(n_m)

@@ -24,13 +24,13 @@ __all__ = ["refine_newton"]
 def _terms(obj: FastBoxSSE, a: Any, b: Any, rows: Any) -> tuple[Any, ...]:
     """dG, F and their first and second derivatives in (a, b)."""
     n_m, take = obj.n_m, obj.ops.take
-    p = obj.p  # P0, P1, P2 / 2 per voxel, (3, N, n_m)
+    p = obj.p  # P0, P1, P2 / 2 per table column and voxel, (3, n_m, N)
     ja, ta = obj.split(a)
     jb, tb = obj.split(b)
-    base = rows * n_m
+    n_vox = p.shape[2]
 
     def g_parts(j, t):
-        flat = base + j
+        flat = j * n_vox + rows
         p0, p1, p2h = take(p[0], flat), take(p[1], flat), take(p[2], flat)
         p2 = 2.0 * p2h
         return p0 + t * (p1 + t * p2h), -(p1 + t * p2), p2
