@@ -41,7 +41,9 @@ __all__ = ["bilateral_filter", "joint_bilateral"]
 logger = logging.getLogger(__name__)
 
 _RANGE_CUTOFF = 4.0  # range weights are dropped beyond this many range sigmas (exp(-8) = 3e-4)
-_TRUNCATE = 3.5  # Gaussian taps kept to this many sigmas (the brute force keeps 4 sigma)
+# Gaussian taps kept to this many sigmas (the brute force keeps 4): on a down-sampled axis, to
+# this many low-resolution sigmas (the tents add the rest of the tails)
+_TRUNCATE, _TRUNCATE_LOW = 3.5, 3.0
 _LEVELS = (-1, 0, 1, 2)  # levels read around a voxel (cubic interpolation), from the one below
 
 
@@ -54,9 +56,9 @@ class _Grid:
     slice: sparse.csr_matrix  # (N, R3): cubic in range x bilinear in plane, normalised
 
 
-def _kernel(sigma: float) -> np.ndarray:
-    """Sampled Gaussian taps for offsets -r..r, r = int(_TRUNCATE sigma + 0.5)."""
-    r = int(_TRUNCATE * sigma + 0.5)
+def _kernel(sigma: float, truncate: float) -> np.ndarray:
+    """Sampled Gaussian taps for offsets -r..r, r = int(truncate sigma + 0.5)."""
+    r = int(truncate * sigma + 0.5)
     if sigma <= 0 or r == 0:
         return np.ones(1)
     x = np.arange(-r, r + 1)
@@ -228,7 +230,8 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
                              for j in _LEVELS], axis=1)  # (N, 16)
     del corner_ids
     # (level, cell) sets: read by slicing (need3), grown by each pass's reach (need2..0)
-    taps = [_kernel(s) for s in sigma_low]  # z, y, x
+    taps = [_kernel(s, _TRUNCATE_LOW if d > 1 else _TRUNCATE)  # z, y, x
+            for s, d in zip(sigma_low, factors, strict=True)]
     need3 = np.zeros(grid_shape, dtype=bool)
     need3.ravel()[s_rows] = True
     occupied = np.zeros(grid_shape, dtype=bool)
