@@ -243,9 +243,13 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
     del occupied
     id0 = _ids(need0)
     n0 = int(need0.sum())
-    box = _csc(id0[k_row], w, ok & (id0[k_row] >= 0), np.arange(n), n, n0)
+    k_row = id0[k_row]  # (level, cell) -> splat row, -1 where unused
+    ok &= k_row >= 0
+    box = _csc(k_row, w, ok, np.arange(n), n, n0)
     del k_row, w, ok
-    tent = _csc(id0[t_rows], t_w, t_ok & (id0[t_rows] >= 0), steep, n, n0)
+    t_rows = id0[t_rows]
+    t_ok &= t_rows >= 0
+    tent = _csc(t_rows, t_w, t_ok, steep, n, n0)
     del t_rows, t_w, t_ok, id0
     # each pass numbers its rows in the order the next pass reads them: x last for the x pass
     # (need0, as the splat), then y last, z last, and the grid's own order for slicing
