@@ -63,3 +63,18 @@ def test_missing_study_exits_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "nope.nii.gz" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_preprocess_range_sigma_option(moving_head, tmp_path):
+    _, path = moving_head
+    noise = {}
+    for sigma in ("5", "40"):
+        out = tmp_path / f"s{sigma}"
+        assert main(["preprocess", str(path), str(out), "--no-register",
+                     "--range-sigma", sigma]) == 0
+        noise[sigma] = json.loads((out / "qc.json").read_text())["noise_sd_hu_after"]
+        sidecar = json.loads((out / "study.json").read_text())
+        assert sidecar["meta"]["preprocess"]["filter_sigmas"] == {"spatial_mm": 3.0,
+                                                                  "range_hu": float(sigma)}
+    # a wider range kernel averages more neighbours: less noise left
+    assert noise["40"] < noise["5"]

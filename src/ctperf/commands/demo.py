@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ctperf.commands import add_filter_options
+
 __all__ = ["ORDER", "register", "run"]
 
 ORDER = 0
@@ -36,6 +38,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--register", action="store_true",
                    help="rigid motion correction before the filter (off by default: on studies "
                         "with a bolus it can still add spurious motion; see the README)")
+    add_filter_options(p)
     p.set_defaults(func=run)
 
 
@@ -69,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
         result, pre = analyse_study(subject.series, method=args.method,
                                     register=args.register and not args.no_preprocess,
                                     filter=not args.no_preprocess,
+                                    spatial_sigma_mm=args.spatial_sigma,
+                                    range_sigma_hu=args.range_sigma,
                                     lesion_options=LESION_DEFAULTS, progress=True)
         if pre is not None:
             print(f"      measured displacement: mean {np.mean(pre.displacement_mm):.2f} mm, "

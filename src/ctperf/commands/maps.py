@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import add_study_options
+from ctperf.commands import add_filter_options, add_study_options
 
 __all__ = ["LESION_DEFAULTS", "ORDER", "overview_figure", "register", "run", "write_outputs"]
 
@@ -44,6 +44,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--preprocess", action="store_true",
                    help="motion correction and bilateral filtering first (as in the paper)")
     add_study_options(p)
+    add_filter_options(p)
     p.add_argument("--rho", type=float, default=1.04, help="brain density g/mL [1.04]")
     p.add_argument("--kh", type=float, default=0.733, help="haematocrit ratio kH [0.733]")
     p.add_argument("--core-cbv", type=float, default=None, metavar="ML",
@@ -235,12 +236,15 @@ def run(args: argparse.Namespace) -> int:
     held = [series]
     del series
     result, _ = analyse_study(held.pop(), method=args.method, register=args.preprocess,
-                              filter=args.preprocess, aif_mask=aif_mask, vof_mask=vof_mask,
+                              filter=args.preprocess, spatial_sigma_mm=args.spatial_sigma,
+                              range_sigma_hu=args.range_sigma, aif_mask=aif_mask, vof_mask=vof_mask,
                               mask=brain, rho=args.rho, kh=args.kh,
                               lesion_options=lesion_options, progress=True)
     result = dataclasses.replace(result, maps=result.maps.replace(provenance={
         **result.maps.provenance, "study": str(args.study),
-        "preprocessed": bool(args.preprocess)}))
+        "preprocessed": bool(args.preprocess),
+        **({"filter_sigmas": {"spatial_mm": args.spatial_sigma, "range_hu": args.range_sigma}}
+           if args.preprocess else {})}))
     write_outputs(result, args.out, title=f"{args.study.name}: {args.method}",
                   dicom_source=source)
     maps = result.maps

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ctperf.commands import add_filter_options
+
 __all__ = ["ORDER", "register", "run"]
 
 ORDER = 30
@@ -26,6 +28,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dicom", action="store_true", help="also write OUT/dicom/ (int16 HU)")
     p.add_argument("--workers", type=int, default=None, metavar="N",
                    help="frames registered at once (default: number of CPU cores)")
+    add_filter_options(p)
     p.set_defaults(func=run)
 
 
@@ -90,11 +93,15 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.out.is_dir():
         raise InputError(args.out, "output exists and is not a folder")
     result = preprocess(series, register=not args.no_register, filter=not args.no_filter,
+                        spatial_sigma_mm=args.spatial_sigma, range_sigma_hu=args.range_sigma,
                         workers=args.workers, progress=True)
     with atomic_dir(args.out) as tmp:  # all outputs appear together, or none
         meta = dict(result.series.meta)
         meta["preprocess"] = {"registered": not args.no_register, "filtered": not args.no_filter,
                               "source": str(args.study)}
+        if not args.no_filter:
+            meta["preprocess"]["filter_sigmas"] = {"spatial_mm": args.spatial_sigma,
+                                                   "range_hu": args.range_sigma}
         final = result.series.replace(meta=meta)
         write_series_nifti(final, tmp / "study.nii.gz")
         if args.dicom:

@@ -11,7 +11,9 @@ __all__ = ["analyse_study"]
 
 
 def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool = True,
-                  filter: bool = True, workers: int | None = None, progress: bool = False,
+                  filter: bool = True, spatial_sigma_mm: float = 3.0,
+                  range_sigma_hu: float = 20.0, workers: int | None = None,
+                  progress: bool = False,
                   **perfusion_options: Any) -> tuple[PerfusionResult, Any]:
     """Preprocess a study and compute its perfusion maps.
 
@@ -28,6 +30,8 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         Perfusion method of :func:`~ctperf.perfusion.run_perfusion`.
     register, filter : bool
         The two preprocessing steps; with both off this is :func:`run_perfusion` alone.
+    spatial_sigma_mm, range_sigma_hu : float
+        The bilateral filter's sigmas (the paper's 3 mm and 20 HU).
     workers : int, optional
         Frames registered at once.
     progress : bool
@@ -49,7 +53,8 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         series = pre.series
         perfusion_options.setdefault("motion_mm", pre.displacement_mm)
     if filter:
-        filtered = bilateral_filter(series, progress=progress)
+        filtered = bilateral_filter(series, spatial_sigma_mm=spatial_sigma_mm,
+                                    range_sigma_hu=range_sigma_hu, progress=progress)
         perfusion_options.setdefault("vessel_series", series)
         series = filtered
     return run_perfusion(series, method=method, progress=progress, **perfusion_options), pre

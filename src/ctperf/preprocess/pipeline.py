@@ -48,6 +48,7 @@ class PreprocessResult:
 
 
 def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
+               spatial_sigma_mm: float = 3.0, range_sigma_hu: float = 20.0,
                workers: int | None = None, progress: bool = False) -> PreprocessResult:
     """Register every frame to the first, then filter it with the mean-guided bilateral filter.
 
@@ -58,8 +59,10 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
     register : bool
         Run rigid motion correction (:func:`~ctperf.preprocess.correct_motion`).
     filter : bool
-        Run the joint bilateral filter (:func:`~ctperf.preprocess.bilateral_filter`), spatial
-        sigma 3 mm, range sigma 20 HU, guided by the temporal mean of the registered frames.
+        Run the joint bilateral filter (:func:`~ctperf.preprocess.bilateral_filter`), guided by
+        the temporal mean of the registered frames.
+    spatial_sigma_mm, range_sigma_hu : float
+        The filter's sigmas (the paper's 3 mm and 20 HU).
     workers : int, optional
         Frames registered at once (default: the number of CPU cores).
     progress : bool
@@ -85,7 +88,9 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
         mean_d, max_d = motion.displacement_mm, motion.max_displacement_mm
     if filter:
         # the registered study is ours: filter it in place (one study less in memory)
-        out = bilateral_filter(out, in_place=out is not series, progress=progress)
+        out = bilateral_filter(out, spatial_sigma_mm=spatial_sigma_mm,
+                               range_sigma_hu=range_sigma_hu, in_place=out is not series,
+                               progress=progress)
     mask = brain_mask(out)
     logger.info("preprocess: %d frames, max mean displacement %.2f mm, brain %d voxels", n,
                 float(mean_d.max()), int(mask.sum()))
