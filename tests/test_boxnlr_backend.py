@@ -53,7 +53,7 @@ def test_torch_cpu_matches_numpy(mode, rng, monkeypatch):
     pytest.importorskip("torch")
     from ctperf.perfusion import boxnlr
 
-    used, real = [], boxnlr.array_ops
+    used, real = [], boxnlr.ArrayOps
 
     def spy(device=None):
         used.append(device)
@@ -62,7 +62,7 @@ def test_torch_cpu_matches_numpy(mode, rng, monkeypatch):
     tissue = _tissue(rng, 300)
     ref = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode)
     # A small chunk so that several chunks (and the restart of bound-hugging voxels) run.
-    monkeypatch.setattr(boxnlr, "array_ops", spy)
+    monkeypatch.setattr(boxnlr, "ArrayOps", spy)
     on_torch = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode, backend="torch",
                            device="cpu", chunk=128)
     assert used == ["cpu"]  # the torch code ran, not NumPy's
@@ -118,12 +118,12 @@ def test_backend_errors():
 
 @pytest.mark.parametrize("backend", ["numpy", "torch"])
 def test_nelder_mead_finds_box_constrained_minima(backend, rng):
-    from ctperf.perfusion.fastsse import array_ops
+    from ctperf.perfusion.backend import ArrayOps
     from ctperf.perfusion.nelder_mead import nelder_mead
 
     if backend == "torch":
         pytest.importorskip("torch")
-    ops = array_ops("cpu" if backend == "torch" else None)
+    ops = ArrayOps("cpu" if backend == "torch" else None)
     n = 200
     bounds = np.array([[-1.0, 1.0], [0.0, 5.0], [2.0, 3.0]])
     # Minima inside and outside the box: the answer is the target projected onto the box.

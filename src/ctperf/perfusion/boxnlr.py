@@ -30,8 +30,9 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.perfusion.backend import ArrayOps
 from ctperf.perfusion.curves import ArterialTable, bandlimit, box_model, flow_scale
-from ctperf.perfusion.fastsse import FastBoxSSE, array_ops
+from ctperf.perfusion.fastsse import FastBoxSSE
 from ctperf.perfusion.nelder_mead import nelder_mead
 from ctperf.perfusion.newton import refine_newton
 
@@ -250,7 +251,7 @@ def fit_box_nlr(
     if torch_device is not None and not table.uniform:
         log.info("uneven frame times: the box fit runs with NumPy, not on %s", torch_device)
         torch_device = None
-    ops = array_ops(torch_device)
+    ops = ArrayOps(torch_device)
     if workers is None:
         workers = (os.cpu_count() or 1) if ops.is_numpy else 1
     n = tis.shape[1]

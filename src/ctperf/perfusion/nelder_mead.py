@@ -15,7 +15,7 @@ sort), and the worst vertex is read and replaced through flat indices. Among equ
 best vertex is the first, the worst the last (SciPy's sort may break such ties otherwise; the
 result then differs within the tolerances). The second point of an iteration (expansion or
 contraction) is evaluated for every simplex, and ignored where the reflection is kept. Written
-against :class:`~ctperf.perfusion.fastsse.ArrayOps`, so it runs on NumPy arrays or torch tensors.
+against :class:`~ctperf.perfusion.backend.ArrayOps`, so it runs on NumPy arrays or torch tensors.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.perfusion.fastsse import ArrayOps
+from ctperf.perfusion.backend import ArrayOps
 
 __all__ = ["nelder_mead"]
 
