@@ -181,6 +181,8 @@ def test_static_study_stays_put(small_series):
 def test_bad_options(small_series):
     with pytest.raises(ValidationError, match="one sample count per level"):
         correct_motion(small_series, levels=(8, 1), samples=(2000,))
+    with pytest.raises(ValidationError, match="reach_mm"):
+        correct_motion(small_series, reach_mm=0.0)
 
 
 def _phantom_tre(subject, parameters, center) -> tuple[np.ndarray, np.ndarray]:

@@ -295,9 +295,8 @@ def _mask_points(series: CTPSeries, mask: np.ndarray) -> np.ndarray:
 def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                    samples: Sequence[int] = (2000, 8000), iterations: int = 300,
                    workers: int | None = None, seed: int = 0, mask: np.ndarray | None = None,
-                   rim_mm: float = 12.0,
-                   enhancement_hu: float | None = 40.0, reach_mm: float = 5.0,
-                   min_coarse_px: int = 64, executor: str = "threads",
+                   rim_mm: float = 12.0, enhancement_hu: float | None = 40.0,
+                   reach_mm: float = 5.0, min_coarse_px: int = 64, executor: str = "threads",
                    progress: bool = False) -> MotionResult:
     """Rigidly register every frame of a study to its first frame.
 
@@ -306,7 +305,8 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     series : CTPSeries
         Study (T, Z, Y, X) in HU.
     levels : sequence of int
-        Shrink factor of the finest axis at each resolution level, coarse to fine.
+        Shrink factor of the finest axis at each resolution level, coarse to fine (capped by
+        ``min_coarse_px``).
     samples : sequence of int
         Random metric samples per level (one per level).
     iterations : int
@@ -342,6 +342,9 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                               "non-empty and of equal length (one sample count per level)")
     if executor not in ("threads", "processes"):
         raise ValidationError(f"executor must be 'threads' or 'processes', got {executor!r}")
+    if not (rim_mm >= 0 and reach_mm > 0 and min_coarse_px >= 1):
+        raise ValidationError(f"rim_mm must be >= 0, reach_mm > 0 and min_coarse_px >= 1; got "
+                              f"{rim_mm}, {reach_mm} and {min_coarse_px}")
     workers = int(workers or os.cpu_count() or 1)
     n = series.n_frames
     fixed = to_sitk_image(series.hu[0], series.affine)
