@@ -53,6 +53,18 @@ def test_maps_cli_rejects_mask_on_another_grid(study_file, tmp_path, capsys):
     assert not (tmp_path / "out").exists()  # nothing half-written
 
 
+def test_maps_cli_unusable_device_is_a_clean_error(study_file, tmp_path, capsys):
+    path, _, _ = study_file
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: --device cuda is usable here")
+    assert main(["maps", str(path), str(tmp_path / "out"), "--method", "nlr-fast",
+                 "--device", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "cuda" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_maps_help_is_fast_and_lists_methods(capsys):
     with pytest.raises(SystemExit):
         main(["maps", "--help"])

@@ -45,6 +45,9 @@ def register(subparsers: Any) -> None:
                    help="motion correction and bilateral filtering first (as in the paper)")
     add_study_options(p)
     add_filter_options(p)
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="where the box-model fits run: cpu (NumPy), cuda, cuda:N, or auto (a "
+                        "GPU when PyTorch sees one, else cpu) [%(default)s]")
     p.add_argument("--rho", type=float, default=1.04, help="brain density g/mL [1.04]")
     p.add_argument("--kh", type=float, default=0.733, help="haematocrit ratio kH [0.733]")
     p.add_argument("--core-cbv", type=float, default=None, metavar="ML",
@@ -238,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     result, _ = analyse_study(held.pop(), method=args.method, register=args.preprocess,
                               filter=args.preprocess, spatial_sigma_mm=args.spatial_sigma,
                               range_sigma_hu=args.range_sigma, aif_mask=aif_mask, vof_mask=vof_mask,
-                              mask=brain, rho=args.rho, kh=args.kh,
+                              mask=brain, rho=args.rho, kh=args.kh, device=args.device,
                               lesion_options=lesion_options, progress=True)
     result = dataclasses.replace(result, maps=result.maps.replace(provenance={
         **result.maps.provenance, "study": str(args.study),

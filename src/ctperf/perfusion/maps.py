@@ -82,6 +82,7 @@ def run_perfusion(
     rim_mm: float = 2.0,
     lesion_options: dict[str, Any] | None = None,
     vessel_series: CTPSeries | None = None,
+    device: str | None = None,
     progress: bool = False,
 ) -> PerfusionResult:
     """Model-based perfusion analysis of one study.
@@ -116,6 +117,10 @@ def run_perfusion(
         voxels are then found and measured on it, while tissue is fitted on ``series``: a
         bilateral filter mixes 2-4 mm vessels with the tissue around them, which lowers the
         AIF's peak and the VOF's area.
+    device : str, optional
+        Where the box-model fits run (:func:`~ctperf.perfusion.fit_box_nlr`): None or "cpu"
+        with NumPy, "cuda" (or "cuda:N") with PyTorch on that GPU, "auto" on a GPU when torch
+        sees one. The SVD methods always run with NumPy.
     progress : bool
         Progress bar over voxel chunks.
 
@@ -200,7 +205,8 @@ def run_perfusion(
     vessels = np.zeros(mask.shape, dtype=bool)
     vessels[mask] = peaks > vessel_fraction * float(np.max(aif_raw))
     if method in ("nlr", "nlr-fast"):
-        fit = fit_box_nlr(tissue, aif_used, t, mode=method, rho=rho, kh=kh, progress=progress)
+        fit = fit_box_nlr(tissue, aif_used, t, mode=method, rho=rho, kh=kh, device=device,
+                          progress=progress)
         values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
                   "delay": fit.delay, "residual": fit.residual}
     else:
@@ -270,6 +276,7 @@ def compute_maps(
     rho: float = 1.04,
     kh: float = 0.733,
     motion_mm: np.ndarray | None = None,
+    device: str | None = None,
     progress: bool = False,
 ) -> PerfusionMaps:
     """Perfusion maps of a study (see :func:`run_perfusion` for the parameters).
@@ -283,4 +290,4 @@ def compute_maps(
     """
     return run_perfusion(series, method=method, aif=aif, vof=vof, aif_mask=aif_mask,
                          vof_mask=vof_mask, mask=mask, rho=rho, kh=kh, motion_mm=motion_mm,
-                         progress=progress).maps
+                         device=device, progress=progress).maps
