@@ -35,9 +35,12 @@ displacement 0.07-0.12 mm); mild motion 0.08 mm (worst frame 0.19 mm); severe mo
 12 mm) 0.14-0.18 mm (worst frame 0.42 mm). The phantom moves thick slices by interpolation, the
 model registration assumes; real thick slices integrate the moved head over the slice, and on
 synthetic heads made that way in-plane motion up to 5 degrees and 5 mm is recovered to 0.05 mm,
-whereas tilts of 5 degrees about the in-plane axes leave 2-2.6 mm: starting from the true
-transform the fit drifts there, so the error is the model's (the skull's partial volume in a
-tilted thick slice), not the optimiser's.
+whereas through-plane motion is not: a 2 mm shift along z leaves 1.3 mm, tilts of 1-5 degrees
+about the in-plane axes 0.7-2.4 mm. Started from the true transform the fit drifts away, so this
+is a limit of comparing interpolated 5 mm slices (the skull's partial volume changes along z
+faster than 5 mm samples can follow), not of the optimiser; no variant tried (brain-only or
+skull-only metric, B-spline or sinc interpolation, excluding the voxels of largest curvature
+along z) did better than 1-2 mm. An 8-slice slab of 5 mm supports about 1 mm through plane.
 
 Transforms follow ITK: a frame's transform maps a point of the first frame (patient mm, in the frame
 of the series' affine) to the same anatomy in that frame. Parameters are (rx, ry, rz) in degrees and
