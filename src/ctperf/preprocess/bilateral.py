@@ -6,8 +6,8 @@ range weights come from the mean of all frames (spatial sigma 3 mm, range sigma 
     out_t(p) = sum_q Gs(p - q) Gr(g(p) - g(q)) I_t(q) / sum_q Gs(p - q) Gr(g(p) - g(q))
 
 with g the guide (temporal mean), Gs a Gaussian in mm and Gr a Gaussian in HU. Brute force costs
-~10^4 neighbours per voxel. Here the range axis is quantised into levels L_k a third of the range
-sigma apart and the filter becomes, per level, a normalised Gaussian convolution of the frame
+~10^4 neighbours per voxel. Here the range axis is quantised into levels L_k half a range sigma
+apart and the filter becomes, per level, a normalised Gaussian convolution of the frame
 weighted by Gr(L_k - g) (Durand & Dorsey 2002, doi:10.1145/566654.566574; Yang et al. 2009,
 doi:10.1109/CVPR.2009.5206542), evaluated on a grid down-sampled in plane by about sigma/2.2 (a
 bilateral grid, Chen et al. 2007, doi:10.1145/1276377.1276506) and read back at g(p) by cubic
@@ -45,6 +45,10 @@ _RANGE_CUTOFF = 4.0  # range weights are dropped beyond this many range sigmas (
 # this many low-resolution sigmas (the tents add the rest of the tails)
 _TRUNCATE, _TRUNCATE_LOW = 3.5, 3.0
 _LEVELS = (-1, 0, 1, 2)  # levels read around a voxel (cubic interpolation), from the one below
+# Guide values (HU) where the levels are ``levels_per_sigma`` per range sigma: soft tissue and
+# vessels, whose frames depart from the guide by up to hundreds of HU (contrast); outside
+# (bone, air, their partial volume) frames follow the guide and coarser levels suffice.
+_FINE_BAND_HU = (-100.0, 400.0)
 
 
 @dataclass(frozen=True)
@@ -139,10 +143,34 @@ def _corners(yy: np.ndarray, xx: np.ndarray, zc: np.ndarray, factors: tuple[int,
     return ids, wts
 
 
-def _lagrange(t: np.ndarray) -> tuple[np.ndarray, ...]:
-    """Cubic Lagrange weights of the levels -1, 0, 1, 2 at fractional position t in [0, 1)."""
-    return (-t * (t - 1) * (t - 2) / 6, (t + 1) * (t - 1) * (t - 2) / 2,
-            -(t + 1) * t * (t - 2) / 2, (t + 1) * t * (t - 1) / 6)
+def _levels(g_min: float, g_max: float, fine: float, coarse: float) -> np.ndarray:
+    """Range levels (HU, increasing): ``fine`` apart inside _FINE_BAND_HU, ``coarse`` outside.
+
+    They reach two coarse steps below ``g_min`` and three above ``g_max``, so that every guide
+    value has a level below it and two above it (cubic interpolation).
+    """
+    lo, hi = g_min - 2 * coarse, g_max + 3 * coarse
+    b_lo, b_hi = _FINE_BAND_HU
+    inner = np.arange(b_lo, b_hi + fine / 2, fine)
+    below = b_lo - coarse * np.arange(int(np.ceil(max(b_lo - lo, 0.0) / coarse)), 0, -1)
+    above = inner[-1] + coarse * np.arange(1, int(np.ceil(max(hi - inner[-1], 0.0) / coarse)) + 1)
+    levels = np.concatenate([below, inner, above])
+    # levels beyond the guide's reach are dropped (one kept on each side)
+    first = max(int(np.searchsorted(levels, lo, side="right")) - 1, 0)
+    last = int(np.searchsorted(levels, hi, side="left")) + 1
+    return levels[first:last]
+
+
+def _lagrange(g: np.ndarray, nodes: tuple[np.ndarray, ...]) -> tuple[np.ndarray, ...]:
+    """Cubic Lagrange weights at g of the four nodes around it (levels -1, 0, 1, 2)."""
+    weights = []
+    for j, nj in enumerate(nodes):
+        w = np.ones_like(g)
+        for m, nm in enumerate(nodes):
+            if m != j:
+                w *= (g - nm) / (nj - nm)
+        weights.append(w)
+    return tuple(weights)
 
 
 def _csc(rows: np.ndarray, vals: np.ndarray, keep: np.ndarray, cols: np.ndarray, n: int,
@@ -155,8 +183,9 @@ def _csc(rows: np.ndarray, vals: np.ndarray, keep: np.ndarray, cols: np.ndarray,
     return sparse.csc_matrix((vals[keep], rows[keep], indptr), shape=(n_rows, n))
 
 
-def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_hu: float,
-                range_sigma: float, factors: tuple[int, int, int]) -> _Grid:
+def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
+                steps_hu: tuple[float, float], range_sigma: float,
+                factors: tuple[int, int, int]) -> _Grid:
     nz, ny, nx = guide.shape
     dz, dy, dx = factors
     pad_y, pad_x = int(dy > 1), int(dx > 1)  # a border cell on each side (see _corners)
@@ -168,14 +197,15 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
                       else float(s) for s, d in zip(sigma_vox, factors, strict=True))
     g = guide.ravel().astype(np.float64)
     n = g.size
-    lo = g.min() - 2 * step_hu
-    level_of = np.floor((g - lo) / step_hu).astype(np.int32)  # level just below each voxel
+    all_levels = _levels(float(g.min()), float(g.max()), *steps_hu)
+    # the level just below each voxel
+    level_of = (np.searchsorted(all_levels, g, side="right") - 1).astype(np.int32)
     used = np.zeros(level_of.max() + _LEVELS[-1] + 1, dtype=bool)
     for j in _LEVELS:
         used[level_of + j] = True
     index = np.cumsum(used, dtype=np.int32) - 1  # absolute level -> compact level
     n_levels = int(used.sum())
-    levels = lo + step_hu * np.flatnonzero(used)
+    levels = all_levels[:used.size][used]
     grid_shape = (n_levels, *shape_low)
     # row ids of (level, cell) need 64 bits beyond 2^31
     idt = np.int64 if n_levels * n_cells >= 2**31 - 1 else np.int32
@@ -198,7 +228,7 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
         steep = np.zeros(0, dtype=np.int64)
     # splat: each voxel into every used level within the range cut-off (a fixed number of
     # candidate levels per voxel, so the matrix is built column by column without sorting)
-    reach = int(np.ceil(_RANGE_CUTOFF * range_sigma / step_hu))
+    reach = int(np.ceil(_RANGE_CUTOFF * range_sigma / min(steps_hu)))
     offsets = np.arange(-reach, reach + 2, dtype=np.int32)
     k_abs = level_of[:, None] + offsets  # (N, n_off)
     ok = (k_abs >= 0) & (k_abs < used.size)
@@ -223,9 +253,7 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float], step_h
     k_row += cell[:, None]  # box rows, meaningful where ok
     del cell
     # slicing: cubic between the four levels around g(p), bilinear in plane (nearest in z)
-    frac = (g - (lo + step_hu * level_of)) / step_hu
-    lw = _lagrange(frac)
-    del frac
+    lw = _lagrange(g, tuple(all_levels[level_of + j] for j in _LEVELS))
     s_rows = np.concatenate([index[level_of + j].astype(idt)[:, None] * n_cells + corner_ids
                              for j in _LEVELS], axis=1)  # (N, 16)
     del corner_ids
@@ -296,6 +324,7 @@ def _apply(grid: _Grid, images: np.ndarray) -> np.ndarray:
 def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 3.0,
+                    levels_per_sigma_outside: float = 2.0,
                     cells_per_sigma: float = 2.2, chunk: int = 8,
                     out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
@@ -312,7 +341,9 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         Gaussian widths in mm and HU.
     levels_per_sigma : float
         Range levels per range sigma of the grid every volume goes through (its cost grows
-        with them).
+        with them), for guide values of soft tissue and vessels (-100 to 400 HU).
+    levels_per_sigma_outside : float
+        The same for guide values outside that band (bone, air and partial volume with them).
     cells_per_sigma : float
         Low-resolution grid cells per spatial sigma (in-plane down-sampling of the grid; 1 cell
         per voxel when the voxels are coarser than that).
@@ -333,8 +364,9 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     if images.ndim != 4 or images.shape[1:] != guide.shape:
         raise ValidationError(f"images (B, Z, Y, X) {images.shape} and guide (Z, Y, X) "
                               f"{guide.shape} must share the volume shape")
-    if min(spatial_sigma_mm, range_sigma_hu, levels_per_sigma, cells_per_sigma) <= 0:
-        raise ValidationError("spatial_sigma_mm, range_sigma_hu, levels_per_sigma and "
+    if min(spatial_sigma_mm, range_sigma_hu, levels_per_sigma, levels_per_sigma_outside,
+           cells_per_sigma) <= 0:
+        raise ValidationError("spatial_sigma_mm, range_sigma_hu, levels_per_sigma(_outside) and "
                               "cells_per_sigma must be > 0")
     if len(spacing) != 3 or not min(spacing) > 0:
         raise ValidationError(f"spacing must be three voxel sizes > 0 in mm, got {spacing}")
@@ -343,7 +375,8 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     sz, sy, sx = (spatial_sigma_mm / float(s) for s in spacing)
     # cells_per_sigma low-resolution cells per sigma, never coarser than 8 voxels
     fz, fy, fx = (int(min(8, max(1, np.floor(s / cells_per_sigma)))) for s in (sz, sy, sx))
-    grid = _build_grid(guide, (sz, sy, sx), range_sigma_hu / levels_per_sigma, range_sigma_hu,
+    steps = (range_sigma_hu / levels_per_sigma, range_sigma_hu / levels_per_sigma_outside)
+    grid = _build_grid(guide, (sz, sy, sx), steps, range_sigma_hu,
                        (fz, fy, fx))
     if out is None:
         out = np.empty_like(images)
