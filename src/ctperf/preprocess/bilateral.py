@@ -111,11 +111,12 @@ def _pass(rows_mask: np.ndarray, rows_order: tuple[int, ...], cols_mask: np.ndar
     indptr = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     # the columns of a row are the consecutive numbers start .. start + count - 1
+    row = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
     indices = np.arange(indptr[-1], dtype=np.int32)
-    indices -= np.repeat((indptr[:-1] - start).astype(np.int32), counts)
+    indices -= (indptr[:-1] - start).astype(np.int32)[row]
     offset = col_pos[indices]
-    offset -= np.repeat(pos, counts)
-    offset += r
+    offset -= (pos - r)[row]
+    del row
     data = taps.astype(np.float32)[offset]
     del offset
     return sparse.csr_matrix((data, indices, indptr),
@@ -234,7 +235,7 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     ok = (k_abs >= 0) & (k_abs < used.size)
     k_abs[~ok] = 0
     ok &= used[k_abs]
-    k_row = index[k_abs].astype(idt)
+    k_row = index[k_abs].astype(idt, copy=False)
     del k_abs
     # float32 (N, n_off) temporaries: this is the largest memory of the filter
     w = levels.astype(np.float32)[k_row]
@@ -254,7 +255,8 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     del cell
     # slicing: cubic between the four levels around g(p), bilinear in plane (nearest in z)
     lw = _lagrange(g, tuple(all_levels[level_of + j] for j in _LEVELS))
-    s_rows = np.concatenate([index[level_of + j].astype(idt)[:, None] * n_cells + corner_ids
+    s_rows = np.concatenate([index[level_of + j].astype(idt, copy=False)[:, None] * n_cells
+                             + corner_ids
                              for j in _LEVELS], axis=1)  # (N, 16)
     del corner_ids
     # (level, cell) sets: read by slicing (need3), grown by each pass's reach (need2..0)
