@@ -67,3 +67,17 @@ def test_mask_rejects_bad_input():
     with pytest.raises(ValidationError, match="NaN"):
         brain_mask(np.full((2, 4, 4), np.nan))
     assert not brain_mask(np.full((2, 8, 8), -1000.0)).any()
+
+
+def test_near_bone_margin_is_voxels_plus_mm():
+    from ctperf.preprocess.mask import near_bone
+
+    vol = np.zeros((2, 5, 40), dtype=np.float32)
+    vol[:, :, :10] = 1200.0  # bone in columns 0-9
+    # 0.5 mm voxels: margin 1 voxel + 2 mm = 2.5 mm = 5 columns beyond the bone
+    mask = near_bone(vol, spacing=(5.0, 0.5, 0.5))
+    assert mask[:, :, :15].all() and not mask[:, :, 15:].any()
+    # 2 mm voxels: 2 mm + 2 mm = 4 mm = 2 columns
+    mask = near_bone(vol, spacing=(5.0, 2.0, 2.0))
+    assert mask[:, :, :12].all() and not mask[:, :, 12:].any()
+    assert not near_bone(np.full((1, 4, 4), 40.0)).any()

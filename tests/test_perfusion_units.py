@@ -154,6 +154,13 @@ def test_aif_vof_selection_and_partial_volume():
     assert set(a.indices) <= set(range(200, 230))
     v = select_vof(enh, t, aif_ttp=a.ttp)
     assert set(v.indices) <= set(range(230, 240))
+    # Excluded voxels (e.g. next to bone) are never chosen, even with the largest area.
+    leaky = np.concatenate([enh, (vein + 60.0 * (t > 20))[:, None]], axis=1)
+    assert select_vof(leaky, t, aif_ttp=a.ttp).indices.tolist() == [240]
+    keep_out = np.zeros(leaky.shape[1], dtype=bool)
+    keep_out[240] = True
+    assert set(select_vof(leaky, t, aif_ttp=a.ttp, exclude=keep_out).indices) <= set(
+        range(230, 240))
     scaled, factor = correct_partial_volume(a.curve, v.curve, t)
     np.testing.assert_allclose(scaled, factor * a.curve)
     # The true AIF is twice the measured one; the vein's tail is cut at the last frame.

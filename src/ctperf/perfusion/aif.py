@@ -137,6 +137,7 @@ def select_vof(
     min_peak_hu: float = 50.0,
     pool_fraction: float = 0.7,
     max_tail: float = 0.5,
+    exclude: np.ndarray | None = None,
 ) -> VesselCurve:
     """Pick venous voxels (late peak, largest area) and average their curves.
 
@@ -156,12 +157,16 @@ def select_vof(
         Candidates must wash out: last frame and deepest dip within this fraction of the peak
         (a voxel at a bone or vessel edge left misaligned by residual motion shows a step or a
         dip, not a bolus, and its large area would inflate the partial-volume correction).
+    exclude : ndarray of bool, shape (N,), optional
+        Voxels never chosen (e.g. next to bone, see :func:`near_bone`).
     """
     t = np.asarray(times, dtype=np.float64)
     peak_i = np.argmax(enh, axis=0)
     peak_all = enh[peak_i, np.arange(enh.shape[1])]
     # Late and clearly enhancing voxels only (a study has ~10^6 brain voxels).
     bolus_like = (enh[-1] <= max_tail * peak_all) & (enh.min(axis=0) >= -max_tail * peak_all)
+    if exclude is not None:
+        bolus_like &= ~np.asarray(exclude, dtype=bool)
     late = np.flatnonzero((t[peak_i] - t[0] >= aif_ttp + min_lag_s) & (peak_all >= min_peak_hu)
                           & bolus_like)
     area = np.trapezoid(np.clip(enh[:, late], 0, None), t, axis=0)

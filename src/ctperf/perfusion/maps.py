@@ -128,7 +128,7 @@ def run_perfusion(
     -------
     PerfusionResult
     """
-    from ctperf.preprocess.mask import brain_mask, csf_mask
+    from ctperf.preprocess.mask import brain_mask, csf_mask, near_bone
 
     if method not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -186,7 +186,9 @@ def run_perfusion(
         vof_curve, vof_src = _curve_from_mask(vhu, vof_mask, n_base, "VOF"), "mask"
     elif aif is None:
         try:
-            vof_sel = select_vof(enh_v, t, aif_ttp=aif_ttp)
+            # Sinus voxels next to bone would bring a tail of bone leakage into the VOF's area.
+            bony = near_bone(vhu[:n_base].mean(axis=0), spacing=series.spacing)[search]
+            vof_sel = select_vof(enh_v, t, aif_ttp=aif_ttp, exclude=bony)
             vof_curve, vof_src = vof_sel.curve, "automatic"
         except ValidationError as exc:
             log.warning("%s; the AIF is not corrected for partial volume", exc)

@@ -18,7 +18,7 @@ from scipy import ndimage
 from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
-__all__ = ["brain_mask", "csf_mask"]
+__all__ = ["brain_mask", "csf_mask", "near_bone"]
 
 log = logging.getLogger(__name__)
 
@@ -152,3 +152,37 @@ def csf_mask(
     view = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32),
                                    sigma=(0.0, smooth_mm / dy, smooth_mm / dx))
     return view < csf_hu
+
+
+def near_bone(
+    volume: np.ndarray,
+    *,
+    spacing: Sequence[float] = (1.0, 1.0, 1.0),
+    bone_hu: float = 300.0,
+    margin_mm: float = 2.0,
+    margin_voxels: float = 1.0,
+) -> np.ndarray:
+    """Voxels within an in-plane margin of bone, bool (Z, Y, X).
+
+    Static partial volume with bone cancels in the baseline subtraction, but once the head
+    moves, or frames are resampled to correct it, a voxel next to bone takes in a little of
+    the bone's 1000+ HU in some frames: a step of tens of HU that a venous curve's area must
+    not include. The margin is ``margin_voxels`` in-plane voxels (how far interpolation
+    reaches, whatever the voxel size) plus ``margin_mm`` (blur and residual misalignment).
+
+    Parameters
+    ----------
+    volume : ndarray, shape (Z, Y, X)
+        Pre-contrast HU (contrast-filled vessels must not count as bone).
+    spacing : (dz, dy, dx) mm
+    bone_hu : float
+        Bone threshold in HU.
+    margin_mm, margin_voxels : float
+        The two parts of the margin around bone (added).
+    """
+    _, dy, dx = (float(v) for v in spacing)
+    bone = np.asarray(volume) > bone_hu
+    if not bone.any():
+        return bone
+    dist = ndimage.distance_transform_edt(~bone, sampling=(1e6, dy, dx))
+    return dist <= margin_mm + margin_voxels * min(dy, dx)
