@@ -42,8 +42,9 @@ logger = logging.getLogger(__name__)
 
 _RANGE_CUTOFF = 4.0  # range weights are dropped beyond this many range sigmas (exp(-8) = 3e-4)
 # Gaussian taps kept to this many sigmas (the brute force keeps 4): on a down-sampled axis, to
-# this many low-resolution sigmas (the tents add the rest of the tails)
-_TRUNCATE, _TRUNCATE_LOW = 3.5, 3.0
+# this many low-resolution sigmas (the splat and slice weights add the rest of the tails; the
+# quadratic scheme, accurate enough for the difference to show, needs 3.5)
+_TRUNCATE, _TRUNCATE_LOW, _TRUNCATE_QUADRATIC = 3.5, 3.0, 3.5
 _LEVELS = (-1, 0, 1, 2)  # levels read around a voxel (cubic interpolation), from the one below
 # Guide values (HU) where the levels are ``levels_per_sigma`` per range sigma: soft tissue and
 # vessels, whose frames depart from the guide by up to hundreds of HU (contrast); outside
@@ -111,7 +112,7 @@ def _pass(rows_mask: np.ndarray, rows_order: tuple[int, ...], cols_mask: np.ndar
     indptr = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     # the columns of a row are the consecutive numbers start .. start + count - 1
-    row = np.repeat(np.arange(counts.size, dtype=np.int32), counts)
+    row = np.repeat(np.arange(counts.size), counts)  # intp: no index conversion when gathering
     indices = np.arange(indptr[-1], dtype=np.int32)
     indices -= (indptr[:-1] - start).astype(np.int32)[row]
     offset = col_pos[indices]
@@ -124,23 +125,37 @@ def _pass(rows_mask: np.ndarray, rows_order: tuple[int, ...], cols_mask: np.ndar
 
 
 def _corners(yy: np.ndarray, xx: np.ndarray, zc: np.ndarray, factors: tuple[int, int, int],
-             shape_low: tuple[int, int, int], dtype: type) -> tuple[np.ndarray, np.ndarray]:
-    """Bilinear (tent) weights of each voxel on the four nearest in-plane cell centres.
+             shape_low: tuple[int, int, int], dtype: type,
+             quadratic: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Bilinear or quadratic B-spline weights of each voxel on the nearest in-plane cells.
 
-    Returns the cells' flat ids (N, 4) and their weights (N, 4) float32. Cell c > 0 covers
-    voxels d (c - 1) .. d c - 1 (centre d (c - 1) + (d - 1) / 2); when d > 1 one extra cell on
-    each side keeps every voxel between two cell centres, up to the volume's borders.
+    Returns the cells' flat ids (N, C) and weights (N, C) float32: two (bilinear) or three
+    (quadratic) cells along each down-sampled axis, one along an axis that is not. Cell c > 0
+    covers voxels d (c - 1) .. d c - 1 (centre d (c - 1) + (d - 1) / 2); when d > 1 one extra
+    cell on each side keeps every voxel within the grid. Bilinear weights spread a voxel by
+    f (1 - f) d^2 voxel^2 (nothing at a cell centre, most half-way between two), so the
+    filter's kernel depends on where a voxel lies in its cell; quadratic B-splines spread
+    every voxel by d^2 / 4 voxel^2, so the kernel is the same everywhere.
     """
     _, ny, nx = shape_low
-    corners = []
-    for axis_pos, d, size in ((yy, factors[1], ny), (xx, factors[2], nx)):
-        u = np.clip((axis_pos - (d - 1) / 2.0) / d + (d > 1), 0, size - 1)
-        c0 = np.minimum(np.floor(u).astype(dtype), size - 1)
-        f = (u - c0).astype(np.float32)
-        corners.append((c0, np.minimum(c0 + 1, size - 1), f))
-    (y0, y1, fy), (x0, x1, fx) = corners
-    ids = np.stack([(zc * ny + yc) * nx + xc for yc in (y0, y1) for xc in (x0, x1)], axis=1)
-    wts = np.stack([wy * wx for wy in (1 - fy, fy) for wx in (1 - fx, fx)], axis=1)
+    taps = []
+    for pos, d, size in ((yy, factors[1], ny), (xx, factors[2], nx)):
+        if d == 1:
+            taps.append([(pos, np.ones(pos.shape, dtype=np.float32))])
+            continue
+        u = (pos - (d - 1) / 2.0) / d + 1.0
+        if not quadratic:
+            c0 = np.minimum(np.floor(u).astype(dtype), size - 1)
+            f = (u - c0).astype(np.float32)
+            taps.append([(c0, 1 - f), (np.minimum(c0 + 1, size - 1), f)])
+            continue
+        c = np.rint(u).astype(dtype)
+        t = (u - c).astype(np.float32)
+        taps.append([(np.clip(c - 1, 0, size - 1), (0.5 - t) ** 2 / 2),
+                     (np.clip(c, 0, size - 1), 0.75 - t * t),
+                     (np.clip(c + 1, 0, size - 1), (0.5 + t) ** 2 / 2)])
+    ids = np.stack([(zc * ny + yc) * nx + xc for yc, _ in taps[0] for xc, _ in taps[1]], axis=1)
+    wts = np.stack([wy * wx for _, wy in taps[0] for _, wx in taps[1]], axis=1)
     return ids, wts
 
 
@@ -186,16 +201,19 @@ def _csc(rows: np.ndarray, vals: np.ndarray, keep: np.ndarray, cols: np.ndarray,
 
 def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
                 steps_hu: tuple[float, float], range_sigma: float,
-                factors: tuple[int, int, int]) -> _Grid:
+                factors: tuple[int, int, int], quadratic: bool) -> _Grid:
     nz, ny, nx = guide.shape
     dz, dy, dx = factors
     pad_y, pad_x = int(dy > 1), int(dx > 1)  # a border cell on each side (see _corners)
     shape_low = (-(-nz // dz), -(-ny // dy) + 2 * pad_y, -(-nx // dx) + 2 * pad_x)
     n_cells = int(np.prod(shape_low))
-    # Down-sampling by a box of d and up-sampling by a tent of d add about (d^2 - 1)/4 voxel^2
-    # of variance; the low-resolution Gaussian makes up the rest.
-    sigma_low = tuple(float(np.sqrt(max(s * s - (d * d - 1) / 4.0, 0.0)) / d) if d > 1
-                      else float(s) for s, d in zip(sigma_vox, factors, strict=True))
+    # Variance added by splatting and slicing, in voxel^2: quadratic B-splines d^2 / 4 each
+    # (voxels splatted into their cell add about (d^2 - 1) / 12 instead: a kernel 2 % narrower
+    # at d = 3 where the guide is flat); a box of d and a tent of d about (d^2 - 1) / 4 together.
+    # The low-resolution Gaussian makes up the rest.
+    added = [d * d / 2.0 if quadratic else (d * d - 1) / 4.0 for d in factors]
+    sigma_low = tuple(float(np.sqrt(max(s * s - a, 0.0)) / d) if d > 1
+                      else float(s) for s, d, a in zip(sigma_vox, factors, added, strict=True))
     g = guide.ravel().astype(np.float64)
     n = g.size
     all_levels = _levels(float(g.min()), float(g.max()), *steps_hu)
@@ -213,7 +231,7 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     zz, yy, xx = (a.astype(idt) for a in np.unravel_index(np.arange(n), guide.shape))
     zc = zz // dz
     cell = (zc * shape_low[1] + yy // dy + pad_y) * shape_low[2] + xx // dx + pad_x
-    corner_ids, corner_w = _corners(yy, xx, zc, factors, shape_low, idt)
+    corner_ids, corner_w = _corners(yy, xx, zc, factors, shape_low, idt, quadratic)
     del zz, yy, xx, zc
     # Voxels where the guide changes by more than a range sigma within a cell ("steep": bone
     # and air edges, partial volume) are splatted with tent weights, the others into their cell:
@@ -246,21 +264,23 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     np.exp(w, out=w)
     ok &= w > np.exp(-0.5 * _RANGE_CUTOFF ** 2)
     k_row *= n_cells
-    n_t = 4 * offsets.size
+    n_c = corner_ids.shape[1]
+    n_t = n_c * offsets.size
     t_rows = (k_row[steep, :, None] + corner_ids[steep, None, :]).reshape(steep.size, n_t)
     t_w = (w[steep, :, None] * corner_w[steep, None, :]).reshape(steep.size, n_t)
-    t_ok = np.repeat(ok[steep], 4, axis=1) & (t_w > 0)
+    t_ok = np.repeat(ok[steep], n_c, axis=1) & (t_w > 0)
     ok[steep] = False
     k_row += cell[:, None]  # box rows, meaningful where ok
     del cell
-    # slicing: cubic between the four levels around g(p), bilinear in plane (nearest in z)
+    # slicing: cubic between the four levels around g(p), B-spline in plane (nearest in z)
     lw = _lagrange(g, tuple(all_levels[level_of + j] for j in _LEVELS))
     s_rows = np.concatenate([index[level_of + j].astype(idt, copy=False)[:, None] * n_cells
                              + corner_ids
-                             for j in _LEVELS], axis=1)  # (N, 16)
+                             for j in _LEVELS], axis=1)  # (N, 4 n_c)
     del corner_ids
     # (level, cell) sets: read by slicing (need3), grown by each pass's reach (need2..0)
-    taps = [_kernel(s, _TRUNCATE_LOW if d > 1 else _TRUNCATE)  # z, y, x
+    truncate_low = _TRUNCATE_QUADRATIC if quadratic else _TRUNCATE_LOW
+    taps = [_kernel(s, truncate_low if d > 1 else _TRUNCATE)  # z, y, x
             for s, d in zip(sigma_low, factors, strict=True)]
     need3 = np.zeros(grid_shape, dtype=bool)
     need3.ravel()[s_rows] = True
@@ -290,20 +310,20 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     for m in blur:
         den = m @ den
     den = den[:, 0]
-    cols = _ids(need3)[s_rows]  # (N, 16)
+    cols = _ids(need3)[s_rows]  # (N, 4 n_c)
     del s_rows
-    # each level's four corners are normalised by their own interpolated denominator; the
+    # each level's corners are normalised by their own interpolated denominator; the
     # levels then mix with the cubic weights (renormalised if a level had no weight at all)
     vals = np.empty(cols.shape, dtype=np.float32)
     total = np.zeros(n)
     for j, wj in enumerate(lw):
-        part = slice(4 * j, 4 * j + 4)
+        part = slice(n_c * j, n_c * j + n_c)
         d = (corner_w * den[cols[:, part]]).sum(axis=1, dtype=np.float64)
         has = d > 0
         vals[:, part] = corner_w * (np.where(has, wj, 0.0) / np.where(has, d, 1.0))[:, None]
         total += np.where(has, wj, 0.0)
     vals /= total[:, None].astype(np.float32)
-    slicer = sparse.csr_matrix((vals.ravel(), cols.ravel(), np.arange(0, cols.size + 1, 16)),
+    slicer = sparse.csr_matrix((vals.ravel(), cols.ravel(), np.arange(0, cols.size + 1, 4 * n_c)),
                                shape=(n, int(need3.sum())))
     logger.debug("bilateral grid: %d levels x %s cells; %d steep voxels; rows used %d, %d, %d,"
                  " %d of %d", n_levels, shape_low, steep.size, n0, blur[0].shape[0],
@@ -327,7 +347,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 3.0,
                     levels_per_sigma_outside: float = 2.0,
-                    cells_per_sigma: float = 2.2, chunk: int = 8,
+                    cells_per_sigma: float = 2.2, interpolation: str = "linear", chunk: int = 8,
                     out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
@@ -349,6 +369,13 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     cells_per_sigma : float
         Low-resolution grid cells per spatial sigma (in-plane down-sampling of the grid; 1 cell
         per voxel when the voxels are coarser than that).
+    interpolation : {"linear", "quadratic"}
+        In-plane weights between voxels and down-sampled cells. "linear" (bilinear slicing, box
+        splatting where the guide is flat, bilinear where steep) is the fastest; its kernel
+        depends on where a voxel lies in its cell, which shows next to strong contrast between
+        frame and guide (a contrast-filled artery: up to 2.5 HU from the exact filter).
+        "quadratic" (quadratic B-splines for slicing and at steep voxels) keeps every voxel
+        within 0.35 HU of the exact filter there too, for about 30 % more time.
     chunk : int
         Volumes filtered per sparse product (memory grows with it).
     out : ndarray, float32, shape (B, Z, Y, X), optional
@@ -378,8 +405,11 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     # cells_per_sigma low-resolution cells per sigma, never coarser than 8 voxels
     fz, fy, fx = (int(min(8, max(1, np.floor(s / cells_per_sigma)))) for s in (sz, sy, sx))
     steps = (range_sigma_hu / levels_per_sigma, range_sigma_hu / levels_per_sigma_outside)
-    grid = _build_grid(guide, (sz, sy, sx), steps, range_sigma_hu,
-                       (fz, fy, fx))
+    if interpolation not in ("linear", "quadratic"):
+        raise ValidationError('interpolation must be "linear" or "quadratic", got '
+                              f"{interpolation!r}")
+    grid = _build_grid(guide, (sz, sy, sx), steps, range_sigma_hu, (fz, fy, fx),
+                       interpolation == "quadratic")
     if out is None:
         out = np.empty_like(images)
     elif out.shape != images.shape or out.dtype != np.float32:
@@ -395,7 +425,8 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
 
 def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
                      range_sigma_hu: float = 20.0, guide: np.ndarray | None = None,
-                     in_place: bool = False, progress: bool = False) -> CTPSeries:
+                     interpolation: str = "linear", in_place: bool = False,
+                     progress: bool = False) -> CTPSeries:
     """Filter every frame with a 3D bilateral filter guided by the temporal mean.
 
     Parameters
@@ -410,6 +441,8 @@ def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
         keeps it and reduces noise in flat tissue as much.
     guide : ndarray, shape (Z, Y, X), optional
         Guide image; default the mean of all frames.
+    interpolation : {"linear", "quadratic"}
+        Speed/accuracy of the grid next to strong frame/guide contrast; see `joint_bilateral`.
     in_place : bool
         Overwrite ``series.hu`` with the result instead of allocating a second study (for
         pipelines that own the series).
@@ -428,8 +461,10 @@ def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
                               f"{series.shape[1:]} (Z, Y, X)")
     hu = joint_bilateral(series.hu, g, spacing=series.spacing,
                          spatial_sigma_mm=spatial_sigma_mm, range_sigma_hu=range_sigma_hu,
+                         interpolation=interpolation,
                          out=series.hu if in_place else None, progress=progress)
     meta = dict(series.meta)
     meta["bilateral"] = {"spatial_sigma_mm": spatial_sigma_mm, "range_sigma_hu": range_sigma_hu,
-                         "guide": "temporal mean" if guide is None else "given"}
+                         "guide": "temporal mean" if guide is None else "given",
+                         "interpolation": interpolation}
     return series.replace(hu=hu, meta=meta)
