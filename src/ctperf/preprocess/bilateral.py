@@ -78,6 +78,21 @@ def _ids(mask: np.ndarray) -> np.ndarray:
     return ids
 
 
+def _per_row(values: np.ndarray, counts: np.ndarray, indptr: np.ndarray) -> np.ndarray:
+    """``np.repeat(values, counts)`` (int32) as a cumulative sum of the steps between rows.
+
+    Faster than ``np.repeat`` for many short rows; ``indptr`` is the cumulative sum of counts.
+    """
+    full = counts > 0
+    vals = values[full].astype(np.int32)
+    first = indptr[:-1][full]
+    out = np.zeros(int(indptr[-1]), dtype=np.int32)
+    if vals.size:
+        out[first[1:]] = np.diff(vals)
+        out[first[0]] = vals[0]
+    return np.cumsum(out, out=out)
+
+
 def _pass(rows_mask: np.ndarray, rows_order: tuple[int, ...], cols_mask: np.ndarray, axis: int,
           taps: np.ndarray) -> sparse.csr_matrix:
     """One 1D Gaussian along ``axis`` of the (K, Z, Yl, Xl) grid, from the cols set to the rows set.
@@ -112,12 +127,10 @@ def _pass(rows_mask: np.ndarray, rows_order: tuple[int, ...], cols_mask: np.ndar
     indptr = np.zeros(counts.size + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     # the columns of a row are the consecutive numbers start .. start + count - 1
-    row = np.repeat(np.arange(counts.size), counts)  # intp: no index conversion when gathering
-    indices = np.arange(indptr[-1], dtype=np.int32)
-    indices -= (indptr[:-1] - start).astype(np.int32)[row]
+    indices = _per_row((start - indptr[:-1]).astype(np.int32), counts, indptr)
+    indices += np.arange(indptr[-1], dtype=np.int32)
     offset = col_pos[indices]
-    offset -= (pos - r)[row]
-    del row
+    offset -= _per_row(pos - r, counts, indptr)
     data = taps.astype(np.float32)[offset]
     del offset
     return sparse.csr_matrix((data, indices, indptr),
