@@ -202,14 +202,22 @@ def _lagrange(g: np.ndarray, nodes: tuple[np.ndarray, ...]) -> tuple[np.ndarray,
     return tuple(weights)
 
 
-def _csc(rows: np.ndarray, vals: np.ndarray, keep: np.ndarray, cols: np.ndarray, n: int,
-         n_rows: int) -> sparse.csc_matrix:
-    """(n_rows, n) CSC matrix; column ``cols[i]`` holds ``rows[i]``/``vals[i]`` where ``keep``."""
+def _csc(keys: np.ndarray, vals: np.ndarray, keep: np.ndarray, cols: np.ndarray,
+         row_of: np.ndarray, n: int, n_rows: int) -> sparse.csc_matrix:
+    """(n_rows, n) CSC matrix from candidate entries (one line per column ``cols[i]``).
+
+    ``keys`` and ``vals`` are the grid keys and weights of the candidates that ``keep`` marks
+    (in its order); ``row_of`` maps a grid key to its row (-1: not a row, entry dropped).
+    ``keep`` is updated to the entries kept.
+    """
+    rows = row_of[keys]
+    kept = rows >= 0
+    keep[keep] = kept
     counts = np.zeros(n, dtype=np.int64)
     counts[cols] = keep.sum(axis=1)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
-    return sparse.csc_matrix((vals[keep], rows[keep], indptr), shape=(n_rows, n))
+    return sparse.csc_matrix((vals[kept], rows[kept], indptr), shape=(n_rows, n))
 
 
 def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
@@ -297,23 +305,22 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
             for s, d in zip(sigma_low, factors, strict=True)]
     need3 = np.zeros(grid_shape, dtype=bool)
     need3.ravel()[s_rows] = True
+    box_keys, box_w = k_row[ok], w[ok]
+    del k_row, w
+    tent_keys, tent_w = t_rows[t_ok], t_w[t_ok]
+    del t_rows, t_w
     occupied = np.zeros(grid_shape, dtype=bool)
-    occupied.ravel()[k_row[ok]] = True
-    occupied.ravel()[t_rows[t_ok]] = True
+    occupied.ravel()[box_keys] = True
+    occupied.ravel()[tent_keys] = True
     need2 = ndimage.maximum_filter1d(need3, len(taps[0]), axis=1, mode="constant")
     need1 = ndimage.maximum_filter1d(need2, len(taps[1]), axis=2, mode="constant")
     need0 = ndimage.maximum_filter1d(need1, len(taps[2]), axis=3, mode="constant") & occupied
     del occupied
     id0 = _ids(need0)
     n0 = int(need0.sum())
-    k_row = id0[k_row]  # (level, cell) -> splat row, -1 where unused
-    ok &= k_row >= 0
-    box = _csc(k_row, w, ok, np.arange(n), n, n0)
-    del k_row, w, ok
-    t_rows = id0[t_rows]
-    t_ok &= t_rows >= 0
-    tent = _csc(t_rows, t_w, t_ok, steep, n, n0)
-    del t_rows, t_w, t_ok, id0
+    box = _csc(box_keys, box_w, ok, np.arange(n), id0, n, n0)
+    tent = _csc(tent_keys, tent_w, t_ok, steep, id0, n, n0)
+    del box_keys, box_w, ok, tent_keys, tent_w, t_ok, id0
     # each pass numbers its rows in the order the next pass reads them: x last for the x pass
     # (need0, as the splat), then y last, z last, and the grid's own order for slicing
     blur = (_pass(need1, (0, 1, 3, 2), need0, 3, taps[2]),
