@@ -157,7 +157,7 @@ def _corners(yy: np.ndarray, xx: np.ndarray, zc: np.ndarray, factors: tuple[int,
     every voxel by d^2 / 4 voxel^2, so the kernel is the same everywhere.
     """
     _, ny, nx = shape_low
-    taps = []
+    taps: list[list[tuple[np.ndarray, np.ndarray]]] = []
     for pos, d, size in ((yy, factors[1], ny), (xx, factors[2], nx)):
         if d == 1:
             taps.append([(pos, np.ones(pos.shape, dtype=np.float32))])
@@ -168,7 +168,7 @@ def _corners(yy: np.ndarray, xx: np.ndarray, zc: np.ndarray, factors: tuple[int,
             f = (u - c0).astype(np.float32)
             taps.append([(c0, 1 - f), (np.minimum(c0 + 1, size - 1), f)])
             continue
-        c = np.rint(u).astype(dtype)
+        c: np.ndarray = np.rint(u).astype(dtype)
         t = (u - c).astype(np.float32)
         taps.append([(np.clip(c - 1, 0, size - 1), (0.5 - t) ** 2 / 2),
                      (np.clip(c, 0, size - 1), 0.75 - t * t),
