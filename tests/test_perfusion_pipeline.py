@@ -174,6 +174,10 @@ def test_bad_input_gives_clear_errors(study, rng):
     weak = series.replace(hu=np.clip(series.hu, -1000, 60))
     with pytest.raises(ValidationError, match="arterial candidates"):
         compute_maps(weak)
+    # An AIF below its baseline (e.g. motion between baseline and bolus): a hint, not a fit.
+    dip = -np.clip(np.arange(series.n_frames, dtype=float) - 10.0, 0, 30)
+    with pytest.raises(ValidationError, match=r"no positive area.*motion"):
+        compute_maps(series, aif=dip)
 
 
 def test_vessel_series_keeps_aif_from_unfiltered_study(study):

@@ -76,6 +76,7 @@ def select_aif(
     min_peak_hu: float = 80.0,
     pool_fraction: float = 0.3,
     max_end: float = 0.5,
+    exclude: np.ndarray | None = None,
 ) -> VesselCurve:
     """Pick arterial voxels and average their curves.
 
@@ -91,6 +92,8 @@ def select_aif(
         percentile of all peaks.
     max_end : float
         Drop voxels whose last frame is still above this fraction of their peak (truncated).
+    exclude : ndarray of bool, shape (N,), optional
+        Voxels never chosen (e.g. next to bone, see :func:`ctperf.preprocess.mask.near_bone`).
 
     Returns
     -------
@@ -98,7 +101,10 @@ def select_aif(
     """
     n_t = enh.shape[0]
     peak_all = enh.max(axis=0)
-    top = float(np.percentile(peak_all, 99.9)) if peak_all.size else 0.0
+    if exclude is not None:
+        peak_all = np.where(np.asarray(exclude, dtype=bool), -np.inf, peak_all)
+    top = float(np.percentile(peak_all[np.isfinite(peak_all)], 99.9)) \
+        if np.isfinite(peak_all).any() else 0.0
     # Features only for the strong voxels (a study has ~10^6 brain voxels, ~10^3 candidates).
     strong = np.flatnonzero(peak_all >= max(min_peak_hu, pool_fraction * top))
     f = curve_features(enh[:, strong], times)

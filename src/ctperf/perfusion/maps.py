@@ -169,6 +169,9 @@ def run_perfusion(
     enh_v = enh_s if vhu is hu else vhu[:, search] - vhu[:n_base, search].mean(axis=0)
 
     aif_sel = vof_sel = None
+    # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
+    # are resampled: spikes, dips and raised tails that are not the bolus.
+    bony = near_bone(vhu[:n_base].mean(axis=0), spacing=series.spacing)[search]
     if aif is not None:
         aif_raw, aif_src = np.asarray(aif, dtype=np.float64), "given curve"
         if aif_raw.shape != (n_t,):
@@ -176,8 +179,13 @@ def run_perfusion(
     elif aif_mask is not None:
         aif_raw, aif_src = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), "mask"
     else:
-        aif_sel = select_aif(enh_v, t)
+        aif_sel = select_aif(enh_v, t, exclude=bony)
         aif_raw, aif_src = aif_sel.curve, "automatic"
+    if not np.trapezoid(np.asarray(aif_raw, dtype=np.float64), t) > 0:
+        raise ValidationError(
+            f"the AIF ({aif_src}) has no positive area: its curve sits below its pre-bolus "
+            "baseline, as when the head moved between the baseline and the bolus; correct "
+            "motion first (--preprocess) or give an AIF mask (--aif-mask)")
     aif_ttp = float(t[np.argmax(aif_raw)] - t[0])
     vof_curve: np.ndarray | None
     if vof is not None:
@@ -186,8 +194,6 @@ def run_perfusion(
         vof_curve, vof_src = _curve_from_mask(vhu, vof_mask, n_base, "VOF"), "mask"
     elif aif is None:
         try:
-            # Sinus voxels next to bone would bring a tail of bone leakage into the VOF's area.
-            bony = near_bone(vhu[:n_base].mean(axis=0), spacing=series.spacing)[search]
             vof_sel = select_vof(enh_v, t, aif_ttp=aif_ttp, exclude=bony)
             vof_curve, vof_src = vof_sel.curve, "automatic"
         except ValidationError as exc:
