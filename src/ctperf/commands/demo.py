@@ -17,8 +17,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "demo", help="end-to-end run on a digital phantom, scored against its true maps",
         description="Simulate a stroke CTP study with known perfusion (digital phantom), "
-                    "filter it as the paper did (bilateral filter guided by the temporal mean; "
-                    "rigid motion correction with --register), "
+                    "preprocess it as the paper did (rigid motion correction of every frame to "
+                    "the first, bilateral filter guided by the temporal mean), "
                     "compute box-model NLR maps and lesions, and score them against the truth. "
                     "Writes OUT/phantom/ (study, true maps, masks, preview.png), OUT/maps/ (as "
                     "`ctperf maps`), OUT/evaluation.json, OUT/comparison.png and OUT/report.md.")
@@ -35,9 +35,8 @@ def register(subparsers: Any) -> None:
                    default="nlr-fast", help="perfusion method [nlr-fast]")
     p.add_argument("--no-preprocess", action="store_true",
                    help="skip motion correction and filtering")
-    p.add_argument("--register", action="store_true",
-                   help="rigid motion correction before the filter (off by default: on studies "
-                        "with a bolus it can still add spurious motion; see the README)")
+    p.add_argument("--no-register", action="store_true",
+                   help="skip motion correction (filter only)")
     add_filter_options(p)
     p.set_defaults(func=run)
 
@@ -59,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
                                ("--frames", args.frames, 30)):
         if value < least:
             raise ValidationError(f"demo: {name} must be at least {least}, got {value}")
+    do_register = not (args.no_register or args.no_preprocess)
     print(f"[1/4] simulating a {args.size} x {args.size} x {args.slices} x {args.frames} "
           f"phantom study (seed {args.seed}, {args.motion} motion)")
     subject = generate_subject(seed=args.seed, size=args.size, slices=args.slices,
@@ -67,10 +67,10 @@ def run(args: argparse.Namespace) -> int:
     with io.atomic_dir(args.out) as tmp:
         write_subject(subject, tmp / "phantom", dicom=False, preview=True)
         steps = ("maps" if args.no_preprocess else "motion correction, bilateral filter, maps"
-                 if args.register else "bilateral filter, maps")
+                 if do_register else "bilateral filter, maps")
         print(f"[2/4] {steps} ({args.method})")
         result, pre = analyse_study(subject.series, method=args.method,
-                                    register=args.register and not args.no_preprocess,
+                                    register=do_register,
                                     filter=not args.no_preprocess,
                                     spatial_sigma_mm=args.spatial_sigma,
                                     range_sigma_hu=args.range_sigma,
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             for name in ("core", "hypoperfused", "penumbra")}
         scores["method"] = args.method
         scores["preprocessed"] = not args.no_preprocess
-        scores["registered"] = args.register and not args.no_preprocess
+        scores["registered"] = do_register
         scores["phantom"] = {"seed": args.seed, "shape": list(subject.series.shape),
                              "motion": args.motion}
         io.write_json(scores, tmp / "evaluation.json")
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
                 f"| {v['rule_volume_ml']:.1f} |\n"
                 for name, v in scores["lesions_vs_rule_on_truth"].items()))
         steps_done = ("not preprocessed" if args.no_preprocess else "registered and filtered"
-                      if args.register else "filtered, not registered")
+                      if do_register else "filtered, not registered")
         report = (f"# ctperf demo: {args.method} on a digital phantom\n\n"
                   f"Phantom seed {args.seed}, study {' x '.join(map(str, subject.series.shape))} "
                   f"(T, Z, Y, X), simulated motion: {args.motion}, "
