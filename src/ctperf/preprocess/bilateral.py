@@ -145,7 +145,7 @@ def _pass(rows_mask: np.ndarray, rows_order: tuple[int, ...], cols_mask: np.ndar
 
 def _corners(yy: np.ndarray, xx: np.ndarray, zc: np.ndarray, factors: tuple[int, int, int],
              shape_low: tuple[int, int, int], dtype: type,
-             quadratic: bool) -> tuple[np.ndarray, np.ndarray]:
+             quadratic: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Bilinear or quadratic B-spline weights of each voxel on the nearest in-plane cells.
 
     Returns the cells' flat ids (N, C) and weights (N, C) float32: two (bilinear) or three
@@ -154,10 +154,11 @@ def _corners(yy: np.ndarray, xx: np.ndarray, zc: np.ndarray, factors: tuple[int,
     cell on each side keeps every voxel within the grid. Bilinear weights spread a voxel by
     f (1 - f) d^2 voxel^2 (nothing at a cell centre, most half-way between two), so the
     filter's kernel depends on where a voxel lies in its cell; quadratic B-splines spread
-    every voxel by d^2 / 4 voxel^2, so the kernel is the same everywhere.
+    every voxel by d^2 / 4 voxel^2, so the kernel is the same everywhere. The third array
+    holds bilinear weights on the same cells (the weights themselves if not ``quadratic``).
     """
     _, ny, nx = shape_low
-    taps: list[list[tuple[np.ndarray, np.ndarray]]] = []
+    taps: list[list[tuple[np.ndarray, ...]]] = []  # (cell, weight[, bilinear weight])
     for pos, d, size in ((yy, factors[1], ny), (xx, factors[2], nx)):
         if d == 1:
             taps.append([(pos, np.ones(pos.shape, dtype=np.float32))])
@@ -170,12 +171,14 @@ def _corners(yy: np.ndarray, xx: np.ndarray, zc: np.ndarray, factors: tuple[int,
             continue
         c: np.ndarray = np.rint(u).astype(dtype)
         t = (u - c).astype(np.float32)
-        taps.append([(np.clip(c - 1, 0, size - 1), (0.5 - t) ** 2 / 2),
-                     (np.clip(c, 0, size - 1), 0.75 - t * t),
-                     (np.clip(c + 1, 0, size - 1), (0.5 + t) ** 2 / 2)])
-    ids = np.stack([(zc * ny + yc) * nx + xc for yc, _ in taps[0] for xc, _ in taps[1]], axis=1)
-    wts = np.stack([wy * wx for _, wy in taps[0] for _, wx in taps[1]], axis=1)
-    return ids, wts
+        taps.append([(np.clip(c - 1, 0, size - 1), (0.5 - t) ** 2 / 2, np.maximum(-t, 0)),
+                     (np.clip(c, 0, size - 1), 0.75 - t * t, 1 - np.abs(t)),
+                     (np.clip(c + 1, 0, size - 1), (0.5 + t) ** 2 / 2, np.maximum(t, 0))])
+    ids = np.stack([(zc * ny + yc[0]) * nx + xc[0] for yc in taps[0] for xc in taps[1]], axis=1)
+    wts = np.stack([wy[1] * wx[1] for wy in taps[0] for wx in taps[1]], axis=1)
+    lin = np.stack([wy[-1] * wx[-1] for wy in taps[0] for wx in taps[1]], axis=1) \
+        if quadratic else wts
+    return ids, wts, lin
 
 
 def _levels(g_min: float, g_max: float, fine: float, coarse: float) -> np.ndarray:
@@ -258,7 +261,7 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     zz, yy, xx = (a.astype(idt) for a in np.unravel_index(np.arange(n), guide.shape))
     zc = zz // dz
     cell = (zc * shape_low[1] + yy // dy + pad_y) * shape_low[2] + xx // dx + pad_x
-    corner_ids, corner_w = _corners(yy, xx, zc, factors, shape_low, idt, quadratic)
+    corner_ids, corner_w, corner_lin = _corners(yy, xx, zc, factors, shape_low, idt, quadratic)
     del zz, yy, xx, zc
     # Voxels where the guide changes by more than a range sigma within a cell ("steep": bone
     # and air edges, partial volume) are splatted with tent weights, the others into their cell:
@@ -299,7 +302,15 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     ok[steep] = False
     k_row += cell[:, None]  # box rows, meaningful where ok
     del cell
-    # slicing: cubic between the four levels around g(p), B-spline in plane (nearest in z)
+    # slicing: cubic between the four levels around g(p), B-spline in plane (nearest in z);
+    # bilinear (fewer cells) at flat voxels of bone and air, whose frames follow the guide
+    if quadratic:
+        plain = (g < _FINE_BAND_HU[0]) | (g > _FINE_BAND_HU[1])
+        plain[steep] = False
+        corner_w[plain] = corner_lin[plain]
+        del plain
+    del corner_lin
+    reads = np.tile(corner_w > 0, len(_LEVELS))  # (N, 4 n_c): entries of the slicing matrix
     lw = _lagrange(g, tuple(all_levels[level_of + j] for j in _LEVELS))
     s_rows = np.concatenate([index[level_of + j].astype(idt, copy=False)[:, None] * n_cells
                              + corner_ids
@@ -310,7 +321,7 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     taps = [_kernel(s, truncate_low if d > 1 else _TRUNCATE)  # z, y, x
             for s, d in zip(sigma_low, factors, strict=True)]
     need3 = np.zeros(grid_shape, dtype=bool)
-    need3.ravel()[s_rows] = True
+    need3.ravel()[s_rows[reads]] = True
     box_keys, box_w = k_row[ok], w[ok]
     del k_row, w
     tent_keys, tent_w = t_rows[t_ok], t_w[t_ok]
@@ -349,8 +360,9 @@ def _build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
         vals[:, part] = corner_w * (np.where(has, wj, 0.0) / np.where(has, d, 1.0))[:, None]
         total += np.where(has, wj, 0.0)
     vals /= total[:, None].astype(np.float32)
-    slicer = sparse.csr_matrix((vals.ravel(), cols.ravel(), np.arange(0, cols.size + 1, 4 * n_c)),
-                               shape=(n, int(need3.sum())))
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(reads.sum(axis=1), out=indptr[1:])
+    slicer = sparse.csr_matrix((vals[reads], cols[reads], indptr), shape=(n, int(need3.sum())))
     logger.debug("bilateral grid: %d levels x %s cells; %d steep voxels; rows used %d, %d, %d,"
                  " %d of %d", n_levels, shape_low, steep.size, n0, blur[0].shape[0],
                  blur[1].shape[0], blur[2].shape[0], need3.size)
