@@ -49,15 +49,15 @@ def test_demo_rejects_bad_size(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_demo_default_size_accuracy(tmp_path):
-    """256 x 256 x 8 x 89, no motion, filtered (vessels from the unfiltered study), nlr-fast.
+    """256 x 256 x 8 x 89, no motion, registered and filtered (vessels from the unfiltered
+    study), nlr-fast, lesions after a 2 mm median.
 
-    Measured once (seed 3): CBF MAE 4.2 / bias -2.5 of a 30.0 mean, r 0.86; CBV MAE 0.29 of
-    2.58; Tmax MAE 0.50 s, r 0.98; core 35.7 mL vs 25.5 true (Dice 0.53); hypoperfused 173.6 vs
-    164.4 (Dice 0.97). Bounds sit roughly 1.5x beyond these: the phantom is seeded, but the fit
-    runs in float32 and threads may reorder sums, and the bounds are meant to catch a broken
-    pipeline (e.g. a wrong AIF scale gives CBF bias of 15+), not a 5 % drift. Registration is
-    off (the default): with the current rigid registration a motion-free phantom gains spurious
-    motion.
+    Measured once (seed 3): CBF MAE 4.0 / bias -1.9 of a 30.0 mean, r 0.86; CBV MAE 0.28 of
+    2.58; Tmax MAE 0.49 s, r 0.98; core 34.6 mL vs 25.5 true (Dice 0.56); hypoperfused 173.9 vs
+    164.4 (Dice 0.97); largest frame displacement found by the registration 0.1 mm. Bounds sit
+    roughly 1.5x beyond these: the phantom is seeded, but threads may reorder sums, and the
+    bounds are meant to catch a broken pipeline (e.g. a wrong AIF scale gives CBF bias of 15+,
+    registration inventing motion moved frames by several mm), not a 5 % drift.
     """
     out = tmp_path / "demo"
     assert main(["demo", str(out), "--motion", "none"]) == 0
@@ -74,5 +74,9 @@ def test_demo_default_size_accuracy(tmp_path):
     # The core is overestimated (noisy low-flow fits); catch a doubling, not the known +40 %.
     assert les["core"]["dice"] > 0.4
     assert les["core"]["volume_ml"] < 2.0 * les["core"]["true_volume_ml"]
+    assert scores["registered"]
+    motion = json.loads((out / "maps" / "summary.json").read_text())["qc"]["motion"]
+    # the still phantom's mean frame displacement as registered: 0.01-0.02 mm measured
+    assert motion["value"] is not None and motion["value"] < 0.3
     # The rule itself (contralateral reference) reproduces the hypoperfused mask on true maps.
     assert scores["lesions_vs_rule_on_truth"]["hypoperfused"]["dice_rule_vs_phantom"] > 0.95
