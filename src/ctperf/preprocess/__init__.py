@@ -1,7 +1,7 @@
 """Preprocessing as in the paper: rigid motion correction, joint bilateral filtering, brain mask."""
 
 from ctperf.preprocess.bilateral import bilateral_filter, joint_bilateral
-from ctperf.preprocess.mask import brain_mask
+from ctperf.preprocess.mask import brain_mask, csf_mask, near_bone
 from ctperf.preprocess.pipeline import PreprocessResult, preprocess
 from ctperf.preprocess.registration import MotionResult, correct_motion, frame_displacement
 
@@ -11,7 +11,9 @@ __all__ = [
     "bilateral_filter",
     "brain_mask",
     "correct_motion",
+    "csf_mask",
     "frame_displacement",
     "joint_bilateral",
+    "near_bone",
     "preprocess",
 ]
