@@ -10,7 +10,7 @@
    study, each method in a fresh process.
 
 Usage: ``python benchmarks/bench_perfusion.py [--voxels N] [--loop 200] [--threads 2]
-[--chunk 16384] [--torch-voxels 2048] [--skip-full]``.
+[--chunk 65536] [--torch-voxels 2048] [--skip-full]``.
 Timings on a shared machine are noisy; compare the ratios printed in one run."""
 
 from __future__ import annotations
@@ -190,7 +190,7 @@ def main() -> None:
                     help="voxels for the vectorised fits (default: 2 chunks per thread)")
     ap.add_argument("--loop", type=int, default=200, help="voxels for the scipy loop")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    ap.add_argument("--chunk", type=int, default=16384)
+    ap.add_argument("--chunk", type=int, default=65536)
     ap.add_argument("--torch-voxels", type=int, default=2048,
                     help="voxels for the torch-on-CPU lines (0: skip torch)")
     ap.add_argument("--skip-full", action="store_true")

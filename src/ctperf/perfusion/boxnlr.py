@@ -214,8 +214,9 @@ def fit_box_nlr(
     chunk : int, optional
         Voxels fitted at once; bounds peak memory: per worker about (24 n + 16 T) bytes per
         voxel of a chunk, n = (largest delay + MTT - smallest delay) / frame interval + 3
-        (about 4 kB with 0.5 s frames and the default bounds). Default: at most 16384 on the
-        CPU (262144 on a GPU), in a number of chunks that is a multiple of ``workers``.
+        (about 4 kB with 0.5 s frames and the default bounds). Default: at most 65536 on the
+        CPU (large chunks keep the worker threads from waiting on each other for the GIL) and
+        262144 on a GPU, in a number of chunks that is a multiple of ``workers``.
     workers : int, optional
         Threads fitting chunks in parallel; default the number of CPUs with NumPy, 1 with torch
         (torch parallelises inside each operation).
@@ -256,7 +257,7 @@ def fit_box_nlr(
         workers = (os.cpu_count() or 1) if ops.is_numpy else 1
     n = tis.shape[1]
     if chunk is None:
-        chunk = 1 << 14 if torch_device is None or torch_device == "cpu" else 1 << 18
+        chunk = 1 << 16 if torch_device is None or torch_device == "cpu" else 1 << 18
         # As many chunks of about equal size as keep every worker busy to the end.
         n_chunks = -(-n // chunk)
         if workers > 1 and n_chunks % workers:
