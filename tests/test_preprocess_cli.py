@@ -74,7 +74,13 @@ def test_preprocess_range_sigma_option(moving_head, tmp_path):
                      "--range-sigma", sigma]) == 0
         noise[sigma] = json.loads((out / "qc.json").read_text())["noise_sd_hu_after"]
         sidecar = json.loads((out / "study.json").read_text())
-        assert sidecar["meta"]["preprocess"]["filter_sigmas"] == {"spatial_mm": 3.0,
-                                                                  "range_hu": float(sigma)}
+        bilateral = sidecar["meta"]["bilateral"]  # what the filter ran, as it records it
+        assert bilateral["range_sigma_hu"] == float(sigma)
+        assert bilateral["interpolation"] == "linear"
     # a wider range kernel averages more neighbours: less noise left
     assert noise["40"] < noise["5"]
+    out = tmp_path / "quadratic"
+    assert main(["preprocess", str(path), str(out), "--no-register",
+                 "--filter-weights", "quadratic"]) == 0
+    sidecar = json.loads((out / "study.json").read_text())
+    assert sidecar["meta"]["bilateral"]["interpolation"] == "quadratic"

@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
                                     filter=not args.no_preprocess,
                                     spatial_sigma_mm=args.spatial_sigma,
                                     range_sigma_hu=args.range_sigma,
+                                    filter_weights=args.filter_weights,
                                     lesion_options=LESION_DEFAULTS, progress=True)
         if pre is not None:
             print(f"      measured displacement: mean {np.mean(pre.displacement_mm):.2f} mm, "

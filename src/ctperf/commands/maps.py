@@ -240,14 +240,15 @@ def run(args: argparse.Namespace) -> int:
     del series
     result, _ = analyse_study(held.pop(), method=args.method, register=args.preprocess,
                               filter=args.preprocess, spatial_sigma_mm=args.spatial_sigma,
-                              range_sigma_hu=args.range_sigma, aif_mask=aif_mask, vof_mask=vof_mask,
+                              range_sigma_hu=args.range_sigma, filter_weights=args.filter_weights,
+                              aif_mask=aif_mask, vof_mask=vof_mask,
                               mask=brain, rho=args.rho, kh=args.kh, device=args.device,
                               lesion_options=lesion_options, progress=True)
     result = dataclasses.replace(result, maps=result.maps.replace(provenance={
         **result.maps.provenance, "study": str(args.study),
         "preprocessed": bool(args.preprocess),
-        **({"filter_sigmas": {"spatial_mm": args.spatial_sigma, "range_hu": args.range_sigma}}
-           if args.preprocess else {})}))
+        **({"filter": {"spatial_sigma_mm": args.spatial_sigma, "range_sigma_hu": args.range_sigma,
+                       "weights": args.filter_weights}} if args.preprocess else {})}))
     write_outputs(result, args.out, title=f"{args.study.name}: {args.method}",
                   dicom_source=source)
     maps = result.maps

@@ -94,14 +94,12 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(args.out, "output exists and is not a folder")
     result = preprocess(series, register=not args.no_register, filter=not args.no_filter,
                         spatial_sigma_mm=args.spatial_sigma, range_sigma_hu=args.range_sigma,
+                        filter_weights=args.filter_weights,
                         workers=args.workers, progress=True)
     with atomic_dir(args.out) as tmp:  # all outputs appear together, or none
         meta = dict(result.series.meta)
         meta["preprocess"] = {"registered": not args.no_register, "filtered": not args.no_filter,
                               "source": str(args.study)}
-        if not args.no_filter:
-            meta["preprocess"]["filter_sigmas"] = {"spatial_mm": args.spatial_sigma,
-                                                   "range_hu": args.range_sigma}
         final = result.series.replace(meta=meta)
         write_series_nifti(final, tmp / "study.nii.gz")
         if args.dicom:

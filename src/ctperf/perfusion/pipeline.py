@@ -12,7 +12,8 @@ __all__ = ["analyse_study"]
 
 def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool = True,
                   filter: bool = True, spatial_sigma_mm: float = 3.0,
-                  range_sigma_hu: float = 20.0, workers: int | None = None,
+                  range_sigma_hu: float = 20.0, filter_weights: str = "linear",
+                  workers: int | None = None,
                   progress: bool = False,
                   **perfusion_options: Any) -> tuple[PerfusionResult, Any]:
     """Preprocess a study and compute its perfusion maps.
@@ -32,6 +33,9 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         The two preprocessing steps; with both off this is :func:`run_perfusion` alone.
     spatial_sigma_mm, range_sigma_hu : float
         The bilateral filter's sigmas (the paper's 3 mm and 20 HU).
+    filter_weights : {"linear", "quadratic"}
+        The bilateral grid's weights (``interpolation`` of
+        :func:`~ctperf.preprocess.bilateral_filter`).
     workers : int, optional
         Frames registered at once.
     progress : bool
@@ -54,7 +58,8 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         perfusion_options.setdefault("motion_mm", pre.displacement_mm)
     if filter:
         filtered = bilateral_filter(series, spatial_sigma_mm=spatial_sigma_mm,
-                                    range_sigma_hu=range_sigma_hu, progress=progress)
+                                    range_sigma_hu=range_sigma_hu,
+                                    interpolation=filter_weights, progress=progress)
         perfusion_options.setdefault("vessel_series", series)
         series = filtered
     return run_perfusion(series, method=method, progress=progress, **perfusion_options), pre

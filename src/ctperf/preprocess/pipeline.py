@@ -49,7 +49,8 @@ class PreprocessResult:
 
 def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
                spatial_sigma_mm: float = 3.0, range_sigma_hu: float = 20.0,
-               workers: int | None = None, progress: bool = False) -> PreprocessResult:
+               filter_weights: str = "linear", workers: int | None = None,
+               progress: bool = False) -> PreprocessResult:
     """Register every frame to the first, then filter it with the mean-guided bilateral filter.
 
     Parameters
@@ -63,6 +64,8 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
         the temporal mean of the registered frames.
     spatial_sigma_mm, range_sigma_hu : float
         The filter's sigmas (the paper's 3 mm and 20 HU).
+    filter_weights : {"linear", "quadratic"}
+        The filter's grid weights (``interpolation`` of :func:`~ctperf.preprocess.joint_bilateral`).
     workers : int, optional
         Frames registered at once (default: the number of CPU cores).
     progress : bool
@@ -89,7 +92,8 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
     if filter:
         # the registered study is ours: filter it in place (one study less in memory)
         out = bilateral_filter(out, spatial_sigma_mm=spatial_sigma_mm,
-                               range_sigma_hu=range_sigma_hu, in_place=out is not series,
+                               range_sigma_hu=range_sigma_hu, interpolation=filter_weights,
+                               in_place=out is not series,
                                progress=progress)
     mask = brain_mask(out)
     logger.info("preprocess: %d frames, max mean displacement %.2f mm, brain %d voxels", n,
