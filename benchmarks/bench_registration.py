@@ -13,32 +13,17 @@ are noisy.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
-
-import numpy as np
+from pathlib import Path
 
 from ctperf.phantom import generate_subject
-from ctperf.phantom.geometry import rigid_matrix
 from ctperf.preprocess import correct_motion
-from ctperf.preprocess.registration import make_transform
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from test_registration import phantom_tre  # the tests' TRE: one definition
 
 CASES = ("none:128:3", "none:256:3", "mild:128:3", "severe:128:3", "severe:128:5")
-
-
-def tre_per_frame(parameters: np.ndarray, motion: np.ndarray, center: np.ndarray,
-                  affine: np.ndarray, brain: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean |T_est(x) - T_true(x)| over brain voxels per frame, and mean |T_true(x) - x|, mm."""
-    zyx = np.argwhere(brain)[::7]
-    pts = (np.c_[zyx[:, ::-1], np.ones(len(zyx))] @ affine.T)[:, :3]
-    tre, before = [], []
-    for est, true in zip(parameters, motion, strict=True):
-        m = rigid_matrix(true[:3], true[3:])  # the phantom moves x -> R x + s about the origin
-        moved = pts @ m[:3, :3].T + m[:3, 3]
-        r = np.asarray(make_transform(est, center).GetMatrix()).reshape(3, 3)
-        found = (pts - center) @ r.T + center + est[3:]
-        tre.append(np.linalg.norm(found - moved, axis=1).mean())
-        before.append(np.linalg.norm(moved - pts, axis=1).mean())
-    return np.array(tre), np.array(before)
 
 
 def main() -> None:
@@ -57,8 +42,7 @@ def main() -> None:
         t0 = time.perf_counter()
         result = correct_motion(subject.series, workers=args.workers)
         elapsed = time.perf_counter() - t0
-        tre, before = tre_per_frame(result.parameters, subject.motion, result.center_mm,
-                                    subject.series.affine, subject.masks["brain"])
+        tre, before = phantom_tre(subject, result.parameters, result.center_mm)
         print(f"{case:16s} {elapsed:7.1f} {tre.mean():9.2f} {tre.max():10.2f} "
               f"{before.max():13.2f} {result.max_displacement_mm.max():13.2f}", flush=True)
     print("mm throughout; note: timings on a shared machine are noisy")
