@@ -33,6 +33,8 @@ next to a 3 mm artery at peak (300 HU between frame and guide) bilinear weights 
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 
 from ctperf.errors import ValidationError
@@ -46,8 +48,9 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 3.0,
                     levels_per_sigma_outside: float = 2.0,
-                    cells_per_sigma: float = 2.2, interpolation: str = "linear", chunk: int = 8,
-                    out: np.ndarray | None = None, progress: bool = False) -> np.ndarray:
+                    cells_per_sigma: float = 2.2, interpolation: str = "linear", chunk: int = 4,
+                    workers: int = 2, out: np.ndarray | None = None,
+                    progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
     Parameters
@@ -77,7 +80,11 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         within 0.35 HU of the exact filter there too, for 15-50 % more time (measured on a
         shared machine) and ~3.8 GB peak instead of ~2.9 GB on a full 89 x 8 x 512 x 512 study.
     chunk : int
-        Volumes filtered per sparse product (memory grows with it).
+        Volumes filtered per sparse product (memory grows with it and with ``workers``).
+    workers : int
+        Chunks filtered at the same time, in threads (scipy's sparse products release the
+        GIL; they are limited by memory bandwidth: two threads cut the time per frame by
+        about a quarter on two cores).
     out : ndarray, float32, shape (B, Z, Y, X), optional
         Where to write the result; may be ``images`` itself (each chunk is read before it is
         overwritten), which saves a copy of the study.
@@ -116,10 +123,16 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         raise ValidationError(f"out must be float32 {images.shape}, got {out.dtype} {out.shape}")
     from tqdm.auto import tqdm
 
-    for start in tqdm(range(0, len(images), chunk), disable=not progress, desc="bilateral",
-                      unit="chunk"):
+    def one(start: int) -> None:
+        # chunks are disjoint, so ``out`` may be ``images``: each reads its block first
         block = images[start:start + chunk].reshape(-1, guide.size)
         out[start:start + chunk] = apply_grid(grid, block).reshape((-1, *guide.shape))
+
+    starts = range(0, len(images), chunk)
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        for _ in tqdm(pool.map(one, starts), total=len(starts), disable=not progress,
+                      desc="bilateral", unit="chunk"):
+            pass
     return out
 
 
