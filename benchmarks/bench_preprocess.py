@@ -96,19 +96,23 @@ def edge_width_table() -> None:
 def bilateral_full_study(series: CTPSeries) -> float:
     """Filter the study in place as preprocess() does; print wall and CPU time; return wall s.
 
-    The default (linear) weights first, then the quadratic ones on the result (same size, so
-    the same work), each with the peak RSS so far.
+    The default (linear) weights in one thread and in two (the default), then the quadratic
+    ones in two, each on the previous result (same size, so the same work), each with the peak
+    RSS so far.
     """
     walls = {}
-    for interp in ("linear", "quadratic"):
+    for interp, workers in (("linear", 1), ("linear", 2), ("quadratic", 2)):
         t0, c0 = time.perf_counter(), time.process_time()
-        bilateral_filter(series, in_place=True, interpolation=interp, progress=True)
+        bilateral_filter(series, in_place=True, interpolation=interp, workers=workers,
+                         progress=True)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-        walls[interp] = wall
-        print(f"bilateral filter of {series.shape}, {interp}: wall {wall:.1f} s, CPU {cpu:.1f} s;"
-              f" peak RSS so far {peak_rss_gb():.2f} GB")
-    print(f"quadratic / linear wall time: {walls['quadratic'] / walls['linear']:.2f}")
-    return walls["linear"]
+        walls[interp, workers] = wall
+        print(f"bilateral filter of {series.shape}, {interp}, {workers} thread(s): wall "
+              f"{wall:.1f} s, CPU {cpu:.1f} s; peak RSS so far {peak_rss_gb():.2f} GB")
+    print(f"linear, 2 threads / 1 thread wall time: "
+          f"{walls['linear', 2] / walls['linear', 1]:.2f}; quadratic / linear (2 threads): "
+          f"{walls['quadratic', 2] / walls['linear', 2]:.2f}")
+    return walls["linear", 2]
 
 
 def main() -> None:

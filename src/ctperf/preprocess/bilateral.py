@@ -138,7 +138,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
 
 def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
                      range_sigma_hu: float = 20.0, guide: np.ndarray | None = None,
-                     interpolation: str = "linear", in_place: bool = False,
+                     interpolation: str = "linear", in_place: bool = False, workers: int = 2,
                      progress: bool = False) -> CTPSeries:
     """Filter every frame with a 3D bilateral filter guided by the temporal mean.
 
@@ -159,6 +159,8 @@ def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
     in_place : bool
         Overwrite ``series.hu`` with the result instead of allocating a second study (for
         pipelines that own the series).
+    workers : int
+        Threads filtering chunks of frames at once; see `joint_bilateral`.
     progress : bool
         Show a progress bar.
 
@@ -174,7 +176,7 @@ def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
                               f"{series.shape[1:]} (Z, Y, X)")
     hu = joint_bilateral(series.hu, g, spacing=series.spacing,
                          spatial_sigma_mm=spatial_sigma_mm, range_sigma_hu=range_sigma_hu,
-                         interpolation=interpolation,
+                         interpolation=interpolation, workers=workers,
                          out=series.hu if in_place else None, progress=progress)
     meta = dict(series.meta)
     meta["bilateral"] = {"spatial_sigma_mm": spatial_sigma_mm, "range_sigma_hu": range_sigma_hu,
