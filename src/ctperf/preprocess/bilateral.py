@@ -48,7 +48,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 3.0,
                     levels_per_sigma_outside: float = 2.0,
-                    cells_per_sigma: float = 2.2, interpolation: str = "linear", chunk: int = 4,
+                    cells_per_sigma: float = 2.2, interpolation: str = "linear", chunk: int = 0,
                     workers: int = 2, out: np.ndarray | None = None,
                     progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
@@ -80,11 +80,11 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         within 0.35 HU of the exact filter there too, for 15-50 % more time (measured on a
         shared machine) and ~3.8 GB peak instead of ~2.9 GB on a full 89 x 8 x 512 x 512 study.
     chunk : int
-        Volumes filtered per sparse product (memory grows with it and with ``workers``).
+        Volumes filtered per sparse product (memory grows with it and with ``workers``);
+        0: 8 volumes in all, shared between the workers.
     workers : int
-        Chunks filtered at the same time, in threads (scipy's sparse products release the
-        GIL; they are limited by memory bandwidth: two threads cut the time per frame by
-        about a quarter on two cores).
+        Threads: the grid's three blur passes are built, and chunks filtered, at the same
+        time (numpy and scipy's sparse products release the GIL).
     out : ndarray, float32, shape (B, Z, Y, X), optional
         Where to write the result; may be ``images`` itself (each chunk is read before it is
         overwritten), which saves a copy of the study.
@@ -116,12 +116,14 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         raise ValidationError('interpolation must be "linear" or "quadratic", got '
                               f"{interpolation!r}")
     grid = build_grid(guide, (sz, sy, sx), steps, range_sigma_hu, (fz, fy, fx),
-                       interpolation == "quadratic")
+                       interpolation == "quadratic", workers=workers)
     if out is None:
         out = np.empty_like(images)
     elif out.shape != images.shape or out.dtype != np.float32:
         raise ValidationError(f"out must be float32 {images.shape}, got {out.dtype} {out.shape}")
     from tqdm.auto import tqdm
+
+    chunk = chunk if chunk > 0 else max(1, 8 // max(1, workers))
 
     def one(start: int) -> None:
         # chunks are disjoint, so ``out`` may be ``images``: each reads its block first

@@ -9,6 +9,7 @@ Gaussian passes between used pairs, and the normalised slicing back to voxels.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -203,7 +204,13 @@ def _csc(keys: np.ndarray, vals: np.ndarray, keep: np.ndarray, cols: np.ndarray,
 
 def build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
                 steps_hu: tuple[float, float], range_sigma: float,
-                factors: tuple[int, int, int], quadratic: bool) -> Grid:
+                factors: tuple[int, int, int], quadratic: bool, *, workers: int = 1) -> Grid:
+    """Sparse operators of the bilateral grid of a guide (Z, Y, X) in HU.
+
+    ``sigma_vox`` is the spatial sigma in voxels (z, y, x), ``steps_hu`` the level spacing
+    inside and outside the tissue band, ``factors`` the down-sampling per axis; ``workers``
+    threads build the three blur passes (numpy releases the GIL in most of that work).
+    """
     nz, ny, nx = guide.shape
     dz, dy, dx = factors
     pad_y, pad_x = int(dy > 1), int(dx > 1)  # a border cell on each side (see _corners)
@@ -312,9 +319,10 @@ def build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     del box_keys, box_w, ok, tent_keys, tent_w, t_ok, id0
     # each pass numbers its rows in the order the next pass reads them: x last for the x pass
     # (need0, as the splat), then y last, z last, and the grid's own order for slicing
-    blur = (_pass(need1, (0, 1, 3, 2), need0, 3, taps[2]),
-            _pass(need2, (0, 2, 3, 1), need1, 2, taps[1]),
-            _pass(need3, (0, 1, 2, 3), need2, 1, taps[0]))
+    jobs = ((need1, (0, 1, 3, 2), need0, 3, taps[2]), (need2, (0, 2, 3, 1), need1, 2, taps[1]),
+            (need3, (0, 1, 2, 3), need2, 1, taps[0]))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        blur = tuple(pool.map(lambda job: _pass(*job), jobs))
     den = np.asarray(box.sum(axis=1) + tent.sum(axis=1), dtype=np.float32)
     for m in blur:
         den = m @ den
