@@ -90,16 +90,20 @@ def _pass(rows_mask: np.ndarray, rows_order: tuple[int, ...], cols_mask: np.ndar
     col_pos = (np.flatnonzero(cols_t) % length).astype(np.int32)  # position along axis
     del cols_t
     rows_t = np.ascontiguousarray(rows_mask.transpose(rows_order))
-    coords = np.unravel_index(np.flatnonzero(rows_t), rows_t.shape)
-    canon = dict(zip(rows_order, coords, strict=True))
-    del rows_t
-    line = np.zeros(coords[0].size, dtype=np.int64)
+    # positions along each axis, in 32 bits (the grid's sides are small)
+    flat = np.flatnonzero(rows_t)
+    canon = {}
+    for a, size in zip(rows_order[::-1], rows_t.shape[::-1], strict=True):
+        canon[a] = (flat % size).astype(np.int32)
+        flat //= size
+    del rows_t, flat
+    line = np.zeros(canon[axis].size, dtype=np.int64 if cols_mask.size >= 2**31 else np.int32)
     for a in col_order[:-1]:
         line *= cols_mask.shape[a]
         line += canon[a]
     line *= length
     pos = canon[axis].astype(np.int32)
-    del coords, canon
+    del canon
     start = before[line + np.maximum(pos - r, 0)]
     counts = before[line + np.minimum(pos + r, length - 1) + 1] - start
     del line, before
