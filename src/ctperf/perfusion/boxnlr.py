@@ -205,8 +205,8 @@ def fit_box_nlr(
     max_iter : int
         Nelder-Mead iterations (``"nlr"``); see ``lm_iter`` for ``"nlr-fast"``.
     restarts : int
-        ``"nlr"`` only: voxels whose simplex ended on a bound start once more from there with a
-        fresh simplex (0 = the plain reference algorithm).
+        ``"nlr"`` only: voxels whose simplex ended on a bound start again from there with a
+        fresh simplex, up to this many times (0 = the plain reference algorithm).
     polish_iter : int
         ``"nlr-fast"`` only: Newton iterations after the grid start (evenly spaced frames).
     lm_iter : int
@@ -287,19 +287,18 @@ def fit_box_nlr(
             x0 = ops.asarray(np.clip(np.broadcast_to(np.asarray(start, float), (c.shape[1], 3)),
                                      b[:, 0], b[:, 1]))
             p = nelder_mead(fun, x0, bounds=b, max_iter=max_iter, ops=ops)
-            # Restart once, with a fresh simplex, where a simplex ended on a bound: there it has
+            # Restart with a fresh simplex where a simplex ended on a bound: there it has
             # usually collapsed against the bound instead of finding the minimum.
-            on_bound = ((p - lo < near) | (hi - p < near)).any(axis=1)
+            sub = ops.arange(p.shape[0])
             for _ in range(restarts):
-                if not on_bound.any():
+                sub = sub[((p[sub] - lo < near) | (hi - p[sub] < near)).any(axis=1)]
+                if sub.shape[0] == 0:
                     break
-                sub = ops.nonzero(on_bound)
 
                 def fun_sub(q: Any, idx: Any, sub: Any = sub) -> Any:
                     return fun(q, sub[idx])
 
                 p[sub] = nelder_mead(fun_sub, p[sub], bounds=b, max_iter=max_iter, ops=ops)
-                on_bound[:] = False
         elif obj is not None:
             p = refine_newton(obj, obj.grid_start(b, n_mtt=16), b, n_iter=polish_iter)
         else:
