@@ -9,6 +9,7 @@ import pytest
 
 from ctperf.errors import ValidationError
 from ctperf.preprocess.registration import (
+    apply_transforms,
     correct_motion,
     frame_displacement,
     make_transform,
@@ -130,6 +131,25 @@ def test_recovers_in_plane_motion(rng):
     # reported displacement agrees with the applied motion over the same kind of points
     assert np.all(np.abs(result.displacement_mm - frame_displacement(
         IN_PLANE, center, points)[0]) < 1.0)
+
+
+def test_apply_transforms_repeats_the_correction(rng):
+    """Saved transforms applied again give the registered study; the true ones do as well."""
+    series, center = moving_study(rng, IN_PLANE)
+    result = correct_motion(series, workers=2)
+    again = apply_transforms(series, result.transforms)
+    # the same resampler on the same transforms (frame 0: identity, read at the grid points)
+    assert np.allclose(again.hu, result.series.hu, atol=1e-3)
+    assert again.meta["motion_corrected"] and not series.meta.get("motion_corrected")
+    exact = apply_transforms(series, [None, *(make_transform(p, center) for p in IN_PLANE[1:])])
+    assert np.array_equal(exact.hu[0], series.hu[0])
+    inner = np.s_[2:-2, 10:-10, 10:-10]
+    # the true transforms leave the ~5 HU noise (x sqrt 2) and interpolation; no motion left
+    for t in range(1, len(IN_PLANE)):
+        resid = np.std(exact.hu[t][inner] - series.hu[0][inner])
+        assert resid < 0.3 * np.std(series.hu[t][inner] - series.hu[0][inner]), (t, resid)
+    with pytest.raises(ValidationError, match="3 transforms for 4 frames"):
+        apply_transforms(series, result.transforms[:3])
 
 
 def test_reduces_through_plane_motion(rng):
@@ -300,10 +320,32 @@ def test_phantom_full_study(motion, size, seed):
     assert tre.mean() < 0.5 and tre.max() < 1.0, (tre.mean(), tre.max())
 
 
+def phantom_transforms(subject) -> list:
+    """The phantom's true motion as registration transforms (None for a still frame)."""
+    import SimpleITK as sitk
+
+    from ctperf.phantom.geometry import rigid_matrix
+
+    out = []
+    for p in subject.motion:
+        if not np.any(p):
+            out.append(None)
+            continue
+        m = rigid_matrix(p[:3], p[3:])  # head point x -> R x + s, slab centre at 0
+        out.append(sitk.AffineTransform(m[:3, :3].ravel().tolist(), m[:3, 3].tolist()))
+    return out
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("motion", "seed", "cbv_tol"), [("mild", 3, 0.05), ("severe", 3, 0.15)])
-def test_nlr_maps_after_correction_match_still_phantom(motion, seed, cbv_tol):
-    """Issue 5: NLR maps of a moving phantom after correction within 5 % of the still one."""
+@pytest.mark.parametrize(("motion", "seed"), [("mild", 3), ("severe", 3)])
+def test_nlr_maps_after_correction_match_still_phantom(motion, seed):
+    """Issue 5: NLR maps of a moving phantom after correction within 5 % of the still one.
+
+    Severe motion (3 degrees, 4.5 mm here) misses that, and so does resampling with the true
+    transforms: 5 mm slices moved through plane and read back by interpolation are smoothed
+    along z, which takes enhancement out of the tissue. The correction is held to that
+    exact-transform result.
+    """
     from scipy import ndimage
 
     from ctperf.perfusion import compute_maps
@@ -313,6 +355,7 @@ def test_nlr_maps_after_correction_match_still_phantom(motion, seed, cbv_tol):
     moving = generate_subject(motion=motion, **kwargs)
     still = generate_subject(motion="none", **kwargs)  # same anatomy, noise and bolus
     corrected = correct_motion(moving.series, workers=2).series
+    exact = apply_transforms(moving.series, phantom_transforms(moving))
     brain = moving.masks["brain"]
     # Venous voxels within 2 pixels of bone are left out of the VOF: any sub-voxel resampling
     # (the phantom's motion and its correction both interpolate) mixes 1,500 HU of skull into
@@ -320,12 +363,16 @@ def test_nlr_maps_after_correction_match_still_phantom(motion, seed, cbv_tol):
     # after a correction with 0.1 mm error. That is a matter of VOF selection, not registration.
     near_bone = ndimage.binary_dilation(still.series.hu[0] > 300, np.ones((1, 5, 5), bool))
     vessels = {"aif_mask": moving.masks["artery"], "vof_mask": moving.masks["vein"] & ~near_bone}
-    ref = compute_maps(still.series, mask=brain, **vessels)
-    got = compute_maps(corrected, mask=brain, **vessels)
-    for name, tol in (("cbf", 0.05), ("cbv", cbv_tol)):
-        a, b = np.nanmedian(ref[name][brain]), np.nanmedian(got[name][brain])
-        # issue 5 target: median CBF and CBV within 5 % of the motion-free phantom (measured
-        # mild -1.1 % / +1.2 %). Severe: CBF -0.5 %, CBV +8.3 % (through-plane motion of more
-        # than a slice empties the edge slices of the phantom, and skull partial volume is
-        # resampled into the cortex): 15 % for its CBV.
-        assert abs(b - a) < tol * a, (name, a, b)
+    ref, got, best = (compute_maps(s, mask=brain, **vessels)
+                      for s in (still.series, corrected, exact))
+    for name in ("cbf", "cbv"):
+        a, b, c = (np.nanmedian(m[name][brain]) for m in (ref, got, best))
+        err, err_exact = abs(b / a - 1), abs(c / a - 1)
+        if motion == "mild":
+            # issue 5 target: median CBF and CBV within 5 % of the still phantom (measured
+            # -1.1 % and +1.2 %; with the true transforms -1.0 % and +1.3 %)
+            assert err < 0.05, (name, a, b)
+        # Measured severe: CBF -0.5 %, CBV +8.3 %; with the true transforms +0.1 % and +9.9 %
+        # (seed 5, 6.8 mm: +5.1 % and +12.9 %, true transforms +7.0 % and +15.2 %). 2 points
+        # allow for the registration's 0.1-0.2 mm error.
+        assert err < err_exact + 0.02, (name, a, b, c)

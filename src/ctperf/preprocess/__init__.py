@@ -3,11 +3,17 @@
 from ctperf.preprocess.bilateral import bilateral_filter, joint_bilateral
 from ctperf.preprocess.mask import brain_mask, csf_mask, near_bone
 from ctperf.preprocess.pipeline import PreprocessResult, preprocess
-from ctperf.preprocess.registration import MotionResult, correct_motion, frame_displacement
+from ctperf.preprocess.registration import (
+    MotionResult,
+    apply_transforms,
+    correct_motion,
+    frame_displacement,
+)
 
 __all__ = [
     "MotionResult",
     "PreprocessResult",
+    "apply_transforms",
     "bilateral_filter",
     "brain_mask",
     "correct_motion",

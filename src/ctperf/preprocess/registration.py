@@ -63,6 +63,7 @@ from ctperf.types import CTPSeries
 
 __all__ = [
     "MotionResult",
+    "apply_transforms",
     "correct_motion",
     "frame_displacement",
     "make_transform",
@@ -220,16 +221,55 @@ def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
         metric = float(reg.GetMetricValue())
         logger.debug("level %d: %d iterations, metric %.3g", level,
                      reg.GetOptimizerIteration(), metric)
+    p = np.asarray(tx.GetParameters(), dtype=np.float64)
+    params = np.r_[np.rad2deg(p[:3]), p[3:]]
+    return _resample(moving_img, tx, threads), params, metric
+
+
+def _resample(moving_img: sitk.Image, tx: sitk.Transform, threads: int) -> np.ndarray:
+    """The moving frame on its own grid, read at T(x): linear, nearest beyond the slab."""
     resampler = sitk.ResampleImageFilter()
     resampler.SetNumberOfThreads(threads)
     resampler.SetReferenceImage(moving_img)
     resampler.SetTransform(tx)
     resampler.SetInterpolator(sitk.sitkLinear)
     resampler.SetUseNearestNeighborExtrapolator(True)
-    registered = sitk.GetArrayFromImage(resampler.Execute(moving_img))
-    p = np.asarray(tx.GetParameters(), dtype=np.float64)
-    params = np.r_[np.rad2deg(p[:3]), p[3:]]
-    return registered.astype(np.float32, copy=False), params, metric
+    return sitk.GetArrayFromImage(resampler.Execute(moving_img)).astype(np.float32, copy=False)
+
+
+def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | None], *,
+                     threads: int | None = None) -> CTPSeries:
+    """Bring every frame back onto the first frame's grid with known transforms.
+
+    The resampling :func:`correct_motion` ends with, for transforms found elsewhere: saved
+    ones (``MotionResult.transforms``), or a phantom's true motion. Linear interpolation;
+    points that left the slab take the nearest slice.
+
+    Parameters
+    ----------
+    series : CTPSeries
+        Study (T, Z, Y, X) in HU.
+    transforms : sequence of SimpleITK transforms or None, one per frame
+        Each maps a point of the first frame (patient mm, in the frame of the series' affine)
+        to the same anatomy in that frame; None leaves the frame as it is.
+    threads : int, optional
+        Threads of the resampler; default the number of CPU cores.
+
+    Returns
+    -------
+    CTPSeries
+        Same grid, times and metadata, ``meta["motion_corrected"]`` set.
+    """
+    if len(transforms) != series.n_frames:
+        raise ValidationError(f"{len(transforms)} transforms for {series.n_frames} frames")
+    threads = int(threads or os.cpu_count() or 1)
+    out = series.hu.copy()
+    for t, tx in enumerate(transforms):
+        if tx is not None:
+            out[t] = _resample(to_sitk_image(series.hu[t], series.affine), tx, threads)
+    meta = dict(series.meta)
+    meta["motion_corrected"] = True
+    return series.replace(hu=out, meta=meta)
 
 
 def _registration_mask(series: CTPSeries, mask: np.ndarray | None) -> np.ndarray:
