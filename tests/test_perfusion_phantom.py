@@ -39,3 +39,18 @@ def test_lesion_volumes_from_true_maps_equal_phantom_masks(subject):
     assert res.volumes_ml["core"] == pytest.approx(subject.masks["core"].sum() * voxel_ml)
     assert res.volumes_ml["penumbra"] == pytest.approx(
         subject.masks["penumbra"].sum() * voxel_ml)
+
+
+@pytest.mark.parametrize("shift", [1, 2])
+def test_baseline_ends_before_the_bolus_when_the_head_jumps_late(shift):
+    """Bone and air edges that move late step by ~1000 HU: they must not date the bolus, nor
+    set the AIF's candidate threshold (before, the 3.6 mm jump stopped with an AIF below its
+    baseline, the baseline having run to the jump, and the 7.2 mm one with no candidate)."""
+    subject = phantom.generate_subject(seed=1, size=64, slices=2, lesion=False)
+    hu = subject.series.hu.copy()
+    hu[60:] = np.roll(hu[60:], shift, axis=-1)  # the head moves 3.6 or 7.2 mm, last third
+    result = run_perfusion(subject.series.replace(hu=hu), method="bsvd")
+    arrival = int(np.argmax(subject.aif > 0.2 * subject.aif.max()))
+    # the baseline ends one frame before the first strong vessel reaches 20 % of its peak
+    assert result.maps.provenance["baseline_frames"] <= arrival, (
+        result.maps.provenance["baseline_frames"], arrival)

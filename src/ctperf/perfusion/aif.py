@@ -101,8 +101,12 @@ def select_aif(
     """
     n_t = enh.shape[0]
     peak_all = enh.max(axis=0)
+    # Curves that do not wash out (steps where the head moved, truncated boluses) set no
+    # threshold and are never chosen.
+    off = enh[-1] > max_end * peak_all
     if exclude is not None:
-        peak_all = np.where(np.asarray(exclude, dtype=bool), -np.inf, peak_all)
+        off |= np.asarray(exclude, dtype=bool)
+    peak_all = np.where(off, -np.inf, peak_all)
     top = float(np.percentile(peak_all[np.isfinite(peak_all)], 99.9)) \
         if np.isfinite(peak_all).any() else 0.0
     # Features only for the strong voxels (a study has ~10^6 brain voxels, ~10^3 candidates).

@@ -147,9 +147,18 @@ def run_perfusion(
         raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
     # Bolus arrival from the strongest enhancing voxels (arteries and veins): the earliest of
     # them ends the baseline, one frame early (their rise of 20 % of the peak is far above the
-    # noise, so a single early voxel is an artery, not chance).
+    # noise, so a single early voxel is an artery, not chance). Only voxels of soft tissue or
+    # blood in the first frame, away from bone, whose rise washes out count: where the head
+    # moved, or frames were resampled to correct it, air and bone edges step by hundreds of HU
+    # at any time.
     n_top = max(20, rise.size // 1000)
+    first = vhu[0]
+    calm = (first > -100) & (first < 200) & (vhu[-1] - first <= 0.5 * rise)
+    calm &= ~near_bone(first, spacing=series.spacing)
+    if int(calm.sum()) >= n_top:
+        rise = np.where(calm, rise, -np.inf)
     top = np.argpartition(rise.ravel(), rise.size - n_top)[-n_top:]
+    top = top[rise.ravel()[top] >= 0.5 * rise.max()]  # vessels, not noise in weak voxels
     arrivals = [bolus_arrival_frame(c, fraction=0.2) for c in vhu.reshape(n_t, -1)[:, top].T]
     n_base = max(1, int(min(arrivals)) - 1)
     base = hu[:n_base].mean(axis=0)
