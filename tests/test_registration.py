@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from ctperf.errors import ValidationError
-from ctperf.preprocess.registration import (
+from ctperf.preprocess.registration import correct_motion
+from ctperf.preprocess.transforms import (
     apply_transforms,
-    correct_motion,
     frame_displacement,
     make_transform,
     to_sitk_image,

@@ -3,12 +3,8 @@
 from ctperf.preprocess.bilateral import bilateral_filter, joint_bilateral
 from ctperf.preprocess.mask import brain_mask, csf_mask, near_bone
 from ctperf.preprocess.pipeline import PreprocessResult, preprocess
-from ctperf.preprocess.registration import (
-    MotionResult,
-    apply_transforms,
-    correct_motion,
-    frame_displacement,
-)
+from ctperf.preprocess.registration import MotionResult, correct_motion
+from ctperf.preprocess.transforms import apply_transforms, frame_displacement
 
 __all__ = [
     "MotionResult",

@@ -42,7 +42,7 @@ class PreprocessResult:
     @property
     def transforms(self) -> list:
         """SimpleITK Euler3DTransforms, one per frame (see :mod:`.registration`)."""
-        from ctperf.preprocess.registration import make_transform
+        from ctperf.preprocess.transforms import make_transform
 
         return [make_transform(p, self.center_mm) for p in self.parameters]
 

@@ -29,18 +29,9 @@ reliable on studies with a contrast bolus):
 - The coarse level keeps at least ``min_coarse_px`` (64) pixels in plane: 8x of a 512 matrix as
   in the paper, but only 2x of a 128 matrix (8x of 128 px left 16 px, too coarse to converge).
 
-Accuracy measured on the digital phantom (0.9-1.8 mm pixels, 5 mm slices, 89 frames with bolus),
-mean target registration error over the brain: still head 0.01-0.02 mm (largest frame
-displacement 0.07-0.12 mm); mild motion 0.08 mm (worst frame 0.19 mm); severe motion (up to
-12 mm) 0.14-0.18 mm (worst frame 0.42 mm). The phantom moves thick slices by interpolation, the
-model registration assumes; real thick slices integrate the moved head over the slice, and on
-synthetic heads made that way in-plane motion up to 5 degrees and 5 mm is recovered to 0.05 mm,
-whereas through-plane motion is not: a 2 mm shift along z leaves 1.3 mm, tilts of 1-5 degrees
-about the in-plane axes 0.7-2.4 mm. Started from the true transform the fit drifts away, so this
-is a limit of comparing interpolated 5 mm slices (the skull's partial volume changes along z
-faster than 5 mm samples can follow), not of the optimiser; no variant tried (brain-only or
-skull-only metric, B-spline or sinc interpolation, excluding the voxels of largest curvature
-along z) did better than 1-2 mm. An 8-slice slab of 5 mm supports about 1 mm through plane.
+Accuracy, measured on phantoms and synthetic heads, and its limits through plane are in
+docs/preprocessing.md: in-plane motion is recovered to < 0.1 mm, through-plane motion of 5 mm
+slices to about 1 mm.
 
 Transforms follow ITK: a frame's transform maps a point of the first frame (patient mm, in the frame
 of the series' affine) to the same anatomy in that frame. Parameters are (rx, ry, rz) in degrees and
@@ -59,16 +50,15 @@ import numpy as np
 import SimpleITK as sitk
 
 from ctperf.errors import ValidationError
+from ctperf.preprocess.transforms import (
+    frame_displacement,
+    make_transform,
+    resample_frame,
+    to_sitk_image,
+)
 from ctperf.types import CTPSeries
 
-__all__ = [
-    "MotionResult",
-    "apply_transforms",
-    "correct_motion",
-    "frame_displacement",
-    "make_transform",
-    "to_sitk_image",
-]
+__all__ = ["MotionResult", "correct_motion"]
 
 logger = logging.getLogger(__name__)
 
@@ -105,56 +95,6 @@ class MotionResult:
     def transforms(self) -> list[sitk.Euler3DTransform]:
         """One SimpleITK Euler3DTransform per frame (fixed -> moving point mapping)."""
         return [make_transform(p, self.center_mm) for p in self.parameters]
-
-
-def to_sitk_image(volume: np.ndarray, affine: np.ndarray) -> sitk.Image:
-    """A (Z, Y, X) array as a SimpleITK image with spacing, origin and direction from ``affine``."""
-    img = sitk.GetImageFromArray(np.ascontiguousarray(volume, dtype=np.float32))
-    a = np.asarray(affine, dtype=np.float64)
-    spacing = np.linalg.norm(a[:3, :3], axis=0)
-    img.SetSpacing(spacing.tolist())
-    img.SetOrigin(a[:3, 3].tolist())
-    img.SetDirection((a[:3, :3] / spacing).ravel().tolist())
-    return img
-
-
-def make_transform(parameters: Sequence[float] | np.ndarray,
-                   center_mm: Sequence[float] | np.ndarray) -> sitk.Euler3DTransform:
-    """Euler3DTransform from (rx, ry, rz) degrees, (tx, ty, tz) mm and a centre in mm."""
-    p = np.asarray(parameters, dtype=np.float64)
-    tx = sitk.Euler3DTransform()
-    tx.SetCenter([float(c) for c in center_mm])
-    tx.SetParameters([*np.deg2rad(p[:3]).tolist(), *p[3:].tolist()])
-    return tx
-
-
-def frame_displacement(parameters: np.ndarray, center_mm: np.ndarray,
-                       points_mm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and max displacement |T(x) - x| in mm over points, for each frame.
-
-    Parameters
-    ----------
-    parameters : ndarray, shape (T, 6)
-        Rotations in degrees, shifts in mm.
-    center_mm : ndarray, shape (3,)
-    points_mm : ndarray, shape (N, 3)
-        Points in patient mm (e.g. the brain's voxel centres).
-
-    Returns
-    -------
-    mean, max : ndarray, float64, shape (T,)
-    """
-    params = np.atleast_2d(np.asarray(parameters, dtype=np.float64))
-    pts = np.asarray(points_mm, dtype=np.float64) - np.asarray(center_mm, dtype=np.float64)
-    means = np.zeros(len(params))
-    maxes = np.zeros(len(params))
-    for i, p in enumerate(params):
-        tx = make_transform(p, np.zeros(3))
-        m = np.asarray(tx.GetMatrix()).reshape(3, 3)
-        d = pts @ (m - np.eye(3)).T + p[3:]
-        norm = np.linalg.norm(d, axis=1)
-        means[i], maxes[i] = (norm.mean(), norm.max()) if norm.size else (0.0, 0.0)
-    return means, maxes
 
 
 def _shrink_factors(spacing_xyz: np.ndarray, level: int) -> list[int]:
@@ -223,53 +163,7 @@ def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
                      reg.GetOptimizerIteration(), metric)
     p = np.asarray(tx.GetParameters(), dtype=np.float64)
     params = np.r_[np.rad2deg(p[:3]), p[3:]]
-    return _resample(moving_img, tx, threads), params, metric
-
-
-def _resample(moving_img: sitk.Image, tx: sitk.Transform, threads: int) -> np.ndarray:
-    """The moving frame on its own grid, read at T(x): linear, nearest beyond the slab."""
-    resampler = sitk.ResampleImageFilter()
-    resampler.SetNumberOfThreads(threads)
-    resampler.SetReferenceImage(moving_img)
-    resampler.SetTransform(tx)
-    resampler.SetInterpolator(sitk.sitkLinear)
-    resampler.SetUseNearestNeighborExtrapolator(True)
-    return sitk.GetArrayFromImage(resampler.Execute(moving_img)).astype(np.float32, copy=False)
-
-
-def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | None], *,
-                     threads: int | None = None) -> CTPSeries:
-    """Bring every frame back onto the first frame's grid with known transforms.
-
-    The resampling :func:`correct_motion` ends with, for transforms found elsewhere: saved
-    ones (``MotionResult.transforms``), or a phantom's true motion. Linear interpolation;
-    points that left the slab take the nearest slice.
-
-    Parameters
-    ----------
-    series : CTPSeries
-        Study (T, Z, Y, X) in HU.
-    transforms : sequence of SimpleITK transforms or None, one per frame
-        Each maps a point of the first frame (patient mm, in the frame of the series' affine)
-        to the same anatomy in that frame; None leaves the frame as it is.
-    threads : int, optional
-        Threads of the resampler; default the number of CPU cores.
-
-    Returns
-    -------
-    CTPSeries
-        Same grid, times and metadata, ``meta["motion_corrected"]`` set.
-    """
-    if len(transforms) != series.n_frames:
-        raise ValidationError(f"{len(transforms)} transforms for {series.n_frames} frames")
-    threads = int(threads or os.cpu_count() or 1)
-    out = series.hu.copy()
-    for t, tx in enumerate(transforms):
-        if tx is not None:
-            out[t] = _resample(to_sitk_image(series.hu[t], series.affine), tx, threads)
-    meta = dict(series.meta)
-    meta["motion_corrected"] = True
-    return series.replace(hu=out, meta=meta)
+    return resample_frame(moving_img, tx, threads), params, metric
 
 
 def _registration_mask(series: CTPSeries, mask: np.ndarray | None) -> np.ndarray:
