@@ -194,13 +194,15 @@ def _csc(keys: np.ndarray, vals: np.ndarray, keep: np.ndarray, cols: np.ndarray,
 
     ``keys`` and ``vals`` are the grid keys and weights of the candidates that ``keep`` marks
     (in its order); ``row_of`` maps a grid key to its row (-1: not a row, entry dropped).
-    ``keep`` is updated to the entries kept.
     """
     rows = row_of[keys]
     kept = rows >= 0
-    keep[keep] = kept
+    # entries kept per line: differences of the running count at the lines' ends
+    ends = np.cumsum(keep.sum(axis=1))
+    done = np.zeros(kept.size + 1, dtype=np.int64)
+    np.cumsum(kept, out=done[1:])
     counts = np.zeros(n, dtype=np.int64)
-    counts[cols] = keep.sum(axis=1)
+    counts[cols] = np.diff(done[ends], prepend=0)
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=indptr[1:])
     return sparse.csc_matrix((vals[kept], rows[kept], indptr), shape=(n_rows, n))
@@ -295,9 +297,12 @@ def build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     del corner_lin
     reads = np.tile(corner_w > 0, len(_LEVELS))  # (N, 4 n_c): entries of the slicing matrix
     lw = _lagrange(g, tuple(all_levels[level_of + j] for j in _LEVELS))
-    s_rows = np.concatenate([index[level_of + j].astype(idt, copy=False)[:, None] * n_cells
-                             + corner_ids
-                             for j in _LEVELS], axis=1)  # (N, 4 n_c)
+    # the four levels read are consecutive used levels, so consecutive compact ones
+    first = index[level_of + _LEVELS[0]].astype(idt, copy=False)
+    steps = np.arange(len(_LEVELS), dtype=idt) * n_cells
+    s_rows = ((first * n_cells)[:, None, None] + steps[:, None]
+              + corner_ids[:, None, :]).reshape(n, -1)  # (N, 4 n_c), level-major
+    del first
     del corner_ids
     # (level, cell) sets: read by slicing (need3), grown by each pass's reach (need2..0)
     truncate_low = _TRUNCATE_QUADRATIC if quadratic else _TRUNCATE_LOW
