@@ -154,7 +154,8 @@ def run_perfusion(
     n_top = max(20, rise.size // 1000)
     first = vhu[0]
     calm = (first > -100) & (first < 200) & (vhu[-1] - first <= 0.5 * rise)
-    calm &= ~near_bone(first, spacing=series.spacing)
+    bone_rim = near_bone(first, spacing=series.spacing)
+    calm &= ~bone_rim
     if int(calm.sum()) >= n_top:
         rise = np.where(calm, rise, -np.inf)
     top = np.argpartition(rise.ravel(), rise.size - n_top)[-n_top:]
@@ -180,7 +181,7 @@ def run_perfusion(
     aif_sel = vof_sel = None
     # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
     # are resampled: spikes, dips and raised tails that are not the bolus.
-    bony = near_bone(vhu[:n_base].mean(axis=0), spacing=series.spacing)[search]
+    bony = bone_rim[search]
     if aif is not None:
         aif_raw, aif_src = np.asarray(aif, dtype=np.float64), "given curve"
         if aif_raw.shape != (n_t,):
