@@ -298,8 +298,8 @@ def build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     reads = np.tile(corner_w > 0, len(_LEVELS))  # (N, 4 n_c): entries of the slicing matrix
     lw = _lagrange(g, tuple(all_levels[level_of + j] for j in _LEVELS))
     # the four levels read are consecutive used levels, so consecutive compact ones
-    first = index[level_of + _LEVELS[0]].astype(idt, copy=False)
-    steps = np.arange(len(_LEVELS), dtype=idt) * n_cells
+    first: np.ndarray = index[level_of + _LEVELS[0]].astype(idt, copy=False)
+    steps: np.ndarray = np.arange(len(_LEVELS), dtype=idt) * n_cells
     s_rows = ((first * n_cells)[:, None, None] + steps[:, None]
               + corner_ids[:, None, :]).reshape(n, -1)  # (N, 4 n_c), level-major
     del first
