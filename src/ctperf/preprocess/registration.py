@@ -33,9 +33,8 @@ Accuracy, measured on phantoms and synthetic heads, and its limits through plane
 docs/preprocessing.md: in-plane motion is recovered to < 0.1 mm, through-plane motion of 5 mm
 slices to about 1 mm.
 
-Transforms follow ITK: a frame's transform maps a point of the first frame (patient mm, in the frame
-of the series' affine) to the same anatomy in that frame. Parameters are (rx, ry, rz) in degrees and
-(tx, ty, tz) in mm, rotating about ``center_mm`` (the centre of the volume).
+Transforms and their parameters follow :mod:`ctperf.preprocess.transforms`; the centre of
+rotation is the centre of the volume.
 """
 
 from __future__ import annotations
