@@ -101,9 +101,9 @@ def test_cache_holds_the_frames_and_maps_it_was_built_from(cohort: Path, tmp_pat
     # float16 keeps 11 significant bits: 0.05 HU covers rounding of values up to ~100 HU
     np.testing.assert_allclose(cache.inputs[row], series.hu[idx, 1], atol=0.05)
     truth = read_maps(cohort / "sub-0002" / "truth")
-    unit = cache.targets[row, cache.target_index("ttp")].astype(np.float32)
+    unit = cache.targets[row, cache.target_index("delay")].astype(np.float32)
     # float16 in [0, 1] is exact to 2**-11 ~ 5e-4 of the 15 s window: 0.01 s
-    np.testing.assert_allclose(from_unit(unit, "ttp"), truth["delay"][1], atol=0.01)
+    np.testing.assert_allclose(from_unit(unit, "delay"), truth["delay"][1], atol=0.01)
     mask = cache.masks[row].astype(bool)
     assert 0.4 < mask.mean() < 0.7  # the disc of radius 0.42 covers pi * 0.42**2 = 55 %
 
@@ -180,7 +180,7 @@ def test_unitobrain_layout_goes_through_the_io_reader(monkeypatch, tmp_path: Pat
     (tmp_path / "utb").mkdir()
     cache = build_slice_cache(tmp_path / "utb", tmp_path / "cache", size=16, frames=5)
     assert cache.patient_ids == ["MOL-001", "MOL-002"]
-    assert cache.meta["targets"] == ["cbv", "cbf", "ttp"]  # no mtt or tmax maps
+    assert cache.meta["targets"] == ["cbv", "cbf", "delay"]  # no ttp, mtt or tmax maps
     mask = cache.masks[cache.rows(["MOL-001"])].astype(bool)
     assert mask.sum() == 2 * 12 * 16 - 1
     assert not mask[:, :4].any() and not mask[1, 8, 8]

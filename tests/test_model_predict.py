@@ -28,7 +28,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     cohort = make_cohort(root / "cohort", subjects=2, seed=3, size=16, frames=12)
     cache = build_slice_cache(cohort, root / "cache", size=16, frames=6)
     result = train(cache, root / "run", train_patients=["sub-0000"], val_patients=["sub-0001"],
-                   targets=["cbf", "ttp"], epochs=1, width=2, depth=2, batch_size=2,
+                   targets=["cbf", "delay"], epochs=1, width=2, depth=2, batch_size=2,
                    device="cpu")
     return cohort, result.model_path
 
@@ -37,10 +37,10 @@ def test_predict_maps_names_units_and_shape(trained):
     cohort, ckpt = trained
     series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
     maps = predict_maps(series, ckpt, device="cpu")
-    assert maps.names == ["cbf", "delay"]  # the paper's TTP is the box delay
+    assert maps.names == ["cbf", "delay"]
     assert maps.shape == series.shape[1:]
     assert maps.units["cbf"] == "mL/100g/min" and maps.units["delay"] == "s"
-    for target, name in (("cbf", "cbf"), ("ttp", "delay")):
+    for target, name in (("cbf", "cbf"), ("delay", "delay")):
         lo, hi = TARGET_WINDOWS[target]
         assert lo <= maps[name].min() and maps[name].max() <= hi
         assert np.ptp(maps[name]) > 0

@@ -29,7 +29,8 @@ def make_patient(root, rng, patient, *, n_slices=4):
                              n_frames=4, n_slices=n_slices, nested=False)
     maps_root = root / f"{patient}_Registered_Filtered_3mm_20HU_Maps"
     truth = {}
-    for folder, name in [("NLR_CBF", "cbf"), ("NLR_CBV", "cbv"), ("NLR_Delay", "delay")]:
+    for folder, name in [("NLR_CBF", "cbf"), ("NLR_CBV", "cbv"), ("NLR_TTP", "ttp"),
+                         ("NLR_Delay", "delay")]:
         # maps cover study slices 1..n-1 plus one slice beyond the study, shuffled on disk
         positions = np.vstack([study.positions[1:],
                                study.positions[-1] + (study.positions[1] - study.positions[0])])
@@ -51,7 +52,7 @@ def test_fake_tree_pairs_maps_by_position(tmp_path, rng):
     for case in cases:
         study, truth = made[case.patient_id]
         np.testing.assert_array_equal(case.series.hu, study.hu)
-        assert sorted(case.reference.names) == ["cbf", "cbv", "delay"]
+        assert sorted(case.reference.names) == ["cbf", "cbv", "delay", "ttp"]
         for name, expected in truth.items():
             # stored at 0.01 steps from values already on that grid: float32 rounding only
             np.testing.assert_allclose(case.reference[name], expected, atol=1e-4)
@@ -83,3 +84,18 @@ def test_maps_at_other_positions_rejected(tmp_path, rng):
               np.ones((2, 8, 10)), far, study.iop, order=[0, 1])
     with pytest.raises(InputError, match="no cbf slice lies at a study slice position"):
         list(iter_unitobrain(tmp_path))
+
+
+def test_ttp_and_delay_targets_read_their_own_folders(tmp_path, rng):
+    """The ``ttp`` target learns NLR_TTP and the ``delay`` target NLR_Delay, never each other."""
+    from ctperf.model import TARGET_MAPS
+
+    _, truth = make_patient(tmp_path, rng, "MOL-005", n_slices=3)
+    case = next(iter_unitobrain(tmp_path))
+    for target, folder_map in (("ttp", "ttp"), ("delay", "delay")):
+        name = TARGET_MAPS[target]
+        assert name == folder_map
+        # the two folders hold independent random values: equal only if read from the right one
+        np.testing.assert_allclose(case.reference[name], truth[folder_map], atol=1e-4)
+    assert not np.allclose(np.nan_to_num(case.reference["ttp"]),
+                           np.nan_to_num(case.reference["delay"]))

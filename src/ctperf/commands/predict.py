@@ -15,8 +15,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "predict", help="perfusion maps of a study from a trained U-Net",
         description="Run a trained U-Net on every slice of a study (DICOM folder or 4D NIfTI) "
-                    "and write the maps in physical units as OUT/<name>.nii.gz (a 'ttp' model "
-                    "writes delay.nii.gz, the paper's TTP) plus OUT/summary.json.")
+                    "and write the maps in physical units as OUT/<name>.nii.gz plus "
+                    "OUT/summary.json.")
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt or best.pt)")

@@ -14,7 +14,7 @@ from typing import Any
 __all__ = ["ORDER", "add_training_arguments", "prepare", "read_id_list", "register", "run"]
 
 ORDER = 60
-TARGETS = ("cbv", "cbf", "ttp", "mtt", "tmax")
+TARGETS = ("cbv", "cbf", "ttp", "delay", "mtt", "tmax")
 logger = logging.getLogger(__name__)
 
 
@@ -24,7 +24,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", type=Path, help="output folder")
     p.add_argument("--target", nargs="+", choices=TARGETS, default=["cbv"],
                    help="map(s) to learn; several give one multi-output model; 'ttp' is the "
-                        "paper's TTP, i.e. the box model's delay, written as delay.nii.gz")
+                        "tissue time to peak (the paper's TTP), 'delay' the box model's delay")
     p.add_argument("--reference", choices=("nlr", "truth"), default="nlr",
                    help="target maps: box-model NLR (cached in sub-*/nlr) or the phantom's truth")
     p.add_argument("--frames", type=int, default=None,

@@ -10,13 +10,16 @@ target      reference map it learns     window              reason
 ==========  ==========================  ==================  =========================
 ``cbv``     ``cbv`` (mL/100 g)          0 - 10              GM ~4, vessels clip
 ``cbf``     ``cbf`` (mL/100 g/min)      0 - 100             GM ~60 (SD 8), WM ~25
-``ttp``     ``delay`` (s)               0 - 15              core delays up to 10 s
+``ttp``     ``ttp`` (s)                 0 - 40              counted from frame 1
+``delay``   ``delay`` (s)               0 - 15              core delays up to 10 s
 ``mtt``     ``mtt`` (s)                 0 - 20              ischaemic MTT up to ~20 s
 ``tmax``    ``tmax`` (s)                0 - 20              hypoperfusion > 6 / > 10 s
 ==========  ==========================  ==================  =========================
 
-The paper's "TTP" is the position of the box on the time axis, i.e. the box model's delay, so the
-``ttp`` target is trained on (and predicts) the ``delay`` map and is written as ``delay.nii.gz``.
+``ttp`` is the time to peak of the tissue curve (UniToBrain folder ``NLR_TTP``, the map the
+paper's network was trained on); ``delay`` is the box model's arrival delay after the AIF
+(UniToBrain folder ``NLR_Delay``), a different map. Each target is written under its own map
+name (``ttp.nii.gz``, ``delay.nii.gz``).
 
 Inputs: HU are clipped to a window (default -100 to 400 HU, wide enough for enhanced arteries and
 veins, cutting bone) and then standardised with the training set's mean and standard deviation.
@@ -41,14 +44,15 @@ __all__ = [
 ]
 
 #: Target name -> name of the reference map it is trained on and predicted as.
-TARGET_MAPS: dict[str, str] = {"cbv": "cbv", "cbf": "cbf", "ttp": "delay", "mtt": "mtt",
-                               "tmax": "tmax"}
+TARGET_MAPS: dict[str, str] = {"cbv": "cbv", "cbf": "cbf", "ttp": "ttp", "delay": "delay",
+                               "mtt": "mtt", "tmax": "tmax"}
 
 #: Target name -> (low, high) window in the reference map's physical unit.
 TARGET_WINDOWS: dict[str, tuple[float, float]] = {
     "cbv": (0.0, 10.0),
     "cbf": (0.0, 100.0),
-    "ttp": (0.0, 15.0),
+    "ttp": (0.0, 40.0),
+    "delay": (0.0, 15.0),
     "mtt": (0.0, 20.0),
     "tmax": (0.0, 20.0),
 }
@@ -58,7 +62,7 @@ DEFAULT_HU_WINDOW: tuple[float, float] = (-100.0, 400.0)
 
 
 def target_map(target: str) -> str:
-    """Reference map name for a target (``ttp`` -> ``delay``), with a clear error if unknown."""
+    """Reference map name for a target, with a clear error if unknown."""
     try:
         return TARGET_MAPS[target]
     except KeyError:

@@ -2,7 +2,7 @@
 
 The series goes through the same frame selection, HU window and standardisation as the training
 slices (all stored in the checkpoint); the [0, 1] outputs are mapped back with the checkpoint's
-target windows. A ``ttp`` model predicts the box model's delay and its map is named ``delay``.
+target windows. Each target's map is named as in :data:`ctperf.model.TARGET_MAPS`.
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
     train_patients, val_patients : sequence of str
         Patient ids; their slices never mix.
     targets : sequence of str
-        Target names (``cbv``, ``cbf``, ``ttp``, ``mtt``, ``tmax``); several give one
+        Target names (``cbv``, ``cbf``, ``ttp``, ``delay``, ``mtt``, ``tmax``); several give one
         multi-output model.
     epochs : int
         Epochs at the final size (50 in the paper's fine-tuning).
