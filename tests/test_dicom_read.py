@@ -149,7 +149,7 @@ def test_jpeg_lossless_round_trip(tmp_path, rng):
     study = write_fake_study(tmp_path / "s", rng, shuttle=True)
     series = read_dicom_series(study.folder)
     out = write_series_dicom(series, tmp_path / "jpeg", compress=True)
-    first = next(out.iterdir())
+    first = next(out.glob("*.dcm"))
     assert pydicom.dcmread(first).file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.70"
     again = read_dicom_series(out)
     np.testing.assert_array_equal(again.hu, series.hu)

@@ -1,6 +1,6 @@
 """Reading and writing CT perfusion studies, maps and masks. The only package that touches files."""
 
-from ctperf.io.atomic import atomic_dir, atomic_file
+from ctperf.io.atomic import atomic_dir, atomic_file, check_output, mark_output
 from ctperf.io.dicom import read_dicom_headers, read_dicom_series, read_dicom_volume
 from ctperf.io.dicom_write import write_maps_dicom, write_series_dicom
 from ctperf.io.nifti import (
@@ -21,8 +21,10 @@ __all__ = [
     "UniToBrainCase",
     "atomic_dir",
     "atomic_file",
+    "check_output",
     "is_nifti",
     "iter_unitobrain",
+    "mark_output",
     "read_dicom_headers",
     "read_dicom_series",
     "read_dicom_volume",

@@ -1,15 +1,50 @@
-"""Write-then-rename helpers, so that an interrupted write never leaves a half-written output."""
+"""Safe outputs: checks before a run, write-then-rename while it runs, cleanup after a kill.
+
+Three rules keep a command from destroying data it did not make:
+
+- :func:`check_output` runs before anything is read or computed and refuses an output that is,
+  contains or lies inside an input, the current folder, a filesystem root, a file where a folder
+  is expected (or the reverse), or a place that cannot be written.
+- :func:`atomic_dir` writes a marker file (``.ctperf-output``) into every folder it creates and
+  replaces an existing folder only when it carries that marker, is empty, or the caller allows
+  it (``overwrite=True``, the CLI's ``--overwrite``).
+- Temporaries are named ``.ctperf-tmp.<host>.<pid>.<random>.<name>``; those left by a killed run
+  (its process gone, or older than :data:`STALE_AFTER_S`) are removed by the next write into the
+  same folder. Nothing without that prefix is ever removed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-__all__ = ["atomic_dir", "atomic_file"]
+from ctperf.errors import InputError
+
+__all__ = ["MARKER", "STALE_AFTER_S", "TEMP_PREFIX", "atomic_dir", "atomic_file",
+           "check_output", "mark_output", "remove_stale_temporaries"]
+
+log = logging.getLogger(__name__)
+
+#: Name of the file that marks a folder as written by ctperf (and so replaceable by ctperf).
+MARKER = ".ctperf-output"
+#: Prefix of every temporary file or folder ctperf creates beside an output.
+TEMP_PREFIX = ".ctperf-tmp."
+#: A temporary older than this (s) is stale even when its process cannot be checked (another
+#: host on a shared file system, or a process id reused since).
+STALE_AFTER_S = 2 * 24 * 3600.0
+
+_MARKER_TEXT = ("This folder was written by ctperf. ctperf replaces it whole when asked to write "
+                "here again; delete this file to protect the folder from that.\n")
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
+_PathLike = str | os.PathLike[str]
 
 
 def _umask() -> int:
@@ -18,16 +53,115 @@ def _umask() -> int:
     return mask
 
 
+def _temp_prefix() -> str:
+    return f"{TEMP_PREFIX}{_HOST}.{os.getpid()}."
+
+
+def _temp_suffix(name: str) -> str:
+    """``.<name>`` (keeps ``.nii.gz`` for writers that choose a format by extension)."""
+    return f".{name}" if len(name) <= 160 else "".join(Path(name).suffixes)[-40:]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OSError:
+        return True  # cannot tell: leave it to the age rule
+    return True
+
+
+def _is_stale(entry: os.DirEntry[str], now: float) -> bool:
+    parts = entry.name[len(TEMP_PREFIX):].split(".", 2)
+    if len(parts) < 3 or not parts[1].isdigit():
+        return False
+    host, pid = parts[0], int(parts[1])
+    if host == _HOST and pid == os.getpid():
+        return False
+    if host == _HOST and not _pid_alive(pid):
+        return True
+    try:
+        return now - entry.stat(follow_symlinks=False).st_mtime > STALE_AFTER_S
+    except OSError:
+        return False
+
+
+def remove_stale_temporaries(folder: _PathLike) -> list[Path]:
+    """Remove ctperf temporaries in ``folder`` left by runs that were killed.
+
+    Only entries named ``.ctperf-tmp.<host>.<pid>....`` are considered: one is removed when its
+    process no longer runs on this host, or when it is older than :data:`STALE_AFTER_S`.
+    Symbolic links are never followed.
+
+    Returns
+    -------
+    list of Path
+        What was removed.
+    """
+    removed: list[Path] = []
+    now = time.time()
+    try:
+        entries = [e for e in os.scandir(folder) if e.name.startswith(TEMP_PREFIX)]
+    except OSError:
+        return removed
+    for entry in entries:
+        if not _is_stale(entry, now):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except OSError as exc:
+            log.warning("could not remove the stale temporary %s (%s)", path, exc)
+            continue
+        log.info("removed %s, left by an interrupted run", path)
+        removed.append(path)
+    return removed
+
+
+def _owned_or_empty(folder: Path) -> bool:
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        return not any(os.scandir(folder))
+    except OSError:
+        return False
+
+
+def _check_replaceable(target: Path, overwrite: bool) -> None:
+    if target.is_symlink():
+        raise InputError(target, "is a symbolic link; give the folder it points to, or another "
+                                 "name")
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise InputError(target, "exists and is a file, but a folder is expected; remove it or "
+                                 "choose another name")
+    if not overwrite and not _owned_or_empty(target):
+        raise InputError(target, f"exists and holds files ctperf did not write (no {MARKER}); "
+                                 "choose another folder, or --overwrite to replace it and all "
+                                 "its contents")
+
+
 @contextlib.contextmanager
-def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_file(path: _PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success rename it to ``path``.
 
-    The temporary name keeps the full suffix (``.nii.gz`` stays ``.nii.gz``), so writers that
-    choose a format by extension still work.
+    The temporary name ends with the target's name (``.nii.gz`` stays ``.nii.gz``), so writers
+    that choose a format by extension still work. An existing file is replaced; an existing
+    folder is an :class:`~ctperf.errors.InputError`.
     """
     target = Path(path)
+    if target.is_dir():
+        raise InputError(target, "is a folder, but a file is expected; choose another name")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix="".join(target.suffixes) or ".tmp",
+    remove_stale_temporaries(target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(), suffix=_temp_suffix(target.name),
                                dir=target.parent)
     os.close(fd)
     tmp_path = Path(tmp)
@@ -42,22 +176,149 @@ def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole."""
+def atomic_dir(path: _PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole.
+
+    The folder gets a ``.ctperf-output`` marker. An existing ``path`` is replaced only when it
+    carries that marker (an earlier ctperf output), is empty, or ``overwrite`` is true;
+    otherwise, and when ``path`` is a file or a symbolic link, an
+    :class:`~ctperf.errors.InputError` is raised before anything is written (and again, if
+    such a folder appeared meanwhile, instead of the final rename).
+    """
     target = Path(path)
+    _check_replaceable(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    remove_stale_temporaries(target.parent)
+    suffix = _temp_suffix(target.name)
+    tmp_path = Path(tempfile.mkdtemp(prefix=_temp_prefix(), suffix=suffix, dir=target.parent))
     try:
+        (tmp_path / MARKER).write_text(_MARKER_TEXT)
         yield tmp_path
         os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp creates 0700
+        _check_replaceable(target, overwrite)
         if target.exists():
-            old = target.with_name(f".{target.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(target, old)
-            os.replace(tmp_path, target)
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(), suffix=".old" + suffix,
+                                        dir=target.parent))
+            os.replace(target, old)  # rename onto the empty folder just made
+            try:
+                os.replace(tmp_path, target)
+            except BaseException:
+                os.replace(old, target)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp_path, target)
     except BaseException:
         shutil.rmtree(tmp_path, ignore_errors=True)
         raise
+
+
+def mark_output(folder: _PathLike) -> Path:
+    """Create ``folder`` (and parents) if needed and mark it as a ctperf output folder."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / MARKER
+    if not marker.exists():
+        marker.write_text(_MARKER_TEXT)
+    return out
+
+
+def _home() -> Path | None:
+    try:
+        return Path.home().resolve()
+    except (RuntimeError, KeyError):
+        return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path != folder and path.is_relative_to(folder)
+
+
+def _check_parent(out: Path, resolved: Path) -> None:
+    """The nearest existing ancestor of ``out`` must be a writable folder."""
+    ancestor = resolved.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(out, f"cannot be created: {ancestor} is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(out, f"cannot be written: no write permission in {ancestor}")
+
+
+def check_output(out: _PathLike, *, inputs: Iterable[_PathLike | None] = (),
+                 overwrite: bool = False, kind: str = "folder",
+                 owned_by: Iterable[str] = ()) -> Path:
+    """Refuse an output that would destroy data or cannot be written, before any work is done.
+
+    Parameters
+    ----------
+    out : path
+        The output a command is about to write.
+    inputs : iterable of path or None
+        Everything the command reads (studies, masks, checkpoints, cohorts; ``None`` is
+        skipped). Symbolic links are resolved before comparing.
+    overwrite : bool
+        Allow replacing an existing output ctperf did not write (``--overwrite``).
+    kind : {"folder", "file", "extend"}
+        ``"folder"``: a folder replaced whole (see :func:`atomic_dir`); ``"file"``: one file,
+        an existing one replaced only when ``overwrite``; ``"extend"``: a folder written into
+        and never emptied (a phantom cohort, a training run), which must be new, empty, marked
+        by :func:`mark_output` or hold one of the ``owned_by`` names.
+    owned_by : iterable of str
+        For ``"extend"``: names whose presence marks a folder ctperf made before markers
+        existed (e.g. ``cohort.json``).
+
+    Returns
+    -------
+    Path
+        ``out`` as given.
+
+    Raises
+    ------
+    InputError
+        Naming ``out`` and the reason: it is, contains or lies inside an input; it is the
+        current folder (or contains it), the home folder or a filesystem root; it is a file
+        where a folder is expected or the reverse; it holds files ctperf did not write; its
+        parent cannot be created or written.
+    """
+    if kind not in ("folder", "file", "extend"):
+        raise ValueError(f"kind must be 'folder', 'file' or 'extend', got {kind!r}")
+    path = Path(out)
+    resolved = path.resolve()
+    if resolved == resolved.parent:
+        raise InputError(path, "is a filesystem root; choose a new folder for the output")
+    cwd = Path.cwd().resolve()
+    if kind == "folder" and (resolved == cwd or _inside(cwd, resolved)):
+        raise InputError(path, "is or contains the current folder, which the output would "
+                               "replace; choose a new folder")
+    if kind == "folder" and resolved == _home():
+        raise InputError(path, "is the home folder; choose a new folder for the output")
+    for given in inputs:
+        if given is None:
+            continue
+        source = Path(given).resolve()
+        if resolved == source:
+            raise InputError(path, f"is the input {given}; choose another output")
+        if _inside(resolved, source):
+            raise InputError(path, f"lies inside the input {given}; choose an output outside it")
+        if _inside(source, resolved):
+            raise InputError(path, f"contains the input {given}; choose an output that does "
+                                   "not hold the inputs")
+    if path.is_symlink() and kind != "extend":
+        raise InputError(path, "is a symbolic link; give the real path or another name")
+    if kind == "file":
+        if path.is_dir():
+            raise InputError(path, "is a folder, but a file is expected; choose another name")
+        if path.exists() and not overwrite:
+            raise InputError(path, "exists; choose another name, or --overwrite to replace it")
+    elif path.exists() and not path.is_dir():
+        raise InputError(path, "exists and is a file, but a folder is expected; remove it or "
+                               "choose another name")
+    elif kind == "folder":
+        _check_replaceable(path, overwrite)
+    elif path.exists() and not (_owned_or_empty(path)
+                                or any((path / name).exists() for name in owned_by)):
+        raise InputError(path, "exists and holds files ctperf did not write; choose a new or "
+                               "empty folder")
+    _check_parent(path, resolved)
+    return path
