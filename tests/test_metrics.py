@@ -48,3 +48,70 @@ def test_by_region_and_dice():
     b = np.array([0, 1, 1, 0], bool)
     assert dice(a, b) == pytest.approx(0.5)
     assert np.isnan(dice(np.zeros(3, bool), np.zeros(3, bool)))
+
+
+def _ssim_naive(x, y, sigma=1.5):
+    # Wang et al. 2004 written pixel by pixel with an explicit 11 x 11 Gaussian window and the
+    # image mirrored at its edges (scipy's "reflect": the edge pixel is repeated).
+    r = 5
+    g = np.exp(-0.5 * (np.arange(-r, r + 1) / sigma) ** 2)
+    w = np.outer(g, g) / np.outer(g, g).sum()
+    xp, yp = np.pad(x, r, mode="symmetric"), np.pad(y, r, mode="symmetric")
+    c1, c2 = 0.01**2, 0.03**2
+    out = np.empty(x.shape)
+    for i in range(x.shape[0]):
+        for j in range(x.shape[1]):
+            a, b = xp[i:i + 2 * r + 1, j:j + 2 * r + 1], yp[i:i + 2 * r + 1, j:j + 2 * r + 1]
+            ma, mb = (w * a).sum(), (w * b).sum()
+            va, vb = (w * (a - ma) ** 2).sum(), (w * (b - mb) ** 2).sum()
+            cab = (w * (a - ma) * (b - mb)).sum()
+            out[i, j] = ((2 * ma * mb + c1) * (2 * cab + c2)
+                         / ((ma**2 + mb**2 + c1) * (va + vb + c2)))
+    return out
+
+
+def test_ssim_hand_cases_and_naive_reference(rng):
+    from ctperf.evaluation.metrics import ssim
+
+    # Two constant images a and b: no variance, so SSIM = (2ab + C1) / (a^2 + b^2 + C1).
+    a, b = 0.4, 0.5
+    expect = (2 * a * b + 1e-4) / (a * a + b * b + 1e-4)
+    assert ssim(np.full((12, 12), a), np.full((12, 12), b)) == pytest.approx(expect, rel=1e-9)
+    x = rng.uniform(size=(14, 17))
+    assert ssim(x, x) == pytest.approx(1.0)
+    y = np.clip(x + rng.normal(0, 0.1, x.shape), 0, 1)
+    mask = np.zeros(x.shape, bool)
+    mask[3:11, 2:15] = True
+    # Same formula, two summation orders: agreement to float64 rounding.
+    assert ssim(x, y, mask=mask) == pytest.approx(_ssim_naive(x, y)[mask].mean(), abs=1e-10)
+    # 3-D maps are scored slice by slice (no smoothing across slices).
+    both = ssim(np.stack([x, x]), np.stack([y, x]))
+    assert both == pytest.approx((_ssim_naive(x, y).mean() + 1.0) / 2, abs=1e-10)
+    assert ssim(x, 1 - x) < 0  # an inverted image anti-correlates
+
+
+def test_unit_mse_windows_psnr_and_dataset_range():
+    from ctperf.evaluation.metrics import UNIT_WINDOWS, dataset_range, psnr, unit_mse
+
+    ref = np.array([0.0, 2.0, 4.0, 20.0])
+    est = np.array([0.0, 3.0, 4.0, 10.0])
+    # ctperf's CBV window 0-10 clips the 20 and the 10 to 1: only the 3 vs 2 differs, by 0.1.
+    assert unit_mse(est, ref, window=UNIT_WINDOWS["cbv"]) == pytest.approx(0.01 / 4)
+    # The paper's min-max over the data set (0-20, background included), no clipping.
+    lo_hi = dataset_range([ref, np.array([np.nan, 1.0])])
+    assert lo_hi == (0.0, 20.0)
+    assert unit_mse(est, ref, window=lo_hi, clip=False) == pytest.approx(
+        (0.05**2 + 0.5**2) / 4)
+    assert unit_mse(est, ref, window=lo_hi, clip=False,
+                    mask=np.array([1, 1, 1, 0], bool)) == pytest.approx(0.05**2 / 3)
+    assert psnr(0.01) == pytest.approx(20.0) and psnr(0.0) == float("inf")
+    with pytest.raises(ValueError, match="constant"):
+        dataset_range([np.ones(3)])
+
+
+def test_unit_windows_match_the_network_targets():
+    normalise = pytest.importorskip("ctperf.model.normalise", reason="needs torch (ctperf.model)")
+    from ctperf.evaluation.metrics import UNIT_WINDOWS
+
+    for target, map_name in normalise.TARGET_MAPS.items():
+        assert UNIT_WINDOWS[map_name] == normalise.TARGET_WINDOWS[target]

@@ -1,21 +1,45 @@
-"""Agreement between a map and its reference: voxel-wise errors and lesion overlap.
+"""Agreement between a map and its reference: voxel-wise errors, image similarity, lesion overlap.
 
 Voxel-wise figures: MAE, bias, RMSE, Pearson r and Lin's concordance correlation coefficient
-(Lin 1989, doi:10.2307/2532051); lesion overlap: the Dice similarity coefficient. All functions take
+(Lin 1989, doi:10.2307/2532051); MSE of maps scaled to [0, 1] two ways (the paper's dataset-wide
+min-max and ctperf's fixed windows, :data:`UNIT_WINDOWS`), PSNR and SSIM (Wang et al. 2004,
+doi:10.1109/TIP.2003.819861); lesion overlap: the Dice similarity coefficient. All functions take
 arrays of any shape and an optional boolean mask; NaN voxels in either input are left out, and the
 number of voxels used is returned with the figures.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from ctperf.errors import ValidationError
 
-__all__ = ["MapAgreement", "dice", "map_agreement", "map_agreement_by_region"]
+__all__ = [
+    "UNIT_WINDOWS",
+    "MapAgreement",
+    "dataset_range",
+    "dice",
+    "map_agreement",
+    "map_agreement_by_region",
+    "psnr",
+    "ssim",
+    "unit_mse",
+]
+
+#: ctperf's fixed window (low, high) per map, in the map's unit, that scales it to [0, 1]. The
+#: U-Net's targets use the same windows (``ctperf.model.normalise.TARGET_WINDOWS``: its ``ttp``
+#: target is the ``delay`` map); ``ttp`` (counted from the first frame) is not a network target
+#: and gets a window that covers a 40 s acquisition.
+UNIT_WINDOWS: dict[str, tuple[float, float]] = {
+    "cbv": (0.0, 10.0), "cbf": (0.0, 100.0), "delay": (0.0, 15.0), "mtt": (0.0, 20.0),
+    "tmax": (0.0, 20.0), "ttp": (0.0, 40.0),
+}
+
+#: SSIM constants of Wang et al. 2004: K1, K2 and the Gaussian window's sigma in pixels.
+SSIM_K1, SSIM_K2, SSIM_SIGMA = 0.01, 0.03, 1.5
 
 
 @dataclass(frozen=True)
@@ -92,3 +116,117 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
         raise ValidationError(f"masks differ in shape: {a.shape} != {b.shape}")
     total = int(a.sum()) + int(b.sum())
     return float("nan") if total == 0 else 2.0 * int(np.sum(a & b)) / total
+
+
+def dataset_range(volumes: Sequence[np.ndarray]) -> tuple[float, float]:
+    """Minimum and maximum over every finite voxel of every volume (background included).
+
+    This is the paper's normalisation of a map to [0, 1]: one min-max over the whole data set and
+    the whole image, not per image and not inside the brain only.
+
+    Parameters
+    ----------
+    volumes : sequence of ndarray, any shapes
+        One map per case, e.g. every study's CBV in mL/100 g.
+
+    Returns
+    -------
+    (float, float)
+        (low, high) in the maps' unit; a constant or empty data set is an error.
+    """
+    lows = [float(np.nanmin(v)) for v in volumes if np.isfinite(v).any()]
+    highs = [float(np.nanmax(v)) for v in volumes if np.isfinite(v).any()]
+    if not lows or not max(highs) > min(lows):
+        raise ValidationError("the maps have no finite voxels or are constant: no min-max range")
+    return min(lows), max(highs)
+
+
+def unit_mse(estimate: np.ndarray, reference: np.ndarray, *, window: tuple[float, float],
+             clip: bool = True, mask: np.ndarray | None = None) -> float:
+    """MSE of two maps after scaling both to [0, 1] with one window.
+
+    Parameters
+    ----------
+    estimate, reference : ndarray, same shape
+        Maps in their physical unit.
+    window : (float, float)
+        (low, high) mapped to (0, 1): :data:`UNIT_WINDOWS` for ctperf's figure, or
+        :func:`dataset_range` of the reference for the paper's.
+    clip : bool
+        Clip the scaled maps to [0, 1] (ctperf's windows clip; a dataset-wide range needs none).
+    mask : bool ndarray, optional
+        Voxels to average over (e.g. the brain).
+
+    Returns
+    -------
+    float
+        Dimensionless; NaN when no voxel is left.
+    """
+    lo, hi = float(window[0]), float(window[1])
+    if not hi > lo:
+        raise ValidationError(f"window must have high > low, got ({lo}, {hi})")
+    est, ref = _paired(estimate, reference, mask)
+    if est.size == 0:
+        return float("nan")
+    e, r = (est - lo) / (hi - lo), (ref - lo) / (hi - lo)
+    if clip:
+        e, r = np.clip(e, 0.0, 1.0), np.clip(r, 0.0, 1.0)
+    return float(np.mean((e - r) ** 2))
+
+
+def psnr(mse: float, *, data_range: float = 1.0) -> float:
+    """Peak signal-to-noise ratio in dB, ``10 log10(data_range**2 / mse)``; inf for mse = 0."""
+    if not np.isfinite(mse):
+        return float("nan")
+    return float("inf") if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
+
+
+def ssim(estimate: np.ndarray, reference: np.ndarray, *, mask: np.ndarray | None = None,
+         data_range: float = 1.0, sigma: float = SSIM_SIGMA) -> float:
+    """Mean structural similarity (Wang et al. 2004) of two maps, slice by slice in-plane.
+
+    Local means, variances and covariance come from an isotropic Gaussian window (``sigma``
+    pixels, truncated at 3.5 sigma: 11 x 11 taps for 1.5) applied to each (Y, X) slice, with
+    ``C1 = (0.01 L)**2`` and ``C2 = (0.03 L)**2`` for ``L = data_range``; the SSIM map is averaged
+    over ``mask``. NaN voxels count as 0 in the local statistics and are left out of the mean.
+
+    Parameters
+    ----------
+    estimate, reference : ndarray, (Y, X) or (Z, Y, X)
+        Maps on the same scale, e.g. both in [0, 1].
+    mask : bool ndarray, same shape, optional
+        Voxels whose SSIM is averaged; default all finite voxels.
+    data_range : float
+        Dynamic range L of the maps (1 for [0, 1] maps).
+    sigma : float
+        Gaussian window's standard deviation in pixels.
+
+    Returns
+    -------
+    float
+        In [-1, 1]; NaN when no voxel is left.
+    """
+    from scipy.ndimage import gaussian_filter
+
+    est = np.asarray(estimate, dtype=np.float64)
+    ref = np.asarray(reference, dtype=np.float64)
+    if est.shape != ref.shape or est.ndim not in (2, 3):
+        raise ValidationError(f"ssim needs two (Y, X) or (Z, Y, X) maps of one shape, got "
+                              f"{est.shape} and {ref.shape}")
+    keep = np.isfinite(est) & np.isfinite(ref)
+    if mask is not None:
+        keep &= np.asarray(mask, dtype=bool)
+    if not keep.any():
+        return float("nan")
+    x, y = np.nan_to_num(est), np.nan_to_num(ref)
+    sig = (sigma, sigma) if x.ndim == 2 else (0.0, sigma, sigma)
+
+    def smooth(a: np.ndarray) -> np.ndarray:
+        return gaussian_filter(a, sigma=sig, mode="reflect", truncate=3.5)
+
+    mx, my = smooth(x), smooth(y)
+    vx, vy, cxy = smooth(x * x) - mx**2, smooth(y * y) - my**2, smooth(x * y) - mx * my
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    num = (2 * mx * my + c1) * (2 * cxy + c2)
+    den = (mx**2 + my**2 + c1) * (vx + vy + c2)
+    return float(np.mean((num / den)[keep]))
