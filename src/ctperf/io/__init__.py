@@ -14,6 +14,7 @@ from ctperf.io.nifti import (
     write_series_nifti,
     write_volume,
 )
+from ctperf.io.privacy import public_meta
 from ctperf.io.study import read_study
 from ctperf.io.unitobrain import UniToBrainCase, iter_unitobrain
 
@@ -25,6 +26,7 @@ __all__ = [
     "is_nifti",
     "iter_unitobrain",
     "mark_output",
+    "public_meta",
     "read_dicom_headers",
     "read_dicom_series",
     "read_dicom_volume",

@@ -15,7 +15,6 @@ import logging
 import os
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,24 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from ctperf.errors import InputError, ValidationError
+from ctperf.io.dicom_checks import (
+    Header,
+    check_duplicates,
+    check_frame_counts,
+    check_rescale,
+    number,
+    numbers,
+    optional_number,
+    time_of,
+)
 from ctperf.io.dicom_decode import decode_into
 from ctperf.io.dicom_write import PATIENT_STUDY_TAGS
+from ctperf.io.integrity import (
+    check_frame_count,
+    check_frame_times,
+    check_hu_plausible,
+    check_memory,
+)
 from ctperf.types import CTPSeries
 
 __all__ = ["read_dicom_headers", "read_dicom_series", "read_dicom_volume"]
@@ -41,72 +56,38 @@ _EPOCH = dt.datetime(1970, 1, 1)
 _POSITION_TOL_MM = 0.01
 
 
-@dataclass(frozen=True)
-class _Header:
-    """What the header pass keeps of one file."""
-
-    path: Path
-    ds: pydicom.Dataset
-
-    def get(self, keyword: str, default: Any = None) -> Any:
-        value = self.ds.get(keyword, default)
-        return default if value is None or value == "" else value
-
-
-def _parse_time(text: str) -> float | None:
-    """DICOM TM (HHMMSS.frac, or the old HH:MM:SS) -> seconds of the day."""
-    text = str(text).strip().replace(":", "")
-    if len(text) < 2 or not text[:2].isdigit():
-        return None
-    try:
-        hours, minutes = int(text[:2]), int(text[2:4] or 0)
-        seconds = float(text[4:] or 0)
-    except ValueError:
-        return None
-    return hours * 3600.0 + minutes * 60.0 + seconds
-
-
-def _parse_date(text: str) -> float:
-    """DICOM DA (YYYYMMDD) -> seconds since 1970, 0 when absent."""
-    try:
-        return (dt.datetime.strptime(str(text).strip()[:8], "%Y%m%d") - _EPOCH).total_seconds()
-    except ValueError:
-        return 0.0
-
-
-def _time_of(h: _Header, tag: str) -> float | None:
-    """Seconds (since 1970 when a date is known) of one timing tag, or None when absent."""
-    value = h.get(tag)
-    if value is None:
-        return None
-    if tag == "AcquisitionDateTime":
-        text = str(value).strip()
-        for sign in "+-":  # drop a UTC offset suffix
-            if sign in text[8:]:
-                text = text[: 8 + text[8:].index(sign)]
-        if len(text) < 8:
-            return None
-        seconds = _parse_time(text[8:]) if len(text) > 8 else 0.0
-        return None if seconds is None else _parse_date(text[:8]) + seconds
-    seconds = _parse_time(value)
-    if seconds is None:
-        return None
-    date_tag = "AcquisitionDate" if tag == "AcquisitionTime" else "ContentDate"
-    return _parse_date(h.get(date_tag) or h.get("SeriesDate") or "") + seconds
-
-
 def _find_files(root: Path) -> list[Path]:
+    """Every file under ``root``; a folder that cannot be listed or a broken link is an error
+    (a study is read whole or refused, never silently without some of its frames)."""
     if not root.exists():
         raise InputError(root, "no such folder")
     if not root.is_dir():
         raise InputError(root, "expected a folder of DICOM files, got a file")
-    return sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+    def refuse(exc: OSError) -> None:
+        raise InputError(exc.filename or root, f"cannot read folder "
+                                               f"({exc.strerror or exc}): its files would "
+                                               "be missing from the study") from None
+
+    files = []
+    for folder, _, names in os.walk(root, onerror=refuse):
+        for name in names:
+            path = Path(folder) / name
+            if name.startswith("."):
+                continue
+            if path.is_symlink() and not path.exists():
+                raise InputError(path, "broken link: the file it points to does not exist")
+            if path.is_file():
+                files.append(path)
+    return sorted(files)
 
 
-def _read_header(path: Path) -> _Header | None:
+def _read_header(path: Path) -> Header | None:
     """Header without pixels; None for a non-DICOM file; InputError for a damaged one."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
+    except OSError as exc:  # permissions, I/O errors: the file exists but cannot be read
+        raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None
     except InvalidDicomError:
         # no 128-byte preamble: old files may still be a bare dataset; text and others are not
         try:
@@ -124,7 +105,7 @@ def _read_header(path: Path) -> _Header | None:
             missing = [k for k in ("SeriesInstanceUID", "Rows") if k not in ds]
             raise InputError(path, f"truncated or incomplete image file: no {', '.join(missing)}")
         return None  # DICOMDIR, structured reports and other non-image objects
-    return _Header(path, ds)
+    return Header(path, ds)
 
 
 def read_dicom_headers(folder: PathLike) -> dict[str, list[Any]]:
@@ -148,8 +129,8 @@ def read_dicom_headers(folder: PathLike) -> dict[str, list[Any]]:
     return dict(groups)
 
 
-def _choose_series(root: Path, groups: dict[str, list[_Header]],
-                   series_uid: str | None) -> list[_Header]:
+def _choose_series(root: Path, groups: dict[str, list[Header]],
+                   series_uid: str | None) -> list[Header]:
     def listing() -> str:
         return "; ".join(f"{uid} {g[0].get('Modality', '?')} "
                          f"'{g[0].get('SeriesDescription', '')}' ({len(g)} files)"
@@ -165,35 +146,41 @@ def _choose_series(root: Path, groups: dict[str, list[_Header]],
     return next(iter(groups.values()))
 
 
-def _check_same(headers: Sequence[_Header], keyword: str, *, atol: float | None = None) -> Any:
+def _check_same(headers: Sequence[Header], keyword: str, *, count: int | None = None,
+                atol: float = 0.0) -> Any:
+    """The value of ``keyword``, equal (within ``atol`` for ``count`` numbers) in all files."""
+    if count is not None:
+        first_values = numbers(headers[0], keyword, count)
+        for h in headers[1:]:
+            values = numbers(h, keyword, count)
+            if not np.allclose(values, first_values, atol=atol, rtol=0):
+                raise InputError(h.path, f"inconsistent {keyword}: {values.tolist()} here, "
+                                         f"{first_values.tolist()} in {headers[0].path.name}")
+        return first_values
     first = headers[0].get(keyword)
     if first is None:
         raise InputError(headers[0].path, f"has no {keyword}")
     for h in headers[1:]:
         value = h.get(keyword)
-        same = (value is not None and np.allclose(np.asarray(value, float),
-                                                  np.asarray(first, float), atol=atol)
-                if atol is not None else value == first)
-        if not same:
+        if value != first:
             raise InputError(h.path, f"inconsistent {keyword}: {value} here, {first} in "
                                      f"{headers[0].path.name}")
     return first
 
 
-def _group_slices(headers: Sequence[_Header], normal: np.ndarray) -> list[list[_Header]]:
+def _group_slices(headers: Sequence[Header], normal: np.ndarray) -> list[list[Header]]:
     """Files grouped by position along the slice normal, in increasing position."""
-    depth = np.array([np.asarray(h.get("ImagePositionPatient"), float) @ normal
-                      for h in headers])
+    depth = np.array([numbers(h, "ImagePositionPatient", 3) @ normal for h in headers])
     order = np.argsort(depth, kind="stable")
     breaks = np.flatnonzero(np.diff(depth[order]) > _POSITION_TOL_MM) + 1
     return [[headers[i] for i in chunk] for chunk in np.split(order, breaks)]
 
 
-def _order_frames(root: Path, slices: list[list[_Header]],
-                  frame_interval: float | None) -> tuple[list[list[_Header]], np.ndarray, str]:
+def _order_frames(root: Path, slices: list[list[Header]],
+                  frame_interval: float | None) -> tuple[list[list[Header]], np.ndarray, str]:
     """Frames of each slice in time order, (T, Z) times in s since 1970 (or NaN) and the source."""
     for tag in _TIME_TAGS:
-        values = [[_time_of(h, tag) for h in s] for s in slices]
+        values = [[time_of(h, tag) for h in s] for s in slices]
         if any(v is None for s in values for v in s):
             continue
         flat = np.array([v for s in values for v in s], dtype=float)
@@ -229,15 +216,23 @@ def _order_frames(root: Path, slices: list[list[_Header]],
             raise InputError(root, "no acquisition times (AcquisitionDateTime, AcquisitionTime, "
                                    "ContentTime); give the frame spacing with frame_interval "
                                    "(--frame-interval SECONDS)")
-        frames = [[h for _, h in sorted(zip(k, s, strict=True), key=lambda p: int(p[0]))]
-                  for k, s in zip(keys, slices, strict=True)]
+        order = [[number(h, tag) for h in s] for s in slices]
+        frames = [[h for _, h in sorted(zip(k, s, strict=True), key=lambda p: p[0])]
+                  for k, s in zip(order, slices, strict=True)]
         return frames, np.full((len(frames[0]), len(frames)), np.nan), tag
     raise InputError(root, "cannot order frames: no acquisition times and no unique "
                            "TemporalPositionIndex or InstanceNumber within each slice")
 
 
-def _geometry(root: Path, headers: Sequence[_Header], *,
-              modality: str | None) -> tuple[list[list[_Header]], np.ndarray, tuple[int, int]]:
+def _depths(slices: Sequence[Sequence[Header]]) -> np.ndarray:
+    """(Z,) position of each slice along the slice normal, mm."""
+    iop = numbers(slices[0][0], "ImageOrientationPatient", 6)
+    normal = np.cross(iop[:3], iop[3:])
+    return np.array([numbers(s[0], "ImagePositionPatient", 3) @ normal for s in slices])
+
+
+def _geometry(root: Path, headers: Sequence[Header], *,
+              modality: str | None) -> tuple[list[list[Header]], np.ndarray, tuple[int, int]]:
     """Check one grid; files grouped by slice (ascending along the normal), RAS affine, (Y, X)."""
     modalities = {str(h.get("Modality", "")) for h in headers}
     if len(modalities) > 1:
@@ -246,14 +241,13 @@ def _geometry(root: Path, headers: Sequence[_Header], *,
         raise InputError(headers[0].path, f"modality is {modalities.pop() or 'missing'}, "
                                           f"expected {modality}")
     rows, cols = int(_check_same(headers, "Rows")), int(_check_same(headers, "Columns"))
-    iop = np.asarray(_check_same(headers, "ImageOrientationPatient", atol=1e-4), float)
-    spacing = np.asarray(_check_same(headers, "PixelSpacing", atol=1e-4), float)
-    for h in headers:
-        if h.get("ImagePositionPatient") is None:
-            raise InputError(h.path, "has no ImagePositionPatient")
+    iop = _check_same(headers, "ImageOrientationPatient", count=6, atol=1e-4)
+    spacing = _check_same(headers, "PixelSpacing", count=2, atol=1e-4)
+    if not np.all(spacing > 0):
+        raise InputError(headers[0].path, f"PixelSpacing must be > 0 mm, got {spacing.tolist()}")
     normal = np.cross(iop[:3], iop[3:])
     slices = _group_slices(headers, normal)
-    positions = np.array([np.asarray(s[0].get("ImagePositionPatient"), float) for s in slices])
+    positions = np.array([numbers(s[0], "ImagePositionPatient", 3) for s in slices])
     if len(slices) > 1:
         gaps = np.diff(positions @ normal)
         if np.ptp(gaps) > max(_POSITION_TOL_MM, 0.01 * np.median(gaps)):
@@ -262,8 +256,8 @@ def _geometry(root: Path, headers: Sequence[_Header], *,
                              f"inconsistent slice spacing: gaps {np.round(gaps, 3).tolist()} mm")
         slice_step = (positions[-1] - positions[0]) / (len(slices) - 1)
     else:
-        thickness = float(headers[0].get("SpacingBetweenSlices")
-                          or headers[0].get("SliceThickness") or 1.0)
+        thickness = (optional_number(headers[0], "SpacingBetweenSlices")
+                     or optional_number(headers[0], "SliceThickness") or 1.0)
         slice_step = normal * thickness
     lps = np.eye(4)
     lps[:3, 0] = iop[:3] * spacing[1]
@@ -273,32 +267,33 @@ def _geometry(root: Path, headers: Sequence[_Header], *,
     return slices, _RAS_FROM_LPS @ lps, (rows, cols)
 
 
-def _meta(headers: Sequence[_Header], source: str, start: float | None,
+def _meta(headers: Sequence[Header], source: str, start: float | None,
           n_files: int) -> dict[str, Any]:
     first = headers[0]
     manufacturer = " ".join(str(first.get(k, "")) for k in ("Manufacturer",
                                                              "ManufacturerModelName")).strip()
-    mas = first.get("Exposure")
-    if mas is None and first.get("XRayTubeCurrent") and first.get("ExposureTime"):
-        mas = float(first.get("XRayTubeCurrent")) * float(first.get("ExposureTime")) / 1000.0
+    mas = optional_number(first, "Exposure")
+    current, exposure = (optional_number(first, k) for k in ("XRayTubeCurrent", "ExposureTime"))
+    if mas is None and current and exposure:
+        mas = current * exposure / 1000.0
     meta: dict[str, Any] = {
         "series_uid": str(first.ds.SeriesInstanceUID),
         "description": str(first.get("SeriesDescription", "")),
         "scanner": manufacturer or None,
-        "kvp": float(first.get("KVP")) if first.get("KVP") is not None else None,
+        "kvp": optional_number(first, "KVP"),
         "mas": float(mas) if mas is not None else None,
         "timing_source": source,
-        "series_number": int(first.get("SeriesNumber")) if first.get("SeriesNumber") else None,
+        "series_number": (int(optional_number(first, "SeriesNumber") or 0) or None),
         "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")) or None,
         "transfer_syntax": str(getattr(first.ds.file_meta.get("TransferSyntaxUID"), "name",
                                        "unknown")),
         "n_files": n_files,
         "dicom": {k: str(first.get(k)) for k in PATIENT_STUDY_TAGS if first.get(k) is not None},
     }
-    if first.get("ExposureTime") is not None:
-        meta["exposure_time_ms"] = float(first.get("ExposureTime"))
-    if first.get("XRayTubeCurrent") is not None:
-        meta["tube_current_ma"] = float(first.get("XRayTubeCurrent"))
+    if exposure is not None:
+        meta["exposure_time_ms"] = exposure
+    if current is not None:
+        meta["tube_current_ma"] = current
     if start is not None:
         when = _EPOCH + dt.timedelta(seconds=start)
         meta["acquisition_start"] = when.strftime("%Y%m%d%H%M%S.%f")
@@ -343,14 +338,13 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     root = Path(folder)
     headers = _choose_series(root, read_dicom_headers(root), series_uid)
     slices, affine, (rows, cols) = _geometry(root, headers, modality="CT")
-    counts = [len(s) for s in slices]
-    if len(set(counts)) > 1:
-        odd = min(range(len(slices)), key=lambda z: counts.count(counts[z]))
-        raise InputError(slices[odd][0].path, f"slices have different frame counts: this "
-                                              f"slice has {counts[odd]}, counts are {counts}")
-    if counts[0] < 2:
+    check_duplicates(slices)
+    check_frame_counts(root, slices, _depths(slices))
+    if len(slices[0]) < 2:
         raise InputError(root, f"one frame per slice ({len(slices)} slices): a 3D volume, a "
                                "perfusion study needs several frames (4D)")
+    check_frame_count(len(slices[0]), root)
+    rescale = dict(zip((h.path for h in headers), check_rescale(headers), strict=True))
     frames, abs_times, source = _order_frames(root, slices, frame_interval)
     n_t, n_z = len(frames[0]), len(frames)
     start = float(np.nanmin(abs_times)) if np.isfinite(abs_times).any() else None
@@ -358,20 +352,28 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     if frame_interval is not None:
         if not frame_interval > 0:
             raise ValidationError(f"frame_interval must be > 0 s, got {frame_interval}")
+        source_tag = "frame_interval"
         times = np.arange(n_t) * float(frame_interval)
         source = f"frame_interval {frame_interval:g} s (frames ordered by {source})"
     else:
+        source_tag = source
         rel = abs_times - start
         times = rel.mean(axis=1)
         if np.max(np.ptp(rel, axis=1)) > 1e-3:
             slice_times = rel
-    hu = np.empty((n_t * n_z, rows, cols), dtype=np.float32)
+    check_frame_times(times, root, source=source_tag)
+    check_memory(n_t * n_z * rows * cols * 4, root,
+                 what=f"the study's {n_t} frames x {n_z} slices of {rows} x {cols} pixels")
+    flat = np.empty((n_t * n_z, rows, cols), dtype=np.float32)
     paths = [frames[z][t].path for t in range(n_t) for z in range(n_z)]
-    decode_into(hu, paths, workers=workers or min(os.cpu_count() or 1, 8), executor=executor,
-                 progress=progress)
+    decode_into(flat, paths, rescale=[rescale[p] for p in paths],
+                workers=workers or min(os.cpu_count() or 1, 8), executor=executor,
+                progress=progress)
+    hu = flat.reshape(n_t, n_z, rows, cols)
+    check_hu_plausible(hu, lambda t, z: (frames[z][t].path, ""))
     meta = _meta(headers, source, start, len(paths))
     try:
-        return CTPSeries(hu=hu.reshape(n_t, n_z, rows, cols), times=times, affine=affine,
+        return CTPSeries(hu=hu, times=times, affine=affine,
                          slice_times=slice_times, meta=meta)
     except ValidationError as exc:
         raise InputError(root, str(exc)) from None
@@ -398,14 +400,13 @@ def read_dicom_volume(folder: PathLike, *, series_uid: str | None = None,
         if len(s) > 1:
             raise InputError(s[1].path, f"{len(s)} files at one slice position "
                                         f"(with {s[0].path.name}); expected a 3D series")
+    check_memory(len(slices) * rows * cols * 4, root, what=f"{len(slices)} slices")
     volume = np.empty((len(slices), rows, cols), dtype=np.float32)
     paths = [s[0].path for s in slices]
-    decode_into(volume, paths, workers=workers or min(os.cpu_count() or 1, 8),
-                 executor="threads", progress=False)
+    decode_into(volume, paths, rescale=check_rescale([s[0] for s in slices]),
+                workers=workers or min(os.cpu_count() or 1, 8), executor="threads",
+                progress=False)
     meta = _meta(headers, "", None, len(paths))
-    normal = np.cross(*np.reshape(np.asarray(headers[0].get("ImageOrientationPatient"),
-                                             float), (2, 3)))
-    meta["slice_positions"] = np.array([np.asarray(s[0].get("ImagePositionPatient"), float)
-                                        @ normal for s in slices])
+    meta["slice_positions"] = _depths(slices)
     meta["files"] = paths
     return volume, affine, meta

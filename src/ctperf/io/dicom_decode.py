@@ -21,9 +21,10 @@ from ctperf.errors import InputError, ValidationError
 __all__ = ["decode_into"]
 
 
-def _decode_one(path: Path, out: np.ndarray) -> str | None:
-    """Write one file's HU (stored * slope + intercept) into ``out`` (Y, X); return an error
-    message instead of raising, so that errors cross a process pool intact."""
+def _decode_one(path: Path, out: np.ndarray, rescale: tuple[float, float]) -> str | None:
+    """Write one file's HU (stored * slope + intercept, ``rescale`` as the header pass read it)
+    into ``out`` (Y, X); return an error message instead of raising, so that errors cross a
+    process pool intact."""
     try:
         ds = pydicom.dcmread(path, force=True)  # the header pass accepted it as DICOM
     except Exception as exc:  # pydicom raises many types for damaged files
@@ -37,8 +38,7 @@ def _decode_one(path: Path, out: np.ndarray) -> str | None:
         return f"cannot decode pixel data ({getattr(syntax, 'name', syntax)}): {exc}"
     if pixels.shape != out.shape:
         return f"pixel array is {pixels.shape}, header says {out.shape}"
-    slope = float(ds.get("RescaleSlope", 1) or 1)
-    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    slope, intercept = rescale
     np.multiply(pixels, slope, out=out, casting="unsafe")
     out += intercept
     if not np.all(np.isfinite(out)):
@@ -47,20 +47,26 @@ def _decode_one(path: Path, out: np.ndarray) -> str | None:
 
 
 def _decode_chunk(shm_name: str, shape: tuple[int, ...],
-                  items: list[tuple[int, Path]]) -> list[tuple[int, str | None]]:
+                  items: list[tuple[int, Path, tuple[float, float]]]
+                  ) -> list[tuple[int, str | None]]:
     """Process-pool worker: decode files into the shared (N, Y, X) float32 array."""
     shm = SharedMemory(name=shm_name)
     out = np.ndarray(shape, dtype=np.float32, buffer=shm.buf)
     try:
-        return [(i, _decode_one(path, out[i])) for i, path in items]
+        return [(i, _decode_one(path, out[i], rescale)) for i, path, rescale in items]
     finally:
         del out  # release the buffer before closing the mapping
         shm.close()
 
 
-def decode_into(out: np.ndarray, paths: Sequence[Path], *, workers: int, executor: str,
-                 progress: bool) -> None:
-    """Decode ``paths`` into ``out`` (N, Y, X) float32 HU, serially or with a pool."""
+def decode_into(out: np.ndarray, paths: Sequence[Path], *,
+                rescale: Sequence[tuple[float, float]], workers: int, executor: str,
+                progress: bool) -> None:
+    """Decode ``paths`` into ``out`` (N, Y, X) float32 HU, serially or with a pool.
+
+    ``rescale`` holds each file's (RescaleSlope, RescaleIntercept), parsed and checked once by
+    the header pass.
+    """
     from tqdm import tqdm
 
     if executor not in ("threads", "processes"):
@@ -69,13 +75,13 @@ def decode_into(out: np.ndarray, paths: Sequence[Path], *, workers: int, executo
     errors: list[tuple[int, str | None]] = []
     if workers <= 1 or len(paths) < 2:
         for i, path in enumerate(paths):
-            errors.append((i, _decode_one(path, out[i])))
+            errors.append((i, _decode_one(path, out[i], rescale[i])))
             bar.update()
             if errors[-1][1]:
                 break
     elif executor == "threads":
         with ThreadPoolExecutor(max_workers=workers) as pool:
-            for i, error in enumerate(pool.map(_decode_one, paths, out)):
+            for i, error in enumerate(pool.map(_decode_one, paths, out, rescale)):
                 errors.append((i, error))
                 bar.update()
     else:
@@ -83,7 +89,7 @@ def decode_into(out: np.ndarray, paths: Sequence[Path], *, workers: int, executo
         try:
             shared = np.ndarray(out.shape, dtype=np.float32, buffer=shm.buf)
             n_chunks = min(len(paths), 4 * workers)
-            chunks = [[(i, paths[i]) for i in idx]
+            chunks = [[(int(i), paths[i], rescale[i]) for i in idx]
                       for idx in np.array_split(np.arange(len(paths)), n_chunks)]
             with ProcessPoolExecutor(max_workers=workers) as pool:
                 futures = [pool.submit(_decode_chunk, shm.name, out.shape, c) for c in chunks]

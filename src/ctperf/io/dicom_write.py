@@ -6,7 +6,9 @@ between NIfTI and DICOM keeps its place in the scanner. A study is written as on
 (frame, slice) with int16 HU (RescaleSlope 1, RescaleIntercept 0) and real timing tags
 (AcquisitionDateTime, AcquisitionTime, ContentTime, TemporalPositionIndex); ``compress=True``
 re-encodes every file as JPEG Lossless (Process 14, selection value 1) with GDCM, as GE scanners
-store perfusion studies.
+store perfusion studies. ``anonymise=True`` de-identifies the output (DICOM PS3.15 Annex E basic
+profile, :mod:`ctperf.io.privacy`); by default the source's patient and study identity is kept so
+that the outputs file with the study.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_ui
 
 from ctperf.errors import ValidationError
 from ctperf.io.atomic import atomic_dir
+from ctperf.io.privacy import ANONYMOUS_START, deidentify_dataset
 from ctperf.types import CTPSeries, PerfusionMaps
 
 __all__ = ["PATIENT_STUDY_TAGS", "write_maps_dicom", "write_series_dicom"]
@@ -86,8 +89,11 @@ def _parse_dicom_datetime(text: str) -> dt.datetime | None:
     return None
 
 
-def _start_time(meta: Mapping[str, Any]) -> dt.datetime:
-    """Wall-clock time of t = 0: the reader's ``acquisition_start``, else the study date/time."""
+def _start_time(meta: Mapping[str, Any], *, anonymise: bool = False) -> dt.datetime:
+    """Wall-clock time of t = 0: the reader's ``acquisition_start``, else the study date/time
+    (a dummy date when de-identifying)."""
+    if anonymise:
+        return ANONYMOUS_START
     start = _parse_dicom_datetime(meta.get("acquisition_start", ""))
     if start is None:
         tags = meta.get("dicom", {}) or {}
@@ -96,7 +102,7 @@ def _start_time(meta: Mapping[str, Any]) -> dt.datetime:
 
 
 def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
-                  *, description: str, sop_class: str) -> Dataset:
+                  *, description: str, sop_class: str, anonymise: bool) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -113,7 +119,7 @@ def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
         setattr(ds, keyword, value)
     if "StudyInstanceUID" not in ds:
         ds.StudyInstanceUID = generate_uid()
-    start = _start_time(meta)
+    start = _start_time(meta, anonymise=anonymise)
     ds.StudyDate = ds.get("StudyDate") or start.strftime("%Y%m%d")
     ds.StudyTime = ds.get("StudyTime") or start.strftime("%H%M%S")
     for keyword in ("StudyID", "AccessionNumber", "ReferringPhysicianName",
@@ -132,6 +138,8 @@ def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
+    if anonymise:
+        deidentify_dataset(ds)
     return ds
 
 
@@ -182,7 +190,7 @@ def _times_tags(ds: Dataset, when: dt.datetime) -> None:
 def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = False,
                        description: str | None = None,
                        patient: Mapping[str, Any] | None = None,
-                       progress: bool = False) -> Path:
+                       anonymise: bool = False, progress: bool = False) -> Path:
     """Write a study as a DICOM CT series, one file per (frame, slice).
 
     Parameters
@@ -198,6 +206,12 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
     patient : mapping, optional
         DICOM keywords -> values for patient/study tags (PatientName, PatientID, StudyDate, ...);
         they override ``series.meta["dicom"]``.
+    anonymise : bool
+        De-identify (DICOM PS3.15 Annex E basic profile): dummy patient name and ID, no birth
+        date, accession number, institution or physicians, a dummy date with the times between
+        frames kept, study and frame-of-reference UIDs replaced consistently, and
+        PatientIdentityRemoved YES. Overrides ``patient``. The source's SeriesDescription is
+        not carried over (a generic one is used unless ``description`` is given).
     progress : bool
         Show a progress bar.
 
@@ -211,8 +225,10 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
     meta = series.meta
     n_t, n_z, n_y, n_x = series.shape
     geo = _slice_geometry(series.affine, n_z)
-    desc = description or str(meta.get("description") or "ctperf CT perfusion")
-    base = _base_dataset(meta, patient, description=desc, sop_class=CTImageStorage)
+    source_desc = None if anonymise else meta.get("description")
+    desc = description or str(source_desc or "ctperf CT perfusion")
+    base = _base_dataset(meta, patient, description=desc, sop_class=CTImageStorage,
+                         anonymise=anonymise)
     base.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     base.SeriesNumber = int(meta.get("series_number") or 1)
     base.Rows, base.Columns = n_y, n_x
@@ -232,7 +248,7 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
         base.ExposureTime = round(float(meta["exposure_time_ms"]))
     if meta.get("tube_current_ma") is not None:
         base.XRayTubeCurrent = round(float(meta["tube_current_ma"]))
-    start = _start_time(meta)
+    start = _start_time(meta, anonymise=anonymise)
     seconds = series.slice_times if series.slice_times is not None else (
         np.repeat(series.times[:, None], n_z, axis=1))
     pixels = np.clip(np.rint(series.hu), -32768, 32767).astype(np.int16)
@@ -277,7 +293,7 @@ def _map_scaling(values: np.ndarray) -> tuple[np.ndarray, str, float, float]:
 
 
 def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
-                     source: CTPSeries | None = None) -> list[Path]:
+                     source: CTPSeries | None = None, anonymise: bool = False) -> list[Path]:
     """Write each map as its own DICOM series, ``<folder>/<name>/`` with one file per slice.
 
     Parameters
@@ -289,6 +305,10 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
     source : CTPSeries, optional
         The study the maps come from: its ``meta["dicom"]`` patient/study tags, acquisition
         start and frame of reference are reused, so viewers file the maps with the study.
+    anonymise : bool
+        De-identify as :func:`write_series_dicom` does; maps written from one source with
+        ``anonymise=True`` share their (new) study and frame-of-reference UIDs with the
+        de-identified series.
 
     Returns
     -------
@@ -304,13 +324,16 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
     n_z, n_y, n_x = maps.shape
     geo = _slice_geometry(maps.affine, n_z)
     frame_uid = meta.get("frame_of_reference_uid") or generate_uid()
+    tags = dict(meta.get("dicom") or {})
+    tags.setdefault("StudyInstanceUID", generate_uid())  # one study for all the maps
+    meta["dicom"] = tags
     written = []
     for number, name in enumerate(maps.names, start=1):
         values = np.asarray(maps[name], dtype=np.float64)
         stored, kind, slope, intercept = _map_scaling(values)
         desc = f"{name.upper()} [{maps.units[name]}] {method}"
         base = _base_dataset({**meta, "frame_of_reference_uid": frame_uid}, None,
-                             description=desc, sop_class=CTImageStorage)
+                             description=desc, sop_class=CTImageStorage, anonymise=anonymise)
         base.ImageType = ["DERIVED", "SECONDARY", "AXIAL", name.upper()]
         base.SeriesNumber = 100 + number
         base.Rows, base.Columns = n_y, n_x
@@ -325,7 +348,7 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
         base.PixelSpacing = [_ds(v) for v in geo["pixel_spacing"]]
         base.SliceThickness = _ds(geo["thickness"])
         base.ImageComments = f"{name} in {maps.units[name]}; method: {method}"[:10240]
-        start = _start_time(meta)
+        start = _start_time(meta, anonymise=anonymise)
         target = Path(folder) / name
         with atomic_dir(target) as tmp:
             for z in range(n_z):

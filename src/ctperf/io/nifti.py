@@ -6,8 +6,10 @@ maps the (X, Y, Z) data indices to mm, which is the affine convention of :mod:`c
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
+import zlib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,13 @@ import numpy as np
 
 from ctperf.errors import InputError, ValidationError
 from ctperf.io.atomic import atomic_file
+from ctperf.io.integrity import (
+    check_frame_count,
+    check_frame_times,
+    check_hu_plausible,
+    check_memory,
+)
+from ctperf.io.privacy import public_meta
 from ctperf.types import MAP_NAMES, CTPSeries, PerfusionMaps
 
 __all__ = [
@@ -66,73 +75,179 @@ def write_json(obj: Any, path: PathLike) -> None:
         tmp.write_text(json.dumps(obj, indent=2, default=default, allow_nan=True) + "\n")
 
 
-def _load(path: PathLike) -> tuple[np.ndarray, np.ndarray, Any]:
+def _open(path: PathLike) -> Any:
+    """The image with its header read (pixels not yet): a NIfTI-1 or NIfTI-2 file."""
     p = Path(path)
     if not p.exists():
         raise InputError(p, "no such file")
     try:
         img: Any = nib.load(str(p))
-        if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
-            raise TypeError(f"a {type(img).__name__}, not NIfTI")
+    except Exception as exc:  # nibabel raises many types for damaged files
+        raise InputError(p, f"not a readable NIfTI file ({exc})") from None
+    if not isinstance(img, nib.Nifti1Image | nib.Nifti2Image):
+        raise InputError(p, f"not a readable NIfTI file (a {type(img).__name__})")
+    return img
+
+
+def _pixels(path: PathLike, img: Any) -> np.ndarray:
+    """All pixels as float32, after a full read that checks the whole file.
+
+    nibabel reads only the bytes it needs, so a gzip stream with a bad CRC or a missing end
+    would load silently: a ``.gz`` file is decompressed whole (which checks the CRC and length)
+    and its image parsed from those bytes.
+    """
+    p = Path(path)
+    shape = tuple(int(n) for n in img.header.get_data_shape())
+    n_vox = int(np.prod(shape, dtype=np.int64))
+    itemsize = np.dtype(img.header.get_data_dtype()).itemsize
+    compressed = p.name.lower().endswith(".gz")
+    check_memory(n_vox * (8 + itemsize * (2 if compressed else 1)), p,
+                 what=f"the image's {n_vox} voxels {shape}")
+    try:
+        if compressed:
+            with gzip.open(p, "rb") as f:
+                raw = f.read()
+            img = type(img).from_bytes(raw)
+            del raw
+        else:
+            needed = int(img.header.get_data_offset()) + n_vox * itemsize
+            if p.stat().st_size < needed:
+                raise InputError(p, f"truncated: {p.stat().st_size} bytes, the header "
+                                    f"describes {needed}")
         data = np.asarray(img.dataobj, dtype=np.float32)
+    except InputError:
+        raise
+    except (OSError, EOFError, zlib.error) as exc:
+        raise InputError(p, f"damaged or truncated compressed file ({exc})") from None
     except Exception as exc:  # nibabel raises many types for damaged files
         raise InputError(p, f"not a readable NIfTI file ({exc})") from None
     if not np.all(np.isfinite(data)):
         raise InputError(p, f"contains {int(np.sum(~np.isfinite(data)))} NaN or Inf values")
-    return data, np.asarray(img.affine, dtype=np.float64), img.header
+    return data
+
+
+def _load(path: PathLike) -> tuple[np.ndarray, np.ndarray, Any]:
+    img = _open(path)
+    return _pixels(path, img), np.asarray(img.affine, dtype=np.float64), img.header
+
+
+def _numbers(value: Any, side: Path, key: str, shape: tuple[int, ...]) -> np.ndarray:
+    """A sidecar entry as a float64 array of ``shape``, or InputError saying what it holds."""
+    def numeric(v: Any) -> bool:
+        if isinstance(v, list):
+            return all(numeric(x) for x in v)
+        return isinstance(v, int | float) and not isinstance(v, bool)
+
+    unit = "seconds" if key != "SliceTimes" else "seconds, one list per frame"
+    if not isinstance(value, list) or not numeric(value):
+        raise InputError(side, f"{key} must be a list of numbers ({unit}), got "
+                               f"{json.dumps(value)[:60]}")
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except ValueError:  # ragged lists
+        raise InputError(side, f"{key} must be a list of numbers ({unit}) of shape "
+                               f"{shape}, got lists of different lengths") from None
+    if arr.shape != shape:
+        what = (f"has {arr.size} entries, the image has {shape[0]} frames" if key == "FrameTimes"
+                else f"has shape {arr.shape}, expected (frames, slices) = {shape}")
+        raise InputError(side, f"{key} {what}")
+    if not np.all(np.isfinite(arr)):
+        raise InputError(side, f"{key} contains NaN or Inf")
+    return arr
+
+
+def _read_sidecar(side: Path, n_frames: int, n_slices: int
+                  ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
+    """(FrameTimes, SliceTimes, meta) of a study's JSON sidecar, each checked."""
+    try:
+        info = json.loads(side.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise InputError(side, f"cannot read the sidecar ({exc.strerror or exc})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(side, f"sidecar is not valid JSON ({exc})") from None
+    if not isinstance(info, dict):
+        raise InputError(side, "sidecar must be a JSON object such as {\"FrameTimes\": [...]}, "
+                               f"got a {type(info).__name__}")
+    meta = info.get("meta", {})
+    if not isinstance(meta, dict):
+        raise InputError(side, f"sidecar's meta must be a JSON object, got "
+                               f"{type(meta).__name__}")
+    times = (_numbers(info["FrameTimes"], side, "FrameTimes", (n_frames,))
+             if info.get("FrameTimes") is not None else None)
+    slice_times = (_numbers(info["SliceTimes"], side, "SliceTimes", (n_frames, n_slices))
+                   if info.get("SliceTimes") is not None else None)
+    return times, slice_times, dict(meta)
+
+
+def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]:
+    """Frame times from pixdim[4] in the header's time unit (unknown is taken as s)."""
+    unit = header.get_xyzt_units()[1]
+    if unit not in _TIME_UNIT_SECONDS and unit != "unknown":
+        raise InputError(p, f"the header's 4th axis unit is {unit!r}, not a time; give the "
+                            "frame spacing with --frame-interval SECONDS or a JSON sidecar "
+                            "with FrameTimes")
+    step = float(header["pixdim"][4]) * _TIME_UNIT_SECONDS.get(unit, 1.0)
+    if not step > 0:
+        raise InputError(p, "no frame timing: pixdim[4] is 0 and there is no JSON sidecar "
+                            "with FrameTimes")
+    source = f"pixdim[4] ({unit if unit != 'unknown' else 'unknown unit, taken as s'})"
+    return np.arange(n_frames, dtype=np.float64) * step, source
 
 
 def read_nifti_series(path: PathLike) -> CTPSeries:
     """Read a 4D NIfTI (X, Y, Z, T) study.
 
     Frame times come from the JSON sidecar's ``FrameTimes`` (seconds) when present, else from
-    ``pixdim[4]`` in the header's time unit. A sidecar's ``SliceTimes`` (T x Z) and ``meta``
-    are kept.
+    ``pixdim[4]`` in the header's time unit (s, ms or us; unknown is taken as s). A sidecar's
+    ``SliceTimes`` (T x Z) and ``meta`` are kept. Header, sidecar and timing are checked
+    before the pixels are read; the whole file is read (a compressed file's CRC checked) and
+    every image's values checked to be CT numbers.
+
+    Raises
+    ------
+    ctperf.errors.InputError
+        Naming the file: not 4D, fewer than three frames, damaged, implausible timing or
+        values, a malformed sidecar, or more voxels than memory holds.
     """
     p = Path(path)
-    data, affine, header = _load(p)
-    if data.ndim != 4:
-        raise InputError(p, f"a CTP study must be 4D (X, Y, Z, T), this file is {data.ndim}D "
-                            f"with shape {data.shape}")
-    n_frames = data.shape[3]
+    img = _open(p)
+    header = img.header
+    shape = tuple(int(n) for n in header.get_data_shape())
+    if len(shape) != 4:
+        raise InputError(p, f"a CTP study must be 4D (X, Y, Z, T), this file is {len(shape)}D "
+                            f"with shape {shape}")
+    n_frames, n_slices = shape[3], shape[2]
+    check_frame_count(n_frames, p)
     side = sidecar_path(p)
     meta: dict[str, Any] = {}
-    slice_times = None
+    times = slice_times = None
     if side.exists():
-        try:
-            info = json.loads(side.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise InputError(side, f"sidecar is not valid JSON ({exc})") from None
-        meta.update(info.get("meta", {}))
-        if "FrameTimes" in info:
-            times = np.asarray(info["FrameTimes"], dtype=np.float64)
-            if times.shape != (n_frames,):
-                raise InputError(side, f"FrameTimes has {times.size} entries, the image has "
-                                       f"{n_frames} frames")
-            meta["timing_source"] = "sidecar FrameTimes"
-        else:
-            times = None
-        if info.get("SliceTimes") is not None:
-            slice_times = np.asarray(info["SliceTimes"], dtype=np.float64)
+        times, slice_times, meta = _read_sidecar(side, n_frames, n_slices)
+    if times is not None:
+        source, where = "sidecar FrameTimes", side
+        check_frame_times(times, side, source="FrameTimes")
     else:
-        times = None
-    if times is None:
-        unit = header.get_xyzt_units()[1]
-        dt = float(header["pixdim"][4]) * _TIME_UNIT_SECONDS.get(unit, 1.0)
-        if not dt > 0:
-            raise InputError(p, "no frame timing: pixdim[4] is 0 and there is no JSON sidecar "
-                                "with FrameTimes")
-        times = np.arange(n_frames, dtype=np.float64) * dt
-        meta["timing_source"] = f"pixdim[4] ({unit or 'unknown unit, taken as s'})"
+        times, source = _pixdim_times(p, header, n_frames)
+        where = p
+        check_frame_times(times, p, source="pixdim[4]")
+    meta["timing_source"] = source
+    data = _pixels(p, img)
     hu = np.ascontiguousarray(data.transpose(3, 2, 1, 0))
+    del data
+    check_hu_plausible(hu, lambda t, z: (p, f"frame {t}, slice {z}: "))
     try:
-        return CTPSeries(hu=hu, times=times, affine=affine, slice_times=slice_times, meta=meta)
+        return CTPSeries(hu=hu, times=times, affine=np.asarray(img.affine, dtype=np.float64),
+                         slice_times=slice_times, meta=meta)
     except ValidationError as exc:
-        raise InputError(side if side.exists() else p, str(exc)) from None
+        raise InputError(where if slice_times is None else side, str(exc)) from None
 
 
 def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float32") -> Path:
     """Write a study as 4D NIfTI plus a JSON sidecar (FrameTimes, SliceTimes, meta).
+
+    The sidecar's meta carries no patient identity (:func:`ctperf.io.privacy.public_meta`):
+    scanner, kVp, mAs and timing stay; names, IDs, dates, institution, UIDs and absolute paths
+    do not.
 
     ``dtype="int16"`` rounds HU to integers, as scanners store them (4x smaller files).
     """
@@ -148,7 +263,7 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
     img.header.set_zooms(zooms)
     with atomic_file(p) as tmp:
         nib.save(img, str(tmp))
-    side: dict[str, Any] = {"FrameTimes": series.times, "meta": dict(series.meta)}
+    side: dict[str, Any] = {"FrameTimes": series.times, "meta": public_meta(series.meta)}
     if series.slice_times is not None:
         side["SliceTimes"] = series.slice_times
     write_json(side, sidecar_path(p))
@@ -206,7 +321,7 @@ def write_maps_nifti(maps: PerfusionMaps, folder: PathLike,
     out.mkdir(parents=True, exist_ok=True)
     written = []
     for name in names if names is not None else maps.names:
-        sidecar = {"map": name, "units": maps.units[name], **maps.provenance}
+        sidecar = {"map": name, "units": maps.units[name], **public_meta(maps.provenance)}
         written.append(write_volume(maps[name], maps.affine, out / f"{name}.nii.gz",
                                     sidecar=sidecar))
     return written
@@ -234,7 +349,13 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
             raise InputError(path, "map affine differs from the other maps in the folder")
         side = sidecar_path(path)
         if side.exists():
-            info = json.loads(side.read_text())
+            try:
+                info = json.loads(side.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(side, f"map sidecar is not readable JSON ({exc})") from None
+            if not isinstance(info, dict):
+                raise InputError(side, f"map sidecar must be a JSON object, got a "
+                                       f"{type(info).__name__}")
             units[name] = info.pop("units", None) or units.get(name, "1")
             info.pop("map", None)
             provenance.update(info)

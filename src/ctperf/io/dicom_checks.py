@@ -1,0 +1,208 @@
+"""Header values and completeness of a DICOM series, checked before any pixel is decoded.
+
+Numbers are parsed once, here, with errors naming the file; a series must hold each (frame,
+slice) image exactly once and scale all its files the same way.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+
+from ctperf.errors import InputError
+
+__all__ = ["Header", "check_duplicates", "check_frame_counts", "check_rescale", "number",
+           "numbers", "optional_number", "rescale_of", "time_of"]
+
+_EPOCH = dt.datetime(1970, 1, 1)
+
+# Tags that together tell two images of one slice apart; files equal in all are copies.
+_IDENTITY_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "ContentTime",
+                  "TemporalPositionIndex", "InstanceNumber")
+
+
+@dataclass(frozen=True)
+class Header:
+    """What the header pass keeps of one file."""
+
+    path: Path
+    ds: pydicom.Dataset
+
+    def get(self, keyword: str, default: Any = None) -> Any:
+        try:
+            value = self.ds.get(keyword, default)
+        except Exception as exc:  # pydicom raises several types for malformed elements
+            raise InputError(self.path, f"unreadable {keyword} ({exc})") from None
+        return default if value is None or value == "" else value
+
+
+def _parse_time(text: str) -> float | None:
+    """DICOM TM (HHMMSS.frac, or the old HH:MM:SS) -> seconds of the day."""
+    text = str(text).strip().replace(":", "")
+    if len(text) < 2 or not text[:2].isdigit():
+        return None
+    try:
+        hours, minutes = int(text[:2]), int(text[2:4] or 0)
+        seconds = float(text[4:] or 0)
+    except ValueError:
+        return None
+    if not (hours < 24 and minutes < 60 and 0 <= seconds < 61):
+        return None
+    return hours * 3600.0 + minutes * 60.0 + seconds
+
+
+def _parse_date(text: str) -> float:
+    """DICOM DA (YYYYMMDD) -> seconds since 1970, 0 when absent."""
+    try:
+        return (dt.datetime.strptime(str(text).strip()[:8], "%Y%m%d") - _EPOCH).total_seconds()
+    except ValueError:
+        return 0.0
+
+
+def time_of(h: Header, tag: str) -> float | None:
+    """Seconds (since 1970 when a date is known) of one timing tag, or None when absent."""
+    value = h.get(tag)
+    if value is None:
+        return None
+    if tag == "AcquisitionDateTime":
+        text = str(value).strip()
+        for sign in "+-":  # drop a UTC offset suffix
+            if sign in text[8:]:
+                text = text[: 8 + text[8:].index(sign)]
+        if len(text) < 8:
+            return None
+        seconds = _parse_time(text[8:]) if len(text) > 8 else 0.0
+        return None if seconds is None else _parse_date(text[:8]) + seconds
+    seconds = _parse_time(value)
+    if seconds is None:
+        return None
+    date_tag = "AcquisitionDate" if tag == "AcquisitionTime" else "ContentDate"
+    return _parse_date(h.get(date_tag) or h.get("SeriesDate") or "") + seconds
+
+
+def numbers(h: Header, keyword: str, count: int) -> np.ndarray:
+    """A required numeric tag with ``count`` values, as float64; InputError names the file."""
+    value = h.get(keyword)
+    if value is None:
+        raise InputError(h.path, f"has no {keyword}")
+    items = list(value) if isinstance(value, list | tuple | pydicom.multival.MultiValue) \
+        else [value]
+    try:
+        arr = np.array([float(str(v).strip()) for v in items], dtype=np.float64)
+    except ValueError:
+        raise InputError(h.path, f"{keyword} is not numeric: {str(value)[:40]!r}") from None
+    if arr.size != count:
+        raise InputError(h.path, f"{keyword} has {arr.size} values, expected {count}")
+    if not np.all(np.isfinite(arr)):
+        raise InputError(h.path, f"{keyword} is NaN or Inf: {str(value)[:40]!r}")
+    return arr
+
+
+def number(h: Header, keyword: str, default: float | None = None) -> float:
+    """A numeric tag with one value; ``default`` when absent (else InputError)."""
+    if default is not None and h.get(keyword) is None:
+        return default
+    return float(numbers(h, keyword, 1)[0])
+
+
+def optional_number(h: Header, keyword: str) -> float | None:
+    """A descriptive numeric tag (kVp, mAs): None when absent or unreadable."""
+    try:
+        return number(h, keyword) if h.get(keyword) is not None else None
+    except InputError:
+        return None
+
+
+def rescale_of(h: Header) -> tuple[float, float]:
+    """(RescaleSlope, RescaleIntercept), defaults 1 and 0; a zero slope is an error."""
+    slope = number(h, "RescaleSlope", 1.0)
+    intercept = number(h, "RescaleIntercept", 0.0)
+    if slope == 0:
+        raise InputError(h.path, "RescaleSlope is 0: every pixel would be the intercept")
+    return slope, intercept
+
+
+def check_rescale(headers: Sequence[Header]) -> list[tuple[float, float]]:
+    """Rescale of every file; a file scaled unlike the rest of its series is an error."""
+    rescale = [rescale_of(h) for h in headers]
+    counts = Counter(rescale)
+    (slope, intercept), n = counts.most_common(1)[0]
+    for h, (s, i) in zip(headers, rescale, strict=True):
+        if (s, i) != (slope, intercept):
+            raise InputError(h.path, f"RescaleSlope {s:g} and RescaleIntercept {i:g} differ from "
+                                     f"the series' {slope:g} and {intercept:g} ({n} of "
+                                     f"{len(headers)} files): this file's HU would be scaled "
+                                     "unlike the others; fix or remove it")
+    return rescale
+
+
+def check_duplicates(slices: Sequence[Sequence[Header]]) -> None:
+    """Refuse two files holding one image: the same SOPInstanceUID, or the same slice position
+    and the same timing and index tags."""
+    seen_uid: dict[str, Path] = {}
+    for s in slices:
+        seen_key: dict[tuple[Any, ...], Path] = {}
+        for h in sorted(s, key=lambda h: str(h.path)):
+            uid = str(h.get("SOPInstanceUID", "")) or None
+            if uid is not None and uid in seen_uid:
+                raise InputError(h.path, f"duplicate of {seen_uid[uid].name} (same "
+                                         f"SOPInstanceUID {uid}); remove one of the two")
+            if uid is not None:
+                seen_uid[uid] = h.path
+            key = tuple(str(h.get(tag, "")) for tag in _IDENTITY_TAGS)
+            if any(key) and key in seen_key:
+                raise InputError(h.path, f"duplicate of {seen_key[key].name} (same slice "
+                                         "position, acquisition time and index); remove one of "
+                                         "the two")
+            seen_key[key] = h.path
+
+
+def _frame_keys(s: Sequence[Header]) -> tuple[np.ndarray, str] | None:
+    """Per-file frame key of one slice: TemporalPositionIndex, else AcquisitionTime-like s."""
+    index = [h.get("TemporalPositionIndex") for h in s]
+    if all(v is not None for v in index):
+        try:
+            return np.array([float(v) for v in index]), "TemporalPositionIndex"
+        except (TypeError, ValueError):
+            pass
+    for tag in ("AcquisitionDateTime", "AcquisitionTime", "ContentTime"):
+        times = [time_of(h, tag) for h in s]
+        if all(t is not None for t in times):
+            return np.array(times, dtype=float), tag
+    return None
+
+
+def check_frame_counts(root: Path, slices: Sequence[Sequence[Header]],
+                       positions_mm: np.ndarray) -> None:
+    """Every slice position must hold the same frames; say which (frame, slice) is missing."""
+    counts = [len(s) for s in slices]
+    full = max(counts)
+    if min(counts) == full:
+        return
+    ref = counts.index(full)
+    z = next(i for i, c in enumerate(counts) if c < full)
+    where = (f"slice {z} of {len(slices)} (at {positions_mm[z]:.2f} mm along the slice "
+             f"normal)")
+    keys_ref, keys_z = _frame_keys(slices[ref]), _frame_keys(slices[z])
+    if keys_ref is not None and keys_z is not None and keys_ref[1] == keys_z[1]:
+        a, b = np.sort(keys_ref[0]), np.sort(keys_z[0])
+        if keys_ref[1] == "TemporalPositionIndex":
+            t = next(i for i, v in enumerate(a) if not np.any(b == v))
+            what = f"TemporalPositionIndex {a[t]:g}"
+        else:
+            # times of one frame differ between slices by less than half a frame step: the
+            # frame whose nearest partner is farthest away is the one missing
+            t = int(np.argmax(np.min(np.abs(a[:, None] - b[None, :]), axis=1)))
+            what = f"{keys_ref[1]} {a[t] - a[0]:.3f} s after the first frame"
+        raise InputError(root, f"{where} has no file for frame {t} of {full} ({what}): "
+                               f"{counts[z]} frames there, {full} at other slices (counts per "
+                               f"slice {counts})")
+    raise InputError(root, f"{where} has {counts[z]} files, other slices have {full} (counts "
+                           f"per slice {counts}); a frame is missing there")

@@ -1,0 +1,187 @@
+"""Checks that a study read from disk is whole and plausible, before and after its pixels load.
+
+A study is read whole or refused: every check raises :class:`ctperf.errors.InputError` naming the
+file (or the folder) and what is wrong. The readers call them in this order: frame count and frame
+timing from the headers, memory for the pixels, then the HU of every (frame, slice) image.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from ctperf.errors import InputError
+
+__all__ = [
+    "FRAME_STEP_RANGE_S",
+    "HU_RANGE",
+    "MAX_FRAME_GAP_S",
+    "MIN_STUDY_FRAMES",
+    "available_memory",
+    "check_frame_count",
+    "check_frame_times",
+    "check_hu_plausible",
+    "check_memory",
+]
+
+PathLike = str | os.PathLike[str]
+
+#: Fewest frames a reader accepts: fewer hold no time course (a baseline and one more frame at
+#: most). Perfusion maps need more (:data:`ctperf.perfusion.maps.MIN_FRAMES`).
+MIN_STUDY_FRAMES = 3
+#: Plausible median time between CT perfusion frames, in seconds (protocols sample every
+#: 0.5-3 s; a step far outside is a unit error, e.g. milliseconds read as seconds).
+FRAME_STEP_RANGE_S = (0.1, 10.0)
+#: Longest plausible single gap between two frames, in seconds (late, sparse sampling included).
+MAX_FRAME_GAP_S = 60.0
+#: Range of CT numbers (HU) in which the median of any image must lie: air is -1000, dense bone
+#: and the extended CT scale's metal stay below 3100 at the voxel median.
+HU_RANGE = (-1100.0, 3100.0)
+# Tissue (voxels above -500 HU) of one slice changes little over a perfusion scan: contrast
+# adds tens of HU to the tissue median, motion a little more. A frame whose tissue median moved
+# further than this from its slice's median over frames was scaled differently.
+_TISSUE_HU = -500.0
+_TISSUE_JUMP_HU = 500.0
+_SAMPLES_PER_IMAGE = 4096
+
+
+def check_frame_count(n_frames: int, path: PathLike) -> None:
+    """Refuse a study with fewer than :data:`MIN_STUDY_FRAMES` frames."""
+    if n_frames < MIN_STUDY_FRAMES:
+        raise InputError(path, f"{n_frames} frame{'s' if n_frames != 1 else ''}: a CT perfusion "
+                               f"study is a time course of at least {MIN_STUDY_FRAMES} frames "
+                               "(perfusion maps need 10 or more)")
+
+
+def check_frame_times(times: np.ndarray, path: PathLike, *, source: str) -> np.ndarray:
+    """Check frame times (s) of a study: finite, strictly increasing, plausibly spaced.
+
+    Non-uniform spacing is allowed (e.g. 0.5 s steps during the bolus, then 3 s steps); the
+    median step must lie in :data:`FRAME_STEP_RANGE_S` and no gap exceed
+    :data:`MAX_FRAME_GAP_S`.
+
+    Parameters
+    ----------
+    times : array_like, shape (T,)
+        Frame times in seconds.
+    path : path
+        The file the times came from, named in errors.
+    source : str
+        Where the times came from (``"pixdim[4]"``, ``"FrameTimes"``, a DICOM tag), for messages.
+
+    Returns
+    -------
+    ndarray, float64, shape (T,)
+    """
+    t = np.asarray(times, dtype=np.float64)
+    if t.ndim != 1:
+        raise InputError(path, f"{source}: frame times must be one list, got shape {t.shape}")
+    check_frame_count(t.size, path)
+    if not np.all(np.isfinite(t)):
+        raise InputError(path, f"{source}: frame times contain NaN or Inf")
+    steps = np.diff(t)
+    if np.any(steps <= 0):
+        bad = int(np.flatnonzero(steps <= 0)[0])
+        raise InputError(path, f"{source}: frame times must be strictly increasing; frame "
+                               f"{bad + 1} ({t[bad + 1]:g} s) is not after frame {bad} "
+                               f"({t[bad]:g} s)")
+    median = float(np.median(steps))
+    lo, hi = FRAME_STEP_RANGE_S
+    if not lo <= median <= hi:
+        hint = (" (milliseconds read as seconds?)" if median > hi and median / 1000 >= lo
+                else "")
+        raise InputError(path, f"{source}: frames are {median:g} s apart{hint}, outside the "
+                               f"{lo:g}-{hi:g} s of CT perfusion; fix the file's time unit or "
+                               "give the spacing with --frame-interval SECONDS")
+    if steps.max() > MAX_FRAME_GAP_S:
+        bad = int(np.argmax(steps))
+        raise InputError(path, f"{source}: a gap of {steps[bad]:g} s between frames {bad} and "
+                               f"{bad + 1}, longer than the {MAX_FRAME_GAP_S:g} s a perfusion "
+                               "time course allows")
+    return t
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process may still allocate, or None when unknown.
+
+    The smaller of the system's available memory (``MemAvailable`` of ``/proc/meminfo``) and
+    the room left under a cgroup v2 memory limit.
+    """
+    known: list[int] = []
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                known.append(int(line.split()[1]) * 1024)
+                break
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text().strip())
+            known.append(max(int(limit) - used, 0))
+    except (OSError, ValueError):
+        pass
+    return min(known) if known else None
+
+
+def check_memory(nbytes: int, path: PathLike, *, what: str) -> None:
+    """Refuse to allocate ``nbytes`` for ``what`` when the machine cannot hold them."""
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise InputError(path, f"{what} need {nbytes / 2**30:.1f} GiB of memory, "
+                               f"{available / 2**30:.1f} GiB are available; check the header's "
+                               "dimensions, or read the study on a larger machine")
+
+
+def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathLike, str]]
+                       ) -> None:
+    """Refuse images whose values are not CT numbers, or not scaled like the rest of the study.
+
+    Each (frame, slice) image, on a regular sample of its pixels, must have its median within
+    :data:`HU_RANGE` and its tissue (voxels above -500 HU) median at most the range's top; and
+    the tissue median of a frame must stay near that of the same slice in the other frames
+    (a wrong RescaleSlope or RescaleIntercept in one file moves it far).
+
+    Parameters
+    ----------
+    hu : ndarray, shape (T, Z, Y, X)
+        The study in HU.
+    path_of : callable
+        ``path_of(t, z)`` -> (path, where) naming the file of an image and, when the file holds
+        several images, which one (e.g. ``"frame 3, slice 2: "``; else ``""``).
+    """
+    n_t, n_z, n_y, n_x = hu.shape
+    step = max(1, int(np.ceil(np.sqrt(n_y * n_x / _SAMPLES_PER_IMAGE))))
+    sample = hu[:, :, ::step, ::step].reshape(n_t, n_z, -1)
+    median = np.median(sample, axis=2)
+    with warnings.catch_warnings():  # images without tissue give NaN, which is skipped
+        warnings.simplefilter("ignore", RuntimeWarning)
+        tissue = np.nanmedian(np.where(sample > _TISSUE_HU, sample, np.nan), axis=2)
+        reference = np.nanmedian(tissue, axis=0) if n_t >= 3 else np.full(n_z, np.nan)
+    lo, hi = HU_RANGE
+    problems = [
+        (median < lo) | (median > hi),
+        tissue > hi,
+        np.abs(tissue - reference[None, :]) > _TISSUE_JUMP_HU,
+    ]
+    bad = np.argwhere(problems[0] | problems[1] | problems[2])
+    if bad.size == 0:
+        return
+    t, z = (int(v) for v in bad[0])
+    path, where = path_of(t, z)
+    if problems[0][t, z]:
+        what = (f"median {median[t, z]:.4g} HU is outside the {lo:g}..{hi:g} HU of CT "
+                "images")
+    elif problems[1][t, z]:
+        what = f"tissue values have a median of {tissue[t, z]:.4g} HU, above {hi:g} HU"
+    else:
+        what = (f"tissue median {tissue[t, z]:.4g} HU, while this slice's other frames have "
+                f"{reference[z]:.4g} HU")
+    more = f" ({len(bad)} images in all)" if len(bad) > 1 else ""
+    raise InputError(path, f"{where}implausible CT numbers: {what}{more}; a wrong rescale "
+                           "(RescaleSlope/RescaleIntercept, scl_slope) or not a CT image")

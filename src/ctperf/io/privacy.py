@@ -1,0 +1,144 @@
+"""What of a study's identity may leave ctperf, and de-identification of the DICOM it writes.
+
+Two rules:
+
+- JSON written from a study's metadata (NIfTI sidecars) carries no patient identity: no names,
+  IDs, dates, institution, physicians or UIDs, and no absolute input paths
+  (:func:`public_meta`). Scanner, kVp, mAs and timing stay.
+- DICOM outputs keep the source's patient/study identity by default, so that they file with the
+  study in a PACS; with ``anonymise=True`` the writers apply the DICOM PS3.15 Annex E Basic
+  Application Level Confidentiality Profile to the attributes they write
+  (:func:`deidentify_dataset`, :func:`anonymous_uid`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ntpath
+import os
+import posixpath
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import generate_uid
+
+__all__ = [
+    "ANONYMOUS_START",
+    "IDENTITY_KEYWORDS",
+    "anonymous_uid",
+    "deidentify_dataset",
+    "public_meta",
+]
+
+#: DICOM keywords that identify a patient, a visit or the people and place involved (PS3.15
+#: Table E.1-1: the attributes ctperf reads or writes, and their usual companions).
+IDENTITY_KEYWORDS: frozenset[str] = frozenset({
+    "PatientName", "PatientID", "IssuerOfPatientID", "OtherPatientIDs", "OtherPatientNames",
+    "PatientBirthDate", "PatientBirthTime", "PatientBirthName", "PatientMotherBirthName",
+    "PatientSex", "PatientAge", "PatientSize", "PatientWeight", "PatientAddress",
+    "PatientTelephoneNumbers", "EthnicGroup", "PatientComments", "MilitaryRank",
+    "AccessionNumber", "StudyID", "StudyDate", "StudyTime", "SeriesDate", "SeriesTime",
+    "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime", "ContentDate", "ContentTime",
+    "StudyDescription", "RequestedProcedureDescription", "AdmittingDiagnosesDescription",
+    "InstitutionName", "InstitutionAddress", "InstitutionalDepartmentName", "StationName",
+    "DeviceSerialNumber", "ReferringPhysicianName", "ReferringPhysicianAddress",
+    "PerformingPhysicianName", "PhysiciansOfRecord", "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician", "OperatorsName",
+    "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
+})
+# ctperf's own metadata keys with the same kind of content (UIDs, the scan's date, case names
+# taken from folder names, file lists).
+_META_IDENTITY_KEYS = frozenset({"series_uid", "frame_of_reference_uid", "acquisition_start",
+                                 "patient_id", "files"})
+# Keywords of ``meta["dicom"]`` that describe the device, not the patient, and may be shared.
+_DEVICE_KEYWORDS = ("Manufacturer", "ManufacturerModelName")
+
+#: Wall-clock time given to t = 0 of a de-identified series (dates are replaced by a dummy;
+#: the times between frames are kept).
+ANONYMOUS_START = dt.datetime(2000, 1, 1, 0, 0, 0)
+_DUMMY_NAME = "ANONYMOUS"
+_UID_SALT = "ctperf de-identification"
+_METHOD = ("DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile (ctperf); "
+           "dates replaced by a dummy, times between frames kept")
+_METHOD_CODES = (("113100", "Basic Application Confidentiality Profile"),
+                 ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"))
+
+
+def _is_absolute_path(text: str) -> bool:
+    return posixpath.isabs(text) or (len(text) > 2 and ntpath.isabs(text) and text[1] == ":")
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()
+                if k not in IDENTITY_KEYWORDS and k not in _META_IDENTITY_KEYS}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    if isinstance(value, PurePath | os.PathLike):
+        return PurePath(os.fspath(value)).name
+    if isinstance(value, str) and _is_absolute_path(value):
+        return ntpath.basename(value) if "\\" in value else posixpath.basename(value)
+    return value
+
+
+def public_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """A study's metadata without patient identity, for files that may be shared (JSON).
+
+    Drops DICOM identity keywords (:data:`IDENTITY_KEYWORDS`) at any depth, ctperf's UID, date
+    and case-name keys, every ``meta["dicom"]`` entry but the manufacturer and model, and
+    shortens absolute paths to their file names. Scanner, kVp, mAs, timing and processing
+    records stay.
+    """
+    out = _clean({k: v for k, v in meta.items() if k != "dicom"})
+    device = {k: meta["dicom"][k] for k in _DEVICE_KEYWORDS
+              if isinstance(meta.get("dicom"), Mapping) and k in meta["dicom"]}
+    if device:
+        out["dicom"] = device
+    return out
+
+
+def anonymous_uid(uid: str) -> str:
+    """A new UID for ``uid``: the same input always gives the same output (so a de-identified
+    series and maps written from one source still share study and frame of reference), and the
+    source UID cannot be recovered from it (a SHA-512 digest)."""
+    return str(generate_uid(prefix=None, entropy_srcs=[_UID_SALT, str(uid)]))
+
+
+def deidentify_dataset(ds: Dataset) -> None:
+    """Apply the Basic Profile to the identity attributes of ``ds``, in place.
+
+    Names and IDs become a dummy (action Z/D), dates a dummy date, descriptive and institution
+    attributes are removed (X), study and frame-of-reference UIDs replaced through
+    :func:`anonymous_uid` (U); series and instance UIDs are new for every written series in
+    any case. PatientIdentityRemoved, DeidentificationMethod and its code sequence record what
+    was done. Timing tags must already count from :data:`ANONYMOUS_START`.
+    """
+    for keyword in ("PatientName", "PatientID"):
+        setattr(ds, keyword, _DUMMY_NAME)
+    for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
+                    "ReferringPhysicianName"):
+        setattr(ds, keyword, "")
+    for keyword in IDENTITY_KEYWORDS - {
+            "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyID",
+            "AccessionNumber", "ReferringPhysicianName", "StudyDate", "StudyTime", "SeriesDate",
+            "SeriesTime", "AcquisitionDate", "AcquisitionTime", "AcquisitionDateTime",
+            "ContentDate", "ContentTime", "StudyInstanceUID", "SeriesInstanceUID",
+            "SOPInstanceUID", "FrameOfReferenceUID"}:
+        if keyword in ds:
+            delattr(ds, keyword)
+    ds.StudyDate = ANONYMOUS_START.strftime("%Y%m%d")
+    ds.StudyTime = ANONYMOUS_START.strftime("%H%M%S")
+    for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):
+        if keyword in ds:
+            setattr(ds, keyword, anonymous_uid(str(getattr(ds, keyword))))
+    ds.PatientIdentityRemoved = "YES"
+    ds.LongitudinalTemporalInformationModified = "MODIFIED"
+    ds.DeidentificationMethod = _METHOD
+    codes = []
+    for value, meaning in _METHOD_CODES:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
+        codes.append(item)
+    ds.DeidentificationMethodCodeSequence = codes
