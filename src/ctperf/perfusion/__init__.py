@@ -3,8 +3,11 @@ automatic AIF/VOF, lesion volumes and QC flags. NumPy and SciPy only (no torch).
 
 from ctperf.perfusion.aif import (
     VesselCurve,
+    VofCheck,
+    assess_vof,
     correct_partial_volume,
     curve_features,
+    curve_noise_sd,
     select_aif,
     select_vof,
 )
@@ -33,13 +36,16 @@ __all__ = [
     "PerfusionResult",
     "SVDResult",
     "VesselCurve",
+    "VofCheck",
     "analyse_study",
+    "assess_vof",
     "bandlimit",
     "bolus_arrival_frame",
     "box_model",
     "compute_maps",
     "correct_partial_volume",
     "curve_features",
+    "curve_noise_sd",
     "fit_box_nlr",
     "flow_scale",
     "normal_cbf_reference",

@@ -5,6 +5,11 @@ dropped, and the best ``n_voxels`` (100, as in Gava et al. 2023) are averaged. T
 comes from late, high-area voxels (the dural sinuses). Arterial voxels are smaller than the blur
 of the arteries, so the AIF is scaled until its area matches the VOF's over the same stretch of
 the bolus (the VOF's window shifted back by the arterio-venous delay).
+
+The correction fails safe: it may only enlarge the AIF (a vein cannot carry less contrast than a
+partial-volume-diluted artery), and :func:`assess_vof` rejects a VOF that peaks no later than
+the AIF, does not stand above its noise, or holds clearly less area than the AIF. Without a
+plausible VOF the AIF is used as measured.
 """
 
 from __future__ import annotations
@@ -16,7 +21,16 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 
-__all__ = ["VesselCurve", "correct_partial_volume", "curve_features", "select_aif", "select_vof"]
+__all__ = [
+    "VesselCurve",
+    "VofCheck",
+    "assess_vof",
+    "correct_partial_volume",
+    "curve_features",
+    "curve_noise_sd",
+    "select_aif",
+    "select_vof",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +90,7 @@ def select_aif(
     min_peak_hu: float = 80.0,
     pool_fraction: float = 0.3,
     max_end: float = 0.5,
+    min_relative_peak: float = 0.7,
     exclude: np.ndarray | None = None,
 ) -> VesselCurve:
     """Pick arterial voxels and average their curves.
@@ -92,6 +107,9 @@ def select_aif(
         percentile of all peaks.
     max_end : float
         Drop voxels whose last frame is still above this fraction of their peak (truncated).
+    min_relative_peak : float
+        Of the best-ranked voxels, keep those peaking at least this fraction of the median peak
+        of the five highest (the artery's core, not its partial-volume rim).
     exclude : ndarray of bool, shape (N,), optional
         Voxels never chosen (e.g. next to bone, see :func:`ctperf.preprocess.mask.near_bone`).
 
@@ -124,13 +142,21 @@ def select_aif(
     # Early, high, narrow: equal weights on the ranks; arrival counts twice, veins are high too.
     score = (2.0 * _rank(f["ttp"][pool]) + _rank(-f["peak"][pool]) + _rank(f["fwhm"][pool]))
     chosen = pool[np.argsort(score, kind="stable")[: max(1, int(n_voxels))]]
-    # Keep those that agree on timing with the best ones (one artery tree, no stray veins).
-    ttp0 = float(np.median(f["ttp"][chosen[: max(1, chosen.size // 4)]]))
-    chosen = chosen[np.abs(f["ttp"][chosen] - ttp0) <= 2.0 * float(np.median(np.diff(times)))
-                    + 1.0]
-    # And those that peak at least half as high as the best: when an artery has fewer voxels
-    # than n_voxels, its partial-volume rim would otherwise dilute the curve.
-    chosen = chosen[f["peak"][chosen] >= 0.5 * f["peak"][chosen].max()]
+    # Keep those that agree on timing with the best ones (one artery tree, no stray veins):
+    # within two frame steps (the steps around that time: frames need not be evenly spaced)
+    # plus a second of the best quarter's median time to peak (a voxel's own time, so that
+    # the reference voxel itself always stays).
+    t = np.asarray(times, dtype=np.float64)
+    best = np.sort(f["ttp"][chosen[: max(1, chosen.size // 4)]])
+    ttp0 = float(best[(best.size - 1) // 2])
+    k = int(np.clip(np.searchsorted(t - t[0], ttp0), 1, n_t - 1))
+    step = float(np.max(np.diff(t)[max(0, k - 2):k + 1]))
+    chosen = chosen[np.abs(f["ttp"][chosen] - ttp0) <= 2.0 * step + 1.0]
+    # And those that peak nearly as high as the best few: when an artery has fewer voxels than
+    # n_voxels, its partial-volume rim would otherwise dilute the curve, and without a VOF
+    # nothing corrects that dilution later.
+    top_peaks = np.sort(f["peak"][chosen])[::-1][:5]
+    chosen = chosen[f["peak"][chosen] >= min_relative_peak * float(np.median(top_peaks))]
     chosen = strong[chosen]
     curve = enh[:, chosen].mean(axis=1, dtype=np.float64)
     log.info("AIF: %d voxels, peak %.0f HU at %.1f s", chosen.size, curve.max(), ttp0)
@@ -147,6 +173,8 @@ def select_vof(
     min_peak_hu: float = 50.0,
     pool_fraction: float = 0.7,
     max_tail: float = 0.5,
+    noise_sd: float | None = None,
+    min_snr: float = 8.0,
     exclude: np.ndarray | None = None,
 ) -> VesselCurve:
     """Pick venous voxels (late peak, largest area) and average their curves.
@@ -167,8 +195,19 @@ def select_vof(
         Candidates must wash out: last frame and deepest dip within this fraction of the peak
         (a voxel at a bone or vessel edge left misaligned by residual motion shows a step or a
         dip, not a bolus, and its large area would inflate the partial-volume correction).
+    noise_sd : float, optional
+        Noise SD of one voxel's curve, HU (e.g. the median pre-bolus SD of brain voxels). Each
+        candidate must then peak at least ``min_snr`` times above it: with no vein in view, the
+        latest, largest noise excursions of tissue voxels are not a VOF.
+    min_snr : float
+        See ``noise_sd``.
     exclude : ndarray of bool, shape (N,), optional
         Voxels never chosen (e.g. next to bone, see :func:`near_bone`).
+
+    Raises
+    ------
+    ValidationError
+        When no voxel qualifies.
     """
     t = np.asarray(times, dtype=np.float64)
     peak_i = np.argmax(enh, axis=0)
@@ -177,12 +216,13 @@ def select_vof(
     bolus_like = (enh[-1] <= max_tail * peak_all) & (enh.min(axis=0) >= -max_tail * peak_all)
     if exclude is not None:
         bolus_like &= ~np.asarray(exclude, dtype=bool)
-    late = np.flatnonzero((t[peak_i] - t[0] >= aif_ttp + min_lag_s) & (peak_all >= min_peak_hu)
+    need = max(min_peak_hu, min_snr * noise_sd if noise_sd is not None else 0.0)
+    late = np.flatnonzero((t[peak_i] - t[0] >= aif_ttp + min_lag_s) & (peak_all >= need)
                           & bolus_like)
     area = np.trapezoid(np.clip(enh[:, late], 0, None), t, axis=0)
     if late.size == 0:
-        raise ValidationError("no venous candidates: no voxel peaks after the AIF; "
-                              "give a VOF mask (--vof-mask)")
+        raise ValidationError(f"no venous candidates: no voxel peaks after the AIF by "
+                              f"{need:.0f} HU or more; give a VOF mask (--vof-mask)")
     order = np.argsort(-area, kind="stable")[: max(1, int(n_voxels))]
     # Only voxels close to the largest area: a vein smaller than n_voxels must not be diluted by
     # tissue or partial-volume rims.
@@ -199,14 +239,142 @@ def _vessel(indices: np.ndarray, curve: np.ndarray, times: np.ndarray) -> Vessel
                        area=float(np.trapezoid(np.clip(curve, 0, None), t)))
 
 
+def curve_noise_sd(curve: np.ndarray, *, n_baseline: int | None = None) -> float:
+    """Noise SD of one curve, HU: the larger of the pre-bolus frames' SD (when there are three
+    or more) and the SD implied by the median absolute second difference over all frames
+    (which a smooth bolus barely raises).
+
+    Parameters
+    ----------
+    curve : ndarray, shape (T,)
+        Enhancement or attenuation, HU.
+    n_baseline : int, optional
+        Number of pre-bolus frames.
+    """
+    c = np.asarray(curve, dtype=np.float64)
+    # Second differences of white noise have SD sqrt(6) sigma; 1.4826 MAD estimates an SD.
+    sd = 1.4826 * float(np.median(np.abs(np.diff(c, n=2)))) / np.sqrt(6.0) if c.size > 2 else 0.0
+    if n_baseline is not None and n_baseline >= 3:
+        sd = max(sd, float(np.std(c[:n_baseline], ddof=1)))
+    return sd
+
+
+@dataclass(frozen=True)
+class VofCheck:
+    """Whether a VOF may scale the AIF.
+
+    ``ok``; ``ratio`` the VOF/AIF area ratio over the same part of the bolus (NaN when either
+    has no positive area); ``factor`` the scale to apply to the AIF (``max(ratio, 1)`` when
+    ok, else 1); ``snr`` the VOF's peak over its noise SD; ``reason`` why it was rejected
+    ("" when ok).
+    """
+
+    ok: bool
+    ratio: float
+    factor: float
+    snr: float
+    reason: str
+
+
+def assess_vof(
+    aif: np.ndarray,
+    vof: np.ndarray,
+    times: np.ndarray,
+    *,
+    n_baseline: int | None = None,
+    noise_sd: float | None = None,
+    min_snr: float = 8.0,
+    min_area_ratio: float = 0.9,
+    min_lag_s: float = 1.0,
+) -> VofCheck:
+    """Judge whether a VOF is a plausible venous outflow of this AIF.
+
+    A vein drains the whole arterial input, so its area is at least the area of the (possibly
+    partial-volume diluted) AIF, it peaks after the AIF, and it stands far above the noise.
+    A VOF is rejected when any of these fails:
+
+    - its time to peak is not later than the AIF's, or its first moment (the centre of its
+      positive part) is less than ``min_lag_s`` after the AIF's (an arterial voxel whose noisy
+      peak came late);
+    - its peak is below ``min_snr`` times its noise SD (:func:`curve_noise_sd`);
+    - its area over the same part of the bolus (see :func:`correct_partial_volume`) is below
+      ``min_area_ratio`` times the AIF's. Between that and 1 the VOF agrees with an undiluted
+      AIF within noise: it is accepted and the AIF left as is (factor 1).
+
+    Parameters
+    ----------
+    aif, vof : ndarray, shape (T,)
+        Measured enhancement, HU.
+    times : ndarray, shape (T,)
+        s, strictly increasing, not necessarily uniform.
+    n_baseline : int, optional
+        Pre-bolus frames, for the noise estimate.
+    noise_sd : float, optional
+        The VOF's noise SD in HU, when known; default estimated from the curve.
+    min_snr, min_area_ratio, min_lag_s : float
+        See above.
+
+    Returns
+    -------
+    VofCheck
+    """
+    t = np.asarray(times, dtype=np.float64)
+    a = np.asarray(aif, dtype=np.float64)
+    v = np.asarray(vof, dtype=np.float64)
+    sd = curve_noise_sd(v, n_baseline=n_baseline) if noise_sd is None else float(noise_sd)
+    peak = float(v.max())
+    snr = peak / sd if sd > 0 else float("inf")
+    ratio = _area_ratio(a, v, t)
+    ttp_a, ttp_v = float(t[np.argmax(a)] - t[0]), float(t[np.argmax(v)] - t[0])
+    reason = ""
+    if not np.isfinite(ratio):
+        reason = "the VOF has no positive area"
+    elif ttp_v <= ttp_a:
+        reason = (f"the VOF peaks at {ttp_v:.1f} s, not after the AIF ({ttp_a:.1f} s): "
+                  "not a vein")
+    elif (lag := _centroid(v, t) - _centroid(a, t)) < min_lag_s:
+        reason = (f"the VOF's bolus is centred only {lag:.1f} s after the AIF's (less than "
+                  f"{min_lag_s:g} s): an artery, not a vein")
+    elif not snr >= min_snr:
+        reason = (f"the VOF's peak ({peak:.0f} HU) is only {snr:.1f} times its noise SD "
+                  f"({sd:.1f} HU), below {min_snr:g}: noise, not a vein")
+    elif ratio < min_area_ratio:
+        reason = (f"the VOF's area is {ratio:.2f} times the AIF's: a vein holds at least the "
+                  "arterial area, so it is partial-volume diluted itself (or not a vein)")
+    ok = not reason
+    return VofCheck(ok=ok, ratio=ratio, factor=max(ratio, 1.0) if ok else 1.0, snr=snr,
+                    reason=reason)
+
+
+def _centroid(c: np.ndarray, t: np.ndarray) -> float:
+    p = np.clip(c, 0, None)
+    return float(np.trapezoid(p * t, t) / np.trapezoid(p, t))
+
+
+def _area_ratio(a: np.ndarray, v: np.ndarray, t: np.ndarray) -> float:
+    """Area of the VOF over [t0, t_end] / area of the AIF over [t0, t_end - lag] (NaN when
+    either curve has no positive area)."""
+    a, v = np.clip(a, 0, None), np.clip(v, 0, None)
+    area_a, area_v = np.trapezoid(a, t), np.trapezoid(v, t)
+    if not (area_a > 0 and area_v > 0):
+        return float("nan")
+    lag = max(0.0, float(np.trapezoid(v * t, t) / area_v - np.trapezoid(a * t, t) / area_a))
+    cut = t[-1] - lag
+    grid = np.linspace(t[0], cut, 4 * t.size)
+    area_a_cut = float(np.trapezoid(np.interp(grid, t, a), grid))
+    return float(area_v / area_a_cut) if area_a_cut > 0 else float(area_v / area_a)
+
+
 def correct_partial_volume(aif: np.ndarray, vof: np.ndarray, times: np.ndarray
                            ) -> tuple[np.ndarray, float]:
-    """Scale the AIF so its area equals the VOF's over the same part of the bolus.
+    """Scale the AIF so its area equals the VOF's over the same part of the bolus, never down.
 
     The VOF is the AIF delayed and dispersed by the brain's transit, so within the acquisition
     window the VOF has lost the last ``lag`` seconds of its bolus that the AIF still shows. The
     areas are compared as ``area(VOF on [t0, t_end]) / area(AIF on [t0, t_end - lag])`` with
-    ``lag`` the difference of the curves' first moments.
+    ``lag`` the difference of the curves' first moments. A ratio below 1 would say the vein
+    carries less contrast than the artery, which partial volume cannot cause: the AIF is then
+    returned unscaled (factor 1). Check the VOF first with :func:`assess_vof`.
 
     Parameters
     ----------
@@ -218,16 +386,11 @@ def correct_partial_volume(aif: np.ndarray, vof: np.ndarray, times: np.ndarray
     -------
     scaled_aif : ndarray, shape (T,)
     factor : float
-        The scale applied (>1 when the measured AIF was too low).
+        The scale applied, at least 1 (above 1 when the measured AIF was too low).
     """
     t = np.asarray(times, dtype=np.float64)
-    a, v = np.clip(aif, 0, None), np.clip(vof, 0, None)
-    area_a, area_v = np.trapezoid(a, t), np.trapezoid(v, t)
-    if not (area_a > 0 and area_v > 0):
+    ratio = _area_ratio(np.asarray(aif, dtype=np.float64), np.asarray(vof, dtype=np.float64), t)
+    if not np.isfinite(ratio):
         raise ValidationError("AIF or VOF has no positive area; cannot correct partial volume")
-    lag = max(0.0, float(np.trapezoid(v * t, t) / area_v - np.trapezoid(a * t, t) / area_a))
-    cut = t[-1] - lag
-    grid = np.linspace(t[0], cut, 4 * t.size)
-    area_a_cut = float(np.trapezoid(np.interp(grid, t, a), grid))
-    factor = float(area_v / area_a_cut) if area_a_cut > 0 else float(area_v / area_a)
+    factor = max(1.0, ratio)
     return np.asarray(aif, dtype=np.float64) * factor, factor

@@ -16,7 +16,7 @@ import numpy as np
 from scipy import ndimage
 
 from ctperf.errors import ValidationError
-from ctperf.perfusion.aif import VesselCurve, correct_partial_volume, select_aif, select_vof
+from ctperf.perfusion.aif import VesselCurve, assess_vof, select_aif, select_vof
 from ctperf.perfusion.boxnlr import fit_box_nlr
 from ctperf.perfusion.curves import bandlimit, bolus_arrival_frame, time_to_peak
 from ctperf.perfusion.lesions import LesionResult, segment_lesions
@@ -24,7 +24,7 @@ from ctperf.perfusion.qc import qc_flags
 from ctperf.perfusion.svd import svd_deconvolve
 from ctperf.types import CTPSeries, PerfusionMaps
 
-__all__ = ["METHODS", "PerfusionResult", "compute_maps", "run_perfusion"]
+__all__ = ["METHODS", "PerfusionResult", "compute_maps", "run_perfusion", "uniform_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,68 @@ def _curve_from_mask(hu: np.ndarray, region: np.ndarray, n_base: int, what: str)
         raise ValidationError(f"{what} mask is empty")
     c = hu[:, region].astype(np.float64)
     return (c - c[:n_base].mean(axis=0)).mean(axis=1)
+
+
+def _voxel_noise_sd(curves: np.ndarray, n_base: int) -> float:
+    """Median noise SD (HU) of single-voxel curves (T, N): pre-bolus SD when there are three or
+    more baseline frames, never below the SD implied by the median absolute second difference."""
+    c = np.asarray(curves, dtype=np.float64)
+    sd = float(np.median(1.4826 * np.median(np.abs(np.diff(c, n=2, axis=0)), axis=0)
+                         / np.sqrt(6.0)))
+    if n_base >= 3:
+        sd = max(sd, float(np.median(c[:n_base].std(axis=0, ddof=1))))
+    return sd
+
+
+def uniform_grid(times: np.ndarray) -> np.ndarray | None:
+    """The uniform time grid the fits run on when frames are unevenly spaced, else None.
+
+    The grid starts at the first frame and steps by the finest frame interval (so fast early
+    sampling keeps its detail), at most four times as many points as frames.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    steps = np.diff(t)
+    if np.allclose(steps, steps[0], rtol=1e-3):
+        return None
+    step = max(float(steps.min()), (t[-1] - t[0]) / (4 * t.size))
+    return t[0] + step * np.arange(int(np.floor((t[-1] - t[0]) / step + 1e-6)) + 1)
+
+
+def _resample(curves: np.ndarray, times: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Linear interpolation of (T, ...) curves from ``times`` onto ``grid`` (G,): (G, ...)."""
+    idx = np.clip(np.searchsorted(times, grid, side="right") - 1, 0, times.size - 2)
+    w = (grid - times[idx]) / (times[idx + 1] - times[idx])
+    w = w.reshape(-1, *([1] * (curves.ndim - 1))).astype(curves.dtype)
+    return curves[idx] * (1 - w) + curves[idx + 1] * w
+
+
+def _partial_volume(aif_raw: np.ndarray, vof: np.ndarray | None, vof_src: str, t: np.ndarray,
+                    n_base: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The AIF to use and what was done about partial volume (for the provenance).
+
+    A VOF that :func:`assess_vof` rejects is refused with an error when the user gave it (they
+    asked for that vein explicitly), and dropped with a warning when it was chosen
+    automatically: the maps are then computed from the AIF as measured.
+    """
+    if vof is None:
+        reason = ("no VOF found" if vof_src == "none found" else "no VOF given with the AIF curve")
+        return aif_raw, {"corrected": False, "factor": None, "reason": reason}
+    check = assess_vof(aif_raw, vof, t, n_baseline=n_base)
+    info: dict[str, Any] = {"area_ratio": None if not np.isfinite(check.ratio)
+                            else round(check.ratio, 4), "snr": round(min(check.snr, 1e6), 2)}
+    if not check.ok:
+        if vof_src != "automatic":
+            raise ValidationError(
+                f"the given VOF ({vof_src}) cannot correct the AIF for partial volume: "
+                f"{check.reason}; give a VOF mask on a large vein (e.g. the superior sagittal "
+                "sinus), or none")
+        log.warning("automatic VOF rejected (%s); the AIF is not corrected for partial volume, "
+                    "so CBF and CBV may be overestimated", check.reason)
+        return aif_raw, {**info, "corrected": False, "factor": None,
+                         "reason": f"automatic VOF rejected: {check.reason}"}
+    return aif_raw * check.factor, {**info, "corrected": True, "factor": check.factor,
+                                    "reason": "AIF area scaled to the VOF's" if check.factor > 1
+                                    else "VOF area agrees with the AIF's: no scaling"}
 
 
 def run_perfusion(
@@ -200,21 +262,23 @@ def run_perfusion(
     vof_curve: np.ndarray | None
     if vof is not None:
         vof_curve, vof_src = np.asarray(vof, dtype=np.float64), "given curve"
+        if vof_curve.shape != (n_t,):
+            raise ValidationError(f"vof must have shape ({n_t},), got {vof_curve.shape}")
     elif vof_mask is not None:
         vof_curve, vof_src = _curve_from_mask(vhu, vof_mask, n_base, "VOF"), "mask"
     elif aif is None:
+        noise_sd = _voxel_noise_sd(enh_v[:, ::7], n_base)
         try:
-            vof_sel = select_vof(enh_v, t, aif_ttp=aif_ttp, exclude=bony)
+            vof_sel = select_vof(enh_v, t, aif_ttp=aif_ttp, exclude=bony, noise_sd=noise_sd)
             vof_curve, vof_src = vof_sel.curve, "automatic"
         except ValidationError as exc:
             log.warning("%s; the AIF is not corrected for partial volume", exc)
             vof_curve, vof_src = None, "none found"
     else:
         vof_curve, vof_src = None, "none"
-    pv = None
-    aif_used = aif_raw
-    if vof_curve is not None:
-        aif_used, pv = correct_partial_volume(aif_raw, vof_curve, t)
+    aif_used, pv_info = _partial_volume(aif_raw, vof_curve, vof_src, t, n_base)
+    pv = pv_info["factor"]
+    vof_used = vof_curve if pv_info["corrected"] else None
 
     # Tissue curves of all brain voxels, (T, N).
     tissue = enh_s[:, mask[search]]
@@ -222,13 +286,21 @@ def run_perfusion(
     del enh_v
     vessels = np.zeros(mask.shape, dtype=bool)
     vessels[mask] = peaks > vessel_fraction * float(np.max(aif_raw))
+    # Unevenly spaced frames (fast, then slow sampling): the fits see the curves linearly
+    # interpolated onto a uniform grid at the finest step, from the first frame. Delay, MTT
+    # and Tmax are durations after the AIF, so they need no mapping back; TTP is read from the
+    # frames themselves.
+    grid = uniform_grid(t)
+    fit_t, fit_tissue, fit_aif = t, tissue, aif_used
+    if grid is not None:
+        fit_t, fit_tissue, fit_aif = grid, _resample(tissue, t, grid), np.interp(grid, t, aif_used)
     if method in ("nlr", "nlr-fast"):
-        fit = fit_box_nlr(tissue, aif_used, t, mode=method, rho=rho, kh=kh, device=device,
+        fit = fit_box_nlr(fit_tissue, fit_aif, fit_t, mode=method, rho=rho, kh=kh, device=device,
                           progress=progress)
         values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
                   "delay": fit.delay, "residual": fit.residual}
     else:
-        res = svd_deconvolve(tissue, aif_used, t, method=method, rho=rho, kh=kh)
+        res = svd_deconvolve(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh)
         values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
                   "delay": res.tmax}
     values["ttp"] = time_to_peak(bandlimit(tissue), t)
@@ -247,11 +319,13 @@ def run_perfusion(
                if n_base > 2 else None)
     not_vessel = (~vessels[mask]).astype(np.float32)
     voxel_ml = float(np.prod(series.spacing)) / 1000.0
-    flags = qc_flags(times=t, aif=aif_raw, vof=vof_curve,
+    flags = qc_flags(times=t, aif=aif_raw, vof=vof_used,
                      tissue_mean=(tissue @ not_vessel) / not_vessel.sum()
                      if not_vessel.any() else None,
                      baseline_sd=base_sd, brain_voxels=int(mask.sum()), voxel_ml=voxel_ml,
-                     pv_factor=pv, displacement_mm=motion_mm)
+                     pv_factor=pv, displacement_mm=motion_mm,
+                     pv_corrected=None if aif_src == "given curve" and vof_curve is None
+                     else bool(pv_info["corrected"]))
     provenance: dict[str, Any] = {
         "method": method,
         "constants": {"rho_g_per_ml": rho, "kh": kh},
@@ -260,10 +334,13 @@ def run_perfusion(
                         "delay": "box start after the AIF" if method.startswith("nlr")
                         else "equal to tmax for SVD methods"},
         "times_s": t.tolist(),
+        "fit_grid_step_s": None if grid is None else float(grid[1] - grid[0]),
         "baseline_frames": n_base,
         "aif": {**_vessel_info(aif_sel, coords, aif_src, aif_used), "pv_factor": pv,
                 "measured_hu": np.round(aif_raw, 3).tolist()},
-        "vof": _vessel_info(vof_sel, coords, vof_src, vof_curve),
+        "vof": {**_vessel_info(vof_sel, coords, vof_src, vof_curve),
+                "used": vof_used is not None},
+        "partial_volume": pv_info,
         "brain_voxels": int(mask.sum()),
         "vessel_voxels": int(vessels.sum()),
         "qc": flags,
@@ -279,7 +356,7 @@ def run_perfusion(
     provenance["lesions"] = lesions.summary()
     pmaps = pmaps.replace(provenance=provenance)
     return PerfusionResult(maps=pmaps, lesions=lesions, brain=mask, vessels=vessels,
-                           aif=aif_used, vof=vof_curve, times=t)
+                           aif=aif_used, vof=vof_used, times=t)
 
 
 def compute_maps(

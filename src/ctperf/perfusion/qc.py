@@ -20,6 +20,7 @@ def qc_flags(
     voxel_ml: float | None = None,
     pv_factor: float | None = None,
     displacement_mm: np.ndarray | None = None,
+    pv_corrected: bool | None = None,
     end_fraction: float = 0.3,
     min_aif_peak_hu: float = 100.0,
     late_aif_fraction: float = 0.6,
@@ -46,13 +47,16 @@ def qc_flags(
         AIF scale from the VOF (VOF area / AIF area).
     displacement_mm : ndarray, shape (T,), optional
         Mean frame-wise displacement from motion correction.
+    pv_corrected : bool, optional
+        Whether a VOF corrected the AIF for partial volume (False: none found, or rejected).
 
     Returns
     -------
     dict
         ``{name: {"flag": bool, "value": float | None, "reason": str}}`` for ``truncation``,
         ``aif_low_peak``, ``aif_late_peak``, ``noisy_baseline``, ``aif_vof_ratio``,
-        ``few_brain_voxels`` and ``motion``; a flag that cannot be judged has ``value`` None.
+        ``no_vof``, ``few_brain_voxels`` and ``motion``; a flag that cannot be judged has
+        ``value`` None.
     """
     t = np.asarray(times, dtype=np.float64)
     flags: dict[str, dict[str, Any]] = {}
@@ -81,6 +85,9 @@ def qc_flags(
     put("aif_vof_ratio", pv_factor is not None and not pv_range[0] <= pv_factor <= pv_range[1],
         pv_factor, f"VOF/AIF area ratio outside [{pv_range[0]}, {pv_range[1]}]: wrong AIF or VOF "
         "choice")
+    put("no_vof", pv_corrected is False, None if pv_corrected is None else float(pv_corrected),
+        "AIF not corrected for partial volume (no plausible VOF): CBF and CBV are "
+        "overestimated by the arteries' partial volume")
     vol = None if brain_voxels is None or voxel_ml is None else brain_voxels * voxel_ml
     put("few_brain_voxels", vol is not None and vol < min_brain_ml, vol,
         f"brain mask under {min_brain_ml:.0f} mL")
