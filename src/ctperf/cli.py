@@ -6,8 +6,12 @@ import argparse
 import importlib
 import logging
 import pkgutil
+import signal
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 from ctperf import commands
 from ctperf.errors import CTPerfError
@@ -33,15 +37,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def _exit_cleanly_on_sigterm() -> Iterator[None]:
+    """Turn SIGTERM (``kill``, a batch scheduler) into SystemExit, so that the temporaries of
+    outputs being written are removed on the way out, as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
-        return int(args.func(args) or 0)
+        with _exit_cleanly_on_sigterm():
+            return int(args.func(args) or 0)
     except CTPerfError as exc:
         print(f"ctperf {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.filename is None:
+            raise
+        # A file system refusal (permissions, full disk) is not a bug: one line, like the rest.
+        print(f"ctperf {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ctperf {args.command}: interrupted", file=sys.stderr)

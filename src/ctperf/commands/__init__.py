@@ -1,33 +1,155 @@
-"""CLI subcommands, one module each.
+"""CLI subcommands, one module each, and the option helpers they share.
 
 Every module defines ``ORDER`` (its place in ``ctperf --help``) and ``register(subparsers)``, which
 adds its parser and sets ``func`` to a ``run(args) -> int`` function. Modules import only argparse
 and the standard library at top level; heavy imports happen inside ``run`` so ``--help`` is instant.
+
+Numbers are checked while the command line is parsed, with one type helper per idea (a count, a
+positive quantity, a fraction, a value in a plausible range), so a bad value ends in argparse's
+one-line error and exit code 2 before anything is read or written.
 """
 
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Callable
 from typing import Any
 
-__all__ = ["add_filter_options", "add_study_options"]
+__all__ = ["IDENTIFYING_META", "add_anonymise_option", "add_filter_options",
+           "add_overwrite_option", "add_study_options", "count", "dicom_writer_options",
+           "finite_float", "float_in", "fraction", "non_negative_float", "positive_float",
+           "positive_int", "seed", "without_identity"]
+
+#: ``CTPSeries.meta`` keys that can identify a patient or an examination: the DICOM patient and
+#: study tags, the hospital's UIDs and the acquisition date.
+IDENTIFYING_META = ("dicom", "series_uid", "frame_of_reference_uid", "acquisition_start",
+                    "files")
+
+
+def _number(text: str, kind: type) -> Any:
+    try:
+        value = kind(text)
+    except ValueError:
+        noun = "a whole number" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"expected {noun}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def count(least: int = 1) -> Callable[[str], int]:
+    """Argparse type: a whole number >= ``least`` (frames, epochs, batch size, workers...)."""
+    def parse(text: str) -> int:
+        value = _number(text, int)
+        if value < least:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+        return int(value)
+
+    parse.__name__ = f"count>={least}"
+    return parse
+
+
+#: Argparse type: a whole number >= 1.
+positive_int = count(1)
+
+
+#: Argparse type: a random seed, a whole number >= 0.
+seed = count(0)
+
+
+def finite_float(text: str) -> float:
+    """Argparse type: any finite number (thresholds that may be negative)."""
+    return float(_number(text, float))
+
+
+def positive_float(text: str) -> float:
+    """Argparse type: a finite number > 0 (intervals, sigmas, learning rates, thresholds)."""
+    value = float(_number(text, float))
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    """Argparse type: a finite number >= 0 (sizes where 0 switches a step off)."""
+    value = float(_number(text, float))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def fraction(text: str) -> float:
+    """Argparse type: a number in [0, 1]."""
+    value = float(_number(text, float))
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def float_in(low: float, high: float, what: str) -> Callable[[str], float]:
+    """Argparse type: a finite number in the plausible range [``low``, ``high``] of ``what``."""
+    def parse(text: str) -> float:
+        value = float(_number(text, float))
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be between {low:g} and {high:g}, "
+                                             f"got {text!r}")
+        return value
+
+    parse.__name__ = what
+    return parse
 
 
 def add_study_options(parser: Any) -> None:
     """``--series`` and ``--frame-interval``: how to read a study (see ``ctperf.io.read_study``)."""
     parser.add_argument("--series", default=None, metavar="UID",
                         help="SeriesInstanceUID to read when the DICOM folder holds several")
-    parser.add_argument("--frame-interval", type=float, default=None, metavar="SECONDS",
+    parser.add_argument("--frame-interval", type=positive_float, default=None, metavar="SECONDS",
                         help="seconds between frames, for files without usable acquisition times")
 
 
 def add_filter_options(parser: Any) -> None:
     """``--spatial-sigma``, ``--range-sigma`` (the paper's 3 mm, 20 HU) and ``--filter-weights``
     of the bilateral filter."""
-    parser.add_argument("--spatial-sigma", type=float, default=3.0, metavar="MM",
+    parser.add_argument("--spatial-sigma", type=positive_float, default=3.0, metavar="MM",
                         help="bilateral filter: spatial sigma in mm [%(default)s]")
-    parser.add_argument("--range-sigma", type=float, default=20.0, metavar="HU",
-                        help="bilateral filter: range sigma in HU [%(default)s]; 10 keeps "
-                             "grey matter/CSF edges within 1 mm, 20 widens them ~4 mm")
+    parser.add_argument("--range-sigma", type=positive_float, default=20.0, metavar="HU",
+                        help="bilateral filter: range sigma in HU [%(default)s]; a smaller "
+                             "value keeps grey matter/CSF edges sharper (docs/preprocessing.md)")
     parser.add_argument("--filter-weights", choices=("linear", "quadratic"), default="linear",
-                        help="bilateral grid weights: linear (faster) or quadratic (within "
-                             "0.3 HU of a brute-force filter also next to arteries, ~40 %% "
-                             "slower) [%(default)s]")
+                        help="bilateral grid weights: linear (faster) or quadratic (closer to "
+                             "a brute-force filter next to arteries, slower) [%(default)s]")
 
+
+def add_overwrite_option(parser: Any) -> None:
+    """``--overwrite``: allow replacing an existing output folder ctperf did not write."""
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace OUT even when it exists and holds files ctperf did not "
+                             "write (all of them are deleted); a previous ctperf output is "
+                             "replaced without it")
+
+
+def add_anonymise_option(parser: Any) -> None:
+    """``--anonymise``: leave patient and institution tags out of the DICOM and JSON written."""
+    parser.add_argument("--anonymise", action="store_true",
+                        help="leave patient identity, birth date, accession number and "
+                             "institution out of the DICOM files and JSON sidecars written")
+
+
+def without_identity(series: Any) -> Any:
+    """``series`` with the :data:`IDENTIFYING_META` keys left out of its ``meta`` (a copy)."""
+    meta = {k: v for k, v in series.meta.items() if k not in IDENTIFYING_META}
+    return series.replace(meta=meta)
+
+
+def dicom_writer_options(writer: Callable[..., Any], *, anonymise: bool) -> dict[str, Any]:
+    """Keyword arguments for a ``ctperf.io`` DICOM writer: ``anonymise=True`` when asked.
+
+    The study handed to the writer should also have gone through :func:`without_identity`, so
+    no patient tag reaches the files even from a writer without the keyword.
+    """
+    import inspect
+
+    if anonymise and "anonymise" in inspect.signature(writer).parameters:
+        return {"anonymise": True}
+    return {}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ctperf.commands import count
+
 __all__ = ["ORDER", "register", "run"]
 
 ORDER = 61
@@ -19,15 +21,18 @@ def register(subparsers: Any) -> None:
                     "save the per-fold train and validation MSE on [0, 1] maps, mean +- SD, as "
                     "OUT/table1.csv and OUT/table1.md.")
     add_training_arguments(p)
-    p.add_argument("--folds", type=int, default=3, help="number of folds K [3]")
+    p.add_argument("--folds", type=count(2), default=3, help="number of folds K, >= 2 [3]")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctperf.commands.train import prepare, read_id_list
+    from ctperf.commands.train import check_run_folder, prepare, read_id_list
+    from ctperf.io import mark_output
     from ctperf.model import cross_validate, format_table
 
+    check_run_folder(args, owned_by=("fold-0", "table1.csv"))
     cache, pretrain, options = prepare(args)
+    mark_output(args.out)
     options.pop("pretrain_cache")
     targets = options.pop("targets")
     resume = options.pop("resume")

@@ -7,7 +7,16 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import add_filter_options, add_study_options
+from ctperf.commands import (
+    add_anonymise_option,
+    add_filter_options,
+    add_overwrite_option,
+    add_study_options,
+    float_in,
+    fraction,
+    non_negative_float,
+    positive_float,
+)
 
 __all__ = ["LESION_DEFAULTS", "ORDER", "overview_figure", "register", "run", "write_outputs"]
 
@@ -31,9 +40,12 @@ def register(subparsers: Any) -> None:
                     "4D NIfTI) and write OUT/<name>.nii.gz, OUT/lesions/<mask>.nii.gz (core, "
                     "hypoperfused, penumbra, tmax10, brain, vessels), OUT/summary.json (method, "
                     "constants, AIF/VOF voxels and curves, lesion volumes, QC flags) and "
-                    "OUT/overview.png.")
+                    "OUT/overview.png. OUT is checked before the study is read: it must not be "
+                    "or hold the study, and an existing OUT is replaced only when ctperf wrote "
+                    "it (or with --overwrite).")
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
     p.add_argument("out", type=Path, help="output folder (replaced whole when done)")
+    add_overwrite_option(p)
     p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd"),
                    default="nlr-fast", help="box-model NLR (nlr: the paper's Nelder-Mead; "
                    "nlr-fast: grid + Levenberg-Marquardt) or SVD deconvolution [nlr-fast]")
@@ -41,6 +53,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--vof-mask", type=Path, default=None, help="3D NIfTI of venous voxels")
     p.add_argument("--brain-mask", type=Path, default=None, help="3D NIfTI brain mask")
     p.add_argument("--dicom", action="store_true", help="also write DICOM maps in OUT/dicom")
+    add_anonymise_option(p)
     p.add_argument("--preprocess", action="store_true",
                    help="motion correction and bilateral filtering first (as in the paper)")
     add_study_options(p)
@@ -48,17 +61,24 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="where the box-model fits run: cpu (NumPy), cuda, cuda:N, or auto (a "
                         "GPU when PyTorch sees one, else cpu) [%(default)s]")
-    p.add_argument("--rho", type=float, default=1.04, help="brain density g/mL [1.04]")
-    p.add_argument("--kh", type=float, default=0.733, help="haematocrit ratio kH [0.733]")
-    p.add_argument("--core-cbv", type=float, default=None, metavar="ML",
+    p.add_argument("--rho", type=float_in(0.5, 2.0, "brain density rho (g/mL)"), default=1.04,
+                   help="brain density g/mL, 0.5-2 [1.04]")
+    p.add_argument("--kh", type=float_in(0.1, 1.0, "haematocrit ratio kH"), default=0.733,
+                   help="haematocrit ratio kH = (1 - Hct large vessels) / (1 - Hct "
+                        "capillaries), 0.1-1 [0.733]")
+    p.add_argument("--core-cbv", type=positive_float, default=None, metavar="ML",
                    help="define the core as CBV below ML mL/100g instead of rCBF < 30 %%")
-    p.add_argument("--core-rcbf", type=float, default=0.30, help="core rCBF threshold [0.30]")
-    p.add_argument("--tmax", type=float, default=6.0, help="hypoperfusion Tmax threshold s [6]")
-    p.add_argument("--lesion-smooth", type=float, default=LESION_DEFAULTS["smooth_mm"],
+    p.add_argument("--core-rcbf", type=fraction, default=0.30,
+                   help="core rCBF threshold, a fraction of normal tissue [0.30]")
+    p.add_argument("--tmax", type=positive_float, default=6.0,
+                   help="hypoperfusion Tmax threshold s [6]")
+    p.add_argument("--lesion-smooth", type=non_negative_float,
+                   default=LESION_DEFAULTS["smooth_mm"],
                    metavar="MM", help="radius of an in-plane median filter on the maps before "
                    "the lesion thresholds [%(default)s]")
-    p.add_argument("--min-lesion", type=float, default=LESION_DEFAULTS["min_component_ml"],
-                   metavar="ML", help="drop lesion pieces smaller than ML mL [%(default)s]")
+    p.add_argument("--min-lesion", type=non_negative_float,
+                   default=LESION_DEFAULTS["min_component_ml"], metavar="ML",
+                   help="drop lesion pieces smaller than ML mL [%(default)s]")
     p.set_defaults(func=run)
 
 
@@ -170,11 +190,13 @@ def overview_figure(result: Any, *, title: str = "") -> Any:
 
 
 def write_outputs(result: Any, folder: Path, *, title: str = "",
-                  dicom_source: Any = None) -> None:
+                  dicom_source: Any = None, overwrite: bool = False,
+                  anonymise: bool = False) -> None:
     """Write the maps, lesion masks, summary and overview of one perfusion run.
 
     Everything is written inside one :func:`ctperf.io.atomic_dir`: ``folder`` appears whole or
-    not at all (an existing folder is replaced).
+    not at all. An existing folder is replaced only when ctperf wrote it, it is empty, or
+    ``overwrite`` is true.
 
     Parameters
     ----------
@@ -188,13 +210,18 @@ def write_outputs(result: Any, folder: Path, *, title: str = "",
         Title of the overview figure.
     dicom_source : CTPSeries, optional
         When given, DICOM maps are also written in ``folder/dicom`` with this study's metadata.
+    overwrite : bool
+        Replace an existing ``folder`` that ctperf did not write.
+    anonymise : bool
+        DICOM maps without the study's patient, institution and UID tags.
     """
     import matplotlib.pyplot as plt
 
     from ctperf import io
+    from ctperf.commands import dicom_writer_options, without_identity
 
     maps = result.maps
-    with io.atomic_dir(folder) as tmp:
+    with io.atomic_dir(folder, overwrite=overwrite) as tmp:
         io.write_maps_nifti(maps, tmp)
         masks = {**result.lesions.masks(), "brain": result.brain, "vessels": result.vessels}
         for name, mask in masks.items():
@@ -208,13 +235,17 @@ def write_outputs(result: Any, folder: Path, *, title: str = "",
         finally:
             plt.close(fig)
         if dicom_source is not None:
-            io.write_maps_dicom(maps, tmp / "dicom", source=dicom_source)
+            source = without_identity(dicom_source) if anonymise else dicom_source
+            io.write_maps_dicom(maps, tmp / "dicom", source=source,
+                                **dicom_writer_options(io.write_maps_dicom, anonymise=anonymise))
 
 
 def run(args: argparse.Namespace) -> int:
     from ctperf import io
     from ctperf.perfusion import analyse_study
 
+    io.check_output(args.out, inputs=(args.study, args.aif_mask, args.vof_mask, args.brain_mask),
+                    overwrite=args.overwrite)
     series = io.read_study(args.study, series_uid=args.series,
                            frame_interval=args.frame_interval, progress=True)
     grid, affine = series.shape[1:], series.affine
@@ -245,12 +276,12 @@ def run(args: argparse.Namespace) -> int:
                               mask=brain, rho=args.rho, kh=args.kh, device=args.device,
                               lesion_options=lesion_options, progress=True)
     result = dataclasses.replace(result, maps=result.maps.replace(provenance={
-        **result.maps.provenance, "study": str(args.study),
-        "preprocessed": bool(args.preprocess),
+        **result.maps.provenance, "preprocessed": bool(args.preprocess),
         **({"filter": {"spatial_sigma_mm": args.spatial_sigma, "range_sigma_hu": args.range_sigma,
                        "weights": args.filter_weights}} if args.preprocess else {})}))
-    write_outputs(result, args.out, title=f"{args.study.name}: {args.method}",
-                  dicom_source=source)
+    # No study path or name in the outputs: folder names often hold the patient's name.
+    write_outputs(result, args.out, title=f"ctperf maps: {args.method}", dicom_source=source,
+                  overwrite=args.overwrite, anonymise=args.anonymise)
     maps = result.maps
     vol = maps.provenance["lesions"]["volumes_ml"]
     raised = [k for k, v in maps.provenance["qc"].items() if v["flag"]]

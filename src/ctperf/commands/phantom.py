@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ctperf.commands import count, fraction, positive_float, positive_int, seed
+
 __all__ = ["ORDER", "register", "run"]
 
 ORDER = 5
@@ -21,32 +23,27 @@ def _residues(text: str) -> tuple[str, ...]:
     return names
 
 
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
-    return value
-
-
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "phantom", help="generate digital CTP subjects with known perfusion truth",
         description="Write OUTDIR/sub-0000 ... : each a simulated 80 kV head CTP study (4D NIfTI "
                     "and DICOM), its true cbf, cbv, mtt, ttp, tmax and delay maps, masks, the "
                     "noise-free AIF and VOF, motion and every sampled parameter. Subjects "
-                    "already in OUTDIR are skipped, so an interrupted run resumes.")
+                    "already in OUTDIR are skipped, so an interrupted run resumes. OUTDIR must "
+                    "be new, empty or a cohort made with the same options.")
     p.add_argument("outdir", type=Path, help="cohort folder")
-    p.add_argument("--subjects", type=int, default=1, help="number of subjects [1]")
-    p.add_argument("--size", type=int, default=512, help="in-plane pixels [512]")
-    p.add_argument("--slices", type=int, default=8, help="5 mm slices [8]")
-    p.add_argument("--frames", type=int, default=89, help="time frames [89]")
-    p.add_argument("--interval", type=float, default=0.5, help="seconds between frames [0.5]")
-    p.add_argument("--seed", type=int, default=0, help="cohort seed [0]")
+    p.add_argument("--subjects", type=positive_int, default=1, help="number of subjects [1]")
+    p.add_argument("--size", type=count(32), default=512, help="in-plane pixels, >= 32 [512]")
+    p.add_argument("--slices", type=positive_int, default=8, help="5 mm slices [8]")
+    p.add_argument("--frames", type=count(2), default=89, help="time frames, >= 2 [89]")
+    p.add_argument("--interval", type=positive_float, default=0.5,
+                   help="seconds between frames [0.5]")
+    p.add_argument("--seed", type=seed, default=0, help="cohort seed [0]")
     p.add_argument("--motion", choices=("none", "mild", "severe", "realistic"), default="none",
                    help="head motion; realistic draws none/mild/severe as 58/24/19 %% [none]")
-    p.add_argument("--mas", type=float, default=150.0,
+    p.add_argument("--mas", type=positive_float, default=150.0,
                    help="tube current-time product; noise sigma = 103/sqrt(mAs) HU [150]")
-    p.add_argument("--lesion-free", type=_fraction, default=0.25, metavar="FRACTION",
+    p.add_argument("--lesion-free", type=fraction, default=0.25, metavar="FRACTION",
                    help="fraction of subjects without an occlusion [0.25]")
     p.add_argument("--residues", type=_residues, default=("box", "exponential", "gamma"),
                    metavar="LIST", help="residue shapes to draw from [box,exponential,gamma]")
@@ -61,11 +58,10 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import logging
 
-    from ctperf.errors import ValidationError
+    from ctperf.io import check_output
     from ctperf.phantom import generate_cohort
 
-    if args.subjects < 1:
-        raise ValidationError(f"--subjects must be >= 1, got {args.subjects}")
+    check_output(args.outdir, kind="extend", owned_by=("cohort.json",))
     folders = generate_cohort(
         args.outdir, subjects=args.subjects, seed=args.seed, progress=True, dicom=args.dicom,
         preview=args.preview, size=args.size, slices=args.slices, frames=args.frames,

@@ -6,6 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ctperf.commands import (
+    add_anonymise_option,
+    add_overwrite_option,
+    add_study_options,
+    positive_int,
+)
+
 __all__ = ["ORDER", "register", "run"]
 
 ORDER = 62
@@ -18,42 +25,45 @@ def register(subparsers: Any) -> None:
                     "and write the maps in physical units as OUT/<name>.nii.gz plus "
                     "OUT/summary.json.")
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
-    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("out", type=Path, help="output folder (replaced whole when done)")
+    add_overwrite_option(p)
     p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt or best.pt)")
     p.add_argument("--dicom", action="store_true", help="also write DICOM maps in OUT/dicom")
+    add_anonymise_option(p)
+    add_study_options(p)
     p.add_argument("--mask", type=Path, default=None, help="brain mask; outside is set to 0")
     p.add_argument("--resize", action="store_true",
                    help="resample slices of another size to the model's training size")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch", type=int, default=4, help="slices per forward pass [4]")
+    p.add_argument("--batch", type=positive_int, default=4, help="slices per forward pass [4]")
     p.set_defaults(func=run)
-
-
-def _read_study(path: Path) -> Any:
-    from ctperf import io
-
-    reader = getattr(io, "read_study", None)
-    if reader is not None:
-        return reader(path)
-    return io.read_nifti_series(path)
 
 
 def run(args: argparse.Namespace) -> int:
     from ctperf import io
+    from ctperf.commands import dicom_writer_options, without_identity
     from ctperf.model import load_checkpoint, predict_maps
 
+    io.check_output(args.out, inputs=(args.study, args.model, args.mask),
+                    overwrite=args.overwrite)
     ckpt = load_checkpoint(args.model)
-    series = _read_study(args.study)
+    series = io.read_study(args.study, series_uid=args.series,
+                           frame_interval=args.frame_interval, progress=True)
     mask = None
     if args.mask is not None:
         mask = io.read_mask(args.mask, shape=series.shape[1:], affine=series.affine)
     maps = predict_maps(series, ckpt, device=args.device, batch_size=args.batch,
                         resize=args.resize, mask=mask, progress=True)
-    maps = maps.replace(provenance={**maps.provenance, "checkpoint": str(args.model)})
-    io.write_maps_nifti(maps, args.out)
-    io.write_json({**maps.provenance, "maps": maps.names, "units": dict(maps.units),
-                   "study": str(args.study)}, args.out / "summary.json")
-    if args.dicom:
-        io.write_maps_dicom(maps, args.out / "dicom", source=series)
+    # The checkpoint's file name only, and no study path: paths often hold a patient's name.
+    maps = maps.replace(provenance={**maps.provenance, "checkpoint": args.model.name})
+    with io.atomic_dir(args.out, overwrite=args.overwrite) as tmp:  # all appear, or none
+        io.write_maps_nifti(maps, tmp)
+        io.write_json({**maps.provenance, "maps": maps.names, "units": dict(maps.units)},
+                      tmp / "summary.json")
+        if args.dicom:
+            source = without_identity(series) if args.anonymise else series
+            io.write_maps_dicom(maps, tmp / "dicom", source=source,
+                                **dicom_writer_options(io.write_maps_dicom,
+                                                       anonymise=args.anonymise))
     print(f"wrote {', '.join(maps.names)} to {args.out}")
     return 0

@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import add_filter_options
+from ctperf.commands import (
+    add_anonymise_option,
+    add_filter_options,
+    add_overwrite_option,
+    add_study_options,
+    positive_int,
+)
 
 __all__ = ["ORDER", "register", "run"]
 
@@ -20,14 +26,19 @@ def register(subparsers: Any) -> None:
                     "resolution levels, mean squares, 2,000/8,000 random samples, 300 "
                     "iterations) and a 3D bilateral filter guided by the temporal mean (3 mm, "
                     "20 HU). Writes OUT/study.nii.gz (+ study.json), OUT/transforms.json, "
-                    "OUT/qc.json, OUT/qc.png and, with --dicom, OUT/dicom/.")
+                    "OUT/qc.json, OUT/qc.png and, with --dicom, OUT/dicom/. OUT must not be or "
+                    "hold the study; an existing OUT is replaced only when ctperf wrote it (or "
+                    "with --overwrite).")
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
-    p.add_argument("out", type=Path, help="output folder")
+    p.add_argument("out", type=Path, help="output folder (replaced whole when done)")
+    add_overwrite_option(p)
     p.add_argument("--no-register", action="store_true", help="skip motion correction")
     p.add_argument("--no-filter", action="store_true", help="skip the bilateral filter")
     p.add_argument("--dicom", action="store_true", help="also write OUT/dicom/ (int16 HU)")
-    p.add_argument("--workers", type=int, default=None, metavar="N",
+    add_anonymise_option(p)
+    p.add_argument("--workers", type=positive_int, default=None, metavar="N",
                    help="frames registered at once (default: number of CPU cores)")
+    add_study_options(p)
     add_filter_options(p)
     p.set_defaults(func=run)
 
@@ -77,9 +88,10 @@ def _noise(hu: Any, mask: Any, frames: int = 6) -> float:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ctperf.errors import InputError
+    from ctperf.commands import dicom_writer_options, without_identity
     from ctperf.io import (
         atomic_dir,
+        check_output,
         read_study,
         write_json,
         write_series_dicom,
@@ -87,23 +99,25 @@ def run(args: argparse.Namespace) -> int:
     )
     from ctperf.preprocess import preprocess
 
-    if args.workers is not None and args.workers < 1:
-        raise InputError(args.study, f"--workers must be >= 1, got {args.workers}")
-    series = read_study(args.study)
-    if args.out.exists() and not args.out.is_dir():
-        raise InputError(args.out, "output exists and is not a folder")
+    check_output(args.out, inputs=(args.study,), overwrite=args.overwrite)
+    series = read_study(args.study, series_uid=args.series, frame_interval=args.frame_interval,
+                        progress=True)
     result = preprocess(series, register=not args.no_register, filter=not args.no_filter,
                         spatial_sigma_mm=args.spatial_sigma, range_sigma_hu=args.range_sigma,
                         filter_weights=args.filter_weights,
                         workers=args.workers, progress=True)
-    with atomic_dir(args.out) as tmp:  # all outputs appear together, or none
+    with atomic_dir(args.out, overwrite=args.overwrite) as tmp:  # all appear together, or none
+        # No study path in the outputs: folder names often hold the patient's name.
         meta = dict(result.series.meta)
-        meta["preprocess"] = {"registered": not args.no_register, "filtered": not args.no_filter,
-                              "source": str(args.study)}
+        meta["preprocess"] = {"registered": not args.no_register, "filtered": not args.no_filter}
         final = result.series.replace(meta=meta)
+        if args.anonymise:
+            final = without_identity(final)
         write_series_nifti(final, tmp / "study.nii.gz")
         if args.dicom:
-            write_series_dicom(final, tmp / "dicom")
+            write_series_dicom(final, tmp / "dicom",
+                               **dicom_writer_options(write_series_dicom,
+                                                      anonymise=args.anonymise))
         write_json({
             "convention": "ITK Euler3DTransform: maps a point of frame 0 (patient mm of the "
                           "affine) to the same anatomy in frame t: x -> R (x - center_mm) + "

@@ -11,7 +11,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ORDER", "add_training_arguments", "prepare", "read_id_list", "register", "run"]
+from ctperf.commands import count, fraction, positive_float, positive_int, seed
+
+__all__ = ["ORDER", "add_training_arguments", "check_run_folder", "prepare", "read_id_list",
+           "register", "run"]
 
 ORDER = 60
 TARGETS = ("cbv", "cbf", "ttp", "delay", "mtt", "tmax")
@@ -27,26 +30,28 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "tissue time to peak (the paper's TTP), 'delay' the box model's delay")
     p.add_argument("--reference", choices=("nlr", "truth"), default="nlr",
                    help="target maps: box-model NLR (cached in sub-*/nlr) or the phantom's truth")
-    p.add_argument("--frames", type=int, default=None,
+    p.add_argument("--frames", type=positive_int, default=None,
                    help="input frames t (default: all frames of the first study)")
     p.add_argument("--frame-mode", choices=("subsample", "resample"), default="subsample",
                    help="'subsample': arange(0, T, floor(T/t))[:t] as the authors; "
                         "'resample': interpolate onto a grid of --frame-interval s")
-    p.add_argument("--frame-interval", type=float, default=None, help="grid step in s")
-    p.add_argument("--size", type=int, default=None,
+    p.add_argument("--frame-interval", type=positive_float, default=None,
+                   help="grid step in s")
+    p.add_argument("--size", type=positive_int, default=None,
                    help="training slice size (default: the studies' own, 512 in the paper)")
-    p.add_argument("--pretrain-size", type=int, default=128, help="pretraining size [128]")
-    p.add_argument("--pretrain-epochs", type=int, default=250,
+    p.add_argument("--pretrain-size", type=positive_int, default=128, help="pretraining size [128]")
+    p.add_argument("--pretrain-epochs", type=count(0), default=250,
                    help="pretraining epochs [250]; skipped when --pretrain-size >= --size")
-    p.add_argument("--epochs", type=int, default=50, help="epochs at full size [50]")
-    p.add_argument("--width", type=int, default=64, help="filters at the first level [64]")
-    p.add_argument("--depth", type=int, default=5, help="resolution levels [5]")
-    p.add_argument("--kernel", type=int, default=2, help="convolution kernel [2]; 3 for 3 x 3")
+    p.add_argument("--epochs", type=positive_int, default=50, help="epochs at full size [50]")
+    p.add_argument("--width", type=positive_int, default=64, help="filters at the first level [64]")
+    p.add_argument("--depth", type=positive_int, default=5, help="resolution levels [5]")
+    p.add_argument("--kernel", type=positive_int, default=2,
+                   help="convolution kernel [2]; 3 for 3 x 3")
     p.add_argument("--norm", choices=("none", "batch", "group"), default="none",
                    help="normalisation after each convolution [none, as the paper]")
-    p.add_argument("--batch", type=int, default=8, help="batch size [8]")
-    p.add_argument("--lr", type=float, default=1e-5, help="Adam learning rate [1e-5]")
-    p.add_argument("--plateau-patience", type=int, default=10,
+    p.add_argument("--batch", type=positive_int, default=8, help="batch size [8]")
+    p.add_argument("--lr", type=positive_float, default=1e-5, help="Adam learning rate [1e-5]")
+    p.add_argument("--plateau-patience", type=count(0), default=10,
                    help="epochs without validation improvement before the LR is halved [10]")
     p.add_argument("--whole-slice-loss", action="store_true",
                    help="MSE over the whole slice instead of the brain mask")
@@ -58,7 +63,7 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="autocast (auto: bf16/fp16 on CUDA, none on CPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0, help="random seed [0]")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT")
 
 
@@ -73,6 +78,18 @@ def read_id_list(path: Path | None) -> list[str]:
     except OSError as exc:
         raise InputError(path, f"cannot read the patient list ({exc.strerror})") from None
     return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+
+
+def check_run_folder(args: argparse.Namespace, *, owned_by: tuple[str, ...]) -> None:
+    """Refuse an OUT that is, holds or lies inside the cohort or the patient list, is the slice
+    cache, or is a folder of other files (``owned_by``: files of an earlier run), before any
+    work is done."""
+    from ctperf.errors import InputError
+    from ctperf.io import check_output
+
+    check_output(args.out, inputs=(args.cohort, args.test), kind="extend", owned_by=owned_by)
+    if args.cache is not None and args.cache.resolve() == args.out.resolve():
+        raise InputError(args.out, "is the slice cache folder (--cache); choose another output")
 
 
 def prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
@@ -110,7 +127,7 @@ def register(subparsers: Any) -> None:
                     "Writes OUT/last.pt (every epoch; --resume continues it), best.pt, model.pt "
                     "and log.csv.")
     add_training_arguments(p)
-    p.add_argument("--val-fraction", type=float, default=0.2,
+    p.add_argument("--val-fraction", type=fraction, default=0.2,
                    help="fraction of patients (drawn with --seed) used for validation [0.2]")
     p.set_defaults(func=run)
 
@@ -119,10 +136,12 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ctperf.errors import ValidationError
+    from ctperf.io import mark_output
     from ctperf.model import train
 
     if not 0 <= args.val_fraction < 1:
         raise ValidationError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    check_run_folder(args, owned_by=("last.pt",))
     cache, _, options = prepare(args)
     test = set(read_id_list(args.test))
     pool = sorted(set(cache.patient_ids) - test)
@@ -131,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if n_val >= len(pool):
         raise ValidationError(f"{len(pool)} patients leave none for training")
     val, tr = sorted(order[:n_val]), sorted(order[n_val:])
+    mark_output(args.out)
     result = train(cache, args.out, train_patients=tr, val_patients=val, seed=args.seed,
                    **options)
     last = result.history[-1]

@@ -141,8 +141,10 @@ def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
     Subject ``i`` is :func:`generate_subject` with seed :func:`subject_seed` ``(seed, i)`` and
     ``subject_options``; its params record the cohort seed and index. Interrupting and running
     again resumes where it stopped; asking for more subjects extends the cohort. The seed and
-    options are kept in ``cohort.json``; a different seed or options for an existing cohort is
-    an :class:`~ctperf.errors.InputError` (it would mix two designs).
+    options are kept in ``cohort.json``, written once the first subject has been simulated (so
+    invalid options leave nothing behind); a different seed or options for a cohort that holds
+    subjects is an :class:`~ctperf.errors.InputError` (it would mix two designs), while a
+    ``cohort.json`` without subjects is replaced.
 
     Returns
     -------
@@ -152,18 +154,28 @@ def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
     root = Path(folder)
     if root.exists() and not root.is_dir():
         raise InputError(root, "exists and is not a folder")
-    root.mkdir(parents=True, exist_ok=True)
     recipe = json.loads(json.dumps({"seed": seed, "options": subject_options}))
     stored = root / "cohort.json"
+    known = 0
     if stored.exists():
         old = _json(stored)
-        if {"seed": old.get("seed"), "options": old.get("options")} != recipe:
+        if {"seed": old.get("seed"), "options": old.get("options")} == recipe:
+            known = _count(stored)
+        elif any(p.is_dir() for p in root.glob("sub-*")):
             raise InputError(stored, f"this cohort was made with seed {old.get('seed')} and "
                                      f"options {old.get('options')}, not seed {seed} and "
                                      f"{recipe['options']}; use another folder to change them")
-    write_json({"subjects": max(subjects, _count(stored)), **recipe}, stored)
+        else:
+            log.info("%s describes no subject yet; replaced by the new seed and options", stored)
+
+    def record() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        write_json({"subjects": max(subjects, known), **recipe}, stored)
+
     folders = [root / f"sub-{i:04d}" for i in range(subjects)]
     todo = [i for i, f in enumerate(folders) if not f.is_dir()]
+    if not todo:
+        record()
     if len(todo) < subjects:
         log.info("%d of %d subjects already present, skipped", subjects - len(todo), subjects)
     bar = None
@@ -171,8 +183,10 @@ def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
         from tqdm import tqdm
 
         bar = tqdm(total=subjects, initial=subjects - len(todo), desc="phantom", unit="subject")
-    for i in todo:
+    for k, i in enumerate(todo):
         sub = generate_subject(seed=subject_seed(seed, i), **subject_options)
+        if k == 0:  # the options were valid: now the cohort exists
+            record()
         params = {**sub.params, "cohort": {"seed": seed, "index": i}}
         write_subject(dataclasses.replace(sub, params=params), folders[i], dicom=dicom,
                       preview=preview)
