@@ -89,7 +89,7 @@ def _open(path: PathLike) -> Any:
     return img
 
 
-def _pixels(path: PathLike, img: Any) -> np.ndarray:
+def _pixels(path: PathLike, img: Any, *, allow_nan: bool = False) -> np.ndarray:
     """All pixels as float32, after a full read that checks the whole file.
 
     nibabel reads only the bytes it needs, so a gzip stream with a bad CRC or a missing end
@@ -121,14 +121,15 @@ def _pixels(path: PathLike, img: Any) -> np.ndarray:
         raise InputError(p, f"damaged or truncated compressed file ({exc})") from None
     except Exception as exc:  # nibabel raises many types for damaged files
         raise InputError(p, f"not a readable NIfTI file ({exc})") from None
-    if not np.all(np.isfinite(data)):
+    if not np.all(np.isfinite(data) | (allow_nan & np.isnan(data))):
         raise InputError(p, f"contains {int(np.sum(~np.isfinite(data)))} NaN or Inf values")
     return data
 
 
-def _load(path: PathLike) -> tuple[np.ndarray, np.ndarray, Any]:
+def _load(path: PathLike, *, allow_nan: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
     img = _open(path)
-    return _pixels(path, img), np.asarray(img.affine, dtype=np.float64), img.header
+    data = _pixels(path, img, allow_nan=allow_nan)
+    return data, np.asarray(img.affine, dtype=np.float64), img.header
 
 
 def _numbers(value: Any, side: Path, key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -287,10 +288,10 @@ def write_volume(volume: np.ndarray, affine: np.ndarray, path: PathLike,
     return Path(path)
 
 
-def read_volume(path: PathLike) -> tuple[np.ndarray, np.ndarray]:
-    """Read a 3D NIfTI as ((Z, Y, X) float32 array, affine)."""
+def read_volume(path: PathLike, *, allow_nan: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Read a 3D NIfTI as ((Z, Y, X) float32 array, affine); maps may hold NaN (no fit)."""
     p = Path(path)
-    data, affine, _ = _load(p)
+    data, affine, _ = _load(p, allow_nan=allow_nan)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
@@ -342,7 +343,7 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
     affine = None
     for name in wanted:
         path = root / f"{name}.nii.gz"
-        arrays[name], aff = read_volume(path)
+        arrays[name], aff = read_volume(path, allow_nan=True)
         if affine is None:
             affine = aff
         elif not np.allclose(aff, affine, atol=1e-3):
