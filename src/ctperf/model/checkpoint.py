@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import logging
+import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,14 +15,17 @@ import torch
 from ctperf.errors import InputError
 from ctperf.model.unet import UNet
 
-__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "build_model", "load_checkpoint",
-           "save_checkpoint"]
+__all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "build_model", "check_checkpoint",
+           "load_checkpoint", "save_checkpoint"]
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ctperf-unet"
 CHECKPOINT_VERSION = 1
 _MODEL_KEYS = ("in_frames", "out_channels", "width", "depth", "kernel_size", "norm")
+# what prediction reads from a checkpoint's config besides the architecture
+_CONFIG_KEYS = (*_MODEL_KEYS, "size", "frames", "frame_mode", "frame_interval", "hu_window",
+                "hu_mean", "hu_std", "targets", "map_names", "windows", "reference")
 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
@@ -35,9 +40,71 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
+def _refusal(exc: Exception) -> str:
+    """Why torch refused a file, without torch's advice to load it unsafely."""
+    text = str(exc)
+    if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        what = f" (it needs {found.group(1)})" if found else ""
+        return ("holds Python objects beyond tensors and plain data" + what + "; ctperf "
+                "never loads those, since unpickling them can run code from the file: use a "
+                "checkpoint written by ctperf train")
+    first = text.splitlines()[0] if text else ""
+    return f"not a loadable ctperf checkpoint ({type(exc).__name__}: {first})"
+
+
+def check_checkpoint(ckpt: Any, source: str | Path) -> None:
+    """Check a loaded checkpoint's format, config and weights; InputError names ``source``.
+
+    The weights must match, name for name and shape for shape, the U-Net that the config
+    describes (built on the meta device, so nothing is allocated).
+    """
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise InputError(source, f"not a ctperf U-Net checkpoint (expected format "
+                                 f"{CHECKPOINT_FORMAT!r})")
+    if ckpt.get("format_version") != CHECKPOINT_VERSION:
+        raise InputError(source, f"checkpoint format version {ckpt.get('format_version')} "
+                                 f"(written by ctperf {ckpt.get('software_version')}), this "
+                                 f"ctperf reads version {CHECKPOINT_VERSION}; retrain with this "
+                                 "version")
+    config = ckpt.get("config")
+    if not isinstance(config, dict):
+        raise InputError(source, "checkpoint has no config (the model's architecture and "
+                                 "input settings); it was not written by ctperf train")
+    missing = [k for k in _CONFIG_KEYS if k not in config]
+    if missing:
+        raise InputError(source, f"checkpoint config lacks {', '.join(missing)}")
+    for key in ("in_frames", "out_channels", "width", "depth", "kernel_size", "size", "frames"):
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise InputError(source, f"checkpoint config {key} must be a positive integer, got "
+                                     f"{value!r}")
+    weights = ckpt.get("model")
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor)
+                                                 for v in weights.values()):
+        raise InputError(source, "checkpoint has no model weights (a dict of tensors)")
+    try:
+        with torch.device("meta"):
+            expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
+    except Exception as exc:  # a config no U-Net can be built from
+        raise InputError(source, f"checkpoint config describes no valid U-Net ({exc})") from None
+    have = {k: tuple(v.shape) for k, v in weights.items()}
+    absent, extra = sorted(set(expected) - set(have)), sorted(set(have) - set(expected))
+    if absent or extra:
+        raise InputError(source, f"weights do not match the U-Net of its config: missing "
+                                 f"{absent[:3]}, unexpected {extra[:3]}")
+    wrong = [k for k in expected if expected[k] != have[k]]
+    if wrong:
+        k = wrong[0]
+        raise InputError(source, f"weights do not match the U-Net of its config: {k} has shape "
+                                 f"{list(have[k])}, the architecture needs {list(expected[k])} "
+                                 f"({len(wrong)} tensors differ)")
+
+
 def load_checkpoint(path: str | Path, *, frames: int | None = None,
                     size: int | None = None) -> dict[str, Any]:
-    """Load a checkpoint safely (``weights_only=True``) and check its format and input shape.
+    """Load a checkpoint safely (``weights_only=True``) and check its format, config, weights
+    and input shape.
 
     Parameters
     ----------
@@ -46,6 +113,12 @@ def load_checkpoint(path: str | Path, *, frames: int | None = None,
     frames, size : int, optional
         Expected input frames t and slice size; a different checkpoint raises
         :class:`ctperf.errors.InputError`.
+
+    Raises
+    ------
+    ctperf.errors.InputError
+        Naming the file: not a ctperf checkpoint, pickled objects beyond tensors (never
+        loaded), missing config, or weights that do not fit the architecture.
     """
     p = Path(path)
     if not p.is_file():
@@ -53,15 +126,8 @@ def load_checkpoint(path: str | Path, *, frames: int | None = None,
     try:
         ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign or damaged files
-        raise InputError(p, f"not a loadable ctperf checkpoint ({type(exc).__name__}: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise InputError(p, f"not a ctperf U-Net checkpoint (expected format "
-                            f"{CHECKPOINT_FORMAT!r})")
-    if ckpt.get("format_version") != CHECKPOINT_VERSION:
-        raise InputError(p, f"checkpoint format version {ckpt.get('format_version')} (written by "
-                            f"ctperf {ckpt.get('software_version')}), this ctperf reads version "
-                            f"{CHECKPOINT_VERSION}; retrain with this version")
+        raise InputError(p, _refusal(exc)) from None
+    check_checkpoint(ckpt, p)
     config = ckpt["config"]
     if frames is not None and config["frames"] != frames:
         raise InputError(p, f"the model takes {config['frames']} frames, {frames} were asked for")

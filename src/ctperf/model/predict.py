@@ -68,10 +68,14 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
     import torch
     from tqdm.auto import tqdm
 
-    from ctperf.model.checkpoint import build_model, load_checkpoint
+    from ctperf.model.checkpoint import build_model, check_checkpoint, load_checkpoint
     from ctperf.model.train import resolve_device
 
-    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint)
+    if isinstance(checkpoint, dict):
+        check_checkpoint(checkpoint, "checkpoint")
+        ckpt = checkpoint
+    else:
+        ckpt = load_checkpoint(checkpoint)
     cfg = ckpt["config"]
     _, z, ny, nx = series.shape
     size = int(cfg["size"])
