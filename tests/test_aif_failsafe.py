@@ -1,0 +1,321 @@
+"""AIF and VOF that fail safe: partial-volume correction may only enlarge the AIF.
+
+The study here is made by a forward model written in this file, independent of
+:mod:`ctperf.phantom`: an analytic gamma-variate AIF with recirculation, arterial voxels whose
+blood fraction comes from a blurred disc (partial volume), tissue curves by numerical
+convolution with exponential residues on a 0.05 s grid, GM, WM, CSF and a hypoperfused region
+with realistic baseline HU, skull-stripped (no bone at all), one slice.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from ctperf.errors import CTPerfError
+from ctperf.perfusion import (
+    analyse_study,
+    assess_vof,
+    correct_partial_volume,
+    run_perfusion,
+)
+from ctperf.types import CTPSeries
+
+RHO, KH = 1.04, 0.733
+FINE = 0.05  # s, simulation grid
+SIZE = 80  # in-plane voxels
+PIXEL_MM = 2.0
+BACKGROUND_HU = -1024.0  # what skull stripping leaves outside the brain
+
+
+def gamma_variate(t: np.ndarray, *, t0: float, a: float, b: float) -> np.ndarray:
+    """(t - t0)^a exp(-(t - t0) / b) scaled to a peak of 1 (0 before t0)."""
+    x = np.clip(t - t0, 0.0, None)
+    y = x**a * np.exp(-x / b)
+    return y / y.max()
+
+
+def arterial_input(t: np.ndarray, *, peak: float = 400.0) -> np.ndarray:
+    """First pass (t0 6 s, a 4, b 1.8 s: FWHM about 8.5 s) plus 15 % recirculation 14 s later."""
+    first = gamma_variate(t, t0=6.0, a=4.0, b=1.8)
+    second = gamma_variate(t, t0=20.0, a=4.0, b=3.0)
+    return peak * (first + 0.15 * second)
+
+
+def tissue_curve(fine_t: np.ndarray, ca_fine: np.ndarray, *, cbf: float, mtt: float,
+                 delay: float, residue: str = "exponential") -> np.ndarray:
+    """Tissue enhancement (HU) on the fine grid: (rho/kH) CBF/6000 * Ca(t - delay) convolved
+    with R(t) = exp(-t / MTT) ("exponential") or 1 on [0, MTT) ("box"), by a Riemann sum."""
+    shifted = np.interp(fine_t - delay, fine_t, ca_fine, left=0.0)
+    if residue == "exponential":
+        r = np.exp(-fine_t / mtt)
+    else:
+        r = (fine_t < mtt).astype(float)
+    conv = np.convolve(shifted, r)[: fine_t.size] * FINE
+    return RHO / KH * cbf / 6000.0 * conv
+
+
+def vessel_fraction(centres: list[tuple[float, float]], radius: float, blur: float) -> np.ndarray:
+    """Blood fraction per voxel of discs (voxels), supersampled 5 x 5 then blurred by the
+    scanner's point spread (Gaussian sigma in voxels)."""
+    sub = 5
+    yy, xx = (np.mgrid[0:SIZE * sub, 0:SIZE * sub] + 0.5) / sub - 0.5
+    disc = np.zeros(yy.shape, dtype=bool)
+    for cy, cx in centres:
+        disc |= np.hypot(yy - cy, xx - cx) < radius
+    frac = disc.reshape(SIZE, sub, SIZE, sub).mean(axis=(1, 3))
+    return ndimage.gaussian_filter(frac, blur)
+
+
+def skullless_study(rng: np.random.Generator, *, times: np.ndarray, noise: float = 10.0,
+                    vein_fraction: float | None = None, residue: str = "exponential"
+                    ) -> tuple[CTPSeries, dict]:
+    """One skull-stripped slice; returns the series and the truth (maps and masks (1, Y, X)).
+
+    ``vein_fraction``: peak blood fraction of a small cortical vein (partial-volume diluted);
+    None for no vein in view.
+    """
+    fine_t = np.arange(0.0, times[-1] + FINE / 2, FINE)
+    ca_fine = arterial_input(fine_t)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(float)
+    c = SIZE / 2 - 0.5
+    r = np.hypot((yy - c) / (0.44 * SIZE), (xx - c) / (0.37 * SIZE))
+    brain = r < 1.0
+    gm = brain & (r > 0.72)
+    csf = np.hypot((yy - c) / 5.0, (xx - c) / 3.0) < 1.0
+    wm = brain & ~gm & ~csf
+    lesion = brain & ~csf & (np.hypot(yy - (c - 12), xx - (c - 16)) < 9.0)
+    # Arteries: middle and anterior cerebral arteries in cross-section, 3.2 voxels wide discs
+    # blurred by the point spread, so no voxel is pure blood.
+    art = vessel_fraction([(c - 6, c - 14), (c - 6, c + 14), (c - 20, c - 2), (c - 20, c + 2)],
+                          radius=1.6, blur=0.5)
+    art = np.where(brain & ~csf, art, 0.0)
+    vein = np.zeros_like(art)
+    if vein_fraction is not None:
+        vein = vessel_fraction([(c + 0.40 * SIZE, c)], radius=0.8, blur=0.5)
+        vein = np.where(brain, vein * vein_fraction / vein.max(), 0.0)
+    # Perfusion: per-voxel CBF around the class mean, MTT and delay drawn per voxel from a few
+    # values (so a handful of convolutions cover the slice).
+    n = SIZE * SIZE
+    cbf = np.where(gm, 60.0, 25.0) * np.exp(0.12 * rng.standard_normal(n).reshape(SIZE, SIZE))
+    cbf = np.where(lesion, 0.35 * cbf / np.where(gm, 60.0, 25.0) * 60.0, cbf)
+    mtt_choices = {"gm": (3.6, 4.0, 4.4), "wm": (4.8, 5.3, 5.8), "lesion": (8.0, 9.0, 10.0)}
+    delay_choices = {"gm": (0.0, 0.5, 1.0), "wm": (0.5, 1.0, 1.5), "lesion": (2.5, 3.0, 3.5)}
+    klass = np.where(lesion, "lesion", np.where(gm, "gm", "wm"))
+    pick_m = rng.integers(0, 3, size=(SIZE, SIZE))
+    pick_d = rng.integers(0, 3, size=(SIZE, SIZE))
+    mtt = np.zeros((SIZE, SIZE))
+    delay = np.zeros((SIZE, SIZE))
+    sample = np.rint((times - fine_t[0]) / FINE).astype(int)
+    enh = np.zeros((times.size, SIZE, SIZE))
+    tissue = brain & ~csf
+    for name in ("gm", "wm", "lesion"):
+        for i, m in enumerate(mtt_choices[name]):
+            for j, d in enumerate(delay_choices[name]):
+                sel = tissue & (klass == name) & (pick_m == i) & (pick_d == j)
+                unit = tissue_curve(fine_t, ca_fine, cbf=1.0, mtt=m, delay=d,
+                                    residue=residue)[sample]
+                enh[:, sel] = unit[:, None] * cbf[sel]
+                mtt[sel], delay[sel] = m, d
+    ca = ca_fine[sample]
+    # The VOF: the AIF through a unit-area transit kernel (mean 7 s).
+    kern_t = np.arange(0.0, 30.0, FINE)
+    kern = gamma_variate(kern_t + 1e-9, t0=0.0, a=3.0, b=7.0 / 4.0)
+    kern /= kern.sum()
+    vof = np.convolve(ca_fine, kern)[: fine_t.size][sample]
+    base = np.full((SIZE, SIZE), BACKGROUND_HU)
+    base[wm], base[gm], base[lesion & ~csf] = 28.0, 38.0, 33.0
+    base[csf] = 8.0
+    blood = 45.0
+    frac = np.clip(art + vein, 0.0, 1.0)
+    hu = (1 - frac) * (base + enh) + art * (blood + ca[:, None, None]) \
+        + vein * (blood + vof[:, None, None])
+    hu = np.where(brain, hu, BACKGROUND_HU)
+    hu = hu + noise * rng.standard_normal(hu.shape)
+    series = CTPSeries(hu=hu[:, None].astype(np.float32), times=times,
+                       affine=np.diag([PIXEL_MM, PIXEL_MM, 5.0, 1.0]))
+    cbv = cbf * mtt / 60.0
+    pure = tissue & (art < 0.05) & (vein < 0.05)
+    truth = {"cbf": cbf[None], "cbv": cbv[None], "mtt": mtt[None], "delay": delay[None],
+             "gm": (pure & gm & ~lesion)[None], "wm": (pure & wm & ~lesion)[None],
+             "lesion": (pure & lesion)[None], "brain": brain[None], "aif": ca, "vof": vof,
+             "artery_fraction": art[None], "vein": (vein > 0.05)[None]}
+    return series, truth
+
+
+def class_errors(maps, truth) -> dict[str, dict[str, float]]:
+    """Relative error of the median CBF and CBV per tissue class."""
+    out: dict[str, dict[str, float]] = {}
+    for name in ("gm", "wm", "lesion"):
+        sel = truth[name] & np.isfinite(maps["cbf"])
+        out[name] = {m: float(np.median(maps[m][sel]) / np.median(truth[m][sel]) - 1)
+                     for m in ("cbf", "cbv")}
+    return out
+
+
+# ---------------------------------------------------------------- the rules, on curves alone
+
+T1 = np.arange(50.0)  # 1 s frames
+
+
+def _curves() -> tuple[np.ndarray, np.ndarray]:
+    """A measured AIF (partial volume 0.6) and the true VOF (unit-area transit, mean 7 s)."""
+    fine = np.arange(0.0, 49.0 + FINE / 2, FINE)
+    ca = arterial_input(fine)
+    kern = gamma_variate(np.arange(0.0, 30.0, FINE) + 1e-9, t0=0.0, a=3.0, b=7.0 / 4.0)
+    vof = np.convolve(ca, kern / kern.sum())[: fine.size]
+    idx = np.rint(T1 / FINE).astype(int)
+    return 0.6 * ca[idx], vof[idx]
+
+
+def test_plausible_vof_scales_the_aif_up():
+    aif, vof = _curves()
+    check = assess_vof(aif, vof, T1)
+    assert check.ok and check.reason == ""
+    # The window-matched area ratio recovers 1 / 0.6; its lag estimate from first moments is
+    # approximate (recirculation is cut at the end): 3 %.
+    assert check.factor == pytest.approx(1 / 0.6, rel=0.03)
+    scaled, factor = correct_partial_volume(aif, vof, T1)
+    assert factor == check.factor
+    np.testing.assert_allclose(scaled, aif * factor)
+
+
+def test_vof_smaller_than_aif_rejected_and_never_shrinks():
+    aif, vof = _curves()
+    small = 0.4 * vof  # a vein diluted below the artery's area: ratio 0.67
+    check = assess_vof(aif, small, T1)
+    assert not check.ok and "area" in check.reason
+    assert check.factor == 1.0 and check.ratio < 0.9
+    scaled, factor = correct_partial_volume(aif, small, T1)
+    assert factor == 1.0
+    np.testing.assert_array_equal(scaled, aif)
+
+
+def test_vof_within_noise_of_the_aif_area_is_kept_without_scaling():
+    aif, vof = _curves()
+    check = assess_vof(aif, 0.57 * vof, T1)  # ratio 0.95: an undiluted AIF measured with noise
+    assert check.ok and check.factor == 1.0 and 0.9 < check.ratio < 1.0
+
+
+def test_vof_peaking_before_the_aif_rejected():
+    aif, vof = _curves()
+    early = np.interp(T1 + 8.0, T1, vof, right=0.0)  # the same vein, 8 s earlier
+    check = assess_vof(aif, early, T1)
+    assert not check.ok and "not after the AIF" in check.reason
+
+
+def test_arterial_voxel_with_a_late_noisy_peak_rejected():
+    aif, _ = _curves()
+    late = aif / 0.6
+    late[np.argmax(aif) + 3] = late.max() + 20.0  # noise puts its peak 3 s after the AIF's
+    check = assess_vof(aif, late, T1)
+    assert not check.ok and "artery" in check.reason
+
+
+def test_vof_in_noise_rejected(rng):
+    aif, vof = _curves()
+    weak = 0.05 * vof + 10.0 * rng.standard_normal(T1.size)  # peak ~15 HU under 10 HU noise
+    check = assess_vof(aif, weak, T1, n_baseline=5)
+    assert not check.ok and "noise" in check.reason
+    assert check.snr < 8.0
+
+
+# ------------------------------------------------------ the skull-less single-slice study
+
+def _method_reference(series: CTPSeries, truth: dict, method: str) -> dict:
+    """The same method on the noise-free study with the true AIF: its own error, not the
+    AIF's."""
+    rng = np.random.default_rng(0)
+    clean, _ = skullless_study(rng, times=series.times, noise=0.0)
+    return run_perfusion(clean, method=method, aif=truth["aif"]).maps.maps
+
+
+@pytest.mark.parametrize("method", ["nlr-fast", "bsvd"])
+def test_skullless_study_without_vein_within_target(method, caplog):
+    """No VOF in view: maps computed from the AIF as measured, said in provenance and log."""
+    series, truth = skullless_study(np.random.default_rng(2), times=T1, noise=10.0,
+                                    residue="box")
+    with caplog.at_level(logging.WARNING, logger="ctperf.perfusion.maps"):
+        result, _ = analyse_study(series, method=method, register=False, filter=True)
+    prov = result.maps.provenance
+    assert prov["partial_volume"]["corrected"] is False
+    assert prov["aif"]["pv_factor"] is None and prov["vof"]["used"] is False
+    assert prov["qc"]["no_vof"]["flag"] is True
+    assert "not corrected for partial volume" in caplog.text
+    assert result.vof is None
+    # The AIF comes from the arteries' core: no rim voxels (blood fraction under half).
+    az = tuple(np.array(prov["aif"]["voxels_zyx"]).T)
+    assert truth["artery_fraction"][az].min() > 0.5
+    errors = class_errors(result.maps.maps, truth)
+    # Target: median CBF and CBV per class within 35 % of the truth. What remains is the
+    # uncorrected partial volume of the best arterial voxels (+11 % on both) and the noise
+    # bias of single-voxel fits at 10 HU (bSVD's low-flow lesion CBF spans +20..+36 % over
+    # seeds 1-4).
+    for name, err in errors.items():
+        assert abs(err["cbf"]) < 0.35, (name, err)
+        assert abs(err["cbv"]) < 0.35, (name, err)
+
+
+@pytest.mark.parametrize("method", ["nlr-fast", "bsvd"])
+def test_skullless_study_exponential_residues(method):
+    """Exponential residues: CBV against the truth; CBF against the same method given the true
+    AIF on noise-free curves (neither the box model nor truncated SVD recovers an exponential
+    residue's peak flow from an 8 s wide bolus: that bias is the method's, not the AIF's)."""
+    series, truth = skullless_study(np.random.default_rng(2), times=T1, noise=10.0)
+    result, _ = analyse_study(series, method=method, register=False, filter=True)
+    maps = result.maps.maps
+    ref = _method_reference(series, truth, method)
+    for name in ("gm", "wm", "lesion"):
+        sel = truth[name] & np.isfinite(maps["cbf"])
+        cbv_err = np.median(maps["cbv"][sel]) / np.median(truth["cbv"][sel]) - 1
+        cbf_err = np.median(maps["cbf"][sel]) / np.median(ref["cbf"][sel]) - 1
+        # Same 35 % target; CBV carries the uncorrected partial volume (+11 %) and filtering.
+        assert abs(cbv_err) < 0.35, (name, cbv_err)
+        assert abs(cbf_err) < 0.35, (name, cbf_err)
+
+
+def test_diluted_vein_rejected_automatic_and_refused_as_mask():
+    """A small cortical vein, partial-volume diluted below the AIF's area."""
+    series, truth = skullless_study(np.random.default_rng(2), times=T1, noise=10.0,
+                                    vein_fraction=0.35, residue="box")
+    result = run_perfusion(series, method="bsvd")
+    prov = result.maps.provenance
+    assert prov["partial_volume"]["corrected"] is False
+    assert prov["aif"]["pv_factor"] is None
+    # Its area is too small to correct anything: the AIF's area stays the measured one.
+    measured = np.trapezoid(prov["aif"]["measured_hu"], T1)
+    assert np.trapezoid(result.aif, T1) == pytest.approx(measured)
+    # Asked for explicitly, the same vein is an error that says why.
+    with pytest.raises(CTPerfError, match=r"cannot correct the AIF.*area"):
+        run_perfusion(series, method="bsvd", vof_mask=truth["vein"])
+
+
+def test_large_vein_still_corrects():
+    """A sinus-sized vein with its full area: the AIF is scaled up towards the truth."""
+    series, truth = skullless_study(np.random.default_rng(2), times=T1, noise=10.0,
+                                    vein_fraction=1.0, residue="box")
+    sinus = np.zeros_like(truth["vein"])
+    z, y, x = np.nonzero(truth["vein"])
+    sinus[z, y, x] = series.hu[:, z, y, x].max(axis=0) - series.hu[0, z, y, x] > 250
+    result = run_perfusion(series, method="bsvd", vof_mask=sinus)
+    prov = result.maps.provenance
+    assert prov["partial_volume"]["corrected"] is True and prov["aif"]["pv_factor"] > 1.0
+    # The vein's own partial volume (its brightest voxels are not pure blood) and the lag
+    # estimate: the corrected area within 15 % of the true AIF's.
+    assert np.trapezoid(result.aif, T1) == pytest.approx(np.trapezoid(truth["aif"], T1),
+                                                         rel=0.15)
+
+
+def test_automatic_aif_at_2s_sampling_with_15hu_noise():
+    times = np.arange(40) * 2.0
+    series, truth = skullless_study(np.random.default_rng(5), times=times, noise=15.0)
+    result = run_perfusion(series, method="bsvd")
+    az = tuple(np.array(result.maps.provenance["aif"]["voxels_zyx"]).T)
+    assert truth["artery_fraction"][az].min() > 0.5
+    # The best voxels hold 0.9 blood at most (point spread): the measured area between 70 and
+    # 105 % of the true AIF's.
+    ratio = np.trapezoid(result.aif, times) / np.trapezoid(truth["aif"], times)
+    assert 0.7 < ratio < 1.05
