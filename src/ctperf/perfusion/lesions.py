@@ -5,10 +5,17 @@ CBV below it (e.g. 2.0 mL/100 g). Hypoperfused: Tmax above ``tmax_hypo`` (6 s); 
 ``tmax_severe`` (10 s) is reported too. Penumbra = hypoperfused minus core; mismatch ratio =
 hypoperfused / core volume.
 
+By default the core is kept inside the hypoperfused region (``core_within_hypoperfused``):
+tissue whose flow has collapsed is also late, and low CBF in tissue with a normal Tmax is noise
+or partial volume with CSF rather than infarct.
+
 Normal-tissue reference for rCBF: ``"contralateral"`` (default) mirrors CBF across the brain's
-left-right midline and averages normally perfused mirrored tissue in a Gaussian neighbourhood
+mid-sagittal plane and averages normally perfused mirrored tissue in a Gaussian neighbourhood
 (so grey and white matter each meet a similar reference); ``"global"`` is the median CBF of all
-normally perfused brain; an array gives each voxel's own reference.
+normally perfused brain; an array gives each voxel's own reference. The mid-sagittal plane is
+estimated from the brain mask's mirror symmetry (:func:`midsagittal_plane`): a head turned about
+the vertical axis (yaw) or tilted sideways (roll) is mirrored about its own midline, not about
+the image's.
 """
 
 from __future__ import annotations
@@ -22,7 +29,8 @@ from scipy import ndimage
 from ctperf.errors import ValidationError
 from ctperf.types import PerfusionMaps
 
-__all__ = ["LesionResult", "normal_cbf_reference", "segment_lesions"]
+__all__ = ["LesionResult", "MidPlane", "midsagittal_plane", "normal_cbf_reference",
+           "segment_lesions"]
 
 
 @dataclass(frozen=True)
@@ -48,6 +56,114 @@ class LesionResult:
                 "thresholds": dict(self.thresholds)}
 
 
+@dataclass(frozen=True)
+class MidPlane:
+    """The brain's mid-sagittal plane, slice by slice, in voxel coordinates.
+
+    In slice ``z`` the plane cuts the midline ``(x - xc) cos(angle) + (y - yc) sin(angle) =
+    offset[z]``, with ``(yc, xc)`` = ``centre``: ``angle`` (radians) is the head's turn in the
+    slice plane (yaw, shared by all slices), ``offset`` (voxels, (Z,)) the midline's distance
+    from the slice centre, which changes linearly from slice to slice when the head is tilted
+    sideways (roll). ``score`` is the mirror overlap of the brain mask at the optimum (1 =
+    perfectly symmetric).
+    """
+
+    angle: float
+    offset: np.ndarray
+    centre: tuple[float, float]
+    score: float
+
+    def mirror(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Mirror position (y, x) of every voxel of a (Z, Y, X) grid, two float arrays (Z, Y, X)."""
+        _, ny, nx = shape
+        yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+        c, s = np.cos(self.angle), np.sin(self.angle)
+        dist = ((xx - self.centre[1]) * c + (yy - self.centre[0]) * s)[None] \
+            - self.offset[:, None, None]
+        return yy[None] - 2.0 * dist * s, xx[None] - 2.0 * dist * c
+
+
+def midsagittal_plane(
+    image: np.ndarray,
+    *,
+    max_angle_deg: float = 20.0,
+    angle_step_deg: float = 0.5,
+    max_size: int = 128,
+) -> MidPlane:
+    """Estimate the mid-sagittal plane as the one about which ``image`` is most symmetric.
+
+    For every trial yaw angle the slices are rotated so that a midline at that angle stands
+    vertical; the mirror overlap for every midline position is then one self-convolution along
+    x (an FFT), so all angles and offsets are scored at once. The angle maximising the summed
+    overlap of all slices is kept, and the per-slice offsets (to a fraction of a voxel, from a
+    parabola through the scores) are fitted by a straight line in z, weighted by brain area,
+    which absorbs a sideways tilt (roll) without letting a small end slice swing the midline.
+
+    Parameters
+    ----------
+    image : ndarray, shape (Z, Y, X)
+        A left-right symmetric view of the anatomy, e.g. the brain mask (bool) or the temporal
+        mean of the study; negative values are treated as 0. Square pixels assumed.
+    max_angle_deg, angle_step_deg : float
+        Yaw angles searched, degrees.
+    max_size : int
+        Slices are subsampled to at most this many pixels a side for the search.
+
+    Returns
+    -------
+    MidPlane
+    """
+    img = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float64)), 0.0, None)
+    if img.ndim != 3:
+        raise ValidationError(f"image must be (Z, Y, X), got shape {img.shape}")
+    nz, ny, nx = img.shape
+    centre = ((ny - 1) / 2.0, (nx - 1) / 2.0)
+    step = max(1, int(np.ceil(max(ny, nx) / max_size)))
+    small = img[:, ::step, ::step]
+    sy, sx = small.shape[1:]
+    yc, xc = centre[0] / step, centre[1] / step
+    area = small.sum(axis=(1, 2))
+    if not area.sum() > 0:
+        raise ValidationError("no brain voxels to estimate the mid-sagittal plane from")
+    angles = np.deg2rad(np.arange(-max_angle_deg, max_angle_deg + 1e-9, angle_step_deg))
+    yy, xx = np.mgrid[0:sy, 0:sx].astype(np.float64)
+    length = 2 * sx
+    scores = np.empty((angles.size, nz, length))
+    for k, th in enumerate(angles):
+        # Rotated view R(y', x') = I(centre + Rot(th) (x' - xc, y' - yc)): a midline at angle
+        # th in the slice stands vertical in R.
+        c, s = np.cos(th), np.sin(th)
+        x_src = xc + (xx - xc) * c - (yy - yc) * s
+        y_src = yc + (xx - xc) * s + (yy - yc) * c
+        rot = np.stack([ndimage.map_coordinates(sl, [y_src, x_src], order=1, cval=0.0)
+                        for sl in small])
+        spec = np.fft.rfft(rot, n=length, axis=2)
+        # sum_y sum_x R(x) R(m - x): overlap with the mirror about x' = m / 2.
+        scores[k] = np.fft.irfft(spec * spec, n=length, axis=2).sum(axis=1)
+    norm = np.maximum((small**2).sum(axis=(1, 2)), 1e-12)
+    per_angle = (scores.max(axis=2) * (area / area.sum() / norm)).sum(axis=1)
+    k = int(np.argmax(per_angle))
+    best = scores[k]  # (Z, L)
+    m = np.argmax(best, axis=1)
+    left, mid, right = (best[np.arange(nz), np.clip(m + d, 0, length - 1)] for d in (-1, 0, 1))
+    curv = left - 2 * mid + right
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(curv < 0, 0.5 * (left - right) / curv, 0.0)
+    axis_x = (m + np.clip(frac, -0.5, 0.5)) / 2.0  # midline column in the rotated view
+    offset_small = axis_x - xc
+    w = area / area.max()
+    keep = w > 0.05
+    if keep.sum() >= 2:
+        zz = np.arange(nz, dtype=np.float64)
+        slope, inter = np.polyfit(zz[keep], offset_small[keep], 1, w=np.sqrt(w[keep]))
+        offset_small = inter + slope * zz
+    else:
+        offset_small = np.full(nz, float(np.average(offset_small, weights=w)))
+    score = float((mid / norm * area).sum() / area.sum())
+    return MidPlane(angle=float(angles[k]), offset=offset_small * step, centre=centre,
+                    score=score)
+
+
 def normal_cbf_reference(
     cbf: np.ndarray,
     normal: np.ndarray,
@@ -55,6 +171,8 @@ def normal_cbf_reference(
     spacing: tuple[float, float, float],
     mode: str = "contralateral",
     sigma_mm: float = 8.0,
+    symmetry: np.ndarray | None = None,
+    plane: MidPlane | None = None,
 ) -> np.ndarray:
     """Normal-tissue CBF reference per voxel, (Z, Y, X) mL/100 g/min.
 
@@ -67,6 +185,11 @@ def normal_cbf_reference(
     mode : {"contralateral", "global"}
     sigma_mm : float
         In-plane Gaussian neighbourhood of the contralateral average.
+    symmetry : ndarray, shape (Z, Y, X), optional
+        Image whose mirror symmetry defines the mid-sagittal plane (the brain mask is best: it
+        holds no lesion); default ``normal``.
+    plane : MidPlane, optional
+        A known mid-sagittal plane instead of estimating one.
     """
     if not normal.any():
         raise ValidationError("no normally perfused brain voxels to take a CBF reference from")
@@ -77,14 +200,14 @@ def normal_cbf_reference(
     if mode != "contralateral":
         raise ValidationError(
             f"reference must be 'contralateral', 'global' or an array, got {mode!r}")
-    x = np.arange(cbf.shape[2])
-    weight_x = normal.sum(axis=(0, 1))
-    centre = float((x * weight_x).sum() / weight_x.sum())
-    mirror = np.rint(2 * centre - x).astype(np.intp)
-    inside = (mirror >= 0) & (mirror < cbf.shape[2])
-    mirror = np.clip(mirror, 0, cbf.shape[2] - 1)
-    m_val = np.where(inside, values[:, :, mirror], 0.0)
-    m_w = np.where(inside, normal[:, :, mirror], False).astype(np.float64)
+    if plane is None:
+        plane = midsagittal_plane(normal if symmetry is None else symmetry)
+    my, mx = plane.mirror(cbf.shape)
+    zz = np.broadcast_to(np.arange(cbf.shape[0], dtype=np.float64)[:, None, None], cbf.shape)
+    coords = [zz, my, mx]
+    m_val = ndimage.map_coordinates(values, coords, order=1, mode="constant", cval=0.0)
+    m_w = ndimage.map_coordinates(normal.astype(np.float64), coords, order=1, mode="constant",
+                                  cval=0.0)
     sig = (0.0, sigma_mm / spacing[1], sigma_mm / spacing[2])
     num = ndimage.gaussian_filter(m_val, sig, mode="constant")
     den = ndimage.gaussian_filter(m_w, sig, mode="constant")
@@ -106,6 +229,7 @@ def segment_lesions(
     sigma_mm: float = 8.0,
     smooth_mm: float = 0.0,
     min_component_ml: float = 0.0,
+    core_within_hypoperfused: bool = True,
 ) -> LesionResult:
     """Segment core, hypoperfused tissue and penumbra.
 
@@ -132,6 +256,9 @@ def segment_lesions(
         before thresholding (noisy maps give speckled masks); 0 thresholds the maps as they are.
     min_component_ml : float
         Connected pieces of each mask smaller than this are dropped.
+    core_within_hypoperfused : bool
+        Keep only core voxels that are also hypoperfused (see module docstring); False labels
+        low flow wherever it lies.
 
     Returns
     -------
@@ -143,11 +270,13 @@ def segment_lesions(
         if brain.shape != cbf.shape:
             raise ValidationError(f"brain mask shape {brain.shape} differs from maps {cbf.shape}")
         valid &= brain
+    region = valid.copy()  # the brain's outline and ventricles: symmetric, lesion or not
     if exclude is not None:
         valid &= ~exclude
     rad = (smooth_mm / maps.spacing[1], smooth_mm / maps.spacing[2])
     cbf, tmax = _smooth(cbf, valid, rad), _smooth(tmax, valid, rad)
     hypo = valid & (tmax > tmax_hypo)
+    mid_info: dict[str, Any] | None = None
     severe = valid & (tmax > tmax_severe)
     if core_cbv is not None:
         cbv = _smooth(maps["cbv"].astype(np.float64), valid, rad)
@@ -155,12 +284,20 @@ def segment_lesions(
         ref_value: float | None = None
     else:
         if isinstance(reference, str):
+            plane = midsagittal_plane(region) if reference == "contralateral" else None
             ref = normal_cbf_reference(np.where(valid, cbf, 0.0), valid & ~hypo,
-                                       spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm)
+                                       spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm,
+                                       plane=plane)
+            if plane is not None:
+                mid_info = {"yaw_deg": round(float(np.rad2deg(plane.angle)), 2),
+                            "offset_voxels": np.round(plane.offset, 2).tolist(),
+                            "mirror_overlap": round(plane.score, 4)}
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
         core = valid & (cbf < core_rcbf * ref)
         ref_value = float(np.median(ref[valid])) if valid.any() else None
+    if core_within_hypoperfused:
+        core &= hypo
     voxel_ml = float(np.prod(maps.spacing)) / 1000.0
     if min_component_ml > 0:
         min_voxels = min_component_ml / voxel_ml
@@ -177,6 +314,7 @@ def segment_lesions(
         "hypoperfused": f"Tmax > {tmax_hypo} s", "tmax10": f"Tmax > {tmax_severe} s",
         "reference_cbf_median": ref_value, "smooth_mm": smooth_mm,
         "min_component_ml": min_component_ml,
+        "core_within_hypoperfused": core_within_hypoperfused, "midsagittal_plane": mid_info,
     }
     return LesionResult(core=core, hypoperfused=hypo, penumbra=penumbra, tmax_severe=severe,
                         volumes_ml=volumes, mismatch_ratio=ratio, thresholds=thresholds)
