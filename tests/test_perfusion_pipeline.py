@@ -122,7 +122,9 @@ def test_compute_maps_noise_free_recovers_tissue(study):
     # sampling error (~2 %): 10 % on the median ratio.
     assert abs(ratio - 1) < 0.10
     lesion = truth["lesion"] & ~truth["core"] & result.brain
-    assert np.median(maps["tmax"][lesion]) == pytest.approx(4.0 + 8.0 / 2, abs=0.6)  # 1 frame
+    # The box model is exact here: delay and MTT within a frame (Tmax is a convention of them).
+    assert np.median(maps["delay"][lesion]) == pytest.approx(4.0, abs=0.6)
+    assert np.median(maps["mtt"][lesion]) == pytest.approx(8.0, abs=0.6)
     prov = maps.provenance
     assert prov["method"] == "nlr-fast" and prov["constants"]["kh"] == KH
     assert len(prov["aif"]["voxels_zyx"]) > 0 and len(prov["aif"]["curve_hu"]) == 89
@@ -132,6 +134,9 @@ def test_compute_maps_noise_free_recovers_tissue(study):
     vz = np.array(prov["vof"]["voxels_zyx"]).T
     assert truth["sinus"][tuple(vz)].all()
     assert set(prov["qc"]) >= {"truncation", "aif_low_peak", "motion", "few_brain_voxels"}
+    # The sinus holds the whole arterial area: it corrects the AIF, and only upwards.
+    assert prov["partial_volume"]["corrected"] is True and prov["vof"]["used"] is True
+    assert prov["aif"]["pv_factor"] > 1.0 and not prov["qc"]["no_vof"]["flag"]
 
 
 def test_automatic_aif_area_matches_truth(study):
@@ -158,7 +163,7 @@ def test_lesions_from_pipeline_overlap_truth(study):
 
 
 def test_bad_input_gives_clear_errors(study, rng):
-    series, _ = study
+    series, truth = study
     with pytest.raises(ValidationError, match="at least 10 frames"):
         compute_maps(series.replace(hu=series.hu[:8], times=series.times[:8]))
     flat = series.replace(hu=np.full(series.hu.shape, 30.0, dtype=np.float32))
@@ -178,6 +183,12 @@ def test_bad_input_gives_clear_errors(study, rng):
     dip = -np.clip(np.arange(series.n_frames, dtype=float) - 10.0, 0, 30)
     with pytest.raises(ValidationError, match=r"no positive area.*motion"):
         compute_maps(series, aif=dip)
+    # A given VOF that cannot be a vein (here the AIF itself: it peaks with the AIF) is refused,
+    # not silently dropped: the user asked for it.
+    with pytest.raises(ValidationError, match="cannot correct the AIF"):
+        compute_maps(series, method="bsvd", vof=0.6 * truth["aif"])
+    with pytest.raises(ValidationError, match="vof must have shape"):
+        compute_maps(series, vof=truth["vof"][:5])
 
 
 def test_vessel_series_keeps_aif_from_unfiltered_study(study):
