@@ -22,7 +22,7 @@ from ctperf.perfusion import (
     select_vof,
     svd_deconvolve,
 )
-from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
+from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS, DEFAULT_STEPS
 from ctperf.perfusion.fastsse import FastBoxSSE
 from ctperf.types import PerfusionMaps
 
@@ -77,8 +77,11 @@ def test_vectorised_simplex_agrees_with_scipy_per_voxel(rng):
         def sse(q, c=smooth[:, i]):
             return float(((box_model(q[None], table, scale=SCALE)[:, 0] - c) ** 2).sum())
 
-        ref = minimize(sse, [60.0, 5.0, 3.5], method="Nelder-Mead",
-                       options={"maxiter": 300, "xatol": 1e-4, "fatol": 1e-4})
+        start = np.array([60.0, 5.0, 3.5])
+        simplex = np.vstack([start, start + np.diag(DEFAULT_STEPS)])  # the same first simplex
+        ref = minimize(sse, start, method="Nelder-Mead",
+                       options={"maxiter": 300, "xatol": 1e-4, "fatol": 1e-4,
+                                "initial_simplex": simplex})
         ours = np.array([fit.cbf[i], fit.mtt[i], fit.delay[i]])
         if np.any(ref.x[1:] < np.array(DEFAULT_BOUNDS)[1:, 0]):
             continue  # scipy wandered outside the physical bounds; nothing to compare

@@ -2,9 +2,10 @@
 
 Two fits, both vectorised over all voxels of a chunk at once (loops run over iterations only):
 
-- ``"nlr"``: downhill simplex (Nelder-Mead) as in the reference, 300 iterations, start CBF 60
-  mL/100 g/min, MTT 5 s, delay 3.5 s, initial simplex 5 % around the start (as MATLAB's
-  ``fminsearch`` and SciPy build it), stopping per voxel on the usual x and f tolerances.
+- ``"nlr"``: plain downhill simplex (Nelder-Mead) as in the reference, 300 iterations, start CBF
+  60 mL/100 g/min, MTT 5 s, delay 3.5 s, stopping per voxel on the usual x and f tolerances,
+  no restarts. The initial simplex spans :data:`DEFAULT_STEPS` around the start (MATLAB's
+  ``fminsearch`` 5 % simplex is available, but stalls on a fraction of voxels).
 - ``"nlr-fast"``: a grid start over (MTT, delay) with the linear parameter CBF solved in closed
   form (variable projection, one matrix product for all voxels), then trust-region Newton steps
   in (delay, delay + MTT) with CBF eliminated, using the exact derivatives of the O(1) objective
@@ -36,20 +37,39 @@ from ctperf.perfusion.fastsse import FastBoxSSE
 from ctperf.perfusion.nelder_mead import nelder_mead
 from ctperf.perfusion.newton import refine_newton
 
-__all__ = ["DEFAULT_BOUNDS", "BoxFit", "fit_box_nlr"]
+__all__ = ["DEFAULT_BOUNDS", "DEFAULT_STEPS", "TMAX_MTT_FRACTION", "BoxFit", "fit_box_nlr"]
 
 log = logging.getLogger(__name__)
 
 #: Physical bounds of (CBF mL/100 g/min, MTT s, delay s).
 DEFAULT_BOUNDS: tuple[tuple[float, float], ...] = ((0.0, 300.0), (1.0, 30.0), (-3.0, 20.0))
 
+#: Initial simplex of ``"nlr"``: absolute steps from the start in (CBF mL/100 g/min, MTT s,
+#: delay s). A simplex of 5 % of the start (0.175 s of delay, a fraction of a frame) is too
+#: small to see past the flat and multimodal parts of the box model's misfit and stalls there
+#: (CBF several times too high at the MTT or delay bound); half the start CBF and 2 s in time
+#: find the least-squares minimum that the grid-started fit finds (see docs/methods.md).
+DEFAULT_STEPS: tuple[float, float, float] = (30.0, 2.0, 2.0)
+
+#: Box-model Tmax = delay + TMAX_MTT_FRACTION x MTT (see :class:`BoxFit`).
+TMAX_MTT_FRACTION = 0.25
+
 
 @dataclass(frozen=True)
 class BoxFit:
     """Box-model parameters per voxel, each an ndarray of shape (N,), float64.
 
-    ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt`` s, ``delay`` s, ``tmax`` = delay + MTT/2 s,
-    ``residual`` root-mean-square misfit in HU.
+    ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt`` s, ``delay`` s (start of the box after the
+    AIF), ``tmax`` s, ``residual`` root-mean-square misfit in HU.
+
+    Tmax follows the package's convention: the effective delay plus the time at which the
+    dispersed residue ``(h * R)(t)`` peaks (first time for a flat top), the quantity SVD
+    deconvolution estimates and on which the clinical Tmax > 6 s threshold was set. A fitted
+    box carries no dispersion and no residue shape, so its Tmax is the calibrated expression
+    ``delay + TMAX_MTT_FRACTION * MTT``: fitted to the true Tmax of exponential and gamma
+    residues with exponential dispersion, over healthy, penumbral and core parameter ranges.
+    The reference implementations report ``delay + MTT / 2``, which lies seconds later than
+    that Tmax on such residues (see docs/methods.md).
     """
 
     cbf: np.ndarray
@@ -172,7 +192,8 @@ def fit_box_nlr(
     bounds: tuple[tuple[float, float], ...] = DEFAULT_BOUNDS,
     start: tuple[float, float, float] = (60.0, 5.0, 3.5),
     max_iter: int = 300,
-    restarts: int = 1,
+    restarts: int = 0,
+    initial_steps: tuple[float, float, float] | None = DEFAULT_STEPS,
     lm_iter: int = 30,
     polish_iter: int = 12,
     chunk: int | None = None,
@@ -201,12 +222,16 @@ def fit_box_nlr(
     bounds : 3 (low, high) pairs
         For CBF (mL/100 g/min), MTT (s), delay (s).
     start : 3 floats
-        Nelder-Mead start (CBF, MTT, delay); unused by ``"nlr-fast"``.
+        Nelder-Mead start (CBF, MTT, delay), the reference's; unused by ``"nlr-fast"``.
+    initial_steps : 3 floats or None
+        ``"nlr"`` only: the initial simplex's steps from the start in (CBF, MTT, delay); None
+        builds it as MATLAB's ``fminsearch`` and SciPy do (5 % of each start value).
     max_iter : int
         Nelder-Mead iterations (``"nlr"``); see ``lm_iter`` for ``"nlr-fast"``.
     restarts : int
         ``"nlr"`` only: voxels whose simplex ended on a bound start again from there with a
-        fresh simplex, up to this many times (0 = the plain reference algorithm).
+        fresh simplex, up to this many times. The default 0 is the plain Nelder-Mead of the
+        reference; restarts are an option, not needed with the default initial simplex.
     polish_iter : int
         ``"nlr-fast"`` only: Newton iterations after the grid start (evenly spaced frames).
     lm_iter : int
@@ -286,7 +311,8 @@ def fit_box_nlr(
         if mode == "nlr":
             x0 = ops.asarray(np.clip(np.broadcast_to(np.asarray(start, float), (c.shape[1], 3)),
                                      b[:, 0], b[:, 1]))
-            p = nelder_mead(fun, x0, bounds=b, max_iter=max_iter, ops=ops)
+            steps = None if initial_steps is None else np.asarray(initial_steps, dtype=float)
+            p = nelder_mead(fun, x0, bounds=b, max_iter=max_iter, steps=steps, ops=ops)
             # Restart with a fresh simplex where a simplex ended on a bound: there it has
             # usually collapsed against the bound instead of finding the minimum.
             sub = ops.arange(p.shape[0])
@@ -329,8 +355,8 @@ def fit_box_nlr(
         bar.close()
     np.sqrt(rms, out=rms)
     cbf, mtt, delay = out[:, 0], out[:, 1], out[:, 2]
-    return BoxFit(cbf=cbf, cbv=cbf * mtt / 60.0, mtt=mtt, delay=delay, tmax=delay + mtt / 2.0,
-                  residual=rms)
+    return BoxFit(cbf=cbf, cbv=cbf * mtt / 60.0, mtt=mtt, delay=delay,
+                  tmax=delay + TMAX_MTT_FRACTION * mtt, residual=rms)
 
 
 def _sse(p: np.ndarray, c: np.ndarray, table: ArterialTable, scale: float) -> np.ndarray:

@@ -329,8 +329,9 @@ def run_perfusion(
     provenance: dict[str, Any] = {
         "method": method,
         "constants": {"rho_g_per_ml": rho, "kh": kh},
-        "conventions": {"tmax": "delay + MTT/2 (box model)" if method.startswith("nlr")
-                        else "time of the residue's peak", "ttp": "from the first frame",
+        "conventions": {"tmax": "delay + MTT/4 (box model, calibrated to the residue's peak)"
+                        if method.startswith("nlr") else "time of the residue's peak",
+                        "ttp": "from the first frame",
                         "delay": "box start after the AIF" if method.startswith("nlr")
                         else "equal to tmax for SVD methods"},
         "times_s": t.tolist(),

@@ -12,8 +12,13 @@
   product (identical to the explicit SVD, at O(T log T) per voxel).
 
 All methods resample to a uniform grid (the median frame interval) when the frames are not
-uniform. CBF = max of the flow-scaled residue, Tmax = its time, CBV from the areas under the
-tissue and arterial curves, MTT = CBV / CBF x 60.
+uniform. CBF = max of the flow-scaled residue, CBV from the areas under the tissue and arterial
+curves, MTT = CBV / CBF x 60. Tmax = the time of the residue's maximum after the AIF (lag 0 =
+no delay), refined between frames by the vertex of the parabola through the three samples
+around it. The deconvolved residue is the tissue's effective residue: dispersion on the way
+from the AIF's artery is part of it, so this is the package's Tmax convention (effective delay
+plus the peak time of the dispersed residue). bSVD and oSVD read lags in the second half of
+the 2T circular window as negative (tissue ahead of the AIF).
 """
 
 from __future__ import annotations
@@ -54,6 +59,28 @@ def _uniform(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray
     w = ((grid - times[idx]) / steps[idx])[:, None]
     tis = tissue[idx] * (1 - w) + tissue[idx + 1] * w
     return tis, np.interp(grid, times, aif), dt
+
+
+def _peak_offset(res: np.ndarray, j: np.ndarray, *, circular: bool) -> np.ndarray:
+    """Sub-sample position of each residue's peak, in samples from ``j`` (within +-0.5).
+
+    The vertex of the parabola through the samples at ``j - 1``, ``j``, ``j + 1`` of ``res``
+    (N, L). Circular residues wrap around; otherwise a peak at either end keeps offset 0.
+    """
+    n, length = res.shape
+    rows = np.arange(n)
+    if circular:
+        left, right = res[rows, (j - 1) % length], res[rows, (j + 1) % length]
+        edge = np.zeros(n, dtype=bool)
+    else:
+        left = res[rows, np.maximum(j - 1, 0)]
+        right = res[rows, np.minimum(j + 1, length - 1)]
+        edge = (j == 0) | (j == length - 1)
+    mid = res[rows, j]
+    curv = left - 2.0 * mid + right
+    with np.errstate(divide="ignore", invalid="ignore"):
+        off = np.where(~edge & (curv < 0), 0.5 * (left - right) / curv, 0.0)
+    return np.clip(off, -0.5, 0.5)
 
 
 def _oscillation(res: np.ndarray) -> np.ndarray:
@@ -134,8 +161,9 @@ def svd_deconvolve(
         for a in range(0, n, chunk):
             res = pinv @ tis_u[:, a:a + chunk]
             j = np.argmax(res, axis=0)
-            cbf[a:a + chunk] = to_cbf * res[j, np.arange(j.size)]
-            tmax[a:a + chunk] = j * dt
+            cols = np.arange(j.size)
+            cbf[a:a + chunk] = to_cbf * res[j, cols]
+            tmax[a:a + chunk] = (j + _peak_offset(res.T, j, circular=False)) * dt
         used[:] = thr
     else:
         length = 2 * n_t
@@ -160,7 +188,7 @@ def svd_deconvolve(
             chosen = res[pick, :, cols]  # (n, L)
             j = np.argmax(chosen, axis=1)
             cbf[a:a + chunk] = to_cbf * chosen[cols, j]
-            tmax[a:a + chunk] = lag_time[j]
+            tmax[a:a + chunk] = lag_time[j] + _peak_offset(chosen, j, circular=True) * dt
             used[a:a + chunk] = thresholds[pick]
     cbf = np.maximum(cbf, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
