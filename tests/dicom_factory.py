@@ -16,7 +16,7 @@ import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["FakeStudy", "ct_dataset", "write_fake_study"]
+__all__ = ["FakeStudy", "ct_dataset", "patch_bytes", "write_fake_study"]
 
 START = dt.datetime(2021, 3, 4, 10, 20, 30)
 
@@ -51,6 +51,8 @@ def ct_dataset(pixels: np.ndarray, *, series_uid: str, study_uid: str, frame_uid
     ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
     ds.Modality = "CT"
     ds.PatientName, ds.PatientID = "Test^Patient", "P001"
+    ds.PatientBirthDate, ds.AccessionNumber = "19500607", "ACC778899"
+    ds.InstitutionName, ds.ReferringPhysicianName = "Saint Example Hospital", "Doe^Jane"
     ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
         study_uid, series_uid, frame_uid)
     ds.StudyDate = START.strftime("%Y%m%d")
@@ -121,3 +123,13 @@ def write_fake_study(folder: Path, rng: np.random.Generator, *, n_frames: int = 
             ds.save_as(path, enforce_file_format=True)
             study.files[(t, z)] = path
     return study
+
+
+def patch_bytes(path: Path, old: str, new: str) -> None:
+    """Replace one unique text value in a written file with another of the same length, to
+    make header values pydicom itself refuses to write (e.g. a DS that is not a number)."""
+    data = path.read_bytes()
+    a, b = old.encode(), new.ljust(len(old)).encode()
+    if data.count(a) != 1 or len(b) != len(a):
+        raise ValueError(f"{old!r} is not unique in {path.name}, or {new!r} is too long")
+    path.write_bytes(data.replace(a, b))

@@ -110,7 +110,8 @@ def _pixels(path: PathLike, img: Any, *, allow_nan: bool = False) -> np.ndarray:
             img = type(img).from_bytes(raw)
             del raw
         else:
-            needed = int(img.header.get_data_offset()) + n_vox * itemsize
+            offset = getattr(img.dataobj, "offset", None) or img.header.get_data_offset()
+            needed = int(offset) + n_vox * itemsize
             if p.stat().st_size < needed:
                 raise InputError(p, f"truncated: {p.stat().st_size} bytes, the header "
                                     f"describes {needed}")

@@ -17,12 +17,12 @@ import datetime as dt
 import ntpath
 import os
 import posixpath
+import uuid
 from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
 
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
 
 __all__ = [
     "ANONYMOUS_START",
@@ -59,9 +59,11 @@ _DEVICE_KEYWORDS = ("Manufacturer", "ManufacturerModelName")
 #: the times between frames are kept).
 ANONYMOUS_START = dt.datetime(2000, 1, 1, 0, 0, 0)
 _DUMMY_NAME = "ANONYMOUS"
-_UID_SALT = "ctperf de-identification"
-_METHOD = ("DICOM PS3.15 Annex E Basic Application Level Confidentiality Profile (ctperf); "
-           "dates replaced by a dummy, times between frames kept")
+# name-based UUIDs (RFC 4122 version 5) of source UIDs in this namespace give the new UIDs
+_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "ctperf de-identification")
+# DeidentificationMethod is LO: at most 64 characters per value
+_METHOD = ["DICOM PS3.15 Annex E Basic Profile (ctperf)",
+           "Dates replaced by a dummy, times between frames kept"]
 _METHOD_CODES = (("113100", "Basic Application Confidentiality Profile"),
                  ("113107", "Retain Longitudinal Temporal Information Modified Dates Option"))
 
@@ -102,8 +104,9 @@ def public_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
 def anonymous_uid(uid: str) -> str:
     """A new UID for ``uid``: the same input always gives the same output (so a de-identified
     series and maps written from one source still share study and frame of reference), and the
-    source UID cannot be recovered from it (a SHA-512 digest)."""
-    return str(generate_uid(prefix=None, entropy_srcs=[_UID_SALT, str(uid)]))
+    source UID cannot be recovered from it (a name-based UUID, RFC 4122 version 5, under the
+    DICOM root 2.25)."""
+    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, str(uid).strip()).int}"
 
 
 def deidentify_dataset(ds: Dataset) -> None:

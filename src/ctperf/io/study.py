@@ -9,6 +9,7 @@ import numpy as np
 
 from ctperf.errors import InputError
 from ctperf.io.dicom import read_dicom_series
+from ctperf.io.integrity import check_frame_times
 from ctperf.io.nifti import is_nifti, read_nifti_series
 from ctperf.types import CTPSeries
 
@@ -47,9 +48,10 @@ def read_study(path: str | os.PathLike[str], *, series_uid: str | None = None,
         if frame_interval is not None:
             if not frame_interval > 0:
                 raise InputError(p, f"frame_interval must be > 0 s, got {frame_interval}")
+            times = check_frame_times(frame_interval * np.arange(series.n_frames), p,
+                                      source="frame_interval")
             meta = {**series.meta, "timing_source": f"frame_interval {frame_interval:g} s"}
-            series = series.replace(times=frame_interval * np.arange(series.n_frames),
-                                    slice_times=None, meta=meta)
+            series = series.replace(times=times, slice_times=None, meta=meta)
         return series
     if not p.exists():
         raise InputError(p, "no such file or folder")

@@ -43,12 +43,16 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 def _refusal(exc: Exception) -> str:
     """Why torch refused a file, without torch's advice to load it unsafely."""
     text = str(exc)
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+    if found:
+        return (f"holds Python objects beyond tensors and plain data (it needs "
+                f"{found.group(1)}); ctperf never loads those, since unpickling them can run "
+                "code from the file: use a checkpoint written by ctperf train")
     if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        what = f" (it needs {found.group(1)})" if found else ""
-        return ("holds Python objects beyond tensors and plain data" + what + "; ctperf "
-                "never loads those, since unpickling them can run code from the file: use a "
-                "checkpoint written by ctperf train")
+        # torch's message advises loading unsafely: keep only what it found
+        found = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        reason = found.group(1).strip() if found else "unreadable pickle data"
+        return f"not a loadable ctperf checkpoint ({reason})"
     first = text.splitlines()[0] if text else ""
     return f"not a loadable ctperf checkpoint ({type(exc).__name__}: {first})"
 

@@ -1,0 +1,119 @@
+"""Patient identity: never in JSON sidecars; kept in DICOM outputs unless ``anonymise=True``,
+which applies the DICOM PS3.15 basic profile."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pydicom
+import pytest
+
+from ctperf import PerfusionMaps
+from ctperf.io import (
+    public_meta,
+    read_dicom_series,
+    read_nifti_series,
+    write_maps_dicom,
+    write_series_dicom,
+    write_series_nifti,
+)
+from ctperf.io.privacy import ANONYMOUS_START, anonymous_uid
+from dicom_factory import write_fake_study
+
+# every identifying value the fake study's files hold
+IDENTITY = ("Test^Patient", "P001", "19500607", "ACC778899", "Saint Example Hospital",
+            "Doe^Jane", "20210304")
+
+
+@pytest.fixture
+def study(tmp_path, rng):
+    return write_fake_study(tmp_path / "s", rng)
+
+
+@pytest.fixture
+def series(study):
+    return read_dicom_series(study.folder)
+
+
+def test_reader_keeps_identity_for_dicom_outputs(series):
+    assert series.meta["dicom"]["PatientID"] == "P001"
+    assert series.meta["dicom"]["InstitutionName"] == "Saint Example Hospital"
+
+
+def test_nifti_sidecar_has_no_identity_nor_absolute_paths(series, study, tmp_path):
+    meta = {**series.meta, "preprocess": {"source": str(study.folder), "registered": True}}
+    path = write_series_nifti(series.replace(meta=meta), tmp_path / "out" / "study.nii.gz")
+    text = path.with_name("study.json").read_text()
+    for value in (*IDENTITY, series.meta["series_uid"], str(tmp_path)):
+        assert value not in text, value
+    side = json.loads(text)["meta"]
+    # what describes the acquisition stays
+    assert side["kvp"] == 80 and side["mas"] == 150 and side["scanner"] == "ACME Scan 9"
+    assert side["dicom"] == {"Manufacturer": "ACME", "ManufacturerModelName": "Scan 9"}
+    assert side["preprocess"] == {"source": study.folder.name, "registered": True}
+    back = read_nifti_series(path)
+    np.testing.assert_allclose(back.times, series.times)
+
+
+def test_public_meta_drops_nested_identity_and_windows_paths():
+    meta = {"kvp": 80, "patient_id": "MOL-001", "extra": {"PatientName": "X^Y", "n": 3},
+            "files": ["/a/b"], "source": "C:\\data\\patient\\study", "acquisition_start": "x"}
+    assert public_meta(meta) == {"kvp": 80, "extra": {"n": 3}, "source": "study"}
+
+
+def file_text(folder) -> bytes:
+    return b"".join(p.read_bytes() for p in sorted(folder.rglob("*.dcm")))
+
+
+def test_anonymised_series_follows_basic_profile(series, tmp_path):
+    out = write_series_dicom(series, tmp_path / "anon", anonymise=True,
+                             patient={"PatientName": "Given^Name"})
+    data = file_text(out)
+    for value in (*IDENTITY, "Given^Name", series.meta["dicom"]["StudyInstanceUID"],
+                  series.meta["frame_of_reference_uid"], "CTP 5mm"):
+        assert value.encode() not in data, value
+    ds = pydicom.dcmread(next(out.glob("*.dcm")))
+    assert ds.PatientIdentityRemoved == "YES"
+    assert "PS3.15" in ds.DeidentificationMethod[0]
+    assert ds.DeidentificationMethodCodeSequence[0].CodeValue == "113100"
+    assert ds.PatientName == "ANONYMOUS" and ds.PatientBirthDate == ""
+    assert "InstitutionName" not in ds and "PatientAge" not in ds
+    assert ds.StudyInstanceUID == anonymous_uid(series.meta["dicom"]["StudyInstanceUID"])
+    assert ds.StudyDate == ANONYMOUS_START.strftime("%Y%m%d")
+    back = read_dicom_series(out)
+    np.testing.assert_array_equal(back.hu, series.hu)
+    # times between frames survive the dummy date (microsecond digits)
+    np.testing.assert_allclose(back.times, series.times, atol=1e-6)
+
+
+def test_anonymised_maps_file_with_anonymised_series(series, tmp_path, rng):
+    shape = series.shape[1:]
+    maps = PerfusionMaps(maps={"cbf": rng.uniform(0, 90, shape), "cbv": rng.uniform(0, 6, shape)},
+                         affine=series.affine, provenance={"method": "box-NLR"})
+    folders = write_maps_dicom(maps, tmp_path / "maps", source=series, anonymise=True)
+    series_ds = pydicom.dcmread(next(write_series_dicom(
+        series, tmp_path / "anon", anonymise=True).glob("*.dcm")))
+    for folder in folders:
+        assert not any(v.encode() in file_text(folder) for v in IDENTITY)
+        ds = pydicom.dcmread(next(folder.glob("*.dcm")))
+        assert ds.PatientIdentityRemoved == "YES"
+        # consistent UID mapping: maps and series share study and frame of reference
+        assert ds.StudyInstanceUID == series_ds.StudyInstanceUID
+        assert ds.FrameOfReferenceUID == series_ds.FrameOfReferenceUID
+        assert ds.SeriesInstanceUID != series_ds.SeriesInstanceUID
+
+
+def test_default_dicom_output_keeps_identity(series, tmp_path):
+    ds = pydicom.dcmread(next(write_series_dicom(series, tmp_path / "d").glob("*.dcm")))
+    assert ds.PatientID == "P001" and ds.InstitutionName == "Saint Example Hospital"
+    assert ds.StudyInstanceUID == series.meta["dicom"]["StudyInstanceUID"]
+    assert "PatientIdentityRemoved" not in ds
+
+
+def test_maps_without_source_share_one_study(tmp_path, rng):
+    maps = PerfusionMaps(maps={"cbf": rng.uniform(0, 90, (2, 4, 5)),
+                               "cbv": rng.uniform(0, 6, (2, 4, 5))})
+    folders = write_maps_dicom(maps, tmp_path / "m")
+    uids = {pydicom.dcmread(next(f.glob("*.dcm"))).StudyInstanceUID for f in folders}
+    assert len(uids) == 1
