@@ -28,9 +28,9 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ctperf.commands.train import check_run_folder, prepare, read_id_list
     from ctperf.io import mark_output
-    from ctperf.model import cross_validate, format_table
 
     check_run_folder(args, owned_by=("fold-0", "table1.csv"))
+    from ctperf.model import cross_validate, format_table  # torch: once OUT is known usable
     cache, pretrain, options = prepare(args)
     mark_output(args.out)
     options.pop("pretrain_cache")

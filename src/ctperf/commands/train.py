@@ -137,11 +137,11 @@ def run(args: argparse.Namespace) -> int:
 
     from ctperf.errors import ValidationError
     from ctperf.io import mark_output
-    from ctperf.model import train
 
     if not 0 <= args.val_fraction < 1:
         raise ValidationError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     check_run_folder(args, owned_by=("last.pt",))
+    from ctperf.model import train  # torch: only once the arguments are known to be usable
     cache, _, options = prepare(args)
     test = set(read_id_list(args.test))
     pool = sorted(set(cache.patient_ids) - test)

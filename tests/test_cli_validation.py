@@ -1,0 +1,252 @@
+"""Command-line numbers are checked before anything is written; no study path leaves ctperf."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+from ctperf.cli import main
+from ctperf.errors import ValidationError
+from ctperf.io import write_series_dicom, write_volume
+from test_perfusion_pipeline import synthetic_study
+
+BAD_ARGUMENTS = [
+    # (command, extra arguments, the flag the message must name)
+    ("maps", ["--rho", "0"], "--rho"),
+    ("maps", ["--rho", "nan"], "--rho"),
+    ("maps", ["--rho", "5"], "--rho"),  # 5 g/mL is no brain
+    ("maps", ["--kh", "0"], "--kh"),
+    ("maps", ["--kh", "inf"], "--kh"),
+    ("maps", ["--kh", "nan"], "--kh"),
+    ("maps", ["--kh", "1.36"], "--kh"),  # the inverse ratio by mistake
+    ("maps", ["--tmax", "-1"], "--tmax"),
+    ("maps", ["--core-rcbf", "1.5"], "--core-rcbf"),
+    ("maps", ["--core-cbv", "nan"], "--core-cbv"),
+    ("maps", ["--lesion-smooth", "-2"], "--lesion-smooth"),
+    ("maps", ["--spatial-sigma", "0"], "--spatial-sigma"),
+    ("maps", ["--range-sigma", "-20"], "--range-sigma"),
+    ("maps", ["--frame-interval", "nan"], "--frame-interval"),
+    ("preprocess", ["--workers", "0"], "--workers"),
+    ("preprocess", ["--spatial-sigma", "inf"], "--spatial-sigma"),
+    ("predict", ["--model", "m.pt", "--batch", "0"], "--batch"),
+    ("train", ["--batch", "0"], "--batch"),
+    ("train", ["--epochs", "-1"], "--epochs"),
+    ("train", ["--epochs", "0"], "--epochs"),
+    ("train", ["--lr", "nan"], "--lr"),
+    ("train", ["--lr", "-1e-5"], "--lr"),
+    ("train", ["--frames", "0"], "--frames"),
+    ("train", ["--size", "2.5"], "--size"),
+    ("train", ["--val-fraction", "1.5"], "--val-fraction"),
+    ("train", ["--seed", "-1"], "--seed"),
+    ("cv", ["--folds", "1"], "--folds"),
+    ("cv", ["--pretrain-epochs", "-3"], "--pretrain-epochs"),
+]
+
+
+@pytest.mark.parametrize(("command", "extra", "flag"), BAD_ARGUMENTS,
+                         ids=[f"{c} {' '.join(e)}" for c, e, _ in BAD_ARGUMENTS])
+def test_bad_numbers_end_in_one_argparse_error(tmp_path, capsys, command, extra, flag):
+    study = tmp_path / "study.nii.gz"
+    study.write_bytes(b"never read")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exc:
+        main([command, str(study), str(out), *extra])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith(f"ctperf {command}: error: argument {flag}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("extra", [["--frames", "0"], ["--subjects", "0"], ["--size", "8"],
+                                   ["--interval", "inf"], ["--mas", "0"], ["--seed", "-1"],
+                                   ["--lesion-free", "nan"]])
+def test_phantom_options_are_checked_before_writing(tmp_path, capsys, extra):
+    with pytest.raises(SystemExit) as exc:
+        main(["phantom", str(tmp_path / "cohort"), *extra])
+    assert exc.value.code == 2
+    assert f"argument {extra[0]}" in capsys.readouterr().err
+    assert not (tmp_path / "cohort").exists()
+
+
+TINY = ["--size", "32", "--slices", "1", "--frames", "12", "--anatomy", "procedural",
+        "--no-dicom"]
+
+
+@dataclasses.dataclass
+class _FakeSubject:
+    params: dict
+
+
+@pytest.fixture
+def quick_subjects(monkeypatch):
+    """Replace the simulation (seconds per subject) by a stand-in that checks the options the
+    same way and writes a folder: these tests are about cohort bookkeeping."""
+    import ctperf.phantom.cohort as cohort_module
+
+    def generate(*, seed, frames, **options):
+        if frames < 2:
+            raise ValidationError(f"need frames >= 2, got {frames}")
+        return _FakeSubject(params={"seed": seed})
+
+    def write(subject, folder, **options):
+        folder.mkdir(parents=True)
+        (folder / "params.json").write_text(json.dumps(subject.params))
+
+    monkeypatch.setattr(cohort_module, "generate_subject", generate)
+    monkeypatch.setattr(cohort_module, "write_subject", write)
+
+
+def test_phantom_rerun_after_a_bad_option_works(tmp_path, quick_subjects):
+    cohort = tmp_path / "cohort"
+    with pytest.raises(SystemExit):
+        main(["phantom", str(cohort), "--size", "32", "--frames", "0"])
+    assert not cohort.exists()
+    assert main(["phantom", str(cohort), *TINY]) == 0
+    assert json.loads((cohort / "cohort.json").read_text())["options"]["frames"] == 12
+    assert (cohort / "sub-0000" / "params.json").is_file()
+
+
+def test_library_writes_no_cohort_json_for_invalid_options(tmp_path, quick_subjects):
+    from ctperf.phantom import generate_cohort
+
+    with pytest.raises(ValidationError):
+        generate_cohort(tmp_path / "c", subjects=2, seed=0, frames=0)
+    assert not (tmp_path / "c").exists()
+
+
+def test_cohort_json_without_subjects_does_not_block_new_options(tmp_path, quick_subjects):
+    """A cohort.json left by an earlier failed run (no subject written) is replaced; with
+    subjects, other options are still refused."""
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    (cohort / "cohort.json").write_text(json.dumps({"subjects": 1, "seed": 0,
+                                                    "options": {"frames": 0}}))
+    assert main(["phantom", str(cohort), *TINY]) == 0
+    assert json.loads((cohort / "cohort.json").read_text())["options"]["frames"] == 12
+    assert main(["phantom", str(cohort), *TINY, "--seed", "5"]) == 2
+
+
+def test_phantom_refuses_a_foreign_folder(tmp_path, capsys):
+    folder = tmp_path / "papers"
+    folder.mkdir()
+    (folder / "a.pdf").write_bytes(b"%PDF")
+    assert main(["phantom", str(folder), *TINY]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert sorted(p.name for p in folder.iterdir()) == ["a.pdf"]
+
+
+def test_train_refuses_a_foreign_folder_before_building_anything(tmp_path, capsys):
+    cohort, out = tmp_path / "cohort", tmp_path / "run"
+    cohort.mkdir()
+    out.mkdir()
+    (out / "model.pt").write_bytes(b"someone's model")
+    assert main(["train", str(cohort), str(out), "--epochs", "1"]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert (out / "model.pt").read_bytes() == b"someone's model"
+    assert not (cohort / ".ctperf-cache").exists()
+    assert main(["train", str(cohort), str(cohort / "run")]) == 2  # inside the cohort
+    assert "lies inside the input" in capsys.readouterr().err
+
+
+# --- privacy -----------------------------------------------------------------------------------
+
+IDENTITY = {"PatientName": "Doe^Jane", "PatientID": "MRN4711", "PatientBirthDate": "19470203",
+            "AccessionNumber": "ACC0815", "InstitutionName": "Saint Example Hospital"}
+SECRET_WORDS = ("Doe", "Jane", "MRN4711", "19470203", "ACC0815", "Saint Example")
+
+
+@pytest.fixture(scope="module")
+def patient_study(tmp_path_factory):
+    """A small synthetic study as DICOM with patient tags, in a folder named after the patient."""
+    series, truth = synthetic_study(np.random.default_rng(3), noise=3.0, size=48)
+    root = tmp_path_factory.mktemp("privacy")
+    folder = root / "DOE_JANE_1947" / "ctp"
+    write_series_dicom(series, folder, patient=IDENTITY)
+    aif = root / "aif.nii.gz"
+    write_volume(truth["artery"], series.affine, aif)
+    return folder, aif
+
+
+@pytest.fixture(scope="module")
+def tiny_patient_study(tmp_path_factory):
+    """A 6-frame study of 2 x 16 x 16 voxels as DICOM with patient tags (for the writers)."""
+    from ctperf.types import CTPSeries
+
+    hu = np.random.default_rng(5).normal(30.0, 5.0, (6, 2, 16, 16)).astype(np.float32)
+    series = CTPSeries(hu=hu, times=np.arange(6) * 1.0, affine=np.diag([0.5, 0.5, 5.0, 1.0]),
+                       meta={"description": "CTP", "kvp": 80.0})
+    folder = tmp_path_factory.mktemp("privacy") / "DOE_JANE_1947" / "ctp"
+    write_series_dicom(series, folder, patient=IDENTITY)
+    return folder
+
+
+def _text_outputs(out):
+    """Every JSON file and every NIfTI header description/extension under ``out``."""
+    texts = {p: p.read_text() for p in out.rglob("*.json")}
+    for p in out.rglob("*.nii.gz"):
+        header = nib.load(p).header
+        texts[p] = bytes(header["descrip"]).decode(errors="replace") + "".join(
+            str(e.get_content()) for e in header.extensions)
+    return texts
+
+
+def test_maps_writes_no_study_path_and_anonymises_dicom(patient_study, tmp_path, monkeypatch):
+    import ctperf.commands.maps as maps_command
+
+    folder, aif = patient_study
+    titles = []
+    figure = maps_command.overview_figure
+
+    def spy(result, *, title=""):
+        titles.append(title)
+        return figure(result, title=title)
+
+    monkeypatch.setattr(maps_command, "overview_figure", spy)
+    out = tmp_path / "out"
+    assert main(["maps", str(folder), str(out), "--method", "bsvd", "--aif-mask", str(aif),
+                 "--dicom", "--anonymise"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert "study" not in summary
+    texts = _text_outputs(out)
+    assert out / "summary.json" in texts
+    for path, text in texts.items():
+        for word in ("DOE_JANE", str(folder.parent), *SECRET_WORDS):
+            assert word not in text, (path, word)
+    assert titles and all("DOE" not in t and str(folder) not in t for t in titles)
+    files = list((out / "dicom").rglob("*.dcm"))
+    assert files
+    for path in files[:3]:
+        ds = pydicom.dcmread(path)
+        for keyword in IDENTITY:
+            assert str(ds.get(keyword, "")) != IDENTITY[keyword], (path.name, keyword)
+
+
+@pytest.mark.parametrize("command", ["convert", "preprocess"])
+def test_series_outputs_are_anonymised_on_request(tiny_patient_study, tmp_path, command):
+    folder = tiny_patient_study
+    out = tmp_path / "out"
+    extra = ["--no-register", "--no-filter", "--dicom"] if command == "preprocess" else []
+    assert main([command, str(folder), str(out), "--anonymise", *extra]) == 0
+    dicom = out / "dicom" if command == "preprocess" else out
+    for path in sorted(dicom.glob("*.dcm"))[:3]:
+        ds = pydicom.dcmread(path)
+        for keyword in IDENTITY:
+            assert str(ds.get(keyword, "")) != IDENTITY[keyword], (path.name, keyword)
+    for path, text in _text_outputs(out).items():
+        for word in ("DOE_JANE", *SECRET_WORDS):
+            assert word not in text, (path, word)
+
+
+def test_dicom_keeps_identity_without_anonymise(tiny_patient_study, tmp_path):
+    """Without --anonymise a converted series still files with the patient's study."""
+    folder = tiny_patient_study
+    out = tmp_path / "out"
+    assert main(["convert", str(folder), str(out)]) == 0
+    ds = pydicom.dcmread(next(out.glob("*.dcm")))
+    assert str(ds.PatientID) == IDENTITY["PatientID"]

@@ -1,0 +1,319 @@
+"""Outputs never destroy data ctperf did not make: checks before a run, markers, temporaries."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from ctperf.cli import main
+from ctperf.errors import InputError
+from ctperf.io import atomic_dir, atomic_file, check_output, write_series_nifti
+from ctperf.io.atomic import MARKER, STALE_AFTER_S, TEMP_PREFIX, remove_stale_temporaries
+from dicom_factory import write_fake_study
+
+
+def _tree(folder):
+    """Every file under ``folder`` with its bytes (to show that nothing changed)."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error_line(capsys, *words):
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err and "error" in lines[0]
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def dicom_study(tmp_path, rng):
+    """A patient folder ``P`` holding ``P/dicom`` (a tiny DICOM study) and a note."""
+    patient = tmp_path / "P"
+    study = write_fake_study(patient / "dicom", rng, n_frames=5, n_slices=3, nested=False)
+    (patient / "report.txt").write_text("radiology report")
+    return patient, study.folder
+
+
+@pytest.fixture
+def nifti_study(tmp_path, small_series):
+    return write_series_nifti(small_series, tmp_path / "in" / "study.nii.gz")
+
+
+# --- the output is, holds or lies inside an input ----------------------------------------------
+
+def test_maps_out_equal_to_the_input_folder_is_refused(dicom_study, capsys):
+    patient, dicom = dicom_study
+    before = _tree(patient)
+    assert main(["maps", str(dicom), str(dicom)]) == 2
+    _one_error_line(capsys, str(dicom), "is the input")
+    assert _tree(patient) == before  # the study is untouched
+
+
+def test_convert_out_holding_the_input_is_refused_even_with_overwrite(dicom_study, capsys):
+    patient, dicom = dicom_study
+    before = _tree(patient)
+    assert main(["convert", str(dicom), str(patient), "--overwrite"]) == 2
+    _one_error_line(capsys, str(patient), "contains the input")
+    assert _tree(patient) == before
+
+
+def test_out_inside_the_input_is_refused(dicom_study, capsys):
+    _, dicom = dicom_study
+    assert main(["preprocess", str(dicom), str(dicom / "pre")]) == 2
+    _one_error_line(capsys, "lies inside the input")
+    assert not (dicom / "pre").exists()
+
+
+def test_out_holding_a_mask_input_is_refused(nifti_study, tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "aif.nii.gz").write_bytes(b"mask")
+    assert main(["maps", str(nifti_study), str(out), "--aif-mask", str(out / "aif.nii.gz"),
+                 "--overwrite"]) == 2
+    _one_error_line(capsys, "contains the input")
+    assert (out / "aif.nii.gz").read_bytes() == b"mask"
+
+
+def test_symlinked_out_pointing_at_the_input_is_refused(dicom_study, tmp_path, capsys):
+    patient, dicom = dicom_study
+    link = tmp_path / "link"
+    link.symlink_to(dicom, target_is_directory=True)
+    before = _tree(patient)
+    assert main(["maps", str(dicom), str(link), "--overwrite"]) == 2
+    _one_error_line(capsys, "is the input")
+    assert _tree(patient) == before
+
+
+def test_nifti_out_whose_sidecar_is_the_inputs_is_refused(tmp_path, small_series, capsys):
+    src = write_series_nifti(small_series, tmp_path / "s.nii")
+    before = (tmp_path / "s.json").read_bytes()
+    assert main(["convert", str(src), str(tmp_path / "s.nii.gz")]) == 2
+    _one_error_line(capsys, "s.json", "is the input")
+    assert (tmp_path / "s.json").read_bytes() == before
+    assert not (tmp_path / "s.nii.gz").exists()
+
+
+# --- files, folders, cwd, root, parents --------------------------------------------------------
+
+def test_out_that_is_a_file_is_refused_and_kept(nifti_study, tmp_path, capsys):
+    f = tmp_path / "F"
+    f.write_text("keep me")
+    assert main(["maps", str(nifti_study), str(f)]) == 2
+    _one_error_line(capsys, "is a file")
+    assert f.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["F", "in"]  # no .F.old
+
+
+def test_nifti_out_that_is_a_folder_is_refused(dicom_study, tmp_path, capsys):
+    _, dicom = dicom_study
+    (tmp_path / "x.nii.gz").mkdir()
+    assert main(["convert", str(dicom), str(tmp_path / "x.nii.gz")]) == 2
+    _one_error_line(capsys, "is a folder")
+
+
+def test_existing_nifti_file_needs_overwrite(dicom_study, tmp_path, capsys):
+    _, dicom = dicom_study
+    nii = tmp_path / "study.nii.gz"
+    nii.write_bytes(b"someone else's file")
+    assert main(["convert", str(dicom), str(nii)]) == 2
+    _one_error_line(capsys, "exists", "--overwrite")
+    assert nii.read_bytes() == b"someone else's file"
+    assert main(["convert", str(dicom), str(nii), "--overwrite"]) == 0
+    assert nii.read_bytes()[:2] == b"\x1f\x8b"  # now a gzip NIfTI
+
+
+def test_current_folder_and_root_are_refused(nifti_study, tmp_path, monkeypatch, capsys):
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "mine.txt").write_text("x")
+    monkeypatch.chdir(work)
+    assert main(["maps", str(nifti_study), ".", "--overwrite"]) == 2
+    _one_error_line(capsys, "current folder")
+    assert main(["maps", str(nifti_study), "..", "--overwrite"]) == 2  # holds the cwd
+    _one_error_line(capsys, "current folder")
+    assert main(["preprocess", str(nifti_study), "/", "--overwrite"]) == 2
+    _one_error_line(capsys, "filesystem root")
+    assert (work / "mine.txt").read_text() == "x"
+
+
+def test_parent_that_is_a_file_is_refused(nifti_study, tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(["maps", str(nifti_study), str(tmp_path / "f" / "out")]) == 2
+    _one_error_line(capsys, "cannot be created")
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="needs a user without write permission (root writes anywhere)")
+def test_unwritable_parent_is_refused(nifti_study, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        assert main(["maps", str(nifti_study), str(locked / "out")]) == 2
+        _one_error_line(capsys, "no write permission")
+    finally:
+        locked.chmod(0o755)
+
+
+# --- foreign folders, --overwrite, ctperf's own outputs ----------------------------------------
+
+def test_foreign_folder_is_refused_and_untouched(nifti_study, tmp_path, capsys):
+    out = tmp_path / "results"
+    (out / "sub").mkdir(parents=True)
+    (out / "notes.txt").write_text("my notes")
+    (out / "sub" / "data.csv").write_text("1,2")
+    before = _tree(out)
+    for argv in (["maps", str(nifti_study), str(out)],
+                 ["preprocess", str(nifti_study), str(out)],
+                 ["convert", str(nifti_study), str(out)]):
+        assert main(argv) == 2
+        _one_error_line(capsys, str(out), "did not write", "--overwrite")
+        assert _tree(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "results"]  # no temporaries
+
+
+def test_overwrite_replaces_a_foreign_folder(nifti_study, tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "notes.txt").write_text("my notes")
+    assert main(["convert", str(nifti_study), str(out), "--overwrite"]) == 0
+    assert not (out / "notes.txt").exists()
+    assert len(list(out.glob("*.dcm"))) == 12 * 3 and (out / MARKER).is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "results"]
+
+
+def test_previous_ctperf_output_is_replaced_without_overwrite(nifti_study, tmp_path):
+    out = tmp_path / "pre"
+    argv = ["preprocess", str(nifti_study), str(out), "--no-register", "--no-filter"]
+    assert main(argv) == 0
+    assert (out / MARKER).is_file()
+    (out / "stale.txt").write_text("from the last run")  # inside ctperf's folder: replaced
+    assert main(argv) == 0
+    assert (out / "study.nii.gz").is_file() and not (out / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "pre"]
+
+
+def test_empty_existing_folder_is_used(nifti_study, tmp_path):
+    out = tmp_path / "made_by_hand"
+    out.mkdir()
+    assert main(["convert", str(nifti_study), str(out)]) == 0
+    assert any(out.glob("*.dcm"))
+
+
+def test_atomic_dir_rules(tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "a").write_text("a")
+    with pytest.raises(InputError, match="did not write"), atomic_dir(foreign):
+        pass
+    assert (foreign / "a").read_text() == "a"
+    with atomic_dir(foreign, overwrite=True) as tmp:
+        (tmp / "b").write_text("b")
+    assert sorted(p.name for p in foreign.iterdir()) == [MARKER, "b"]
+    with atomic_dir(foreign) as tmp:  # now marked: replaced without overwrite
+        (tmp / "c").write_text("c")
+    assert sorted(p.name for p in foreign.iterdir()) == [MARKER, "c"]
+    (tmp_path / "file").write_text("f")
+    with pytest.raises(InputError, match="is a file"), atomic_dir(tmp_path / "file",
+                                                                    overwrite=True):
+        pass
+    (tmp_path / "link").symlink_to(foreign, target_is_directory=True)
+    with pytest.raises(InputError, match="symbolic link"), atomic_dir(tmp_path / "link"):
+        pass
+    with pytest.raises(InputError, match="is a folder"), atomic_file(foreign):
+        pass
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "new") as tmp:
+        raise RuntimeError("interrupted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "foreign", "link"]
+
+
+def test_check_output_is_silent_for_a_good_output(tmp_path):
+    (tmp_path / "study.nii.gz").write_bytes(b"x")
+    out = check_output(tmp_path / "a" / "b" / "out", inputs=(tmp_path / "study.nii.gz", None))
+    assert out == tmp_path / "a" / "b" / "out" and not (tmp_path / "a").exists()
+
+
+# --- temporaries of killed runs ----------------------------------------------------------------
+
+def _dead_pid():
+    proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    return int(proc.stdout)
+
+
+def test_stale_temporaries_are_removed_and_nothing_else(nifti_study, tmp_path):
+    from ctperf.io import atomic as atomic_module
+
+    host = atomic_module._HOST
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    dead = parent / f"{TEMP_PREFIX}{host}.{_dead_pid()}.abcd1234.out"  # killed run, this host
+    dead.mkdir()
+    (dead / "cbf.nii.gz").write_bytes(b"half")
+    dead_file = parent / f"{TEMP_PREFIX}{host}.{_dead_pid()}.efgh5678.study.nii.gz"
+    dead_file.write_bytes(b"half")
+    live = parent / f"{TEMP_PREFIX}{host}.{os.getppid()}.ijkl9012.out"  # a running process
+    live.mkdir()
+    remote_new = parent / f"{TEMP_PREFIX}otherhost.123.mnop3456.out"  # another machine, fresh
+    remote_new.mkdir()
+    remote_old = parent / f"{TEMP_PREFIX}otherhost.456.qrst7890.out"  # another machine, old
+    remote_old.mkdir()
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(remote_old, (old, old))
+    lookalike = parent / ".ctperf-tmpfoo"  # not ours: no host/pid fields
+    lookalike.mkdir()
+    user_hidden = parent / ".out.x1y2"  # a user's hidden folder, even if named like old temps
+    user_hidden.mkdir()
+    (parent / "keep.txt").write_text("x")
+    assert main(["convert", str(nifti_study), str(parent / "out")]) == 0
+    names = sorted(p.name for p in parent.iterdir())
+    assert names == sorted([live.name, remote_new.name, lookalike.name, user_hidden.name,
+                            "keep.txt", "out"])
+
+
+def test_remove_stale_temporaries_never_follows_links(tmp_path):
+    target = tmp_path / "precious"
+    target.mkdir()
+    (target / "data").write_text("x")
+    (tmp_path / "runs").mkdir()
+    link = tmp_path / "runs" / f"{TEMP_PREFIX}somehost.1.abcdefgh.out"
+    link.symlink_to(target, target_is_directory=True)
+    old = time.time() - STALE_AFTER_S - 60
+    os.utime(link, (old, old), follow_symlinks=False)
+    removed = remove_stale_temporaries(tmp_path / "runs")
+    assert removed == [link] and (target / "data").read_text() == "x"
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGTERM")
+def test_sigterm_leaves_no_temporary(tmp_path):
+    """A run killed with SIGTERM while writing removes its temporary folder."""
+    script = (
+        "import signal, sys, time\n"
+        "from ctperf.cli import main\n"
+        "import ctperf.io as io\n"
+        "def slow(*a, **k):\n"
+        "    print('writing', flush=True); time.sleep(30)\n"
+        "io.write_series_dicom = slow\n"
+        f"sys.exit(main(['convert', {str(tmp_path / 's.nii.gz')!r}, "
+        f"{str(tmp_path / 'out')!r}]))\n")
+    write_series_nifti(_tiny_series(), tmp_path / "s.nii.gz")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
+    proc.terminate()
+    assert proc.wait(timeout=30) == 128 + 15
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.nii.gz"]
+
+
+def _tiny_series():
+    from ctperf.types import CTPSeries
+
+    hu = np.zeros((4, 2, 6, 6), dtype=np.float32)
+    return CTPSeries(hu=hu, times=np.arange(4.0), affine=np.eye(4), meta={})
