@@ -110,8 +110,9 @@ def test_cli_writes_cohort_and_previews(tmp_path, capsys):
 
 
 def test_cli_bad_input_exits_2_without_traceback(tmp_path, capsys):
-    rc = main(["phantom", str(tmp_path / "x"), "--size", "8", "--anatomy", "procedural"])
-    assert rc == 2
+    with pytest.raises(SystemExit) as exc:  # checked while parsing, before anything is written
+        main(["phantom", str(tmp_path / "x"), "--size", "8", "--anatomy", "procedural"])
+    assert exc.value.code == 2 and not (tmp_path / "x").exists()
     err = capsys.readouterr().err
     assert "size" in err and "Traceback" not in err
     (tmp_path / "file").write_text("")
