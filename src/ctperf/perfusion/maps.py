@@ -272,7 +272,8 @@ def run_perfusion(
             vof_sel = select_vof(enh_v, t, aif_ttp=aif_ttp, exclude=bony, noise_sd=noise_sd)
             vof_curve, vof_src = vof_sel.curve, "automatic"
         except ValidationError as exc:
-            log.warning("%s; the AIF is not corrected for partial volume", exc)
+            log.warning("%s; the AIF is not corrected for partial volume, so CBF and CBV "
+                        "may be overestimated", exc)
             vof_curve, vof_src = None, "none found"
     else:
         vof_curve, vof_src = None, "none"
