@@ -1,4 +1,10 @@
-"""Generate one digital CTP subject with known truth (see :mod:`ctperf.phantom` for conventions)."""
+"""Generate one digital CTP subject with known truth (see :mod:`ctperf.phantom` for conventions).
+
+Two steps: :func:`draw_parameters` draws every random quantity of a subject from its seed (a
+JSON-able dictionary, written as ``params.json``), and :func:`simulate_subject` turns such a
+dictionary into the study and its truth without drawing anything else, slice by slice.
+:func:`generate_subject` does both.
+"""
 
 from __future__ import annotations
 
@@ -25,7 +31,8 @@ from ctperf.phantom.geometry import (
 from ctperf.phantom.physiology import draw_physiology, territory_fields, tissue_parameters
 from ctperf.types import CTPSeries, PerfusionMaps
 
-__all__ = ["MASK_NAMES", "PhantomSubject", "generate_subject"]
+__all__ = ["MASK_NAMES", "PhantomSubject", "draw_parameters", "generate_subject",
+           "simulate_subject"]
 
 log = logging.getLogger(__name__)
 
@@ -94,16 +101,6 @@ def _check(size: int, slices: int, frames: int, interval: float, mas: float, mot
                               f"{residues!r}")
 
 
-def _draw_aif(rng: np.random.Generator, peak: float | None) -> dict[str, float]:
-    alpha = float(rng.uniform(2.0, 5.0))
-    beta = float(min(rng.uniform(1.0, 2.5), 8.0 / alpha))  # time to peak at most 8 s
-    return {"peak": float(rng.uniform(250, 600)) if peak is None else float(peak),
-            "t0": float(rng.uniform(3.0, 12.0)), "alpha": alpha, "beta": beta,
-            "recirculation": float(rng.uniform(0.0, 0.3)),
-            "recirc_delay": float(rng.uniform(8.0, 12.0)),
-            "vof_transit_mean": float(rng.uniform(6.0, 9.0))}
-
-
 def _ttp(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
     """Time from the first frame to the peak, refined by a parabola through the top 3 samples."""
     k = np.argmax(curves, axis=1)
@@ -123,45 +120,261 @@ def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
     return ndi.gaussian_filter(image, sigma_px, truncate=3.5) if sigma_px > 0.05 else image
 
 
-def _tissue_enhancement(bank: hd.CurveBank, kinds: tuple[str, ...], phys: dict[str, Any], *,
-                        labels: np.ndarray, tissue: np.ndarray, cbf: np.ndarray,
-                        mtt: np.ndarray, delay_steps: np.ndarray, tau_index: np.ndarray,
-                        times: np.ndarray, rho: float, kh: float
-                        ) -> tuple[np.ndarray, np.ndarray]:
-    """Noise-free tissue enhancement (Y*X, T) float32 and TTP (Y*X,) of one slice."""
-    n = tissue.size
-    enh = np.zeros((n, times.size), dtype=np.float32)  # voxel-major: rows fill fast
-    ttp = np.zeros(n)
-    vox = np.flatnonzero(tissue.ravel() > 0.01)
-    if phys["residue_mode"] == "subject":
-        kind_of = np.zeros(vox.size, dtype=np.int64)
-    else:
-        lut = np.array([kinds.index(phys["residue_by_territory"][str(k)]) for k in range(1, 7)])
-        kind_of = lut[np.clip(labels.ravel()[vox] - 1, 0, 5)]
-    for ki, kind in enumerate(kinds):
-        v = vox[kind_of == ki]
-        if v.size == 0:
-            continue
-        curves = bank.enhancement(kind, cbf=cbf.ravel()[v], mtt=mtt.ravel()[v],
-                                  delay_steps=delay_steps.ravel()[v],
-                                  tau_index=tau_index.ravel()[v], rho=rho, kh=kh)
-        enh[v] = curves
-        ttp[v] = _ttp(curves, times)
-    return enh, ttp
+def draw_parameters(*, seed: int, size: int = 512, slices: int = 8, frames: int = 89,
+                    interval: float = 0.5, mas: float = 150.0, motion: str = "none",
+                    lesion: bool | None = None,
+                    residues: tuple[str, ...] = ("box", "exponential", "gamma"),
+                    anatomy: str = "auto", lesion_free_fraction: float = 0.25,
+                    aif_peak: float | None = None, noise: bool = True,
+                    psf_fwhm_mm: float = 1.2, fov_mm: float = 230.0, thickness_mm: float = 5.0,
+                    rho: float = hd.RHO, kh: float = hd.KH) -> dict[str, Any]:
+    """Draw every random parameter of a subject (see :func:`generate_subject` for the options).
+
+    Returns
+    -------
+    dict
+        JSON-able: ``config`` (the options and the seed), ``pose``, ``baseline_hu``,
+        ``artery_pv_field``, ``physiology``, ``aif``, ``motion_category``, ``motion`` (T x 6)
+        and the seeds of the tissue texture and of the noise. :func:`simulate_subject` makes
+        the subject from it.
+    """
+    residues = tuple(residues)
+    _check(size, slices, frames, interval, mas, motion, residues)
+    if not 0.0 <= lesion_free_fraction <= 1.0:
+        raise ValidationError(f"lesion_free_fraction must be in [0, 1], got {lesion_free_fraction}")
+    config = {"seed": int(seed), "size": size, "slices": slices, "frames": frames,
+              "interval": interval, "mas": mas, "motion": motion, "lesion": lesion,
+              "residues": list(residues), "anatomy": anatomy,
+              "lesion_free_fraction": lesion_free_fraction, "aif_peak": aif_peak,
+              "noise": noise, "psf_fwhm_mm": psf_fwhm_mm, "fov_mm": fov_mm,
+              "thickness_mm": thickness_mm, "rho": rho, "kh": kh}
+    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(6)]
+    r_pose, r_phys, r_aif, r_motion, r_noise, r_tex = streams
+    pose = draw_pose(r_pose)
+    base_hu = acq.draw_baseline(r_pose)
+    pv_field = draw_field(r_pose, wavelength_mm=25.0)
+    has_lesion = bool(r_phys.uniform() >= lesion_free_fraction) if lesion is None else lesion
+    category, motion_params = acq.draw_motion(r_motion, motion, np.arange(frames) * interval)
+    return {"config": config, "pose": pose, "baseline_hu": base_hu,
+            "artery_pv_field": pv_field,
+            "physiology": draw_physiology(r_phys, lesion=has_lesion, residues=residues),
+            "aif": hd.draw_aif(r_aif, aif_peak), "motion_category": category,
+            "motion": motion_params.tolist(),
+            "texture_seed": int(r_tex.integers(2**63)), "noise_seed": int(r_noise.integers(2**63))}
 
 
-def _slice_masks(frac: np.ndarray, art_b: np.ndarray, vein_b: np.ndarray, *,
-                 labels: np.ndarray, cbf: np.ndarray, cbf_healthy: np.ndarray,
-                 tmax: np.ndarray) -> dict[str, np.ndarray]:
-    """The masks of one slice from fractions (C, Y, X), blurred vessel fractions and truth."""
+@dataclass(frozen=True, eq=False)
+class _Setup:
+    """What every slice of one subject shares."""
+
+    template: Any
+    affine: np.ndarray
+    pixel_mm: float
+    psf_px: float
+    times: np.ndarray
+    bank: hd.CurveBank
+    kind: str
+    aif: np.ndarray
+    vof: np.ndarray
+    params: dict[str, Any]
+
+
+def _curves(params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, hd.CurveBank]:
+    """Fine times, AIF and VOF on them, and the subject's curve bank."""
+    cfg, phys = params["config"], params["physiology"]
+    frames, interval = cfg["frames"], float(cfg["interval"])
+    step = int(np.ceil(interval / _FINE_DT - 1e-9))
+    dt = interval / step
+    n_fine = (frames - 1) * step + 1
+    # the bank also needs the AIF after the last frame, for tissue reached before the artery
+    n_long = n_fine + int(np.ceil(-hd.DELAY_MIN / dt)) + step
+    aif_long = hd.aif_from_params(np.arange(n_long) * dt, params["aif"])
+    aif_fine = aif_long[:n_fine]
+    vof_fine = hd.vof_curve(aif_fine, dt, transit_mean=params["aif"]["vof_transit_mean"])
+    bank = hd.CurveBank.build(aif_long, dt=dt, step=step, n_frames=frames,
+                              kinds=(phys["residue"],), gamma_shape=phys["gamma_shape"])
+    return np.arange(n_fine) * dt, aif_fine, vof_fine, bank
+
+
+def _tissue(setup: _Setup, q: np.ndarray, frac: np.ndarray, tex: np.ndarray,
+            ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
+    """Perfusion parameters of one slice (as simulated), its noise-free tissue enhancement
+    (Y*X, T) float32 and the severity field (Y, X)."""
+    phys, bank = setup.params["physiology"], setup.bank
+    cfg = setup.params["config"]
+    labels, severity = territory_fields(q, phys)
+    gm, wm = frac[0], frac[1]
+    par = tissue_parameters(q, gm, wm, severity, tex[:2], phys)
+    mtt = np.clip(par["mtt"], hd.MTT_MIN, hd.MTT_MAX)
+    d_steps = bank.quantize_delay(par["delay"])
+    t_idx = bank.quantize_tau(par["tau"])
+    enh = np.zeros((gm.size, setup.times.size), dtype=np.float32)  # voxel-major: rows fill fast
+    ttp = np.zeros(gm.size)
+    vox = np.flatnonzero((gm + wm).ravel() > 0.01)
+    if vox.size:
+        curves = bank.enhancement(setup.kind, cbf=par["cbf"].ravel()[vox],
+                                  mtt=mtt.ravel()[vox], delay_steps=d_steps.ravel()[vox],
+                                  tau_index=t_idx.ravel()[vox], rho=cfg["rho"], kh=cfg["kh"])
+        enh[vox] = curves
+        ttp[vox] = _ttp(curves, setup.times)
+    out = {"cbf": par["cbf"], "cbf_healthy": par["cbf_healthy"], "cbv": par["cbf"] * mtt / 60.0,
+           "mtt": mtt, "delay": d_steps * bank.dt, "dispersion": bank.taus[t_idx],
+           "ttp": ttp.reshape(gm.shape), "territories": labels}
+    return out, enh, severity
+
+
+def _simulate_slice(setup: _Setup, z: int, tex_rng: np.random.Generator
+                    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Noise-free, motion-free frames (T, Y, X) of slice ``z``, its baseline (Y, X) and its
+    maps, masks and extras (each (Y, X); penumbra and Tmax are added later)."""
+    params, size = setup.params, setup.params["config"]["size"]
+    sub = np.stack([patient_to_template(voxel_centres(setup.affine, size=size, z=z + u),
+                                        params["pose"]) for u in _SUBSLICES])
+    frac = sample_template(setup.template, sub).mean(axis=1)  # (C, Y, X)
+    q = sub[len(_SUBSLICES) // 2]
+    pv = 0.725 + 0.175 * np.clip(cosine_field(q, params["artery_pv_field"]), -1, 1)
+    art = frac[CHANNELS.index("artery")]
+    frac[CHANNELS.index("csf")] += art * (1 - pv)
+    frac[CHANNELS.index("artery")] = art * pv
+    tex = acq.smooth_noise(tex_rng, (3, size, size), sigma_px=1.2 / setup.pixel_mm)
+    out, enh, severity = _tissue(setup, q, frac, tex)
+    a_frac = frac[CHANNELS.index("artery")].ravel()
+    v_frac = frac[CHANNELS.index("vein")].ravel()
+    ves = np.flatnonzero((a_frac > 0) | (v_frac > 0))
+    enh[ves] += (a_frac[ves, None] * setup.aif[None]
+                 + v_frac[ves, None] * setup.vof[None]).astype(np.float32)
+    base = acq.baseline_hu(frac, params["baseline_hu"], tex[2])
+    frames = enh.T.reshape(setup.times.size, size, size) + base[None]
+    art_b = _blur(frac[CHANNELS.index("artery")], setup.psf_px)
+    vein_b = _blur(frac[CHANNELS.index("vein")], setup.psf_px)
     gm, wm, csf = frac[0], frac[1], frac[CHANNELS.index("csf")]
     vessels = (art_b + vein_b) > 0.01
     brain = (gm + wm >= 0.5) & ~vessels
-    core = brain & (cbf < 0.3 * cbf_healthy)
-    return {"brain": brain, "gm": brain & (gm >= 0.5), "wm": brain & (wm >= 0.5),
-            "csf": (csf >= 0.5) & ~vessels, "vessels": vessels, "artery": art_b >= 0.4,
-            "vein": vein_b >= 0.95, "core": core, "penumbra": brain & (tmax > 6.0) & ~core,
-            "territories": np.where(brain, labels, 0).astype(np.int16)}
+    out.update({"brain": brain, "gm": brain & (gm >= 0.5), "wm": brain & (wm >= 0.5),
+                "csf": (csf >= 0.5) & ~vessels, "vessels": vessels, "artery": art_b >= 0.4,
+                "vein": vein_b >= 0.95, "core": brain & (out["cbf"] < 0.3 * out["cbf_healthy"]),
+                "severity": severity, "artery_pv": art_b, "vessel_fraction": art_b + vein_b,
+                "gm_fraction": gm, "wm_fraction": wm})
+    return frames, _blur(base, setup.psf_px), out
+
+
+def _acquire(hu: np.ndarray, setup: _Setup) -> None:
+    """Apply the drawn motion, then noise and the scanner blur, to the frames (in place)."""
+    params = setup.params
+    motion = np.asarray(params["motion"], dtype=np.float64).reshape(-1, 6)
+    for t in range(1, hu.shape[0]):
+        if np.any(np.abs(motion[t]) > 1e-6):
+            hu[t] = acq.apply_motion(hu[t], setup.affine, motion[t])
+    cfg = params["config"]
+    sigma = acq.noise_sigma(cfg["mas"]) if cfg["noise"] else 0.0
+    r_noise = np.random.default_rng(params["noise_seed"])
+    psf = setup.psf_px
+    for z in range(hu.shape[1]):
+        block = hu[:, z]
+        if sigma > 0:
+            block += r_noise.standard_normal(block.shape, dtype=np.float32) * np.float32(
+                sigma / acq.filtered_std(psf) if psf > 0.05 else sigma)
+        if psf > 0.05:
+            hu[:, z] = ndi.gaussian_filter(block, (0, psf, psf), truncate=3.5)
+
+
+def _true_tmax(slabs: dict[str, np.ndarray], setup: _Setup) -> np.ndarray:
+    """Truth Tmax (Z, Y, X): delay plus the first peak time of the simulated dispersed residue;
+    0 outside the brain."""
+    brain = slabs["brain"]
+    tmax = np.zeros(brain.shape, dtype=np.float64)
+    phys = setup.params["physiology"]
+    tmax[brain] = slabs["delay"][brain] + hd.residue_peak_time(
+        setup.kind, mtt=slabs["mtt"][brain], tau=slabs["dispersion"][brain], dt=setup.bank.dt,
+        gamma_shape=phys["gamma_shape"])
+    return tmax
+
+
+def simulate_subject(params: dict[str, Any], *, progress: bool = False) -> PhantomSubject:
+    """Make the subject described by ``params`` (from :func:`draw_parameters`), drawing nothing.
+
+    Parameters
+    ----------
+    params : dict
+        As returned by :func:`draw_parameters` (or read back from a subject's ``params.json``).
+    progress : bool
+        Show a tqdm bar over slices.
+
+    Returns
+    -------
+    PhantomSubject
+        Its ``params`` are ``params`` plus derived figures (noise sigma, fine step, template,
+        lesion volumes).
+    """
+    cfg = params["config"]
+    size, slices, frames = cfg["size"], cfg["slices"], cfg["frames"]
+    template = load_template(cfg["anatomy"])
+    affine = scanner_affine(size=size, slices=slices, fov_mm=cfg["fov_mm"],
+                            thickness_mm=cfg["thickness_mm"])
+    fine_t, aif_fine, vof_fine, bank = _curves(params)
+    pixel = cfg["fov_mm"] / size
+    setup = _Setup(template=template, affine=affine, pixel_mm=pixel,
+                   psf_px=acq.psf_sigma_px(cfg["psf_fwhm_mm"], pixel),
+                   times=np.arange(frames) * float(cfg["interval"]), bank=bank,
+                   kind=params["physiology"]["residue"], aif=aif_fine[::bank.step],
+                   vof=vof_fine[::bank.step], params=params)
+    hu = np.empty((frames, slices, size, size), dtype=np.float32)
+    baseline = np.zeros((slices, size, size), dtype=np.float32)
+    per_slice: list[dict[str, np.ndarray]] = []
+    tex_rng = np.random.default_rng(params["texture_seed"])
+    z_iter: Any = range(slices)
+    if progress:
+        from tqdm import tqdm
+
+        z_iter = tqdm(z_iter, desc="slices", unit="slice", leave=False)
+    for z in z_iter:
+        hu[:, z], baseline[z], out = _simulate_slice(setup, z, tex_rng)
+        per_slice.append(out)
+    slabs = {name: np.stack([o[name] for o in per_slice]) for name in per_slice[0]}
+    slabs["tmax"] = _true_tmax(slabs, setup)
+    slabs["penumbra"] = slabs["brain"] & (slabs["tmax"] > 6.0) & ~slabs["core"]
+    _acquire(hu, setup)
+    return _assemble(setup, hu, baseline, slabs, fine_t, aif_fine, vof_fine)
+
+
+def _assemble(setup: _Setup, hu: np.ndarray, baseline: np.ndarray,
+              slabs: dict[str, np.ndarray], fine_t: np.ndarray, aif_fine: np.ndarray,
+              vof_fine: np.ndarray) -> PhantomSubject:
+    params, cfg = setup.params, setup.params["config"]
+    brain = slabs["brain"]
+    maps = {n: np.where(brain, slabs[n], 0.0).astype(np.float32)
+            for n in ("cbf", "cbv", "mtt", "ttp", "tmax", "delay")}
+    masks = {n: slabs[n].astype(bool) for n in MASK_NAMES if n != "territories"}
+    masks["territories"] = np.where(brain, slabs["territories"], 0).astype(np.int16)
+    extras = {n: slabs[n].astype(np.float32) for n in (
+        "cbf_healthy", "dispersion", "severity", "artery_pv", "vessel_fraction", "gm_fraction",
+        "wm_fraction")}
+    voxel_ml = abs(np.linalg.det(setup.affine[:3, :3])) / 1000.0
+    volumes = {n: float(masks[n].sum() * voxel_ml) for n in ("core", "penumbra")}
+    volumes["hypoperfused"] = volumes["core"] + volumes["penumbra"]
+    phys, template = params["physiology"], setup.template
+    derived = {"noise_sigma_hu": acq.noise_sigma(cfg["mas"]) if cfg["noise"] else 0.0,
+               "noise_k": acq.NOISE_K, "psf_sigma_px": setup.psf_px, "fine_dt": setup.bank.dt,
+               "template": template.source,
+               "template_notice": TEMPLATE_NOTICE if template.source == "mni" else None,
+               "rho": cfg["rho"], "kh": cfg["kh"], "volumes_ml": volumes,
+               "lesion": phys["lesion"] is not None and phys["lesion"]["occlusion"] != "none"}
+    full = {**params, **derived}
+    uid = int.from_bytes(hashlib.sha256(repr(sorted(cfg.items())).encode()).digest()[:12],
+                         "big")
+    meta = {"series_uid": f"2.25.{uid}", "description": f"ctperf phantom seed {cfg['seed']}",
+            "scanner": "ctperf digital phantom", "kvp": 80, "mas": cfg["mas"],
+            "timing_source": "phantom"}
+    series = CTPSeries(hu=hu, times=setup.times, affine=setup.affine, meta=meta)
+    truth = PerfusionMaps(maps=maps, affine=setup.affine, provenance={
+        "method": "ctperf phantom truth", "constants": {"rho": cfg["rho"], "kH": cfg["kh"]},
+        "tmax_convention": "delay + first time of the maximum of the dispersed residue "
+                           f"(relative tolerance {hd.TMAX_FLAT_TOL:g}, fine grid)",
+        "residue": phys["residue"], "seed": int(cfg["seed"])})
+    return PhantomSubject(series=series, truth=truth, masks=masks, aif=setup.aif, vof=setup.vof,
+                          motion=np.asarray(params["motion"], dtype=np.float64).reshape(-1, 6),
+                          params=full, baseline=baseline, extras=extras, fine_times=fine_t,
+                          aif_fine=aif_fine, vof_fine=vof_fine)
 
 
 def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int = 89,
@@ -173,7 +386,9 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
                      psf_fwhm_mm: float = 1.2, fov_mm: float = 230.0, thickness_mm: float = 5.0,
                      rho: float = hd.RHO, kh: float = hd.KH, progress: bool = False
                      ) -> PhantomSubject:
-    """Simulate one CTP study with its true perfusion maps, generated slice by slice.
+    """Simulate one CTP study with its true perfusion maps.
+
+    :func:`draw_parameters` then :func:`simulate_subject`.
 
     Parameters
     ----------
@@ -191,7 +406,7 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
         Force an MCA occlusion (True), none (False) or draw one with probability
         ``1 - lesion_free_fraction`` (None).
     residues : tuple of str
-        Residue shapes to draw from, per subject or per territory.
+        Residue shapes to draw the subject's one shape from.
     anatomy : str
         ``"auto"``, ``"procedural"`` or ``"mni"``.
     aif_peak : float, optional
@@ -209,140 +424,9 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
     -------
     PhantomSubject
     """
-    residues = tuple(residues)
-    _check(size, slices, frames, interval, mas, motion, residues)
-    if not 0.0 <= lesion_free_fraction <= 1.0:
-        raise ValidationError(f"lesion_free_fraction must be in [0, 1], got {lesion_free_fraction}")
-    config = {"seed": int(seed), "size": size, "slices": slices, "frames": frames,
-              "interval": interval, "mas": mas, "motion": motion, "lesion": lesion,
-              "residues": list(residues), "anatomy": anatomy,
-              "lesion_free_fraction": lesion_free_fraction, "aif_peak": aif_peak,
-              "noise": noise, "psf_fwhm_mm": psf_fwhm_mm, "fov_mm": fov_mm,
-              "thickness_mm": thickness_mm}
-    streams = [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(6)]
-    r_pose, r_phys, r_aif, r_motion, r_noise, r_tex = streams
-    template = load_template(anatomy)
-    pose = draw_pose(r_pose)
-    base_hu = acq.draw_baseline(r_pose)
-    pv_field = draw_field(r_pose, wavelength_mm=25.0)
-    has_lesion = bool(r_phys.uniform() >= lesion_free_fraction) if lesion is None else lesion
-    phys = draw_physiology(r_phys, lesion=has_lesion, residues=residues)
-    aif_p = _draw_aif(r_aif, aif_peak)
-    times = np.arange(frames) * float(interval)
-    step = int(np.ceil(interval / _FINE_DT - 1e-9))
-    dt = interval / step
-    fine_t = np.arange((frames - 1) * step + 1) * dt
-    aif_fine = hd.aif_curve(fine_t, **{k: aif_p[k] for k in (
-        "peak", "t0", "alpha", "beta", "recirculation", "recirc_delay")})
-    vof_fine = hd.vof_curve(aif_fine, dt, transit_mean=aif_p["vof_transit_mean"])
-    aif, vof = aif_fine[::step], vof_fine[::step]
-    if phys["residue_mode"] == "subject":
-        kinds = (phys["residue"],)
-    else:
-        kinds = tuple(sorted(set(phys["residue_by_territory"].values())))
-    bank = hd.CurveBank.build(aif_fine, dt=dt, step=step, n_frames=frames, kinds=kinds,
-                              gamma_shape=phys["gamma_shape"])
-    affine = scanner_affine(size=size, slices=slices, fov_mm=fov_mm, thickness_mm=thickness_mm)
-    pixel = fov_mm / size
-    sig_psf = acq.psf_sigma_px(psf_fwhm_mm, pixel)
-    shape3 = (slices, size, size)
-    hu = np.empty((frames, *shape3), dtype=np.float32)
-    maps = {n: np.zeros(shape3, dtype=np.float32) for n in ("cbf", "cbv", "mtt", "ttp", "tmax",
-                                                            "delay")}
-    extras = {n: np.zeros(shape3, dtype=np.float32) for n in ("cbf_healthy", "dispersion",
-                                                              "severity", "artery_pv",
-                                                              "vessel_fraction", "gm_fraction",
-                                                              "wm_fraction")}
-    masks = {n: np.zeros(shape3, dtype=bool) for n in MASK_NAMES if n != "territories"}
-    masks["territories"] = np.zeros(shape3, dtype=np.int16)
-    baseline = np.zeros(shape3, dtype=np.float32)
-    z_iter: Any = range(slices)
-    if progress:
-        from tqdm import tqdm
-
-        z_iter = tqdm(z_iter, desc="slices", unit="slice", leave=False)
-    for z in z_iter:
-        sub = np.stack([patient_to_template(voxel_centres(affine, size=size, z=z + u), pose)
-                        for u in _SUBSLICES])
-        frac = sample_template(template, sub).mean(axis=1)  # (C, Y, X)
-        q = sub[len(_SUBSLICES) // 2]
-        pv = 0.725 + 0.175 * np.clip(cosine_field(q, pv_field), -1, 1)
-        art = frac[CHANNELS.index("artery")]
-        frac[CHANNELS.index("csf")] += art * (1 - pv)
-        frac[CHANNELS.index("artery")] = art * pv
-        labels, severity = territory_fields(q, phys)
-        tex = acq.smooth_noise(r_tex, (3, size, size), sigma_px=1.2 / pixel)
-        gm, wm = frac[0], frac[1]
-        par = tissue_parameters(q, gm, wm, severity, tex[:2], phys)
-        mtt = np.clip(par["mtt"], hd.MTT_MIN, hd.MTT_MAX)
-        cbv = par["cbf"] * mtt / 60.0
-        d_steps = bank.quantize_delay(par["delay"])
-        t_idx = bank.quantize_tau(par["tau"])
-        delay = d_steps * dt
-        tau = bank.taus[t_idx]
-        tissue = gm + wm
-        enh, ttp = _tissue_enhancement(bank, kinds, phys, labels=labels, tissue=tissue,
-                                       cbf=par["cbf"], mtt=mtt, delay_steps=d_steps,
-                                       tau_index=t_idx, times=times, rho=rho, kh=kh)
-        a_frac = frac[CHANNELS.index("artery")].ravel()
-        v_frac = frac[CHANNELS.index("vein")].ravel()
-        ves = np.flatnonzero((a_frac > 0) | (v_frac > 0))
-        enh[ves] += (a_frac[ves, None] * aif[None] + v_frac[ves, None] * vof[None]).astype(
-            np.float32)
-        base = acq.baseline_hu(frac, base_hu, tex[2])
-        hu[:, z] = enh.T.reshape(frames, size, size)
-        hu[:, z] += base[None]
-        del enh
-        baseline[z] = _blur(base, sig_psf)
-        art_b = _blur(frac[CHANNELS.index("artery")], sig_psf)
-        vein_b = _blur(frac[CHANNELS.index("vein")], sig_psf)
-        tmax = delay + mtt / 2
-        slice_masks = _slice_masks(frac, art_b, vein_b, labels=labels, cbf=par["cbf"],
-                                   cbf_healthy=par["cbf_healthy"], tmax=tmax)
-        for name, mask in slice_masks.items():
-            masks[name][z] = mask
-        brain = slice_masks["brain"]
-        for name, val in (("cbf", par["cbf"]), ("cbv", cbv), ("mtt", mtt),
-                          ("ttp", ttp.reshape(size, size)), ("tmax", tmax), ("delay", delay)):
-            maps[name][z] = np.where(brain, val, 0.0)
-        for name, val in (("cbf_healthy", par["cbf_healthy"]), ("dispersion", tau),
-                          ("severity", severity), ("artery_pv", art_b),
-                          ("vessel_fraction", art_b + vein_b), ("gm_fraction", gm),
-                          ("wm_fraction", wm)):
-            extras[name][z] = val
-    category, motion_params = acq.draw_motion(r_motion, motion, times)
-    for t in range(1, frames):
-        if np.any(np.abs(motion_params[t]) > 1e-6):
-            hu[t] = acq.apply_motion(hu[t], affine, motion_params[t])
-    sigma = acq.noise_sigma(mas) if noise else 0.0
-    for z in range(slices):
-        block = hu[:, z]
-        if sigma > 0:
-            block += r_noise.standard_normal(block.shape, dtype=np.float32) * np.float32(
-                sigma / acq.filtered_std(sig_psf) if sig_psf > 0.05 else sigma)
-        if sig_psf > 0.05:
-            hu[:, z] = ndi.gaussian_filter(block, (0, sig_psf, sig_psf), truncate=3.5)
-    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000.0
-    volumes = {n: float(masks[n].sum() * voxel_ml) for n in ("core", "penumbra")}
-    volumes["hypoperfused"] = volumes["core"] + volumes["penumbra"]
-    params = {"config": config, "pose": pose, "baseline_hu": base_hu, "artery_pv_field": pv_field,
-              "physiology": phys, "aif": aif_p, "motion_category": category,
-              "noise_sigma_hu": sigma, "noise_k": acq.NOISE_K, "psf_sigma_px": sig_psf,
-              "fine_dt": dt, "template": template.source,
-              "template_notice": TEMPLATE_NOTICE if template.source == "mni" else None,
-              "rho": rho, "kh": kh,
-              "volumes_ml": volumes, "lesion": phys["lesion"] is not None
-              and phys["lesion"]["occlusion"] != "none"}
-    uid = int.from_bytes(hashlib.sha256(repr(sorted(config.items())).encode()).digest()[:12],
-                         "big")
-    meta = {"series_uid": f"2.25.{uid}",
-            "description": f"ctperf phantom seed {seed}", "scanner": "ctperf digital phantom",
-            "kvp": 80, "mas": mas, "timing_source": "phantom"}
-    series = CTPSeries(hu=hu, times=times, affine=affine, meta=meta)
-    truth = PerfusionMaps(maps=maps, affine=affine, provenance={
-        "method": "ctperf phantom truth", "constants": {"rho": rho, "kH": kh},
-        "tmax_convention": "delay + MTT/2", "seed": int(seed)})
-    return PhantomSubject(series=series, truth=truth, masks=masks, aif=aif, vof=vof,
-                          motion=motion_params, params=params, baseline=baseline, extras=extras,
-                          fine_times=fine_t, aif_fine=aif_fine, vof_fine=vof_fine)
-
+    params = draw_parameters(
+        seed=seed, size=size, slices=slices, frames=frames, interval=interval, mas=mas,
+        motion=motion, lesion=lesion, residues=residues, anatomy=anatomy,
+        lesion_free_fraction=lesion_free_fraction, aif_peak=aif_peak, noise=noise,
+        psf_fwhm_mm=psf_fwhm_mm, fov_mm=fov_mm, thickness_mm=thickness_mm, rho=rho, kh=kh)
+    return simulate_subject(params, progress=progress)

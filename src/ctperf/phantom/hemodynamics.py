@@ -11,17 +11,27 @@ transit-time density of shape ``k``). Curves are computed on a fine grid of step
 dividing the frame interval) and sampled at the acquisition times, so that no fitting model sees
 data made by its own discretisation.
 
+The arterial input is a gamma variate (the transit from the arm vein to the brain arteries)
+convolved with the injection, a rectangle of duration volume / rate, plus a later and broader
+recirculation of the same form; both are evaluated in closed form at any time.
+
 Vectorisation: per subject, a small bank holds the dispersed AIF for a grid of ``tau`` (0.1 s steps)
 and, for the exponential and gamma residues, the full convolution for a log-spaced grid of MTT
-values (linear interpolation between neighbours: relative error < 1e-3). Voxel delays are rounded
-to the fine grid and ``tau`` to its 0.1 s grid; the truth maps report those rounded values, so they
-are exactly what was simulated. The box residue is exact in MTT:
+values (linear interpolation between neighbours: relative error < 1e-3). Voxel delays (which may be
+slightly negative: tissue reached before the artery the AIF is measured in) are rounded to the fine
+grid and ``tau`` to its 0.1 s grid; the truth maps report those rounded values, so they are exactly
+what was simulated. The box residue is exact in MTT:
 ``C = k CBF (A(t - d) - A(t - d - MTT))`` with ``A`` the running integral of the dispersed AIF.
+
+True Tmax (:func:`residue_peak_time`): ``delay`` plus the first time at which the dispersed
+residue ``(h_disp * R)(t)``, evaluated on the fine grid, reaches its maximum (within a relative
+:data:`TMAX_FLAT_TOL`, which only matters on a plateau: an undispersed box gives ``delay``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -29,14 +39,19 @@ from scipy import fft as sfft
 from scipy import signal, special
 
 __all__ = [
+    "DELAY_MIN",
     "KH",
     "RESIDUES",
     "RHO",
+    "TMAX_FLAT_TOL",
     "CurveBank",
     "aif_curve",
+    "aif_from_params",
     "dispersion_kernel",
+    "draw_aif",
     "gamma_variate",
     "residue",
+    "residue_peak_time",
     "vof_curve",
 ]
 
@@ -47,7 +62,11 @@ RESIDUES: tuple[str, ...] = ("box", "exponential", "gamma")
 TAU_STEP = 0.1
 TAU_MAX = 4.0
 MTT_MIN, MTT_MAX, N_MTT = 0.8, 32.0, 72
-DELAY_MAX = 15.0
+#: Range of voxel delays (s) the bank simulates; negative = before the AIF's artery.
+DELAY_MIN, DELAY_MAX = -2.0, 15.0
+#: Relative tolerance that makes "the first time the maximum is reached" well posed on a plateau.
+TMAX_FLAT_TOL = 1e-3
+_PEAK_MTT_RATIO = 1.005  # MTT grid of the peak-time table: 0.5 % steps
 
 
 def gamma_variate(t: np.ndarray, *, t0: float, alpha: float, beta: float) -> np.ndarray:
@@ -58,9 +77,24 @@ def gamma_variate(t: np.ndarray, *, t0: float, alpha: float, beta: float) -> np.
     return out / (alpha**alpha * np.exp(-alpha))  # peak at s = alpha
 
 
+def _injected_pass(t: np.ndarray, *, t0: float, alpha: float, beta: float, duration: float
+                   ) -> np.ndarray:
+    """Unit-area gamma variate (arrival ``t0``) convolved with a unit-area rectangle of
+    ``duration`` s, in closed form: the difference of two regularised incomplete gammas."""
+    t = np.asarray(t, dtype=np.float64)
+    x_in = np.clip((t - t0) / beta, 0.0, None)
+    x_out = np.clip((t - t0 - duration) / beta, 0.0, None)
+    return (special.gammainc(alpha + 1, x_in) - special.gammainc(alpha + 1, x_out)) / duration
+
+
 def aif_curve(t: np.ndarray, *, peak: float, t0: float, alpha: float, beta: float,
-              recirculation: float, recirc_delay: float) -> np.ndarray:
-    """Arterial enhancement in HU: first-pass gamma variate plus a broader, later recirculation.
+              injection_s: float, recirculation: float, recirc_delay: float) -> np.ndarray:
+    """Arterial enhancement in HU: the injected first pass plus a broader, later recirculation.
+
+    The first pass is the gamma variate ``(t - t0)^alpha exp(-(t - t0) / beta)`` convolved with
+    a rectangular injection of ``injection_s`` seconds; the recirculation has the same form with
+    twice the scale, starts ``recirc_delay`` later and holds ``recirculation`` times the first
+    pass's area.
 
     Parameters
     ----------
@@ -69,21 +103,64 @@ def aif_curve(t: np.ndarray, *, peak: float, t0: float, alpha: float, beta: floa
     peak : float
         First-pass peak enhancement in HU.
     t0, alpha, beta : float
-        Arrival (s), shape and scale (s) of the first pass.
+        Arrival (s), shape and scale (s) of the gamma variate.
+    injection_s : float
+        Duration of the injection (contrast volume / injection rate), s.
     recirculation : float
         Area of the recirculation relative to the first pass (0-0.3).
     recirc_delay : float
-        Delay of the recirculation after the first pass (s).
+        Delay of the recirculation's arrival after the first pass's (s).
+
+    Returns
+    -------
+    ndarray, float64, shape (n,)
     """
-    first = gamma_variate(t, t0=t0, alpha=alpha, beta=beta)
-    second = gamma_variate(t, t0=t0 + recirc_delay, alpha=alpha, beta=2.0 * beta)
-    # the second bolus has twice the scale, so equal peaks would mean twice the area
-    return peak * (first + 0.5 * recirculation * second)
+    def shape(tt: np.ndarray, start: float, scale: float) -> np.ndarray:
+        return _injected_pass(tt, t0=start, alpha=alpha, beta=scale, duration=injection_s)
+
+    # the first pass's maximum, from a dense grid over its support (relative error < 1e-6)
+    span = injection_s + (alpha + 10 * np.sqrt(alpha + 1)) * beta
+    top = float(np.max(shape(t0 + np.linspace(0.0, span, 20001), t0, beta)))
+    total = (shape(t, t0, beta)
+             + recirculation * shape(t, t0 + recirc_delay, 2.0 * beta))  # both unit area
+    return peak * total / top
+
+
+def draw_aif(rng: np.random.Generator, peak: float | None = None) -> dict[str, float]:
+    """Draw the parameters of :func:`aif_curve` and of the VOF's transit (JSON-able).
+
+    Arrival 3-12 s, shape 2-5, scale 1-2.5 s (the gamma variate peaking at most 8 s after
+    arrival), 40-50 mL injected at 4-6 mL/s, first-pass peak 250-600 HU unless ``peak`` is
+    given, recirculation 0-30 % of the first pass's area arriving 10-15 s after it, VOF transit
+    mean 6-9 s.
+    """
+    alpha = float(rng.uniform(2.0, 5.0))
+    beta = float(min(rng.uniform(1.0, 2.5), 8.0 / alpha))
+    volume, rate = float(rng.uniform(40.0, 50.0)), float(rng.uniform(4.0, 6.0))
+    drawn_peak = float(rng.uniform(250, 600))
+    return {"peak": drawn_peak if peak is None else float(peak),
+            "t0": float(rng.uniform(3.0, 12.0)), "alpha": alpha, "beta": beta,
+            "volume_ml": volume, "rate_ml_s": rate, "injection_s": volume / rate,
+            "recirculation": float(rng.uniform(0.0, 0.3)),
+            "recirc_delay": float(rng.uniform(10.0, 15.0)),
+            "vof_transit_mean": float(rng.uniform(6.0, 9.0))}
+
+
+def aif_from_params(t: np.ndarray, params: dict[str, Any]) -> np.ndarray:
+    """:func:`aif_curve` at ``t`` for a dictionary drawn by :func:`draw_aif`."""
+    return aif_curve(t, **{k: params[k] for k in ("peak", "t0", "alpha", "beta", "injection_s",
+                                                  "recirculation", "recirc_delay")})
 
 
 def _exp_hat_weights(tau: float, dt: float, n: int) -> np.ndarray:
     """Weights w_k = integral exp(-s/tau)/tau * hat(s/dt - k) ds (hat: the linear-interpolation
     basis), so that sum_k x[n - k] w_k is the exact convolution of the piecewise-linear x."""
+    rising, falling = _exp_hat_halves(tau, dt, n)
+    return rising + falling
+
+
+def _exp_hat_halves(tau: float, dt: float, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The parts of :func:`_exp_hat_weights` from the rising and the falling half of each hat."""
     k = np.arange(n, dtype=np.float64)
 
     def i0(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -96,7 +173,7 @@ def _exp_hat_weights(tau: float, dt: float, n: int) -> np.ndarray:
     rising = np.where(k >= 1, i1(lo1, hi1) / dt - (k - 1) * i0(lo1, hi1), 0.0)
     lo2, hi2 = k * dt, (k + 1) * dt
     falling = (k + 1) * i0(lo2, hi2) - i1(lo2, hi2) / dt
-    return rising + falling
+    return rising, falling
 
 
 def dispersion_kernel(tau: float, dt: float, n: int) -> np.ndarray:
@@ -170,11 +247,14 @@ class CurveBank:
               kinds: tuple[str, ...], gamma_shape: float = 3.0) -> CurveBank:
         """Tables for ``kinds`` from the AIF sampled at ``k * dt`` (k = 0, 1, ...).
 
-        ``aif_fine`` must cover ``n_frames`` frames (``(n_frames - 1) * step + 1`` samples).
-        Delays up to ``DELAY_MAX`` and MTT up to ``MTT_MAX`` fit in the zero padding.
+        ``aif_fine`` should cover the frames and ``-DELAY_MIN`` s beyond the last one (tissue
+        reached before the AIF's artery sees the AIF of later times); samples beyond are
+        ignored, missing ones read as 0. Delays up to ``DELAY_MAX`` and MTT up to ``MTT_MAX``
+        fit in the zero padding before the AIF.
         """
         pad = int(np.ceil((DELAY_MAX + MTT_MAX + 2 * dt) / dt / step)) * step
-        n_j = pad // step + n_frames + 1
+        early = int(np.ceil(-DELAY_MIN / dt / step)) + 1  # frames of AIF after the last one
+        n_j = pad // step + n_frames + early
         n_f = n_j * step
         ca = np.zeros(n_f)
         m = min(aif_fine.size, n_f - pad)
@@ -209,8 +289,8 @@ class CurveBank:
 
     def quantize_delay(self, delay: np.ndarray) -> np.ndarray:
         """Delay in fine steps (nearest), clipped to what the padding allows."""
-        top = int(np.floor(DELAY_MAX / self.dt))
-        return np.clip(np.rint(np.asarray(delay) / self.dt), 0, top).astype(np.int64)
+        low, top = int(np.ceil(DELAY_MIN / self.dt)), int(np.floor(DELAY_MAX / self.dt))
+        return np.clip(np.rint(np.asarray(delay) / self.dt), low, top).astype(np.int64)
 
     def _rows(self, kind: str, curve: np.ndarray, start: np.ndarray) -> np.ndarray:
         table = self.tables[kind]
@@ -256,3 +336,56 @@ class CurveBank:
             out += w * self._rows(kind, base + lo + 1, start)
         out *= scale[:, None]
         return out
+
+
+def residue_peak_time(kind: str, *, mtt: np.ndarray, tau: np.ndarray, dt: float,
+                      gamma_shape: float = 3.0) -> np.ndarray:
+    """Time (s) of the first maximum of the dispersed residue ``(h_disp * R)(t)``.
+
+    The convention for true Tmax is ``delay + residue_peak_time``. ``R`` is sampled on the fine
+    grid ``k * dt`` and convolved with the same unit-area dispersion weights the simulation
+    applies (:func:`dispersion_kernel`); the result is the first grid time at which the curve
+    comes within a relative :data:`TMAX_FLAT_TOL` of its maximum. On a plateau (a box residue)
+    this is where the plateau is reached: 0 without dispersion, about ``7 tau`` (at most MTT)
+    with it; on a smooth peak it is slightly before the argmax (see the phantom documentation).
+    MTT is rounded to a 0.5 % grid; dispersion values are used as given (the simulation's
+    0.1 s grid).
+
+    Parameters
+    ----------
+    kind : str
+        Residue shape, one of :data:`RESIDUES`.
+    mtt, tau : ndarray, shape (N,)
+        Mean transit time and mean of the dispersion kernel (s); MTT is clipped to
+        [MTT_MIN, MTT_MAX].
+    dt : float
+        Fine-grid step (s).
+    gamma_shape : float
+        Shape of the gamma residue.
+
+    Returns
+    -------
+    ndarray, float64, shape (N,)
+    """
+    mtt = np.clip(np.asarray(mtt, dtype=np.float64), MTT_MIN, MTT_MAX)
+    tau = np.asarray(tau, dtype=np.float64)
+    n_grid = int(np.ceil(np.log(MTT_MAX / MTT_MIN) / np.log(_PEAK_MTT_RATIO))) + 1
+    grid = np.geomspace(MTT_MIN, MTT_MAX, n_grid)
+    row = np.rint(np.interp(np.log(mtt), np.log(grid), np.arange(n_grid))).astype(np.int64)
+    n = int(np.ceil(MTT_MAX / dt)) + 3  # every peak lies at or before MTT
+    nfft = sfft.next_fast_len(2 * n)
+    used = np.unique(row)
+    res_hat = sfft.rfft(residue(kind, np.arange(n) * dt, grid[used, None], shape=gamma_shape),
+                        nfft, axis=1)
+    where = np.searchsorted(used, row)
+    out = np.empty(mtt.shape)
+    for value in np.unique(tau):
+        sel = tau == value
+        curves = sfft.irfft(sfft.rfft(dispersion_kernel(float(value), dt, n), nfft)[None]
+                            * res_hat, nfft, axis=1)[:, :n]
+        if value > 0:  # R is 0 before 0, not a ramp from R(0): drop the last hat's far half
+            curves -= _exp_hat_halves(float(value), dt, n)[1][None]  # R(0) = 1
+        top = curves.max(axis=1, keepdims=True)
+        first = np.argmax(curves >= top * (1.0 - TMAX_FLAT_TOL), axis=1)
+        out[sel] = first[where[sel]] * dt
+    return out

@@ -6,11 +6,12 @@ MCA (M1: the whole territory; M2: its superior or inferior division) creates a s
 ``s`` in [0, 1] that rises smoothly from the territory border inwards (collaterals at the border).
 With ``s``: ``CBF = (1 - 0.95 s) x healthy``; ``CBV`` follows a piecewise-linear factor (up to
 1.2 x at moderate ``s``, 0.3 x at ``s = 1``), ``delay`` rises by ``sqrt(s) x`` a per-subject
-maximum (4-9 s) and dispersion by ``s x`` 1-2.5 s. Within the 40 mm slab this gives cores of
-0-100 mL (median ~15) and hypoperfused volumes of 20-180 mL (median ~70). Healthy fields vary
-smoothly and by texture, never constant inside a tissue. Benign oligaemia (in some lesion-free
-subjects) is a mild severity field in one MCA territory: slightly later arrival (up to ~0.75 s),
-CBF down by at most 10 %.
+maximum (4-9 s) and dispersion by ``s x`` 1-2.5 s. Healthy fields vary smoothly and by texture,
+never constant inside a tissue, and their smooth part is left/right symmetric (a healthy brain
+perfuses both hemispheres alike); healthy delays may be slightly negative (tissue reached before
+the artery the AIF is measured in). The residue shape is one per subject. Benign oligaemia (in
+some lesion-free subjects) is a mild severity field in one MCA territory: slightly later arrival,
+CBF down by at most 10 %. Measured distributions are in the phantom documentation.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.phantom.geometry import cosine_field, draw_field
+from ctperf.phantom.geometry import cosine_field, draw_field, symmetric_field
 
-__all__ = ["TERRITORIES", "draw_physiology", "territory_fields", "tissue_parameters"]
+__all__ = ["DELAY_FLOOR", "TERRITORIES", "draw_physiology", "territory_fields", "tissue_parameters"]
 
 #: Territory labels: 0 outside, then ACA/MCA/PCA right (1-3) and left (4-6).
 TERRITORIES: dict[int, str] = {1: "ACA_R", 2: "MCA_R", 3: "PCA_R",
@@ -31,6 +32,8 @@ _SEEDS = {"ACA": ((6.0, 22.0, 40.0), (2.6, 0.8, 0.9)),
           "MCA": ((44.0, -5.0, 14.0), (1.0, 1.0, 1.0)),
           "PCA": ((14.0, -78.0, 4.0), (1.3, 0.75, 1.0))}
 _M2 = {"M2sup": (46.0, 8.0, 34.0), "M2inf": (46.0, -30.0, 0.0)}
+#: Earliest healthy arrival relative to the AIF's artery (s).
+DELAY_FLOOR = -1.0
 # CBV factor against severity: up to 1.2 x in the penumbra, 0.3 x at full severity
 _CBV_S = (0.0, 0.45, 0.74, 1.0)
 _CBV_F = (1.0, 1.2, 0.65, 0.3)
@@ -38,7 +41,17 @@ _CBV_F = (1.0, 1.2, 0.65, 0.3)
 
 def draw_physiology(rng: np.random.Generator, *, lesion: bool, residues: tuple[str, ...]
                     ) -> dict[str, Any]:
-    """Draw every haemodynamic parameter of a subject (JSON-able)."""
+    """Draw every haemodynamic parameter of a subject (JSON-able).
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator
+        The subject's physiology stream.
+    lesion : bool
+        Draw an MCA occlusion (else, sometimes, a benign oligaemia).
+    residues : tuple of str
+        Residue shapes to draw the subject's one shape from.
+    """
     p: dict[str, Any] = {
         "cbf_gm": float(np.clip(rng.normal(60, 8), 42, 80)),
         "cbf_wm": float(np.clip(rng.normal(25, 4), 17, 34)),
@@ -46,7 +59,9 @@ def draw_physiology(rng: np.random.Generator, *, lesion: bool, residues: tuple[s
         # and CBV follows (GM ~4.0, WM ~2.2 mL/100 g)
         "mtt_gm": float(np.clip(rng.normal(4.0, 0.35), 3.2, 5.0)),
         "mtt_wm": float(np.clip(rng.normal(5.3, 0.45), 4.3, 6.5)),
-        "delay_base": float(rng.uniform(0.0, 0.6)),
+        # with the smooth field (about +-0.5 s) and WM's later arrival: GM about -0.9 to 1.1 s,
+        # WM -0.4 to 1.6 s (clipped at DELAY_FLOOR)
+        "delay_base": float(rng.uniform(-0.4, 0.6)),
         "tau_base": float(rng.uniform(0.05, 0.3)),
         "field_cbf": draw_field(rng, wavelength_mm=45.0),
         "field_cbv": draw_field(rng, wavelength_mm=45.0),
@@ -57,12 +72,7 @@ def draw_physiology(rng: np.random.Generator, *, lesion: bool, residues: tuple[s
     }
     p["cbv_gm"] = p["cbf_gm"] * p["mtt_gm"] / 60.0
     p["cbv_wm"] = p["cbf_wm"] * p["mtt_wm"] / 60.0
-    if len(residues) > 1 and rng.uniform() < 0.5:
-        p["residue_mode"] = "territory"
-        p["residue_by_territory"] = {str(k): str(rng.choice(residues)) for k in TERRITORIES}
-    else:
-        p["residue_mode"] = "subject"
-        p["residue"] = str(rng.choice(residues))
+    p["residue"] = str(rng.choice(residues))
     p["gamma_shape"] = float(rng.uniform(2.5, 5.0))
     if lesion:
         kind = str(rng.choice(["M1", "M2sup", "M2inf"], p=[0.5, 0.25, 0.25]))
@@ -147,14 +157,16 @@ def tissue_parameters(q: np.ndarray, gm: np.ndarray, wm: np.ndarray, severity: n
     """
     tissue = gm + wm
     safe = np.maximum(tissue, 1e-6)
-    f_cbf = (1 + 0.10 * cosine_field(q, phys["field_cbf"])) * (1 + 0.05 * texture[0])
+    f_cbf = (1 + 0.10 * symmetric_field(q, phys["field_cbf"])) * (1 + 0.05 * texture[0])
     # CBV follows CBF with its own smaller variation, so healthy MTT varies by ~6 % only
-    f_cbv = f_cbf * (1 + 0.05 * cosine_field(q, phys["field_cbv"])) * (1 + 0.03 * texture[1])
+    f_cbv = (f_cbf * (1 + 0.05 * symmetric_field(q, phys["field_cbv"]))
+             * (1 + 0.03 * texture[1]))
     cbf_h = (gm * phys["cbf_gm"] + wm * phys["cbf_wm"]) * f_cbf
     cbv_h = (gm * phys["cbv_gm"] + wm * phys["cbv_wm"]) * f_cbv
     wm_share = wm / safe
-    delay = phys["delay_base"] + 0.4 * wm_share + 0.25 * (1 + cosine_field(q, phys["field_delay"]))
-    tau = phys["tau_base"] + 0.1 * (1 + cosine_field(q, phys["field_tau"]))
+    delay = np.maximum(phys["delay_base"] + 0.5 * wm_share
+                       + 0.35 * symmetric_field(q, phys["field_delay"]), DELAY_FLOOR)
+    tau = np.maximum(phys["tau_base"] + 0.1 * (1 + symmetric_field(q, phys["field_tau"])), 0.0)
     les = phys.get("lesion")
     s = severity.astype(np.float64)
     if les is not None and les["oligaemia"]:  # mild: blood flow and volume barely change
