@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import add_filter_options
+from ctperf.commands import add_filter_options, add_overwrite_option
 
 __all__ = ["ORDER", "register", "run"]
 
@@ -21,7 +21,8 @@ def register(subparsers: Any) -> None:
                     "the first, bilateral filter guided by the temporal mean), "
                     "compute box-model NLR maps and lesions, and score them against the truth. "
                     "Writes OUT/phantom/ (study, true maps, masks, preview.png), OUT/maps/ (as "
-                    "`ctperf maps`), OUT/evaluation.json, OUT/comparison.png and OUT/report.md.")
+                    "`ctperf maps`), OUT/evaluation.json, OUT/comparison.png, OUT/report.md and "
+                    "OUT/report.html (one self-contained file).")
     p.add_argument("out", type=Path, nargs="?", default=Path("ctperf-demo"),
                    help="output folder [ctperf-demo]")
     p.add_argument("--size", type=int, default=256,
@@ -38,6 +39,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-register", action="store_true",
                    help="skip motion correction (filter only)")
     add_filter_options(p)
+    add_overwrite_option(p)
     p.set_defaults(func=run)
 
 
@@ -50,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
     from ctperf.errors import ValidationError
     from ctperf.evaluation.metrics import dice
     from ctperf.evaluation.plots import comparison_figure
+    from ctperf.evaluation.report import html_report, markdown_tables_to_html, png_data_uri
     from ctperf.evaluation.truth import compare_with_truth, truth_table_markdown
     from ctperf.perfusion import analyse_study, segment_lesions
     from ctperf.phantom import generate_subject, write_subject
@@ -59,12 +62,13 @@ def run(args: argparse.Namespace) -> int:
         if value < least:
             raise ValidationError(f"demo: {name} must be at least {least}, got {value}")
     do_register = not (args.no_register or args.no_preprocess)
+    io.check_output(args.out, overwrite=args.overwrite)
     print(f"[1/4] simulating a {args.size} x {args.size} x {args.slices} x {args.frames} "
           f"phantom study (seed {args.seed}, {args.motion} motion)")
     subject = generate_subject(seed=args.seed, size=args.size, slices=args.slices,
                                frames=args.frames, motion=args.motion, lesion=True,
                                progress=True)
-    with io.atomic_dir(args.out) as tmp:
+    with io.atomic_dir(args.out, overwrite=args.overwrite) as tmp:
         write_subject(subject, tmp / "phantom", dicom=False, preview=True)
         steps = ("maps" if args.no_preprocess else "motion correction, bilateral filter, maps"
                  if do_register else "bilateral filter, maps")
@@ -133,6 +137,21 @@ def run(args: argparse.Namespace) -> int:
                   "![phantom](phantom/preview.png)\n")
         with io.atomic_file(tmp / "report.md") as md:
             md.write_text(report)
+        intro = (f"Phantom seed {args.seed}, study {' x '.join(map(str, subject.series.shape))} "
+                 f"(T, Z, Y, X), simulated motion: {args.motion}, {steps_done}.")
+        figures = "".join(
+            f'<figure><img src="{png_data_uri((tmp / rel).read_bytes())}" alt="{cap}">'
+            f"<figcaption>{cap}</figcaption></figure>\n"
+            for rel, cap in (("maps/overview.png", "maps and lesions"),
+                             ("comparison.png", f"{args.method} against the true maps"),
+                             ("phantom/preview.png", "the phantom study")))
+        page = html_report(title=f"ctperf demo: {args.method} on a digital phantom",
+                           sections=[("", f'<p class="note">{intro}</p>'),
+                                     ("Agreement with the truth", markdown_tables_to_html(table)),
+                                     ("Figures", figures)])
+        with io.atomic_file(tmp / "report.html") as page_file:
+            page_file.write_text(page, encoding="utf-8")
     print(table)
-    print(f"wrote {args.out}/report.md, comparison.png, maps/ and phantom/")
+    print(f"wrote {args.out}/report.html (self-contained), report.md, comparison.png, maps/ "
+          "and phantom/")
     return 0

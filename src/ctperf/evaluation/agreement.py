@@ -132,9 +132,10 @@ def icc1k(ratings: np.ndarray) -> dict[str, float]:
         raise CTPerfError(f"the ICC needs pingouin ({exc}); pip install 'ctperf[stats]'") from None
     long = pd.DataFrame({"case": np.repeat(np.arange(n), k), "reader": np.tile(np.arange(k), n),
                          "value": table.ravel()})
-    with warnings.catch_warnings():  # pingouin's own use of deprecated pandas keywords
+    with warnings.catch_warnings():  # pingouin's use of deprecated pandas keywords
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", RuntimeWarning)  # its other ICC forms on equal readers
         res = pingouin.intraclass_corr(data=long, targets="case", raters="reader",
                                        ratings="value")
     row = res[res["Type"].isin(["ICC1k", "ICC(1,k)"])].iloc[0]

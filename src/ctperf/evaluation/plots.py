@@ -9,7 +9,14 @@ import numpy as np
 
 from ctperf.types import PerfusionMaps
 
-__all__ = ["DISPLAY_WINDOWS", "comparison_figure"]
+__all__ = [
+    "DISPLAY_WINDOWS",
+    "bland_altman_figure",
+    "comparison_figure",
+    "side_by_side_figure",
+    "training_curves_figure",
+    "volume_scatter_figure",
+]
 
 #: Display window per map in its physical unit.
 DISPLAY_WINDOWS: dict[str, tuple[float, float]] = {
@@ -79,5 +86,178 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
     if outlines:
         axes[0, 0].legend(fontsize=7, facecolor="black", labelcolor="white", loc="lower left")
     fig.suptitle(title or f"slice {z}", color="white")
+    fig.tight_layout()
+    return fig
+
+
+def _pyplot() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
+                        names: Sequence[str] = ("cbv", "cbf", "delay", "tmax"),
+                        z: int | None = None, mask: np.ndarray | None = None,
+                        outlines: Mapping[str, np.ndarray] | None = None,
+                        title: str = "") -> Any:
+    """One slice of several readers' maps and the first one's differences (paper, Figures 2-3).
+
+    Parameters
+    ----------
+    readings : sequence of (label, PerfusionMaps)
+        The estimate first (e.g. the prediction), then its references (e.g. NLR, truth); same
+        grid. Rows: each reader, then ``estimate - reference`` for every reference.
+    names : sequence of str
+        Maps to show, one column each (those missing anywhere are skipped).
+    z : int, optional
+        Slice; by default the one with the largest ``mask`` area.
+    mask : bool ndarray (Z, Y, X), optional
+        Voxels to show (e.g. the brain); others are blank.
+    outlines : mapping of str to bool ndarray (Z, Y, X), optional
+        Contours drawn on every map panel (e.g. the reference core and hypoperfused region).
+    """
+    plt = _pyplot()
+    first = readings[0][1]
+    names = [n for n in names if all(n in m for _, m in readings)]
+    if mask is None:
+        mask = np.ones(first.shape, dtype=bool)
+    if z is None:
+        area = mask.sum(axis=(1, 2))
+        z = int(np.argmax(area)) if area.any() else first.shape[0] // 2
+    _, dy, dx = first.spacing
+    label0 = readings[0][0]
+    rows = [(label, m, False) for label, m in readings]
+    rows += [(f"{label0} - {label}", m, True) for label, m in readings[1:]]
+    colours = ("magenta", "white", "cyan", "yellow")
+    fig, axes = plt.subplots(len(rows), max(len(names), 1), squeeze=False, facecolor="black",
+                             figsize=(2.9 * max(len(names), 1), 2.7 * len(rows)))
+    for j, name in enumerate(names):
+        lo, hi = DISPLAY_WINDOWS.get(name, (float(np.nanmin(first[name])),
+                                            float(np.nanmax(first[name]))))
+        for i, (label, maps, is_diff) in enumerate(rows):
+            ax = axes[i, j]
+            img = np.where(mask[z], maps[name][z], np.nan)
+            if is_diff:
+                img = np.where(mask[z], first[name][z], np.nan) - img
+                cmap, vmin, vmax = "RdBu_r", -(hi - lo) / 2, (hi - lo) / 2
+            else:
+                cmap, vmin, vmax = "turbo", lo, hi
+            shown = ax.imshow(img, cmap=plt.get_cmap(cmap).with_extremes(bad="black"),
+                              vmin=vmin, vmax=vmax, aspect=dy / dx, interpolation="nearest")
+            if not is_diff:
+                for k, (key, outline) in enumerate((outlines or {}).items()):
+                    if outline[z].any():
+                        ax.contour(outline[z].astype(float), levels=[0.5],
+                                   colors=colours[k % len(colours)], linewidths=0.8)
+                    if i == 0 and j == 0:
+                        ax.plot([], [], color=colours[k % len(colours)], label=key)
+            ax.set_title(f"{name} {label} [{first.units.get(name, '')}]", color="white",
+                         fontsize=8)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+            bar.ax.tick_params(colors="white", labelsize=6)
+    if outlines and names:
+        axes[0, 0].legend(fontsize=6, facecolor="black", labelcolor="white", loc="lower left")
+    fig.suptitle(title or f"slice {z}", color="white")
+    fig.tight_layout()
+    return fig
+
+
+def _panel_grid(n: int, *, width: float = 3.6, height: float = 3.2) -> tuple[Any, Any]:
+    plt = _pyplot()
+    cols = min(n, 3)
+    rows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    return fig, axes.flat
+
+
+def bland_altman_figure(rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Any:
+    """Bland-Altman plots of lesion volumes (paper, Figure 7): one panel per Table 2 row.
+
+    Parameters
+    ----------
+    rows : sequence of mapping
+        Lesion rows of :func:`ctperf.evaluation.cohort.evaluate_readers` (``lesion``,
+        ``estimate``, ``reference``, ``cases`` with volumes in mL, ``volumes.bland_altman``).
+    """
+    fig, axes = _panel_grid(len(rows))
+    for ax, row in zip(axes, rows, strict=False):
+        a = np.array([c["volume_estimate_ml"] for c in row["cases"].values()])
+        b = np.array([c["volume_reference_ml"] for c in row["cases"].values()])
+        ba = row["volumes"]["bland_altman"]
+        ax.scatter((a + b) / 2, a - b, s=18, color="tab:blue")
+        for value, style, text in ((ba["bias"], "-", "bias"), (ba["loa_low"], "--", "-1.96 SD"),
+                                   (ba["loa_high"], "--", "+1.96 SD")):
+            if np.isfinite(value):
+                ax.axhline(value, color="tab:red", linestyle=style, linewidth=1)
+                ax.annotate(f"{text} {value:.1f}", (1.0, value), xycoords=("axes fraction",
+                            "data"), ha="right", va="bottom", fontsize=7, color="tab:red")
+        ax.axhline(0, color="grey", linewidth=0.6)
+        ax.set_xlabel("mean volume (mL)", fontsize=8)
+        ax.set_ylabel(f"{row['estimate']} - {row['reference']} (mL)", fontsize=8)
+        ax.set_title(f"{row['lesion']}: {row['estimate']} vs {row['reference']}", fontsize=9)
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def volume_scatter_figure(rows: Sequence[Mapping[str, Any]], *, title: str = "") -> Any:
+    """Lesion volumes of an estimate against its reference, with the identity line and r."""
+    fig, axes = _panel_grid(len(rows), width=3.3)
+    for ax, row in zip(axes, rows, strict=False):
+        a = np.array([c["volume_estimate_ml"] for c in row["cases"].values()])
+        b = np.array([c["volume_reference_ml"] for c in row["cases"].values()])
+        top = float(max(a.max(initial=0), b.max(initial=0))) * 1.05 or 1.0
+        ax.plot([0, top], [0, top], color="grey", linewidth=0.8)
+        ax.scatter(b, a, s=18, color="tab:green")
+        r = row["volumes"]["pearson_r"]
+        ax.set_title(f"{row['lesion']}: r = {r:.2f}" if np.isfinite(r) else row["lesion"],
+                     fontsize=9)
+        ax.set_xlabel(f"{row['reference']} (mL)", fontsize=8)
+        ax.set_ylabel(f"{row['estimate']} (mL)", fontsize=8)
+        ax.set_xlim(0, top)
+        ax.set_ylim(0, top)
+        ax.set_aspect("equal")
+        ax.tick_params(labelsize=7)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def training_curves_figure(log: Sequence[Mapping[str, Any]], *, title: str = "") -> Any:
+    """Training and validation loss per epoch from a training log (``log.csv`` rows).
+
+    Parameters
+    ----------
+    log : sequence of mapping
+        Rows with ``epoch``, ``stage``, ``train_loss`` and ``val_loss`` (numbers or strings;
+        empty validation losses are skipped).
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    stages = list(dict.fromkeys(str(r.get("stage", "")) for r in log))
+    for k, stage in enumerate(stages):
+        rows = [r for r in log if str(r.get("stage", "")) == stage]
+        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+            pts = [(float(r["epoch"]), float(r[key])) for r in rows
+                   if str(r.get(key, "")).strip() not in ("", "nan")]
+            if pts:
+                x, y = zip(*pts, strict=True)
+                ax.plot(x, y, style, color=f"C{k}", label=f"{stage} {key.split('_')[0]}".strip())
+    ax.set_yscale("log")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("MSE loss on [0, 1] maps")
+    ax.legend(fontsize=8)
+    ax.set_title(title or "training curves", fontsize=10)
     fig.tight_layout()
     return fig

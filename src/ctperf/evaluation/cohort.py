@@ -1,0 +1,305 @@
+"""Cohorts of maps and lesion masks on disk, and their agreement: the paper's Tables 1 and 2.
+
+A *reader* is one source of maps or lesions for every study: a method (a maps cohort as ``ctperf
+maps`` writes it, ``<root>/<study>/<map>.nii.gz`` and ``<root>/<study>/lesions/<mask>.nii.gz``),
+the phantom's truth (``<root>/<study>/truth/`` and ``masks/``) or a rater's manual segmentations
+(``<root>/<study>/<lesion>.nii.gz`` masks, or one ITK-SNAP label image ``<root>/<study>.nii.gz``
+or ``<root>/<study>/labels.nii.gz`` with :data:`RATER_LABELS`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctperf.errors import InputError, ValidationError
+from ctperf.evaluation.agreement import case_dice, friedman, summarise_dice, volume_agreement
+from ctperf.evaluation.metrics import (
+    UNIT_WINDOWS,
+    dataset_range,
+    map_agreement,
+    psnr,
+    ssim,
+    unit_mse,
+)
+from ctperf.types import PerfusionMaps
+
+__all__ = [
+    "LESION_NAMES",
+    "MAP_METRICS",
+    "MAP_ORDER",
+    "RATER_LABELS",
+    "Reader",
+    "evaluate_readers",
+    "load_maps_cohort",
+    "load_rater",
+]
+
+#: Maps compared, in table order (``delay`` is the paper's "TTP").
+MAP_ORDER = ("cbv", "cbf", "delay", "tmax", "mtt", "ttp")
+#: Lesions compared, in table order.
+LESION_NAMES = ("core", "hypoperfused", "penumbra")
+#: Per-case map figures, in table order (see :func:`map_case_metrics`).
+MAP_METRICS = ("mse_minmax", "mse_window", "psnr", "ssim", "mae", "bias", "rmse", "pearson_r",
+               "ccc")
+#: Label values of a rater's ITK-SNAP segmentation: 1 core, 2 penumbra (hypoperfused = both).
+RATER_LABELS: dict[str, int] = {"core": 1, "penumbra": 2}
+
+
+@dataclass
+class Reader:
+    """One reader's maps and lesion masks, per study.
+
+    ``maps[study]`` is a :class:`PerfusionMaps` (absent for raters), ``lesions[study][name]`` a
+    bool (Z, Y, X) mask, ``brain[study]`` the brain mask when the reader has one; ``kind`` is
+    ``"method"``, ``"truth"`` or ``"rater"``.
+    """
+
+    label: str
+    kind: str
+    path: str
+    maps: dict[str, PerfusionMaps] = field(default_factory=dict)
+    lesions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
+    brain: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def studies(self) -> list[str]:
+        return sorted(set(self.maps) | set(self.lesions))
+
+
+def _volume(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    from ctperf.io import read_volume
+
+    vol, _ = read_volume(path)
+    if shape is not None and vol.shape != tuple(shape):
+        raise InputError(path, f"grid {vol.shape} (Z, Y, X) differs from the maps' grid "
+                               f"{tuple(shape)}; all readers must share one grid per study")
+    return vol
+
+
+def _study_dirs(root: Path) -> list[Path]:
+    if not root.is_dir():
+        raise InputError(root, "not a folder (expected one sub-folder per study)")
+    subs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not subs:
+        raise InputError(root, "no study sub-folders")
+    return subs
+
+
+def load_maps_cohort(root: str | Path, *, label: str | None = None) -> Reader:
+    """Read a maps cohort (``ctperf maps`` layout) or a phantom cohort (its truth).
+
+    Parameters
+    ----------
+    root : path
+        One sub-folder per study.
+    label : str, optional
+        Reader name; default the ``method`` of the first ``summary.json``, ``truth`` for a
+        phantom cohort, else the folder name.
+    """
+    from ctperf.io import read_maps
+    from ctperf.types import MAP_NAMES
+
+    root = Path(root)
+    subs = _study_dirs(root)
+    phantom = all((s / "truth").is_dir() and (s / "masks").is_dir() for s in subs)
+    reader = Reader(label="", kind="truth" if phantom else "method", path=str(root))
+    method = None
+    for sub in subs:
+        folder = sub / "truth" if phantom else sub
+        names = [n for n in MAP_NAMES if (folder / f"{n}.nii.gz").exists()]
+        if not names:
+            raise InputError(folder, "no map files (<map>.nii.gz); is this a maps cohort?")
+        maps = read_maps(folder, names=names)
+        reader.maps[sub.name] = maps
+        masks = sub / ("masks" if phantom else "lesions")
+        les = {n: _volume(masks / f"{n}.nii.gz", maps.shape) != 0
+               for n in ("core", "penumbra", "hypoperfused", "brain")
+               if (masks / f"{n}.nii.gz").exists()}
+        if "brain" in les:
+            reader.brain[sub.name] = les.pop("brain")
+        if phantom and {"core", "penumbra"} <= set(les):
+            les["hypoperfused"] = les["core"] | les["penumbra"]
+        if les:
+            reader.lesions[sub.name] = les
+        summary = sub / "summary.json"
+        if method is None and summary.exists():
+            try:
+                method = json.loads(summary.read_text()).get("method")
+            except (OSError, json.JSONDecodeError):
+                method = None
+    reader.label = label or ("truth" if phantom else (method or root.name))
+    return reader
+
+
+def load_rater(root: str | Path, shapes: Mapping[str, tuple[int, ...]], *,
+               label: str | None = None) -> Reader:
+    """Read one rater's manual lesion segmentations for the given studies.
+
+    Parameters
+    ----------
+    root : path
+        ``<root>/<study>/{core,hypoperfused,penumbra}.nii.gz`` masks, or one label image per study
+        (``<root>/<study>.nii.gz`` or ``<root>/<study>/labels.nii.gz``, :data:`RATER_LABELS`).
+    shapes : mapping of study -> (Z, Y, X)
+        The studies to read and their grids.
+    label : str, optional
+        Reader name; default the folder name.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise InputError(root, "rater folder does not exist")
+    reader = Reader(label=label or root.name, kind="rater", path=str(root))
+    for study, shape in shapes.items():
+        labels = next((p for p in (root / f"{study}.nii.gz", root / study / "labels.nii.gz")
+                       if p.exists()), None)
+        if labels is not None:
+            img = np.rint(_volume(labels, shape)).astype(np.int64)
+            les = {n: img == v for n, v in RATER_LABELS.items()}
+            les["hypoperfused"] = les["core"] | les["penumbra"]
+        else:
+            les = {n: _volume(root / study / f"{n}.nii.gz", shape) != 0 for n in LESION_NAMES
+                   if (root / study / f"{n}.nii.gz").exists()}
+            if "penumbra" not in les and {"core", "hypoperfused"} <= set(les):
+                les["penumbra"] = les["hypoperfused"] & ~les["core"]
+            if "hypoperfused" not in les and {"core", "penumbra"} <= set(les):
+                les["hypoperfused"] = les["core"] | les["penumbra"]
+        if les:
+            reader.lesions[study] = les
+    if not reader.lesions:
+        raise InputError(root, f"no segmentations for any of the studies {sorted(shapes)} "
+                               "(<study>.nii.gz label image or <study>/<lesion>.nii.gz masks)")
+    return reader
+
+
+def map_case_metrics(estimate: np.ndarray, reference: np.ndarray, *, name: str,
+                     minmax: tuple[float, float], region: np.ndarray | None) -> dict[str, float]:
+    """Every per-case figure of one map (Table 1), inside ``region``.
+
+    ``mse_minmax`` scales both maps with the reference data set's min-max (the paper's [0, 1]
+    maps), ``mse_window`` with ctperf's fixed window (:data:`UNIT_WINDOWS`, clipped); PSNR (dB)
+    and SSIM are computed on the fixed-window maps; MAE, bias, RMSE, Pearson r and Lin's CCC in
+    the map's unit.
+    """
+    window = UNIT_WINDOWS.get(name, minmax)
+    agree = map_agreement(estimate, reference, mask=region)
+    mse_w = unit_mse(estimate, reference, window=window, mask=region)
+    lo, hi = window
+    scaled = [np.clip((np.asarray(a, np.float64) - lo) / (hi - lo), 0, 1)
+              for a in (estimate, reference)]
+    return {"mse_minmax": unit_mse(estimate, reference, window=minmax, clip=False, mask=region),
+            "mse_window": mse_w, "psnr": psnr(mse_w),
+            "ssim": ssim(scaled[0], scaled[1], mask=region),
+            "mae": agree.mae, "bias": agree.bias, "rmse": agree.rmse,
+            "pearson_r": agree.pearson_r, "ccc": agree.ccc, "n_voxels": agree.n}
+
+
+def _mean_sd(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
+    nan = float("nan")
+    return {"mean": float(v.mean()) if v.size else nan,
+            "sd": float(v.std(ddof=1)) if v.size > 1 else nan, "n": int(v.size)}
+
+
+def _map_pairs(readers: Sequence[Reader]) -> list[tuple[Reader, Reader]]:
+    """Methods against the first method (the reference), then every method against the truth."""
+    methods = [r for r in readers if r.kind == "method"]
+    truth = [r for r in readers if r.kind == "truth"]
+    pairs = [(m, methods[1]) for m in methods if m is not methods[1]] if len(methods) > 1 else []
+    return pairs + [(m, t) for t in truth for m in methods]
+
+
+def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> dict[str, Any]:
+    """Tables 1 and 2 and the Friedman tests for a list of readers over the same studies.
+
+    Parameters
+    ----------
+    readers : sequence of Reader
+        In order: the prediction, the reference, further methods, then the truth and raters in
+        any order. Maps compare every method with the reference and with the truth; lesions
+        also compare raters with each other and the first two methods with every rater.
+    studies : sequence of str
+        Studies every reader has (maps for methods and truth, lesions for raters).
+
+    Returns
+    -------
+    dict
+        ``maps`` (Table 1 rows), ``lesions`` (Table 2 rows), ``friedman`` (one per lesion when
+        three or more readers segmented it), ``minmax`` (the paper's ranges per reference and
+        map), ``region`` (where maps were compared). Keys are documented in
+        ``docs/evaluation.md``.
+    """
+    studies = list(studies)
+    truth = next((r for r in readers if r.kind == "truth"), None)
+    brain_src = truth if truth is not None and truth.brain else next(
+        (r for r in readers if r.kind == "method" and r.brain), None)
+    region_of = {s: (brain_src.brain.get(s) if brain_src is not None else None) for s in studies}
+    grid = next((r for r in readers if r.maps), None)
+    if grid is None:
+        raise ValidationError("no reader has maps: the voxel size of the lesions is unknown")
+    voxel_ml = {s: float(np.prod(grid.maps[s].spacing)) / 1000.0 for s in studies}
+    out: dict[str, Any] = {
+        "region": f"brain mask of {brain_src.label}" if brain_src else "all finite voxels",
+        "voxel_ml": voxel_ml, "maps": [], "lesions": [], "friedman": [], "minmax": {}}
+    for est, ref in _map_pairs(readers):
+        for name in MAP_ORDER:
+            if not all(name in est.maps[s] and name in ref.maps[s] for s in studies):
+                continue
+            key = f"{ref.label}/{name}"
+            if key not in out["minmax"]:
+                out["minmax"][key] = list(dataset_range([ref.maps[s][name] for s in studies]))
+            lo_hi = tuple(out["minmax"][key])
+            cases = {s: map_case_metrics(est.maps[s][name], ref.maps[s][name], name=name,
+                                         minmax=lo_hi, region=region_of[s]) for s in studies}
+            out["maps"].append({
+                "estimate": est.label, "reference": ref.label, "map": name,
+                "unit": ref.maps[studies[0]].units.get(name, ""), "window": list(
+                    UNIT_WINDOWS.get(name, lo_hi)), "minmax": list(lo_hi),
+                "summary": {m: _mean_sd([c[m] for c in cases.values()]) for m in MAP_METRICS},
+                "cases": cases})
+    for est, ref in _lesion_pairs(readers):
+        for name in LESION_NAMES:
+            if not all(name in est.lesions.get(s, {}) and name in ref.lesions.get(s, {})
+                       for s in studies):
+                continue
+            out["lesions"].append(_lesion_row(est, ref, name, studies, voxel_ml))
+    for name in LESION_NAMES:
+        have = [r for r in readers
+                if all(name in r.lesions.get(s, {}) for s in studies)]
+        if len(have) >= 3:
+            table = np.array([[np.count_nonzero(r.lesions[s][name]) * voxel_ml[s] for r in have]
+                              for s in studies])
+            out["friedman"].append({"lesion": name, "readers": [r.label for r in have],
+                                    "variable": "volume_ml", **friedman(table)})
+    return out
+
+
+def _lesion_pairs(readers: Sequence[Reader]) -> list[tuple[Reader, Reader]]:
+    raters = [r for r in readers if r.kind == "rater"]
+    methods = [r for r in readers if r.kind == "method"]
+    pairs = _map_pairs(readers)
+    pairs += [(raters[i], raters[j]) for i in range(len(raters))
+              for j in range(i + 1, len(raters))]
+    return pairs + [(m, r) for r in raters for m in methods[:2]]
+
+
+def _lesion_row(est: Reader, ref: Reader, name: str, studies: Sequence[str],
+                voxel_ml: Mapping[str, float]) -> dict[str, Any]:
+    cases: dict[str, Any] = {}
+    for s in studies:
+        a, b = est.lesions[s][name], ref.lesions[s][name]
+        if a.shape != b.shape:
+            raise ValidationError(f"{name} of {s}: {est.label} grid {a.shape} differs from "
+                                  f"{ref.label} grid {b.shape}")
+        cases[s] = {**case_dice(a, b), "volume_estimate_ml": np.count_nonzero(a) * voxel_ml[s],
+                    "volume_reference_ml": np.count_nonzero(b) * voxel_ml[s]}
+    va = [c["volume_estimate_ml"] for c in cases.values()]
+    vb = [c["volume_reference_ml"] for c in cases.values()]
+    return {"lesion": name, "estimate": est.label, "reference": ref.label,
+            "dice": summarise_dice(list(cases.values())).as_dict(),
+            "volumes": volume_agreement(va, vb), "cases": cases}

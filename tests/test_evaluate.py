@@ -1,0 +1,224 @@
+"""``ctperf evaluate``: Tables 1 and 2, figures and the self-contained HTML report."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctperf import io
+from ctperf.cli import main
+from ctperf.evaluation.metrics import map_agreement
+from ctperf.types import PerfusionMaps
+
+AFFINE = np.diag([2.0, 2.0, 5.0, 1.0])  # 2 x 2 x 5 mm voxels: 0.02 mL each
+SHAPE = (2, 24, 24)
+STUDIES = ("s01", "s02", "s03", "s04")
+
+
+def _truth_maps(rng: np.random.Generator, core: np.ndarray) -> dict[str, np.ndarray]:
+    cbf = rng.uniform(30, 70, SHAPE).astype(np.float32)
+    cbf[core] = 8.0
+    cbv = (cbf / 15).astype(np.float32)
+    delay = np.where(core, 6.0, 1.0).astype(np.float32)
+    return {"cbf": cbf, "cbv": cbv, "delay": delay, "tmax": delay + 2, "mtt": 60 * cbv / cbf}
+
+
+def _square(z: int, y0: int, size: int) -> np.ndarray:
+    m = np.zeros(SHAPE, bool)
+    m[z, y0:y0 + size, 6:6 + size] = True
+    return m
+
+
+def _write_reader(root: Path, study: str, maps: dict[str, np.ndarray], lesions: dict,
+                  brain: np.ndarray, method: str) -> None:
+    folder = root / study
+    out = {k: np.where(brain, v, np.nan).astype(np.float32) for k, v in maps.items()}
+    io.write_maps_nifti(PerfusionMaps(maps=out, affine=AFFINE), folder)
+    for name, mask in {**lesions, "brain": brain}.items():
+        io.write_volume(mask, AFFINE, folder / "lesions" / f"{name}.nii.gz")
+    io.write_json({"method": method}, folder / "summary.json")
+
+
+@pytest.fixture(scope="module")
+def cohorts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two methods and two raters on four synthetic studies; s04 has no core in the reference.
+
+    pred = reference + 2 mL/100 g/min on CBF everywhere (so its CBF bias is exactly 2); pred's
+    core is the reference core shifted by one row (Dice (2 * 12) / (16 + 16) = 0.75 for a 4 x 4
+    square), except s04 where the reference has no core and pred finds none either (both empty).
+    """
+    tmp_path = tmp_path_factory.mktemp("cohorts")
+    rng = np.random.default_rng(7)
+    brain = np.zeros(SHAPE, bool)
+    brain[:, 2:22, 2:22] = True
+    roots = {k: tmp_path / k for k in ("pred", "ref", "rater1", "rater2")}
+    for i, study in enumerate(STUDIES):
+        ref_core = _square(0, 6, 4) if study != "s04" else np.zeros(SHAPE, bool)
+        pred_core = _square(0, 7, 4) if study != "s04" else np.zeros(SHAPE, bool)
+        hypo = _square(1, 4, 8 + i) | ref_core
+        maps = _truth_maps(rng, ref_core)
+        ref_les = {"core": ref_core, "hypoperfused": hypo, "penumbra": hypo & ~ref_core}
+        pred_les = {"core": pred_core, "hypoperfused": hypo | pred_core,
+                    "penumbra": (hypo | pred_core) & ~pred_core}
+        _write_reader(roots["ref"], study, maps, ref_les, brain, "nlr")
+        _write_reader(roots["pred"], study, {**maps, "cbf": maps["cbf"] + 2}, pred_les, brain,
+                      "unet")
+        # rater 1: an ITK-SNAP label image (1 core, 2 penumbra); rater 2: one mask per lesion
+        labels = np.where(ref_core, 1, np.where(hypo, 2, 0)).astype(np.uint8)
+        io.write_volume(labels, AFFINE, roots["rater1"] / f"{study}.nii.gz")
+        io.write_volume(hypo | _square(1, 4 + 8 + i, 1), AFFINE,
+                        roots["rater2"] / study / "hypoperfused.nii.gz")
+        io.write_volume(ref_core, AFFINE, roots["rater2"] / study / "core.nii.gz")
+    with (roots["pred"] / "log.csv").open("w") as f:
+        f.write("epoch,stage,train_loss,val_loss,lr,seconds\n"
+                "1,pretrain,0.05,0.06,1e-5,1\n2,pretrain,0.03,0.04,1e-5,1\n"
+                "1,finetune,0.02,0.03,1e-5,1\n")
+    return roots
+
+
+@pytest.fixture(scope="module")
+def evaluated(cohorts: dict[str, Path]) -> Path:
+    """``ctperf evaluate`` of the synthetic cohorts, run once for the tests that read it."""
+    out = cohorts["pred"].parent / "eval"
+    assert main(["evaluate", str(cohorts["pred"]), str(cohorts["ref"]), str(out),
+                 "--raters", str(cohorts["rater1"]), str(cohorts["rater2"])]) == 0
+    return out
+
+
+def _csv(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_evaluate_synthetic_tables_json_and_report(cohorts, evaluated):
+    out = evaluated
+    for rel in ("table1.csv", "table2.csv", "evaluation.json", "report.html", "friedman.csv",
+                "figures/maps_s01.png", "figures/bland_altman_unet_vs_nlr.png",
+                "figures/volumes_unet_vs_nlr.png", "figures/training.png"):
+        assert (out / rel).is_file(), rel
+
+    t1 = {r["map"]: r for r in _csv(out / "table1.csv") if r["estimate"] == "unet"}
+    assert float(t1["cbf"]["bias_mean"]) == pytest.approx(2.0, abs=1e-4)  # float32 maps
+    assert float(t1["cbf"]["mae_mean"]) == pytest.approx(2.0, abs=1e-4)
+    # CBF window 0-100: a 2 mL/100 g/min offset is 0.02 -> MSE 4e-4 (no value reaches the clip)
+    assert float(t1["cbf"]["mse_window_mean"]) == pytest.approx(4e-4, rel=1e-3)
+    # paper's normalisation: the reference's dataset-wide min-max (its minimum is a brain
+    # value, NaN background is not a number); the same offset over that range
+    lo, hi = float(t1["cbf"]["minmax_low"]), float(t1["cbf"]["minmax_high"])
+    assert float(t1["cbf"]["mse_minmax_mean"]) == pytest.approx((2 / (hi - lo)) ** 2, rel=1e-3)
+    assert float(t1["cbv"]["mse_window_mean"]) == 0 and float(t1["cbv"]["ssim_mean"]) == 1
+    assert t1["cbv"]["psnr_mean"] == ""  # infinite PSNR of identical maps is left empty
+
+    rows = {(r["lesion"], r["estimate"], r["reference"]): r for r in _csv(out / "table2.csv")}
+    core = rows[("core", "unet", "nlr")]
+    # s01-s03: Dice 0.75 each; s04 (no reference core, both empty) is left out, not scored
+    assert (int(core["dice_n"]), int(core["dice_excluded"]), int(core["dice_undefined"])) == (
+        3, 1, 1)
+    assert float(core["dice_mean"]) == pytest.approx(0.75)
+    assert float(core["volume_estimate_mean_ml"]) == pytest.approx(16 * 0.02 * 3 / 4)
+    assert float(core["mean_abs_diff_ml"]) == 0.0  # the shifted core has the same volume
+    # raters: label image and masks read the same core
+    r12 = rows[("core", "rater1", "rater2")]
+    assert float(r12["dice_mean"]) == 1.0 and float(r12["cr_ml"]) == 0.0
+    hyp = rows[("hypoperfused", "rater1", "rater2")]
+    # rater 2's hypoperfused region has one voxel (0.02 mL) more than rater 1's in every study
+    assert float(hyp["ba_bias_ml"]) == pytest.approx(-0.02, abs=1e-9)
+    assert float(hyp["cr_ml"]) == pytest.approx(0.0, abs=1e-9)  # the same offset every time
+
+    doc = json.loads((out / "evaluation.json").read_text())
+    assert doc["studies"] == list(STUDIES)
+    assert [r["label"] for r in doc["readers"]] == ["unet", "nlr", "rater1", "rater2"]
+    case = next(r for r in doc["lesions"] if (r["lesion"], r["estimate"]) == ("core", "unet"))
+    assert case["cases"]["s04"] == {"dice": None, "excluded": "no lesion in the reference",
+                                    "undefined": True, "volume_estimate_ml": 0.0,
+                                    "volume_reference_ml": 0.0}
+    fried = {f["lesion"]: f for f in doc["friedman"]}
+    assert fried["hypoperfused"]["k"] == 4 and fried["hypoperfused"]["n"] == 4
+    ref_map = io.read_maps(cohorts["ref"] / "s02")
+    pred_map = io.read_maps(cohorts["pred"] / "s02")
+    direct = map_agreement(pred_map["tmax"], ref_map["tmax"])
+    assert doc["maps"][[r["map"] for r in doc["maps"]].index("tmax")]["cases"]["s02"][
+        "n_voxels"] == direct.n
+
+    page = (out / "report.html").read_text()
+    # self-contained: every image inline, no link to anything outside the file
+    assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)
+    assert "http://" not in page and "https://" not in page and "@import" not in page
+    assert page.count('src="data:image/png;base64,') == len(list((out / "figures").iterdir()))
+    assert "Table 1" in page and "Table 2" in page and "@media print" in page
+
+
+def test_evaluate_refuses_missing_input_in_one_line(tmp_path, capsys):
+    assert main(["evaluate", str(tmp_path / "nope"), str(tmp_path / "nope2"),
+                 str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
+def _browser() -> str | None:
+    return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
+                 if shutil.which(b)), None)
+
+
+def render_screenshot(page: Path, png: Path, *, profile: Path) -> np.ndarray:
+    """Render ``page`` headless into ``png`` and return it as an (H, W, C) float array."""
+    from matplotlib.image import imread
+
+    browser = _browser()
+    assert browser is not None
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--no-first-run", f"--user-data-dir={profile}", f"--screenshot={png}",
+           "--window-size=1280,2000", page.resolve().as_uri()]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    return imread(png)
+
+
+@pytest.mark.skipif(_browser() is None,
+                    reason="no chromium (or chromium-browser/google-chrome) binary on PATH; "
+                           "apt-get install chromium to render the report headless")
+def test_report_renders_in_a_headless_browser(evaluated, tmp_path):
+    png = tmp_path / "report.png"  # kept in the test's output folder for a look
+    img = render_screenshot(evaluated / "report.html", png, profile=tmp_path / "profile")
+    assert img.shape[:2] == (2000, 1280)
+    grey = img[..., :3].mean(axis=-1)
+    # non-blank: a white page with black text, tables and dark map figures
+    assert (grey < 0.5).mean() > 0.02
+    assert grey.std() > 0.1
+
+
+@pytest.mark.slow
+def test_evaluate_phantom_bsvd_against_nlr_fast(tmp_path):
+    """4 phantom subjects at 64 px, bsvd against nlr-fast with the truth (about a minute)."""
+    cohort = tmp_path / "cohort"
+    assert main(["phantom", str(cohort), "--subjects", "4", "--size", "64", "--slices", "2",
+                 "--frames", "50", "--no-dicom", "--lesion-free", "0"]) == 0
+    for sub in sorted(p.name for p in cohort.glob("sub-*")):
+        for method in ("bsvd", "nlr-fast"):
+            assert main(["maps", str(cohort / sub / "study.nii.gz"),
+                         str(tmp_path / method / sub), "--method", method,
+                         "--device", "cpu"]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tmp_path / "bsvd"), str(tmp_path / "nlr-fast"), str(out),
+                 "--truth", str(cohort)]) == 0
+    doc = json.loads((out / "evaluation.json").read_text())
+    pairs = {(r["estimate"], r["reference"]) for r in doc["lesions"]}
+    assert pairs == {("bsvd", "nlr-fast"), ("bsvd", "truth"), ("nlr-fast", "truth")}
+    hyp = next(r for r in doc["lesions"]
+               if (r["lesion"], r["estimate"], r["reference"]) == ("hypoperfused", "nlr-fast",
+                                                                    "truth"))
+    # every phantom subject has an occlusion: 4 scored cases; a broken loader gives 0 or NaN
+    assert hyp["dice"]["n"] == 4 and hyp["dice"]["mean"] > 0.3
+    assert {f["lesion"] for f in doc["friedman"]} == {"core", "hypoperfused", "penumbra"}
+    if _browser() is not None:
+        img = render_screenshot(out / "report.html", tmp_path / "report.png",
+                                profile=tmp_path / "profile")
+        assert (img[..., :3].mean(axis=-1) < 0.5).mean() > 0.02
