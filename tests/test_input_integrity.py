@@ -154,6 +154,13 @@ def test_one_frame_scaled_wrongly_is_named(tmp_path, rng):
         read_nifti_series(path)
 
 
+def test_blank_frame_is_named(tmp_path, rng):
+    data = brain_like(rng, (12, 10, 2, 12))
+    data[..., 0, 7] = -1024  # a frame the scanner filled with air
+    with pytest.raises(InputError, match=r"frame 7, slice 0: .*a blank image"):
+        read_nifti_series(write_nifti(tmp_path / "s.nii.gz", data))
+
+
 def test_raw_values_not_hu_are_refused(tmp_path, rng):
     data = brain_like(rng, (12, 10, 2, 12)) * 100  # air at -100000: not CT numbers
     with pytest.raises(InputError, match=r"outside the -1100\.\.3100 HU"):

@@ -145,7 +145,8 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     Each (frame, slice) image, on a regular sample of its pixels, must have its median within
     :data:`HU_RANGE` and its tissue (voxels above -500 HU) median at most the range's top; and
     the tissue median of a frame must stay near that of the same slice in the other frames
-    (a wrong RescaleSlope or RescaleIntercept in one file moves it far).
+    (a wrong RescaleSlope or RescaleIntercept in one file moves it far), and an image may not
+    be blank where the slice's other frames hold tissue.
 
     Parameters
     ----------
@@ -168,8 +169,9 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
         (median < lo) | (median > hi),
         tissue > hi,
         np.abs(tissue - reference[None, :]) > _TISSUE_JUMP_HU,
+        np.isnan(tissue) & np.isfinite(reference)[None, :],
     ]
-    bad = np.argwhere(problems[0] | problems[1] | problems[2])
+    bad = np.argwhere(np.logical_or.reduce(problems))
     if bad.size == 0:
         return
     t, z = (int(v) for v in bad[0])
@@ -179,6 +181,9 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
                 "images")
     elif problems[1][t, z]:
         what = f"tissue values have a median of {tissue[t, z]:.4g} HU, above {hi:g} HU"
+    elif problems[3][t, z]:
+        what = (f"no tissue (nothing above {_TISSUE_HU:g} HU), while this slice's other frames "
+                f"have a tissue median of {reference[z]:.4g} HU: a blank image")
     else:
         what = (f"tissue median {tissue[t, z]:.4g} HU, while this slice's other frames have "
                 f"{reference[z]:.4g} HU")
