@@ -9,8 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ctperf.perfusion import compute_maps, run_perfusion, select_aif
-from ctperf.perfusion.maps import uniform_grid
+from ctperf.perfusion import compute_maps, resample, run_perfusion, select_aif, uniform_grid
 from test_aif_failsafe import gamma_variate, skullless_study
 
 REFERENCE = np.arange(0.0, 50.0, 0.5)
@@ -28,6 +27,15 @@ def test_uniform_grid():
     # A stray tiny step does not blow the grid up: at most four points per frame.
     jitter = np.r_[0.0, 0.01, np.arange(1.0, 40.0)]
     assert uniform_grid(jitter).size <= 4 * jitter.size + 1
+
+
+def test_resample_matches_np_interp(rng):
+    curves = rng.normal(size=(FAST_THEN_SLOW.size, 3)).astype(np.float32)
+    grid = uniform_grid(FAST_THEN_SLOW)
+    out = resample(curves, FAST_THEN_SLOW, grid)
+    assert out.shape == (grid.size, 3) and out.dtype == np.float32
+    naive = np.stack([np.interp(grid, FAST_THEN_SLOW, c) for c in curves.T], axis=1)
+    np.testing.assert_allclose(out, naive, rtol=1e-5, atol=1e-5)  # float32 rounding
 
 
 def test_select_aif_with_candidates_peaking_in_slow_frames():

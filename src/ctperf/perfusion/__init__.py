@@ -18,8 +18,10 @@ from ctperf.perfusion.curves import (
     bolus_arrival_frame,
     box_model,
     flow_scale,
+    resample,
     time_to_peak,
     to_enhancement,
+    uniform_grid,
 )
 from ctperf.perfusion.lesions import LesionResult, normal_cbf_reference, segment_lesions
 from ctperf.perfusion.maps import METHODS, PerfusionResult, compute_maps, run_perfusion
@@ -50,6 +52,7 @@ __all__ = [
     "flow_scale",
     "normal_cbf_reference",
     "qc_flags",
+    "resample",
     "run_perfusion",
     "segment_lesions",
     "select_aif",
@@ -57,4 +60,5 @@ __all__ = [
     "svd_deconvolve",
     "time_to_peak",
     "to_enhancement",
+    "uniform_grid",
 ]

@@ -22,8 +22,10 @@ __all__ = [
     "bolus_arrival_frame",
     "box_model",
     "flow_scale",
+    "resample",
     "time_to_peak",
     "to_enhancement",
+    "uniform_grid",
 ]
 
 
@@ -183,3 +185,48 @@ def time_to_peak(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
     """Time of each curve's maximum counted from the first frame, s; shape (N,) from (T, N)."""
     t = np.asarray(times, dtype=np.float64)
     return (t[np.argmax(curves, axis=0)] - t[0]).astype(np.float64)
+
+
+def uniform_grid(times: np.ndarray) -> np.ndarray | None:
+    """A uniform time grid for unevenly spaced frames, else None.
+
+    The grid starts at the first frame and steps by the finest frame interval (so fast early
+    sampling keeps its detail), with at most about four times as many points as frames; it
+    ends at or before the last frame.
+
+    Parameters
+    ----------
+    times : ndarray, shape (T,)
+        Frame times, s, strictly increasing.
+
+    Returns
+    -------
+    ndarray, shape (G,), or None when the frames are evenly spaced (within 0.1 %)
+    """
+    t = np.asarray(times, dtype=np.float64)
+    steps = np.diff(t)
+    if np.allclose(steps, steps[0], rtol=1e-3):
+        return None
+    step = max(float(steps.min()), (t[-1] - t[0]) / (4 * t.size))
+    return t[0] + step * np.arange(int(np.floor((t[-1] - t[0]) / step + 1e-6)) + 1)
+
+
+def resample(curves: np.ndarray, times: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """Linear interpolation of curves along time.
+
+    Parameters
+    ----------
+    curves : ndarray, shape (T, ...)
+        Samples at ``times`` (s, strictly increasing).
+    times : ndarray, shape (T,)
+    grid : ndarray, shape (G,)
+        New times within ``[times[0], times[-1]]``, s.
+
+    Returns
+    -------
+    ndarray, shape (G, ...), the dtype of ``curves``
+    """
+    idx = np.clip(np.searchsorted(times, grid, side="right") - 1, 0, times.size - 2)
+    w = (grid - times[idx]) / (times[idx + 1] - times[idx])
+    w = w.reshape(-1, *([1] * (curves.ndim - 1))).astype(curves.dtype)
+    return curves[idx] * (1 - w) + curves[idx + 1] * w

@@ -4,6 +4,18 @@
 mask the brain, subtract baselines, choose AIF and VOF (or take the given ones), correct the AIF
 for partial volume, fit or deconvolve every brain voxel, assemble maps, segment lesions and raise
 QC flags. :func:`compute_maps` returns only the maps.
+
+The partial-volume correction only ever enlarges the AIF. An automatic VOF that
+:func:`~ctperf.perfusion.aif.assess_vof` finds implausible (peaking no later than the AIF, lost in
+noise, or holding clearly less area than the AIF) is dropped with a logged warning and the maps
+are computed from the AIF as measured; a VOF the user gave (curve or mask) that fails the same
+checks is refused with an error, since the user asked for that vein. The provenance's
+``partial_volume`` entry and the ``no_vof`` QC flag record which happened.
+
+Frames need not be evenly spaced. Baseline, arrival, AIF/VOF choice and TTP work on the frames as
+acquired; the fits see tissue and AIF linearly interpolated onto a uniform grid at the finest
+frame interval (:func:`uniform_grid`), so the box model's exact fast objective applies and the
+SVD methods do not fall back to a coarser median step.
 """
 
 from __future__ import annotations
@@ -18,13 +30,19 @@ from scipy import ndimage
 from ctperf.errors import ValidationError
 from ctperf.perfusion.aif import VesselCurve, assess_vof, select_aif, select_vof
 from ctperf.perfusion.boxnlr import fit_box_nlr
-from ctperf.perfusion.curves import bandlimit, bolus_arrival_frame, time_to_peak
+from ctperf.perfusion.curves import (
+    bandlimit,
+    bolus_arrival_frame,
+    resample,
+    time_to_peak,
+    uniform_grid,
+)
 from ctperf.perfusion.lesions import LesionResult, segment_lesions
 from ctperf.perfusion.qc import qc_flags
 from ctperf.perfusion.svd import svd_deconvolve
 from ctperf.types import CTPSeries, PerfusionMaps
 
-__all__ = ["METHODS", "PerfusionResult", "compute_maps", "run_perfusion", "uniform_grid"]
+__all__ = ["METHODS", "PerfusionResult", "compute_maps", "run_perfusion"]
 
 log = logging.getLogger(__name__)
 
@@ -75,28 +93,6 @@ def _voxel_noise_sd(curves: np.ndarray, n_base: int) -> float:
     if n_base >= 3:
         sd = max(sd, float(np.median(c[:n_base].std(axis=0, ddof=1))))
     return sd
-
-
-def uniform_grid(times: np.ndarray) -> np.ndarray | None:
-    """The uniform time grid the fits run on when frames are unevenly spaced, else None.
-
-    The grid starts at the first frame and steps by the finest frame interval (so fast early
-    sampling keeps its detail), at most four times as many points as frames.
-    """
-    t = np.asarray(times, dtype=np.float64)
-    steps = np.diff(t)
-    if np.allclose(steps, steps[0], rtol=1e-3):
-        return None
-    step = max(float(steps.min()), (t[-1] - t[0]) / (4 * t.size))
-    return t[0] + step * np.arange(int(np.floor((t[-1] - t[0]) / step + 1e-6)) + 1)
-
-
-def _resample(curves: np.ndarray, times: np.ndarray, grid: np.ndarray) -> np.ndarray:
-    """Linear interpolation of (T, ...) curves from ``times`` onto ``grid`` (G,): (G, ...)."""
-    idx = np.clip(np.searchsorted(times, grid, side="right") - 1, 0, times.size - 2)
-    w = (grid - times[idx]) / (times[idx + 1] - times[idx])
-    w = w.reshape(-1, *([1] * (curves.ndim - 1))).astype(curves.dtype)
-    return curves[idx] * (1 - w) + curves[idx + 1] * w
 
 
 def _partial_volume(aif_raw: np.ndarray, vof: np.ndarray | None, vof_src: str, t: np.ndarray,
@@ -156,9 +152,10 @@ def run_perfusion(
     method : {"nlr", "nlr-fast", "ssvd", "bsvd", "osvd"}
     aif, vof : ndarray, shape (T,), optional
         Given input/output curves (HU enhancement). A given AIF is used as is unless a VOF (curve
-        or mask) is given too, then it is scaled to the VOF's area.
+        or mask) is given too, then it is scaled up to the VOF's area.
     aif_mask, vof_mask : ndarray of bool, shape (Z, Y, X), optional
-        Voxels to average instead of the automatic choice.
+        Voxels to average instead of the automatic choice. A given VOF (curve or mask) that
+        :func:`~ctperf.perfusion.aif.assess_vof` rejects raises ValidationError.
     mask : ndarray of bool, shape (Z, Y, X), optional
         Brain mask; default :func:`ctperf.preprocess.mask.brain_mask` of the pre-bolus mean,
         CSF excluded.
@@ -294,7 +291,7 @@ def run_perfusion(
     grid = uniform_grid(t)
     fit_t, fit_tissue, fit_aif = t, tissue, aif_used
     if grid is not None:
-        fit_t, fit_tissue, fit_aif = grid, _resample(tissue, t, grid), np.interp(grid, t, aif_used)
+        fit_t, fit_tissue, fit_aif = grid, resample(tissue, t, grid), np.interp(grid, t, aif_used)
     if method in ("nlr", "nlr-fast"):
         fit = fit_box_nlr(fit_tissue, fit_aif, fit_t, mode=method, rho=rho, kh=kh, device=device,
                           progress=progress)
