@@ -45,7 +45,7 @@ def _refusal(exc: Exception) -> str:
     text = str(exc)
     found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
     if found:
-        return (f"holds Python objects beyond tensors and plain data (it needs "
+        return (f"holds Python objects beyond tensors and plain data (it refers to "
                 f"{found.group(1)}); ctperf never loads those, since unpickling them can run "
                 "code from the file: use a checkpoint written by ctperf train")
     if isinstance(exc, pickle.UnpicklingError) or "weights_only" in text:
