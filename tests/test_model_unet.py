@@ -55,6 +55,57 @@ def test_padding_keeps_features_aligned():
         assert torch.equal(conv_layer(pad(x)), x)
 
 
+def _impulse_centroid_offset(depth: int, size: int, pos: tuple[int, int]) -> np.ndarray:
+    """(dy, dx) of the response's centre of mass from a one-pixel impulse at ``pos``."""
+    net = UNet(1, width=1, depth=depth, kernel_size=2)
+    with torch.no_grad():
+        for m in net.modules():  # positive constant weights, no bias: a linear, blurring net
+            if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d):
+                m.weight.fill_(0.1)
+                if m.bias is not None:
+                    m.bias.zero_()
+        x = torch.zeros(1, 1, size, size)
+        x[0, 0, pos[0], pos[1]] = 1.0
+        r = (net(x) - 0.5)[0, 0].double().numpy()  # sigmoid(0) = 0.5 is the zero response
+    assert r.min() >= 0.0 and r.sum() > 0
+    idx = np.arange(size)
+    return np.array([(r.sum(1) * idx).sum(), (r.sum(0) * idx).sum()]) / r.sum() - np.array(pos)
+
+
+@pytest.mark.parametrize(("depth", "size", "pos"),
+                         [(1, 16, (8, 8)), (2, 17, (8, 9)), (3, 64, (32, 31)),
+                          (5, 256, (128, 128)), (5, 255, (127, 129)), (5, 250, (125, 124))])
+def test_two_by_two_blocks_have_a_centred_receptive_field(depth: int, size: int,
+                                                          pos: tuple[int, int]):
+    # the two convolutions of a block pad opposite sides, so their half-pixel shifts cancel;
+    # padding one side in both shifted the response by 1 px per block (45 px at depth 5 here).
+    # Average pooling puts an impulse at one corner of a 2 x 2 cell, so the coarse paths may
+    # be off by up to half a pixel; with the image 8 times wider than the impulse's reach
+    # the borders do not pull the centre (0.01 px leaves room for float32 sums)
+    offset = _impulse_centroid_offset(depth, size, pos)
+    assert np.all(np.abs(offset) <= 0.5), offset
+    if depth <= 3:
+        assert np.all(np.abs(offset) < 0.01), offset
+
+
+def test_block_response_is_symmetric():
+    # one block of two 2 x 2 convolutions with equal weights: the impulse response is the
+    # 3 x 3 binomial kernel (1 2 1) x (1 2 1) centred on the impulse, exactly
+    net = UNet(1, width=1, depth=1, kernel_size=2)
+    block = net.down[0]
+    with torch.no_grad():
+        for m in block:
+            if isinstance(m, torch.nn.Conv2d):
+                m.weight.fill_(1.0)
+                m.bias.zero_()
+        x = torch.zeros(1, 1, 9, 9)
+        x[0, 0, 4, 4] = 1.0
+        r = block(x)[0, 0].numpy()
+    expect = np.zeros((9, 9))
+    expect[3:6, 3:6] = np.outer([1, 2, 1], [1, 2, 1])
+    np.testing.assert_array_equal(r, expect)
+
+
 def test_wrong_input_is_a_clear_error():
     with pytest.raises(ValidationError, match=r"expects input \(B, 8, H, W\)"):
         UNet(8, width=2)(torch.zeros(1, 7, 16, 16))

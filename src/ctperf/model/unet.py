@@ -5,8 +5,11 @@ or more perfusion maps in [0, 1] (sigmoid output). At the default settings it ha
 levels of 64, 128, 256, 512 and 1,024 filters, two convolutions per level, 2 x 2 average pooling,
 2 x 2 up-convolutions, concatenated skip connections and a final 1 x 1 convolution, as in the
 paper. Convolutions use 2 x 2 kernels; an even kernel cannot be centred, so each convolution pads
-one row and one column on the bottom/right side ("same" size, shifted by half a pixel, which the
-next convolution's padding undoes on average). ``kernel_size=3`` gives the usual centred variant.
+one row and one column on one side ("same" size, shifted by half a pixel). The first convolution
+of a block pads the bottom/right side and the second the top/left side, so the two half-pixel
+shifts cancel and every block's receptive field is centred on its output pixel (a shift on the
+same side in both would accumulate to a pixel per block, and to ``2**level`` pixels at the deeper
+levels). ``kernel_size=3`` gives the usual centred variant.
 
 Sizes that are not a multiple of ``2 ** (depth - 1)`` are reflect-padded up to one and the output
 is cropped back, so any H x W works.
@@ -104,10 +107,14 @@ def select_frames(hu: np.ndarray, times: np.ndarray, *, n_frames: int, mode: str
     raise ValidationError(f"frame mode must be 'subsample' or 'resample', got {mode!r}")
 
 
-def _same_pad(kernel_size: int) -> tuple[int, int, int, int]:
+def _same_pad(kernel_size: int, *, flip: bool = False) -> tuple[int, int, int, int]:
+    """Zero padding (left, right, top, bottom) keeping the size; an even kernel pads one side
+    more: the bottom/right side, or the top/left side with ``flip``."""
     total = kernel_size - 1
     before = total // 2
-    return (before, total - before, before, total - before)  # left, right, top, bottom
+    if flip:
+        before = total - before
+    return (before, total - before, before, total - before)
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -121,8 +128,8 @@ def _norm(kind: str, channels: int) -> nn.Module:
 class _DoubleConv(nn.Sequential):
     def __init__(self, cin: int, cout: int, kernel_size: int, norm: str) -> None:
         layers: list[nn.Module] = []
-        for c in (cin, cout):
-            layers += [nn.ZeroPad2d(_same_pad(kernel_size)),
+        for i, c in enumerate((cin, cout)):  # opposite sides: the half-pixel shifts cancel
+            layers += [nn.ZeroPad2d(_same_pad(kernel_size, flip=i == 1)),
                        nn.Conv2d(c, cout, kernel_size, bias=norm == "none"),
                        _norm(norm, cout), nn.ReLU(inplace=True)]
         super().__init__(*layers)
