@@ -96,12 +96,25 @@ def test_box_tiles_noise_free_within_5_percent(mode, rng):
 def test_box_tiles_noisy_correlate(mode, rng):
     vox, truth, per = tile_study(["box"], inner=8, noise=10.0, rng=rng)
     fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
-    r_cbv = np.corrcoef(tile_means(fit.cbv, per), truth["cbv"])[0, 1]
-    r_cbf = np.corrcoef(tile_means(fit.cbf, per), truth["cbf"])[0, 1]
-    # Issue targets: r >= 0.95 (CBV) and >= 0.90 (CBF) at 10 HU per frame. With 64 voxels per
+    cbv, cbf = tile_means(fit.cbv, per), tile_means(fit.cbf, per)
+    r_cbv = np.corrcoef(cbv, truth["cbv"])[0, 1]
+    r_cbf = np.corrcoef(cbf, truth["cbf"])[0, 1]
+    # Targets: r >= 0.95 (CBV) and >= 0.90 (CBF) at 10 HU per frame. With 64 voxels per
     # tile (the fast test; the slow one uses 14 x 14) the tile means are noisier than with 196.
     assert r_cbv >= 0.95, r_cbv
     assert r_cbf >= 0.90, r_cbf
+    # CBV (an area ratio) is unbiased where the tissue is not buried in noise: measured mean
+    # relative bias under 6 % and error under 10 % for CBV >= 2 (peaks of 8 HU and more).
+    rel = cbv / truth["cbv"] - 1
+    firm = truth["cbv"] >= 2
+    assert abs(rel[firm].mean()) < 0.10, rel[firm].mean()
+    assert np.abs(rel[firm]).mean() < 0.15, np.abs(rel[firm]).mean()
+    # Per-voxel CBF is not: at 10 HU noise is fitted as short, tall boxes, and the tile means
+    # of a right-skewed CBF are too high, the more so the weaker the tissue (measured 1.6x at
+    # CBV 5, 2x-2.8x at CBV 3-4, 5.6x at CBV 1). Upper bounds, so that a worse fit fails.
+    ratio = cbf / truth["cbf"]
+    assert np.mean(ratio[truth["cbv"] == 5]) < 1.9
+    assert np.mean(ratio[truth["cbv"] >= 3]) < 2.8
 
 
 def _delay_slope(cbf_est: np.ndarray, truth: dict[str, np.ndarray], *, max_mtt: float = 30.0
@@ -150,3 +163,72 @@ def test_all_shapes_full_tiles_noisy(mode, rng):
     fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
     r_cbv = np.corrcoef(tile_means(fit.cbv, per), truth["cbv"])[0, 1]
     assert r_cbv >= 0.90, r_cbv  # 36 voxels per tile and long truncated exponential tails
+
+
+@pytest.mark.parametrize("mode", ["nlr", "nlr-fast"])
+def test_box_fit_underestimates_cbf_of_other_residues(mode, rng):
+    """Noise-free exponential and linear residues: the box model is misspecified. Asserted as
+    measured (tile study, all 245 tiles per shape), so that the known bias stays visible."""
+    for shape, lo, hi, med in (("exponential", 0.40, 0.62, 0.49), ("linear", 0.60, 0.75, 0.65)):
+        vox, truth, per = tile_study([shape], inner=1, noise=0.0, rng=rng)
+        fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
+        ratio = tile_means(fit.cbf, per) / truth["cbf"]
+        # Measured 0.43-0.59 (median 0.49) exponential, 0.64-0.71 (median 0.65) linear;
+        # bounds a few hundredths wider.
+        assert lo < ratio.min() and ratio.max() < hi, (shape, ratio.min(), ratio.max())
+        assert np.median(ratio) == pytest.approx(med, abs=0.03), (shape, np.median(ratio))
+        # CBV holds better: the box's area still matches most of the curve (measured mean
+        # -13 % exponential, -3 % linear; the exponential's tail runs past the last frame).
+        assert np.mean(tile_means(fit.cbv, per) / truth["cbv"]) > 0.8
+
+
+def _residue_grid(noise: float, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Box, exponential and gamma residues with exponential dispersion (0.3 s on time, 1.5 s
+    when late), built on the 0.02 s grid: curves (T, N), true CBF and the case labels."""
+    from scipy import special
+
+    fine_t = np.arange(0, TIMES[-1] + 40 + FINE / 2, FINE)
+    ca = _aif_fine(fine_t)
+    sample = np.rint(TIMES / FINE).astype(int)
+    curves, cbfs, labels = [], [], []
+    for shape in ("box", "exponential", "gamma"):
+        for cbf in (15.0, 25.0, 35.0, 60.0):
+            for mtt in (3.0, 6.0, 12.0, 18.0):
+                r = {"box": (fine_t < mtt).astype(float), "exponential": np.exp(-fine_t / mtt),
+                     "gamma": special.gammaincc(3.0, 3.0 * fine_t / mtt)}[shape]
+                for delay in (0.0, 3.0, 7.0, 12.0, 14.0):
+                    tau = 0.3 if delay < 2 else 1.5
+                    h = np.exp(-fine_t / tau)
+                    eff = fftconvolve(h / h.sum(), r)[: fine_t.size]
+                    conv = fftconvolve(ca, eff)[: fine_t.size] * FINE
+                    shifted = np.interp(fine_t - delay, fine_t, conv, left=0.0)
+                    curves.append(RHO / KH * cbf / 6000.0 * shifted[sample])
+                    cbfs.append(cbf)
+                    labels.append((shape, cbf, mtt, delay))
+    c = np.array(curves).T
+    return c + noise * rng.standard_normal(c.shape), np.array(cbfs), np.array(labels, dtype=object)
+
+
+@pytest.mark.parametrize("noise", [0.0, 0.2])
+def test_plain_nelder_mead_has_no_cbf_outliers(noise, rng):
+    """High CNR (noise-free and 0.2 HU per frame): no box fit returns CBF above 1.3x the truth
+    on box, exponential or gamma residues, delays 0-14 s, MTT 3-18 s. (The box fit
+    underestimates CBF of the other residues, so 1.3x can only come from a stalled search or
+    an unidentifiable short box; at this noise level there is neither.)"""
+    vox, cbf, labels = _residue_grid(noise, rng)
+    for mode in ("nlr", "nlr-fast"):
+        ratio = fit_box_nlr(vox, true_aif(), TIMES, mode=mode).cbf / cbf
+        assert ratio.max() <= 1.3, (mode, labels[np.argmax(ratio)], ratio.max())
+
+
+def test_tiny_initial_simplex_stalls():
+    """The cause of the outliers: fminsearch's 5 % simplex (0.175 s of delay) stalls on a
+    short box (noise-free, CBF 35, MTT 3 s, no delay) in a local minimum with CBF 1.7x, MTT
+    1.7 s and 50 times the misfit; the default simplex finds the minimum."""
+    vox, _, labels = _residue_grid(0.0, np.random.default_rng(0))
+    pick = [i for i, lab in enumerate(labels) if tuple(lab) == ("box", 35.0, 3.0, 0.0)]
+    small = fit_box_nlr(vox[:, pick], true_aif(), TIMES, mode="nlr", initial_steps=None)
+    default = fit_box_nlr(vox[:, pick], true_aif(), TIMES, mode="nlr")
+    assert small.cbf[0] > 1.3 * 35.0, small.cbf[0]
+    # noise-free box from the 0.02 s grid: within 5 % (the 0.5 s sampling of the AIF)
+    assert default.cbf[0] == pytest.approx(35.0, rel=0.05)
