@@ -156,13 +156,21 @@ def test_all_shapes_full_tiles_noisy(mode, rng):
     fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode, progress=False)
     r_cbv = np.corrcoef(tile_means(fit.cbv, per), truth["cbv"])[0, 1]
     r_cbf = np.corrcoef(tile_means(fit.cbf, per), truth["cbf"])[0, 1]
-    # Issue targets, on 14 x 14 inner voxels per tile.
+    # Targets, on 14 x 14 inner voxels per tile.
     assert r_cbv >= 0.95 and r_cbf >= 0.90, (r_cbv, r_cbf)
+    rel = tile_means(fit.cbv, per) / truth["cbv"] - 1
+    firm = truth["cbv"] >= 2
+    # As in the fast test (CBV unbiased where peaks reach 8 HU), with more voxels per tile.
+    assert abs(rel[firm].mean()) < 0.10 and np.abs(rel[firm]).mean() < 0.15, rel[firm]
     # Non-box residues: the box model is misspecified, but CBV (an area ratio) still tracks.
     vox, truth, per = tile_study(["exponential", "linear"], inner=6, noise=10.0, rng=rng)
     fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
     r_cbv = np.corrcoef(tile_means(fit.cbv, per), truth["cbv"])[0, 1]
     assert r_cbv >= 0.90, r_cbv  # 36 voxels per tile and long truncated exponential tails
+    # Measured mean relative CBV bias -9 % (nlr) and +5 % (nlr-fast), error 14-16 %: the
+    # exponential's tail past the last frame is lost, noise adds short boxes.
+    rel = tile_means(fit.cbv, per) / truth["cbv"] - 1
+    assert abs(rel.mean()) < 0.15 and np.abs(rel).mean() < 0.25, (rel.mean(), np.abs(rel).mean())
 
 
 @pytest.mark.parametrize("mode", ["nlr", "nlr-fast"])
