@@ -37,14 +37,22 @@ docs for their licence notice); otherwise a procedural head is used.
 """
 
 from ctperf.phantom.cohort import generate_cohort, read_subject, subject_seed, write_subject
-from ctperf.phantom.generate import MASK_NAMES, PhantomSubject, generate_subject
+from ctperf.phantom.generate import (
+    MASK_NAMES,
+    PhantomSubject,
+    draw_parameters,
+    generate_subject,
+    simulate_subject,
+)
 
 __all__ = [
     "MASK_NAMES",
     "PhantomSubject",
+    "draw_parameters",
     "generate_cohort",
     "generate_subject",
     "read_subject",
+    "simulate_subject",
     "subject_seed",
     "write_subject",
 ]
