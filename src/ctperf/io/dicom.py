@@ -1,11 +1,13 @@
 """Read a CT perfusion study from a folder of DICOM files.
 
 :func:`read_dicom_series` reads like its steps: find files -> read headers (no pixels) -> choose
-the series -> check geometry -> group slices by position along the slice normal -> order frames in
-time -> decode pixels in parallel -> build the affine. Files may have any names and lie in any
-sub-folder; JPEG Lossless and other compressed transfer syntaxes are decoded by pydicom's plugins
-(pylibjpeg, GDCM). The returned affine maps voxel indices to RAS+ mm (DICOM's LPS with the first
-two axes flipped), like the NIfTI reader's.
+the series -> check geometry -> group slices by position along the slice normal -> check that
+every (frame, slice) image is there once and scaled like the rest -> order frames in time and
+check the timing -> decode pixels in parallel -> check the HU. A study is read whole or refused:
+a folder or file that cannot be read is an error, never skipped. Files may have any names and
+lie in any sub-folder; JPEG Lossless and other compressed transfer syntaxes are decoded by
+pydicom's plugins (pylibjpeg, GDCM). The returned affine maps voxel indices to RAS+ mm (DICOM's
+LPS with the first two axes flipped), like the NIfTI reader's.
 """
 
 from __future__ import annotations
@@ -308,8 +310,9 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     Parameters
     ----------
     folder : path
-        Folder holding the study's files, in any order, names and sub-folders. Non-DICOM files
-        are skipped with a logged warning.
+        Folder holding the study's files, in any order, names and sub-folders. Readable
+        non-DICOM files are skipped with a logged warning; unreadable files or folders, and
+        broken links, are errors.
     series_uid : str, optional
         SeriesInstanceUID to read when the folder holds several series (else an error lists them).
     frame_interval : float, optional
@@ -334,6 +337,14 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         along the slice normal; ``times`` (T,) s from the first acquisition; ``slice_times``
         (T, Z) when slices carry their own times; ``meta`` with series_uid, description,
         scanner, kvp, mas, timing_source, acquisition_start and ``dicom`` (patient/study tags).
+
+    Raises
+    ------
+    ctperf.errors.InputError
+        Naming the file or folder: unreadable or damaged files, duplicate or missing (frame,
+        slice) images, numeric tags that are not numbers, a file whose RescaleSlope/Intercept
+        differ from the series', fewer than three frames, implausible frame timing, images
+        whose values are not CT numbers, or more pixels than memory holds.
     """
     root = Path(folder)
     headers = _choose_series(root, read_dicom_headers(root), series_uid)
