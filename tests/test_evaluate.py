@@ -88,7 +88,8 @@ def evaluated(cohorts: dict[str, Path]) -> Path:
     """``ctperf evaluate`` of the synthetic cohorts, run once for the tests that read it."""
     out = cohorts["pred"].parent / "eval"
     assert main(["evaluate", str(cohorts["pred"]), str(cohorts["ref"]), str(out),
-                 "--raters", str(cohorts["rater1"]), str(cohorts["rater2"])]) == 0
+                 "--raters", str(cohorts["rater1"]), str(cohorts["rater2"]),
+                 "--map-figures", "2"]) == 0
     return out
 
 
@@ -100,9 +101,11 @@ def _csv(path: Path) -> list[dict[str, str]]:
 def test_evaluate_synthetic_tables_json_and_report(cohorts, evaluated):
     out = evaluated
     for rel in ("table1.csv", "table2.csv", "evaluation.json", "report.html", "friedman.csv",
-                "figures/maps_s01.png", "figures/bland_altman_unet_vs_nlr.png",
-                "figures/volumes_unet_vs_nlr.png", "figures/training.png"):
+                "figures/maps_s01.png", "figures/maps_s02.png",
+                "figures/bland_altman_unet_vs_nlr.png", "figures/volumes_unet_vs_nlr.png",
+                "figures/training.png"):
         assert (out / rel).is_file(), rel
+    assert not (out / "figures" / "maps_s03.png").exists()  # --map-figures 2
 
     t1 = {r["map"]: r for r in _csv(out / "table1.csv") if r["estimate"] == "unet"}
     assert float(t1["cbf"]["bias_mean"]) == pytest.approx(2.0, abs=1e-4)  # float32 maps

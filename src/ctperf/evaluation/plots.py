@@ -164,7 +164,7 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
     if outlines and names:
         axes[0, 0].legend(fontsize=6, facecolor="black", labelcolor="white", loc="lower left")
     fig.suptitle(title or f"slice {z}", color="white")
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.02, right=0.95, bottom=0.02, top=0.93, wspace=0.15, hspace=0.18)
     return fig
 
 
