@@ -77,10 +77,13 @@ def _find_files(root: Path) -> list[Path]:
             path = Path(folder) / name
             if name.startswith("."):
                 continue
-            if path.is_symlink() and not path.exists():
-                raise InputError(path, "broken link: the file it points to does not exist")
-            if path.is_file():
-                files.append(path)
+            try:
+                if path.is_symlink() and not path.exists():
+                    raise InputError(path, "broken link: the file it points to does not exist")
+                if path.is_file():
+                    files.append(path)
+            except OSError as exc:  # a folder that can be listed but not entered
+                raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None
     return sorted(files)
 
 
