@@ -16,15 +16,9 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["IDENTIFYING_META", "add_anonymise_option", "add_filter_options",
-           "add_overwrite_option", "add_study_options", "count", "dicom_writer_options",
-           "finite_float", "float_in", "fraction", "non_negative_float", "positive_float",
-           "positive_int", "seed", "without_identity"]
-
-#: ``CTPSeries.meta`` keys that can identify a patient or an examination: the DICOM patient and
-#: study tags, the hospital's UIDs and the acquisition date.
-IDENTIFYING_META = ("dicom", "series_uid", "frame_of_reference_uid", "acquisition_start",
-                    "files")
+__all__ = ["add_anonymise_option", "add_filter_options", "add_overwrite_option",
+           "add_study_options", "count", "finite_float", "float_in", "fraction",
+           "non_negative_float", "positive_float", "positive_int", "seed"]
 
 
 def _number(text: str, kind: type) -> Any:
@@ -130,26 +124,9 @@ def add_overwrite_option(parser: Any) -> None:
 
 
 def add_anonymise_option(parser: Any) -> None:
-    """``--anonymise``: leave patient and institution tags out of the DICOM and JSON written."""
+    """``--anonymise``: de-identify the DICOM written (``anonymise=True`` of the io writers)."""
     parser.add_argument("--anonymise", action="store_true",
-                        help="leave patient identity, birth date, accession number and "
-                             "institution out of the DICOM files and JSON sidecars written")
+                        help="de-identify the DICOM files written (DICOM PS3.15 basic profile: "
+                             "no patient name, ID, birth date, accession number or "
+                             "institution; new UIDs); JSON never carries them")
 
-
-def without_identity(series: Any) -> Any:
-    """``series`` with the :data:`IDENTIFYING_META` keys left out of its ``meta`` (a copy)."""
-    meta = {k: v for k, v in series.meta.items() if k not in IDENTIFYING_META}
-    return series.replace(meta=meta)
-
-
-def dicom_writer_options(writer: Callable[..., Any], *, anonymise: bool) -> dict[str, Any]:
-    """Keyword arguments for a ``ctperf.io`` DICOM writer: ``anonymise=True`` when asked.
-
-    The study handed to the writer should also have gone through :func:`without_identity`, so
-    no patient tag reaches the files even from a writer without the keyword.
-    """
-    import inspect
-
-    if anonymise and "anonymise" in inspect.signature(writer).parameters:
-        return {"anonymise": True}
-    return {}

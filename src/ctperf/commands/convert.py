@@ -36,7 +36,6 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ctperf import io
-    from ctperf.commands import dicom_writer_options, without_identity
     from ctperf.errors import InputError
 
     to_nifti = io.is_nifti(args.dst)
@@ -57,16 +56,14 @@ def run(args: argparse.Namespace) -> int:
         io.check_output(args.dst, inputs=inputs, overwrite=args.overwrite)
     series = io.read_study(args.src, series_uid=args.series,
                            frame_interval=args.frame_interval, progress=True)
-    if args.anonymise:
-        series = without_identity(series)
     if to_nifti:
         io.write_series_nifti(series, args.dst, dtype="int16" if args.int16 else "float32")
         print(f"wrote {args.dst} and {io.nifti.sidecar_path(args.dst).name} "
               f"({series.n_frames} frames)")
     else:
-        options = dicom_writer_options(io.write_series_dicom, anonymise=args.anonymise)
         # The outer folder carries --overwrite; the writer then replaces its own empty folder.
         with io.atomic_dir(args.dst, overwrite=args.overwrite) as tmp:
-            io.write_series_dicom(series, tmp, compress=args.compress, progress=True, **options)
+            io.write_series_dicom(series, tmp, compress=args.compress, anonymise=args.anonymise,
+                                  progress=True)
         print(f"wrote {args.dst} ({series.n_frames * series.shape[1]} DICOM files)")
     return 0

@@ -213,12 +213,11 @@ def write_outputs(result: Any, folder: Path, *, title: str = "",
     overwrite : bool
         Replace an existing ``folder`` that ctperf did not write.
     anonymise : bool
-        DICOM maps without the study's patient, institution and UID tags.
+        De-identified DICOM maps (see :func:`ctperf.io.write_maps_dicom`).
     """
     import matplotlib.pyplot as plt
 
     from ctperf import io
-    from ctperf.commands import dicom_writer_options, without_identity
 
     maps = result.maps
     with io.atomic_dir(folder, overwrite=overwrite) as tmp:
@@ -226,8 +225,8 @@ def write_outputs(result: Any, folder: Path, *, title: str = "",
         masks = {**result.lesions.masks(), "brain": result.brain, "vessels": result.vessels}
         for name, mask in masks.items():
             io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz")
-        io.write_json({**maps.provenance, "maps": maps.names, "units": dict(maps.units)},
-                      tmp / "summary.json")
+        io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
+                                      "units": dict(maps.units)}), tmp / "summary.json")
         fig = overview_figure(result, title=title)
         try:
             with io.atomic_file(tmp / "overview.png") as png:
@@ -235,9 +234,7 @@ def write_outputs(result: Any, folder: Path, *, title: str = "",
         finally:
             plt.close(fig)
         if dicom_source is not None:
-            source = without_identity(dicom_source) if anonymise else dicom_source
-            io.write_maps_dicom(maps, tmp / "dicom", source=source,
-                                **dicom_writer_options(io.write_maps_dicom, anonymise=anonymise))
+            io.write_maps_dicom(maps, tmp / "dicom", source=dicom_source, anonymise=anonymise)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -41,7 +41,6 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ctperf import io
-    from ctperf.commands import dicom_writer_options, without_identity
     from ctperf.model import load_checkpoint, predict_maps
 
     io.check_output(args.out, inputs=(args.study, args.model, args.mask),
@@ -58,12 +57,9 @@ def run(args: argparse.Namespace) -> int:
     maps = maps.replace(provenance={**maps.provenance, "checkpoint": args.model.name})
     with io.atomic_dir(args.out, overwrite=args.overwrite) as tmp:  # all appear, or none
         io.write_maps_nifti(maps, tmp)
-        io.write_json({**maps.provenance, "maps": maps.names, "units": dict(maps.units)},
-                      tmp / "summary.json")
+        io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
+                                      "units": dict(maps.units)}), tmp / "summary.json")
         if args.dicom:
-            source = without_identity(series) if args.anonymise else series
-            io.write_maps_dicom(maps, tmp / "dicom", source=source,
-                                **dicom_writer_options(io.write_maps_dicom,
-                                                       anonymise=args.anonymise))
+            io.write_maps_dicom(maps, tmp / "dicom", source=series, anonymise=args.anonymise)
     print(f"wrote {', '.join(maps.names)} to {args.out}")
     return 0

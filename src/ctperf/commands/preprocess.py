@@ -88,7 +88,6 @@ def _noise(hu: Any, mask: Any, frames: int = 6) -> float:
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ctperf.commands import dicom_writer_options, without_identity
     from ctperf.io import (
         atomic_dir,
         check_output,
@@ -111,13 +110,9 @@ def run(args: argparse.Namespace) -> int:
         meta = dict(result.series.meta)
         meta["preprocess"] = {"registered": not args.no_register, "filtered": not args.no_filter}
         final = result.series.replace(meta=meta)
-        if args.anonymise:
-            final = without_identity(final)
         write_series_nifti(final, tmp / "study.nii.gz")
         if args.dicom:
-            write_series_dicom(final, tmp / "dicom",
-                               **dicom_writer_options(write_series_dicom,
-                                                      anonymise=args.anonymise))
+            write_series_dicom(final, tmp / "dicom", anonymise=args.anonymise)
         write_json({
             "convention": "ITK Euler3DTransform: maps a point of frame 0 (patient mm of the "
                           "affine) to the same anatomy in frame t: x -> R (x - center_mm) + "
