@@ -11,7 +11,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NoReturn
 
 from ctperf import commands
 from ctperf.errors import CTPerfError
@@ -19,10 +19,17 @@ from ctperf.errors import CTPerfError
 __all__ = ["build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line on stderr (exit 2), like every other ctperf error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ctperf import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="ctperf",
         description="CT perfusion maps for acute ischemic stroke (model-based and U-Net).",
     )

@@ -17,8 +17,8 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["add_anonymise_option", "add_filter_options", "add_overwrite_option",
-           "add_study_options", "count", "finite_float", "float_in", "fraction",
-           "non_negative_float", "positive_float", "positive_int", "seed"]
+           "add_study_options", "count", "float_in", "fraction", "non_negative_float",
+           "positive_float", "positive_int", "seed"]
 
 
 def _number(text: str, kind: type) -> Any:
@@ -50,11 +50,6 @@ positive_int = count(1)
 
 #: Argparse type: a random seed, a whole number >= 0.
 seed = count(0)
-
-
-def finite_float(text: str) -> float:
-    """Argparse type: any finite number (thresholds that may be negative)."""
-    return float(_number(text, float))
 
 
 def positive_float(text: str) -> float:
