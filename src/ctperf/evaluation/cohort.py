@@ -40,7 +40,7 @@ __all__ = [
     "load_rater",
 ]
 
-#: Maps compared, in table order (``delay`` is the paper's "TTP").
+#: Maps compared, in table order.
 MAP_ORDER = ("cbv", "cbf", "delay", "tmax", "mtt", "ttp")
 #: Lesions compared, in table order.
 LESION_NAMES = ("core", "hypoperfused", "penumbra")

@@ -29,10 +29,9 @@ __all__ = [
     "unit_mse",
 ]
 
-#: ctperf's fixed window (low, high) per map, in the map's unit, that scales it to [0, 1]. The
-#: U-Net's targets use the same windows (``ctperf.model.normalise.TARGET_WINDOWS``: its ``ttp``
-#: target is the ``delay`` map); ``ttp`` (counted from the first frame) is not a network target
-#: and gets a window that covers a 40 s acquisition.
+#: ctperf's fixed window (low, high) per map, in the map's unit, that scales it to [0, 1]: the
+#: U-Net's target windows (``ctperf.model.normalise.TARGET_WINDOWS``, kept here so evaluation
+#: needs no torch; a test checks that the two agree).
 UNIT_WINDOWS: dict[str, tuple[float, float]] = {
     "cbv": (0.0, 10.0), "cbf": (0.0, 100.0), "delay": (0.0, 15.0), "mtt": (0.0, 20.0),
     "tmax": (0.0, 20.0), "ttp": (0.0, 40.0),

@@ -3,6 +3,12 @@
 Folds are drawn from a seed: the patient ids are sorted, shuffled with ``numpy.random.default_rng
 (seed)`` and split into K nearly equal groups; fold k validates on group k and trains on the rest.
 Patients on an optional held-out test list take part in no fold.
+
+Table 1 gives the MSE on [0, 1] maps two ways. ``*_mse``: ctperf's fixed windows per map (the
+network's targets, ``ctperf.model.normalise``). ``*_mse_paper``: the authors' normalisation, each
+map scaled by its min-max over the whole data set and whole images (background included); on the
+cached targets this is the window MSE times ``((high - low) / (max - min))**2`` (exact where the
+reference lies inside the window; the cache holds window-clipped targets).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import numpy as np
 from ctperf.errors import ValidationError
 from ctperf.model.data import SliceCache
 
-__all__ = ["cross_validate", "format_table", "make_folds"]
+__all__ = ["cross_validate", "format_table", "make_folds", "paper_scale"]
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +63,40 @@ def make_folds(patients: Sequence[str], *, k: int = 3, seed: int = 0,
             for i in range(k)]
 
 
+def paper_scale(meta: dict[str, Any], target: str) -> float | None:
+    """Factor from ctperf's window MSE to the paper's min-max MSE for one target.
+
+    ``((high - low) / (max - min))**2`` with the target's window and its dataset-wide range as
+    recorded in a slice cache's ``meta`` (``windows``, ``target_ranges``); None when the cache
+    has no range (built by an older ctperf) or the range is empty.
+    """
+    lo_hi = meta.get("target_ranges", {}).get(target)
+    window = meta.get("windows", {}).get(target)
+    if not lo_hi or not window or not lo_hi[1] > lo_hi[0]:
+        return None
+    return float(((window[1] - window[0]) / (lo_hi[1] - lo_hi[0])) ** 2)
+
+
 def format_table(rows: Sequence[dict[str, Any]], *, target: str) -> str:
-    """Markdown Table 1: per-fold train and validation MSE on [0, 1] maps, then mean +- SD."""
-    lines = [f"| {target.upper()} fold | train MSE | validation MSE |", "|---|---|---|"]
+    """Markdown Table 1: per-fold train and validation MSE on [0, 1] maps, then mean +- SD.
+
+    Columns: ctperf's fixed windows (``train_mse``, ``val_mse``) and, when the rows have them,
+    the paper's dataset min-max normalisation (``train_mse_paper``, ``val_mse_paper``).
+    """
+    paper = all(r.get("train_mse_paper") is not None for r in rows)
+    cols = [("train_mse", "train MSE (ctperf windows)"),
+            ("val_mse", "validation MSE (ctperf windows)")]
+    if paper:
+        cols += [("train_mse_paper", "train MSE (paper min-max)"),
+                 ("val_mse_paper", "validation MSE (paper min-max)")]
+    lines = [f"| {target.upper()} fold | " + " | ".join(c[1] for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
     for r in rows:
-        lines.append(f"| {r['fold']} | {r['train_mse']:.4f} | {r['val_mse']:.4f} |")
-    tr = np.array([r["train_mse"] for r in rows])
-    va = np.array([r["val_mse"] for r in rows])
+        lines.append(f"| {r['fold']} | " + " | ".join(f"{r[c]:.4f}" for c, _ in cols) + " |")
     sd = (lambda a: float(np.std(a, ddof=1)) if len(a) > 1 else 0.0)  # noqa: E731
-    lines.append(f"| mean +- SD | {tr.mean():.4f} +- {sd(tr):.4f} | "
-                 f"{va.mean():.4f} +- {sd(va):.4f} |")
+    stats = [np.array([r[c] for r in rows], dtype=np.float64) for c, _ in cols]
+    lines.append("| mean +- SD | " + " | ".join(f"{a.mean():.4f} +- {sd(a):.4f}"
+                                              for a in stats) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,19 +153,54 @@ def cross_validate(cache: SliceCache, out: str | Path, *, folds: int = 3, seed: 
         kw = {"target_idx": [cache.target_index(t) for t in targets], "mean": cfg["hu_mean"],
               "std": cfg["hu_std"], "masked": cfg["masked_loss"], "device": device}
         row: dict[str, Any] = {"fold": i, "n_train": len(tr), "n_val": len(va)}
+        splits = {"train": tr, "val": va, **({"test": list(test_patients)} if test_patients
+                                             else {})}
+        scales = [paper_scale(cache.meta, t) for t in targets]
         with torch.no_grad():
-            row["train_mse"] = evaluate_mse(model, cache, cache.rows(tr), **kw)
-            row["val_mse"] = evaluate_mse(model, cache, cache.rows(va), **kw)
-            if test_patients:
-                row["test_mse"] = evaluate_mse(model, cache, cache.rows(test_patients), **kw)
+            for split, patients in splits.items():
+                row[f"{split}_mse"] = evaluate_mse(model, cache, cache.rows(patients), **kw)
+            for split, patients in splits.items():
+                row[f"{split}_mse_paper"] = _paper_mse(
+                    model, cache, cache.rows(patients), row[f"{split}_mse"], scales, kw)
         rows.append(row)
     if int(os.environ.get("RANK", "0")) > 0:
         return rows  # under torchrun only process 0 writes the table
     target = "+".join(targets)
-    cols = list(rows[0])
+    cols = list(rows[0])  # None (no range in an old cache) is written as an empty cell
     with atomic_file(out / "table1.csv") as tmp:
         tmp.write_text(",".join(cols) + "\n" + "".join(
-            ",".join(str(r[c]) for c in cols) + "\n" for r in rows))
+            ",".join("" if r[c] is None else str(r[c]) for c in cols) + "\n" for r in rows))
     with atomic_file(out / "table1.md") as tmp:
         tmp.write_text(format_table(rows, target=target))
     return rows
+
+
+def _paper_mse(model: Any, cache: SliceCache, rows: np.ndarray, window_mse: float,
+               scales: Sequence[float | None], kw: dict[str, Any]) -> float | None:
+    """The paper's min-max MSE from the window MSE: scaled per target, then averaged.
+
+    Every target has the same loss mask, so the pooled MSE is the mean of the per-target ones;
+    with several targets each one's MSE needs its own pass (one output channel at a time).
+    """
+    import torch
+
+    from ctperf.model.train import evaluate_mse
+
+    if any(s is None for s in scales):
+        return None
+    if len(scales) == 1:
+        return window_mse * float(scales[0])  # type: ignore[arg-type]
+
+    class _Channel(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module, c: int) -> None:
+            super().__init__()
+            self.net, self.c = net, c
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x)[:, self.c:self.c + 1]
+
+    per_target = []
+    for c, scale in enumerate(scales):
+        one = {**kw, "target_idx": [kw["target_idx"][c]]}
+        per_target.append(evaluate_mse(_Channel(model, c), cache, rows, **one) * float(scale))
+    return float(np.mean(per_target))

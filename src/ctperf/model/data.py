@@ -276,6 +276,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         rows_patient: list[str] = []
         rows_z: list[int] = []
         have: set[str] | None = None
+        ranges: dict[str, list[float]] = {}  # dataset-wide min/max per target, whole images
         for pid, series, maps, mask in tqdm(iter_cohort(root, reference=reference),
                                             desc="slice cache", disable=not progress):
             if frames is None:
@@ -293,6 +294,10 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
             for target, map_name in TARGET_MAPS.items():
                 if map_name in maps:
                     raw = maps[map_name]
+                    if np.isfinite(raw).any():
+                        lo_hi = ranges.setdefault(target, [np.inf, -np.inf])
+                        lo_hi[:] = [min(lo_hi[0], float(np.nanmin(raw))),
+                                    max(lo_hi[1], float(np.nanmax(raw)))]
                     valid &= resize_slices(np.isfinite(raw).astype(np.float32), size, mask=True)
                     unit = resize_slices(to_unit(np.nan_to_num(raw), target), size)
                     targets.append(unit)
@@ -334,7 +339,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
             del out
         meta = {**config, "size": size, "frames": frames, "targets": targets_kept,
                 "patients": list(stats), "stats": stats, "rows_patient": rows_patient,
-                "rows_z": rows_z, "cohort": str(root)}
+                "rows_z": rows_z, "cohort": str(root), "target_ranges": ranges}
         (tmp / "index.json").write_text(json.dumps(meta) + "\n")
     logger.info("built slice cache %s (%d slices)", path, n)
     return open_slice_cache(path)
