@@ -57,6 +57,24 @@ def test_maps_out_equal_to_the_input_folder_is_refused(dicom_study, capsys):
     assert _tree(patient) == before  # the study is untouched
 
 
+@pytest.mark.parametrize("argv", [
+    ["maps", "{d}", "{d}"], ["preprocess", "{d}", "{d}"], ["convert", "{d}", "{d}"],
+    ["predict", "{d}", "{d}", "--model", "{p}/m.pt"], ["train", "{d}", "{d}"],
+    ["cv", "{d}", "{d}"], ["maps", "{d}", "{p}"], ["predict", "{d}", "{p}/out", "--model",
+                                                 "{p}/out/m.pt", "--overwrite"]],
+    ids=lambda argv: " ".join(argv[:1] + [a.replace("{d}", "D").replace("{p}", "P")
+                                          for a in argv[1:]]))
+def test_every_command_refuses_to_write_over_its_inputs(dicom_study, capsys, argv):
+    patient, dicom = dicom_study
+    (patient / "out").mkdir()
+    (patient / "out" / "m.pt").write_bytes(b"weights")
+    before = _tree(patient)
+    argv = [a.replace("{d}", str(dicom)).replace("{p}", str(patient)) for a in argv]
+    assert main(argv) == 2
+    _one_error_line(capsys, "input")
+    assert _tree(patient) == before
+
+
 def test_convert_out_holding_the_input_is_refused_even_with_overwrite(dicom_study, capsys):
     patient, dicom = dicom_study
     before = _tree(patient)
