@@ -8,6 +8,10 @@ Runs each case in a fresh Python process (so peak RSS belongs to that case alone
 
 Usage: ``python benchmarks/bench_phantom.py [--anatomy auto|procedural|mni] [--quick]``.
 Timings on a shared machine are noisy; compare figures from the same run.
+
+``--distributions N`` instead measures what the phantom simulates over seeds 0..N-1 (AIF width,
+residue shapes, delays, dispersion, Tmax, lesion volumes, healthy left/right symmetry) on
+``--size`` pixel subjects; docs/phantom.md quotes its output.
 """
 
 from __future__ import annotations
@@ -70,11 +74,99 @@ def _run(*args: str) -> dict:
     return result
 
 
+def _fwhm(t, y):
+    import numpy as np
+
+    above = np.flatnonzero(y >= y.max() / 2)
+    return float(t[above[-1]] - t[above[0]])
+
+
+def _pct(values, digits=2):
+    import numpy as np
+
+    v = np.asarray(values, dtype=float)
+    if v.size == 0:
+        return "n/a"
+    q = np.percentile(v, [0, 10, 50, 90, 100])
+    return "min {} / p10 {} / median {} / p90 {} / max {}".format(*(f"{x:.{digits}f}" for x in q))
+
+
+def distributions(n: int, *, size: int, anatomy: str) -> None:
+    """Print the phantom's simulated distributions over seeds 0..n-1."""
+    from collections import Counter
+
+    import numpy as np
+
+    from ctperf.phantom import draw_parameters, generate_subject
+    from ctperf.phantom import hemodynamics as hd
+
+    t = np.arange(0, 90, 0.01)
+    first, total, inj = [], [], []
+    for seed in range(n):
+        a = draw_parameters(seed=seed, size=64, slices=1, frames=12, anatomy=anatomy)["aif"]
+        total.append(_fwhm(t, hd.aif_from_params(t, a)))
+        first.append(_fwhm(t, hd.aif_from_params(t, {**a, "recirculation": 0.0})))
+        inj.append(a["injection_s"])
+    print(f"AIF over {n} seeds (s)\n  first-pass FWHM  {_pct(first, 1)}\n"
+          f"  FWHM with recirc {_pct(total, 1)}\n  injection        {_pct(inj, 1)}")
+    shapes: Counter[str] = Counter()
+    rows: dict[str, list[float]] = {k: [] for k in (
+        "gm_delay", "wm_delay", "neg_frac", "disp", "tmax_healthy", "lr", "core", "hypo",
+        "hypo_old", "false_hypo")}
+    lags: dict[str, list[float]] = {k: [] for k in hd.RESIDUES}
+    for seed in range(n):
+        s = generate_subject(seed=seed, size=size, frames=89, anatomy=anatomy, noise=False)
+        kind = s.params["physiology"]["residue"]
+        shapes[kind] += 1
+        m, tr, ex = s.masks, s.truth, s.extras
+        healthy = m["brain"] & (ex["severity"] == 0)
+        rows["gm_delay"] += list(tr["delay"][healthy & m["gm"]])
+        rows["wm_delay"] += list(tr["delay"][healthy & m["wm"]])
+        rows["neg_frac"].append(float((tr["delay"][m["brain"]] < 0).mean()))
+        rows["disp"] += list(ex["dispersion"][healthy])
+        rows["tmax_healthy"] += list(tr["tmax"][healthy])
+        lags[kind] += list((tr["tmax"] - tr["delay"])[m["brain"]])
+        terr, gm = m["territories"], healthy & m["gm"]
+        right, left = gm & (terr >= 1) & (terr <= 3), gm & (terr >= 4)
+        rows["lr"].append(float(tr["cbf"][right].mean() / tr["cbf"][left].mean()))
+        vol = s.params["volumes_ml"]
+        voxel_ml = float(np.prod(tr.spacing)) / 1000
+        old = ((tr["delay"] + tr["mtt"] / 2 > 6) & m["brain"]).sum() * voxel_ml
+        if s.params["lesion"]:
+            rows["core"].append(vol["core"])
+            rows["hypo"].append(vol["hypoperfused"])
+            rows["hypo_old"].append(float(old))
+        else:
+            rows["false_hypo"].append(vol["hypoperfused"])
+    sub = rows["gm_delay"][:: max(1, len(rows["gm_delay"]) // 200000)]
+    print(f"\n{n} subjects {size} x {size} x 8 x 89 ({anatomy} anatomy)")
+    print(f"  residue shapes       {dict(shapes)}")
+    print(f"  healthy GM delay s   {_pct(sub)}")
+    print(f"  healthy WM delay s   {_pct(rows['wm_delay'])}")
+    print(f"  brain fraction with negative delay, per subject  {_pct(rows['neg_frac'], 3)}")
+    print(f"  healthy dispersion s {_pct(rows['disp'])}")
+    print(f"  healthy Tmax s       {_pct(rows['tmax_healthy'])}")
+    for kind, v in lags.items():
+        print(f"  Tmax - delay, {kind:11s} {_pct(v)}")
+    print(f"  healthy GM CBF right / left  {_pct(rows['lr'], 3)}")
+    print(f"  lesion subjects: core mL          {_pct(rows['core'], 1)}")
+    print(f"  lesion subjects: hypoperfused mL  {_pct(rows['hypo'], 1)}")
+    print(f"  (same, Tmax = delay + MTT / 2)     {_pct(rows['hypo_old'], 1)}")
+    print(f"  lesion-free subjects: hypoperfused mL {_pct(rows['false_hypo'], 1)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--anatomy", default="auto", choices=("auto", "procedural", "mni"))
     parser.add_argument("--quick", action="store_true", help="skip writing; 5-subject cohort")
+    parser.add_argument("--distributions", type=int, metavar="N",
+                        help="measure the simulated distributions over N seeds instead")
+    parser.add_argument("--size", type=int, default=128,
+                        help="in-plane pixels of the subjects for --distributions")
     args = parser.parse_args()
+    if args.distributions:
+        distributions(args.distributions, size=args.size, anatomy=args.anatomy)
+        return
     write = "0" if args.quick else "1"
     n_cohort = 5 if args.quick else 20
     print(f"anatomy={args.anatomy}; shared machine: timings are noisy")

@@ -21,6 +21,7 @@ from ctperf.phantom.geometry import rigid_matrix
 __all__ = [
     "MOTION_CLASSES",
     "NOISE_K",
+    "acquire",
     "apply_motion",
     "baseline_hu",
     "draw_baseline",
@@ -143,3 +144,35 @@ def apply_motion(volume: np.ndarray, affine: np.ndarray, params: Any, *, order: 
     mz = perm @ m @ perm
     return ndi.affine_transform(volume, mz[:3, :3], offset=mz[:3, 3], order=order,
                                 mode="nearest")
+
+
+def acquire(hu: np.ndarray, *, affine: np.ndarray, motion: np.ndarray, noise_sigma: float,
+            psf_px: float, rng: np.random.Generator) -> None:
+    """Turn noise-free, still frames into the acquired study, in place.
+
+    Parameters
+    ----------
+    hu : ndarray, float32, shape (T, Z, Y, X)
+        Frames before motion, noise and blur (HU); overwritten.
+    affine : ndarray, shape (4, 4)
+        Voxel to patient mm.
+    motion : ndarray, shape (T, 6)
+        Per-frame rigid parameters (:func:`draw_motion`).
+    noise_sigma : float
+        Standard deviation of the noise after the blur (HU); 0 for none.
+    psf_px : float
+        Sigma of the in-plane Gaussian blur (pixels); below 0.05 no blur.
+    rng : numpy.random.Generator
+        Source of the white noise (drawn slice by slice).
+    """
+    for t in range(1, hu.shape[0]):
+        if np.any(np.abs(motion[t]) > 1e-6):
+            hu[t] = apply_motion(hu[t], affine, motion[t])
+    blur = psf_px > 0.05
+    scale = np.float32(noise_sigma / filtered_std(psf_px) if blur else noise_sigma)
+    for z in range(hu.shape[1]):
+        block = hu[:, z]
+        if noise_sigma > 0:
+            block += rng.standard_normal(block.shape, dtype=np.float32) * scale
+        if blur:
+            hu[:, z] = ndi.gaussian_filter(block, (0, psf_px, psf_px), truncate=3.5)

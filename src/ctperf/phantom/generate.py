@@ -258,26 +258,6 @@ def _simulate_slice(setup: _Setup, z: int, tex_rng: np.random.Generator
     return frames, _blur(base, setup.psf_px), out
 
 
-def _acquire(hu: np.ndarray, setup: _Setup) -> None:
-    """Apply the drawn motion, then noise and the scanner blur, to the frames (in place)."""
-    params = setup.params
-    motion = np.asarray(params["motion"], dtype=np.float64).reshape(-1, 6)
-    for t in range(1, hu.shape[0]):
-        if np.any(np.abs(motion[t]) > 1e-6):
-            hu[t] = acq.apply_motion(hu[t], setup.affine, motion[t])
-    cfg = params["config"]
-    sigma = acq.noise_sigma(cfg["mas"]) if cfg["noise"] else 0.0
-    r_noise = np.random.default_rng(params["noise_seed"])
-    psf = setup.psf_px
-    for z in range(hu.shape[1]):
-        block = hu[:, z]
-        if sigma > 0:
-            block += r_noise.standard_normal(block.shape, dtype=np.float32) * np.float32(
-                sigma / acq.filtered_std(psf) if psf > 0.05 else sigma)
-        if psf > 0.05:
-            hu[:, z] = ndi.gaussian_filter(block, (0, psf, psf), truncate=3.5)
-
-
 def _true_tmax(slabs: dict[str, np.ndarray], setup: _Setup) -> np.ndarray:
     """Truth Tmax (Z, Y, X): delay plus the first peak time of the simulated dispersed residue;
     0 outside the brain."""
@@ -333,7 +313,9 @@ def simulate_subject(params: dict[str, Any], *, progress: bool = False) -> Phant
     slabs = {name: np.stack([o[name] for o in per_slice]) for name in per_slice[0]}
     slabs["tmax"] = _true_tmax(slabs, setup)
     slabs["penumbra"] = slabs["brain"] & (slabs["tmax"] > 6.0) & ~slabs["core"]
-    _acquire(hu, setup)
+    acq.acquire(hu, affine=affine, motion=np.asarray(params["motion"]).reshape(-1, 6),
+                noise_sigma=acq.noise_sigma(cfg["mas"]) if cfg["noise"] else 0.0,
+                psf_px=setup.psf_px, rng=np.random.default_rng(params["noise_seed"]))
     return _assemble(setup, hu, baseline, slabs, fine_t, aif_fine, vof_fine)
 
 
