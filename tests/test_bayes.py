@@ -184,3 +184,36 @@ def test_rejects_mismatched_inputs():
         fit_bayes(np.zeros((10, 3)), aif, TIMES)
     with pytest.raises(ValidationError, match="mask holds"):
         fit_bayes(np.zeros((TIMES.size, 3)), aif, TIMES, mask=np.ones((1, 2, 2), bool))
+
+
+def _dispersed(kind: str, cbf: float, mtt: float, delay: float, tau: float
+               ) -> tuple[np.ndarray, float]:
+    """Tissue curve through an exponential transport kernel (mean tau) and the convention's true
+    Tmax: delay + the time at which (h * R) peaks, both from a 0.01 s grid."""
+    fine = np.arange(0.0, TIMES[-1] + 60.0, FINE)
+    r = np.exp(-fine / mtt) if kind == "exponential" else \
+        np.exp(-3 * fine / mtt) * (1 + 3 * fine / mtt + (3 * fine / mtt) ** 2 / 2)  # gamma k=3
+    h = np.exp(-fine / tau)
+    hr = np.convolve(h / h.sum(), r)[: fine.size]
+    conv = np.convolve(_aif(fine), hr)[: fine.size] * FINE
+    curve = RHO / KH * cbf / 6000.0 * np.interp(TIMES - delay, fine, conv, left=0.0)
+    return curve, delay + float(fine[np.argmax(hr)])
+
+
+def test_tmax_follows_the_convention_on_dispersed_residues():
+    """Noise-free dispersed exponential and gamma residues, healthy to core ranges."""
+    rng = np.random.default_rng(11)
+    cases = [(rng.uniform(*c), rng.uniform(*m), rng.uniform(*d), rng.uniform(*t))
+             for c, m, d, t in (((20, 70), (3, 6), (0, 2), (0.05, 0.5)),
+                                ((12, 35), (6, 14), (2, 8), (0.5, 3)),
+                                ((3, 12), (8, 20), (4, 10), (1, 3))) for _ in range(8)]
+    curves, truth = zip(*[_dispersed(k, *c) for k in ("exponential", "gamma") for c in cases],
+                        strict=True)
+    fit = fit_bayes(np.array(curves).T, _aif(TIMES), TIMES, rho=RHO, kh=KH, spatial=False,
+                    noise_sd=0.3)
+    err = fit.tmax - np.array(truth)
+    # measured mean |error| 0.55 s, worst 1.7 s: the fitted shapes absorb the dispersion,
+    # TMAX_SLOPE brings them back to the dispersed residue's peak on average
+    assert np.abs(err).mean() < 1.0
+    assert np.abs(err).max() < 2.5
+    assert abs(err.mean()) < 0.5

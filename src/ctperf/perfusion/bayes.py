@@ -25,8 +25,7 @@ Without positions the prior is a broad log-normal on MTT and uniform on delay an
 Maps: CBV and MTT are posterior means; CBF = 60 CBV / MTT keeps the central identity and avoids
 the upward bias that the posterior mean of CBV / MTT has when MTT is uncertain. Uncertainty maps
 are posterior standard deviations. Tmax follows the project's convention (delay + the time at
-which the residue is largest): every residue of the family is largest at zero, so Tmax is the
-delay.
+which the dispersed residue peaks) through :data:`TMAX_SLOPE`.
 """
 
 from __future__ import annotations
@@ -44,7 +43,8 @@ from scipy import ndimage, sparse, special
 from ctperf.errors import ValidationError
 from ctperf.perfusion.curves import flow_scale
 
-__all__ = ["RESIDUES", "BayesFit", "ResidueGrid", "fit_bayes", "residue", "transit_cv"]
+__all__ = ["RESIDUES", "TMAX_SLOPE", "BayesFit", "ResidueGrid", "fit_bayes", "residue",
+           "transit_cv"]
 
 log = logging.getLogger(__name__)
 
@@ -98,11 +98,18 @@ def transit_cv(name: str) -> float:
     return math.sqrt(v / (v + 2.0))
 
 
+#: Tmax of a grid point is delay + TMAX_SLOPE x MTT x (1 - cv): the residues of the family are
+#: largest at zero, while the convention's Tmax is the peak of the *dispersed* residue, which
+#: the fitted shape and delay absorb. The slope was set on noise-free dispersed exponential and
+#: gamma residues over healthy, penumbral and core ranges (docs/bayes.md).
+TMAX_SLOPE = 0.6
+
+
 @dataclass(frozen=True)
 class BayesFit:
     """Posterior estimates per voxel, ndarrays of shape (N,), float32.
 
-    ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt`` s, ``delay`` s, ``tmax`` s (= delay),
+    ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt`` s, ``delay`` s, ``tmax`` s,
     ``transit_cv`` the coefficient of variation of the transit times (0 box, 1 exponential),
     ``residual`` root-mean-square misfit of the most probable grid point, HU; ``noise`` the noise
     SD used, HU; ``*_sd`` posterior standard deviations in the units of the map.
@@ -177,6 +184,7 @@ class ResidueGrid:
         self.mtt = self.mtts[m_idx.ravel()]
         self.delay = self.delays[d_idx.ravel()]
         self.cv = np.array([transit_cv(r) for r in self.residues])[s_idx.ravel()]
+        self.tmax = self.delay + TMAX_SLOPE * self.mtt * (1.0 - self.cv)
         norm2 = (self.basis.astype(np.float64) ** 2).sum(axis=0)
         # a response that never reaches the frames carries no information: never chosen
         self.usable = norm2 > 1e-9 * norm2.max()
@@ -229,7 +237,8 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarr
     ``g`` (n, M) projections <b_k, y> of each voxel's curve on its candidates ``idx`` (n, M),
     ``yy`` (n,) the curves' squared norms, ``log_prior`` (n, M). Returns (n, 12): E[a], E[a^2],
     E[a m], E[(a m)^2] (a = CBF, m = MTT / 60), E[MTT], E[MTT^2], E[delay], E[delay^2], E[cv],
-    the smallest SSE, the noise variance, and the largest candidate probability.
+    the smallest SSE, the noise variance, the largest candidate probability, E[Tmax] and
+    E[Tmax^2].
     """
     np.maximum(g, 0.0, out=g)                               # CBF >= 0
     inv_nb = grid.inv_norm2[idx].astype(np.float32)
@@ -242,15 +251,17 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarr
     a = g * inv_nb                                          # CBF at each candidate
     var_a = noise_var[:, None].astype(np.float32) * inv_nb  # its variance given the candidate
     m = (grid.mtt[idx] / 60.0).astype(np.float32)
-    mtt, delay, cv = grid.mtt[idx], grid.delay[idx], grid.cv[idx]
+    mtt, delay, cv, tmax = grid.mtt[idx], grid.delay[idx], grid.cv[idx], grid.tmax[idx]
     cols = [a, a * a + var_a, a * m, (a * m) ** 2 + var_a * m * m, mtt, mtt * mtt, delay,
             delay * delay, cv]
-    out = np.empty((g.shape[0], 12), dtype=np.float64)
+    out = np.empty((g.shape[0], 14), dtype=np.float64)
     for j, c in enumerate(cols):
         out[:, j] = np.einsum("nm,nm->n", w, c, dtype=np.float64)
     out[:, 9] = sse_min
     out[:, 10] = noise_var
     out[:, 11] = w.max(axis=1)
+    out[:, 12] = np.einsum("nm,nm->n", w, tmax, dtype=np.float64)
+    out[:, 13] = np.einsum("nm,nm->n", w, tmax * tmax, dtype=np.float64)
     return out
 
 
@@ -447,7 +458,7 @@ def fit_bayes(
     members = np.full((n_blocks, width), -1, dtype=np.int64)
     pos = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
     members[block[order], pos] = order
-    mom = np.empty((n, 12), dtype=np.float64)
+    mom = np.empty((n, 14), dtype=np.float64)
     per_chunk = max(1, chunk // width)
 
     def stage2(s: int) -> None:
@@ -471,9 +482,9 @@ def fit_bayes(
     cbf = 60.0 * cbv / np.maximum(mtt, 1e-6)
     f32 = np.float32
     return BayesFit(cbf=cbf.astype(f32), cbv=cbv.astype(f32), mtt=mtt.astype(f32),
-                    delay=mom[:, 6].astype(f32), tmax=mom[:, 6].astype(f32),
+                    delay=mom[:, 6].astype(f32), tmax=mom[:, 12].astype(f32),
                     transit_cv=mom[:, 8].astype(f32),
                     residual=np.sqrt(mom[:, 9] / t.size).astype(f32),
                     noise=np.sqrt(mom[:, 10]).astype(f32),
                     cbf_sd=sd(mom[:, 1], mom[:, 0]), cbv_sd=sd(mom[:, 3], mom[:, 2]),
-                    mtt_sd=sd(mom[:, 5], mom[:, 4]), tmax_sd=sd(mom[:, 7], mom[:, 6]))
+                    mtt_sd=sd(mom[:, 5], mom[:, 4]), tmax_sd=sd(mom[:, 13], mom[:, 12]))
