@@ -24,7 +24,8 @@ def test_demo_tiny_writes_every_output(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", str(out), "--size", "64", "--slices", "2", "--frames", "40",
                  "--motion", "none"]) == 0
-    for rel in ("report.md", "evaluation.json", "comparison.png", "maps/overview.png",
+    for rel in ("report.md", "report.html", "evaluation.json", "comparison.png",
+                "maps/overview.png",
                 "maps/summary.json", "maps/cbf.nii.gz", "maps/lesions/core.nii.gz",
                 "phantom/preview.png"):
         assert (out / rel).is_file(), rel
@@ -35,6 +36,14 @@ def test_demo_tiny_writes_every_output(tmp_path):
         assert all(math.isfinite(brain[k]) for k in ("mae", "bias", "pearson_r"))
     assert scores["phantom"]["shape"] == [40, 2, 64, 64]
     assert "comparison.png" in (out / "report.md").read_text()
+    page = (out / "report.html").read_text()
+    # self-contained: the three figures inline, nothing fetched from elsewhere
+    assert page.count('src="data:image/png;base64,') == 3
+    assert "http://" not in page and "https://" not in page
+    # the same numbers as report.md: the CBF MAE cell of the Markdown table appears in the page
+    cbf_row = next(line for line in (out / "report.md").read_text().splitlines()
+                   if line.startswith("| cbf |"))
+    assert f"<td class=\"t\">{cbf_row.split('|')[4].strip()}</td>" in page
     rule = scores["lesions_vs_rule_on_truth"]
     assert set(rule) == {"core", "hypoperfused", "penumbra"}
     assert all(0.0 <= v["dice"] <= 1.0 and v["rule_volume_ml"] >= 0 for v in rule.values())

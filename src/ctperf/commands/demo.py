@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ctperf.commands import add_filter_options, add_overwrite_option
 
@@ -32,7 +32,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=3, help="phantom seed [3]")
     p.add_argument("--motion", choices=("none", "mild", "severe"), default="none",
                    help="simulated head motion [none]")
-    p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd"),
+    p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes"),
                    default="nlr-fast", help="perfusion method [nlr-fast]")
     p.add_argument("--no-preprocess", action="store_true",
                    help="skip motion correction and filtering")
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         # much of the core disagreement is the rule's and how much the maps'.
         rule = segment_lesions(subject.truth, brain=result.brain & masks["brain"],
                                exclude=result.vessels,
-                               **LESION_DEFAULTS)
+                               **cast(dict[str, Any], LESION_DEFAULTS))
         scores["lesions_vs_rule_on_truth"] = {
             name: {"dice": dice(result.lesions.masks()[name], rule.masks()[name]),
                    "dice_rule_vs_phantom": dice(rule.masks()[name], true_lesions[name]),

@@ -186,10 +186,11 @@ def _paper_mse(model: Any, cache: SliceCache, rows: np.ndarray, window_mse: floa
 
     from ctperf.model.train import evaluate_mse
 
-    if any(s is None for s in scales):
+    known = [float(s) for s in scales if s is not None]
+    if len(known) < len(scales):
         return None
-    if len(scales) == 1:
-        return window_mse * float(scales[0])  # type: ignore[arg-type]
+    if len(known) == 1:
+        return window_mse * known[0]
 
     class _Channel(torch.nn.Module):
         def __init__(self, net: torch.nn.Module, c: int) -> None:
@@ -200,7 +201,7 @@ def _paper_mse(model: Any, cache: SliceCache, rows: np.ndarray, window_mse: floa
             return self.net(x)[:, self.c:self.c + 1]
 
     per_target = []
-    for c, scale in enumerate(scales):
+    for c, scale in enumerate(known):
         one = {**kw, "target_idx": [kw["target_idx"][c]]}
-        per_target.append(evaluate_mse(_Channel(model, c), cache, rows, **one) * float(scale))
+        per_target.append(evaluate_mse(_Channel(model, c), cache, rows, **one) * scale)
     return float(np.mean(per_target))
