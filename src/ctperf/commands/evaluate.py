@@ -23,7 +23,9 @@ def register(subparsers: Any) -> None:
                     "Pearson r, Lin's CCC per map), OUT/table2.csv (Dice, volumes, Pearson r, "
                     "Bland-Altman, coefficient of repeatability, ICC(1,k) per lesion), "
                     "OUT/evaluation.json, OUT/figures/ and OUT/report.html (one self-contained "
-                    "file).")
+                    "file). Map folders without lesions/ (e.g. from `ctperf predict`) get "
+                    "lesions segmented from their cbf and tmax maps with the rules of `ctperf "
+                    "maps`.")
     p.add_argument("pred", type=Path, help="maps cohort to evaluate (e.g. U-Net predictions)")
     p.add_argument("ref", type=Path, help="reference maps cohort (e.g. box-model NLR)")
     p.add_argument("out", type=Path, help="output folder")
@@ -45,13 +47,15 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ctperf import io
+    from ctperf.commands.maps import LESION_DEFAULTS
     from ctperf.evaluation.report import evaluate_cohorts
 
     inputs = [args.pred, args.ref, args.truth, *args.raters, *args.compare, args.train_log]
     io.check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     doc = evaluate_cohorts(args.pred, args.ref, args.out, truth=args.truth, raters=args.raters,
                            compare=args.compare, train_log=args.train_log,
-                           overwrite=args.overwrite, max_map_figures=max(args.map_figures, 0))
+                           overwrite=args.overwrite, max_map_figures=max(args.map_figures, 0),
+                           lesion_options=LESION_DEFAULTS)
     labels = ", ".join(r["label"] for r in doc["readers"])
     print(f"evaluated {len(doc['studies'])} studies ({labels}); wrote {args.out}/report.html, "
           "table1.csv, table2.csv, evaluation.json, figures/")

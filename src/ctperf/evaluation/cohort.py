@@ -91,7 +91,8 @@ def _study_dirs(root: Path) -> list[Path]:
     return subs
 
 
-def load_maps_cohort(root: str | Path, *, label: str | None = None) -> Reader:
+def load_maps_cohort(root: str | Path, *, label: str | None = None,
+                     lesion_options: Mapping[str, Any] | None = None) -> Reader:
     """Read a maps cohort (``ctperf maps`` layout) or a phantom cohort (its truth).
 
     Parameters
@@ -101,6 +102,10 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None) -> Reader:
     label : str, optional
         Reader name; default the ``method`` of the first ``summary.json``, ``truth`` for a
         phantom cohort, else the folder name.
+    lesion_options : mapping, optional
+        Keyword options of :func:`ctperf.perfusion.segment_lesions` for studies without a
+        ``lesions/`` folder (e.g. U-Net predictions): their lesions are segmented from the maps
+        when they include ``cbf`` and ``tmax``. Without options such studies have no lesions.
     """
     from ctperf.io import read_maps
     from ctperf.types import MAP_NAMES
@@ -125,6 +130,9 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None) -> Reader:
             reader.brain[sub.name] = les.pop("brain")
         if phantom and {"core", "penumbra"} <= set(les):
             les["hypoperfused"] = les["core"] | les["penumbra"]
+        if (not phantom and lesion_options is not None and not masks.is_dir()
+                and {"cbf", "tmax"} <= set(names)):
+            les.update(_segment(maps, reader.brain.get(sub.name), lesion_options))
         if les:
             reader.lesions[sub.name] = les
         summary = sub / "summary.json"
@@ -135,6 +143,15 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None) -> Reader:
                 method = None
     reader.label = label or ("truth" if phantom else (method or root.name))
     return reader
+
+
+def _segment(maps: PerfusionMaps, brain: np.ndarray | None,
+             options: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    from ctperf.perfusion import segment_lesions
+
+    finite = np.isfinite(maps["cbf"]) & np.isfinite(maps["tmax"])
+    result = segment_lesions(maps, brain=finite if brain is None else brain & finite, **options)
+    return {n: m for n, m in result.masks().items() if n in LESION_NAMES}
 
 
 def load_rater(root: str | Path, shapes: Mapping[str, tuple[int, ...]], *,

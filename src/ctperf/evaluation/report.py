@@ -262,7 +262,8 @@ def _read_train_log(path: Path) -> list[dict[str, str]]:
 def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
                      truth: str | Path | None = None, raters: Sequence[str | Path] = (),
                      compare: Sequence[str | Path] = (), train_log: str | Path | None = None,
-                     overwrite: bool = False, max_map_figures: int = 6) -> dict[str, Any]:
+                     overwrite: bool = False, max_map_figures: int = 6,
+                     lesion_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Compare a maps cohort with a reference (and truth, raters, more methods); write the report.
 
     Parameters
@@ -285,6 +286,9 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
         Replace an existing ``out`` that ctperf did not write.
     max_map_figures : int
         Studies shown as map figures (the first ones, in name order).
+    lesion_options : mapping, optional
+        Options of :func:`ctperf.perfusion.segment_lesions` for map folders without
+        ``lesions/`` (see :func:`load_maps_cohort`).
 
     Returns
     -------
@@ -294,8 +298,7 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     from ctperf import __version__, io
     from ctperf.evaluation.cohort import evaluate_readers, load_maps_cohort, load_rater
 
-    readers = [load_maps_cohort(pred), load_maps_cohort(ref)]
-    readers += [load_maps_cohort(c) for c in compare]
+    readers = [load_maps_cohort(p, lesion_options=lesion_options) for p in (pred, ref, *compare)]
     if truth is not None:
         readers.append(load_maps_cohort(truth, label="truth"))
     _unique_labels(readers)
