@@ -28,10 +28,33 @@ reliable on studies with a contrast bolus):
   the through-plane shift by about 1 mm.
 - The coarse level keeps at least ``min_coarse_px`` (64) pixels in plane: 8x of a 512 matrix as
   in the paper, but only 2x of a 128 matrix (8x of 128 px left 16 px, too coarse to converge).
+- A study of one slice is registered in plane only (rotation about z, shifts in x and y): nothing
+  in a single slice fixes the other three parameters.
 
-Accuracy, measured on phantoms and synthetic heads, and its limits through plane are in
-docs/preprocessing.md: in-plane motion is recovered to < 0.1 mm, through-plane motion of 5 mm
-slices to about 1 mm.
+**A transform must earn its place.** An optimiser always returns *some* transform, and on a still
+study it returns noise: interpolation smooths the moving frame's noise, so sub-voxel shifts lower
+the mean squares of pure noise, and a flat or bolus-dominated image has no feature to hold the
+fit. Every frame's fit is therefore checked against the identity before it is used:
+
+- The check metric is the mean of squared differences between the first frame and the frame read
+  at the candidate transform, both smoothed by a Gaussian (``check_sigma_px``: 2 pixels in plane,
+  1 slice through plane), over the metric's voxels that stay inside the volume under every
+  candidate: the same voxels for every candidate. Smoothing after resampling takes away the
+  high-frequency noise and edge sharpness that interpolation removes, so the metric compares
+  anatomy, not interpolation.
+- Three candidates are compared, simplest first: the identity, the fit's in-plane part (rotation
+  about z and shifts in x, y; the rest set to zero), the whole fit. A candidate replaces a simpler
+  one only when it lowers the check metric by more than ``min_gain`` (10 %) of it. With white noise
+  (the worst case) linear interpolation can remove at most
+  ``(1 - exp(-1 / (4 s^2))) / 2`` of the smoothed noise variance per axis (s the smoothing sigma
+  in voxels): 3 % in plane and 11 % through plane, i.e. at most 3 % (in plane) and 8 % (rigid) of
+  a noise-only metric, which is made of both frames' noise. Real motion of more than a few tenths
+  of a millimetre at the skull, or of more than a millimetre across tissue edges of 10-20 HU,
+  gains far more.
+- A candidate must be physically plausible: rotations up to ``max_rotation_deg`` (15 degrees) and
+  shifts up to ``max_shift_mm`` (20 mm) for a head in a head holder; others are not considered.
+- The decision ("identity", "in-plane" or "rigid"; "reference" for frame 0) and the check metric
+  of each candidate are kept per frame in :class:`MotionResult`, with the fit itself.
 
 Transforms and their parameters follow :mod:`ctperf.preprocess.transforms`; the centre of
 rotation is the centre of the volume.
@@ -63,6 +86,13 @@ logger = logging.getLogger(__name__)
 
 
 
+#: Decisions recorded per frame: the first frame, and which candidate each other frame keeps.
+DECISIONS = ("reference", "identity", "in-plane", "rigid")
+
+#: Parameters (rx, ry, tz) that a single slice cannot fix; zero in the in-plane candidate.
+_THROUGH_PLANE = [0, 1, 5]
+
+
 @dataclass(frozen=True, eq=False)
 class MotionResult:
     """Result of :func:`correct_motion`.
@@ -72,7 +102,8 @@ class MotionResult:
     series : CTPSeries
         The registered study, same grid and times as the input.
     parameters : ndarray, float64, shape (T, 6)
-        Per frame (rx, ry, rz) in degrees and (tx, ty, tz) in mm; frame 0 is all zeros.
+        Per frame (rx, ry, rz) in degrees and (tx, ty, tz) in mm, as applied: the candidate
+        each frame's decision kept (zeros for the identity); frame 0 is all zeros.
     center_mm : ndarray, float64, shape (3,)
         Centre of rotation in patient mm.
     displacement_mm : ndarray, float64, shape (T,)
@@ -80,7 +111,18 @@ class MotionResult:
     max_displacement_mm : ndarray, float64, shape (T,)
         Largest displacement over the brain, in mm.
     metric : ndarray, float64, shape (T,)
-        Final mean-squares metric at full resolution (HU^2); NaN for frame 0.
+        The optimiser's final mean-squares metric at full resolution (HU^2, on its random
+        samples); NaN for frame 0.
+    fitted_parameters : ndarray, float64, shape (T, 6)
+        The optimiser's result for each frame, before the decision.
+    decision : tuple of str, length T
+        Per frame one of :data:`DECISIONS`.
+    check_identity, check_in_plane, check_fitted : ndarray, float64, shape (T,)
+        Check metric (mean squared difference of the smoothed frames over the same voxels,
+        HU^2) at the identity, at the fit's in-plane part and at the whole fit; NaN for frame 0
+        and for candidates that were not plausible.
+    min_gain : float
+        Relative decrease of the check metric a candidate needed over a simpler one.
     """
 
     series: CTPSeries
@@ -89,11 +131,34 @@ class MotionResult:
     displacement_mm: np.ndarray
     max_displacement_mm: np.ndarray
     metric: np.ndarray
+    fitted_parameters: np.ndarray
+    decision: tuple[str, ...]
+    check_identity: np.ndarray
+    check_in_plane: np.ndarray
+    check_fitted: np.ndarray
+    min_gain: float
 
     @property
     def transforms(self) -> list[sitk.Euler3DTransform]:
         """One SimpleITK Euler3DTransform per frame (fixed -> moving point mapping)."""
         return [make_transform(p, self.center_mm) for p in self.parameters]
+
+    def record(self) -> dict:
+        """The per-frame decisions as plain numbers and lists (JSON-ready; None for NaN)."""
+        def plain(a: np.ndarray) -> list:
+            return [None if not np.isfinite(v) else float(v) for v in np.ravel(a)]
+
+        return {
+            "rule": "keep a transform only if it lowers the check metric (mean squared "
+                    "difference of the smoothed frames, HU^2) by more than min_gain of the "
+                    "simpler candidate's (identity < in-plane < rigid) and is plausible",
+            "min_gain": self.min_gain,
+            "decision": list(self.decision),
+            "check_identity": plain(self.check_identity),
+            "check_in_plane": plain(self.check_in_plane),
+            "check_fitted": plain(self.check_fitted),
+            "fitted_parameters": [plain(p) for p in self.fitted_parameters],
+        }
 
 
 def _shrink_factors(spacing_xyz: np.ndarray, level: int) -> list[int]:
@@ -121,12 +186,10 @@ def _pyramid(img: sitk.Image, levels: Sequence[int]) -> list[sitk.Image]:
 
 
 def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
-                    mask_fraction: float, moving: np.ndarray, affine: np.ndarray,
-                    levels: Sequence[int], samples: Sequence[int], iterations: int,
-                    center: Sequence[float], seed: int,
-                    threads: int) -> tuple[np.ndarray, np.ndarray, float]:
-    """Register one frame; returns (registered (Z, Y, X) float32, parameters (6,), metric)."""
-    moving_img = to_sitk_image(moving, affine)
+                    mask_fraction: float, moving_img: sitk.Image, levels: Sequence[int],
+                    samples: Sequence[int], iterations: int, center: Sequence[float],
+                    seed: int, in_plane: bool, threads: int) -> tuple[np.ndarray, float]:
+    """Fit one frame; returns its parameters (6,) (degrees, mm) and the final metric (HU^2)."""
     moving_pyr = _pyramid(moving_img, levels)
     tx = sitk.Euler3DTransform()
     tx.SetCenter(list(center))
@@ -146,8 +209,8 @@ def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
         # ITK draws samples over the whole grid and drops those outside the mask
         n_vox = int(np.prod(fixed_l.GetSize())) * mask_fraction
         reg.SetMetricSamplingStrategy(reg.RANDOM)
-        # SimpleITK reads seed 0 as 'wall clock': shift by one to stay reproducible
-        reg.SetMetricSamplingPercentage(min(1.0, n_samples / max(n_vox, 1.0)), seed + 1)
+        # the frame's own seed (SimpleITK reads 0 as 'wall clock': callers pass seeds >= 1)
+        reg.SetMetricSamplingPercentage(min(1.0, n_samples / max(n_vox, 1.0)), seed)
         reg.SetInterpolator(sitk.sitkLinear)
         # Initial step of one voxel of the level, down to 1/10,000 of it.
         step = float(min(fixed_l.GetSpacing()))
@@ -155,14 +218,168 @@ def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
             learningRate=step, minStep=step * 1e-4, numberOfIterations=iterations,
             relaxationFactor=0.5, gradientMagnitudeTolerance=1e-8)
         reg.SetOptimizerScalesFromPhysicalShift()
+        if in_plane:
+            weights = [1.0] * 6
+            for i in _THROUGH_PLANE:
+                weights[i] = 0.0
+            reg.SetOptimizerWeights(weights)
         reg.SetInitialTransform(tx, inPlace=True)
         reg.Execute(fixed_l, moving_l)
         metric = float(reg.GetMetricValue())
         logger.debug("level %d: %d iterations, metric %.3g", level,
                      reg.GetOptimizerIteration(), metric)
     p = np.asarray(tx.GetParameters(), dtype=np.float64)
-    params = np.r_[np.rad2deg(p[:3]), p[3:]]
-    return resample_frame(moving_img, tx, threads), params, metric
+    return np.r_[np.rad2deg(p[:3]), p[3:]], metric
+
+
+@dataclass(frozen=True, eq=False)
+class _Check:
+    """What the check of every frame shares (read only, so threads can share it)."""
+
+    index: tuple[np.ndarray, ...]  # (Z, Y, X) indices of the check voxels, each shape (N,)
+    points_mm: np.ndarray  # (N, 3) their patient mm
+    fixed: np.ndarray  # (N,) the smoothed first frame there
+    variance_mm2: tuple[float, float, float]  # smoothing Gaussian along x, y, z
+    world_to_index: np.ndarray  # (4, 4) patient mm -> continuous (x, y, z) index
+    size_xyz: np.ndarray  # (3,)
+    center_mm: np.ndarray  # (3,)
+    block: np.ndarray  # (N,) in-plane block of each voxel, for the gain's standard error
+    min_gain: float
+    max_rotation_deg: float
+    max_shift_mm: float
+
+
+#: A candidate's gain must also exceed this many standard errors of the gain (sampling noise).
+_MIN_Z = 4.0
+
+
+def _smooth(img: sitk.Image, variance_mm2: Sequence[float], threads: int,
+            index: tuple[np.ndarray, ...]) -> np.ndarray:
+    """The image smoothed by a Gaussian of the given variances (mm^2; x, y, z), read at the
+    (Z, Y, X) ``index``: float64 (N,)."""
+    gauss = sitk.DiscreteGaussianImageFilter()
+    gauss.SetVariance([float(v) for v in variance_mm2])
+    gauss.SetUseImageSpacing(True)
+    gauss.SetMaximumKernelWidth(64)
+    gauss.SetMaximumError(0.01)
+    gauss.SetNumberOfThreads(threads)
+    smoothed = gauss.Execute(img)
+    # read while the image is alive: the view shares its buffer
+    return np.asarray(sitk.GetArrayViewFromImage(smoothed)[index], dtype=np.float64)
+
+
+def _make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
+                center: np.ndarray, *, sigma_px: Sequence[float], min_gain: float,
+                max_rotation_deg: float, max_shift_mm: float) -> _Check:
+    """The check's voxels (at most ~200,000 of the metric mask, evenly strided) and references."""
+    spacing = np.asarray(fixed.GetSpacing())
+    size = np.asarray(fixed.GetSize())
+    # no smoothing along an axis of one voxel (a single slice)
+    variance = tuple(float((s * d) ** 2) if n > 1 else 0.0
+                     for s, d, n in zip(sigma_px, spacing, size, strict=True))
+    zyx = np.argwhere(metric_mask)
+    zyx = zyx[:: max(1, len(zyx) // 200_000)]
+    index = tuple(zyx.T)
+    points = (np.c_[zyx[:, ::-1], np.ones(len(zyx))] @ np.asarray(affine).T)[:, :3]
+    ref = _smooth(fixed, variance, os.cpu_count() or 1, index)
+    # blocks of 8 smoothing sigmas in plane, one slice deep: nearly independent noise
+    side = max(4, round(8 * max(sigma_px[:2])))
+    nb_y, nb_x = (-(-np.asarray(metric_mask.shape[1:]) // side)).tolist()
+    block = (zyx[:, 0] * nb_y + zyx[:, 1] // side) * nb_x + zyx[:, 2] // side
+    return _Check(index=index, points_mm=points, fixed=ref, variance_mm2=variance,  # type: ignore[arg-type]
+                  world_to_index=np.linalg.inv(affine), size_xyz=size, center_mm=center,
+                  block=np.unique(block, return_inverse=True)[1],
+                  min_gain=min_gain, max_rotation_deg=max_rotation_deg,
+                  max_shift_mm=max_shift_mm)
+
+
+def _inside(check: _Check, params: np.ndarray) -> np.ndarray:
+    """Check voxels whose transformed position lies inside the volume (bool (N,))."""
+    tx = make_transform(params, check.center_mm)
+    rot = np.asarray(tx.GetMatrix()).reshape(3, 3)
+    moved = (check.points_mm - check.center_mm) @ rot.T + check.center_mm + params[3:]
+    ijk = (np.c_[moved, np.ones(len(moved))] @ check.world_to_index.T)[:, :3]
+    pad = np.where(check.size_xyz == 1, 0.5, 1e-6)
+    return np.all((ijk >= -pad) & (ijk <= check.size_xyz - 1 + pad), axis=1)
+
+
+def _plausible(check: _Check, params: np.ndarray) -> bool:
+    return bool(np.all(np.abs(params[:3]) <= check.max_rotation_deg)
+                and np.linalg.norm(params[3:]) <= check.max_shift_mm)
+
+
+def _decide(check: _Check, moving_img: sitk.Image, fitted: np.ndarray, threads: int
+            ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the identity, the fit's in-plane part or the whole fit for one frame.
+
+    Returns the decision, the parameters (6,) kept, the frame (Z, Y, X) float32 read at them,
+    and the check metric (HU^2) at the identity, in-plane part and whole fit (NaN when a
+    candidate is implausible).
+    """
+    in_plane = fitted.copy()
+    in_plane[_THROUGH_PLANE] = 0.0
+    through = bool(np.any(fitted[_THROUGH_PLANE] != 0.0))
+    candidates = [(name, p) for name, p in [("in-plane", in_plane), ("rigid", fitted)]
+                  if (through or name == "in-plane") and _plausible(check, p)]
+    valid = np.ones(len(check.fixed), dtype=bool)
+    for _, p in candidates:
+        valid &= _inside(check, p)
+    ref, block = check.fixed[valid], check.block[valid]
+
+    def squares(img: sitk.Image) -> np.ndarray:
+        return (_smooth(img, check.variance_mm2, threads, check.index)[valid] - ref) ** 2
+
+    best = squares(moving_img)
+    values = {"identity": float(best.mean()) if best.size else np.nan,
+              "in-plane": np.nan, "rigid": np.nan}
+    decision, kept = "identity", np.zeros(6)
+    frame = sitk.GetArrayFromImage(moving_img)
+    for name, p in candidates:
+        moved = resample_frame(moving_img, make_transform(p, check.center_mm), threads)
+        moved_img = sitk.GetImageFromArray(moved)
+        moved_img.CopyInformation(moving_img)
+        sq = squares(moved_img)
+        values[name] = float(sq.mean()) if sq.size else np.nan
+        gain, se = _mean_and_se(best - sq, block)
+        logger.debug("%s: gain %.3g HU^2 of %.3g, standard error %.3g", name, gain,
+                     values[decision], se)
+        # a simpler candidate stands unless this one clearly beats it (NaN never does)
+        if gain > check.min_gain * values[decision] and gain > _MIN_Z * se:
+            decision, kept, frame, best = name, p, moved, sq
+    if not through:
+        values["rigid"] = values["in-plane"]  # the fit has no through-plane part
+    checks = np.array([values["identity"], values["in-plane"], values["rigid"]])
+    return decision, kept, frame.astype(np.float32, copy=False), checks
+
+
+def _mean_and_se(x: np.ndarray, block: np.ndarray) -> tuple[float, float]:
+    """Mean of x (N,) and its standard error from block sums (spatially correlated x)."""
+    if x.size == 0:
+        return np.nan, np.nan
+    n = np.bincount(block, minlength=1).astype(np.float64)
+    sums = np.bincount(block, weights=x, minlength=1)
+    keep = n > 0
+    n, sums = n[keep], sums[keep]
+    mean = float(sums.sum() / n.sum())
+    k = len(n)
+    if k < 2:
+        return mean, np.inf
+    var = k / (k - 1) * np.sum((sums - mean * n) ** 2) / n.sum() ** 2
+    return mean, float(np.sqrt(var))
+
+
+def _frame(t: int, fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
+           mask_fraction: float, moving: np.ndarray, affine: np.ndarray, fit: dict,
+           check: _Check) -> tuple[np.ndarray, np.ndarray, float, str, np.ndarray, np.ndarray]:
+    """Fit and check frame ``t``: (frame, fitted, metric, decision, parameters kept, checks)."""
+    moving_img = to_sitk_image(moving, affine)
+    fitted, metric = _register_frame(fixed_pyr, mask_pyr, mask_fraction, moving_img,
+                                     seed=fit["seed"] + t, **{k: v for k, v in fit.items()
+                                                              if k != "seed"})
+    decision, kept, frame, checks = _decide(check, moving_img, fitted, fit["threads"])
+    logger.debug("frame %d: %s (check %s, fit %s)", t, decision, np.round(checks, 2),
+                 np.round(fitted, 3))
+    return frame, fitted, metric, decision, kept, checks
 
 
 def _registration_mask(series: CTPSeries, mask: np.ndarray | None) -> np.ndarray:
@@ -232,9 +449,15 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                    samples: Sequence[int] = (2000, 8000), iterations: int = 300,
                    workers: int | None = None, seed: int = 0, mask: np.ndarray | None = None,
                    rim_mm: float = 12.0, enhancement_hu: float | None = 40.0,
-                   reach_mm: float = 5.0, min_coarse_px: int = 64, executor: str = "threads",
-                   progress: bool = False) -> MotionResult:
-    """Rigidly register every frame of a study to its first frame.
+                   reach_mm: float = 5.0, min_coarse_px: int = 64, min_gain: float = 0.15,
+                   check_sigma_px: Sequence[float] = (2.0, 2.0, 2.0),
+                   max_rotation_deg: float = 15.0, max_shift_mm: float = 20.0,
+                   executor: str = "threads", progress: bool = False) -> MotionResult:
+    """Rigidly register every frame of a study to its first frame, keeping only clear gains.
+
+    Each frame is fitted, then checked: the fit (or its in-plane part) replaces the identity
+    only when it lowers the check metric by more than ``min_gain`` and is plausible (see the
+    module notes). A still study therefore keeps its frames as they are.
 
     Parameters
     ----------
@@ -248,9 +471,10 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     iterations : int
         Maximum optimiser iterations per level.
     workers : int, optional
-        Frames registered at once; default the number of CPU cores.
+        Frames registered at once; default the number of CPU cores. Results do not depend on it.
     seed : int
-        Seed of the random sampling (the same for every frame, so results are reproducible).
+        Seed of the random sampling (>= 0); frame t samples with seed + t + 1, so every frame
+        has its own fixed samples and results are reproducible.
     mask : ndarray of bool, shape (Z, Y, X), optional
         Brain of the first frame. The metric is evaluated on it grown by ``rim_mm`` (skull and
         scalp included) less the enhancing voxels; displacements are averaged over it.
@@ -264,6 +488,14 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
         Largest motion expected, mm (see ``enhancement_hu``).
     min_coarse_px : int
         The coarse levels keep at least this many pixels along each in-plane side.
+    min_gain : float
+        Relative decrease of the check metric a candidate transform needs over a simpler one
+        (identity, then the in-plane part, then the whole fit), in (0, 1).
+    check_sigma_px : sequence of 3 float
+        Smoothing of the check metric along x, y, z in voxels (none along a single slice).
+    max_rotation_deg, max_shift_mm : float
+        Largest plausible rotation about each axis (degrees) and shift (mm); a fit beyond is
+        not used.
     executor : {"threads", "processes"}
         Run frames in threads (SimpleITK releases the GIL) or in worker processes.
     progress : bool
@@ -273,6 +505,61 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     -------
     MotionResult
     """
+    _validate(levels, samples, executor, rim_mm, reach_mm, min_coarse_px, min_gain,
+              check_sigma_px, seed)
+    workers = int(workers or os.cpu_count() or 1)
+    n = series.n_frames
+    fixed = to_sitk_image(series.hu[0], series.affine)
+    size = np.asarray(fixed.GetSize(), dtype=np.float64)
+    center = np.asarray(fixed.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist()))
+    levels = _effective_levels(levels, fixed.GetSize(), min_coarse_px)
+    mask = _registration_mask(series, mask)
+    metric_mask = _metric_mask(series, mask, rim_mm=rim_mm, enhancement_hu=enhancement_hu,
+                               reach_mm=reach_mm)
+    mask_img = sitk.Cast(to_sitk_image(metric_mask.astype(np.float32), series.affine),
+                         sitk.sitkUInt8)
+    check = _make_check(fixed, metric_mask, series.affine, center, sigma_px=check_sigma_px,
+                        min_gain=min_gain, max_rotation_deg=max_rotation_deg,
+                        max_shift_mm=max_shift_mm)
+    fit = {"levels": list(levels), "samples": list(samples), "iterations": int(iterations),
+           "center": center.tolist(), "seed": int(seed) + 1,
+           "in_plane": series.shape[1] == 1, "threads": 1}
+    out = np.empty_like(series.hu)
+    out[0] = series.hu[0]
+    fitted, params = np.zeros((n, 6)), np.zeros((n, 6))
+    metrics, checks = np.full(n, np.nan), np.full((n, 3), np.nan)
+    decision = ["reference"] * n
+    pool: Executor = (ThreadPoolExecutor(workers) if executor == "threads"
+                      else ProcessPoolExecutor(workers))
+    with pool:
+        # BinShrink of 0/1 keeps only cells fully inside the mask
+        shared = (_pyramid(fixed, levels), _pyramid(mask_img, levels), float(metric_mask.mean()))
+        futures = {pool.submit(_frame, t, *shared, series.hu[t], series.affine, fit, check): t
+                   for t in range(1, n)}
+        from concurrent.futures import as_completed
+
+        from tqdm.auto import tqdm
+
+        for fut in tqdm(as_completed(futures), total=len(futures), disable=not progress,
+                        desc="registration", unit="frame"):
+            t = futures[fut]
+            out[t], fitted[t], metrics[t], decision[t], params[t], checks[t] = fut.result()
+    mean_d, max_d = frame_displacement(params, center, _mask_points(series, mask))
+    logger.info("motion: %d of %d frames moved, max mean displacement %.2f mm (frame %d)",
+                sum(d in ("in-plane", "rigid") for d in decision), n - 1, mean_d.max(),
+                int(mean_d.argmax()))
+    meta = dict(series.meta)
+    meta["motion_corrected"] = True
+    return MotionResult(series=series.replace(hu=out, meta=meta), parameters=params,
+                        center_mm=center, displacement_mm=mean_d, max_displacement_mm=max_d,
+                        metric=metrics, fitted_parameters=fitted, decision=tuple(decision),
+                        check_identity=checks[:, 0], check_in_plane=checks[:, 1],
+                        check_fitted=checks[:, 2], min_gain=float(min_gain))
+
+
+def _validate(levels: Sequence[int], samples: Sequence[int], executor: str, rim_mm: float,
+              reach_mm: float, min_coarse_px: int, min_gain: float,
+              check_sigma_px: Sequence[float], seed: int) -> None:
     if len(levels) != len(samples) or not levels:
         raise ValidationError(f"levels {tuple(levels)} and samples {tuple(samples)} must be "
                               "non-empty and of equal length (one sample count per level)")
@@ -281,50 +568,24 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     if not (rim_mm >= 0 and reach_mm > 0 and min_coarse_px >= 1):
         raise ValidationError(f"rim_mm must be >= 0, reach_mm > 0 and min_coarse_px >= 1; got "
                               f"{rim_mm}, {reach_mm} and {min_coarse_px}")
-    workers = int(workers or os.cpu_count() or 1)
-    n = series.n_frames
-    fixed = to_sitk_image(series.hu[0], series.affine)
-    size = np.asarray(fixed.GetSize(), dtype=np.float64)
-    center = fixed.TransformContinuousIndexToPhysicalPoint(((size - 1) / 2).tolist())
-    levels = _effective_levels(levels, fixed.GetSize(), min_coarse_px)
-    fixed_pyr = _pyramid(fixed, levels)
-    mask = _registration_mask(series, mask)
-    metric_mask = _head_region(mask, series.spacing, rim_mm)
-    if enhancement_hu is not None and n > 1:
+    if not 0.0 < min_gain < 1.0:
+        raise ValidationError(f"min_gain must lie in (0, 1), got {min_gain}")
+    if len(check_sigma_px) != 3 or min(check_sigma_px) < 0:
+        raise ValidationError(f"check_sigma_px must be 3 sigmas >= 0 (x, y, z voxels), got "
+                              f"{tuple(check_sigma_px)}")
+    if seed < 0:
+        raise ValidationError(f"seed must be >= 0, got {seed}")
+
+
+def _metric_mask(series: CTPSeries, mask: np.ndarray, *, rim_mm: float,
+                 enhancement_hu: float | None, reach_mm: float) -> np.ndarray:
+    """The metric's voxels: the brain grown by ``rim_mm`` less the enhancing voxels."""
+    metric_mask = _head_region(mask, series.spacing, rim_mm).copy()  # never the caller's
+    if enhancement_hu is not None and series.n_frames > 1:
         enhancing = _enhancing(series.hu, series.spacing, reach_mm=reach_mm,
                                threshold_hu=enhancement_hu)
         logger.debug("metric mask: %d voxels, %d enhancing left out", metric_mask.sum(),
                      (metric_mask & enhancing).sum())
         if (metric_mask & ~enhancing).sum() >= 1000:
             metric_mask &= ~enhancing
-    mask_img = sitk.Cast(to_sitk_image(metric_mask.astype(np.float32), series.affine),
-                         sitk.sitkUInt8)
-    mask_pyr = _pyramid(mask_img, levels)  # BinShrink of 0/1 keeps cells fully inside the mask
-    out = np.empty_like(series.hu)
-    out[0] = series.hu[0]
-    params = np.zeros((n, 6))
-    metrics = np.full(n, np.nan)
-    args = (list(levels), list(samples), int(iterations), center, int(seed), 1)
-    pool: Executor = (ThreadPoolExecutor(workers) if executor == "threads"
-                      else ProcessPoolExecutor(workers))
-    with pool:
-        futures = {pool.submit(_register_frame, fixed_pyr, mask_pyr, float(metric_mask.mean()),
-                               series.hu[t], series.affine, *args): t for t in range(1, n)}
-        from concurrent.futures import as_completed
-
-        from tqdm.auto import tqdm
-
-        for fut in tqdm(as_completed(futures), total=len(futures), disable=not progress,
-                        desc="registration", unit="frame"):
-            t = futures[fut]
-            out[t], params[t], metrics[t] = fut.result()
-    points = _mask_points(series, mask)
-    center_arr = np.asarray(center, dtype=np.float64)
-    mean_d, max_d = frame_displacement(params, center_arr, points)
-    logger.info("motion: max mean displacement %.2f mm (frame %d)", mean_d.max(),
-                int(mean_d.argmax()))
-    meta = dict(series.meta)
-    meta["motion_corrected"] = True
-    return MotionResult(series=series.replace(hu=out, meta=meta), parameters=params,
-                        center_mm=center_arr, displacement_mm=mean_d,
-                        max_displacement_mm=max_d, metric=metrics)
+    return metric_mask
