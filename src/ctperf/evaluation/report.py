@@ -54,7 +54,7 @@ body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "DejaVu Sans",
        margin: 1.5em auto; max-width: 1400px; padding: 0 1em; color: #111; background: #fff; }
 h1 { font-size: 1.5em; border-bottom: 2px solid #333; padding-bottom: .2em; }
 h2 { font-size: 1.2em; margin-top: 1.6em; border-bottom: 1px solid #bbb; }
-table { border-collapse: collapse; margin: .6em 0; font-size: .78em; }
+table { border-collapse: collapse; margin: .6em 0; font-size: .74em; }
 th, td { border: 1px solid #bbb; padding: .15em .35em; text-align: right; white-space: nowrap; }
 th { background: #eef1f5; text-align: center; white-space: normal; }
 td.t { text-align: left; }
@@ -64,6 +64,7 @@ figure img { max-width: 100%; height: auto; border: 1px solid #ddd; }
 figcaption { font-size: .85em; color: #444; }
 p.note, ul.note { font-size: .88em; color: #333; }
 .scroll { overflow-x: auto; }
+@page { size: A4 landscape; margin: 10mm; }
 @media print {
   body { max-width: none; margin: 0; font-size: 10pt; }
   .scroll { overflow: visible; }
