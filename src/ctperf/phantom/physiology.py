@@ -166,7 +166,8 @@ def tissue_parameters(q: np.ndarray, gm: np.ndarray, wm: np.ndarray, severity: n
     wm_share = wm / safe
     delay = np.maximum(phys["delay_base"] + 0.5 * wm_share
                        + 0.35 * symmetric_field(q, phys["field_delay"]), DELAY_FLOOR)
-    tau = np.maximum(phys["tau_base"] + 0.1 * (1 + symmetric_field(q, phys["field_tau"])), 0.0)
+    # healthy dispersion: a mean of 0-0.5 s
+    tau = np.clip(phys["tau_base"] + 0.1 * (1 + symmetric_field(q, phys["field_tau"])), 0.0, 0.5)
     les = phys.get("lesion")
     s = severity.astype(np.float64)
     if les is not None and les["oligaemia"]:  # mild: blood flow and volume barely change
