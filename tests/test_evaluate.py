@@ -88,8 +88,7 @@ def evaluated(cohorts: dict[str, Path]) -> Path:
     """``ctperf evaluate`` of the synthetic cohorts, run once for the tests that read it."""
     out = cohorts["pred"].parent / "eval"
     assert main(["evaluate", str(cohorts["pred"]), str(cohorts["ref"]), str(out),
-                 "--raters", str(cohorts["rater1"]), str(cohorts["rater2"]),
-                 "--map-figures", "2"]) == 0
+                 "--raters", str(cohorts["rater1"]), "--map-figures", "2"]) == 0
     return out
 
 
@@ -127,23 +126,19 @@ def test_evaluate_synthetic_tables_json_and_report(cohorts, evaluated):
     assert float(core["dice_mean"]) == pytest.approx(0.75)
     assert float(core["volume_estimate_mean_ml"]) == pytest.approx(16 * 0.02 * 3 / 4)
     assert float(core["mean_abs_diff_ml"]) == 0.0  # the shifted core has the same volume
-    # raters: label image and masks read the same core
-    r12 = rows[("core", "rater1", "rater2")]
-    assert float(r12["dice_mean"]) == 1.0 and float(r12["cr_ml"]) == 0.0
-    hyp = rows[("hypoperfused", "rater1", "rater2")]
-    # rater 2's hypoperfused region has one voxel (0.02 mL) more than rater 1's in every study
-    assert float(hyp["ba_bias_ml"]) == pytest.approx(-0.02, abs=1e-9)
-    assert float(hyp["cr_ml"]) == pytest.approx(0.0, abs=1e-9)  # the same offset every time
+    # the rater's label image holds the reference's lesions exactly
+    assert float(rows[("core", "nlr", "rater1")]["dice_mean"]) == 1.0
+    assert float(rows[("penumbra", "unet", "rater1")]["dice_n"]) == 4
 
     doc = json.loads((out / "evaluation.json").read_text())
     assert doc["studies"] == list(STUDIES)
-    assert [r["label"] for r in doc["readers"]] == ["unet", "nlr", "rater1", "rater2"]
+    assert [r["label"] for r in doc["readers"]] == ["unet", "nlr", "rater1"]
     case = next(r for r in doc["lesions"] if (r["lesion"], r["estimate"]) == ("core", "unet"))
     assert case["cases"]["s04"] == {"dice": None, "excluded": "no lesion in the reference",
                                     "undefined": True, "volume_estimate_ml": 0.0,
                                     "volume_reference_ml": 0.0}
     fried = {f["lesion"]: f for f in doc["friedman"]}
-    assert fried["hypoperfused"]["k"] == 4 and fried["hypoperfused"]["n"] == 4
+    assert fried["hypoperfused"]["k"] == 3 and fried["hypoperfused"]["n"] == 4
     ref_map = io.read_maps(cohorts["ref"] / "s02")
     pred_map = io.read_maps(cohorts["pred"] / "s02")
     direct = map_agreement(pred_map["tmax"], ref_map["tmax"])
@@ -156,6 +151,26 @@ def test_evaluate_synthetic_tables_json_and_report(cohorts, evaluated):
     assert "http://" not in page and "https://" not in page and "@import" not in page
     assert page.count('src="data:image/png;base64,') == len(list((out / "figures").iterdir()))
     assert "Table 1" in page and "Table 2" in page and "@media print" in page
+
+
+def test_raters_label_image_and_masks_agree(cohorts):
+    from ctperf.evaluation.cohort import evaluate_readers, load_maps_cohort, load_rater
+
+    ref = load_maps_cohort(cohorts["ref"])
+    shapes = {s: SHAPE for s in STUDIES}
+    r1, r2 = load_rater(cohorts["rater1"], shapes), load_rater(cohorts["rater2"], shapes)
+    assert sorted(r2.lesions["s01"]) == ["core", "hypoperfused", "penumbra"]  # derived penumbra
+    doc = evaluate_readers([ref, r1, r2], studies=STUDIES)
+    rows = {(r["lesion"], r["estimate"], r["reference"]): r for r in doc["lesions"]}
+    # label image (rater 1) and masks (rater 2) read the same core
+    core = rows[("core", "rater1", "rater2")]
+    assert core["dice"]["mean"] == 1.0 and core["volumes"]["bland_altman"]["cr"] == 0.0
+    hyp = rows[("hypoperfused", "rater1", "rater2")]["volumes"]["bland_altman"]
+    # rater 2's hypoperfused region has one voxel (0.02 mL) more than rater 1's in every study
+    assert hyp["bias"] == pytest.approx(-0.02, abs=1e-9)
+    assert hyp["cr"] == pytest.approx(0.0, abs=1e-9)  # the same offset every time
+    assert {f["lesion"]: f["k"] for f in doc["friedman"]} == {"core": 3, "hypoperfused": 3,
+                                                               "penumbra": 3}
 
 
 def test_evaluate_refuses_missing_input_in_one_line(tmp_path, capsys):
