@@ -100,6 +100,12 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
+def _p(value: Any) -> str:
+    """A p value: three decimals, or ``<0.001``."""
+    text = _fmt(value, 3)
+    return "<0.001" if text not in ("n/a",) and float(value) < 0.001 else text
+
+
 def _pm(stat: Mapping[str, Any], digits: int = 3) -> str:
     mean, sd = stat.get("mean"), stat.get("sd")
     return f"{_fmt(mean, digits)} ± {_fmt(sd, digits)}" if _fmt(sd) != "n/a" else _fmt(mean,
@@ -228,7 +234,7 @@ def _table2_html(result: Mapping[str, Any]) -> str:
             f"{_pm(d, 2)} ({d['n']})", f"{d['n_excluded']} / {d['n_undefined']}",
             _fmt(v["mean_a"], 1), _fmt(v["mean_b"], 1), _pm({"mean": v["mean_abs_diff"],
                                                               "sd": v["sd_abs_diff"]}, 1),
-            f"{_fmt(v['pearson_r'], 2)} ({_fmt(v['pearson_p'], 3)})",
+            f"{_fmt(v['pearson_r'], 2)} ({_p(v['pearson_p'])})",
             f"{_fmt(ba['bias'], 1)} [{_fmt(ba['loa_low'], 1)}, {_fmt(ba['loa_high'], 1)}]",
             _fmt(ba["cr"], 1),
             f"{_fmt(icc.get('icc'), 2)} [{_fmt(icc.get('ci_low'), 2)}, "
@@ -428,8 +434,10 @@ def _sections(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) ->
     if doc["friedman"]:
         sections.append(("Friedman tests of lesion volumes", html_table(
             ["lesion", "readers", "n", "chi-square", "p"],
-            [[f["lesion"], ", ".join(f["readers"]), f["n"], f["statistic"], f["p"]]
-             for f in doc["friedman"]], text_columns=2)))
+            [[f["lesion"], ", ".join(f["readers"]), f["n"], f["statistic"], _p(f["p"])]
+             for f in doc["friedman"]], text_columns=2)
+            + '<p class="note">On the lesion volumes of every reader that segmented the lesion; '
+              "n/a when every study's volumes are tied.</p>"))
     sections.append(("Figures", "".join(_figure_html(uri, cap)
                                         for uri, cap in figures.values())))
     sections.append(("Dice and volumes per study", _dice_cases_html(doc)))
