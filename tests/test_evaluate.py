@@ -262,3 +262,25 @@ def test_maps_without_lesions_are_segmented_with_the_maps_rules(cohorts, tmp_pat
         # square; the 2 mm median may round its corners (one 2 mm pixel)
         got = reader.lesions[study]["hypoperfused"]
         assert dice(got, ref.lesions[study]["core"]) > 0.7
+
+
+def test_further_methods_are_compared_with_the_reference(cohorts):
+    from ctperf.evaluation.cohort import evaluate_readers, load_maps_cohort
+
+    pred, ref = load_maps_cohort(cohorts["pred"]), load_maps_cohort(cohorts["ref"])
+    other = load_maps_cohort(cohorts["pred"], label="unet-b")
+    doc = evaluate_readers([pred, ref, other], studies=STUDIES)
+    assert {(r["estimate"], r["reference"]) for r in doc["maps"]} == {("unet", "nlr"),
+                                                                      ("unet-b", "nlr")}
+    # three methods: a Friedman test per lesion (pred and its copy tie in every study)
+    assert [f["k"] for f in doc["friedman"]] == [3, 3, 3]
+
+
+def test_evaluation_imports_neither_torch_nor_matplotlib():
+    import sys
+
+    code = ("import sys, ctperf.evaluation; "
+            "print(sorted(m for m in ('torch', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.strip()
+    assert out == "[]"
