@@ -77,11 +77,15 @@ def test_vectorised_simplex_agrees_with_scipy_per_voxel(rng):
         def sse(q, c=smooth[:, i]):
             return float(((box_model(q[None], table, scale=SCALE)[:, 0] - c) ** 2).sum())
 
-        start = np.array([60.0, 5.0, 3.5])
+        def sse_v(v):  # the simplex's coordinates: (CBV, MTT, delay)
+            return sse(np.array([np.clip(60.0 * v[0] / v[1], 0.0, 300.0), v[1], v[2]]))
+
+        start = np.array([60.0 * 5.0 / 60.0, 5.0, 3.5])
         simplex = np.vstack([start, start + np.diag(DEFAULT_STEPS)])  # the same first simplex
-        ref = minimize(sse, start, method="Nelder-Mead",
+        ref = minimize(sse_v, start, method="Nelder-Mead",
                        options={"maxiter": 300, "xatol": 1e-4, "fatol": 1e-4,
                                 "initial_simplex": simplex})
+        ref.x = np.array([60.0 * ref.x[0] / ref.x[1], ref.x[1], ref.x[2]])
         ours = np.array([fit.cbf[i], fit.mtt[i], fit.delay[i]])
         if np.any(ref.x[1:] < np.array(DEFAULT_BOUNDS)[1:, 0]):
             continue  # scipy wandered outside the physical bounds; nothing to compare

@@ -201,8 +201,7 @@ _BOX_MISMATCH = (
     "box residue vs the reference's gamma-variate residues (model mismatch): the fitted box is "
     "longer and lower than the residue's initial peak, so CBF comes out at about half the truth "
     "(measured median relative error -46 %; 35.4 at true 70). Reference tolerance met by 11 of "
-    "14 curves (nlr-fast) and 9-10 of 14 (nlr, which also stops at local minima on 1-2 curves, "
-    "see test_osipi_nlr_reaches_the_best_box_fit)"
+    "14 curves (nlr-fast and nlr)"
 )
 
 
@@ -230,13 +229,6 @@ def test_osipi_cbf_bias(osipi, osipi_results, method):
     assert -0.20 <= float(np.median(rel)) <= 0.05, rel.round(3)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the reference Nelder-Mead (start CBF 60, MTT 5 s, delay 3.5 s) stops on the MTT lower "
-    "bound (1 s) on 1-2 of the 14 curves, which ones depending on the initial simplex (5 % "
-    "of the start: 1 curve; steps of 30 mL/100 g/min, 4 s, 4 s: 2 other curves): e.g. "
-    "CBF 35 / CBV 2 curve: CBF 117.2, MTT 1.0 s, RMS misfit 1.66 times that of nlr-fast (CBF "
-    "17.5, MTT 7.7 s); CBF 10 and 15 / CBV 2 curves: CBF 64 and 76 instead of 6.0 and 8.1, "
-    "RMS misfit 1.9-2.0 times; restarts from the bound stay in the same basin"))
 def test_osipi_nlr_reaches_the_best_box_fit(osipi_results):
     # Same model, same data: the simplex should find a fit at least as good as the grid start
     # + Newton (0.1 % covers both stopping rules).
@@ -264,16 +256,6 @@ def _delayed(tissue: np.ndarray, frames: int) -> np.ndarray:
     return np.vstack([np.zeros((frames, tissue.shape[1])), tissue[:-frames]])
 
 
-_NM_DELAY = (
-    "with the tissue delayed by 1-4 frames, the reference Nelder-Mead stops on the MTT lower "
-    "bound (1 s) on some curves, which ones depending on the delay and the initial simplex "
-    "(0-1 of 14 with a 5 % simplex, 1-4 with steps of 30 mL/100 g/min, 4 s, 4 s; mostly the "
-    "low-flow, long-MTT ones): CBF 63-117 where nlr-fast finds 6-17.5, RMS misfit 1.7-2.0 "
-    "times nlr-fast's, so its delay does not follow the added delay; nlr-fast moves its "
-    "delay by exactly the added delay on all 14"
-)
-
-
 def _check_delay(osipi, ref, method: str, frames: int) -> None:
     shift = frames * float(osipi["times"][1])
     est = _estimate(method, _delayed(osipi["tissue"], frames), osipi["aif"], osipi["times"],
@@ -299,7 +281,6 @@ def test_osipi_delay_moves_timing_not_flow(osipi, osipi_results, method, frames)
     _check_delay(osipi, osipi_results[method], method, frames)
 
 
-@pytest.mark.xfail(strict=True, reason=_NM_DELAY)
 def test_osipi_nlr_delay_moves_timing_not_flow(osipi, osipi_results):
     # As above for the simplex, over every shift of 1-4 frames at once: a local minimum that
     # happens to be the same with and without one delay must not hide those at other delays.

@@ -4,8 +4,9 @@ Two fits, both vectorised over all voxels of a chunk at once (loops run over ite
 
 - ``"nlr"``: plain downhill simplex (Nelder-Mead) as in the reference, 300 iterations, start CBF
   60 mL/100 g/min, MTT 5 s, delay 3.5 s, stopping per voxel on the usual x and f tolerances,
-  no restarts. The initial simplex spans :data:`DEFAULT_STEPS` around the start (MATLAB's
-  ``fminsearch`` 5 % simplex is available, but stalls on a fraction of voxels).
+  no restarts. The simplex moves in (CBV, MTT, delay) coordinates, its initial steps
+  :data:`DEFAULT_STEPS` around the start (MATLAB's ``fminsearch`` 5 % simplex is available,
+  but stalls on a fraction of voxels).
 - ``"nlr-fast"``: a grid start over (MTT, delay) with the linear parameter CBF solved in closed
   form (variable projection, one matrix product for all voxels), then trust-region Newton steps
   in (delay, delay + MTT) with CBF eliminated, using the exact derivatives of the O(1) objective
@@ -44,12 +45,12 @@ log = logging.getLogger(__name__)
 #: Physical bounds of (CBF mL/100 g/min, MTT s, delay s).
 DEFAULT_BOUNDS: tuple[tuple[float, float], ...] = ((0.0, 300.0), (1.0, 30.0), (-3.0, 20.0))
 
-#: Initial simplex of ``"nlr"``: absolute steps from the start in (CBF mL/100 g/min, MTT s,
-#: delay s). A simplex of 5 % of the start (0.175 s of delay, a fraction of a frame) is too
-#: small to see past the flat and multimodal parts of the box model's misfit and stalls there
-#: (CBF several times too high at the MTT or delay bound); half the start CBF and 2 s in time
-#: find the least-squares minimum that the grid-started fit finds (see docs/methods.md).
-DEFAULT_STEPS: tuple[float, float, float] = (30.0, 2.0, 2.0)
+#: Initial simplex of ``"nlr"``: absolute steps from the start in the simplex's coordinates
+#: (CBV mL/100 g, MTT s, delay s). A simplex of 5 % of the start (0.175 s of delay, a fraction
+#: of a frame) is too small to see past the flat and multimodal parts of the box model's misfit
+#: and stalls there; 1 mL/100 g and 2 s in time find the least-squares minimum that the
+#: grid-started fit finds (see docs/methods.md).
+DEFAULT_STEPS: tuple[float, float, float] = (1.0, 2.0, 2.0)
 
 #: Box-model Tmax = delay + TMAX_MTT_FRACTION x MTT (see :class:`BoxFit`).
 TMAX_MTT_FRACTION = 0.25
@@ -224,8 +225,9 @@ def fit_box_nlr(
     start : 3 floats
         Nelder-Mead start (CBF, MTT, delay), the reference's; unused by ``"nlr-fast"``.
     initial_steps : 3 floats or None
-        ``"nlr"`` only: the initial simplex's steps from the start in (CBF, MTT, delay); None
-        builds it as MATLAB's ``fminsearch`` and SciPy do (5 % of each start value).
+        ``"nlr"`` only: the initial simplex's steps from the start in the simplex's coordinates
+        (CBV mL/100 g, MTT s, delay s; the start's CBV is CBF x MTT / 60); None builds it as
+        MATLAB's ``fminsearch`` and SciPy do (5 % of each start value).
     max_iter : int
         Nelder-Mead iterations (``"nlr"``); see ``lm_iter`` for ``"nlr-fast"``.
     restarts : int
@@ -294,8 +296,11 @@ def fit_box_nlr(
     fast = FastBoxSSE(table, scale, b, ops=ops) if table.uniform else None
     out = np.empty((n, 3))
     rms = np.empty(n)
-    near = ops.asarray(0.01 * (b[:, 1] - b[:, 0]))
-    lo, hi = ops.asarray(b[:, 0]), ops.asarray(b[:, 1])
+    # Bounds of the simplex's coordinates (CBV, MTT, delay); CBF is clipped to its own.
+    bv = b.copy()
+    bv[0] = (b[0, 0] * b[1, 0] / 60.0, b[0, 1] * b[1, 1] / 60.0)
+    near = ops.asarray(0.01 * (bv[:, 1] - bv[:, 0]))
+    lo, hi = ops.asarray(bv[:, 0]), ops.asarray(bv[:, 1])
 
     def fit_chunk(s: int) -> None:
         c = tis[:, s:s + chunk].astype(np.float64)
@@ -309,22 +314,32 @@ def fit_box_nlr(
             return _sse(q.T, c[:, idx], table, scale)
 
         if mode == "nlr":
-            x0 = ops.asarray(np.clip(np.broadcast_to(np.asarray(start, float), (c.shape[1], 3)),
-                                     b[:, 0], b[:, 1]))
+            # The simplex moves in (CBV, MTT, delay): the curve's area (CBV) and its shape
+            # (MTT, delay) are then separate coordinates. In (CBF, MTT, delay) the area is
+            # CBF x MTT, and a simplex started at the reference's high CBF lowers the area by
+            # shrinking MTT onto its lower bound, where it stalls with CBF several times too
+            # high. Same start, same model, same least-squares objective.
+            def fun_v(v: Any, idx: Any) -> Any:
+                return fun(_cbv_to_cbf(v, b, ops), idx)
+
+            s0 = np.clip(np.asarray(start, float), b[:, 0], b[:, 1])
+            s0[0] *= s0[1] / 60.0
+            x0 = ops.asarray(np.broadcast_to(np.clip(s0, bv[:, 0], bv[:, 1]), (c.shape[1], 3)))
             steps = None if initial_steps is None else np.asarray(initial_steps, dtype=float)
-            p = nelder_mead(fun, x0, bounds=b, max_iter=max_iter, steps=steps, ops=ops)
+            v = nelder_mead(fun_v, x0, bounds=bv, max_iter=max_iter, steps=steps, ops=ops)
             # Restart with a fresh simplex where a simplex ended on a bound: there it has
             # usually collapsed against the bound instead of finding the minimum.
-            sub = ops.arange(p.shape[0])
+            sub = ops.arange(v.shape[0])
             for _ in range(restarts):
-                sub = sub[((p[sub] - lo < near) | (hi - p[sub] < near)).any(axis=1)]
+                sub = sub[((v[sub] - lo < near) | (hi - v[sub] < near)).any(axis=1)]
                 if sub.shape[0] == 0:
                     break
 
                 def fun_sub(q: Any, idx: Any, sub: Any = sub) -> Any:
-                    return fun(q, sub[idx])
+                    return fun_v(q, sub[idx])
 
-                p[sub] = nelder_mead(fun_sub, p[sub], bounds=b, max_iter=max_iter, ops=ops)
+                v[sub] = nelder_mead(fun_sub, v[sub], bounds=bv, max_iter=max_iter, ops=ops)
+            p = _cbv_to_cbf(v.T, b, ops).T
         elif obj is not None:
             p = refine_newton(obj, obj.grid_start(b, n_mtt=16), b, n_iter=polish_iter)
         else:
@@ -357,6 +372,12 @@ def fit_box_nlr(
     cbf, mtt, delay = out[:, 0], out[:, 1], out[:, 2]
     return BoxFit(cbf=cbf, cbv=cbf * mtt / 60.0, mtt=mtt, delay=delay,
                   tmax=delay + TMAX_MTT_FRACTION * mtt, residual=rms)
+
+
+def _cbv_to_cbf(v: Any, b: np.ndarray, ops: ArrayOps) -> Any:
+    """(CBV, MTT, delay) columns (3, M) -> (CBF, MTT, delay), CBF clipped to its bounds."""
+    cbf = ops.xp.clip(v[0] * 60.0 / v[1], float(b[0, 0]), float(b[0, 1]))
+    return ops.concat([cbf[None], v[1:]], 0)
 
 
 def _sse(p: np.ndarray, c: np.ndarray, table: ArterialTable, scale: float) -> np.ndarray:
