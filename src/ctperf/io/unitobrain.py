@@ -13,6 +13,10 @@ Layout on disk, as distributed and as read by the authors of Gava et al. 2023
           *.txt                                     (notes, ignored)
       MOL-002_...
 
+``NLR_TTP`` (the tissue curve's time to peak) and ``NLR_Delay`` (the box model's delay after the
+AIF) are different maps and become ``ttp`` and ``delay``; the network's ``ttp`` target learns
+``NLR_TTP`` (:mod:`ctperf.model.normalise`).
+
 The input folder is read with :func:`ctperf.io.read_dicom_series` (slices grouped by position,
 frames ordered by AcquisitionTime). Map files are paired with the input slices by their position
 along the slice normal, never by file or list order; an input slice without a map slice gets NaN.
