@@ -30,6 +30,9 @@ class PreprocessResult:
         Mean and largest displacement over the brain relative to the first frame (mm).
     mask : ndarray of bool, shape (Z, Y, X)
         Brain mask of the preprocessed study.
+    registration : dict or None
+        Per-frame decisions of the registration and the check metric of each candidate
+        (:meth:`~ctperf.preprocess.MotionResult.record`, JSON-ready); None without registration.
     """
 
     series: CTPSeries
@@ -38,6 +41,7 @@ class PreprocessResult:
     displacement_mm: np.ndarray
     max_displacement_mm: np.ndarray
     mask: np.ndarray
+    registration: dict | None = None
 
     @property
     def transforms(self) -> list:
@@ -85,10 +89,12 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
     center = np.zeros(3)
     mean_d = np.zeros(n)
     max_d = np.zeros(n)
+    record = None
     if register and n > 1:
         motion = correct_motion(series, workers=workers, progress=progress)
         out, params, center = motion.series, motion.parameters, motion.center_mm
         mean_d, max_d = motion.displacement_mm, motion.max_displacement_mm
+        record = motion.record()
     if filter:
         # the registered study is ours: filter it in place (one study less in memory)
         out = bilateral_filter(out, spatial_sigma_mm=spatial_sigma_mm,
@@ -99,4 +105,5 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
     logger.info("preprocess: %d frames, max mean displacement %.2f mm, brain %d voxels", n,
                 float(mean_d.max()), int(mask.sum()))
     return PreprocessResult(series=out, parameters=params, center_mm=center,
-                            displacement_mm=mean_d, max_displacement_mm=max_d, mask=mask)
+                            displacement_mm=mean_d, max_displacement_mm=max_d, mask=mask,
+                            registration=record)

@@ -33,28 +33,24 @@ reliable on studies with a contrast bolus):
 
 **A transform must earn its place.** An optimiser always returns *some* transform, and on a still
 study it returns noise: interpolation smooths the moving frame's noise, so sub-voxel shifts lower
-the mean squares of pure noise, and a flat or bolus-dominated image has no feature to hold the
-fit. Every frame's fit is therefore checked against the identity before it is used:
+the mean squares of pure noise, and a featureless or bolus-dominated image holds no fit. Each
+frame's fit is therefore checked before it is used (docs/preprocessing.md has the figures):
 
-- The check metric is the mean of squared differences between the first frame and the frame read
-  at the candidate transform, both smoothed by a Gaussian (``check_sigma_px``: 2 pixels in plane,
-  1 slice through plane), over the metric's voxels that stay inside the volume under every
-  candidate: the same voxels for every candidate. Smoothing after resampling takes away the
-  high-frequency noise and edge sharpness that interpolation removes, so the metric compares
-  anatomy, not interpolation.
-- Three candidates are compared, simplest first: the identity, the fit's in-plane part (rotation
-  about z and shifts in x, y; the rest set to zero), the whole fit. A candidate replaces a simpler
-  one only when it lowers the check metric by more than ``min_gain`` (10 %) of it. With white noise
-  (the worst case) linear interpolation can remove at most
-  ``(1 - exp(-1 / (4 s^2))) / 2`` of the smoothed noise variance per axis (s the smoothing sigma
-  in voxels): 3 % in plane and 11 % through plane, i.e. at most 3 % (in plane) and 8 % (rigid) of
-  a noise-only metric, which is made of both frames' noise. Real motion of more than a few tenths
-  of a millimetre at the skull, or of more than a millimetre across tissue edges of 10-20 HU,
-  gains far more.
-- A candidate must be physically plausible: rotations up to ``max_rotation_deg`` (15 degrees) and
-  shifts up to ``max_shift_mm`` (20 mm) for a head in a head holder; others are not considered.
-- The decision ("identity", "in-plane" or "rigid"; "reference" for frame 0) and the check metric
-  of each candidate are kept per frame in :class:`MotionResult`, with the fit itself.
+- Check metric: mean squared difference between the first frame and the frame read at a
+  candidate transform, both smoothed by a Gaussian of ``check_sigma_px`` (2 voxels in plane and
+  through plane, none along a single slice), over the metric's voxels that stay inside the
+  volume under every candidate (the same voxels for every candidate). Smoothing after
+  resampling takes away the noise that interpolation removes: for white noise at most
+  ``(1 - exp(-1 / (4 s^2))) / 2`` of the smoothed noise variance per axis (s the sigma in
+  voxels), 3 %, so a noise-only metric drops by at most about 4.5 % at any transform.
+- Candidates, simplest first: the identity, the fit's in-plane part (rotation about z, shifts
+  in x and y), the whole fit. One replaces a simpler one only if it lowers the check metric by
+  more than ``min_gain`` (25 %) of it *and* by more than three standard errors of the gain
+  (block sums over in-plane blocks of 8 sigmas, since smoothed noise is correlated).
+- Only plausible candidates are considered: rotations up to ``max_rotation_deg`` (15 degrees)
+  and shifts up to ``max_shift_mm`` (20 mm), a head in a head holder.
+- The decision ("reference", "identity", "in-plane" or "rigid") and the check metric of every
+  candidate are kept per frame in :class:`MotionResult`, with the fit itself.
 
 Transforms and their parameters follow :mod:`ctperf.preprocess.transforms`; the centre of
 rotation is the centre of the volume.
@@ -73,9 +69,12 @@ import SimpleITK as sitk
 
 from ctperf.errors import ValidationError
 from ctperf.preprocess.transforms import (
+    THROUGH_PLANE,
+    FrameCheck,
+    choose_transform,
     frame_displacement,
+    make_check,
     make_transform,
-    resample_frame,
     to_sitk_image,
 )
 from ctperf.types import CTPSeries
@@ -88,10 +87,6 @@ logger = logging.getLogger(__name__)
 
 #: Decisions recorded per frame: the first frame, and which candidate each other frame keeps.
 DECISIONS = ("reference", "identity", "in-plane", "rigid")
-
-#: Parameters (rx, ry, tz) that a single slice cannot fix; zero in the in-plane candidate.
-_THROUGH_PLANE = [0, 1, 5]
-
 
 @dataclass(frozen=True, eq=False)
 class MotionResult:
@@ -220,7 +215,7 @@ def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
         reg.SetOptimizerScalesFromPhysicalShift()
         if in_plane:
             weights = [1.0] * 6
-            for i in _THROUGH_PLANE:
+            for i in THROUGH_PLANE:
                 weights[i] = 0.0
             reg.SetOptimizerWeights(weights)
         reg.SetInitialTransform(tx, inPlace=True)
@@ -232,151 +227,15 @@ def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
     return np.r_[np.rad2deg(p[:3]), p[3:]], metric
 
 
-@dataclass(frozen=True, eq=False)
-class _Check:
-    """What the check of every frame shares (read only, so threads can share it)."""
-
-    index: tuple[np.ndarray, ...]  # (Z, Y, X) indices of the check voxels, each shape (N,)
-    points_mm: np.ndarray  # (N, 3) their patient mm
-    fixed: np.ndarray  # (N,) the smoothed first frame there
-    variance_mm2: tuple[float, float, float]  # smoothing Gaussian along x, y, z
-    world_to_index: np.ndarray  # (4, 4) patient mm -> continuous (x, y, z) index
-    size_xyz: np.ndarray  # (3,)
-    center_mm: np.ndarray  # (3,)
-    block: np.ndarray  # (N,) in-plane block of each voxel, for the gain's standard error
-    min_gain: float
-    max_rotation_deg: float
-    max_shift_mm: float
-
-
-#: A candidate's gain must also exceed this many standard errors of the gain (sampling noise).
-_MIN_Z = 4.0
-
-
-def _smooth(img: sitk.Image, variance_mm2: Sequence[float], threads: int,
-            index: tuple[np.ndarray, ...]) -> np.ndarray:
-    """The image smoothed by a Gaussian of the given variances (mm^2; x, y, z), read at the
-    (Z, Y, X) ``index``: float64 (N,)."""
-    gauss = sitk.DiscreteGaussianImageFilter()
-    gauss.SetVariance([float(v) for v in variance_mm2])
-    gauss.SetUseImageSpacing(True)
-    gauss.SetMaximumKernelWidth(64)
-    gauss.SetMaximumError(0.01)
-    gauss.SetNumberOfThreads(threads)
-    smoothed = gauss.Execute(img)
-    # read while the image is alive: the view shares its buffer
-    return np.asarray(sitk.GetArrayViewFromImage(smoothed)[index], dtype=np.float64)
-
-
-def _make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
-                center: np.ndarray, *, sigma_px: Sequence[float], min_gain: float,
-                max_rotation_deg: float, max_shift_mm: float) -> _Check:
-    """The check's voxels (at most ~200,000 of the metric mask, evenly strided) and references."""
-    spacing = np.asarray(fixed.GetSpacing())
-    size = np.asarray(fixed.GetSize())
-    # no smoothing along an axis of one voxel (a single slice)
-    variance = tuple(float((s * d) ** 2) if n > 1 else 0.0
-                     for s, d, n in zip(sigma_px, spacing, size, strict=True))
-    zyx = np.argwhere(metric_mask)
-    zyx = zyx[:: max(1, len(zyx) // 200_000)]
-    index = tuple(zyx.T)
-    points = (np.c_[zyx[:, ::-1], np.ones(len(zyx))] @ np.asarray(affine).T)[:, :3]
-    ref = _smooth(fixed, variance, os.cpu_count() or 1, index)
-    # blocks of 8 smoothing sigmas in plane, one slice deep: nearly independent noise
-    side = max(4, round(8 * max(sigma_px[:2])))
-    nb_y, nb_x = (-(-np.asarray(metric_mask.shape[1:]) // side)).tolist()
-    block = (zyx[:, 0] * nb_y + zyx[:, 1] // side) * nb_x + zyx[:, 2] // side
-    return _Check(index=index, points_mm=points, fixed=ref, variance_mm2=variance,  # type: ignore[arg-type]
-                  world_to_index=np.linalg.inv(affine), size_xyz=size, center_mm=center,
-                  block=np.unique(block, return_inverse=True)[1],
-                  min_gain=min_gain, max_rotation_deg=max_rotation_deg,
-                  max_shift_mm=max_shift_mm)
-
-
-def _inside(check: _Check, params: np.ndarray) -> np.ndarray:
-    """Check voxels whose transformed position lies inside the volume (bool (N,))."""
-    tx = make_transform(params, check.center_mm)
-    rot = np.asarray(tx.GetMatrix()).reshape(3, 3)
-    moved = (check.points_mm - check.center_mm) @ rot.T + check.center_mm + params[3:]
-    ijk = (np.c_[moved, np.ones(len(moved))] @ check.world_to_index.T)[:, :3]
-    pad = np.where(check.size_xyz == 1, 0.5, 1e-6)
-    return np.all((ijk >= -pad) & (ijk <= check.size_xyz - 1 + pad), axis=1)
-
-
-def _plausible(check: _Check, params: np.ndarray) -> bool:
-    return bool(np.all(np.abs(params[:3]) <= check.max_rotation_deg)
-                and np.linalg.norm(params[3:]) <= check.max_shift_mm)
-
-
-def _decide(check: _Check, moving_img: sitk.Image, fitted: np.ndarray, threads: int
-            ) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
-    """Keep the identity, the fit's in-plane part or the whole fit for one frame.
-
-    Returns the decision, the parameters (6,) kept, the frame (Z, Y, X) float32 read at them,
-    and the check metric (HU^2) at the identity, in-plane part and whole fit (NaN when a
-    candidate is implausible).
-    """
-    in_plane = fitted.copy()
-    in_plane[_THROUGH_PLANE] = 0.0
-    through = bool(np.any(fitted[_THROUGH_PLANE] != 0.0))
-    candidates = [(name, p) for name, p in [("in-plane", in_plane), ("rigid", fitted)]
-                  if (through or name == "in-plane") and _plausible(check, p)]
-    valid = np.ones(len(check.fixed), dtype=bool)
-    for _, p in candidates:
-        valid &= _inside(check, p)
-    ref, block = check.fixed[valid], check.block[valid]
-
-    def squares(img: sitk.Image) -> np.ndarray:
-        return (_smooth(img, check.variance_mm2, threads, check.index)[valid] - ref) ** 2
-
-    best = squares(moving_img)
-    values = {"identity": float(best.mean()) if best.size else np.nan,
-              "in-plane": np.nan, "rigid": np.nan}
-    decision, kept = "identity", np.zeros(6)
-    frame = sitk.GetArrayFromImage(moving_img)
-    for name, p in candidates:
-        moved = resample_frame(moving_img, make_transform(p, check.center_mm), threads)
-        moved_img = sitk.GetImageFromArray(moved)
-        moved_img.CopyInformation(moving_img)
-        sq = squares(moved_img)
-        values[name] = float(sq.mean()) if sq.size else np.nan
-        gain, se = _mean_and_se(best - sq, block)
-        logger.debug("%s: gain %.3g HU^2 of %.3g, standard error %.3g", name, gain,
-                     values[decision], se)
-        # a simpler candidate stands unless this one clearly beats it (NaN never does)
-        if gain > check.min_gain * values[decision] and gain > _MIN_Z * se:
-            decision, kept, frame, best = name, p, moved, sq
-    if not through:
-        values["rigid"] = values["in-plane"]  # the fit has no through-plane part
-    checks = np.array([values["identity"], values["in-plane"], values["rigid"]])
-    return decision, kept, frame.astype(np.float32, copy=False), checks
-
-
-def _mean_and_se(x: np.ndarray, block: np.ndarray) -> tuple[float, float]:
-    """Mean of x (N,) and its standard error from block sums (spatially correlated x)."""
-    if x.size == 0:
-        return np.nan, np.nan
-    n = np.bincount(block, minlength=1).astype(np.float64)
-    sums = np.bincount(block, weights=x, minlength=1)
-    keep = n > 0
-    n, sums = n[keep], sums[keep]
-    mean = float(sums.sum() / n.sum())
-    k = len(n)
-    if k < 2:
-        return mean, np.inf
-    var = k / (k - 1) * np.sum((sums - mean * n) ** 2) / n.sum() ** 2
-    return mean, float(np.sqrt(var))
-
-
 def _frame(t: int, fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
            mask_fraction: float, moving: np.ndarray, affine: np.ndarray, fit: dict,
-           check: _Check) -> tuple[np.ndarray, np.ndarray, float, str, np.ndarray, np.ndarray]:
+           check: FrameCheck) -> tuple[np.ndarray, np.ndarray, float, str, np.ndarray, np.ndarray]:
     """Fit and check frame ``t``: (frame, fitted, metric, decision, parameters kept, checks)."""
     moving_img = to_sitk_image(moving, affine)
     fitted, metric = _register_frame(fixed_pyr, mask_pyr, mask_fraction, moving_img,
                                      seed=fit["seed"] + t, **{k: v for k, v in fit.items()
                                                               if k != "seed"})
-    decision, kept, frame, checks = _decide(check, moving_img, fitted, fit["threads"])
+    decision, kept, frame, checks = choose_transform(check, moving_img, fitted, fit["threads"])
     logger.debug("frame %d: %s (check %s, fit %s)", t, decision, np.round(checks, 2),
                  np.round(fitted, 3))
     return frame, fitted, metric, decision, kept, checks
@@ -449,7 +308,7 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                    samples: Sequence[int] = (2000, 8000), iterations: int = 300,
                    workers: int | None = None, seed: int = 0, mask: np.ndarray | None = None,
                    rim_mm: float = 12.0, enhancement_hu: float | None = 40.0,
-                   reach_mm: float = 5.0, min_coarse_px: int = 64, min_gain: float = 0.15,
+                   reach_mm: float = 5.0, min_coarse_px: int = 64, min_gain: float = 0.25,
                    check_sigma_px: Sequence[float] = (2.0, 2.0, 2.0),
                    max_rotation_deg: float = 15.0, max_shift_mm: float = 20.0,
                    executor: str = "threads", progress: bool = False) -> MotionResult:
@@ -518,9 +377,9 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                                reach_mm=reach_mm)
     mask_img = sitk.Cast(to_sitk_image(metric_mask.astype(np.float32), series.affine),
                          sitk.sitkUInt8)
-    check = _make_check(fixed, metric_mask, series.affine, center, sigma_px=check_sigma_px,
-                        min_gain=min_gain, max_rotation_deg=max_rotation_deg,
-                        max_shift_mm=max_shift_mm)
+    check = make_check(fixed, metric_mask, series.affine, center, sigma_px=check_sigma_px,
+                       reach_mm=reach_mm, min_gain=min_gain, max_rotation_deg=max_rotation_deg,
+                       max_shift_mm=max_shift_mm)
     fit = {"levels": list(levels), "samples": list(samples), "iterations": int(iterations),
            "center": center.tolist(), "seed": int(seed) + 1,
            "in_plane": series.shape[1] == 1, "threads": 1}

@@ -1,4 +1,5 @@
-"""Rigid transforms of a study's frames: SimpleITK images and transforms, displacement, resampling.
+"""Rigid transforms of a study's frames: SimpleITK images and transforms, displacement, resampling,
+and the check that decides whether a fitted transform is kept (see :mod:`.registration`).
 
 A frame's transform follows ITK: it maps a point of the first frame (patient mm, in the frame of
 the series' affine) to the same anatomy in that frame. Parameters are (rx, ry, rz) in degrees
@@ -7,8 +8,10 @@ and (tx, ty, tz) in mm, rotating about a centre in mm.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import SimpleITK as sitk
@@ -16,8 +19,14 @@ import SimpleITK as sitk
 from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
-__all__ = ["apply_transforms", "frame_displacement", "make_transform", "resample_frame",
+__all__ = ["THROUGH_PLANE", "FrameCheck", "apply_transforms", "choose_transform",
+           "frame_displacement", "make_check", "make_transform", "resample_frame",
            "to_sitk_image"]
+
+logger = logging.getLogger(__name__)
+
+#: Parameters (rx, ry, tz) that a single slice cannot fix; zero in the in-plane candidate.
+THROUGH_PLANE = [0, 1, 5]
 
 
 def to_sitk_image(volume: np.ndarray, affine: np.ndarray) -> sitk.Image:
@@ -114,3 +123,214 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
     meta = dict(series.meta)
     meta["motion_corrected"] = True
     return series.replace(hu=out, meta=meta)
+
+
+@dataclass(frozen=True, eq=False)
+class FrameCheck:
+    """What the check of every frame shares (read only, so threads can share it)."""
+
+    index: tuple[np.ndarray, ...]  # (Z, Y, X) indices of the check voxels, each shape (N,)
+    points_mm: np.ndarray  # (N, 3) their patient mm
+    fixed: np.ndarray  # (N,) the smoothed first frame there
+    variance_mm2: tuple[float, float, float]  # smoothing Gaussian along x, y, z
+    world_to_index: np.ndarray  # (4, 4) patient mm -> continuous (x, y, z) index
+    size_xyz: np.ndarray  # (3,)
+    center_mm: np.ndarray  # (3,)
+    block: np.ndarray  # (N,) in-plane block of each voxel, for the gain's standard error
+    reach_max: np.ndarray  # (Z, Y, X) smoothed first frame's maximum within reach
+    reach_size: tuple[int, int, int]  # the reach as a (Z, Y, X) box of voxels
+    min_gain: float
+    max_rotation_deg: float
+    max_shift_mm: float
+
+
+#: A candidate's gain must also exceed this many standard errors of the gain (sampling noise).
+_MIN_Z = 3.0
+
+#: A voxel brighter than the first frame anywhere within reach by this many noise SDs (and at
+#: least _ENHANCED_HU) has taken up contrast in this frame and is left out of its check.
+_ENHANCED_SD, _ENHANCED_HU = 5.0, 5.0
+
+
+def _smooth(img: sitk.Image, variance_mm2: Sequence[float], threads: int) -> np.ndarray:
+    """The image (Z, Y, X) smoothed by a Gaussian of the given variances (mm^2; x, y, z)."""
+    gauss = sitk.DiscreteGaussianImageFilter()
+    gauss.SetVariance([float(v) for v in variance_mm2])
+    gauss.SetUseImageSpacing(True)
+    gauss.SetMaximumKernelWidth(64)
+    gauss.SetMaximumError(0.01)
+    gauss.SetNumberOfThreads(threads)
+    return sitk.GetArrayFromImage(gauss.Execute(img))
+
+
+def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
+               center: np.ndarray, *, sigma_px: Sequence[float], reach_mm: float,
+               min_gain: float, max_rotation_deg: float, max_shift_mm: float) -> FrameCheck:
+    """What :func:`choose_transform` needs for every frame of a study.
+
+    Parameters
+    ----------
+    fixed : SimpleITK image
+        The first frame.
+    metric_mask : ndarray of bool, shape (Z, Y, X)
+        Voxels of the registration metric; the check uses at most ~200,000 of them, evenly
+        strided.
+    affine : ndarray, shape (4, 4)
+        Voxel (x, y, z) index -> patient mm.
+    center : ndarray, shape (3,)
+        Centre of rotation, mm.
+    sigma_px : sequence of 3 float
+        Smoothing sigma along x, y, z in voxels (none along an axis of one voxel).
+    reach_mm : float
+        Largest motion expected (mm): a frame brighter than the first frame anywhere within
+        reach has taken up contrast there, which motion cannot explain.
+    min_gain : float
+        Relative decrease of the check metric a candidate needs over a simpler one.
+    max_rotation_deg, max_shift_mm : float
+        Plausible rotation about each axis (degrees) and shift (mm).
+    """
+    spacing = np.asarray(fixed.GetSpacing())
+    size = np.asarray(fixed.GetSize())
+    # no smoothing along an axis of one voxel (a single slice)
+    variance = tuple(float((s * d) ** 2) if n > 1 else 0.0
+                     for s, d, n in zip(sigma_px, spacing, size, strict=True))
+    zyx = np.argwhere(metric_mask)
+    zyx = zyx[:: max(1, len(zyx) // 200_000)]
+    index = tuple(zyx.T)
+    points = (np.c_[zyx[:, ::-1], np.ones(len(zyx))] @ np.asarray(affine).T)[:, :3]
+    from scipy import ndimage
+
+    smoothed = _smooth(fixed, variance, os.cpu_count() or 1)
+    ref = smoothed[index].astype(np.float64)
+    n = max(1, round(reach_mm / float(min(spacing[:2]))))
+    reach = (3, 2 * n + 1, 2 * n + 1)
+    # blocks of 8 smoothing sigmas in plane, one slice deep: nearly independent noise
+    side = max(4, round(8 * max(sigma_px[:2])))
+    nb_y, nb_x = (-(-np.asarray(metric_mask.shape[1:]) // side)).tolist()
+    block = (zyx[:, 0] * nb_y + zyx[:, 1] // side) * nb_x + zyx[:, 2] // side
+    return FrameCheck(index=index, points_mm=points, fixed=ref,
+                      variance_mm2=variance,  # type: ignore[arg-type]
+                      world_to_index=np.linalg.inv(affine), size_xyz=size, center_mm=center,
+                      block=np.unique(block, return_inverse=True)[1],
+                      reach_max=ndimage.maximum_filter(smoothed, size=reach), reach_size=reach,
+                      min_gain=min_gain,
+                      max_rotation_deg=max_rotation_deg, max_shift_mm=max_shift_mm)
+
+
+def _inside(check: FrameCheck, params: np.ndarray) -> np.ndarray:
+    """Check voxels whose transformed position lies inside the volume (bool (N,))."""
+    tx = make_transform(params, check.center_mm)
+    rot = np.asarray(tx.GetMatrix()).reshape(3, 3)
+    moved = (check.points_mm - check.center_mm) @ rot.T + check.center_mm + params[3:]
+    ijk = (np.c_[moved, np.ones(len(moved))] @ check.world_to_index.T)[:, :3]
+    pad = np.where(check.size_xyz == 1, 0.5, 1e-6)
+    return np.all((ijk >= -pad) & (ijk <= check.size_xyz - 1 + pad), axis=1)
+
+
+def _enhanced(check: FrameCheck, smoothed: np.ndarray) -> np.ndarray:
+    """Check voxels near where this frame took up contrast (bool (N,)).
+
+    The smoothed frame is compared with the smoothed first frame's maximum within reach:
+    motion within reach cannot exceed it, contrast can. The excess must pass five noise SDs
+    (from the median absolute frame difference over the check voxels) and 5 HU; the set is
+    grown by the reach, since a candidate transform reads the frame up to that far away.
+    """
+    from scipy import ndimage
+
+    diff = smoothed[check.index] - check.fixed
+    sd = 1.4826 * float(np.median(np.abs(diff - np.median(diff))))
+    excess = smoothed - check.reach_max
+    threshold = max(_ENHANCED_HU, _ENHANCED_SD * sd)
+    grown = ndimage.maximum_filter(excess > threshold, size=check.reach_size)
+    return grown[check.index]
+
+
+def _plausible(check: FrameCheck, params: np.ndarray) -> bool:
+    return bool(np.all(np.abs(params[:3]) <= check.max_rotation_deg)
+                and np.linalg.norm(params[3:]) <= check.max_shift_mm)
+
+
+def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarray,
+                     threads: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+    """Keep the identity, the fit's in-plane part or the whole fit for one frame.
+
+    Simplest first, a plausible candidate replaces the one kept so far only if it lowers the
+    check metric (mean squared difference of the smoothed frames over the same voxels) by more
+    than ``check.min_gain`` of it and by more than three standard errors of the gain.
+
+    Parameters
+    ----------
+    check : FrameCheck
+        From :func:`make_check`.
+    moving_img : SimpleITK image
+        The frame.
+    fitted : ndarray, shape (6,)
+        The registration's parameters (degrees, mm).
+    threads : int
+        Threads of the smoothing and resampling filters.
+
+    Returns
+    -------
+    decision : str
+        "identity", "in-plane" or "rigid".
+    parameters : ndarray, float64, shape (6,)
+        The parameters kept (zeros for the identity).
+    frame : ndarray, float32, shape (Z, Y, X)
+        The frame read at them.
+    check_values : ndarray, float64, shape (3,)
+        Check metric (HU^2) at the identity, the in-plane part and the whole fit; NaN for an
+        implausible candidate.
+    """
+    in_plane = fitted.copy()
+    in_plane[THROUGH_PLANE] = 0.0
+    through = bool(np.any(fitted[THROUGH_PLANE] != 0.0))
+    candidates = [(name, p) for name, p in [("in-plane", in_plane), ("rigid", fitted)]
+                  if (through or name == "in-plane") and _plausible(check, p)]
+    smoothed = _smooth(moving_img, check.variance_mm2, threads)
+    valid = ~_enhanced(check, smoothed)
+    for _, p in candidates:
+        valid &= _inside(check, p)
+    ref, block = check.fixed[valid], check.block[valid]
+
+    def squares(img: sitk.Image | np.ndarray) -> np.ndarray:
+        if isinstance(img, sitk.Image):
+            img = _smooth(img, check.variance_mm2, threads)
+        return (img[check.index][valid] - ref) ** 2
+
+    best = squares(smoothed)
+    values = {"identity": float(best.mean()) if best.size else np.nan,
+              "in-plane": np.nan, "rigid": np.nan}
+    decision, kept = "identity", np.zeros(6)
+    frame = sitk.GetArrayFromImage(moving_img)
+    for name, p in candidates:
+        moved = resample_frame(moving_img, make_transform(p, check.center_mm), threads)
+        moved_img = sitk.GetImageFromArray(moved)
+        moved_img.CopyInformation(moving_img)
+        sq = squares(moved_img)
+        values[name] = float(sq.mean()) if sq.size else np.nan
+        gain, se = _mean_and_se(best - sq, block)
+        logger.debug("%s: gain %.3g HU^2 of %.3g, standard error %.3g", name, gain,
+                     values[decision], se)
+        # a simpler candidate stands unless this one clearly beats it (NaN never does)
+        if gain > check.min_gain * values[decision] and gain > _MIN_Z * se:
+            decision, kept, frame, best = name, p, moved, sq
+    if not through:
+        values["rigid"] = values["in-plane"]  # the fit has no through-plane part
+    checks = np.array([values["identity"], values["in-plane"], values["rigid"]])
+    return decision, kept, frame.astype(np.float32, copy=False), checks
+
+
+def _mean_and_se(x: np.ndarray, block: np.ndarray) -> tuple[float, float]:
+    """Mean of x (N,) and its standard error from block sums (spatially correlated x)."""
+    if x.size == 0:
+        return np.nan, np.nan
+    n = np.bincount(block, minlength=1).astype(np.float64)
+    sums = np.bincount(block, weights=x, minlength=1)
+    keep = n > 0
+    n, sums = n[keep], sums[keep]
+    mean = float(sums.sum() / n.sum())
+    k = len(n)
+    if k < 2:
+        return mean, np.inf
+    var = k / (k - 1) * np.sum((sums - mean * n) ** 2) / n.sum() ** 2
+    return mean, float(np.sqrt(var))
