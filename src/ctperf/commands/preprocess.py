@@ -121,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
             "parameter_names": ["rx_deg", "ry_deg", "rz_deg", "tx_mm", "ty_mm", "tz_mm"],
             "times": series.times,
             "parameters": result.parameters,
+            "registration": result.registration,
         }, tmp / "transforms.json")
         write_json({
             "frames": series.n_frames,
