@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -147,6 +148,43 @@ def test_ddp_under_torchrun_on_cpu(caches, tmp_path: Path):
     assert [r["epoch"] for r in log] == ["1", "2"]
     assert load_checkpoint(tmp_path / "ddp" / "model.pt")["config"]["train_patients"] == [
         "sub-0000", "sub-0002"]
+
+
+def test_baseline_input_is_recorded_and_old_configs_still_load(caches, tmp_path: Path):
+    from ctperf.model import build_model, predict_maps
+    from ctperf.model.train import PRESETS, preset_train_options
+
+    full, _ = caches
+    result = train(full, tmp_path / "b", train_patients=["sub-0000"], epochs=1,
+                   baseline_frames=2, contrast_hu=10.0, **TINY)
+    cfg = load_checkpoint(result.model_path)["config"]
+    _, std = full.input_stats(["sub-0000"])
+    assert cfg["baseline_frames"] == 2
+    assert cfg["contrast_gain"] == pytest.approx(std / 10.0)  # standardised units -> 10 HU
+    # a checkpoint written before the baseline option existed builds the paper's plain input
+    old = {k: v for k, v in cfg.items() if k not in ("baseline_frames", "contrast_gain")}
+    net = build_model(old)
+    assert net.config["baseline_frames"] == 0 and net.config["contrast_gain"] == 1.0
+    # and resuming a run from such a checkpoint is not refused as a change of settings
+    plain = train(full, tmp_path / "p", train_patients=["sub-0000"], epochs=1, **TINY)
+    ckpt = torch.load(tmp_path / "p" / "last.pt", weights_only=True)
+    for k in ("baseline_frames", "contrast_gain"):
+        del ckpt["config"][k]
+    torch.save(ckpt, tmp_path / "p" / "last.pt")
+    resumed = train(full, tmp_path / "p", train_patients=["sub-0000"], epochs=1, resume=True,
+                    **TINY)
+    assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in plain.history]
+    # the presets name train() options only (size, frames and pretraining size go to the cache)
+    for name in PRESETS:
+        opts = preset_train_options(name)
+        assert not {"size", "frames", "pretrain_size"} & set(opts)
+    assert PRESETS["paper"]["width"] == 64 and PRESETS["paper"]["lr"] == 1e-5
+    assert PRESETS["paper"]["baseline_frames"] == 0 and PRESETS["cpu"]["baseline_frames"] > 0
+    from ctperf.io import read_nifti_series
+
+    series = read_nifti_series(next(Path(full.meta["cohort"]).glob("sub-*")) / "study.nii.gz")
+    maps = predict_maps(series, result.model_path, device="cpu", resize=True)
+    assert np.all(np.isfinite(maps["cbv"]))
 
 
 def test_bf16_autocast_path_runs_on_cpu(caches, tmp_path: Path):

@@ -106,6 +106,30 @@ def test_block_response_is_symmetric():
     np.testing.assert_array_equal(r, expect)
 
 
+def test_baseline_frames_feed_anatomy_and_enhancement():
+    torch.manual_seed(0)
+    net = UNet(6, width=2, depth=2, baseline_frames=2, contrast_gain=4.0)
+    seen = {}
+    net.down[0].register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0]))
+    x = torch.randn(3, 6, 16, 16)
+    net(x)
+    base = (x[:, 0] + x[:, 1]) / 2
+    assert torch.allclose(seen["x"][:, 0], base)
+    assert torch.allclose(seen["x"][:, 1:], (x[:, 1:] - base[:, None]) * 4.0)
+    # a voxel-wise offset common to all frames reaches only the anatomy channel
+    shifted = x + torch.randn(3, 1, 16, 16)
+    net(shifted)
+    assert torch.allclose(seen["x"][:, 1:], (x[:, 1:] - base[:, None]) * 4.0, atol=1e-5)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [({"baseline_frames": 6}, "baseline_frames"),
+                                               ({"baseline_frames": -1}, "baseline_frames"),
+                                               ({"contrast_gain": 0.0}, "contrast_gain")])
+def test_bad_baseline_settings_are_clear_errors(kwargs: dict, match: str):
+    with pytest.raises(ValidationError, match=match):
+        UNet(6, width=2, **kwargs)
+
+
 def test_wrong_input_is_a_clear_error():
     with pytest.raises(ValidationError, match=r"expects input \(B, 8, H, W\)"):
         UNet(8, width=2)(torch.zeros(1, 7, 16, 16))

@@ -18,7 +18,15 @@ from ctperf.model.normalise import (
     to_unit,
 )
 from ctperf.model.predict import predict_maps
-from ctperf.model.train import TrainResult, evaluate_mse, masked_mse, resolve_device, train
+from ctperf.model.train import (
+    PRESETS,
+    TrainResult,
+    evaluate_mse,
+    masked_mse,
+    preset_train_options,
+    resolve_device,
+    train,
+)
 from ctperf.model.unet import (
     UNet,
     resample_frames,
@@ -30,6 +38,7 @@ from ctperf.model.unet import (
 __all__ = [
     "CHECKPOINT_VERSION",
     "DEFAULT_HU_WINDOW",
+    "PRESETS",
     "TARGET_MAPS",
     "TARGET_WINDOWS",
     "SliceCache",
@@ -48,6 +57,7 @@ __all__ = [
     "normalise_input",
     "open_slice_cache",
     "predict_maps",
+    "preset_train_options",
     "resample_frames",
     "resolve_device",
     "save_checkpoint",

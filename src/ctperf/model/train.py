@@ -35,14 +35,43 @@ from ctperf.model.checkpoint import build_model, load_checkpoint, save_checkpoin
 from ctperf.model.data import SliceCache
 from ctperf.model.normalise import TARGET_MAPS, TARGET_WINDOWS
 
-__all__ = ["TrainResult", "evaluate_mse", "masked_mse", "resolve_device", "train"]
+__all__ = ["PRESETS", "TrainResult", "evaluate_mse", "masked_mse", "preset_train_options",
+           "resolve_device", "train"]
 
 logger = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds")
 # Settings that must match for a resumed run to be the same run.
 _RESUME_KEYS = ("targets", "size", "frames", "width", "depth", "kernel_size", "norm", "seed",
-                "batch_size", "lr", "masked_loss", "augment", "stages")
+                "batch_size", "lr", "masked_loss", "augment", "stages", "baseline_frames",
+                "contrast_gain", "schedule")
+# values of keys that checkpoints written before the key existed implicitly had
+_KEY_DEFAULTS: dict[str, Any] = {"baseline_frames": 0, "contrast_gain": 1.0,
+                                 "schedule": "plateau"}
+_SCHEDULES = ("plateau", "cosine")
+
+#: Named settings. Keys are :func:`train` options, plus the slice cache's ``size`` and ``frames``
+#: and the pretraining cache's ``pretrain_size`` (:func:`preset_train_options` drops those three).
+#: ``paper``: the published network and schedule (a GPU job). ``cpu``: a narrower network that
+#: learns from baseline-subtracted frames in minutes on a laptop CPU (docs/results_unet_phantom.md).
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {"size": 512, "frames": 89, "pretrain_size": 128, "pretrain_epochs": 250,
+              "epochs": 50, "width": 64, "depth": 5, "kernel_size": 2, "norm": "none",
+              "batch_size": 8, "lr": 1e-5, "schedule": "plateau", "plateau_patience": 10,
+              "masked_loss": True, "augment": False, "baseline_frames": 0},
+    "cpu": {"size": 64, "frames": 30, "pretrain_size": 0, "pretrain_epochs": 0,
+            "epochs": 25, "width": 12, "depth": 4, "kernel_size": 2, "norm": "batch",
+            "batch_size": 8, "lr": 1e-3, "schedule": "cosine", "masked_loss": True,
+            "augment": False, "baseline_frames": 4, "contrast_hu": 20.0},
+}
+
+
+def preset_train_options(name: str) -> dict[str, Any]:
+    """The :func:`train` keyword arguments of a preset (without the cache's size and frames)."""
+    if name not in PRESETS:
+        raise ValidationError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
+    return {k: v for k, v in PRESETS[name].items()
+            if k not in ("size", "frames", "pretrain_size")}
 
 
 @dataclass(frozen=True)
@@ -150,8 +179,10 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
           epochs: int = 50, pretrain_cache: SliceCache | None = None, pretrain_epochs: int = 0,
           width: int = 64, depth: int = 5, kernel_size: int = 2, norm: str = "none",
           batch_size: int = 8, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
-          plateau_factor: float = 0.5, plateau_patience: int = 10, masked_loss: bool = True,
-          augment: bool = False, seed: int = 0, device: str = "auto", amp: str = "auto",
+          plateau_factor: float = 0.5, plateau_patience: int = 10, schedule: str = "plateau",
+          masked_loss: bool = True,
+          augment: bool = False, baseline_frames: int = 0, contrast_hu: float = 20.0,
+          seed: int = 0, device: str = "auto", amp: str = "auto",
           resume: bool = False, progress: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train one U-Net on cached slices; write ``last.pt`` every epoch, ``best.pt``, ``model.pt``
@@ -176,10 +207,20 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         Architecture (:class:`ctperf.model.UNet`).
     batch_size, lr, betas, plateau_factor, plateau_patience
         Adam and ReduceLROnPlateau settings (paper: 8, 1e-5, (0.9, 0.999)).
+    schedule : {"plateau", "cosine"}
+        Learning-rate schedule within each stage: ``plateau`` (the paper) halves it (by
+        ``plateau_factor``) when the validation loss stalls; ``cosine`` anneals it from ``lr`` to
+        0 over the stage's epochs (better for short runs with a fixed budget).
     masked_loss : bool
         Restrict the MSE to the brain mask.
     augment : bool
         Flips, small rotations and input noise (off in the paper).
+    baseline_frames : int
+        0 (the paper): the network sees the standardised frames. ``k > 0``: it sees the mean of
+        the first ``k`` input frames and every later frame's enhancement over it
+        (:class:`ctperf.model.UNet`), in units of ``contrast_hu`` HU.
+    contrast_hu : float
+        Enhancement in HU that becomes one input unit when ``baseline_frames > 0``.
     seed : int
         Seeds the weights, the slice order and augmentation.
     device, amp : str
@@ -214,15 +255,22 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
             raise ValidationError(f"pretraining cache has {c.n_frames} frames, the main cache "
                                   f"{cache.n_frames}")
     mean, std = cache.input_stats(train_patients)
+    if schedule not in _SCHEDULES:
+        raise ValidationError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
+    if not contrast_hu > 0:
+        raise ValidationError(f"contrast_hu must be > 0 HU, got {contrast_hu}")
     config: dict[str, Any] = {
         "in_frames": cache.n_frames, "out_channels": len(targets), "width": width, "depth": depth,
-        "kernel_size": kernel_size, "norm": norm, "targets": list(targets),
+        "kernel_size": kernel_size, "norm": norm, "baseline_frames": int(baseline_frames),
+        "contrast_gain": float(std / contrast_hu) if baseline_frames else 1.0,
+        "targets": list(targets),
         "map_names": [TARGET_MAPS[t] for t in targets],
         "windows": {t: list(TARGET_WINDOWS[t]) for t in targets},
         "size": cache.size, "frames": cache.n_frames, "frame_mode": cache.meta["frame_mode"],
         "frame_interval": cache.meta["frame_interval"], "hu_window": cache.meta["hu_window"],
         "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"], "seed": seed,
-        "batch_size": batch_size, "lr": lr, "masked_loss": masked_loss, "augment": augment,
+        "batch_size": batch_size, "lr": lr, "schedule": schedule, "masked_loss": masked_loss,
+        "augment": augment,
         "stages": [[name, c.size if c is not None else 0, n] for name, c, n in stages],
         "train_patients": list(train_patients), "val_patients": list(val_patients)}
 
@@ -240,13 +288,15 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
 
-    def fresh_optim() -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.ReduceLROnPlateau]:
+    def fresh_optim(n_epochs: int) -> tuple[torch.optim.Adam, Any]:
         opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
+        if schedule == "cosine":
+            return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_epochs, 1))
         sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
             opt, mode="min", factor=plateau_factor, patience=plateau_patience)
         return opt, sched
 
-    opt, sched = fresh_optim()
+    opt, sched = fresh_optim(stages[0][2])
     history: list[dict[str, Any]] = []
     stage_i, done_in_stage, best = 0, 0, math.inf
     last = out / "last.pt"
@@ -255,8 +305,8 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
                               "(--resume) to continue it or choose another folder")
     if resume and last.exists():
         ckpt = load_checkpoint(last)
-        diff = {k: (ckpt["config"].get(k), config[k]) for k in _RESUME_KEYS
-                if ckpt["config"].get(k) != config[k]}
+        old = {k: ckpt["config"].get(k, _KEY_DEFAULTS.get(k)) for k in _RESUME_KEYS}
+        diff = {k: (old[k], config[k]) for k in _RESUME_KEYS if old[k] != config[k]}
         if diff:
             raise InputError(last, "cannot resume with different settings (checkpoint, now): "
                                    + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
@@ -264,6 +314,7 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         stage_i, done_in_stage = ckpt["stage"], ckpt["epoch_in_stage"]
         history, best = list(ckpt["history"]), float(ckpt["best_val"])
         if done_in_stage < stages[stage_i][2]:
+            opt, sched = fresh_optim(stages[stage_i][2])
             opt.load_state_dict(ckpt["optimizer"])
             sched.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
@@ -277,7 +328,7 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         name, stage_cache, n_epochs = stages[si]
         assert stage_cache is not None
         if si != stage_i:
-            opt, sched = fresh_optim()
+            opt, sched = fresh_optim(n_epochs)
             done_in_stage = 0
         if done_in_stage >= n_epochs:
             continue
@@ -322,7 +373,10 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
                                      mean=mean, std=std, masked=masked_loss,
                                      batch_size=batch_size, device=dev, amp_dtype=amp_dtype)
                         if len(val_rows) else math.nan)
-            sched.step(val_loss if not math.isnan(val_loss) else train_loss)
+            if schedule == "cosine":
+                sched.step()
+            else:
+                sched.step(val_loss if not math.isnan(val_loss) else train_loss)
             row = {"epoch": global_epoch, "stage": name, "train_loss": train_loss,
                    "val_loss": val_loss, "lr": opt.param_groups[0]["lr"],
                    "seconds": time.perf_counter() - t0}

@@ -13,6 +13,12 @@ levels). ``kernel_size=3`` gives the usual centred variant.
 
 Sizes that are not a multiple of ``2 ** (depth - 1)`` are reflect-padded up to one and the output
 is cropped back, so any H x W works.
+
+``baseline_frames=k > 0`` (off in the paper) makes the network look at contrast enhancement rather
+than raw attenuation: the first input channel becomes the mean of the first ``k`` frames (the
+pre-contrast anatomy) and channels 1 .. t-1 the enhancement of frames 1 .. t-1 over it, times
+``contrast_gain``. The subtraction is part of the network, so a checkpoint carries it and
+inference needs nothing else.
 """
 
 from __future__ import annotations
@@ -152,10 +158,16 @@ class UNet(nn.Module):
         Convolution kernel (2 in the paper; 3 for the usual variant).
     norm : {"none", "batch", "group"}
         Normalisation after each convolution ("none" in the paper).
+    baseline_frames : int
+        0 (the paper): frames enter as given. ``k`` in 1 .. t-1: the input becomes the mean of
+        the first ``k`` frames followed by the enhancement of frames 1 .. t-1 over that mean.
+    contrast_gain : float
+        Factor applied to the enhancement channels (e.g. standardised units -> units of 20 HU).
     """
 
     def __init__(self, in_frames: int, *, out_channels: int = 1, width: int = 64, depth: int = 5,
-                 kernel_size: int = 2, norm: str = "none") -> None:
+                 kernel_size: int = 2, norm: str = "none", baseline_frames: int = 0,
+                 contrast_gain: float = 1.0) -> None:
         super().__init__()
         if in_frames < 1 or out_channels < 1 or width < 1 or depth < 1 or kernel_size < 1:
             raise ValidationError(
@@ -163,9 +175,15 @@ class UNet(nn.Module):
                 f"width={width}, depth={depth}, kernel_size={kernel_size}")
         if norm not in _NORMS:
             raise ValidationError(f"norm must be one of {_NORMS}, got {norm!r}")
+        if baseline_frames and not 1 <= baseline_frames < in_frames:
+            raise ValidationError(f"baseline_frames must be 0 or in 1 .. {in_frames - 1} (the "
+                                  f"input has {in_frames} frames), got {baseline_frames}")
+        if not (math.isfinite(contrast_gain) and contrast_gain > 0):
+            raise ValidationError(f"contrast_gain must be > 0, got {contrast_gain}")
         self.config: dict[str, Any] = {
             "in_frames": in_frames, "out_channels": out_channels, "width": width, "depth": depth,
-            "kernel_size": kernel_size, "norm": norm}
+            "kernel_size": kernel_size, "norm": norm, "baseline_frames": baseline_frames,
+            "contrast_gain": contrast_gain}
         chans = [width * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
         cin = in_frames
@@ -189,6 +207,10 @@ class UNet(nn.Module):
         if x.ndim != 4 or x.shape[1] != self.config["in_frames"]:
             raise ValidationError(
                 f"UNet expects input (B, {self.config['in_frames']}, H, W), got {tuple(x.shape)}")
+        k = int(self.config["baseline_frames"])
+        if k:
+            base = x[:, :k].mean(dim=1, keepdim=True)
+            x = torch.cat([base, (x[:, 1:] - base) * float(self.config["contrast_gain"])], dim=1)
         h, w = x.shape[-2:]
         m = int(self.multiple)
         ph, pw = (-h) % m, (-w) % m
