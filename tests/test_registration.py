@@ -256,8 +256,10 @@ def test_bolus_does_not_invent_motion(bolus_phantoms):
     artery = subject.masks["artery"]
     assert (series.hu[:, artery].mean(1) - series.hu[0, artery].mean()).max() > 100
     result = correct_motion(series, workers=2)
-    # issue target: no frame moves any brain voxel by 0.3 mm or more (measured 0.02-0.12 mm)
-    assert result.max_displacement_mm.max() < 0.3, result.max_displacement_mm
+    # issue target: no frame moves any brain voxel by 0.3 mm or more. Measured 0.0 mm: every
+    # fit (0.02-0.6 mm, depending on library versions) made the check metric worse, so every
+    # frame keeps the identity; 0.1 mm would still leave a wide margin.
+    assert result.max_displacement_mm.max() < 0.1, (result.decision, result.max_displacement_mm)
 
 
 def test_mild_motionphantom_tre(bolus_phantoms):
