@@ -249,9 +249,11 @@ def _simulate_slice(setup: _Setup, z: int, tex_rng: np.random.Generator
     vein_b = _blur(frac[CHANNELS.index("vein")], setup.psf_px)
     gm, wm, csf = frac[0], frac[1], frac[CHANNELS.index("csf")]
     vessels = (art_b + vein_b) > 0.01
+    near_bone = _blur(frac[CHANNELS.index("bone")], setup.psf_px) > 0.01  # > ~15 HU of bone
     brain = (gm + wm >= 0.5) & ~vessels
     out.update({"brain": brain, "gm": brain & (gm >= 0.5), "wm": brain & (wm >= 0.5),
-                "csf": (csf >= 0.5) & ~vessels, "vessels": vessels, "artery": art_b >= 0.4,
+                "csf": (csf >= 0.5) & ~vessels & ~near_bone, "vessels": vessels,
+                "artery": art_b >= 0.4,
                 "vein": vein_b >= 0.95, "core": brain & (out["cbf"] < 0.3 * out["cbf_healthy"]),
                 "severity": severity, "artery_pv": art_b, "vessel_fraction": art_b + vein_b,
                 "gm_fraction": gm, "wm_fraction": wm})
