@@ -196,7 +196,7 @@ def _curves(params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray,
     return np.arange(n_fine) * dt, aif_fine, vof_fine, bank
 
 
-def _tissue(setup: _Setup, q: np.ndarray, frac: np.ndarray, tex: np.ndarray,
+def _tissue(setup: _Setup, q: np.ndarray, frac: np.ndarray, tex: np.ndarray
             ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray]:
     """Perfusion parameters of one slice (as simulated), its noise-free tissue enhancement
     (Y*X, T) float32 and the severity field (Y, X)."""
