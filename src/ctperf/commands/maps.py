@@ -46,9 +46,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
     p.add_argument("out", type=Path, help="output folder (replaced whole when done)")
     add_overwrite_option(p)
-    p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd"),
+    p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes"),
                    default="nlr-fast", help="box-model NLR (nlr: the paper's Nelder-Mead; "
-                   "nlr-fast: grid + Levenberg-Marquardt) or SVD deconvolution [nlr-fast]")
+                   "nlr-fast: grid + Levenberg-Marquardt), SVD deconvolution, or bayes "
+                   "(posterior over residue shapes with a neighbourhood prior; also writes "
+                   "<map>_sd.nii.gz uncertainty maps) [nlr-fast]")
     p.add_argument("--aif-mask", type=Path, default=None, help="3D NIfTI of arterial voxels")
     p.add_argument("--vof-mask", type=Path, default=None, help="3D NIfTI of venous voxels")
     p.add_argument("--brain-mask", type=Path, default=None, help="3D NIfTI brain mask")

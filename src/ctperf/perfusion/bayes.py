@@ -6,13 +6,15 @@ The tissue curve of a voxel is modelled as
 
 with R from a family of residue shapes that spans the box (Bennink's model), gamma-distributed
 transit times (Mouridsen et al., NeuroImage 33:570, 2006, doi:10.1016/j.neuroimage.2006.06.015;
-shape 1 is the exponential residue) and truncated power residues R = (1 - t / L)^p (p = 1 is the
-linear residue). The posterior of (CBF, MTT, delay, shape) is evaluated on a grid of
-(shape, MTT, delay); CBF, the one linear parameter, is solved in closed form at every grid point
-(Gaussian noise, CBF >= 0, flat prior on CBF), so the likelihood of every grid point for a whole
-block of voxels is one matrix product with the grid's unit-flow responses.
+shape 1 is the exponential residue) and the linear residue, seen through an exponential transport
+kernel h of mean 0-3 s (the dispersion between the artery of the AIF and the tissue, Calamante
+et al., Magn. Reson. Med. 44:466, 2000): the curve is C = CBF x Ca * (h * R). The posterior of
+(CBF, MTT, delay, shape, dispersion) is evaluated on a grid of all but CBF; CBF, the one linear
+parameter, is solved in closed form at every grid point (Gaussian noise, CBF >= 0, flat prior on
+CBF), so the likelihood of every grid point for a whole block of voxels is one matrix product
+with the grid's unit-flow responses.
 
-Spatial prior (``spatial=True``, the default when the voxels' positions are known): hierarchical
+Spatial prior (``spatial=True``, used when the voxels' positions are known): hierarchical
 estimation in the spirit of Boutelier et al. (IEEE TMI 31:1381, 2012,
 doi:10.1109/TMI.2012.2189890) and of the spatial priors compared by Kudo et al. (Radiology
 267:201, 2013). Each voxel's prior over (shape, MTT, delay) is the posterior of the Gaussian
@@ -24,8 +26,8 @@ Without positions the prior is a broad log-normal on MTT and uniform on delay an
 
 Maps: CBV and MTT are posterior means; CBF = 60 CBV / MTT keeps the central identity and avoids
 the upward bias that the posterior mean of CBV / MTT has when MTT is uncertain. Uncertainty maps
-are posterior standard deviations. Tmax follows the project's convention (delay + the time at
-which the dispersed residue peaks) through :data:`TMAX_SLOPE`.
+are posterior standard deviations. Tmax follows the project's convention exactly: at every grid
+point it is the delay plus the first time the dispersed residue h * R peaks.
 """
 
 from __future__ import annotations
@@ -43,15 +45,22 @@ from scipy import ndimage, sparse, special
 from ctperf.errors import ValidationError
 from ctperf.perfusion.curves import flow_scale
 
-__all__ = ["RESIDUES", "TMAX_SLOPE", "BayesFit", "ResidueGrid", "fit_bayes", "residue",
+__all__ = ["DISPERSIONS", "RESIDUES", "BayesFit", "ResidueGrid", "fit_bayes", "residue",
            "transit_cv"]
 
 log = logging.getLogger(__name__)
 
 #: Residue shapes of the grid: ``box``, ``gamma:k`` (gamma transit times of shape k; k = 1 the
 #: exponential) and ``power:p`` (R = (1 - t / L)^p on [0, L); p = 1 the linear residue).
-RESIDUES: tuple[str, ...] = ("box", "gamma:10", "gamma:4", "gamma:2", "gamma:1",
-                             "power:0.5", "power:1", "power:2")
+RESIDUES: tuple[str, ...] = ("box", "gamma:4", "gamma:2", "gamma:1", "power:1")
+
+#: Mean times (s) of the exponential transport kernel h between the AIF's artery and the tissue
+#: on the grid (0: none).
+DISPERSIONS: tuple[float, ...] = (0.0, 0.75, 1.5, 3.0)
+
+#: The first time the dispersed residue comes within this fraction of its maximum is its peak
+#: (a flat top's first time, as the phantom's truth defines it).
+PEAK_TOL = 1e-3
 
 
 def _family(name: str) -> tuple[str, float]:
@@ -96,13 +105,6 @@ def transit_cv(name: str) -> float:
     if family == "gamma":
         return 1.0 / math.sqrt(v)
     return math.sqrt(v / (v + 2.0))
-
-
-#: Tmax of a grid point is delay + TMAX_SLOPE x MTT x (1 - cv): the residues of the family are
-#: largest at zero, while the convention's Tmax is the peak of the *dispersed* residue, which
-#: the fitted shape and delay absorb. The slope was set on noise-free dispersed exponential and
-#: gamma residues over healthy, penumbral and core ranges (docs/bayes.md).
-TMAX_SLOPE = 0.6
 
 
 @dataclass(frozen=True)
@@ -152,16 +154,18 @@ class ResidueGrid:
     """
 
     def __init__(self, aif: np.ndarray, times: np.ndarray, *, scale: float,
-                 mtt_range: tuple[float, float] = (1.0, 30.0), n_mtt: int = 60,
-                 delay_range: tuple[float, float] = (-3.0, 12.0), delay_step: float = 0.1,
-                 residues: tuple[str, ...] = RESIDUES, dt: float = 0.05) -> None:
+                 mtt_range: tuple[float, float] = (1.0, 30.0), n_mtt: int = 48,
+                 delay_range: tuple[float, float] = (-3.0, 12.0), delay_step: float = 0.125,
+                 residues: tuple[str, ...] = RESIDUES,
+                 dispersions: tuple[float, ...] = DISPERSIONS, dt: float = 0.05) -> None:
         t = np.asarray(times, dtype=np.float64)
         ca = np.asarray(aif, dtype=np.float64)
         self.mtts = np.geomspace(mtt_range[0], mtt_range[1], n_mtt)
         self.delays = np.arange(delay_range[0], delay_range[1] + 1e-9, delay_step)
         self.residues = tuple(residues)
+        self.dispersions = tuple(float(d) for d in dispersions)
         # The arterial curve at the midpoints of a fine grid from the first frame: the response
-        # sum(ca[n - 1 - m] * R((m + 1/2) dt)) * dt is the midpoint rule of the convolution.
+        # sum(ca[n - 1 - m] * X((m + 1/2) dt)) * dt is the midpoint rule of the convolution.
         span = t[-1] - t[0] - min(0.0, delay_range[0]) + dt
         n_fine = int(np.ceil(span / dt)) + 1
         offsets = (np.arange(n_fine) + 0.5) * dt
@@ -170,21 +174,40 @@ class ResidueGrid:
         n_fft = 1 << int(np.ceil(np.log2(2 * n_fine)))
         ca_spec = np.fft.rfft(ca_mid, n_fft)
         query = (t - t[0])[:, None] - self.delays[None, :]  # (T, D)
-        cols = []
+        cols, peaks = [], []
         for name in self.residues:
-            for mtt in self.mtts:
-                r_spec = np.fft.rfft(residue(offsets, mtt, name), n_fft)
-                conv = np.fft.irfft(ca_spec * r_spec, n_fft)[:n_fine] * dt
-                resp = np.r_[0.0, conv]
-                cols.append(np.interp(query, tau, resp, left=0.0, right=resp[-1]))
-        # (T, S * M * D), ordered (shape, MTT, delay)
+            for disp in self.dispersions:
+                h_spec = None
+                if disp > 0:  # unit-area exponential kernel, exact bin areas
+                    edges = np.exp(-np.arange(n_fine + 1) * dt / disp)
+                    h_spec = np.fft.rfft(edges[:-1] - edges[1:], n_fft)
+                for mtt in self.mtts:
+                    r_spec = np.fft.rfft(residue(offsets, mtt, name), n_fft)
+                    x = residue(offsets, mtt, name)
+                    if h_spec is not None:
+                        r_spec = r_spec * h_spec
+                        x = np.fft.irfft(r_spec, n_fft)[:n_fine]
+                    peaks.append(offsets[np.argmax(x >= (1.0 - PEAK_TOL) * x.max())] - dt / 2)
+                    conv = np.fft.irfft(ca_spec * r_spec, n_fft)[:n_fine] * dt
+                    resp = np.r_[0.0, conv]
+                    cols.append(np.interp(query, tau, resp, left=0.0, right=resp[-1]))
+        # (T, S * H * M * D), ordered (shape, dispersion, MTT, delay)
         self.basis = (scale * np.stack(cols, axis=1).reshape(t.size, -1)).astype(np.float32)
-        s_idx, m_idx, d_idx = np.meshgrid(np.arange(len(self.residues)), np.arange(n_mtt),
-                                          np.arange(self.delays.size), indexing="ij")
-        self.mtt = self.mtts[m_idx.ravel()]
-        self.delay = self.delays[d_idx.ravel()]
-        self.cv = np.array([transit_cv(r) for r in self.residues])[s_idx.ravel()]
-        self.tmax = self.delay + TMAX_SLOPE * self.mtt * (1.0 - self.cv)
+        n_d = self.delays.size
+        shape_of = np.repeat(np.arange(len(self.residues)), len(self.dispersions) * n_mtt * n_d)
+        self.mtt = np.tile(np.repeat(self.mtts, n_d), len(self.residues) * len(self.dispersions))
+        self.delay = np.tile(self.delays, len(cols))
+        self.cv = np.array([transit_cv(r) for r in self.residues])[shape_of]
+        self.dispersion = np.tile(np.repeat(np.array(self.dispersions), n_mtt * n_d),
+                                  len(self.residues))
+        # the convention's Tmax: delay + the first peak of the dispersed residue h * R
+        self.tmax = self.delay + np.repeat(np.array(peaks), n_d)
+        self.dims = (len(self.residues), len(self.dispersions), n_mtt, n_d)
+        flat = np.arange(self.mtt.size).reshape(self.dims)
+        self.coarse = flat[:, :, 1::3, ::4].ravel()
+        # row-contiguous copies for gathers of candidates and for the coarse pass
+        self.responses = np.ascontiguousarray(self.basis.T)                 # (K, T)
+        self.coarse_basis = np.ascontiguousarray(self.basis[:, self.coarse])  # (T, Kc)
         norm2 = (self.basis.astype(np.float64) ** 2).sum(axis=0)
         # a response that never reaches the frames carries no information: never chosen
         self.usable = norm2 > 1e-9 * norm2.max()
@@ -194,10 +217,28 @@ class ResidueGrid:
     def size(self) -> int:
         return int(self.mtt.size)
 
-    def log_prior(self, mtt_median: float, mtt_log_sd: float) -> np.ndarray:
-        """(K,) log-normal prior on MTT, uniform on delay and shape; -inf where unusable."""
+    def neighbours(self, idx: np.ndarray) -> np.ndarray:
+        """Fine-grid points around coarse points idx (n, c): MTT +-1 step, delay +-2 steps, same
+        shape and dispersion; (n, 15 c) flat indices, -1 beyond the grid's edges."""
+        _, _, n_m, n_d = self.dims
+        sh, m, d = idx // (n_m * n_d), (idx // n_d) % n_m, idx % n_d
+        dm, dd = np.meshgrid(np.arange(-1, 2), np.arange(-2, 3), indexing="ij")
+        mm = m[..., None] + dm.ravel()
+        de = d[..., None] + dd.ravel()
+        out = (sh[..., None] * n_m + mm) * n_d + de
+        out[(mm < 0) | (mm >= n_m) | (de < 0) | (de >= n_d)] = -1
+        return out.reshape(idx.shape[0], -1)
+
+    def log_prior(self, mtt_median: float, mtt_log_sd: float,
+                  dispersion_mean: float | None = None) -> np.ndarray:
+        """(K,) log prior: log-normal on MTT, uniform on delay and shape, uniform on the
+        dispersion or exponential with mean ``dispersion_mean`` s; -inf where a grid point is
+        unusable."""
         z = (np.log(self.mtt) - math.log(mtt_median)) / mtt_log_sd
-        return np.where(self.usable, -0.5 * z**2, -np.inf).astype(np.float32)
+        lp = -0.5 * z**2
+        if dispersion_mean is not None:
+            lp = lp - self.dispersion / dispersion_mean
+        return np.where(self.usable, lp, -np.inf).astype(np.float32)
 
 
 def noise_variance(curves: np.ndarray) -> np.ndarray:
@@ -209,25 +250,52 @@ def noise_variance(curves: np.ndarray) -> np.ndarray:
     return (1.4826 * mad) ** 2 / 6.0
 
 
+def _log_posterior(g: np.ndarray, inv_norm2: np.ndarray, precision: np.ndarray,
+                   log_prior: np.ndarray) -> np.ndarray:
+    """Log posterior (up to a constant per curve) from projections g (n, k) = <b, y>: the SSE
+    reduction g^2 / |b|^2 of the best CBF >= 0, over twice the noise variance, plus the prior."""
+    np.maximum(g, 0.0, out=g)
+    g *= g
+    g *= 0.5 * inv_norm2
+    g *= precision[:, None]
+    g += log_prior
+    return g
+
+
+def _top(lp: np.ndarray, idx: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``keep`` largest of each row of lp (n, k) with their grid indices idx (n, k)."""
+    pick = np.argpartition(lp, lp.shape[1] - keep, axis=1)[:, -keep:]
+    return (np.take_along_axis(idx, pick, axis=1).astype(np.int32),
+            np.take_along_axis(lp, pick, axis=1))
+
+
 def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
                 log_prior: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``keep`` most probable grid points of each curve and their normalised log posterior.
 
+    Coarse to fine: the posterior on the coarse grid (every third MTT, every fourth delay),
+    then on the fine grid around the coarse grid's most probable points.
     ``curves`` (T, n) float32, ``precision`` (n,) = 1 / noise variance of the curves.
     Returns indices (n, keep) int32 and log weights (n, keep) float32.
     """
-    g = grid.basis.T @ curves                 # (K, n)
-    np.maximum(g, 0.0, out=g)                 # CBF >= 0
-    lp = np.ascontiguousarray(g.T)
-    lp *= lp
-    lp *= (0.5 * grid.inv_norm2).astype(np.float32)
-    lp *= precision.astype(np.float32)[:, None]
-    lp += log_prior
-    idx = np.argpartition(lp, lp.shape[1] - keep, axis=1)[:, -keep:]
-    top = np.take_along_axis(lp, idx, axis=1)
+    prec = precision.astype(np.float32)
+    coarse = grid.coarse
+    g = np.ascontiguousarray((grid.coarse_basis.T @ curves).T)              # (n, Kc)
+    lp = _log_posterior(g, grid.inv_norm2[coarse].astype(np.float32), prec, log_prior[coarse])
+    n_seed = min(max(keep // 2, 1), coarse.size)
+    seeds, _ = _top(lp, np.broadcast_to(coarse, lp.shape), n_seed)
+    fine = grid.neighbours(seeds)                                           # (n, F), -1 unused
+    fine.sort(axis=1)
+    fine[:, 1:][fine[:, 1:] == fine[:, :-1]] = -1                           # duplicates out
+    safe = np.maximum(fine, 0)
+    b = grid.responses[safe]                                                # (n, F, T)
+    g = np.matmul(b, curves.T[:, :, None])[..., 0]
+    lp = _log_posterior(g, grid.inv_norm2[safe].astype(np.float32), prec, log_prior[safe])
+    lp[fine < 0] = -np.inf
+    idx, top = _top(lp, safe, min(keep, fine.shape[1]))
     top -= top.max(axis=1, keepdims=True)
     top -= np.log(np.exp(top).sum(axis=1, keepdims=True))
-    return idx.astype(np.int32), top
+    return idx, top
 
 
 def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarray,
@@ -346,6 +414,7 @@ def fit_bayes(
     noise_sd: float | None = None,
     mtt_median: float = 5.0,
     mtt_log_sd: float = 1.0,
+    dispersion_mean: float | None = None,
     candidates: int = 96,
     grid_options: dict[str, object] | None = None,
     chunk: int = 2048,
@@ -376,7 +445,11 @@ def fit_bayes(
         Noise SD of one frame, HU; default estimated per voxel from second differences
         (averaged over the neighbourhood with the spatial prior).
     mtt_median, mtt_log_sd : float
-        Log-normal prior on MTT (median s, SD of log MTT), used where there is no spatial prior.
+        Log-normal prior on MTT (median s, SD of log MTT).
+    dispersion_mean : float, optional
+        Mean of an exponential prior on the transport kernel's mean time, s; default uniform
+        over the grid's dispersions. A prior favouring little dispersion lowers CBF where
+        there is none, and makes Tmax early where there is.
     candidates : int
         Grid points kept per voxel after the prior (the most probable ones).
     grid_options : dict, optional
@@ -407,7 +480,7 @@ def fit_bayes(
         raise ValidationError(f"mask holds {int(m.sum())} voxels, tissue {n}")
     grid = ResidueGrid(aif, t, scale=flow_scale(rho, kh), **(grid_options or {}))  # type: ignore[arg-type]
     keep = int(min(max(candidates, 1), grid.size))
-    log_prior = grid.log_prior(mtt_median, mtt_log_sd)
+    log_prior = grid.log_prior(mtt_median, mtt_log_sd, dispersion_mean)
     y_all = np.nan_to_num(y_all.astype(np.float32, copy=False))
     if noise_sd is not None:
         noise = np.full(n, float(noise_sd) ** 2)
@@ -440,11 +513,14 @@ def fit_bayes(
         n_blocks = n
         block_curves, block_precision = y_all, 1.0 / noise
 
+    # Stage 1 holds a few (chunk, K) arrays per thread: chunks of about 2^22 grid values.
+    chunk1 = max(16, min(chunk, (1 << 22) // grid.size))
+
     def stage1(s: int) -> tuple[np.ndarray, np.ndarray]:
-        return _candidates(block_curves[:, s:s + chunk], block_precision[s:s + chunk], grid,
+        return _candidates(block_curves[:, s:s + chunk1], block_precision[s:s + chunk1], grid,
                            log_prior, keep)
 
-    parts = _run_chunks(n_blocks, chunk, stage1, workers, "bayes prior", progress)
+    parts = _run_chunks(n_blocks, chunk1, stage1, workers, "bayes prior", progress)
     cand = np.concatenate([p[0] for p in parts])
     cand_lp = np.concatenate([p[1] for p in parts])
     if not use_space:  # the candidates' prior is the global one, not the voxel's posterior
@@ -466,7 +542,7 @@ def fit_bayes(
         valid = vox >= 0
         ys = y_all[:, np.where(valid, vox, 0)]              # (T, nb, P)
         ys = np.ascontiguousarray(np.moveaxis(ys, 0, -1))   # (nb, P, T)
-        bc = grid.basis.T[cand[s:s + per_chunk]]            # (nb, M, T)
+        bc = grid.responses[cand[s:s + per_chunk]]          # (nb, M, T)
         g = np.matmul(ys, np.swapaxes(bc, 1, 2))[valid]     # (n_valid, M)
         yy = np.einsum("npt,npt->np", ys, ys, dtype=np.float64)[valid]
         rows = np.nonzero(valid)[0] + s

@@ -29,6 +29,7 @@ from scipy import ndimage
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.aif import VesselCurve, assess_vof, select_aif, select_vof
+from ctperf.perfusion.bayes import fit_bayes
 from ctperf.perfusion.boxnlr import fit_box_nlr
 from ctperf.perfusion.curves import (
     bandlimit,
@@ -40,14 +41,27 @@ from ctperf.perfusion.curves import (
 from ctperf.perfusion.lesions import LesionResult, segment_lesions
 from ctperf.perfusion.qc import qc_flags
 from ctperf.perfusion.svd import svd_deconvolve
-from ctperf.types import CTPSeries, PerfusionMaps
+from ctperf.types import MAP_UNITS, CTPSeries, PerfusionMaps
 
-__all__ = ["METHODS", "PerfusionResult", "compute_maps", "run_perfusion"]
+__all__ = ["METHODS", "SD_MAPS", "PerfusionResult", "compute_maps", "run_perfusion"]
 
 log = logging.getLogger(__name__)
 
-METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd")
+METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes")
+#: Posterior standard deviations written beside the maps by ``bayes``.
+SD_MAPS = ("cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd")
 MIN_FRAMES = 10
+
+
+_CONVENTIONS: dict[str, dict[str, str]] = {
+    "nlr": {"tmax": "delay + MTT/4 (box model, calibrated to the residue's peak)",
+            "ttp": "from the first frame", "delay": "box start after the AIF"},
+    "svd": {"tmax": "time of the residue's peak", "ttp": "from the first frame",
+            "delay": "equal to tmax for SVD methods"},
+    "bayes": {"tmax": "delay + first peak of the dispersed residue, posterior mean",
+              "ttp": "from the first frame", "delay": "residue start after the AIF",
+              "sd": "posterior standard deviations in <map>_sd"},
+}
 
 
 @dataclass(frozen=True)
@@ -149,7 +163,7 @@ def run_perfusion(
     ----------
     series : CTPSeries
         HU (T, Z, Y, X), at least 10 frames, the bolus arriving after the first frame.
-    method : {"nlr", "nlr-fast", "ssvd", "bsvd", "osvd"}
+    method : {"nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes"}
     aif, vof : ndarray, shape (T,), optional
         Given input/output curves (HU enhancement). A given AIF is used as is unless a VOF (curve
         or mask) is given too, then it is scaled up to the VOF's area.
@@ -297,19 +311,25 @@ def run_perfusion(
                           progress=progress)
         values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
                   "delay": fit.delay, "residual": fit.residual}
+    elif method == "bayes":  # any frame spacing: fitted on the frames themselves
+        post = fit_bayes(tissue, aif_used, t, rho=rho, kh=kh, mask=mask, spacing=series.spacing,
+                         progress=progress)
+        values = {name: getattr(post, name) for name in
+                  ("cbf", "cbv", "mtt", "tmax", "delay", "residual", *SD_MAPS)}
     else:
         res = svd_deconvolve(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh)
         values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
                   "delay": res.tmax}
     values["ttp"] = time_to_peak(bandlimit(tissue), t)
     maps: dict[str, np.ndarray] = {}
-    for name in ("cbf", "cbv", "mtt", "ttp", "tmax", "delay", "residual"):
+    for name in ("cbf", "cbv", "mtt", "ttp", "tmax", "delay", "residual", *SD_MAPS):
         if name in values:
             vol = np.full(mask.shape, np.nan, dtype=np.float32)
             v = np.asarray(values[name], dtype=np.float32)
             vol[mask] = np.where(np.isfinite(v), v, np.nan)
             maps[name] = vol
     units = {"residual": "HU"} if "residual" in maps else {}
+    units.update({sd: MAP_UNITS[sd.removesuffix("_sd")] for sd in SD_MAPS if sd in maps})
 
     # Noise from every 7th brain voxel: a median needs no more, and the gather is (T, N).
     sample = np.flatnonzero(mask.ravel())[::7]
@@ -327,11 +347,8 @@ def run_perfusion(
     provenance: dict[str, Any] = {
         "method": method,
         "constants": {"rho_g_per_ml": rho, "kh": kh},
-        "conventions": {"tmax": "delay + MTT/4 (box model, calibrated to the residue's peak)"
-                        if method.startswith("nlr") else "time of the residue's peak",
-                        "ttp": "from the first frame",
-                        "delay": "box start after the AIF" if method.startswith("nlr")
-                        else "equal to tmax for SVD methods"},
+        "conventions": _CONVENTIONS["nlr" if method.startswith("nlr")
+                                    else "svd" if method.endswith("svd") else method],
         "times_s": t.tolist(),
         "fit_grid_step_s": None if grid is None else float(grid[1] - grid[0]),
         "baseline_frames": n_base,
