@@ -229,3 +229,26 @@ def test_augmentation_is_a_seeded_flip_rotation_and_noise():
     xn, yn, _ = apply_augmentation(x, y, m, noisy)
     assert 0.3 < float((xn - xa).std()) < 0.7  # SD 0.5 noise on the inputs only
     torch.testing.assert_close(yn, ya)
+
+
+def test_contrast_gain_scales_the_enhancement_not_the_baseline():
+    import numpy as np
+
+    from ctperf.model.augment import apply_augmentation, draw_augmentation
+
+    a = draw_augmentation(np.random.default_rng(3), 64, max_log_gain=0.5)
+    assert np.all((a["gain"] >= np.exp(-0.5)) & (a["gain"] <= np.exp(0.5)))
+    assert np.all(draw_augmentation(np.random.default_rng(3), 4)["gain"] == 1.0)  # off by default
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 6, 6)
+    y, m = torch.rand(2, 1, 6, 6), torch.ones(2, 1, 6, 6)
+    params = {"flip": np.array([False, False]), "degrees": np.zeros(2),
+              "noise_sd": np.zeros(2), "noise_seed": np.array([1, 2]),
+              "gain": np.array([2.0, 0.5])}
+    xa, ya, _ = apply_augmentation(x, y, m, params, baseline_frames=2)
+    base = x[:, :2].mean(dim=1, keepdim=True)
+    gain = torch.tensor([2.0, 0.5]).view(2, 1, 1, 1)
+    # identity resampling leaves float32 rounding only
+    torch.testing.assert_close(xa, base + gain * (x - base), atol=1e-5, rtol=0)
+    torch.testing.assert_close(xa[:, :2].mean(dim=1, keepdim=True), base, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ya, y, atol=1e-5, rtol=0)  # perfusion does not change

@@ -1,4 +1,8 @@
-"""Optional training augmentation: horizontal flips, small rotations and input noise.
+"""Optional training augmentation: horizontal flips, small rotations, input noise and contrast gain.
+
+The contrast gain multiplies every frame's enhancement over the pre-contrast baseline by one factor
+per slice, as a different injection (dose, cardiac output) would: CBV, CBF, MTT and delay are
+ratios to the arterial input, so the targets do not change.
 
 Parameters are drawn first from an explicit numpy generator and handed to a deterministic function,
 so a seeded run is reproducible (and a resumed run draws the same parameters).
@@ -14,22 +18,32 @@ __all__ = ["apply_augmentation", "draw_augmentation"]
 
 
 def draw_augmentation(rng: np.random.Generator, n: int, *, max_degrees: float = 10.0,
-                      noise_sd: float = 0.05) -> dict[str, np.ndarray]:
-    """Per-sample parameters: ``flip`` (bool), ``degrees`` (uniform +-max) and ``noise_sd``."""
-    return {"flip": rng.random(n) < 0.5,
-            "degrees": rng.uniform(-max_degrees, max_degrees, n),
-            "noise_sd": np.full(n, noise_sd),
-            "noise_seed": rng.integers(0, 2**31 - 1, n)}
+                      noise_sd: float = 0.05, max_log_gain: float = 0.0) -> dict[str, np.ndarray]:
+    """Per-sample parameters: ``flip`` (bool), ``degrees`` (uniform +-max), ``noise_sd`` and
+    the contrast ``gain`` (``exp`` of a uniform draw in +-``max_log_gain``; 1 by default)."""
+    params = {"flip": rng.random(n) < 0.5,
+              "degrees": rng.uniform(-max_degrees, max_degrees, n),
+              "noise_sd": np.full(n, noise_sd),
+              "noise_seed": rng.integers(0, 2**31 - 1, n)}
+    params["gain"] = np.exp(rng.uniform(-max_log_gain, max_log_gain, n))
+    return params
 
 
 def apply_augmentation(x: torch.Tensor, y: torch.Tensor, m: torch.Tensor,
-                       params: dict[str, np.ndarray]) -> tuple[torch.Tensor, ...]:
+                       params: dict[str, np.ndarray], *,
+                       baseline_frames: int = 1) -> tuple[torch.Tensor, ...]:
     """Apply drawn parameters to inputs (B, t, H, W), targets (B, C, H, W) and masks (B, 1, H, W).
 
-    Inputs and targets are rotated bilinearly, masks by nearest neighbour; noise (standardised
-    input units) is added to the inputs only.
+    The contrast gain scales each frame's difference from the mean of the first
+    ``baseline_frames`` frames (the baseline itself is kept). Inputs and targets are then rotated
+    bilinearly, masks by nearest neighbour; noise (standardised input units) is added to the
+    inputs only.
     """
     b = x.shape[0]
+    if "gain" in params and not np.all(params["gain"] == 1.0):
+        base = x[:, :max(int(baseline_frames), 1)].mean(dim=1, keepdim=True)
+        gain = torch.as_tensor(params["gain"], dtype=x.dtype, device=x.device).view(b, 1, 1, 1)
+        x = base + gain * (x - base)
     rad = torch.as_tensor(np.deg2rad(params["degrees"]), dtype=x.dtype, device=x.device)
     sign = torch.as_tensor(np.where(params["flip"], -1.0, 1.0), dtype=x.dtype, device=x.device)
     theta = torch.zeros(b, 2, 3, dtype=x.dtype, device=x.device)

@@ -44,10 +44,10 @@ LOG_COLUMNS = ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds")
 # Settings that must match for a resumed run to be the same run.
 _RESUME_KEYS = ("targets", "size", "frames", "width", "depth", "kernel_size", "norm", "seed",
                 "batch_size", "lr", "masked_loss", "augment", "stages", "baseline_frames",
-                "contrast_gain", "schedule")
+                "contrast_gain", "schedule", "augment_gain")
 # values of keys that checkpoints written before the key existed implicitly had
 _KEY_DEFAULTS: dict[str, Any] = {"baseline_frames": 0, "contrast_gain": 1.0,
-                                 "schedule": "plateau"}
+                                 "schedule": "plateau", "augment_gain": 0.0}
 _SCHEDULES = ("plateau", "cosine")
 
 #: Named settings. Keys are :func:`train` options, plus the slice cache's ``size`` and ``frames``
@@ -181,7 +181,8 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
           batch_size: int = 8, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
           plateau_factor: float = 0.5, plateau_patience: int = 10, schedule: str = "plateau",
           masked_loss: bool = True,
-          augment: bool = False, baseline_frames: int = 0, contrast_hu: float = 20.0,
+          augment: bool = False, augment_gain: float = 0.0, baseline_frames: int = 0,
+          contrast_hu: float = 20.0,
           seed: int = 0, device: str = "auto", amp: str = "auto",
           resume: bool = False, progress: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
@@ -215,6 +216,10 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         Restrict the MSE to the brain mask.
     augment : bool
         Flips, small rotations and input noise (off in the paper).
+    augment_gain : float
+        With ``augment``, the enhancement over the baseline (mean of the first
+        ``baseline_frames`` frames, or the first frame) is multiplied by ``exp(u)``, ``u`` uniform
+        in +-``augment_gain``: a different injection with the same perfusion.
     baseline_frames : int
         0 (the paper): the network sees the standardised frames. ``k > 0``: it sees the mean of
         the first ``k`` input frames and every later frame's enhancement over it
@@ -270,7 +275,7 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         "frame_interval": cache.meta["frame_interval"], "hu_window": cache.meta["hu_window"],
         "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"], "seed": seed,
         "batch_size": batch_size, "lr": lr, "schedule": schedule, "masked_loss": masked_loss,
-        "augment": augment,
+        "augment": augment, "augment_gain": float(augment_gain),
         "stages": [[name, c.size if c is not None else 0, n] for name, c, n in stages],
         "train_patients": list(train_patients), "val_patients": list(val_patients)}
 
@@ -353,7 +358,9 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
                 x, y, m = (torch.from_numpy(a).to(dev) for a in stage_cache.batch(
                     batch_rows, target_idx=target_idx, mean=mean, std=std))
                 if augment:
-                    x, y, m = apply_augmentation(x, y, m, draw_augmentation(aug_rng, len(x)))
+                    x, y, m = apply_augmentation(
+                        x, y, m, draw_augmentation(aug_rng, len(x), max_log_gain=augment_gain),
+                        baseline_frames=baseline_frames)
                 with torch.autocast(dev.type, dtype=amp_dtype or torch.float32,
                                     enabled=amp_dtype is not None):
                     pred = net(x)
