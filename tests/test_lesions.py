@@ -136,3 +136,32 @@ def test_core_kept_inside_the_hypoperfused_region():
     assert not kept.core[spot].any() and free.core[spot].all()
     assert not (kept.core & ~kept.hypoperfused).any()
     assert kept.thresholds["core_within_hypoperfused"] is True
+
+
+def _sd_case(tmax_sd: float):
+    """A 40 mL block with Tmax 7 s in a brain at Tmax 2 s, with posterior SD maps."""
+    shape = (4, 64, 64)
+    brain = np.ones(shape, dtype=bool)
+    tmax = np.full(shape, 2.0)
+    tmax[:, 16:48, 8:30] = 7.0
+    cbf = np.full(shape, 40.0)
+    maps = {"cbf": cbf, "tmax": tmax, "cbv": np.full(shape, 4.0),
+            "cbf_sd": np.full(shape, 4.0), "tmax_sd": np.full(shape, tmax_sd)}
+    return PerfusionMaps(maps={k: v.astype(np.float32) for k, v in maps.items()},
+                         affine=np.diag([2.0, 2.0, 5.0, 1.0])), brain
+
+
+def test_volume_sd_from_posterior_sd():
+    """Volume SDs come with SD maps, grow with them, and vanish when Tmax is far from the
+    threshold compared with its SD."""
+    sure, brain = _sd_case(0.1)
+    unsure, _ = _sd_case(1.5)
+    a = segment_lesions(sure, brain=brain, reference="global")
+    b = segment_lesions(unsure, brain=brain, reference="global")
+    assert a.volumes_ml["hypoperfused"] == pytest.approx(4 * 32 * 22 * 0.02)
+    assert a.volumes_sd_ml is not None and a.volumes_sd_ml["hypoperfused"] < 0.01
+    # Tmax 1 SD (1.5 s) from the 6 s threshold inside the lesion: a sizeable share flips
+    assert b.volumes_sd_ml is not None and b.volumes_sd_ml["hypoperfused"] > 0.5
+    assert "volumes_sd_ml" in b.summary()
+    plain = PerfusionMaps(maps={k: sure[k] for k in ("cbf", "tmax")}, affine=sure.affine)
+    assert segment_lesions(plain, brain=brain).volumes_sd_ml is None

@@ -18,7 +18,8 @@ from ctperf.commands import (
     positive_float,
 )
 
-__all__ = ["LESION_DEFAULTS", "ORDER", "overview_figure", "register", "run", "write_outputs"]
+__all__ = ["LESION_DEFAULTS", "ORDER", "overview_figure", "register", "run", "volume_text",
+           "write_outputs"]
 
 ORDER = 20
 
@@ -97,6 +98,13 @@ def _orient(affine: Any) -> tuple[bool, bool]:
     return flip_rows, flip_cols
 
 
+def volume_text(lesions: dict[str, Any], name: str) -> str:
+    """``"12.3 mL"``, or ``"12.3 +- 1.4 mL"`` when the summary holds the volume's SD."""
+    sd = (lesions.get("volumes_sd_ml") or {}).get(name)
+    value = lesions["volumes_ml"][name]
+    return f"{value:.1f} mL" if sd is None else f"{value:.1f} +- {sd:.1f} mL"
+
+
 def overview_figure(result: Any, *, title: str = "") -> Any:
     """A matplotlib Figure: maps of up to 4 slices with lesion outlines, AIF/VOF, volumes, QC."""
     import matplotlib
@@ -173,13 +181,13 @@ def overview_figure(result: Any, *, title: str = "") -> Any:
     text.axis("off")
     les = prov["lesions"]
     mr = les["mismatch_ratio"]
+    vol = {k: volume_text(les, k) for k in ("core", "hypoperfused", "penumbra", "tmax10")}
     lines = [f"method {prov['method']}   rho {prov['constants']['rho_g_per_ml']}   "
              f"kH {prov['constants']['kh']}",
-             f"core {les['volumes_ml']['core']:.1f} mL  ({les['thresholds']['core']})",
-             f"hypoperfused {les['volumes_ml']['hypoperfused']:.1f} mL  (Tmax > "
+             f"core {vol['core']}  ({les['thresholds']['core']})",
+             f"hypoperfused {vol['hypoperfused']}  (Tmax > "
              f"{les['thresholds']['hypoperfused'].split('>')[-1].strip()})",
-             f"penumbra {les['volumes_ml']['penumbra']:.1f} mL   Tmax>10 s "
-             f"{les['volumes_ml']['tmax10']:.1f} mL",
+             f"penumbra {vol['penumbra']}   Tmax>10 s {vol['tmax10']}",
              f"mismatch ratio {'-' if mr is None else f'{mr:.1f}'}",
              "outlines: magenta core, white Tmax > threshold", "QC:"]
     raised = [k for k, v in prov["qc"].items() if v["flag"]]
@@ -282,9 +290,9 @@ def run(args: argparse.Namespace) -> int:
     write_outputs(result, args.out, title=f"ctperf maps: {args.method}", dicom_source=source,
                   overwrite=args.overwrite, anonymise=args.anonymise)
     maps = result.maps
-    vol = maps.provenance["lesions"]["volumes_ml"]
+    les = maps.provenance["lesions"]
     raised = [k for k, v in maps.provenance["qc"].items() if v["flag"]]
-    print(f"wrote {', '.join(maps.names)} to {args.out}: core {vol['core']:.1f} mL, "
-          f"hypoperfused {vol['hypoperfused']:.1f} mL"
+    print(f"wrote {', '.join(maps.names)} to {args.out}: core {volume_text(les, 'core')}, "
+          f"hypoperfused {volume_text(les, 'hypoperfused')}"
           + (f"; QC flags: {', '.join(raised)}" if raised else ""))
     return 0

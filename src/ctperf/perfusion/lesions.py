@@ -44,6 +44,7 @@ class LesionResult:
     volumes_ml: dict[str, float]
     mismatch_ratio: float | None
     thresholds: dict[str, Any] = field(default_factory=dict)
+    volumes_sd_ml: dict[str, float] | None = None
 
     def masks(self) -> dict[str, np.ndarray]:
         """The four masks by file name (``core``, ``hypoperfused``, ``penumbra``, ``tmax10``)."""
@@ -52,8 +53,11 @@ class LesionResult:
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready volumes, mismatch ratio and thresholds."""
-        return {"volumes_ml": dict(self.volumes_ml), "mismatch_ratio": self.mismatch_ratio,
-                "thresholds": dict(self.thresholds)}
+        out = {"volumes_ml": dict(self.volumes_ml), "mismatch_ratio": self.mismatch_ratio,
+               "thresholds": dict(self.thresholds)}
+        if self.volumes_sd_ml is not None:
+            out["volumes_sd_ml"] = dict(self.volumes_sd_ml)
+        return out
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,8 @@ def segment_lesions(
     smooth_mm: float = 0.0,
     min_component_ml: float = 0.0,
     core_within_hypoperfused: bool = True,
+    uncertainty_mm: float = 3.0,
+    samples: int = 24,
 ) -> LesionResult:
     """Segment core, hypoperfused tissue and penumbra.
 
@@ -259,6 +265,11 @@ def segment_lesions(
     core_within_hypoperfused : bool
         Keep only core voxels that are also hypoperfused (see module docstring); False labels
         low flow wherever it lies.
+    uncertainty_mm, samples : float, int
+        When the maps carry posterior standard deviations (``cbf_sd``, ``tmax_sd``), the
+        volumes' SDs come from ``samples`` draws of the maps, each perturbed by its SD times a
+        Gaussian field correlated over ``uncertainty_mm`` in-plane (the estimator's
+        neighbourhood), thresholded as the maps are.
 
     Returns
     -------
@@ -316,8 +327,50 @@ def segment_lesions(
         "min_component_ml": min_component_ml,
         "core_within_hypoperfused": core_within_hypoperfused, "midsagittal_plane": mid_info,
     }
+    sd_ml = None
+    if "tmax_sd" in maps.names and "cbf_sd" in maps.names and core_cbv is None:
+        sd_ml = _volume_sd(cbf, tmax, maps["cbf_sd"], maps["tmax_sd"], valid,
+                           core_rcbf * ref if core_cbv is None else None,
+                           tmax_hypo=tmax_hypo, tmax_severe=tmax_severe,
+                           core_within_hypoperfused=core_within_hypoperfused,
+                           sigma_vox=(uncertainty_mm / maps.spacing[1],
+                                      uncertainty_mm / maps.spacing[2]),
+                           samples=samples, voxel_ml=voxel_ml)
     return LesionResult(core=core, hypoperfused=hypo, penumbra=penumbra, tmax_severe=severe,
-                        volumes_ml=volumes, mismatch_ratio=ratio, thresholds=thresholds)
+                        volumes_ml=volumes, mismatch_ratio=ratio, thresholds=thresholds,
+                        volumes_sd_ml=sd_ml)
+
+
+def _volume_sd(cbf: np.ndarray, tmax: np.ndarray, cbf_sd: np.ndarray, tmax_sd: np.ndarray,
+               valid: np.ndarray, core_limit: np.ndarray | None, *, tmax_hypo: float,
+               tmax_severe: float, core_within_hypoperfused: bool,
+               sigma_vox: tuple[float, float], samples: int, voxel_ml: float
+               ) -> dict[str, float]:
+    """SD of each lesion volume (mL) over draws of the maps from their posterior SDs."""
+    rng = np.random.default_rng(0)  # the same draws every run: reproducible summaries
+    sig = (0.0, *sigma_vox)
+    gain = None
+    vols: dict[str, list[float]] = {"core": [], "hypoperfused": [], "penumbra": [], "tmax10": []}
+    c_sd = np.nan_to_num(cbf_sd.astype(np.float64))
+    t_sd = np.nan_to_num(tmax_sd.astype(np.float64))
+    for _ in range(samples):
+        fields = []
+        for _k in range(2):
+            f = ndimage.gaussian_filter(rng.standard_normal(cbf.shape), sig)
+            if gain is None:  # unit variance after smoothing
+                gain = 1.0 / max(float(f.std()), 1e-12)
+            fields.append(f * gain)
+        t = tmax + t_sd * fields[0]
+        hypo = valid & (t > tmax_hypo)
+        core = (valid & (cbf + c_sd * fields[1] < core_limit) if core_limit is not None
+                else np.zeros_like(valid))
+        if core_within_hypoperfused:
+            core &= hypo
+        vols["core"].append(float(core.sum()))
+        vols["hypoperfused"].append(float(hypo.sum()))
+        vols["penumbra"].append(float((hypo & ~core).sum()))
+        vols["tmax10"].append(float((valid & (t > tmax_severe)).sum()))
+    return {k: float(np.std(v, ddof=1) * voxel_ml) for k, v in vols.items()}
 
 
 def _smooth(values: np.ndarray, valid: np.ndarray, radius: tuple[float, float]) -> np.ndarray:
