@@ -33,7 +33,6 @@ from ctperf.perfusion.bayes import fit_bayes
 from ctperf.perfusion.boxnlr import fit_box_nlr
 from ctperf.perfusion.curves import (
     bandlimit,
-    bolus_arrival_frame,
     resample,
     time_to_peak,
     uniform_grid,
@@ -76,6 +75,20 @@ class PerfusionResult:
     aif: np.ndarray
     vof: np.ndarray | None
     times: np.ndarray
+
+
+def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, share: float = 0.25,
+                     most: int = 5000, percentile: float = 5.0) -> int:
+    """Frames before the bolus: one less than an early percentile of the arrival frames of the
+    voxels rising by at least ``share`` of the largest ``rise`` (Z, Y, X), at most ``most`` of
+    them; arrival is where a curve first exceeds 20 % of its own rise above its start."""
+    flat = rise.ravel()
+    n = int(min(most, np.count_nonzero(flat >= share * flat.max())))
+    top = np.argpartition(flat, flat.size - max(n, 1))[-max(n, 1):]
+    c = hu.reshape(hu.shape[0], -1)[:, top].astype(np.float32)
+    rel = c - np.median(c[: min(3, c.shape[0])], axis=0)
+    arrival = np.argmax(rel > 0.2 * rel.max(axis=0), axis=0)
+    return max(1, int(np.percentile(arrival, percentile)) - 1)
 
 
 def _vessel_info(sel: VesselCurve | None, coords: np.ndarray | None, source: str,
@@ -218,23 +231,18 @@ def run_perfusion(
     rise = vhu.max(axis=0) - vhu[0]
     if not float(rise.max()) > 5.0:
         raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
-    # Bolus arrival from the strongest enhancing voxels (arteries and veins): the earliest of
-    # them ends the baseline, one frame early (their rise of 20 % of the peak is far above the
-    # noise, so a single early voxel is an artery, not chance). Only voxels of soft tissue or
+    # Bolus arrival from the enhancing vessels, arteries and veins alike: partial volume can
+    # leave the arteries weaker than a large sinus, so every voxel rising by a quarter of the
+    # strongest rise counts, and an early percentile of their arrivals (not the single earliest,
+    # which noise can make) ends the baseline, one frame early. Only voxels of soft tissue or
     # blood in the first frame, away from bone, whose rise washes out count: where the head
     # moved, or frames were resampled to correct it, air and bone edges step by hundreds of HU
     # at any time.
-    n_top = max(20, rise.size // 1000)
     first = vhu[0]
     calm = (first > -100) & (first < 200) & (vhu[-1] - first <= 0.5 * rise)
     bone_rim = near_bone(first, spacing=series.spacing)
     calm &= ~bone_rim
-    if int(calm.sum()) >= n_top:
-        rise = np.where(calm, rise, -np.inf)
-    top = np.argpartition(rise.ravel(), rise.size - n_top)[-n_top:]
-    top = top[rise.ravel()[top] >= 0.5 * rise.max()]  # vessels, not noise in weak voxels
-    arrivals = [bolus_arrival_frame(c, fraction=0.2) for c in vhu.reshape(n_t, -1)[:, top].T]
-    n_base = max(1, int(min(arrivals)) - 1)
+    n_base = _baseline_frames(vhu, np.where(calm, rise, -np.inf) if calm.sum() >= 20 else rise)
     base = hu[:n_base].mean(axis=0)
     if mask is None:
         search = brain_mask(base, spacing=series.spacing, exclude_csf=False)
