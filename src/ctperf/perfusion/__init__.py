@@ -1,5 +1,6 @@
-"""Model-based CT perfusion: box-model NLR (the paper's ground truth), SVD deconvolution,
-automatic AIF/VOF, lesion volumes and QC flags. NumPy and SciPy only (no torch)."""
+"""Model-based CT perfusion: box-model NLR (the paper's ground truth), SVD deconvolution, a
+Bayesian estimator with uncertainty, automatic AIF/VOF, lesion volumes and QC flags. NumPy and
+SciPy only (no torch)."""
 
 from ctperf.perfusion.aif import (
     VesselCurve,
@@ -11,6 +12,7 @@ from ctperf.perfusion.aif import (
     select_aif,
     select_vof,
 )
+from ctperf.perfusion.bayes import BayesFit, fit_bayes
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS, BoxFit, fit_box_nlr
 from ctperf.perfusion.curves import (
     ArterialTable,
@@ -23,8 +25,14 @@ from ctperf.perfusion.curves import (
     to_enhancement,
     uniform_grid,
 )
-from ctperf.perfusion.lesions import LesionResult, normal_cbf_reference, segment_lesions
-from ctperf.perfusion.maps import METHODS, PerfusionResult, compute_maps, run_perfusion
+from ctperf.perfusion.lesions import (
+    LesionResult,
+    MidPlane,
+    midsagittal_plane,
+    normal_cbf_reference,
+    segment_lesions,
+)
+from ctperf.perfusion.maps import METHODS, SD_MAPS, PerfusionResult, compute_maps, run_perfusion
 from ctperf.perfusion.pipeline import analyse_study
 from ctperf.perfusion.qc import qc_flags
 from ctperf.perfusion.svd import SVDResult, svd_deconvolve
@@ -32,9 +40,12 @@ from ctperf.perfusion.svd import SVDResult, svd_deconvolve
 __all__ = [
     "DEFAULT_BOUNDS",
     "METHODS",
+    "SD_MAPS",
     "ArterialTable",
+    "BayesFit",
     "BoxFit",
     "LesionResult",
+    "MidPlane",
     "PerfusionResult",
     "SVDResult",
     "VesselCurve",
@@ -48,8 +59,10 @@ __all__ = [
     "correct_partial_volume",
     "curve_features",
     "curve_noise_sd",
+    "fit_bayes",
     "fit_box_nlr",
     "flow_scale",
+    "midsagittal_plane",
     "normal_cbf_reference",
     "qc_flags",
     "resample",
