@@ -45,7 +45,8 @@ frame's fit is therefore checked before it is used (docs/preprocessing.md has th
   voxels), 3 %, so a noise-only metric drops by at most about 4.5 % at any transform.
 - Candidates, simplest first: the identity, the fit's in-plane part (rotation about z, shifts
   in x and y), the whole fit. One replaces a simpler one only if it lowers the check metric by
-  more than ``min_gain`` (25 %) of it *and* by more than three standard errors of the gain
+  more than ``min_gain`` (25 %) of it (``min_gain_through_plane``, 10 %, from the in-plane part
+  to the whole fit) *and* by more than three standard errors of the gain
   (block sums over in-plane blocks of 8 sigmas, since smoothed noise is correlated).
 - Only plausible candidates are considered: rotations up to ``max_rotation_deg`` (15 degrees)
   and shifts up to ``max_shift_mm`` (20 mm), a head in a head holder.
@@ -116,8 +117,9 @@ class MotionResult:
         Check metric (mean squared difference of the smoothed frames over the same voxels,
         HU^2) at the identity, at the fit's in-plane part and at the whole fit; NaN for frame 0
         and for candidates that were not plausible.
-    min_gain : float
-        Relative decrease of the check metric a candidate needed over a simpler one.
+    min_gain, min_gain_through_plane : float
+        Relative decrease of the check metric a transform needed over the identity, and the
+        whole fit over its in-plane part.
     """
 
     series: CTPSeries
@@ -132,6 +134,7 @@ class MotionResult:
     check_in_plane: np.ndarray
     check_fitted: np.ndarray
     min_gain: float
+    min_gain_through_plane: float
 
     @property
     def transforms(self) -> list[sitk.Euler3DTransform]:
@@ -144,10 +147,12 @@ class MotionResult:
             return [None if not np.isfinite(v) else float(v) for v in np.ravel(a)]
 
         return {
-            "rule": "keep a transform only if it lowers the check metric (mean squared "
-                    "difference of the smoothed frames, HU^2) by more than min_gain of the "
-                    "simpler candidate's (identity < in-plane < rigid) and is plausible",
+            "rule": "keep a transform only if it is plausible and lowers the check metric "
+                    "(mean squared difference of the smoothed frames, HU^2) by more than "
+                    "min_gain of the identity's (min_gain_through_plane of the in-plane "
+                    "part's for the whole fit) and by three standard errors",
             "min_gain": self.min_gain,
+            "min_gain_through_plane": self.min_gain_through_plane,
             "decision": list(self.decision),
             "check_identity": plain(self.check_identity),
             "check_in_plane": plain(self.check_in_plane),
@@ -309,6 +314,7 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                    workers: int | None = None, seed: int = 0, mask: np.ndarray | None = None,
                    rim_mm: float = 12.0, enhancement_hu: float | None = 40.0,
                    reach_mm: float = 5.0, min_coarse_px: int = 64, min_gain: float = 0.25,
+                   min_gain_through_plane: float = 0.10,
                    check_sigma_px: Sequence[float] = (2.0, 2.0, 2.0),
                    max_rotation_deg: float = 15.0, max_shift_mm: float = 20.0,
                    executor: str = "threads", progress: bool = False) -> MotionResult:
@@ -348,8 +354,10 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     min_coarse_px : int
         The coarse levels keep at least this many pixels along each in-plane side.
     min_gain : float
-        Relative decrease of the check metric a candidate transform needs over a simpler one
-        (identity, then the in-plane part, then the whole fit), in (0, 1).
+        Relative decrease of the check metric a transform needs over the identity, in (0, 1).
+    min_gain_through_plane : float
+        Relative decrease the whole fit needs over its in-plane part once that is kept, in
+        (0, 1).
     check_sigma_px : sequence of 3 float
         Smoothing of the check metric along x, y, z in voxels (none along a single slice).
     max_rotation_deg, max_shift_mm : float
@@ -364,8 +372,8 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     -------
     MotionResult
     """
-    _validate(levels, samples, executor, rim_mm, reach_mm, min_coarse_px, min_gain,
-              check_sigma_px, seed)
+    _validate(levels, samples, executor, rim_mm, reach_mm, min_coarse_px,
+              (min_gain, min_gain_through_plane), check_sigma_px, seed)
     workers = int(workers or os.cpu_count() or 1)
     n = series.n_frames
     fixed = to_sitk_image(series.hu[0], series.affine)
@@ -378,8 +386,9 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     mask_img = sitk.Cast(to_sitk_image(metric_mask.astype(np.float32), series.affine),
                          sitk.sitkUInt8)
     check = make_check(fixed, metric_mask, series.affine, center, sigma_px=check_sigma_px,
-                       reach_mm=reach_mm, min_gain=min_gain, max_rotation_deg=max_rotation_deg,
-                       max_shift_mm=max_shift_mm)
+                       reach_mm=reach_mm, min_gain=min_gain,
+                       min_gain_through_plane=min_gain_through_plane,
+                       max_rotation_deg=max_rotation_deg, max_shift_mm=max_shift_mm)
     fit = {"levels": list(levels), "samples": list(samples), "iterations": int(iterations),
            "center": center.tolist(), "seed": int(seed) + 1,
            "in_plane": series.shape[1] == 1, "threads": 1}
@@ -413,11 +422,12 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                         center_mm=center, displacement_mm=mean_d, max_displacement_mm=max_d,
                         metric=metrics, fitted_parameters=fitted, decision=tuple(decision),
                         check_identity=checks[:, 0], check_in_plane=checks[:, 1],
-                        check_fitted=checks[:, 2], min_gain=float(min_gain))
+                        check_fitted=checks[:, 2], min_gain=float(min_gain),
+                        min_gain_through_plane=float(min_gain_through_plane))
 
 
 def _validate(levels: Sequence[int], samples: Sequence[int], executor: str, rim_mm: float,
-              reach_mm: float, min_coarse_px: int, min_gain: float,
+              reach_mm: float, min_coarse_px: int, gains: tuple[float, float],
               check_sigma_px: Sequence[float], seed: int) -> None:
     if len(levels) != len(samples) or not levels:
         raise ValidationError(f"levels {tuple(levels)} and samples {tuple(samples)} must be "
@@ -427,8 +437,9 @@ def _validate(levels: Sequence[int], samples: Sequence[int], executor: str, rim_
     if not (rim_mm >= 0 and reach_mm > 0 and min_coarse_px >= 1):
         raise ValidationError(f"rim_mm must be >= 0, reach_mm > 0 and min_coarse_px >= 1; got "
                               f"{rim_mm}, {reach_mm} and {min_coarse_px}")
-    if not 0.0 < min_gain < 1.0:
-        raise ValidationError(f"min_gain must lie in (0, 1), got {min_gain}")
+    if not all(0.0 < g < 1.0 for g in gains):
+        raise ValidationError(f"min_gain and min_gain_through_plane must lie in (0, 1), got "
+                              f"{gains[0]} and {gains[1]}")
     if len(check_sigma_px) != 3 or min(check_sigma_px) < 0:
         raise ValidationError(f"check_sigma_px must be 3 sigmas >= 0 (x, y, z voxels), got "
                               f"{tuple(check_sigma_px)}")

@@ -140,6 +140,7 @@ class FrameCheck:
     reach_max: np.ndarray  # (Z, Y, X) smoothed first frame's maximum within reach
     reach_size: tuple[int, int, int]  # the reach as a (Z, Y, X) box of voxels
     min_gain: float
+    min_gain_through_plane: float
     max_rotation_deg: float
     max_shift_mm: float
 
@@ -165,7 +166,8 @@ def _smooth(img: sitk.Image, variance_mm2: Sequence[float], threads: int) -> np.
 
 def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
                center: np.ndarray, *, sigma_px: Sequence[float], reach_mm: float,
-               min_gain: float, max_rotation_deg: float, max_shift_mm: float) -> FrameCheck:
+               min_gain: float, min_gain_through_plane: float, max_rotation_deg: float,
+               max_shift_mm: float) -> FrameCheck:
     """What :func:`choose_transform` needs for every frame of a study.
 
     Parameters
@@ -185,7 +187,9 @@ def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
         Largest motion expected (mm): a frame brighter than the first frame anywhere within
         reach has taken up contrast there, which motion cannot explain.
     min_gain : float
-        Relative decrease of the check metric a candidate needs over a simpler one.
+        Relative decrease of the check metric a transform needs over the identity.
+    min_gain_through_plane : float
+        Relative decrease the whole fit needs over its in-plane part, once that is kept.
     max_rotation_deg, max_shift_mm : float
         Plausible rotation about each axis (degrees) and shift (mm).
     """
@@ -213,7 +217,7 @@ def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
                       world_to_index=np.linalg.inv(affine), size_xyz=size, center_mm=center,
                       block=np.unique(block, return_inverse=True)[1],
                       reach_max=ndimage.maximum_filter(smoothed, size=reach), reach_size=reach,
-                      min_gain=min_gain,
+                      min_gain=min_gain, min_gain_through_plane=min_gain_through_plane,
                       max_rotation_deg=max_rotation_deg, max_shift_mm=max_shift_mm)
 
 
@@ -256,7 +260,8 @@ def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarr
 
     Simplest first, a plausible candidate replaces the one kept so far only if it lowers the
     check metric (mean squared difference of the smoothed frames over the same voxels) by more
-    than ``check.min_gain`` of it and by more than three standard errors of the gain.
+    than ``check.min_gain`` of it (``check.min_gain_through_plane`` from the in-plane part to
+    the whole fit) and by more than three standard errors of the gain.
 
     Parameters
     ----------
@@ -312,7 +317,8 @@ def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarr
         logger.debug("%s: gain %.3g HU^2 of %.3g, standard error %.3g", name, gain,
                      values[decision], se)
         # a simpler candidate stands unless this one clearly beats it (NaN never does)
-        if gain > check.min_gain * values[decision] and gain > _MIN_Z * se:
+        needed = check.min_gain if decision == "identity" else check.min_gain_through_plane
+        if gain > needed * values[decision] and gain > _MIN_Z * se:
             decision, kept, frame, best = name, p, moved, sq
     if not through:
         values["rigid"] = values["in-plane"]  # the fit has no through-plane part
