@@ -165,7 +165,7 @@ def test_reduces_through_plane_motion(rng):
     points = brain_points(series)
     before = tre(np.zeros_like(THROUGH_PLANE), THROUGH_PLANE, center, points)
     after = tre(result.parameters, THROUGH_PLANE, center, points)
-    # Measured 2.2-2.6 mm worst-frame TRE (per frame) from 6.4 mm before; 3.5 mm and a 0.6
+    # Measured 1.8-2.7 mm TRE per frame from 6.4 mm before; 3.5 mm and a 0.6
     # ratio leave room for the spread over seeds of the random sampling and of the texture.
     assert after < 3.5 and after < 0.6 * before, (before, after)
 
@@ -269,7 +269,8 @@ def test_mild_motionphantom_tre(bolus_phantoms):
     sub = SimpleNamespace(masks=subject.masks, series=series, motion=motion)
     tre, before = phantom_tre(sub, result.parameters, result.center_mm)
     assert before.max() > 0.5  # the late frames have moved (sanity check of the test)
-    # issue target: mean TRE over the brain < 0.5 mm (measured 0.05 mean, 0.18 worst frame)
+    # issue target: mean TRE over the brain < 0.5 mm (measured 0.05 mean, 0.17-0.19 worst
+    # frame: the early frames' 0.05-0.17 mm of motion is left uncorrected by the check)
     assert tre.mean() < 0.5 and tre.max() < 0.5, tre
 
 
@@ -314,12 +315,14 @@ def test_phantom_full_study(motion, size, seed):
     assert np.allclose(result.center_mm, 0.0, atol=1e-6)  # the phantom's slab centre
     tre, before = phantom_tre(subject, result.parameters, result.center_mm)
     if motion == "none":
-        # issue target 0.3 mm for the largest displacement of any brain voxel (measured 0.07)
+        # issue target 0.3 mm for the largest displacement of any brain voxel (measured 0.00:
+        # every frame keeps the identity)
         assert result.max_displacement_mm.max() < 0.3, result.max_displacement_mm.max()
     else:
         assert before.max() > 1.0  # the head did move (sanity check of the test)
-    # issue target: mean TRE over the brain < 0.5 mm (measured 0.01-0.18 mm mean over frames,
-    # worst frame 0.42 mm); the worst frame is held to 1 mm
+    # issue target: mean TRE over the brain < 0.5 mm (measured 0.12-0.16 mm mean over frames,
+    # worst frame 0.24-0.44 mm: motion below ~0.3 mm is left by the check); the worst frame is
+    # held to 1 mm
     assert tre.mean() < 0.5 and tre.max() < 1.0, (tre.mean(), tre.max())
 
 
