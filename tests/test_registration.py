@@ -204,6 +204,10 @@ def test_bad_options(small_series):
         correct_motion(small_series, levels=(8, 1), samples=(2000,))
     with pytest.raises(ValidationError, match="reach_mm"):
         correct_motion(small_series, reach_mm=0.0)
+    with pytest.raises(ValidationError, match="min_gain"):
+        correct_motion(small_series, min_gain=0.0)
+    with pytest.raises(ValidationError, match="check_sigma_px"):
+        correct_motion(small_series, check_sigma_px=(2.0, 2.0))
 
 
 def phantom_tre(subject, parameters, center) -> tuple[np.ndarray, np.ndarray]:
