@@ -44,10 +44,11 @@ LOG_COLUMNS = ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds")
 # Settings that must match for a resumed run to be the same run.
 _RESUME_KEYS = ("targets", "size", "frames", "width", "depth", "kernel_size", "norm", "seed",
                 "batch_size", "lr", "masked_loss", "augment", "stages", "baseline_frames",
-                "contrast_gain", "schedule", "augment_gain")
+                "contrast_gain", "schedule", "augment_gain", "augment_degrees", "augment_noise")
 # values of keys that checkpoints written before the key existed implicitly had
 _KEY_DEFAULTS: dict[str, Any] = {"baseline_frames": 0, "contrast_gain": 1.0,
-                                 "schedule": "plateau", "augment_gain": 0.0}
+                                 "schedule": "plateau", "augment_gain": 0.0,
+                                 "augment_degrees": 10.0, "augment_noise": 0.05}
 _SCHEDULES = ("plateau", "cosine")
 
 #: Named settings. Keys are :func:`train` options, plus the slice cache's ``size`` and ``frames``
@@ -58,11 +59,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"size": 512, "frames": 89, "pretrain_size": 128, "pretrain_epochs": 250,
               "epochs": 50, "width": 64, "depth": 5, "kernel_size": 2, "norm": "none",
               "batch_size": 8, "lr": 1e-5, "schedule": "plateau", "plateau_patience": 10,
-              "masked_loss": True, "augment": False, "baseline_frames": 0},
+              "masked_loss": True, "augment": False, "augment_gain": 0.0, "baseline_frames": 0},
     "cpu": {"size": 64, "frames": 30, "pretrain_size": 0, "pretrain_epochs": 0,
             "epochs": 25, "width": 12, "depth": 4, "kernel_size": 2, "norm": "batch",
             "batch_size": 8, "lr": 1e-3, "schedule": "cosine", "masked_loss": True,
-            "augment": False, "baseline_frames": 4, "contrast_hu": 20.0},
+            "augment": True, "augment_gain": 0.5, "augment_degrees": 0.0, "augment_noise": 0.0,
+            "baseline_frames": 4, "contrast_hu": 20.0},
 }
 
 
@@ -181,7 +183,8 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
           batch_size: int = 8, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
           plateau_factor: float = 0.5, plateau_patience: int = 10, schedule: str = "plateau",
           masked_loss: bool = True,
-          augment: bool = False, augment_gain: float = 0.0, baseline_frames: int = 0,
+          augment: bool = False, augment_gain: float = 0.0, augment_degrees: float = 10.0,
+          augment_noise: float = 0.05, baseline_frames: int = 0,
           contrast_hu: float = 20.0,
           seed: int = 0, device: str = "auto", amp: str = "auto",
           resume: bool = False, progress: bool = False,
@@ -216,6 +219,9 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         Restrict the MSE to the brain mask.
     augment : bool
         Flips, small rotations and input noise (off in the paper).
+    augment_degrees, augment_noise : float
+        With ``augment``, the largest rotation in degrees and the SD of the noise added to the
+        standardised inputs.
     augment_gain : float
         With ``augment``, the enhancement over the baseline (mean of the first
         ``baseline_frames`` frames, or the first frame) is multiplied by ``exp(u)``, ``u`` uniform
@@ -276,6 +282,7 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"], "seed": seed,
         "batch_size": batch_size, "lr": lr, "schedule": schedule, "masked_loss": masked_loss,
         "augment": augment, "augment_gain": float(augment_gain),
+        "augment_degrees": float(augment_degrees), "augment_noise": float(augment_noise),
         "stages": [[name, c.size if c is not None else 0, n] for name, c, n in stages],
         "train_patients": list(train_patients), "val_patients": list(val_patients)}
 
@@ -359,7 +366,9 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
                     batch_rows, target_idx=target_idx, mean=mean, std=std))
                 if augment:
                     x, y, m = apply_augmentation(
-                        x, y, m, draw_augmentation(aug_rng, len(x), max_log_gain=augment_gain),
+                        x, y, m, draw_augmentation(aug_rng, len(x), max_degrees=augment_degrees,
+                                                   noise_sd=augment_noise,
+                                                   max_log_gain=augment_gain),
                         baseline_frames=baseline_frames)
                 with torch.autocast(dev.type, dtype=amp_dtype or torch.float32,
                                     enabled=amp_dtype is not None):
