@@ -132,7 +132,7 @@ class FrameCheck:
     index: tuple[np.ndarray, ...]  # (Z, Y, X) indices of the check voxels, each shape (N,)
     points_mm: np.ndarray  # (N, 3) their patient mm
     fixed: np.ndarray  # (N,) the smoothed first frame there
-    variance_mm2: tuple[float, float, float]  # smoothing Gaussian along x, y, z
+    sigma_zyx: tuple[float, float, float]  # smoothing Gaussian along z, y, x in voxels
     world_to_index: np.ndarray  # (4, 4) patient mm -> continuous (x, y, z) index
     size_xyz: np.ndarray  # (3,)
     center_mm: np.ndarray  # (3,)
@@ -153,15 +153,12 @@ _MIN_Z = 3.0
 _ENHANCED_SD, _ENHANCED_HU = 5.0, 5.0
 
 
-def _smooth(img: sitk.Image, variance_mm2: Sequence[float], threads: int) -> np.ndarray:
-    """The image (Z, Y, X) smoothed by a Gaussian of the given variances (mm^2; x, y, z)."""
-    gauss = sitk.DiscreteGaussianImageFilter()
-    gauss.SetVariance([float(v) for v in variance_mm2])
-    gauss.SetUseImageSpacing(True)
-    gauss.SetMaximumKernelWidth(64)
-    gauss.SetMaximumError(0.01)
-    gauss.SetNumberOfThreads(threads)
-    return sitk.GetArrayFromImage(gauss.Execute(img))
+def _smooth(volume: np.ndarray, sigma_zyx: Sequence[float]) -> np.ndarray:
+    """The volume (Z, Y, X) smoothed by a Gaussian of the given sigmas in voxels, float32."""
+    from scipy import ndimage
+
+    return ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32), list(sigma_zyx),
+                                   truncate=3.0, mode="nearest")
 
 
 def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
@@ -196,15 +193,14 @@ def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
     spacing = np.asarray(fixed.GetSpacing())
     size = np.asarray(fixed.GetSize())
     # no smoothing along an axis of one voxel (a single slice)
-    variance = tuple(float((s * d) ** 2) if n > 1 else 0.0
-                     for s, d, n in zip(sigma_px, spacing, size, strict=True))
+    sigma = tuple(float(s) if n > 1 else 0.0 for s, n in zip(sigma_px, size, strict=True))[::-1]
     zyx = np.argwhere(metric_mask)
     zyx = zyx[:: max(1, len(zyx) // 200_000)]
     index = tuple(zyx.T)
     points = (np.c_[zyx[:, ::-1], np.ones(len(zyx))] @ np.asarray(affine).T)[:, :3]
     from scipy import ndimage
 
-    smoothed = _smooth(fixed, variance, os.cpu_count() or 1)
+    smoothed = _smooth(sitk.GetArrayViewFromImage(fixed), sigma)
     ref = smoothed[index].astype(np.float64)
     n = max(1, round(reach_mm / float(min(spacing[:2]))))
     reach = (3, 2 * n + 1, 2 * n + 1)
@@ -213,7 +209,7 @@ def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
     nb_y, nb_x = (-(-np.asarray(metric_mask.shape[1:]) // side)).tolist()
     block = (zyx[:, 0] * nb_y + zyx[:, 1] // side) * nb_x + zyx[:, 2] // side
     return FrameCheck(index=index, points_mm=points, fixed=ref,
-                      variance_mm2=variance,  # type: ignore[arg-type]
+                      sigma_zyx=sigma,  # type: ignore[arg-type]
                       world_to_index=np.linalg.inv(affine), size_xyz=size, center_mm=center,
                       block=np.unique(block, return_inverse=True)[1],
                       reach_max=ndimage.maximum_filter(smoothed, size=reach), reach_size=reach,
@@ -225,8 +221,11 @@ def _inside(check: FrameCheck, params: np.ndarray) -> np.ndarray:
     """Check voxels whose transformed position lies inside the volume (bool (N,))."""
     tx = make_transform(params, check.center_mm)
     rot = np.asarray(tx.GetMatrix()).reshape(3, 3)
-    moved = (check.points_mm - check.center_mm) @ rot.T + check.center_mm + params[3:]
-    ijk = (np.c_[moved, np.ones(len(moved))] @ check.world_to_index.T)[:, :3]
+    # point -> moved point -> continuous index, as one affine map
+    w = check.world_to_index
+    lin = w[:3, :3] @ rot
+    off = w[:3, :3] @ (check.center_mm + params[3:] - rot @ check.center_mm) + w[:3, 3]
+    ijk = check.points_mm @ lin.T + off
     pad = np.where(check.size_xyz == 1, 0.5, 1e-6)
     return np.all((ijk >= -pad) & (ijk <= check.size_xyz - 1 + pad), axis=1)
 
@@ -272,7 +271,7 @@ def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarr
     fitted : ndarray, shape (6,)
         The registration's parameters (degrees, mm).
     threads : int
-        Threads of the smoothing and resampling filters.
+        Threads of the resampling filter.
 
     Returns
     -------
@@ -291,27 +290,23 @@ def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarr
     through = bool(np.any(fitted[THROUGH_PLANE] != 0.0))
     candidates = [(name, p) for name, p in [("in-plane", in_plane), ("rigid", fitted)]
                   if (through or name == "in-plane") and _plausible(check, p)]
-    smoothed = _smooth(moving_img, check.variance_mm2, threads)
+    frame = sitk.GetArrayFromImage(moving_img)
+    smoothed = _smooth(frame, check.sigma_zyx)
     valid = ~_enhanced(check, smoothed)
     for _, p in candidates:
         valid &= _inside(check, p)
     ref, block = check.fixed[valid], check.block[valid]
 
-    def squares(img: sitk.Image | np.ndarray) -> np.ndarray:
-        if isinstance(img, sitk.Image):
-            img = _smooth(img, check.variance_mm2, threads)
-        return (img[check.index][valid] - ref) ** 2
+    def squares(smooth: np.ndarray) -> np.ndarray:
+        return (smooth[check.index][valid].astype(np.float64) - ref) ** 2
 
     best = squares(smoothed)
     values = {"identity": float(best.mean()) if best.size else np.nan,
               "in-plane": np.nan, "rigid": np.nan}
     decision, kept = "identity", np.zeros(6)
-    frame = sitk.GetArrayFromImage(moving_img)
     for name, p in candidates:
         moved = resample_frame(moving_img, make_transform(p, check.center_mm), threads)
-        moved_img = sitk.GetImageFromArray(moved)
-        moved_img.CopyInformation(moving_img)
-        sq = squares(moved_img)
+        sq = squares(_smooth(moved, check.sigma_zyx))
         values[name] = float(sq.mean()) if sq.size else np.nan
         gain, se = _mean_and_se(best - sq, block)
         logger.debug("%s: gain %.3g HU^2 of %.3g, standard error %.3g", name, gain,
