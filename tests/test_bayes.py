@@ -243,3 +243,19 @@ def test_skullless_slice_at_1s_beats_the_other_methods():
     assert score["bayes"][0] > max(score["bsvd"][0], score["nlr-fast"][0]) + 0.05
     assert score["bayes"][1] < 0.30
     assert score["bayes"][1] < min(score["bsvd"][1], score["nlr-fast"][1])
+
+
+def test_skullless_slice_fully_automatic_within_35_percent():
+    """The same slice with no vein in view and no masks: AIF found by ctperf, VOF rejected, no
+    partial-volume correction; bayes keeps every class's median CBF within 35 % of the truth."""
+    from ctperf.perfusion import run_perfusion
+    from test_aif_failsafe import T1, class_errors, skullless_study
+
+    series, truth = skullless_study(np.random.default_rng(3), times=T1)
+    result = run_perfusion(series, method="bayes")
+    assert not result.maps.provenance["partial_volume"]["corrected"]
+    err = class_errors(result.maps, truth)
+    # measured CBF -4 % (GM), +3 % (WM), +11 % (lesion); CBV +11, +16, -3 %
+    for name, e in err.items():
+        assert abs(e["cbf"]) < 0.35, (name, e)
+        assert abs(e["cbv"]) < 0.35, (name, e)
