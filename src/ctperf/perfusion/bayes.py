@@ -495,12 +495,21 @@ def fit_bayes(
         sp = spacing or (1.0, 1.0, 1.0)
         sig = (spatial_sigma_mm / sp[1], spatial_sigma_mm / sp[2])
         pooled, gain = pool_curves(y_all, m, sig)
-        if noise_sd is None:  # the neighbourhood's noise level, steadier than one voxel's
+        s3 = (0.0, *sig)
+        weight = np.maximum(ndimage.gaussian_filter(m.astype(np.float32), s3), 1e-6)
+
+        def local_mean(values: np.ndarray) -> np.ndarray:
             vol = np.zeros(m.shape, dtype=np.float32)
-            vol[m] = noise
-            s3 = (0.0, *sig)
-            noise = (ndimage.gaussian_filter(vol, s3) / np.maximum(
-                ndimage.gaussian_filter(m.astype(np.float32), s3), 1e-6))[m].astype(np.float64)
+            vol[m] = values
+            return (ndimage.gaussian_filter(vol, s3) / weight)[m].astype(np.float64)
+
+        # Averaging divides white noise's variance by the number of voxels averaged, but noise
+        # correlated in space (a filtered study, a scanner's reconstruction kernel) much less:
+        # the gain is measured, as the ratio of the voxels' to the averaged curves' noise.
+        measured = local_mean(noise_variance(y_all)) / local_mean(noise_variance(pooled))
+        gain = np.clip(measured, 1.0, gain)
+        if noise_sd is None:  # the neighbourhood's noise level, steadier than one voxel's
+            noise = local_mean(noise)
         block, n_blocks = _blocks(m, max(1, round(min(sig))))
         avg = sparse.csr_matrix((np.ones(n), (block, np.arange(n))), shape=(n_blocks, n))
         counts = np.asarray(avg.sum(axis=1)).ravel()
