@@ -61,27 +61,28 @@ def test_demo_default_size_accuracy(tmp_path):
     """256 x 256 x 8 x 89, no motion, registered and filtered (vessels from the unfiltered
     study), nlr-fast, lesions after a 2 mm median.
 
-    Measured (seed 3): CBF MAE 4.0 / bias -1.8 to -1.9 of a 30.0 mean, r 0.86; CBV MAE 0.28 of
-    2.58; Tmax MAE 0.49 s, r 0.98; core 34.6-35.3 mL vs 25.5 true (Dice 0.56); hypoperfused 173.9 vs
-    164.4 (Dice 0.97); largest frame displacement found by the registration 0.1 mm. Bounds sit
-    roughly 1.5x beyond these: the phantom is seeded, but threads may reorder sums, and the
-    bounds are meant to catch a broken pipeline (e.g. a wrong AIF scale gives CBF bias of 15+,
-    registration inventing motion moved frames by several mm), not a 5 % drift.
+    Measured (seed 3, a gamma residue and an injection-shaped AIF): CBF MAE 9.4 / bias -7.9 of
+    a 27.4 mean, r 0.56 (the box model reads gamma residues low); CBV MAE 0.36 of 2.49; Tmax
+    MAE 0.56 s, r 0.92; core 10.0 mL vs 8.2 true (Dice 0.36); hypoperfused 78.2 vs 105.0 (Dice
+    0.84); no frame moved by the registration. Bounds sit roughly 1.5x beyond these: the
+    phantom is seeded, but threads may reorder sums, and the bounds are meant to catch a broken
+    pipeline (e.g. a wrong AIF scale gives CBF bias of 15+ and CBV off by half, registration
+    inventing motion moved frames by several mm), not a 5 % drift.
     """
     out = tmp_path / "demo"
     assert main(["demo", str(out), "--motion", "none"]) == 0
     scores = json.loads((out / "evaluation.json").read_text())
     cbf, cbv = scores["maps"]["cbf"]["brain"], scores["maps"]["cbv"]["brain"]
     tmax = scores["maps"]["tmax"]["brain"]
-    assert cbf["mae"] < 0.2 * cbf["reference_mean"]
-    assert abs(cbf["bias"]) < 0.12 * cbf["reference_mean"]
-    assert cbf["pearson_r"] > 0.8
-    assert cbv["mae"] < 0.15 * cbv["reference_mean"]
-    assert tmax["mae"] < 0.8 and tmax["pearson_r"] > 0.95
+    assert cbf["mae"] < 0.5 * cbf["reference_mean"]
+    assert abs(cbf["bias"]) < 0.45 * cbf["reference_mean"]
+    assert cbf["pearson_r"] > 0.4
+    assert cbv["mae"] < 0.22 * cbv["reference_mean"]
+    assert tmax["mae"] < 0.85 and tmax["pearson_r"] > 0.88
     les = scores["lesions"]
-    assert les["hypoperfused"]["dice"] > 0.9
-    # The core is overestimated (noisy low-flow fits); catch a doubling, not the known +40 %.
-    assert les["core"]["dice"] > 0.4
+    assert les["hypoperfused"]["dice"] > 0.75
+    # The core is small and noisy at this dose: catch a doubling, not the measured +22 %.
+    assert les["core"]["dice"] > 0.25
     assert les["core"]["volume_ml"] < 2.0 * les["core"]["true_volume_ml"]
     assert scores["registered"]
     motion = json.loads((out / "maps" / "summary.json").read_text())["qc"]["motion"]
