@@ -83,7 +83,7 @@ def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, share: float = 0.25,
     voxels rising by at least ``share`` of the largest ``rise`` (Z, Y, X), at most ``most`` of
     them; arrival is where a curve first exceeds 20 % of its own rise above its start."""
     flat = rise.ravel()
-    n = int(min(most, np.count_nonzero(flat >= share * flat.max())))
+    n = min(most, int(np.count_nonzero(flat >= share * flat.max())))
     top = np.argpartition(flat, flat.size - max(n, 1))[-max(n, 1):]
     c = hu.reshape(hu.shape[0], -1)[:, top].astype(np.float32)
     rel = c - np.median(c[: min(3, c.shape[0])], axis=0)
