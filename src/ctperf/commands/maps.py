@@ -27,9 +27,6 @@ ORDER = 20
 #: median on the maps against speckle, and pieces under 0.1 mL dropped.
 LESION_DEFAULTS: dict[str, float] = {"smooth_mm": 2.0, "min_component_ml": 0.1}
 
-# Display windows a neuroradiologist expects (units of each map).
-_WINDOWS = {"cbf": (0.0, 80.0), "cbv": (0.0, 6.0), "mtt": (0.0, 14.0), "tmax": (0.0, 12.0),
-            "ttp": None, "delay": (0.0, 10.0)}
 _TITLES = {"cbf": "CBF mL/100g/min", "cbv": "CBV mL/100g", "mtt": "MTT s", "tmax": "Tmax s",
            "ttp": "TTP s", "delay": "delay s"}
 
@@ -138,10 +135,14 @@ def overview_figure(result: Any, *, title: str = "") -> Any:
             a = a[:, ::-1]
         return a
 
+    from ctperf.evaluation.plots import DISPLAY_WINDOWS
+
     for j, name in enumerate(names):
         vals = maps[name][result.brain & ~result.vessels]
-        window = _WINDOWS.get(name) or (float(np.nanpercentile(vals, 2)),
-                                        float(np.nanpercentile(vals, 98)))
+        # TTP counts from the first frame, so it depends on when the bolus came: the study's own
+        # range shows it; the other maps use the one table of display windows.
+        window = DISPLAY_WINDOWS[name] if name in DISPLAY_WINDOWS and name != "ttp" else (
+            float(np.nanpercentile(vals, 2)), float(np.nanpercentile(vals, 98)))
         cmap = plt.get_cmap("turbo").with_extremes(bad="black")
         for i, z in enumerate(slices):
             ax = fig.add_subplot(grid[i, j])
