@@ -182,8 +182,8 @@ class ResidueGrid:
                     edges = np.exp(-np.arange(n_fine + 1) * dt / disp)
                     h_spec = np.fft.rfft(edges[:-1] - edges[1:], n_fft)
                 for mtt in self.mtts:
-                    r_spec = np.fft.rfft(residue(offsets, mtt, name), n_fft)
                     x = residue(offsets, mtt, name)
+                    r_spec = np.fft.rfft(x, n_fft)
                     if h_spec is not None:
                         r_spec = r_spec * h_spec
                         x = np.fft.irfft(r_spec, n_fft)[:n_fine]

@@ -330,7 +330,7 @@ def segment_lesions(
     sd_ml = None
     if "tmax_sd" in maps.names and "cbf_sd" in maps.names and core_cbv is None:
         sd_ml = _volume_sd(cbf, tmax, maps["cbf_sd"], maps["tmax_sd"], valid,
-                           core_rcbf * ref if core_cbv is None else None,
+                           core_rcbf * ref,
                            tmax_hypo=tmax_hypo, tmax_severe=tmax_severe,
                            core_within_hypoperfused=core_within_hypoperfused,
                            sigma_vox=(uncertainty_mm / maps.spacing[1],
@@ -342,7 +342,7 @@ def segment_lesions(
 
 
 def _volume_sd(cbf: np.ndarray, tmax: np.ndarray, cbf_sd: np.ndarray, tmax_sd: np.ndarray,
-               valid: np.ndarray, core_limit: np.ndarray | None, *, tmax_hypo: float,
+               valid: np.ndarray, core_limit: np.ndarray, *, tmax_hypo: float,
                tmax_severe: float, core_within_hypoperfused: bool,
                sigma_vox: tuple[float, float], samples: int, voxel_ml: float
                ) -> dict[str, float]:
@@ -362,8 +362,7 @@ def _volume_sd(cbf: np.ndarray, tmax: np.ndarray, cbf_sd: np.ndarray, tmax_sd: n
             fields.append(f * gain)
         t = tmax + t_sd * fields[0]
         hypo = valid & (t > tmax_hypo)
-        core = (valid & (cbf + c_sd * fields[1] < core_limit) if core_limit is not None
-                else np.zeros_like(valid))
+        core = valid & (cbf + c_sd * fields[1] < core_limit)
         if core_within_hypoperfused:
             core &= hypo
         vols["core"].append(float(core.sum()))
