@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import math
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
-__all__ = ["add_anonymise_option", "add_filter_options", "add_overwrite_option",
-           "add_study_options", "count", "float_in", "fraction", "non_negative_float",
-           "positive_float", "positive_int", "seed"]
+__all__ = ["add_anonymise_option", "add_batch_size_option", "add_brain_mask_option",
+           "add_device_option", "add_filter_options", "add_overwrite_option",
+           "add_preprocess_options", "add_study_options", "add_workers_option", "count",
+           "device", "float_in", "fraction", "non_negative_float", "positive_float",
+           "positive_int", "seed"]
 
 
 def _number(text: str, kind: type) -> Any:
@@ -87,6 +90,53 @@ def float_in(low: float, high: float, what: str) -> Callable[[str], float]:
 
     parse.__name__ = what
     return parse
+
+
+def device(text: str) -> str:
+    """Argparse type: where tensors live: ``auto`` (a GPU when PyTorch sees one), ``cpu``,
+    ``cuda`` or ``cuda:N``."""
+    value = text.strip().lower()
+    head, _, index = value.partition(":")
+    if value in ("auto", "cpu", "cuda") or (head == "cuda" and index.isdigit()):
+        return value
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {text!r}")
+
+
+def add_device_option(parser: Any, *, what: str) -> None:
+    """``--device``: auto, cpu, cuda or cuda:N, for ``what`` (e.g. "the box-model fits")."""
+    parser.add_argument("--device", type=device, default="auto", metavar="DEVICE",
+                        help=f"where {what} run: auto (a GPU when PyTorch sees one, else the "
+                             "CPU), cpu, cuda or cuda:N [%(default)s]")
+
+
+def add_batch_size_option(parser: Any, *, default: int, what: str) -> None:
+    """``--batch-size N``: slices per optimiser step or per forward pass (``what``)."""
+    parser.add_argument("--batch-size", type=positive_int, default=default, metavar="N",
+                        help=f"{what} [%(default)s]")
+
+
+def add_workers_option(parser: Any, *, what: str) -> None:
+    """``--workers N``: how many ``what`` run at once (default: one per CPU core)."""
+    parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
+                        help=f"{what} at once [one per CPU core]")
+
+
+def add_brain_mask_option(parser: Any) -> None:
+    """``--brain-mask PATH``: a 3D NIfTI brain mask on the study's grid."""
+    parser.add_argument("--brain-mask", type=Path, default=None, metavar="PATH",
+                        help="3D NIfTI brain mask on the study's grid (nonzero = brain) "
+                             "instead of the automatic one")
+
+
+def add_preprocess_options(parser: Any, *, default: bool) -> None:
+    """``--register/--no-register`` and ``--filter/--no-filter`` (the paper's two
+    preprocessing steps, both on or off by ``default``), then the filter's options."""
+    parser.add_argument("--register", action=argparse.BooleanOptionalAction, default=default,
+                        help="rigid motion correction of every frame to the first "
+                             "[%(default)s]")
+    parser.add_argument("--filter", action=argparse.BooleanOptionalAction, default=default,
+                        help="bilateral filter guided by the temporal mean [%(default)s]")
+    add_filter_options(parser)
 
 
 def add_study_options(parser: Any) -> None:
