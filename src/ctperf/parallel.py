@@ -1,0 +1,96 @@
+"""One way to run work over chunks of items in threads, with an optional progress bar.
+
+Threads, not processes: the work this package spreads over workers is NumPy, SciPy, SimpleITK
+and DICOM decoding, which release the GIL in their heavy parts, and threads share the inputs
+and the output arrays without copies.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from typing import TypeVar
+
+from ctperf.errors import ValidationError
+
+__all__ = ["map_chunks"]
+
+R = TypeVar("R")
+
+
+def map_chunks(fn: Callable[[int, int], R], n_items: int, *, chunk: int,
+               workers: int | None = None, progress: bool = False, desc: str = "",
+               unit: str = "item") -> list[R]:
+    """Call ``fn(start, stop)`` on consecutive chunks of ``range(n_items)`` in a thread pool.
+
+    Parameters
+    ----------
+    fn : callable ``(start, stop) -> R``
+        Work on items ``start:stop``. Chunks run concurrently, so ``fn`` may write only to
+        the part of a shared output that its own chunk owns.
+    n_items : int
+        Number of items (voxels, frames, files, ...); 0 runs nothing.
+    chunk : int
+        Items per call (the last chunk may be shorter), at least 1.
+    workers : int, optional
+        Threads; default ``os.cpu_count()``. Never more than there are chunks. With 1 the
+        chunks run one after the other in the calling thread (no pool).
+    progress : bool
+        Show a tqdm bar that counts items as their chunks finish.
+    desc, unit : str
+        The bar's label and the name of its items.
+
+    Returns
+    -------
+    list
+        The results of ``fn``, one per chunk, in the order of the chunks (whatever the order
+        in which they finished).
+
+    Raises
+    ------
+    Exception
+        The first exception raised by ``fn`` (first to occur, not first in chunk order), after
+        the chunks not yet started are cancelled and the running ones have finished. The same
+        happens on ``KeyboardInterrupt``.
+    """
+    if n_items < 0:
+        raise ValidationError(f"n_items must be >= 0, got {n_items}")
+    if chunk < 1:
+        raise ValidationError(f"chunk must be >= 1, got {chunk}")
+    if workers is not None and workers < 1:
+        raise ValidationError(f"workers must be >= 1, got {workers}")
+    bounds = [(s, min(s + chunk, n_items)) for s in range(0, n_items, chunk)]
+    n_workers = min(workers or os.cpu_count() or 1, max(1, len(bounds)))
+    from tqdm.auto import tqdm
+
+    with tqdm(total=n_items, desc=desc or None, unit=unit, unit_scale=True,
+              disable=not progress) as bar:
+        if n_workers == 1:
+            results = []
+            for start, stop in bounds:
+                results.append(fn(start, stop))
+                bar.update(stop - start)
+            return results
+        return _run_pool(fn, bounds, n_workers, bar.update)
+
+
+def _run_pool(fn: Callable[[int, int], R], bounds: list[tuple[int, int]], n_workers: int,
+              done: Callable[[int], object]) -> list[R]:
+    """Run the chunks in ``n_workers`` threads; ``done(count)`` after each finished chunk."""
+    pool = ThreadPoolExecutor(max_workers=n_workers)
+    try:
+        futures: dict[Future[R], tuple[int, int]] = {
+            pool.submit(fn, start, stop): (start, stop) for start, stop in bounds}
+        pending = set(futures)
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            for fut in finished:
+                fut.result()  # raises the chunk's exception, if any
+                start, stop = futures[fut]
+                done(stop - start)
+        return [fut.result() for fut in futures]
+    finally:
+        # On success nothing is left to cancel; on an error or an interrupt the chunks not yet
+        # started are dropped and the running ones finish before the exception goes on.
+        pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,97 @@
+"""map_chunks: results in chunk order, first error raised with the rest cancelled, bar, workers."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from ctperf.errors import ValidationError
+from ctperf.parallel import map_chunks
+
+LOCK = threading.Lock()
+
+
+def test_results_in_chunk_order_whatever_finishes_first():
+    def work(start: int, stop: int) -> list[int]:
+        time.sleep(0.02 * (10 - start) / 10)  # early chunks finish last
+        return list(range(start, stop))
+
+    got = map_chunks(work, 10, chunk=3, workers=4)
+    assert got == [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9]]
+
+
+def test_every_item_once_for_any_chunk():
+    for n, chunk in [(0, 1), (1, 5), (7, 7), (8, 3), (100, 1)]:
+        seen: list[int] = []
+
+        def work(start: int, stop: int, seen: list[int] = seen) -> None:
+            with LOCK:
+                seen.extend(range(start, stop))
+
+        out = map_chunks(work, n, chunk=chunk, workers=3)
+        assert sorted(seen) == list(range(n))
+        assert len(out) == -(-n // chunk)
+
+
+def test_one_worker_runs_in_the_calling_thread():
+    names = map_chunks(lambda s, e: threading.current_thread().name, 5, chunk=2, workers=1)
+    assert names == [threading.current_thread().name] * 3
+
+
+def test_several_workers_run_concurrently():
+    barrier = threading.Barrier(2, timeout=5)
+
+    def work(start: int, stop: int) -> int:
+        barrier.wait()  # only passes when two chunks run at the same time
+        return start
+
+    assert map_chunks(work, 2, chunk=1, workers=2) == [0, 1]
+
+
+def test_first_exception_propagates_and_pending_chunks_are_cancelled():
+    started: list[int] = []
+
+    def work(start: int, stop: int) -> int:
+        started.append(start)
+        if start == 0:
+            raise KeyError("chunk 0 failed")
+        time.sleep(0.01)
+        return start
+
+    with pytest.raises(KeyError, match="chunk 0 failed"):
+        map_chunks(work, 200, chunk=1, workers=2)
+    # Chunk 0 fails at once; the one other worker gets through at most a few chunks before
+    # the pool cancels the rest (a generous bound: timing on a loaded machine varies).
+    assert len(started) < 100
+
+
+def test_exception_with_one_worker_stops_at_once():
+    started: list[int] = []
+
+    def work(start: int, stop: int) -> None:
+        started.append(start)
+        if start == 2:
+            raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        map_chunks(work, 10, chunk=1, workers=1)
+    assert started == [0, 1, 2]
+
+
+def test_progress_bar_counts_items(capsys):
+    map_chunks(lambda s, e: None, 10, chunk=4, workers=2, progress=True, desc="test", unit="px")
+    err = capsys.readouterr().err
+    assert "test" in err and "100%" in err
+    map_chunks(lambda s, e: None, 10, chunk=4, workers=2)
+    assert capsys.readouterr().err == ""  # no bar unless asked
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValidationError, match="chunk"):
+        map_chunks(lambda s, e: None, 5, chunk=0)
+    with pytest.raises(ValidationError, match="workers"):
+        map_chunks(lambda s, e: None, 5, chunk=1, workers=0)
+    with pytest.raises(ValidationError, match="n_items"):
+        map_chunks(lambda s, e: None, -1, chunk=1)
