@@ -7,7 +7,7 @@ import pytest
 from scipy import ndimage
 
 from ctperf.errors import ValidationError
-from ctperf.preprocess.mask import brain_mask
+from ctperf.masks import brain_mask
 from ctperf.types import CTPSeries
 
 
@@ -70,7 +70,7 @@ def test_mask_rejects_bad_input():
 
 
 def test_near_bone_margin_is_voxels_plus_mm():
-    from ctperf.preprocess.mask import near_bone
+    from ctperf.masks import near_bone
 
     vol = np.zeros((2, 5, 40), dtype=np.float32)
     vol[:, :, :10] = 1200.0  # bone in columns 0-9

@@ -111,7 +111,7 @@ def select_aif(
         Of the best-ranked voxels, keep those peaking at least this fraction of the median peak
         of the five highest (the artery's core, not its partial-volume rim).
     exclude : ndarray of bool, shape (N,), optional
-        Voxels never chosen (e.g. next to bone, see :func:`ctperf.preprocess.mask.near_bone`).
+        Voxels never chosen (e.g. next to bone, see :func:`ctperf.masks.near_bone`).
 
     Returns
     -------

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from ctperf.errors import ValidationError
+from ctperf.masks import brain_mask, csf_mask, near_bone
 from ctperf.perfusion.aif import VesselCurve, assess_vof, select_aif, select_vof
 from ctperf.perfusion.bayes import fit_bayes
 from ctperf.perfusion.boxnlr import fit_box_nlr
@@ -184,7 +185,7 @@ def run_perfusion(
         Voxels to average instead of the automatic choice. A given VOF (curve or mask) that
         :func:`~ctperf.perfusion.aif.assess_vof` rejects raises ValidationError.
     mask : ndarray of bool, shape (Z, Y, X), optional
-        Brain mask; default :func:`ctperf.preprocess.mask.brain_mask` of the pre-bolus mean,
+        Brain mask; default :func:`ctperf.masks.brain_mask` of the pre-bolus mean,
         CSF excluded.
     rho, kh : float
         Brain density (g/mL) and haematocrit ratio; written into the provenance.
@@ -214,8 +215,6 @@ def run_perfusion(
     -------
     PerfusionResult
     """
-    from ctperf.preprocess.mask import brain_mask, csf_mask, near_bone
-
     if method not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     hu, t = series.hu, series.times

@@ -1,7 +1,7 @@
 """Preprocessing as in the paper: rigid motion correction, joint bilateral filtering, brain mask."""
 
+from ctperf.masks import brain_mask, csf_mask, near_bone
 from ctperf.preprocess.bilateral import bilateral_filter, joint_bilateral
-from ctperf.preprocess.mask import brain_mask, csf_mask, near_bone
 from ctperf.preprocess.pipeline import PreprocessResult, preprocess
 from ctperf.preprocess.registration import MotionResult, correct_motion
 from ctperf.preprocess.transforms import apply_transforms, frame_displacement

@@ -11,7 +11,7 @@ from ctperf.types import CTPSeries
 
 __all__ = ["PreprocessResult", "preprocess"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,8 +79,8 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
     -------
     PreprocessResult
     """
+    from ctperf.masks import brain_mask
     from ctperf.preprocess.bilateral import bilateral_filter
-    from ctperf.preprocess.mask import brain_mask
     from ctperf.preprocess.registration import correct_motion
 
     n = series.n_frames
@@ -102,8 +102,8 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
                                in_place=out is not series,
                                progress=progress)
     mask = brain_mask(out)
-    logger.info("preprocess: %d frames, max mean displacement %.2f mm, brain %d voxels", n,
-                float(mean_d.max()), int(mask.sum()))
+    log.info("preprocess: %d frames, max mean displacement %.2f mm, brain %d voxels", n,
+             float(mean_d.max()), int(mask.sum()))
     return PreprocessResult(series=out, parameters=params, center_mm=center,
                             displacement_mm=mean_d, max_displacement_mm=max_d, mask=mask,
                             registration=record)

@@ -249,7 +249,7 @@ def _frame(t: int, fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
 def _registration_mask(series: CTPSeries, mask: np.ndarray | None) -> np.ndarray:
     """The brain of the first frame (bool (Z, Y, X)); soft tissue by threshold as a fallback."""
     if mask is None:
-        from ctperf.preprocess.mask import brain_mask
+        from ctperf.masks import brain_mask
 
         try:
             mask = brain_mask(series.hu[0], spacing=series.spacing)
@@ -343,7 +343,7 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     mask : ndarray of bool, shape (Z, Y, X), optional
         Brain of the first frame. The metric is evaluated on it grown by ``rim_mm`` (skull and
         scalp included) less the enhancing voxels; displacements are averaged over it.
-        Default :func:`ctperf.preprocess.mask.brain_mask` of the first frame.
+        Default :func:`ctperf.masks.brain_mask` of the first frame.
     rim_mm : float
         In-plane margin around the brain included in the metric, mm.
     enhancement_hu : float or None
