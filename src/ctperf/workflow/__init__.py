@@ -1,0 +1,33 @@
+"""Orchestration above the stages: one study's analysis as named steps, one function per CLI
+command doing the whole work for one study (read -> compute -> write atomically), and the NLR
+references of training cohorts. The stages (io, preprocess, perfusion, model, reporting) never
+import this package."""
+
+from ctperf.workflow.analysis import analyse_study
+from ctperf.workflow.references import REFERENCE_MAPS, nlr_references
+from ctperf.workflow.study import (
+    MapsOptions,
+    PredictOptions,
+    PreprocessOptions,
+    StudyOutcome,
+    maps_study,
+    predict_study,
+    preprocess_study,
+    volume_text,
+    write_maps_outputs,
+)
+
+__all__ = [
+    "REFERENCE_MAPS",
+    "MapsOptions",
+    "PredictOptions",
+    "PreprocessOptions",
+    "StudyOutcome",
+    "analyse_study",
+    "maps_study",
+    "nlr_references",
+    "predict_study",
+    "preprocess_study",
+    "volume_text",
+    "write_maps_outputs",
+]

@@ -1,0 +1,90 @@
+"""Box-model NLR reference maps of a phantom-layout cohort, the targets of U-Net training.
+
+The references are written to an output folder (a training run's, or a cache), never into the
+input cohort: ``OUT/<subject>/<map>.nii.gz`` for each ``COHORT/sub-*`` with a ``study.nii.gz``.
+:func:`ctperf.model.build_slice_cache` then reads them (``references=OUT``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ctperf.errors import CTPerfError, InputError
+
+__all__ = ["REFERENCE_MAPS", "nlr_references"]
+
+log = logging.getLogger(__name__)
+
+#: Maps a reference folder must hold to count as complete.
+REFERENCE_MAPS = ("cbf", "cbv", "mtt", "delay")
+
+
+def _complete(folder: Path) -> bool:
+    return all((folder / f"{name}.nii.gz").exists() for name in REFERENCE_MAPS)
+
+
+def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = False) -> Path:
+    """Compute the box-model NLR maps (``method="nlr"``) of every phantom-layout subject.
+
+    Subjects whose references already exist (``OUT/<subject>/`` or, precomputed with the cohort,
+    ``COHORT/<subject>/nlr/``) are skipped, so a rerun resumes. Each subject's folder is written
+    atomically. The fit runs inside the subject's ``masks/brain.nii.gz`` when it exists.
+
+    Parameters
+    ----------
+    cohort : path
+        Cohort folder, ``sub-*/study.nii.gz`` (a UniToBrain cohort brings its own reference:
+        nothing is computed).
+    out : path
+        Folder receiving ``<subject>/<map>.nii.gz``; it must not be or lie inside the cohort.
+    progress : bool
+        A progress bar over subjects.
+
+    Returns
+    -------
+    Path
+        ``out``, to pass as ``references`` to :func:`ctperf.model.build_slice_cache`.
+
+    Raises
+    ------
+    InputError
+        ``out`` is, holds or lies inside the cohort, or a subject's reference cannot be
+        computed (naming the subject).
+    """
+    from tqdm.auto import tqdm
+
+    from ctperf import io
+
+    root, out = Path(cohort), Path(out)
+    io.check_output(out, inputs=(root,), kind="extend")
+    subjects = sorted(p for p in root.glob("sub-*") if (p / "study.nii.gz").exists())
+    todo = [s for s in subjects if not (_complete(out / s.name) or _complete(s / "nlr"))]
+    if todo:
+        io.mark_output(out)
+    for sub in tqdm(todo, desc="NLR references", disable=not progress):
+        maps = _subject_reference(sub, out / sub.name)
+        with io.atomic_dir(out / sub.name) as tmp:
+            io.write_maps_nifti(maps, tmp)
+    return out
+
+
+def _subject_reference(sub: Path, folder: Path) -> Any:
+    """NLR maps of one phantom-layout subject, inside its brain mask (``folder``: where they
+    go, for the error message)."""
+    import numpy as np
+
+    from ctperf import io, perfusion
+
+    series = io.read_nifti_series(sub / "study.nii.gz")
+    shape = series.shape[1:]
+    mask_path = sub / "masks" / "brain.nii.gz"
+    mask = (io.read_mask(mask_path, shape=shape, affine=series.affine)
+            if mask_path.exists() else np.ones(shape, dtype=bool))
+    log.info("computing the NLR reference of %s", sub.name)
+    try:
+        return perfusion.compute_maps(series, method="nlr", mask=mask)
+    except CTPerfError as exc:
+        raise InputError(sub, f"the NLR reference could not be computed ({exc}); compute it "
+                              f"into {folder} yourself (e.g. with an AIF mask)") from None

@@ -1,0 +1,397 @@
+"""One function per CLI command that does the whole work for ONE study: read -> compute -> write.
+
+Each function takes the study's path, the output folder and a frozen options dataclass, checks
+the output before reading anything, and writes every file inside one :func:`ctperf.io.atomic_dir`
+(the folder appears whole or not at all). They are module-level functions of picklable arguments,
+independent of argparse, so a cohort runner can send them to other processes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctperf.workflow.analysis import analyse_study
+
+__all__ = ["MapsOptions", "PredictOptions", "PreprocessOptions", "StudyOutcome", "maps_study",
+           "predict_study", "preprocess_study", "volume_text", "write_maps_outputs"]
+
+
+@dataclass(frozen=True)
+class StudyOutcome:
+    """What one study's run wrote.
+
+    Attributes
+    ----------
+    out : Path
+        The output folder.
+    message : str
+        One line for the user (what was written, lesion volumes, QC flags raised).
+    summary : dict
+        Small JSON-compatible facts of the run (maps written, volumes in mL, QC flags...).
+    """
+
+    out: Path
+    message: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MapsOptions:
+    """Options of :func:`maps_study` (``ctperf maps``).
+
+    ``register``/``filter`` and the filter's ``spatial_sigma_mm`` (mm), ``range_sigma_hu`` (HU)
+    and ``filter_weights`` are those of :func:`~ctperf.workflow.analyse_study`; ``aif_mask``,
+    ``vof_mask`` and ``brain_mask`` are 3D NIfTI files on the study's grid; ``rho`` (g/mL),
+    ``kh``, ``device`` and ``lesion_options`` go to :func:`~ctperf.perfusion.run_perfusion`
+    (``None``: its defaults); ``series_uid`` and ``frame_interval`` (s) to
+    :func:`~ctperf.io.read_study`; ``dicom`` also writes DICOM maps (``anonymise``: de-identified).
+    """
+
+    method: str = "nlr-fast"
+    register: bool = False
+    filter: bool = False
+    spatial_sigma_mm: float = 3.0
+    range_sigma_hu: float = 20.0
+    filter_weights: str = "linear"
+    workers: int | None = None
+    aif_mask: Path | None = None
+    vof_mask: Path | None = None
+    brain_mask: Path | None = None
+    rho: float = 1.04
+    kh: float = 0.733
+    device: str = "auto"
+    lesion_options: Any = None
+    series_uid: str | None = None
+    frame_interval: float | None = None
+    dicom: bool = False
+    anonymise: bool = False
+    overwrite: bool = False
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class PreprocessOptions:
+    """Options of :func:`preprocess_study` (``ctperf preprocess``); see
+    :func:`ctperf.preprocess.preprocess` and :func:`ctperf.io.read_study`."""
+
+    register: bool = True
+    filter: bool = True
+    spatial_sigma_mm: float = 3.0
+    range_sigma_hu: float = 20.0
+    filter_weights: str = "linear"
+    workers: int | None = None
+    series_uid: str | None = None
+    frame_interval: float | None = None
+    dicom: bool = False
+    anonymise: bool = False
+    overwrite: bool = False
+    progress: bool = False
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """Options of :func:`predict_study` (``ctperf predict``): the checkpoint ``model`` and the
+    keywords of :func:`ctperf.model.predict_maps`; ``brain_mask`` is a 3D NIfTI file."""
+
+    model: Path
+    device: str = "auto"
+    batch_size: int = 4
+    resize: bool = False
+    brain_mask: Path | None = None
+    series_uid: str | None = None
+    frame_interval: float | None = None
+    dicom: bool = False
+    anonymise: bool = False
+    overwrite: bool = False
+    progress: bool = False
+
+
+def volume_text(lesions: dict[str, Any], name: str) -> str:
+    """``"12.3 mL"``, or ``"12.3 +- 1.4 mL"`` when the summary holds the volume's SD."""
+    sd = (lesions.get("volumes_sd_ml") or {}).get(name)
+    value = lesions["volumes_ml"][name]
+    return f"{value:.1f} mL" if sd is None else f"{value:.1f} +- {sd:.1f} mL"
+
+
+# --- ctperf maps ---------------------------------------------------------------------------
+
+def maps_study(study: Path, out: Path, options: MapsOptions) -> StudyOutcome:
+    """Perfusion maps, lesions, QC and an overview of one study, written to ``out``.
+
+    Steps: check ``out`` -> read the study and the masks -> (register -> filter ->) maps and
+    lesions -> write ``out`` (:func:`write_maps_outputs`).
+
+    Parameters
+    ----------
+    study : Path
+        DICOM folder or 4D NIfTI study.
+    out : Path
+        Output folder, replaced whole when done.
+    options : MapsOptions
+
+    Returns
+    -------
+    StudyOutcome
+    """
+    from ctperf import io
+
+    o = options
+    io.check_output(out, inputs=(study, o.aif_mask, o.vof_mask, o.brain_mask),
+                    overwrite=o.overwrite)
+    series = io.read_study(study, series_uid=o.series_uid, frame_interval=o.frame_interval,
+                           progress=o.progress)
+    masks = {name: _read_mask(path, series) for name, path in
+             (("aif_mask", o.aif_mask), ("vof_mask", o.vof_mask), ("brain_mask", o.brain_mask))}
+    source = _first_frame(series) if o.dicom else None
+    # Handed over without a reference kept here, so the raw study is freed once registered.
+    held = [series]
+    del series
+    result, _ = analyse_study(
+        held.pop(), method=o.method, register=o.register, filter=o.filter,
+        spatial_sigma_mm=o.spatial_sigma_mm, range_sigma_hu=o.range_sigma_hu,
+        filter_weights=o.filter_weights, workers=o.workers,
+        aif_mask=masks["aif_mask"], vof_mask=masks["vof_mask"],
+        **_brain_mask_keyword(masks["brain_mask"]), rho=o.rho, kh=o.kh, device=o.device,
+        lesion_options=o.lesion_options, progress=o.progress)
+    result = _with_preprocessing(result, o)
+    # No study path or name in the outputs: folder names often hold the patient's name.
+    write_maps_outputs(result, out, title=f"ctperf maps: {o.method}", dicom_source=source,
+                       overwrite=o.overwrite, anonymise=o.anonymise)
+    return _maps_outcome(result, out)
+
+
+def _read_mask(path: Path | None, series: Any) -> Any:
+    from ctperf import io
+
+    return None if path is None else io.read_mask(path, shape=series.shape[1:],
+                                                  affine=series.affine)
+
+
+def _brain_mask_keyword(mask: Any) -> dict[str, Any]:
+    """The given brain mask as the keyword :func:`~ctperf.perfusion.run_perfusion` takes."""
+    import inspect
+
+    from ctperf.perfusion import run_perfusion
+
+    name = ("brain_mask" if "brain_mask" in inspect.signature(run_perfusion).parameters
+            else "mask")
+    return {name: mask}
+
+
+def _first_frame(series: Any) -> Any:
+    """The study's metadata with its first frame only: all that DICOM output needs."""
+    return series.replace(hu=series.hu[:1], times=series.times[:1],
+                          slice_times=None if series.slice_times is None
+                          else series.slice_times[:1])
+
+
+def _with_preprocessing(result: Any, o: MapsOptions) -> Any:
+    """The result with the preprocessing steps that ran recorded in its provenance."""
+    provenance = {**result.maps.provenance, "preprocessed": bool(o.register or o.filter),
+                  "registered": bool(o.register)}
+    if o.filter:
+        provenance["filter"] = {"spatial_sigma_mm": o.spatial_sigma_mm,
+                                "range_sigma_hu": o.range_sigma_hu, "weights": o.filter_weights}
+    return dataclasses.replace(result, maps=result.maps.replace(provenance=provenance))
+
+
+def _maps_outcome(result: Any, out: Path) -> StudyOutcome:
+    maps = result.maps
+    les = maps.provenance["lesions"]
+    raised = [k for k, v in maps.provenance["qc"].items() if v["flag"]]
+    message = (f"wrote {', '.join(maps.names)} to {out}: core {volume_text(les, 'core')}, "
+               f"hypoperfused {volume_text(les, 'hypoperfused')}"
+               + (f"; QC flags: {', '.join(raised)}" if raised else ""))
+    return StudyOutcome(out=out, message=message, summary={
+        "maps": list(maps.names), "volumes_ml": dict(les["volumes_ml"]), "qc_flags": raised})
+
+
+def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
+                       dicom_source: Any = None, overwrite: bool = False,
+                       anonymise: bool = False) -> None:
+    """Write the maps, lesion masks, summary and overview of one perfusion run.
+
+    Everything is written inside one :func:`ctperf.io.atomic_dir`: ``folder`` appears whole or
+    not at all. An existing folder is replaced only when ctperf wrote it, it is empty, or
+    ``overwrite`` is true.
+
+    Parameters
+    ----------
+    result : PerfusionResult
+        Output of :func:`ctperf.perfusion.run_perfusion` or :func:`analyse_study`.
+    folder : Path
+        Output folder: ``<map>.nii.gz``, ``lesions/<mask>.nii.gz`` (core, hypoperfused,
+        penumbra, tmax10, brain, vessels), ``summary.json`` and ``overview.png``.
+    title : str
+        Title of the overview figure.
+    dicom_source : CTPSeries, optional
+        When given, DICOM maps are also written in ``folder/dicom`` with this study's metadata.
+    overwrite : bool
+        Replace an existing ``folder`` that ctperf did not write.
+    anonymise : bool
+        De-identified DICOM maps (see :func:`ctperf.io.write_maps_dicom`).
+    """
+    import matplotlib.pyplot as plt
+
+    from ctperf import io
+    from ctperf.commands.maps import overview_figure
+
+    maps = result.maps
+    with io.atomic_dir(folder, overwrite=overwrite) as tmp:
+        io.write_maps_nifti(maps, tmp)
+        masks = {**result.lesions.masks(), "brain": result.brain, "vessels": result.vessels}
+        for name, mask in masks.items():
+            io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz")
+        io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
+                                      "units": dict(maps.units)}), tmp / "summary.json")
+        fig = overview_figure(result, title=title)
+        try:
+            with io.atomic_file(tmp / "overview.png") as png:
+                fig.savefig(png, dpi=110, facecolor="black")
+        finally:
+            plt.close(fig)
+        if dicom_source is not None:
+            io.write_maps_dicom(maps, tmp / "dicom", source=dicom_source, anonymise=anonymise)
+
+
+# --- ctperf preprocess ---------------------------------------------------------------------
+
+def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> StudyOutcome:
+    """Motion correction and bilateral filtering of one study, written to ``out``.
+
+    Steps: check ``out`` -> read -> register -> filter -> write ``study.nii.gz`` (+ JSON),
+    ``transforms.json``, ``qc.json``, ``qc.png`` and, with ``options.dicom``, ``dicom/``.
+
+    Parameters
+    ----------
+    study : Path
+        DICOM folder or 4D NIfTI study.
+    out : Path
+        Output folder, replaced whole when done.
+    options : PreprocessOptions
+
+    Returns
+    -------
+    StudyOutcome
+    """
+    import numpy as np
+
+    from ctperf import io
+    from ctperf.preprocess import preprocess
+
+    o = options
+    io.check_output(out, inputs=(study,), overwrite=o.overwrite)
+    series = io.read_study(study, series_uid=o.series_uid, frame_interval=o.frame_interval,
+                           progress=o.progress)
+    result = preprocess(series, register=o.register, filter=o.filter,
+                        spatial_sigma_mm=o.spatial_sigma_mm, range_sigma_hu=o.range_sigma_hu,
+                        filter_weights=o.filter_weights, workers=o.workers,
+                        progress=o.progress)
+    # No study path in the outputs: folder names often hold the patient's name.
+    meta = {**result.series.meta, "preprocess": {"registered": o.register,
+                                                 "filtered": o.filter}}
+    final = result.series.replace(meta=meta)
+    with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear together, or none
+        io.write_series_nifti(final, tmp / "study.nii.gz")
+        if o.dicom:
+            io.write_series_dicom(final, tmp / "dicom", anonymise=o.anonymise)
+        io.write_json(_transforms_record(series, result), tmp / "transforms.json")
+        qc = _preprocess_qc(series, final, result, o)
+        io.write_json(qc, tmp / "qc.json")
+        _write_qc_figure(series, final, result, tmp / "qc.png")
+    largest = float(np.max(result.displacement_mm))
+    return StudyOutcome(out=out, message=f"wrote {out} (max mean displacement {largest:.2f} mm)",
+                        summary={"max_mean_displacement_mm": largest})
+
+
+def _transforms_record(series: Any, result: Any) -> dict[str, Any]:
+    return {
+        "convention": "ITK Euler3DTransform: maps a point of frame 0 (patient mm of the "
+                      "affine) to the same anatomy in frame t: x -> R (x - center_mm) + "
+                      "center_mm + t, R = Rz Rx Ry of the rotations in degrees",
+        "center_mm": result.center_mm,
+        "parameter_names": ["rx_deg", "ry_deg", "rz_deg", "tx_mm", "ty_mm", "tz_mm"],
+        "times": series.times,
+        "parameters": result.parameters,
+        "registration": result.registration,
+    }
+
+
+def _preprocess_qc(series: Any, final: Any, result: Any, o: PreprocessOptions) -> dict[str, Any]:
+    import numpy as np
+
+    return {
+        "frames": series.n_frames,
+        "registered": o.register,
+        "filtered": o.filter,
+        "displacement_mm": result.displacement_mm,
+        "max_displacement_mm": result.max_displacement_mm,
+        "max_mean_displacement_mm": float(np.max(result.displacement_mm)),
+        "max_max_displacement_mm": float(np.max(result.max_displacement_mm)),
+        "brain_voxels": int(result.mask.sum()),
+        # frame-to-frame noise over the brain in the first (pre-contrast) frames
+        "noise_sd_hu_before": _noise(series.hu, result.mask),
+        "noise_sd_hu_after": _noise(final.hu, result.mask),
+    }
+
+
+def _noise(hu: Any, mask: Any, frames: int = 6) -> float:
+    """SD of consecutive-frame differences over the mask / sqrt(2), first ``frames`` frames."""
+    import numpy as np
+
+    head = hu[:frames]
+    if len(head) < 2 or not mask.any():
+        return float("nan")
+    return float(np.std(np.diff(head[:, mask], axis=0)) / np.sqrt(2.0))
+
+
+def _write_qc_figure(before: Any, after: Any, result: Any, path: Path) -> None:
+    from ctperf.commands.preprocess import _qc_figure
+
+    _qc_figure(before, after, result, path)
+
+
+# --- ctperf predict ------------------------------------------------------------------------
+
+def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutcome:
+    """U-Net perfusion maps of one study in physical units, written to ``out``.
+
+    Steps: check ``out`` -> load the checkpoint -> read the study (and brain mask) -> predict
+    -> write ``<map>.nii.gz``, ``summary.json`` and, with ``options.dicom``, ``dicom/``.
+
+    Parameters
+    ----------
+    study : Path
+        DICOM folder or 4D NIfTI study.
+    out : Path
+        Output folder, replaced whole when done.
+    options : PredictOptions
+
+    Returns
+    -------
+    StudyOutcome
+    """
+    from ctperf import io
+    from ctperf.model import load_checkpoint, predict_maps
+
+    o = options
+    io.check_output(out, inputs=(study, o.model, o.brain_mask), overwrite=o.overwrite)
+    checkpoint = load_checkpoint(o.model)
+    series = io.read_study(study, series_uid=o.series_uid, frame_interval=o.frame_interval,
+                           progress=o.progress)
+    mask = _read_mask(o.brain_mask, series)
+    maps = predict_maps(series, checkpoint, device=o.device, batch_size=o.batch_size,
+                        resize=o.resize, mask=mask, progress=o.progress)
+    # The checkpoint's file name only, and no study path: paths often hold a patient's name.
+    maps = maps.replace(provenance={**maps.provenance, "checkpoint": o.model.name})
+    with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear, or none
+        io.write_maps_nifti(maps, tmp)
+        io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
+                                      "units": dict(maps.units)}), tmp / "summary.json")
+        if o.dicom:
+            io.write_maps_dicom(maps, tmp / "dicom", source=series, anonymise=o.anonymise)
+    return StudyOutcome(out=out, message=f"wrote {', '.join(maps.names)} to {out}",
+                        summary={"maps": list(maps.names)})
