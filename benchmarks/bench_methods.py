@@ -112,7 +112,7 @@ def osipi_rows(methods) -> list[dict]:
     rows = []
     for method in methods:
         if method.startswith("nlr"):
-            fit = fit_box_nlr(tissue, aif, times, mode=method, rho=1.0, kh=1.0)
+            fit = fit_box_nlr(tissue, aif, times, method=method, rho=1.0, kh=1.0)
         elif method == "bayes":
             fit = fit_bayes(tissue, aif, times, rho=1.0, kh=1.0, spatial=False)
         else:

@@ -2,15 +2,15 @@
 
 1. Voxels per second of ``nlr`` and ``nlr-fast`` against a per-voxel ``scipy.optimize.minimize``
    Nelder-Mead loop (same objective, same settings), measured side by side on the same curves:
-   the vectorised fits with 1 thread and with ``--threads`` threads (chunks fitted in parallel),
+   the vectorised fits with 1 thread and with ``--workers`` threads (chunks fitted in parallel),
    rates from wall-clock time and from process CPU time (the latter is less sensitive to other
-   work on a shared machine); then the same fits on torch tensors on the CPU, and on a CUDA GPU
-   when torch sees one.
+   work on a shared machine); then the same fits on torch tensors on a CUDA GPU when torch sees
+   one.
 2. Wall time and peak resident memory of ``compute_maps`` on a full 512 x 512 x 8 x 89 synthetic
    study, each method in a fresh process.
 
-Usage: ``python benchmarks/bench_perfusion.py [--voxels N] [--loop 200] [--threads 2]
-[--chunk 65536] [--torch-voxels 2048] [--skip-full]``.
+Usage: ``python benchmarks/bench_perfusion.py [--voxels N] [--loop 200] [--workers 2]
+[--chunk 65536] [--skip-gpu] [--skip-full]``.
 Timings on a shared machine are noisy; compare the ratios printed in one run."""
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def _timed(fn) -> tuple[float, float]:
 
 
 def rate_benchmark(n_voxels: int | None, n_loop: int, *, workers: int, chunk: int,
-                   torch_voxels: int) -> None:
+                   gpu: bool) -> None:
     from scipy.optimize import minimize
 
     from ctperf.perfusion import fit_box_nlr
@@ -94,28 +94,19 @@ def rate_benchmark(n_voxels: int | None, n_loop: int, *, workers: int, chunk: in
             limit = threadpool_limits(1) if w == 1 and threadpool_limits else nullcontext()
             with limit:
                 wall, cpu = _timed(lambda mode=mode, w=w: fit_box_nlr(
-                    tissue, aif, TIMES, mode=mode, workers=w, chunk=chunk))
+                    tissue, aif, TIMES, method=mode, workers=w, chunk=chunk))
             rows.append((mode, w, n_voxels / wall, n_voxels / cpu))
     extra = []
     try:
         import torch
     except ImportError:
         torch = None
-    if torch is not None and torch_voxels:
-        # One torch thread: its thread pool spins badly on a shared machine, and one thread is
-        # comparable with the 1-thread lines above.
-        torch.set_num_threads(1)
-        sub = tissue[:, :torch_voxels]
-        devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-        for dev in devices:
-            for mode in ("nlr-fast", "nlr"):
-                n = sub.shape[1] if dev == "cpu" else n_voxels
-                data = sub if dev == "cpu" else tissue
-                fit_box_nlr(data[:, :64], aif, TIMES, mode=mode, backend="torch", device=dev)
-                wall, _ = _timed(lambda mode=mode, dev=dev, data=data: fit_box_nlr(
-                    data, aif, TIMES, mode=mode, backend="torch", device=dev))
-                threads = str(torch.get_num_threads()) if dev == "cpu" else "GPU"
-                extra.append((f"{mode} torch-{dev}", n, n / wall, threads))
+    if torch is not None and gpu and torch.cuda.is_available():
+        for mode in ("nlr-fast", "nlr"):
+            fit_box_nlr(tissue[:, :64], aif, TIMES, method=mode, device="cuda")  # warm-up
+            wall, _ = _timed(lambda mode=mode: fit_box_nlr(
+                tissue, aif, TIMES, method=mode, device="cuda"))
+            extra.append((f"{mode} torch-cuda", n_voxels, n_voxels / wall, "GPU"))
     load1 = os.getloadavg()[0]
     print(f"voxels/s, 89 frames, noise 8.4 HU: {n_voxels} voxels for the vectorised fits "
           f"(chunks of {chunk}), {n_loop} for the scipy loop; {os.cpu_count()} CPUs, "
@@ -189,10 +180,9 @@ def main() -> None:
     ap.add_argument("--voxels", type=int, default=None,
                     help="voxels for the vectorised fits (default: 2 chunks per thread)")
     ap.add_argument("--loop", type=int, default=200, help="voxels for the scipy loop")
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--chunk", type=int, default=65536)
-    ap.add_argument("--torch-voxels", type=int, default=2048,
-                    help="voxels for the torch-on-CPU lines (0: skip torch)")
+    ap.add_argument("--skip-gpu", action="store_true", help="no torch lines on a CUDA GPU")
     ap.add_argument("--skip-full", action="store_true")
     ap.add_argument("--full", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--methods", default="nlr-fast,nlr")
@@ -200,8 +190,8 @@ def main() -> None:
     if args.full:
         full_run(args.full)
         return
-    rate_benchmark(args.voxels, args.loop, workers=args.threads, chunk=args.chunk,
-                   torch_voxels=args.torch_voxels)
+    rate_benchmark(args.voxels, args.loop, workers=args.workers, chunk=args.chunk,
+                   gpu=not args.skip_gpu)
     if args.skip_full:
         return
     print("full 512 x 512 x 8 x 89 study, compute_maps (fresh process each):")

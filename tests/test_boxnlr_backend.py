@@ -1,4 +1,4 @@
-"""The box-model fits on the torch backend give the NumPy results; backend selection and errors."""
+"""The box-model fits on a GPU give the NumPy results; device selection and errors."""
 
 from __future__ import annotations
 
@@ -48,9 +48,12 @@ def _compare(ref, other, mode: str) -> None:
     np.testing.assert_allclose(other.residual, ref.residual, rtol=1e-7)
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["nlr", "nlr-fast"])
-def test_torch_cpu_matches_numpy(mode, rng, monkeypatch):
-    pytest.importorskip("torch")
+def test_cuda_matches_numpy(mode, rng, monkeypatch):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
     from ctperf.perfusion import boxnlr
 
     used, real = [], boxnlr.ArrayOps
@@ -59,27 +62,16 @@ def test_torch_cpu_matches_numpy(mode, rng, monkeypatch):
         used.append(device)
         return real(device)
 
-    tissue = _tissue(rng, 300)
+    tissue = _tissue(rng, 2000)
     extra = {"restarts": 1} if mode == "nlr" else {}  # the optional restart path too
-    ref = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode, **extra)
+    ref = fit_box_nlr(tissue, _aif(TIMES), TIMES, method=mode, **extra)
     # A small chunk so that several chunks (and the restart of bound-hugging voxels) run.
     monkeypatch.setattr(boxnlr, "ArrayOps", spy)
-    on_torch = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode, backend="torch",
-                           device="cpu", chunk=128, **extra)
-    assert used == ["cpu"]  # the torch code ran, not NumPy's
-    _compare(ref, on_torch, mode)
-    assert isinstance(on_torch.cbf, np.ndarray) and on_torch.cbf.dtype == np.float64
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["nlr", "nlr-fast"])
-def test_cuda_matches_numpy(mode, rng):
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("no CUDA device")
-    tissue = _tissue(rng, 2000)
-    ref = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode)
-    _compare(ref, fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode, device="cuda"), mode)
+    on_gpu = fit_box_nlr(tissue, _aif(TIMES), TIMES, method=mode, device="cuda", chunk=512,
+                         **extra)
+    assert used == ["cuda"]  # the torch code ran, not NumPy's
+    _compare(ref, on_gpu, mode)
+    assert isinstance(on_gpu.cbf, np.ndarray) and on_gpu.cbf.dtype == np.float64
 
 
 def test_numpy_fit_does_not_import_torch():
@@ -93,22 +85,18 @@ def test_numpy_fit_does_not_import_torch():
 def test_auto_device_runs_and_uneven_frames_fall_back_to_numpy(rng):
     pytest.importorskip("torch")
     tissue = _tissue(rng, 20)
-    ref = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode="nlr-fast")
-    auto = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode="nlr-fast", device="auto")
+    ref = fit_box_nlr(tissue, _aif(TIMES), TIMES, method="nlr-fast")
+    auto = fit_box_nlr(tissue, _aif(TIMES), TIMES, method="nlr-fast", device="auto")
     _compare(ref, auto, "nlr-fast")
     times = np.r_[TIMES[:60], TIMES[59] + np.arange(1, 11) * 1.5]  # uneven: NumPy path
     sub = tissue[:70]
-    uneven = fit_box_nlr(sub, _aif(times), times, mode="nlr-fast", backend="torch")
+    uneven = fit_box_nlr(sub, _aif(times), times, method="nlr-fast", device="auto")
     np.testing.assert_array_equal(_params(uneven),
-                                  _params(fit_box_nlr(sub, _aif(times), times, mode="nlr-fast")))
+                                  _params(fit_box_nlr(sub, _aif(times), times, method="nlr-fast")))
 
 
-def test_backend_errors():
+def test_device_errors():
     tissue, aif = np.zeros((89, 2)), _aif(TIMES)
-    with pytest.raises(ValidationError, match="backend"):
-        fit_box_nlr(tissue, aif, TIMES, backend="jax")
-    with pytest.raises(ValidationError, match="backend='torch'"):
-        fit_box_nlr(tissue, aif, TIMES, backend="numpy", device="cuda")
     torch = pytest.importorskip("torch")
     with pytest.raises(ValidationError, match="unknown torch device"):
         fit_box_nlr(tissue, aif, TIMES, device="warp-drive")

@@ -83,7 +83,7 @@ def tile_means(values: np.ndarray, per_tile: int) -> np.ndarray:
 @pytest.mark.parametrize("mode", ["nlr", "nlr-fast"])
 def test_box_tiles_noise_free_within_5_percent(mode, rng):
     vox, truth, per = tile_study(["box"], inner=1, noise=0.0, rng=rng)
-    fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
+    fit = fit_box_nlr(vox, true_aif(), TIMES, method=mode)
     for name in ("cbf", "cbv", "mtt"):
         est = tile_means(getattr(fit, name), per)
         err = np.abs(est / truth[name] - 1)
@@ -95,7 +95,7 @@ def test_box_tiles_noise_free_within_5_percent(mode, rng):
 @pytest.mark.parametrize("mode", ["nlr-fast", "nlr"])
 def test_box_tiles_noisy_correlate(mode, rng):
     vox, truth, per = tile_study(["box"], inner=8, noise=10.0, rng=rng)
-    fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
+    fit = fit_box_nlr(vox, true_aif(), TIMES, method=mode)
     cbv, cbf = tile_means(fit.cbv, per), tile_means(fit.cbf, per)
     r_cbv = np.corrcoef(cbv, truth["cbv"])[0, 1]
     r_cbf = np.corrcoef(cbf, truth["cbf"])[0, 1]
@@ -130,7 +130,7 @@ def _delay_slope(cbf_est: np.ndarray, truth: dict[str, np.ndarray], *, max_mtt: 
 def test_cbf_error_does_not_depend_on_delay(method, rng):
     vox, truth, per = tile_study(["box"], inner=1, noise=0.0, rng=rng)
     if method.startswith("nlr"):
-        cbf = fit_box_nlr(vox, true_aif(), TIMES, mode=method).cbf
+        cbf = fit_box_nlr(vox, true_aif(), TIMES, method=method).cbf
     else:
         cbf = svd_deconvolve(vox, true_aif(), TIMES, method=method).cbf
     # Issue target: below 2 % per second of delay, over all tiles and over the short (normal
@@ -153,7 +153,7 @@ def test_ssvd_cbf_error_depends_on_delay(rng):
 @pytest.mark.parametrize("mode", ["nlr-fast", "nlr"])
 def test_all_shapes_full_tiles_noisy(mode, rng):
     vox, truth, per = tile_study(["box"], inner=14, noise=10.0, rng=rng)
-    fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode, progress=False)
+    fit = fit_box_nlr(vox, true_aif(), TIMES, method=mode, progress=False)
     r_cbv = np.corrcoef(tile_means(fit.cbv, per), truth["cbv"])[0, 1]
     r_cbf = np.corrcoef(tile_means(fit.cbf, per), truth["cbf"])[0, 1]
     # Targets, on 14 x 14 inner voxels per tile.
@@ -164,7 +164,7 @@ def test_all_shapes_full_tiles_noisy(mode, rng):
     assert abs(rel[firm].mean()) < 0.10 and np.abs(rel[firm]).mean() < 0.15, rel[firm]
     # Non-box residues: the box model is misspecified, but CBV (an area ratio) still tracks.
     vox, truth, per = tile_study(["exponential", "linear"], inner=6, noise=10.0, rng=rng)
-    fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
+    fit = fit_box_nlr(vox, true_aif(), TIMES, method=mode)
     r_cbv = np.corrcoef(tile_means(fit.cbv, per), truth["cbv"])[0, 1]
     assert r_cbv >= 0.90, r_cbv  # 36 voxels per tile and long truncated exponential tails
     # Measured mean relative CBV bias -9 % (nlr) and +5 % (nlr-fast), error 14-16 %: the
@@ -179,7 +179,7 @@ def test_box_fit_underestimates_cbf_of_other_residues(mode, rng):
     measured (tile study, all 245 tiles per shape), so that the known bias stays visible."""
     for shape, lo, hi, med in (("exponential", 0.40, 0.62, 0.49), ("linear", 0.60, 0.75, 0.65)):
         vox, truth, per = tile_study([shape], inner=1, noise=0.0, rng=rng)
-        fit = fit_box_nlr(vox, true_aif(), TIMES, mode=mode)
+        fit = fit_box_nlr(vox, true_aif(), TIMES, method=mode)
         ratio = tile_means(fit.cbf, per) / truth["cbf"]
         # Measured 0.43-0.59 (median 0.49) exponential, 0.64-0.71 (median 0.65) linear;
         # bounds a few hundredths wider.
@@ -225,7 +225,7 @@ def test_plain_nelder_mead_has_no_cbf_outliers(noise, rng):
     an unidentifiable short box; at this noise level there is neither.)"""
     vox, cbf, labels = _residue_grid(noise, rng)
     for mode in ("nlr", "nlr-fast"):
-        ratio = fit_box_nlr(vox, true_aif(), TIMES, mode=mode).cbf / cbf
+        ratio = fit_box_nlr(vox, true_aif(), TIMES, method=mode).cbf / cbf
         assert ratio.max() <= 1.3, (mode, labels[np.argmax(ratio)], ratio.max())
 
 
@@ -248,7 +248,7 @@ def test_simplex_in_cbf_coordinates_stalls():
                      b).with_tissue(bandlimit(c))
     old = nelder_mead(lambda q, rows: obj.sse(q[0], q[1], q[2], rows),
                       np.array([[60.0, 5.0, 3.5]]), bounds=b, max_iter=300)
-    new = fit_box_nlr(c, true_aif(), TIMES, mode="nlr")
+    new = fit_box_nlr(c, true_aif(), TIMES, method="nlr")
     assert old[0, 0] > 1.3 * 35.0, old
     # noise-free box from the 0.02 s grid: within 5 % (the 0.5 s sampling of the AIF)
     assert new.cbf[0] == pytest.approx(35.0, rel=0.05)

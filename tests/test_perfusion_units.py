@@ -70,7 +70,7 @@ def test_fast_sse_equals_direct_sse(rng):
 
 def test_vectorised_simplex_agrees_with_scipy_per_voxel(rng):
     tissue, _ = _tissue(rng, 12, 8.0)
-    fit = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode="nlr")
+    fit = fit_box_nlr(tissue, _aif(TIMES), TIMES, method="nlr")
     table = ArterialTable(bandlimit(_aif(TIMES)), TIMES)
     smooth = bandlimit(tissue)
     for i in range(tissue.shape[1]):
@@ -101,7 +101,7 @@ def test_nlr_fast_at_least_as_good_as_nlr(rng):
     smooth = bandlimit(tissue)
     sse = {}
     for mode in ("nlr", "nlr-fast"):
-        f = fit_box_nlr(tissue, _aif(TIMES), TIMES, mode=mode)
+        f = fit_box_nlr(tissue, _aif(TIMES), TIMES, method=mode)
         p = np.c_[f.cbf, f.mtt, f.delay]
         sse[mode] = ((box_model(p, table, scale=SCALE) - smooth) ** 2).sum(axis=0)
     # The grid start finds the global basin, the simplex from a fixed start sometimes does not:
@@ -117,15 +117,15 @@ def test_fit_with_non_uniform_frames(mode, rng):
     p = np.array([[50.0, 5.0, 1.0], [25.0, 8.0, 3.0]])
     c = box_model(p, ArterialTable(_aif(fine), fine), scale=SCALE)
     c = np.array([np.interp(times, fine, col) for col in c.T]).T
-    f = fit_box_nlr(c, _aif(times), times, mode=mode, band_limit=False)
+    f = fit_box_nlr(c, _aif(times), times, method=mode, band_limit=False)
     # Noise-free; 1.5 s frames in the tail sample the AIF coarsely there: 5 %.
     np.testing.assert_allclose(f.cbf, p[:, 0], rtol=0.05)
     np.testing.assert_allclose(f.mtt, p[:, 1], rtol=0.05)
 
 
 def test_fit_rejects_bad_input():
-    with pytest.raises(ValidationError, match="mode"):
-        fit_box_nlr(np.zeros((89, 2)), _aif(TIMES), TIMES, mode="lm")
+    with pytest.raises(ValidationError, match="method"):
+        fit_box_nlr(np.zeros((89, 2)), _aif(TIMES), TIMES, method="lm")
     with pytest.raises(ValidationError, match="positive area"):
         fit_box_nlr(np.zeros((89, 2)), np.zeros(89), TIMES)
     with pytest.raises(ValidationError, match="T = 89"):

@@ -36,7 +36,7 @@ def _estimate(method: str, tissue: np.ndarray, aif: np.ndarray, times: np.ndarra
               rho: float, kh: float):
     """The per-voxel result of one method: BoxFit or SVDResult (both have cbf, cbv, mtt)."""
     if method in NLR_METHODS:
-        return fit_box_nlr(tissue, aif, times, mode=method, rho=rho, kh=kh)
+        return fit_box_nlr(tissue, aif, times, method=method, rho=rho, kh=kh)
     return svd_deconvolve(tissue, aif, times, method=method, rho=rho, kh=kh)
 
 
@@ -90,7 +90,7 @@ def test_tissue_proportional_to_aif_gives_cbv_by_hand(method, rho, kh):
                                                     (60.0, 3.0, 1.3)])
 def test_box_model_recovers_hand_computed_box_residue(method, cbf, mtt, delay, rho, kh):
     tissue = _box_tissue(cbf, mtt, delay, rho, kh)
-    fit = fit_box_nlr(tissue[:, None], _gv(T_HAND), T_HAND, mode=method, rho=rho, kh=kh)
+    fit = fit_box_nlr(tissue[:, None], _gv(T_HAND), T_HAND, method=method, rho=rho, kh=kh)
     # Noise-free, but ctperf sees the AIF only at 0.5 s samples (piecewise linear between them)
     # and band-limits both curves: 4 % on CBF and MTT, 0.2 s on the delay (measured at most
     # 2.5 %, 0.04 s). CBV = CBF x MTT / 60 is less sensitive (measured 0.03 %).

@@ -74,7 +74,7 @@ def population(kinds, rng, n_per=12):
 
 def method_tmax(method: str, curves: np.ndarray) -> np.ndarray:
     if method.startswith("nlr"):
-        return fit_box_nlr(curves, aif(TIMES), TIMES, mode=method).tmax
+        return fit_box_nlr(curves, aif(TIMES), TIMES, method=method).tmax
     return svd_deconvolve(curves, aif(TIMES), TIMES, method=method).tmax
 
 
@@ -109,7 +109,7 @@ def test_box_tmax_of_the_reference_is_late(rng):
     """The reference's delay + MTT/2 lies seconds after the convention's Tmax on exponential
     residues; the calibrated delay + MTT/4 does not."""
     curves, truth, labels = population(("exponential",), rng, n_per=6)
-    fit = fit_box_nlr(curves, aif(TIMES), TIMES, mode="nlr-fast")
+    fit = fit_box_nlr(curves, aif(TIMES), TIMES, method="nlr-fast")
     late = labels != "healthy"
     assert np.mean(fit.delay[late] + fit.mtt[late] / 2 - truth[late]) > 2.5
     assert abs(np.mean(fit.tmax[late] - truth[late])) < 0.8
@@ -142,7 +142,7 @@ def test_penumbra_example_noisy(rng):
     for kind in ("exponential", "gamma"):
         c = tissue(kind, 25.0, 10.0, 5.0, 1.5)
         noisy = c[:, None] + 10.0 * rng.standard_normal((c.size, 300))
-        tmax = fit_box_nlr(noisy, aif(TIMES), TIMES, mode="nlr-fast").tmax
+        tmax = fit_box_nlr(noisy, aif(TIMES), TIMES, method="nlr-fast").tmax
         truth = true_tmax(kind, 10.0, 5.0, 1.5)
         # 300 voxels: the median's sampling error is ~0.2 s. Noise pulls the box later and
         # longer on the exponential's long tail: measured +1.1 s (exponential), under 0.5 s

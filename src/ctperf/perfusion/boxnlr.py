@@ -14,24 +14,25 @@ Two fits, both vectorised over all voxels of a chunk at once (loops run over ite
   With non-uniform frame times, the polish is Levenberg-Marquardt with the analytic Jacobian of
   the box model, parameters projected onto their bounds after every step.
 
-With evenly spaced frames both modes evaluate the sum of squared errors through
+With evenly spaced frames both methods evaluate the sum of squared errors through
 :class:`~ctperf.perfusion.fastsse.FastBoxSSE` (exact, a few gathers per evaluation instead of a
-pass over all frames). Chunks of voxels are fitted in parallel threads on the CPU. The same code
-runs on PyTorch tensors (``device="cuda"``, or ``backend="torch"`` on the CPU), in float64;
-torch is imported only then.
+pass over all frames). Chunks of voxels are fitted in parallel threads on the CPU
+(:func:`ctperf.parallel.map_chunks`). The same code runs on PyTorch tensors on a GPU
+(``device="cuda"``, ``"cuda:N"`` or ``"auto"``), in float64; torch is imported only then.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.parallel import map_chunks
 from ctperf.perfusion.backend import ArrayOps
 from ctperf.perfusion.curves import ArterialTable, bandlimit, box_model, flow_scale
 from ctperf.perfusion.fastsse import FastBoxSSE
@@ -154,39 +155,12 @@ def _levenberg_marquardt(tis: np.ndarray, p: np.ndarray, table: ArterialTable, s
     return p
 
 
-def _resolve_backend(device: str | None, backend: str | None) -> str | None:
-    """The torch device to run on, or None for NumPy."""
-    if backend not in (None, "numpy", "torch"):
-        raise ValidationError(f"backend must be 'numpy' or 'torch', got {backend!r}")
-    if device == "auto":
-        try:
-            import torch
-        except ImportError:
-            return "cpu" if backend == "torch" else None
-        return "cuda" if torch.cuda.is_available() else ("cpu" if backend == "torch" else None)
-    if device is None or device == "cpu":
-        return "cpu" if backend == "torch" else None
-    if backend == "numpy":
-        raise ValidationError(f"device {device!r} needs backend='torch' (NumPy runs on the CPU)")
-    try:
-        import torch
-    except ImportError as exc:
-        raise ValidationError(f"device {device!r} needs PyTorch, which is not installed") from exc
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValidationError(f"unknown torch device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValidationError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    return device
-
-
 def fit_box_nlr(
     tissue: np.ndarray,
     aif: np.ndarray,
     times: np.ndarray,
     *,
-    mode: str = "nlr",
+    method: str = "nlr",
     rho: float = 1.04,
     kh: float = 0.733,
     band_limit: bool = True,
@@ -200,7 +174,6 @@ def fit_box_nlr(
     chunk: int | None = None,
     workers: int | None = None,
     device: str | None = None,
-    backend: str | None = None,
     progress: bool = False,
 ) -> BoxFit:
     """Fit the box model to every tissue curve.
@@ -213,7 +186,7 @@ def fit_box_nlr(
         Arterial enhancement in HU, partial-volume corrected.
     times : ndarray, shape (T,)
         Acquisition times in s.
-    mode : {"nlr", "nlr-fast"}
+    method : {"nlr", "nlr-fast"}
         Nelder-Mead with the reference settings, or grid start + Newton (Levenberg-Marquardt
         with non-uniform frame times).
     rho, kh : float
@@ -224,152 +197,253 @@ def fit_box_nlr(
         For CBF (mL/100 g/min), MTT (s), delay (s).
     start : 3 floats
         Nelder-Mead start (CBF, MTT, delay), the reference's; unused by ``"nlr-fast"``.
-    initial_steps : 3 floats or None
-        ``"nlr"`` only: the initial simplex's steps from the start in the simplex's coordinates
-        (CBV mL/100 g, MTT s, delay s; the start's CBV is CBF x MTT / 60); None builds it as
-        MATLAB's ``fminsearch`` and SciPy do (5 % of each start value).
     max_iter : int
         Nelder-Mead iterations (``"nlr"``); see ``lm_iter`` for ``"nlr-fast"``.
     restarts : int
         ``"nlr"`` only: voxels whose simplex ended on a bound start again from there with a
         fresh simplex, up to this many times. The default 0 is the plain Nelder-Mead of the
         reference; restarts are an option, not needed with the default initial simplex.
-    polish_iter : int
-        ``"nlr-fast"`` only: Newton iterations after the grid start (evenly spaced frames).
+    initial_steps : 3 floats or None
+        ``"nlr"`` only: the initial simplex's steps from the start in the simplex's coordinates
+        (CBV mL/100 g, MTT s, delay s; the start's CBV is CBF x MTT / 60); None builds it as
+        MATLAB's ``fminsearch`` and SciPy do (5 % of each start value).
     lm_iter : int
         ``"nlr-fast"`` only: most Levenberg-Marquardt steps (voxels stop earlier on their own).
+    polish_iter : int
+        ``"nlr-fast"`` only: Newton iterations after the grid start (evenly spaced frames).
     chunk : int, optional
         Voxels fitted at once; bounds peak memory: per worker about (24 n + 16 T) bytes per
-        voxel of a chunk, n = (largest delay + MTT - smallest delay) / frame interval + 3
-        (about 4 kB with 0.5 s frames and the default bounds). Default: at most 65536 on the
-        CPU (large chunks keep the worker threads from waiting on each other for the GIL) and
-        262144 on a GPU, in a number of chunks that is a multiple of ``workers``.
+        voxel of a chunk, n = (largest delay + MTT - smallest delay) / frame interval + 3.
+        Default: at most 65536 with NumPy (large chunks keep the worker threads from waiting
+        on each other for the GIL) and 262144 on a GPU, in a number of chunks that is a
+        multiple of ``workers``.
     workers : int, optional
-        Threads fitting chunks in parallel; default the number of CPUs with NumPy, 1 with torch
+        Threads fitting chunks in parallel; default the number of CPUs with NumPy, 1 on a GPU
         (torch parallelises inside each operation).
     device : str, optional
         Where to fit: None or "cpu" (NumPy, the default), a torch device such as "cuda" or
         "cuda:1" (torch tensors on that GPU, float64), or "auto" ("cuda" when torch is
-        installed and sees a GPU, else NumPy).
-    backend : {"numpy", "torch"}, optional
-        Array library; default NumPy on the CPU and torch on any other device. ``"torch"`` with
-        ``device="cpu"`` runs the torch code on the CPU. Uneven frame times always use NumPy.
+        installed and sees a GPU, else NumPy). Uneven frame times always use NumPy.
     progress : bool
-        Show a progress bar over chunks.
+        Show a progress bar over voxels.
 
     Returns
     -------
     BoxFit
     """
-    if mode not in ("nlr", "nlr-fast"):
-        raise ValidationError(f"mode must be 'nlr' or 'nlr-fast', got {mode!r}")
-    tis = np.asarray(tissue)  # converted to float64 chunk by chunk (memory)
+    if method not in ("nlr", "nlr-fast"):
+        raise ValidationError(f"method must be 'nlr' or 'nlr-fast', got {method!r}")
+    tis, t = _check_curves(tissue, times)
+    table = _arterial_table(aif, t, band_limit=band_limit)
+    ops = ArrayOps(_torch_device(device, uniform=table.uniform))
+    n = tis.shape[1]
+    workers = workers if workers is not None else (os.cpu_count() or 1) if ops.is_numpy else 1
+    chunk = chunk if chunk is not None else _default_chunk(n, workers, on_gpu=not ops.is_numpy)
+    setup = _setup(tis, table, method=method, rho=rho, kh=kh, band_limit=band_limit,
+                   bounds=bounds, start=start, max_iter=max_iter, restarts=restarts,
+                   initial_steps=initial_steps, lm_iter=lm_iter, polish_iter=polish_iter,
+                   ops=ops)
+    parts = map_chunks(partial(_fit_chunk, setup), n, chunk=max(1, int(chunk)),
+                       workers=max(1, workers), progress=progress, desc=f"box {method}",
+                       unit="voxel")
+    return _box_fit(parts)
+
+
+def _check_curves(tissue: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tissue as (T, N) in its own dtype (converted to float64 chunk by chunk, for memory)
+    and the times as float64 (T,)."""
+    tis = np.asarray(tissue)
     if tis.ndim == 1:
         tis = tis[:, None]
     t = np.asarray(times, dtype=np.float64)
     if tis.ndim != 2 or tis.shape[0] != t.size:
         raise ValidationError(f"tissue must be (T, N) with T = {t.size}, got shape {tis.shape}")
+    return tis, t
+
+
+def _arterial_table(aif: np.ndarray, t: np.ndarray, *, band_limit: bool) -> ArterialTable:
     ca = np.asarray(aif, dtype=np.float64)
     if band_limit:
         ca = bandlimit(ca)
     table = ArterialTable(ca, t)
     if not table.area > 0:
         raise ValidationError("the AIF has no positive area: no contrast arrival to fit against")
-    torch_device = _resolve_backend(device, backend)
-    if torch_device is not None and not table.uniform:
-        log.info("uneven frame times: the box fit runs with NumPy, not on %s", torch_device)
-        torch_device = None
-    ops = ArrayOps(torch_device)
-    if workers is None:
-        workers = (os.cpu_count() or 1) if ops.is_numpy else 1
-    n = tis.shape[1]
-    if chunk is None:
-        chunk = 1 << 16 if torch_device is None or torch_device == "cpu" else 1 << 18
-        # As many chunks of about equal size as keep every worker busy to the end.
-        n_chunks = -(-n // chunk)
-        if workers > 1 and n_chunks % workers:
-            n_chunks = min(n, n_chunks + workers - n_chunks % workers)
-        chunk = max(1, -(-n // max(1, n_chunks)))
+    return table
+
+
+def _torch_device(device: str | None, *, uniform: bool) -> str | None:
+    """The torch device to fit on, or None for NumPy."""
+    if device is None or device == "cpu":
+        return None
+    if device == "auto":
+        try:
+            import torch
+        except ImportError:
+            return None
+        if not torch.cuda.is_available():
+            return None
+        device = "cuda"
+    else:
+        _check_torch_device(device)
+    if not uniform:
+        log.info("uneven frame times: the box fit runs with NumPy, not on %s", device)
+        return None
+    return device
+
+
+def _check_torch_device(device: str) -> None:
+    try:
+        import torch
+    except ImportError as exc:
+        raise ValidationError(f"device {device!r} needs PyTorch, which is not installed") from exc
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValidationError(f"unknown torch device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValidationError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+
+
+def _default_chunk(n: int, workers: int, *, on_gpu: bool) -> int:
+    """At most 2^16 voxels (2^18 on a GPU) per chunk, in a number of chunks of about equal
+    size that keeps every worker busy to the end."""
+    chunk = 1 << 18 if on_gpu else 1 << 16
+    n_chunks = -(-n // chunk)
+    if workers > 1 and n_chunks % workers:
+        n_chunks = min(n, n_chunks + workers - n_chunks % workers)
+    return max(1, -(-n // max(1, n_chunks)))
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every chunk's fit shares: the AIF's tables, bounds and the method's settings."""
+
+    tissue: np.ndarray           # (T, N), any float dtype
+    table: ArterialTable
+    scale: float
+    method: str
+    band_limit: bool
+    bounds: np.ndarray           # (3, 2) of (CBF, MTT, delay)
+    cbv_bounds: np.ndarray       # (3, 2) of the simplex's (CBV, MTT, delay)
+    fast: FastBoxSSE | None      # O(1) SSE with evenly spaced frames
+    ops: ArrayOps
+    start: tuple[float, float, float]
+    initial_steps: tuple[float, float, float] | None
+    max_iter: int
+    restarts: int
+    lm_iter: int
+    polish_iter: int
+
+
+def _setup(tis: np.ndarray, table: ArterialTable, *, method: str, rho: float, kh: float,
+           band_limit: bool, bounds: tuple[tuple[float, float], ...],
+           start: tuple[float, float, float], max_iter: int, restarts: int,
+           initial_steps: tuple[float, float, float] | None, lm_iter: int, polish_iter: int,
+           ops: ArrayOps) -> _Setup:
     scale = flow_scale(rho, kh)
     b = np.asarray(bounds, dtype=np.float64)
-    # O(1)-per-evaluation SSE for the simplex when frames are evenly spaced (see fastsse).
-    fast = FastBoxSSE(table, scale, b, ops=ops) if table.uniform else None
-    out = np.empty((n, 3))
-    rms = np.empty(n)
     # Bounds of the simplex's coordinates (CBV, MTT, delay); CBF is clipped to its own.
     bv = b.copy()
     bv[0] = (b[0, 0] * b[1, 0] / 60.0, b[0, 1] * b[1, 1] / 60.0)
+    # O(1)-per-evaluation SSE when frames are evenly spaced (see fastsse).
+    fast = FastBoxSSE(table, scale, b, ops=ops) if table.uniform else None
+    return _Setup(tissue=tis, table=table, scale=scale, method=method, band_limit=band_limit,
+                  bounds=b, cbv_bounds=bv, fast=fast, ops=ops, start=start,
+                  initial_steps=initial_steps, max_iter=max_iter, restarts=restarts,
+                  lm_iter=lm_iter, polish_iter=polish_iter)
+
+
+@dataclass(frozen=True)
+class _ChunkSSE:
+    """``sse(q, rows)``: sum of squared errors (M,) of parameters q (3, M) of (CBF, MTT, delay)
+    for the chunk's voxels ``rows`` (M,)."""
+
+    curves: np.ndarray           # (T, M) float64, the chunk's tissue curves
+    setup: _Setup
+    fast: FastBoxSSE | None      # set to the chunk's curves
+
+    def __call__(self, q: Any, rows: Any) -> Any:
+        if self.fast is not None:
+            return self.fast.sse(q[0], q[1], q[2], rows)
+        return _sse(q.T, self.curves[:, rows], self.setup.table, self.setup.scale)
+
+
+@dataclass(frozen=True)
+class _CBVSSE:
+    """The same SSE with the simplex's (CBV, MTT, delay) columns, for the chunk's voxels
+    ``subset[rows]`` (all of them when ``subset`` is None)."""
+
+    sse: _ChunkSSE
+    subset: Any = None
+
+    def __call__(self, v: Any, rows: Any) -> Any:
+        setup = self.sse.setup
+        rows = rows if self.subset is None else self.subset[rows]
+        return self.sse(_cbv_to_cbf(v, setup.bounds, setup.ops), rows)
+
+
+def _fit_chunk(setup: _Setup, first: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fitted (CBF, MTT, delay) (M, 3) and mean squared misfit (M,) of voxels first:stop."""
+    c = setup.tissue[:, first:stop].astype(np.float64)
+    if setup.band_limit:
+        c = bandlimit(c)
+    sse = _ChunkSSE(c, setup, setup.fast.with_tissue(c) if setup.fast is not None else None)
+    if setup.method == "nlr":
+        p = _fit_simplex(setup, sse, c.shape[1])
+    elif sse.fast is not None:
+        p = refine_newton(sse.fast, sse.fast.grid_start(setup.bounds, n_mtt=16), setup.bounds,
+                          n_iter=setup.polish_iter)
+    else:
+        p = _grid_start(c, setup.table, setup.scale, setup.bounds, n_mtt=24, delay_step=0.5)
+        p = _levenberg_marquardt(c, p, setup.table, setup.scale, setup.bounds,
+                                 n_iter=setup.lm_iter, rtol=1e-4)
+    ops = setup.ops
+    return ops.to_numpy(p), ops.to_numpy(sse(p.T, ops.arange(p.shape[0]))) / c.shape[0]
+
+
+def _fit_simplex(setup: _Setup, sse: _ChunkSSE, m: int) -> Any:
+    """Nelder-Mead from the reference's start for m voxels; (CBF, MTT, delay) (m, 3).
+
+    The simplex moves in (CBV, MTT, delay): the curve's area (CBV) and its shape (MTT, delay)
+    are then separate coordinates. In (CBF, MTT, delay) the area is CBF x MTT, and a simplex
+    started at the reference's high CBF lowers the area by shrinking MTT onto its lower bound,
+    where it stalls with CBF several times too high. Same start, same model, same
+    least-squares objective.
+    """
+    ops, b, bv = setup.ops, setup.bounds, setup.cbv_bounds
+    s0 = np.clip(np.asarray(setup.start, float), b[:, 0], b[:, 1])
+    s0[0] *= s0[1] / 60.0
+    x0 = ops.asarray(np.broadcast_to(np.clip(s0, bv[:, 0], bv[:, 1]), (m, 3)))
+    steps = None if setup.initial_steps is None else np.asarray(setup.initial_steps, float)
+    v = nelder_mead(_CBVSSE(sse), x0, bounds=bv, max_iter=setup.max_iter, steps=steps, ops=ops)
+    v = _restart_on_bounds(setup, sse, v)
+    return _cbv_to_cbf(v.T, b, ops).T
+
+
+def _restart_on_bounds(setup: _Setup, sse: _ChunkSSE, v: Any) -> Any:
+    """Restart with a fresh simplex where a simplex ended on a bound: there it has usually
+    collapsed against the bound instead of finding the minimum. ``v`` (m, 3) is updated."""
+    ops, bv = setup.ops, setup.cbv_bounds
     near = ops.asarray(0.01 * (bv[:, 1] - bv[:, 0]))
     lo, hi = ops.asarray(bv[:, 0]), ops.asarray(bv[:, 1])
+    sub = ops.arange(v.shape[0])
+    for _ in range(setup.restarts):
+        sub = sub[((v[sub] - lo < near) | (hi - v[sub] < near)).any(axis=1)]
+        if sub.shape[0] == 0:
+            break
+        v[sub] = nelder_mead(_CBVSSE(sse, sub), v[sub], bounds=bv, max_iter=setup.max_iter,
+                             ops=ops)
+    return v
 
-    def fit_chunk(s: int) -> None:
-        c = tis[:, s:s + chunk].astype(np.float64)
-        if band_limit:
-            c = bandlimit(c)
-        obj = fast.with_tissue(c) if fast is not None else None
 
-        def fun(q: Any, idx: Any) -> Any:  # q: (3, M) columns of (CBF, MTT, delay)
-            if obj is not None:
-                return obj.sse(q[0], q[1], q[2], idx)
-            return _sse(q.T, c[:, idx], table, scale)
-
-        if mode == "nlr":
-            # The simplex moves in (CBV, MTT, delay): the curve's area (CBV) and its shape
-            # (MTT, delay) are then separate coordinates. In (CBF, MTT, delay) the area is
-            # CBF x MTT, and a simplex started at the reference's high CBF lowers the area by
-            # shrinking MTT onto its lower bound, where it stalls with CBF several times too
-            # high. Same start, same model, same least-squares objective.
-            def fun_v(v: Any, idx: Any) -> Any:
-                return fun(_cbv_to_cbf(v, b, ops), idx)
-
-            s0 = np.clip(np.asarray(start, float), b[:, 0], b[:, 1])
-            s0[0] *= s0[1] / 60.0
-            x0 = ops.asarray(np.broadcast_to(np.clip(s0, bv[:, 0], bv[:, 1]), (c.shape[1], 3)))
-            steps = None if initial_steps is None else np.asarray(initial_steps, dtype=float)
-            v = nelder_mead(fun_v, x0, bounds=bv, max_iter=max_iter, steps=steps, ops=ops)
-            # Restart with a fresh simplex where a simplex ended on a bound: there it has
-            # usually collapsed against the bound instead of finding the minimum.
-            sub = ops.arange(v.shape[0])
-            for _ in range(restarts):
-                sub = sub[((v[sub] - lo < near) | (hi - v[sub] < near)).any(axis=1)]
-                if sub.shape[0] == 0:
-                    break
-
-                def fun_sub(q: Any, idx: Any, sub: Any = sub) -> Any:
-                    return fun_v(q, sub[idx])
-
-                v[sub] = nelder_mead(fun_sub, v[sub], bounds=bv, max_iter=max_iter, ops=ops)
-            p = _cbv_to_cbf(v.T, b, ops).T
-        elif obj is not None:
-            p = refine_newton(obj, obj.grid_start(b, n_mtt=16), b, n_iter=polish_iter)
-        else:
-            p = _grid_start(c, table, scale, b, n_mtt=24, delay_step=0.5)
-            p = _levenberg_marquardt(c, p, table, scale, b, n_iter=lm_iter, rtol=1e-4)
-        out[s:s + chunk] = ops.to_numpy(p)
-        rms[s:s + chunk] = ops.to_numpy(fun(p.T, ops.arange(p.shape[0]))) / c.shape[0]
-
-    starts = list(range(0, n, max(1, int(chunk))))
-    n_workers = max(1, min(workers, len(starts)))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc=f"box {mode}", unit="voxel", unit_scale=True)
-    if n_workers == 1:
-        for s in starts:
-            fit_chunk(s)
-            if bar is not None:
-                bar.update(min(chunk, n - s))
+def _box_fit(parts: list[tuple[np.ndarray, np.ndarray]]) -> BoxFit:
+    """The chunks' parameters and mean squared misfits as one BoxFit."""
+    if parts:
+        p = np.concatenate([part[0] for part in parts])
+        rms = np.sqrt(np.concatenate([part[1] for part in parts]))
     else:
-        # Threads: the heavy work is NumPy array operations, which release the GIL.
-        with ThreadPoolExecutor(max_workers=n_workers) as pool:
-            for s, _ in zip(starts, pool.map(fit_chunk, starts), strict=True):
-                if bar is not None:
-                    bar.update(min(chunk, n - s))
-    if bar is not None:
-        bar.close()
-    np.sqrt(rms, out=rms)
-    cbf, mtt, delay = out[:, 0], out[:, 1], out[:, 2]
+        p, rms = np.empty((0, 3)), np.empty(0)
+    cbf, mtt, delay = p[:, 0], p[:, 1], p[:, 2]
     return BoxFit(cbf=cbf, cbv=cbf * mtt / 60.0, mtt=mtt, delay=delay,
                   tmax=delay + TMAX_MTT_FRACTION * mtt, residual=rms)
 

@@ -314,7 +314,7 @@ def run_perfusion(
     if grid is not None:
         fit_t, fit_tissue, fit_aif = grid, resample(tissue, t, grid), np.interp(grid, t, aif_used)
     if method in ("nlr", "nlr-fast"):
-        fit = fit_box_nlr(fit_tissue, fit_aif, fit_t, mode=method, rho=rho, kh=kh, device=device,
+        fit = fit_box_nlr(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh, device=device,
                           progress=progress)
         values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
                   "delay": fit.delay, "residual": fit.residual}
