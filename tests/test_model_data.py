@@ -188,11 +188,13 @@ def test_unitobrain_layout_goes_through_the_io_reader(monkeypatch, tmp_path: Pat
         cache.target_index("mtt")
 
 
-def test_nlr_reference_is_computed_once_and_cached(monkeypatch, tmp_path: Path):
+def test_nlr_references_are_written_to_the_output_not_the_cohort(monkeypatch, tmp_path: Path):
     import ctperf.perfusion
     from ctperf.io import read_maps
+    from ctperf.workflow import nlr_references
 
     cohort = make_cohort(tmp_path / "c", subjects=2, size=8, frames=12)
+    before = sorted(p.relative_to(cohort) for p in cohort.rglob("*"))
     calls = []
 
     def fake_compute(series, *, method, mask=None, **kw):
@@ -201,20 +203,29 @@ def test_nlr_reference_is_computed_once_and_cached(monkeypatch, tmp_path: Path):
         return maps.replace(maps={k: v * 0.5 for k, v in maps.maps.items()})
 
     monkeypatch.setattr(ctperf.perfusion, "compute_maps", fake_compute)
-    cache = build_slice_cache(cohort, tmp_path / "cache", size=8, frames=4, reference="nlr")
+    refs = nlr_references(cohort, tmp_path / "refs")
     assert calls == ["nlr", "nlr"]
-    assert (cohort / "sub-0001" / "nlr" / "cbv.nii.gz").exists()
+    assert (refs / "sub-0001" / "cbv.nii.gz").exists()
+    assert sorted(p.relative_to(cohort) for p in cohort.rglob("*")) == before  # input untouched
+    cache = build_slice_cache(cohort, tmp_path / "cache", size=8, frames=4, reference="nlr",
+                              references=refs)
     truth = read_maps(cohort / "sub-0001" / "truth")
     row = cache.rows(["sub-0001"])[0]
     unit = cache.targets[row, cache.target_index("cbv")].astype(np.float32)
     # the halved maps were used; float16 of [0, 1] values: 5e-4 of the 10 mL/100g window
     np.testing.assert_allclose(from_unit(unit, "cbv"), 0.5 * truth["cbv"][0], atol=0.01)
-    build_slice_cache(cohort, tmp_path / "cache2", size=8, frames=4, reference="nlr")
-    assert len(calls) == 2  # read back from sub-*/nlr, not recomputed
+    nlr_references(cohort, tmp_path / "refs")
+    assert len(calls) == 2  # a rerun finds the references written: nothing recomputed
+    # the slice cache only reads: without references it names what is missing
+    with pytest.raises(InputError, match="missing NLR reference maps"):
+        build_slice_cache(cohort, tmp_path / "cache2", size=8, frames=4, reference="nlr")
+    with pytest.raises(InputError, match="inside"):
+        nlr_references(cohort, cohort / "refs")  # never into the input cohort
 
 
 def test_failing_nlr_reference_names_the_subject(monkeypatch, tmp_path: Path):
     import ctperf.perfusion
+    from ctperf.workflow import nlr_references
 
     cohort = make_cohort(tmp_path / "c", subjects=1, size=8, frames=12)
 
@@ -223,6 +234,7 @@ def test_failing_nlr_reference_names_the_subject(monkeypatch, tmp_path: Path):
 
     monkeypatch.setattr(ctperf.perfusion, "compute_maps", failing)
     with pytest.raises(InputError, match="sub-0000: the NLR reference could not be computed"):
-        build_slice_cache(cohort, tmp_path / "cache", size=8, frames=4, reference="nlr")
+        nlr_references(cohort, tmp_path / "refs")
+    assert not (tmp_path / "refs" / "sub-0000").exists()
     with pytest.raises(ValidationError, match="reference must be one of"):
         build_slice_cache(cohort, tmp_path / "cache", size=8, frames=4, reference="svd")

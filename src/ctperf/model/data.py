@@ -8,13 +8,15 @@ A cache holds, for every slice of every patient at one size (H = W = ``size``):
 - ``index.json``  patient id and slice z of each row, per-patient HU sums for the input statistics
   and the configuration the cache was built with.
 
-A 100-patient, 8-slice, 512 x 512 cohort with 89 frames is ~3.7 GB of inputs instead of 7.5 GB of
-float32. The cache is written in a temporary folder and renamed when complete, so a killed build
-leaves nothing that looks finished. Sizes other than the study's are resampled slice by slice
-(area averaging down, bilinear up), which gives the down-sampled copies used for pretraining.
+Inputs are stored as float16, half the size of float32. The cache is written in a temporary folder
+and renamed when complete, so a killed build leaves nothing that looks finished. Sizes other than
+the study's are resampled slice by slice (area averaging down, bilinear up), which gives the
+down-sampled copies used for pretraining.
 
 Cohort layouts: the phantom's (``sub-*/study.nii.gz`` with ``truth/``, ``masks/brain.nii.gz`` and
-cached ``nlr/`` maps) and UniToBrain's (through :func:`ctperf.io.iter_unitobrain`).
+optionally precomputed ``nlr/`` maps) and UniToBrain's (through :func:`ctperf.io.iter_unitobrain`).
+This module only reads: NLR references are computed beforehand by
+:func:`ctperf.workflow.nlr_references` into a folder of their own.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.errors import CTPerfError, InputError, ValidationError
+from ctperf.errors import InputError, ValidationError
 from ctperf.model.normalise import (
     DEFAULT_HU_WINDOW,
     TARGET_MAPS,
@@ -45,7 +47,7 @@ from ctperf.types import CTPSeries, PerfusionMaps
 __all__ = ["CACHE_VERSION", "SliceCache", "build_slice_cache", "iter_cohort", "open_slice_cache",
            "resize_slices"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CACHE_VERSION = 1
 _REFERENCES = ("truth", "nlr")
@@ -134,37 +136,32 @@ def _phantom_subjects(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("sub-*") if (p / "study.nii.gz").exists())
 
 
-def _reference_maps(sub: Path, series: CTPSeries, mask: np.ndarray,
-                    reference: str) -> PerfusionMaps:
-    from ctperf.io import read_maps, write_maps_nifti
+def _reference_maps(sub: Path, reference: str, references: Path | None) -> PerfusionMaps:
+    """The reference maps of one phantom-layout subject: ``truth/``, or the NLR maps from
+    ``references/<subject>/`` (else ``<subject>/nlr/``, precomputed with the cohort)."""
+    from ctperf.io import read_maps
 
-    folder = sub / reference
     needed = ("cbf", "cbv", "mtt", "delay")
-    if all((folder / f"{n}.nii.gz").exists() for n in needed):
-        return read_maps(folder)
+    folders = [sub / "truth"] if reference == "truth" else [
+        *([references / sub.name] if references is not None else []), sub / "nlr"]
+    for folder in folders:
+        if all((folder / f"{n}.nii.gz").exists() for n in needed):
+            return read_maps(folder)
     if reference == "truth":
-        raise InputError(folder, f"missing true maps ({', '.join(needed)})")
-    try:
-        from ctperf.perfusion import compute_maps
-    except ImportError as exc:
-        raise InputError(folder, f"no cached NLR maps and ctperf.perfusion is unavailable "
-                                 f"({exc})") from None
-    logger.info("computing the NLR reference of %s", sub.name)
-    try:
-        maps = compute_maps(series, method="nlr", mask=mask)
-    except CTPerfError as exc:
-        raise InputError(sub, f"the NLR reference could not be computed ({exc}); compute it "
-                              f"into {folder} yourself (e.g. with an AIF mask)") from None
-    write_maps_nifti(maps, folder)
-    return maps
+        raise InputError(folders[0], f"missing true maps ({', '.join(needed)})")
+    raise InputError(folders[0], f"missing NLR reference maps ({', '.join(needed)}); compute "
+                                 "them with ctperf.workflow.nlr_references (ctperf train and cv "
+                                 "do) and pass their folder as references")
 
 
 def iter_cohort(root: str | Path, *, reference: str = "truth",
+                references: str | Path | None = None,
                 ) -> Iterator[tuple[str, CTPSeries, PerfusionMaps, np.ndarray]]:
     """Yield (patient id, series, reference maps, brain mask (Z, Y, X) bool) for each patient.
 
-    ``reference`` is ``"truth"`` (phantom's true maps) or ``"nlr"`` (box-model NLR maps, cached in
-    ``sub-*/nlr/`` and computed on first use); on UniToBrain it is the dataset's own reference.
+    ``reference`` is ``"truth"`` (phantom's true maps) or ``"nlr"`` (box-model NLR maps read from
+    ``references/<subject>/``, see :func:`ctperf.workflow.nlr_references`, or from a cohort's
+    precomputed ``sub-*/nlr/``); on UniToBrain it is the dataset's own reference.
     """
     from ctperf import io
 
@@ -181,7 +178,8 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
             mask_path = sub / "masks" / "brain.nii.gz"
             mask = (io.read_mask(mask_path, shape=shape, affine=series.affine)
                     if mask_path.exists() else np.ones(shape, dtype=bool))
-            yield sub.name, series, _reference_maps(sub, series, mask, reference), mask
+            refs = None if references is None else Path(references)
+            yield sub.name, series, _reference_maps(sub, reference, refs), mask
         return
     iter_unitobrain = getattr(io, "iter_unitobrain", None)
     if iter_unitobrain is None:
@@ -201,8 +199,10 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
         raise InputError(root, "no patients found (neither phantom nor UniToBrain layout)")
 
 
-def _cache_key(root: Path, config: dict[str, Any]) -> str:
-    blob = json.dumps({"root": str(root.resolve()), **config}, sort_keys=True)
+def _cache_key(root: Path, config: dict[str, Any], references: Path | None) -> str:
+    refs = None if references is None else str(references.resolve())
+    blob = json.dumps({"root": str(root.resolve()), **config,
+                       **({"references": refs} if refs is not None else {})}, sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 
@@ -223,7 +223,8 @@ def open_slice_cache(path: str | Path) -> SliceCache:
 
 def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int | None = None,
                       frames: int | None = None,
-                      reference: str = "truth", frame_mode: str = "subsample",
+                      reference: str = "truth", references: str | Path | None = None,
+                      frame_mode: str = "subsample",
                       frame_interval: float | None = None,
                       hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
                       progress: bool = False) -> SliceCache:
@@ -243,6 +244,10 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         study's frame count.
     reference : {"truth", "nlr"}
         Target maps (phantom layout).
+    references : path, optional
+        Folder of NLR reference maps, ``<subject>/<map>.nii.gz``, written by
+        :func:`ctperf.workflow.nlr_references` (``reference="nlr"``; without it, or for a
+        subject it lacks, the cohort's precomputed ``sub-*/nlr/`` is read).
     frame_mode : {"subsample", "resample"}
         Frame selection; ``frame_interval`` (s) for resampling.
     hu_window : (float, float)
@@ -261,14 +266,15 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
               "reference": reference, "frame_mode": frame_mode, "frame_interval": frame_interval,
               "hu_window": [float(v) for v in hu_window],
               "windows": {k: list(v) for k, v in TARGET_WINDOWS.items()}}
-    key = _cache_key(root, config)
+    refs = None if references is None or reference != "nlr" else Path(references)
+    key = _cache_key(root, config, refs)
     path = Path(cache_root) / (f"{root.resolve().name}-{size or 'native'}px-"
                                f"{frames or 'all'}f-{reference}-{key}")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) > 0:
         while not (path / "index.json").exists():  # under torchrun, process 0 builds the cache
             time.sleep(1.0)
     if (path / "index.json").exists():
-        logger.info("reusing slice cache %s", path)
+        log.info("reusing slice cache %s", path)
         return open_slice_cache(path)
     with atomic_dir(path) as tmp:
         parts: list[str] = []
@@ -277,7 +283,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         rows_z: list[int] = []
         have: set[str] | None = None
         ranges: dict[str, list[float]] = {}  # dataset-wide min/max per target, whole images
-        for pid, series, maps, mask in tqdm(iter_cohort(root, reference=reference),
+        for pid, series, maps, mask in tqdm(iter_cohort(root, reference=reference, references=refs),
                                             desc="slice cache", disable=not progress):
             if frames is None:
                 frames = series.n_frames
@@ -341,5 +347,5 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                 "patients": list(stats), "stats": stats, "rows_patient": rows_patient,
                 "rows_z": rows_z, "cohort": str(root), "target_ranges": ranges}
         (tmp / "index.json").write_text(json.dumps(meta) + "\n")
-    logger.info("built slice cache %s (%d slices)", path, n)
+    log.info("built slice cache %s (%d slices)", path, n)
     return open_slice_cache(path)
