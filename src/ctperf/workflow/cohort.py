@@ -1,0 +1,396 @@
+"""Cohorts: one task per study, run in parallel on Dask, resumable through a manifest.
+
+A cohort run applies a per-study function ``task(source, target, options)`` to every study of a
+cohort and writes study ``name`` into ``OUT/<name>/`` (the task writes that folder atomically,
+see :func:`ctperf.io.atomic_dir`). ``OUT/manifest.json`` records the state of every study:
+
+- ``pending``: submitted, not finished (or the run was killed);
+- ``done``: its folder was renamed into place; a rerun with the same options skips it;
+- ``failed``: with its one-line error; a rerun tries it again.
+
+Only the client process writes the manifest, atomically, after each change of state, so a
+killed run leaves a manifest that never claims more than is on disk: a rerun finishes only the
+rest. Studies run on a local Dask cluster (worker processes, one thread each, sized to the
+machine's cores and memory), on an existing cluster (``scheduler="tcp://host:port"``), or in
+this process when one worker is asked for (or enough).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Generator, Iterable
+from pathlib import Path
+from typing import Any
+
+from ctperf.errors import CTPerfError, InputError
+
+__all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_studies",
+           "load_manifest", "options_hash", "run_cohort", "worker_count"]
+
+log = logging.getLogger(__name__)
+
+#: Name of the manifest in a cohort output folder.
+MANIFEST = "manifest.json"
+#: Memory set aside per local Dask worker (bytes) when sizing a local cluster: a full-size
+#: study and its intermediate arrays fit in it.
+MEMORY_PER_WORKER = 4 * 2**30
+_FORMAT = "ctperf-cohort-manifest"
+_OWN_FILES = frozenset({MANIFEST, "cohort.json"})
+_STATES = ("pending", "done", "failed")
+_UNHASHED = frozenset({"progress", "overwrite", "workers"})
+_PathLike = str | os.PathLike[str]
+Task = Callable[[Any, Path, Any], Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """One study of a cohort: ``name`` (its output folder ``OUT/<name>``) and ``source``
+    (what the task reads: a path, or for generated cohorts any picklable description)."""
+
+    name: str
+    source: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class CohortSummary:
+    """What a cohort run did.
+
+    Attributes
+    ----------
+    done : tuple of str
+        Studies computed by this run.
+    skipped : tuple of str
+        Studies already done with the same options (not computed again).
+    failed : dict of str to str
+        Study name -> one-line error.
+    manifest : Path
+        ``OUT/manifest.json``.
+    seconds : float
+        Wall time of the run, s.
+    """
+
+    done: tuple[str, ...]
+    skipped: tuple[str, ...]
+    failed: dict[str, str]
+    manifest: Path
+    seconds: float
+
+    @property
+    def total(self) -> int:
+        return len(self.done) + len(self.skipped) + len(self.failed)
+
+    @property
+    def exit_code(self) -> int:
+        """0 when every study is done, 1 when any failed."""
+        return 1 if self.failed else 0
+
+    def text(self) -> str:
+        """One summary line, e.g. ``3 studies: 2 done (1 already done), 1 failed; ...``."""
+        finished = len(self.done) + len(self.skipped)
+        return (f"{self.total} studies: {finished} done ({len(self.skipped)} already done), "
+                f"{len(self.failed)} failed; manifest {self.manifest}")
+
+    def failure_lines(self) -> list[str]:
+        """``<study>: <error>`` for every failed study."""
+        return [f"{name}: {error}" for name, error in self.failed.items()]
+
+
+# --- discovery -------------------------------------------------------------------------------
+
+def _nifti_stem(name: str) -> str | None:
+    for ext in (".nii.gz", ".nii"):
+        if name.lower().endswith(ext) and len(name) > len(ext):
+            return name[: -len(ext)]
+    return None
+
+
+def _study_in_folder(folder: Path) -> Path:
+    """A phantom or preprocess folder's ``study.nii.gz``, a folder's only NIfTI, else the
+    folder itself (read as DICOM)."""
+    for name in ("study.nii.gz", "study.nii"):
+        if (folder / name).is_file():
+            return folder / name
+    niftis = [p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+              and _nifti_stem(p.name) is not None]
+    return niftis[0] if len(niftis) == 1 else folder
+
+
+def _sanitise(name: str) -> str:
+    clean = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")
+    return clean[:100] or "study"
+
+
+def _unique_names(raw: Iterable[str]) -> list[str]:
+    taken: set[str] = set(_OWN_FILES)
+    names = []
+    for name in raw:
+        base, k, candidate = _sanitise(name), 1, _sanitise(name)
+        while candidate.lower() in taken:
+            k += 1
+            candidate = f"{base}-{k}"
+        taken.add(candidate.lower())
+        names.append(candidate)
+    return names
+
+
+def discover_studies(cohort: _PathLike) -> list[Study]:
+    """The studies of a cohort folder, sorted by name.
+
+    Each sub-folder is one study: its ``study.nii.gz`` (phantom and ``ctperf preprocess``
+    layouts), its only NIfTI file, or else the folder itself as DICOM (searched recursively).
+    Each ``.nii``/``.nii.gz`` file beside them is one study (a JSON sidecar of the same stem
+    goes with it). Hidden entries, ctperf's own files (``manifest.json``, ``cohort.json``) and
+    other files are ignored. Names become output folder names: characters other than letters,
+    digits, ``.``, ``_`` and ``-`` turn into ``_``; clashes get ``-2``, ``-3``...
+
+    Raises
+    ------
+    InputError
+        ``cohort`` is not a folder, or holds no study.
+    """
+    root = Path(cohort)
+    if not root.is_dir():
+        raise InputError(root, "is not a folder; --cohort expects a folder holding one "
+                               "sub-folder or 4D NIfTI file per study")
+    found: list[tuple[str, Path]] = []
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        if entry.name.startswith(".") or entry.name in _OWN_FILES:
+            continue
+        if entry.is_dir():
+            found.append((entry.name, _study_in_folder(entry)))
+        elif entry.is_file() and (stem := _nifti_stem(entry.name)) is not None:
+            found.append((stem, entry))
+    if not found:
+        raise InputError(root, "holds no study: expected one sub-folder (DICOM, or holding a "
+                               "4D NIfTI) or one 4D NIfTI file per study")
+    names = _unique_names(name for name, _ in found)
+    return [Study(name, path) for name, (_, path) in zip(names, found, strict=True)]
+
+
+# --- manifest --------------------------------------------------------------------------------
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def options_hash(task: Task, options: Any) -> str:
+    """``sha256:<hex>`` of the task's qualified name and its options (a dataclass or mapping),
+    as canonical JSON; studies done under another hash are computed again. Options that do not
+    change what is written (``progress``, ``overwrite``, ``workers``) are left out."""
+    name = f"{getattr(task, '__module__', '')}.{getattr(task, '__qualname__', repr(task))}"
+    plain = _plain(options)
+    if isinstance(plain, dict):
+        plain = {k: v for k, v in plain.items() if k not in _UNHASHED}
+    text = json.dumps({"task": name, "options": plain}, sort_keys=True, default=repr)
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_manifest(out: _PathLike) -> dict[str, dict[str, Any]]:
+    """The per-study rows of ``OUT/manifest.json`` (empty when there is none).
+
+    Raises
+    ------
+    InputError
+        The file exists but is not a ctperf cohort manifest.
+    """
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"is not valid JSON ({exc}); delete it to start the cohort "
+                               "again") from None
+    studies = data.get("studies") if isinstance(data, dict) else None
+    if data.get("format") != _FORMAT or not isinstance(studies, dict) or not all(
+            isinstance(row, dict) and row.get("state") in _STATES for row in studies.values()):
+        raise InputError(path, "is not a ctperf cohort manifest; delete it or choose another "
+                               "output folder")
+    return studies
+
+
+def _save_manifest(out: Path, rows: dict[str, dict[str, Any]]) -> None:
+    from ctperf.io import atomic_file
+
+    with atomic_file(out / MANIFEST) as tmp:
+        tmp.write_text(json.dumps({"format": _FORMAT, "version": 1, "studies": rows}, indent=1)
+                       + "\n")
+
+
+# --- running ---------------------------------------------------------------------------------
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc) if isinstance(exc, CTPerfError) else f"{type(exc).__name__}: {exc}"
+    return " ".join(text.split()) or type(exc).__name__
+
+
+def _run_study(task: Task, source: Any, target: Path, options: Any) -> dict[str, Any]:
+    """Run one study (in a worker or in this process); never raises an ``Exception``."""
+    started = _now()
+    try:
+        task(source, target, options)
+        if not target.is_dir():
+            raise CTPerfError(f"the task wrote no folder {target.name}")
+        state, error = "done", None
+    except Exception as exc:  # a study's failure is recorded, the cohort goes on
+        state, error = "failed", _one_line(exc)
+    return {"state": state, "error": error, "started": started, "finished": _now()}
+
+
+def worker_count(studies: int, workers: int | None = None) -> int:
+    """Local workers for ``studies`` studies: ``workers`` if given, else one per CPU core that
+    :data:`MEMORY_PER_WORKER` of the machine's memory allows; never more than ``studies``."""
+    if workers is None:
+        import psutil
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+            os.cpu_count() or 1)
+        workers = min(cores, max(1, psutil.virtual_memory().total // MEMORY_PER_WORKER))
+    return max(1, min(int(workers), studies))
+
+
+def _in_process(todo: list[Study], out: Path, task: Task, options: Any
+                ) -> Generator[tuple[Study, dict[str, Any]], None, None]:
+    for study in todo:
+        yield study, _run_study(task, study.source, out / study.name, options)
+
+
+def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
+             scheduler: str | None, workers: int
+             ) -> Generator[tuple[Study, dict[str, Any]], None, None]:
+    import distributed
+
+    cluster = None
+    try:
+        if scheduler is None:
+            cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
+                                               processes=True, dashboard_address=None,
+                                               silence_logs=logging.WARNING)
+            client = distributed.Client(cluster)
+        else:
+            try:
+                client = distributed.Client(scheduler, timeout=30)
+            except (OSError, ValueError) as exc:
+                raise CTPerfError(f"cannot reach the Dask scheduler at {scheduler} "
+                                  f"({_one_line(exc)})") from None
+        with client:
+            futures = {client.submit(_run_study, task, s.source, out / s.name, options,
+                                     key=f"ctperf-{s.name}-{time.time_ns()}", pure=False): s
+                       for s in todo}
+            for future in distributed.as_completed(futures):
+                study = futures[future]
+                try:
+                    row = future.result()
+                except Exception as exc:  # the worker died (memory, kill) or was lost
+                    row = {"state": "failed", "error": _one_line(exc), "started": None,
+                           "finished": _now()}
+                yield study, row
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: Any, *,
+               scheduler: str | None = None, workers: int | None = None,
+               progress: bool = False) -> CohortSummary:
+    """Run ``task`` on every study not yet done and record each one's state in the manifest.
+
+    Parameters
+    ----------
+    studies : iterable of Study
+        From :func:`discover_studies`, or made by the caller (unique names).
+    out : path
+        Cohort output folder: created and marked as a ctperf output; study ``name`` goes to
+        ``out/<name>`` and the states to ``out/manifest.json``.
+    task : callable
+        ``task(source, target, options)``, a module-level function (it is pickled to the
+        workers) that writes ``target`` atomically and raises on failure.
+    options : dataclass or mapping
+        Handed to every call; their hash decides whether a done study is still done.
+    scheduler : str, optional
+        Address of an existing Dask scheduler (``tcp://host:port``); its workers must import
+        ctperf and see ``out`` and the sources at the same paths.
+    workers : int, optional
+        Local worker processes (default: :func:`worker_count`); with one, studies run in
+        this process. Ignored with ``scheduler``.
+    progress : bool
+        A tqdm bar over studies.
+
+    Returns
+    -------
+    CohortSummary
+        Names done, skipped and failed (with their errors); see ``exit_code``.
+    """
+    from ctperf import __version__
+    from ctperf.io import mark_output
+    from ctperf.io.atomic import remove_stale_temporaries
+
+    started = time.monotonic()
+    studies = list(studies)
+    names = [s.name for s in studies]
+    if len(set(names)) != len(names):
+        raise ValueError("study names must be unique")
+    root = mark_output(out)
+    remove_stale_temporaries(root)
+    rows = load_manifest(root)
+    digest = options_hash(task, options)
+    skipped = tuple(s.name for s in studies if rows.get(s.name, {}).get("state") == "done"
+                    and rows[s.name].get("options_hash") == digest and (root / s.name).is_dir())
+    todo = [s for s in studies if s.name not in skipped]
+    for study in todo:
+        rows[study.name] = {"state": "pending", "error": None, "started": None, "finished": None,
+                            "ctperf_version": __version__, "options_hash": digest}
+    _save_manifest(root, rows)
+    if skipped:
+        log.info("%d of %d studies already done with these options, skipped", len(skipped),
+                 len(studies))
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(studies), initial=len(skipped), desc="cohort", unit="study")
+    done: list[str] = []
+    failed: dict[str, str] = {}
+    if not todo or (scheduler is None and worker_count(len(todo), workers) == 1):
+        results = _in_process(todo, root, task, options)
+    else:
+        results = _on_dask(todo, root, task, options, scheduler=scheduler,
+                           workers=worker_count(len(todo), workers))
+    try:
+        for study, row in results:
+            rows[study.name].update(row)
+            _save_manifest(root, rows)
+            if row["state"] == "done":
+                done.append(study.name)
+            else:
+                failed[study.name] = row["error"]
+                log.warning("%s failed: %s", study.name, row["error"])
+            if bar is not None:
+                bar.update()
+    finally:
+        results.close()  # shuts a local cluster down at once, also on an interrupt
+        if bar is not None:
+            bar.close()
+    order = {name: i for i, name in enumerate(names)}
+    return CohortSummary(done=tuple(sorted(done, key=order.__getitem__)), skipped=skipped,
+                         failed=dict(sorted(failed.items(), key=lambda kv: order[kv[0]])),
+                         manifest=root / MANIFEST, seconds=time.monotonic() - started)
