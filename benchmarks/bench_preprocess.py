@@ -60,7 +60,7 @@ def bilateral_vs_brute_force(rng: np.random.Generator) -> None:
         print(f"small volume 3x96x96 0.45 mm, {what}, 1 frame: brute force {t_brute:.2f} s")
         for interp in ("linear", "quadratic"):
             t0 = time.perf_counter()
-            fast = joint_bilateral(frame[None], guide, spacing=spacing, interpolation=interp)[0]
+            fast = joint_bilateral(frame[None], guide, spacing=spacing, filter_weights=interp)[0]
             t_fast = time.perf_counter() - t0
             err = np.abs(fast - ref)
             print(f"  {interp:9s}: {t_fast:.3f} s ({t_brute / t_fast:.0f}x); max |fast - brute| "
@@ -69,7 +69,7 @@ def bilateral_vs_brute_force(rng: np.random.Generator) -> None:
     frames = frame[None] + rng.standard_normal((89, *frame.shape)).astype(np.float32)
     for interp in ("linear", "quadratic"):
         t0 = time.perf_counter()
-        joint_bilateral(frames, guide, spacing=spacing, interpolation=interp)
+        joint_bilateral(frames, guide, spacing=spacing, filter_weights=interp)
         t_fast89 = time.perf_counter() - t0
         print(f"small volume, 89 frames, {interp}: brute force {89 * t_brute:.1f} s (1 frame x "
               f"89: it is linear in frames), fast {t_fast89:.2f} s, speed-up "
@@ -103,7 +103,7 @@ def bilateral_full_study(series: CTPSeries) -> float:
     walls = {}
     for interp, workers in (("linear", 1), ("linear", 2), ("quadratic", 2)):
         t0, c0 = time.perf_counter(), time.process_time()
-        bilateral_filter(series, in_place=True, interpolation=interp, workers=workers,
+        bilateral_filter(series, in_place=True, filter_weights=interp, workers=workers,
                          progress=True)
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         walls[interp, workers] = wall

@@ -95,7 +95,7 @@ def test_matches_brute_force_thin_voxels(rng):
     assert err.max() < 0.6, err.max()
     assert err[brain_mask(shape, spacing)].max() < 0.5, err[brain_mask(shape, spacing)].max()
     # quadratic B-spline weights: 0.23-0.33 HU everywhere over the same six draws
-    quad = joint_bilateral(frame[None], guide, spacing=spacing, interpolation="quadratic")[0]
+    quad = joint_bilateral(frame[None], guide, spacing=spacing, filter_weights="quadratic")[0]
     assert np.abs(quad - ref).max() < 0.5, np.abs(quad - ref).max()
 
 
@@ -106,7 +106,7 @@ def test_artery_edge(rng):
     ref = brute_force(frame, guide, spacing, 3.0, 20.0)
     # issue 5's 0.5 HU everywhere, with quadratic B-spline weights: over six noise draws the
     # max was 0.28-0.33 HU
-    quad = joint_bilateral(frame[None], guide, spacing=spacing, interpolation="quadratic")[0]
+    quad = joint_bilateral(frame[None], guide, spacing=spacing, filter_weights="quadratic")[0]
     assert np.abs(quad - ref).max() < 0.5, np.abs(quad - ref).max()
     # The default bilinear weights give a kernel that depends on where a voxel lies in its
     # cell, ~1 % of the 300 HU frame-guide jump: over six draws the max was 2.4-2.6 HU (at
@@ -190,10 +190,10 @@ def test_series_interface(rng):
     guide = hu.mean(axis=0, dtype=np.float64).astype(np.float32)  # the default guide
     assert np.allclose(out.hu, joint_bilateral(hu, guide, spacing=spacing), atol=1e-3)
     assert out.meta["bilateral"]["range_sigma_hu"] == 20.0
-    quad = bilateral_filter(series, interpolation="quadratic")
-    assert quad.meta["bilateral"]["interpolation"] == "quadratic"
+    quad = bilateral_filter(series, filter_weights="quadratic")
+    assert quad.meta["bilateral"]["filter_weights"] == "quadratic"
     assert np.allclose(quad.hu, joint_bilateral(hu, guide, spacing=spacing,
-                                                interpolation="quadratic"), atol=1e-3)
+                                                filter_weights="quadratic"), atol=1e-3)
     assert np.array_equal(series.hu, hu)  # the input is left alone
     own = series.replace(hu=series.hu.copy())
     same = bilateral_filter(own, in_place=True)
@@ -209,8 +209,8 @@ def test_constant_and_guide_checks(small_series):
     frame = small_series.hu[:1]
     with pytest.raises(ValidationError, match="spacing"):
         joint_bilateral(frame, frame[0], spacing=(5.0, 0.0, 0.45))
-    with pytest.raises(ValidationError, match="interpolation"):
-        joint_bilateral(frame, frame[0], spacing=(5.0, 0.45, 0.45), interpolation="cubic")
+    with pytest.raises(ValidationError, match="filter_weights"):
+        joint_bilateral(frame, frame[0], spacing=(5.0, 0.45, 0.45), filter_weights="cubic")
     with pytest.raises(ValidationError, match="NaN"):
         joint_bilateral(frame, np.full(frame.shape[1:], np.nan, np.float32),
                         spacing=(5.0, 0.45, 0.45))

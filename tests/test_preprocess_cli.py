@@ -76,11 +76,11 @@ def test_preprocess_range_sigma_option(moving_head, tmp_path):
         sidecar = json.loads((out / "study.json").read_text())
         bilateral = sidecar["meta"]["bilateral"]  # what the filter ran, as it records it
         assert bilateral["range_sigma_hu"] == float(sigma)
-        assert bilateral["interpolation"] == "linear"
+        assert bilateral["filter_weights"] == "linear"
     # a wider range kernel averages more neighbours: less noise left
     assert noise["40"] < noise["5"]
     out = tmp_path / "quadratic"
     assert main(["preprocess", str(path), str(out), "--no-register",
                  "--filter-weights", "quadratic"]) == 0
     sidecar = json.loads((out / "study.json").read_text())
-    assert sidecar["meta"]["bilateral"]["interpolation"] == "quadratic"
+    assert sidecar["meta"]["bilateral"]["filter_weights"] == "quadratic"

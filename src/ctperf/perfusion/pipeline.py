@@ -34,7 +34,7 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
     spatial_sigma_mm, range_sigma_hu : float
         The bilateral filter's sigmas (the paper's 3 mm and 20 HU).
     filter_weights : {"linear", "quadratic"}
-        The bilateral grid's weights (``interpolation`` of
+        The bilateral grid's weights (``filter_weights`` of
         :func:`~ctperf.preprocess.bilateral_filter`).
     workers : int, optional
         Frames registered at once.
@@ -59,7 +59,7 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
     if filter:
         filtered = bilateral_filter(series, spatial_sigma_mm=spatial_sigma_mm,
                                     range_sigma_hu=range_sigma_hu,
-                                    interpolation=filter_weights, progress=progress)
+                                    filter_weights=filter_weights, progress=progress)
         perfusion_options.setdefault("vessel_series", series)
         series = filtered
     return run_perfusion(series, method=method, progress=progress, **perfusion_options), pre

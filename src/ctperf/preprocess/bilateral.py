@@ -19,29 +19,24 @@ the grid with the same in-plane weights, the others into their cell. Only the (l
 pairs that some voxel reads, with their Gaussian neighbourhoods, are kept, so splatting, the three
 1D Gaussian passes and the normalised slicing are sparse matrices built once from the guide; every
 frame then costs a few sparse products, a chunk of frames at a time as the columns of one product.
-Two threads (``workers``) build the blur passes and filter chunks at the same time: on a full
-89 x 8 x 512 x 512 study (2 cores, shared machine, fresh process) linear weights take ~14 s
-instead of ~16 s, quadratic ones ~21-23 s instead of ~26 s, at the same peak memory.
+Two threads (``workers``) build the blur passes and filter chunks at the same time.
 
-In-plane weights: bilinear (default, fastest) or quadratic B-splines. Bilinear weights spread a
-voxel over its cells by an amount that depends on where it lies in its cell, so the kernel
-changes by a few % in its tails from voxel to voxel; B-splines spread every voxel alike (Unser
-1999, doi:10.1109/79.799930). Against a brute-force sum (tests/test_bilateral.py, 0.45 mm
-voxels, head with skull, scalp and air) both stay within about 0.5 HU everywhere (bilinear
-0.40-0.53 HU at scalp/air partial volume, 0.23-0.31 HU over the brain; quadratic 0.23-0.33 HU);
-next to a 3 mm artery at peak (300 HU between frame and guide) bilinear weights err by up to
-2.5 HU at skull voxels whose guide matches the artery's, quadratic ones by 0.28-0.33 HU, for
-about 60 % more time and a third more memory.
+In-plane weights (``filter_weights``): bilinear (``"linear"``, default, fastest) or quadratic
+B-splines. Bilinear weights spread a voxel over its cells by an amount that depends on where it
+lies in its cell, so the kernel changes in its tails from voxel to voxel; B-splines spread every
+voxel alike (Unser 1999, doi:10.1109/79.799930), for more time and memory. Accuracy against a
+brute-force sum (tests/test_bilateral.py), time and memory: docs/preprocessing.md.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.preprocess.bilateral_grid import apply_grid, build_grid
+from ctperf.parallel import map_chunks
+from ctperf.preprocess.bilateral_grid import Grid, apply_grid, build_grid
 from ctperf.types import CTPSeries
 
 __all__ = ["bilateral_filter", "joint_bilateral"]
@@ -51,7 +46,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     spacing: tuple[float, float, float], spatial_sigma_mm: float = 3.0,
                     range_sigma_hu: float = 20.0, levels_per_sigma: float = 3.0,
                     levels_per_sigma_outside: float = 2.0,
-                    cells_per_sigma: float = 2.2, interpolation: str = "linear", chunk: int = 0,
+                    cells_per_sigma: float = 2.2, filter_weights: str = "linear", chunk: int = 0,
                     workers: int = 2, out: np.ndarray | None = None,
                     progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
@@ -74,14 +69,13 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     cells_per_sigma : float
         Low-resolution grid cells per spatial sigma (in-plane down-sampling of the grid; 1 cell
         per voxel when the voxels are coarser than that).
-    interpolation : {"linear", "quadratic"}
+    filter_weights : {"linear", "quadratic"}
         In-plane weights between voxels and down-sampled cells. "linear" (bilinear slicing, box
         splatting where the guide is flat, bilinear where steep) is the fastest; its kernel
         depends on where a voxel lies in its cell, which shows next to strong contrast between
-        frame and guide (a contrast-filled artery: up to 2.5 HU from the exact filter).
-        "quadratic" (quadratic B-splines for slicing and at steep voxels) keeps every voxel
-        within 0.35 HU of the exact filter there too, for ~60 % more time (measured on a
-        shared machine) and ~3.9 GB peak instead of ~3.0 GB on a full 89 x 8 x 512 x 512 study.
+        frame and guide (a contrast-filled artery). "quadratic" (quadratic B-splines for
+        slicing and at steep voxels) stays close to the exact filter there too, for more time
+        and memory (figures in docs/preprocessing.md).
     chunk : int
         Volumes filtered per sparse product (memory grows with it and with ``workers``);
         0: 8 volumes in all, shared between the workers.
@@ -115,35 +109,33 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     # cells_per_sigma low-resolution cells per sigma, never coarser than 8 voxels
     fz, fy, fx = (int(min(8, max(1, np.floor(s / cells_per_sigma)))) for s in (sz, sy, sx))
     steps = (range_sigma_hu / levels_per_sigma, range_sigma_hu / levels_per_sigma_outside)
-    if interpolation not in ("linear", "quadratic"):
-        raise ValidationError('interpolation must be "linear" or "quadratic", got '
-                              f"{interpolation!r}")
+    if filter_weights not in ("linear", "quadratic"):
+        raise ValidationError('filter_weights must be "linear" or "quadratic", got '
+                              f"{filter_weights!r}")
     grid = build_grid(guide, (sz, sy, sx), steps, range_sigma_hu, (fz, fy, fx),
-                       interpolation == "quadratic", workers=workers)
+                       filter_weights == "quadratic", workers=workers)
     if out is None:
         out = np.empty_like(images)
     elif out.shape != images.shape or out.dtype != np.float32:
         raise ValidationError(f"out must be float32 {images.shape}, got {out.dtype} {out.shape}")
-    from tqdm.auto import tqdm
-
     chunk = chunk if chunk > 0 else max(1, 8 // max(1, workers))
-
-    def one(start: int) -> None:
-        # chunks are disjoint, so ``out`` may be ``images``: each reads its block first
-        block = images[start:start + chunk].reshape(-1, guide.size)
-        out[start:start + chunk] = apply_grid(grid, block).reshape((-1, *guide.shape))
-
-    starts = range(0, len(images), chunk)
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        for _ in tqdm(pool.map(one, starts), total=len(starts), disable=not progress,
-                      desc="bilateral", unit="chunk"):
-            pass
+    map_chunks(partial(_filter_chunk, grid, images, out), len(images), chunk=chunk,
+               workers=max(1, workers), progress=progress, desc="bilateral", unit="volume")
     return out
+
+
+def _filter_chunk(grid: Grid, images: np.ndarray, out: np.ndarray, start: int,
+                  stop: int) -> None:
+    """Filter volumes start:stop of ``images`` into ``out``. Chunks are disjoint, so ``out``
+    may be ``images``: each chunk reads its block before writing it."""
+    shape = images.shape[1:]
+    block = images[start:stop].reshape(stop - start, -1)
+    out[start:stop] = apply_grid(grid, block).reshape((-1, *shape))
 
 
 def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
                      range_sigma_hu: float = 20.0, guide: np.ndarray | None = None,
-                     interpolation: str = "linear", in_place: bool = False, workers: int = 2,
+                     filter_weights: str = "linear", in_place: bool = False, workers: int = 2,
                      progress: bool = False) -> CTPSeries:
     """Filter every frame with a 3D bilateral filter guided by the temporal mean.
 
@@ -159,7 +151,7 @@ def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
         keeps it and reduces noise in flat tissue as much.
     guide : ndarray, shape (Z, Y, X), optional
         Guide image; default the mean of all frames.
-    interpolation : {"linear", "quadratic"}
+    filter_weights : {"linear", "quadratic"}
         Speed/accuracy of the grid next to strong frame/guide contrast; see `joint_bilateral`.
     in_place : bool
         Overwrite ``series.hu`` with the result instead of allocating a second study (for
@@ -181,10 +173,10 @@ def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
                               f"{series.shape[1:]} (Z, Y, X)")
     hu = joint_bilateral(series.hu, g, spacing=series.spacing,
                          spatial_sigma_mm=spatial_sigma_mm, range_sigma_hu=range_sigma_hu,
-                         interpolation=interpolation, workers=workers,
+                         filter_weights=filter_weights, workers=workers,
                          out=series.hu if in_place else None, progress=progress)
     meta = dict(series.meta)
     meta["bilateral"] = {"spatial_sigma_mm": spatial_sigma_mm, "range_sigma_hu": range_sigma_hu,
                          "guide": "temporal mean" if guide is None else "given",
-                         "interpolation": interpolation}
+                         "filter_weights": filter_weights}
     return series.replace(hu=hu, meta=meta)

@@ -9,15 +9,18 @@ Gaussian passes between used pairs, and the normalised slicing back to voxels.
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 from scipy import ndimage, sparse
 
+from ctperf.parallel import map_chunks
+
 __all__ = ["Grid", "apply_grid", "build_grid"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 _RANGE_CUTOFF = 4.0  # range weights are dropped beyond this many range sigmas (exp(-8) = 3e-4)
 # Gaussian taps kept to this many sigmas (the brute force keeps 4): on a down-sampled axis, to
@@ -70,6 +73,11 @@ def _per_row(values: np.ndarray, counts: np.ndarray, indptr: np.ndarray) -> np.n
         out[first[1:]] = np.diff(vals)
         out[first[0]] = vals[0]
     return np.cumsum(out, out=out)
+
+
+def _job(jobs: tuple[tuple[Any, ...], ...], start: int, stop: int) -> sparse.csr_matrix:
+    """The blur pass of ``jobs[start]`` (one job per chunk)."""
+    return _pass(*jobs[start])
 
 
 def _pass(rows_mask: np.ndarray, rows_order: tuple[int, ...], cols_mask: np.ndarray, axis: int,
@@ -330,8 +338,7 @@ def build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     # (need0, as the splat), then y last, z last, and the grid's own order for slicing
     jobs = ((need1, (0, 1, 3, 2), need0, 3, taps[2]), (need2, (0, 2, 3, 1), need1, 2, taps[1]),
             (need3, (0, 1, 2, 3), need2, 1, taps[0]))
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        blur = tuple(pool.map(lambda job: _pass(*job), jobs))
+    blur = tuple(map_chunks(partial(_job, jobs), len(jobs), chunk=1, workers=max(1, workers)))
     den = np.asarray(box.sum(axis=1) + tent.sum(axis=1), dtype=np.float32)
     for m in blur:
         den = m @ den
@@ -352,7 +359,7 @@ def build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     indptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(reads.sum(axis=1), out=indptr[1:])
     slicer = sparse.csr_matrix((vals[reads], cols[reads], indptr), shape=(n, int(need3.sum())))
-    logger.debug("bilateral grid: %d levels x %s cells; %d steep voxels; rows used %d, %d, %d,"
+    log.debug("bilateral grid: %d levels x %s cells; %d steep voxels; rows used %d, %d, %d,"
                  " %d of %d", n_levels, shape_low, steep.size, n0, blur[0].shape[0],
                  blur[1].shape[0], blur[2].shape[0], need3.size)
     return Grid((box, tent), blur, slicer)

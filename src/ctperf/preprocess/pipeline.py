@@ -69,7 +69,7 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
     spatial_sigma_mm, range_sigma_hu : float
         The filter's sigmas (the paper's 3 mm and 20 HU).
     filter_weights : {"linear", "quadratic"}
-        The filter's grid weights (``interpolation`` of :func:`~ctperf.preprocess.joint_bilateral`).
+        The filter's grid weights (``filter_weights`` of :func:`~ctperf.preprocess.joint_bilateral`).
     workers : int, optional
         Frames registered at once (default: the number of CPU cores).
     progress : bool
@@ -98,7 +98,7 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
     if filter:
         # the registered study is ours: filter it in place (one study less in memory)
         out = bilateral_filter(out, spatial_sigma_mm=spatial_sigma_mm,
-                               range_sigma_hu=range_sigma_hu, interpolation=filter_weights,
+                               range_sigma_hu=range_sigma_hu, filter_weights=filter_weights,
                                in_place=out is not series,
                                progress=progress)
     mask = brain_mask(out)

@@ -32,7 +32,7 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
     spatial_sigma_mm, range_sigma_hu : float
         The bilateral filter's sigmas in mm and HU (the paper's 3 mm and 20 HU).
     filter_weights : {"linear", "quadratic"}
-        The bilateral grid's weights (``interpolation`` of
+        The bilateral grid's weights (``filter_weights`` of
         :func:`~ctperf.preprocess.bilateral_filter`).
     workers : int, optional
         Frames registered at once (default: one per CPU core).
@@ -74,5 +74,5 @@ def _filter(series: CTPSeries, *, spatial_sigma_mm: float, range_sigma_hu: float
     from ctperf.preprocess import bilateral_filter
 
     return bilateral_filter(series, spatial_sigma_mm=spatial_sigma_mm,
-                            range_sigma_hu=range_sigma_hu, interpolation=filter_weights,
+                            range_sigma_hu=range_sigma_hu, filter_weights=filter_weights,
                             progress=progress)
