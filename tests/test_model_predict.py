@@ -48,7 +48,7 @@ def test_predict_maps_names_units_and_shape(trained):
     assert maps.provenance["method"] == "unet"
     mask = np.zeros(series.shape[1:], dtype=bool)
     mask[:, 4:12, 4:12] = True
-    masked = predict_maps(series, ckpt, device="cpu", mask=mask)
+    masked = predict_maps(series, ckpt, device="cpu", brain_mask=mask)
     assert np.all(masked["cbf"][~mask] == 0)
     np.testing.assert_array_equal(masked["cbf"][mask], maps["cbf"][mask])
 

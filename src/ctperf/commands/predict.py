@@ -8,12 +8,14 @@ from typing import Any
 
 from ctperf.commands import (
     add_anonymise_option,
+    add_batch_size_option,
+    add_brain_mask_option,
+    add_device_option,
     add_overwrite_option,
     add_study_options,
-    positive_int,
 )
 
-__all__ = ["ORDER", "register", "run"]
+__all__ = ["ORDER", "predict_options", "register", "run"]
 
 ORDER = 62
 
@@ -31,35 +33,27 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dicom", action="store_true", help="also write DICOM maps in OUT/dicom")
     add_anonymise_option(p)
     add_study_options(p)
-    p.add_argument("--mask", type=Path, default=None, help="brain mask; outside is set to 0")
+    add_brain_mask_option(p)
     p.add_argument("--resize", action="store_true",
                    help="resample slices of another size to the model's training size")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    p.add_argument("--batch", type=positive_int, default=4, help="slices per forward pass [4]")
+    add_device_option(p, what="the U-Net's forward passes")
+    add_batch_size_option(p, default=4, what="slices per forward pass")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from ctperf import io
-    from ctperf.model import load_checkpoint, predict_maps
+def predict_options(args: argparse.Namespace) -> Any:
+    """The :class:`~ctperf.workflow.PredictOptions` of parsed ``ctperf predict`` arguments."""
+    from ctperf.workflow import PredictOptions
 
-    io.check_output(args.out, inputs=(args.study, args.model, args.mask),
-                    overwrite=args.overwrite)
-    ckpt = load_checkpoint(args.model)
-    series = io.read_study(args.study, series_uid=args.series,
-                           frame_interval=args.frame_interval, progress=True)
-    mask = None
-    if args.mask is not None:
-        mask = io.read_mask(args.mask, shape=series.shape[1:], affine=series.affine)
-    maps = predict_maps(series, ckpt, device=args.device, batch_size=args.batch,
-                        resize=args.resize, mask=mask, progress=True)
-    # The checkpoint's file name only, and no study path: paths often hold a patient's name.
-    maps = maps.replace(provenance={**maps.provenance, "checkpoint": args.model.name})
-    with io.atomic_dir(args.out, overwrite=args.overwrite) as tmp:  # all appear, or none
-        io.write_maps_nifti(maps, tmp)
-        io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
-                                      "units": dict(maps.units)}), tmp / "summary.json")
-        if args.dicom:
-            io.write_maps_dicom(maps, tmp / "dicom", source=series, anonymise=args.anonymise)
-    print(f"wrote {', '.join(maps.names)} to {args.out}")
+    return PredictOptions(model=args.model, device=args.device, batch_size=args.batch_size,
+                          resize=args.resize, brain_mask=args.brain_mask,
+                          series_uid=args.series, frame_interval=args.frame_interval,
+                          dicom=args.dicom, anonymise=args.anonymise, overwrite=args.overwrite,
+                          progress=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctperf.workflow import predict_study
+
+    print(predict_study(args.study, args.out, predict_options(args)).message)
     return 0

@@ -20,7 +20,7 @@ from ctperf.types import CTPSeries, PerfusionMaps
 
 __all__ = ["predict_maps"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def _resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
@@ -37,7 +37,7 @@ def _resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                  device: str = "auto", batch_size: int = 4, resize: bool = False,
-                 mask: np.ndarray | None = None, progress: bool = False) -> PerfusionMaps:
+                 brain_mask: np.ndarray | None = None, progress: bool = False) -> PerfusionMaps:
     """Predict perfusion maps for every slice of a series.
 
     Parameters
@@ -48,13 +48,13 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
         A checkpoint from :func:`ctperf.model.train` (``model.pt``, ``best.pt`` or ``last.pt``),
         or one already loaded with :func:`ctperf.model.load_checkpoint`.
     device : str
-        ``auto``, ``cpu`` or ``cuda``.
+        ``auto`` (a GPU when torch sees one), ``cpu``, ``cuda`` or ``cuda:N``.
     batch_size : int
         Slices per forward pass.
     resize : bool
         Resample slices whose size differs from the training size to it and the maps back
         (off: a size mismatch is an error, because the net learned one pixel scale).
-    mask : ndarray of bool, shape (Z, Y, X), optional
+    brain_mask : ndarray of bool, shape (Z, Y, X), optional
         Voxels outside are set to 0.
     progress : bool
         Progress bar over slice batches.
@@ -83,8 +83,9 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
         raise ValidationError(
             f"the model was trained on {size} x {size} slices, the study has {ny} x {nx}; "
             "pass resize=True (--resize) to resample, or train at this size")
-    if mask is not None and np.shape(mask) != (z, ny, nx):
-        raise ValidationError(f"mask shape {np.shape(mask)} differs from the study's {(z, ny, nx)}")
+    if brain_mask is not None and np.shape(brain_mask) != (z, ny, nx):
+        raise ValidationError(f"brain mask shape {np.shape(brain_mask)} differs from the "
+                              f"study's {(z, ny, nx)}")
     frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]),
                            mode=cfg["frame_mode"], frame_interval=cfg["frame_interval"])
     x = normalise_input(_resize(frames, (size, size)), window=cfg["hu_window"],
@@ -102,8 +103,8 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
     maps = {}
     for c, (target, name) in enumerate(zip(cfg["targets"], cfg["map_names"], strict=True)):
         values = from_unit(np.clip(unit[:, c], 0.0, 1.0), target, windows=cfg["windows"])
-        if mask is not None:
-            values = np.where(mask, values, 0.0).astype(np.float32)
+        if brain_mask is not None:
+            values = np.where(brain_mask, values, 0.0).astype(np.float32)
         maps[name] = values
     provenance = {"method": "unet", "targets": list(cfg["targets"]),
                   "windows": cfg["windows"], "trained_reference": cfg["reference"],
@@ -112,5 +113,5 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                   "model_software_version": ckpt.get("software_version")}
     if not isinstance(checkpoint, dict):
         provenance["checkpoint"] = Path(checkpoint).name
-    logger.info("predicted %s for %d slices", ", ".join(maps), z)
+    log.info("predicted %s for %d slices", ", ".join(maps), z)
     return PerfusionMaps(maps=maps, affine=series.affine, provenance=provenance)

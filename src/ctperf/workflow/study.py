@@ -384,7 +384,7 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
                            progress=o.progress)
     mask = _read_mask(o.brain_mask, series)
     maps = predict_maps(series, checkpoint, device=o.device, batch_size=o.batch_size,
-                        resize=o.resize, mask=mask, progress=o.progress)
+                        resize=o.resize, brain_mask=mask, progress=o.progress)
     # The checkpoint's file name only, and no study path: paths often hold a patient's name.
     maps = maps.replace(provenance={**maps.provenance, "checkpoint": o.model.name})
     with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear, or none
