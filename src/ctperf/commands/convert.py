@@ -35,35 +35,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctperf import io
-    from ctperf.errors import InputError
+    from ctperf.workflow.convert import ConvertOptions, convert_study
 
-    to_nifti = io.is_nifti(args.dst)
-    if to_nifti and args.compress:
-        raise InputError(args.dst, "--compress applies to DICOM output, not NIfTI")
-    if not to_nifti and args.int16:
-        raise InputError(args.dst, "--int16 applies to NIfTI output; DICOM is always int16")
-    if not to_nifti and args.dst.exists() and not args.dst.is_dir():
-        raise InputError(args.dst, "exists and is a file; DICOM output needs a folder (or give "
-                                   "a .nii/.nii.gz name for NIfTI)")
-    inputs = [args.src]
-    if io.is_nifti(args.src):
-        inputs.append(io.nifti.sidecar_path(args.src))
-    if to_nifti:
-        for path in (args.dst, io.nifti.sidecar_path(args.dst)):
-            io.check_output(path, inputs=inputs, overwrite=args.overwrite, kind="file")
-    else:
-        io.check_output(args.dst, inputs=inputs, overwrite=args.overwrite)
-    series = io.read_study(args.src, series_uid=args.series,
-                           frame_interval=args.frame_interval, progress=True)
-    if to_nifti:
-        io.write_series_nifti(series, args.dst, dtype="int16" if args.int16 else "float32")
-        print(f"wrote {args.dst} and {io.nifti.sidecar_path(args.dst).name} "
-              f"({series.n_frames} frames)")
-    else:
-        # The outer folder carries --overwrite; the writer then replaces its own empty folder.
-        with io.atomic_dir(args.dst, overwrite=args.overwrite) as tmp:
-            io.write_series_dicom(series, tmp, compress=args.compress, anonymise=args.anonymise,
-                                  progress=True)
-        print(f"wrote {args.dst} ({series.n_frames * series.shape[1]} DICOM files)")
+    options = ConvertOptions(compress=args.compress, int16=args.int16, anonymise=args.anonymise,
+                             series_uid=args.series, frame_interval=args.frame_interval,
+                             overwrite=args.overwrite, progress=True)
+    print(convert_study(args.src, args.dst, options).message)
     return 0

@@ -4,6 +4,7 @@ references of training cohorts. The stages (io, preprocess, perfusion, model, re
 import this package."""
 
 from ctperf.workflow.analysis import analyse_study
+from ctperf.workflow.convert import ConvertOptions, convert_study
 from ctperf.workflow.references import REFERENCE_MAPS, nlr_references
 from ctperf.workflow.study import (
     MapsOptions,
@@ -19,11 +20,13 @@ from ctperf.workflow.study import (
 
 __all__ = [
     "REFERENCE_MAPS",
+    "ConvertOptions",
     "MapsOptions",
     "PredictOptions",
     "PreprocessOptions",
     "StudyOutcome",
     "analyse_study",
+    "convert_study",
     "maps_study",
     "nlr_references",
     "predict_study",
