@@ -119,8 +119,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--frames", type=int, default=89)
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--compare-frames", type=int, default=6,
-                    help="frames used for the threads vs processes comparison")
     args = ap.parse_args()
     rng = np.random.default_rng(0)
 
@@ -132,17 +130,6 @@ def main() -> None:
     series = synthetic_study(args.frames, rng)
     print(f"study {series.shape} (T, Z, Y, X), {series.hu.nbytes / 1e9:.2f} GB float32; "
           f"peak RSS so far {peak_rss_gb():.2f} GB")
-
-    sub = series.replace(hu=series.hu[:args.compare_frames],
-                         times=series.times[:args.compare_frames])
-    timings = {}
-    for executor in ("threads", "processes"):
-        t0 = time.perf_counter()
-        correct_motion(sub, workers=args.workers, executor=executor)
-        timings[executor] = time.perf_counter() - t0
-    print(f"registration of {args.compare_frames} frames, {args.workers} workers: threads "
-          f"{timings['threads']:.1f} s, processes {timings['processes']:.1f} s "
-          f"(processes / threads = {timings['processes'] / timings['threads']:.2f})")
 
     t0 = time.perf_counter()
     motion = correct_motion(series, workers=args.workers, progress=True)

@@ -69,7 +69,7 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
     spatial_sigma_mm, range_sigma_hu : float
         The filter's sigmas (the paper's 3 mm and 20 HU).
     filter_weights : {"linear", "quadratic"}
-        The filter's grid weights (``filter_weights`` of :func:`~ctperf.preprocess.joint_bilateral`).
+        The filter's grid weights (see :func:`~ctperf.preprocess.joint_bilateral`).
     workers : int, optional
         Frames registered at once (default: the number of CPU cores).
     progress : bool

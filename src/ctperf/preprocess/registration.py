@@ -60,15 +60,15 @@ rotation is the centre of the volume.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import SimpleITK as sitk
 
 from ctperf.errors import ValidationError
+from ctperf.parallel import map_chunks
 from ctperf.preprocess.transforms import (
     THROUGH_PLANE,
     FrameCheck,
@@ -82,8 +82,7 @@ from ctperf.types import CTPSeries
 
 __all__ = ["MotionResult", "correct_motion"]
 
-logger = logging.getLogger(__name__)
-
+log = logging.getLogger(__name__)
 
 
 #: Decisions recorded per frame: the first frame, and which candidate each other frame keeps.
@@ -188,7 +187,7 @@ def _pyramid(img: sitk.Image, levels: Sequence[int]) -> list[sitk.Image]:
 def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
                     mask_fraction: float, moving_img: sitk.Image, levels: Sequence[int],
                     samples: Sequence[int], iterations: int, center: Sequence[float],
-                    seed: int, in_plane: bool, threads: int) -> tuple[np.ndarray, float]:
+                    seed: int, in_plane: bool) -> tuple[np.ndarray, float]:
     """Fit one frame; returns its parameters (6,) (degrees, mm) and the final metric (HU^2)."""
     moving_pyr = _pyramid(moving_img, levels)
     tx = sitk.Euler3DTransform()
@@ -197,7 +196,7 @@ def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
     for fixed_l, mask_l, moving_l, n_samples, level in zip(fixed_pyr, mask_pyr, moving_pyr,
                                                            samples, levels, strict=True):
         reg = sitk.ImageRegistrationMethod()
-        reg.SetNumberOfThreads(threads)
+        reg.SetNumberOfThreads(1)  # one ITK thread per frame: frames run in parallel
         reg.SetMetricAsMeanSquares()
         # Gradients by central differences at the samples only: no whole-image gradient filter
         # (faster with sparse samples, and works on the 1-2 slices of a coarse level).
@@ -226,8 +225,8 @@ def _register_frame(fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
         reg.SetInitialTransform(tx, inPlace=True)
         reg.Execute(fixed_l, moving_l)
         metric = float(reg.GetMetricValue())
-        logger.debug("level %d: %d iterations, metric %.3g", level,
-                     reg.GetOptimizerIteration(), metric)
+        log.debug("level %d: %d iterations, metric %.3g", level, reg.GetOptimizerIteration(),
+                  metric)
     p = np.asarray(tx.GetParameters(), dtype=np.float64)
     return np.r_[np.rad2deg(p[:3]), p[3:]], metric
 
@@ -240,10 +239,41 @@ def _frame(t: int, fixed_pyr: list[sitk.Image], mask_pyr: list[sitk.Image],
     fitted, metric = _register_frame(fixed_pyr, mask_pyr, mask_fraction, moving_img,
                                      seed=fit["seed"] + t, **{k: v for k, v in fit.items()
                                                               if k != "seed"})
-    decision, kept, frame, checks = choose_transform(check, moving_img, fitted, fit["threads"])
-    logger.debug("frame %d: %s (check %s, fit %s)", t, decision, np.round(checks, 2),
-                 np.round(fitted, 3))
+    decision, kept, frame, checks = choose_transform(check, moving_img, fitted, workers=1)
+    log.debug("frame %d: %s (check %s, fit %s)", t, decision, np.round(checks, 2),
+              np.round(fitted, 3))
     return frame, fitted, metric, decision, kept, checks
+
+
+@dataclass(frozen=True, eq=False)
+class _Frames:
+    """Per-frame results, filled in place by the workers (each writes its own frames)."""
+
+    hu: np.ndarray                                     # (T, Z, Y, X) registered frames
+    fitted: np.ndarray                                 # (T, 6)
+    parameters: np.ndarray                             # (T, 6)
+    metric: np.ndarray                                 # (T,)
+    checks: np.ndarray                                 # (T, 3)
+    decision: list[str] = field(default_factory=list)  # (T,)
+
+    @classmethod
+    def start(cls, series: CTPSeries) -> _Frames:
+        n = series.n_frames
+        hu = np.empty_like(series.hu)
+        hu[0] = series.hu[0]
+        return cls(hu=hu, fitted=np.zeros((n, 6)), parameters=np.zeros((n, 6)),
+                   metric=np.full(n, np.nan), checks=np.full((n, 3), np.nan),
+                   decision=["reference"] * n)
+
+
+def _register_frames(first: int, stop: int, *, series: CTPSeries,
+                     shared: tuple[list[sitk.Image], list[sitk.Image], float], fit: dict,
+                     check: FrameCheck, frames: _Frames) -> None:
+    """Fit and check frames first + 1 to stop (frame 0 is the reference), into ``frames``."""
+    for t in range(first + 1, stop + 1):
+        (frames.hu[t], frames.fitted[t], frames.metric[t], frames.decision[t],
+         frames.parameters[t], frames.checks[t]) = _frame(t, *shared, series.hu[t],
+                                                          series.affine, fit, check)
 
 
 def _registration_mask(series: CTPSeries, mask: np.ndarray | None) -> np.ndarray:
@@ -317,7 +347,7 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                    min_gain_through_plane: float = 0.10,
                    check_sigma_px: Sequence[float] = (2.0, 2.0, 2.0),
                    max_rotation_deg: float = 15.0, max_shift_mm: float = 20.0,
-                   executor: str = "threads", progress: bool = False) -> MotionResult:
+                   progress: bool = False) -> MotionResult:
     """Rigidly register every frame of a study to its first frame, keeping only clear gains.
 
     Each frame is fitted, then checked: the fit (or its in-plane part) replaces the identity
@@ -336,7 +366,8 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     iterations : int
         Maximum optimiser iterations per level.
     workers : int, optional
-        Frames registered at once; default the number of CPU cores. Results do not depend on it.
+        Frames registered at once (threads: SimpleITK releases the GIL); default the number of
+        CPU cores. Results do not depend on it.
     seed : int
         Seed of the random sampling (>= 0); frame t samples with seed + t + 1, so every frame
         has its own fixed samples and results are reproducible.
@@ -363,8 +394,6 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     max_rotation_deg, max_shift_mm : float
         Largest plausible rotation about each axis (degrees) and shift (mm); a fit beyond is
         not used.
-    executor : {"threads", "processes"}
-        Run frames in threads (SimpleITK releases the GIL) or in worker processes.
     progress : bool
         Show a progress bar.
 
@@ -372,9 +401,8 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     -------
     MotionResult
     """
-    _validate(levels, samples, executor, rim_mm, reach_mm, min_coarse_px,
+    _validate(levels, samples, rim_mm, reach_mm, min_coarse_px,
               (min_gain, min_gain_through_plane), check_sigma_px, seed)
-    workers = int(workers or os.cpu_count() or 1)
     n = series.n_frames
     fixed = to_sitk_image(series.hu[0], series.affine)
     size = np.asarray(fixed.GetSize(), dtype=np.float64)
@@ -391,49 +419,35 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                        max_rotation_deg=max_rotation_deg, max_shift_mm=max_shift_mm)
     fit = {"levels": list(levels), "samples": list(samples), "iterations": int(iterations),
            "center": center.tolist(), "seed": int(seed) + 1,
-           "in_plane": series.shape[1] == 1, "threads": 1}
-    out = np.empty_like(series.hu)
-    out[0] = series.hu[0]
-    fitted, params = np.zeros((n, 6)), np.zeros((n, 6))
-    metrics, checks = np.full(n, np.nan), np.full((n, 3), np.nan)
-    decision = ["reference"] * n
-    pool: Executor = (ThreadPoolExecutor(workers) if executor == "threads"
-                      else ProcessPoolExecutor(workers))
-    with pool:
-        # BinShrink of 0/1 keeps only cells fully inside the mask
-        shared = (_pyramid(fixed, levels), _pyramid(mask_img, levels), float(metric_mask.mean()))
-        futures = {pool.submit(_frame, t, *shared, series.hu[t], series.affine, fit, check): t
-                   for t in range(1, n)}
-        from concurrent.futures import as_completed
-
-        from tqdm.auto import tqdm
-
-        for fut in tqdm(as_completed(futures), total=len(futures), disable=not progress,
-                        desc="registration", unit="frame"):
-            t = futures[fut]
-            out[t], fitted[t], metrics[t], decision[t], params[t], checks[t] = fut.result()
+           "in_plane": series.shape[1] == 1}
+    # BinShrink of 0/1 keeps only cells fully inside the mask
+    shared = (_pyramid(fixed, levels), _pyramid(mask_img, levels), float(metric_mask.mean()))
+    frames = _Frames.start(series)
+    map_chunks(partial(_register_frames, series=series, shared=shared, fit=fit, check=check,
+                       frames=frames), n - 1, chunk=1, workers=workers, progress=progress,
+               desc="registration", unit="frame")
+    params, checks, decision = frames.parameters, frames.checks, frames.decision
     mean_d, max_d = frame_displacement(params, center, _mask_points(series, mask))
-    logger.info("motion: %d of %d frames moved, max mean displacement %.2f mm (frame %d)",
-                sum(d in ("in-plane", "rigid") for d in decision), n - 1, mean_d.max(),
-                int(mean_d.argmax()))
+    log.info("motion: %d of %d frames moved, max mean displacement %.2f mm (frame %d)",
+             sum(d in ("in-plane", "rigid") for d in decision), n - 1, mean_d.max(),
+             int(mean_d.argmax()))
     meta = dict(series.meta)
     meta["motion_corrected"] = True
-    return MotionResult(series=series.replace(hu=out, meta=meta), parameters=params,
+    return MotionResult(series=series.replace(hu=frames.hu, meta=meta), parameters=params,
                         center_mm=center, displacement_mm=mean_d, max_displacement_mm=max_d,
-                        metric=metrics, fitted_parameters=fitted, decision=tuple(decision),
-                        check_identity=checks[:, 0], check_in_plane=checks[:, 1],
-                        check_fitted=checks[:, 2], min_gain=float(min_gain),
+                        metric=frames.metric, fitted_parameters=frames.fitted,
+                        decision=tuple(decision), check_identity=checks[:, 0],
+                        check_in_plane=checks[:, 1], check_fitted=checks[:, 2],
+                        min_gain=float(min_gain),
                         min_gain_through_plane=float(min_gain_through_plane))
 
 
-def _validate(levels: Sequence[int], samples: Sequence[int], executor: str, rim_mm: float,
+def _validate(levels: Sequence[int], samples: Sequence[int], rim_mm: float,
               reach_mm: float, min_coarse_px: int, gains: tuple[float, float],
               check_sigma_px: Sequence[float], seed: int) -> None:
     if len(levels) != len(samples) or not levels:
         raise ValidationError(f"levels {tuple(levels)} and samples {tuple(samples)} must be "
                               "non-empty and of equal length (one sample count per level)")
-    if executor not in ("threads", "processes"):
-        raise ValidationError(f"executor must be 'threads' or 'processes', got {executor!r}")
     if not (rim_mm >= 0 and reach_mm > 0 and min_coarse_px >= 1):
         raise ValidationError(f"rim_mm must be >= 0, reach_mm > 0 and min_coarse_px >= 1; got "
                               f"{rim_mm}, {reach_mm} and {min_coarse_px}")
@@ -454,8 +468,8 @@ def _metric_mask(series: CTPSeries, mask: np.ndarray, *, rim_mm: float,
     if enhancement_hu is not None and series.n_frames > 1:
         enhancing = _enhancing(series.hu, series.spacing, reach_mm=reach_mm,
                                threshold_hu=enhancement_hu)
-        logger.debug("metric mask: %d voxels, %d enhancing left out", metric_mask.sum(),
-                     (metric_mask & enhancing).sum())
+        log.debug("metric mask: %d voxels, %d enhancing left out", metric_mask.sum(),
+                  (metric_mask & enhancing).sum())
         if (metric_mask & ~enhancing).sum() >= 1000:
             metric_mask &= ~enhancing
     return metric_mask

@@ -23,7 +23,7 @@ __all__ = ["THROUGH_PLANE", "FrameCheck", "apply_transforms", "choose_transform"
            "frame_displacement", "make_check", "make_transform", "resample_frame",
            "to_sitk_image"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 #: Parameters (rx, ry, tz) that a single slice cannot fix; zero in the in-plane candidate.
 THROUGH_PLANE = [0, 1, 5]
@@ -79,10 +79,11 @@ def frame_displacement(parameters: np.ndarray, center_mm: np.ndarray,
     return means, maxes
 
 
-def resample_frame(moving_img: sitk.Image, tx: sitk.Transform, threads: int) -> np.ndarray:
-    """The moving frame on its own grid, read at T(x): linear, nearest beyond the slab."""
+def resample_frame(moving_img: sitk.Image, tx: sitk.Transform, workers: int) -> np.ndarray:
+    """The moving frame on its own grid, read at T(x): linear, nearest beyond the slab;
+    ``workers`` ITK threads."""
     resampler = sitk.ResampleImageFilter()
-    resampler.SetNumberOfThreads(threads)
+    resampler.SetNumberOfThreads(workers)
     resampler.SetReferenceImage(moving_img)
     resampler.SetTransform(tx)
     resampler.SetInterpolator(sitk.sitkLinear)
@@ -91,7 +92,7 @@ def resample_frame(moving_img: sitk.Image, tx: sitk.Transform, threads: int) -> 
 
 
 def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | None], *,
-                     threads: int | None = None) -> CTPSeries:
+                     workers: int | None = None) -> CTPSeries:
     """Bring every frame back onto the first frame's grid with known transforms.
 
     The resampling :func:`correct_motion` ends with, for transforms found elsewhere: saved
@@ -105,7 +106,7 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
     transforms : sequence of SimpleITK transforms or None, one per frame
         Each maps a point of the first frame (patient mm, in the frame of the series' affine)
         to the same anatomy in that frame; None leaves the frame as it is.
-    threads : int, optional
+    workers : int, optional
         Threads of the resampler; default the number of CPU cores.
 
     Returns
@@ -115,11 +116,11 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
     """
     if len(transforms) != series.n_frames:
         raise ValidationError(f"{len(transforms)} transforms for {series.n_frames} frames")
-    threads = int(threads or os.cpu_count() or 1)
+    workers = int(workers or os.cpu_count() or 1)
     out = series.hu.copy()
     for t, tx in enumerate(transforms):
         if tx is not None:
-            out[t] = resample_frame(to_sitk_image(series.hu[t], series.affine), tx, threads)
+            out[t] = resample_frame(to_sitk_image(series.hu[t], series.affine), tx, workers)
     meta = dict(series.meta)
     meta["motion_corrected"] = True
     return series.replace(hu=out, meta=meta)
@@ -254,7 +255,7 @@ def _plausible(check: FrameCheck, params: np.ndarray) -> bool:
 
 
 def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarray,
-                     threads: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
+                     workers: int) -> tuple[str, np.ndarray, np.ndarray, np.ndarray]:
     """Keep the identity, the fit's in-plane part or the whole fit for one frame.
 
     Simplest first, a plausible candidate replaces the one kept so far only if it lowers the
@@ -270,7 +271,7 @@ def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarr
         The frame.
     fitted : ndarray, shape (6,)
         The registration's parameters (degrees, mm).
-    threads : int
+    workers : int
         Threads of the resampling filter.
 
     Returns
@@ -305,11 +306,11 @@ def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarr
               "in-plane": np.nan, "rigid": np.nan}
     decision, kept = "identity", np.zeros(6)
     for name, p in candidates:
-        moved = resample_frame(moving_img, make_transform(p, check.center_mm), threads)
+        moved = resample_frame(moving_img, make_transform(p, check.center_mm), workers)
         sq = squares(_smooth(moved, check.sigma_zyx))
         values[name] = float(sq.mean()) if sq.size else np.nan
         gain, se = _mean_and_se(best - sq, block)
-        logger.debug("%s: gain %.3g HU^2 of %.3g, standard error %.3g", name, gain,
+        log.debug("%s: gain %.3g HU^2 of %.3g, standard error %.3g", name, gain,
                      values[decision], se)
         # a simpler candidate stands unless this one clearly beats it (NaN never does)
         needed = check.min_gain if decision == "identity" else check.min_gain_through_plane
