@@ -34,15 +34,13 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from scipy import ndimage, sparse, special
 
 from ctperf.errors import ValidationError
+from ctperf.parallel import map_chunks
 from ctperf.perfusion.curves import flow_scale
 
 __all__ = ["DISPERSIONS", "RESIDUES", "BayesFit", "ResidueGrid", "fit_bayes", "residue",
@@ -378,28 +376,6 @@ def _blocks(mask: np.ndarray, size: int) -> tuple[np.ndarray, int]:
     return block.astype(np.int64), int(block.max()) + 1 if block.size else 0
 
 
-def _run_chunks(n: int, chunk: int, work: Callable[[int], Any], workers: int, desc: str,
-                progress: bool) -> list[Any]:
-    """``work(start)`` for start = 0, chunk, 2 chunk, ... < n in threads, results in order."""
-    starts = list(range(0, n, chunk))
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, desc=desc, unit="voxel", unit_scale=True)
-    out: list[Any] = []
-    try:
-        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            for s, r in zip(starts, pool.map(work, starts), strict=True):
-                out.append(r)
-                if bar is not None:
-                    bar.update(min(chunk, n - s))
-    finally:
-        if bar is not None:
-            bar.close()
-    return out
-
-
 def fit_bayes(
     tissue: np.ndarray,
     aif: np.ndarray,
@@ -525,11 +501,11 @@ def fit_bayes(
     # Stage 1 holds a few (chunk, K) arrays per thread: chunks of about 2^22 grid values.
     chunk1 = max(16, min(chunk, (1 << 22) // grid.size))
 
-    def stage1(s: int) -> tuple[np.ndarray, np.ndarray]:
-        return _candidates(block_curves[:, s:s + chunk1], block_precision[s:s + chunk1], grid,
-                           log_prior, keep)
+    def stage1(s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
+        return _candidates(block_curves[:, s:e], block_precision[s:e], grid, log_prior, keep)
 
-    parts = _run_chunks(n_blocks, chunk1, stage1, workers, "bayes prior", progress)
+    parts = map_chunks(stage1, n_blocks, chunk=chunk1, workers=max(1, workers),
+                       progress=progress, desc="bayes prior", unit="voxel")
     cand = np.concatenate([p[0] for p in parts])
     cand_lp = np.concatenate([p[1] for p in parts])
     if not use_space:  # the candidates' prior is the global one, not the voxel's posterior
@@ -546,19 +522,20 @@ def fit_bayes(
     mom = np.empty((n, 14), dtype=np.float64)
     per_chunk = max(1, chunk // width)
 
-    def stage2(s: int) -> None:
-        vox = members[s:s + per_chunk]                      # (nb, P)
+    def stage2(s: int, e: int) -> None:
+        vox = members[s:e]                                  # (nb, P)
         valid = vox >= 0
         ys = y_all[:, np.where(valid, vox, 0)]              # (T, nb, P)
         ys = np.ascontiguousarray(np.moveaxis(ys, 0, -1))   # (nb, P, T)
-        bc = grid.responses[cand[s:s + per_chunk]]          # (nb, M, T)
+        bc = grid.responses[cand[s:e]]                      # (nb, M, T)
         g = np.matmul(ys, np.swapaxes(bc, 1, 2))[valid]     # (n_valid, M)
         yy = np.einsum("npt,npt->np", ys, ys, dtype=np.float64)[valid]
         rows = np.nonzero(valid)[0] + s
         ids = vox[valid]
         mom[ids] = _moments(g, yy, noise[ids], cand[rows], cand_lp[rows], grid)
 
-    _run_chunks(n_blocks, per_chunk, stage2, workers, "bayes", progress)
+    map_chunks(stage2, n_blocks, chunk=per_chunk, workers=max(1, workers), progress=progress,
+               desc="bayes", unit="voxel")
 
     def sd(m2: np.ndarray, m1: np.ndarray) -> np.ndarray:
         return np.sqrt(np.maximum(m2 - m1**2, 0.0)).astype(np.float32)
