@@ -2,8 +2,8 @@
 
 Writes a synthetic study of 89 frames x 8 slices of 512 x 512 (712 files, the size of a GE
 perfusion acquisition) twice into a temporary folder, uncompressed and JPEG Lossless (Process 14
-SV1), then times :func:`ctperf.io.read_dicom_series` with one decoder, a thread pool and a process
-pool, side by side in one run. Usage::
+SV1), then times :func:`ctperf.io.read_dicom_series` with one decoder and with a thread pool,
+side by side in one run. Usage::
 
     python benchmarks/bench_dicom_load.py [--frames 89] [--slices 8] [--size 512] [--repeat 2]
 
@@ -77,9 +77,7 @@ def main() -> None:
             mb = sum(p.stat().st_size for p in folder.iterdir()) / 1e6
             print(f"{label:14s} written in {written:6.2f} s, {mb:7.1f} MB on disk")
             header_s, _ = timed(lambda f=folder: read_dicom_headers(f), args.repeat)
-            modes = [("serial", {"workers": 1}),
-                     ("threads", {"workers": workers, "executor": "threads"}),
-                     ("processes", {"workers": workers, "executor": "processes"})]
+            modes = [("serial", {"workers": 1}), ("threads", {"workers": workers})]
             for mode, kw in modes:
                 seconds, loaded = timed(lambda f=folder, k=kw: read_dicom_series(f, **k),
                                         args.repeat)

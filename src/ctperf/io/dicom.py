@@ -307,7 +307,7 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
 
 def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
                       frame_interval: float | None = None, workers: int | None = None,
-                      executor: str = "threads", progress: bool = False) -> CTPSeries:
+                      progress: bool = False) -> CTPSeries:
     """Read a CT perfusion study from a folder of DICOM files (searched recursively).
 
     Parameters
@@ -323,13 +323,8 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         frames (frames are then ordered by TemporalPositionIndex, else InstanceNumber); when given,
         it replaces the times from the files.
     workers : int, optional
-        Parallel decoders (default: the number of CPUs, at most 8).
-    executor : {"threads", "processes"}
-        Decoder pool kind. The JPEG decoders (pylibjpeg, GDCM) hold the GIL, so threads only
-        overlap file reads and Python work; processes decode in parallel but pay for start-up
-        and a shared-memory copy (the study's size once more while loading). On a busy
-        2-core machine threads were as fast or faster; try processes on many-core machines
-        (``benchmarks/bench_dicom_load.py``).
+        Decoder threads (default: the number of CPUs, at most 8). The JPEG decoders (pylibjpeg,
+        GDCM) hold the GIL, so with compressed files threads mostly overlap file reads.
     progress : bool
         Show a progress bar while decoding.
 
@@ -381,8 +376,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     flat = np.empty((n_t * n_z, rows, cols), dtype=np.float32)
     paths = [frames[z][t].path for t in range(n_t) for z in range(n_z)]
     decode_into(flat, paths, rescale=[rescale[p] for p in paths],
-                workers=workers or min(os.cpu_count() or 1, 8), executor=executor,
-                progress=progress)
+                workers=workers or min(os.cpu_count() or 1, 8), progress=progress)
     hu = flat.reshape(n_t, n_z, rows, cols)
     check_hu_plausible(hu, lambda t, z: (frames[z][t].path, ""))
     meta = _meta(headers, source, start, len(paths))
@@ -418,8 +412,7 @@ def read_dicom_volume(folder: PathLike, *, series_uid: str | None = None,
     volume = np.empty((len(slices), rows, cols), dtype=np.float32)
     paths = [s[0].path for s in slices]
     decode_into(volume, paths, rescale=check_rescale([s[0] for s in slices]),
-                workers=workers or min(os.cpu_count() or 1, 8), executor="threads",
-                progress=False)
+                workers=workers or min(os.cpu_count() or 1, 8), progress=False)
     meta = _meta(headers, "", None, len(paths))
     meta["slice_positions"] = _depths(slices)
     meta["files"] = paths
