@@ -58,7 +58,7 @@ def prepare(out: Path, *, subjects: int, size: int, slices: int, seed: int) -> N
         mask = io.read_mask(sub / "masks" / "brain.nii.gz", shape=series.shape[1:],
                             affine=series.affine)
         curves = json.loads((sub / "curves.json").read_text())
-        maps = compute_maps(filtered, method="nlr", mask=mask, aif=np.asarray(curves["aif"]),
+        maps = compute_maps(filtered, method="nlr", brain_mask=mask, aif=np.asarray(curves["aif"]),
                             vof=np.asarray(curves["vof"]))
         io.write_maps_nifti(maps, dst / "nlr")
         print(f"{sub.name}: filtered + NLR in {time.perf_counter() - t1:.1f} s", flush=True)

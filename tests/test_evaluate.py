@@ -245,9 +245,9 @@ def test_evaluate_phantom_bsvd_against_nlr_fast(tmp_path):
 
 
 def test_maps_without_lesions_are_segmented_with_the_maps_rules(cohorts, tmp_path):
-    from ctperf.commands.maps import LESION_DEFAULTS
     from ctperf.evaluation.cohort import load_maps_cohort
     from ctperf.evaluation.metrics import dice
+    from ctperf.lesion_options import LesionOptions
 
     bare = tmp_path / "bare"
     for study in STUDIES[:2]:  # maps only, as `ctperf predict` writes them
@@ -255,7 +255,7 @@ def test_maps_without_lesions_are_segmented_with_the_maps_rules(cohorts, tmp_pat
         for f in (cohorts["ref"] / study).glob("*.nii.gz"):
             shutil.copy(f, bare / study / f.name)
     assert load_maps_cohort(bare).lesions == {}  # no options: no lesions invented
-    reader = load_maps_cohort(bare, lesion_options=LESION_DEFAULTS)
+    reader = load_maps_cohort(bare, lesion_options=LesionOptions())
     ref = load_maps_cohort(cohorts["ref"])
     for study in STUDIES[:2]:
         # Tmax 8 s in the 4 x 4 core square, 3 s elsewhere: the Tmax > 6 s rule finds the

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
-from ctperf.perfusion import segment_lesions
+from ctperf.perfusion import THRESHOLDS_ONLY, segment_lesions
 from ctperf.perfusion.lesions import MidPlane, midsagittal_plane, normal_cbf_reference
 from ctperf.types import PerfusionMaps
 
@@ -131,7 +133,8 @@ def test_core_kept_inside_the_hypoperfused_region():
     cbf[spot] = 1.0
     low = maps.replace(maps={"cbf": cbf, "tmax": maps["tmax"]})
     kept = segment_lesions(low, brain=brain)
-    free = segment_lesions(low, brain=brain, core_within_hypoperfused=False)
+    free = segment_lesions(low, brain=brain,
+                          options=replace(THRESHOLDS_ONLY, core_within_hypoperfused=False))
     assert spot.any()
     assert not kept.core[spot].any() and free.core[spot].all()
     assert not (kept.core & ~kept.hypoperfused).any()

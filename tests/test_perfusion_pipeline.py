@@ -172,7 +172,7 @@ def test_bad_input_gives_clear_errors(study, rng):
     with pytest.raises(ValidationError, match="method"):
         compute_maps(series, method="magic")
     with pytest.raises(ValidationError, match="mask shape"):
-        compute_maps(series, mask=np.ones((1, 4, 4), dtype=bool))
+        compute_maps(series, brain_mask=np.ones((1, 4, 4), dtype=bool))
     with pytest.raises(ValidationError, match="AIF mask shape"):
         compute_maps(series, aif_mask=np.ones((2, 8, 8), dtype=bool))
     # Only soft tissue enhancing by ~20 HU: no arterial candidates.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 from scipy import integrate
@@ -9,6 +11,7 @@ from scipy.optimize import minimize
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion import (
+    THRESHOLDS_ONLY,
     ArterialTable,
     PerfusionResult,
     bandlimit,
@@ -204,10 +207,11 @@ def test_lesions_from_true_maps_equal_truth():
     sym = PerfusionMaps(maps={"cbf": mirror_cbf, "tmax": np.concatenate(
         [tmax, np.ones(shape)], axis=2)}, affine=maps.affine)
     assert segment_lesions(sym).core[:, 7:10, 4:8].all()
-    by_cbv = segment_lesions(maps, core_cbv=2.0, core_within_hypoperfused=False)
+    by_cbv = segment_lesions(maps, options=replace(THRESHOLDS_ONLY, core_cbv=2.0,
+                                                   core_within_hypoperfused=False))
     assert np.array_equal(by_cbv.core, maps["cbv"] < 2.0)
     # By default the core stays inside the hypoperfused region.
-    by_cbv = segment_lesions(maps, core_cbv=2.0)
+    by_cbv = segment_lesions(maps, options=replace(THRESHOLDS_ONLY, core_cbv=2.0))
     assert np.array_equal(by_cbv.core, (maps["cbv"] < 2.0) & hypo)
 
 

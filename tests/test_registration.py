@@ -373,7 +373,7 @@ def test_nlr_maps_after_correction_match_still_phantom(motion, seed):
     # after a correction with 0.1 mm error. That is a matter of VOF selection, not registration.
     near_bone = ndimage.binary_dilation(still.series.hu[0] > 300, np.ones((1, 5, 5), bool))
     vessels = {"aif_mask": moving.masks["artery"], "vof_mask": moving.masks["vein"] & ~near_bone}
-    ref, got, best = (compute_maps(s, mask=brain, **vessels)
+    ref, got, best = (compute_maps(s, brain_mask=brain, **vessels)
                       for s in (still.series, corrected, exact))
     for name in ("cbf", "cbv"):
         a, b, c = (np.nanmedian(m[name][brain]) for m in (ref, got, best))

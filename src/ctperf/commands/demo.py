@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from ctperf.commands import add_filter_options, add_overwrite_option
 
@@ -48,13 +48,13 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from ctperf import io
-    from ctperf.commands.maps import LESION_DEFAULTS, write_outputs
+    from ctperf.commands.maps import write_outputs
     from ctperf.errors import ValidationError
     from ctperf.evaluation.metrics import dice
     from ctperf.evaluation.plots import comparison_figure
     from ctperf.evaluation.report import html_report, markdown_tables_to_html, png_data_uri
     from ctperf.evaluation.truth import compare_with_truth, truth_table_markdown
-    from ctperf.perfusion import analyse_study, segment_lesions
+    from ctperf.perfusion import LesionOptions, analyse_study, segment_lesions
     from ctperf.phantom import generate_subject, write_subject
 
     for name, value, least in (("--size", args.size, 32), ("--slices", args.slices, 1),
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
                                     spatial_sigma_mm=args.spatial_sigma,
                                     range_sigma_hu=args.range_sigma,
                                     filter_weights=args.filter_weights,
-                                    lesion_options=LESION_DEFAULTS, progress=True)
+                                    lesion_options=LesionOptions(), progress=True)
         if pre is not None:
             print(f"      measured displacement: mean {np.mean(pre.displacement_mm):.2f} mm, "
                   f"max {np.max(pre.max_displacement_mm):.2f} mm")
@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         # much of the core disagreement is the rule's and how much the maps'.
         rule = segment_lesions(subject.truth, brain=result.brain & masks["brain"],
                                exclude=result.vessels,
-                               **cast(dict[str, Any], LESION_DEFAULTS))
+                               options=LesionOptions())
         scores["lesions_vs_rule_on_truth"] = {
             name: {"dice": dice(result.lesions.masks()[name], rule.masks()[name]),
                    "dice_rule_vs_phantom": dice(rule.masks()[name], true_lesions[name]),

@@ -47,15 +47,15 @@ def register(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ctperf import io
-    from ctperf.commands.maps import LESION_DEFAULTS
     from ctperf.evaluation.report import evaluate_cohorts
+    from ctperf.lesion_options import LesionOptions
 
     inputs = [args.pred, args.ref, args.truth, *args.raters, *args.compare, args.train_log]
     io.check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     doc = evaluate_cohorts(args.pred, args.ref, args.out, truth=args.truth, raters=args.raters,
                            compare=args.compare, train_log=args.train_log,
                            overwrite=args.overwrite, max_map_figures=max(args.map_figures, 0),
-                           lesion_options=LESION_DEFAULTS)
+                           lesion_options=LesionOptions())
     labels = ", ".join(r["label"] for r in doc["readers"])
     print(f"evaluated {len(doc['studies'])} studies ({labels}); wrote {args.out}/report.html, "
           "table1.csv, table2.csv, evaluation.json, figures/")

@@ -17,15 +17,12 @@ from ctperf.commands import (
     non_negative_float,
     positive_float,
 )
+from ctperf.lesion_options import LesionOptions
 
-__all__ = ["LESION_DEFAULTS", "ORDER", "overview_figure", "register", "run", "volume_text",
+__all__ = ["ORDER", "overview_figure", "register", "run", "volume_text",
            "write_outputs"]
 
 ORDER = 20
-
-#: Lesion options of ``ctperf maps`` beyond the thresholds (the demo uses them too): a 2 mm
-#: median on the maps against speckle, and pieces under 0.1 mL dropped.
-LESION_DEFAULTS: dict[str, float] = {"smooth_mm": 2.0, "min_component_ml": 0.1}
 
 _TITLES = {"cbf": "CBF mL/100g/min", "cbv": "CBV mL/100g", "mtt": "MTT s", "tmax": "Tmax s",
            "ttp": "TTP s", "delay": "delay s"}
@@ -68,16 +65,16 @@ def register(subparsers: Any) -> None:
                         "capillaries), 0.1-1 [0.733]")
     p.add_argument("--core-cbv", type=positive_float, default=None, metavar="ML",
                    help="define the core as CBV below ML mL/100g instead of rCBF < 30 %%")
-    p.add_argument("--core-rcbf", type=fraction, default=0.30,
-                   help="core rCBF threshold, a fraction of normal tissue [0.30]")
-    p.add_argument("--tmax", type=positive_float, default=6.0,
-                   help="hypoperfusion Tmax threshold s [6]")
+    p.add_argument("--core-rcbf", type=fraction, default=LesionOptions.core_rcbf,
+                   help="core rCBF threshold, a fraction of normal tissue [%(default)s]")
+    p.add_argument("--tmax", type=positive_float, default=LesionOptions.tmax_hypo,
+                   help="hypoperfusion Tmax threshold s [%(default)s]")
     p.add_argument("--lesion-smooth", type=non_negative_float,
-                   default=LESION_DEFAULTS["smooth_mm"],
+                   default=LesionOptions.smooth_mm,
                    metavar="MM", help="radius of an in-plane median filter on the maps before "
                    "the lesion thresholds [%(default)s]")
     p.add_argument("--min-lesion", type=non_negative_float,
-                   default=LESION_DEFAULTS["min_component_ml"], metavar="ML",
+                   default=LesionOptions.min_component_ml, metavar="ML",
                    help="drop lesion pieces smaller than ML mL [%(default)s]")
     p.set_defaults(func=run)
 
@@ -185,9 +182,9 @@ def overview_figure(result: Any, *, title: str = "") -> Any:
     vol = {k: volume_text(les, k) for k in ("core", "hypoperfused", "penumbra", "tmax10")}
     lines = [f"method {prov['method']}   rho {prov['constants']['rho_g_per_ml']}   "
              f"kH {prov['constants']['kh']}",
-             f"core {vol['core']}  ({les['thresholds']['core']})",
+             f"core {vol['core']}  ({les['thresholds']['core']['label']})",
              f"hypoperfused {vol['hypoperfused']}  (Tmax > "
-             f"{les['thresholds']['hypoperfused'].split('>')[-1].strip()})",
+             f"{les['thresholds']['hypoperfused']['tmax_above_s']} s)",
              f"penumbra {vol['penumbra']}   Tmax>10 s {vol['tmax10']}",
              f"mismatch ratio {'-' if mr is None else f'{mr:.1f}'}",
              "outlines: magenta core, white Tmax > threshold", "QC:"]
@@ -265,9 +262,9 @@ def run(args: argparse.Namespace) -> int:
 
     aif_mask, vof_mask, brain = mask_of(args.aif_mask), mask_of(args.vof_mask), \
         mask_of(args.brain_mask)
-    lesion_options = {"core_rcbf": args.core_rcbf, "core_cbv": args.core_cbv,
-                      "tmax_hypo": args.tmax, "smooth_mm": args.lesion_smooth,
-                      "min_component_ml": args.min_lesion}
+    lesion_options = LesionOptions(core_rcbf=args.core_rcbf, core_cbv=args.core_cbv,
+                                   tmax_hypo=args.tmax, smooth_mm=args.lesion_smooth,
+                                   min_component_ml=args.min_lesion)
     # DICOM output only needs the study's metadata; keep the first frame, not the whole study.
     source = None
     if args.dicom:
@@ -281,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
                               filter=args.preprocess, spatial_sigma_mm=args.spatial_sigma,
                               range_sigma_hu=args.range_sigma, filter_weights=args.filter_weights,
                               aif_mask=aif_mask, vof_mask=vof_mask,
-                              mask=brain, rho=args.rho, kh=args.kh, device=args.device,
+                              brain_mask=brain, rho=args.rho, kh=args.kh, device=args.device,
                               lesion_options=lesion_options, progress=True)
     result = dataclasses.replace(result, maps=result.maps.replace(provenance={
         **result.maps.provenance, "preprocessed": bool(args.preprocess),

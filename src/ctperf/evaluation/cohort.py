@@ -27,6 +27,7 @@ from ctperf.evaluation.metrics import (
     ssim,
     unit_mse,
 )
+from ctperf.lesion_options import LesionOptions
 from ctperf.types import PerfusionMaps
 
 __all__ = [
@@ -92,7 +93,7 @@ def _study_dirs(root: Path) -> list[Path]:
 
 
 def load_maps_cohort(root: str | Path, *, label: str | None = None,
-                     lesion_options: Mapping[str, Any] | None = None) -> Reader:
+                     lesion_options: LesionOptions | None = None) -> Reader:
     """Read a maps cohort (``ctperf maps`` layout) or a phantom cohort (its truth).
 
     Parameters
@@ -102,8 +103,8 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
     label : str, optional
         Reader name; default the ``method`` of the first ``summary.json``, ``truth`` for a
         phantom cohort, else the folder name.
-    lesion_options : mapping, optional
-        Keyword options of :func:`ctperf.perfusion.segment_lesions` for studies without a
+    lesion_options : LesionOptions, optional
+        Lesion thresholds (:func:`ctperf.perfusion.segment_lesions`) for studies without a
         ``lesions/`` folder (e.g. U-Net predictions): their lesions are segmented from the maps
         when they include ``cbf`` and ``tmax``. Without options such studies have no lesions.
     """
@@ -146,11 +147,12 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
 
 
 def _segment(maps: PerfusionMaps, brain: np.ndarray | None,
-             options: Mapping[str, Any]) -> dict[str, np.ndarray]:
+             options: LesionOptions) -> dict[str, np.ndarray]:
     from ctperf.perfusion import segment_lesions
 
     finite = np.isfinite(maps["cbf"]) & np.isfinite(maps["tmax"])
-    result = segment_lesions(maps, brain=finite if brain is None else brain & finite, **options)
+    result = segment_lesions(maps, brain=finite if brain is None else brain & finite,
+                             options=options)
     return {n: m for n, m in result.masks().items() if n in LESION_NAMES}
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import InputError
+from ctperf.lesion_options import LesionOptions
 
 __all__ = [
     "TABLE1_COLUMNS",
@@ -270,7 +271,7 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
                      truth: str | Path | None = None, raters: Sequence[str | Path] = (),
                      compare: Sequence[str | Path] = (), train_log: str | Path | None = None,
                      overwrite: bool = False, max_map_figures: int = 6,
-                     lesion_options: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                     lesion_options: LesionOptions | None = None) -> dict[str, Any]:
     """Compare a maps cohort with a reference (and truth, raters, more methods); write the report.
 
     Parameters
@@ -293,8 +294,8 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
         Replace an existing ``out`` that ctperf did not write.
     max_map_figures : int
         Studies shown as map figures (the first ones, in name order).
-    lesion_options : mapping, optional
-        Options of :func:`ctperf.perfusion.segment_lesions` for map folders without
+    lesion_options : LesionOptions, optional
+        Thresholds of :func:`ctperf.perfusion.segment_lesions` for map folders without
         ``lesions/`` (see :func:`load_maps_cohort`).
 
     Returns

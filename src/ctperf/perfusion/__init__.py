@@ -2,6 +2,7 @@
 Bayesian estimator with uncertainty, automatic AIF/VOF, lesion volumes and QC flags. NumPy and
 SciPy only (no torch)."""
 
+from ctperf.lesion_options import THRESHOLDS_ONLY, LesionOptions
 from ctperf.perfusion.aif import (
     VesselCurve,
     VofCheck,
@@ -41,9 +42,11 @@ __all__ = [
     "DEFAULT_BOUNDS",
     "METHODS",
     "SD_MAPS",
+    "THRESHOLDS_ONLY",
     "ArterialTable",
     "BayesFit",
     "BoxFit",
+    "LesionOptions",
     "LesionResult",
     "MidPlane",
     "PerfusionResult",

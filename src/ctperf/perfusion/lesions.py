@@ -1,9 +1,10 @@
 """Ischaemic core, hypoperfused tissue and penumbra from perfusion maps.
 
-Core: relative CBF below ``core_rcbf`` (30 %) of normal tissue, or, when ``core_cbv`` is given,
-CBV below it (e.g. 2.0 mL/100 g). Hypoperfused: Tmax above ``tmax_hypo`` (6 s); Tmax above
-``tmax_severe`` (10 s) is reported too. Penumbra = hypoperfused minus core; mismatch ratio =
-hypoperfused / core volume.
+The thresholds are the fields of :class:`LesionOptions`. Core: relative CBF below
+``core_rcbf`` (30 %) of normal tissue, or, when ``core_cbv`` is given, CBV below it (e.g.
+2.0 mL/100 g). Hypoperfused: Tmax above ``tmax_hypo`` (6 s); Tmax above ``tmax_severe`` (10 s)
+is reported too. Penumbra = hypoperfused minus core; mismatch ratio = hypoperfused / core
+volume.
 
 By default the core is kept inside the hypoperfused region (``core_within_hypoperfused``):
 tissue whose flow has collapsed is also late, and low CBF in tissue with a normal Tmax is noise
@@ -27,15 +28,22 @@ import numpy as np
 from scipy import ndimage
 
 from ctperf.errors import ValidationError
+from ctperf.lesion_options import THRESHOLDS_ONLY, LesionOptions
 from ctperf.types import PerfusionMaps
 
-__all__ = ["LesionResult", "MidPlane", "midsagittal_plane", "normal_cbf_reference",
-           "segment_lesions"]
+__all__ = ["THRESHOLDS_ONLY", "LesionOptions", "LesionResult", "MidPlane", "midsagittal_plane",
+           "normal_cbf_reference", "segment_lesions"]
 
 
 @dataclass(frozen=True)
 class LesionResult:
-    """Lesion masks (bool, (Z, Y, X)), volumes in mL, mismatch ratio and thresholds used."""
+    """Lesion masks (bool, (Z, Y, X)), volumes in mL, mismatch ratio and thresholds used.
+
+    ``thresholds`` holds numbers, each with a readable ``label``: ``core`` (``rcbf_below`` and
+    the ``reference``, or ``cbv_below_ml_per_100g``), ``hypoperfused`` and ``tmax10``
+    (``tmax_above_s``), plus ``reference_cbf_median``, ``smooth_mm``, ``min_component_ml``,
+    ``core_within_hypoperfused`` and ``midsagittal_plane``.
+    """
 
     core: np.ndarray
     hypoperfused: np.ndarray
@@ -225,15 +233,9 @@ def segment_lesions(
     *,
     brain: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
-    core_rcbf: float = 0.30,
-    core_cbv: float | None = None,
-    tmax_hypo: float = 6.0,
-    tmax_severe: float = 10.0,
+    options: LesionOptions = THRESHOLDS_ONLY,
     reference: str | np.ndarray | float = "contralateral",
     sigma_mm: float = 8.0,
-    smooth_mm: float = 0.0,
-    min_component_ml: float = 0.0,
-    core_within_hypoperfused: bool = True,
     uncertainty_mm: float = 3.0,
     samples: int = 24,
 ) -> LesionResult:
@@ -242,29 +244,17 @@ def segment_lesions(
     Parameters
     ----------
     maps : PerfusionMaps
-        Needs ``cbf`` and ``tmax`` (and ``cbv`` when ``core_cbv`` is set).
+        Needs ``cbf`` and ``tmax`` (and ``cbv`` when ``options.core_cbv`` is set).
     brain : ndarray of bool, shape (Z, Y, X), optional
         Where lesions may lie; default where the maps are finite.
     exclude : ndarray of bool, shape (Z, Y, X), optional
         Voxels never labelled (vessels, CSF).
-    core_rcbf : float
-        Core where CBF < core_rcbf x reference (used when ``core_cbv`` is None).
-    core_cbv : float, optional
-        Core where CBV < core_cbv mL/100 g instead.
-    tmax_hypo, tmax_severe : float
-        Tmax thresholds in s.
+    options : LesionOptions
+        Thresholds and clean-up; default :data:`THRESHOLDS_ONLY`.
     reference : "contralateral", "global", float or ndarray (Z, Y, X)
         Normal CBF for rCBF (see module docstring).
     sigma_mm : float
         Neighbourhood of the contralateral reference.
-    smooth_mm : float
-        Radius (mm) of an in-plane median filter applied to CBF, CBV and Tmax inside the brain
-        before thresholding (noisy maps give speckled masks); 0 thresholds the maps as they are.
-    min_component_ml : float
-        Connected pieces of each mask smaller than this are dropped.
-    core_within_hypoperfused : bool
-        Keep only core voxels that are also hypoperfused (see module docstring); False labels
-        low flow wherever it lies.
     uncertainty_mm, samples : float, int
         When the maps carry posterior standard deviations (``cbf_sd``, ``tmax_sd``), the
         volumes' SDs come from ``samples`` draws of the maps, each perturbed by its SD times a
@@ -275,6 +265,7 @@ def segment_lesions(
     -------
     LesionResult
     """
+    o = options
     cbf, tmax = maps["cbf"].astype(np.float64), maps["tmax"].astype(np.float64)
     valid = np.isfinite(cbf) & np.isfinite(tmax)
     if brain is not None:
@@ -284,14 +275,14 @@ def segment_lesions(
     region = valid.copy()  # the brain's outline and ventricles: symmetric, lesion or not
     if exclude is not None:
         valid &= ~exclude
-    rad = (smooth_mm / maps.spacing[1], smooth_mm / maps.spacing[2])
+    rad = (o.smooth_mm / maps.spacing[1], o.smooth_mm / maps.spacing[2])
     cbf, tmax = _smooth(cbf, valid, rad), _smooth(tmax, valid, rad)
-    hypo = valid & (tmax > tmax_hypo)
+    hypo = valid & (tmax > o.tmax_hypo)
     mid_info: dict[str, Any] | None = None
-    severe = valid & (tmax > tmax_severe)
-    if core_cbv is not None:
+    severe = valid & (tmax > o.tmax_severe)
+    if o.core_cbv is not None:
         cbv = _smooth(maps["cbv"].astype(np.float64), valid, rad)
-        core = valid & (cbv < core_cbv) & np.isfinite(cbv)
+        core = valid & (cbv < o.core_cbv) & np.isfinite(cbv)
         ref_value: float | None = None
     else:
         if isinstance(reference, str):
@@ -305,40 +296,51 @@ def segment_lesions(
                             "mirror_overlap": round(plane.score, 4)}
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
-        core = valid & (cbf < core_rcbf * ref)
+        core = valid & (cbf < o.core_rcbf * ref)
         ref_value = float(np.median(ref[valid])) if valid.any() else None
-    if core_within_hypoperfused:
+    if o.core_within_hypoperfused:
         core &= hypo
     voxel_ml = float(np.prod(maps.spacing)) / 1000.0
-    if min_component_ml > 0:
-        min_voxels = min_component_ml / voxel_ml
+    if o.min_component_ml > 0:
+        min_voxels = o.min_component_ml / voxel_ml
         hypo, severe, core = (_drop_small(m, min_voxels) for m in (hypo, severe, core))
     penumbra = hypo & ~core
     volumes = {"core": float(core.sum() * voxel_ml), "hypoperfused": float(hypo.sum() * voxel_ml),
                "penumbra": float(penumbra.sum() * voxel_ml),
                "tmax10": float(severe.sum() * voxel_ml)}
     ratio = volumes["hypoperfused"] / volumes["core"] if volumes["core"] > 0 else None
-    thresholds: dict[str, Any] = {
-        "core": (f"CBV < {core_cbv} mL/100g" if core_cbv is not None
-                 else f"rCBF < {core_rcbf} ({reference if isinstance(reference, str) else 'given'}"
-                      " reference)"),
-        "hypoperfused": f"Tmax > {tmax_hypo} s", "tmax10": f"Tmax > {tmax_severe} s",
-        "reference_cbf_median": ref_value, "smooth_mm": smooth_mm,
-        "min_component_ml": min_component_ml,
-        "core_within_hypoperfused": core_within_hypoperfused, "midsagittal_plane": mid_info,
-    }
+    thresholds = _thresholds(o, reference if isinstance(reference, str) else "given",
+                             ref_value=ref_value, midplane=mid_info)
     sd_ml = None
-    if "tmax_sd" in maps.names and "cbf_sd" in maps.names and core_cbv is None:
+    if "tmax_sd" in maps.names and "cbf_sd" in maps.names and o.core_cbv is None:
         sd_ml = _volume_sd(cbf, tmax, maps["cbf_sd"], maps["tmax_sd"], valid,
-                           core_rcbf * ref,
-                           tmax_hypo=tmax_hypo, tmax_severe=tmax_severe,
-                           core_within_hypoperfused=core_within_hypoperfused,
+                           o.core_rcbf * ref,
+                           tmax_hypo=o.tmax_hypo, tmax_severe=o.tmax_severe,
+                           core_within_hypoperfused=o.core_within_hypoperfused,
                            sigma_vox=(uncertainty_mm / maps.spacing[1],
                                       uncertainty_mm / maps.spacing[2]),
                            samples=samples, voxel_ml=voxel_ml)
     return LesionResult(core=core, hypoperfused=hypo, penumbra=penumbra, tmax_severe=severe,
                         volumes_ml=volumes, mismatch_ratio=ratio, thresholds=thresholds,
                         volumes_sd_ml=sd_ml)
+
+
+def _thresholds(o: LesionOptions, reference: str, *, ref_value: float | None,
+                midplane: dict[str, Any] | None) -> dict[str, Any]:
+    """The summary's thresholds: numbers, each rule with a readable label."""
+    core: dict[str, Any] = (
+        {"cbv_below_ml_per_100g": o.core_cbv, "label": f"CBV < {o.core_cbv} mL/100g"}
+        if o.core_cbv is not None else
+        {"rcbf_below": o.core_rcbf, "reference": reference,
+         "label": f"rCBF < {o.core_rcbf} ({reference} reference)"})
+    return {
+        "core": core,
+        "hypoperfused": {"tmax_above_s": o.tmax_hypo, "label": f"Tmax > {o.tmax_hypo} s"},
+        "tmax10": {"tmax_above_s": o.tmax_severe, "label": f"Tmax > {o.tmax_severe} s"},
+        "reference_cbf_median": ref_value, "smooth_mm": o.smooth_mm,
+        "min_component_ml": o.min_component_ml,
+        "core_within_hypoperfused": o.core_within_hypoperfused, "midsagittal_plane": midplane,
+    }
 
 
 def _volume_sd(cbf: np.ndarray, tmax: np.ndarray, cbf_sd: np.ndarray, tmax_sd: np.ndarray,

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
+from ctperf import masks
 from ctperf.errors import ValidationError
-from ctperf.masks import brain_mask, csf_mask, near_bone
 from ctperf.perfusion.aif import VesselCurve, assess_vof, select_aif, select_vof
 from ctperf.perfusion.bayes import fit_bayes
 from ctperf.perfusion.boxnlr import fit_box_nlr
@@ -38,7 +38,12 @@ from ctperf.perfusion.curves import (
     time_to_peak,
     uniform_grid,
 )
-from ctperf.perfusion.lesions import LesionResult, segment_lesions
+from ctperf.perfusion.lesions import (
+    THRESHOLDS_ONLY,
+    LesionOptions,
+    LesionResult,
+    segment_lesions,
+)
 from ctperf.perfusion.qc import qc_flags
 from ctperf.perfusion.svd import svd_deconvolve
 from ctperf.types import MAP_UNITS, CTPSeries, PerfusionMaps
@@ -78,6 +83,357 @@ class PerfusionResult:
     times: np.ndarray
 
 
+@dataclass(frozen=True)
+class _Origin:
+    """Where a vessel curve came from: ``source`` is "given curve", "mask", "automatic" (then
+    ``selection`` holds the voxels chosen), "none" or "none found"."""
+
+    source: str
+    selection: VesselCurve | None = None
+
+
+def run_perfusion(
+    series: CTPSeries,
+    *,
+    method: str = "nlr-fast",
+    aif: np.ndarray | None = None,
+    vof: np.ndarray | None = None,
+    aif_mask: np.ndarray | None = None,
+    vof_mask: np.ndarray | None = None,
+    brain_mask: np.ndarray | None = None,
+    rho: float = 1.04,
+    kh: float = 0.733,
+    motion_mm: np.ndarray | None = None,
+    vessel_fraction: float = 0.25,
+    rim_mm: float = 2.0,
+    lesion_options: LesionOptions | None = None,
+    vessel_series: CTPSeries | None = None,
+    device: str | None = None,
+    progress: bool = False,
+) -> PerfusionResult:
+    """Model-based perfusion analysis of one study.
+
+    Parameters
+    ----------
+    series : CTPSeries
+        HU (T, Z, Y, X), at least 10 frames, the bolus arriving after the first frame.
+    method : {"nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes"}
+    aif, vof : ndarray, shape (T,), optional
+        Given input/output curves (HU enhancement). A given AIF is used as is unless a VOF (curve
+        or mask) is given too, then it is scaled up to the VOF's area.
+    aif_mask, vof_mask : ndarray of bool, shape (Z, Y, X), optional
+        Voxels to average instead of the automatic choice. A given VOF (curve or mask) that
+        :func:`~ctperf.perfusion.aif.assess_vof` rejects raises ValidationError.
+    brain_mask : ndarray of bool, shape (Z, Y, X), optional
+        Brain mask; default :func:`ctperf.masks.brain_mask` of the pre-bolus mean, CSF
+        excluded.
+    rho, kh : float
+        Brain density (g/mL) and haematocrit ratio; written into the provenance.
+    motion_mm : ndarray, shape (T,), optional
+        Frame-wise displacement from motion correction, for the QC flags.
+    vessel_fraction : float
+        Brain voxels peaking above this fraction of the measured AIF peak are vessels: mapped,
+        but excluded from lesions.
+    rim_mm : float
+        Brain voxels closer than this (in-plane, mm) to the brain's outer surface are left out
+        of the lesions (0 keeps them).
+    lesion_options : LesionOptions, optional
+        Thresholds and clean-up of :func:`~ctperf.perfusion.segment_lesions`; default
+        :data:`~ctperf.perfusion.THRESHOLDS_ONLY` (the thresholds on the maps as they are).
+    vessel_series : CTPSeries, optional
+        The same study before spatial filtering (same grid and times). AIF, VOF and vessel
+        voxels are then found and measured on it, while tissue is fitted on ``series``: a
+        bilateral filter mixes 2-4 mm vessels with the tissue around them, which lowers the
+        AIF's peak and the VOF's area.
+    device : str, optional
+        Where the box-model fits run (:func:`~ctperf.perfusion.fit_box_nlr`): None or "cpu"
+        with NumPy, "cuda" (or "cuda:N") with PyTorch on that GPU, "auto" on a GPU when torch
+        sees one. The SVD methods always run with NumPy.
+    progress : bool
+        Progress bar over voxel chunks.
+
+    Returns
+    -------
+    PerfusionResult
+    """
+    _check_inputs(series, method=method, vessel_series=vessel_series)
+    hu, t, spacing = series.hu, series.times, series.spacing
+    vhu = hu if vessel_series is None else vessel_series.hu
+    n_base, bone_rim = _bolus_baseline(vhu, spacing=spacing)
+    base = hu[:n_base].mean(axis=0)
+    brain, search = _brain(base, brain_mask, spacing=spacing)
+    enh, venh = _enhancement(hu, vhu, search, base=base, n_base=n_base)
+    # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
+    # are resampled: spikes, dips and raised tails that are not the bolus.
+    bony = bone_rim[search]
+    aif_raw, aif_from = _arterial_input(aif, aif_mask, vhu, venh, t, n_base=n_base,
+                                        exclude=bony)
+    vof_curve, vof_from = _venous_output(vof, vof_mask, vhu, venh, t, n_base=n_base,
+                                         exclude=bony, aif_given=aif is not None, aif=aif_raw)
+    aif_used, pv_info = _partial_volume(aif_raw, vof_curve, vof_from.source, t, n_base)
+    vof_used = vof_curve if pv_info["corrected"] else None
+    tissue = enh[:, brain[search]]  # (T, N): every brain voxel
+    vessels = _vessels(brain, venh[:, brain[search]], aif_raw, vessel_fraction)
+    del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
+    values, grid = _fit(method, tissue, aif_used, t, rho=rho, kh=kh, brain=brain,
+                        spacing=spacing, device=device, progress=progress)
+    maps, units = _assemble(values, brain)
+    flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
+                vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm, spacing=spacing,
+                pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
+    provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
+                             aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),
+                             pv_info=pv_info, search=search, brain=brain, vessels=vessels,
+                             flags=flags)
+    pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
+    lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels, rim_mm=rim_mm,
+                       options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)
+    pmaps = pmaps.replace(provenance={**provenance, "lesions": lesions.summary()})
+    return PerfusionResult(maps=pmaps, lesions=lesions, brain=brain, vessels=vessels,
+                           aif=aif_used, vof=vof_used, times=t)
+
+
+def compute_maps(series: CTPSeries, **options: Any) -> PerfusionMaps:
+    """Perfusion maps of a study: the ``maps`` of :func:`run_perfusion`, which documents the
+    keyword options.
+
+    Returns
+    -------
+    PerfusionMaps
+        ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt``, ``ttp``, ``tmax``, ``delay`` s, and
+        ``residual`` HU for the NLR methods; NaN outside the brain, never Inf. The provenance
+        holds the method, constants, AIF/VOF voxels and curves, QC flags and lesion volumes.
+    """
+    return run_perfusion(series, **options).maps
+
+
+def _check_inputs(series: CTPSeries, *, method: str, vessel_series: CTPSeries | None) -> None:
+    if method not in METHODS:
+        raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    n_t = series.hu.shape[0]
+    if n_t < MIN_FRAMES:
+        raise ValidationError(f"a perfusion study needs at least {MIN_FRAMES} frames, got {n_t}")
+    if vessel_series is not None and vessel_series.shape != series.shape:
+        raise ValidationError(f"vessel_series shape {vessel_series.shape} differs from the "
+                              f"study's {series.shape}")
+
+
+def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
+                    ) -> tuple[int, np.ndarray]:
+    """Frames before the bolus, and the voxels next to bone (bool (Z, Y, X)).
+
+    Bolus arrival from the enhancing vessels, arteries and veins alike: partial volume can leave
+    the arteries weaker than a large sinus, so every voxel rising by a quarter of the strongest
+    rise counts, and an early percentile of their arrivals (not the single earliest, which noise
+    can make) ends the baseline, one frame early. Only voxels of soft tissue or blood in the
+    first frame, away from bone, whose rise washes out count: where the head moved, or frames
+    were resampled to correct it, air and bone edges step by hundreds of HU at any time.
+    """
+    rise = vhu.max(axis=0) - vhu[0]
+    if not float(rise.max()) > 5.0:
+        raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
+    first = vhu[0]
+    calm = (first > -100) & (first < 200) & (vhu[-1] - first <= 0.5 * rise)
+    bone_rim = masks.near_bone(first, spacing=spacing)
+    calm &= ~bone_rim
+    n_base = _baseline_frames(vhu, np.where(calm, rise, -np.inf) if calm.sum() >= 20 else rise)
+    return n_base, bone_rim
+
+
+def _brain(base: np.ndarray, given: np.ndarray | None, *,
+           spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """The brain fitted and the region searched for vessels (bool (Z, Y, X)): the automatic
+    brain less CSF and the automatic brain with it, or the given mask for both."""
+    if given is None:
+        search = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
+        brain = search & ~masks.csf_mask(base, spacing=spacing)
+    else:
+        brain = np.asarray(given, dtype=bool)
+        if brain.shape != base.shape:
+            raise ValidationError(f"brain mask shape {brain.shape} differs from the study grid "
+                                  f"{base.shape} (Z, Y, X)")
+        search = brain
+    if not brain.any():
+        raise ValidationError("no brain voxels found (check that the study is in HU)")
+    return brain, search
+
+
+def _enhancement(hu: np.ndarray, vhu: np.ndarray, search: np.ndarray, *, base: np.ndarray,
+                 n_base: int) -> tuple[np.ndarray, np.ndarray]:
+    """Enhancement (T, N) of the searched voxels in the study and in the vessel study (the same
+    array when there is no separate vessel study)."""
+    enh = hu[:, search] - base[search]
+    venh = enh if vhu is hu else vhu[:, search] - vhu[:n_base, search].mean(axis=0)
+    return enh, venh
+
+
+def _arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.ndarray,
+                    venh: np.ndarray, t: np.ndarray, *, n_base: int,
+                    exclude: np.ndarray) -> tuple[np.ndarray, _Origin]:
+    """The measured AIF (T,) HU: the given curve, the mean of the given mask, or ctperf's
+    choice."""
+    if aif is not None:
+        curve, origin = np.asarray(aif, dtype=np.float64), _Origin("given curve")
+        if curve.shape != (t.size,):
+            raise ValidationError(f"aif must have shape ({t.size},), got {curve.shape}")
+    elif aif_mask is not None:
+        curve, origin = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), _Origin("mask")
+    else:
+        sel = select_aif(venh, t, exclude=exclude)
+        curve, origin = sel.curve, _Origin("automatic", sel)
+    if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
+        raise ValidationError(
+            f"the AIF ({origin.source}) has no positive area: its curve sits below its "
+            "pre-bolus baseline, as when the head moved between the baseline and the bolus; "
+            "correct motion first (--preprocess) or give an AIF mask (--aif-mask)")
+    return curve, origin
+
+
+def _venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.ndarray,
+                   venh: np.ndarray, t: np.ndarray, *, n_base: int, exclude: np.ndarray,
+                   aif_given: bool, aif: np.ndarray) -> tuple[np.ndarray | None, _Origin]:
+    """The VOF (T,) HU: the given curve, the mean of the given mask, ctperf's choice, or None
+    (with a given AIF curve and no VOF, or when no vein qualifies)."""
+    if vof is not None:
+        curve = np.asarray(vof, dtype=np.float64)
+        if curve.shape != (t.size,):
+            raise ValidationError(f"vof must have shape ({t.size},), got {curve.shape}")
+        return curve, _Origin("given curve")
+    if vof_mask is not None:
+        return _curve_from_mask(vhu, vof_mask, n_base, "VOF"), _Origin("mask")
+    if aif_given:
+        return None, _Origin("none")
+    aif_ttp = float(t[np.argmax(aif)] - t[0])
+    noise_sd = _voxel_noise_sd(venh[:, ::7], n_base)
+    try:
+        sel = select_vof(venh, t, aif_ttp=aif_ttp, exclude=exclude, noise_sd=noise_sd)
+    except ValidationError as exc:
+        log.warning("%s; the AIF is not corrected for partial volume, so CBF and CBV "
+                    "may be overestimated", exc)
+        return None, _Origin("none found")
+    return sel.curve, _Origin("automatic", sel)
+
+
+def _vessels(brain: np.ndarray, peaks_of: np.ndarray, aif: np.ndarray,
+             vessel_fraction: float) -> np.ndarray:
+    """Brain voxels (bool (Z, Y, X)) whose enhancement ``peaks_of`` (T, N brain voxels) peaks
+    above ``vessel_fraction`` of the measured AIF's peak."""
+    vessels = np.zeros(brain.shape, dtype=bool)
+    vessels[brain] = peaks_of.max(axis=0) > vessel_fraction * float(np.max(aif))
+    return vessels
+
+
+def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho: float,
+         kh: float, brain: np.ndarray, spacing: tuple[float, float, float], device: str | None,
+         progress: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Values (N,) of every brain voxel by map name, and the uniform grid the fits saw (None
+    when the frames are evenly spaced).
+
+    Unevenly spaced frames (fast, then slow sampling): the box model and SVD see the curves
+    linearly interpolated onto a uniform grid at the finest step, from the first frame. Delay,
+    MTT and Tmax are durations after the AIF, so they need no mapping back; TTP is read from the
+    frames themselves. ``bayes`` handles any frame spacing and fits the frames as acquired.
+    """
+    grid = uniform_grid(t)
+    values: dict[str, np.ndarray]
+    if method == "bayes":
+        post = fit_bayes(tissue, aif, t, rho=rho, kh=kh, mask=brain, spacing=spacing,
+                         progress=progress)
+        values = {name: getattr(post, name) for name in
+                  ("cbf", "cbv", "mtt", "tmax", "delay", "residual", *SD_MAPS)}
+    else:
+        fit_t, fit_tissue, fit_aif = t, tissue, aif
+        if grid is not None:
+            fit_t, fit_tissue, fit_aif = grid, resample(tissue, t, grid), np.interp(grid, t, aif)
+        if method in ("nlr", "nlr-fast"):
+            fit = fit_box_nlr(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh,
+                              device=device, progress=progress)
+            values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
+                      "delay": fit.delay, "residual": fit.residual}
+        else:
+            res = svd_deconvolve(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh)
+            values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
+                      "delay": res.tmax}
+    values["ttp"] = time_to_peak(bandlimit(tissue), t)
+    return values, grid
+
+
+def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
+              ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Volumes float32 (Z, Y, X), NaN outside the brain and where a fit failed, and the units
+    of the maps beyond :data:`~ctperf.types.MAP_UNITS`."""
+    maps: dict[str, np.ndarray] = {}
+    for name in ("cbf", "cbv", "mtt", "ttp", "tmax", "delay", "residual", *SD_MAPS):
+        if name in values:
+            vol = np.full(brain.shape, np.nan, dtype=np.float32)
+            v = np.asarray(values[name], dtype=np.float32)
+            vol[brain] = np.where(np.isfinite(v), v, np.nan)
+            maps[name] = vol
+    units = {"residual": "HU"} if "residual" in maps else {}
+    units.update({sd: MAP_UNITS[sd.removesuffix("_sd")] for sd in SD_MAPS if sd in maps})
+    return maps, units
+
+
+def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
+        vessels: np.ndarray, n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
+        pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
+        spacing: tuple[float, float, float]) -> dict[str, Any]:
+    """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
+    AIF curve came without a VOF (nothing to correct it with)."""
+    n_t = hu.shape[0]
+    # Noise from every 7th brain voxel: a median needs no more, and the gather is (T, N).
+    sample = np.flatnonzero(brain.ravel())[::7]
+    base_sd = (float(np.median(hu.reshape(n_t, -1)[:n_base, sample].std(axis=0)))
+               if n_base > 2 else None)
+    not_vessel = (~vessels[brain]).astype(np.float32)
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return qc_flags(times=t, aif=aif_raw, vof=vof_used,
+                    tissue_mean=(tissue @ not_vessel) / not_vessel.sum()
+                    if not_vessel.any() else None,
+                    baseline_sd=base_sd, brain_voxels=int(brain.sum()), voxel_ml=voxel_ml,
+                    pv_factor=pv_info["factor"], displacement_mm=motion_mm,
+                    pv_corrected=bool(pv_info["corrected"]) if pv_asked else None)
+
+
+def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.ndarray | None,
+                n_base: int, aif: tuple[_Origin, np.ndarray, np.ndarray],
+                vof: tuple[_Origin, np.ndarray | None, np.ndarray | None],
+                pv_info: dict[str, Any], search: np.ndarray, brain: np.ndarray,
+                vessels: np.ndarray, flags: dict[str, Any]) -> dict[str, Any]:
+    """What was done, with which constants and curves: JSON-ready. ``aif`` is (origin,
+    measured, used) and ``vof`` (origin, curve, used)."""
+    coords = np.array(np.nonzero(search))
+    aif_from, aif_raw, aif_used = aif
+    vof_from, vof_curve, vof_used = vof
+    return {
+        "method": method,
+        "constants": {"rho_g_per_ml": rho, "kh": kh},
+        "conventions": _CONVENTIONS["nlr" if method.startswith("nlr")
+                                    else "svd" if method.endswith("svd") else method],
+        "times_s": t.tolist(),
+        "fit_grid_step_s": None if grid is None else float(grid[1] - grid[0]),
+        "baseline_frames": n_base,
+        "aif": {**_vessel_info(aif_from, coords, aif_used), "pv_factor": pv_info["factor"],
+                "measured_hu": np.round(aif_raw, 3).tolist()},
+        "vof": {**_vessel_info(vof_from, coords, vof_curve), "used": vof_used is not None},
+        "partial_volume": pv_info,
+        "brain_voxels": int(brain.sum()),
+        "vessel_voxels": int(vessels.sum()),
+        "qc": flags,
+    }
+
+
+def _lesions(maps: PerfusionMaps, *, brain: np.ndarray, search: np.ndarray,
+             vessels: np.ndarray, rim_mm: float, options: LesionOptions) -> LesionResult:
+    """Lesions, leaving out vessels and the brain's outer rim, where partial volume with
+    cortical veins and bone makes Tmax unreliable."""
+    exclude = vessels.copy()
+    if rim_mm > 0:
+        depth = ndimage.distance_transform_edt(search, sampling=(1e6, *maps.spacing[1:]))
+        exclude |= brain & (depth <= rim_mm)
+    return segment_lesions(maps, brain=brain, exclude=exclude, options=options)
+
+
 def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, share: float = 0.25,
                      most: int = 5000, percentile: float = 5.0) -> int:
     """Frames before the bolus: one less than an early percentile of the arrival frames of the
@@ -92,13 +448,15 @@ def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, share: float = 0.25,
     return max(1, int(np.percentile(arrival, percentile)) - 1)
 
 
-def _vessel_info(sel: VesselCurve | None, coords: np.ndarray | None, source: str,
-                 curve: np.ndarray | None) -> dict[str, Any]:
-    info: dict[str, Any] = {"source": source}
+def _vessel_info(origin: _Origin, coords: np.ndarray, curve: np.ndarray | None
+                 ) -> dict[str, Any]:
+    """A vessel curve's source, values (HU) and, when chosen automatically, voxels (z, y, x);
+    ``coords`` (3, N) are the searched voxels' indices."""
+    info: dict[str, Any] = {"source": origin.source}
     if curve is not None:
         info["curve_hu"] = np.round(np.asarray(curve, dtype=np.float64), 3).tolist()
-    if sel is not None and coords is not None:
-        info["voxels_zyx"] = coords[:, sel.indices].T.tolist()
+    if origin.selection is not None:
+        info["voxels_zyx"] = coords[:, origin.selection.indices].T.tolist()
     return info
 
 
@@ -150,262 +508,3 @@ def _partial_volume(aif_raw: np.ndarray, vof: np.ndarray | None, vof_src: str, t
     return aif_raw * check.factor, {**info, "corrected": True, "factor": check.factor,
                                     "reason": "AIF area scaled to the VOF's" if check.factor > 1
                                     else "VOF area agrees with the AIF's: no scaling"}
-
-
-def run_perfusion(
-    series: CTPSeries,
-    *,
-    method: str = "nlr-fast",
-    aif: np.ndarray | None = None,
-    vof: np.ndarray | None = None,
-    aif_mask: np.ndarray | None = None,
-    vof_mask: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    rho: float = 1.04,
-    kh: float = 0.733,
-    motion_mm: np.ndarray | None = None,
-    vessel_fraction: float = 0.25,
-    rim_mm: float = 2.0,
-    lesion_options: dict[str, Any] | None = None,
-    vessel_series: CTPSeries | None = None,
-    device: str | None = None,
-    progress: bool = False,
-) -> PerfusionResult:
-    """Model-based perfusion analysis of one study.
-
-    Parameters
-    ----------
-    series : CTPSeries
-        HU (T, Z, Y, X), at least 10 frames, the bolus arriving after the first frame.
-    method : {"nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes"}
-    aif, vof : ndarray, shape (T,), optional
-        Given input/output curves (HU enhancement). A given AIF is used as is unless a VOF (curve
-        or mask) is given too, then it is scaled up to the VOF's area.
-    aif_mask, vof_mask : ndarray of bool, shape (Z, Y, X), optional
-        Voxels to average instead of the automatic choice. A given VOF (curve or mask) that
-        :func:`~ctperf.perfusion.aif.assess_vof` rejects raises ValidationError.
-    mask : ndarray of bool, shape (Z, Y, X), optional
-        Brain mask; default :func:`ctperf.masks.brain_mask` of the pre-bolus mean,
-        CSF excluded.
-    rho, kh : float
-        Brain density (g/mL) and haematocrit ratio; written into the provenance.
-    motion_mm : ndarray, shape (T,), optional
-        Frame-wise displacement from motion correction, for the QC flags.
-    vessel_fraction : float
-        Brain voxels peaking above this fraction of the measured AIF peak are vessels: mapped,
-        but excluded from lesions.
-    rim_mm : float
-        Brain voxels closer than this (in-plane, mm) to the brain's outer surface are left out
-        of the lesions (0 keeps them).
-    lesion_options : dict, optional
-        Keyword arguments of :func:`segment_lesions`.
-    vessel_series : CTPSeries, optional
-        The same study before spatial filtering (same grid and times). AIF, VOF and vessel
-        voxels are then found and measured on it, while tissue is fitted on ``series``: a
-        bilateral filter mixes 2-4 mm vessels with the tissue around them, which lowers the
-        AIF's peak and the VOF's area.
-    device : str, optional
-        Where the box-model fits run (:func:`~ctperf.perfusion.fit_box_nlr`): None or "cpu"
-        with NumPy, "cuda" (or "cuda:N") with PyTorch on that GPU, "auto" on a GPU when torch
-        sees one. The SVD methods always run with NumPy.
-    progress : bool
-        Progress bar over voxel chunks.
-
-    Returns
-    -------
-    PerfusionResult
-    """
-    if method not in METHODS:
-        raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    hu, t = series.hu, series.times
-    n_t = hu.shape[0]
-    if n_t < MIN_FRAMES:
-        raise ValidationError(f"a perfusion study needs at least {MIN_FRAMES} frames, got {n_t}")
-    vhu = hu
-    if vessel_series is not None:
-        if vessel_series.shape != series.shape:
-            raise ValidationError(f"vessel_series shape {vessel_series.shape} differs from the "
-                                  f"study's {series.shape}")
-        vhu = vessel_series.hu
-    rise = vhu.max(axis=0) - vhu[0]
-    if not float(rise.max()) > 5.0:
-        raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
-    # Bolus arrival from the enhancing vessels, arteries and veins alike: partial volume can
-    # leave the arteries weaker than a large sinus, so every voxel rising by a quarter of the
-    # strongest rise counts, and an early percentile of their arrivals (not the single earliest,
-    # which noise can make) ends the baseline, one frame early. Only voxels of soft tissue or
-    # blood in the first frame, away from bone, whose rise washes out count: where the head
-    # moved, or frames were resampled to correct it, air and bone edges step by hundreds of HU
-    # at any time.
-    first = vhu[0]
-    calm = (first > -100) & (first < 200) & (vhu[-1] - first <= 0.5 * rise)
-    bone_rim = near_bone(first, spacing=series.spacing)
-    calm &= ~bone_rim
-    n_base = _baseline_frames(vhu, np.where(calm, rise, -np.inf) if calm.sum() >= 20 else rise)
-    base = hu[:n_base].mean(axis=0)
-    if mask is None:
-        search = brain_mask(base, spacing=series.spacing, exclude_csf=False)
-        mask = search & ~csf_mask(base, spacing=series.spacing)
-    else:
-        mask = np.asarray(mask, dtype=bool)
-        if mask.shape != hu.shape[1:]:
-            raise ValidationError(f"brain mask shape {mask.shape} differs from the study grid "
-                                  f"{hu.shape[1:]} (Z, Y, X)")
-        search = mask
-    if not mask.any():
-        raise ValidationError("no brain voxels found (check that the study is in HU)")
-    coords = np.array(np.nonzero(search))
-    enh_s = hu[:, search] - base[search]
-    enh_v = enh_s if vhu is hu else vhu[:, search] - vhu[:n_base, search].mean(axis=0)
-
-    aif_sel = vof_sel = None
-    # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
-    # are resampled: spikes, dips and raised tails that are not the bolus.
-    bony = bone_rim[search]
-    if aif is not None:
-        aif_raw, aif_src = np.asarray(aif, dtype=np.float64), "given curve"
-        if aif_raw.shape != (n_t,):
-            raise ValidationError(f"aif must have shape ({n_t},), got {aif_raw.shape}")
-    elif aif_mask is not None:
-        aif_raw, aif_src = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), "mask"
-    else:
-        aif_sel = select_aif(enh_v, t, exclude=bony)
-        aif_raw, aif_src = aif_sel.curve, "automatic"
-    if not np.trapezoid(np.asarray(aif_raw, dtype=np.float64), t) > 0:
-        raise ValidationError(
-            f"the AIF ({aif_src}) has no positive area: its curve sits below its pre-bolus "
-            "baseline, as when the head moved between the baseline and the bolus; correct "
-            "motion first (--preprocess) or give an AIF mask (--aif-mask)")
-    aif_ttp = float(t[np.argmax(aif_raw)] - t[0])
-    vof_curve: np.ndarray | None
-    if vof is not None:
-        vof_curve, vof_src = np.asarray(vof, dtype=np.float64), "given curve"
-        if vof_curve.shape != (n_t,):
-            raise ValidationError(f"vof must have shape ({n_t},), got {vof_curve.shape}")
-    elif vof_mask is not None:
-        vof_curve, vof_src = _curve_from_mask(vhu, vof_mask, n_base, "VOF"), "mask"
-    elif aif is None:
-        noise_sd = _voxel_noise_sd(enh_v[:, ::7], n_base)
-        try:
-            vof_sel = select_vof(enh_v, t, aif_ttp=aif_ttp, exclude=bony, noise_sd=noise_sd)
-            vof_curve, vof_src = vof_sel.curve, "automatic"
-        except ValidationError as exc:
-            log.warning("%s; the AIF is not corrected for partial volume, so CBF and CBV "
-                        "may be overestimated", exc)
-            vof_curve, vof_src = None, "none found"
-    else:
-        vof_curve, vof_src = None, "none"
-    aif_used, pv_info = _partial_volume(aif_raw, vof_curve, vof_src, t, n_base)
-    pv = pv_info["factor"]
-    vof_used = vof_curve if pv_info["corrected"] else None
-
-    # Tissue curves of all brain voxels, (T, N).
-    tissue = enh_s[:, mask[search]]
-    peaks = enh_v[:, mask[search]].max(axis=0)
-    del enh_v
-    vessels = np.zeros(mask.shape, dtype=bool)
-    vessels[mask] = peaks > vessel_fraction * float(np.max(aif_raw))
-    # Unevenly spaced frames (fast, then slow sampling): the fits see the curves linearly
-    # interpolated onto a uniform grid at the finest step, from the first frame. Delay, MTT
-    # and Tmax are durations after the AIF, so they need no mapping back; TTP is read from the
-    # frames themselves.
-    grid = uniform_grid(t)
-    fit_t, fit_tissue, fit_aif = t, tissue, aif_used
-    if grid is not None:
-        fit_t, fit_tissue, fit_aif = grid, resample(tissue, t, grid), np.interp(grid, t, aif_used)
-    if method in ("nlr", "nlr-fast"):
-        fit = fit_box_nlr(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh, device=device,
-                          progress=progress)
-        values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
-                  "delay": fit.delay, "residual": fit.residual}
-    elif method == "bayes":  # any frame spacing: fitted on the frames themselves
-        post = fit_bayes(tissue, aif_used, t, rho=rho, kh=kh, mask=mask, spacing=series.spacing,
-                         progress=progress)
-        values = {name: getattr(post, name) for name in
-                  ("cbf", "cbv", "mtt", "tmax", "delay", "residual", *SD_MAPS)}
-    else:
-        res = svd_deconvolve(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh)
-        values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
-                  "delay": res.tmax}
-    values["ttp"] = time_to_peak(bandlimit(tissue), t)
-    maps: dict[str, np.ndarray] = {}
-    for name in ("cbf", "cbv", "mtt", "ttp", "tmax", "delay", "residual", *SD_MAPS):
-        if name in values:
-            vol = np.full(mask.shape, np.nan, dtype=np.float32)
-            v = np.asarray(values[name], dtype=np.float32)
-            vol[mask] = np.where(np.isfinite(v), v, np.nan)
-            maps[name] = vol
-    units = {"residual": "HU"} if "residual" in maps else {}
-    units.update({sd: MAP_UNITS[sd.removesuffix("_sd")] for sd in SD_MAPS if sd in maps})
-
-    # Noise from every 7th brain voxel: a median needs no more, and the gather is (T, N).
-    sample = np.flatnonzero(mask.ravel())[::7]
-    base_sd = (float(np.median(hu.reshape(n_t, -1)[:n_base, sample].std(axis=0)))
-               if n_base > 2 else None)
-    not_vessel = (~vessels[mask]).astype(np.float32)
-    voxel_ml = float(np.prod(series.spacing)) / 1000.0
-    flags = qc_flags(times=t, aif=aif_raw, vof=vof_used,
-                     tissue_mean=(tissue @ not_vessel) / not_vessel.sum()
-                     if not_vessel.any() else None,
-                     baseline_sd=base_sd, brain_voxels=int(mask.sum()), voxel_ml=voxel_ml,
-                     pv_factor=pv, displacement_mm=motion_mm,
-                     pv_corrected=None if aif_src == "given curve" and vof_curve is None
-                     else bool(pv_info["corrected"]))
-    provenance: dict[str, Any] = {
-        "method": method,
-        "constants": {"rho_g_per_ml": rho, "kh": kh},
-        "conventions": _CONVENTIONS["nlr" if method.startswith("nlr")
-                                    else "svd" if method.endswith("svd") else method],
-        "times_s": t.tolist(),
-        "fit_grid_step_s": None if grid is None else float(grid[1] - grid[0]),
-        "baseline_frames": n_base,
-        "aif": {**_vessel_info(aif_sel, coords, aif_src, aif_used), "pv_factor": pv,
-                "measured_hu": np.round(aif_raw, 3).tolist()},
-        "vof": {**_vessel_info(vof_sel, coords, vof_src, vof_curve),
-                "used": vof_used is not None},
-        "partial_volume": pv_info,
-        "brain_voxels": int(mask.sum()),
-        "vessel_voxels": int(vessels.sum()),
-        "qc": flags,
-    }
-    pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
-    # Lesions leave out vessels and the brain's outer rim, where partial volume with cortical
-    # veins and bone makes Tmax unreliable.
-    exclude = vessels.copy()
-    if rim_mm > 0:
-        depth = ndimage.distance_transform_edt(search, sampling=(1e6, *series.spacing[1:]))
-        exclude |= mask & (depth <= rim_mm)
-    lesions = segment_lesions(pmaps, brain=mask, exclude=exclude, **(lesion_options or {}))
-    provenance["lesions"] = lesions.summary()
-    pmaps = pmaps.replace(provenance=provenance)
-    return PerfusionResult(maps=pmaps, lesions=lesions, brain=mask, vessels=vessels,
-                           aif=aif_used, vof=vof_used, times=t)
-
-
-def compute_maps(
-    series: CTPSeries,
-    *,
-    method: str = "nlr-fast",
-    aif: np.ndarray | None = None,
-    vof: np.ndarray | None = None,
-    aif_mask: np.ndarray | None = None,
-    vof_mask: np.ndarray | None = None,
-    mask: np.ndarray | None = None,
-    rho: float = 1.04,
-    kh: float = 0.733,
-    motion_mm: np.ndarray | None = None,
-    device: str | None = None,
-    progress: bool = False,
-) -> PerfusionMaps:
-    """Perfusion maps of a study (see :func:`run_perfusion` for the parameters).
-
-    Returns
-    -------
-    PerfusionMaps
-        ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt``, ``ttp``, ``tmax``, ``delay`` s, and
-        ``residual`` HU for the NLR methods; NaN outside the brain, never Inf. The provenance
-        holds the method, constants, AIF/VOF voxels and curves, QC flags and lesion volumes.
-    """
-    return run_perfusion(series, method=method, aif=aif, vof=vof, aif_mask=aif_mask,
-                         vof_mask=vof_mask, mask=mask, rho=rho, kh=kh, motion_mm=motion_mm,
-                         device=device, progress=progress).maps

@@ -84,7 +84,7 @@ def _subject_reference(sub: Path, folder: Path) -> Any:
             if mask_path.exists() else np.ones(shape, dtype=bool))
     log.info("computing the NLR reference of %s", sub.name)
     try:
-        return perfusion.compute_maps(series, method="nlr", mask=mask)
+        return perfusion.compute_maps(series, method="nlr", brain_mask=mask)
     except CTPerfError as exc:
         raise InputError(sub, f"the NLR reference could not be computed ({exc}); compute it "
                               f"into {folder} yourself (e.g. with an AIF mask)") from None

@@ -1,0 +1,69 @@
+"""Thresholds and clean-up of the lesion segmentation, as typed fields.
+
+:class:`LesionOptions` is what :func:`ctperf.perfusion.segment_lesions`,
+:func:`ctperf.perfusion.run_perfusion`, the evaluation of maps cohorts and the CLI share. It lives
+apart from :mod:`ctperf.perfusion` (which re-exports it) so that the CLI can take its option
+defaults from these fields without importing SciPy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ctperf.errors import ValidationError
+
+__all__ = ["THRESHOLDS_ONLY", "LesionOptions"]
+
+
+@dataclass(frozen=True)
+class LesionOptions:
+    """Thresholds and clean-up of the lesion segmentation
+    (:func:`~ctperf.perfusion.segment_lesions`).
+
+    The defaults are those of ``ctperf maps``; :data:`THRESHOLDS_ONLY` applies the same
+    thresholds to the maps as they are (the default of
+    :func:`~ctperf.perfusion.segment_lesions` and :func:`~ctperf.perfusion.run_perfusion`).
+    Change a field with :func:`dataclasses.replace`.
+
+    Attributes
+    ----------
+    core_rcbf : float
+        Core where CBF < ``core_rcbf`` x the normal-tissue reference (when ``core_cbv`` is
+        None); a fraction.
+    core_cbv : float or None
+        Core where CBV < ``core_cbv`` mL/100 g instead.
+    tmax_hypo : float
+        Hypoperfused where Tmax > ``tmax_hypo`` s.
+    tmax_severe : float
+        Severely hypoperfused (the ``tmax10`` mask) where Tmax > ``tmax_severe`` s.
+    smooth_mm : float
+        Radius (mm) of an in-plane median filter applied to CBF, CBV and Tmax inside the brain
+        before thresholding (noisy maps give speckled masks); 0 thresholds the maps as they are.
+    min_component_ml : float
+        Connected pieces of each mask smaller than this (mL) are dropped; 0 keeps all.
+    core_within_hypoperfused : bool
+        Keep only core voxels that are also hypoperfused (see :mod:`ctperf.perfusion.lesions`);
+        False labels low flow wherever it lies.
+    """
+
+    core_rcbf: float = 0.30
+    core_cbv: float | None = None
+    tmax_hypo: float = 6.0
+    tmax_severe: float = 10.0
+    smooth_mm: float = 2.0
+    min_component_ml: float = 0.1
+    core_within_hypoperfused: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value in (("core_rcbf", self.core_rcbf), ("tmax_hypo", self.tmax_hypo),
+                            ("tmax_severe", self.tmax_severe), ("smooth_mm", self.smooth_mm),
+                            ("min_component_ml", self.min_component_ml)):
+            if not value >= 0:
+                raise ValidationError(f"lesion option {name} must be 0 or more, got {value}")
+        if self.core_cbv is not None and not self.core_cbv > 0:
+            raise ValidationError(f"lesion option core_cbv must be positive, got {self.core_cbv}")
+
+
+#: The thresholds of :class:`LesionOptions` on the maps as they are: no median filter, no
+#: piece dropped.
+THRESHOLDS_ONLY = LesionOptions(smooth_mm=0.0, min_component_ml=0.0)
