@@ -33,7 +33,7 @@ BAD_ARGUMENTS = [
     ("maps", ["--frame-interval", "nan"], "--frame-interval"),
     ("preprocess", ["--workers", "0"], "--workers"),
     ("preprocess", ["--spatial-sigma", "inf"], "--spatial-sigma"),
-    ("predict", ["--model", "m.pt", "--batch", "0"], "--batch"),
+    ("predict", ["--model", "m.pt", "--batch-size", "0"], "--batch-size"),
     ("train", ["--batch", "0"], "--batch"),
     ("train", ["--epochs", "-1"], "--epochs"),
     ("train", ["--epochs", "0"], "--epochs"),
@@ -74,8 +74,9 @@ def test_phantom_options_are_checked_before_writing(tmp_path, capsys, extra):
     assert not (tmp_path / "cohort").exists()
 
 
+# --workers 1: the subjects run in this process, where the stand-ins below are in place
 TINY = ["--size", "32", "--slices", "1", "--frames", "12", "--anatomy", "procedural",
-        "--no-dicom"]
+        "--no-dicom", "--workers", "1"]
 
 
 @dataclasses.dataclass
@@ -197,17 +198,17 @@ def _text_outputs(out):
 
 
 def test_maps_writes_no_study_path_and_anonymises_dicom(patient_study, tmp_path, monkeypatch):
-    import ctperf.commands.maps as maps_command
+    import ctperf.reporting as reporting
 
     folder, aif = patient_study
     titles = []
-    figure = maps_command.overview_figure
+    figure = reporting.maps_overview
 
     def spy(result, *, title=""):
         titles.append(title)
         return figure(result, title=title)
 
-    monkeypatch.setattr(maps_command, "overview_figure", spy)
+    monkeypatch.setattr(reporting, "maps_overview", spy)
     out = tmp_path / "out"
     assert main(["maps", str(folder), str(out), "--method", "bsvd", "--aif-mask", str(aif),
                  "--dicom", "--anonymise"]) == 0

@@ -89,7 +89,10 @@ def test_cohort_is_deterministic_and_resumable(tmp_path):
     orig = generate_subject(seed=subject_seed(9, 1), **TINY)
     np.testing.assert_allclose(again.series.hu, orig.series.hu, atol=0.5 + 1e-4)
     leftovers = [p.name for p in (tmp_path / "c").iterdir() if p.name.startswith(".")]
-    assert leftovers == []  # no half-written folders
+    assert leftovers == [".ctperf-output"]  # no half-written folders
+    rows = json.loads((tmp_path / "c" / "manifest.json").read_text())["studies"]
+    assert sorted(rows) == [f"sub-{i:04d}" for i in range(4)]
+    assert {r["state"] for r in rows.values()} == {"done"}
     from ctperf.errors import InputError
 
     with pytest.raises(InputError, match="seed 9"):
@@ -108,7 +111,7 @@ def test_cli_writes_cohort_and_previews(tmp_path, capsys):
     rc = main(["phantom", str(out), "--subjects", "2", "--size", "48", "--slices", "1",
                "--frames", "10", "--seed", "4", "--anatomy", "procedural", "--preview",
                "--no-dicom", "--motion", "realistic", "--mas", "80", "--residues", "box,gamma",
-               "--lesion-free", "0.5"])
+               "--lesion-free", "0.5", "--workers", "1"])
     assert rc == 0
     for i in range(2):
         sub = out / f"sub-{i:04d}"

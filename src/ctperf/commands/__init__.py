@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["add_anonymise_option", "add_batch_size_option", "add_brain_mask_option",
-           "add_device_option", "add_filter_options", "add_overwrite_option",
-           "add_preprocess_options", "add_study_options", "add_workers_option", "count",
-           "device", "float_in", "fraction", "non_negative_float", "positive_float",
-           "positive_int", "seed"]
+           "add_cohort_options", "add_device_option", "add_filter_options",
+           "add_overwrite_option", "add_preprocess_options", "add_scheduler_option",
+           "add_study_options", "add_workers_option", "count", "device", "float_in",
+           "fraction", "non_negative_float", "positive_float", "positive_int", "seed"]
 
 
 def _number(text: str, kind: type) -> Any:
@@ -119,6 +119,24 @@ def add_workers_option(parser: Any, *, what: str) -> None:
     """``--workers N``: how many ``what`` run at once (default: one per CPU core)."""
     parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
                         help=f"{what} at once [one per CPU core]")
+
+
+def add_scheduler_option(parser: Any) -> None:
+    """``--scheduler ADDRESS``: run a cohort's studies on an existing Dask cluster."""
+    parser.add_argument("--scheduler", default=None, metavar="ADDRESS",
+                        help="address of a running Dask scheduler (tcp://host:port) whose "
+                             "workers run the studies, instead of a local cluster; they must "
+                             "see the input and output at the same paths (docs/cohorts.md)")
+
+
+def add_cohort_options(parser: Any) -> None:
+    """``--cohort`` (STUDY is a folder of studies, OUT gets one folder per study and a
+    manifest) and ``--scheduler``; ``--workers`` is added by the command."""
+    parser.add_argument("--cohort", action="store_true",
+                        help="STUDY is a folder of studies (sub-folders or 4D NIfTI files): "
+                             "run them all in parallel on Dask into OUT/<study>/, with "
+                             "OUT/manifest.json; a rerun skips studies done (docs/cohorts.md)")
+    add_scheduler_option(parser)
 
 
 def add_brain_mask_option(parser: Any) -> None:

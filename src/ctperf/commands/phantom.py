@@ -6,7 +6,15 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import count, fraction, positive_float, positive_int, seed
+from ctperf.commands import (
+    add_scheduler_option,
+    add_workers_option,
+    count,
+    fraction,
+    positive_float,
+    positive_int,
+    seed,
+)
 
 __all__ = ["ORDER", "register", "run"]
 
@@ -28,9 +36,12 @@ def register(subparsers: Any) -> None:
         "phantom", help="generate digital CTP subjects with known perfusion truth",
         description="Write OUTDIR/sub-0000 ... : each a simulated 80 kV head CTP study (4D NIfTI "
                     "and DICOM), its true cbf, cbv, mtt, ttp, tmax and delay maps, masks, the "
-                    "noise-free AIF and VOF, motion and every sampled parameter. Subjects "
-                    "already in OUTDIR are skipped, so an interrupted run resumes. OUTDIR must "
-                    "be new, empty or a cohort made with the same options.")
+                    "noise-free AIF and VOF, motion and every sampled parameter. Subjects are "
+                    "simulated in parallel (a local Dask cluster of --workers processes, or "
+                    "--scheduler; --workers 1: in this process); "
+                    "OUTDIR/manifest.json records each one, so an interrupted run resumes "
+                    "with the subjects not yet written. OUTDIR "
+                    "must be new, empty or a cohort made with the same options.")
     p.add_argument("outdir", type=Path, help="cohort folder")
     p.add_argument("--subjects", type=positive_int, default=1, help="number of subjects [1]")
     p.add_argument("--size", type=count(32), default=512, help="in-plane pixels, >= 32 [512]")
@@ -52,6 +63,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-dicom", dest="dicom", action="store_false",
                    help="skip the DICOM copy of each study")
     p.add_argument("--preview", action="store_true", help="write sub-*/preview.png montages")
+    add_workers_option(p, what="subjects simulated")
+    add_scheduler_option(p)
     p.set_defaults(func=run)
 
 
@@ -64,9 +77,10 @@ def run(args: argparse.Namespace) -> int:
     check_output(args.outdir, kind="extend", owned_by=("cohort.json",))
     folders = generate_cohort(
         args.outdir, subjects=args.subjects, seed=args.seed, progress=True, dicom=args.dicom,
-        preview=args.preview, size=args.size, slices=args.slices, frames=args.frames,
-        interval=args.interval, mas=args.mas, motion=args.motion,
-        lesion_free_fraction=args.lesion_free, residues=args.residues, anatomy=args.anatomy)
+        preview=args.preview, workers=args.workers, scheduler=args.scheduler, size=args.size,
+        slices=args.slices, frames=args.frames, interval=args.interval, mas=args.mas,
+        motion=args.motion, lesion_free_fraction=args.lesion_free, residues=args.residues,
+        anatomy=args.anatomy)
     logging.getLogger(__name__).info("%d subjects in %s", len(folders), args.outdir)
     print(f"{len(folders)} subjects in {args.outdir}")
     return 0

@@ -279,6 +279,11 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
              ) -> Generator[tuple[Study, dict[str, Any]], None, None]:
     import distributed
 
+    # distributed logs its start and stop at INFO through the root handler: keep that for -v.
+    chatter = logging.getLogger("distributed")
+    level = chatter.level
+    if not log.isEnabledFor(logging.INFO):
+        chatter.setLevel(logging.WARNING)
     cluster = None
     try:
         if scheduler is None:
@@ -307,6 +312,7 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
     finally:
         if cluster is not None:
             cluster.close()
+        chatter.setLevel(level)
 
 
 def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: Any, *,
