@@ -7,7 +7,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from ctperf.perfusion import THRESHOLDS_ONLY, segment_lesions
+from ctperf.errors import ValidationError
+from ctperf.perfusion import THRESHOLDS_ONLY, LesionOptions, segment_lesions
 from ctperf.perfusion.lesions import MidPlane, midsagittal_plane, normal_cbf_reference
 from ctperf.types import PerfusionMaps
 
@@ -168,3 +169,41 @@ def test_volume_sd_from_posterior_sd():
     assert "volumes_sd_ml" in b.summary()
     plain = PerfusionMaps(maps={k: sure[k] for k in ("cbf", "tmax")}, affine=sure.affine)
     assert segment_lesions(plain, brain=brain).volumes_sd_ml is None
+
+
+def test_summary_carries_thresholds_as_numbers():
+    """The summary's thresholds are numbers a reader uses as they are, each with a label."""
+    maps, brain, _, _, _ = lesion_case(0.0, 0.0, 0.0)
+    res = segment_lesions(maps, brain=brain, options=LesionOptions(tmax_hypo=7.5))
+    th = res.summary()["thresholds"]
+    assert th["core"]["rcbf_below"] == 0.30 and th["core"]["reference"] == "contralateral"
+    assert th["hypoperfused"]["tmax_above_s"] == 7.5
+    assert th["tmax10"]["tmax_above_s"] == 10.0
+    assert th["hypoperfused"]["label"] == "Tmax > 7.5 s"
+    assert (th["smooth_mm"], th["min_component_ml"]) == (2.0, 0.1)  # ctperf maps' clean-up
+    with_cbv = maps.replace(maps={**maps.maps, "cbv": np.full(SHAPE, 4.0, np.float32)})
+    by_cbv = segment_lesions(with_cbv, brain=brain,
+                             options=replace(THRESHOLDS_ONLY, core_cbv=2.0))
+    core = by_cbv.summary()["thresholds"]["core"]
+    assert core["cbv_below_ml_per_100g"] == 2.0 and "rcbf_below" not in core
+    assert by_cbv.thresholds["smooth_mm"] == 0.0
+
+
+def test_thresholds_only_differs_from_the_cli_options_by_clean_up_alone():
+    assert replace(LesionOptions(), smooth_mm=0.0, min_component_ml=0.0) == THRESHOLDS_ONLY
+
+
+@pytest.mark.parametrize("field", ["core_rcbf", "tmax_hypo", "tmax_severe", "smooth_mm",
+                                   "min_component_ml", "core_cbv"])
+def test_lesion_options_refuse_negative_values(field):
+    with pytest.raises(ValidationError, match=field):
+        LesionOptions(**{field: -1.0})
+
+
+def test_maps_cli_lesion_defaults_are_lesion_options_defaults():
+    from ctperf.cli import build_parser
+
+    args = build_parser().parse_args(["maps", "study", "out"])
+    given = LesionOptions(core_rcbf=args.core_rcbf, core_cbv=args.core_cbv, tmax_hypo=args.tmax,
+                          smooth_mm=args.lesion_smooth, min_component_ml=args.min_lesion)
+    assert given == LesionOptions()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ctperf.errors import ValidationError
-from ctperf.perfusion import compute_maps, run_perfusion
+from ctperf.perfusion import LesionOptions, compute_maps, run_perfusion
 from ctperf.types import CTPSeries
 
 RHO, KH = 1.04, 0.733
@@ -106,6 +106,25 @@ def study():
 def test_import_does_not_pull_torch():
     code = "import sys, ctperf.perfusion; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_perfusion_does_not_import_preprocess():
+    # Data flows one way: perfusion takes its anatomy masks from ctperf.masks.
+    code = "import sys, ctperf.perfusion; sys.exit('ctperf.preprocess' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_lesion_options_reach_the_summary(study):
+    series, _ = study
+    plain = run_perfusion(series, method="bsvd")
+    assert plain.maps.provenance["lesions"]["thresholds"]["smooth_mm"] == 0.0  # THRESHOLDS_ONLY
+    options = LesionOptions(tmax_hypo=5.0, min_component_ml=0.5)
+    result = run_perfusion(series, method="bsvd", lesion_options=options)
+    th = result.maps.provenance["lesions"]["thresholds"]
+    assert th["hypoperfused"]["tmax_above_s"] == 5.0
+    assert (th["smooth_mm"], th["min_component_ml"]) == (2.0, 0.5)
+    # the same maps: the options act on the lesions alone
+    np.testing.assert_array_equal(plain.maps["cbf"], result.maps["cbf"])
 
 
 def test_compute_maps_noise_free_recovers_tissue(study):

@@ -94,5 +94,5 @@ def qc_flags(
     motion = None if displacement_mm is None else float(np.max(displacement_mm))
     put("motion", motion is not None and motion > max_motion_mm, motion,
         f"frame-wise displacement above {max_motion_mm} mm: if part of it was through plane, "
-        "resampling thick slices biases CBF and CBV by 5-15 % even after correction")
+        "resampling thick slices biases CBF and CBV even after correction (see the README)")
     return flags
