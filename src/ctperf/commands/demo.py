@@ -44,18 +44,21 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import matplotlib.pyplot as plt
     import numpy as np
 
     from ctperf import io
     from ctperf.commands.maps import write_outputs
     from ctperf.errors import ValidationError
     from ctperf.evaluation.metrics import dice
-    from ctperf.evaluation.plots import comparison_figure
-    from ctperf.evaluation.report import html_report, markdown_tables_to_html, png_data_uri
-    from ctperf.evaluation.truth import compare_with_truth, truth_table_markdown
+    from ctperf.evaluation.truth import compare_with_truth
     from ctperf.perfusion import LesionOptions, analyse_study, segment_lesions
     from ctperf.phantom import generate_subject, write_subject
+    from ctperf.reporting import (
+        comparison_figure,
+        demo_tables_markdown,
+        save_figure,
+        write_demo_report,
+    )
 
     for name, value, least in (("--size", args.size, 32), ("--slices", args.slices, 1),
                                ("--frames", args.frames, 30)):
@@ -117,40 +120,13 @@ def run(args: argparse.Namespace) -> int:
                                           "true penumbra": masks["penumbra"]},
                                 labels=(args.method, "truth"),
                                 title=f"phantom seed {args.seed}: {args.method} vs truth")
-        with io.atomic_file(tmp / "comparison.png") as png:
-            fig.savefig(png, dpi=100, facecolor="black")
-        plt.close(fig)
-        table = truth_table_markdown(scores) + (
-            "\nThe same lesion rule applied to the true maps (what a perfect map would give):\n\n"
-            "| lesion | Dice, estimate vs rule on truth | Dice, rule on truth vs phantom "
-            "| volume mL (rule on truth) |\n|---|---|---|---|\n" + "".join(
-                f"| {name} | {v['dice']:.2f} | {v['dice_rule_vs_phantom']:.2f} "
-                f"| {v['rule_volume_ml']:.1f} |\n"
-                for name, v in scores["lesions_vs_rule_on_truth"].items()))
+        save_figure(fig, tmp / "comparison.png", dpi=100, facecolor="black")
+        table = demo_tables_markdown(scores)
         steps_done = ("not preprocessed" if args.no_preprocess else "registered and filtered"
                       if do_register else "filtered, not registered")
-        report = (f"# ctperf demo: {args.method} on a digital phantom\n\n"
-                  f"Phantom seed {args.seed}, study {' x '.join(map(str, subject.series.shape))} "
-                  f"(T, Z, Y, X), simulated motion: {args.motion}, "
-                  f"{steps_done}.\n\n"
-                  f"{table}\n![maps](maps/overview.png)\n\n![comparison](comparison.png)\n\n"
-                  "![phantom](phantom/preview.png)\n")
-        with io.atomic_file(tmp / "report.md") as md:
-            md.write_text(report)
-        intro = (f"Phantom seed {args.seed}, study {' x '.join(map(str, subject.series.shape))} "
-                 f"(T, Z, Y, X), simulated motion: {args.motion}, {steps_done}.")
-        figures = "".join(
-            f'<figure><img src="{png_data_uri((tmp / rel).read_bytes())}" alt="{cap}">'
-            f"<figcaption>{cap}</figcaption></figure>\n"
-            for rel, cap in (("maps/overview.png", "maps and lesions"),
-                             ("comparison.png", f"{args.method} against the true maps"),
-                             ("phantom/preview.png", "the phantom study")))
-        page = html_report(title=f"ctperf demo: {args.method} on a digital phantom",
-                           sections=[("", f'<p class="note">{intro}</p>'),
-                                     ("Agreement with the truth", markdown_tables_to_html(table)),
-                                     ("Figures", figures)])
-        with io.atomic_file(tmp / "report.html") as page_file:
-            page_file.write_text(page, encoding="utf-8")
+        write_demo_report(tmp, method=args.method, seed=args.seed,
+                          shape=subject.series.shape, motion=args.motion,
+                          preprocessing=steps_done, tables=table)
     print(table)
     print(f"wrote {args.out}/report.html (self-contained), report.md, comparison.png, maps/ "
           "and phantom/")

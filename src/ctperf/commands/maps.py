@@ -19,13 +19,9 @@ from ctperf.commands import (
 )
 from ctperf.lesion_options import LesionOptions
 
-__all__ = ["ORDER", "overview_figure", "register", "run", "volume_text",
-           "write_outputs"]
+__all__ = ["ORDER", "register", "run", "write_outputs"]
 
 ORDER = 20
-
-_TITLES = {"cbf": "CBF mL/100g/min", "cbv": "CBV mL/100g", "mtt": "MTT s", "tmax": "Tmax s",
-           "ttp": "TTP s", "delay": "delay s"}
 
 
 def register(subparsers: Any) -> None:
@@ -79,124 +75,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _orient(affine: Any) -> tuple[bool, bool]:
-    """Flips (rows, columns) that show a slice radiologically: anterior up, patient right on
-    the viewer's left (RAS affine)."""
-    import numpy as np
-
-    a = np.asarray(affine)[:3, :3]
-    col_axis = int(np.argmax(np.abs(a[:, 0])))
-    row_axis = int(np.argmax(np.abs(a[:, 1])))
-    flip_cols = col_axis == 0 and a[0, 0] > 0
-    flip_rows = row_axis == 1 and a[1, 1] > 0
-    return flip_rows, flip_cols
-
-
-def volume_text(lesions: dict[str, Any], name: str) -> str:
-    """``"12.3 mL"``, or ``"12.3 +- 1.4 mL"`` when the summary holds the volume's SD."""
-    sd = (lesions.get("volumes_sd_ml") or {}).get(name)
-    value = lesions["volumes_ml"][name]
-    return f"{value:.1f} mL" if sd is None else f"{value:.1f} +- {sd:.1f} mL"
-
-
-def overview_figure(result: Any, *, title: str = "") -> Any:
-    """A matplotlib Figure: maps of up to 4 slices with lesion outlines, AIF/VOF, volumes, QC."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    maps = result.maps
-    names = [n for n in ("cbf", "cbv", "mtt", "tmax", "ttp") if n in maps]
-    n_z = maps.shape[0]
-    area = result.brain.sum(axis=(1, 2))
-    order = np.argsort(-area, kind="stable")[: min(4, n_z)]
-    slices = sorted(int(z) for z in order if area[z] > 0) or [n_z // 2]
-    flip_rows, flip_cols = _orient(maps.affine)
-    _, dy, dx = maps.spacing
-    fig = plt.figure(figsize=(3.0 * len(names), 2.9 * len(slices) + 3.4), facecolor="black")
-    grid = fig.add_gridspec(len(slices) + 1, len(names),
-                            height_ratios=[1.0] * len(slices) + [1.15], hspace=0.12, wspace=0.04)
-    brain_any = result.brain.any(axis=0)
-    rows = np.flatnonzero(brain_any.any(axis=1))
-    cols = np.flatnonzero(brain_any.any(axis=0))
-    r0, r1 = max(rows[0] - 2, 0), rows[-1] + 3
-    c0, c1 = max(cols[0] - 2, 0), cols[-1] + 3
-
-    def view(a: Any) -> Any:
-        a = a[r0:r1, c0:c1]
-        if flip_rows:
-            a = a[::-1]
-        if flip_cols:
-            a = a[:, ::-1]
-        return a
-
-    from ctperf.evaluation.plots import DISPLAY_WINDOWS
-
-    for j, name in enumerate(names):
-        vals = maps[name][result.brain & ~result.vessels]
-        # TTP counts from the first frame, so it depends on when the bolus came: the study's own
-        # range shows it; the other maps use the one table of display windows.
-        window = DISPLAY_WINDOWS[name] if name in DISPLAY_WINDOWS and name != "ttp" else (
-            float(np.nanpercentile(vals, 2)), float(np.nanpercentile(vals, 98)))
-        cmap = plt.get_cmap("turbo").with_extremes(bad="black")
-        for i, z in enumerate(slices):
-            ax = fig.add_subplot(grid[i, j])
-            im = ax.imshow(view(maps[name][z]), cmap=cmap, vmin=window[0], vmax=window[1],
-                           interpolation="nearest", aspect=dy / dx)
-            for mask, colour in ((result.lesions.hypoperfused, "white"),
-                                 (result.lesions.core, "magenta")):
-                m = view(mask[z]).astype(float)
-                if m.any() and name in ("cbf", "tmax", "cbv"):
-                    ax.contour(m, levels=[0.5], colors=colour, linewidths=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j == 0:
-                ax.set_ylabel(f"slice {z}", color="white")
-                ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="white", fontsize=9,
-                        va="center")
-            if i == 0:
-                ax.set_title(_TITLES[name], color="white", fontsize=10)
-        cb = fig.colorbar(im, ax=[fig.axes[-1]], fraction=0.05, pad=0.01, location="bottom")
-        cb.ax.tick_params(colors="white", labelsize=7)
-    ax = fig.add_subplot(grid[-1, : max(2, len(names) - 2)])
-    t = result.times
-    prov = maps.provenance
-    ax.plot(t, prov["aif"]["measured_hu"], color="tab:red", lw=1, ls="--", label="AIF measured")
-    ax.plot(t, result.aif, color="tab:red", lw=2, label="AIF (partial-volume corrected)")
-    if result.vof is not None:
-        ax.plot(t, result.vof, color="tab:blue", lw=2, label="VOF")
-    ax.set_facecolor("black")
-    ax.set_xlabel("time s", color="white")
-    ax.set_ylabel("enhancement HU", color="white")
-    ax.tick_params(colors="white")
-    for side in ax.spines.values():
-        side.set_color("grey")
-    ax.legend(fontsize=8, facecolor="black", labelcolor="white", edgecolor="grey")
-    ax.grid(alpha=0.25)
-    text = fig.add_subplot(grid[-1, max(2, len(names) - 2):])
-    text.axis("off")
-    les = prov["lesions"]
-    mr = les["mismatch_ratio"]
-    vol = {k: volume_text(les, k) for k in ("core", "hypoperfused", "penumbra", "tmax10")}
-    lines = [f"method {prov['method']}   rho {prov['constants']['rho_g_per_ml']}   "
-             f"kH {prov['constants']['kh']}",
-             f"core {vol['core']}  ({les['thresholds']['core']['label']})",
-             f"hypoperfused {vol['hypoperfused']}  (Tmax > "
-             f"{les['thresholds']['hypoperfused']['tmax_above_s']} s)",
-             f"penumbra {vol['penumbra']}   Tmax>10 s {vol['tmax10']}",
-             f"mismatch ratio {'-' if mr is None else f'{mr:.1f}'}",
-             "outlines: magenta core, white Tmax > threshold", "QC:"]
-    raised = [k for k, v in prov["qc"].items() if v["flag"]]
-    lines += [f"  ! {k}: {prov['qc'][k]['reason']}" for k in raised] or ["  no flags raised"]
-    text.text(0.0, 1.0, "\n".join(lines), va="top", ha="left", fontsize=8, color="white",
-              family="monospace", wrap=True)
-    if title:
-        fig.suptitle(title, color="white")
-    return fig
-
-
 def write_outputs(result: Any, folder: Path, *, title: str = "",
                   dicom_source: Any = None, overwrite: bool = False,
                   anonymise: bool = False) -> None:
@@ -223,9 +101,8 @@ def write_outputs(result: Any, folder: Path, *, title: str = "",
     anonymise : bool
         De-identified DICOM maps (see :func:`ctperf.io.write_maps_dicom`).
     """
-    import matplotlib.pyplot as plt
-
     from ctperf import io
+    from ctperf.reporting import maps_overview, save_figure
 
     maps = result.maps
     with io.atomic_dir(folder, overwrite=overwrite) as tmp:
@@ -235,12 +112,8 @@ def write_outputs(result: Any, folder: Path, *, title: str = "",
             io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz")
         io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
                                       "units": dict(maps.units)}), tmp / "summary.json")
-        fig = overview_figure(result, title=title)
-        try:
-            with io.atomic_file(tmp / "overview.png") as png:
-                fig.savefig(png, dpi=110, facecolor="black")
-        finally:
-            plt.close(fig)
+        save_figure(maps_overview(result, title=title), tmp / "overview.png", dpi=110,
+                    facecolor="black")
         if dicom_source is not None:
             io.write_maps_dicom(maps, tmp / "dicom", source=dicom_source, anonymise=anonymise)
 
@@ -248,6 +121,7 @@ def write_outputs(result: Any, folder: Path, *, title: str = "",
 def run(args: argparse.Namespace) -> int:
     from ctperf import io
     from ctperf.perfusion import analyse_study
+    from ctperf.reporting import volume_text
 
     io.check_output(args.out, inputs=(args.study, args.aif_mask, args.vof_mask, args.brain_mask),
                     overwrite=args.overwrite)

@@ -43,38 +43,6 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-def _qc_figure(before: Any, after: Any, result: Any, path: Path) -> None:
-    """Displacement plot and the middle slice of the most displaced frame, before and after."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from ctperf.io import atomic_file
-
-    t = int(np.argmax(result.displacement_mm))
-    z = before.shape[1] // 2
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4), constrained_layout=True)
-    ax = axes[0]
-    ax.plot(before.times, result.displacement_mm, label="mean over brain")
-    ax.plot(before.times, result.max_displacement_mm, label="max over brain")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("displacement from frame 0 (mm)")
-    ax.legend()
-    ax.set_title("frame-wise displacement")
-    panels = [(before.hu[0, z], "frame 0"), (before.hu[t, z], f"frame {t} before"),
-              (after.hu[t, z], f"frame {t} after")]
-    for ax, (img, title) in zip(axes[1:], panels, strict=True):
-        ax.imshow(img, cmap="gray", vmin=0, vmax=80, origin="upper")
-        ax.contour(result.mask[z], levels=[0.5], colors="r", linewidths=0.5)
-        ax.set_title(f"{title}, slice {z} (W 80 / L 40)")
-        ax.axis("off")
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=80, format="png")
-    plt.close(fig)
-
-
 def _noise(hu: Any, mask: Any, frames: int = 6) -> float:
     """SD of consecutive-frame differences over the mask / sqrt(2), first ``frames`` frames."""
     import numpy as np
@@ -97,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         write_series_nifti,
     )
     from ctperf.preprocess import preprocess
+    from ctperf.reporting import motion_qc_figure, save_figure
 
     check_output(args.out, inputs=(args.study,), overwrite=args.overwrite)
     series = read_study(args.study, series_uid=args.series, frame_interval=args.frame_interval,
@@ -136,6 +105,6 @@ def run(args: argparse.Namespace) -> int:
             "noise_sd_hu_before": _noise(series.hu, result.mask),
             "noise_sd_hu_after": _noise(final.hu, result.mask),
         }, tmp / "qc.json")
-        _qc_figure(series, final, result, tmp / "qc.png")
+        save_figure(motion_qc_figure(series, final, result), tmp / "qc.png", dpi=80)
     print(f"wrote {args.out} (max mean displacement {np.max(result.displacement_mm):.2f} mm)")
     return 0

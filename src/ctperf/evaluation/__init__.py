@@ -1,5 +1,6 @@
 """Evaluation of perfusion maps against a reference: voxel-wise errors, image similarity, lesion
-agreement (the statistics of Gava et al. 2023, Tables 1 and 2) and the HTML report."""
+agreement (the statistics of Gava et al. 2023, Tables 1 and 2) and their CSV and JSON outputs.
+The figures and the HTML report are drawn by :mod:`ctperf.reporting`."""
 
 from ctperf.evaluation.agreement import (
     BlandAltman,
@@ -24,7 +25,7 @@ from ctperf.evaluation.metrics import (
     ssim,
     unit_mse,
 )
-from ctperf.evaluation.report import evaluate_cohorts, html_report
+from ctperf.evaluation.report import evaluate_cohorts
 
 __all__ = [
     "UNIT_WINDOWS",
@@ -40,7 +41,6 @@ __all__ = [
     "evaluate_cohorts",
     "evaluate_readers",
     "friedman",
-    "html_report",
     "icc1k",
     "load_maps_cohort",
     "load_rater",

@@ -1,13 +1,10 @@
-"""PNG montage of a phantom subject: frames, true maps, lesion masks and the AIF/VOF curves."""
+"""PNG montage of a phantom subject (drawn by :func:`ctperf.reporting.phantom_preview_figure`)."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import numpy as np
-
-from ctperf.io import atomic_file
 from ctperf.phantom.generate import PhantomSubject
 
 __all__ = ["write_preview"]
@@ -21,69 +18,7 @@ def write_preview(subject: PhantomSubject, path: str | os.PathLike[str], *,
     venous-peak frame in a vessel window, true CBF, CBV and Tmax, core (red) and penumbra
     (yellow) over the baseline, and the noise-free AIF and VOF.
     """
-    import matplotlib
+    from ctperf.reporting import phantom_preview_figure, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s = subject.series
-    z = s.hu.shape[1] // 2 if slice_index is None else int(slice_index)
-    t_art = int(np.argmax(subject.aif))
-    t_ven = int(np.argmax(subject.vof))
-    fig, axes = plt.subplots(3, 3, figsize=(13, 13))
-    gray = {"cmap": "gray", "interpolation": "nearest"}
-    panels = [
-        (s.hu[0, z], {"vmin": 0, "vmax": 80, **gray}, f"frame 0 ({s.times[0]:.1f} s)"),
-        (s.hu[t_art, z], {"vmin": 0, "vmax": 80, **gray},
-         f"arterial peak, frame {t_art} ({s.times[t_art]:.1f} s)"),
-        (s.hu[t_ven, z], {"vmin": -20, "vmax": 300, **gray},
-         f"venous peak, frame {t_ven}, vessel window"),
-        (subject.truth["cbf"][z], {"vmin": 0, "vmax": 80, "cmap": "jet"}, "true CBF mL/100g/min"),
-        (subject.truth["cbv"][z], {"vmin": 0, "vmax": 6, "cmap": "jet"}, "true CBV mL/100g"),
-        (subject.truth["tmax"][z], {"vmin": 0, "vmax": 15, "cmap": "jet"}, "true Tmax s"),
-    ]
-    for ax, (img, kw, title) in zip(axes.flat, panels, strict=False):
-        im = ax.imshow(img, **kw)
-        ax.set_title(title, fontsize=10)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
-    ax = axes[2, 0]
-    rgb = np.clip(subject.baseline[z] / 80.0, 0, 1)[..., None].repeat(3, axis=-1)
-    rgb[subject.masks["penumbra"][z]] = [1.0, 0.85, 0.0]
-    rgb[subject.masks["core"][z]] = [0.9, 0.05, 0.05]
-    rgb[subject.masks["artery"][z]] = [0.1, 0.4, 1.0]
-    rgb[subject.masks["vein"][z]] = [0.0, 0.9, 0.9]
-    ax.imshow(rgb, interpolation="nearest")
-    vol = subject.params["volumes_ml"]
-    ax.set_title(f"core {vol['core']:.0f} mL (red), penumbra {vol['penumbra']:.0f} mL "
-                 "(yellow)\nartery (blue), vein (cyan)", fontsize=10)
-    ax = axes[2, 1]
-    terr = subject.masks["territories"][z].astype(float)
-    ax.imshow(np.where(terr > 0, terr, np.nan), cmap="tab10", vmin=0.5, vmax=10.5,
-              interpolation="nearest")
-    ax.set_title("vascular territories (ACA, MCA, PCA R/L)", fontsize=10)
-    ax = axes[2, 2]
-    ax.plot(subject.fine_times, subject.aif_fine, "r-", lw=1, label="AIF (true, no PV)")
-    ax.plot(subject.fine_times, subject.vof_fine, "b-", lw=1, label="VOF")
-    art = subject.masks["artery"]
-    if art.any():
-        ax.plot(s.times, s.hu[:, art].mean(axis=1) - subject.baseline[art].mean(), "r.",
-                ms=3, label="artery voxels (measured)")
-    gm = subject.masks["gm"] & ~subject.masks["core"] & ~subject.masks["penumbra"]
-    if gm.any():
-        ax.plot(s.times, 10 * (s.hu[:, gm].mean(axis=1) - subject.baseline[gm].mean()), "g-",
-                lw=1, label="GM x 10")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("enhancement (HU)")
-    ax.legend(fontsize=8)
-    ax.set_title("curves", fontsize=10)
-    for a in axes.flat[:8]:
-        a.set_xticks([])
-        a.set_yticks([])
-    cfg = subject.params["config"]
-    fig.suptitle(f"ctperf phantom seed {cfg['seed']}, slice {z}, {cfg['mas']:g} mAs, motion "
-                 f"{subject.params['motion_category']}, template {subject.params['template']}")
-    fig.tight_layout()
-    with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, format="png")
-    plt.close(fig)
+    save_figure(phantom_preview_figure(subject, slice_index=slice_index), path, dpi=dpi)
     return Path(path)

@@ -1,28 +1,51 @@
-"""Figures comparing estimated maps with a reference (matplotlib, Agg backend)."""
+"""Figures comparing estimated maps with a reference, lesion volumes and training curves
+(matplotlib, Agg backend, imported when a figure is drawn)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from ctperf.reporting.windows import display_window
 from ctperf.types import PerfusionMaps
 
 __all__ = [
-    "DISPLAY_WINDOWS",
     "bland_altman_figure",
     "comparison_figure",
+    "save_figure",
     "side_by_side_figure",
     "training_curves_figure",
     "volume_scatter_figure",
 ]
 
-#: Display window per map in its physical unit.
-DISPLAY_WINDOWS: dict[str, tuple[float, float]] = {
-    "cbf": (0.0, 80.0), "cbv": (0.0, 6.0), "mtt": (0.0, 14.0), "tmax": (0.0, 14.0),
-    "delay": (0.0, 10.0), "ttp": (0.0, 40.0),
-}
+
+def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int,
+                facecolor: str | None = None) -> None:
+    """Write a figure as PNG in one atomic step, then close it.
+
+    Parameters
+    ----------
+    fig : matplotlib.figure.Figure
+    path : path
+        Output file (written whole or not at all, see :func:`ctperf.io.atomic_file`).
+    dpi : int
+        Resolution in dots per inch.
+    facecolor : str, optional
+        Background; by default matplotlib's (white).
+    """
+    import matplotlib.pyplot as plt
+
+    from ctperf.io import atomic_file
+
+    try:
+        with atomic_file(path) as tmp:
+            options = {} if facecolor is None else {"facecolor": facecolor}
+            fig.savefig(tmp, dpi=dpi, format="png", **options)
+    finally:
+        plt.close(fig)
 
 
 def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
@@ -63,7 +86,7 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
     for j, name in enumerate(names):
         ref = np.where(mask[z], reference[name][z], np.nan)
         est = np.where(mask[z], estimate[name][z], np.nan)
-        lo, hi = DISPLAY_WINDOWS.get(name, (float(np.nanmin(ref)), float(np.nanmax(ref))))
+        lo, hi = display_window(name, ref)
         span = hi - lo
         panels = ((ref, f"{name} {labels[1]}", "turbo", lo, hi),
                   (est, f"{name} {labels[0]}", "turbo", lo, hi),
@@ -136,8 +159,7 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
     fig, axes = plt.subplots(len(rows), max(len(names), 1), squeeze=False, facecolor="black",
                              figsize=(2.9 * max(len(names), 1), 2.7 * len(rows)))
     for j, name in enumerate(names):
-        lo, hi = DISPLAY_WINDOWS.get(name, (float(np.nanmin(first[name])),
-                                            float(np.nanmax(first[name]))))
+        lo, hi = display_window(name, np.where(mask[z], first[name][z], np.nan))
         for i, (label, maps, is_diff) in enumerate(rows):
             ax = axes[i, j]
             img = np.where(mask[z], maps[name][z], np.nan)

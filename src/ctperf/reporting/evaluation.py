@@ -1,0 +1,193 @@
+"""The evaluation report's pages and figures: Tables 1 and 2 as HTML, the map, Bland-Altman,
+volume and training figures, and the sections of ``report.html`` of ``ctperf evaluate``."""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ctperf.reporting.html import figure_data_uri, figure_html, html_table
+from ctperf.reporting.html import fmt_number as _fmt
+
+__all__ = ["evaluation_figures", "evaluation_page"]
+
+_METRICS = ("mse_minmax", "mse_window", "psnr", "ssim", "mae", "bias", "rmse", "pearson_r", "ccc")
+
+
+def _p(value: Any) -> str:
+    """A p value: three decimals, or ``<0.001``."""
+    text = _fmt(value, 3)
+    return "<0.001" if text not in ("n/a",) and float(value) < 0.001 else text
+
+
+def _pm(stat: Mapping[str, Any], digits: int = 3) -> str:
+    mean, sd = stat.get("mean"), stat.get("sd")
+    return f"{_fmt(mean, digits)} ± {_fmt(sd, digits)}" if _fmt(sd) != "n/a" else _fmt(mean,
+                                                                                       digits)
+
+
+def _table1_html(result: Mapping[str, Any]) -> str:
+    header = ["estimate", "reference", "map [unit]", "n", "MSE (paper: min-max)",
+              "MSE (ctperf windows)", "PSNR dB", "SSIM", "MAE", "bias", "RMSE", "Pearson r",
+              "Lin's CCC"]
+    rows = [[r["estimate"], r["reference"], f"{r['map']} [{r['unit']}]", r["summary"]["mae"]["n"],
+             *(_pm(r["summary"][m], 4 if m.startswith("mse") else 2 if m in
+                   ("psnr", "mae", "bias", "rmse") else 3) for m in _METRICS)]
+            for r in result["maps"]]
+    return html_table(header, rows, text_columns=3)
+
+
+def _table2_html(result: Mapping[str, Any]) -> str:
+    header = ["lesion", "estimate", "reference", "n", "Dice (n)", "excluded / undefined",
+              "volume est. mL", "volume ref. mL", "|ΔV| mL", "Pearson r (p)",
+              "BA bias [95 % LoA] mL", "CR mL", "ICC(1,k) [95 % CI]"]
+    rows = []
+    for r in result["lesions"]:
+        d, v = r["dice"], r["volumes"]
+        ba, icc = v["bland_altman"], v.get("icc1k") or {}
+        rows.append([
+            r["lesion"], r["estimate"], r["reference"], v["n"],
+            f"{_pm(d, 2)} ({d['n']})", f"{d['n_excluded']} / {d['n_undefined']}",
+            _fmt(v["mean_a"], 1), _fmt(v["mean_b"], 1), _pm({"mean": v["mean_abs_diff"],
+                                                              "sd": v["sd_abs_diff"]}, 1),
+            f"{_fmt(v['pearson_r'], 2)} ({_p(v['pearson_p'])})",
+            f"{_fmt(ba['bias'], 1)} [{_fmt(ba['loa_low'], 1)}, {_fmt(ba['loa_high'], 1)}]",
+            _fmt(ba["cr"], 1),
+            f"{_fmt(icc.get('icc'), 2)} [{_fmt(icc.get('ci_low'), 2)}, "
+            f"{_fmt(icc.get('ci_high'), 2)}]"])
+    return html_table(header, rows, text_columns=3)
+
+
+def _dice_cases_html(result: Mapping[str, Any]) -> str:
+    rows = []
+    for r in result["lesions"]:
+        for study, c in r["cases"].items():
+            status = c["excluded"] or ("undefined" if c["undefined"] else "")
+            rows.append([r["lesion"], r["estimate"], r["reference"], study,
+                         "undefined" if c["dice"] is None else c["dice"],
+                         c["volume_estimate_ml"], c["volume_reference_ml"], status])
+    return html_table(["lesion", "estimate", "reference", "study", "Dice", "volume est. mL",
+                       "volume ref. mL", "left out of the Dice mean"], rows, text_columns=4)
+
+
+def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studies: Sequence[str],
+             log: Sequence[Mapping[str, Any]] | None, *,
+             max_map_figures: int) -> dict[str, tuple[str, str]]:
+    """The evaluation's figures as PNG data URIs with their captions, by file name.
+
+    Parameters
+    ----------
+    readers : sequence of Reader
+        :func:`ctperf.evaluation.load_maps_cohort` and :func:`~ctperf.evaluation.load_rater`
+        readers, the estimate first, then its reference; a ``truth`` reader outlines the lesions.
+    result : mapping
+        :func:`ctperf.evaluation.evaluate_readers`' result (its ``lesions`` rows).
+    studies : sequence of str
+        Studies evaluated, in order.
+    log : sequence of mapping, optional
+        Training log rows (``log.csv`` of ``ctperf train``) for the training curves.
+    max_map_figures : int
+        Studies shown as map figures (the first ones).
+
+    Returns
+    -------
+    dict
+        ``maps_<study>.png``, ``bland_altman_<estimate>_vs_<reference>.png``,
+        ``volumes_<estimate>_vs_<reference>.png`` and ``training.png`` to (data URI, caption).
+    """
+    from ctperf.reporting.figures import (
+        bland_altman_figure,
+        side_by_side_figure,
+        training_curves_figure,
+        volume_scatter_figure,
+    )
+
+    figs: dict[str, tuple[str, str]] = {}
+    with_maps = [r for r in readers if r.maps]
+    truth = next((r for r in readers if r.kind == "truth"), None)
+    outline_src = truth or readers[1]
+    for s in studies[:max_map_figures]:
+        region = (truth.brain.get(s) if truth is not None else None)
+        if region is None:
+            region = next((r.brain[s] for r in with_maps if s in r.brain), None)
+        les = outline_src.lesions.get(s, {})
+        outlines = {f"{outline_src.label} {n}": les[n] for n in ("core", "hypoperfused")
+                    if n in les}
+        fig = side_by_side_figure([(r.label, r.maps[s]) for r in with_maps], mask=region,
+                                  outlines=outlines, title=f"{s}: maps and differences")
+        figs[f"maps_{s}.png"] = (figure_data_uri(fig),
+                                 f"{s}: maps of each reader, then differences "
+                                 f"{readers[0].label} minus each reference")
+    pairs = list(dict.fromkeys((r["estimate"], r["reference"]) for r in result["lesions"]))
+    for est, ref in pairs:
+        rows = [r for r in result["lesions"] if (r["estimate"], r["reference"]) == (est, ref)]
+        tag = f"{est}_vs_{ref}".replace("/", "-")
+        figs[f"bland_altman_{tag}.png"] = (
+            figure_data_uri(bland_altman_figure(rows, title=f"{est} vs {ref}")),
+            f"Bland-Altman plots of lesion volumes, {est} vs {ref} (bias and 95 % limits)")
+        figs[f"volumes_{tag}.png"] = (
+            figure_data_uri(volume_scatter_figure(rows, title=f"{est} vs {ref}")),
+            f"lesion volumes, {est} against {ref}, with the identity line")
+    if log is not None:
+        figs["training.png"] = (figure_data_uri(training_curves_figure(log)),
+                                "training and validation loss per epoch (log.csv)")
+    return figs
+
+
+def evaluation_page(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) -> str:
+    """``report.html`` of ``ctperf evaluate``: one self-contained page.
+
+    Parameters
+    ----------
+    doc : mapping
+        The content of ``evaluation.json`` (readers, studies, excluded studies, region, software
+        version, and :func:`ctperf.evaluation.evaluate_readers`' result).
+    figures : mapping
+        :func:`evaluation_figures`' result.
+    """
+    from ctperf.reporting.html import html_report
+
+    readers = doc["readers"]
+    return html_report(title=f"ctperf evaluation: {readers[0]['label']} vs {readers[1]['label']}",
+                       sections=_sections(doc, figures))
+
+
+def _sections(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) -> list[
+        tuple[str, str]]:
+    readers = "".join(f"<li>{html.escape(r['label'])} ({r['kind']}): "
+                      f"<code>{html.escape(r['path'])}</code></li>" for r in doc["readers"])
+    excluded = "".join(f"<li>{html.escape(s)}: {html.escape(why)}</li>"
+                       for s, why in doc["excluded_studies"].items())
+    intro = (f'<ul class="note">{readers}</ul><p class="note">{len(doc["studies"])} studies: '
+             f'{html.escape(", ".join(doc["studies"]))}. Maps compared within the '
+             f'{html.escape(doc["region"])}. ctperf {html.escape(str(doc["software_version"]))}.'
+             "</p>" + (f'<p class="note">Left out:</p><ul class="note">{excluded}</ul>'
+                       if excluded else ""))
+    t1_note = ('<p class="note">Mean ± SD over studies of per-study figures. MSE (paper: '
+               "min-max): both maps scaled to [0, 1] with the reference data set's minimum and "
+               "maximum over whole images, background included, as Gava et al. 2023 normalised "
+               "their maps. MSE (ctperf windows): scaled and clipped with ctperf's fixed window "
+               "per map (the U-Net's target windows); PSNR and SSIM (Wang 2004, Gaussian "
+               "window sigma 1.5 px, per slice) on those maps. MAE, bias (estimate - reference), "
+               "RMSE in the map's unit; delay is the box model's arrival delay, ttp the time "
+               "to peak from the first frame.</p>")
+    t2_note = ('<p class="note">Dice: mean ± SD over studies with a lesion in the reference '
+               "(studies without one are left out, as in the paper; both masks empty = "
+               "undefined, never 0 or 1). |ΔV|: mean ± SD of absolute volume differences. "
+               "BA: Bland-Altman bias and 95 % limits of agreement (estimate - reference); "
+               "CR: coefficient of repeatability 1.96 SD of the differences; ICC(1,k) from "
+               "pingouin with its 95 % confidence interval.</p>")
+    sections = [("", intro), ("Table 1: map agreement", _table1_html(doc) + t1_note),
+                ("Table 2: lesion agreement", _table2_html(doc) + t2_note)]
+    if doc["friedman"]:
+        sections.append(("Friedman tests of lesion volumes", html_table(
+            ["lesion", "readers", "n", "chi-square", "p"],
+            [[f["lesion"], ", ".join(f["readers"]), f["n"], f["statistic"], _p(f["p"])]
+             for f in doc["friedman"]], text_columns=2)
+            + '<p class="note">On the lesion volumes of every reader that segmented the lesion; '
+              "n/a when every study's volumes are tied.</p>"))
+    sections.append(("Figures", "".join(figure_html(uri, cap)
+                                        for uri, cap in figures.values())))
+    sections.append(("Dice and volumes per study", _dice_cases_html(doc)))
+    return sections

@@ -1,0 +1,176 @@
+"""The maps overview of one study (``overview.png`` of ``ctperf maps``): maps of up to four
+slices with lesion outlines, the AIF and VOF, lesion volumes and QC flags."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from ctperf.reporting.windows import display_window, map_title
+
+__all__ = ["maps_overview", "radiological_flips", "volume_text"]
+
+#: Maps shown, one column each, when present.
+_OVERVIEW_MAPS = ("cbf", "cbv", "mtt", "tmax", "ttp")
+#: Maps that carry the lesion outlines.
+_OUTLINED = ("cbf", "tmax", "cbv")
+
+
+def radiological_flips(affine: np.ndarray) -> tuple[bool, bool]:
+    """Flips (rows, columns) that show a slice radiologically: anterior up, patient right on
+    the viewer's left.
+
+    Parameters
+    ----------
+    affine : ndarray (4, 4)
+        Voxel-to-patient (RAS) affine of the ``(x, y, z, 1)`` index vector.
+    """
+    a = np.asarray(affine)[:3, :3]
+    col_axis = int(np.argmax(np.abs(a[:, 0])))
+    row_axis = int(np.argmax(np.abs(a[:, 1])))
+    flip_cols = col_axis == 0 and a[0, 0] > 0
+    flip_rows = row_axis == 1 and a[1, 1] > 0
+    return bool(flip_rows), bool(flip_cols)
+
+
+def volume_text(lesions: Mapping[str, Any], name: str) -> str:
+    """``"12.3 mL"``, or ``"12.3 +- 1.4 mL"`` when the summary holds the volume's SD.
+
+    Parameters
+    ----------
+    lesions : mapping
+        Lesion summary (``provenance["lesions"]`` of the maps): ``volumes_ml`` and optionally
+        ``volumes_sd_ml``.
+    name : str
+        Lesion name (``core``, ``hypoperfused``, ``penumbra``, ``tmax10``).
+    """
+    sd = (lesions.get("volumes_sd_ml") or {}).get(name)
+    value = lesions["volumes_ml"][name]
+    return f"{value:.1f} mL" if sd is None else f"{value:.1f} +- {sd:.1f} mL"
+
+
+def _threshold_label(entry: Any) -> str:
+    """A lesion threshold as text: its ``label``, or the entry itself when it is text."""
+    return str(entry["label"]) if isinstance(entry, Mapping) else str(entry)
+
+
+def _tmax_threshold(entry: Any) -> str:
+    """The Tmax threshold of a lesion (``"6.0 s"``): its ``tmax_above_s`` number, or the number
+    after ``>`` in a summary that writes the threshold as text (``"Tmax > 6.0 s"``)."""
+    if isinstance(entry, Mapping):
+        return f"{entry['tmax_above_s']} s"
+    return str(entry).split(">")[-1].strip()
+
+
+def _summary_lines(prov: Mapping[str, Any]) -> list[str]:
+    les = prov["lesions"]
+    mr = les["mismatch_ratio"]
+    vol = {k: volume_text(les, k) for k in ("core", "hypoperfused", "penumbra", "tmax10")}
+    lines = [f"method {prov['method']}   rho {prov['constants']['rho_g_per_ml']}   "
+             f"kH {prov['constants']['kh']}",
+             f"core {vol['core']}  ({_threshold_label(les['thresholds']['core'])})",
+             f"hypoperfused {vol['hypoperfused']}  "
+             f"(Tmax > {_tmax_threshold(les['thresholds']['hypoperfused'])})",
+             f"penumbra {vol['penumbra']}   Tmax>10 s {vol['tmax10']}",
+             f"mismatch ratio {'-' if mr is None else f'{mr:.1f}'}",
+             "outlines: magenta core, white Tmax > threshold", "QC:"]
+    raised = [k for k, v in prov["qc"].items() if v["flag"]]
+    lines += [f"  ! {k}: {prov['qc'][k]['reason']}" for k in raised] or ["  no flags raised"]
+    return lines
+
+
+def maps_overview(result: Any, *, title: str = "") -> Any:
+    """A matplotlib Figure: maps of up to 4 slices with lesion outlines, AIF/VOF, volumes, QC.
+
+    Parameters
+    ----------
+    result : PerfusionResult
+        Output of :func:`ctperf.perfusion.run_perfusion`: maps (Z, Y, X) with their provenance
+        (AIF, lesion summary, QC), ``brain`` and ``vessels`` masks, lesions, times (T,) in s,
+        and the AIF and VOF (T,) in HU of enhancement.
+    title : str
+        Figure title.
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Black background; the slices with the largest brain area, shown radiologically. Colour
+        limits from :data:`ctperf.reporting.windows.DISPLAY_WINDOWS`, over brain voxels outside
+        vessels for maps shown in the study's own range.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    maps = result.maps
+    names = [n for n in _OVERVIEW_MAPS if n in maps]
+    n_z = maps.shape[0]
+    area = result.brain.sum(axis=(1, 2))
+    order = np.argsort(-area, kind="stable")[: min(4, n_z)]
+    slices = sorted(int(z) for z in order if area[z] > 0) or [n_z // 2]
+    flip_rows, flip_cols = radiological_flips(maps.affine)
+    _, dy, dx = maps.spacing
+    fig = plt.figure(figsize=(3.0 * len(names), 2.9 * len(slices) + 3.4), facecolor="black")
+    grid = fig.add_gridspec(len(slices) + 1, len(names),
+                            height_ratios=[1.0] * len(slices) + [1.15], hspace=0.12, wspace=0.04)
+    brain_any = result.brain.any(axis=0)
+    rows = np.flatnonzero(brain_any.any(axis=1))
+    cols = np.flatnonzero(brain_any.any(axis=0))
+    r0, r1 = max(rows[0] - 2, 0), rows[-1] + 3
+    c0, c1 = max(cols[0] - 2, 0), cols[-1] + 3
+
+    def view(a: Any) -> Any:
+        a = a[r0:r1, c0:c1]
+        if flip_rows:
+            a = a[::-1]
+        if flip_cols:
+            a = a[:, ::-1]
+        return a
+
+    for j, name in enumerate(names):
+        window = display_window(name, maps[name][result.brain & ~result.vessels])
+        cmap = plt.get_cmap("turbo").with_extremes(bad="black")
+        for i, z in enumerate(slices):
+            ax = fig.add_subplot(grid[i, j])
+            im = ax.imshow(view(maps[name][z]), cmap=cmap, vmin=window[0], vmax=window[1],
+                           interpolation="nearest", aspect=dy / dx)
+            for mask, colour in ((result.lesions.hypoperfused, "white"),
+                                 (result.lesions.core, "magenta")):
+                m = view(mask[z]).astype(float)
+                if m.any() and name in _OUTLINED:
+                    ax.contour(m, levels=[0.5], colors=colour, linewidths=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                ax.set_ylabel(f"slice {z}", color="white")
+                ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="white", fontsize=9,
+                        va="center")
+            if i == 0:
+                ax.set_title(map_title(name), color="white", fontsize=10)
+        cb = fig.colorbar(im, ax=[fig.axes[-1]], fraction=0.05, pad=0.01, location="bottom")
+        cb.ax.tick_params(colors="white", labelsize=7)
+    ax = fig.add_subplot(grid[-1, : max(2, len(names) - 2)])
+    t = result.times
+    prov = maps.provenance
+    ax.plot(t, prov["aif"]["measured_hu"], color="tab:red", lw=1, ls="--", label="AIF measured")
+    ax.plot(t, result.aif, color="tab:red", lw=2, label="AIF (partial-volume corrected)")
+    if result.vof is not None:
+        ax.plot(t, result.vof, color="tab:blue", lw=2, label="VOF")
+    ax.set_facecolor("black")
+    ax.set_xlabel("time s", color="white")
+    ax.set_ylabel("enhancement HU", color="white")
+    ax.tick_params(colors="white")
+    for side in ax.spines.values():
+        side.set_color("grey")
+    ax.legend(fontsize=8, facecolor="black", labelcolor="white", edgecolor="grey")
+    ax.grid(alpha=0.25)
+    text = fig.add_subplot(grid[-1, max(2, len(names) - 2):])
+    text.axis("off")
+    text.text(0.0, 1.0, "\n".join(_summary_lines(prov)), va="top", ha="left", fontsize=8,
+              color="white", family="monospace", wrap=True)
+    if title:
+        fig.suptitle(title, color="white")
+    return fig

@@ -1,0 +1,54 @@
+"""Quality-control figures of preprocessing (``qc.png`` of ``ctperf preprocess``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ctperf.reporting.windows import BRAIN_WINDOW_HU
+
+__all__ = ["motion_qc_figure"]
+
+
+def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
+    """Displacement plot and the middle slice of the most displaced frame, before and after.
+
+    Parameters
+    ----------
+    before, after : CTPSeries
+        The study (T, Z, Y, X) in HU as read and as preprocessed.
+    result : PreprocessResult
+        Output of :func:`ctperf.preprocess.preprocess`: ``displacement_mm`` and
+        ``max_displacement_mm`` (T,) over the brain, ``mask`` bool (Z, Y, X).
+
+    Returns
+    -------
+    matplotlib.figure.Figure
+        Four panels: displacement against time, then frame 0 and the most displaced frame
+        before and after, in the brain window with the brain outline.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t = int(np.argmax(result.displacement_mm))
+    z = before.shape[1] // 2
+    low, high = BRAIN_WINDOW_HU
+    fig, axes = plt.subplots(1, 4, figsize=(16, 4), constrained_layout=True)
+    ax = axes[0]
+    ax.plot(before.times, result.displacement_mm, label="mean over brain")
+    ax.plot(before.times, result.max_displacement_mm, label="max over brain")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("displacement from frame 0 (mm)")
+    ax.legend()
+    ax.set_title("frame-wise displacement")
+    panels = [(before.hu[0, z], "frame 0"), (before.hu[t, z], f"frame {t} before"),
+              (after.hu[t, z], f"frame {t} after")]
+    for ax, (img, title) in zip(axes[1:], panels, strict=True):
+        ax.imshow(img, cmap="gray", vmin=low, vmax=high, origin="upper")
+        ax.contour(result.mask[z], levels=[0.5], colors="r", linewidths=0.5)
+        ax.set_title(f"{title}, slice {z} (W {high - low:g} / L {(high + low) / 2:g})")
+        ax.axis("off")
+    return fig
