@@ -51,11 +51,14 @@ Task = Callable[[Any, Path, Any], Any]
 
 @dataclasses.dataclass(frozen=True)
 class Study:
-    """One study of a cohort: ``name`` (its output folder ``OUT/<name>``) and ``source``
-    (what the task reads: a path, or for generated cohorts any picklable description)."""
+    """One study of a cohort: ``name`` (its output folder ``OUT/<name>``), ``source`` (what
+    the task reads: a path, or for generated cohorts any picklable description) and ``root``,
+    the cohort folder: paths in a failure's message are written relative to it, so the
+    manifest holds no machine path."""
 
     name: str
     source: Any
+    root: Path | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +174,7 @@ def discover_studies(cohort: _PathLike) -> list[Study]:
         raise InputError(root, "holds no study: expected one sub-folder (DICOM, or holding a "
                                "4D NIfTI) or one 4D NIfTI file per study")
     names = _unique_names(name for name, _ in found)
-    return [Study(name, path) for name, (_, path) in zip(names, found, strict=True)]
+    return [Study(name, path, root) for name, (_, path) in zip(names, found, strict=True)]
 
 
 # --- manifest --------------------------------------------------------------------------------
@@ -243,16 +246,19 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
-def _run_study(task: Task, source: Any, target: Path, options: Any) -> dict[str, Any]:
+def _run_study(task: Task, study: Study, target: Path, options: Any) -> dict[str, Any]:
     """Run one study (in a worker or in this process); never raises an ``Exception``."""
     started = _now()
     try:
-        task(source, target, options)
+        task(study.source, target, options)
         if not target.is_dir():
             raise CTPerfError(f"the task wrote no folder {target.name}")
         state, error = "done", None
     except Exception as exc:  # a study's failure is recorded, the cohort goes on
         state, error = "failed", _one_line(exc)
+        for folder in (study.root, target.parent):
+            if folder is not None and error is not None:
+                error = error.replace(f"{folder}{os.sep}", "")
     return {"state": state, "error": error, "started": started, "finished": _now()}
 
 
@@ -271,7 +277,7 @@ def worker_count(studies: int, workers: int | None = None) -> int:
 def _in_process(todo: list[Study], out: Path, task: Task, options: Any
                 ) -> Generator[tuple[Study, dict[str, Any]], None, None]:
     for study in todo:
-        yield study, _run_study(task, study.source, out / study.name, options)
+        yield study, _run_study(task, study, out / study.name, options)
 
 
 def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
@@ -298,7 +304,7 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
                 raise CTPerfError(f"cannot reach the Dask scheduler at {scheduler} "
                                   f"({_one_line(exc)})") from None
         with client:
-            futures = {client.submit(_run_study, task, s.source, out / s.name, options,
+            futures = {client.submit(_run_study, task, s, out / s.name, options,
                                      key=f"ctperf-{s.name}-{time.time_ns()}", pure=False): s
                        for s in todo}
             for future in distributed.as_completed(futures):
@@ -389,7 +395,7 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
                 done.append(study.name)
             else:
                 failed[study.name] = row["error"]
-                log.warning("%s failed: %s", study.name, row["error"])
+                log.info("%s failed: %s", study.name, row["error"])
             if bar is not None:
                 bar.update()
     finally:
