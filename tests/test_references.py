@@ -312,7 +312,7 @@ def test_osipi_through_compute_maps(osipi, osipi_results, method):
     hu[:, 0, :, :] = (30.0 + k * osipi["tissue"])[:, None, :]
     series = CTPSeries(hu=hu, times=osipi["times"], affine=np.diag([1.0, 1.0, 5.0, 1.0]))
     maps = compute_maps(series, method=method, aif=k * osipi["aif"],
-                        mask=np.ones((1, 2, 14), dtype=bool), rho=1.0, kh=1.0)
+                        brain_mask=np.ones((1, 2, 14), dtype=bool), rho=1.0, kh=1.0)
     assert maps.provenance["constants"] == {"rho_g_per_ml": 1.0, "kh": 1.0}
     cbf = maps.maps["cbf"][0].astype(np.float64)  # (2, 14), both rows the same curves
     cbv = maps.maps["cbv"][0].astype(np.float64)
