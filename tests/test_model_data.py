@@ -197,7 +197,7 @@ def test_nlr_references_are_written_to_the_output_not_the_cohort(monkeypatch, tm
     before = sorted(p.relative_to(cohort) for p in cohort.rglob("*"))
     calls = []
 
-    def fake_compute(series, *, method, mask=None, **kw):
+    def fake_compute(series, *, method, brain_mask=None, **kw):
         calls.append(method)
         maps = read_maps(cohort / f"sub-000{len(calls) - 1}" / "truth")
         return maps.replace(maps={k: v * 0.5 for k, v in maps.maps.items()})

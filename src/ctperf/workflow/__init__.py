@@ -14,7 +14,6 @@ from ctperf.workflow.study import (
     maps_study,
     predict_study,
     preprocess_study,
-    volume_text,
     write_maps_outputs,
 )
 
@@ -31,6 +30,5 @@ __all__ = [
     "nlr_references",
     "predict_study",
     "preprocess_study",
-    "volume_text",
     "write_maps_outputs",
 ]

@@ -13,10 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctperf.lesion_options import LesionOptions
 from ctperf.workflow.analysis import analyse_study
 
 __all__ = ["MapsOptions", "PredictOptions", "PreprocessOptions", "StudyOutcome", "maps_study",
-           "predict_study", "preprocess_study", "volume_text", "write_maps_outputs"]
+           "predict_study", "preprocess_study", "write_maps_outputs"]
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class MapsOptions:
     ``register``/``filter`` and the filter's ``spatial_sigma_mm`` (mm), ``range_sigma_hu`` (HU)
     and ``filter_weights`` are those of :func:`~ctperf.workflow.analyse_study`; ``aif_mask``,
     ``vof_mask`` and ``brain_mask`` are 3D NIfTI files on the study's grid; ``rho`` (g/mL),
-    ``kh``, ``device`` and ``lesion_options`` go to :func:`~ctperf.perfusion.run_perfusion`
-    (``None``: its defaults); ``series_uid`` and ``frame_interval`` (s) to
+    ``kh``, ``device`` and ``lesion_options`` (by default those of ``ctperf maps``) go to
+    :func:`~ctperf.perfusion.run_perfusion`; ``series_uid`` and ``frame_interval`` (s) to
     :func:`~ctperf.io.read_study`; ``dicom`` also writes DICOM maps (``anonymise``: de-identified).
     """
 
@@ -63,7 +64,7 @@ class MapsOptions:
     rho: float = 1.04
     kh: float = 0.733
     device: str = "auto"
-    lesion_options: Any = None
+    lesion_options: LesionOptions = field(default_factory=LesionOptions)
     series_uid: str | None = None
     frame_interval: float | None = None
     dicom: bool = False
@@ -109,13 +110,6 @@ class PredictOptions:
     progress: bool = False
 
 
-def volume_text(lesions: dict[str, Any], name: str) -> str:
-    """``"12.3 mL"``, or ``"12.3 +- 1.4 mL"`` when the summary holds the volume's SD."""
-    sd = (lesions.get("volumes_sd_ml") or {}).get(name)
-    value = lesions["volumes_ml"][name]
-    return f"{value:.1f} mL" if sd is None else f"{value:.1f} +- {sd:.1f} mL"
-
-
 # --- ctperf maps ---------------------------------------------------------------------------
 
 def maps_study(study: Path, out: Path, options: MapsOptions) -> StudyOutcome:
@@ -153,8 +147,8 @@ def maps_study(study: Path, out: Path, options: MapsOptions) -> StudyOutcome:
         held.pop(), method=o.method, register=o.register, filter=o.filter,
         spatial_sigma_mm=o.spatial_sigma_mm, range_sigma_hu=o.range_sigma_hu,
         filter_weights=o.filter_weights, workers=o.workers,
-        aif_mask=masks["aif_mask"], vof_mask=masks["vof_mask"],
-        **_brain_mask_keyword(masks["brain_mask"]), rho=o.rho, kh=o.kh, device=o.device,
+        aif_mask=masks["aif_mask"], vof_mask=masks["vof_mask"], brain_mask=masks["brain_mask"],
+        rho=o.rho, kh=o.kh, device=o.device,
         lesion_options=o.lesion_options, progress=o.progress)
     result = _with_preprocessing(result, o)
     # No study path or name in the outputs: folder names often hold the patient's name.
@@ -168,17 +162,6 @@ def _read_mask(path: Path | None, series: Any) -> Any:
 
     return None if path is None else io.read_mask(path, shape=series.shape[1:],
                                                   affine=series.affine)
-
-
-def _brain_mask_keyword(mask: Any) -> dict[str, Any]:
-    """The given brain mask as the keyword :func:`~ctperf.perfusion.run_perfusion` takes."""
-    import inspect
-
-    from ctperf.perfusion import run_perfusion
-
-    name = ("brain_mask" if "brain_mask" in inspect.signature(run_perfusion).parameters
-            else "mask")
-    return {name: mask}
 
 
 def _first_frame(series: Any) -> Any:
@@ -199,6 +182,8 @@ def _with_preprocessing(result: Any, o: MapsOptions) -> Any:
 
 
 def _maps_outcome(result: Any, out: Path) -> StudyOutcome:
+    from ctperf.reporting import volume_text
+
     maps = result.maps
     les = maps.provenance["lesions"]
     raised = [k for k, v in maps.provenance["qc"].items() if v["flag"]]
@@ -234,10 +219,8 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
     anonymise : bool
         De-identified DICOM maps (see :func:`ctperf.io.write_maps_dicom`).
     """
-    import matplotlib.pyplot as plt
-
     from ctperf import io
-    from ctperf.commands.maps import overview_figure
+    from ctperf.reporting import maps_overview, save_figure
 
     maps = result.maps
     with io.atomic_dir(folder, overwrite=overwrite) as tmp:
@@ -247,12 +230,8 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
             io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz")
         io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
                                       "units": dict(maps.units)}), tmp / "summary.json")
-        fig = overview_figure(result, title=title)
-        try:
-            with io.atomic_file(tmp / "overview.png") as png:
-                fig.savefig(png, dpi=110, facecolor="black")
-        finally:
-            plt.close(fig)
+        save_figure(maps_overview(result, title=title), tmp / "overview.png", dpi=110,
+                    facecolor="black")
         if dicom_source is not None:
             io.write_maps_dicom(maps, tmp / "dicom", source=dicom_source, anonymise=anonymise)
 
@@ -349,9 +328,9 @@ def _noise(hu: Any, mask: Any, frames: int = 6) -> float:
 
 
 def _write_qc_figure(before: Any, after: Any, result: Any, path: Path) -> None:
-    from ctperf.commands.preprocess import _qc_figure
+    from ctperf.reporting import motion_qc_figure, save_figure
 
-    _qc_figure(before, after, result, path)
+    save_figure(motion_qc_figure(before, after, result), path, dpi=80)
 
 
 # --- ctperf predict ------------------------------------------------------------------------
