@@ -21,7 +21,8 @@ __all__ = ["add_anonymise_option", "add_batch_size_option", "add_brain_mask_opti
            "add_cohort_options", "add_device_option", "add_filter_options",
            "add_overwrite_option", "add_preprocess_options", "add_scheduler_option",
            "add_study_options", "add_workers_option", "count", "device", "float_in",
-           "fraction", "non_negative_float", "positive_float", "positive_int", "seed"]
+           "fraction", "non_negative_float", "positive_float", "positive_int",
+           "run_cohort_command", "seed"]
 
 
 def _number(text: str, kind: type) -> Any:
@@ -137,6 +138,25 @@ def add_cohort_options(parser: Any) -> None:
                              "run them all in parallel on Dask into OUT/<study>/, with "
                              "OUT/manifest.json; a rerun skips studies done (docs/cohorts.md)")
     add_scheduler_option(parser)
+
+
+def run_cohort_command(args: argparse.Namespace, task: Callable[..., Any], options: Any) -> int:
+    """The ``--cohort`` branch of a command: ``task`` (a per-study function of
+    :mod:`ctperf.workflow`) on every study of ``args.study`` into ``args.out``, with a
+    progress bar; prints the summary and one line per failed study; returns the exit code
+    (1 when a study failed)."""
+    import dataclasses
+    import sys
+
+    from ctperf.workflow.cohort import run_cohort_folder
+
+    summary = run_cohort_folder(args.study, args.out, task,
+                                dataclasses.replace(options, progress=False),
+                                scheduler=args.scheduler, workers=args.workers, progress=True)
+    for line in summary.failure_lines():
+        print(f"ctperf {args.command}: {line}", file=sys.stderr)
+    print(summary.text())
+    return summary.exit_code
 
 
 def add_brain_mask_option(parser: Any) -> None:

@@ -32,7 +32,7 @@ from typing import Any
 from ctperf.errors import CTPerfError, InputError
 
 __all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_studies",
-           "load_manifest", "options_hash", "run_cohort", "worker_count"]
+           "load_manifest", "options_hash", "run_cohort", "run_cohort_folder", "worker_count"]
 
 log = logging.getLogger(__name__)
 
@@ -406,3 +406,26 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
     return CohortSummary(done=tuple(sorted(done, key=order.__getitem__)), skipped=skipped,
                          failed=dict(sorted(failed.items(), key=lambda kv: order[kv[0]])),
                          manifest=root / MANIFEST, seconds=time.monotonic() - started)
+
+
+def run_cohort_folder(cohort: _PathLike, out: _PathLike, task: Task, options: Any, *,
+                      scheduler: str | None = None, workers: int | None = None,
+                      progress: bool = False) -> CohortSummary:
+    """Check ``out``, find the studies of ``cohort`` and run ``task`` on them.
+
+    ``out`` must not be, hold or lie inside ``cohort``, and must be new, empty, a ctperf
+    output or hold a manifest (:func:`ctperf.io.check_output` ``kind="extend"``); then
+    :func:`discover_studies` and :func:`run_cohort` with the same keywords. A ``workers``
+    field of ``options`` (threads inside one study) is set to 1 when several studies run at
+    once, so that the workers do not compete for the same cores.
+    """
+    from ctperf.io import check_output
+
+    check_output(out, inputs=(cohort,), kind="extend", owned_by=(MANIFEST,))
+    studies = discover_studies(cohort)
+    parallel = scheduler is not None or worker_count(len(studies), workers) > 1
+    if parallel and dataclasses.is_dataclass(options) and not isinstance(options, type) and any(
+            f.name == "workers" for f in dataclasses.fields(options)):
+        options = dataclasses.replace(options, workers=1)
+    return run_cohort(studies, out, task, options, scheduler=scheduler, workers=workers,
+                      progress=progress)
