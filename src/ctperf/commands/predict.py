@@ -10,9 +10,12 @@ from ctperf.commands import (
     add_anonymise_option,
     add_batch_size_option,
     add_brain_mask_option,
+    add_cohort_options,
     add_device_option,
     add_overwrite_option,
     add_study_options,
+    add_workers_option,
+    run_cohort_command,
 )
 
 __all__ = ["ORDER", "predict_options", "register", "run"]
@@ -26,8 +29,10 @@ def register(subparsers: Any) -> None:
         description="Run a trained U-Net on every slice of a study (DICOM folder or 4D NIfTI) "
                     "and write the maps in physical units as OUT/<name>.nii.gz plus "
                     "OUT/summary.json.")
-    p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
-    p.add_argument("out", type=Path, help="output folder (replaced whole when done)")
+    p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study (with --cohort: a "
+                                            "folder of studies)")
+    p.add_argument("out", type=Path, help="output folder (replaced whole when done; with "
+                                          "--cohort: OUT/<study>/ each)")
     add_overwrite_option(p)
     p.add_argument("--model", type=Path, required=True, help="checkpoint (model.pt or best.pt)")
     p.add_argument("--dicom", action="store_true", help="also write DICOM maps in OUT/dicom")
@@ -38,6 +43,8 @@ def register(subparsers: Any) -> None:
                    help="resample slices of another size to the model's training size")
     add_device_option(p, what="the U-Net's forward passes")
     add_batch_size_option(p, default=4, what="slices per forward pass")
+    add_cohort_options(p)
+    add_workers_option(p, what="with --cohort, studies predicted")
     p.set_defaults(func=run)
 
 
@@ -55,5 +62,7 @@ def predict_options(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from ctperf.workflow import predict_study
 
+    if args.cohort:
+        return run_cohort_command(args, predict_study, predict_options(args))
     print(predict_study(args.study, args.out, predict_options(args)).message)
     return 0
