@@ -51,28 +51,15 @@ def volume_text(lesions: Mapping[str, Any], name: str) -> str:
     return f"{value:.1f} mL" if sd is None else f"{value:.1f} +- {sd:.1f} mL"
 
 
-def _threshold_label(entry: Any) -> str:
-    """A lesion threshold as text: its ``label``, or the entry itself when it is text."""
-    return str(entry["label"]) if isinstance(entry, Mapping) else str(entry)
-
-
-def _tmax_threshold(entry: Any) -> str:
-    """The Tmax threshold of a lesion (``"6.0 s"``): its ``tmax_above_s`` number, or the number
-    after ``>`` in a summary that writes the threshold as text (``"Tmax > 6.0 s"``)."""
-    if isinstance(entry, Mapping):
-        return f"{entry['tmax_above_s']} s"
-    return str(entry).split(">")[-1].strip()
-
-
 def _summary_lines(prov: Mapping[str, Any]) -> list[str]:
     les = prov["lesions"]
     mr = les["mismatch_ratio"]
     vol = {k: volume_text(les, k) for k in ("core", "hypoperfused", "penumbra", "tmax10")}
     lines = [f"method {prov['method']}   rho {prov['constants']['rho_g_per_ml']}   "
              f"kH {prov['constants']['kh']}",
-             f"core {vol['core']}  ({_threshold_label(les['thresholds']['core'])})",
+             f"core {vol['core']}  ({les['thresholds']['core']['label']})",
              f"hypoperfused {vol['hypoperfused']}  "
-             f"(Tmax > {_tmax_threshold(les['thresholds']['hypoperfused'])})",
+             f"(Tmax > {les['thresholds']['hypoperfused']['tmax_above_s']} s)",
              f"penumbra {vol['penumbra']}   Tmax>10 s {vol['tmax10']}",
              f"mismatch ratio {'-' if mr is None else f'{mr:.1f}'}",
              "outlines: magenta core, white Tmax > threshold", "QC:"]
