@@ -52,7 +52,10 @@ def test_demo_tiny_writes_every_output(tmp_path):
 
 
 def test_demo_rejects_bad_size(tmp_path, capsys):
-    assert main(["demo", str(tmp_path / "d"), "--size", "0"]) == 2
+    with pytest.raises(SystemExit) as exc:  # refused while parsing, like every other number
+        main(["demo", str(tmp_path / "d"), "--size", "0"])
+    assert exc.value.code == 2
+    assert "--size" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
 
 

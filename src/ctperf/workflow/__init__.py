@@ -5,6 +5,7 @@ import this package."""
 
 from ctperf.workflow.analysis import analyse_study
 from ctperf.workflow.convert import ConvertOptions, convert_study
+from ctperf.workflow.demo import DemoOptions, run_demo
 from ctperf.workflow.references import REFERENCE_MAPS, nlr_references
 from ctperf.workflow.study import (
     MapsOptions,
@@ -20,6 +21,7 @@ from ctperf.workflow.study import (
 __all__ = [
     "REFERENCE_MAPS",
     "ConvertOptions",
+    "DemoOptions",
     "MapsOptions",
     "PredictOptions",
     "PreprocessOptions",
@@ -30,5 +32,6 @@ __all__ = [
     "nlr_references",
     "predict_study",
     "preprocess_study",
+    "run_demo",
     "write_maps_outputs",
 ]
