@@ -17,12 +17,12 @@ from scipy import ndimage
 
 from ctperf.errors import CTPerfError
 from ctperf.perfusion import (
-    analyse_study,
     assess_vof,
     correct_partial_volume,
     run_perfusion,
 )
 from ctperf.types import CTPSeries
+from ctperf.workflow import analyse_study
 
 RHO, KH = 1.04, 0.733
 FINE = 0.05  # s, simulation grid

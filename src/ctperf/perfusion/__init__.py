@@ -34,7 +34,6 @@ from ctperf.perfusion.lesions import (
     segment_lesions,
 )
 from ctperf.perfusion.maps import METHODS, SD_MAPS, PerfusionResult, compute_maps, run_perfusion
-from ctperf.perfusion.pipeline import analyse_study
 from ctperf.perfusion.qc import qc_flags
 from ctperf.perfusion.svd import SVDResult, svd_deconvolve
 
@@ -53,7 +52,6 @@ __all__ = [
     "SVDResult",
     "VesselCurve",
     "VofCheck",
-    "analyse_study",
     "assess_vof",
     "bandlimit",
     "bolus_arrival_frame",

@@ -60,7 +60,8 @@ def _summary_lines(prov: Mapping[str, Any]) -> list[str]:
              f"core {vol['core']}  ({les['thresholds']['core']['label']})",
              f"hypoperfused {vol['hypoperfused']}  "
              f"(Tmax > {les['thresholds']['hypoperfused']['tmax_above_s']} s)",
-             f"penumbra {vol['penumbra']}   Tmax>10 s {vol['tmax10']}",
+             f"penumbra {vol['penumbra']}   "
+             f"Tmax>{les['thresholds']['tmax10']['tmax_above_s']:g} s {vol['tmax10']}",
              f"mismatch ratio {'-' if mr is None else f'{mr:.1f}'}",
              "outlines: magenta core, white Tmax > threshold", "QC:"]
     raised = [k for k, v in prov["qc"].items() if v["flag"]]

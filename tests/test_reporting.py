@@ -1,0 +1,119 @@
+"""``ctperf.reporting``: the one table of display windows, map titles and the maps overview."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from ctperf.perfusion import run_perfusion
+from ctperf.reporting import (
+    DISPLAY_WINDOWS,
+    display_window,
+    html_table,
+    map_title,
+    maps_overview,
+    markdown_tables_to_html,
+    radiological_flips,
+    volume_text,
+)
+from ctperf.types import MAP_UNITS
+from test_perfusion_pipeline import synthetic_study
+
+
+def test_reporting_imports_no_matplotlib():
+    # Figures import matplotlib when drawn: importing the package (as `ctperf --help` and
+    # ctperf.evaluation do) stays light.
+    code = "import sys, ctperf.reporting; sys.exit('matplotlib' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_display_windows_fixed_and_study_relative():
+    assert display_window("cbf") == (0.0, 80.0)
+    assert display_window("tmax", np.array([100.0])) == DISPLAY_WINDOWS["tmax"]  # values unused
+    # TTP has no fixed window: the 2nd to 98th percentile of the values shown, NaN ignored
+    values = np.concatenate([np.arange(101, dtype=float), [np.nan]])
+    assert display_window("ttp", values) == pytest.approx((2.0, 98.0), abs=1e-12)  # exact
+    assert display_window("cbf_sd", values) == pytest.approx((2.0, 98.0), abs=1e-12)
+    with pytest.raises(ValueError, match="ttp"):
+        display_window("ttp")
+
+
+def test_map_titles_carry_the_units_of_the_types():
+    assert map_title("cbf") == "CBF mL/100g/min"
+    assert map_title("tmax") == "Tmax s"
+    for name, unit in MAP_UNITS.items():
+        assert map_title(name).endswith(f" {unit}")
+    assert map_title("cbf", unit="mL/min/100g") == "CBF mL/min/100g"
+    assert map_title("other") == "other"
+
+
+def test_radiological_flips():
+    # RAS: columns running to the patient's right and rows running anterior would show the
+    # patient's right on the viewer's right and anterior at the bottom: both flipped
+    assert radiological_flips(np.diag([0.5, 0.5, 5.0, 1.0])) == (True, True)
+    # columns running to the patient's left and rows running posterior (DICOM's usual order):
+    # already radiological
+    assert radiological_flips(np.diag([-0.5, -0.5, 5.0, 1.0])) == (False, False)
+    # a transposed slice (columns along y): neither rule applies
+    swapped = np.array([[0, 0.5, 0, 0], [0.5, 0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 1.0]])
+    assert radiological_flips(swapped) == (False, False)
+
+
+def test_volume_text_with_and_without_sd():
+    lesions = {"volumes_ml": {"core": 12.34, "hypoperfused": 40.0}}
+    assert volume_text(lesions, "core") == "12.3 mL"
+    lesions["volumes_sd_ml"] = {"core": 1.44}
+    assert volume_text(lesions, "core") == "12.3 +- 1.4 mL"
+    assert volume_text(lesions, "hypoperfused") == "40.0 mL"
+
+
+def test_html_tables_escape_and_format():
+    page = html_table(["a", "b"], [["<x>", 0.0001], ["y", float("nan")]])
+    assert "&lt;x&gt;" in page and "<x>" not in page
+    assert "<td>1.0e-04</td>" in page  # would print as 0.000
+    assert "<td>n/a</td>" in page
+    converted = markdown_tables_to_html("intro\n\n| m | v |\n|---|---|\n| cbf | 1.5 |\n")
+    assert '<p class="note">intro</p>' in converted
+    assert '<td class="t">cbf</td><td class="t">1.5</td>' in converted
+
+
+@pytest.fixture(scope="module")
+def overview():
+    series, _ = synthetic_study(np.random.default_rng(7), noise=5.0)
+    result = run_perfusion(series, method="bsvd")
+    fig = maps_overview(result, title="overview")
+    yield result, fig
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+
+
+def test_overview_windows_and_titles_from_the_table(overview):
+    result, fig = overview
+    maps = result.maps
+    columns = {}
+    for ax in fig.axes:
+        if ax.images and ax.get_title():
+            columns[ax.get_title()] = ax.images[0].get_clim()
+    names = [n for n in ("cbf", "cbv", "mtt", "tmax", "ttp") if n in maps]
+    assert set(columns) == {map_title(n) for n in names}
+    for name in names:
+        shown = columns[map_title(name)]
+        if DISPLAY_WINDOWS[name] is not None:
+            assert shown == DISPLAY_WINDOWS[name]
+        else:  # the study's own range over brain tissue outside vessels
+            vals = maps[name][result.brain & ~result.vessels]
+            expected = np.nanpercentile(vals, [2, 98])
+            np.testing.assert_allclose(shown, expected, rtol=1e-6)  # float32 clim round-off
+
+
+def test_overview_states_the_lesion_thresholds(overview):
+    result, fig = overview
+    text = "\n".join(t.get_text() for ax in fig.axes for t in ax.texts)
+    th = result.maps.provenance["lesions"]["thresholds"]
+    assert f"Tmax > {th['hypoperfused']['tmax_above_s']} s" in text
+    assert th["core"]["label"] in text
+    assert f"Tmax>{th['tmax10']['tmax_above_s']:g} s" in text
