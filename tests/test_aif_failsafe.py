@@ -238,7 +238,7 @@ def test_skullless_study_without_vein_within_target(method, caplog):
     """No VOF in view: maps computed from the AIF as measured, said in provenance and log."""
     series, truth = skullless_study(np.random.default_rng(2), times=T1, noise=10.0,
                                     residue="box")
-    with caplog.at_level(logging.WARNING, logger="ctperf.perfusion.maps"):
+    with caplog.at_level(logging.WARNING, logger="ctperf.perfusion.inputs"):
         result, _ = analyse_study(series, method=method, register=False, filter=True)
     prov = result.maps.provenance
     assert prov["partial_volume"]["corrected"] is False

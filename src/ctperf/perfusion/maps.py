@@ -1,16 +1,13 @@
 """From a CTP series to perfusion maps: the whole model-based pipeline in one call.
 
-:func:`run_perfusion` reads like its table of contents: check the series, find the bolus arrival,
-mask the brain, subtract baselines, choose AIF and VOF (or take the given ones), correct the AIF
-for partial volume, fit or deconvolve every brain voxel, assemble maps, segment lesions and raise
-QC flags. :func:`compute_maps` returns only the maps.
+:func:`run_perfusion` reads like its table of contents: check the inputs, find the bolus
+arrival, mask the brain, subtract baselines, take or choose the AIF and VOF and correct the AIF
+for partial volume (:mod:`ctperf.perfusion.inputs`), mark vessels, fit or deconvolve every brain
+voxel, assemble the maps, raise QC flags, record the provenance and segment lesions. Each step is
+a small function of this module. :func:`compute_maps` returns only the maps.
 
-The partial-volume correction only ever enlarges the AIF. An automatic VOF that
-:func:`~ctperf.perfusion.aif.assess_vof` finds implausible (peaking no later than the AIF, lost in
-noise, or holding clearly less area than the AIF) is dropped with a logged warning and the maps
-are computed from the AIF as measured; a VOF the user gave (curve or mask) that fails the same
-checks is refused with an error, since the user asked for that vein. The provenance's
-``partial_volume`` entry and the ``no_vof`` QC flag record which happened.
+The provenance's ``partial_volume`` entry and the ``no_vof`` QC flag record whether the AIF was
+corrected for partial volume, and why not.
 
 Frames need not be evenly spaced. Baseline, arrival, AIF/VOF choice and TTP work on the frames as
 acquired; the fits see tissue and AIF linearly interpolated onto a uniform grid at the finest
@@ -20,7 +17,6 @@ SVD methods do not fall back to a coarser median step.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +25,6 @@ from scipy import ndimage
 
 from ctperf import masks
 from ctperf.errors import ValidationError
-from ctperf.perfusion.aif import VesselCurve, assess_vof, select_aif, select_vof
 from ctperf.perfusion.bayes import fit_bayes
 from ctperf.perfusion.boxnlr import fit_box_nlr
 from ctperf.perfusion.curves import (
@@ -37,6 +32,13 @@ from ctperf.perfusion.curves import (
     resample,
     time_to_peak,
     uniform_grid,
+)
+from ctperf.perfusion.inputs import (
+    CurveOrigin,
+    arterial_input,
+    partial_volume,
+    venous_output,
+    vessel_info,
 )
 from ctperf.perfusion.lesions import (
     THRESHOLDS_ONLY,
@@ -49,8 +51,6 @@ from ctperf.perfusion.svd import svd_deconvolve
 from ctperf.types import MAP_UNITS, CTPSeries, PerfusionMaps
 
 __all__ = ["METHODS", "SD_MAPS", "PerfusionResult", "compute_maps", "run_perfusion"]
-
-log = logging.getLogger(__name__)
 
 METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes")
 #: Posterior standard deviations written beside the maps by ``bayes``.
@@ -81,15 +81,6 @@ class PerfusionResult:
     aif: np.ndarray
     vof: np.ndarray | None
     times: np.ndarray
-
-
-@dataclass(frozen=True)
-class _Origin:
-    """Where a vessel curve came from: ``source`` is "given curve", "mask", "automatic" (then
-    ``selection`` holds the voxels chosen), "none" or "none found"."""
-
-    source: str
-    selection: VesselCurve | None = None
 
 
 def run_perfusion(
@@ -159,25 +150,30 @@ def run_perfusion(
     _check_inputs(series, method=method, vessel_series=vessel_series)
     hu, t, spacing = series.hu, series.times, series.spacing
     vhu = hu if vessel_series is None else vessel_series.hu
+
     n_base, bone_rim = _bolus_baseline(vhu, spacing=spacing)
     base = hu[:n_base].mean(axis=0)
     brain, search = _brain(base, brain_mask, spacing=spacing)
     enh, venh = _enhancement(hu, vhu, search, base=base, n_base=n_base)
+
     # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
     # are resampled: spikes, dips and raised tails that are not the bolus.
     bony = bone_rim[search]
-    aif_raw, aif_from = _arterial_input(aif, aif_mask, vhu, venh, t, n_base=n_base,
-                                        exclude=bony)
-    vof_curve, vof_from = _venous_output(vof, vof_mask, vhu, venh, t, n_base=n_base,
-                                         exclude=bony, aif_given=aif is not None, aif=aif_raw)
-    aif_used, pv_info = _partial_volume(aif_raw, vof_curve, vof_from.source, t, n_base)
+    aif_raw, aif_from = arterial_input(aif, aif_mask, vhu, venh, t, n_base=n_base,
+                                       exclude=bony)
+    vof_curve, vof_from = venous_output(vof, vof_mask, vhu, venh, t, n_base=n_base,
+                                        exclude=bony, aif=aif_raw,
+                                        aif_curve_given=aif is not None)
+    aif_used, pv_info = partial_volume(aif_raw, vof_curve, vof_from, t, n_base=n_base)
     vof_used = vof_curve if pv_info["corrected"] else None
+
     tissue = enh[:, brain[search]]  # (T, N): every brain voxel
     vessels = _vessels(brain, venh[:, brain[search]], aif_raw, vessel_fraction)
     del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
     values, grid = _fit(method, tissue, aif_used, t, rho=rho, kh=kh, brain=brain,
                         spacing=spacing, device=device, progress=progress)
     maps, units = _assemble(values, brain)
+
     flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm, spacing=spacing,
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
@@ -267,53 +263,6 @@ def _enhancement(hu: np.ndarray, vhu: np.ndarray, search: np.ndarray, *, base: n
     return enh, venh
 
 
-def _arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.ndarray,
-                    venh: np.ndarray, t: np.ndarray, *, n_base: int,
-                    exclude: np.ndarray) -> tuple[np.ndarray, _Origin]:
-    """The measured AIF (T,) HU: the given curve, the mean of the given mask, or ctperf's
-    choice."""
-    if aif is not None:
-        curve, origin = np.asarray(aif, dtype=np.float64), _Origin("given curve")
-        if curve.shape != (t.size,):
-            raise ValidationError(f"aif must have shape ({t.size},), got {curve.shape}")
-    elif aif_mask is not None:
-        curve, origin = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), _Origin("mask")
-    else:
-        sel = select_aif(venh, t, exclude=exclude)
-        curve, origin = sel.curve, _Origin("automatic", sel)
-    if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
-        raise ValidationError(
-            f"the AIF ({origin.source}) has no positive area: its curve sits below its "
-            "pre-bolus baseline, as when the head moved between the baseline and the bolus; "
-            "correct motion first (--preprocess) or give an AIF mask (--aif-mask)")
-    return curve, origin
-
-
-def _venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.ndarray,
-                   venh: np.ndarray, t: np.ndarray, *, n_base: int, exclude: np.ndarray,
-                   aif_given: bool, aif: np.ndarray) -> tuple[np.ndarray | None, _Origin]:
-    """The VOF (T,) HU: the given curve, the mean of the given mask, ctperf's choice, or None
-    (with a given AIF curve and no VOF, or when no vein qualifies)."""
-    if vof is not None:
-        curve = np.asarray(vof, dtype=np.float64)
-        if curve.shape != (t.size,):
-            raise ValidationError(f"vof must have shape ({t.size},), got {curve.shape}")
-        return curve, _Origin("given curve")
-    if vof_mask is not None:
-        return _curve_from_mask(vhu, vof_mask, n_base, "VOF"), _Origin("mask")
-    if aif_given:
-        return None, _Origin("none")
-    aif_ttp = float(t[np.argmax(aif)] - t[0])
-    noise_sd = _voxel_noise_sd(venh[:, ::7], n_base)
-    try:
-        sel = select_vof(venh, t, aif_ttp=aif_ttp, exclude=exclude, noise_sd=noise_sd)
-    except ValidationError as exc:
-        log.warning("%s; the AIF is not corrected for partial volume, so CBF and CBV "
-                    "may be overestimated", exc)
-        return None, _Origin("none found")
-    return sel.curve, _Origin("automatic", sel)
-
-
 def _vessels(brain: np.ndarray, peaks_of: np.ndarray, aif: np.ndarray,
              vessel_fraction: float) -> np.ndarray:
     """Brain voxels (bool (Z, Y, X)) whose enhancement ``peaks_of`` (T, N brain voxels) peaks
@@ -396,8 +345,8 @@ def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
 
 
 def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.ndarray | None,
-                n_base: int, aif: tuple[_Origin, np.ndarray, np.ndarray],
-                vof: tuple[_Origin, np.ndarray | None, np.ndarray | None],
+                n_base: int, aif: tuple[CurveOrigin, np.ndarray, np.ndarray],
+                vof: tuple[CurveOrigin, np.ndarray | None, np.ndarray | None],
                 pv_info: dict[str, Any], search: np.ndarray, brain: np.ndarray,
                 vessels: np.ndarray, flags: dict[str, Any]) -> dict[str, Any]:
     """What was done, with which constants and curves: JSON-ready. ``aif`` is (origin,
@@ -413,9 +362,9 @@ def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.n
         "times_s": t.tolist(),
         "fit_grid_step_s": None if grid is None else float(grid[1] - grid[0]),
         "baseline_frames": n_base,
-        "aif": {**_vessel_info(aif_from, coords, aif_used), "pv_factor": pv_info["factor"],
+        "aif": {**vessel_info(aif_from, coords, aif_used), "pv_factor": pv_info["factor"],
                 "measured_hu": np.round(aif_raw, 3).tolist()},
-        "vof": {**_vessel_info(vof_from, coords, vof_curve), "used": vof_used is not None},
+        "vof": {**vessel_info(vof_from, coords, vof_curve), "used": vof_used is not None},
         "partial_volume": pv_info,
         "brain_voxels": int(brain.sum()),
         "vessel_voxels": int(vessels.sum()),
@@ -446,65 +395,3 @@ def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, share: float = 0.25,
     rel = c - np.median(c[: min(3, c.shape[0])], axis=0)
     arrival = np.argmax(rel > 0.2 * rel.max(axis=0), axis=0)
     return max(1, int(np.percentile(arrival, percentile)) - 1)
-
-
-def _vessel_info(origin: _Origin, coords: np.ndarray, curve: np.ndarray | None
-                 ) -> dict[str, Any]:
-    """A vessel curve's source, values (HU) and, when chosen automatically, voxels (z, y, x);
-    ``coords`` (3, N) are the searched voxels' indices."""
-    info: dict[str, Any] = {"source": origin.source}
-    if curve is not None:
-        info["curve_hu"] = np.round(np.asarray(curve, dtype=np.float64), 3).tolist()
-    if origin.selection is not None:
-        info["voxels_zyx"] = coords[:, origin.selection.indices].T.tolist()
-    return info
-
-
-def _curve_from_mask(hu: np.ndarray, region: np.ndarray, n_base: int, what: str) -> np.ndarray:
-    if region.shape != hu.shape[1:]:
-        raise ValidationError(f"{what} mask shape {region.shape} differs from the study grid "
-                              f"{hu.shape[1:]} (Z, Y, X)")
-    if not region.any():
-        raise ValidationError(f"{what} mask is empty")
-    c = hu[:, region].astype(np.float64)
-    return (c - c[:n_base].mean(axis=0)).mean(axis=1)
-
-
-def _voxel_noise_sd(curves: np.ndarray, n_base: int) -> float:
-    """Median noise SD (HU) of single-voxel curves (T, N): pre-bolus SD when there are three or
-    more baseline frames, never below the SD implied by the median absolute second difference."""
-    c = np.asarray(curves, dtype=np.float64)
-    sd = float(np.median(1.4826 * np.median(np.abs(np.diff(c, n=2, axis=0)), axis=0)
-                         / np.sqrt(6.0)))
-    if n_base >= 3:
-        sd = max(sd, float(np.median(c[:n_base].std(axis=0, ddof=1))))
-    return sd
-
-
-def _partial_volume(aif_raw: np.ndarray, vof: np.ndarray | None, vof_src: str, t: np.ndarray,
-                    n_base: int) -> tuple[np.ndarray, dict[str, Any]]:
-    """The AIF to use and what was done about partial volume (for the provenance).
-
-    A VOF that :func:`assess_vof` rejects is refused with an error when the user gave it (they
-    asked for that vein explicitly), and dropped with a warning when it was chosen
-    automatically: the maps are then computed from the AIF as measured.
-    """
-    if vof is None:
-        reason = ("no VOF found" if vof_src == "none found" else "no VOF given with the AIF curve")
-        return aif_raw, {"corrected": False, "factor": None, "reason": reason}
-    check = assess_vof(aif_raw, vof, t, n_baseline=n_base)
-    info: dict[str, Any] = {"area_ratio": None if not np.isfinite(check.ratio)
-                            else round(check.ratio, 4), "snr": round(min(check.snr, 1e6), 2)}
-    if not check.ok:
-        if vof_src != "automatic":
-            raise ValidationError(
-                f"the given VOF ({vof_src}) cannot correct the AIF for partial volume: "
-                f"{check.reason}; give a VOF mask on a large vein (e.g. the superior sagittal "
-                "sinus), or none")
-        log.warning("automatic VOF rejected (%s); the AIF is not corrected for partial volume, "
-                    "so CBF and CBV may be overestimated", check.reason)
-        return aif_raw, {**info, "corrected": False, "factor": None,
-                         "reason": f"automatic VOF rejected: {check.reason}"}
-    return aif_raw * check.factor, {**info, "corrected": True, "factor": check.factor,
-                                    "reason": "AIF area scaled to the VOF's" if check.factor > 1
-                                    else "VOF area agrees with the AIF's: no scaling"}

@@ -1,0 +1,206 @@
+"""The arterial input and venous output of a study, as :func:`~ctperf.perfusion.run_perfusion`
+takes them.
+
+Each curve is given (a (T,) curve in HU enhancement), averaged over a given mask, or chosen by
+ctperf (:func:`~ctperf.perfusion.select_aif`, :func:`~ctperf.perfusion.select_vof`). The
+partial-volume correction only ever enlarges the AIF. An automatic VOF that
+:func:`~ctperf.perfusion.assess_vof` finds implausible (peaking no later than the AIF, lost in
+noise, or holding clearly less area than the AIF) is dropped with a logged warning and the maps
+are computed from the AIF as measured; a VOF the user gave (curve or mask) that fails the same
+checks is refused with an error, since the user asked for that vein.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ctperf.errors import ValidationError
+from ctperf.perfusion.aif import VesselCurve, assess_vof, select_aif, select_vof
+
+__all__ = ["CurveOrigin", "arterial_input", "partial_volume", "venous_output", "vessel_info"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CurveOrigin:
+    """Where a vessel curve came from: ``source`` is "given curve", "mask", "automatic" (then
+    ``selection`` holds the voxels chosen), "none" or "none found"."""
+
+    source: str
+    selection: VesselCurve | None = None
+
+
+def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.ndarray,
+                   venh: np.ndarray, t: np.ndarray, *, n_base: int,
+                   exclude: np.ndarray) -> tuple[np.ndarray, CurveOrigin]:
+    """The measured AIF: the given curve, the mean of the given mask, or ctperf's choice.
+
+    Parameters
+    ----------
+    aif : ndarray, shape (T,), optional
+        A given curve, HU enhancement.
+    aif_mask : ndarray of bool, shape (Z, Y, X), optional
+        Voxels to average (baseline subtracted) when no curve is given.
+    vhu : ndarray, shape (T, Z, Y, X)
+        The study in which vessels are measured, HU.
+    venh : ndarray, shape (T, N)
+        Enhancement (HU) of the N searched voxels of ``vhu``, for the automatic choice.
+    t : ndarray, shape (T,)
+        Frame times, s.
+    n_base : int
+        Pre-bolus frames.
+    exclude : ndarray of bool, shape (N,)
+        Searched voxels never chosen (next to bone).
+
+    Returns
+    -------
+    curve : ndarray, shape (T,)
+        HU enhancement, with a positive area.
+    origin : CurveOrigin
+    """
+    if aif is not None:
+        curve, origin = np.asarray(aif, dtype=np.float64), CurveOrigin("given curve")
+        if curve.shape != (t.size,):
+            raise ValidationError(f"aif must have shape ({t.size},), got {curve.shape}")
+    elif aif_mask is not None:
+        curve, origin = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), CurveOrigin("mask")
+    else:
+        sel = select_aif(venh, t, exclude=exclude)
+        curve, origin = sel.curve, CurveOrigin("automatic", sel)
+    if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
+        raise ValidationError(
+            f"the AIF ({origin.source}) has no positive area: its curve sits below its "
+            "pre-bolus baseline, as when the head moved between the baseline and the bolus; "
+            "correct motion first (--preprocess) or give an AIF mask (--aif-mask)")
+    return curve, origin
+
+
+def venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.ndarray,
+                  venh: np.ndarray, t: np.ndarray, *, n_base: int, exclude: np.ndarray,
+                  aif: np.ndarray, aif_curve_given: bool
+                  ) -> tuple[np.ndarray | None, CurveOrigin]:
+    """The VOF: the given curve, the mean of the given mask, ctperf's choice, or none.
+
+    Parameters
+    ----------
+    vof, vof_mask, vhu, venh, t, n_base, exclude
+        As for :func:`arterial_input`.
+    aif : ndarray, shape (T,)
+        The measured AIF: an automatic VOF must peak after it.
+    aif_curve_given : bool
+        The AIF was given as a curve: without a VOF curve or mask, none is looked for.
+
+    Returns
+    -------
+    curve : ndarray, shape (T,), or None
+        HU enhancement; None with a given AIF curve alone, or when no vein qualifies (logged).
+    origin : CurveOrigin
+    """
+    if vof is not None:
+        curve = np.asarray(vof, dtype=np.float64)
+        if curve.shape != (t.size,):
+            raise ValidationError(f"vof must have shape ({t.size},), got {curve.shape}")
+        return curve, CurveOrigin("given curve")
+    if vof_mask is not None:
+        return _curve_from_mask(vhu, vof_mask, n_base, "VOF"), CurveOrigin("mask")
+    if aif_curve_given:
+        return None, CurveOrigin("none")
+    aif_ttp = float(t[np.argmax(aif)] - t[0])
+    noise_sd = _voxel_noise_sd(venh[:, ::7], n_base)
+    try:
+        sel = select_vof(venh, t, aif_ttp=aif_ttp, exclude=exclude, noise_sd=noise_sd)
+    except ValidationError as exc:
+        log.warning("%s; the AIF is not corrected for partial volume, so CBF and CBV "
+                    "may be overestimated", exc)
+        return None, CurveOrigin("none found")
+    return sel.curve, CurveOrigin("automatic", sel)
+
+
+def partial_volume(aif: np.ndarray, vof: np.ndarray | None, vof_origin: CurveOrigin,
+                   t: np.ndarray, *, n_base: int) -> tuple[np.ndarray, dict[str, Any]]:
+    """The AIF to use and what was done about partial volume (for the provenance).
+
+    A VOF that :func:`~ctperf.perfusion.assess_vof` rejects is refused with an error when the
+    user gave it (they asked for that vein explicitly), and dropped with a warning when it was
+    chosen automatically: the maps are then computed from the AIF as measured.
+
+    Parameters
+    ----------
+    aif : ndarray, shape (T,)
+        The measured AIF, HU enhancement.
+    vof : ndarray, shape (T,), optional
+        The VOF, HU enhancement.
+    vof_origin : CurveOrigin
+        Where the VOF came from.
+    t : ndarray, shape (T,)
+        Frame times, s.
+    n_base : int
+        Pre-bolus frames.
+
+    Returns
+    -------
+    aif : ndarray, shape (T,)
+        Scaled up to the VOF's area, or as measured.
+    info : dict
+        ``corrected``, ``factor`` (None when not corrected), ``reason`` and, with a VOF,
+        ``area_ratio`` and ``snr``.
+    """
+    if vof is None:
+        reason = ("no VOF found" if vof_origin.source == "none found"
+                  else "no VOF given with the AIF curve")
+        return aif, {"corrected": False, "factor": None, "reason": reason}
+    check = assess_vof(aif, vof, t, n_baseline=n_base)
+    info: dict[str, Any] = {"area_ratio": None if not np.isfinite(check.ratio)
+                            else round(check.ratio, 4), "snr": round(min(check.snr, 1e6), 2)}
+    if not check.ok:
+        if vof_origin.source != "automatic":
+            raise ValidationError(
+                f"the given VOF ({vof_origin.source}) cannot correct the AIF for partial "
+                f"volume: {check.reason}; give a VOF mask on a large vein (e.g. the superior "
+                "sagittal sinus), or none")
+        log.warning("automatic VOF rejected (%s); the AIF is not corrected for partial volume, "
+                    "so CBF and CBV may be overestimated", check.reason)
+        return aif, {**info, "corrected": False, "factor": None,
+                     "reason": f"automatic VOF rejected: {check.reason}"}
+    return aif * check.factor, {**info, "corrected": True, "factor": check.factor,
+                                "reason": "AIF area scaled to the VOF's" if check.factor > 1
+                                else "VOF area agrees with the AIF's: no scaling"}
+
+
+def vessel_info(origin: CurveOrigin, coords: np.ndarray, curve: np.ndarray | None
+                ) -> dict[str, Any]:
+    """A vessel curve's source, values (HU, rounded) and, when chosen automatically, voxels
+    (z, y, x); ``coords`` (3, N) are the indices of the N searched voxels."""
+    info: dict[str, Any] = {"source": origin.source}
+    if curve is not None:
+        info["curve_hu"] = np.round(np.asarray(curve, dtype=np.float64), 3).tolist()
+    if origin.selection is not None:
+        info["voxels_zyx"] = coords[:, origin.selection.indices].T.tolist()
+    return info
+
+
+def _curve_from_mask(hu: np.ndarray, region: np.ndarray, n_base: int, what: str) -> np.ndarray:
+    """Mean enhancement (T,) HU of the voxels of ``region`` (Z, Y, X)."""
+    if region.shape != hu.shape[1:]:
+        raise ValidationError(f"{what} mask shape {region.shape} differs from the study grid "
+                              f"{hu.shape[1:]} (Z, Y, X)")
+    if not region.any():
+        raise ValidationError(f"{what} mask is empty")
+    c = hu[:, region].astype(np.float64)
+    return (c - c[:n_base].mean(axis=0)).mean(axis=1)
+
+
+def _voxel_noise_sd(curves: np.ndarray, n_base: int) -> float:
+    """Median noise SD (HU) of single-voxel curves (T, N): pre-bolus SD when there are three or
+    more baseline frames, never below the SD implied by the median absolute second difference."""
+    c = np.asarray(curves, dtype=np.float64)
+    sd = float(np.median(1.4826 * np.median(np.abs(np.diff(c, n=2, axis=0)), axis=0)
+                         / np.sqrt(6.0)))
+    if n_base >= 3:
+        sd = max(sd, float(np.median(c[:n_base].std(axis=0, ddof=1))))
+    return sd
