@@ -27,6 +27,7 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -82,9 +83,11 @@ def cv(out: Path, *, targets: list[str], reference: str, preset: str, folds: int
     from ctperf.model.train import PRESETS
 
     cohort = out / "filtered"
-    opts = {**PRESETS[preset], **overrides}
-    size, frames = int(opts.pop("size")), int(opts.pop("frames"))
-    pre_size = int(opts.pop("pretrain_size", 0))
+    config = replace(PRESETS[preset], targets=tuple(targets), seed=seed, device="cpu",
+                     **overrides)
+    size, frames = config.size, config.frames
+    pre_size = config.pretrain_size if config.pretrain_epochs > 0 else 0
+    opts = asdict(config)
     torch.set_num_threads(2)
     cache = build_slice_cache(cohort, out / "cache", size=size, frames=frames,
                               reference=reference)
@@ -94,8 +97,7 @@ def cv(out: Path, *, targets: list[str], reference: str, preset: str, folds: int
     if run.exists():
         shutil.rmtree(run)
     t0 = time.perf_counter()
-    rows = cross_validate(cache, run, folds=folds, seed=seed, targets=tuple(targets),
-                          pretrain_cache=pre, device="cpu", **opts)
+    rows = cross_validate(cache, run, config, folds=folds, pretrain_cache=pre)
     seconds = time.perf_counter() - t0
     names = [TARGET_MAPS[t] for t in targets]
     got: dict[str, list[list[np.ndarray]]] = {n: [[], [], []] for n in names}

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ctperf.errors import ValidationError
-from ctperf.model import build_slice_cache, cross_validate, format_table, make_folds
+from ctperf.model import TrainConfig, build_slice_cache, cross_validate, format_table, make_folds
 from test_model_data import make_cohort
 
 IDS = [f"p{i:02d}" for i in range(11)]
@@ -102,9 +102,9 @@ def test_paper_mse_per_channel_equals_pooled_mse_at_unit_scale(tmp_path: Path):
 def test_cross_validate_writes_table(tmp_path: Path):
     cohort = make_cohort(tmp_path / "cohort", subjects=4, seed=2, size=16, frames=8)
     cache = build_slice_cache(cohort, tmp_path / "cache", size=16, frames=8)
-    rows = cross_validate(cache, tmp_path / "cv", folds=2, seed=0, test_patients=["sub-0003"],
-                          targets=["cbv", "ttp"], epochs=1, width=2, depth=2, batch_size=2,
-                          lr=1e-3, device="cpu")
+    config = TrainConfig(targets=("cbv", "ttp"), epochs=1, width=2, depth=2, batch_size=2,
+                         lr=1e-3, seed=0, device="cpu")
+    rows = cross_validate(cache, tmp_path / "cv", config, folds=2, test_patients=["sub-0003"])
     assert [r["fold"] for r in rows] == [1, 2]
     assert all(r["n_train"] + r["n_val"] == 3 for r in rows)
     assert all(0 < r["val_mse"] < 1 and 0 < r["test_mse"] < 1 for r in rows)

@@ -13,6 +13,7 @@ from ctperf.errors import InputError, ValidationError
 from ctperf.io import read_maps, read_nifti_series
 from ctperf.model import (
     TARGET_WINDOWS,
+    TrainConfig,
     build_slice_cache,
     load_checkpoint,
     predict_maps,
@@ -27,9 +28,10 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("predict")
     cohort = make_cohort(root / "cohort", subjects=2, seed=3, size=16, frames=12)
     cache = build_slice_cache(cohort, root / "cache", size=16, frames=6)
-    result = train(cache, root / "run", train_patients=["sub-0000"], val_patients=["sub-0001"],
-                   targets=["cbf", "delay"], epochs=1, width=2, depth=2, batch_size=2,
-                   device="cpu")
+    config = TrainConfig(targets=("cbf", "delay"), epochs=1, width=2, depth=2, batch_size=2,
+                         device="cpu")
+    result = train(cache, root / "run", config, train_patients=["sub-0000"],
+                   val_patients=["sub-0001"])
     return cohort, result.model_path
 
 
@@ -108,7 +110,7 @@ def test_other_version_and_other_shapes_fail_clearly(trained, tmp_path: Path):
 def test_cli_train_cv_predict(tmp_path: Path, capsys):
     cohort = make_cohort(tmp_path / "cohort", subjects=3, seed=4, size=16, frames=8)
     small = ["--reference", "truth", "--epochs", "1", "--pretrain-epochs", "0", "--width", "2",
-             "--depth", "2", "--batch", "2", "--device", "cpu"]
+             "--depth", "2", "--batch-size", "2", "--device", "cpu"]
     assert main(["train", str(cohort), str(tmp_path / "run"), "--target", "cbv", *small]) == 0
     assert "final train MSE" in capsys.readouterr().out
     assert (cohort / ".ctperf-cache").is_dir()

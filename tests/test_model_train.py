@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,10 +11,10 @@ import pytest
 import torch
 
 from ctperf.errors import InputError, ValidationError
-from ctperf.model import UNet, build_slice_cache, load_checkpoint, masked_mse, train
+from ctperf.model import TrainConfig, UNet, build_slice_cache, load_checkpoint, masked_mse, train
 from test_model_data import make_cohort
 
-TINY = {"width": 4, "depth": 3, "batch_size": 2, "lr": 1e-3, "device": "cpu"}
+TINY = TrainConfig(width=4, depth=3, batch_size=2, lr=1e-3, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -57,10 +58,10 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(caches, tmp_path: Path):
     full, small = caches
-    kw = {**TINY, "train_patients": ["sub-0000", "sub-0002"], "val_patients": ["sub-0001"],
-          "epochs": 2, "pretrain_cache": small, "pretrain_epochs": 2, "seed": 3,
-          "augment": True}
-    straight = train(full, tmp_path / "straight", **kw)
+    config = replace(TINY, epochs=2, pretrain_epochs=2, seed=3, augment=True)
+    kw = {"train_patients": ["sub-0000", "sub-0002"], "val_patients": ["sub-0001"],
+          "pretrain_cache": small}
+    straight = train(full, tmp_path / "straight", config, **kw)
 
     class Killed(Exception):
         pass
@@ -70,9 +71,9 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(caches, tmp_path: Path)
             raise Killed
 
     with pytest.raises(Killed):
-        train(full, tmp_path / "resumed", on_epoch=kill_after_3, **kw)
+        train(full, tmp_path / "resumed", config, on_epoch=kill_after_3, **kw)
     assert not (tmp_path / "resumed" / "model.pt").exists()
-    resumed = train(full, tmp_path / "resumed", resume=True, **kw)
+    resumed = train(full, tmp_path / "resumed", config, resume=True, **kw)
     a, b = _weights(straight.model_path), _weights(resumed.model_path)
     assert a.keys() == b.keys()
     for name in a:
@@ -87,24 +88,24 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(caches, tmp_path: Path)
 
 def test_kill_at_stage_boundary_resumes_exactly(caches, tmp_path: Path):
     full, small = caches
-    kw = {**TINY, "train_patients": ["sub-0000"], "val_patients": ["sub-0001"], "epochs": 1,
-          "pretrain_cache": small, "pretrain_epochs": 1, "seed": 5}
-    straight = train(full, tmp_path / "a", **kw)
+    config = replace(TINY, epochs=1, pretrain_epochs=1, seed=5)
+    kw = {"train_patients": ["sub-0000"], "val_patients": ["sub-0001"], "pretrain_cache": small}
+    straight = train(full, tmp_path / "a", config, **kw)
 
     def kill(row):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        train(full, tmp_path / "b", on_epoch=kill, **kw)
-    resumed = train(full, tmp_path / "b", resume=True, **kw)
+        train(full, tmp_path / "b", config, on_epoch=kill, **kw)
+    resumed = train(full, tmp_path / "b", config, resume=True, **kw)
     a, b = _weights(straight.model_path), _weights(resumed.model_path)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_checkpoint_holds_states_and_loads_weights_only(caches, tmp_path: Path):
     full, _ = caches
-    result = train(full, tmp_path, train_patients=["sub-0000"], val_patients=["sub-0001"],
-                   epochs=1, **TINY)
+    result = train(full, tmp_path, replace(TINY, epochs=1), train_patients=["sub-0000"],
+                   val_patients=["sub-0001"])
     last = torch.load(tmp_path / "last.pt", weights_only=True)
     assert {"model", "optimizer", "scheduler", "rng", "config", "history"} <= set(last)
     assert last["config"]["hu_std"] > 0 and last["config"]["windows"] == {"cbv": [0.0, 10.0]}
@@ -114,15 +115,22 @@ def test_checkpoint_holds_states_and_loads_weights_only(caches, tmp_path: Path):
 def test_guards(caches, tmp_path: Path):
     full, _ = caches
     with pytest.raises(ValidationError, match="both training and validation"):
-        train(full, tmp_path, train_patients=["sub-0000"], val_patients=["sub-0000"], **TINY)
-    train(full, tmp_path, train_patients=["sub-0000"], epochs=1, **TINY)
+        train(full, tmp_path, TINY, train_patients=["sub-0000"], val_patients=["sub-0000"])
+    one = replace(TINY, epochs=1)
+    train(full, tmp_path, one, train_patients=["sub-0000"])
     with pytest.raises(InputError, match="already holds a training run"):
-        train(full, tmp_path, train_patients=["sub-0000"], epochs=1, **TINY)
+        train(full, tmp_path, one, train_patients=["sub-0000"])
     with pytest.raises(InputError, match=r"cannot resume with different settings.*width"):
-        train(full, tmp_path, train_patients=["sub-0000"], epochs=2, resume=True,
-              **{**TINY, "width": 8})
+        train(full, tmp_path, replace(TINY, epochs=2, width=8), train_patients=["sub-0000"],
+              resume=True)
     with pytest.raises(ValidationError, match="target 'bogus' is not in the cache"):
-        train(full, tmp_path / "x", train_patients=["sub-0000"], targets=["bogus"], **TINY)
+        train(full, tmp_path / "x", replace(TINY, targets=("bogus",)),
+              train_patients=["sub-0000"])
+    with pytest.raises(ValidationError, match="the config asks for size 64, the cache has 32"):
+        train(full, tmp_path / "y", replace(TINY, size=64), train_patients=["sub-0000"])
+    with pytest.raises(ValidationError, match="needs a pretrain_cache"):
+        train(full, tmp_path / "z", replace(TINY, pretrain_epochs=1),
+              train_patients=["sub-0000"])
 
 
 @pytest.mark.slow
@@ -135,8 +143,10 @@ def test_ddp_under_torchrun_on_cpu(caches, tmp_path: Path):
     code = (
         "from ctperf.model import open_slice_cache, train\n"
         f"c = open_slice_cache({str(full.path)!r})\n"
-        f"train(c, {str(tmp_path / 'ddp')!r}, train_patients=['sub-0000', 'sub-0002'], "
-        "val_patients=['sub-0001'], epochs=2, width=4, depth=3, batch_size=1, device='cpu')\n")
+        "from ctperf.model import TrainConfig\n"
+        f"train(c, {str(tmp_path / 'ddp')!r}, TrainConfig(epochs=2, width=4, depth=3, "
+        "batch_size=1, device='cpu'), train_patients=['sub-0000', 'sub-0002'], "
+        "val_patients=['sub-0001'])\n")
     script = tmp_path / "ddp_train.py"
     script.write_text(code)
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -152,11 +162,11 @@ def test_ddp_under_torchrun_on_cpu(caches, tmp_path: Path):
 
 def test_baseline_input_is_recorded_and_old_configs_still_load(caches, tmp_path: Path):
     from ctperf.model import build_model, predict_maps
-    from ctperf.model.train import PRESETS, preset_train_options
+    from ctperf.model.train import PRESETS, preset
 
     full, _ = caches
-    result = train(full, tmp_path / "b", train_patients=["sub-0000"], epochs=1,
-                   baseline_frames=2, contrast_hu=10.0, **TINY)
+    result = train(full, tmp_path / "b", replace(TINY, epochs=1, baseline_frames=2,
+                                                  contrast_hu=10.0), train_patients=["sub-0000"])
     cfg = load_checkpoint(result.model_path)["config"]
     _, std = full.input_stats(["sub-0000"])
     assert cfg["baseline_frames"] == 2
@@ -166,20 +176,21 @@ def test_baseline_input_is_recorded_and_old_configs_still_load(caches, tmp_path:
     net = build_model(old)
     assert net.config["baseline_frames"] == 0 and net.config["contrast_gain"] == 1.0
     # and resuming a run from such a checkpoint is not refused as a change of settings
-    plain = train(full, tmp_path / "p", train_patients=["sub-0000"], epochs=1, **TINY)
+    plain = train(full, tmp_path / "p", replace(TINY, epochs=1), train_patients=["sub-0000"])
     ckpt = torch.load(tmp_path / "p" / "last.pt", weights_only=True)
     for k in ("baseline_frames", "contrast_gain"):
         del ckpt["config"][k]
     torch.save(ckpt, tmp_path / "p" / "last.pt")
-    resumed = train(full, tmp_path / "p", train_patients=["sub-0000"], epochs=1, resume=True,
-                    **TINY)
+    resumed = train(full, tmp_path / "p", replace(TINY, epochs=1), train_patients=["sub-0000"],
+                    resume=True)
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in plain.history]
-    # the presets name train() options only (size, frames and pretraining size go to the cache)
-    for name in PRESETS:
-        opts = preset_train_options(name)
-        assert not {"size", "frames", "pretrain_size"} & set(opts)
-    assert PRESETS["paper"]["width"] == 64 and PRESETS["paper"]["lr"] == 1e-5
-    assert PRESETS["paper"]["baseline_frames"] == 0 and PRESETS["cpu"]["baseline_frames"] > 0
+    # the presets: the paper's network on the studies' own grid, and the narrow CPU one
+    assert preset("paper") is PRESETS["paper"] and preset("cpu") is PRESETS["cpu"]
+    paper, cpu = PRESETS["paper"], PRESETS["cpu"]
+    assert (paper.width, paper.lr, paper.pretrain_epochs, paper.size) == (64, 1e-5, 250, None)
+    assert paper.baseline_frames == 0 and cpu.baseline_frames > 0 and cpu.size == 64
+    with pytest.raises(ValidationError, match="unknown preset"):
+        preset("gpu")
     from ctperf.io import read_nifti_series
 
     series = read_nifti_series(next(Path(full.meta["cohort"]).glob("sub-*")) / "study.nii.gz")
@@ -190,12 +201,12 @@ def test_baseline_input_is_recorded_and_old_configs_still_load(caches, tmp_path:
 def test_bf16_autocast_path_runs_on_cpu(caches, tmp_path: Path):
     # the mixed-precision branch used on GPUs, exercised with CPU bf16 autocast
     full, _ = caches
-    result = train(full, tmp_path, train_patients=["sub-0000"], val_patients=["sub-0001"],
-                   epochs=1, amp="bf16", **TINY)
+    result = train(full, tmp_path, replace(TINY, epochs=1, amp="bf16"),
+                   train_patients=["sub-0000"], val_patients=["sub-0001"])
     row = result.history[0]
     assert 0 < row["train_loss"] < 1 and 0 < row["val_loss"] < 1
     with pytest.raises(ValidationError, match="amp must be"):
-        train(full, tmp_path / "x", train_patients=["sub-0000"], epochs=1, amp="fp8", **TINY)
+        replace(TINY, amp="fp8")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
@@ -204,6 +215,10 @@ def test_cuda_without_gpu_is_a_clear_error():
 
     with pytest.raises(ValidationError, match="no CUDA device"):
         resolve_device("cuda")
+    with pytest.raises(ValidationError, match="'cuda:1' asked for but torch sees no CUDA"):
+        resolve_device("cuda:1")
+    with pytest.raises(ValidationError, match="unknown device"):
+        resolve_device("warp-drive")
     assert resolve_device("auto").type == "cpu"
 
 
@@ -252,3 +267,16 @@ def test_contrast_gain_scales_the_enhancement_not_the_baseline():
     torch.testing.assert_close(xa, base + gain * (x - base), atol=1e-5, rtol=0)
     torch.testing.assert_close(xa[:, :2].mean(dim=1, keepdim=True), base, atol=1e-5, rtol=0)
     torch.testing.assert_close(ya, y, atol=1e-5, rtol=0)  # perfusion does not change
+
+
+def test_config_is_frozen_validated_and_replaced():
+    config = TrainConfig(targets=["cbv", "cbf"], betas=[0.8, 0.9])
+    assert config.targets == ("cbv", "cbf") and config.betas == (0.8, 0.9)  # lists kept as tuples
+    with pytest.raises(AttributeError):
+        config.epochs = 3  # type: ignore[misc]
+    assert replace(config, epochs=3).epochs == 3 and config.epochs == 50
+    bad = [({"schedule": "step"}, "schedule"), ({"contrast_hu": 0.0}, "contrast_hu"),
+           ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"targets": ()}, "targets")]
+    for change, match in bad:
+        with pytest.raises(ValidationError, match=match):
+            replace(config, **change)

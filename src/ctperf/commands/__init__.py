@@ -110,10 +110,11 @@ def add_device_option(parser: Any, *, what: str) -> None:
                              "CPU), cpu, cuda or cuda:N [%(default)s]")
 
 
-def add_batch_size_option(parser: Any, *, default: int, what: str) -> None:
-    """``--batch-size N``: slices per optimiser step or per forward pass (``what``)."""
+def add_batch_size_option(parser: Any, *, default: int | None, what: str) -> None:
+    """``--batch-size N``: slices per optimiser step or per forward pass (``what``); None: no
+    default of its own (``what`` says where the value comes from)."""
     parser.add_argument("--batch-size", type=positive_int, default=default, metavar="N",
-                        help=f"{what} [%(default)s]")
+                        help=what if default is None else f"{what} [%(default)s]")
 
 
 def add_workers_option(parser: Any, *, what: str) -> None:

@@ -21,7 +21,8 @@ def register(subparsers: Any) -> None:
                     "save the per-fold train and validation MSE on [0, 1] maps, mean +- SD, as "
                     "OUT/table1.csv and OUT/table1.md.")
     add_training_arguments(p)
-    p.add_argument("--folds", type=count(2), default=3, help="number of folds K, >= 2 [3]")
+    p.add_argument("--folds", type=count(2), default=3,
+                   help="number of folds K, >= 2 [%(default)s]")
     p.set_defaults(func=run)
 
 
@@ -31,15 +32,11 @@ def run(args: argparse.Namespace) -> int:
 
     check_run_folder(args, owned_by=("fold-0", "table1.csv"))
     from ctperf.model import cross_validate, format_table  # torch: once OUT is known usable
-    cache, pretrain, options = prepare(args)
+    cache, pretrain, config = prepare(args)
     mark_output(args.out)
-    options.pop("pretrain_cache")
-    targets = options.pop("targets")
-    resume = options.pop("resume")
-    progress = options.pop("progress")
-    rows = cross_validate(cache, args.out, folds=args.folds, seed=args.seed,
-                          test_patients=read_id_list(args.test), targets=targets,
-                          pretrain_cache=pretrain, resume=resume, progress=progress, **options)
-    print(format_table(rows, target="+".join(targets)), end="")
+    rows = cross_validate(cache, args.out, config, folds=args.folds,
+                          test_patients=read_id_list(args.test), pretrain_cache=pretrain,
+                          resume=args.resume, progress=True)
+    print(format_table(rows, target="+".join(config.targets)), end="")
     print(f"saved {args.out / 'table1.csv'} and {args.out / 'table1.md'}")
     return 0

@@ -11,60 +11,117 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import count, fraction, positive_float, positive_int, seed
+from ctperf.commands import (
+    add_batch_size_option,
+    add_device_option,
+    count,
+    fraction,
+    positive_float,
+    positive_int,
+    seed,
+)
 
 __all__ = ["ORDER", "add_training_arguments", "check_run_folder", "prepare", "read_id_list",
-           "register", "run"]
+           "register", "run", "train_config"]
 
 ORDER = 60
 TARGETS = ("cbv", "cbf", "ttp", "delay", "mtt", "tmax")
-logger = logging.getLogger(__name__)
+#: The names of :data:`ctperf.model.PRESETS` (a test keeps them equal; torch stays unimported).
+PRESETS = ("paper", "cpu")
+log = logging.getLogger(__name__)
 
 
 def add_training_arguments(p: argparse.ArgumentParser) -> None:
-    """Options shared by ``train`` and ``cv`` (defaults are the paper's)."""
+    """Options shared by ``train`` and ``cv``: ``--preset`` chooses the base configuration
+    (:data:`ctperf.model.PRESETS`) and the options given explicitly override it."""
     p.add_argument("cohort", type=Path, help="cohort folder (phantom or UniToBrain layout)")
     p.add_argument("out", type=Path, help="output folder")
-    p.add_argument("--target", nargs="+", choices=TARGETS, default=["cbv"],
-                   help="map(s) to learn; several give one multi-output model; 'ttp' is the "
-                        "tissue time to peak (the paper's TTP), 'delay' the box model's delay")
+    p.add_argument("--preset", choices=PRESETS, default="paper",
+                   help="base configuration: 'paper' (the published network and schedule on the "
+                        "studies' own grid and frames, a GPU job) or 'cpu' (a narrow network on "
+                        "small slices of fewer frames, for a CPU); the options below override "
+                        "it [%(default)s]")
+    p.add_argument("--target", nargs="+", choices=TARGETS, default=None,
+                   help="map(s) to learn (default: the preset's); several give one multi-output "
+                        "model; 'ttp' is the tissue time to peak (the paper's TTP), 'delay' the "
+                        "box model's delay")
     p.add_argument("--reference", choices=("nlr", "truth"), default="nlr",
-                   help="target maps: box-model NLR (cached in sub-*/nlr) or the phantom's truth")
+                   help="target maps: box-model NLR (cached in sub-*/nlr) or the phantom's truth "
+                        "[%(default)s]")
     p.add_argument("--frames", type=positive_int, default=None,
-                   help="input frames t (default: all frames of the first study)")
+                   help="input frames t (default: the preset's; all frames of the first study "
+                        "with 'paper')")
     p.add_argument("--frame-mode", choices=("subsample", "resample"), default="subsample",
                    help="'subsample': arange(0, T, floor(T/t))[:t] as the authors; "
-                        "'resample': interpolate onto a grid of --frame-interval s")
-    p.add_argument("--frame-interval", type=positive_float, default=None,
-                   help="grid step in s")
+                        "'resample': interpolate onto a grid of --resample-interval s "
+                        "[%(default)s]")
+    p.add_argument("--resample-interval", type=positive_float, default=None, metavar="SECONDS",
+                   help="grid step of --frame-mode resample, in s")
     p.add_argument("--size", type=positive_int, default=None,
-                   help="training slice size (default: the studies' own, 512 in the paper)")
-    p.add_argument("--pretrain-size", type=positive_int, default=128, help="pretraining size [128]")
-    p.add_argument("--pretrain-epochs", type=count(0), default=250,
-                   help="pretraining epochs [250]; skipped when --pretrain-size >= --size")
-    p.add_argument("--epochs", type=positive_int, default=50, help="epochs at full size [50]")
-    p.add_argument("--width", type=positive_int, default=64, help="filters at the first level [64]")
-    p.add_argument("--depth", type=positive_int, default=5, help="resolution levels [5]")
-    p.add_argument("--kernel", type=positive_int, default=2,
-                   help="convolution kernel [2]; 3 for 3 x 3")
-    p.add_argument("--norm", choices=("none", "batch", "group"), default="none",
-                   help="normalisation after each convolution [none, as the paper]")
-    p.add_argument("--batch", type=positive_int, default=8, help="batch size [8]")
-    p.add_argument("--lr", type=positive_float, default=1e-5, help="Adam learning rate [1e-5]")
-    p.add_argument("--plateau-patience", type=count(0), default=10,
-                   help="epochs without validation improvement before the LR is halved [10]")
+                   help="training slice size (default: the preset's; the studies' own with "
+                        "'paper')")
+    p.add_argument("--pretrain-size", type=count(0), default=None,
+                   help="pretraining slice size (default: the preset's)")
+    p.add_argument("--pretrain-epochs", type=count(0), default=None,
+                   help="pretraining epochs (default: the preset's); skipped when "
+                        "--pretrain-size >= --size")
+    p.add_argument("--epochs", type=positive_int, default=None,
+                   help="epochs at full size (default: the preset's)")
+    p.add_argument("--width", type=positive_int, default=None,
+                   help="filters at the first level (default: the preset's)")
+    p.add_argument("--depth", type=positive_int, default=None,
+                   help="resolution levels (default: the preset's)")
+    p.add_argument("--kernel", type=positive_int, default=None,
+                   help="convolution kernel, 3 for 3 x 3 (default: the preset's)")
+    p.add_argument("--norm", choices=("none", "batch", "group"), default=None,
+                   help="normalisation after each convolution (default: the preset's)")
+    add_batch_size_option(p, default=None,
+                          what="slices per optimiser step (default: the preset's)")
+    p.add_argument("--lr", type=positive_float, default=None,
+                   help="Adam learning rate (default: the preset's)")
+    p.add_argument("--plateau-patience", type=count(0), default=None,
+                   help="epochs without validation improvement before the plateau schedule "
+                        "lowers the learning rate (default: the preset's)")
     p.add_argument("--whole-slice-loss", action="store_true",
                    help="MSE over the whole slice instead of the brain mask")
-    p.add_argument("--augment", action="store_true", help="flips, small rotations, noise")
+    p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
+                   help="flips, small rotations, noise (default: the preset's)")
     p.add_argument("--test", type=Path, default=None,
                    help="text file of held-out patient ids (one per line), never trained on")
     p.add_argument("--cache", type=Path, default=None,
-                   help="slice cache folder [COHORT/.ctperf-cache]")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+                   help="slice cache folder (default: COHORT/.ctperf-cache)")
+    add_device_option(p, what="training and evaluation")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
-                   help="autocast (auto: bf16/fp16 on CUDA, none on CPU)")
-    p.add_argument("--seed", type=seed, default=0, help="random seed [0]")
+                   help="autocast (auto: bf16/fp16 on CUDA, none on CPU) [%(default)s]")
+    p.add_argument("--seed", type=seed, default=0,
+                   help="random seed of the weights, slice order, augmentation and patient "
+                        "split [%(default)s]")
     p.add_argument("--resume", action="store_true", help="continue the run in OUT")
+
+
+#: --option dest -> TrainConfig field, for the options that override the preset when given.
+_OVERRIDES = {"target": "targets", "frames": "frames", "size": "size",
+              "pretrain_size": "pretrain_size", "pretrain_epochs": "pretrain_epochs",
+              "epochs": "epochs", "width": "width", "depth": "depth", "kernel": "kernel_size",
+              "norm": "norm", "batch_size": "batch_size", "lr": "lr",
+              "plateau_patience": "plateau_patience", "augment": "augment"}
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The :class:`ctperf.model.TrainConfig` of the command line: the preset, with the options
+    given explicitly in its place."""
+    from dataclasses import replace
+
+    from ctperf.model import preset
+
+    changes: dict[str, Any] = {field: getattr(args, dest) for dest, field in _OVERRIDES.items()
+                               if getattr(args, dest) is not None}
+    if "targets" in changes:
+        changes["targets"] = tuple(changes["targets"])
+    if args.whole_slice_loss:
+        changes["masked_loss"] = False
+    return replace(preset(args.preset), **changes, device=args.device, amp=args.amp,
+                   seed=args.seed)
 
 
 def read_id_list(path: Path | None) -> list[str]:
@@ -92,32 +149,32 @@ def check_run_folder(args: argparse.Namespace, *, owned_by: tuple[str, ...]) -> 
         raise InputError(args.out, "is the slice cache folder (--cache); choose another output")
 
 
-def prepare(args: argparse.Namespace) -> tuple[Any, Any, dict[str, Any]]:
-    """Build the slice caches and the keyword arguments of :func:`ctperf.model.train`."""
+def prepare(args: argparse.Namespace) -> tuple[Any, Any, Any]:
+    """The slice caches (final size, pretraining or None) and the run's
+    :class:`ctperf.model.TrainConfig`."""
+    from dataclasses import replace
+
+    from ctperf.errors import ValidationError
     from ctperf.model import build_slice_cache
 
+    config = train_config(args)
     cache_root = args.cache or args.cohort / ".ctperf-cache"
     common = {"reference": args.reference, "frame_mode": args.frame_mode,
-              "frame_interval": args.frame_interval, "progress": True}
-    cache = build_slice_cache(args.cohort, cache_root, size=args.size, frames=args.frames,
+              "frame_interval": args.resample_interval, "progress": True}
+    cache = build_slice_cache(args.cohort, cache_root, size=config.size, frames=config.frames,
                               **common)
+    config = replace(config, size=cache.size, frames=cache.n_frames)
+    if config.pretrain_epochs > 0 and config.pretrain_size >= cache.size:
+        log.warning("pretraining skipped: --pretrain-size %d is not below the training size "
+                    "%d", config.pretrain_size, cache.size)
+        config = replace(config, pretrain_epochs=0)
+    if config.pretrain_epochs > 0 and config.pretrain_size < 1:
+        raise ValidationError("--pretrain-epochs needs a --pretrain-size of 1 or more")
     pretrain = None
-    epochs_pre = args.pretrain_epochs
-    if epochs_pre > 0 and args.pretrain_size >= cache.size:
-        logger.warning("pretraining skipped: --pretrain-size %d is not below the training size "
-                       "%d", args.pretrain_size, cache.size)
-        epochs_pre = 0
-    if epochs_pre > 0:
-        pretrain = build_slice_cache(args.cohort, cache_root, size=args.pretrain_size,
+    if config.pretrain_epochs > 0:
+        pretrain = build_slice_cache(args.cohort, cache_root, size=config.pretrain_size,
                                      frames=cache.n_frames, **common)
-    options = {"targets": args.target, "epochs": args.epochs, "pretrain_cache": pretrain,
-               "pretrain_epochs": epochs_pre, "width": args.width, "depth": args.depth,
-               "kernel_size": args.kernel, "norm": args.norm, "batch_size": args.batch,
-               "lr": args.lr, "plateau_patience": args.plateau_patience,
-               "masked_loss": not args.whole_slice_loss, "augment": args.augment,
-               "device": args.device, "amp": args.amp, "resume": args.resume,
-               "progress": True}
-    return cache, pretrain, options
+    return cache, pretrain, config
 
 
 def register(subparsers: Any) -> None:
@@ -128,7 +185,8 @@ def register(subparsers: Any) -> None:
                     "and log.csv.")
     add_training_arguments(p)
     p.add_argument("--val-fraction", type=fraction, default=0.2,
-                   help="fraction of patients (drawn with --seed) used for validation [0.2]")
+                   help="fraction of patients (drawn with --seed) used for validation "
+                        "[%(default)s]")
     p.set_defaults(func=run)
 
 
@@ -142,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValidationError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     check_run_folder(args, owned_by=("last.pt",))
     from ctperf.model import train  # torch: only once the arguments are known to be usable
-    cache, _, options = prepare(args)
+    cache, pretrain, config = prepare(args)
     test = set(read_id_list(args.test))
     pool = sorted(set(cache.patient_ids) - test)
     order = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
@@ -151,10 +209,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValidationError(f"{len(pool)} patients leave none for training")
     val, tr = sorted(order[:n_val]), sorted(order[n_val:])
     mark_output(args.out)
-    result = train(cache, args.out, train_patients=tr, val_patients=val, seed=args.seed,
-                   **options)
+    result = train(cache, args.out, config, train_patients=tr, val_patients=val,
+                   pretrain_cache=pretrain, resume=args.resume, progress=True)
     last = result.history[-1]
-    print(f"trained {'+'.join(args.target)} on {len(tr)} patients ({len(val)} validation): "
+    print(f"trained {'+'.join(config.targets)} on {len(tr)} patients ({len(val)} validation): "
           f"final train MSE {last['train_loss']:.4f}, validation MSE {last['val_loss']:.4f} "
           f"-> {result.model_path}")
     return 0

@@ -20,10 +20,11 @@ from ctperf.model.normalise import (
 from ctperf.model.predict import predict_maps
 from ctperf.model.train import (
     PRESETS,
+    TrainConfig,
     TrainResult,
     evaluate_mse,
     masked_mse,
-    preset_train_options,
+    preset,
     resolve_device,
     train,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "TARGET_MAPS",
     "TARGET_WINDOWS",
     "SliceCache",
+    "TrainConfig",
     "TrainResult",
     "UNet",
     "build_model",
@@ -57,7 +59,7 @@ __all__ = [
     "normalise_input",
     "open_slice_cache",
     "predict_maps",
-    "preset_train_options",
+    "preset",
     "resample_frames",
     "resolve_device",
     "save_checkpoint",

@@ -23,10 +23,11 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.model.data import SliceCache
+from ctperf.model.train import TrainConfig
 
 __all__ = ["cross_validate", "format_table", "make_folds", "paper_scale"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def make_folds(patients: Sequence[str], *, k: int = 3, seed: int = 0,
@@ -100,15 +101,15 @@ def format_table(rows: Sequence[dict[str, Any]], *, target: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def cross_validate(cache: SliceCache, out: str | Path, *, folds: int = 3, seed: int = 0,
-                   test_patients: Sequence[str] = (), targets: Sequence[str] = ("cbv",),
+def cross_validate(cache: SliceCache, out: str | Path, config: TrainConfig | None = None, *,
+                   folds: int = 3, test_patients: Sequence[str] = (),
                    pretrain_cache: SliceCache | None = None, resume: bool = False,
-                   progress: bool = False, **train_options: Any) -> list[dict[str, Any]]:
+                   progress: bool = False) -> list[dict[str, Any]]:
     """Train one model per fold in ``out/fold-<k>`` and write Table 1 as CSV and Markdown.
 
     Train and validation MSE are evaluated after training with the final weights in eval mode,
-    on [0, 1] maps over the brain mask (or all voxels with ``masked_loss=False``); with a test list
-    the test MSE of each fold's model is reported as well.
+    on [0, 1] maps over the brain mask (or all voxels when ``config.masked_loss`` is False); with
+    a test list the test MSE of each fold's model is reported as well.
 
     Parameters
     ----------
@@ -116,9 +117,12 @@ def cross_validate(cache: SliceCache, out: str | Path, *, folds: int = 3, seed: 
         Slices at the final size.
     out : path
         Output folder: ``fold-<k>/`` per fold, ``table1.csv``, ``table1.md``.
-    folds, seed, test_patients
-        See :func:`make_folds`; ``seed`` also seeds each fold's training.
-    targets, pretrain_cache, resume, progress, **train_options
+    config : TrainConfig, optional
+        Settings of every fold's training (:func:`ctperf.model.train`; default
+        ``TrainConfig()``); ``config.seed`` also draws the folds.
+    folds, test_patients
+        See :func:`make_folds`.
+    pretrain_cache, resume, progress
         Passed to :func:`ctperf.model.train`.
 
     Returns
@@ -133,18 +137,20 @@ def cross_validate(cache: SliceCache, out: str | Path, *, folds: int = 3, seed: 
     from ctperf.model.train import evaluate_mse, resolve_device, train
 
     out = Path(out)
-    device = resolve_device(train_options.get("device", "auto"))
+    config = config or TrainConfig()
+    device = resolve_device(config.device)
+    targets = config.targets
     rows: list[dict[str, Any]] = []
-    for i, (tr, va) in enumerate(make_folds(cache.patient_ids, k=folds, seed=seed,
+    for i, (tr, va) in enumerate(make_folds(cache.patient_ids, k=folds, seed=config.seed,
                                             test_patients=test_patients), start=1):
-        logger.info("fold %d/%d: %d train, %d validation patients", i, folds, len(tr), len(va))
+        log.info("fold %d/%d: %d train, %d validation patients", i, folds, len(tr), len(va))
         fold_dir = out / f"fold-{i}"
         done = (fold_dir / "model.pt").exists() and resume
         result_path = fold_dir / "model.pt"
         if not done:
-            result_path = train(cache, fold_dir, train_patients=tr, val_patients=va,
-                                targets=targets, pretrain_cache=pretrain_cache, seed=seed,
-                                resume=resume, progress=progress, **train_options).model_path
+            result_path = train(cache, fold_dir, config, train_patients=tr, val_patients=va,
+                                pretrain_cache=pretrain_cache, resume=resume,
+                                progress=progress).model_path
         ckpt = load_checkpoint(result_path)
         model = build_model(ckpt["config"])
         model.load_state_dict(ckpt["model"])

@@ -35,10 +35,10 @@ from ctperf.model.checkpoint import build_model, load_checkpoint, save_checkpoin
 from ctperf.model.data import SliceCache
 from ctperf.model.normalise import TARGET_MAPS, TARGET_WINDOWS
 
-__all__ = ["PRESETS", "TrainResult", "evaluate_mse", "masked_mse", "preset_train_options",
+__all__ = ["PRESETS", "TrainConfig", "TrainResult", "evaluate_mse", "masked_mse", "preset",
            "resolve_device", "train"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds")
 # Settings that must match for a resumed run to be the same run.
@@ -50,30 +50,131 @@ _KEY_DEFAULTS: dict[str, Any] = {"baseline_frames": 0, "contrast_gain": 1.0,
                                  "schedule": "plateau", "augment_gain": 0.0,
                                  "augment_degrees": 10.0, "augment_noise": 0.05}
 _SCHEDULES = ("plateau", "cosine")
+_AMPS = ("auto", "none", "bf16", "fp16")
 
-#: Named settings. Keys are :func:`train` options, plus the slice cache's ``size`` and ``frames``
-#: and the pretraining cache's ``pretrain_size`` (:func:`preset_train_options` drops those three).
-#: ``paper``: the published network and schedule (a GPU job). ``cpu``: a narrower network that
-#: learns from baseline-subtracted frames in minutes on a laptop CPU (docs/results_unet_phantom.md).
-PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"size": 512, "frames": 89, "pretrain_size": 128, "pretrain_epochs": 250,
-              "epochs": 50, "width": 64, "depth": 5, "kernel_size": 2, "norm": "none",
-              "batch_size": 8, "lr": 1e-5, "schedule": "plateau", "plateau_patience": 10,
-              "masked_loss": True, "augment": False, "augment_gain": 0.0, "baseline_frames": 0},
-    "cpu": {"size": 64, "frames": 30, "pretrain_size": 0, "pretrain_epochs": 0,
-            "epochs": 25, "width": 12, "depth": 4, "kernel_size": 2, "norm": "batch",
-            "batch_size": 8, "lr": 1e-3, "schedule": "cosine", "masked_loss": True,
-            "augment": True, "augment_gain": 0.5, "augment_degrees": 0.0, "augment_noise": 0.0,
-            "baseline_frames": 4, "contrast_hu": 20.0},
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training run: slice caches, architecture, optimiser, schedule,
+    augmentation, seed and device. Frozen; derive variants with :func:`dataclasses.replace`
+    (``replace(PRESETS["cpu"], epochs=5)``), which validates them again.
+
+    Attributes
+    ----------
+    targets : tuple of str
+        Target names (``cbv``, ``cbf``, ``ttp``, ``delay``, ``mtt``, ``tmax``); several give one
+        multi-output model.
+    size, frames : int or None
+        The slice cache to train on (:func:`ctperf.model.build_slice_cache`): slice size in
+        pixels and input frames; None: the studies' own (512 and 89 in the paper). ``train``
+        checks that the cache it is given matches them when they are set.
+    pretrain_size, pretrain_epochs : int
+        Down-sampled slices and epochs to train on them first (128 x 128, 250 in the paper);
+        0 epochs: no pretraining.
+    epochs : int
+        Epochs at the final size (50 in the paper's fine-tuning).
+    width, depth, kernel_size, norm
+        Architecture (:class:`ctperf.model.UNet`).
+    batch_size, lr, betas, plateau_factor, plateau_patience
+        Adam and ReduceLROnPlateau settings (paper: 8, 1e-5, (0.9, 0.999)).
+    schedule : {"plateau", "cosine"}
+        Learning-rate schedule within each stage: ``plateau`` (the paper) multiplies it by
+        ``plateau_factor`` when the validation loss stalls; ``cosine`` anneals it from ``lr`` to
+        0 over the stage's epochs (better for short runs with a fixed budget).
+    masked_loss : bool
+        Restrict the MSE to the brain mask.
+    augment : bool
+        Flips, small rotations and input noise (off in the paper).
+    augment_degrees, augment_noise : float
+        With ``augment``, the largest rotation in degrees and the SD of the noise added to the
+        standardised inputs.
+    augment_gain : float
+        With ``augment``, the enhancement over the baseline (mean of the first
+        ``baseline_frames`` frames, or the first frame) is multiplied by ``exp(u)``, ``u``
+        uniform in +-``augment_gain``: a different injection with the same perfusion.
+    baseline_frames : int
+        0 (the paper): the network sees the standardised frames. ``k > 0``: it sees the mean of
+        the first ``k`` input frames and every later frame's enhancement over it
+        (:class:`ctperf.model.UNet`), in units of ``contrast_hu`` HU.
+    contrast_hu : float
+        Enhancement in HU that becomes one input unit when ``baseline_frames > 0``.
+    seed : int
+        Seeds the weights, the slice order and augmentation (and the folds of
+        :func:`ctperf.model.cross_validate`).
+    device : str
+        ``auto`` (a GPU when torch sees one), ``cpu``, ``cuda`` or ``cuda:N``.
+    amp : str
+        Autocast: ``auto`` (bf16 or fp16 on CUDA, none on the CPU), ``none``, ``bf16``, ``fp16``.
+    """
+
+    targets: tuple[str, ...] = ("cbv",)
+    size: int | None = None
+    frames: int | None = None
+    pretrain_size: int = 128
+    pretrain_epochs: int = 0
+    epochs: int = 50
+    width: int = 64
+    depth: int = 5
+    kernel_size: int = 2
+    norm: str = "none"
+    batch_size: int = 8
+    lr: float = 1e-5
+    betas: tuple[float, float] = (0.9, 0.999)
+    plateau_factor: float = 0.5
+    plateau_patience: int = 10
+    schedule: str = "plateau"
+    masked_loss: bool = True
+    augment: bool = False
+    augment_gain: float = 0.0
+    augment_degrees: float = 10.0
+    augment_noise: float = 0.05
+    baseline_frames: int = 0
+    contrast_hu: float = 20.0
+    seed: int = 0
+    device: str = "auto"
+    amp: str = "auto"
+
+    def __post_init__(self) -> None:
+        # sequences given as lists are kept as tuples (the config is frozen and hashable)
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "betas", tuple(self.betas))
+        if not self.targets:
+            raise ValidationError("targets must name at least one map")
+        if self.schedule not in _SCHEDULES:
+            raise ValidationError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
+        if self.amp not in _AMPS:
+            raise ValidationError(f"amp must be 'auto', 'none', 'bf16' or 'fp16', got "
+                                  f"{self.amp!r}")
+        if not self.contrast_hu > 0:
+            raise ValidationError(f"contrast_hu must be > 0 HU, got {self.contrast_hu}")
+        if self.epochs < 1 or self.pretrain_epochs < 0 or self.batch_size < 1:
+            raise ValidationError(f"epochs must be >= 1, pretrain_epochs >= 0 and batch_size "
+                                  f">= 1; got {self.epochs}, {self.pretrain_epochs} and "
+                                  f"{self.batch_size}")
+        if not self.lr > 0:
+            raise ValidationError(f"lr must be > 0, got {self.lr}")
+
+
+#: Named configurations. ``paper``: the published network and schedule on the studies' own grid
+#: and frames (a GPU job). ``cpu``: a narrower network on 64 x 64 slices of 30 frames that
+#: learns from baseline-subtracted frames on a laptop CPU (docs/results_unet_phantom.md).
+PRESETS: dict[str, TrainConfig] = {
+    "paper": TrainConfig(pretrain_size=128, pretrain_epochs=250, epochs=50, width=64, depth=5,
+                         kernel_size=2, norm="none", batch_size=8, lr=1e-5,
+                         schedule="plateau", plateau_patience=10, masked_loss=True,
+                         augment=False, augment_gain=0.0, baseline_frames=0),
+    "cpu": TrainConfig(size=64, frames=30, pretrain_size=0, pretrain_epochs=0, epochs=25,
+                       width=12, depth=4, kernel_size=2, norm="batch", batch_size=8, lr=1e-3,
+                       schedule="cosine", masked_loss=True, augment=True, augment_gain=0.5,
+                       augment_degrees=0.0, augment_noise=0.0, baseline_frames=4,
+                       contrast_hu=20.0),
 }
 
 
-def preset_train_options(name: str) -> dict[str, Any]:
-    """The :func:`train` keyword arguments of a preset (without the cache's size and frames)."""
+def preset(name: str) -> TrainConfig:
+    """The :data:`PRESETS` configuration called ``name``."""
     if name not in PRESETS:
         raise ValidationError(f"unknown preset {name!r}; choose from {sorted(PRESETS)}")
-    return {k: v for k, v in PRESETS[name].items()
-            if k not in ("size", "frames", "pretrain_size")}
+    return PRESETS[name]
 
 
 @dataclass(frozen=True)
@@ -87,12 +188,23 @@ class TrainResult:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    """The torch device for ``"auto"`` (CUDA when available, else the CPU), ``"cpu"``,
+    ``"cuda"`` or ``"cuda:N"``; a GPU that torch does not see is an error."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValidationError("device 'cuda' asked for but torch sees no CUDA device; use 'cpu'")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValidationError(f"unknown device {device!r}: expected auto, cpu, cuda or "
+                              "cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValidationError(f"device {device!r} asked for but torch sees no CUDA device; "
+                                  "use 'cpu'")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValidationError(f"device {device!r} asked for but torch sees "
+                                  f"{torch.cuda.device_count()} CUDA device(s), numbered from 0")
+    return dev
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor,
@@ -176,18 +288,43 @@ def _setup_distributed(device: torch.device) -> tuple[int, int, torch.device]:
     return dist.get_rank(), world, device
 
 
-def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
-          val_patients: Sequence[str] = (), targets: Sequence[str] = ("cbv",),
-          epochs: int = 50, pretrain_cache: SliceCache | None = None, pretrain_epochs: int = 0,
-          width: int = 64, depth: int = 5, kernel_size: int = 2, norm: str = "none",
-          batch_size: int = 8, lr: float = 1e-5, betas: tuple[float, float] = (0.9, 0.999),
-          plateau_factor: float = 0.5, plateau_patience: int = 10, schedule: str = "plateau",
-          masked_loss: bool = True,
-          augment: bool = False, augment_gain: float = 0.0, augment_degrees: float = 10.0,
-          augment_noise: float = 0.05, baseline_frames: int = 0,
-          contrast_hu: float = 20.0,
-          seed: int = 0, device: str = "auto", amp: str = "auto",
-          resume: bool = False, progress: bool = False,
+@dataclass
+class _State:
+    """Where a run stands: the optimiser of the current stage and the history so far."""
+
+    opt: torch.optim.Adam
+    sched: Any
+    history: list[dict[str, Any]]
+    stage: int = 0
+    done_in_stage: int = 0
+    best: float = math.inf
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What stays fixed during a run: settings, data split, model and device."""
+
+    config: TrainConfig
+    record: dict[str, Any]       # the checkpoints' config (architecture, inputs, settings)
+    stages: list[tuple[str, SliceCache, int]]
+    train_patients: Sequence[str]
+    val_patients: Sequence[str]
+    target_idx: list[int]
+    mean: float
+    std: float
+    model: torch.nn.Module
+    net: torch.nn.Module         # the model, wrapped for DDP under torchrun
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler
+    rank: int
+    world: int
+
+
+def train(cache: SliceCache, out: str | Path, config: TrainConfig | None = None, *,
+          train_patients: Sequence[str], val_patients: Sequence[str] = (),
+          pretrain_cache: SliceCache | None = None, resume: bool = False,
+          progress: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train one U-Net on cached slices; write ``last.pt`` every epoch, ``best.pt``, ``model.pt``
     and ``log.csv`` (epoch, stage, train_loss, val_loss, lr, seconds) in ``out``.
@@ -198,45 +335,13 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
         Slices at the final size (:func:`ctperf.model.build_slice_cache`).
     out : path
         Output folder.
+    config : TrainConfig, optional
+        Settings of the run, e.g. ``PRESETS["paper"]`` or ``replace(PRESETS["cpu"], epochs=5)``;
+        default ``TrainConfig()``.
     train_patients, val_patients : sequence of str
         Patient ids; their slices never mix.
-    targets : sequence of str
-        Target names (``cbv``, ``cbf``, ``ttp``, ``delay``, ``mtt``, ``tmax``); several give one
-        multi-output model.
-    epochs : int
-        Epochs at the final size (50 in the paper's fine-tuning).
-    pretrain_cache, pretrain_epochs
-        Down-sampled slices and epochs to train on them first (128 x 128, 250 in the paper).
-    width, depth, kernel_size, norm
-        Architecture (:class:`ctperf.model.UNet`).
-    batch_size, lr, betas, plateau_factor, plateau_patience
-        Adam and ReduceLROnPlateau settings (paper: 8, 1e-5, (0.9, 0.999)).
-    schedule : {"plateau", "cosine"}
-        Learning-rate schedule within each stage: ``plateau`` (the paper) halves it (by
-        ``plateau_factor``) when the validation loss stalls; ``cosine`` anneals it from ``lr`` to
-        0 over the stage's epochs (better for short runs with a fixed budget).
-    masked_loss : bool
-        Restrict the MSE to the brain mask.
-    augment : bool
-        Flips, small rotations and input noise (off in the paper).
-    augment_degrees, augment_noise : float
-        With ``augment``, the largest rotation in degrees and the SD of the noise added to the
-        standardised inputs.
-    augment_gain : float
-        With ``augment``, the enhancement over the baseline (mean of the first
-        ``baseline_frames`` frames, or the first frame) is multiplied by ``exp(u)``, ``u`` uniform
-        in +-``augment_gain``: a different injection with the same perfusion.
-    baseline_frames : int
-        0 (the paper): the network sees the standardised frames. ``k > 0``: it sees the mean of
-        the first ``k`` input frames and every later frame's enhancement over it
-        (:class:`ctperf.model.UNet`), in units of ``contrast_hu`` HU.
-    contrast_hu : float
-        Enhancement in HU that becomes one input unit when ``baseline_frames > 0``.
-    seed : int
-        Seeds the weights, the slice order and augmentation.
-    device, amp : str
-        ``auto``/``cpu``/``cuda``; autocast ``auto`` (bf16 or fp16 on CUDA, none on CPU), ``none``,
-        ``bf16``, ``fp16``.
+    pretrain_cache : SliceCache, optional
+        Down-sampled slices for ``config.pretrain_epochs`` epochs of pretraining.
     resume : bool
         Continue from ``out/last.pt``.
     progress : bool
@@ -248,179 +353,256 @@ def train(cache: SliceCache, out: str | Path, *, train_patients: Sequence[str],
     -------
     TrainResult
     """
-    from tqdm.auto import tqdm
-
     out = Path(out)
+    config = config or TrainConfig()
+    _check_patients(train_patients, val_patients)
+    target_idx = [cache.target_index(t) for t in config.targets]
+    stages = _stages(cache, pretrain_cache, config)
+    mean, std = cache.input_stats(train_patients)
+    record = _record(cache, config, stages, mean=mean, std=std,
+                     train_patients=train_patients, val_patients=val_patients)
+    run = _start(config, record, stages, train_patients=train_patients,
+                 val_patients=val_patients, target_idx=target_idx, mean=mean, std=std)
+    state = _resume_or_start(run, out / "last.pt", resume=resume)
+    out.mkdir(parents=True, exist_ok=True)
+    for si in range(state.stage, len(stages)):
+        _train_stage(run, state, si, out, progress=progress, on_epoch=on_epoch)
+    _finish(run, state, out)
+    return TrainResult(history=state.history, model_path=out / "model.pt",
+                       best_path=out / "best.pt", config=record)
+
+
+def _check_patients(train_patients: Sequence[str], val_patients: Sequence[str]) -> None:
     if not train_patients:
         raise ValidationError("train needs at least one training patient")
     overlap = set(train_patients) & set(val_patients)
     if overlap:
         raise ValidationError(f"patients in both training and validation: {sorted(overlap)}")
-    target_idx = [cache.target_index(t) for t in targets]
-    stages = [("pretrain", pretrain_cache, int(pretrain_epochs))] if pretrain_epochs > 0 else []
-    if pretrain_epochs > 0 and pretrain_cache is None:
-        raise ValidationError("pretrain_epochs > 0 needs a pretrain_cache")
-    stages.append(("finetune" if stages else "train", cache, int(epochs)))
+
+
+def _stages(cache: SliceCache, pretrain_cache: SliceCache | None,
+            config: TrainConfig) -> list[tuple[str, SliceCache, int]]:
+    """(name, cache, epochs) of each stage: pretraining (when asked for), then the final size."""
+    for name, want, have in (("size", config.size, cache.size),
+                             ("frames", config.frames, cache.n_frames)):
+        if want is not None and want != have:
+            raise ValidationError(f"the config asks for {name} {want}, the cache has {have}; "
+                                  "build the cache with the config's settings")
+    stages: list[tuple[str, SliceCache, int]] = []
+    if config.pretrain_epochs > 0:
+        if pretrain_cache is None:
+            raise ValidationError("pretrain_epochs > 0 needs a pretrain_cache")
+        stages.append(("pretrain", pretrain_cache, int(config.pretrain_epochs)))
+    stages.append(("finetune" if stages else "train", cache, int(config.epochs)))
     for _, c, _n in stages:
-        if c is not None and c.n_frames != cache.n_frames:
+        if c.n_frames != cache.n_frames:
             raise ValidationError(f"pretraining cache has {c.n_frames} frames, the main cache "
                                   f"{cache.n_frames}")
-    mean, std = cache.input_stats(train_patients)
-    if schedule not in _SCHEDULES:
-        raise ValidationError(f"schedule must be one of {_SCHEDULES}, got {schedule!r}")
-    if not contrast_hu > 0:
-        raise ValidationError(f"contrast_hu must be > 0 HU, got {contrast_hu}")
-    config: dict[str, Any] = {
-        "in_frames": cache.n_frames, "out_channels": len(targets), "width": width, "depth": depth,
-        "kernel_size": kernel_size, "norm": norm, "baseline_frames": int(baseline_frames),
-        "contrast_gain": float(std / contrast_hu) if baseline_frames else 1.0,
-        "targets": list(targets),
-        "map_names": [TARGET_MAPS[t] for t in targets],
-        "windows": {t: list(TARGET_WINDOWS[t]) for t in targets},
+    return stages
+
+
+def _record(cache: SliceCache, config: TrainConfig, stages: list[tuple[str, SliceCache, int]],
+            *, mean: float, std: float, train_patients: Sequence[str],
+            val_patients: Sequence[str]) -> dict[str, Any]:
+    """The config stored in every checkpoint: what prediction needs and what a resume checks."""
+    c = config
+    return {
+        "in_frames": cache.n_frames, "out_channels": len(c.targets), "width": c.width,
+        "depth": c.depth, "kernel_size": c.kernel_size, "norm": c.norm,
+        "baseline_frames": int(c.baseline_frames),
+        "contrast_gain": float(std / c.contrast_hu) if c.baseline_frames else 1.0,
+        "targets": list(c.targets),
+        "map_names": [TARGET_MAPS[t] for t in c.targets],
+        "windows": {t: list(TARGET_WINDOWS[t]) for t in c.targets},
         "size": cache.size, "frames": cache.n_frames, "frame_mode": cache.meta["frame_mode"],
         "frame_interval": cache.meta["frame_interval"], "hu_window": cache.meta["hu_window"],
-        "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"], "seed": seed,
-        "batch_size": batch_size, "lr": lr, "schedule": schedule, "masked_loss": masked_loss,
-        "augment": augment, "augment_gain": float(augment_gain),
-        "augment_degrees": float(augment_degrees), "augment_noise": float(augment_noise),
-        "stages": [[name, c.size if c is not None else 0, n] for name, c, n in stages],
+        "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"], "seed": c.seed,
+        "batch_size": c.batch_size, "lr": c.lr, "schedule": c.schedule,
+        "masked_loss": c.masked_loss, "augment": c.augment,
+        "augment_gain": float(c.augment_gain), "augment_degrees": float(c.augment_degrees),
+        "augment_noise": float(c.augment_noise),
+        "stages": [[name, s.size, n] for name, s, n in stages],
         "train_patients": list(train_patients), "val_patients": list(val_patients)}
 
-    dev = resolve_device(device)
+
+def _start(config: TrainConfig, record: dict[str, Any],
+           stages: list[tuple[str, SliceCache, int]], *, train_patients: Sequence[str],
+           val_patients: Sequence[str], target_idx: list[int], mean: float,
+           std: float) -> _Run:
+    """Device (and process group under torchrun), seeded weights, DDP wrapper, grad scaler."""
+    dev = resolve_device(config.device)
     rank, world, dev = _setup_distributed(dev)
-    amp_dtype = _amp_dtype(amp, dev)
+    amp_dtype = _amp_dtype(config.amp, dev)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
-    torch.manual_seed(seed)
-    model = build_model(config).to(dev)
+    torch.manual_seed(config.seed)
+    model = build_model(record).to(dev)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[dev.index] if dev.type == "cuda" else None)
     scaler = torch.amp.GradScaler(dev.type, enabled=amp_dtype == torch.float16)
+    return _Run(config=config, record=record, stages=stages, train_patients=train_patients,
+                val_patients=val_patients, target_idx=target_idx, mean=mean, std=std,
+                model=model, net=net, device=dev, amp_dtype=amp_dtype, scaler=scaler,
+                rank=rank, world=world)
 
-    def fresh_optim(n_epochs: int) -> tuple[torch.optim.Adam, Any]:
-        opt = torch.optim.Adam(model.parameters(), lr=lr, betas=betas)
-        if schedule == "cosine":
-            return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_epochs, 1))
-        sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-            opt, mode="min", factor=plateau_factor, patience=plateau_patience)
-        return opt, sched
 
-    opt, sched = fresh_optim(stages[0][2])
-    history: list[dict[str, Any]] = []
-    stage_i, done_in_stage, best = 0, 0, math.inf
-    last = out / "last.pt"
+def _fresh_optim(run: _Run, n_epochs: int) -> tuple[torch.optim.Adam, Any]:
+    """Adam and the learning-rate schedule for a stage of ``n_epochs``, from the initial lr."""
+    c = run.config
+    opt = torch.optim.Adam(run.model.parameters(), lr=c.lr, betas=c.betas)
+    if c.schedule == "cosine":
+        return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(n_epochs, 1))
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+        opt, mode="min", factor=c.plateau_factor, patience=c.plateau_patience)
+    return opt, sched
+
+
+def _resume_or_start(run: _Run, last: Path, *, resume: bool) -> _State:
+    """A fresh state, or the one saved in ``last`` (same settings required) with ``resume``."""
+    opt, sched = _fresh_optim(run, run.stages[0][2])
+    state = _State(opt=opt, sched=sched, history=[])
     if last.exists() and not resume:
-        raise InputError(out, "already holds a training run (last.pt); pass resume=True "
-                              "(--resume) to continue it or choose another folder")
-    if resume and last.exists():
-        ckpt = load_checkpoint(last)
-        old = {k: ckpt["config"].get(k, _KEY_DEFAULTS.get(k)) for k in _RESUME_KEYS}
-        diff = {k: (old[k], config[k]) for k in _RESUME_KEYS if old[k] != config[k]}
-        if diff:
-            raise InputError(last, "cannot resume with different settings (checkpoint, now): "
-                                   + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
-        model.load_state_dict(ckpt["model"])
-        stage_i, done_in_stage = ckpt["stage"], ckpt["epoch_in_stage"]
-        history, best = list(ckpt["history"]), float(ckpt["best_val"])
-        if done_in_stage < stages[stage_i][2]:
-            opt, sched = fresh_optim(stages[stage_i][2])
-            opt.load_state_dict(ckpt["optimizer"])
-            sched.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        if "cuda" in ckpt["rng"] and dev.type == "cuda":
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"], dev)
-        logger.info("resuming %s after epoch %d", out, len(history))
-    out.mkdir(parents=True, exist_ok=True)
+        raise InputError(last.parent, "already holds a training run (last.pt); pass "
+                                      "resume=True (--resume) to continue it or choose another "
+                                      "folder")
+    if not (resume and last.exists()):
+        return state
+    ckpt = load_checkpoint(last)
+    old = {k: ckpt["config"].get(k, _KEY_DEFAULTS.get(k)) for k in _RESUME_KEYS}
+    diff = {k: (old[k], run.record[k]) for k in _RESUME_KEYS if old[k] != run.record[k]}
+    if diff:
+        raise InputError(last, "cannot resume with different settings (checkpoint, now): "
+                               + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
+    run.model.load_state_dict(ckpt["model"])
+    state.stage, state.done_in_stage = ckpt["stage"], ckpt["epoch_in_stage"]
+    state.history, state.best = list(ckpt["history"]), float(ckpt["best_val"])
+    if state.done_in_stage < run.stages[state.stage][2]:
+        state.opt, state.sched = _fresh_optim(run, run.stages[state.stage][2])
+        state.opt.load_state_dict(ckpt["optimizer"])
+        state.sched.load_state_dict(ckpt["scheduler"])
+    run.scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["torch"])
+    if "cuda" in ckpt["rng"] and run.device.type == "cuda":
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"], run.device)
+    log.info("resuming %s after epoch %d", last.parent, len(state.history))
+    return state
 
-    for si in range(stage_i, len(stages)):
-        name, stage_cache, n_epochs = stages[si]
-        assert stage_cache is not None
-        if si != stage_i:
-            opt, sched = fresh_optim(n_epochs)
-            done_in_stage = 0
-        if done_in_stage >= n_epochs:
-            continue
-        rows = stage_cache.rows(train_patients)
-        val_rows = stage_cache.rows(val_patients) if val_patients else np.array([], dtype=int)
-        sampler: DistributedSampler[int] = DistributedSampler(
-            range(len(rows)), num_replicas=world, rank=rank,  # type: ignore[arg-type]
-            shuffle=True, seed=seed)
-        val_mine = val_rows[rank::world]
-        for ep in tqdm(range(done_in_stage, n_epochs), desc=name, disable=not progress or rank,
-                       initial=done_in_stage, total=n_epochs):
-            global_epoch = len(history) + 1
-            t0 = time.perf_counter()
-            sampler.set_epoch(global_epoch)
-            order = rows[np.fromiter(iter(sampler), dtype=np.int64)]
-            aug_rng = np.random.default_rng([seed, global_epoch])
-            net.train()
-            loss_sum, n_seen = 0.0, 0
-            for b in tqdm(range(0, len(order), batch_size), desc=f"epoch {global_epoch}",
-                          leave=False, disable=not progress or rank):
-                batch_rows = order[b:b + batch_size]
-                x, y, m = (torch.from_numpy(a).to(dev) for a in stage_cache.batch(
-                    batch_rows, target_idx=target_idx, mean=mean, std=std))
-                if augment:
-                    x, y, m = apply_augmentation(
-                        x, y, m, draw_augmentation(aug_rng, len(x), max_degrees=augment_degrees,
-                                                   noise_sd=augment_noise,
-                                                   max_log_gain=augment_gain),
-                        baseline_frames=baseline_frames)
-                with torch.autocast(dev.type, dtype=amp_dtype or torch.float32,
-                                    enabled=amp_dtype is not None):
-                    pred = net(x)
-                loss = masked_mse(pred.float(), y, m if masked_loss else None)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                loss_sum += float(loss.detach()) * len(batch_rows)
-                n_seen += len(batch_rows)
-            train_loss = loss_sum / max(n_seen, 1)
-            if world > 1:
-                t = torch.tensor([loss_sum, n_seen], dtype=torch.float64, device=dev)
-                dist.all_reduce(t)
-                train_loss = float(t[0] / t[1])
-            val_loss = (evaluate_mse(model, stage_cache, val_mine, target_idx=target_idx,
-                                     mean=mean, std=std, masked=masked_loss,
-                                     batch_size=batch_size, device=dev, amp_dtype=amp_dtype)
-                        if len(val_rows) else math.nan)
-            if schedule == "cosine":
-                sched.step()
-            else:
-                sched.step(val_loss if not math.isnan(val_loss) else train_loss)
-            row = {"epoch": global_epoch, "stage": name, "train_loss": train_loss,
-                   "val_loss": val_loss, "lr": opt.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - t0}
-            history.append(row)
-            score = val_loss if not math.isnan(val_loss) else train_loss
-            is_best = si == len(stages) - 1 and score < best  # best of the final size only
-            best = score if is_best else best
-            if rank == 0:
-                if is_best:
-                    save_checkpoint({"config": config, "model": model.state_dict(),
-                                     "history": history}, out / "best.pt")
-                save_checkpoint({"config": config, "model": model.state_dict(),
-                                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                                 "scaler": scaler.state_dict(), "rng": _rng_state(dev),
-                                 "stage": si, "epoch_in_stage": ep + 1, "history": history,
-                                 "best_val": best}, last)
-                _write_log(history, out / "log.csv")
-            logger.info("epoch %d (%s): train %.5f val %.5f lr %.2e", global_epoch, name,
-                        train_loss, val_loss, row["lr"])
-            if on_epoch is not None:
-                on_epoch(row)
-    if rank == 0:
-        save_checkpoint({"config": config, "model": model.state_dict(), "history": history},
-                        out / "model.pt")
+
+def _train_stage(run: _Run, state: _State, si: int, out: Path, *, progress: bool,
+                 on_epoch: Callable[[dict[str, Any]], None] | None) -> None:
+    """The remaining epochs of stage ``si``: train, validate, step the schedule, checkpoint."""
+    from tqdm.auto import tqdm
+
+    name, stage_cache, n_epochs = run.stages[si]
+    if si != state.stage:
+        state.opt, state.sched = _fresh_optim(run, n_epochs)
+        state.stage, state.done_in_stage = si, 0
+    if state.done_in_stage >= n_epochs:
+        return
+    rows = stage_cache.rows(run.train_patients)
+    val_rows = (stage_cache.rows(run.val_patients) if run.val_patients
+                else np.array([], dtype=int))
+    sampler: DistributedSampler[int] = DistributedSampler(
+        range(len(rows)), num_replicas=run.world, rank=run.rank,  # type: ignore[arg-type]
+        shuffle=True, seed=run.config.seed)
+    for ep in tqdm(range(state.done_in_stage, n_epochs), desc=name,
+                   disable=not progress or run.rank, initial=state.done_in_stage,
+                   total=n_epochs):
+        global_epoch = len(state.history) + 1
+        t0 = time.perf_counter()
+        sampler.set_epoch(global_epoch)
+        order = rows[np.fromiter(iter(sampler), dtype=np.int64)]
+        train_loss = _train_epoch(run, state, stage_cache, order, global_epoch,
+                                  progress=progress)
+        val_loss = (evaluate_mse(run.model, stage_cache, val_rows[run.rank::run.world],
+                                 target_idx=run.target_idx, mean=run.mean, std=run.std,
+                                 masked=run.config.masked_loss,
+                                 batch_size=run.config.batch_size, device=run.device,
+                                 amp_dtype=run.amp_dtype)
+                    if len(val_rows) else math.nan)
+        if run.config.schedule == "cosine":
+            state.sched.step()
+        else:
+            state.sched.step(val_loss if not math.isnan(val_loss) else train_loss)
+        row = {"epoch": global_epoch, "stage": name, "train_loss": train_loss,
+               "val_loss": val_loss, "lr": state.opt.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - t0}
+        state.history.append(row)
+        state.done_in_stage = ep + 1
+        _save_epoch(run, state, out, final_stage=si == len(run.stages) - 1)
+        log.info("epoch %d (%s): train %.5f val %.5f lr %.2e", global_epoch, name,
+                 train_loss, val_loss, row["lr"])
+        if on_epoch is not None:
+            on_epoch(row)
+
+
+def _train_epoch(run: _Run, state: _State, stage_cache: SliceCache, order: np.ndarray,
+                 global_epoch: int, *, progress: bool) -> float:
+    """One pass over the training slices in ``order``; the mean loss (over all processes)."""
+    from tqdm.auto import tqdm
+
+    c = run.config
+    aug_rng = np.random.default_rng([c.seed, global_epoch])
+    run.net.train()
+    loss_sum, n_seen = 0.0, 0
+    for b in tqdm(range(0, len(order), c.batch_size), desc=f"epoch {global_epoch}",
+                  leave=False, disable=not progress or run.rank):
+        batch_rows = order[b:b + c.batch_size]
+        x, y, m = (torch.from_numpy(a).to(run.device) for a in stage_cache.batch(
+            batch_rows, target_idx=run.target_idx, mean=run.mean, std=run.std))
+        if c.augment:
+            x, y, m = apply_augmentation(
+                x, y, m, draw_augmentation(aug_rng, len(x), max_degrees=c.augment_degrees,
+                                           noise_sd=c.augment_noise,
+                                           max_log_gain=c.augment_gain),
+                baseline_frames=c.baseline_frames)
+        with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32,
+                            enabled=run.amp_dtype is not None):
+            pred = run.net(x)
+        loss = masked_mse(pred.float(), y, m if c.masked_loss else None)
+        state.opt.zero_grad(set_to_none=True)
+        run.scaler.scale(loss).backward()
+        run.scaler.step(state.opt)
+        run.scaler.update()
+        loss_sum += float(loss.detach()) * len(batch_rows)
+        n_seen += len(batch_rows)
+    if run.world > 1:
+        t = torch.tensor([loss_sum, n_seen], dtype=torch.float64, device=run.device)
+        dist.all_reduce(t)
+        return float(t[0] / t[1])
+    return loss_sum / max(n_seen, 1)
+
+
+def _save_epoch(run: _Run, state: _State, out: Path, *, final_stage: bool) -> None:
+    """``last.pt`` (everything a resume needs), ``best.pt`` when the final size's score
+    improved, and ``log.csv``; written by process 0 only."""
+    row = state.history[-1]
+    score = row["val_loss"] if not math.isnan(row["val_loss"]) else row["train_loss"]
+    is_best = final_stage and score < state.best  # best of the final size only
+    state.best = score if is_best else state.best
+    if run.rank != 0:
+        return
+    if is_best:
+        save_checkpoint({"config": run.record, "model": run.model.state_dict(),
+                         "history": state.history}, out / "best.pt")
+    save_checkpoint({"config": run.record, "model": run.model.state_dict(),
+                     "optimizer": state.opt.state_dict(), "scheduler": state.sched.state_dict(),
+                     "scaler": run.scaler.state_dict(), "rng": _rng_state(run.device),
+                     "stage": state.stage, "epoch_in_stage": state.done_in_stage,
+                     "history": state.history, "best_val": state.best}, out / "last.pt")
+    _write_log(state.history, out / "log.csv")
+
+
+def _finish(run: _Run, state: _State, out: Path) -> None:
+    """``model.pt`` (the final weights), and ``best.pt`` if no epoch wrote one."""
+    if run.rank == 0:
+        weights = {"config": run.record, "model": run.model.state_dict(),
+                   "history": state.history}
+        save_checkpoint(weights, out / "model.pt")
         if not (out / "best.pt").exists():
-            save_checkpoint({"config": config, "model": model.state_dict(),
-                             "history": history}, out / "best.pt")
-    if world > 1:
+            save_checkpoint(weights, out / "best.pt")
+    if run.world > 1:
         dist.barrier()  # the other processes may read model.pt next
-    return TrainResult(history=history, model_path=out / "model.pt", best_path=out / "best.pt",
-                       config=config)
