@@ -80,6 +80,22 @@ def test_convert_with_frame_interval(tmp_path, rng):
     np.testing.assert_allclose(read_nifti_series(nii).times, 2.0 * np.arange(5))
 
 
+def test_preprocess_reads_with_frame_interval_and_series(tmp_path, rng):
+    def edit(ds, t, z):
+        for keyword in ("AcquisitionDateTime", "AcquisitionTime", "ContentTime"):
+            delattr(ds, keyword)
+
+    uid = "1.2.826.0.1.3680043.8.498.1"
+    study = write_fake_study(tmp_path / "s", rng, edit=edit, series_uid=uid)
+    out = tmp_path / "pre"
+    argv = ["preprocess", str(study.folder), str(out), "--no-register", "--no-filter",
+            "--series", uid]
+    assert main(argv) == 2  # no acquisition times: the reader asks for --frame-interval
+    assert main([*argv, "--frame-interval", "2"]) == 0
+    np.testing.assert_allclose(read_nifti_series(out / "study.nii.gz").times, 2.0 * np.arange(5))
+    assert main([*argv[:4], "--series", "1.2.3", "--frame-interval", "2", "--overwrite"]) == 2
+
+
 @pytest.mark.parametrize("argv, problem", [
     (["info", "{tmp}/absent"], "no such file or folder"),
     (["info", "{tmp}/empty"], "no DICOM image files"),
