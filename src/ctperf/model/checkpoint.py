@@ -18,7 +18,7 @@ from ctperf.model.unet import UNet
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "build_model", "check_checkpoint",
            "load_checkpoint", "save_checkpoint"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "ctperf-unet"
 CHECKPOINT_VERSION = 1
