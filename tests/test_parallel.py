@@ -95,3 +95,18 @@ def test_invalid_arguments():
         map_chunks(lambda s, e: None, 5, chunk=1, workers=0)
     with pytest.raises(ValidationError, match="n_items"):
         map_chunks(lambda s, e: None, -1, chunk=1)
+
+
+def test_interrupt_cancels_the_chunks_not_started():
+    started: list[int] = []
+
+    def work(start: int, stop: int) -> None:
+        started.append(start)
+        if start == 1:
+            raise KeyboardInterrupt  # as Ctrl-C would, reaching the caller
+        time.sleep(0.01)
+
+    with pytest.raises(KeyboardInterrupt):
+        map_chunks(work, 200, chunk=1, workers=2)
+    # the chunks queued behind the interrupt never start (a generous bound, as above)
+    assert len(started) < 100
