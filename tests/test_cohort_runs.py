@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
 
+import numpy as np
 import pytest
 
 from ctperf.errors import InputError
@@ -103,16 +110,32 @@ def test_failures_are_recorded_and_reruns_skip_what_is_done(tmp_path):
 
     CALLS.clear()
     shutil.rmtree(out / "c")  # a done study whose folder is gone is done again
-    assert run_cohort(_studies("a", "c"), out, _echo_task, {"upper": False}).done == ("c",)
+    assert run_cohort(_studies("a", "c"), out, _echo_task, {"upper": False},
+                      workers=1).done == ("c",)
     CALLS.clear()
-    upper = run_cohort(_studies("a", "c"), out, _echo_task, {"upper": True, "progress": True})
+    upper = run_cohort(_studies("a", "c"), out, _echo_task, {"upper": True, "progress": True},
+                       workers=1)
     assert upper.done == ("a", "c") and (out / "a" / "value.txt").read_text() == "A"
     CALLS.clear()  # progress does not change what is written: still done
-    assert run_cohort(_studies("a", "c"), out, _echo_task, {"upper": True}).skipped == ("a", "c")
+    assert run_cohort(_studies("a", "c"), out, _echo_task, {"upper": True},
+                      workers=1).skipped == ("a", "c")
+
+
+def test_a_local_cluster_runs_the_studies_in_worker_processes(tmp_path):
+    out = tmp_path / "out"
+    summary = run_cohort(_studies("a", "bug", "c"), out, _echo_task, {"upper": True},
+                         workers=2)
+    assert summary.done == ("a", "c") and summary.failed == {
+        "bug": "ZeroDivisionError: division by zero"}
+    assert (out / "c" / "value.txt").read_text() == "C"
+    assert CALLS == []  # not in this process
+    assert {s: r["state"] for s, r in load_manifest(out).items()} == {
+        "a": "done", "bug": "failed", "c": "done"}
 
 
 def test_an_unexpected_exception_is_one_line_with_its_type(tmp_path):
-    summary = run_cohort(_studies("bug"), tmp_path / "out", _echo_task, {"upper": False})
+    summary = run_cohort(_studies("bug"), tmp_path / "out", _echo_task, {"upper": False},
+                         workers=1)
     assert summary.failed == {"bug": "ZeroDivisionError: division by zero"}
 
 
@@ -136,4 +159,175 @@ def test_a_foreign_manifest_is_refused(tmp_path):
     out.mkdir()
     (out / MANIFEST).write_text(json.dumps({"studies": []}))
     with pytest.raises(InputError, match="not a ctperf cohort manifest"):
-        run_cohort(_studies("a"), out, _echo_task, {"upper": False})
+        run_cohort(_studies("a"), out, _echo_task, {"upper": False}, workers=1)
+
+
+# --- ctperf maps --cohort on small phantoms --------------------------------------------------
+
+# 32 px, 2 slices, 30 frames 2 s apart: a whole bolus in a study that maps in about a second
+PHANTOM = {"size": 32, "slices": 2, "frames": 30, "interval": 2.0, "anatomy": "procedural",
+           "dicom": False}
+MAPS = ["--method", "nlr-fast", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """sub-0000 and sub-0001: phantom studies; sub-0002: a truncated .nii.gz."""
+    from ctperf.phantom import generate_cohort
+
+    root = tmp_path_factory.mktemp("cohort")
+    generate_cohort(root / "phantom", subjects=2, seed=1, workers=1, **PHANTOM)
+    studies = root / "studies"
+    for i in range(2):
+        (studies / f"sub-000{i}").mkdir(parents=True)
+        for name in ("study.nii.gz", "study.json"):
+            shutil.copy(root / "phantom" / f"sub-000{i}" / name, studies / f"sub-000{i}")
+    data = (studies / "sub-0001" / "study.nii.gz").read_bytes()
+    (studies / "sub-0002").mkdir()
+    (studies / "sub-0002" / "study.nii.gz").write_bytes(data[: len(data) // 2])
+    return studies
+
+
+def _rows(out):
+    return json.loads((out / MANIFEST).read_text())["studies"]
+
+
+def _maps_equal(a, b):
+    from ctperf.io import read_maps
+
+    for study in ("sub-0000", "sub-0001"):
+        one, two = read_maps(a / study), read_maps(b / study)
+        assert one.names == two.names
+        for name in one.names:
+            np.testing.assert_array_equal(one[name], two[name], err_msg=f"{study} {name}")
+
+
+def test_maps_cohort_with_a_corrupt_study(cohort, tmp_path, capsys):
+    from ctperf.cli import main
+
+    out = tmp_path / "out"
+    assert main(["maps", str(cohort), str(out), "--cohort", "--workers", "1", *MAPS]) == 1
+    std = capsys.readouterr()
+    assert sorted(p.name for p in out.iterdir()) == [".ctperf-output", MANIFEST, "sub-0000",
+                                                     "sub-0001"]
+    for study in ("sub-0000", "sub-0001"):
+        assert (out / study / "cbf.nii.gz").is_file() and (out / study / "summary.json").is_file()
+    rows = _rows(out)
+    assert [rows[s]["state"] for s in sorted(rows)] == ["done", "done", "failed"]
+    assert rows["sub-0002"]["error"].startswith("sub-0002/study.nii.gz: damaged or truncated")
+    assert str(cohort) not in (out / MANIFEST).read_text()  # no machine path
+    errors = [line for line in std.err.splitlines()  # all but the progress bar
+              if line.strip() and not line.startswith("cohort:")]
+    assert errors == [f"ctperf maps: sub-0002: {rows['sub-0002']['error']}"]
+    assert "3 studies: 2 done (0 already done), 1 failed" in std.out
+    assert "Traceback" not in std.out + std.err
+
+    # a rerun redoes nothing that is done (the corrupt study is tried again, and fails again)
+    assert main(["maps", str(cohort), str(out), "--cohort", "--workers", "1", *MAPS]) == 1
+    again = _rows(out)
+    for study in ("sub-0000", "sub-0001"):
+        assert again[study] == rows[study]
+    assert again["sub-0002"]["finished"] > rows["sub-0002"]["finished"]
+    assert "2 done (2 already done), 1 failed" in capsys.readouterr().out
+
+    # other options: every study is done again
+    assert main(["maps", str(cohort), str(out), "--cohort", "--workers", "1", *MAPS,
+                 "--kh", "0.7"]) == 1
+    assert all(r["finished"] > again["sub-0002"]["finished"] for r in _rows(out).values())
+
+
+def test_cohort_output_is_checked_before_any_work(cohort, tmp_path, capsys):
+    from ctperf.cli import main
+
+    assert main(["maps", str(cohort), str(cohort / "out"), "--cohort"]) == 2
+    assert "lies inside the input" in capsys.readouterr().err
+    foreign = tmp_path / "papers"
+    foreign.mkdir()
+    (foreign / "a.pdf").write_bytes(b"%PDF")
+    assert main(["maps", str(cohort), str(foreign), "--cohort"]) == 2
+    assert sorted(p.name for p in foreign.iterdir()) == ["a.pdf"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["maps", str(empty), str(tmp_path / "o"), "--cohort"]) == 2
+    assert "holds no study" in capsys.readouterr().err
+
+
+def _poll_until_one_done(proc, out, *, timeout_s):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if any(r["state"] == "done" for r in _rows(out).values()):
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError("no study was done before the deadline")
+
+
+@pytest.mark.slow
+def test_a_killed_run_is_finished_by_a_rerun(cohort, tmp_path):
+    from ctperf.cli import main
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "ctperf", "maps", str(cohort), str(out),
+                             "--cohort", "--workers", "1", *MAPS],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "MPLBACKEND": "Agg"})
+    try:
+        _poll_until_one_done(proc, out, timeout_s=180)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    killed = _rows(out)
+    # studies run in name order: killed while the second one was computed
+    assert {s: r["state"] for s, r in killed.items()} == {
+        "sub-0000": "done", "sub-0001": "pending", "sub-0002": "pending"}
+    assert not (out / "sub-0001").exists()
+    assert main(["maps", str(cohort), str(out), "--cohort", "--workers", "1", *MAPS]) == 1
+    rows = _rows(out)
+    assert rows["sub-0000"] == killed["sub-0000"]  # not computed again
+    assert rows["sub-0001"]["state"] == "done" and rows["sub-0002"]["state"] == "failed"
+    assert rows["sub-0001"]["started"] > killed["sub-0000"]["finished"]
+    assert [p.name for p in out.iterdir() if p.name.startswith(".ctperf-tmp")] == []
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_an_existing_dask_cluster_gives_the_local_clusters_maps(cohort, tmp_path):
+    from distributed import Client
+
+    from ctperf.cli import main
+
+    local, remote = tmp_path / "local", tmp_path / "remote"
+    assert main(["maps", str(cohort), str(local), "--cohort", "--workers", "2", *MAPS]) == 1
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = [sys.executable, "-m", "dask"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "cwd": tmp_path}
+    procs = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--no-dashboard"], **quiet)]
+    try:
+        procs.append(subprocess.Popen([*dask, "worker", address, "--nworkers", "1",
+                                       "--nthreads", "1", "--no-dashboard"], **quiet))
+        with Client(address, timeout=60) as client:
+            client.wait_for_workers(1, timeout=60)
+        assert main(["maps", str(cohort), str(remote), "--cohort", "--scheduler", address,
+                     *MAPS]) == 1
+    finally:
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+    assert {s: r["state"] for s, r in _rows(remote).items()} == {
+        "sub-0000": "done", "sub-0001": "done", "sub-0002": "failed"}
+    _maps_equal(local, remote)

@@ -9,6 +9,7 @@ from typing import Any
 from ctperf.commands import (
     add_anonymise_option,
     add_brain_mask_option,
+    add_cohort_options,
     add_device_option,
     add_overwrite_option,
     add_preprocess_options,
@@ -18,6 +19,7 @@ from ctperf.commands import (
     fraction,
     non_negative_float,
     positive_float,
+    run_cohort_command,
 )
 from ctperf.lesion_options import LesionOptions
 
@@ -36,8 +38,10 @@ def register(subparsers: Any) -> None:
                     "OUT/overview.png. OUT is checked before the study is read: it must not be "
                     "or hold the study, and an existing OUT is replaced only when ctperf wrote "
                     "it (or with --overwrite).")
-    p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
-    p.add_argument("out", type=Path, help="output folder (replaced whole when done)")
+    p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study (with --cohort: a "
+                                            "folder of studies)")
+    p.add_argument("out", type=Path, help="output folder (replaced whole when done; with "
+                                          "--cohort: OUT/<study>/ each)")
     add_overwrite_option(p)
     p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes"),
                    default="nlr-fast", help="box-model NLR (nlr: the paper's Nelder-Mead; "
@@ -51,7 +55,9 @@ def register(subparsers: Any) -> None:
     add_anonymise_option(p)
     add_study_options(p)
     add_preprocess_options(p, default=False)
-    add_workers_option(p, what="frames registered")
+    add_workers_option(p, what="frames registered (with --cohort: studies, as Dask worker "
+                               "processes)")
+    add_cohort_options(p)
     add_device_option(p, what="the box-model fits")
     p.add_argument("--rho", type=float_in(0.5, 2.0, "brain density rho (g/mL)"), default=1.04,
                    help="brain density g/mL, 0.5-2 [%(default)s]")
@@ -95,5 +101,7 @@ def maps_options(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from ctperf.workflow import maps_study
 
+    if args.cohort:
+        return run_cohort_command(args, maps_study, maps_options(args))
     print(maps_study(args.study, args.out, maps_options(args)).message)
     return 0

@@ -293,8 +293,10 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
     cluster = None
     try:
         if scheduler is None:
+            # ":0": the scheduler's web server (it runs even without a dashboard) on a free
+            # port, so that clusters of several runs at once do not compete for one port
             cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
-                                               processes=True, dashboard_address=None,
+                                               processes=True, dashboard_address=":0",
                                                silence_logs=logging.WARNING)
             client = distributed.Client(cluster)
         else:
@@ -417,15 +419,16 @@ def run_cohort_folder(cohort: _PathLike, out: _PathLike, task: Task, options: An
     output or hold a manifest (:func:`ctperf.io.check_output` ``kind="extend"``); then
     :func:`discover_studies` and :func:`run_cohort` with the same keywords. A ``workers``
     field of ``options`` (threads inside one study) is set to 1 when several studies run at
-    once, so that the workers do not compete for the same cores.
+    once, so that they do not compete for the same cores, and to None (every core) when they
+    run one after the other in this process.
     """
     from ctperf.io import check_output
 
     check_output(out, inputs=(cohort,), kind="extend", owned_by=(MANIFEST,))
     studies = discover_studies(cohort)
     parallel = scheduler is not None or worker_count(len(studies), workers) > 1
-    if parallel and dataclasses.is_dataclass(options) and not isinstance(options, type) and any(
+    if dataclasses.is_dataclass(options) and not isinstance(options, type) and any(
             f.name == "workers" for f in dataclasses.fields(options)):
-        options = dataclasses.replace(options, workers=1)
+        options = dataclasses.replace(options, workers=1 if parallel else None)
     return run_cohort(studies, out, task, options, scheduler=scheduler, workers=workers,
                       progress=progress)
