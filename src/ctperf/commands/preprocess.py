@@ -8,10 +8,12 @@ from typing import Any
 
 from ctperf.commands import (
     add_anonymise_option,
+    add_cohort_options,
     add_overwrite_option,
     add_preprocess_options,
     add_study_options,
     add_workers_option,
+    run_cohort_command,
 )
 
 __all__ = ["ORDER", "preprocess_options", "register", "run"]
@@ -29,12 +31,16 @@ def register(subparsers: Any) -> None:
                     "OUT/transforms.json, OUT/qc.json, OUT/qc.png and, with --dicom, "
                     "OUT/dicom/. OUT must not be or hold the study; an existing OUT is replaced "
                     "only when ctperf wrote it (or with --overwrite).")
-    p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
-    p.add_argument("out", type=Path, help="output folder (replaced whole when done)")
+    p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study (with --cohort: a "
+                                            "folder of studies)")
+    p.add_argument("out", type=Path, help="output folder (replaced whole when done; with "
+                                          "--cohort: OUT/<study>/ each)")
     add_overwrite_option(p)
     p.add_argument("--dicom", action="store_true", help="also write OUT/dicom/ (int16 HU)")
     add_anonymise_option(p)
-    add_workers_option(p, what="frames registered")
+    add_workers_option(p, what="frames registered (with --cohort: studies, as Dask worker "
+                               "processes)")
+    add_cohort_options(p)
     add_study_options(p)
     add_preprocess_options(p, default=True)
     p.set_defaults(func=run)
@@ -57,5 +63,7 @@ def preprocess_options(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     from ctperf.workflow import preprocess_study
 
+    if args.cohort:
+        return run_cohort_command(args, preprocess_study, preprocess_options(args))
     print(preprocess_study(args.study, args.out, preprocess_options(args)).message)
     return 0
