@@ -151,7 +151,7 @@ def check_run_folder(args: argparse.Namespace, *, owned_by: tuple[str, ...]) -> 
 
 def prepare(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """The slice caches (final size, pretraining or None) and the run's
-    :class:`ctperf.model.TrainConfig`."""
+    :class:`ctperf.model.TrainConfig`; NLR references are computed into ``OUT/references``."""
     from dataclasses import replace
 
     from ctperf.errors import ValidationError
@@ -159,8 +159,16 @@ def prepare(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
     config = train_config(args)
     cache_root = args.cache or args.cohort / ".ctperf-cache"
-    common = {"reference": args.reference, "frame_mode": args.frame_mode,
-              "frame_interval": args.resample_interval, "progress": True}
+    references = None
+    if args.reference == "nlr":  # computed into OUT, never into the cohort; a rerun reuses them
+        from ctperf.io import mark_output
+        from ctperf.workflow import nlr_references
+
+        mark_output(args.out)  # OUT is this run's from here on, even if a reference fails
+        references = nlr_references(args.cohort, args.out / "references", progress=True)
+    common = {"reference": args.reference, "references": references,
+              "frame_mode": args.frame_mode, "frame_interval": args.resample_interval,
+              "progress": True}
     cache = build_slice_cache(args.cohort, cache_root, size=config.size, frames=config.frames,
                               **common)
     config = replace(config, size=cache.size, frames=cache.n_frames)
