@@ -64,7 +64,8 @@ def map_chunks(fn: Callable[[int, int], R], n_items: int, *, chunk: int,
     n_workers = min(workers or os.cpu_count() or 1, max(1, len(bounds)))
     from tqdm.auto import tqdm
 
-    with tqdm(total=n_items, desc=desc or None, unit=unit, unit_scale=True,
+    # SI prefixes (12.3k) for many items such as voxels, plain counts for frames and files
+    with tqdm(total=n_items, desc=desc or None, unit=unit, unit_scale=n_items >= 10_000,
               disable=not progress) as bar:
         if n_workers == 1:
             results = []

@@ -12,7 +12,40 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ArrayOps"]
+from ctperf.errors import ValidationError
+
+__all__ = ["ArrayOps", "resolve_torch_device"]
+
+
+def resolve_torch_device(device: str | None) -> str | None:
+    """The torch device a fit should run on, or None for NumPy.
+
+    None and ``"cpu"`` mean NumPy; ``"auto"`` means ``"cuda"`` when torch is installed and
+    sees a GPU, else NumPy; any other value must be a torch device that exists here
+    (``"cuda"``, ``"cuda:1"``, ...). torch is imported only for ``"auto"`` and devices.
+    """
+    if device is None or device == "cpu":
+        return None
+    if device == "auto":
+        try:
+            import torch
+        except ImportError:
+            return None
+        return "cuda" if torch.cuda.is_available() else None
+    try:
+        import torch
+    except ImportError as exc:
+        raise ValidationError(f"device {device!r} needs PyTorch, which is not installed") from exc
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValidationError(f"unknown torch device {device!r}: {exc}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValidationError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValidationError(f"device {device!r} asked for, but torch sees "
+                              f"{torch.cuda.device_count()} CUDA GPU(s), numbered from 0")
+    return device
 
 
 class ArrayOps:

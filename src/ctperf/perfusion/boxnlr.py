@@ -33,7 +33,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.parallel import map_chunks
-from ctperf.perfusion.backend import ArrayOps
+from ctperf.perfusion.backend import ArrayOps, resolve_torch_device
 from ctperf.perfusion.curves import ArterialTable, bandlimit, box_model, flow_scale
 from ctperf.perfusion.fastsse import FastBoxSSE
 from ctperf.perfusion.nelder_mead import nelder_mead
@@ -272,36 +272,12 @@ def _arterial_table(aif: np.ndarray, t: np.ndarray, *, band_limit: bool) -> Arte
 
 
 def _torch_device(device: str | None, *, uniform: bool) -> str | None:
-    """The torch device to fit on, or None for NumPy."""
-    if device is None or device == "cpu":
+    """The torch device to fit on, or None for NumPy (always with uneven frame times)."""
+    torch_device = resolve_torch_device(device)
+    if torch_device is not None and not uniform:
+        log.info("uneven frame times: the box fit runs with NumPy, not on %s", torch_device)
         return None
-    if device == "auto":
-        try:
-            import torch
-        except ImportError:
-            return None
-        if not torch.cuda.is_available():
-            return None
-        device = "cuda"
-    else:
-        _check_torch_device(device)
-    if not uniform:
-        log.info("uneven frame times: the box fit runs with NumPy, not on %s", device)
-        return None
-    return device
-
-
-def _check_torch_device(device: str) -> None:
-    try:
-        import torch
-    except ImportError as exc:
-        raise ValidationError(f"device {device!r} needs PyTorch, which is not installed") from exc
-    try:
-        dev = torch.device(device)
-    except RuntimeError as exc:
-        raise ValidationError(f"unknown torch device {device!r}: {exc}") from exc
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValidationError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    return torch_device
 
 
 def _default_chunk(n: int, workers: int, *, on_gpu: bool) -> int:
