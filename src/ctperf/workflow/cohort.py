@@ -262,6 +262,15 @@ def _run_study(task: Task, study: Study, target: Path, options: Any) -> dict[str
     return {"state": state, "error": error, "started": started, "finished": _now()}
 
 
+def _threads(options: Any, at_once: int) -> Any:
+    """``options`` with its ``workers`` field (threads per study) set to 1 when several studies
+    run at once, None (every core) when one runs at a time."""
+    if dataclasses.is_dataclass(options) and not isinstance(options, type) and any(
+            f.name == "workers" for f in dataclasses.fields(options)):
+        return dataclasses.replace(options, workers=1 if at_once > 1 else None)
+    return options
+
+
 def worker_count(studies: int, workers: int | None = None) -> int:
     """Local workers for ``studies`` studies: ``workers`` if given, else one per CPU core that
     :data:`MEMORY_PER_WORKER` of the machine's memory allows; never more than ``studies``."""
@@ -339,7 +348,10 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
         ``task(source, target, options)``, a module-level function (it is pickled to the
         workers) that writes ``target`` atomically and raises on failure.
     options : dataclass or mapping
-        Handed to every call; their hash decides whether a done study is still done.
+        Handed to every call; their hash decides whether a done study is still done. A
+        ``workers`` field of a dataclass (threads inside one study) is set to 1 when several
+        studies run at once, so that they do not compete for the same cores, and to None
+        (every core) when they run one after the other in this process.
     scheduler : str, optional
         Address of an existing Dask scheduler (``tcp://host:port``); its workers must import
         ctperf and see ``out`` and the sources at the same paths.
@@ -385,10 +397,10 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
     done: list[str] = []
     failed: dict[str, str] = {}
     if not todo or (scheduler is None and worker_count(len(todo), workers) == 1):
-        results = _in_process(todo, root, task, options)
+        results = _in_process(todo, root, task, _threads(options, 1))
     else:
-        results = _on_dask(todo, root, task, options, scheduler=scheduler,
-                           workers=worker_count(len(todo), workers))
+        results = _on_dask(todo, root, task, _threads(options, len(todo)),
+                           scheduler=scheduler, workers=worker_count(len(todo), workers))
     try:
         for study, row in results:
             rows[study.name].update(row)
@@ -417,18 +429,11 @@ def run_cohort_folder(cohort: _PathLike, out: _PathLike, task: Task, options: An
 
     ``out`` must not be, hold or lie inside ``cohort``, and must be new, empty, a ctperf
     output or hold a manifest (:func:`ctperf.io.check_output` ``kind="extend"``); then
-    :func:`discover_studies` and :func:`run_cohort` with the same keywords. A ``workers``
-    field of ``options`` (threads inside one study) is set to 1 when several studies run at
-    once, so that they do not compete for the same cores, and to None (every core) when they
-    run one after the other in this process.
+    :func:`discover_studies` and :func:`run_cohort` with the same keywords.
     """
     from ctperf.io import check_output
 
     check_output(out, inputs=(cohort,), kind="extend", owned_by=(MANIFEST,))
     studies = discover_studies(cohort)
-    parallel = scheduler is not None or worker_count(len(studies), workers) > 1
-    if dataclasses.is_dataclass(options) and not isinstance(options, type) and any(
-            f.name == "workers" for f in dataclasses.fields(options)):
-        options = dataclasses.replace(options, workers=1 if parallel else None)
     return run_cohort(studies, out, task, options, scheduler=scheduler, workers=workers,
                       progress=progress)
