@@ -157,9 +157,15 @@ def test_an_interrupted_run_leaves_pending_studies_and_a_rerun_finishes_them(tmp
 def test_a_foreign_manifest_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / MANIFEST).write_text(json.dumps({"studies": []}))
-    with pytest.raises(InputError, match="not a ctperf cohort manifest"):
+    for text in (json.dumps({"studies": []}), "[1, 2]", json.dumps(
+            {"format": "ctperf-cohort-manifest", "studies": {"a": {"state": "half"}}})):
+        (out / MANIFEST).write_text(text)
+        with pytest.raises(InputError, match="not a ctperf cohort manifest"):
+            run_cohort(_studies("a"), out, _echo_task, {"upper": False}, workers=1)
+    (out / MANIFEST).write_text("{")
+    with pytest.raises(InputError, match="not valid JSON"):
         run_cohort(_studies("a"), out, _echo_task, {"upper": False}, workers=1)
+    assert CALLS == [] and not (out / "a").exists()
 
 
 # --- ctperf maps --cohort on small phantoms --------------------------------------------------

@@ -224,7 +224,7 @@ def load_manifest(out: _PathLike) -> dict[str, dict[str, Any]]:
         raise InputError(path, f"is not valid JSON ({exc}); delete it to start the cohort "
                                "again") from None
     studies = data.get("studies") if isinstance(data, dict) else None
-    if data.get("format") != _FORMAT or not isinstance(studies, dict) or not all(
+    if not isinstance(studies, dict) or data.get("format") != _FORMAT or not all(
             isinstance(row, dict) and row.get("state") in _STATES for row in studies.values()):
         raise InputError(path, "is not a ctperf cohort manifest; delete it or choose another "
                                "output folder")
