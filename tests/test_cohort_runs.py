@@ -237,6 +237,25 @@ def test_maps_cohort_with_a_corrupt_study(cohort, tmp_path, capsys):
     assert "2 done (2 already done), 1 failed" in capsys.readouterr().out
 
 
+def test_preprocess_and_predict_cohorts(cohort, tmp_path, capsys):
+    """preprocess --cohort writes a cohort that maps --cohort reads (study.nii.gz in each
+    folder); predict --cohort records a per-study failure for each study."""
+    from ctperf.cli import main
+
+    pre, maps = tmp_path / "pre", tmp_path / "maps"
+    assert main(["preprocess", str(cohort), str(pre), "--cohort", "--workers", "1",
+                 "--no-register"]) == 1
+    assert (pre / "sub-0001" / "study.nii.gz").is_file() and not (pre / "sub-0002").exists()
+    assert main(["maps", str(pre), str(maps), "--cohort", "--workers", "1", *MAPS]) == 0
+    assert sorted(_rows(maps)) == ["sub-0000", "sub-0001"]
+    assert json.loads((maps / "sub-0000" / "summary.json").read_text())["maps"]
+    capsys.readouterr()
+    assert main(["predict", str(cohort), str(tmp_path / "pred"), "--cohort", "--workers", "1",
+                 "--model", str(tmp_path / "none.pt")]) == 1
+    err = capsys.readouterr().err
+    assert err.count("ctperf predict: sub-000") == 3 and "none.pt" in err
+
+
 def test_cohort_output_is_checked_before_any_work(cohort, tmp_path, capsys):
     from ctperf.cli import main
 
