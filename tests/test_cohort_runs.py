@@ -284,7 +284,6 @@ def _poll_until_one_done(proc, out, *, timeout_s):
     raise AssertionError("no study was done before the deadline")
 
 
-@pytest.mark.slow
 def test_a_killed_run_is_finished_by_a_rerun(cohort, tmp_path):
     from ctperf.cli import main
 
