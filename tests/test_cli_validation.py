@@ -66,7 +66,7 @@ def test_bad_numbers_end_in_one_argparse_error(tmp_path, capsys, command, extra,
 
 
 @pytest.mark.parametrize("extra", [["--frames", "0"], ["--subjects", "0"], ["--size", "8"],
-                                   ["--interval", "inf"], ["--mas", "0"], ["--seed", "-1"],
+                                   ["--frame-interval", "inf"], ["--mas", "0"], ["--seed", "-1"],
                                    ["--lesion-free", "nan"]])
 def test_phantom_options_are_checked_before_writing(tmp_path, capsys, extra):
     with pytest.raises(SystemExit) as exc:

@@ -43,23 +43,27 @@ def register(subparsers: Any) -> None:
                     "with the subjects not yet written. OUTDIR "
                     "must be new, empty or a cohort made with the same options.")
     p.add_argument("outdir", type=Path, help="cohort folder")
-    p.add_argument("--subjects", type=positive_int, default=1, help="number of subjects [1]")
-    p.add_argument("--size", type=count(32), default=512, help="in-plane pixels, >= 32 [512]")
-    p.add_argument("--slices", type=positive_int, default=8, help="5 mm slices [8]")
-    p.add_argument("--frames", type=count(2), default=89, help="time frames, >= 2 [89]")
-    p.add_argument("--interval", type=positive_float, default=0.5,
-                   help="seconds between frames [0.5]")
-    p.add_argument("--seed", type=seed, default=0, help="cohort seed [0]")
+    p.add_argument("--subjects", type=positive_int, default=1,
+                   help="number of subjects [%(default)s]")
+    p.add_argument("--size", type=count(32), default=512,
+                   help="in-plane pixels, >= 32 [%(default)s]")
+    p.add_argument("--slices", type=positive_int, default=8, help="5 mm slices [%(default)s]")
+    p.add_argument("--frames", type=count(2), default=89, help="time frames, >= 2 [%(default)s]")
+    p.add_argument("--frame-interval", type=positive_float, default=0.5, metavar="SECONDS",
+                   help="seconds between frames [%(default)s]")
+    p.add_argument("--seed", type=seed, default=0, help="cohort seed [%(default)s]")
     p.add_argument("--motion", choices=("none", "mild", "severe", "realistic"), default="none",
-                   help="head motion; realistic draws none/mild/severe as 58/24/19 %% [none]")
+                   help="head motion; realistic draws none/mild/severe as 58/24/19 %% "
+                        "[%(default)s]")
     p.add_argument("--mas", type=positive_float, default=150.0,
-                   help="tube current-time product; noise sigma = 103/sqrt(mAs) HU [150]")
+                   help="tube current-time product; noise sigma = 103/sqrt(mAs) HU [%(default)s]")
     p.add_argument("--lesion-free", type=fraction, default=0.25, metavar="FRACTION",
-                   help="fraction of subjects without an occlusion [0.25]")
-    p.add_argument("--residues", type=_residues, default=("box", "exponential", "gamma"),
-                   metavar="LIST", help="residue shapes to draw from [box,exponential,gamma]")
+                   help="fraction of subjects without an occlusion [%(default)s]")
+    # A string default goes through _residues too, so the help shows it as typed.
+    p.add_argument("--residues", type=_residues, default="box,exponential,gamma",
+                   metavar="LIST", help="residue shapes to draw from [%(default)s]")
     p.add_argument("--anatomy", choices=("auto", "procedural", "mni"), default="auto",
-                   help="head template: MNI152 via nilearn, or procedural [auto]")
+                   help="head template: MNI152 via nilearn, or procedural [%(default)s]")
     p.add_argument("--no-dicom", dest="dicom", action="store_false",
                    help="skip the DICOM copy of each study")
     p.add_argument("--preview", action="store_true", help="write sub-*/preview.png montages")
@@ -78,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     folders = generate_cohort(
         args.outdir, subjects=args.subjects, seed=args.seed, progress=True, dicom=args.dicom,
         preview=args.preview, workers=args.workers, scheduler=args.scheduler, size=args.size,
-        slices=args.slices, frames=args.frames, interval=args.interval, mas=args.mas,
+        slices=args.slices, frames=args.frames, interval=args.frame_interval, mas=args.mas,
         motion=args.motion, lesion_free_fraction=args.lesion_free, residues=args.residues,
         anatomy=args.anatomy)
     logging.getLogger(__name__).info("%d subjects in %s", len(folders), args.outdir)
