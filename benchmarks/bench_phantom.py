@@ -26,7 +26,8 @@ import time
 CASE = r"""
 import json, resource, sys, tempfile, time
 from pathlib import Path
-from ctperf.phantom import generate_cohort, generate_subject, write_subject
+from ctperf.phantom import generate_subject, write_subject
+from ctperf.workflow import generate_cohort
 from ctperf.phantom.anatomy import load_template
 
 kind, anatomy, size, subjects, write = sys.argv[1], sys.argv[2], int(sys.argv[3]), \

@@ -36,8 +36,8 @@ import numpy as np
 def prepare(out: Path, *, subjects: int, size: int, slices: int, seed: int) -> None:
     from ctperf import io
     from ctperf.perfusion import compute_maps
-    from ctperf.phantom import generate_cohort
     from ctperf.preprocess.bilateral import bilateral_filter
+    from ctperf.workflow import generate_cohort
 
     raw, filt = out / "raw", out / "filtered"
     t0 = time.perf_counter()

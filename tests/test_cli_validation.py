@@ -91,7 +91,7 @@ class _FakeSubject:
 def quick_subjects(monkeypatch):
     """Replace the simulation (seconds per subject) by a stand-in that checks the options the
     same way and writes a folder: these tests are about cohort bookkeeping."""
-    import ctperf.phantom.cohort as cohort_module
+    import ctperf.workflow.phantoms as cohort_module
 
     def generate(*, seed, frames, **options):
         if frames < 2:
@@ -117,7 +117,7 @@ def test_phantom_rerun_after_a_bad_option_works(tmp_path, quick_subjects):
 
 
 def test_library_writes_no_cohort_json_for_invalid_options(tmp_path, quick_subjects):
-    from ctperf.phantom import generate_cohort
+    from ctperf.workflow import generate_cohort
 
     with pytest.raises(ValidationError):
         generate_cohort(tmp_path / "c", subjects=2, seed=0, frames=0)

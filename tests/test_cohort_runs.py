@@ -179,7 +179,7 @@ MAPS = ["--method", "nlr-fast", "--device", "cpu"]
 @pytest.fixture(scope="module")
 def cohort(tmp_path_factory):
     """sub-0000 and sub-0001: phantom studies; sub-0002: a truncated .nii.gz."""
-    from ctperf.phantom import generate_cohort
+    from ctperf.workflow import generate_cohort
 
     root = tmp_path_factory.mktemp("cohort")
     generate_cohort(root / "phantom", subjects=2, seed=1, workers=1, **PHANTOM)

@@ -11,13 +11,13 @@ import pytest
 from ctperf.cli import main
 from ctperf.phantom import (
     MASK_NAMES,
-    generate_cohort,
     generate_subject,
     read_subject,
     simulate_subject,
     subject_seed,
     write_subject,
 )
+from ctperf.workflow import generate_cohort
 
 TINY = {"size": 48, "slices": 2, "frames": 12, "anatomy": "procedural"}
 

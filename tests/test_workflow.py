@@ -36,12 +36,6 @@ def study(tmp_path_factory):
     return path, series, truth
 
 
-#: The one known exception: ``ctperf.phantom.generate_cohort`` runs its subjects through the
-#: cohort runner (imported inside the function). It belongs in the workflow layer; when it moves
-#: there this set must be emptied (the test fails on any change, in either direction).
-KNOWN_BACKWARD_IMPORTS = {"cohort.py: ctperf.workflow.cohort"}
-
-
 def test_stages_never_import_the_workflow():
     # data flows one way: the workflow sits above io, preprocess, perfusion, model, reporting
     offenders: list[str] = []
@@ -53,7 +47,7 @@ def test_stages_never_import_the_workflow():
                          [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 offenders += [f"{path.name}: {n}" for n in names
                               if n.startswith(("ctperf.workflow", "ctperf.commands"))]
-    assert set(offenders) == KNOWN_BACKWARD_IMPORTS
+    assert offenders == []
 
 
 def test_options_and_study_functions_travel_to_other_processes():

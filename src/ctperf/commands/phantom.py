@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
 
     from ctperf.io import check_output
-    from ctperf.phantom import generate_cohort
+    from ctperf.workflow import generate_cohort
 
     check_output(args.outdir, kind="extend", owned_by=("cohort.json",))
     folders = generate_cohort(

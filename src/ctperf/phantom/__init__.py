@@ -4,8 +4,9 @@ A subject is an axial brain slab (default 8 x 5 mm slices, 512 x 512 over 230 mm
 apart, 80 kV, 150 mAs) with grey and white matter, CSF, skull, scalp, the major arteries and the
 venous sinuses, a random pose and warp, vascular territories and, in 70-80 % of subjects, an MCA
 occlusion with an infarct core and a penumbra. See :func:`generate_subject`,
-:func:`write_subject`, :func:`read_subject` and :func:`generate_cohort`; the simulated
-distributions are measured in the phantom documentation.
+:func:`write_subject` and :func:`read_subject` (cohorts:
+:func:`ctperf.workflow.generate_cohort`); the simulated distributions are measured in the phantom
+documentation.
 
 Truth conventions
 -----------------
@@ -45,7 +46,7 @@ matter come from the MNI152 2009 templates bundled with nilearn (loaded offline;
 docs for their licence notice); otherwise a procedural head is used.
 """
 
-from ctperf.phantom.cohort import generate_cohort, read_subject, subject_seed, write_subject
+from ctperf.phantom.cohort import read_subject, subject_seed, write_subject
 from ctperf.phantom.generate import (
     MASK_NAMES,
     PhantomSubject,
@@ -58,7 +59,6 @@ __all__ = [
     "MASK_NAMES",
     "PhantomSubject",
     "draw_parameters",
-    "generate_cohort",
     "generate_subject",
     "read_subject",
     "simulate_subject",

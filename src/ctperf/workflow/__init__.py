@@ -1,11 +1,12 @@
 """Orchestration above the stages: one study's analysis as named steps, one function per CLI
-command doing the whole work for one study (read -> compute -> write atomically), and the NLR
-references of training cohorts. The stages (io, preprocess, perfusion, model, reporting) never
-import this package."""
+command doing the whole work for one study (read -> compute -> write atomically), phantom
+cohorts, and the NLR references of training cohorts. The stages (io, preprocess, perfusion,
+model, reporting, evaluation, phantom) never import this package."""
 
 from ctperf.workflow.analysis import analyse_study
 from ctperf.workflow.convert import ConvertOptions, convert_study
 from ctperf.workflow.demo import DemoOptions, run_demo
+from ctperf.workflow.phantoms import generate_cohort
 from ctperf.workflow.references import REFERENCE_MAPS, nlr_references
 from ctperf.workflow.study import (
     MapsOptions,
@@ -28,6 +29,7 @@ __all__ = [
     "StudyOutcome",
     "analyse_study",
     "convert_study",
+    "generate_cohort",
     "maps_study",
     "nlr_references",
     "predict_study",
