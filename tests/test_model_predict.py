@@ -113,7 +113,7 @@ def test_cli_train_cv_predict(tmp_path: Path, capsys):
              "--depth", "2", "--batch-size", "2", "--device", "cpu"]
     assert main(["train", str(cohort), str(tmp_path / "run"), "--target", "cbv", *small]) == 0
     assert "final train MSE" in capsys.readouterr().out
-    assert (cohort / ".ctperf-cache").is_dir()
+    assert (tmp_path / "run" / "cache").is_dir() and not (cohort / ".ctperf-cache").exists()
     (tmp_path / "test.txt").write_text("# held out\nsub-0002\n")
     assert main(["cv", str(cohort), str(tmp_path / "cv"), "--folds", "2", "--test",
                  str(tmp_path / "test.txt"), *small]) == 0

@@ -10,7 +10,14 @@ import pytest
 
 from ctperf.cli import build_parser
 from ctperf.commands import train as train_command
+from ctperf.errors import InputError, ValidationError
 from ctperf.model import PRESETS
+from ctperf.workflow.training import (
+    TrainingOptions,
+    held_out_patients,
+    prepare_training,
+    split_patients,
+)
 
 
 def _args(command: str, *extra: str):
@@ -48,27 +55,77 @@ def test_frame_interval_is_not_the_resampling_grid(capsys):
     assert _args("train", "--resample-interval", "1.5").resample_interval == 1.5
 
 
-def test_prepare_builds_the_caches_the_config_asks_for(monkeypatch, caplog):
+def _fake_caches(monkeypatch) -> list[dict]:
     import ctperf.model
 
     calls: list[dict] = []
 
     def fake_cache(cohort: Path, root: Path, *, size, frames, **kw):
-        calls.append({"size": size, "frames": frames, **kw})
+        calls.append({"root": Path(root), "size": size, "frames": frames, **kw})
         return SimpleNamespace(size=size or 256, n_frames=frames or 40)
 
     monkeypatch.setattr(ctperf.model, "build_slice_cache", fake_cache)
-    _, pretrain, config = train_command.prepare(
-        _args("train", "--preset", "cpu", "--frame-mode", "resample", "--resample-interval", "2"))
+    return calls
+
+
+def test_prepare_builds_the_caches_the_config_asks_for(monkeypatch, caplog, tmp_path):
+    calls = _fake_caches(monkeypatch)
+    cohort, out = tmp_path / "cohort", tmp_path / "out"
+    cohort.mkdir()
+    args = _args("train", "--preset", "cpu", "--frame-mode", "resample",
+                 "--resample-interval", "2", "--reference", "truth")
+    _, pretrain, config = prepare_training(cohort, out, train_command.train_config(args),
+                                           train_command.training_options(args))
     assert pretrain is None and len(calls) == 1
     assert (calls[0]["size"], calls[0]["frames"], calls[0]["frame_interval"]) == (64, 30, 2.0)
     assert calls[0]["frame_mode"] == "resample"
+    assert calls[0]["root"] == out / "cache"  # the default cache lies in OUT, not the cohort
     # the paper's pretraining at 128 px is skipped when the studies are smaller
     calls.clear()
-    _, pretrain, config = train_command.prepare(_args("train", "--size", "64"))
+    args = _args("train", "--size", "64", "--reference", "truth")
+    _, pretrain, config = prepare_training(cohort, out, train_command.train_config(args),
+                                           train_command.training_options(args))
     assert pretrain is None and config.pretrain_epochs == 0 and len(calls) == 1
     assert "pretraining skipped" in caplog.text
     calls.clear()
-    _, pretrain, config = train_command.prepare(_args("train"))  # studies' own: 256 px
+    args = _args("train", "--reference", "truth")  # studies' own: 256 px
+    _, pretrain, config = prepare_training(cohort, out, train_command.train_config(args),
+                                           train_command.training_options(args))
     assert pretrain is not None and [c["size"] for c in calls] == [None, 128]
     assert config.pretrain_epochs == PRESETS["paper"].pretrain_epochs and config.size == 256
+    assert list(cohort.iterdir()) == []  # nothing written into the cohort
+
+
+def test_nlr_references_go_to_out_and_a_given_cache_is_used(monkeypatch, tmp_path):
+    calls = _fake_caches(monkeypatch)
+    cohort, out, shared = tmp_path / "cohort", tmp_path / "out", tmp_path / "shared"
+    cohort.mkdir()
+    args = _args("train", "--preset", "cpu", "--cache", str(shared))
+    prepare_training(cohort, out, train_command.train_config(args),
+                     train_command.training_options(args))
+    assert calls[0]["root"] == shared and calls[0]["references"] == out / "references"
+
+
+@pytest.mark.parametrize("where", ["inside", "out", "cohort"])
+def test_a_cache_in_the_cohort_or_equal_to_out_is_refused(monkeypatch, tmp_path, where):
+    calls = _fake_caches(monkeypatch)
+    cohort, out = tmp_path / "cohort", tmp_path / "out"
+    cohort.mkdir()
+    cache = {"inside": cohort / ".cache", "out": out, "cohort": cohort}[where]
+    with pytest.raises(InputError, match=r"is the output folder|lies inside the cohort"):
+        prepare_training(cohort, out, PRESETS["cpu"],
+                         TrainingOptions(reference="truth", cache=cache))
+    assert calls == [] and list(cohort.iterdir()) == []
+
+
+def test_validation_fraction_and_test_list_are_checked(tmp_path):
+    with pytest.raises(ValidationError, match="validation fraction"):
+        TrainingOptions(val_fraction=1.0)
+    ids = tmp_path / "test.txt"
+    ids.write_text("# held out\nsub-0002\n\nsub-0001\n")
+    options = TrainingOptions(test_patients=("sub-0003",), test_list=ids)
+    assert held_out_patients(options) == ["sub-0001", "sub-0002", "sub-0003"]
+    train, val = split_patients([f"sub-{i:04d}" for i in range(10)], val_fraction=0.25, seed=0,
+                                test_patients=held_out_patients(options))
+    assert len(val) == 2 and len(train) == 5 and not set(train) & set(val)
+    assert not {"sub-0001", "sub-0002", "sub-0003"} & set(train + val)

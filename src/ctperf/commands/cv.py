@@ -1,4 +1,5 @@
-"""``ctperf cv COHORT OUT``: K-fold cross-validation of the U-Net over patients (Table 1)."""
+"""``ctperf cv COHORT OUT``: K-fold cross-validation of the U-Net over patients (Table 1):
+argument parsing plus one call to :func:`ctperf.workflow.training.cross_validate_cohort`."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ def register(subparsers: Any) -> None:
         "cv", help="cross-validate the U-Net over patients (the paper's Table 1)",
         description="Train one U-Net per fold (folds over patients, never slices) and print and "
                     "save the per-fold train and validation MSE on [0, 1] maps, mean +- SD, as "
-                    "OUT/table1.csv and OUT/table1.md.")
+                    "OUT/table1.csv and OUT/table1.md; NLR references go to OUT/references and "
+                    "the slice caches to OUT/cache (or --cache).")
     add_training_arguments(p)
     p.add_argument("--folds", type=count(2), default=3,
                    help="number of folds K, >= 2 [%(default)s]")
@@ -27,16 +29,10 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctperf.commands.train import check_run_folder, prepare, read_id_list
-    from ctperf.io import mark_output
+    from ctperf.commands.train import train_config, training_options
+    from ctperf.workflow.training import cross_validate_cohort
 
-    check_run_folder(args, owned_by=("fold-0", "table1.csv"))
-    from ctperf.model import cross_validate, format_table  # torch: once OUT is known usable
-    cache, pretrain, config = prepare(args)
-    mark_output(args.out)
-    rows = cross_validate(cache, args.out, config, folds=args.folds,
-                          test_patients=read_id_list(args.test), pretrain_cache=pretrain,
-                          resume=args.resume, progress=True)
-    print(format_table(rows, target="+".join(config.targets)), end="")
-    print(f"saved {args.out / 'table1.csv'} and {args.out / 'table1.md'}")
+    outcome = cross_validate_cohort(args.cohort, args.out, train_config(args),
+                                    training_options(args), folds=args.folds)
+    print(outcome.message)
     return 0

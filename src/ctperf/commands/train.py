@@ -1,7 +1,8 @@
 """``ctperf train COHORT OUT``: train the paper's U-Net on a cohort (phantom or UniToBrain layout).
 
-The helpers here (options shared with ``ctperf cv`` and the cache/schedule set-up) are imported by
-:mod:`ctperf.commands.cv`. Only argparse and the standard library are imported at module level.
+Argument parsing plus one call to :func:`ctperf.workflow.training.train_cohort`; the options and
+their conversion are shared with :mod:`ctperf.commands.cv`. Only argparse and the standard
+library are imported at module level.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from ctperf.commands import (
     seed,
 )
 
-__all__ = ["ORDER", "add_training_arguments", "check_run_folder", "prepare", "read_id_list",
-           "register", "run", "train_config"]
+__all__ = ["ORDER", "add_training_arguments", "register", "run", "train_config",
+           "training_options"]
 
 ORDER = 60
 TARGETS = ("cbv", "cbf", "ttp", "delay", "mtt", "tmax")
@@ -46,8 +47,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "model; 'ttp' is the tissue time to peak (the paper's TTP), 'delay' the "
                         "box model's delay")
     p.add_argument("--reference", choices=("nlr", "truth"), default="nlr",
-                   help="target maps: box-model NLR (cached in sub-*/nlr) or the phantom's truth "
-                        "[%(default)s]")
+                   help="target maps: box-model NLR (computed into OUT/references, reused by a "
+                        "rerun) or the phantom's truth; a UniToBrain cohort brings its own NLR "
+                        "maps [%(default)s]")
     p.add_argument("--frames", type=positive_int, default=None,
                    help="input frames t (default: the preset's; all frames of the first study "
                         "with 'paper')")
@@ -89,7 +91,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", type=Path, default=None,
                    help="text file of held-out patient ids (one per line), never trained on")
     p.add_argument("--cache", type=Path, default=None,
-                   help="slice cache folder (default: COHORT/.ctperf-cache)")
+                   help="slice cache folder, e.g. one shared by several runs; not inside the "
+                        "cohort, not OUT itself (default: OUT/cache)")
     add_device_option(p, what="training and evaluation")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="autocast (auto: bf16/fp16 on CUDA, none on CPU) [%(default)s]")
@@ -124,65 +127,13 @@ def train_config(args: argparse.Namespace) -> Any:
                    seed=args.seed)
 
 
-def read_id_list(path: Path | None) -> list[str]:
-    """Patient ids from a text file, one per line (blank lines and # comments ignored)."""
-    from ctperf.errors import InputError
+def training_options(args: argparse.Namespace, **extra: Any) -> Any:
+    """The :class:`ctperf.workflow.training.TrainingOptions` of the command line."""
+    from ctperf.workflow.training import TrainingOptions
 
-    if path is None:
-        return []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise InputError(path, f"cannot read the patient list ({exc.strerror})") from None
-    return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
-
-
-def check_run_folder(args: argparse.Namespace, *, owned_by: tuple[str, ...]) -> None:
-    """Refuse an OUT that is, holds or lies inside the cohort or the patient list, is the slice
-    cache, or is a folder of other files (``owned_by``: files of an earlier run), before any
-    work is done."""
-    from ctperf.errors import InputError
-    from ctperf.io import check_output
-
-    check_output(args.out, inputs=(args.cohort, args.test), kind="extend", owned_by=owned_by)
-    if args.cache is not None and args.cache.resolve() == args.out.resolve():
-        raise InputError(args.out, "is the slice cache folder (--cache); choose another output")
-
-
-def prepare(args: argparse.Namespace) -> tuple[Any, Any, Any]:
-    """The slice caches (final size, pretraining or None) and the run's
-    :class:`ctperf.model.TrainConfig`; NLR references are computed into ``OUT/references``."""
-    from dataclasses import replace
-
-    from ctperf.errors import ValidationError
-    from ctperf.model import build_slice_cache
-
-    config = train_config(args)
-    cache_root = args.cache or args.cohort / ".ctperf-cache"
-    references = None
-    if args.reference == "nlr":  # computed into OUT, never into the cohort; a rerun reuses them
-        from ctperf.io import mark_output
-        from ctperf.workflow import nlr_references
-
-        mark_output(args.out)  # OUT is this run's from here on, even if a reference fails
-        references = nlr_references(args.cohort, args.out / "references", progress=True)
-    common = {"reference": args.reference, "references": references,
-              "frame_mode": args.frame_mode, "frame_interval": args.resample_interval,
-              "progress": True}
-    cache = build_slice_cache(args.cohort, cache_root, size=config.size, frames=config.frames,
-                              **common)
-    config = replace(config, size=cache.size, frames=cache.n_frames)
-    if config.pretrain_epochs > 0 and config.pretrain_size >= cache.size:
-        log.warning("pretraining skipped: --pretrain-size %d is not below the training size "
-                    "%d", config.pretrain_size, cache.size)
-        config = replace(config, pretrain_epochs=0)
-    if config.pretrain_epochs > 0 and config.pretrain_size < 1:
-        raise ValidationError("--pretrain-epochs needs a --pretrain-size of 1 or more")
-    pretrain = None
-    if config.pretrain_epochs > 0:
-        pretrain = build_slice_cache(args.cohort, cache_root, size=config.pretrain_size,
-                                     frames=cache.n_frames, **common)
-    return cache, pretrain, config
+    return TrainingOptions(reference=args.reference, frame_mode=args.frame_mode,
+                           resample_interval=args.resample_interval, cache=args.cache,
+                           test_list=args.test, resume=args.resume, progress=True, **extra)
 
 
 def register(subparsers: Any) -> None:
@@ -190,7 +141,8 @@ def register(subparsers: Any) -> None:
         "train", help="train the U-Net (Gava et al. 2023) on a cohort",
         description="Train the paper's U-Net to map a CTP slice's frames to a perfusion map. "
                     "Writes OUT/last.pt (every epoch; --resume continues it), best.pt, model.pt "
-                    "and log.csv.")
+                    "and log.csv, the NLR references in OUT/references and the slice caches in "
+                    "OUT/cache (or --cache); the cohort is only read.")
     add_training_arguments(p)
     p.add_argument("--val-fraction", type=fraction, default=0.2,
                    help="fraction of patients (drawn with --seed) used for validation "
@@ -199,28 +151,9 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
+    from ctperf.workflow.training import train_cohort
 
-    from ctperf.errors import ValidationError
-    from ctperf.io import mark_output
-
-    if not 0 <= args.val_fraction < 1:
-        raise ValidationError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
-    check_run_folder(args, owned_by=("last.pt",))
-    from ctperf.model import train  # torch: only once the arguments are known to be usable
-    cache, pretrain, config = prepare(args)
-    test = set(read_id_list(args.test))
-    pool = sorted(set(cache.patient_ids) - test)
-    order = [pool[i] for i in np.random.default_rng(args.seed).permutation(len(pool))]
-    n_val = round(args.val_fraction * len(pool))
-    if n_val >= len(pool):
-        raise ValidationError(f"{len(pool)} patients leave none for training")
-    val, tr = sorted(order[:n_val]), sorted(order[n_val:])
-    mark_output(args.out)
-    result = train(cache, args.out, config, train_patients=tr, val_patients=val,
-                   pretrain_cache=pretrain, resume=args.resume, progress=True)
-    last = result.history[-1]
-    print(f"trained {'+'.join(config.targets)} on {len(tr)} patients ({len(val)} validation): "
-          f"final train MSE {last['train_loss']:.4f}, validation MSE {last['val_loss']:.4f} "
-          f"-> {result.model_path}")
+    outcome = train_cohort(args.cohort, args.out, train_config(args),
+                           training_options(args, val_fraction=args.val_fraction))
+    print(outcome.message)
     return 0

@@ -18,6 +18,12 @@ from ctperf.workflow.study import (
     preprocess_study,
     write_maps_outputs,
 )
+from ctperf.workflow.training import (
+    TrainingOptions,
+    TrainingOutcome,
+    cross_validate_cohort,
+    train_cohort,
+)
 
 __all__ = [
     "REFERENCE_MAPS",
@@ -27,13 +33,17 @@ __all__ = [
     "PredictOptions",
     "PreprocessOptions",
     "StudyOutcome",
+    "TrainingOptions",
+    "TrainingOutcome",
     "analyse_study",
     "convert_study",
+    "cross_validate_cohort",
     "generate_cohort",
     "maps_study",
     "nlr_references",
     "predict_study",
     "preprocess_study",
     "run_demo",
+    "train_cohort",
     "write_maps_outputs",
 ]

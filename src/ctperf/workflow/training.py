@@ -1,0 +1,295 @@
+"""Training runs on a cohort: NLR references, slice caches and the U-Net's training or
+patient-level cross-validation, as one call each (``ctperf train`` and ``ctperf cv``).
+
+Everything a run writes lies in its output folder ``OUT`` unless told otherwise:
+
+- ``OUT/references/<subject>/`` box-model NLR targets (``reference="nlr"``), reused on rerun;
+- ``OUT/cache/`` the slice caches (``TrainingOptions.cache`` shares one cache folder between
+  runs; it may lie neither inside the cohort nor be ``OUT`` itself);
+- the training's checkpoints and logs (:func:`ctperf.model.train`,
+  :func:`ctperf.model.cross_validate`).
+
+The cohort is only read.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ctperf.errors import InputError, ValidationError
+
+__all__ = [
+    "TrainingOptions",
+    "TrainingOutcome",
+    "cross_validate_cohort",
+    "held_out_patients",
+    "prepare_training",
+    "read_id_list",
+    "split_patients",
+    "train_cohort",
+]
+
+log = logging.getLogger(__name__)
+
+#: Files whose presence marks a training or cross-validation folder written before output
+#: markers existed.
+_OWNED_BY = ("last.pt", "fold-0", "table1.csv")
+
+
+@dataclass(frozen=True)
+class TrainingOptions:
+    """The options of a training run that are not hyper-parameters of the network.
+
+    Attributes
+    ----------
+    reference : {"nlr", "truth"}
+        Target maps: box-model NLR maps (computed into ``references``) or a phantom's truth; a
+        UniToBrain cohort brings its own reference.
+    references : Path or None
+        Folder of NLR reference maps ``<subject>/<map>.nii.gz``; missing ones are computed
+        into it (:func:`ctperf.workflow.nlr_references`). Default ``OUT/references``.
+    frame_mode : {"subsample", "resample"}
+        Frame selection of the slice cache (:func:`ctperf.model.build_slice_cache`).
+    resample_interval : float or None
+        Grid step in s of ``frame_mode="resample"``.
+    cache : Path or None
+        Folder of slice caches; default ``OUT/cache``. It must not be ``OUT`` nor lie inside
+        the cohort (ctperf never writes into its inputs).
+    test_patients : tuple of str
+        Held-out patients, never trained on.
+    test_list : Path or None
+        A text file of more held-out patient ids, one per line (blank lines and ``#``
+        comments ignored).
+    val_fraction : float
+        Fraction of the patients (drawn with the config's seed) that validate a single
+        training run (:func:`train_cohort`), in [0, 1).
+    resume : bool
+        Continue the run in ``OUT`` from its checkpoints.
+    progress : bool
+        Progress bars.
+    """
+
+    reference: str = "nlr"
+    references: Path | None = None
+    frame_mode: str = "subsample"
+    resample_interval: float | None = None
+    cache: Path | None = None
+    test_patients: tuple[str, ...] = ()
+    test_list: Path | None = None
+    val_fraction: float = 0.2
+    resume: bool = False
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "test_patients", tuple(self.test_patients))
+        if self.reference not in ("nlr", "truth"):
+            raise ValidationError(f"reference must be 'nlr' or 'truth', got {self.reference!r}")
+        if not 0 <= self.val_fraction < 1:
+            raise ValidationError(f"the validation fraction must be in [0, 1), got "
+                                  f"{self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class TrainingOutcome:
+    """What a training run or a cross-validation did.
+
+    Attributes
+    ----------
+    out : Path
+        The run's folder.
+    config : TrainConfig
+        The configuration trained with (slice size and frames as cached).
+    folds : list of (train ids, validation ids)
+        One pair for a single run, one per fold for a cross-validation.
+    model_paths : tuple of Path
+        The final checkpoint of each pair in ``folds``.
+    rows : list of dict
+        Table 1 rows of a cross-validation (:func:`ctperf.model.cross_validate`); for a single
+        run one row with the last epoch's ``train_loss`` and ``val_loss``.
+    message : str
+        One line for the user.
+    """
+
+    out: Path
+    config: Any
+    folds: list[tuple[list[str], list[str]]]
+    model_paths: tuple[Path, ...]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    message: str = ""
+
+
+def _check_run(cohort: Path, out: Path, options: TrainingOptions) -> Path:
+    """Refuse an unusable OUT or cache before any work; return the cache folder."""
+    from ctperf.io import check_output
+
+    check_output(out, inputs=(cohort, options.test_list), kind="extend", owned_by=_OWNED_BY)
+    cache = options.cache if options.cache is not None else out / "cache"
+    resolved, source = cache.resolve(), cohort.resolve()
+    if resolved == out.resolve():
+        raise InputError(cache, "is the output folder; give the slice cache a folder of its own "
+                                "(default OUT/cache)")
+    if resolved == source or resolved.is_relative_to(source) or source.is_relative_to(resolved):
+        raise InputError(cache, f"is, holds or lies inside the cohort {cohort}; ctperf never "
+                                "writes into its inputs, choose a slice cache folder outside it")
+    return cache
+
+
+def prepare_training(cohort: str | Path, out: str | Path, config: Any,
+                     options: TrainingOptions) -> tuple[Any, Any, Any]:
+    """NLR references, the slice caches (final size, pretraining or None) and the run's config.
+
+    ``OUT`` is marked as this run's before references are computed, so a failing reference
+    leaves a folder a rerun may continue.
+
+    Parameters
+    ----------
+    cohort, out : path
+        Cohort (phantom or UniToBrain layout) and the run's folder.
+    config : TrainConfig
+        Hyper-parameters; ``size`` and ``frames`` choose the caches (None: the studies' own).
+    options : TrainingOptions
+
+    Returns
+    -------
+    (SliceCache, SliceCache or None, TrainConfig)
+        The config has the cache's size and frame count, and no pretraining when the
+        pretraining size is not below the training size.
+    """
+    from ctperf.io import mark_output
+    from ctperf.model import build_slice_cache
+    from ctperf.workflow.references import nlr_references
+
+    cohort, out = Path(cohort), Path(out)
+    cache_root = _check_run(cohort, out, options)
+    mark_output(out)
+    references = None
+    if options.reference == "nlr":  # into OUT (or the given folder), never into the cohort
+        references = nlr_references(cohort, options.references or out / "references",
+                                    progress=options.progress)
+    common: dict[str, Any] = {
+        "reference": options.reference, "references": references,
+        "frame_mode": options.frame_mode, "frame_interval": options.resample_interval,
+        "progress": options.progress}
+    cache = build_slice_cache(cohort, cache_root, size=config.size, frames=config.frames,
+                              **common)
+    config = replace(config, size=cache.size, frames=cache.n_frames)
+    if config.pretrain_epochs > 0 and config.pretrain_size >= cache.size:
+        log.warning("pretraining skipped: the pretraining size %d is not below the training "
+                    "size %d", config.pretrain_size, cache.size)
+        config = replace(config, pretrain_epochs=0)
+    if config.pretrain_epochs > 0 and config.pretrain_size < 1:
+        raise ValidationError("pretraining epochs need a pretraining size of 1 or more")
+    pretrain = None
+    if config.pretrain_epochs > 0:
+        pretrain = build_slice_cache(cohort, cache_root, size=config.pretrain_size,
+                                     frames=cache.n_frames, **common)
+    return cache, pretrain, config
+
+
+def read_id_list(path: Path | None) -> list[str]:
+    """Patient ids from a text file, one per line (blank lines and ``#`` comments ignored)."""
+    if path is None:
+        return []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputError(path, f"cannot read the patient list ({exc})") from None
+    return [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+
+
+def held_out_patients(options: TrainingOptions) -> list[str]:
+    """The held-out patients of ``options``: ``test_patients`` and those of ``test_list``."""
+    return sorted(set(options.test_patients) | set(read_id_list(options.test_list)))
+
+
+def split_patients(patients: Sequence[str], *, val_fraction: float, seed: int,
+                   test_patients: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """(training, validation) patients: the pool without the test list, shuffled with
+    ``numpy.random.default_rng(seed)``; the first ``round(val_fraction * n)`` validate."""
+    import numpy as np
+
+    pool = sorted(set(patients) - set(test_patients))
+    order = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
+    n_val = round(val_fraction * len(pool))
+    if n_val >= len(pool):
+        raise ValidationError(f"{len(pool)} patients leave none for training")
+    return sorted(order[n_val:]), sorted(order[:n_val])
+
+
+def train_cohort(cohort: str | Path, out: str | Path, config: Any,
+                 options: TrainingOptions = TrainingOptions()) -> TrainingOutcome:
+    """Train the U-Net on a cohort: references -> slice caches -> split -> train.
+
+    Parameters
+    ----------
+    cohort : path
+        Phantom cohort (``sub-*/study.nii.gz``) or UniToBrain folder.
+    out : path
+        The run's folder: ``last.pt`` (every epoch), ``best.pt``, ``model.pt``, ``log.csv``,
+        ``references/`` and ``cache/`` by default.
+    config : TrainConfig
+        Hyper-parameters (:data:`ctperf.model.PRESETS`, changed with
+        :func:`dataclasses.replace`).
+    options : TrainingOptions
+
+    Returns
+    -------
+    TrainingOutcome
+    """
+    from ctperf.model import train
+
+    cohort, out = Path(cohort), Path(out)
+    held_out = held_out_patients(options)
+    cache, pretrain, config = prepare_training(cohort, out, config, options)
+    tr, va = split_patients(cache.patient_ids, val_fraction=options.val_fraction,
+                            seed=config.seed, test_patients=held_out)
+    result = train(cache, out, config, train_patients=tr, val_patients=va,
+                   pretrain_cache=pretrain, resume=options.resume, progress=options.progress)
+    last = result.history[-1]
+    message = (f"trained {'+'.join(config.targets)} on {len(tr)} patients ({len(va)} "
+               f"validation): final train MSE {last['train_loss']:.4f}, validation MSE "
+               f"{last['val_loss']:.4f} -> {result.model_path}")
+    return TrainingOutcome(out=out, config=config, folds=[(tr, va)],
+                           model_paths=(result.model_path,),
+                           rows=[{"train_loss": last["train_loss"],
+                                  "val_loss": last["val_loss"]}], message=message)
+
+
+def cross_validate_cohort(cohort: str | Path, out: str | Path, config: Any,
+                          options: TrainingOptions = TrainingOptions(), *,
+                          folds: int = 3) -> TrainingOutcome:
+    """Patient-level K-fold cross-validation on a cohort: references -> slice caches -> one
+    model per fold (``OUT/fold-<k>/``) -> Table 1 (``OUT/table1.csv``, ``OUT/table1.md``).
+
+    Parameters
+    ----------
+    cohort, out, config, options
+        As :func:`train_cohort`; ``options.val_fraction`` is not used (each fold validates on
+        its own group of patients).
+    folds : int
+        Number of folds K >= 2 (:func:`ctperf.model.make_folds`, drawn with ``config.seed``).
+
+    Returns
+    -------
+    TrainingOutcome
+        ``folds`` in fold order (fold k is ``folds[k - 1]``), ``rows`` Table 1.
+    """
+    from ctperf.model import cross_validate, format_table, make_folds
+
+    cohort, out = Path(cohort), Path(out)
+    held_out = held_out_patients(options)
+    cache, pretrain, config = prepare_training(cohort, out, config, options)
+    pairs = make_folds(cache.patient_ids, k=folds, seed=config.seed, test_patients=held_out)
+    rows = cross_validate(cache, out, config, folds=folds, test_patients=held_out,
+                          pretrain_cache=pretrain, resume=options.resume,
+                          progress=options.progress)
+    message = (format_table(rows, target="+".join(config.targets))
+               + f"saved {out / 'table1.csv'} and {out / 'table1.md'}")
+    return TrainingOutcome(out=out, config=config, folds=pairs,
+                           model_paths=tuple(out / f"fold-{k}" / "model.pt"
+                                             for k in range(1, folds + 1)),
+                           rows=rows, message=message)
