@@ -43,8 +43,8 @@ from ctperf.errors import ValidationError
 from ctperf.parallel import map_chunks
 from ctperf.perfusion.curves import flow_scale
 
-__all__ = ["DISPERSIONS", "RESIDUES", "BayesFit", "ResidueGrid", "fit_bayes", "residue",
-           "transit_cv"]
+__all__ = ["DISPERSIONS", "RESIDUES", "BayesFit", "ResidueGrid", "baseline_whitening", "fit_bayes",
+           "residue", "transit_cv"]
 
 log = logging.getLogger(__name__)
 
@@ -149,13 +149,17 @@ class ResidueGrid:
         Shapes (see :data:`RESIDUES`).
     dt : float
         Step of the fine grid on which the convolutions are integrated, s.
+    whiten : ndarray, shape (T, T), optional
+        Linear map applied to every response (see :func:`baseline_whitening`); the curves
+        compared with them must have gone through the same map.
     """
 
     def __init__(self, aif: np.ndarray, times: np.ndarray, *, scale: float,
                  mtt_range: tuple[float, float] = (1.0, 30.0), n_mtt: int = 48,
                  delay_range: tuple[float, float] = (-3.0, 12.0), delay_step: float = 0.125,
                  residues: tuple[str, ...] = RESIDUES,
-                 dispersions: tuple[float, ...] = DISPERSIONS, dt: float = 0.05) -> None:
+                 dispersions: tuple[float, ...] = DISPERSIONS, dt: float = 0.05,
+                 whiten: np.ndarray | None = None) -> None:
         t = np.asarray(times, dtype=np.float64)
         ca = np.asarray(aif, dtype=np.float64)
         self.mtts = np.geomspace(mtt_range[0], mtt_range[1], n_mtt)
@@ -190,7 +194,10 @@ class ResidueGrid:
                     resp = np.r_[0.0, conv]
                     cols.append(np.interp(query, tau, resp, left=0.0, right=resp[-1]))
         # (T, S * H * M * D), ordered (shape, dispersion, MTT, delay)
-        self.basis = (scale * np.stack(cols, axis=1).reshape(t.size, -1)).astype(np.float32)
+        basis = scale * np.stack(cols, axis=1).reshape(t.size, -1)
+        if whiten is not None:
+            basis = np.asarray(whiten, dtype=np.float64) @ basis
+        self.basis = basis.astype(np.float32)
         n_d = self.delays.size
         shape_of = np.repeat(np.arange(len(self.residues)), len(self.dispersions) * n_mtt * n_d)
         self.mtt = np.tile(np.repeat(self.mtts, n_d), len(self.residues) * len(self.dispersions))
@@ -246,6 +253,39 @@ def noise_variance(curves: np.ndarray) -> np.ndarray:
     d2 = curves[:-2] - 2.0 * curves[1:-1] + curves[2:]
     mad = np.median(np.abs(d2), axis=0).astype(np.float64)
     return (1.4826 * mad) ** 2 / 6.0
+
+
+def baseline_whitening(n_frames: int, baseline_frames: int) -> np.ndarray:
+    """Map that makes the noise of baseline-subtracted curves white again, (T, T) float64.
+
+    A curve whose first ``baseline_frames`` frames' mean was subtracted carries that mean's
+    error, common to every later frame: with frame noise of variance s^2, the later frames have
+    covariance s^2 (I + 1 1^T / n_b), the baseline frames s^2 (I - 1 1^T / n_b) (they sum to
+    zero), and the two groups are uncorrelated. The map returned first subtracts the baseline
+    frames' mean (as was done to the data, so that model curves can be compared with it), then
+    whitens each group: I - u u^T on the baseline frames (the pseudo-inverse square root of the
+    projector), I - beta u u^T with beta = 1 - 1 / sqrt(1 + T_after / n_b) on the later frames
+    (u the unit vector of equal weights on the group). After it the noise is white with
+    variance s^2 on T - 1 degrees of freedom.
+
+    Parameters
+    ----------
+    n_frames : int
+        T, the number of frames.
+    baseline_frames : int
+        n_b, the leading frames whose mean was subtracted (1 <= n_b < T).
+    """
+    n_t, n_b = int(n_frames), int(baseline_frames)
+    if not 1 <= n_b < n_t:
+        raise ValidationError(f"baseline_frames must be in 1..{n_t - 1}, got {n_b}")
+    sub = np.eye(n_t)
+    sub[:, :n_b] -= 1.0 / n_b                       # minus the baseline frames' mean
+    white = np.eye(n_t)
+    white[:n_b, :n_b] -= 1.0 / n_b
+    n_a = n_t - n_b
+    beta = 1.0 - 1.0 / math.sqrt(1.0 + n_a / n_b)
+    white[n_b:, n_b:] -= beta / n_a
+    return white @ sub
 
 
 def _log_posterior(g: np.ndarray, inv_norm2: np.ndarray, precision: np.ndarray,
@@ -388,6 +428,7 @@ def fit_bayes(
     spatial: bool = True,
     spatial_sigma_mm: float = 3.0,
     noise_sd: float | None = None,
+    baseline_frames: int | None = None,
     mtt_median: float = 5.0,
     mtt_log_sd: float = 1.0,
     dispersion_mean: float | None = None,
@@ -420,6 +461,10 @@ def fit_bayes(
     noise_sd : float, optional
         Noise SD of one frame, HU; default estimated per voxel from second differences
         (averaged over the neighbourhood with the spatial prior).
+    baseline_frames : int, optional
+        The leading frames whose mean was subtracted from ``tissue`` as its baseline: that
+        mean's error is common to every later frame, and the likelihood accounts for it
+        (:func:`baseline_whitening`). None: the frames' noise is independent.
     mtt_median, mtt_log_sd : float
         Log-normal prior on MTT (median s, SD of log MTT).
     dispersion_mean : float, optional
@@ -454,7 +499,9 @@ def fit_bayes(
     use_space = spatial and mask is not None and n > 0
     if use_space and int(m.sum()) != n:
         raise ValidationError(f"mask holds {int(m.sum())} voxels, tissue {n}")
-    grid = ResidueGrid(aif, t, scale=flow_scale(rho, kh), **(grid_options or {}))  # type: ignore[arg-type]
+    whiten = None if baseline_frames is None else baseline_whitening(t.size, baseline_frames)
+    grid = ResidueGrid(aif, t, scale=flow_scale(rho, kh), whiten=whiten,
+                       **(grid_options or {}))  # type: ignore[arg-type]
     keep = int(min(max(candidates, 1), grid.size))
     log_prior = grid.log_prior(mtt_median, mtt_log_sd, dispersion_mean)
     y_all = np.nan_to_num(y_all.astype(np.float32, copy=False))
@@ -497,6 +544,10 @@ def fit_bayes(
         block = np.arange(n)
         n_blocks = n
         block_curves, block_precision = y_all, 1.0 / noise
+    if whiten is not None:  # noise estimates above, from the curves as given
+        w32 = whiten.astype(np.float32)
+        block_curves = w32 @ block_curves
+        y_all = block_curves if not use_space else w32 @ y_all
 
     # Stage 1 holds a few (chunk, K) arrays per thread: chunks of about 2^22 grid values.
     chunk1 = max(16, min(chunk, (1 << 22) // grid.size))

@@ -171,7 +171,7 @@ def run_perfusion(
     vessels = _vessels(brain, venh[:, brain[search]], aif_raw, vessel_fraction)
     del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
     values, grid = _fit(method, tissue, aif_used, t, rho=rho, kh=kh, brain=brain,
-                        spacing=spacing, device=device, progress=progress)
+                        spacing=spacing, device=device, progress=progress, n_base=n_base)
     maps, units = _assemble(values, brain)
 
     flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
@@ -274,7 +274,7 @@ def _vessels(brain: np.ndarray, peaks_of: np.ndarray, aif: np.ndarray,
 
 def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho: float,
          kh: float, brain: np.ndarray, spacing: tuple[float, float, float], device: str | None,
-         progress: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+         progress: bool, n_base: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Values (N,) of every brain voxel by map name, and the uniform grid the fits saw (None
     when the frames are evenly spaced).
 
@@ -287,7 +287,7 @@ def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho
     values: dict[str, np.ndarray]
     if method == "bayes":
         post = fit_bayes(tissue, aif, t, rho=rho, kh=kh, mask=brain, spacing=spacing,
-                         progress=progress)
+                         baseline_frames=n_base, progress=progress)
         values = {name: getattr(post, name) for name in
                   ("cbf", "cbv", "mtt", "tmax", "delay", "residual", *SD_MAPS)}
     else:
