@@ -307,14 +307,35 @@ def _top(lp: np.ndarray, idx: np.ndarray, keep: int) -> tuple[np.ndarray, np.nda
             np.take_along_axis(lp, pick, axis=1))
 
 
+def _resample(lp: np.ndarray, draws: int) -> np.ndarray:
+    """Systematic resampling: ``draws`` column positions per row, drawn from the distribution
+    exp(lp) (n, k) at the evenly spaced quantiles (j + 1/2) / draws, so that a point of
+    probability p is drawn about p x draws times (deterministic). Returns (n, draws) int64;
+    a position may appear several times."""
+    p = np.exp(lp - lp.max(axis=1, keepdims=True))
+    cdf = np.cumsum(p, axis=1, dtype=np.float64)
+    cdf /= cdf[:, -1:]
+    rows = np.arange(lp.shape[0])[:, None]
+    cdf[:, -1] = 1.0                                        # never past the row's end
+    flat = (cdf + rows).ravel()
+    u = (np.arange(draws) + 0.5) / draws
+    pos = np.searchsorted(flat, (u[None, :] + rows).ravel()).reshape(-1, draws)
+    pos -= rows * lp.shape[1]
+    return np.minimum(pos, lp.shape[1] - 1)
+
+
 def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
-                log_prior: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
-    """The ``keep`` most probable grid points of each curve and their normalised log posterior.
+                log_prior: np.ndarray, keep: int, draws: int
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``keep`` most probable grid points of each curve, and ``draws`` points drawn from its
+    posterior, with their normalised log posterior.
 
     Coarse to fine: the posterior on the coarse grid (every third MTT, every fourth delay),
-    then on the fine grid around the coarse grid's most probable points.
+    then on the fine grid around coarse points, the most probable ones and as many drawn from
+    the coarse posterior (so that the fine points cover where its mass lies, not only its mode).
     ``curves`` (T, n) float32, ``precision`` (n,) = 1 / noise variance of the curves.
-    Returns indices (n, keep) int32 and log weights (n, keep) float32.
+    Returns indices (n, keep) int32, their log posterior (n, keep) float32, then the same for
+    the draws (n, draws); a drawn point may appear several times.
     """
     prec = precision.astype(np.float32)
     coarse = grid.coarse
@@ -322,6 +343,7 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     lp = _log_posterior(g, grid.inv_norm2[coarse].astype(np.float32), prec, log_prior[coarse])
     n_seed = min(max(keep // 2, 1), coarse.size)
     seeds, _ = _top(lp, np.broadcast_to(coarse, lp.shape), n_seed)
+    seeds = np.concatenate([seeds, coarse[_resample(lp, n_seed)]], axis=1)
     fine = grid.neighbours(seeds)                                           # (n, F), -1 unused
     fine.sort(axis=1)
     fine[:, 1:][fine[:, 1:] == fine[:, :-1]] = -1                           # duplicates out
@@ -330,44 +352,66 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     g = np.matmul(b, curves.T[:, :, None])[..., 0]
     lp = _log_posterior(g, grid.inv_norm2[safe].astype(np.float32), prec, log_prior[safe])
     lp[fine < 0] = -np.inf
+    lp -= lp.max(axis=1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
     idx, top = _top(lp, safe, min(keep, fine.shape[1]))
-    top -= top.max(axis=1, keepdims=True)
-    top -= np.log(np.exp(top).sum(axis=1, keepdims=True))
-    return idx, top
+    pick = _resample(lp, draws)
+    return (idx, top, np.take_along_axis(safe, pick, axis=1).astype(np.int32),
+            np.take_along_axis(lp, pick, axis=1))
+
+
+#: Columns of :func:`_moments`.
+_COLUMNS = ("cbf", "cbv", "mtt", "delay", "tmax", "cv", "sse_min", "noise_var",
+            "cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd")
 
 
 def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarray,
-             log_prior: np.ndarray, grid: ResidueGrid) -> np.ndarray:
-    """Posterior moments of voxels over their candidates.
+             log_prior: np.ndarray, grid: ResidueGrid, keep: int) -> np.ndarray:
+    """Estimates and their posterior root-mean-square errors for a set of voxels.
 
     ``g`` (n, M) projections <b_k, y> of each voxel's curve on its candidates ``idx`` (n, M),
-    ``yy`` (n,) the curves' squared norms, ``log_prior`` (n, M). Returns (n, 12): E[a], E[a^2],
-    E[a m], E[(a m)^2] (a = CBF, m = MTT / 60), E[MTT], E[MTT^2], E[delay], E[delay^2], E[cv],
-    the smallest SSE, the noise variance, the largest candidate probability, E[Tmax] and
-    E[Tmax^2].
+    ``yy`` (n,) the curves' squared norms, ``log_prior`` (n, M). The first ``keep`` candidates
+    are the prior's most probable points: the estimates are posterior means over them. The
+    others are draws from the prior (each carrying equal mass): their posterior weights
+    represent the whole posterior, and give each estimate's root-mean-square deviation from
+    the truth under it, sqrt(E[(x - estimate)^2]) (the posterior SD when the two means agree).
+    Returns (n, 12) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT.
     """
     np.maximum(g, 0.0, out=g)                               # CBF >= 0
     inv_nb = grid.inv_norm2[idx].astype(np.float32)
     explained = g * g * inv_nb
-    sse_min = np.maximum(yy - explained.max(axis=1), 0.0)
     lp = explained * (0.5 / noise_var).astype(np.float32)[:, None] + log_prior
-    lp -= lp.max(axis=1, keepdims=True)
-    w = np.exp(lp)
-    w /= w.sum(axis=1, keepdims=True)
     a = g * inv_nb                                          # CBF at each candidate
     var_a = noise_var[:, None].astype(np.float32) * inv_nb  # its variance given the candidate
     m = (grid.mtt[idx] / 60.0).astype(np.float32)
-    mtt, delay, cv, tmax = grid.mtt[idx], grid.delay[idx], grid.cv[idx], grid.tmax[idx]
-    cols = [a, a * a + var_a, a * m, (a * m) ** 2 + var_a * m * m, mtt, mtt * mtt, delay,
-            delay * delay, cv]
-    out = np.empty((g.shape[0], 14), dtype=np.float64)
-    for j, c in enumerate(cols):
-        out[:, j] = np.einsum("nm,nm->n", w, c, dtype=np.float64)
-    out[:, 9] = sse_min
-    out[:, 10] = noise_var
-    out[:, 11] = w.max(axis=1)
-    out[:, 12] = np.einsum("nm,nm->n", w, tmax, dtype=np.float64)
-    out[:, 13] = np.einsum("nm,nm->n", w, tmax * tmax, dtype=np.float64)
+    out = np.empty((g.shape[0], len(_COLUMNS)), dtype=np.float64)
+    parts = (slice(0, keep), slice(keep, None))
+    w = []
+    for part in parts:
+        lw = lp[:, part] - lp[:, part].max(axis=1, keepdims=True)
+        wp = np.exp(lw)
+        w.append(wp / wp.sum(axis=1, keepdims=True))
+
+    def mean(x: np.ndarray, j: int) -> np.ndarray:
+        return np.einsum("nm,nm->n", w[j], x[:, parts[j]], dtype=np.float64)
+
+    est = {"cbv": mean(a * m, 0), "mtt": mean(grid.mtt[idx], 0),
+           "delay": mean(grid.delay[idx], 0), "tmax": mean(grid.tmax[idx], 0)}
+    est["cbf"] = est["cbv"] / np.maximum(est["mtt"], 1e-6) * 60.0
+    out[:, 0], out[:, 1], out[:, 2] = est["cbf"], est["cbv"], est["mtt"]
+    out[:, 3], out[:, 4] = est["delay"], est["tmax"]
+    out[:, 5] = mean(grid.cv[idx], 0)
+    out[:, 6] = np.maximum(yy - explained.max(axis=1), 0.0)
+    out[:, 7] = noise_var
+    # E[(x - e)^2] = E[x^2] - 2 e E[x] + e^2 over the draws; a and a m add their variance
+    # given the grid point
+    for j, (name, x, var) in enumerate((("cbf", a, var_a), ("cbv", a * m, var_a * m * m),
+                                        ("mtt", grid.mtt[idx], None),
+                                        ("tmax", grid.tmax[idx], None))):
+        e = est[name]
+        second = x * x if var is None else x * x + var
+        msd = mean(second, 1) - 2.0 * e * mean(x, 1) + e * e
+        out[:, 8 + j] = np.sqrt(np.maximum(msd, 0.0))
     return out
 
 
@@ -433,6 +477,7 @@ def fit_bayes(
     mtt_log_sd: float = 1.0,
     dispersion_mean: float | None = None,
     candidates: int = 96,
+    draws: int = 48,
     grid_options: dict[str, object] | None = None,
     chunk: int = 2048,
     workers: int = 2,
@@ -472,7 +517,11 @@ def fit_bayes(
         over the grid's dispersions. A prior favouring little dispersion lowers CBF where
         there is none, and makes Tmax early where there is.
     candidates : int
-        Grid points kept per voxel after the prior (the most probable ones).
+        Grid points kept per voxel after the prior (the most probable ones): the estimates
+        are posterior means over them.
+    draws : int
+        Grid points drawn from the prior (the neighbourhood's posterior) per voxel: their
+        posterior weights give the uncertainty maps.
     grid_options : dict, optional
         Keyword arguments of :class:`ResidueGrid`.
     chunk : int
@@ -503,6 +552,7 @@ def fit_bayes(
     grid = ResidueGrid(aif, t, scale=flow_scale(rho, kh), whiten=whiten,
                        **(grid_options or {}))  # type: ignore[arg-type]
     keep = int(min(max(candidates, 1), grid.size))
+    n_draws = int(max(draws, 1))
     log_prior = grid.log_prior(mtt_median, mtt_log_sd, dispersion_mean)
     y_all = np.nan_to_num(y_all.astype(np.float32, copy=False))
     if noise_sd is not None:
@@ -552,15 +602,25 @@ def fit_bayes(
     # Stage 1 holds a few (chunk, K) arrays per thread: chunks of about 2^22 grid values.
     chunk1 = max(16, min(chunk, (1 << 22) // grid.size))
 
-    def stage1(s: int, e: int) -> tuple[np.ndarray, np.ndarray]:
-        return _candidates(block_curves[:, s:e], block_precision[s:e], grid, log_prior, keep)
+    def stage1(s: int, e: int) -> tuple[np.ndarray, ...]:
+        return _candidates(block_curves[:, s:e], block_precision[s:e], grid, log_prior, keep,
+                           n_draws)
 
     parts = map_chunks(stage1, n_blocks, chunk=chunk1, workers=max(1, workers),
                        progress=progress, desc="bayes prior", unit="voxel")
-    cand = np.concatenate([p[0] for p in parts])
-    cand_lp = np.concatenate([p[1] for p in parts])
-    if not use_space:  # the candidates' prior is the global one, not the voxel's posterior
-        cand_lp = log_prior[cand]
+    top, top_lp, drawn, drawn_lp = (np.concatenate([p[j] for p in parts]) for j in range(4))
+    if use_space:
+        # the prior of a voxel's own posterior: the block's posterior, which the most probable
+        # points carry as weights and the draws as their number
+        drawn_lp = np.zeros_like(drawn_lp)
+    else:
+        # the candidates were chosen by the voxel's own posterior: the prior is the global
+        # one, and the draws, made from the posterior, carry their mass as their number
+        top_lp = log_prior[top]
+        drawn_lp = log_prior[drawn] - drawn_lp
+    cand = np.concatenate([top, drawn], axis=1)
+    cand_lp = np.concatenate([top_lp, drawn_lp], axis=1)
+    n_top = top.shape[1]
 
     # Stage 2: each voxel's own curve weighs its block's candidates; the voxels of a block
     # share them, so their projections are one batched product per block.
@@ -570,7 +630,7 @@ def fit_bayes(
     members = np.full((n_blocks, width), -1, dtype=np.int64)
     pos = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
     members[block[order], pos] = order
-    mom = np.empty((n, 14), dtype=np.float64)
+    mom = np.empty((n, len(_COLUMNS)), dtype=np.float64)
     per_chunk = max(1, chunk // width)
 
     def stage2(s: int, e: int) -> None:
@@ -583,21 +643,14 @@ def fit_bayes(
         yy = np.einsum("npt,npt->np", ys, ys, dtype=np.float64)[valid]
         rows = np.nonzero(valid)[0] + s
         ids = vox[valid]
-        mom[ids] = _moments(g, yy, noise[ids], cand[rows], cand_lp[rows], grid)
+        mom[ids] = _moments(g, yy, noise[ids], cand[rows], cand_lp[rows], grid, n_top)
 
     map_chunks(stage2, n_blocks, chunk=per_chunk, workers=max(1, workers), progress=progress,
                desc="bayes", unit="voxel")
-
-    def sd(m2: np.ndarray, m1: np.ndarray) -> np.ndarray:
-        return np.sqrt(np.maximum(m2 - m1**2, 0.0)).astype(np.float32)
-
-    cbv, mtt = mom[:, 2], mom[:, 4]
-    cbf = 60.0 * cbv / np.maximum(mtt, 1e-6)
-    f32 = np.float32
-    return BayesFit(cbf=cbf.astype(f32), cbv=cbv.astype(f32), mtt=mtt.astype(f32),
-                    delay=mom[:, 6].astype(f32), tmax=mom[:, 12].astype(f32),
-                    transit_cv=mom[:, 8].astype(f32),
-                    residual=np.sqrt(mom[:, 9] / t.size).astype(f32),
-                    noise=np.sqrt(mom[:, 10]).astype(f32),
-                    cbf_sd=sd(mom[:, 1], mom[:, 0]), cbv_sd=sd(mom[:, 3], mom[:, 2]),
-                    mtt_sd=sd(mom[:, 5], mom[:, 4]), tmax_sd=sd(mom[:, 13], mom[:, 12]))
+    col = {name: mom[:, j].astype(np.float32) for j, name in enumerate(_COLUMNS)}
+    return BayesFit(cbf=col["cbf"], cbv=col["cbv"], mtt=col["mtt"], delay=col["delay"],
+                    tmax=col["tmax"], transit_cv=col["cv"],
+                    residual=np.sqrt(mom[:, 6] / t.size).astype(np.float32),
+                    noise=np.sqrt(mom[:, 7]).astype(np.float32),
+                    cbf_sd=col["cbf_sd"], cbv_sd=col["cbv_sd"], mtt_sd=col["mtt_sd"],
+                    tmax_sd=col["tmax_sd"])
