@@ -208,6 +208,11 @@ class ResidueGrid:
         # the convention's Tmax: delay + the first peak of the dispersed residue h * R
         self.tmax = self.delay + np.repeat(np.array(peaks), n_d)
         self.dims = (len(self.residues), len(self.dispersions), n_mtt, n_d)
+        # a grid point stands for the cell around it: the variance within a cell of the grid's
+        # steps (uniform over the cell: step^2 / 12), in log MTT and in delay
+        self.cell_var_log_mtt = math.log(self.mtts[1] / self.mtts[0]) ** 2 / 12 if n_mtt > 1 \
+            else 0.0
+        self.cell_var_delay = delay_step**2 / 12 if n_d > 1 else 0.0
         flat = np.arange(self.mtt.size).reshape(self.dims)
         self.coarse = flat[:, :, 1::3, ::4].ravel()
         # row-contiguous copies for gathers of candidates and for the coarse pass
@@ -411,7 +416,11 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarr
         e = est[name]
         second = x * x if var is None else x * x + var
         msd = mean(second, 1) - 2.0 * e * mean(x, 1) + e * e
-        out[:, 8 + j] = np.sqrt(np.maximum(msd, 0.0))
+        # plus the variance within the grid's cells: MTT's relative (CBF's through 1 / MTT),
+        # the delay's for Tmax; CBV's amplitude is not on the grid
+        cell = {"cbf": e * e * grid.cell_var_log_mtt, "cbv": 0.0,
+                "mtt": e * e * grid.cell_var_log_mtt, "tmax": grid.cell_var_delay}[name]
+        out[:, 8 + j] = np.sqrt(np.maximum(msd, 0.0) + cell)
     return out
 
 
