@@ -150,13 +150,88 @@ def test_tiles_at_10_hu(tiles):
     assert abs(slope) < 0.02
 
 
+def _coverage(fit, truth: dict[str, np.ndarray]) -> dict[str, float]:
+    """Fraction of voxels whose true value lies within +-2 SD of the map, per map."""
+    return {k: float(np.mean(np.abs(getattr(fit, k) - truth[k]) <= 2 * getattr(fit, k + "_sd")))
+            for k in ("cbf", "cbv", "mtt", "tmax")}
+
+
 @pytest.mark.slow
 def test_tiles_uncertainty_covers_the_truth(tiles):
-    """Posterior SDs: the truth within +-2 SD in 90-98 % of voxels (CBV, delay)."""
+    """The truth within +-2 SD of the maps on the tiles (all shapes; true Tmax = delay)."""
     fit, truth, _ = tiles
-    for est, sd, ref in ((fit.cbv, fit.cbv_sd, truth["cbv"]),):
-        inside = np.mean(np.abs(est - ref) <= 2 * sd)
-        assert 0.90 <= inside <= 0.99, inside
+    cover = _coverage(fit, {"cbf": truth["cbf"], "cbv": truth["cbv"], "tmax": truth["delay"],
+                            "mtt": 60 * truth["cbv"] / truth["cbf"]})
+    # measured CBF 98 %, CBV 96 %: 0.90-0.99 is the target with a point for the seed
+    assert 0.90 <= cover["cbv"] <= 0.99, cover
+    assert 0.90 <= cover["cbf"] <= 0.99, cover
+    # measured MTT 86 %, Tmax 85 % (79 and 81 % before the SDs came from posterior draws):
+    # below the target on the box tiles (75 / 78 %), whose sharp residue the family also
+    # explains by a dispersed one with a shorter MTT and a later Tmax, and at MTT 24 s,
+    # half the acquisition; 0.82 keeps the gain and leaves the seed a few points
+    assert cover["mtt"] >= 0.82, cover
+    assert cover["tmax"] >= 0.82, cover
+
+
+def _low_cnr_tiles(seed: int, *, baseline: int | None = None, told: bool = True):
+    """Nine 10 x 10 tiles of exponential residues, CBV 3, MTT 4-12 s x delay 0-3 s, 10 HU;
+    with ``baseline``, the mean of that many leading frames is subtracted from every curve
+    (and the fit told so when ``told``). Returns the fit and the truth per voxel."""
+    mtts, delays, inner = np.array([12.0, 6.0, 4.0]), np.array([0.0, 1.5, 3.0]), 10
+    curves = np.stack([tissue("exponential", 3.0 / m * 60, m, d) for d in delays for m in mtts],
+                      axis=1).reshape(TIMES.size, 3, 3)
+    vol = np.repeat(np.repeat(curves, inner, 1), inner, 2)
+    study = vol + 10.0 * np.random.default_rng(seed).standard_normal(vol.shape)
+    if baseline is not None:
+        study = study - study[:baseline].mean(axis=0)
+    mask = np.ones((1, *vol.shape[1:]), dtype=bool)
+    fit = fit_bayes(study.reshape(TIMES.size, -1), _aif(TIMES), TIMES, rho=RHO, kh=KH,
+                    mask=mask, spacing=(5.0, 1.0, 1.0),
+                    baseline_frames=baseline if told else None)
+    yy, xx = np.indices(vol.shape[1:])
+    mtt, delay = mtts[xx // inner].ravel(), delays[yy // inner].ravel()
+    return fit, {"cbf": 180.0 / mtt, "cbv": np.full(mtt.shape, 3.0), "mtt": mtt, "tmax": delay}
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_uncertainty_covers_the_truth_at_low_cnr(seed):
+    """Exponential tiles at CBV 3 and 10 HU: the truth within +-2 SD in 90-99 % of voxels for
+    every map (true Tmax = delay: no dispersion)."""
+    fit, truth = _low_cnr_tiles(seed)
+    cover = _coverage(fit, truth)
+    # measured 93-97 % for every map (seeds 1-3); the SDs of the most probable grid points
+    # alone covered MTT in 84-90 %. 900 voxels, but neighbours share their prior: a few points
+    for name, c in cover.items():
+        assert 0.90 <= c <= 0.99, (name, cover)
+
+
+def test_baseline_subtraction_is_part_of_the_noise_model():
+    """Curves whose first frames' mean was subtracted carry its error in every later frame:
+    with ``baseline_frames`` the CBV SDs cover the truth, without it they are too small."""
+    n_base = 8  # the AIF arrives at 5 s: frames 0-3.5 s are before the bolus
+    told, truth = _low_cnr_tiles(1, baseline=n_base)
+    blind, _ = _low_cnr_tiles(1, baseline=n_base, told=False)
+    # measured -1 to -3 % (seeds 1-3): the whitening adds no bias
+    assert abs(np.median(told.cbv) / 3.0 - 1) < 0.1
+    # the offset's SD is 10 / sqrt(8) HU in all 81 later frames, which widens the CBV error
+    # about threefold: measured CBV coverage 94-97 % told, 52-56 % not told (seeds 1-3)
+    assert 0.90 <= _coverage(told, truth)["cbv"] <= 0.99
+    assert _coverage(blind, truth)["cbv"] < 0.75
+
+
+def test_baseline_whitening_makes_the_noise_white():
+    from ctperf.perfusion.bayes import baseline_whitening
+
+    n_t, n_b = 20, 5
+    w = baseline_whitening(n_t, n_b)
+    sub = np.eye(n_t) - np.r_[np.ones(n_b), np.zeros(n_t - n_b)][None, :] / n_b
+    # covariance of baseline-subtracted white noise (variance 1), whitened: a projector of
+    # rank T - 1 (the baseline frames' sum is always zero), exact up to rounding
+    cov = w @ sub @ sub.T @ w.T
+    assert np.allclose(cov @ cov, cov, atol=1e-12)
+    assert np.trace(cov) == pytest.approx(n_t - 1)
+    # it subtracts the baseline frames' mean itself, so model curves need no other step
+    assert np.allclose(w @ sub, w)
 
 
 def test_spatial_prior_beats_voxelwise_at_low_cnr():
@@ -259,3 +334,25 @@ def test_skullless_slice_fully_automatic_within_35_percent():
     for name, e in err.items():
         assert abs(e["cbf"]) < 0.35, (name, e)
         assert abs(e["cbv"]) < 0.35, (name, e)
+
+
+@pytest.mark.slow
+def test_phantom_uncertainty_covers_the_truth():
+    """A lesion phantom (gamma residues, dispersion per voxel, 150 mAs, 128 px, 4 slices), true
+    AIF: the phantom's truth within +-2 SD of the maps in its brain voxels outside vessels."""
+    from ctperf.perfusion import run_perfusion
+    from ctperf.phantom import generate_subject
+
+    subject = generate_subject(seed=3, size=128, slices=4, residues=("gamma",), lesion=True)
+    result = run_perfusion(subject.series, method="bayes", aif=subject.aif)
+    brain = subject.masks["brain"] & result.brain & ~result.vessels
+    cover = {k: float(np.mean(np.abs(result.maps[k] - subject.truth[k])[brain]
+                              <= 2 * result.maps[k + "_sd"][brain]))
+             for k in ("cbf", "cbv", "mtt", "tmax")}
+    # measured CBF 99 %, CBV 96 %, MTT 89 %, Tmax 96 % (before: 82, 56, 71, 94 %: the baseline
+    # subtraction's error was missing from the noise model, and the SDs came from the most
+    # probable grid points only); a point or two for the draw; CBF's SD is conservative here
+    assert 0.90 <= cover["cbv"] <= 0.98, cover
+    assert 0.90 <= cover["tmax"] <= 0.99, cover
+    assert 0.93 <= cover["cbf"] <= 0.997, cover
+    assert 0.86 <= cover["mtt"] <= 0.98, cover
