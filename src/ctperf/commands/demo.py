@@ -23,8 +23,14 @@ def register(subparsers: Any) -> None:
                     "Writes OUT/phantom/ (study, true maps, masks, preview.png), OUT/maps/ (as "
                     "`ctperf maps`), OUT/evaluation.json, OUT/comparison.png, OUT/report.md and "
                     "OUT/report.html (one self-contained file).")
-    p.add_argument("out", type=Path, nargs="?", default=Path("ctperf-demo"),
-                   help="output folder [%(default)s]")
+    p.add_argument("out", type=Path, nargs="?", default=None,
+                   help="output folder [ctperf-demo; ctperf-demo-neural with --neural]")
+    p.add_argument("--neural", action="store_true",
+                   help="the paper's neural experiment instead: a small phantom cohort into "
+                        "OUT/cohort (12 subjects of 64 x 64 x 4 x 89, no motion), then `ctperf "
+                        "reproduce` on it with the cpu preset (filtered, not registered: "
+                        "nothing moves); --seed and --filter/--no-filter apply, the other "
+                        "options do not (docs/reproduce.md)")
     p.add_argument("--size", type=count(32), default=256,
                    help="in-plane pixels over a 230 mm field of view, >= 32 [%(default)s; "
                         "scanners give 512]")
@@ -44,6 +50,10 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ctperf.workflow.demo import DemoOptions, run_demo
 
+    if args.neural:
+        return _run_neural(args)
+    args.out = args.out or Path("ctperf-demo")
+
     options = DemoOptions(size=args.size, slices=args.slices, frames=args.frames,
                           seed=args.seed, motion=args.motion, method=args.method,
                           register=args.register, filter=args.filter,
@@ -54,4 +64,18 @@ def run(args: argparse.Namespace) -> int:
     print(outcome.message)
     print(f"wrote {args.out}/report.html (self-contained), report.md, comparison.png, maps/ "
           "and phantom/")
+    return 0
+
+
+def _run_neural(args: argparse.Namespace) -> int:
+    from ctperf.workflow.reproduce import NeuralDemoOptions, ReproduceOptions, run_neural_demo
+
+    out = args.out or Path("ctperf-demo-neural")
+    options = NeuralDemoOptions(seed=args.seed, reproduce=ReproduceOptions(
+        register=False, filter=args.filter, spatial_sigma_mm=args.spatial_sigma,
+        range_sigma_hu=args.range_sigma, filter_weights=args.filter_weights, workers=1,
+        progress=True))
+    outcome = run_neural_demo(out, options, echo=print)
+    print(outcome.message)
+    print(f"wrote {outcome.report} (self-contained)")
     return 0

@@ -1,0 +1,676 @@
+"""``ctperf reproduce``: the study of Gava et al. 2023 (doi:10.3389/fninf.2023.852105) on a
+cohort, as one resumable run.
+
+Steps, each skipped when a previous run into the same folder finished it:
+
+1. preprocessing (phantom cohorts): every frame registered to the first, then the bilateral
+   filter guided by the temporal mean, into ``OUT/preprocessed/<subject>/`` (a UniToBrain
+   folder holds registered and filtered studies already);
+2. NLR reference maps: the box model (``ctperf maps --method nlr``) on the preprocessed studies
+   into ``OUT/nlr/<subject>/``, a maps cohort with lesions (UniToBrain: the dataset's own NLR
+   maps, written in the same layout);
+3. patient-level K-fold cross-validation of the U-Net, one network per map as the paper (or one
+   network for every map), into ``OUT/cv/<map>/fold-<k>/`` with the slice caches in
+   ``OUT/cache/``; the fold of every subject in ``OUT/folds.json``;
+4. prediction of every subject by the model of the fold that validated on it (never saw it),
+   into ``OUT/cnn/<subject>/``: maps, lesions segmented as ``ctperf maps`` does, summary.json
+   and overview.png;
+5. evaluation (``ctperf evaluate OUT/cnn OUT/nlr``, with the phantom's truth) into
+   ``OUT/evaluation/``, and the self-contained ``OUT/report.html``.
+
+The input cohort is only read; for a phantom cohort ``OUT/cohort`` points to it (a symbolic
+link, or ``cohort.json`` holding its path where links cannot be made).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ctperf.errors import CTPerfError, InputError, ValidationError
+from ctperf.lesion_options import LesionOptions
+
+__all__ = ["PHANTOM_TARGETS", "UNITOBRAIN_TARGETS", "NeuralDemoOptions", "ReproduceOptions",
+           "ReproduceOutcome", "predict_subject", "reference_subject", "reproduce_cohort",
+           "run_neural_demo"]
+
+log = logging.getLogger(__name__)
+
+#: Maps learned on a phantom cohort: the paper's CBV, CBF and TTP, and Tmax for the lesions.
+PHANTOM_TARGETS = ("cbv", "cbf", "ttp", "tmax")
+#: Maps learned on UniToBrain (its NLR reference has no Tmax).
+UNITOBRAIN_TARGETS = ("cbv", "cbf", "ttp")
+_RECORD = "reproduce.json"
+_FORMAT = "ctperf-reproduce"
+_STEPS = 5
+
+
+@dataclass(frozen=True)
+class ReproduceOptions:
+    """Options of :func:`reproduce_cohort` other than the network's hyper-parameters.
+
+    Attributes
+    ----------
+    targets : tuple of str or None
+        Maps to learn; None: :data:`PHANTOM_TARGETS` or :data:`UNITOBRAIN_TARGETS`. Lesions of
+        the U-Net's maps need ``cbf`` and ``tmax``.
+    per_map : bool
+        One network per map, as the paper (else one network with one output per map).
+    folds : int
+        Folds K of the patient-level cross-validation, >= 2.
+    register, filter : bool
+        Preprocessing of a phantom cohort: rigid registration of every frame to the first, and
+        the bilateral filter (``spatial_sigma_mm`` mm, ``range_sigma_hu`` HU,
+        ``filter_weights``).
+    method : str
+        Reference method of ``ctperf maps`` (``nlr``: the paper's Nelder-Mead box model).
+    device : str
+        ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, for the box-model fits and prediction
+        (training uses the config's device).
+    batch_size : int
+        Slices per forward pass when predicting.
+    workers : int or None
+        Studies preprocessed and fitted at once (:func:`ctperf.workflow.cohort.run_cohort`):
+        1 in this process, None a local cluster sized to the machine.
+    lesion_options : LesionOptions
+        Lesion thresholds of both readers (defaults of ``ctperf maps``).
+    progress : bool
+        Progress bars.
+    """
+
+    targets: tuple[str, ...] | None = None
+    per_map: bool = True
+    folds: int = 3
+    register: bool = True
+    filter: bool = True
+    spatial_sigma_mm: float = 3.0
+    range_sigma_hu: float = 20.0
+    filter_weights: str = "linear"
+    method: str = "nlr"
+    device: str = "auto"
+    batch_size: int = 4
+    workers: int | None = None
+    lesion_options: LesionOptions = field(default_factory=LesionOptions)
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.targets is not None:
+            object.__setattr__(self, "targets", tuple(self.targets))
+            if not self.targets:
+                raise ValidationError("targets must name at least one map")
+        if self.folds < 2:
+            raise ValidationError(f"folds must be 2 or more, got {self.folds}")
+
+
+@dataclass(frozen=True)
+class ReproduceOutcome:
+    """What :func:`reproduce_cohort` did.
+
+    Attributes
+    ----------
+    out : Path
+        The run's folder.
+    report : Path
+        ``OUT/report.html``.
+    subject_fold : dict of str to int
+        Subject -> the fold (1..K) whose model predicted it (it validated that fold).
+    agreement : dict
+        U-Net against NLR per map (``pearson_r``, ``mse_window``, ``mae``, ``bias``: mean over
+        subjects) and per lesion (``dice``: mean over subjects with a reference lesion).
+    computed : tuple of str
+        The steps this run computed something in (empty for a finished run run again).
+    message : str
+        Lines for the user: the agreement table.
+    """
+
+    out: Path
+    report: Path
+    subject_fold: dict[str, int]
+    agreement: dict[str, Any]
+    computed: tuple[str, ...]
+    message: str
+
+
+def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
+                     options: ReproduceOptions = ReproduceOptions(), *,
+                     echo: Callable[[str], None] | None = None) -> ReproduceOutcome:
+    """Run the paper's study on a phantom cohort or a UniToBrain folder (see the module).
+
+    Parameters
+    ----------
+    cohort : path
+        A phantom cohort (``ctperf phantom``: ``sub-*/study.nii.gz`` with truth and masks) or
+        a UniToBrain folder (:func:`ctperf.io.iter_unitobrain`).
+    out : path
+        The run's folder; a rerun into it continues or skips the steps done. It must be new,
+        empty or a previous run of this function with the same settings, and must not hold
+        the cohort, except as ``OUT/cohort`` (:func:`run_neural_demo`).
+    config : TrainConfig
+        The U-Net's hyper-parameters (:data:`ctperf.model.PRESETS`); its ``targets`` are
+        replaced by the options'.
+    options : ReproduceOptions
+    echo : callable, optional
+        Receives one line per step.
+
+    Returns
+    -------
+    ReproduceOutcome
+    """
+    from ctperf import io
+
+    say = echo or (lambda line: None)
+    cohort, out = Path(cohort), Path(out)
+    layout = _layout(cohort)
+    targets = options.targets or (PHANTOM_TARGETS if layout == "phantom"
+                                  else UNITOBRAIN_TARGETS)
+    config = dataclasses.replace(config, targets=targets)
+    inside = cohort.resolve() == (out / "cohort").resolve()  # the demo's own cohort
+    io.check_output(out, inputs=() if inside else (cohort,), kind="extend",
+                    owned_by=(_RECORD,))
+    _check_record(out, layout, config, options)
+    io.mark_output(out)
+    if layout == "phantom" and not inside:
+        _link_cohort(cohort, out)
+    _write_record(out, layout, config, options)
+    computed: list[str] = []
+    studies_root = _preprocess(cohort, out, layout, options, say, computed)
+    _references(cohort, studies_root, out, layout, options, say, computed)
+    subject_fold = _cross_validate(cohort, studies_root, out, layout, config, options, say,
+                                   computed)
+    _predict(cohort, studies_root, out, layout, config, options, subject_fold, say, computed)
+    agreement = _evaluate(out, layout, options, say, computed)
+    message = _agreement_text(agreement)
+    return ReproduceOutcome(out=out, report=out / "report.html", subject_fold=subject_fold,
+                            agreement=agreement, computed=tuple(computed), message=message)
+
+
+@dataclass(frozen=True)
+class NeuralDemoOptions:
+    """Options of :func:`run_neural_demo`: the phantom cohort (``subjects`` of ``size`` px,
+    ``slices`` of 5 mm, ``frames`` 0.5 s apart, no motion, ``seed``), the U-Net ``preset``
+    and the :class:`ReproduceOptions` of the run (registration off: nothing moves)."""
+
+    subjects: int = 12
+    size: int = 64
+    slices: int = 4
+    frames: int = 89
+    seed: int = 3
+    preset: str = "cpu"
+    epochs: int | None = None
+    reproduce: ReproduceOptions = field(
+        default_factory=lambda: ReproduceOptions(register=False, workers=1))
+
+
+def run_neural_demo(out: str | Path, options: NeuralDemoOptions = NeuralDemoOptions(), *,
+                    echo: Callable[[str], None] | None = None) -> ReproduceOutcome:
+    """Generate a small phantom cohort into ``OUT/cohort`` and run :func:`reproduce_cohort`
+    on it into ``OUT`` (``ctperf demo --neural``); a rerun continues or skips what is done.
+
+    Returns
+    -------
+    ReproduceOutcome
+    """
+    from ctperf import io
+    from ctperf.model import preset
+    from ctperf.workflow.phantoms import generate_cohort
+
+    say = echo or (lambda line: None)
+    o = options
+    out = Path(out)
+    io.check_output(out, kind="extend", owned_by=(_RECORD,))
+    io.mark_output(out)
+    say(f"[0/{_STEPS}] phantom cohort: {o.subjects} subjects of {o.size} x {o.size} x "
+        f"{o.slices} x {o.frames} (seed {o.seed}, no motion) -> {out / 'cohort'}")
+    generate_cohort(out / "cohort", subjects=o.subjects, seed=o.seed, size=o.size,
+                    slices=o.slices, frames=o.frames, motion="none", dicom=False,
+                    progress=o.reproduce.progress)
+    config = preset(o.preset)
+    if o.epochs is not None:
+        config = dataclasses.replace(config, epochs=o.epochs)
+    return reproduce_cohort(out / "cohort", out, config, o.reproduce, echo=echo)
+
+
+# --- set-up ----------------------------------------------------------------------------------
+
+def _layout(cohort: Path) -> str:
+    """``"phantom"`` or ``"unitobrain"``."""
+    from ctperf.io.unitobrain import find_unitobrain
+
+    if not cohort.is_dir():
+        raise InputError(cohort, "is not a folder; expected a phantom cohort (ctperf phantom) "
+                                 "or a UniToBrain folder")
+    if any((p / "study.nii.gz").exists() for p in cohort.glob("sub-*")):
+        return "phantom"
+    try:
+        if find_unitobrain(cohort):
+            return "unitobrain"
+    except InputError:
+        pass
+    raise InputError(cohort, "holds neither phantom subjects (sub-*/study.nii.gz) nor "
+                             "UniToBrain patients (MOL-*_Registered_Filtered_3mm_20HU)")
+
+
+def _settings(layout: str, config: Any, options: ReproduceOptions) -> dict[str, Any]:
+    from ctperf.workflow.cohort import _plain
+
+    plain = {k: v for k, v in _plain(options).items() if k not in ("progress", "workers")}
+    return json.loads(json.dumps({"layout": layout, "config": _plain(config),
+                                  "options": plain}, default=repr))
+
+
+def _check_record(out: Path, layout: str, config: Any, options: ReproduceOptions) -> None:
+    """Refuse to continue a run made with other settings (its steps would mix)."""
+    path = out / _RECORD
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"is not valid JSON ({exc}); delete it or choose another "
+                               "output folder") from None
+    if old.get("settings") != _settings(layout, config, options):
+        raise InputError(out, "holds a run made with other settings (reproduce.json); choose "
+                              "another output folder to change them")
+
+
+def _write_record(out: Path, layout: str, config: Any, options: ReproduceOptions) -> None:
+    from ctperf import __version__
+    from ctperf.io import write_json
+
+    if (out / _RECORD).exists():  # checked by _check_record: the same settings
+        return
+    write_json({"format": _FORMAT, "version": 1, "ctperf_version": __version__,
+                "settings": _settings(layout, config, options)}, out / _RECORD)
+
+
+def _link_cohort(cohort: Path, out: Path) -> None:
+    """``OUT/cohort``: a symbolic link to the phantom cohort (else ``cohort.json``)."""
+    from ctperf.io import write_json
+
+    link = out / "cohort"
+    target = cohort.resolve()
+    if link.is_symlink() and link.resolve() == target:
+        return
+    if link.is_symlink():
+        link.unlink()
+    try:
+        link.symlink_to(target, target_is_directory=True)
+    except OSError:
+        write_json({"cohort": str(target)}, out / "cohort.json")
+
+
+def _truth(out: Path) -> Path | None:
+    link = out / "cohort"
+    if link.is_dir():
+        return link
+    pointer = out / "cohort.json"
+    if pointer.exists():
+        return Path(json.loads(pointer.read_text())["cohort"])
+    return None
+
+
+def _cohort_step(name: str, summary: Any, computed: list[str]) -> None:
+    """Record a step that computed something; stop on a failed study."""
+    if summary.done:
+        computed.append(name)
+    if summary.failed:
+        raise CTPerfError(f"{name}: {len(summary.failed)} studies failed "
+                          f"({summary.failure_lines()[0]}); {summary.manifest} lists them, "
+                          "and running again tries them again")
+
+
+# --- steps -----------------------------------------------------------------------------------
+
+def _preprocess(cohort: Path, out: Path, layout: str, options: ReproduceOptions,
+                say: Callable[[str], None], computed: list[str]) -> Path:
+    """The folder of the studies the reference and the network see."""
+    from ctperf.workflow.cohort import discover_studies, run_cohort
+    from ctperf.workflow.study import PreprocessOptions, preprocess_study
+
+    if layout != "phantom":
+        say(f"[1/{_STEPS}] preprocessing: none (UniToBrain studies are registered and "
+            "filtered)")
+        return cohort
+    if not (options.register or options.filter):
+        say(f"[1/{_STEPS}] preprocessing: none (no registration, no filter)")
+        return cohort
+    steps = " + ".join([*(["registration"] if options.register else []),
+                        *(["bilateral filter"] if options.filter else [])])
+    say(f"[1/{_STEPS}] preprocessing ({steps}) -> {out / 'preprocessed'}")
+    studies = [s for s in discover_studies(cohort) if s.name.startswith("sub-")]
+    summary = run_cohort(studies, out / "preprocessed", preprocess_study, PreprocessOptions(
+        register=options.register, filter=options.filter,
+        spatial_sigma_mm=options.spatial_sigma_mm, range_sigma_hu=options.range_sigma_hu,
+        filter_weights=options.filter_weights),
+        workers=options.workers, progress=options.progress)
+    _cohort_step("preprocessing", summary, computed)
+    return out / "preprocessed"
+
+
+def _references(cohort: Path, studies_root: Path, out: Path, layout: str,
+                options: ReproduceOptions, say: Callable[[str], None],
+                computed: list[str]) -> None:
+    from ctperf.workflow.cohort import Study, discover_studies, run_cohort
+    from ctperf.workflow.study import MapsOptions
+
+    if layout == "unitobrain":
+        say(f"[2/{_STEPS}] NLR references: the dataset's own -> {out / 'nlr'}")
+        from ctperf.io.unitobrain import find_unitobrain
+
+        studies = [Study(pid, (str(inp), str(maps)), cohort)
+                   for pid, inp, maps in find_unitobrain(cohort)]
+        summary = run_cohort(studies, out / "nlr", _unitobrain_reference, {}, workers=1,
+                             progress=options.progress)
+    else:
+        say(f"[2/{_STEPS}] NLR references ({options.method}) -> {out / 'nlr'}")
+        studies = [Study(s.name, {"study": str(s.source),
+                                  "artery": str(cohort / s.name / "masks" / "artery.nii.gz")},
+                         studies_root)
+                   for s in discover_studies(studies_root) if s.name.startswith("sub-")]
+        summary = run_cohort(studies, out / "nlr", reference_subject, MapsOptions(
+            method=options.method, device=options.device,
+            lesion_options=options.lesion_options), workers=options.workers,
+            progress=options.progress)
+    _cohort_step("references", summary, computed)
+
+
+def reference_subject(source: dict[str, str], target: Path, options: Any) -> None:
+    """NLR maps of one phantom subject (:func:`ctperf.workflow.maps_study`); where the
+    automatic AIF selection finds no artery (small or noisy studies), the phantom's artery
+    mask ``source["artery"]`` is used instead, as a reader would place the AIF by hand, and
+    ``summary.json`` says so (``aif.source``)."""
+    from ctperf.workflow.study import maps_study
+
+    study = Path(source["study"])
+    try:
+        maps_study(study, target, options)
+    except ValidationError as exc:
+        artery = Path(source["artery"])
+        if "no arterial candidates" not in str(exc) or not artery.exists():
+            raise
+        log.warning("%s: %s; the phantom's artery mask is used as the AIF mask", target.name,
+                    exc)
+        maps_study(study, target, dataclasses.replace(options, aif_mask=artery))
+
+
+def _unitobrain_reference(source: tuple[str, str], target: Path, options: Any) -> None:
+    """Write one UniToBrain patient's NLR maps as a maps-cohort folder (no lesions: the
+    dataset has no Tmax map)."""
+    from ctperf import io
+    from ctperf.io.unitobrain import read_unitobrain_case
+
+    case = read_unitobrain_case(target.name, source[0], source[1])
+    maps = case.reference.replace(provenance={**case.reference.provenance, "method": "nlr",
+                                              "source": "UniToBrain reference maps"})
+    with io.atomic_dir(target) as tmp:
+        io.write_maps_nifti(maps, tmp)
+        io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
+                                      "units": dict(maps.units)}), tmp / "summary.json")
+
+
+def _cross_validate(cohort: Path, studies_root: Path, out: Path, layout: str, config: Any,
+                    options: ReproduceOptions, say: Callable[[str], None],
+                    computed: list[str]) -> dict[str, int]:
+    """Train every fold's model(s); return subject -> fold and write ``OUT/folds.json``."""
+    from ctperf.io import write_json
+    from ctperf.workflow.training import TrainingOptions, cross_validate_cohort
+
+    groups = [(t,) for t in config.targets] if options.per_map else [config.targets]
+    record = out / "folds.json"
+    finished = record.exists() and all(
+        (out / "cv" / "+".join(g) / "table1.csv").exists() for g in groups)
+    what = "one network per map" if options.per_map else "one network for all maps"
+    say(f"[3/{_STEPS}] {options.folds}-fold cross-validation over patients "
+        f"({', '.join(config.targets)}; {what}) -> {out / 'cv'}"
+        + (": done before" if finished else ""))
+    if finished and not {"preprocessing", "references"} & set(computed):
+        return {k: int(v) for k, v in json.loads(record.read_text())["subject_fold"].items()}
+    if {"preprocessing", "references"} & set(computed):
+        _forget_training(out)
+    if layout == "phantom":
+        from ctperf.workflow.references import REFERENCE_MAPS
+
+        for sub in sorted(p for p in (out / "nlr").iterdir() if p.is_dir()):
+            missing = [n for n in REFERENCE_MAPS if not (sub / f"{n}.nii.gz").exists()]
+            if missing:
+                raise InputError(sub, f"the reference method {options.method} wrote no "
+                                      f"{', '.join(missing)} map; the slice cache needs "
+                                      f"{', '.join(REFERENCE_MAPS)}")
+    train_options = TrainingOptions(
+        reference="nlr", references=out / "nlr" if layout == "phantom" else None,
+        cache=out / "cache", resume=True, progress=options.progress)
+    folds: list[tuple[list[str], list[str]]] = []
+    for group in groups:
+        name = "+".join(group)
+        if len(groups) > 1:
+            say(f"      {name}")
+        outcome = cross_validate_cohort(studies_root if layout == "phantom" else cohort,
+                                        out / "cv" / name,
+                                        dataclasses.replace(config, targets=group),
+                                        train_options, folds=options.folds)
+        if folds and outcome.folds != folds:
+            raise CTPerfError("the folds differ between maps; the cross-validation is "
+                              "inconsistent")
+        folds = outcome.folds
+    computed.append("cross-validation")
+    subject_fold = {p: k for k, (_, val) in enumerate(folds, start=1) for p in val}
+    write_json({"folds": [{"fold": k, "train": sorted(tr), "validation": sorted(va)}
+                          for k, (tr, va) in enumerate(folds, start=1)],
+                "subject_fold": subject_fold, "models": {
+                    "+".join(g): [f"cv/{'+'.join(g)}/fold-{k}/model.pt"
+                                  for k in range(1, len(folds) + 1)] for g in groups}}, record)
+    return subject_fold
+
+
+def _forget_training(out: Path) -> None:
+    """Remove the models, caches and fold record made from references that have changed."""
+    import shutil
+
+    stale = [p for p in (out / "cv", out / "cache") if p.is_dir()]
+    if stale:
+        log.warning("the references changed: training again from scratch")
+    for folder in stale:
+        shutil.rmtree(folder)
+    (out / "folds.json").unlink(missing_ok=True)
+
+
+def _models_stamp(out: Path) -> dict[str, int]:
+    """Every checkpoint of ``OUT/cv`` with its modification time (ns): predictions made by
+    other models are made again."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns
+            for p in sorted((out / "cv").glob("*/fold-*/model.pt"))}
+
+
+def _predict(cohort: Path, studies_root: Path, out: Path, layout: str, config: Any,
+             options: ReproduceOptions, subject_fold: dict[str, int],
+             say: Callable[[str], None], computed: list[str]) -> None:
+    from ctperf.workflow.cohort import Study, run_cohort
+
+    say(f"[4/{_STEPS}] predicting every subject with the fold model that never saw it -> "
+        f"{out / 'cnn'}")
+    groups = ([(t,) for t in config.targets] if options.per_map else [config.targets])
+    sources: dict[str, Any]
+    if layout == "phantom":
+        sources = {name: str(studies_root / name / "study.nii.gz") for name in subject_fold}
+    else:
+        from ctperf.io.unitobrain import find_unitobrain
+
+        sources = {pid: (str(inp), str(maps)) for pid, inp, maps in find_unitobrain(cohort)}
+    studies = [Study(name, {
+        "study": sources[name], "fold": fold, "reference": str(out / "nlr" / name),
+        "models": [str(out / "cv" / "+".join(g) / f"fold-{fold}" / "model.pt") for g in groups],
+    }, out) for name, fold in sorted(subject_fold.items())]
+    task_options = {"device": options.device, "batch_size": options.batch_size,
+                    "lesion_options": options.lesion_options, "layout": layout,
+                    "config": _settings(layout, config, options)["config"],
+                    "models": _models_stamp(out)}
+    summary = run_cohort(studies, out / "cnn", predict_subject, task_options, workers=1,
+                         progress=options.progress)
+    _cohort_step("prediction", summary, computed)
+
+
+def predict_subject(source: dict[str, Any], target: Path, options: dict[str, Any]) -> None:
+    """U-Net maps of one subject from its fold's model(s), with lesions, written as a maps
+    cohort folder (``<map>.nii.gz``, ``lesions/``, ``summary.json``, ``overview.png``).
+
+    ``source`` holds the ``study`` (a NIfTI path, or the UniToBrain input and maps folders),
+    the ``fold``, the ``models`` (one checkpoint per network) and the ``reference`` maps
+    folder whose brain and vessel masks bound the maps and lesions.
+    """
+    import numpy as np
+
+    from ctperf import io
+    from ctperf.model import load_checkpoint, predict_maps
+    from ctperf.types import PerfusionMaps
+
+    if options["layout"] == "phantom":
+        series = io.read_study(Path(source["study"]))
+    else:
+        from ctperf.io.unitobrain import read_unitobrain_case
+
+        inp, maps_folder = source["study"]
+        series = read_unitobrain_case(target.name, inp, maps_folder).series
+    reference = Path(source["reference"])
+    brain, vessels = _reference_masks(reference, series.shape[1:4], series.affine)
+    maps: dict[str, Any] = {}
+    trained: dict[str, list[str]] = {}
+    for path in source["models"]:
+        checkpoint = load_checkpoint(path)
+        cfg = checkpoint["config"]
+        if target.name in cfg["train_patients"]:  # never: the fold validated on this subject
+            raise CTPerfError(f"{path} was trained on {target.name}")
+        predicted = predict_maps(series, checkpoint, device=options["device"],
+                                 batch_size=options["batch_size"], resize=True)
+        for name in predicted.names:
+            maps[name] = np.where(brain, predicted[name], np.nan).astype(np.float32)
+        trained[Path(path).parent.parent.name] = sorted(cfg["train_patients"])
+    provenance = _cnn_provenance(reference, source, trained)
+    result = PerfusionMaps(maps=maps, affine=series.affine, provenance=provenance)
+    if not {"cbf", "tmax"} <= set(result.names):  # no lesions, hence no overview
+        with io.atomic_dir(target) as tmp:
+            io.write_maps_nifti(result, tmp)
+            io.write_json(io.public_meta({**provenance, "maps": result.names,
+                                          "units": dict(result.units)}), tmp / "summary.json")
+        return
+    from ctperf.workflow.study import write_maps_outputs
+
+    write_maps_outputs(_cnn_result(result, brain, vessels, options["lesion_options"]), target,
+                       title=f"U-Net, fold {source['fold']}")
+
+
+def _reference_masks(reference: Path, shape: tuple[int, int, int], affine: Any) -> tuple[Any, Any]:
+    """Brain and vessel masks of the reference run (UniToBrain: where the reference maps
+    are finite, no vessels)."""
+    import numpy as np
+
+    from ctperf import io
+
+    lesions = reference / "lesions"
+    if (lesions / "brain.nii.gz").exists():
+        brain = io.read_mask(lesions / "brain.nii.gz", shape=shape, affine=affine)
+        vessels = io.read_mask(lesions / "vessels.nii.gz", shape=shape, affine=affine)
+        return brain, vessels
+    ref = io.read_maps(reference)
+    brain = np.all([np.isfinite(ref[n]) for n in ref.names], axis=0)
+    return brain, np.zeros(shape, dtype=bool)
+
+
+def _cnn_provenance(reference: Path, source: dict[str, Any],
+                    trained: dict[str, list[str]]) -> dict[str, Any]:
+    """The U-Net's provenance; curves and constants are the reference run's (the network
+    needs no AIF; they are shown for comparison)."""
+    ref = json.loads((reference / "summary.json").read_text())
+    return {"method": "unet", "fold": source["fold"],
+            "checkpoints": [os.path.join(*Path(p).parts[-4:]) for p in source["models"]],
+            "train_patients": trained,
+            "constants": ref.get("constants", {"rho_g_per_ml": None, "kh": None}),
+            "times_s": ref.get("times_s"), "aif": ref.get("aif"), "vof": ref.get("vof"),
+            "curves_from": "reference NLR run (the U-Net uses no input function)",
+            "qc": {}}
+
+
+def _cnn_result(maps: Any, brain: Any, vessels: Any, lesion_options: LesionOptions) -> Any:
+    """A :class:`ctperf.perfusion.PerfusionResult` of the U-Net's maps (``cbf`` and ``tmax``
+    needed): lesions segmented as ``ctperf maps`` does, inside the reference's brain and
+    outside its vessels."""
+    import numpy as np
+
+    from ctperf.perfusion import PerfusionResult, segment_lesions
+
+    prov = dict(maps.provenance)
+    try:
+        lesions = segment_lesions(maps, brain=brain, exclude=vessels, options=lesion_options)
+    except ValidationError as exc:
+        # e.g. every voxel hypoperfused (a poorly trained network): no normal tissue for the
+        # relative CBF, so the brain's median CBF stands for normal
+        normal = float(np.nanmedian(maps["cbf"][brain])) if brain.any() else float("nan")
+        if lesion_options.core_cbv is not None or not np.isfinite(normal):
+            raise
+        lesions = segment_lesions(maps, brain=brain, exclude=vessels, options=lesion_options,
+                                  reference=normal)
+        prov["lesion_fallback"] = (f"{exc}; core relative to the brain's median CBF "
+                                   f"{normal:.1f} mL/100 g/min")
+    prov["lesions"] = lesions.summary()
+    times = np.asarray(prov.get("times_s") or [0.0], dtype=np.float64)
+    aif = prov.get("aif") or {}
+    vof = prov.get("vof") or {}
+    return PerfusionResult(
+        maps=maps.replace(provenance=prov), lesions=lesions, brain=brain, vessels=vessels,
+        aif=np.asarray(aif.get("curve_hu") or np.zeros_like(times), dtype=np.float64),
+        vof=np.asarray(vof["curve_hu"], dtype=np.float64) if vof.get("curve_hu") else None,
+        times=times)
+
+
+def _evaluate(out: Path, layout: str, options: ReproduceOptions,
+              say: Callable[[str], None], computed: list[str]) -> dict[str, Any]:
+    from ctperf.evaluation.report import evaluate_cohorts
+    from ctperf.io import atomic_file
+
+    result = out / "evaluation" / "evaluation.json"
+    fresh = not computed and result.exists() and (out / "report.html").exists()
+    say(f"[5/{_STEPS}] evaluation (U-Net against NLR"
+        + (" and the phantom's truth" if layout == "phantom" else "") + ") -> "
+        + str(out / "report.html") + (": done before" if fresh else ""))
+    if fresh:
+        doc = json.loads(result.read_text())
+    else:
+        doc = evaluate_cohorts(out / "cnn", out / "nlr", out / "evaluation",
+                               truth=_truth(out) if layout == "phantom" else None,
+                               lesion_options=options.lesion_options)
+        with atomic_file(out / "report.html") as tmp:
+            tmp.write_bytes((out / "evaluation" / "report.html").read_bytes())
+        computed.append("evaluation")
+    return _agreement(doc, reference="nlr" if layout == "unitobrain" else options.method)
+
+
+def _agreement(doc: dict[str, Any], *, reference: str) -> dict[str, Any]:
+    """U-Net against the reference from ``evaluation.json``: per map and per lesion."""
+    maps = {row["map"]: {k: row["summary"][k]["mean"]
+                         for k in ("pearson_r", "mse_window", "mse_minmax", "mae", "bias")}
+            for row in doc["maps"]
+            if row["estimate"] == "unet" and row["reference"] == reference}
+    lesions = {row["lesion"]: {"dice": row["dice"]["mean"], "n": row["dice"]["n"]}
+               for row in doc["lesions"]
+               if row["estimate"] == "unet" and row["reference"] == reference}
+    return {"maps": maps, "lesions": lesions, "studies": len(doc["studies"])}
+
+
+def _agreement_text(agreement: dict[str, Any]) -> str:
+    def num(v: Any, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [f"U-Net vs NLR over {agreement['studies']} subjects (mean over subjects)",
+             "| map | Pearson r | MSE (ctperf windows) | MAE | bias |", "|---|---|---|---|---|"]
+    for name, row in agreement["maps"].items():
+        lines.append(f"| {name} | {num(row['pearson_r'], '.3f')} | "
+                     f"{num(row['mse_window'], '.4f')} | {num(row['mae'], '.3g')} | "
+                     f"{num(row['bias'], '+.3g')} |")
+    for name, row in agreement["lesions"].items():
+        lines.append(f"{name} Dice {num(row['dice'], '.3f')} (n = {row['n']})")
+    return "\n".join(lines)

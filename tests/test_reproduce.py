@@ -1,0 +1,133 @@
+"""``ctperf reproduce`` and ``ctperf demo --neural``: the paper's experiment as one resumable run.
+
+The end-to-end runs use small phantoms of 64 px: at 32-48 px the automatic AIF selection (and
+even the phantom's artery mask) finds no artery in some subjects, so the NLR references could not
+be computed. Training is one epoch of a tiny network: these tests check the plumbing (layout,
+folds, reruns), not the network's accuracy (docs/reproduce.md has measured figures).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from ctperf.cli import main
+from ctperf.errors import InputError
+from ctperf.workflow.phantoms import generate_cohort
+from ctperf.workflow.reproduce import (
+    NeuralDemoOptions,
+    ReproduceOptions,
+    reproduce_cohort,
+    run_neural_demo,
+)
+
+TINY_PHANTOM = {"size": 64, "slices": 2, "frames": 32, "interval": 1.5, "motion": "none",
+                "anatomy": "procedural", "dicom": False}
+SUBJECTS = 6
+
+
+def _tiny_config():
+    from ctperf.model import PRESETS
+
+    return replace(PRESETS["cpu"], epochs=1, width=4, depth=2, device="cpu")
+
+
+def _tree(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_mtime_ns for p in folder.rglob("*")
+            if p.is_file()}
+
+
+def test_a_folder_that_is_no_cohort_is_refused(tmp_path: Path, capsys):
+    (tmp_path / "empty").mkdir()
+    assert main(["reproduce", str(tmp_path / "empty"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "neither phantom subjects" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_out_inside_the_cohort_and_other_settings_are_refused(tmp_path: Path):
+    cohort = tmp_path / "cohort"
+    (cohort / "sub-0000").mkdir(parents=True)
+    (cohort / "sub-0000" / "study.nii.gz").write_bytes(b"")  # never read: refused first
+    before = _tree(cohort)
+    with pytest.raises(InputError, match="lies inside the input"):
+        reproduce_cohort(cohort, cohort / "run", _tiny_config(), ReproduceOptions())
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "reproduce.json").write_text(json.dumps({"settings": {"layout": "phantom"}}))
+    with pytest.raises(InputError, match="other settings"):
+        reproduce_cohort(cohort, out, _tiny_config(), ReproduceOptions())
+    assert _tree(cohort) == before
+
+
+@pytest.mark.slow
+def test_reproduce_on_a_phantom_cohort_end_to_end(tmp_path: Path):
+    cohort = tmp_path / "cohort"
+    generate_cohort(cohort, subjects=SUBJECTS, seed=5, **TINY_PHANTOM)
+    before = _tree(cohort)
+    out = tmp_path / "run"
+    options = ReproduceOptions(targets=("cbv", "cbf", "tmax"), register=False, workers=1,
+                               device="cpu")
+    lines: list[str] = []
+    outcome = reproduce_cohort(cohort, out, _tiny_config(), options, echo=lines.append)
+    steps = [line[:5] for line in lines if line.startswith("[")]
+    assert steps == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
+    assert outcome.computed == ("preprocessing", "references", "cross-validation",
+                                "prediction", "evaluation")
+    # the layout: maps cohorts as `ctperf maps` writes them, the cohort linked, a report
+    names = [f"sub-{i:04d}" for i in range(SUBJECTS)]
+    for reader in ("nlr", "cnn"):
+        for name in names:
+            folder = out / reader / name
+            assert {"cbf.nii.gz", "tmax.nii.gz", "summary.json", "overview.png"} <= {
+                p.name for p in folder.iterdir()}
+            assert {"core.nii.gz", "hypoperfused.nii.gz", "brain.nii.gz"} <= {
+                p.name for p in (folder / "lesions").iterdir()}
+    assert (out / "cohort").resolve() == cohort.resolve()
+    assert (out / "report.html").stat().st_size > 10_000
+    assert _tree(cohort) == before  # the cohort is only read
+    # every subject was predicted by the fold model that validated on it, never trained on it
+    record = json.loads((out / "folds.json").read_text())
+    assert sorted(record["subject_fold"]) == names
+    assert sorted(p for f in record["folds"] for p in f["validation"]) == names
+    from ctperf.model import load_checkpoint
+
+    for name in names:
+        fold = record["subject_fold"][name]
+        summary = json.loads((out / "cnn" / name / "summary.json").read_text())
+        assert summary["method"] == "unet" and summary["fold"] == fold
+        assert summary["checkpoints"] == [f"cv/{t}/fold-{fold}/model.pt"
+                                          for t in ("cbv", "cbf", "tmax")]
+        for checkpoint in summary["checkpoints"]:
+            cfg = load_checkpoint(out / checkpoint)["config"]
+            assert name in cfg["val_patients"] and name not in cfg["train_patients"]
+    assert set(outcome.agreement["maps"]) == {"cbv", "cbf", "tmax"}
+    assert "hypoperfused" in outcome.agreement["lesions"]
+    # a rerun computes nothing and rewrites nothing (the cohort manifests are saved again,
+    # with the same rows)
+    def results() -> dict[str, int]:
+        return {k: v for k, v in _tree(out).items() if not k.endswith("manifest.json")}
+
+    written = results()
+    again = reproduce_cohort(cohort, out, _tiny_config(), options)
+    assert again.computed == () and again.subject_fold == outcome.subject_fold
+    assert results() == written
+    assert again.agreement == outcome.agreement
+
+
+@pytest.mark.slow
+def test_neural_demo_generates_its_cohort_inside_out(tmp_path: Path):
+    out = tmp_path / "demo"
+    options = NeuralDemoOptions(subjects=SUBJECTS, size=64, slices=2, frames=60, seed=5,
+                                epochs=1, reproduce=ReproduceOptions(
+                                    targets=("cbv",), register=False, workers=1,
+                                    device="cpu"))
+    outcome = run_neural_demo(out, options)
+    assert (out / "cohort" / "sub-0005" / "study.nii.gz").exists()
+    assert not (out / "cohort").is_symlink()
+    assert set(outcome.agreement["maps"]) == {"cbv"}
+    assert outcome.report.exists() and sorted(outcome.subject_fold) == [
+        f"sub-{i:04d}" for i in range(SUBJECTS)]
