@@ -1,6 +1,7 @@
 """Orchestration above the stages: one study's analysis as named steps, one function per CLI
 command doing the whole work for one study (read -> compute -> write atomically), phantom
-cohorts, and the NLR references of training cohorts. The stages (io, preprocess, perfusion,
+cohorts, the NLR references of training cohorts, training runs and the paper's whole
+experiment (:func:`reproduce_cohort`). The stages (io, preprocess, perfusion,
 model, reporting, evaluation, phantom) never import this package."""
 
 from ctperf.workflow.analysis import analyse_study
@@ -8,6 +9,13 @@ from ctperf.workflow.convert import ConvertOptions, convert_study
 from ctperf.workflow.demo import DemoOptions, run_demo
 from ctperf.workflow.phantoms import generate_cohort
 from ctperf.workflow.references import REFERENCE_MAPS, nlr_references
+from ctperf.workflow.reproduce import (
+    NeuralDemoOptions,
+    ReproduceOptions,
+    ReproduceOutcome,
+    reproduce_cohort,
+    run_neural_demo,
+)
 from ctperf.workflow.study import (
     MapsOptions,
     PredictOptions,
@@ -30,8 +38,11 @@ __all__ = [
     "ConvertOptions",
     "DemoOptions",
     "MapsOptions",
+    "NeuralDemoOptions",
     "PredictOptions",
     "PreprocessOptions",
+    "ReproduceOptions",
+    "ReproduceOutcome",
     "StudyOutcome",
     "TrainingOptions",
     "TrainingOutcome",
@@ -43,7 +54,9 @@ __all__ = [
     "nlr_references",
     "predict_study",
     "preprocess_study",
+    "reproduce_cohort",
     "run_demo",
+    "run_neural_demo",
     "train_cohort",
     "write_maps_outputs",
 ]
