@@ -6,7 +6,8 @@ lesions, time per study, on ctperf's phantom and on a reference ctperf did not m
    (``run_perfusion``: AIF and VOF found by ctperf), unfiltered. Per method and condition, over
    the brain outside vessels: Pearson r, median relative error and bias of CBF, CBV and Tmax; the
    slope of the relative CBF error against the true delay (%/s); hypoperfused and core volumes
-   against the truth's masks (mL, Dice); seconds per study.
+   against the truth's masks (mL, Dice); seconds per study; for methods with uncertainty maps,
+   the fraction of voxels whose true value lies within +-2 SD of the map.
 2. The OSIPI DSC reference curves (``tests/data/osipi_dsc``; Chakwizira et al. 2022, via the
    OSIPI code collection, Apache-2.0): passes of |error| <= 15 + 10 % of truth (CBF) and
    1 + 10 % (CBV) out of 14 each, with rho = kH = 1 as the reference defines CBF.
@@ -64,6 +65,10 @@ def score(result, subject) -> dict[str, float]:
     ok = np.isfinite(est) & (ref > 0)
     out["delay_slope_pct_per_s"] = float(np.polyfit(delay[ok], est[ok] / ref[ok] - 1.0, 1)[0]
                                          * 100)
+    for name in ("cbf", "cbv", "mtt", "tmax"):  # uncertainty maps: truth within +-2 SD
+        if f"{name}_sd" in result.maps:
+            err = np.abs(result.maps[name] - truth[name])[region]
+            out[f"{name}_cover"] = float(np.mean(err <= 2 * result.maps[f"{name}_sd"][region]))
     voxel_ml = float(np.prod(subject.series.spacing)) / 1000.0
     true_core = subject.masks["core"]
     true_hypo = true_core | subject.masks["penumbra"]
@@ -97,7 +102,10 @@ def phantom_rows(args) -> list[dict]:
                       f"bias {row['tmax_bias_s']:+.1f} s  slope "
                       f"{row['delay_slope_pct_per_s']:+.1f} %/s  hypo {row['hypo_ml']:.1f}/"
                       f"{row['hypo_true_ml']:.1f} mL (Dice {row['hypo_dice']:.2f})  core "
-                      f"{row['core_ml']:.1f}/{row['core_true_ml']:.1f} mL", flush=True)
+                      f"{row['core_ml']:.1f}/{row['core_true_ml']:.1f} mL"
+                      + "".join(f"  {k} within 2 SD {row[f'{k}_cover']:.0%}"
+                                for k in ("cbf", "cbv", "mtt", "tmax") if f"{k}_cover" in row),
+                      flush=True)
     return rows
 
 

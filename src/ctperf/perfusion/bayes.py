@@ -317,12 +317,14 @@ def _resample(lp: np.ndarray, draws: int) -> np.ndarray:
     exp(lp) (n, k) at the evenly spaced quantiles (j + 1/2) / draws, so that a point of
     probability p is drawn about p x draws times (deterministic). Returns (n, draws) int64;
     a position may appear several times."""
-    p = np.exp(lp - lp.max(axis=1, keepdims=True))
-    cdf = np.cumsum(p, axis=1, dtype=np.float64)
+    cdf = np.exp(lp - lp.max(axis=1, keepdims=True), dtype=np.float32)
+    np.cumsum(cdf, axis=1, out=cdf)
     cdf /= cdf[:, -1:]
-    rows = np.arange(lp.shape[0])[:, None]
     cdf[:, -1] = 1.0                                        # never past the row's end
-    flat = (cdf + rows).ravel()
+    rows = np.arange(lp.shape[0])[:, None]
+    # rows side by side: one search for all (single precision: a draw is 1 / draws of the mass)
+    cdf += rows.astype(np.float32)
+    flat = cdf.ravel()
     u = (np.arange(draws) + 0.5) / draws
     pos = np.searchsorted(flat, (u[None, :] + rows).ravel()).reshape(-1, draws)
     pos -= rows * lp.shape[1]
