@@ -24,10 +24,14 @@ points, and its own amplitude gives CBV. Low-CNR voxels so take their timing fro
 surroundings instead of fitting the noise, while well-measured voxels follow their own data.
 Without positions the prior is a broad log-normal on MTT and uniform on delay and shape.
 
-Maps: CBV and MTT are posterior means; CBF = 60 CBV / MTT keeps the central identity and avoids
-the upward bias that the posterior mean of CBV / MTT has when MTT is uncertain. Uncertainty maps
-are posterior standard deviations. Tmax follows the project's convention exactly: at every grid
-point it is the delay plus the first time the dispersed residue h * R peaks.
+Maps: CBV and MTT are posterior means over the prior's most probable grid points; CBF = 60 CBV /
+MTT keeps the central identity and avoids the upward bias that the posterior mean of CBV / MTT
+has when MTT is uncertain. Uncertainty maps are the root-mean-square errors of the maps under
+the whole posterior, from grid points drawn from the prior (systematic resampling) and weighted
+by the voxel's likelihood, plus the variance within a grid cell. Curves whose baseline mean was
+subtracted are whitened first (:func:`baseline_whitening`): that mean's error is common to every
+later frame. Tmax follows the project's convention exactly: at every grid point it is the delay
+plus the first time the dispersed residue h * R peaks.
 """
 
 from __future__ import annotations
@@ -112,7 +116,8 @@ class BayesFit:
     ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt`` s, ``delay`` s, ``tmax`` s,
     ``transit_cv`` the coefficient of variation of the transit times (0 box, 1 exponential),
     ``residual`` root-mean-square misfit of the most probable grid point, HU; ``noise`` the noise
-    SD used, HU; ``*_sd`` posterior standard deviations in the units of the map.
+    SD used, HU; ``*_sd`` the maps' root-mean-square errors under the posterior (its standard
+    deviations where its means are the maps), in the units of the map.
     """
 
     cbf: np.ndarray
