@@ -131,3 +131,26 @@ def test_neural_demo_generates_its_cohort_inside_out(tmp_path: Path):
     assert set(outcome.agreement["maps"]) == {"cbv"}
     assert outcome.report.exists() and sorted(outcome.subject_fold) == [
         f"sub-{i:04d}" for i in range(SUBJECTS)]
+
+
+@pytest.mark.slow
+def test_reproduce_on_a_unitobrain_folder(tmp_path: Path, rng):
+    from test_unitobrain import make_patient
+
+    root = tmp_path / "unitobrain"
+    patients = ("MOL-001", "MOL-002", "MOL-003")
+    for patient in patients:
+        make_patient(root, rng, patient)
+    before = _tree(root)
+    # the fake studies have 4 frames of 8 x 10 pixels: a network that takes them
+    config = replace(_tiny_config(), frames=4, size=16, baseline_frames=1)
+    out = tmp_path / "run"
+    outcome = reproduce_cohort(root, out, config, ReproduceOptions(workers=1, device="cpu"))
+    assert sorted(outcome.subject_fold) == list(patients)
+    assert set(outcome.agreement["maps"]) == {"cbv", "cbf", "ttp"}
+    for patient in patients:
+        assert {"cbv.nii.gz", "cbf.nii.gz", "ttp.nii.gz", "summary.json"} <= {
+            p.name for p in (out / "cnn" / patient).iterdir()}
+        assert (out / "nlr" / patient / "delay.nii.gz").exists()  # the dataset's own maps
+    assert not (out / "preprocessed").exists() and not (out / "cohort").exists()
+    assert (out / "report.html").exists() and _tree(root) == before

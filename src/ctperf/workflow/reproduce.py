@@ -259,9 +259,12 @@ def _layout(cohort: Path) -> str:
 def _settings(layout: str, config: Any, options: ReproduceOptions) -> dict[str, Any]:
     from ctperf.workflow.cohort import _plain
 
-    plain = {k: v for k, v in _plain(options).items() if k not in ("progress", "workers")}
-    return json.loads(json.dumps({"layout": layout, "config": _plain(config),
-                                  "options": plain}, default=repr))
+    # where and how fast it runs does not change what is computed
+    plain = {k: v for k, v in _plain(options).items()
+             if k not in ("progress", "workers", "device", "batch_size")}
+    trained = {k: v for k, v in _plain(config).items() if k not in ("device", "amp")}
+    return json.loads(json.dumps({"layout": layout, "config": trained, "options": plain},
+                                 default=repr))
 
 
 def _check_record(out: Path, layout: str, config: Any, options: ReproduceOptions) -> None:
