@@ -95,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
     from ctperf.workflow.reproduce import reproduce_cohort
 
     config, options = reproduce_options(args)
+    if args.preset == "paper":
+        print("expected time: not measured for the paper preset (a GPU job); "
+              "docs/reproduce.md has the cpu preset's figures")
     outcome = reproduce_cohort(args.cohort, args.out, config, options, echo=print)
     print(outcome.message)
     print(f"wrote {outcome.report} (self-contained)"

@@ -63,7 +63,7 @@ def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = Fals
     todo = [s for s in subjects if not (_complete(out / s.name) or _complete(s / "nlr"))]
     if todo:
         io.mark_output(out)
-    for sub in tqdm(todo, desc="NLR references", disable=not progress):
+    for sub in tqdm(todo, desc="NLR references", disable=not progress or not todo):
         maps = _subject_reference(sub, out / sub.name)
         with io.atomic_dir(out / sub.name) as tmp:
             io.write_maps_nifti(maps, tmp)
