@@ -117,3 +117,25 @@ def test_overview_states_the_lesion_thresholds(overview):
     assert f"Tmax > {th['hypoperfused']['tmax_above_s']} s" in text
     assert th["core"]["label"] in text
     assert f"Tmax>{th['tmax10']['tmax_above_s']:g} s" in text
+
+
+@pytest.mark.parametrize("kept", [("cbf",), ("cbv", "tmax")])
+def test_overview_of_one_or_two_maps(overview, kept):
+    # a network trained on one or two targets gives maps of only those: the overview still has
+    # its curves and its text beside them
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    result, _ = overview
+    maps = result.maps
+    few = maps.replace(maps={n: maps[n] for n in kept},
+                       units={n: u for n, u in maps.units.items() if n in kept})
+    fig = maps_overview(dataclasses.replace(result, maps=few))
+    try:
+        titles = {ax.get_title() for ax in fig.axes if ax.images and ax.get_title()}
+        assert titles == {map_title(n) for n in kept}
+        assert any(ax.lines for ax in fig.axes)  # the AIF/VOF panel
+        assert any("hypoperfused" in t.get_text() for ax in fig.axes for t in ax.texts)
+    finally:
+        plt.close(fig)

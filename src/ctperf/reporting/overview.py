@@ -101,8 +101,11 @@ def maps_overview(result: Any, *, title: str = "") -> Any:
     slices = sorted(int(z) for z in order if area[z] > 0) or [n_z // 2]
     flip_rows, flip_cols = radiological_flips(maps.affine)
     _, dy, dx = maps.spacing
-    fig = plt.figure(figsize=(3.0 * len(names), 2.9 * len(slices) + 3.4), facecolor="black")
-    grid = fig.add_gridspec(len(slices) + 1, len(names),
+    # At least three columns: the curves take two and the text one when few maps are shown.
+    columns = max(3, len(names))
+    split = max(2, columns - 2)
+    fig = plt.figure(figsize=(3.0 * columns, 2.9 * len(slices) + 3.4), facecolor="black")
+    grid = fig.add_gridspec(len(slices) + 1, columns,
                             height_ratios=[1.0] * len(slices) + [1.15], hspace=0.12, wspace=0.04)
     brain_any = result.brain.any(axis=0)
     rows = np.flatnonzero(brain_any.any(axis=1))
@@ -140,7 +143,7 @@ def maps_overview(result: Any, *, title: str = "") -> Any:
                 ax.set_title(map_title(name), color="white", fontsize=10)
         cb = fig.colorbar(im, ax=[fig.axes[-1]], fraction=0.05, pad=0.01, location="bottom")
         cb.ax.tick_params(colors="white", labelsize=7)
-    ax = fig.add_subplot(grid[-1, : max(2, len(names) - 2)])
+    ax = fig.add_subplot(grid[-1, :split])
     t = result.times
     prov = maps.provenance
     ax.plot(t, prov["aif"]["measured_hu"], color="tab:red", lw=1, ls="--", label="AIF measured")
@@ -155,7 +158,7 @@ def maps_overview(result: Any, *, title: str = "") -> Any:
         side.set_color("grey")
     ax.legend(fontsize=8, facecolor="black", labelcolor="white", edgecolor="grey")
     ax.grid(alpha=0.25)
-    text = fig.add_subplot(grid[-1, max(2, len(names) - 2):])
+    text = fig.add_subplot(grid[-1, split:])
     text.axis("off")
     text.text(0.0, 1.0, "\n".join(_summary_lines(prov)), va="top", ha="left", fontsize=8,
               color="white", family="monospace", wrap=True)
