@@ -227,6 +227,10 @@ class ResidueGrid:
         # a response that never reaches the frames carries no information: never chosen
         self.usable = norm2 > 1e-9 * norm2.max()
         self.inv_norm2 = np.where(self.usable, 1.0 / np.maximum(norm2, 1e-300), 0.0)
+        # single-precision copies for the per-voxel moments
+        self.inv_norm2_32 = self.inv_norm2.astype(np.float32)
+        self.mtt_32, self.delay_32 = self.mtt.astype(np.float32), self.delay.astype(np.float32)
+        self.tmax_32, self.cv_32 = self.tmax.astype(np.float32), self.cv.astype(np.float32)
 
     @property
     def size(self) -> int:
@@ -390,39 +394,45 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarr
     Returns (n, 12) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT.
     """
     np.maximum(g, 0.0, out=g)                               # CBF >= 0
-    inv_nb = grid.inv_norm2[idx].astype(np.float32)
+    inv_nb = grid.inv_norm2_32[idx]
     explained = g * g * inv_nb
     lp = explained * (0.5 / noise_var).astype(np.float32)[:, None] + log_prior
     a = g * inv_nb                                          # CBF at each candidate
-    var_a = noise_var[:, None].astype(np.float32) * inv_nb  # its variance given the candidate
-    m = (grid.mtt[idx] / 60.0).astype(np.float32)
     out = np.empty((g.shape[0], len(_COLUMNS)), dtype=np.float64)
-    parts = (slice(0, keep), slice(keep, None))
-    w = []
-    for part in parts:
-        lw = lp[:, part] - lp[:, part].max(axis=1, keepdims=True)
-        wp = np.exp(lw)
-        w.append(wp / wp.sum(axis=1, keepdims=True))
+    out[:, 6] = np.maximum(yy - explained.max(axis=1), 0.0)
+    out[:, 7] = noise_var
+    noise32 = noise_var[:, None].astype(np.float32)
 
-    def mean(x: np.ndarray, j: int) -> np.ndarray:
-        return np.einsum("nm,nm->n", w[j], x[:, parts[j]], dtype=np.float64)
+    def weights(part: slice) -> np.ndarray:
+        wp = np.exp(lp[:, part] - lp[:, part].max(axis=1, keepdims=True))
+        return wp / wp.sum(axis=1, keepdims=True)
 
-    est = {"cbv": mean(a * m, 0), "mtt": mean(grid.mtt[idx], 0),
-           "delay": mean(grid.delay[idx], 0), "tmax": mean(grid.tmax[idx], 0)}
+    def mean(w: np.ndarray, x: np.ndarray) -> np.ndarray:
+        return np.einsum("nm,nm->n", w, x, dtype=np.float64)
+
+    # the estimates, over the most probable points
+    top = slice(0, keep)
+    w, it = weights(top), idx[:, top]
+    mtt = grid.mtt_32[it]
+    est = {"cbv": mean(w, a[:, top] * mtt) / 60.0, "mtt": mean(w, mtt),
+           "delay": mean(w, grid.delay_32[it]), "tmax": mean(w, grid.tmax_32[it])}
     est["cbf"] = est["cbv"] / np.maximum(est["mtt"], 1e-6) * 60.0
     out[:, 0], out[:, 1], out[:, 2] = est["cbf"], est["cbv"], est["mtt"]
     out[:, 3], out[:, 4] = est["delay"], est["tmax"]
-    out[:, 5] = mean(grid.cv[idx], 0)
-    out[:, 6] = np.maximum(yy - explained.max(axis=1), 0.0)
-    out[:, 7] = noise_var
-    # E[(x - e)^2] = E[x^2] - 2 e E[x] + e^2 over the draws; a and a m add their variance
-    # given the grid point
-    for j, (name, x, var) in enumerate((("cbf", a, var_a), ("cbv", a * m, var_a * m * m),
-                                        ("mtt", grid.mtt[idx], None),
-                                        ("tmax", grid.tmax[idx], None))):
+    out[:, 5] = mean(w, grid.cv_32[it])
+    # their root-mean-square errors, over the draws: E[(x - e)^2] = E[x^2] - 2 e E[x] + e^2;
+    # CBF (a) and CBV (a m) add their variance given the grid point
+    drawn = slice(keep, None)
+    w, it = weights(drawn), idx[:, drawn]
+    a_d, var_d = a[:, drawn], noise32 * inv_nb[:, drawn]
+    m_d = grid.mtt_32[it] / 60.0
+    av = a_d * m_d
+    for j, (name, x, var) in enumerate((("cbf", a_d, var_d), ("cbv", av, var_d * m_d * m_d),
+                                        ("mtt", m_d * 60.0, None),
+                                        ("tmax", grid.tmax_32[it], None))):
         e = est[name]
         second = x * x if var is None else x * x + var
-        msd = mean(second, 1) - 2.0 * e * mean(x, 1) + e * e
+        msd = mean(w, second) - 2.0 * e * mean(w, x) + e * e
         # plus the variance within the grid's cells: MTT's relative (CBF's through 1 / MTT),
         # the delay's for Tmax; CBV's amplitude is not on the grid
         cell = {"cbf": e * e * grid.cell_var_log_mtt, "cbv": 0.0,
