@@ -356,3 +356,15 @@ def test_phantom_uncertainty_covers_the_truth():
     assert 0.90 <= cover["tmax"] <= 0.99, cover
     assert 0.93 <= cover["cbf"] <= 0.997, cover
     assert 0.86 <= cover["mtt"] <= 0.98, cover
+
+
+def test_draws_follow_the_posterior_exactly():
+    """Systematic resampling: a point of probability p is drawn p x draws times when that is
+    whole, never a point of probability 0, rows independent."""
+    from ctperf.perfusion.bayes import _resample
+
+    p = np.array([[0.5, 0.25, 0.0, 0.25], [0.0, 0.0, 1.0, 0.0]])
+    with np.errstate(divide="ignore"):
+        pick = _resample(np.log(p).astype(np.float32), 8)
+    assert [np.bincount(row, minlength=4).tolist() for row in pick] == [[4, 2, 0, 2],
+                                                                         [0, 0, 8, 0]]
