@@ -42,7 +42,7 @@ def prepare(out: Path, *, subjects: int, size: int, slices: int, seed: int) -> N
     raw, filt = out / "raw", out / "filtered"
     t0 = time.perf_counter()
     generate_cohort(raw, subjects=subjects, seed=seed, size=size, slices=slices, frames=89,
-                    interval=0.5, dicom=False)
+                    frame_interval=0.5, dicom=False)
     print(f"generated {subjects} subjects in {time.perf_counter() - t0:.0f} s", flush=True)
     for sub in sorted(raw.glob("sub-*")):
         dst = filt / sub.name

@@ -171,7 +171,7 @@ def test_a_foreign_manifest_is_refused(tmp_path):
 # --- ctperf maps --cohort on small phantoms --------------------------------------------------
 
 # 32 px, 2 slices, 30 frames 2 s apart: a whole bolus in a study that maps in about a second
-PHANTOM = {"size": 32, "slices": 2, "frames": 30, "interval": 2.0, "anatomy": "procedural",
+PHANTOM = {"size": 32, "slices": 2, "frames": 30, "frame_interval": 2.0, "anatomy": "procedural",
            "dicom": False}
 MAPS = ["--method", "nlr-fast", "--device", "cpu"]
 

@@ -24,7 +24,7 @@ from ctperf.workflow.reproduce import (
     run_neural_demo,
 )
 
-TINY_PHANTOM = {"size": 64, "slices": 2, "frames": 32, "interval": 1.5, "motion": "none",
+TINY_PHANTOM = {"size": 64, "slices": 2, "frames": 32, "frame_interval": 1.5, "motion": "none",
                 "anatomy": "procedural", "dicom": False}
 SUBJECTS = 6
 

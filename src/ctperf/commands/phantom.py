@@ -82,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     folders = generate_cohort(
         args.outdir, subjects=args.subjects, seed=args.seed, progress=True, dicom=args.dicom,
         preview=args.preview, workers=args.workers, scheduler=args.scheduler, size=args.size,
-        slices=args.slices, frames=args.frames, interval=args.frame_interval, mas=args.mas,
+        slices=args.slices, frames=args.frames, frame_interval=args.frame_interval, mas=args.mas,
         motion=args.motion, lesion_free_fraction=args.lesion_free, residues=args.residues,
         anatomy=args.anatomy)
     logging.getLogger(__name__).info("%d subjects in %s", len(folders), args.outdir)

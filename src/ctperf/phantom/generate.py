@@ -86,13 +86,19 @@ class PhantomSubject:
     vof_fine: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
-def _check(size: int, slices: int, frames: int, interval: float, mas: float, motion: str,
+def _frame_interval(cfg: dict[str, Any]) -> float:
+    """Seconds between frames of a configuration (``interval`` in parameters written before
+    the option was named ``frame_interval``)."""
+    return float(cfg["frame_interval"] if "frame_interval" in cfg else cfg["interval"])
+
+
+def _check(size: int, slices: int, frames: int, frame_interval: float, mas: float, motion: str,
            residues: tuple[str, ...]) -> None:
     if size < 32 or slices < 1 or frames < 2:
         raise ValidationError(f"need size >= 32, slices >= 1, frames >= 2; got size={size}, "
                               f"slices={slices}, frames={frames}")
-    if not interval > 0 or not mas > 0:
-        raise ValidationError(f"interval and mas must be > 0, got {interval}, {mas}")
+    if not frame_interval > 0 or not mas > 0:
+        raise ValidationError(f"frame_interval and mas must be > 0, got {frame_interval}, {mas}")
     if motion not in ("none", "mild", "severe", "realistic"):
         raise ValidationError(f"motion must be none, mild, severe or realistic, got {motion!r}")
     bad = [r for r in residues if r not in hd.RESIDUES]
@@ -121,7 +127,7 @@ def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
 
 
 def draw_parameters(*, seed: int, size: int = 512, slices: int = 8, frames: int = 89,
-                    interval: float = 0.5, mas: float = 150.0, motion: str = "none",
+                    frame_interval: float = 0.5, mas: float = 150.0, motion: str = "none",
                     lesion: bool | None = None,
                     residues: tuple[str, ...] = ("box", "exponential", "gamma"),
                     anatomy: str = "auto", lesion_free_fraction: float = 0.25,
@@ -139,11 +145,11 @@ def draw_parameters(*, seed: int, size: int = 512, slices: int = 8, frames: int 
         the subject from it.
     """
     residues = tuple(residues)
-    _check(size, slices, frames, interval, mas, motion, residues)
+    _check(size, slices, frames, frame_interval, mas, motion, residues)
     if not 0.0 <= lesion_free_fraction <= 1.0:
         raise ValidationError(f"lesion_free_fraction must be in [0, 1], got {lesion_free_fraction}")
     config = {"seed": int(seed), "size": size, "slices": slices, "frames": frames,
-              "interval": interval, "mas": mas, "motion": motion, "lesion": lesion,
+              "frame_interval": frame_interval, "mas": mas, "motion": motion, "lesion": lesion,
               "residues": list(residues), "anatomy": anatomy,
               "lesion_free_fraction": lesion_free_fraction, "aif_peak": aif_peak,
               "noise": noise, "psf_fwhm_mm": psf_fwhm_mm, "fov_mm": fov_mm,
@@ -154,7 +160,7 @@ def draw_parameters(*, seed: int, size: int = 512, slices: int = 8, frames: int 
     base_hu = acq.draw_baseline(r_pose)
     pv_field = draw_field(r_pose, wavelength_mm=25.0)
     has_lesion = bool(r_phys.uniform() >= lesion_free_fraction) if lesion is None else lesion
-    category, motion_params = acq.draw_motion(r_motion, motion, np.arange(frames) * interval)
+    category, motion_params = acq.draw_motion(r_motion, motion, np.arange(frames) * frame_interval)
     return {"config": config, "pose": pose, "baseline_hu": base_hu,
             "artery_pv_field": pv_field,
             "physiology": draw_physiology(r_phys, lesion=has_lesion, residues=residues),
@@ -182,7 +188,7 @@ class _Setup:
 def _curves(params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray, hd.CurveBank]:
     """Fine times, AIF and VOF on them, and the subject's curve bank."""
     cfg, phys = params["config"], params["physiology"]
-    frames, interval = cfg["frames"], float(cfg["interval"])
+    frames, interval = cfg["frames"], _frame_interval(cfg)
     step = int(np.ceil(interval / _FINE_DT - 1e-9))
     dt = interval / step
     n_fine = (frames - 1) * step + 1
@@ -297,7 +303,7 @@ def simulate_subject(params: dict[str, Any], *, progress: bool = False) -> Phant
     pixel = cfg["fov_mm"] / size
     setup = _Setup(template=template, affine=affine, pixel_mm=pixel,
                    psf_px=acq.psf_sigma_px(cfg["psf_fwhm_mm"], pixel),
-                   times=np.arange(frames) * float(cfg["interval"]), bank=bank,
+                   times=np.arange(frames) * _frame_interval(cfg), bank=bank,
                    kind=params["physiology"]["residue"], aif=aif_fine[::bank.step],
                    vof=vof_fine[::bank.step], params=params)
     hu = np.empty((frames, slices, size, size), dtype=np.float32)
@@ -362,7 +368,7 @@ def _assemble(setup: _Setup, hu: np.ndarray, baseline: np.ndarray,
 
 
 def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int = 89,
-                     interval: float = 0.5, mas: float = 150.0, motion: str = "none",
+                     frame_interval: float = 0.5, mas: float = 150.0, motion: str = "none",
                      lesion: bool | None = None,
                      residues: tuple[str, ...] = ("box", "exponential", "gamma"),
                      anatomy: str = "auto", lesion_free_fraction: float = 0.25,
@@ -380,8 +386,8 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
         Everything is deterministic from ``seed`` and the configuration.
     size, slices, frames : int
         In-plane pixels (FOV ``fov_mm``), slices of ``thickness_mm``, time frames.
-    interval : float
-        Seconds between frames (times are ``k * interval``).
+    frame_interval : float
+        Seconds between frames (times are ``k * frame_interval``).
     mas : float
         Tube current-time product: noise sigma = 103 / sqrt(mas) HU.
     motion : str
@@ -409,7 +415,7 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
     PhantomSubject
     """
     params = draw_parameters(
-        seed=seed, size=size, slices=slices, frames=frames, interval=interval, mas=mas,
+        seed=seed, size=size, slices=slices, frames=frames, frame_interval=frame_interval, mas=mas,
         motion=motion, lesion=lesion, residues=residues, anatomy=anatomy,
         lesion_free_fraction=lesion_free_fraction, aif_peak=aif_peak, noise=noise,
         psf_fwhm_mm=psf_fwhm_mm, fov_mm=fov_mm, thickness_mm=thickness_mm, rho=rho, kh=kh)
