@@ -22,7 +22,7 @@ __all__ = ["add_anonymise_option", "add_batch_size_option", "add_brain_mask_opti
            "add_overwrite_option", "add_preprocess_options", "add_scheduler_option",
            "add_study_options", "add_workers_option", "count", "device", "float_in",
            "fraction", "non_negative_float", "positive_float", "positive_int",
-           "run_cohort_command", "seed"]
+           "run_study_command", "seed"]
 
 
 def _number(text: str, kind: type) -> Any:
@@ -141,14 +141,17 @@ def add_cohort_options(parser: Any) -> None:
     add_scheduler_option(parser)
 
 
-def run_cohort_command(args: argparse.Namespace, task: Callable[..., Any], options: Any) -> int:
-    """The ``--cohort`` branch of a command: ``task`` (a per-study function of
-    :mod:`ctperf.workflow`) on every study of ``args.study`` into ``args.out``, with a
-    progress bar; prints the summary and one line per failed study; returns the exit code
-    (1 when a study failed)."""
+def run_study_command(args: argparse.Namespace, task: Callable[..., Any], options: Any) -> int:
+    """Run ``task`` (a per-study function of :mod:`ctperf.workflow`) on ``args.study`` into
+    ``args.out`` and print its line; with ``--cohort`` on every study of the folder
+    ``args.study`` into ``args.out/<study>/``, with a progress bar, the summary and one line per
+    failed study. Returns the exit code (1 when a study of a cohort failed)."""
     import dataclasses
     import sys
 
+    if not args.cohort:
+        print(task(args.study, args.out, options).message)
+        return 0
     from ctperf.workflow.cohort import run_cohort_folder
 
     summary = run_cohort_folder(args.study, args.out, task,
@@ -158,6 +161,22 @@ def run_cohort_command(args: argparse.Namespace, task: Callable[..., Any], optio
         print(f"ctperf {args.command}: {line}", file=sys.stderr)
     print(summary.text())
     return summary.exit_code
+
+
+def study_io_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keywords of :class:`ctperf.workflow.study.StudyIOOptions` from the options of
+    :func:`add_study_options`, ``--dicom``, ``--anonymise`` and ``--overwrite`` (progress on)."""
+    return {"series_uid": args.series, "frame_interval": args.frame_interval,
+            "dicom": args.dicom, "anonymise": args.anonymise, "overwrite": args.overwrite,
+            "progress": True}
+
+
+def preprocess_step_options(args: argparse.Namespace) -> dict[str, Any]:
+    """Keywords of :class:`ctperf.workflow.study.PreprocessSteps` from the options of
+    :func:`add_preprocess_options` and ``--workers``."""
+    return {"register": args.register, "filter": args.filter,
+            "spatial_sigma_mm": args.spatial_sigma, "range_sigma_hu": args.range_sigma,
+            "filter_weights": args.filter_weights, "workers": args.workers}
 
 
 def add_brain_mask_option(parser: Any) -> None:

@@ -19,7 +19,9 @@ from ctperf.commands import (
     fraction,
     non_negative_float,
     positive_float,
-    run_cohort_command,
+    preprocess_step_options,
+    run_study_command,
+    study_io_options,
 )
 from ctperf.lesion_options import LesionOptions
 
@@ -88,20 +90,13 @@ def maps_options(args: argparse.Namespace) -> Any:
     lesions = LesionOptions(core_rcbf=args.core_rcbf, core_cbv=args.core_cbv,
                             tmax_hypo=args.tmax, smooth_mm=args.lesion_smooth,
                             min_component_ml=args.min_lesion)
-    return MapsOptions(method=args.method, register=args.register, filter=args.filter,
-                       spatial_sigma_mm=args.spatial_sigma, range_sigma_hu=args.range_sigma,
-                       filter_weights=args.filter_weights, workers=args.workers,
-                       aif_mask=args.aif_mask, vof_mask=args.vof_mask,
+    return MapsOptions(method=args.method, aif_mask=args.aif_mask, vof_mask=args.vof_mask,
                        brain_mask=args.brain_mask, rho=args.rho, kh=args.kh, device=args.device,
-                       lesion_options=lesions, series_uid=args.series,
-                       frame_interval=args.frame_interval, dicom=args.dicom,
-                       anonymise=args.anonymise, overwrite=args.overwrite, progress=True)
+                       lesion_options=lesions, **preprocess_step_options(args),
+                       **study_io_options(args))
 
 
 def run(args: argparse.Namespace) -> int:
     from ctperf.workflow import maps_study
 
-    if args.cohort:
-        return run_cohort_command(args, maps_study, maps_options(args))
-    print(maps_study(args.study, args.out, maps_options(args)).message)
-    return 0
+    return run_study_command(args, maps_study, maps_options(args))

@@ -15,7 +15,8 @@ from ctperf.commands import (
     add_overwrite_option,
     add_study_options,
     add_workers_option,
-    run_cohort_command,
+    run_study_command,
+    study_io_options,
 )
 
 __all__ = ["ORDER", "predict_options", "register", "run"]
@@ -54,15 +55,10 @@ def predict_options(args: argparse.Namespace) -> Any:
 
     return PredictOptions(model=args.model, device=args.device, batch_size=args.batch_size,
                           resize=args.resize, brain_mask=args.brain_mask,
-                          series_uid=args.series, frame_interval=args.frame_interval,
-                          dicom=args.dicom, anonymise=args.anonymise, overwrite=args.overwrite,
-                          progress=True)
+                          **study_io_options(args))
 
 
 def run(args: argparse.Namespace) -> int:
     from ctperf.workflow import predict_study
 
-    if args.cohort:
-        return run_cohort_command(args, predict_study, predict_options(args))
-    print(predict_study(args.study, args.out, predict_options(args)).message)
-    return 0
+    return run_study_command(args, predict_study, predict_options(args))

@@ -13,7 +13,9 @@ from ctperf.commands import (
     add_preprocess_options,
     add_study_options,
     add_workers_option,
-    run_cohort_command,
+    preprocess_step_options,
+    run_study_command,
+    study_io_options,
 )
 
 __all__ = ["ORDER", "preprocess_options", "register", "run"]
@@ -51,19 +53,10 @@ def preprocess_options(args: argparse.Namespace) -> Any:
     arguments."""
     from ctperf.workflow import PreprocessOptions
 
-    return PreprocessOptions(register=args.register, filter=args.filter,
-                             spatial_sigma_mm=args.spatial_sigma,
-                             range_sigma_hu=args.range_sigma,
-                             filter_weights=args.filter_weights, workers=args.workers,
-                             series_uid=args.series, frame_interval=args.frame_interval,
-                             dicom=args.dicom, anonymise=args.anonymise,
-                             overwrite=args.overwrite, progress=True)
+    return PreprocessOptions(**preprocess_step_options(args), **study_io_options(args))
 
 
 def run(args: argparse.Namespace) -> int:
     from ctperf.workflow import preprocess_study
 
-    if args.cohort:
-        return run_cohort_command(args, preprocess_study, preprocess_options(args))
-    print(preprocess_study(args.study, args.out, preprocess_options(args)).message)
-    return 0
+    return run_study_command(args, preprocess_study, preprocess_options(args))

@@ -39,32 +39,13 @@ class StudyOutcome:
     summary: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class MapsOptions:
-    """Options of :func:`maps_study` (``ctperf maps``).
+@dataclass(frozen=True, kw_only=True)
+class StudyIOOptions:
+    """How a study is read and its outputs written, shared by the per-study functions:
+    ``series_uid`` and ``frame_interval`` (s) go to :func:`~ctperf.io.read_study`; ``dicom``
+    also writes DICOM outputs (``anonymise``: de-identified); ``overwrite`` replaces an OUT
+    ctperf did not write; ``progress`` shows bars."""
 
-    ``register``/``filter`` and the filter's ``spatial_sigma_mm`` (mm), ``range_sigma_hu`` (HU)
-    and ``filter_weights`` are those of :func:`~ctperf.workflow.analyse_study`; ``aif_mask``,
-    ``vof_mask`` and ``brain_mask`` are 3D NIfTI files on the study's grid; ``rho`` (g/mL),
-    ``kh``, ``device`` and ``lesion_options`` (by default those of ``ctperf maps``) go to
-    :func:`~ctperf.perfusion.run_perfusion`; ``series_uid`` and ``frame_interval`` (s) to
-    :func:`~ctperf.io.read_study`; ``dicom`` also writes DICOM maps (``anonymise``: de-identified).
-    """
-
-    method: str = "nlr-fast"
-    register: bool = False
-    filter: bool = False
-    spatial_sigma_mm: float = 3.0
-    range_sigma_hu: float = 20.0
-    filter_weights: str = "linear"
-    workers: int | None = None
-    aif_mask: Path | None = None
-    vof_mask: Path | None = None
-    brain_mask: Path | None = None
-    rho: float = 1.04
-    kh: float = 0.733
-    device: str = "auto"
-    lesion_options: LesionOptions = field(default_factory=LesionOptions)
     series_uid: str | None = None
     frame_interval: float | None = None
     dicom: bool = False
@@ -73,10 +54,12 @@ class MapsOptions:
     progress: bool = False
 
 
-@dataclass(frozen=True)
-class PreprocessOptions:
-    """Options of :func:`preprocess_study` (``ctperf preprocess``); see
-    :func:`ctperf.preprocess.preprocess` and :func:`ctperf.io.read_study`."""
+@dataclass(frozen=True, kw_only=True)
+class PreprocessSteps:
+    """The paper's two preprocessing steps and the filter's settings, as in
+    :func:`~ctperf.workflow.analyse_study`: ``register``, ``filter``, ``spatial_sigma_mm``
+    (mm), ``range_sigma_hu`` (HU), ``filter_weights``, and ``workers`` (frames registered at
+    once)."""
 
     register: bool = True
     filter: bool = True
@@ -84,16 +67,35 @@ class PreprocessOptions:
     range_sigma_hu: float = 20.0
     filter_weights: str = "linear"
     workers: int | None = None
-    series_uid: str | None = None
-    frame_interval: float | None = None
-    dicom: bool = False
-    anonymise: bool = False
-    overwrite: bool = False
-    progress: bool = False
 
 
-@dataclass(frozen=True)
-class PredictOptions:
+@dataclass(frozen=True, kw_only=True)
+class MapsOptions(PreprocessSteps, StudyIOOptions):
+    """Options of :func:`maps_study` (``ctperf maps``): no preprocessing unless asked;
+    ``aif_mask``, ``vof_mask`` and ``brain_mask`` are 3D NIfTI files on the study's grid;
+    ``rho`` (g/mL), ``kh``, ``device`` and ``lesion_options`` (by default those of ``ctperf
+    maps``) go to :func:`~ctperf.perfusion.run_perfusion`."""
+
+    method: str = "nlr-fast"
+    register: bool = False
+    filter: bool = False
+    aif_mask: Path | None = None
+    vof_mask: Path | None = None
+    brain_mask: Path | None = None
+    rho: float = 1.04
+    kh: float = 0.733
+    device: str = "auto"
+    lesion_options: LesionOptions = field(default_factory=LesionOptions)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PreprocessOptions(PreprocessSteps, StudyIOOptions):
+    """Options of :func:`preprocess_study` (``ctperf preprocess``); see
+    :func:`ctperf.preprocess.preprocess`."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PredictOptions(StudyIOOptions):
     """Options of :func:`predict_study` (``ctperf predict``): the checkpoint ``model`` and the
     keywords of :func:`ctperf.model.predict_maps`; ``brain_mask`` is a 3D NIfTI file."""
 
@@ -102,12 +104,6 @@ class PredictOptions:
     batch_size: int = 4
     resize: bool = False
     brain_mask: Path | None = None
-    series_uid: str | None = None
-    frame_interval: float | None = None
-    dicom: bool = False
-    anonymise: bool = False
-    overwrite: bool = False
-    progress: bool = False
 
 
 # --- ctperf maps ---------------------------------------------------------------------------
