@@ -350,3 +350,23 @@ def test_an_existing_dask_cluster_gives_the_local_clusters_maps(cohort, tmp_path
     assert {s: r["state"] for s, r in _rows(remote).items()} == {
         "sub-0000": "done", "sub-0001": "done", "sub-0002": "failed"}
     _maps_equal(local, remote)
+
+
+def test_default_workers_one_per_two_cores(monkeypatch):
+    # one study's threaded fits keep two cores busy (docs/cohorts.md, Throughput): a 2-core
+    # machine runs in one process, a 16-core one on 8 workers; memory and the studies cap it
+    import psutil
+
+    import ctperf.workflow.cohort as cohort_module
+
+    big = type("Memory", (), {"total": 64 * cohort_module.MEMORY_PER_WORKER})()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: big)
+    monkeypatch.setattr(cohort_module, "_cores", lambda: 2)
+    assert cohort_module.worker_count(10) == 1
+    monkeypatch.setattr(cohort_module, "_cores", lambda: 16)
+    assert cohort_module.worker_count(10) == 8
+    assert cohort_module.worker_count(3) == 3
+    assert cohort_module.worker_count(10, workers=5) == 5
+    small = type("Memory", (), {"total": 3 * cohort_module.MEMORY_PER_WORKER})()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
+    assert cohort_module.worker_count(10) == 3

@@ -117,10 +117,14 @@ def add_batch_size_option(parser: Any, *, default: int | None, what: str) -> Non
                         help=what if default is None else f"{what} [%(default)s]")
 
 
-def add_workers_option(parser: Any, *, what: str) -> None:
-    """``--workers N``: how many ``what`` run at once (default: one per CPU core)."""
+#: What ``--workers`` defaults to when it counts studies of a cohort (Dask worker processes).
+COHORT_WORKERS = "with --cohort, one per two CPU cores, so one process on 2 cores"
+
+
+def add_workers_option(parser: Any, *, what: str, default: str = "one per CPU core") -> None:
+    """``--workers N``: how many ``what`` run at once; ``default`` says what None means."""
     parser.add_argument("--workers", type=positive_int, default=None, metavar="N",
-                        help=f"{what} at once [one per CPU core]")
+                        help=f"{what} at once [{default}]")
 
 
 def add_scheduler_option(parser: Any) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.commands import (
+    COHORT_WORKERS,
     add_anonymise_option,
     add_brain_mask_option,
     add_cohort_options,
@@ -58,7 +59,8 @@ def register(subparsers: Any) -> None:
     add_study_options(p)
     add_preprocess_options(p, default=False)
     add_workers_option(p, what="frames registered (with --cohort: studies, as Dask worker "
-                               "processes)")
+                               "processes)",
+                       default=f"one per CPU core; {COHORT_WORKERS}")
     add_cohort_options(p)
     add_device_option(p, what="the box-model fits")
     p.add_argument("--rho", type=float_in(0.5, 2.0, "brain density rho (g/mL)"), default=1.04,

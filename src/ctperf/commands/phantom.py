@@ -67,7 +67,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-dicom", dest="dicom", action="store_false",
                    help="skip the DICOM copy of each study")
     p.add_argument("--preview", action="store_true", help="write sub-*/preview.png montages")
-    add_workers_option(p, what="subjects simulated")
+    add_workers_option(p, what="subjects simulated",
+                       default="one per two CPU cores, so one process on 2 cores")
     add_scheduler_option(p)
     p.set_defaults(func=run)
 

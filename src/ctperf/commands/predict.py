@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.commands import (
+    COHORT_WORKERS,
     add_anonymise_option,
     add_batch_size_option,
     add_brain_mask_option,
@@ -45,7 +46,7 @@ def register(subparsers: Any) -> None:
     add_device_option(p, what="the U-Net's forward passes")
     add_batch_size_option(p, default=4, what="slices per forward pass")
     add_cohort_options(p)
-    add_workers_option(p, what="with --cohort, studies predicted")
+    add_workers_option(p, what="with --cohort, studies predicted", default=COHORT_WORKERS)
     p.set_defaults(func=run)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.commands import (
+    COHORT_WORKERS,
     add_anonymise_option,
     add_cohort_options,
     add_overwrite_option,
@@ -41,7 +42,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--dicom", action="store_true", help="also write OUT/dicom/ (int16 HU)")
     add_anonymise_option(p)
     add_workers_option(p, what="frames registered (with --cohort: studies, as Dask worker "
-                               "processes)")
+                               "processes)",
+                       default=f"one per CPU core; {COHORT_WORKERS}")
     add_cohort_options(p)
     add_study_options(p)
     add_preprocess_options(p, default=True)

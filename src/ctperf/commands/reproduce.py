@@ -50,7 +50,8 @@ def add_reproduce_options(p: argparse.ArgumentParser) -> None:
     add_preprocess_options(p, default=True)
     add_device_option(p, what="the box-model fits, training and prediction")
     add_batch_size_option(p, default=4, what="slices per forward pass when predicting")
-    add_workers_option(p, what="studies preprocessed and fitted")
+    add_workers_option(p, what="studies preprocessed and fitted",
+                       default="one per two CPU cores, so one process on 2 cores")
 
 
 def reproduce_options(args: argparse.Namespace) -> tuple[Any, Any]:

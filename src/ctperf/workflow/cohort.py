@@ -262,24 +262,29 @@ def _run_study(task: Task, study: Study, target: Path, options: Any) -> dict[str
     return {"state": state, "error": error, "started": started, "finished": _now()}
 
 
-def _threads(options: Any, at_once: int) -> Any:
-    """``options`` with its ``workers`` field (threads per study) set to 1 when several studies
-    run at once, None (every core) when one runs at a time."""
+def _cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
+        os.cpu_count() or 1)
+
+
+def _threads(options: Any, threads: int | None) -> Any:
+    """``options`` with its ``workers`` field (threads per study) set to ``threads`` (None:
+    every core)."""
     if dataclasses.is_dataclass(options) and not isinstance(options, type) and any(
             f.name == "workers" for f in dataclasses.fields(options)):
-        return dataclasses.replace(options, workers=1 if at_once > 1 else None)
+        return dataclasses.replace(options, workers=threads)
     return options
 
 
 def worker_count(studies: int, workers: int | None = None) -> int:
-    """Local workers for ``studies`` studies: ``workers`` if given, else one per CPU core that
-    :data:`MEMORY_PER_WORKER` of the machine's memory allows; never more than ``studies``."""
+    """Local workers for ``studies`` studies: ``workers`` if given, else one per two CPU cores
+    (a study's fits and filter use threads, so one study already keeps two cores busy), as many
+    as :data:`MEMORY_PER_WORKER` of the machine's memory allows; never more than ``studies``."""
     if workers is None:
         import psutil
 
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-            os.cpu_count() or 1)
-        workers = min(cores, max(1, psutil.virtual_memory().total // MEMORY_PER_WORKER))
+        workers = min(max(1, _cores() // 2),
+                      max(1, psutil.virtual_memory().total // MEMORY_PER_WORKER))
     return max(1, min(int(workers), studies))
 
 
@@ -396,11 +401,13 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
         bar = tqdm(total=len(studies), initial=len(skipped), desc="cohort", unit="study")
     done: list[str] = []
     failed: dict[str, str] = {}
-    if not todo or (scheduler is None and worker_count(len(todo), workers) == 1):
-        results = _in_process(todo, root, task, _threads(options, 1))
-    else:
-        results = _on_dask(todo, root, task, _threads(options, len(todo)),
-                           scheduler=scheduler, workers=worker_count(len(todo), workers))
+    local = worker_count(len(todo), workers)
+    if not todo or (scheduler is None and local == 1):
+        results = _in_process(todo, root, task, _threads(options, None))
+    else:  # the cores shared out among the local workers; on another cluster one per study
+        threads = 1 if scheduler else max(1, _cores() // local)
+        results = _on_dask(todo, root, task, _threads(options, threads), scheduler=scheduler,
+                           workers=local)
     try:
         for study, row in results:
             rows[study.name].update(row)
