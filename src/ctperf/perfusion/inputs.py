@@ -76,7 +76,7 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
         raise ValidationError(
             f"the AIF ({origin.source}) has no positive area: its curve sits below its "
             "pre-bolus baseline, as when the head moved between the baseline and the bolus; "
-            "correct motion first (--preprocess) or give an AIF mask (--aif-mask)")
+            "correct motion first (--register) or give an AIF mask (--aif-mask)")
     return curve, origin
 
 
