@@ -24,6 +24,7 @@ from ctperf.workflow.study import (
     maps_study,
     predict_study,
     preprocess_study,
+    write_maps_and_summary,
     write_maps_outputs,
 )
 from ctperf.workflow.training import (
@@ -58,5 +59,6 @@ __all__ = [
     "run_demo",
     "run_neural_demo",
     "train_cohort",
+    "write_maps_and_summary",
     "write_maps_outputs",
 ]

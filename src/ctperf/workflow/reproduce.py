@@ -35,6 +35,7 @@ from typing import Any
 
 from ctperf.errors import CTPerfError, InputError, ValidationError
 from ctperf.lesion_options import LesionOptions
+from ctperf.workflow.study import write_maps_and_summary, write_maps_outputs
 
 __all__ = ["PHANTOM_TARGETS", "UNITOBRAIN_TARGETS", "NeuralDemoOptions", "ReproduceOptions",
            "ReproduceOutcome", "predict_subject", "reference_subject", "reproduce_cohort",
@@ -412,9 +413,7 @@ def _unitobrain_reference(source: tuple[str, str], target: Path, options: Any) -
     maps = case.reference.replace(provenance={**case.reference.provenance, "method": "nlr",
                                               "source": "UniToBrain reference maps"})
     with io.atomic_dir(target) as tmp:
-        io.write_maps_nifti(maps, tmp)
-        io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
-                                      "units": dict(maps.units)}), tmp / "summary.json")
+        write_maps_and_summary(maps, tmp)
 
 
 def _cross_validate(cohort: Path, studies_root: Path, out: Path, layout: str, config: Any,
@@ -557,12 +556,8 @@ def predict_subject(source: dict[str, Any], target: Path, options: dict[str, Any
     result = PerfusionMaps(maps=maps, affine=series.affine, provenance=provenance)
     if not {"cbf", "tmax"} <= set(result.names):  # no lesions, hence no overview
         with io.atomic_dir(target) as tmp:
-            io.write_maps_nifti(result, tmp)
-            io.write_json(io.public_meta({**provenance, "maps": result.names,
-                                          "units": dict(result.units)}), tmp / "summary.json")
+            write_maps_and_summary(result, tmp)
         return
-    from ctperf.workflow.study import write_maps_outputs
-
     write_maps_outputs(_cnn_result(result, brain, vessels, options["lesion_options"]), target,
                        title=f"U-Net, fold {source['fold']}")
 

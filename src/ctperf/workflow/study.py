@@ -190,6 +190,17 @@ def _maps_outcome(result: Any, out: Path) -> StudyOutcome:
         "maps": list(maps.names), "volumes_ml": dict(les["volumes_ml"]), "qc_flags": raised})
 
 
+def write_maps_and_summary(maps: Any, folder: Path) -> None:
+    """``<map>.nii.gz`` (with sidecars) and ``summary.json`` (provenance without patient
+    identity or paths, map names and units) of ``maps`` into ``folder``, usually the temporary
+    folder of an :func:`ctperf.io.atomic_dir`."""
+    from ctperf import io
+
+    io.write_maps_nifti(maps, folder)
+    io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
+                                  "units": dict(maps.units)}), folder / "summary.json")
+
+
 def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
                        dicom_source: Any = None, overwrite: bool = False,
                        anonymise: bool = False) -> None:
@@ -220,12 +231,10 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
 
     maps = result.maps
     with io.atomic_dir(folder, overwrite=overwrite) as tmp:
-        io.write_maps_nifti(maps, tmp)
+        write_maps_and_summary(maps, tmp)
         masks = {**result.lesions.masks(), "brain": result.brain, "vessels": result.vessels}
         for name, mask in masks.items():
             io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz")
-        io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
-                                      "units": dict(maps.units)}), tmp / "summary.json")
         save_figure(maps_overview(result, title=title), tmp / "overview.png", dpi=110,
                     facecolor="black")
         if dicom_source is not None:
@@ -363,9 +372,7 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
     # The checkpoint's file name only, and no study path: paths often hold a patient's name.
     maps = maps.replace(provenance={**maps.provenance, "checkpoint": o.model.name})
     with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear, or none
-        io.write_maps_nifti(maps, tmp)
-        io.write_json(io.public_meta({**maps.provenance, "maps": maps.names,
-                                      "units": dict(maps.units)}), tmp / "summary.json")
+        write_maps_and_summary(maps, tmp)
         if o.dicom:
             io.write_maps_dicom(maps, tmp / "dicom", source=series, anonymise=o.anonymise)
     return StudyOutcome(out=out, message=f"wrote {', '.join(maps.names)} to {out}",
