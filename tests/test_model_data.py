@@ -238,3 +238,28 @@ def test_failing_nlr_reference_names_the_subject(monkeypatch, tmp_path: Path):
     assert not (tmp_path / "refs" / "sub-0000").exists()
     with pytest.raises(ValidationError, match="reference must be one of"):
         build_slice_cache(cohort, tmp_path / "cache", size=8, frames=4, reference="svd")
+
+
+def test_truth_of_preprocessed_copies_is_read_from_their_phantom_cohort(tmp_path: Path):
+    import shutil
+
+    from ctperf.io import read_maps, read_mask
+
+    cohort = make_cohort(tmp_path / "c", subjects=2, size=8, frames=12)
+    copies = tmp_path / "preprocessed"  # studies only, as `ctperf preprocess` writes them
+    for sub in sorted(cohort.glob("sub-*")):
+        (copies / sub.name).mkdir(parents=True)
+        shutil.copy2(sub / "study.nii.gz", copies / sub.name / "study.nii.gz")
+    with pytest.raises(InputError, match="missing true maps"):
+        build_slice_cache(copies, tmp_path / "cache0", size=8, frames=4, reference="truth")
+    cache = build_slice_cache(copies, tmp_path / "cache", size=8, frames=4, reference="truth",
+                              references=cohort)
+    truth = read_maps(cohort / "sub-0001" / "truth")
+    brain = read_mask(cohort / "sub-0001" / "masks" / "brain.nii.gz", shape=truth.shape,
+                      affine=truth.affine)
+    row = cache.rows(["sub-0001"])[0]
+    unit = cache.targets[row, cache.target_index("cbv")].astype(np.float32)
+    # float16 of [0, 1] values: 5e-4 of the 10 mL/100g window
+    np.testing.assert_allclose(from_unit(unit, "cbv"), truth["cbv"][0], atol=0.01)
+    # the loss mask is the cohort's brain, not the whole image
+    np.testing.assert_array_equal(cache.masks[row].astype(bool), brain[0])

@@ -498,3 +498,53 @@ def test_vof_scaling_recovers_the_true_aif_area():
     # vein voxels are >= 95 % blood and the VOF tail beyond 60 s holds a few % of its area
     assert np.trapezoid(scaled, s.series.times) == pytest.approx(
         np.trapezoid(s.aif, s.series.times), rel=0.10)
+
+
+def test_averaged_noise_matches_block_means_of_native_noise(rng):
+    from ctperf.phantom.acquisition import averaged_noise_sigma, psf_sigma_px, smooth_noise
+
+    native_mm, psf_mm, sigma = 230.0 / 512, 1.2, 8.4
+    noise = sigma * smooth_noise(rng, (8, 512, 512), sigma_px=psf_sigma_px(psf_mm, native_mm))
+    for factor in (2, 4, 8):
+        blocks = noise.reshape(8, 512 // factor, factor, 512 // factor, factor).mean(axis=(2, 4))
+        expected = averaged_noise_sigma(sigma, native_pixel_mm=native_mm,
+                                        pixel_mm=native_mm * factor, psf_fwhm_mm=psf_mm)
+        # >= 32,000 block means: the SD estimate scatters by < 1 %; 3 % leaves room for the
+        # blocks' correlation at factor 2
+        assert blocks.std() == pytest.approx(expected, rel=0.03)
+    # correlated noise averages down more slowly than white noise (sigma / factor)
+    assert averaged_noise_sigma(sigma, native_pixel_mm=native_mm, pixel_mm=8 * native_mm,
+                                psf_fwhm_mm=psf_mm) > 2 * sigma / 8
+    assert averaged_noise_sigma(sigma, native_pixel_mm=native_mm, pixel_mm=native_mm / 2,
+                                psf_fwhm_mm=psf_mm) == sigma
+
+
+def test_noise_matrix_gives_a_coarse_phantom_the_native_image_noise():
+    from ctperf.errors import ValidationError
+    from ctperf.phantom.acquisition import averaged_noise_sigma
+
+    opts = {"seed": 8, "size": 64, "slices": 1, "frames": 8, "anatomy": "procedural"}
+    own = generate_subject(**opts)
+    native = generate_subject(**opts, noise_matrix=512)
+    expected = averaged_noise_sigma(noise_sigma(150.0), native_pixel_mm=230.0 / 512,
+                                    pixel_mm=230.0 / 64, psf_fwhm_mm=1.2)
+    assert native.params["noise_sigma_hu"] == pytest.approx(expected)
+    assert 3.0 < expected < 4.5  # a 3.6 mm pixel averages 64 correlated native pixels
+    air = own.baseline[0] < -999.0
+    for subject, sigma in ((own, noise_sigma(150.0)), (native, expected)):
+        measured = (subject.series.hu[:, 0][:, air] - subject.baseline[0][air]).std()
+        # ~ 8 frames x 1,000 air pixels: the SD estimate scatters by ~1 %
+        assert measured == pytest.approx(sigma, rel=0.08)
+    # only the noise differs: the truth is the same subject's
+    np.testing.assert_array_equal(own.truth["cbf"], native.truth["cbf"])
+    with pytest.raises(ValidationError, match="noise_matrix"):
+        generate_subject(**opts, noise_matrix=8)
+
+
+def test_dose_and_sampling_change_the_noise_not_the_truth():
+    opts = {"seed": 5, "size": 48, "slices": 1, "anatomy": "procedural", "lesion": True}
+    a = generate_subject(**opts, mas=150.0, frames=89, frame_interval=0.5)
+    b = generate_subject(**opts, mas=75.0, frames=45, frame_interval=1.0)
+    for name in ("cbf", "cbv", "mtt", "delay", "tmax"):
+        np.testing.assert_array_equal(a.truth[name], b.truth[name])
+    assert b.params["noise_sigma_hu"] == pytest.approx(a.params["noise_sigma_hu"] * np.sqrt(2))

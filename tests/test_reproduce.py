@@ -154,3 +154,16 @@ def test_reproduce_on_a_unitobrain_folder(tmp_path: Path, rng):
         assert (out / "nlr" / patient / "delay.nii.gz").exists()  # the dataset's own maps
     assert not (out / "preprocessed").exists() and not (out / "cohort").exists()
     assert (out / "report.html").exists() and _tree(root) == before
+
+
+def test_the_reference_the_network_learns_is_checked_and_recorded(tmp_path: Path):
+    from ctperf.errors import ValidationError
+    from ctperf.workflow.reproduce import _settings
+
+    with pytest.raises(ValidationError, match="reference"):
+        ReproduceOptions(reference="rapid")
+    config = _tiny_config()
+    # runs made before the option existed learned the NLR maps: their records stay valid
+    assert "reference" not in _settings("phantom", config, ReproduceOptions())["options"]
+    truth = _settings("phantom", config, ReproduceOptions(reference="truth"))
+    assert truth["options"]["reference"] == "truth"

@@ -57,6 +57,10 @@ def register(subparsers: Any) -> None:
                         "[%(default)s]")
     p.add_argument("--mas", type=positive_float, default=150.0,
                    help="tube current-time product; noise sigma = 103/sqrt(mAs) HU [%(default)s]")
+    p.add_argument("--noise-matrix", type=count(32), default=None, metavar="PIXELS",
+                   help="pixels across the field of view of the image whose noise --mas sets "
+                        "(512 for a clinical scanner); a smaller --size then carries that "
+                        "image's noise averaged into its pixels [the phantom's own --size]")
     p.add_argument("--lesion-free", type=fraction, default=0.25, metavar="FRACTION",
                    help="fraction of subjects without an occlusion [%(default)s]")
     # A string default goes through _residues too, so the help shows it as typed.
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         preview=args.preview, workers=args.workers, scheduler=args.scheduler, size=args.size,
         slices=args.slices, frames=args.frames, frame_interval=args.frame_interval, mas=args.mas,
         motion=args.motion, lesion_free_fraction=args.lesion_free, residues=args.residues,
-        anatomy=args.anatomy)
+        anatomy=args.anatomy, noise_matrix=args.noise_matrix)
     logging.getLogger(__name__).info("%d subjects in %s", len(folders), args.outdir)
     print(f"{len(folders)} subjects in {args.outdir}")
     return 0

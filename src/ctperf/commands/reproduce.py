@@ -47,6 +47,10 @@ def add_reproduce_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes"),
                    default="nlr", help="reference method the U-Net learns (nlr: the paper's "
                    "Nelder-Mead box model) [%(default)s]")
+    p.add_argument("--reference", choices=("nlr", "truth"), default="nlr",
+                   help="target maps: the reference method's (--method) as the paper, or a "
+                        "phantom's truth; the reference method's maps are computed either way, "
+                        "for comparison and for the masks of the lesions [%(default)s]")
     add_preprocess_options(p, default=True)
     add_device_option(p, what="the box-model fits, training and prediction")
     add_batch_size_option(p, default=4, what="slices per forward pass when predicting")
@@ -69,7 +73,8 @@ def reproduce_options(args: argparse.Namespace) -> tuple[Any, Any]:
         per_map=not args.one_network, folds=args.folds, register=args.register,
         filter=args.filter, spatial_sigma_mm=args.spatial_sigma,
         range_sigma_hu=args.range_sigma, filter_weights=args.filter_weights,
-        method=args.method, device=args.device, batch_size=args.batch_size,
+        method=args.method, reference=args.reference, device=args.device,
+        batch_size=args.batch_size,
         workers=args.workers, lesion_options=LesionOptions(), progress=True)
     return config, options
 

@@ -137,13 +137,15 @@ def _phantom_subjects(root: Path) -> list[Path]:
 
 
 def _reference_maps(sub: Path, reference: str, references: Path | None) -> PerfusionMaps:
-    """The reference maps of one phantom-layout subject: ``truth/``, or the NLR maps from
-    ``references/<subject>/`` (else ``<subject>/nlr/``, precomputed with the cohort)."""
+    """The reference maps of one phantom-layout subject: the NLR maps of
+    ``references/<subject>/`` or the truth of ``references/<subject>/truth/`` (else the
+    subject's own ``nlr/`` or ``truth/``)."""
     from ctperf.io import read_maps
 
     needed = ("cbf", "cbv", "mtt", "delay")
-    folders = [sub / "truth"] if reference == "truth" else [
-        *([references / sub.name] if references is not None else []), sub / "nlr"]
+    given = [] if references is None else [
+        references / sub.name / ("truth" if reference == "truth" else "")]
+    folders = [*given, sub / reference]
     for folder in folders:
         if all((folder / f"{n}.nii.gz").exists() for n in needed):
             return read_maps(folder)
@@ -161,7 +163,9 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
 
     ``reference`` is ``"truth"`` (phantom's true maps) or ``"nlr"`` (box-model NLR maps read from
     ``references/<subject>/``, see :func:`ctperf.workflow.nlr_references`, or from a cohort's
-    precomputed ``sub-*/nlr/``); on UniToBrain it is the dataset's own reference.
+    precomputed ``sub-*/nlr/``); on UniToBrain it is the dataset's own reference. With
+    ``"truth"``, ``references`` may name the phantom cohort that the studies of ``root`` were
+    made from (preprocessed studies carry no truth): its ``truth/`` and brain masks are read.
     """
     from ctperf import io
 
@@ -175,10 +179,12 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
         for sub in subs:
             series = io.read_nifti_series(sub / "study.nii.gz")
             shape = series.shape[1:]
+            refs = None if references is None else Path(references)
             mask_path = sub / "masks" / "brain.nii.gz"
+            if not mask_path.exists() and refs is not None and reference == "truth":
+                mask_path = refs / sub.name / "masks" / "brain.nii.gz"
             mask = (io.read_mask(mask_path, shape=shape, affine=series.affine)
                     if mask_path.exists() else np.ones(shape, dtype=bool))
-            refs = None if references is None else Path(references)
             yield sub.name, series, _reference_maps(sub, reference, refs), mask
         return
     iter_unitobrain = getattr(io, "iter_unitobrain", None)
@@ -245,9 +251,11 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
     reference : {"truth", "nlr"}
         Target maps (phantom layout).
     references : path, optional
-        Folder of NLR reference maps, ``<subject>/<map>.nii.gz``, written by
-        :func:`ctperf.workflow.nlr_references` (``reference="nlr"``; without it, or for a
-        subject it lacks, the cohort's precomputed ``sub-*/nlr/`` is read).
+        ``reference="nlr"``: folder of NLR reference maps, ``<subject>/<map>.nii.gz``, written
+        by :func:`ctperf.workflow.nlr_references` (without it, or for a subject it lacks, the
+        cohort's precomputed ``sub-*/nlr/`` is read). ``reference="truth"``: the phantom
+        cohort whose ``<subject>/truth/`` and brain masks belong to the studies of ``cohort``
+        (e.g. their originals before preprocessing).
     frame_mode : {"subsample", "resample"}
         Frame selection; ``frame_interval`` (s) for resampling.
     hu_window : (float, float)
@@ -266,7 +274,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
               "reference": reference, "frame_mode": frame_mode, "frame_interval": frame_interval,
               "hu_window": [float(v) for v in hu_window],
               "windows": {k: list(v) for k, v in TARGET_WINDOWS.items()}}
-    refs = None if references is None or reference != "nlr" else Path(references)
+    refs = None if references is None else Path(references)
     key = _cache_key(root, config, refs)
     path = Path(cache_root) / (f"{root.resolve().name}-{size or 'native'}px-"
                                f"{frames or 'all'}f-{reference}-{key}")

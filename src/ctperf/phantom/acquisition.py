@@ -3,10 +3,13 @@
 Noise is Gaussian with standard deviation ``K / sqrt(mAs)`` per pixel (K = 103 HU, 8.4 HU at
 150 mAs), spatially correlated by the reconstruction kernel: white noise is filtered with the same
 in-plane Gaussian as the signal and rescaled so that the filtered noise has exactly the requested
-standard deviation. Motion is rigid, per frame, about the slab centre: frame ``t`` shows the head
-moved by ``x -> R_t x + s_t`` (:func:`ctperf.phantom.geometry.rigid_matrix` of the frame's three
-rotations in degrees and three shifts in mm); slices outside the slab are not simulated, so
-through-plane motion repeats the edge slices.
+standard deviation. That figure holds for the scanner's native reconstruction; an image on coarser
+pixels, each the mean of the native pixels it covers, has less (:func:`averaged_noise_sigma`).
+
+Motion is rigid, per frame, about the slab centre: frame ``t`` shows the head moved by
+``x -> R_t x + s_t`` (:func:`ctperf.phantom.geometry.rigid_matrix` of the frame's three rotations
+in degrees and three shifts in mm); slices outside the slab are not simulated, so through-plane
+motion repeats the edge slices.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "NOISE_K",
     "acquire",
     "apply_motion",
+    "averaged_noise_sigma",
     "baseline_hu",
     "draw_baseline",
     "draw_motion",
@@ -40,6 +44,33 @@ MOTION_CLASSES: dict[str, float] = {"none": 0.58, "mild": 0.24, "severe": 0.19}
 def noise_sigma(mas: float, *, k: float = NOISE_K) -> float:
     """Per-pixel noise standard deviation in HU at tube current-time product ``mas``."""
     return float(k / np.sqrt(mas)) if np.isfinite(mas) else 0.0
+
+
+def averaged_noise_sigma(sigma: float, *, native_pixel_mm: float, pixel_mm: float,
+                         psf_fwhm_mm: float) -> float:
+    """Noise SD of pixels of ``pixel_mm`` that average a native reconstruction's pixels.
+
+    The native image (pixels of ``native_pixel_mm``) has noise of SD ``sigma`` correlated by the
+    scanner's Gaussian blur of ``psf_fwhm_mm``; each coarse pixel is the mean of the native
+    pixels it covers (a box of ``pixel_mm``, fractional at its ends). The noise is separable,
+    so the SD scales by the 1D factor squared. Pixels no coarser than the native ones keep
+    ``sigma``.
+    """
+    width = pixel_mm / native_pixel_mm
+    if width <= 1.0:
+        return float(sigma)
+    sig_px = psf_sigma_px(psf_fwhm_mm, native_pixel_mm)
+    n = int(np.ceil(width))
+    box = np.ones(n)
+    box[-1] = width - (n - 1)
+    box /= box.sum()
+    half = int(np.ceil(3.5 * sig_px)) + n + 2
+    delta = np.zeros(2 * half + 1)
+    delta[half] = 1.0
+    kernel = ndi.gaussian_filter1d(delta, sig_px, truncate=3.5) if sig_px > 0.05 else delta
+    kernel /= np.sqrt(np.sum(kernel**2))
+    variance_1d = float(np.sum(np.convolve(kernel, box) ** 2))
+    return float(sigma * variance_1d)
 
 
 def psf_sigma_px(fwhm_mm: float, pixel_mm: float) -> float:

@@ -107,6 +107,24 @@ def _check(size: int, slices: int, frames: int, frame_interval: float, mas: floa
                               f"{residues!r}")
 
 
+def _noise_sigma(cfg: dict[str, Any]) -> float:
+    """Per-pixel noise SD (HU) of the subject's own grid.
+
+    ``K / sqrt(mAs)`` holds on the grid of ``noise_matrix`` pixels across the field of view
+    (the subject's own size when None); a coarser subject gets that image's noise averaged
+    into its pixels.
+    """
+    if not cfg["noise"]:
+        return 0.0
+    sigma = acq.noise_sigma(cfg["mas"])
+    matrix = cfg.get("noise_matrix")
+    if matrix is None:
+        return sigma
+    return acq.averaged_noise_sigma(sigma, native_pixel_mm=cfg["fov_mm"] / matrix,
+                                    pixel_mm=cfg["fov_mm"] / cfg["size"],
+                                    psf_fwhm_mm=cfg["psf_fwhm_mm"])
+
+
 def _ttp(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
     """Time from the first frame to the peak, refined by a parabola through the top 3 samples."""
     k = np.argmax(curves, axis=1)
@@ -133,6 +151,7 @@ def draw_parameters(*, seed: int, size: int = 512, slices: int = 8, frames: int 
                     anatomy: str = "auto", lesion_free_fraction: float = 0.25,
                     aif_peak: float | None = None, noise: bool = True,
                     psf_fwhm_mm: float = 1.2, fov_mm: float = 230.0, thickness_mm: float = 5.0,
+                    noise_matrix: int | None = None,
                     rho: float = hd.RHO, kh: float = hd.KH) -> dict[str, Any]:
     """Draw every random parameter of a subject (see :func:`generate_subject` for the options).
 
@@ -146,6 +165,8 @@ def draw_parameters(*, seed: int, size: int = 512, slices: int = 8, frames: int 
     """
     residues = tuple(residues)
     _check(size, slices, frames, frame_interval, mas, motion, residues)
+    if noise_matrix is not None and not 32 <= noise_matrix <= 4096:
+        raise ValidationError(f"noise_matrix must be in 32-4096 pixels, got {noise_matrix}")
     if not 0.0 <= lesion_free_fraction <= 1.0:
         raise ValidationError(f"lesion_free_fraction must be in [0, 1], got {lesion_free_fraction}")
     config = {"seed": int(seed), "size": size, "slices": slices, "frames": frames,
@@ -153,7 +174,7 @@ def draw_parameters(*, seed: int, size: int = 512, slices: int = 8, frames: int 
               "residues": list(residues), "anatomy": anatomy,
               "lesion_free_fraction": lesion_free_fraction, "aif_peak": aif_peak,
               "noise": noise, "psf_fwhm_mm": psf_fwhm_mm, "fov_mm": fov_mm,
-              "thickness_mm": thickness_mm, "rho": rho, "kh": kh}
+              "thickness_mm": thickness_mm, "noise_matrix": noise_matrix, "rho": rho, "kh": kh}
     streams = [np.random.default_rng(s) for s in np.random.SeedSequence(int(seed)).spawn(6)]
     r_pose, r_phys, r_aif, r_motion, r_noise, r_tex = streams
     pose = draw_pose(r_pose)
@@ -322,7 +343,7 @@ def simulate_subject(params: dict[str, Any], *, progress: bool = False) -> Phant
     slabs["tmax"] = _true_tmax(slabs, setup)
     slabs["penumbra"] = slabs["brain"] & (slabs["tmax"] > 6.0) & ~slabs["core"]
     acq.acquire(hu, affine=affine, motion=np.asarray(params["motion"]).reshape(-1, 6),
-                noise_sigma=acq.noise_sigma(cfg["mas"]) if cfg["noise"] else 0.0,
+                noise_sigma=_noise_sigma(cfg),
                 psf_px=setup.psf_px, rng=np.random.default_rng(params["noise_seed"]))
     return _assemble(setup, hu, baseline, slabs, fine_t, aif_fine, vof_fine)
 
@@ -343,7 +364,7 @@ def _assemble(setup: _Setup, hu: np.ndarray, baseline: np.ndarray,
     volumes = {n: float(masks[n].sum() * voxel_ml) for n in ("core", "penumbra")}
     volumes["hypoperfused"] = volumes["core"] + volumes["penumbra"]
     phys, template = params["physiology"], setup.template
-    derived = {"noise_sigma_hu": acq.noise_sigma(cfg["mas"]) if cfg["noise"] else 0.0,
+    derived = {"noise_sigma_hu": _noise_sigma(cfg),
                "noise_k": acq.NOISE_K, "psf_sigma_px": setup.psf_px, "fine_dt": setup.bank.dt,
                "template": template.source,
                "template_notice": TEMPLATE_NOTICE if template.source == "mni" else None,
@@ -374,6 +395,7 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
                      anatomy: str = "auto", lesion_free_fraction: float = 0.25,
                      aif_peak: float | None = None, noise: bool = True,
                      psf_fwhm_mm: float = 1.2, fov_mm: float = 230.0, thickness_mm: float = 5.0,
+                     noise_matrix: int | None = None,
                      rho: float = hd.RHO, kh: float = hd.KH, progress: bool = False
                      ) -> PhantomSubject:
     """Simulate one CTP study with its true perfusion maps.
@@ -405,6 +427,11 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
         Add noise (False gives the noise-free study).
     psf_fwhm_mm : float
         In-plane blur of the scanner (0 for none).
+    noise_matrix : int, optional
+        Pixels across the field of view of the reconstruction whose noise ``mas`` sets (for
+        a clinical scanner 512). A subject on a coarser grid then carries that image's noise
+        averaged into its larger pixels, as an image downsampled from it would (64 px: 3.6 HU
+        at 150 mAs instead of 8.4). None: ``mas``'s noise on the subject's own grid.
     rho, kh : float
         Tissue density (g/mL) and haematocrit factor of the indicator-dilution model.
     progress : bool
@@ -418,5 +445,6 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
         seed=seed, size=size, slices=slices, frames=frames, frame_interval=frame_interval, mas=mas,
         motion=motion, lesion=lesion, residues=residues, anatomy=anatomy,
         lesion_free_fraction=lesion_free_fraction, aif_peak=aif_peak, noise=noise,
-        psf_fwhm_mm=psf_fwhm_mm, fov_mm=fov_mm, thickness_mm=thickness_mm, rho=rho, kh=kh)
+        psf_fwhm_mm=psf_fwhm_mm, fov_mm=fov_mm, thickness_mm=thickness_mm,
+        noise_matrix=noise_matrix, rho=rho, kh=kh)
     return simulate_subject(params, progress=progress)

@@ -9,6 +9,7 @@ from ctperf.reporting.evaluation import evaluation_figures, evaluation_page
 from ctperf.reporting.figures import (
     bland_altman_figure,
     comparison_figure,
+    reduction_figure,
     save_figure,
     side_by_side_figure,
     training_curves_figure,
@@ -56,6 +57,7 @@ __all__ = [
     "phantom_preview_figure",
     "png_data_uri",
     "radiological_flips",
+    "reduction_figure",
     "save_figure",
     "side_by_side_figure",
     "training_curves_figure",

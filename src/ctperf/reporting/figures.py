@@ -15,6 +15,7 @@ from ctperf.types import PerfusionMaps
 __all__ = [
     "bland_altman_figure",
     "comparison_figure",
+    "reduction_figure",
     "save_figure",
     "side_by_side_figure",
     "training_curves_figure",
@@ -282,4 +283,44 @@ def training_curves_figure(log: Sequence[Mapping[str, Any]], *, title: str = "")
     ax.legend(fontsize=8)
     ax.set_title(title or "training curves", fontsize=10)
     fig.tight_layout()
+    return fig
+
+
+#: Panels of :func:`reduction_figure`: (map or lesion, key of the row, axis label).
+_REDUCTION_PANELS = (("cbv", "pearson_r", "CBV: r vs truth"),
+                     ("cbf", "pearson_r", "CBF: r vs truth"),
+                     ("tmax", "pearson_r", "Tmax: r vs truth"),
+                     ("cbf", "mae", "CBF: MAE (mL/100 g/min)"),
+                     ("hypoperfused", "dice", "hypoperfused lesion: Dice"),
+                     ("hypoperfused", "volume_abs_error_ml", "hypoperfused: |volume error| (mL)"))
+
+
+def reduction_figure(doc: Mapping[str, Any], *, title: str = "") -> Any:
+    """The reduced-data experiment (:func:`ctperf.workflow.reduction.run_reduction`): one
+    panel per figure of merit, the acquisition conditions along x, one line per estimate."""
+    conditions = list(doc["conditions"])
+    rows = doc["rows"]
+    estimates = list(dict.fromkeys(r["estimate"] for r in rows))
+    fig, axes = _panel_grid(len(_REDUCTION_PANELS), width=4.0, height=3.0)
+    x = np.arange(len(conditions))
+    for ax, (what, key, label) in zip(axes, _REDUCTION_PANELS, strict=False):
+        for k, estimate in enumerate(estimates):
+            values = []
+            for c in conditions:
+                row = next((r for r in rows if r["estimate"] == estimate and r["condition"] == c
+                            and what in (r.get("map"), r.get("lesion"))), None)
+                value = None if row is None else row.get(key)
+                values.append(np.nan if value is None else value)
+            neural = estimate.startswith("U-Net")
+            ax.plot(x, values, marker="o" if neural else ".", linewidth=2.0 if neural else 1.0,
+                    linestyle="-" if neural else "--", color=f"C{k}", label=estimate)
+        ax.set_xticks(x, [c.replace(", ", ",\n") for c in conditions], fontsize=7)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.08, 1, 0.96 if title else 1))
     return fig

@@ -71,6 +71,11 @@ class ReproduceOptions:
         ``filter_weights``).
     method : str
         Reference method of ``ctperf maps`` (``nlr``: the paper's Nelder-Mead box model).
+    reference : {"nlr", "truth"}
+        What the network learns: the reference method's maps (``"nlr"``, whatever
+        ``method`` is, as the paper) or, on a phantom cohort, its true maps (``"truth"``);
+        the reference method's maps are computed either way (``OUT/nlr``), for comparison
+        and for the brain and vessel masks of the lesions.
     device : str
         ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, for the box-model fits and prediction
         (training uses the config's device).
@@ -94,6 +99,7 @@ class ReproduceOptions:
     range_sigma_hu: float = 20.0
     filter_weights: str = "linear"
     method: str = "nlr"
+    reference: str = "nlr"
     device: str = "auto"
     batch_size: int = 4
     workers: int | None = None
@@ -107,6 +113,8 @@ class ReproduceOptions:
                 raise ValidationError("targets must name at least one map")
         if self.folds < 2:
             raise ValidationError(f"folds must be 2 or more, got {self.folds}")
+        if self.reference not in ("nlr", "truth"):
+            raise ValidationError(f"reference must be 'nlr' or 'truth', got {self.reference!r}")
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,8 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
     say = echo or (lambda line: None)
     cohort, out = Path(cohort), Path(out)
     layout = _layout(cohort)
+    if options.reference == "truth" and layout != "phantom":
+        raise InputError(cohort, "has no true maps: --reference truth needs a phantom cohort")
     targets = options.targets or (PHANTOM_TARGETS if layout == "phantom"
                                   else UNITOBRAIN_TARGETS)
     config = dataclasses.replace(config, targets=targets)
@@ -194,14 +204,17 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
 @dataclass(frozen=True)
 class NeuralDemoOptions:
     """Options of :func:`run_neural_demo`: the phantom cohort (``subjects`` of ``size`` px,
-    ``slices`` of 5 mm, ``frames`` 0.5 s apart, no motion, ``seed``), the U-Net ``preset``
-    and the :class:`ReproduceOptions` of the run (registration off: nothing moves)."""
+    ``slices`` of 5 mm, ``frames`` 0.5 s apart, no motion, ``seed``; the noise of a
+    ``noise_matrix``-pixel reconstruction at 150 mAs averaged into its pixels, as in a study
+    downsampled to ``size``), the U-Net ``preset`` and the :class:`ReproduceOptions` of the
+    run (registration off: nothing moves)."""
 
     subjects: int = 12
     size: int = 64
     slices: int = 4
     frames: int = 89
     seed: int = 3
+    noise_matrix: int | None = 512
     preset: str = "cpu"
     epochs: int | None = None
     reproduce: ReproduceOptions = field(
@@ -226,11 +239,12 @@ def run_neural_demo(out: str | Path, options: NeuralDemoOptions = NeuralDemoOpti
     out = Path(out)
     io.check_output(out, kind="extend", owned_by=(_RECORD,))
     io.mark_output(out)
+    noise = f", noise of a {o.noise_matrix} px image" if o.noise_matrix else ""
     say(f"[0/{_STEPS}] phantom cohort: {o.subjects} subjects of {o.size} x {o.size} x "
-        f"{o.slices} x {o.frames} (seed {o.seed}, no motion) -> {out / 'cohort'}")
+        f"{o.slices} x {o.frames} (seed {o.seed}, no motion{noise}) -> {out / 'cohort'}")
     generate_cohort(out / "cohort", subjects=o.subjects, seed=o.seed, size=o.size,
                     slices=o.slices, frames=o.frames, motion="none", dicom=False,
-                    progress=o.reproduce.progress)
+                    noise_matrix=o.noise_matrix, progress=o.reproduce.progress)
     config = preset(o.preset)
     if o.epochs is not None:
         config = dataclasses.replace(config, epochs=o.epochs)
@@ -263,6 +277,8 @@ def _settings(layout: str, config: Any, options: ReproduceOptions) -> dict[str, 
     # where and how fast it runs does not change what is computed
     plain = {k: v for k, v in _plain(options).items()
              if k not in ("progress", "workers", "device", "batch_size")}
+    if plain.get("reference") == "nlr":  # as in the records made before the option existed
+        del plain["reference"]
     trained = {k: v for k, v in _plain(config).items() if k not in ("device", "amp")}
     return json.loads(json.dumps({"layout": layout, "config": trained, "options": plain},
                                  default=repr))
@@ -428,8 +444,9 @@ def _cross_validate(cohort: Path, studies_root: Path, out: Path, layout: str, co
     finished = record.exists() and all(
         (out / "cv" / "+".join(g) / "table1.csv").exists() for g in groups)
     what = "one network per map" if options.per_map else "one network for all maps"
+    learns = "the phantom's truth" if options.reference == "truth" else options.method
     say(f"[3/{_STEPS}] {options.folds}-fold cross-validation over patients "
-        f"({', '.join(config.targets)}; {what}) -> {out / 'cv'}"
+        f"({', '.join(config.targets)} of {learns}; {what}) -> {out / 'cv'}"
         + (": done before" if finished else ""))
     if finished and not {"preprocessing", "references"} & set(computed):
         return {k: int(v) for k, v in json.loads(record.read_text())["subject_fold"].items()}
@@ -444,8 +461,10 @@ def _cross_validate(cohort: Path, studies_root: Path, out: Path, layout: str, co
                 raise InputError(sub, f"the reference method {options.method} wrote no "
                                       f"{', '.join(missing)} map; the slice cache needs "
                                       f"{', '.join(REFERENCE_MAPS)}")
+    references = (None if layout != "phantom"
+                  else cohort if options.reference == "truth" else out / "nlr")
     train_options = TrainingOptions(
-        reference="nlr", references=out / "nlr" if layout == "phantom" else None,
+        reference=options.reference, references=references,
         cache=out / "cache", resume=True, progress=options.progress)
     folds: list[tuple[list[str], list[str]]] = []
     for group in groups:

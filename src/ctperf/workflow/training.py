@@ -50,8 +50,11 @@ class TrainingOptions:
         Target maps: box-model NLR maps (computed into ``references``) or a phantom's truth; a
         UniToBrain cohort brings its own reference.
     references : Path or None
-        Folder of NLR reference maps ``<subject>/<map>.nii.gz``; missing ones are computed
-        into it (:func:`ctperf.workflow.nlr_references`). Default ``OUT/references``.
+        ``reference="nlr"``: folder of NLR reference maps ``<subject>/<map>.nii.gz``; missing
+        ones are computed into it (:func:`ctperf.workflow.nlr_references`). Default
+        ``OUT/references``. ``reference="truth"``: the phantom cohort whose truth and brain
+        masks belong to the studies trained on (when those are preprocessed copies); default
+        the cohort itself.
     frame_mode : {"subsample", "resample"}
         Frame selection of the slice cache (:func:`ctperf.model.build_slice_cache`).
     resample_interval : float or None
@@ -166,7 +169,7 @@ def prepare_training(cohort: str | Path, out: str | Path, config: Any,
     cohort, out = Path(cohort), Path(out)
     cache_root = _check_run(cohort, out, options)
     mark_output(out)
-    references = None
+    references = options.references  # the truth's phantom cohort, for reference="truth"
     if options.reference == "nlr":  # into OUT (or the given folder), never into the cohort
         references = nlr_references(cohort, options.references or out / "references",
                                     progress=options.progress)
