@@ -11,7 +11,7 @@ still), the AIF and VOF found automatically.
 
 Usage: ``python benchmarks/bench_lesion_volumes.py [--size 128] [--slices 4]
 [--lesion-seeds 1 2 3 4 14 15] [--healthy-seeds 1 2 3 4 5 6] [--methods nlr-fast bsvd]
-[--json out.json]``.
+[--noise-matrix 512] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -40,8 +40,10 @@ def _side(plane, shape: tuple[int, int, int]) -> np.ndarray:
         - plane.offset[:, None, None]
 
 
-def measure(seed: int, *, lesion: bool, method: str, size: int, slices: int) -> dict:
-    subject = generate_subject(seed=seed, size=size, slices=slices, lesion=lesion)
+def measure(seed: int, *, lesion: bool, method: str, size: int, slices: int,
+            noise_matrix: int | None = None) -> dict:
+    subject = generate_subject(seed=seed, size=size, slices=slices, lesion=lesion,
+                               noise_matrix=noise_matrix)
     start = time.perf_counter()
     result, _ = analyse_study(subject.series, method=method, register=False, filter=True,
                               lesion_options=LesionOptions())
@@ -74,6 +76,9 @@ def main() -> None:
     parser.add_argument("--lesion-seeds", type=int, nargs="*", default=[1, 2, 3, 4, 14, 15])
     parser.add_argument("--healthy-seeds", type=int, nargs="*", default=[1, 2, 3, 4, 5, 6])
     parser.add_argument("--methods", nargs="+", default=["nlr-fast", "bsvd"])
+    parser.add_argument("--noise-matrix", type=int, default=None,
+                        help="the noise of this reconstruction averaged into the pixels "
+                             "(docs/phantom.md); default the phantom's own grid")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = []
@@ -81,7 +86,8 @@ def main() -> None:
         for seed in seeds:
             for method in args.methods:
                 row = {"lesion": lesion, **measure(seed, lesion=lesion, method=method,
-                                                   size=args.size, slices=args.slices)}
+                                                   size=args.size, slices=args.slices,
+                                                   noise_matrix=args.noise_matrix)}
                 rows.append(row)
                 if lesion:
                     true = row["true_hypoperfused_ml"]

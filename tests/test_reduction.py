@@ -72,22 +72,16 @@ def test_figure_draws_every_estimate(tmp_path: Path):
 
 
 @pytest.mark.slow
-def test_tiny_reduction_run_end_to_end(tmp_path: Path):
-    from ctperf.model import PRESETS
-
-    tiny = replace(PRESETS["cpu"], width=4, depth=2, device="cpu")
+def test_tiny_reduction_run_end_to_end(tmp_path: Path, monkeypatch):
     import ctperf.model
 
+    tiny = replace(ctperf.model.PRESETS["cpu"], width=4, depth=2, device="cpu")
+    monkeypatch.setattr(ctperf.model, "preset", lambda name: tiny)  # plumbing only
     options = ReductionOptions(subjects=6, size=64, slices=2, seed=5, epochs=1,
                                conditions=("standard", "half dose, half frames"),
                                methods=("bsvd",), reproduce=ReproduceOptions(
                                    register=False, workers=1, device="cpu", folds=3))
-    real = ctperf.model.preset
-    try:
-        ctperf.model.preset = lambda name: tiny  # a tiny network: plumbing only
-        doc = run_reduction(tmp_path / "out", options)
-    finally:
-        ctperf.model.preset = real
+    doc = run_reduction(tmp_path / "out", options)
     saved = json.loads((tmp_path / "out" / "reduction.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(doc["rows"]))
     estimates = {"U-Net (NLR-trained)", "U-Net (truth-trained)", "nlr", "bsvd"}
@@ -103,10 +97,10 @@ def test_tiny_reduction_run_end_to_end(tmp_path: Path):
     half = tmp_path / "out" / "half-dose-half-frames"
     record = json.loads((half / "truth-trained" / "reproduce.json").read_text())
     assert record["settings"]["options"]["reference"] == "truth"
-    assert record["settings"]["config"]["frames"] == 30  # every 1 s frame of the first 30 s
+    assert record["settings"]["config"]["frames"] == 45  # every frame of the acquisition
     standard = json.loads((tmp_path / "out" / "standard" / "nlr-trained" / "reproduce.json")
                           .read_text())
-    assert standard["settings"]["config"]["frames"] == 60
+    assert standard["settings"]["config"]["frames"] == 89
     # a rerun reuses everything
     again = run_reduction(tmp_path / "out", options)
     assert again["rows"] == doc["rows"]

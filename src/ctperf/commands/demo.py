@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
                    help="output folder [ctperf-demo; ctperf-demo-neural with --neural]")
     p.add_argument("--neural", action="store_true",
                    help="the paper's neural experiment instead: a small phantom cohort into "
-                        "OUT/cohort (12 subjects of 64 x 64 x 4 x 89, no motion), then `ctperf "
+                        "OUT/cohort (24 subjects of 64 x 64 x 4 x 89, no motion), then `ctperf "
                         "reproduce` on it with the cpu preset (filtered, not registered: "
                         "nothing moves); --seed and --filter/--no-filter apply, the other "
                         "options do not (docs/reproduce.md)")

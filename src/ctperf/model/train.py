@@ -155,14 +155,15 @@ class TrainConfig:
 
 
 #: Named configurations. ``paper``: the published network and schedule on the studies' own grid
-#: and frames (a GPU job). ``cpu``: a narrower network on 64 x 64 slices of 30 frames that
-#: learns from baseline-subtracted frames on a laptop CPU (docs/results_unet_phantom.md).
+#: and frames (a GPU job). ``cpu``: a narrower network on 64 x 64 slices of 44 frames (every
+#: second frame of an 89-frame study: 0-43 s at 1 s) that learns from baseline-subtracted
+#: frames on a laptop CPU (docs/results_unet_phantom.md, docs/reproduce.md).
 PRESETS: dict[str, TrainConfig] = {
     "paper": TrainConfig(pretrain_size=128, pretrain_epochs=250, epochs=50, width=64, depth=5,
                          kernel_size=2, norm="none", batch_size=8, lr=1e-5,
                          schedule="plateau", plateau_patience=10, masked_loss=True,
                          augment=False, augment_gain=0.0, baseline_frames=0),
-    "cpu": TrainConfig(size=64, frames=30, pretrain_size=0, pretrain_epochs=0, epochs=25,
+    "cpu": TrainConfig(size=64, frames=44, pretrain_size=0, pretrain_epochs=0, epochs=40,
                        width=12, depth=4, kernel_size=2, norm="batch", batch_size=8, lr=1e-3,
                        schedule="cosine", masked_loss=True, augment=True, augment_gain=0.5,
                        augment_degrees=0.0, augment_noise=0.0, baseline_frames=4,

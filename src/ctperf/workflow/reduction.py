@@ -70,9 +70,11 @@ class ReductionOptions:
         Keys of :data:`CONDITIONS`.
     methods : tuple of str
         Model-based methods compared besides the NLR references.
-    window_s : float
-        The U-Net sees every frame of the first ``window_s`` seconds: fewer frames are fewer
-        inputs (the ``cpu`` preset's 30 frames are the first 30 s at 1 s).
+    window_s : float or None
+        The U-Net sees every frame of the first ``window_s`` seconds (None: of the whole
+        acquisition, as the model-based methods), so that fewer frames are fewer inputs; the
+        preset's own frame count is not used (the ``cpu`` preset's 44 frames are 0-43 s at
+        1 s in both samplings).
     preset : str
         U-Net preset (:data:`ctperf.model.PRESETS`); ``epochs`` overrides its epochs.
     reproduce : ReproduceOptions
@@ -86,7 +88,7 @@ class ReductionOptions:
     noise_matrix: int | None = 512
     conditions: tuple[str, ...] = tuple(CONDITIONS)
     methods: tuple[str, ...] = ("ssvd", "bsvd", "osvd", "bayes")
-    window_s: float = 30.0
+    window_s: float | None = None
     preset: str = "cpu"
     epochs: int | None = None
     reproduce: ReproduceOptions = field(
@@ -150,7 +152,9 @@ def _condition(folder: Path, name: str, acq: dict[str, float], options: Reductio
                     dicom=False, noise_matrix=options.noise_matrix,
                     progress=options.reproduce.progress)
     config = preset(options.preset)
-    frames = min(int(acq["frames"]), round(options.window_s / acq["frame_interval"]))
+    frames = int(acq["frames"])
+    if options.window_s is not None:
+        frames = min(frames, round(options.window_s / acq["frame_interval"]))
     config = dataclasses.replace(config, frames=frames)
     if options.epochs is not None:
         config = dataclasses.replace(config, epochs=options.epochs)

@@ -209,7 +209,7 @@ class NeuralDemoOptions:
     downsampled to ``size``), the U-Net ``preset`` and the :class:`ReproduceOptions` of the
     run (registration off: nothing moves)."""
 
-    subjects: int = 12
+    subjects: int = 24
     size: int = 64
     slices: int = 4
     frames: int = 89
