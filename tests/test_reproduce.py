@@ -75,6 +75,10 @@ def test_reproduce_on_a_phantom_cohort_end_to_end(tmp_path: Path):
     outcome = reproduce_cohort(cohort, out, _tiny_config(), options, echo=lines.append)
     steps = [line[:5] for line in lines if line.startswith("[")]
     assert steps == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
+    # the preset's 44 frames exceed the studies' 32: the networks take all 32
+    assert any("the networks take 32" in line for line in lines)
+    record = json.loads((out / "reproduce.json").read_text())
+    assert record["settings"]["config"]["frames"] == TINY_PHANTOM["frames"]
     assert outcome.computed == ("preprocessing", "references", "cross-validation",
                                 "prediction", "evaluation")
     # the layout: maps cohorts as `ctperf maps` writes them, the cohort linked, a report

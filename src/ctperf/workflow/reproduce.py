@@ -184,6 +184,7 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
     inside = cohort.resolve() == (out / "cohort").resolve()  # the demo's own cohort
     io.check_output(out, inputs=() if inside else (cohort,), kind="extend",
                     owned_by=(_RECORD,))
+    config = _fit_frames(config, cohort, layout, say)
     _check_record(out, layout, config, options)
     io.mark_output(out)
     if layout == "phantom" and not inside:
@@ -269,6 +270,26 @@ def _layout(cohort: Path) -> str:
         pass
     raise InputError(cohort, "holds neither phantom subjects (sub-*/study.nii.gz) nor "
                              "UniToBrain patients (MOL-*_Registered_Filtered_3mm_20HU)")
+
+
+def _fit_frames(config: Any, cohort: Path, layout: str, say: Callable[[str], None]) -> Any:
+    """The config with no more input frames than the cohort's shortest phantom study has
+    (the ``cpu`` preset's 44 frames assume 89-frame studies)."""
+    if layout != "phantom" or config.frames is None:
+        return config
+    import nibabel as nib
+    from nibabel.filebasedimages import ImageFileError
+
+    try:
+        shortest = min(int(nib.load(p).shape[3])
+                       for p in sorted(cohort.glob("sub-*/study.nii.gz")))
+    except (OSError, ValueError, IndexError, ImageFileError):
+        return config  # an unreadable study is reported by the step that reads it
+    if shortest >= config.frames:
+        return config
+    say(f"      the shortest study has {shortest} frames, fewer than the preset's "
+        f"{config.frames}: the networks take {shortest}")
+    return dataclasses.replace(config, frames=shortest)
 
 
 def _settings(layout: str, config: Any, options: ReproduceOptions) -> dict[str, Any]:
