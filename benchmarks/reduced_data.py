@@ -18,7 +18,12 @@ from pathlib import Path
 def main() -> None:
     from ctperf.io import atomic_file
     from ctperf.reporting import reduction_figure, save_figure
-    from ctperf.workflow.reduction import CONDITIONS, ReductionOptions, reduction_table, run_reduction
+    from ctperf.workflow.reduction import (
+        CONDITIONS,
+        ReductionOptions,
+        reduction_table,
+        run_reduction,
+    )
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("out", type=Path)

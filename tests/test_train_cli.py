@@ -77,7 +77,8 @@ def test_prepare_builds_the_caches_the_config_asks_for(monkeypatch, caplog, tmp_
     _, pretrain, config = prepare_training(cohort, out, train_command.train_config(args),
                                            train_command.training_options(args))
     assert pretrain is None and len(calls) == 1
-    assert (calls[0]["size"], calls[0]["frames"], calls[0]["frame_interval"]) == (64, PRESETS["cpu"].frames, 2.0)
+    assert (calls[0]["size"], calls[0]["frames"], calls[0]["frame_interval"]) == (
+        64, PRESETS["cpu"].frames, 2.0)
     assert calls[0]["frame_mode"] == "resample"
     assert calls[0]["root"] == out / "cache"  # the default cache lies in OUT, not the cohort
     # the paper's pretraining at 128 px is skipped when the studies are smaller

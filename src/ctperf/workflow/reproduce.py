@@ -31,7 +31,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from ctperf.errors import CTPerfError, InputError, ValidationError
 from ctperf.lesion_options import LesionOptions
@@ -281,7 +281,7 @@ def _fit_frames(config: Any, cohort: Path, layout: str, say: Callable[[str], Non
     from nibabel.filebasedimages import ImageFileError
 
     try:
-        shortest = min(int(nib.load(p).shape[3])
+        shortest = min(int(cast(Any, nib.load(p)).shape[3])
                        for p in sorted(cohort.glob("sub-*/study.nii.gz")))
     except (OSError, ValueError, IndexError, ImageFileError):
         return config  # an unreadable study is reported by the step that reads it
