@@ -179,17 +179,13 @@ def _condition(folder: Path, name: str, acq: dict[str, float], options: Reductio
 def _method_maps(cohort: Path, run: Path, target: Path, method: str,
                  options: ReductionOptions) -> None:
     """One model-based method on the run's preprocessed studies, the AIF handled as for the
-    NLR references (:func:`ctperf.workflow.reproduce.reference_subject`)."""
-    from ctperf.workflow.cohort import Study, discover_studies, run_cohort
-    from ctperf.workflow.reproduce import reference_subject
+    NLR references (:func:`ctperf.workflow.reproduce.phantom_maps`)."""
+    from ctperf.workflow.reproduce import phantom_maps
     from ctperf.workflow.study import MapsOptions
 
     root = run / "preprocessed" if (run / "preprocessed").is_dir() else cohort
-    studies = [Study(s.name, {"study": str(s.source),
-                              "artery": str(cohort / s.name / "masks" / "artery.nii.gz")}, root)
-               for s in discover_studies(root) if s.name.startswith("sub-")]
     r = options.reproduce
-    summary = run_cohort(studies, target, reference_subject, MapsOptions(
+    summary = phantom_maps(cohort, root, target, MapsOptions(
         method=method, device=r.device, lesion_options=r.lesion_options),
         workers=r.workers, progress=r.progress)
     if summary.failed:
@@ -209,6 +205,7 @@ def _score(condition: str, cohort: Path, reference: Path, estimates: dict[str, P
                                        lesion_options=options.reproduce.lesion_options)
                for label, path in estimates.items()}
     subjects = sorted(truth.maps)
+    voxel_ml = {s: float(np.prod(truth.maps[s].spacing)) / 1000.0 for s in subjects}
     region = {s: truth.brain[s] & ref.brain.get(s, truth.brain[s])
               & ~_vessels(reference / s, truth.maps[s]) for s in subjects}
     rows: list[dict[str, Any]] = []
@@ -228,7 +225,6 @@ def _score(condition: str, cohort: Path, reference: Path, estimates: dict[str, P
             with_lesion = [s for s in subjects if truth.lesions[s][lesion].any()]
             scores = [dice(reader.lesions[s][lesion] & region[s],
                            truth.lesions[s][lesion] & region[s]) for s in with_lesion]
-            voxel_ml = {s: float(np.prod(truth.maps[s].spacing)) / 1000.0 for s in subjects}
             errors = [(np.count_nonzero(reader.lesions[s][lesion] & region[s])
                        - np.count_nonzero(truth.lesions[s][lesion] & region[s])) * voxel_ml[s]
                       for s in subjects]

@@ -397,7 +397,7 @@ def _preprocess(cohort: Path, out: Path, layout: str, options: ReproduceOptions,
 def _references(cohort: Path, studies_root: Path, out: Path, layout: str,
                 options: ReproduceOptions, say: Callable[[str], None],
                 computed: list[str]) -> None:
-    from ctperf.workflow.cohort import Study, discover_studies, run_cohort
+    from ctperf.workflow.cohort import Study, run_cohort
     from ctperf.workflow.study import MapsOptions
 
     if layout == "unitobrain":
@@ -410,15 +410,31 @@ def _references(cohort: Path, studies_root: Path, out: Path, layout: str,
                              progress=options.progress)
     else:
         say(f"[2/{_STEPS}] NLR references ({options.method}) -> {out / 'nlr'}")
-        studies = [Study(s.name, {"study": str(s.source),
-                                  "artery": str(cohort / s.name / "masks" / "artery.nii.gz")},
-                         studies_root)
-                   for s in discover_studies(studies_root) if s.name.startswith("sub-")]
-        summary = run_cohort(studies, out / "nlr", reference_subject, MapsOptions(
+        summary = phantom_maps(cohort, studies_root, out / "nlr", MapsOptions(
             method=options.method, device=options.device,
             lesion_options=options.lesion_options), workers=options.workers,
             progress=options.progress)
     _cohort_step("references", summary, computed)
+
+
+def phantom_maps(cohort: Path, studies_root: Path, target: Path, options: Any, *,
+                 workers: int | None, progress: bool) -> Any:
+    """Model-based maps of every phantom subject of ``studies_root`` (the cohort's studies or
+    their preprocessed copies) into the maps cohort ``target``, with :func:`reference_subject`
+    (the phantom's artery mask where the automatic AIF selection finds none).
+
+    Returns
+    -------
+    CohortSummary
+    """
+    from ctperf.workflow.cohort import Study, discover_studies, run_cohort
+
+    studies = [Study(s.name, {"study": str(s.source),
+                              "artery": str(cohort / s.name / "masks" / "artery.nii.gz")},
+                     studies_root)
+               for s in discover_studies(studies_root) if s.name.startswith("sub-")]
+    return run_cohort(studies, target, reference_subject, options, workers=workers,
+                      progress=progress)
 
 
 def reference_subject(source: dict[str, str], target: Path, options: Any) -> None:
