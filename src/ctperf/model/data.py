@@ -143,9 +143,10 @@ def _reference_maps(sub: Path, reference: str, references: Path | None) -> Perfu
     from ctperf.io import read_maps
 
     needed = ("cbf", "cbv", "mtt", "delay")
-    given = [] if references is None else [
-        references / sub.name / ("truth" if reference == "truth" else "")]
-    folders = [*given, sub / reference]
+    given = references / sub.name if references is not None else None
+    if given is not None and reference == "truth":
+        given = given / "truth"
+    folders = [*([given] if given is not None else []), sub / reference]
     for folder in folders:
         if all((folder / f"{n}.nii.gz").exists() for n in needed):
             return read_maps(folder)
@@ -176,10 +177,10 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
         raise InputError(root, "cohort folder does not exist")
     subs = _phantom_subjects(root)
     if subs:
+        refs = None if references is None else Path(references)
         for sub in subs:
             series = io.read_nifti_series(sub / "study.nii.gz")
             shape = series.shape[1:]
-            refs = None if references is None else Path(references)
             mask_path = sub / "masks" / "brain.nii.gz"
             if not mask_path.exists() and refs is not None and reference == "truth":
                 mask_path = refs / sub.name / "masks" / "brain.nii.gz"

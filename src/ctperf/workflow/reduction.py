@@ -200,10 +200,10 @@ def _score(condition: str, cohort: Path, reference: Path, estimates: dict[str, P
     from ctperf.evaluation.metrics import dice, map_agreement
 
     truth = load_maps_cohort(cohort, label="truth")
-    ref = load_maps_cohort(reference, label="nlr")
     readers = {label: load_maps_cohort(path, label=label,
                                        lesion_options=options.reproduce.lesion_options)
                for label, path in estimates.items()}
+    ref = next(r for r in readers.values() if Path(r.path) == reference)  # the NLR run's
     subjects = sorted(truth.maps)
     voxel_ml = {s: float(np.prod(truth.maps[s].spacing)) / 1000.0 for s in subjects}
     region = {s: truth.brain[s] & ref.brain.get(s, truth.brain[s])
