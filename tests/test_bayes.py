@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from scipy.signal import fftconvolve
 
-from ctperf.perfusion.bayes import ResidueGrid, fit_bayes, residue, transit_cv
+from ctperf.perfusion.bayes import (Neighbourhood, ResidueGrid, fit_bayes, pool_amplitudes,
+                                   residue, transit_cv)
 from ctperf.perfusion.curves import flow_scale
 
 RHO, KH = 1.04, 0.733
@@ -256,6 +257,57 @@ def test_spatial_prior_beats_voxelwise_at_low_cnr():
     assert errors[True].max() < 0.35  # measured 0.05-0.2 with this seed
 
 
+def _two_tissues(seed: int, noise_sd: float = 1.0):
+    """A slice of two tissues side by side (true CBV about 4 and 2, 15 % spread between
+    voxels), estimates with independent noise of SD ``noise_sd``, a guide that tells the
+    tissues apart (10 HU apart, 1 HU noise) and the truth."""
+    rng = np.random.default_rng(seed)
+    mask = np.ones((1, 40, 40), dtype=bool)
+    left = np.indices(mask.shape)[2] < 20
+    truth = np.where(left, 4.0, 2.0) * np.exp(0.15 * rng.standard_normal(mask.shape))
+    est = truth + noise_sd * rng.standard_normal(mask.shape)
+    guide = np.where(left, 38.0, 28.0) + rng.standard_normal(mask.shape)
+    return mask, left, truth.ravel(), est.ravel(), guide
+
+
+def test_pooled_amplitudes_are_closer_and_their_sds_cover():
+    """Empirical-Bayes pooling on a field whose truth is known: the error falls, the truth lies
+    within +-2 SD about as often as it should, and a noise-free estimate keeps its value."""
+    mask, _, truth, est, guide = _two_tissues(1, noise_sd=0.5)
+    var = np.full(truth.size, 0.25)
+    hood = Neighbourhood(mask, 3.0, (5.0, 1.0, 1.0), guide, 4.0)
+    pooled, pooled_var, kept = pool_amplitudes(est, var, var, hood)
+    rms = {k: float(np.sqrt(np.mean((x - truth) ** 2))) for k, x in (("own", est),
+                                                                         ("pooled", pooled))}
+    # the spread between voxels (SD 0.3-0.6) is near the noise (0.5): a third of the error goes
+    assert rms["pooled"] < 0.8 * rms["own"], rms
+    cover = float(np.mean(np.abs(pooled - truth) <= 2 * np.sqrt(pooled_var)))
+    # 1,600 voxels, but the spread is estimated over regions (two here), so an error in one
+    # moves the coverage of all its voxels: measured 0.95-0.97 on seeds 1-3
+    assert 0.90 <= cover <= 0.99, cover
+    assert np.all((kept >= 0) & (kept <= 1))
+    same, same_var, same_kept = pool_amplitudes(truth, np.zeros_like(var), np.zeros_like(var),
+                                                hood)
+    assert np.allclose(same, truth) and np.allclose(same_var, 0) and np.allclose(same_kept, 1)
+
+
+def test_guide_keeps_tissues_apart():
+    """Next to the border of two tissues the guided pooling keeps each voxel with its own
+    tissue, where a plain Gaussian neighbourhood pulls it towards the other."""
+    mask, left, truth, est, guide = _two_tissues(2)
+    var = np.full(truth.size, 1.0)
+    border = (np.abs(np.indices(mask.shape)[2] - 19.5) < 2).ravel()
+    bias = {}
+    for name, g in (("plain", None), ("guided", guide)):
+        pooled, _, _ = pool_amplitudes(est, var, var, Neighbourhood(mask, 3.0, (5.0, 1.0, 1.0),
+                                                                    g, 4.0))
+        side = left.ravel() & border
+        bias[name] = float(np.mean(pooled[side] - truth[side]))  # high-CBV side of the border
+    # the plain mean drags the high side down by a large part of the 2 mL/100 g step
+    assert bias["plain"] < -0.3, bias
+    assert abs(bias["guided"]) < 0.15, bias
+
+
 def test_rejects_mismatched_inputs():
     from ctperf.errors import ValidationError
 
@@ -299,13 +351,15 @@ def test_tmax_follows_the_convention_on_dispersed_residues():
     assert abs(err.mean()) < 0.6
 
 
-def test_skullless_slice_at_1s_beats_the_other_methods():
+@pytest.mark.parametrize("seed", [2, 11])
+def test_skullless_slice_at_1s_beats_the_other_methods(seed):
     """A skull-stripped single slice, 1 s frames, 10 HU, exponential residues, true AIF (the
-    fail-safe tests' own forward model): bayes is the closest to the truth per tissue class."""
+    fail-safe tests' own forward model): bayes reaches CBF r >= 0.75 with every tissue class's
+    median within 30 %, and is the closest to the truth of the methods."""
     from ctperf.perfusion import run_perfusion
     from test_aif_failsafe import T1, class_errors, skullless_study
 
-    series, truth = skullless_study(np.random.default_rng(2), times=T1)
+    series, truth = skullless_study(np.random.default_rng(seed), times=T1)
     tis = truth["gm"] | truth["wm"] | truth["lesion"]
     score = {}
     for method in ("nlr-fast", "bsvd", "bayes"):
@@ -314,9 +368,11 @@ def test_skullless_slice_at_1s_beats_the_other_methods():
         fitted = tis & np.isfinite(maps["cbf"])
         score[method] = (np.corrcoef(maps["cbf"][fitted], truth["cbf"][fitted])[0, 1],
                          max(abs(e["cbf"]) for e in err.values()))
-    # measured r 0.68 (bsvd 0.44, nlr-fast 0.24), worst class -15 % (bsvd +40 %, nlr-fast -44 %)
+    # measured r 0.80 (0.68 before the amplitudes were pooled; bsvd 0.44, nlr-fast 0.24),
+    # worst class -16 to -17 % (GM; bsvd +40 %, nlr-fast -44 %)
+    assert score["bayes"][0] >= 0.75
     assert score["bayes"][0] > max(score["bsvd"][0], score["nlr-fast"][0]) + 0.05
-    assert score["bayes"][1] < 0.30
+    assert score["bayes"][1] <= 0.30
     assert score["bayes"][1] < min(score["bsvd"][1], score["nlr-fast"][1])
 
 
@@ -349,12 +405,12 @@ def test_phantom_uncertainty_covers_the_truth():
     cover = {k: float(np.mean(np.abs(result.maps[k] - subject.truth[k])[brain]
                               <= 2 * result.maps[k + "_sd"][brain]))
              for k in ("cbf", "cbv", "mtt", "tmax")}
-    # measured CBF 99 %, CBV 96 %, MTT 89 %, Tmax 96 % (before: 82, 56, 71, 94 %: the baseline
-    # subtraction's error was missing from the noise model, and the SDs came from the most
-    # probable grid points only); a point or two for the draw; CBF's SD is conservative here
+    # measured CBF 98.5 %, CBV 95.6 %, MTT 89 %, Tmax 96 % with the amplitudes pooled (CBF 99,
+    # CBV 96 % before; 82, 56, 71, 94 % before the baseline subtraction's error was in the
+    # noise model and the SDs came from posterior draws); a point or two for the draw
     assert 0.90 <= cover["cbv"] <= 0.98, cover
     assert 0.90 <= cover["tmax"] <= 0.99, cover
-    assert 0.93 <= cover["cbf"] <= 0.997, cover
+    assert 0.93 <= cover["cbf"] <= 0.99, cover
     assert 0.86 <= cover["mtt"] <= 0.98, cover
 
 

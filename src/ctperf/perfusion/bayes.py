@@ -39,6 +39,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage, sparse, special
@@ -46,6 +47,9 @@ from scipy import ndimage, sparse, special
 from ctperf.errors import ValidationError
 from ctperf.parallel import map_chunks
 from ctperf.perfusion.curves import flow_scale
+
+if TYPE_CHECKING:
+    from ctperf.preprocess.bilateral_grid import Grid
 
 __all__ = ["DISPERSIONS", "RESIDUES", "BayesFit", "ResidueGrid", "baseline_whitening", "fit_bayes",
            "residue", "transit_cv"]
@@ -378,7 +382,7 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
 
 #: Columns of :func:`_moments`.
 _COLUMNS = ("cbf", "cbv", "mtt", "delay", "tmax", "cv", "sse_min", "noise_var",
-            "cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd")
+            "cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd", "cbf_noise_var", "cbv_noise_var")
 
 
 def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarray,
@@ -391,7 +395,9 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarr
     others are draws from the prior (each carrying equal mass): their posterior weights
     represent the whole posterior, and give each estimate's root-mean-square deviation from
     the truth under it, sqrt(E[(x - estimate)^2]) (the posterior SD when the two means agree).
-    Returns (n, 12) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT.
+    Returns (n, 14) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT. The last
+    two columns are the parts of CBF's and CBV's variances that the voxel's own noise makes at
+    a given grid point (the amplitude's), averaged over the estimates' points.
     """
     np.maximum(g, 0.0, out=g)                               # CBF >= 0
     inv_nb = grid.inv_norm2_32[idx]
@@ -420,6 +426,9 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarr
     out[:, 0], out[:, 1], out[:, 2] = est["cbf"], est["cbv"], est["mtt"]
     out[:, 3], out[:, 4] = est["delay"], est["tmax"]
     out[:, 5] = mean(w, grid.cv_32[it])
+    amp_var = noise32 * inv_nb[:, top]
+    out[:, 12] = mean(w, amp_var)
+    out[:, 13] = mean(w, amp_var * (mtt / 60.0) ** 2)
     # their root-mean-square errors, over the draws: E[(x - e)^2] = E[x^2] - 2 e E[x] + e^2;
     # CBF (a) and CBV (a m) add their variance given the grid point
     drawn = slice(keep, None)
@@ -477,6 +486,154 @@ def pool_curves(tissue: np.ndarray, mask: np.ndarray, sigma_vox: tuple[float, fl
     return pooled, np.maximum(gain, 1.0)
 
 
+class Neighbourhood:
+    """In-plane Gaussian mean of each mask voxel's neighbours' values, within a mask.
+
+    With a ``guide`` (Z, Y, X), the mean is a joint bilateral one
+    (:func:`~ctperf.preprocess.joint_bilateral`): a neighbour's weight also falls as a Gaussian
+    of width ``guide_sigma`` of the difference between its guide value and the voxel's, so that
+    tissues the guide tells apart (grey and white matter in the temporal mean image) are not
+    averaged together. Each slice's bilateral grid is built once, on first use.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, shape (Z, Y, X)
+    sigma_mm : float
+        Gaussian SD in plane, mm.
+    spacing : (dz, dy, dx)
+        Voxel size, mm.
+    guide : ndarray, shape (Z, Y, X), optional
+    guide_sigma : float
+        Range width of the guide, in its units.
+    """
+
+    def __init__(self, mask: np.ndarray, sigma_mm: float, spacing: tuple[float, float, float],
+                 guide: np.ndarray | None = None, guide_sigma: float = 1.0) -> None:
+        self.mask, self.sigma_mm, self.spacing = mask, float(sigma_mm), spacing
+        self.guide, self.guide_sigma = guide, float(guide_sigma)
+        self._grid: Grid | None = None
+        self._plane: tuple[float, float, float] = spacing
+        self._low_guide = np.zeros((0, 0, 0), dtype=np.float32)
+
+    def _bilateral(self, stack: np.ndarray) -> np.ndarray:
+        """Joint bilateral mean of (B, Z, Y, X) volumes, the last one the mask. Where the
+        neighbourhood's SD spans three voxels or more in plane, on blocks of f x f voxels
+        (their sums, and the guide's mean over their mask voxels), f keeping at least 1.5
+        blocks per SD, read back by each voxel from its block: the grid's cost grows with the
+        voxels."""
+        from ctperf.preprocess.bilateral import guide_grid, joint_bilateral  # not at import
+
+        mask = self.mask
+        f = max(1, int(min(self.sigma_mm / self.spacing[1], self.sigma_mm / self.spacing[2])
+                       // 1.5))
+        nz, ny, nx = mask.shape
+        py, px = -ny % f, -nx % f
+
+        def blocks(v: np.ndarray) -> np.ndarray:  # (..., Z, Y, X) -> block sums
+            v = np.pad(v, [(0, 0)] * (v.ndim - 2) + [(0, py), (0, px)])
+            return v.reshape(*v.shape[:-2], (ny + py) // f, f, (nx + px) // f, f).sum(
+                axis=(-3, -1))
+
+        low = blocks(stack) if f > 1 else stack
+        if self._grid is None:
+            count = low[-1]
+            g = blocks(np.where(mask, self.guide, 0.0)) if f > 1 else \
+                np.where(mask, self.guide, 0.0)
+            fill = float(np.median(self.guide[mask]))
+            self._low_guide = np.where(count > 0, g / np.maximum(count, 1e-6),
+                                       fill).astype(np.float32)
+            # in plane only: slices far apart (a Gaussian of 1e-3 voxels is no blur)
+            self._plane = (self.sigma_mm * 1e3, self.spacing[1] * f, self.spacing[2] * f)
+            self._grid = guide_grid(self._low_guide, spacing=self._plane,
+                                    spatial_sigma_mm=self.sigma_mm,
+                                    range_sigma_hu=self.guide_sigma, levels_per_sigma=2.0)
+        smooth = joint_bilateral(low, self._low_guide, spacing=self._plane, grid=self._grid)
+        if f > 1:
+            smooth = np.repeat(np.repeat(smooth, f, axis=-2), f, axis=-1)[..., :ny, :nx]
+        return smooth
+
+    def mean(self, values: np.ndarray) -> np.ndarray:
+        """(B, N) values of the N mask voxels (C order) -> their neighbourhood means, float64."""
+        mask = self.mask
+        vals = np.asarray(values, dtype=np.float32)
+        stack = np.zeros((vals.shape[0] + 1, *mask.shape), dtype=np.float32)
+        stack[:-1, mask] = vals
+        stack[-1] = mask
+        if self.guide is None:
+            sig = (0.0, self.sigma_mm / self.spacing[1], self.sigma_mm / self.spacing[2])
+            smooth = np.stack([ndimage.gaussian_filter(v, sig, mode="constant") for v in stack])
+        else:
+            smooth = self._bilateral(stack)
+        weight = np.maximum(smooth[-1][mask].astype(np.float64), 1e-6)
+        return smooth[:-1][:, mask].astype(np.float64) / weight
+
+
+def pool_amplitudes(cbv: np.ndarray, cbv_var: np.ndarray, noise_var: np.ndarray,
+                    neighbourhood: Neighbourhood, *, probes: int = 4
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empirical-Bayes pooling of each voxel's CBV with its neighbours' (the amplitude part).
+
+    A voxel's CBV estimate x is its true CBV plus an error of two parts: the amplitude's, from
+    its own noise at a given timing (variance v = ``noise_var``, independent between voxels),
+    and the timing's (the rest of ``cbv_var``), which neighbours share because their timing
+    comes from the same neighbourhood posterior. The true CBVs around a voxel are taken as
+    drawn about their local mean m (the neighbours' mean, the voxel itself left out) with a
+    variance tau^2. The voxel's amplitude is then the normal posterior mean m + B (x - m), B =
+    tau^2 / (tau^2 + v) (James & Stein; Efron & Morris, JASA 70:311, 1975): a well-measured
+    voxel keeps its value, a noisy one moves towards its neighbourhood. The amplitude part of
+    its variance becomes B v, plus the local mean's own variance weighted by (1 - B)^2; the
+    timing part is kept.
+
+    tau^2 of a neighbourhood is the variance of its x, corrected for the voxel's own weight in
+    it, less its mean v: a small difference of two noisy terms, so it is averaged twice more
+    over the neighbourhood. Where the spread is much smaller than v it stays uncertain, and
+    the SDs are then somewhat too small or too large over whole regions. The weights' effective number n (1 / the sum of the
+    squared normalised weights, which the guide changes from voxel to voxel) is measured by
+    passing ``probes`` fields of white noise through the same neighbourhood (the variance of
+    their means is 1 / n), with a fixed seed.
+
+    Parameters
+    ----------
+    cbv, cbv_var, noise_var : ndarray, shape (N,)
+        Estimates, their total variance and its amplitude part, for the N voxels of the
+        neighbourhood's mask.
+    neighbourhood : Neighbourhood
+    probes : int
+        White-noise fields that measure the neighbourhoods' effective size.
+
+    Returns
+    -------
+    cbv : ndarray, shape (N,)
+    cbv_var : ndarray, shape (N,)
+        Its total variance.
+    factor : ndarray, shape (N,)
+        B, the weight each voxel's own amplitude kept (1: unchanged).
+    """
+    x = np.asarray(cbv, dtype=np.float64)
+    total = np.asarray(cbv_var, dtype=np.float64)
+    v = np.clip(np.asarray(noise_var, dtype=np.float64), 0.0, total)
+    ok = np.isfinite(x) & np.isfinite(v) & np.isfinite(total)
+    x0, v0 = np.where(ok, x, 0.0), np.where(ok, v, 0.0)
+    z = np.random.default_rng(0).standard_normal((max(1, probes), x.size)) * ok
+    stats = neighbourhood.mean(np.concatenate([np.stack([x0, x0 * x0, v0, ok]), z]))
+    n_ok = np.maximum(stats[3], 1e-6)
+    m, m2, vbar = stats[0] / n_ok, stats[1] / n_ok, stats[2] / n_ok
+    # 1 / n: the probes' mean squares, averaged over the neighbourhood, below 1
+    inv_n = (stats[4:] / n_ok) ** 2
+    inv_n = neighbourhood.mean(inv_n.mean(axis=0, keepdims=True))[0]
+    inv_n = np.clip(inv_n, 1e-3, 0.9)
+    spread = (m2 - m * m) / (1.0 - inv_n) - vbar        # tau^2 of each neighbourhood, noisy
+    m_loo = (m - inv_n * x0) / (1.0 - inv_n)             # the neighbours' mean, without x
+    # tau^2 of one neighbourhood is a small difference of two noisy terms: averaged twice
+    # more over the neighbourhood, it follows the tissue and steadies
+    tau2 = np.maximum(neighbourhood.mean(neighbourhood.mean(spread[None]))[0], 0.0)
+    b = np.where(tau2 + v > 0, tau2 / np.maximum(tau2 + v, 1e-30), 1.0)
+    var_m = (vbar + tau2) * inv_n / (1.0 - inv_n)
+    pooled = m_loo + b * (x - m_loo)
+    var = total - (1.0 - b) * v + (1.0 - b) ** 2 * var_m
+    return np.where(ok, pooled, x), np.where(ok, var, total), np.where(ok, b, 1.0)
+
+
 def _blocks(mask: np.ndarray, size: int) -> tuple[np.ndarray, int]:
     """Block number (N,) of every mask voxel for in-plane blocks of size x size, and the count."""
     z, y, x = np.nonzero(mask)
@@ -502,6 +659,9 @@ def fit_bayes(
     mtt_median: float = 5.0,
     mtt_log_sd: float = 1.0,
     dispersion_mean: float | None = None,
+    pool_amplitude: bool = True,
+    guide: np.ndarray | None = None,
+    guide_sigma: float | None = None,
     candidates: int = 96,
     draws: int = 48,
     grid_options: dict[str, object] | None = None,
@@ -542,6 +702,16 @@ def fit_bayes(
         Mean of an exponential prior on the transport kernel's mean time, s; default uniform
         over the grid's dispersions. A prior favouring little dispersion lowers CBF where
         there is none, and makes Tmax early where there is.
+    pool_amplitude : bool
+        With the spatial prior, pool each voxel's amplitude (CBV, and CBF through it) with its
+        neighbours' by empirical Bayes (:func:`pool_amplitudes`); MTT, delay and Tmax are
+        unchanged.
+    guide : ndarray, shape (Z, Y, X), optional
+        Image whose values tell tissues apart (the temporal mean of the study, HU): the
+        amplitude pooling then averages only neighbours of similar guide value.
+    guide_sigma : float, optional
+        Range width of the guide, HU; default four times the guide's noise, taken as the
+        frames' noise over the square root of their number (the temporal mean's).
     candidates : int
         Grid points kept per voxel after the prior (the most probable ones): the estimates
         are posterior means over them.
@@ -581,10 +751,11 @@ def fit_bayes(
     n_draws = int(max(draws, 1))
     log_prior = grid.log_prior(mtt_median, mtt_log_sd, dispersion_mean)
     y_all = np.nan_to_num(y_all.astype(np.float32, copy=False))
+    own_noise = noise_variance(y_all)
     if noise_sd is not None:
         noise = np.full(n, float(noise_sd) ** 2)
     else:
-        noise = np.maximum(noise_variance(y_all), 1e-6)
+        noise = np.maximum(own_noise, 1e-6)
 
     # Stage 1: the candidates and their prior. With the spatial prior, the posterior of the
     # neighbourhood's average curve, computed once per in-plane block about as wide as the
@@ -605,7 +776,7 @@ def fit_bayes(
         # Averaging divides white noise's variance by the number of voxels averaged, but noise
         # correlated in space (a filtered study, a scanner's reconstruction kernel) much less:
         # the gain is measured, as the ratio of the voxels' to the averaged curves' noise.
-        measured = local_mean(noise_variance(y_all)) / local_mean(noise_variance(pooled))
+        measured = local_mean(own_noise) / local_mean(noise_variance(pooled))
         gain = np.clip(measured, 1.0, gain)
         if noise_sd is None:  # the neighbourhood's noise level, steadier than one voxel's
             noise = local_mean(noise)
@@ -673,6 +844,24 @@ def fit_bayes(
 
     map_chunks(stage2, n_blocks, chunk=per_chunk, workers=max(1, workers), progress=progress,
                desc="bayes", unit="voxel")
+    if use_space and pool_amplitude:
+        if guide is not None and np.asarray(guide).shape != m.shape:
+            raise ValidationError(f"guide must have the mask's shape {m.shape}, got "
+                                  f"{np.asarray(guide).shape}")
+        g_sigma = guide_sigma if guide_sigma is not None else \
+            max(4.0 * math.sqrt(float(np.median(noise)) / t.size), 1e-3)
+        cbv_var = mom[:, 9] ** 2
+        cbv, var, _ = pool_amplitudes(mom[:, 1], cbv_var, mom[:, 13],
+                                      Neighbourhood(m, spatial_sigma_mm, sp, guide, g_sigma))
+        # CBF = 60 CBV / MTT: the pooled CBV's error no longer offsets MTT's within the voxel
+        # (a shorter MTT fits a higher CBF of about the same area), so CBF's relative variance
+        # is the sum of the two maps' (delta method)
+        to_cbf = 60.0 / np.maximum(mom[:, 2], 1e-6)
+        rel = var / np.maximum(cbv * cbv, 1e-12) + (mom[:, 10] * to_cbf / 60.0) ** 2
+        mom[:, 0] = cbv * to_cbf
+        mom[:, 1] = cbv
+        mom[:, 8] = np.abs(mom[:, 0]) * np.sqrt(rel)
+        mom[:, 9] = np.sqrt(np.maximum(var, 0.0))
     col = {name: mom[:, j].astype(np.float32) for j, name in enumerate(_COLUMNS)}
     return BayesFit(cbf=col["cbf"], cbv=col["cbv"], mtt=col["mtt"], delay=col["delay"],
                     tmax=col["tmax"], transit_cv=col["cv"],

@@ -170,8 +170,11 @@ def run_perfusion(
     tissue = enh[:, brain[search]]  # (T, N): every brain voxel
     vessels = _vessels(brain, venh[:, brain[search]], aif_raw, vessel_fraction)
     del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
+    # bayes pools amplitudes among neighbours of similar temporal mean (the paper's guide)
+    guide = hu.mean(axis=0, dtype=np.float32) if method == "bayes" else None
     values, grid = _fit(method, tissue, aif_used, t, rho=rho, kh=kh, brain=brain,
-                        spacing=spacing, device=device, progress=progress, n_base=n_base)
+                        spacing=spacing, device=device, progress=progress, n_base=n_base,
+                        guide=guide)
     maps, units = _assemble(values, brain)
 
     flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
@@ -274,9 +277,11 @@ def _vessels(brain: np.ndarray, peaks_of: np.ndarray, aif: np.ndarray,
 
 def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho: float,
          kh: float, brain: np.ndarray, spacing: tuple[float, float, float], device: str | None,
-         progress: bool, n_base: int) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+         progress: bool, n_base: int, guide: np.ndarray | None = None
+         ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
     """Values (N,) of every brain voxel by map name, and the uniform grid the fits saw (None
-    when the frames are evenly spaced).
+    when the frames are evenly spaced). ``guide`` (Z, Y, X): the temporal mean image, for
+    ``bayes``'s amplitude pooling.
 
     Unevenly spaced frames (fast, then slow sampling): the box model and SVD see the curves
     linearly interpolated onto a uniform grid at the finest step, from the first frame. Delay,
@@ -287,7 +292,7 @@ def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho
     values: dict[str, np.ndarray]
     if method == "bayes":
         post = fit_bayes(tissue, aif, t, rho=rho, kh=kh, mask=brain, spacing=spacing,
-                         baseline_frames=n_base, progress=progress)
+                         baseline_frames=n_base, guide=guide, progress=progress)
         values = {name: getattr(post, name) for name in
                   ("cbf", "cbv", "mtt", "tmax", "delay", "residual", *SD_MAPS)}
     else:

@@ -39,7 +39,37 @@ from ctperf.parallel import map_chunks
 from ctperf.preprocess.bilateral_grid import Grid, apply_grid, build_grid
 from ctperf.types import CTPSeries
 
-__all__ = ["bilateral_filter", "joint_bilateral"]
+__all__ = ["bilateral_filter", "guide_grid", "joint_bilateral"]
+
+
+def guide_grid(guide: np.ndarray, *, spacing: tuple[float, float, float],
+               spatial_sigma_mm: float = 3.0, range_sigma_hu: float = 20.0,
+               levels_per_sigma: float = 3.0, levels_per_sigma_outside: float = 2.0,
+               cells_per_sigma: float = 2.2, filter_weights: str = "linear",
+               workers: int = 2) -> Grid:
+    """The bilateral grid of a guide (Z, Y, X): everything of the filter that depends on the
+    guide alone, built once and applied to any number of volumes (:func:`joint_bilateral`'s
+    ``grid``). Parameters as :func:`joint_bilateral`'s."""
+    guide = np.asarray(guide, dtype=np.float32)
+    if guide.ndim != 3:
+        raise ValidationError(f"the guide must be a volume (Z, Y, X), got shape {guide.shape}")
+    if min(spatial_sigma_mm, range_sigma_hu, levels_per_sigma, levels_per_sigma_outside,
+           cells_per_sigma) <= 0:
+        raise ValidationError("spatial_sigma_mm, range_sigma_hu, levels_per_sigma(_outside) and "
+                              "cells_per_sigma must be > 0")
+    if len(spacing) != 3 or not min(spacing) > 0:
+        raise ValidationError(f"spacing must be three voxel sizes > 0 in mm, got {spacing}")
+    if not np.all(np.isfinite(guide)):
+        raise ValidationError("the guide contains NaN or Inf")
+    if filter_weights not in ("linear", "quadratic"):
+        raise ValidationError('filter_weights must be "linear" or "quadratic", got '
+                              f"{filter_weights!r}")
+    sz, sy, sx = (spatial_sigma_mm / float(s) for s in spacing)
+    # cells_per_sigma low-resolution cells per sigma, never coarser than 8 voxels
+    fz, fy, fx = (int(min(8, max(1, np.floor(s / cells_per_sigma)))) for s in (sz, sy, sx))
+    steps = (range_sigma_hu / levels_per_sigma, range_sigma_hu / levels_per_sigma_outside)
+    return build_grid(guide, (sz, sy, sx), steps, range_sigma_hu, (fz, fy, fx),
+                      filter_weights == "quadratic", workers=workers)
 
 
 def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
@@ -48,7 +78,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     levels_per_sigma_outside: float = 2.0,
                     cells_per_sigma: float = 2.2, filter_weights: str = "linear", chunk: int = 0,
                     workers: int = 2, out: np.ndarray | None = None,
-                    progress: bool = False) -> np.ndarray:
+                    progress: bool = False, grid: Grid | None = None) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
     Parameters
@@ -87,6 +117,9 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         overwritten), which saves a copy of the study.
     progress : bool
         Show a progress bar.
+    grid : Grid, optional
+        The guide's grid from :func:`guide_grid`, to filter more volumes with it (the filter's
+        other parameters are then the grid's).
 
     Returns
     -------
@@ -97,23 +130,12 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     if images.ndim != 4 or images.shape[1:] != guide.shape:
         raise ValidationError(f"images (B, Z, Y, X) {images.shape} and guide (Z, Y, X) "
                               f"{guide.shape} must share the volume shape")
-    if min(spatial_sigma_mm, range_sigma_hu, levels_per_sigma, levels_per_sigma_outside,
-           cells_per_sigma) <= 0:
-        raise ValidationError("spatial_sigma_mm, range_sigma_hu, levels_per_sigma(_outside) and "
-                              "cells_per_sigma must be > 0")
-    if len(spacing) != 3 or not min(spacing) > 0:
-        raise ValidationError(f"spacing must be three voxel sizes > 0 in mm, got {spacing}")
-    if not np.all(np.isfinite(guide)):
-        raise ValidationError("the guide contains NaN or Inf")
-    sz, sy, sx = (spatial_sigma_mm / float(s) for s in spacing)
-    # cells_per_sigma low-resolution cells per sigma, never coarser than 8 voxels
-    fz, fy, fx = (int(min(8, max(1, np.floor(s / cells_per_sigma)))) for s in (sz, sy, sx))
-    steps = (range_sigma_hu / levels_per_sigma, range_sigma_hu / levels_per_sigma_outside)
-    if filter_weights not in ("linear", "quadratic"):
-        raise ValidationError('filter_weights must be "linear" or "quadratic", got '
-                              f"{filter_weights!r}")
-    grid = build_grid(guide, (sz, sy, sx), steps, range_sigma_hu, (fz, fy, fx),
-                       filter_weights == "quadratic", workers=workers)
+    if grid is None:
+        grid = guide_grid(guide, spacing=spacing, spatial_sigma_mm=spatial_sigma_mm,
+                          range_sigma_hu=range_sigma_hu, levels_per_sigma=levels_per_sigma,
+                          levels_per_sigma_outside=levels_per_sigma_outside,
+                          cells_per_sigma=cells_per_sigma, filter_weights=filter_weights,
+                          workers=workers)
     if out is None:
         out = np.empty_like(images)
     elif out.shape != images.shape or out.dtype != np.float32:
