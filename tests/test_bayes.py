@@ -12,8 +12,14 @@ import numpy as np
 import pytest
 from scipy.signal import fftconvolve
 
-from ctperf.perfusion.bayes import (Neighbourhood, ResidueGrid, fit_bayes, pool_amplitudes,
-                                   residue, transit_cv)
+from ctperf.perfusion.bayes import (
+    Neighbourhood,
+    ResidueGrid,
+    fit_bayes,
+    pool_amplitudes,
+    residue,
+    transit_cv,
+)
 from ctperf.perfusion.curves import flow_scale
 
 RHO, KH = 1.04, 0.733

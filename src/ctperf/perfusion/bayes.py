@@ -24,6 +24,11 @@ points, and its own amplitude gives CBV. Low-CNR voxels so take their timing fro
 surroundings instead of fitting the noise, while well-measured voxels follow their own data.
 Without positions the prior is a broad log-normal on MTT and uniform on delay and shape.
 
+Amplitude pooling (``pool_amplitude=True``, with the spatial prior): each voxel's CBV, still the
+amplitude of its own noisy curve, is then pooled with its neighbours' by empirical Bayes
+(:func:`pool_amplitudes`), over a neighbourhood guided by the study's temporal mean image
+(:class:`Neighbourhood`), so that tissues of different temporal mean are not pooled together.
+
 Maps: CBV and MTT are posterior means over the prior's most probable grid points; CBF = 60 CBV /
 MTT keeps the central identity and avoids the upward bias that the posterior mean of CBV / MTT
 has when MTT is uncertain. Uncertainty maps are the root-mean-square errors of the maps under
@@ -548,7 +553,7 @@ class Neighbourhood:
         mask = self.mask
         f = max(1, int(min(self.sigma_mm / self.spacing[1], self.sigma_mm / self.spacing[2])
                        // 1.5))
-        nz, ny, nx = mask.shape
+        ny, nx = mask.shape[1:]
         py, px = -ny % f, -nx % f
 
         def blocks(v: np.ndarray) -> np.ndarray:  # (..., Z, Y, X) -> block sums
@@ -559,9 +564,10 @@ class Neighbourhood:
         low = blocks(stack) if f > 1 else stack
         if self._grid is None:
             count = low[-1]
-            g = blocks(np.where(mask, self.guide, 0.0)) if f > 1 else \
-                np.where(mask, self.guide, 0.0)
-            fill = float(np.median(self.guide[mask]))
+            guide = np.asarray(self.guide, dtype=np.float32)
+            g = np.where(mask, guide, 0.0)
+            g = blocks(g) if f > 1 else g
+            fill = float(np.median(guide[mask]))
             self._low_guide = np.where(count > 0, g / np.maximum(count, 1e-6),
                                        fill).astype(np.float32)
             # in plane only: slices far apart (a Gaussian of 1e-3 voxels is no blur)
@@ -609,10 +615,10 @@ def pool_amplitudes(cbv: np.ndarray, cbv_var: np.ndarray, noise_var: np.ndarray,
     tau^2 of a neighbourhood is the variance of its x, corrected for the voxel's own weight in
     it, less its mean v: a small difference of two noisy terms, so it is averaged twice more
     over the neighbourhood. Where the spread is much smaller than v it stays uncertain, and
-    the SDs are then somewhat too small or too large over whole regions. The weights' effective number n (1 / the sum of the
-    squared normalised weights, which the guide changes from voxel to voxel) is measured by
-    passing ``probes`` fields of white noise through the same neighbourhood (the variance of
-    their means is 1 / n), with a fixed seed.
+    the SDs are then somewhat too small or too large over whole regions. The weights'
+    effective number n (1 / the sum of the squared normalised weights, which the guide changes
+    from voxel to voxel) is measured by passing ``probes`` fields of white noise through the
+    same neighbourhood (the variance of their means is 1 / n), with a fixed seed.
 
     Parameters
     ----------
