@@ -739,7 +739,8 @@ def fit_bayes(
         amplitude pooling then averages only neighbours of similar guide value.
     guide_sigma : float, optional
         Range width of the guide, HU; default four times the guide's noise, taken as the
-        frames' noise over the square root of their number (the temporal mean's).
+        frames' noise over the square root of their number (the temporal mean's), and at least
+        1 HU (nearly noise-free studies need no pooling, and a narrower range only costs time).
     candidates : int
         Grid points kept per voxel after the prior (the most probable ones): the estimates
         are posterior means over them.
@@ -879,7 +880,7 @@ def fit_bayes(
             raise ValidationError(f"guide must have the mask's shape {m.shape}, got "
                                   f"{np.asarray(guide).shape}")
         g_sigma = guide_sigma if guide_sigma is not None else \
-            max(4.0 * math.sqrt(float(np.median(noise)) / t.size), 1e-3)
+            max(4.0 * math.sqrt(float(np.median(noise)) / t.size), 1.0)
         cbv_var = mom[:, 9] ** 2
         cbv, var, _ = pool_amplitudes(mom[:, 1], cbv_var, mom[:, 13],
                                       Neighbourhood(m, spatial_sigma_mm, sp, guide, g_sigma))
