@@ -297,6 +297,18 @@ def test_pooled_amplitudes_are_closer_and_their_sds_cover():
     assert np.allclose(same, truth) and np.allclose(same_var, 0) and np.allclose(same_kept, 1)
 
 
+def test_voxels_without_neighbours_keep_their_amplitude():
+    """Two adjacent voxels and one alone: nothing to pool with, so estimates and variances
+    stay as they were (a mask of scattered voxels, a thin structure)."""
+    mask = np.zeros((2, 9, 9), dtype=bool)
+    mask[0, 4, 4] = mask[0, 4, 5] = mask[1, 2, 2] = True
+    x, v = np.array([2.9, 1.8, 1.1]), np.full(3, 0.5)
+    for guide in (None, np.full(mask.shape, 30.0)):
+        pooled, var, kept = pool_amplitudes(x, v, v, Neighbourhood(mask, 3.0, (5.0, 0.5, 1.0),
+                                                                   guide, 2.0))
+        assert np.allclose(pooled, x) and np.allclose(var, v) and np.allclose(kept, 1.0)
+
+
 def test_guide_keeps_tissues_apart():
     """Next to the border of two tissues the guided pooling keeps each voxel with its own
     tissue, where a plain Gaussian neighbourhood pulls it towards the other."""

@@ -580,6 +580,16 @@ class Neighbourhood:
             smooth = np.repeat(np.repeat(smooth, f, axis=-2), f, axis=-1)[..., :ny, :nx]
         return smooth
 
+    def voxels(self) -> np.ndarray:
+        """(N,) how many mask voxels each voxel's plain Gaussian neighbourhood holds, each
+        counted by its weight relative to the centre's (1 for a voxel alone)."""
+        sy, sx = self.sigma_mm / self.spacing[1], self.sigma_mm / self.spacing[2]
+        inside = ndimage.gaussian_filter(self.mask.astype(np.float64), (0.0, sy, sx),
+                                         mode="constant")[self.mask]
+        centre = ndimage.gaussian_filter(np.pad([[[1.0]]], ((0, 0), (8, 8), (8, 8))),
+                                         (0.0, sy, sx), mode="constant")[0, 8, 8]
+        return inside / centre
+
     def mean(self, values: np.ndarray) -> np.ndarray:
         """(B, N) values of the N mask voxels (C order) -> their neighbourhood means, float64."""
         mask = self.mask
@@ -656,6 +666,8 @@ def pool_amplitudes(cbv: np.ndarray, cbv_var: np.ndarray, noise_var: np.ndarray,
     # more over the neighbourhood, it follows the tissue and steadies
     tau2 = np.maximum(neighbourhood.mean(neighbourhood.mean(spread[None]))[0], 0.0)
     b = np.where(tau2 + v > 0, tau2 / np.maximum(tau2 + v, 1e-30), 1.0)
+    # a voxel with fewer than two neighbours' worth has nothing to pool with
+    b = np.where((inv_n > 0.5) | (neighbourhood.voxels() < 2.0), 1.0, b)
     var_m = (vbar + tau2) * inv_n / (1.0 - inv_n)
     pooled = m_loo + b * (x - m_loo)
     var = total - (1.0 - b) * v + (1.0 - b) ** 2 * var_m
