@@ -683,6 +683,36 @@ def _blocks(mask: np.ndarray, size: int) -> tuple[np.ndarray, int]:
     return block.astype(np.int64), int(block.max()) + 1 if block.size else 0
 
 
+def interpolate_blocks(values: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+    """Replace the in-plane blocks' means of ``values`` (N,) by their bilinear interpolation.
+
+    Each voxel keeps its deviation from its block's mean; the block means, which step at the
+    blocks' borders, are read instead at the voxel's position between the block centres
+    (blocks of :func:`_blocks`, ``size`` x ``size`` voxels; blocks outside the mask do not
+    count). Non-finite values are left as they are and do not count. Returns (N,) float64.
+    """
+    x = np.asarray(values, dtype=np.float64)
+    if size <= 1 or x.size == 0:
+        return x.copy()
+    z, y, xx = np.nonzero(mask)
+    ok = np.isfinite(x)
+    by, bx = y // size, xx // size
+    shape = (mask.shape[0], mask.shape[1] // size + 1, mask.shape[2] // size + 1)
+    flat = (z * shape[1] + by) * shape[2] + bx
+    count = np.bincount(flat[ok], minlength=int(np.prod(shape))).astype(np.float64)
+    total = np.bincount(flat[ok], weights=x[ok], minlength=count.size)
+    means = np.where(count > 0, total / np.maximum(count, 1.0), 0.0)
+    # block centres at (b + 1/2) size - 1/2 voxels: a voxel's position in block units
+    cy = (y + 0.5) / size - 0.5
+    cx = (xx + 0.5) / size - 0.5
+    coords = np.stack([z.astype(np.float64), cy, cx])
+    has = (count > 0).astype(np.float64).reshape(shape)
+    num = ndimage.map_coordinates(means.reshape(shape) * has, coords, order=1, mode="nearest")
+    den = ndimage.map_coordinates(has, coords, order=1, mode="nearest")
+    smooth = np.where(den > 1e-6, num / np.maximum(den, 1e-6), means[flat])
+    return np.where(ok, x - means[flat] + smooth, x)
+
+
 def fit_bayes(
     tissue: np.ndarray,
     aif: np.ndarray,
@@ -700,6 +730,7 @@ def fit_bayes(
     mtt_log_sd: float = 1.0,
     dispersion_mean: float | None = None,
     pool_amplitude: bool = True,
+    smooth_blocks: bool = True,
     guide: np.ndarray | None = None,
     guide_sigma: float | None = None,
     candidates: int = 96,
@@ -821,7 +852,8 @@ def fit_bayes(
         gain = np.clip(measured, 1.0, gain)
         if noise_sd is None:  # the neighbourhood's noise level, steadier than one voxel's
             noise = local_mean(noise)
-        block, n_blocks = _blocks(m, max(1, round(min(sig))))
+        block_size = max(1, round(min(sig)))
+        block, n_blocks = _blocks(m, block_size)
         avg = sparse.csr_matrix((np.ones(n), (block, np.arange(n))), shape=(n_blocks, n))
         counts = np.asarray(avg.sum(axis=1)).ravel()
         avg = sparse.diags(1.0 / counts) @ avg
@@ -832,7 +864,7 @@ def fit_bayes(
         del pooled
     else:
         block = np.arange(n)
-        n_blocks = n
+        n_blocks, block_size = n, 1
         block_curves, block_precision = y_all, 1.0 / noise
     if whiten is not None:  # noise estimates above, from the curves as given
         w32 = whiten.astype(np.float32)
@@ -887,6 +919,13 @@ def fit_bayes(
 
     map_chunks(stage2, n_blocks, chunk=per_chunk, workers=max(1, workers), progress=progress,
                desc="bayes", unit="voxel")
+    if use_space and block_size > 1 and smooth_blocks:
+        # timing: the blocks' step between neighbours interpolated away (log MTT, delay, Tmax)
+        mom[:, 2] = np.exp(interpolate_blocks(np.log(np.maximum(mom[:, 2], 1e-6)), m,
+                                              block_size))
+        mom[:, 3] = interpolate_blocks(mom[:, 3], m, block_size)
+        mom[:, 4] = interpolate_blocks(mom[:, 4], m, block_size)
+        mom[:, 0] = mom[:, 1] * 60.0 / np.maximum(mom[:, 2], 1e-6)
     if use_space and pool_amplitude:
         if guide is not None and np.asarray(guide).shape != m.shape:
             raise ValidationError(f"guide must have the mask's shape {m.shape}, got "
