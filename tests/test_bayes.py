@@ -16,6 +16,7 @@ from ctperf.perfusion.bayes import (
     Neighbourhood,
     ResidueGrid,
     fit_bayes,
+    interpolate_blocks,
     pool_amplitudes,
     residue,
     transit_cv,
@@ -307,6 +308,28 @@ def test_voxels_without_neighbours_keep_their_amplitude():
         pooled, var, kept = pool_amplitudes(x, v, v, Neighbourhood(mask, 3.0, (5.0, 0.5, 1.0),
                                                                    guide, 2.0))
         assert np.allclose(pooled, x) and np.allclose(var, v) and np.allclose(kept, 1.0)
+
+
+def test_block_interpolation_removes_steps_and_keeps_ramps():
+    """Block levels from a bilinear surface through the block means: a field constant per
+    block no longer steps at the borders, a linear ramp is unchanged, and a block's level
+    moves only part of the way towards its neighbours'. Away from the edge blocks: beyond the
+    outer block centres the surface is flat."""
+    mask = np.ones((1, 30, 30), dtype=bool)
+    yy, xx = np.indices(mask.shape[1:])
+    inner = ((xx >= 3) & (xx < 27) & (yy >= 3) & (yy < 27)).ravel()
+    ramp = (0.3 * xx - 0.1 * yy).ravel()
+    assert np.allclose(interpolate_blocks(ramp, mask, 3)[inner], ramp[inner])
+    steps = (xx // 3 * 1.0).ravel()                     # 0, 0, 0, 1, 1, 1, 2, ...
+    smooth = interpolate_blocks(steps, mask, 3).reshape(30, 30)
+    # the steps of 1 every 3 voxels become a slope of 1/3 per voxel
+    assert np.allclose(np.diff(smooth[:, 3:27], axis=1), 1 / 3)
+    assert np.allclose(interpolate_blocks(steps, mask, 1), steps)
+    # one block raised by 3 among level neighbours: its level falls, its neighbours' rise
+    block = ((xx // 3 == 5) & (yy // 3 == 5)).ravel()
+    out = interpolate_blocks(np.where(block, 3.0, 0.0), mask, 3)
+    assert 0.5 < out[block].mean() < 3.0
+    assert out[~block].max() > 0 and out.min() >= -1e-9
 
 
 def test_guide_keeps_tissues_apart():

@@ -520,7 +520,7 @@ class Neighbourhood:
     (:func:`~ctperf.preprocess.joint_bilateral`): a neighbour's weight also falls as a Gaussian
     of width ``guide_sigma`` of the difference between its guide value and the voxel's, so that
     tissues the guide tells apart (grey and white matter in the temporal mean image) are not
-    averaged together. Each slice's bilateral grid is built once, on first use.
+    averaged together. The bilateral grid is built once, on first use, for all slices.
 
     Parameters
     ----------
@@ -684,33 +684,48 @@ def _blocks(mask: np.ndarray, size: int) -> tuple[np.ndarray, int]:
 
 
 def interpolate_blocks(values: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
-    """Replace the in-plane blocks' means of ``values`` (N,) by their bilinear interpolation.
+    """Add to ``values`` (N,) the trend between in-plane blocks that their block means imply.
 
-    Each voxel keeps its deviation from its block's mean; the block means, which step at the
-    blocks' borders, are read instead at the voxel's position between the block centres
-    (blocks of :func:`_blocks`, ``size`` x ``size`` voxels; blocks outside the mask do not
-    count). Non-finite values are left as they are and do not count. Returns (N,) float64.
+    A block's prior is shared by its voxels, so where the voxels' own data weigh little their
+    values are nearly constant per block and step at the blocks' borders. The block means,
+    read bilinearly between the block centres (blocks of :func:`_blocks`, ``size`` x ``size``
+    voxels), make a continuous surface S. Each voxel's block level becomes S's mean over the
+    block (the block means smoothed with their neighbours'), and the voxel gains (1 - beta) t,
+    t being S less that level and beta (clipped to 0-1) how much of t the block's values
+    already show (their least-squares slope on it). A field constant per block becomes
+    continuous, a linear ramp (measured well, or constant per block) is unchanged, and each
+    voxel keeps its deviation from its block's mean. Non-finite values are left as they are
+    and do not count. Returns (N,) float64.
     """
     x = np.asarray(values, dtype=np.float64)
     if size <= 1 or x.size == 0:
         return x.copy()
     z, y, xx = np.nonzero(mask)
     ok = np.isfinite(x)
-    by, bx = y // size, xx // size
     shape = (mask.shape[0], mask.shape[1] // size + 1, mask.shape[2] // size + 1)
-    flat = (z * shape[1] + by) * shape[2] + bx
-    count = np.bincount(flat[ok], minlength=int(np.prod(shape))).astype(np.float64)
-    total = np.bincount(flat[ok], weights=x[ok], minlength=count.size)
-    means = np.where(count > 0, total / np.maximum(count, 1.0), 0.0)
+    flat = (z * shape[1] + y // size) * shape[2] + xx // size
+    n_cells = int(np.prod(shape))
+
+    def block_mean(v: np.ndarray) -> np.ndarray:
+        total = np.bincount(flat[ok], weights=v[ok], minlength=n_cells)
+        return total / np.maximum(count, 1.0)
+
+    count = np.bincount(flat[ok], minlength=n_cells).astype(np.float64)
+    x0 = np.where(ok, x, 0.0)
+    means = block_mean(x0)
     # block centres at (b + 1/2) size - 1/2 voxels: a voxel's position in block units
-    cy = (y + 0.5) / size - 0.5
-    cx = (xx + 0.5) / size - 0.5
-    coords = np.stack([z.astype(np.float64), cy, cx])
+    coords = np.stack([z.astype(np.float64), (y + 0.5) / size - 0.5, (xx + 0.5) / size - 0.5])
     has = (count > 0).astype(np.float64).reshape(shape)
     num = ndimage.map_coordinates(means.reshape(shape) * has, coords, order=1, mode="nearest")
     den = ndimage.map_coordinates(has, coords, order=1, mode="nearest")
-    smooth = np.where(den > 1e-6, num / np.maximum(den, 1e-6), means[flat])
-    return np.where(ok, x - means[flat] + smooth, x)
+    surface = np.where(den > 1e-6, num / np.maximum(den, 1e-6), means[flat])
+    level = block_mean(surface)
+    trend = surface - level[flat]
+    dev = x0 - means[flat]
+    tt = np.bincount(flat[ok], weights=(trend * trend)[ok], minlength=n_cells)
+    dt = np.bincount(flat[ok], weights=(dev * trend)[ok], minlength=n_cells)
+    beta = np.clip(np.where(tt > 1e-12, dt / np.maximum(tt, 1e-12), 1.0), 0.0, 1.0)
+    return np.where(ok, x + (level - means)[flat] + (1.0 - beta[flat]) * trend, x)
 
 
 def fit_bayes(
@@ -777,6 +792,10 @@ def fit_bayes(
         With the spatial prior, pool each voxel's amplitude (CBV, and CBF through it) with its
         neighbours' by empirical Bayes (:func:`pool_amplitudes`); MTT, delay and Tmax are
         unchanged.
+    smooth_blocks : bool
+        With the spatial prior, read the blocks' levels of MTT, delay and Tmax from a bilinear
+        surface through the block means (:func:`interpolate_blocks`), so that the timing maps
+        do not step at the blocks' borders.
     guide : ndarray, shape (Z, Y, X), optional
         Image whose values tell tissues apart (the temporal mean of the study, HU): the
         amplitude pooling then averages only neighbours of similar guide value.
@@ -920,7 +939,7 @@ def fit_bayes(
     map_chunks(stage2, n_blocks, chunk=per_chunk, workers=max(1, workers), progress=progress,
                desc="bayes", unit="voxel")
     if use_space and block_size > 1 and smooth_blocks:
-        # timing: the blocks' step between neighbours interpolated away (log MTT, delay, Tmax)
+        # timing: the blocks' steps between neighbours interpolated away (log MTT, delay, Tmax)
         mom[:, 2] = np.exp(interpolate_blocks(np.log(np.maximum(mom[:, 2], 1e-6)), m,
                                               block_size))
         mom[:, 3] = interpolate_blocks(mom[:, 3], m, block_size)
