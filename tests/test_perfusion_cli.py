@@ -43,6 +43,28 @@ def test_maps_cli_writes_everything(study_file, tmp_path, capsys):
     assert "hypoperfused" in capsys.readouterr().out
 
 
+def test_maps_cli_bayes_writes_uncertainty(study_file, tmp_path, capsys):
+    """``--method bayes`` writes an SD map beside each map it estimates, in the map's units,
+    and lesion volumes with their SDs in ``summary.json`` and on the terminal."""
+    path, series, truth = study_file
+    out = tmp_path / "out"
+    aif_mask = tmp_path / "aif.nii.gz"
+    write_volume(truth["artery"], series.affine, aif_mask)
+    assert main(["maps", str(path), str(out), "--method", "bayes",
+                 "--aif-mask", str(aif_mask)]) == 0
+    for name, unit in (("cbf", "mL/100g/min"), ("cbv", "mL/100g"), ("mtt", "s"), ("tmax", "s")):
+        sd = np.asanyarray(nib.load(out / f"{name}_sd.nii.gz").dataobj)
+        value = np.asanyarray(nib.load(out / f"{name}.nii.gz").dataobj)
+        inside = np.isfinite(value)
+        assert sd.shape == value.shape and np.all(np.isfinite(sd[inside]))
+        assert np.all(sd[inside] >= 0) and np.median(sd[inside]) > 0
+        assert unit in (out / f"{name}_sd.json").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["method"] == "bayes"
+    assert set(summary["lesions"]["volumes_sd_ml"]) >= {"core", "hypoperfused"}
+    assert "+-" in capsys.readouterr().out
+
+
 def test_maps_cli_rejects_mask_on_another_grid(study_file, tmp_path, capsys):
     path, series, _ = study_file
     bad = tmp_path / "aif.nii.gz"
