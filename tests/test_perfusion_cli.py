@@ -22,13 +22,20 @@ def study_file(tmp_path_factory):
     return path, series, truth
 
 
-def test_maps_cli_writes_everything(study_file, tmp_path, capsys):
+def _maps_with_aif_mask(study_file, tmp_path, method: str):
+    """``ctperf maps`` on the study with the true artery as the AIF mask; returns OUT."""
     path, series, truth = study_file
     out = tmp_path / "out"
     aif_mask = tmp_path / "aif.nii.gz"
     write_volume(truth["artery"], series.affine, aif_mask)
-    assert main(["maps", str(path), str(out), "--method", "bsvd",
+    assert main(["maps", str(path), str(out), "--method", method,
                  "--aif-mask", str(aif_mask)]) == 0
+    return out
+
+
+def test_maps_cli_writes_everything(study_file, tmp_path, capsys):
+    series = study_file[1]
+    out = _maps_with_aif_mask(study_file, tmp_path, "bsvd")
     for name in ("cbf", "cbv", "mtt", "ttp", "tmax", "delay"):
         img = nib.load(out / f"{name}.nii.gz")
         assert img.shape == series.shape[:0:-1]  # (X, Y, Z) on disk
@@ -46,12 +53,7 @@ def test_maps_cli_writes_everything(study_file, tmp_path, capsys):
 def test_maps_cli_bayes_writes_uncertainty(study_file, tmp_path, capsys):
     """``--method bayes`` writes an SD map beside each map it estimates, in the map's units,
     and lesion volumes with their SDs in ``summary.json`` and on the terminal."""
-    path, series, truth = study_file
-    out = tmp_path / "out"
-    aif_mask = tmp_path / "aif.nii.gz"
-    write_volume(truth["artery"], series.affine, aif_mask)
-    assert main(["maps", str(path), str(out), "--method", "bayes",
-                 "--aif-mask", str(aif_mask)]) == 0
+    out = _maps_with_aif_mask(study_file, tmp_path, "bayes")
     for name, unit in (("cbf", "mL/100g/min"), ("cbv", "mL/100g"), ("mtt", "s"), ("tmax", "s")):
         sd = np.asanyarray(nib.load(out / f"{name}_sd.nii.gz").dataobj)
         value = np.asanyarray(nib.load(out / f"{name}.nii.gz").dataobj)
