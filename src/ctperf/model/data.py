@@ -143,10 +143,10 @@ def _reference_maps(sub: Path, reference: str, references: Path | None) -> Perfu
     from ctperf.io import read_maps
 
     needed = ("cbf", "cbv", "mtt", "delay")
-    given = references / sub.name if references is not None else None
-    if given is not None and reference == "truth":
-        given = given / "truth"
-    folders = [*([given] if given is not None else []), sub / reference]
+    folders = [sub / reference]
+    if references is not None:  # looked at first
+        given = references / sub.name
+        folders.insert(0, given / "truth" if reference == "truth" else given)
     for folder in folders:
         if all((folder / f"{n}.nii.gz").exists() for n in needed):
             return read_maps(folder)
