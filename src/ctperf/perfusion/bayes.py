@@ -495,10 +495,7 @@ def pool_curves(tissue: np.ndarray, mask: np.ndarray, sigma_vox: tuple[float, fl
     sq /= 4.0 * math.pi * max(sig[1], 0.5) * max(sig[2], 0.5)
     gain = weight.astype(np.float64) ** 2 / np.maximum(sq, 1e-12)
     f = max(1, int(min(sig[1], sig[2]) // cells_per_sigma))
-    nz, ny, nx = mask.shape
-    shape = (nz, -(-ny // f), -(-nx // f))
-    z, y, x = np.nonzero(mask)
-    flat = (z * shape[1] + y // f) * shape[2] + x // f
+    flat, shape = _cells(mask, f)
     used, cell = np.unique(flat, return_inverse=True)
     n_cells = int(np.prod(shape))
     counts = np.bincount(flat, minlength=n_cells).astype(np.float32).reshape(shape)
@@ -674,12 +671,17 @@ def pool_amplitudes(cbv: np.ndarray, cbv_var: np.ndarray, noise_var: np.ndarray,
     return np.where(ok, pooled, x), np.where(ok, var, total), np.where(ok, b, 1.0)
 
 
+def _cells(mask: np.ndarray, size: int) -> tuple[np.ndarray, tuple[int, int, int]]:
+    """In-plane cells of size x size voxels: the flat index (N,) of every mask voxel's cell in
+    a (Z, Y / size, X / size) grid (rounded up), and that grid's shape."""
+    z, y, x = np.nonzero(mask)
+    shape = (mask.shape[0], -(-mask.shape[1] // size), -(-mask.shape[2] // size))
+    return (z.astype(np.int64) * shape[1] + y // size) * shape[2] + x // size, shape
+
+
 def _blocks(mask: np.ndarray, size: int) -> tuple[np.ndarray, int]:
     """Block number (N,) of every mask voxel for in-plane blocks of size x size, and the count."""
-    z, y, x = np.nonzero(mask)
-    key = (z.astype(np.int64) * (mask.shape[1] // size + 1) + y // size) \
-        * (mask.shape[2] // size + 1) + x // size
-    _, block = np.unique(key, return_inverse=True)
+    _, block = np.unique(_cells(mask, size)[0], return_inverse=True)
     return block.astype(np.int64), int(block.max()) + 1 if block.size else 0
 
 
@@ -702,8 +704,7 @@ def interpolate_blocks(values: np.ndarray, mask: np.ndarray, size: int) -> np.nd
         return x.copy()
     z, y, xx = np.nonzero(mask)
     ok = np.isfinite(x)
-    shape = (mask.shape[0], mask.shape[1] // size + 1, mask.shape[2] // size + 1)
-    flat = (z * shape[1] + y // size) * shape[2] + xx // size
+    flat, shape = _cells(mask, size)
     n_cells = int(np.prod(shape))
 
     def block_mean(v: np.ndarray) -> np.ndarray:
