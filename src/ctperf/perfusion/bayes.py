@@ -857,21 +857,14 @@ def fit_bayes(
         sp = spacing or (1.0, 1.0, 1.0)
         sig = (spatial_sigma_mm / sp[1], spatial_sigma_mm / sp[2])
         pooled, gain, cell = pool_curves(y_all, m, sig)
-        s3 = (0.0, *sig)
-        weight = np.maximum(ndimage.gaussian_filter(m.astype(np.float32), s3), 1e-6)
-
-        def local_mean(values: np.ndarray) -> np.ndarray:
-            vol = np.zeros(m.shape, dtype=np.float32)
-            vol[m] = values
-            return (ndimage.gaussian_filter(vol, s3) / weight)[m].astype(np.float64)
-
         # Averaging divides white noise's variance by the number of voxels averaged, but noise
         # correlated in space (a filtered study, a scanner's reconstruction kernel) much less:
         # the gain is measured, as the ratio of the voxels' to the averaged curves' noise.
-        measured = local_mean(own_noise) / local_mean(noise_variance(pooled)[cell])
-        gain = np.clip(measured, 1.0, gain)
+        local = Neighbourhood(m, spatial_sigma_mm, sp).mean(
+            np.stack([own_noise, noise_variance(pooled)[cell], noise]))
+        gain = np.clip(local[0] / local[1], 1.0, gain)
         if noise_sd is None:  # the neighbourhood's noise level, steadier than one voxel's
-            noise = local_mean(noise)
+            noise = local[2]
         block_size = max(1, round(min(sig)))
         block, n_blocks = _blocks(m, block_size)
         avg = sparse.csr_matrix((np.ones(n), (block, np.arange(n))), shape=(n_blocks, n))
