@@ -229,6 +229,7 @@ class ResidueGrid:
         self.cell_var_delay = delay_step**2 / 12 if n_d > 1 else 0.0
         flat = np.arange(self.mtt.size).reshape(self.dims)
         self.coarse = flat[:, :, 1::3, ::4].ravel()
+        self.coarse_delays = len(range(0, n_d, 4))
         # row-contiguous copies for gathers of candidates and for the coarse pass
         self.responses = np.ascontiguousarray(self.basis.T)                 # (K, T)
         self.coarse_basis = np.ascontiguousarray(self.basis[:, self.coarse])  # (T, Kc)
@@ -356,8 +357,9 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     posterior, with their normalised log posterior.
 
     Coarse to fine: the posterior on the coarse grid (every third MTT, every fourth delay),
-    then on the fine grid around coarse points, the most probable ones and as many drawn from
-    the coarse posterior (so that the fine points cover where its mass lies, not only its mode).
+    each (shape, dispersion, MTT) of it at its most probable delay and with the mass of all its
+    delays; then the posterior on the fine grid around the most probable of these and around as
+    many drawn by mass (so that the fine points cover where the mass lies, not only its mode).
     ``curves`` (T, n) float32, ``precision`` (n,) = 1 / noise variance of the curves.
     Returns indices (n, keep) int32, their log posterior (n, keep) float32, then the same for
     the draws (n, draws); a drawn point may appear several times.
@@ -366,9 +368,16 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     coarse = grid.coarse
     g = np.ascontiguousarray((grid.coarse_basis.T @ curves).T)              # (n, Kc)
     lp = _log_posterior(g, grid.inv_norm2[coarse].astype(np.float32), prec, log_prior[coarse])
-    n_seed = min(max(keep // 2, 1), coarse.size)
-    seeds, _ = _top(lp, np.broadcast_to(coarse, lp.shape), n_seed)
-    seeds = np.concatenate([seeds, coarse[_resample(lp, n_seed)]], axis=1)
+    lp = lp.reshape(lp.shape[0], -1, grid.coarse_delays)                    # (n, G, Dc)
+    best = lp.argmax(axis=2)
+    peak = np.take_along_axis(lp, best[..., None], axis=2)[..., 0]          # (n, G)
+    shift = np.where(np.isfinite(peak), peak, 0.0)[..., None]
+    mass = np.log(np.exp(lp - shift).sum(axis=2)) + shift[..., 0]
+    point = coarse.reshape(-1, grid.coarse_delays)[np.arange(peak.shape[1]), best]  # (n, G)
+    n_seed = min(max(keep // 2, 1), peak.shape[1])
+    seeds, _ = _top(peak, point, n_seed)
+    seeds = np.concatenate([seeds, np.take_along_axis(point, _resample(mass, n_seed), axis=1)],
+                           axis=1)
     fine = grid.neighbours(seeds)                                           # (n, F), -1 unused
     fine.sort(axis=1)
     fine[:, 1:][fine[:, 1:] == fine[:, :-1]] = -1                           # duplicates out
