@@ -63,11 +63,15 @@ log = logging.getLogger(__name__)
 
 #: Residue shapes of the grid: ``box``, ``gamma:k`` (gamma transit times of shape k; k = 1 the
 #: exponential) and ``power:p`` (R = (1 - t / L)^p on [0, L); p = 1 the linear residue).
-RESIDUES: tuple[str, ...] = ("box", "gamma:4", "gamma:2", "gamma:1", "power:1")
+RESIDUES: tuple[str, ...] = ("box", "gamma:4", "gamma:3", "gamma:2", "gamma:1", "power:1")
 
 #: Mean times (s) of the exponential transport kernel h between the AIF's artery and the tissue
 #: on the grid (0: none).
-DISPERSIONS: tuple[float, ...] = (0.0, 0.75, 1.5, 3.0)
+DISPERSIONS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.5, 3.0)
+
+#: Scale (s) of the prior on the dispersion, density proportional to 1 / (tau + scale): close
+#: to log-uniform (no preferred dispersion) from a few tenths of a second up, finite at 0.
+DISPERSION_SCALE = 0.1
 
 #: The first time the dispersed residue comes within this fraction of its maximum is its peak
 #: (a flat top's first time, as the phantom's truth defines it).
@@ -85,15 +89,15 @@ def _family(name: str) -> tuple[str, float]:
     raise ValidationError(f"unknown residue {name!r}: use box, gamma:K or power:P (K, P > 0)")
 
 
-def residue(t: np.ndarray, mtt: float, name: str) -> np.ndarray:
+def residue(t: np.ndarray, mtt: float | np.ndarray, name: str) -> np.ndarray:
     """Residue function R(t) of mean transit time ``mtt`` (s); R = 0 before t = 0.
 
     Parameters
     ----------
     t : ndarray
         Times in s.
-    mtt : float
-        Mean transit time, the area under R, s.
+    mtt : float or ndarray
+        Mean transit time, the area under R, s (an array broadcasts against ``t``).
     name : str
         One of the shapes of :data:`RESIDUES` (any K or P > 0).
     """
@@ -189,38 +193,40 @@ class ResidueGrid:
         tau = np.arange(n_fine + 1) * dt
         n_fft = 1 << int(np.ceil(np.log2(2 * n_fine)))
         ca_spec = np.fft.rfft(ca_mid, n_fft)
-        query = (t - t[0])[:, None] - self.delays[None, :]  # (T, D)
+        # the responses at the frames, linear between the fine grid's points (0 before the
+        # first, held after the last), for every delay: gather positions shared by all
+        pos = np.clip(((t - t[0])[:, None] - self.delays[None, :]) / dt, 0.0, n_fine)  # (T, D)
+        i0 = np.minimum(pos.astype(np.int64), n_fine - 1)
+        frac = pos - i0
         cols, peaks = [], []
         for name in self.residues:
+            x_all = residue(offsets[None, :], self.mtts[:, None], name)  # (M, n_fine)
+            r_all = np.fft.rfft(x_all, n_fft, axis=1)
             for disp in self.dispersions:
-                h_spec = None
+                r_spec, x = r_all, x_all
                 if disp > 0:  # unit-area exponential kernel, exact bin areas
                     edges = np.exp(-np.arange(n_fine + 1) * dt / disp)
-                    h_spec = np.fft.rfft(edges[:-1] - edges[1:], n_fft)
-                for mtt in self.mtts:
-                    x = residue(offsets, mtt, name)
-                    r_spec = np.fft.rfft(x, n_fft)
-                    if h_spec is not None:
-                        r_spec = r_spec * h_spec
-                        x = np.fft.irfft(r_spec, n_fft)[:n_fine]
-                    peaks.append(offsets[np.argmax(x >= (1.0 - PEAK_TOL) * x.max())] - dt / 2)
-                    conv = np.fft.irfft(ca_spec * r_spec, n_fft)[:n_fine] * dt
-                    resp = np.r_[0.0, conv]
-                    cols.append(np.interp(query, tau, resp, left=0.0, right=resp[-1]))
+                    r_spec = r_all * np.fft.rfft(edges[:-1] - edges[1:], n_fft)
+                    x = np.fft.irfft(r_spec, n_fft, axis=1)[:, :n_fine]
+                top = x >= (1.0 - PEAK_TOL) * x.max(axis=1, keepdims=True)
+                peaks.append(offsets[np.argmax(top, axis=1)] - dt / 2)
+                conv = np.fft.irfft(ca_spec * r_spec, n_fft, axis=1)[:, :n_fine] * dt
+                resp = np.concatenate([np.zeros((conv.shape[0], 1)), conv], axis=1)
+                cols.append(resp[:, i0] * (1.0 - frac) + resp[:, i0 + 1] * frac)  # (M, T, D)
         # (T, S * H * M * D), ordered (shape, dispersion, MTT, delay)
-        basis = scale * np.stack(cols, axis=1).reshape(t.size, -1)
+        basis = scale * np.concatenate(cols, axis=0).transpose(1, 0, 2).reshape(t.size, -1)
         if whiten is not None:
             basis = np.asarray(whiten, dtype=np.float64) @ basis
         self.basis = basis.astype(np.float32)
         n_d = self.delays.size
         shape_of = np.repeat(np.arange(len(self.residues)), len(self.dispersions) * n_mtt * n_d)
         self.mtt = np.tile(np.repeat(self.mtts, n_d), len(self.residues) * len(self.dispersions))
-        self.delay = np.tile(self.delays, len(cols))
+        self.delay = np.tile(self.delays, basis.shape[1] // n_d)
         self.cv = np.array([transit_cv(r) for r in self.residues])[shape_of]
         self.dispersion = np.tile(np.repeat(np.array(self.dispersions), n_mtt * n_d),
                                   len(self.residues))
         # the convention's Tmax: delay + the first peak of the dispersed residue h * R
-        self.tmax = self.delay + np.repeat(np.array(peaks), n_d)
+        self.tmax = self.delay + np.repeat(np.concatenate(peaks), n_d)
         self.dims = (len(self.residues), len(self.dispersions), n_mtt, n_d)
         # a grid point stands for the cell around it: the variance within a cell of the grid's
         # steps (uniform over the cell: step^2 / 12), in log MTT and in delay
@@ -260,13 +266,30 @@ class ResidueGrid:
 
     def log_prior(self, mtt_median: float, mtt_log_sd: float,
                   dispersion_mean: float | None = None) -> np.ndarray:
-        """(K,) log prior: log-normal on MTT, uniform on delay and shape, uniform on the
-        dispersion or exponential with mean ``dispersion_mean`` s; -inf where a grid point is
-        unusable."""
+        """(K,) log prior: log-normal on MTT, uniform on delay and shape; on the dispersion a
+        density proportional to 1 / (tau + :data:`DISPERSION_SCALE`) (uniform in
+        log(tau + scale): flat well below the scale, scale-free above it), or exponential with
+        mean ``dispersion_mean`` s; -inf where a grid point is unusable.
+
+        Each dispersion of the grid carries its prior's mass over its cell (edges halfway to its
+        neighbours; the last cell as wide above its point as below), so that the prior does not
+        depend on how densely the grid samples the dispersion.
+        """
         z = (np.log(self.mtt) - math.log(mtt_median)) / mtt_log_sd
-        lp = -0.5 * z**2
-        if dispersion_mean is not None:
-            lp = lp - self.dispersion / dispersion_mean
+        taus = np.array(self.dispersions)
+        order = np.argsort(taus)
+        srt = taus[order]
+        mid = (srt[1:] + srt[:-1]) / 2
+        lo = np.r_[srt[0], mid]
+        hi = np.r_[mid, srt[-1] + (srt[-1] - mid[-1] if mid.size else 1.0)]
+        if dispersion_mean is None:
+            mass = np.log((hi + DISPERSION_SCALE) / (lo + DISPERSION_SCALE))
+        else:
+            mass = np.exp(-lo / dispersion_mean) - np.exp(-hi / dispersion_mean)
+        log_mass = np.empty_like(mass)
+        log_mass[order] = np.log(np.maximum(mass, 1e-300))
+        per_point = np.repeat(log_mass, self.dims[2] * self.dims[3])
+        lp = -0.5 * z**2 + np.tile(per_point, self.dims[0])
         return np.where(self.usable, lp, -np.inf).astype(np.float32)
 
 
@@ -371,8 +394,9 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     lp = lp.reshape(lp.shape[0], -1, grid.coarse_delays)                    # (n, G, Dc)
     best = lp.argmax(axis=2)
     peak = np.take_along_axis(lp, best[..., None], axis=2)[..., 0]          # (n, G)
-    shift = np.where(np.isfinite(peak), peak, 0.0)[..., None]
-    mass = np.log(np.exp(lp - shift).sum(axis=2)) + shift[..., 0]
+    shift = np.where(np.isfinite(peak), peak, 0.0)
+    lp -= shift[..., None]                                                  # in place: lp is
+    mass = np.log(np.exp(lp, out=lp).sum(axis=2)) + shift                  # not used again
     point = coarse.reshape(-1, grid.coarse_delays)[np.arange(peak.shape[1]), best]  # (n, G)
     n_seed = min(max(keep // 2, 1), peak.shape[1])
     seeds, _ = _top(peak, point, n_seed)
@@ -795,9 +819,10 @@ def fit_bayes(
     mtt_median, mtt_log_sd : float
         Log-normal prior on MTT (median s, SD of log MTT).
     dispersion_mean : float, optional
-        Mean of an exponential prior on the transport kernel's mean time, s; default uniform
-        over the grid's dispersions. A prior favouring little dispersion lowers CBF where
-        there is none, and makes Tmax early where there is.
+        Mean of an exponential prior on the transport kernel's mean time, s; default the
+        density 1 / (tau + :data:`DISPERSION_SCALE`) (:meth:`ResidueGrid.log_prior`). A prior
+        favouring little dispersion lowers CBF where there is none, and makes Tmax early where
+        there is.
     pool_amplitude : bool
         With the spatial prior, pool each voxel's amplitude (CBV, and CBF through it) with its
         neighbours' by empirical Bayes (:func:`pool_amplitudes`); MTT, delay and Tmax are
