@@ -36,7 +36,9 @@ the whole posterior, from grid points drawn from the prior (systematic resamplin
 by the voxel's likelihood, plus the variance within a grid cell. Curves whose baseline mean was
 subtracted are whitened first (:func:`baseline_whitening`): that mean's error is common to every
 later frame. Tmax follows the project's convention exactly: at every grid point it is the delay
-plus the first time the dispersed residue h * R peaks.
+plus the first time the dispersed residue h * R peaks; the map is its posterior median, which
+noise pulls less towards the prior's bulk than the mean (shape, dispersion and MTT move Tmax
+in steps, and its posterior is often skewed).
 """
 
 from __future__ import annotations
@@ -190,7 +192,6 @@ class ResidueGrid:
         n_fine = int(np.ceil(span / dt)) + 1
         offsets = (np.arange(n_fine) + 0.5) * dt
         ca_mid = np.interp(t[0] + offsets, t, ca, left=0.0, right=ca[-1])
-        tau = np.arange(n_fine + 1) * dt
         n_fft = 1 << int(np.ceil(np.log2(2 * n_fine)))
         ca_spec = np.fft.rfft(ca_mid, n_fft)
         # the responses at the frames, linear between the fine grid's points (0 before the
@@ -223,8 +224,6 @@ class ResidueGrid:
         self.mtt = np.tile(np.repeat(self.mtts, n_d), len(self.residues) * len(self.dispersions))
         self.delay = np.tile(self.delays, basis.shape[1] // n_d)
         self.cv = np.array([transit_cv(r) for r in self.residues])[shape_of]
-        self.dispersion = np.tile(np.repeat(np.array(self.dispersions), n_mtt * n_d),
-                                  len(self.residues))
         # the convention's Tmax: delay + the first peak of the dispersed residue h * R
         self.tmax = self.delay + np.repeat(np.concatenate(peaks), n_d)
         self.dims = (len(self.residues), len(self.dispersions), n_mtt, n_d)
@@ -418,6 +417,15 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
             np.take_along_axis(lp, pick, axis=1))
 
 
+def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Median of each row of x (n, m) under the row's weights w (n, m), which sum to 1: the
+    first value, in increasing order, at which the cumulative weight reaches one half."""
+    order = np.argsort(x, axis=1)
+    below = np.take_along_axis(w, order, axis=1).cumsum(axis=1) < 0.5
+    k = np.minimum(below.sum(axis=1), x.shape[1] - 1)
+    return np.take_along_axis(x, order, axis=1)[np.arange(x.shape[0]), k]
+
+
 #: Columns of :func:`_moments`.
 _COLUMNS = ("cbf", "cbv", "mtt", "delay", "tmax", "cv", "sse_min", "noise_var",
             "cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd", "cbf_noise_var", "cbv_noise_var")
@@ -429,7 +437,8 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarr
 
     ``g`` (n, M) projections <b_k, y> of each voxel's curve on its candidates ``idx`` (n, M),
     ``yy`` (n,) the curves' squared norms, ``log_prior`` (n, M). The first ``keep`` candidates
-    are the prior's most probable points: the estimates are posterior means over them. The
+    are the prior's most probable points: the estimates are posterior means over them (Tmax
+    its posterior median). The
     others are draws from the prior (each carrying equal mass): their posterior weights
     represent the whole posterior, and give each estimate's root-mean-square deviation from
     the truth under it, sqrt(E[(x - estimate)^2]) (the posterior SD when the two means agree).
@@ -459,7 +468,7 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarr
     w, it = weights(top), idx[:, top]
     mtt = grid.mtt_32[it]
     est = {"cbv": mean(w, a[:, top] * mtt) / 60.0, "mtt": mean(w, mtt),
-           "delay": mean(w, grid.delay_32[it]), "tmax": mean(w, grid.tmax_32[it])}
+           "delay": mean(w, grid.delay_32[it]), "tmax": _weighted_median(grid.tmax_32[it], w)}
     est["cbf"] = est["cbv"] / np.maximum(est["mtt"], 1e-6) * 60.0
     out[:, 0], out[:, 1], out[:, 2] = est["cbf"], est["cbv"], est["mtt"]
     out[:, 3], out[:, 4] = est["delay"], est["tmax"]

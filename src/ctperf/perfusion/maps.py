@@ -63,7 +63,7 @@ _CONVENTIONS: dict[str, dict[str, str]] = {
             "ttp": "from the first frame", "delay": "box start after the AIF"},
     "svd": {"tmax": "time of the residue's peak", "ttp": "from the first frame",
             "delay": "equal to tmax for SVD methods"},
-    "bayes": {"tmax": "delay + first peak of the dispersed residue, posterior mean",
+    "bayes": {"tmax": "delay + first peak of the dispersed residue, posterior median",
               "ttp": "from the first frame", "delay": "residue start after the AIF",
               "sd": "posterior standard deviations in <map>_sd"},
 }
