@@ -418,12 +418,10 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
 
 
 def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Median of each row of x (n, m) under the row's weights w (n, m), which sum to 1: the
-    first value, in increasing order, at which the cumulative weight reaches one half."""
-    order = np.argsort(x, axis=1)
-    below = np.take_along_axis(w, order, axis=1).cumsum(axis=1) < 0.5
-    k = np.minimum(below.sum(axis=1), x.shape[1] - 1)
-    return np.take_along_axis(x, order, axis=1)[np.arange(x.shape[0]), k]
+    """Median of each row of x (n, m), each in increasing order, under the row's weights w
+    (n, m), which sum to 1: the first value at which the cumulative weight reaches one half."""
+    k = np.minimum((w.cumsum(axis=1) < 0.5).sum(axis=1), x.shape[1] - 1)
+    return x[np.arange(x.shape[0]), k]
 
 
 #: Columns of :func:`_moments`.
@@ -437,8 +435,8 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarr
 
     ``g`` (n, M) projections <b_k, y> of each voxel's curve on its candidates ``idx`` (n, M),
     ``yy`` (n,) the curves' squared norms, ``log_prior`` (n, M). The first ``keep`` candidates
-    are the prior's most probable points: the estimates are posterior means over them (Tmax
-    its posterior median). The
+    are the prior's most probable points, in increasing Tmax: the estimates are posterior means
+    over them (Tmax its posterior median). The
     others are draws from the prior (each carrying equal mass): their posterior weights
     represent the whole posterior, and give each estimate's root-mean-square deviation from
     the truth under it, sqrt(E[(x - estimate)^2]) (the posterior SD when the two means agree).
@@ -937,6 +935,11 @@ def fit_bayes(
     parts = map_chunks(stage1, n_blocks, chunk=chunk1, workers=max(1, workers),
                        progress=progress, desc="bayes prior", unit="voxel")
     top, top_lp, drawn, drawn_lp = (np.concatenate([p[j] for p in parts]) for j in range(4))
+    # the most probable points in increasing Tmax, once per block: the Tmax map is their
+    # weighted median (_moments)
+    by_tmax = np.argsort(grid.tmax_32[top], axis=1, kind="stable")
+    top = np.take_along_axis(top, by_tmax, axis=1)
+    top_lp = np.take_along_axis(top_lp, by_tmax, axis=1)
     if use_space:
         # the prior of a voxel's own posterior: the block's posterior, which the most probable
         # points carry as weights and the draws as their number
