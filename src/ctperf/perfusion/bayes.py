@@ -393,9 +393,10 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     lp = lp.reshape(lp.shape[0], -1, grid.coarse_delays)                    # (n, G, Dc)
     best = lp.argmax(axis=2)
     peak = np.take_along_axis(lp, best[..., None], axis=2)[..., 0]          # (n, G)
+    # log of the summed mass over delays, in place (lp is not needed afterwards)
     shift = np.where(np.isfinite(peak), peak, 0.0)
-    lp -= shift[..., None]                                                  # in place: lp is
-    mass = np.log(np.exp(lp, out=lp).sum(axis=2)) + shift                  # not used again
+    lp -= shift[..., None]
+    mass = np.log(np.exp(lp, out=lp).sum(axis=2)) + shift
     point = coarse.reshape(-1, grid.coarse_delays)[np.arange(peak.shape[1]), best]  # (n, G)
     n_seed = min(max(keep // 2, 1), peak.shape[1])
     seeds, _ = _top(peak, point, n_seed)
