@@ -17,6 +17,7 @@ from ctperf.perfusion.bayes import (
     ResidueGrid,
     fit_bayes,
     interpolate_blocks,
+    learn_shape_weights,
     pool_amplitudes,
     residue,
     transit_cv,
@@ -99,14 +100,15 @@ def test_grid_response_matches_independent_convolution():
     assert np.abs(grid.basis[:, k] - ref).max() < 0.01 * ref.max()
 
 
-def _tile_study(inner: int, noise: float, seed: int):
+def _tile_study(inner: int, noise: float, seed: int,
+                shapes: tuple[str, ...] = ("box", "exponential", "linear")):
     """Kudo-style tiles: per slice 7 x 7 tiles (delay 0-3 s x MTT 3.43-24 s), one slice per CBV
     (1-5 mL/100 g) and residue shape; returns (T, N) curves, mask, truth (N,) and tile ids."""
     mtts = np.array([24.0, 12.0, 8.0, 6.0, 4.8, 4.0, 3.43])
     delays = np.arange(7) * 0.5
     rng = np.random.default_rng(seed)
     slices, truth = [], {"cbf": [], "cbv": [], "delay": [], "shape": []}
-    for si, shape in enumerate(("box", "exponential", "linear")):
+    for si, shape in enumerate(shapes):
         for cbv in np.arange(1.0, 6.0):
             curves = np.stack([tissue(shape, cbv / m * 60, m, d) for m in mtts for d in delays],
                               axis=1).reshape(TIMES.size, 7, 7)
@@ -463,6 +465,91 @@ def test_phantom_uncertainty_covers_the_truth():
     assert 0.90 <= cover["tmax"] <= 0.99, cover
     assert 0.93 <= cover["cbf"] <= 0.997, cover
     assert 0.86 <= cover["mtt"] <= 0.98, cover
+
+
+GRID_SHAPE = {"box": "box", "exponential": "gamma:1", "linear": "power:1"}
+
+
+def _shape_curves(shape: str, n: int, noise: float, seed: int) -> np.ndarray:
+    """n curves of one residue shape, CBF 10-70, MTT 3-12 s, delay 0-3 s, with white noise."""
+    rng = np.random.default_rng(seed)
+    cbf, mtt, delay = rng.uniform(10, 70, n), rng.uniform(3, 12, n), rng.uniform(0, 3, n)
+    clean = np.stack([tissue(shape, *c) for c in zip(cbf, mtt, delay, strict=True)], axis=1)
+    return (clean + noise * rng.standard_normal(clean.shape)).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", ["box", "exponential", "linear"])
+def test_learned_shape_weights_find_the_studys_shape(shape):
+    """Curves of one residue shape at 3 HU (a neighbourhood's average at clinical noise): the
+    mixture fitted to them weighs that shape most; three curves barely move the prior."""
+    grid = ResidueGrid(_aif(TIMES), TIMES, scale=flow_scale(RHO, KH))
+    prior = grid.log_prior(5.0, 1.0)
+    curves = _shape_curves(shape, 200, 3.0, seed=5)
+    factor = learn_shape_weights(curves, np.full(200, 1 / 9.0), grid, prior)
+    share = factor / factor.sum()   # the given prior weighs the shapes alike
+    true = grid.residues.index(GRID_SHAPE[shape])
+    # measured shares of the true shape (seeds 5-7): box 0.70-0.72, exponential 0.66-0.68,
+    # linear 0.53-0.57; 200 curves of a 1/6 prior share, each weakly informative at 3 HU
+    assert int(np.argmax(share)) == true, dict(zip(grid.residues, share.round(2), strict=True))
+    assert share[true] >= 0.45
+    # pseudo-counts: 50 curves' worth of the given prior, so three curves move a shape's
+    # weight by at most (3 + 50 / 6) / 53 x 6 = 1.28 and never to zero
+    few = learn_shape_weights(curves[:, :3], np.full(3, 1 / 9.0), grid, prior)
+    assert np.all((few > 0.8) & (few < 1.29)), few
+
+
+@pytest.mark.parametrize("shape", ["box", "exponential"])
+def test_learned_shapes_on_tiles_of_one_shape(shape):
+    """Kudo-style tiles of one residue shape at 10 HU: with the study's own shape prior the
+    true shape carries most of the prior and the tiles' CBF correlates at least as well; box
+    tiles lose half their CBF bias."""
+    curves, mask, truth, tile = _tile_study(inner=8, noise=10.0, seed=7, shapes=(shape,))
+    fits = {learn: fit_bayes(curves, _aif(TIMES), TIMES, rho=RHO, kh=KH, mask=mask,
+                             spacing=(5.0, 1.0, 1.0), learn_shapes=learn)
+            for learn in (False, True)}
+    assert fits[False].shape_weights is None
+    weights = fits[True].shape_weights
+    assert max(weights, key=weights.get) == GRID_SHAPE[shape], weights
+    assert sum(weights.values()) == pytest.approx(1.0)
+    ref = _tile_means(truth["cbf"], tile)
+    r, bias = {}, {}
+    for learn, fit in fits.items():
+        est = _tile_means(fit.cbf, tile)
+        r[learn] = np.corrcoef(est, ref)[0, 1]
+        bias[learn] = np.median(est / ref - 1)
+    # measured r 0.975 -> 0.981 (box), 0.991 -> 0.993 (exponential) on seeds 7-8
+    assert r[True] >= r[False] - 0.002, r
+    if shape == "box":
+        # measured +31 % -> +17 % (seeds 7-8): the uniform prior's exponential-like shapes
+        # read box tiles with a shorter MTT
+        assert bias[True] < bias[False] - 0.08, bias
+    else:
+        # measured -3 % -> +7 to +8 %: with the shape settled, the dispersion prior (mean
+        # about 0.9 s) shortens the MTT of these undispersed curves (docs/bayes.md)
+        assert abs(bias[True]) < 0.12, bias
+
+
+def test_bayes_options_reach_the_fit_and_the_provenance():
+    """run_perfusion passes bayes_options to fit_bayes and records them with the learned
+    weights; unknown options and options for another method are refused."""
+    from ctperf.errors import ValidationError
+    from ctperf.perfusion import run_perfusion
+    from test_aif_failsafe import T1, skullless_study
+
+    series, truth = skullless_study(np.random.default_rng(2), times=T1)
+    result = run_perfusion(series, method="bayes", aif=truth["aif"],
+                           bayes_options={"learn_shapes": True})
+    prov = result.maps.provenance
+    assert prov["bayes_options"] == {"learn_shapes": True}
+    weights = prov["residue_shape_weights"]
+    # exponential residues throughout the slice: measured 0.68 of the prior on gamma:1
+    assert max(weights, key=weights.get) == "gamma:1", weights
+    plain = run_perfusion(series, method="bayes", aif=truth["aif"]).maps.provenance
+    assert "bayes_options" not in plain and "residue_shape_weights" not in plain
+    with pytest.raises(ValidationError, match=r"unknown option\(s\) learn_shape;"):
+        run_perfusion(series, method="bayes", bayes_options={"learn_shape": True})
+    with pytest.raises(ValidationError, match="method 'bayes'"):
+        run_perfusion(series, method="bsvd", bayes_options={"learn_shapes": True})
 
 
 def test_draws_follow_the_posterior_exactly():

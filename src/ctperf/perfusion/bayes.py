@@ -59,7 +59,7 @@ if TYPE_CHECKING:
     from ctperf.preprocess.bilateral_grid import Grid
 
 __all__ = ["DISPERSIONS", "RESIDUES", "BayesFit", "ResidueGrid", "baseline_whitening", "fit_bayes",
-           "residue", "transit_cv"]
+           "learn_shape_weights", "residue", "transit_cv"]
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ class BayesFit:
     cbv_sd: np.ndarray
     mtt_sd: np.ndarray
     tmax_sd: np.ndarray
+    shape_weights: dict[str, float] | None = None
 
 
 class ResidueGrid:
@@ -416,6 +417,66 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     pick = _resample(lp, draws)
     return (idx, top, np.take_along_axis(safe, pick, axis=1).astype(np.int32),
             np.take_along_axis(lp, pick, axis=1))
+
+
+def learn_shape_weights(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
+                        log_prior: np.ndarray, *, pseudo: float = 50.0, sample: int = 4096,
+                        chunk: int = 512, iterations: int = 500) -> np.ndarray:
+    """The study's own prior over the grid's residue shapes (empirical Bayes): the factor (S,)
+    float64 by which it multiplies ``log_prior``'s mass of each shape.
+
+    A residue shape is a property of the vascular bed rather than of one voxel, and within one
+    curve's noise several shapes fit about equally (a box of one MTT and a dispersed gamma of a
+    shorter one), so a prior that weighs the grid's shapes alike lets noise and the grid's
+    choice of shapes set CBF. Here the shapes' probabilities are those of a mixture fitted to
+    the curves (T, n) by expectation-maximisation: a curve's evidence for a shape is its
+    likelihood under the given prior within that shape (summed over the coarse grid's
+    dispersions, MTTs and delays); the probabilities maximise the curves' joint marginal
+    likelihood, with ``pseudo`` curves' worth of the given prior (a Dirichlet prior) so that a
+    few curves do not decide and no shape is ruled out. At most ``sample`` curves, evenly
+    spaced, are used. ``precision`` (n,) is 1 / the curves' noise variance.
+    """
+    n_shapes = grid.dims[0]
+    n = curves.shape[1]
+    if n == 0 or n_shapes < 2:
+        return np.ones(n_shapes)
+    cols = np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64))
+    coarse = grid.coarse
+    inv = grid.inv_norm2[coarse].astype(np.float32)
+    prior = log_prior[coarse]
+    evidence = []
+    for s in range(0, cols.size, chunk):
+        c = cols[s:s + chunk]
+        g = np.ascontiguousarray((grid.coarse_basis.T @ curves[:, c]).T)
+        lp = _log_posterior(g, inv, precision[c].astype(np.float32), prior)
+        lp = lp.reshape(c.size, n_shapes, -1)
+        top = lp.max(axis=2, keepdims=True)
+        top[~np.isfinite(top)] = 0.0
+        lp -= top
+        evidence.append(np.log(np.exp(lp, out=lp).sum(axis=2, dtype=np.float64)) + top[..., 0])
+    # each shape's prior mass: the evidence given the shape is normalised within it
+    mass = special.logsumexp(prior.reshape(n_shapes, -1).astype(np.float64), axis=1)
+    ok = np.isfinite(mass)
+    ev = np.where(ok, np.concatenate(evidence).astype(np.float64) - mass, -np.inf)
+    like = np.exp(ev - ev.max(axis=1, keepdims=True))
+    base = np.exp(mass - special.logsumexp(mass))
+    w = base.copy()
+    for _ in range(iterations):
+        resp = like * w
+        resp /= resp.sum(axis=1, keepdims=True)
+        new = (resp.sum(axis=0) + pseudo * base) / (cols.size + pseudo)
+        done = np.abs(new - w).max() < 1e-6
+        w = new
+        if done:
+            break
+    return np.where(ok, w / np.where(ok, base, 1.0), 1.0)
+
+
+def shape_weights(grid: ResidueGrid, log_prior: np.ndarray) -> dict[str, float]:
+    """Prior probability of each residue shape of the grid under ``log_prior`` (K,)."""
+    per = special.logsumexp(log_prior.reshape(grid.dims[0], -1).astype(np.float64), axis=1)
+    p = np.exp(per - special.logsumexp(per))
+    return {name: float(x) for name, x in zip(grid.residues, p, strict=True)}
 
 
 def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
@@ -786,6 +847,7 @@ def fit_bayes(
     mtt_median: float = 5.0,
     mtt_log_sd: float = 1.0,
     dispersion_mean: float | None = None,
+    learn_shapes: bool = False,
     pool_amplitude: bool = True,
     smooth_blocks: bool = True,
     guide: np.ndarray | None = None,
@@ -831,6 +893,11 @@ def fit_bayes(
         density 1 / (tau + :data:`DISPERSION_SCALE`) (:meth:`ResidueGrid.log_prior`). A prior
         favouring little dispersion lowers CBF where there is none, and makes Tmax early where
         there is.
+    learn_shapes : bool
+        With the spatial prior, replace the uniform prior over residue shapes by the weights
+        that the neighbourhoods' average curves give them (:func:`learn_shape_weights`). Off
+        by default: it helps studies of one residue shape with some dispersion and hurts
+        undispersed ones (docs/bayes.md), and it makes each study's prior its own.
     pool_amplitude : bool
         With the spatial prior, pool each voxel's amplitude (CBV, and CBF through it) with its
         neighbours' by empirical Bayes (:func:`pool_amplitudes`); MTT, delay and Tmax are
@@ -926,6 +993,15 @@ def fit_bayes(
         block_curves = w32 @ block_curves
         y_all = block_curves if not use_space else w32 @ y_all
 
+    weights = None
+    if use_space and learn_shapes and grid.dims[0] * grid.dims[1] > 1:
+        w = learn_shape_weights(block_curves, np.asarray(block_precision, dtype=np.float64)
+                                * np.ones(n_blocks), grid, log_prior)
+        log_prior = log_prior + np.repeat(np.log(w), grid.size // w.size).astype(np.float32)
+        weights = shape_weights(grid, log_prior)
+        log.info("residue shape weights: %s",
+                 ", ".join(f"{k} {v:.2f}" for k, v in weights.items()))
+
     # Stage 1 holds a few (chunk, K) arrays per thread: chunks of about 2^22 grid values.
     chunk1 = max(16, min(chunk, (1 << 22) // grid.size))
 
@@ -1010,4 +1086,4 @@ def fit_bayes(
                     residual=np.sqrt(mom[:, 6] / t.size).astype(np.float32),
                     noise=np.sqrt(mom[:, 7]).astype(np.float32),
                     cbf_sd=col["cbf_sd"], cbv_sd=col["cbv_sd"], mtt_sd=col["mtt_sd"],
-                    tmax_sd=col["tmax_sd"])
+                    tmax_sd=col["tmax_sd"], shape_weights=weights)

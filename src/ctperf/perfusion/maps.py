@@ -17,6 +17,7 @@ SVD methods do not fall back to a coarser median step.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,6 +101,7 @@ def run_perfusion(
     lesion_options: LesionOptions | None = None,
     vessel_series: CTPSeries | None = None,
     device: str | None = None,
+    bayes_options: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> PerfusionResult:
     """Model-based perfusion analysis of one study.
@@ -140,6 +142,9 @@ def run_perfusion(
         Where the box-model fits run (:func:`~ctperf.perfusion.fit_box_nlr`): None or "cpu"
         with NumPy, "cuda" (or "cuda:N") with PyTorch on that GPU, "auto" on a GPU when torch
         sees one. The SVD methods always run with NumPy.
+    bayes_options : dict, optional
+        More keyword arguments of :func:`~ctperf.perfusion.fit_bayes` for ``method="bayes"``
+        (for example ``{"learn_shapes": True}``); recorded in the provenance.
     progress : bool
         Progress bar over voxel chunks.
 
@@ -148,6 +153,7 @@ def run_perfusion(
     PerfusionResult
     """
     _check_inputs(series, method=method, vessel_series=vessel_series)
+    _check_bayes_options(bayes_options, method)
     hu, t, spacing = series.hu, series.times, series.spacing
     vhu = hu if vessel_series is None else vessel_series.hu
 
@@ -172,9 +178,9 @@ def run_perfusion(
     del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
     # bayes pools amplitudes among neighbours of similar temporal mean (the paper's guide)
     guide = hu.mean(axis=0, dtype=np.float32) if method == "bayes" else None
-    values, grid = _fit(method, tissue, aif_used, t, rho=rho, kh=kh, brain=brain,
-                        spacing=spacing, device=device, progress=progress, n_base=n_base,
-                        guide=guide)
+    values, grid, fitted = _fit(method, tissue, aif_used, t, rho=rho, kh=kh, brain=brain,
+                                spacing=spacing, device=device, progress=progress,
+                                n_base=n_base, guide=guide, bayes_options=bayes_options)
     maps, units = _assemble(values, brain)
 
     flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
@@ -183,7 +189,7 @@ def run_perfusion(
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
                              aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),
                              pv_info=pv_info, search=search, brain=brain, vessels=vessels,
-                             flags=flags)
+                             flags=flags) | fitted
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
     lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels, rim_mm=rim_mm,
                        options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)
@@ -275,13 +281,32 @@ def _vessels(brain: np.ndarray, peaks_of: np.ndarray, aif: np.ndarray,
     return vessels
 
 
+#: fit_bayes's arguments that run_perfusion sets itself
+_BAYES_SET = frozenset({"tissue", "aif", "times", "rho", "kh", "mask", "spacing",
+                        "baseline_frames", "guide", "progress"})
+
+
+def _check_bayes_options(options: dict[str, Any] | None, method: str) -> None:
+    if not options:
+        return
+    if method != "bayes":
+        raise ValidationError(f"bayes_options apply to method 'bayes', not {method!r}")
+    known = set(inspect.signature(fit_bayes).parameters) - _BAYES_SET
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ValidationError(f"bayes_options: unknown option(s) {', '.join(unknown)}; "
+                              f"known: {', '.join(sorted(known))}")
+
+
 def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho: float,
          kh: float, brain: np.ndarray, spacing: tuple[float, float, float], device: str | None,
-         progress: bool, n_base: int, guide: np.ndarray | None = None
-         ) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-    """Values (N,) of every brain voxel by map name, and the uniform grid the fits saw (None
-    when the frames are evenly spaced). ``guide`` (Z, Y, X): the temporal mean image, for
-    ``bayes``'s amplitude pooling.
+         progress: bool, n_base: int, guide: np.ndarray | None = None,
+         bayes_options: dict[str, Any] | None = None
+         ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, Any]]:
+    """Values (N,) of every brain voxel by map name, the uniform grid the fits saw (None
+    when the frames are evenly spaced) and what the provenance should add (``bayes``: its
+    options, and the residue shapes' prior weights when it learned them). ``guide`` (Z, Y, X):
+    the temporal mean image, for ``bayes``'s amplitude pooling.
 
     Unevenly spaced frames (fast, then slow sampling): the box model and SVD see the curves
     linearly interpolated onto a uniform grid at the finest step, from the first frame. Delay,
@@ -290,11 +315,18 @@ def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho
     """
     grid = uniform_grid(t)
     values: dict[str, np.ndarray]
+    fitted: dict[str, Any] = {}
     if method == "bayes":
+        options = dict(bayes_options or {})
         post = fit_bayes(tissue, aif, t, rho=rho, kh=kh, mask=brain, spacing=spacing,
-                         baseline_frames=n_base, guide=guide, progress=progress)
+                         baseline_frames=n_base, guide=guide, progress=progress, **options)
         values = {name: getattr(post, name) for name in
                   ("cbf", "cbv", "mtt", "tmax", "delay", "residual", *SD_MAPS)}
+        if options:
+            fitted["bayes_options"] = options
+        if post.shape_weights is not None:
+            fitted["residue_shape_weights"] = {k: round(v, 4)
+                                               for k, v in post.shape_weights.items()}
     else:
         fit_t, fit_tissue, fit_aif = t, tissue, aif
         if grid is not None:
@@ -309,7 +341,7 @@ def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho
             values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
                       "delay": res.tmax}
     values["ttp"] = time_to_peak(bandlimit(tissue), t)
-    return values, grid
+    return values, grid, fitted
 
 
 def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
