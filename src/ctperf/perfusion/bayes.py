@@ -994,9 +994,9 @@ def fit_bayes(
         y_all = block_curves if not use_space else w32 @ y_all
 
     weights = None
-    if use_space and learn_shapes and grid.dims[0] * grid.dims[1] > 1:
-        w = learn_shape_weights(block_curves, np.asarray(block_precision, dtype=np.float64)
-                                * np.ones(n_blocks), grid, log_prior)
+    if use_space and learn_shapes:
+        w = learn_shape_weights(block_curves, np.asarray(block_precision, dtype=np.float64),
+                                grid, log_prior)
         log_prior = log_prior + np.repeat(np.log(w), grid.size // w.size).astype(np.float32)
         weights = shape_weights(grid, log_prior)
         log.info("residue shape weights: %s",
