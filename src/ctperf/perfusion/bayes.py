@@ -787,7 +787,8 @@ def _blocks(mask: np.ndarray, size: int) -> tuple[np.ndarray, int]:
     return block.astype(np.int64), int(block.max()) + 1 if block.size else 0
 
 
-def interpolate_blocks(values: np.ndarray, mask: np.ndarray, size: int) -> np.ndarray:
+def interpolate_blocks(values: np.ndarray, mask: np.ndarray, size: int,
+                       noise_var: np.ndarray | None = None) -> np.ndarray:
     """Add to ``values`` (N,) the trend between in-plane blocks that their block means imply.
 
     A block's prior is shared by its voxels, so where the voxels' own data weigh little their
@@ -798,8 +799,16 @@ def interpolate_blocks(values: np.ndarray, mask: np.ndarray, size: int) -> np.nd
     t being S less that level and beta (clipped to 0-1) how much of t the block's values
     already show (their least-squares slope on it). A field constant per block becomes
     continuous, a linear ramp (measured well, or constant per block) is unchanged, and each
-    voxel keeps its deviation from its block's mean. Non-finite values are left as they are
-    and do not count. Returns (N,) float64.
+    voxel keeps its deviation from its block's mean.
+
+    ``noise_var`` (N,): how much the noise alone moves each voxel's block mean (squared; NaN
+    where not measured, :func:`_block_noise`). The change is then scaled by V / D (at most 1;
+    James and Stein's positive-part factor), V that variance and D the squared difference
+    between the block means and their smoothed levels, both averaged over the 3 x 3 blocks
+    around each: blocks that differ from their neighbours by no more than the noise are
+    smoothed as above, blocks that differ by much more (well-measured tissue borders) keep
+    their values. Blocks with no measured V near them are smoothed fully. Non-finite values
+    are left as they are and do not count. Returns (N,) float64.
     """
     x = np.asarray(values, dtype=np.float64)
     if size <= 1 or x.size == 0:
@@ -828,7 +837,58 @@ def interpolate_blocks(values: np.ndarray, mask: np.ndarray, size: int) -> np.nd
     tt = np.bincount(flat[ok], weights=(trend * trend)[ok], minlength=n_cells)
     dt = np.bincount(flat[ok], weights=(dev * trend)[ok], minlength=n_cells)
     beta = np.clip(np.where(tt > 1e-12, dt / np.maximum(tt, 1e-12), 1.0), 0.0, 1.0)
-    return np.where(ok, x + (level - means)[flat] + (1.0 - beta[flat]) * trend, x)
+    change = (level - means)[flat] + (1.0 - beta[flat]) * trend
+    if noise_var is not None:
+        def local(v: np.ndarray, use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            """Mean of v over the used cells among each cell's 3 x 3 in plane, and their
+            number."""
+            w = use.reshape(shape).astype(np.float64)
+            total = ndimage.uniform_filter(np.where(use, v, 0.0).reshape(shape) * w,
+                                           size=(1, 3, 3), mode="constant")
+            n = ndimage.uniform_filter(w, size=(1, 3, 3), mode="constant")
+            return (total / np.maximum(n, 1e-12)).ravel(), n.ravel()
+        nv = np.asarray(noise_var, dtype=np.float64)
+        known = ok & np.isfinite(nv)
+        n_known = np.bincount(flat[known], minlength=n_cells)
+        v, n_v = local(np.bincount(flat[known], weights=nv[known], minlength=n_cells)
+                       / np.maximum(n_known, 1), n_known > 0)
+        d, _ = local((means - level) ** 2, count > 0)
+        shrink = np.where((d > 1e-12) & (n_v > 1e-9), v / np.maximum(d, 1e-12), 1.0)
+        change = change * np.clip(shrink, 0.0, 1.0)[flat]
+    return np.where(ok, x + change, x)
+
+
+def _block_noise(curves: np.ndarray, precision: np.ndarray,
+                 posterior: tuple[np.ndarray, np.ndarray], mask: np.ndarray, size: int,
+                 grid: ResidueGrid, log_prior: np.ndarray, keep: int, chunk: int,
+                 workers: int) -> np.ndarray:
+    """How much the noise moves each block's estimates: (B, 3) squared changes of the block
+    posterior's mean log MTT, delay and Tmax when the blocks' curves (T, B) get a second draw of
+    their own noise (variance 1 / ``precision``), for one block in four (every second block
+    along y and x; NaN for the others). ``posterior``: the blocks' most probable grid points and
+    their log posterior (B, keep). A single draw per block is a rough measure; it is averaged
+    over neighbouring blocks where it is used (:func:`interpolate_blocks`)."""
+    def estimates(idx: np.ndarray, lp: np.ndarray) -> np.ndarray:
+        w = np.exp(lp - lp.max(axis=1, keepdims=True))
+        w /= w.sum(axis=1, keepdims=True)
+        return np.stack([(w * np.log(grid.mtt_32[idx])).sum(axis=1),
+                         (w * grid.delay_32[idx]).sum(axis=1),
+                         (w * grid.tmax_32[idx]).sum(axis=1)], axis=1)
+
+    cells, shape = _cells(mask, size)
+    _, by, bx = np.unravel_index(np.unique(cells), shape)   # block b is the b-th cell in use
+    sub = np.flatnonzero((by % 2 == 0) & (bx % 2 == 0))
+    prec = np.asarray(precision, dtype=np.float64)[sub]
+    draw = np.random.default_rng(0).standard_normal((curves.shape[0], sub.size))
+    noisy = curves[:, sub] + (draw / np.sqrt(prec)).astype(np.float32)
+    parts = map_chunks(lambda s, e: _candidates(noisy[:, s:e], prec[s:e], grid, log_prior,
+                                                keep, 1)[:2],
+                       sub.size, chunk=chunk, workers=max(1, workers))
+    idx, lp = (np.concatenate([p[j] for p in parts]) for j in range(2))
+    top, top_lp = posterior
+    out = np.full((curves.shape[1], 3), np.nan)
+    out[sub] = (estimates(idx, lp) - estimates(top[sub], top_lp[sub])) ** 2
+    return out
 
 
 def fit_bayes(
@@ -1057,10 +1117,13 @@ def fit_bayes(
                desc="bayes", unit="voxel")
     if use_space and block_size > 1 and smooth_blocks:
         # timing: the blocks' steps between neighbours interpolated away (log MTT, delay, Tmax)
+        # (as far as the blocks' differences are the noise's)
+        bn = _block_noise(block_curves, block_precision, (top, top_lp), m, block_size, grid,
+                          log_prior, keep, chunk1, workers)[block]
         mom[:, 2] = np.exp(interpolate_blocks(np.log(np.maximum(mom[:, 2], 1e-6)), m,
-                                              block_size))
-        mom[:, 3] = interpolate_blocks(mom[:, 3], m, block_size)
-        mom[:, 4] = interpolate_blocks(mom[:, 4], m, block_size)
+                                              block_size, bn[:, 0]))
+        mom[:, 3] = interpolate_blocks(mom[:, 3], m, block_size, bn[:, 1])
+        mom[:, 4] = interpolate_blocks(mom[:, 4], m, block_size, bn[:, 2])
         mom[:, 0] = mom[:, 1] * 60.0 / np.maximum(mom[:, 2], 1e-6)
     if use_space and pool_amplitude:
         if guide is not None and np.asarray(guide).shape != m.shape:
