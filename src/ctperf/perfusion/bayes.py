@@ -804,7 +804,7 @@ def interpolate_blocks(values: np.ndarray, mask: np.ndarray, size: int,
     ``noise_var`` (N,): how much the noise alone moves each voxel's block mean (squared; NaN
     where not measured, :func:`_block_noise`). The change is then scaled by V / D (at most 1;
     James and Stein's positive-part factor), V that variance and D the squared difference
-    between the block means and their smoothed levels, both averaged over the 3 x 3 blocks
+    between the block means and their smoothed levels, both averaged over the 5 x 5 blocks
     around each: blocks that differ from their neighbours by no more than the noise are
     smoothed as above, blocks that differ by much more (well-measured tissue borders) keep
     their values. Blocks with no measured V near them are smoothed fully. Non-finite values
@@ -840,12 +840,12 @@ def interpolate_blocks(values: np.ndarray, mask: np.ndarray, size: int,
     change = (level - means)[flat] + (1.0 - beta[flat]) * trend
     if noise_var is not None:
         def local(v: np.ndarray, use: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            """Mean of v over the used cells among each cell's 3 x 3 in plane, and their
+            """Mean of v over the used cells among each cell's 5 x 5 in plane, and their
             number."""
             w = use.reshape(shape).astype(np.float64)
             total = ndimage.uniform_filter(np.where(use, v, 0.0).reshape(shape) * w,
-                                           size=(1, 3, 3), mode="constant")
-            n = ndimage.uniform_filter(w, size=(1, 3, 3), mode="constant")
+                                           size=(1, 5, 5), mode="constant")
+            n = ndimage.uniform_filter(w, size=(1, 5, 5), mode="constant")
             return (total / np.maximum(n, 1e-12)).ravel(), n.ravel()
         nv = np.asarray(noise_var, dtype=np.float64)
         known = ok & np.isfinite(nv)
@@ -965,7 +965,8 @@ def fit_bayes(
     smooth_blocks : bool
         With the spatial prior, read the blocks' levels of MTT, delay and Tmax from a bilinear
         surface through the block means (:func:`interpolate_blocks`), so that the timing maps
-        do not step at the blocks' borders.
+        do not step at the blocks' borders, as far as the blocks' differences are the noise's
+        (:func:`_block_noise`).
     guide : ndarray, shape (Z, Y, X), optional
         Image whose values tell tissues apart (the temporal mean of the study, HU): the
         amplitude pooling then averages only neighbours of similar guide value.
