@@ -863,17 +863,20 @@ def _block_noise(curves: np.ndarray, precision: np.ndarray,
                  grid: ResidueGrid, log_prior: np.ndarray, keep: int, chunk: int,
                  workers: int) -> np.ndarray:
     """How much the noise moves each block's estimates: (B, 3) squared changes of the block
-    posterior's mean log MTT, delay and Tmax when the blocks' curves (T, B) get a second draw of
-    their own noise (variance 1 / ``precision``), for one block in four (every second block
-    along y and x; NaN for the others). ``posterior``: the blocks' most probable grid points and
-    their log posterior (B, keep). A single draw per block is a rough measure; it is averaged
-    over neighbouring blocks where it is used (:func:`interpolate_blocks`)."""
+    posterior's mean log MTT and delay and its median Tmax when the blocks' curves (T, B) get a
+    second draw of their own noise (variance 1 / ``precision``), for one block in four (every
+    second block along y and x; NaN for the others). ``posterior``: the blocks' most probable
+    grid points and their log posterior (B, keep). A single draw per block is a rough measure;
+    it is averaged over neighbouring blocks where it is used (:func:`interpolate_blocks`)."""
     def estimates(idx: np.ndarray, lp: np.ndarray) -> np.ndarray:
         w = np.exp(lp - lp.max(axis=1, keepdims=True))
         w /= w.sum(axis=1, keepdims=True)
+        tmax = grid.tmax_32[idx]
+        order = np.argsort(tmax, axis=1, kind="stable")     # Tmax: the median, as in the map
         return np.stack([(w * np.log(grid.mtt_32[idx])).sum(axis=1),
                          (w * grid.delay_32[idx]).sum(axis=1),
-                         (w * grid.tmax_32[idx]).sum(axis=1)], axis=1)
+                         _weighted_median(np.take_along_axis(tmax, order, axis=1),
+                                          np.take_along_axis(w, order, axis=1))], axis=1)
 
     cells, shape = _cells(mask, size)
     _, by, bx = np.unravel_index(np.unique(cells), shape)   # block b is the b-th cell in use
