@@ -368,6 +368,19 @@ def test_block_interpolation_follows_the_noise():
     assert np.allclose(interpolate_blocks(field, mask, 3, np.full(field.size, np.nan)), plain)
 
 
+def test_block_noise_with_no_block_to_refit():
+    """The noise's share is measured on every second block along y and x: a brain whose blocks
+    all lie in odd block columns has none, and is smoothed fully instead of failing."""
+    mask = np.zeros((1, 12, 12), dtype=bool)
+    mask[0, :, 3:6] = True                               # 3 mm blocks: block column 1 only
+    n = int(mask.sum())
+    curves = np.repeat(tissue("exponential", 40.0, 5.0, 1.0)[:, None], n, axis=1)
+    curves = curves + np.random.default_rng(0).normal(0.0, 5.0, curves.shape)
+    fit = fit_bayes(curves, _aif(TIMES), TIMES, rho=RHO, kh=KH, mask=mask,
+                    spacing=(5.0, 1.0, 1.0))
+    assert np.isfinite(fit.cbf).all() and np.isfinite(fit.mtt).all()
+
+
 def test_noise_free_maps_are_not_smoothed_across_blocks():
     """Noise-free tiles: the block interpolation finds nothing to smooth (the maps are those
     without it); at 10 HU it still acts."""

@@ -881,6 +881,9 @@ def _block_noise(curves: np.ndarray, precision: np.ndarray,
     cells, shape = _cells(mask, size)
     _, by, bx = np.unravel_index(np.unique(cells), shape)   # block b is the b-th cell in use
     sub = np.flatnonzero((by % 2 == 0) & (bx % 2 == 0))
+    out = np.full((curves.shape[1], 3), np.nan)
+    if sub.size == 0:
+        return out
     prec = np.asarray(precision, dtype=np.float64)[sub]
     draw = np.random.default_rng(0).standard_normal((curves.shape[0], sub.size))
     noisy = curves[:, sub] + (draw / np.sqrt(prec)).astype(np.float32)
@@ -889,7 +892,6 @@ def _block_noise(curves: np.ndarray, precision: np.ndarray,
                        sub.size, chunk=chunk, workers=max(1, workers))
     idx, lp = (np.concatenate([p[j] for p in parts]) for j in range(2))
     top, top_lp = posterior
-    out = np.full((curves.shape[1], 3), np.nan)
     out[sub] = (estimates(idx, lp) - estimates(top[sub], top_lp[sub])) ** 2
     return out
 
