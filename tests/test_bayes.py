@@ -343,7 +343,7 @@ def test_block_interpolation_follows_the_noise():
     """With each block's noise variance known, differences between blocks far above it (a
     measured tissue border) are kept, and differences within it are smoothed as without it."""
     mask = np.ones((1, 30, 30), dtype=bool)
-    yy, xx = np.indices(mask.shape[1:])
+    xx = np.indices(mask.shape[1:])[1]
     rng = np.random.default_rng(3)
     border = np.where(xx < 15, 1.0, 2.0).ravel()        # a border on block edges (15 = 5 x 3)
     jitter = np.repeat(np.repeat(rng.normal(0, 0.05, (10, 10)), 3, 0), 3, 1).ravel()
@@ -384,7 +384,7 @@ def test_block_noise_with_no_block_to_refit():
 def test_noise_free_maps_are_not_smoothed_across_blocks():
     """Noise-free tiles: the block interpolation finds nothing to smooth (the maps are those
     without it); at 10 HU it still acts."""
-    curves, mask, truth, tile = _tile_study(inner=8, noise=0.0, seed=1, shapes=("exponential",))
+    curves, mask, _, _ = _tile_study(inner=8, noise=0.0, seed=1, shapes=("exponential",))
     kw = dict(rho=RHO, kh=KH, mask=mask, spacing=(5.0, 1.0, 1.0))
     on = fit_bayes(curves, _aif(TIMES), TIMES, **kw)
     off = fit_bayes(curves, _aif(TIMES), TIMES, smooth_blocks=False, **kw)
