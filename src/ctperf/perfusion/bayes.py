@@ -347,6 +347,15 @@ def _log_posterior(g: np.ndarray, inv_norm2: np.ndarray, precision: np.ndarray,
     return g
 
 
+def _coarse_log_posterior(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
+                          log_prior: np.ndarray) -> np.ndarray:
+    """Log posterior (n, Kc) float32 of curves (T, n) on the coarse grid (:func:`_log_posterior`);
+    ``precision`` (n,) = 1 / their noise variance."""
+    g = np.ascontiguousarray((grid.coarse_basis.T @ curves).T)
+    return _log_posterior(g, grid.inv_norm2[grid.coarse].astype(np.float32),
+                          np.asarray(precision).astype(np.float32), log_prior[grid.coarse])
+
+
 def _top(lp: np.ndarray, idx: np.ndarray, keep: int) -> tuple[np.ndarray, np.ndarray]:
     """The ``keep`` largest of each row of lp (n, k) with their grid indices idx (n, k)."""
     pick = np.argpartition(lp, lp.shape[1] - keep, axis=1)[:, -keep:]
@@ -389,8 +398,7 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     """
     prec = precision.astype(np.float32)
     coarse = grid.coarse
-    g = np.ascontiguousarray((grid.coarse_basis.T @ curves).T)              # (n, Kc)
-    lp = _log_posterior(g, grid.inv_norm2[coarse].astype(np.float32), prec, log_prior[coarse])
+    lp = _coarse_log_posterior(curves, prec, grid, log_prior)
     lp = lp.reshape(lp.shape[0], -1, grid.coarse_delays)                    # (n, G, Dc)
     best = lp.argmax(axis=2)
     peak = np.take_along_axis(lp, best[..., None], axis=2)[..., 0]          # (n, G)
@@ -441,21 +449,18 @@ def learn_shape_weights(curves: np.ndarray, precision: np.ndarray, grid: Residue
     if n == 0 or n_shapes < 2:
         return np.ones(n_shapes)
     cols = np.unique(np.linspace(0, n - 1, min(n, sample)).round().astype(np.int64))
-    coarse = grid.coarse
-    inv = grid.inv_norm2[coarse].astype(np.float32)
-    prior = log_prior[coarse]
     evidence = []
     for s in range(0, cols.size, chunk):
         c = cols[s:s + chunk]
-        g = np.ascontiguousarray((grid.coarse_basis.T @ curves[:, c]).T)
-        lp = _log_posterior(g, inv, precision[c].astype(np.float32), prior)
+        lp = _coarse_log_posterior(curves[:, c], precision[c], grid, log_prior)
         lp = lp.reshape(c.size, n_shapes, -1)
         top = lp.max(axis=2, keepdims=True)
         top[~np.isfinite(top)] = 0.0
         lp -= top
         evidence.append(np.log(np.exp(lp, out=lp).sum(axis=2, dtype=np.float64)) + top[..., 0])
     # each shape's prior mass: the evidence given the shape is normalised within it
-    mass = special.logsumexp(prior.reshape(n_shapes, -1).astype(np.float64), axis=1)
+    mass = special.logsumexp(log_prior[grid.coarse].reshape(n_shapes, -1).astype(np.float64),
+                             axis=1)
     ok = np.isfinite(mass)
     ev = np.where(ok, np.concatenate(evidence).astype(np.float64) - mass, -np.inf)
     like = np.exp(ev - ev.max(axis=1, keepdims=True))
