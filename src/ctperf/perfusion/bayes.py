@@ -200,7 +200,14 @@ class ResidueGrid:
         pos = np.clip(((t - t[0])[:, None] - self.delays[None, :]) / dt, 0.0, n_fine)  # (T, D)
         i0 = np.minimum(pos.astype(np.int64), n_fine - 1)
         frac = pos - i0
-        cols, peaks = [], []
+        n_d, n_t = self.delays.size, t.size
+        n_rows = len(self.residues) * len(self.dispersions) * n_mtt
+        wt = None if whiten is None else np.asarray(whiten, dtype=np.float64).T
+        # (S * H * M * D, T), ordered (shape, dispersion, MTT, delay), filled a shape and a
+        # dispersion at a time
+        self.responses = np.empty((n_rows * n_d, n_t), dtype=np.float32)
+        norm2 = np.empty(n_rows * n_d)
+        peaks, row = [], 0
         for name in self.residues:
             x_all = residue(offsets[None, :], self.mtts[:, None], name)  # (M, n_fine)
             r_all = np.fft.rfft(x_all, n_fft, axis=1)
@@ -214,16 +221,17 @@ class ResidueGrid:
                 peaks.append(offsets[np.argmax(top, axis=1)] - dt / 2)
                 conv = np.fft.irfft(ca_spec * r_spec, n_fft, axis=1)[:, :n_fine] * dt
                 resp = np.concatenate([np.zeros((conv.shape[0], 1)), conv], axis=1)
-                cols.append(resp[:, i0] * (1.0 - frac) + resp[:, i0 + 1] * frac)  # (M, T, D)
-        # (T, S * H * M * D), ordered (shape, dispersion, MTT, delay)
-        basis = scale * np.concatenate(cols, axis=0).transpose(1, 0, 2).reshape(t.size, -1)
-        if whiten is not None:
-            basis = np.asarray(whiten, dtype=np.float64) @ basis
-        self.basis = basis.astype(np.float32)
-        n_d = self.delays.size
+                piece = scale * (resp[:, i0.T] * (1.0 - frac.T) + resp[:, i0.T + 1] * frac.T)
+                piece = piece.reshape(-1, n_t)                              # (M * D, T)
+                if wt is not None:
+                    piece = piece @ wt
+                stop = row + piece.shape[0]
+                self.responses[row:stop] = piece
+                norm2[row:stop] = (self.responses[row:stop].astype(np.float64) ** 2).sum(axis=1)
+                row = stop
         shape_of = np.repeat(np.arange(len(self.residues)), len(self.dispersions) * n_mtt * n_d)
         self.mtt = np.tile(np.repeat(self.mtts, n_d), len(self.residues) * len(self.dispersions))
-        self.delay = np.tile(self.delays, basis.shape[1] // n_d)
+        self.delay = np.tile(self.delays, n_rows)
         self.cv = np.array([transit_cv(r) for r in self.residues])[shape_of]
         # the convention's Tmax: delay + the first peak of the dispersed residue h * R
         self.tmax = self.delay + np.repeat(np.concatenate(peaks), n_d)
@@ -234,12 +242,11 @@ class ResidueGrid:
             else 0.0
         self.cell_var_delay = delay_step**2 / 12 if n_d > 1 else 0.0
         flat = np.arange(self.mtt.size).reshape(self.dims)
-        self.coarse = flat[:, :, 1::3, ::4].ravel()
+        # delay-major, (delay, shape, dispersion, MTT): the reductions over delays run over
+        # contiguous rows
+        self.coarse = flat[:, :, 1::3, ::4].transpose(3, 0, 1, 2).ravel()
         self.coarse_delays = len(range(0, n_d, 4))
-        # row-contiguous copies for gathers of candidates and for the coarse pass
-        self.responses = np.ascontiguousarray(self.basis.T)                 # (K, T)
-        self.coarse_basis = np.ascontiguousarray(self.basis[:, self.coarse])  # (T, Kc)
-        norm2 = (self.basis.astype(np.float64) ** 2).sum(axis=0)
+        self.coarse_basis = np.ascontiguousarray(self.responses[self.coarse].T)  # (T, Kc)
         # a response that never reaches the frames carries no information: never chosen
         self.usable = norm2 > 1e-9 * norm2.max()
         self.inv_norm2 = np.where(self.usable, 1.0 / np.maximum(norm2, 1e-300), 0.0)
@@ -252,17 +259,48 @@ class ResidueGrid:
     def size(self) -> int:
         return int(self.mtt.size)
 
-    def neighbours(self, idx: np.ndarray) -> np.ndarray:
-        """Fine-grid points around coarse points idx (n, c): MTT +-1 step, delay +-2 steps, same
-        shape and dispersion; (n, 15 c) flat indices, -1 beyond the grid's edges."""
+    @property
+    def basis(self) -> np.ndarray:
+        """(T, K) float32 view of :attr:`responses`: each grid point's unit-flow response."""
+        return self.responses.T
+
+    def neighbour_projections(self, seeds: np.ndarray, curves: np.ndarray
+                              ) -> tuple[np.ndarray, np.ndarray]:
+        """Fine-grid points around the coarse points ``seeds`` (n, c) -- MTT +-1 step, delay +-2
+        steps, same shape and dispersion -- and their responses' projections on ``curves`` (T, n).
+        Each row of ``seeds`` holds at most one delay per shape, dispersion and MTT, repeats
+        allowed (as :func:`_candidates` chooses them).
+
+        Returns the points' flat indices (n, 15 c), increasing where not -1: -1 marks points
+        beyond the grid's edges and those of a repeated seed; and the projections (n, 15 c)
+        float32 in the same order (meaningless where the index is -1). The responses of
+        consecutive delays are consecutive rows of :attr:`responses`: each seed's are gathered
+        as three windows of five delays, not point by point. The coarse grid's MTTs are three
+        steps apart, so two different seeds never share a fine point: repeats come only from
+        repeated seeds.
+        """
         _, _, n_m, n_d = self.dims
-        sh, m, d = idx // (n_m * n_d), (idx // n_d) % n_m, idx % n_d
-        dm, dd = np.meshgrid(np.arange(-1, 2), np.arange(-2, 3), indexing="ij")
-        mm = m[..., None] + dm.ravel()
-        de = d[..., None] + dd.ravel()
-        out = (sh[..., None] * n_m + mm) * n_d + de
-        out[(mm < 0) | (mm >= n_m) | (de < 0) | (de >= n_d)] = -1
-        return out.reshape(idx.shape[0], -1)
+        n, n_t = seeds.shape[0], self.responses.shape[1]
+        seeds = np.sort(seeds, axis=1)                      # fine points in increasing order
+        repeat = np.zeros(seeds.shape, dtype=bool)
+        repeat[:, 1:] = seeds[:, 1:] == seeds[:, :-1]
+        row, d = seeds // n_d, seeds % n_d                  # row: (shape, dispersion, MTT)
+        step = np.arange(-1, 2)
+        m = (row % n_m)[..., None] + step
+        ok_m = (m >= 0) & (m < n_m) & ~repeat[..., None]
+        rows = np.where(ok_m, row[..., None] + step, row[..., None])          # (n, c, 3)
+        width = min(5, n_d)
+        start = np.clip(d - 2, 0, n_d - width)              # windows inside the grid
+        de = start[..., None] + np.arange(width)                               # (n, c, w)
+        ok = ok_m[..., None] & (np.abs(de - d[..., None]) <= 2)[:, :, None, :]
+        idx = np.where(ok, rows[..., None] * n_d + de[:, :, None, :], -1).reshape(n, -1)
+        resp = self.responses.reshape(-1, n_d, n_t)
+        windows = np.lib.stride_tricks.as_strided(
+            resp, shape=(resp.shape[0], n_d - width + 1, width, n_t),
+            strides=(resp.strides[0], resp.strides[1], resp.strides[1], resp.strides[2]),
+            writeable=False)
+        b = windows[rows, start[..., None]].reshape(n, -1, n_t)               # (n, F, T)
+        return idx, np.matmul(b, np.asarray(curves).T[:, :, None])[..., 0]
 
     def log_prior(self, mtt_median: float, mtt_log_sd: float,
                   dispersion_mean: float | None = None) -> np.ndarray:
@@ -349,9 +387,10 @@ def _log_posterior(g: np.ndarray, inv_norm2: np.ndarray, precision: np.ndarray,
 
 def _coarse_log_posterior(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
                           log_prior: np.ndarray) -> np.ndarray:
-    """Log posterior (n, Kc) float32 of curves (T, n) on the coarse grid (:func:`_log_posterior`);
+    """Log posterior (n, Kc) float32 of curves (T, n) on the coarse grid (:func:`_log_posterior`),
+    in the order of ``grid.coarse`` (delay-major);
     ``precision`` (n,) = 1 / their noise variance."""
-    g = np.ascontiguousarray((grid.coarse_basis.T @ curves).T)
+    g = np.asarray(curves).T @ grid.coarse_basis
     return _log_posterior(g, grid.inv_norm2[grid.coarse].astype(np.float32),
                           np.asarray(precision).astype(np.float32), log_prior[grid.coarse])
 
@@ -399,24 +438,20 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     prec = precision.astype(np.float32)
     coarse = grid.coarse
     lp = _coarse_log_posterior(curves, prec, grid, log_prior)
-    lp = lp.reshape(lp.shape[0], -1, grid.coarse_delays)                    # (n, G, Dc)
-    best = lp.argmax(axis=2)
-    peak = np.take_along_axis(lp, best[..., None], axis=2)[..., 0]          # (n, G)
+    lp = lp.reshape(lp.shape[0], grid.coarse_delays, -1)                    # (n, Dc, G)
+    peak = lp.max(axis=1)                                                   # (n, G)
+    best = (lp == peak[:, None, :]).argmax(axis=1)          # the first delay at the peak
     # log of the summed mass over delays, in place (lp is not needed afterwards)
     shift = np.where(np.isfinite(peak), peak, 0.0)
-    lp -= shift[..., None]
-    mass = np.log(np.exp(lp, out=lp).sum(axis=2)) + shift
-    point = coarse.reshape(-1, grid.coarse_delays)[np.arange(peak.shape[1]), best]  # (n, G)
+    lp -= shift[:, None, :]
+    mass = np.log(np.exp(lp, out=lp).sum(axis=1)) + shift
+    point = coarse.reshape(grid.coarse_delays, -1)[best, np.arange(peak.shape[1])]  # (n, G)
     n_seed = min(max(keep // 2, 1), peak.shape[1])
     seeds, _ = _top(peak, point, n_seed)
     seeds = np.concatenate([seeds, np.take_along_axis(point, _resample(mass, n_seed), axis=1)],
                            axis=1)
-    fine = grid.neighbours(seeds)                                           # (n, F), -1 unused
-    fine.sort(axis=1)
-    fine[:, 1:][fine[:, 1:] == fine[:, :-1]] = -1                           # duplicates out
+    fine, g = grid.neighbour_projections(seeds, curves)                     # (n, F), -1 unused
     safe = np.maximum(fine, 0)
-    b = grid.responses[safe]                                                # (n, F, T)
-    g = np.matmul(b, curves.T[:, :, None])[..., 0]
     lp = _log_posterior(g, grid.inv_norm2[safe].astype(np.float32), prec, log_prior[safe])
     lp[fine < 0] = -np.inf
     lp -= lp.max(axis=1, keepdims=True)
@@ -453,14 +488,15 @@ def learn_shape_weights(curves: np.ndarray, precision: np.ndarray, grid: Residue
     for s in range(0, cols.size, chunk):
         c = cols[s:s + chunk]
         lp = _coarse_log_posterior(curves[:, c], precision[c], grid, log_prior)
-        lp = lp.reshape(c.size, n_shapes, -1)
-        top = lp.max(axis=2, keepdims=True)
+        lp = lp.reshape(c.size, grid.coarse_delays, n_shapes, -1)
+        top = lp.max(axis=(1, 3), keepdims=True)
         top[~np.isfinite(top)] = 0.0
         lp -= top
-        evidence.append(np.log(np.exp(lp, out=lp).sum(axis=2, dtype=np.float64)) + top[..., 0])
+        evidence.append(np.log(np.exp(lp, out=lp).sum(axis=(1, 3), dtype=np.float64))
+                        + top[:, 0, :, 0])
     # each shape's prior mass: the evidence given the shape is normalised within it
-    mass = special.logsumexp(log_prior[grid.coarse].reshape(n_shapes, -1).astype(np.float64),
-                             axis=1)
+    mass = special.logsumexp(log_prior[grid.coarse].reshape(grid.coarse_delays, n_shapes, -1)
+                             .astype(np.float64), axis=(0, 2))
     ok = np.isfinite(mass)
     ev = np.where(ok, np.concatenate(evidence).astype(np.float64) - mass, -np.inf)
     like = np.exp(ev - ev.max(axis=1, keepdims=True))
@@ -1073,8 +1109,11 @@ def fit_bayes(
         log.info("residue shape weights: %s",
                  ", ".join(f"{k} {v:.2f}" for k, v in weights.items()))
 
-    # Stage 1 holds a few (chunk, K) arrays per thread: chunks of about 2^22 grid values.
-    chunk1 = max(16, min(chunk, (1 << 22) // grid.size))
+    # Stage 1 holds per curve its coarse posterior (Kc values) and the responses of the fine
+    # points around its seeds (15 per seed, 2 x keep / 2 seeds, T values each): chunks of
+    # about 2^24 such values (64 MB) per thread.
+    per_curve = grid.coarse.size + 15 * keep * t.size
+    chunk1 = max(16, min(chunk, (1 << 24) // per_curve))
 
     def stage1(s: int, e: int) -> tuple[np.ndarray, ...]:
         return _candidates(block_curves[:, s:e], block_precision[s:e], grid, log_prior, keep,
