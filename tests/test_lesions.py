@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion import THRESHOLDS_ONLY, LesionOptions, segment_lesions
@@ -169,6 +171,40 @@ def test_volume_sd_from_posterior_sd():
     assert "volumes_sd_ml" in b.summary()
     plain = PerfusionMaps(maps={k: sure[k] for k in ("cbf", "tmax")}, affine=sure.affine)
     assert segment_lesions(plain, brain=brain).volumes_sd_ml is None
+
+
+def test_volume_sd_of_independent_voxels():
+    """Without spatial correlation each voxel flips on its own: the hypoperfused count is a
+    sum of independent Bernoulli draws, lesion voxels (Tmax 7 s) leaving with p = P(1.5 z < -1)
+    and the others (Tmax 2 s) entering with p = P(1.5 z > 4)."""
+    maps, brain = _sd_case(1.5)
+    got = segment_lesions(maps, brain=brain, reference="global", uncertainty_mm=0.0,
+                          samples=400).volumes_sd_ml["hypoperfused"]
+    n_in = 4 * 32 * 22
+    p_out, p_in = stats.norm.cdf(-1.0 / 1.5), stats.norm.sf(4.0 / 1.5)
+    var = n_in * p_out * (1 - p_out) + (4 * 64 * 64 - n_in) * p_in * (1 - p_in)
+    expected = math.sqrt(var) * 0.02
+    # 400 draws estimate an SD within about 3.5 % (1 / sqrt(2 x 399)); 12 % is 3.4 of that
+    assert got == pytest.approx(expected, rel=0.12)
+
+
+def test_volume_sd_fields_have_unit_variance():
+    """The correlated fields are scaled to unit variance: one voxel 2 SD above the threshold
+    is counted with probability P(z < -2) in the draws, whatever their correlation length."""
+    shape = (2, 40, 40)
+    tmax = np.full(shape, 2.0, dtype=np.float32)
+    tmax[1, 20, 20] = 8.0
+    tmax_sd = np.zeros(shape, dtype=np.float32)
+    tmax_sd[1, 20, 20] = 1.0
+    maps = PerfusionMaps(maps={"cbf": np.full(shape, 40.0, np.float32), "tmax": tmax,
+                               "cbf_sd": np.zeros(shape, np.float32), "tmax_sd": tmax_sd},
+                         affine=np.diag([2.0, 2.0, 5.0, 1.0]))
+    got = segment_lesions(maps, brain=np.ones(shape, bool), reference="global",
+                          uncertainty_mm=6.0, samples=2000).volumes_sd_ml["hypoperfused"]
+    p = stats.norm.cdf(-2.0)
+    # 2000 draws hit p = 0.023 about 46 times: the SD is estimated within about 7 %; fields
+    # of variance 1/2 or 2 would give -68 % or +90 %
+    assert got == pytest.approx(math.sqrt(p * (1 - p)) * 0.02, rel=0.2)
 
 
 def test_summary_carries_thresholds_as_numbers():
