@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 
@@ -86,6 +87,16 @@ def test_progress_bar_counts_items(capsys):
     assert "test" in err and "100%" in err
     map_chunks(lambda s, e: None, 10, chunk=4, workers=2)
     assert capsys.readouterr().err == ""  # no bar unless asked
+
+
+def test_progress_bar_advances_while_chunks_run(capsys):
+    """The bar counts each chunk when it finishes, not all of them at the end."""
+    map_chunks(lambda s, e: time.sleep(0.15), 8, chunk=1, workers=2, progress=True,
+               desc="test")
+    states = set(re.findall(r"(\d+)%", capsys.readouterr().err)) - {"0", "100"}
+    # four pairs of chunks end 0.15 s apart, more than tqdm's 0.1 s between redraws; a bar
+    # updated only at the end shows one state between 0 and 100 %
+    assert len(states) >= 2, states
 
 
 def test_invalid_arguments():

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
 
 from ctperf.errors import ValidationError
@@ -85,7 +85,8 @@ def _run_pool(fn: Callable[[int, int], R], bounds: list[tuple[int, int]], n_work
             pool.submit(fn, start, stop): (start, stop) for start, stop in bounds}
         pending = set(futures)
         while pending:
-            finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+            # every chunk as it finishes: the bar advances, and a failed chunk stops the rest
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in finished:
                 fut.result()  # raises the chunk's exception, if any
                 start, stop = futures[fut]
