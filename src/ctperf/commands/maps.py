@@ -33,7 +33,7 @@ ORDER = 20
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
-        "maps", help="model-based perfusion maps (box-model NLR or SVD), lesions and QC",
+        "maps", help="model-based perfusion maps (box-model NLR, SVD or Bayesian), lesions and QC",
         description="Compute CBF, CBV, MTT, TTP, Tmax and delay maps of a study (DICOM folder or "
                     "4D NIfTI) and write OUT/<name>.nii.gz, OUT/lesions/<mask>.nii.gz (core, "
                     "hypoperfused, penumbra, tmax10, brain, vessels), OUT/summary.json (method, "
