@@ -84,7 +84,7 @@ def run_demo(out: Path, options: DemoOptions, *,
     say = echo or (lambda line: None)
     io.check_output(out, overwrite=o.overwrite)
     say(f"[1/4] simulating a {o.size} x {o.size} x {o.slices} x {o.frames} "
-        f"phantom study (seed {o.seed}, {o.motion} motion)")
+        f"phantom study (seed {o.seed}, {'no' if o.motion == 'none' else o.motion} motion)")
     subject = generate_subject(seed=o.seed, size=o.size, slices=o.slices, frames=o.frames,
                                motion=o.motion, lesion=True, progress=o.progress)
     running, done = _steps(o)
