@@ -540,23 +540,32 @@ _COLUMNS = ("cbf", "cbv", "mtt", "delay", "tmax", "cv", "sse_min", "noise_var",
             "cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd", "cbf_noise_var", "cbv_noise_var")
 
 
-def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarray,
-             log_prior: np.ndarray, grid: ResidueGrid, keep: int) -> np.ndarray:
+def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndarray,
+             cand_lp: np.ndarray, block: np.ndarray, grid: ResidueGrid, keep: int
+             ) -> np.ndarray:
     """Estimates and their posterior root-mean-square errors for a set of voxels.
 
-    ``g`` (n, M) projections <b_k, y> of each voxel's curve on its candidates ``idx`` (n, M),
-    ``yy`` (n,) the curves' squared norms, ``log_prior`` (n, M). The first ``keep`` candidates
-    are the prior's most probable points, in increasing Tmax: the estimates are posterior means
-    over them (Tmax its posterior median). The
-    others are draws from the prior (each carrying equal mass): their posterior weights
-    represent the whole posterior, and give each estimate's root-mean-square deviation from
-    the truth under it, sqrt(E[(x - estimate)^2]) (the posterior SD when the two means agree).
+    ``g`` (n, M) projections <b_k, y> of each voxel's curve on its candidates, which are its
+    block's: ``cand`` (B, M) grid indices and ``cand_lp`` (B, M) log prior per block,
+    ``block`` (n,) each voxel's row of them; ``yy`` (n,) the curves' squared norms. The first
+    ``keep`` candidates are the prior's most probable points, in increasing Tmax: the estimates
+    are posterior means over them (Tmax its posterior median). The others are draws from the
+    prior (each carrying equal mass): their posterior weights represent the whole posterior,
+    and give each estimate's root-mean-square deviation from the truth under it,
+    sqrt(E[(x - estimate)^2]) (the posterior SD when the two means agree).
     Returns (n, 14) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT. The last
     two columns are the parts of CBF's and CBV's variances that the voxel's own noise makes at
     a given grid point (the amplitude's), averaged over the estimates' points.
     """
     np.maximum(g, 0.0, out=g)                               # CBF >= 0
-    inv_nb = grid.inv_norm2_32[idx]
+
+    def at(table: np.ndarray) -> np.ndarray:
+        """(n, M) values of a per-grid-point table at each voxel's candidates: looked up
+        once per block, then copied row by row to its voxels."""
+        return table[cand][block]
+
+    inv_nb = at(grid.inv_norm2_32)
+    log_prior = cand_lp[block]
     explained = g * g * inv_nb
     lp = explained * (0.5 / noise_var).astype(np.float32)[:, None] + log_prior
     a = g * inv_nb                                          # CBF at each candidate
@@ -574,27 +583,29 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, idx: np.ndarr
 
     # the estimates, over the most probable points
     top = slice(0, keep)
-    w, it = weights(top), idx[:, top]
-    mtt = grid.mtt_32[it]
+    w = weights(top)
+    mtt_all, tmax_all = at(grid.mtt_32), at(grid.tmax_32)
+    mtt = mtt_all[:, top]
     est = {"cbv": mean(w, a[:, top] * mtt) / 60.0, "mtt": mean(w, mtt),
-           "delay": mean(w, grid.delay_32[it]), "tmax": _weighted_median(grid.tmax_32[it], w)}
+           "delay": mean(w, at(grid.delay_32)[:, top]),
+           "tmax": _weighted_median(tmax_all[:, top], w)}
     est["cbf"] = est["cbv"] / np.maximum(est["mtt"], 1e-6) * 60.0
     out[:, 0], out[:, 1], out[:, 2] = est["cbf"], est["cbv"], est["mtt"]
     out[:, 3], out[:, 4] = est["delay"], est["tmax"]
-    out[:, 5] = mean(w, grid.cv_32[it])
+    out[:, 5] = mean(w, at(grid.cv_32)[:, top])
     amp_var = noise32 * inv_nb[:, top]
     out[:, 12] = mean(w, amp_var)
     out[:, 13] = mean(w, amp_var * (mtt / 60.0) ** 2)
     # their root-mean-square errors, over the draws: E[(x - e)^2] = E[x^2] - 2 e E[x] + e^2;
     # CBF (a) and CBV (a m) add their variance given the grid point
     drawn = slice(keep, None)
-    w, it = weights(drawn), idx[:, drawn]
+    w = weights(drawn)
     a_d, var_d = a[:, drawn], noise32 * inv_nb[:, drawn]
-    m_d = grid.mtt_32[it] / 60.0
+    m_d = mtt_all[:, drawn] / 60.0
     av = a_d * m_d
     for j, (name, x, var) in enumerate((("cbf", a_d, var_d), ("cbv", av, var_d * m_d * m_d),
                                         ("mtt", m_d * 60.0, None),
-                                        ("tmax", grid.tmax_32[it], None))):
+                                        ("tmax", tmax_all[:, drawn], None))):
         e = est[name]
         second = x * x if var is None else x * x + var
         msd = mean(w, second) - 2.0 * e * mean(w, x) + e * e
@@ -1167,9 +1178,9 @@ def fit_bayes(
         bc = grid.responses[cand[s:e]]                      # (nb, M, T)
         g = np.matmul(ys, np.swapaxes(bc, 1, 2))[valid]     # (n_valid, M)
         yy = np.einsum("npt,npt->np", ys, ys, dtype=np.float64)[valid]
-        rows = np.nonzero(valid)[0] + s
         ids = vox[valid]
-        mom[ids] = _moments(g, yy, noise[ids], cand[rows], cand_lp[rows], grid, n_top)
+        mom[ids] = _moments(g, yy, noise[ids], cand[s:e], cand_lp[s:e], np.nonzero(valid)[0],
+                            grid, n_top)
 
     map_chunks(stage2, n_blocks, chunk=per_chunk, workers=max(1, workers), progress=progress,
                desc="bayes", unit="voxel")
