@@ -71,6 +71,16 @@ RESIDUES: tuple[str, ...] = ("box", "gamma:4", "gamma:3", "gamma:2", "gamma:1", 
 #: on the grid (0: none).
 DISPERSIONS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.5, 3.0)
 
+#: Delays of the grid, s (``ResidueGrid``'s default): from tissue 3 s ahead of the AIF's artery
+#: to 12 s behind it.
+DELAY_RANGE: tuple[float, float] = (-3.0, 12.0)
+
+#: ``fit_bayes`` extends the delays by this many seconds at a time (up to the acquisition's end)
+#: when at least :data:`LATE_BLOCKS` blocks, and :data:`LATE_FRACTION` of them, sit at the last.
+DELAY_EXTENSION = 8.0
+LATE_BLOCKS = 3
+LATE_FRACTION = 0.002
+
 #: Scale (s) of the prior on the dispersion, density proportional to 1 / (tau + scale): close
 #: to log-uniform (no preferred dispersion) from a few tenths of a second up, finite at 0.
 DISPERSION_SCALE = 0.1
@@ -177,7 +187,7 @@ class ResidueGrid:
 
     def __init__(self, aif: np.ndarray, times: np.ndarray, *, scale: float,
                  mtt_range: tuple[float, float] = (1.0, 30.0), n_mtt: int = 48,
-                 delay_range: tuple[float, float] = (-3.0, 12.0), delay_step: float = 0.125,
+                 delay_range: tuple[float, float] = DELAY_RANGE, delay_step: float = 0.125,
                  residues: tuple[str, ...] = RESIDUES,
                  dispersions: tuple[float, ...] = DISPERSIONS, dt: float = 0.05,
                  whiten: np.ndarray | None = None) -> None:
@@ -1046,7 +1056,12 @@ def fit_bayes(
         Grid points drawn from the prior (the neighbourhood's posterior) per voxel: their
         posterior weights give the uncertainty maps.
     grid_options : dict, optional
-        Keyword arguments of :class:`ResidueGrid`.
+        Keyword arguments of :class:`ResidueGrid`. Without ``delay_range`` the delays span
+        :data:`DELAY_RANGE` and are extended by :data:`DELAY_EXTENSION` s at a time, up to the
+        delay at which the tissue's bolus would peak at the last frame, while more than a few
+        blocks (curves, without the spatial prior) hold most of their posterior within 0.5 s
+        of the last delay (tissue behind an occlusion can arrive 15-20 s after the AIF's
+        artery); a ``delay_range`` given is kept as it is.
     chunk : int
         Curves per block of work.
     workers : int
@@ -1072,11 +1087,7 @@ def fit_bayes(
     if use_space and int(m.sum()) != n:
         raise ValidationError(f"mask holds {int(m.sum())} voxels, tissue {n}")
     whiten = None if baseline_frames is None else baseline_whitening(t.size, baseline_frames)
-    grid = ResidueGrid(aif, t, scale=flow_scale(rho, kh), whiten=whiten,
-                       **(grid_options or {}))  # type: ignore[arg-type]
-    keep = int(min(max(candidates, 1), grid.size))
     n_draws = int(max(draws, 1))
-    log_prior = grid.log_prior(mtt_median, mtt_log_sd, dispersion_mean)
     y_all = np.nan_to_num(y_all.astype(np.float32, copy=False))
     own_noise = noise_variance(y_all, max(1, workers))
     if noise_sd is not None:
@@ -1119,28 +1130,56 @@ def fit_bayes(
         block_curves = w32 @ block_curves
         y_all = block_curves if not use_space else w32 @ y_all
 
-    weights = None
-    if use_space and learn_shapes:
-        w = learn_shape_weights(block_curves, np.asarray(block_precision, dtype=np.float64),
-                                grid, log_prior)
-        log_prior = log_prior + np.repeat(np.log(w), grid.size // w.size).astype(np.float32)
-        weights = shape_weights(grid, log_prior)
-        log.info("residue shape weights: %s",
-                 ", ".join(f"{k} {v:.2f}" for k, v in weights.items()))
+    options = dict(grid_options or {})
+    delays = tuple(options.pop("delay_range", DELAY_RANGE))
+    adapt = grid_options is None or "delay_range" not in grid_options
+    # the latest delay a study can show: its tissue's bolus peaking at the last frame
+    latest = float(t[-1] - t[int(np.argmax(aif))])
 
-    # Stage 1 holds per curve its coarse posterior (Kc values) and the responses of the fine
-    # points around its seeds (15 per seed, 2 x keep / 2 seeds, T values each): chunks of
-    # about 2^24 such values (64 MB) per thread.
-    per_curve = grid.coarse.size + 15 * keep * t.size
-    chunk1 = max(16, min(chunk, (1 << 24) // per_curve))
+    def search(delay_range: tuple[float, float]) -> tuple[object, ...]:
+        """The grid with these delays, its prior (learned shapes) and stage 1 on it."""
+        grid = ResidueGrid(aif, t, scale=flow_scale(rho, kh), whiten=whiten,
+                           delay_range=delay_range, **options)  # type: ignore[arg-type]
+        keep = int(min(max(candidates, 1), grid.size))
+        log_prior = grid.log_prior(mtt_median, mtt_log_sd, dispersion_mean)
+        weights = None
+        if use_space and learn_shapes:
+            w = learn_shape_weights(block_curves, np.asarray(block_precision, dtype=np.float64),
+                                    grid, log_prior)
+            log_prior = log_prior + np.repeat(np.log(w), grid.size // w.size).astype(np.float32)
+            weights = shape_weights(grid, log_prior)
+            log.info("residue shape weights: %s",
+                     ", ".join(f"{k} {v:.2f}" for k, v in weights.items()))
+        # Stage 1 holds per curve its coarse posterior (Kc values) and the responses of the
+        # fine points around its seeds (15 per seed, 2 x keep / 2 seeds, T values each):
+        # chunks of about 2^24 such values (64 MB) per thread.
+        per_curve = grid.coarse.size + 15 * keep * t.size
+        chunk1 = max(16, min(chunk, (1 << 24) // per_curve))
 
-    def stage1(s: int, e: int) -> tuple[np.ndarray, ...]:
-        return _candidates(block_curves[:, s:e], block_precision[s:e], grid, log_prior, keep,
-                           n_draws)
+        def stage1(s: int, e: int) -> tuple[np.ndarray, ...]:
+            return _candidates(block_curves[:, s:e], block_precision[s:e], grid, log_prior,
+                               keep, n_draws)
 
-    parts = map_chunks(stage1, n_blocks, chunk=chunk1, workers=max(1, workers),
-                       progress=progress, desc="bayes prior", unit="voxel")
-    top, top_lp, drawn, drawn_lp = (np.concatenate([p[j] for p in parts]) for j in range(4))
+        parts = map_chunks(stage1, n_blocks, chunk=chunk1, workers=max(1, workers),
+                           progress=progress, desc="bayes prior", unit="voxel")
+        found = tuple(np.concatenate([p[j] for p in parts]) for j in range(4))
+        return (grid, keep, log_prior, weights, chunk1, *found)
+
+    grid, keep, log_prior, weights, chunk1, top, top_lp, drawn, drawn_lp = search(delays)
+    # Tissue whose bolus arrives later than the grid's delays reach is fitted at the last delay
+    # with a longer MTT and a lower CBF: where more than a few blocks put most of their
+    # posterior within half a second of the last delay, the delays are extended and the
+    # search run again, up to the latest delay the acquisition can show.
+    while adapt and delays[1] < latest:
+        near = grid.delay_32[top] >= delays[1] - 0.5
+        w = np.exp(top_lp - top_lp.max(axis=1, keepdims=True))
+        late = int(((w * near).sum(axis=1) > 0.5 * w.sum(axis=1)).sum())
+        if late < max(LATE_BLOCKS, LATE_FRACTION * n_blocks):
+            break
+        delays = (delays[0], min(delays[1] + DELAY_EXTENSION, latest))
+        log.info("%d blocks at the grid's last delay: delays extended to %.1f s", late,
+                 delays[1])
+        grid, keep, log_prior, weights, chunk1, top, top_lp, drawn, drawn_lp = search(delays)
     # the most probable points in increasing Tmax, once per block: the Tmax map is their
     # weighted median (_moments)
     by_tmax = np.argsort(grid.tmax_32[top], axis=1, kind="stable")
