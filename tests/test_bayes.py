@@ -89,6 +89,7 @@ def test_late_tissue_widens_the_delays():
     kept = fit_bayes(y[:, :8], _aif(TIMES), TIMES, rho=RHO, kh=KH, spatial=False, noise_sd=1.0,
                      grid_options={"delay_range": (-3.0, 12.0)})
     assert np.median(kept.cbf) < 0.6 * 20.0
+    assert fit.delay_range[1] > 18.0 and kept.delay_range == (-3.0, 12.0)
 
     # with the spatial prior: a slice whose right half is 18 s late
     mask = np.ones((1, 16, 16), dtype=bool)
@@ -651,6 +652,8 @@ def test_bayes_options_reach_the_fit_and_the_provenance():
     assert max(weights, key=weights.get) == "gamma:1", weights
     plain = run_perfusion(series, method="bayes", aif=truth["aif"]).maps.provenance
     assert "bayes_options" not in plain and "residue_shape_weights" not in plain
+    # delays 0-3.5 s in the slice: the grid's default delays, recorded
+    assert plain["bayes_delay_range_s"] == [-3.0, 12.0]
     with pytest.raises(ValidationError, match=r"unknown option\(s\) learn_shape;"):
         run_perfusion(series, method="bayes", bayes_options={"learn_shape": True})
     with pytest.raises(ValidationError, match="method 'bayes'"):

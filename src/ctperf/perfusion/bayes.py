@@ -142,7 +142,10 @@ class BayesFit:
     ``transit_cv`` the coefficient of variation of the transit times (0 box, 1 exponential),
     ``residual`` root-mean-square misfit of the most probable grid point, HU; ``noise`` the noise
     SD used, HU; ``*_sd`` the maps' root-mean-square errors under the posterior (its standard
-    deviations where its means are the maps), in the units of the map.
+    deviations where its means are the maps), in the units of the map. ``shape_weights``: the
+    residue shapes' prior probabilities when they were learned from the study;
+    ``delay_range``: the grid's first and last delay, s (wider than :data:`DELAY_RANGE` where
+    the study's tissue arrived later).
     """
 
     cbf: np.ndarray
@@ -158,6 +161,7 @@ class BayesFit:
     mtt_sd: np.ndarray
     tmax_sd: np.ndarray
     shape_weights: dict[str, float] | None = None
+    delay_range: tuple[float, float] = DELAY_RANGE
 
 
 class ResidueGrid:
@@ -1257,4 +1261,5 @@ def fit_bayes(
                     residual=np.sqrt(mom[:, 6] / t.size).astype(np.float32),
                     noise=np.sqrt(mom[:, 7]).astype(np.float32),
                     cbf_sd=col["cbf_sd"], cbv_sd=col["cbv_sd"], mtt_sd=col["mtt_sd"],
-                    tmax_sd=col["tmax_sd"], shape_weights=weights)
+                    tmax_sd=col["tmax_sd"], shape_weights=weights,
+                    delay_range=(float(grid.delays[0]), float(grid.delays[-1])))

@@ -327,6 +327,7 @@ def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho
         if post.shape_weights is not None:
             fitted["residue_shape_weights"] = {k: round(v, 4)
                                                for k, v in post.shape_weights.items()}
+        fitted["bayes_delay_range_s"] = [round(v, 3) for v in post.delay_range]
     else:
         fit_t, fit_tissue, fit_aif = t, tissue, aif
         if grid is not None:
