@@ -227,6 +227,19 @@ def test_qc_flags_raise_on_truncation_and_motion():
     assert qc_flags(times=t, aif=0.1 * _aif(t))["aif_low_peak"]["flag"]
 
 
+def test_qc_flags_an_aif_that_arrives_after_the_brain():
+    """The mean brain curve normally rises after the AIF (it is the AIF delayed and spread); an
+    AIF taken from a late artery rises after it, which the flag reports in seconds."""
+    t = TIMES
+    brain = 0.02 * _aif(t, 7.5) + 0.02 * _aif(t, 9.0)       # arrives 1.5-3 s after an AIF at 6 s
+    on_time = qc_flags(times=t, aif=_aif(t), tissue_mean=brain)["aif_after_tissue"]
+    assert not on_time["flag"] and on_time["value"] < 0
+    late = qc_flags(times=t, aif=_aif(t, 12.0), tissue_mean=brain)["aif_after_tissue"]
+    # the AIF arrives 6 s after the first of the brain's two boluses; 20 % of the sum's peak is
+    # crossed between the two (frames of 0.5 s)
+    assert late["flag"] and 3.0 <= late["value"] <= 6.0
+
+
 def test_public_types_exported():
     assert PerfusionResult.__name__ == "PerfusionResult"
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from ctperf.perfusion.curves import bolus_arrival_frame
+
 __all__ = ["qc_flags"]
 
 
@@ -24,6 +26,7 @@ def qc_flags(
     end_fraction: float = 0.3,
     min_aif_peak_hu: float = 100.0,
     late_aif_fraction: float = 0.6,
+    max_aif_lead_s: float = 2.0,
     max_baseline_sd_hu: float = 15.0,
     pv_range: tuple[float, float] = (0.8, 4.0),
     min_brain_ml: float = 20.0,
@@ -54,9 +57,10 @@ def qc_flags(
     -------
     dict
         ``{name: {"flag": bool, "value": float | None, "reason": str}}`` for ``truncation``,
-        ``aif_low_peak``, ``aif_late_peak``, ``noisy_baseline``, ``aif_vof_ratio``,
-        ``no_vof``, ``few_brain_voxels`` and ``motion``; a flag that cannot be judged has
-        ``value`` None.
+        ``aif_low_peak``, ``aif_late_peak``, ``aif_after_tissue``, ``noisy_baseline``,
+        ``aif_vof_ratio``, ``no_vof``, ``few_brain_voxels`` and ``motion``; a flag that cannot
+        be judged has ``value`` None. ``aif_after_tissue``'s value is how many seconds the mean
+        brain curve's arrival (its rise past 20 % of its peak) precedes the AIF's.
     """
     t = np.asarray(times, dtype=np.float64)
     flags: dict[str, dict[str, Any]] = {}
@@ -80,6 +84,14 @@ def qc_flags(
     put("aif_late_peak", when > late_aif_fraction * (t[-1] - t[0]), when,
         f"AIF peaks after {late_aif_fraction:.0%} of the acquisition: late bolus, risk of "
         "truncation")
+    lead = None
+    if tissue_mean is not None and np.max(tissue_mean) > np.median(tissue_mean[:3]) and peak > 0:
+        lead = float(t[bolus_arrival_frame(aif, fraction=0.2)]
+                     - t[bolus_arrival_frame(tissue_mean, fraction=0.2)])
+    put("aif_after_tissue", lead is not None and lead > max_aif_lead_s, lead,
+        f"the brain's bolus arrives more than {max_aif_lead_s:g} s before the AIF's: the AIF "
+        "was taken downstream of much of the brain, so delays, Tmax and CBF are unreliable "
+        "(choose an earlier artery)")
     put("noisy_baseline", baseline_sd is not None and baseline_sd > max_baseline_sd_hu,
         baseline_sd, f"pre-bolus noise above {max_baseline_sd_hu:.0f} HU")
     put("aif_vof_ratio", pv_factor is not None and not pv_range[0] <= pv_factor <= pv_range[1],
