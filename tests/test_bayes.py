@@ -314,6 +314,22 @@ def _two_tissues(seed: int, noise_sd: float = 1.0):
     return mask, left, truth.ravel(), est.ravel(), guide
 
 
+def test_pooled_amplitudes_are_never_negative():
+    """CBV is never negative, nor is the neighbours' mean a voxel is pooled towards: where the
+    guide makes a voxel's own weight in its neighbourhood smaller than the neighbourhood's
+    effective 1 / n, the leave-one-out mean could come out below zero."""
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        mask = rng.random((1, 24, 24)) < 0.8
+        n = int(mask.sum())
+        guide = rng.normal(20.0, 10.0, mask.shape)
+        x = np.where(rng.random(n) < 0.3, rng.uniform(0.0, 1.0, n), 0.0)
+        v = np.full(n, 25.0)   # noisy amplitudes: pooled most of the way to the neighbours
+        pooled, _, _ = pool_amplitudes(x, v, v, Neighbourhood(mask, 3.0, (5.0, 1.0, 1.0),
+                                                              guide, 5.0))
+        assert pooled.min() >= 0.0, seed
+
+
 def test_pooled_amplitudes_are_closer_and_their_sds_cover():
     """Empirical-Bayes pooling on a field whose truth is known: the error falls, the truth lies
     within +-2 SD about as often as it should, and a noise-free estimate keeps its value."""

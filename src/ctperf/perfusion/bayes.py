@@ -834,7 +834,9 @@ def pool_amplitudes(cbv: np.ndarray, cbv_var: np.ndarray, noise_var: np.ndarray,
     inv_n = neighbourhood.mean(inv_n.mean(axis=0, keepdims=True))[0]
     inv_n = np.clip(inv_n, 1e-3, 0.9)
     spread = (m2 - m * m) / (1.0 - inv_n) - vbar        # tau^2 of each neighbourhood, noisy
-    m_loo = (m - inv_n * x0) / (1.0 - inv_n)             # the neighbours' mean, without x
+    # the neighbours' mean, without x; never below zero, which the arithmetic can give where a
+    # voxel's own weight is under the neighbourhood's 1 / n
+    m_loo = np.maximum((m - inv_n * x0) / (1.0 - inv_n), 0.0)
     # tau^2 of one neighbourhood is a small difference of two noisy terms: averaged twice
     # more over the neighbourhood, it follows the tissue and steadies
     tau2 = np.maximum(neighbourhood.mean(neighbourhood.mean(spread[None]))[0], 0.0)
