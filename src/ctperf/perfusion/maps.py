@@ -230,15 +230,22 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
     Bolus arrival from the enhancing vessels, arteries and veins alike: partial volume can leave
     the arteries weaker than a large sinus, so every voxel rising by a quarter of the strongest
     rise counts, and an early percentile of their arrivals (not the single earliest, which noise
-    can make) ends the baseline, one frame early. Only voxels of soft tissue or blood in the
+    can make) ends the baseline, two frames early. Only voxels of soft tissue or blood in the
     first frame, away from bone, whose rise washes out count: where the head moved, or frames
-    were resampled to correct it, air and bone edges step by hundreds of HU at any time.
+    were resampled to correct it, air and bone edges step by hundreds of HU at any time. Rises
+    and arrivals are read from the curves smoothed over time (:data:`ARRIVAL_SMOOTH_FRAMES`):
+    in a noisy study whose arteries are diluted by partial volume, the largest excursion of
+    noise alone reaches a quarter of the arteries' rise, and such voxels' random "arrivals"
+    ended the baseline at the first frames.
     """
-    rise = vhu.max(axis=0) - vhu[0]
+    first, last, top = (np.empty(vhu.shape[1:], dtype=np.float32) for _ in range(3))
+    for z in range(vhu.shape[1]):  # a slice at a time: no smoothed copy of the whole study
+        sm = _smooth_time(vhu[:, z])
+        first[z], last[z], top[z] = sm[0], sm[-1], sm.max(axis=0)
+    rise = top - first
     if not float(rise.max()) > 5.0:
         raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
-    first = vhu[0]
-    calm = (first > -100) & (first < 200) & (vhu[-1] - first <= 0.5 * rise)
+    calm = (first > -100) & (first < 200) & (last - first <= 0.5 * rise)
     bone_rim = masks.near_bone(first, spacing=spacing)
     calm &= ~bone_rim
     n_base = _baseline_frames(vhu, np.where(calm, rise, -np.inf) if calm.sum() >= 20 else rise)
@@ -421,15 +428,27 @@ def _lesions(maps: PerfusionMaps, *, brain: np.ndarray, search: np.ndarray,
     return segment_lesions(maps, brain=brain, exclude=exclude, options=options)
 
 
+#: Gaussian SD, in frames, of the smoothing over time before bolus arrivals are read.
+ARRIVAL_SMOOTH_FRAMES = 1.0
+
+
+def _smooth_time(curves: np.ndarray) -> np.ndarray:
+    """Curves (T, ...) smoothed along time (:data:`ARRIVAL_SMOOTH_FRAMES`), float32."""
+    return ndimage.gaussian_filter1d(np.asarray(curves, dtype=np.float32),
+                                     ARRIVAL_SMOOTH_FRAMES, axis=0, mode="nearest")
+
+
 def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, share: float = 0.25,
                      most: int = 5000, percentile: float = 5.0) -> int:
-    """Frames before the bolus: one less than an early percentile of the arrival frames of the
+    """Frames before the bolus: two less than an early percentile of the arrival frames of the
     voxels rising by at least ``share`` of the largest ``rise`` (Z, Y, X), at most ``most`` of
-    them; arrival is where a curve first exceeds 20 % of its own rise above its start."""
+    them; arrival is where a curve, smoothed over time, first exceeds 20 % of its own rise
+    above its start."""
     flat = rise.ravel()
     n = min(most, int(np.count_nonzero(flat >= share * flat.max())))
     top = np.argpartition(flat, flat.size - max(n, 1))[-max(n, 1):]
-    c = hu.reshape(hu.shape[0], -1)[:, top].astype(np.float32)
+    c = _smooth_time(hu.reshape(hu.shape[0], -1)[:, top])
     rel = c - np.median(c[: min(3, c.shape[0])], axis=0)
     arrival = np.argmax(rel > 0.2 * rel.max(axis=0), axis=0)
-    return max(1, int(np.percentile(arrival, percentile)) - 1)
+    # two frames early: the smoothing (one frame's SD) moves a crossing by up to a frame
+    return max(1, int(np.percentile(arrival, percentile)) - 2)
