@@ -239,9 +239,10 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
     ended the baseline at the first frames.
     """
     first, last, top = (np.empty(vhu.shape[1:], dtype=np.float32) for _ in range(3))
-    for z in range(vhu.shape[1]):  # a slice at a time: no smoothed copy of the whole study
-        sm = _smooth_time(vhu[:, z])
-        first[z], last[z], top[z] = sm[0], sm[-1], sm.max(axis=0)
+    for z in range(vhu.shape[1]):  # 16 rows at a time: no smoothed copy, and cache-sized
+        for y in range(0, vhu.shape[2], 16):
+            sm = _smooth_time(vhu[:, z, y:y + 16])
+            first[z, y:y + 16], last[z, y:y + 16], top[z, y:y + 16] = sm[0], sm[-1], sm.max(0)
     rise = top - first
     if not float(rise.max()) > 5.0:
         raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
@@ -430,12 +431,23 @@ def _lesions(maps: PerfusionMaps, *, brain: np.ndarray, search: np.ndarray,
 
 #: Gaussian SD, in frames, of the smoothing over time before bolus arrivals are read.
 ARRIVAL_SMOOTH_FRAMES = 1.0
+# its weights, truncated at 4 SD as scipy.ndimage truncates them
+_ARRIVAL_TAPS = np.exp(-0.5 * (np.arange(-4, 5) / ARRIVAL_SMOOTH_FRAMES) ** 2)
+_ARRIVAL_TAPS /= _ARRIVAL_TAPS.sum()
 
 
 def _smooth_time(curves: np.ndarray) -> np.ndarray:
-    """Curves (T, ...) smoothed along time (:data:`ARRIVAL_SMOOTH_FRAMES`), float32."""
-    return ndimage.gaussian_filter1d(np.asarray(curves, dtype=np.float32),
-                                     ARRIVAL_SMOOTH_FRAMES, axis=0, mode="nearest")
+    """Curves (T, ...) smoothed along time before bolus arrivals are read, float32: a Gaussian of
+    SD :data:`ARRIVAL_SMOOTH_FRAMES`, the first and last frames repeated beyond the ends (as
+    ``scipy.ndimage.gaussian_filter1d(..., mode="nearest")``), summed as whole frames, which
+    are contiguous: several times faster than a filter along the first axis."""
+    c = np.asarray(curves, dtype=np.float32)
+    r, n = _ARRIVAL_TAPS.size // 2, c.shape[0]
+    p = np.concatenate([np.repeat(c[:1], r, axis=0), c, np.repeat(c[-1:], r, axis=0)])
+    out = np.zeros_like(c)
+    for k, w in enumerate(_ARRIVAL_TAPS.astype(np.float32)):
+        out += w * p[k:k + n]
+    return out
 
 
 def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, share: float = 0.25,
