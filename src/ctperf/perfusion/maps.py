@@ -249,7 +249,11 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
     calm = (first > -100) & (first < 200) & (last - first <= 0.5 * rise)
     bone_rim = masks.near_bone(first, spacing=spacing)
     calm &= ~bone_rim
-    n_base = _baseline_frames(vhu, np.where(calm, rise, -np.inf) if calm.sum() >= 20 else rise)
+    # the frames' noise, from the first frames' differences (before any bolus in most voxels)
+    d = np.diff(np.asarray(vhu[:5], dtype=np.float32), axis=0)
+    noise = float(np.median(np.abs(d[:, calm] if calm.sum() >= 20 else d))) * 1.4826 / np.sqrt(2)
+    n_base = _baseline_frames(vhu, np.where(calm, rise, -np.inf) if calm.sum() >= 20 else rise,
+                              noise_sd=noise)
     return n_base, bone_rim
 
 
@@ -450,17 +454,19 @@ def _smooth_time(curves: np.ndarray) -> np.ndarray:
     return out
 
 
-def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, share: float = 0.25,
-                     most: int = 5000, percentile: float = 5.0) -> int:
+def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
+                     share: float = 0.25, most: int = 5000, percentile: float = 5.0) -> int:
     """Frames before the bolus: two less than an early percentile of the arrival frames of the
     voxels rising by at least ``share`` of the largest ``rise`` (Z, Y, X), at most ``most`` of
     them; arrival is where a curve, smoothed over time, first exceeds 20 % of its own rise
-    above its start."""
+    above its start, and four times the smoothed curves' noise (``noise_sd`` of one frame, HU),
+    so that a weak vessel's noise does not cross for it."""
     flat = rise.ravel()
     n = min(most, int(np.count_nonzero(flat >= share * flat.max())))
     top = np.argpartition(flat, flat.size - max(n, 1))[-max(n, 1):]
     c = _smooth_time(hu.reshape(hu.shape[0], -1)[:, top])
     rel = c - np.median(c[: min(3, c.shape[0])], axis=0)
-    arrival = np.argmax(rel > 0.2 * rel.max(axis=0), axis=0)
+    smoothed_sd = noise_sd * float(np.sqrt((_ARRIVAL_TAPS ** 2).sum()))
+    arrival = np.argmax(rel > np.maximum(0.2 * rel.max(axis=0), 4.0 * smoothed_sd), axis=0)
     # two frames early: the smoothing (one frame's SD) moves a crossing by up to a frame
     return max(1, int(np.percentile(arrival, percentile)) - 2)
