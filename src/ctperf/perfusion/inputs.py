@@ -21,7 +21,8 @@ import numpy as np
 from ctperf.errors import ValidationError
 from ctperf.perfusion.aif import VesselCurve, assess_vof, select_aif, select_vof
 
-__all__ = ["CurveOrigin", "arterial_input", "partial_volume", "venous_output", "vessel_info"]
+__all__ = ["CurveOrigin", "arterial_input", "partial_volume", "venous_output", "vessel_info",
+           "voxel_noise_sd"]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.n
     if aif_curve_given:
         return None, CurveOrigin("none")
     aif_ttp = float(t[np.argmax(aif)] - t[0])
-    noise_sd = _voxel_noise_sd(venh[:, ::7], n_base)
+    noise_sd = voxel_noise_sd(venh[:, ::7], n_base)
     try:
         sel = select_vof(venh, t, aif_ttp=aif_ttp, exclude=exclude, noise_sd=noise_sd)
     except ValidationError as exc:
@@ -195,7 +196,7 @@ def _curve_from_mask(hu: np.ndarray, region: np.ndarray, n_base: int, what: str)
     return (c - c[:n_base].mean(axis=0)).mean(axis=1)
 
 
-def _voxel_noise_sd(curves: np.ndarray, n_base: int) -> float:
+def voxel_noise_sd(curves: np.ndarray, n_base: int) -> float:
     """Median noise SD (HU) of single-voxel curves (T, N): pre-bolus SD when there are three or
     more baseline frames, never below the SD implied by the median absolute second difference."""
     c = np.asarray(curves, dtype=np.float64)

@@ -40,6 +40,7 @@ from ctperf.perfusion.inputs import (
     partial_volume,
     venous_output,
     vessel_info,
+    voxel_noise_sd,
 )
 from ctperf.perfusion.lesions import (
     THRESHOLDS_ONLY,
@@ -249,12 +250,13 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
     calm = (first > -100) & (first < 200) & (last - first <= 0.5 * rise)
     bone_rim = masks.near_bone(first, spacing=spacing)
     calm &= ~bone_rim
-    # the frames' noise, from the first frames' differences (before any bolus in most voxels)
-    d = np.diff(np.asarray(vhu[:5], dtype=np.float32), axis=0)
-    noise = float(np.median(np.abs(d[:, calm] if calm.sum() >= 20 else d))) * 1.4826 / np.sqrt(2)
-    n_base = _baseline_frames(vhu, np.where(calm, rise, -np.inf) if calm.sum() >= 20 else rise,
-                              noise_sd=noise)
-    return n_base, bone_rim
+    if calm.sum() < 20:  # too few such voxels: every voxel counts
+        calm = np.ones_like(calm)
+    # the frames' noise, from the curves of up to 4,096 of those voxels, evenly spaced
+    where = np.flatnonzero(calm)
+    sample = where[np.linspace(0, where.size - 1, min(where.size, 4096)).astype(np.int64)]
+    noise = voxel_noise_sd(vhu.reshape(vhu.shape[0], -1)[:, sample], 0)
+    return _baseline_frames(vhu, np.where(calm, rise, -np.inf), noise_sd=noise), bone_rim
 
 
 def _brain(base: np.ndarray, given: np.ndarray | None, *,

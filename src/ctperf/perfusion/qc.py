@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ctperf.errors import ValidationError
 from ctperf.perfusion.curves import bolus_arrival_frame
 
 __all__ = ["qc_flags"]
@@ -85,9 +86,12 @@ def qc_flags(
         f"AIF peaks after {late_aif_fraction:.0%} of the acquisition: late bolus, risk of "
         "truncation")
     lead = None
-    if tissue_mean is not None and np.max(tissue_mean) > np.median(tissue_mean[:3]) and peak > 0:
-        lead = float(t[bolus_arrival_frame(aif, fraction=0.2)]
-                     - t[bolus_arrival_frame(tissue_mean, fraction=0.2)])
+    if tissue_mean is not None:
+        try:
+            lead = float(t[bolus_arrival_frame(aif, fraction=0.2)]
+                         - t[bolus_arrival_frame(tissue_mean, fraction=0.2)])
+        except ValidationError:  # a curve that never rises: nothing to judge
+            lead = None
     put("aif_after_tissue", lead is not None and lead > max_aif_lead_s, lead,
         f"the brain's bolus arrives more than {max_aif_lead_s:g} s before the AIF's: the AIF "
         "was taken downstream of much of the brain, so delays, Tmax and CBF are unreliable "
