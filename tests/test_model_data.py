@@ -216,6 +216,17 @@ def test_nlr_references_are_written_to_the_output_not_the_cohort(monkeypatch, tm
     np.testing.assert_allclose(from_unit(unit, "cbv"), 0.5 * truth["cbv"][0], atol=0.01)
     nlr_references(cohort, tmp_path / "refs")
     assert len(calls) == 2  # a rerun finds the references written: nothing recomputed
+    # the vessels of the reference run are left out of the loss mask: their CBV is the
+    # vessel's own, tens of times tissue's
+    vessels = np.zeros(truth["cbv"].shape, dtype=bool)
+    vessels[:, 3:5, 3:5] = True
+    write_volume(vessels, truth.affine, refs / "sub-0001" / "lesions" / "vessels.nii.gz")
+    masked = build_slice_cache(cohort, tmp_path / "cache-v", size=8, frames=4, reference="nlr",
+                               references=refs)
+    assert cache.masks[row, 3:5, 3:5].all() and not masked.masks[row, 3:5, 3:5].any()
+    assert np.array_equal(masked.masks[row] | vessels[0], cache.masks[row])
+    other = masked.rows(["sub-0000"])[0]  # no vessel mask: the brain mask as before
+    assert np.array_equal(masked.masks[other], cache.masks[other])
     # the slice cache only reads: without references it names what is missing
     with pytest.raises(InputError, match="missing NLR reference maps"):
         build_slice_cache(cohort, tmp_path / "cache2", size=8, frames=4, reference="nlr")

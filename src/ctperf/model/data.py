@@ -49,7 +49,7 @@ __all__ = ["CACHE_VERSION", "SliceCache", "build_slice_cache", "iter_cohort", "o
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: NLR references' vessels left out of the masks
 _REFERENCES = ("truth", "nlr")
 
 
@@ -157,6 +157,21 @@ def _reference_maps(sub: Path, reference: str, references: Path | None) -> Perfu
                                  "do) and pass their folder as references")
 
 
+def _reference_vessels(sub: Path, references: Path | None, shape: tuple[int, ...],
+                       affine: np.ndarray) -> np.ndarray:
+    """The vessel mask that ``ctperf maps`` wrote beside a subject's NLR reference (all False
+    when there is none): vessel voxels hold the vessel's own CBV and CBF, tens of times
+    tissue's, which no perfusion map is read for and which would dominate the loss."""
+    from ctperf import io
+
+    folders = ([] if references is None else [references / sub.name]) + [sub / "nlr"]
+    for folder in folders:
+        path = folder / "lesions" / "vessels.nii.gz"
+        if path.exists():
+            return io.read_mask(path, shape=shape, affine=affine)
+    return np.zeros(shape, dtype=bool)
+
+
 def iter_cohort(root: str | Path, *, reference: str = "truth",
                 references: str | Path | None = None,
                 ) -> Iterator[tuple[str, CTPSeries, PerfusionMaps, np.ndarray]]:
@@ -165,6 +180,8 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
     ``reference`` is ``"truth"`` (phantom's true maps) or ``"nlr"`` (box-model NLR maps read from
     ``references/<subject>/``, see :func:`ctperf.workflow.nlr_references`, or from a cohort's
     precomputed ``sub-*/nlr/``); on UniToBrain it is the dataset's own reference. With
+    ``"nlr"``, the vessels of the reference run (its ``lesions/vessels.nii.gz``) are left out
+    of the mask. With
     ``"truth"``, ``references`` may name the phantom cohort that the studies of ``root`` were
     made from (preprocessed studies carry no truth): its ``truth/`` and brain masks are read.
     """
@@ -186,6 +203,8 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
                 mask_path = refs / sub.name / "masks" / "brain.nii.gz"
             mask = (io.read_mask(mask_path, shape=shape, affine=series.affine)
                     if mask_path.exists() else np.ones(shape, dtype=bool))
+            if reference == "nlr":
+                mask = mask & ~_reference_vessels(sub, refs, shape, series.affine)
             yield sub.name, series, _reference_maps(sub, reference, refs), mask
         return
     iter_unitobrain = getattr(io, "iter_unitobrain", None)
