@@ -123,6 +123,15 @@ def test_guards(caches, tmp_path: Path):
     with pytest.raises(InputError, match=r"cannot resume with different settings.*width"):
         train(full, tmp_path, replace(TINY, epochs=2, width=8), train_patients=["sub-0000"],
               resume=True)
+    # a run trained on a cache built by an older ctperf (other masks) is not continued on the
+    # rebuilt one: the checkpoint says which cache version it learnt from
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    del ckpt["config"]["cache_version"]  # written before the key existed: version 1
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(InputError, match=r"different settings.*cache_version=1 vs 2"):
+        train(full, tmp_path, replace(TINY, epochs=2), train_patients=["sub-0000"], resume=True)
+    with pytest.raises(ValidationError, match="enhancement_quantile"):
+        replace(TINY, enhancement_quantile=0.9)  # needs the baseline input
     with pytest.raises(ValidationError, match="target 'bogus' is not in the cache"):
         train(full, tmp_path / "x", replace(TINY, targets=("bogus",)),
               train_patients=["sub-0000"])

@@ -122,9 +122,36 @@ def test_baseline_frames_feed_anatomy_and_enhancement():
     assert torch.allclose(seen["x"][:, 1:], (x[:, 1:] - base[:, None]) * 4.0, atol=1e-5)
 
 
+def test_enhancement_quantile_makes_the_input_independent_of_the_injection():
+    torch.manual_seed(0)
+    net = UNet(6, width=2, depth=2, baseline_frames=2, enhancement_quantile=1.0)
+    seen = {}
+    net.down[0].register_forward_hook(lambda mod, inp, out: seen.update(x=inp[0].clone()))
+    base = torch.randn(2, 1, 16, 16)
+    enh = torch.rand(2, 6, 16, 16)
+    enh[:, :2] = 0.0  # the baseline frames carry no contrast
+    net(base + enh)
+    first = seen["x"]
+    # the slice's most enhancing pixel (mean over frames) reads 1 in the enhancement channels
+    mean_enh = first[:, 1:].mean(dim=1).flatten(1)
+    assert torch.allclose(mean_enh.max(dim=1).values, torch.ones(2), atol=1e-5)
+    assert torch.allclose(first[:, 0], base[:, 0], atol=1e-5)  # the anatomy is untouched
+    # twice the contrast (another injection, same perfusion): the same enhancement channels
+    net(base + 2.0 * enh)
+    assert torch.allclose(seen["x"][:, 1:], first[:, 1:], atol=1e-5)
+    # a slice without enhancement is not blown up: the level has a floor
+    net(base.expand(2, 6, 16, 16).contiguous())
+    assert torch.all(seen["x"][:, 1:].abs() < 1e-3)
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [({"baseline_frames": 6}, "baseline_frames"),
                                                ({"baseline_frames": -1}, "baseline_frames"),
-                                               ({"contrast_gain": 0.0}, "contrast_gain")])
+                                               ({"contrast_gain": 0.0}, "contrast_gain"),
+                                               ({"enhancement_quantile": 0.5},
+                                                "enhancement_quantile"),
+                                               ({"baseline_frames": 2,
+                                                 "enhancement_quantile": 1.5},
+                                                "enhancement_quantile")])
 def test_bad_baseline_settings_are_clear_errors(kwargs: dict, match: str):
     with pytest.raises(ValidationError, match=match):
         UNet(6, width=2, **kwargs)

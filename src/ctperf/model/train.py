@@ -44,11 +44,13 @@ LOG_COLUMNS = ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds")
 # Settings that must match for a resumed run to be the same run.
 _RESUME_KEYS = ("targets", "size", "frames", "width", "depth", "kernel_size", "norm", "seed",
                 "batch_size", "lr", "masked_loss", "augment", "stages", "baseline_frames",
-                "contrast_gain", "schedule", "augment_gain", "augment_degrees", "augment_noise")
+                "contrast_gain", "schedule", "augment_gain", "augment_degrees", "augment_noise",
+                "enhancement_quantile", "cache_version")
 # values of keys that checkpoints written before the key existed implicitly had
 _KEY_DEFAULTS: dict[str, Any] = {"baseline_frames": 0, "contrast_gain": 1.0,
                                  "schedule": "plateau", "augment_gain": 0.0,
-                                 "augment_degrees": 10.0, "augment_noise": 0.05}
+                                 "augment_degrees": 10.0, "augment_noise": 0.05,
+                                 "enhancement_quantile": 0.0, "cache_version": 1}
 _SCHEDULES = ("plateau", "cosine")
 _AMPS = ("auto", "none", "bf16", "fp16")
 
@@ -97,6 +99,9 @@ class TrainConfig:
         (:class:`ctperf.model.UNet`), in units of ``contrast_hu`` HU.
     contrast_hu : float
         Enhancement in HU that becomes one input unit when ``baseline_frames > 0``.
+    enhancement_quantile : float
+        0: off. ``q`` in (0, 1] with ``baseline_frames > 0``: the enhancement is taken relative
+        to the slice's ``q``-quantile of mean enhancement (:class:`ctperf.model.UNet`).
     seed : int
         Seeds the weights, the slice order and augmentation (and the folds of
         :func:`ctperf.model.cross_validate`).
@@ -129,6 +134,7 @@ class TrainConfig:
     augment_noise: float = 0.05
     baseline_frames: int = 0
     contrast_hu: float = 20.0
+    enhancement_quantile: float = 0.0
     seed: int = 0
     device: str = "auto"
     amp: str = "auto"
@@ -146,6 +152,10 @@ class TrainConfig:
                                   f"{self.amp!r}")
         if not self.contrast_hu > 0:
             raise ValidationError(f"contrast_hu must be > 0 HU, got {self.contrast_hu}")
+        if not 0.0 <= self.enhancement_quantile <= 1.0 or (self.enhancement_quantile
+                                                           and not self.baseline_frames):
+            raise ValidationError(f"enhancement_quantile must be 0 or in (0, 1] with "
+                                  f"baseline_frames > 0, got {self.enhancement_quantile}")
         if self.epochs < 1 or self.pretrain_epochs < 0 or self.batch_size < 1:
             raise ValidationError(f"epochs must be >= 1, pretrain_epochs >= 0 and batch_size "
                                   f">= 1; got {self.epochs}, {self.pretrain_epochs} and "
@@ -412,12 +422,14 @@ def _record(cache: SliceCache, config: TrainConfig, stages: list[tuple[str, Slic
         "depth": c.depth, "kernel_size": c.kernel_size, "norm": c.norm,
         "baseline_frames": int(c.baseline_frames),
         "contrast_gain": float(std / c.contrast_hu) if c.baseline_frames else 1.0,
+        "enhancement_quantile": float(c.enhancement_quantile),
         "targets": list(c.targets),
         "map_names": [TARGET_MAPS[t] for t in c.targets],
         "windows": {t: list(TARGET_WINDOWS[t]) for t in c.targets},
         "size": cache.size, "frames": cache.n_frames, "frame_mode": cache.meta["frame_mode"],
         "frame_interval": cache.meta["frame_interval"], "hu_window": cache.meta["hu_window"],
-        "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"], "seed": c.seed,
+        "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"],
+        "cache_version": int(cache.meta["version"]), "seed": c.seed,
         "batch_size": c.batch_size, "lr": c.lr, "schedule": c.schedule,
         "masked_loss": c.masked_loss, "augment": c.augment,
         "augment_gain": float(c.augment_gain), "augment_degrees": float(c.augment_degrees),

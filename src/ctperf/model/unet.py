@@ -37,6 +37,9 @@ from ctperf.errors import ValidationError
 __all__ = ["UNet", "resample_frames", "select_frames", "subsample_indices", "unet_flops"]
 
 _NORMS = ("none", "batch", "group")
+# Floor of the slice's enhancement level (input units) that ``enhancement_quantile`` divides by:
+# a slice with no enhancement (air, or frames before the bolus) is not blown up.
+_MIN_LEVEL = 1e-3
 
 
 def subsample_indices(n_available: int, n_frames: int) -> np.ndarray:
@@ -163,11 +166,16 @@ class UNet(nn.Module):
         the first ``k`` frames followed by the enhancement of frames 1 .. t-1 over that mean.
     contrast_gain : float
         Factor applied to the enhancement channels (e.g. standardised units -> units of 20 HU).
+    enhancement_quantile : float
+        0 (default): off. ``q`` in (0, 1] (needs ``baseline_frames``): the enhancement channels
+        are divided by the ``q``-quantile over the slice of every pixel's mean enhancement
+        (``q = 1``: the slice's most enhancing pixel, a vessel), so the network sees tissue
+        enhancement relative to the slice's vessels, whatever the injection.
     """
 
     def __init__(self, in_frames: int, *, out_channels: int = 1, width: int = 64, depth: int = 5,
                  kernel_size: int = 2, norm: str = "none", baseline_frames: int = 0,
-                 contrast_gain: float = 1.0) -> None:
+                 contrast_gain: float = 1.0, enhancement_quantile: float = 0.0) -> None:
         super().__init__()
         if in_frames < 1 or out_channels < 1 or width < 1 or depth < 1 or kernel_size < 1:
             raise ValidationError(
@@ -180,10 +188,14 @@ class UNet(nn.Module):
                                   f"input has {in_frames} frames), got {baseline_frames}")
         if not (math.isfinite(contrast_gain) and contrast_gain > 0):
             raise ValidationError(f"contrast_gain must be > 0, got {contrast_gain}")
+        if not 0.0 <= enhancement_quantile <= 1.0 or (enhancement_quantile
+                                                      and not baseline_frames):
+            raise ValidationError(f"enhancement_quantile must be 0 or in (0, 1] with "
+                                  f"baseline_frames > 0, got {enhancement_quantile}")
         self.config: dict[str, Any] = {
             "in_frames": in_frames, "out_channels": out_channels, "width": width, "depth": depth,
             "kernel_size": kernel_size, "norm": norm, "baseline_frames": baseline_frames,
-            "contrast_gain": contrast_gain}
+            "contrast_gain": contrast_gain, "enhancement_quantile": enhancement_quantile}
         chans = [width * 2**i for i in range(depth)]
         self.down = nn.ModuleList()
         cin = in_frames
@@ -210,7 +222,12 @@ class UNet(nn.Module):
         k = int(self.config["baseline_frames"])
         if k:
             base = x[:, :k].mean(dim=1, keepdim=True)
-            x = torch.cat([base, (x[:, 1:] - base) * float(self.config["contrast_gain"])], dim=1)
+            enh = (x[:, 1:] - base) * float(self.config["contrast_gain"])
+            q = float(self.config["enhancement_quantile"])
+            if q:
+                level = torch.quantile(enh.mean(dim=1).flatten(1).float(), q, dim=1)
+                enh = enh / level.clamp(min=_MIN_LEVEL).to(enh.dtype)[:, None, None, None]
+            x = torch.cat([base, enh], dim=1)
         h, w = x.shape[-2:]
         m = int(self.multiple)
         ph, pw = (-h) % m, (-w) % m
