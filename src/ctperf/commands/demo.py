@@ -75,7 +75,7 @@ def _run_neural(args: argparse.Namespace) -> int:
         register=False, filter=args.filter, spatial_sigma_mm=args.spatial_sigma,
         range_sigma_hu=args.range_sigma, filter_weights=args.filter_weights, workers=1,
         progress=True))
-    print("expected time: about 10 minutes on a 2-core CPU, measured once "
+    print("expected time: about 11 minutes on a 2-core CPU, measured once "
           "(docs/reproduce.md)")
     outcome = run_neural_demo(out, options, echo=print)
     print(outcome.message)
