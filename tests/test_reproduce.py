@@ -171,3 +171,33 @@ def test_the_reference_the_network_learns_is_checked_and_recorded(tmp_path: Path
     assert "reference" not in _settings("phantom", config, ReproduceOptions())["options"]
     truth = _settings("phantom", config, ReproduceOptions(reference="truth"))
     assert truth["options"]["reference"] == "truth"
+
+
+def test_training_compute_counts_slices_networks_and_stages(tmp_path: Path):
+    import nibabel as nib
+    import numpy as np
+
+    from ctperf.commands.reproduce import _paper_estimate
+    from ctperf.model import PRESETS, unet_flops
+    from ctperf.workflow.reproduce import training_compute
+
+    cohort = tmp_path / "cohort"
+    for i, slices in enumerate((3, 3, 2)):  # header-only reads: the voxels are never used
+        (cohort / f"sub-{i:04d}").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(np.zeros((32, 32, slices, 20), np.int16), np.eye(4)),
+                 cohort / f"sub-{i:04d}" / "study.nii.gz")
+    paper = PRESETS["paper"]
+    c = training_compute(cohort, paper, ReproduceOptions(folds=2))
+    assert (c["slices"], c["training_slices"], c["networks"]) == (8, 4.0, 2 * 4)
+    arch = {"in_frames": 20, "width": 64, "depth": 5, "kernel_size": 2}
+    # forward and backward: 3 forward passes per training slice and epoch, both stages
+    one = 3 * 4.0 * (50 * unet_flops(size=32, **arch) + 250 * unet_flops(size=128, **arch))
+    assert c["flops_per_network"] == pytest.approx(one)
+    assert c["flops"] == pytest.approx(8 * one)
+    shared = training_compute(cohort, paper, ReproduceOptions(folds=2, per_map=False))
+    assert shared["networks"] == 2  # one network with four outputs per fold
+    assert shared["flops_per_network"] > c["flops_per_network"]
+    cpu = training_compute(cohort, PRESETS["cpu"], ReproduceOptions(folds=2))
+    assert cpu["flops_per_network"] < c["flops_per_network"] / 100  # no pretraining, narrow
+    line = _paper_estimate(cohort, paper, ReproduceOptions(folds=2))
+    assert line.startswith("expected time (paper preset, a GPU job): 8 networks") and "min" in line

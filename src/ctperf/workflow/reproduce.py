@@ -39,7 +39,7 @@ from ctperf.workflow.study import write_maps_and_summary, write_maps_outputs
 
 __all__ = ["PHANTOM_TARGETS", "UNITOBRAIN_TARGETS", "NeuralDemoOptions", "ReproduceOptions",
            "ReproduceOutcome", "predict_subject", "reference_subject", "reproduce_cohort",
-           "run_neural_demo"]
+           "run_neural_demo", "training_compute"]
 
 log = logging.getLogger(__name__)
 
@@ -200,6 +200,55 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
     message = _agreement_text(agreement)
     return ReproduceOutcome(out=out, report=out / "report.html", subject_fold=subject_fold,
                             agreement=agreement, computed=tuple(computed), message=message)
+
+
+# Slices per UniToBrain study (89 volumes of 8 slices) and its image size, for estimates made
+# without reading its DICOM files.
+_UNITOBRAIN_SLICES, _UNITOBRAIN_SIZE, _UNITOBRAIN_FRAMES = 8, 512, 89
+
+
+def training_compute(cohort: str | Path, config: Any,
+                     options: ReproduceOptions = ReproduceOptions()) -> dict[str, Any]:
+    """What the cross-validation of :func:`reproduce_cohort` will cost, before it runs.
+
+    Counts the cohort's slices (phantom: from the studies' headers; UniToBrain: its patients
+    x 8 slices of 512 x 512 x 89), the networks (one per map and fold, or one per fold) and
+    the floating-point operations of their training: 3 forward passes' worth per training
+    slice and epoch (forward and backward, :func:`ctperf.model.unet_flops`), pretraining
+    stage included. Returns ``networks``, ``slices``, ``training_slices`` (per fold),
+    ``flops_per_network`` and ``flops``.
+    """
+    from ctperf.model import unet_flops
+
+    cohort = Path(cohort)
+    layout = _layout(cohort)
+    if layout == "phantom":
+        import nibabel as nib
+
+        shapes = [tuple(int(n) for n in cast(Any, nib.load(p)).shape)
+                  for p in sorted(cohort.glob("sub-*/study.nii.gz"))]
+        slices = sum(sh[2] for sh in shapes)
+        size, frames = max(sh[0] for sh in shapes), min(sh[3] for sh in shapes)
+    else:
+        from ctperf.io.unitobrain import find_unitobrain
+
+        slices = _UNITOBRAIN_SLICES * len(find_unitobrain(cohort))
+        size, frames = _UNITOBRAIN_SIZE, _UNITOBRAIN_FRAMES
+    targets = options.targets or (PHANTOM_TARGETS if layout == "phantom"
+                                  else UNITOBRAIN_TARGETS)
+    outputs = 1 if options.per_map else len(targets)
+    networks = options.folds * (len(targets) if options.per_map else 1)
+    training = slices * (options.folds - 1) / options.folds
+    arch = {"in_frames": min(config.frames or frames, frames), "out_channels": outputs,
+            "width": config.width, "depth": config.depth, "kernel_size": config.kernel_size}
+    per_epoch = 3 * training
+    per_network = per_epoch * config.epochs * unet_flops(size=config.size or size, **arch)
+    if config.pretrain_epochs and config.pretrain_size:
+        per_network += (per_epoch * config.pretrain_epochs
+                        * unet_flops(size=config.pretrain_size, **arch))
+    return {"layout": layout, "networks": networks, "slices": slices,
+            "training_slices": training, "flops_per_network": per_network,
+            "flops": per_network * networks}
 
 
 @dataclass(frozen=True)
