@@ -28,7 +28,7 @@ def add_reproduce_options(p: argparse.ArgumentParser) -> None:
     from ctperf.commands.train import PRESETS, TARGETS
 
     p.add_argument("--preset", choices=PRESETS, default="cpu",
-                   help="U-Net configuration: 'cpu' (a narrow network on 64 x 64 slices of 30 "
+                   help="U-Net configuration: 'cpu' (a narrow network on 64 x 64 slices of 44 "
                         "frames) or 'paper' (the published network and schedule on the "
                         "studies' own grid, a GPU job) [%(default)s]")
     p.add_argument("--target", nargs="+", choices=TARGETS, default=None,
