@@ -144,6 +144,6 @@ def load_checkpoint(path: str | Path, *, frames: int | None = None,
 
 def build_model(config: Mapping[str, Any]) -> UNet:
     """A :class:`UNet` with the architecture recorded in a checkpoint's ``config``."""
-    optional = {k: config[k] for k in ("baseline_frames", "contrast_gain",
-                                                  "enhancement_quantile") if k in config}
+    optional = {k: config[k] for k in ("baseline_frames", "contrast_gain", "enhancement_quantile")
+                if k in config}
     return UNet(config["in_frames"], **{k: config[k] for k in _MODEL_KEYS[1:]}, **optional)

@@ -136,12 +136,9 @@ def _phantom_subjects(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("sub-*") if (p / "study.nii.gz").exists())
 
 
-def _reference_maps(sub: Path, reference: str, references: Path | None) -> PerfusionMaps:
-    """The reference maps of one phantom-layout subject: the NLR maps of
-    ``references/<subject>/`` or the truth of ``references/<subject>/truth/`` (else the
-    subject's own ``nlr/`` or ``truth/``)."""
-    from ctperf.io import read_maps
-
+def _reference_folder(sub: Path, reference: str, references: Path | None) -> Path:
+    """The folder of one phantom-layout subject's reference maps: ``references/<subject>/``
+    (NLR) or ``references/<subject>/truth/``, else the subject's own ``nlr/`` or ``truth/``."""
     needed = ("cbf", "cbv", "mtt", "delay")
     folders = [sub / reference]
     if references is not None:  # looked at first
@@ -149,27 +146,12 @@ def _reference_maps(sub: Path, reference: str, references: Path | None) -> Perfu
         folders.insert(0, given / "truth" if reference == "truth" else given)
     for folder in folders:
         if all((folder / f"{n}.nii.gz").exists() for n in needed):
-            return read_maps(folder)
+            return folder
     if reference == "truth":
         raise InputError(folders[0], f"missing true maps ({', '.join(needed)})")
     raise InputError(folders[0], f"missing NLR reference maps ({', '.join(needed)}); compute "
                                  "them with ctperf.workflow.nlr_references (ctperf train and cv "
                                  "do) and pass their folder as references")
-
-
-def _reference_vessels(sub: Path, references: Path | None, shape: tuple[int, ...],
-                       affine: np.ndarray) -> np.ndarray:
-    """The vessel mask that ``ctperf maps`` wrote beside a subject's NLR reference (all False
-    when there is none): vessel voxels hold the vessel's own CBV and CBF, tens of times
-    tissue's, which no perfusion map is read for and which would dominate the loss."""
-    from ctperf import io
-
-    folders = ([] if references is None else [references / sub.name]) + [sub / "nlr"]
-    for folder in folders:
-        path = folder / "lesions" / "vessels.nii.gz"
-        if path.exists():
-            return io.read_mask(path, shape=shape, affine=affine)
-    return np.zeros(shape, dtype=bool)
 
 
 def iter_cohort(root: str | Path, *, reference: str = "truth",
@@ -203,9 +185,13 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
                 mask_path = refs / sub.name / "masks" / "brain.nii.gz"
             mask = (io.read_mask(mask_path, shape=shape, affine=series.affine)
                     if mask_path.exists() else np.ones(shape, dtype=bool))
-            if reference == "nlr":
-                mask = mask & ~_reference_vessels(sub, refs, shape, series.affine)
-            yield sub.name, series, _reference_maps(sub, reference, refs), mask
+            folder = _reference_folder(sub, reference, refs)
+            # vessel voxels hold the vessel's own CBV and CBF, tens of times tissue's, which no
+            # perfusion map is read for and which would dominate the loss
+            vessels = folder / "lesions" / "vessels.nii.gz"
+            if reference == "nlr" and vessels.exists():
+                mask = mask & ~io.read_mask(vessels, shape=shape, affine=series.affine)
+            yield sub.name, series, io.read_maps(folder), mask
         return
     iter_unitobrain = getattr(io, "iter_unitobrain", None)
     if iter_unitobrain is None:

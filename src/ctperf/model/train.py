@@ -34,6 +34,7 @@ from ctperf.model.augment import apply_augmentation, draw_augmentation
 from ctperf.model.checkpoint import build_model, load_checkpoint, save_checkpoint
 from ctperf.model.data import SliceCache
 from ctperf.model.normalise import TARGET_MAPS, TARGET_WINDOWS
+from ctperf.model.unet import check_enhancement_quantile
 
 __all__ = ["PRESETS", "TrainConfig", "TrainResult", "evaluate_mse", "masked_mse", "preset",
            "resolve_device", "train"]
@@ -152,10 +153,7 @@ class TrainConfig:
                                   f"{self.amp!r}")
         if not self.contrast_hu > 0:
             raise ValidationError(f"contrast_hu must be > 0 HU, got {self.contrast_hu}")
-        if not 0.0 <= self.enhancement_quantile <= 1.0 or (self.enhancement_quantile
-                                                           and not self.baseline_frames):
-            raise ValidationError(f"enhancement_quantile must be 0 or in (0, 1] with "
-                                  f"baseline_frames > 0, got {self.enhancement_quantile}")
+        check_enhancement_quantile(self.enhancement_quantile, self.baseline_frames)
         if self.epochs < 1 or self.pretrain_epochs < 0 or self.batch_size < 1:
             raise ValidationError(f"epochs must be >= 1, pretrain_epochs >= 0 and batch_size "
                                   f">= 1; got {self.epochs}, {self.pretrain_epochs} and "

@@ -42,6 +42,13 @@ _NORMS = ("none", "batch", "group")
 _MIN_LEVEL = 1e-3
 
 
+def check_enhancement_quantile(q: float, baseline_frames: int) -> None:
+    """Raise :class:`ValidationError` unless ``q`` is 0 (off) or in (0, 1] with a baseline."""
+    if not 0.0 <= q <= 1.0 or (q and not baseline_frames):
+        raise ValidationError(f"enhancement_quantile must be 0 or in (0, 1] with "
+                              f"baseline_frames > 0, got {q}")
+
+
 def subsample_indices(n_available: int, n_frames: int) -> np.ndarray:
     """Frame indices ``arange(0, T, floor(T / n))[:n]``: the authors' temporal subsampling.
 
@@ -188,10 +195,7 @@ class UNet(nn.Module):
                                   f"input has {in_frames} frames), got {baseline_frames}")
         if not (math.isfinite(contrast_gain) and contrast_gain > 0):
             raise ValidationError(f"contrast_gain must be > 0, got {contrast_gain}")
-        if not 0.0 <= enhancement_quantile <= 1.0 or (enhancement_quantile
-                                                      and not baseline_frames):
-            raise ValidationError(f"enhancement_quantile must be 0 or in (0, 1] with "
-                                  f"baseline_frames > 0, got {enhancement_quantile}")
+        check_enhancement_quantile(enhancement_quantile, baseline_frames)
         self.config: dict[str, Any] = {
             "in_frames": in_frames, "out_channels": out_channels, "width": width, "depth": depth,
             "kernel_size": kernel_size, "norm": norm, "baseline_frames": baseline_frames,
