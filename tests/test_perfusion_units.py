@@ -24,6 +24,7 @@ from ctperf.perfusion import (
     select_aif,
     select_vof,
     svd_deconvolve,
+    tissue_peak_time,
 )
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS, DEFAULT_STEPS
 from ctperf.perfusion.fastsse import FastBoxSSE
@@ -178,6 +179,32 @@ def test_aif_vof_selection_and_partial_volume():
     with pytest.raises(ValidationError, match="arterial candidates"):
         select_aif(np.repeat(tis, 10, axis=1), t)
 
+
+
+def test_aif_never_taken_from_a_vein_that_outshines_diluted_arteries():
+    """A small study's arteries are partial-volume diluted: one voxel passes the peak threshold,
+    a sinus peaks three times higher and later than the tissue. Ranked on its own, the sinus
+    outvotes the lone artery; arteries feed the tissue, so only voxels peaking before the
+    tissue's bolus are candidates."""
+    t = TIMES
+    art = _aif(t, 5.0)
+    vein = np.convolve(art, np.full(14, 1 / 14))[: t.size]      # centred 3.5 s later
+    fine = np.arange(0, t[-1] + 0.01, 0.02)
+    tis = box_model(np.array([[50.0, 4.0, 1.0]]), ArterialTable(_aif(fine, 5.0), fine),
+                    scale=SCALE)[np.rint(t / 0.02).astype(int)]
+    enh = np.concatenate([np.repeat(tis, 300, axis=1),
+                          np.stack([0.25 * art, 0.18 * art, 0.15 * art], axis=1),
+                          0.7 * vein[:, None].repeat(12, axis=1)], axis=1)
+    peaks = {"artery": 0.25 * art.max(), "vein": 0.7 * vein.max()}
+    assert 80 < peaks["artery"] < peaks["vein"] / 2                # the setting described
+    tissue_peak = tissue_peak_time(enh, t)
+    assert t[np.argmax(art)] < tissue_peak < t[np.argmax(vein)]
+    assert set(select_aif(enh, t).indices) <= set(range(303, 315))  # unconstrained: the sinus
+    a = select_aif(enh, t, before_s=tissue_peak)
+    assert a.indices.tolist() == [300]
+    # With no artery bright enough left, the choice is refused rather than made on the vein.
+    with pytest.raises(ValidationError, match="peaking before the tissue"):
+        select_aif(np.delete(enh, 300, axis=1), t, before_s=tissue_peak)
 
 def test_lesions_from_true_maps_equal_truth():
     shape = (2, 20, 30)

@@ -12,6 +12,7 @@ from ctperf.perfusion.aif import (
     curve_noise_sd,
     select_aif,
     select_vof,
+    tissue_peak_time,
 )
 from ctperf.perfusion.bayes import BayesFit, fit_bayes
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS, BoxFit, fit_box_nlr
@@ -73,6 +74,7 @@ __all__ = [
     "select_vof",
     "svd_deconvolve",
     "time_to_peak",
+    "tissue_peak_time",
     "to_enhancement",
     "uniform_grid",
 ]

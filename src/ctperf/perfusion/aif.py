@@ -1,7 +1,10 @@
 """Automatic arterial and venous input functions, and the partial-volume correction.
 
 Arterial candidates are ranked by early peak, high peak and narrow bolus, truncated curves are
-dropped, and the best ``n_voxels`` (100, as in Gava et al. 2023) are averaged. The venous output
+dropped, and the best ``n_voxels`` (100, as in Gava et al. 2023) are averaged. Arteries feed the
+tissue, so given the tissue's bolus peak only voxels peaking before it are candidates: a vein
+(the sinuses drain the tissue and peak after it) can outshine partial-volume-diluted arteries,
+and its late, broad curve would shift every delay and Tmax by seconds. The venous output
 comes from late, high-area voxels (the dural sinuses). Arterial voxels are smaller than the blur
 of the arteries, so the AIF is scaled until its area matches the VOF's over the same stretch of
 the bolus (the VOF's window shifted back by the arterio-venous delay).
@@ -30,6 +33,7 @@ __all__ = [
     "curve_noise_sd",
     "select_aif",
     "select_vof",
+    "tissue_peak_time",
 ]
 
 log = logging.getLogger(__name__)
@@ -92,6 +96,7 @@ def select_aif(
     max_end: float = 0.5,
     min_relative_peak: float = 0.7,
     exclude: np.ndarray | None = None,
+    before_s: float | None = None,
 ) -> VesselCurve:
     """Pick arterial voxels and average their curves.
 
@@ -112,18 +117,24 @@ def select_aif(
         of the five highest (the artery's core, not its partial-volume rim).
     exclude : ndarray of bool, shape (N,), optional
         Voxels never chosen (e.g. next to bone, see :func:`ctperf.masks.near_bone`).
+    before_s : float, optional
+        The tissue's bolus peak, s from the first frame (:func:`tissue_peak_time`): only
+        voxels peaking earlier are candidates, and only they set the peak threshold.
 
     Returns
     -------
     VesselCurve
     """
     n_t = enh.shape[0]
+    t = np.asarray(times, dtype=np.float64)
     peak_all = enh.max(axis=0)
     # Curves that do not wash out (steps where the head moved, truncated boluses) set no
-    # threshold and are never chosen.
+    # threshold and are never chosen; nor do curves peaking with or after the tissue's.
     off = enh[-1] > max_end * peak_all
     if exclude is not None:
         off |= np.asarray(exclude, dtype=bool)
+    if before_s is not None:
+        off |= t[np.argmax(enh, axis=0)] - t[0] >= before_s
     peak_all = np.where(off, -np.inf, peak_all)
     top = float(np.percentile(peak_all[np.isfinite(peak_all)], 99.9)) \
         if np.isfinite(peak_all).any() else 0.0
@@ -136,9 +147,10 @@ def select_aif(
     pool = np.arange(strong.size)
     if pool.size == 0:
         need = max(min_peak_hu, pool_fraction * top)
+        when = "" if before_s is None else f" peaking before the tissue (at {before_s:.1f} s)"
         raise ValidationError(
-            f"no arterial candidates: no voxel enhances by {need:.0f} HU with a complete bolus; "
-            "give an AIF mask (--aif-mask)")
+            f"no arterial candidates: no voxel{when} enhances by {need:.0f} HU with a complete "
+            "bolus; give an AIF mask (--aif-mask)")
     # Early, high, narrow: equal weights on the ranks; arrival counts twice, veins are high too.
     score = (2.0 * _rank(f["ttp"][pool]) + _rank(-f["peak"][pool]) + _rank(f["fwhm"][pool]))
     chosen = pool[np.argsort(score, kind="stable")[: max(1, int(n_voxels))]]
@@ -146,7 +158,6 @@ def select_aif(
     # within two frame steps (the steps around that time: frames need not be evenly spaced)
     # plus a second of the best quarter's median time to peak (a voxel's own time, so that
     # the reference voxel itself always stays).
-    t = np.asarray(times, dtype=np.float64)
     best = np.sort(f["ttp"][chosen[: max(1, chosen.size // 4)]])
     ttp0 = float(best[(best.size - 1) // 2])
     k = int(np.clip(np.searchsorted(t - t[0], ttp0), 1, n_t - 1))
@@ -161,6 +172,15 @@ def select_aif(
     curve = enh[:, chosen].mean(axis=1, dtype=np.float64)
     log.info("AIF: %d voxels, peak %.0f HU at %.1f s", chosen.size, curve.max(), ttp0)
     return _vessel(chosen, curve, times)
+
+
+def tissue_peak_time(enh: np.ndarray, times: np.ndarray) -> float:
+    """Time (s from the first frame) at which the voxel-wise median of the curves ``enh``
+    (T, N) peaks: the tissue's bolus peak when most of the N voxels are tissue (a brain mask),
+    since vessels are too few to move a median."""
+    t = np.asarray(times, dtype=np.float64)
+    median = np.median(np.asarray(enh), axis=1)
+    return float(t[int(np.argmax(median))] - t[0])
 
 
 def select_vof(

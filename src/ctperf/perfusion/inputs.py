@@ -19,7 +19,13 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.perfusion.aif import VesselCurve, assess_vof, select_aif, select_vof
+from ctperf.perfusion.aif import (
+    VesselCurve,
+    assess_vof,
+    select_aif,
+    select_vof,
+    tissue_peak_time,
+)
 
 __all__ = ["CurveOrigin", "arterial_input", "partial_volume", "venous_output", "vessel_info",
            "voxel_noise_sd"]
@@ -71,7 +77,8 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
     elif aif_mask is not None:
         curve, origin = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), CurveOrigin("mask")
     else:
-        sel = select_aif(venh, t, exclude=exclude)
+        # arteries peak before the tissue they feed (every 7th voxel: the median is as steady)
+        sel = select_aif(venh, t, exclude=exclude, before_s=tissue_peak_time(venh[:, ::7], t))
         curve, origin = sel.curve, CurveOrigin("automatic", sel)
     if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
         raise ValidationError(
