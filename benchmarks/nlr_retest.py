@@ -11,6 +11,10 @@ differs), filters both as ``ctperf reproduce`` does (no registration: nothing mo
 - truth: the phantom's true map against NLR on scan 1 (what a perfect, noise-free prediction
   would reach against the reference).
 
+Then the lesions' Dice (``analyse_study``'s default lesion options on both scans): NLR's lesion
+on scan 1 against scan 2's (subjects where scan 1 has that lesion), and against the phantom's
+true lesion (subjects that have one): how far a lesion Dice aim against NLR can be reached.
+
 Usage: ``python benchmarks/nlr_retest.py [--subjects 8] [--seed 3] [--size 64] [--slices 4]
 [--noise-matrix 512]`` (the defaults are ``ctperf demo --neural``'s cohort, its first eight
 subjects).
@@ -23,11 +27,13 @@ import argparse
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.evaluation.metrics import dice
 from ctperf.phantom import draw_parameters, subject_seed
 from ctperf.phantom.generate import simulate_subject
 from ctperf.workflow import analyse_study
 
 MAPS = ("cbv", "cbf", "ttp", "tmax")
+LESIONS = ("hypoperfused", "penumbra", "core")
 
 
 def nlr_maps(subject):
@@ -67,11 +73,25 @@ def main() -> None:
             ok = np.isfinite(a) & np.isfinite(b)
             row[name] = (float(np.corrcoef(a[ok], b[ok])[0, 1]),
                          float(np.corrcoef(a[ok], truth[ok])[0, 1]))
+        true = {"core": scans[0].masks["core"], "penumbra": scans[0].masks["penumbra"]}
+        true["hypoperfused"] = true["core"] | true["penumbra"]
+        for name in LESIONS:
+            a = getattr(first.lesions, name)
+            b = getattr(second.lesions, name)
+            row[name] = (dice(a, b) if a.any() else np.nan,
+                         dice(a, true[name]) if true[name].any() else np.nan)
         rows.append(row)
         print(f"{index + 1:4d} " + " ".join(f"{row[m][0]:11.2f} / {row[m][1]:4.2f}" for m in MAPS),
               flush=True)
     print("mean " + " ".join(f"{np.mean([r[m][0] for r in rows]):11.2f} / "
                              f"{np.mean([r[m][1] for r in rows]):4.2f}" for m in MAPS))
+    print("lesion Dice, NLR scan 1 against scan 2 / against the truth (mean over the subjects "
+          "with the lesion):")
+    for name in LESIONS:
+        rep = [r[name][0] for r in rows if np.isfinite(r[name][0])]
+        tru = [r[name][1] for r in rows if np.isfinite(r[name][1])]
+        print(f"  {name:12s} {np.mean(rep) if rep else np.nan:.2f} (n = {len(rep)}) / "
+              f"{np.mean(tru) if tru else np.nan:.2f} (n = {len(tru)})")
 
 
 if __name__ == "__main__":
