@@ -174,13 +174,17 @@ def select_aif(
     return _vessel(chosen, curve, times)
 
 
-def tissue_peak_time(enh: np.ndarray, times: np.ndarray) -> float:
-    """Time (s from the first frame) at which the voxel-wise median of the curves ``enh``
-    (T, N) peaks: the tissue's bolus peak when most of the N voxels are tissue (a brain mask),
-    since vessels are too few to move a median."""
+def tissue_peak_time(enh: np.ndarray, times: np.ndarray, *, vessel_quantile: float = 0.95
+                     ) -> float:
+    """Time (s from the first frame) at which the tissue's bolus peaks: the peak of the mean of
+    the curves ``enh`` (T, N) that enhance no more than the ``vessel_quantile`` of their peaks
+    (the vessels left out, arteries and veins alike). Voxels that do not enhance (CSF, a loose
+    mask) lower the mean's height, not its timing."""
     t = np.asarray(times, dtype=np.float64)
-    median = np.median(np.asarray(enh), axis=1)
-    return float(t[int(np.argmax(median))] - t[0])
+    c = np.asarray(enh)
+    peaks = c.max(axis=0)
+    mean = c[:, peaks <= np.quantile(peaks, vessel_quantile)].mean(axis=1, dtype=np.float64)
+    return float(t[int(np.argmax(mean))] - t[0])
 
 
 def select_vof(

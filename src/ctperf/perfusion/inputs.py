@@ -77,7 +77,7 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
     elif aif_mask is not None:
         curve, origin = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), CurveOrigin("mask")
     else:
-        # arteries peak before the tissue they feed (every 7th voxel: the median is as steady)
+        # arteries peak before the tissue they feed (every 7th voxel: the mean is as steady)
         sel = select_aif(venh, t, exclude=exclude, before_s=tissue_peak_time(venh[:, ::7], t))
         curve, origin = sel.curve, CurveOrigin("automatic", sel)
     if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
