@@ -28,6 +28,7 @@ from ctperf.perfusion import (
 )
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS, DEFAULT_STEPS
 from ctperf.perfusion.fastsse import FastBoxSSE
+from ctperf.perfusion.inputs import arterial_input
 from ctperf.types import PerfusionMaps
 
 RHO, KH = 1.04, 0.733
@@ -213,6 +214,16 @@ def test_aif_never_taken_from_a_vein_that_outshines_diluted_arteries():
     # With no artery bright enough left, the choice is refused rather than made on the vein.
     with pytest.raises(ValidationError, match="peaking before the tissue"):
         select_aif(np.delete(enh, 300, axis=1), t, before_s=tissue_peak)
+    # The maps' arterial input makes the first choice, sees it is a vein, chooses again, and
+    # says so in the provenance; a first choice that is an artery is kept as it is.
+    none = np.zeros(enh.shape[1], dtype=bool)
+    curve, origin = arterial_input(None, None, enh, enh, t, n_base=8, exclude=none)
+    assert origin.selection.indices.tolist() == [300] and "a vein" in origin.note
+    np.testing.assert_allclose(curve, enh[:, 300])
+    large = np.concatenate([enh, 0.9 * art[:, None].repeat(10, axis=1)], axis=1)  # an ICA
+    _, origin = arterial_input(None, None, large, large, t, n_base=8,
+                               exclude=np.zeros(large.shape[1], dtype=bool))
+    assert set(origin.selection.indices) <= set(range(315, 325)) and origin.note is None
 
 def test_lesions_from_true_maps_equal_truth():
     shape = (2, 20, 30)

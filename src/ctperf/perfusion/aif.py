@@ -2,9 +2,10 @@
 
 Arterial candidates are ranked by early peak, high peak and narrow bolus, truncated curves are
 dropped, and the best ``n_voxels`` (100, as in Gava et al. 2023) are averaged. Arteries feed the
-tissue, so given the tissue's bolus peak only voxels peaking before it are candidates: a vein
-(the sinuses drain the tissue and peak after it) can outshine partial-volume-diluted arteries,
-and its late, broad curve would shift every delay and Tmax by seconds. The venous output
+tissue and peak before it: a choice that peaks with or after the tissue's bolus
+(:func:`tissue_peak_time`) is a vein (the sinuses can outshine partial-volume-diluted arteries,
+and their late, broad curve would shift every delay and Tmax by seconds), and the choice is made
+again among the voxels peaking before the tissue (``before_s``). The venous output
 comes from late, high-area voxels (the dural sinuses). Arterial voxels are smaller than the blur
 of the arteries, so the AIF is scaled until its area matches the VOF's over the same stretch of
 the bolus (the VOF's window shifted back by the arterio-venous delay).
@@ -119,7 +120,7 @@ def select_aif(
         Voxels never chosen (e.g. next to bone, see :func:`ctperf.masks.near_bone`).
     before_s : float, optional
         The tissue's bolus peak, s from the first frame (:func:`tissue_peak_time`): only
-        voxels peaking earlier are candidates, and only they set the peak threshold.
+        voxels peaking earlier are candidates (the peak threshold is set by all).
 
     Returns
     -------
@@ -129,15 +130,17 @@ def select_aif(
     t = np.asarray(times, dtype=np.float64)
     peak_all = enh.max(axis=0)
     # Curves that do not wash out (steps where the head moved, truncated boluses) set no
-    # threshold and are never chosen; nor do curves peaking with or after the tissue's.
+    # threshold and are never chosen.
     off = enh[-1] > max_end * peak_all
     if exclude is not None:
         off |= np.asarray(exclude, dtype=bool)
-    if before_s is not None:
-        off |= t[np.argmax(enh, axis=0)] - t[0] >= before_s
     peak_all = np.where(off, -np.inf, peak_all)
     top = float(np.percentile(peak_all[np.isfinite(peak_all)], 99.9)) \
         if np.isfinite(peak_all).any() else 0.0
+    # Curves peaking with or after the tissue's are never chosen, but still set the threshold
+    # (the brightest vessels tell how strongly the study enhances).
+    if before_s is not None:
+        peak_all = np.where(t[np.argmax(enh, axis=0)] - t[0] >= before_s, -np.inf, peak_all)
     # Features only for the strong voxels (a study has ~10^6 brain voxels, ~10^3 candidates).
     strong = np.flatnonzero(peak_all >= max(min_peak_hu, pool_fraction * top))
     f = curve_features(enh[:, strong], times)

@@ -36,10 +36,12 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CurveOrigin:
     """Where a vessel curve came from: ``source`` is "given curve", "mask", "automatic" (then
-    ``selection`` holds the voxels chosen), "none" or "none found"."""
+    ``selection`` holds the voxels chosen), "none" or "none found"; ``note`` says what the
+    automatic choice had to correct, if anything."""
 
     source: str
     selection: VesselCurve | None = None
+    note: str | None = None
 
 
 def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.ndarray,
@@ -77,9 +79,20 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
     elif aif_mask is not None:
         curve, origin = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), CurveOrigin("mask")
     else:
-        # arteries peak before the tissue they feed (every 7th voxel: the mean is as steady)
-        sel = select_aif(venh, t, exclude=exclude, before_s=tissue_peak_time(venh[:, ::7], t))
-        curve, origin = sel.curve, CurveOrigin("automatic", sel)
+        sel = select_aif(venh, t, exclude=exclude)
+        origin = CurveOrigin("automatic", sel)
+        # Arteries peak before the tissue they feed (every 7th voxel: its mean is as steady).
+        # A choice peaking with or after it is a vein that outshone partial-volume-diluted
+        # arteries: chosen again among the voxels peaking earlier, or refused.
+        tissue_peak = tissue_peak_time(venh[:, ::7], t)
+        if sel.ttp >= tissue_peak:
+            note = (f"the first choice ({sel.indices.size} voxels) peaked at {sel.ttp:.1f} s, "
+                    f"not before the tissue's bolus at {tissue_peak:.1f} s (a vein, not an "
+                    "artery); chosen again among the voxels peaking before the tissue")
+            log.warning("automatic AIF: %s", note)
+            sel = select_aif(venh, t, exclude=exclude, before_s=tissue_peak)
+            origin = CurveOrigin("automatic", sel, note)
+        curve = sel.curve
     if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
         raise ValidationError(
             f"the AIF ({origin.source}) has no positive area: its curve sits below its "
@@ -189,6 +202,8 @@ def vessel_info(origin: CurveOrigin, coords: np.ndarray, curve: np.ndarray | Non
         info["curve_hu"] = np.round(np.asarray(curve, dtype=np.float64), 3).tolist()
     if origin.selection is not None:
         info["voxels_zyx"] = coords[:, origin.selection.indices].T.tolist()
+    if origin.note is not None:
+        info["note"] = origin.note
     return info
 
 
