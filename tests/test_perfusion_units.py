@@ -185,7 +185,7 @@ def test_aif_vof_selection_and_partial_volume():
 def test_aif_never_taken_from_a_vein_that_outshines_diluted_arteries():
     """A small study's arteries are partial-volume diluted: one voxel passes the peak threshold,
     a sinus peaks three times higher and later than the tissue. Ranked on its own, the sinus
-    outvotes the lone artery; arteries feed the tissue, so only voxels peaking before the
+    outvotes the lone artery; arteries feed the tissue, so only voxels peaking by the
     tissue's bolus are candidates."""
     t = TIMES
     art = _aif(t, 5.0)
@@ -209,11 +209,13 @@ def test_aif_never_taken_from_a_vein_that_outshines_diluted_arteries():
     assert tissue_peak_time(loose, t) == pytest.approx(tissue_peak, abs=1.0)
     assert t[np.argmax(art)] < tissue_peak_time(loose, t) < t[np.argmax(vein)]
     assert set(select_aif(enh, t).indices) <= set(range(303, 315))  # unconstrained: the sinus
-    a = select_aif(enh, t, before_s=tissue_peak)
+    a = select_aif(enh, t, latest_s=tissue_peak)
     assert a.indices.tolist() == [300]
+    # Frames far apart can hold the artery's and the tissue's peak in one frame: kept.
+    assert select_aif(enh, t, latest_s=float(t[np.argmax(art)])).indices.tolist() == [300]
     # With no artery bright enough left, the choice is refused rather than made on the vein.
-    with pytest.raises(ValidationError, match="peaking before the tissue"):
-        select_aif(np.delete(enh, 300, axis=1), t, before_s=tissue_peak)
+    with pytest.raises(ValidationError, match="peaking by the tissue's peak"):
+        select_aif(np.delete(enh, 300, axis=1), t, latest_s=tissue_peak)
     # The maps' arterial input makes the first choice, sees it is a vein, chooses again, and
     # says so in the provenance; a first choice that is an artery is kept as it is.
     none = np.zeros(enh.shape[1], dtype=bool)

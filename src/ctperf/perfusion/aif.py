@@ -2,10 +2,12 @@
 
 Arterial candidates are ranked by early peak, high peak and narrow bolus, truncated curves are
 dropped, and the best ``n_voxels`` (100, as in Gava et al. 2023) are averaged. Arteries feed the
-tissue and peak before it: a choice that peaks with or after the tissue's bolus
-(:func:`tissue_peak_time`) is a vein (the sinuses can outshine partial-volume-diluted arteries,
-and their late, broad curve would shift every delay and Tmax by seconds), and the choice is made
-again among the voxels peaking before the tissue (``before_s``). The venous output
+tissue and peak before it: a choice that peaks after the tissue's bolus (:func:`tissue_peak_time`)
+is a vein (the sinuses can outshine partial-volume-diluted arteries, and their late, broad curve
+would shift every delay and Tmax by seconds), and the choice is made again among the voxels
+peaking no later than the tissue (``latest_s``; no later rather than before, so that frames a
+few seconds apart, which can hold an artery's and the tissue's peak in one frame, keep their
+arteries). The venous output
 comes from late, high-area voxels (the dural sinuses). Arterial voxels are smaller than the blur
 of the arteries, so the AIF is scaled until its area matches the VOF's over the same stretch of
 the bolus (the VOF's window shifted back by the arterio-venous delay).
@@ -97,7 +99,7 @@ def select_aif(
     max_end: float = 0.5,
     min_relative_peak: float = 0.7,
     exclude: np.ndarray | None = None,
-    before_s: float | None = None,
+    latest_s: float | None = None,
 ) -> VesselCurve:
     """Pick arterial voxels and average their curves.
 
@@ -118,9 +120,9 @@ def select_aif(
         of the five highest (the artery's core, not its partial-volume rim).
     exclude : ndarray of bool, shape (N,), optional
         Voxels never chosen (e.g. next to bone, see :func:`ctperf.masks.near_bone`).
-    before_s : float, optional
+    latest_s : float, optional
         The tissue's bolus peak, s from the first frame (:func:`tissue_peak_time`): only
-        voxels peaking earlier are candidates (the peak threshold is set by all).
+        voxels peaking no later are candidates (the peak threshold is set by all).
 
     Returns
     -------
@@ -137,10 +139,10 @@ def select_aif(
     peak_all = np.where(off, -np.inf, peak_all)
     top = float(np.percentile(peak_all[np.isfinite(peak_all)], 99.9)) \
         if np.isfinite(peak_all).any() else 0.0
-    # Curves peaking with or after the tissue's are never chosen, but still set the threshold
-    # (the brightest vessels tell how strongly the study enhances).
-    if before_s is not None:
-        peak_all = np.where(t[np.argmax(enh, axis=0)] - t[0] >= before_s, -np.inf, peak_all)
+    # Curves peaking after the tissue's are never chosen, but still set the threshold (the
+    # brightest vessels tell how strongly the study enhances).
+    if latest_s is not None:
+        peak_all = np.where(t[np.argmax(enh, axis=0)] - t[0] > latest_s, -np.inf, peak_all)
     # Features only for the strong voxels (a study has ~10^6 brain voxels, ~10^3 candidates).
     strong = np.flatnonzero(peak_all >= max(min_peak_hu, pool_fraction * top))
     f = curve_features(enh[:, strong], times)
@@ -150,7 +152,7 @@ def select_aif(
     pool = np.arange(strong.size)
     if pool.size == 0:
         need = max(min_peak_hu, pool_fraction * top)
-        when = "" if before_s is None else f" peaking before the tissue (at {before_s:.1f} s)"
+        when = "" if latest_s is None else f" peaking by the tissue's peak ({latest_s:.1f} s)"
         raise ValidationError(
             f"no arterial candidates: no voxel{when} enhances by {need:.0f} HU with a complete "
             "bolus; give an AIF mask (--aif-mask)")

@@ -82,15 +82,15 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
         sel = select_aif(venh, t, exclude=exclude)
         origin = CurveOrigin("automatic", sel)
         # Arteries peak before the tissue they feed (every 7th voxel: its mean is as steady).
-        # A choice peaking with or after it is a vein that outshone partial-volume-diluted
-        # arteries: chosen again among the voxels peaking earlier, or refused.
+        # A choice peaking after it is a vein that outshone partial-volume-diluted arteries:
+        # chosen again among the voxels peaking no later, or refused.
         tissue_peak = tissue_peak_time(venh[:, ::7], t)
-        if sel.ttp >= tissue_peak:
+        if sel.ttp > tissue_peak:
             note = (f"the first choice ({sel.indices.size} voxels) peaked at {sel.ttp:.1f} s, "
-                    f"not before the tissue's bolus at {tissue_peak:.1f} s (a vein, not an "
-                    "artery); chosen again among the voxels peaking before the tissue")
+                    f"after the tissue's bolus at {tissue_peak:.1f} s (a vein, not an "
+                    "artery); chosen again among the voxels peaking no later than the tissue")
             log.warning("automatic AIF: %s", note)
-            sel = select_aif(venh, t, exclude=exclude, before_s=tissue_peak)
+            sel = select_aif(venh, t, exclude=exclude, latest_s=tissue_peak)
             origin = CurveOrigin("automatic", sel, note)
         curve = sel.curve
     if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
