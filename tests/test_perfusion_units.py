@@ -28,7 +28,7 @@ from ctperf.perfusion import (
 )
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS, DEFAULT_STEPS
 from ctperf.perfusion.fastsse import FastBoxSSE
-from ctperf.perfusion.inputs import arterial_input
+from ctperf.perfusion.inputs import arterial_input, vessel_info
 from ctperf.types import PerfusionMaps
 
 RHO, KH = 1.04, 0.733
@@ -221,6 +221,8 @@ def test_aif_never_taken_from_a_vein_that_outshines_diluted_arteries():
     none = np.zeros(enh.shape[1], dtype=bool)
     curve, origin = arterial_input(None, None, enh, enh, t, n_base=8, exclude=none)
     assert origin.selection.indices.tolist() == [300] and "a vein" in origin.note
+    coords = np.arange(enh.shape[1])[None].repeat(3, axis=0)          # (3, N) voxel indices
+    assert vessel_info(origin, coords, curve)["note"] == origin.note  # summary.json's aif.note
     np.testing.assert_allclose(curve, enh[:, 300])
     large = np.concatenate([enh, 0.9 * art[:, None].repeat(10, axis=1)], axis=1)  # an ICA
     _, origin = arterial_input(None, None, large, large, t, n_base=8,
