@@ -50,6 +50,34 @@ def test_masked_mse_ignores_outside_voxels():
     target = torch.tensor([[[[0.0, 0.0]]]])
     assert float(masked_mse(pred, target, torch.tensor([[[[1.0, 0.0]]]]))) == 0.0
     assert float(masked_mse(pred, target, None)) == 0.5
+    # the mean absolute error, on the same voxels
+    pred2 = torch.tensor([[[[0.0, 2.0]]]])
+    assert float(masked_mse(pred2, target, None, "l1")) == 1.0          # (0 + 2) / 2
+    assert float(masked_mse(pred2, target, None)) == 2.0                # (0 + 4) / 2
+    assert float(masked_mse(pred2, target, torch.tensor([[[[1.0, 0.0]]]]), "l1")) == 0.0
+
+
+def test_l1_loss_trains_other_weights_and_is_part_of_the_run(caches, tmp_path: Path):
+    full, _ = caches
+    one = replace(TINY, epochs=1)
+    runs = {}
+    for loss in ("mse", "l1"):
+        train(full, tmp_path / loss, replace(one, loss=loss), train_patients=["sub-0000"])
+        runs[loss] = torch.load(tmp_path / loss / "last.pt", weights_only=True)
+    assert runs["l1"]["config"]["loss"] == "l1" and runs["mse"]["config"]["loss"] == "mse"
+    differ = [not torch.equal(runs["l1"]["model"][k], runs["mse"]["model"][k])
+              for k in runs["mse"]["model"] if runs["mse"]["model"][k].is_floating_point()]
+    assert any(differ)
+    # a run is not continued with the other loss; one written before the option was MSE
+    with pytest.raises(InputError, match=r"different settings.*loss='mse' vs 'l1'"):
+        train(full, tmp_path / "mse", replace(one, loss="l1"), train_patients=["sub-0000"],
+              resume=True)
+    ckpt = runs["mse"]
+    del ckpt["config"]["loss"]
+    torch.save(ckpt, tmp_path / "mse" / "last.pt")
+    train(full, tmp_path / "mse", one, train_patients=["sub-0000"], resume=True)
+    with pytest.raises(ValidationError, match="loss must be one of"):
+        replace(TINY, loss="huber")
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

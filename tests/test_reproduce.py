@@ -171,6 +171,11 @@ def test_the_reference_the_network_learns_is_checked_and_recorded(tmp_path: Path
     assert "reference" not in _settings("phantom", config, ReproduceOptions())["options"]
     truth = _settings("phantom", config, ReproduceOptions(reference="truth"))
     assert truth["options"]["reference"] == "truth"
+    # likewise the loss: MSE runs keep their records, an L1 run is another run
+    mse = _settings("phantom", replace(config, loss="mse"), ReproduceOptions())
+    assert "loss" not in mse["config"]
+    l1 = _settings("phantom", replace(config, loss="l1"), ReproduceOptions())
+    assert l1["config"]["loss"] == "l1"
 
 
 def test_training_compute_counts_slices_networks_and_stages(tmp_path: Path):

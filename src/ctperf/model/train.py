@@ -46,13 +46,14 @@ LOG_COLUMNS = ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds")
 _RESUME_KEYS = ("targets", "size", "frames", "width", "depth", "kernel_size", "norm", "seed",
                 "batch_size", "lr", "masked_loss", "augment", "stages", "baseline_frames",
                 "contrast_gain", "schedule", "augment_gain", "augment_degrees", "augment_noise",
-                "enhancement_quantile", "cache_version")
+                "enhancement_quantile", "cache_version", "loss")
 # values of keys that checkpoints written before the key existed implicitly had
 _KEY_DEFAULTS: dict[str, Any] = {"baseline_frames": 0, "contrast_gain": 1.0,
                                  "schedule": "plateau", "augment_gain": 0.0,
                                  "augment_degrees": 10.0, "augment_noise": 0.05,
-                                 "enhancement_quantile": 0.0, "cache_version": 1}
+                                 "enhancement_quantile": 0.0, "cache_version": 1, "loss": "mse"}
 _SCHEDULES = ("plateau", "cosine")
+_LOSSES = ("mse", "l1")
 _AMPS = ("auto", "none", "bf16", "fp16")
 
 @dataclass(frozen=True)
@@ -84,7 +85,12 @@ class TrainConfig:
         ``plateau_factor`` when the validation loss stalls; ``cosine`` anneals it from ``lr`` to
         0 over the stage's epochs (better for short runs with a fixed budget).
     masked_loss : bool
-        Restrict the MSE to the brain mask.
+        Restrict the loss to the brain mask.
+    loss : {"mse", "l1"}
+        Training loss on the [0, 1] maps: ``mse`` (the paper) or ``l1``, the mean absolute
+        error, whose minimiser is the conditional median: less pulled towards the cohort's mean
+        where the input leaves the answer uncertain, and less by the reference's outliers. The
+        validation loss that picks the best epoch stays the MSE.
     augment : bool
         Flips, small rotations and input noise (off in the paper).
     augment_degrees, augment_noise : float
@@ -129,6 +135,7 @@ class TrainConfig:
     plateau_patience: int = 10
     schedule: str = "plateau"
     masked_loss: bool = True
+    loss: str = "mse"
     augment: bool = False
     augment_gain: float = 0.0
     augment_degrees: float = 10.0
@@ -146,6 +153,8 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         if not self.targets:
             raise ValidationError("targets must name at least one map")
+        if self.loss not in _LOSSES:
+            raise ValidationError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
         if self.schedule not in _SCHEDULES:
             raise ValidationError(f"schedule must be one of {_SCHEDULES}, got {self.schedule!r}")
         if self.amp not in _AMPS:
@@ -175,7 +184,7 @@ PRESETS: dict[str, TrainConfig] = {
                        width=12, depth=4, kernel_size=2, norm="batch", batch_size=8, lr=1e-3,
                        schedule="cosine", masked_loss=True, augment=True, augment_gain=0.0,
                        augment_degrees=0.0, augment_noise=0.0, baseline_frames=4,
-                       contrast_hu=20.0, enhancement_quantile=1.0),
+                       contrast_hu=20.0, enhancement_quantile=1.0, loss="l1"),
 }
 
 
@@ -217,9 +226,10 @@ def resolve_device(device: str = "auto") -> torch.device:
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor,
-               mask: torch.Tensor | None) -> torch.Tensor:
-    """Mean squared error over mask voxels (all voxels if ``mask`` is None), all channels."""
-    err = (pred - target) ** 2
+               mask: torch.Tensor | None, loss: str = "mse") -> torch.Tensor:
+    """Mean squared error (``loss="l1"``: mean absolute error) over mask voxels (all voxels if
+    ``mask`` is None), all channels."""
+    err = (pred - target).abs() if loss == "l1" else (pred - target) ** 2
     if mask is None:
         return err.mean()
     weight = mask.expand_as(err)
@@ -429,7 +439,7 @@ def _record(cache: SliceCache, config: TrainConfig, stages: list[tuple[str, Slic
         "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"],
         "cache_version": int(cache.meta["version"]), "seed": c.seed,
         "batch_size": c.batch_size, "lr": c.lr, "schedule": c.schedule,
-        "masked_loss": c.masked_loss, "augment": c.augment,
+        "masked_loss": c.masked_loss, "loss": c.loss, "augment": c.augment,
         "augment_gain": float(c.augment_gain), "augment_degrees": float(c.augment_degrees),
         "augment_noise": float(c.augment_noise),
         "stages": [[name, s.size, n] for name, s, n in stages],
@@ -573,7 +583,7 @@ def _train_epoch(run: _Run, state: _State, stage_cache: SliceCache, order: np.nd
         with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32,
                             enabled=run.amp_dtype is not None):
             pred = run.net(x)
-        loss = masked_mse(pred.float(), y, m if c.masked_loss else None)
+        loss = masked_mse(pred.float(), y, m if c.masked_loss else None, c.loss)
         state.opt.zero_grad(set_to_none=True)
         run.scaler.scale(loss).backward()
         run.scaler.step(state.opt)

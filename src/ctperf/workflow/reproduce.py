@@ -350,6 +350,8 @@ def _settings(layout: str, config: Any, options: ReproduceOptions) -> dict[str, 
     if plain.get("reference") == "nlr":  # as in the records made before the option existed
         del plain["reference"]
     trained = {k: v for k, v in _plain(config).items() if k not in ("device", "amp")}
+    if trained.get("loss") == "mse":  # as in the records made before the option existed
+        del trained["loss"]
     return json.loads(json.dumps({"layout": layout, "config": trained, "options": plain},
                                  default=repr))
 
