@@ -130,7 +130,8 @@ def select_aif(
     """
     n_t = enh.shape[0]
     t = np.asarray(times, dtype=np.float64)
-    peak_all = enh.max(axis=0)
+    peak_i = np.argmax(enh, axis=0)
+    peak_all = np.take_along_axis(enh, peak_i[None], axis=0)[0]
     # Curves that do not wash out (steps where the head moved, truncated boluses) set no
     # threshold and are never chosen.
     off = enh[-1] > max_end * peak_all
@@ -142,7 +143,7 @@ def select_aif(
     # Curves peaking after the tissue's are never chosen, but still set the threshold (the
     # brightest vessels tell how strongly the study enhances).
     if latest_s is not None:
-        peak_all = np.where(t[np.argmax(enh, axis=0)] - t[0] > latest_s, -np.inf, peak_all)
+        peak_all = np.where(t[peak_i] - t[0] > latest_s, -np.inf, peak_all)
     # Features only for the strong voxels (a study has ~10^6 brain voxels, ~10^3 candidates).
     strong = np.flatnonzero(peak_all >= max(min_peak_hu, pool_fraction * top))
     f = curve_features(enh[:, strong], times)

@@ -341,17 +341,21 @@ def _fit_frames(config: Any, cohort: Path, layout: str, say: Callable[[str], Non
     return dataclasses.replace(config, frames=shortest)
 
 
+#: Settings added after records were first written, at the value every earlier run had: left
+#: out of the record at that value, so that those runs' records stay valid.
+_LEGACY: dict[str, dict[str, Any]] = {"options": {"reference": "nlr"}, "config": {"loss": "mse"}}
+_UNSET = object()
+
+
 def _settings(layout: str, config: Any, options: ReproduceOptions) -> dict[str, Any]:
     from ctperf.workflow.cohort import _plain
 
     # where and how fast it runs does not change what is computed
     plain = {k: v for k, v in _plain(options).items()
-             if k not in ("progress", "workers", "device", "batch_size")}
-    if plain.get("reference") == "nlr":  # as in the records made before the option existed
-        del plain["reference"]
-    trained = {k: v for k, v in _plain(config).items() if k not in ("device", "amp")}
-    if trained.get("loss") == "mse":  # as in the records made before the option existed
-        del trained["loss"]
+             if k not in ("progress", "workers", "device", "batch_size")
+             and _LEGACY["options"].get(k, _UNSET) != v}
+    trained = {k: v for k, v in _plain(config).items()
+               if k not in ("device", "amp") and _LEGACY["config"].get(k, _UNSET) != v}
     return json.loads(json.dumps({"layout": layout, "config": trained, "options": plain},
                                  default=repr))
 
