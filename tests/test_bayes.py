@@ -130,6 +130,36 @@ def test_grid_response_matches_independent_convolution():
     assert np.abs(grid.basis[:, k] - ref).max() < 0.01 * ref.max()
 
 
+def test_neighbour_projections_are_the_responses_dot_the_curves():
+    """The fine points around each seed (MTT +-1 step, delay +-2 steps, same shape and
+    dispersion, -1 beyond the grid and for repeated seeds) and their projections, against the
+    responses taken one by one; an odd number of curves, seeds at the grid's edges and repeats."""
+    grid = ResidueGrid(_aif(TIMES), TIMES, scale=flow_scale(RHO, KH), residues=("box", "power:1"),
+                       dispersions=(0.0, 1.0))
+    n_s, n_h, n_m, n_d = grid.dims
+    rng = np.random.default_rng(4)
+    n = 7
+    seeds = rng.integers(0, grid.size, size=(n, 6))
+    seeds[0, :2] = [0, grid.size - 1]                      # first and last MTT and delay
+    seeds[1, 1] = seeds[1, 0]                              # a repeat
+    curves = rng.normal(size=(TIMES.size, n)).astype(np.float32)
+    idx, proj = grid.neighbour_projections(seeds, curves)
+    assert idx.shape == proj.shape == (n, 15 * 6)
+    for i in range(n):
+        want = set()
+        for k in set(seeds[i].tolist()):
+            row, d = divmod(k, n_d)
+            for dm in (-1, 0, 1):
+                for dd in range(-2, 3):
+                    if 0 <= row % n_m + dm < n_m and 0 <= d + dd < n_d:
+                        want.add((row + dm) * n_d + d + dd)
+        got = idx[i][idx[i] >= 0]
+        assert sorted(got.tolist()) == sorted(want)
+        ref = grid.responses[got].astype(np.float64) @ curves[:, i]
+        np.testing.assert_allclose(proj[i][idx[i] >= 0], ref, rtol=1e-4,
+                                   atol=1e-4 * np.abs(ref).max())  # float32 sums of 89 terms
+
+
 def _tile_study(inner: int, noise: float, seed: int,
                 shapes: tuple[str, ...] = ("box", "exponential", "linear")):
     """Kudo-style tiles: per slice 7 x 7 tiles (delay 0-3 s x MTT 3.43-24 s), one slice per CBV

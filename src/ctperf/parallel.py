@@ -2,7 +2,9 @@
 
 Threads, not processes: the work this package spreads over workers is NumPy, SciPy, SimpleITK
 and DICOM decoding, which release the GIL in their heavy parts, and threads share the inputs
-and the output arrays without copies.
+and the output arrays without copies. While the workers run, the BLAS library's own threads are
+held to one (threadpoolctl): each worker's matrix products then run on its own core instead of
+every worker starting as many BLAS threads as there are cores.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import os
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import TypeVar
+
+from threadpoolctl import ThreadpoolController
 
 from ctperf.errors import ValidationError
 
@@ -73,7 +77,19 @@ def map_chunks(fn: Callable[[int, int], R], n_items: int, *, chunk: int,
                 results.append(fn(start, stop))
                 bar.update(stop - start)
             return results
-        return _run_pool(fn, bounds, n_workers, bar.update)
+        with _blas_controller().limit(limits=1, user_api="blas"):
+            return _run_pool(fn, bounds, n_workers, bar.update)
+
+
+_CONTROLLER: list[ThreadpoolController] = []
+
+
+def _blas_controller() -> ThreadpoolController:
+    """The thread pools of the libraries loaded at the first call (finding them takes a few
+    milliseconds, so it is done once)."""
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0]
 
 
 def _run_pool(fn: Callable[[int, int], R], bounds: list[tuple[int, int]], n_workers: int,

@@ -313,8 +313,15 @@ class ResidueGrid:
             resp, shape=(resp.shape[0], n_d - width + 1, width, n_t),
             strides=(resp.strides[0], resp.strides[1], resp.strides[1], resp.strides[2]),
             writeable=False)
-        b = windows[rows, start[..., None]].reshape(n, -1, n_t)               # (n, F, T)
-        return idx, np.matmul(b, np.asarray(curves).T[:, :, None])[..., 0]
+        ys = np.asarray(curves).T[:, :, None]                                  # (n, T, 1)
+        out = np.empty(idx.shape, dtype=np.float32)
+        at = start[..., None]
+        # two curves at a time: their gathered responses (about 1 MB) stay in cache for the
+        # product, several times faster than gathering a whole chunk's first
+        for k in range(0, n, 2):
+            b = windows[rows[k:k + 2], at[k:k + 2]].reshape(-1, idx.shape[1], n_t)  # (2, F, T)
+            out[k:k + 2] = np.matmul(b, ys[k:k + 2])[..., 0]
+        return idx, out
 
     def log_prior(self, mtt_median: float, mtt_log_sd: float,
                   dispersion_mean: float | None = None) -> np.ndarray:
