@@ -139,3 +139,45 @@ def test_blas_held_to_one_thread_while_several_workers_run():
     inside = map_chunks(lambda s, e: blas_threads(), 4, chunk=1, workers=2)
     assert all(n == [1] * len(before) for n in inside)
     assert blas_threads() == before
+
+
+def _blas_threads() -> list[int]:
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    np.ones((64, 64)) @ np.ones((64, 64))  # BLAS loaded
+    return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("first_ends_first", [False, True])
+def test_overlapping_pools_of_two_threads_restore_the_blas_setting(first_ends_first):
+    # pools started from two threads, ending in either order: BLAS stays at one thread while
+    # either runs, and the setting before both comes back when both are done
+    before = _blas_threads()
+    if not before:
+        pytest.skip("no BLAS library that threadpoolctl can see")
+    started = [threading.Event(), threading.Event()]
+    release = [threading.Event(), threading.Event()]
+    seen: list[list[int]] = []
+
+    def pool(k: int) -> None:
+        def work(start: int, stop: int) -> None:
+            started[k].set()
+            assert release[k].wait(10)
+            with LOCK:
+                seen.append(_blas_threads())
+        map_chunks(work, 2, chunk=1, workers=2)
+
+    threads = [threading.Thread(target=pool, args=(k,)) for k in (0, 1)]
+    threads[0].start()
+    assert started[0].wait(10)
+    threads[1].start()
+    assert started[1].wait(10)
+    order = (0, 1) if first_ends_first else (1, 0)
+    for k in order:
+        release[k].set()
+        threads[k].join()
+        if k == order[0]:
+            assert _blas_threads() == [1] * len(before)    # the other pool still runs
+    assert all(n == [1] * len(before) for n in seen)
+    assert _blas_threads() == before

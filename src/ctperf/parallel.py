@@ -10,9 +10,11 @@ every worker starting as many BLAS threads as there are cores.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from typing import TypeVar
+from contextlib import contextmanager
+from typing import Any, TypeVar
 
 from threadpoolctl import ThreadpoolController
 
@@ -77,19 +79,8 @@ def map_chunks(fn: Callable[[int, int], R], n_items: int, *, chunk: int,
                 results.append(fn(start, stop))
                 bar.update(stop - start)
             return results
-        with _blas_controller().limit(limits=1, user_api="blas"):
+        with _blas_single_thread():
             return _run_pool(fn, bounds, n_workers, bar.update)
-
-
-_CONTROLLER: list[ThreadpoolController] = []
-
-
-def _blas_controller() -> ThreadpoolController:
-    """The thread pools of the libraries loaded at the first call (finding them takes a few
-    milliseconds, so it is done once)."""
-    if not _CONTROLLER:
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0]
 
 
 def _run_pool(fn: Callable[[int, int], R], bounds: list[tuple[int, int]], n_workers: int,
@@ -112,3 +103,54 @@ def _run_pool(fn: Callable[[int, int], R], bounds: list[tuple[int, int]], n_work
         # On success nothing is left to cancel; on an error or an interrupt the chunks not yet
         # started are dropped and the running ones finish before the exception goes on.
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+_CONTROLLER: list[ThreadpoolController] = []
+_LOCK = threading.Lock()
+_HELD: dict[str, Any] = {"pools": 0, "limiter": None}
+
+
+def _blas_controller() -> ThreadpoolController:
+    """The thread pools of the libraries loaded at the first call (finding them takes a few
+    milliseconds, so it is done once)."""
+    if not _CONTROLLER:
+        _CONTROLLER.append(ThreadpoolController())
+    return _CONTROLLER[0]
+
+
+@contextmanager
+def _blas_single_thread() -> Iterator[None]:
+    """BLAS held to one thread while any pool runs: the first pool to start sets the limit and
+    the last to finish restores the setting, whichever threads started them (pools of two
+    threads may end in either order; a limit per pool would leave the first pool's value
+    behind when the pools cross).
+
+    OpenBLAS without OpenMP has one thread pool for the process, and threadpoolctl lets only
+    one Python thread (the first to set it) change it; the pools here may start and end in
+    different threads, so that claim is released before each change, under a lock.
+    """
+    with _LOCK:
+        if _HELD["pools"] == 0:
+            _release_blas_claim()
+            _HELD["limiter"] = _blas_controller().limit(limits=1, user_api="blas")
+        _HELD["pools"] += 1
+    try:
+        yield
+    finally:
+        with _LOCK:
+            _HELD["pools"] -= 1
+            if _HELD["pools"] == 0:
+                _release_blas_claim()
+                _HELD["limiter"].restore_original_limits()
+                _release_blas_claim()
+                _HELD["limiter"] = None
+
+
+def _release_blas_claim() -> None:
+    """Let the calling thread set OpenBLAS's threads (threadpoolctl >= 3.6 keeps a claim)."""
+    import threadpoolctl
+
+    controller = getattr(threadpoolctl, "OpenBLASController", None)
+    clear = getattr(controller, "clear_controlling_thread", None)
+    if clear is not None:
+        clear(force=True)
