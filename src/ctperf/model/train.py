@@ -181,7 +181,7 @@ PRESETS: dict[str, TrainConfig] = {
                          schedule="plateau", plateau_patience=10, masked_loss=True,
                          augment=False, augment_gain=0.0, baseline_frames=0),
     "cpu": TrainConfig(size=64, frames=44, pretrain_size=0, pretrain_epochs=0, epochs=60,
-                       width=12, depth=4, kernel_size=2, norm="batch", batch_size=8, lr=1e-3,
+                       width=12, depth=4, kernel_size=2, norm="batch", batch_size=8, lr=3e-3,
                        schedule="cosine", masked_loss=True, augment=True, augment_gain=0.0,
                        augment_degrees=0.0, augment_noise=0.0, baseline_frames=4,
                        contrast_hu=20.0, enhancement_quantile=1.0, loss="l1"),
