@@ -136,7 +136,7 @@ def test_neighbour_projections_are_the_responses_dot_the_curves():
     responses taken one by one; an odd number of curves, seeds at the grid's edges and repeats."""
     grid = ResidueGrid(_aif(TIMES), TIMES, scale=flow_scale(RHO, KH), residues=("box", "power:1"),
                        dispersions=(0.0, 1.0))
-    n_s, n_h, n_m, n_d = grid.dims
+    _, _, n_m, n_d = grid.dims
     rng = np.random.default_rng(4)
     n = 7
     seeds = rng.integers(0, grid.size, size=(n, 6))

@@ -123,30 +123,23 @@ def test_interrupt_cancels_the_chunks_not_started():
     assert len(started) < 100
 
 
-def test_blas_held_to_one_thread_while_several_workers_run():
-    # two workers each starting as many BLAS threads as there are cores oversubscribe the CPU;
-    # the pool holds BLAS to one thread and gives the setting back afterwards
-    import numpy as np
-    from threadpoolctl import threadpool_info
-
-    np.ones((64, 64)) @ np.ones((64, 64))  # BLAS loaded
-    def blas_threads() -> list[int]:
-        return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
-
-    before = blas_threads()
-    if not before:
-        pytest.skip("no BLAS library that threadpoolctl can see")
-    inside = map_chunks(lambda s, e: blas_threads(), 4, chunk=1, workers=2)
-    assert all(n == [1] * len(before) for n in inside)
-    assert blas_threads() == before
-
-
 def _blas_threads() -> list[int]:
     import numpy as np
     from threadpoolctl import threadpool_info
 
     np.ones((64, 64)) @ np.ones((64, 64))  # BLAS loaded
     return [p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"]
+
+
+def test_blas_held_to_one_thread_while_several_workers_run():
+    # two workers each starting as many BLAS threads as there are cores oversubscribe the CPU;
+    # the pool holds BLAS to one thread and gives the setting back afterwards
+    before = _blas_threads()
+    if not before:
+        pytest.skip("no BLAS library that threadpoolctl can see")
+    inside = map_chunks(lambda s, e: _blas_threads(), 4, chunk=1, workers=2)
+    assert all(n == [1] * len(before) for n in inside)
+    assert _blas_threads() == before
 
 
 @pytest.mark.parametrize("first_ends_first", [False, True])

@@ -9,6 +9,7 @@ every worker starting as many BLAS threads as there are cores.
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -105,17 +106,15 @@ def _run_pool(fn: Callable[[int, int], R], bounds: list[tuple[int, int]], n_work
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-_CONTROLLER: list[ThreadpoolController] = []
 _LOCK = threading.Lock()
 _HELD: dict[str, Any] = {"pools": 0, "limiter": None}
 
 
+@functools.cache
 def _blas_controller() -> ThreadpoolController:
     """The thread pools of the libraries loaded at the first call (finding them takes a few
     milliseconds, so it is done once)."""
-    if not _CONTROLLER:
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0]
+    return ThreadpoolController()
 
 
 @contextmanager
