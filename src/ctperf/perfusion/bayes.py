@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, cast
 
 import numpy as np
 from scipy import ndimage, sparse, special
@@ -979,6 +979,20 @@ def _block_noise(curves: np.ndarray, precision: np.ndarray,
     return out
 
 
+class _Search(NamedTuple):
+    """Stage 1 on one grid (:func:`fit_bayes`): the grid, its prior, the chunking and each
+    block's candidates (most probable points, then draws) with their log posterior."""
+    grid: ResidueGrid
+    keep: int
+    log_prior: np.ndarray
+    weights: dict[str, float] | None
+    chunk: int
+    top: np.ndarray
+    top_lp: np.ndarray
+    drawn: np.ndarray
+    drawn_lp: np.ndarray
+
+
 def fit_bayes(
     tissue: np.ndarray,
     aif: np.ndarray,
@@ -1144,12 +1158,13 @@ def fit_bayes(
         y_all = block_curves if not use_space else w32 @ y_all
 
     options = dict(grid_options or {})
-    delays = tuple(options.pop("delay_range", DELAY_RANGE))
+    given = cast("tuple[float, float]", options.pop("delay_range", DELAY_RANGE))
+    delays = (float(given[0]), float(given[1]))
     adapt = grid_options is None or "delay_range" not in grid_options
     # the latest delay a study can show: its tissue's bolus peaking at the last frame
     latest = float(t[-1] - t[int(np.argmax(aif))])
 
-    def search(delay_range: tuple[float, float]) -> tuple[object, ...]:
+    def search(delay_range: tuple[float, float]) -> _Search:
         """The grid with these delays, its prior (learned shapes) and stage 1 on it."""
         grid = ResidueGrid(aif, t, scale=flow_scale(rho, kh), whiten=whiten,
                            delay_range=delay_range, **options)  # type: ignore[arg-type]
@@ -1175,8 +1190,8 @@ def fit_bayes(
 
         parts = map_chunks(stage1, n_blocks, chunk=chunk1, workers=max(1, workers),
                            progress=progress, desc="bayes prior", unit="voxel")
-        found = tuple(np.concatenate([p[j] for p in parts]) for j in range(4))
-        return (grid, keep, log_prior, weights, chunk1, *found)
+        top, top_lp, drawn, drawn_lp = (np.concatenate([p[j] for p in parts]) for j in range(4))
+        return _Search(grid, keep, log_prior, weights, chunk1, top, top_lp, drawn, drawn_lp)
 
     grid, keep, log_prior, weights, chunk1, top, top_lp, drawn, drawn_lp = search(delays)
     # Tissue whose bolus arrives later than the grid's delays reach is fitted at the last delay
