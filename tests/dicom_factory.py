@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.sequence import Sequence
+from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["FakeStudy", "ct_dataset", "patch_bytes", "write_fake_study"]
+__all__ = ["FakeStudy", "ct_dataset", "patch_bytes", "write_enhanced_study", "write_fake_study"]
 
 START = dt.datetime(2021, 3, 4, 10, 20, 30)
 
@@ -122,6 +123,74 @@ def write_fake_study(folder: Path, rng: np.random.Generator, *, n_frames: int = 
             path = sub / f"{number:05d}"
             ds.save_as(path, enforce_file_format=True)
             study.files[(t, z)] = path
+    return study
+
+
+def _item(**values) -> Dataset:
+    item = Dataset()
+    for keyword, value in values.items():
+        setattr(item, keyword, value)
+    return item
+
+
+def write_enhanced_study(folder: Path, rng: np.random.Generator, *, per_slice: bool,
+                         n_frames: int = 5, n_slices: int = 3, rows: int = 8, cols: int = 10,
+                         tilt_deg: float = 0.0, shuttle: bool = False,
+                         edit: Callable[[Dataset], None] | None = None) -> FakeStudy:
+    """The study of :func:`write_fake_study` as Enhanced CT multi-frame objects: one file per
+    slice (``per_slice``) or one file for the whole study, frames in random order, geometry,
+    rescale and timing in the functional groups only (as the Enhanced CT IOD puts them);
+    ``edit(ds)`` may change a dataset before it is saved."""
+    classic = write_fake_study(folder / "classic", rng, n_frames=n_frames, n_slices=n_slices,
+                               rows=rows, cols=cols, tilt_deg=tilt_deg, shuttle=shuttle)
+    study = FakeStudy(folder / "enhanced", classic.hu, classic.times, classic.slice_times,
+                      classic.positions, classic.iop, classic.spacing, generate_uid())
+    study.folder.mkdir(parents=True)
+    study_uid, frame_uid = generate_uid(), generate_uid()
+    groups = [[(t, z) for t in range(n_frames)] for z in range(n_slices)] if per_slice \
+        else [[(t, z) for t in range(n_frames) for z in range(n_slices)]]
+    for number, images in enumerate(groups):
+        images = [images[i] for i in rng.permutation(len(images))]
+        ds = Dataset()
+        ds.file_meta = FileMetaDataset()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
+        uid = generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = uid
+        ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, uid
+        ds.Modality, ds.PatientID = "CT", "P001"
+        ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
+            study_uid, study.series_uid, frame_uid)
+        ds.SeriesDescription = "CTP enhanced"
+        ds.Manufacturer, ds.KVP = "ACME", 80
+        ds.AcquisitionDateTime = START.strftime("%Y%m%d%H%M%S.%f")  # the object's start only
+        ds.InstanceNumber = number + 1
+        ds.NumberOfFrames = len(images)
+        ds.Rows, ds.Columns = rows, cols
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+        ds.SharedFunctionalGroupsSequence = Sequence([_item(
+            PixelMeasuresSequence=Sequence([_item(
+                PixelSpacing=[f"{v:.6g}" for v in study.spacing], SliceThickness="5")]),
+            PlaneOrientationSequence=Sequence([_item(
+                ImageOrientationPatient=[f"{v:.8g}" for v in study.iop])]),
+            PixelValueTransformationSequence=Sequence([_item(
+                RescaleIntercept="-1024", RescaleSlope="1", RescaleType="HU")]))])
+        per_frame = []
+        for t, z in images:
+            when = START + dt.timedelta(seconds=float(study.slice_times[t, z]))
+            per_frame.append(_item(
+                FrameContentSequence=Sequence([_item(
+                    FrameAcquisitionDateTime=when.strftime("%Y%m%d%H%M%S.%f"),
+                    TemporalPositionIndex=t + 1)]),
+                PlanePositionSequence=Sequence([_item(
+                    ImagePositionPatient=[f"{v:.6g}" for v in study.positions[z]])])))
+        ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
+        stored = np.stack([study.hu[t, z] for t, z in images]) + 1024.0
+        ds.PixelData = np.rint(stored).astype(np.uint16).tobytes()
+        if edit is not None:
+            edit(ds)
+        ds.save_as(study.folder / f"{number:03d}.dcm", enforce_file_format=True)
     return study
 
 

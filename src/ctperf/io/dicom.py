@@ -5,7 +5,8 @@ the series -> check geometry -> group slices by position along the slice normal 
 every (frame, slice) image is there once and scaled like the rest -> order frames in time and
 check the timing -> decode pixels in parallel -> check the HU. A study is read whole or refused:
 a folder or file that cannot be read is an error, never skipped. Files may have any names and
-lie in any sub-folder; JPEG Lossless and other compressed transfer syntaxes are decoded by
+lie in any sub-folder; a multi-frame file (Enhanced CT) counts as one image per frame
+(:mod:`ctperf.io.dicom_frames`). JPEG Lossless and other compressed transfer syntaxes are decoded by
 pydicom's plugins (pylibjpeg, GDCM). The returned affine maps voxel indices to RAS+ mm (DICOM's
 LPS with the first two axes flipped), like the NIfTI reader's.
 """
@@ -36,6 +37,7 @@ from ctperf.io.dicom_checks import (
     time_of,
 )
 from ctperf.io.dicom_decode import decode_into
+from ctperf.io.dicom_frames import frame_count, frame_headers
 from ctperf.io.dicom_write import PATIENT_STUDY_TAGS
 from ctperf.io.integrity import (
     check_frame_count,
@@ -87,8 +89,9 @@ def _find_files(root: Path) -> list[Path]:
     return sorted(files)
 
 
-def _read_header(path: Path) -> Header | None:
-    """Header without pixels; None for a non-DICOM file; InputError for a damaged one."""
+def _read_header(path: Path) -> list[Header] | None:
+    """Headers without pixels, one per image (per frame of a multi-frame file); None for a
+    non-DICOM file; InputError for a damaged one."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True)
     except OSError as exc:  # permissions, I/O errors: the file exists but cannot be read
@@ -110,20 +113,24 @@ def _read_header(path: Path) -> Header | None:
             missing = [k for k in ("SeriesInstanceUID", "Rows") if k not in ds]
             raise InputError(path, f"truncated or incomplete image file: no {', '.join(missing)}")
         return None  # DICOMDIR, structured reports and other non-image objects
-    return Header(path, ds)
+    n_frames = frame_count(path, ds)
+    if n_frames > 1:
+        return frame_headers(path, ds, n_frames)
+    return [Header(path, ds)]
 
 
 def read_dicom_headers(folder: PathLike) -> dict[str, list[Any]]:
-    """Headers (pydicom datasets without pixel data) of every image file, by SeriesInstanceUID."""
+    """Headers (without pixel data) of every image, by SeriesInstanceUID: one per file, one per
+    frame of a multi-frame file."""
     root = Path(folder)
     groups: dict[str, list[Any]] = defaultdict(list)
     skipped = []
     for path in _find_files(root):
-        header = _read_header(path)
-        if header is None:
+        headers = _read_header(path)
+        if headers is None:
             skipped.append(path)
         else:
-            groups[str(header.ds.SeriesInstanceUID)].append(header)
+            groups[str(headers[0].ds.SeriesInstanceUID)].extend(headers)
     if skipped:
         names = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
@@ -353,7 +360,8 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         raise InputError(root, f"one frame per slice ({len(slices)} slices): a 3D volume, a "
                                "perfusion study needs several frames (4D)")
     check_frame_count(len(slices[0]), root)
-    rescale = dict(zip((h.path for h in headers), check_rescale(headers), strict=True))
+    rescale = dict(zip(((h.path, h.frame) for h in headers), check_rescale(headers),
+                       strict=True))
     frames, abs_times, source = _order_frames(root, slices, frame_interval)
     n_t, n_z = len(frames[0]), len(frames)
     start = float(np.nanmin(abs_times)) if np.isfinite(abs_times).any() else None
@@ -374,12 +382,16 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     check_memory(n_t * n_z * rows * cols * 4, root,
                  what=f"the study's {n_t} frames x {n_z} slices of {rows} x {cols} pixels")
     flat = np.empty((n_t * n_z, rows, cols), dtype=np.float32)
-    paths = [frames[z][t].path for t in range(n_t) for z in range(n_z)]
-    decode_into(flat, paths, rescale=[rescale[p] for p in paths],
+    images = [(frames[z][t].path, frames[z][t].frame) for t in range(n_t) for z in range(n_z)]
+    decode_into(flat, images, rescale=[rescale[i] for i in images],
                 workers=workers or min(os.cpu_count() or 1, 8), progress=progress)
     hu = flat.reshape(n_t, n_z, rows, cols)
-    check_hu_plausible(hu, lambda t, z: (frames[z][t].path, ""))
-    meta = _meta(headers, source, start, len(paths))
+    def image_of(t: int, z: int) -> tuple[Path, str]:
+        frame = frames[z][t].frame
+        return frames[z][t].path, "" if frame is None else f"frame {frame + 1} of the file: "
+
+    check_hu_plausible(hu, image_of)
+    meta = _meta(headers, source, start, len({path for path, _ in images}))
     try:
         return CTPSeries(hu=hu, times=times, affine=affine,
                          slice_times=slice_times, meta=meta)
@@ -410,10 +422,11 @@ def read_dicom_volume(folder: PathLike, *, series_uid: str | None = None,
                                         f"(with {s[0].path.name}); expected a 3D series")
     check_memory(len(slices) * rows * cols * 4, root, what=f"{len(slices)} slices")
     volume = np.empty((len(slices), rows, cols), dtype=np.float32)
-    paths = [s[0].path for s in slices]
-    decode_into(volume, paths, rescale=check_rescale([s[0] for s in slices]),
+    images = [(s[0].path, s[0].frame) for s in slices]
+    decode_into(volume, images, rescale=check_rescale([s[0] for s in slices]),
                 workers=workers or min(os.cpu_count() or 1, 8), progress=False)
-    meta = _meta(headers, "", None, len(paths))
+    files = list(dict.fromkeys(path for path, _ in images))
+    meta = _meta(headers, "", None, len(files))
     meta["slice_positions"] = _depths(slices)
-    meta["files"] = paths
+    meta["files"] = files
     return volume, affine, meta

@@ -30,10 +30,12 @@ _IDENTITY_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "ContentTime",
 
 @dataclass(frozen=True)
 class Header:
-    """What the header pass keeps of one file."""
+    """What the header pass keeps of one image: a file, or one frame of a multi-frame file
+    (``frame``, 0-based; its ``ds`` then holds that frame's flattened functional groups)."""
 
     path: Path
     ds: pydicom.Dataset
+    frame: int | None = None
 
     def get(self, keyword: str, default: Any = None) -> Any:
         try:
@@ -150,10 +152,12 @@ def check_duplicates(slices: Sequence[Sequence[Header]]) -> None:
     for s in slices:
         seen_key: dict[tuple[Any, ...], Path] = {}
         for h in sorted(s, key=lambda h: str(h.path)):
-            uid = str(h.get("SOPInstanceUID", "")) or None
+            sop = str(h.get("SOPInstanceUID", "")) or None
+            # the frames of one multi-frame file share its SOPInstanceUID
+            uid = None if sop is None else sop if h.frame is None else f"{sop} frame {h.frame}"
             if uid is not None and uid in seen_uid:
                 raise InputError(h.path, f"duplicate of {seen_uid[uid].name} (same "
-                                         f"SOPInstanceUID {uid}); remove one of the two")
+                                         f"SOPInstanceUID {sop}); remove one of the two")
             if uid is not None:
                 seen_uid[uid] = h.path
             key = tuple(str(h.get(tag, "")) for tag in _IDENTITY_TAGS)
