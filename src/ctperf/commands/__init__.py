@@ -17,12 +17,30 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_anonymise_option", "add_batch_size_option", "add_brain_mask_option",
-           "add_cohort_options", "add_device_option", "add_filter_options",
-           "add_overwrite_option", "add_preprocess_options", "add_scheduler_option",
-           "add_study_options", "add_workers_option", "count", "device", "float_in",
-           "fraction", "non_negative_float", "positive_float", "positive_int",
-           "run_study_command", "seed"]
+__all__ = [
+    "METHOD_CHOICES",
+    "add_anonymise_option",
+    "add_batch_size_option",
+    "add_brain_mask_option",
+    "add_cohort_options",
+    "add_constants_options",
+    "add_device_option",
+    "add_filter_options",
+    "add_overwrite_option",
+    "add_preprocess_options",
+    "add_scheduler_option",
+    "add_study_options",
+    "add_workers_option",
+    "count",
+    "device",
+    "float_in",
+    "fraction",
+    "non_negative_float",
+    "positive_float",
+    "positive_int",
+    "run_study_command",
+    "seed",
+]
 
 
 def _number(text: str, kind: type) -> Any:
@@ -237,3 +255,16 @@ def add_anonymise_option(parser: Any) -> None:
                              "no patient name, ID, birth date, accession number or "
                              "institution; new UIDs); JSON never carries them")
 
+
+#: ``--method`` of the model-based commands (``ctperf.perfusion.METHODS``, spelled out here so
+#: that ``--help`` needs no scientific imports).
+METHOD_CHOICES: tuple[str, ...] = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes")
+
+
+def add_constants_options(parser: Any) -> None:
+    """``--rho`` and ``--kh``: the tissue constants of CBF and CBV."""
+    parser.add_argument("--rho", type=float_in(0.5, 2.0, "brain density rho (g/mL)"),
+                        default=1.04, help="brain density g/mL, 0.5-2 [%(default)s]")
+    parser.add_argument("--kh", type=float_in(0.1, 1.0, "haematocrit ratio kH"), default=0.733,
+                        help="haematocrit ratio kH = (1 - Hct large vessels) / (1 - Hct "
+                             "capillaries), 0.1-1 [%(default)s]")

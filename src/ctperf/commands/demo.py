@@ -6,7 +6,13 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import add_overwrite_option, add_preprocess_options, count, seed
+from ctperf.commands import (
+    METHOD_CHOICES,
+    add_overwrite_option,
+    add_preprocess_options,
+    count,
+    seed,
+)
 
 __all__ = ["ORDER", "register", "run"]
 
@@ -40,7 +46,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=seed, default=3, help="phantom seed [%(default)s]")
     p.add_argument("--motion", choices=("none", "mild", "severe", "realistic"), default="none",
                    help="simulated head motion (realistic: drawn as a cohort's) [%(default)s]")
-    p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes"),
+    p.add_argument("--method", choices=METHOD_CHOICES,
                    default="nlr-fast", help="perfusion method [%(default)s]")
     add_preprocess_options(p, default=True)
     add_overwrite_option(p)

@@ -8,15 +8,16 @@ from typing import Any
 
 from ctperf.commands import (
     COHORT_WORKERS,
+    METHOD_CHOICES,
     add_anonymise_option,
     add_brain_mask_option,
     add_cohort_options,
+    add_constants_options,
     add_device_option,
     add_overwrite_option,
     add_preprocess_options,
     add_study_options,
     add_workers_option,
-    float_in,
     fraction,
     non_negative_float,
     positive_float,
@@ -46,7 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("out", type=Path, help="output folder (replaced whole when done; with "
                                           "--cohort: OUT/<study>/ each)")
     add_overwrite_option(p)
-    p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes"),
+    p.add_argument("--method", choices=METHOD_CHOICES,
                    default="nlr-fast", help="box-model NLR (nlr: the paper's Nelder-Mead; "
                    "nlr-fast: grid + Levenberg-Marquardt), SVD deconvolution, or bayes "
                    "(posterior over residue shapes with a neighbourhood prior; also writes "
@@ -63,11 +64,7 @@ def register(subparsers: Any) -> None:
                        default=f"one per CPU core; {COHORT_WORKERS}")
     add_cohort_options(p)
     add_device_option(p, what="the box-model fits")
-    p.add_argument("--rho", type=float_in(0.5, 2.0, "brain density rho (g/mL)"), default=1.04,
-                   help="brain density g/mL, 0.5-2 [%(default)s]")
-    p.add_argument("--kh", type=float_in(0.1, 1.0, "haematocrit ratio kH"), default=0.733,
-                   help="haematocrit ratio kH = (1 - Hct large vessels) / (1 - Hct "
-                        "capillaries), 0.1-1 [%(default)s]")
+    add_constants_options(p)
     p.add_argument("--core-cbv", type=positive_float, default=None, metavar="ML",
                    help="define the core as CBV below ML mL/100g instead of the relative CBF "
                         "threshold (--core-rcbf)")

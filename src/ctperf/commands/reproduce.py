@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.commands import (
+    METHOD_CHOICES,
     add_batch_size_option,
     add_device_option,
     add_preprocess_options,
@@ -44,7 +45,7 @@ def add_reproduce_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed, default=0,
                    help="random seed of the weights, slice order, augmentation and folds "
                         "[%(default)s]")
-    p.add_argument("--method", choices=("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes"),
+    p.add_argument("--method", choices=METHOD_CHOICES,
                    default="nlr", help="reference method the U-Net learns (nlr: the paper's "
                    "Nelder-Mead box model) [%(default)s]")
     p.add_argument("--reference", choices=("nlr", "truth"), default="nlr",

@@ -16,6 +16,7 @@ from ctperf.perfusion.aif import (
 )
 from ctperf.perfusion.bayes import BayesFit, fit_bayes
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS, BoxFit, fit_box_nlr
+from ctperf.perfusion.curvefit import CURVE_PARAMETERS, CurveFit, fit_curves
 from ctperf.perfusion.curves import (
     ArterialTable,
     bandlimit,
@@ -39,6 +40,7 @@ from ctperf.perfusion.qc import qc_flags
 from ctperf.perfusion.svd import SVDResult, svd_deconvolve
 
 __all__ = [
+    "CURVE_PARAMETERS",
     "DEFAULT_BOUNDS",
     "METHODS",
     "SD_MAPS",
@@ -46,6 +48,7 @@ __all__ = [
     "ArterialTable",
     "BayesFit",
     "BoxFit",
+    "CurveFit",
     "LesionOptions",
     "LesionResult",
     "MidPlane",
@@ -63,6 +66,7 @@ __all__ = [
     "curve_noise_sd",
     "fit_bayes",
     "fit_box_nlr",
+    "fit_curves",
     "flow_scale",
     "midsagittal_plane",
     "normal_cbf_reference",

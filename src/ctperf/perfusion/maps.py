@@ -313,14 +313,17 @@ def _check_bayes_options(options: dict[str, Any] | None, method: str) -> None:
 
 
 def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho: float,
-         kh: float, brain: np.ndarray, spacing: tuple[float, float, float], device: str | None,
-         progress: bool, n_base: int, guide: np.ndarray | None = None,
+         kh: float, brain: np.ndarray | None, spacing: tuple[float, float, float],
+         device: str | None, progress: bool, n_base: int | None,
+         guide: np.ndarray | None = None,
          bayes_options: dict[str, Any] | None = None
          ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, Any]]:
     """Values (N,) of every brain voxel by map name, the uniform grid the fits saw (None
     when the frames are evenly spaced) and what the provenance should add (``bayes``: its
     options, and the residue shapes' prior weights when it learned them). ``guide`` (Z, Y, X):
-    the temporal mean image, for ``bayes``'s amplitude pooling.
+    the temporal mean image, for ``bayes``'s amplitude pooling. ``brain`` None: curves
+    without an image (``bayes`` fits each on its own); ``n_base`` None: no baseline was
+    subtracted.
 
     Unevenly spaced frames (fast, then slow sampling): the box model and SVD see the curves
     linearly interpolated onto a uniform grid at the finest step, from the first frame. Delay,

@@ -1,0 +1,93 @@
+"""``ctperf curves CURVES.csv OUT.csv --method M``: perfusion parameters of time curves."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from ctperf.commands import METHOD_CHOICES, add_constants_options, add_device_option
+
+__all__ = ["ORDER", "register", "run"]
+
+ORDER = 21
+
+
+def _baseline(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 0, got "
+                                         f"{text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 0, got {text!r}")
+    return value
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "curves", help="perfusion parameters of time curves (regions or voxels) in a CSV table",
+        description="Read CURVES, a CSV table with a header row: a column of frame times in s "
+                    "(--time-column), the arterial curve (--aif-column), optionally the venous "
+                    "curve (--vof-column, used when present: the AIF is scaled to its area when "
+                    "it is a plausible outflow) and one column per tissue curve, all in the same "
+                    "units (HU or concentration). Fit each tissue curve with the method of "
+                    "`ctperf maps` and write OUT (CSV: one row per curve with CBF mL/100g/min, "
+                    "CBV mL/100g, MTT, Tmax, delay and TTP s, and the SDs for bayes) and a JSON "
+                    "sidecar of the same stem (method, constants, baseline frames, "
+                    "partial-volume step, units).")
+    p.add_argument("curves", type=Path, help="CSV table of curves")
+    p.add_argument("out", type=Path, help="output CSV file (a .json sidecar is written beside)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace OUT and its sidecar when they exist")
+    p.add_argument("--method", choices=METHOD_CHOICES,
+                   default="nlr-fast", help="as for `ctperf maps`; bayes fits each curve on its "
+                   "own (no neighbourhood prior) [%(default)s]")
+    p.add_argument("--time-column", default="time", metavar="NAME",
+                   help="column of frame times, s [%(default)s]")
+    p.add_argument("--aif-column", default="aif", metavar="NAME",
+                   help="column of the arterial curve [%(default)s]")
+    p.add_argument("--vof-column", default="vof", metavar="NAME",
+                   help="column of the venous curve, used when present [%(default)s]")
+    p.add_argument("--baseline", type=_baseline, default="auto", metavar="N",
+                   help="pre-bolus frames whose mean is subtracted from every curve: auto (read "
+                        "from the AIF's arrival, as the maps do), or N; 0 when the curves are "
+                        "enhancement or concentration already [%(default)s]")
+    add_constants_options(p)
+    add_device_option(p, what="the box-model fits")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctperf.errors import InputError
+    from ctperf.io import check_output, write_json
+    from ctperf.io.curves_csv import read_curves_csv, write_curves_csv
+    from ctperf.perfusion import fit_curves
+    from ctperf.types import MAP_UNITS
+
+    sidecar = args.out.with_suffix(".json")
+    if sidecar == args.out:
+        raise InputError(args.out, "is the name of the JSON sidecar; give a .csv name")
+    for target in (args.out, sidecar):
+        check_output(target, inputs=[args.curves], overwrite=args.overwrite, kind="file")
+    table = read_curves_csv(args.curves, time_column=args.time_column,
+                            aif_column=args.aif_column, vof_column=args.vof_column)
+    fit = fit_curves(table.tissue, table.aif, table.times, method=args.method, vof=table.vof,
+                     baseline=args.baseline, rho=args.rho, kh=args.kh, device=args.device)
+    rows = fit.rows()
+    write_curves_csv(args.out, table.names, rows)
+    units = {k: MAP_UNITS[k.removesuffix("_sd")] for k in rows[0]}
+    write_json({**fit.provenance, "curves": list(table.names), "units": units}, sidecar)
+    width = max(len(n) for n in table.names)
+    shown = ("cbf", "cbv", "mtt", "tmax")
+    print(f"{'curve':<{width}}  " + "  ".join(f"{k.upper():>8}" for k in shown))
+    for name, row in zip(table.names, rows, strict=True):
+        print(f"{name:<{width}}  " + "  ".join(f"{row[k]:8.2f}" for k in shown))
+    pv = fit.provenance["partial_volume"]
+    aif = f"scaled to the VOF by {pv['factor']:.3f}" if pv["corrected"] else \
+        f"as given ({pv['reason']})"
+    print(f"{len(rows)} curves, {args.method}, baseline {fit.provenance['baseline_frames']} "
+          f"frames, AIF {aif} -> {args.out}")
+    return 0

@@ -1,0 +1,115 @@
+"""Time curves in a CSV table: one column of frame times, one of the arterial curve, optionally
+one of the venous curve, and one column per tissue curve (regions or voxels), a header row
+naming them. Comma, semicolon or tab separated; a file that cannot be read whole is refused,
+naming the line and the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ctperf.errors import InputError
+from ctperf.io.atomic import atomic_file
+
+__all__ = ["CurveTable", "read_curves_csv", "write_curves_csv"]
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class CurveTable:
+    """``times`` (T,) s, ``aif`` (T,), ``vof`` (T,) or None, ``tissue`` (T, N) and the tissue
+    columns' ``names`` (N,), in the file's units."""
+
+    times: np.ndarray
+    aif: np.ndarray
+    vof: np.ndarray | None
+    tissue: np.ndarray
+    names: tuple[str, ...]
+
+
+def _rows(path: Path) -> list[list[str]]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise InputError(path, "no such file") from None
+    except IsADirectoryError:
+        raise InputError(path, "is a folder, expected a CSV file of curves") from None
+    except UnicodeDecodeError:
+        raise InputError(path, "not a text file (expected a CSV table of curves)") from None
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2:
+        raise InputError(path, "expected a header row and one row per frame")
+    try:
+        dialect = csv.Sniffer().sniff(lines[0], delimiters=",;\t")
+    except csv.Error:
+        raise InputError(path, "cannot tell the column separator of the header row (comma, "
+                               "semicolon or tab)") from None
+    return [[cell.strip() for cell in row] for row in csv.reader(lines, dialect)]
+
+
+def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: str = "aif",
+                    vof_column: str = "vof") -> CurveTable:
+    """Read a CSV table of curves (see the module's docstring).
+
+    Column names match case-insensitively. The time column is in seconds, strictly
+    increasing; every other column is a curve, ``vof_column`` used when present; at least one
+    tissue column is needed.
+    """
+    p = Path(path)
+    rows = _rows(p)
+    header = rows[0]
+    keys = [h.lower() for h in header]
+    if len(set(keys)) < len(keys):
+        raise InputError(p, f"repeated column names in the header: {header}")
+    where = {}
+    for role, name in (("time", time_column), ("aif", aif_column)):
+        if name.lower() not in keys:
+            raise InputError(p, f"no {name!r} column ({role}); the header holds {header}")
+        where[role] = keys.index(name.lower())
+    vof_at = keys.index(vof_column.lower()) if vof_column.lower() in keys else None
+    tissue_at = [i for i in range(len(header))
+                 if i not in (where["time"], where["aif"], vof_at)]
+    if not tissue_at:
+        raise InputError(p, "no tissue column: every column besides time, AIF and VOF is a "
+                            "tissue curve")
+    values = np.empty((len(rows) - 1, len(header)))
+    for line, row in enumerate(rows[1:], start=2):
+        if len(row) != len(header):
+            raise InputError(p, f"line {line} has {len(row)} values, the header {len(header)}")
+        for col, cell in enumerate(row):
+            try:
+                value = float(cell)
+            except ValueError:
+                raise InputError(p, f"line {line}, column {header[col]!r}: {cell!r} is not a "
+                                    "number") from None
+            if not math.isfinite(value):
+                raise InputError(p, f"line {line}, column {header[col]!r}: {cell!r} is not a "
+                                    "finite number")
+            values[line - 2, col] = value
+    times = values[:, where["time"]]
+    if not np.all(np.diff(times) > 0):
+        bad = int(np.argmax(np.diff(times) <= 0)) + 3
+        raise InputError(p, f"times must increase from row to row (line {bad})")
+    return CurveTable(times=times, aif=values[:, where["aif"]],
+                      vof=None if vof_at is None else values[:, vof_at],
+                      tissue=values[:, tissue_at], names=tuple(header[i] for i in tissue_at))
+
+
+def write_curves_csv(path: PathLike, names: Sequence[str], rows: Sequence[dict[str, float]],
+                     *, digits: int = 4) -> None:
+    """One row per curve: its name, then the columns of ``rows`` (the same keys in each),
+    ``digits`` significant digits; written atomically."""
+    columns = list(rows[0]) if rows else []
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["curve", *columns])
+        for name, row in zip(names, rows, strict=True):
+            writer.writerow([name, *(f"{row[c]:.{digits}g}" for c in columns)])

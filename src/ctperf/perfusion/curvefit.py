@@ -1,0 +1,154 @@
+"""Perfusion parameters of curves rather than of a study: regions' or voxels' time curves with
+their AIF (and, optionally, a VOF), as exported from other software, drawn on a workstation or
+published as reference data.
+
+:func:`fit_curves` runs the same fits as the maps (:func:`~ctperf.perfusion.run_perfusion`,
+through the same per-method code), with the same baseline handling and partial-volume
+correction; what it cannot do without an image is find the vessels, the brain and the lesions.
+``bayes`` then fits each curve on its own (no neighbourhood prior).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ctperf.errors import ValidationError
+from ctperf.perfusion.curves import to_enhancement
+from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
+from ctperf.perfusion.maps import (
+    METHODS,
+    MIN_FRAMES,
+    SD_MAPS,
+    _baseline_frames,
+    _fit,
+    _smooth_time,
+)
+
+__all__ = ["CURVE_PARAMETERS", "CurveFit", "fit_curves"]
+
+#: The parameters of every method, in the order they are reported.
+CURVE_PARAMETERS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "delay", "ttp")
+
+
+@dataclass(frozen=True)
+class CurveFit:
+    """Per-curve results, each an ndarray (N,) float64: ``cbf`` mL/100 g/min, ``cbv``
+    mL/100 g, ``mtt``, ``tmax``, ``delay``, ``ttp`` s (``delay`` is the SVD methods' Tmax, as
+    in the maps); ``sd`` the posterior SDs of ``bayes`` by map name (``cbf_sd``...), else
+    empty; ``provenance`` the method, constants, baseline frames and partial-volume step."""
+
+    cbf: np.ndarray
+    cbv: np.ndarray
+    mtt: np.ndarray
+    tmax: np.ndarray
+    delay: np.ndarray
+    ttp: np.ndarray
+    sd: dict[str, np.ndarray] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+    def rows(self) -> list[dict[str, float]]:
+        """One dict per curve: every parameter, then the SDs."""
+        columns = {**{k: getattr(self, k) for k in CURVE_PARAMETERS}, **self.sd}
+        return [{k: float(v[i]) for k, v in columns.items()} for i in range(self.cbf.size)]
+
+
+def _as_curves(tissue: np.ndarray, n_t: int) -> np.ndarray:
+    c = np.asarray(tissue, dtype=np.float64)
+    if c.ndim == 1:
+        c = c[:, None]
+    if c.ndim != 2 or c.shape[0] != n_t:
+        raise ValidationError(f"tissue must be (T,) or (T, N) with T = {n_t} frames, got "
+                              f"shape {np.shape(tissue)}")
+    return c
+
+
+def _check(name: str, curve: np.ndarray) -> None:
+    if not np.all(np.isfinite(curve)):
+        raise ValidationError(f"{name} holds NaN or infinite values")
+
+
+def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
+               method: str = "nlr-fast", vof: np.ndarray | None = None,
+               baseline: int | str = "auto", rho: float = 1.04, kh: float = 0.733,
+               device: str | None = None, progress: bool = False) -> CurveFit:
+    """CBF, CBV, MTT, Tmax, delay and TTP of each tissue curve.
+
+    Parameters
+    ----------
+    tissue : ndarray, shape (T,) or (T, N)
+        Tissue curves (attenuation in HU, or concentration), one column per curve.
+    aif : ndarray, shape (T,)
+        Arterial curve in the same units.
+    times : ndarray, shape (T,)
+        Frame times, s, strictly increasing (any spacing).
+    method : str
+        One of :data:`~ctperf.perfusion.METHODS`.
+    vof : ndarray, shape (T,), optional
+        Venous curve in the same units: the AIF is scaled up to its area when it is a
+        plausible outflow (:func:`~ctperf.perfusion.assess_vof`); a VOF that is not is an error.
+    baseline : "auto" or int
+        Frames before the bolus whose mean is subtracted from every curve: ``"auto"`` reads
+        them from the AIF's (and VOF's) arrival as the maps do; ``0`` takes the curves as
+        enhancement already (baseline subtracted, e.g. concentration).
+    rho, kh : float
+        Brain density g/mL and haematocrit ratio.
+    device : str, optional
+        For the box-model fits (see :func:`~ctperf.perfusion.fit_box_nlr`).
+    progress : bool
+        Progress bars.
+
+    Returns
+    -------
+    CurveFit
+    """
+    if method not in METHODS:
+        raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    t = np.asarray(times, dtype=np.float64)
+    if t.ndim != 1 or t.size < MIN_FRAMES:
+        raise ValidationError(f"times must be 1-D with at least {MIN_FRAMES} frames, got "
+                              f"shape {t.shape}")
+    if not np.all(np.isfinite(t)) or not np.all(np.diff(t) > 0):
+        raise ValidationError("times must be finite and strictly increasing")
+    a = np.asarray(aif, dtype=np.float64)
+    if a.shape != t.shape:
+        raise ValidationError(f"aif must have one value per frame ({t.size}), got {a.shape}")
+    tis = _as_curves(tissue, t.size)
+    v = None if vof is None else np.asarray(vof, dtype=np.float64)
+    if v is not None and v.shape != t.shape:
+        raise ValidationError(f"vof must have one value per frame ({t.size}), got {v.shape}")
+    for name, curve in (("aif", a), ("tissue", tis), ("vof", v)):
+        if curve is not None:
+            _check(name, curve)
+
+    vessels = a[:, None] if v is None else np.stack([a, v], axis=1)
+    if isinstance(baseline, str):
+        if baseline != "auto":
+            raise ValidationError(f"baseline must be 'auto' or a number of frames, got "
+                                  f"{baseline!r}")
+        smooth = _smooth_time(vessels)
+        rise = smooth.max(axis=0) - smooth[0]
+        if not float(rise.max()) > 0:
+            raise ValidationError("the AIF never rises above its first frame: no bolus")
+        n_base = _baseline_frames(vessels, rise, noise_sd=voxel_noise_sd(vessels, 0))
+    else:
+        n_base = int(baseline)
+        if not 0 <= n_base < t.size - 2:
+            raise ValidationError(f"baseline must be 0 to {t.size - 3} frames, got {baseline}")
+    if n_base:
+        vessels = to_enhancement(vessels, n_baseline=n_base)[0]
+        tis = to_enhancement(tis, n_baseline=n_base)[0]
+    aif_used, pv = partial_volume(vessels[:, 0], None if v is None else vessels[:, 1],
+                                  CurveOrigin("given curve"), t, n_base=max(n_base, 1))
+    values, grid, fitted = _fit(method, tis.astype(np.float32), aif_used, t, rho=rho, kh=kh,
+                                brain=None, spacing=(1.0, 1.0, 1.0), device=device,
+                                progress=progress, n_base=n_base or None)
+    out = {k: np.asarray(values[k], dtype=np.float64) for k in CURVE_PARAMETERS}
+    sd = {k: np.asarray(values[k], dtype=np.float64) for k in SD_MAPS if k in values}
+    provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},
+                  "baseline_frames": n_base, "partial_volume": pv,
+                  "fit_grid_step_s": None if grid is None else float(grid[1] - grid[0]),
+                  **fitted}
+    return CurveFit(**out, sd=sd, provenance=provenance)
