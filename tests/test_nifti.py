@@ -9,6 +9,7 @@ from ctperf.io import (
     read_maps,
     read_mask,
     read_nifti_series,
+    read_study,
     write_maps_nifti,
     write_series_nifti,
     write_volume,
@@ -35,6 +36,24 @@ def test_time_step_from_pixdim_in_milliseconds(tmp_path):
     series = read_nifti_series(tmp_path / "s.nii.gz")
     np.testing.assert_allclose(series.times, np.arange(6) * 0.5)
     assert series.shape == (6, 2, 5, 4)
+
+
+def test_frame_interval_replaces_missing_or_wrong_header_timing(tmp_path):
+    """Files converted by other tools often carry pixdim[4] = 0 (or 1 whatever the sampling):
+    without timing the error says how to give it; with ``frame_interval`` (``--frame-interval``)
+    the frames are that far apart, whatever the header or a sidecar says."""
+    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), np.eye(4))
+    img.header["pixdim"][4] = 0.0
+    path = tmp_path / "s.nii.gz"
+    nib.save(img, path)
+    with pytest.raises(InputError, match="--frame-interval"):
+        read_nifti_series(path)
+    series = read_study(path, frame_interval=2.0)
+    np.testing.assert_allclose(series.times, np.arange(6) * 2.0)
+    assert series.meta["timing_source"] == "frame_interval 2 s"
+    (tmp_path / "s.json").write_text(json.dumps({"FrameTimes": [0, 1, 2, 3, 4, 5]}))
+    np.testing.assert_allclose(read_nifti_series(path, frame_interval=0.5).times,
+                               np.arange(6) * 0.5)
 
 
 @pytest.mark.parametrize(

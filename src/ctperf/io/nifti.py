@@ -191,18 +191,21 @@ def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]
     step = float(header["pixdim"][4]) * _TIME_UNIT_SECONDS.get(unit, 1.0)
     if not step > 0:
         raise InputError(p, "no frame timing: pixdim[4] is 0 and there is no JSON sidecar "
-                            "with FrameTimes")
+                            "with FrameTimes; give the frame spacing with --frame-interval "
+                            "SECONDS")
     source = f"pixdim[4] ({unit if unit != 'unknown' else 'unknown unit, taken as s'})"
     return np.arange(n_frames, dtype=np.float64) * step, source
 
 
-def read_nifti_series(path: PathLike) -> CTPSeries:
+def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) -> CTPSeries:
     """Read a 4D NIfTI (X, Y, Z, T) study.
 
-    Frame times come from the JSON sidecar's ``FrameTimes`` (seconds) when present, else from
-    ``pixdim[4]`` in the header's time unit (s, ms or us; unknown is taken as s). A sidecar's
-    ``SliceTimes`` (T x Z) and ``meta`` are kept. Header, sidecar and timing are checked
-    before the pixels are read; the whole file is read (a compressed file's CRC checked) and
+    Frame times are ``frame_interval`` s apart when it is given (the header's and sidecar's
+    timing are then not used: files whose ``pixdim[4]`` is 0 or wrong); else they come from
+    the JSON sidecar's ``FrameTimes`` (seconds) when present, else from ``pixdim[4]`` in the
+    header's time unit (s, ms or us; unknown is taken as s). A sidecar's ``SliceTimes``
+    (T x Z, not with ``frame_interval``) and ``meta`` are kept. Header, sidecar and timing are
+    checked before the pixels are read; the whole file is read (a compressed file's CRC checked) and
     every image's values checked to be CT numbers.
 
     Raises
@@ -225,7 +228,13 @@ def read_nifti_series(path: PathLike) -> CTPSeries:
     times = slice_times = None
     if side.exists():
         times, slice_times, meta = _read_sidecar(side, n_frames, n_slices)
-    if times is not None:
+    if frame_interval is not None:
+        if not frame_interval > 0:
+            raise InputError(p, f"frame_interval must be > 0 s, got {frame_interval}")
+        times, slice_times = frame_interval * np.arange(n_frames, dtype=np.float64), None
+        source, where = f"frame_interval {frame_interval:g} s", p
+        check_frame_times(times, p, source="frame_interval")
+    elif times is not None:
         source, where = "sidecar FrameTimes", side
         check_frame_times(times, side, source="FrameTimes")
     else:

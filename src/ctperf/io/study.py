@@ -5,11 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
-
 from ctperf.errors import InputError
 from ctperf.io.dicom import read_dicom_series
-from ctperf.io.integrity import check_frame_times
 from ctperf.io.nifti import is_nifti, read_nifti_series
 from ctperf.types import CTPSeries
 
@@ -44,15 +41,7 @@ def read_study(path: str | os.PathLike[str], *, series_uid: str | None = None,
     if is_nifti(p):
         if series_uid is not None:
             raise InputError(p, "series_uid (--series) applies to DICOM folders, not NIfTI")
-        series = read_nifti_series(p)
-        if frame_interval is not None:
-            if not frame_interval > 0:
-                raise InputError(p, f"frame_interval must be > 0 s, got {frame_interval}")
-            times = check_frame_times(frame_interval * np.arange(series.n_frames), p,
-                                      source="frame_interval")
-            meta = {**series.meta, "timing_source": f"frame_interval {frame_interval:g} s"}
-            series = series.replace(times=times, slice_times=None, meta=meta)
-        return series
+        return read_nifti_series(p, frame_interval=frame_interval)
     if not p.exists():
         raise InputError(p, "no such file or folder")
     raise InputError(p, "not a study: expected a DICOM folder or a .nii/.nii.gz file")
