@@ -37,20 +37,26 @@ class FakeStudy:
     files: dict[tuple[int, int], Path] = field(default_factory=dict)
 
 
+def _new_dataset(sop_class: str) -> Dataset:
+    """An empty CT dataset of ``sop_class`` with its file meta and a new SOPInstanceUID."""
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta.MediaStorageSOPClassUID = sop_class
+    uid = generate_uid()
+    ds.file_meta.MediaStorageSOPInstanceUID = uid
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, uid
+    ds.Modality = "CT"
+    return ds
+
+
 def ct_dataset(pixels: np.ndarray, *, series_uid: str, study_uid: str, frame_uid: str,
                position: np.ndarray, iop: np.ndarray, spacing: tuple[float, float],
                when: dt.datetime | None, temporal_index: int, instance: int,
                slope: float = 1.0, intercept: float = -1024.0,
                description: str = "CTP 5mm") -> Dataset:
     """One CT Image Storage dataset; ``pixels`` are HU, stored as (HU - intercept) / slope."""
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-    uid = generate_uid()
-    ds.file_meta.MediaStorageSOPInstanceUID = uid
-    ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, uid
-    ds.Modality = "CT"
+    ds = _new_dataset(CTImageStorage)
     ds.PatientName, ds.PatientID = "Test^Patient", "P001"
     ds.PatientBirthDate, ds.AccessionNumber = "19500607", "ACC778899"
     ds.InstitutionName, ds.ReferringPhysicianName = "Saint Example Hospital", "Doe^Jane"
@@ -151,14 +157,8 @@ def write_enhanced_study(folder: Path, rng: np.random.Generator, *, per_slice: b
         else [[(t, z) for t in range(n_frames) for z in range(n_slices)]]
     for number, images in enumerate(groups):
         images = [images[i] for i in rng.permutation(len(images))]
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.file_meta.MediaStorageSOPClassUID = EnhancedCTImageStorage
-        uid = generate_uid()
-        ds.file_meta.MediaStorageSOPInstanceUID = uid
-        ds.SOPClassUID, ds.SOPInstanceUID = EnhancedCTImageStorage, uid
-        ds.Modality, ds.PatientID = "CT", "P001"
+        ds = _new_dataset(EnhancedCTImageStorage)
+        ds.PatientID = "P001"
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = (
             study_uid, study.series_uid, frame_uid)
         ds.SeriesDescription = "CTP enhanced"
