@@ -373,3 +373,15 @@ def test_enhanced_short_pixel_data_names_the_file(tmp_path, rng):
     study = write_enhanced_study(tmp_path / "s", rng, per_slice=False, edit=truncate)
     with pytest.raises(InputError, match=r"000\.dcm"):
         read_dicom_series(study.folder)
+
+
+def test_enhanced_compressed_frames(tmp_path, rng):
+    """Encapsulated multi-frame pixel data (RLE Lossless, which pydicom encodes itself): each
+    file decoded once into all its frames."""
+    from pydicom.uid import RLELossless
+
+    study = write_enhanced_study(tmp_path / "s", rng, per_slice=True,
+                                 edit=lambda ds: ds.compress(RLELossless))
+    series = read_dicom_series(study.folder)
+    np.testing.assert_array_equal(series.hu, study.hu)
+    assert series.meta["transfer_syntax"] == "RLE Lossless"
