@@ -110,6 +110,7 @@ def test_curves_cli_on_the_osipi_reference(tmp_path, capsys, method):
     assert sidecar["method"] == method and sidecar["units"]["cbf"] == "mL/100g/min"
     assert sidecar["constants"] == {"rho_g_per_ml": 1.0, "kh": 1.0}
     assert "14 curves" in capsys.readouterr().out
+    assert out.with_suffix(".png").stat().st_size > 20_000
     # the output exists now: refused without --overwrite, before any work
     assert main(["curves", str(src), str(out)]) == 2
     assert "exists" in capsys.readouterr().err

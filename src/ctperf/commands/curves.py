@@ -35,13 +35,14 @@ def register(subparsers: Any) -> None:
                     "it is a plausible outflow) and one column per tissue curve, all in the same "
                     "units (HU or concentration). Fit each tissue curve with the method of "
                     "`ctperf maps` and write OUT (CSV: one row per curve with CBF mL/100g/min, "
-                    "CBV mL/100g, MTT, Tmax, delay and TTP s, and the SDs for bayes) and a JSON "
+                    "CBV mL/100g, MTT, Tmax, delay and TTP s, and the SDs for bayes), a JSON "
                     "sidecar of the same stem (method, constants, baseline frames, "
-                    "partial-volume step, units).")
+                    "partial-volume step, units) and a PNG of the curves as fitted.")
     p.add_argument("curves", type=Path, help="CSV table of curves")
-    p.add_argument("out", type=Path, help="output CSV file (a .json sidecar is written beside)")
+    p.add_argument("out", type=Path, help="output CSV file (a .json sidecar and a .png figure "
+                                          "are written beside)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace OUT and its sidecar when they exist")
+                   help="replace OUT, its sidecar and figure when they exist")
     p.add_argument("--method", choices=METHOD_CHOICES,
                    default="nlr-fast", help="as for `ctperf maps`; bayes fits each curve on its "
                    "own (no neighbourhood prior) [%(default)s]")
@@ -65,12 +66,14 @@ def run(args: argparse.Namespace) -> int:
     from ctperf.io import check_output, write_json
     from ctperf.io.curves_csv import read_curves_csv, write_curves_csv
     from ctperf.perfusion import fit_curves
+    from ctperf.reporting import curves_figure, save_figure
     from ctperf.types import MAP_UNITS
 
-    sidecar = args.out.with_suffix(".json")
-    if sidecar == args.out:
-        raise InputError(args.out, "is the name of the JSON sidecar; give a .csv name")
-    for target in (args.out, sidecar):
+    sidecar, figure = args.out.with_suffix(".json"), args.out.with_suffix(".png")
+    if args.out in (sidecar, figure):
+        raise InputError(args.out, "is the name of the JSON sidecar or the figure; give a .csv "
+                                   "name")
+    for target in (args.out, sidecar, figure):
         check_output(target, inputs=[args.curves], overwrite=args.overwrite, kind="file")
     table = read_curves_csv(args.curves, time_column=args.time_column,
                             aif_column=args.aif_column, vof_column=args.vof_column)
@@ -80,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     write_curves_csv(args.out, table.names, rows)
     units = {k: MAP_UNITS[k.removesuffix("_sd")] for k in rows[0]}
     write_json({**fit.provenance, "curves": list(table.names), "units": units}, sidecar)
+    save_figure(curves_figure(table.times, fit, table.names), figure, dpi=110)
     width = max(len(n) for n in table.names)
     shown = ("cbf", "cbv", "mtt", "tmax")
     print(f"{'curve':<{width}}  " + "  ".join(f"{k.upper():>8}" for k in shown))

@@ -38,7 +38,9 @@ class CurveFit:
     """Per-curve results, each an ndarray (N,) float64: ``cbf`` mL/100 g/min, ``cbv``
     mL/100 g, ``mtt``, ``tmax``, ``delay``, ``ttp`` s (``delay`` is the SVD methods' Tmax, as
     in the maps); ``sd`` the posterior SDs of ``bayes`` by map name (``cbf_sd``...), else
-    empty; ``provenance`` the method, constants, baseline frames and partial-volume step."""
+    empty; ``provenance`` the method, constants, baseline frames and partial-volume step; and
+    the curves as fitted, baseline subtracted: ``tissue`` (T, N), ``aif`` (T,) after the
+    partial-volume scaling, ``vof`` (T,) or None."""
 
     cbf: np.ndarray
     cbv: np.ndarray
@@ -48,6 +50,9 @@ class CurveFit:
     ttp: np.ndarray
     sd: dict[str, np.ndarray] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    tissue: np.ndarray | None = None
+    aif: np.ndarray | None = None
+    vof: np.ndarray | None = None
 
     def rows(self) -> list[dict[str, float]]:
         """One dict per curve: every parameter, then the SDs."""
@@ -151,4 +156,5 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                   "baseline_frames": n_base, "partial_volume": pv,
                   "fit_grid_step_s": None if grid is None else float(grid[1] - grid[0]),
                   **fitted}
-    return CurveFit(**out, sd=sd, provenance=provenance)
+    return CurveFit(**out, sd=sd, provenance=provenance, tissue=tis, aif=aif_used,
+                    vof=None if v is None else vessels[:, 1])

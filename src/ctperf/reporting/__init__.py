@@ -9,6 +9,7 @@ from ctperf.reporting.evaluation import evaluation_figures, evaluation_page
 from ctperf.reporting.figures import (
     bland_altman_figure,
     comparison_figure,
+    curves_figure,
     reduction_figure,
     save_figure,
     side_by_side_figure,
@@ -42,6 +43,7 @@ __all__ = [
     "VESSEL_WINDOW_HU",
     "bland_altman_figure",
     "comparison_figure",
+    "curves_figure",
     "demo_tables_markdown",
     "display_window",
     "evaluation_figures",

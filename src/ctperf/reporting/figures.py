@@ -15,6 +15,7 @@ from ctperf.types import PerfusionMaps
 __all__ = [
     "bland_altman_figure",
     "comparison_figure",
+    "curves_figure",
     "reduction_figure",
     "save_figure",
     "side_by_side_figure",
@@ -323,4 +324,51 @@ def reduction_figure(doc: Mapping[str, Any], *, title: str = "") -> Any:
     if title:
         fig.suptitle(title)
     fig.tight_layout(rect=(0, 0.08, 1, 0.96 if title else 1))
+    return fig
+
+
+def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: str = "",
+                  most: int = 12) -> Any:
+    """The curves of :func:`ctperf.perfusion.fit_curves` as fitted: the AIF (after any
+    partial-volume scaling) and the VOF on the left, the tissue curves on the right with
+    their CBF and Tmax in the legend (the first ``most`` of them), the baseline frames shaded.
+
+    Parameters
+    ----------
+    times : ndarray, shape (T,)
+        Frame times, s.
+    fit : ctperf.perfusion.CurveFit
+    names : sequence of str
+        The tissue curves' names.
+    """
+    plt = _pyplot()
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    pv = fit.provenance.get("partial_volume", {})
+    factor = float(pv.get("factor") or 1.0) if pv.get("corrected") else 1.0
+    label = f"AIF x {factor:.2f} (scaled to the VOF's area)" if factor > 1.005 else "AIF"
+    left.plot(times, fit.aif, color="tab:red", label=label)
+    if fit.vof is not None:
+        left.plot(times, fit.vof, color="tab:blue", label="VOF")
+    n = min(len(names), most)
+    colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(n, 2)))
+    for i in range(n):
+        right.plot(times, fit.tissue[:, i], color=colours[i], linewidth=1.2,
+                   label=f"{names[i]}: CBF {fit.cbf[i]:.1f}, Tmax {fit.tmax[i]:.1f} s")
+    n_base = int(fit.provenance.get("baseline_frames") or 0)
+    for ax in (left, right):
+        if n_base > 1:
+            ax.axvspan(times[0], times[n_base - 1], color="0.9", zorder=0,
+                       label="baseline" if ax is left else None)
+        ax.axhline(0, color="grey", linewidth=0.6)
+        ax.set_xlabel("time (s)", fontsize=9)
+        ax.tick_params(labelsize=8)
+    left.set_ylabel("enhancement (input units)", fontsize=9)
+    left.set_title("arterial and venous curves", fontsize=10)
+    shown = f" (first {n} of {len(names)})" if n < len(names) else ""
+    right.set_title(f"tissue curves{shown}", fontsize=10)
+    left.legend(fontsize=7, loc="upper right")
+    right.legend(fontsize=6, loc="upper right")
+    fig.suptitle(title or f"{fit.provenance.get('method', '')}: CBF mL/100g/min, Tmax s",
+                 fontsize=11)
+    fig.tight_layout()
     return fig
