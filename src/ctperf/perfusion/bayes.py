@@ -1256,11 +1256,17 @@ def fit_bayes(
         # (as far as the blocks' differences are the noise's)
         bn = _block_noise(block_curves, block_precision, (top, top_lp), m, block_size, grid,
                           log_prior, keep, chunk1, workers)[block]
+        own_mtt, own_tmax = mom[:, 2].copy(), mom[:, 4].copy()
         mom[:, 2] = np.exp(interpolate_blocks(np.log(np.maximum(mom[:, 2], 1e-6)), m,
                                               block_size, bn[:, 0]))
         mom[:, 3] = interpolate_blocks(mom[:, 3], m, block_size, bn[:, 1])
         mom[:, 4] = interpolate_blocks(mom[:, 4], m, block_size, bn[:, 2])
         mom[:, 0] = mom[:, 1] * 60.0 / np.maximum(mom[:, 2], 1e-6)
+        # the SDs are root-mean-square errors of the estimates under the voxel's posterior:
+        # an estimate moved by the interpolation is that much further from the posterior's
+        # centre, E[(x - new)^2] = E[(x - own)^2] + (new - own)^2
+        mom[:, 10] = np.hypot(mom[:, 10], mom[:, 2] - own_mtt)
+        mom[:, 11] = np.hypot(mom[:, 11], mom[:, 4] - own_tmax)
     if use_space and pool_amplitude:
         if guide is not None and np.asarray(guide).shape != m.shape:
             raise ValidationError(f"guide must have the mask's shape {m.shape}, got "
