@@ -22,9 +22,9 @@ from ctperf.perfusion.maps import (
     METHODS,
     MIN_FRAMES,
     SD_MAPS,
-    _baseline_frames,
-    _fit,
-    _smooth_time,
+    fit_voxels,
+    pre_bolus_frames,
+    smooth_time,
 )
 
 __all__ = ["CURVE_PARAMETERS", "CurveFit", "fit_curves"]
@@ -133,11 +133,11 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         if baseline != "auto":
             raise ValidationError(f"baseline must be 'auto' or a number of frames, got "
                                   f"{baseline!r}")
-        smooth = _smooth_time(vessels)
+        smooth = smooth_time(vessels)
         rise = smooth.max(axis=0) - smooth[0]
         if not float(rise.max()) > 0:
             raise ValidationError("the AIF never rises above its first frame: no bolus")
-        n_base = _baseline_frames(vessels, rise, noise_sd=voxel_noise_sd(vessels, 0))
+        n_base = pre_bolus_frames(vessels, rise, noise_sd=voxel_noise_sd(vessels, 0))
     else:
         n_base = int(baseline)
         if not 0 <= n_base < t.size - 2:
@@ -147,9 +147,9 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         tis = to_enhancement(tis, n_baseline=n_base)[0]
     aif_used, pv = partial_volume(vessels[:, 0], None if v is None else vessels[:, 1],
                                   CurveOrigin("given curve"), t, n_base=max(n_base, 1))
-    values, grid, fitted = _fit(method, tis.astype(np.float32), aif_used, t, rho=rho, kh=kh,
-                                brain=None, spacing=(1.0, 1.0, 1.0), device=device,
-                                progress=progress, n_base=n_base or None)
+    values, grid, fitted = fit_voxels(method, tis.astype(np.float32), aif_used, t, rho=rho,
+                                      kh=kh, brain=None, spacing=(1.0, 1.0, 1.0),
+                                      device=device, progress=progress, n_base=n_base or None)
     out = {k: np.asarray(values[k], dtype=np.float64) for k in CURVE_PARAMETERS}
     sd = {k: np.asarray(values[k], dtype=np.float64) for k in SD_MAPS if k in values}
     provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},

@@ -179,9 +179,10 @@ def run_perfusion(
     del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
     # bayes pools amplitudes among neighbours of similar temporal mean (the paper's guide)
     guide = hu.mean(axis=0, dtype=np.float32) if method == "bayes" else None
-    values, grid, fitted = _fit(method, tissue, aif_used, t, rho=rho, kh=kh, brain=brain,
-                                spacing=spacing, device=device, progress=progress,
-                                n_base=n_base, guide=guide, bayes_options=bayes_options)
+    values, grid, fitted = fit_voxels(method, tissue, aif_used, t, rho=rho, kh=kh,
+                                      brain=brain, spacing=spacing, device=device,
+                                      progress=progress, n_base=n_base, guide=guide,
+                                      bayes_options=bayes_options)
     maps, units = _assemble(values, brain)
 
     flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
@@ -242,7 +243,7 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
     first, last, top = (np.empty(vhu.shape[1:], dtype=np.float32) for _ in range(3))
     for z in range(vhu.shape[1]):  # 16 rows at a time: no smoothed copy, and cache-sized
         for y in range(0, vhu.shape[2], 16):
-            sm = _smooth_time(vhu[:, z, y:y + 16])
+            sm = smooth_time(vhu[:, z, y:y + 16])
             first[z, y:y + 16], last[z, y:y + 16], top[z, y:y + 16] = sm[0], sm[-1], sm.max(0)
     rise = top - first
     if not float(rise.max()) > 5.0:
@@ -256,7 +257,7 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
     where = np.flatnonzero(calm)
     sample = where[np.linspace(0, where.size - 1, min(where.size, 4096)).astype(np.int64)]
     noise = voxel_noise_sd(vhu.reshape(vhu.shape[0], -1)[:, sample], 0)
-    return _baseline_frames(vhu, np.where(calm, rise, -np.inf), noise_sd=noise), bone_rim
+    return pre_bolus_frames(vhu, np.where(calm, rise, -np.inf), noise_sd=noise), bone_rim
 
 
 def _brain(base: np.ndarray, given: np.ndarray | None, *,
@@ -312,12 +313,12 @@ def _check_bayes_options(options: dict[str, Any] | None, method: str) -> None:
                               f"known: {', '.join(sorted(known))}")
 
 
-def _fit(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *, rho: float,
-         kh: float, brain: np.ndarray | None, spacing: tuple[float, float, float],
-         device: str | None, progress: bool, n_base: int | None,
-         guide: np.ndarray | None = None,
-         bayes_options: dict[str, Any] | None = None
-         ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, Any]]:
+def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *,
+               rho: float, kh: float, brain: np.ndarray | None,
+               spacing: tuple[float, float, float], device: str | None, progress: bool,
+               n_base: int | None, guide: np.ndarray | None = None,
+               bayes_options: dict[str, Any] | None = None
+               ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, Any]]:
     """Values (N,) of every brain voxel by map name, the uniform grid the fits saw (None
     when the frames are evenly spaced) and what the provenance should add (``bayes``: its
     options, and the residue shapes' prior weights when it learned them). ``guide`` (Z, Y, X):
@@ -445,7 +446,7 @@ _ARRIVAL_TAPS = np.exp(-0.5 * (np.arange(-4, 5) / ARRIVAL_SMOOTH_FRAMES) ** 2)
 _ARRIVAL_TAPS /= _ARRIVAL_TAPS.sum()
 
 
-def _smooth_time(curves: np.ndarray) -> np.ndarray:
+def smooth_time(curves: np.ndarray) -> np.ndarray:
     """Curves (T, ...) smoothed along time before bolus arrivals are read, float32: a Gaussian of
     SD :data:`ARRIVAL_SMOOTH_FRAMES`, the first and last frames repeated beyond the ends (as
     ``scipy.ndimage.gaussian_filter1d(..., mode="nearest")``), summed as whole frames, which
@@ -459,7 +460,7 @@ def _smooth_time(curves: np.ndarray) -> np.ndarray:
     return out
 
 
-def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
+def pre_bolus_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
                      share: float = 0.25, most: int = 5000, percentile: float = 5.0) -> int:
     """Frames before the bolus: two less than an early percentile of the arrival frames of the
     voxels rising by at least ``share`` of the largest ``rise`` (Z, Y, X), at most ``most`` of
@@ -469,7 +470,7 @@ def _baseline_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
     flat = rise.ravel()
     n = min(most, int(np.count_nonzero(flat >= share * flat.max())))
     top = np.argpartition(flat, flat.size - max(n, 1))[-max(n, 1):]
-    c = _smooth_time(hu.reshape(hu.shape[0], -1)[:, top])
+    c = smooth_time(hu.reshape(hu.shape[0], -1)[:, top])
     rel = c - np.median(c[: min(3, c.shape[0])], axis=0)
     smoothed_sd = noise_sd * float(np.sqrt((_ARRIVAL_TAPS ** 2).sum()))
     arrival = np.argmax(rel > np.maximum(0.2 * rel.max(axis=0), 4.0 * smoothed_sd), axis=0)
