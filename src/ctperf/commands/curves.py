@@ -78,7 +78,8 @@ def run(args: argparse.Namespace) -> int:
     table = read_curves_csv(args.curves, time_column=args.time_column,
                             aif_column=args.aif_column, vof_column=args.vof_column)
     fit = fit_curves(table.tissue, table.aif, table.times, method=args.method, vof=table.vof,
-                     baseline=args.baseline, rho=args.rho, kh=args.kh, device=args.device)
+                     baseline=args.baseline, rho=args.rho, kh=args.kh, device=args.device,
+                     progress=True)
     rows = fit.rows()
     write_curves_csv(args.out, table.names, rows)
     units = {k: MAP_UNITS[k.removesuffix("_sd")] for k in rows[0]}
