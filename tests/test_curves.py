@@ -116,11 +116,18 @@ def test_curves_cli_on_the_osipi_reference(tmp_path, capsys, method):
     assert "exists" in capsys.readouterr().err
 
 
+def _times_in_ms(line: str) -> str:
+    head, _, rest = line.partition(",")
+    return line if head == "time" else f"{1000 * float(head)!r},{rest}"
+
+
 @pytest.mark.parametrize("edit, message", [
     (lambda text: text.replace("time,", "seconds,", 1), "no 'time' column"),
     (lambda text: text.replace(",aif,", ",art,", 1), "no 'aif' column"),
     (lambda text: text.replace("\n3.0,", "\n2.0,", 1), "times must increase"),
     (lambda text: text.replace("\n1.0,", "\n1.0,x", 1), "line 3, column 'aif'"),
+    (lambda text: "\n".join(_times_in_ms(line) for line in text.splitlines()),
+     "column 'time'"),
 ])
 def test_curves_csv_errors_name_the_problem(tmp_path, capsys, edit, message):
     tissue, aif = _hand_curves()

@@ -17,6 +17,7 @@ import numpy as np
 
 from ctperf.errors import InputError
 from ctperf.io.atomic import atomic_file
+from ctperf.io.integrity import check_frame_times
 
 __all__ = ["CurveTable", "read_curves_csv", "write_curves_csv"]
 
@@ -98,6 +99,8 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     if not np.all(np.diff(times) > 0):
         bad = int(np.argmax(np.diff(times) <= 0)) + 3
         raise InputError(p, f"times must increase from row to row (line {bad})")
+    # seconds, spaced as a perfusion acquisition is (milliseconds or minutes are refused)
+    check_frame_times(times, p, source=f"column {header[where['time']]!r}")
     return CurveTable(times=times, aif=values[:, where["aif"]],
                       vof=None if vof_at is None else values[:, vof_at],
                       tissue=values[:, tissue_at], names=tuple(header[i] for i in tissue_at))
