@@ -140,3 +140,19 @@ def test_curves_csv_errors_name_the_problem(tmp_path, capsys, edit, message):
     err = capsys.readouterr().err
     assert message.split(",")[0] in err and err.count("\n") == 1
     assert not (tmp_path / "out.csv").exists()
+
+
+def test_an_aif_arriving_after_the_tissue_is_flagged(capsys, tmp_path):
+    """A vein given as the AIF (its bolus 5 s after the tissue's): the maps' QC flag
+    ``aif_after_tissue`` is raised, in the sidecar and on the terminal; a plausible AIF
+    raises no flag (unit-free flags only: the curves may be concentrations)."""
+    tissue, aif = _hand_curves()
+    late = np.interp(T_HAND - 8.0, T_HAND, aif, left=0.0)
+    assert not any(f["flag"] for f in fit_curves(tissue, aif, T_HAND).provenance["qc"].values())
+    flags = fit_curves(tissue, late, T_HAND).provenance["qc"]
+    assert flags["aif_after_tissue"]["flag"] and flags["aif_after_tissue"]["value"] > 2.0
+    assert "aif_low_peak" not in flags
+    src = tmp_path / "c.csv"
+    _write_csv(src, T_HAND, {"aif": late, "gm": tissue[:, 0]})
+    assert main(["curves", str(src), str(tmp_path / "out.csv")]) == 0
+    assert "QC aif_after_tissue" in capsys.readouterr().out

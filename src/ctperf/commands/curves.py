@@ -95,4 +95,7 @@ def run(args: argparse.Namespace) -> int:
         f"as given ({pv['reason']})"
     print(f"{len(rows)} curves, {args.method}, baseline {fit.provenance['baseline_frames']} "
           f"frames, AIF {aif} -> {args.out}")
+    for name, flag in fit.provenance["qc"].items():
+        if flag["flag"]:
+            print(f"QC {name}: {flag['reason']}")
     return 0

@@ -26,8 +26,15 @@ from ctperf.perfusion.maps import (
     pre_bolus_frames,
     smooth_time,
 )
+from ctperf.perfusion.qc import qc_flags
 
 __all__ = ["CURVE_PARAMETERS", "CurveFit", "fit_curves"]
+
+#: The QC flags (:func:`~ctperf.perfusion.qc_flags`) that curves in any unit can be judged by
+#: (the AIF's peak height and the baseline's noise are judged in HU, the brain's size and the
+#: motion need an image).
+CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_after_tissue", "aif_vof_ratio",
+                             "no_vof")
 
 #: The parameters of every method, in the order they are reported.
 CURVE_PARAMETERS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "delay", "ttp")
@@ -38,7 +45,8 @@ class CurveFit:
     """Per-curve results, each an ndarray (N,) float64: ``cbf`` mL/100 g/min, ``cbv``
     mL/100 g, ``mtt``, ``tmax``, ``delay``, ``ttp`` s (``delay`` is the SVD methods' Tmax, as
     in the maps); ``sd`` the posterior SDs of ``bayes`` by map name (``cbf_sd``...), else
-    empty; ``provenance`` the method, constants, baseline frames and partial-volume step; and
+    empty; ``provenance`` the method, constants, baseline frames, partial-volume step and the
+    QC flags of :data:`CURVE_QC` (``qc``, as in the maps' ``summary.json``); and
     the curves as fitted, baseline subtracted: ``tissue`` (T, N), ``aif`` (T,) after the
     partial-volume scaling, ``vof`` (T,) or None."""
 
@@ -152,8 +160,12 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                                       device=device, progress=progress, n_base=n_base or None)
     out = {k: np.asarray(values[k], dtype=np.float64) for k in CURVE_PARAMETERS}
     sd = {k: np.asarray(values[k], dtype=np.float64) for k in SD_MAPS if k in values}
+    flags = qc_flags(times=t, aif=vessels[:, 0], vof=None if v is None else vessels[:, 1],
+                     tissue_mean=tis.mean(axis=1), pv_factor=pv["factor"],
+                     pv_corrected=bool(pv["corrected"]) if v is not None else None)
     provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},
                   "baseline_frames": n_base, "partial_volume": pv,
+                  "qc": {k: flags[k] for k in CURVE_QC},
                   "fit_grid_step_s": None if grid is None else float(grid[1] - grid[0]),
                   **fitted}
     return CurveFit(**out, sd=sd, provenance=provenance, tissue=tis, aif=aif_used,
