@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import METHOD_CHOICES, add_constants_options, add_device_option
+from ctperf.commands import METHOD_CHOICES, add_constants_options, add_device_option, seed
 
 __all__ = ["ORDER", "register", "run"]
 
@@ -14,16 +14,14 @@ ORDER = 21
 
 
 def _baseline(text: str) -> str | int:
+    """Argparse type: ``auto`` or a whole number of frames >= 0."""
     if text == "auto":
         return text
     try:
-        value = int(text)
-    except ValueError:
+        return seed(text)
+    except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 0, got "
                                          f"{text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 0, got {text!r}")
-    return value
 
 
 def register(subparsers: Any) -> None:

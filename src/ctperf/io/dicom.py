@@ -386,6 +386,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     decode_into(flat, images, rescale=[rescale[i] for i in images],
                 workers=workers or min(os.cpu_count() or 1, 8), progress=progress)
     hu = flat.reshape(n_t, n_z, rows, cols)
+
     def image_of(t: int, z: int) -> tuple[Path, str]:
         frame = frames[z][t].frame
         return frames[z][t].path, "" if frame is None else f"frame {frame + 1} of the file: "

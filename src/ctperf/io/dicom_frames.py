@@ -63,7 +63,6 @@ def frame_headers(path: Path, ds: pydicom.Dataset, n_frames: int) -> list[Header
     for element in ds:
         if element.keyword not in _GROUPS and element.keyword != "NumberOfFrames":
             base[element.tag] = element
-    base.file_meta = ds.file_meta
     headers = []
     for i, item in enumerate(per_frame):
         frame = pydicom.Dataset()
