@@ -490,6 +490,49 @@ def test_guide_keeps_tissues_apart():
     assert abs(bias["guided"]) < 0.15, bias
 
 
+def _brute_bilateral(values: np.ndarray, mask: np.ndarray, guide: np.ndarray, sigma: float,
+                     guide_sigma: float) -> np.ndarray:
+    """Joint bilateral mean by its definition: every pair of mask voxels of a slice, in plane
+    Gaussian weights cut at 3.5 SD along each axis, guide weights cut at 4 SD."""
+    out = np.empty(values.shape[1])
+    z, y, x = np.nonzero(mask)
+    g = guide[mask]
+    for k in range(values.shape[1]):
+        dy, dx = y - y[k], x - x[k]
+        dg = g - g[k]
+        w = np.exp(-0.5 * (dy**2 + dx**2) / sigma**2 - 0.5 * (dg / guide_sigma) ** 2)
+        w *= (z == z[k]) & (np.abs(dy) <= int(3.5 * sigma + 0.5)) \
+            & (np.abs(dx) <= int(3.5 * sigma + 0.5)) & (np.abs(dg) <= 4 * guide_sigma)
+        out[k] = w @ values[0] / w.sum()
+    return out
+
+
+@pytest.mark.parametrize("spacing", [1.5, 0.5])
+def test_guided_neighbourhood_matches_its_definition(spacing):
+    """The guided neighbourhood mean against a brute-force sum over voxel pairs: exact where
+    the SD spans under three voxels; on 2 x 2 blocks (an SD of three 0.5 mm voxels) close, the
+    blocks moving a voxel's centre by up to half a block."""
+    rng = np.random.default_rng(3)
+    shape = (2, 24, 28)
+    mask = np.zeros(shape, dtype=bool)
+    mask[:, 3:21, 4:25] = True
+    mask[1, 10:14, 10:14] = False                       # a hole, as a vessel leaves
+    xx = np.indices(shape[1:])[1]
+    guide = np.where(xx < 14, 40.0, 30.0)[None] + rng.normal(0, 1.0, shape)   # two tissues
+    values = (guide[mask] + rng.normal(0, 5.0, mask.sum()))[None]
+    sigma_mm, guide_sigma = 2.4 if spacing == 1.5 else 1.5, 2.0
+    got = Neighbourhood(mask, sigma_mm, (5.0, spacing, spacing), guide, guide_sigma).mean(values)[0]
+    ref = _brute_bilateral(values, mask, guide, sigma_mm / spacing, guide_sigma)
+    if spacing == 1.5:
+        np.testing.assert_allclose(got, ref, rtol=1e-5)
+    else:
+        # the blocks' guide is the mean of four voxels and their centre up to half a block
+        # from the voxel's: measured median 0.15 HU, 95th percentile 0.5 HU on values of SD 7
+        # (a plain Gaussian, which mixes the two tissues: 0.5 and 4.5 HU)
+        err = np.abs(got - ref)
+        assert np.median(err) < 0.25 and np.percentile(err, 95) < 1.0, err
+
+
 def test_rejects_mismatched_inputs():
     from ctperf.errors import ValidationError
 

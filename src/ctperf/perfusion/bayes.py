@@ -46,7 +46,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NamedTuple, cast
+from typing import NamedTuple, cast
 
 import numpy as np
 from scipy import ndimage, sparse, special
@@ -54,9 +54,6 @@ from scipy import ndimage, sparse, special
 from ctperf.errors import ValidationError
 from ctperf.parallel import map_chunks
 from ctperf.perfusion.curves import flow_scale
-
-if TYPE_CHECKING:
-    from ctperf.preprocess.bilateral_grid import Grid
 
 __all__ = ["DISPERSIONS", "RESIDUES", "BayesFit", "ResidueGrid", "baseline_whitening", "fit_bayes",
            "learn_shape_weights", "residue", "transit_cv"]
@@ -210,13 +207,18 @@ class ResidueGrid:
         n_fft = 1 << int(np.ceil(np.log2(2 * n_fine)))
         ca_spec = np.fft.rfft(ca_mid, n_fft)
         # the responses at the frames, linear between the fine grid's points (0 before the
-        # first, held after the last), for every delay: gather positions shared by all
-        pos = np.clip(((t - t[0])[:, None] - self.delays[None, :]) / dt, 0.0, n_fine)  # (T, D)
+        # first, held after the last), for every delay: a sparse map from the fine grid to
+        # (delay, frame), two weights per row
+        n_d, n_t = self.delays.size, t.size
+        pos = np.clip(((t - t[0])[None, :] - self.delays[:, None]) / dt, 0.0, n_fine).ravel()
         i0 = np.minimum(pos.astype(np.int64), n_fine - 1)
         frac = pos - i0
-        n_d, n_t = self.delays.size, t.size
+        at = np.arange(n_d * n_t)
+        sample = sparse.csr_matrix((np.concatenate([1.0 - frac, frac]),
+                                    (np.concatenate([at, at]), np.concatenate([i0, i0 + 1]))),
+                                   shape=(n_d * n_t, n_fine + 1), dtype=np.float32)
         n_rows = len(self.residues) * len(self.dispersions) * n_mtt
-        wt = None if whiten is None else np.asarray(whiten, dtype=np.float64).T
+        wt = None if whiten is None else np.asarray(whiten, dtype=np.float32).T
         # (S * H * M * D, T), ordered (shape, dispersion, MTT, delay), filled a shape and a
         # dispersion at a time
         self.responses = np.empty((n_rows * n_d, n_t), dtype=np.float32)
@@ -233,15 +235,17 @@ class ResidueGrid:
                     x = np.fft.irfft(r_spec, n_fft, axis=1)[:, :n_fine]
                 top = x >= (1.0 - PEAK_TOL) * x.max(axis=1, keepdims=True)
                 peaks.append(offsets[np.argmax(top, axis=1)] - dt / 2)
-                conv = np.fft.irfft(ca_spec * r_spec, n_fft, axis=1)[:, :n_fine] * dt
-                resp = np.concatenate([np.zeros((conv.shape[0], 1)), conv], axis=1)
-                piece = scale * (resp[:, i0.T] * (1.0 - frac.T) + resp[:, i0.T + 1] * frac.T)
-                piece = piece.reshape(-1, n_t)                              # (M * D, T)
-                if wt is not None:
-                    piece = piece @ wt
+                conv = np.fft.irfft(ca_spec * r_spec, n_fft, axis=1)[:, :n_fine]
+                resp = np.zeros((n_fine + 1, conv.shape[0]), dtype=np.float32)
+                resp[1:] = (conv * (scale * dt)).T  # single precision, as the responses are kept
+                piece = np.ascontiguousarray((sample @ resp).T).reshape(-1, n_t)  # (M * D, T)
                 stop = row + piece.shape[0]
-                self.responses[row:stop] = piece
-                norm2[row:stop] = (self.responses[row:stop].astype(np.float64) ** 2).sum(axis=1)
+                if wt is not None:
+                    np.matmul(piece, wt, out=self.responses[row:stop])
+                else:
+                    self.responses[row:stop] = piece
+                norm2[row:stop] = np.einsum("kt,kt->k", self.responses[row:stop],
+                                            self.responses[row:stop], dtype=np.float64)
                 row = stop
         shape_of = np.repeat(np.arange(len(self.residues)), len(self.dispersions) * n_mtt * n_d)
         self.mtt = np.tile(np.repeat(self.mtts, n_d), len(self.residues) * len(self.dispersions))
@@ -696,11 +700,11 @@ def pool_curves(tissue: np.ndarray, mask: np.ndarray, sigma_vox: tuple[float, fl
 class Neighbourhood:
     """In-plane Gaussian mean of each mask voxel's neighbours' values, within a mask.
 
-    With a ``guide`` (Z, Y, X), the mean is a joint bilateral one
-    (:func:`~ctperf.preprocess.joint_bilateral`): a neighbour's weight also falls as a Gaussian
-    of width ``guide_sigma`` of the difference between its guide value and the voxel's, so that
-    tissues the guide tells apart (grey and white matter in the temporal mean image) are not
-    averaged together. The bilateral grid is built once, on first use, for all slices.
+    With a ``guide`` (Z, Y, X), the mean is a joint bilateral one: a neighbour's weight also
+    falls as a Gaussian of width ``guide_sigma`` of the difference between its guide value and
+    the voxel's, so that tissues the guide tells apart (grey and white matter in the temporal
+    mean image) are not averaged together. Its weights are a sparse matrix between the mask's
+    voxels (or in-plane blocks of them), built once, on first use, for all slices.
 
     Parameters
     ----------
@@ -718,47 +722,72 @@ class Neighbourhood:
                  guide: np.ndarray | None = None, guide_sigma: float = 1.0) -> None:
         self.mask, self.sigma_mm, self.spacing = mask, float(sigma_mm), spacing
         self.guide, self.guide_sigma = guide, float(guide_sigma)
-        self._grid: Grid | None = None
-        self._plane: tuple[float, float, float] = spacing
-        self._low_guide = np.zeros((0, 0, 0), dtype=np.float32)
+        self._weights: sparse.csr_matrix | None = None
+
+    def _factor(self) -> int:
+        """In-plane block width f: at least 1.5 blocks per SD."""
+        return max(1, int(min(self.sigma_mm / self.spacing[1], self.sigma_mm / self.spacing[2])
+                          // 1.5))
+
+    def _blocks(self, v: np.ndarray) -> np.ndarray:
+        """(..., Z, Y, X) -> sums over in-plane blocks of f x f voxels (zero-padded)."""
+        f = self._factor()
+        if f == 1:
+            return v
+        ny, nx = v.shape[-2:]
+        py, px = -ny % f, -nx % f
+        v = np.pad(v, [(0, 0)] * (v.ndim - 2) + [(0, py), (0, px)])
+        return v.reshape(*v.shape[:-2], (ny + py) // f, f, (nx + px) // f, f).sum(axis=(-3, -1))
+
+    def _operator(self) -> sparse.csr_matrix:
+        """The joint bilateral weights between the occupied blocks (C order), built once:
+        in plane, a Gaussian of the distance (cut at 3.5 SD along each axis) times a Gaussian
+        of the blocks' guide difference (cut at 4 range SDs)."""
+        if self._weights is not None:
+            return self._weights
+        f = self._factor()
+        count = self._blocks(self.mask.astype(np.float32))
+        guide = np.where(self.mask, np.asarray(self.guide, dtype=np.float32), np.float32(0.0))
+        occupied = count > 0
+        g = (self._blocks(guide) / np.maximum(count, 1e-6)).astype(np.float32)
+        zz, yy, xx = np.nonzero(occupied)
+        sy, sx = self.sigma_mm / (self.spacing[1] * f), self.sigma_mm / (self.spacing[2] * f)
+        ry, rx = int(3.5 * sy + 0.5), int(3.5 * sx + 0.5)
+        index = np.full(occupied.shape, -1, dtype=np.int32)
+        index[occupied] = np.arange(zz.size, dtype=np.int32)
+        index = np.pad(index, ((0, 0), (ry, ry), (rx, rx)), constant_values=-1)
+        g_pad = np.pad(g, ((0, 0), (ry, ry), (rx, rx)))
+        own, scale = g[occupied], np.float32(1.0 / self.guide_sigma)
+        cols, weights = [], []
+        for dy in range(-ry, ry + 1):
+            for dx in range(-rx, rx + 1):
+                y, x = yy + ry + dy, xx + rx + dx
+                d = (g_pad[zz, y, x] - own) * scale
+                cols.append(np.where(np.abs(d) <= 4.0, index[zz, y, x], -1))
+                weights.append(np.exp(np.float32(-0.5) * d * d
+                                      - np.float32(0.5 * ((dy / sy) ** 2 + (dx / sx) ** 2))))
+        col, w = np.stack(cols, axis=1), np.stack(weights, axis=1)   # (n, offsets), row-major
+        keep = col >= 0
+        indptr = np.zeros(zz.size + 1, dtype=np.int64)
+        np.cumsum(keep.sum(axis=1), out=indptr[1:])
+        self._weights = sparse.csr_matrix((w[keep], col[keep], indptr),
+                                          shape=(zz.size, zz.size))
+        return self._weights
 
     def _bilateral(self, stack: np.ndarray) -> np.ndarray:
-        """Joint bilateral mean of (B, Z, Y, X) volumes, the last one the mask. Where the
+        """Joint bilateral sums of (B, Z, Y, X) volumes, the last one the mask. Where the
         neighbourhood's SD spans three voxels or more in plane, on blocks of f x f voxels
         (their sums, and the guide's mean over their mask voxels), f keeping at least 1.5
-        blocks per SD, read back by each voxel from its block: the grid's cost grows with the
-        voxels."""
-        from ctperf.preprocess.bilateral import guide_grid, joint_bilateral  # not at import
-
-        mask = self.mask
-        f = max(1, int(min(self.sigma_mm / self.spacing[1], self.sigma_mm / self.spacing[2])
-                       // 1.5))
-        ny, nx = mask.shape[1:]
-        py, px = -ny % f, -nx % f
-
-        def blocks(v: np.ndarray) -> np.ndarray:  # (..., Z, Y, X) -> block sums
-            v = np.pad(v, [(0, 0)] * (v.ndim - 2) + [(0, py), (0, px)])
-            return v.reshape(*v.shape[:-2], (ny + py) // f, f, (nx + px) // f, f).sum(
-                axis=(-3, -1))
-
-        low = blocks(stack) if f > 1 else stack
-        if self._grid is None:
-            count = low[-1]
-            guide = np.asarray(self.guide, dtype=np.float32)
-            g = np.where(mask, guide, 0.0)
-            g = blocks(g) if f > 1 else g
-            fill = float(np.median(guide[mask]))
-            self._low_guide = np.where(count > 0, g / np.maximum(count, 1e-6),
-                                       fill).astype(np.float32)
-            # in plane only: slices far apart (a Gaussian of 1e-3 voxels is no blur)
-            self._plane = (self.sigma_mm * 1e3, self.spacing[1] * f, self.spacing[2] * f)
-            self._grid = guide_grid(self._low_guide, spacing=self._plane,
-                                    spatial_sigma_mm=self.sigma_mm,
-                                    range_sigma_hu=self.guide_sigma, levels_per_sigma=2.0)
-        smooth = joint_bilateral(low, self._low_guide, spacing=self._plane, grid=self._grid)
+        blocks per SD, read back by each voxel from its block."""
+        low = self._blocks(stack)
+        occupied = low[-1] > 0
+        out = np.zeros_like(low)
+        out[:, occupied] = (self._operator() @ np.ascontiguousarray(low[:, occupied].T)).T
+        f = self._factor()
         if f > 1:
-            smooth = np.repeat(np.repeat(smooth, f, axis=-2), f, axis=-1)[..., :ny, :nx]
-        return smooth
+            ny, nx = self.mask.shape[1:]
+            out = np.repeat(np.repeat(out, f, axis=-2), f, axis=-1)[..., :ny, :nx]
+        return out
 
     def voxels(self) -> np.ndarray:
         """(N,) how many mask voxels each voxel's plain Gaussian neighbourhood holds, each
