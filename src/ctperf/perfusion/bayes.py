@@ -72,6 +72,10 @@ DISPERSIONS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.5, 3.0)
 #: to 12 s behind it.
 DELAY_RANGE: tuple[float, float] = (-3.0, 12.0)
 
+#: Most weights (non-zero pairs of voxels or blocks) the guided neighbourhood holds: 16 M,
+#: about 200 MB with its construction (``Neighbourhood``, blocks grow until it fits)
+MAX_WEIGHTS = 1 << 24
+
 #: ``fit_bayes`` extends the delays by this many seconds at a time (up to the acquisition's end)
 #: when at least :data:`LATE_BLOCKS` blocks, and :data:`LATE_FRACTION` of them, sit at the last.
 DELAY_EXTENSION = 8.0
@@ -723,15 +727,20 @@ class Neighbourhood:
         self.mask, self.sigma_mm, self.spacing = mask, float(sigma_mm), spacing
         self.guide, self.guide_sigma = guide, float(guide_sigma)
         self._weights: sparse.csr_matrix | None = None
+        self._f = 1
 
-    def _factor(self) -> int:
-        """In-plane block width f: at least 1.5 blocks per SD."""
-        return max(1, int(min(self.sigma_mm / self.spacing[1], self.sigma_mm / self.spacing[2])
-                          // 1.5))
+    def _offsets(self, f: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """In-plane offsets (dy, dx) in blocks of f x f voxels within 3.5 SD of the centre,
+        and their Gaussian weights' logs."""
+        sy, sx = self.sigma_mm / (self.spacing[1] * f), self.sigma_mm / (self.spacing[2] * f)
+        ry, rx = int(3.5 * sy), int(3.5 * sx)
+        dy, dx = (a.ravel() for a in np.mgrid[-ry:ry + 1, -rx:rx + 1])
+        log_w = -0.5 * ((dy / sy) ** 2 + (dx / sx) ** 2)
+        inside = log_w >= -0.5 * 3.5**2
+        return dy[inside], dx[inside], log_w[inside].astype(np.float32)
 
-    def _blocks(self, v: np.ndarray) -> np.ndarray:
+    def _blocks(self, v: np.ndarray, f: int) -> np.ndarray:
         """(..., Z, Y, X) -> sums over in-plane blocks of f x f voxels (zero-padded)."""
-        f = self._factor()
         if f == 1:
             return v
         ny, nx = v.shape[-2:]
@@ -741,49 +750,54 @@ class Neighbourhood:
 
     def _operator(self) -> sparse.csr_matrix:
         """The joint bilateral weights between the occupied blocks (C order), built once:
-        in plane, a Gaussian of the distance (cut at 3.5 SD along each axis) times a Gaussian
-        of the blocks' guide difference (cut at 4 range SDs)."""
+        in plane, a Gaussian of the distance (cut at 3.5 SD) times a Gaussian of the blocks'
+        guide difference (cut at 4 range SDs). Blocks of f x f voxels, f the smallest that
+        keeps the SD within two blocks and the weights under :data:`MAX_WEIGHTS`."""
         if self._weights is not None:
             return self._weights
-        f = self._factor()
-        count = self._blocks(self.mask.astype(np.float32))
+        sd = min(self.sigma_mm / self.spacing[1], self.sigma_mm / self.spacing[2])
+        f = max(1, math.ceil(sd / 2.0))
+        while True:
+            count = self._blocks(self.mask.astype(np.float32), f)
+            dy, dx, log_w = self._offsets(f)
+            if int((count > 0).sum()) * dy.size <= MAX_WEIGHTS or f >= sd:
+                break
+            f += 1
         guide = np.where(self.mask, np.asarray(self.guide, dtype=np.float32), np.float32(0.0))
         occupied = count > 0
-        g = (self._blocks(guide) / np.maximum(count, 1e-6)).astype(np.float32)
+        g = (self._blocks(guide, f) / np.maximum(count, 1e-6)).astype(np.float32)
         zz, yy, xx = np.nonzero(occupied)
-        sy, sx = self.sigma_mm / (self.spacing[1] * f), self.sigma_mm / (self.spacing[2] * f)
-        ry, rx = int(3.5 * sy + 0.5), int(3.5 * sx + 0.5)
+        ry, rx = int(np.abs(dy).max()), int(np.abs(dx).max())
         index = np.full(occupied.shape, -1, dtype=np.int32)
         index[occupied] = np.arange(zz.size, dtype=np.int32)
         index = np.pad(index, ((0, 0), (ry, ry), (rx, rx)), constant_values=-1)
         g_pad = np.pad(g, ((0, 0), (ry, ry), (rx, rx)))
         own, scale = g[occupied], np.float32(1.0 / self.guide_sigma)
-        cols, weights = [], []
-        for dy in range(-ry, ry + 1):
-            for dx in range(-rx, rx + 1):
-                y, x = yy + ry + dy, xx + rx + dx
-                d = (g_pad[zz, y, x] - own) * scale
-                cols.append(np.where(np.abs(d) <= 4.0, index[zz, y, x], -1))
-                weights.append(np.exp(np.float32(-0.5) * d * d
-                                      - np.float32(0.5 * ((dy / sy) ** 2 + (dx / sx) ** 2))))
-        col, w = np.stack(cols, axis=1), np.stack(weights, axis=1)   # (n, offsets), row-major
-        keep = col >= 0
-        indptr = np.zeros(zz.size + 1, dtype=np.int64)
-        np.cumsum(keep.sum(axis=1), out=indptr[1:])
-        self._weights = sparse.csr_matrix((w[keep], col[keep], indptr),
-                                          shape=(zz.size, zz.size))
+        rows, cols, weights = [], [], []
+        for oy, ox, lw in zip(dy, dx, log_w, strict=True):
+            y, x = yy + ry + oy, xx + rx + ox
+            d = (g_pad[zz, y, x] - own) * scale
+            col = index[zz, y, x]
+            keep = np.flatnonzero((col >= 0) & (np.abs(d) <= 4.0))
+            rows.append(keep.astype(np.int32))
+            cols.append(col[keep])
+            weights.append(np.exp(np.float32(-0.5) * d[keep] ** 2 + lw))
+        self._weights = sparse.coo_matrix(
+            (np.concatenate(weights), (np.concatenate(rows), np.concatenate(cols))),
+            shape=(zz.size, zz.size)).tocsr()
+        self._f = f
         return self._weights
 
     def _bilateral(self, stack: np.ndarray) -> np.ndarray:
-        """Joint bilateral sums of (B, Z, Y, X) volumes, the last one the mask. Where the
-        neighbourhood's SD spans three voxels or more in plane, on blocks of f x f voxels
-        (their sums, and the guide's mean over their mask voxels), f keeping at least 1.5
-        blocks per SD, read back by each voxel from its block."""
-        low = self._blocks(stack)
+        """Joint bilateral sums of (B, Z, Y, X) volumes, the last one the mask: on in-plane
+        blocks of f x f voxels where the SD spans more than two voxels (their sums, and the
+        guide's mean over their mask voxels), which every voxel then reads."""
+        weights = self._operator()
+        f = self._f
+        low = self._blocks(stack, f)
         occupied = low[-1] > 0
         out = np.zeros_like(low)
-        out[:, occupied] = (self._operator() @ np.ascontiguousarray(low[:, occupied].T)).T
-        f = self._factor()
+        out[:, occupied] = (weights @ np.ascontiguousarray(low[:, occupied].T)).T
         if f > 1:
             ny, nx = self.mask.shape[1:]
             out = np.repeat(np.repeat(out, f, axis=-2), f, axis=-1)[..., :ny, :nx]
