@@ -47,12 +47,14 @@ def test_maps_cli_writes_everything(study_file, tmp_path, capsys):
     assert summary["constants"] == {"rho_g_per_ml": 1.04, "kh": 0.733}
     assert summary["lesions"]["volumes_ml"]["hypoperfused"] > 0
     assert (out / "overview.png").stat().st_size > 10_000
+    assert not (out / "uncertainty.png").exists()           # no SD maps, no figure of them
     assert "hypoperfused" in capsys.readouterr().out
 
 
 def test_maps_cli_bayes_writes_uncertainty(study_file, tmp_path, capsys):
     """``--method bayes`` writes an SD map beside each map it estimates, in the map's units,
-    and lesion volumes with their SDs in ``summary.json`` and on the terminal."""
+    a figure of them, and lesion volumes with their SDs in ``summary.json`` and on the
+    terminal."""
     out = _maps_with_aif_mask(study_file, tmp_path, "bayes")
     for name, unit in (("cbf", "mL/100g/min"), ("cbv", "mL/100g"), ("mtt", "s"), ("tmax", "s")):
         sd = np.asanyarray(nib.load(out / f"{name}_sd.nii.gz").dataobj)
@@ -65,6 +67,7 @@ def test_maps_cli_bayes_writes_uncertainty(study_file, tmp_path, capsys):
     assert summary["method"] == "bayes"
     assert set(summary["lesions"]["volumes_sd_ml"]) >= {"core", "hypoperfused"}
     assert "+-" in capsys.readouterr().out
+    assert (out / "uncertainty.png").stat().st_size > 10_000
 
 
 def test_maps_cli_rejects_mask_on_another_grid(study_file, tmp_path, capsys):

@@ -48,6 +48,7 @@ def test_map_titles_carry_the_units_of_the_types():
         assert map_title(name).endswith(f" {unit}")
     assert map_title("cbf", unit="mL/min/100g") == "CBF mL/min/100g"
     assert map_title("other") == "other"
+    assert map_title("cbf_sd") == "CBF SD mL/100g/min"      # uncertainty maps: the map's unit
 
 
 def test_radiological_flips():

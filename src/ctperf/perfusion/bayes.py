@@ -1232,7 +1232,8 @@ def fit_bayes(
                                keep, n_draws)
 
         parts = map_chunks(stage1, n_blocks, chunk=chunk1, workers=max(1, workers),
-                           progress=progress, desc="bayes prior", unit="voxel")
+                           progress=progress, desc="bayes prior",
+                           unit="block" if use_space else "voxel")
         top, top_lp, drawn, drawn_lp = (np.concatenate([p[j] for p in parts]) for j in range(4))
         return _Search(grid, keep, log_prior, weights, chunk1, top, top_lp, drawn, drawn_lp)
 

@@ -1,5 +1,6 @@
 """The maps overview of one study (``overview.png`` of ``ctperf maps``): maps of up to four
-slices with lesion outlines, the AIF and VOF, lesion volumes and QC flags."""
+slices with lesion outlines, the AIF and VOF, lesion volumes and QC flags; with uncertainty
+maps (``bayes``), the same figure of them (``uncertainty.png``)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import numpy as np
 
 from ctperf.reporting.windows import display_window, map_title
 
-__all__ = ["maps_overview", "radiological_flips", "volume_text"]
+__all__ = ["OVERVIEW_MAPS", "maps_overview", "radiological_flips", "volume_text"]
 
 #: Maps shown, one column each, when present.
-_OVERVIEW_MAPS = ("cbf", "cbv", "mtt", "tmax", "ttp")
+OVERVIEW_MAPS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "ttp")
 #: Maps that carry the lesion outlines.
 _OUTLINED = ("cbf", "tmax", "cbv")
 
@@ -69,7 +70,8 @@ def _summary_lines(prov: Mapping[str, Any]) -> list[str]:
     return lines
 
 
-def maps_overview(result: Any, *, title: str = "") -> Any:
+def maps_overview(result: Any, *, title: str = "",
+                  names: tuple[str, ...] = OVERVIEW_MAPS) -> Any:
     """A matplotlib Figure: maps of up to 4 slices with lesion outlines, AIF/VOF, volumes, QC.
 
     Parameters
@@ -80,6 +82,9 @@ def maps_overview(result: Any, *, title: str = "") -> Any:
         and the AIF and VOF (T,) in HU of enhancement.
     title : str
         Figure title.
+    names : tuple of str
+        Maps shown, one column each, those present (e.g. :data:`~ctperf.perfusion.SD_MAPS`
+        for the uncertainty maps, shown in the study's own range).
 
     Returns
     -------
@@ -94,7 +99,7 @@ def maps_overview(result: Any, *, title: str = "") -> Any:
     import matplotlib.pyplot as plt
 
     maps = result.maps
-    names = [n for n in _OVERVIEW_MAPS if n in maps]
+    names = tuple(n for n in names if n in maps)
     n_z = maps.shape[0]
     area = result.brain.sum(axis=(1, 2))
     order = np.argsort(-area, kind="stable")[: min(4, n_z)]
@@ -131,7 +136,7 @@ def maps_overview(result: Any, *, title: str = "") -> Any:
             for mask, colour in ((result.lesions.hypoperfused, "white"),
                                  (result.lesions.core, "magenta")):
                 m = view(mask[z]).astype(float)
-                if m.any() and name in _OUTLINED:
+                if m.any() and name.removesuffix("_sd") in _OUTLINED:
                     ax.contour(m, levels=[0.5], colors=colour, linewidths=1.0)
             ax.set_xticks([])
             ax.set_yticks([])

@@ -65,6 +65,9 @@ def display_window(name: str, values: np.ndarray | None = None) -> tuple[float, 
 
 
 def map_title(name: str, *, unit: str | None = None) -> str:
-    """``"CBF mL/100g/min"``: the map's label and unit (``unit`` overrides the standard one)."""
-    unit = MAP_UNITS.get(name, "") if unit is None else unit
-    return f"{MAP_LABELS.get(name, name)} {unit}".strip()
+    """``"CBF mL/100g/min"``: the map's label and unit (``unit`` overrides the standard one);
+    an uncertainty map ``<map>_sd`` reads ``"CBF SD mL/100g/min"``."""
+    base = name.removesuffix("_sd")
+    label = MAP_LABELS.get(base, base) + (" SD" if base != name else "")
+    unit = MAP_UNITS.get(base, "") if unit is None else unit
+    return f"{label} {unit}".strip()

@@ -216,7 +216,8 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
         Output of :func:`ctperf.perfusion.run_perfusion` or :func:`analyse_study`.
     folder : Path
         Output folder: ``<map>.nii.gz``, ``lesions/<mask>.nii.gz`` (core, hypoperfused,
-        penumbra, tmax10, brain, vessels), ``summary.json`` and ``overview.png``.
+        penumbra, tmax10, brain, vessels), ``summary.json``, ``overview.png`` and, with
+        uncertainty maps, ``uncertainty.png``.
     title : str
         Title of the overview figure.
     dicom_source : CTPSeries, optional
@@ -227,6 +228,7 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
         De-identified DICOM maps (see :func:`ctperf.io.write_maps_dicom`).
     """
     from ctperf import io
+    from ctperf.perfusion import SD_MAPS
     from ctperf.reporting import maps_overview, save_figure
 
     maps = result.maps
@@ -237,6 +239,10 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
             io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz")
         save_figure(maps_overview(result, title=title), tmp / "overview.png", dpi=110,
                     facecolor="black")
+        if any(name in maps for name in SD_MAPS):
+            save_figure(maps_overview(result, title=f"{title}, uncertainty (posterior SD)",
+                                      names=SD_MAPS),
+                        tmp / "uncertainty.png", dpi=110, facecolor="black")
         if dicom_source is not None:
             io.write_maps_dicom(maps, tmp / "dicom", source=dicom_source, anonymise=anonymise)
 
