@@ -739,7 +739,7 @@ class Neighbourhood:
         inside = log_w >= -0.5 * 3.5**2
         return dy[inside], dx[inside], log_w[inside].astype(np.float32)
 
-    def _blocks(self, v: np.ndarray, f: int) -> np.ndarray:
+    def _block_sums(self, v: np.ndarray, f: int) -> np.ndarray:
         """(..., Z, Y, X) -> sums over in-plane blocks of f x f voxels (zero-padded)."""
         if f == 1:
             return v
@@ -758,14 +758,14 @@ class Neighbourhood:
         sd = min(self.sigma_mm / self.spacing[1], self.sigma_mm / self.spacing[2])
         f = max(1, math.ceil(sd / 2.0))
         while True:
-            count = self._blocks(self.mask.astype(np.float32), f)
+            count = self._block_sums(self.mask.astype(np.float32), f)
             dy, dx, log_w = self._offsets(f)
             if int((count > 0).sum()) * dy.size <= MAX_WEIGHTS or f >= sd:
                 break
             f += 1
         guide = np.where(self.mask, np.asarray(self.guide, dtype=np.float32), np.float32(0.0))
         occupied = count > 0
-        g = (self._blocks(guide, f) / np.maximum(count, 1e-6)).astype(np.float32)
+        g = (self._block_sums(guide, f) / np.maximum(count, 1e-6)).astype(np.float32)
         zz, yy, xx = np.nonzero(occupied)
         ry, rx = int(np.abs(dy).max()), int(np.abs(dx).max())
         index = np.full(occupied.shape, -1, dtype=np.int32)
@@ -794,7 +794,7 @@ class Neighbourhood:
         guide's mean over their mask voxels), which every voxel then reads."""
         weights = self._operator()
         f = self._f
-        low = self._blocks(stack, f)
+        low = self._block_sums(stack, f)
         occupied = low[-1] > 0
         out = np.zeros_like(low)
         out[:, occupied] = (weights @ np.ascontiguousarray(low[:, occupied].T)).T

@@ -39,17 +39,17 @@ from ctperf.parallel import map_chunks
 from ctperf.preprocess.bilateral_grid import Grid, apply_grid, build_grid
 from ctperf.types import CTPSeries
 
-__all__ = ["bilateral_filter", "guide_grid", "joint_bilateral"]
+__all__ = ["bilateral_filter", "joint_bilateral"]
 
 
-def guide_grid(guide: np.ndarray, *, spacing: tuple[float, float, float],
+def _guide_grid(guide: np.ndarray, *, spacing: tuple[float, float, float],
                spatial_sigma_mm: float = 3.0, range_sigma_hu: float = 20.0,
                levels_per_sigma: float = 3.0, levels_per_sigma_outside: float = 2.0,
                cells_per_sigma: float = 2.2, filter_weights: str = "linear",
                workers: int = 2) -> Grid:
     """The bilateral grid of a guide (Z, Y, X): everything of the filter that depends on the
-    guide alone, built once and applied to any number of volumes (:func:`joint_bilateral`'s
-    ``grid``). Parameters as :func:`joint_bilateral`'s."""
+    guide alone, built once and applied to every volume. Parameters as
+    :func:`joint_bilateral`'s."""
     guide = np.asarray(guide, dtype=np.float32)
     if guide.ndim != 3:
         raise ValidationError(f"the guide must be a volume (Z, Y, X), got shape {guide.shape}")
@@ -78,7 +78,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     levels_per_sigma_outside: float = 2.0,
                     cells_per_sigma: float = 2.2, filter_weights: str = "linear", chunk: int = 0,
                     workers: int = 2, out: np.ndarray | None = None,
-                    progress: bool = False, grid: Grid | None = None) -> np.ndarray:
+                    progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
     Parameters
@@ -117,9 +117,6 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         overwritten), which saves a copy of the study.
     progress : bool
         Show a progress bar.
-    grid : Grid, optional
-        The guide's grid from :func:`guide_grid`, to filter more volumes with it (the filter's
-        other parameters are then the grid's).
 
     Returns
     -------
@@ -130,12 +127,11 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     if images.ndim != 4 or images.shape[1:] != guide.shape:
         raise ValidationError(f"images (B, Z, Y, X) {images.shape} and guide (Z, Y, X) "
                               f"{guide.shape} must share the volume shape")
-    if grid is None:
-        grid = guide_grid(guide, spacing=spacing, spatial_sigma_mm=spatial_sigma_mm,
-                          range_sigma_hu=range_sigma_hu, levels_per_sigma=levels_per_sigma,
-                          levels_per_sigma_outside=levels_per_sigma_outside,
-                          cells_per_sigma=cells_per_sigma, filter_weights=filter_weights,
-                          workers=workers)
+    grid = _guide_grid(guide, spacing=spacing, spatial_sigma_mm=spatial_sigma_mm,
+                       range_sigma_hu=range_sigma_hu, levels_per_sigma=levels_per_sigma,
+                       levels_per_sigma_outside=levels_per_sigma_outside,
+                       cells_per_sigma=cells_per_sigma, filter_weights=filter_weights,
+                       workers=workers)
     if out is None:
         out = np.empty_like(images)
     elif out.shape != images.shape or out.dtype != np.float32:
