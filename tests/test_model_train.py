@@ -86,7 +86,9 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 def test_killed_and_resumed_run_equals_uninterrupted_run(caches, tmp_path: Path):
     full, small = caches
-    config = replace(TINY, epochs=2, pretrain_epochs=2, seed=3, augment=True)
+    # a Tmax network: the augmentation draws its shifts in time too
+    config = replace(TINY, epochs=2, pretrain_epochs=2, seed=3, augment=True,
+                     targets=("tmax",), augment_shift=2)
     kw = {"train_patients": ["sub-0000", "sub-0002"], "val_patients": ["sub-0001"],
           "pretrain_cache": small}
     straight = train(full, tmp_path / "straight", config, **kw)
@@ -304,6 +306,43 @@ def test_contrast_gain_scales_the_enhancement_not_the_baseline():
     torch.testing.assert_close(xa, base + gain * (x - base), atol=1e-5, rtol=0)
     torch.testing.assert_close(xa[:, :2].mean(dim=1, keepdim=True), base, atol=1e-5, rtol=0)
     torch.testing.assert_close(ya, y, atol=1e-5, rtol=0)  # perfusion does not change
+
+
+def test_time_shift_moves_the_frames_and_only_for_timing_maps():
+    import numpy as np
+
+    from ctperf.model.augment import apply_augmentation, draw_augmentation
+    from ctperf.model.train import time_shift
+
+    plain = draw_augmentation(np.random.default_rng(5), 8)
+    shifted = draw_augmentation(np.random.default_rng(5), 8, max_shift=2)
+    assert "shift" not in plain                         # off by default
+    # drawn last: the other parameters are those of the same seed without it
+    assert all(np.array_equal(plain[k], shifted[k]) for k in plain)
+    assert set(np.unique(draw_augmentation(np.random.default_rng(1), 400, max_shift=2)["shift"])
+               ) == {-2, -1, 0, 1, 2}
+    t = torch.arange(6, dtype=torch.float32)
+    x = t.view(1, 6, 1, 1).expand(2, 6, 3, 3).clone()
+    y, m = torch.rand(2, 1, 3, 3), torch.ones(2, 1, 3, 3)
+    params = {"flip": np.array([False, False]), "degrees": np.zeros(2),
+              "noise_sd": np.zeros(2), "noise_seed": np.array([1, 2]),
+              "shift": np.array([2, -1])}
+    xa, ya, _ = apply_augmentation(x, y, m, params)
+    # later by 2 frames (the first frame repeated), earlier by 1 (the last repeated)
+    torch.testing.assert_close(xa[0, :, 1, 1], torch.tensor([0.0, 0, 0, 1, 2, 3]), atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(xa[1, :, 1, 1], torch.tensor([1.0, 2, 3, 4, 5, 5]), atol=1e-5,
+                               rtol=0)
+    torch.testing.assert_close(ya, y, atol=1e-5, rtol=0)
+    # only networks of timing maps measured from the arterial input shift their studies
+    config = TrainConfig(targets=("tmax",), augment=True, augment_shift=4)
+    assert time_shift(config) == 4
+    assert time_shift(replace(config, targets=("tmax", "delay"))) == 4
+    assert time_shift(replace(config, targets=("tmax", "ttp"))) == 0
+    assert time_shift(replace(config, targets=("cbf",))) == 0
+    assert time_shift(replace(config, augment=False)) == 0
+    with pytest.raises(ValidationError, match="augment_shift"):
+        TrainConfig(augment_shift=-1)
 
 
 def test_config_is_frozen_validated_and_replaced():

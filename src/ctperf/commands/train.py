@@ -88,6 +88,9 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="MSE over the whole slice instead of the brain mask")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="flips, small rotations, noise (default: the preset's)")
+    p.add_argument("--augment-shift", type=count(0), default=None, metavar="FRAMES",
+                   help="with --augment, networks of Tmax or delay only see each slice moved "
+                        "in time by up to this many frames (default: the preset's)")
     p.add_argument("--test", type=Path, default=None,
                    help="text file of held-out patient ids (one per line), never trained on")
     p.add_argument("--cache", type=Path, default=None,
@@ -107,7 +110,8 @@ _OVERRIDES = {"target": "targets", "frames": "frames", "size": "size",
               "pretrain_size": "pretrain_size", "pretrain_epochs": "pretrain_epochs",
               "epochs": "epochs", "width": "width", "depth": "depth", "kernel": "kernel_size",
               "norm": "norm", "batch_size": "batch_size", "lr": "lr",
-              "plateau_patience": "plateau_patience", "augment": "augment"}
+              "plateau_patience": "plateau_patience", "augment": "augment",
+              "augment_shift": "augment_shift"}
 
 
 def train_config(args: argparse.Namespace) -> Any:

@@ -46,12 +46,16 @@ LOG_COLUMNS = ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds")
 _RESUME_KEYS = ("targets", "size", "frames", "width", "depth", "kernel_size", "norm", "seed",
                 "batch_size", "lr", "masked_loss", "augment", "stages", "baseline_frames",
                 "contrast_gain", "schedule", "augment_gain", "augment_degrees", "augment_noise",
-                "enhancement_quantile", "cache_version", "loss")
+                "enhancement_quantile", "cache_version", "loss", "augment_shift")
 # values of keys that checkpoints written before the key existed implicitly had
 _KEY_DEFAULTS: dict[str, Any] = {"baseline_frames": 0, "contrast_gain": 1.0,
                                  "schedule": "plateau", "augment_gain": 0.0,
                                  "augment_degrees": 10.0, "augment_noise": 0.05,
-                                 "enhancement_quantile": 0.0, "cache_version": 1, "loss": "mse"}
+                                 "enhancement_quantile": 0.0, "cache_version": 1, "loss": "mse",
+                                 "augment_shift": 0}
+#: Maps measured from the arterial input's arrival: a study shifted in time keeps them, so
+#: networks that learn only these train with :attr:`TrainConfig.augment_shift`.
+SHIFT_TARGETS = frozenset({"tmax", "delay"})
 _SCHEDULES = ("plateau", "cosine")
 _LOSSES = ("mse", "l1")
 _AMPS = ("auto", "none", "bf16", "fp16")
@@ -100,6 +104,13 @@ class TrainConfig:
         With ``augment``, the enhancement over the baseline (mean of the first
         ``baseline_frames`` frames, or the first frame) is multiplied by ``exp(u)``, ``u``
         uniform in +-``augment_gain``: a different injection with the same perfusion.
+    augment_shift : int
+        With ``augment``, for a network whose targets are all in :data:`SHIFT_TARGETS` (Tmax,
+        delay), each slice's frames are moved by a whole number of frames uniform in
+        +-``augment_shift`` (the first or last frame repeated at the edge), as an acquisition
+        started earlier or later: the network has to read the timing from the slice's own
+        arteries. Other networks train without it (amplitude maps did not gain, TTP counts
+        from the first frame; docs/results_unet_phantom.md).
     baseline_frames : int
         0 (the paper): the network sees the standardised frames. ``k > 0``: it sees the mean of
         the first ``k`` input frames and every later frame's enhancement over it
@@ -140,6 +151,7 @@ class TrainConfig:
     augment_gain: float = 0.0
     augment_degrees: float = 10.0
     augment_noise: float = 0.05
+    augment_shift: int = 0
     baseline_frames: int = 0
     contrast_hu: float = 20.0
     enhancement_quantile: float = 0.0
@@ -160,6 +172,8 @@ class TrainConfig:
         if self.amp not in _AMPS:
             raise ValidationError(f"amp must be 'auto', 'none', 'bf16' or 'fp16', got "
                                   f"{self.amp!r}")
+        if self.augment_shift < 0:
+            raise ValidationError(f"augment_shift must be >= 0 frames, got {self.augment_shift}")
         if not self.contrast_hu > 0:
             raise ValidationError(f"contrast_hu must be > 0 HU, got {self.contrast_hu}")
         check_enhancement_quantile(self.enhancement_quantile, self.baseline_frames)
@@ -183,9 +197,18 @@ PRESETS: dict[str, TrainConfig] = {
     "cpu": TrainConfig(size=64, frames=44, pretrain_size=0, pretrain_epochs=0, epochs=60,
                        width=12, depth=4, kernel_size=2, norm="batch", batch_size=8, lr=3e-3,
                        schedule="cosine", masked_loss=True, augment=True, augment_gain=0.0,
-                       augment_degrees=0.0, augment_noise=0.0, baseline_frames=4,
+                       augment_degrees=0.0, augment_noise=0.0, augment_shift=5,
+                       baseline_frames=4,
                        contrast_hu=20.0, enhancement_quantile=1.0, loss="l1"),
 }
+
+
+def time_shift(config: TrainConfig) -> int:
+    """The largest time shift (frames) this configuration trains with: its
+    ``augment_shift`` when it augments and every target is in :data:`SHIFT_TARGETS`, else 0."""
+    if config.augment and set(config.targets) <= SHIFT_TARGETS:
+        return int(config.augment_shift)
+    return 0
 
 
 def preset(name: str) -> TrainConfig:
@@ -441,7 +464,7 @@ def _record(cache: SliceCache, config: TrainConfig, stages: list[tuple[str, Slic
         "batch_size": c.batch_size, "lr": c.lr, "schedule": c.schedule,
         "masked_loss": c.masked_loss, "loss": c.loss, "augment": c.augment,
         "augment_gain": float(c.augment_gain), "augment_degrees": float(c.augment_degrees),
-        "augment_noise": float(c.augment_noise),
+        "augment_noise": float(c.augment_noise), "augment_shift": time_shift(c),
         "stages": [[name, s.size, n] for name, s, n in stages],
         "train_patients": list(train_patients), "val_patients": list(val_patients)}
 
@@ -578,7 +601,8 @@ def _train_epoch(run: _Run, state: _State, stage_cache: SliceCache, order: np.nd
             x, y, m = apply_augmentation(
                 x, y, m, draw_augmentation(aug_rng, len(x), max_degrees=c.augment_degrees,
                                            noise_sd=c.augment_noise,
-                                           max_log_gain=c.augment_gain),
+                                           max_log_gain=c.augment_gain,
+                                           max_shift=time_shift(c)),
                 baseline_frames=c.baseline_frames)
         with torch.autocast(run.device.type, dtype=run.amp_dtype or torch.float32,
                             enabled=run.amp_dtype is not None):
