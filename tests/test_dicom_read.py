@@ -8,6 +8,7 @@ import shutil
 import numpy as np
 import pydicom
 import pytest
+from pydicom.uid import generate_uid
 
 from ctperf.errors import InputError
 from ctperf.io import read_dicom_series, read_study, write_series_dicom, write_series_nifti
@@ -127,6 +128,54 @@ def test_two_series_listed_and_chosen(tmp_path, rng):
     np.testing.assert_array_equal(series.hu, b.hu)
     with pytest.raises(InputError, match=r"no series 9\.9"):
         read_dicom_series(a.folder, series_uid="9.9")
+
+
+def _one_series_per_time_point(uids: list[str], study: tuple[str, str] | None = None):
+    """An edit that files each time point as its own series, numbered as scanners do (the
+    instance number restarting in each series, no temporal index); ``study``: the study's and
+    frame of reference's UIDs to use."""
+    def edit(ds, t, z):
+        if study is not None:
+            ds.StudyInstanceUID, ds.FrameOfReferenceUID = study
+        ds.SeriesInstanceUID = uids[t]
+        ds.SeriesNumber = 100 + t
+        ds.InstanceNumber = z + 1
+        del ds.TemporalPositionIndex
+    return edit
+
+
+def test_one_series_per_time_point_is_one_study(tmp_path, rng, caplog):
+    uids = [generate_uid() for _ in range(5)]
+    study = write_fake_study(tmp_path / "s", rng, n_frames=5, shuttle=True,
+                             edit=_one_series_per_time_point(uids))
+    with caplog.at_level(logging.INFO, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    np.testing.assert_array_equal(series.hu, study.hu)
+    np.testing.assert_allclose(series.times, study.times, atol=1e-6)
+    np.testing.assert_allclose(series.slice_times, study.slice_times, atol=1e-6)
+    assert series.meta["time_point_series"] == 5
+    assert "5 series of one scan" in caplog.text
+    # one of them can still be chosen, and is then a single frame: not a perfusion study
+    with pytest.raises(InputError, match="one frame per slice"):
+        read_dicom_series(study.folder, series_uid=uids[2])
+
+
+def test_series_that_are_not_time_points_are_listed(tmp_path, rng):
+    """Series on another grid (a second study beside it), or two reconstructions of the same
+    time points, are not merged: the reader asks which series to read."""
+    uids = [generate_uid() for _ in range(4)]
+    write_fake_study(tmp_path / "a", rng, n_frames=4, edit=_one_series_per_time_point(uids))
+    other = write_fake_study(tmp_path / "a" / "localiser", rng, n_frames=3, n_slices=2)
+    with pytest.raises(InputError, match="holds 5 series, choose one") as info:
+        read_dicom_series(tmp_path / "a")
+    assert other.series_uid in str(info.value)
+
+    scan = (generate_uid(), generate_uid())       # one study, one frame of reference
+    for folder in ("b", "b/sharp"):                 # the same times and slices, twice
+        write_fake_study(tmp_path / folder, rng, n_frames=3, edit=_one_series_per_time_point(
+            [generate_uid() for _ in range(3)], scan))
+    with pytest.raises(InputError, match="holds 6 series, choose one"):
+        read_dicom_series(tmp_path / "b")
 
 
 def test_non_dicom_files_skipped_with_warning(tmp_path, rng, caplog):

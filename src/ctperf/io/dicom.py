@@ -6,7 +6,9 @@ every (frame, slice) image is there once and scaled like the rest -> order frame
 check the timing -> decode pixels in parallel -> check the HU. A study is read whole or refused:
 a folder or file that cannot be read is an error, never skipped. Files may have any names and
 lie in any sub-folder; a multi-frame file (Enhanced CT) counts as one image per frame
-(:mod:`ctperf.io.dicom_frames`). JPEG Lossless and other compressed transfer syntaxes are decoded by
+(:mod:`ctperf.io.dicom_frames`), and a study exported as one series per time point (the same
+slices of one scan, each series at its own time) is read as one study. JPEG Lossless and other
+compressed transfer syntaxes are decoded by
 pydicom's plugins (pylibjpeg, GDCM). The returned affine maps voxel indices to RAS+ mm (DICOM's
 LPS with the first two axes flipped), like the NIfTI reader's.
 """
@@ -312,6 +314,46 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
     return meta
 
 
+def _acquired(h: Header) -> float | None:
+    """The image's time (s) from the first timing tag it holds, or None."""
+    return next((t for t in (time_of(h, tag) for tag in _TIME_TAGS) if t is not None), None)
+
+
+def _time_point_series(groups: dict[str, list[Header]]) -> list[Header] | None:
+    """The images of every series together when the series are the time points of one scan:
+    at least three, all CT of one study and frame of reference, on one grid (rows, columns,
+    pixel spacing, orientation, the same slice positions), one image per slice each, and each
+    series acquired at its own time. Else None."""
+    if len(groups) < 3:
+        return None
+    first: tuple[Any, ...] | None = None
+    starts = []
+    for g in groups.values():
+        h = g[0]
+        try:
+            iop = numbers(h, "ImageOrientationPatient", 6)
+            spacing = numbers(h, "PixelSpacing", 2)
+            depth = np.sort([numbers(x, "ImagePositionPatient", 3) @ np.cross(iop[:3], iop[3:])
+                             for x in g])
+            times = [t for x in g for t in (_acquired(x),) if t is not None]
+        except InputError:
+            return None
+        if not times or np.any(np.diff(depth) <= _POSITION_TOL_MM):
+            return None                            # untimed, or several images per slice
+        key = (str(h.get("Modality", "")), str(h.get("StudyInstanceUID", "")),
+               str(h.get("FrameOfReferenceUID", "")), h.get("Rows"), h.get("Columns"))
+        if first is None:
+            first = (key, iop, spacing, depth)
+        elif (key != first[0] or not np.allclose(iop, first[1], atol=1e-4)
+              or not np.allclose(spacing, first[2], atol=1e-4) or depth.shape != first[3].shape
+              or not np.allclose(depth, first[3], atol=_POSITION_TOL_MM)):
+            return None
+        starts.append(min(times))
+    if len(set(starts)) < len(starts):
+        return None                                # two reconstructions of one time point
+    return [h for g in groups.values() for h in g]
+
+
 def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
                       frame_interval: float | None = None, workers: int | None = None,
                       progress: bool = False) -> CTPSeries:
@@ -324,7 +366,9 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         non-DICOM files are skipped with a logged warning; unreadable files or folders, and
         broken links, are errors.
     series_uid : str, optional
-        SeriesInstanceUID to read when the folder holds several series (else an error lists them).
+        SeriesInstanceUID to read when the folder holds several series. Without it, several
+        series are read as one study when they are its time points (one series per time
+        point, as some scanners export a perfusion scan); else an error lists them.
     frame_interval : float, optional
         Seconds between frames. Required when acquisition times are missing or identical across
         frames (frames are then ordered by TemporalPositionIndex, else InstanceNumber); when given,
@@ -352,7 +396,12 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         whose values are not CT numbers, or more pixels than memory holds.
     """
     root = Path(folder)
-    headers = _choose_series(root, read_dicom_headers(root), series_uid)
+    groups = read_dicom_headers(root)
+    merged = _time_point_series(groups) if series_uid is None else None
+    if merged is not None:
+        log.info("%s: %d series of one scan at different times, read as its time points",
+                 root, len(groups))
+    headers = merged or _choose_series(root, groups, series_uid)
     slices, affine, (rows, cols) = _geometry(root, headers, modality="CT")
     check_duplicates(slices)
     check_frame_counts(root, slices, _depths(slices))
@@ -393,6 +442,8 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
 
     check_hu_plausible(hu, image_of)
     meta = _meta(headers, source, start, len({path for path, _ in images}))
+    if merged is not None:
+        meta["time_point_series"] = len(groups)
     try:
         return CTPSeries(hu=hu, times=times, affine=affine,
                          slice_times=slice_times, meta=meta)
