@@ -142,6 +142,22 @@ def test_curves_csv_errors_name_the_problem(tmp_path, capsys, edit, message):
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_curves_csv_columns_with_units_in_their_names(tmp_path):
+    """Headers as exported by other software, 'Time (s)' and 'AIF [HU]', are found; a name that
+    two columns could be is not guessed."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    _write_csv(src, np.arange(T_HAND.size, dtype=float), {"aif": aif, "gm": tissue[:, 0]})
+    text = src.read_text().replace("time,aif,", "Time (s),AIF [HU],", 1)
+    src.write_text(text)
+    table = read_curves_csv(src)
+    np.testing.assert_allclose(table.aif, aif, rtol=1e-6)
+    assert table.names == ("gm",)
+    src.write_text(text.replace(",gm", ",aif_2", 1))
+    with pytest.raises(InputError, match="no 'aif' column"):
+        read_curves_csv(src)
+
+
 def test_an_aif_arriving_after_the_tissue_is_flagged(capsys, tmp_path):
     """A vein given as the AIF (its bolus 5 s after the tissue's): the maps' QC flag
     ``aif_after_tissue`` is raised, in the sidecar and on the terminal; a plausible AIF

@@ -45,7 +45,9 @@ def register(subparsers: Any) -> None:
                    default="nlr-fast", help="as for `ctperf maps`; bayes fits each curve on its "
                    "own (no neighbourhood prior) [%(default)s]")
     p.add_argument("--time-column", default="time", metavar="NAME",
-                   help="column of frame times, s [%(default)s]")
+                   help="column of frame times, s; names match in any case, and with a unit "
+                        "or suffix after them ('Time (s)', 'AIF_HU') when only one column "
+                        "does [%(default)s]")
     p.add_argument("--aif-column", default="aif", metavar="NAME",
                    help="column of the arterial curve [%(default)s]")
     p.add_argument("--vof-column", default="vof", metavar="NAME",

@@ -56,13 +56,26 @@ def _rows(path: Path) -> list[list[str]]:
     return [[cell.strip() for cell in row] for row in csv.reader(lines, dialect)]
 
 
+def _column(keys: list[str], name: str) -> int | None:
+    """Where the column ``name`` is: its exact name (any case), else the one column named
+    ``name`` followed by a unit or a suffix (``time (s)``, ``Time [s]``, ``time_s``,
+    ``AIF-HU``); None when absent or when several would match."""
+    name = name.lower()
+    if name in keys:
+        return keys.index(name)
+    near = [i for i, k in enumerate(keys)
+            if k.startswith(name) and not k[len(name):len(name) + 1].isalnum()]
+    return near[0] if len(near) == 1 else None
+
+
 def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: str = "aif",
                     vof_column: str = "vof") -> CurveTable:
     """Read a CSV table of curves (see the module's docstring).
 
-    Column names match case-insensitively. The time column is in seconds, strictly
-    increasing; every other column is a curve, ``vof_column`` used when present; at least one
-    tissue column is needed.
+    Column names match case-insensitively, and a name followed by a unit or a suffix
+    (``time (s)``, ``AIF_HU``) matches when no other column does. The time column is in
+    seconds, strictly increasing; every other column is a curve, ``vof_column`` used when
+    present; at least one tissue column is needed.
     """
     p = Path(path)
     rows = _rows(p)
@@ -72,10 +85,11 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
         raise InputError(p, f"repeated column names in the header: {header}")
     where = {}
     for role, name in (("time", time_column), ("aif", aif_column)):
-        if name.lower() not in keys:
+        at = _column(keys, name)
+        if at is None:
             raise InputError(p, f"no {name!r} column ({role}); the header holds {header}")
-        where[role] = keys.index(name.lower())
-    vof_at = keys.index(vof_column.lower()) if vof_column.lower() in keys else None
+        where[role] = at
+    vof_at = _column(keys, vof_column)
     tissue_at = [i for i in range(len(header))
                  if i not in (where["time"], where["aif"], vof_at)]
     if not tissue_at:
