@@ -56,6 +56,23 @@ def test_frame_interval_replaces_missing_or_wrong_header_timing(tmp_path):
                                np.arange(6) * 0.5)
 
 
+def test_bids_frame_start_times_in_the_sidecar(tmp_path):
+    """A BIDS-style sidecar gives the frames' start times as FrameTimesStart (uneven here)."""
+    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), np.eye(4))
+    img.header["pixdim"][4] = 0.0
+    path = tmp_path / "s.nii.gz"
+    nib.save(img, path)
+    starts = [0.0, 1.0, 2.0, 3.5, 5.0, 7.0]
+    (tmp_path / "s.json").write_text(json.dumps({"FrameTimesStart": starts,
+                                                 "FrameDuration": [1.0] * 6}))
+    series = read_nifti_series(path)
+    np.testing.assert_allclose(series.times, starts)
+    assert series.meta["timing_source"] == "sidecar FrameTimesStart"
+    (tmp_path / "s.json").write_text(json.dumps({"FrameTimesStart": starts[:4]}))
+    with pytest.raises(InputError, match="FrameTimesStart has 4 entries"):
+        read_nifti_series(path)
+
+
 @pytest.mark.parametrize(
     ("shape", "fill", "sidecar", "message"),
     [

@@ -150,7 +150,7 @@ def _numbers(value: Any, side: Path, key: str, shape: tuple[int, ...]) -> np.nda
         raise InputError(side, f"{key} must be a list of numbers ({unit}) of shape "
                                f"{shape}, got lists of different lengths") from None
     if arr.shape != shape:
-        what = (f"has {arr.size} entries, the image has {shape[0]} frames" if key == "FrameTimes"
+        what = (f"has {arr.size} entries, the image has {shape[0]} frames" if key != "SliceTimes"
                 else f"has shape {arr.shape}, expected (frames, slices) = {shape}")
         raise InputError(side, f"{key} {what}")
     if not np.all(np.isfinite(arr)):
@@ -159,8 +159,9 @@ def _numbers(value: Any, side: Path, key: str, shape: tuple[int, ...]) -> np.nda
 
 
 def _read_sidecar(side: Path, n_frames: int, n_slices: int
-                  ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any]]:
-    """(FrameTimes, SliceTimes, meta) of a study's JSON sidecar, each checked."""
+                  ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any], str]:
+    """(frame times, SliceTimes, meta, the frame times' key) of a study's JSON sidecar, each
+    checked."""
     try:
         info = json.loads(side.read_text(encoding="utf-8"))
     except OSError as exc:
@@ -174,11 +175,13 @@ def _read_sidecar(side: Path, n_frames: int, n_slices: int
     if not isinstance(meta, dict):
         raise InputError(side, f"sidecar's meta must be a JSON object, got "
                                f"{type(meta).__name__}")
-    times = (_numbers(info["FrameTimes"], side, "FrameTimes", (n_frames,))
-             if info.get("FrameTimes") is not None else None)
+    # BIDS (PET) writes the frames' start times as FrameTimesStart
+    key = "FrameTimes" if info.get("FrameTimes") is not None else "FrameTimesStart"
+    times = (_numbers(info[key], side, key, (n_frames,))
+             if info.get(key) is not None else None)
     slice_times = (_numbers(info["SliceTimes"], side, "SliceTimes", (n_frames, n_slices))
                    if info.get("SliceTimes") is not None else None)
-    return times, slice_times, dict(meta)
+    return times, slice_times, dict(meta), key
 
 
 def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]:
@@ -202,7 +205,8 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
 
     Frame times are ``frame_interval`` s apart when it is given (the header's and sidecar's
     timing are then not used: files whose ``pixdim[4]`` is 0 or wrong); else they come from
-    the JSON sidecar's ``FrameTimes`` (seconds) when present, else from ``pixdim[4]`` in the
+    the JSON sidecar's ``FrameTimes`` (seconds; BIDS' ``FrameTimesStart`` too) when present,
+    else from ``pixdim[4]`` in the
     header's time unit (s, ms or us; unknown is taken as s). A sidecar's ``SliceTimes``
     (T x Z, not with ``frame_interval``) and ``meta`` are kept. Header, sidecar and timing are
     checked before the pixels are read; the whole file is read (a compressed file's CRC checked) and
@@ -226,8 +230,9 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
     side = sidecar_path(p)
     meta: dict[str, Any] = {}
     times = slice_times = None
+    key = "FrameTimes"
     if side.exists():
-        times, slice_times, meta = _read_sidecar(side, n_frames, n_slices)
+        times, slice_times, meta, key = _read_sidecar(side, n_frames, n_slices)
     if frame_interval is not None:
         if not frame_interval > 0:
             raise InputError(p, f"frame_interval must be > 0 s, got {frame_interval}")
@@ -235,8 +240,8 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         source, where = f"frame_interval {frame_interval:g} s", p
         check_frame_times(times, p, source="frame_interval")
     elif times is not None:
-        source, where = "sidecar FrameTimes", side
-        check_frame_times(times, side, source="FrameTimes")
+        source, where = f"sidecar {key}", side
+        check_frame_times(times, side, source=key)
     else:
         times, source = _pixdim_times(p, header, n_frames)
         where = p
