@@ -158,6 +158,25 @@ def test_curves_csv_columns_with_units_in_their_names(tmp_path):
         read_curves_csv(src)
 
 
+def test_curves_csv_units_row(tmp_path):
+    """A row of units under the header: the time column's unit (s, ms, min) is applied, any
+    other is refused naming it."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    _write_csv(src, np.arange(T_HAND.size, dtype=float), {"aif": aif, "gm": tissue[:, 0]})
+    head, *lines = src.read_text().splitlines()
+    ms = [f"{1000 * float(line.split(',')[0])!r},{line.partition(',')[2]}" for line in lines]
+    src.write_text("\n".join([head, "ms,HU,HU", *ms]) + "\n")
+    table = read_curves_csv(src)
+    np.testing.assert_allclose(table.times, np.arange(T_HAND.size, dtype=float))
+    np.testing.assert_allclose(table.tissue[:, 0], tissue[:, 0], rtol=1e-6)
+    src.write_text("\n".join([head, "(s),HU,HU", *lines]) + "\n")
+    np.testing.assert_allclose(read_curves_csv(src).times, np.arange(T_HAND.size, dtype=float))
+    src.write_text("\n".join([head, "h,HU,HU", *lines]) + "\n")
+    with pytest.raises(InputError, match="time unit 'h' is not s, ms or min"):
+        read_curves_csv(src)
+
+
 def test_an_aif_arriving_after_the_tissue_is_flagged(capsys, tmp_path):
     """A vein given as the AIF (its bolus 5 s after the tissue's): the maps' QC flag
     ``aif_after_tissue`` is raised, in the sidecar and on the terminal; a plausible AIF

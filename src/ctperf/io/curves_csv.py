@@ -1,7 +1,8 @@
 """Time curves in a CSV table: one column of frame times, one of the arterial curve, optionally
 one of the venous curve, and one column per tissue curve (regions or voxels), a header row
-naming them. Comma, semicolon or tab separated; a file that cannot be read whole is refused,
-naming the line and the column.
+naming them, optionally followed by a row of units (the time's in s, ms or min). Comma,
+semicolon or tab separated; a file that cannot be read whole is refused, naming the line and
+the column.
 """
 
 from __future__ import annotations
@@ -68,6 +69,31 @@ def _column(keys: list[str], name: str) -> int | None:
     return near[0] if len(near) == 1 else None
 
 
+#: Time units a units row may name, in seconds.
+_TIME_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3,
+               "msec": 1e-3, "milliseconds": 1e-3, "min": 60.0, "minutes": 60.0}
+
+
+def _is_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def _time_unit(path: Path, units: list[str], header: list[str], at: int) -> float:
+    """Seconds per unit of the time column, from a units row under the header."""
+    if len(units) != len(header):
+        raise InputError(path, f"line 2 (units) has {len(units)} values, the header "
+                               f"{len(header)}")
+    unit = units[at].strip().strip("[]()").strip().lower()
+    if unit not in _TIME_UNITS:
+        raise InputError(path, f"line 2, column {header[at]!r}: time unit {units[at]!r} is "
+                               "not s, ms or min")
+    return _TIME_UNITS[unit]
+
+
 def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: str = "aif",
                     vof_column: str = "vof") -> CurveTable:
     """Read a CSV table of curves (see the module's docstring).
@@ -95,8 +121,11 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     if not tissue_at:
         raise InputError(p, "no tissue column: every column besides time, AIF and VOF is a "
                             "tissue curve")
-    values = np.empty((len(rows) - 1, len(header)))
-    for line, row in enumerate(rows[1:], start=2):
+    scale, first = 1.0, 1
+    if len(rows) > 2 and not any(_is_number(cell) for cell in rows[1]):
+        scale, first = _time_unit(p, rows[1], header, where["time"]), 2
+    values = np.empty((len(rows) - first, len(header)))
+    for line, row in enumerate(rows[first:], start=first + 1):
         if len(row) != len(header):
             raise InputError(p, f"line {line} has {len(row)} values, the header {len(header)}")
         for col, cell in enumerate(row):
@@ -108,10 +137,10 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
             if not math.isfinite(value):
                 raise InputError(p, f"line {line}, column {header[col]!r}: {cell!r} is not a "
                                     "finite number")
-            values[line - 2, col] = value
-    times = values[:, where["time"]]
+            values[line - first - 1, col] = value
+    times = values[:, where["time"]] * scale
     if not np.all(np.diff(times) > 0):
-        bad = int(np.argmax(np.diff(times) <= 0)) + 3
+        bad = int(np.argmax(np.diff(times) <= 0)) + first + 2
         raise InputError(p, f"times must increase from row to row (line {bad})")
     # seconds, spaced as a perfusion acquisition is (milliseconds or minutes are refused)
     try:
