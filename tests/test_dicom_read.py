@@ -10,6 +10,7 @@ import pydicom
 import pytest
 from pydicom.uid import generate_uid
 
+from ctperf.cli import main
 from ctperf.errors import InputError
 from ctperf.io import read_dicom_series, read_study, write_series_dicom, write_series_nifti
 from dicom_factory import FakeStudy, write_enhanced_study, write_fake_study
@@ -144,7 +145,7 @@ def _one_series_per_time_point(uids: list[str], study: tuple[str, str] | None = 
     return edit
 
 
-def test_one_series_per_time_point_is_one_study(tmp_path, rng, caplog):
+def test_one_series_per_time_point_is_one_study(tmp_path, rng, caplog, capsys):
     uids = [generate_uid() for _ in range(5)]
     study = write_fake_study(tmp_path / "s", rng, n_frames=5, shuttle=True,
                              edit=_one_series_per_time_point(uids))
@@ -155,6 +156,9 @@ def test_one_series_per_time_point_is_one_study(tmp_path, rng, caplog):
     np.testing.assert_allclose(series.slice_times, study.slice_times, atol=1e-6)
     assert series.meta["time_point_series"] == 5
     assert "5 series of one scan" in caplog.text
+    assert main(["info", str(study.folder)]) == 0           # described, not listed
+    out = capsys.readouterr().out
+    assert "5 frames x 3 slices" in out and "4 more: one series per time point" in out
     # one of them can still be chosen, and is then a single frame: not a perfusion study
     with pytest.raises(InputError, match="one frame per slice"):
         read_dicom_series(study.folder, series_uid=uids[2])

@@ -19,7 +19,8 @@ def register(subparsers: Any) -> None:
         description="Read a study (DICOM folder, searched recursively, or 4D NIfTI) and print its "
                     "shape, voxel spacing, frame count, time span and spacing, timing source, "
                     "series description, scanner, kVp and mAs. A DICOM folder with several "
-                    "series lists them; choose one with --series.")
+                    "series lists them (unless they are one scan's time points); choose one "
+                    "with --series.")
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
     add_study_options(p)
     p.set_defaults(func=run)
@@ -56,7 +57,9 @@ def describe(series: Any, path: Path) -> list[str]:
         f"max {steps.max():.3f} s",
         f"timing from  {timing}",
         f"series       {_fmt(meta.get('description'))}",
-        f"series UID   {_fmt(meta.get('series_uid'))}",
+        f"series UID   {_fmt(meta.get('series_uid'))}"
+        + (f" (and {meta['time_point_series'] - 1} more: one series per time point)"
+           if meta.get("time_point_series") else ""),
         f"scanner      {_fmt(meta.get('scanner'))}",
         f"kVp          {_fmt(meta.get('kvp'))}",
         f"mAs          {_fmt(meta.get('mas'))}",
@@ -69,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.study.is_dir() and args.series is None:
         groups = io.read_dicom_headers(args.study)
-        if len(groups) > 1:
+        if len(groups) > 1 and io.time_point_series(groups) is None:
             print(f"{args.study} holds {len(groups)} series; choose one with --series UID:")
             for uid, headers in groups.items():
                 first = headers[0].ds

@@ -1,7 +1,12 @@
 """Reading and writing CT perfusion studies, maps and masks. The only package that touches files."""
 
 from ctperf.io.atomic import atomic_dir, atomic_file, check_output, mark_output
-from ctperf.io.dicom import read_dicom_headers, read_dicom_series, read_dicom_volume
+from ctperf.io.dicom import (
+    read_dicom_headers,
+    read_dicom_series,
+    read_dicom_volume,
+    time_point_series,
+)
 from ctperf.io.dicom_write import write_maps_dicom, write_series_dicom
 from ctperf.io.nifti import (
     is_nifti,
@@ -35,6 +40,7 @@ __all__ = [
     "read_nifti_series",
     "read_study",
     "read_volume",
+    "time_point_series",
     "write_json",
     "write_maps_dicom",
     "write_maps_nifti",

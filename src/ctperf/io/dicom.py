@@ -49,7 +49,7 @@ from ctperf.io.integrity import (
 )
 from ctperf.types import CTPSeries
 
-__all__ = ["read_dicom_headers", "read_dicom_series", "read_dicom_volume"]
+__all__ = ["read_dicom_headers", "read_dicom_series", "read_dicom_volume", "time_point_series"]
 
 log = logging.getLogger(__name__)
 
@@ -319,7 +319,7 @@ def _acquired(h: Header) -> float | None:
     return next((t for t in (time_of(h, tag) for tag in _TIME_TAGS) if t is not None), None)
 
 
-def _time_point_series(groups: dict[str, list[Header]]) -> list[Header] | None:
+def time_point_series(groups: dict[str, list[Header]]) -> list[Header] | None:
     """The images of every series together when the series are the time points of one scan:
     at least three, all CT of one study and frame of reference, on one grid (rows, columns,
     pixel spacing, orientation, the same slice positions), one image per slice each, and each
@@ -397,7 +397,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     """
     root = Path(folder)
     groups = read_dicom_headers(root)
-    merged = _time_point_series(groups) if series_uid is None else None
+    merged = time_point_series(groups) if series_uid is None else None
     if merged is not None:
         log.info("%s: %d series of one scan at different times, read as its time points",
                  root, len(groups))
