@@ -143,11 +143,8 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
         bad = int(np.argmax(np.diff(times) <= 0)) + first + 2
         raise InputError(p, f"times must increase from row to row (line {bad})")
     # seconds, spaced as a perfusion acquisition is (milliseconds or minutes are refused)
-    try:
-        check_frame_times(times, p, source=f"column {header[where['time']]!r}")
-    except InputError as exc:  # the table's own remedy: its time column in seconds
-        problem = exc.problem.split("; fix the file's time unit")[0]
-        raise InputError(p, f"{problem}; give the time column in seconds") from None
+    check_frame_times(times, p, source=f"column {header[where['time']]!r}",
+                      remedy="give the time column in seconds")
     return CurveTable(times=times, aif=values[:, where["aif"]],
                       vof=None if vof_at is None else values[:, vof_at],
                       tissue=values[:, tissue_at], names=tuple(header[i] for i in tissue_at))

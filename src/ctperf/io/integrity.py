@@ -57,7 +57,9 @@ def check_frame_count(n_frames: int, path: PathLike) -> None:
                                "(perfusion maps need 10 or more)")
 
 
-def check_frame_times(times: np.ndarray, path: PathLike, *, source: str) -> np.ndarray:
+def check_frame_times(times: np.ndarray, path: PathLike, *, source: str,
+                      remedy: str = "fix the file's time unit or give the spacing with "
+                                    "--frame-interval SECONDS") -> np.ndarray:
     """Check frame times (s) of a study: finite, strictly increasing, plausibly spaced.
 
     Non-uniform spacing is allowed (e.g. 0.5 s steps during the bolus, then 3 s steps); the
@@ -72,6 +74,8 @@ def check_frame_times(times: np.ndarray, path: PathLike, *, source: str) -> np.n
         The file the times came from, named in errors.
     source : str
         Where the times came from (``"pixdim[4]"``, ``"FrameTimes"``, a DICOM tag), for messages.
+    remedy : str
+        What the message of implausibly spaced frames asks the user to do.
 
     Returns
     -------
@@ -95,8 +99,7 @@ def check_frame_times(times: np.ndarray, path: PathLike, *, source: str) -> np.n
         hint = (" (milliseconds read as seconds?)" if median > hi and median / 1000 >= lo
                 else "")
         raise InputError(path, f"{source}: frames are {median:g} s apart{hint}, outside the "
-                               f"{lo:g}-{hi:g} s of CT perfusion; fix the file's time unit or "
-                               "give the spacing with --frame-interval SECONDS")
+                               f"{lo:g}-{hi:g} s of CT perfusion; {remedy}")
     if steps.max() > MAX_FRAME_GAP_S:
         bad = int(np.argmax(steps))
         raise InputError(path, f"{source}: a gap of {steps[bad]:g} s between frames {bad} and "
