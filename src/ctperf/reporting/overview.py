@@ -11,10 +11,10 @@ import numpy as np
 
 from ctperf.reporting.windows import display_window, map_title
 
-__all__ = ["OVERVIEW_MAPS", "maps_overview", "radiological_flips", "volume_text"]
+__all__ = ["maps_overview", "radiological_flips", "volume_text"]
 
 #: Maps shown, one column each, when present.
-OVERVIEW_MAPS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "ttp")
+_OVERVIEW_MAPS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "ttp")
 #: Maps that carry the lesion outlines.
 _OUTLINED = ("cbf", "tmax", "cbv")
 
@@ -71,7 +71,7 @@ def _summary_lines(prov: Mapping[str, Any]) -> list[str]:
 
 
 def maps_overview(result: Any, *, title: str = "",
-                  names: tuple[str, ...] = OVERVIEW_MAPS) -> Any:
+                  names: tuple[str, ...] = _OVERVIEW_MAPS) -> Any:
     """A matplotlib Figure: maps of up to 4 slices with lesion outlines, AIF/VOF, volumes, QC.
 
     Parameters
