@@ -177,6 +177,27 @@ def test_curves_csv_units_row(tmp_path):
         read_curves_csv(src)
 
 
+def test_curves_csv_decimal_comma(tmp_path):
+    """A spreadsheet's export in a locale whose decimal mark is a comma (semicolons between the
+    columns, as such spreadsheets write them) reads the same numbers; a cell that is still not
+    a number after it is refused, naming it."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    _write_csv(src, np.arange(T_HAND.size, dtype=float) + 0.5, {"aif": aif, "gm": tissue[:, 0]},
+               delimiter=";")
+    text = src.read_text()
+    assert "." in text and "," not in text
+    src.write_text(text.replace(".", ","))
+    table = read_curves_csv(src)
+    np.testing.assert_allclose(table.times, np.arange(T_HAND.size, dtype=float) + 0.5)
+    np.testing.assert_allclose(table.aif, aif, rtol=1e-6)
+    np.testing.assert_allclose(table.tissue[:, 0], tissue[:, 0], rtol=1e-6)
+    head, first, *rest = src.read_text().splitlines()
+    src.write_text("\n".join([head, first.replace(",", ".", 1).replace(";", ";1,", 1), *rest]))
+    with pytest.raises(InputError, match="line 2, column 'aif'"):
+        read_curves_csv(src)
+
+
 def test_an_aif_arriving_after_the_tissue_is_flagged(capsys, tmp_path):
     """A vein given as the AIF (its bolus 5 s after the tissue's): the maps' QC flag
     ``aif_after_tissue`` is raised, in the sidecar and on the terminal; a plausible AIF

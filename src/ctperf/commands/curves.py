@@ -27,8 +27,9 @@ def _baseline(text: str) -> str | int:
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "curves", help="perfusion parameters of time curves (regions or voxels) in a CSV table",
-        description="Read CURVES, a CSV table with a header row (optionally a row of units "
-                    "under it: the time's in s, ms or min): a column of frame times in s "
+        description="Read CURVES, a CSV table (comma, semicolon or tab separated; with "
+                    "semicolons or tabs, numbers may have a decimal comma) with a header row "
+                    "(optionally a row of units under it: the time's in s, ms or min): a column of frame times in s "
                     "(--time-column), the arterial curve (--aif-column), optionally the venous "
                     "curve (--vof-column, used when present: the AIF is scaled to its area when "
                     "it is a plausible outflow) and one column per tissue curve, all in the same "

@@ -1,8 +1,9 @@
 """Time curves in a CSV table: one column of frame times, one of the arterial curve, optionally
 one of the venous curve, and one column per tissue curve (regions or voxels), a header row
 naming them, optionally followed by a row of units (the time's in s, ms or min). Comma,
-semicolon or tab separated; a file that cannot be read whole is refused, naming the line and
-the column.
+semicolon or tab separated; with semicolons or tabs a decimal comma is read too (``12,5``, as
+spreadsheets write numbers in many locales). A file that cannot be read whole is refused,
+naming the line and the column.
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ class CurveTable:
     names: tuple[str, ...]
 
 
-def _rows(path: Path) -> list[list[str]]:
+def _rows(path: Path) -> tuple[list[list[str]], bool]:
+    """The table's cells, and whether a decimal comma may be read (the separator is not one)."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -54,7 +56,8 @@ def _rows(path: Path) -> list[list[str]]:
     except csv.Error:
         raise InputError(path, "cannot tell the column separator of the header row (comma, "
                                "semicolon or tab)") from None
-    return [[cell.strip() for cell in row] for row in csv.reader(lines, dialect)]
+    return ([[cell.strip() for cell in row] for row in csv.reader(lines, dialect)],
+            dialect.delimiter != ",")
 
 
 def _column(keys: list[str], name: str) -> int | None:
@@ -74,9 +77,17 @@ _TIME_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3,
                "msec": 1e-3, "milliseconds": 1e-3, "min": 60.0, "minutes": 60.0}
 
 
-def _is_number(cell: str) -> bool:
+def _number(cell: str, decimal_comma: bool) -> float:
+    """The cell's value (ValueError when it is not a number); ``decimal_comma``: ``12,5`` is
+    12.5 (a cell with one comma and no point)."""
+    if decimal_comma and cell.count(",") == 1 and "." not in cell:
+        cell = cell.replace(",", ".")
+    return float(cell)
+
+
+def _is_number(cell: str, decimal_comma: bool) -> bool:
     try:
-        float(cell)
+        _number(cell, decimal_comma)
     except ValueError:
         return False
     return True
@@ -101,10 +112,11 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     Column names match case-insensitively, and a name followed by a unit or a suffix
     (``time (s)``, ``AIF_HU``) matches when no other column does. The time column is in
     seconds, strictly increasing; every other column is a curve, ``vof_column`` used when
-    present; at least one tissue column is needed.
+    present; at least one tissue column is needed. With semicolons or tabs between the columns,
+    numbers may have a decimal comma.
     """
     p = Path(path)
-    rows = _rows(p)
+    rows, decimal_comma = _rows(p)
     header = rows[0]
     keys = [h.lower() for h in header]
     if len(set(keys)) < len(keys):
@@ -122,7 +134,7 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
         raise InputError(p, "no tissue column: every column besides time, AIF and VOF is a "
                             "tissue curve")
     scale, first = 1.0, 1
-    if len(rows) > 2 and not any(_is_number(cell) for cell in rows[1]):
+    if len(rows) > 2 and not any(_is_number(cell, decimal_comma) for cell in rows[1]):
         scale, first = _time_unit(p, rows[1], header, where["time"]), 2
     values = np.empty((len(rows) - first, len(header)))
     for line, row in enumerate(rows[first:], start=first + 1):
@@ -130,7 +142,7 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
             raise InputError(p, f"line {line} has {len(row)} values, the header {len(header)}")
         for col, cell in enumerate(row):
             try:
-                value = float(cell)
+                value = _number(cell, decimal_comma)
             except ValueError:
                 raise InputError(p, f"line {line}, column {header[col]!r}: {cell!r} is not a "
                                     "number") from None
