@@ -15,6 +15,7 @@ from ctperf.cli import main
 from ctperf.errors import InputError, ValidationError
 from ctperf.io.curves_csv import read_curves_csv
 from ctperf.perfusion import fit_box_nlr, fit_curves, svd_deconvolve
+from ctperf.perfusion.maps import METHODS
 from test_references import T_HAND, _box_tissue, _gv, _load_osipi, _within_osipi
 
 RHO, KH = 1.04, 0.733
@@ -53,6 +54,22 @@ def test_fit_curves_is_the_methods_fit(method):
     # bSVD within 15 % on these box residues (docs/validation.md, section 1)
     truth = np.array([b[0] for b in BOXES])
     assert np.all(np.abs(given.cbf / truth - 1) <= (0.03 if method == "nlr-fast" else 0.15))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_curves_in_any_units_give_the_same_maps(method):
+    """The OSIPI reference in its own units (concentration, tissue peaks 0.01-0.14), a million
+    times smaller and ten thousand times larger: every method reads the same CBF, CBV and MTT,
+    so curves exported in mmol/L, HU or arbitrary units fit alike (bayes once gave its prior
+    for every curve below a fixed noise floor of 1e-3)."""
+    osipi = _load_osipi()
+    fits = [fit_curves(scale * osipi["tissue"], scale * osipi["aif"], osipi["times"],
+                       method=method, baseline=0, rho=1.0, kh=1.0)
+            for scale in (1.0, 1e-6, 1e4)]
+    for fit in fits[1:]:
+        for name in ("cbf", "cbv", "mtt"):
+            # float32 curves: the fits agree to rounding, not to the bit
+            np.testing.assert_allclose(getattr(fit, name), getattr(fits[0], name), rtol=2e-3)
 
 
 def test_vof_corrects_a_diluted_aif():

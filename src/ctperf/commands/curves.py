@@ -29,15 +29,16 @@ def register(subparsers: Any) -> None:
         "curves", help="perfusion parameters of time curves (regions or voxels) in a CSV table",
         description="Read CURVES, a CSV table (comma, semicolon or tab separated; with "
                     "semicolons or tabs, numbers may have a decimal comma) with a header row "
-                    "(optionally a row of units under it: the time's in s, ms or min): a column of frame times in s "
-                    "(--time-column), the arterial curve (--aif-column), optionally the venous "
-                    "curve (--vof-column, used when present: the AIF is scaled to its area when "
-                    "it is a plausible outflow) and one column per tissue curve, all in the same "
-                    "units (HU or concentration). Fit each tissue curve with the method of "
-                    "`ctperf maps` and write OUT (CSV: one row per curve with CBF mL/100g/min, "
-                    "CBV mL/100g, MTT, Tmax, delay and TTP s, and the SDs for bayes), a JSON "
-                    "sidecar of the same stem (method, constants, baseline frames, "
-                    "partial-volume step, units) and a PNG of the curves as fitted.")
+                    "(optionally a row of units under it: the time's in s, ms or min): a "
+                    "column of frame times in s (--time-column), the arterial curve "
+                    "(--aif-column), optionally the venous curve (--vof-column, used when "
+                    "present: the AIF is scaled to its area when it is a plausible outflow) and "
+                    "one column per tissue curve, all in the same units (HU, concentration or "
+                    "any other). Fit each tissue curve with the method of `ctperf maps` and "
+                    "write OUT (CSV: one row per curve with CBF mL/100g/min, CBV mL/100g, MTT, "
+                    "Tmax, delay and TTP s, and the SDs for bayes), a JSON sidecar of the same "
+                    "stem (method, constants, baseline frames, partial-volume step, units) and "
+                    "a PNG of the curves as fitted.")
     p.add_argument("curves", type=Path, help="CSV table of curves")
     p.add_argument("out", type=Path, help="output CSV file (a .json sidecar and a .png figure "
                                           "are written beside)")

@@ -86,6 +86,10 @@ LATE_FRACTION = 0.002
 #: to log-uniform (no preferred dispersion) from a few tenths of a second up, finite at 0.
 DISPERSION_SCALE = 0.1
 
+#: Smallest noise SD a curve is given, as a fraction of the arterial curve's peak (a noise-free
+#: curve's estimate is 0): tiny, and in the curves' own units (HU, concentration or any scale).
+NOISE_FLOOR = 1e-6
+
 #: The first time the dispersed residue comes within this fraction of its maximum is its peak
 #: (a flat top's first time, as the phantom's truth defines it).
 PEAK_TOL = 1e-3
@@ -1162,8 +1166,10 @@ def fit_bayes(
     own_noise = noise_variance(y_all, max(1, workers))
     if noise_sd is not None:
         noise = np.full(n, float(noise_sd) ** 2)
-    else:
-        noise = np.maximum(own_noise, 1e-6)
+    else:  # a noise-free curve is fitted as one: the floor only keeps the precision finite,
+        # at a millionth of the arterial peak, whatever the curves' units
+        peak = float(np.abs(np.asarray(aif, dtype=np.float64)).max())
+        noise = np.maximum(own_noise, (NOISE_FLOOR * peak) ** 2 or 1e-30)
 
     # Stage 1: the candidates and their prior. With the spatial prior, the posterior of the
     # neighbourhood's average curve, computed once per in-plane block about as wide as the
