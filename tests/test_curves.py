@@ -215,6 +215,33 @@ def test_curves_csv_decimal_comma(tmp_path):
         read_curves_csv(src)
 
 
+def test_curves_csv_as_other_tools_write_it(tmp_path):
+    """Comment lines, a data frame's index as an unnamed first column and a separator at the
+    end of every line read as the plain table; an unnamed column of other values is refused
+    rather than fitted as a tissue curve."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    _write_csv(src, np.arange(T_HAND.size, dtype=float), {"aif": aif, "gm": tissue[:, 0]})
+    plain = read_curves_csv(src)
+    head, *lines = src.read_text().splitlines()
+    variants = {
+        "comments": ["# exported by a viewer", "# units: s, HU", head, *lines],
+        "index": ["," + head, *(f"{i},{line}" for i, line in enumerate(lines))],
+        "pandas index": ["Unnamed: 0," + head,
+                         *(f"{i + 1},{line}" for i, line in enumerate(lines))],
+        "trailing separator": [head + ",", *(line + "," for line in lines)],
+    }
+    for label, text in variants.items():
+        src.write_text("\n".join(text) + "\n")
+        table = read_curves_csv(src)
+        assert table.names == ("gm",), label
+        np.testing.assert_array_equal(table.tissue, plain.tissue)
+        np.testing.assert_array_equal(table.times, plain.times)
+    src.write_text("\n".join(["," + head, *(f"{2 * i},{line}" for i, line in enumerate(lines))]))
+    with pytest.raises(InputError, match="column 1 has no name"):
+        read_curves_csv(src)
+
+
 def test_an_aif_arriving_after_the_tissue_is_flagged(capsys, tmp_path):
     """A vein given as the AIF (its bolus 5 s after the tissue's): the maps' QC flag
     ``aif_after_tissue`` is raised, in the sidecar and on the terminal; a plausible AIF

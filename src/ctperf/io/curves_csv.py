@@ -2,13 +2,16 @@
 one of the venous curve, and one column per tissue curve (regions or voxels), a header row
 naming them, optionally followed by a row of units (the time's in s, ms or min). Comma,
 semicolon or tab separated; with semicolons or tabs a decimal comma is read too (``12,5``, as
-spreadsheets write numbers in many locales). A file that cannot be read whole is refused,
-naming the line and the column.
+spreadsheets write numbers in many locales). Lines starting with ``#`` are comments. A column
+without a name is left out when it is empty (a separator at the end of every line) or, first in
+the table, holds the row numbers (a data frame's index); any other is refused. A file that
+cannot be read whole is refused, naming the line and the column.
 """
 
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from collections.abc import Sequence
@@ -24,6 +27,8 @@ from ctperf.io.integrity import check_frame_times
 __all__ = ["CurveTable", "read_curves_csv", "write_curves_csv"]
 
 PathLike = str | os.PathLike[str]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,8 @@ def _rows(path: Path) -> tuple[list[list[str]], bool]:
         raise InputError(path, "is a folder, expected a CSV file of curves") from None
     except UnicodeDecodeError:
         raise InputError(path, "not a text file (expected a CSV table of curves)") from None
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = [line for line in text.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
     if len(lines) < 2:
         raise InputError(path, "expected a header row and one row per frame")
     try:
@@ -93,6 +99,32 @@ def _is_number(cell: str, decimal_comma: bool) -> bool:
     return True
 
 
+def _unnamed_left_out(path: Path, rows: list[list[str]], decimal_comma: bool
+                      ) -> list[list[str]]:
+    """``rows`` without their unnamed columns: empty ones (a separator ending every line), and a
+    first column of row numbers (0 or 1 upwards: a data frame's index, such as pandas writes
+    with an empty or ``Unnamed: 0`` name). Any other unnamed column is refused."""
+    drop = []
+    for col, name in enumerate(rows[0]):
+        if name and not name.lower().startswith("unnamed:"):
+            continue
+        cells = [row[col] for row in rows[1:] if col < len(row) and row[col]]
+        if not cells:
+            drop.append(col)
+            continue
+        if col == 0 and all(_is_number(c, decimal_comma) for c in cells):
+            values = np.array([_number(c, decimal_comma) for c in cells])
+            if values[0] in (0, 1) and np.array_equal(values, values[0] + np.arange(values.size)):
+                log.info("%s: the unnamed first column holds the row numbers: left out", path)
+                drop.append(col)
+                continue
+        raise InputError(path, f"column {col + 1} has no name in the header row: name it (the "
+                               "time, the AIF, the VOF or a tissue curve) or remove it")
+    if not drop:
+        return rows
+    return [[c for i, c in enumerate(row) if i not in drop] for row in rows]
+
+
 def _time_unit(path: Path, units: list[str], header: list[str], at: int) -> float:
     """Seconds per unit of the time column, from a units row under the header."""
     if len(units) != len(header):
@@ -117,6 +149,7 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     """
     p = Path(path)
     rows, decimal_comma = _rows(p)
+    rows = _unnamed_left_out(p, rows, decimal_comma)
     header = rows[0]
     keys = [h.lower() for h in header]
     if len(set(keys)) < len(keys):
