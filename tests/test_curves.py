@@ -72,6 +72,20 @@ def test_curves_in_any_units_give_the_same_maps(method):
             np.testing.assert_allclose(getattr(fit, name), getattr(fits[0], name), rtol=2e-3)
 
 
+def test_curves_begun_after_the_bolus_are_refused():
+    """Curves whose arterial bolus was under way at the first frame are refused; curves whose
+    bolus arrives at once carry the short-baseline flag (the OSIPI AIF arrives at frame 17)."""
+    osipi = _load_osipi()
+    t, aif, tissue = osipi["times"], 30.0 + 100.0 * osipi["aif"], 30.0 + 100.0 * osipi["tissue"]
+    fit = fit_curves(tissue, aif, t, method="bsvd")
+    assert not fit.provenance["qc"]["short_baseline"]["flag"]
+    late = fit_curves(tissue[15:], aif[15:], t[15:] - t[15], method="bsvd")
+    assert late.provenance["qc"]["short_baseline"]["flag"]
+    assert late.provenance["baseline_frames"] == 1
+    with pytest.raises(ValidationError, match="bolus had begun before the first frame"):
+        fit_curves(tissue[17:], aif[17:], t[17:] - t[17], method="bsvd")
+
+
 def test_vof_corrects_a_diluted_aif():
     """An AIF at 60 % of the true one (partial volume) with an undiluted vein: scaled back up;
     the CBF comes back to the undiluted fit's within 3 % (the VOF's tail past the last frame

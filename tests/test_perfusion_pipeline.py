@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from ctperf.errors import ValidationError
-from ctperf.perfusion import LesionOptions, compute_maps, run_perfusion
+from ctperf.perfusion import LesionOptions, check_bolus_start, compute_maps, run_perfusion
 from ctperf.types import CTPSeries
 
 RHO, KH = 1.04, 0.733
@@ -208,6 +208,57 @@ def test_bad_input_gives_clear_errors(study, rng):
         compute_maps(series, method="bsvd", vof=0.6 * truth["aif"])
     with pytest.raises(ValidationError, match="vof must have shape"):
         compute_maps(series, vof=truth["vof"][:5])
+
+
+def test_a_scan_started_after_the_bolus_is_refused(study):
+    """Frames before the contrast are part of the measurement: a study whose arteries already
+    carry the bolus at the first frame is refused (no baseline, no AIF upslope), one whose
+    bolus arrives at its second frame is mapped with the short-baseline flag, and a full one
+    carries no flag."""
+    series, _ = study  # AIF arrives at 6 s (frame 12 of 0.5 s frames)
+    full = run_perfusion(series, method="bsvd").maps.provenance["qc"]["short_baseline"]
+    assert not full["flag"] and full["value"] >= 3
+    late = series.replace(hu=series.hu[12:], times=series.times[12:] - series.times[12])
+    flags = run_perfusion(late, method="bsvd").maps.provenance["qc"]
+    assert flags["short_baseline"]["flag"] and flags["short_baseline"]["value"] < 3
+    for start in (16, 20, 30):  # on the upslope, near and past the arteries' peak (21)
+        cut = series.replace(hu=series.hu[start:],
+                             times=series.times[start:] - series.times[start])
+        with pytest.raises(ValidationError, match="bolus had begun before the first frame"):
+            compute_maps(cut, method="bsvd")
+
+
+def test_maps_cli_names_the_study_it_refuses(study, tmp_path, capsys):
+    from ctperf.cli import main
+    from ctperf.io import write_series_nifti
+
+    series, _ = study
+    path = tmp_path / "late.nii.gz"
+    write_series_nifti(series.replace(hu=series.hu[20:], times=series.times[20:] - 10.0), path)
+    assert main(["maps", str(path), str(tmp_path / "out"), "--method", "bsvd"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"ctperf maps: error: {path}: the arterial bolus had begun")
+    assert err.count("\n") == 1 and not (tmp_path / "out").exists()
+
+
+def test_bolus_start_check_on_curves(rng):
+    """The check on an arterial curve: refused when its bolus was under way at the first
+    frame; passed with a raised but flat baseline (contrast left from an angiogram), with the
+    noise of an AIF of a few voxels, and for a curve that only falls (left to the motion
+    check)."""
+    t = np.arange(60) * 1.0
+    aif = gamma_aif(t, t0=8.0)
+    check_bolus_start(aif)
+    check_bolus_start(aif + 80.0)
+    check_bolus_start(1e-4 * aif)  # any units
+    for _ in range(20):  # peak 100 HU, noise 20 HU per frame
+        check_bolus_start(100.0 * aif / aif.max() + 20.0 * rng.standard_normal(t.size))
+    check_bolus_start(-np.clip(t - 10.0, 0, 30))
+    started = gamma_aif(t, t0=-1.5)
+    with pytest.raises(ValidationError, match=r"starts at \d+% of its rise"):
+        check_bolus_start(started)
+    with pytest.raises(ValidationError, match="bolus had begun"):
+        check_bolus_start(1e-4 * started + 3.0)
 
 
 def test_vessel_series_keeps_aif_from_unfiltered_study(study):

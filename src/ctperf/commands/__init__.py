@@ -167,12 +167,19 @@ def run_study_command(args: argparse.Namespace, task: Callable[..., Any], option
     """Run ``task`` (a per-study function of :mod:`ctperf.workflow`) on ``args.study`` into
     ``args.out`` and print its line; with ``--cohort`` on every study of the folder
     ``args.study`` into ``args.out/<study>/``, with a progress bar, the summary and one line per
-    failed study. Returns the exit code (1 when a study of a cohort failed)."""
+    failed study. An error in what one study holds names the study. Returns the exit code (1
+    when a study of a cohort failed)."""
     import dataclasses
     import sys
 
     if not args.cohort:
-        print(task(args.study, args.out, options).message)
+        from ctperf.errors import InputError, ValidationError
+
+        try:
+            outcome = task(args.study, args.out, options)
+        except ValidationError as exc:  # what the study holds cannot be analysed: name it
+            raise InputError(args.study, str(exc)) from None
+        print(outcome.message)
         return 0
     from ctperf.workflow.cohort import run_cohort_folder
 

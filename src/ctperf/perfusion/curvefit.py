@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.perfusion.curves import to_enhancement
+from ctperf.perfusion.curves import check_bolus_start, to_enhancement
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import (
     METHODS,
@@ -33,8 +33,8 @@ __all__ = ["CURVE_PARAMETERS", "CurveFit", "fit_curves"]
 #: The QC flags (:func:`~ctperf.perfusion.qc_flags`) that curves in any unit can be judged by
 #: (the AIF's peak height and the baseline's noise are judged in HU, the brain's size and the
 #: motion need an image).
-CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_after_tissue", "aif_vof_ratio",
-                             "no_vof")
+CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_after_tissue",
+                             "short_baseline", "aif_vof_ratio", "no_vof")
 
 #: The parameters of every method, in the order they are reported.
 CURVE_PARAMETERS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "delay", "ttp")
@@ -136,6 +136,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         if curve is not None:
             _check(name, curve)
 
+    check_bolus_start(a)
     vessels = a[:, None] if v is None else np.stack([a, v], axis=1)
     if isinstance(baseline, str):
         if baseline != "auto":
@@ -161,6 +162,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     out = {k: np.asarray(values[k], dtype=np.float64) for k in CURVE_PARAMETERS}
     sd = {k: np.asarray(values[k], dtype=np.float64) for k in SD_MAPS if k in values}
     flags = qc_flags(times=t, aif=vessels[:, 0], vof=None if v is None else vessels[:, 1],
+                     baseline_frames=n_base if isinstance(baseline, str) else None,
                      tissue_mean=tis.mean(axis=1), pv_factor=pv["factor"],
                      pv_corrected=bool(pv["corrected"]) if v is not None else None)
     provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},

@@ -21,6 +21,7 @@ __all__ = [
     "bandlimit",
     "bolus_arrival_frame",
     "box_model",
+    "check_bolus_start",
     "flow_scale",
     "resample",
     "time_to_peak",
@@ -70,6 +71,64 @@ def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1) -> int:
         raise ValidationError(
             "no contrast arrival: the reference curve never rises above its start")
     return int(np.argmax(rise > fraction * peak))
+
+
+#: A vessel's curve whose first frame (lightly smoothed) stands more than this fraction of its
+#: range above its lowest values, and well above its noise, was carrying the bolus when the
+#: scan began (:func:`_bolus_started`).
+BOLUS_AT_START = 0.2
+
+
+def _bolus_started(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Which curves (T,) or (T, N) were carrying a bolus at their first frame, and how far.
+
+    Contrast only adds attenuation, so a vessel's lowest values are its unenhanced ones (a
+    raised but flat baseline, such as contrast left from an angiogram, is no bolus). The first
+    frame of each curve smoothed with :func:`bandlimit` is compared with the mean of its three
+    lowest values: a bolus had started when it stands above them by more than
+    :data:`BOLUS_AT_START` of the curve's range and by more than five times the smoothed
+    curve's noise (from second differences: a noisy curve of a few voxels is not taken for
+    one), while the curve still rises from it by as much (a curve that only falls below its
+    start, as when the head moved, is not). Any units. Returns (bool (N,), level (N,)): the
+    first frame's height above the lowest values as a fraction of the range.
+    """
+    x = np.asarray(curves, dtype=np.float64)
+    x = x.reshape(x.shape[0], -1)
+    if x.shape[0] < 4:
+        return np.zeros(x.shape[1], dtype=bool), np.zeros(x.shape[1])
+    c = bandlimit(x)
+    low = np.sort(c, axis=0)[:3].mean(axis=0)
+    span = c.max(axis=0) - low
+    rise = c[0] - low
+    # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
+    noise = 1.4826 * np.median(np.abs(x[:-2] - 2.0 * x[1:-1] + x[2:]), axis=0) / np.sqrt(6.0)
+    level = np.divide(rise, span, out=np.zeros_like(rise), where=span > 0)
+    still_rising = c.max(axis=0) - c[0] > BOLUS_AT_START * span
+    started = ((span > 0) & (level > BOLUS_AT_START) & still_rising
+               & (rise > 5.0 * np.sqrt(0.625) * noise))
+    return started, level
+
+
+def check_bolus_start(aif: np.ndarray) -> None:
+    """Refuse an arterial curve (T,) whose bolus had begun before the first frame
+    (:func:`_bolus_started`).
+
+    A study needs frames before the contrast arrives: each voxel's unenhanced value is their
+    mean, and the AIF's upslope sets CBF. When the artery is already enhanced at the first
+    frame, every curve's baseline holds contrast and the AIF misses the start of its bolus, so
+    no method can give CBF, CBV or delays.
+    """
+    started, level = _bolus_started(aif)
+    if started[0]:
+        raise ValidationError(bolus_started_message(f"the AIF starts at {level[0]:.0%} of its "
+                                                    "rise above its lowest values"))
+
+
+def bolus_started_message(evidence: str) -> str:
+    """The refusal of a study or curves whose bolus had begun before the first frame."""
+    return (f"the arterial bolus had begun before the first frame ({evidence}): there is no "
+            "unenhanced baseline, so CBF, CBV and delays cannot be measured; the scan must "
+            "start before the contrast arrives")
 
 
 def to_enhancement(

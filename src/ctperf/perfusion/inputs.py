@@ -26,6 +26,7 @@ from ctperf.perfusion.aif import (
     select_vof,
     tissue_peak_time,
 )
+from ctperf.perfusion.curves import check_bolus_start
 
 __all__ = ["CurveOrigin", "arterial_input", "partial_volume", "venous_output", "vessel_info",
            "voxel_noise_sd"]
@@ -93,6 +94,7 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
             sel = select_aif(venh, t, exclude=exclude, latest_s=tissue_peak)
             origin = CurveOrigin("automatic", sel, note)
         curve = sel.curve
+    check_bolus_start(curve)
     if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
         raise ValidationError(
             f"the AIF ({origin.source}) has no positive area: its curve sits below its "

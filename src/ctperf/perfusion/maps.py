@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from scipy import ndimage
@@ -29,7 +29,9 @@ from ctperf.errors import ValidationError
 from ctperf.perfusion.bayes import fit_bayes
 from ctperf.perfusion.boxnlr import fit_box_nlr
 from ctperf.perfusion.curves import (
+    BOLUS_AT_START,
     bandlimit,
+    bolus_started_message,
     resample,
     time_to_peak,
     uniform_grid,
@@ -158,9 +160,13 @@ def run_perfusion(
     hu, t, spacing = series.hu, series.times, series.spacing
     vhu = hu if vessel_series is None else vessel_series.hu
 
-    n_base, bone_rim = _bolus_baseline(vhu, spacing=spacing)
+    n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing)
     base = hu[:n_base].mean(axis=0)
     brain, search = _brain(base, brain_mask, spacing=spacing)
+    # inside the head: the brain found, and what it and the bone enclose in each slice (an
+    # artery already bright at the first frames is no brain to the brain mask)
+    inside = np.stack([ndimage.binary_fill_holes(plane) for plane in search | bone_rim])
+    _check_scan_start(onset, inside & ~bone_rim)
     enh, venh = _enhancement(hu, vhu, search, base=base, n_base=n_base)
 
     # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
@@ -225,9 +231,22 @@ def _check_inputs(series: CTPSeries, *, method: str, vessel_series: CTPSeries | 
                               f"study's {series.shape}")
 
 
+class _Onset(NamedTuple):
+    """Per voxel (Z, Y, X), of the curves smoothed over time: how far the first frame stands
+    above the lowest value (``height``), the range (``span``), the frame of the highest value;
+    and the smoothed curves' noise SD, HU."""
+
+    height: np.ndarray
+    span: np.ndarray
+    lowest: np.ndarray
+    peak_at: np.ndarray
+    noise_sd: float
+
+
 def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
-                    ) -> tuple[int, np.ndarray]:
-    """Frames before the bolus, and the voxels next to bone (bool (Z, Y, X)).
+                    ) -> tuple[int, np.ndarray, _Onset]:
+    """Frames before the bolus, the voxels next to bone (bool (Z, Y, X)), and what
+    :func:`_check_scan_start` needs.
 
     Bolus arrival from the enhancing vessels, arteries and veins alike: partial volume can leave
     the arteries weaker than a large sinus, so every voxel rising by a quarter of the strongest
@@ -240,16 +259,18 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
     noise alone reaches a quarter of the arteries' rise, and such voxels' random "arrivals"
     ended the baseline at the first frames.
     """
-    first, last, top = (np.empty(vhu.shape[1:], dtype=np.float32) for _ in range(3))
+    first, last, top, low = (np.empty(vhu.shape[1:], dtype=np.float32) for _ in range(4))
+    peak_at = np.empty(vhu.shape[1:], dtype=np.int64)
     for z in range(vhu.shape[1]):  # 16 rows at a time: no smoothed copy, and cache-sized
         for y in range(0, vhu.shape[2], 16):
             sm = smooth_time(vhu[:, z, y:y + 16])
             first[z, y:y + 16], last[z, y:y + 16], top[z, y:y + 16] = sm[0], sm[-1], sm.max(0)
+            low[z, y:y + 16], peak_at[z, y:y + 16] = sm.min(0), sm.argmax(0)
     rise = top - first
     if not float(rise.max()) > 5.0:
         raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
-    calm = (first > -100) & (first < 200) & (last - first <= 0.5 * rise)
     bone_rim = masks.near_bone(first, spacing=spacing)
+    calm = (first > -100) & (first < 200) & (last - first <= 0.5 * rise)
     calm &= ~bone_rim
     if calm.sum() < 20:  # too few such voxels: every voxel counts
         calm = np.ones_like(calm)
@@ -257,7 +278,41 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
     where = np.flatnonzero(calm)
     sample = where[np.linspace(0, where.size - 1, min(where.size, 4096)).astype(np.int64)]
     noise = voxel_noise_sd(vhu.reshape(vhu.shape[0], -1)[:, sample], 0)
-    return pre_bolus_frames(vhu, np.where(calm, rise, -np.inf), noise_sd=noise), bone_rim
+    onset = _Onset(first - low, top - low, low, peak_at,
+                   noise * float(np.sqrt((_ARRIVAL_TAPS ** 2).sum())))
+    return (pre_bolus_frames(vhu, np.where(calm, rise, -np.inf), noise_sd=noise), bone_rim,
+            onset)
+
+
+def _check_scan_start(onset: _Onset, region: np.ndarray) -> None:
+    """Refuse a study whose arteries were already enhanced at the first frame.
+
+    The vessels are the voxels of ``region`` (bool (Z, Y, X): inside the head, away from bone)
+    never below -100 HU whose curves span at least a quarter of the strongest span there
+    (99.9th percentile) and ten times the smoothed noise, whatever their first frame: an artery
+    imaged from the middle of its bolus rises little after it, so it is found by its span, not
+    by its rise. Their earliest-peaking tenth are arteries; when most of those stand at their
+    first frame more than :data:`~ctperf.perfusion.curves.BOLUS_AT_START` of their span, and
+    five times the smoothed noise, above their lowest value (contrast only adds attenuation:
+    the lowest is the unenhanced value), the scan began after the contrast arrived.
+    """
+    soft = region & (onset.lowest > -100)
+    if not soft.any():
+        return
+    span = onset.span
+    strong = soft & (span >= max(0.25 * float(np.percentile(span[soft], 99.9)),
+                                 10.0 * onset.noise_sd))
+    if strong.sum() < 10:
+        return
+    when = onset.peak_at[strong]
+    early = when <= np.percentile(when, 10)
+    height = onset.height[strong][early]
+    level = height / span[strong][early]
+    started = (level > BOLUS_AT_START) & (height > 5.0 * onset.noise_sd)
+    if started.mean() > 0.5:
+        raise ValidationError(bolus_started_message(
+            f"{started.mean():.0%} of the earliest-peaking vessels are enhanced at it, by a "
+            f"median {np.median(level):.0%} of their range"))
 
 
 def _brain(base: np.ndarray, given: np.ndarray | None, *,
@@ -395,7 +450,8 @@ def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
     return qc_flags(times=t, aif=aif_raw, vof=vof_used,
                     tissue_mean=(tissue @ not_vessel) / not_vessel.sum()
                     if not_vessel.any() else None,
-                    baseline_sd=base_sd, brain_voxels=int(brain.sum()), voxel_ml=voxel_ml,
+                    baseline_sd=base_sd, baseline_frames=n_base,
+                    brain_voxels=int(brain.sum()), voxel_ml=voxel_ml,
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None)
 

@@ -19,6 +19,7 @@ def qc_flags(
     vof: np.ndarray | None = None,
     tissue_mean: np.ndarray | None = None,
     baseline_sd: float | None = None,
+    baseline_frames: int | None = None,
     brain_voxels: int | None = None,
     voxel_ml: float | None = None,
     pv_factor: float | None = None,
@@ -29,6 +30,7 @@ def qc_flags(
     late_aif_fraction: float = 0.6,
     max_aif_lead_s: float = 2.0,
     max_baseline_sd_hu: float = 15.0,
+    min_baseline_frames: int = 3,
     pv_range: tuple[float, float] = (0.8, 4.0),
     min_brain_ml: float = 20.0,
     max_motion_mm: float = 2.0,
@@ -45,6 +47,8 @@ def qc_flags(
         Mean brain enhancement, HU.
     baseline_sd : float, optional
         Median over brain voxels of the pre-bolus standard deviation, HU.
+    baseline_frames : int, optional
+        Frames before the bolus whose mean was subtracted from every curve.
     brain_voxels : int, optional
     voxel_ml : float, optional
     pv_factor : float, optional
@@ -59,9 +63,10 @@ def qc_flags(
     dict
         ``{name: {"flag": bool, "value": float | None, "reason": str}}`` for ``truncation``,
         ``aif_low_peak``, ``aif_late_peak``, ``aif_after_tissue``, ``noisy_baseline``,
-        ``aif_vof_ratio``, ``no_vof``, ``few_brain_voxels`` and ``motion``; a flag that cannot
-        be judged has ``value`` None. ``aif_after_tissue``'s value is how many seconds the mean
-        brain curve's arrival (its rise past 20 % of its peak) precedes the AIF's.
+        ``short_baseline``, ``aif_vof_ratio``, ``no_vof``, ``few_brain_voxels`` and
+        ``motion``; a flag that cannot be judged has ``value`` None. ``aif_after_tissue``'s
+        value is how many seconds the mean brain curve's arrival (its rise past 20 % of its
+        peak) precedes the AIF's.
     """
     t = np.asarray(times, dtype=np.float64)
     flags: dict[str, dict[str, Any]] = {}
@@ -98,6 +103,10 @@ def qc_flags(
         "(choose an earlier artery)")
     put("noisy_baseline", baseline_sd is not None and baseline_sd > max_baseline_sd_hu,
         baseline_sd, f"pre-bolus noise above {max_baseline_sd_hu:.0f} HU")
+    put("short_baseline", baseline_frames is not None and baseline_frames < min_baseline_frames,
+        baseline_frames, f"fewer than {min_baseline_frames} frames before the bolus: each "
+        "curve's unenhanced value is the mean of so few frames, and its error is in every later "
+        "frame (noisier CBV and CBF); start the scan a few seconds before the contrast arrives")
     put("aif_vof_ratio", pv_factor is not None and not pv_range[0] <= pv_factor <= pv_range[1],
         pv_factor, f"VOF/AIF area ratio outside [{pv_range[0]}, {pv_range[1]}]: wrong AIF or VOF "
         "choice")
