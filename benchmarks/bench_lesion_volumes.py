@@ -49,7 +49,7 @@ def measure(seed: int, *, lesion: bool, method: str, size: int, slices: int,
     result, _ = analyse_study(subject.series, method=method, register=False, filter=True,
                               lesion_options=LesionOptions())
     seconds = time.perf_counter() - start
-    voxel_ml = float(np.prod(result.maps.spacing)) / 1000.0
+    voxel_ml = result.maps.voxel_ml
     region = result.brain & ~result.vessels
     row = {"seed": seed, "method": method,
            "residue": subject.params["physiology"].get("residue"),

@@ -75,7 +75,7 @@ def score(result, subject) -> dict[str, float]:
         if f"{name}_sd" in result.maps:
             err = np.abs(result.maps[name] - truth[name])[region]
             out[f"{name}_cover"] = float(np.mean(err <= 2 * result.maps[f"{name}_sd"][region]))
-    voxel_ml = float(np.prod(subject.series.spacing)) / 1000.0
+    voxel_ml = subject.series.voxel_ml
     true_core = subject.masks["core"]
     true_hypo = true_core | subject.masks["penumbra"]
     les = result.lesions

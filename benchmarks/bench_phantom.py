@@ -131,7 +131,7 @@ def distributions(n: int, *, size: int, anatomy: str) -> None:
         right, left = gm & (terr >= 1) & (terr <= 3), gm & (terr >= 4)
         rows["lr"].append(float(tr["cbf"][right].mean() / tr["cbf"][left].mean()))
         vol = s.params["volumes_ml"]
-        voxel_ml = float(np.prod(tr.spacing)) / 1000
+        voxel_ml = tr.voxel_ml
         old = ((tr["delay"] + tr["mtt"] / 2 > 6) & m["brain"]).sum() * voxel_ml
         if s.params["lesion"]:
             rows["core"].append(vol["core"])

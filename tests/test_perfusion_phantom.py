@@ -35,7 +35,7 @@ def test_lesion_volumes_from_true_maps_equal_phantom_masks(subject):
                           reference=subject.extras["cbf_healthy"])
     assert np.array_equal(res.core, subject.masks["core"])
     assert np.array_equal(res.penumbra, subject.masks["penumbra"])
-    voxel_ml = float(np.prod(subject.truth.spacing)) / 1000.0
+    voxel_ml = subject.truth.voxel_ml
     assert res.volumes_ml["core"] == pytest.approx(subject.masks["core"].sum() * voxel_ml)
     assert res.volumes_ml["penumbra"] == pytest.approx(
         subject.masks["penumbra"].sum() * voxel_ml)

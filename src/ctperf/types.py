@@ -22,6 +22,7 @@ __all__ = [
     "CTPSeries",
     "PerfusionMaps",
     "spacing_zyx",
+    "voxel_ml",
 ]
 
 #: Map names written to disk (``<out>/<name>.nii.gz``) and their physical units.
@@ -40,6 +41,13 @@ def spacing_zyx(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm in array order (dz, dy, dx) from a 4x4 voxel-to-patient affine."""
     norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     return float(norms[2]), float(norms[1]), float(norms[0])
+
+
+def voxel_ml(affine: np.ndarray) -> float:
+    """Volume of one voxel in mL from a 4x4 voxel-to-patient affine: its determinant, which a
+    sheared grid (slices stepped along the table under a tilted gantry) needs; the product of
+    :func:`spacing_zyx`'s sizes would overstate it by 1 / cos(tilt)."""
+    return abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
 
 
 def _check_affine(affine: Any) -> np.ndarray:
@@ -140,6 +148,11 @@ class CTPSeries:
         return spacing_zyx(self.affine)
 
     @property
+    def voxel_ml(self) -> float:
+        """Volume of one voxel, mL (:func:`voxel_ml`)."""
+        return voxel_ml(self.affine)
+
+    @property
     def frame_interval(self) -> float:
         """Median time between frames in seconds."""
         return float(np.median(np.diff(self.times))) if self.n_frames > 1 else 0.0
@@ -228,6 +241,11 @@ class PerfusionMaps:
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size in mm, (dz, dy, dx)."""
         return spacing_zyx(self.affine)
+
+    @property
+    def voxel_ml(self) -> float:
+        """Volume of one voxel, mL (:func:`voxel_ml`)."""
+        return voxel_ml(self.affine)
 
     def replace(self, **changes: Any) -> PerfusionMaps:
         """A validated copy with some fields changed."""

@@ -261,7 +261,7 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
     grid = next((r for r in readers if r.maps), None)
     if grid is None:
         raise ValidationError("no reader has maps: the voxel size of the lesions is unknown")
-    voxel_ml = {s: float(np.prod(grid.maps[s].spacing)) / 1000.0 for s in studies}
+    voxel_ml = {s: grid.maps[s].voxel_ml for s in studies}
     out: dict[str, Any] = {
         "region": f"brain mask of {brain_src.label}" if brain_src else "all finite voxels",
         "voxel_ml": voxel_ml, "maps": [], "lesions": [], "friedman": [], "minmax": {}}

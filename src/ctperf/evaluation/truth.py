@@ -46,7 +46,7 @@ def compare_with_truth(maps: PerfusionMaps, truth: PerfusionMaps, *,
     """
     if maps.shape != truth.shape:
         raise ValueError(f"maps grid {maps.shape} differs from truth grid {truth.shape}")
-    voxel_ml = float(np.prod(maps.spacing)) / 1000.0
+    voxel_ml = maps.voxel_ml
     out: dict[str, Any] = {"maps": {}, "units": {}, "lesions": {}}
     for name in EVALUATED_MAPS:
         if name in maps and name in truth:

@@ -302,7 +302,7 @@ def segment_lesions(
         ref_value = float(np.median(ref[valid])) if valid.any() else None
     if o.core_within_hypoperfused:
         core &= hypo
-    voxel_ml = float(np.prod(maps.spacing)) / 1000.0
+    voxel_ml = maps.voxel_ml
     if o.min_component_ml > 0:
         min_voxels = o.min_component_ml / voxel_ml
         hypo, severe, core = (_drop_small(m, min_voxels) for m in (hypo, severe, core))

@@ -192,7 +192,8 @@ def run_perfusion(
     maps, units = _assemble(values, brain)
 
     flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
-                vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm, spacing=spacing,
+                vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
+                voxel_volume_ml=series.voxel_ml,
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
                              aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),
@@ -437,7 +438,7 @@ def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
 def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
         vessels: np.ndarray, n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
-        spacing: tuple[float, float, float]) -> dict[str, Any]:
+        voxel_volume_ml: float) -> dict[str, Any]:
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
     AIF curve came without a VOF (nothing to correct it with)."""
     n_t = hu.shape[0]
@@ -446,12 +447,11 @@ def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
     base_sd = (float(np.median(hu.reshape(n_t, -1)[:n_base, sample].std(axis=0)))
                if n_base > 2 else None)
     not_vessel = (~vessels[brain]).astype(np.float32)
-    voxel_ml = float(np.prod(spacing)) / 1000.0
     return qc_flags(times=t, aif=aif_raw, vof=vof_used,
                     tissue_mean=(tissue @ not_vessel) / not_vessel.sum()
                     if not_vessel.any() else None,
                     baseline_sd=base_sd, baseline_frames=n_base,
-                    brain_voxels=int(brain.sum()), voxel_ml=voxel_ml,
+                    brain_voxels=int(brain.sum()), voxel_ml=voxel_volume_ml,
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None)
 

@@ -205,7 +205,7 @@ def _score(condition: str, cohort: Path, reference: Path, estimates: dict[str, P
                for label, path in estimates.items()}
     ref = next(r for r in readers.values() if Path(r.path) == reference)  # the NLR run's
     subjects = sorted(truth.maps)
-    voxel_ml = {s: float(np.prod(truth.maps[s].spacing)) / 1000.0 for s in subjects}
+    voxel_ml = {s: truth.maps[s].voxel_ml for s in subjects}
     region = {s: truth.brain[s] & ref.brain.get(s, truth.brain[s])
               & ~_vessels(reference / s, truth.maps[s]) for s in subjects}
     rows: list[dict[str, Any]] = []
