@@ -76,6 +76,33 @@ def test_prediction_is_the_network_output_mapped_back(trained):
     np.testing.assert_allclose(maps["delay"][1], 15.0 * out[1], atol=1e-3)
 
 
+def test_a_study_sampled_otherwise_is_resampled_to_the_training_spacing(trained):
+    """The network takes every n-th frame; it reads the bolus's timing from the frame index.
+    A study sampled at another rate is resampled onto the training studies' spacing (and says
+    so), giving the maps of the same study acquired at that rate; one too short is refused."""
+    cohort, ckpt = trained
+    ckpt = load_checkpoint(ckpt)
+    series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")  # 12 frames
+    step = ckpt["config"]["input_step_s"]
+    assert step == pytest.approx(2 * float(np.median(np.diff(series.times))))  # 12 -> 6 frames
+    same = predict_maps(series, ckpt, device="cpu")
+    assert same.provenance["input_note"] is None
+    assert same.provenance["input_step_s"] == pytest.approx(step)
+    # the same study with a frame between each pair (twice the rate): 6 frames per 2 steps
+    mid = 0.5 * (series.hu[1:] + series.hu[:-1])
+    hu = np.empty((2 * series.n_frames - 1, *series.shape[1:]), dtype=np.float32)
+    hu[0::2], hu[1::2] = series.hu, mid
+    t = np.interp(np.arange(hu.shape[0]) / 2.0, np.arange(series.n_frames), series.times)
+    fast = predict_maps(series.replace(hu=hu, times=t), ckpt, device="cpu")
+    assert fast.provenance["frame_mode"] == "resample" and "resampled" in fast.provenance[
+        "input_note"]
+    for name in same.names:  # the same input frames, up to float rounding
+        np.testing.assert_allclose(fast[name], same[name], rtol=1e-4, atol=1e-4)
+    short = series.replace(hu=series.hu[:7], times=series.times[:7])
+    with pytest.raises(ValidationError, match="this study spans"):
+        predict_maps(short, ckpt, device="cpu")
+
+
 def test_checkpoints_load_weights_only(trained):
     _, path = trained
     ckpt = torch.load(path, weights_only=True)  # would raise on any pickled Python object
@@ -103,7 +130,7 @@ def test_other_version_and_other_shapes_fail_clearly(trained, tmp_path: Path):
         predict_maps(big, path, device="cpu")
     assert predict_maps(big, path, device="cpu", resize=True).shape == (2, 32, 32)
     short = series.replace(hu=series.hu[:4], times=series.times[:4])
-    with pytest.raises(ValidationError, match="takes 6 frames but the study has only 4"):
+    with pytest.raises(ValidationError, match="takes 6 frames .* this study spans"):
         predict_maps(short, path, device="cpu")
 
 

@@ -41,7 +41,7 @@ from ctperf.model.normalise import (
     normalise_input,
     to_unit,
 )
-from ctperf.model.unet import select_frames
+from ctperf.model.unet import input_step, select_frames
 from ctperf.types import CTPSeries, PerfusionMaps
 
 __all__ = ["CACHE_VERSION", "SliceCache", "build_slice_cache", "iter_cohort", "open_slice_cache",
@@ -297,6 +297,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         rows_z: list[int] = []
         have: set[str] | None = None
         ranges: dict[str, list[float]] = {}  # dataset-wide min/max per target, whole images
+        steps: dict[str, float] = {}  # time step of each patient's input frames, s
         for pid, series, maps, mask in tqdm(iter_cohort(root, reference=reference, references=refs),
                                             desc="slice cache", disable=not progress):
             if frames is None:
@@ -308,6 +309,8 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                 size = series.shape[3]
             x = select_frames(series.hu, series.times, n_frames=frames, mode=frame_mode,
                               frame_interval=frame_interval)
+            steps[pid] = input_step(series.times, n_frames=frames, mode=frame_mode,
+                                    frame_interval=frame_interval)
             x = np.clip(resize_slices(x, size), hu_window[0], hu_window[1])
             targets, names = [], []
             valid = resize_slices(mask.astype(np.float32), size, mask=True)
@@ -359,7 +362,8 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
             del out
         meta = {**config, "size": size, "frames": frames, "targets": targets_kept,
                 "patients": list(stats), "stats": stats, "rows_patient": rows_patient,
-                "rows_z": rows_z, "cohort": str(root), "target_ranges": ranges}
+                "rows_z": rows_z, "cohort": str(root), "target_ranges": ranges,
+                "input_steps_s": steps}
         (tmp / "index.json").write_text(json.dumps(meta) + "\n")
     log.info("built slice cache %s (%d slices)", path, n)
     return open_slice_cache(path)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.model.normalise import from_unit, normalise_input
-from ctperf.model.unet import select_frames
+from ctperf.model.unet import input_step, select_frames
 from ctperf.types import CTPSeries, PerfusionMaps
 
 __all__ = ["predict_maps"]
@@ -33,6 +33,39 @@ def _resize(arr: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     mode = "area" if shape[0] <= arr.shape[-2] and shape[1] <= arr.shape[-1] else "bilinear"
     kw = {} if mode == "area" else {"align_corners": False}
     return F.interpolate(t, size=shape, mode=mode, **kw).numpy()
+
+
+#: A study whose input frames are spaced more than this fraction away from the training
+#: studies' is resampled to their spacing.
+STEP_TOLERANCE = 0.1
+
+
+def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
+                     ) -> tuple[str, float | None, str | None]:
+    """How the study's frames become the network's input: the checkpoint's own way, or, when
+    the network takes every n-th frame (the authors' subsampling) and this study's frames are
+    not spaced as the training studies' were, resampled onto the training studies' spacing
+    (the network reads the bolus's timing from the frame index). Returns (mode, interval,
+    note); a study too short for the frames the network takes is refused."""
+    mode, interval = cfg["frame_mode"], cfg.get("frame_interval")
+    trained = cfg.get("input_step_s")
+    n_frames = int(cfg["frames"])
+    if mode != "subsample" or not trained:
+        return mode, interval, None
+    t = np.asarray(times, dtype=np.float64)
+    step = input_step(t, n_frames=n_frames) if t.size >= n_frames else None
+    if step is not None and abs(step / trained - 1.0) <= STEP_TOLERANCE:
+        return mode, interval, None
+    need, have = (n_frames - 1) * trained, float(t[-1] - t[0])
+    if have < 0.9 * need:
+        raise ValidationError(
+            f"the network takes {n_frames} frames {trained:.2f} s apart ({need:.0f} s), as its "
+            f"training studies had them; this study spans {have:.0f} s")
+    what = "too few frames" if step is None else f"frames {step:.2f} s apart"
+    note = (f"the network takes every n-th frame, {trained:.2f} s apart in its training "
+            f"studies; this study gives {what}, so it was resampled to {trained:.2f} s")
+    log.warning("%s", note)
+    return "resample", float(trained), note
 
 
 def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
@@ -86,8 +119,9 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
     if brain_mask is not None and np.shape(brain_mask) != (z, ny, nx):
         raise ValidationError(f"brain mask shape {np.shape(brain_mask)} differs from the "
                               f"study's {(z, ny, nx)}")
-    frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]),
-                           mode=cfg["frame_mode"], frame_interval=cfg["frame_interval"])
+    mode, interval, note = _frame_selection(series.times, cfg)
+    frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]), mode=mode,
+                           frame_interval=interval)
     x = normalise_input(_resize(frames, (size, size)), window=cfg["hu_window"],
                         mean=cfg["hu_mean"], std=cfg["hu_std"]).transpose(1, 0, 2, 3)
     dev = resolve_device(device)
@@ -108,7 +142,10 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
         maps[name] = values
     provenance = {"method": "unet", "targets": list(cfg["targets"]),
                   "windows": cfg["windows"], "trained_reference": cfg["reference"],
-                  "frames": cfg["frames"], "frame_mode": cfg["frame_mode"],
+                  "frames": cfg["frames"], "frame_mode": mode,
+                  "input_step_s": input_step(series.times, n_frames=int(cfg["frames"]),
+                                             mode=mode, frame_interval=interval),
+                  "input_note": note,
                   "size": size, "resized": (ny, nx) != (size, size),
                   "model_software_version": ckpt.get("software_version")}
     if not isinstance(checkpoint, dict):

@@ -443,6 +443,12 @@ def _stages(cache: SliceCache, pretrain_cache: SliceCache | None,
     return stages
 
 
+def _median_step(steps: dict[str, float] | None) -> float | None:
+    """The training studies' median time step between input frames, s (None: not recorded,
+    a cache from before it was)."""
+    return float(np.median(list(steps.values()))) if steps else None
+
+
 def _record(cache: SliceCache, config: TrainConfig, stages: list[tuple[str, SliceCache, int]],
             *, mean: float, std: float, train_patients: Sequence[str],
             val_patients: Sequence[str]) -> dict[str, Any]:
@@ -459,6 +465,7 @@ def _record(cache: SliceCache, config: TrainConfig, stages: list[tuple[str, Slic
         "windows": {t: list(TARGET_WINDOWS[t]) for t in c.targets},
         "size": cache.size, "frames": cache.n_frames, "frame_mode": cache.meta["frame_mode"],
         "frame_interval": cache.meta["frame_interval"], "hu_window": cache.meta["hu_window"],
+        "input_step_s": _median_step(cache.meta.get("input_steps_s")),
         "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"],
         "cache_version": int(cache.meta["version"]), "seed": c.seed,
         "batch_size": c.batch_size, "lr": c.lr, "schedule": c.schedule,

@@ -123,6 +123,15 @@ def select_frames(hu: np.ndarray, times: np.ndarray, *, n_frames: int, mode: str
     raise ValidationError(f"frame mode must be 'subsample' or 'resample', got {mode!r}")
 
 
+def input_step(times: np.ndarray, *, n_frames: int, mode: str = "subsample",
+               frame_interval: float | None = None) -> float:
+    """Median time step, s, between the frames :func:`select_frames` gives the network."""
+    if mode == "resample" and frame_interval is not None:
+        return float(frame_interval)
+    t = np.asarray(times, dtype=np.float64)[subsample_indices(len(times), n_frames)]
+    return float(np.median(np.diff(t))) if t.size > 1 else 0.0
+
+
 def _same_pad(kernel_size: int, *, flip: bool = False) -> tuple[int, int, int, int]:
     """Zero padding (left, right, top, bottom) keeping the size; an even kernel pads one side
     more: the bottom/right side, or the top/left side with ``flip``."""
