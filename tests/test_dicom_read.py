@@ -170,7 +170,7 @@ def test_series_that_are_not_time_points_are_listed(tmp_path, rng):
     uids = [generate_uid() for _ in range(4)]
     write_fake_study(tmp_path / "a", rng, n_frames=4, edit=_one_series_per_time_point(uids))
     other = write_fake_study(tmp_path / "a" / "localiser", rng, n_frames=3, n_slices=2)
-    with pytest.raises(InputError, match="holds 5 series, choose one") as info:
+    with pytest.raises(InputError, match="holds 5 series; choose one") as info:
         read_dicom_series(tmp_path / "a")
     assert other.series_uid in str(info.value)
 
@@ -178,8 +178,27 @@ def test_series_that_are_not_time_points_are_listed(tmp_path, rng):
     for folder in ("b", "b/sharp"):                 # the same times and slices, twice
         write_fake_study(tmp_path / folder, rng, n_frames=3, edit=_one_series_per_time_point(
             [generate_uid() for _ in range(3)], scan))
-    with pytest.raises(InputError, match="holds 6 series, choose one"):
+    with pytest.raises(InputError, match="holds 6 series, none a time course; choose one"):
         read_dicom_series(tmp_path / "b")
+
+
+def test_an_exams_folder_reads_its_one_time_course(tmp_path, rng, caplog, capsys):
+    """An exam exported whole: the perfusion scan beside a localiser, a plain CT volume on
+    another grid and a report. The one series acquired several times is read (and the log
+    says which); a second time course makes the reader ask."""
+    study = write_fake_study(tmp_path / "exam" / "ctp", rng, n_frames=5)
+    write_fake_study(tmp_path / "exam" / "scout", rng, n_frames=1, n_slices=1, rows=12)
+    write_fake_study(tmp_path / "exam" / "plain", rng, n_frames=1, n_slices=6, rows=12)
+    (tmp_path / "exam" / "dose_report.txt").write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        series = read_dicom_series(tmp_path / "exam")
+    np.testing.assert_array_equal(series.hu, study.hu)
+    assert f"reading the one time course, {study.series_uid}" in caplog.text
+    assert main(["info", str(tmp_path / "exam")]) == 0  # info lists them, marking that one
+    assert f"* {study.series_uid}  CT" in capsys.readouterr().out
+    write_fake_study(tmp_path / "exam" / "ctp_thick", rng, n_frames=5)
+    with pytest.raises(InputError, match="holds 4 series, 2 of them time courses; choose one"):
+        read_dicom_series(tmp_path / "exam")
 
 
 def test_non_dicom_files_skipped_with_warning(tmp_path, rng, caplog):

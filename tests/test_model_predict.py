@@ -130,7 +130,7 @@ def test_other_version_and_other_shapes_fail_clearly(trained, tmp_path: Path):
         predict_maps(big, path, device="cpu")
     assert predict_maps(big, path, device="cpu", resize=True).shape == (2, 32, 32)
     short = series.replace(hu=series.hu[:4], times=series.times[:4])
-    with pytest.raises(ValidationError, match="takes 6 frames .* this study spans"):
+    with pytest.raises(ValidationError, match=r"takes 6 frames .* this study spans"):
         predict_maps(short, path, device="cpu")
 
 

@@ -73,10 +73,14 @@ def run(args: argparse.Namespace) -> int:
     if args.study.is_dir() and args.series is None:
         groups = io.read_dicom_headers(args.study)
         if len(groups) > 1 and io.time_point_series(groups) is None:
-            print(f"{args.study} holds {len(groups)} series; choose one with --series UID:")
+            chosen = io.time_course_series(groups)
+            print(f"{args.study} holds {len(groups)} series; "
+                  + ("choose one with --series UID:" if chosen is None else
+                     "the one time course (*) is read as the study, --series UID chooses "
+                     "another:"))
             for uid, headers in groups.items():
                 first = headers[0].ds
-                print(f"  {uid}  {first.get('Modality', '?')}  "
+                print(f"{'*' if uid == chosen else ' '} {uid}  {first.get('Modality', '?')}  "
                       f"'{first.get('SeriesDescription', '')}'  {len(headers)} files")
             return 0
     series = io.read_study(args.study, series_uid=args.series,

@@ -5,6 +5,7 @@ from ctperf.io.dicom import (
     read_dicom_headers,
     read_dicom_series,
     read_dicom_volume,
+    time_course_series,
     time_point_series,
 )
 from ctperf.io.dicom_write import write_maps_dicom, write_series_dicom
@@ -40,6 +41,7 @@ __all__ = [
     "read_nifti_series",
     "read_study",
     "read_volume",
+    "time_course_series",
     "time_point_series",
     "write_json",
     "write_maps_dicom",

@@ -42,6 +42,7 @@ from ctperf.io.dicom_decode import decode_into
 from ctperf.io.dicom_frames import frame_count, frame_headers
 from ctperf.io.dicom_write import PATIENT_STUDY_TAGS
 from ctperf.io.integrity import (
+    MIN_STUDY_FRAMES,
     check_frame_count,
     check_frame_times,
     check_hu_plausible,
@@ -49,7 +50,8 @@ from ctperf.io.integrity import (
 )
 from ctperf.types import CTPSeries
 
-__all__ = ["read_dicom_headers", "read_dicom_series", "read_dicom_volume", "time_point_series"]
+__all__ = ["read_dicom_headers", "read_dicom_series", "read_dicom_volume", "time_course_series",
+           "time_point_series"]
 
 log = logging.getLogger(__name__)
 
@@ -155,9 +157,45 @@ def _choose_series(root: Path, groups: dict[str, list[Header]],
             raise InputError(root, f"no series {series_uid}; the folder holds: {listing()}")
         return groups[series_uid]
     if len(groups) > 1:
-        raise InputError(root, f"holds {len(groups)} series, choose one with series_uid "
+        # an exam's folder: the perfusion scan beside localisers, plain CT, angiography,
+        # reports; when one series alone is a time course, that one is the study
+        dynamic = [uid for uid, g in groups.items() if _time_points(g) >= MIN_STUDY_FRAMES]
+        chosen = time_course_series(groups)
+        if chosen is not None:
+            log.warning("%s: holds %d series; reading the one time course, %s (%d files); "
+                        "--series UID chooses another", root, len(groups), chosen,
+                        len(groups[chosen]))
+            return groups[chosen]
+        what = {0: ", none a time course", 1: ""}.get(len(dynamic),
+                                                       f", {len(dynamic)} of them time courses")
+        raise InputError(root, f"holds {len(groups)} series{what}; choose one with series_uid "
                                f"(--series UID): {listing()}")
     return next(iter(groups.values()))
+
+
+def time_course_series(groups: dict[str, list[Header]]) -> str | None:
+    """The UID of the one series of several that was acquired at least three times (a folder
+    holding an exam: the perfusion scan beside localisers, plain CT, reports), or None: no
+    such series, several, or other series that are themselves a scan's time points
+    (:func:`time_point_series`)."""
+    if len(groups) < 2:
+        return None
+    dynamic = [uid for uid, g in groups.items() if _time_points(g) >= MIN_STUDY_FRAMES]
+    others = {uid: g for uid, g in groups.items() if uid not in dynamic}
+    return dynamic[0] if len(dynamic) == 1 and time_point_series(others) is None else None
+
+
+def _time_points(headers: Sequence[Header]) -> int:
+    """Images per slice position of a series (the fewest over its positions): how many times
+    it was acquired; 0 when its images have no position (reports, secondary captures)."""
+    try:
+        iop = numbers(headers[0], "ImageOrientationPatient", 6)
+        normal = np.cross(iop[:3], iop[3:])
+        depth = np.array([numbers(h, "ImagePositionPatient", 3) @ normal for h in headers])
+    except InputError:
+        return 0
+    _, counts = np.unique(np.round(depth, 1), return_counts=True)  # slices >= 0.5 mm apart
+    return int(counts.min())
 
 
 def _check_same(headers: Sequence[Header], keyword: str, *, count: int | None = None,
