@@ -75,53 +75,38 @@ def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1) -> int:
 
 #: A vessel's curve whose first frame (lightly smoothed) stands more than this fraction of its
 #: range above its lowest values, and well above its noise, was carrying the bolus when the
-#: scan began (:func:`_bolus_started`).
+#: scan began (:func:`check_bolus_start`).
 BOLUS_AT_START = 0.2
 
 
-def _bolus_started(curves: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Which curves (T,) or (T, N) were carrying a bolus at their first frame, and how far.
-
-    Contrast only adds attenuation, so a vessel's lowest values are its unenhanced ones (a
-    raised but flat baseline, such as contrast left from an angiogram, is no bolus). The first
-    frame of each curve smoothed with :func:`bandlimit` is compared with the mean of its three
-    lowest values: a bolus had started when it stands above them by more than
-    :data:`BOLUS_AT_START` of the curve's range and by more than five times the smoothed
-    curve's noise (from second differences: a noisy curve of a few voxels is not taken for
-    one), while the curve still rises from it by as much (a curve that only falls below its
-    start, as when the head moved, is not). Any units. Returns (bool (N,), level (N,)): the
-    first frame's height above the lowest values as a fraction of the range.
-    """
-    x = np.asarray(curves, dtype=np.float64)
-    x = x.reshape(x.shape[0], -1)
-    if x.shape[0] < 4:
-        return np.zeros(x.shape[1], dtype=bool), np.zeros(x.shape[1])
-    c = bandlimit(x)
-    low = np.sort(c, axis=0)[:3].mean(axis=0)
-    span = c.max(axis=0) - low
-    rise = c[0] - low
-    # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
-    noise = 1.4826 * np.median(np.abs(x[:-2] - 2.0 * x[1:-1] + x[2:]), axis=0) / np.sqrt(6.0)
-    level = np.divide(rise, span, out=np.zeros_like(rise), where=span > 0)
-    still_rising = c.max(axis=0) - c[0] > BOLUS_AT_START * span
-    started = ((span > 0) & (level > BOLUS_AT_START) & still_rising
-               & (rise > 5.0 * np.sqrt(0.625) * noise))
-    return started, level
-
-
 def check_bolus_start(aif: np.ndarray) -> None:
-    """Refuse an arterial curve (T,) whose bolus had begun before the first frame
-    (:func:`_bolus_started`).
+    """Refuse an arterial curve (T,) whose bolus had begun before the first frame.
 
     A study needs frames before the contrast arrives: each voxel's unenhanced value is their
     mean, and the AIF's upslope sets CBF. When the artery is already enhanced at the first
     frame, every curve's baseline holds contrast and the AIF misses the start of its bolus, so
-    no method can give CBF, CBV or delays.
+    no method can give CBF, CBV or delays. Contrast only adds attenuation, so an artery's
+    lowest values are its unenhanced ones (a raised but flat baseline, such as contrast left
+    from an angiogram, is no bolus). The first frame of the curve smoothed with
+    :func:`bandlimit` is compared with the mean of its three lowest values: refused when it
+    stands above them by more than :data:`BOLUS_AT_START` of the curve's range and by more
+    than five times the smoothed curve's noise (from second differences: a noisy curve of a
+    few voxels is not taken for a bolus), while the curve still rises from it by as much (a
+    curve that only falls below its start, as when the head moved, is left to other checks).
+    Any units.
     """
-    started, level = _bolus_started(aif)
-    if started[0]:
-        raise ValidationError(bolus_started_message(f"the AIF starts at {level[0]:.0%} of its "
-                                                    "rise above its lowest values"))
+    x = np.asarray(aif, dtype=np.float64)
+    if x.size < 4:
+        return
+    c = bandlimit(x)
+    low = float(np.sort(c)[:3].mean())
+    span, rise = float(c.max()) - low, float(c[0]) - low
+    # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
+    noise = 1.4826 * float(np.median(np.abs(x[:-2] - 2.0 * x[1:-1] + x[2:]))) / np.sqrt(6.0)
+    if (span > 0 and rise > BOLUS_AT_START * span and span - rise > BOLUS_AT_START * span
+            and rise > 5.0 * np.sqrt(0.625) * noise):
+        raise ValidationError(bolus_started_message(
+            f"the AIF starts at {rise / span:.0%} of its rise above its lowest values"))
 
 
 def bolus_started_message(evidence: str) -> str:
