@@ -319,10 +319,13 @@ def _check_scan_start(onset: _Onset, region: np.ndarray) -> None:
 def _brain(base: np.ndarray, given: np.ndarray | None, *,
            spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
     """The brain fitted and the region searched for vessels (bool (Z, Y, X)): the automatic
-    brain less CSF and the automatic brain with it, or the given mask for both."""
+    brain less CSF, and the automatic brain with it and with what it encloses in each slice
+    (vessels still bright from an earlier injection, such as an angiogram's, are above the
+    brain mask's bone threshold before this bolus); or the given mask for both."""
     if given is None:
-        search = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
-        brain = search & ~masks.csf_mask(base, spacing=spacing)
+        whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
+        brain = whole & ~masks.csf_mask(base, spacing=spacing)
+        search = np.stack([ndimage.binary_fill_holes(plane) for plane in whole])
     else:
         brain = np.asarray(given, dtype=bool)
         if brain.shape != base.shape:
