@@ -229,7 +229,9 @@ def add_preprocess_options(parser: Any, *, default: bool) -> None:
 def add_study_options(parser: Any) -> None:
     """``--series`` and ``--frame-interval``: how to read a study (see ``ctperf.io.read_study``)."""
     parser.add_argument("--series", default=None, metavar="UID",
-                        help="SeriesInstanceUID to read when the DICOM folder holds several")
+                        help="SeriesInstanceUID to read when the DICOM folder holds several "
+                             "(default: the one series acquired several times, when only one "
+                             "is)")
     parser.add_argument("--frame-interval", type=positive_float, default=None, metavar="SECONDS",
                         help="seconds between frames, for files without usable acquisition times")
 

@@ -19,8 +19,9 @@ def register(subparsers: Any) -> None:
         description="Read a study (DICOM folder, searched recursively, or 4D NIfTI) and print its "
                     "shape, voxel spacing, frame count, time span and spacing, timing source, "
                     "series description, scanner, kVp and mAs. A DICOM folder with several "
-                    "series lists them (unless they are one scan's time points); choose one "
-                    "with --series.")
+                    "series lists them (unless they are one scan's time points), marking the "
+                    "one the other commands read when only one is a time course; --series "
+                    "chooses one.")
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study")
     add_study_options(p)
     p.set_defaults(func=run)
