@@ -84,6 +84,8 @@ def test_curves_begun_after_the_bolus_are_refused():
     assert late.provenance["baseline_frames"] == 1
     with pytest.raises(ValidationError, match="bolus had begun before the first frame"):
         fit_curves(tissue[17:], aif[17:], t[17:] - t[17], method="bsvd")
+    with pytest.raises(ValidationError, match="had peaked before it"):  # from the AIF's peak on
+        fit_curves(tissue[20:], aif[20:], t[20:] - t[20], method="bsvd")
 
 
 def test_vof_corrects_a_diluted_aif():

@@ -145,7 +145,9 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         smooth = smooth_time(vessels)
         rise = smooth.max(axis=0) - smooth[0]
         if not float(rise.max()) > 0:
-            raise ValidationError("the AIF never rises above its first frame: no bolus")
+            raise ValidationError("the AIF never rises above its first frame: no bolus, or one "
+                                  "that had peaked before it (the curves must start before "
+                                  "the contrast arrives)")
         n_base = pre_bolus_frames(vessels, rise, noise_sd=voxel_noise_sd(vessels, 0))
     else:
         n_base = int(baseline)
