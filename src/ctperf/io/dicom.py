@@ -145,8 +145,11 @@ def read_dicom_headers(folder: PathLike) -> dict[str, list[Any]]:
     return dict(groups)
 
 
-def _choose_series(root: Path, groups: dict[str, list[Header]],
-                   series_uid: str | None) -> list[Header]:
+def _choose_series(root: Path, groups: dict[str, list[Header]], series_uid: str | None, *,
+                   time_course: bool = True) -> list[Header]:
+    """The series to read: ``series_uid``'s, the only one, or (``time_course``: a 4D study is
+    read) the one series of several acquired at least three times; else refused, listing
+    them."""
     def listing() -> str:
         return "; ".join(f"{uid} {g[0].get('Modality', '?')} "
                          f"'{g[0].get('SeriesDescription', '')}' ({len(g)} files)"
@@ -156,6 +159,9 @@ def _choose_series(root: Path, groups: dict[str, list[Header]],
         if series_uid not in groups:
             raise InputError(root, f"no series {series_uid}; the folder holds: {listing()}")
         return groups[series_uid]
+    if len(groups) > 1 and not time_course:
+        raise InputError(root, f"holds {len(groups)} series; choose one with series_uid "
+                               f"(--series UID): {listing()}")
     if len(groups) > 1:
         # an exam's folder: the perfusion scan beside localisers, plain CT, angiography,
         # reports; when one series alone is a time course, that one is the study
@@ -504,7 +510,7 @@ def read_dicom_volume(folder: PathLike, *, series_uid: str | None = None,
         and the files in slice order.
     """
     root = Path(folder)
-    headers = _choose_series(root, read_dicom_headers(root), series_uid)
+    headers = _choose_series(root, read_dicom_headers(root), series_uid, time_course=False)
     slices, affine, (rows, cols) = _geometry(root, headers, modality=None)
     for s in slices:
         if len(s) > 1:
