@@ -18,7 +18,7 @@ from scipy import ndimage
 from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
-__all__ = ["brain_mask", "csf_mask", "near_bone"]
+__all__ = ["brain_mask", "csf_mask", "fill_holes_in_plane", "near_bone"]
 
 log = logging.getLogger(__name__)
 
@@ -123,12 +123,17 @@ def brain_mask(
         grown = ndimage.distance_transform_edt(~largest, sampling=plane) <= erode_mm + 1e-6
         largest = grown & soft
     # Holes (ventricles with contrast-enhanced vessels, bone-free islands) filled slice by slice.
-    mask = ndimage.binary_fill_holes(largest, structure=_PLANE)
+    mask = fill_holes_in_plane(largest)
     mask &= ~bone
     if exclude_csf:
         mask &= ~csf_mask(vol, spacing=sampling, csf_hu=csf_hu, smooth_mm=csf_smooth_mm)
     log.info("brain_mask: %d voxels (%.1f mL)", int(mask.sum()), mask.sum() * dz * dy * dx / 1e3)
     return mask
+
+
+def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (Z, Y, X) with what it encloses in each slice filled in."""
+    return ndimage.binary_fill_holes(mask, structure=_PLANE)
 
 
 def csf_mask(

@@ -165,8 +165,8 @@ def _choose_series(root: Path, groups: dict[str, list[Header]], series_uid: str 
     if len(groups) > 1:
         # an exam's folder: the perfusion scan beside localisers, plain CT, angiography,
         # reports; when one series alone is a time course, that one is the study
-        dynamic = [uid for uid, g in groups.items() if _time_points(g) >= MIN_STUDY_FRAMES]
-        chosen = time_course_series(groups)
+        dynamic = _time_courses(groups)
+        chosen = _the_time_course(groups, dynamic)
         if chosen is not None:
             log.warning("%s: holds %d series; reading the one time course, %s (%d files); "
                         "--series UID chooses another", root, len(groups), chosen,
@@ -184,20 +184,25 @@ def time_course_series(groups: dict[str, list[Header]]) -> str | None:
     holding an exam: the perfusion scan beside localisers, plain CT, reports), or None: no
     such series, several, or other series that are themselves a scan's time points
     (:func:`time_point_series`)."""
-    if len(groups) < 2:
-        return None
-    dynamic = [uid for uid, g in groups.items() if _time_points(g) >= MIN_STUDY_FRAMES]
+    return _the_time_course(groups, _time_courses(groups)) if len(groups) > 1 else None
+
+
+def _the_time_course(groups: dict[str, list[Header]], dynamic: list[str]) -> str | None:
+    """:func:`time_course_series` given the UIDs of the time courses among ``groups``."""
     others = {uid: g for uid, g in groups.items() if uid not in dynamic}
     return dynamic[0] if len(dynamic) == 1 and time_point_series(others) is None else None
+
+
+def _time_courses(groups: dict[str, list[Header]]) -> list[str]:
+    """UIDs of the series acquired at least :data:`MIN_STUDY_FRAMES` times."""
+    return [uid for uid, g in groups.items() if _time_points(g) >= MIN_STUDY_FRAMES]
 
 
 def _time_points(headers: Sequence[Header]) -> int:
     """Images per slice position of a series (the fewest over its positions): how many times
     it was acquired; 0 when its images have no position (reports, secondary captures)."""
     try:
-        iop = numbers(headers[0], "ImageOrientationPatient", 6)
-        normal = np.cross(iop[:3], iop[3:])
-        depth = np.array([numbers(h, "ImagePositionPatient", 3) @ normal for h in headers])
+        depth = _along_normal(headers, _normal(numbers(headers[0], "ImageOrientationPatient", 6)))
     except InputError:
         return 0
     _, counts = np.unique(np.round(depth, 1), return_counts=True)  # slices >= 0.5 mm apart
@@ -226,9 +231,19 @@ def _check_same(headers: Sequence[Header], keyword: str, *, count: int | None = 
     return first
 
 
+def _normal(iop: np.ndarray) -> np.ndarray:
+    """The slice normal of an ImageOrientationPatient (row and column direction cosines)."""
+    return np.cross(iop[:3], iop[3:])
+
+
+def _along_normal(headers: Sequence[Header], normal: np.ndarray) -> np.ndarray:
+    """(n,) position of each image along the slice normal ``normal``, mm."""
+    return np.array([numbers(h, "ImagePositionPatient", 3) @ normal for h in headers])
+
+
 def _group_slices(headers: Sequence[Header], normal: np.ndarray) -> list[list[Header]]:
     """Files grouped by position along the slice normal, in increasing position."""
-    depth = np.array([numbers(h, "ImagePositionPatient", 3) @ normal for h in headers])
+    depth = _along_normal(headers, normal)
     order = np.argsort(depth, kind="stable")
     breaks = np.flatnonzero(np.diff(depth[order]) > _POSITION_TOL_MM) + 1
     return [[headers[i] for i in chunk] for chunk in np.split(order, breaks)]
@@ -285,8 +300,7 @@ def _order_frames(root: Path, slices: list[list[Header]],
 def _depths(slices: Sequence[Sequence[Header]]) -> np.ndarray:
     """(Z,) position of each slice along the slice normal, mm."""
     iop = numbers(slices[0][0], "ImageOrientationPatient", 6)
-    normal = np.cross(iop[:3], iop[3:])
-    return np.array([numbers(s[0], "ImagePositionPatient", 3) @ normal for s in slices])
+    return _along_normal([s[0] for s in slices], _normal(iop))
 
 
 def _geometry(root: Path, headers: Sequence[Header], *,
@@ -303,7 +317,7 @@ def _geometry(root: Path, headers: Sequence[Header], *,
     spacing = _check_same(headers, "PixelSpacing", count=2, atol=1e-4)
     if not np.all(spacing > 0):
         raise InputError(headers[0].path, f"PixelSpacing must be > 0 mm, got {spacing.tolist()}")
-    normal = np.cross(iop[:3], iop[3:])
+    normal = _normal(iop)
     slices = _group_slices(headers, normal)
     positions = np.array([numbers(s[0], "ImagePositionPatient", 3) for s in slices])
     if len(slices) > 1:
@@ -377,8 +391,7 @@ def time_point_series(groups: dict[str, list[Header]]) -> list[Header] | None:
         try:
             iop = numbers(h, "ImageOrientationPatient", 6)
             spacing = numbers(h, "PixelSpacing", 2)
-            depth = np.sort([numbers(x, "ImagePositionPatient", 3) @ np.cross(iop[:3], iop[3:])
-                             for x in g])
+            depth = np.sort(_along_normal(g, _normal(iop)))
             times = [t for x in g for t in (_acquired(x),) if t is not None]
         except InputError:
             return None

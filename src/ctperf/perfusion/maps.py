@@ -165,7 +165,7 @@ def run_perfusion(
     brain, search = _brain(base, brain_mask, spacing=spacing)
     # inside the head: the brain found, and what it and the bone enclose in each slice (an
     # artery already bright at the first frames is no brain to the brain mask)
-    inside = np.stack([ndimage.binary_fill_holes(plane) for plane in search | bone_rim])
+    inside = masks.fill_holes_in_plane(search | bone_rim)
     _check_scan_start(onset, inside & ~bone_rim)
     enh, venh = _enhancement(hu, vhu, search, base=base, n_base=n_base)
 
@@ -325,7 +325,7 @@ def _brain(base: np.ndarray, given: np.ndarray | None, *,
     if given is None:
         whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
         brain = whole & ~masks.csf_mask(base, spacing=spacing)
-        search = np.stack([ndimage.binary_fill_holes(plane) for plane in whole])
+        search = masks.fill_holes_in_plane(whole)
     else:
         brain = np.asarray(given, dtype=bool)
         if brain.shape != base.shape:
