@@ -210,6 +210,35 @@ def test_curves_csv_units_row(tmp_path):
         read_curves_csv(src)
 
 
+@pytest.mark.parametrize("name, scale", [
+    ("time (ms)", 1000.0), ("Time [ms]", 1000.0), ("time_ms", 1000.0), ("TIME-msec", 1000.0),
+    ("time (s)", 1.0), ("time_sec", 1.0), ("time (min)", 1 / 60), ("time_point", 1.0),
+])
+def test_curves_csv_time_unit_in_the_column_name(tmp_path, name, scale):
+    """The time column's unit in its name, as exports write it, is applied; a suffix that is
+    not a unit leaves the times in seconds."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    _write_csv(src, scale * np.arange(T_HAND.size, dtype=float), {"aif": aif, "gm": tissue[:, 0]})
+    src.write_text(src.read_text().replace("time,", f"{name},", 1))
+    np.testing.assert_allclose(read_curves_csv(src).times, np.arange(T_HAND.size, dtype=float))
+
+
+def test_curves_csv_time_unit_named_wrongly(tmp_path):
+    """A bracketed unit that is not a time's, or a name and a units row that disagree, are
+    refused naming the column."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    _write_csv(src, np.arange(T_HAND.size, dtype=float), {"aif": aif, "gm": tissue[:, 0]})
+    head, *lines = src.read_text().splitlines()
+    src.write_text("\n".join([head.replace("time,", "time (frames),"), *lines]) + "\n")
+    with pytest.raises(InputError, match="'time \\(frames\\)': time unit 'frames'"):
+        read_curves_csv(src)
+    src.write_text("\n".join([head.replace("time,", "time (ms),"), "s,HU,HU", *lines]) + "\n")
+    with pytest.raises(InputError, match="different time units"):
+        read_curves_csv(src)
+
+
 def test_curves_csv_decimal_comma(tmp_path):
     """A spreadsheet's export in a locale whose decimal mark is a comma (semicolons between the
     columns, as such spreadsheets write them) reads the same numbers; a cell that is still not

@@ -30,7 +30,8 @@ def register(subparsers: Any) -> None:
         description="Read CURVES, a CSV table (comma, semicolon or tab separated; with "
                     "semicolons or tabs, numbers may have a decimal comma) with a header row "
                     "(optionally a row of units under it: the time's in s, ms or min): a "
-                    "column of frame times in s (--time-column), the arterial curve "
+                    "column of frame times in s, or in the unit its name ends in ('time (ms)', "
+                    "'time_min') (--time-column), the arterial curve "
                     "(--aif-column), optionally the venous curve (--vof-column, used when "
                     "present: the AIF is scaled to its area when it is a plausible outflow) and "
                     "one column per tissue curve, all in the same units (HU, concentration or "
@@ -48,9 +49,9 @@ def register(subparsers: Any) -> None:
                    default="nlr-fast", help="as for `ctperf maps`; bayes fits each curve on its "
                    "own (no neighbourhood prior) [%(default)s]")
     p.add_argument("--time-column", default="time", metavar="NAME",
-                   help="column of frame times, s; names match in any case, and with a unit "
-                        "or suffix after them ('Time (s)', 'AIF_HU') when only one column "
-                        "does [%(default)s]")
+                   help="column of frame times, s or the unit its name ends in; names match in "
+                        "any case, and with a unit or suffix after them ('Time (s)', 'AIF_HU') "
+                        "when only one column does [%(default)s]")
     p.add_argument("--aif-column", default="aif", metavar="NAME",
                    help="column of the arterial curve [%(default)s]")
     p.add_argument("--vof-column", default="vof", metavar="NAME",

@@ -1,6 +1,7 @@
 """Time curves in a CSV table: one column of frame times, one of the arterial curve, optionally
 one of the venous curve, and one column per tissue curve (regions or voxels), a header row
-naming them, optionally followed by a row of units (the time's in s, ms or min). Comma,
+naming them, optionally followed by a row of units (the time's in s, ms or min; or the time
+column's unit in its name: ``time (ms)``, ``Time [s]``, ``time_ms``). Comma,
 semicolon or tab separated; with semicolons or tabs a decimal comma is read too (``12,5``, as
 spreadsheets write numbers in many locales). Lines starting with ``#`` are comments. A column
 without a name is left out when it is empty (a separator at the end of every line) or, first in
@@ -14,6 +15,7 @@ import csv
 import logging
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,15 +139,31 @@ def _time_unit(path: Path, units: list[str], header: list[str], at: int) -> floa
     return _TIME_UNITS[unit]
 
 
+def _named_unit(path: Path, name: str, column: str) -> float | None:
+    """Seconds per unit of the time column named ``column`` when its name ends in a unit
+    after the time's name (``time (ms)``, ``Time [s]``, ``time_ms``, ``t-min``); None when it
+    names none. A bracketed unit that is not a time's is refused."""
+    rest = column[len(name):].strip() if column.lower().startswith(name.lower()) else ""
+    bracketed = re.fullmatch(r"[(\[]\s*([^()\[\]]*?)\s*[)\]]", rest)
+    if bracketed:
+        unit = bracketed.group(1).lower()
+        if unit not in _TIME_UNITS:
+            raise InputError(path, f"column {column!r}: time unit {bracketed.group(1)!r} is "
+                                   "not s, ms or min")
+        return _TIME_UNITS[unit]
+    suffix = re.fullmatch(r"[_\-\s]\s*([a-z]+)", rest.lower())
+    return _TIME_UNITS.get(suffix.group(1)) if suffix else None
+
+
 def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: str = "aif",
                     vof_column: str = "vof") -> CurveTable:
     """Read a CSV table of curves (see the module's docstring).
 
     Column names match case-insensitively, and a name followed by a unit or a suffix
     (``time (s)``, ``AIF_HU``) matches when no other column does. The time column is in
-    seconds, strictly increasing; every other column is a curve, ``vof_column`` used when
-    present; at least one tissue column is needed. With semicolons or tabs between the columns,
-    numbers may have a decimal comma.
+    seconds unless its name or a units row says ms or min, strictly increasing; every other
+    column is a curve, ``vof_column`` used when present; at least one tissue column is needed.
+    With semicolons or tabs between the columns, numbers may have a decimal comma.
     """
     p = Path(path)
     rows, decimal_comma = _rows(p)
@@ -166,9 +184,13 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     if not tissue_at:
         raise InputError(p, "no tissue column: every column besides time, AIF and VOF is a "
                             "tissue curve")
-    scale, first = 1.0, 1
+    named = _named_unit(p, time_column, header[where["time"]])
+    scale, first = named or 1.0, 1
     if len(rows) > 2 and not any(_is_number(cell, decimal_comma) for cell in rows[1]):
         scale, first = _time_unit(p, rows[1], header, where["time"]), 2
+        if named is not None and named != scale:
+            raise InputError(p, f"column {header[where['time']]!r}: its name and line 2 give "
+                                "different time units")
     values = np.empty((len(rows) - first, len(header)))
     for line, row in enumerate(rows[first:], start=first + 1):
         if len(row) != len(header):
