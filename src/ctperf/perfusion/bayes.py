@@ -280,6 +280,7 @@ class ResidueGrid:
         self.inv_norm2_32 = self.inv_norm2.astype(np.float32)
         self.mtt_32, self.delay_32 = self.mtt.astype(np.float32), self.delay.astype(np.float32)
         self.tmax_32, self.cv_32 = self.tmax.astype(np.float32), self.cv.astype(np.float32)
+        self._log_speed: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -335,12 +336,40 @@ class ResidueGrid:
             out[k:k + 2] = np.matmul(b, ys[k:k + 2])[..., 0]
         return idx, out
 
+    def log_mtt_speed(self) -> np.ndarray:
+        """(K,) log of how fast each point's response turns as log MTT changes, its shape,
+        dispersion and delay fixed: |d(b / |b|) / d log MTT|, b the (whitened) response, by
+        differences between neighbouring MTTs (one-sided at the ends). Where the curves of
+        neighbouring MTTs are nearly the same (MTTs much shorter than the bolus) it is small:
+        the data cannot tell those MTTs apart. Computed once."""
+        if self._log_speed is None:
+            n_s, n_h, n_m, n_d = self.dims
+            step = math.log(self.mtts[1] / self.mtts[0]) if n_m > 1 else 1.0
+            out = np.zeros((n_s * n_h, n_m, n_d))
+            resp = self.responses.reshape(n_s * n_h, n_m, n_d, -1)
+            for i in range(n_s * n_h) if n_m > 1 else ():
+                b = resp[i].astype(np.float64)
+                b /= np.maximum(np.linalg.norm(b, axis=2, keepdims=True), 1e-300)
+                fwd = np.linalg.norm(np.diff(b, axis=0), axis=2) / step   # (M - 1, D)
+                out[i, 0], out[i, -1] = fwd[0], fwd[-1]
+                out[i, 1:-1] = 0.5 * (fwd[1:] + fwd[:-1])
+            self._log_speed = np.log(np.maximum(out, 1e-6)).ravel()
+        return self._log_speed
+
     def log_prior(self, mtt_median: float, mtt_log_sd: float,
-                  dispersion_mean: float | None = None) -> np.ndarray:
+                  dispersion_mean: float | None = None, *, jeffreys: bool = True
+                  ) -> np.ndarray:
         """(K,) log prior: log-normal on MTT, uniform on delay and shape; on the dispersion a
         density proportional to 1 / (tau + :data:`DISPERSION_SCALE`) (uniform in
         log(tau + scale): flat well below the scale, scale-free above it), or exponential with
         mean ``dispersion_mean`` s; -inf where a grid point is unusable.
+
+        ``jeffreys``: given the shape, dispersion and delay, the log-normal on MTT is weighed by
+        the Jeffreys density of log MTT (:meth:`log_mtt_speed`) and normalised again, so each
+        shape, dispersion and delay keeps its prior mass. The log-normal alone gives every step
+        of log MTT the same mass, also below the bolus's width where all MTTs give nearly the
+        same curve: there the posterior keeps a plateau of mass that pulls its mean towards
+        short MTTs and high CBF (docs/bayes.md, "MTTs the data cannot tell apart").
 
         Each dispersion of the grid carries its prior's mass over its cell (edges halfway to its
         neighbours; the last cell as wide above its point as below), so that the prior does not
@@ -360,8 +389,15 @@ class ResidueGrid:
         log_mass = np.empty_like(mass)
         log_mass[order] = np.log(np.maximum(mass, 1e-300))
         per_point = np.repeat(log_mass, self.dims[2] * self.dims[3])
-        lp = -0.5 * z**2 + np.tile(per_point, self.dims[0])
-        return np.where(self.usable, lp, -np.inf).astype(np.float32)
+        lp = np.where(self.usable, -0.5 * z**2 + np.tile(per_point, self.dims[0]), -np.inf)
+        if jeffreys:
+            lp4 = lp.reshape(self.dims)
+            weighed = lp4 + self.log_mtt_speed().reshape(self.dims)
+            with np.errstate(invalid="ignore"):  # columns without a usable point
+                lp4 = weighed - special.logsumexp(weighed, axis=2, keepdims=True) \
+                    + special.logsumexp(lp4, axis=2, keepdims=True)
+            lp = np.where(self.usable, lp4.ravel(), -np.inf)
+        return lp.astype(np.float32)
 
 
 def noise_variance(curves: np.ndarray, workers: int | None = None) -> np.ndarray:
@@ -1055,6 +1091,7 @@ def fit_bayes(
     baseline_frames: int | None = None,
     mtt_median: float = 5.0,
     mtt_log_sd: float = 1.0,
+    mtt_jeffreys: bool = True,
     dispersion_mean: float | None = None,
     learn_shapes: bool = False,
     pool_amplitude: bool = True,
@@ -1097,6 +1134,10 @@ def fit_bayes(
         (:func:`baseline_whitening`). None: the frames' noise is independent.
     mtt_median, mtt_log_sd : float
         Log-normal prior on MTT (median s, SD of log MTT).
+    mtt_jeffreys : bool
+        Weigh the log-normal by the Jeffreys density of log MTT given the shape, dispersion
+        and delay (:meth:`ResidueGrid.log_prior`), so that MTTs the data cannot tell apart
+        do not gather prior mass.
     dispersion_mean : float, optional
         Mean of an exponential prior on the transport kernel's mean time, s; default the
         density 1 / (tau + :data:`DISPERSION_SCALE`) (:meth:`ResidueGrid.log_prior`). A prior
@@ -1218,7 +1259,8 @@ def fit_bayes(
         grid = ResidueGrid(aif, t, scale=flow_scale(rho, kh), whiten=whiten,
                            delay_range=delay_range, **options)  # type: ignore[arg-type]
         keep = int(min(max(candidates, 1), grid.size))
-        log_prior = grid.log_prior(mtt_median, mtt_log_sd, dispersion_mean)
+        log_prior = grid.log_prior(mtt_median, mtt_log_sd, dispersion_mean,
+                                   jeffreys=mtt_jeffreys)
         weights = None
         if use_space and learn_shapes:
             w = learn_shape_weights(block_curves, np.asarray(block_precision, dtype=np.float64),
