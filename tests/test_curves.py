@@ -155,7 +155,7 @@ def _times_in_ms(line: str) -> str:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda text: text.replace("time,", "seconds,", 1), "no 'time' column"),
+    (lambda text: text.replace("time,", "clock,", 1), "no 'time' column"),
     (lambda text: text.replace(",aif,", ",art,", 1), "no 'aif' column"),
     (lambda text: text.replace("\n3.0,", "\n2.0,", 1), "times must increase"),
     (lambda text: text.replace("\n1.0,", "\n1.0,x", 1), "line 3, column 'aif'"),
@@ -187,6 +187,29 @@ def test_curves_csv_columns_with_units_in_their_names(tmp_path):
     np.testing.assert_allclose(table.aif, aif, rtol=1e-6)
     assert table.names == ("gm",)
     src.write_text(text.replace(",gm", ",aif_2", 1))
+    with pytest.raises(InputError, match="no 'aif' column"):
+        read_curves_csv(src)
+
+
+@pytest.mark.parametrize("time, aif, vof", [
+    ("t", "Artery", "Vein"), ("Seconds", "arterial input function", "SSS (HU)"),
+    ("time (s)", "AIF", "venous"), ("t", "Arterial", "superior sagittal sinus"),
+])
+def test_curves_csv_other_names_of_the_columns(tmp_path, time, aif, vof):
+    """Exports name the columns otherwise ('Artery', 'SSS'); with the options at their
+    defaults those names are read too, and a table where two columns could be the AIF is not
+    guessed."""
+    tissue, art = _hand_curves()
+    src = tmp_path / "c.csv"
+    _write_csv(src, np.arange(T_HAND.size, dtype=float),
+               {"aif": art, "vof": 1.2 * art, "gm": tissue[:, 0]})
+    text = src.read_text().replace("time,aif,vof,", f"{time},{aif},{vof},", 1)
+    src.write_text(text)
+    table = read_curves_csv(src)
+    np.testing.assert_allclose(table.aif, art, rtol=1e-6)
+    np.testing.assert_allclose(table.vof, 1.2 * art, rtol=1e-6)
+    assert table.names == ("gm",)
+    src.write_text(text.replace(",gm", ",artery_2", 1).replace(aif, "artery_1", 1))
     with pytest.raises(InputError, match="no 'aif' column"):
         read_curves_csv(src)
 

@@ -49,13 +49,16 @@ def register(subparsers: Any) -> None:
                    default="nlr-fast", help="as for `ctperf maps`; bayes fits each curve on its "
                    "own (no neighbourhood prior) [%(default)s]")
     p.add_argument("--time-column", default="time", metavar="NAME",
-                   help="column of frame times, s or the unit its name ends in; names match in "
-                        "any case, and with a unit or suffix after them ('Time (s)', 'AIF_HU') "
-                        "when only one column does [%(default)s]")
+                   help="column of frame times, s or the unit its name ends in; by default also "
+                        "found as 't' or 'seconds'; names match in any case, and with a unit or "
+                        "suffix after them ('Time (s)', 'AIF_HU') when only one column does "
+                        "[%(default)s]")
     p.add_argument("--aif-column", default="aif", metavar="NAME",
-                   help="column of the arterial curve [%(default)s]")
+                   help="column of the arterial curve; by default also found as 'artery' or "
+                        "'arterial' [%(default)s]")
     p.add_argument("--vof-column", default="vof", metavar="NAME",
-                   help="column of the venous curve, used when present [%(default)s]")
+                   help="column of the venous curve, used when present; by default also found "
+                        "as 'vein', 'venous', 'SSS' or 'sinus' [%(default)s]")
     p.add_argument("--baseline", type=_baseline, default="auto", metavar="N",
                    help="pre-bolus frames whose mean is subtracted from every curve: auto (read "
                         "from the AIF's arrival, as the maps do), or N; 0 when the curves are "

@@ -1,6 +1,7 @@
 """Time curves in a CSV table: one column of frame times, one of the arterial curve, optionally
 one of the venous curve, and one column per tissue curve (regions or voxels), a header row
-naming them, optionally followed by a row of units (the time's in s, ms or min; or the time
+naming them (``time``, ``aif``, ``vof`` or another name each, see :data:`OTHER_NAMES`),
+optionally followed by a row of units (the time's in s, ms or min; or the time
 column's unit in its name: ``time (ms)``, ``Time [s]``, ``time_ms``). Comma,
 semicolon or tab separated; with semicolons or tabs a decimal comma is read too (``12,5``, as
 spreadsheets write numbers in many locales). Lines starting with ``#`` are comments. A column
@@ -78,6 +79,27 @@ def _column(keys: list[str], name: str) -> int | None:
     near = [i for i, k in enumerate(keys)
             if k.startswith(name) and not k[len(name):len(name) + 1].isalnum()]
     return near[0] if len(near) == 1 else None
+
+
+#: Other names the time, AIF and VOF columns are read by when their option keeps its default
+#: (each also with a unit or suffix after it, as for the default name).
+OTHER_NAMES = {
+    "time": ("t", "times", "seconds", "sec"),
+    "aif": ("artery", "arterial", "arterial input", "arterial input function", "arterial_input"),
+    "vof": ("vein", "venous", "venous output", "venous output function", "venous_output", "sss",
+            "sinus", "superior sagittal sinus"),
+}
+
+
+def _role_column(keys: list[str], name: str, default: str) -> int | None:
+    """Where the column ``name`` is (:func:`_column`); when ``name`` is the role's default and
+    no column has it, the one column that one of the role's :data:`OTHER_NAMES` finds (None
+    when none or several do)."""
+    at = _column(keys, name)
+    if at is not None or name.lower() != default:
+        return at
+    found = {i for other in OTHER_NAMES[default] if (i := _column(keys, other)) is not None}
+    return found.pop() if len(found) == 1 else None
 
 
 #: Time units a units row may name, in seconds.
@@ -159,9 +181,10 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
                     vof_column: str = "vof") -> CurveTable:
     """Read a CSV table of curves (see the module's docstring).
 
-    Column names match case-insensitively, and a name followed by a unit or a suffix
-    (``time (s)``, ``AIF_HU``) matches when no other column does. The time column is in
-    seconds unless its name or a units row says ms or min, strictly increasing; every other
+    Column names match case-insensitively, and a name followed by a unit or a suffix (``time
+    (s)``, ``AIF_HU``) matches when no other column does; with a name left at its default, the
+    role's :data:`OTHER_NAMES` are tried too (``artery``, ``vein``, ``SSS``). The time column is
+    in seconds unless its name or a units row says ms or min, strictly increasing; every other
     column is a curve, ``vof_column`` used when present; at least one tissue column is needed.
     With semicolons or tabs between the columns, numbers may have a decimal comma.
     """
@@ -174,17 +197,19 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
         raise InputError(p, f"repeated column names in the header: {header}")
     where = {}
     for role, name in (("time", time_column), ("aif", aif_column)):
-        at = _column(keys, name)
+        at = _role_column(keys, name, role)
         if at is None:
             raise InputError(p, f"no {name!r} column ({role}); the header holds {header}")
         where[role] = at
-    vof_at = _column(keys, vof_column)
+    vof_at = _role_column(keys, vof_column, "vof")
     tissue_at = [i for i in range(len(header))
                  if i not in (where["time"], where["aif"], vof_at)]
     if not tissue_at:
         raise InputError(p, "no tissue column: every column besides time, AIF and VOF is a "
                             "tissue curve")
-    named = _named_unit(p, time_column, header[where["time"]])
+    time_name = next(n for n in (time_column, *OTHER_NAMES["time"])
+                     if _column(keys, n) == where["time"])
+    named = _named_unit(p, time_name, header[where["time"]])
     scale, first = named or 1.0, 1
     if len(rows) > 2 and not any(_is_number(cell, decimal_comma) for cell in rows[1]):
         scale, first = _time_unit(p, rows[1], header, where["time"]), 2
