@@ -3,7 +3,8 @@ lesions, time per study, on ctperf's phantom and on a reference ctperf did not m
 
 ``bayes-shapes`` is ``bayes`` with the residue shapes' prior learned from the study
 (``bayes_options={"learn_shapes": True}``); the OSIPI curves have no positions, so it is not run
-on them.
+on them. ``bayes-plain`` is ``bayes`` with the plain log-normal prior on MTT, without the
+Jeffreys factor (``bayes_options={"mtt_jeffreys": False}``).
 
 1. Phantom subjects (``ctperf.phantom``) at 75, 150 and 300 mAs, one residue shape each (box,
    exponential, gamma), 128 x 128 x 4 x 89 by default, lesion present, fully automatic
@@ -17,7 +18,8 @@ on them.
    1 + 10 % (CBV) out of 14 each, with rho = kH = 1 as the reference defines CBF.
 
 Usage: ``python benchmarks/bench_methods.py [--size 128] [--slices 4] [--seed 40]
-[--methods nlr nlr-fast bsvd osvd bayes bayes-shapes] [--mas 75 150 300] [--json out.json]``.
+[--methods nlr nlr-fast bsvd osvd bayes bayes-shapes bayes-plain] [--mas 75 150 300]
+[--json out.json]``.
 Timings on a shared machine are noisy; compare methods within one run.
 """
 
@@ -37,9 +39,10 @@ from ctperf.perfusion.boxnlr import fit_box_nlr
 from ctperf.perfusion.svd import svd_deconvolve
 from ctperf.phantom import generate_subject
 
-METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes", "bayes-shapes")
+METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes", "bayes-shapes", "bayes-plain")
 #: variants: a method of run_perfusion with options
-VARIANTS = {"bayes-shapes": ("bayes", {"bayes_options": {"learn_shapes": True}})}
+VARIANTS = {"bayes-shapes": ("bayes", {"bayes_options": {"learn_shapes": True}}),
+            "bayes-plain": ("bayes", {"bayes_options": {"mtt_jeffreys": False}})}
 RESIDUES = ("box", "exponential", "gamma")
 OSIPI = Path(__file__).resolve().parent.parent / "tests" / "data" / "osipi_dsc" / "dsc_data.csv"
 
@@ -126,12 +129,13 @@ def osipi_rows(methods) -> list[dict]:
     cbv = np.array([float(r["cbv"]) for r in data])
     rows = []
     for method in methods:
-        if method in VARIANTS:  # their options need voxel positions, which these curves lack
+        if method == "bayes-shapes":  # learning shapes needs voxel positions
             continue
         if method.startswith("nlr"):
             fit = fit_box_nlr(tissue, aif, times, method=method, rho=1.0, kh=1.0)
-        elif method == "bayes":
-            fit = fit_bayes(tissue, aif, times, rho=1.0, kh=1.0, spatial=False)
+        elif method.startswith("bayes"):
+            options = VARIANTS[method][1]["bayes_options"] if method in VARIANTS else {}
+            fit = fit_bayes(tissue, aif, times, rho=1.0, kh=1.0, spatial=False, **options)
         else:
             fit = svd_deconvolve(tissue, aif, times, method=method, rho=1.0, kh=1.0)
         ok_f = np.abs(fit.cbf - cbf) <= 15 + 0.1 * cbf
