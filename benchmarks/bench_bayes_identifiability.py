@@ -7,7 +7,8 @@ added, ``--draws`` times. For each noisy curve the posterior of ``fit_bayes`` wi
 spatial prior is evaluated on every point of the grid (no coarse-to-fine search), and the
 script prints, averaged over the draws: the posterior mass of each residue shape, the posterior
 mean MTT within each shape (median over the draws), the posterior mean MTT over all shapes and
-the MTT of the single most probable grid point (medians).
+the MTT of the single most probable grid point (medians); each with bayes's prior (the
+log-normal on MTT with the Jeffreys factor) and with the plain log-normal, on the same draws.
 
 Usage: ``python benchmarks/bench_bayes_identifiability.py [--draws 20]``.
 """
