@@ -655,7 +655,7 @@ def test_skullless_slice_at_1s_beats_the_other_methods(residue, seed):
     # measured, exponential: r 0.82-0.83 (0.68 before the amplitudes were pooled and the
     # blocks interpolated; bsvd 0.44, nlr-fast 0.24), worst class -24 / -25 % (GM; -17 / -18 %
     # with the plain log-normal on MTT; bsvd +37 / +38 %, nlr-fast -45 / -46 %). Box: r 0.84
-    # (bsvd 0.56, nlr-fast 0.34-0.37), worst class +21 / +22 % (WM; +44 / +47 % with the plain
+    # (bsvd 0.56, nlr-fast 0.34-0.37), worst class +21 / +22 % (WM; +44 / +46 % with the plain
     # log-normal, which read the box's MTT short; nlr-fast +43 / +23 %, bsvd +56 / +64 %).
     # Seed 3's box lesion reads +41 % (docs/bayes.md), so it is not among these.
     assert score["bayes"][0] >= 0.75
