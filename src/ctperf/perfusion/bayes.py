@@ -22,7 +22,10 @@ average of its in-plane neighbourhood's curves, which carries the neighbourhood'
 its reduced noise; the voxel's own curve then weighs the neighbourhood's most probable grid
 points, and its own amplitude gives CBV. Low-CNR voxels so take their timing from their
 surroundings instead of fitting the noise, while well-measured voxels follow their own data.
-Without positions the prior is a broad log-normal on MTT and uniform on delay and shape.
+Without positions the prior is a broad log-normal on MTT and uniform on delay and shape. The
+log-normal is weighed by the Jeffreys density of log MTT given the shape, dispersion and delay
+(:meth:`ResidueGrid.log_prior`): MTTs much shorter than the bolus give nearly the same curve,
+and without the factor they gather prior mass that pulls MTT short and CBF high.
 
 Amplitude pooling (``pool_amplitude=True``, with the spatial prior): each voxel's CBV, still the
 amplitude of its own noisy curve, is then pooled with its neighbours' by empirical Bayes
