@@ -267,7 +267,7 @@ def test_tiles_uncertainty_covers_the_truth(tiles):
     fit, truth, _ = tiles
     cover = _coverage(fit, {"cbf": truth["cbf"], "cbv": truth["cbv"], "tmax": truth["delay"],
                             "mtt": 60 * truth["cbv"] / truth["cbf"]})
-    # measured CBF 96 %, CBV 95 %: 0.90-0.99 is the target with a point for the seed
+    # measured CBF 97 %, CBV 95 %: 0.90-0.99 is the target with a point for the seed
     assert 0.90 <= cover["cbv"] <= 0.99, cover
     assert 0.90 <= cover["cbf"] <= 0.99, cover
     # measured MTT 89 %, Tmax 87 % (86 and 82 % with the plain log-normal on MTT, whose mass below
@@ -664,6 +664,27 @@ def test_skullless_slice_at_1s_beats_the_other_methods(residue, seed):
     assert score["bayes"][1] < min(score["bsvd"][1], score["nlr-fast"][1])
 
 
+@pytest.mark.parametrize("residue", ["exponential", "box"])
+@pytest.mark.parametrize("seed", [2, 3, 11])
+def test_skullless_slice_uncertainty_covers_the_truth(residue, seed):
+    """The skull-less slice (10 HU, true AIF): the truth within +-2 SD of CBF and MTT in the
+    tissue. CBF's SD after the amplitude pooling takes MTT's share from CBF's exact relative
+    error at each drawn MTT; the linearised share understated it towards short MTTs."""
+    from ctperf.perfusion import run_perfusion
+    from test_aif_failsafe import T1, skullless_study
+
+    series, truth = skullless_study(np.random.default_rng(seed), times=T1, residue=residue)
+    maps = run_perfusion(series, method="bayes", aif=truth["aif"]).maps
+    tis = (truth["gm"] | truth["wm"] | truth["lesion"]) & np.isfinite(maps["cbf"])
+    cover = {k: float(np.mean(np.abs(maps[k] - truth[k])[tis] <= 2 * maps[k + "_sd"][tis]))
+             for k in ("cbf", "mtt")}
+    # measured CBF 94-95 % on exponential residues (88-91 % with the linearised share), 99.8-
+    # 100 % on box residues, whose CBF reads high by less than its SD; MTT 93-96 % (84-91 % on
+    # box residues before the Jeffreys factor on MTT). 0.92 leaves the seed two points.
+    assert cover["cbf"] >= 0.92, cover
+    assert cover["mtt"] >= 0.90, cover
+
+
 def test_skullless_slice_fully_automatic_within_35_percent():
     """The same slice with no vein in view and no masks: AIF found by ctperf, VOF rejected, no
     partial-volume correction; bayes keeps every class's median CBF within 35 % of the truth."""
@@ -711,15 +732,16 @@ def test_phantom_uncertainty_covers_the_truth():
     cover = {k: float(np.mean(np.abs(result.maps[k] - subject.truth[k])[brain]
                               <= 2 * result.maps[k + "_sd"][brain]))
              for k in ("cbf", "cbv", "mtt", "tmax")}
-    # measured CBF 99 %, CBV 95 %, MTT 90 %, Tmax 96 % (eight dispersions and six shapes on
-    # the grid; 99, 96, 91, 97 % with four and five); CBF 99, CBV 96, MTT 89 % before the
+    # measured CBF 99 %, CBV 95 %, MTT 94 %, Tmax 96 % (MTT 90 % before the Jeffreys factor
+    # on MTT; eight dispersions and six shapes on the grid; 99, 96, 91, 97 % with four and
+    # five); CBF 99, CBV 96, MTT 89 % before the
     # amplitudes were pooled and the blocks interpolated; 82, 56, 71, 94 % before the
     # baseline subtraction's error was in the noise model and the SDs came from posterior
     # draws); a point or two for the draw; CBF's SD is conservative here (docs/bayes.md)
     assert 0.90 <= cover["cbv"] <= 0.98, cover
     assert 0.90 <= cover["tmax"] <= 0.99, cover
     assert 0.93 <= cover["cbf"] <= 0.997, cover
-    assert 0.86 <= cover["mtt"] <= 0.98, cover
+    assert 0.90 <= cover["mtt"] <= 0.98, cover
 
 
 GRID_SHAPE = {"box": "box", "exponential": "gamma:1", "linear": "power:1"}

@@ -609,7 +609,8 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 
 #: Columns of :func:`_moments`.
 _COLUMNS = ("cbf", "cbv", "mtt", "delay", "tmax", "cv", "sse_min", "noise_var",
-            "cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd", "cbf_noise_var", "cbv_noise_var")
+            "cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd", "cbf_noise_var", "cbv_noise_var",
+            "inv_mtt_rel")
 
 
 def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndarray,
@@ -625,9 +626,11 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndar
     prior (each carrying equal mass): their posterior weights represent the whole posterior,
     and give each estimate's root-mean-square deviation from the truth under it,
     sqrt(E[(x - estimate)^2]) (the posterior SD when the two means agree).
-    Returns (n, 14) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT. The last
-    two columns are the parts of CBF's and CBV's variances that the voxel's own noise makes at
-    a given grid point (the amplitude's), averaged over the estimates' points.
+    Returns (n, 15) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT. Columns
+    12 and 13 are the parts of CBF's and CBV's variances that the voxel's own noise makes at
+    a given grid point (the amplitude's), averaged over the estimates' points; the last is
+    CBF's relative root-mean-square error from MTT's posterior alone (CBV given), over the
+    draws.
     """
     np.maximum(g, 0.0, out=g)                               # CBF >= 0
 
@@ -686,6 +689,10 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndar
         cell = {"cbf": e * e * grid.cell_var_log_mtt, "cbv": 0.0,
                 "mtt": e * e * grid.cell_var_log_mtt, "tmax": grid.cell_var_delay}[name]
         out[:, 8 + j] = np.sqrt(np.maximum(msd, 0.0) + cell)
+    # CBF's relative error at a drawn MTT, CBV given: MTT_estimate / MTT - 1, exact where a
+    # linearised (MTT - MTT_estimate) / MTT_estimate understates it towards short MTTs
+    ratio = est["mtt"][:, None] / np.maximum(m_d * 60.0, 1e-6) - 1.0
+    out[:, 14] = np.sqrt(mean(w, ratio * ratio) + grid.cell_var_log_mtt)
     return out
 
 
@@ -1361,6 +1368,7 @@ def fit_bayes(
         # an estimate moved by the interpolation is that much further from the posterior's
         # centre, E[(x - new)^2] = E[(x - own)^2] + (new - own)^2
         mom[:, 10] = np.hypot(mom[:, 10], mom[:, 2] - own_mtt)
+        mom[:, 14] = np.hypot(mom[:, 14], mom[:, 2] / np.maximum(own_mtt, 1e-6) - 1.0)
         mom[:, 11] = np.hypot(mom[:, 11], mom[:, 4] - own_tmax)
     if use_space and pool_amplitude:
         if guide is not None and np.asarray(guide).shape != m.shape:
@@ -1373,9 +1381,9 @@ def fit_bayes(
                                       Neighbourhood(m, spatial_sigma_mm, sp, guide, g_sigma))
         # CBF = 60 CBV / MTT: the pooled CBV's error no longer offsets MTT's within the voxel
         # (a shorter MTT fits a higher CBF of about the same area), so CBF's relative variance
-        # is the sum of the two maps' (delta method)
+        # is the sum of CBV's and that of MTT's reciprocal (column inv_mtt_rel)
         to_cbf = 60.0 / np.maximum(mom[:, 2], 1e-6)
-        rel = var / np.maximum(cbv * cbv, 1e-12) + (mom[:, 10] * to_cbf / 60.0) ** 2
+        rel = var / np.maximum(cbv * cbv, 1e-12) + mom[:, 14] ** 2
         mom[:, 0] = cbv * to_cbf
         mom[:, 1] = cbv
         mom[:, 8] = np.abs(mom[:, 0]) * np.sqrt(rel)
