@@ -347,15 +347,16 @@ class ResidueGrid:
         the data cannot tell those MTTs apart. Computed once."""
         if self._log_speed is None:
             n_s, n_h, n_m, n_d = self.dims
-            step = math.log(self.mtts[1] / self.mtts[0]) if n_m > 1 else 1.0
-            out = np.zeros((n_s * n_h, n_m, n_d))
-            resp = self.responses.reshape(n_s * n_h, n_m, n_d, -1)
-            for i in range(n_s * n_h) if n_m > 1 else ():
-                b = resp[i].astype(np.float64)
-                b /= np.maximum(np.linalg.norm(b, axis=2, keepdims=True), 1e-300)
-                fwd = np.linalg.norm(np.diff(b, axis=0), axis=2) / step   # (M - 1, D)
-                out[i, 0], out[i, -1] = fwd[0], fwd[-1]
-                out[i, 1:-1] = 0.5 * (fwd[1:] + fwd[:-1])
+            out = np.ones((n_s * n_h, n_m, n_d))  # one MTT: nothing to weigh
+            if n_m > 1:
+                step = math.log(self.mtts[1] / self.mtts[0])
+                resp = self.responses.reshape(n_s * n_h, n_m, n_d, -1)
+                for i in range(n_s * n_h):  # a shape and a dispersion at a time: (M, D, T)
+                    b = resp[i].astype(np.float64)
+                    b /= np.maximum(np.linalg.norm(b, axis=2, keepdims=True), 1e-300)
+                    fwd = np.linalg.norm(np.diff(b, axis=0), axis=2) / step   # (M - 1, D)
+                    out[i, 0], out[i, -1] = fwd[0], fwd[-1]
+                    out[i, 1:-1] = 0.5 * (fwd[1:] + fwd[:-1])
             self._log_speed = np.log(np.maximum(out, 1e-6)).ravel()
         return self._log_speed
 
@@ -691,7 +692,7 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndar
         out[:, 8 + j] = np.sqrt(np.maximum(msd, 0.0) + cell)
     # CBF's relative error at a drawn MTT, CBV given: MTT_estimate / MTT - 1, exact where a
     # linearised (MTT - MTT_estimate) / MTT_estimate understates it towards short MTTs
-    ratio = est["mtt"][:, None] / np.maximum(m_d * 60.0, 1e-6) - 1.0
+    ratio = est["mtt"][:, None] / np.maximum(mtt_all[:, drawn], 1e-6) - 1.0
     out[:, 14] = np.sqrt(mean(w, ratio * ratio) + grid.cell_var_log_mtt)
     return out
 
