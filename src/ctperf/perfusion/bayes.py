@@ -698,7 +698,8 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndar
 
 
 def pool_curves(tissue: np.ndarray, mask: np.ndarray, sigma_vox: tuple[float, float],
-                cells_per_sigma: float = 2.2) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                cells_per_sigma: float = 2.2, weights: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """In-plane Gaussian average of each voxel's neighbourhood's curves, within ``mask``.
 
     Where the Gaussian spans many voxels (fine in-plane sampling) the average is taken on
@@ -717,6 +718,9 @@ def pool_curves(tissue: np.ndarray, mask: np.ndarray, sigma_vox: tuple[float, fl
         Gaussian SD along y and x, voxels.
     cells_per_sigma : float
         Cells per SD at least.
+    weights : ndarray, shape (N,), optional
+        Each voxel's weight in the averages (default 1; 0 leaves a voxel out of them, though it
+        still reads its cell's average).
 
     Returns
     -------
@@ -729,9 +733,13 @@ def pool_curves(tissue: np.ndarray, mask: np.ndarray, sigma_vox: tuple[float, fl
         Each voxel's cell, a column of ``pooled``.
     """
     sig = (0.0, float(sigma_vox[0]), float(sigma_vox[1]))
-    inside = mask.astype(np.float32)
+    w = np.ones(int(mask.sum()), dtype=np.float32) if weights is None else \
+        np.asarray(weights, dtype=np.float32)
+    inside = np.zeros(mask.shape, dtype=np.float32)
+    inside[mask] = w
     weight = ndimage.gaussian_filter(inside, sig, mode="constant")[mask]
     # sum of squared weights: a squared Gaussian is a Gaussian of SD sigma / sqrt(2), scaled
+    inside[mask] = w * w
     sq = ndimage.gaussian_filter(inside, tuple(v / math.sqrt(2.0) for v in sig),
                                  mode="constant")[mask]
     sq /= 4.0 * math.pi * max(sig[1], 0.5) * max(sig[2], 0.5)
@@ -740,13 +748,13 @@ def pool_curves(tissue: np.ndarray, mask: np.ndarray, sigma_vox: tuple[float, fl
     flat, shape = _cells(mask, f)
     used, cell = np.unique(flat, return_inverse=True)
     n_cells = int(np.prod(shape))
-    counts = np.bincount(flat, minlength=n_cells).astype(np.float32).reshape(shape)
+    counts = np.bincount(flat, weights=w, minlength=n_cells).astype(np.float32).reshape(shape)
     low_sig = (0.0, sig[1] / f, sig[2] / f)
     norm = np.maximum(ndimage.gaussian_filter(counts, low_sig, mode="constant").ravel()[used],
                       1e-6)
     pooled = np.empty((tissue.shape[0], used.size), dtype=np.float32)
     for i in range(tissue.shape[0]):  # one image per frame
-        sums = np.bincount(flat, weights=tissue[i], minlength=n_cells).astype(np.float32)
+        sums = np.bincount(flat, weights=tissue[i] * w, minlength=n_cells).astype(np.float32)
         pooled[i] = ndimage.gaussian_filter(sums.reshape(shape), low_sig,
                                             mode="constant").ravel()[used] / norm
     return pooled, np.maximum(gain, 1.0), cell.astype(np.int64)
@@ -840,13 +848,13 @@ class Neighbourhood:
         return self._weights
 
     def _bilateral(self, stack: np.ndarray) -> np.ndarray:
-        """Joint bilateral sums of (B, Z, Y, X) volumes, the last one the mask: on in-plane
-        blocks of f x f voxels where the SD spans more than two voxels (their sums, and the
-        guide's mean over their mask voxels), which every voxel then reads."""
+        """Joint bilateral sums of (B, Z, Y, X) volumes, the last one the voxels' weights: on
+        in-plane blocks of f x f voxels where the SD spans more than two voxels (their sums, and
+        the guide's mean over their mask voxels), which every voxel then reads."""
         weights = self._operator()
         f = self._f
         low = self._block_sums(stack, f)
-        occupied = low[-1] > 0
+        occupied = self._block_sums(self.mask.astype(np.float32), f) > 0
         out = np.zeros_like(low)
         out[:, occupied] = (weights @ np.ascontiguousarray(low[:, occupied].T)).T
         if f > 1:
@@ -864,13 +872,19 @@ class Neighbourhood:
                                          (0.0, sy, sx), mode="constant")[0, 8, 8]
         return inside / centre
 
-    def mean(self, values: np.ndarray) -> np.ndarray:
-        """(B, N) values of the N mask voxels (C order) -> their neighbourhood means, float64."""
+    def mean(self, values: np.ndarray, weights: np.ndarray | None = None) -> np.ndarray:
+        """(B, N) values of the N mask voxels (C order) -> their neighbourhood means, float64;
+        ``weights`` (N,): each voxel's weight in them (default 1)."""
         mask = self.mask
         vals = np.asarray(values, dtype=np.float32)
         stack = np.zeros((vals.shape[0] + 1, *mask.shape), dtype=np.float32)
-        stack[:-1, mask] = vals
-        stack[-1] = mask
+        if weights is None:
+            stack[:-1, mask] = vals
+            stack[-1] = mask
+        else:
+            w = np.asarray(weights, dtype=np.float32)
+            stack[:-1, mask] = vals * w
+            stack[-1][mask] = w
         if self.guide is None:
             sig = (0.0, self.sigma_mm / self.spacing[1], self.sigma_mm / self.spacing[2])
             smooth = np.stack([ndimage.gaussian_filter(v, sig, mode="constant") for v in stack])
@@ -1109,6 +1123,7 @@ def fit_bayes(
     smooth_blocks: bool = True,
     guide: np.ndarray | None = None,
     guide_sigma: float | None = None,
+    vessels: np.ndarray | None = None,
     candidates: int = 96,
     draws: int = 48,
     grid_options: dict[str, object] | None = None,
@@ -1175,6 +1190,11 @@ def fit_bayes(
         Range width of the guide, HU; default four times the guide's noise, taken as the
         frames' noise over the square root of their number (the temporal mean's), and at least
         1 HU (nearly noise-free studies need no pooling, and a narrower range only costs time).
+    vessels : ndarray of bool, shape (N,), optional
+        Voxels left out of the neighbourhoods' averages (curves and noise) that make the
+        spatial prior: an artery's or a vein's curve, many times a tissue's, would give the
+        tissue around it the vessel's timing. They are still fitted, with their
+        neighbourhood's prior.
     candidates : int
         Grid points kept per voxel after the prior (the most probable ones): the estimates
         are posterior means over them.
@@ -1230,12 +1250,22 @@ def fit_bayes(
     if use_space:
         sp = spacing or (1.0, 1.0, 1.0)
         sig = (spatial_sigma_mm / sp[1], spatial_sigma_mm / sp[2])
-        pooled, gain, cell = pool_curves(y_all, m, sig)
+        w_pool = None
+        if vessels is not None:
+            if np.shape(vessels) != (n,):
+                raise ValidationError(f"vessels must have shape ({n},), got {np.shape(vessels)}")
+            w_pool = (~np.asarray(vessels, dtype=bool)).astype(np.float32)
+        pooled, gain, cell = pool_curves(y_all, m, sig, weights=w_pool)
         # Averaging divides white noise's variance by the number of voxels averaged, but noise
         # correlated in space (a filtered study, a scanner's reconstruction kernel) much less:
         # the gain is measured, as the ratio of the voxels' to the averaged curves' noise.
-        local = Neighbourhood(m, spatial_sigma_mm, sp).mean(
-            np.stack([own_noise, noise_variance(pooled, max(1, workers))[cell], noise]))
+        around = Neighbourhood(m, spatial_sigma_mm, sp)
+        stack = np.stack([own_noise, noise_variance(pooled, max(1, workers))[cell], noise])
+        local = around.mean(stack, w_pool)
+        if w_pool is not None:  # a voxel with no tissue around it: every neighbour counts
+            alone = around.mean(w_pool[None])[0] < 1e-3
+            if alone.any():
+                local[:, alone] = around.mean(stack)[:, alone]
         gain = np.clip(local[0] / local[1], 1.0, gain)
         if noise_sd is None:  # the neighbourhood's noise level, steadier than one voxel's
             noise = local[2]

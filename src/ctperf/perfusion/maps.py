@@ -188,7 +188,7 @@ def run_perfusion(
     values, grid, fitted = fit_voxels(method, tissue, aif_used, t, rho=rho, kh=kh,
                                       brain=brain, spacing=spacing, device=device,
                                       progress=progress, n_base=n_base, guide=guide,
-                                      bayes_options=bayes_options)
+                                      vessels=vessels[brain], bayes_options=bayes_options)
     maps, units = _assemble(values, brain)
 
     flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
@@ -357,7 +357,7 @@ def _vessels(brain: np.ndarray, peaks_of: np.ndarray, aif: np.ndarray,
 
 #: fit_bayes's arguments that run_perfusion sets itself
 _BAYES_SET = frozenset({"tissue", "aif", "times", "rho", "kh", "mask", "spacing",
-                        "baseline_frames", "guide", "progress"})
+                        "baseline_frames", "guide", "vessels", "progress"})
 
 
 def _check_bayes_options(options: dict[str, Any] | None, method: str) -> None:
@@ -376,12 +376,14 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
                rho: float, kh: float, brain: np.ndarray | None,
                spacing: tuple[float, float, float], device: str | None, progress: bool,
                n_base: int | None, guide: np.ndarray | None = None,
+               vessels: np.ndarray | None = None,
                bayes_options: dict[str, Any] | None = None
                ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, Any]]:
     """Values (N,) of every brain voxel by map name, the uniform grid the fits saw (None
     when the frames are evenly spaced) and what the provenance should add (``bayes``: its
     options, and the residue shapes' prior weights when it learned them). ``guide`` (Z, Y, X):
-    the temporal mean image, for ``bayes``'s amplitude pooling. ``brain`` None: curves
+    the temporal mean image, for ``bayes``'s amplitude pooling; ``vessels`` (N,): the
+    voxels ``bayes`` leaves out of its neighbourhoods' averages. ``brain`` None: curves
     without an image (``bayes`` fits each on its own); ``n_base`` None: no baseline was
     subtracted.
 
@@ -396,7 +398,8 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
     if method == "bayes":
         options = dict(bayes_options or {})
         post = fit_bayes(tissue, aif, t, rho=rho, kh=kh, mask=brain, spacing=spacing,
-                         baseline_frames=n_base, guide=guide, progress=progress, **options)
+                         baseline_frames=n_base, guide=guide, vessels=vessels,
+                         progress=progress, **options)
         values = {name: getattr(post, name) for name in
                   ("cbf", "cbv", "mtt", "tmax", "delay", "residual", *SD_MAPS)}
         if options:
