@@ -724,7 +724,7 @@ def test_skullless_slice_fully_automatic_within_35_percent():
     result = run_perfusion(series, method="bayes")
     assert not result.maps.provenance["partial_volume"]["corrected"]
     err = class_errors(result.maps, truth)
-    # measured CBF -12 % (GM), -5 % (WM), +19 % (lesion); CBV +11, +16, +3 %
+    # measured CBF -12 % (GM), -6 % (WM), +18 % (lesion); CBV +11, +18, +8 %
     for name, e in err.items():
         assert abs(e["cbf"]) < 0.35, (name, e)
         assert abs(e["cbv"]) < 0.35, (name, e)
