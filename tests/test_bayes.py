@@ -343,6 +343,24 @@ def test_vessels_do_not_set_the_timing_of_the_tissue_around_them():
     assert tmax["in"][0] < tmax["in"][1] - 2.0, tmax
 
 
+def test_a_vessel_mask_covering_most_voxels_is_not_used(caplog):
+    """An AIF whose peak is too low marks most of the tissue as vessels (a quarter of its peak
+    is a tissue's): leaving them out would leave the spatial prior to a few voxels (on the
+    skull-less slice with the AIF at 0.15 of its value, 98.5 % marked, CBF r fell from 0.83 to
+    0.18). Above MAX_VESSEL_FRACTION the mask is ignored, with a warning."""
+    from ctperf.perfusion.bayes import MAX_VESSEL_FRACTION
+
+    curves, mask, _, _ = _tile_study(inner=4, noise=10.0, seed=7)
+    n = curves.shape[1]
+    most = np.arange(n) < int((MAX_VESSEL_FRACTION + 0.1) * n)
+    kwargs = dict(rho=RHO, kh=KH, mask=mask, spacing=(5.0, 1.0, 1.0))
+    plain = fit_bayes(curves, _aif(TIMES), TIMES, **kwargs)
+    with caplog.at_level("WARNING"):
+        marked = fit_bayes(curves, _aif(TIMES), TIMES, vessels=most, **kwargs)
+    np.testing.assert_array_equal(marked.cbf, plain.cbf)
+    assert "marked as vessels" in caplog.text
+
+
 def test_baseline_subtraction_is_part_of_the_noise_model():
     """Curves whose first frames' mean was subtracted carry its error in every later frame:
     with ``baseline_frames`` the CBV SDs cover the truth, without it they are too small."""

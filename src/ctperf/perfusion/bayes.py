@@ -89,6 +89,11 @@ LATE_FRACTION = 0.002
 #: to log-uniform (no preferred dispersion) from a few tenths of a second up, finite at 0.
 DISPERSION_SCALE = 0.1
 
+#: ``fit_bayes`` leaves the vessels out of its neighbourhoods' averages only while they are at
+#: most this fraction of the voxels: a mask that covers more (an AIF whose peak is too low to
+#: tell vessels from tissue) would leave the prior to a few voxels.
+MAX_VESSEL_FRACTION = 0.2
+
 #: Smallest noise SD a curve is given, as a fraction of the arterial curve's peak (a noise-free
 #: curve's estimate is 0): tiny, and in the curves' own units (HU, concentration or any scale).
 NOISE_FLOOR = 1e-6
@@ -1194,7 +1199,8 @@ def fit_bayes(
         Voxels left out of the neighbourhoods' averages (curves and noise) that make the
         spatial prior: an artery's or a vein's curve, many times a tissue's, would give the
         tissue around it the vessel's timing. They are still fitted, with their
-        neighbourhood's prior.
+        neighbourhood's prior. Ignored, with a warning, when they are more than
+        :data:`MAX_VESSEL_FRACTION` of the voxels.
     candidates : int
         Grid points kept per voxel after the prior (the most probable ones): the estimates
         are posterior means over them.
@@ -1254,7 +1260,13 @@ def fit_bayes(
         if vessels is not None:
             if np.shape(vessels) != (n,):
                 raise ValidationError(f"vessels must have shape ({n},), got {np.shape(vessels)}")
-            w_pool = (~np.asarray(vessels, dtype=bool)).astype(np.float32)
+            share = float(np.mean(vessels))
+            if share <= MAX_VESSEL_FRACTION:
+                w_pool = (~np.asarray(vessels, dtype=bool)).astype(np.float32)
+            else:
+                log.warning("%.0f %% of the voxels are marked as vessels: kept in the spatial "
+                            "prior's averages (a mask that large is not the vessels)",
+                            100 * share)
         pooled, gain, cell = pool_curves(y_all, m, sig, weights=w_pool)
         # Averaging divides white noise's variance by the number of voxels averaged, but noise
         # correlated in space (a filtered study, a scanner's reconstruction kernel) much less:
