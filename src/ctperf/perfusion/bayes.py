@@ -1278,7 +1278,9 @@ def fit_bayes(
             alone = around.mean(w_pool[None])[0] < 1e-3
             if alone.any():
                 local[:, alone] = around.mean(stack)[:, alone]
-        gain = np.clip(local[0] / local[1], 1.0, gain)
+        # (an averaged noise of 0: a cell with no tissue within reach, which gains nothing)
+        ratio = np.divide(local[0], local[1], out=np.ones_like(local[0]), where=local[1] > 0)
+        gain = np.clip(ratio, 1.0, gain)
         if noise_sd is None:  # the neighbourhood's noise level, steadier than one voxel's
             noise = local[2]
         block_size = max(1, round(min(sig)))
