@@ -91,15 +91,16 @@ OTHER_NAMES = {
 }
 
 
-def _role_column(keys: list[str], name: str, default: str) -> int | None:
-    """Where the column ``name`` is (:func:`_column`); when ``name`` is the role's default and
-    no column has it, the one column that one of the role's :data:`OTHER_NAMES` finds (None
-    when none or several do)."""
+def _role_column(keys: list[str], name: str, default: str) -> tuple[int, str] | None:
+    """Where the column ``name`` is (:func:`_column`) and the name that found it; when ``name``
+    is the role's default and no column has it, the one column that the role's
+    :data:`OTHER_NAMES` find, with the first that does (None when none or several do)."""
     at = _column(keys, name)
     if at is not None or name.lower() != default:
-        return at
-    found = {i for other in OTHER_NAMES[default] if (i := _column(keys, other)) is not None}
-    return found.pop() if len(found) == 1 else None
+        return None if at is None else (at, name)
+    found = [(i, other) for other in OTHER_NAMES[default]
+             if (i := _column(keys, other)) is not None]
+    return found[0] if len({i for i, _ in found}) == 1 else None
 
 
 #: Time units a units row may name, in seconds.
@@ -195,21 +196,20 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     keys = [h.lower() for h in header]
     if len(set(keys)) < len(keys):
         raise InputError(p, f"repeated column names in the header: {header}")
-    where = {}
+    where, names = {}, {}
     for role, name in (("time", time_column), ("aif", aif_column)):
-        at = _role_column(keys, name, role)
-        if at is None:
+        found = _role_column(keys, name, role)
+        if found is None:
             raise InputError(p, f"no {name!r} column ({role}); the header holds {header}")
-        where[role] = at
-    vof_at = _role_column(keys, vof_column, "vof")
+        where[role], names[role] = found
+    vof = _role_column(keys, vof_column, "vof")
+    vof_at = None if vof is None else vof[0]
     tissue_at = [i for i in range(len(header))
                  if i not in (where["time"], where["aif"], vof_at)]
     if not tissue_at:
         raise InputError(p, "no tissue column: every column besides time, AIF and VOF is a "
                             "tissue curve")
-    time_name = next(n for n in (time_column, *OTHER_NAMES["time"])
-                     if _column(keys, n) == where["time"])
-    named = _named_unit(p, time_name, header[where["time"]])
+    named = _named_unit(p, names["time"], header[where["time"]])
     scale, first = named or 1.0, 1
     if len(rows) > 2 and not any(_is_number(cell, decimal_comma) for cell in rows[1]):
         scale, first = _time_unit(p, rows[1], header, where["time"]), 2
