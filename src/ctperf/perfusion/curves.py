@@ -22,6 +22,7 @@ __all__ = [
     "bolus_arrival_frame",
     "box_model",
     "check_bolus_start",
+    "enhanced_at_start",
     "flow_scale",
     "resample",
     "time_to_peak",
@@ -79,6 +80,15 @@ def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1) -> int:
 BOLUS_AT_START = 0.2
 
 
+def enhanced_at_start(height: np.ndarray | float, span: np.ndarray | float,
+                      noise_sd: float) -> np.ndarray:
+    """Whether curves stand at their first frame ``height`` above their lowest (unenhanced)
+    value by more than :data:`BOLUS_AT_START` of their range ``span`` and five times the
+    noise SD ``noise_sd`` (of the smoothed curves they were measured on)."""
+    h, r = np.asarray(height, dtype=np.float64), np.asarray(span, dtype=np.float64)
+    return (h > BOLUS_AT_START * r) & (h > 5.0 * noise_sd)
+
+
 def check_bolus_start(aif: np.ndarray) -> None:
     """Refuse an arterial curve (T,) whose bolus had begun before the first frame.
 
@@ -103,8 +113,8 @@ def check_bolus_start(aif: np.ndarray) -> None:
     span, rise = float(c.max()) - low, float(c[0]) - low
     # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
     noise = 1.4826 * float(np.median(np.abs(x[:-2] - 2.0 * x[1:-1] + x[2:]))) / np.sqrt(6.0)
-    if (span > 0 and rise > BOLUS_AT_START * span and span - rise > BOLUS_AT_START * span
-            and rise > 5.0 * np.sqrt(0.625) * noise):
+    if (span > 0 and span - rise > BOLUS_AT_START * span
+            and enhanced_at_start(rise, span, np.sqrt(0.625) * noise)):
         raise ValidationError(bolus_started_message(
             f"the AIF starts at {rise / span:.0%} of its rise above its lowest values"))
 

@@ -29,9 +29,9 @@ from ctperf.errors import ValidationError
 from ctperf.perfusion.bayes import fit_bayes
 from ctperf.perfusion.boxnlr import fit_box_nlr
 from ctperf.perfusion.curves import (
-    BOLUS_AT_START,
     bandlimit,
     bolus_started_message,
+    enhanced_at_start,
     resample,
     time_to_peak,
     uniform_grid,
@@ -307,9 +307,9 @@ def _check_scan_start(onset: _Onset, region: np.ndarray) -> None:
         return
     when = onset.peak_at[strong]
     early = when <= np.percentile(when, 10)
-    height = onset.height[strong][early]
-    level = height / span[strong][early]
-    started = (level > BOLUS_AT_START) & (height > 5.0 * onset.noise_sd)
+    height, reach = onset.height[strong][early], span[strong][early]
+    level = height / reach
+    started = enhanced_at_start(height, reach, onset.noise_sd)
     if started.mean() > 0.5:
         raise ValidationError(bolus_started_message(
             f"{started.mean():.0%} of the earliest-peaking vessels are enhanced at it, by a "
