@@ -645,6 +645,11 @@ def test_rejects_mismatched_inputs():
         fit_bayes(np.zeros((TIMES.size, 3)), aif, TIMES, mask=np.ones((1, 2, 2), bool))
 
 
+def test_no_curves_give_empty_maps():
+    fit = fit_bayes(np.zeros((TIMES.size, 0)), _aif(TIMES), TIMES)
+    assert fit.cbf.shape == fit.tmax_sd.shape == (0,)
+
+
 def _dispersed(kind: str, cbf: float, mtt: float, delay: float, tau: float
                ) -> tuple[np.ndarray, float]:
     """Tissue curve through an exponential transport kernel (mean tau) and the convention's true

@@ -1235,9 +1235,12 @@ def fit_bayes(
         raise ValidationError("times must be strictly increasing, at least 4 frames")
     n = y_all.shape[1]
     m = np.zeros((0, 0, 0), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
-    use_space = spatial and mask is not None and n > 0
+    use_space = spatial and mask is not None
     if use_space and int(m.sum()) != n:
         raise ValidationError(f"mask holds {int(m.sum())} voxels, tissue {n}")
+    if n == 0:  # nothing to fit: empty maps, as the box fit gives
+        e = np.zeros(0, dtype=np.float32)
+        return BayesFit(*(e,) * 12)
     whiten = None if baseline_frames is None else baseline_whitening(t.size, baseline_frames)
     n_draws = int(max(draws, 1))
     y_all = np.nan_to_num(y_all.astype(np.float32, copy=False))
