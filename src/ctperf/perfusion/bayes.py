@@ -151,7 +151,8 @@ def transit_cv(name: str) -> float:
 class BayesFit:
     """Posterior estimates per voxel, ndarrays of shape (N,), float32.
 
-    ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt`` s, ``delay`` s, ``tmax`` s,
+    ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt`` s, ``delay`` s, ``tmax`` s, ``ttp`` s
+    (the time to peak of the fitted tissue curve, from the first frame),
     ``transit_cv`` the coefficient of variation of the transit times (0 box, 1 exponential),
     ``residual`` root-mean-square misfit of the most probable grid point, HU; ``noise`` the noise
     SD used, HU; ``*_sd`` the maps' root-mean-square errors under the posterior (its standard
@@ -166,6 +167,7 @@ class BayesFit:
     mtt: np.ndarray
     delay: np.ndarray
     tmax: np.ndarray
+    ttp: np.ndarray
     transit_cv: np.ndarray
     residual: np.ndarray
     noise: np.ndarray
@@ -239,7 +241,7 @@ class ResidueGrid:
         # dispersion at a time
         self.responses = np.empty((n_rows * n_d, n_t), dtype=np.float32)
         norm2 = np.empty(n_rows * n_d)
-        peaks, row = [], 0
+        peaks, curve_peaks, row = [], [], 0
         for name in self.residues:
             x_all = residue(offsets[None, :], self.mtts[:, None], name)  # (M, n_fine)
             r_all = np.fft.rfft(x_all, n_fft, axis=1)
@@ -252,6 +254,7 @@ class ResidueGrid:
                 top = x >= (1.0 - PEAK_TOL) * x.max(axis=1, keepdims=True)
                 peaks.append(offsets[np.argmax(top, axis=1)] - dt / 2)
                 conv = np.fft.irfft(ca_spec * r_spec, n_fft, axis=1)[:, :n_fine]
+                curve_peaks.append(offsets[np.argmax(conv, axis=1)])
                 resp = np.zeros((n_fine + 1, conv.shape[0]), dtype=np.float32)
                 resp[1:] = (conv * (scale * dt)).T  # single precision, as the responses are kept
                 piece = np.ascontiguousarray((sample @ resp).T).reshape(-1, n_t)  # (M * D, T)
@@ -269,6 +272,9 @@ class ResidueGrid:
         self.cv = np.array([transit_cv(r) for r in self.residues])[shape_of]
         # the convention's Tmax: delay + the first peak of the dispersed residue h * R
         self.tmax = self.delay + np.repeat(np.concatenate(peaks), n_d)
+        # TTP from the first frame: the peak of the tissue curve itself (unit flow), delayed
+        self.ttp = np.clip(self.delay + np.repeat(np.concatenate(curve_peaks), n_d), 0.0,
+                           t[-1] - t[0])
         self.dims = (len(self.residues), len(self.dispersions), n_mtt, n_d)
         # a grid point stands for the cell around it: the variance within a cell of the grid's
         # steps (uniform over the cell: step^2 / 12), in log MTT and in delay
@@ -288,6 +294,7 @@ class ResidueGrid:
         self.inv_norm2_32 = self.inv_norm2.astype(np.float32)
         self.mtt_32, self.delay_32 = self.mtt.astype(np.float32), self.delay.astype(np.float32)
         self.tmax_32, self.cv_32 = self.tmax.astype(np.float32), self.cv.astype(np.float32)
+        self.ttp_32 = self.ttp.astype(np.float32)
         self._log_speed: np.ndarray | None = None
 
     @property
@@ -616,7 +623,7 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 #: Columns of :func:`_moments`.
 _COLUMNS = ("cbf", "cbv", "mtt", "delay", "tmax", "cv", "sse_min", "noise_var",
             "cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd", "cbf_noise_var", "cbv_noise_var",
-            "inv_mtt_rel")
+            "inv_mtt_rel", "ttp")
 
 
 def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndarray,
@@ -632,11 +639,11 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndar
     prior (each carrying equal mass): their posterior weights represent the whole posterior,
     and give each estimate's root-mean-square deviation from the truth under it,
     sqrt(E[(x - estimate)^2]) (the posterior SD when the two means agree).
-    Returns (n, 15) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT. Columns
+    Returns (n, 16) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT. Columns
     12 and 13 are the parts of CBF's and CBV's variances that the voxel's own noise makes at
-    a given grid point (the amplitude's), averaged over the estimates' points; the last is
+    a given grid point (the amplitude's), averaged over the estimates' points; column 14 is
     CBF's relative root-mean-square error from MTT's posterior alone (CBV given), over the
-    draws.
+    draws; the last the posterior mean of the fitted curve's time to peak.
     """
     np.maximum(g, 0.0, out=g)                               # CBF >= 0
 
@@ -674,6 +681,7 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndar
     out[:, 0], out[:, 1], out[:, 2] = est["cbf"], est["cbv"], est["mtt"]
     out[:, 3], out[:, 4] = est["delay"], est["tmax"]
     out[:, 5] = mean(w, at(grid.cv_32)[:, top])
+    out[:, 15] = mean(w, at(grid.ttp_32)[:, top])
     amp_var = noise32 * inv_nb[:, top]
     out[:, 12] = mean(w, amp_var)
     out[:, 13] = mean(w, amp_var * (mtt / 60.0) ** 2)
@@ -1240,7 +1248,7 @@ def fit_bayes(
         raise ValidationError(f"mask holds {int(m.sum())} voxels, tissue {n}")
     if n == 0:  # nothing to fit: empty maps, as the box fit gives
         e = np.zeros(0, dtype=np.float32)
-        return BayesFit(*(e,) * 12)
+        return BayesFit(*(e,) * 13)
     whiten = None if baseline_frames is None else baseline_whitening(t.size, baseline_frames)
     n_draws = int(max(draws, 1))
     y_all = np.nan_to_num(y_all.astype(np.float32, copy=False))
@@ -1411,6 +1419,7 @@ def fit_bayes(
                                               block_size, bn[:, 0]))
         mom[:, 3] = interpolate_blocks(mom[:, 3], m, block_size, bn[:, 1])
         mom[:, 4] = interpolate_blocks(mom[:, 4], m, block_size, bn[:, 2])
+        mom[:, 15] += mom[:, 4] - own_tmax  # the curve's peak moves with the timing
         mom[:, 0] = mom[:, 1] * 60.0 / np.maximum(mom[:, 2], 1e-6)
         # the SDs are root-mean-square errors of the estimates under the voxel's posterior:
         # an estimate moved by the interpolation is that much further from the posterior's
@@ -1438,7 +1447,7 @@ def fit_bayes(
         mom[:, 9] = np.sqrt(np.maximum(var, 0.0))
     col = {name: mom[:, j].astype(np.float32) for j, name in enumerate(_COLUMNS)}
     return BayesFit(cbf=col["cbf"], cbv=col["cbv"], mtt=col["mtt"], delay=col["delay"],
-                    tmax=col["tmax"], transit_cv=col["cv"],
+                    tmax=col["tmax"], ttp=col["ttp"], transit_cv=col["cv"],
                     residual=np.sqrt(mom[:, 6] / t.size).astype(np.float32),
                     noise=np.sqrt(mom[:, 7]).astype(np.float32),
                     cbf_sd=col["cbf_sd"], cbv_sd=col["cbv_sd"], mtt_sd=col["mtt_sd"],

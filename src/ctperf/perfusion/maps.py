@@ -68,7 +68,8 @@ _CONVENTIONS: dict[str, dict[str, str]] = {
     "svd": {"tmax": "time of the residue's peak", "ttp": "from the first frame",
             "delay": "equal to tmax for SVD methods"},
     "bayes": {"tmax": "delay + first peak of the dispersed residue, posterior median",
-              "ttp": "from the first frame", "delay": "residue start after the AIF",
+              "ttp": "peak of the fitted tissue curve, from the first frame, posterior mean",
+              "delay": "residue start after the AIF",
               "sd": "posterior standard deviations in <map>_sd"},
 }
 
@@ -401,7 +402,7 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
                          baseline_frames=n_base, guide=guide, vessels=vessels,
                          progress=progress, **options)
         values = {name: getattr(post, name) for name in
-                  ("cbf", "cbv", "mtt", "tmax", "delay", "residual", *SD_MAPS)}
+                  ("cbf", "cbv", "mtt", "ttp", "tmax", "delay", "residual", *SD_MAPS)}
         if options:
             fitted["bayes_options"] = options
         if post.shape_weights is not None:
@@ -421,7 +422,7 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
             res = svd_deconvolve(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh)
             values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
                       "delay": res.tmax}
-    values["ttp"] = time_to_peak(bandlimit(tissue), t)
+        values["ttp"] = time_to_peak(bandlimit(tissue), t)
     return values, grid, fitted
 
 
