@@ -51,6 +51,17 @@ def test_demo_tiny_writes_every_output(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
 
 
+def test_demo_filters_bayes_only_when_asked(tmp_path, capsys):
+    """bayes's spatial prior takes the bilateral filter's place unless --filter is given."""
+    args = ["--size", "48", "--slices", "1", "--frames", "40", "--method", "bayes",
+            "--no-register"]
+    assert main(["demo", str(tmp_path / "plain"), *args]) == 0
+    assert "[2/4] maps (bayes)" in capsys.readouterr().out
+    assert "not preprocessed" in (tmp_path / "plain" / "report.md").read_text()
+    assert main(["demo", str(tmp_path / "filtered"), *args, "--filter"]) == 0
+    assert "[2/4] bilateral filter, maps (bayes)" in capsys.readouterr().out
+
+
 def test_demo_rejects_bad_size(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:  # refused while parsing, like every other number
         main(["demo", str(tmp_path / "d"), "--size", "0"])

@@ -95,3 +95,24 @@ def test_study_functions_check_the_output_before_reading(study, tmp_path):
         preprocess_study(path, path.parent, PreprocessOptions())
     assert sorted(p.name for p in path.parent.iterdir()) == ["aif.nii.gz", "study.json",
                                                               "study.nii.gz"]
+
+
+@pytest.mark.parametrize("method, filtered", [("nlr-fast", True), ("bsvd", True),
+                                              ("bayes", False)])
+def test_the_filter_by_default_follows_the_method(study, monkeypatch, method, filtered):
+    """The paper's bilateral filter runs unless told for the box model and the SVD methods, not
+    for bayes, whose spatial prior pools the neighbours itself (docs/bayes.md, "Filtered
+    studies"); an explicit choice wins either way."""
+    import ctperf.workflow.analysis as analysis
+
+    _, series, _ = study
+    calls = []
+    monkeypatch.setattr(analysis, "_filter", lambda s, **kw: calls.append(1) or s)
+    monkeypatch.setattr("ctperf.perfusion.run_perfusion", lambda s, **kw: kw)
+    options, _ = analyse_study(series, method=method, register=False)
+    assert bool(calls) is filtered
+    # the vessels come from the unfiltered study only where a filter ran
+    assert ("vessel_series" in options) is filtered
+    calls.clear()
+    analyse_study(series, method=method, register=False, filter=not filtered)
+    assert bool(calls) is not filtered

@@ -215,14 +215,21 @@ def add_brain_mask_option(parser: Any) -> None:
                              "instead of the automatic one")
 
 
-def add_preprocess_options(parser: Any, *, default: bool) -> None:
+def add_preprocess_options(parser: Any, *, default: bool, filter_by_method: bool = False
+                           ) -> None:
     """``--register/--no-register`` and ``--filter/--no-filter`` (the paper's two
-    preprocessing steps, both on or off by ``default``), then the filter's options."""
+    preprocessing steps, both on or off by ``default``; with ``filter_by_method`` the filter
+    by default as the method asks, ``ctperf.workflow.analysis.filters_by_default``), then the
+    filter's options."""
     parser.add_argument("--register", action=argparse.BooleanOptionalAction, default=default,
                         help="rigid motion correction of every frame to the first "
                              "[%(default)s]")
-    parser.add_argument("--filter", action=argparse.BooleanOptionalAction, default=default,
-                        help="bilateral filter guided by the temporal mean [%(default)s]")
+    parser.add_argument("--filter", action=argparse.BooleanOptionalAction,
+                        default=None if filter_by_method else default,
+                        help="bilateral filter guided by the temporal mean ["
+                             + ("on, except for bayes, whose spatial prior pools the "
+                                "neighbours itself" if filter_by_method else "%(default)s")
+                             + "]")
     add_filter_options(parser)
 
 

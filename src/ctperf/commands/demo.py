@@ -24,8 +24,10 @@ def register(subparsers: Any) -> None:
         "demo", help="end-to-end run on a digital phantom, scored against its true maps",
         description="Simulate a stroke CTP study with known perfusion (digital phantom), "
                     "preprocess it as the paper did (rigid motion correction of every frame to "
-                    "the first, bilateral filter guided by the temporal mean), "
-                    "compute box-model NLR maps and lesions, and score them against the truth. "
+                    "the first, bilateral filter guided by the temporal mean; with --method "
+                    "bayes not filtered unless asked: its spatial prior pools the neighbours), "
+                    "compute the maps (box-model NLR unless --method) and lesions, and score "
+                    "them against the truth. "
                     "Writes OUT/phantom/ (study, true maps, masks, preview.png), OUT/maps/ (as "
                     "`ctperf maps`), OUT/evaluation.json, OUT/comparison.png, OUT/report.md and "
                     "OUT/report.html (one self-contained file).")
@@ -48,7 +50,7 @@ def register(subparsers: Any) -> None:
                    help="simulated head motion (realistic: drawn as a cohort's) [%(default)s]")
     p.add_argument("--method", choices=METHOD_CHOICES,
                    default="nlr-fast", help="perfusion method [%(default)s]")
-    add_preprocess_options(p, default=True)
+    add_preprocess_options(p, default=True, filter_by_method=True)
     add_overwrite_option(p)
     p.set_defaults(func=run)
 
@@ -78,7 +80,7 @@ def _run_neural(args: argparse.Namespace) -> int:
 
     out = args.out or Path("ctperf-demo-neural")
     options = NeuralDemoOptions(seed=args.seed, reproduce=ReproduceOptions(
-        register=False, filter=args.filter, spatial_sigma_mm=args.spatial_sigma,
+        register=False, filter=args.filter is not False, spatial_sigma_mm=args.spatial_sigma,
         range_sigma_hu=args.range_sigma, filter_weights=args.filter_weights, workers=1,
         progress=True))
     print("expected time: about 11 minutes on a 2-core CPU, measured once "

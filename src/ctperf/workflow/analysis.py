@@ -6,11 +6,20 @@ from typing import Any
 
 from ctperf.types import CTPSeries
 
-__all__ = ["analyse_study"]
+__all__ = ["analyse_study", "filters_by_default"]
+
+
+def filters_by_default(method: str) -> bool:
+    """Whether the pipeline filters a study for ``method`` unless told: the paper's bilateral
+    filter for the box model and the SVD methods; not for ``bayes``, whose spatial prior pools
+    neighbouring voxels itself and whose noise model takes each voxel's noise as independent
+    of its neighbours', which the filter's averaging breaks (docs/bayes.md, "Filtered
+    studies")."""
+    return method != "bayes"
 
 
 def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool = True,
-                  filter: bool = True, spatial_sigma_mm: float = 3.0,
+                  filter: bool | None = None, spatial_sigma_mm: float = 3.0,
                   range_sigma_hu: float = 20.0, filter_weights: str = "linear",
                   workers: int | None = None, progress: bool = False,
                   **perfusion_options: Any) -> tuple[Any, Any]:
@@ -27,8 +36,11 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         Raw study, HU (T, Z, Y, X).
     method : str
         Perfusion method of :func:`~ctperf.perfusion.run_perfusion`.
-    register, filter : bool
-        The two preprocessing steps; with both off this is :func:`run_perfusion` alone.
+    register : bool
+        Rigid motion correction; with both steps off this is :func:`run_perfusion` alone.
+    filter : bool, optional
+        The bilateral filter; None: :func:`filters_by_default` (on for every method but
+        ``bayes``).
     spatial_sigma_mm, range_sigma_hu : float
         The bilateral filter's sigmas in mm and HU (the paper's 3 mm and 20 HU).
     filter_weights : {"linear", "quadratic"}
@@ -53,6 +65,8 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         motion = _register(series, workers=workers, progress=progress)
         series = motion.series
         perfusion_options.setdefault("motion_mm", motion.displacement_mm)
+    if filter is None:
+        filter = filters_by_default(method)
     if filter:
         perfusion_options.setdefault("vessel_series", series)  # vessels from the unfiltered study
         series = _filter(series, spatial_sigma_mm=spatial_sigma_mm,

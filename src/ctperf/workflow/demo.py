@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ctperf.workflow.analysis import analyse_study
+from ctperf.workflow.analysis import analyse_study, filters_by_default
 from ctperf.workflow.study import StudyOutcome, write_maps_outputs
 
 __all__ = ["DemoOptions", "run_demo"]
@@ -17,8 +17,9 @@ __all__ = ["DemoOptions", "run_demo"]
 class DemoOptions:
     """Options of :func:`run_demo`: the phantom (``size`` px over a 230 mm field of view,
     ``slices`` of 5 mm, ``frames`` 0.5 s apart, ``seed``, simulated ``motion``), the perfusion
-    ``method`` and the preprocessing steps (``register``, ``filter`` and the filter's
-    ``spatial_sigma_mm`` in mm, ``range_sigma_hu`` in HU, ``filter_weights``)."""
+    ``method`` and the preprocessing steps (``register``, ``filter`` (None: as
+    :func:`~ctperf.workflow.analysis.filters_by_default`) and the filter's ``spatial_sigma_mm``
+    in mm, ``range_sigma_hu`` in HU, ``filter_weights``)."""
 
     size: int = 256
     slices: int = 8
@@ -27,7 +28,7 @@ class DemoOptions:
     motion: str = "none"
     method: str = "nlr-fast"
     register: bool = True
-    filter: bool = True
+    filter: bool | None = None
     spatial_sigma_mm: float = 3.0
     range_sigma_hu: float = 20.0
     filter_weights: str = "linear"
@@ -81,6 +82,8 @@ def run_demo(out: Path, options: DemoOptions, *,
     )
 
     o = options
+    if o.filter is None:
+        o = replace(o, filter=filters_by_default(o.method))
     say = echo or (lambda line: None)
     io.check_output(out, overwrite=o.overwrite)
     say(f"[1/4] simulating a {o.size} x {o.size} x {o.slices} x {o.frames} "
