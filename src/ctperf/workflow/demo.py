@@ -42,7 +42,7 @@ def _steps(o: DemoOptions) -> tuple[str, str]:
                          *(["bilateral filter"] if o.filter else []), "maps"])
     done = {(True, True): "registered and filtered", (False, True): "filtered, not registered",
             (True, False): "registered, not filtered",
-            (False, False): "not preprocessed"}[(o.register, o.filter)]
+            (False, False): "not preprocessed"}[(o.register, bool(o.filter))]
     return running, done
 
 
