@@ -10,7 +10,8 @@ Two kinds of reference:
   mL/100 mL/min and CBV 2 or 4 mL/100 mL, and the task force's own tolerance,
   ``|estimate - truth| <= atol + rtol * truth`` (CBF: 15 mL/100 mL/min + 10 %; CBV: 1 mL/100 mL
   + 10 %). Its units carry no tissue density and no haematocrit correction, so it is analysed
-  with ``rho=1, kh=1``; ``docs/validation.md`` has the tables.
+  with ``rho=1, kh=1``; ``docs/validation.md`` has the tables. ``bayes`` fits each curve on
+  its own (no voxel positions, so no spatial prior).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 from scipy.special import gamma, gammainc
 
-from ctperf.perfusion import compute_maps, fit_box_nlr, svd_deconvolve
+from ctperf.perfusion import compute_maps, fit_bayes, fit_box_nlr, svd_deconvolve
 from ctperf.types import CTPSeries
 
 DATA = Path(__file__).parent / "data" / "osipi_dsc" / "dsc_data.csv"
@@ -297,6 +298,59 @@ def test_osipi_ssvd_is_delay_sensitive(osipi, osipi_results):
                          method="ssvd", rho=1.0, kh=1.0)
     ratio = float(np.median(est.cbf / osipi_results["ssvd"].cbf))
     assert 0.7 <= ratio <= 0.95, ratio
+
+
+# --- bayes on the OSIPI curves: each curve on its own (no positions, no spatial prior) -----
+
+
+def _bayes(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray):
+    return fit_bayes(tissue, aif, times, rho=1.0, kh=1.0, spatial=False)
+
+
+@pytest.fixture(scope="module")
+def osipi_bayes(osipi):
+    return _bayes(osipi["tissue"], osipi["aif"], osipi["times"])
+
+
+def test_osipi_bayes_within_reference_tolerance(osipi, osipi_bayes):
+    assert _within_osipi(osipi_bayes.cbf, osipi["cbf"], atol=15.0, rtol=0.1).all(), \
+        osipi_bayes.cbf.round(1)
+    assert _within_osipi(osipi_bayes.cbv, osipi["cbv"], atol=1.0, rtol=0.1).all(), \
+        osipi_bayes.cbv.round(2)
+
+
+def test_osipi_bayes_cbf_bias_is_the_datas_own_area_excess(osipi, osipi_bayes):
+    """bayes reads CBF +13 % high in the median, but its CBV is the curves' area ratio (the
+    data's areas exceed the stated CBV by 3-19 %, above) and its MTT the reference's: against
+    the CBF the areas imply (stated CBF x area ratio / stated CBV) the median bias is small."""
+    area = 100.0 * np.trapezoid(osipi["tissue"], osipi["times"], axis=0) / np.trapezoid(
+        osipi["aif"], osipi["times"])
+    # CBV a fitted model's, not the area itself: measured median 0.1 %, at most 3.2 %
+    np.testing.assert_allclose(osipi_bayes.cbv, area, rtol=0.05)
+    implied = osipi["cbf"] * area / osipi["cbv"]
+    rel = osipi_bayes.cbf / implied - 1.0
+    # measured median +2.6 % (at most +13 % on one curve); stated truth: median +13.3 %
+    assert abs(float(np.median(rel))) <= 0.05, rel.round(3)
+    assert abs(float(np.median(osipi_bayes.cbf / osipi["cbf"] - 1.0))) <= 0.20
+
+
+def test_osipi_bayes_units_do_not_matter(osipi, osipi_bayes):
+    # the noise estimate, its floor and the amplitudes all scale with the curves: measured
+    # within 1e-5 (single precision)
+    est = _bayes(osipi["tissue"] * 100.0, osipi["aif"] * 100.0, osipi["times"])
+    np.testing.assert_allclose(est.cbf, osipi_bayes.cbf, rtol=1e-4)
+    np.testing.assert_allclose(est.cbv, osipi_bayes.cbv, rtol=1e-4)
+
+
+@pytest.mark.parametrize("frames", [1, 2, 4])
+def test_osipi_bayes_delay_moves_timing_not_flow(osipi, osipi_bayes, frames):
+    shift = frames * float(osipi["times"][1])
+    est = _bayes(_delayed(osipi["tissue"], frames), osipi["aif"], osipi["times"])
+    # the grid's delay step is 0.125 s: measured within 0.11 s per curve, 0.03 s for Tmax in
+    # the median; CBF within 0.7 % per curve
+    assert np.all(np.abs(est.delay - osipi_bayes.delay - shift) <= 0.2)
+    assert abs(float(np.median(est.tmax - osipi_bayes.tmax)) - shift) <= 0.1
+    np.testing.assert_allclose(est.cbf, osipi_bayes.cbf, rtol=0.02)
 
 
 @pytest.mark.parametrize("method", ["nlr-fast", "ssvd", "bsvd", "osvd"])
