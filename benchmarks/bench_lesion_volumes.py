@@ -8,7 +8,8 @@ and the right/left median CBF ratio about the estimated mid-sagittal plane (the 
 criteria: no core of 1 mL or more, ratio within 0.9-1.1).
 
 The studies are filtered as in the paper (bilateral filter, no registration: the phantoms are
-still), the AIF and VOF found automatically.
+still; ``bayes`` not filtered, as ``analyse_study`` does by default: its spatial prior takes the
+filter's place), the AIF and VOF found automatically.
 
 Usage: ``python benchmarks/bench_lesion_volumes.py [--size 128] [--slices 4]
 [--lesion-seeds 1 2 3 4 14 15] [--healthy-seeds 1 2 3 4 5 6] [--methods nlr-fast bsvd]
@@ -46,7 +47,7 @@ def measure(seed: int, *, lesion: bool, method: str, size: int, slices: int,
     subject = generate_subject(seed=seed, size=size, slices=slices, lesion=lesion,
                                noise_matrix=noise_matrix)
     start = time.perf_counter()
-    result, _ = analyse_study(subject.series, method=method, register=False, filter=True,
+    result, _ = analyse_study(subject.series, method=method, register=False,
                               lesion_options=LesionOptions())
     seconds = time.perf_counter() - start
     voxel_ml = result.maps.voxel_ml
