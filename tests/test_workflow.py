@@ -99,10 +99,11 @@ def test_study_functions_check_the_output_before_reading(study, tmp_path):
 
 @pytest.mark.parametrize("method, filtered", [("nlr-fast", True), ("bsvd", True),
                                               ("bayes", False)])
-def test_the_filter_by_default_follows_the_method(study, monkeypatch, method, filtered):
+def test_the_filter_by_default_follows_the_method(study, monkeypatch, caplog, method,
+                                                  filtered):
     """The paper's bilateral filter runs unless told for the box model and the SVD methods, not
     for bayes, whose spatial prior pools the neighbours itself (docs/bayes.md, "Filtered
-    studies"); an explicit choice wins either way."""
+    studies"); an explicit choice wins either way, with a warning for bayes."""
     import ctperf.workflow.analysis as analysis
 
     _, series, _ = study
@@ -113,6 +114,8 @@ def test_the_filter_by_default_follows_the_method(study, monkeypatch, method, fi
     assert bool(calls) is filtered
     # the vessels come from the unfiltered study only where a filter ran
     assert ("vessel_series" in options) is filtered
+    assert "filtered study" not in caplog.text
     calls.clear()
     analyse_study(series, method=method, register=False, filter=not filtered)
     assert bool(calls) is not filtered
+    assert ("filtered study" in caplog.text) is not filtered

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from ctperf.types import CTPSeries
+
+log = logging.getLogger(__name__)
 
 __all__ = ["analyse_study", "filters_by_default"]
 
@@ -67,6 +70,10 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         perfusion_options.setdefault("motion_mm", motion.displacement_mm)
     if filter is None:
         filter = filters_by_default(method)
+    elif filter and not filters_by_default(method):
+        log.warning("%s on a filtered study: its spatial prior pools the neighbours itself, and "
+                    "filtered noise is correlated between them (docs/bayes.md, \"Filtered "
+                    "studies\")", method)
     if filter:
         perfusion_options.setdefault("vessel_series", series)  # vessels from the unfiltered study
         series = _filter(series, spatial_sigma_mm=spatial_sigma_mm,
