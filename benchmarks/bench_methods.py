@@ -9,7 +9,8 @@ Jeffreys factor (``bayes_options={"mtt_jeffreys": False}``).
 1. Phantom subjects (``ctperf.phantom``) at 75, 150 and 300 mAs, one residue shape each (box,
    exponential, gamma), 128 x 128 x 4 x 89 by default, lesion present, fully automatic
    (``run_perfusion``: AIF and VOF found by ctperf), unfiltered. Per method and condition, over
-   the brain outside vessels: Pearson r, median relative error and bias of CBF, CBV and Tmax; the
+   the brain outside vessels: Pearson r, median relative error and bias of CBF, CBV and MTT,
+   Pearson r and median error (s) of Tmax and TTP; the
    slope of the relative CBF error against the true delay (%/s); hypoperfused and core volumes
    against the truth's masks (mL, Dice); seconds per study; for methods with uncertainty maps,
    the fraction of voxels whose true value lies within +-2 SD of the map.
@@ -56,14 +57,15 @@ def score(result, subject) -> dict[str, float]:
     truth = subject.truth
     region = result.brain & ~result.vessels & subject.masks["brain"]
     out: dict[str, float] = {}
-    for name in ("cbf", "cbv", "tmax"):
+    for name in ("cbf", "cbv", "mtt", "tmax", "ttp"):
+        timing = name in ("tmax", "ttp")
         est = result.maps[name][region].astype(np.float64)
         ref = truth[name][region].astype(np.float64)
-        ok = np.isfinite(est) & np.isfinite(ref) & (ref > 0 if name != "tmax" else True)
+        ok = np.isfinite(est) & np.isfinite(ref) & (True if timing else ref > 0)
         est, ref = est[ok], ref[ok]
         out[f"{name}_r"] = float(np.corrcoef(est, ref)[0, 1])
-        if name == "tmax":
-            out["tmax_bias_s"] = float(np.median(est - ref))
+        if timing:
+            out[f"{name}_bias_s"] = float(np.median(est - ref))
         else:
             rel = est / ref - 1.0
             out[f"{name}_medrel"] = float(np.median(np.abs(rel)))
@@ -108,8 +110,10 @@ def phantom_rows(args) -> list[dict]:
                 print(f"{residue:11s} {mas:5.0f} {method:9s} {seconds:6.1f} s  "
                       f"CBF r {row['cbf_r']:.2f} |err| {row['cbf_medrel']:.0%} "
                       f"bias {row['cbf_bias']:+.0%}  CBV r {row['cbv_r']:.2f} "
-                      f"bias {row['cbv_bias']:+.0%}  Tmax r {row['tmax_r']:.2f} "
-                      f"bias {row['tmax_bias_s']:+.1f} s  slope "
+                      f"bias {row['cbv_bias']:+.0%}  MTT r {row['mtt_r']:.2f} "
+                      f"bias {row['mtt_bias']:+.0%}  Tmax r {row['tmax_r']:.2f} "
+                      f"bias {row['tmax_bias_s']:+.1f} s  TTP r {row['ttp_r']:.2f} "
+                      f"bias {row['ttp_bias_s']:+.1f} s  slope "
                       f"{row['delay_slope_pct_per_s']:+.1f} %/s  hypo {row['hypo_ml']:.1f}/"
                       f"{row['hypo_true_ml']:.1f} mL (Dice {row['hypo_dice']:.2f})  core "
                       f"{row['core_ml']:.1f}/{row['core_true_ml']:.1f} mL"
@@ -166,8 +170,10 @@ def main() -> None:
         med = {k: float(np.nanmedian([r[k] for r in rows])) for k in rows[0]
                if isinstance(rows[0][k], float)}
         print(f"  {method:9s} CBF r {med['cbf_r']:.2f} |err| {med['cbf_medrel']:.0%} "
-              f"bias {med['cbf_bias']:+.0%}  CBV r {med['cbv_r']:.2f}  Tmax bias "
-              f"{med['tmax_bias_s']:+.1f} s  delay slope {med['delay_slope_pct_per_s']:+.1f} "
+              f"bias {med['cbf_bias']:+.0%}  CBV r {med['cbv_r']:.2f}  MTT r "
+              f"{med['mtt_r']:.2f} bias {med['mtt_bias']:+.0%}  Tmax r {med['tmax_r']:.2f} "
+              f"bias {med['tmax_bias_s']:+.1f} s  TTP r {med['ttp_r']:.2f} bias "
+              f"{med['ttp_bias_s']:+.1f} s  delay slope {med['delay_slope_pct_per_s']:+.1f} "
               f"%/s  hypo Dice {med['hypo_dice']:.2f}  core Dice {med['core_dice']:.2f}  "
               f"{med['seconds']:.1f} s/study")
     if args.json:
