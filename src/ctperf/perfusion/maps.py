@@ -129,8 +129,8 @@ def run_perfusion(
     motion_mm : ndarray, shape (T,), optional
         Frame-wise displacement from motion correction, for the QC flags.
     vessel_fraction : float
-        Brain voxels peaking above this fraction of the measured AIF peak are vessels: mapped,
-        but excluded from lesions.
+        Brain voxels whose curve, smoothed over time, peaks above this fraction of the measured
+        AIF peak are vessels: mapped, but excluded from lesions.
     rim_mm : float
         Brain voxels closer than this (in-plane, mm) to the brain's outer surface are left out
         of the lesions (0 keeps them).
@@ -348,11 +348,18 @@ def _enhancement(hu: np.ndarray, vhu: np.ndarray, search: np.ndarray, *, base: n
 
 
 def _vessels(brain: np.ndarray, peaks_of: np.ndarray, aif: np.ndarray,
-             vessel_fraction: float) -> np.ndarray:
-    """Brain voxels (bool (Z, Y, X)) whose enhancement ``peaks_of`` (T, N brain voxels) peaks
-    above ``vessel_fraction`` of the measured AIF's peak."""
+             vessel_fraction: float, *, chunk: int = 1 << 16) -> np.ndarray:
+    """Brain voxels (bool (Z, Y, X)) whose enhancement ``peaks_of`` (T, N brain voxels),
+    smoothed over time (:func:`smooth_time`), peaks above ``vessel_fraction`` of the measured
+    AIF's peak. Smoothed, because the highest single frame of a tissue curve is its noise's
+    highest: at low dose with a partial-volume diluted AIF that alone carried tissue over the
+    threshold (docs/methods.md, "Vessel voxels"). ``chunk`` voxels at a time."""
+    n = peaks_of.shape[1]
+    peak = np.empty(n, dtype=np.float32)
+    for s in range(0, n, chunk):
+        peak[s:s + chunk] = smooth_time(peaks_of[:, s:s + chunk]).max(axis=0)
     vessels = np.zeros(brain.shape, dtype=bool)
-    vessels[brain] = peaks_of.max(axis=0) > vessel_fraction * float(np.max(aif))
+    vessels[brain] = peak > vessel_fraction * float(np.max(aif))
     return vessels
 
 
