@@ -324,3 +324,17 @@ def test_an_aif_arriving_after_the_tissue_is_flagged(capsys, tmp_path):
     _write_csv(src, T_HAND, {"aif": late, "gm": tissue[:, 0]})
     assert main(["curves", str(src), str(tmp_path / "out.csv")]) == 0
     assert "QC aif_after_tissue" in capsys.readouterr().out
+
+
+def test_time_to_peak_between_frames():
+    """The parabola through the highest frame and its neighbours puts a symmetric peak
+    between frames; at the first or last frame the frame's own time is read."""
+    from ctperf.perfusion.curves import time_to_peak
+
+    t = 3.0 + 0.5 * np.arange(40)
+    peaks = np.array([7.0, 10.23, 12.9])
+    curves = np.exp(-0.5 * ((t[:, None] - peaks) / 2.0) ** 2)
+    # A Gaussian's top is a parabola to within a few per cent of its curvature over a frame.
+    np.testing.assert_allclose(time_to_peak(curves, t), peaks - t[0], atol=0.01)
+    edges = np.stack([np.linspace(1, 0, 40), np.linspace(0, 1, 40)], axis=1)
+    np.testing.assert_allclose(time_to_peak(edges, t), [0.0, t[-1] - t[0]])

@@ -236,9 +236,26 @@ def box_model(
 
 
 def time_to_peak(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """Time of each curve's maximum counted from the first frame, s; shape (N,) from (T, N)."""
+    """Time of each curve's maximum counted from the first frame, s; shape (N,) from (T, N).
+
+    The highest frame, refined by the parabola through it and its two neighbours (by at most
+    half a frame; not at the first or last frame).
+    """
+    c = np.asarray(curves, dtype=np.float64)
     t = np.asarray(times, dtype=np.float64)
-    return (t[np.argmax(curves, axis=0)] - t[0]).astype(np.float64)
+    if c.ndim != 2 or c.shape[0] != t.size or t.size == 0:
+        raise ValidationError(f"curves must be (T, N) with T = {t.size}, got {c.shape}")
+    k = np.argmax(c, axis=0)
+    if t.size < 3:
+        return t[k] - t[0]
+    kk = np.clip(k, 1, t.size - 2)
+    cols = np.arange(c.shape[1])
+    y0, y1, y2 = c[kk - 1, cols], c[kk, cols], c[kk + 1, cols]
+    den = y0 - 2.0 * y1 + y2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        off = np.where(den < 0, 0.5 * (y0 - y2) / den, 0.0)
+    off = np.where(k == kk, np.clip(off, -0.5, 0.5), 0.0)
+    return np.interp(k + off, np.arange(t.size), t) - t[0]
 
 
 def uniform_grid(times: np.ndarray) -> np.ndarray | None:

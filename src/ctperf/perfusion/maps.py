@@ -64,8 +64,11 @@ MIN_FRAMES = 10
 
 _CONVENTIONS: dict[str, dict[str, str]] = {
     "nlr": {"tmax": "delay + MTT/4 (box model, calibrated to the residue's peak)",
-            "ttp": "from the first frame", "delay": "box start after the AIF"},
-    "svd": {"tmax": "time of the residue's peak", "ttp": "from the first frame",
+            "ttp": "peak of the tissue curve smoothed with the fit's help, from the first "
+                   "frame",
+            "delay": "box start after the AIF"},
+    "svd": {"tmax": "time of the residue's peak",
+            "ttp": "peak of the band-limited tissue curve, from the first frame",
             "delay": "equal to tmax for SVD methods"},
     "bayes": {"tmax": "delay + first peak of the dispersed residue, posterior median",
               "ttp": "peak of the fitted tissue curve, from the first frame, posterior mean",
@@ -397,8 +400,10 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
 
     Unevenly spaced frames (fast, then slow sampling): the box model and SVD see the curves
     linearly interpolated onto a uniform grid at the finest step, from the first frame. Delay,
-    MTT and Tmax are durations after the AIF, so they need no mapping back; TTP is read from the
-    frames themselves. ``bayes`` handles any frame spacing and fits the frames as acquired.
+    MTT and Tmax are durations after the AIF, so they need no mapping back; TTP counts from the
+    first frame, where the grid starts (the box model reads it on the grid, beside its fitted
+    curves; SVD from the frames themselves). ``bayes`` handles any frame spacing and fits the
+    frames as acquired.
     """
     grid = uniform_grid(t)
     values: dict[str, np.ndarray]
@@ -424,12 +429,11 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
             fit = fit_box_nlr(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh,
                               device=device, progress=progress)
             values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
-                      "delay": fit.delay, "residual": fit.residual}
+                      "ttp": fit.ttp, "delay": fit.delay, "residual": fit.residual}
         else:
             res = svd_deconvolve(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh)
             values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
-                      "delay": res.tmax}
-        values["ttp"] = time_to_peak(bandlimit(tissue), t)
+                      "ttp": time_to_peak(bandlimit(tissue), t), "delay": res.tmax}
     return values, grid, fitted
 
 

@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ctperf.errors import ValidationError
+from ctperf.perfusion.curves import time_to_peak
 from ctperf.phantom import acquisition as acq
 from ctperf.phantom import hemodynamics as hd
 from ctperf.phantom.anatomy import CHANNELS, TEMPLATE_NOTICE, load_template, sample_template
@@ -125,20 +126,6 @@ def _noise_sigma(cfg: dict[str, Any]) -> float:
                                     psf_fwhm_mm=cfg["psf_fwhm_mm"])
 
 
-def _ttp(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
-    """Time from the first frame to the peak, refined by a parabola through the top 3 samples."""
-    k = np.argmax(curves, axis=1)
-    kk = np.clip(k, 1, curves.shape[1] - 2)
-    rows = np.arange(curves.shape[0])
-    y0, y1, y2 = curves[rows, kk - 1], curves[rows, kk], curves[rows, kk + 1]
-    den = y0 - 2 * y1 + y2
-    with np.errstate(divide="ignore", invalid="ignore"):
-        off = np.where(den < 0, 0.5 * (y0 - y2) / den, 0.0)
-    off = np.where((k == kk), np.clip(off, -0.5, 0.5), 0.0)
-    t = np.interp(kk + off, np.arange(times.size), times)
-    return np.where(k == kk, t, times[k]) - times[0]
-
-
 def _blur(image: np.ndarray, sigma_px: float) -> np.ndarray:
     """In-plane Gaussian blur of a (Y, X) image (identity below 0.05 pixel)."""
     return ndi.gaussian_filter(image, sigma_px, truncate=3.5) if sigma_px > 0.05 else image
@@ -243,7 +230,7 @@ def _tissue(setup: _Setup, q: np.ndarray, frac: np.ndarray, tex: np.ndarray
                                   mtt=mtt.ravel()[vox], delay_steps=d_steps.ravel()[vox],
                                   tau_index=t_idx.ravel()[vox], rho=cfg["rho"], kh=cfg["kh"])
         enh[vox] = curves
-        ttp[vox] = _ttp(curves, setup.times)
+        ttp[vox] = time_to_peak(curves.T, setup.times)
     out = {"cbf": par["cbf"], "cbf_healthy": par["cbf_healthy"], "cbv": par["cbf"] * mtt / 60.0,
            "mtt": mtt, "delay": d_steps * bank.dt, "dispersion": bank.taus[t_idx],
            "ttp": ttp.reshape(gm.shape), "territories": labels}
