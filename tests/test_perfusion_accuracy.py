@@ -221,6 +221,20 @@ def test_box_ttp_reads_the_tissue_peak_with_the_fits_help(rng):
         assert abs(np.median(box)) < abs(np.median(frame)) + 0.3, shape
 
 
+
+def test_box_ttp_without_a_fit_reads_the_curve():
+    """A voxel whose fit failed (NaN parameters) reads the peak of its band-limited curve."""
+    from ctperf.perfusion.boxnlr import _arterial_table, fitted_time_to_peak
+    from ctperf.perfusion.curves import bandlimit, flow_scale, time_to_peak
+
+    vox, _, _ = tile_study(["exponential"], inner=1, noise=0.0, rng=None)
+    vox = vox[:, :5]
+    params = np.full((5, 3), np.nan)
+    table = _arterial_table(true_aif(), TIMES, band_limit=True)
+    got = fitted_time_to_peak(params, vox, table, scale=flow_scale(RHO, KH))
+    np.testing.assert_array_equal(got, time_to_peak(bandlimit(vox), TIMES))
+
+
 def _residue_grid(noise: float, rng) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Box, exponential and gamma residues with exponential dispersion (0.3 s on time, 1.5 s
     when late), built on the 0.02 s grid: curves (T, N), true CBF and the case labels."""
