@@ -34,19 +34,12 @@ import numpy as np
 from ctperf.errors import ValidationError
 from ctperf.parallel import map_chunks
 from ctperf.perfusion.backend import ArrayOps, resolve_torch_device
-from ctperf.perfusion.curves import (
-    ArterialTable,
-    bandlimit,
-    box_model,
-    flow_scale,
-    time_to_peak,
-)
+from ctperf.perfusion.curves import ArterialTable, bandlimit, box_model, flow_scale
 from ctperf.perfusion.fastsse import FastBoxSSE
 from ctperf.perfusion.nelder_mead import nelder_mead
 from ctperf.perfusion.newton import refine_newton
 
-__all__ = ["DEFAULT_BOUNDS", "DEFAULT_STEPS", "TMAX_MTT_FRACTION", "BoxFit", "fit_box_nlr",
-           "fitted_time_to_peak"]
+__all__ = ["DEFAULT_BOUNDS", "DEFAULT_STEPS", "TMAX_MTT_FRACTION", "BoxFit", "fit_box_nlr"]
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +55,6 @@ DEFAULT_STEPS: tuple[float, float, float] = (1.0, 2.0, 2.0)
 
 #: Box-model Tmax = delay + TMAX_MTT_FRACTION x MTT (see :class:`BoxFit`).
 TMAX_MTT_FRACTION = 0.25
-#: :func:`fitted_time_to_peak`: the SD of the Gaussian smoothing of the fits' misfit, s.
-TTP_SMOOTH_S = 1.5
 
 
 @dataclass(frozen=True)
@@ -71,9 +62,7 @@ class BoxFit:
     """Box-model parameters per voxel, each an ndarray of shape (N,), float64.
 
     ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt`` s, ``delay`` s (start of the box after the
-    AIF), ``tmax`` s, ``ttp`` s (time to peak of the tissue curve from the first frame,
-    smoothed with the fit's help: see :func:`fitted_time_to_peak`), ``residual``
-    root-mean-square misfit in HU.
+    AIF), ``tmax`` s, ``residual`` root-mean-square misfit in HU.
 
     Tmax follows the package's convention: the effective delay plus the time at which the
     dispersed residue ``(h * R)(t)`` peaks (first time for a flat top), the quantity SVD
@@ -90,7 +79,6 @@ class BoxFit:
     mtt: np.ndarray
     delay: np.ndarray
     tmax: np.ndarray
-    ttp: np.ndarray
     residual: np.ndarray
 
 
@@ -258,62 +246,7 @@ def fit_box_nlr(
     parts = map_chunks(partial(_fit_chunk, setup), n, chunk=max(1, int(chunk)),
                        workers=max(1, workers), progress=progress, desc=f"box {method}",
                        unit="voxel")
-    p, rms = _box_params(parts)
-    ttp = fitted_time_to_peak(p, tis, table, scale=setup.scale, band_limit=band_limit)
-    cbf, mtt, delay = p[:, 0], p[:, 1], p[:, 2]
-    return BoxFit(cbf=cbf, cbv=cbf * mtt / 60.0, mtt=mtt, delay=delay,
-                  tmax=delay + TMAX_MTT_FRACTION * mtt, ttp=ttp, residual=rms)
-
-
-def fitted_time_to_peak(params: np.ndarray, tissue: np.ndarray, table: ArterialTable, *,
-                        scale: float, band_limit: bool = True,
-                        smooth_s: float = TTP_SMOOTH_S, chunk: int = 65536) -> np.ndarray:
-    """Time to peak of tissue curves, smoothed over time with their box-model fits' help, s
-    from the first frame.
-
-    The highest frame of a noisy curve is often the noise's: a broad tissue peak is flat
-    within the noise for seconds. Smoothing the curve steadies its peak but moves it (late,
-    on curves that rise faster than they fall); the fit is smooth but carries the box model's
-    mismatch on other residue shapes. So the curve read is the fitted curve plus the misfit
-    smoothed over time (Gaussian, ``smooth_s`` SD): the measured curve smoothed, with the
-    fit's own sharpness put back. Its peak is refined by a parabola
-    (:func:`~ctperf.perfusion.curves.time_to_peak`). Voxels without a finite fit read the
-    peak of their curve as measured (band-limited like the fit's).
-
-    Parameters
-    ----------
-    params : ndarray, shape (N, 3)
-        CBF (mL/100 g/min), MTT (s), delay (s) per voxel.
-    tissue : ndarray, shape (T, N)
-        The fitted enhancement curves, HU, at ``table.t`` (evenly spaced or not).
-    table : ArterialTable
-        The arterial input the fit used (band-limited when the fit's was).
-    scale : float
-        :func:`~ctperf.perfusion.curves.flow_scale`.
-    band_limit : bool
-        Whether the fit saw the tissue band-limited.
-
-    Returns
-    -------
-    ndarray, shape (N,), float64
-    """
-    from scipy.ndimage import gaussian_filter1d
-
-    t = table.t
-    sigma = smooth_s / float(np.median(np.diff(t)))
-    out = np.empty(tissue.shape[1])
-    for start in range(0, tissue.shape[1], chunk):
-        stop = min(start + chunk, tissue.shape[1])
-        curves = np.asarray(tissue[:, start:stop], dtype=np.float64)
-        if band_limit:
-            curves = bandlimit(curves)
-        p = np.asarray(params[start:stop], dtype=np.float64)
-        ok = np.isfinite(p).all(axis=1)
-        fitted = curves.copy()
-        fitted[:, ok] = box_model(p[ok], table, scale=scale)
-        read = fitted + gaussian_filter1d(curves - fitted, sigma, axis=0, mode="nearest")
-        out[start:stop] = time_to_peak(read, t)
-    return out
+    return _box_fit(parts)
 
 
 def _check_curves(tissue: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -479,12 +412,16 @@ def _restart_on_bounds(setup: _Setup, sse: _ChunkSSE, v: Any) -> Any:
     return v
 
 
-def _box_params(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
-    """The chunks' parameters (N, 3) and root-mean-square misfits (N,)."""
+def _box_fit(parts: list[tuple[np.ndarray, np.ndarray]]) -> BoxFit:
+    """The chunks' parameters and mean squared misfits as one BoxFit."""
     if parts:
-        return (np.concatenate([part[0] for part in parts]),
-                np.sqrt(np.concatenate([part[1] for part in parts])))
-    return np.empty((0, 3)), np.empty(0)
+        p = np.concatenate([part[0] for part in parts])
+        rms = np.sqrt(np.concatenate([part[1] for part in parts]))
+    else:
+        p, rms = np.empty((0, 3)), np.empty(0)
+    cbf, mtt, delay = p[:, 0], p[:, 1], p[:, 2]
+    return BoxFit(cbf=cbf, cbv=cbf * mtt / 60.0, mtt=mtt, delay=delay,
+                  tmax=delay + TMAX_MTT_FRACTION * mtt, residual=rms)
 
 
 def _cbv_to_cbf(v: Any, b: np.ndarray, ops: ArrayOps) -> Any:

@@ -29,9 +29,11 @@ from ctperf.errors import ValidationError
 from ctperf.perfusion.bayes import fit_bayes
 from ctperf.perfusion.boxnlr import fit_box_nlr
 from ctperf.perfusion.curves import (
-    bandlimit,
+    TTP_SMOOTH_S,
     bolus_started_message,
     enhanced_at_start,
+    gaussian_taps,
+    gaussian_time,
     resample,
     time_to_peak,
     uniform_grid,
@@ -62,13 +64,14 @@ SD_MAPS = ("cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd")
 MIN_FRAMES = 10
 
 
+_SMOOTHED_TTP = (f"peak of the tissue curve smoothed over time (Gaussian, SD {TTP_SMOOTH_S} s) "
+                 "after the bolus's arrival, from the first frame")
 _CONVENTIONS: dict[str, dict[str, str]] = {
     "nlr": {"tmax": "delay + MTT/4 (box model, calibrated to the residue's peak)",
-            "ttp": "peak of the tissue curve smoothed with the fit's help, from the first "
-                   "frame",
+            "ttp": _SMOOTHED_TTP,
             "delay": "box start after the AIF"},
     "svd": {"tmax": "time of the residue's peak",
-            "ttp": "peak of the band-limited tissue curve, from the first frame",
+            "ttp": _SMOOTHED_TTP,
             "delay": "equal to tmax for SVD methods"},
     "bayes": {"tmax": "delay + first peak of the dispersed residue, posterior median",
               "ttp": "peak of the fitted tissue curve, from the first frame, posterior mean",
@@ -400,9 +403,9 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
 
     Unevenly spaced frames (fast, then slow sampling): the box model and SVD see the curves
     linearly interpolated onto a uniform grid at the finest step, from the first frame. Delay,
-    MTT and Tmax are durations after the AIF, so they need no mapping back; TTP counts from the
-    first frame, where the grid starts (the box model reads it on the grid, beside its fitted
-    curves; SVD from the frames themselves). ``bayes`` handles any frame spacing and fits the
+    MTT and Tmax are durations after the AIF, so they need no mapping back; TTP is read on the
+    grid too (smoothing in seconds needs even spacing) and counts from the first frame, where
+    the grid starts. ``bayes`` handles any frame spacing and fits the
     frames as acquired.
     """
     grid = uniform_grid(t)
@@ -429,11 +432,15 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
             fit = fit_box_nlr(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh,
                               device=device, progress=progress)
             values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
-                      "ttp": fit.ttp, "delay": fit.delay, "residual": fit.residual}
+                      "delay": fit.delay, "residual": fit.residual}
         else:
             res = svd_deconvolve(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh)
             values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
-                      "ttp": time_to_peak(bandlimit(tissue), t), "delay": res.tmax}
+                      "delay": res.tmax}
+        # searched from the bolus's arrival (the baseline's end) on
+        start = 0 if not n_base else int(np.searchsorted(fit_t, t[min(n_base, t.size - 1)]))
+        values["ttp"] = time_to_peak(fit_tissue, fit_t, smooth_s=TTP_SMOOTH_S,
+                                     start=min(start, fit_t.size - 1))
     return values, grid, fitted
 
 
@@ -515,23 +522,13 @@ def _lesions(maps: PerfusionMaps, *, brain: np.ndarray, search: np.ndarray,
 
 #: Gaussian SD, in frames, of the smoothing over time before bolus arrivals are read.
 ARRIVAL_SMOOTH_FRAMES = 1.0
-# its weights, truncated at 4 SD as scipy.ndimage truncates them
-_ARRIVAL_TAPS = np.exp(-0.5 * (np.arange(-4, 5) / ARRIVAL_SMOOTH_FRAMES) ** 2)
-_ARRIVAL_TAPS /= _ARRIVAL_TAPS.sum()
+_ARRIVAL_TAPS = gaussian_taps(ARRIVAL_SMOOTH_FRAMES)
 
 
 def smooth_time(curves: np.ndarray) -> np.ndarray:
     """Curves (T, ...) smoothed along time before bolus arrivals are read, float32: a Gaussian of
-    SD :data:`ARRIVAL_SMOOTH_FRAMES`, the first and last frames repeated beyond the ends (as
-    ``scipy.ndimage.gaussian_filter1d(..., mode="nearest")``), summed as whole frames, which
-    are contiguous: several times faster than a filter along the first axis."""
-    c = np.asarray(curves, dtype=np.float32)
-    r, n = _ARRIVAL_TAPS.size // 2, c.shape[0]
-    p = np.concatenate([np.repeat(c[:1], r, axis=0), c, np.repeat(c[-1:], r, axis=0)])
-    out = np.zeros_like(c)
-    for k, w in enumerate(_ARRIVAL_TAPS.astype(np.float32)):
-        out += w * p[k:k + n]
-    return out
+    SD :data:`ARRIVAL_SMOOTH_FRAMES` (:func:`~ctperf.perfusion.curves.gaussian_time`)."""
+    return gaussian_time(curves, ARRIVAL_SMOOTH_FRAMES)
 
 
 def pre_bolus_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
