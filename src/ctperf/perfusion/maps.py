@@ -9,10 +9,11 @@ a small function of this module. :func:`compute_maps` returns only the maps.
 The provenance's ``partial_volume`` entry and the ``no_vof`` QC flag record whether the AIF was
 corrected for partial volume, and why not.
 
-Frames need not be evenly spaced. Baseline, arrival, AIF/VOF choice and TTP work on the frames as
-acquired; the fits see tissue and AIF linearly interpolated onto a uniform grid at the finest
-frame interval (:func:`uniform_grid`), so the box model's exact fast objective applies and the
-SVD methods do not fall back to a coarser median step.
+Frames need not be evenly spaced. Baseline, arrival and AIF/VOF choice work on the frames as
+acquired; the fits (and the box and SVD methods' TTP, whose smoothing is in seconds) see tissue
+and AIF linearly interpolated onto a uniform grid at the finest frame interval
+(:func:`uniform_grid`), so the box model's exact fast objective applies and the SVD methods do
+not fall back to a coarser median step.
 """
 
 from __future__ import annotations
@@ -405,8 +406,7 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
     linearly interpolated onto a uniform grid at the finest step, from the first frame. Delay,
     MTT and Tmax are durations after the AIF, so they need no mapping back; TTP is read on the
     grid too (smoothing in seconds needs even spacing) and counts from the first frame, where
-    the grid starts. ``bayes`` handles any frame spacing and fits the
-    frames as acquired.
+    the grid starts. ``bayes`` handles any frame spacing and fits the frames as acquired.
     """
     grid = uniform_grid(t)
     values: dict[str, np.ndarray]
