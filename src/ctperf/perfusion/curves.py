@@ -255,8 +255,9 @@ def gaussian_time(curves: np.ndarray, sd_frames: float) -> np.ndarray:
     """Curves (T, ...) smoothed along time by a Gaussian of SD ``sd_frames``, float32; the
     first and last frames repeated beyond the ends (as ``scipy.ndimage.gaussian_filter1d(...,
     mode="nearest")``), summed as whole frames, which are contiguous: several times faster
-    than a filter along the first axis."""
-    c = np.asarray(curves, dtype=np.float32)
+    than a filter along the first axis (copied first when they are not contiguous, as after
+    fancy indexing along a later axis)."""
+    c = np.ascontiguousarray(curves, dtype=np.float32)
     taps = gaussian_taps(sd_frames).astype(np.float32)
     r, n = taps.size // 2, c.shape[0]
     p = np.concatenate([np.repeat(c[:1], r, axis=0), c, np.repeat(c[-1:], r, axis=0)])
