@@ -357,3 +357,19 @@ def test_time_to_peak_smoothed():
     assert np.median(smooth) < 0.5 * np.median(raw)
     with pytest.raises(ValidationError, match="evenly spaced"):
         time_to_peak(noisy, np.r_[t[:40], t[40:] * 1.5], smooth_s=1.5)
+
+
+def test_time_to_peak_from_a_start_frame():
+    """Frames before ``start`` are not searched (the maps start at the bolus's arrival), and
+    the time still counts from the first frame."""
+    from ctperf.perfusion.curves import time_to_peak
+
+    t = 2.0 + np.arange(30, dtype=float)
+    curve = np.exp(-0.5 * ((t - 16.0) / 2.0) ** 2) * 0.5
+    curve[:3] = [1.0, 0.8, 0.6]  # higher than the bolus's peak, before it arrives
+    assert time_to_peak(curve[:, None], t)[0] == 0.0
+    assert time_to_peak(curve[:, None], t, start=5)[0] == pytest.approx(14.0, abs=0.01)
+    assert time_to_peak(curve[:, None], t, smooth_s=1.0, start=5)[0] == pytest.approx(14.0,
+                                                                                     abs=0.05)
+    with pytest.raises(ValidationError):
+        time_to_peak(curve[:, None], t, start=30)

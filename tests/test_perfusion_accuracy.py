@@ -192,7 +192,6 @@ def test_box_fit_underestimates_cbf_of_other_residues(mode, rng):
         assert np.mean(tile_means(fit.cbv, per) / truth["cbv"]) > 0.8
 
 
-
 def test_smoothed_ttp_reads_the_tissue_peak(rng):
     """The maps' TTP (the curve band-limited and smoothed over time, Gaussian SD 1.5 s)
     against the true peak of every tile curve (the 0.02 s grid's), beside the highest frame of
