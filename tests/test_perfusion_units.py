@@ -277,6 +277,21 @@ def test_qc_flags_raise_on_truncation_and_motion():
     assert qc_flags(times=t, aif=0.1 * _aif(t))["aif_low_peak"]["flag"]
 
 
+def test_qc_flags_box_fits_on_the_mtt_floor():
+    """The share of box-model MTTs on the fit's lower bound (1 s), flagged above 2 %."""
+    t = TIMES
+    mtt = np.full(1000, 4.0)
+    mtt[:30] = 1.0                       # 3 % on the bound
+    mtt[30:40] = 1.05                    # near it, not on it
+    mtt[40] = np.nan                     # not fitted: not counted
+    flag = qc_flags(times=t, aif=_aif(t), box_mtt=mtt)["mtt_floor"]
+    assert flag["flag"] and flag["value"] == pytest.approx(30 / 999)
+    mtt[10:30] = 3.0
+    assert not qc_flags(times=t, aif=_aif(t), box_mtt=mtt)["mtt_floor"]["flag"]
+    unjudged = qc_flags(times=t, aif=_aif(t))["mtt_floor"]
+    assert not unjudged["flag"] and unjudged["value"] is None
+
+
 def test_qc_flags_an_aif_that_arrives_after_the_brain():
     """The mean brain curve normally rises after the AIF (it is the AIF delayed and spread); an
     AIF taken from a late artery rises after it, which the flag reports in seconds."""

@@ -39,9 +39,13 @@ from ctperf.perfusion.fastsse import FastBoxSSE
 from ctperf.perfusion.nelder_mead import nelder_mead
 from ctperf.perfusion.newton import refine_newton
 
-__all__ = ["DEFAULT_BOUNDS", "DEFAULT_STEPS", "TMAX_MTT_FRACTION", "BoxFit", "fit_box_nlr"]
+__all__ = ["BOX_METHODS", "DEFAULT_BOUNDS", "DEFAULT_STEPS", "TMAX_MTT_FRACTION", "BoxFit",
+           "fit_box_nlr"]
 
 log = logging.getLogger(__name__)
+
+#: The methods that fit the box model.
+BOX_METHODS: tuple[str, ...] = ("nlr", "nlr-fast")
 
 #: Physical bounds of (CBF mL/100 g/min, MTT s, delay s).
 DEFAULT_BOUNDS: tuple[tuple[float, float], ...] = ((0.0, 300.0), (1.0, 30.0), (-3.0, 20.0))
@@ -231,7 +235,7 @@ def fit_box_nlr(
     -------
     BoxFit
     """
-    if method not in ("nlr", "nlr-fast"):
+    if method not in BOX_METHODS:
         raise ValidationError(f"method must be 'nlr' or 'nlr-fast', got {method!r}")
     tis, t = _check_curves(tissue, times)
     table = _arterial_table(aif, t, band_limit=band_limit)

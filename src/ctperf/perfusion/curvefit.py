@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.perfusion.boxnlr import BOX_METHODS
 from ctperf.perfusion.curves import check_bolus_start, to_enhancement
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import (
@@ -34,7 +35,7 @@ __all__ = ["CURVE_PARAMETERS", "CurveFit", "fit_curves"]
 #: (the AIF's peak height and the baseline's noise are judged in HU, the brain's size and the
 #: motion need an image).
 CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_after_tissue",
-                             "short_baseline", "aif_vof_ratio", "no_vof")
+                             "short_baseline", "aif_vof_ratio", "no_vof", "mtt_floor")
 
 #: The parameters of every method, in the order they are reported.
 CURVE_PARAMETERS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "delay", "ttp")
@@ -166,7 +167,8 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     flags = qc_flags(times=t, aif=vessels[:, 0], vof=None if v is None else vessels[:, 1],
                      baseline_frames=n_base if isinstance(baseline, str) else None,
                      tissue_mean=tis.mean(axis=1), pv_factor=pv["factor"],
-                     pv_corrected=bool(pv["corrected"]) if v is not None else None)
+                     pv_corrected=bool(pv["corrected"]) if v is not None else None,
+                     box_mtt=out["mtt"] if method in BOX_METHODS else None)
     provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},
                   "baseline_frames": n_base, "partial_volume": pv,
                   "qc": {k: flags[k] for k in CURVE_QC},

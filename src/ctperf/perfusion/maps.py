@@ -28,7 +28,7 @@ from scipy import ndimage
 from ctperf import masks
 from ctperf.errors import ValidationError
 from ctperf.perfusion.bayes import fit_bayes
-from ctperf.perfusion.boxnlr import fit_box_nlr
+from ctperf.perfusion.boxnlr import BOX_METHODS, fit_box_nlr
 from ctperf.perfusion.curves import (
     TTP_SMOOTH_S,
     bolus_started_message,
@@ -201,6 +201,7 @@ def run_perfusion(
 
     flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
+                box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
                 voxel_volume_ml=series.voxel_ml,
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
@@ -428,7 +429,7 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
         fit_t, fit_tissue, fit_aif = t, tissue, aif
         if grid is not None:
             fit_t, fit_tissue, fit_aif = grid, resample(tissue, t, grid), np.interp(grid, t, aif)
-        if method in ("nlr", "nlr-fast"):
+        if method in BOX_METHODS:
             fit = fit_box_nlr(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh,
                               device=device, progress=progress)
             values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
@@ -463,9 +464,10 @@ def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
 def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
         vessels: np.ndarray, n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
-        voxel_volume_ml: float) -> dict[str, Any]:
+        voxel_volume_ml: float, box_mtt: np.ndarray | None) -> dict[str, Any]:
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
-    AIF curve came without a VOF (nothing to correct it with)."""
+    AIF curve came without a VOF (nothing to correct it with); ``box_mtt``: the box model's
+    MTT of the tissue voxels (vessels left out), None for the other methods."""
     n_t = hu.shape[0]
     # Noise from every 7th brain voxel: a median needs no more, and the gather is (T, N).
     sample = np.flatnonzero(brain.ravel())[::7]
@@ -478,7 +480,8 @@ def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
                     baseline_sd=base_sd, baseline_frames=n_base,
                     brain_voxels=int(brain.sum()), voxel_ml=voxel_volume_ml,
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,
-                    pv_corrected=bool(pv_info["corrected"]) if pv_asked else None)
+                    pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
+                    box_mtt=box_mtt)
 
 
 def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.ndarray | None,

@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
 from ctperf.perfusion.curves import bolus_arrival_frame
 
 __all__ = ["qc_flags"]
@@ -25,6 +26,7 @@ def qc_flags(
     pv_factor: float | None = None,
     displacement_mm: np.ndarray | None = None,
     pv_corrected: bool | None = None,
+    box_mtt: np.ndarray | None = None,
     end_fraction: float = 0.3,
     min_aif_peak_hu: float = 100.0,
     late_aif_fraction: float = 0.6,
@@ -34,6 +36,7 @@ def qc_flags(
     pv_range: tuple[float, float] = (0.8, 4.0),
     min_brain_ml: float = 20.0,
     max_motion_mm: float = 2.0,
+    max_mtt_floor_share: float = 0.02,
 ) -> dict[str, dict[str, Any]]:
     """Flags that warn a reader when the maps may mislead.
 
@@ -57,16 +60,20 @@ def qc_flags(
         Mean frame-wise displacement from motion correction.
     pv_corrected : bool, optional
         Whether a VOF corrected the AIF for partial volume (False: none found, or rejected).
+    box_mtt : ndarray, shape (N,), optional
+        The box model's MTT of the tissue curves (``nlr``, ``nlr-fast``; vessels left out),
+        s: its share on the fit's lower MTT bound is judged.
 
     Returns
     -------
     dict
         ``{name: {"flag": bool, "value": float | None, "reason": str}}`` for ``truncation``,
         ``aif_low_peak``, ``aif_late_peak``, ``aif_after_tissue``, ``noisy_baseline``,
-        ``short_baseline``, ``aif_vof_ratio``, ``no_vof``, ``few_brain_voxels`` and
-        ``motion``; a flag that cannot be judged has ``value`` None. ``aif_after_tissue``'s
+        ``short_baseline``, ``aif_vof_ratio``, ``no_vof``, ``few_brain_voxels``, ``motion``
+        and ``mtt_floor``; a flag that cannot be judged has ``value`` None. ``aif_after_tissue``'s
         value is how many seconds the mean brain curve's arrival (its rise past 20 % of its
-        peak) precedes the AIF's.
+        peak) precedes the AIF's. ``mtt_floor``'s value is the share of ``box_mtt`` on the
+        lower bound.
     """
     t = np.asarray(times, dtype=np.float64)
     flags: dict[str, dict[str, Any]] = {}
@@ -120,4 +127,17 @@ def qc_flags(
     put("motion", motion is not None and motion > max_motion_mm, motion,
         f"frame-wise displacement above {max_motion_mm} mm: if part of it was through plane, "
         "resampling thick slices biases CBF and CBV even after correction (see the README)")
+    floor_s = DEFAULT_BOUNDS[1][0]
+    share = None
+    if box_mtt is not None:
+        mtt = np.asarray(box_mtt, dtype=np.float64)
+        mtt = mtt[np.isfinite(mtt)]
+        share = float(np.mean(mtt <= floor_s * (1.0 + 1e-6))) if mtt.size else None
+    put("mtt_floor", share is not None and share > max_mtt_floor_share, share,
+        f"box fits ended on the shortest MTT allowed ({floor_s:g} s) in more than "
+        f"{max_mtt_floor_share:.0%} of the tissue curves: a shorter box placed later fits "
+        "them as well, so there MTT is set by the bound, not the data, and CBF (CBV / MTT) "
+        "reads several times too high (CBV is not affected). It comes with low "
+        "contrast-to-noise (an unfiltered study: filter it as the paper did, or use bayes) "
+        "and with box-like residues under a wide bolus (docs/methods.md, \"The MTT floor\")")
     return flags
