@@ -56,6 +56,18 @@ def test_fit_curves_is_the_methods_fit(method):
     assert np.all(np.abs(given.cbf / truth - 1) <= (0.03 if method == "nlr-fast" else 0.15))
 
 
+def test_a_gpu_asked_for_a_cpu_method_is_said(caplog):
+    """Only the box-model fits have a GPU path: asking bSVD for one runs it on the CPU, with the
+    same numbers, and says so (no GPU is needed to run this: the SVD never asks torch)."""
+    tissue, aif = _hand_curves()
+    cpu = fit_curves(tissue, aif, T_HAND, method="bsvd", baseline=0, rho=RHO, kh=KH)
+    assert not caplog.records
+    gpu = fit_curves(tissue, aif, T_HAND, method="bsvd", baseline=0, rho=RHO, kh=KH,
+                     device="cuda")
+    np.testing.assert_array_equal(gpu.cbf, cpu.cbf)
+    assert any("bsvd runs on the CPU" in r.getMessage() for r in caplog.records)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_curves_in_any_units_give_the_same_maps(method):
     """The OSIPI reference in its own units (concentration, tissue peaks 0.01-0.14), a million

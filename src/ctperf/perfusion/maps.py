@@ -19,6 +19,7 @@ not fall back to a coarser median step.
 from __future__ import annotations
 
 import inspect
+import logging
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -56,6 +57,8 @@ from ctperf.perfusion.lesions import (
 from ctperf.perfusion.qc import qc_flags
 from ctperf.perfusion.svd import svd_deconvolve
 from ctperf.types import MAP_UNITS, CTPSeries, PerfusionMaps
+
+log = logging.getLogger(__name__)
 
 __all__ = ["METHODS", "SD_MAPS", "PerfusionResult", "compute_maps", "run_perfusion"]
 
@@ -412,6 +415,9 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
     grid = uniform_grid(t)
     values: dict[str, np.ndarray]
     fitted: dict[str, Any] = {}
+    if method not in BOX_METHODS and device not in (None, "auto", "cpu"):
+        log.warning("%s runs on the CPU: the device (%s) is for the box-model fits (%s) only",
+                    method, device, ", ".join(BOX_METHODS))
     if method == "bayes":
         options = dict(bayes_options or {})
         post = fit_bayes(tissue, aif, t, rho=rho, kh=kh, mask=brain, spacing=spacing,
