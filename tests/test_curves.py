@@ -68,6 +68,20 @@ def test_a_gpu_asked_for_a_cpu_method_is_said(caplog):
     assert any("bsvd runs on the CPU" in r.getMessage() for r in caplog.records)
 
 
+@pytest.mark.parametrize("method", ["ssvd", "bsvd", "osvd"])
+def test_svd_gives_no_negative_transit_time(method):
+    """A curve with no enhancement above its noise can have a negative area (CBV, the signed
+    area ratio) and still a positive residue peak (CBF): its MTT is undefined (NaN), not the
+    negative ratio (it once read down to -1e5 s in a noisy phantom's white matter)."""
+    tissue, aif = _hand_curves()
+    noise = np.random.default_rng(0).normal(0.0, 2.0, T_HAND.size)
+    curves = np.stack([tissue[:, 0], noise - 0.3 * tissue[:, 0]], axis=1)
+    fit = fit_curves(curves, aif, T_HAND, method=method, baseline=0, rho=RHO, kh=KH)
+    assert fit.cbv[1] < 0 < fit.cbf[1]  # the case in question
+    assert np.isnan(fit.mtt[1])
+    assert 3.0 < fit.mtt[0] < 5.0  # true 4 s; the enhancing curve keeps its MTT
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_curves_in_any_units_give_the_same_maps(method):
     """The OSIPI reference in its own units (concentration, tissue peaks 0.01-0.14), a million

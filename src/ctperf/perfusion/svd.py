@@ -13,7 +13,8 @@
 
 All methods resample to a uniform grid (the median frame interval) when the frames are not
 uniform. CBF = max of the flow-scaled residue, CBV from the areas under the tissue and arterial
-curves, MTT = CBV / CBF x 60. Tmax = the time of the residue's maximum after the AIF (lag 0 =
+curves (signed: negative where noise outweighs the enhancement), MTT = CBV / CBF x 60 where
+both are positive (NaN elsewhere: no transit to measure, not a negative one). Tmax = the time of the residue's maximum after the AIF (lag 0 =
 no delay), refined between frames by the vertex of the parabola through the three samples
 around it. The deconvolved residue is the tissue's effective residue: dispersion on the way
 from the AIF's artery is part of it, so this is the package's Tmax convention (effective delay
@@ -192,5 +193,5 @@ def svd_deconvolve(
             used[a:a + chunk] = thresholds[pick]
     cbf = np.maximum(cbf, 0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        mtt = np.where(cbf > 0, 60.0 * cbv / cbf, np.nan)
+        mtt = np.where((cbf > 0) & (cbv > 0), 60.0 * cbv / cbf, np.nan)
     return SVDResult(cbf=cbf, cbv=cbv, mtt=mtt, tmax=tmax, threshold=used)
