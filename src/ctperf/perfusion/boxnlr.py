@@ -66,9 +66,7 @@ class BoxFit:
     """Box-model parameters per voxel, each an ndarray of shape (N,), float64.
 
     ``cbf`` mL/100 g/min, ``cbv`` mL/100 g, ``mtt`` s, ``delay`` s (start of the box after the
-    AIF), ``tmax`` s, ``residual`` root-mean-square misfit in HU. Where the fit finds no flow
-    (CBF 0: no enhancement a box can fit, such as CSF), MTT, delay and Tmax are NaN, not the
-    values the optimiser happened to stop at.
+    AIF), ``tmax`` s, ``residual`` root-mean-square misfit in HU.
 
     Tmax follows the package's convention: the effective delay plus the time at which the
     dispersed residue ``(h * R)(t)`` peaks (first time for a flat top), the quantity SVD
@@ -426,10 +424,7 @@ def _box_fit(parts: list[tuple[np.ndarray, np.ndarray]]) -> BoxFit:
     else:
         p, rms = np.empty((0, 3)), np.empty(0)
     cbf, mtt, delay = p[:, 0], p[:, 1], p[:, 2]
-    # a box of no height has no length and no place: where no flow was found, no timing either
-    flow = cbf > 0
-    mtt, delay = np.where(flow, mtt, np.nan), np.where(flow, delay, np.nan)
-    return BoxFit(cbf=cbf, cbv=np.where(flow, cbf * mtt / 60.0, 0.0), mtt=mtt, delay=delay,
+    return BoxFit(cbf=cbf, cbv=cbf * mtt / 60.0, mtt=mtt, delay=delay,
                   tmax=delay + TMAX_MTT_FRACTION * mtt, residual=rms)
 
 

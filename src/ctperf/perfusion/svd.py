@@ -14,10 +14,9 @@
 All methods resample to a uniform grid (the median frame interval) when the frames are not
 uniform. CBF = max of the flow-scaled residue, CBV from the areas under the tissue and arterial
 curves (signed: negative where noise outweighs the enhancement), MTT = CBV / CBF x 60 where
-both are positive (NaN elsewhere: no transit to measure, not a negative one). Tmax = the time
-of the residue's maximum after the AIF (lag 0 = no delay), refined between frames by the vertex
-of the parabola through the three samples around it; NaN where CBF is 0 (no residue above
-zero). The deconvolved residue is the tissue's effective residue: dispersion on the way
+both are positive (NaN elsewhere: no transit to measure, not a negative one). Tmax = the time of the residue's maximum after the AIF (lag 0 =
+no delay), refined between frames by the vertex of the parabola through the three samples
+around it. The deconvolved residue is the tissue's effective residue: dispersion on the way
 from the AIF's artery is part of it, so this is the package's Tmax convention (effective delay
 plus the peak time of the dispersed residue). bSVD and oSVD read lags in the second half of
 the 2T circular window as negative (tissue ahead of the AIF).
@@ -193,7 +192,6 @@ def svd_deconvolve(
             tmax[a:a + chunk] = lag_time[j] + _peak_offset(chosen, j, circular=True) * dt
             used[a:a + chunk] = thresholds[pick]
     cbf = np.maximum(cbf, 0.0)
-    tmax = np.where(cbf > 0, tmax, np.nan)  # no residue above zero: no peak to time
     with np.errstate(divide="ignore", invalid="ignore"):
         mtt = np.where((cbf > 0) & (cbv > 0), 60.0 * cbv / cbf, np.nan)
     return SVDResult(cbf=cbf, cbv=cbv, mtt=mtt, tmax=tmax, threshold=used)
