@@ -14,11 +14,12 @@
 All methods resample to a uniform grid (the median frame interval) when the frames are not
 uniform. CBF = max of the flow-scaled residue, CBV from the areas under the tissue and arterial
 curves (signed: negative where noise outweighs the enhancement), MTT = CBV / CBF x 60 where
-both are positive (NaN elsewhere: no transit to measure, not a negative one). Tmax = the time of the residue's maximum after the AIF (lag 0 =
-no delay), refined between frames by the vertex of the parabola through the three samples
-around it. The deconvolved residue is the tissue's effective residue: dispersion on the way
-from the AIF's artery is part of it, so this is the package's Tmax convention (effective delay
-plus the peak time of the dispersed residue). bSVD and oSVD read lags in the second half of
+both are positive (NaN elsewhere: no transit to measure, not a negative one). Tmax = the time
+of the residue's maximum after the AIF (lag 0 = no delay), refined between frames by the vertex
+of the parabola through the three samples around it. The deconvolved residue is the tissue's
+effective residue: dispersion on the way from the AIF's artery is part of it, so this is the
+package's Tmax convention (effective delay plus the peak time of the dispersed residue). bSVD
+and oSVD read lags in the second half of
 the 2T circular window as negative (tissue ahead of the AIF).
 """
 
