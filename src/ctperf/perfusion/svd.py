@@ -19,8 +19,8 @@ of the residue's maximum after the AIF (lag 0 = no delay), refined between frame
 of the parabola through the three samples around it. The deconvolved residue is the tissue's
 effective residue: dispersion on the way from the AIF's artery is part of it, so this is the
 package's Tmax convention (effective delay plus the peak time of the dispersed residue). bSVD
-and oSVD read lags in the second half of
-the 2T circular window as negative (tissue ahead of the AIF).
+and oSVD read lags in the second half of the 2T circular window as negative (tissue ahead of
+the AIF).
 """
 
 from __future__ import annotations
