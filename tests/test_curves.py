@@ -72,7 +72,7 @@ def test_a_gpu_asked_for_a_cpu_method_is_said(caplog):
 def test_svd_gives_no_negative_transit_time(method):
     """A curve with no enhancement above its noise can have a negative area (CBV, the signed
     area ratio) and still a positive residue peak (CBF): its MTT is undefined (NaN), not the
-    negative ratio (it once read down to -1e5 s in a noisy phantom's white matter)."""
+    negative ratio (it once read down to -1e5 s in a noisy phantom's brain)."""
     tissue, aif = _hand_curves()
     noise = np.random.default_rng(0).normal(0.0, 2.0, T_HAND.size)
     curves = np.stack([tissue[:, 0], noise - 0.3 * tissue[:, 0]], axis=1)
