@@ -81,3 +81,21 @@ def test_near_bone_margin_is_voxels_plus_mm():
     mask = near_bone(vol, spacing=(5.0, 2.0, 2.0))
     assert mask[:, :, :12].all() and not mask[:, :, 12:].any()
     assert not near_bone(np.full((1, 4, 4), 40.0)).any()
+
+
+def test_tissue_csf_midpoint_finds_sulci_the_smoothed_threshold_keeps(rng):
+    from ctperf.masks import csf_mask, tissue_csf_midpoint
+
+    vol, brain, ventricle = _head(rng, noise=1.5)  # 1.5 HU: a temporal mean of 89 frames
+    sulci = brain & ~ventricle & (np.arange(96)[None, None, :] % 8 == 0)  # 1 mm wide
+    vol[sulci] = 8.0 + 1.5 * rng.standard_normal(int(sulci.sum()))
+    whole = brain_mask(vol, spacing=(5.0, 1.0, 1.0))
+    csf = csf_mask(vol, spacing=(5.0, 1.0, 1.0))
+    assert not csf[sulci].any()  # smoothed with their 35 HU neighbours, sulci stay above 15 HU
+    cut = tissue_csf_midpoint(vol, whole, csf)
+    assert cut == pytest.approx(0.5 * (8.0 + 35.0), abs=1.0)  # the two medians' midpoint
+    inside = whole & sulci
+    assert (vol[inside] < cut).all() and (vol[whole & brain & ~ventricle & ~sulci] >= cut).all()
+    # nothing to tell apart: no CSF in the brain, or CSF as bright as tissue
+    assert tissue_csf_midpoint(vol, whole, np.zeros_like(csf)) is None
+    assert tissue_csf_midpoint(np.full_like(vol, 30.0), whole, csf) is None

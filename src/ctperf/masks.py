@@ -18,7 +18,7 @@ from scipy import ndimage
 from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
-__all__ = ["brain_mask", "csf_mask", "fill_holes_in_plane", "near_bone"]
+__all__ = ["brain_mask", "csf_mask", "fill_holes_in_plane", "near_bone", "tissue_csf_midpoint"]
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +157,34 @@ def csf_mask(
     view = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32),
                                    sigma=(0.0, smooth_mm / dy, smooth_mm / dx))
     return view < csf_hu
+
+
+def tissue_csf_midpoint(
+    mean: np.ndarray,
+    brain: np.ndarray,
+    csf: np.ndarray,
+    *,
+    min_gap_hu: float = 10.0,
+    min_voxels: int = 20,
+) -> float | None:
+    """HU halfway between the study's CSF and its tissue in ``mean`` (Z, Y, X), or None.
+
+    :func:`csf_mask` smooths before it thresholds, so CSF narrower than its smoothing (sulci, the
+    rim of the ventricles) stays in the brain, where it has no flow to measure. A voxel's own
+    temporal mean over the whole study is precise enough to test it alone (89 frames average the
+    noise down ninefold), and CSF does not enhance while tissue does: a voxel darker than the
+    midpoint of the CSF's median (``brain & csf``) and the tissue's (``brain & ~csf``) is more
+    CSF than tissue. None when either class has fewer than ``min_voxels`` voxels or they lie
+    less than ``min_gap_hu`` apart (nothing to tell apart).
+    """
+    brain = np.asarray(brain, dtype=bool)
+    fluid, tissue = brain & csf, brain & ~csf
+    if fluid.sum() < min_voxels or tissue.sum() < min_voxels:
+        return None
+    low, high = float(np.median(mean[fluid])), float(np.median(mean[tissue]))
+    if high - low < min_gap_hu:
+        return None
+    return 0.5 * (low + high)
 
 
 def near_bone(

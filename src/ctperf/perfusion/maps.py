@@ -173,7 +173,8 @@ def run_perfusion(
 
     n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing)
     base = hu[:n_base].mean(axis=0)
-    brain, search = _brain(base, brain_mask, spacing=spacing)
+    mean = hu.mean(axis=0, dtype=np.float32)
+    brain, search, csf_cut = _brain(base, mean, brain_mask, spacing=spacing)
     # inside the head: the brain found, and what it and the bone enclose in each slice (an
     # artery already bright at the first frames is no brain to the brain mask)
     inside = masks.fill_holes_in_plane(search | bone_rim)
@@ -195,7 +196,7 @@ def run_perfusion(
     vessels = _vessels(brain, venh[:, brain[search]], aif_raw, vessel_fraction)
     del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
     # bayes pools amplitudes among neighbours of similar temporal mean (the paper's guide)
-    guide = hu.mean(axis=0, dtype=np.float32) if method == "bayes" else None
+    guide = mean if method == "bayes" else None
     values, grid, fitted = fit_voxels(method, tissue, aif_used, t, rho=rho, kh=kh,
                                       brain=brain, spacing=spacing, device=device,
                                       progress=progress, n_base=n_base, guide=guide,
@@ -210,7 +211,7 @@ def run_perfusion(
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
                              aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),
                              pv_info=pv_info, search=search, brain=brain, vessels=vessels,
-                             flags=flags) | fitted
+                             csf_cut=csf_cut, flags=flags) | fitted
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
     lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels, rim_mm=rim_mm,
                        options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)
@@ -328,15 +329,23 @@ def _check_scan_start(onset: _Onset, region: np.ndarray) -> None:
             f"median {np.median(level):.0%} of their range"))
 
 
-def _brain(base: np.ndarray, given: np.ndarray | None, *,
-           spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """The brain fitted and the region searched for vessels (bool (Z, Y, X)): the automatic
-    brain less CSF, and the automatic brain with it and with what it encloses in each slice
-    (vessels still bright from an earlier injection, such as an angiogram's, are above the
-    brain mask's bone threshold before this bolus); or the given mask for both."""
+def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
+           spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, float | None]:
+    """The brain fitted and the region searched for vessels (bool (Z, Y, X)), and the HU
+    below which a voxel's temporal ``mean`` left it out as CSF (None: no such cut). The
+    automatic brain less CSF (the smoothed pre-bolus ``base`` below 15 HU, then voxels darker
+    than :func:`~ctperf.masks.tissue_csf_midpoint` on their own), and the automatic brain
+    with the CSF and with what it encloses in each slice (vessels still bright from an earlier
+    injection, such as an angiogram's, are above the brain mask's bone threshold before this
+    bolus); or the given mask for both, with no cut."""
+    cut = None
     if given is None:
         whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
-        brain = whole & ~masks.csf_mask(base, spacing=spacing)
+        csf = masks.csf_mask(base, spacing=spacing)
+        brain = whole & ~csf
+        cut = masks.tissue_csf_midpoint(mean, whole, csf)
+        if cut is not None:
+            brain &= mean >= cut
         search = masks.fill_holes_in_plane(whole)
     else:
         brain = np.asarray(given, dtype=bool)
@@ -346,7 +355,7 @@ def _brain(base: np.ndarray, given: np.ndarray | None, *,
         search = brain
     if not brain.any():
         raise ValidationError("no brain voxels found (check that the study is in HU)")
-    return brain, search
+    return brain, search, cut
 
 
 def _enhancement(hu: np.ndarray, vhu: np.ndarray, search: np.ndarray, *, base: np.ndarray,
@@ -494,7 +503,8 @@ def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.n
                 n_base: int, aif: tuple[CurveOrigin, np.ndarray, np.ndarray],
                 vof: tuple[CurveOrigin, np.ndarray | None, np.ndarray | None],
                 pv_info: dict[str, Any], search: np.ndarray, brain: np.ndarray,
-                vessels: np.ndarray, flags: dict[str, Any]) -> dict[str, Any]:
+                vessels: np.ndarray, csf_cut: float | None,
+                flags: dict[str, Any]) -> dict[str, Any]:
     """What was done, with which constants and curves: JSON-ready. ``aif`` is (origin,
     measured, used) and ``vof`` (origin, curve, used)."""
     coords = np.array(np.nonzero(search))
@@ -513,6 +523,7 @@ def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.n
         "vof": {**vessel_info(vof_from, coords, vof_curve), "used": vof_used is not None},
         "partial_volume": pv_info,
         "brain_voxels": int(brain.sum()),
+        "csf_cut_hu": None if csf_cut is None else round(csf_cut, 1),
         "vessel_voxels": int(vessels.sum()),
         "qc": flags,
     }
