@@ -174,7 +174,7 @@ def run_perfusion(
     n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing)
     base = hu[:n_base].mean(axis=0)
     mean = hu.mean(axis=0, dtype=np.float32)
-    brain, search, csf_cut = _brain(base, mean, brain_mask, spacing=spacing)
+    brain, search, (csf_cut, csf_share) = _brain(base, mean, brain_mask, spacing=spacing)
     # inside the head: the brain found, and what it and the bone enclose in each slice (an
     # artery already bright at the first frames is no brain to the brain mask)
     inside = masks.fill_holes_in_plane(search | bone_rim)
@@ -206,6 +206,7 @@ def run_perfusion(
     flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
                 box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
+                csf_cut_share=csf_share,
                 voxel_volume_ml=series.voxel_ml,
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
@@ -330,22 +331,26 @@ def _check_scan_start(onset: _Onset, region: np.ndarray) -> None:
 
 
 def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
-           spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray, float | None]:
-    """The brain fitted and the region searched for vessels (bool (Z, Y, X)), and the HU
-    below which a voxel's temporal ``mean`` left it out as CSF (None: no such cut). The
+           spacing: tuple[float, float, float]
+           ) -> tuple[np.ndarray, np.ndarray, tuple[float | None, float | None]]:
+    """The brain fitted and the region searched for vessels (bool (Z, Y, X)), the HU below
+    which a voxel's temporal ``mean`` left it out as CSF and the share of the brain it left out
+    (both None: no such cut). The
     automatic brain less CSF (the smoothed pre-bolus ``base`` below 15 HU, then voxels darker
     than :func:`~ctperf.masks.tissue_csf_midpoint` on their own), and the automatic brain
     with the CSF and with what it encloses in each slice (vessels still bright from an earlier
     injection, such as an angiogram's, are above the brain mask's bone threshold before this
     bolus); or the given mask for both, with no cut."""
-    cut = None
+    cut = share = None
     if given is None:
         whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
         csf = masks.csf_mask(base, spacing=spacing)
         brain = whole & ~csf
         cut = masks.tissue_csf_midpoint(mean, whole, csf)
         if cut is not None:
+            before = int(brain.sum())
             brain &= mean >= cut
+            share = 1.0 - int(brain.sum()) / before
         search = masks.fill_holes_in_plane(whole)
     else:
         brain = np.asarray(given, dtype=bool)
@@ -355,7 +360,7 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
         search = brain
     if not brain.any():
         raise ValidationError("no brain voxels found (check that the study is in HU)")
-    return brain, search, cut
+    return brain, search, (cut, share)
 
 
 def _enhancement(hu: np.ndarray, vhu: np.ndarray, search: np.ndarray, *, base: np.ndarray,
@@ -479,7 +484,8 @@ def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
 def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
         vessels: np.ndarray, n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
-        voxel_volume_ml: float, box_mtt: np.ndarray | None) -> dict[str, Any]:
+        voxel_volume_ml: float, box_mtt: np.ndarray | None,
+        csf_cut_share: float | None) -> dict[str, Any]:
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
     AIF curve came without a VOF (nothing to correct it with); ``box_mtt``: the box model's
     MTT of the tissue voxels (vessels left out), None for the other methods."""
@@ -496,7 +502,7 @@ def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
                     brain_voxels=int(brain.sum()), voxel_ml=voxel_volume_ml,
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
-                    box_mtt=box_mtt)
+                    box_mtt=box_mtt, csf_cut_share=csf_cut_share)
 
 
 def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.ndarray | None,

@@ -27,6 +27,7 @@ def qc_flags(
     displacement_mm: np.ndarray | None = None,
     pv_corrected: bool | None = None,
     box_mtt: np.ndarray | None = None,
+    csf_cut_share: float | None = None,
     end_fraction: float = 0.3,
     min_aif_peak_hu: float = 100.0,
     late_aif_fraction: float = 0.6,
@@ -37,6 +38,7 @@ def qc_flags(
     min_brain_ml: float = 20.0,
     max_motion_mm: float = 2.0,
     max_mtt_floor_share: float = 0.02,
+    max_csf_cut_share: float = 0.10,
 ) -> dict[str, dict[str, Any]]:
     """Flags that warn a reader when the maps may mislead.
 
@@ -63,17 +65,20 @@ def qc_flags(
     box_mtt : ndarray, shape (N,), optional
         The box model's MTT of the tissue curves (``nlr``, ``nlr-fast``; vessels left out),
         s: its share on the fit's lower MTT bound is judged.
+    csf_cut_share : float, optional
+        Share of the brain (less the smoothed CSF) that its voxels' temporal mean left out as
+        CSF (:func:`ctperf.masks.tissue_csf_midpoint`).
 
     Returns
     -------
     dict
         ``{name: {"flag": bool, "value": float | None, "reason": str}}`` for ``truncation``,
         ``aif_low_peak``, ``aif_late_peak``, ``aif_after_tissue``, ``noisy_baseline``,
-        ``short_baseline``, ``aif_vof_ratio``, ``no_vof``, ``few_brain_voxels``, ``motion``
-        and ``mtt_floor``; a flag that cannot be judged has ``value`` None. ``aif_after_tissue``'s
-        value is how many seconds the mean brain curve's arrival (its rise past 20 % of its
-        peak) precedes the AIF's. ``mtt_floor``'s value is the share of ``box_mtt`` on the
-        lower bound.
+        ``short_baseline``, ``aif_vof_ratio``, ``no_vof``, ``few_brain_voxels``, ``motion``,
+        ``mtt_floor`` and ``csf_cut``; a flag that cannot be judged has ``value`` None.
+        ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival (its
+        rise past 20 % of its peak) precedes the AIF's. ``mtt_floor``'s value is the share of
+        ``box_mtt`` on the lower bound, ``csf_cut``'s ``csf_cut_share``.
     """
     t = np.asarray(times, dtype=np.float64)
     flags: dict[str, dict[str, Any]] = {}
@@ -140,4 +145,9 @@ def qc_flags(
         "reads several times too high (CBV is not affected). It comes with low "
         "contrast-to-noise (an unfiltered study: filter it as the paper did, or use bayes) "
         "and with box-like residues under a wide bolus (docs/methods.md, \"The MTT floor\")")
+    put("csf_cut", csf_cut_share is not None and csf_cut_share > max_csf_cut_share,
+        csf_cut_share, f"more than {max_csf_cut_share:.0%} of the brain was darker than the "
+        "midpoint of its CSF and tissue and was left out as CSF: a large hypodense region (an "
+        "old infarct, oedema) or HU that are not HU; check the brain mask, or pass your own "
+        "(--brain-mask)")
     return flags
