@@ -99,3 +99,16 @@ def test_tissue_csf_midpoint_finds_sulci_the_smoothed_threshold_keeps(rng):
     # nothing to tell apart: no CSF in the brain, or CSF as bright as tissue
     assert tissue_csf_midpoint(vol, whole, np.zeros_like(csf)) is None
     assert tissue_csf_midpoint(np.full_like(vol, 30.0), whole, csf) is None
+
+
+def test_tissue_csf_midpoint_takes_csf_at_most_at_its_threshold(rng):
+    from ctperf.masks import csf_mask, tissue_csf_midpoint
+
+    vol, brain, ventricle = _head(rng, noise=1.5)
+    whole = brain_mask(vol, spacing=(5.0, 1.0, 1.0))
+    csf = csf_mask(vol, spacing=(5.0, 1.0, 1.0))
+    # the ventricle's temporal mean lifted to 22 HU (a filter's bleed of tissue enhancement):
+    # read as the CSF's level it would put the cut at 28.5 HU, into white matter (26-30 HU)
+    lifted = vol.copy()
+    lifted[ventricle] += 14.0
+    assert tissue_csf_midpoint(lifted, whole, csf) == pytest.approx(0.5 * (15.0 + 35.0), abs=1.0)

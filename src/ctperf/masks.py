@@ -164,6 +164,7 @@ def tissue_csf_midpoint(
     brain: np.ndarray,
     csf: np.ndarray,
     *,
+    csf_hu: float = 15.0,
     min_gap_hu: float = 10.0,
     min_voxels: int = 20,
 ) -> float | None:
@@ -174,8 +175,11 @@ def tissue_csf_midpoint(
     temporal mean over the whole study is precise enough to test it alone (89 frames average the
     noise down ninefold), and CSF does not enhance while tissue does: a voxel darker than the
     midpoint of the CSF's median (``brain & csf``) and the tissue's (``brain & ~csf``) is more
-    CSF than tissue. None when either class has fewer than ``min_voxels`` voxels or they lie
-    less than ``min_gap_hu`` apart (nothing to tell apart).
+    CSF than tissue. The CSF's median is taken as at most ``csf_hu``, the threshold that found
+    it: above it, its voxels carry tissue's enhancement (a filtered study averages it across
+    their edge), and a CSF level read too high would cut into tissue. None when either class
+    has fewer than ``min_voxels`` voxels or they lie less than ``min_gap_hu`` apart (nothing to
+    tell apart).
     """
     brain = np.asarray(brain, dtype=bool)
     fluid, tissue = brain & csf, brain & ~csf
@@ -184,7 +188,7 @@ def tissue_csf_midpoint(
     low, high = float(np.median(mean[fluid])), float(np.median(mean[tissue]))
     if high - low < min_gap_hu:
         return None
-    return 0.5 * (low + high)
+    return 0.5 * (min(low, csf_hu) + high)
 
 
 def near_bone(
