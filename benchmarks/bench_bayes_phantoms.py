@@ -4,12 +4,13 @@ the truth lies within +-2 SD of them (docs/bayes.md, "Noise-free phantoms" and t
 table).
 
 Phantoms: ``generate_subject(seed, size=128, slices=4, residues=(one,), lesion=True)``, seeds
-1-6 with residues box, exponential, gamma, box, exponential, gamma; maps by
+1-6 with residues box, exponential, gamma, box, exponential, gamma (procedural head, or the MNI
+templates with ``--anatomy mni``); maps by
 ``run_perfusion(series, method, aif=subject.aif)``; voxels: the phantom's brain, ctperf's
 brain mask, outside vessels.
 
 Usage: ``python benchmarks/bench_bayes_phantoms.py [--size 128] [--slices 4]
-[--seeds 1 2 3 4 5 6] [--noise-free-only | --noisy-only]``.
+[--seeds 1 2 3 4 5 6] [--anatomy procedural|mni] [--noise-free-only | --noisy-only]``.
 """
 
 from __future__ import annotations
@@ -30,20 +31,23 @@ def voxels(subject, result) -> np.ndarray:
 
 def noise_free(seed: int, args) -> None:
     subject = generate_subject(seed=seed, size=args.size, slices=args.slices,
-                               residues=(SHAPES[seed],), lesion=True, noise=False)
+                               residues=(SHAPES[seed],), lesion=True, noise=False,
+                               anatomy=args.anatomy)
     row = []
     for method in ("bayes", "nlr-fast", "bsvd"):
         result = run_perfusion(subject.series, method=method, aif=subject.aif)
         sel = voxels(subject, result)
-        rel = result.maps["cbf"][sel] / subject.truth["cbf"][sel] - 1
-        row.append(f"{method} {np.nanmedian(rel):+6.1%}")
+        rel = result.maps["cbf"] / subject.truth["cbf"] - 1
+        classes = " ".join(f"{c} {np.nanmedian(rel[sel & subject.masks[c]]):+.1%}"
+                           for c in ("gm", "wm"))
+        row.append(f"{method} {np.nanmedian(rel[sel]):+6.1%} ({classes})")
     print(f"noise-free  seed {seed} ({SHAPES[seed]:11s}) median CBF error: " + ", ".join(row),
           flush=True)
 
 
 def noisy(seed: int, args) -> None:
     subject = generate_subject(seed=seed, size=args.size, slices=args.slices,
-                               residues=(SHAPES[seed],), lesion=True)
+                               residues=(SHAPES[seed],), lesion=True, anatomy=args.anatomy)
     result = run_perfusion(subject.series, method="bayes", aif=subject.aif)
     sel = voxels(subject, result)
     maps, truth = result.maps, subject.truth
@@ -58,6 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=128)
     p.add_argument("--slices", type=int, default=4)
+    p.add_argument("--anatomy", default="procedural", choices=("procedural", "mni"))
     p.add_argument("--seeds", type=int, nargs="+", default=sorted(SHAPES),
                    choices=sorted(SHAPES))
     only = p.add_mutually_exclusive_group()

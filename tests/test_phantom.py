@@ -446,6 +446,14 @@ def test_bad_configuration_is_rejected():
         generate_subject(seed=1, size=8)
 
 
+def test_default_anatomy_does_not_depend_on_what_is_installed():
+    # A seed must give the same subject on every machine: the MNI head only when asked for,
+    # whether or not nilearn is there to provide it.
+    s = generate_subject(seed=4, size=48, slices=1, frames=8, noise=False)
+    assert s.params["config"]["anatomy"] == "procedural"
+    assert s.params["template"] == "procedural" and s.params["template_notice"] is None
+
+
 def test_mni_anatomy_when_nilearn_is_installed():
     pytest.importorskip("nilearn")
     s = generate_subject(seed=4, size=96, slices=2, frames=10, anatomy="mni", noise=False)

@@ -66,8 +66,10 @@ def register(subparsers: Any) -> None:
     # A string default goes through _residues too, so the help shows it as typed.
     p.add_argument("--residues", type=_residues, default="box,exponential,gamma",
                    metavar="LIST", help="residue shapes to draw from [%(default)s]")
-    p.add_argument("--anatomy", choices=("auto", "procedural", "mni"), default="auto",
-                   help="head template: MNI152 via nilearn, or procedural [%(default)s]")
+    p.add_argument("--anatomy", choices=("procedural", "mni", "auto"), default="procedural",
+                   help="head template: procedural, MNI152 via nilearn (pip install "
+                        "'ctperf[anatomy]'), or auto (mni when nilearn is installed) "
+                        "[%(default)s]")
     p.add_argument("--no-dicom", dest="dicom", action="store_false",
                    help="skip the DICOM copy of each study")
     p.add_argument("--preview", action="store_true", help="write sub-*/preview.png montages")

@@ -41,9 +41,9 @@ Truth conventions
 - Every random quantity is drawn first (:func:`draw_parameters`, the subject's ``params.json``);
   :func:`simulate_subject` makes the subject from them deterministically.
 
-Anatomy: with ``anatomy="mni"`` (or ``"auto"`` when nilearn is installed) the grey and white
-matter come from the MNI152 2009 templates bundled with nilearn (loaded offline; see
-docs for their licence notice); otherwise a procedural head is used.
+Anatomy: a procedural head by default, the same wherever ctperf runs; with ``anatomy="mni"``
+(or ``"auto"`` when nilearn is installed) the grey and white matter come from the MNI152 2009
+templates bundled with nilearn (loaded offline; see docs for their licence notice).
 """
 
 from ctperf.phantom.cohort import read_subject, subject_seed, write_subject

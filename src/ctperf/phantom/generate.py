@@ -135,7 +135,7 @@ def draw_parameters(*, seed: int, size: int = 512, slices: int = 8, frames: int 
                     frame_interval: float = 0.5, mas: float = 150.0, motion: str = "none",
                     lesion: bool | None = None,
                     residues: tuple[str, ...] = ("box", "exponential", "gamma"),
-                    anatomy: str = "auto", lesion_free_fraction: float = 0.25,
+                    anatomy: str = "procedural", lesion_free_fraction: float = 0.25,
                     aif_peak: float | None = None, noise: bool = True,
                     psf_fwhm_mm: float = 1.2, fov_mm: float = 230.0, thickness_mm: float = 5.0,
                     noise_matrix: int | None = None,
@@ -379,7 +379,7 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
                      frame_interval: float = 0.5, mas: float = 150.0, motion: str = "none",
                      lesion: bool | None = None,
                      residues: tuple[str, ...] = ("box", "exponential", "gamma"),
-                     anatomy: str = "auto", lesion_free_fraction: float = 0.25,
+                     anatomy: str = "procedural", lesion_free_fraction: float = 0.25,
                      aif_peak: float | None = None, noise: bool = True,
                      psf_fwhm_mm: float = 1.2, fov_mm: float = 230.0, thickness_mm: float = 5.0,
                      noise_matrix: int | None = None,
@@ -407,7 +407,8 @@ def generate_subject(*, seed: int, size: int = 512, slices: int = 8, frames: int
     residues : tuple of str
         Residue shapes to draw the subject's one shape from.
     anatomy : str
-        ``"auto"``, ``"procedural"`` or ``"mni"``.
+        ``"procedural"`` (the default, the same head wherever ctperf runs), ``"mni"`` (the
+        MNI152 templates; needs nilearn) or ``"auto"`` (``"mni"`` when nilearn imports).
     aif_peak : float, optional
         Fix the AIF's first-pass peak (HU) instead of drawing it in 250-600.
     noise : bool
