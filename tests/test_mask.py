@@ -104,7 +104,7 @@ def test_tissue_csf_midpoint_finds_sulci_the_smoothed_threshold_keeps(rng):
 def test_tissue_csf_midpoint_takes_csf_at_most_at_its_threshold(rng):
     from ctperf.masks import csf_mask, tissue_csf_midpoint
 
-    vol, brain, ventricle = _head(rng, noise=1.5)
+    vol, _brain, ventricle = _head(rng, noise=1.5)
     whole = brain_mask(vol, spacing=(5.0, 1.0, 1.0))
     csf = csf_mask(vol, spacing=(5.0, 1.0, 1.0))
     # the ventricle's temporal mean lifted to 22 HU (a filter's bleed of tissue enhancement):
