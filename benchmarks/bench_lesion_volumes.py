@@ -13,7 +13,7 @@ filter's place), the AIF and VOF found automatically.
 
 Usage: ``python benchmarks/bench_lesion_volumes.py [--size 128] [--slices 4]
 [--lesion-seeds 1 2 3 4 14 15] [--healthy-seeds 1 2 3 4 5 6] [--methods nlr-fast bsvd]
-[--noise-matrix 512] [--json out.json]``.
+[--noise-matrix 512] [--anatomy procedural|mni] [--json out.json]``.
 """
 
 from __future__ import annotations
@@ -43,9 +43,9 @@ def _side(plane, shape: tuple[int, int, int]) -> np.ndarray:
 
 
 def measure(seed: int, *, lesion: bool, method: str, size: int, slices: int,
-            noise_matrix: int | None = None) -> dict:
+            noise_matrix: int | None = None, anatomy: str = "procedural") -> dict:
     subject = generate_subject(seed=seed, size=size, slices=slices, lesion=lesion,
-                               noise_matrix=noise_matrix)
+                               noise_matrix=noise_matrix, anatomy=anatomy)
     start = time.perf_counter()
     result, _ = analyse_study(subject.series, method=method, register=False,
                               lesion_options=LesionOptions())
@@ -85,6 +85,7 @@ def main() -> None:
     parser.add_argument("--noise-matrix", type=int, default=None,
                         help="the noise of this reconstruction averaged into the pixels "
                              "(docs/phantom.md); default the phantom's own grid")
+    parser.add_argument("--anatomy", default="procedural", choices=("procedural", "mni"))
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     rows = []
@@ -93,7 +94,8 @@ def main() -> None:
             for method in args.methods:
                 row = {"lesion": lesion, **measure(seed, lesion=lesion, method=method,
                                                    size=args.size, slices=args.slices,
-                                                   noise_matrix=args.noise_matrix)}
+                                                   noise_matrix=args.noise_matrix,
+                                                   anatomy=args.anatomy)}
                 rows.append(row)
                 if lesion:
                     true = row["true_hypoperfused_ml"]
