@@ -109,14 +109,23 @@ def maps_overview(result: Any, *, title: str = "",
     # At least three columns: the curves take two and the text one when few maps are shown.
     columns = max(3, len(names))
     split = max(2, columns - 2)
-    fig = plt.figure(figsize=(3.0 * columns, 2.9 * len(slices) + 3.4), facecolor="black")
-    grid = fig.add_gridspec(len(slices) + 1, columns,
-                            height_ratios=[1.0] * len(slices) + [1.15], hspace=0.12, wspace=0.04)
     brain_any = result.brain.any(axis=0)
     rows = np.flatnonzero(brain_any.any(axis=1))
     cols = np.flatnonzero(brain_any.any(axis=0))
     r0, r1 = max(rows[0] - 2, 0), rows[-1] + 3
     c0, c1 = max(cols[0] - 2, 0), cols[-1] + 3
+    # The figure is sized to its content (inches): each map as tall as the cropped brain is for
+    # its width, room for the column titles, the colour bars and the title, and no more.
+    cell_w = 2.8
+    map_h = cell_w * (r1 - r0) * dy / ((c1 - c0) * dx)
+    heights = [map_h] * len(slices) + [2.9]
+    gap, top, bottom = 0.1, 0.7, 0.45  # gap: of the mean row's height
+    fig_w = cell_w * columns + 0.85
+    fig_h = sum(heights) * (1 + gap * len(slices) / len(heights)) + top + bottom
+    fig = plt.figure(figsize=(fig_w, fig_h), facecolor="black")
+    grid = fig.add_gridspec(len(slices) + 1, columns, height_ratios=heights, hspace=gap,
+                            wspace=0.04, left=0.75 / fig_w, right=1 - 0.1 / fig_w,
+                            top=1 - top / fig_h, bottom=bottom / fig_h)
 
     def view(a: Any) -> Any:
         a = a[r0:r1, c0:c1]
@@ -146,7 +155,8 @@ def maps_overview(result: Any, *, title: str = "",
                         va="center")
             if i == 0:
                 ax.set_title(map_title(name), color="white", fontsize=10)
-        cb = fig.colorbar(im, ax=[fig.axes[-1]], fraction=0.05, pad=0.01, location="bottom")
+        cb = fig.colorbar(im, ax=[fig.axes[-1]], fraction=0.05, pad=0.01, location="bottom",
+                          shrink=0.85)
         cb.ax.tick_params(colors="white", labelsize=7)
     ax = fig.add_subplot(grid[-1, :split])
     t = result.times
@@ -168,5 +178,5 @@ def maps_overview(result: Any, *, title: str = "",
     text.text(0.0, 1.0, "\n".join(_summary_lines(prov)), va="top", ha="left", fontsize=8,
               color="white", family="monospace", wrap=True)
     if title:
-        fig.suptitle(title, color="white")
+        fig.suptitle(title, color="white", y=1 - 0.1 / fig_h, va="top")
     return fig
