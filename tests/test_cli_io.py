@@ -118,3 +118,31 @@ def test_bad_input_as_a_process(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "broken.nii.gz" in lines[0]
     assert "Traceback" not in result.stderr
+
+
+def test_unet_commands_without_torch_say_what_to_install(tmp_path):
+    # torch is an optional dependency (ctperf[model]): without it the U-Net commands end with
+    # one line that names it, exit 2, and leave no output behind.
+    cohort = tmp_path / "cohort"
+    cohort.mkdir()
+    runs = [["train", str(cohort), str(tmp_path / "t"), "--target", "cbv"],
+            ["cv", str(cohort), str(tmp_path / "c"), "--target", "cbv"],
+            ["predict", str(cohort), str(tmp_path / "p"), "--model", str(tmp_path / "m.pt")],
+            ["reproduce", str(cohort), str(tmp_path / "r")]]
+    script = ("import importlib.abc, sys\n"
+              "class NoTorch(importlib.abc.MetaPathFinder):  # an environment without torch\n"
+              "    def find_spec(self, name, path, target=None):\n"
+              "        if name.split('.')[0] == 'torch':\n"
+              "            raise ModuleNotFoundError(f'No module named {name!r}')\n"
+              "sys.meta_path.insert(0, NoTorch())\n"
+              "from ctperf.cli import main\n"
+              f"print([main(a) for a in {runs!r}])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            timeout=300)
+    assert result.stdout.strip() == "[2, 2, 2, 2]", result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 4 and "Traceback" not in result.stderr
+    for line, run in zip(lines, runs, strict=True):
+        assert line.startswith(f"ctperf {run[0]}: error: the U-Net needs PyTorch"), line
+        assert "pip install 'ctperf[model]'" in line
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cohort"]
