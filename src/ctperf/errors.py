@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["CTPerfError", "InputError", "ValidationError"]
+__all__ = ["CTPerfError", "DependencyError", "InputError", "ValidationError"]
 
 
 class CTPerfError(Exception):
     """Base class of every error ctperf raises on purpose."""
+
+
+class DependencyError(CTPerfError, ModuleNotFoundError):
+    """An optional dependency that the feature asked for needs is not installed."""
 
 
 class ValidationError(CTPerfError, ValueError):

@@ -1,13 +1,13 @@
 """The U-Net of Gava et al. 2023 (doi:10.3389/fninf.2023.852105): network, slice cache, training,
 patient-level cross-validation and inference. The only ctperf package that imports torch."""
 
-from ctperf.errors import CTPerfError
+from ctperf.errors import DependencyError
 
 try:
     import torch  # noqa: F401
 except ImportError as _exc:  # an optional dependency: one line for the CLI, not a traceback
-    raise CTPerfError(f"the U-Net needs PyTorch ({_exc}); pip install 'ctperf[model]' (a CPU "
-                      "build is enough)") from None
+    raise DependencyError(f"the U-Net needs PyTorch ({_exc}); pip install 'ctperf[model]' "
+                          "(a CPU build is enough)") from None
 
 from ctperf.model.checkpoint import (
     CHECKPOINT_VERSION,
