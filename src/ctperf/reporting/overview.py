@@ -151,8 +151,9 @@ def maps_overview(result: Any, *, title: str = "",
             ax.set_yticks([])
             if j == 0:
                 ax.set_ylabel(f"slice {z}", color="white")
-                ax.text(0.02, 0.5, "R", transform=ax.transAxes, color="white", fontsize=9,
-                        va="center")
+                # the patient's right, in the corner the elliptical head leaves free
+                ax.text(0.02, 0.98, "R", transform=ax.transAxes, color="white", fontsize=9,
+                        va="top")
             if i == 0:
                 ax.set_title(map_title(name), color="white", fontsize=10)
         cb = fig.colorbar(im, ax=[fig.axes[-1]], fraction=0.05, pad=0.01, location="bottom",
