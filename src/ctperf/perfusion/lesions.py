@@ -401,11 +401,14 @@ def _volume_sd(cbf: np.ndarray, tmax: np.ndarray, cbf_sd: np.ndarray, tmax_sd: n
 
 
 def _smooth(values: np.ndarray, valid: np.ndarray, radius: tuple[float, float]) -> np.ndarray:
-    """In-plane median over a disk of ``radius`` voxels (ry, rx); NaN outside ``valid``.
+    """In-plane median over a disk of ``radius`` voxels (ry, rx) of the ``valid`` values only;
+    NaN outside ``valid``.
 
     A median, not a mean: noisy CBF is strongly right-skewed (noise fitted as narrow, tall
-    boxes), and a mean would lift low-flow tissue out of the core. Invalid neighbours are set
-    alternately far above and far below, so they cancel in the median.
+    boxes), and a mean would lift low-flow tissue out of the core. Where the disk lies wholly
+    in ``valid`` it is a plain median filter; next to invalid voxels (the brain's edge,
+    vessels, CSF) the median of the disk's valid values (the mean of the two middle ones when
+    they are even in number), so that the result does not depend on the image's orientation.
     """
     ry, rx = radius
     if ry <= 0 and rx <= 0:
@@ -413,10 +416,23 @@ def _smooth(values: np.ndarray, valid: np.ndarray, radius: tuple[float, float]) 
     ny, nx = int(np.floor(ry)), int(np.floor(rx))
     yy, xx = np.mgrid[-ny:ny + 1, -nx:nx + 1]
     disk = ((yy / max(ry, 1e-9)) ** 2 + (xx / max(rx, 1e-9)) ** 2) <= 1.0
-    checker = (np.indices(values.shape).sum(axis=0) % 2).astype(bool)
-    filled = np.where(valid, values, np.where(checker, 1e30, -1e30))
-    out = ndimage.median_filter(filled, footprint=disk[None], mode="nearest")
-    return np.where(valid, out, np.nan)
+    ok = valid & np.isfinite(values)
+    out = np.full(values.shape, np.nan)
+    whole = ndimage.binary_erosion(ok, structure=disk[None], border_value=0)
+    out[whole] = ndimage.median_filter(np.where(ok, values, 0.0), footprint=disk[None],
+                                       mode="nearest")[whole]
+    z, y, x = np.nonzero(valid & ~whole)
+    if z.size:
+        ys, xs = y[:, None] + yy[disk][None, :], x[:, None] + xx[disk][None, :]
+        inside = (ys >= 0) & (ys < values.shape[1]) & (xs >= 0) & (xs < values.shape[2])
+        at = (z[:, None], np.clip(ys, 0, values.shape[1] - 1),
+              np.clip(xs, 0, values.shape[2] - 1))
+        use = inside & ok[at]
+        near = np.sort(np.where(use, values[at], np.inf), axis=1)
+        n, rows = use.sum(axis=1), np.arange(z.size)
+        mid = 0.5 * (near[rows, np.maximum(n - 1, 0) // 2] + near[rows, n // 2])
+        out[z, y, x] = np.where(n > 0, mid, np.nan)
+    return out
 
 
 def _drop_small(mask: np.ndarray, min_voxels: float) -> np.ndarray:
