@@ -33,15 +33,6 @@ from ctperf.workflow import analyse_study
 THRESHOLDS = (6.0, 6.5, 7.0, 7.5, 8.0)
 
 
-def _side(plane, shape: tuple[int, int, int]) -> np.ndarray:
-    """Signed distance (voxels) of every voxel from the mid-sagittal plane, (Z, Y, X)."""
-    _, ny, nx = shape
-    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
-    c, s = np.cos(plane.angle), np.sin(plane.angle)
-    return ((xx - plane.centre[1]) * c + (yy - plane.centre[0]) * s)[None] \
-        - plane.offset[:, None, None]
-
-
 def measure(seed: int, *, lesion: bool, method: str, size: int, slices: int,
             noise_matrix: int | None = None, anatomy: str = "procedural") -> dict:
     subject = generate_subject(seed=seed, size=size, slices=slices, lesion=lesion,
@@ -67,7 +58,7 @@ def measure(seed: int, *, lesion: bool, method: str, size: int, slices: int,
         lesions = segment_lesions(result.maps, brain=result.brain, exclude=result.vessels,
                                   options=options)
         row[f"hypoperfused_ml_tmax>{threshold:g}"] = round(lesions.volumes_ml["hypoperfused"], 1)
-    side = _side(midsagittal_plane(result.brain), result.brain.shape)
+    side = midsagittal_plane(result.brain).distance(result.brain.shape)
     cbf = result.maps["cbf"]
     ok = region & np.isfinite(cbf)
     row["cbf_right_left"] = round(float(np.median(cbf[ok & (side > 1)])

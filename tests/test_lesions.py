@@ -11,7 +11,12 @@ from scipy import stats
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion import THRESHOLDS_ONLY, LesionOptions, segment_lesions
-from ctperf.perfusion.lesions import MidPlane, midsagittal_plane, normal_cbf_reference
+from ctperf.perfusion.lesions import (
+    MidPlane,
+    left_right_angle,
+    midsagittal_plane,
+    normal_cbf_reference,
+)
 from ctperf.types import PerfusionMaps
 
 SHAPE = (4, 128, 128)
@@ -50,6 +55,44 @@ def test_midsagittal_plane_recovers_yaw_offset_and_roll(yaw, offset, roll):
     # line by under 0.5 voxel over the brain: 0.6 voxel.
     np.testing.assert_allclose(plane.offset, expected, atol=0.6)
     assert plane.score > 0.9  # the mask is symmetric up to its pixelisation
+
+
+@pytest.mark.parametrize("dy, dx", [(1.0, 1.6), (1.5, 0.9)])
+def test_midsagittal_plane_in_millimetres_on_oblong_pixels(dy, dx):
+    """A head turned by 12 degrees in millimetres, sampled on oblong pixels: the plane's angle
+    and offsets come back in millimetres (in pixels the turn would read as another angle)."""
+    yaw, offset_mm = 12.0, 5.0
+    ny, nx = int(128 / dy), int(128 / dx)
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(float)
+    y_mm, x_mm = (yy - (ny - 1) / 2) * dy, (xx - (nx - 1) / 2) * dx - offset_mm
+    th = np.deg2rad(yaw)
+    u, v = x_mm * np.cos(th) + y_mm * np.sin(th), -x_mm * np.sin(th) + y_mm * np.cos(th)
+    brain = np.broadcast_to(brain_of(u, v), (3, ny, nx))
+    plane = midsagittal_plane(brain, spacing=(dy, dx))
+    # the 0.5 degree grid's step, and about half the search grid's pixel (max(dy, dx) mm)
+    assert np.rad2deg(plane.angle) == pytest.approx(yaw, abs=0.75)
+    np.testing.assert_allclose(plane.offset, offset_mm * np.cos(th), atol=0.6 * max(dy, dx))
+    assert plane.spacing == (dy, dx)
+
+
+def test_a_head_whose_columns_run_left_right_is_mirrored_about_its_midline():
+    """Rows and columns swapped (the affine says the columns run left-right): the plane is
+    searched about the patient's left-right axis, so the lesions are the transposed ones."""
+    maps, brain, _, core, _ = lesion_case(8.0, 3.0, 0.0)
+    res = segment_lesions(maps, brain=brain, options=LesionOptions())
+    swap = SPACING_AFFINE[:, [1, 0, 2, 3]]
+    assert left_right_angle(SPACING_AFFINE) == 0.0
+    assert left_right_angle(swap) == pytest.approx(np.pi / 2)
+    t = PerfusionMaps(maps={k: np.swapaxes(maps[k], 1, 2) for k in ("cbf", "tmax")},
+                      affine=swap)
+    res_t = segment_lesions(t, brain=np.swapaxes(brain, 1, 2), options=LesionOptions())
+    for k in ("core", "hypoperfused"):
+        np.testing.assert_array_equal(np.swapaxes(getattr(res_t, k), 1, 2), getattr(res, k))
+    dice = 2 * (res.core & core).sum() / (res.core.sum() + core.sum())
+    assert dice > 0.9, dice
+    # a transposition is a mirror image: the head's turn reads with the other sign
+    assert res_t.thresholds["midsagittal_plane"]["yaw_deg"] == pytest.approx(
+        -res.thresholds["midsagittal_plane"]["yaw_deg"])
 
 
 def test_mirror_maps_a_turned_head_onto_itself():

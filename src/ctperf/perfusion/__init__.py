@@ -32,6 +32,7 @@ from ctperf.perfusion.curves import (
 from ctperf.perfusion.lesions import (
     LesionResult,
     MidPlane,
+    left_right_angle,
     midsagittal_plane,
     normal_cbf_reference,
     segment_lesions,
@@ -70,6 +71,7 @@ __all__ = [
     "fit_box_nlr",
     "fit_curves",
     "flow_scale",
+    "left_right_angle",
     "midsagittal_plane",
     "normal_cbf_reference",
     "qc_flags",

@@ -33,8 +33,8 @@ from ctperf.lesion_options import THRESHOLDS_ONLY, LesionOptions
 from ctperf.parallel import map_chunks
 from ctperf.types import PerfusionMaps
 
-__all__ = ["THRESHOLDS_ONLY", "LesionOptions", "LesionResult", "MidPlane", "midsagittal_plane",
-           "normal_cbf_reference", "segment_lesions"]
+__all__ = ["THRESHOLDS_ONLY", "LesionOptions", "LesionResult", "MidPlane", "left_right_angle",
+           "midsagittal_plane", "normal_cbf_reference", "segment_lesions"]
 
 
 @dataclass(frozen=True)
@@ -72,56 +72,91 @@ class LesionResult:
 
 @dataclass(frozen=True)
 class MidPlane:
-    """The brain's mid-sagittal plane, slice by slice, in voxel coordinates.
+    """The brain's mid-sagittal plane, slice by slice.
 
-    In slice ``z`` the plane cuts the midline ``(x - xc) cos(angle) + (y - yc) sin(angle) =
-    offset[z]``, with ``(yc, xc)`` = ``centre``: ``angle`` (radians) is the head's turn in the
-    slice plane (yaw, shared by all slices), ``offset`` (voxels, (Z,)) the midline's distance
-    from the slice centre, which changes linearly from slice to slice when the head is tilted
-    sideways (roll). ``score`` is the mirror overlap of the brain mask at the optimum (1 =
-    perfectly symmetric).
+    In slice ``z`` the plane cuts the midline ``(x - xc) dx cos(angle) + (y - yc) dy sin(angle)
+    = offset[z]``, with voxel indices ``(y, x)``, ``(yc, xc)`` = ``centre`` and ``(dy, dx)`` =
+    ``spacing`` (mm): ``angle`` (radians) is the direction of the midline's normal (the
+    head's left-right axis) in the slice plane, measured from the rows (array x) towards the
+    columns (array y) in millimetres, shared by all slices; ``offset`` (mm, (Z,)) the midline's
+    distance from the slice centre, which changes linearly from slice to slice when the head is
+    tilted sideways (roll). With the default ``spacing`` (1, 1) both are in voxels. ``score``
+    is the mirror overlap of the brain mask at the optimum (1 = perfectly symmetric).
     """
 
     angle: float
     offset: np.ndarray
     centre: tuple[float, float]
     score: float
+    spacing: tuple[float, float] = (1.0, 1.0)
+
+    def distance(self, shape: tuple[int, int, int]) -> np.ndarray:
+        """Signed distance (mm) of every voxel of a (Z, Y, X) grid from the plane, (Z, Y, X)."""
+        _, ny, nx = shape
+        yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+        dy, dx = self.spacing
+        c, s = np.cos(self.angle), np.sin(self.angle)
+        return ((xx - self.centre[1]) * dx * c + (yy - self.centre[0]) * dy * s)[None] \
+            - np.asarray(self.offset, dtype=np.float64)[:, None, None]
 
     def mirror(self, shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
         """Mirror position (y, x) of every voxel of a (Z, Y, X) grid, two float arrays (Z, Y, X)."""
         _, ny, nx = shape
         yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
-        c, s = np.cos(self.angle), np.sin(self.angle)
-        dist = ((xx - self.centre[1]) * c + (yy - self.centre[0]) * s)[None] \
-            - self.offset[:, None, None]
-        return yy[None] - 2.0 * dist * s, xx[None] - 2.0 * dist * c
+        dy, dx = self.spacing
+        dist = self.distance(shape)
+        return (yy[None] - 2.0 * dist * np.sin(self.angle) / dy,
+                xx[None] - 2.0 * dist * np.cos(self.angle) / dx)
+
+
+def left_right_angle(affine: np.ndarray) -> float:
+    """Direction (radians, in (-pi/2, pi/2]) of the patient's left-right axis in the slice
+    plane of a (Z, Y, X) array with the RAS ``affine``, as :class:`MidPlane` measures angles:
+    0 when the rows run left-right (axial slices as scanners store them), pi/2 when the
+    columns do (the in-plane axes swapped)."""
+    a = np.asarray(affine, dtype=np.float64)
+    along_x, along_y = (a[0, j] / max(float(np.linalg.norm(a[:3, j])), 1e-12) for j in (0, 1))
+    angle = math.atan2(along_y, along_x)
+    if angle > math.pi / 2:
+        angle -= math.pi
+    elif angle <= -math.pi / 2:
+        angle += math.pi
+    return angle
 
 
 def midsagittal_plane(
     image: np.ndarray,
     *,
+    spacing: tuple[float, float] = (1.0, 1.0),
+    base_angle: float = 0.0,
     max_angle_deg: float = 20.0,
     angle_step_deg: float = 0.5,
     max_size: int = 128,
 ) -> MidPlane:
     """Estimate the mid-sagittal plane as the one about which ``image`` is most symmetric.
 
-    For every trial yaw angle the slices are rotated so that a midline at that angle stands
-    vertical; the mirror overlap for every midline position is then one self-convolution along
-    x (an FFT), so all angles and offsets are scored at once. The angle maximising the summed
-    overlap of all slices is kept, and the per-slice offsets (to a fraction of a voxel, from a
-    parabola through the scores) are fitted by a straight line in z, weighted by brain area,
-    which absorbs a sideways tilt (roll) without letting a small end slice swing the midline.
+    The slices are resampled, in millimetres, on square pixels rotated so that a midline at
+    the trial angle stands vertical; the mirror overlap for every midline position is then one
+    self-convolution along the rotated x (an FFT), so all angles and offsets are scored at
+    once. The angle maximising the summed overlap of all slices is kept, and the per-slice
+    offsets (to a fraction of a pixel, from a parabola through the scores) are fitted by a
+    straight line in z, weighted by brain area, which absorbs a sideways tilt (roll) without
+    letting a small end slice swing the midline.
 
     Parameters
     ----------
     image : ndarray, shape (Z, Y, X)
         A left-right symmetric view of the anatomy, e.g. the brain mask (bool) or the temporal
-        mean of the study; negative values are treated as 0. Square pixels assumed.
+        mean of the study; negative values are treated as 0.
+    spacing : (dy, dx)
+        Pixel size in mm (rows may differ from columns); the plane's offsets are in mm.
+    base_angle : float
+        Direction of the patient's left-right axis in the slice (radians;
+        :func:`left_right_angle` of the study's affine); the yaw is searched around it.
     max_angle_deg, angle_step_deg : float
-        Yaw angles searched, degrees.
+        Yaw angles searched about ``base_angle``, degrees.
     max_size : int
-        Slices are subsampled to at most this many pixels a side for the search.
+        Slices are resampled to at most this many pixels a side for the search.
 
     Returns
     -------
@@ -130,32 +165,39 @@ def midsagittal_plane(
     img = np.clip(np.nan_to_num(np.asarray(image, dtype=np.float64)), 0.0, None)
     if img.ndim != 3:
         raise ValidationError(f"image must be (Z, Y, X), got shape {img.shape}")
+    dy, dx = (float(v) for v in spacing)
+    if not (dy > 0 and dx > 0):
+        raise ValidationError(f"spacing must be two pixel sizes > 0 in mm, got {spacing}")
     nz, ny, nx = img.shape
     centre = ((ny - 1) / 2.0, (nx - 1) / 2.0)
-    step = max(1, int(np.ceil(max(ny, nx) / max_size)))
-    small = img[:, ::step, ::step]
-    sy, sx = small.shape[1:]
-    yc, xc = centre[0] / step, centre[1] / step
-    area = small.sum(axis=(1, 2))
+    area = img.sum(axis=(1, 2))
     if not area.sum() > 0:
         raise ValidationError("no brain voxels to estimate the mid-sagittal plane from")
-    angles = np.deg2rad(np.arange(-max_angle_deg, max_angle_deg + 1e-9, angle_step_deg))
-    yy, xx = np.mgrid[0:sy, 0:sx].astype(np.float64)
-    length = 2 * sx
+    # the search grid: square pixels of `pix` mm over the slice's larger extent, centred
+    extent = max(ny * dy, nx * dx)
+    pix = max(min(dy, dx), extent / max_size)
+    n = int(np.ceil(extent / pix))
+    c0 = (n - 1) / 2.0
+    angles = base_angle + np.deg2rad(np.arange(-max_angle_deg, max_angle_deg + 1e-9,
+                                               angle_step_deg))
+    yr, xr = ((v - c0) * pix for v in np.mgrid[0:n, 0:n].astype(np.float64))
+    length = 2 * n
     scores = np.empty((angles.size, nz, length))
+    norm = np.empty((angles.size, nz))
     for k, th in enumerate(angles):
-        # Rotated view R(y', x') = I(centre + Rot(th) (x' - xc, y' - yc)): a midline at angle
-        # th in the slice stands vertical in R.
+        # Rotated view R(y', x') = I(centre + Rot(th) (x', y')), in mm: a midline whose normal
+        # points at angle th stands vertical in R.
         c, s = np.cos(th), np.sin(th)
-        x_src = xc + (xx - xc) * c - (yy - yc) * s
-        y_src = yc + (xx - xc) * s + (yy - yc) * c
+        x_src = centre[1] + (xr * c - yr * s) / dx
+        y_src = centre[0] + (xr * s + yr * c) / dy
         rot = np.stack([ndimage.map_coordinates(sl, [y_src, x_src], order=1, cval=0.0)
-                        for sl in small])
+                        for sl in img])
         spec = np.fft.rfft(rot, n=length, axis=2)
         # sum_y sum_x R(x) R(m - x): overlap with the mirror about x' = m / 2.
         scores[k] = np.fft.irfft(spec * spec, n=length, axis=2).sum(axis=1)
-    norm = np.maximum((small**2).sum(axis=(1, 2)), 1e-12)
-    per_angle = (scores.max(axis=2) * (area / area.sum() / norm)).sum(axis=1)
+        norm[k] = np.maximum((rot**2).sum(axis=(1, 2)), 1e-12)
+    weight = area / area.sum()
+    per_angle = (scores.max(axis=2) / norm * weight).sum(axis=1)
     k = int(np.argmax(per_angle))
     best = scores[k]  # (Z, L)
     m = np.argmax(best, axis=1)
@@ -164,18 +206,18 @@ def midsagittal_plane(
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = np.where(curv < 0, 0.5 * (left - right) / curv, 0.0)
     axis_x = (m + np.clip(frac, -0.5, 0.5)) / 2.0  # midline column in the rotated view
-    offset_small = axis_x - xc
+    offset = (axis_x - c0) * pix
     w = area / area.max()
     keep = w > 0.05
     if keep.sum() >= 2:
         zz = np.arange(nz, dtype=np.float64)
-        slope, inter = np.polyfit(zz[keep], offset_small[keep], 1, w=np.sqrt(w[keep]))
-        offset_small = inter + slope * zz
+        slope, inter = np.polyfit(zz[keep], offset[keep], 1, w=np.sqrt(w[keep]))
+        offset = inter + slope * zz
     else:
-        offset_small = np.full(nz, float(np.average(offset_small, weights=w)))
-    score = float((mid / norm * area).sum() / area.sum())
-    return MidPlane(angle=float(angles[k]), offset=offset_small * step, centre=centre,
-                    score=score)
+        offset = np.full(nz, float(np.average(offset, weights=w)))
+    score = float((mid / norm[k] * weight).sum())
+    return MidPlane(angle=float(angles[k]), offset=offset, centre=centre, score=score,
+                    spacing=(dy, dx))
 
 
 def normal_cbf_reference(
@@ -215,7 +257,8 @@ def normal_cbf_reference(
         raise ValidationError(
             f"reference must be 'contralateral', 'global' or an array, got {mode!r}")
     if plane is None:
-        plane = midsagittal_plane(normal if symmetry is None else symmetry)
+        plane = midsagittal_plane(normal if symmetry is None else symmetry,
+                                  spacing=(spacing[1], spacing[2]))
     my, mx = plane.mirror(cbf.shape)
     zz = np.broadcast_to(np.arange(cbf.shape[0], dtype=np.float64)[:, None, None], cbf.shape)
     coords = [zz, my, mx]
@@ -288,13 +331,15 @@ def segment_lesions(
         ref_value: float | None = None
     else:
         if isinstance(reference, str):
-            plane = midsagittal_plane(region) if reference == "contralateral" else None
+            base = left_right_angle(maps.affine)
+            plane = midsagittal_plane(region, spacing=(maps.spacing[1], maps.spacing[2]),
+                                      base_angle=base) if reference == "contralateral" else None
             ref = normal_cbf_reference(np.where(valid, cbf, 0.0), valid & ~hypo,
                                        spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm,
                                        plane=plane)
             if plane is not None:
-                mid_info = {"yaw_deg": round(float(np.rad2deg(plane.angle)), 2),
-                            "offset_voxels": np.round(plane.offset, 2).tolist(),
+                mid_info = {"yaw_deg": round(float(np.rad2deg(plane.angle - base)), 2),
+                            "offset_mm": np.round(plane.offset, 2).tolist(),
                             "mirror_overlap": round(plane.score, 4)}
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
