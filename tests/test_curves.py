@@ -399,3 +399,54 @@ def test_time_to_peak_from_a_start_frame():
                                                                                      abs=0.05)
     with pytest.raises(ValidationError):
         time_to_peak(curve[:, None], t, start=30)
+
+
+def _noisy_hand_curves(rng, drift_hu_per_s: float) -> tuple[np.ndarray, np.ndarray]:
+    """The three boxes of BOXES plus a core (CBF 5, MTT 12 s, delay 6 s), 0.7 HU of noise (a
+    region's average), on a 35 HU baseline that falls by ``drift_hu_per_s`` from 10 s on."""
+    tissue = np.stack([_box_tissue(f, m, d, RHO, KH)
+                       for f, m, d in (*BOXES, (5.0, 12.0, 6.0))], axis=1)
+    drift = drift_hu_per_s * np.clip(T_HAND - 10.0, 0.0, None)
+    tissue = 35.0 + tissue - drift[:, None] + rng.normal(0.0, 0.7, tissue.shape)
+    return tissue, 35.0 + _gv(T_HAND) + rng.normal(0.0, 3.0, T_HAND.size)
+
+
+def test_curves_below_their_baseline_are_flagged(rng, tmp_path, capsys):
+    """A curve cannot fall below its pre-bolus level (contrast only adds attenuation): a
+    baseline falling by 0.1 HU/s (4 HU by the end) flags every curve, while the same curves
+    without the drift (the core's included), the same at 2 s frames and the OSIPI reference
+    raise nothing; a flat curve reads as without enhancement."""
+    tissue, aif = _noisy_hand_curves(rng, 0.0)
+    still = fit_curves(tissue, aif, T_HAND, method="bayes")
+    assert still.flags == ((), (), (), ())
+    every_4th = fit_curves(tissue[::4], aif[::4], T_HAND[::4], method="nlr-fast")
+    assert every_4th.flags == ((), (), (), ())  # 2 s frames, 3 baseline frames
+    osipi = _load_osipi()
+    assert not any(fit_curves(osipi["tissue"], osipi["aif"], osipi["times"]).flags)
+    drifting, aif = _noisy_hand_curves(rng, 0.1)
+    fit = fit_curves(drifting, aif, T_HAND, method="bayes")
+    assert all("below_baseline" in f for f in fit.flags), fit.flags
+    assert fit.provenance["curve_flags"]["below_baseline"]["curves"] == [0, 1, 2, 3]
+    flat = fit_curves(np.full((T_HAND.size, 1), 35.0) + rng.normal(0, 0.7, (T_HAND.size, 1)),
+                      aif, T_HAND)
+    assert flat.flags == (("no_enhancement",),)
+    # the CLI: a flags column and the curves named on stdout
+    src, out = tmp_path / "c.csv", tmp_path / "out.csv"
+    _write_csv(src, T_HAND, {"aif": aif, **{f"roi{i}": drifting[:, i] for i in range(4)}})
+    assert main(["curves", str(src), str(out)]) == 0
+    with out.open() as f:
+        rows = list(csv.DictReader(f))
+    assert all("below_baseline" in r["flags"].split(";") for r in rows)
+    assert "QC below_baseline: roi0, roi1, roi2, roi3" in capsys.readouterr().out
+
+
+def test_curve_flags_rarely_flag_noise(rng):
+    """Pure white noise after a 5-frame baseline: below_baseline on about 0.1 % of 2,000 curves
+    (the 5-SD level, each curve's noise estimated from its own 89 frames); 1 % allows for the
+    count's own scatter. Every one reads as without enhancement."""
+    from ctperf.perfusion import curve_flags
+
+    noise = rng.normal(0.0, 1.0, (89, 2000))
+    flags = curve_flags(noise - noise[:5].mean(axis=0), 5)
+    assert np.mean(["below_baseline" in f for f in flags]) < 0.01
+    assert np.mean(["no_enhancement" in f for f in flags]) > 0.99

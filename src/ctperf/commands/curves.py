@@ -37,9 +37,11 @@ def register(subparsers: Any) -> None:
                     "one column per tissue curve, all in the same units (HU, concentration or "
                     "any other). Fit each tissue curve with the method of `ctperf maps` and "
                     "write OUT (CSV: one row per curve with CBF mL/100g/min, CBV mL/100g, MTT, "
-                    "Tmax, delay and TTP s, and the SDs for bayes), a JSON sidecar of the same "
-                    "stem (method, constants, baseline frames, partial-volume step, units) and "
-                    "a PNG of the curves as fitted.")
+                    "Tmax, delay and TTP s, the SDs for bayes, and flags: below_baseline for a "
+                    "curve that falls below its pre-bolus level by more than its noise allows, "
+                    "no_enhancement for one that never rises above it), a JSON sidecar of the "
+                    "same stem (method, constants, baseline frames, partial-volume step, QC, "
+                    "units) and a PNG of the curves as fitted.")
     p.add_argument("curves", type=Path, help="CSV table of curves")
     p.add_argument("out", type=Path, help="output CSV file (a .json sidecar and a .png figure "
                                           "are written beside)")
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
                      baseline=args.baseline, rho=args.rho, kh=args.kh, device=args.device,
                      progress=True)
     rows = fit.rows()
-    write_curves_csv(args.out, table.names, rows)
+    write_curves_csv(args.out, table.names, rows, flags=fit.flags)
     units = {k: MAP_UNITS[k.removesuffix("_sd")] for k in rows[0]}
     write_json({**fit.provenance, "curves": list(table.names), "units": units}, sidecar)
     save_figure(curves_figure(table.times, fit, table.names), figure, dpi=110)
@@ -105,4 +107,8 @@ def run(args: argparse.Namespace) -> int:
     for name, flag in fit.provenance["qc"].items():
         if flag["flag"]:
             print(f"QC {name}: {flag['reason']}")
+    for name, flagged in fit.provenance["curve_flags"].items():
+        if flagged["curves"]:
+            which = ", ".join(table.names[i] for i in flagged["curves"])
+            print(f"QC {name}: {which}: each {flagged['reason']}")
     return 0

@@ -243,12 +243,16 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
 
 
 def write_curves_csv(path: PathLike, names: Sequence[str], rows: Sequence[dict[str, float]],
-                     *, digits: int = 4) -> None:
+                     *, digits: int = 4,
+                     flags: Sequence[Sequence[str]] | None = None) -> None:
     """One row per curve: its name, then the columns of ``rows`` (the same keys in each),
-    ``digits`` significant digits; written atomically."""
+    ``digits`` significant digits, then, when given, its ``flags`` joined by semicolons (empty
+    when none); written atomically."""
     columns = list(rows[0]) if rows else []
+    marks = [";".join(f) for f in flags] if flags is not None else None
     with atomic_file(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["curve", *columns])
-        for name, row in zip(names, rows, strict=True):
-            writer.writerow([name, *(f"{row[c]:.{digits}g}" for c in columns)])
+        writer.writerow(["curve", *columns, *(["flags"] if marks is not None else [])])
+        for i, (name, row) in enumerate(zip(names, rows, strict=True)):
+            writer.writerow([name, *(f"{row[c]:.{digits}g}" for c in columns),
+                             *([marks[i]] if marks is not None else [])])

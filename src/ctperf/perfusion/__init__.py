@@ -16,7 +16,13 @@ from ctperf.perfusion.aif import (
 )
 from ctperf.perfusion.bayes import BayesFit, fit_bayes
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS, BoxFit, fit_box_nlr
-from ctperf.perfusion.curvefit import CURVE_PARAMETERS, CurveFit, fit_curves
+from ctperf.perfusion.curvefit import (
+    CURVE_FLAGS,
+    CURVE_PARAMETERS,
+    CurveFit,
+    curve_flags,
+    fit_curves,
+)
 from ctperf.perfusion.curves import (
     ArterialTable,
     bandlimit,
@@ -42,6 +48,7 @@ from ctperf.perfusion.qc import qc_flags
 from ctperf.perfusion.svd import SVDResult, svd_deconvolve
 
 __all__ = [
+    "CURVE_FLAGS",
     "CURVE_PARAMETERS",
     "DEFAULT_BOUNDS",
     "METHODS",
@@ -66,6 +73,7 @@ __all__ = [
     "compute_maps",
     "correct_partial_volume",
     "curve_features",
+    "curve_flags",
     "curve_noise_sd",
     "fit_bayes",
     "fit_box_nlr",

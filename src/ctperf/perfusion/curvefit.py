@@ -17,9 +17,10 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.boxnlr import BOX_METHODS
-from ctperf.perfusion.curves import check_bolus_start, to_enhancement
+from ctperf.perfusion.curves import check_bolus_start, gaussian_taps, to_enhancement
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import (
+    ARRIVAL_SMOOTH_FRAMES,
     METHODS,
     MIN_FRAMES,
     SD_MAPS,
@@ -29,13 +30,25 @@ from ctperf.perfusion.maps import (
 )
 from ctperf.perfusion.qc import qc_flags
 
-__all__ = ["CURVE_PARAMETERS", "CurveFit", "fit_curves"]
+__all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_curves"]
 
 #: The QC flags (:func:`~ctperf.perfusion.qc_flags`) that curves in any unit can be judged by
 #: (the AIF's peak height and the baseline's noise are judged in HU, the brain's size and the
 #: motion need an image).
 CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_after_tissue",
                              "short_baseline", "aif_vof_ratio", "no_vof", "mtt_floor")
+
+#: Per-curve plausibility flags (:func:`curve_flags`) and what each means.
+CURVE_FLAGS: dict[str, str] = {
+    "below_baseline": "falls below its pre-bolus level by more than its noise allows (contrast "
+                      "only adds attenuation: drift, motion, or contrast in the baseline frames); "
+                      "its values are not reliable",
+    "no_enhancement": "never rises above its pre-bolus level by more than its noise allows: "
+                      "its values are mostly noise",
+}
+
+#: How many SDs of a time-smoothed curve's noise a flag of :func:`curve_flags` needs.
+CURVE_FLAG_SDS = 5.0
 
 #: The parameters of every method, in the order they are reported.
 CURVE_PARAMETERS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "delay", "ttp")
@@ -58,6 +71,7 @@ class CurveFit:
     delay: np.ndarray
     ttp: np.ndarray
     sd: dict[str, np.ndarray] = field(default_factory=dict)
+    flags: tuple[tuple[str, ...], ...] = ()
     provenance: dict[str, Any] = field(default_factory=dict)
     tissue: np.ndarray | None = None
     aif: np.ndarray | None = None
@@ -67,6 +81,32 @@ class CurveFit:
         """One dict per curve: every parameter, then the SDs."""
         columns = {**{k: getattr(self, k) for k in CURVE_PARAMETERS}, **self.sd}
         return [{k: float(v[i]) for k, v in columns.items()} for i in range(self.cbf.size)]
+
+
+def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ...], ...]:
+    """Plausibility flags of baseline-subtracted tissue curves (T, N), one tuple per curve
+    (names of :data:`CURVE_FLAGS`).
+
+    Each curve is smoothed over time as the bolus arrival is read (Gaussian, SD one frame)
+    and compared with :data:`CURVE_FLAG_SDS` times its noise: the smoothed frames' noise (the
+    curve's own, from its second differences) and the error of the baseline mean that was
+    subtracted, common to every frame: ``below_baseline`` where it falls that far below zero after
+    the baseline frames (and by more than 1 % of its largest excursion, so that rounding in a
+    noise-free curve does not count), ``no_enhancement`` where it never rises that far above
+    zero. Any units.
+    """
+    c = np.asarray(tissue, dtype=np.float64)
+    noise = 1.4826 * np.median(np.abs(np.diff(c, n=2, axis=0)), axis=0) / np.sqrt(6.0)
+    sm = smooth_time(c).astype(np.float64)
+    # the smoothed frame's noise, and the baseline mean's error, which every frame carries
+    share = float((gaussian_taps(ARRIVAL_SMOOTH_FRAMES) ** 2).sum())
+    share += 1.0 / baseline_frames if baseline_frames > 0 else 0.0
+    level = CURVE_FLAG_SDS * noise * np.sqrt(share)
+    after = sm[baseline_frames:] if 0 < baseline_frames < sm.shape[0] else sm
+    below = after.min(axis=0) < -np.maximum(level, 0.01 * np.abs(sm).max(axis=0))
+    flat = sm.max(axis=0) <= level
+    return tuple(tuple(name for name, hit in (("below_baseline", b), ("no_enhancement", f))
+                       if hit) for b, f in zip(below, flat, strict=True))
 
 
 def _as_curves(tissue: np.ndarray, n_t: int) -> np.ndarray:
@@ -169,10 +209,14 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                      tissue_mean=tis.mean(axis=1), pv_factor=pv["factor"],
                      pv_corrected=bool(pv["corrected"]) if v is not None else None,
                      box_mtt=out["mtt"] if method in BOX_METHODS else None)
+    per_curve = curve_flags(tis, n_base)
     provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},
                   "baseline_frames": n_base, "partial_volume": pv,
                   "qc": {k: flags[k] for k in CURVE_QC},
+                  "curve_flags": {name: {"curves": [i for i, f in enumerate(per_curve)
+                                                    if name in f], "reason": reason}
+                                  for name, reason in CURVE_FLAGS.items()},
                   "fit_grid_step_s": None if grid is None else float(grid[1] - grid[0]),
                   **fitted}
-    return CurveFit(**out, sd=sd, provenance=provenance, tissue=tis, aif=aif_used,
-                    vof=None if v is None else vessels[:, 1])
+    return CurveFit(**out, sd=sd, flags=per_curve, provenance=provenance, tissue=tis,
+                    aif=aif_used, vof=None if v is None else vessels[:, 1])
