@@ -414,13 +414,16 @@ def _noisy_hand_curves(rng, drift_hu_per_s: float) -> tuple[np.ndarray, np.ndarr
 def test_curves_below_their_baseline_are_flagged(rng, tmp_path, capsys):
     """A curve cannot fall below its pre-bolus level (contrast only adds attenuation): a
     baseline falling by 0.1 HU/s (4 HU by the end) flags every curve, while the same curves
-    without the drift (the core's included), the same at 2 s frames and the OSIPI reference
-    raise nothing; a flat curve reads as without enhancement."""
+    without the drift (the core's included) and the OSIPI reference raise nothing, the same at
+    2 s frames no below_baseline; a flat curve reads as without enhancement."""
     tissue, aif = _noisy_hand_curves(rng, 0.0)
     still = fit_curves(tissue, aif, T_HAND, method="bayes")
     assert still.flags == ((), (), (), ())
+    # 2 s frames leave one baseline frame, whose error every frame carries: no false alarm (the
+    # core's 4 HU peak may then fall under the 5-SD level of no_enhancement, depending on noise)
     every_4th = fit_curves(tissue[::4], aif[::4], T_HAND[::4], method="nlr-fast")
-    assert every_4th.flags == ((), (), (), ())  # 2 s frames, 3 baseline frames
+    assert every_4th.provenance["baseline_frames"] == 1
+    assert not any("below_baseline" in f for f in every_4th.flags)
     osipi = _load_osipi()
     assert not any(fit_curves(osipi["tissue"], osipi["aif"], osipi["times"]).flags)
     drifting, aif = _noisy_hand_curves(rng, 0.1)
