@@ -331,7 +331,8 @@ def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: s
                   most: int = 12) -> Any:
     """The curves of :func:`ctperf.perfusion.fit_curves` as fitted: the AIF (after any
     partial-volume scaling) and the VOF on the left, the tissue curves on the right with
-    their CBF and Tmax in the legend (the first ``most`` of them), the baseline frames shaded.
+    their CBF, Tmax and flags in the legend (the first ``most`` of them), the baseline frames
+    shaded.
 
     Parameters
     ----------
@@ -353,7 +354,9 @@ def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: s
     colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(n, 2)))
     for i in range(n):
         right.plot(times, fit.tissue[:, i], color=colours[i], linewidth=1.2,
-                   label=f"{names[i]}: CBF {fit.cbf[i]:.1f}, Tmax {fit.tmax[i]:.1f} s")
+                   label=f"{names[i]}: CBF {fit.cbf[i]:.1f}, Tmax {fit.tmax[i]:.1f} s"
+                   + ("".join(f" [{f.replace('_', ' ')}]" for f in fit.flags[i])
+                      if i < len(fit.flags) else ""))
     n_base = int(fit.provenance.get("baseline_frames") or 0)
     for ax in (left, right):
         if n_base > 1:
