@@ -210,6 +210,20 @@ def test_bad_input_gives_clear_errors(study, rng):
         compute_maps(series, vof=truth["vof"][:5])
 
 
+def test_a_study_off_brain_densities_is_refused_with_the_way_out(study):
+    """Tissue at about 0 HU (a phantom of enhancement alone; a study stored without its
+    rescale is refused when read, docs/validation.md): no brain is found; the error gives the
+    level found and names --brain-mask, which then fits the region given."""
+    series, truth = study
+    zero = series.replace(hu=series.hu - series.hu[:5].mean(axis=0))  # enhancement alone
+    with pytest.raises(ValidationError, match=r"not air: -?[0-9]+ HU\).*--brain-mask"):
+        compute_maps(zero)
+    maps = compute_maps(zero, brain_mask=truth["brain"], method="bsvd")
+    assert np.isfinite(maps["cbf"][truth["tissue"]]).all()
+    with pytest.raises(ValidationError, match="selects no voxel"):
+        compute_maps(series, brain_mask=np.zeros_like(truth["tissue"]))
+
+
 def test_a_scan_started_after_the_bolus_is_refused(study):
     """Frames before the contrast are part of the measurement: a study whose arteries already
     carry the bolus at the first frame is refused (no baseline, no AIF upslope), one whose

@@ -322,7 +322,7 @@ def _check_scan_start(onset: _Onset, region: np.ndarray) -> None:
     when = onset.peak_at[strong]
     early = when <= np.percentile(when, 10)
     height, reach = onset.height[strong][early], span[strong][early]
-    level = height / reach
+    level = height / np.maximum(reach, 1e-12)
     started = enhanced_at_start(height, reach, onset.noise_sd)
     if started.mean() > 0.5:
         raise ValidationError(bolus_started_message(
@@ -359,7 +359,14 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
                                   f"{base.shape} (Z, Y, X)")
         search = brain
     if not brain.any():
-        raise ValidationError("no brain voxels found (check that the study is in HU)")
+        if given is not None:
+            raise ValidationError("the brain mask given selects no voxel")
+        solid = base[base > -500]
+        level = f"{float(np.median(solid)):.0f} HU" if solid.size else "all below -500 HU"
+        raise ValidationError(
+            f"no brain voxels found: no tissue at brain densities (15-120 HU) before the bolus "
+            f"(the median of what is not air: {level}); check that the study is in HU, or give "
+            f"the region to fit with --brain-mask (brain_mask=)")
     return brain, search, (cut, share)
 
 
