@@ -288,6 +288,32 @@ def test_curves_csv_time_unit_named_wrongly(tmp_path):
         read_curves_csv(src)
 
 
+def _clock(seconds: float, *, hours: bool) -> str:
+    h, rest = divmod(seconds, 3600.0)
+    m, sec = divmod(rest, 60.0)
+    return f"{int(h) % 24:02d}:{int(m):02d}:{sec:06.3f}" if hours else f"{int(m)}:{sec:04.1f}"
+
+
+@pytest.mark.parametrize("start, hours", [(12 * 3600 + 30.0, True), (86400.0 - 20.0, True),
+                                          (0.0, False)])
+def test_curves_csv_clock_times(tmp_path, start, hours):
+    """Acquisition clock times as workstations export them (hh:mm:ss.fff, across midnight too,
+    or mm:ss.f) read as the seconds between the frames; a table mixing them with plain numbers
+    is refused, naming the line."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    _write_csv(src, T_HAND, {"aif": aif, "gm": tissue[:, 0]})
+    head, *lines = src.read_text().splitlines()
+    clocked = [",".join([_clock(start + t, hours=hours), line.split(",", 1)[1]])
+               for t, line in zip(T_HAND, lines, strict=True)]
+    src.write_text("\n".join([head, *clocked]) + "\n")
+    times = read_curves_csv(src).times
+    np.testing.assert_allclose(times - times[0], T_HAND, atol=1e-6)  # written to the ms
+    src.write_text("\n".join([head, *clocked[:5], lines[5], *clocked[6:]]) + "\n")
+    with pytest.raises(InputError, match=r"line 7.*clock times"):
+        read_curves_csv(src)
+
+
 def test_curves_csv_decimal_comma(tmp_path):
     """A spreadsheet's export in a locale whose decimal mark is a comma (semicolons between the
     columns, as such spreadsheets write them) reads the same numbers; a cell that is still not

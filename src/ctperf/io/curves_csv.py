@@ -2,7 +2,8 @@
 one of the venous curve, and one column per tissue curve (regions or voxels), a header row
 naming them (``time``, ``aif``, ``vof`` or another name each, see :data:`OTHER_NAMES`),
 optionally followed by a row of units (the time's in s, ms or min; or the time
-column's unit in its name: ``time (ms)``, ``Time [s]``, ``time_ms``). Comma,
+column's unit in its name: ``time (ms)``, ``Time [s]``, ``time_ms``); times may also be clock
+times, ``hh:mm:ss.fff`` or ``mm:ss.f`` (as workstations export acquisition times). Comma,
 semicolon or tab separated; with semicolons or tabs a decimal comma is read too (``12,5``, as
 spreadsheets write numbers in many locales). Lines starting with ``#`` are comments. A column
 without a name is left out when it is empty (a separator at the end of every line) or, first in
@@ -116,6 +117,21 @@ def _number(cell: str, decimal_comma: bool) -> float:
     return float(cell)
 
 
+_CLOCK = re.compile(r"^(?:(\d{1,2}):)?(\d{1,2}):(\d{1,2}(?:[.,]\d+)?)$")
+
+
+def _clock_seconds(cell: str) -> float | None:
+    """Seconds of a clock time ``hh:mm:ss(.fff)`` or ``mm:ss(.f)`` (a decimal comma too), or
+    None when the cell is not one."""
+    m = _CLOCK.match(cell.strip())
+    if m is None:
+        return None
+    hours, minutes, seconds = m.groups()
+    if int(minutes) > 59 or float(seconds.replace(",", ".")) >= 60:
+        return None
+    return 3600.0 * int(hours or 0) + 60.0 * int(minutes) + float(seconds.replace(",", "."))
+
+
 def _is_number(cell: str, decimal_comma: bool) -> bool:
     try:
         _number(cell, decimal_comma)
@@ -185,7 +201,8 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     Column names match case-insensitively, and a name followed by a unit or a suffix (``time
     (s)``, ``AIF_HU``) matches when no other column does; with a name left at its default, the
     role's :data:`OTHER_NAMES` are tried too (``artery``, ``vein``, ``SSS``). The time column is
-    in seconds unless its name or a units row says ms or min, strictly increasing; every other
+    in seconds unless its name or a units row says ms or min, or clock times (``hh:mm:ss.fff``,
+    ``mm:ss.f``; across midnight too), strictly increasing; every other
     column is a curve, ``vof_column`` used when present; at least one tissue column is needed.
     With semicolons or tabs between the columns, numbers may have a decimal comma.
     """
@@ -217,10 +234,16 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
             raise InputError(p, f"column {header[where['time']]!r}: its name and line 2 give "
                                 "different time units")
     values = np.empty((len(rows) - first, len(header)))
+    clock = [False] * (len(rows) - first)
     for line, row in enumerate(rows[first:], start=first + 1):
         if len(row) != len(header):
             raise InputError(p, f"line {line} has {len(row)} values, the header {len(header)}")
         for col, cell in enumerate(row):
+            seconds = _clock_seconds(cell) if col == where["time"] else None
+            if seconds is not None:
+                values[line - first - 1, col] = seconds
+                clock[line - first - 1] = True
+                continue
             try:
                 value = _number(cell, decimal_comma)
             except ValueError:
@@ -231,6 +254,17 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
                                     "finite number")
             values[line - first - 1, col] = value
     times = values[:, where["time"]] * scale
+    if any(clock):
+        if not all(clock):
+            line = clock.index(False) + first + 1
+            raise InputError(p, f"line {line}, column {header[where['time']]!r}: the other "
+                                "times are clock times (hh:mm:ss), this one is not")
+        if scale != 1.0:
+            raise InputError(p, f"column {header[where['time']]!r}: clock times (hh:mm:ss) "
+                                "cannot have another unit than seconds")
+        times = values[:, where["time"]].copy()
+        past_midnight = np.concatenate([[False], np.diff(times) < -43200.0])
+        times += 86400.0 * np.cumsum(past_midnight)  # a scan across midnight
     if not np.all(np.diff(times) > 0):
         bad = int(np.argmax(np.diff(times) <= 0)) + first + 2
         raise InputError(p, f"times must increase from row to row (line {bad})")
