@@ -131,14 +131,15 @@ def midsagittal_plane(
     base_angle: float = 0.0,
     max_angle_deg: float = 20.0,
     angle_step_deg: float = 0.5,
-    max_size: int = 128,
+    pixel_mm: float = 0.9,
 ) -> MidPlane:
     """Estimate the mid-sagittal plane as the one about which ``image`` is most symmetric.
 
-    The slices are resampled, in millimetres, on square pixels rotated so that a midline at
+    The slices are resampled on square pixels of a fixed size, rotated so that a midline at
     the trial angle stands vertical; the mirror overlap for every midline position is then one
     self-convolution along the rotated x (an FFT), so all angles and offsets are scored at
-    once. The angle maximising the summed overlap of all slices is kept, and the per-slice
+    once. The angle maximising the summed overlap of all slices is kept, refined between the
+    grid's steps by a parabola through its neighbours' scores, and the per-slice
     offsets (to a fraction of a pixel, from a parabola through the scores) are fitted by a
     straight line in z, weighted by brain area, which absorbs a sideways tilt (roll) without
     letting a small end slice swing the midline.
@@ -155,8 +156,10 @@ def midsagittal_plane(
         :func:`left_right_angle` of the study's affine); the yaw is searched around it.
     max_angle_deg, angle_step_deg : float
         Yaw angles searched about ``base_angle``, degrees.
-    max_size : int
-        Slices are resampled to at most this many pixels a side for the search.
+    pixel_mm : float
+        The search grid's pixel, mm (the image's own when coarser), twice that for the first
+        pass over every angle: fixed, so that a wider field of view does not change the
+        search's resolution.
 
     Returns
     -------
@@ -173,33 +176,58 @@ def midsagittal_plane(
     area = img.sum(axis=(1, 2))
     if not area.sum() > 0:
         raise ValidationError("no brain voxels to estimate the mid-sagittal plane from")
-    # the search grid: square pixels of `pix` mm over the slice's larger extent, centred
     extent = max(ny * dy, nx * dx)
-    pix = max(min(dy, dx), extent / max_size)
-    n = int(np.ceil(extent / pix))
-    c0 = (n - 1) / 2.0
     angles = base_angle + np.deg2rad(np.arange(-max_angle_deg, max_angle_deg + 1e-9,
                                                angle_step_deg))
-    yr, xr = ((v - c0) * pix for v in np.mgrid[0:n, 0:n].astype(np.float64))
-    length = 2 * n
-    scores = np.empty((angles.size, nz, length))
-    norm = np.empty((angles.size, nz))
-    for k, th in enumerate(angles):
-        # Rotated view R(y', x') = I(centre + Rot(th) (x', y')), in mm: a midline whose normal
-        # points at angle th stands vertical in R.
+
+    def grid(pix: float) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """A square grid of ``pix`` mm pixels over the slice's larger extent, centred: its
+        (y, x) in mm from the centre, its pixel and its centre index."""
+        pix = max(min(dy, dx), pix)
+        n = int(np.ceil(extent / pix))
+        c0 = (n - 1) / 2.0
+        yr, xr = ((v - c0) * pix for v in np.mgrid[0:n, 0:n].astype(np.float64))
+        return yr, xr, pix, c0
+
+    def view(th: float, on: tuple[np.ndarray, np.ndarray, float, float]
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Mirror overlaps (Z, 2n) for every midline position, and the view's energy (Z,),
+        of the rotated view R(y', x') = I(centre + Rot(th) (x', y')) (mm) on the grid ``on``,
+        in which a midline whose normal points at angle th stands vertical."""
+        yr, xr, _, _ = on
         c, s = np.cos(th), np.sin(th)
         x_src = centre[1] + (xr * c - yr * s) / dx
         y_src = centre[0] + (xr * s + yr * c) / dy
         rot = np.stack([ndimage.map_coordinates(sl, [y_src, x_src], order=1, cval=0.0)
                         for sl in img])
+        length = 2 * rot.shape[2]
         spec = np.fft.rfft(rot, n=length, axis=2)
         # sum_y sum_x R(x) R(m - x): overlap with the mirror about x' = m / 2.
-        scores[k] = np.fft.irfft(spec * spec, n=length, axis=2).sum(axis=1)
-        norm[k] = np.maximum((rot**2).sum(axis=(1, 2)), 1e-12)
+        return (np.fft.irfft(spec * spec, n=length, axis=2).sum(axis=1),
+                np.maximum((rot**2).sum(axis=(1, 2)), 1e-12))
+
     weight = area / area.sum()
-    per_angle = (scores.max(axis=2) / norm * weight).sum(axis=1)
-    k = int(np.argmax(per_angle))
-    best = scores[k]  # (Z, L)
+
+    def symmetry(th: float, on: tuple[np.ndarray, np.ndarray, float, float]) -> float:
+        overlaps, energy = view(th, on)
+        return float((overlaps.max(axis=1) / energy * weight).sum())
+
+    # every angle on the coarse grid; the best one's neighbourhood (two steps each side) on
+    # the fine grid, its best refined between the steps by a parabola through three scores
+    coarse, fine = grid(2.0 * pixel_mm), grid(pixel_mm)
+    k = int(np.argmax([symmetry(th, coarse) for th in angles]))
+    near = np.arange(max(k - 2, 0), min(k + 3, angles.size))
+    fine_scores = np.array([symmetry(angles[j], fine) for j in near])
+    i = int(np.argmax(fine_scores))
+    angle = float(angles[near[i]])
+    if 0 < i < near.size - 1:
+        left, mid, right = fine_scores[i - 1:i + 2]
+        if left - 2 * mid + right < 0:
+            step = float(angles[1] - angles[0])
+            angle += step * float(np.clip(0.5 * (left - right) / (left - 2 * mid + right),
+                                          -0.5, 0.5))
+    best, energy = view(angle, fine)
+    pix, c0, length = fine[2], fine[3], best.shape[1]
     m = np.argmax(best, axis=1)
     left, mid, right = (best[np.arange(nz), np.clip(m + d, 0, length - 1)] for d in (-1, 0, 1))
     curv = left - 2 * mid + right
@@ -215,9 +243,8 @@ def midsagittal_plane(
         offset = inter + slope * zz
     else:
         offset = np.full(nz, float(np.average(offset, weights=w)))
-    score = float((mid / norm[k] * weight).sum())
-    return MidPlane(angle=float(angles[k]), offset=offset, centre=centre, score=score,
-                    spacing=(dy, dx))
+    score = float((mid / energy * weight).sum())
+    return MidPlane(angle=angle, offset=offset, centre=centre, score=score, spacing=(dy, dx))
 
 
 def normal_cbf_reference(
