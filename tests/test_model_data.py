@@ -44,7 +44,9 @@ def make_cohort(folder: Path, *, subjects: int = 4, seed: int = 0, size: int = 3
     yy, xx = np.mgrid[:size, :size]
     disc = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 < (0.42 * size) ** 2
     brain = np.broadcast_to(disc, shape).copy()
-    affine = np.diag([1.0, 1.0, 5.0, 1.0])
+    # stored as DICOM stores axial slices (and as the phantom is): the first row anterior, the
+    # first column the patient's right, so the slice cache holds the slices as written
+    affine = np.diag([-1.0, -1.0, 5.0, 1.0])
     for s in range(subjects):
         cbv = np.where(brain, 1.0 + 5.0 * _smooth_field(rng, shape), 0.0)
         delay = np.where(brain, 6.0 * _smooth_field(rng, shape), 0.0)
@@ -168,12 +170,15 @@ def test_unitobrain_layout_goes_through_the_io_reader(monkeypatch, tmp_path: Pat
     def fake_reader(root):
         for pid in ("MOL-001", "MOL-002"):
             hu = rng.normal(40, 5, (10, 2, 16, 16)).astype(np.float32)
-            series = CTPSeries(hu=hu, times=np.arange(10) * 0.5)
+            # stored as DICOM stores axial slices: the cache keeps them as they are
+            radiological = np.diag([-1.0, -1.0, 1.0, 1.0])
+            series = CTPSeries(hu=hu, times=np.arange(10) * 0.5, affine=radiological)
             cbv = np.full((2, 16, 16), 3.0, dtype=np.float32)
             cbv[:, :4] = 0.0  # outside the brain
             delay = np.zeros_like(cbv)
             delay[1, 8, 8] = np.nan
-            maps = PerfusionMaps(maps={"cbv": cbv, "cbf": cbv * 10, "delay": delay})
+            maps = PerfusionMaps(maps={"cbv": cbv, "cbf": cbv * 10, "delay": delay},
+                                 affine=radiological)
             yield SimpleNamespace(patient_id=pid, series=series, reference=maps)
 
     monkeypatch.setattr(ctperf.io, "iter_unitobrain", fake_reader, raising=False)
@@ -186,6 +191,43 @@ def test_unitobrain_layout_goes_through_the_io_reader(monkeypatch, tmp_path: Pat
     assert not mask[:, :4].any() and not mask[1, 8, 8]
     with pytest.raises(ValidationError, match="'mtt' is not in the cache"):
         cache.target_index("mtt")
+
+
+def test_cache_turns_every_study_the_same_way_up(tmp_path: Path):
+    """A cohort whose files run the rows to the front and the columns to the patient's right
+    (a NIfTI writer's choice; the affine says so) gives the same slice cache, inputs, targets
+    and masks, as the same cohort stored as DICOM stores it."""
+    from ctperf.io import (
+        read_maps,
+        read_mask,
+        read_nifti_series,
+        write_maps_nifti,
+        write_series_nifti,
+        write_volume,
+    )
+
+    cohort = make_cohort(tmp_path / "dicom_way", subjects=2, size=16, frames=10)
+    other = tmp_path / "other_way"
+    for sub in sorted(cohort.glob("sub-*")):
+        series = read_nifti_series(sub / "study.nii.gz")
+        affine = series.affine.copy()
+        for col, n in ((0, series.shape[3]), (1, series.shape[2])):
+            affine[:3, 3] += affine[:3, col] * (n - 1)
+            affine[:3, col] *= -1
+        flip = (slice(None), slice(None, None, -1), slice(None, None, -1))
+        write_series_nifti(series.replace(hu=series.hu[(slice(None), *flip)].copy(),
+                                          affine=affine), other / sub.name / "study.nii.gz")
+        truth = read_maps(sub / "truth")
+        write_maps_nifti(truth.replace(maps={k: truth[k][flip].copy() for k in truth.names},
+                                       affine=affine), other / sub.name / "truth")
+        brain = read_mask(sub / "masks" / "brain.nii.gz", shape=series.shape[1:],
+                          affine=series.affine)
+        write_volume(brain[flip].copy(), affine, other / sub.name / "masks" / "brain.nii.gz")
+    a = build_slice_cache(cohort, tmp_path / "cache", size=16, frames=5)
+    b = build_slice_cache(other, tmp_path / "cache", size=16, frames=5)
+    assert a.meta["orientation"] == b.meta["orientation"] == "radiological"
+    for name in ("inputs", "targets", "masks"):
+        np.testing.assert_array_equal(getattr(b, name), getattr(a, name))
 
 
 def test_nlr_references_are_written_to_the_output_not_the_cohort(monkeypatch, tmp_path: Path):

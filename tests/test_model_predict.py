@@ -20,6 +20,7 @@ from ctperf.model import (
     save_checkpoint,
     train,
 )
+from ctperf.types import radiological_flips
 from test_model_data import make_cohort
 
 
@@ -66,6 +67,9 @@ def test_prediction_is_the_network_output_mapped_back(trained):
     net = build_model(cfg)
     net.load_state_dict(ckpt["model"])
     net.eval()
+    # the cohort is stored the way up the training slices are turned to: nothing reversed
+    assert cfg["orientation"] == "radiological"
+    assert radiological_flips(series.affine) == (False, False)
     x = series.hu[subsample_indices(12, 6), 1][None]
     x = normalise_input(x, window=cfg["hu_window"], mean=cfg["hu_mean"], std=cfg["hu_std"])
     with torch.no_grad():
@@ -74,6 +78,31 @@ def test_prediction_is_the_network_output_mapped_back(trained):
     # float32 arithmetic through a sigmoid, scaled by the 100 mL/100g/min window
     np.testing.assert_allclose(maps["cbf"][1], 100.0 * out[0], atol=1e-3)
     np.testing.assert_allclose(maps["delay"][1], 15.0 * out[1], atol=1e-3)
+
+
+def test_a_study_stored_flipped_is_predicted_the_same_way_up(trained):
+    """The same study with its rows reversed (as a NIfTI converter may store a DICOM series;
+    the affine says so) reaches the network the same way up: its maps are the first's, rows
+    reversed. A checkpoint from before the orientation was recorded predicts as it was
+    trained, on the slices as stored."""
+    from dataclasses import replace
+
+    cohort, path = trained
+    series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
+    affine = series.affine.copy()
+    affine[:3, 3] += affine[:3, 1] * (series.shape[2] - 1)
+    affine[:3, 1] *= -1
+    flipped = replace(series, hu=series.hu[:, :, ::-1].copy(), affine=affine)
+    a = predict_maps(series, path, device="cpu")
+    b = predict_maps(flipped, path, device="cpu")
+    for name in ("cbf", "delay"):
+        np.testing.assert_array_equal(b[name][:, ::-1], a[name])
+    assert b.provenance["flipped_rows_columns"] == [True, False]
+    old = load_checkpoint(path)
+    del old["config"]["orientation"]
+    as_stored = predict_maps(flipped, old, device="cpu")
+    assert as_stored.provenance["flipped_rows_columns"] == [False, False]
+    assert not np.array_equal(as_stored["cbf"], b["cbf"])
 
 
 def test_a_study_sampled_otherwise_is_resampled_to_the_training_spacing(trained):

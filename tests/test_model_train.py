@@ -158,7 +158,7 @@ def test_guards(caches, tmp_path: Path):
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
     del ckpt["config"]["cache_version"]  # written before the key existed: version 1
     torch.save(ckpt, tmp_path / "last.pt")
-    with pytest.raises(InputError, match=r"different settings.*cache_version=1 vs 2"):
+    with pytest.raises(InputError, match=r"different settings.*cache_version=1 vs 3"):
         train(full, tmp_path, replace(TINY, epochs=2), train_patients=["sub-0000"], resume=True)
     with pytest.raises(ValidationError, match="enhancement_quantile"):
         replace(TINY, enhancement_quantile=0.9)  # needs the baseline input

@@ -21,6 +21,7 @@ __all__ = [
     "MAP_UNITS",
     "CTPSeries",
     "PerfusionMaps",
+    "radiological_flips",
     "spacing_zyx",
     "voxel_ml",
 ]
@@ -41,6 +42,25 @@ def spacing_zyx(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel size in mm in array order (dz, dy, dx) from a 4x4 voxel-to-patient affine."""
     norms = np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0)
     return float(norms[2]), float(norms[1]), float(norms[0])
+
+
+def radiological_flips(affine: np.ndarray) -> tuple[bool, bool]:
+    """Flips (rows, columns) that turn a (.., Y, X) slice to the radiological orientation in
+    which DICOM stores axial images: anterior at the first row, the patient's right at the
+    first column. Axes that do not run front-back (rows) or left-right (columns) are left as
+    they are.
+
+    Parameters
+    ----------
+    affine : ndarray (4, 4)
+        Voxel-to-patient (RAS) affine of the ``(x, y, z, 1)`` index vector.
+    """
+    a = np.asarray(affine, dtype=np.float64)[:3, :3]
+    col_axis = int(np.argmax(np.abs(a[:, 0])))
+    row_axis = int(np.argmax(np.abs(a[:, 1])))
+    flip_cols = col_axis == 0 and a[0, 0] > 0
+    flip_rows = row_axis == 1 and a[1, 1] > 0
+    return bool(flip_rows), bool(flip_cols)
 
 
 def voxel_ml(affine: np.ndarray) -> float:

@@ -42,14 +42,31 @@ from ctperf.model.normalise import (
     to_unit,
 )
 from ctperf.model.unet import input_step, select_frames
-from ctperf.types import CTPSeries, PerfusionMaps
+from ctperf.types import CTPSeries, PerfusionMaps, radiological_flips
 
-__all__ = ["CACHE_VERSION", "SliceCache", "build_slice_cache", "iter_cohort", "open_slice_cache",
-           "resize_slices"]
+__all__ = ["CACHE_VERSION", "ORIENTATION", "SliceCache", "build_slice_cache", "iter_cohort",
+           "open_slice_cache", "orient", "resize_slices"]
 
 log = logging.getLogger(__name__)
 
-CACHE_VERSION = 2  # 2: NLR references' vessels left out of the masks
+CACHE_VERSION = 3  # 2: NLR references' vessels left out of the masks; 3: radiological slices
+
+#: How the cache and the checkpoints trained on it turn every slice: to the orientation DICOM
+#: stores axial images in (:func:`ctperf.types.radiological_flips` of the study's affine), so
+#: that a network sees every study the same way up whatever the file stored (a NIfTI converter
+#: may reverse the rows of the DICOM series it read).
+ORIENTATION = "radiological"
+
+
+def orient(arr: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
+    """``arr`` (..., Y, X) with its rows and/or columns reversed as ``flips`` (rows,
+    columns) say; the same call undoes it."""
+    rows, cols = flips
+    if rows:
+        arr = arr[..., ::-1, :]
+    if cols:
+        arr = arr[..., ::-1]
+    return arr
 _REFERENCES = ("truth", "nlr")
 
 
@@ -277,6 +294,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         raise ValidationError(f"size and frames must be >= 1, got size={size}, frames={frames}")
     root = Path(cohort)
     config = {"version": CACHE_VERSION, "size": size, "frames": frames,
+              "orientation": ORIENTATION,
               "reference": reference, "frame_mode": frame_mode, "frame_interval": frame_interval,
               "hu_window": [float(v) for v in hu_window],
               "windows": {k: list(v) for k, v in TARGET_WINDOWS.items()}}
@@ -311,12 +329,13 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                               frame_interval=frame_interval)
             steps[pid] = input_step(series.times, n_frames=frames, mode=frame_mode,
                                     frame_interval=frame_interval)
-            x = np.clip(resize_slices(x, size), hu_window[0], hu_window[1])
+            flips = radiological_flips(series.affine)
+            x = np.clip(resize_slices(orient(x, flips), size), hu_window[0], hu_window[1])
             targets, names = [], []
-            valid = resize_slices(mask.astype(np.float32), size, mask=True)
+            valid = resize_slices(orient(mask, flips).astype(np.float32), size, mask=True)
             for target, map_name in TARGET_MAPS.items():
                 if map_name in maps:
-                    raw = maps[map_name]
+                    raw = orient(maps[map_name], flips)
                     if np.isfinite(raw).any():
                         lo_hi = ranges.setdefault(target, [np.inf, -np.inf])
                         lo_hi[:] = [min(lo_hi[0], float(np.nanmin(raw))),

@@ -14,9 +14,10 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.model.data import ORIENTATION, orient
 from ctperf.model.normalise import from_unit, normalise_input
 from ctperf.model.unet import input_step, select_frames
-from ctperf.types import CTPSeries, PerfusionMaps
+from ctperf.types import CTPSeries, PerfusionMaps, radiological_flips
 
 __all__ = ["predict_maps"]
 
@@ -122,6 +123,10 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
     mode, interval, note = _frame_selection(series.times, cfg)
     frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]), mode=mode,
                            frame_interval=interval)
+    # turned as the training slices were (checkpoints from before this have no orientation)
+    flips = (radiological_flips(series.affine) if cfg.get("orientation") == ORIENTATION
+             else (False, False))
+    frames = orient(frames, flips)
     x = normalise_input(_resize(frames, (size, size)), window=cfg["hu_window"],
                         mean=cfg["hu_mean"], std=cfg["hu_std"]).transpose(1, 0, 2, 3)
     dev = resolve_device(device)
@@ -133,7 +138,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
         for start in tqdm(range(0, z, batch_size), desc="predict", disable=not progress):
             xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(dev)
             outputs.append(model(xb).float().cpu().numpy())
-    unit = _resize(np.concatenate(outputs, axis=0), (ny, nx))  # (Z, C, Y, X)
+    unit = orient(_resize(np.concatenate(outputs, axis=0), (ny, nx)), flips)  # (Z, C, Y, X)
     maps = {}
     for c, (target, name) in enumerate(zip(cfg["targets"], cfg["map_names"], strict=True)):
         values = from_unit(np.clip(unit[:, c], 0.0, 1.0), target, windows=cfg["windows"])
@@ -147,6 +152,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                                              mode=mode, frame_interval=interval),
                   "input_note": note,
                   "size": size, "resized": (ny, nx) != (size, size),
+                  "flipped_rows_columns": list(flips),
                   "model_software_version": ckpt.get("software_version")}
     if not isinstance(checkpoint, dict):
         provenance["checkpoint"] = Path(checkpoint).name

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.reporting.windows import display_window, map_title
+from ctperf.types import radiological_flips
 
 __all__ = ["maps_overview", "radiological_flips", "volume_text"]
 
@@ -17,23 +18,6 @@ __all__ = ["maps_overview", "radiological_flips", "volume_text"]
 _OVERVIEW_MAPS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "ttp")
 #: Maps that carry the lesion outlines.
 _OUTLINED = ("cbf", "tmax", "cbv")
-
-
-def radiological_flips(affine: np.ndarray) -> tuple[bool, bool]:
-    """Flips (rows, columns) that show a slice radiologically: anterior up, patient right on
-    the viewer's left.
-
-    Parameters
-    ----------
-    affine : ndarray (4, 4)
-        Voxel-to-patient (RAS) affine of the ``(x, y, z, 1)`` index vector.
-    """
-    a = np.asarray(affine)[:3, :3]
-    col_axis = int(np.argmax(np.abs(a[:, 0])))
-    row_axis = int(np.argmax(np.abs(a[:, 1])))
-    flip_cols = col_axis == 0 and a[0, 0] > 0
-    flip_rows = row_axis == 1 and a[1, 1] > 0
-    return bool(flip_rows), bool(flip_cols)
 
 
 def volume_text(lesions: Mapping[str, Any], name: str) -> str:
