@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.perfusion.curves import second_difference_sd
 
 __all__ = [
     "VesselCurve",
@@ -282,8 +283,7 @@ def curve_noise_sd(curve: np.ndarray, *, n_baseline: int | None = None) -> float
         Number of pre-bolus frames.
     """
     c = np.asarray(curve, dtype=np.float64)
-    # Second differences of white noise have SD sqrt(6) sigma; 1.4826 MAD estimates an SD.
-    sd = 1.4826 * float(np.median(np.abs(np.diff(c, n=2)))) / np.sqrt(6.0) if c.size > 2 else 0.0
+    sd = float(second_difference_sd(c))
     if n_baseline is not None and n_baseline >= 3:
         sd = max(sd, float(np.std(c[:n_baseline], ddof=1)))
     return sd

@@ -17,7 +17,12 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.boxnlr import BOX_METHODS
-from ctperf.perfusion.curves import check_bolus_start, gaussian_taps, to_enhancement
+from ctperf.perfusion.curves import (
+    check_bolus_start,
+    gaussian_taps,
+    second_difference_sd,
+    to_enhancement,
+)
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import (
     ARRIVAL_SMOOTH_FRAMES,
@@ -96,7 +101,7 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ..
     zero. Any units.
     """
     c = np.asarray(tissue, dtype=np.float64)
-    noise = 1.4826 * np.median(np.abs(np.diff(c, n=2, axis=0)), axis=0) / np.sqrt(6.0)
+    noise = second_difference_sd(c)
     sm = smooth_time(c).astype(np.float64)
     # the smoothed frame's noise, and the baseline mean's error, which every frame carries
     share = float((gaussian_taps(ARRIVAL_SMOOTH_FRAMES) ** 2).sum())

@@ -28,6 +28,7 @@ __all__ = [
     "gaussian_taps",
     "gaussian_time",
     "resample",
+    "second_difference_sd",
     "time_to_peak",
     "to_enhancement",
     "uniform_grid",
@@ -58,6 +59,17 @@ def bandlimit(curves: np.ndarray, *, axis: int = 0) -> np.ndarray:
     out[0] = 0.75 * x[0] + 0.25 * x[1]
     out[-1] = 0.25 * x[-2] + 0.75 * x[-1]
     return np.moveaxis(out, 0, axis)
+
+
+def second_difference_sd(curves: np.ndarray) -> np.ndarray:
+    """Noise SD of each curve (T, ...) from its second differences, robust to the bolus: for
+    white noise var(x[i-1] - 2 x[i] + x[i+1]) = 6 sigma^2, and 1.4826 times the median absolute
+    value estimates an SD while ignoring the few frames where the curve itself bends. Returns
+    float64 (...), 0 for fewer than three frames; the curves' units."""
+    c = np.asarray(curves, dtype=np.float64)
+    if c.shape[0] < 3:
+        return np.zeros(c.shape[1:])
+    return 1.4826 * np.median(np.abs(np.diff(c, n=2, axis=0)), axis=0) / np.sqrt(6.0)
 
 
 def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1) -> int:
@@ -115,7 +127,7 @@ def check_bolus_start(aif: np.ndarray) -> None:
     low = float(np.sort(c)[:3].mean())
     span, rise = float(c.max()) - low, float(c[0]) - low
     # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
-    noise = 1.4826 * float(np.median(np.abs(x[:-2] - 2.0 * x[1:-1] + x[2:]))) / np.sqrt(6.0)
+    noise = float(second_difference_sd(x))
     if (span > 0 and span - rise > BOLUS_AT_START * span
             and enhanced_at_start(rise, span, np.sqrt(0.625) * noise)):
         raise ValidationError(bolus_started_message(

@@ -26,7 +26,7 @@ from ctperf.perfusion.aif import (
     select_vof,
     tissue_peak_time,
 )
-from ctperf.perfusion.curves import check_bolus_start
+from ctperf.perfusion.curves import check_bolus_start, second_difference_sd
 
 __all__ = ["CurveOrigin", "arterial_input", "partial_volume", "venous_output", "vessel_info",
            "voxel_noise_sd"]
@@ -224,8 +224,7 @@ def voxel_noise_sd(curves: np.ndarray, n_base: int) -> float:
     """Median noise SD (HU) of single-voxel curves (T, N): pre-bolus SD when there are three or
     more baseline frames, never below the SD implied by the median absolute second difference."""
     c = np.asarray(curves, dtype=np.float64)
-    sd = float(np.median(1.4826 * np.median(np.abs(np.diff(c, n=2, axis=0)), axis=0)
-                         / np.sqrt(6.0)))
+    sd = float(np.median(second_difference_sd(c)))
     if n_base >= 3:
         sd = max(sd, float(np.median(c[:n_base].std(axis=0, ddof=1))))
     return sd
