@@ -14,6 +14,7 @@ import pytest
 
 from ctperf import io
 from ctperf.cli import main
+from ctperf.errors import ValidationError
 from ctperf.evaluation.metrics import map_agreement
 from ctperf.types import PerfusionMaps
 
@@ -274,6 +275,56 @@ def test_further_methods_are_compared_with_the_reference(cohorts):
                                                                       ("unet-b", "nlr")}
     # three methods: a Friedman test per lesion (pred and its copy tie in every study)
     assert [f["k"] for f in doc["friedman"]] == [3, 3, 3]
+
+
+def test_a_cohort_stored_another_way_up_is_compared_voxel_for_voxel(cohorts, tmp_path):
+    """The prediction cohort written with its rows reversed and its columns and rows swapped
+    (the affines say so, as another tool's NIfTI may) gives the same Tables 1 and 2 as the
+    original; one on another grid (moved by half a voxel) is refused, naming the study."""
+    from ctperf.evaluation.cohort import evaluate_readers, load_maps_cohort
+
+    def rewrite(dest: Path, turn, affine: np.ndarray) -> None:
+        for study in STUDIES:
+            src = cohorts["pred"] / study
+            maps = io.read_maps(src)
+            io.write_maps_nifti(maps.replace(maps={n: turn(maps[n]) for n in maps.names},
+                                             affine=affine), dest / study)
+            for f in sorted((src / "lesions").glob("*.nii.gz")):
+                vol, _ = io.read_volume(f)
+                io.write_volume(turn(vol) != 0, affine, dest / study / "lesions" / f.name)
+            shutil.copy(src / "summary.json", dest / study / "summary.json")
+
+    reversed_rows = AFFINE.copy()
+    reversed_rows[:3, 3] += reversed_rows[:3, 1] * (SHAPE[1] - 1)
+    reversed_rows[:3, 1] *= -1
+    swapped = reversed_rows[:, [1, 0, 2, 3]]
+    rewrite(tmp_path / "flipped", lambda a: np.swapaxes(a[:, ::-1], 1, 2).copy(), swapped)
+    moved = AFFINE.copy()
+    moved[0, 3] += 1.0
+    rewrite(tmp_path / "moved", lambda a: a, moved)
+
+    ref = load_maps_cohort(cohorts["ref"])
+    base = evaluate_readers([load_maps_cohort(cohorts["pred"]), ref], studies=STUDIES)
+    turned = evaluate_readers([load_maps_cohort(tmp_path / "flipped"),
+                               load_maps_cohort(cohorts["ref"])], studies=STUDIES)
+    def leaves(doc, at=""):
+        if isinstance(doc, dict):
+            return [x for k in sorted(doc) for x in leaves(doc[k], f"{at}/{k}")]
+        if isinstance(doc, list):
+            return [x for i, v in enumerate(doc) for x in leaves(v, f"{at}/{i}")]
+        return [(at, doc)]
+
+    for part in ("maps", "lesions"):
+        a, b = leaves(turned[part]), leaves(base[part])
+        assert [k for k, _ in a] == [k for k, _ in b]
+        for (k, x), (_, y) in zip(a, b, strict=True):
+            if isinstance(x, float) and isinstance(y, float):
+                # the same voxels summed in another order: equal to float rounding
+                assert x == pytest.approx(y, rel=1e-6, abs=1e-9, nan_ok=True), k
+            else:
+                assert x == y, k
+    with pytest.raises(ValidationError, match="study s01: the maps of unet and nlr are not on"):
+        evaluate_readers([load_maps_cohort(tmp_path / "moved"), ref], studies=STUDIES)
 
 
 def test_evaluation_imports_neither_torch_nor_matplotlib():
