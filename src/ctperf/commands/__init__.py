@@ -211,8 +211,8 @@ def preprocess_step_options(args: argparse.Namespace) -> dict[str, Any]:
 def add_brain_mask_option(parser: Any) -> None:
     """``--brain-mask PATH``: a 3D NIfTI brain mask on the study's grid."""
     parser.add_argument("--brain-mask", type=Path, default=None, metavar="PATH",
-                        help="3D NIfTI brain mask on the study's grid (nonzero = brain) "
-                             "instead of the automatic one")
+                        help="3D NIfTI brain mask on the study's grid, its voxels stored in "
+                             "any axis order (nonzero = brain) instead of the automatic one")
 
 
 def add_preprocess_options(parser: Any, *, default: bool, filter_by_method: bool = False

@@ -233,41 +233,6 @@ def _map_pairs(readers: Sequence[Reader]) -> list[tuple[Reader, Reader]]:
     return pairs + [(m, t) for t in truth for m in methods]
 
 
-#: How to turn a (Z, Y, X) array: the axes' new order and which (new) axes to reverse.
-_Turn = tuple[tuple[int, int, int], tuple[bool, ...]]
-
-
-def _reorientation(affine: np.ndarray, shape: tuple[int, int, int], target: np.ndarray,
-                   *, atol_mm: float = 1e-3) -> _Turn | None:
-    """How to put a (Z, Y, X) grid with ``affine`` onto the grid of ``target`` (the same voxels
-    stored in another order: axes swapped or reversed): the axis order and the flips to apply,
-    or None when the two grids do not hold the same voxels."""
-    from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
-
-    a, t = np.asarray(affine, dtype=np.float64), np.asarray(target, dtype=np.float64)
-    ornt = ornt_transform(io_orientation(a), io_orientation(t))  # on (x, y, z) axes
-    moved = a @ inv_ornt_aff(ornt, shape[::-1])
-    if not np.allclose(moved, t, atol=atol_mm):
-        return None
-    # (x, y, z) axis i of the source goes to axis ornt[i, 0], reversed when ornt[i, 1] < 0;
-    # in (Z, Y, X) order axis k is (x, y, z) axis 2 - k
-    order = [0, 0, 0]
-    flips = [False, False, False]
-    for i, (dest, sign) in enumerate(ornt):
-        order[2 - int(dest)] = 2 - i
-        flips[2 - int(dest)] = sign < 0
-    return (order[0], order[1], order[2]), tuple(flips)
-
-
-def _apply(arr: np.ndarray, how: _Turn) -> np.ndarray:
-    order, flips = how
-    out = np.transpose(arr, order)
-    for axis, flip in enumerate(flips):
-        if flip:
-            out = np.flip(out, axis)
-    return np.ascontiguousarray(out)
-
-
 def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> None:
     """Put every reader's maps, lesions and brain masks on the grid of the reference (the
     second reader with maps, else the first; raters' masks are read on it), study by study, in
@@ -278,6 +243,8 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> None:
     with_maps = [r for r in readers if r.maps]
     if not with_maps:
         return
+    from ctperf.io import reorient, reorientation
+
     grid = with_maps[1] if len(with_maps) > 1 else with_maps[0]
     for r in readers:
         if r is grid or not r.maps:
@@ -288,17 +255,17 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> None:
             own, target = r.maps[s], grid.maps[s]
             if own.shape == target.shape and np.allclose(own.affine, target.affine, atol=1e-3):
                 continue
-            how = _reorientation(own.affine, own.shape, target.affine)
+            how = reorientation(own.affine, own.shape, target.affine)
             if how is None:
                 raise ValidationError(
                     f"study {s}: the maps of {r.label} and {grid.label} are not on the same grid "
                     f"(shapes {own.shape} and {target.shape}, affines differ beyond the voxels' "
                     "order); resample one onto the other")
-            r.maps[s] = own.replace(maps={n: _apply(own[n], how) for n in own.names},
+            r.maps[s] = own.replace(maps={n: reorient(own[n], how) for n in own.names},
                                     affine=target.affine)
-            r.lesions[s] = {n: _apply(m, how) for n, m in r.lesions.get(s, {}).items()}
+            r.lesions[s] = {n: reorient(m, how) for n, m in r.lesions.get(s, {}).items()}
             if s in r.brain:
-                r.brain[s] = _apply(r.brain[s], how)
+                r.brain[s] = reorient(r.brain[s], how)
 
 
 def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> dict[str, Any]:

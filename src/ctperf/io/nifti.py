@@ -34,6 +34,8 @@ __all__ = [
     "read_mask",
     "read_nifti_series",
     "read_volume",
+    "reorient",
+    "reorientation",
     "sidecar_path",
     "write_json",
     "write_maps_nifti",
@@ -314,16 +316,58 @@ def read_volume(path: PathLike, *, allow_nan: bool = False) -> tuple[np.ndarray,
     return np.ascontiguousarray(data.transpose(2, 1, 0)), affine
 
 
+#: How to turn a (Z, Y, X) array onto another grid: the axes' new order and which (new) axes
+#: to reverse (:func:`reorientation`).
+Turn = tuple[tuple[int, int, int], tuple[bool, bool, bool]]
+
+
+def reorientation(affine: np.ndarray, shape: tuple[int, int, int], target: np.ndarray, *,
+                  atol_mm: float = 1e-3) -> Turn | None:
+    """How to put a (Z, Y, X) grid with ``affine`` onto the grid of ``target``, when both hold
+    the same voxels stored in another order (axes swapped or reversed, as another tool's NIfTI
+    may store them): for :func:`reorient`; None when they do not (another position, spacing or
+    rotation)."""
+    from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
+
+    a, t = np.asarray(affine, dtype=np.float64), np.asarray(target, dtype=np.float64)
+    ornt = ornt_transform(io_orientation(a), io_orientation(t))  # on the (x, y, z) axes
+    if not np.allclose(a @ inv_ornt_aff(ornt, tuple(shape)[::-1]), t, atol=atol_mm):
+        return None
+    # (x, y, z) axis i goes to axis ornt[i, 0], reversed when ornt[i, 1] < 0; in (Z, Y, X)
+    # order, axis k is (x, y, z) axis 2 - k
+    order, flips = [0, 0, 0], [False, False, False]
+    for i, (dest, sign) in enumerate(ornt):
+        order[2 - int(dest)] = 2 - i
+        flips[2 - int(dest)] = bool(sign < 0)
+    return (order[0], order[1], order[2]), (flips[0], flips[1], flips[2])
+
+
+def reorient(arr: np.ndarray, how: Turn) -> np.ndarray:
+    """``arr`` (Z, Y, X) on the grid :func:`reorientation` found, a new contiguous array."""
+    order, flips = how
+    out = np.transpose(arr, order)
+    for axis, flip in enumerate(flips):
+        if flip:
+            out = np.flip(out, axis)
+    return np.ascontiguousarray(out)
+
+
 def read_mask(path: PathLike, *, shape: tuple[int, int, int], affine: np.ndarray,
               atol_mm: float = 1e-3) -> np.ndarray:
-    """Read a 3D mask (nonzero = inside) and check it lies on the grid ``shape``/``affine``."""
+    """Read a 3D mask (nonzero = inside) on the grid ``shape``/``affine``: as stored, or turned
+    onto it when it holds the same voxels in another order (axes swapped or reversed, as
+    another tool may write it); another grid is refused."""
     vol, mask_affine = read_volume(path)
-    if vol.shape != tuple(shape):
-        raise InputError(path, f"mask grid {vol.shape} (Z, Y, X) differs from the study grid "
-                               f"{tuple(shape)}; resample it onto the study first")
-    if not np.allclose(mask_affine, affine, atol=atol_mm):
-        raise InputError(path, "mask affine differs from the study affine (another grid or "
-                               "orientation); resample it onto the study first")
+    if vol.shape != tuple(shape) or not np.allclose(mask_affine, affine, atol=atol_mm):
+        how = reorientation(mask_affine, vol.shape, affine, atol_mm=atol_mm)
+        if how is None:
+            raise InputError(path, f"mask grid {vol.shape} (Z, Y, X) and affine differ from "
+                                   f"the study's {tuple(shape)} (another position, spacing or "
+                                   "rotation); resample it onto the study first")
+        vol = reorient(vol, how)
+        if vol.shape != tuple(shape):
+            raise InputError(path, f"mask grid {vol.shape} (Z, Y, X) differs from the study "
+                                   f"grid {tuple(shape)}; resample it onto the study first")
     mask = vol != 0
     if not mask.any():
         raise InputError(path, "mask is empty")

@@ -72,7 +72,8 @@ class PreprocessSteps:
 @dataclass(frozen=True, kw_only=True)
 class MapsOptions(PreprocessSteps, StudyIOOptions):
     """Options of :func:`maps_study` (``ctperf maps``): no preprocessing unless asked;
-    ``aif_mask``, ``vof_mask`` and ``brain_mask`` are 3D NIfTI files on the study's grid;
+    ``aif_mask``, ``vof_mask`` and ``brain_mask`` are 3D NIfTI files on the study's grid (in any
+    axis order: :func:`ctperf.io.read_mask`);
     ``rho`` (g/mL), ``kh``, ``device`` and ``lesion_options`` (by default those of ``ctperf
     maps``) go to :func:`~ctperf.perfusion.run_perfusion`."""
 
