@@ -21,6 +21,7 @@ __all__ = [
     "MAP_UNITS",
     "CTPSeries",
     "PerfusionMaps",
+    "orient",
     "radiological_flips",
     "spacing_zyx",
     "voxel_ml",
@@ -61,6 +62,17 @@ def radiological_flips(affine: np.ndarray) -> tuple[bool, bool]:
     flip_cols = col_axis == 0 and a[0, 0] > 0
     flip_rows = row_axis == 1 and a[1, 1] > 0
     return bool(flip_rows), bool(flip_cols)
+
+
+def orient(arr: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
+    """``arr`` (..., Y, X) with its rows and/or columns reversed as ``flips`` (rows, columns;
+    :func:`radiological_flips`) say; the same call undoes it. A view, not a copy."""
+    rows, cols = flips
+    if rows:
+        arr = arr[..., ::-1, :]
+    if cols:
+        arr = arr[..., ::-1]
+    return arr
 
 
 def voxel_ml(affine: np.ndarray) -> float:

@@ -42,10 +42,10 @@ from ctperf.model.normalise import (
     to_unit,
 )
 from ctperf.model.unet import input_step, select_frames
-from ctperf.types import CTPSeries, PerfusionMaps, radiological_flips
+from ctperf.types import CTPSeries, PerfusionMaps, orient, radiological_flips
 
 __all__ = ["CACHE_VERSION", "ORIENTATION", "SliceCache", "build_slice_cache", "iter_cohort",
-           "open_slice_cache", "orient", "resize_slices"]
+           "open_slice_cache", "resize_slices"]
 
 log = logging.getLogger(__name__)
 
@@ -58,15 +58,6 @@ CACHE_VERSION = 3  # 2: NLR references' vessels left out of the masks; 3: radiol
 ORIENTATION = "radiological"
 
 
-def orient(arr: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:
-    """``arr`` (..., Y, X) with its rows and/or columns reversed as ``flips`` (rows,
-    columns) say; the same call undoes it."""
-    rows, cols = flips
-    if rows:
-        arr = arr[..., ::-1, :]
-    if cols:
-        arr = arr[..., ::-1]
-    return arr
 _REFERENCES = ("truth", "nlr")
 
 

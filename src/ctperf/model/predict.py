@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.model.data import ORIENTATION, orient
+from ctperf.model.data import ORIENTATION
 from ctperf.model.normalise import from_unit, normalise_input
 from ctperf.model.unet import input_step, select_frames
-from ctperf.types import CTPSeries, PerfusionMaps, radiological_flips
+from ctperf.types import CTPSeries, PerfusionMaps, orient, radiological_flips
 
 __all__ = ["predict_maps"]
 

@@ -17,15 +17,10 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.boxnlr import BOX_METHODS
-from ctperf.perfusion.curves import (
-    check_bolus_start,
-    gaussian_taps,
-    second_difference_sd,
-    to_enhancement,
-)
+from ctperf.perfusion.curves import check_bolus_start, second_difference_sd, to_enhancement
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import (
-    ARRIVAL_SMOOTH_FRAMES,
+    ARRIVAL_NOISE_GAIN,
     METHODS,
     MIN_FRAMES,
     SD_MAPS,
@@ -104,7 +99,7 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ..
     noise = second_difference_sd(c)
     sm = smooth_time(c).astype(np.float64)
     # the smoothed frame's noise, and the baseline mean's error, which every frame carries
-    share = float((gaussian_taps(ARRIVAL_SMOOTH_FRAMES) ** 2).sum())
+    share = ARRIVAL_NOISE_GAIN ** 2
     share += 1.0 / baseline_frames if baseline_frames > 0 else 0.0
     level = CURVE_FLAG_SDS * noise * np.sqrt(share)
     after = sm[baseline_frames:] if 0 < baseline_frames < sm.shape[0] else sm

@@ -294,7 +294,7 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
     sample = where[np.linspace(0, where.size - 1, min(where.size, 4096)).astype(np.int64)]
     noise = voxel_noise_sd(vhu.reshape(vhu.shape[0], -1)[:, sample], 0)
     onset = _Onset(first - low, top - low, low, peak_at,
-                   noise * float(np.sqrt((_ARRIVAL_TAPS ** 2).sum())))
+                   noise * ARRIVAL_NOISE_GAIN)
     return (pre_bolus_frames(vhu, np.where(calm, rise, -np.inf), noise_sd=noise), bone_rim,
             onset)
 
@@ -556,6 +556,8 @@ def _lesions(maps: PerfusionMaps, *, brain: np.ndarray, search: np.ndarray,
 #: Gaussian SD, in frames, of the smoothing over time before bolus arrivals are read.
 ARRIVAL_SMOOTH_FRAMES = 1.0
 _ARRIVAL_TAPS = gaussian_taps(ARRIVAL_SMOOTH_FRAMES)
+#: SD of white noise of unit SD after :func:`smooth_time`.
+ARRIVAL_NOISE_GAIN = float(np.sqrt((_ARRIVAL_TAPS ** 2).sum()))
 
 
 def smooth_time(curves: np.ndarray) -> np.ndarray:
@@ -576,7 +578,7 @@ def pre_bolus_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
     top = np.argpartition(flat, flat.size - max(n, 1))[-max(n, 1):]
     c = smooth_time(hu.reshape(hu.shape[0], -1)[:, top])
     rel = c - np.median(c[: min(3, c.shape[0])], axis=0)
-    smoothed_sd = noise_sd * float(np.sqrt((_ARRIVAL_TAPS ** 2).sum()))
+    smoothed_sd = noise_sd * ARRIVAL_NOISE_GAIN
     arrival = np.argmax(rel > np.maximum(0.2 * rel.max(axis=0), 4.0 * smoothed_sd), axis=0)
     # two frames early: the smoothing (one frame's SD) moves a crossing by up to a frame
     return max(1, int(np.percentile(arrival, percentile)) - 2)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.reporting.windows import display_window, map_title
-from ctperf.types import radiological_flips
+from ctperf.types import orient, radiological_flips
 
 __all__ = ["maps_overview", "radiological_flips", "volume_text"]
 
@@ -88,7 +88,7 @@ def maps_overview(result: Any, *, title: str = "",
     area = result.brain.sum(axis=(1, 2))
     order = np.argsort(-area, kind="stable")[: min(4, n_z)]
     slices = sorted(int(z) for z in order if area[z] > 0) or [n_z // 2]
-    flip_rows, flip_cols = radiological_flips(maps.affine)
+    flips = radiological_flips(maps.affine)
     _, dy, dx = maps.spacing
     # At least three columns: the curves take two and the text one when few maps are shown.
     columns = max(3, len(names))
@@ -112,12 +112,7 @@ def maps_overview(result: Any, *, title: str = "",
                             top=1 - top / fig_h, bottom=bottom / fig_h)
 
     def view(a: Any) -> Any:
-        a = a[r0:r1, c0:c1]
-        if flip_rows:
-            a = a[::-1]
-        if flip_cols:
-            a = a[:, ::-1]
-        return a
+        return orient(a[r0:r1, c0:c1], flips)
 
     for j, name in enumerate(names):
         window = display_window(name, maps[name][result.brain & ~result.vessels])
