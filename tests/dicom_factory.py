@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import CTImageStorage, EnhancedCTImageStorage, ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["FakeStudy", "ct_dataset", "patch_bytes", "write_enhanced_study", "write_fake_study"]
+__all__ = ["FakeStudy", "ct_dataset", "gdcm_recompress", "patch_bytes", "write_bare_dataset",
+           "write_enhanced_study", "write_fake_study"]
 
 START = dt.datetime(2021, 3, 4, 10, 20, 30)
 
@@ -141,12 +145,13 @@ def _item(**values) -> Dataset:
 
 def write_enhanced_study(folder: Path, rng: np.random.Generator, *, per_slice: bool,
                          n_frames: int = 5, n_slices: int = 3, rows: int = 8, cols: int = 10,
-                         tilt_deg: float = 0.0, shuttle: bool = False,
+                         tilt_deg: float = 0.0, shuttle: bool = False, per_image: bool = False,
                          edit: Callable[[Dataset], None] | None = None) -> FakeStudy:
     """The study of :func:`write_fake_study` as Enhanced CT multi-frame objects: one file per
-    slice (``per_slice``) or one file for the whole study, frames in random order, geometry,
-    rescale and timing in the functional groups only (as the Enhanced CT IOD puts them);
-    ``edit(ds)`` may change a dataset before it is saved."""
+    slice (``per_slice``), per image (``per_image``: one frame per file, as some scanners
+    export) or one file for the whole study, frames in random order, geometry, rescale and
+    timing in the functional groups only (as the Enhanced CT IOD puts them); ``edit(ds)`` may
+    change a dataset before it is saved."""
     classic = write_fake_study(folder / "classic", rng, n_frames=n_frames, n_slices=n_slices,
                                rows=rows, cols=cols, tilt_deg=tilt_deg, shuttle=shuttle)
     study = FakeStudy(folder / "enhanced", classic.hu, classic.times, classic.slice_times,
@@ -155,6 +160,8 @@ def write_enhanced_study(folder: Path, rng: np.random.Generator, *, per_slice: b
     study_uid, frame_uid = generate_uid(), generate_uid()
     groups = [[(t, z) for t in range(n_frames)] for z in range(n_slices)] if per_slice \
         else [[(t, z) for t in range(n_frames) for z in range(n_slices)]]
+    if per_image:
+        groups = [[image] for group in groups for image in group]
     for number, images in enumerate(groups):
         images = [images[i] for i in rng.permutation(len(images))]
         ds = _new_dataset(EnhancedCTImageStorage)
@@ -202,3 +209,35 @@ def patch_bytes(path: Path, old: str, new: str) -> None:
     if data.count(a) != 1 or len(b) != len(a):
         raise ValueError(f"{old!r} is not unique in {path.name}, or {new!r} is too long")
     path.write_bytes(data.replace(a, b))
+
+
+def write_bare_dataset(path: Path) -> None:
+    """Rewrite a DICOM file as old scanners wrote them: a bare implicit VR little endian
+    dataset, without preamble, "DICM" and file meta."""
+    ds = pydicom.dcmread(path)
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)
+    path.write_bytes(buffer.getvalue())
+
+
+def gdcm_recompress(path: Path, syntax: str) -> None:
+    """Re-encode a file's pixel data with GDCM (``syntax``: a ``gdcm.TransferSyntax``
+    attribute name such as "JPEGLSLossless"), for syntaxes pydicom cannot encode itself."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    if not reader.Read():
+        raise OSError(f"GDCM cannot read {path}")
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
+    change.SetInput(reader.GetImage())
+    if not change.Change():
+        raise OSError(f"GDCM cannot encode {path} as {syntax}")
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(path))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    if not writer.Write():
+        raise OSError(f"GDCM cannot write {path}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import shutil
 
@@ -13,7 +14,13 @@ from pydicom.uid import generate_uid
 from ctperf.cli import main
 from ctperf.errors import InputError
 from ctperf.io import read_dicom_series, read_study, write_series_dicom, write_series_nifti
-from dicom_factory import FakeStudy, write_enhanced_study, write_fake_study
+from dicom_factory import (
+    FakeStudy,
+    gdcm_recompress,
+    write_bare_dataset,
+    write_enhanced_study,
+    write_fake_study,
+)
 
 
 def expected_affine(study: FakeStudy) -> np.ndarray:
@@ -96,14 +103,71 @@ def test_instance_number_fallback(tmp_path, rng):
 
 
 def test_identical_times_rejected(tmp_path, rng):
+    """Every timing tag the same in all frames: the first one's error, unless the spacing is
+    given (frames then ordered by TemporalPositionIndex)."""
     def edit(ds, t, z):
         ds.AcquisitionDateTime = "20210304102030.000000"
+        ds.AcquisitionTime = ds.ContentTime = "102030.000000"
 
     study = write_fake_study(tmp_path / "s", rng, edit=edit)
-    with pytest.raises(InputError, match="identical"):
+    with pytest.raises(InputError, match="AcquisitionDateTime is identical for all 5 frames"):
         read_dicom_series(study.folder)
-    # explicit frame spacing: frames ordered by the next usable source, AcquisitionTime
     series = read_dicom_series(study.folder, frame_interval=1.5)
+    np.testing.assert_array_equal(series.hu, study.hu)
+    assert "TemporalPositionIndex" in series.meta["timing_source"]
+
+
+def _whole_seconds(ds, t, z):
+    """AcquisitionTime in whole seconds only: frames less than 1 s apart repeat it."""
+    del ds.AcquisitionDateTime
+    ds.AcquisitionTime = ds.AcquisitionTime.split(".")[0]
+
+
+def _start_time_everywhere(ds, t, z):
+    """AcquisitionDateTime holding the series' start in every image."""
+    ds.AcquisitionDateTime = "20210304102030.000000"
+
+
+def _acquisition_time_constant(ds, t, z):
+    del ds.AcquisitionDateTime
+    ds.AcquisitionTime = "102030.000000"
+
+
+@pytest.mark.parametrize("edit, frame_step, source", [
+    (_start_time_everywhere, 1.5, "AcquisitionTime"),
+    (_acquisition_time_constant, 1.5, "ContentTime"),
+    (_whole_seconds, 0.5, "ContentTime"),
+])
+def test_timing_tag_that_cannot_order_frames_is_passed_over(tmp_path, rng, caplog, edit,
+                                                            frame_step, source):
+    """A tag that is flat (the series' start in every image) or repeats within a slice (whole
+    seconds, frames 0.5 s apart) gives way to the next tag that increases."""
+    study = write_fake_study(tmp_path / "s", rng, frame_step=frame_step, edit=edit)
+    with caplog.at_level(logging.INFO, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    assert series.meta["timing_source"] == source
+    np.testing.assert_allclose(series.times, study.times, atol=1e-6)  # microsecond digits
+    np.testing.assert_array_equal(series.hu, study.hu)
+    assert f"frame times from {source} (passed over:" in caplog.text
+
+
+@pytest.mark.parametrize("tag", ["FrameReferenceTime", "TriggerTime"])
+def test_relative_times_in_ms_are_a_last_resort(tmp_path, rng, tag):
+    """Only a relative time in ms (and an AcquisitionTime holding the series' start): read,
+    with no clock time claimed for the start."""
+    def edit(ds, t, z):
+        del ds.AcquisitionDateTime, ds.ContentTime
+        ms = (dt.datetime.strptime(ds.AcquisitionTime, "%H%M%S.%f")
+              - dt.datetime.strptime("102030", "%H%M%S")).total_seconds() * 1000
+        setattr(ds, tag, f"{ms:.1f}")
+        ds.AcquisitionTime = "102030.000000"
+
+    study = write_fake_study(tmp_path / "s", rng, shuttle=True, edit=edit)
+    series = read_dicom_series(study.folder)
+    assert series.meta["timing_source"] == tag
+    # times written in 0.1 ms: 1e-4 s covers the rounding
+    np.testing.assert_allclose(series.slice_times, study.slice_times, atol=1e-4)
+    assert "acquisition_start" not in series.meta
     np.testing.assert_array_equal(series.hu, study.hu)
 
 
@@ -170,7 +234,8 @@ def test_series_that_are_not_time_points_are_listed(tmp_path, rng):
     uids = [generate_uid() for _ in range(4)]
     write_fake_study(tmp_path / "a", rng, n_frames=4, edit=_one_series_per_time_point(uids))
     other = write_fake_study(tmp_path / "a" / "localiser", rng, n_frames=3, n_slices=2)
-    with pytest.raises(InputError, match="holds 5 series; choose one") as info:
+    with pytest.raises(InputError, match="holds 5 series, 1 of them a time course and 4 of "
+                                         "them one scan's time points; choose one") as info:
         read_dicom_series(tmp_path / "a")
     assert other.series_uid in str(info.value)
 
@@ -326,6 +391,7 @@ def test_single_frame_is_not_4d(tmp_path, rng):
 
 def test_duplicate_times_are_non_monotonic(tmp_path, rng):
     def edit(ds, t, z):
+        del ds.AcquisitionTime, ds.ContentTime     # no other tag to fall back on
         if t == 3:
             ds.AcquisitionDateTime = "20210304102030.000000"  # the same time as frame 0
 
@@ -474,3 +540,163 @@ def test_enhanced_compressed_frames(tmp_path, rng):
     series = read_dicom_series(study.folder)
     np.testing.assert_array_equal(series.hu, study.hu)
     assert series.meta["transfer_syntax"] == "RLE Lossless"
+
+
+@pytest.mark.parametrize("number_of_frames", ["1", None])
+def test_enhanced_one_frame_per_file(tmp_path, rng, number_of_frames):
+    """Enhanced CT stored one frame per file (NumberOfFrames 1, or absent as some exports
+    write it): geometry and times are in the functional groups all the same."""
+    def edit(ds):
+        if number_of_frames is None:
+            del ds.NumberOfFrames
+        else:
+            ds.NumberOfFrames = number_of_frames
+
+    study = write_enhanced_study(tmp_path / "s", rng, per_slice=False, per_image=True,
+                                 tilt_deg=12.0, edit=edit)
+    series = read_dicom_series(study.folder)
+    np.testing.assert_array_equal(series.hu, study.hu)
+    np.testing.assert_allclose(series.times, study.times, atol=1e-6)  # microsecond digits
+    np.testing.assert_allclose(series.affine, expected_affine(study), atol=1e-4)  # DS digits
+    assert series.meta["n_files"] == 15
+
+
+def _exam_uids() -> tuple[str, str]:
+    return generate_uid(), generate_uid()
+
+
+def _same_exam(uids: tuple[str, str], *, image_type: str | None = None):
+    """An edit putting a series in one study and frame of reference, with an ImageType."""
+    def edit(ds, t, z):
+        ds.StudyInstanceUID, ds.FrameOfReferenceUID = uids
+        if image_type is not None:
+            ds.ImageType = [image_type, "PRIMARY", "AXIAL"]
+    return edit
+
+
+def test_time_point_series_beside_other_objects(tmp_path, rng, caplog, capsys):
+    """One series per time point in a folder that also holds a localiser, a plain CT on
+    another grid and a dose report without position: the time points are read, the others
+    left out and named in the log."""
+    exam = _exam_uids()
+    uids = [generate_uid() for _ in range(5)]
+    study = write_fake_study(tmp_path / "exam" / "ctp", rng, n_frames=5,
+                             edit=_one_series_per_time_point(uids, exam))
+    scout = write_fake_study(tmp_path / "exam" / "scout", rng, n_frames=1, n_slices=1, rows=12,
+                             edit=_same_exam(exam))
+    plain = write_fake_study(tmp_path / "exam" / "plain", rng, n_frames=1, n_slices=6,
+                             edit=_same_exam(exam))     # the same pixel grid, more slices
+
+    def no_position(ds, t, z):
+        del ds.ImagePositionPatient, ds.ImageOrientationPatient
+        ds.Modality = "OT"
+
+    report = write_fake_study(tmp_path / "exam" / "dose", rng, n_frames=1, n_slices=1,
+                              edit=no_position)
+    with caplog.at_level(logging.INFO, logger="ctperf.io.dicom"):
+        series = read_dicom_series(tmp_path / "exam")
+    np.testing.assert_array_equal(series.hu, study.hu)
+    np.testing.assert_allclose(series.times, study.times, atol=1e-6)  # microsecond digits
+    assert series.meta["time_point_series"] == 5
+    assert "reading the 5 that are one scan's time points, leaving out 3" in caplog.text
+    for other in (scout, plain, report):
+        assert other.series_uid in caplog.text
+    assert main(["info", str(tmp_path / "exam")]) == 0
+    assert "4 more: one series per time point" in capsys.readouterr().out
+    # a time point series without one of its slices is still one of them: refused, named
+    study.files[(2, 1)].unlink()
+    with pytest.raises(InputError, match=r"slice 1 of 3 .* no file for frame 2 of 5"):
+        read_dicom_series(tmp_path / "exam")
+
+
+def test_bare_implicit_dataset_is_decoded(tmp_path, rng):
+    """No preamble, no file meta: implicit VR little endian, as the header was read."""
+    study = write_fake_study(tmp_path / "s", rng)
+    for path in study.files.values():
+        write_bare_dataset(path)
+    assert not pydicom.dcmread(study.files[(0, 0)], force=True).file_meta.get(
+        "TransferSyntaxUID")
+    series = read_dicom_series(study.folder)
+    np.testing.assert_array_equal(series.hu, study.hu)
+    assert series.meta["transfer_syntax"] == "Implicit VR Little Endian"
+
+
+@pytest.mark.parametrize("index, declared, gone, match", [
+    (True, False, 2, "no image has TemporalPositionIndex 3 "),
+    (True, True, 5, "no image has TemporalPositionIndex 6 .*NumberOfTemporalPositions 6"),
+    (False, True, 5, "5 time points, but NumberOfTemporalPositions says 6"),
+])
+def test_missing_time_point_is_refused(tmp_path, rng, index, declared, gone, match):
+    """All images of one time point deleted: every slice has the same frames, but the
+    indices have a hole (or fall short of NumberOfTemporalPositions)."""
+    def edit(ds, t, z):
+        if not index:
+            del ds.TemporalPositionIndex
+        if declared:
+            ds.NumberOfTemporalPositions = 6
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=6, edit=edit)
+    for (t, _), path in study.files.items():
+        if t == gone:
+            path.unlink()
+    with pytest.raises(InputError, match=f"{study.folder.name}: .*{match}"):
+        read_dicom_series(study.folder)
+
+
+def test_position_jitter_between_frames(tmp_path, rng, capsys):
+    """Positions of one slice differing by 0.02 mm between frames (rounding in the scanner)
+    are one slice, also where they straddle a 0.1 mm rounding step, and the series is still
+    the exam's one time course."""
+    def jitter(ds, t, z):
+        ds.ImagePositionPatient = ["-20", "-15", f"{40.04 + 5 * z + 0.02 * (t % 2):.2f}"]
+
+    study = write_fake_study(tmp_path / "exam" / "ctp", rng, edit=jitter)
+    write_fake_study(tmp_path / "exam" / "plain", rng, n_frames=1, n_slices=6, rows=12)
+    series = read_dicom_series(tmp_path / "exam")
+    np.testing.assert_array_equal(series.hu, study.hu)
+    # the slices are 5 mm apart, within the 0.02 mm jitter
+    assert series.spacing[0] == pytest.approx(5.0, abs=0.03)
+
+
+def test_derived_and_monitor_series_give_way(tmp_path, rng, caplog):
+    """Beside the perfusion scan, a derived 4D MIP (one slab, every time point) and a
+    one-slice bolus-tracking monitor of the same exam are time courses too: the original
+    series with the most slice positions is read and the others named as left out."""
+    exam = _exam_uids()
+    study = write_fake_study(tmp_path / "exam" / "ctp", rng,
+                             edit=_same_exam(exam, image_type="ORIGINAL"))
+    mip = write_fake_study(tmp_path / "exam" / "mip", rng, n_slices=1, description="4D MIP",
+                           edit=_same_exam(exam, image_type="DERIVED"))
+    monitor = write_fake_study(tmp_path / "exam" / "monitor", rng, n_frames=6, n_slices=1,
+                               description="Monitoring",
+                               edit=_same_exam(exam, image_type="ORIGINAL"))
+    with caplog.at_level(logging.WARNING):
+        series = read_dicom_series(tmp_path / "exam")
+    np.testing.assert_array_equal(series.hu, study.hu)
+    assert f"reading {study.series_uid}" in caplog.text
+    assert mip.series_uid in caplog.text and monitor.series_uid in caplog.text
+    # a second original series with as many slices: the choice is the user's
+    write_fake_study(tmp_path / "exam" / "ctp_b", rng, edit=_same_exam(exam))
+    with pytest.raises(InputError, match="holds 4 series, 4 of them time courses; choose one"):
+        read_dicom_series(tmp_path / "exam")
+
+
+def test_damaged_jpeg_ls_stream_names_the_file(tmp_path, rng, caplog):
+    """A truncated JPEG-LS stream: the decoder's failure is the file's error (no traceback
+    logged, no other plugin decoding it to garbage)."""
+    pytest.importorskip("gdcm")
+    study = write_fake_study(tmp_path / "s", rng, rows=16, cols=16)
+    for path in study.files.values():
+        gdcm_recompress(path, "JPEGLSLossless")
+    np.testing.assert_array_equal(read_dicom_series(study.folder).hu, study.hu)
+    path = study.files[(2, 1)]
+    data = bytearray(path.read_bytes())
+    start = data.rfind(b"\xe0\x7f\x10\x00")                 # (7FE0,0010) Pixel Data
+    data[start + (len(data) - start) // 2:-12] = bytes(len(data) - 12
+                                                        - start - (len(data) - start) // 2)
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.DEBUG):
+        with pytest.raises(InputError, match=f"{path.name}: cannot decode pixel data "
+                                             r"\(JPEG-LS Lossless"):
+            read_dicom_series(study.folder, workers=1)
+    assert not [r for r in caplog.records if r.exc_info]

@@ -7,9 +7,12 @@ check the timing -> decode pixels in parallel -> check the HU. A study is read w
 a folder or file that cannot be read is an error, never skipped. Files may have any names and
 lie in any sub-folder; a multi-frame file (Enhanced CT) counts as one image per frame
 (:mod:`ctperf.io.dicom_frames`), and a study exported as one series per time point (the same
-slices of one scan, each series at its own time) is read as one study. JPEG Lossless and other
-compressed transfer syntaxes are decoded by
-pydicom's plugins (pylibjpeg, GDCM). The returned affine maps voxel indices to RAS+ mm (DICOM's
+slices of one scan, each series at its own time) is read as one study. Of an exam's several
+series the time course is read, the other series (localisers, reports, a derived MIP, a
+bolus-tracking monitor) left out and named in the log (:mod:`ctperf.io.dicom_series`).
+Frames are timed by the first timing tag that increases within each slice. JPEG Lossless and
+other compressed transfer syntaxes are decoded by pydicom's plugins (GDCM, pylibjpeg;
+:mod:`ctperf.io.dicom_decode`). The returned affine maps voxel indices to RAS+ mm (DICOM's
 LPS with the first two axes flipped), like the NIfTI reader's.
 """
 
@@ -29,20 +32,31 @@ from pydicom.errors import InvalidDicomError
 
 from ctperf.errors import InputError, ValidationError
 from ctperf.io.dicom_checks import (
+    RELATIVE_TIME_TAGS,
+    TIME_TAGS,
     Header,
     check_duplicates,
     check_frame_counts,
     check_rescale,
+    check_temporal_positions,
     number,
     numbers,
     optional_number,
     time_of,
 )
-from ctperf.io.dicom_decode import decode_into
-from ctperf.io.dicom_frames import frame_count, frame_headers
+from ctperf.io.dicom_decode import decode_into, set_transfer_syntax
+from ctperf.io.dicom_frames import frame_count, frame_headers, has_functional_groups
+from ctperf.io.dicom_series import (
+    POSITION_TOL_MM,
+    along_normal,
+    choose_series,
+    group_slices,
+    slice_normal,
+    time_course_series,
+    time_point_series,
+)
 from ctperf.io.dicom_write import PATIENT_STUDY_TAGS
 from ctperf.io.integrity import (
-    MIN_STUDY_FRAMES,
     check_frame_count,
     check_frame_times,
     check_hu_plausible,
@@ -58,10 +72,8 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_TIME_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "ContentTime")
 _INDEX_TAGS = ("TemporalPositionIndex", "InstanceNumber")
 _EPOCH = dt.datetime(1970, 1, 1)
-_POSITION_TOL_MM = 0.01
 
 
 def _find_files(root: Path) -> list[Path]:
@@ -108,6 +120,7 @@ def _read_header(path: Path) -> list[Header] | None:
             return None
         if not all(k in ds for k in ("SOPClassUID", "SeriesInstanceUID", "Rows")):
             return None
+        set_transfer_syntax(ds)  # a bare dataset: no file meta to say how it is encoded
     except Exception as exc:  # pydicom raises many types for truncated or damaged files
         raise InputError(path, f"damaged or truncated DICOM file ({type(exc).__name__}: "
                                f"{exc})") from None
@@ -118,7 +131,7 @@ def _read_header(path: Path) -> list[Header] | None:
             raise InputError(path, f"truncated or incomplete image file: no {', '.join(missing)}")
         return None  # DICOMDIR, structured reports and other non-image objects
     n_frames = frame_count(path, ds)
-    if n_frames > 1:
+    if n_frames > 1 or has_functional_groups(ds):  # Enhanced CT, also one frame per file
         return frame_headers(path, ds, n_frames)
     return [Header(path, ds)]
 
@@ -145,70 +158,6 @@ def read_dicom_headers(folder: PathLike) -> dict[str, list[Any]]:
     return dict(groups)
 
 
-def _choose_series(root: Path, groups: dict[str, list[Header]], series_uid: str | None, *,
-                   time_course: bool = True) -> list[Header]:
-    """The series to read: ``series_uid``'s, the only one, or (``time_course``: a 4D study is
-    read) the one series of several acquired at least three times; else refused, listing
-    them."""
-    def listing() -> str:
-        return "; ".join(f"{uid} {g[0].get('Modality', '?')} "
-                         f"'{g[0].get('SeriesDescription', '')}' ({len(g)} files)"
-                         for uid, g in groups.items())
-
-    if series_uid is not None:
-        if series_uid not in groups:
-            raise InputError(root, f"no series {series_uid}; the folder holds: {listing()}")
-        return groups[series_uid]
-    if len(groups) > 1 and not time_course:
-        raise InputError(root, f"holds {len(groups)} series; choose one with series_uid "
-                               f"(--series UID): {listing()}")
-    if len(groups) > 1:
-        # an exam's folder: the perfusion scan beside localisers, plain CT, angiography,
-        # reports; when one series alone is a time course, that one is the study
-        dynamic = _time_courses(groups)
-        chosen = _the_time_course(groups, dynamic)
-        if chosen is not None:
-            log.warning("%s: holds %d series; reading the one time course, %s (%d files); "
-                        "--series UID chooses another", root, len(groups), chosen,
-                        len(groups[chosen]))
-            return groups[chosen]
-        what = {0: ", none a time course", 1: ""}.get(len(dynamic),
-                                                       f", {len(dynamic)} of them time courses")
-        raise InputError(root, f"holds {len(groups)} series{what}; choose one with series_uid "
-                               f"(--series UID): {listing()}")
-    return next(iter(groups.values()))
-
-
-def time_course_series(groups: dict[str, list[Header]]) -> str | None:
-    """The UID of the one series of several that was acquired at least three times (a folder
-    holding an exam: the perfusion scan beside localisers, plain CT, reports), or None: no
-    such series, several, or other series that are themselves a scan's time points
-    (:func:`time_point_series`)."""
-    return _the_time_course(groups, _time_courses(groups)) if len(groups) > 1 else None
-
-
-def _the_time_course(groups: dict[str, list[Header]], dynamic: list[str]) -> str | None:
-    """:func:`time_course_series` given the UIDs of the time courses among ``groups``."""
-    others = {uid: g for uid, g in groups.items() if uid not in dynamic}
-    return dynamic[0] if len(dynamic) == 1 and time_point_series(others) is None else None
-
-
-def _time_courses(groups: dict[str, list[Header]]) -> list[str]:
-    """UIDs of the series acquired at least :data:`MIN_STUDY_FRAMES` times."""
-    return [uid for uid, g in groups.items() if _time_points(g) >= MIN_STUDY_FRAMES]
-
-
-def _time_points(headers: Sequence[Header]) -> int:
-    """Images per slice position of a series (the fewest over its positions): how many times
-    it was acquired; 0 when its images have no position (reports, secondary captures)."""
-    try:
-        depth = _along_normal(headers, _normal(numbers(headers[0], "ImageOrientationPatient", 6)))
-    except InputError:
-        return 0
-    _, counts = np.unique(np.round(depth, 1), return_counts=True)  # slices >= 0.5 mm apart
-    return int(counts.min())
-
-
 def _check_same(headers: Sequence[Header], keyword: str, *, count: int | None = None,
                 atol: float = 0.0) -> Any:
     """The value of ``keyword``, equal (within ``atol`` for ``count`` numbers) in all files."""
@@ -231,64 +180,65 @@ def _check_same(headers: Sequence[Header], keyword: str, *, count: int | None = 
     return first
 
 
-def _normal(iop: np.ndarray) -> np.ndarray:
-    """The slice normal of an ImageOrientationPatient (row and column direction cosines)."""
-    return np.cross(iop[:3], iop[3:])
-
-
-def _along_normal(headers: Sequence[Header], normal: np.ndarray) -> np.ndarray:
-    """(n,) position of each image along the slice normal ``normal``, mm."""
-    return np.array([numbers(h, "ImagePositionPatient", 3) @ normal for h in headers])
-
-
-def _group_slices(headers: Sequence[Header], normal: np.ndarray) -> list[list[Header]]:
-    """Files grouped by position along the slice normal, in increasing position."""
-    depth = _along_normal(headers, normal)
-    order = np.argsort(depth, kind="stable")
-    breaks = np.flatnonzero(np.diff(depth[order]) > _POSITION_TOL_MM) + 1
-    return [[headers[i] for i in chunk] for chunk in np.split(order, breaks)]
+def _by_time(root: Path, tag: str, values: list[list[float]],
+             slices: list[list[Header]]) -> tuple[list[list[Header]], np.ndarray]:
+    """Frames of each slice ordered by ``tag``'s ``values`` and (T, Z) times; InputError when
+    the times are one for all frames or repeat within a slice."""
+    flat = np.array([v for s in values for v in s], dtype=float)
+    if tag not in RELATIVE_TIME_TAGS and np.ptp(flat) > 43200:
+        # a scan of minutes spanning > 12 h crossed midnight undated
+        log.info("%s: %s crosses midnight without a date change; unwrapped", root, tag)
+        values = [[v + 86400.0 if v - flat.min() < 43200 else v for v in s] for s in values]
+    ordered = [sorted(zip(v, s, strict=True), key=lambda p: p[0])
+               for v, s in zip(values, slices, strict=True)]
+    times = np.array([[t for t, _ in o] for o in ordered]).T
+    if np.all(np.ptp(times, axis=0) == 0):
+        raise InputError(root, f"{tag} is identical for all {times.shape[0]} frames; give the "
+                               "frame spacing with frame_interval (--frame-interval SECONDS)")
+    steps = np.diff(times, axis=0)
+    if np.any(steps <= 0):
+        t, z = np.argwhere(steps <= 0)[0]
+        a, b = ordered[z][t][1], ordered[z][t + 1][1]
+        raise InputError(b.path, f"non-monotonic frame times: same {tag} as {a.path.name} in "
+                                 "the same slice; give frame_interval (--frame-interval "
+                                 "SECONDS) to order by index instead")
+    return [[h for _, h in o] for o in ordered], times
 
 
 def _order_frames(root: Path, slices: list[list[Header]],
                   frame_interval: float | None) -> tuple[list[list[Header]], np.ndarray, str]:
-    """Frames of each slice in time order, (T, Z) times in s since 1970 (or NaN) and the source."""
-    for tag in _TIME_TAGS:
-        values = [[time_of(h, tag) for h in s] for s in slices]
-        if any(v is None for s in values for v in s):
+    """Frames of each slice in time order, (T, Z) times in s (since 1970, or from the start
+    of the acquisition for a relative tag; NaN when ordered by index) and the source.
+
+    The source is the first of :data:`TIME_TAGS` that every image holds and that increases
+    strictly within each slice: a tag that is the series' start time in every image, or
+    whole seconds for half-second frames, is passed over for the next. Without one, frames
+    are ordered by index when ``frame_interval`` is given, else the first tag's error is
+    raised."""
+    passed: list[InputError] = []
+    for tag in TIME_TAGS:
+        found = [[time_of(h, tag) for h in s] for s in slices]
+        if any(v is None for s in found for v in s):
             continue
-        flat = np.array([v for s in values for v in s], dtype=float)
-        if np.ptp(flat) > 43200:  # a scan of minutes spanning > 12 h crossed midnight undated
-            log.info("%s: %s crosses midnight without a date change; unwrapped", root, tag)
-            values = [[v + 86400.0 if v is not None and v - flat.min() < 43200 else v
-                       for v in s] for s in values]
-        ordered = [sorted(((float(t or 0.0), h) for t, h in zip(v, s, strict=True)),
-                          key=lambda p: p[0])
-                   for v, s in zip(values, slices, strict=True)]
-        times = np.array([[t for t, _ in o] for o in ordered]).T
-        if np.all(np.ptp(times, axis=0) == 0):
-            if frame_interval is None:
-                raise InputError(root, f"{tag} is identical for all {times.shape[0]} frames; "
-                                       "give the frame spacing with frame_interval "
-                                       "(--frame-interval SECONDS)")
+        try:
+            frames, times = _by_time(root, tag, [[v or 0.0 for v in s] for s in found], slices)
+        except InputError as exc:
+            passed.append(exc)
             continue
-        steps = np.diff(times, axis=0)
-        if np.any(steps <= 0):
-            if frame_interval is None:
-                t, z = np.argwhere(steps <= 0)[0]
-                a, b = ordered[z][t][1], ordered[z][t + 1][1]
-                raise InputError(b.path, f"non-monotonic frame times: same {tag} as "
-                                         f"{a.path.name} in the same slice; give frame_interval "
-                                         "(--frame-interval SECONDS) to order by index instead")
-            continue
-        return [[h for _, h in o] for o in ordered], times, tag
+        if passed:
+            log.info("%s: frame times from %s (passed over: %s)", root, tag,
+                     "; ".join(exc.problem.split(";")[0] for exc in passed))
+        return frames, times, tag
+    if passed and frame_interval is None:
+        raise passed[0]
     for tag in _INDEX_TAGS:
         keys = [[h.get(tag) for h in s] for s in slices]
         if any(k is None for s in keys for k in s) or any(len(set(s)) < len(s) for s in keys):
             continue
         if frame_interval is None:
-            raise InputError(root, "no acquisition times (AcquisitionDateTime, AcquisitionTime, "
-                                   "ContentTime); give the frame spacing with frame_interval "
-                                   "(--frame-interval SECONDS)")
+            raise InputError(root, f"no acquisition times ({', '.join(TIME_TAGS)}); give the "
+                                   "frame spacing with frame_interval (--frame-interval "
+                                   "SECONDS)")
         order = [[number(h, tag) for h in s] for s in slices]
         frames = [[h for _, h in sorted(zip(k, s, strict=True), key=lambda p: p[0])]
                   for k, s in zip(order, slices, strict=True)]
@@ -300,7 +250,7 @@ def _order_frames(root: Path, slices: list[list[Header]],
 def _depths(slices: Sequence[Sequence[Header]]) -> np.ndarray:
     """(Z,) position of each slice along the slice normal, mm."""
     iop = numbers(slices[0][0], "ImageOrientationPatient", 6)
-    return _along_normal([s[0] for s in slices], _normal(iop))
+    return along_normal([s[0] for s in slices], slice_normal(iop))
 
 
 def _geometry(root: Path, headers: Sequence[Header], *,
@@ -317,12 +267,12 @@ def _geometry(root: Path, headers: Sequence[Header], *,
     spacing = _check_same(headers, "PixelSpacing", count=2, atol=1e-4)
     if not np.all(spacing > 0):
         raise InputError(headers[0].path, f"PixelSpacing must be > 0 mm, got {spacing.tolist()}")
-    normal = _normal(iop)
-    slices = _group_slices(headers, normal)
+    normal = slice_normal(iop)
+    slices = group_slices(headers, normal)
     positions = np.array([numbers(s[0], "ImagePositionPatient", 3) for s in slices])
     if len(slices) > 1:
         gaps = np.diff(positions @ normal)
-        if np.ptp(gaps) > max(_POSITION_TOL_MM, 0.01 * np.median(gaps)):
+        if np.ptp(gaps) > max(POSITION_TOL_MM, 0.01 * np.median(gaps)):
             bad = int(np.argmax(np.abs(gaps - np.median(gaps))))
             raise InputError(slices[bad + 1][0].path,
                              f"inconsistent slice spacing: gaps {np.round(gaps, 3).tolist()} mm")
@@ -372,45 +322,6 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
     return meta
 
 
-def _acquired(h: Header) -> float | None:
-    """The image's time (s) from the first timing tag it holds, or None."""
-    return next((t for t in (time_of(h, tag) for tag in _TIME_TAGS) if t is not None), None)
-
-
-def time_point_series(groups: dict[str, list[Header]]) -> list[Header] | None:
-    """The images of every series together when the series are the time points of one scan:
-    at least three, all CT of one study and frame of reference, on one grid (rows, columns,
-    pixel spacing, orientation, the same slice positions), one image per slice each, and each
-    series acquired at its own time. Else None."""
-    if len(groups) < 3:
-        return None
-    first: tuple[Any, ...] | None = None
-    starts = []
-    for g in groups.values():
-        h = g[0]
-        try:
-            iop = numbers(h, "ImageOrientationPatient", 6)
-            spacing = numbers(h, "PixelSpacing", 2)
-            depth = np.sort(_along_normal(g, _normal(iop)))
-            times = [t for x in g for t in (_acquired(x),) if t is not None]
-        except InputError:
-            return None
-        if not times or np.any(np.diff(depth) <= _POSITION_TOL_MM):
-            return None                            # untimed, or several images per slice
-        key = (str(h.get("Modality", "")), str(h.get("StudyInstanceUID", "")),
-               str(h.get("FrameOfReferenceUID", "")), h.get("Rows"), h.get("Columns"))
-        if first is None:
-            first = (key, iop, spacing, depth)
-        elif (key != first[0] or not np.allclose(iop, first[1], atol=1e-4)
-              or not np.allclose(spacing, first[2], atol=1e-4) or depth.shape != first[3].shape
-              or not np.allclose(depth, first[3], atol=_POSITION_TOL_MM)):
-            return None
-        starts.append(min(times))
-    if len(set(starts)) < len(starts):
-        return None                                # two reconstructions of one time point
-    return [h for g in groups.values() for h in g]
-
-
 def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
                       frame_interval: float | None = None, workers: int | None = None,
                       progress: bool = False) -> CTPSeries:
@@ -423,13 +334,17 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         non-DICOM files are skipped with a logged warning; unreadable files or folders, and
         broken links, are errors.
     series_uid : str, optional
-        SeriesInstanceUID to read when the folder holds several series. Without it, several
-        series are read as one study when they are its time points (one series per time
-        point, as some scanners export a perfusion scan); else an error lists them.
+        SeriesInstanceUID to read when the folder holds several series. Without it, the
+        series that are one scan's time points (one series per time point, as some scanners
+        export a perfusion scan) are read as one study, or else the one series acquired
+        several times; of several such series of one study, the original (not derived) one
+        with the most slice positions, when that leaves one. The other series are left out,
+        named in a logged warning; when the choice cannot be made, an error lists them.
     frame_interval : float, optional
-        Seconds between frames. Required when acquisition times are missing or identical across
-        frames (frames are then ordered by TemporalPositionIndex, else InstanceNumber); when given,
-        it replaces the times from the files.
+        Seconds between frames. Required when no timing tag (AcquisitionDateTime,
+        AcquisitionTime, ContentTime, then FrameReferenceTime and TriggerTime in ms) increases
+        within each slice (frames are then ordered by TemporalPositionIndex, else
+        InstanceNumber); when given, it replaces the times from the files.
     workers : int, optional
         Decoder threads (default: the number of CPUs, at most 8). The JPEG decoders (pylibjpeg,
         GDCM) hold the GIL, so with compressed files threads mostly overlap file reads.
@@ -442,29 +357,30 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         ``hu`` (T, Z, Y, X) float32 HU (stored * RescaleSlope + RescaleIntercept); slices ascend
         along the slice normal; ``times`` (T,) s from the first acquisition; ``slice_times``
         (T, Z) when slices carry their own times; ``meta`` with series_uid, description,
-        scanner, kvp, mas, timing_source, acquisition_start and ``dicom`` (patient/study tags).
+        scanner, kvp, mas, timing_source, acquisition_start (not for relative times),
+        time_point_series (the number of series read as time points) and ``dicom``
+        (patient/study tags).
 
     Raises
     ------
     ctperf.errors.InputError
         Naming the file or folder: unreadable or damaged files, duplicate or missing (frame,
-        slice) images, numeric tags that are not numbers, a file whose RescaleSlope/Intercept
-        differ from the series', fewer than three frames, implausible frame timing, images
-        whose values are not CT numbers, or more pixels than memory holds.
+        slice) images, a time point missing from every slice (a hole in TemporalPositionIndex
+        or fewer than NumberOfTemporalPositions), numeric tags that are not numbers, a file
+        whose RescaleSlope/Intercept differ from the series', fewer than three frames,
+        implausible frame timing, images whose values are not CT numbers, or more pixels than
+        memory holds.
     """
     root = Path(folder)
-    groups = read_dicom_headers(root)
-    merged = time_point_series(groups) if series_uid is None else None
-    if merged is not None:
-        log.info("%s: %d series of one scan at different times, read as its time points",
-                 root, len(groups))
-    headers = merged or _choose_series(root, groups, series_uid)
+    choice = choose_series(root, read_dicom_headers(root), series_uid)
+    headers = choice.headers
     slices, affine, (rows, cols) = _geometry(root, headers, modality="CT")
     check_duplicates(slices)
     check_frame_counts(root, slices, _depths(slices))
     if len(slices[0]) < 2:
         raise InputError(root, f"one frame per slice ({len(slices)} slices): a 3D volume, a "
                                "perfusion study needs several frames (4D)")
+    check_temporal_positions(root, slices)
     check_frame_count(len(slices[0]), root)
     rescale = dict(zip(((h.path, h.frame) for h in headers), check_rescale(headers),
                        strict=True))
@@ -498,9 +414,10 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         return frames[z][t].path, "" if frame is None else f"frame {frame + 1} of the file: "
 
     check_hu_plausible(hu, image_of)
-    meta = _meta(headers, source, start, len({path for path, _ in images}))
-    if merged is not None:
-        meta["time_point_series"] = len(groups)
+    clock = None if source in RELATIVE_TIME_TAGS else start  # ms from the start: no clock
+    meta = _meta(headers, source, clock, len({path for path, _ in images}))
+    if len(choice.uids) > 1:
+        meta["time_point_series"] = len(choice.uids)
     try:
         return CTPSeries(hu=hu, times=times, affine=affine,
                          slice_times=slice_times, meta=meta)
@@ -523,7 +440,8 @@ def read_dicom_volume(folder: PathLike, *, series_uid: str | None = None,
         and the files in slice order.
     """
     root = Path(folder)
-    headers = _choose_series(root, read_dicom_headers(root), series_uid, time_course=False)
+    headers = choose_series(root, read_dicom_headers(root), series_uid,
+                             time_course=False).headers
     slices, affine, (rows, cols) = _geometry(root, headers, modality=None)
     for s in slices:
         if len(s) > 1:

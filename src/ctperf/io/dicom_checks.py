@@ -18,14 +18,20 @@ import pydicom
 
 from ctperf.errors import InputError
 
-__all__ = ["Header", "check_duplicates", "check_frame_counts", "check_rescale", "number",
-           "numbers", "optional_number", "rescale_of", "time_of"]
+__all__ = ["RELATIVE_TIME_TAGS", "TIME_TAGS", "Header", "check_duplicates", "check_frame_counts",
+           "check_rescale", "check_temporal_positions", "number", "numbers", "optional_number",
+           "rescale_of", "time_of"]
 
 _EPOCH = dt.datetime(1970, 1, 1)
 
+# The timing tags, in the order the reader tries them: clock times first, then the times in ms
+# from the start of the acquisition (FrameReferenceTime, TriggerTime) as a last resort.
+TIME_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "ContentTime", "FrameReferenceTime",
+             "TriggerTime")
+RELATIVE_TIME_TAGS = ("FrameReferenceTime", "TriggerTime")
+
 # Tags that together tell two images of one slice apart; files equal in all are copies.
-_IDENTITY_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "ContentTime",
-                  "TemporalPositionIndex", "InstanceNumber")
+_IDENTITY_TAGS = (*TIME_TAGS, "TemporalPositionIndex", "InstanceNumber")
 
 
 @dataclass(frozen=True)
@@ -69,10 +75,18 @@ def _parse_date(text: str) -> float:
 
 
 def time_of(h: Header, tag: str) -> float | None:
-    """Seconds (since 1970 when a date is known) of one timing tag, or None when absent."""
+    """Seconds of one timing tag of :data:`TIME_TAGS` (since 1970 when a date is known; from the
+    start of the acquisition for :data:`RELATIVE_TIME_TAGS`), or None when absent or not a
+    time."""
     value = h.get(tag)
     if value is None:
         return None
+    if tag in RELATIVE_TIME_TAGS:  # DS, milliseconds
+        try:
+            ms = float(str(value).strip())
+        except ValueError:
+            return None
+        return ms / 1000.0 if np.isfinite(ms) else None
     if tag == "AcquisitionDateTime":
         text = str(value).strip()
         for sign in "+-":  # drop a UTC offset suffix
@@ -176,7 +190,7 @@ def _frame_keys(s: Sequence[Header]) -> tuple[np.ndarray, str] | None:
             return np.array([float(v) for v in index]), "TemporalPositionIndex"
         except (TypeError, ValueError):
             pass
-    for tag in ("AcquisitionDateTime", "AcquisitionTime", "ContentTime"):
+    for tag in TIME_TAGS:
         times = [time_of(h, tag) for h in s]
         if all(t is not None for t in times):
             return np.array(times, dtype=float), tag
@@ -210,3 +224,31 @@ def check_frame_counts(root: Path, slices: Sequence[Sequence[Header]],
                                f"slice {counts})")
     raise InputError(root, f"{where} has {counts[z]} files, other slices have {full} (counts "
                            f"per slice {counts}); a frame is missing there")
+
+
+def check_temporal_positions(root: Path, slices: Sequence[Sequence[Header]]) -> None:
+    """Refuse a study missing a whole time point (every slice's image of it), which
+    :func:`check_frame_counts` cannot see: TemporalPositionIndex values with a hole, or fewer
+    time points than NumberOfTemporalPositions. Images without these tags, or whose index does
+    not tell the frames of a slice apart, are not checked."""
+    n_frames = len(slices[0])
+    declared = {optional_number(h, "NumberOfTemporalPositions") for s in slices for h in s}
+    n_declared = int(declared.pop() or 0) if len(declared) == 1 else 0
+    index = [[optional_number(h, "TemporalPositionIndex") for h in s] for s in slices]
+    if all(v is not None for s in index for v in s) and all(len(set(s)) == len(s) for s in index):
+        present = sorted({int(v) for s in index for v in s if v is not None})
+        lo, hi = present[0], max(present[-1], present[0] + n_declared - 1)
+        missing = sorted(set(range(lo, hi + 1)) - set(present))
+        if missing:
+            shown = ", ".join(str(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise InputError(root, f"time point missing: no image has TemporalPositionIndex "
+                                   f"{shown} (indices {lo} to {hi}"
+                                   + (f", NumberOfTemporalPositions {n_declared}"
+                                      if n_declared else "")
+                                   + f", {len(present)} present); its files were not exported "
+                                   "or were deleted, and the frames around it would be read "
+                                   "as neighbours: restore them")
+    if n_declared > n_frames:
+        raise InputError(root, f"{n_frames} time points, but NumberOfTemporalPositions says "
+                               f"{n_declared}: {n_declared - n_frames} missing (not exported or "
+                               "deleted); restore them")

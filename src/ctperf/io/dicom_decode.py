@@ -4,21 +4,74 @@ Threads (:func:`ctperf.parallel.map_chunks`): they share the output array and co
 start, and file reading and uncompressed copies run in parallel (the JPEG decoders' Python
 bindings hold the GIL, so compressed series gain less). The first file that fails raises,
 naming the file.
+
+Compressed pixel data is decoded by one plugin, the first available of :data:`_PLUGIN_ORDER`,
+never by the next one after a failure: a stream that one decoder finds damaged (a truncated
+JPEG-LS file) can decode to garbage in a more lenient one, so a plugin's failure is the file's
+error. A bare dataset (no file meta, as old scanners wrote) is decoded with the encoding its
+header was read in.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pydicom
+from pydicom.dataset import FileMetaDataset
+from pydicom.pixels import get_decoder
+from pydicom.uid import UID, ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from ctperf.errors import InputError
 from ctperf.parallel import map_chunks
 
-__all__ = ["decode_into"]
+__all__ = ["decode_into", "set_transfer_syntax"]
+
+# pydicom's own order for the syntaxes several plugins decode (GDCM is the strictest about
+# damaged streams), then the only plugins of the others
+_PLUGIN_ORDER = ("gdcm", "pylibjpeg", "pydicom", "pillow", "pyjpegls")
+
+
+class _NoPluginTraceback(logging.Filter):
+    """Drop pydicom's log of a plugin's exception (a raw traceback on the console): the
+    failure comes back as an InputError naming the file."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and record.funcName == "_decode_frame")
+
+
+logging.getLogger("pydicom.pixels.decoders.base").addFilter(_NoPluginTraceback())
+
+
+def set_transfer_syntax(ds: pydicom.Dataset) -> None:
+    """Give a dataset read without a file meta Transfer Syntax UID (a bare dataset) the one
+    it was read in: implicit or explicit VR, little or big endian."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        meta = ds.file_meta = FileMetaDataset()
+    if "TransferSyntaxUID" in meta:
+        return
+    implicit, little = ds.original_encoding
+    if implicit is None:
+        return
+    meta.TransferSyntaxUID = (ImplicitVRLittleEndian if implicit else
+                              ExplicitVRLittleEndian if little else ExplicitVRBigEndian)
+
+
+def _plugin(syntax: UID) -> str:
+    """The one plugin to decode ``syntax`` with; "" for native pixel data (no plugin) and
+    where none is available (pydicom then says which packages are missing)."""
+    if not syntax.is_encapsulated:
+        return ""
+    try:
+        available = get_decoder(syntax).available_plugins
+    except NotImplementedError:  # no decoder for it at all: pydicom's error says so
+        return ""
+    ranked = [p for p in _PLUGIN_ORDER if p in available] + sorted(available)
+    return ranked[0] if ranked else ""
 
 
 def _decode_one(path: Path, out: np.ndarray, frames: Sequence[int | None],
@@ -32,13 +85,24 @@ def _decode_one(path: Path, out: np.ndarray, frames: Sequence[int | None],
         return f"damaged or truncated DICOM file ({exc})"
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
         return "has no pixel data"
+    set_transfer_syntax(ds)
+    syntax = ds.file_meta.get("TransferSyntaxUID")
+    plugin = "" if syntax is None else _plugin(UID(syntax))
     try:
+        ds.pixel_array_options(decoding_plugin=plugin)
         pixels = ds.pixel_array
     except Exception as exc:  # decoder plugins raise many types
-        syntax = ds.file_meta.get("TransferSyntaxUID", "unknown transfer syntax")
-        return f"cannot decode pixel data ({getattr(syntax, 'name', syntax)}): {exc}"
+        what = getattr(syntax, "name", "unknown transfer syntax")
+        by = f" by {plugin}; damaged or truncated?" if plugin else ""
+        reason = " ".join(str(exc).split())  # one line: plugins' messages span several
+        reason = reason.removeprefix("Unable to decode as exceptions were raised by all "
+                                     "available plugins: ")
+        return f"cannot decode pixel data ({what}{by}): {reason}"
     multi = frames[0] is not None
-    expected = (int(ds.get("NumberOfFrames", 1)), *out.shape[1:]) if multi else out.shape[1:]
+    if multi and pixels.ndim == 2:  # a one-frame file read through its functional groups
+        pixels = pixels[None]
+    expected = (int(ds.get("NumberOfFrames") or 1), *out.shape[1:]) if multi \
+        else out.shape[1:]
     if pixels.shape != expected:
         return f"pixel array is {pixels.shape}, header says {expected}"
     for row, (frame, (slope, intercept)) in enumerate(zip(frames, rescale, strict=True)):

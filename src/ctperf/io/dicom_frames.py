@@ -6,7 +6,8 @@ the Shared Functional Groups (the same for every frame) and the Per-Frame Functi
 (one item per frame, overriding the shared ones). :func:`frame_headers` flattens both into one
 classic-looking header per frame, so that the rest of the reader (slice grouping, timing,
 duplicate and rescale checks) treats a frame as it treats a single-frame file; the decoder
-reads each file once and scatters its frames.
+reads each file once and scatters its frames. Some scanners store Enhanced CT one frame per
+file (NumberOfFrames 1 or absent): such a file is read through its functional groups too.
 """
 
 from __future__ import annotations
@@ -16,14 +17,14 @@ from pathlib import Path
 import pydicom
 
 from ctperf.errors import InputError
-from ctperf.io.dicom_checks import Header
+from ctperf.io.dicom_checks import RELATIVE_TIME_TAGS, TIME_TAGS, Header
 
-__all__ = ["frame_count", "frame_headers"]
+__all__ = ["frame_count", "frame_headers", "has_functional_groups"]
 
 _GROUPS = ("SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence")
 # per-frame timing (Frame Content macro) -> the classic tag the timing pass reads
 _FRAME_TIMES = ("FrameAcquisitionDateTime", "FrameReferenceDateTime")
-_CLASSIC_TIMES = ("AcquisitionDateTime", "AcquisitionTime", "ContentTime")
+_CLASSIC_TIMES = tuple(t for t in TIME_TAGS if t not in RELATIVE_TIME_TAGS)
 
 
 def frame_count(path: Path, ds: pydicom.Dataset) -> int:
@@ -40,6 +41,12 @@ def frame_count(path: Path, ds: pydicom.Dataset) -> int:
     return n
 
 
+def has_functional_groups(ds: pydicom.Dataset) -> bool:
+    """Whether ``ds`` keeps its geometry in functional groups (Enhanced CT and other
+    multi-frame objects), also when it holds a single frame."""
+    return any(keyword in ds for keyword in _GROUPS)
+
+
 def _flatten(group: pydicom.Dataset, into: pydicom.Dataset) -> None:
     """Copy the elements of each functional group macro's item (``PlanePositionSequence[0]``
     and so on) to the top level of ``into``."""
@@ -51,9 +58,12 @@ def _flatten(group: pydicom.Dataset, into: pydicom.Dataset) -> None:
 
 
 def frame_headers(path: Path, ds: pydicom.Dataset, n_frames: int) -> list[Header]:
-    """One :class:`Header` per frame of a multi-frame file read without its pixels."""
+    """One :class:`Header` per frame of a multi-frame file read without its pixels (also of a
+    one-frame file with functional groups, whose per-frame item may then be absent)."""
     shared = ds.get("SharedFunctionalGroupsSequence")
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is None and n_frames == 1:  # everything in the shared groups
+        per_frame = [pydicom.Dataset()]
     if per_frame is None or len(per_frame) != n_frames:
         have = 0 if per_frame is None else len(per_frame)
         raise InputError(path, f"multi-frame image of {n_frames} frames with {have} "
