@@ -167,6 +167,31 @@ def test_raw_values_not_hu_are_refused(tmp_path, rng):
         read_nifti_series(write_nifti(tmp_path / "s.nii.gz", data))
 
 
+def _bolus(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
+    """(X, Y, Z, T) brain-like study with a bolus through a vessel and the tissue."""
+    data = brain_like(rng, shape)
+    t = np.arange(shape[3], dtype=np.float32)
+    data[2:-2, 2:-2] += 15 * np.exp(-0.5 * ((t - 7) / 3) ** 2)
+    data[3:7, 3:7] += 300 * np.exp(-0.5 * ((t - 6) / 2) ** 2)
+    return data
+
+
+@pytest.mark.parametrize("background", [None, 0.0], ids=["air", "skull-stripped"])
+def test_values_stored_without_the_intercept_are_refused(tmp_path, rng, background):
+    # HU + 1024 with air at about 0 passes every per-image range check: only the pre-contrast
+    # level of what enhances (1059 here, for blood and brain at 35 HU) gives it away
+    hu = _bolus(rng, (12, 10, 2, 12))
+    air = hu < -500
+    if background is not None:
+        hu[air] = background
+    read_nifti_series(write_nifti(tmp_path / "hu.nii.gz", hu))
+    stored = hu + 1024
+    if background is not None:
+        stored[air] = background
+    with pytest.raises(InputError, match=r"s\.nii\.gz: .*enhance start at 10\d\d HU.*HU \+ 1024"):
+        read_nifti_series(write_nifti(tmp_path / "s.nii.gz", stored))
+
+
 def test_frame_interval_override_is_checked(nifti_study):
     with pytest.raises(InputError, match="frames are 500 s apart"):
         read_study(nifti_study, frame_interval=500.0)

@@ -17,6 +17,7 @@ import numpy as np
 from ctperf.errors import InputError
 
 __all__ = [
+    "ENHANCING_BASELINE_MAX_HU",
     "FRAME_STEP_RANGE_S",
     "HU_RANGE",
     "MAX_FRAME_GAP_S",
@@ -46,6 +47,14 @@ HU_RANGE = (-1100.0, 3100.0)
 # further than this from its slice's median over frames was scaled differently.
 _TISSUE_HU = -500.0
 _TISSUE_JUMP_HU = 500.0
+#: Highest plausible pre-contrast level of the voxels that enhance most, HU: contrast enters
+#: blood (40-60 HU) and the tissue it perfuses (20-50 HU). Stored values not rescaled to HU
+#: (HU + 1024, air at 0) put it near 1070.
+ENHANCING_BASELINE_MAX_HU = 400.0
+# The voxels that enhance most: this share of the sampled voxels, when they rise by at least
+# _ENHANCEMENT_MIN_HU (a bolus, not noise).
+_ENHANCING_SHARE = 0.005
+_ENHANCEMENT_MIN_HU = 50.0
 _SAMPLES_PER_IMAGE = 4096
 
 
@@ -149,7 +158,9 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     :data:`HU_RANGE` and its tissue (voxels above -500 HU) median at most the range's top; and
     the tissue median of a frame must stay near that of the same slice in the other frames
     (a wrong RescaleSlope or RescaleIntercept in one file moves it far), and an image may not
-    be blank where the slice's other frames hold tissue.
+    be blank where the slice's other frames hold tissue. The voxels that enhance most must
+    start at most :data:`ENHANCING_BASELINE_MAX_HU` (blood and brain): values stored without
+    their rescale intercept (HU + 1024) put them near 1070.
 
     Parameters
     ----------
@@ -176,6 +187,7 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     ]
     bad = np.argwhere(np.logical_or.reduce(problems))
     if bad.size == 0:
+        _check_enhancing_baseline(sample, path_of(0, 0)[0])
         return
     t, z = (int(v) for v in bad[0])
     path, where = path_of(t, z)
@@ -193,3 +205,24 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     more = f" ({len(bad)} images in all)" if len(bad) > 1 else ""
     raise InputError(path, f"{where}implausible CT numbers: {what}{more}; a wrong rescale "
                            "(RescaleSlope/RescaleIntercept, scl_slope) or not a CT image")
+
+
+def _check_enhancing_baseline(sample: np.ndarray, path: PathLike) -> None:
+    """Refuse a study whose enhancing voxels start far above blood's HU (see
+    :func:`check_hu_plausible`); ``sample`` (T, Z, N)."""
+    if sample.shape[0] < 3:
+        return
+    base = np.median(sample[:3], axis=0).ravel()
+    rise = sample.max(axis=0).ravel() - base
+    k = max(20, int(rise.size * _ENHANCING_SHARE))
+    if k >= rise.size:
+        return
+    top = np.argpartition(rise, -k)[-k:]
+    if np.median(rise[top]) < _ENHANCEMENT_MIN_HU:
+        return                                     # no bolus to tell blood by
+    level = float(np.median(base[top]))
+    if level > ENHANCING_BASELINE_MAX_HU:
+        raise InputError(path, f"implausible CT numbers: the voxels that enhance start at "
+                               f"{level:.4g} HU before the bolus (blood and brain are 20-60 HU); "
+                               "stored values without their rescale intercept (HU + 1024: "
+                               "RescaleIntercept, scl_inter)?")
