@@ -38,6 +38,36 @@ def test_time_step_from_pixdim_in_milliseconds(tmp_path):
     assert series.shape == (6, 2, 5, 4)
 
 
+@pytest.mark.parametrize("unit, scale", [("meter", 1e-3), ("micron", 1e3), ("mm", 1.0)])
+def test_spatial_unit_is_converted_to_mm(tmp_path, unit, scale):
+    """The same voxels with the affine written in metres or microns: one geometry in mm, which
+    volumes in mL and the lesions' millimetre sizes rely on."""
+    affine = np.diag([-0.9, 0.9, 5.0, 1.0])
+    affine[:3, 3] = (100.0, -80.0, 20.0)
+    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32),
+                          np.vstack([affine[:3] * scale, [0, 0, 0, 1]]))
+    img.header.set_xyzt_units(unit, "sec")
+    path = tmp_path / f"{unit}.nii.gz"
+    nib.save(img, path)
+    np.testing.assert_allclose(read_nifti_series(path).affine, affine, atol=1e-9)
+    mask = nib.Nifti1Image(np.ones((4, 5, 2), dtype=np.uint8), img.affine)
+    mask.header.set_xyzt_units(unit)
+    nib.save(mask, tmp_path / "mask.nii.gz")
+    assert read_mask(tmp_path / "mask.nii.gz", shape=(2, 5, 4), affine=affine).all()
+
+
+def test_pixdim_timing_errors_say_what_is_missing(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), np.eye(4))
+    img.header["pixdim"][4] = -1.0
+    path = tmp_path / "s.nii.gz"
+    nib.save(img, path)
+    with pytest.raises(InputError, match=r"pixdim\[4\] is -1 and there is no JSON sidecar"):
+        read_nifti_series(path)
+    (tmp_path / "s.json").write_text(json.dumps({"RepetitionTime": 1.0}))
+    with pytest.raises(InputError, match="its JSON sidecar has no FrameTimes"):
+        read_nifti_series(path)
+
+
 def test_frame_interval_replaces_missing_or_wrong_header_timing(tmp_path):
     """Files converted by other tools often carry pixdim[4] = 0 (or 1 whatever the sampling):
     without timing the error says how to give it; with ``frame_interval`` (``--frame-interval``)
@@ -160,3 +190,19 @@ def test_atomic_outputs_get_ordinary_permissions(small_series, tmp_path):
         os.umask(mask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
+
+
+@pytest.mark.parametrize("shear", [0.0, 0.4], ids=["straight", "tilted gantry"])
+def test_written_maps_carry_qform_and_sform_and_their_unit(tmp_path, shear):
+    """Tools that read only the qform (or only the sform) see the same grid; a sheared grid,
+    which a qform cannot hold, has its qform unset rather than approximated."""
+    affine = np.diag([-0.9, 0.9, 5.0, 1.0])
+    affine[1, 2] = shear
+    path = write_volume(np.zeros((3, 4, 5), np.float32), affine, tmp_path / "cbf.nii.gz",
+                        sidecar={"map": "cbf", "units": "mL/100g/min"})
+    img = nib.load(path)
+    np.testing.assert_allclose(img.get_sform(), affine, atol=1e-6)
+    assert (img.get_qform(coded=True)[1] == 2) == (shear == 0.0)
+    if shear == 0.0:
+        np.testing.assert_allclose(img.get_qform(), affine, atol=1e-5)
+    assert img.header["descrip"].tobytes().rstrip(b"\0") == b"cbf mL/100g/min"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import os
 import zlib
 from collections.abc import Iterable, Mapping
@@ -43,7 +44,10 @@ __all__ = [
     "write_volume",
 ]
 
+log = logging.getLogger(__name__)
+
 _TIME_UNIT_SECONDS = {"sec": 1.0, "msec": 1e-3, "usec": 1e-6}
+_SPACE_UNIT_MM = {"meter": 1000.0, "micron": 1e-3}
 
 PathLike = str | os.PathLike[str]
 
@@ -129,10 +133,31 @@ def _pixels(path: PathLike, img: Any, *, allow_nan: bool = False) -> np.ndarray:
     return data
 
 
+def _affine(p: Path, img: Any) -> np.ndarray:
+    """The image's voxel -> RAS affine in mm: the header's spatial unit (metres, microns)
+    converted; a missing or disagreeing orientation logged, as nibabel resolves it (sform, then
+    qform, then a guess from the voxel sizes)."""
+    header = img.header
+    affine = np.asarray(img.affine, dtype=np.float64).copy()
+    unit = header.get_xyzt_units()[0]
+    if unit in _SPACE_UNIT_MM:
+        affine[:3] *= _SPACE_UNIT_MM[unit]
+        log.info("%s: spatial unit %s, converted to mm", p, unit)
+    elif unit not in ("mm", "unknown"):
+        raise InputError(p, f"the header's spatial unit is {unit!r}, not a length")
+    codes = (int(header.get("sform_code", 0)), int(header.get("qform_code", 0)))
+    if codes == (0, 0):
+        log.warning("%s: neither sform nor qform is set; orientation guessed from the voxel "
+                    "sizes (check left and right)", p)
+    elif min(codes) > 0 and not np.allclose(header.get_sform(), header.get_qform(), atol=1e-3):
+        log.warning("%s: sform and qform disagree; the sform is used", p)
+    return affine
+
+
 def _load(path: PathLike, *, allow_nan: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
     img = _open(path)
     data = _pixels(path, img, allow_nan=allow_nan)
-    return data, np.asarray(img.affine, dtype=np.float64), img.header
+    return data, _affine(Path(path), img), img.header
 
 
 def _numbers(value: Any, side: Path, key: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -193,11 +218,13 @@ def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]
         raise InputError(p, f"the header's 4th axis unit is {unit!r}, not a time; give the "
                             "frame spacing with --frame-interval SECONDS or a JSON sidecar "
                             "with FrameTimes")
-    step = float(header["pixdim"][4]) * _TIME_UNIT_SECONDS.get(unit, 1.0)
+    pixdim = float(header["pixdim"][4])
+    step = pixdim * _TIME_UNIT_SECONDS.get(unit, 1.0)
     if not step > 0:
-        raise InputError(p, "no frame timing: pixdim[4] is 0 and there is no JSON sidecar "
-                            "with FrameTimes; give the frame spacing with --frame-interval "
-                            "SECONDS")
+        sidecar = ("its JSON sidecar has no FrameTimes" if sidecar_path(p).exists()
+                   else "there is no JSON sidecar with FrameTimes")
+        raise InputError(p, f"no frame timing: pixdim[4] is {pixdim:g} and {sidecar}; give "
+                            "the frame spacing with --frame-interval SECONDS")
     source = f"pixdim[4] ({unit if unit != 'unknown' else 'unknown unit, taken as s'})"
     return np.arange(n_frames, dtype=np.float64) * step, source
 
@@ -254,7 +281,7 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
     del data
     check_hu_plausible(hu, lambda t, z: (p, f"frame {t}, slice {z}: "))
     try:
-        return CTPSeries(hu=hu, times=times, affine=np.asarray(img.affine, dtype=np.float64),
+        return CTPSeries(hu=hu, times=times, affine=_affine(p, img),
                          slice_times=slice_times, meta=meta)
     except ValidationError as exc:
         raise InputError(where if slice_times is None else side, str(exc)) from None
@@ -275,8 +302,7 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
         data = np.clip(np.rint(data), -32768, 32767).astype(np.int16)
     elif dtype != "float32":
         raise ValueError(f"dtype must be 'float32' or 'int16', got {dtype!r}")
-    img = nib.Nifti1Image(np.ascontiguousarray(data), series.affine)
-    img.header.set_xyzt_units("mm", "sec")
+    img = _image(data, series.affine, "CT perfusion study, HU")
     zooms = [*img.header.get_zooms()[:3], series.frame_interval]
     img.header.set_zooms(zooms)
     with atomic_file(p) as tmp:
@@ -288,6 +314,20 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
     return p
 
 
+def _image(data: np.ndarray, affine: np.ndarray, description: str) -> nib.Nifti1Image:
+    """A NIfTI image in mm and s whose sform holds ``affine``, and its qform too where a qform
+    can (not a tilted gantry's shear), so that tools reading only one agree; ``description``
+    in the header's descrip."""
+    img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
+    img.set_qform(affine, code=2)
+    if not np.allclose(img.get_qform(), affine, atol=1e-4):
+        img.set_qform(None, code=0)
+    img.set_sform(affine, code=2)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["descrip"] = description.encode("ascii", "replace")[:79]
+    return img
+
+
 def write_volume(volume: np.ndarray, affine: np.ndarray, path: PathLike,
                  *, sidecar: Mapping[str, Any] | None = None) -> Path:
     """Write one (Z, Y, X) volume (map or mask) as 3D NIfTI; booleans are stored as uint8."""
@@ -296,8 +336,8 @@ def write_volume(volume: np.ndarray, affine: np.ndarray, path: PathLike,
         raise ValidationError(f"volume must be 3D (Z, Y, X), got shape {vol.shape}")
     if vol.dtype == bool:
         vol = vol.astype(np.uint8)
-    img = nib.Nifti1Image(np.ascontiguousarray(vol.transpose(2, 1, 0)), affine)
-    img.header.set_xyzt_units("mm", "sec")
+    what = "" if sidecar is None else f"{sidecar.get('map', '')} {sidecar.get('units', '')}"
+    img = _image(vol.transpose(2, 1, 0), affine, what.strip())
     with atomic_file(path) as tmp:
         nib.save(img, str(tmp))
     if sidecar is not None:
