@@ -213,10 +213,34 @@ def test_previous_ctperf_output_is_replaced_without_overwrite(nifti_study, tmp_p
     argv = ["preprocess", str(nifti_study), str(out), "--no-register", "--no-filter"]
     assert main(argv) == 0
     assert (out / MARKER).is_file()
-    (out / "stale.txt").write_text("from the last run")  # inside ctperf's folder: replaced
     assert main(argv) == 0
-    assert (out / "study.nii.gz").is_file() and not (out / "stale.txt").exists()
+    assert (out / "study.nii.gz").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "pre"]
+
+
+def test_files_added_to_a_ctperf_output_are_not_deleted(nifti_study, tmp_path, capsys):
+    out = tmp_path / "pre"
+    argv = ["preprocess", str(nifti_study), str(out), "--no-register", "--no-filter"]
+    assert main(argv) == 0
+    (out / "notes.txt").write_text("the user's own notes")
+    (out / "qc").mkdir(exist_ok=True)
+    (out / "qc" / "edited.png").write_bytes(b"not ctperf's")
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt" in err and "did not write" in err and len(err.strip().splitlines()) == 1
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert main([*argv, "--overwrite"]) == 0           # asked for: replaced
+    assert not (out / "notes.txt").exists()
+
+
+def test_an_output_marked_before_inventories_is_replaced(nifti_study, tmp_path):
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / MARKER).write_text("This folder was written by ctperf.\n")
+    (out / "cbf.nii.gz").write_bytes(b"an earlier ctperf's output")
+    assert main(["preprocess", str(nifti_study), str(out), "--no-register", "--no-filter"]) == 0
+    assert (out / "study.nii.gz").is_file() and not (out / "cbf.nii.gz").exists()
 
 
 def test_empty_existing_folder_is_used(nifti_study, tmp_path):

@@ -5,9 +5,10 @@ Three rules keep a command from destroying data it did not make:
 - :func:`check_output` runs before anything is read or computed and refuses an output that is,
   contains or lies inside an input, the current folder, a filesystem root, a file where a folder
   is expected (or the reverse), or a place that cannot be written.
-- :func:`atomic_dir` writes a marker file (``.ctperf-output``) into every folder it creates and
-  replaces an existing folder only when it carries that marker, is empty, or the caller allows
-  it (``overwrite=True``, the CLI's ``--overwrite``).
+- :func:`atomic_dir` writes a marker file (``.ctperf-output``, listing what it wrote) into every
+  folder it creates and replaces an existing folder only when it carries that marker and holds
+  nothing more than the marker lists, is empty, or the caller allows it (``overwrite=True``,
+  the CLI's ``--overwrite``).
 - Temporaries are named ``.ctperf-tmp.<host>.<pid>.<random>.<name>``; those left by a killed run
   (its process gone, or older than :data:`STALE_AFTER_S`) are removed by the next write into the
   same folder. Nothing without that prefix is ever removed.
@@ -43,6 +44,9 @@ STALE_AFTER_S = 2 * 24 * 3600.0
 
 _MARKER_TEXT = ("This folder was written by ctperf. ctperf replaces it whole when asked to write "
                 "here again; delete this file to protect the folder from that.\n")
+# Header of the inventory that follows the marker's text in folders made by atomic_dir: the
+# paths ctperf wrote there, one per line, relative to the folder.
+_INVENTORY = "# written by ctperf:\n"
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 _PathLike = str | os.PathLike[str]
 
@@ -124,6 +128,31 @@ def remove_stale_temporaries(folder: _PathLike) -> list[Path]:
     return removed
 
 
+def _contents(folder: Path) -> list[str]:
+    """Relative paths of everything under ``folder`` (links not followed), ctperf's marker and
+    temporaries left out."""
+    found = []
+    for parent, dirs, files in os.walk(folder):
+        for name in (*dirs, *files):
+            if name != MARKER and not name.startswith(TEMP_PREFIX):
+                found.append((Path(parent) / name).relative_to(folder).as_posix())
+        dirs[:] = [d for d in dirs if not d.startswith(TEMP_PREFIX)]
+    return sorted(found)
+
+
+def _not_written(folder: Path) -> list[str]:
+    """What ``folder`` holds that ctperf did not write there: its contents missing from the
+    marker's inventory (none when the marker predates inventories)."""
+    try:
+        text = (folder / MARKER).read_text()
+    except (OSError, UnicodeDecodeError):
+        return []
+    if _INVENTORY not in text:
+        return []
+    written = set(text.split(_INVENTORY, 1)[1].splitlines())
+    return [p for p in _contents(folder) if p not in written]
+
+
 def _owned_or_empty(folder: Path) -> bool:
     if (folder / MARKER).is_file():
         return True
@@ -146,6 +175,12 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
         raise InputError(target, f"exists and holds files ctperf did not write (no {MARKER}); "
                                  "choose another folder, or --overwrite to replace it and all "
                                  "its contents")
+    added = [] if overwrite else _not_written(target)
+    if added:
+        more = f" and {len(added) - 3} more" if len(added) > 3 else ""
+        raise InputError(target, f"holds files ctperf did not write ({', '.join(added[:3])}"
+                                 f"{more}) beside an earlier output, which would be replaced "
+                                 "whole; move them, choose another folder, or --overwrite")
 
 
 @contextlib.contextmanager
@@ -179,8 +214,9 @@ def atomic_file(path: _PathLike) -> Iterator[Path]:
 def atomic_dir(path: _PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole.
 
-    The folder gets a ``.ctperf-output`` marker. An existing ``path`` is replaced only when it
-    carries that marker (an earlier ctperf output), is empty, or ``overwrite`` is true;
+    The folder gets a ``.ctperf-output`` marker listing what was written. An existing ``path``
+    is replaced only when it carries that marker (an earlier ctperf output) and holds nothing
+    the marker does not list (files a user added there), is empty, or ``overwrite`` is true;
     otherwise, and when ``path`` is a file or a symbolic link, an
     :class:`~ctperf.errors.InputError` is raised before anything is written (and again, if
     such a folder appeared meanwhile, instead of the final rename).
@@ -194,6 +230,8 @@ def atomic_dir(path: _PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         (tmp_path / MARKER).write_text(_MARKER_TEXT)
         yield tmp_path
+        (tmp_path / MARKER).write_text(_MARKER_TEXT + _INVENTORY
+                                       + "".join(f"{p}\n" for p in _contents(tmp_path)))
         os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp creates 0700
         _check_replaceable(target, overwrite)
         if target.exists():
