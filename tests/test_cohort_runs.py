@@ -67,11 +67,16 @@ def test_discover_studies_layouts_and_names(tmp_path):
     (root / "patient#7.nii.gz").write_bytes(b"x")                # a NIfTI file + sidecar
     (root / "patient#7.json").write_text("{}")
     (root / "patient_7").mkdir()                                 # clashes once sanitised
+    (root / "MOL-001_Registered_Filtered_3mm_20HU").mkdir()      # UniToBrain: input ...
+    (root / "MOL-001_Registered_Filtered_3mm_20HU" / "IM1").write_bytes(b"x")
+    (root / "MOL-001_Registered_Filtered_3mm_20HU_Maps").mkdir()  # ... and its maps, not a study
     for ignored in (".hidden", ".ctperf-output", "cohort.json", MANIFEST, "notes.txt"):
         (root / ignored).write_text("")
     (root / ".ctperf-tmp.host.1.x.sub").mkdir()
     found = {s.name: s.source for s in discover_studies(root)}
     assert found == {"dicom_one": root / "dicom one", "holder": root / "holder" / "ctp.nii",
+                     "MOL-001_Registered_Filtered_3mm_20HU":
+                         root / "MOL-001_Registered_Filtered_3mm_20HU",
                      "patient_7": root / "patient#7.nii.gz", "patient_7-2": root / "patient_7",
                      "sub-0000": root / "sub-0000" / "study.nii.gz"}
 

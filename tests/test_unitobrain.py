@@ -99,3 +99,35 @@ def test_ttp_and_delay_targets_read_their_own_folders(tmp_path, rng):
         np.testing.assert_allclose(case.reference[name], truth[folder_map], atol=1e-4)
     assert not np.allclose(np.nan_to_num(case.reference["ttp"]),
                            np.nan_to_num(case.reference["delay"]))
+
+
+def test_a_patient_without_a_map_is_named(tmp_path, rng, caplog):
+    """One patient's missing NLR_TTP: logged when read, and training on ttp names him."""
+    import logging
+    import shutil
+
+    from ctperf.errors import ValidationError
+    from ctperf.model import build_slice_cache
+
+    for patient in ("MOL-001", "MOL-002"):
+        make_patient(tmp_path / "utb", rng, patient, n_slices=3)
+    shutil.rmtree(tmp_path / "utb" / "MOL-002_Registered_Filtered_3mm_20HU_Maps" / "NLR_TTP")
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.unitobrain"):
+        cache = build_slice_cache(tmp_path / "utb", tmp_path / "cache", size=16, frames=4)
+    missing = [r.getMessage() for r in caplog.records if "folder" in r.getMessage()]
+    assert any("no NLR_MTT, NLR_TTP folders; MOL-002" in m for m in missing), missing
+    assert any("no NLR_MTT folder; MOL-001" in m for m in missing), missing
+    assert cache.target_index("cbf") >= 0
+    with pytest.raises(ValidationError, match=r"MOL-002 has no 'ttp' reference map"):
+        cache.target_index("ttp")
+
+
+def test_reference_maps_without_input_are_reported(tmp_path, rng, caplog):
+    import logging
+
+    make_patient(tmp_path, rng, "MOL-001", n_slices=2)
+    (tmp_path / "MOL-009_Registered_Filtered_3mm_20HU_Maps" / "NLR_CBF").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.unitobrain"):
+        assert [p for p, _, _ in find_unitobrain(tmp_path)] == ["MOL-001"]
+    assert any("MOL-009" in r.getMessage() and "without their input" in r.getMessage()
+               for r in caplog.records)

@@ -69,11 +69,15 @@ def find_unitobrain(root: PathLike) -> list[tuple[str, Path, Path]]:
     if not base.is_dir():
         raise InputError(base, "no such folder (expected the UniToBrain root folder)")
     found: dict[str, tuple[str, Path, Path]] = {}
-    for folder in sorted([*base.glob("*"), *base.glob("*/*")]):
+    folders = sorted(f for f in [*base.glob("*"), *base.glob("*/*")] if f.is_dir())
+    by_lower = {f.as_posix().lower(): f for f in folders}
+    paired: set[Path] = set()
+    for folder in folders:
         match = _INPUT_RE.match(folder.name)
-        if not match or not folder.is_dir():
+        if not match:
             continue
-        maps = folder.with_name(folder.name + _MAPS_SUFFIX)
+        maps = by_lower.get((folder.as_posix() + _MAPS_SUFFIX).lower(),
+                            folder.with_name(folder.name + _MAPS_SUFFIX))
         if not maps.is_dir():
             raise InputError(maps, "missing: every ..._20HU input folder needs its ..._20HU_Maps "
                                    "folder of reference maps")
@@ -82,6 +86,11 @@ def find_unitobrain(root: PathLike) -> list[tuple[str, Path, Path]]:
             raise InputError(folder, f"patient {patient} appears twice (also in "
                                      f"{found[patient][1]})")
         found[patient] = (patient, folder, maps)
+        paired.add(maps)
+    for folder in folders:
+        if folder.name.lower().endswith(_MAPS_SUFFIX.lower()) and folder not in paired:
+            log.warning("%s: reference maps without their input folder (%s); left out",
+                        folder, folder.name[:-len(_MAPS_SUFFIX)])
     if not found:
         raise InputError(base, "no UniToBrain patients (folders named "
                                "MOL-xxx_Registered_Filtered_3mm_20HU)")
@@ -160,6 +169,11 @@ def read_unitobrain_case(patient_id: str, input_folder: PathLike, maps_folder: P
             maps[name] = _pair_map(name, folder, series, tol_mm)
     if not maps:
         raise InputError(maps_dir, f"no map folders ({', '.join(MAP_FOLDERS)})")
+    absent = [f for f, name in MAP_FOLDERS.items() if name not in maps]
+    if absent:
+        log.warning("%s: no %s folder%s; %s has no reference for %s", maps_dir,
+                    ", ".join(absent), "s" if len(absent) > 1 else "", patient_id,
+                    ", ".join(MAP_FOLDERS[f] for f in absent))
     reference = PerfusionMaps(maps=maps, affine=series.affine,
                               provenance={"method": "NLR (UniToBrain reference maps)",
                                           "source": str(maps_dir.name)})

@@ -95,6 +95,15 @@ class SliceCache:
 
     def target_index(self, target: str) -> int:
         have = self.meta["targets"]
+        lacking = self.meta.get("targets_lacking", {}).get(target)
+        if target not in have and lacking:
+            shown = ", ".join(lacking[:5]) + (f" and {len(lacking) - 5} more"
+                                              if len(lacking) > 5 else "")
+            raise ValidationError(
+                f"target {target!r} is not in the cache {self.path}: {shown} "
+                f"ha{'s' if len(lacking) == 1 else 've'} no {TARGET_MAPS.get(target, target)!r} "
+                f"reference map; leave {'it' if len(lacking) == 1 else 'them'} out of the "
+                f"cohort or train another target (available: {have})")
         if target not in have:
             raise ValidationError(
                 f"target {target!r} is not in the cache {self.path} (its reference has no "
@@ -305,6 +314,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         rows_patient: list[str] = []
         rows_z: list[int] = []
         have: set[str] | None = None
+        lacking: dict[str, list[str]] = {}  # target -> patients without its reference map
         ranges: dict[str, list[float]] = {}  # dataset-wide min/max per target, whole images
         steps: dict[str, float] = {}  # time step of each patient's input frames, s
         for pid, series, maps, mask in tqdm(iter_cohort(root, reference=reference, references=refs),
@@ -316,8 +326,11 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                     raise InputError(root, f"{pid} has non-square slices {series.shape[2:]}; "
                                            "give a size")
                 size = series.shape[3]
-            x = select_frames(series.hu, series.times, n_frames=frames, mode=frame_mode,
-                              frame_interval=frame_interval)
+            try:
+                x = select_frames(series.hu, series.times, n_frames=frames, mode=frame_mode,
+                                  frame_interval=frame_interval)
+            except ValidationError as exc:
+                raise InputError(root, f"{pid}: {exc}") from None
             steps[pid] = input_step(series.times, n_frames=frames, mode=frame_mode,
                                     frame_interval=frame_interval)
             flips = radiological_flips(series.affine)
@@ -336,6 +349,9 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                     targets.append(unit)
                     names.append(target)
             have = set(names) if have is None else have & set(names)
+            for target in TARGET_MAPS:
+                if target not in names:
+                    lacking.setdefault(target, []).append(pid)
             n_z = x.shape[1]
             np.save(tmp / f"part-{len(parts)}-inputs.npy",
                     x.transpose(1, 0, 2, 3).astype(np.float16))
@@ -373,7 +389,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         meta = {**config, "size": size, "frames": frames, "targets": targets_kept,
                 "patients": list(stats), "stats": stats, "rows_patient": rows_patient,
                 "rows_z": rows_z, "cohort": str(root), "target_ranges": ranges,
-                "input_steps_s": steps}
+                "input_steps_s": steps, "targets_lacking": lacking}
         (tmp / "index.json").write_text(json.dumps(meta) + "\n")
     log.info("built slice cache %s (%d slices)", path, n)
     return open_slice_cache(path)

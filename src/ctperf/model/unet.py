@@ -68,7 +68,8 @@ def subsample_indices(n_available: int, n_frames: int) -> np.ndarray:
     if n_available < n_frames:
         raise ValidationError(
             f"the model takes {n_frames} frames but the study has only {n_available}; "
-            "use a model trained with fewer frames or frame_mode='resample'")
+            "use fewer frames (a model trained on fewer, train --frames N) or resample them "
+            "(frame_mode='resample', train --frame-mode resample)")
     return np.arange(0, n_available, n_available // n_frames)[:n_frames]
 
 

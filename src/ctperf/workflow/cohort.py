@@ -143,10 +143,17 @@ def _unique_names(raw: Iterable[str]) -> list[str]:
     return names
 
 
+def _is_reference_maps(folder: Path) -> bool:
+    """A UniToBrain ``<input>_Maps`` folder beside its ``<input>`` study folder."""
+    name = folder.name
+    return name.lower().endswith("_maps") and (folder.parent / name[:-len("_Maps")]).is_dir()
+
+
 def discover_studies(cohort: _PathLike) -> list[Study]:
     """The studies of a cohort folder, sorted by name.
 
-    Each sub-folder is one study: its ``study.nii.gz`` (phantom and ``ctperf preprocess``
+    Each sub-folder is one study (but a UniToBrain ``..._Maps`` folder of reference maps beside
+    its input folder): its ``study.nii.gz`` (phantom and ``ctperf preprocess``
     layouts), its only NIfTI file, or else the folder itself as DICOM (searched recursively).
     Each ``.nii``/``.nii.gz`` file beside them is one study (a JSON sidecar of the same stem
     goes with it). Hidden entries, ctperf's own files (``manifest.json``, ``cohort.json``) and
@@ -166,7 +173,10 @@ def discover_studies(cohort: _PathLike) -> list[Study]:
     for entry in sorted(root.iterdir(), key=lambda p: p.name):
         if entry.name.startswith(".") or entry.name in _OWN_FILES:
             continue
-        if entry.is_dir():
+        if entry.is_dir() and _is_reference_maps(entry):
+            log.info("%s: UniToBrain reference maps of %s, not a study; left out", entry,
+                     entry.name[:-len("_Maps")])
+        elif entry.is_dir():
             found.append((entry.name, _study_in_folder(entry)))
         elif entry.is_file() and (stem := _nifti_stem(entry.name)) is not None:
             found.append((stem, entry))
