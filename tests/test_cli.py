@@ -30,3 +30,21 @@ def test_unknown_command_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["no-such-command"])
     assert info.value.code == 2
+
+
+def test_a_closed_output_pipe_ends_quietly(tmp_path):
+    """``ctperf info STUDY | head -1``: the reader leaves early; no traceback follows."""
+    import nibabel as nib
+    import numpy as np
+
+    data = np.full((8, 8, 2, 5), -1000.0, np.float32)
+    data[2:6, 2:6] = 30.0
+    img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_zooms((1, 1, 1, 1.0))
+    nib.save(img, tmp_path / "s.nii.gz")
+    proc = subprocess.Popen([sys.executable, "-m", "ctperf", "info", str(tmp_path / "s.nii.gz")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()                                  # before ctperf has printed anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141
+    assert "Traceback" not in err and "BrokenPipe" not in err

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import pkgutil
 import signal
 import sys
@@ -73,6 +74,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CTPerfError as exc:
         print(f"ctperf {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader of the output went away (``ctperf info STUDY | head``): stop quietly, and
+        # keep Python from failing again on flushing stdout at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except OSError as exc:
         if exc.filename is None:
             raise
