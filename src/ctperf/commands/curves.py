@@ -38,8 +38,9 @@ def register(subparsers: Any) -> None:
                     "one column per tissue curve, all in the same units (HU, concentration or "
                     "any other). Fit each tissue curve with the method of `ctperf maps` and "
                     "write OUT (CSV: one row per curve with CBF mL/100g/min, CBV mL/100g, MTT, "
-                    "Tmax, delay and TTP s, the SDs for bayes, and flags: below_baseline for a "
-                    "curve that falls below its pre-bolus level by more than its noise allows, "
+                    "Tmax, delay (the SVD methods' delay is their Tmax) and TTP s, the SDs "
+                    "for bayes, and flags: below_baseline for a curve that falls below its "
+                    "pre-bolus level by more than its noise allows, "
                     "no_enhancement for one that never rises above it), a JSON sidecar of the "
                     "same stem (method, constants, baseline frames, partial-volume step, QC, "
                     "units) and a PNG of the curves as fitted.")
@@ -72,7 +73,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctperf.errors import InputError
+    from ctperf.errors import InputError, ValidationError
     from ctperf.io import check_output, write_json
     from ctperf.io.curves_csv import read_curves_csv, write_curves_csv
     from ctperf.perfusion import fit_curves
@@ -87,9 +88,12 @@ def run(args: argparse.Namespace) -> int:
         check_output(target, inputs=[args.curves], overwrite=args.overwrite, kind="file")
     table = read_curves_csv(args.curves, time_column=args.time_column,
                             aif_column=args.aif_column, vof_column=args.vof_column)
-    fit = fit_curves(table.tissue, table.aif, table.times, method=args.method, vof=table.vof,
-                     baseline=args.baseline, rho=args.rho, kh=args.kh, device=args.device,
-                     progress=True)
+    try:
+        fit = fit_curves(table.tissue, table.aif, table.times, method=args.method,
+                         vof=table.vof, baseline=args.baseline, rho=args.rho, kh=args.kh,
+                         device=args.device, progress=True)
+    except ValidationError as exc:  # what the curves cannot give: the file's problem
+        raise InputError(args.curves, str(exc)) from None
     rows = fit.rows()
     write_curves_csv(args.out, table.names, rows, flags=fit.flags)
     units = {k: MAP_UNITS[k.removesuffix("_sd")] for k in rows[0]}

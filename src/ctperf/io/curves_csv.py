@@ -85,7 +85,8 @@ def _column(keys: list[str], name: str) -> int | None:
 #: Other names the time, AIF and VOF columns are read by when their option keeps its default
 #: (each also with a unit or suffix after it, as for the default name).
 OTHER_NAMES = {
-    "time": ("t", "times", "seconds", "sec"),
+    "time": ("t", "times", "seconds", "sec", "acquisition time", "acquisitiontime",
+             "acquisition_time", "frame time", "frame_time", "frametime", "zeit"),
     "aif": ("artery", "arterial", "arterial input", "arterial input function", "arterial_input"),
     "vof": ("vein", "venous", "venous output", "venous output function", "venous_output", "sss",
             "sinus", "superior sagittal sinus"),
@@ -226,6 +227,14 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     if not tissue_at:
         raise InputError(p, "no tissue column: every column besides time, AIF and VOF is a "
                             "tissue curve")
+    if not decimal_comma:
+        quoted = next(((line, cell) for line, row in enumerate(rows[1:], start=2)
+                       for cell in row if _is_number(cell, True) and "," in cell), None)
+        if quoted is not None:
+            raise InputError(p, f"line {quoted[0]}: {quoted[1]!r} holds a comma inside a "
+                                "comma-separated table: a decimal comma or a thousands "
+                                "separator? Save the table with semicolons (decimal comma) or "
+                                "with decimal points")
     named = _named_unit(p, names["time"], header[where["time"]])
     scale, first = named or 1.0, 1
     if len(rows) > 2 and not any(_is_number(cell, decimal_comma) for cell in rows[1]):

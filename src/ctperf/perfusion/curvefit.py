@@ -47,8 +47,14 @@ CURVE_FLAGS: dict[str, str] = {
                       "its values are mostly noise",
 }
 
-#: How many SDs of a time-smoothed curve's noise a flag of :func:`curve_flags` needs.
+#: How many SDs of a time-smoothed curve's noise ``below_baseline`` of :func:`curve_flags`
+#: needs (each curve's noise is estimated from its own frames, so fewer raise false alarms).
 CURVE_FLAG_SDS = 5.0
+#: How many SDs a curve must rise by to escape ``no_enhancement``: lower than
+#: :data:`CURVE_FLAG_SDS`, because after a short baseline the baseline mean's error dominates
+#: the level, and at 5 SDs real grey-matter curves (peaks of 7 noise SDs at 2 s frames) were
+#: flagged.
+NO_ENHANCEMENT_SDS = 3.5
 
 #: The parameters of every method, in the order they are reported.
 CURVE_PARAMETERS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "delay", "ttp")
@@ -88,12 +94,12 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ..
     (names of :data:`CURVE_FLAGS`).
 
     Each curve is smoothed over time as the bolus arrival is read (Gaussian, SD one frame)
-    and compared with :data:`CURVE_FLAG_SDS` times its noise: the smoothed frames' noise (the
-    curve's own, from its second differences) and the error of the baseline mean that was
-    subtracted, common to every frame: ``below_baseline`` where it falls that far below zero after
-    the baseline frames (and by more than 1 % of its largest excursion, so that rounding in a
-    noise-free curve does not count), ``no_enhancement`` where it never rises that far above
-    zero. Any units.
+    and compared with its noise: the smoothed frames' noise (the curve's own, from its second
+    differences) and the error of the baseline mean that was subtracted, common to every frame:
+    ``below_baseline`` where it falls :data:`CURVE_FLAG_SDS` times that below zero after the
+    baseline frames (and by more than 1 % of its largest excursion, so that rounding in a
+    noise-free curve does not count), ``no_enhancement`` where it never rises
+    :data:`NO_ENHANCEMENT_SDS` times that above zero. Any units.
     """
     c = np.asarray(tissue, dtype=np.float64)
     noise = second_difference_sd(c)
@@ -101,10 +107,10 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ..
     # the smoothed frame's noise, and the baseline mean's error, which every frame carries
     share = ARRIVAL_NOISE_GAIN ** 2
     share += 1.0 / baseline_frames if baseline_frames > 0 else 0.0
-    level = CURVE_FLAG_SDS * noise * np.sqrt(share)
+    sd = noise * np.sqrt(share)
     after = sm[baseline_frames:] if 0 < baseline_frames < sm.shape[0] else sm
-    below = after.min(axis=0) < -np.maximum(level, 0.01 * np.abs(sm).max(axis=0))
-    flat = sm.max(axis=0) <= level
+    below = after.min(axis=0) < -np.maximum(CURVE_FLAG_SDS * sd, 0.01 * np.abs(sm).max(axis=0))
+    flat = sm.max(axis=0) <= NO_ENHANCEMENT_SDS * sd
     return tuple(tuple(name for name, hit in (("below_baseline", b), ("no_enhancement", f))
                        if hit) for b, f in zip(below, flat, strict=True))
 
@@ -161,9 +167,10 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     if method not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     t = np.asarray(times, dtype=np.float64)
-    if t.ndim != 1 or t.size < MIN_FRAMES:
-        raise ValidationError(f"times must be 1-D with at least {MIN_FRAMES} frames, got "
-                              f"shape {t.shape}")
+    if t.ndim != 1:
+        raise ValidationError(f"times must be 1-D, got shape {t.shape}")
+    if t.size < MIN_FRAMES:
+        raise ValidationError(f"{t.size} frames: perfusion fits need at least {MIN_FRAMES}")
     if not np.all(np.isfinite(t)) or not np.all(np.diff(t) > 0):
         raise ValidationError("times must be finite and strictly increasing")
     a = np.asarray(aif, dtype=np.float64)
