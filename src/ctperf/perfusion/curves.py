@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.types import CTPSeries
 
 __all__ = [
     "TTP_SMOOTH_S",
@@ -27,6 +28,7 @@ __all__ = [
     "flow_scale",
     "gaussian_taps",
     "gaussian_time",
+    "on_frame_times",
     "resample",
     "second_difference_sd",
     "time_to_peak",
@@ -116,8 +118,9 @@ def check_bolus_start(aif: np.ndarray) -> None:
     :func:`bandlimit` is compared with the mean of its three lowest values: refused when it
     stands above them by more than :data:`BOLUS_AT_START` of the curve's range and by more
     than five times the smoothed curve's noise (from second differences: a noisy curve of a
-    few voxels is not taken for a bolus), while the curve still rises from it by as much (a
-    curve that only falls below its start, as when the head moved, is left to other checks).
+    few voxels is not taken for a bolus), while the curve still rises from it by more than
+    five times that noise (its peak still to come; a curve that only falls below its start, as
+    when the head moved, is left to other checks).
     Any units.
     """
     x = np.asarray(aif, dtype=np.float64)
@@ -127,9 +130,9 @@ def check_bolus_start(aif: np.ndarray) -> None:
     low = float(np.sort(c)[:3].mean())
     span, rise = float(c.max()) - low, float(c[0]) - low
     # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
-    noise = float(second_difference_sd(x))
-    if (span > 0 and span - rise > BOLUS_AT_START * span
-            and enhanced_at_start(rise, span, np.sqrt(0.625) * noise)):
+    noise = np.sqrt(0.625) * float(second_difference_sd(x))
+    if (span > 0 and span - rise > 5.0 * noise
+            and enhanced_at_start(rise, span, noise)):
         raise ValidationError(bolus_started_message(
             f"the AIF starts at {rise / span:.0%} of its rise above its lowest values"))
 
@@ -369,3 +372,31 @@ def resample(curves: np.ndarray, times: np.ndarray, grid: np.ndarray) -> np.ndar
     w = (grid - times[idx]) / (times[idx + 1] - times[idx])
     w = w.reshape(-1, *([1] * (curves.ndim - 1))).astype(curves.dtype)
     return curves[idx] * (1 - w) + curves[idx + 1] * w
+
+
+#: Slices whose own acquisition times differ from their frame's time by more than this (s) are
+#: interpolated onto the frame times by :func:`on_frame_times`.
+SLICE_TIME_TOLERANCE_S = 0.05
+
+
+def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
+    """The study with every slice's curves on the frame times, and the largest shift (s).
+
+    A scanner that sweeps its slices one after another (shuttle and helical perfusion modes)
+    takes each slice of a frame at its own time (``series.slice_times``), up to a second apart;
+    the fits see one time per frame (``series.times``, the frame's mean), so each slice's
+    curves are interpolated linearly from its own times onto them (the first and last values
+    held outside the slice's span). A study without slice times, or whose slices lie within
+    :data:`SLICE_TIME_TOLERANCE_S` of their frame's time, is returned as it is (shift 0).
+    """
+    if series.slice_times is None:
+        return series, 0.0
+    own, frame = series.slice_times, series.times
+    shift = float(np.max(np.abs(own - frame[:, None])))
+    if shift <= SLICE_TIME_TOLERANCE_S:
+        return series, 0.0
+    hu = np.empty_like(series.hu)
+    for z in range(series.hu.shape[1]):
+        grid = np.clip(frame, own[0, z], own[-1, z])
+        hu[:, z] = resample(series.hu[:, z], own[:, z], grid)
+    return series.replace(hu=hu, slice_times=None), shift

@@ -36,6 +36,7 @@ from ctperf.perfusion.curves import (
     enhanced_at_start,
     gaussian_taps,
     gaussian_time,
+    on_frame_times,
     resample,
     time_to_peak,
     uniform_grid,
@@ -168,6 +169,12 @@ def run_perfusion(
     """
     _check_inputs(series, method=method, vessel_series=vessel_series)
     _check_bayes_options(bayes_options, method)
+    series, slice_shift = on_frame_times(series)
+    if vessel_series is not None:
+        vessel_series, _ = on_frame_times(vessel_series)
+    if slice_shift:
+        log.info("slices taken up to %.2f s from their frame's time: curves interpolated onto "
+                 "the frame times", slice_shift)
     hu, t, spacing = series.hu, series.times, series.spacing
     vhu = hu if vessel_series is None else vessel_series.hu
 
@@ -213,6 +220,8 @@ def run_perfusion(
                              aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),
                              pv_info=pv_info, search=search, brain=brain, vessels=vessels,
                              csf_cut=csf_cut, flags=flags) | fitted
+    if slice_shift:
+        provenance["slice_times_interpolated_s"] = round(slice_shift, 3)
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
     lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels, rim_mm=rim_mm,
                        options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)
