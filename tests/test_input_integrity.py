@@ -161,6 +161,16 @@ def test_blank_frame_is_named(tmp_path, rng):
         read_nifti_series(write_nifti(tmp_path / "s.nii.gz", data))
 
 
+def test_an_image_unlike_its_slice_is_named(tmp_path, rng):
+    """A truncated compressed stream decodes to CT-like values in the wrong places: the
+    image's range passes, its pixels do not match the slice's other frames."""
+    data = brain_like(rng, (12, 10, 2, 12))
+    # from row 3 on, the stream decodes to noise about soft tissue: air and tissue misplaced
+    data[:, 3:, 1, 4] = 35.0 + rng.normal(0.0, 200.0, data[:, 3:, 1, 4].shape)
+    with pytest.raises(InputError, match=r"frame 4, slice 1: unlike this slice's other frames"):
+        read_nifti_series(write_nifti(tmp_path / "s.nii.gz", data))
+
+
 def test_raw_values_not_hu_are_refused(tmp_path, rng):
     data = brain_like(rng, (12, 10, 2, 12)) * 100  # air at -100000: not CT numbers
     with pytest.raises(InputError, match=r"outside the -1100\.\.3100 HU"):

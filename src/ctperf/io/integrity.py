@@ -56,6 +56,12 @@ ENHANCING_BASELINE_MAX_HU = 400.0
 _ENHANCING_SHARE = 0.005
 _ENHANCEMENT_MIN_HU = 50.0
 _SAMPLES_PER_IMAGE = 4096
+# A frame's median pixel lies about the noise's size from its slice's median over the scan
+# (4-8 HU on phantoms at 75-300 mAs, severe motion included: at most 1.5 times its slice's
+# typical frame); contrast moves most pixels by a few HU. An image further than both of these
+# from them holds other pixels: a damaged one (a truncated JPEG stream: 56-465 HU).
+_UNLIKE_HU = 30.0
+_UNLIKE_FACTOR = 5.0
 
 
 def check_frame_count(n_frames: int, path: PathLike) -> None:
@@ -158,7 +164,10 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     :data:`HU_RANGE` and its tissue (voxels above -500 HU) median at most the range's top; and
     the tissue median of a frame must stay near that of the same slice in the other frames
     (a wrong RescaleSlope or RescaleIntercept in one file moves it far), and an image may not
-    be blank where the slice's other frames hold tissue. The voxels that enhance most must
+    be blank where the slice's other frames hold tissue, nor unlike them pixel by pixel (a
+    damaged compressed image decodes to a plausible range but to other pixels: its median
+    pixel lies more than :data:`_UNLIKE_HU` and :data:`_UNLIKE_FACTOR` times the other frames'
+    from the slice's median over time). The voxels that enhance most must
     start at most :data:`ENHANCING_BASELINE_MAX_HU` (blood and brain): values stored without
     their rescale intercept (HU + 1024) put them near 1070.
 
@@ -187,6 +196,7 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     ]
     bad = np.argwhere(np.logical_or.reduce(problems))
     if bad.size == 0:
+        _check_images_alike(sample, path_of)
         _check_enhancing_baseline(sample, path_of(0, 0)[0])
         return
     t, z = (int(v) for v in bad[0])
@@ -205,6 +215,26 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     more = f" ({len(bad)} images in all)" if len(bad) > 1 else ""
     raise InputError(path, f"{where}implausible CT numbers: {what}{more}; a wrong rescale "
                            "(RescaleSlope/RescaleIntercept, scl_slope) or not a CT image")
+
+
+def _check_images_alike(sample: np.ndarray,
+                        path_of: Callable[[int, int], tuple[PathLike, str]]) -> None:
+    """Refuse an image unlike its slice's other frames (see :func:`check_hu_plausible`)."""
+    if sample.shape[0] < 3:
+        return
+    over_time = np.median(sample, axis=0)
+    apart = np.median(np.abs(sample - over_time[None]), axis=2)         # (T, Z)
+    typical = np.median(apart, axis=0)
+    bad = np.argwhere((apart > _UNLIKE_HU) & (apart > _UNLIKE_FACTOR * typical[None]))
+    if bad.size == 0:
+        return
+    t, z = (int(v) for v in bad[0])
+    path, where = path_of(t, z)
+    more = f" ({len(bad)} images in all)" if len(bad) > 1 else ""
+    raise InputError(path, f"{where}unlike this slice's other frames: its pixels lie a median "
+                           f"{apart[t, z]:.4g} HU from the slice's values over the scan, the "
+                           f"other frames' {typical[z]:.3g} HU{more}; a damaged image (corrupt "
+                           "or truncated pixel data)?")
 
 
 def _check_enhancing_baseline(sample: np.ndarray, path: PathLike) -> None:
