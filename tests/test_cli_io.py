@@ -27,6 +27,15 @@ def test_info_dicom(tmp_path, rng, capsys):
     assert "kVp          80" in out and "mAs          150" in out
 
 
+def test_info_reads_the_headers_once(tmp_path, rng, caplog):
+    """A folder with a stray file: the warning about it is given once, not once per pass."""
+    study = write_fake_study(tmp_path / "s", rng, n_frames=5, n_slices=2)
+    (study.folder / "notes.txt").write_text("acquisition notes")
+    assert main(["info", str(study.folder)]) == 0
+    said = [r for r in caplog.records if "notes.txt" in r.getMessage()]
+    assert len(said) == 1
+
+
 def test_info_lists_series(tmp_path, rng, capsys):
     a = write_fake_study(tmp_path / "s", rng, description="CTP A", nested=False)
     b = write_fake_study(tmp_path / "s" / "b", rng, description="CTP B", nested=False)

@@ -71,6 +71,7 @@ def describe(series: Any, path: Path) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     from ctperf import io
 
+    groups = None
     if args.study.is_dir() and args.series is None:
         groups = io.read_dicom_headers(args.study)
         if len(groups) > 1 and io.time_point_series(groups) is None:
@@ -84,7 +85,11 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{'*' if uid == chosen else ' '} {uid}  {first.get('Modality', '?')}  "
                       f"'{first.get('SeriesDescription', '')}'  {len(headers)} files")
             return 0
-    series = io.read_study(args.study, series_uid=args.series,
-                           frame_interval=args.frame_interval, progress=True)
+    if groups is not None:  # headers read once: their warnings said once
+        series = io.read_dicom_series(args.study, frame_interval=args.frame_interval,
+                                      progress=True, headers=groups)
+    else:
+        series = io.read_study(args.study, series_uid=args.series,
+                               frame_interval=args.frame_interval, progress=True)
     print("\n".join(describe(series, args.study)))
     return 0

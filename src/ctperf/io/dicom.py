@@ -324,7 +324,8 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
 
 def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
                       frame_interval: float | None = None, workers: int | None = None,
-                      progress: bool = False) -> CTPSeries:
+                      progress: bool = False,
+                      headers: dict[str, list[Any]] | None = None) -> CTPSeries:
     """Read a CT perfusion study from a folder of DICOM files (searched recursively).
 
     Parameters
@@ -350,6 +351,8 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         GDCM) hold the GIL, so with compressed files threads mostly overlap file reads.
     progress : bool
         Show a progress bar while decoding.
+    headers : dict, optional
+        The folder's headers as :func:`read_dicom_headers` returned them, when already read.
 
     Returns
     -------
@@ -372,7 +375,8 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         memory holds.
     """
     root = Path(folder)
-    choice = choose_series(root, read_dicom_headers(root), series_uid)
+    groups = read_dicom_headers(root) if headers is None else headers
+    choice = choose_series(root, groups, series_uid)
     headers = choice.headers
     slices, affine, (rows, cols) = _geometry(root, headers, modality="CT")
     check_duplicates(slices)
