@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -27,7 +27,11 @@ class PreprocessResult:
     center_mm : ndarray, shape (3,)
         Centre of rotation in patient mm.
     displacement_mm, max_displacement_mm : ndarray, float64, shape (T,)
-        Mean and largest displacement over the brain relative to the first frame (mm).
+        Mean and largest displacement over the brain relative to the first frame (mm), as
+        corrected.
+    uncorrected_mm : ndarray, float64, shape (T,)
+        Mean displacement over the brain of the frames that moved and were not corrected
+        (:class:`~ctperf.preprocess.MotionResult`), mm; zeros for the others.
     mask : ndarray of bool, shape (Z, Y, X)
         Brain mask of the preprocessed study.
     registration : dict or None
@@ -42,6 +46,7 @@ class PreprocessResult:
     max_displacement_mm: np.ndarray
     mask: np.ndarray
     registration: dict | None = None
+    uncorrected_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def transforms(self) -> list:
@@ -89,11 +94,13 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
     center = np.zeros(3)
     mean_d = np.zeros(n)
     max_d = np.zeros(n)
+    uncorrected = np.zeros(n)
     record = None
     if register and n > 1:
         motion = correct_motion(series, workers=workers, progress=progress)
         out, params, center = motion.series, motion.parameters, motion.center_mm
         mean_d, max_d = motion.displacement_mm, motion.max_displacement_mm
+        uncorrected = motion.uncorrected_mm
         record = motion.record()
     if filter:
         # the registered study is ours: filter it in place (one study less in memory)
@@ -106,4 +113,4 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
              float(mean_d.max()), int(mask.sum()))
     return PreprocessResult(series=out, parameters=params, center_mm=center,
                             displacement_mm=mean_d, max_displacement_mm=max_d, mask=mask,
-                            registration=record)
+                            registration=record, uncorrected_mm=uncorrected)

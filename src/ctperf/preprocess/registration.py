@@ -51,7 +51,10 @@ frame's fit is therefore checked before it is used (docs/preprocessing.md has th
 - Only plausible candidates are considered: rotations up to ``max_rotation_deg`` (15 degrees)
   and shifts up to ``max_shift_mm`` (20 mm), a head in a head holder.
 - The decision ("reference", "identity", "in-plane" or "rigid") and the check metric of every
-  candidate are kept per frame in :class:`MotionResult`, with the fit itself.
+  candidate are kept per frame in :class:`MotionResult`, with the fit itself. A frame whose
+  fit is beyond the plausible range but lowers the check metric as clearly as a kept transform
+  must is "uncorrected": it moved, its motion is left in the study, and ``uncorrected_mm``
+  holds how far (the QC flag ``motion_uncorrected`` of the maps says so).
 
 Transforms and their parameters follow :mod:`ctperf.preprocess.transforms`; the centre of
 rotation is the centre of the volume.
@@ -86,7 +89,7 @@ log = logging.getLogger(__name__)
 
 
 #: Decisions recorded per frame: the first frame, and which candidate each other frame keeps.
-DECISIONS = ("reference", "identity", "in-plane", "rigid")
+DECISIONS = ("reference", "identity", "in-plane", "rigid", "uncorrected")
 
 @dataclass(frozen=True, eq=False)
 class MotionResult:
@@ -119,6 +122,9 @@ class MotionResult:
     min_gain, min_gain_through_plane : float
         Relative decrease of the check metric a transform needed over the identity, and the
         whole fit over its in-plane part.
+    uncorrected_mm : ndarray, float64, shape (T,)
+        Mean displacement over the brain of the fit of each "uncorrected" frame, mm (0 for
+        the others): motion measured and left in the study.
     """
 
     series: CTPSeries
@@ -134,6 +140,7 @@ class MotionResult:
     check_fitted: np.ndarray
     min_gain: float
     min_gain_through_plane: float
+    uncorrected_mm: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def transforms(self) -> list[sitk.Euler3DTransform]:
@@ -157,6 +164,7 @@ class MotionResult:
             "check_in_plane": plain(self.check_in_plane),
             "check_fitted": plain(self.check_fitted),
             "fitted_parameters": [plain(p) for p in self.fitted_parameters],
+            "uncorrected_mm": plain(self.uncorrected_mm),
         }
 
 
@@ -427,10 +435,19 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                        frames=frames), n - 1, chunk=1, workers=workers, progress=progress,
                desc="registration", unit="frame")
     params, checks, decision = frames.parameters, frames.checks, frames.decision
-    mean_d, max_d = frame_displacement(params, center, _mask_points(series, mask))
+    points = _mask_points(series, mask)
+    mean_d, max_d = frame_displacement(params, center, points)
+    missed = np.array([d == "uncorrected" for d in decision])
+    uncorrected = np.where(missed, frame_displacement(frames.fitted, center, points)[0], 0.0)
     log.info("motion: %d of %d frames moved, max mean displacement %.2f mm (frame %d)",
              sum(d in ("in-plane", "rigid") for d in decision), n - 1, mean_d.max(),
              int(mean_d.argmax()))
+    if missed.any():
+        log.warning("motion: %d frames moved by up to %.1f mm (frame %d) and were not "
+                    "corrected: their fit is beyond the plausible %g deg / %g mm; the maps "
+                    "carry the flag motion_uncorrected",
+                    int(missed.sum()), uncorrected.max(), int(uncorrected.argmax()),
+                    max_rotation_deg, max_shift_mm)
     meta = dict(series.meta)
     meta["motion_corrected"] = True
     return MotionResult(series=series.replace(hu=frames.hu, meta=meta), parameters=params,
@@ -439,7 +456,8 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
                         decision=tuple(decision), check_identity=checks[:, 0],
                         check_in_plane=checks[:, 1], check_fitted=checks[:, 2],
                         min_gain=float(min_gain),
-                        min_gain_through_plane=float(min_gain_through_plane))
+                        min_gain_through_plane=float(min_gain_through_plane),
+                        uncorrected_mm=uncorrected)
 
 
 def _validate(levels: Sequence[int], samples: Sequence[int], rim_mm: float,

@@ -277,7 +277,10 @@ def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarr
     Returns
     -------
     decision : str
-        "identity", "in-plane" or "rigid".
+        "identity", "in-plane" or "rigid"; "uncorrected" where the identity is kept although a
+        fit beyond the plausible range lowers the check metric as clearly as a kept transform
+        must (``check.min_gain`` and three standard errors): the frame moved, and the motion
+        was not corrected.
     parameters : ndarray, float64, shape (6,)
         The parameters kept (zeros for the identity).
     frame : ndarray, float32, shape (Z, Y, X)
@@ -289,33 +292,43 @@ def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarr
     in_plane = fitted.copy()
     in_plane[THROUGH_PLANE] = 0.0
     through = bool(np.any(fitted[THROUGH_PLANE] != 0.0))
-    candidates = [(name, p) for name, p in [("in-plane", in_plane), ("rigid", fitted)]
-                  if (through or name == "in-plane") and _plausible(check, p)]
+    candidates = [(name, p, _plausible(check, p))
+                  for name, p in [("in-plane", in_plane), ("rigid", fitted)]
+                  if through or name == "in-plane"]
     frame = sitk.GetArrayFromImage(moving_img)
     smoothed = _smooth(frame, check.sigma_zyx)
     valid = ~_enhanced(check, smoothed)
-    for _, p in candidates:
-        valid &= _inside(check, p)
+    for _, p, plausible in candidates:
+        if plausible:
+            valid &= _inside(check, p)
     ref, block = check.fixed[valid], check.block[valid]
 
     def squares(smooth: np.ndarray) -> np.ndarray:
         return (smooth[check.index][valid].astype(np.float64) - ref) ** 2
 
-    best = squares(smoothed)
+    best = still = squares(smoothed)
     values = {"identity": float(best.mean()) if best.size else np.nan,
               "in-plane": np.nan, "rigid": np.nan}
-    decision, kept = "identity", np.zeros(6)
-    for name, p in candidates:
+    decision, kept, missed = "identity", np.zeros(6), False
+    for name, p, plausible in candidates:
         moved = resample_frame(moving_img, make_transform(p, check.center_mm), workers)
         sq = squares(_smooth(moved, check.sigma_zyx))
+        if not plausible:
+            # beyond the plausible range: never applied, but a frame it fits as clearly as a
+            # kept transform must have moved
+            gain, se = _mean_and_se(still - sq, block)
+            missed |= bool(gain > check.min_gain * values["identity"] and gain > _MIN_Z * se)
+            continue
         values[name] = float(sq.mean()) if sq.size else np.nan
         gain, se = _mean_and_se(best - sq, block)
         log.debug("%s: gain %.3g HU^2 of %.3g, standard error %.3g", name, gain,
-                     values[decision], se)
+                  values[decision], se)
         # a simpler candidate stands unless this one clearly beats it (NaN never does)
         needed = check.min_gain if decision == "identity" else check.min_gain_through_plane
         if gain > needed * values[decision] and gain > _MIN_Z * se:
             decision, kept, frame, best = name, p, moved, sq
+    if decision == "identity" and missed:
+        decision = "uncorrected"
     if not through:
         values["rigid"] = values["in-plane"]  # the fit has no through-plane part
     checks = np.array([values["identity"], values["in-plane"], values["rigid"]])

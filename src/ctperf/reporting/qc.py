@@ -33,17 +33,29 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t = int(np.argmax(result.displacement_mm))
+    measured = np.asarray(getattr(result, "uncorrected_mm", np.zeros(0)))
+    left = measured if measured.size == before.n_frames and measured.any() else None
+    # the frame moved most: corrected, or else measured and left uncorrected
+    t = int(np.argmax(result.displacement_mm if left is None
+                      else np.maximum(result.displacement_mm, left)))
     z = before.shape[1] // 2
     low, high = BRAIN_WINDOW_HU
     fig, axes = plt.subplots(1, 4, figsize=(16, 4), constrained_layout=True)
     ax = axes[0]
     ax.plot(before.times, result.displacement_mm, label="mean over brain")
     ax.plot(before.times, result.max_displacement_mm, label="max over brain")
+    if left is not None:
+        moved = left > 0
+        ax.plot(before.times[moved], left[moved], "rx", ms=8,
+                label="measured, NOT corrected (mean)")
     ax.set_xlabel("time (s)")
     ax.set_ylabel("displacement from frame 0 (mm)")
-    ax.legend()
-    ax.set_title("frame-wise displacement")
+    top = max(float(np.max(result.max_displacement_mm)),
+              0.0 if left is None else float(left.max()), 1.0)
+    ax.set_ylim(0.0, 1.5 * top)  # room above the data for the legend
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("frame-wise displacement (corrected)" if left is None else
+                 "displacement: corrected, and measured but not corrected")
     panels = [(before.hu[0, z], "frame 0"), (before.hu[t, z], f"frame {t} before"),
               (after.hu[t, z], f"frame {t} after")]
     for ax, (img, title) in zip(axes[1:], panels, strict=True):

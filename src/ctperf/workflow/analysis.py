@@ -68,6 +68,7 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         motion = _register(series, workers=workers, progress=progress)
         series = motion.series
         perfusion_options.setdefault("motion_mm", motion.displacement_mm)
+        perfusion_options.setdefault("uncorrected_motion_mm", motion.uncorrected_mm)
     if filter is None:
         filter = filters_by_default(method)
     elif filter and not filters_by_default(method):

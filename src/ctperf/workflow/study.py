@@ -294,8 +294,13 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
         io.write_json(qc, tmp / "qc.json")
         _write_qc_figure(series, final, result, tmp / "qc.png")
     largest = float(np.max(result.displacement_mm))
-    return StudyOutcome(out=out, message=f"wrote {out} (max mean displacement {largest:.2f} mm)",
-                        summary={"max_mean_displacement_mm": largest})
+    left = float(np.max(result.uncorrected_mm, initial=0.0))
+    note = (f"; {int(np.sum(result.uncorrected_mm > 0))} frames moved by up to {left:.1f} mm "
+            "and were NOT corrected (qc.json uncorrected_frames)" if left > 0 else "")
+    return StudyOutcome(out=out, message=f"wrote {out} (max mean displacement {largest:.2f} mm"
+                                         f"{note})",
+                        summary={"max_mean_displacement_mm": largest,
+                                 "max_uncorrected_mm": left})
 
 
 def _transforms_record(series: Any, result: Any) -> dict[str, Any]:
@@ -322,6 +327,8 @@ def _preprocess_qc(series: Any, final: Any, result: Any, o: PreprocessOptions) -
         "max_displacement_mm": result.max_displacement_mm,
         "max_mean_displacement_mm": float(np.max(result.displacement_mm)),
         "max_max_displacement_mm": float(np.max(result.max_displacement_mm)),
+        "uncorrected_mm": result.uncorrected_mm,
+        "uncorrected_frames": [int(t) for t in np.flatnonzero(result.uncorrected_mm > 0)],
         "brain_voxels": int(result.mask.sum()),
         # frame-to-frame noise over the brain in the first (pre-contrast) frames
         "noise_sd_hu_before": _noise(series.hu, result.mask),
