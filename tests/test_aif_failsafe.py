@@ -319,3 +319,17 @@ def test_automatic_aif_at_2s_sampling_with_15hu_noise():
     # 105 % of the true AIF's.
     ratio = np.trapezoid(result.aif, times) / np.trapezoid(truth["aif"], times)
     assert 0.7 < ratio < 1.05
+
+
+def test_no_artery_found_is_refused():
+    """A poor injection (arterial peak 120 HU over 96 px pixels of 2.4 mm): the automatic
+    choice, even made again among the voxels peaking no later than the tissue, is a voxel
+    whose bolus arrives seconds after the brain's. Maps on it read the brain's delays and
+    Tmax seconds off (before: exit 0 with the QC flag aif_after_tissue, core 90 mL against a
+    true 7); now refused, asking for an AIF mask."""
+    from ctperf.perfusion import run_perfusion
+    from ctperf.phantom import generate_subject
+
+    study = generate_subject(seed=3, size=96, slices=4, aif_peak=120.0).series
+    with pytest.raises(CTPerfError, match=r"AIF's bolus arrives \d+\.\d s after the brain's"):
+        run_perfusion(study, method="bsvd")

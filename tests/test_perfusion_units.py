@@ -268,13 +268,50 @@ def test_lesions_from_true_maps_equal_truth():
 def test_qc_flags_raise_on_truncation_and_motion():
     t = TIMES
     good = qc_flags(times=t, aif=_aif(t), vof=_aif(t, 9.0), pv_factor=1.5,
-                    displacement_mm=np.zeros(89), brain_voxels=10_000, voxel_ml=0.01)
+                    displacement_mm=np.zeros(89), uncorrected_mm=np.zeros(89),
+                    brain_voxels=10_000, voxel_ml=0.01)
     assert not any(v["flag"] for v in good.values())
+    left = np.zeros(89)
+    left[40:] = 21.0                          # moved 21 mm, beyond what registration applies
     late = qc_flags(times=t, aif=_aif(t, 38.0), displacement_mm=np.full(89, 3.0),
-                    brain_voxels=10, voxel_ml=0.01, pv_factor=9.0)
-    for name in ("truncation", "aif_late_peak", "motion", "few_brain_voxels", "aif_vof_ratio"):
+                    uncorrected_mm=left, brain_voxels=10, voxel_ml=0.01, pv_factor=9.0)
+    for name in ("truncation", "aif_late_peak", "motion", "motion_uncorrected",
+                 "few_brain_voxels", "aif_vof_ratio"):
         assert late[name]["flag"], name
+    assert late["motion_uncorrected"]["value"] == 21.0
     assert qc_flags(times=t, aif=0.1 * _aif(t))["aif_low_peak"]["flag"]
+
+
+def test_a_slice_that_lost_its_brain_is_flagged():
+    """Metal streaks through slice 1 cut its brain mask to a fifth of the skull's interior,
+    the other slices keep all of it: flagged; a head whose slices all keep it is not."""
+    from ctperf.perfusion.maps import _brain_slice_share
+
+    inside = np.zeros((4, 20, 20), dtype=bool)
+    inside[:, 2:18, 2:18] = True
+    brain = inside.copy()
+    share = _brain_slice_share(brain, inside)
+    assert np.allclose(share, 1.0)
+    assert not qc_flags(times=TIMES, aif=_aif(TIMES), brain_slice_share=share)[
+        "brain_slice_gap"]["flag"]
+    brain[1, :, 5:] = False                               # a streak took most of slice 1
+    share = _brain_slice_share(brain, inside)
+    flag = qc_flags(times=TIMES, aif=_aif(TIMES), brain_slice_share=share)["brain_slice_gap"]
+    assert flag["flag"] and flag["value"] == pytest.approx(3 * 16 / 256)
+    inside[3, :, :] = False                               # a slice past the head is not judged
+    inside[3, 9:11, 9:11] = True
+    assert len(_brain_slice_share(brain & inside, inside)) == 3
+
+
+def test_noisy_studies_fitted_voxel_by_voxel_are_flagged():
+    """8 HU of pre-bolus noise (an unfiltered 150 mAs study) with a method fitting each voxel
+    alone: flagged; the same with bayes, or a filtered study's 0.5 HU, not."""
+    def flag(sd: float, voxelwise: bool) -> bool:
+        return qc_flags(times=TIMES, aif=_aif(TIMES), baseline_sd=sd,
+                        voxelwise=voxelwise)["noisy_voxelwise"]["flag"]
+
+    assert flag(8.0, True)
+    assert not flag(8.0, False) and not flag(0.5, True)
 
 
 def test_qc_flags_box_fits_on_the_mtt_floor():

@@ -55,7 +55,7 @@ from ctperf.perfusion.lesions import (
     LesionResult,
     segment_lesions,
 )
-from ctperf.perfusion.qc import qc_flags
+from ctperf.perfusion.qc import MAX_AIF_LEAD_S, aif_lag, qc_flags
 from ctperf.perfusion.svd import svd_deconvolve
 from ctperf.types import MAP_UNITS, CTPSeries, PerfusionMaps
 
@@ -111,6 +111,7 @@ def run_perfusion(
     rho: float = 1.04,
     kh: float = 0.733,
     motion_mm: np.ndarray | None = None,
+    uncorrected_motion_mm: np.ndarray | None = None,
     vessel_fraction: float = 0.25,
     rim_mm: float = 2.0,
     lesion_options: LesionOptions | None = None,
@@ -139,6 +140,9 @@ def run_perfusion(
         Brain density (g/mL) and haematocrit ratio; written into the provenance.
     motion_mm : ndarray, shape (T,), optional
         Frame-wise displacement from motion correction, for the QC flags.
+    uncorrected_motion_mm : ndarray, shape (T,), optional
+        Frame-wise displacement that motion correction measured and left in the study
+        (``uncorrected_mm`` of :func:`~ctperf.preprocess.correct_motion`), for the QC flags.
     vessel_fraction : float
         Brain voxels whose curve, smoothed over time, peaks above this fraction of the measured
         AIF peak are vessels: mapped, but excluded from lesions.
@@ -186,6 +190,7 @@ def run_perfusion(
     # artery already bright at the first frames is no brain to the brain mask)
     inside = masks.fill_holes_in_plane(search | bone_rim)
     _check_scan_start(onset, inside & ~bone_rim)
+    slice_share = _brain_slice_share(brain, inside)
     enh, venh = _enhancement(hu, vhu, search, base=base, n_base=n_base)
 
     # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
@@ -201,6 +206,8 @@ def run_perfusion(
 
     tissue = enh[:, brain[search]]  # (T, N): every brain voxel
     vessels = _vessels(brain, venh[:, brain[search]], aif_raw, vessel_fraction)
+    if aif_from.source == "automatic":
+        _check_aif_leads(t, aif_raw, tissue, vessels[brain])
     del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
     # bayes pools amplitudes among neighbours of similar temporal mean (the paper's guide)
     guide = mean if method == "bayes" else None
@@ -212,8 +219,9 @@ def run_perfusion(
 
     flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
+                uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
-                csf_cut_share=csf_share,
+                csf_cut_share=csf_share, voxelwise=method != "bayes",
                 voxel_volume_ml=series.voxel_ml,
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
@@ -242,6 +250,35 @@ def compute_maps(series: CTPSeries, **options: Any) -> PerfusionMaps:
         holds the method, constants, AIF/VOF voxels and curves, QC flags and lesion volumes.
     """
     return run_perfusion(series, **options).maps
+
+
+def _check_aif_leads(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray,
+                     vessels: np.ndarray) -> None:
+    """Refuse an automatic AIF whose bolus arrives more than :data:`MAX_AIF_LEAD_S` after the
+    brain's (vessels left out): no artery was found, and maps on it would read every delay,
+    Tmax and CBF wrong."""
+    tissue_only = ~vessels
+    if not tissue_only.any():
+        return
+    lag = aif_lag(t, aif, tissue[:, tissue_only].mean(axis=1))
+    if lag is not None and lag > MAX_AIF_LEAD_S:
+        raise ValidationError(
+            f"the automatic AIF's bolus arrives {lag:.1f} s after the brain's: no artery "
+            "feeding the brain was found (a poor injection, or arteries too small for the "
+            "pixels); give an AIF mask on an artery (--aif-mask)")
+
+
+def _brain_slice_share(brain: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
+    """Per slice, the brain's share of what the skull encloses, over its median across the
+    slices that cut the head well (a quarter of the largest slice's area or more); None with
+    fewer than two such slices."""
+    area = inside.sum(axis=(1, 2)).astype(np.float64)
+    cut = area >= 0.25 * area.max() if area.max() > 0 else np.zeros(area.shape, dtype=bool)
+    if cut.sum() < 2:
+        return None
+    share = brain.sum(axis=(1, 2))[cut] / area[cut]
+    typical = float(np.median(share))
+    return share / typical if typical > 0 else None
 
 
 def _check_inputs(series: CTPSeries, *, method: str, vessel_series: CTPSeries | None) -> None:
@@ -500,7 +537,8 @@ def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
 def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
         vessels: np.ndarray, n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
-        voxel_volume_ml: float, box_mtt: np.ndarray | None,
+        uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
+        voxelwise: bool, voxel_volume_ml: float, box_mtt: np.ndarray | None,
         csf_cut_share: float | None) -> dict[str, Any]:
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
     AIF curve came without a VOF (nothing to correct it with); ``box_mtt``: the box model's
@@ -517,8 +555,9 @@ def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
                     baseline_sd=base_sd, baseline_frames=n_base,
                     brain_voxels=int(brain.sum()), voxel_ml=voxel_volume_ml,
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,
+                    uncorrected_mm=uncorrected_motion_mm, brain_slice_share=slice_share,
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
-                    box_mtt=box_mtt, csf_cut_share=csf_cut_share)
+                    box_mtt=box_mtt, csf_cut_share=csf_cut_share, voxelwise=voxelwise)
 
 
 def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.ndarray | None,

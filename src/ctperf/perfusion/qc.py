@@ -10,7 +10,23 @@ from ctperf.errors import ValidationError
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
 from ctperf.perfusion.curves import bolus_arrival_frame
 
-__all__ = ["qc_flags"]
+__all__ = ["MAX_AIF_LEAD_S", "aif_lag", "qc_flags"]
+
+
+#: How many seconds the brain's bolus may arrive before the AIF's (``aif_after_tissue``): on
+#: ctperf's phantoms it arrives 2.0-3.5 s after it; an AIF arriving later than the brain is a
+#: vein or an artery downstream of much of it.
+MAX_AIF_LEAD_S = 2.0
+
+
+def aif_lag(times: np.ndarray, aif: np.ndarray, tissue_mean: np.ndarray) -> float | None:
+    """Seconds by which the AIF's bolus arrives after the mean brain curve's (each rising
+    past 20 % of its peak); None when either never rises."""
+    try:
+        return float(times[bolus_arrival_frame(aif, fraction=0.2)]
+                     - times[bolus_arrival_frame(tissue_mean, fraction=0.2)])
+    except ValidationError:  # a curve that never rises: nothing to judge
+        return None
 
 
 def qc_flags(
@@ -25,13 +41,14 @@ def qc_flags(
     voxel_ml: float | None = None,
     pv_factor: float | None = None,
     displacement_mm: np.ndarray | None = None,
+    uncorrected_mm: np.ndarray | None = None,
     pv_corrected: bool | None = None,
     box_mtt: np.ndarray | None = None,
     csf_cut_share: float | None = None,
     end_fraction: float = 0.3,
     min_aif_peak_hu: float = 100.0,
     late_aif_fraction: float = 0.6,
-    max_aif_lead_s: float = 2.0,
+    max_aif_lead_s: float = MAX_AIF_LEAD_S,
     max_baseline_sd_hu: float = 15.0,
     min_baseline_frames: int = 3,
     pv_range: tuple[float, float] = (0.8, 4.0),
@@ -39,6 +56,10 @@ def qc_flags(
     max_motion_mm: float = 2.0,
     max_mtt_floor_share: float = 0.02,
     max_csf_cut_share: float = 0.10,
+    brain_slice_share: np.ndarray | None = None,
+    min_brain_slice_share: float = 0.75,
+    voxelwise: bool | None = None,
+    max_voxelwise_sd_hu: float = 4.0,
 ) -> dict[str, dict[str, Any]]:
     """Flags that warn a reader when the maps may mislead.
 
@@ -60,11 +81,20 @@ def qc_flags(
         AIF scale from the VOF (VOF area / AIF area).
     displacement_mm : ndarray, shape (T,), optional
         Mean frame-wise displacement from motion correction.
+    uncorrected_mm : ndarray, shape (T,), optional
+        Mean frame-wise displacement measured by motion correction and not corrected.
     pv_corrected : bool, optional
         Whether a VOF corrected the AIF for partial volume (False: none found, or rejected).
     box_mtt : ndarray, shape (N,), optional
         The box model's MTT of the tissue curves (``nlr``, ``nlr-fast``; vessels left out),
         s: its share on the fit's lower MTT bound is judged.
+    brain_slice_share : ndarray, shape (Z',), optional
+        Per slice that cuts the head well, the brain mask's share of what the skull encloses,
+        over that share's median across the slices: a slice far below the others lost brain
+        to an artefact (metal streaks, a cut-off field of view).
+    voxelwise : bool, optional
+        Whether each voxel's curve was fitted alone (the box and SVD methods; ``bayes`` pools
+        neighbours): its pre-bolus noise is then judged against ``max_voxelwise_sd_hu``.
     csf_cut_share : float, optional
         Share of the brain (less the smoothed CSF) that its voxels' temporal mean left out as
         CSF (:func:`ctperf.masks.tissue_csf_midpoint`).
@@ -75,10 +105,12 @@ def qc_flags(
         ``{name: {"flag": bool, "value": float | None, "reason": str}}`` for ``truncation``,
         ``aif_low_peak``, ``aif_late_peak``, ``aif_after_tissue``, ``noisy_baseline``,
         ``short_baseline``, ``aif_vof_ratio``, ``no_vof``, ``few_brain_voxels``, ``motion``,
-        ``mtt_floor`` and ``csf_cut``; a flag that cannot be judged has ``value`` None.
+        ``motion_uncorrected``, ``mtt_floor``, ``csf_cut``, ``brain_slice_gap`` and
+        ``noisy_voxelwise``; a flag that cannot be judged has ``value`` None.
         ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival (its
         rise past 20 % of its peak) precedes the AIF's. ``mtt_floor``'s value is the share of
-        ``box_mtt`` on the lower bound, ``csf_cut``'s ``csf_cut_share``.
+        ``box_mtt`` on the lower bound, ``csf_cut``'s ``csf_cut_share``, ``brain_slice_gap``'s
+        the lowest of ``brain_slice_share``.
     """
     t = np.asarray(times, dtype=np.float64)
     flags: dict[str, dict[str, Any]] = {}
@@ -102,13 +134,7 @@ def qc_flags(
     put("aif_late_peak", when > late_aif_fraction * (t[-1] - t[0]), when,
         f"AIF peaks after {late_aif_fraction:.0%} of the acquisition: late bolus, risk of "
         "truncation")
-    lead = None
-    if tissue_mean is not None:
-        try:
-            lead = float(t[bolus_arrival_frame(aif, fraction=0.2)]
-                         - t[bolus_arrival_frame(tissue_mean, fraction=0.2)])
-        except ValidationError:  # a curve that never rises: nothing to judge
-            lead = None
+    lead = None if tissue_mean is None else aif_lag(t, aif, tissue_mean)
     put("aif_after_tissue", lead is not None and lead > max_aif_lead_s, lead,
         f"the brain's bolus arrives more than {max_aif_lead_s:g} s before the AIF's: the AIF "
         "was taken downstream of much of the brain, so delays, Tmax and CBF are unreliable "
@@ -118,7 +144,9 @@ def qc_flags(
     put("short_baseline", baseline_frames is not None and baseline_frames < min_baseline_frames,
         baseline_frames, f"fewer than {min_baseline_frames} frames before the bolus: each "
         "curve's unenhanced value is the mean of so few frames, and its error is in every later "
-        "frame (noisier CBV and CBF); start the scan a few seconds before the contrast arrives")
+        "frame (noisier CBV and CBF; with the box model on a one-frame baseline a phantom's "
+        "core read 47 mL against a true 7, bayes 5 mL); start the scan a few seconds before "
+        "the contrast arrives")
     put("aif_vof_ratio", pv_factor is not None and not pv_range[0] <= pv_factor <= pv_range[1],
         pv_factor, f"VOF/AIF area ratio outside [{pv_range[0]}, {pv_range[1]}]: wrong AIF or VOF "
         "choice")
@@ -132,6 +160,12 @@ def qc_flags(
     put("motion", motion is not None and motion > max_motion_mm, motion,
         f"frame-wise displacement above {max_motion_mm} mm: if part of it was through plane, "
         "resampling thick slices biases CBF and CBV even after correction (see the README)")
+    left = (None if uncorrected_mm is None or np.size(uncorrected_mm) == 0
+            else float(np.max(uncorrected_mm)))
+    put("motion_uncorrected", left is not None and left > max_motion_mm, left,
+        f"frames moved by more than {max_motion_mm} mm and were not corrected (beyond the "
+        "registration's plausible range): their curves mix tissues, which biases every map "
+        "there; check the frames, leave the moved ones out, or rescan")
     floor_s = DEFAULT_BOUNDS[1][0]
     share = None
     if box_mtt is not None:
@@ -150,4 +184,19 @@ def qc_flags(
         "midpoint of its CSF and tissue and was left out as CSF: a large hypodense region (an "
         "old infarct, oedema) or HU that are not HU; check the brain mask, or pass your own "
         "(--brain-mask)")
+    lowest = (None if brain_slice_share is None or np.size(brain_slice_share) == 0
+              else float(np.min(brain_slice_share)))
+    put("brain_slice_gap", lowest is not None and lowest < min_brain_slice_share, lowest,
+        f"a slice's brain mask covers less than {min_brain_slice_share:.0%} of the share of "
+        "the skull's interior that the other slices' cover: an artefact (metal streaks, beam "
+        "hardening) or a cut-off field of view took brain out of it, and its lesions are "
+        "missing from the volumes; check the brain mask (lesions/brain.nii.gz), or pass your "
+        "own (--brain-mask)")
+    put("noisy_voxelwise", bool(voxelwise) and baseline_sd is not None
+        and baseline_sd > max_voxelwise_sd_hu, baseline_sd if voxelwise else None,
+        f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU with a method that fits each voxel "
+        "alone: at this noise the SVD methods' Tmax and the box model's CBF scatter so widely "
+        "that lesion volumes are overstated (unfiltered 150 mAs phantoms, 8 HU: bSVD read 25 mL "
+        "hypoperfused in a lesion-free head, nlr-fast three times the true core); filter the "
+        "study first as the paper did (--register --filter), or use bayes")
     return flags
