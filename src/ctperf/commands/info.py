@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
     if groups is not None:  # headers read once: their warnings said once
         series = io.read_dicom_series(args.study, frame_interval=args.frame_interval,
-                                      progress=True, headers=groups)
+                                      progress=True, headers_by_series=groups)
     else:
         series = io.read_study(args.study, series_uid=args.series,
                                frame_interval=args.frame_interval, progress=True)

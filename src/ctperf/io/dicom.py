@@ -325,7 +325,7 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
 def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
                       frame_interval: float | None = None, workers: int | None = None,
                       progress: bool = False,
-                      headers: dict[str, list[Any]] | None = None) -> CTPSeries:
+                      headers_by_series: dict[str, list[Any]] | None = None) -> CTPSeries:
     """Read a CT perfusion study from a folder of DICOM files (searched recursively).
 
     Parameters
@@ -351,7 +351,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         GDCM) hold the GIL, so with compressed files threads mostly overlap file reads.
     progress : bool
         Show a progress bar while decoding.
-    headers : dict, optional
+    headers_by_series : dict, optional
         The folder's headers as :func:`read_dicom_headers` returned them, when already read.
 
     Returns
@@ -375,7 +375,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         memory holds.
     """
     root = Path(folder)
-    groups = read_dicom_headers(root) if headers is None else headers
+    groups = read_dicom_headers(root) if headers_by_series is None else headers_by_series
     choice = choose_series(root, groups, series_uid)
     headers = choice.headers
     slices, affine, (rows, cols) = _geometry(root, headers, modality="CT")
