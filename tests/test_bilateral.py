@@ -228,3 +228,12 @@ def test_threads_and_chunks_agree(rng):
     # the same sparse products, column by column: only float32 rounding may differ
     assert np.allclose(out, one, atol=1e-4), np.abs(out - one).max()
     assert not np.allclose(out, hu, atol=1.0)  # it did filter
+
+
+def test_nan_in_the_images_is_refused(rng):
+    """One NaN voxel spread to thousands through the grid; it is refused instead."""
+    guide = rng.normal(30.0, 5.0, (2, 16, 16)).astype(np.float32)
+    images = np.stack([guide, guide + 1.0])
+    images[1, 0, 3, 3] = np.nan
+    with pytest.raises(ValidationError, match="1 NaN or Inf"):
+        joint_bilateral(images, guide, spacing=(5.0, 1.0, 1.0))

@@ -127,6 +127,9 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     if images.ndim != 4 or images.shape[1:] != guide.shape:
         raise ValidationError(f"images (B, Z, Y, X) {images.shape} and guide (Z, Y, X) "
                               f"{guide.shape} must share the volume shape")
+    bad = int(np.count_nonzero(~np.isfinite(images)))
+    if bad:  # one NaN would spread through the grid to every voxel sharing its cells
+        raise ValidationError(f"the images contain {bad} NaN or Inf values")
     grid = _guide_grid(guide, spacing=spacing, spatial_sigma_mm=spatial_sigma_mm,
                        range_sigma_hu=range_sigma_hu, levels_per_sigma=levels_per_sigma,
                        levels_per_sigma_outside=levels_per_sigma_outside,
