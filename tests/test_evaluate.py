@@ -14,7 +14,7 @@ import pytest
 
 from ctperf import io
 from ctperf.cli import main
-from ctperf.errors import ValidationError
+from ctperf.errors import InputError, ValidationError
 from ctperf.evaluation.metrics import map_agreement
 from ctperf.types import PerfusionMaps
 
@@ -154,12 +154,44 @@ def test_evaluate_synthetic_tables_json_and_report(cohorts, evaluated):
     assert "Table 1" in page and "Table 2" in page and "@media print" in page
 
 
+def test_a_rater_storing_the_voxels_another_way_is_turned_and_another_grid_refused(cohorts,
+                                                                                   tmp_path):
+    """A rater's label image with its rows reversed (affine adjusted: the same voxels in
+    space) reads the same lesions as the original; moved 50 mm it is refused, naming the
+    study. Before, both were paired voxel by voxel: Dice 0 for the first, 1 for the second."""
+    import nibabel as nib
+
+    from ctperf.evaluation.cohort import load_rater
+
+    grids = {s: (SHAPE, AFFINE) for s in STUDIES}
+    plain = load_rater(cohorts["rater1"], grids)
+    flipped, moved = tmp_path / "flipped", tmp_path / "moved"
+    for folder in (flipped, moved):
+        folder.mkdir()
+    for study in STUDIES:
+        img = nib.load(cohorts["rater1"] / f"{study}.nii.gz")
+        data = np.asarray(img.dataobj)
+        turn = img.affine.copy()
+        turn[:3, 3] += turn[:3, 1] * (data.shape[1] - 1)       # rows reversed: y runs back
+        turn[:3, 1] *= -1
+        nib.save(nib.Nifti1Image(data[:, ::-1].copy(), turn), flipped / f"{study}.nii.gz")
+        shift = img.affine.copy()
+        shift[2, 3] += 50.0
+        nib.save(nib.Nifti1Image(data, shift), moved / f"{study}.nii.gz")
+    turned = load_rater(flipped, grids)
+    for study in STUDIES:
+        for name, mask in plain.lesions[study].items():
+            assert np.array_equal(turned.lesions[study][name], mask), (study, name)
+    with pytest.raises(InputError, match=r"study s0\d: not on the maps' grid"):
+        load_rater(moved, grids)
+
+
 def test_raters_label_image_and_masks_agree(cohorts):
     from ctperf.evaluation.cohort import evaluate_readers, load_maps_cohort, load_rater
 
     ref = load_maps_cohort(cohorts["ref"])
-    shapes = {s: SHAPE for s in STUDIES}
-    r1, r2 = load_rater(cohorts["rater1"], shapes), load_rater(cohorts["rater2"], shapes)
+    grids = {s: (SHAPE, AFFINE) for s in STUDIES}
+    r1, r2 = load_rater(cohorts["rater1"], grids), load_rater(cohorts["rater2"], grids)
     assert sorted(r2.lesions["s01"]) == ["core", "hypoperfused", "penumbra"]  # derived penumbra
     doc = evaluate_readers([ref, r1, r2], studies=STUDIES)
     rows = {(r["lesion"], r["estimate"], r["reference"]): r for r in doc["lesions"]}

@@ -206,3 +206,12 @@ def test_written_maps_carry_qform_and_sform_and_their_unit(tmp_path, shear):
     if shear == 0.0:
         np.testing.assert_allclose(img.get_qform(), affine, atol=1e-5)
     assert img.header["descrip"].tobytes().rstrip(b"\0") == b"cbf mL/100g/min"
+
+
+def test_a_grid_of_another_extent_is_not_the_same_voxels():
+    """Same affine, fewer columns (a cropped map): not a reordering of the reference's grid."""
+    from ctperf.io import reorientation
+
+    affine = np.diag([-0.9, 0.9, 5.0, 1.0])
+    assert reorientation(affine, (2, 24, 24), affine, target_shape=(2, 24, 24)) is not None
+    assert reorientation(affine, (2, 24, 20), affine, target_shape=(2, 24, 24)) is None

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import add_overwrite_option
+from ctperf.commands import add_overwrite_option, count
 
 __all__ = ["ORDER", "register", "run"]
 
@@ -39,7 +39,7 @@ def register(subparsers: Any) -> None:
                         "Friedman tests of lesion volumes)")
     p.add_argument("--train-log", type=Path, default=None, metavar="CSV",
                    help="log.csv of `ctperf train` for training curves [PRED/log.csv if present]")
-    p.add_argument("--map-figures", type=int, default=6, metavar="N",
+    p.add_argument("--map-figures", type=count(0), default=6, metavar="N",
                    help="studies shown as map figures, the first N by name [%(default)s]")
     add_overwrite_option(p)
     p.set_defaults(func=run)
@@ -54,9 +54,10 @@ def run(args: argparse.Namespace) -> int:
     io.check_output(args.out, inputs=inputs, overwrite=args.overwrite)
     doc = evaluate_cohorts(args.pred, args.ref, args.out, truth=args.truth, raters=args.raters,
                            compare=args.compare, train_log=args.train_log,
-                           overwrite=args.overwrite, max_map_figures=max(args.map_figures, 0),
+                           overwrite=args.overwrite, max_map_figures=args.map_figures,
                            lesion_options=LesionOptions())
     labels = ", ".join(r["label"] for r in doc["readers"])
-    print(f"evaluated {len(doc['studies'])} studies ({labels}); wrote {args.out}/report.html, "
+    n = len(doc["studies"])
+    print(f"evaluated {n} stud{'y' if n == 1 else 'ies'} ({labels}); wrote {args.out}/report.html, "
           "table1.csv, table2.csv, evaluation.json, figures/")
     return 0

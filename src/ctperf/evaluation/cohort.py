@@ -156,7 +156,23 @@ def _segment(maps: PerfusionMaps, brain: np.ndarray | None,
     return {n: m for n, m in result.masks().items() if n in LESION_NAMES}
 
 
-def load_rater(root: str | Path, shapes: Mapping[str, tuple[int, ...]], *,
+def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """A rater's volume on the maps' grid of ``study``: as stored, or turned when it stores the
+    same voxels in another order; another grid is refused."""
+    from ctperf.io import read_volume, reorient, reorientation
+
+    vol, own = read_volume(path)
+    if vol.shape == tuple(shape) and np.allclose(own, affine, atol=1e-3):
+        return vol
+    how = reorientation(own, vol.shape, affine, target_shape=tuple(shape))
+    if how is None:
+        raise InputError(path, f"study {study}: not on the maps' grid (shape {vol.shape}, "
+                               f"the maps' {tuple(shape)}; affines differ beyond the voxels' "
+                               "order); resample it onto the maps")
+    return reorient(vol, how)
+
+
+def load_rater(root: str | Path, grids: Mapping[str, tuple[tuple[int, ...], np.ndarray]], *,
                label: str | None = None) -> Reader:
     """Read one rater's manual lesion segmentations for the given studies.
 
@@ -165,8 +181,9 @@ def load_rater(root: str | Path, shapes: Mapping[str, tuple[int, ...]], *,
     root : path
         ``<root>/<study>/{core,hypoperfused,penumbra}.nii.gz`` masks, or one label image per study
         (``<root>/<study>.nii.gz`` or ``<root>/<study>/labels.nii.gz``, :data:`RATER_LABELS`).
-    shapes : mapping of study -> (Z, Y, X)
-        The studies to read and their grids.
+    grids : mapping of study -> ((Z, Y, X), affine)
+        The studies to read and the reference maps' grid of each: a segmentation storing the
+        same voxels in another order is turned onto it, one on another grid refused.
     label : str, optional
         Reader name; default the folder name.
     """
@@ -174,15 +191,16 @@ def load_rater(root: str | Path, shapes: Mapping[str, tuple[int, ...]], *,
     if not root.is_dir():
         raise InputError(root, "rater folder does not exist")
     reader = Reader(label=label or root.name, kind="rater", path=str(root))
-    for study, shape in shapes.items():
+    for study, (shape, affine) in grids.items():
         labels = next((p for p in (root / f"{study}.nii.gz", root / study / "labels.nii.gz")
                        if p.exists()), None)
         if labels is not None:
-            img = np.rint(_volume(labels, shape)).astype(np.int64)
+            img = np.rint(_on_grid(labels, study, shape, affine)).astype(np.int64)
             les = {n: img == v for n, v in RATER_LABELS.items()}
             les["hypoperfused"] = les["core"] | les["penumbra"]
         else:
-            les = {n: _volume(root / study / f"{n}.nii.gz", shape) != 0 for n in LESION_NAMES
+            les = {n: _on_grid(root / study / f"{n}.nii.gz", study, shape, affine) != 0
+                   for n in LESION_NAMES
                    if (root / study / f"{n}.nii.gz").exists()}
             if "penumbra" not in les and {"core", "hypoperfused"} <= set(les):
                 les["penumbra"] = les["hypoperfused"] & ~les["core"]
@@ -191,7 +209,7 @@ def load_rater(root: str | Path, shapes: Mapping[str, tuple[int, ...]], *,
         if les:
             reader.lesions[study] = les
     if not reader.lesions:
-        raise InputError(root, f"no segmentations for any of the studies {sorted(shapes)} "
+        raise InputError(root, f"no segmentations for any of the studies {sorted(grids)} "
                                "(<study>.nii.gz label image or <study>/<lesion>.nii.gz masks)")
     return reader
 
@@ -255,7 +273,7 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> None:
             own, target = r.maps[s], grid.maps[s]
             if own.shape == target.shape and np.allclose(own.affine, target.affine, atol=1e-3):
                 continue
-            how = reorientation(own.affine, own.shape, target.affine)
+            how = reorientation(own.affine, own.shape, target.affine, target_shape=target.shape)
             if how is None:
                 raise ValidationError(
                     f"study {s}: the maps of {r.label} and {grid.label} are not on the same grid "

@@ -150,8 +150,8 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
                                + (f" and {truth}" if truth is not None else ""))
     excluded = {s: "missing in " + ", ".join(r.label for r in with_maps if s not in r.maps)
                 for r0 in with_maps for s in r0.maps if s not in studies}
-    shapes = {s: readers[1].maps[s].shape for s in studies}
-    readers += [load_rater(p, shapes) for p in raters]
+    grids = {s: (readers[1].maps[s].shape, readers[1].maps[s].affine) for s in studies}
+    readers += [load_rater(p, grids) for p in raters]
     _unique_labels(readers)
     for r in readers[len(with_maps):]:
         for s in [s for s in studies if s not in r.lesions]:

@@ -362,11 +362,12 @@ Turn = tuple[tuple[int, int, int], tuple[bool, bool, bool]]
 
 
 def reorientation(affine: np.ndarray, shape: tuple[int, int, int], target: np.ndarray, *,
-                  atol_mm: float = 1e-3) -> Turn | None:
+                  atol_mm: float = 1e-3,
+                  target_shape: tuple[int, ...] | None = None) -> Turn | None:
     """How to put a (Z, Y, X) grid with ``affine`` onto the grid of ``target``, when both hold
     the same voxels stored in another order (axes swapped or reversed, as another tool's NIfTI
     may store them): for :func:`reorient`; None when they do not (another position, spacing or
-    rotation)."""
+    rotation, or, when ``target_shape`` is given, another extent)."""
     from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
 
     a, t = np.asarray(affine, dtype=np.float64), np.asarray(target, dtype=np.float64)
@@ -379,6 +380,8 @@ def reorientation(affine: np.ndarray, shape: tuple[int, int, int], target: np.nd
     for i, (dest, sign) in enumerate(ornt):
         order[2 - int(dest)] = 2 - i
         flips[2 - int(dest)] = bool(sign < 0)
+    if target_shape is not None and tuple(shape[k] for k in order) != tuple(target_shape):
+        return None
     return (order[0], order[1], order[2]), (flips[0], flips[1], flips[2])
 
 

@@ -71,6 +71,10 @@ def _dice_cases_html(result: Mapping[str, Any]) -> str:
                        "volume ref. mL", "left out of the Dice mean"], rows, text_columns=4)
 
 
+def _studies(n: int) -> str:
+    return f"{n} stud{'y' if n == 1 else 'ies'}"
+
+
 def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studies: Sequence[str],
              log: Sequence[Mapping[str, Any]] | None, *,
              max_map_figures: int) -> dict[str, tuple[str, str]]:
@@ -159,7 +163,7 @@ def _sections(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) ->
                       f"<code>{html.escape(r['path'])}</code></li>" for r in doc["readers"])
     excluded = "".join(f"<li>{html.escape(s)}: {html.escape(why)}</li>"
                        for s, why in doc["excluded_studies"].items())
-    intro = (f'<ul class="note">{readers}</ul><p class="note">{len(doc["studies"])} studies: '
+    intro = (f'<ul class="note">{readers}</ul><p class="note">{_studies(len(doc["studies"]))}: '
              f'{html.escape(", ".join(doc["studies"]))}. Maps compared within the '
              f'{html.escape(doc["region"])}. ctperf {html.escape(str(doc["software_version"]))}.'
              "</p>" + (f'<p class="note">Left out:</p><ul class="note">{excluded}</ul>'

@@ -217,13 +217,22 @@ def bland_altman_figure(rows: Sequence[Mapping[str, Any]], *, title: str = "") -
         b = np.array([c["volume_reference_ml"] for c in row["cases"].values()])
         ba = row["volumes"]["bland_altman"]
         ax.scatter((a + b) / 2, a - b, s=18, color="tab:blue")
-        for value, style, text in ((ba["bias"], "-", "bias"), (ba["loa_low"], "--", "-1.96 SD"),
-                                   (ba["loa_high"], "--", "+1.96 SD")):
-            if np.isfinite(value):
-                ax.axhline(value, color="tab:red", linestyle=style, linewidth=1)
-                ax.annotate(f"{text} {value:.1f}", (1.0, value), xycoords=("axes fraction",
-                            "data"), ha="right", va="bottom", fontsize=7, color="tab:red")
+        lines = [(v, style, text, va) for v, style, text, va in (
+            (ba["bias"], "-", "bias", "bottom"), (ba["loa_low"], "--", "-1.96 SD", "bottom"),
+            (ba["loa_high"], "--", "+1.96 SD", "top")) if np.isfinite(v)]
+        if len(lines) == 3 and lines[1][0] == lines[2][0]:  # no spread: one line, one label
+            lines = [(lines[0][0], "-", "bias = limits", "bottom")]
+        for value, style, text, va in lines:
+            ax.axhline(value, color="tab:red", linestyle=style, linewidth=1)
+            # +1.96 SD labelled under its line, the others over it: inside the frame
+            ax.annotate(f"{text} {value:.1f}", (0.99, value), xycoords=("axes fraction",
+                        "data"), ha="right", va=va, fontsize=7, color="tab:red")
         ax.axhline(0, color="grey", linewidth=0.6)
+        ys = np.concatenate([a - b, [v for v, *_ in lines], [0.0]])
+        ys = ys[np.isfinite(ys)]
+        low, high = float(ys.min()), float(ys.max())
+        pad = max(0.15 * (high - low), 0.5)  # mL: an all-zero panel spans -0.5 to 0.5
+        ax.set_ylim(low - pad, high + pad)
         ax.set_xlabel("mean volume (mL)", fontsize=8)
         ax.set_ylabel(f"{row['estimate']} - {row['reference']} (mL)", fontsize=8)
         ax.set_title(f"{row['lesion']}: {row['estimate']} vs {row['reference']}", fontsize=9)
