@@ -234,6 +234,20 @@ def test_files_added_to_a_ctperf_output_are_not_deleted(nifti_study, tmp_path, c
     assert not (out / "notes.txt").exists()
 
 
+def test_another_commands_output_is_not_replaced(nifti_study, tmp_path, capsys):
+    """`ctperf convert` into the folder `ctperf preprocess` wrote: refused (it would replace
+    that output whole), unless --overwrite; the same command again replaces its own."""
+    out = tmp_path / "pre"
+    assert main(["preprocess", str(nifti_study), str(out), "--no-register", "--no-filter"]) == 0
+    before = sorted(p.name for p in out.iterdir())
+    assert main(["convert", str(nifti_study), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "holds the output of `ctperf preprocess`" in err and err.count("\n") == 1
+    assert sorted(p.name for p in out.iterdir()) == before
+    assert main(["preprocess", str(nifti_study), str(out), "--no-register", "--no-filter"]) == 0
+    assert main(["convert", str(nifti_study), str(out), "--overwrite"]) == 0
+
+
 def test_an_output_marked_before_inventories_is_replaced(nifti_study, tmp_path):
     out = tmp_path / "old"
     out.mkdir()

@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    from ctperf.io.atomic import set_writer
+
+    set_writer(f"ctperf {args.command}")
     try:
         with _exit_cleanly_on_sigterm():
             return int(args.func(args) or 0)
@@ -88,6 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ctperf {args.command}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        set_writer(None)  # main() called from Python: its later outputs are not this command's
 
 
 if __name__ == "__main__":

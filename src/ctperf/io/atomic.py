@@ -5,8 +5,9 @@ Three rules keep a command from destroying data it did not make:
 - :func:`check_output` runs before anything is read or computed and refuses an output that is,
   contains or lies inside an input, the current folder, a filesystem root, a file where a folder
   is expected (or the reverse), or a place that cannot be written.
-- :func:`atomic_dir` writes a marker file (``.ctperf-output``, listing what it wrote) into every
-  folder it creates and replaces an existing folder only when it carries that marker and holds
+- :func:`atomic_dir` writes a marker file (``.ctperf-output``, naming the command, see
+  :func:`set_writer`, and listing what it wrote) into every folder it creates and replaces an
+  existing folder only when it carries that marker, was written by the same command and holds
   nothing more than the marker lists, is empty, or the caller allows it (``overwrite=True``,
   the CLI's ``--overwrite``).
 - Temporaries are named ``.ctperf-tmp.<host>.<pid>.<random>.<name>``; those left by a killed run
@@ -30,7 +31,7 @@ from pathlib import Path
 from ctperf.errors import InputError
 
 __all__ = ["MARKER", "STALE_AFTER_S", "TEMP_PREFIX", "atomic_dir", "atomic_file",
-           "check_output", "mark_output", "remove_stale_temporaries"]
+           "check_output", "mark_output", "remove_stale_temporaries", "set_writer"]
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,27 @@ _MARKER_TEXT = ("This folder was written by ctperf. ctperf replaces it whole whe
 # Header of the inventory that follows the marker's text in folders made by atomic_dir: the
 # paths ctperf wrote there, one per line, relative to the folder.
 _INVENTORY = "# written by ctperf:\n"
+# The line naming the command that wrote the folder, before the inventory.
+_COMMAND = "# command: "
+# The command this process runs (set by the CLI), None from Python.
+_writer: str | None = None
+
+
+def set_writer(command: str | None) -> None:
+    """Name the command whose outputs this process writes (``ctperf maps``...): a folder that
+    another command wrote is then replaced only with ``overwrite`` (None: not checked)."""
+    global _writer
+    _writer = command
+
+
+def _written_by(folder: Path) -> str | None:
+    """The command named in ``folder``'s marker, or None."""
+    try:
+        text = (folder / MARKER).read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+    line = next((x for x in text.splitlines() if x.startswith(_COMMAND)), None)
+    return None if line is None else line[len(_COMMAND):].strip() or None
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 _PathLike = str | os.PathLike[str]
 
@@ -175,6 +197,10 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
         raise InputError(target, f"exists and holds files ctperf did not write (no {MARKER}); "
                                  "choose another folder, or --overwrite to replace it and all "
                                  "its contents")
+    other = None if overwrite else _written_by(target)
+    if other is not None and _writer is not None and other != _writer:
+        raise InputError(target, f"holds the output of `{other}`, which `{_writer}` would replace "
+                                 "whole; choose another folder, or --overwrite")
     added = [] if overwrite else _not_written(target)
     if added:
         more = f" and {len(added) - 3} more" if len(added) > 3 else ""
@@ -230,7 +256,8 @@ def atomic_dir(path: _PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         (tmp_path / MARKER).write_text(_MARKER_TEXT)
         yield tmp_path
-        (tmp_path / MARKER).write_text(_MARKER_TEXT + _INVENTORY
+        command = "" if _writer is None else f"{_COMMAND}{_writer}\n"
+        (tmp_path / MARKER).write_text(_MARKER_TEXT + command + _INVENTORY
                                        + "".join(f"{p}\n" for p in _contents(tmp_path)))
         os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp creates 0700
         _check_replaceable(target, overwrite)
