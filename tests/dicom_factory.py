@@ -224,20 +224,6 @@ def write_bare_dataset(path: Path) -> None:
 def gdcm_recompress(path: Path, syntax: str) -> None:
     """Re-encode a file's pixel data with GDCM (``syntax``: a ``gdcm.TransferSyntax``
     attribute name such as "JPEGLSLossless"), for syntaxes pydicom cannot encode itself."""
-    import gdcm
+    from ctperf.io.dicom_write import gdcm_compress
 
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(path))
-    if not reader.Read():
-        raise OSError(f"GDCM cannot read {path}")
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
-    change.SetInput(reader.GetImage())
-    if not change.Change():
-        raise OSError(f"GDCM cannot encode {path} as {syntax}")
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(path))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    if not writer.Write():
-        raise OSError(f"GDCM cannot write {path}")
+    gdcm_compress(path, syntax)

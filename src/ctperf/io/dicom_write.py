@@ -30,7 +30,7 @@ from ctperf.io.atomic import atomic_dir
 from ctperf.io.privacy import ANONYMOUS_START, deidentify_dataset
 from ctperf.types import CTPSeries, PerfusionMaps
 
-__all__ = ["PATIENT_STUDY_TAGS", "write_maps_dicom", "write_series_dicom"]
+__all__ = ["PATIENT_STUDY_TAGS", "gdcm_compress", "write_maps_dicom", "write_series_dicom"]
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,12 @@ def _finish_file(ds: Dataset, path: Path, compress: bool) -> None:
     ds.file_meta.MediaStorageSOPInstanceUID = uid
     ds.save_as(path, enforce_file_format=True)
     if compress:
-        _compress_jpeg_lossless(path)
+        gdcm_compress(path)
 
 
-def _compress_jpeg_lossless(path: Path) -> None:
-    """Re-encode one file in place as JPEG Lossless, Process 14 SV1 (GDCM)."""
+def gdcm_compress(path: Path, syntax: str = "JPEGLosslessProcess14_1") -> None:
+    """Re-encode one file in place with GDCM, by default as JPEG Lossless, Process 14 SV1
+    (``syntax``: a ``gdcm.TransferSyntax`` attribute name, e.g. "JPEGLSLossless")."""
     try:
         import gdcm
     except ImportError:
@@ -164,10 +165,10 @@ def _compress_jpeg_lossless(path: Path) -> None:
     if not reader.Read():
         raise OSError(f"{path}: GDCM could not read the file it was to compress")
     change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, syntax)))
     change.SetInput(reader.GetImage())
     if not change.Change():
-        raise OSError(f"{path}: GDCM could not encode JPEG Lossless")
+        raise OSError(f"{path}: GDCM could not encode {syntax}")
     tmp = path.with_name(path.name + ".jpeg")
     writer = gdcm.ImageWriter()
     writer.SetFileName(str(tmp))
