@@ -42,8 +42,10 @@ def test_test_patients_are_in_no_fold():
 def test_fold_errors():
     with pytest.raises(ValidationError, match="unique"):
         make_folds(["a", "a", "b"], k=2)
-    with pytest.raises(ValidationError, match="folds <= 2"):
+    with pytest.raises(ValidationError, match="folds must be 2 to 2"):
         make_folds(["a", "b", "c"], k=3, test_patients=["c"])
+    with pytest.raises(ValidationError, match=r"at least 2 patients .* has 1"):
+        make_folds(["a", "b"], k=2, test_patients=["b"])
     with pytest.raises(ValidationError, match="not in the cohort"):
         make_folds(["a", "b"], k=2, test_patients=["z"])
 

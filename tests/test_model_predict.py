@@ -186,6 +186,25 @@ def test_cli_train_cv_predict(tmp_path: Path, capsys):
     maps = read_maps(tmp_path / "maps")
     assert maps.names == ["cbv"] and maps.shape == (2, 16, 16)
     assert (tmp_path / "maps" / "summary.json").exists()
+    # bounded by the automatic brain mask, as `ctperf maps` is: air reads 0
+    from ctperf.io import read_study, write_series_nifti
+    from ctperf.masks import brain_mask
+
+    series = read_study(study)
+    hu = series.hu.copy()
+    hu[:, :, :3] = -1000.0                                    # air in front of the head
+    aired = write_series_nifti(series.replace(hu=hu), tmp_path / "aired.nii.gz")
+    assert main(["predict", str(aired), str(tmp_path / "m3"), "--model",
+                 str(tmp_path / "run" / "model.pt"), "--device", "cpu"]) == 0
+    brain = brain_mask(read_study(aired))
+    assert not brain[:, :3].any()
+    cbv = read_maps(tmp_path / "m3")["cbv"]
+    assert np.all(cbv[~brain] == 0) and np.any(cbv[brain] != 0)
+    # a subject without its study is named, not left out of the folds
+    (cohort / "sub-0001" / "study.nii.gz").rename(tmp_path / "kept.nii.gz")
+    assert main(["train", str(cohort), str(tmp_path / "run2"), "--target", "cbv", *small]) == 2
+    assert "sub-0001: no study.nii.gz" in capsys.readouterr().err
+    (tmp_path / "kept.nii.gz").rename(cohort / "sub-0001" / "study.nii.gz")
     # a bad checkpoint is one line on stderr and exit status 2
     (tmp_path / "junk.pt").write_text("not a checkpoint")
     assert main(["predict", str(study), str(tmp_path / "m2"), "--model",

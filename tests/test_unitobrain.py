@@ -72,7 +72,7 @@ def test_missing_maps_folder(tmp_path, rng):
 
 
 def test_no_patients(tmp_path):
-    with pytest.raises(InputError, match="no UniToBrain patients"):
+    with pytest.raises(InputError, match="no patients: neither a phantom cohort"):
         find_unitobrain(tmp_path)
 
 

@@ -92,7 +92,8 @@ def find_unitobrain(root: PathLike) -> list[tuple[str, Path, Path]]:
             log.warning("%s: reference maps without their input folder (%s); left out",
                         folder, folder.name[:-len(_MAPS_SUFFIX)])
     if not found:
-        raise InputError(base, "no UniToBrain patients (folders named "
+        raise InputError(base, "no patients: neither a phantom cohort (sub-*/study.nii.gz, "
+                               "ctperf phantom) nor the UniToBrain layout (folders named "
                                "MOL-xxx_Registered_Filtered_3mm_20HU)")
     return [found[k] for k in sorted(found)]
 

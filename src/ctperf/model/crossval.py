@@ -55,9 +55,12 @@ def make_folds(patients: Sequence[str], *, k: int = 3, seed: int = 0,
     if unknown:
         raise ValidationError(f"test patients not in the cohort: {sorted(unknown)}")
     pool = sorted(set(patients) - set(test_patients))
+    if len(pool) < 2:
+        raise ValidationError(f"cross-validation needs at least 2 patients (after the test "
+                              f"list), the cohort has {len(pool)}")
     if not 2 <= k <= len(pool):
-        raise ValidationError(f"need 2 <= folds <= {len(pool)} patients (after the test list), "
-                              f"got folds={k}")
+        raise ValidationError(f"folds must be 2 to {len(pool)} (one patient per fold at most), "
+                              f"got {k}")
     shuffled = [pool[i] for i in np.random.default_rng(seed).permutation(len(pool))]
     groups = [list(g) for g in np.array_split(np.asarray(shuffled, dtype=object), k)]
     return [([p for j, g in enumerate(groups) if j != i for p in g], groups[i])

@@ -150,7 +150,15 @@ def resize_slices(arr: np.ndarray, size: int, *, mask: bool = False) -> np.ndarr
 
 
 def _phantom_subjects(root: Path) -> list[Path]:
-    return sorted(p for p in root.glob("sub-*") if (p / "study.nii.gz").exists())
+    """The ``sub-*`` folders of a phantom-layout cohort; one without its study is an error (a
+    subject left out silently would change the folds)."""
+    subjects = sorted(p for p in root.glob("sub-*") if p.is_dir())
+    missing = [p.name for p in subjects if not (p / "study.nii.gz").exists()]
+    if missing:
+        raise InputError(root / missing[0], f"no study.nii.gz ({len(missing)} subject"
+                                            f"{'s' if len(missing) > 1 else ''} without one: "
+                                            f"{', '.join(missing[:5])}); restore or remove them")
+    return subjects
 
 
 def _reference_folder(sub: Path, reference: str, references: Path | None) -> Path:

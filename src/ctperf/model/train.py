@@ -517,8 +517,8 @@ def _resume_or_start(run: _Run, last: Path, *, resume: bool) -> _State:
     opt, sched = _fresh_optim(run, run.stages[0][2])
     state = _State(opt=opt, sched=sched, history=[])
     if last.exists() and not resume:
-        raise InputError(last.parent, "already holds a training run (last.pt); pass "
-                                      "resume=True (--resume) to continue it or choose another "
+        raise InputError(last.parent, "already holds a training run (last.pt); resume "
+                                      "it (--resume; resume=True in Python) or choose another "
                                       "folder")
     if not (resume and last.exists()):
         return state

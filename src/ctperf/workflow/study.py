@@ -381,6 +381,14 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
     series = io.read_study(study, series_uid=o.series_uid, frame_interval=o.frame_interval,
                            progress=o.progress)
     mask = _read_mask(o.brain_mask, series)
+    if mask is None:  # the automatic brain mask, as the maps of `ctperf maps` are bounded by
+        from ctperf.errors import InputError, ValidationError
+        from ctperf.masks import brain_mask
+
+        try:
+            mask = brain_mask(series)
+        except ValidationError as exc:
+            raise InputError(study, f"{exc}; give the brain with --brain-mask") from None
     maps = predict_maps(series, checkpoint, device=o.device, batch_size=o.batch_size,
                         resize=o.resize, brain_mask=mask, progress=o.progress)
     # The checkpoint's file name only, and no study path: paths often hold a patient's name.
