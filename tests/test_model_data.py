@@ -316,3 +316,21 @@ def test_truth_of_preprocessed_copies_is_read_from_their_phantom_cohort(tmp_path
     np.testing.assert_allclose(from_unit(unit, "cbv"), truth["cbv"][0], atol=0.01)
     # the loss mask is the cohort's brain, not the whole image
     np.testing.assert_array_equal(cache.masks[row].astype(bool), brain[0])
+
+
+def test_patients_sampled_at_different_spacings_are_warned_of(tmp_path: Path, caplog):
+    """One study sampled twice as densely (every 2 s against 4 s after taking 8 of 16
+    frames): a frame index then means two different times to one network, which the log says
+    (with the way out)."""
+    import logging
+
+    from ctperf.io import read_nifti_series
+
+    cohort = make_cohort(tmp_path / "c", subjects=2, size=16, frames=16)
+    study = cohort / "sub-0001" / "study.nii.gz"
+    series = read_nifti_series(study)
+    write_series_nifti(series.replace(times=series.times / 2), study)
+    with caplog.at_level(logging.WARNING, logger="ctperf.model.data"):
+        build_slice_cache(cohort, tmp_path / "cache", size=16, frames=8, reference="truth")
+    said = [r.getMessage() for r in caplog.records if "apart" in r.getMessage()]
+    assert said and "2.00 to 4.00 s apart" in said[0] and "--frame-mode resample" in said[0]

@@ -142,12 +142,14 @@ def test_checkpoint_holds_states_and_loads_weights_only(caches, tmp_path: Path):
     assert result.best_path.exists() and len(result.history) == 1
 
 
-def test_guards(caches, tmp_path: Path):
+def test_guards(caches, tmp_path: Path, caplog):
     full, _ = caches
     with pytest.raises(ValidationError, match="both training and validation"):
         train(full, tmp_path, TINY, train_patients=["sub-0000"], val_patients=["sub-0000"])
     one = replace(TINY, epochs=1)
     train(full, tmp_path, one, train_patients=["sub-0000"])
+    # without validation patients the best epoch is the training loss's: said
+    assert any("no validation patients" in r.getMessage() for r in caplog.records)
     with pytest.raises(InputError, match="already holds a training run"):
         train(full, tmp_path, one, train_patients=["sub-0000"])
     with pytest.raises(InputError, match=r"cannot resume with different settings.*width"):

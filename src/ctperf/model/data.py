@@ -394,6 +394,12 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                 part_file.unlink()
             out.flush()
             del out
+        spread = sorted(steps.values())
+        if spread and spread[-1] > 1.1 * spread[0]:
+            log.warning("the patients' input frames are %.2f to %.2f s apart: one network "
+                        "then reads one frame index as different times; resample them onto one "
+                        "spacing (frame_mode='resample', train --frame-mode resample)",
+                        spread[0], spread[-1])
         meta = {**config, "size": size, "frames": frames, "targets": targets_kept,
                 "patients": list(stats), "stats": stats, "rows_patient": rows_patient,
                 "rows_z": rows_z, "cohort": str(root), "target_ranges": ranges,

@@ -420,6 +420,9 @@ def _check_patients(train_patients: Sequence[str], val_patients: Sequence[str]) 
     overlap = set(train_patients) & set(val_patients)
     if overlap:
         raise ValidationError(f"patients in both training and validation: {sorted(overlap)}")
+    if not val_patients:
+        log.warning("no validation patients: the best epoch (best.pt) is chosen on the "
+                    "training loss, which only falls; use model.pt, or train on more patients")
 
 
 def _stages(cache: SliceCache, pretrain_cache: SliceCache | None,
