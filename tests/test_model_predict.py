@@ -210,3 +210,22 @@ def test_cli_train_cv_predict(tmp_path: Path, capsys):
     assert main(["predict", str(study), str(tmp_path / "m2"), "--model",
                  str(tmp_path / "junk.pt")]) == 2
     assert "junk.pt" in capsys.readouterr().err
+
+
+def test_a_checkpoint_of_an_unfinished_run_is_said(trained, tmp_path: Path, caplog):
+    """A run set to 3 epochs, stopped after 1 (its last.pt): predicted, with a warning; the
+    finished model.pt predicts without one."""
+    import logging
+
+    cohort, model_path = trained
+    study = cohort / "sub-0000" / "study.nii.gz"
+    with caplog.at_level(logging.WARNING, logger="ctperf.workflow.study"):
+        assert main(["predict", str(study), str(tmp_path / "done"), "--model",
+                     str(model_path), "--device", "cpu"]) == 0
+        assert not any("unfinished" in r.getMessage() for r in caplog.records)
+        ckpt = load_checkpoint(model_path)
+        ckpt["config"]["stages"] = [[name, size, 3] for name, size, _ in ckpt["config"]["stages"]]
+        save_checkpoint(ckpt, tmp_path / "last.pt")
+        assert main(["predict", str(study), str(tmp_path / "early"), "--model",
+                     str(tmp_path / "last.pt"), "--device", "cpu"]) == 0
+    assert any("epoch 1 of 3" in r.getMessage() for r in caplog.records)

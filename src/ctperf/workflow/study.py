@@ -9,6 +9,7 @@ independent of argparse, so a cohort runner can send them to other processes.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from ctperf.workflow.analysis import analyse_study
 
 __all__ = ["MapsOptions", "PredictOptions", "PreprocessOptions", "StudyOutcome", "maps_study",
            "predict_study", "preprocess_study", "write_maps_outputs"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -152,6 +155,17 @@ def maps_study(study: Path, out: Path, options: MapsOptions) -> StudyOutcome:
     write_maps_outputs(result, out, title=f"ctperf maps: {o.method}", dicom_source=source,
                        overwrite=o.overwrite, anonymise=o.anonymise)
     return _maps_outcome(result, out)
+
+
+def _say_if_unfinished(checkpoint: dict[str, Any], path: Path) -> None:
+    """Warn when a checkpoint holds fewer epochs than its run was set to train (a ``last.pt``
+    of a run still going or killed): its maps are an unfinished network's."""
+    planned = sum(int(n) for *_, n in checkpoint["config"].get("stages", []))
+    done = len(checkpoint.get("history") or [])
+    if planned and done < planned:
+        log.warning("%s: a checkpoint of an unfinished training run (epoch %d of %d): the maps "
+                    "are an unfinished network's; use the run's model.pt once it is done",
+                    path.name, done, planned)
 
 
 def _read_mask(path: Path | None, series: Any) -> Any:
@@ -378,6 +392,7 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
     o = options
     io.check_output(out, inputs=(study, o.model, o.brain_mask), overwrite=o.overwrite)
     checkpoint = load_checkpoint(o.model)
+    _say_if_unfinished(checkpoint, o.model)
     series = io.read_study(study, series_uid=o.series_uid, frame_interval=o.frame_interval,
                            progress=o.progress)
     mask = _read_mask(o.brain_mask, series)
