@@ -157,19 +157,13 @@ def _segment(maps: PerfusionMaps, brain: np.ndarray | None,
 
 
 def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """A rater's volume on the maps' grid of ``study``: as stored, or turned when it stores the
-    same voxels in another order; another grid is refused."""
-    from ctperf.io import read_volume, reorient, reorientation
+    """A rater's volume on the maps' grid of ``study`` (:func:`ctperf.io.read_on_grid`)."""
+    from ctperf.io import read_on_grid
 
-    vol, own = read_volume(path)
-    if vol.shape == tuple(shape) and np.allclose(own, affine, atol=1e-3):
-        return vol
-    how = reorientation(own, vol.shape, affine, target_shape=tuple(shape))
-    if how is None:
-        raise InputError(path, f"study {study}: not on the maps' grid (shape {vol.shape}, "
-                               f"the maps' {tuple(shape)}; affines differ beyond the voxels' "
-                               "order); resample it onto the maps")
-    return reorient(vol, how)
+    try:
+        return read_on_grid(path, shape=shape, affine=affine)
+    except InputError as exc:
+        raise InputError(path, f"study {study}: not on the maps' grid ({exc.problem})") from None
 
 
 def load_rater(root: str | Path, grids: Mapping[str, tuple[tuple[int, ...], np.ndarray]], *,

@@ -34,6 +34,7 @@ __all__ = [
     "read_maps",
     "read_mask",
     "read_nifti_series",
+    "read_on_grid",
     "read_volume",
     "reorient",
     "reorientation",
@@ -395,22 +396,30 @@ def reorient(arr: np.ndarray, how: Turn) -> np.ndarray:
     return np.ascontiguousarray(out)
 
 
+def read_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
+                 atol_mm: float = 1e-3) -> np.ndarray:
+    """Read a 3D volume onto the grid ``shape``/``affine``: as stored, or turned onto it when
+    it holds the same voxels in another order (axes swapped or reversed, as another tool may
+    write it); another grid (position, spacing, rotation or extent) is refused."""
+    vol, own = read_volume(path)
+    if vol.shape == tuple(shape) and np.allclose(own, affine, atol=atol_mm):
+        return vol
+    how = reorientation(own, vol.shape, affine, atol_mm=atol_mm, target_shape=tuple(shape))
+    if how is None:
+        raise InputError(path, f"grid {vol.shape} (Z, Y, X) and affine differ from the "
+                               f"study's {tuple(shape)} (another position, spacing, rotation "
+                               "or extent); resample it onto the study first")
+    return reorient(vol, how)
+
+
 def read_mask(path: PathLike, *, shape: tuple[int, int, int], affine: np.ndarray,
               atol_mm: float = 1e-3) -> np.ndarray:
-    """Read a 3D mask (nonzero = inside) on the grid ``shape``/``affine``: as stored, or turned
-    onto it when it holds the same voxels in another order (axes swapped or reversed, as
-    another tool may write it); another grid is refused."""
-    vol, mask_affine = read_volume(path)
-    if vol.shape != tuple(shape) or not np.allclose(mask_affine, affine, atol=atol_mm):
-        how = reorientation(mask_affine, vol.shape, affine, atol_mm=atol_mm)
-        if how is None:
-            raise InputError(path, f"mask grid {vol.shape} (Z, Y, X) and affine differ from "
-                                   f"the study's {tuple(shape)} (another position, spacing or "
-                                   "rotation); resample it onto the study first")
-        vol = reorient(vol, how)
-        if vol.shape != tuple(shape):
-            raise InputError(path, f"mask grid {vol.shape} (Z, Y, X) differs from the study "
-                                   f"grid {tuple(shape)}; resample it onto the study first")
+    """Read a 3D mask (nonzero = inside) on the grid ``shape``/``affine``
+    (:func:`read_on_grid`)."""
+    try:
+        vol = read_on_grid(path, shape=shape, affine=affine, atol_mm=atol_mm)
+    except InputError as exc:
+        raise InputError(path, f"mask {exc.problem}") from None
     mask = vol != 0
     if not mask.any():
         raise InputError(path, "mask is empty")
