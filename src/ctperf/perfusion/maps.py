@@ -206,8 +206,11 @@ def run_perfusion(
 
     tissue = enh[:, brain[search]]  # (T, N): every brain voxel
     vessels = _vessels(brain, venh[:, brain[search]], aif_raw, vessel_fraction)
-    if aif_from.source == "automatic":
-        _check_aif_leads(t, aif_raw, tissue, vessels[brain])
+    not_vessel = (~vessels[brain]).astype(np.float32)
+    # the brain's mean curve, vessels left out: the AIF's timing is judged against it
+    tissue_mean = (tissue @ not_vessel) / not_vessel.sum() if not_vessel.any() else None
+    if aif_from.source == "automatic" and tissue_mean is not None:
+        _check_aif_leads(t, aif_raw, tissue_mean)
     del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
     # bayes pools amplitudes among neighbours of similar temporal mean (the paper's guide)
     guide = mean if method == "bayes" else None
@@ -217,7 +220,7 @@ def run_perfusion(
                                       vessels=vessels[brain], bayes_options=bayes_options)
     maps, units = _assemble(values, brain)
 
-    flags = _qc(hu, tissue, t, brain=brain, vessels=vessels, n_base=n_base, aif_raw=aif_raw,
+    flags = _qc(hu, tissue_mean, t, brain=brain, n_base=n_base, aif_raw=aif_raw,
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
@@ -252,15 +255,11 @@ def compute_maps(series: CTPSeries, **options: Any) -> PerfusionMaps:
     return run_perfusion(series, **options).maps
 
 
-def _check_aif_leads(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray,
-                     vessels: np.ndarray) -> None:
+def _check_aif_leads(t: np.ndarray, aif: np.ndarray, tissue_mean: np.ndarray) -> None:
     """Refuse an automatic AIF whose bolus arrives more than :data:`MAX_AIF_LEAD_S` after the
-    brain's (vessels left out): no artery was found, and maps on it would read every delay,
-    Tmax and CBF wrong."""
-    tissue_only = ~vessels
-    if not tissue_only.any():
-        return
-    lag = aif_lag(t, aif, tissue[:, tissue_only].mean(axis=1))
+    brain's mean curve (vessels left out): no artery was found, and maps on it would read
+    every delay, Tmax and CBF wrong."""
+    lag = aif_lag(t, aif, tissue_mean)
     if lag is not None and lag > MAX_AIF_LEAD_S:
         raise ValidationError(
             f"the automatic AIF's bolus arrives {lag:.1f} s after the brain's: no artery "
@@ -534,8 +533,8 @@ def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
     return maps, units
 
 
-def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
-        vessels: np.ndarray, n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
+def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain: np.ndarray,
+        n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
         uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
         voxelwise: bool, voxel_volume_ml: float, box_mtt: np.ndarray | None,
@@ -548,10 +547,7 @@ def _qc(hu: np.ndarray, tissue: np.ndarray, t: np.ndarray, *, brain: np.ndarray,
     sample = np.flatnonzero(brain.ravel())[::7]
     base_sd = (float(np.median(hu.reshape(n_t, -1)[:n_base, sample].std(axis=0)))
                if n_base > 2 else None)
-    not_vessel = (~vessels[brain]).astype(np.float32)
-    return qc_flags(times=t, aif=aif_raw, vof=vof_used,
-                    tissue_mean=(tissue @ not_vessel) / not_vessel.sum()
-                    if not_vessel.any() else None,
+    return qc_flags(times=t, aif=aif_raw, vof=vof_used, tissue_mean=tissue_mean,
                     baseline_sd=base_sd, baseline_frames=n_base,
                     brain_voxels=int(brain.sum()), voxel_ml=voxel_volume_ml,
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,
