@@ -61,13 +61,17 @@ def set_writer(command: str | None) -> None:
     _writer = command
 
 
-def _written_by(folder: Path) -> str | None:
-    """The command named in ``folder``'s marker, or None."""
+def _marker_text(folder: Path) -> str:
+    """``folder``'s marker as text ("" when it has none or it cannot be read)."""
     try:
-        text = (folder / MARKER).read_text()
+        return (folder / MARKER).read_text()
     except (OSError, UnicodeDecodeError):
-        return None
-    line = next((x for x in text.splitlines() if x.startswith(_COMMAND)), None)
+        return ""
+
+
+def _written_by(marker: str) -> str | None:
+    """The command a marker's text names, or None."""
+    line = next((x for x in marker.splitlines() if x.startswith(_COMMAND)), None)
     return None if line is None else line[len(_COMMAND):].strip() or None
 _HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:40] or "host"
 _PathLike = str | os.PathLike[str]
@@ -162,16 +166,12 @@ def _contents(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def _not_written(folder: Path) -> list[str]:
-    """What ``folder`` holds that ctperf did not write there: its contents missing from the
+def _not_written(folder: Path, marker: str) -> list[str]:
+    """What ``folder`` holds that ctperf did not write there: its contents missing from its
     marker's inventory (none when the marker predates inventories)."""
-    try:
-        text = (folder / MARKER).read_text()
-    except (OSError, UnicodeDecodeError):
+    if _INVENTORY not in marker:
         return []
-    if _INVENTORY not in text:
-        return []
-    written = set(text.split(_INVENTORY, 1)[1].splitlines())
+    written = set(marker.split(_INVENTORY, 1)[1].splitlines())
     return [p for p in _contents(folder) if p not in written]
 
 
@@ -193,15 +193,18 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
     if not target.is_dir():
         raise InputError(target, "exists and is a file, but a folder is expected; remove it or "
                                  "choose another name")
-    if not overwrite and not _owned_or_empty(target):
+    if overwrite:
+        return
+    if not _owned_or_empty(target):
         raise InputError(target, f"exists and holds files ctperf did not write (no {MARKER}); "
                                  "choose another folder, or --overwrite to replace it and all "
                                  "its contents")
-    other = None if overwrite else _written_by(target)
+    marker = _marker_text(target)
+    other = _written_by(marker)
     if other is not None and _writer is not None and other != _writer:
         raise InputError(target, f"holds the output of `{other}`, which `{_writer}` would replace "
                                  "whole; choose another folder, or --overwrite")
-    added = [] if overwrite else _not_written(target)
+    added = _not_written(target, marker)
     if added:
         more = f" and {len(added) - 3} more" if len(added) > 3 else ""
         raise InputError(target, f"holds files ctperf did not write ({', '.join(added[:3])}"
