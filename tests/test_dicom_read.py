@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import logging
 import shutil
@@ -181,6 +182,36 @@ def test_rescale_slope_and_intercept(tmp_path, rng):
     series = read_dicom_series(study.folder)
     naive = 2.0 * ((study.hu + 1024) // 2) - 1024  # the edit's rescale, done by hand
     np.testing.assert_array_equal(series.hu, naive)
+
+
+def test_each_file_read_with_its_own_rescale(tmp_path, rng):
+    """Files of one series scaled differently (as derived images often are) are each read with
+    their own slope and intercept; a file that lost its intercept is still refused, by the
+    check of images against their slice's other frames."""
+    def edit(ds, t, z):
+        if (t + z) % 2:
+            stored = np.frombuffer(ds.PixelData, dtype=np.uint16).astype(np.int64) - 1024
+            ds.PixelData = ((stored + 4096) // 4).astype(np.uint16).tobytes()
+            ds.RescaleSlope, ds.RescaleIntercept = "4", "-4096"
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    series = read_dicom_series(study.folder)
+    odd = (np.arange(study.hu.shape[0])[:, None] + np.arange(study.hu.shape[1])) % 2 == 1
+    expected = np.where(odd[:, :, None, None], 4.0 * ((study.hu + 4096) // 4) - 4096, study.hu)
+    np.testing.assert_array_equal(series.hu, expected)
+
+    yy, xx = np.mgrid[:16, :16]
+    head = np.where(np.hypot(yy - 7.5, xx - 7.5) < 6, 35.0, -1000.0)
+
+    def strip(ds, t, z):  # a head in every image; one file lost its intercept
+        hu = head + rng.normal(0.0, 5.0, head.shape)
+        ds.PixelData = np.round(hu + 1024).astype(np.uint16).tobytes()
+        if (t, z) == (5, 1):
+            ds.RescaleIntercept = "0"
+
+    damaged = write_fake_study(tmp_path / "d", rng, n_frames=8, rows=16, cols=16, edit=strip)
+    with pytest.raises(InputError, match="unlike this slice's other frames"):
+        read_dicom_series(damaged.folder)
 
 
 def test_two_series_listed_and_chosen(tmp_path, rng):
@@ -540,6 +571,26 @@ def test_enhanced_compressed_frames(tmp_path, rng):
     series = read_dicom_series(study.folder)
     np.testing.assert_array_equal(series.hu, study.hu)
     assert series.meta["transfer_syntax"] == "RLE Lossless"
+
+
+def test_enhanced_per_frame_rescale(tmp_path, rng):
+    """The Pixel Value Transformation in each frame's functional group, not the shared one:
+    each frame is read with its own intercept."""
+    def edit(ds):
+        transform = ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+        del ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence
+        stored = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(ds.NumberOfFrames, -1)
+        stored = stored.astype(np.int64)
+        for i, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+            shift = 100 * (i % 3)                  # stored values moved, intercept back
+            stored[i] += shift
+            own = copy.deepcopy(transform)
+            own[0].RescaleIntercept = str(-1024 - shift)
+            item.PixelValueTransformationSequence = own
+        ds.PixelData = stored.astype(np.uint16).tobytes()
+
+    study = write_enhanced_study(tmp_path / "s", rng, per_slice=True, edit=edit)
+    np.testing.assert_array_equal(read_dicom_series(study.folder).hu, study.hu)
 
 
 @pytest.mark.parametrize("number_of_frames", ["1", None])

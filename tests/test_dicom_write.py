@@ -146,6 +146,22 @@ def test_maps_round_trip(tmp_path, maps, small_series):
         assert float(ds.WindowWidth) > 0
 
 
+def test_a_map_scaled_slice_by_slice_is_read(tmp_path, maps):
+    """Maps written by other software often give each slice its own RescaleSlope."""
+    folder = write_maps_dicom(maps, tmp_path / "maps")[0]
+    for i, path in enumerate(sorted(folder.glob("*.dcm"))):
+        ds = pydicom.dcmread(path)
+        stored = ds.pixel_array.astype(np.int64)
+        factor = i + 1                       # slope 0.01 * factor; values rounded to its step
+        ds.PixelData = (stored // factor).astype(ds.pixel_array.dtype).tobytes()
+        ds.RescaleSlope = f"{0.01 * factor:g}"
+        ds.save_as(path)
+    volume, _, _ = read_dicom_volume(folder)
+    # the coarsest slope here is 0.01 x the slice count: values within one of its steps
+    step = 0.01 * maps.shape[0]
+    np.testing.assert_allclose(volume, maps[folder.name], atol=step + 0.005)
+
+
 def test_maps_uids_are_new_per_series(tmp_path, maps):
     folders = write_maps_dicom(maps, tmp_path / "maps")
     uids = {pydicom.dcmread(next(f.glob("*.dcm"))).SeriesInstanceUID for f in folders}

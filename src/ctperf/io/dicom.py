@@ -37,11 +37,11 @@ from ctperf.io.dicom_checks import (
     Header,
     check_duplicates,
     check_frame_counts,
-    check_rescale,
     check_temporal_positions,
     number,
     numbers,
     optional_number,
+    rescales,
     time_of,
 )
 from ctperf.io.dicom_decode import decode_into, set_transfer_syntax
@@ -369,10 +369,10 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     ctperf.errors.InputError
         Naming the file or folder: unreadable or damaged files, duplicate or missing (frame,
         slice) images, a time point missing from every slice (a hole in TemporalPositionIndex
-        or fewer than NumberOfTemporalPositions), numeric tags that are not numbers, a file
-        whose RescaleSlope/Intercept differ from the series', fewer than three frames,
-        implausible frame timing, images whose values are not CT numbers, or more pixels than
-        memory holds.
+        or fewer than NumberOfTemporalPositions), numeric tags that are not numbers, fewer
+        than three frames, implausible frame timing, images whose values are not CT numbers
+        (an image unlike its slice's other frames among them), or more pixels than memory
+        holds. Each file is rescaled with its own RescaleSlope/Intercept.
     """
     root = Path(folder)
     groups = read_dicom_headers(root) if headers_by_series is None else headers_by_series
@@ -386,7 +386,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
                                "perfusion study needs several frames (4D)")
     check_temporal_positions(root, slices)
     check_frame_count(len(slices[0]), root)
-    rescale = dict(zip(((h.path, h.frame) for h in headers), check_rescale(headers),
+    rescale = dict(zip(((h.path, h.frame) for h in headers), rescales(headers),
                        strict=True))
     frames, abs_times, source = _order_frames(root, slices, frame_interval)
     n_t, n_z = len(frames[0]), len(frames)
@@ -454,7 +454,7 @@ def read_dicom_volume(folder: PathLike, *, series_uid: str | None = None,
     check_memory(len(slices) * rows * cols * 4, root, what=f"{len(slices)} slices")
     volume = np.empty((len(slices), rows, cols), dtype=np.float32)
     images = [(s[0].path, s[0].frame) for s in slices]
-    decode_into(volume, images, rescale=check_rescale([s[0] for s in slices]),
+    decode_into(volume, images, rescale=rescales([s[0] for s in slices]),
                 workers=workers or min(os.cpu_count() or 1, 8), progress=False)
     files = list(dict.fromkeys(path for path, _ in images))
     meta = _meta(headers, "", None, len(files))

@@ -1,13 +1,13 @@
 """Header values and completeness of a DICOM series, checked before any pixel is decoded.
 
 Numbers are parsed once, here, with errors naming the file; a series must hold each (frame,
-slice) image exactly once and scale all its files the same way.
+slice) image exactly once.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +18,11 @@ import pydicom
 
 from ctperf.errors import InputError
 
+log = logging.getLogger(__name__)
+
 __all__ = ["RELATIVE_TIME_TAGS", "TIME_TAGS", "Header", "check_duplicates", "check_frame_counts",
-           "check_rescale", "check_temporal_positions", "number", "numbers", "optional_number",
-           "rescale_of", "time_of"]
+           "check_temporal_positions", "number", "numbers", "optional_number",
+           "rescale_of", "rescales", "time_of"]
 
 _EPOCH = dt.datetime(1970, 1, 1)
 
@@ -145,17 +147,13 @@ def rescale_of(h: Header) -> tuple[float, float]:
     return slope, intercept
 
 
-def check_rescale(headers: Sequence[Header]) -> list[tuple[float, float]]:
-    """Rescale of every file; a file scaled unlike the rest of its series is an error."""
+def rescales(headers: Sequence[Header]) -> list[tuple[float, float]]:
+    """(RescaleSlope, RescaleIntercept) of every file. Files of one series may be scaled
+    differently (derived images often are, slice by slice): each is read with its own."""
     rescale = [rescale_of(h) for h in headers]
-    counts = Counter(rescale)
-    (slope, intercept), n = counts.most_common(1)[0]
-    for h, (s, i) in zip(headers, rescale, strict=True):
-        if (s, i) != (slope, intercept):
-            raise InputError(h.path, f"RescaleSlope {s:g} and RescaleIntercept {i:g} differ from "
-                                     f"the series' {slope:g} and {intercept:g} ({n} of "
-                                     f"{len(headers)} files): this file's HU would be scaled "
-                                     "unlike the others; fix or remove it")
+    if len(set(rescale)) > 1:
+        log.info("%s: %d different rescales (slope, intercept) in one series, each file read "
+                 "with its own", headers[0].path.parent, len(set(rescale)))
     return rescale
 
 
