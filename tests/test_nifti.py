@@ -103,6 +103,24 @@ def test_bids_frame_start_times_in_the_sidecar(tmp_path):
         read_nifti_series(path)
 
 
+def test_header_and_sidecar_timing_that_disagree_are_reported(tmp_path, caplog):
+    """pixdim[4] of 1 s beside a sidecar 0.5 s apart: the sidecar is used, and said so."""
+    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), np.eye(4))
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][4] = 1.0
+    path = tmp_path / "s.nii.gz"
+    nib.save(img, path)
+    (tmp_path / "s.json").write_text(json.dumps({"FrameTimes": [0.5 * i for i in range(6)]}))
+    with caplog.at_level("WARNING", logger="ctperf"):
+        np.testing.assert_allclose(read_nifti_series(path).times, np.arange(6) * 0.5)
+    assert "pixdim[4] gives 1 s between frames" in caplog.text
+    caplog.clear()
+    (tmp_path / "s.json").write_text(json.dumps({"FrameTimes": [0, 1, 2, 3, 5, 7]}))
+    with caplog.at_level("WARNING", logger="ctperf"):
+        read_nifti_series(path)                 # uneven steps of 1-2 s: 1 s is one of them
+    assert "pixdim" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("shape", "fill", "sidecar", "message"),
     [

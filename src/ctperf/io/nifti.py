@@ -230,6 +230,22 @@ def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]
     return np.arange(n_frames, dtype=np.float64) * step, source
 
 
+def _compare_pixdim(p: Path, header: Any, times: np.ndarray, key: str) -> None:
+    """Warn when the header's frame spacing (pixdim[4], if given) lies outside the sidecar's
+    steps by more than 10 %: one of them is wrong, and the sidecar is the one used."""
+    unit = header.get_xyzt_units()[1]
+    pixdim = float(header["pixdim"][4])
+    if unit not in (*_TIME_UNIT_SECONDS, "unknown") or not pixdim > 0 or len(times) < 2:
+        return
+    step = pixdim * _TIME_UNIT_SECONDS.get(unit, 1.0)
+    steps = np.diff(times)
+    if 0.9 * steps.min() <= step <= 1.1 * steps.max():
+        return
+    log.warning("%s: pixdim[4] gives %.4g s between frames, the sidecar's %s %.4g-%.4g s; "
+                "the sidecar's times are used (give --frame-interval if they are wrong)",
+                p, step, key, steps.min(), steps.max())
+
+
 def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) -> CTPSeries:
     """Read a 4D NIfTI (X, Y, Z, T) study.
 
@@ -272,6 +288,7 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
     elif times is not None:
         source, where = f"sidecar {key}", side
         check_frame_times(times, side, source=key)
+        _compare_pixdim(p, header, times, key)
     else:
         times, source = _pixdim_times(p, header, n_frames)
         where = p
