@@ -181,3 +181,52 @@ def test_series_with_one_slice(tmp_path, small_series):
                     affine=small_series.affine)
     back = read_dicom_series(write_series_dicom(one, tmp_path / "d"))
     np.testing.assert_allclose(back.affine, one.affine, atol=1e-6)  # DS digits
+
+
+def test_identity_in_any_script_is_kept(tmp_path, small_series, maps):
+    """A Cyrillic and Japanese name (ISO_IR 192 in the source) comes back as written, in the
+    study and in the maps; Latin-1 text keeps ISO_IR 100."""
+    name = "Иванов^Пётр=山田^太郎"
+    source = small_series.replace(meta={**small_series.meta, "dicom": {
+        "PatientName": name, "InstitutionName": "Sjukhus Øst", "PatientPosition": "FFS"}})
+    study = read_dicom_series(write_series_dicom(source, tmp_path / "s"))
+    assert study.meta["dicom"]["PatientName"] == name
+    ds = pydicom.dcmread(next((tmp_path / "s").glob("*.dcm")))
+    assert ds.SpecificCharacterSet == "ISO_IR 192" and ds.PatientPosition == "FFS"
+    for folder in write_maps_dicom(maps.replace(affine=small_series.affine), tmp_path / "m",
+                                   source=study):
+        ds = pydicom.dcmread(next(folder.glob("*.dcm")))
+        assert str(ds.PatientName) == name and ds.InstitutionName == "Sjukhus Øst"
+        assert ds.KVP == 80 and "AcquisitionNumber" in ds  # Type 2 in the CT Image module
+    latin = small_series.replace(meta={**small_series.meta, "dicom": {"PatientName": "Müller"}})
+    ds = pydicom.dcmread(next(write_series_dicom(latin, tmp_path / "l").glob("*.dcm")))
+    assert ds.SpecificCharacterSet == "ISO_IR 100" and str(ds.PatientName) == "Müller"
+    assert ds.PatientPosition == ""  # not known: left empty (Type 2), not invented
+
+
+def test_a_processed_study_is_marked_derived(tmp_path, small_series):
+    plain = pydicom.dcmread(next(write_series_dicom(small_series, tmp_path / "a").glob("*.dcm")))
+    assert list(plain.ImageType) == ["ORIGINAL", "PRIMARY", "AXIAL"] and plain.SeriesNumber == 1
+    out = write_series_dicom(small_series, tmp_path / "b", derived="registered and filtered")
+    ds = pydicom.dcmread(next(out.glob("*.dcm")))
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    assert ds.DerivationDescription == "registered and filtered"
+    assert ds.SeriesDescription == "test (registered and filtered)" and ds.SeriesNumber == 1001
+    again = read_dicom_series(out)  # a DERIVED source stays DERIVED when rewritten
+    ds = pydicom.dcmread(next(write_series_dicom(again, tmp_path / "c").glob("*.dcm")))
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+
+
+def test_a_wide_map_keeps_nan_at_zero_and_ttp_gets_its_own_window(tmp_path, maps):
+    cbf = maps["cbf"].copy()
+    cbf[0, 0, 0], cbf[0, 0, 1], cbf[0, 0, 2] = np.nan, 1000.0, 3.0  # 0.01 steps no longer fit
+    ttp = 25.0 + maps["mtt"]
+    folders = write_maps_dicom(PerfusionMaps(maps={"cbf": cbf, "ttp": ttp}, affine=maps.affine),
+                               tmp_path / "m")
+    volume, _, meta = read_dicom_volume(folders[0])
+    step = float(pydicom.dcmread(meta["files"][0]).RescaleSlope)
+    assert volume[0, 0, 0] == pytest.approx(0.0, abs=1e-6)
+    np.testing.assert_allclose(volume[0, 0, 1:3], [1000.0, 3.0], atol=step / 2 + 1e-6)
+    ds = pydicom.dcmread(next(folders[1].glob("*.dcm")))
+    lo, hi = ds.WindowCenter - ds.WindowWidth / 2, ds.WindowCenter + ds.WindowWidth / 2
+    assert lo > 25 and hi < 41  # the TTPs' own range (27-40 s), not a fixed 0-30 s

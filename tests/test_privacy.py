@@ -58,7 +58,8 @@ def test_nifti_sidecar_has_no_identity_nor_absolute_paths(series, study, tmp_pat
 
 def test_public_meta_drops_nested_identity_and_windows_paths():
     meta = {"kvp": 80, "patient_id": "MOL-001", "extra": {"PatientName": "X^Y", "n": 3},
-            "files": ["/a/b"], "source": "C:\\data\\patient\\study", "acquisition_start": "x"}
+            "files": ["/a/b"], "source": "C:\\data\\patient\\study", "acquisition_start": "x",
+            "description": "Perfusion Müller"}  # free text, as SeriesDescription may name one
     assert public_meta(meta) == {"kvp": 80, "extra": {"n": 3}, "source": "study"}
 
 

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from ctperf.errors import InputError, ValidationError
 from ctperf.io.dicom_checks import (
@@ -289,6 +290,14 @@ def _geometry(root: Path, headers: Sequence[Header], *,
     return slices, _RAS_FROM_LPS @ lps, (rows, cols)
 
 
+def _values(value: Any) -> list[str] | None:
+    """A multi-valued text tag as a list of str (None when absent)."""
+    if value is None:
+        return None
+    return [str(v) for v in value] if isinstance(value, list | tuple | MultiValue) \
+        else [str(value)]
+
+
 def _meta(headers: Sequence[Header], source: str, start: float | None,
           n_files: int) -> dict[str, Any]:
     first = headers[0]
@@ -306,6 +315,7 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
         "mas": float(mas) if mas is not None else None,
         "timing_source": source,
         "series_number": (int(optional_number(first, "SeriesNumber") or 0) or None),
+        "image_type": _values(first.get("ImageType")),
         "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")) or None,
         "transfer_syntax": str(getattr(first.ds.file_meta.get("TransferSyntaxUID"), "name",
                                        "unknown")),

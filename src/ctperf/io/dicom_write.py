@@ -41,16 +41,17 @@ PATIENT_STUDY_TAGS: tuple[str, ...] = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
     "StudyDescription", "ReferringPhysicianName", "InstitutionName",
-    "Manufacturer", "ManufacturerModelName",
+    "Manufacturer", "ManufacturerModelName", "PatientPosition",
 )
 
+_TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})
 _LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _DEFAULT_START = dt.datetime(2000, 1, 1, 12, 0, 0)
 
 # Display windows (centre, width) per map, in the map's units.
 _MAP_WINDOWS: dict[str, tuple[float, float]] = {
     "cbf": (40.0, 80.0), "cbv": (3.0, 6.0), "mtt": (8.0, 16.0),
-    "ttp": (15.0, 30.0), "tmax": (8.0, 16.0), "delay": (5.0, 10.0),
+    "tmax": (8.0, 16.0), "delay": (5.0, 10.0),
 }
 
 
@@ -66,7 +67,8 @@ def _slice_geometry(affine: np.ndarray, n_slices: int) -> dict[str, Any]:
         "pixel_spacing": [dy, dx],
         "positions": positions,
         "locations": [float(p @ normal) for p in positions],
-        "thickness": float(np.linalg.norm(slice_step)),
+        # the spacing along the normal: a tilted gantry's slices step further along the table
+        "thickness": float(abs(slice_step @ normal)),
     }
 
 
@@ -108,7 +110,6 @@ def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.SOPClassUID = UID(sop_class)
-    ds.SpecificCharacterSet = "ISO_IR 100"
     ds.Modality = "CT"
     tags: dict[str, Any] = {"PatientName": "Anonymous", "PatientID": "ctperf"}
     tags.update({k: v for k, v in (meta.get("dicom") or {}).items() if k in PATIENT_STUDY_TAGS})
@@ -132,7 +133,9 @@ def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
     ds.SeriesDate = start.strftime("%Y%m%d")
     ds.SeriesTime = start.strftime("%H%M%S.%f")
     ds.PositionReferenceIndicator = ""
-    ds.PatientPosition = "HFS"
+    ds.PatientPosition = ds.get("PatientPosition") or ""  # Type 2: empty when not known
+    ds.KVP = _ds(float(meta["kvp"])) if meta.get("kvp") is not None else ""
+    ds.AcquisitionNumber = ""
     ds.SamplesPerPixel = 1
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.BitsAllocated = 16
@@ -140,7 +143,22 @@ def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
     ds.HighBit = 15
     if anonymise:
         deidentify_dataset(ds)
+    ds.SpecificCharacterSet = _character_set(ds)
     return ds
+
+
+def _character_set(ds: Dataset) -> str:
+    """Latin-1 (ISO_IR 100) when every text value fits it, else UTF-8 (ISO_IR 192): a
+    Cyrillic or CJK name kept as written, never replaced by question marks."""
+    for element in ds:
+        if element.VR in _TEXT_VRS and element.value is not None:
+            values = element.value if element.VM > 1 else [element.value]
+            try:
+                for value in values:
+                    str(value).encode("latin-1")
+            except UnicodeEncodeError:
+                return "ISO_IR 192"
+    return "ISO_IR 100"
 
 
 def _finish_file(ds: Dataset, path: Path, compress: bool) -> None:
@@ -191,7 +209,8 @@ def _times_tags(ds: Dataset, when: dt.datetime) -> None:
 def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = False,
                        description: str | None = None,
                        patient: Mapping[str, Any] | None = None,
-                       anonymise: bool = False, progress: bool = False) -> Path:
+                       anonymise: bool = False, derived: str | None = None,
+                       progress: bool = False) -> Path:
     """Write a study as a DICOM CT series, one file per (frame, slice).
 
     Parameters
@@ -213,6 +232,11 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
         frames kept, study and frame-of-reference UIDs replaced consistently, and
         PatientIdentityRemoved YES. Overrides ``patient``. The source's SeriesDescription is
         not carried over (a generic one is used unless ``description`` is given).
+    derived : str, optional
+        What was done to the source's images (e.g. "registered, filtered"): the series is then
+        DERIVED\\SECONDARY with this DerivationDescription, a description ending in it and
+        SeriesNumber 1000 + the source's, so that it is never taken for the scan itself.
+        Without it the source's ImageType is kept (ORIGINAL\\PRIMARY\\AXIAL when unknown).
     progress : bool
         Show a progress bar.
 
@@ -228,10 +252,16 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
     geo = _slice_geometry(series.affine, n_z)
     source_desc = None if anonymise else meta.get("description")
     desc = description or str(source_desc or "ctperf CT perfusion")
+    number = int(meta.get("series_number") or 1)
+    if derived:
+        desc, number = f"{desc} ({derived})", 1000 + number
     base = _base_dataset(meta, patient, description=desc, sop_class=CTImageStorage,
                          anonymise=anonymise)
-    base.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-    base.SeriesNumber = int(meta.get("series_number") or 1)
+    base.ImageType = list(meta.get("image_type") or ["ORIGINAL", "PRIMARY", "AXIAL"])
+    if derived:
+        base.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
+        base.DerivationDescription = derived
+    base.SeriesNumber = number
     base.Rows, base.Columns = n_y, n_x
     base.PixelRepresentation = 1
     base.RescaleSlope, base.RescaleIntercept, base.RescaleType = "1", "0", "HU"
@@ -241,8 +271,6 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
     base.SliceThickness = _ds(geo["thickness"])
     base.SpacingBetweenSlices = _ds(geo["thickness"])
     base.NumberOfTemporalPositions = n_t
-    if meta.get("kvp") is not None:
-        base.KVP = _ds(float(meta["kvp"]))
     if meta.get("mas") is not None:
         base.Exposure = round(float(meta["mas"]))
     if meta.get("exposure_time_ms") is not None:
@@ -274,10 +302,11 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
 
 
 def _map_scaling(values: np.ndarray) -> tuple[np.ndarray, str, float, float]:
-    """Stored integers, dtype name, slope and intercept for a map at 0.01 precision."""
+    """Stored integers, dtype name, slope and intercept for a map at 0.01 precision; NaN is
+    stored as 0 (which every scaling represents exactly)."""
     finite = values[np.isfinite(values)]
-    lo = float(finite.min()) if finite.size else 0.0
-    hi = float(finite.max()) if finite.size else 0.0
+    lo = min(float(finite.min()), 0.0) if finite.size else 0.0
+    hi = max(float(finite.max()), 0.0) if finite.size else 0.0
     slope = 0.01
     if lo >= 0 and hi / slope <= 65535:
         stored = np.rint(np.nan_to_num(values, nan=0.0) / slope)
@@ -285,12 +314,26 @@ def _map_scaling(values: np.ndarray) -> tuple[np.ndarray, str, float, float]:
     if lo / slope >= -32768 and hi / slope <= 32767:
         stored = np.rint(np.nan_to_num(values, nan=0.0) / slope)
         return stored.astype(np.int16), "int16", slope, 0.0
-    # Range too wide for 0.01 steps in 16 bits: coarsen the step to fit, and say so.
-    slope = max((hi - lo) / 65535.0, slope)
-    stored = np.rint((np.nan_to_num(values, nan=lo) - lo) / slope)
+    # Range too wide for 0.01 steps in 16 bits: coarsen the step to fit, and say so; the
+    # intercept a whole number of steps below 0, so that 0 stays on the grid.
+    slope = max((hi - lo) / 65534.0, slope)
+    intercept = float(np.floor(lo / slope) * slope)
+    stored = np.rint((np.nan_to_num(values, nan=0.0) - intercept) / slope)
     log.warning("map range %.4g..%.4g does not fit 0.01 steps in 16 bits; step is %.4g",
                 lo, hi, slope)
-    return np.clip(stored, 0, 65535).astype(np.uint16), "uint16", slope, lo
+    return np.clip(stored, 0, 65535).astype(np.uint16), "uint16", slope, intercept
+
+
+def _window(name: str, values: np.ndarray) -> tuple[float, float]:
+    """Display window (centre, width): fixed per map in its units, but TTP (which counts from
+    the start of the scan) and maps without one from their values (1st-99th percentile)."""
+    if name in _MAP_WINDOWS:
+        return _MAP_WINDOWS[name]
+    finite = values[np.isfinite(values) & (values != 0)]
+    if finite.size == 0:
+        return 0.5, 1.0
+    lo, hi = (float(v) for v in np.percentile(finite, [1, 99]))
+    return (lo + hi) / 2, max(hi - lo, 1e-3)
 
 
 def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
@@ -341,9 +384,7 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
         base.PixelRepresentation = 1 if kind == "int16" else 0
         base.RescaleSlope, base.RescaleIntercept = _ds(slope), _ds(intercept)
         base.RescaleType = maps.units[name][:16]
-        centre, width = _MAP_WINDOWS.get(name, (float(np.nanmean(values)),
-                                                 float(np.nanmax(values) - np.nanmin(values))
-                                                 or 1.0))
+        centre, width = _window(name, values)
         base.WindowCenter, base.WindowWidth = _ds(centre), _ds(width)
         base.ImageOrientationPatient = [_ds(v) for v in geo["iop"]]
         base.PixelSpacing = [_ds(v) for v in geo["pixel_spacing"]]

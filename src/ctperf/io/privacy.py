@@ -3,7 +3,7 @@
 Two rules:
 
 - JSON written from a study's metadata (NIfTI sidecars) carries no patient identity: no names,
-  IDs, dates, institution, physicians or UIDs, and no absolute input paths
+  IDs, dates, institution, physicians, UIDs or series descriptions, and no absolute input paths
   (:func:`public_meta`). Scanner, kVp, mAs and timing stay.
 - DICOM outputs keep the source's patient/study identity by default, so that they file with the
   study in a PACS; with ``anonymise=True`` the writers apply the DICOM PS3.15 Annex E Basic
@@ -49,9 +49,10 @@ IDENTITY_KEYWORDS: frozenset[str] = frozenset({
     "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "FrameOfReferenceUID",
 })
 # ctperf's own metadata keys with the same kind of content (UIDs, the scan's date, case names
-# taken from folder names, file lists).
+# taken from folder names, file lists, and the free-text SeriesDescription, which the Basic
+# Profile removes as it may name the patient).
 _META_IDENTITY_KEYS = frozenset({"series_uid", "frame_of_reference_uid", "acquisition_start",
-                                 "patient_id", "files"})
+                                 "patient_id", "files", "description"})
 # Keywords of ``meta["dicom"]`` that describe the device, not the patient, and may be shared.
 _DEVICE_KEYWORDS = ("Manufacturer", "ManufacturerModelName")
 
