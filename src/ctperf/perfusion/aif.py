@@ -58,7 +58,8 @@ class VesselCurve:
 
 
 def curve_features(enh: np.ndarray, times: np.ndarray) -> dict[str, np.ndarray]:
-    """Peak (HU), time to peak (s), full width at half maximum (s), area (HU s), end fraction.
+    """Peak (HU), time to peak (s), half-rise time (s), full width at half maximum (s), area
+    (HU s), end fraction.
 
     Parameters
     ----------
@@ -69,8 +70,10 @@ def curve_features(enh: np.ndarray, times: np.ndarray) -> dict[str, np.ndarray]:
     Returns
     -------
     dict of ndarray, each (N,)
-        ``peak``, ``ttp``, ``fwhm``, ``area``, ``end`` (last-frame value / peak: a truncated
-        or recirculating bolus ends high).
+        ``peak``, ``ttp``, ``rise`` (when the curve first reaches half its peak, interpolated
+        between frames: unlike ``ttp`` not tied to the frames, which can be seconds apart),
+        ``fwhm``, ``area``, ``end`` (last-frame value / peak: a truncated or recirculating
+        bolus ends high).
     """
     t = np.asarray(times, dtype=np.float64)
     peak_i = np.argmax(enh, axis=0)
@@ -78,10 +81,18 @@ def curve_features(enh: np.ndarray, times: np.ndarray) -> dict[str, np.ndarray]:
     dt = np.gradient(t)
     above = enh >= 0.5 * peak
     fwhm = (above * dt[:, None]).sum(axis=0)
+    cols = np.arange(enh.shape[1])
+    i = np.argmax(above, axis=0)
+    i0 = np.maximum(i - 1, 0)
+    lo, hi = enh[i0, cols].astype(np.float64), enh[i, cols].astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        frac = np.where(hi > lo, (0.5 * peak - lo) / (hi - lo), 0.0)
+    rise = t[i0] + np.clip(frac, 0.0, 1.0) * (t[i] - t[i0]) - t[0]
     area = np.trapezoid(np.clip(enh, 0, None), t, axis=0)
     with np.errstate(divide="ignore", invalid="ignore"):
         end = np.where(peak > 0, enh[-1] / peak, 1.0)
-    return {"peak": peak, "ttp": t[peak_i] - t[0], "fwhm": fwhm, "area": area, "end": end}
+    return {"peak": peak, "ttp": t[peak_i] - t[0], "rise": rise, "fwhm": fwhm, "area": area,
+            "end": end}
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
@@ -165,11 +176,15 @@ def select_aif(
     # within two frame steps (the steps around that time: frames need not be evenly spaced)
     # plus a second of the best quarter's median time to peak (a voxel's own time, so that
     # the reference voxel itself always stays).
-    best = np.sort(f["ttp"][chosen[: max(1, chosen.size // 4)]])
-    ttp0 = float(best[(best.size - 1) // 2])
+    # With frames seconds apart two frame steps can hold an artery's and a vein's peaks, so the
+    # half-rise times (between frames) must also agree within half a step plus 1.5 s.
+    best = chosen[: max(1, chosen.size // 4)]
+    ttp0 = float(np.sort(f["ttp"][best])[(best.size - 1) // 2])
+    rise0 = float(np.sort(f["rise"][best])[(best.size - 1) // 2])
     k = int(np.clip(np.searchsorted(t - t[0], ttp0), 1, n_t - 1))
     step = float(np.max(np.diff(t)[max(0, k - 2):k + 1]))
-    chosen = chosen[np.abs(f["ttp"][chosen] - ttp0) <= 2.0 * step + 1.0]
+    chosen = chosen[(np.abs(f["ttp"][chosen] - ttp0) <= 2.0 * step + 1.0)
+                    & (np.abs(f["rise"][chosen] - rise0) <= 0.5 * step + 1.5)]
     # And those that peak nearly as high as the best few: when an artery has fewer voxels than
     # n_voxels, its partial-volume rim would otherwise dilute the curve, and without a VOF
     # nothing corrects that dilution later.
