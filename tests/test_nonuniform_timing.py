@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from ctperf.errors import ValidationError
 from ctperf.perfusion import (
     compute_maps,
     curve_features,
@@ -17,6 +18,7 @@ from ctperf.perfusion import (
     select_aif,
     uniform_grid,
 )
+from ctperf.perfusion.qc import frame_gaps
 from test_aif_failsafe import gamma_variate, skullless_study
 
 REFERENCE = np.arange(0.0, 50.0, 0.5)
@@ -72,6 +74,30 @@ def test_select_aif_keeps_out_veins_two_slow_frames_later(rng):
     assert np.ptp(features["ttp"]) <= 2 * 3.0 + 1.0  # peak times alone cannot separate them
     sel = select_aif(curves, t)
     assert sel.indices.size >= 6 and sel.indices.max() < 12
+
+
+def test_a_protocol_changing_pace_has_no_gap_and_missing_frames_do():
+    assert frame_gaps(FAST_THEN_SLOW)[0].size == 0 and frame_gaps(PEAK_IN_SLOW)[0].size == 0
+    t = np.arange(0.0, 60.0, 1.0)
+    gaps, pace = frame_gaps(t[(t <= 10) | (t >= 21)])
+    assert gaps.tolist() == [10] and pace.tolist() == [1.0]
+
+
+def test_frames_missing_over_the_arterial_bolus_refused_later_flagged():
+    """An interrupted scan: 9 s missing over the AIF's peak (13 s) leave no CBF to measure
+    (refused); the same hole after the arterial first pass is flagged."""
+    t = np.arange(0.0, 50.0, 1.0)
+    series, _ = skullless_study(np.random.default_rng(2), times=t, noise=5.0)
+    over_peak = (t <= 9) | (t >= 19)
+    cut = series.replace(hu=series.hu[over_peak], times=t[over_peak])
+    with pytest.raises(ValidationError, match="frames missing during the arterial bolus"):
+        run_perfusion(cut, method="bsvd")
+    later = (t <= 26) | (t >= 36)
+    cut = series.replace(hu=series.hu[later], times=t[later])
+    flag = run_perfusion(cut, method="bsvd").maps.provenance["qc"]["frame_gap"]
+    assert flag["flag"] and flag["value"] == 10.0
+    flag = run_perfusion(series, method="bsvd").maps.provenance["qc"]["frame_gap"]
+    assert not flag["flag"] and flag["value"] == 0.0
 
 
 def _class_medians(maps, truth) -> dict[str, dict[str, float]]:

@@ -28,7 +28,7 @@ from ctperf.perfusion.maps import (
     pre_bolus_frames,
     smooth_time,
 )
-from ctperf.perfusion.qc import qc_flags
+from ctperf.perfusion.qc import check_first_pass_sampled, qc_flags
 
 __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_curves"]
 
@@ -185,6 +185,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
             _check(name, curve)
 
     check_bolus_start(a)
+    check_first_pass_sampled(t, a)
     vessels = a[:, None] if v is None else np.stack([a, v], axis=1)
     if isinstance(baseline, str):
         if baseline != "auto":

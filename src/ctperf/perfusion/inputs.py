@@ -27,6 +27,7 @@ from ctperf.perfusion.aif import (
     tissue_peak_time,
 )
 from ctperf.perfusion.curves import check_bolus_start, second_difference_sd
+from ctperf.perfusion.qc import check_first_pass_sampled
 
 __all__ = ["CurveOrigin", "arterial_input", "partial_volume", "venous_output", "vessel_info",
            "voxel_noise_sd"]
@@ -95,6 +96,7 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
             origin = CurveOrigin("automatic", sel, note)
         curve = sel.curve
     check_bolus_start(curve)
+    check_first_pass_sampled(t, curve)
     if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
         raise ValidationError(
             f"the AIF ({origin.source}) has no positive area: its curve sits below its "
