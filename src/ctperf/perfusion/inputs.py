@@ -107,7 +107,8 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
 
 def venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.ndarray,
                   venh: np.ndarray, t: np.ndarray, *, n_base: int, exclude: np.ndarray,
-                  aif: np.ndarray, aif_curve_given: bool
+                  aif: np.ndarray, aif_curve_given: bool, search: np.ndarray | None = None,
+                  spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
                   ) -> tuple[np.ndarray | None, CurveOrigin]:
     """The VOF: the given curve, the mean of the given mask, ctperf's choice, or none.
 
@@ -119,6 +120,12 @@ def venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.n
         The measured AIF: an automatic VOF must peak after it.
     aif_curve_given : bool
         The AIF was given as a curve: without a VOF curve or mask, none is looked for.
+    search : ndarray of bool, shape (Z, Y, X), optional
+        Where the N voxels of ``venh`` lie, on a grid of ``spacing`` (z, y, x) mm: with pixels
+        of 1.5 mm or less, the automatic choice then ranks voxels by the mean area of the
+        other voxels within 1.5 mm in plane (:func:`select_vof`'s ``area``), which holds no
+        error of the voxel's own baseline; coarser pixels, whose noise is lower and whose
+        neighbours may be outside a thin vein, rank by their own area.
 
     Returns
     -------
@@ -138,12 +145,38 @@ def venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.n
     aif_ttp = float(t[np.argmax(aif)] - t[0])
     noise_sd = voxel_noise_sd(venh[:, ::7], n_base)
     try:
-        sel = select_vof(venh, t, aif_ttp=aif_ttp, exclude=exclude, noise_sd=noise_sd)
+        area = None if search is None else _neighbourhood_area(venh, t, search, spacing)
+        sel = select_vof(venh, t, aif_ttp=aif_ttp, exclude=exclude, noise_sd=noise_sd,
+                         area=area)
     except ValidationError as exc:
         log.warning("%s; the AIF is not corrected for partial volume, so CBF and CBV "
                     "may be overestimated", exc)
         return None, CurveOrigin("none found")
     return sel.curve, CurveOrigin("automatic", sel)
+
+
+#: Half-width (mm) of the in-plane neighbourhood whose mean area ranks venous voxels.
+VOF_NEIGHBOURHOOD_MM = 1.5
+
+
+def _neighbourhood_area(venh: np.ndarray, t: np.ndarray, search: np.ndarray,
+                        spacing: tuple[float, float, float]) -> np.ndarray | None:
+    """Per searched voxel (N,), the mean area (HU s) of the other searched voxels within
+    :data:`VOF_NEIGHBOURHOOD_MM` in plane (a square); None when pixels are too coarse for any
+    (each voxel then ranks by its own area)."""
+    from scipy import ndimage
+
+    k = int(VOF_NEIGHBOURHOOD_MM // min(spacing[1:]))
+    if k < 1:
+        return None
+    size = (1, 2 * k + 1, 2 * k + 1)
+    n = float((2 * k + 1) ** 2)
+    area = np.zeros(search.shape, dtype=np.float64)
+    area[search] = np.trapezoid(np.clip(venh, 0, None), t, axis=0)
+    inside = search.astype(np.float64)
+    total = ndimage.uniform_filter(area, size=size, mode="constant") * n - area
+    count = ndimage.uniform_filter(inside, size=size, mode="constant") * n - inside
+    return (total / np.maximum(count, 0.5))[search]
 
 
 def partial_volume(aif: np.ndarray, vof: np.ndarray | None, vof_origin: CurveOrigin,

@@ -200,7 +200,8 @@ def run_perfusion(
                                        exclude=bony)
     vof_curve, vof_from = venous_output(vof, vof_mask, vhu, venh, t, n_base=n_base,
                                         exclude=bony, aif=aif_raw,
-                                        aif_curve_given=aif is not None)
+                                        aif_curve_given=aif is not None, search=search,
+                                        spacing=spacing)
     aif_used, pv_info = partial_volume(aif_raw, vof_curve, vof_from, t, n_base=n_base)
     vof_used = vof_curve if pv_info["corrected"] else None
 
