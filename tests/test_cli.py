@@ -40,6 +40,7 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path):
     data = np.full((8, 8, 2, 5), -1000.0, np.float32)
     data[2:6, 2:6] = 30.0
     img = nib.Nifti1Image(data, np.eye(4))
+    img.header.set_xyzt_units("mm", "sec")
     img.header.set_zooms((1, 1, 1, 1.0))
     nib.save(img, tmp_path / "s.nii.gz")
     proc = subprocess.Popen([sys.executable, "-m", "ctperf", "info", str(tmp_path / "s.nii.gz")],

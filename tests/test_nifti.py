@@ -68,6 +68,25 @@ def test_pixdim_timing_errors_say_what_is_missing(tmp_path):
         read_nifti_series(path)
 
 
+def test_a_placeholder_frame_spacing_is_not_taken_for_one(tmp_path, caplog):
+    """pixdim[4] = 1 with no time unit (as ISLES 2018 and many writers leave it, whatever the
+    sampling) is refused; another value without a unit is read as seconds, with a warning,
+    and the maps' provenance names where the times came from."""
+    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), np.eye(4))
+    img.header["pixdim"][4] = 1.0
+    path = tmp_path / "s.nii.gz"
+    nib.save(img, path)
+    with pytest.raises(InputError, match="pixdim\\[4\\] is 1 with no time unit"):
+        read_nifti_series(path)
+    img.header["pixdim"][4] = 2.0
+    nib.save(img, path)
+    with caplog.at_level("WARNING", logger="ctperf"):
+        series = read_nifti_series(path)
+    np.testing.assert_allclose(series.times, np.arange(6) * 2.0)
+    assert "has no time unit; taken as seconds" in caplog.text
+    assert series.meta["timing_source"] == "pixdim[4] (unknown unit, taken as s)"
+
+
 def test_frame_interval_replaces_missing_or_wrong_header_timing(tmp_path):
     """Files converted by other tools often carry pixdim[4] = 0 (or 1 whatever the sampling):
     without timing the error says how to give it; with ``frame_interval`` (``--frame-interval``)

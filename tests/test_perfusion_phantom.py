@@ -26,6 +26,7 @@ def test_automatic_aif_vof_recovers_true_aif_area(subject):
     # Most VOF voxels lie in the sinus; the 1.2 mm blur spreads it into neighbours with nearly
     # its area, which may join.
     assert subject.masks["vein"][tuple(vof)].mean() >= 0.6
+    assert result.maps.provenance["timing_source"] == "phantom"  # where the times came from
 
 
 def test_lesion_volumes_from_true_maps_equal_phantom_masks(subject):

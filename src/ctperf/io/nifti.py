@@ -221,6 +221,14 @@ def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]
                             "with FrameTimes")
     pixdim = float(header["pixdim"][4])
     step = pixdim * _TIME_UNIT_SECONDS.get(unit, 1.0)
+    if unit == "unknown" and pixdim == 1.0:
+        raise InputError(p, "no frame timing: pixdim[4] is 1 with no time unit, the default "
+                            "many writers leave, not a measured frame spacing; give the "
+                            "frame spacing with --frame-interval SECONDS or a JSON sidecar "
+                            "with FrameTimes")
+    if unit == "unknown" and step > 0:
+        log.warning("%s: pixdim[4] %g has no time unit; taken as seconds between frames "
+                    "(--frame-interval SECONDS if not)", p, pixdim)
     if not step > 0:
         sidecar = ("its JSON sidecar has no FrameTimes" if sidecar_path(p).exists()
                    else "there is no JSON sidecar with FrameTimes")

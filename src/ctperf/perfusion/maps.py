@@ -234,6 +234,8 @@ def run_perfusion(
                              csf_cut=csf_cut, flags=flags) | fitted
     if slice_shift:
         provenance["slice_times_interpolated_s"] = round(slice_shift, 3)
+    if series.meta.get("timing_source"):   # where the frame times came from, as read
+        provenance["timing_source"] = str(series.meta["timing_source"])
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
     lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels, rim_mm=rim_mm,
                        options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)
