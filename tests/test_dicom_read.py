@@ -214,6 +214,37 @@ def test_each_file_read_with_its_own_rescale(tmp_path, rng):
         read_dicom_series(damaged.folder)
 
 
+def _whole_seconds(ds) -> None:
+    """AcquisitionTime cut to whole seconds, as some scanners write it."""
+    del ds.AcquisitionDateTime
+    ds.AcquisitionTime = str(ds.AcquisitionTime).split(".")[0]
+
+
+def test_whole_second_acquisition_time_gives_way_to_a_finer_clock(tmp_path, rng):
+    """Frames 1.5-1.75 s apart: AcquisitionTime in whole seconds still increases (0, 1, 3,
+    ... s), but ContentTime holds the same clock to the microsecond and is used."""
+    study = write_fake_study(tmp_path / "s", rng, edit=lambda ds, t, z: _whole_seconds(ds))
+    series = read_dicom_series(study.folder)
+    assert series.meta["timing_source"] == "ContentTime"
+    np.testing.assert_allclose(series.times, study.times, atol=1e-6)
+
+
+def test_frames_told_apart_by_acquisition_number(tmp_path, rng):
+    """Half-second frames with whole-second times, InstanceNumber restarting in each time
+    point and no TemporalPositionIndex: no duplicates (their AcquisitionNumbers differ), and
+    with the frame spacing given they are ordered by AcquisitionNumber."""
+    def edit(ds, t, z):
+        _whole_seconds(ds)
+        del ds.ContentTime, ds.TemporalPositionIndex
+        ds.InstanceNumber, ds.AcquisitionNumber = z + 1, t + 1
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=6, frame_step=0.5, edit=edit)
+    with pytest.raises(InputError, match="non-monotonic frame times"):
+        read_dicom_series(study.folder)
+    series = read_dicom_series(study.folder, frame_interval=0.5)
+    np.testing.assert_array_equal(series.hu, study.hu)
+
+
 def test_two_series_listed_and_chosen(tmp_path, rng):
     a = write_fake_study(tmp_path / "s", rng, description="CTP A", nested=False)
     b = write_fake_study(tmp_path / "s" / "other", rng, description="CTP B", nested=False)

@@ -73,7 +73,8 @@ log = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 
 _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
-_INDEX_TAGS = ("TemporalPositionIndex", "InstanceNumber")
+_INDEX_TAGS = ("TemporalPositionIndex", "TemporalPositionIdentifier", "AcquisitionNumber",
+               "InstanceNumber")
 _EPOCH = dt.datetime(1970, 1, 1)
 
 
@@ -206,6 +207,12 @@ def _by_time(root: Path, tag: str, values: list[list[float]],
     return [[h for _, h in o] for o in ordered], times
 
 
+def _agree(coarse: np.ndarray, fine: np.ndarray) -> bool:
+    """Whether a (T, Z) table of whole seconds is a finer table truncated or rounded: the same
+    clock readings, not another event's (ContentTime is often the reconstruction's)."""
+    return bool(np.all(np.floor(fine) == coarse) or np.all(np.round(fine) == coarse))
+
+
 def _order_frames(root: Path, slices: list[list[Header]],
                   frame_interval: float | None) -> tuple[list[list[Header]], np.ndarray, str]:
     """Frames of each slice in time order, (T, Z) times in s (since 1970, or from the start
@@ -213,10 +220,12 @@ def _order_frames(root: Path, slices: list[list[Header]],
 
     The source is the first of :data:`TIME_TAGS` that every image holds and that increases
     strictly within each slice: a tag that is the series' start time in every image, or
-    whole seconds for half-second frames, is passed over for the next. Without one, frames
+    whole seconds for half-second frames, is passed over for the next, and one in whole
+    seconds gives way to a later one that counts the same times more finely. Without one, frames
     are ordered by index when ``frame_interval`` is given, else the first tag's error is
     raised."""
     passed: list[InputError] = []
+    found_first: tuple[list[list[Header]], np.ndarray, str] | None = None
     for tag in TIME_TAGS:
         found = [[time_of(h, tag) for h in s] for s in slices]
         if any(v is None for s in found for v in s):
@@ -226,10 +235,20 @@ def _order_frames(root: Path, slices: list[list[Header]],
         except InputError as exc:
             passed.append(exc)
             continue
+        if found_first is None and np.all(np.mod(times, 1.0) == 0):
+            found_first = frames, times, tag    # whole seconds: a finer tag may follow
+            continue
+        if found_first is not None and not _agree(found_first[1], times):
+            break
         if passed:
             log.info("%s: frame times from %s (passed over: %s)", root, tag,
                      "; ".join(exc.problem.split(";")[0] for exc in passed))
+        if found_first is not None:
+            log.info("%s: frame times from %s, finer than %s's whole seconds", root, tag,
+                     found_first[2])
         return frames, times, tag
+    if found_first is not None:
+        return found_first
     if passed and frame_interval is None:
         raise passed[0]
     for tag in _INDEX_TAGS:

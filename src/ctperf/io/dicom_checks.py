@@ -33,7 +33,8 @@ TIME_TAGS = ("AcquisitionDateTime", "AcquisitionTime", "ContentTime", "FrameRefe
 RELATIVE_TIME_TAGS = ("FrameReferenceTime", "TriggerTime")
 
 # Tags that together tell two images of one slice apart; files equal in all are copies.
-_IDENTITY_TAGS = (*TIME_TAGS, "TemporalPositionIndex", "InstanceNumber")
+_IDENTITY_TAGS = (*TIME_TAGS, "TemporalPositionIndex", "TemporalPositionIdentifier",
+                  "AcquisitionNumber", "InstanceNumber")
 
 
 @dataclass(frozen=True)
