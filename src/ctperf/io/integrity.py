@@ -97,6 +97,8 @@ def check_frame_times(times: np.ndarray, path: PathLike, *, source: str,
     ndarray, float64, shape (T,)
     """
     t = np.asarray(times, dtype=np.float64)
+    if source == "frame_interval":             # the user's own number: nothing to fix in the file
+        remedy = "give --frame-interval in seconds"
     if t.ndim != 1:
         raise InputError(path, f"{source}: frame times must be one list, got shape {t.shape}")
     check_frame_count(t.size, path)

@@ -431,10 +431,19 @@ def read_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
         return vol
     how = reorientation(own, vol.shape, affine, atol_mm=atol_mm, target_shape=tuple(shape))
     if how is None:
-        raise InputError(path, f"grid {vol.shape} (Z, Y, X) and affine differ from the "
-                               f"study's {tuple(shape)} (another position, spacing, rotation "
-                               "or extent); resample it onto the study first")
+        raise InputError(path, f"grid {vol.shape} (Z, Y, X), {_where(own)}, differs from the "
+                               f"study's {tuple(shape)}, {_where(affine)} (another position, "
+                               "spacing, rotation or extent; a file without orientation is "
+                               "read as 1 mm voxels at 0); resample it onto the study first")
     return reorient(vol, how)
+
+
+def _where(affine: np.ndarray) -> str:
+    """Voxel size (x, y, z) and first voxel's position (RAS) of an affine, for messages."""
+    size = np.linalg.norm(np.asarray(affine)[:3, :3], axis=0)
+    fmt = ", ".join
+    return (f"voxels {fmt(f'{v:.3g}' for v in size)} mm with the first at "
+            f"({fmt(f'{v:.4g}' for v in np.asarray(affine)[:3, 3])}) mm")
 
 
 def read_mask(path: PathLike, *, shape: tuple[int, int, int], affine: np.ndarray,
