@@ -364,3 +364,17 @@ def test_vof_ranked_by_its_neighbours_is_not_raised_by_noise():
     # the mean of 20 voxels' curves still carries noise: 4 % covers the 0.97-1.02 measured
     assert abs(ratios[1.0] - 1.0) < 0.04
     assert ratios[2.0] > 1.08
+
+
+def test_a_bolus_just_begun_at_the_first_frame_is_flagged():
+    """An AIF at about 10 % of its rise in the first frame passes the refusal (20 %) but its
+    baseline holds contrast: flagged. Started before the bolus: not flagged."""
+    from ctperf.perfusion.qc import qc_flags
+
+    rng = np.random.default_rng(0)
+    for start, flagged in ((0.0, False), (8.0, True)):
+        t = np.arange(start, start + 50.0, 1.0)
+        aif = arterial_input(t) + rng.normal(0.0, 2.0, t.size)
+        flag = qc_flags(times=t - start, aif=aif)["bolus_at_start"]
+        assert flag["flag"] is flagged, (start, flag)
+    assert 0.05 < flag["value"] < 0.2

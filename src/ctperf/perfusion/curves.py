@@ -123,18 +123,25 @@ def check_bolus_start(aif: np.ndarray) -> None:
     when the head moved, is left to other checks).
     Any units.
     """
-    x = np.asarray(aif, dtype=np.float64)
-    if x.size < 4:
-        return
-    c = bandlimit(x)
-    low = float(np.sort(c)[:3].mean())
-    span, rise = float(c.max()) - low, float(c[0]) - low
-    # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
-    noise = np.sqrt(0.625) * float(second_difference_sd(x))
+    rise, span, noise = start_level(aif)
     if (span > 0 and span - rise > 5.0 * noise
             and enhanced_at_start(rise, span, noise)):
         raise ValidationError(bolus_started_message(
             f"the AIF starts at {rise / span:.0%} of its rise above its lowest values"))
+
+
+def start_level(aif: np.ndarray) -> tuple[float, float, float]:
+    """How far an arterial curve's first frame (smoothed with :func:`bandlimit`) stands above
+    the mean of its three lowest values, the curve's range above them, and the smoothed first
+    frame's noise SD (from second differences); zeros for fewer than four frames."""
+    x = np.asarray(aif, dtype=np.float64)
+    if x.size < 4:
+        return 0.0, 0.0, 0.0
+    c = bandlimit(x)
+    low = float(np.sort(c)[:3].mean())
+    # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
+    noise = np.sqrt(0.625) * float(second_difference_sd(x))
+    return float(c[0]) - low, float(c.max()) - low, noise
 
 
 def bolus_started_message(evidence: str) -> str:

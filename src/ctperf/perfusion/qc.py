@@ -8,7 +8,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
-from ctperf.perfusion.curves import bolus_arrival_frame
+from ctperf.perfusion.curves import bolus_arrival_frame, start_level
 
 __all__ = ["MAX_AIF_LEAD_S", "aif_lag", "check_first_pass_sampled", "first_pass", "frame_gaps",
            "qc_flags"]
@@ -99,6 +99,7 @@ def qc_flags(
     late_aif_fraction: float = 0.6,
     max_aif_lead_s: float = MAX_AIF_LEAD_S,
     max_baseline_sd_hu: float = 15.0,
+    min_start_fraction: float = 0.05,
     min_baseline_frames: int = 3,
     pv_range: tuple[float, float] = (0.8, 4.0),
     min_brain_ml: float = 20.0,
@@ -153,10 +154,10 @@ def qc_flags(
     dict
         ``{name: {"flag": bool, "value": float | None, "reason": str}}`` for ``truncation``,
         ``aif_low_peak``, ``aif_late_peak``, ``aif_after_tissue``, ``noisy_baseline``,
-        ``short_baseline``, ``frame_gap``, ``aif_vof_ratio``, ``no_vof``, ``few_brain_voxels``,
-        ``motion``, ``motion_uncorrected``, ``mtt_floor``, ``csf_cut``, ``brain_slice_gap`` and
-        ``noisy_voxelwise``; a flag that cannot be judged has ``value`` None.
-        ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival (its
+        ``short_baseline``, ``bolus_at_start``, ``frame_gap``, ``aif_vof_ratio``, ``no_vof``,
+        ``few_brain_voxels``, ``motion``, ``motion_uncorrected``, ``mtt_floor``, ``csf_cut``,
+        ``brain_slice_gap`` and ``noisy_voxelwise``; a flag that cannot be judged has ``value``
+        None. ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival (its
         rise past 20 % of its peak) precedes the AIF's. ``mtt_floor``'s value is the share of
         ``box_mtt`` on the lower bound, ``csf_cut``'s ``csf_cut_share``, ``brain_slice_gap``'s
         the lowest of ``brain_slice_share``, ``frame_gap``'s the longest
@@ -209,6 +210,14 @@ def qc_flags(
         "frame (noisier CBV and CBF; with the box model on a one-frame baseline a phantom's "
         "core read 47 mL against a true 7, bayes 5 mL); start the scan a few seconds before "
         "the contrast arrives")
+    rise, span, noise = start_level(aif)
+    begun = span > 0 and rise > min_start_fraction * span and rise > 5.0 * noise
+    put("bolus_at_start", begun, rise / span if span > 0 else None,
+        f"the AIF's first frame stands more than {min_start_fraction:.0%} of its rise above its "
+        "lowest values: the bolus had begun when the scan started, so the baseline holds "
+        "contrast and CBV and CBF read low (a phantom whose AIF stood at 8 % of its peak: "
+        "CBV -19 to -23 %, the hypoperfused volume 37 mL against 60 with bayes); start the "
+        "scan earlier (at 20 % the study is refused)")
     put("aif_vof_ratio", pv_factor is not None and not pv_range[0] <= pv_factor <= pv_range[1],
         pv_factor, f"VOF/AIF area ratio outside [{pv_range[0]}, {pv_range[1]}]: wrong AIF or VOF "
         "choice")
