@@ -56,11 +56,19 @@ def test_spatial_unit_is_converted_to_mm(tmp_path, unit, scale):
     assert read_mask(tmp_path / "mask.nii.gz", shape=(2, 5, 4), affine=affine).all()
 
 
-def test_pixdim_timing_errors_say_what_is_missing(tmp_path):
+def _blank_study(path, pixdim: float, unit: str | None = None):
+    """A 4 x 5 x 2 x 6 study of zeros with pixdim[4] set (time ``unit``, or none), saved at
+    ``path``."""
     img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), np.eye(4))
-    img.header["pixdim"][4] = -1.0
-    path = tmp_path / "s.nii.gz"
+    if unit is not None:
+        img.header.set_xyzt_units("mm", unit)
+    img.header["pixdim"][4] = pixdim
     nib.save(img, path)
+    return path
+
+
+def test_pixdim_timing_errors_say_what_is_missing(tmp_path):
+    path = _blank_study(tmp_path / "s.nii.gz", -1.0)
     with pytest.raises(InputError, match=r"pixdim\[4\] is -1 and there is no JSON sidecar"):
         read_nifti_series(path)
     (tmp_path / "s.json").write_text(json.dumps({"RepetitionTime": 1.0}))
@@ -72,14 +80,10 @@ def test_a_placeholder_frame_spacing_is_not_taken_for_one(tmp_path, caplog):
     """pixdim[4] = 1 with no time unit (as ISLES 2018 and many writers leave it, whatever the
     sampling) is refused; another value without a unit is read as seconds, with a warning,
     and the maps' provenance names where the times came from."""
-    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), np.eye(4))
-    img.header["pixdim"][4] = 1.0
-    path = tmp_path / "s.nii.gz"
-    nib.save(img, path)
+    path = _blank_study(tmp_path / "s.nii.gz", 1.0)
     with pytest.raises(InputError, match="pixdim\\[4\\] is 1 with no time unit"):
         read_nifti_series(path)
-    img.header["pixdim"][4] = 2.0
-    nib.save(img, path)
+    _blank_study(path, 2.0)
     with caplog.at_level("WARNING", logger="ctperf"):
         series = read_nifti_series(path)
     np.testing.assert_allclose(series.times, np.arange(6) * 2.0)
@@ -91,10 +95,7 @@ def test_frame_interval_replaces_missing_or_wrong_header_timing(tmp_path):
     """Files converted by other tools often carry pixdim[4] = 0 (or 1 whatever the sampling):
     without timing the error says how to give it; with ``frame_interval`` (``--frame-interval``)
     the frames are that far apart, whatever the header or a sidecar says."""
-    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), np.eye(4))
-    img.header["pixdim"][4] = 0.0
-    path = tmp_path / "s.nii.gz"
-    nib.save(img, path)
+    path = _blank_study(tmp_path / "s.nii.gz", 0.0)
     with pytest.raises(InputError, match="--frame-interval"):
         read_nifti_series(path)
     series = read_study(path, frame_interval=2.0)
@@ -107,10 +108,7 @@ def test_frame_interval_replaces_missing_or_wrong_header_timing(tmp_path):
 
 def test_bids_frame_start_times_in_the_sidecar(tmp_path):
     """A BIDS-style sidecar gives the frames' start times as FrameTimesStart (uneven here)."""
-    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), np.eye(4))
-    img.header["pixdim"][4] = 0.0
-    path = tmp_path / "s.nii.gz"
-    nib.save(img, path)
+    path = _blank_study(tmp_path / "s.nii.gz", 0.0)
     starts = [0.0, 1.0, 2.0, 3.5, 5.0, 7.0]
     (tmp_path / "s.json").write_text(json.dumps({"FrameTimesStart": starts,
                                                  "FrameDuration": [1.0] * 6}))
@@ -124,11 +122,7 @@ def test_bids_frame_start_times_in_the_sidecar(tmp_path):
 
 def test_header_and_sidecar_timing_that_disagree_are_reported(tmp_path, caplog):
     """pixdim[4] of 1 s beside a sidecar 0.5 s apart: the sidecar is used, and said so."""
-    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), np.eye(4))
-    img.header.set_xyzt_units("mm", "sec")
-    img.header["pixdim"][4] = 1.0
-    path = tmp_path / "s.nii.gz"
-    nib.save(img, path)
+    path = _blank_study(tmp_path / "s.nii.gz", 1.0, unit="sec")
     (tmp_path / "s.json").write_text(json.dumps({"FrameTimes": [0.5 * i for i in range(6)]}))
     with caplog.at_level("WARNING", logger="ctperf"):
         np.testing.assert_allclose(read_nifti_series(path).times, np.arange(6) * 0.5)
