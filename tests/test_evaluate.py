@@ -367,3 +367,92 @@ def test_evaluation_imports_neither_torch_nor_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
+
+
+def _leaves(doc, at=""):
+    """(path, value) of every leaf of a nested dict/list, in a fixed order."""
+    if isinstance(doc, dict):
+        return [x for k in sorted(doc) for x in _leaves(doc[k], f"{at}/{k}")]
+    if isinstance(doc, list):
+        return [x for i, v in enumerate(doc) for x in _leaves(v, f"{at}/{i}")]
+    return [(at, doc)]
+
+
+def _same_tables(a: dict, b: dict, rel: float) -> None:
+    """Tables 1 and 2 equal but for float rounding. MTT is 4 s everywhere and delay and Tmax
+    are constant in s04 (no core): r, CCC, SSIM and the min-max scaling are undefined there
+    or, after rounding, anything; those maps are compared by their errors and voxel counts."""
+    for part in ("maps", "lesions"):
+        x, y = _leaves(a[part]), _leaves(b[part])
+        assert [k for k, _ in x] == [k for k, _ in y]
+        constant = {str(i) for i, row in enumerate(b[part])
+                    if row.get("map") in ("delay", "tmax", "mtt")}
+        for (k, u), (_, v) in zip(x, y, strict=True):
+            if "psnr" in k:
+                continue      # identical maps: inf (a NaN mean), or 150+ dB after rounding
+            if k.split("/")[1] in constant and not any(
+                    m in k for m in ("/mae", "/bias", "/rmse", "/n_voxels", "/map", "/unit")):
+                continue
+            if isinstance(u, float) and isinstance(v, float):
+                assert u == pytest.approx(v, rel=rel, abs=1e-6, nan_ok=True), k
+            else:
+                assert u == v, k
+
+
+def test_a_cohort_written_by_other_software_gives_the_same_tables(cohorts, tmp_path, caplog):
+    """The prediction cohort as another tool writes it: CBF.nii in mL/100g/s, MTT and Tmax in
+    ms (declared in sidecars), -1 outside the brain, the lesions as core and penumbra only
+    and stored with their rows reversed; then without any orientation in the headers (MATLAB's
+    save_nii). Both give the original's tables; a probability map as a mask is refused, and a
+    CBF in mL/100g/s without a sidecar is reported."""
+    import nibabel as nib
+
+    from ctperf.evaluation.cohort import evaluate_readers, load_maps_cohort
+
+    names = {"cbf": ("CBF.nii", "mL/100g/s", 1 / 60), "cbv": ("cbv.nii.gz", None, 1.0),
+             "mtt": ("MTT.nii", "ms", 1000.0), "tmax": ("Tmax.nii", "ms", 1000.0),
+             "delay": ("Delay.nii.gz", "s", 1.0)}
+    reversed_rows = AFFINE.copy()
+    reversed_rows[:3, 3] += reversed_rows[:3, 1] * (SHAPE[1] - 1)
+    reversed_rows[:3, 1] *= -1
+
+    def save(vol: np.ndarray, affine: np.ndarray, path: Path, oriented: bool) -> None:
+        img = nib.Nifti1Image(np.asarray(vol, np.float32).transpose(2, 1, 0), affine)
+        if not oriented:
+            img.set_sform(None, code=0)
+            img.set_qform(None, code=0)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(img, path)
+
+    def foreign(dest: Path, oriented: bool) -> Path:
+        for study in STUDIES:
+            maps = io.read_maps(cohorts["pred"] / study)
+            for name, (fname, unit, factor) in names.items():
+                save(np.nan_to_num(maps[name] * factor, nan=-1.0), AFFINE,
+                     dest / study / fname, oriented)
+                if unit:
+                    io.write_json({"units": unit}, dest / study / (fname.split(".")[0] + ".json"))
+            for lesion in ("core", "penumbra"):
+                vol, _ = io.read_volume(cohorts["pred"] / study / "lesions" / f"{lesion}.nii.gz")
+                flip = oriented   # oriented: rows reversed, as the affine says
+                save(vol[:, ::-1] if flip else vol, reversed_rows if flip else AFFINE,
+                     dest / study / "lesions" / f"{lesion}.nii.gz", oriented)
+        return dest
+
+    base = evaluate_readers([load_maps_cohort(cohorts["pred"]), load_maps_cohort(cohorts["ref"])],
+                            studies=STUDIES)
+    for oriented in (True, False):
+        cohort = load_maps_cohort(foreign(tmp_path / f"foreign{oriented}", oriented),
+                                  label="unet")
+        got = evaluate_readers([cohort, load_maps_cohort(cohorts["ref"])], studies=STUDIES)
+        # float32 maps divided and multiplied back by 60 or 1000: equal to 1e-5
+        _same_tables(got, base, rel=1e-5)
+    blurred = tmp_path / "foreignTrue" / "s01" / "lesions" / "core.nii.gz"
+    save(np.full(SHAPE, 0.3), AFFINE, blurred, True)
+    with pytest.raises(InputError, match="not a mask: values between whole numbers"):
+        load_maps_cohort(tmp_path / "foreignTrue")
+    (tmp_path / "foreignTrue" / "s02" / "CBF.json").unlink()
+    blurred.unlink()
+    with caplog.at_level("WARNING", logger="ctperf"):
+        load_maps_cohort(tmp_path / "foreignTrue")
+    assert "cbf has a median of" in caplog.text and "another unit" in caplog.text

@@ -10,6 +10,7 @@ or ``<root>/<study>/labels.nii.gz`` with :data:`RATER_LABELS`).
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +30,8 @@ from ctperf.evaluation.metrics import (
 )
 from ctperf.lesion_options import LesionOptions
 from ctperf.types import PerfusionMaps
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "LESION_NAMES",
@@ -73,14 +76,38 @@ class Reader:
         return sorted(set(self.maps) | set(self.lesions))
 
 
-def _volume(path: Path, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    from ctperf.io import read_volume
+#: A value that is not positive and is held by more than this share of a map's voxels is the
+#: background another tool wrote outside the brain (0 or -1 where ctperf writes NaN).
+BACKGROUND_SHARE = 0.2
 
-    vol, _ = read_volume(path)
-    if shape is not None and vol.shape != tuple(shape):
-        raise InputError(path, f"grid {vol.shape} (Z, Y, X) differs from the maps' grid "
-                               f"{tuple(shape)}; all readers must share one grid per study")
-    return vol
+
+def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
+    """The maps with a background value (:data:`BACKGROUND_SHARE`) set to NaN, so that it is
+    never compared as a measurement where the comparison's brain mask is wider."""
+    out = {}
+    for name in maps.names:
+        arr = maps[name]
+        finite = arr[np.isfinite(arr) & (arr <= 0)]
+        if finite.size:
+            values, counts = np.unique(finite, return_counts=True)
+            value = float(values[np.argmax(counts)])
+            if counts.max() > BACKGROUND_SHARE * arr.size:
+                log.info("%s: %s holds %g in %.0f%% of its voxels, read as the background "
+                         "(no value)", folder, name, value, 100 * counts.max() / arr.size)
+                arr = np.where(arr == value, np.float32(np.nan), arr)
+        out[name] = arr
+    return maps.replace(maps=out)
+
+
+def _labels(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+    """A mask or label image (int64, 0 outside) on the maps' grid of ``study``; values between
+    whole numbers, as a probability map has, are refused."""
+    vol = np.nan_to_num(_on_grid(path, study, shape, affine))
+    if np.any(vol != np.round(vol)):
+        raise InputError(path, f"study {study}: not a mask: values between whole numbers "
+                               f"(from {vol.min():.3g} to {vol.max():.3g}), such as a "
+                               "probability map; threshold it into 0 and 1 first")
+    return vol.astype(np.int64)
 
 
 def _study_dirs(root: Path) -> list[Path]:
@@ -108,7 +135,7 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
         ``lesions/`` folder (e.g. U-Net predictions): their lesions are segmented from the maps
         when they include ``cbf`` and ``tmax``. Without options such studies have no lesions.
     """
-    from ctperf.io import read_maps
+    from ctperf.io import map_file, read_maps
     from ctperf.types import MAP_NAMES
 
     root = Path(root)
@@ -118,18 +145,23 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
     method = None
     for sub in subs:
         folder = sub / "truth" if phantom else sub
-        names = [n for n in MAP_NAMES if (folder / f"{n}.nii.gz").exists()]
+        names = [n for n in MAP_NAMES if map_file(folder, n) is not None]
         if not names:
-            raise InputError(folder, "no map files (<map>.nii.gz); is this a maps cohort?")
+            raise InputError(folder, f"no map files ({', '.join(MAP_NAMES)}, each .nii.gz or "
+                                     ".nii, any case); is this a maps cohort? DICOM maps: "
+                                     "convert them to NIfTI first")
         maps = read_maps(folder, names=names)
+        if not phantom:
+            maps = _background_as_nan(maps, folder)
         reader.maps[sub.name] = maps
         masks = sub / ("masks" if phantom else "lesions")
-        les = {n: _volume(masks / f"{n}.nii.gz", maps.shape) != 0
-               for n in ("core", "penumbra", "hypoperfused", "brain")
-               if (masks / f"{n}.nii.gz").exists()}
+        found = {n: map_file(masks, n) for n in ("core", "penumbra", "hypoperfused", "brain")
+                 } if masks.is_dir() else {}
+        les = {n: _labels(f, sub.name, maps.shape, maps.affine) != 0
+               for n, f in found.items() if f is not None}
         if "brain" in les:
             reader.brain[sub.name] = les.pop("brain")
-        if phantom and {"core", "penumbra"} <= set(les):
+        if {"core", "penumbra"} <= set(les) and "hypoperfused" not in les:
             les["hypoperfused"] = les["core"] | les["penumbra"]
         if (not phantom and lesion_options is not None and not masks.is_dir()
                 and {"cbf", "tmax"} <= set(names)):
@@ -189,11 +221,11 @@ def load_rater(root: str | Path, grids: Mapping[str, tuple[tuple[int, ...], np.n
         labels = next((p for p in (root / f"{study}.nii.gz", root / study / "labels.nii.gz")
                        if p.exists()), None)
         if labels is not None:
-            img = np.rint(_on_grid(labels, study, shape, affine)).astype(np.int64)
+            img = _labels(labels, study, shape, affine)
             les = {n: img == v for n, v in RATER_LABELS.items()}
             les["hypoperfused"] = les["core"] | les["penumbra"]
         else:
-            les = {n: _on_grid(root / study / f"{n}.nii.gz", study, shape, affine) != 0
+            les = {n: _labels(root / study / f"{n}.nii.gz", study, shape, affine) != 0
                    for n in LESION_NAMES
                    if (root / study / f"{n}.nii.gz").exists()}
             if "penumbra" not in les and {"core", "hypoperfused"} <= set(les):
@@ -267,6 +299,13 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> None:
             own, target = r.maps[s], grid.maps[s]
             if own.shape == target.shape and np.allclose(own.affine, target.affine, atol=1e-3):
                 continue
+            unknown = [x.label for x in (r, grid)
+                       if x.maps[s].provenance.get("orientation_unknown")]
+            if unknown and own.shape == target.shape:
+                log.warning("study %s: the maps of %s carry no orientation; compared voxel for "
+                            "voxel (same shape)", s, " and ".join(unknown))
+                r.maps[s] = own.replace(affine=target.affine)
+                continue
             how = reorientation(own.affine, own.shape, target.affine, target_shape=target.shape)
             if how is None:
                 raise ValidationError(
@@ -315,7 +354,11 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
         "voxel_ml": voxel_ml, "maps": [], "lesions": [], "friedman": [], "minmax": {}}
     for est, ref in _map_pairs(readers):
         for name in MAP_ORDER:
-            if not all(name in est.maps[s] and name in ref.maps[s] for s in studies):
+            lacking = [s for s in studies if name not in est.maps[s] or name not in ref.maps[s]]
+            if lacking:
+                if len(lacking) < len(studies):
+                    log.warning("%s against %s: no %s row, the map is missing in %s",
+                                est.label, ref.label, name, ", ".join(lacking))
                 continue
             key = f"{ref.label}/{name}"
             if key not in out["minmax"]:

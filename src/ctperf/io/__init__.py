@@ -11,6 +11,7 @@ from ctperf.io.dicom import (
 from ctperf.io.dicom_write import write_maps_dicom, write_series_dicom
 from ctperf.io.nifti import (
     is_nifti,
+    map_file,
     read_maps,
     read_mask,
     read_nifti_series,
@@ -34,6 +35,7 @@ __all__ = [
     "check_output",
     "is_nifti",
     "iter_unitobrain",
+    "map_file",
     "mark_output",
     "public_meta",
     "read_dicom_headers",

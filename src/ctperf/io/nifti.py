@@ -27,10 +27,12 @@ from ctperf.io.integrity import (
     check_memory,
 )
 from ctperf.io.privacy import public_meta
-from ctperf.types import MAP_NAMES, CTPSeries, PerfusionMaps
+from ctperf.types import MAP_NAMES, MAP_UNITS, CTPSeries, PerfusionMaps
 
 __all__ = [
+    "has_orientation",
     "is_nifti",
+    "map_file",
     "read_maps",
     "read_mask",
     "read_nifti_series",
@@ -153,6 +155,12 @@ def _affine(p: Path, img: Any) -> np.ndarray:
     elif min(codes) > 0 and not np.allclose(header.get_sform(), header.get_qform(), atol=1e-3):
         log.warning("%s: sform and qform disagree; the sform is used", p)
     return affine
+
+
+def has_orientation(path: PathLike) -> bool:
+    """Whether a NIfTI file's header sets an sform or a qform (else its affine is a guess)."""
+    header = _open(path).header
+    return (int(header.get("sform_code", 0)), int(header.get("qform_code", 0))) != (0, 0)
 
 
 def _load(path: PathLike, *, allow_nan: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -425,9 +433,14 @@ def read_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
                  atol_mm: float = 1e-3) -> np.ndarray:
     """Read a 3D volume onto the grid ``shape``/``affine``: as stored, or turned onto it when
     it holds the same voxels in another order (axes swapped or reversed, as another tool may
-    write it); another grid (position, spacing, rotation or extent) is refused."""
+    write it); another grid (position, spacing, rotation or extent) is refused. A file without
+    orientation (as MATLAB's save_nii writes) of the same shape is taken as stored."""
     vol, own = read_volume(path)
     if vol.shape == tuple(shape) and np.allclose(own, affine, atol=atol_mm):
+        return vol
+    if vol.shape == tuple(shape) and not has_orientation(path):
+        log.warning("%s: no orientation (neither sform nor qform); taken voxel for voxel on "
+                    "the grid of the same shape it is compared with", path)
         return vol
     how = reorientation(own, vol.shape, affine, atol_mm=atol_mm, target_shape=tuple(shape))
     if how is None:
@@ -473,26 +486,49 @@ def write_maps_nifti(maps: PerfusionMaps, folder: PathLike,
     return written
 
 
+def map_file(folder: PathLike, name: str) -> Path | None:
+    """The file of map ``name`` in ``folder``: ``<name>.nii.gz``, else ``<name>.nii`` with its
+    name in any case (``CBF.nii``, ``Tmax.nii.gz``, as other software writes them); None."""
+    root = Path(folder)
+    exact = root / f"{name}.nii.gz"
+    if exact.is_file():
+        return exact
+    found = sorted(p for p in root.iterdir() if p.is_file()
+                   and p.name.lower() in (f"{name}.nii.gz", f"{name}.nii"))
+    return found[0] if found else None
+
+
 def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> PerfusionMaps:
-    """Read ``<folder>/<name>.nii.gz`` maps (all known names present, or those asked for)."""
+    """Read the maps of a folder (all known names present, or those asked for):
+    ``<name>.nii.gz`` or ``.nii``, the name in any case (:func:`map_file`). A map whose JSON
+    sidecar declares another unit than ctperf's is converted (:mod:`ctperf.io.map_units`);
+    one whose values are implausible for its unit is reported in the log. Maps without
+    orientation have ``provenance["orientation_unknown"]``."""
+    from ctperf.io.map_units import check_plausible, to_map_unit
+
     root = Path(folder)
     if not root.is_dir():
         raise InputError(root, "not a folder of maps")
-    wanted = list(names) if names is not None else [
-        n for n in MAP_NAMES if (root / f"{n}.nii.gz").exists()]
-    if not wanted:
-        raise InputError(root, f"no map files ({', '.join(n + '.nii.gz' for n in MAP_NAMES)})")
+    files = {n: map_file(root, n) for n in (names if names is not None else MAP_NAMES)}
+    if names is None:
+        files = {n: f for n, f in files.items() if f is not None}
+    if not files:
+        raise InputError(root, f"no map files ({', '.join(n + '.nii.gz' for n in MAP_NAMES)}, "
+                               "or .nii, any case)")
     arrays: dict[str, np.ndarray] = {}
     units: dict[str, str] = {}
     provenance: dict[str, Any] = {}
     affine = None
-    for name in wanted:
-        path = root / f"{name}.nii.gz"
+    for name, found in files.items():
+        path = found if found is not None else root / f"{name}.nii.gz"
         arrays[name], aff = read_volume(path, allow_nan=True)
+        if not has_orientation(path):
+            provenance["orientation_unknown"] = True
         if affine is None:
             affine = aff
         elif not np.allclose(aff, affine, atol=1e-3):
             raise InputError(path, "map affine differs from the other maps in the folder")
+        declared = None
         side = sidecar_path(path)
         if side.exists():
             try:
@@ -502,8 +538,11 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
             if not isinstance(info, dict):
                 raise InputError(side, f"map sidecar must be a JSON object, got a "
                                        f"{type(info).__name__}")
-            units[name] = info.pop("units", None) or units.get(name, "1")
+            declared = info.pop("units", None)
             info.pop("map", None)
             provenance.update(info)
+        arrays[name] = to_map_unit(name, arrays[name], declared, side)
+        units[name] = MAP_UNITS.get(name) or declared or "1"
+        check_plausible(name, arrays[name], path)
     assert affine is not None
     return PerfusionMaps(maps=arrays, affine=affine, units=units, provenance=provenance)
