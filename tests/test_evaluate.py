@@ -309,6 +309,37 @@ def test_further_methods_are_compared_with_the_reference(cohorts):
     assert [f["k"] for f in doc["friedman"]] == [3, 3, 3]
 
 
+def _leaves(doc, at=""):
+    """(path, value) of every leaf of a nested dict/list, in a fixed order."""
+    if isinstance(doc, dict):
+        return [x for k in sorted(doc) for x in _leaves(doc[k], f"{at}/{k}")]
+    if isinstance(doc, list):
+        return [x for i, v in enumerate(doc) for x in _leaves(v, f"{at}/{i}")]
+    return [(at, doc)]
+
+
+def _same_tables(a: dict, b: dict, rel: float, *, rounded: bool = True) -> None:
+    """Tables 1 and 2 equal but for float rounding. With ``rounded`` (values scaled and back):
+    MTT is 4 s everywhere and delay and Tmax are constant in s04 (no core), where r, CCC,
+    SSIM, PSNR and the min-max scaling are undefined or, after rounding, anything; those maps
+    are then compared by their errors and voxel counts."""
+    for part in ("maps", "lesions"):
+        x, y = _leaves(a[part]), _leaves(b[part])
+        assert [k for k, _ in x] == [k for k, _ in y]
+        constant = {str(i) for i, row in enumerate(b[part])
+                    if rounded and row.get("map") in ("delay", "tmax", "mtt")}
+        for (k, u), (_, v) in zip(x, y, strict=True):
+            if rounded and "psnr" in k:
+                continue      # identical maps: inf (a NaN mean), or 150+ dB after rounding
+            if k.split("/")[1] in constant and not any(
+                    m in k for m in ("/mae", "/bias", "/rmse", "/n_voxels", "/map", "/unit")):
+                continue
+            if isinstance(u, float) and isinstance(v, float):
+                assert u == pytest.approx(v, rel=rel, abs=1e-6, nan_ok=True), k
+            else:
+                assert u == v, k
+
+
 def test_a_cohort_stored_another_way_up_is_compared_voxel_for_voxel(cohorts, tmp_path):
     """The prediction cohort written with its rows reversed and its columns and rows swapped
     (the affines say so, as another tool's NIfTI may) gives the same Tables 1 and 2 as the
@@ -339,22 +370,8 @@ def test_a_cohort_stored_another_way_up_is_compared_voxel_for_voxel(cohorts, tmp
     base = evaluate_readers([load_maps_cohort(cohorts["pred"]), ref], studies=STUDIES)
     turned = evaluate_readers([load_maps_cohort(tmp_path / "flipped"),
                                load_maps_cohort(cohorts["ref"])], studies=STUDIES)
-    def leaves(doc, at=""):
-        if isinstance(doc, dict):
-            return [x for k in sorted(doc) for x in leaves(doc[k], f"{at}/{k}")]
-        if isinstance(doc, list):
-            return [x for i, v in enumerate(doc) for x in leaves(v, f"{at}/{i}")]
-        return [(at, doc)]
-
-    for part in ("maps", "lesions"):
-        a, b = leaves(turned[part]), leaves(base[part])
-        assert [k for k, _ in a] == [k for k, _ in b]
-        for (k, x), (_, y) in zip(a, b, strict=True):
-            if isinstance(x, float) and isinstance(y, float):
-                # the same voxels summed in another order: equal to float rounding
-                assert x == pytest.approx(y, rel=1e-6, abs=1e-9, nan_ok=True), k
-            else:
-                assert x == y, k
+    # the same voxels summed in another order: equal to float rounding
+    _same_tables(turned, base, rel=1e-6, rounded=False)
     with pytest.raises(ValidationError, match="study s01: the maps of unet and nlr are not on"):
         evaluate_readers([load_maps_cohort(tmp_path / "moved"), ref], studies=STUDIES)
 
@@ -367,36 +384,6 @@ def test_evaluation_imports_neither_torch_nor_matplotlib():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True).stdout.strip()
     assert out == "[]"
-
-
-def _leaves(doc, at=""):
-    """(path, value) of every leaf of a nested dict/list, in a fixed order."""
-    if isinstance(doc, dict):
-        return [x for k in sorted(doc) for x in _leaves(doc[k], f"{at}/{k}")]
-    if isinstance(doc, list):
-        return [x for i, v in enumerate(doc) for x in _leaves(v, f"{at}/{i}")]
-    return [(at, doc)]
-
-
-def _same_tables(a: dict, b: dict, rel: float) -> None:
-    """Tables 1 and 2 equal but for float rounding. MTT is 4 s everywhere and delay and Tmax
-    are constant in s04 (no core): r, CCC, SSIM and the min-max scaling are undefined there
-    or, after rounding, anything; those maps are compared by their errors and voxel counts."""
-    for part in ("maps", "lesions"):
-        x, y = _leaves(a[part]), _leaves(b[part])
-        assert [k for k, _ in x] == [k for k, _ in y]
-        constant = {str(i) for i, row in enumerate(b[part])
-                    if row.get("map") in ("delay", "tmax", "mtt")}
-        for (k, u), (_, v) in zip(x, y, strict=True):
-            if "psnr" in k:
-                continue      # identical maps: inf (a NaN mean), or 150+ dB after rounding
-            if k.split("/")[1] in constant and not any(
-                    m in k for m in ("/mae", "/bias", "/rmse", "/n_voxels", "/map", "/unit")):
-                continue
-            if isinstance(u, float) and isinstance(v, float):
-                assert u == pytest.approx(v, rel=rel, abs=1e-6, nan_ok=True), k
-            else:
-                assert u == v, k
 
 
 def test_a_cohort_written_by_other_software_gives_the_same_tables(cohorts, tmp_path, caplog):

@@ -9,10 +9,9 @@ from ctperf.io.dicom import (
     time_point_series,
 )
 from ctperf.io.dicom_write import write_maps_dicom, write_series_dicom
+from ctperf.io.maps import map_file, read_maps
 from ctperf.io.nifti import (
     is_nifti,
-    map_file,
-    read_maps,
     read_mask,
     read_nifti_series,
     read_on_grid,

@@ -27,13 +27,11 @@ from ctperf.io.integrity import (
     check_memory,
 )
 from ctperf.io.privacy import public_meta
-from ctperf.types import MAP_NAMES, MAP_UNITS, CTPSeries, PerfusionMaps
+from ctperf.types import CTPSeries, PerfusionMaps
 
 __all__ = [
     "has_orientation",
     "is_nifti",
-    "map_file",
-    "read_maps",
     "read_mask",
     "read_nifti_series",
     "read_on_grid",
@@ -484,65 +482,3 @@ def write_maps_nifti(maps: PerfusionMaps, folder: PathLike,
         written.append(write_volume(maps[name], maps.affine, out / f"{name}.nii.gz",
                                     sidecar=sidecar))
     return written
-
-
-def map_file(folder: PathLike, name: str) -> Path | None:
-    """The file of map ``name`` in ``folder``: ``<name>.nii.gz``, else ``<name>.nii`` with its
-    name in any case (``CBF.nii``, ``Tmax.nii.gz``, as other software writes them); None."""
-    root = Path(folder)
-    exact = root / f"{name}.nii.gz"
-    if exact.is_file():
-        return exact
-    found = sorted(p for p in root.iterdir() if p.is_file()
-                   and p.name.lower() in (f"{name}.nii.gz", f"{name}.nii"))
-    return found[0] if found else None
-
-
-def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> PerfusionMaps:
-    """Read the maps of a folder (all known names present, or those asked for):
-    ``<name>.nii.gz`` or ``.nii``, the name in any case (:func:`map_file`). A map whose JSON
-    sidecar declares another unit than ctperf's is converted (:mod:`ctperf.io.map_units`);
-    one whose values are implausible for its unit is reported in the log. Maps without
-    orientation have ``provenance["orientation_unknown"]``."""
-    from ctperf.io.map_units import check_plausible, to_map_unit
-
-    root = Path(folder)
-    if not root.is_dir():
-        raise InputError(root, "not a folder of maps")
-    files = {n: map_file(root, n) for n in (names if names is not None else MAP_NAMES)}
-    if names is None:
-        files = {n: f for n, f in files.items() if f is not None}
-    if not files:
-        raise InputError(root, f"no map files ({', '.join(n + '.nii.gz' for n in MAP_NAMES)}, "
-                               "or .nii, any case)")
-    arrays: dict[str, np.ndarray] = {}
-    units: dict[str, str] = {}
-    provenance: dict[str, Any] = {}
-    affine = None
-    for name, found in files.items():
-        path = found if found is not None else root / f"{name}.nii.gz"
-        arrays[name], aff = read_volume(path, allow_nan=True)
-        if not has_orientation(path):
-            provenance["orientation_unknown"] = True
-        if affine is None:
-            affine = aff
-        elif not np.allclose(aff, affine, atol=1e-3):
-            raise InputError(path, "map affine differs from the other maps in the folder")
-        declared = None
-        side = sidecar_path(path)
-        if side.exists():
-            try:
-                info = json.loads(side.read_text(encoding="utf-8"))
-            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InputError(side, f"map sidecar is not readable JSON ({exc})") from None
-            if not isinstance(info, dict):
-                raise InputError(side, f"map sidecar must be a JSON object, got a "
-                                       f"{type(info).__name__}")
-            declared = info.pop("units", None)
-            info.pop("map", None)
-            provenance.update(info)
-        arrays[name] = to_map_unit(name, arrays[name], declared, side)
-        units[name] = MAP_UNITS.get(name) or declared or "1"
-        check_plausible(name, arrays[name], path)
-    assert affine is not None
-    return PerfusionMaps(maps=arrays, affine=affine, units=units, provenance=provenance)

@@ -1,0 +1,142 @@
+"""Perfusion maps read from disk, ctperf's or other software's: files found by name in any
+case, units turned into ctperf's, values checked for the unit they claim.
+
+ctperf's units are :data:`ctperf.types.MAP_UNITS` (CBF mL/100 g/min, CBV mL/100 g, times in
+s). A map's JSON sidecar may declare another unit (``{"units": "mL/100g/s"}``): a known one is
+converted, an unknown one refused. A map whose brain values are implausible for the unit it is
+read in (a CBF median of 0.4 mL/100 g/min, a Tmax median of 2,000 s) is reported: it is almost
+always a map in another unit without a sidecar saying so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ctperf.errors import InputError
+from ctperf.io.nifti import has_orientation, read_volume, sidecar_path
+from ctperf.types import MAP_NAMES, MAP_UNITS, PerfusionMaps
+
+__all__ = ["PLAUSIBLE_MEDIANS", "check_plausible", "map_file", "read_maps", "to_map_unit"]
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+#: Brain tissue density (g/mL), to read a CBV in % (mL per 100 mL) as mL/100 g.
+_RHO = 1.04
+
+# Factor to ctperf's unit, per kind of map and unit spelling (lower case, spaces removed).
+_FLOW = {"ml/100g/min": 1.0, "ml/100g/s": 60.0, "ml/100g/sec": 60.0, "ml/g/min": 100.0,
+         "ml/g/s": 6000.0, "ml/min/100g": 1.0}
+_VOLUME = {"ml/100g": 1.0, "ml/g": 100.0, "%": 1.0 / _RHO, "ml/100ml": 1.0 / _RHO}
+_TIME = {"s": 1.0, "sec": 1.0, "seconds": 1.0, "ms": 1e-3, "msec": 1e-3, "min": 60.0}
+_FACTORS = {"cbf": _FLOW, "cbv": _VOLUME}
+
+#: (low, high) bounds of a map's median over its finite, non-zero voxels in ctperf's units:
+#: generous for any brain, stroke included, far from the same map in another unit.
+PLAUSIBLE_MEDIANS: dict[str, tuple[float, float]] = {
+    "cbf": (2.0, 250.0), "cbv": (0.2, 20.0), "mtt": (0.3, 40.0), "tmax": (-10.0, 60.0),
+    "ttp": (0.0, 200.0), "delay": (-10.0, 60.0)}
+
+
+def to_map_unit(name: str, values: np.ndarray, unit: str | None,
+                path: PathLike) -> np.ndarray:
+    """``values`` of map ``name`` declared in ``unit`` (None: ctperf's), in ctperf's unit;
+    an InputError naming ``path`` for a unit that cannot be converted."""
+    want = MAP_UNITS.get(name)
+    if want is None or unit is None or unit == want:
+        return values
+    key = re.sub(r"\s+", "", unit).lower()
+    factor = _FACTORS.get(name, _TIME).get(key)
+    if factor is None:
+        known = ", ".join(sorted(_FACTORS.get(name, _TIME)))
+        raise InputError(path, f"{name} in {unit!r}, a unit ctperf cannot convert to {want} "
+                               f"(it reads {known})")
+    if factor != 1.0:
+        log.info("%s: %s converted from %s to %s", path, name, unit, want)
+    return values * np.float32(factor)
+
+
+def check_plausible(name: str, values: np.ndarray, path: PathLike) -> str | None:
+    """A warning (logged and returned) when the median of the map's finite, non-zero voxels
+    lies outside :data:`PLAUSIBLE_MEDIANS` for its unit; None when it does not."""
+    bounds = PLAUSIBLE_MEDIANS.get(name)
+    v = values[np.isfinite(values) & (values != 0)]
+    if bounds is None or v.size == 0:
+        return None
+    median = float(np.median(v))
+    if bounds[0] <= median <= bounds[1]:
+        return None
+    message = (f"{path}: {name} has a median of {median:.4g} where values are set, implausible "
+               f"in {MAP_UNITS[name]} ({bounds[0]:g} to {bounds[1]:g}); a map in another unit? "
+               "Declare it in the map's JSON sidecar ({\"units\": \"mL/100g/s\"}, \"ms\", ...)")
+    log.warning("%s", message)
+    return message
+
+
+def map_file(folder: PathLike, name: str) -> Path | None:
+    """The file of map ``name`` in ``folder``: ``<name>.nii.gz``, else ``<name>.nii`` with its
+    name in any case (``CBF.nii``, ``Tmax.nii.gz``, as other software writes them); None."""
+    root = Path(folder)
+    exact = root / f"{name}.nii.gz"
+    if exact.is_file():
+        return exact
+    found = sorted(p for p in root.iterdir() if p.is_file()
+                   and p.name.lower() in (f"{name}.nii.gz", f"{name}.nii"))
+    return found[0] if found else None
+
+
+def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> PerfusionMaps:
+    """Read the maps of a folder (all known names present, or those asked for):
+    ``<name>.nii.gz`` or ``.nii``, the name in any case (:func:`map_file`). A map whose JSON
+    sidecar declares another unit than ctperf's is converted (:func:`to_map_unit`);
+    one whose values are implausible for its unit is reported in the log. Maps without
+    orientation have ``provenance["orientation_unknown"]``."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise InputError(root, "not a folder of maps")
+    files = {n: map_file(root, n) for n in (names if names is not None else MAP_NAMES)}
+    if names is None:
+        files = {n: f for n, f in files.items() if f is not None}
+    if not files:
+        raise InputError(root, f"no map files ({', '.join(n + '.nii.gz' for n in MAP_NAMES)}, "
+                               "or .nii, any case)")
+    arrays: dict[str, np.ndarray] = {}
+    units: dict[str, str] = {}
+    provenance: dict[str, Any] = {}
+    affine = None
+    for name, found in files.items():
+        path = found if found is not None else root / f"{name}.nii.gz"
+        arrays[name], aff = read_volume(path, allow_nan=True)
+        if not has_orientation(path):
+            provenance["orientation_unknown"] = True
+        if affine is None:
+            affine = aff
+        elif not np.allclose(aff, affine, atol=1e-3):
+            raise InputError(path, "map affine differs from the other maps in the folder")
+        declared = None
+        side = sidecar_path(path)
+        if side.exists():
+            try:
+                info = json.loads(side.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InputError(side, f"map sidecar is not readable JSON ({exc})") from None
+            if not isinstance(info, dict):
+                raise InputError(side, f"map sidecar must be a JSON object, got a "
+                                       f"{type(info).__name__}")
+            declared = info.pop("units", None)
+            info.pop("map", None)
+            provenance.update(info)
+        arrays[name] = to_map_unit(name, arrays[name], declared, side)
+        units[name] = MAP_UNITS.get(name) or declared or "1"
+        check_plausible(name, arrays[name], path)
+    assert affine is not None
+    return PerfusionMaps(maps=arrays, affine=affine, units=units, provenance=provenance)
