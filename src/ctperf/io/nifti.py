@@ -316,7 +316,9 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         return CTPSeries(hu=hu, times=times, affine=_affine(p, img),
                          slice_times=slice_times, meta=meta)
     except ValidationError as exc:
-        raise InputError(where if slice_times is None else side, str(exc)) from None
+        geometry = "affine" in str(exc)            # the image's header, not the sidecar
+        raise InputError(p if geometry else where if slice_times is None else side,
+                         str(exc)) from None
 
 
 def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float32") -> Path:

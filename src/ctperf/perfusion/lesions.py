@@ -482,7 +482,8 @@ def _smooth(values: np.ndarray, valid: np.ndarray, radius: tuple[float, float]) 
     vessels, CSF) the median of the disk's valid values (the mean of the two middle ones when
     they are even in number), so that the result does not depend on the image's orientation.
     """
-    ry, rx = radius
+    # a spacing stored in float32 (0.4000000059 mm) must not drop the disk's rim voxels
+    ry, rx = (round(float(r), 6) for r in radius)
     if ry <= 0 and rx <= 0:
         return values
     ny, nx = int(np.floor(ry)), int(np.floor(rx))
