@@ -369,3 +369,16 @@ def test_the_smoothing_disk_does_not_depend_on_float32_rounding_of_the_spacing()
     spacing32 = float(np.float32(0.4))
     np.testing.assert_array_equal(_smooth(values, valid, (2.0 / spacing32, 2.0 / spacing32)),
                                   _smooth(values, valid, (5.0, 5.0)))
+
+
+def test_a_head_turned_past_the_search_limit_is_reported(caplog):
+    """Turned 28 degrees, beyond the 20 searched: the plane stops at the limit, and says so
+    (it read 20.0 for heads turned 25-32 degrees, silently)."""
+    maps, brain, _, _, _ = lesion_case(28.0, 0.0, 0.0)
+    with caplog.at_level("WARNING", logger="ctperf"):
+        res = segment_lesions(maps, brain=brain, options=LesionOptions())
+    assert res.thresholds["midsagittal_plane"]["yaw_at_search_limit"] is True
+    assert "reached the search's limit of 20 deg" in caplog.text
+    maps, brain, _, _, _ = lesion_case(8.0, 3.0, 0.0)
+    res = segment_lesions(maps, brain=brain, options=LesionOptions())
+    assert res.thresholds["midsagittal_plane"]["yaw_at_search_limit"] is False

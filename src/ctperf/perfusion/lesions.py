@@ -21,6 +21,7 @@ the image's.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,8 +34,10 @@ from ctperf.lesion_options import THRESHOLDS_ONLY, LesionOptions
 from ctperf.parallel import map_chunks
 from ctperf.types import PerfusionMaps
 
-__all__ = ["THRESHOLDS_ONLY", "LesionOptions", "LesionResult", "MidPlane", "left_right_angle",
-           "midsagittal_plane", "normal_cbf_reference", "segment_lesions"]
+__all__ = ["MIDPLANE_MAX_YAW_DEG", "THRESHOLDS_ONLY", "LesionOptions", "LesionResult", "MidPlane",
+           "left_right_angle", "midsagittal_plane", "normal_cbf_reference", "segment_lesions"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,12 +127,17 @@ def left_right_angle(affine: np.ndarray) -> float:
     return angle
 
 
+#: Yaw (degrees) searched either side of the affine's left-right axis for the mid-sagittal
+#: plane; a result at the limit is logged (the head may be turned further).
+MIDPLANE_MAX_YAW_DEG = 20.0
+
+
 def midsagittal_plane(
     image: np.ndarray,
     *,
     spacing: tuple[float, float] = (1.0, 1.0),
     base_angle: float = 0.0,
-    max_angle_deg: float = 20.0,
+    max_angle_deg: float = MIDPLANE_MAX_YAW_DEG,
     angle_step_deg: float = 0.5,
     pixel_mm: float = 0.9,
 ) -> MidPlane:
@@ -365,9 +373,16 @@ def segment_lesions(
                                        spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm,
                                        plane=plane)
             if plane is not None:
-                mid_info = {"yaw_deg": round(float(np.rad2deg(plane.angle - base)), 2),
+                yaw = float(np.rad2deg(plane.angle - base))
+                mid_info = {"yaw_deg": round(yaw, 2),
                             "offset_mm": np.round(plane.offset, 2).tolist(),
-                            "mirror_overlap": round(plane.score, 4)}
+                            "mirror_overlap": round(plane.score, 4),
+                            "yaw_at_search_limit": abs(yaw) >= MIDPLANE_MAX_YAW_DEG - 0.5}
+                if mid_info["yaw_at_search_limit"]:
+                    log.warning("the mid-sagittal plane's yaw (%.1f deg) reached the search's "
+                                "limit of %g deg: the head may be turned further, and the "
+                                "contralateral reference be taken off the mirror; check the "
+                                "midline, or use --core-cbv", yaw, MIDPLANE_MAX_YAW_DEG)
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
         core = valid & (cbf < o.core_rcbf * ref)
