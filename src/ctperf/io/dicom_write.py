@@ -257,9 +257,9 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
         desc, number = f"{desc} ({derived})", 1000 + number
     base = _base_dataset(meta, patient, description=desc, sop_class=CTImageStorage,
                          anonymise=anonymise)
-    base.ImageType = list(meta.get("image_type") or ["ORIGINAL", "PRIMARY", "AXIAL"])
+    base.ImageType = (["DERIVED", "SECONDARY", "AXIAL"] if derived
+                      else list(meta.get("image_type") or ["ORIGINAL", "PRIMARY", "AXIAL"]))
     if derived:
-        base.ImageType = ["DERIVED", "SECONDARY", "AXIAL"]
         base.DerivationDescription = derived
     base.SeriesNumber = number
     base.Rows, base.Columns = n_y, n_x
@@ -307,18 +307,17 @@ def _map_scaling(values: np.ndarray) -> tuple[np.ndarray, str, float, float]:
     finite = values[np.isfinite(values)]
     lo = min(float(finite.min()), 0.0) if finite.size else 0.0
     hi = max(float(finite.max()), 0.0) if finite.size else 0.0
+    filled = np.nan_to_num(values, nan=0.0)
     slope = 0.01
     if lo >= 0 and hi / slope <= 65535:
-        stored = np.rint(np.nan_to_num(values, nan=0.0) / slope)
-        return stored.astype(np.uint16), "uint16", slope, 0.0
+        return np.rint(filled / slope).astype(np.uint16), "uint16", slope, 0.0
     if lo / slope >= -32768 and hi / slope <= 32767:
-        stored = np.rint(np.nan_to_num(values, nan=0.0) / slope)
-        return stored.astype(np.int16), "int16", slope, 0.0
+        return np.rint(filled / slope).astype(np.int16), "int16", slope, 0.0
     # Range too wide for 0.01 steps in 16 bits: coarsen the step to fit, and say so; the
     # intercept a whole number of steps below 0, so that 0 stays on the grid.
     slope = max((hi - lo) / 65534.0, slope)
     intercept = float(np.floor(lo / slope) * slope)
-    stored = np.rint((np.nan_to_num(values, nan=0.0) - intercept) / slope)
+    stored = np.rint((filled - intercept) / slope)
     log.warning("map range %.4g..%.4g does not fit 0.01 steps in 16 bits; step is %.4g",
                 lo, hi, slope)
     return np.clip(stored, 0, 65535).astype(np.uint16), "uint16", slope, intercept

@@ -218,15 +218,23 @@ def _read_sidecar(side: Path, n_frames: int, n_slices: int
     return times, slice_times, dict(meta), key
 
 
+def _pixdim_step(header: Any) -> tuple[str, float, float | None]:
+    """The header's time unit, pixdim[4] and the frame spacing it gives in s (an unknown unit
+    taken as s; None when the unit is not a time)."""
+    unit = header.get_xyzt_units()[1]
+    pixdim = float(header["pixdim"][4])
+    if unit not in _TIME_UNIT_SECONDS and unit != "unknown":
+        return unit, pixdim, None
+    return unit, pixdim, pixdim * _TIME_UNIT_SECONDS.get(unit, 1.0)
+
+
 def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]:
     """Frame times from pixdim[4] in the header's time unit (unknown is taken as s)."""
-    unit = header.get_xyzt_units()[1]
-    if unit not in _TIME_UNIT_SECONDS and unit != "unknown":
+    unit, pixdim, step = _pixdim_step(header)
+    if step is None:
         raise InputError(p, f"the header's 4th axis unit is {unit!r}, not a time; give the "
                             "frame spacing with --frame-interval SECONDS or a JSON sidecar "
                             "with FrameTimes")
-    pixdim = float(header["pixdim"][4])
-    step = pixdim * _TIME_UNIT_SECONDS.get(unit, 1.0)
     if unit == "unknown" and pixdim == 1.0:
         raise InputError(p, "no frame timing: pixdim[4] is 1 with no time unit, the default "
                             "many writers leave, not a measured frame spacing; give the "
@@ -247,11 +255,9 @@ def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]
 def _compare_pixdim(p: Path, header: Any, times: np.ndarray, key: str) -> None:
     """Warn when the header's frame spacing (pixdim[4], if given) lies outside the sidecar's
     steps by more than 10 %: one of them is wrong, and the sidecar is the one used."""
-    unit = header.get_xyzt_units()[1]
-    pixdim = float(header["pixdim"][4])
-    if unit not in (*_TIME_UNIT_SECONDS, "unknown") or not pixdim > 0 or len(times) < 2:
+    _, _, step = _pixdim_step(header)
+    if step is None or not step > 0 or len(times) < 2:
         return
-    step = pixdim * _TIME_UNIT_SECONDS.get(unit, 1.0)
     steps = np.diff(times)
     if 0.9 * steps.min() <= step <= 1.1 * steps.max():
         return

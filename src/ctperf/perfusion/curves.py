@@ -98,12 +98,12 @@ BOLUS_AT_START = 0.2
 
 
 def enhanced_at_start(height: np.ndarray | float, span: np.ndarray | float,
-                      noise_sd: float) -> np.ndarray:
+                      noise_sd: float, *, fraction: float = BOLUS_AT_START) -> np.ndarray:
     """Whether curves stand at their first frame ``height`` above their lowest (unenhanced)
-    value by more than :data:`BOLUS_AT_START` of their range ``span`` and five times the
-    noise SD ``noise_sd`` (of the smoothed curves they were measured on)."""
+    value by more than ``fraction`` (:data:`BOLUS_AT_START`) of their range ``span`` and five
+    times the noise SD ``noise_sd`` (of the smoothed curves they were measured on)."""
     h, r = np.asarray(height, dtype=np.float64), np.asarray(span, dtype=np.float64)
-    return (h > BOLUS_AT_START * r) & (h > 5.0 * noise_sd)
+    return (h > fraction * r) & (h > 5.0 * noise_sd)
 
 
 def check_bolus_start(aif: np.ndarray) -> None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
-from ctperf.perfusion.curves import bolus_arrival_frame, start_level
+from ctperf.perfusion.curves import bolus_arrival_frame, enhanced_at_start, start_level
 
 __all__ = ["MAX_AIF_LEAD_S", "aif_lag", "check_first_pass_sampled", "first_pass", "frame_gaps",
            "qc_flags"]
@@ -211,7 +211,7 @@ def qc_flags(
         "core read 47 mL against a true 7, bayes 5 mL); start the scan a few seconds before "
         "the contrast arrives")
     rise, span, noise = start_level(aif)
-    begun = span > 0 and rise > min_start_fraction * span and rise > 5.0 * noise
+    begun = span > 0 and bool(enhanced_at_start(rise, span, noise, fraction=min_start_fraction))
     put("bolus_at_start", begun, rise / span if span > 0 else None,
         f"the AIF's first frame stands more than {min_start_fraction:.0%} of its rise above its "
         "lowest values: the bolus had begun when the scan started, so the baseline holds "
