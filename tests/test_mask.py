@@ -112,3 +112,26 @@ def test_tissue_csf_midpoint_takes_csf_at_most_at_its_threshold(rng):
     lifted = vol.copy()
     lifted[ventricle] += 14.0
     assert tissue_csf_midpoint(lifted, whole, csf) == pytest.approx(0.5 * (15.0 + 35.0), abs=1.0)
+
+
+@pytest.mark.parametrize("offset", [-80.0, -24.0, 0.0, 24.0, 60.0])
+def test_hu_offset_reads_a_shifted_scale_from_the_brain(rng, offset):
+    from ctperf.masks import NOMINAL_PARENCHYMA_HU, hu_offset
+
+    vol, _, _ = _head(rng)
+    level, found = hu_offset(vol + offset, spacing=(5.0, 1.0, 1.0))
+    # the brain's median is its 35 HU (the ventricle is 3 % of it) plus the offset; 3 HU of
+    # noise move a median of ~20,000 voxels by hundredths
+    assert level == pytest.approx(35.0 + offset, abs=0.5)
+    # a calibrated head (35 HU) is left alone; a shifted one is moved back to the nominal level
+    expected = 0.0 if offset == 0.0 else 35.0 + offset - NOMINAL_PARENCHYMA_HU
+    assert found == pytest.approx(expected, abs=0.5)
+
+
+def test_hu_offset_without_a_head_in_hu_is_none(rng):
+    from ctperf.masks import hu_offset
+
+    assert hu_offset(np.full((2, 32, 32), -1000.0, dtype=np.float32)) == (None, 0.0)
+    # enhancement alone (no air, no bone) is no head on a shifted scale: left to be refused
+    noise = (3.0 * rng.standard_normal((4, 96, 96))).astype(np.float32)
+    assert hu_offset(noise) == (None, 0.0)

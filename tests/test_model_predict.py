@@ -105,6 +105,31 @@ def test_a_study_stored_flipped_is_predicted_the_same_way_up(trained):
     assert not np.array_equal(as_stored["cbf"], b["cbf"])
 
 
+def test_a_study_on_an_offset_hu_scale_is_moved_back_for_the_network(trained):
+    """The network learned calibrated HU: a study whose values were shifted by a constant (an
+    intercept of -1000 applied for -1024) is moved back by the offset its brain's median shows,
+    which the provenance records, instead of feeding the network inputs it never saw."""
+    cohort, path = trained
+    series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
+    hu = series.hu.copy()  # the cohort's disc of brain, given a skull and air around it
+    _, _, ny, nx = hu.shape
+    yy, xx = np.mgrid[:ny, :nx]
+    r = np.hypot(yy - ny / 2 + 0.5, xx - nx / 2 + 0.5)
+    hu[:, :, (r >= 0.42 * ny) & (r < 0.42 * ny + 1.2)] = 1000.0
+    hu[:, :, r >= 0.42 * ny + 1.2] = -1000.0
+    head = series.replace(hu=hu)
+    assert predict_maps(head, path, device="cpu").provenance["hu_offset"] == 0.0
+    b = predict_maps(head.replace(hu=hu - np.float32(30.0)), path, device="cpu")
+    offset = b.provenance["hu_offset"]
+    # the disc reads 30 HU: shifted by -30 it is moved back to the nominal 32 HU
+    assert offset == pytest.approx(-32.0, abs=0.5)
+    same = predict_maps(head.replace(hu=hu - np.float32(30.0 + offset)), path, device="cpu")
+    assert same.provenance["hu_offset"] == 0.0
+    for name in ("cbf", "delay"):
+        # the same inputs up to float32 rounding of the constants added
+        np.testing.assert_allclose(b[name], same[name], atol=1e-3)
+
+
 def test_a_study_sampled_otherwise_is_resampled_to_the_training_spacing(trained):
     """The network takes every n-th frame; it reads the bolus's timing from the frame index.
     A study sampled at another rate is resampled onto the training studies' spacing (and says

@@ -18,9 +18,24 @@ from scipy import ndimage
 from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
-__all__ = ["brain_mask", "csf_mask", "fill_holes_in_plane", "near_bone", "tissue_csf_midpoint"]
+__all__ = [
+    "NOMINAL_PARENCHYMA_HU",
+    "PARENCHYMA_HU",
+    "brain_mask",
+    "csf_mask",
+    "fill_holes_in_plane",
+    "hu_offset",
+    "near_bone",
+    "tissue_csf_midpoint",
+]
 
 log = logging.getLogger(__name__)
+
+#: Median HU of an unenhanced adult brain (grey and white matter, some CSF) that a calibrated
+#: scanner can read at 70-140 kV: white matter 22-32 HU, grey matter 32-45 HU.
+PARENCHYMA_HU: tuple[float, float] = (18.0, 50.0)
+#: Where a study whose brain reads outside :data:`PARENCHYMA_HU` is moved to (80 kV).
+NOMINAL_PARENCHYMA_HU = 32.0
 
 # Connectivity in-plane only (for hole filling slice by slice).
 _PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -129,6 +144,37 @@ def brain_mask(
         mask &= ~csf_mask(vol, spacing=sampling, csf_hu=csf_hu, smooth_mm=csf_smooth_mm)
     log.info("brain_mask: %d voxels (%.1f mL)", int(mask.sum()), mask.sum() * dz * dy * dx / 1e3)
     return mask
+
+
+def hu_offset(
+    volume: np.ndarray, *, spacing: Sequence[float] = (1.0, 1.0, 1.0)
+) -> tuple[float | None, float]:
+    """The brain's median HU in an unenhanced ``volume`` (Z, Y, X) and the offset of the study's
+    HU scale it implies: 0 when the median lies in :data:`PARENCHYMA_HU`, else its distance from
+    :data:`NOMINAL_PARENCHYMA_HU`, logged as a warning. (None, 0) when no brain is found, or
+    when the volume lacks the air (under -500 HU) and bone (over 300 HU) of a head in HU: what
+    is not a CT head is not moved into one.
+
+    Every attenuation threshold (air, CSF, bone) assumes calibrated HU; a study whose values were
+    shifted (a RescaleIntercept of -1000 applied for -1024, a conversion that added an offset)
+    loses its brain to the CSF threshold or keeps its CSF. The brain is found here with a low air
+    threshold (-60 HU) so that a scale shifted by as much as -80 HU still yields it.
+    """
+    vol = np.asarray(volume, dtype=np.float32)
+    if np.mean(vol < -500.0) < 0.01 or np.mean(vol > 300.0) < 0.002:
+        return None, 0.0
+    brain = brain_mask(vol, spacing=spacing, air_hu=-60.0)
+    if brain.sum() < 100:
+        return None, 0.0
+    level = float(np.median(vol[brain]))
+    low, high = PARENCHYMA_HU
+    if low <= level <= high:
+        return level, 0.0
+    offset = level - NOMINAL_PARENCHYMA_HU
+    log.warning("the brain reads %.0f HU before the bolus, outside the %.0f-%.0f HU of unenhanced "
+                "brain: the study's HU scale looks offset by %+.0f HU, and is read moved back by "
+                "it", level, low, high, offset)
+    return level, offset
 
 
 def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:

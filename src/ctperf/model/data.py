@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import InputError, ValidationError
+from ctperf.masks import hu_offset
 from ctperf.model.normalise import (
     DEFAULT_HU_WINDOW,
     TARGET_MAPS,
@@ -341,6 +342,9 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                 raise InputError(root, f"{pid}: {exc}") from None
             steps[pid] = input_step(series.times, n_frames=frames, mode=frame_mode,
                                     frame_interval=frame_interval)
+            _, offset = hu_offset(series.hu[0], spacing=series.spacing)  # calibrated HU
+            if offset:
+                x = x - np.float32(offset)
             flips = radiological_flips(series.affine)
             x = np.clip(resize_slices(orient(x, flips), size), hu_window[0], hu_window[1])
             targets, names = [], []

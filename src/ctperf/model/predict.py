@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.masks import hu_offset
 from ctperf.model.data import ORIENTATION
 from ctperf.model.normalise import from_unit, normalise_input
 from ctperf.model.unet import input_step, select_frames
@@ -127,6 +128,10 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
     flips = (radiological_flips(series.affine) if cfg.get("orientation") == ORIENTATION
              else (False, False))
     frames = orient(frames, flips)
+    # the network learned calibrated HU: a study whose scale is offset is moved back
+    _, offset = hu_offset(series.hu[0], spacing=series.spacing)
+    if offset:
+        frames = frames - np.float32(offset)
     x = normalise_input(_resize(frames, (size, size)), window=cfg["hu_window"],
                         mean=cfg["hu_mean"], std=cfg["hu_std"]).transpose(1, 0, 2, 3)
     dev = resolve_device(device)
@@ -152,7 +157,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                                              mode=mode, frame_interval=interval),
                   "input_note": note,
                   "size": size, "resized": (ny, nx) != (size, size),
-                  "flipped_rows_columns": list(flips),
+                  "flipped_rows_columns": list(flips), "hu_offset": offset,
                   "model_software_version": ckpt.get("software_version")}
     if not isinstance(checkpoint, dict):
         provenance["checkpoint"] = Path(checkpoint).name

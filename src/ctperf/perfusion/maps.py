@@ -182,10 +182,12 @@ def run_perfusion(
     hu, t, spacing = series.hu, series.times, series.spacing
     vhu = hu if vessel_series is None else vessel_series.hu
 
-    n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing)
+    level, offset = masks.hu_offset(hu[0], spacing=spacing)
+    n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing, offset=offset)
     base = hu[:n_base].mean(axis=0)
     mean = hu.mean(axis=0, dtype=np.float32)
-    brain, search, (csf_cut, csf_share) = _brain(base, mean, brain_mask, spacing=spacing)
+    region = _brain(base, mean, brain_mask, spacing=spacing, offset=offset)
+    brain, search = region.fitted, region.search
     # inside the head: the brain found, and what it and the bone enclose in each slice (an
     # artery already bright at the first frames is no brain to the brain mask)
     inside = masks.fill_holes_in_plane(search | bone_rim)
@@ -225,13 +227,13 @@ def run_perfusion(
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
-                csf_cut_share=csf_share, voxelwise=method != "bayes",
+                region=region, parenchyma_hu=level, voxelwise=method != "bayes",
                 voxel_volume_ml=series.voxel_ml,
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
                              aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),
                              pv_info=pv_info, search=search, brain=brain, vessels=vessels,
-                             csf_cut=csf_cut, flags=flags) | fitted
+                             csf_cut=region.csf_cut, flags=flags) | fitted
     if slice_shift:
         provenance["slice_times_interpolated_s"] = round(slice_shift, 3)
     if series.meta.get("timing_source"):   # where the frame times came from, as read
@@ -306,10 +308,11 @@ class _Onset(NamedTuple):
     noise_sd: float
 
 
-def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
+def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float], offset: float = 0.0
                     ) -> tuple[int, np.ndarray, _Onset]:
     """Frames before the bolus, the voxels next to bone (bool (Z, Y, X)), and what
-    :func:`_check_scan_start` needs.
+    :func:`_check_scan_start` needs; ``offset`` (HU) is taken off before bone and soft tissue
+    are told apart by their attenuation.
 
     Bolus arrival from the enhancing vessels, arteries and veins alike: partial volume can leave
     the arteries weaker than a large sinus, so every voxel rising by a quarter of the strongest
@@ -332,8 +335,8 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float]
     rise = top - first
     if not float(rise.max()) > 5.0:
         raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
-    bone_rim = masks.near_bone(first, spacing=spacing)
-    calm = (first > -100) & (first < 200) & (last - first <= 0.5 * rise)
+    bone_rim = masks.near_bone(first - offset, spacing=spacing)
+    calm = (first > -100 + offset) & (first < 200 + offset) & (last - first <= 0.5 * rise)
     calm &= ~bone_rim
     if calm.sum() < 20:  # too few such voxels: every voxel counts
         calm = np.ones_like(calm)
@@ -378,44 +381,53 @@ def _check_scan_start(onset: _Onset, region: np.ndarray) -> None:
             f"median {np.median(level):.0%} of their range"))
 
 
+class _Brain(NamedTuple):
+    """The brain fitted and the region searched for vessels (bool (Z, Y, X)); the HU below which
+    a voxel's temporal mean left it out as CSF and the share of the brain it left out (None: no
+    such cut)."""
+
+    fitted: np.ndarray
+    search: np.ndarray
+    csf_cut: float | None = None
+    csf_share: float | None = None
+
+
 def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
-           spacing: tuple[float, float, float]
-           ) -> tuple[np.ndarray, np.ndarray, tuple[float | None, float | None]]:
-    """The brain fitted and the region searched for vessels (bool (Z, Y, X)), the HU below
-    which a voxel's temporal ``mean`` left it out as CSF and the share of the brain it left out
-    (both None: no such cut). The
-    automatic brain less CSF (the smoothed pre-bolus ``base`` below 15 HU, then voxels darker
-    than :func:`~ctperf.masks.tissue_csf_midpoint` on their own), and the automatic brain
-    with the CSF and with what it encloses in each slice (vessels still bright from an earlier
-    injection, such as an angiogram's, are above the brain mask's bone threshold before this
-    bolus); or the given mask for both, with no cut."""
-    cut = share = None
-    if given is None:
-        whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
-        csf = masks.csf_mask(base, spacing=spacing)
-        brain = whole & ~csf
-        cut = masks.tissue_csf_midpoint(mean, whole, csf)
-        if cut is not None:
-            before = int(brain.sum())
-            brain &= mean >= cut
-            share = 1.0 - int(brain.sum()) / before
-        search = masks.fill_holes_in_plane(whole)
-    else:
+           spacing: tuple[float, float, float], offset: float = 0.0) -> _Brain:
+    """The automatic brain less CSF (the smoothed pre-bolus ``base`` below 15 HU, then voxels
+    darker than :func:`~ctperf.masks.tissue_csf_midpoint` in their temporal ``mean``), and the
+    automatic brain with the CSF and with what it encloses in each slice for the search
+    (vessels still bright from an earlier injection, such as an angiogram's, are above the brain
+    mask's bone threshold before this bolus); or the given mask for both, with no cut. The
+    thresholds apply to HU less ``offset`` (:func:`~ctperf.masks.hu_offset`)."""
+    if given is not None:
         brain = np.asarray(given, dtype=bool)
         if brain.shape != base.shape:
             raise ValidationError(f"brain mask shape {brain.shape} differs from the study grid "
                                   f"{base.shape} (Z, Y, X)")
-        search = brain
-    if not brain.any():
-        if given is not None:
+        if not brain.any():
             raise ValidationError("the brain mask given selects no voxel")
-        solid = base[base > -500]
-        level = f"{float(np.median(solid)):.0f} HU" if solid.size else "all below -500 HU"
+        return _Brain(brain, brain)
+    if offset:
+        base, mean = base - offset, mean - offset
+    whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
+    csf = masks.csf_mask(base, spacing=spacing)
+    brain = whole & ~csf
+    cut = masks.tissue_csf_midpoint(mean, whole, csf)
+    share = None
+    if cut is not None:
+        before = int(brain.sum())
+        brain &= mean >= cut
+        share = 1.0 - int(brain.sum()) / before
+    if not brain.any():
+        solid = base[base > -500] + offset
+        where = f"{float(np.median(solid)):.0f} HU" if solid.size else "all below -500 HU"
         raise ValidationError(
             f"no brain voxels found: no tissue at brain densities (15-120 HU) before the bolus "
-            f"(the median of what is not air: {level}); check that the study is in HU, or give "
+            f"(the median of what is not air: {where}); check that the study is in HU, or give "
             f"the region to fit with --brain-mask (brain_mask=)")
-    return brain, search, (cut, share)
+    return _Brain(brain, masks.fill_holes_in_plane(whole),
+                  None if cut is None else cut + offset, share)
 
 
 def _enhancement(hu: np.ndarray, vhu: np.ndarray, search: np.ndarray, *, base: np.ndarray,
@@ -541,7 +553,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
         uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
         voxelwise: bool, voxel_volume_ml: float, box_mtt: np.ndarray | None,
-        csf_cut_share: float | None) -> dict[str, Any]:
+        region: _Brain, parenchyma_hu: float | None) -> dict[str, Any]:
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
     AIF curve came without a VOF (nothing to correct it with); ``box_mtt``: the box model's
     MTT of the tissue voxels (vessels left out), None for the other methods."""
@@ -556,7 +568,8 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,
                     uncorrected_mm=uncorrected_motion_mm, brain_slice_share=slice_share,
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
-                    box_mtt=box_mtt, csf_cut_share=csf_cut_share, voxelwise=voxelwise)
+                    box_mtt=box_mtt, csf_cut_share=region.csf_share,
+                    parenchyma_hu=parenchyma_hu, voxelwise=voxelwise)
 
 
 def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.ndarray | None,

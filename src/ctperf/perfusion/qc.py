@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.masks import NOMINAL_PARENCHYMA_HU, PARENCHYMA_HU
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
 from ctperf.perfusion.curves import bolus_arrival_frame, enhanced_at_start, start_level
 
@@ -94,6 +95,7 @@ def qc_flags(
     pv_corrected: bool | None = None,
     box_mtt: np.ndarray | None = None,
     csf_cut_share: float | None = None,
+    parenchyma_hu: float | None = None,
     end_fraction: float = 0.3,
     min_aif_peak_hu: float = 100.0,
     late_aif_fraction: float = 0.6,
@@ -148,6 +150,9 @@ def qc_flags(
     csf_cut_share : float, optional
         Share of the brain (less the smoothed CSF) that its voxels' temporal mean left out as
         CSF (:func:`ctperf.masks.tissue_csf_midpoint`).
+    parenchyma_hu : float, optional
+        The brain's median HU before the bolus (:func:`ctperf.masks.hu_offset`), judged against
+        :data:`ctperf.masks.PARENCHYMA_HU`.
 
     Returns
     -------
@@ -156,8 +161,9 @@ def qc_flags(
         ``aif_low_peak``, ``aif_late_peak``, ``aif_after_tissue``, ``noisy_baseline``,
         ``short_baseline``, ``bolus_at_start``, ``frame_gap``, ``aif_vof_ratio``, ``no_vof``,
         ``few_brain_voxels``, ``motion``, ``motion_uncorrected``, ``mtt_floor``, ``csf_cut``,
-        ``brain_slice_gap`` and ``noisy_voxelwise``; a flag that cannot be judged has ``value``
-        None. ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival (its
+        ``hu_offset``, ``brain_slice_gap`` and ``noisy_voxelwise``; a flag that cannot be
+        judged has ``value`` None. ``hu_offset``'s value is ``parenchyma_hu``.
+        ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival (its
         rise past 20 % of its peak) precedes the AIF's. ``mtt_floor``'s value is the share of
         ``box_mtt`` on the lower bound, ``csf_cut``'s ``csf_cut_share``, ``brain_slice_gap``'s
         the lowest of ``brain_slice_share``, ``frame_gap``'s the longest
@@ -255,6 +261,14 @@ def qc_flags(
         "midpoint of its CSF and tissue and was left out as CSF: a large hypodense region (an "
         "old infarct, oedema) or HU that are not HU; check the brain mask, or pass your own "
         "(--brain-mask)")
+    low, high = PARENCHYMA_HU
+    put("hu_offset", parenchyma_hu is not None and not low <= parenchyma_hu <= high,
+        parenchyma_hu, f"the brain's median before the bolus lies outside the {low:g}-{high:g} HU "
+        "of unenhanced brain: the study's HU scale is offset (a RescaleIntercept of -1000 "
+        "applied for -1024, an uncalibrated scanner, a conversion that added a constant). "
+        "The brain and CSF were found on the scale moved back by the difference from "
+        f"{NOMINAL_PARENCHYMA_HU:g} HU, and the maps use only differences from the baseline, "
+        "but check the conversion and the brain mask (lesions/brain.nii.gz)")
     lowest = (None if brain_slice_share is None or np.size(brain_slice_share) == 0
               else float(np.min(brain_slice_share)))
     put("brain_slice_gap", lowest is not None and lowest < min_brain_slice_share, lowest,
