@@ -30,46 +30,79 @@ brute-force sum (tests/test_bilateral.py), time and memory: docs/preprocessing.m
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.parallel import map_chunks
-from ctperf.preprocess.bilateral_grid import Grid, apply_grid, build_grid
+from ctperf.preprocess.bilateral_grid import Grid, apply_grid, build_grid, grid_taps
 from ctperf.types import CTPSeries
 
-__all__ = ["bilateral_filter", "joint_bilateral"]
+__all__ = ["SLAB_BUDGET", "bilateral_filter", "joint_bilateral"]
+
+log = logging.getLogger(__name__)
 
 
-def _guide_grid(guide: np.ndarray, *, spacing: tuple[float, float, float],
-               spatial_sigma_mm: float = 3.0, range_sigma_hu: float = 20.0,
-               levels_per_sigma: float = 3.0, levels_per_sigma_outside: float = 2.0,
-               cells_per_sigma: float = 2.2, filter_weights: str = "linear",
-               workers: int = 2) -> Grid:
-    """The bilateral grid of a guide (Z, Y, X): everything of the filter that depends on the
-    guide alone, built once and applied to every volume. Parameters as
-    :func:`joint_bilateral`'s."""
-    guide = np.asarray(guide, dtype=np.float32)
-    if guide.ndim != 3:
-        raise ValidationError(f"the guide must be a volume (Z, Y, X), got shape {guide.shape}")
-    if min(spatial_sigma_mm, range_sigma_hu, levels_per_sigma, levels_per_sigma_outside,
-           cells_per_sigma) <= 0:
-        raise ValidationError("spatial_sigma_mm, range_sigma_hu, levels_per_sigma(_outside) and "
-                              "cells_per_sigma must be > 0")
-    if len(spacing) != 3 or not min(spacing) > 0:
-        raise ValidationError(f"spacing must be three voxel sizes > 0 in mm, got {spacing}")
-    if not np.all(np.isfinite(guide)):
-        raise ValidationError("the guide contains NaN or Inf")
-    if filter_weights not in ("linear", "quadratic"):
-        raise ValidationError('filter_weights must be "linear" or "quadratic", got '
-                              f"{filter_weights!r}")
-    sz, sy, sx = (spatial_sigma_mm / float(s) for s in spacing)
-    # cells_per_sigma low-resolution cells per sigma, never coarser than 8 voxels
-    fz, fy, fx = (int(min(8, max(1, np.floor(s / cells_per_sigma)))) for s in (sz, sy, sx))
-    steps = (range_sigma_hu / levels_per_sigma, range_sigma_hu / levels_per_sigma_outside)
-    return build_grid(guide, (sz, sy, sx), steps, range_sigma_hu, (fz, fy, fx),
-                      filter_weights == "quadratic", workers=workers)
+#: Grid cells of a slab times the taps of the three blur passes that one slab of the volume
+#: may hold at once (each costs about 160 bytes; docs/preprocessing.md): a 512 x 512 x 8
+#: study (0.45 mm pixels, a grid 3x down-sampled in plane) needs 8.4 million and is filtered
+#: whole; a study with more cells, or finer ones, is filtered slab by slab.
+SLAB_BUDGET = 40_000_000
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What the grid of a guide is built with (parameters as :func:`joint_bilateral`'s)."""
+
+    sigma_vox: tuple[float, float, float]
+    steps_hu: tuple[float, float]
+    range_sigma_hu: float
+    factors: tuple[int, int, int]
+    quadratic: bool
+
+    @classmethod
+    def of(cls, spacing: tuple[float, float, float], *, spatial_sigma_mm: float,
+           range_sigma_hu: float, levels_per_sigma: float, levels_per_sigma_outside: float,
+           cells_per_sigma: float, filter_weights: str) -> _Setup:
+        if min(spatial_sigma_mm, range_sigma_hu, levels_per_sigma, levels_per_sigma_outside,
+               cells_per_sigma) <= 0:
+            raise ValidationError("spatial_sigma_mm, range_sigma_hu, levels_per_sigma(_outside) "
+                                  "and cells_per_sigma must be > 0")
+        if len(spacing) != 3 or not min(spacing) > 0:
+            raise ValidationError(f"spacing must be three voxel sizes > 0 in mm, got {spacing}")
+        if filter_weights not in ("linear", "quadratic"):
+            raise ValidationError('filter_weights must be "linear" or "quadratic", got '
+                                  f"{filter_weights!r}")
+        sz, sy, sx = (spatial_sigma_mm / float(v) for v in spacing)
+        # cells_per_sigma low-resolution cells per sigma, never coarser than 8 voxels
+        fz, fy, fx = (int(min(8, max(1, np.floor(v / cells_per_sigma)))) for v in (sz, sy, sx))
+        return cls((sz, sy, sx), (range_sigma_hu / levels_per_sigma,
+                                  range_sigma_hu / levels_per_sigma_outside),
+                   range_sigma_hu, (fz, fy, fx), filter_weights == "quadratic")
+
+    def build(self, guide: np.ndarray, workers: int) -> Grid:
+        return build_grid(guide, self.sigma_vox, self.steps_hu, self.range_sigma_hu,
+                          self.factors, self.quadratic, workers=workers)
+
+    def slabs(self, shape: tuple[int, int, int], budget: int) -> list[tuple[int, int, int, int]]:
+        """Slabs (first, core start, core stop, stop) along z whose grids hold at most about
+        ``budget`` blur entries: each core is filtered exactly as within the whole volume, its
+        halo (what the z pass reaches, whole grid layers) read but not written."""
+        nz, ny, nx = shape
+        fz, fy, fx = self.factors
+        taps = grid_taps(self.sigma_vox, self.factors, self.quadratic)
+        halo = len(taps[0]) // 2  # grid layers
+        layer = (-(-ny // fy) + 2 * (fy > 1)) * (-(-nx // fx) + 2 * (fx > 1))
+        per_layer = layer * sum(len(t) for t in taps)
+        n_layers = -(-nz // fz)
+        core = max(budget // max(per_layer, 1) - 2 * halo, halo, 1)
+        if core >= n_layers:
+            return [(0, 0, nz, nz)]
+        return [(max(c - halo, 0) * fz, c * fz, min((c + core) * fz, nz),
+                 min((c + core + halo) * fz, nz)) for c in range(0, n_layers, core)]
 
 
 def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
@@ -78,7 +111,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
                     levels_per_sigma_outside: float = 2.0,
                     cells_per_sigma: float = 2.2, filter_weights: str = "linear", chunk: int = 0,
                     workers: int = 2, out: np.ndarray | None = None,
-                    progress: bool = False) -> np.ndarray:
+                    slab_budget: int = SLAB_BUDGET, progress: bool = False) -> np.ndarray:
     """Joint bilateral filter of a stack of volumes sharing one guide.
 
     Parameters
@@ -115,6 +148,10 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     out : ndarray, float32, shape (B, Z, Y, X), optional
         Where to write the result; may be ``images`` itself (each chunk is read before it is
         overwritten), which saves a copy of the study.
+    slab_budget : int
+        Blur entries of the grid held at once (:data:`SLAB_BUDGET`); a volume whose grid needs
+        more is filtered in slabs along z, each with a halo of the slices its core's blur
+        reaches: the same result, in memory bounded by the budget, for the time of the halos.
     progress : bool
         Show a progress bar.
 
@@ -130,28 +167,47 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     bad = int(np.count_nonzero(~np.isfinite(images)))
     if bad:  # one NaN would spread through the grid to every voxel sharing its cells
         raise ValidationError(f"the images contain {bad} NaN or Inf values")
-    grid = _guide_grid(guide, spacing=spacing, spatial_sigma_mm=spatial_sigma_mm,
-                       range_sigma_hu=range_sigma_hu, levels_per_sigma=levels_per_sigma,
-                       levels_per_sigma_outside=levels_per_sigma_outside,
-                       cells_per_sigma=cells_per_sigma, filter_weights=filter_weights,
-                       workers=workers)
+    if not np.all(np.isfinite(guide)):
+        raise ValidationError("the guide contains NaN or Inf")
+    setup = _Setup.of(spacing, spatial_sigma_mm=spatial_sigma_mm, range_sigma_hu=range_sigma_hu,
+                      levels_per_sigma=levels_per_sigma,
+                      levels_per_sigma_outside=levels_per_sigma_outside,
+                      cells_per_sigma=cells_per_sigma, filter_weights=filter_weights)
     if out is None:
         out = np.empty_like(images)
     elif out.shape != images.shape or out.dtype != np.float32:
         raise ValidationError(f"out must be float32 {images.shape}, got {out.dtype} {out.shape}")
     chunk = chunk if chunk > 0 else max(1, 8 // max(1, workers))
-    map_chunks(partial(_filter_chunk, grid, images, out), len(images), chunk=chunk,
-               workers=max(1, workers), progress=progress, desc="bilateral", unit="volume")
+    slabs = setup.slabs(guide.shape, slab_budget)
+    in_place = np.shares_memory(out, images)
+    if len(slabs) > 1:
+        log.info("bilateral filter in %d slabs of up to %d slices (its grid would not fit the "
+                 "budget of %d entries whole)", len(slabs),
+                 max(end - first for first, _, _, end in slabs), slab_budget)
+    kept: np.ndarray | None = None  # rows a slab overwrote in place that the next one reads
+    for i, (first, start, stop, end) in enumerate(slabs):
+        grid = setup.build(guide[first:end], workers)
+        source = images[:, first:end]
+        if kept is not None:
+            source = np.concatenate([kept, images[:, first + kept.shape[1]:end]], axis=1)
+        if in_place and i + 1 < len(slabs):
+            kept = images[:, slabs[i + 1][0]:stop].copy()
+        desc = "bilateral" if len(slabs) == 1 else f"bilateral, slab {i + 1}/{len(slabs)}"
+        map_chunks(partial(_filter_chunk, grid, source, out, (start - first, stop - first),
+                           start), len(images), chunk=chunk, workers=max(1, workers),
+                   progress=progress, desc=desc, unit="volume")
     return out
 
 
-def _filter_chunk(grid: Grid, images: np.ndarray, out: np.ndarray, start: int,
-                  stop: int) -> None:
-    """Filter volumes start:stop of ``images`` into ``out``. Chunks are disjoint, so ``out``
-    may be ``images``: each chunk reads its block before writing it."""
-    shape = images.shape[1:]
-    block = images[start:stop].reshape(stop - start, -1)
-    out[start:stop] = apply_grid(grid, block).reshape((-1, *shape))
+def _filter_chunk(grid: Grid, source: np.ndarray, out: np.ndarray, core: tuple[int, int],
+                  at: int, start: int, stop: int) -> None:
+    """Filter volumes start:stop of a slab ``source`` (B, Z', Y, X) with its grid, and write
+    its ``core`` slices to ``out`` from slice ``at``. Chunks are disjoint, so ``out`` may hold
+    ``source``: each chunk reads its block before writing it."""
+    shape = source.shape[1:]
+    block = np.ascontiguousarray(source[start:stop]).reshape(stop - start, -1)
+    filtered = apply_grid(grid, block).reshape((-1, *shape))
+    out[start:stop, at:at + core[1] - core[0]] = filtered[:, core[0]:core[1]]
 
 
 def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,

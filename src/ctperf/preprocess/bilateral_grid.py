@@ -18,7 +18,7 @@ from scipy import ndimage, sparse
 
 from ctperf.parallel import map_chunks
 
-__all__ = ["Grid", "apply_grid", "build_grid"]
+__all__ = ["Grid", "apply_grid", "build_grid", "grid_taps"]
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +216,22 @@ def _csc(keys: np.ndarray, vals: np.ndarray, keep: np.ndarray, cols: np.ndarray,
     return sparse.csc_matrix((vals[kept], rows[kept], indptr), shape=(n_rows, n))
 
 
+def grid_taps(sigma_vox: tuple[float, float, float], factors: tuple[int, int, int],
+              quadratic: bool) -> list[np.ndarray]:
+    """The blur passes' Gaussian taps (z, y, x) on the grid down-sampled by ``factors`` for a
+    spatial sigma of ``sigma_vox`` voxels."""
+    # Variance added by splatting and slicing, in voxel^2: quadratic B-splines d^2 / 4 each
+    # (voxels splatted into their cell add about (d^2 - 1) / 12 instead: a kernel 2 % narrower
+    # at d = 3 where the guide is flat); a box of d and a tent of d about (d^2 - 1) / 4 together.
+    # The low-resolution Gaussian makes up the rest.
+    added = [d * d / 2.0 if quadratic else (d * d - 1) / 4.0 for d in factors]
+    sigma_low = [float(np.sqrt(max(s * s - a, 0.0)) / d) if d > 1 else float(s)
+                 for s, d, a in zip(sigma_vox, factors, added, strict=True)]
+    truncate_low = _TRUNCATE_QUADRATIC if quadratic else _TRUNCATE_LOW
+    return [_kernel(s, truncate_low if d > 1 else _TRUNCATE)
+            for s, d in zip(sigma_low, factors, strict=True)]
+
+
 def build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
                 steps_hu: tuple[float, float], range_sigma: float,
                 factors: tuple[int, int, int], quadratic: bool, *, workers: int = 1) -> Grid:
@@ -230,13 +246,6 @@ def build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     pad_y, pad_x = int(dy > 1), int(dx > 1)  # a border cell on each side (see _corners)
     shape_low = (-(-nz // dz), -(-ny // dy) + 2 * pad_y, -(-nx // dx) + 2 * pad_x)
     n_cells = int(np.prod(shape_low))
-    # Variance added by splatting and slicing, in voxel^2: quadratic B-splines d^2 / 4 each
-    # (voxels splatted into their cell add about (d^2 - 1) / 12 instead: a kernel 2 % narrower
-    # at d = 3 where the guide is flat); a box of d and a tent of d about (d^2 - 1) / 4 together.
-    # The low-resolution Gaussian makes up the rest.
-    added = [d * d / 2.0 if quadratic else (d * d - 1) / 4.0 for d in factors]
-    sigma_low = tuple(float(np.sqrt(max(s * s - a, 0.0)) / d) if d > 1
-                      else float(s) for s, d, a in zip(sigma_vox, factors, added, strict=True))
     g = guide.ravel().astype(np.float64)
     n = g.size
     all_levels = _levels(float(g.min()), float(g.max()), *steps_hu)
@@ -313,9 +322,7 @@ def build_grid(guide: np.ndarray, sigma_vox: tuple[float, float, float],
     del first
     del corner_ids
     # (level, cell) sets: read by slicing (need3), grown by each pass's reach (need2..0)
-    truncate_low = _TRUNCATE_QUADRATIC if quadratic else _TRUNCATE_LOW
-    taps = [_kernel(s, truncate_low if d > 1 else _TRUNCATE)  # z, y, x
-            for s, d in zip(sigma_low, factors, strict=True)]
+    taps = grid_taps(sigma_vox, factors, quadratic)  # z, y, x
     need3 = np.zeros(grid_shape, dtype=bool)
     need3.ravel()[s_rows[reads]] = True
     box_keys, box_w = k_row[ok], w[ok]
