@@ -126,6 +126,26 @@ def test_a_study_on_an_offset_hu_scale_gives_the_same_brain_and_lesions(subject,
     assert a.lesions.volumes_ml["hypoperfused"] > 1.0
 
 
+@pytest.mark.parametrize("outside", [-1000.0, -3024.0])
+def test_a_field_of_view_cutting_the_head_is_flagged(subject, outside):
+    """A reconstruction circle or matrix that cuts one side of the head off (stored as air, or
+    as the padding scanners write outside the circle) loses that side's brain from the lesion
+    volumes and moves the mid-sagittal plane (a 128 px phantom cut at 12 % of its width: 4.4 %
+    of the brain gone, core 1.39 -> 1.71 mL, the plane turned 13.3 -> 8.7 degrees); it was
+    mapped with no flag. The brain then meets the edge with no skull between: ``fov_cut``."""
+    s = subject.series
+    whole = run_perfusion(s, method="bsvd").maps.provenance["qc"]["fov_cut"]
+    assert not whole["flag"] and whole["value"] == 0.0
+    head = np.flatnonzero((s.hu[0] > -500).any(axis=(0, 1)))
+    cut = int(head[0] + 0.12 * (head[-1] - head[0]))
+    hu = s.hu.copy()
+    hu[:, :, :, :cut] = outside
+    qc = run_perfusion(s.replace(hu=hu), method="bsvd").maps.provenance["qc"]["fov_cut"]
+    # the flag is raised above 0.5 % of the brain: 0.8 % and more on these 64 px seeds, 3.0 %
+    # of the 128 px phantom's brain
+    assert qc["flag"] and qc["value"] > 0.005, qc
+
+
 @pytest.mark.parametrize("axis", [2, 3])
 def test_a_study_stored_flipped_gives_the_same_maps_and_lesions(axis):
     """The same acquisition with its rows or columns stored in reverse order (a DICOM folder

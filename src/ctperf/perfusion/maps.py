@@ -193,6 +193,7 @@ def run_perfusion(
     inside = masks.fill_holes_in_plane(search | bone_rim)
     _check_scan_start(onset, inside & ~bone_rim)
     slice_share = _brain_slice_share(brain, inside)
+    exposed = _exposed_share(brain, base - offset, spacing=spacing)
     enh, venh = _enhancement(hu, vhu, search, base=base, n_base=n_base)
 
     # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
@@ -226,6 +227,7 @@ def run_perfusion(
     flags = _qc(hu, tissue_mean, t, brain=brain, n_base=n_base, aif_raw=aif_raw,
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
+                exposed_share=exposed,
                 box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
                 region=region, parenchyma_hu=level, voxelwise=method != "bayes",
                 voxel_volume_ml=series.voxel_ml,
@@ -270,6 +272,32 @@ def _check_aif_leads(t: np.ndarray, aif: np.ndarray, tissue_mean: np.ndarray) ->
             f"the automatic AIF's bolus arrives {lag:.1f} s after the brain's: no artery "
             "feeding the brain was found (a poor injection, or arteries too small for the "
             "pixels); give an AIF mask on an artery (--aif-mask)")
+
+
+#: In-plane distance (mm) from the field of view's edge or from air within which a brain voxel
+#: with no bone nearer than that edge is exposed: a skull and scalp keep a whole head's brain
+#: 5.7-8 mm from air in the phantoms.
+EXPOSED_MM = 10.0
+
+
+def _exposed_share(brain: np.ndarray, volume: np.ndarray, *,
+                   spacing: tuple[float, float, float]) -> float | None:
+    """Share of the brain's voxels nearer (in plane, within :data:`EXPOSED_MM`) to air, padding
+    or the image's border than to bone (over 300 HU) in an unenhanced ``volume``: where the
+    field of view cuts the head, the brain meets its edge with no skull between. None for an
+    empty brain."""
+    n = int(brain.sum())
+    if n == 0:
+        return None
+    outside = volume < -500.0
+    outside[:, [0, -1], :] = True
+    outside[:, :, [0, -1]] = True
+    plane = (1e6, spacing[1], spacing[2])
+    to_edge = ndimage.distance_transform_edt(~outside, sampling=plane)
+    bone = volume > 300.0
+    to_bone = (ndimage.distance_transform_edt(~bone, sampling=plane) if bone.any()
+               else np.full(volume.shape, np.inf))
+    return int(np.count_nonzero(brain & (to_edge <= EXPOSED_MM) & (to_edge < to_bone))) / n
 
 
 def _brain_slice_share(brain: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
@@ -552,6 +580,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
         n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
         uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
+        exposed_share: float | None,
         voxelwise: bool, voxel_volume_ml: float, box_mtt: np.ndarray | None,
         region: _Brain, parenchyma_hu: float | None) -> dict[str, Any]:
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
@@ -567,6 +596,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
                     brain_voxels=int(brain.sum()), voxel_ml=voxel_volume_ml,
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,
                     uncorrected_mm=uncorrected_motion_mm, brain_slice_share=slice_share,
+                    exposed_share=exposed_share,
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
                     box_mtt=box_mtt, csf_cut_share=region.csf_share,
                     parenchyma_hu=parenchyma_hu, voxelwise=voxelwise)

@@ -110,6 +110,8 @@ def qc_flags(
     max_csf_cut_share: float = 0.10,
     brain_slice_share: np.ndarray | None = None,
     min_brain_slice_share: float = 0.75,
+    exposed_share: float | None = None,
+    max_exposed_share: float = 0.005,
     voxelwise: bool | None = None,
     max_voxelwise_sd_hu: float = 4.0,
 ) -> dict[str, dict[str, Any]]:
@@ -144,6 +146,9 @@ def qc_flags(
         Per slice that cuts the head well, the brain mask's share of what the skull encloses,
         over that share's median across the slices: a slice far below the others lost brain
         to an artefact (metal streaks, a cut-off field of view).
+    exposed_share : float, optional
+        Share of the brain nearer to air or the image's edge than to bone (the field of view
+        cuts the head there).
     voxelwise : bool, optional
         Whether each voxel's curve was fitted alone (the box and SVD methods; ``bayes`` pools
         neighbours): its pre-bolus noise is then judged against ``max_voxelwise_sd_hu``.
@@ -161,8 +166,9 @@ def qc_flags(
         ``aif_low_peak``, ``aif_late_peak``, ``aif_after_tissue``, ``noisy_baseline``,
         ``short_baseline``, ``bolus_at_start``, ``frame_gap``, ``aif_vof_ratio``, ``no_vof``,
         ``few_brain_voxels``, ``motion``, ``motion_uncorrected``, ``mtt_floor``, ``csf_cut``,
-        ``hu_offset``, ``brain_slice_gap`` and ``noisy_voxelwise``; a flag that cannot be
-        judged has ``value`` None. ``hu_offset``'s value is ``parenchyma_hu``.
+        ``hu_offset``, ``brain_slice_gap``, ``fov_cut`` and ``noisy_voxelwise``; a flag that
+        cannot be judged has ``value`` None. ``hu_offset``'s value is ``parenchyma_hu``,
+        ``fov_cut``'s ``exposed_share``.
         ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival (its
         rise past 20 % of its peak) precedes the AIF's. ``mtt_floor``'s value is the share of
         ``box_mtt`` on the lower bound, ``csf_cut``'s ``csf_cut_share``, ``brain_slice_gap``'s
@@ -277,6 +283,12 @@ def qc_flags(
         "hardening) or a cut-off field of view took brain out of it, and its lesions are "
         "missing from the volumes; check the brain mask (lesions/brain.nii.gz), or pass your "
         "own (--brain-mask)")
+    put("fov_cut", exposed_share is not None and exposed_share > max_exposed_share,
+        exposed_share, f"more than {max_exposed_share:.1%} of the brain meets air or the "
+        "image's edge with no skull between: the field of view cuts the head, so the brain "
+        "beyond it is missing from the lesion volumes, and the mid-sagittal plane and the "
+        "contralateral reference are read from part of a head; reconstruct with a field of "
+        "view that holds the whole head")
     put("noisy_voxelwise", bool(voxelwise) and baseline_sd is not None
         and baseline_sd > max_voxelwise_sd_hu, baseline_sd if voxelwise else None,
         f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU with a method that fits each voxel "
