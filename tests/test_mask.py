@@ -115,17 +115,46 @@ def test_tissue_csf_midpoint_takes_csf_at_most_at_its_threshold(rng):
 
 
 @pytest.mark.parametrize("offset", [-80.0, -24.0, 0.0, 24.0, 60.0])
-def test_hu_offset_reads_a_shifted_scale_from_the_brain(rng, offset):
-    from ctperf.masks import NOMINAL_PARENCHYMA_HU, hu_offset
+def test_hu_offset_reads_a_shifted_scale_from_the_brain_and_air(rng, offset):
+    from ctperf.masks import hu_offset
 
     vol, _, _ = _head(rng)
     level, found = hu_offset(vol + offset, spacing=(5.0, 1.0, 1.0))
     # the brain's median is its 35 HU (the ventricle is 3 % of it) plus the offset; 3 HU of
     # noise move a median of ~20,000 voxels by hundredths
     assert level == pytest.approx(35.0 + offset, abs=0.5)
-    # a calibrated head (35 HU) is left alone; a shifted one is moved back to the nominal level
-    expected = 0.0 if offset == 0.0 else 35.0 + offset - NOMINAL_PARENCHYMA_HU
-    assert found == pytest.approx(expected, abs=0.5)
+    # a calibrated head is left alone; a shifted one is moved back by what its air reads
+    assert found == pytest.approx(offset, abs=0.1)
+
+
+def test_hu_offset_leaves_a_dark_brain_on_a_calibrated_scale_alone(rng):
+    """A brain darker than 18 HU (much CSF: severe atrophy) whose air reads -1000 HU is an
+    unusual brain, not a shifted scale: moving it would put its CSF back into the brain."""
+    from ctperf.masks import hu_offset
+
+    vol, brain, _ = _head(rng)
+    vol[brain] -= 20.0  # 15 HU
+    level, found = hu_offset(vol, spacing=(5.0, 1.0, 1.0))
+    assert level == pytest.approx(15.0, abs=0.5) and found == 0.0
+
+
+def test_hu_offset_without_air_takes_the_nominal_brain_and_ignores_padding(rng):
+    from ctperf.masks import NOMINAL_PARENCHYMA_HU, air_level, hu_offset
+
+    vol, _, _ = _head(rng)
+    outside = vol < -500
+    # padding at -1024 outside a circle, as scanners store it, is not air: still -24 found
+    padded = vol - 24.0
+    _, y, x = np.mgrid[0:4, 0:96, 0:96]
+    padded[np.hypot(y - 48, x - 48) > 44] = -1024.0
+    assert air_level(padded) == pytest.approx(-1024.0, abs=0.2)
+    assert hu_offset(padded, spacing=(5.0, 1.0, 1.0))[1] == pytest.approx(-24.0, abs=0.1)
+    # no air at all (only padding outside the head): the brain's own median decides
+    shifted = vol - 24.0
+    shifted[outside] = -3024.0
+    assert air_level(shifted) is None
+    level, found = hu_offset(shifted, spacing=(5.0, 1.0, 1.0))
+    assert found == pytest.approx(level - NOMINAL_PARENCHYMA_HU)
 
 
 def test_hu_offset_without_a_head_in_hu_is_none(rng):

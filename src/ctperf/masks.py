@@ -19,8 +19,10 @@ from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
 __all__ = [
+    "AIR_TOLERANCE_HU",
     "NOMINAL_PARENCHYMA_HU",
     "PARENCHYMA_HU",
+    "air_level",
     "brain_mask",
     "csf_mask",
     "fill_holes_in_plane",
@@ -150,15 +152,19 @@ def hu_offset(
     volume: np.ndarray, *, spacing: Sequence[float] = (1.0, 1.0, 1.0)
 ) -> tuple[float | None, float]:
     """The brain's median HU in an unenhanced ``volume`` (Z, Y, X) and the offset of the study's
-    HU scale it implies: 0 when the median lies in :data:`PARENCHYMA_HU`, else its distance from
-    :data:`NOMINAL_PARENCHYMA_HU`, logged as a warning. (None, 0) when no brain is found, or
-    when the volume lacks the air (under -500 HU) and bone (over 300 HU) of a head in HU: what
-    is not a CT head is not moved into one.
+    HU scale (0: calibrated), logged as a warning when not 0.
 
     Every attenuation threshold (air, CSF, bone) assumes calibrated HU; a study whose values were
     shifted (a RescaleIntercept of -1000 applied for -1024, a conversion that added an offset)
-    loses its brain to the CSF threshold or keeps its CSF. The brain is found here with a low air
-    threshold (-60 HU) so that a scale shifted by as much as -80 HU still yields it.
+    loses its brain to the CSF threshold or keeps its CSF. A brain whose median lies outside
+    :data:`PARENCHYMA_HU` raises the question; air, which a scanner calibrates to -1000 HU,
+    answers it (:func:`air_level`): air read as far off in the same direction gives the offset;
+    air at -1000 HU says the scale is right and the brain is unusual (atrophy, oedema), which
+    is left alone. Without air to read, the offset is the brain's distance from
+    :data:`NOMINAL_PARENCHYMA_HU`. (None, 0) when no brain is found, or when the volume lacks
+    the air or padding (under -500 HU) and bone (over 300 HU) of a head in HU: what is not a CT
+    head is not moved into one. The brain is found with a low air threshold (-60 HU) so that a
+    scale shifted by as much as -80 HU still yields it.
     """
     vol = np.asarray(volume, dtype=np.float32)
     if np.mean(vol < -500.0) < 0.01 or np.mean(vol > 300.0) < 0.002:
@@ -170,11 +176,38 @@ def hu_offset(
     low, high = PARENCHYMA_HU
     if low <= level <= high:
         return level, 0.0
-    offset = level - NOMINAL_PARENCHYMA_HU
+    guess = level - NOMINAL_PARENCHYMA_HU
+    air = air_level(vol)
+    if air is not None:
+        if abs(air + 1000.0) < AIR_TOLERANCE_HU or (air + 1000.0) * guess < 0:
+            log.warning("the brain reads %.0f HU before the bolus, outside the %.0f-%.0f HU of "
+                        "unenhanced brain, but air reads %.0f HU: the HU scale is taken as "
+                        "calibrated and the brain as unusual", level, low, high, air)
+            return level, 0.0
+        offset, how = air + 1000.0, f"air reads {air:.0f} HU"
+    else:
+        offset, how = guess, f"no air to read, {NOMINAL_PARENCHYMA_HU:g} HU taken as the brain's"
     log.warning("the brain reads %.0f HU before the bolus, outside the %.0f-%.0f HU of unenhanced "
-                "brain: the study's HU scale looks offset by %+.0f HU, and is read moved back by "
-                "it", level, low, high, offset)
+                "brain, and %s: the study's HU scale looks offset by %+.0f HU, and is read moved "
+                "back by it", level, low, high, how, offset)
     return level, offset
+
+
+#: Air further than this from -1000 HU confirms an offset of the HU scale in its direction.
+AIR_TOLERANCE_HU = 8.0
+
+
+def air_level(volume: np.ndarray) -> float | None:
+    """Median HU of the air in ``volume``: values within 300 HU of -1000, less any single value
+    that fills over 5 % of the volume (padding outside the reconstruction circle, which scanners
+    store as a constant such as -1024); None when under 1 % of the volume is left."""
+    vol = np.asarray(volume)
+    air = vol[(vol > -1300.0) & (vol < -700.0)]
+    values, counts = np.unique(air, return_counts=True)
+    padding = values[counts > 0.05 * vol.size]
+    if padding.size:
+        air = air[~np.isin(air, padding)]
+    return float(np.median(air)) if air.size >= 0.01 * vol.size else None
 
 
 def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:

@@ -183,6 +183,7 @@ def run_perfusion(
     vhu = hu if vessel_series is None else vessel_series.hu
 
     level, offset = masks.hu_offset(hu[0], spacing=spacing)
+    hu_scale = None if level is None else offset
     n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing, offset=offset)
     base = hu[:n_base].mean(axis=0)
     mean = hu.mean(axis=0, dtype=np.float32)
@@ -229,7 +230,7 @@ def run_perfusion(
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 exposed_share=exposed,
                 box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
-                region=region, parenchyma_hu=level, voxelwise=method != "bayes",
+                region=region, hu_offset=hu_scale, voxelwise=method != "bayes",
                 voxel_volume_ml=series.voxel_ml,
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
@@ -582,7 +583,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
         uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
         exposed_share: float | None,
         voxelwise: bool, voxel_volume_ml: float, box_mtt: np.ndarray | None,
-        region: _Brain, parenchyma_hu: float | None) -> dict[str, Any]:
+        region: _Brain, hu_offset: float | None) -> dict[str, Any]:
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
     AIF curve came without a VOF (nothing to correct it with); ``box_mtt``: the box model's
     MTT of the tissue voxels (vessels left out), None for the other methods."""
@@ -599,7 +600,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
                     exposed_share=exposed_share,
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
                     box_mtt=box_mtt, csf_cut_share=region.csf_share,
-                    parenchyma_hu=parenchyma_hu, voxelwise=voxelwise)
+                    hu_offset=hu_offset, voxelwise=voxelwise)
 
 
 def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.ndarray | None,

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.masks import NOMINAL_PARENCHYMA_HU, PARENCHYMA_HU
+from ctperf.masks import AIR_TOLERANCE_HU, PARENCHYMA_HU
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
 from ctperf.perfusion.curves import bolus_arrival_frame, enhanced_at_start, start_level
 
@@ -95,7 +95,7 @@ def qc_flags(
     pv_corrected: bool | None = None,
     box_mtt: np.ndarray | None = None,
     csf_cut_share: float | None = None,
-    parenchyma_hu: float | None = None,
+    hu_offset: float | None = None,
     end_fraction: float = 0.3,
     min_aif_peak_hu: float = 100.0,
     late_aif_fraction: float = 0.6,
@@ -155,9 +155,8 @@ def qc_flags(
     csf_cut_share : float, optional
         Share of the brain (less the smoothed CSF) that its voxels' temporal mean left out as
         CSF (:func:`ctperf.masks.tissue_csf_midpoint`).
-    parenchyma_hu : float, optional
-        The brain's median HU before the bolus (:func:`ctperf.masks.hu_offset`), judged against
-        :data:`ctperf.masks.PARENCHYMA_HU`.
+    hu_offset : float, optional
+        Offset of the study's HU scale (:func:`ctperf.masks.hu_offset`; 0: calibrated), HU.
 
     Returns
     -------
@@ -167,7 +166,7 @@ def qc_flags(
         ``short_baseline``, ``bolus_at_start``, ``frame_gap``, ``aif_vof_ratio``, ``no_vof``,
         ``few_brain_voxels``, ``motion``, ``motion_uncorrected``, ``mtt_floor``, ``csf_cut``,
         ``hu_offset``, ``brain_slice_gap``, ``fov_cut`` and ``noisy_voxelwise``; a flag that
-        cannot be judged has ``value`` None. ``hu_offset``'s value is ``parenchyma_hu``,
+        cannot be judged has ``value`` None. ``hu_offset``'s value is ``hu_offset``,
         ``fov_cut``'s ``exposed_share``.
         ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival (its
         rise past 20 % of its peak) precedes the AIF's. ``mtt_floor``'s value is the share of
@@ -268,21 +267,22 @@ def qc_flags(
         "old infarct, oedema) or HU that are not HU; check the brain mask, or pass your own "
         "(--brain-mask)")
     low, high = PARENCHYMA_HU
-    put("hu_offset", parenchyma_hu is not None and not low <= parenchyma_hu <= high,
-        parenchyma_hu, f"the brain's median before the bolus lies outside the {low:g}-{high:g} HU "
-        "of unenhanced brain: the study's HU scale is offset (a RescaleIntercept of -1000 "
+    put("hu_offset", bool(hu_offset), hu_offset,
+        f"the brain's median before the bolus lies outside the {low:g}-{high:g} HU of unenhanced "
+        f"brain and the air is as far off (by {AIR_TOLERANCE_HU:g} HU or more; or there is no "
+        "air to read): the study's HU scale is offset by the value (a RescaleIntercept of -1000 "
         "applied for -1024, an uncalibrated scanner, a conversion that added a constant). "
-        "The brain and CSF were found on the scale moved back by the difference from "
-        f"{NOMINAL_PARENCHYMA_HU:g} HU, and the maps use only differences from the baseline, "
-        "but check the conversion and the brain mask (lesions/brain.nii.gz)")
+        "Bone, brain and CSF were found on the scale moved back, and the maps use only "
+        "differences from the baseline, but check the conversion and the brain mask "
+        "(lesions/brain.nii.gz)")
     lowest = (None if brain_slice_share is None or np.size(brain_slice_share) == 0
               else float(np.min(brain_slice_share)))
     put("brain_slice_gap", lowest is not None and lowest < min_brain_slice_share, lowest,
         f"a slice's brain mask covers less than {min_brain_slice_share:.0%} of the share of "
         "the skull's interior that the other slices' cover: an artefact (metal streaks, beam "
-        "hardening) or a cut-off field of view took brain out of it, and its lesions are "
-        "missing from the volumes; check the brain mask (lesions/brain.nii.gz), or pass your "
-        "own (--brain-mask)")
+        "hardening), a cut-off field of view, or bone and air near the skull base took brain "
+        "out of it, and its lesions are missing from the volumes; check the brain mask "
+        "(lesions/brain.nii.gz), or pass your own (--brain-mask)")
     put("fov_cut", exposed_share is not None and exposed_share > max_exposed_share,
         exposed_share, f"more than {max_exposed_share:.1%} of the brain meets air or the "
         "image's edge with no skull between: the field of view cuts the head, so the brain "
