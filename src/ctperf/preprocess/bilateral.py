@@ -47,10 +47,10 @@ log = logging.getLogger(__name__)
 
 
 #: Grid cells of a slab times the taps of the three blur passes that one slab of the volume
-#: may hold at once (each costs about 160 bytes; docs/preprocessing.md): a 512 x 512 x 8
+#: may hold at once (each costs 160-280 bytes; docs/preprocessing.md): a 512 x 512 x 8
 #: study (0.45 mm pixels, a grid 3x down-sampled in plane) needs 8.4 million and is filtered
 #: whole; a study with more cells, or finer ones, is filtered slab by slab.
-SLAB_BUDGET = 40_000_000
+SLAB_BUDGET = 24_000_000
 
 
 @dataclass(frozen=True)
@@ -187,27 +187,44 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     kept: np.ndarray | None = None  # rows a slab overwrote in place that the next one reads
     for i, (first, start, stop, end) in enumerate(slabs):
         grid = setup.build(guide[first:end], workers)
-        source = images[:, first:end]
-        if kept is not None:
-            source = np.concatenate([kept, images[:, first + kept.shape[1]:end]], axis=1)
+        slab = _Slab(images, kept, first, end, (start - first, stop - first), start)
         if in_place and i + 1 < len(slabs):
             kept = images[:, slabs[i + 1][0]:stop].copy()
         desc = "bilateral" if len(slabs) == 1 else f"bilateral, slab {i + 1}/{len(slabs)}"
-        map_chunks(partial(_filter_chunk, grid, source, out, (start - first, stop - first),
-                           start), len(images), chunk=chunk, workers=max(1, workers),
-                   progress=progress, desc=desc, unit="volume")
+        map_chunks(partial(_filter_chunk, grid, slab, out), len(images), chunk=chunk,
+                   workers=max(1, workers), progress=progress, desc=desc, unit="volume")
     return out
 
 
-def _filter_chunk(grid: Grid, source: np.ndarray, out: np.ndarray, core: tuple[int, int],
-                  at: int, start: int, stop: int) -> None:
-    """Filter volumes start:stop of a slab ``source`` (B, Z', Y, X) with its grid, and write
-    its ``core`` slices to ``out`` from slice ``at``. Chunks are disjoint, so ``out`` may hold
-    ``source``: each chunk reads its block before writing it."""
-    shape = source.shape[1:]
-    block = np.ascontiguousarray(source[start:stop]).reshape(stop - start, -1)
-    filtered = apply_grid(grid, block).reshape((-1, *shape))
-    out[start:stop, at:at + core[1] - core[0]] = filtered[:, core[0]:core[1]]
+@dataclass(frozen=True)
+class _Slab:
+    """Slices ``first:end`` of ``images`` (B, Z, Y, X), whose first rows are ``kept`` (B, k, Y,
+    X) when a slab before overwrote them in place; its ``core`` (of the slab's slices) is
+    written from slice ``at``."""
+
+    images: np.ndarray
+    kept: np.ndarray | None
+    first: int
+    end: int
+    core: tuple[int, int]
+    at: int
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Volumes start:stop of the slab, (stop - start, Z', Y, X)."""
+        if self.kept is None:
+            return self.images[start:stop, self.first:self.end]
+        rest = self.images[start:stop, self.first + self.kept.shape[1]:self.end]
+        return np.concatenate([self.kept[start:stop], rest], axis=1)
+
+
+def _filter_chunk(grid: Grid, slab: _Slab, out: np.ndarray, start: int, stop: int) -> None:
+    """Filter volumes start:stop of a slab with its grid and write its core to ``out``. Chunks
+    are disjoint, so ``out`` may hold the images: each chunk reads its block before writing
+    it."""
+    block = np.ascontiguousarray(slab.read(start, stop))
+    filtered = apply_grid(grid, block.reshape(stop - start, -1)).reshape(block.shape)
+    lo, hi = slab.core
+    out[start:stop, slab.at:slab.at + hi - lo] = filtered[:, lo:hi]
 
 
 def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
