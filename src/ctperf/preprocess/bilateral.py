@@ -47,10 +47,10 @@ log = logging.getLogger(__name__)
 
 
 #: Grid cells of a slab times the taps of the three blur passes that one slab of the volume
-#: may hold at once (each costs 160-280 bytes; docs/preprocessing.md): a 512 x 512 x 8
+#: may hold at once (docs/preprocessing.md, "Speed and memory"): a 512 x 512 x 8
 #: study (0.45 mm pixels, a grid 3x down-sampled in plane) needs 8.4 million and is filtered
 #: whole; a study with more cells, or finer ones, is filtered slab by slab.
-SLAB_BUDGET = 24_000_000
+SLAB_BUDGET = 32_000_000
 
 
 @dataclass(frozen=True)
@@ -98,9 +98,9 @@ class _Setup:
         layer = (-(-ny // fy) + 2 * (fy > 1)) * (-(-nx // fx) + 2 * (fx > 1))
         per_layer = layer * sum(len(t) for t in taps)
         n_layers = -(-nz // fz)
-        core = max(budget // max(per_layer, 1) - 2 * halo, halo, 1)
-        if core >= n_layers:
+        if n_layers * per_layer <= budget:
             return [(0, 0, nz, nz)]
+        core = max(budget // max(per_layer, 1) - 2 * halo, halo, 1)
         return [(max(c - halo, 0) * fz, c * fz, min((c + core) * fz, nz),
                  min((c + core + halo) * fz, nz)) for c in range(0, n_layers, core)]
 
