@@ -114,7 +114,7 @@ def test_tissue_csf_midpoint_takes_csf_at_most_at_its_threshold(rng):
     assert tissue_csf_midpoint(lifted, whole, csf) == pytest.approx(0.5 * (15.0 + 35.0), abs=1.0)
 
 
-@pytest.mark.parametrize("offset", [-80.0, -24.0, 0.0, 24.0, 60.0])
+@pytest.mark.parametrize("offset", [-150.0, -80.0, -24.0, 0.0, 24.0, 60.0])
 def test_hu_offset_reads_a_shifted_scale_from_the_brain_and_air(rng, offset):
     from ctperf.masks import hu_offset
 
@@ -123,7 +123,8 @@ def test_hu_offset_reads_a_shifted_scale_from_the_brain_and_air(rng, offset):
     # the brain's median is its 35 HU (the ventricle is 3 % of it) plus the offset; 3 HU of
     # noise move a median of ~20,000 voxels by hundredths
     assert level == pytest.approx(35.0 + offset, abs=0.5)
-    # a calibrated head is left alone; a shifted one is moved back by what its air reads
+    # a calibrated head is left alone; a shifted one is moved back by what its air reads (at
+    # -150 HU the brain, at -115 HU, is found where the air says the scale lies)
     assert found == pytest.approx(offset, abs=0.1)
 
 

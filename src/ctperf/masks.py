@@ -163,13 +163,17 @@ def hu_offset(
     is left alone. Without air to read, the offset is the brain's distance from
     :data:`NOMINAL_PARENCHYMA_HU`. (None, 0) when no brain is found, or when the volume lacks
     the air or padding (under -500 HU) and bone (over 300 HU) of a head in HU: what is not a CT
-    head is not moved into one. The brain is found with a low air threshold (-60 HU) so that a
-    scale shifted by as much as -80 HU still yields it.
+    head is not moved into one. The brain is found with a low air threshold (-60 HU), on the
+    scale the air gives when that finds none (a scale shifted down by more than about 80 HU).
     """
     vol = np.asarray(volume, dtype=np.float32)
     if np.mean(vol < -500.0) < 0.01 or np.mean(vol > 300.0) < 0.002:
         return None, 0.0
     brain = brain_mask(vol, spacing=spacing, air_hu=-60.0)
+    air = air_level(vol)
+    if brain.sum() < 100 and air is not None and abs(air + 1000.0) >= AIR_TOLERANCE_HU:
+        # a scale shifted so far that the brain reads below -60 HU: looked for where the air says
+        brain = brain_mask(vol - np.float32(air + 1000.0), spacing=spacing, air_hu=-60.0)
     if brain.sum() < 100:
         return None, 0.0
     level = float(np.median(vol[brain]))
@@ -177,7 +181,6 @@ def hu_offset(
     if low <= level <= high:
         return level, 0.0
     guess = level - NOMINAL_PARENCHYMA_HU
-    air = air_level(vol)
     if air is not None:
         if abs(air + 1000.0) < AIR_TOLERANCE_HU or (air + 1000.0) * guess < 0:
             log.warning("the brain reads %.0f HU before the bolus, outside the %.0f-%.0f HU of "
