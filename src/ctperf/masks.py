@@ -19,12 +19,16 @@ from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
 __all__ = [
+    "AIR_HU",
     "AIR_TOLERANCE_HU",
+    "BONE_HU",
+    "EXPOSED_MM",
     "NOMINAL_PARENCHYMA_HU",
     "PARENCHYMA_HU",
     "air_level",
     "brain_mask",
     "csf_mask",
+    "exposed_share",
     "fill_holes_in_plane",
     "hu_offset",
     "near_bone",
@@ -32,6 +36,10 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+#: Below this a voxel of an unenhanced head is air (or padding), above :data:`BONE_HU` bone.
+AIR_HU = -500.0
+BONE_HU = 300.0
 
 #: Median HU of an unenhanced adult brain (grey and white matter, some CSF) that a calibrated
 #: scanner can read at 70-140 kV: white matter 22-32 HU, grey matter 32-45 HU.
@@ -162,25 +170,30 @@ def hu_offset(
     air at -1000 HU says the scale is right and the brain is unusual (atrophy, oedema), which
     is left alone. Without air to read, the offset is the brain's distance from
     :data:`NOMINAL_PARENCHYMA_HU`. (None, 0) when no brain is found, or when the volume lacks
-    the air or padding (under -500 HU) and bone (over 300 HU) of a head in HU: what is not a CT
-    head is not moved into one. The brain is found with a low air threshold (-60 HU), on the
-    scale the air gives when that finds none (a scale shifted down by more than about 80 HU).
+    the air or padding (under :data:`AIR_HU`) and bone (over :data:`BONE_HU`) of a head in
+    HU: what is not a CT head is not moved into one. The brain is found with a low air
+    threshold (-60 HU), on the scale the air gives when that finds none (a scale shifted down
+    by more than about 80 HU).
     """
     vol = np.asarray(volume, dtype=np.float32)
-    if np.mean(vol < -500.0) < 0.01 or np.mean(vol > 300.0) < 0.002:
+    if np.mean(vol < AIR_HU) < 0.01 or np.mean(vol > BONE_HU) < 0.002:
         return None, 0.0
     brain = brain_mask(vol, spacing=spacing, air_hu=-60.0)
-    air = air_level(vol)
-    if brain.sum() < 100 and air is not None and abs(air + 1000.0) >= AIR_TOLERANCE_HU:
-        # a scale shifted so far that the brain reads below -60 HU: looked for where the air says
-        brain = brain_mask(vol - np.float32(air + 1000.0), spacing=spacing, air_hu=-60.0)
+    air = None
     if brain.sum() < 100:
-        return None, 0.0
+        air = air_level(vol)
+        if air is not None and abs(air + 1000.0) >= AIR_TOLERANCE_HU:
+            # a scale shifted so far that the brain reads below -60 HU: looked for where the
+            # air says the scale lies
+            brain = brain_mask(vol - np.float32(air + 1000.0), spacing=spacing, air_hu=-60.0)
+        if brain.sum() < 100:
+            return None, 0.0
     level = float(np.median(vol[brain]))
     low, high = PARENCHYMA_HU
     if low <= level <= high:
         return level, 0.0
     guess = level - NOMINAL_PARENCHYMA_HU
+    air = air_level(vol) if air is None else air
     if air is not None:
         if abs(air + 1000.0) < AIR_TOLERANCE_HU or (air + 1000.0) * guess < 0:
             log.warning("the brain reads %.0f HU before the bolus, outside the %.0f-%.0f HU of "
@@ -211,6 +224,32 @@ def air_level(volume: np.ndarray) -> float | None:
     if padding.size:
         air = air[~np.isin(air, padding)]
     return float(np.median(air)) if air.size >= 0.01 * vol.size else None
+
+
+#: In-plane distance (mm) from air or the image's border within which a brain voxel with no
+#: bone nearer is exposed: a skull and scalp keep a whole head's brain 5.7-8 mm from air in the
+#: phantoms.
+EXPOSED_MM = 10.0
+
+
+def exposed_share(brain: np.ndarray, volume: np.ndarray, *,
+                  spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float | None:
+    """Share of the ``brain``'s voxels nearer (in plane, within :data:`EXPOSED_MM`) to air,
+    padding or the image's border than to bone in an unenhanced ``volume`` (Z, Y, X) in HU:
+    where the field of view cuts the head, the brain meets its edge with no skull between.
+    None for an empty brain."""
+    n = int(np.count_nonzero(brain))
+    if n == 0:
+        return None
+    outside = np.asarray(volume) < AIR_HU
+    outside[:, [0, -1], :] = True
+    outside[:, :, [0, -1]] = True
+    plane = (1e6, float(spacing[1]), float(spacing[2]))
+    to_edge = ndimage.distance_transform_edt(~outside, sampling=plane)
+    bone = np.asarray(volume) > BONE_HU
+    to_bone = (ndimage.distance_transform_edt(~bone, sampling=plane) if bone.any()
+               else np.full(bone.shape, np.inf))
+    return int(np.count_nonzero(brain & (to_edge <= EXPOSED_MM) & (to_edge < to_bone))) / n
 
 
 def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
@@ -277,7 +316,7 @@ def near_bone(
     volume: np.ndarray,
     *,
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
-    bone_hu: float = 300.0,
+    bone_hu: float = BONE_HU,
     margin_mm: float = 2.0,
     margin_voxels: float = 1.0,
 ) -> np.ndarray:

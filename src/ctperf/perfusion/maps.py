@@ -194,7 +194,7 @@ def run_perfusion(
     inside = masks.fill_holes_in_plane(search | bone_rim)
     _check_scan_start(onset, inside & ~bone_rim)
     slice_share = _brain_slice_share(brain, inside)
-    exposed = _exposed_share(brain, base - offset, spacing=spacing)
+    exposed = masks.exposed_share(brain, base - offset, spacing=spacing)
     enh, venh = _enhancement(hu, vhu, search, base=base, n_base=n_base)
 
     # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
@@ -230,7 +230,7 @@ def run_perfusion(
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 exposed_share=exposed,
                 box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
-                region=region, hu_offset=hu_scale, voxelwise=method != "bayes",
+                csf_cut_share=region.csf_share, hu_offset=hu_scale, voxelwise=method != "bayes",
                 voxel_volume_ml=series.voxel_ml,
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
@@ -273,32 +273,6 @@ def _check_aif_leads(t: np.ndarray, aif: np.ndarray, tissue_mean: np.ndarray) ->
             f"the automatic AIF's bolus arrives {lag:.1f} s after the brain's: no artery "
             "feeding the brain was found (a poor injection, or arteries too small for the "
             "pixels); give an AIF mask on an artery (--aif-mask)")
-
-
-#: In-plane distance (mm) from the field of view's edge or from air within which a brain voxel
-#: with no bone nearer than that edge is exposed: a skull and scalp keep a whole head's brain
-#: 5.7-8 mm from air in the phantoms.
-EXPOSED_MM = 10.0
-
-
-def _exposed_share(brain: np.ndarray, volume: np.ndarray, *,
-                   spacing: tuple[float, float, float]) -> float | None:
-    """Share of the brain's voxels nearer (in plane, within :data:`EXPOSED_MM`) to air, padding
-    or the image's border than to bone (over 300 HU) in an unenhanced ``volume``: where the
-    field of view cuts the head, the brain meets its edge with no skull between. None for an
-    empty brain."""
-    n = int(brain.sum())
-    if n == 0:
-        return None
-    outside = volume < -500.0
-    outside[:, [0, -1], :] = True
-    outside[:, :, [0, -1]] = True
-    plane = (1e6, spacing[1], spacing[2])
-    to_edge = ndimage.distance_transform_edt(~outside, sampling=plane)
-    bone = volume > 300.0
-    to_bone = (ndimage.distance_transform_edt(~bone, sampling=plane) if bone.any()
-               else np.full(volume.shape, np.inf))
-    return int(np.count_nonzero(brain & (to_edge <= EXPOSED_MM) & (to_edge < to_bone))) / n
 
 
 def _brain_slice_share(brain: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
@@ -449,8 +423,9 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
         brain &= mean >= cut
         share = 1.0 - int(brain.sum()) / before
     if not brain.any():
-        solid = base[base > -500] + offset
-        where = f"{float(np.median(solid)):.0f} HU" if solid.size else "all below -500 HU"
+        solid = base[base > masks.AIR_HU] + offset
+        where = (f"{float(np.median(solid)):.0f} HU" if solid.size
+                 else f"all below {masks.AIR_HU:g} HU")
         raise ValidationError(
             f"no brain voxels found: no tissue at brain densities (15-120 HU) before the bolus "
             f"(the median of what is not air: {where}); check that the study is in HU, or give "
@@ -583,7 +558,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
         uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
         exposed_share: float | None,
         voxelwise: bool, voxel_volume_ml: float, box_mtt: np.ndarray | None,
-        region: _Brain, hu_offset: float | None) -> dict[str, Any]:
+        csf_cut_share: float | None, hu_offset: float | None) -> dict[str, Any]:
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
     AIF curve came without a VOF (nothing to correct it with); ``box_mtt``: the box model's
     MTT of the tissue voxels (vessels left out), None for the other methods."""
@@ -599,7 +574,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
                     uncorrected_mm=uncorrected_motion_mm, brain_slice_share=slice_share,
                     exposed_share=exposed_share,
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
-                    box_mtt=box_mtt, csf_cut_share=region.csf_share,
+                    box_mtt=box_mtt, csf_cut_share=csf_cut_share,
                     hu_offset=hu_offset, voxelwise=voxelwise)
 
 
