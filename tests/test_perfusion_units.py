@@ -182,6 +182,28 @@ def test_aif_vof_selection_and_partial_volume():
 
 
 
+def test_aif_is_the_artery_when_a_larger_sinus_ranks_alike():
+    """A sinus a few seconds after the artery, as high and with more voxels, peaks before the
+    tissue (so the tissue's timing does not tell it from an artery). Candidates whose times
+    fall on the same frame must rank alike (not by their order in the volume), and a group
+    of the chosen filling clearly earlier than the best-ranked ones is the artery: a vein
+    cannot fill before the artery that feeds it."""
+    t = np.arange(60) * 1.0
+    art = _aif(t, 8.3)
+    same_vein = _aif(t, 11.3) * 1.02           # the same bolus three frames later, higher
+    enh = np.concatenate([same_vein[:, None].repeat(50, axis=1),
+                          art[:, None].repeat(18, axis=1)], axis=1)
+    assert set(select_aif(enh, t).indices) == set(range(50, 68))
+    # An artery of 8 voxels against 128 of a higher and broader sinus 3 s later: the sinus
+    # holds the best quarter's timing, the earlier group is taken instead.
+    x = np.clip(t - 11.3, 0, None) / 1.3
+    wide_vein = 1.15 * 400.0 * x**3 * np.exp(-x / 1.5) / (27 * 1.5**3 * np.exp(-3))
+    assert wide_vein.max() > 1.1 * art.max()
+    enh = np.concatenate([wide_vein[:, None].repeat(128, axis=1),
+                          art[:, None].repeat(8, axis=1)], axis=1)
+    assert set(select_aif(enh, t).indices) == set(range(128, 136))
+
+
 def test_aif_never_taken_from_a_vein_that_outshines_diluted_arteries():
     """A small study's arteries are partial-volume diluted: one voxel passes the peak threshold,
     a sinus peaks three times higher and later than the tissue. Ranked on its own, the sinus

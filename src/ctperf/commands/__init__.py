@@ -208,11 +208,15 @@ def preprocess_step_options(args: argparse.Namespace) -> dict[str, Any]:
             "filter_weights": args.filter_weights, "workers": args.workers}
 
 
-def add_brain_mask_option(parser: Any) -> None:
-    """``--brain-mask PATH``: a 3D NIfTI brain mask on the study's grid."""
+def add_brain_mask_option(parser: Any, *, vessels: bool = False) -> None:
+    """``--brain-mask PATH``: a 3D NIfTI brain mask on the study's grid (``vessels``: the
+    command also searches it for the AIF and VOF)."""
+    also = (" (also where the automatic AIF and VOF are searched: give --aif-mask and "
+            "--vof-mask for vessels outside it)") if vessels else ""
     parser.add_argument("--brain-mask", type=Path, default=None, metavar="PATH",
                         help="3D NIfTI brain mask on the study's grid, its voxels stored in "
-                             "any axis order (nonzero = brain) instead of the automatic one")
+                             f"any axis order (nonzero = brain) instead of the automatic "
+                             f"one{also}")
 
 
 def add_preprocess_options(parser: Any, *, default: bool, filter_by_method: bool = False

@@ -54,7 +54,7 @@ def register(subparsers: Any) -> None:
                    "<map>_sd.nii.gz uncertainty maps) [%(default)s]")
     p.add_argument("--aif-mask", type=Path, default=None, help="3D NIfTI of arterial voxels")
     p.add_argument("--vof-mask", type=Path, default=None, help="3D NIfTI of venous voxels")
-    add_brain_mask_option(p)
+    add_brain_mask_option(p, vessels=True)
     p.add_argument("--dicom", action="store_true", help="also write DICOM maps in OUT/dicom")
     add_anonymise_option(p)
     add_study_options(p)

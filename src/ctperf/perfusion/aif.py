@@ -24,6 +24,7 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.stats import rankdata
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.curves import second_difference_sd
@@ -96,9 +97,9 @@ def curve_features(enh: np.ndarray, times: np.ndarray) -> dict[str, np.ndarray]:
 
 
 def _rank(x: np.ndarray) -> np.ndarray:
-    r = np.empty(x.size)
-    r[np.argsort(x, kind="stable")] = np.arange(x.size)
-    return r / max(x.size - 1, 1)
+    """Ranks in [0, 1]; equal values share their mean rank (times to peak fall on frames, so
+    many voxels tie: their order in the volume must not rank them)."""
+    return (rankdata(x, method="average") - 1.0) / max(x.size - 1, 1)
 
 
 def select_aif(
@@ -112,6 +113,7 @@ def select_aif(
     min_relative_peak: float = 0.7,
     exclude: np.ndarray | None = None,
     latest_s: float | None = None,
+    region: str = "voxels searched",
 ) -> VesselCurve:
     """Pick arterial voxels and average their curves.
 
@@ -135,6 +137,8 @@ def select_aif(
     latest_s : float, optional
         The tissue's bolus peak, s from the first frame (:func:`tissue_peak_time`): only
         voxels peaking no later are candidates (the peak threshold is set by all).
+    region : str
+        What the N voxels are, for the error raised when none is a candidate.
 
     Returns
     -------
@@ -167,22 +171,28 @@ def select_aif(
         need = max(min_peak_hu, pool_fraction * top)
         when = "" if latest_s is None else f" peaking by the tissue's peak ({latest_s:.1f} s)"
         raise ValidationError(
-            f"no arterial candidates: no voxel{when} enhances by {need:.0f} HU with a complete "
-            "bolus; give an AIF mask (--aif-mask)")
+            f"no arterial candidates: none of the {enh.shape[1]} {region}{when} enhances by "
+            f"{need:.0f} HU with a complete bolus; give an AIF mask (--aif-mask)")
     # Early, high, narrow: equal weights on the ranks; arrival counts twice, veins are high too.
     score = (2.0 * _rank(f["ttp"][pool]) + _rank(-f["peak"][pool]) + _rank(f["fwhm"][pool]))
     chosen = pool[np.argsort(score, kind="stable")[: max(1, int(n_voxels))]]
     # Keep those that agree on timing with the best ones (one artery tree, no stray veins):
-    # within two frame steps (the steps around that time: frames need not be evenly spaced)
-    # plus a second of the best quarter's median time to peak (a voxel's own time, so that
-    # the reference voxel itself always stays).
+    # within two frame steps plus a second of the best quarter's median time to peak (a
+    # voxel's own time, so that the reference voxel itself always stays).
     # With frames seconds apart two frame steps can hold an artery's and a vein's peaks, so the
     # half-rise times (between frames) must also agree within half a step plus 1.5 s.
     best = chosen[: max(1, chosen.size // 4)]
-    ttp0 = float(np.sort(f["ttp"][best])[(best.size - 1) // 2])
-    rise0 = float(np.sort(f["rise"][best])[(best.size - 1) // 2])
-    k = int(np.clip(np.searchsorted(t - t[0], ttp0), 1, n_t - 1))
-    step = float(np.max(np.diff(t)[max(0, k - 2):k + 1]))
+    ttp0, rise0, step = _timing(f, best, t)
+    # An artery with fewer voxels than the best quarter loses that median to a larger vein of
+    # similar rank (a sinus a few seconds later); a vein cannot fill before the artery that
+    # feeds it, so a group of the chosen filling clearly earlier is the artery.
+    early = _earlier_group(f["rise"][chosen], rise0 - (0.5 * step + 1.5),
+                           size=max(3, chosen.size // 20), width=0.5 * step + 1.5)
+    if early is not None:
+        log.info("AIF: %d voxels fill %.1f s before the best-ranked ones (a vein's timing): "
+                 "the artery is taken from those", early.size,
+                 rise0 - float(np.median(f["rise"][chosen[early]])))
+        ttp0, rise0, step = _timing(f, chosen[early], t)
     chosen = chosen[(np.abs(f["ttp"][chosen] - ttp0) <= 2.0 * step + 1.0)
                     & (np.abs(f["rise"][chosen] - rise0) <= 0.5 * step + 1.5)]
     # And those that peak nearly as high as the best few: when an artery has fewer voxels than
@@ -194,6 +204,34 @@ def select_aif(
     curve = enh[:, chosen].mean(axis=1, dtype=np.float64)
     log.info("AIF: %d voxels, peak %.0f HU at %.1f s", chosen.size, curve.max(), ttp0)
     return _vessel(chosen, curve, times)
+
+
+def _timing(f: dict[str, np.ndarray], group: np.ndarray, t: np.ndarray
+            ) -> tuple[float, float, float]:
+    """Median time to peak and half-rise time of a group of candidates, and the frame step
+    around that peak (the steps around it: frames need not be evenly spaced)."""
+    ttp0 = float(np.sort(f["ttp"][group])[(group.size - 1) // 2])
+    rise0 = float(np.sort(f["rise"][group])[(group.size - 1) // 2])
+    k = int(np.clip(np.searchsorted(t - t[0], ttp0), 1, t.size - 1))
+    return ttp0, rise0, float(np.max(np.diff(t)[max(0, k - 2):k + 1]))
+
+
+def _earlier_group(rise: np.ndarray, before: float, *, size: int, width: float
+                   ) -> np.ndarray | None:
+    """Positions of the earliest ``size`` or more half-rise times within ``width`` s of one
+    another that all fill before ``before``; None when no such group exists."""
+    order = np.argsort(rise, kind="stable")
+    r = rise[order]
+    n_early = int(np.searchsorted(r, before, side="left"))
+    if n_early < size:
+        return None
+    # the first time whose window [r_i, r_i + width] holds `size` early fills
+    ends = np.searchsorted(r[:n_early], r[:n_early] + width, side="right")
+    hits = np.flatnonzero(ends - np.arange(n_early) >= size)
+    if hits.size == 0:
+        return None
+    i = int(hits[0])
+    return order[i:ends[i]]
 
 
 def tissue_peak_time(enh: np.ndarray, times: np.ndarray, *, vessel_quantile: float = 0.95

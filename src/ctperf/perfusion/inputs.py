@@ -48,7 +48,8 @@ class CurveOrigin:
 
 def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.ndarray,
                    venh: np.ndarray, t: np.ndarray, *, n_base: int,
-                   exclude: np.ndarray) -> tuple[np.ndarray, CurveOrigin]:
+                   exclude: np.ndarray, region: str = "voxels searched"
+                   ) -> tuple[np.ndarray, CurveOrigin]:
     """The measured AIF: the given curve, the mean of the given mask, or ctperf's choice.
 
     Parameters
@@ -67,6 +68,8 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
         Pre-bolus frames.
     exclude : ndarray of bool, shape (N,)
         Searched voxels never chosen (next to bone).
+    region : str
+        What the searched voxels are, for the error raised when none is an artery.
 
     Returns
     -------
@@ -81,7 +84,7 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
     elif aif_mask is not None:
         curve, origin = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), CurveOrigin("mask")
     else:
-        sel = select_aif(venh, t, exclude=exclude)
+        sel = select_aif(venh, t, exclude=exclude, region=region)
         origin = CurveOrigin("automatic", sel)
         # Arteries peak before the tissue they feed (every 7th voxel: its mean is as steady).
         # A choice peaking after it is a vein that outshone partial-volume-diluted arteries:
@@ -92,7 +95,7 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
                     f"after the tissue's bolus at {tissue_peak:.1f} s (a vein, not an "
                     "artery); chosen again among the voxels peaking no later than the tissue")
             log.warning("automatic AIF: %s", note)
-            sel = select_aif(venh, t, exclude=exclude, latest_s=tissue_peak)
+            sel = select_aif(venh, t, exclude=exclude, latest_s=tissue_peak, region=region)
             origin = CurveOrigin("automatic", sel, note)
         curve = sel.curve
     check_bolus_start(curve)

@@ -200,8 +200,11 @@ def run_perfusion(
     # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
     # are resampled: spikes, dips and raised tails that are not the bolus.
     bony = bone_rim[search]
+    searched = ("voxels of the brain mask given (the automatic AIF is searched there)"
+                if brain_mask is not None else "voxels of the head searched (the automatic "
+                "brain mask with what it encloses)")
     aif_raw, aif_from = arterial_input(aif, aif_mask, vhu, venh, t, n_base=n_base,
-                                       exclude=bony)
+                                       exclude=bony, region=searched)
     vof_curve, vof_from = venous_output(vof, vof_mask, vhu, venh, t, n_base=n_base,
                                         exclude=bony, aif=aif_raw,
                                         aif_curve_given=aif is not None, search=search,
