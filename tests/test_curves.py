@@ -391,6 +391,64 @@ def test_curves_csv_as_other_tools_write_it(tmp_path):
         read_curves_csv(src)
 
 
+def test_curves_csv_as_spreadsheets_save_it(tmp_path):
+    """Spreadsheets on Windows save "CSV" in Windows-1252 and "Unicode text" in UTF-16 with a
+    byte-order mark, and their empty rows as separators alone; a header name may hold a comma
+    in a semicolon table. All read as the plain table, names kept."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    times = np.arange(T_HAND.size, dtype=float)
+    _write_csv(src, times, {"aif": aif, "gm": tissue[:, 0]}, delimiter=";")
+    plain = read_curves_csv(src)
+    head, *lines = src.read_text().splitlines()
+    variants = {
+        "cp1252": (";".join(["time", "aif", "ROI Läsion"]), lines, "cp1252"),
+        "utf-16": (";".join(["time", "aif", "ROI Läsion"]), lines, "utf-16"),
+        "empty rows": (head, [*lines, ";;", ";;"], "utf-8"),
+        "comma in a name": (";".join(["time", "AIF, left (HU)", "gm"]), lines, "utf-8"),
+    }
+    for label, (first, rest, encoding) in variants.items():
+        src.write_bytes("\r\n".join([first, *rest, ""]).encode(encoding))
+        table = read_curves_csv(src, aif_column="AIF, left (HU)" if "," in first else "aif")
+        np.testing.assert_array_equal(table.tissue, plain.tissue, err_msg=label)
+        np.testing.assert_array_equal(table.times, plain.times, err_msg=label)
+        assert table.names == (("ROI Läsion",) if "Läsion" in first else ("gm",)), label
+    src.write_bytes(b"time,aif,gm\n0,1,\x00\x01\n")
+    with pytest.raises(InputError, match="not a text file"):
+        read_curves_csv(src)
+
+
+def test_a_vof_column_asked_for_by_name_must_be_there(tmp_path, capsys):
+    """A misspelt --vof-column would leave the vein among the tissue curves and the AIF
+    uncorrected (CBF several times too high, exit 0): refused, as a missing AIF column is."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    _write_csv(src, np.arange(T_HAND.size, dtype=float),
+               {"aif": aif, "sinus": 2.0 * aif, "gm": tissue[:, 0]})
+    assert read_curves_csv(src, vof_column="sinus").names == ("gm",)
+    with pytest.raises(InputError, match="no 'sinus_r' column"):
+        read_curves_csv(src, vof_column="sinus_r")
+    assert main(["curves", str(src), str(tmp_path / "o.csv"), "--vof-column", "sinus_r"]) == 2
+    assert "no 'sinus_r' column (VOF)" in capsys.readouterr().err
+
+
+def test_fit_curves_refuses_implausible_units_and_constants():
+    """What the command line refuses in a file is refused from Python too: times in ms or
+    minutes (frames 1000 s or 0.017 s apart), tissue constants outside their ranges (0 divided
+    by, a sign slip), a fraction of a baseline frame."""
+    tissue, aif = _hand_curves()
+    for times, unit in ((T_HAND * 1000.0, "milliseconds"), (T_HAND / 60.0, "minutes")):
+        with pytest.raises(ValidationError, match=f"{unit} read as seconds"):
+            fit_curves(tissue, aif, times, method="bsvd")
+    for kw in ({"rho": 0.0}, {"rho": -1.04}, {"rho": float("nan")}, {"kh": 0.0},
+               {"kh": -0.733}, {"kh": 1.5}):
+        with pytest.raises(ValidationError, match=f"{next(iter(kw))} must be"):
+            fit_curves(tissue, aif, T_HAND, method="bsvd", **kw)
+    for baseline in (3.7, True):
+        with pytest.raises(ValidationError, match="whole number of frames"):
+            fit_curves(tissue, aif, T_HAND, method="bsvd", baseline=baseline)
+
+
 def test_an_aif_arriving_after_the_tissue_is_flagged(capsys, tmp_path):
     """A vein given as the AIF (its bolus 5 s after the tissue's): the maps' QC flag
     ``aif_after_tissue`` is raised, in the sidecar and on the terminal; a plausible AIF

@@ -28,7 +28,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "curves", help="perfusion parameters of time curves (regions or voxels) in a CSV table",
         description="Read CURVES, a CSV table (comma, semicolon or tab separated; with "
-                    "semicolons or tabs, numbers may have a decimal comma) with a header row "
+                    "semicolons or tabs, numbers may have a decimal comma; UTF-8, UTF-16 or "
+                    "Windows-1252 text) with a header row "
                     "(optionally a row of units under it: the time's in s, ms or min): a "
                     "column of frame times in s, or in the unit its name ends in ('time (ms)', "
                     "'time_min'), or clock times (hh:mm:ss.fff, mm:ss.f) (--time-column), the "
@@ -61,8 +62,9 @@ def register(subparsers: Any) -> None:
                    help="column of the arterial curve; by default also found as 'artery' or "
                         "'arterial' [%(default)s]")
     p.add_argument("--vof-column", default="vof", metavar="NAME",
-                   help="column of the venous curve, used when present; by default also found "
-                        "as 'vein', 'venous', 'SSS' or 'sinus' [%(default)s]")
+                   help="column of the venous curve: by default used when present and also "
+                        "found as 'vein', 'venous', 'SSS' or 'sinus'; another name must be "
+                        "there [%(default)s]")
     p.add_argument("--baseline", type=_baseline, default="auto", metavar="N",
                    help="pre-bolus frames whose mean is subtracted from every curve: auto (read "
                         "from the AIF's arrival, as the maps do), or N; 0 when the curves are "

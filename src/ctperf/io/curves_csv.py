@@ -7,8 +7,9 @@ times, ``hh:mm:ss.fff`` or ``mm:ss.f`` (as workstations export acquisition times
 semicolon or tab separated; with semicolons or tabs a decimal comma is read too (``12,5``, as
 spreadsheets write numbers in many locales). Lines starting with ``#`` are comments. A column
 without a name is left out when it is empty (a separator at the end of every line) or, first in
-the table, holds the row numbers (a data frame's index); any other is refused. A file that
-cannot be read whole is refused, naming the line and the column.
+the table, holds the row numbers (a data frame's index); any other is refused; rows of
+separators alone are left out. Text in UTF-8, UTF-16 with a byte-order mark, or else
+Windows-1252. A file that cannot be read whole is refused, naming the line and the column.
 """
 
 from __future__ import annotations
@@ -47,27 +48,52 @@ class CurveTable:
     names: tuple[str, ...]
 
 
-def _rows(path: Path) -> tuple[list[list[str]], bool]:
-    """The table's cells, and whether a decimal comma may be read (the separator is not one)."""
+def _text(path: Path) -> str:
+    """The file's text: UTF-8 (with or without a byte-order mark), UTF-16 with its mark (a
+    spreadsheet's "Unicode text"), else Windows-1252 (a spreadsheet's "CSV" on Windows)."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        raw = path.read_bytes()
     except FileNotFoundError:
         raise InputError(path, "no such file") from None
     except IsADirectoryError:
         raise InputError(path, "is a folder, expected a CSV file of curves") from None
+    if raw.startswith((b"\xff\xfe", b"\xfe\xff")):
+        try:
+            return raw.decode("utf-16")
+        except UnicodeDecodeError:
+            raise InputError(path, "not a text file: it starts as UTF-16 but does not decode "
+                                   "as such (expected a CSV table of curves)") from None
+    if b"\x00" in raw:
+        raise InputError(path, "not a text file (expected a CSV table of curves)")
+    try:
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise InputError(path, "not a text file (expected a CSV table of curves)") from None
-    lines = [line for line in text.splitlines()
+        log.info("%s is not UTF-8: read as Windows-1252", path)
+        return raw.decode("cp1252", errors="replace")
+
+
+def _rows(path: Path) -> tuple[list[list[str]], bool]:
+    """The table's cells, and whether a decimal comma may be read (the separator is not one).
+    Rows of separators alone (a spreadsheet's empty rows) are left out."""
+    lines = [line for line in _text(path).splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
     if len(lines) < 2:
         raise InputError(path, "expected a header row and one row per frame")
-    try:
-        dialect = csv.Sniffer().sniff(lines[0], delimiters=",;\t")
-    except csv.Error:
+    dialect = None
+    # the separator that splits the header and the first rows alike (a header name may hold
+    # another separator: "AIF, left (HU)" in a semicolon table); the header alone when they
+    # do not agree
+    for sample in (lines[:6], lines[:1]):
+        try:
+            dialect = csv.Sniffer().sniff("\n".join(sample), delimiters=",;\t")
+            break
+        except csv.Error:
+            continue
+    if dialect is None:
         raise InputError(path, "cannot tell the column separator of the header row (comma, "
-                               "semicolon or tab)") from None
-    return ([[cell.strip() for cell in row] for row in csv.reader(lines, dialect)],
-            dialect.delimiter != ",")
+                               "semicolon or tab)")
+    rows = [[cell.strip() for cell in row] for row in csv.reader(lines, dialect)]
+    return ([rows[0]] + [row for row in rows[1:] if any(row)], dialect.delimiter != ",")
 
 
 def _column(keys: list[str], name: str) -> int | None:
@@ -204,7 +230,8 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     role's :data:`OTHER_NAMES` are tried too (``artery``, ``vein``, ``SSS``). The time column is
     in seconds unless its name or a units row says ms or min, or clock times (``hh:mm:ss.fff``,
     ``mm:ss.f``; across midnight too), strictly increasing; every other
-    column is a curve, ``vof_column`` used when present; at least one tissue column is needed.
+    column is a curve, ``vof_column`` used when present (a name other than the default must
+    be present); at least one tissue column is needed.
     With semicolons or tabs between the columns, numbers may have a decimal comma.
     """
     p = Path(path)
@@ -221,6 +248,8 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
             raise InputError(p, f"no {name!r} column ({role}); the header holds {header}")
         where[role], names[role] = found
     vof = _role_column(keys, vof_column, "vof")
+    if vof is None and vof_column.lower() != "vof":  # asked for by name: not to be fitted
+        raise InputError(p, f"no {vof_column!r} column (VOF); the header holds {header}")
     vof_at = None if vof is None else vof[0]
     tissue_at = [i for i in range(len(header))
                  if i not in (where["time"], where["aif"], vof_at)]

@@ -27,6 +27,7 @@ __all__ = [
     "check_frame_times",
     "check_hu_plausible",
     "check_memory",
+    "frame_spacing_problem",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -110,19 +111,30 @@ def check_frame_times(times: np.ndarray, path: PathLike, *, source: str,
         raise InputError(path, f"{source}: frame times must be strictly increasing; frame "
                                f"{bad + 1} ({t[bad + 1]:g} s) is not after frame {bad} "
                                f"({t[bad]:g} s)")
+    problem = frame_spacing_problem(t)
+    if problem is not None:
+        raise InputError(path, f"{source}: {problem}"
+                               + (f"; {remedy}" if problem.startswith("frames are") else ""))
+    return t
+
+
+def frame_spacing_problem(times: np.ndarray) -> str | None:
+    """What makes increasing frame times (s) implausible for CT perfusion, or None: a median
+    step outside :data:`FRAME_STEP_RANGE_S` (a unit error: milliseconds or minutes given as
+    seconds) or a gap over :data:`MAX_FRAME_GAP_S`."""
+    steps = np.diff(np.asarray(times, dtype=np.float64))
     median = float(np.median(steps))
     lo, hi = FRAME_STEP_RANGE_S
     if not lo <= median <= hi:
         hint = (" (milliseconds read as seconds?)" if median > hi and median / 1000 >= lo
+                else " (minutes read as seconds?)" if median < lo and median * 60 <= hi
                 else "")
-        raise InputError(path, f"{source}: frames are {median:g} s apart{hint}, outside the "
-                               f"{lo:g}-{hi:g} s of CT perfusion; {remedy}")
+        return f"frames are {median:g} s apart{hint}, outside the {lo:g}-{hi:g} s of CT perfusion"
     if steps.max() > MAX_FRAME_GAP_S:
         bad = int(np.argmax(steps))
-        raise InputError(path, f"{source}: a gap of {steps[bad]:g} s between frames {bad} and "
-                               f"{bad + 1}, longer than the {MAX_FRAME_GAP_S:g} s a perfusion "
-                               "time course allows")
-    return t
+        return (f"a gap of {steps[bad]:g} s between frames {bad} and {bad + 1}, longer than the "
+                f"{MAX_FRAME_GAP_S:g} s a perfusion time course allows")
+    return None
 
 
 def available_memory() -> int | None:

@@ -16,8 +16,14 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.io.integrity import frame_spacing_problem
 from ctperf.perfusion.boxnlr import BOX_METHODS
-from ctperf.perfusion.curves import check_bolus_start, second_difference_sd, to_enhancement
+from ctperf.perfusion.curves import (
+    check_bolus_start,
+    check_constants,
+    second_difference_sd,
+    to_enhancement,
+)
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import (
     ARRIVAL_NOISE_GAIN,
@@ -173,6 +179,10 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         raise ValidationError(f"{t.size} frames: perfusion fits need at least {MIN_FRAMES}")
     if not np.all(np.isfinite(t)) or not np.all(np.diff(t) > 0):
         raise ValidationError("times must be finite and strictly increasing")
+    problem = frame_spacing_problem(t)
+    if problem is not None:
+        raise ValidationError(f"times: {problem}; give them in seconds")
+    check_constants(rho, kh)
     a = np.asarray(aif, dtype=np.float64)
     if a.shape != t.shape:
         raise ValidationError(f"aif must have one value per frame ({t.size}), got {a.shape}")
@@ -199,6 +209,9 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                                   "the contrast arrives)")
         n_base = pre_bolus_frames(vessels, rise, noise_sd=voxel_noise_sd(vessels, 0))
     else:
+        if isinstance(baseline, bool) or not float(baseline).is_integer():
+            raise ValidationError(f"baseline must be 'auto' or a whole number of frames, got "
+                                  f"{baseline!r}")
         n_base = int(baseline)
         if not 0 <= n_base < t.size - 2:
             raise ValidationError(f"baseline must be 0 to {t.size - 3} frames, got {baseline}")

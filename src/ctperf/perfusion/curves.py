@@ -18,12 +18,15 @@ from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
 __all__ = [
+    "KH_RANGE",
+    "RHO_RANGE",
     "TTP_SMOOTH_S",
     "ArterialTable",
     "bandlimit",
     "bolus_arrival_frame",
     "box_model",
     "check_bolus_start",
+    "check_constants",
     "enhanced_at_start",
     "flow_scale",
     "gaussian_taps",
@@ -37,8 +40,22 @@ __all__ = [
 ]
 
 
+#: Plausible brain density (g/mL) and haematocrit ratio kH, as the command line's --rho and --kh.
+RHO_RANGE, KH_RANGE = (0.5, 2.0), (0.1, 1.0)
+
+
+def check_constants(rho: float, kh: float) -> None:
+    """Refuse a brain density or haematocrit ratio outside :data:`RHO_RANGE` / :data:`KH_RANGE`
+    (a sign or a unit slip would scale every CBF and CBV silently)."""
+    for name, value, (lo, hi) in (("rho", rho, RHO_RANGE), ("kh", kh, KH_RANGE)):
+        if isinstance(value, bool) or not lo <= float(value) <= hi:  # NaN fails too
+            raise ValidationError(f"{name} must be {lo:g} to {hi:g}, got {value!r}")
+
+
 def flow_scale(rho: float, kh: float) -> float:
-    """Factor turning CBF in mL/100 g/min into the 1/s rate of the convolution: rho / kH / 6000."""
+    """Factor turning CBF in mL/100 g/min into the 1/s rate of the convolution: rho / kH / 6000
+    (the constants checked by :func:`check_constants`)."""
+    check_constants(rho, kh)
     return float(rho) / float(kh) / 6000.0
 
 

@@ -33,6 +33,7 @@ from ctperf.perfusion.boxnlr import BOX_METHODS, fit_box_nlr
 from ctperf.perfusion.curves import (
     TTP_SMOOTH_S,
     bolus_started_message,
+    check_constants,
     enhanced_at_start,
     gaussian_taps,
     gaussian_time,
@@ -173,6 +174,7 @@ def run_perfusion(
     """
     _check_inputs(series, method=method, vessel_series=vessel_series)
     _check_bayes_options(bayes_options, method)
+    check_constants(rho, kh)
     series, slice_shift = on_frame_times(series)
     if vessel_series is not None:
         vessel_series, _ = on_frame_times(vessel_series)
