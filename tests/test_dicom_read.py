@@ -16,6 +16,7 @@ from ctperf.cli import main
 from ctperf.errors import InputError
 from ctperf.io import read_dicom_series, read_study, write_series_dicom, write_series_nifti
 from dicom_factory import (
+    START,
     FakeStudy,
     gdcm_recompress,
     write_bare_dataset,
@@ -227,6 +228,88 @@ def test_whole_second_acquisition_time_gives_way_to_a_finer_clock(tmp_path, rng)
     series = read_dicom_series(study.folder)
     assert series.meta["timing_source"] == "ContentTime"
     np.testing.assert_allclose(series.times, study.times, atol=1e-6)
+
+
+def _clock_seconds(ds) -> float:
+    """Seconds from the factory's START of an image's AcquisitionTime."""
+    hms = str(ds.AcquisitionTime)
+    return (int(hms[:2]) * 3600 + int(hms[2:4]) * 60 + float(hms[4:])
+            - (START.hour * 3600 + START.minute * 60 + START.second))
+
+
+def test_a_trigger_time_finer_than_whole_second_clocks(tmp_path, rng, caplog):
+    """Every clock in whole seconds (frames 1.5-1.75 s apart read 0, 1, 3, 4, ... s) but
+    TriggerTime in ms from the start: it is the same clock less one start time, and times the
+    frames. Without it the whole seconds are read, with a warning that they may be a second
+    off."""
+    def edit(ds, t, z, trigger=True):
+        if trigger:
+            ds.TriggerTime = f"{1000.0 * _clock_seconds(ds):.1f}"
+        _whole_seconds(ds)
+        ds.ContentTime = str(ds.ContentTime).split(".")[0]
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=6, edit=edit)
+    series = read_dicom_series(study.folder)
+    assert series.meta["timing_source"] == "TriggerTime"
+    np.testing.assert_allclose(series.times, study.times, atol=1e-3)
+    coarse = write_fake_study(tmp_path / "c", rng, n_frames=6,
+                              edit=lambda ds, t, z: edit(ds, t, z, trigger=False))
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(coarse.folder)
+    assert series.meta["timing_source"] == "AcquisitionTime"
+    assert np.max(np.abs(series.times - study.times)) > 0.3  # the whole seconds' error
+    assert "whole seconds, 1 or 2 s apart" in caplog.text
+
+
+def test_localisers_and_derived_images_in_the_scan_series_are_left_out(tmp_path, rng, caplog):
+    """A scout and an average image stored under the perfusion series' UID (as scanners and
+    workstations may do): left out with a warning, the study read as without them; a series
+    all DERIVED (a processed study) is read whole."""
+    study = write_fake_study(tmp_path / "s", rng, n_frames=6, nested=False)
+    clean = read_dicom_series(study.folder)
+    first = sorted(study.folder.iterdir())[0]
+    for name, kind, rows in (("scout", ["ORIGINAL", "PRIMARY", "LOCALIZER"], 16),
+                             ("average", ["DERIVED", "SECONDARY", "AVERAGE"], None)):
+        ds = pydicom.dcmread(first)
+        ds.ImageType, ds.SOPInstanceUID = kind, generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.AcquisitionDateTime = (START + dt.timedelta(seconds=90)).strftime("%Y%m%d%H%M%S.%f")
+        ds.AcquisitionTime = (START + dt.timedelta(seconds=90)).strftime("%H%M%S.%f")
+        if rows:
+            ds.Rows, ds.ImageOrientationPatient = rows, [1, 0, 0, 0, 0, -1]
+            ds.PixelData = np.zeros((rows, ds.Columns), dtype=np.int16).tobytes()
+        ds.save_as(study.folder / name, enforce_file_format=True)
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    assert "left out 2 localiser or derived images" in caplog.text
+    np.testing.assert_array_equal(series.hu, clean.hu)
+    np.testing.assert_array_equal(series.times, clean.times)
+    derived = write_fake_study(tmp_path / "d", rng, n_frames=6,
+                               edit=lambda ds, t, z: setattr(ds, "ImageType",
+                                                             ["DERIVED", "SECONDARY", "AXIAL"]))
+    assert read_dicom_series(derived.folder).hu.shape[0] == 6
+
+
+def test_dates_and_dose_as_the_files_give_them(tmp_path, rng):
+    """Acquisition and content dates removed (an anonymiser), the study date kept: the times
+    are dated by it, not by 1970. The dose is the frames' median (a first, high-dose mask
+    volume is not the study's); the nominal slice thickness is kept beside the spacing."""
+    def edit(ds, t, z):
+        del ds.AcquisitionDateTime, ds.AcquisitionDate, ds.ContentDate
+        if t == 0:
+            ds.Exposure = 450
+        ds.SliceThickness = "10"
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=6, edit=edit)
+    series = read_dicom_series(study.folder)
+    assert series.meta["acquisition_start"].startswith(START.strftime("%Y%m%d"))
+    assert series.meta["mas"] == 150.0
+    assert series.meta["slice_thickness_mm"] == 10.0
+    assert series.spacing[0] == pytest.approx(5.0)
+    written = pydicom.dcmread(next(p for p in write_series_dicom(series, tmp_path / "o").rglob("*")
+                                   if p.is_file()), stop_before_pixels=True)
+    assert (float(written.SliceThickness), float(written.SpacingBetweenSlices)) == (10.0, 5.0)
+    assert written.AcquisitionDate == START.strftime("%Y%m%d")
 
 
 def test_frames_told_apart_by_acquisition_number(tmp_path, rng):

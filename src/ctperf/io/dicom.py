@@ -55,6 +55,7 @@ from ctperf.io.dicom_series import (
     slice_normal,
     time_course_series,
     time_point_series,
+    without_extras,
 )
 from ctperf.io.dicom_write import PATIENT_STUDY_TAGS
 from ctperf.io.integrity import (
@@ -207,10 +208,25 @@ def _by_time(root: Path, tag: str, values: list[list[float]],
     return [[h for _, h in o] for o in ordered], times
 
 
-def _agree(coarse: np.ndarray, fine: np.ndarray) -> bool:
+def _agree(coarse: np.ndarray, fine: np.ndarray, *, relative: bool) -> bool:
     """Whether a (T, Z) table of whole seconds is a finer table truncated or rounded: the same
-    clock readings, not another event's (ContentTime is often the reconstruction's)."""
+    clock readings, not another event's (ContentTime is often the reconstruction's). A
+    ``relative`` table (ms from the start) agrees when it is the clock less one start time:
+    the two differ by one amount, to the second."""
+    if relative:
+        return bool(np.ptp(coarse - fine) < 1.0 + 1e-6)
     return bool(np.all(np.floor(fine) == coarse) or np.all(np.round(fine) == coarse))
+
+
+def _whole_seconds_warning(root: Path, tag: str, times: np.ndarray) -> None:
+    """Warn when whole-second times step unevenly by one second (0, 1, 3, 4, ...): frames a
+    fraction of a second apart, each read up to a second off."""
+    steps = np.diff(times, axis=0)
+    if np.ptp(steps) == 1.0:
+        log.warning("%s: frame times from %s are whole seconds, %g or %g s apart: frames "
+                    "evenly spaced at a fraction of a second are each read up to 1 s off; "
+                    "give their spacing with --frame-interval SECONDS (frame_interval=)",
+                    root, tag, steps.min(), steps.max())
 
 
 def _order_frames(root: Path, slices: list[list[Header]],
@@ -221,7 +237,9 @@ def _order_frames(root: Path, slices: list[list[Header]],
     The source is the first of :data:`TIME_TAGS` that every image holds and that increases
     strictly within each slice: a tag that is the series' start time in every image, or
     whole seconds for half-second frames, is passed over for the next, and one in whole
-    seconds gives way to a later one that counts the same times more finely. Without one, frames
+    seconds gives way to a later one that counts the same times more finely (a clock to its
+    whole seconds, a relative time to one start time), with a warning when none does and the
+    seconds step unevenly. Without one, frames
     are ordered by index when ``frame_interval`` is given, else the first tag's error is
     raised."""
     passed: list[InputError] = []
@@ -235,10 +253,14 @@ def _order_frames(root: Path, slices: list[list[Header]],
         except InputError as exc:
             passed.append(exc)
             continue
-        if found_first is None and np.all(np.mod(times, 1.0) == 0):
+        whole = bool(np.all(np.mod(times, 1.0) == 0))
+        if found_first is None and whole:
             found_first = frames, times, tag    # whole seconds: a finer tag may follow
             continue
-        if found_first is not None and not _agree(found_first[1], times):
+        if found_first is not None and whole:
+            continue                            # no finer
+        if found_first is not None and not _agree(found_first[1], times,
+                                                  relative=tag in RELATIVE_TIME_TAGS):
             break
         if passed:
             log.info("%s: frame times from %s (passed over: %s)", root, tag,
@@ -248,6 +270,8 @@ def _order_frames(root: Path, slices: list[list[Header]],
                      found_first[2])
         return frames, times, tag
     if found_first is not None:
+        if frame_interval is None:
+            _whole_seconds_warning(root, found_first[2], found_first[1])
         return found_first
     if passed and frame_interval is None:
         raise passed[0]
@@ -317,15 +341,29 @@ def _values(value: Any) -> list[str] | None:
         else [str(value)]
 
 
+def _mas(h: Header) -> float | None:
+    """An image's tube current-time product: Exposure, else XRayTubeCurrent x ExposureTime."""
+    mas = optional_number(h, "Exposure")
+    if mas is None:
+        current, exposure = (optional_number(h, k) for k in ("XRayTubeCurrent", "ExposureTime"))
+        if current and exposure:
+            mas = current * exposure / 1000.0
+    return mas
+
+
+def _median_mas(headers: Sequence[Header]) -> float | None:
+    """The frames' median mAs (a first, high-dose mask volume is not the study's dose)."""
+    values = [v for v in map(_mas, headers) if v is not None]
+    return float(np.median(values)) if values else None
+
+
 def _meta(headers: Sequence[Header], source: str, start: float | None,
           n_files: int) -> dict[str, Any]:
     first = headers[0]
     manufacturer = " ".join(str(first.get(k, "")) for k in ("Manufacturer",
                                                              "ManufacturerModelName")).strip()
-    mas = optional_number(first, "Exposure")
+    mas = _median_mas(headers)
     current, exposure = (optional_number(first, k) for k in ("XRayTubeCurrent", "ExposureTime"))
-    if mas is None and current and exposure:
-        mas = current * exposure / 1000.0
     meta: dict[str, Any] = {
         "series_uid": str(first.ds.SeriesInstanceUID),
         "description": str(first.get("SeriesDescription", "")),
@@ -334,6 +372,7 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
         "mas": float(mas) if mas is not None else None,
         "timing_source": source,
         "series_number": (int(optional_number(first, "SeriesNumber") or 0) or None),
+        "slice_thickness_mm": optional_number(first, "SliceThickness"),
         "image_type": _values(first.get("ImageType")),
         "frame_of_reference_uid": str(first.get("FrameOfReferenceUID", "")) or None,
         "transfer_syntax": str(getattr(first.ds.file_meta.get("TransferSyntaxUID"), "name",
@@ -345,7 +384,7 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
         meta["exposure_time_ms"] = exposure
     if current is not None:
         meta["tube_current_ma"] = current
-    if start is not None:
+    if start is not None and start >= 86400.0:  # a time of day without any date is no start
         when = _EPOCH + dt.timedelta(seconds=start)
         meta["acquisition_start"] = when.strftime("%Y%m%d%H%M%S.%f")
     return meta
@@ -405,7 +444,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     """
     root = Path(folder)
     groups = read_dicom_headers(root) if headers_by_series is None else headers_by_series
-    choice = choose_series(root, groups, series_uid)
+    choice = choose_series(root, without_extras(root, groups), series_uid)
     headers = choice.headers
     slices, affine, (rows, cols) = _geometry(root, headers, modality="CT")
     check_duplicates(slices)

@@ -78,9 +78,9 @@ def _parse_date(text: str) -> float:
 
 
 def time_of(h: Header, tag: str) -> float | None:
-    """Seconds of one timing tag of :data:`TIME_TAGS` (since 1970 when a date is known; from the
-    start of the acquisition for :data:`RELATIVE_TIME_TAGS`), or None when absent or not a
-    time."""
+    """Seconds of one timing tag of :data:`TIME_TAGS` (since 1970 when a date is known: the
+    tag's own, else the series' or the study's; from the start of the acquisition for
+    :data:`RELATIVE_TIME_TAGS`), or None when absent or not a time."""
     value = h.get(tag)
     if value is None:
         return None
@@ -103,7 +103,8 @@ def time_of(h: Header, tag: str) -> float | None:
     if seconds is None:
         return None
     date_tag = "AcquisitionDate" if tag == "AcquisitionTime" else "ContentDate"
-    return _parse_date(h.get(date_tag) or h.get("SeriesDate") or "") + seconds
+    return _parse_date(h.get(date_tag) or h.get("SeriesDate") or h.get("StudyDate") or "") \
+        + seconds
 
 
 def numbers(h: Header, keyword: str, count: int) -> np.ndarray:

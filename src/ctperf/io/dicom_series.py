@@ -24,7 +24,7 @@ from ctperf.io.dicom_checks import TIME_TAGS, Header, numbers, time_of
 from ctperf.io.integrity import MIN_STUDY_FRAMES
 
 __all__ = ["POSITION_TOL_MM", "Choice", "along_normal", "choose_series", "group_slices",
-           "slice_normal", "time_course_series", "time_point_series"]
+           "slice_normal", "time_course_series", "time_point_series", "without_extras"]
 
 log = logging.getLogger("ctperf.io.dicom")  # the reader's log: one voice for reading DICOM
 
@@ -173,11 +173,39 @@ def _preferred(groups: dict[str, list[Header]],
     return best[0] if len(best) == 1 else None
 
 
-def _derived(h: Header) -> bool:
-    """Whether the image is DERIVED (ImageType's first value): a MIP, a reformat."""
+def _image_type(h: Header) -> list[str]:
+    """ImageType's values, upper case ([""] without one)."""
     kind = h.get("ImageType")
     values = list(kind) if isinstance(kind, list | tuple | MultiValue) else [kind]
-    return str(values[0]).strip().upper() == "DERIVED"
+    return [str(v or "").strip().upper() for v in values] or [""]
+
+
+def _derived(h: Header) -> bool:
+    """Whether the image is DERIVED (ImageType's first value): a MIP, a reformat."""
+    return _image_type(h)[0] == "DERIVED"
+
+
+def without_extras(root: Path, groups: dict[str, list[Header]]) -> dict[str, list[Header]]:
+    """Each series without the images that are not its scan's: localisers (ImageType
+    LOCALIZER) beside other images, and derived images (an average, a MIP) beside original
+    ones, which scanners and workstations may store under the scan's SeriesInstanceUID; a
+    warning names what was left out."""
+    kept = {}
+    for uid, headers in groups.items():
+        out = np.zeros(len(headers), dtype=bool)
+        for kind in (lambda h: "LOCALIZER" in _image_type(h)[2:], _derived):
+            odd = np.array([kind(h) for h in headers]) & ~out
+            if odd.any() and not (odd | out).all():
+                out |= odd
+        if out.any():
+            left = [h for h, o in zip(headers, out, strict=True) if o]
+            log.warning("%s: series %s: left out %d localiser or derived image%s beside its "
+                        "original images (%s%s)", root, uid, len(left),
+                        "s" if len(left) > 1 else "", left[0].path.name,
+                        ", ..." if len(left) > 1 else "")
+            headers = [h for h, o in zip(headers, out, strict=True) if not o]
+        kept[uid] = headers
+    return kept
 
 
 def _slices_of(headers: Sequence[Header]) -> list[list[Header]] | None:

@@ -268,7 +268,7 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
     base.WindowCenter, base.WindowWidth = "40", "80"
     base.ImageOrientationPatient = [_ds(v) for v in geo["iop"]]
     base.PixelSpacing = [_ds(v) for v in geo["pixel_spacing"]]
-    base.SliceThickness = _ds(geo["thickness"])
+    base.SliceThickness = _ds(meta.get("slice_thickness_mm") or geo["thickness"])
     base.SpacingBetweenSlices = _ds(geo["thickness"])
     base.NumberOfTemporalPositions = n_t
     if meta.get("mas") is not None:
@@ -387,7 +387,8 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
         base.WindowCenter, base.WindowWidth = _ds(centre), _ds(width)
         base.ImageOrientationPatient = [_ds(v) for v in geo["iop"]]
         base.PixelSpacing = [_ds(v) for v in geo["pixel_spacing"]]
-        base.SliceThickness = _ds(geo["thickness"])
+        base.SliceThickness = _ds(meta.get("slice_thickness_mm") or geo["thickness"])
+        base.SpacingBetweenSlices = _ds(geo["thickness"])
         base.ImageComments = f"{name} in {maps.units[name]}; method: {method}"[:10240]
         start = _start_time(meta, anonymise=anonymise)
         target = Path(folder) / name
