@@ -258,6 +258,15 @@ def test_slab_by_slab_equals_the_whole_volume(rng, spacing, slices):
     assert len(slabs) > 1 and setup.slabs(guide.shape, 2**40) == [(0, 0, slices, slices)]
     assert [s[1] for s in slabs[1:]] == [s[2] for s in slabs[:-1]]  # cores tile the volume
     assert slabs[-1][2] == slices
+    # a budget of 80 % of the whole grid's estimate: slabs within it, halos included, or as
+    # small as the halos allow (a core of a halo's layers and a halo on each side)
+    budget = int(0.8 * setup.grid_bytes(guide.shape))
+    halo = max(start - first for first, start, _, _ in slabs) or 1  # slices read before a core
+    smallest = setup.grid_bytes((3 * halo, *guide.shape[1:]))
+    within = setup.slabs(guide.shape, budget)
+    assert len(within) > 1
+    assert all(setup.grid_bytes((end - first, *guide.shape[1:])) <= max(budget, smallest)
+               for first, _, _, end in within)
     apart = joint_bilateral(hu, guide, spacing=spacing, slab_budget=1)
     same = hu.copy()
     in_place = joint_bilateral(same, guide, spacing=spacing, slab_budget=1, out=same,

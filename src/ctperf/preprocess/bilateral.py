@@ -46,11 +46,14 @@ __all__ = ["SLAB_BUDGET", "bilateral_filter", "joint_bilateral"]
 log = logging.getLogger(__name__)
 
 
-#: Grid cells of a slab times the taps of the three blur passes that one slab of the volume
-#: may hold at once (docs/preprocessing.md, "Speed and memory"): a 512 x 512 x 8
-#: study (0.45 mm pixels, a grid 3x down-sampled in plane) needs 8.4 million and is filtered
-#: whole; a study with more cells, or finer ones, is filtered slab by slab.
-SLAB_BUDGET = 32_000_000
+#: Peak memory (bytes) that building one slab's grid may take (docs/preprocessing.md, "Speed
+#: and memory"); a study whose grid would take more is filtered slab by slab along z.
+SLAB_BUDGET = 5_000_000_000
+#: Bytes the build takes per blur entry (grid cell x tap: the blur passes hold some 26 range
+#: levels of every cell) and per voxel (the splat and slicing matrices and the temporaries of
+#: building them; quadratic weights read more cells), fitted to the peaks measured on head
+#: studies of 0.45 and 0.9 mm pixels (docs/preprocessing.md; within 10-25 %).
+_ENTRY_BYTES, _VOXEL_BYTES = 125, {False: 1000, True: 1500}
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,25 @@ class _Setup:
         return build_grid(guide, self.sigma_vox, self.steps_hu, self.range_sigma_hu,
                           self.factors, self.quadratic, workers=workers)
 
-    def slabs(self, shape: tuple[int, int, int], budget: int) -> list[tuple[int, int, int, int]]:
-        """Slabs (first, core start, core stop, stop) along z whose grids hold at most about
-        ``budget`` blur entries: each core is filtered exactly as within the whole volume, its
-        halo (what the z pass reaches, whole grid layers) read but not written."""
+    def grid_bytes(self, shape: tuple[int, int, int]) -> int:
+        """Estimated peak bytes of building the grid of a volume of ``shape`` (Z, Y, X)."""
         nz, ny, nx = shape
         fz, fy, fx = self.factors
         taps = grid_taps(self.sigma_vox, self.factors, self.quadratic)
-        halo = len(taps[0]) // 2  # grid layers
-        layer = (-(-ny // fy) + 2 * (fy > 1)) * (-(-nx // fx) + 2 * (fx > 1))
-        per_layer = layer * sum(len(t) for t in taps)
+        cells = (-(-ny // fy) + 2 * (fy > 1)) * (-(-nx // fx) + 2 * (fx > 1))
+        per_layer = (_ENTRY_BYTES * cells * sum(len(t) for t in taps)
+                     + _VOXEL_BYTES[self.quadratic] * fz * ny * nx)
+        return per_layer * -(-nz // fz)
+
+    def slabs(self, shape: tuple[int, int, int], budget: int) -> list[tuple[int, int, int, int]]:
+        """Slabs (first, core start, core stop, stop) along z whose grids take at most about
+        ``budget`` bytes to build (:meth:`grid_bytes`): each core is filtered exactly as within
+        the whole volume, its halo (what the z pass reaches, whole grid layers) read but not
+        written."""
+        nz, ny, nx = shape
+        fz = self.factors[0]
+        halo = len(grid_taps(self.sigma_vox, self.factors, self.quadratic)[0]) // 2  # layers
+        per_layer = self.grid_bytes((fz, ny, nx))
         n_layers = -(-nz // fz)
         if n_layers * per_layer <= budget:
             return [(0, 0, nz, nz)]
@@ -149,8 +161,9 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         Where to write the result; may be ``images`` itself (each chunk is read before it is
         overwritten), which saves a copy of the study.
     slab_budget : int
-        Blur entries of the grid held at once (:data:`SLAB_BUDGET`); a volume whose grid needs
-        more is filtered in slabs along z, each with a halo of the slices its core's blur
+        Bytes that building the grid may take (:data:`SLAB_BUDGET`, estimated from the grid's
+        cells and taps and the voxels); a volume whose grid needs more is filtered in slabs
+        along z, each with a halo of the slices its core's blur
         reaches: the same result, in memory bounded by the budget, for the time of the halos.
     progress : bool
         Show a progress bar.
@@ -182,8 +195,8 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
     in_place = np.shares_memory(out, images)
     if len(slabs) > 1:
         log.info("bilateral filter in %d slabs of up to %d slices (its grid would not fit the "
-                 "budget of %d entries whole)", len(slabs),
-                 max(end - first for first, _, _, end in slabs), slab_budget)
+                 "budget of %.1f GB whole)", len(slabs),
+                 max(end - first for first, _, _, end in slabs), slab_budget / 1e9)
     kept: np.ndarray | None = None  # rows a slab overwrote in place that the next one reads
     for i, (first, start, stop, end) in enumerate(slabs):
         grid = setup.build(guide[first:end], workers)
@@ -193,6 +206,7 @@ def joint_bilateral(images: np.ndarray, guide: np.ndarray, *,
         desc = "bilateral" if len(slabs) == 1 else f"bilateral, slab {i + 1}/{len(slabs)}"
         map_chunks(partial(_filter_chunk, grid, slab, out), len(images), chunk=chunk,
                    workers=max(1, workers), progress=progress, desc=desc, unit="volume")
+        del grid, slab  # before the next slab's grid is built: one grid at a time
     return out
 
 
