@@ -237,7 +237,9 @@ def qc_flags(
         "as much as the measured AIF is diluted by the arteries' partial volume")
     vol = None if brain_voxels is None or voxel_ml is None else brain_voxels * voxel_ml
     put("few_brain_voxels", vol is not None and vol < min_brain_ml, vol,
-        f"brain mask under {min_brain_ml:.0f} mL")
+        f"brain mask under {min_brain_ml:.0f} mL: a partial scan, or a phantom of separate "
+        "regions (tiles), of which the automatic mask keeps the largest; give the region to "
+        "fit with --brain-mask (with --aif-mask and --vof-mask for vessels outside it)")
     motion = None if displacement_mm is None else float(np.max(displacement_mm))
     put("motion", motion is not None and motion > max_motion_mm, motion,
         f"frame-wise displacement above {max_motion_mm} mm: if part of it was through plane, "
