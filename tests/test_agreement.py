@@ -71,8 +71,13 @@ def test_icc1k_equals_the_hand_formula_and_pingouin(rng):
     assert got["icc"] == pytest.approx(row["ICC"], abs=1e-12)
     ci = row["CI95"] if "CI95" in row.index else row["CI95%"]
     assert np.allclose([got["ci_low"], got["ci_high"]], ci, atol=0.005)  # its 2-digit rounding
-    # hand case: two readers that agree exactly give ICC 1
-    assert icc1k(np.column_stack([truth, truth]))["icc"] == pytest.approx(1.0)
+    # hand case: two readers that agree exactly give ICC 1, F infinite, p 0, the interval 1-1
+    same = icc1k(np.column_stack([truth, truth]))
+    assert (same["icc"], same["ci_low"], same["ci_high"], same["f"], same["p"]) == (
+        1.0, 1.0, 1.0, np.inf, 0.0)
+    # two cases of two readers are 4 ratings, fewer than the 5 pingouin needs: left empty
+    few = icc1k(table[:2, :2])
+    assert np.isnan(few["icc"]) and few["n"] == 2
     # rows with a NaN are dropped
     with_nan = np.vstack([table, [1.0, np.nan, 2.0]])
     assert icc1k(with_nan)["icc"] == pytest.approx(got["icc"])

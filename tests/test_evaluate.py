@@ -443,3 +443,20 @@ def test_a_cohort_written_by_other_software_gives_the_same_tables(cohorts, tmp_p
     with caplog.at_level("WARNING", logger="ctperf"):
         load_maps_cohort(tmp_path / "foreignTrue")
     assert "cbf has a median of" in caplog.text and "another unit" in caplog.text
+
+
+def test_another_tools_background_is_no_value_but_a_zero_inside_the_brain_is(tmp_path):
+    """Another tool writes 0 outside the brain where ctperf writes NaN: that background, which
+    reaches the image's edge, is no value; a CBF of 0 enclosed by the brain (a core voxel)
+    stays a measurement."""
+    from ctperf.evaluation.cohort import _background_as_nan
+    from ctperf.types import PerfusionMaps
+
+    cbf = np.zeros((2, 20, 20), dtype=np.float32)
+    cbf[:, 4:16, 4:16] = 40.0
+    cbf[:, 9:11, 9:11] = 0.0                                  # an enclosed core of 0
+    maps = PerfusionMaps(maps={"cbf": cbf}, affine=np.eye(4), units={"cbf": "mL/100g/min"})
+    out = _background_as_nan(maps, tmp_path)["cbf"]
+    assert np.isnan(out[:, :4]).all() and np.isnan(out[:, :, 16:]).all()
+    assert (out[:, 9:11, 9:11] == 0).all()
+    assert np.count_nonzero(np.isfinite(out)) == 2 * 12 * 12

@@ -120,6 +120,41 @@ def test_bids_frame_start_times_in_the_sidecar(tmp_path):
         read_nifti_series(path)
 
 
+def test_bids_slice_timing_in_the_sidecar(tmp_path, caplog):
+    """dcm2niix's SliceTiming (each slice's time within its frame, along the third axis) times
+    the slices as ctperf's own SliceTimes would; along another axis it is said not to be
+    applied. A sidecar saved with a byte-order mark reads the same."""
+    path = _blank_study(tmp_path / "s.nii.gz", 0.0)
+    starts = np.array([0.0, 1.0, 2.0, 3.5, 5.0, 7.0])
+    side = {"FrameTimesStart": starts.tolist(), "SliceTiming": [0.0, 0.4]}
+    (tmp_path / "s.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(side).encode())
+    series = read_nifti_series(path)
+    np.testing.assert_allclose(series.slice_times, starts[:, None] + [0.0, 0.4])
+    assert series.meta["timing_source"] == "sidecar FrameTimesStart and SliceTiming"
+    (tmp_path / "s.json").write_text(json.dumps(side | {"SliceEncodingDirection": "j"}))
+    assert read_nifti_series(path).slice_times is None
+    assert "SliceTiming along 'j'" in caplog.text
+    (tmp_path / "s.json").write_text(json.dumps(side | {"SliceTiming": [0.0, 0.4, 0.8]}))
+    with pytest.raises(InputError, match="SliceTiming has 3 entries, the image has 2 slices"):
+        read_nifti_series(path)
+
+
+def test_a_voxel_size_of_zero_is_refused(tmp_path):
+    """A header with a slice thickness of 0 and no sform: nibabel would take 1 mm, and every
+    volume in mL would be off by the true thickness. Refused; an sform gives the size."""
+    img = nib.Nifti1Image(np.zeros((4, 5, 2, 6), dtype=np.float32), None)
+    img.header.set_qform(np.diag([2.0, 2.0, 5.0, 1.0]), code=1)
+    img.header.set_sform(None, code=0)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["pixdim"][3], img.header["pixdim"][4] = 0.0, 1.0
+    nib.save(img, tmp_path / "z.nii")
+    with pytest.raises(InputError, match=r"voxel size \(pixdim\[1:4\]\) is \[2.0, 2.0, 0.0\]"):
+        read_nifti_series(tmp_path / "z.nii")
+    img.header.set_sform(np.diag([2.0, 2.0, 5.0, 1.0]), code=2)
+    nib.save(img, tmp_path / "s.nii")
+    assert read_nifti_series(tmp_path / "s.nii").spacing == pytest.approx((5.0, 2.0, 2.0))
+
+
 def test_header_and_sidecar_timing_that_disagree_are_reported(tmp_path, caplog):
     """pixdim[4] of 1 s beside a sidecar 0.5 s apart: the sidecar is used, and said so."""
     path = _blank_study(tmp_path / "s.nii.gz", 1.0, unit="sec")

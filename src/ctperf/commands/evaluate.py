@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -60,4 +61,6 @@ def run(args: argparse.Namespace) -> int:
     n = len(doc["studies"])
     print(f"evaluated {n} stud{'y' if n == 1 else 'ies'} ({labels}); wrote {args.out}/report.html, "
           "table1.csv, table2.csv, evaluation.json, figures/")
+    for study, why in doc["excluded_studies"].items():
+        print(f"left out {study}: {why}", file=sys.stderr)
     return 0

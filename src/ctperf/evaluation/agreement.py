@@ -110,7 +110,8 @@ def icc1k(ratings: np.ndarray) -> dict[str, float]:
     -------
     dict
         ``icc`` (pingouin's ICC(1,k)), ``ci_low``, ``ci_high`` (its 95 % interval, unrounded),
-        ``f``, ``p`` and ``n`` (cases used).
+        ``f``, ``p`` and ``n`` (cases used); NaN but ``n`` with fewer than 5 ratings (2 cases of
+        2 readers) or no spread, and 1 (F infinite, p 0) when the readers agree exactly.
 
     Raises
     ------
@@ -123,8 +124,11 @@ def icc1k(ratings: np.ndarray) -> dict[str, float]:
     table = table[np.all(np.isfinite(table), axis=1)]
     n, k = table.shape
     nan = float("nan")
-    if n < 2 or np.ptp(table) == 0:
+    if n < 2 or n * k < 5 or np.ptp(table) == 0:  # pingouin needs 5 ratings
         return {"icc": nan, "ci_low": nan, "ci_high": nan, "f": nan, "p": nan, "n": n}
+    within = float(np.sum((table - table.mean(axis=1, keepdims=True)) ** 2))
+    if within <= 1e-12 * float(np.sum((table - table.mean()) ** 2)):  # readers agree exactly
+        return {"icc": 1.0, "ci_low": 1.0, "ci_high": 1.0, "f": float("inf"), "p": 0.0, "n": n}
     try:
         import pandas as pd
         import pingouin

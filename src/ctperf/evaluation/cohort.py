@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from ctperf.errors import InputError, ValidationError
 from ctperf.evaluation.agreement import case_dice, friedman, summarise_dice, volume_agreement
@@ -81,9 +82,23 @@ class Reader:
 BACKGROUND_SHARE = 0.2
 
 
+def _outside(mask: np.ndarray) -> np.ndarray:
+    """The voxels of ``mask`` (Z, Y, X) connected, within their slice, to the slice's edge:
+    the background around a head, not the same value enclosed by the brain."""
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    labels, _ = ndimage.label(mask, structure=in_plane)
+    edge = np.zeros(mask.shape, dtype=bool)
+    edge[:, [0, -1], :] = True
+    edge[:, :, [0, -1]] = True
+    touching = np.unique(labels[edge & mask])
+    return np.isin(labels, touching[touching > 0])
+
+
 def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
-    """The maps with a background value (:data:`BACKGROUND_SHARE`) set to NaN, so that it is
-    never compared as a measurement where the comparison's brain mask is wider."""
+    """The maps with a background value (:data:`BACKGROUND_SHARE`) set to NaN where it reaches
+    the image's edge, so that it is never compared as a measurement where the comparison's
+    brain mask is wider; the same value inside the brain (a CBF of 0 in the core) stays."""
     out = {}
     for name in maps.names:
         arr = maps[name]
@@ -92,9 +107,11 @@ def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
             values, counts = np.unique(finite, return_counts=True)
             value = float(values[np.argmax(counts)])
             if counts.max() > BACKGROUND_SHARE * arr.size:
+                outside = _outside(arr == value)
                 log.info("%s: %s holds %g in %.0f%% of its voxels, read as the background "
-                         "(no value)", folder, name, value, 100 * counts.max() / arr.size)
-                arr = np.where(arr == value, np.float32(np.nan), arr)
+                         "(no value) where it reaches the image's edge (%.0f%%)", folder, name,
+                         value, 100 * counts.max() / arr.size, 100 * outside.mean())
+                arr = np.where(outside, np.float32(np.nan), arr)
         out[name] = arr
     return maps.replace(maps=out)
 
@@ -146,6 +163,12 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
     for sub in subs:
         folder = sub / "truth" if phantom else sub
         names = [n for n in MAP_NAMES if map_file(folder, n) is not None]
+        others = sorted(f.name for f in folder.glob("*.nii*")
+                        if (stem := f.name.split(".")[0].lower()) not in MAP_NAMES
+                        and stem != "residual" and not stem.endswith("_sd"))  # ctperf's too
+        if others:
+            log.warning("%s: left out NIfTI files not named as a map (%s): %s", folder,
+                        ", ".join(MAP_NAMES), ", ".join(others[:5]))
         if not names:
             raise InputError(folder, f"no map files ({', '.join(MAP_NAMES)}, each .nii.gz or "
                                      ".nii, any case); is this a maps cohort? DICOM maps: "

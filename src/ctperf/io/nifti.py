@@ -17,6 +17,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from nibabel.openers import ImageOpener
 
 from ctperf.errors import InputError, ValidationError
 from ctperf.io.atomic import atomic_file
@@ -147,12 +148,27 @@ def _affine(p: Path, img: Any) -> np.ndarray:
     elif unit not in ("mm", "unknown"):
         raise InputError(p, f"the header's spatial unit is {unit!r}, not a length")
     codes = (int(header.get("sform_code", 0)), int(header.get("qform_code", 0)))
+    zooms = _stored_zooms(p, img)
+    if codes[0] == 0 and not np.all(np.abs(zooms) > 0):
+        raise InputError(p, f"the header's voxel size (pixdim[1:4]) is {zooms.tolist()} mm and "
+                            "it has no sform: a size of 0 is unknown (volumes in mL would be "
+                            "wrong); fix the header")
     if codes == (0, 0):
         log.warning("%s: neither sform nor qform is set; orientation guessed from the voxel "
                     "sizes (check left and right)", p)
     elif min(codes) > 0 and not np.allclose(header.get_sform(), header.get_qform(), atol=1e-3):
         log.warning("%s: sform and qform disagree; the sform is used", p)
     return affine
+
+
+def _stored_zooms(p: Path, img: Any) -> np.ndarray:
+    """pixdim[1:4] as the file stores them (nibabel sets a 0 to 1 when it loads a header)."""
+    try:
+        with ImageOpener(str(p)) as f:
+            raw = type(img.header).from_fileobj(f, check=False)
+    except Exception:  # read once already: only a race could fail it here
+        raw = img.header
+    return np.asarray(raw["pixdim"][1:4], dtype=np.float64)
 
 
 def has_orientation(path: PathLike) -> bool:
@@ -184,8 +200,11 @@ def _numbers(value: Any, side: Path, key: str, shape: tuple[int, ...]) -> np.nda
         raise InputError(side, f"{key} must be a list of numbers ({unit}) of shape "
                                f"{shape}, got lists of different lengths") from None
     if arr.shape != shape:
-        what = (f"has {arr.size} entries, the image has {shape[0]} frames" if key != "SliceTimes"
-                else f"has shape {arr.shape}, expected (frames, slices) = {shape}")
+        what = (f"has shape {arr.shape}, expected (frames, slices) = {shape}"
+                if key == "SliceTimes" else
+                f"has {arr.size} entries, the image has {shape[0]} slices"
+                if key == "SliceTiming" else
+                f"has {arr.size} entries, the image has {shape[0]} frames")
         raise InputError(side, f"{key} {what}")
     if not np.all(np.isfinite(arr)):
         raise InputError(side, f"{key} contains NaN or Inf")
@@ -193,11 +212,12 @@ def _numbers(value: Any, side: Path, key: str, shape: tuple[int, ...]) -> np.nda
 
 
 def _read_sidecar(side: Path, n_frames: int, n_slices: int
-                  ) -> tuple[np.ndarray | None, np.ndarray | None, dict[str, Any], str]:
-    """(frame times, SliceTimes, meta, the frame times' key) of a study's JSON sidecar, each
-    checked."""
+                  ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None,
+                             dict[str, Any], str]:
+    """(frame times, SliceTimes, BIDS SliceTiming offsets, meta, the frame times' key) of a
+    study's JSON sidecar, each checked."""
     try:
-        info = json.loads(side.read_text(encoding="utf-8"))
+        info = json.loads(side.read_text(encoding="utf-8-sig"))  # a byte-order mark too
     except OSError as exc:
         raise InputError(side, f"cannot read the sidecar ({exc.strerror or exc})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -215,7 +235,16 @@ def _read_sidecar(side: Path, n_frames: int, n_slices: int
              if info.get(key) is not None else None)
     slice_times = (_numbers(info["SliceTimes"], side, "SliceTimes", (n_frames, n_slices))
                    if info.get("SliceTimes") is not None else None)
-    return times, slice_times, dict(meta), key
+    offsets = None
+    if slice_times is None and info.get("SliceTiming") is not None:
+        # BIDS (dcm2niix): each slice's time within its frame, along the slice axis
+        direction = str(info.get("SliceEncodingDirection", "k"))
+        if direction != "k":
+            log.warning("%s: SliceTiming along %r (not the third axis, k) is not applied: the "
+                        "slices are taken at their frame's time", side, direction)
+        else:
+            offsets = _numbers(info["SliceTiming"], side, "SliceTiming", (n_slices,))
+    return times, slice_times, offsets, dict(meta), key
 
 
 def _pixdim_step(header: Any) -> tuple[str, float, float | None]:
@@ -295,10 +324,10 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
     check_frame_count(n_frames, p)
     side = sidecar_path(p)
     meta: dict[str, Any] = {}
-    times = slice_times = None
+    times = slice_times = offsets = None
     key = "FrameTimes"
     if side.exists():
-        times, slice_times, meta, key = _read_sidecar(side, n_frames, n_slices)
+        times, slice_times, offsets, meta, key = _read_sidecar(side, n_frames, n_slices)
     if frame_interval is not None:
         if not frame_interval > 0:
             raise InputError(p, f"frame_interval must be > 0 s, got {frame_interval}")
@@ -313,6 +342,9 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         times, source = _pixdim_times(p, header, n_frames)
         where = p
         check_frame_times(times, p, source="pixdim[4]")
+    if offsets is not None and frame_interval is None:
+        slice_times = times[:, None] + offsets[None, :]
+        source += " and SliceTiming"
     meta["timing_source"] = source
     data = _pixels(p, img)
     hu = np.ascontiguousarray(data.transpose(3, 2, 1, 0))
