@@ -1,7 +1,9 @@
 """Automatic arterial and venous input functions, and the partial-volume correction.
 
 Arterial candidates are ranked by early peak, high peak and narrow bolus, truncated curves are
-dropped, and the best ``n_voxels`` (100, as in Gava et al. 2023) are averaged. Arteries feed the
+dropped, and the best ``n_voxels`` (100, as in Gava et al. 2023) that agree on timing are
+averaged: the best quarter's timing, or that of a group among them filling clearly earlier
+(a vein cannot fill before its artery). Arteries feed the
 tissue and peak before it: a choice that peaks after the tissue's bolus (:func:`tissue_peak_time`)
 is a vein (the sinuses can outshine partial-volume-diluted arteries, and their late, broad curve
 would shift every delay and Tmax by seconds), and the choice is made again among the voxels
