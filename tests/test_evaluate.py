@@ -460,3 +460,22 @@ def test_another_tools_background_is_no_value_but_a_zero_inside_the_brain_is(tmp
     assert np.isnan(out[:, :4]).all() and np.isnan(out[:, :, 16:]).all()
     assert (out[:, 9:11, 9:11] == 0).all()
     assert np.count_nonzero(np.isfinite(out)) == 2 * 12 * 12
+
+
+def test_maps_in_another_unit_are_reported_and_a_background_is_not_taken_for_one(tmp_path):
+    """Tmax written in ms without a sidecar saying so: the reading's warning is kept in the
+    maps' provenance (the evaluation's report lists it). A -1 background around a Tmax in s
+    is not read as the map's values (no warning)."""
+    import nibabel as nib
+
+    from ctperf.io import read_maps
+
+    tmax = np.full((2, 20, 20), -1.0, dtype=np.float32)
+    tmax[:, 4:16, 4:16] = np.linspace(0.5, 8.0, 144).reshape(12, 12)
+    for name, values in (("s", tmax), ("ms", np.where(tmax > 0, 1000 * tmax, -1.0))):
+        (tmp_path / name).mkdir()
+        nib.save(nib.Nifti1Image(values.transpose(2, 1, 0), np.eye(4)),
+                 tmp_path / name / "tmax.nii.gz")
+    assert "unit_warnings" not in read_maps(tmp_path / "s").provenance
+    (doubt,) = read_maps(tmp_path / "ms").provenance["unit_warnings"]
+    assert doubt.startswith("tmax has a median of 4250") and "another unit" in doubt

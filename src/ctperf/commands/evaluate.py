@@ -63,4 +63,7 @@ def run(args: argparse.Namespace) -> int:
           "table1.csv, table2.csv, evaluation.json, figures/")
     for study, why in doc["excluded_studies"].items():
         print(f"left out {study}: {why}", file=sys.stderr)
+    if doc["warnings"]:
+        print(f"{len(doc['warnings'])} warning(s) in the report, e.g. {doc['warnings'][0]}",
+              file=sys.stderr)
     return 0

@@ -62,7 +62,8 @@ class Reader:
 
     ``maps[study]`` is a :class:`PerfusionMaps` (absent for raters), ``lesions[study][name]`` a
     bool (Z, Y, X) mask, ``brain[study]`` the brain mask when the reader has one; ``kind`` is
-    ``"method"``, ``"truth"`` or ``"rater"``.
+    ``"method"``, ``"truth"`` or ``"rater"``; ``warnings`` what reading it found doubtful
+    (a map's values implausible for its unit).
     """
 
     label: str
@@ -71,15 +72,11 @@ class Reader:
     maps: dict[str, PerfusionMaps] = field(default_factory=dict)
     lesions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     brain: dict[str, np.ndarray] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def studies(self) -> list[str]:
         return sorted(set(self.maps) | set(self.lesions))
-
-
-#: A value that is not positive and is held by more than this share of a map's voxels is the
-#: background another tool wrote outside the brain (0 or -1 where ctperf writes NaN).
-BACKGROUND_SHARE = 0.2
 
 
 def _outside(mask: np.ndarray) -> np.ndarray:
@@ -96,22 +93,22 @@ def _outside(mask: np.ndarray) -> np.ndarray:
 
 
 def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
-    """The maps with a background value (:data:`BACKGROUND_SHARE`) set to NaN where it reaches
-    the image's edge, so that it is never compared as a measurement where the comparison's
-    brain mask is wider; the same value inside the brain (a CBF of 0 in the core) stays."""
+    """The maps with a background value (:func:`~ctperf.io.maps.background_value`) set to NaN
+    where it reaches the image's edge, so that it is never compared as a measurement where the
+    comparison's brain mask is wider; the same value inside the brain (a CBF of 0 in the core)
+    stays."""
+    from ctperf.io.maps import background_value
+
     out = {}
     for name in maps.names:
         arr = maps[name]
-        finite = arr[np.isfinite(arr) & (arr <= 0)]
-        if finite.size:
-            values, counts = np.unique(finite, return_counts=True)
-            value = float(values[np.argmax(counts)])
-            if counts.max() > BACKGROUND_SHARE * arr.size:
-                outside = _outside(arr == value)
-                log.info("%s: %s holds %g in %.0f%% of its voxels, read as the background "
-                         "(no value) where it reaches the image's edge (%.0f%%)", folder, name,
-                         value, 100 * counts.max() / arr.size, 100 * outside.mean())
-                arr = np.where(outside, np.float32(np.nan), arr)
+        value = background_value(arr)
+        if value is not None:
+            outside = _outside(arr == value)
+            log.info("%s: %s holds %g in %.0f%% of its voxels, read as the background (no "
+                     "value) where it reaches the image's edge (%.0f%%)", folder, name, value,
+                     100 * np.mean(arr == value), 100 * outside.mean())
+            arr = np.where(outside, np.float32(np.nan), arr)
         out[name] = arr
     return maps.replace(maps=out)
 
@@ -174,6 +171,7 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
                                      ".nii, any case); is this a maps cohort? DICOM maps: "
                                      "convert them to NIfTI first")
         maps = read_maps(folder, names=names)
+        reader.warnings += [f"{sub.name}: {w}" for w in maps.provenance.get("unit_warnings", [])]
         if not phantom:
             maps = _background_as_nan(maps, folder)
         reader.maps[sub.name] = maps

@@ -24,7 +24,8 @@ from ctperf.errors import InputError
 from ctperf.io.nifti import has_orientation, read_volume, sidecar_path
 from ctperf.types import MAP_NAMES, MAP_UNITS, PerfusionMaps
 
-__all__ = ["PLAUSIBLE_MEDIANS", "check_plausible", "map_file", "read_maps", "to_map_unit"]
+__all__ = ["BACKGROUND_SHARE", "PLAUSIBLE_MEDIANS", "background_value",
+           "check_plausible", "map_file", "read_maps", "to_map_unit"]
 
 log = logging.getLogger(__name__)
 
@@ -65,20 +66,41 @@ def to_map_unit(name: str, values: np.ndarray, unit: str | None,
     return values * np.float32(factor)
 
 
+#: A value that is not positive and is held by more than this share of a map's voxels is the
+#: background another tool wrote outside the brain (0 or -1 where ctperf writes NaN).
+BACKGROUND_SHARE = 0.2
+
+
+def background_value(values: np.ndarray) -> float | None:
+    """The map's background (:data:`BACKGROUND_SHARE`): its most frequent value that is not
+    positive when that fills more than the share; None when there is none."""
+    low = values[np.isfinite(values) & (values <= 0)]
+    if low.size == 0:
+        return None
+    levels, counts = np.unique(low, return_counts=True)
+    return float(levels[np.argmax(counts)]) if counts.max() > BACKGROUND_SHARE * values.size \
+        else None
+
+
 def check_plausible(name: str, values: np.ndarray, path: PathLike) -> str | None:
-    """A warning (logged and returned) when the median of the map's finite, non-zero voxels
-    lies outside :data:`PLAUSIBLE_MEDIANS` for its unit; None when it does not."""
+    """A warning (logged, and returned without the path) when the median of the map's finite
+    voxels other than 0 and its background (:func:`background_value`) lies outside
+    :data:`PLAUSIBLE_MEDIANS` for its unit; None when it does not."""
     bounds = PLAUSIBLE_MEDIANS.get(name)
-    v = values[np.isfinite(values) & (values != 0)]
+    keep = np.isfinite(values) & (values != 0)
+    background = background_value(values)
+    if background is not None:
+        keep &= values != background
+    v = values[keep]
     if bounds is None or v.size == 0:
         return None
     median = float(np.median(v))
     if bounds[0] <= median <= bounds[1]:
         return None
-    message = (f"{path}: {name} has a median of {median:.4g} where values are set, implausible "
-               f"in {MAP_UNITS[name]} ({bounds[0]:g} to {bounds[1]:g}); a map in another unit? "
+    message = (f"{name} has a median of {median:.4g} where values are set, implausible in "
+               f"{MAP_UNITS[name]} ({bounds[0]:g} to {bounds[1]:g}); a map in another unit? "
                "Declare it in the map's JSON sidecar ({\"units\": \"mL/100g/s\"}, \"ms\", ...)")
-    log.warning("%s", message)
+    log.warning("%s: %s", path, message)
     return message
 
 
@@ -98,7 +120,8 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
     """Read the maps of a folder (all known names present, or those asked for):
     ``<name>.nii.gz`` or ``.nii``, the name in any case (:func:`map_file`). A map whose JSON
     sidecar declares another unit than ctperf's is converted (:func:`to_map_unit`);
-    one whose values are implausible for its unit is reported in the log. Maps without
+    one whose values are implausible for its unit is reported in the log and in
+    ``provenance["unit_warnings"]``. Maps without
     orientation have ``provenance["orientation_unknown"]``."""
     root = Path(folder)
     if not root.is_dir():
@@ -137,6 +160,8 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
             provenance.update(info)
         arrays[name] = to_map_unit(name, arrays[name], declared, side)
         units[name] = MAP_UNITS.get(name) or declared or "1"
-        check_plausible(name, arrays[name], path)
+        doubt = check_plausible(name, arrays[name], path)
+        if doubt is not None:
+            provenance.setdefault("unit_warnings", []).append(doubt)
     assert affine is not None
     return PerfusionMaps(maps=arrays, affine=affine, units=units, provenance=provenance)

@@ -163,11 +163,13 @@ def _sections(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) ->
                       f"<code>{html.escape(r['path'])}</code></li>" for r in doc["readers"])
     excluded = "".join(f"<li>{html.escape(s)}: {html.escape(why)}</li>"
                        for s, why in doc["excluded_studies"].items())
+    warnings = "".join(f"<li>{html.escape(w)}</li>" for w in doc.get("warnings", []))
     intro = (f'<ul class="note">{readers}</ul><p class="note">{_studies(len(doc["studies"]))}: '
              f'{html.escape(", ".join(doc["studies"]))}. Maps compared within the '
              f'{html.escape(doc["region"])}. ctperf {html.escape(str(doc["software_version"]))}.'
              "</p>" + (f'<p class="note">Left out:</p><ul class="note">{excluded}</ul>'
-                       if excluded else ""))
+                       if excluded else "") + (f'<p class="note">Warnings:</p><ul class="note">'
+                                               f"{warnings}</ul>" if warnings else ""))
     t1_note = ('<p class="note">Mean ± SD over studies of per-study figures. MSE (paper: '
                "min-max): both maps scaled to [0, 1] with the reference data set's minimum and "
                "maximum over whole images, background included, as Gava et al. 2023 normalised "
