@@ -118,3 +118,31 @@ def test_maps_without_source_share_one_study(tmp_path, rng):
     folders = write_maps_dicom(maps, tmp_path / "m")
     uids = {pydicom.dcmread(next(f.glob("*.dcm"))).StudyInstanceUID for f in folders}
     assert len(uids) == 1
+
+
+def test_new_uids_need_the_key(monkeypatch):
+    """The new UIDs are a keyed hash of the source's: stable within a run, or across runs that
+    share the secret in CTPERF_DEIDENTIFY_KEY; without the key, whoever holds the source UIDs
+    cannot recompute them (an unkeyed hash would let them match de-identified data to the
+    originals)."""
+    import hashlib
+    import uuid
+
+    from ctperf.io.privacy import UID_KEY_VARIABLE
+
+    source = "1.2.840.113619.2.55.3.1234"
+    monkeypatch.delenv(UID_KEY_VARIABLE, raising=False)
+    run = anonymous_uid(source)
+    assert run == anonymous_uid(f" {source} ") and run.startswith("2.25.")
+    assert len(run) <= 64 and run != anonymous_uid(source + "5")
+    monkeypatch.setenv(UID_KEY_VARIABLE, "site secret")
+    keyed = anonymous_uid(source)
+    assert keyed != run and keyed == anonymous_uid(source)
+    monkeypatch.setenv(UID_KEY_VARIABLE, "another secret")
+    assert anonymous_uid(source) != keyed
+    # nothing a holder of the source UID could compute without the key (such as the name-based
+    # UUID of an earlier ctperf)
+    namespace = uuid.uuid5(uuid.NAMESPACE_URL, "ctperf de-identification")
+    unkeyed = {f"2.25.{uuid.uuid5(namespace, source).int}",
+               f"2.25.{int.from_bytes(hashlib.sha256(source.encode()).digest()[:16], 'big')}"}
+    assert not unkeyed & {run, keyed}

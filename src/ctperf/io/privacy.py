@@ -14,10 +14,12 @@ Two rules:
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import hmac
 import ntpath
 import os
 import posixpath
-import uuid
+import secrets
 from collections.abc import Mapping
 from pathlib import PurePath
 from typing import Any
@@ -27,6 +29,7 @@ from pydicom.dataset import Dataset
 __all__ = [
     "ANONYMOUS_START",
     "IDENTITY_KEYWORDS",
+    "UID_KEY_VARIABLE",
     "anonymous_uid",
     "deidentify_dataset",
     "public_meta",
@@ -60,8 +63,6 @@ _DEVICE_KEYWORDS = ("Manufacturer", "ManufacturerModelName")
 #: the times between frames are kept).
 ANONYMOUS_START = dt.datetime(2000, 1, 1, 0, 0, 0)
 _DUMMY_NAME = "ANONYMOUS"
-# name-based UUIDs (RFC 4122 version 5) of source UIDs in this namespace give the new UIDs
-_UID_NAMESPACE = uuid.uuid5(uuid.NAMESPACE_URL, "ctperf de-identification")
 # DeidentificationMethod is LO: at most 64 characters per value
 _METHOD = ["DICOM PS3.15 Annex E Basic Profile (ctperf)",
            "Dates replaced by a dummy, times between frames kept"]
@@ -102,12 +103,23 @@ def public_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Environment variable holding a secret for :func:`anonymous_uid`: the same secret gives the
+#: same new UIDs in every run (a study and its maps de-identified by two commands file
+#: together); without it each run draws its own.
+UID_KEY_VARIABLE = "CTPERF_DEIDENTIFY_KEY"
+_RUN_KEY = secrets.token_bytes(32)
+
+
 def anonymous_uid(uid: str) -> str:
-    """A new UID for ``uid``: the same input always gives the same output (so a de-identified
-    series and maps written from one source still share study and frame of reference), and the
-    source UID cannot be recovered from it (a name-based UUID, RFC 4122 version 5, under the
-    DICOM root 2.25)."""
-    return f"2.25.{uuid.uuid5(_UID_NAMESPACE, str(uid).strip()).int}"
+    """A new UID for ``uid`` under the DICOM root 2.25: a keyed hash (HMAC-SHA-256) of it, so
+    that the same input gives the same output within a run, or in every run sharing the secret
+    in :data:`UID_KEY_VARIABLE` (a de-identified series and maps written from one source
+    still share study and frame of reference), and that whoever holds the source UIDs cannot
+    match them to the new ones without the key."""
+    secret = os.environ.get(UID_KEY_VARIABLE)
+    key = secret.encode("utf-8") if secret else _RUN_KEY
+    digest = hmac.new(key, str(uid).strip().encode("utf-8"), hashlib.sha256).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 def deidentify_dataset(ds: Dataset) -> None:
