@@ -449,6 +449,17 @@ def test_fit_curves_refuses_implausible_units_and_constants():
             fit_curves(tissue, aif, T_HAND, method="bsvd", baseline=baseline)
 
 
+def test_a_box_fit_on_a_bound_is_flagged():
+    """An arterial curve given as tissue (a column mixed up) drives the box fit to its CBF
+    bound of 300: flagged at_bound, not reported as a value like the others."""
+    tissue, aif = _hand_curves()
+    fit = fit_curves(np.column_stack([tissue, aif]), aif, T_HAND, method="nlr-fast")
+    assert fit.cbf[3] == pytest.approx(300.0, abs=0.05)
+    assert "at_bound" in fit.flags[3]
+    assert not any("at_bound" in f for f in fit.flags[:3])
+    assert fit.provenance["curve_flags"]["at_bound"]["curves"] == [3]
+
+
 def test_an_aif_arriving_after_the_tissue_is_flagged(capsys, tmp_path):
     """A vein given as the AIF (its bolus 5 s after the tissue's): the maps' QC flag
     ``aif_after_tissue`` is raised, in the sidecar and on the terminal; a plausible AIF
@@ -539,7 +550,12 @@ def test_curves_below_their_baseline_are_flagged(rng, tmp_path, capsys):
     assert every_4th.provenance["baseline_frames"] == 1
     assert not any("below_baseline" in f for f in every_4th.flags)
     osipi = _load_osipi()
-    assert not any(fit_curves(osipi["tissue"], osipi["aif"], osipi["times"]).flags)
+    flags = fit_curves(osipi["tissue"], osipi["aif"], osipi["times"]).flags
+    # no curve flag but the box fit's bound on the two 24 s MTTs (a gamma residue's tail,
+    # which the box reads longer than its 30 s bound)
+    mtt = 60.0 * osipi["cbv"] / osipi["cbf"]
+    assert {i for i, f in enumerate(flags) if f} == set(np.flatnonzero(mtt >= 24.0))
+    assert all(f in ((), ("at_bound",)) for f in flags)
     drifting, aif = _noisy_hand_curves(rng, 0.1)
     fit = fit_curves(drifting, aif, T_HAND, method="bayes")
     assert all("below_baseline" in f for f in fit.flags), fit.flags

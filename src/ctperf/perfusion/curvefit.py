@@ -17,7 +17,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.io.integrity import frame_spacing_problem
-from ctperf.perfusion.boxnlr import BOX_METHODS
+from ctperf.perfusion.boxnlr import BOX_METHODS, DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
     check_bolus_start,
     check_constants,
@@ -51,6 +51,9 @@ CURVE_FLAGS: dict[str, str] = {
                       "its values are not reliable",
     "no_enhancement": "never rises above its pre-bolus level by more than its noise allows: "
                       "its values are mostly noise",
+    "at_bound": "the box model's fit ended on a bound of CBF, MTT or delay (DEFAULT_BOUNDS of "
+                "ctperf.perfusion.boxnlr): the curve does not determine it; its values are not "
+                "reliable",
 }
 
 #: How many SDs of a time-smoothed curve's noise ``below_baseline`` of :func:`curve_flags`
@@ -119,6 +122,17 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ..
     flat = sm.max(axis=0) <= NO_ENHANCEMENT_SDS * sd
     return tuple(tuple(name for name, hit in (("below_baseline", b), ("no_enhancement", f))
                        if hit) for b, f in zip(below, flat, strict=True))
+
+
+def _at_bounds(values: dict[str, np.ndarray]) -> np.ndarray:
+    """Which box-model fits ended on a bound of (CBF, MTT, delay), within 1e-4 of its range."""
+    hit = np.zeros(values["cbf"].shape, dtype=bool)
+    for name, (lo, hi) in zip(("cbf", "mtt", "delay"), DEFAULT_BOUNDS, strict=True):
+        if name == "cbf":
+            lo = -np.inf  # no flow is a value, not a stuck fit
+        tol = 1e-4 * (DEFAULT_BOUNDS[0][1] if name == "cbf" else hi - lo)
+        hit |= (values[name] <= lo + tol) | (values[name] >= hi - tol)
+    return hit
 
 
 def _as_curves(tissue: np.ndarray, n_t: int) -> np.ndarray:
@@ -231,6 +245,10 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                      pv_corrected=bool(pv["corrected"]) if v is not None else None,
                      box_mtt=out["mtt"] if method in BOX_METHODS else None)
     per_curve = curve_flags(tis, n_base)
+    if method in BOX_METHODS:
+        stuck = _at_bounds(out)
+        per_curve = tuple(f + ("at_bound",) * bool(hit)
+                          for f, hit in zip(per_curve, stuck, strict=True))
     provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},
                   "baseline_frames": n_base, "partial_volume": pv,
                   "qc": {k: flags[k] for k in CURVE_QC},

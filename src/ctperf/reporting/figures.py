@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.reporting.windows import display_window
-from ctperf.types import PerfusionMaps
+from ctperf.types import PerfusionMaps, orient, radiological_flips
 
 __all__ = [
     "bland_altman_figure",
@@ -82,12 +82,13 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
         area = mask.sum(axis=(1, 2))
         z = int(np.argmax(area)) if area.any() else reference.shape[0] // 2
     _, dy, dx = reference.spacing
+    flips = radiological_flips(reference.affine)
     colours = ("magenta", "white", "cyan", "yellow")
     fig, axes = plt.subplots(3, len(names), figsize=(3.2 * len(names), 9.2), squeeze=False,
                              facecolor="black")
     for j, name in enumerate(names):
-        ref = np.where(mask[z], reference[name][z], np.nan)
-        est = np.where(mask[z], estimate[name][z], np.nan)
+        ref = orient(np.where(mask[z], reference[name][z], np.nan), flips)
+        est = orient(np.where(mask[z], estimate[name][z], np.nan), flips)
         lo, hi = display_window(name, ref)
         span = hi - lo
         panels = ((ref, f"{name} {labels[1]}", "turbo", lo, hi),
@@ -99,13 +100,12 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
                               vmin=vmin, vmax=vmax, aspect=dy / dx, interpolation="nearest")
             for k, (key, outline) in enumerate((outlines or {}).items()):
                 if outline[z].any():
-                    ax.contour(outline[z].astype(float), levels=[0.5],
+                    ax.contour(orient(outline[z], flips).astype(float), levels=[0.5],
                                colors=colours[k % len(colours)], linewidths=0.8)
                     if i == 0 and j == 0:
                         ax.plot([], [], color=colours[k % len(colours)], label=key)
             ax.set_title(f"{label} [{reference.units[name]}]", color="white", fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _radiological_axes(ax, mark=j == 0)
             bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
             bar.ax.tick_params(colors="white", labelsize=7)
     if outlines:
@@ -113,6 +113,15 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
     fig.suptitle(title or f"slice {z}", color="white")
     fig.tight_layout()
     return fig
+
+
+def _radiological_axes(ax: Any, *, mark: bool) -> None:
+    """No ticks; with ``mark`` an "R" at the patient's right (the slice is shown
+    radiologically, :func:`~ctperf.types.radiological_flips`)."""
+    ax.set_xticks([])
+    ax.set_yticks([])
+    if mark:
+        ax.text(0.02, 0.98, "R", transform=ax.transAxes, color="white", fontsize=8, va="top")
 
 
 def _pyplot() -> Any:
@@ -154,6 +163,7 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
         area = mask.sum(axis=(1, 2))
         z = int(np.argmax(area)) if area.any() else first.shape[0] // 2
     _, dy, dx = first.spacing
+    flips = radiological_flips(first.affine)
     label0 = readings[0][0]
     rows = [(label, m, False) for label, m in readings]
     rows += [(f"{label0} - {label}", m, True) for label, m in readings[1:]]
@@ -170,19 +180,19 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
                 cmap, vmin, vmax = "RdBu_r", -(hi - lo) / 2, (hi - lo) / 2
             else:
                 cmap, vmin, vmax = "turbo", lo, hi
-            shown = ax.imshow(img, cmap=plt.get_cmap(cmap).with_extremes(bad="black"),
+            shown = ax.imshow(orient(img, flips),
+                              cmap=plt.get_cmap(cmap).with_extremes(bad="black"),
                               vmin=vmin, vmax=vmax, aspect=dy / dx, interpolation="nearest")
             if not is_diff:
                 for k, (key, outline) in enumerate((outlines or {}).items()):
                     if outline[z].any():
-                        ax.contour(outline[z].astype(float), levels=[0.5],
+                        ax.contour(orient(outline[z], flips).astype(float), levels=[0.5],
                                    colors=colours[k % len(colours)], linewidths=0.8)
                     if i == 0 and j == 0:
                         ax.plot([], [], color=colours[k % len(colours)], label=key)
             ax.set_title(f"{name} {label} [{first.units.get(name, '')}]", color="white",
                          fontsize=8)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            _radiological_axes(ax, mark=j == 0)
             bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
             bar.ax.tick_params(colors="white", labelsize=6)
     if outlines and names:
@@ -346,12 +356,13 @@ def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: s
     Parameters
     ----------
     times : ndarray, shape (T,)
-        Frame times, s.
+        Frame times, s (drawn from the first frame: clock times start at 0).
     fit : ctperf.perfusion.CurveFit
     names : sequence of str
         The tissue curves' names.
     """
     plt = _pyplot()
+    times = np.asarray(times, dtype=np.float64) - float(times[0])
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.2))
     pv = fit.provenance.get("partial_volume", {})
     factor = float(pv.get("factor") or 1.0) if pv.get("corrected") else 1.0
@@ -372,10 +383,11 @@ def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: s
             ax.axvspan(times[0], times[n_base - 1], color="0.9", zorder=0,
                        label="baseline" if ax is left else None)
         ax.axhline(0, color="grey", linewidth=0.6)
-        ax.set_xlabel("time (s)", fontsize=9)
+        ax.set_xlabel("time from the first frame (s)", fontsize=9)
         ax.tick_params(labelsize=8)
     left.set_ylabel("enhancement (input units)", fontsize=9)
-    left.set_title("arterial and venous curves", fontsize=10)
+    left.set_title("arterial and venous curves" if fit.vof is not None else "arterial curve",
+                   fontsize=10)
     shown = f" (first {n} of {len(names)})" if n < len(names) else ""
     right.set_title(f"tissue curves{shown}", fontsize=10)
     left.legend(fontsize=7, loc="upper right")
