@@ -155,6 +155,13 @@ def test_a_study_sampled_otherwise_is_resampled_to_the_training_spacing(trained)
     short = series.replace(hu=series.hu[:7], times=series.times[:7])
     with pytest.raises(ValidationError, match="this study spans"):
         predict_maps(short, ckpt, device="cpu")
+    # the median step the network's, but the frames it takes twice as far apart late in the
+    # scan (a protocol slowing down): resampled too, not read as evenly spaced
+    slow = series.times.copy()
+    slow[8:] = slow[7] + 2.0 * (slow[8:] - slow[7])
+    uneven = predict_maps(series.replace(times=slow), ckpt, device="cpu")
+    assert uneven.provenance["frame_mode"] == "resample"
+    assert "apart, so it was resampled" in uneven.provenance["input_note"]
 
 
 def test_checkpoints_load_weights_only(trained):
@@ -225,6 +232,13 @@ def test_cli_train_cv_predict(tmp_path: Path, capsys):
     assert not brain[:, :3].any()
     cbv = read_maps(tmp_path / "m3")["cbv"]
     assert np.all(cbv[~brain] == 0) and np.any(cbv[brain] != 0)
+    # a study without a head, or begun after the bolus reached its arteries, is refused as
+    # `ctperf maps` refuses it, not predicted into blank or inflated maps
+    air = write_series_nifti(series.replace(hu=np.full_like(series.hu, -1000.0)),
+                             tmp_path / "air.nii.gz")
+    assert main(["predict", str(air), str(tmp_path / "m4"), "--model",
+                 str(tmp_path / "run" / "model.pt"), "--device", "cpu"]) == 2
+    assert "no brain voxels found" in capsys.readouterr().err
     # a subject without its study is named, not left out of the folds
     (cohort / "sub-0001" / "study.nii.gz").rename(tmp_path / "kept.nii.gz")
     assert main(["train", str(cohort), str(tmp_path / "run2"), "--target", "cbv", *small]) == 2

@@ -17,7 +17,7 @@ from ctperf.errors import ValidationError
 from ctperf.masks import hu_offset
 from ctperf.model.data import ORIENTATION
 from ctperf.model.normalise import from_unit, normalise_input
-from ctperf.model.unet import input_step, select_frames
+from ctperf.model.unet import input_step, select_frames, subsample_indices
 from ctperf.types import CTPSeries, PerfusionMaps, orient, radiological_flips
 
 __all__ = ["predict_maps"]
@@ -46,7 +46,8 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
                      ) -> tuple[str, float | None, str | None]:
     """How the study's frames become the network's input: the checkpoint's own way, or, when
     the network takes every n-th frame (the authors' subsampling) and this study's frames are
-    not spaced as the training studies' were, resampled onto the training studies' spacing
+    not spaced as the training studies' were (their median or any one step off by more than
+    :data:`STEP_TOLERANCE`), resampled onto the training studies' spacing
     (the network reads the bolus's timing from the frame index). Returns (mode, interval,
     note); a study too short for the frames the network takes is refused."""
     mode, interval = cfg["frame_mode"], cfg.get("frame_interval")
@@ -56,14 +57,22 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
         return mode, interval, None
     t = np.asarray(times, dtype=np.float64)
     step = input_step(t, n_frames=n_frames) if t.size >= n_frames else None
-    if step is not None and abs(step / trained - 1.0) <= STEP_TOLERANCE:
+    steps = np.diff(t[subsample_indices(t.size, n_frames)]) if step is not None else None
+    even = steps is not None and steps.size > 0 and float(
+        np.max(np.abs(steps / trained - 1.0))) <= STEP_TOLERANCE
+    if step is not None and abs(step / trained - 1.0) <= STEP_TOLERANCE and even:
         return mode, interval, None
     need, have = (n_frames - 1) * trained, float(t[-1] - t[0])
     if have < 0.9 * need:
         raise ValidationError(
             f"the network takes {n_frames} frames {trained:.2f} s apart ({need:.0f} s), as its "
             f"training studies had them; this study spans {have:.0f} s")
-    what = "too few frames" if step is None else f"frames {step:.2f} s apart"
+    if step is None or steps is None:
+        what = "too few frames"
+    elif abs(step / trained - 1.0) > STEP_TOLERANCE:
+        what = f"frames {step:.2f} s apart"
+    else:
+        what = f"frames {float(steps.min()):.2f}-{float(steps.max()):.2f} s apart"
     note = (f"the network takes every n-th frame, {trained:.2f} s apart in its training "
             f"studies; this study gives {what}, so it was resampled to {trained:.2f} s")
     log.warning("%s", note)

@@ -62,7 +62,8 @@ from ctperf.types import MAP_UNITS, CTPSeries, PerfusionMaps
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "SD_MAPS", "PerfusionResult", "compute_maps", "run_perfusion"]
+__all__ = ["METHODS", "SD_MAPS", "PerfusionResult", "check_scan_start", "compute_maps",
+           "run_perfusion"]
 
 METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes")
 #: Posterior standard deviations written beside the maps by ``bayes``.
@@ -387,6 +388,16 @@ def _check_scan_start(onset: _Onset, region: np.ndarray) -> None:
         raise ValidationError(bolus_started_message(
             f"{started.mean():.0%} of the earliest-peaking vessels are enhanced at it, by a "
             f"median {np.median(level):.0%} of their range"))
+
+
+def check_scan_start(series: CTPSeries, brain: np.ndarray) -> None:
+    """Refuse a study begun after the contrast reached its arteries, as :func:`run_perfusion`
+    does, for an estimate that fits no AIF (the U-Net): ``brain`` (Z, Y, X) and what it and the
+    bone enclose in each slice is searched for the arteries."""
+    _, offset = masks.hu_offset(series.hu[0], spacing=series.spacing)
+    _, bone_rim, onset = _bolus_baseline(series.hu, spacing=series.spacing, offset=offset)
+    inside = masks.fill_holes_in_plane(np.asarray(brain, dtype=bool) | bone_rim)
+    _check_scan_start(onset, inside & ~bone_rim)
 
 
 class _Brain(NamedTuple):

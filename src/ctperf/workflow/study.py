@@ -407,6 +407,16 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
             mask = brain_mask(series)
         except ValidationError as exc:
             raise InputError(study, f"{exc}; give the brain with --brain-mask") from None
+        if not mask.any():
+            raise InputError(study, "no brain voxels found (no tissue at brain densities); "
+                                    "check that the study is in HU, or give the brain with "
+                                    "--brain-mask")
+    from ctperf.perfusion.maps import check_scan_start
+
+    try:  # the network's input must start before the bolus, as its training studies did
+        check_scan_start(series, mask)
+    except ValidationError as exc:
+        raise InputError(study, str(exc)) from None
     maps = predict_maps(series, checkpoint, device=o.device, batch_size=o.batch_size,
                         resize=o.resize, brain_mask=mask, progress=o.progress)
     # The checkpoint's file name only, and no study path: paths often hold a patient's name.
