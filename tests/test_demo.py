@@ -58,6 +58,9 @@ def test_demo_filters_bayes_only_when_asked(tmp_path, capsys):
     assert main(["demo", str(tmp_path / "plain"), *args]) == 0
     assert "[2/4] maps (bayes)" in capsys.readouterr().out
     assert "not preprocessed" in (tmp_path / "plain" / "report.md").read_text()
+    # its uncertainty maps are shown with the others
+    assert "![uncertainty](maps/uncertainty.png)" in (tmp_path / "plain" / "report.md").read_text()
+    assert "posterior standard deviations" in (tmp_path / "plain" / "report.html").read_text()
     assert main(["demo", str(tmp_path / "filtered"), *args, "--filter"]) == 0
     assert "[2/4] bilateral filter, maps (bayes)" in capsys.readouterr().out
 
