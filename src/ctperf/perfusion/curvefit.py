@@ -128,10 +128,10 @@ def _at_bounds(values: dict[str, np.ndarray]) -> np.ndarray:
     """Which box-model fits ended on a bound of (CBF, MTT, delay), within 1e-4 of its range."""
     hit = np.zeros(values["cbf"].shape, dtype=bool)
     for name, (lo, hi) in zip(("cbf", "mtt", "delay"), DEFAULT_BOUNDS, strict=True):
-        if name == "cbf":
-            lo = -np.inf  # no flow is a value, not a stuck fit
-        tol = 1e-4 * (DEFAULT_BOUNDS[0][1] if name == "cbf" else hi - lo)
-        hit |= (values[name] <= lo + tol) | (values[name] >= hi - tol)
+        tol = 1e-4 * (hi - lo)
+        hit |= values[name] >= hi - tol
+        if name != "cbf":  # no flow is a value, not a stuck fit
+            hit |= values[name] <= lo + tol
     return hit
 
 
