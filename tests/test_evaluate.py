@@ -479,3 +479,28 @@ def test_maps_in_another_unit_are_reported_and_a_background_is_not_taken_for_one
     assert "unit_warnings" not in read_maps(tmp_path / "s").provenance
     (doubt,) = read_maps(tmp_path / "ms").provenance["unit_warnings"]
     assert doubt.startswith("tmax has a median of 4250") and "another unit" in doubt
+
+
+def test_a_lesion_missing_in_some_studies_is_said_not_dropped_silently():
+    """A lesion mask one reader lacks in some studies cannot enter Table 2; the report's
+    warnings say which, rather than the row vanishing without a word."""
+    from ctperf.evaluation.cohort import Reader, evaluate_readers
+    from ctperf.types import PerfusionMaps
+
+    cbf = np.linspace(10.0, 70.0, 128, dtype=np.float32).reshape(2, 8, 8)
+    mask = np.zeros((2, 8, 8), dtype=bool)
+    mask[:, 2:5, 2:5] = True
+    studies = ["a", "b", "c"]
+    readers = []
+    for label in ("est", "ref"):
+        r = Reader(label=label, kind="method", path=label)
+        for s in studies:
+            r.maps[s] = PerfusionMaps(maps={"cbf": cbf}, affine=np.eye(4),
+                                      units={"cbf": "mL/100g/min"})
+            r.lesions[s] = {"core": mask, "hypoperfused": mask}
+        readers.append(r)
+    del readers[0].lesions["b"]["hypoperfused"]
+    out = evaluate_readers(readers, studies=studies)
+    assert [row["lesion"] for row in out["lesions"]] == ["core"]
+    (said,) = out["lesion_warnings"]
+    assert said == "hypoperfused, est vs ref: left out of Table 2 (est has none in b)"

@@ -372,7 +372,8 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
     voxel_ml = {s: grid.maps[s].voxel_ml for s in studies}
     out: dict[str, Any] = {
         "region": f"brain mask of {brain_src.label}" if brain_src else "all finite voxels",
-        "voxel_ml": voxel_ml, "maps": [], "lesions": [], "friedman": [], "minmax": {}}
+        "voxel_ml": voxel_ml, "maps": [], "lesions": [], "friedman": [], "minmax": {},
+        "lesion_warnings": []}
     for est, ref in _map_pairs(readers):
         for name in MAP_ORDER:
             lacking = [s for s in studies if name not in est.maps[s] or name not in ref.maps[s]]
@@ -395,10 +396,17 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
                 "cases": cases})
     for est, ref in _lesion_pairs(readers):
         for name in LESION_NAMES:
-            if not all(name in est.lesions.get(s, {}) and name in ref.lesions.get(s, {})
-                       for s in studies):
-                continue
-            out["lesions"].append(_lesion_row(est, ref, name, studies, voxel_ml))
+            absent = {r.label: [s for s in studies if name not in r.lesions.get(s, {})]
+                       for r in (est, ref)}
+            if not any(absent.values()):
+                out["lesions"].append(_lesion_row(est, ref, name, studies, voxel_ml))
+            elif any(len(v) < len(studies) for v in absent.values()):  # not a cohort of maps
+                said = "; ".join(f"{label} has none in {', '.join(v[:3])}"
+                                 f"{' ...' if len(v) > 3 else ''}"
+                                 for label, v in absent.items() if v)
+                out["lesion_warnings"].append(f"{name}, {est.label} vs {ref.label}: left out of "
+                                              f"Table 2 ({said})")
+                log.warning("%s", out["lesion_warnings"][-1])
     for name in LESION_NAMES:
         have = [r for r in readers
                 if all(name in r.lesions.get(s, {}) for s in studies)]

@@ -166,7 +166,8 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     doc = {"software_version": __version__,
            "readers": [{"label": r.label, "kind": r.kind, "path": r.path} for r in readers],
            "studies": studies, "excluded_studies": excluded,
-           "warnings": [f"{r.label}, {w}" for r in readers for w in r.warnings], **result,
+           "warnings": [f"{r.label}, {w}" for r in readers for w in r.warnings]
+           + result.pop("lesion_warnings"), **result,
            "training_log": str(log_path) if train_rows is not None else None}
     figures = evaluation_figures(readers, result, studies, train_rows,
                                  max_map_figures=max_map_figures)
