@@ -108,11 +108,20 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
             _radiological_axes(ax, mark=j == 0)
             bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
             bar.ax.tick_params(colors="white", labelsize=7)
-    if outlines:
-        axes[0, 0].legend(fontsize=7, facecolor="black", labelcolor="white", loc="lower left")
     fig.suptitle(title or f"slice {z}", color="white")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    if outlines:
+        _outline_legend(fig, axes[0, 0], fontsize=7)
     return fig
+
+
+def _outline_legend(fig: Any, ax: Any, *, fontsize: int) -> None:
+    """The outlines' colours in the figure's top left corner, beside the title: over a panel
+    they hide the brain's edge."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.005, 0.995),
+                   fontsize=fontsize, facecolor="black", labelcolor="white", frameon=False)
 
 
 def _radiological_axes(ax: Any, *, mark: bool) -> None:
@@ -195,10 +204,10 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
             _radiological_axes(ax, mark=j == 0)
             bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
             bar.ax.tick_params(colors="white", labelsize=6)
-    if outlines and names:
-        axes[0, 0].legend(fontsize=6, facecolor="black", labelcolor="white", loc="lower left")
     fig.suptitle(title or f"slice {z}", color="white")
     fig.subplots_adjust(left=0.02, right=0.95, bottom=0.02, top=0.93, wspace=0.15, hspace=0.18)
+    if outlines and names:
+        _outline_legend(fig, axes[0, 0], fontsize=6)
     return fig
 
 
