@@ -104,10 +104,11 @@ def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
         arr = maps[name]
         value = background_value(arr)
         if value is not None:
-            outside = _outside(arr == value)
+            held = arr == value
+            outside = _outside(held)
             log.info("%s: %s holds %g in %.0f%% of its voxels, read as the background (no "
                      "value) where it reaches the image's edge (%.0f%%)", folder, name, value,
-                     100 * np.mean(arr == value), 100 * outside.mean())
+                     100 * held.mean(), 100 * outside.mean())
             arr = np.where(outside, np.float32(np.nan), arr)
         out[name] = arr
     return maps.replace(maps=out)

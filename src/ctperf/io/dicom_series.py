@@ -185,6 +185,11 @@ def _derived(h: Header) -> bool:
     return _image_type(h)[0] == "DERIVED"
 
 
+def _localiser(h: Header) -> bool:
+    """Whether the image is a localiser (scout): LOCALIZER among ImageType's values."""
+    return "LOCALIZER" in _image_type(h)[2:]
+
+
 def without_extras(root: Path, groups: dict[str, list[Header]]) -> dict[str, list[Header]]:
     """Each series without the images that are not its scan's: localisers (ImageType
     LOCALIZER) beside other images, and derived images (an average, a MIP) beside original
@@ -193,7 +198,7 @@ def without_extras(root: Path, groups: dict[str, list[Header]]) -> dict[str, lis
     kept = {}
     for uid, headers in groups.items():
         out = np.zeros(len(headers), dtype=bool)
-        for kind in (lambda h: "LOCALIZER" in _image_type(h)[2:], _derived):
+        for kind in (_localiser, _derived):
             odd = np.array([kind(h) for h in headers]) & ~out
             if odd.any() and not (odd | out).all():
                 out |= odd

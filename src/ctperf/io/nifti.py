@@ -148,11 +148,12 @@ def _affine(p: Path, img: Any) -> np.ndarray:
     elif unit not in ("mm", "unknown"):
         raise InputError(p, f"the header's spatial unit is {unit!r}, not a length")
     codes = (int(header.get("sform_code", 0)), int(header.get("qform_code", 0)))
-    zooms = _stored_zooms(p, img)
-    if codes[0] == 0 and not np.all(np.abs(zooms) > 0):
-        raise InputError(p, f"the header's voxel size (pixdim[1:4]) is {zooms.tolist()} mm and "
-                            "it has no sform: a size of 0 is unknown (volumes in mL would be "
-                            "wrong); fix the header")
+    if codes[0] == 0:  # without an sform the voxel size is pixdim's
+        zooms = _stored_zooms(p, img)
+        if not np.all(np.abs(zooms) > 0):
+            raise InputError(p, f"the header's voxel size (pixdim[1:4]) is {zooms.tolist()} mm "
+                                "and it has no sform: a size of 0 is unknown (volumes in mL "
+                                "would be wrong); fix the header")
     if codes == (0, 0):
         log.warning("%s: neither sform nor qform is set; orientation guessed from the voxel "
                     "sizes (check left and right)", p)

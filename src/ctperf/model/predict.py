@@ -56,21 +56,21 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
     if mode != "subsample" or not trained:
         return mode, interval, None
     t = np.asarray(times, dtype=np.float64)
-    step = input_step(t, n_frames=n_frames) if t.size >= n_frames else None
-    steps = np.diff(t[subsample_indices(t.size, n_frames)]) if step is not None else None
-    even = steps is not None and steps.size > 0 and float(
-        np.max(np.abs(steps / trained - 1.0))) <= STEP_TOLERANCE
-    if step is not None and abs(step / trained - 1.0) <= STEP_TOLERANCE and even:
+    # the steps between the frames the network would take (every one within the tolerance:
+    # their median is too)
+    steps = np.diff(t[subsample_indices(t.size, n_frames)]) if t.size >= n_frames else None
+    if steps is not None and steps.size and float(
+            np.max(np.abs(steps / trained - 1.0))) <= STEP_TOLERANCE:
         return mode, interval, None
     need, have = (n_frames - 1) * trained, float(t[-1] - t[0])
     if have < 0.9 * need:
         raise ValidationError(
             f"the network takes {n_frames} frames {trained:.2f} s apart ({need:.0f} s), as its "
             f"training studies had them; this study spans {have:.0f} s")
-    if step is None or steps is None:
+    if steps is None or not steps.size:
         what = "too few frames"
-    elif abs(step / trained - 1.0) > STEP_TOLERANCE:
-        what = f"frames {step:.2f} s apart"
+    elif abs(float(np.median(steps)) / trained - 1.0) > STEP_TOLERANCE:
+        what = f"frames {float(np.median(steps)):.2f} s apart"
     else:
         what = f"frames {float(steps.min()):.2f}-{float(steps.max()):.2f} s apart"
     note = (f"the network takes every n-th frame, {trained:.2f} s apart in its training "
