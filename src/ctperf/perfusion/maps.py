@@ -390,14 +390,16 @@ def _check_scan_start(onset: _Onset, region: np.ndarray) -> None:
             f"median {np.median(level):.0%} of their range"))
 
 
-def check_scan_start(series: CTPSeries, brain: np.ndarray) -> None:
-    """Refuse a study begun after the contrast reached its arteries, as :func:`run_perfusion`
-    does, for an estimate that fits no AIF (the U-Net): ``brain`` (Z, Y, X) and what it and the
-    bone enclose in each slice is searched for the arteries."""
-    _, offset = masks.hu_offset(series.hu[0], spacing=series.spacing)
-    _, bone_rim, onset = _bolus_baseline(series.hu, spacing=series.spacing, offset=offset)
-    inside = masks.fill_holes_in_plane(np.asarray(brain, dtype=bool) | bone_rim)
-    _check_scan_start(onset, inside & ~bone_rim)
+def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) -> None:
+    """Refuse a study begun after the contrast reached its arteries, exactly as
+    :func:`run_perfusion` does (the same search region: its automatic brain, or
+    ``brain_mask``), for an estimate that fits no AIF (the U-Net)."""
+    hu, spacing = series.hu, series.spacing
+    _, offset = masks.hu_offset(hu[0], spacing=spacing)
+    n_base, bone_rim, onset = _bolus_baseline(hu, spacing=spacing, offset=offset)
+    search = _brain(hu[:n_base].mean(axis=0), hu.mean(axis=0, dtype=np.float32), brain_mask,
+                    spacing=spacing, offset=offset).search
+    _check_scan_start(onset, masks.fill_holes_in_plane(search | bone_rim) & ~bone_rim)
 
 
 class _Brain(NamedTuple):

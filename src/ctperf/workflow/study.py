@@ -398,7 +398,7 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
     _say_if_unfinished(checkpoint, o.model)
     series = io.read_study(study, series_uid=o.series_uid, frame_interval=o.frame_interval,
                            progress=o.progress)
-    mask = _read_mask(o.brain_mask, series)
+    given = mask = _read_mask(o.brain_mask, series)
     if mask is None:  # the automatic brain mask, as the maps of `ctperf maps` are bounded by
         from ctperf.errors import InputError, ValidationError
         from ctperf.masks import brain_mask
@@ -414,7 +414,7 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
     from ctperf.perfusion.maps import check_scan_start
 
     try:  # the network's input must start before the bolus, as its training studies did
-        check_scan_start(series, mask)
+        check_scan_start(series, given)
     except ValidationError as exc:
         raise InputError(study, str(exc)) from None
     maps = predict_maps(series, checkpoint, device=o.device, batch_size=o.batch_size,
