@@ -70,6 +70,7 @@ def test_discover_studies_layouts_and_names(tmp_path):
     (root / "MOL-001_Registered_Filtered_3mm_20HU").mkdir()      # UniToBrain: input ...
     (root / "MOL-001_Registered_Filtered_3mm_20HU" / "IM1").write_bytes(b"x")
     (root / "MOL-001_Registered_Filtered_3mm_20HU_Maps").mkdir()  # ... and its maps, not a study
+    (root / "MOL-002_Registered_Filtered_3mm_20HU_Maps" / "NLR_CBF").mkdir(parents=True)  # alone
     for ignored in (".hidden", ".ctperf-output", "cohort.json", MANIFEST, "notes.txt"):
         (root / ignored).write_text("")
     (root / ".ctperf-tmp.host.1.x.sub").mkdir()

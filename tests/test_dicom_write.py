@@ -215,6 +215,21 @@ def test_a_processed_study_is_marked_derived(tmp_path, small_series):
     again = read_dicom_series(out)  # a DERIVED source stays DERIVED when rewritten
     ds = pydicom.dcmread(next(write_series_dicom(again, tmp_path / "c").glob("*.dcm")))
     assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    assert plain.Manufacturer == ""  # Type 2: present, empty when the source does not say
+
+
+def test_a_preprocessed_nifti_converted_to_dicom_stays_derived(tmp_path, small_series):
+    """``ctperf convert`` of a ``ctperf preprocess`` study: its sidecar's record of the steps
+    makes the DICOM DERIVED, never an original scan."""
+    from ctperf.io import read_nifti_series, write_series_nifti
+
+    done = small_series.replace(meta={**small_series.meta,
+                                      "preprocess": {"registered": False, "filtered": True}})
+    write_series_nifti(done, tmp_path / "study.nii.gz")
+    back = read_nifti_series(tmp_path / "study.nii.gz")
+    ds = pydicom.dcmread(next(write_series_dicom(back, tmp_path / "d").glob("*.dcm")))
+    assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
+    assert ds.DerivationDescription == "filtered" and ds.SeriesNumber == 1001
 
 
 def test_a_wide_map_keeps_nan_at_zero_and_ttp_gets_its_own_window(tmp_path, maps):

@@ -71,9 +71,87 @@ def test_pixdim_timing_errors_say_what_is_missing(tmp_path):
     path = _blank_study(tmp_path / "s.nii.gz", -1.0)
     with pytest.raises(InputError, match=r"pixdim\[4\] is -1 and there is no JSON sidecar"):
         read_nifti_series(path)
-    (tmp_path / "s.json").write_text(json.dumps({"RepetitionTime": 1.0}))
-    with pytest.raises(InputError, match="its JSON sidecar has no FrameTimes"):
+    (tmp_path / "s.json").write_text(json.dumps({"Modality": "CT"}))
+    with pytest.raises(InputError, match="its JSON sidecar has no FrameTimes or Repetition"):
         read_nifti_series(path)
+
+
+def test_bids_repetition_time_in_the_sidecar_gives_the_frame_step(tmp_path, caplog):
+    """ISLES 2024 and dcm2niix give the step as BIDS' RepetitionTime (s): it is used, and wins
+    over a header that says 1 s (ITK's default), with a warning; in ms it is refused."""
+    path = _blank_study(tmp_path / "s.nii.gz", 1.0, "sec")
+    (tmp_path / "s.json").write_text(json.dumps({"Modality": "CT", "RepetitionTime": 1.5}))
+    with caplog.at_level("WARNING", logger="ctperf"):
+        series = read_nifti_series(path)
+    np.testing.assert_allclose(series.times, np.arange(6) * 1.5)
+    assert series.meta["timing_source"] == "sidecar RepetitionTime"
+    assert "pixdim[4] gives 1 s between frames, the sidecar's RepetitionTime" in caplog.text
+    (tmp_path / "s.json").write_text(json.dumps({"RepetitionTime": 1500}))
+    with pytest.raises(InputError, match="milliseconds read as seconds"):
+        read_nifti_series(path)
+    (tmp_path / "s.json").write_text(json.dumps({"RepetitionTime": "1.5"}))
+    with pytest.raises(InputError, match="RepetitionTime must be a number"):
+        read_nifti_series(path)
+
+
+def test_a_one_second_header_step_is_read_with_a_warning(tmp_path, caplog):
+    """ITK writes pixdim[4] = 1 with the unit s when no step was set: 1 s is also a real
+    protocol step, so it is read, but said."""
+    path = _blank_study(tmp_path / "s.nii.gz", 1.0, "sec")
+    with caplog.at_level("WARNING", logger="ctperf"):
+        series = read_nifti_series(path)
+    np.testing.assert_allclose(series.times, np.arange(6) * 1.0)
+    assert "which writers such as ITK also leave" in caplog.text
+    caplog.clear()
+    _blank_study(path, 1.5, "sec")
+    with caplog.at_level("WARNING", logger="ctperf"):
+        read_nifti_series(path)
+    assert "ITK" not in caplog.text
+
+
+def test_unit_and_axis_mistakes_are_named(tmp_path, caplog):
+    """Seconds stored under a millisecond unit, a 5D file with a singleton 4th axis and the
+    time axis stored first each get a message saying what is wrong."""
+    path = _blank_study(tmp_path / "s.nii.gz", 1.5, "msec")
+    with pytest.raises(InputError, match="seconds stored as milliseconds"):
+        read_nifti_series(path)
+    five = nib.Nifti1Image(np.zeros((4, 5, 2, 1, 6), dtype=np.float32), np.eye(4))
+    nib.save(five, tmp_path / "five.nii.gz")
+    with pytest.raises(InputError, match="remove its singleton 4th axis"):
+        read_nifti_series(tmp_path / "five.nii.gz")
+    first = nib.Nifti1Image(np.zeros((12, 5, 4, 3), dtype=np.float32), np.eye(4))
+    first.header.set_xyzt_units("mm", "sec")
+    first.header["pixdim"][4] = 1.5
+    nib.save(first, tmp_path / "first.nii.gz")
+    with caplog.at_level("WARNING", logger="ctperf"):
+        read_nifti_series(tmp_path / "first.nii.gz")
+    assert "is the time axis stored elsewhere" in caplog.text
+
+
+def test_a_folder_holding_one_4d_nifti_is_that_study(tmp_path, caplog):
+    """ISLES 2018 keeps each case's 4D study in a folder beside folders of 3D maps: a folder
+    with no DICOM is read as its one 4D NIfTI; 3D frames, or several 4D files, are refused
+    saying what to do."""
+    case = tmp_path / "case_1"
+    (case / "CT_4DPWI.1").mkdir(parents=True)
+    (case / "CT_CBF.2").mkdir()
+    _blank_study(case / "CT_4DPWI.1" / "pwi.nii", 1.5, "sec")
+    nib.save(nib.Nifti1Image(np.zeros((4, 5, 2), dtype=np.float32), np.eye(4)),
+             case / "CT_CBF.2" / "cbf.nii")
+    with caplog.at_level("WARNING", logger="ctperf"):
+        series = read_study(case)
+    np.testing.assert_allclose(series.times, np.arange(6) * 1.5)
+    assert "skipped" not in caplog.text  # the NIfTI files are not called stray DICOM
+    _blank_study(case / "CT_CBF.2" / "second.nii", 1.5, "sec")
+    with pytest.raises(InputError, match=r"2 4D NIfTI files .*pass the study's file itself"):
+        read_study(case)
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for k in range(4):
+        nib.save(nib.Nifti1Image(np.zeros((4, 5, 2), dtype=np.float32), np.eye(4)),
+                 frames / f"f{k}.nii.gz")
+    with pytest.raises(InputError, match="one per frame, must be merged into one 4D file"):
+        read_study(frames)
 
 
 def test_a_placeholder_frame_spacing_is_not_taken_for_one(tmp_path, caplog):
@@ -262,16 +340,25 @@ def test_atomic_outputs_get_ordinary_permissions(small_series, tmp_path):
 @pytest.mark.parametrize("shear", [0.0, 0.4], ids=["straight", "tilted gantry"])
 def test_written_maps_carry_qform_and_sform_and_their_unit(tmp_path, shear):
     """Tools that read only the qform (or only the sform) see the same grid; a sheared grid,
-    which a qform cannot hold, has its qform unset rather than approximated."""
+    which a qform cannot hold, has the nearest unsheared grid as its qform, coded 1 (scanner),
+    so that ITK opens it."""
     affine = np.diag([-0.9, 0.9, 5.0, 1.0])
     affine[1, 2] = shear
     path = write_volume(np.zeros((3, 4, 5), np.float32), affine, tmp_path / "cbf.nii.gz",
                         sidecar={"map": "cbf", "units": "mL/100g/min"})
     img = nib.load(path)
     np.testing.assert_allclose(img.get_sform(), affine, atol=1e-6)
-    assert (img.get_qform(coded=True)[1] == 2) == (shear == 0.0)
+    assert img.get_qform(coded=True)[1] == (2 if shear == 0.0 else 1)
     if shear == 0.0:
         np.testing.assert_allclose(img.get_qform(), affine, atol=1e-5)
+    else:  # zooms and the slices' place kept; the columns' direction orthogonal
+        qform = img.get_qform()
+        np.testing.assert_allclose(np.linalg.norm(qform[:3, :3], axis=0), [0.9, 0.9, 5.0],
+                                   rtol=0.02)  # the polar factor: the tilt's share leaves
+        np.testing.assert_allclose(qform[:3, 3], affine[:3, 3])
+        gram = qform[:3, :3].T @ qform[:3, :3]
+        np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-6)
+    pytest.importorskip("SimpleITK").ReadImage(str(path))  # ITK opens it
     assert img.header["descrip"].tobytes().rstrip(b"\0") == b"cbf mL/100g/min"
 
 

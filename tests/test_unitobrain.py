@@ -131,3 +131,16 @@ def test_reference_maps_without_input_are_reported(tmp_path, rng, caplog):
         assert [p for p, _, _ in find_unitobrain(tmp_path)] == ["MOL-001"]
     assert any("MOL-009" in r.getMessage() and "without their input" in r.getMessage()
                for r in caplog.records)
+
+
+def test_patient_folders_spelled_without_the_hyphen_are_read(tmp_path, rng):
+    """``MOL002`` and ``MOL_3`` are patients MOL-002 and MOL-003 (sorted by number); the same
+    number spelled twice is one patient found twice, not two patients."""
+    for patient in ("MOL002", "MOL_3", "MOL-010"):
+        make_patient(tmp_path / "a", rng, patient, n_slices=2)
+    assert [p for p, _, _ in find_unitobrain(tmp_path / "a")] == ["MOL-002", "MOL-003",
+                                                                  "MOL-010"]
+    for patient in ("MOL-1", "MOL-001"):
+        make_patient(tmp_path / "b", rng, patient, n_slices=2)
+    with pytest.raises(InputError, match="patient MOL-001 appears twice"):
+        find_unitobrain(tmp_path / "b")

@@ -73,7 +73,10 @@ def run(args: argparse.Namespace) -> int:
 
     groups = None
     if args.study.is_dir() and args.series is None:
-        groups = io.read_dicom_headers(args.study)
+        try:
+            groups = io.read_dicom_headers(args.study)
+        except io.NoDicomError:  # read_study reads the folder's 4D NIfTI, if it holds one
+            groups = {}
         if len(groups) > 1 and io.time_point_series(groups) is None:
             chosen = io.time_course_series(groups)
             print(f"{args.study} holds {len(groups)} series; "
@@ -85,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
                 print(f"{'*' if uid == chosen else ' '} {uid}  {first.get('Modality', '?')}  "
                       f"'{first.get('SeriesDescription', '')}'  {len(headers)} files")
             return 0
-    if groups is not None:  # headers read once: their warnings said once
+    if groups:  # headers read once: their warnings said once
         series = io.read_dicom_series(args.study, frame_interval=args.frame_interval,
                                       progress=True, headers_by_series=groups)
     else:

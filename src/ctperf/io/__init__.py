@@ -2,6 +2,7 @@
 
 from ctperf.io.atomic import atomic_dir, atomic_file, check_output, mark_output
 from ctperf.io.dicom import (
+    NoDicomError,
     read_dicom_headers,
     read_dicom_series,
     read_dicom_volume,
@@ -24,10 +25,11 @@ from ctperf.io.nifti import (
     write_volume,
 )
 from ctperf.io.privacy import public_meta
-from ctperf.io.study import read_study
+from ctperf.io.study import nifti_study_in, read_study
 from ctperf.io.unitobrain import UniToBrainCase, iter_unitobrain
 
 __all__ = [
+    "NoDicomError",
     "UniToBrainCase",
     "atomic_dir",
     "atomic_file",
@@ -36,6 +38,7 @@ __all__ = [
     "iter_unitobrain",
     "map_file",
     "mark_output",
+    "nifti_study_in",
     "public_meta",
     "read_dicom_headers",
     "read_dicom_series",

@@ -66,10 +66,15 @@ from ctperf.io.integrity import (
 )
 from ctperf.types import CTPSeries
 
-__all__ = ["read_dicom_headers", "read_dicom_series", "read_dicom_volume", "time_course_series",
-           "time_point_series"]
+__all__ = ["NoDicomError", "read_dicom_headers", "read_dicom_series", "read_dicom_volume",
+           "time_course_series", "time_point_series"]
 
 log = logging.getLogger(__name__)
+
+
+class NoDicomError(InputError):
+    """A folder that holds no DICOM image at all (it may hold a study in another format)."""
+
 
 PathLike = str | os.PathLike[str]
 
@@ -151,13 +156,13 @@ def read_dicom_headers(folder: PathLike) -> dict[str, list[Any]]:
             skipped.append(path)
         else:
             groups[str(headers[0].ds.SeriesInstanceUID)].extend(headers)
+    if not groups:
+        raise NoDicomError(root, f"no DICOM image files found ({len(skipped)} other files)")
     if skipped:
         names = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         log.warning("%s: skipped %d non-DICOM or non-image files: %s%s", root, len(skipped),
                     names, more)
-    if not groups:
-        raise InputError(root, f"no DICOM image files found ({len(skipped)} other files)")
     return dict(groups)
 
 

@@ -103,6 +103,16 @@ def _start_time(meta: Mapping[str, Any], *, anonymise: bool = False) -> dt.datet
     return start or _DEFAULT_START
 
 
+def _preprocess_steps(meta: Mapping[str, Any]) -> str | None:
+    """What ctperf's preprocessing did to a study, from its ``meta["preprocess"]`` record
+    ("registered and filtered", "rewritten by ctperf" when neither), or None without one."""
+    record = meta.get("preprocess")
+    if not isinstance(record, Mapping):
+        return None
+    steps = [step for step in ("registered", "filtered") if record.get(step)]
+    return " and ".join(steps) or "rewritten by ctperf"
+
+
 def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
                   *, description: str, sop_class: str, anonymise: bool) -> Dataset:
     ds = Dataset()
@@ -114,8 +124,8 @@ def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
     tags: dict[str, Any] = {"PatientName": "Anonymous", "PatientID": "ctperf"}
     tags.update({k: v for k, v in (meta.get("dicom") or {}).items() if k in PATIENT_STUDY_TAGS})
     tags.update(patient or {})
-    if meta.get("scanner") and "Manufacturer" not in tags:
-        tags["Manufacturer"] = str(meta["scanner"])
+    if "Manufacturer" not in tags:  # Type 2: empty when not known
+        tags["Manufacturer"] = str(meta.get("scanner") or "")
     for keyword, value in tags.items():
         setattr(ds, keyword, value)
     if "StudyInstanceUID" not in ds:
@@ -236,7 +246,9 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
         What was done to the source's images (e.g. "registered, filtered"): the series is then
         DERIVED\\SECONDARY with this DerivationDescription, a description ending in it and
         SeriesNumber 1000 + the source's, so that it is never taken for the scan itself.
-        Without it the source's ImageType is kept (ORIGINAL\\PRIMARY\\AXIAL when unknown).
+        By default the steps that ``series.meta["preprocess"]`` records (a study written by
+        ``ctperf preprocess``, read back from its NIfTI sidecar); without such a record the
+        source's ImageType is kept (ORIGINAL\\PRIMARY\\AXIAL when unknown).
     progress : bool
         Show a progress bar.
 
@@ -248,6 +260,8 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
     from tqdm import tqdm
 
     meta = series.meta
+    if derived is None:
+        derived = _preprocess_steps(meta)
     n_t, n_z, n_y, n_x = series.shape
     geo = _slice_geometry(series.affine, n_z)
     source_desc = None if anonymise else meta.get("description")

@@ -126,9 +126,11 @@ def frame_spacing_problem(times: np.ndarray) -> str | None:
     median = float(np.median(steps))
     lo, hi = FRAME_STEP_RANGE_S
     if not lo <= median <= hi:
+        small = [what for what, factor in (("seconds stored as milliseconds", 1000.0),
+                                           ("minutes read as seconds", 60.0))
+                 if median < lo and lo <= median * factor <= hi]
         hint = (" (milliseconds read as seconds?)" if median > hi and median / 1000 >= lo
-                else " (minutes read as seconds?)" if median < lo and median * 60 <= hi
-                else "")
+                else f" ({' or '.join(small)}?)" if small else "")
         return f"frames are {median:g} s apart{hint}, outside the {lo:g}-{hi:g} s of CT perfusion"
     if steps.max() > MAX_FRAME_GAP_S:
         bad = int(np.argmax(steps))

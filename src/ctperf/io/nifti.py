@@ -234,6 +234,14 @@ def _read_sidecar(side: Path, n_frames: int, n_slices: int
     key = "FrameTimes" if info.get("FrameTimes") is not None else "FrameTimesStart"
     times = (_numbers(info[key], side, key, (n_frames,))
              if info.get(key) is not None else None)
+    if times is None and info.get("RepetitionTime") is not None:
+        # BIDS' time between volumes (s), as dcm2niix and the ISLES 2024 sidecars give it
+        key = "RepetitionTime"
+        step = info[key]
+        if not isinstance(step, int | float) or isinstance(step, bool) or not step > 0:
+            raise InputError(side, f"RepetitionTime must be a number of seconds > 0, got "
+                                   f"{json.dumps(step)[:60]}")
+        times = float(step) * np.arange(n_frames, dtype=np.float64)
     slice_times = (_numbers(info["SliceTimes"], side, "SliceTimes", (n_frames, n_slices))
                    if info.get("SliceTimes") is not None else None)
     offsets = None
@@ -273,9 +281,14 @@ def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]
     if unit == "unknown" and step > 0:
         log.warning("%s: pixdim[4] %g has no time unit; taken as seconds between frames "
                     "(--frame-interval SECONDS if not)", p, pixdim)
+    elif unit == "sec" and pixdim == 1.0:
+        log.warning("%s: pixdim[4] is 1 %s, which writers such as ITK also leave when the "
+                    "frame spacing was never set; taken as the frame spacing (give "
+                    "--frame-interval SECONDS or a JSON sidecar with FrameTimes if not)",
+                    p, unit)
     if not step > 0:
-        sidecar = ("its JSON sidecar has no FrameTimes" if sidecar_path(p).exists()
-                   else "there is no JSON sidecar with FrameTimes")
+        sidecar = ("its JSON sidecar has no FrameTimes or RepetitionTime"
+                   if sidecar_path(p).exists() else "there is no JSON sidecar with FrameTimes")
         raise InputError(p, f"no frame timing: pixdim[4] is {pixdim:g} and {sidecar}; give "
                             "the frame spacing with --frame-interval SECONDS")
     source = f"pixdim[4] ({unit if unit != 'unknown' else 'unknown unit, taken as s'})"
@@ -301,8 +314,8 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
 
     Frame times are ``frame_interval`` s apart when it is given (the header's and sidecar's
     timing are then not used: files whose ``pixdim[4]`` is 0 or wrong); else they come from
-    the JSON sidecar's ``FrameTimes`` (seconds; BIDS' ``FrameTimesStart`` too) when present,
-    else from ``pixdim[4]`` in the
+    the JSON sidecar's ``FrameTimes`` (seconds; BIDS' ``FrameTimesStart`` too, or BIDS'
+    ``RepetitionTime`` as the step) when present, else from ``pixdim[4]`` in the
     header's time unit (s, ms or us; unknown is taken as s). A sidecar's ``SliceTimes``
     (T x Z, not with ``frame_interval``) and ``meta`` are kept. Header, sidecar and timing are
     checked before the pixels are read; the whole file is read (a compressed file's CRC checked) and
@@ -319,10 +332,15 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
     header = img.header
     shape = tuple(int(n) for n in header.get_data_shape())
     if len(shape) != 4:
+        remedy = ("; remove its singleton 4th axis to make it (X, Y, Z, T)"
+                  if len(shape) == 5 and shape[3] == 1 else "")
         raise InputError(p, f"a CTP study must be 4D (X, Y, Z, T), this file is {len(shape)}D "
-                            f"with shape {shape}")
+                            f"with shape {shape}{remedy}")
     n_frames, n_slices = shape[3], shape[2]
     check_frame_count(n_frames, p)
+    if n_frames < 10 <= max(shape[:3]):
+        log.warning("%s: only %d frames along the 4th axis, %d along the first; ctperf reads "
+                    "(X, Y, Z, T): is the time axis stored elsewhere?", p, n_frames, shape[0])
     side = sidecar_path(p)
     meta: dict[str, Any] = {}
     times = slice_times = offsets = None
@@ -389,12 +407,15 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
 
 def _image(data: np.ndarray, affine: np.ndarray, description: str) -> nib.Nifti1Image:
     """A NIfTI image in mm and s whose sform holds ``affine``, and its qform too where a qform
-    can (not a tilted gantry's shear), so that tools reading only one agree; ``description``
-    in the header's descrip."""
+    can, so that tools reading only one agree; ``description`` in the header's descrip.
+    A tilted gantry's sheared grid, which a qform cannot hold, gets the nearest unsheared grid
+    as its qform, coded "scanner" (1) rather than "aligned" (2): tools that need orthogonal
+    axes (ITK, and so ITK-SNAP and Slicer) open the file on that grid, without the tilt,
+    while the sform, which the others read, keeps it."""
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
     img.set_qform(affine, code=2)
     if not np.allclose(img.get_qform(), affine, atol=1e-4):
-        img.set_qform(None, code=0)
+        img.set_qform(affine, code=1)  # nibabel keeps the nearest rotation and zooms
     img.set_sform(affine, code=2)
     img.header.set_xyzt_units("mm", "sec")
     img.header["descrip"] = description.encode("ascii", "replace")[:79]

@@ -2,20 +2,66 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
+import nibabel as nib
+
 from ctperf.errors import InputError
-from ctperf.io.dicom import read_dicom_series
+from ctperf.io.dicom import NoDicomError, read_dicom_series
 from ctperf.io.nifti import is_nifti, read_nifti_series
 from ctperf.types import CTPSeries
 
-__all__ = ["read_study"]
+__all__ = ["nifti_study_in", "read_study"]
+
+log = logging.getLogger(__name__)
+
+
+def _time_course(path: Path) -> bool:
+    """True for a NIfTI file whose header gives four axes and more than one frame."""
+    try:
+        shape = nib.load(path).header.get_data_shape()  # type: ignore[attr-defined]
+    except Exception:  # nibabel raises many types for damaged headers: not a candidate
+        return False
+    return len(shape) == 4 and shape[3] > 1
+
+
+def nifti_study_in(folder: str | os.PathLike[str]) -> Path | None:
+    """The one 4D NIfTI file under ``folder`` (searched recursively), for a folder that holds a
+    study as NIfTI rather than DICOM (the ISLES layouts: one folder per case holding the 4D
+    study beside 3D maps); None when it holds no NIfTI file.
+
+    Raises
+    ------
+    InputError
+        NIfTI files but no 4D one, or several, with what to do.
+    """
+    root = Path(folder)
+    files = sorted(p for p in root.rglob("*") if p.is_file() and is_nifti(p)
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    if not files:
+        return None
+    four_d = [p for p in files if _time_course(p)]
+    if len(four_d) == 1:
+        return four_d[0]
+    if four_d:
+        names = ", ".join(str(p.relative_to(root)) for p in four_d[:4])
+        raise InputError(root, f"holds no DICOM images and {len(four_d)} 4D NIfTI files "
+                               f"({names}{', ...' if len(four_d) > 4 else ''}); pass the "
+                               "study's file itself")
+    merge = " (3D files, one per frame, must be merged into one 4D file first)" \
+        if len(files) >= 3 else ""
+    raise InputError(root, f"holds no DICOM images and no 4D NIfTI, only {len(files)} 3D "
+                           f"NIfTI file{'s' if len(files) != 1 else ''}; a study is a 4D "
+                           f"(X, Y, Z, T) file{merge}")
 
 
 def read_study(path: str | os.PathLike[str], *, series_uid: str | None = None,
                frame_interval: float | None = None, progress: bool = False) -> CTPSeries:
-    """Read a study: a folder is read as DICOM, a ``.nii``/``.nii.gz`` file as 4D NIfTI.
+    """Read a study: a folder is read as DICOM, a ``.nii``/``.nii.gz`` file as 4D NIfTI; a
+    folder that holds no DICOM image is read as the one 4D NIfTI under it
+    (:func:`nifti_study_in`).
 
     Parameters
     ----------
@@ -36,8 +82,15 @@ def read_study(path: str | os.PathLike[str], *, series_uid: str | None = None,
     """
     p = Path(path)
     if p.is_dir():
-        return read_dicom_series(p, series_uid=series_uid, frame_interval=frame_interval,
-                                 progress=progress)
+        try:
+            return read_dicom_series(p, series_uid=series_uid, frame_interval=frame_interval,
+                                     progress=progress)
+        except NoDicomError:
+            found = nifti_study_in(p)
+            if found is None:
+                raise
+            p = found
+            log.info("%s: no DICOM images; reading its 4D NIfTI %s", path, p.name)
     if is_nifti(p):
         if series_uid is not None:
             raise InputError(p, "series_uid (--series) applies to DICOM folders, not NIfTI")

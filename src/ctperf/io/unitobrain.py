@@ -20,7 +20,9 @@ AIF) are different maps and become ``ttp`` and ``delay``; the network's ``ttp`` 
 The input folder is read with :func:`ctperf.io.read_dicom_series` (slices grouped by position,
 frames ordered by AcquisitionTime). Map files are paired with the input slices by their position
 along the slice normal, never by file or list order; an input slice without a map slice gets NaN.
-Patient folders may also sit one level down (``ROOT/<anything>/MOL-...``).
+Patient folders may also sit one level down (``ROOT/<anything>/MOL-...``); ``MOL001`` and
+``MOL_001`` are read as ``MOL-001``, and numbers written with other padding (``MOL-1``) as the
+same patient.
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ PathLike = str | os.PathLike[str]
 MAP_FOLDERS: dict[str, str] = {
     "NLR_CBF": "cbf", "NLR_CBV": "cbv", "NLR_MTT": "mtt", "NLR_TTP": "ttp", "NLR_Delay": "delay",
 }
-_INPUT_RE = re.compile(r"^(MOL-\d+)_Registered_Filtered_3mm_20HU$", re.IGNORECASE)
+_INPUT_RE = re.compile(r"^MOL[-_]?(\d+)_Registered_Filtered_3mm_20HU$", re.IGNORECASE)
 _MAPS_SUFFIX = "_Maps"
 
 
@@ -81,7 +83,7 @@ def find_unitobrain(root: PathLike) -> list[tuple[str, Path, Path]]:
         if not maps.is_dir():
             raise InputError(maps, "missing: every ..._20HU input folder needs its ..._20HU_Maps "
                                    "folder of reference maps")
-        patient = match.group(1).upper()
+        patient = f"MOL-{int(match.group(1)):03d}"  # MOL-1, MOL001, MOL_001: one patient
         if patient in found:
             raise InputError(folder, f"patient {patient} appears twice (also in "
                                      f"{found[patient][1]})")

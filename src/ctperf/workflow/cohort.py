@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.errors import CTPerfError, InputError
+from ctperf.io.unitobrain import MAP_FOLDERS
 
 __all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_studies",
            "load_manifest", "options_hash", "run_cohort", "run_cohort_folder", "worker_count"]
@@ -144,9 +145,15 @@ def _unique_names(raw: Iterable[str]) -> list[str]:
 
 
 def _is_reference_maps(folder: Path) -> bool:
-    """A UniToBrain ``<input>_Maps`` folder beside its ``<input>`` study folder."""
+    """A UniToBrain ``<input>_Maps`` folder: beside its ``<input>`` study folder, or holding
+    the dataset's map folders (``NLR_CBF``...)."""
     name = folder.name
-    return name.lower().endswith("_maps") and (folder.parent / name[:-len("_Maps")]).is_dir()
+    if not name.lower().endswith("_maps"):
+        return False
+    if (folder.parent / name[:-len("_Maps")]).is_dir():
+        return True
+    maps = {f.lower() for f in MAP_FOLDERS}
+    return any(p.is_dir() and p.name.lower() in maps for p in folder.iterdir())
 
 
 def discover_studies(cohort: _PathLike) -> list[Study]:
@@ -174,8 +181,12 @@ def discover_studies(cohort: _PathLike) -> list[Study]:
         if entry.name.startswith(".") or entry.name in _OWN_FILES:
             continue
         if entry.is_dir() and _is_reference_maps(entry):
-            log.info("%s: UniToBrain reference maps of %s, not a study; left out", entry,
-                     entry.name[:-len("_Maps")])
+            if (entry.parent / entry.name[:-len("_Maps")]).is_dir():
+                log.info("%s: UniToBrain reference maps of %s, not a study; left out", entry,
+                         entry.name[:-len("_Maps")])
+            else:
+                log.warning("%s: UniToBrain reference maps without their input study (%s); "
+                            "left out", entry, entry.name[:-len("_Maps")])
         elif entry.is_dir():
             found.append((entry.name, _study_in_folder(entry)))
         elif entry.is_file() and (stem := _nifti_stem(entry.name)) is not None:

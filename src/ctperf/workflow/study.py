@@ -301,11 +301,8 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
     final = result.series.replace(meta=meta)
     with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear together, or none
         io.write_series_nifti(final, tmp / "study.nii.gz")
-        if o.dicom:
-            steps = [step for step, done in (("registered", o.register),
-                                             ("filtered", o.filter)) if done]
-            io.write_series_dicom(final, tmp / "dicom", anonymise=o.anonymise,
-                                  derived=" and ".join(steps) or "rewritten by ctperf")
+        if o.dicom:  # DERIVED, with the steps of meta["preprocess"]
+            io.write_series_dicom(final, tmp / "dicom", anonymise=o.anonymise)
         io.write_json(_transforms_record(series, result), tmp / "transforms.json")
         qc = _preprocess_qc(series, final, result, o)
         io.write_json(qc, tmp / "qc.json")
