@@ -504,3 +504,16 @@ def test_a_lesion_missing_in_some_studies_is_said_not_dropped_silently():
     assert [row["lesion"] for row in out["lesions"]] == ["core"]
     (said,) = out["lesion_warnings"]
     assert said == "hypoperfused, est vs ref: left out of Table 2 (est has none in b)"
+
+
+def test_a_compared_cohort_sharing_no_study_is_the_one_named(cohorts, tmp_path, capsys):
+    """``--compare`` with a cohort of other studies: the error names that cohort, not the two
+    that share every study."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(cohorts["pred"] / STUDIES[0], other / "x01")
+    assert main(["evaluate", str(cohorts["pred"]), str(cohorts["ref"]), str(tmp_path / "e"),
+                 "--compare", str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{other}: no study in common with {cohorts['pred']}" in err[0]

@@ -132,3 +132,17 @@ def test_cli_bad_input_exits_2_without_traceback(tmp_path, capsys):
     (tmp_path / "file").write_text("")
     assert main(["phantom", str(tmp_path / "file"), "--size", "48", "--slices", "1",
                  "--frames", "4", "--anatomy", "procedural"]) == 2
+
+
+def test_an_anatomy_this_machine_lacks_is_refused_before_anything_is_written(monkeypatch,
+                                                                             tmp_path):
+    """``--anatomy mni`` without nilearn: one line saying what to install, and no cohort
+    files left behind that a rerun would trip over."""
+    import ctperf.phantom.anatomy as anatomy
+    from ctperf.cli import main
+
+    monkeypatch.setattr(anatomy, "available_sources", lambda: ["procedural"])
+    out = tmp_path / "c"
+    assert main(["phantom", str(out), "--subjects", "1", "--size", "32", "--slices", "1",
+                 "--anatomy", "mni", "--workers", "1"]) == 2
+    assert not out.exists() or not any(out.iterdir())

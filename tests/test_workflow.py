@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import ctperf
 from ctperf.errors import InputError
 from ctperf.io import read_maps, write_series_nifti, write_volume
 from ctperf.lesion_options import LesionOptions
@@ -23,7 +24,7 @@ from ctperf.workflow import (
 )
 from test_perfusion_pipeline import synthetic_study
 
-SRC = Path(__file__).resolve().parents[1] / "src" / "ctperf"
+SRC = Path(ctperf.__file__).resolve().parent  # the package tested, installed or not
 
 
 @pytest.fixture(scope="module")
@@ -39,15 +40,17 @@ def study(tmp_path_factory):
 def test_stages_never_import_the_workflow():
     # data flows one way: the workflow sits above io, preprocess, perfusion, model, reporting
     offenders: list[str] = []
+    read = 0
     for package in ("io", "preprocess", "perfusion", "model", "reporting", "evaluation",
                     "phantom"):
         for path in (SRC / package).rglob("*.py"):
+            read += 1
             for node in ast.walk(ast.parse(path.read_text())):
                 names = ([a.name for a in node.names] if isinstance(node, ast.Import) else
                          [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
                 offenders += [f"{path.name}: {n}" for n in names
                               if n.startswith(("ctperf.workflow", "ctperf.commands"))]
-    assert offenders == []
+    assert read > 50 and offenders == []
 
 
 def test_options_and_study_functions_travel_to_other_processes():
@@ -87,6 +90,20 @@ def test_maps_study_writes_what_the_command_writes(study, tmp_path):
         np.testing.assert_array_equal(written[name], direct.maps[name])
 
 
+def test_maps_of_a_preprocessed_study_say_it_was_preprocessed(study, tmp_path):
+    """Maps of a study that ``ctperf preprocess`` filtered: ``summary.json`` says so (from the
+    study's own record), not "not preprocessed"."""
+    path, _, _ = study
+    pre = tmp_path / "pre"
+    preprocess_study(path, pre, PreprocessOptions(register=False, filter=True))
+    maps_study(pre / "study.nii.gz", tmp_path / "maps",
+               MapsOptions(method="bsvd", aif_mask=path.parent / "aif.nii.gz"))
+    summary = json.loads((tmp_path / "maps" / "summary.json").read_text())
+    assert summary["preprocessed"] is True and summary["filtered"] is True
+    assert summary["registered"] is False
+    assert summary["preprocessed_before"] == {"registered": False, "filtered": True}
+
+
 def test_study_functions_check_the_output_before_reading(study, tmp_path):
     path, _, _ = study
     with pytest.raises(InputError, match="input"):
@@ -109,9 +126,23 @@ def test_the_filter_by_default_follows_the_method(study, monkeypatch, caplog, me
     _, series, _ = study
     calls = []
     monkeypatch.setattr(analysis, "_filter", lambda s, **kw: calls.append(1) or s)
-    monkeypatch.setattr("ctperf.perfusion.run_perfusion", lambda s, **kw: kw)
-    options, _ = analyse_study(series, method=method, register=False)
+    from ctperf.perfusion.maps import PerfusionResult
+    from ctperf.types import PerfusionMaps
+
+    options: dict = {}
+
+    def fake_run(s, **kw):
+        options.clear()
+        options.update(kw)
+        return PerfusionResult(maps=PerfusionMaps(maps={"cbf": np.zeros((1, 2, 2))},
+                                                  affine=np.eye(4)),
+                               lesions=None, brain=None, vessels=None, aif=None, vof=None,
+                               times=None)
+
+    monkeypatch.setattr("ctperf.perfusion.run_perfusion", fake_run)
+    result, _ = analyse_study(series, method=method, register=False)
     assert bool(calls) is filtered
+    assert result.maps.provenance["filtered"] is filtered  # and the summary says so
     # the vessels come from the unfiltered study only where a filter ran
     assert ("vessel_series" in options) is filtered
     assert "filtered study" not in caplog.text

@@ -145,9 +145,18 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     _unique_labels(readers)
     with_maps = [r for r in readers if r.maps]
     studies = sorted(set.intersection(*(set(r.maps) for r in with_maps)))
-    if not studies:
-        raise InputError(pred, f"no study in common with {ref}"
-                               + (f" and {truth}" if truth is not None else ""))
+    if not studies:  # name the first cohort that shares none with those before it
+        paths = [Path(p) for p in (pred, ref, *compare)] + ([Path(truth)] if truth else [])
+        shared: set[str] | None = None
+        for k, reader in enumerate(readers):
+            if not reader.maps:
+                continue
+            if shared is not None and not shared & set(reader.maps):
+                before = ", ".join(str(p) for p, r in zip(paths[:k], readers, strict=False)
+                                   if r.maps)
+                raise InputError(paths[k], f"no study in common with {before}")
+            shared = set(reader.maps) if shared is None else shared & set(reader.maps)
+        raise InputError(pred, "no study in common to the cohorts")
     excluded = {s: "missing in " + ", ".join(r.label for r in with_maps if s not in r.maps)
                 for r0 in with_maps for s in r0.maps if s not in studies}
     grids = {s: (readers[1].maps[s].shape, readers[1].maps[s].affine) for s in studies}

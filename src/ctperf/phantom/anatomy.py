@@ -29,8 +29,8 @@ from scipy import ndimage as ndi
 
 from ctperf.errors import ValidationError
 
-__all__ = ["CHANNELS", "TEMPLATE_NOTICE", "Template", "available_sources", "load_template",
-           "sample_template"]
+__all__ = ["CHANNELS", "TEMPLATE_NOTICE", "Template", "available_sources", "check_source",
+           "load_template", "sample_template"]
 
 log = logging.getLogger(__name__)
 
@@ -282,6 +282,13 @@ def _mni() -> Template:
     return Template(data=data, affine=affine, source="mni")
 
 
+def check_source(source: str) -> None:
+    """Refuse a template source that cannot be used here (``"mni"`` without nilearn)."""
+    if source == "mni" and "mni" not in available_sources():
+        raise ValidationError("anatomy='mni' needs nilearn (pip install 'ctperf[anatomy]'); "
+                              "use anatomy='procedural'")
+
+
 def load_template(source: str = "procedural") -> Template:
     """The head template: ``"procedural"``, ``"mni"`` (needs nilearn) or ``"auto"``.
 
@@ -294,9 +301,7 @@ def load_template(source: str = "procedural") -> Template:
     if source == "procedural":
         return _procedural()
     if source == "mni":
-        if "mni" not in available_sources():
-            raise ValidationError("anatomy='mni' needs nilearn (pip install 'ctperf[anatomy]'); "
-                                  "use anatomy='procedural'")
+        check_source(source)
         return _mni()
     raise ValidationError(f"anatomy must be 'auto', 'procedural' or 'mni', got {source!r}")
 

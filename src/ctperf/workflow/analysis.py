@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
@@ -59,10 +60,14 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
     Returns
     -------
     (PerfusionResult, PreprocessResult or None)
-        The maps and, when registration ran, the motion estimate.
+        The maps and, when registration ran, the motion estimate. The maps' provenance says
+        whether the study was ``registered`` and ``filtered`` (here, or before by ``ctperf
+        preprocess``, whose record in ``series.meta["preprocess"]`` is kept as
+        ``preprocessed_before``) and holds the filter's settings.
     """
     from ctperf.perfusion import run_perfusion
 
+    earlier = series.meta.get("preprocess")  # a study that ctperf preprocess wrote
     motion = None
     if register:
         motion = _register(series, workers=workers, progress=progress)
@@ -80,7 +85,20 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         series = _filter(series, spatial_sigma_mm=spatial_sigma_mm,
                          range_sigma_hu=range_sigma_hu, filter_weights=filter_weights,
                          progress=progress)
-    return run_perfusion(series, method=method, progress=progress, **perfusion_options), motion
+    result = run_perfusion(series, method=method, progress=progress, **perfusion_options)
+    done = earlier if isinstance(earlier, dict) else {}
+    provenance = {**result.maps.provenance,
+                  "preprocessed": bool(register or filter or done.get("registered")
+                                       or done.get("filtered")),
+                  "registered": bool(register or done.get("registered")),
+                  "filtered": bool(filter or done.get("filtered"))}
+    if done:
+        provenance["preprocessed_before"] = {k: bool(done.get(k))
+                                             for k in ("registered", "filtered")}
+    if filter:
+        provenance["filter"] = {"spatial_sigma_mm": spatial_sigma_mm,
+                                "range_sigma_hu": range_sigma_hu, "weights": filter_weights}
+    return dataclasses.replace(result, maps=result.maps.replace(provenance=provenance)), motion
 
 
 def _register(series: CTPSeries, *, workers: int | None, progress: bool) -> Any:

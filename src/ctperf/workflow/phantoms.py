@@ -18,6 +18,7 @@ from typing import Any
 from ctperf.errors import CTPerfError, InputError
 from ctperf.io import write_json
 from ctperf.phantom import draw_parameters, generate_subject, subject_seed, write_subject
+from ctperf.phantom.anatomy import check_source
 from ctperf.workflow.cohort import Study, run_cohort
 
 __all__ = ["generate_cohort", "make_cohort_subject"]
@@ -106,6 +107,7 @@ def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
     known = _check_recipe(root, recipe)
     draw_parameters(seed=subject_seed(seed, 0),
                     **{k: v for k, v in subject_options.items() if k != "progress"})
+    check_source(str(subject_options.get("anatomy", "procedural")))  # before any file
     root.mkdir(parents=True, exist_ok=True)
     write_json({"subjects": max(subjects, known), **recipe}, root / "cohort.json")
     studies = [Study(f"sub-{i:04d}", i) for i in range(subjects)]

@@ -30,7 +30,9 @@ def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = Fals
 
     Subjects whose references already exist (``OUT/<subject>/`` or, precomputed with the cohort,
     ``COHORT/<subject>/nlr/``) are skipped, so a rerun resumes. Each subject's folder is written
-    atomically. The fit runs inside the subject's ``masks/brain.nii.gz`` when it exists.
+    atomically with the vessel mask of the fit (``lesions/vessels.nii.gz``), which training
+    leaves out of its loss. Each study is fitted as ``ctperf maps`` fits it (automatic brain,
+    AIF and VOF; the phantom's artery mask as the AIF mask where no artery is found).
 
     Parameters
     ----------
@@ -64,27 +66,37 @@ def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = Fals
     if todo:
         io.mark_output(out)
     for sub in tqdm(todo, desc="NLR references", disable=not progress or not todo):
-        maps = _subject_reference(sub, out / sub.name)
+        maps, vessels = _subject_reference(sub, out / sub.name)
         with io.atomic_dir(out / sub.name) as tmp:
             io.write_maps_nifti(maps, tmp)
+            if vessels.any():  # the slice cache leaves them out of the training loss
+                io.write_volume(vessels, maps.affine, tmp / "lesions" / "vessels.nii.gz")
     return out
 
 
-def _subject_reference(sub: Path, folder: Path) -> Any:
-    """NLR maps of one phantom-layout subject, inside its brain mask (``folder``: where they
-    go, for the error message)."""
-    import numpy as np
-
+def _subject_reference(sub: Path, folder: Path) -> tuple[Any, Any]:
+    """(NLR maps, vessel mask) of one phantom-layout subject, fitted as ``ctperf maps`` fits a
+    study: in its automatic brain, with the AIF and VOF found in the study (the phantom's
+    brain mask holds neither its arteries nor its sinus: fitted in it, the AIF had no VOF to
+    correct its partial volume, and CBF and CBV read twice the truth); where the automatic
+    selection finds no artery (small or noisy phantoms), the phantom's artery mask is the AIF
+    mask, as ``ctperf reproduce`` does (``folder``: where they go, for the error message)."""
     from ctperf import io, perfusion
 
     series = io.read_nifti_series(sub / "study.nii.gz")
-    shape = series.shape[1:]
-    mask_path = sub / "masks" / "brain.nii.gz"
-    mask = (io.read_mask(mask_path, shape=shape, affine=series.affine)
-            if mask_path.exists() else np.ones(shape, dtype=bool))
+    artery = sub / "masks" / "artery.nii.gz"
     log.info("computing the NLR reference of %s", sub.name)
     try:
-        return perfusion.compute_maps(series, method="nlr", brain_mask=mask)
+        try:
+            result = perfusion.run_perfusion(series, method="nlr")
+        except CTPerfError as exc:
+            if "no arterial candidates" not in str(exc) or not artery.exists():
+                raise
+            log.warning("%s: %s; the phantom's artery mask is used as the AIF mask", sub.name,
+                        exc)
+            mask = io.read_mask(artery, shape=series.shape[1:], affine=series.affine)
+            result = perfusion.run_perfusion(series, method="nlr", aif_mask=mask)
     except CTPerfError as exc:
         raise InputError(sub, f"the NLR reference could not be computed ({exc}); compute it "
                               f"into {folder} yourself (e.g. with an AIF mask)") from None
+    return result.maps, result.vessels

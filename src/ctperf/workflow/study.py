@@ -8,7 +8,6 @@ independent of argparse, so a cohort runner can send them to other processes.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -150,7 +149,6 @@ def maps_study(study: Path, out: Path, options: MapsOptions) -> StudyOutcome:
         aif_mask=masks["aif_mask"], vof_mask=masks["vof_mask"], brain_mask=masks["brain_mask"],
         rho=o.rho, kh=o.kh, device=o.device,
         lesion_options=o.lesion_options, progress=o.progress)
-    result = _with_preprocessing(result, o)
     # No study path or name in the outputs: folder names often hold the patient's name.
     write_maps_outputs(result, out, title=f"ctperf maps: {o.method}", dicom_source=source,
                        overwrite=o.overwrite, anonymise=o.anonymise)
@@ -180,16 +178,6 @@ def _first_frame(series: Any) -> Any:
     return series.replace(hu=series.hu[:1], times=series.times[:1],
                           slice_times=None if series.slice_times is None
                           else series.slice_times[:1])
-
-
-def _with_preprocessing(result: Any, o: MapsOptions) -> Any:
-    """The result with the preprocessing steps that ran recorded in its provenance."""
-    provenance = {**result.maps.provenance, "preprocessed": bool(o.register or o.filter),
-                  "registered": bool(o.register)}
-    if o.filter:
-        provenance["filter"] = {"spatial_sigma_mm": o.spatial_sigma_mm,
-                                "range_sigma_hu": o.range_sigma_hu, "weights": o.filter_weights}
-    return dataclasses.replace(result, maps=result.maps.replace(provenance=provenance))
 
 
 def _maps_outcome(result: Any, out: Path) -> StudyOutcome:
