@@ -174,3 +174,54 @@ def test_a_study_stored_flipped_gives_the_same_maps_and_lesions(axis):
         np.testing.assert_array_equal(np.flip(getattr(b.lesions, name), axis - 1),
                                       getattr(a.lesions, name))
     assert a.lesions.volumes_ml["hypoperfused"] > 1.0
+
+
+def test_a_head_that_moves_in_an_unregistered_study_is_flagged(subject):
+    """A head that turns as the bolus arrives, mapped without registration, gave wrong core
+    volumes with no flag (a probe's study: bSVD core 0 mL for a true 19). The skull's edges
+    moving between frames now raise ``motion_unregistered``; a still head does not."""
+    from scipy import ndimage
+
+    still = run_perfusion(subject.series, method="bsvd").maps.provenance["qc"]
+    assert not still["motion_unregistered"]["flag"]
+    # noise alone: the still skull reads 0.00-0.01 px on ctperf's phantoms (64-256 px)
+    assert still["motion_unregistered"]["value"] < 0.1
+    hu = subject.series.hu.copy()
+    for t in range(40, hu.shape[0]):  # 3 degrees and a pixel, from the bolus's arrival on
+        for z in range(hu.shape[1]):
+            turned = ndimage.rotate(hu[t, z], 3.0, reshape=False, order=1, mode="nearest")
+            hu[t, z] = ndimage.shift(turned, (1.0, 0.5), order=1, mode="nearest")
+    moved = run_perfusion(subject.series.replace(hu=hu), method="bsvd").maps.provenance["qc"]
+    assert moved["motion_unregistered"]["flag"], moved["motion_unregistered"]
+
+
+def test_a_drifting_baseline_is_flagged(subject):
+    """Contrast only adds attenuation: a brain whose mean curve ends below its pre-bolus
+    level drifts (a probe's -10 HU ramp read a core four times the truth, with no flag)."""
+    s = subject.series
+    plain = run_perfusion(s, method="bsvd").maps.provenance["qc"]["below_baseline"]
+    assert not plain["flag"]
+    ramp = np.linspace(0.0, -10.0, s.n_frames, dtype=np.float32)[:, None, None, None]
+    drift = run_perfusion(s.replace(hu=s.hu + ramp), method="bsvd").maps.provenance["qc"]
+    assert drift["below_baseline"]["flag"] and drift["below_baseline"]["value"] < -0.05
+
+
+def test_a_haemorrhage_is_flagged_and_not_called_core(subject):
+    """Tissue at 70 HU before the bolus, with no flow (a haemorrhage), was called core with no
+    flag. It is now flagged ``hyperdense`` and left out of the lesions; the phantom's own
+    brain has no such region."""
+    s = subject.series
+    plain = run_perfusion(s, method="bsvd", lesion_options=LesionOptions())
+    assert not plain.maps.provenance["qc"]["hyperdense"]["flag"]
+    brain = subject.masks["brain"] & ~subject.masks["vessels"]
+    zz, yy, xx = np.indices(brain.shape)
+    cy, cx = np.argwhere(brain[0]).mean(axis=0)
+    blob = brain & (np.hypot(yy - cy, xx - (cx + 8)) < 4.5)  # right hemisphere, ~4 mL
+    hu = s.hu.copy()
+    rng = np.random.default_rng(0)
+    hu[:, blob] = 70.0 + 3.0 * rng.standard_normal((s.n_frames, int(blob.sum())))
+    bled = run_perfusion(s.replace(hu=hu), method="bsvd", lesion_options=LesionOptions())
+    flag = bled.maps.provenance["qc"]["hyperdense"]
+    assert flag["flag"] and flag["value"] > 2.0, flag
+    # its no-flow voxels are not core (partial volume at its rim aside)
+    assert (bled.lesions.core & blob).sum() <= 0.1 * blob.sum()

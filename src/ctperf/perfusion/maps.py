@@ -56,7 +56,7 @@ from ctperf.perfusion.lesions import (
     LesionResult,
     segment_lesions,
 )
-from ctperf.perfusion.qc import MAX_AIF_LEAD_S, aif_lag, qc_flags
+from ctperf.perfusion.qc import MAX_AIF_LEAD_S, aif_lag, qc_flags, skull_shift_px
 from ctperf.perfusion.svd import svd_deconvolve
 from ctperf.types import MAP_UNITS, CTPSeries, PerfusionMaps
 
@@ -230,6 +230,8 @@ def run_perfusion(
                                       progress=progress, n_base=n_base, guide=guide,
                                       vessels=vessels[brain], bayes_options=bayes_options)
     maps, units = _assemble(values, brain)
+    # blood-dense before the bolus (a haemorrhage): no ischaemic lesion is called there
+    dense = masks.hyperdense_mask(base, brain, spacing=spacing, offset=offset, exclude=vessels)
 
     flags = _qc(hu, tissue_mean, t, brain=brain, n_base=n_base, aif_raw=aif_raw,
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
@@ -238,6 +240,7 @@ def run_perfusion(
                 box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
                 csf_cut_share=region.csf_share, hu_offset=hu_scale, voxelwise=method != "bayes",
                 voxel_volume_ml=series.voxel_ml,
+                hyperdense_ml=float(dense.sum()) * series.voxel_ml,
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
                              aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),
@@ -248,7 +251,7 @@ def run_perfusion(
     if series.meta.get("timing_source"):   # where the frame times came from, as read
         provenance["timing_source"] = str(series.meta["timing_source"])
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
-    lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels, rim_mm=rim_mm,
+    lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels | dense, rim_mm=rim_mm,
                        options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)
     pmaps = pmaps.replace(provenance={**provenance, "lesions": lesions.summary()})
     return PerfusionResult(maps=pmaps, lesions=lesions, brain=brain, vessels=vessels,
@@ -576,7 +579,8 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
         uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
         exposed_share: float | None,
         voxelwise: bool, voxel_volume_ml: float, box_mtt: np.ndarray | None,
-        csf_cut_share: float | None, hu_offset: float | None) -> dict[str, Any]:
+        csf_cut_share: float | None, hu_offset: float | None,
+        hyperdense_ml: float) -> dict[str, Any]:
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
     AIF curve came without a VOF (nothing to correct it with); ``box_mtt``: the box model's
     MTT of the tissue voxels (vessels left out), None for the other methods."""
@@ -585,11 +589,19 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
     sample = np.flatnonzero(brain.ravel())[::7]
     base_sd = (float(np.median(hu.reshape(n_t, -1)[:n_base, sample].std(axis=0)))
                if n_base > 2 else None)
+    shift = None
+    if motion_mm is None:  # not registered: is the skull still?
+        first_two = hu.reshape(n_t, -1)[:2, sample]
+        noise = base_sd if base_sd is not None else float(
+            np.median(np.abs(first_two[1] - first_two[0])) / (0.6745 * np.sqrt(2.0)))
+        shift = skull_shift_px(hu, n_base=n_base, noise_sd=noise, offset=hu_offset or 0.0)
     return qc_flags(times=t, aif=aif_raw, vof=vof_used, tissue_mean=tissue_mean,
                     baseline_sd=base_sd, baseline_frames=n_base,
                     brain_voxels=int(brain.sum()), voxel_ml=voxel_volume_ml,
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,
-                    uncorrected_mm=uncorrected_motion_mm, brain_slice_share=slice_share,
+                    uncorrected_mm=uncorrected_motion_mm, skull_shift=shift,
+                    hyperdense_ml=hyperdense_ml,
+                    brain_slice_share=slice_share,
                     exposed_share=exposed_share,
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
                     box_mtt=box_mtt, csf_cut_share=csf_cut_share,

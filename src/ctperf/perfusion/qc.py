@@ -7,12 +7,12 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.masks import AIR_TOLERANCE_HU, PARENCHYMA_HU
+from ctperf.masks import AIR_TOLERANCE_HU, HYPERDENSE_HU, HYPERDENSE_MIN_ML, PARENCHYMA_HU
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
 from ctperf.perfusion.curves import bolus_arrival_frame, enhanced_at_start, start_level
 
-__all__ = ["MAX_AIF_LEAD_S", "aif_lag", "check_first_pass_sampled", "first_pass", "frame_gaps",
-           "qc_flags"]
+__all__ = ["MAX_AIF_LEAD_S", "MAX_SKULL_SHIFT_PX", "aif_lag", "check_first_pass_sampled",
+           "first_pass", "frame_gaps", "qc_flags", "skull_shift_px"]
 
 
 #: How many seconds the brain's bolus may arrive before the AIF's (``aif_after_tissue``): on
@@ -46,6 +46,47 @@ def frame_gaps(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
                      if n > 1 else steps[i] for i in range(n)])
     gaps = np.flatnonzero((steps > GAP_FACTOR * pace) & (steps > GAP_MIN_S))
     return gaps, pace[gaps]
+
+
+#: Largest shift of the skull's edges between frames (pixels, :func:`skull_shift_px`) of a
+#: study that was not registered. On ctperf's phantoms moved by the "mild" class (1.2-1.4 mm
+#: mean displacement, under the registration's 2 mm flag) it read 0.45-0.64 px at 128 px and
+#: 0.56 px at 256 px, and 1.46-1.87 px on the "severe" class (5-8 mm); it reads low on large
+#: through-plane motion and saturates at one to two pixels (an edge's width), so it detects
+#: motion rather than measures it.
+MAX_SKULL_SHIFT_PX = 1.0
+
+
+def skull_shift_px(hu: np.ndarray, *, n_base: int, noise_sd: float,
+                   offset: float = 0.0) -> float | None:
+    """How far the skull's edges move, in the image plane, between the pre-bolus mean and any
+    frame (pixels): head motion that no registration corrected. None without enough bone
+    (tiles, a skull-stripped study).
+
+    On the edges of the pre-bolus mean (in-plane gradient above 150 HU per pixel, above 300 HU
+    less ``offset``), a frame's mean absolute difference from that mean, less what its noise
+    gives, over the mean gradient is the edges' mean shift along their normal (times pi / 2
+    for shifts in any direction). Contrast does not reach bone.
+
+    Parameters
+    ----------
+    hu : ndarray, shape (T, Z, Y, X)
+    n_base : int
+        Frames before the bolus, averaged as the reference.
+    noise_sd : float
+        Noise SD of one frame, HU.
+    offset : float
+        Offset of the study's HU scale (:func:`ctperf.masks.hu_offset`).
+    """
+    ref = hu[:max(1, n_base)].mean(axis=0, dtype=np.float32)
+    grad = np.hypot(np.gradient(ref, axis=1), np.gradient(ref, axis=2))  # HU per pixel
+    edge = (grad > 150.0) & (ref > 300.0 + offset)
+    if edge.sum() < 200:
+        return None
+    slope = float(grad[edge].mean())
+    floor = noise_sd * np.sqrt(2.0 / np.pi) * np.sqrt(1.0 + 1.0 / max(1, n_base))
+    change = np.array([np.abs(frame[edge] - ref[edge]).mean() for frame in hu])
+    return float(np.max(np.clip(change - floor, 0.0, None))) / slope * np.pi / 2
 
 
 def first_pass(aif: np.ndarray) -> tuple[int, int]:
@@ -92,6 +133,8 @@ def qc_flags(
     pv_factor: float | None = None,
     displacement_mm: np.ndarray | None = None,
     uncorrected_mm: np.ndarray | None = None,
+    skull_shift: float | None = None,
+    hyperdense_ml: float | None = None,
     pv_corrected: bool | None = None,
     box_mtt: np.ndarray | None = None,
     csf_cut_share: float | None = None,
@@ -114,6 +157,7 @@ def qc_flags(
     max_exposed_share: float = 0.005,
     voxelwise: bool | None = None,
     max_voxelwise_sd_hu: float = 4.0,
+    max_below_fraction: float = 0.05,
 ) -> dict[str, dict[str, Any]]:
     """Flags that warn a reader when the maps may mislead.
 
@@ -124,7 +168,8 @@ def qc_flags(
         Measured (uncorrected) AIF enhancement, HU.
     vof : ndarray, shape (T,), optional
     tissue_mean : ndarray, shape (T,), optional
-        Mean brain enhancement, HU.
+        Mean brain enhancement, HU (``below_baseline`` where, after the baseline frames, it
+        falls below 0 by more than ``max_below_fraction`` of its peak).
     baseline_sd : float, optional
         Median over brain voxels of the pre-bolus standard deviation, HU.
     baseline_frames : int, optional
@@ -137,6 +182,11 @@ def qc_flags(
         Mean frame-wise displacement from motion correction.
     uncorrected_mm : ndarray, shape (T,), optional
         Mean frame-wise displacement measured by motion correction and not corrected.
+    skull_shift : float, optional
+        :func:`skull_shift_px` of a study that was not registered, pixels.
+    hyperdense_ml : float, optional
+        Volume of the brain that was blood-dense before the bolus
+        (:func:`ctperf.masks.hyperdense_mask`), mL.
     pv_corrected : bool, optional
         Whether a VOF corrected the AIF for partial volume (False: none found, or rejected).
     box_mtt : ndarray, shape (N,), optional
@@ -164,7 +214,9 @@ def qc_flags(
         ``{name: {"flag": bool, "value": float | None, "reason": str}}`` for ``truncation``,
         ``aif_low_peak``, ``aif_late_peak``, ``aif_after_tissue``, ``noisy_baseline``,
         ``short_baseline``, ``bolus_at_start``, ``frame_gap``, ``aif_vof_ratio``, ``no_vof``,
-        ``few_brain_voxels``, ``motion``, ``motion_uncorrected``, ``mtt_floor``, ``csf_cut``,
+        ``few_brain_voxels``, ``motion``, ``motion_uncorrected``, ``motion_unregistered``,
+        ``below_baseline``, ``hyperdense``,
+        ``mtt_floor``, ``csf_cut``,
         ``hu_offset``, ``brain_slice_gap``, ``fov_cut`` and ``noisy_voxelwise``; a flag that
         cannot be judged has ``value`` None. ``hu_offset``'s value is ``hu_offset``,
         ``fov_cut``'s ``exposed_share``.
@@ -187,9 +239,20 @@ def qc_flags(
             ends.append(float(curve[-1] / np.max(curve)))
     end = max(ends) if ends else None
     put("truncation", end is not None and end > end_fraction, end,
-        f"a curve's last frame is above {end_fraction:.0%} of its peak: bolus not washed out, "
-        "so CBV and MTT are biased (the area after the last frame is missing; fits extrapolate "
-        "it, in either direction)")
+        f"a curve's last frame is above {end_fraction:.0%} of its peak: bolus not washed out "
+        "(a scan too short), or a baseline drifting upwards, so CBV and MTT are biased (the "
+        "area after the last frame is missing; fits extrapolate it, in either direction)")
+    below = None
+    if tissue_mean is not None and np.max(tissue_mean) > 0 and baseline_frames is not None:
+        after = np.asarray(tissue_mean)[baseline_frames:]
+        below = float(np.min(after) / np.max(tissue_mean)) if after.size else None
+    put("below_baseline", below is not None and below < -max_below_fraction, below,
+        f"the brain's mean curve falls below its pre-bolus level by more than "
+        f"{max_below_fraction:.0%} of its peak, which contrast cannot do: the baseline drifts "
+        "(beam hardening, a scanner's calibration) or the head moved, so every curve carries "
+        "the drift and the maps and lesion volumes are biased (a phantom with a -10 HU drift "
+        "over the scan read a core four times the truth); check the frames, and rescan or "
+        "leave the drifting frames out")
     gaps, _ = frame_gaps(t)
     try:
         arrival = first_pass(aif)[0]
@@ -250,6 +313,17 @@ def qc_flags(
         f"frames moved by more than {max_motion_mm} mm and were not corrected (beyond the "
         "registration's plausible range): their curves mix tissues, which biases every map "
         "there; check the frames, leave the moved ones out, or rescan")
+    put("motion_unregistered", skull_shift is not None and skull_shift > MAX_SKULL_SHIFT_PX,
+        skull_shift, f"the skull's edges move by more than {MAX_SKULL_SHIFT_PX:g} pixel between "
+        "frames (estimated from the images; the value in pixels) and the study was not "
+        "registered: the head moved, "
+        "so voxels' curves mix tissues and vessels, which biases every map and the lesion "
+        "volumes; register it (--register)")
+    put("hyperdense", bool(hyperdense_ml), hyperdense_ml,
+        f"brain tissue above {HYPERDENSE_HU:g} HU before the bolus, in regions of "
+        f"{HYPERDENSE_MIN_ML:g} mL or more: blood-dense (a haemorrhage, a calcification or a "
+        "thrombosed sinus), which no perfusion threshold can call ischaemic; it was left out "
+        "of the lesions (the value is its volume, mL): read the unenhanced images")
     floor_s = DEFAULT_BOUNDS[1][0]
     share = None
     if box_mtt is not None:
