@@ -214,7 +214,7 @@ def test_a_haemorrhage_is_flagged_and_not_called_core(subject):
     plain = run_perfusion(s, method="bsvd", lesion_options=LesionOptions())
     assert not plain.maps.provenance["qc"]["hyperdense"]["flag"]
     brain = subject.masks["brain"] & ~subject.masks["vessels"]
-    zz, yy, xx = np.indices(brain.shape)
+    _, yy, xx = np.indices(brain.shape)
     cy, cx = np.argwhere(brain[0]).mean(axis=0)
     blob = brain & (np.hypot(yy - cy, xx - (cx + 8)) < 4.5)  # right hemisphere, ~4 mL
     hu = s.hu.copy()
