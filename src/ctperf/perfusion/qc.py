@@ -335,8 +335,10 @@ def qc_flags(
         f"{max_mtt_floor_share:.0%} of the tissue curves: a shorter box placed later fits "
         "them as well, so there MTT is set by the bound, not the data, and CBF (CBV / MTT) "
         "reads several times too high (CBV is not affected). It comes with low "
-        "contrast-to-noise (an unfiltered study: filter it as the paper did, or use bayes) "
-        "and with box-like residues under a wide bolus (docs/methods.md, \"The MTT floor\")")
+        "contrast-to-noise (an unfiltered study: filter it as the paper did, or use bayes), "
+        "with box-like residues under a wide bolus (docs/methods.md, \"The MTT floor\"), and "
+        "with an arterial curve whose peak was cut flat (the VOF restores its area, not its "
+        "shape: check the AIF's curve in summary.json)")
     put("csf_cut", csf_cut_share is not None and csf_cut_share > max_csf_cut_share,
         csf_cut_share, f"more than {max_csf_cut_share:.0%} of the brain was darker than the "
         "midpoint of its CSF and tissue and was left out as CSF: a large hypodense region (an "
