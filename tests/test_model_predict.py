@@ -164,6 +164,24 @@ def test_a_study_sampled_otherwise_is_resampled_to_the_training_spacing(trained)
     assert "apart, so it was resampled" in uneven.provenance["input_note"]
 
 
+def test_a_study_at_another_pixel_scale_is_said(trained, caplog):
+    """The network learned one pixel scale: a study whose field of view, at the network's input
+    size, gives pixels a quarter the size (a 512 px scan of a small field of view, resized)
+    is predicted with a warning that its maps are unreliable; the training scale is not."""
+    cohort, ckpt = trained
+    ckpt = load_checkpoint(ckpt)
+    series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
+    trained_mm = ckpt["config"]["pixel_mm"]
+    assert trained_mm == pytest.approx(np.sqrt(series.spacing[1] * series.spacing[2]))
+    assert predict_maps(series, ckpt, device="cpu").provenance["pixel_note"] is None
+    small = series.affine.copy()
+    small[:3, :2] /= 4.0  # the same 16 px, a field of view a quarter as wide
+    with caplog.at_level("WARNING", logger="ctperf"):
+        maps = predict_maps(series.replace(affine=small), ckpt, device="cpu")
+    assert "0.25 times their trained size" in maps.provenance["pixel_note"]
+    assert "unreliable" in caplog.text
+
+
 def test_checkpoints_load_weights_only(trained):
     _, path = trained
     ckpt = torch.load(path, weights_only=True)  # would raise on any pickled Python object

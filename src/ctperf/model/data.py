@@ -46,7 +46,7 @@ from ctperf.model.unet import input_step, select_frames
 from ctperf.types import CTPSeries, PerfusionMaps, orient, radiological_flips
 
 __all__ = ["CACHE_VERSION", "ORIENTATION", "SliceCache", "build_slice_cache", "iter_cohort",
-           "open_slice_cache", "resize_slices"]
+           "network_pixel_mm", "open_slice_cache", "resize_slices"]
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +259,14 @@ def open_slice_cache(path: str | Path) -> SliceCache:
                       z=np.asarray(meta["rows_z"], dtype=np.int64), meta=meta, **arrays)
 
 
+def network_pixel_mm(series: CTPSeries, size: int) -> float:
+    """The in-plane pixel (mm) of a study's slices resized to ``size`` x ``size``, as the
+    network sees them: its field of view over ``size``."""
+    _, dy, dx = series.spacing
+    _, _, ny, nx = series.shape
+    return float(np.sqrt(ny * dy * nx * dx)) / size
+
+
 def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int | None = None,
                       frames: int | None = None,
                       reference: str = "truth", references: str | Path | None = None,
@@ -326,6 +334,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         lacking: dict[str, list[str]] = {}  # target -> patients without its reference map
         ranges: dict[str, list[float]] = {}  # dataset-wide min/max per target, whole images
         steps: dict[str, float] = {}  # time step of each patient's input frames, s
+        pixels: dict[str, float] = {}  # each patient's pixel as the network sees it, mm
         for pid, series, maps, mask in tqdm(iter_cohort(root, reference=reference, references=refs),
                                             desc="slice cache", disable=not progress):
             if frames is None:
@@ -342,6 +351,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                 raise InputError(root, f"{pid}: {exc}") from None
             steps[pid] = input_step(series.times, n_frames=frames, mode=frame_mode,
                                     frame_interval=frame_interval)
+            pixels[pid] = network_pixel_mm(series, size)
             _, offset = hu_offset(series.hu[0], spacing=series.spacing)  # calibrated HU
             if offset:
                 x = x - np.float32(offset)
@@ -407,7 +417,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         meta = {**config, "size": size, "frames": frames, "targets": targets_kept,
                 "patients": list(stats), "stats": stats, "rows_patient": rows_patient,
                 "rows_z": rows_z, "cohort": str(root), "target_ranges": ranges,
-                "input_steps_s": steps, "targets_lacking": lacking}
+                "input_steps_s": steps, "pixels_mm": pixels, "targets_lacking": lacking}
         (tmp / "index.json").write_text(json.dumps(meta) + "\n")
     log.info("built slice cache %s (%d slices)", path, n)
     return open_slice_cache(path)

@@ -79,6 +79,31 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
     return "resample", float(trained), note
 
 
+#: A study whose pixel, as the network sees it, differs from the training studies' by more
+#: than this fraction is said to be at another scale.
+PIXEL_TOLERANCE = 0.2
+
+
+def _pixel_scale(series: CTPSeries, cfg: dict[str, Any]) -> str | None:
+    """A warning (logged and returned) when the study's pixel, resized to the network's input
+    size, is not the training studies' (another field of view or matrix): the network learned
+    vessels and tissue at one scale; None when it is, or the checkpoint does not say."""
+    from ctperf.model.data import network_pixel_mm
+
+    trained = cfg.get("pixel_mm")
+    if not trained:
+        return None
+    seen = network_pixel_mm(series, int(cfg["size"]))
+    if abs(seen / trained - 1.0) <= PIXEL_TOLERANCE:
+        return None
+    note = (f"the network learned {trained:.2f} mm pixels; this study's field of view gives "
+            f"{seen:.2f} mm at its {int(cfg['size'])} px input: structures are "
+            f"{seen / trained:.2f} times their trained size, so its maps are unreliable "
+            "(crop or pad the study to the training field of view, or train at this scale)")
+    log.warning("%s", note)
+    return note
+
+
 def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                  device: str = "auto", batch_size: int = 4, resize: bool = False,
                  brain_mask: np.ndarray | None = None, progress: bool = False) -> PerfusionMaps:
@@ -130,6 +155,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
     if brain_mask is not None and np.shape(brain_mask) != (z, ny, nx):
         raise ValidationError(f"brain mask shape {np.shape(brain_mask)} differs from the "
                               f"study's {(z, ny, nx)}")
+    pixel_note = _pixel_scale(series, cfg)
     mode, interval, note = _frame_selection(series.times, cfg)
     frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]), mode=mode,
                            frame_interval=interval)
@@ -164,7 +190,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                   "frames": cfg["frames"], "frame_mode": mode,
                   "input_step_s": input_step(series.times, n_frames=int(cfg["frames"]),
                                              mode=mode, frame_interval=interval),
-                  "input_note": note,
+                  "input_note": note, "pixel_note": pixel_note,
                   "size": size, "resized": (ny, nx) != (size, size),
                   "flipped_rows_columns": list(flips), "hu_offset": offset,
                   "model_software_version": ckpt.get("software_version")}
