@@ -24,7 +24,9 @@ __all__ = [
     "BONE_HU",
     "EXPOSED_MM",
     "HYPERDENSE_HU",
+    "HYPERDENSE_MAX_HU",
     "HYPERDENSE_MIN_ML",
+    "NOMINAL_CSF_HU",
     "NOMINAL_PARENCHYMA_HU",
     "PARENCHYMA_HU",
     "air_level",
@@ -49,6 +51,8 @@ BONE_HU = 300.0
 PARENCHYMA_HU: tuple[float, float] = (18.0, 50.0)
 #: Where a study whose brain reads outside :data:`PARENCHYMA_HU` is moved to (80 kV).
 NOMINAL_PARENCHYMA_HU = 32.0
+#: CSF's level (HU) where a study shows too little of it to read (water is 0; CSF 5-15 HU).
+NOMINAL_CSF_HU = 8.0
 
 # Connectivity in-plane only (for hole filling slice by slice).
 _PLANE = np.zeros((3, 3, 3), dtype=bool)
@@ -301,15 +305,20 @@ def tissue_csf_midpoint(
     midpoint of the CSF's median (``brain & csf``) and the tissue's (``brain & ~csf``) is more
     CSF than tissue. The CSF's median is taken as at most ``csf_hu``, the threshold that found
     it: above it, its voxels carry tissue's enhancement (a filtered study averages it across
-    their edge), and a CSF level read too high would cut into tissue. None when either class
-    has fewer than ``min_voxels`` voxels or they lie less than ``min_gap_hu`` apart (nothing to
+    their edge), and a CSF level read too high would cut into tissue. With fewer than
+    ``min_voxels`` CSF voxels (a thin rim that the smoothing lifted above ``csf_hu``: a few
+    slices over the vertex) the CSF level is :data:`NOMINAL_CSF_HU`. None when the tissue has
+    fewer than ``min_voxels`` voxels or the two lie less than ``min_gap_hu`` apart (nothing to
     tell apart).
     """
     brain = np.asarray(brain, dtype=bool)
     fluid, tissue = brain & csf, brain & ~csf
-    if fluid.sum() < min_voxels or tissue.sum() < min_voxels:
+    if tissue.sum() < min_voxels:
         return None
-    low, high = float(np.median(mean[fluid])), float(np.median(mean[tissue]))
+    # too little CSF to read its level (a slab over the vertex, where the smoothing lifted the
+    # thin CSF rim above the threshold): CSF's nominal level
+    low = float(np.median(mean[fluid])) if fluid.sum() >= min_voxels else NOMINAL_CSF_HU
+    high = float(np.median(mean[tissue]))
     if high - low < min_gap_hu:
         return None
     return 0.5 * (min(low, csf_hu) + high)
@@ -350,9 +359,12 @@ def near_bone(
 
 
 #: Unenhanced brain tissue above this (HU, smoothed in-plane over 1.5 mm) is blood-dense: a
-#: haemorrhage (50-90 HU), a calcification or a thrombosed sinus, not parenchyma that perfusion
-#: maps can call infarcted. Grey matter reads 35-50 HU at 80 kV.
+#: haemorrhage or a thrombosed sinus, not parenchyma that perfusion maps can call infarcted.
+#: Grey matter reads 35-50 HU at 80 kV, so a haemorrhage at 50-60 HU is not told from it.
 HYPERDENSE_HU = 60.0
+#: Denser than a blood clot (HU): calcification or bone, cut by a slice or not; hyperdense
+#: regions are sought only beyond 3 mm from it.
+HYPERDENSE_MAX_HU = 120.0
 #: Smallest connected hyperdense region counted (mL): ctperf's healthy phantoms hold pieces of
 #: at most 0.34 mL above :data:`HYPERDENSE_HU` beside their vessels.
 HYPERDENSE_MIN_ML = 1.0
@@ -361,19 +373,22 @@ HYPERDENSE_MIN_ML = 1.0
 def hyperdense_mask(base: np.ndarray, brain: np.ndarray, *, spacing: Sequence[float],
                     offset: float = 0.0, exclude: np.ndarray | None = None) -> np.ndarray:
     """Brain voxels that were blood-dense before the bolus, bool (Z, Y, X): the pre-bolus
-    volume ``base`` smoothed in-plane (Gaussian SD 1.5 mm) above :data:`HYPERDENSE_HU` (less
-    ``offset``), more than 3 mm from bone and outside ``exclude`` (the vessels), in connected
-    regions of :data:`HYPERDENSE_MIN_ML` or more."""
+    volume ``base`` (less ``offset``) smoothed in-plane over soft tissue (Gaussian SD 1.5 mm)
+    between :data:`HYPERDENSE_HU` and :data:`HYPERDENSE_MAX_HU`, more than 3 mm from anything
+    denser (bone, calcification) and outside ``exclude`` (the vessels), in connected regions
+    of :data:`HYPERDENSE_MIN_ML` or more."""
     dz, dy, dx = (float(v) for v in spacing)
     vol = np.asarray(base, dtype=np.float32) - np.float32(offset)
-    # smoothed over soft tissue only: bone's 1000 HU must not spread into the brain beside it
-    soft = ((vol > AIR_HU) & (vol < BONE_HU)).astype(np.float32)
+    # smoothed over soft tissue only: bone's (and a calcified falx's) HU must not spread into
+    # the brain beside it; what lies within 3 mm of anything denser than blood clots is left
+    # out (bone cut by a thick slice reads 90-300 HU over the orbits and the skull base)
+    soft = ((vol > AIR_HU) & (vol < HYPERDENSE_MAX_HU)).astype(np.float32)
     sigma = (0.0, 1.5 / dy, 1.5 / dx)
     with np.errstate(invalid="ignore", divide="ignore"):
         smooth = (ndimage.gaussian_filter(vol * soft, sigma=sigma)
                   / ndimage.gaussian_filter(soft, sigma=sigma))
-    hot = brain & (smooth > HYPERDENSE_HU) & ~near_bone(vol, spacing=spacing, margin_mm=3.0,
-                                                          margin_voxels=0.0)
+    hot = brain & (smooth > HYPERDENSE_HU) & (smooth < HYPERDENSE_MAX_HU) & ~near_bone(
+        vol, spacing=spacing, bone_hu=HYPERDENSE_MAX_HU, margin_mm=3.0, margin_voxels=0.0)
     if exclude is not None:
         hot &= ~exclude
     labels, n = ndimage.label(hot)

@@ -220,6 +220,7 @@ def run_perfusion(
     not_vessel = (~vessels[brain]).astype(np.float32)
     # the brain's mean curve, vessels left out: the AIF's timing is judged against it
     tissue_mean = (tissue @ not_vessel) / not_vessel.sum() if not_vessel.any() else None
+    brain_mean = tissue.mean(axis=1, dtype=np.float64)  # vessels too: drift is in every voxel
     if aif_from.source == "automatic" and tissue_mean is not None:
         _check_aif_leads(t, aif_raw, tissue_mean)
     del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
@@ -233,7 +234,7 @@ def run_perfusion(
     # blood-dense before the bolus (a haemorrhage): no ischaemic lesion is called there
     dense = masks.hyperdense_mask(base, brain, spacing=spacing, offset=offset, exclude=vessels)
 
-    flags = _qc(hu, tissue_mean, t, brain=brain, n_base=n_base, aif_raw=aif_raw,
+    flags = _qc(hu, tissue_mean, brain_mean, t, brain=brain, n_base=n_base, aif_raw=aif_raw,
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 exposed_share=exposed,
@@ -573,7 +574,8 @@ def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
     return maps, units
 
 
-def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain: np.ndarray,
+def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
+        t: np.ndarray, *, brain: np.ndarray,
         n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
         uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
@@ -596,6 +598,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, t: np.ndarray, *, brain:
             np.median(np.abs(first_two[1] - first_two[0])) / (0.6745 * np.sqrt(2.0)))
         shift = skull_shift_px(hu, n_base=n_base, noise_sd=noise, offset=hu_offset or 0.0)
     return qc_flags(times=t, aif=aif_raw, vof=vof_used, tissue_mean=tissue_mean,
+                    brain_mean=brain_mean,
                     baseline_sd=base_sd, baseline_frames=n_base,
                     brain_voxels=int(brain.sum()), voxel_ml=voxel_volume_ml,
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,

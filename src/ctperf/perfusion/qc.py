@@ -7,7 +7,13 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.masks import AIR_TOLERANCE_HU, HYPERDENSE_HU, HYPERDENSE_MIN_ML, PARENCHYMA_HU
+from ctperf.masks import (
+    AIR_TOLERANCE_HU,
+    HYPERDENSE_HU,
+    HYPERDENSE_MAX_HU,
+    HYPERDENSE_MIN_ML,
+    PARENCHYMA_HU,
+)
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
 from ctperf.perfusion.curves import bolus_arrival_frame, enhanced_at_start, start_level
 
@@ -126,6 +132,7 @@ def qc_flags(
     aif: np.ndarray,
     vof: np.ndarray | None = None,
     tissue_mean: np.ndarray | None = None,
+    brain_mean: np.ndarray | None = None,
     baseline_sd: float | None = None,
     baseline_frames: int | None = None,
     brain_voxels: int | None = None,
@@ -168,8 +175,11 @@ def qc_flags(
         Measured (uncorrected) AIF enhancement, HU.
     vof : ndarray, shape (T,), optional
     tissue_mean : ndarray, shape (T,), optional
-        Mean brain enhancement, HU (``below_baseline`` where, after the baseline frames, it
-        falls below 0 by more than ``max_below_fraction`` of its peak).
+        Mean brain enhancement, vessels left out, HU.
+    brain_mean : ndarray, shape (T,), optional
+        Mean enhancement of the whole fitted brain, vessels included (whatever an AIF chose
+        as vessels), HU: ``below_baseline`` where, after the baseline frames, it falls below 0
+        by more than ``max_below_fraction`` of its peak.
     baseline_sd : float, optional
         Median over brain voxels of the pre-bolus standard deviation, HU.
     baseline_frames : int, optional
@@ -243,9 +253,9 @@ def qc_flags(
         "(a scan too short), or a baseline drifting upwards, so CBV and MTT are biased (the "
         "area after the last frame is missing; fits extrapolate it, in either direction)")
     below = None
-    if tissue_mean is not None and np.max(tissue_mean) > 0 and baseline_frames is not None:
-        after = np.asarray(tissue_mean)[baseline_frames:]
-        below = float(np.min(after) / np.max(tissue_mean)) if after.size else None
+    if brain_mean is not None and np.max(brain_mean) > 0 and baseline_frames is not None:
+        after = np.asarray(brain_mean)[baseline_frames:]
+        below = float(np.min(after) / np.max(brain_mean)) if after.size else None
     put("below_baseline", below is not None and below < -max_below_fraction, below,
         f"the brain's mean curve falls below its pre-bolus level by more than "
         f"{max_below_fraction:.0%} of its peak, which contrast cannot do: the baseline drifts "
@@ -320,8 +330,8 @@ def qc_flags(
         "so voxels' curves mix tissues and vessels, which biases every map and the lesion "
         "volumes; register it (--register)")
     put("hyperdense", bool(hyperdense_ml), hyperdense_ml,
-        f"brain tissue above {HYPERDENSE_HU:g} HU before the bolus, in regions of "
-        f"{HYPERDENSE_MIN_ML:g} mL or more: blood-dense (a haemorrhage, a calcification or a "
+        f"brain tissue at {HYPERDENSE_HU:g}-{HYPERDENSE_MAX_HU:g} HU before the bolus, in "
+        f"regions of {HYPERDENSE_MIN_ML:g} mL or more: blood-dense (a haemorrhage or a "
         "thrombosed sinus), which no perfusion threshold can call ischaemic; it was left out "
         "of the lesions (the value is its volume, mL): read the unenhanced images")
     floor_s = DEFAULT_BOUNDS[1][0]
