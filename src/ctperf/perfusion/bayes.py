@@ -1408,7 +1408,7 @@ def fit_bayes(
                             grid, n_top)
 
     map_chunks(stage2, n_blocks, chunk=per_chunk, workers=max(1, workers), progress=progress,
-               desc="bayes", unit="voxel")
+               desc="bayes", unit="block")
     if use_space and block_size > 1 and smooth_blocks:
         # timing: the blocks' steps between neighbours interpolated away (log MTT, delay, Tmax)
         # (as far as the blocks' differences are the noise's)

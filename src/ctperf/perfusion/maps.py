@@ -548,7 +548,8 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
             values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
                       "delay": fit.delay, "residual": fit.residual}
         else:
-            res = svd_deconvolve(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh)
+            res = svd_deconvolve(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh,
+                                 progress=progress)
             values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
                       "delay": res.tmax}
         # searched from the bolus's arrival (the baseline's end) on
