@@ -94,6 +94,23 @@ def test_cache_is_reused_not_rebuilt(cohort: Path, tmp_path: Path):
     assert not list(tmp_path.glob(".*"))  # no temporary folders left behind
 
 
+def test_a_cache_is_not_reused_once_a_study_changed(tmp_path: Path):
+    """A cache is named by its cohort and settings and by the state of the cohort's files: a
+    study replaced since (here sub-0001 by sub-0000's) gets a new cache built from it, where a
+    shared cache had been reused with the old slices."""
+    import shutil
+
+    cohort = make_cohort(tmp_path / "c", subjects=2, size=8, frames=12)
+    first = build_slice_cache(cohort, tmp_path / "cache", size=8, frames=6)
+    for name in ("study.nii.gz", "study.json"):
+        shutil.copy(cohort / "sub-0000" / name, cohort / "sub-0001" / name)
+    again = build_slice_cache(cohort, tmp_path / "cache", size=8, frames=6)
+    assert again.path != first.path
+    a, b = again.rows(["sub-0000"]), again.rows(["sub-0001"])
+    np.testing.assert_array_equal(again.inputs[b], again.inputs[a])
+    assert not np.array_equal(first.inputs[first.rows(["sub-0001"])], again.inputs[b])
+
+
 def test_cache_holds_the_frames_and_maps_it_was_built_from(cohort: Path, tmp_path: Path):
     from ctperf.io import read_maps, read_nifti_series
 
@@ -260,6 +277,15 @@ def test_nlr_references_are_written_to_the_output_not_the_cohort(monkeypatch, tm
     np.testing.assert_allclose(from_unit(unit, "cbv"), 0.5 * truth["cbv"][0], atol=0.01)
     nlr_references(cohort, tmp_path / "refs")
     assert len(calls) == 2  # a rerun finds the references written: nothing recomputed
+    # a study replaced since: its references are computed again, the other's not
+    import os
+
+    study = cohort / "sub-0000" / "study.nii.gz"
+    later = (refs / "sub-0000" / "cbv.nii.gz").stat().st_mtime_ns + 10**9
+    os.utime(study, ns=(later, later))
+    calls.clear()
+    nlr_references(cohort, tmp_path / "refs")
+    assert calls == ["nlr"]
     # the vessels of the reference run are left out of the loss mask: their CBV is the
     # vessel's own, tens of times tissue's
     vessels = np.zeros(truth["cbv"].shape, dtype=bool)

@@ -155,6 +155,19 @@ def test_guards(caches, tmp_path: Path, caplog):
     with pytest.raises(InputError, match=r"cannot resume with different settings.*width"):
         train(full, tmp_path, replace(TINY, epochs=2, width=8), train_patients=["sub-0000"],
               resume=True)
+    # another split of the patients, or another reference, is named (not one of the numbers
+    # derived from them, such as the input's contrast gain)
+    with pytest.raises(InputError, match=r"train_patients differ \(1 added: sub-0001; 1 gone: "
+                                         r"sub-0000\)"):
+        train(full, tmp_path, replace(TINY, epochs=2), train_patients=["sub-0001"], resume=True)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=True)
+    trained_on = ckpt["config"]["reference"]
+    ckpt["config"]["reference"] = "nlr" if trained_on != "nlr" else "truth"
+    torch.save(ckpt, tmp_path / "last.pt")
+    with pytest.raises(InputError, match=r"different settings.*reference="):
+        train(full, tmp_path, replace(TINY, epochs=2), train_patients=["sub-0000"], resume=True)
+    ckpt["config"]["reference"] = trained_on
+    torch.save(ckpt, tmp_path / "last.pt")
     # a run trained on a cache built by an older ctperf (other masks) is not continued on the
     # rebuilt one: the checkpoint says which cache version it learnt from
     ckpt = torch.load(tmp_path / "last.pt", weights_only=True)

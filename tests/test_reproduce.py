@@ -58,7 +58,11 @@ def test_out_inside_the_cohort_and_other_settings_are_refused(tmp_path: Path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "reproduce.json").write_text(json.dumps({"settings": {"layout": "phantom"}}))
-    with pytest.raises(InputError, match="other settings"):
+    with pytest.raises(InputError, match=r"other settings \(reproduce.json: .*config\.epochs"):
+        reproduce_cohort(cohort, out, _tiny_config(), ReproduceOptions())
+    # a finished run continued on another cohort mixed two cohorts' maps (exit 0)
+    (out / "reproduce.json").write_text(json.dumps({"cohort_id": "0" * 16, "settings": {}}))
+    with pytest.raises(InputError, match="another cohort"):
         reproduce_cohort(cohort, out, _tiny_config(), ReproduceOptions())
     assert _tree(cohort) == before
 

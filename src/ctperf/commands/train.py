@@ -94,7 +94,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--test", type=Path, default=None,
                    help="text file of held-out patient ids (one per line), never trained on")
     p.add_argument("--cache", type=Path, default=None,
-                   help="slice cache folder, e.g. one shared by several runs; not inside the "
+                   help="slice cache folder, e.g. one shared by several runs (a cache is "
+                        "reused only while the cohort's files are unchanged); not inside the "
                         "cohort, not OUT itself (default: OUT/cache)")
     add_device_option(p, what="training and evaluation")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",

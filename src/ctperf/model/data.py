@@ -237,10 +237,29 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
         raise InputError(root, "no patients found (neither phantom nor UniToBrain layout)")
 
 
+def _files_state(folder: Path) -> list[tuple[str, int, int]]:
+    """(relative path, size, modification time in ns) of every file under ``folder`` but
+    hidden ones: a study or reference replaced since a cache was built changes it."""
+    out = []
+    for path in folder.rglob("*"):
+        rel = path.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+            continue
+        st = path.stat()
+        out.append((rel.as_posix(), st.st_size, st.st_mtime_ns))
+    return sorted(out)
+
+
 def _cache_key(root: Path, config: dict[str, Any], references: Path | None) -> str:
+    """The cache's name: its cohort, settings and references, and the state of their files
+    (a cache shared by runs is rebuilt when a study or reference changed, not reused)."""
     refs = None if references is None else str(references.resolve())
     blob = json.dumps({"root": str(root.resolve()), **config,
-                       **({"references": refs} if refs is not None else {})}, sort_keys=True)
+                       **({"references": refs} if refs is not None else {}),
+                       "files": _files_state(root),
+                       **({"reference_files": _files_state(references)}
+                          if references is not None and references.is_dir() else {})},
+                      sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]
 
 

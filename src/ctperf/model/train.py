@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 
 LOG_COLUMNS = ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds")
 # Settings that must match for a resumed run to be the same run.
-_RESUME_KEYS = ("targets", "size", "frames", "width", "depth", "kernel_size", "norm", "seed",
+_RESUME_KEYS = ("reference", "train_patients", "val_patients",
+                "targets", "size", "frames", "width", "depth", "kernel_size", "norm", "seed",
                 "batch_size", "lr", "masked_loss", "augment", "stages", "baseline_frames",
                 "contrast_gain", "schedule", "augment_gain", "augment_degrees", "augment_noise",
                 "enhancement_quantile", "cache_version", "loss", "augment_shift")
@@ -517,6 +518,17 @@ def _fresh_optim(run: _Run, n_epochs: int) -> tuple[torch.optim.Adam, Any]:
     return opt, sched
 
 
+def _difference(key: str, old: Any, new: Any) -> str:
+    """One setting that differs, for the refusal to resume: a patient list by who joined and
+    who left it (the split changes with the validation fraction or a held-out list)."""
+    if key.endswith("_patients") and isinstance(old, list) and isinstance(new, list):
+        added, gone = sorted(set(new) - set(old)), sorted(set(old) - set(new))
+        return (f"{key} differ ({len(added)} added: {', '.join(added[:3])}"
+                f"{' ...' if len(added) > 3 else ''}; {len(gone)} gone: {', '.join(gone[:3])}"
+                f"{' ...' if len(gone) > 3 else ''})")
+    return f"{key}={old!r} vs {new!r}"
+
+
 def _resume_or_start(run: _Run, last: Path, *, resume: bool) -> _State:
     """A fresh state, or the one saved in ``last`` (same settings required) with ``resume``."""
     opt, sched = _fresh_optim(run, run.stages[0][2])
@@ -532,7 +544,7 @@ def _resume_or_start(run: _Run, last: Path, *, resume: bool) -> _State:
     diff = {k: (old[k], run.record[k]) for k in _RESUME_KEYS if old[k] != run.record[k]}
     if diff:
         raise InputError(last, "cannot resume with different settings (checkpoint, now): "
-                               + ", ".join(f"{k}={a!r} vs {b!r}" for k, (a, b) in diff.items()))
+                               + ", ".join(_difference(k, a, b) for k, (a, b) in diff.items()))
     run.model.load_state_dict(ckpt["model"])
     state.stage, state.done_in_stage = ckpt["stage"], ckpt["epoch_in_stage"]
     state.history, state.best = list(ckpt["history"]), float(ckpt["best_val"])

@@ -21,18 +21,25 @@ log = logging.getLogger(__name__)
 REFERENCE_MAPS = ("cbf", "cbv", "mtt", "delay")
 
 
-def _complete(folder: Path) -> bool:
-    return all((folder / f"{name}.nii.gz").exists() for name in REFERENCE_MAPS)
+def _complete(folder: Path, study: Path | None = None) -> bool:
+    """All reference maps are in ``folder``, and none older than ``study`` (a study replaced
+    since its references were computed has them computed again)."""
+    files = [folder / f"{name}.nii.gz" for name in REFERENCE_MAPS]
+    if not all(f.exists() for f in files):
+        return False
+    return study is None or min(f.stat().st_mtime_ns for f in files) >= study.stat().st_mtime_ns
 
 
 def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = False) -> Path:
     """Compute the box-model NLR maps (``method="nlr"``) of every phantom-layout subject.
 
     Subjects whose references already exist (``OUT/<subject>/`` or, precomputed with the cohort,
-    ``COHORT/<subject>/nlr/``) are skipped, so a rerun resumes. Each subject's folder is written
-    atomically with the vessel mask of the fit (``lesions/vessels.nii.gz``), which training
-    leaves out of its loss. Each study is fitted as ``ctperf maps`` fits it (automatic brain,
-    AIF and VOF; the phantom's artery mask as the AIF mask where no artery is found).
+    ``COHORT/<subject>/nlr/``) and are not older than the study are skipped, so a rerun
+    resumes (and a study replaced since has its references computed again). Each subject's
+    folder is written atomically with the vessel mask of the fit (``lesions/vessels.nii.gz``),
+    which training leaves out of its loss. Each study is fitted as ``ctperf maps`` fits it
+    (automatic brain, AIF and VOF; the phantom's artery mask as the AIF mask where no artery
+    is found).
 
     Parameters
     ----------
@@ -62,7 +69,8 @@ def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = Fals
     root, out = Path(cohort), Path(out)
     io.check_output(out, inputs=(root,), kind="extend")
     subjects = sorted(p for p in root.glob("sub-*") if (p / "study.nii.gz").exists())
-    todo = [s for s in subjects if not (_complete(out / s.name) or _complete(s / "nlr"))]
+    todo = [s for s in subjects if not (_complete(out / s.name, s / "study.nii.gz")
+                                        or _complete(s / "nlr", s / "study.nii.gz"))]
     if todo:
         io.mark_output(out)
     for sub in tqdm(todo, desc="NLR references", disable=not progress or not todo):

@@ -25,6 +25,7 @@ link, or ``cohort.json`` holding its path where links cannot be made).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -185,11 +186,11 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
     io.check_output(out, inputs=() if inside else (cohort,), kind="extend",
                     owned_by=(_RECORD,))
     config = _fit_frames(config, cohort, layout, say)
-    _check_record(out, layout, config, options)
+    _check_record(out, cohort, layout, config, options)
     io.mark_output(out)
     if layout == "phantom" and not inside:
         _link_cohort(cohort, out)
-    _write_record(out, layout, config, options)
+    _write_record(out, cohort, layout, config, options)
     computed: list[str] = []
     studies_root = _preprocess(cohort, out, layout, options, say, computed)
     _references(cohort, studies_root, out, layout, options, say, computed)
@@ -360,8 +361,24 @@ def _settings(layout: str, config: Any, options: ReproduceOptions) -> dict[str, 
                                  default=repr))
 
 
-def _check_record(out: Path, layout: str, config: Any, options: ReproduceOptions) -> None:
-    """Refuse to continue a run made with other settings (its steps would mix)."""
+def _cohort_id(cohort: Path, layout: str) -> str:
+    """A digest of which subjects the cohort holds and how large their studies are (no path:
+    the record carries no folder name), so that a run continued on another cohort is refused."""
+    if layout == "phantom":
+        items = [(p.parent.name, p.stat().st_size)
+                 for p in sorted(cohort.glob("sub-*/study.nii.gz"))]
+    else:
+        from ctperf.io.unitobrain import find_unitobrain
+
+        items = [(pid, sum(1 for f in inp.iterdir() if f.is_file()))
+                 for pid, inp, _ in find_unitobrain(cohort)]
+    return hashlib.sha256(json.dumps(items).encode()).hexdigest()[:16]
+
+
+def _check_record(out: Path, cohort: Path, layout: str, config: Any,
+                  options: ReproduceOptions) -> None:
+    """Refuse to continue a run made with other settings or on another cohort (its steps
+    would mix)."""
     path = out / _RECORD
     if not path.exists():
         return
@@ -370,18 +387,31 @@ def _check_record(out: Path, layout: str, config: Any, options: ReproduceOptions
     except (OSError, json.JSONDecodeError) as exc:
         raise InputError(path, f"is not valid JSON ({exc}); delete it or choose another "
                                "output folder") from None
-    if old.get("settings") != _settings(layout, config, options):
-        raise InputError(out, "holds a run made with other settings (reproduce.json); choose "
-                              "another output folder to change them")
+    if old.get("cohort_id") not in (None, _cohort_id(cohort, layout)):
+        raise InputError(out, "holds a run made on another cohort (other subjects, or other "
+                              "studies; reproduce.json); choose another output folder")
+    now = _settings(layout, config, options)
+    if old.get("settings") != now:
+        was = old.get("settings") or {}
+        changed = sorted(f"{part}.{k}" for part in ("config", "options")
+                         for k in set(was.get(part, {})) | set(now[part])
+                         if was.get(part, {}).get(k) != now[part].get(k))
+        if was.get("layout") != now["layout"]:
+            changed.insert(0, "layout")
+        raise InputError(out, "holds a run made with other settings (reproduce.json: "
+                              f"{', '.join(changed) or 'its format'}); choose another output "
+                              "folder to change them")
 
 
-def _write_record(out: Path, layout: str, config: Any, options: ReproduceOptions) -> None:
+def _write_record(out: Path, cohort: Path, layout: str, config: Any,
+                  options: ReproduceOptions) -> None:
     from ctperf import __version__
     from ctperf.io import write_json
 
     if (out / _RECORD).exists():  # checked by _check_record: the same settings
         return
     write_json({"format": _FORMAT, "version": 1, "ctperf_version": __version__,
+                "cohort_id": _cohort_id(cohort, layout),
                 "settings": _settings(layout, config, options)}, out / _RECORD)
 
 
