@@ -237,13 +237,21 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
         raise InputError(root, "no patients found (neither phantom nor UniToBrain layout)")
 
 
+#: Files a cohort holds beside its studies and maps, which the cache does not read (a cohort
+#: runner's manifest is rewritten by every run).
+_NOT_READ = ("manifest.json", "cohort.json")
+_NOT_READ_SUFFIXES = (".png", ".html", ".md", ".txt", ".csv", ".log")
+
+
 def _files_state(folder: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, modification time in ns) of every file under ``folder`` but
-    hidden ones: a study or reference replaced since a cache was built changes it."""
+    """(relative path, size, modification time in ns) of the files under ``folder`` that may
+    be studies or maps (not hidden ones, manifests, figures or notes): a study or reference
+    replaced since a cache was built changes it."""
     out = []
     for path in folder.rglob("*"):
         rel = path.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not path.is_file():
+        if (any(part.startswith(".") for part in rel.parts) or not path.is_file()
+                or path.name in _NOT_READ or path.suffix.lower() in _NOT_READ_SUFFIXES):
             continue
         st = path.stat()
         out.append((rel.as_posix(), st.st_size, st.st_mtime_ns))
