@@ -522,10 +522,10 @@ def _difference(key: str, old: Any, new: Any) -> str:
     """One setting that differs, for the refusal to resume: a patient list by who joined and
     who left it (the split changes with the validation fraction or a held-out list)."""
     if key.endswith("_patients") and isinstance(old, list) and isinstance(new, list):
-        added, gone = sorted(set(new) - set(old)), sorted(set(old) - set(new))
-        return (f"{key} differ ({len(added)} added: {', '.join(added[:3])}"
-                f"{' ...' if len(added) > 3 else ''}; {len(gone)} gone: {', '.join(gone[:3])}"
-                f"{' ...' if len(gone) > 3 else ''})")
+        moved = [f"{len(ids)} {what}: {', '.join(ids[:3])}{' ...' if len(ids) > 3 else ''}"
+                 for what, ids in (("added", sorted(set(new) - set(old))),
+                                   ("gone", sorted(set(old) - set(new)))) if ids]
+        return f"{key} differ ({'; '.join(moved) or 'their order'})"
     return f"{key}={old!r} vs {new!r}"
 
 
