@@ -150,3 +150,31 @@ def test_the_filter_by_default_follows_the_method(study, monkeypatch, caplog, me
     analyse_study(series, method=method, register=False, filter=not filtered)
     assert bool(calls) is not filtered
     assert ("filtered study" in caplog.text) is not filtered
+
+
+def test_a_failed_mapping_names_the_frames_registration_left(study, monkeypatch):
+    """Frames moved beyond what registration corrects are left as they are; when the maps
+    then fail (a 40 mm jerk put skull into the artery, and its curve read as a bolus begun
+    before the scan), the error names those frames first, not only the symptom."""
+    import types
+
+    import ctperf.workflow.analysis as analysis
+    from ctperf.errors import ValidationError
+
+    _, series, _ = study
+    moved = np.zeros(series.n_frames)
+    moved[[10, 12]] = [17.9, 39.7]
+    motion = types.SimpleNamespace(series=series, displacement_mm=np.zeros(series.n_frames),
+                                   uncorrected_mm=moved)
+    monkeypatch.setattr(analysis, "_register", lambda s, **kw: motion)
+
+    def refuse(s, **kw):
+        raise ValidationError("the arterial bolus had begun before the first frame")
+
+    monkeypatch.setattr("ctperf.perfusion.run_perfusion", refuse)
+    with pytest.raises(ValidationError, match=r"^frames 10, 12 \(from 0\) moved by "
+                                              r"17\.9-39\.7 mm.*bolus had begun"):
+        analyse_study(series, method="bsvd", register=True, filter=False)
+    motion.uncorrected_mm = np.zeros(series.n_frames)  # nothing left: the error as it was
+    with pytest.raises(ValidationError, match=r"^the arterial bolus"):
+        analyse_study(series, method="bsvd", register=True, filter=False)

@@ -444,8 +444,8 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
              int(mean_d.argmax()))
     if missed.any():
         log.warning("motion: %d frames moved by up to %.1f mm (frame %d) and were not "
-                    "corrected: their fit is beyond the plausible %g deg / %g mm; the maps "
-                    "carry the flag motion_uncorrected",
+                    "corrected: their fit is beyond the plausible %g deg / %g mm; maps made "
+                    "from them carry the flag motion_uncorrected",
                     int(missed.sum()), uncorrected.max(), int(uncorrected.argmax()),
                     max_rotation_deg, max_shift_mm)
     meta = dict(series.meta)

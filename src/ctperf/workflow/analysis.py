@@ -6,6 +6,9 @@ import dataclasses
 import logging
 from typing import Any
 
+import numpy as np
+
+from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
 log = logging.getLogger(__name__)
@@ -85,7 +88,13 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         series = _filter(series, spatial_sigma_mm=spatial_sigma_mm,
                          range_sigma_hu=range_sigma_hu, filter_weights=filter_weights,
                          progress=progress)
-    result = run_perfusion(series, method=method, progress=progress, **perfusion_options)
+    try:
+        result = run_perfusion(series, method=method, progress=progress, **perfusion_options)
+    except ValidationError as err:
+        left = _uncorrected_frames(motion)
+        if left:  # the moved frames, not the bolus or the vessels, are then the likely cause
+            raise ValidationError(f"{left}; mapping then failed: {err}") from err
+        raise
     done = earlier if isinstance(earlier, dict) else {}
     provenance = {**result.maps.provenance,
                   "preprocessed": bool(register or filter or done.get("registered")
@@ -99,6 +108,17 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         provenance["filter"] = {"spatial_sigma_mm": spatial_sigma_mm,
                                 "range_sigma_hu": range_sigma_hu, "weights": filter_weights}
     return dataclasses.replace(result, maps=result.maps.replace(provenance=provenance)), motion
+
+
+def _uncorrected_frames(motion: Any) -> str:
+    """What registration left uncorrected, in words ('' when nothing)."""
+    moved = np.asarray(getattr(motion, "uncorrected_mm", ()), dtype=float)
+    frames = np.flatnonzero(moved > 0)
+    if frames.size == 0:
+        return ""
+    return (f"frames {', '.join(str(int(f)) for f in frames)} (from 0) moved by "
+            f"{moved[frames].min():.1f}-{moved[frames].max():.1f} mm, beyond what registration "
+            "corrects, and were left as they are")
 
 
 def _register(series: CTPSeries, *, workers: int | None, progress: bool) -> Any:
