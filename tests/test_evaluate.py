@@ -118,6 +118,8 @@ def test_evaluate_synthetic_tables_json_and_report(cohorts, evaluated):
     assert float(t1["cbf"]["mse_minmax_mean"]) == pytest.approx((2 / (hi - lo)) ** 2, rel=1e-3)
     assert float(t1["cbv"]["mse_window_mean"]) == 0 and float(t1["cbv"]["ssim_mean"]) == 1
     assert t1["cbv"]["psnr_mean"] == ""  # infinite PSNR of identical maps is left empty
+    # and the count says so where the mean is over fewer studies than the row's
+    assert t1["cbv"]["psnr_n"] == "0" and t1["cbf"]["psnr_n"] == t1["cbf"]["n_cases"]
 
     rows = {(r["lesion"], r["estimate"], r["reference"]): r for r in _csv(out / "table2.csv")}
     core = rows[("core", "unet", "nlr")]
@@ -152,6 +154,7 @@ def test_evaluate_synthetic_tables_json_and_report(cohorts, evaluated):
     assert "http://" not in page and "https://" not in page and "@import" not in page
     assert page.count('src="data:image/png;base64,') == len(list((out / "figures").iterdir()))
     assert "Table 1" in page and "Table 2" in page and "@media print" in page
+    assert "<td>n/a (0)</td>" in page  # CBV's PSNR: over none of the studies, and says so
 
 
 def test_a_rater_storing_the_voxels_another_way_is_turned_and_another_grid_refused(cohorts,

@@ -72,9 +72,10 @@ def test_volume_text_with_and_without_sd():
 
 
 def test_html_tables_escape_and_format():
-    page = html_table(["a", "b"], [["<x>", 0.0001], ["y", float("nan")]])
+    page = html_table(["a", "b"], [["<x>", 0.00021], ["y", float("nan")], ["z", 0.00004]])
     assert "&lt;x&gt;" in page and "<x>" not in page
-    assert "<td>1.0e-04</td>" in page  # would print as 0.000
+    # would print as 0.000: two significant figures, in a table of fixed decimals
+    assert "<td>0.00021</td>" in page and "<td>4e-05</td>" in page
     assert "<td>n/a</td>" in page
     converted = markdown_tables_to_html("intro\n\n| m | v |\n|---|---|\n| cbf | 1.5 |\n")
     assert '<p class="note">intro</p>' in converted

@@ -33,9 +33,17 @@ def _table1_html(result: Mapping[str, Any]) -> str:
               "Lin's CCC"]
     rows = [[r["estimate"], r["reference"], f"{r['map']} [{r['unit']}]", r["summary"]["mae"]["n"],
              *(_pm(r["summary"][m], 4 if m.startswith("mse") else 2 if m in
-                   ("psnr", "mae", "bias", "rmse") else 3) for m in _METRICS)]
+                   ("psnr", "mae", "bias", "rmse") else 3) + _fewer(r["summary"], m)
+               for m in _METRICS)]
             for r in result["maps"]]
     return html_table(header, rows, text_columns=3)
+
+
+def _fewer(summary: Mapping[str, Any], metric: str) -> str:
+    """`` (n)`` after a metric taken over fewer studies than the row's n (no PSNR where two maps
+    are identical), else nothing."""
+    n = summary[metric].get("n")
+    return f" ({n})" if n is not None and n != summary["mae"]["n"] else ""
 
 
 def _table2_html(result: Mapping[str, Any]) -> str:

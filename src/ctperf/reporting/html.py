@@ -52,14 +52,15 @@ p.note, ul.note { font-size: .88em; color: #333; }
 
 def fmt_number(value: Any, digits: int = 3) -> str:
     """A number for a table cell: ``digits`` decimals, ``n/a`` for None and NaN, and a tiny
-    nonzero value in scientific notation rather than as 0."""
+    nonzero value to two significant figures rather than as 0 (0.0021; below 1e-4 in
+    scientific notation)."""
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "n/a"
     if isinstance(value, int | np.integer):
         return str(int(value))
     v = float(value)
     if v != 0 and abs(v) < 0.5 * 10**-digits:  # would print as 0: show its magnitude
-        return f"{v:.1e}"
+        return f"{v:.2g}"
     return f"{v:.{digits}f}"
 
 
