@@ -245,3 +245,17 @@ def test_a_wide_map_keeps_nan_at_zero_and_ttp_gets_its_own_window(tmp_path, maps
     ds = pydicom.dcmread(next(folders[1].glob("*.dcm")))
     lo, hi = ds.WindowCenter - ds.WindowWidth / 2, ds.WindowCenter + ds.WindowWidth / 2
     assert lo > 25 and hi < 41  # the TTPs' own range (27-40 s), not a fixed 0-30 s
+
+
+def test_a_map_below_minus_327_keeps_its_step_and_says_nothing_of_coarsening(tmp_path, maps,
+                                                                              caplog):
+    """-400..100 (a delay map gone wrong) does not fit signed 16 bits at 0.01, but fits unsigned
+    from an intercept: the step stays 0.01, and no warning claims it was coarsened."""
+    delay = np.clip(maps["mtt"], 0, 100).astype(np.float64)
+    delay[0, 0, 0], delay[0, 0, 1] = -400.0, 100.0
+    folders = write_maps_dicom(PerfusionMaps(maps={"delay": delay}, affine=maps.affine),
+                               tmp_path / "m")
+    volume, _, meta = read_dicom_volume(folders[0])
+    assert float(pydicom.dcmread(meta["files"][0]).RescaleSlope) == pytest.approx(0.01)
+    np.testing.assert_allclose(volume, delay, atol=0.0051)  # half a step, and float32 reads
+    assert "does not fit" not in caplog.text

@@ -337,29 +337,60 @@ def test_atomic_outputs_get_ordinary_permissions(small_series, tmp_path):
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
 
 
-@pytest.mark.parametrize("shear", [0.0, 0.4], ids=["straight", "tilted gantry"])
+@pytest.mark.parametrize("shear", [0.0, 1.82], ids=["straight", "tilted gantry"])
 def test_written_maps_carry_qform_and_sform_and_their_unit(tmp_path, shear):
-    """Tools that read only the qform (or only the sform) see the same grid; a sheared grid,
-    which a qform cannot hold, has the nearest unsheared grid as its qform, coded 1 (scanner),
-    so that ITK opens it."""
+    """Tools that read only the qform (or only the sform) see the same grid, coded 1 (scanner:
+    maps lie in the scanner's space); a sheared grid, which a qform cannot hold, has the
+    nearest unsheared grid as its qform, so that ITK opens it, each voxel within half the
+    slab's shear of its true place."""
     affine = np.diag([-0.9, 0.9, 5.0, 1.0])
-    affine[1, 2] = shear
-    path = write_volume(np.zeros((3, 4, 5), np.float32), affine, tmp_path / "cbf.nii.gz",
+    affine[1, 2] = shear  # 5 mm slices, 20 degrees: 5 tan(20) = 1.82 mm per slice
+    shape = (8, 30, 40)  # (Z, Y, X)
+    path = write_volume(np.zeros(shape, np.float32), affine, tmp_path / "cbf.nii.gz",
                         sidecar={"map": "cbf", "units": "mL/100g/min"})
     img = nib.load(path)
     np.testing.assert_allclose(img.get_sform(), affine, atol=1e-6)
-    assert img.get_qform(coded=True)[1] == (2 if shear == 0.0 else 1)
+    assert img.get_qform(coded=True)[1] == img.get_sform(coded=True)[1] == 1
+    qform = img.get_qform()
     if shear == 0.0:
-        np.testing.assert_allclose(img.get_qform(), affine, atol=1e-5)
-    else:  # zooms and the slices' place kept; the columns' direction orthogonal
-        qform = img.get_qform()
-        np.testing.assert_allclose(np.linalg.norm(qform[:3, :3], axis=0), [0.9, 0.9, 5.0],
-                                   rtol=0.02)  # the polar factor: the tilt's share leaves
-        np.testing.assert_allclose(qform[:3, 3], affine[:3, 3])
-        gram = qform[:3, :3].T @ qform[:3, :3]
-        np.testing.assert_allclose(gram - np.diag(np.diag(gram)), 0, atol=1e-6)
-    pytest.importorskip("SimpleITK").ReadImage(str(path))  # ITK opens it
+        np.testing.assert_allclose(qform, affine, atol=1e-5)
+    else:  # in plane as it is, slices along the planes' normal at their 5 mm along it
+        np.testing.assert_allclose(qform[:3, :2], affine[:3, :2], atol=1e-5)
+        np.testing.assert_allclose(qform[:3, 2], [0, 0, 5.0], atol=1e-4)
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in shape[::-1]], indexing="ij"), -1)
+    ijk = np.c_[ijk.reshape(-1, 3), np.ones(ijk[..., 0].size)]
+    off = np.linalg.norm(ijk @ (qform - affine).T, axis=1)
+    # half the slab's shear: 3.5 slices from the centre times 1.82 mm (a rotation about the
+    # first voxel: 7.3 mm here, 40 mm across a 230 mm field of view at 20 degrees)
+    assert off.max() == pytest.approx(3.5 * shear, abs=1e-3)
+    sitk = pytest.importorskip("SimpleITK")
+    itk = sitk.ReadImage(str(path))  # ITK opens it, on the qform
+    lps = np.array(itk.TransformIndexToPhysicalPoint((39, 29, 7)))
+    np.testing.assert_allclose(lps * [-1, -1, 1], (qform @ [39, 29, 7, 1])[:3], atol=1e-3)
     assert img.header["descrip"].tobytes().rstrip(b"\0") == b"cbf mL/100g/min"
+
+
+def test_a_mask_an_itk_tool_saved_on_a_tilted_study_is_read(tmp_path, caplog):
+    """ITK-SNAP and Slicer save a mask drawn on a tilted study on the qform's unsheared grid:
+    it is the same voxels, and it is read; the study's grid rotated is refused, saying that only
+    the axes differ."""
+    sitk = pytest.importorskip("SimpleITK")
+    from ctperf.io import read_mask
+
+    affine = np.diag([-0.9, 0.9, 5.0, 1.0])
+    affine[1, 2] = 1.82
+    mask = np.zeros((4, 20, 24), np.uint8)
+    mask[1:3, 5:9, 6:12] = 1
+    drawn = write_volume(mask, affine, tmp_path / "drawn.nii.gz")
+    saved = tmp_path / "saved.nii.gz"
+    sitk.WriteImage(sitk.ReadImage(str(drawn)), str(saved))
+    assert not np.allclose(nib.load(saved).affine, affine, atol=1e-3)  # ITK dropped the tilt
+    np.testing.assert_array_equal(read_mask(saved, shape=mask.shape, affine=affine), mask)
+    turned = affine.copy()
+    turned[:3, :2] = [[0, 0.9], [-0.9, 0], [0, 0]]  # in plane by 90 degrees: other axes
+    write_volume(mask, turned, tmp_path / "turned.nii.gz")
+    with pytest.raises(InputError, match="same spacing and first voxel, other axes"):
+        read_mask(tmp_path / "turned.nii.gz", shape=mask.shape, affine=affine)
 
 
 def test_a_grid_of_another_extent_is_not_the_same_voxels():

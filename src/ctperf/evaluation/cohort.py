@@ -164,7 +164,7 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
         others = sorted(f.name for f in folder.glob("*.nii*")
                         if (stem := f.name.split(".")[0].lower()) not in MAP_NAMES
                         and stem != "residual" and not stem.endswith("_sd"))  # ctperf's too
-        if others:
+        if others and not phantom:  # a phantom's truth holds more of its own (dispersion...)
             log.warning("%s: left out NIfTI files not named as a map (%s): %s", folder,
                         ", ".join(MAP_NAMES), ", ".join(others[:5]))
         if not names:

@@ -327,13 +327,15 @@ def _map_scaling(values: np.ndarray) -> tuple[np.ndarray, str, float, float]:
         return np.rint(filled / slope).astype(np.uint16), "uint16", slope, 0.0
     if lo / slope >= -32768 and hi / slope <= 32767:
         return np.rint(filled / slope).astype(np.int16), "int16", slope, 0.0
-    # Range too wide for 0.01 steps in 16 bits: coarsen the step to fit, and say so; the
-    # intercept a whole number of steps below 0, so that 0 stays on the grid.
+    # Range too wide for signed 16 bits: stored unsigned from an intercept a whole number of
+    # steps below 0 (so that 0 stays on the grid), the step coarsened only where that is not
+    # enough, and then said.
     slope = max((hi - lo) / 65534.0, slope)
     intercept = float(np.floor(lo / slope) * slope)
     stored = np.rint((filled - intercept) / slope)
-    log.warning("map range %.4g..%.4g does not fit 0.01 steps in 16 bits; step is %.4g",
-                lo, hi, slope)
+    if slope > 0.01:
+        log.warning("map range %.4g..%.4g does not fit 0.01 steps in 16 bits; step is %.4g",
+                    lo, hi, slope)
     return np.clip(stored, 0, 65535).astype(np.uint16), "uint16", slope, intercept
 
 

@@ -155,7 +155,9 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
             if not isinstance(info, dict):
                 raise InputError(side, f"map sidecar must be a JSON object, got a "
                                        f"{type(info).__name__}")
-            declared = info.pop("units", None)
+            # "units" as ctperf writes it, or "Units" as BIDS spells its keys
+            key = next((k for k in info if str(k).lower() == "units"), None)
+            declared = info.pop(key) if key is not None else None
             info.pop("map", None)
             provenance.update(info)
         arrays[name] = to_map_unit(name, arrays[name], declared, side)

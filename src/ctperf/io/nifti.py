@@ -40,6 +40,7 @@ __all__ = [
     "reorient",
     "reorientation",
     "sidecar_path",
+    "unsheared_grid",
     "write_json",
     "write_maps_nifti",
     "write_series_nifti",
@@ -158,7 +159,9 @@ def _affine(p: Path, img: Any) -> np.ndarray:
         log.warning("%s: neither sform nor qform is set; orientation guessed from the voxel "
                     "sizes (check left and right)", p)
     elif min(codes) > 0 and not np.allclose(header.get_sform(), header.get_qform(), atol=1e-3):
-        log.warning("%s: sform and qform disagree; the sform is used", p)
+        qform_of_tilt = unsheared_grid(header.get_sform(), img.shape[:3])  # as ctperf writes it
+        if not np.allclose(header.get_qform(), qform_of_tilt, atol=1e-3):
+            log.warning("%s: sform and qform disagree; the sform is used", p)
     return affine
 
 
@@ -407,19 +410,38 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
 
 def _image(data: np.ndarray, affine: np.ndarray, description: str) -> nib.Nifti1Image:
     """A NIfTI image in mm and s whose sform holds ``affine``, and its qform too where a qform
-    can, so that tools reading only one agree; ``description`` in the header's descrip.
-    A tilted gantry's sheared grid, which a qform cannot hold, gets the nearest unsheared grid
-    as its qform, coded "scanner" (1) rather than "aligned" (2): tools that need orthogonal
-    axes (ITK, and so ITK-SNAP and Slicer) open the file on that grid, without the tilt,
-    while the sform, which the others read, keeps it."""
+    can, so that tools reading only one agree, both coded "scanner" (1); ``description`` in the
+    header's descrip. A tilted gantry's sheared grid, which a qform cannot hold, gets
+    :func:`unsheared_grid` as its qform: tools that need orthogonal axes (ITK, and so ITK-SNAP
+    and Slicer) open the file on that grid, while the sform, which the others read, keeps the
+    tilt."""
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    img.set_qform(affine, code=2)
+    img.set_qform(affine, code=1)
     if not np.allclose(img.get_qform(), affine, atol=1e-4):
-        img.set_qform(affine, code=1)  # nibabel keeps the nearest rotation and zooms
-    img.set_sform(affine, code=2)
+        img.set_qform(unsheared_grid(affine, data.shape[:3]), code=1)
+    img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm", "sec")
     img.header["descrip"] = description.encode("ascii", "replace")[:79]
     return img
+
+
+def unsheared_grid(affine: np.ndarray, shape_xyz: Iterable[int]) -> np.ndarray:
+    """The grid without shear nearest a tilted gantry's sheared ``affine``: the in-plane axes and
+    pixel spacing as they are, the slices stacked along the planes' normal at the spacing
+    measured along it, and the volume's centre where the sheared grid has it. Its voxels lie
+    within half the slab's shear of their true place (2.7 mm for 4 slices of 5 mm at 20
+    degrees); a nearest rotation about the first voxel (nibabel's qform) had tilted the planes by
+    about half the gantry angle, tens of mm off at the far slices. ``shape_xyz``: the array's
+    shape in NIfTI order (x, y, z)."""
+    a = np.asarray(affine, dtype=np.float64)
+    cols = a[:3, :3]
+    normal = np.cross(cols[:, 0], cols[:, 1])
+    normal /= np.linalg.norm(normal)
+    grid = np.eye(4)
+    grid[:3, :3] = np.column_stack([cols[:, 0], cols[:, 1], normal * float(cols[:, 2] @ normal)])
+    centre = (np.asarray(list(shape_xyz)[:3], dtype=np.float64) - 1) / 2
+    grid[:3, 3] = cols @ centre + a[:3, 3] - grid[:3, :3] @ centre
+    return grid
 
 
 def write_volume(volume: np.ndarray, affine: np.ndarray, path: PathLike,
@@ -502,12 +524,19 @@ def read_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
         log.warning("%s: no orientation (neither sform nor qform); taken voxel for voxel on "
                     "the grid of the same shape it is compared with", path)
         return vol
+    if vol.shape == tuple(shape) and np.allclose(own, unsheared_grid(affine, shape[::-1]),
+                                                 atol=atol_mm):
+        log.info("%s: on the unsheared grid of the tilted study (the qform ctperf writes, which "
+                 "ITK tools use); taken voxel for voxel", path)
+        return vol
     how = reorientation(own, vol.shape, affine, atol_mm=atol_mm, target_shape=tuple(shape))
     if how is None:
+        axes = (" the same spacing and first voxel, other axes (a rotation or a gantry tilt);"
+                if _where(own) == _where(affine) else "")
         raise InputError(path, f"grid {vol.shape} (Z, Y, X), {_where(own)}, differs from the "
                                f"study's {tuple(shape)}, {_where(affine)} (another position, "
-                               "spacing, rotation or extent; a file without orientation is "
-                               "read as 1 mm voxels at 0); resample it onto the study first")
+                               f"spacing, rotation or extent;{axes} a file without orientation "
+                               "is read as 1 mm voxels at 0); resample it onto the study first")
     return reorient(vol, how)
 
 
