@@ -85,7 +85,7 @@ def test_bids_repetition_time_in_the_sidecar_gives_the_frame_step(tmp_path, capl
         series = read_nifti_series(path)
     np.testing.assert_allclose(series.times, np.arange(6) * 1.5)
     assert series.meta["timing_source"] == "sidecar RepetitionTime"
-    assert "pixdim[4] gives 1 s between frames, the sidecar's RepetitionTime" in caplog.text
+    assert "pixdim[4] gives 1 s between frames, the sidecar's RepetitionTime 1.5 s;" in caplog.text
     (tmp_path / "s.json").write_text(json.dumps({"RepetitionTime": 1500}))
     with pytest.raises(InputError, match="milliseconds read as seconds"):
         read_nifti_series(path)

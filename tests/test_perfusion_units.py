@@ -179,6 +179,11 @@ def test_aif_vof_selection_and_partial_volume():
     assert factor == pytest.approx(2.0, rel=0.05)
     with pytest.raises(ValidationError, match="arterial candidates"):
         select_aif(np.repeat(tis, 10, axis=1), t)
+    # a scan cut before the vein washes out: the refusal says so, not that no vein peaked
+    cut = 32  # the vein peaks at frame 27 and is still at 85 % of it at frame 31
+    with pytest.raises(ValidationError, match=r"10 voxels that peak so had not come back "
+                                              r"under 50% of their peak by the last frame"):
+        select_vof(enh[:cut], t[:cut], aif_ttp=a.ttp)
 
 
 
@@ -334,6 +339,20 @@ def test_noisy_studies_fitted_voxel_by_voxel_are_flagged():
 
     assert flag(8.0, True)
     assert not flag(8.0, False) and not flag(0.5, True)
+
+
+@pytest.mark.parametrize("n_base", [3, 6, 12])
+def test_pre_bolus_noise_is_read_without_bias(n_base):
+    """The noise the flag above reads: 4.6 HU of Gaussian noise reads 4.6 HU whatever the
+    number of baseline frames (the median SD with n had read 3.1, 3.9 and 4.3 HU, under the
+    flag's 4 HU)."""
+    from ctperf.perfusion.inputs import pre_bolus_noise_sd
+
+    curves = np.random.default_rng(n_base).normal(30.0, 4.6, (40, 4000))
+    curves[n_base:] += 50.0  # the bolus after the baseline does not count
+    # 4000 voxels: the median variance's sampling error is about 2-3 % of the SD at 3 frames
+    assert pre_bolus_noise_sd(curves, n_base) == pytest.approx(4.6, rel=0.04)
+    assert pre_bolus_noise_sd(curves, 2) is None
 
 
 def test_qc_flags_box_fits_on_the_mtt_floor():

@@ -307,9 +307,10 @@ def _compare_pixdim(p: Path, header: Any, times: np.ndarray, key: str) -> None:
     steps = np.diff(times)
     if 0.9 * steps.min() <= step <= 1.1 * steps.max():
         return
-    log.warning("%s: pixdim[4] gives %.4g s between frames, the sidecar's %s %.4g-%.4g s; "
-                "the sidecar's times are used (give --frame-interval if they are wrong)",
-                p, step, key, steps.min(), steps.max())
+    lo, hi = float(steps.min()), float(steps.max())
+    span = f"{lo:.4g} s" if np.isclose(lo, hi, rtol=1e-3) else f"{lo:.4g}-{hi:.4g} s"
+    log.warning("%s: pixdim[4] gives %.4g s between frames, the sidecar's %s %s; the sidecar's "
+                "times are used (give --frame-interval if they are wrong)", p, step, key, span)
 
 
 def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) -> CTPSeries:

@@ -316,8 +316,15 @@ def select_vof(
     area = (np.trapezoid(np.clip(enh[:, late], 0, None), t, axis=0) if area is None
             else np.asarray(area, dtype=np.float64)[late])
     if late.size == 0:
+        peaked = (t[peak_i] - t[0] >= aif_ttp + min_lag_s) & (peak_all >= need)
+        if exclude is not None:
+            peaked &= ~np.asarray(exclude, dtype=bool)
+        why = (f"; {int(peaked.sum())} voxels that peak so had not come back under "
+               f"{max_tail:.0%} of their peak by the last frame (a scan that ends early) or "
+               "dipped below their baseline by as much" if peaked.any() else "")
         raise ValidationError(f"no venous candidates: no voxel peaks after the AIF by "
-                              f"{need:.0f} HU or more; give a VOF mask (--vof-mask)")
+                              f"{need:.0f} HU or more and washes out{why}; give a VOF mask "
+                              "(--vof-mask)")
     order = np.argsort(-area, kind="stable")[: max(1, int(n_voxels))]
     # Only voxels close to the largest area: a vein smaller than n_voxels must not be diluted by
     # tissue or partial-volume rims.

@@ -46,6 +46,7 @@ from ctperf.perfusion.inputs import (
     CurveOrigin,
     arterial_input,
     partial_volume,
+    pre_bolus_noise_sd,
     venous_output,
     vessel_info,
     voxel_noise_sd,
@@ -590,8 +591,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
     n_t = hu.shape[0]
     # Noise from every 7th brain voxel: a median needs no more, and the gather is (T, N).
     sample = np.flatnonzero(brain.ravel())[::7]
-    base_sd = (float(np.median(hu.reshape(n_t, -1)[:n_base, sample].std(axis=0)))
-               if n_base > 2 else None)
+    base_sd = pre_bolus_noise_sd(hu.reshape(n_t, -1)[:, sample], n_base)
     shift = None
     if motion_mm is None:  # not registered: is the skull still?
         first_two = hu.reshape(n_t, -1)[:2, sample]
