@@ -253,6 +253,13 @@ def test_a_scan_started_after_the_bolus_is_refused(study):
         with pytest.raises(ValidationError, match="bolus had begun before the first frame"):
             check_scan_start(cut)
     check_scan_start(series)  # the full study passes
+    # no bolus, no head: noise of 20 HU around 40 HU on the study's grid and times (`ctperf
+    # predict` had written maps of it, exit 0, where `ctperf maps` finds no artery)
+    noise = np.random.default_rng(0).normal(40.0, 20.0, series.shape).astype(np.float32)
+    with pytest.raises(ValidationError, match="no bolus: the head's mean curve rises by"):
+        check_scan_start(series.replace(hu=noise))
+    with pytest.raises(ValidationError, match="flat curves"):  # the frames before it arrives
+        check_scan_start(series.replace(hu=series.hu[:10], times=series.times[:10]))
 
 
 def test_maps_cli_names_the_study_it_refuses(study, tmp_path, capsys):

@@ -431,7 +431,7 @@ def test_newton_derivatives_match_finite_differences(rng):
 def test_svd_runs_its_blocks_in_threads_with_a_progress_bar(rng, capsys):
     """The SVD methods run their blocks of voxels through the thread pool with a bar (oSVD took
     42 s of one core on a 512 px study with no output), and the blocks' size or number of
-    threads changes no voxel's result."""
+    threads changes no voxel's result beyond the last bit."""
     from ctperf.perfusion.svd import svd_deconvolve
 
     t = np.arange(40) * 1.0
@@ -443,5 +443,6 @@ def test_svd_runs_its_blocks_in_threads_with_a_progress_bar(rng, capsys):
         many = svd_deconvolve(tissue, aif, t, method=method, chunk=700, workers=2,
                               progress=True)
         for name in ("cbf", "tmax", "threshold"):
-            np.testing.assert_array_equal(getattr(many, name), getattr(one, name))
+            # the same sums; BLAS may round products of other block shapes in the last bit
+            np.testing.assert_allclose(getattr(many, name), getattr(one, name), rtol=1e-12)
         assert method in capsys.readouterr().err

@@ -39,6 +39,7 @@ from ctperf.perfusion.curves import (
     gaussian_time,
     on_frame_times,
     resample,
+    second_difference_sd,
     time_to_peak,
     uniform_grid,
 )
@@ -395,16 +396,34 @@ def _check_scan_start(onset: _Onset, region: np.ndarray) -> None:
             f"median {np.median(level):.0%} of their range"))
 
 
+#: A bolus in :func:`check_scan_start`: the mean curve's peak over the noise of that curve
+MIN_BOLUS_SNR = 8.0
+
+
 def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) -> None:
-    """Refuse a study begun after the contrast reached its arteries, exactly as
-    :func:`run_perfusion` does (the same search region: its automatic brain, or
-    ``brain_mask``), for an estimate that fits no AIF (the U-Net)."""
+    """Refuse a study with no bolus to map, for an estimate that fits no AIF (the U-Net): begun
+    after the contrast reached its arteries, exactly as :func:`run_perfusion` refuses it (the
+    same search region: its automatic brain, or ``brain_mask``), or whose searched voxels'
+    mean curve does not rise above its noise (no contrast, no head)."""
     hu, spacing = series.hu, series.spacing
     _, offset = masks.hu_offset(hu[0], spacing=spacing)
     n_base, bone_rim, onset = _bolus_baseline(hu, spacing=spacing, offset=offset)
-    search = _brain(hu[:n_base].mean(axis=0), hu.mean(axis=0, dtype=np.float32), brain_mask,
+    base = hu[:n_base].mean(axis=0)
+    search = _brain(base, hu.mean(axis=0, dtype=np.float32), brain_mask,
                     spacing=spacing, offset=offset).search
     _check_scan_start(onset, masks.fill_holes_in_plane(search | bone_rim) & ~bone_rim)
+    # a bolus at all: the searched voxels' mean curve rises clearly above its noise (pure
+    # noise: within about 3 of its SDs). That noise: the curve's own second differences, or
+    # one voxel's over the root of their number where a short series' bolus bends them
+    enh, _ = _enhancement(hu, hu, search, base=base, n_base=n_base)
+    mean = enh.mean(axis=1, dtype=np.float64)
+    noise = min(float(second_difference_sd(mean[:, None])[0]),
+                voxel_noise_sd(enh[:, ::7], 0) / np.sqrt(enh.shape[1]))
+    if not mean.max() >= max(1.0, MIN_BOLUS_SNR * noise):
+        raise ValidationError(
+            f"no bolus: the head's mean curve rises by {max(mean.max(), 0.0):.2f} HU at most, "
+            f"less than {MIN_BOLUS_SNR:g} times its noise ({noise:.2f} HU); no contrast reached "
+            "the brain in these frames")
 
 
 class _Brain(NamedTuple):
