@@ -31,6 +31,10 @@ BAD_ARGUMENTS = [
     ("maps", ["--spatial-sigma", "0"], "--spatial-sigma"),
     ("maps", ["--range-sigma", "-20"], "--range-sigma"),
     ("maps", ["--frame-interval", "nan"], "--frame-interval"),
+    ("maps", ["--frame-interval", "500"], "--frame-interval"),  # milliseconds
+    ("phantom", ["--frame-interval", "500"], "--frame-interval"),  # every reader refused it
+    ("maps", ["--tmax", "6000"], "--tmax"),  # milliseconds: no voxel hypoperfused, exit 0
+    ("maps", ["--core-cbv", "200"], "--core-cbv"),  # every voxel core
     ("preprocess", ["--workers", "0"], "--workers"),
     ("preprocess", ["--spatial-sigma", "inf"], "--spatial-sigma"),
     ("predict", ["--model", "m.pt", "--batch-size", "0"], "--batch-size"),

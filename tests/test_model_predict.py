@@ -188,6 +188,23 @@ def test_checkpoints_load_weights_only(trained):
     assert ckpt["format"] == "ctperf-unet" and "model" in ckpt
 
 
+def test_a_run_folder_or_a_plain_pickle_given_as_the_model_is_refused_in_one_line(
+        trained, tmp_path: Path, recwarn):
+    """The train output folder as --model names the checkpoint to give; a pickle that is not
+    weights is refused without torch's own two-line warning before the message."""
+    import pickle
+
+    _, path = trained
+    with pytest.raises(InputError, match=r"is a folder, not a checkpoint file \(it holds "
+                                         r"model\.pt.*: give .*model\.pt\)"):
+        load_checkpoint(path.parent)
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"weights": [1, 2, 3]}))
+    with pytest.raises(InputError):
+        load_checkpoint(plain)
+    assert not [w for w in recwarn if "torch" in str(w.filename)]
+
+
 def test_other_version_and_other_shapes_fail_clearly(trained, tmp_path: Path):
     cohort, path = trained
     ckpt = load_checkpoint(path)

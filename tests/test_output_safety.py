@@ -130,6 +130,18 @@ def test_out_that_is_a_file_is_refused_and_kept(nifti_study, tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["F", "in"]  # no .F.old
 
 
+@pytest.mark.parametrize("command, name", [("convert", "x.nrrd"), ("convert", "x.nii.gzz"),
+                                           ("convert", "x.mgz"), ("maps", "cbf.nii.gz"),
+                                           ("preprocess", "noise.nii.gz")])
+def test_a_folder_output_named_like_a_file_is_refused(nifti_study, tmp_path, capsys, command,
+                                                      name):
+    """`convert x.nrrd` wrote a DICOM folder named x.nrrd (a format ctperf does not write, or a
+    typo of .nii.gz), exit 0; maps and preprocess made folders named like NIfTI files."""
+    assert main([command, str(nifti_study), str(tmp_path / name)]) == 2
+    _one_error_line(capsys, name, "ends like a file")
+    assert not (tmp_path / name).exists()
+
+
 def test_nifti_out_that_is_a_folder_is_refused(dicom_study, tmp_path, capsys):
     _, dicom = dicom_study
     (tmp_path / "x.nii.gz").mkdir()

@@ -130,3 +130,37 @@ def test_validation_fraction_and_test_list_are_checked(tmp_path):
                                 test_patients=held_out_patients(options))
     assert len(val) == 2 and len(train) == 5 and not set(train) & set(val)
     assert not {"sub-0001", "sub-0002", "sub-0003"} & set(train + val)
+
+
+def test_a_held_out_id_that_names_no_patient_is_refused(tmp_path):
+    """A mistyped id in the test list left its patient in training, and the "held-out" scores
+    were on data the network had seen (exit 0): refused, naming the list and the id."""
+    from ctperf.workflow.training import check_held_out
+
+    ids = tmp_path / "test.txt"
+    ids.write_text("sub-000\n")
+    options = TrainingOptions(test_list=ids)
+    patients = ["sub-0000", "sub-0001", "sub-0002"]
+    with pytest.raises(InputError, match=r"test\.txt: held-out patient sub-000 not in the "
+                                         r"cohort \(its patients: sub-0000, sub-0001, sub-0002"):
+        check_held_out(held_out_patients(options), patients, options)
+    with pytest.raises(InputError, match=r"--test: held-out patients sub-9, sub-x not in"):
+        check_held_out(["sub-x", "sub-9"], patients, TrainingOptions())
+    check_held_out(["sub-0001"], patients, options)  # a patient of the cohort: fine
+
+
+@pytest.mark.parametrize("cohort_kind", ["missing", "empty"])
+def test_a_cohort_that_is_not_one_leaves_no_output_folder(tmp_path, cohort_kind):
+    """A wrong cohort path or an empty folder was refused, but left OUT with its marker and an
+    empty cache behind; OUT is now made only once the cohort is there, and taken back when
+    the refusal comes before anything was written in it."""
+    cohort, out = tmp_path / "cohort", tmp_path / "out"
+    if cohort_kind == "empty":
+        cohort.mkdir()
+    with pytest.raises(InputError):
+        prepare_training(cohort, out, PRESETS["cpu"], TrainingOptions(reference="truth"))
+    assert not out.exists()
+    out.mkdir()  # a folder the user made: left as it was, empty
+    with pytest.raises(InputError):
+        prepare_training(cohort, out, PRESETS["cpu"], TrainingOptions(reference="truth"))
+    assert out.is_dir()

@@ -35,6 +35,7 @@ __all__ = [
     "device",
     "float_in",
     "fraction",
+    "frame_interval",
     "non_negative_float",
     "positive_float",
     "positive_int",
@@ -109,6 +110,20 @@ def float_in(low: float, high: float, what: str) -> Callable[[str], float]:
 
     parse.__name__ = what
     return parse
+
+
+def frame_interval(text: str) -> float:
+    """Argparse type: seconds between frames, in the range the study readers accept
+    (:data:`ctperf.io.integrity.FRAME_STEP_RANGE_S`; 500 is milliseconds typed as seconds)."""
+    from ctperf.io.integrity import FRAME_STEP_RANGE_S
+
+    lo, hi = FRAME_STEP_RANGE_S
+    value = float(_number(text, float))
+    if not lo <= value <= hi:
+        hint = " (milliseconds given as seconds?)" if value > hi and value / 1000 >= lo else ""
+        raise argparse.ArgumentTypeError(f"seconds between frames must be between {lo:g} and "
+                                         f"{hi:g}, got {text!r}{hint}")
+    return value
 
 
 def device(text: str) -> str:
@@ -243,7 +258,7 @@ def add_study_options(parser: Any) -> None:
                         help="SeriesInstanceUID to read when the DICOM folder holds several "
                              "(default: the one series acquired several times, when only one "
                              "is)")
-    parser.add_argument("--frame-interval", type=positive_float, default=None, metavar="SECONDS",
+    parser.add_argument("--frame-interval", type=frame_interval, default=None, metavar="SECONDS",
                         help="seconds between frames, for files without usable acquisition times")
 
 

@@ -18,9 +18,9 @@ from ctperf.commands import (
     add_preprocess_options,
     add_study_options,
     add_workers_option,
+    float_in,
     fraction,
     non_negative_float,
-    positive_float,
     preprocess_step_options,
     run_study_command,
     study_io_options,
@@ -65,12 +65,14 @@ def register(subparsers: Any) -> None:
     add_cohort_options(p)
     add_device_option(p, what="the box-model fits")
     add_constants_options(p)
-    p.add_argument("--core-cbv", type=positive_float, default=None, metavar="ML",
+    p.add_argument("--core-cbv", type=float_in(0.1, 10.0, "--core-cbv (mL/100g)"), default=None,
+                   metavar="ML",
                    help="define the core as CBV below ML mL/100g instead of the relative CBF "
                         "threshold (--core-rcbf)")
     p.add_argument("--core-rcbf", type=fraction, default=LesionOptions.core_rcbf,
                    help="core rCBF threshold, a fraction of normal tissue [%(default)s]")
-    p.add_argument("--tmax", type=positive_float, default=LesionOptions.tmax_hypo,
+    p.add_argument("--tmax", type=float_in(1.0, 30.0, "--tmax (s)"),
+                   default=LesionOptions.tmax_hypo,
                    help="hypoperfusion Tmax threshold s [%(default)s]")
     p.add_argument("--lesion-smooth", type=non_negative_float,
                    default=LesionOptions.smooth_mm,

@@ -11,6 +11,7 @@ from ctperf.commands import (
     add_workers_option,
     count,
     fraction,
+    frame_interval,
     positive_float,
     positive_int,
     seed,
@@ -49,7 +50,7 @@ def register(subparsers: Any) -> None:
                    help="in-plane pixels, >= 32 [%(default)s]")
     p.add_argument("--slices", type=positive_int, default=8, help="5 mm slices [%(default)s]")
     p.add_argument("--frames", type=count(2), default=89, help="time frames, >= 2 [%(default)s]")
-    p.add_argument("--frame-interval", type=positive_float, default=0.5, metavar="SECONDS",
+    p.add_argument("--frame-interval", type=frame_interval, default=0.5, metavar="SECONDS",
                    help="seconds between frames [%(default)s]")
     p.add_argument("--seed", type=seed, default=0, help="cohort seed [%(default)s]")
     p.add_argument("--motion", choices=("none", "mild", "severe", "realistic"), default="none",

@@ -313,6 +313,19 @@ def _check_parent(out: Path, resolved: Path) -> None:
         raise InputError(out, f"cannot be written: no write permission in {ancestor}")
 
 
+#: Extensions of files, never of an output folder: a folder named so is a typo or a request for
+#: a format ctperf does not write (``convert x.nrrd``), not a DICOM folder to create.
+_FILE_SUFFIXES = frozenset((".nii", ".gz", ".nrrd", ".nhdr", ".mgz", ".mgh", ".mha", ".mhd",
+                            ".hdr", ".img", ".dcm", ".json", ".csv", ".txt", ".npy", ".npz",
+                            ".h5", ".png", ".tif", ".tiff", ".zip", ".pt"))
+
+
+def _file_like(name: str) -> bool:
+    """Whether a new output folder's name ends like a file (``.nii.gzz`` too)."""
+    lower = name.lower()
+    return Path(lower).suffix in _FILE_SUFFIXES or ".nii" in lower
+
+
 def check_output(out: _PathLike, *, inputs: Iterable[_PathLike | None] = (),
                  overwrite: bool = False, kind: str = "folder",
                  owned_by: Iterable[str] = ()) -> Path:
@@ -382,6 +395,10 @@ def check_output(out: _PathLike, *, inputs: Iterable[_PathLike | None] = (),
     elif path.exists() and not path.is_dir():
         raise InputError(path, "exists and is a file, but a folder is expected; remove it or "
                                "choose another name")
+    elif not path.exists() and _file_like(path.name):
+        raise InputError(path, f"ends like a file ({path.name[path.name.find('.'):]}), but "
+                               "this output is a folder; give a folder name (NIfTI, where a "
+                               "command writes it, takes a .nii or .nii.gz name)")
     elif kind == "folder":
         _check_replaceable(path, overwrite)
     elif path.exists() and not (_owned_or_empty(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import pickle
 import re
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -125,10 +126,16 @@ def load_checkpoint(path: str | Path, *, frames: int | None = None,
         loaded), missing config, or weights that do not fit the architecture.
     """
     p = Path(path)
+    if p.is_dir():
+        inside = [n for n in ("model.pt", "best.pt", "last.pt") if (p / n).is_file()]
+        hint = f" (it holds {', '.join(inside)}: give {p / inside[0]})" if inside else ""
+        raise InputError(p, f"is a folder, not a checkpoint file{hint}")
     if not p.is_file():
         raise InputError(p, "no such checkpoint file")
     try:
-        ckpt = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # the refusal below says it in one line
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for foreign or damaged files
         raise InputError(p, _refusal(exc)) from None
     check_checkpoint(ckpt, p)

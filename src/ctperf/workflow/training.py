@@ -15,6 +15,7 @@ The cohort is only read.
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -163,12 +164,34 @@ def prepare_training(cohort: str | Path, out: str | Path, config: Any,
         pretraining size is not below the training size.
     """
     from ctperf.io import mark_output
-    from ctperf.model import build_slice_cache
-    from ctperf.workflow.references import nlr_references
 
     cohort, out = Path(cohort), Path(out)
     cache_root = _check_run(cohort, out, options)
+    if not cohort.is_dir():  # before OUT is made: a wrong path leaves nothing behind
+        raise InputError(cohort, "cohort folder does not exist")
+    created = not out.exists()
     mark_output(out)
+    try:
+        return _prepare(cohort, out, cache_root, config, options)
+    except (InputError, ValidationError):
+        if created and not _holds_work(out):  # only the marker and empty folders: take it back
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _holds_work(out: Path) -> bool:
+    """Whether a run's folder holds any file but its ctperf marker."""
+    from ctperf.io.atomic import MARKER
+
+    return any(p.is_file() and p.name != MARKER for p in out.rglob("*"))
+
+
+def _prepare(cohort: Path, out: Path, cache_root: Path, config: Any,
+             options: TrainingOptions) -> tuple[Any, Any, Any]:
+    """:func:`prepare_training` once OUT is marked."""
+    from ctperf.model import build_slice_cache
+    from ctperf.workflow.references import nlr_references
+
     references = options.references  # the truth's phantom cohort, for reference="truth"
     if options.reference == "nlr":  # into OUT (or the given folder), never into the cohort
         references = nlr_references(cohort, options.references or out / "references",
@@ -207,6 +230,19 @@ def read_id_list(path: Path | None) -> list[str]:
 def held_out_patients(options: TrainingOptions) -> list[str]:
     """The held-out patients of ``options``: ``test_patients`` and those of ``test_list``."""
     return sorted(set(options.test_patients) | set(read_id_list(options.test_list)))
+
+
+def check_held_out(held_out: Sequence[str], patients: Sequence[str],
+                   options: TrainingOptions) -> None:
+    """Refuse held-out ids that name no patient of the cohort: a mistyped id would leave its
+    patient in training, and the "held-out" scores would be on data the network saw."""
+    unknown = sorted(set(held_out) - set(patients))
+    if unknown:
+        where = options.test_list if options.test_list is not None else "--test"
+        raise InputError(where, f"held-out patient{'s' if len(unknown) > 1 else ''} "
+                                f"{', '.join(unknown[:5])} not in the cohort (its patients: "
+                                f"{', '.join(sorted(patients)[:5])}"
+                                f"{', ...' if len(patients) > 5 else ''})")
 
 
 def split_patients(patients: Sequence[str], *, val_fraction: float, seed: int,
@@ -248,6 +284,7 @@ def train_cohort(cohort: str | Path, out: str | Path, config: Any,
     cohort, out = Path(cohort), Path(out)
     held_out = held_out_patients(options)
     cache, pretrain, config = prepare_training(cohort, out, config, options)
+    check_held_out(held_out, cache.patient_ids, options)
     tr, va = split_patients(cache.patient_ids, val_fraction=options.val_fraction,
                             seed=config.seed, test_patients=held_out)
     result = train(cache, out, config, train_patients=tr, val_patients=va,
@@ -286,6 +323,7 @@ def cross_validate_cohort(cohort: str | Path, out: str | Path, config: Any,
     cohort, out = Path(cohort), Path(out)
     held_out = held_out_patients(options)
     cache, pretrain, config = prepare_training(cohort, out, config, options)
+    check_held_out(held_out, cache.patient_ids, options)
     pairs = make_folds(cache.patient_ids, k=folds, seed=config.seed, test_patients=held_out)
     rows = cross_validate(cache, out, config, folds=folds, test_patients=held_out,
                           pretrain_cache=pretrain, resume=options.resume,
