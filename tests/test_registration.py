@@ -266,6 +266,24 @@ def test_bolus_does_not_invent_motion(bolus_phantoms):
     assert result.max_displacement_mm.max() < 0.1, (result.decision, result.max_displacement_mm)
 
 
+def test_a_head_moved_millimetres_on_a_small_study_is_corrected():
+    """A 64 px, 3-slice phantom moved 2-3 degrees and 2-4 mm in plane (6-10 mm through plane):
+    the fit took 89-97 % of the check metric away, but at under three standard errors (the
+    gain sits at the skull, in a few blocks), so the frames were kept as they were, unflagged,
+    and preprocess reported 0 mm. A gain of half the metric or more is now clear."""
+    from ctperf.phantom import generate_subject
+
+    subject = generate_subject(seed=11, size=64, slices=3, frames=40, motion="severe")
+    series, motion = _subset(subject, [0, 29, 30, 35])
+    result = correct_motion(series, workers=2)
+    assert all(d in ("in-plane", "rigid") for d in result.decision[1:]), result.decision
+    sub = SimpleNamespace(masks=subject.masks, series=series, motion=motion)
+    tre, before = phantom_tre(sub, result.parameters, result.center_mm)
+    # measured: 5.6-6.6 mm mean displacement over the brain before, 3.3-3.9 mm after (the rest
+    # lies through plane, which 3 slices of 5 mm barely fix); kept as it was, TRE = before
+    assert before[1:].min() > 4.0 and np.all(tre[1:] < 0.8 * before[1:]), (tre, before)
+
+
 def test_mild_motionphantom_tre(bolus_phantoms):
     subject = bolus_phantoms["mild"]
     series, motion = _subset(subject, _bolus_frames(subject))

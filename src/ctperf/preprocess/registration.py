@@ -46,8 +46,9 @@ frame's fit is therefore checked before it is used (docs/preprocessing.md has th
 - Candidates, simplest first: the identity, the fit's in-plane part (rotation about z, shifts
   in x and y), the whole fit. One replaces a simpler one only if it lowers the check metric by
   more than ``min_gain`` (25 %) of it (``min_gain_through_plane``, 10 %, from the in-plane part
-  to the whole fit) *and* by more than three standard errors of the gain
-  (block sums over in-plane blocks of 8 sigmas, since smoothed noise is correlated).
+  to the whole fit) *and* by more than three standard errors of the gain (block sums over
+  in-plane blocks of 8 sigmas, since smoothed noise is correlated), or by half the metric or
+  more, which noise never reaches.
 - Only plausible candidates are considered: rotations up to ``max_rotation_deg`` (15 degrees)
   and shifts up to ``max_shift_mm`` (20 mm), a head in a head holder.
 - The decision ("reference", "identity", "in-plane" or "rigid") and the check metric of every
