@@ -373,6 +373,28 @@ def test_one_series_per_time_point_is_one_study(tmp_path, rng, caplog, capsys):
         read_dicom_series(study.folder, series_uid=uids[2])
 
 
+def test_a_derived_series_beside_the_time_points_is_no_time_point(tmp_path, rng, caplog):
+    """A temporal average (DERIVED) filed beside a scan exported one series per time point, on
+    its grid and timed after it, had been read as one more frame (CBF halved, exit 0); maps
+    that ctperf wrote back beside the scan made the study unreadable. Derived series are no
+    time points of an original scan."""
+    uids = [generate_uid() for _ in range(6)]
+    per_point = _one_series_per_time_point(uids)
+
+    def edit(ds, t, z):
+        per_point(ds, t, z)
+        if t == 5:  # the last "frame" is a derived average over time
+            ds.ImageType = ["DERIVED", "SECONDARY", "AXIAL", "AVERAGE"]
+            ds.SeriesDescription = "AVERAGE"
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=6, shuttle=True, edit=edit)
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    assert series.n_frames == 5 and series.meta["time_point_series"] == 5
+    np.testing.assert_array_equal(series.hu, study.hu[:5])
+    assert uids[5] in caplog.text  # named among what was left out
+
+
 def test_series_that_are_not_time_points_are_listed(tmp_path, rng):
     """Series on another grid (a second study beside it), or two reconstructions of the same
     time points, are not merged: the reader asks which series to read."""

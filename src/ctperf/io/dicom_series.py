@@ -285,7 +285,17 @@ def _time_point_sets(groups: dict[str, list[Header]]) -> list[tuple[str, ...]]:
     slice at the slice positions most of them have (or at least half of them: a missing image
     is then named by the frame count check), each series at its own time. Series on a grid or at
     slice positions of their own, or without positions or times, belong to none; a set of
-    which two series start at one time (two reconstructions of the time points) is none."""
+    which two series start at one time (two reconstructions of the time points) is none.
+    Derived series (an average or a MIP over time, maps written back beside the scan) are no
+    time points of a scan whose series are original; only derived series make sets of their
+    own (a corrected study exported one series per time point)."""
+    original = {uid: g for uid, g in groups.items() if not _derived(g[0])}
+    derived = {uid: g for uid, g in groups.items() if _derived(g[0])}
+    return _sets_on_grids(original) or _sets_on_grids(derived)
+
+
+def _sets_on_grids(groups: dict[str, list[Header]]) -> list[tuple[str, ...]]:
+    """:func:`_time_point_sets` among ``groups``."""
     if len(groups) < _MIN_TIME_POINT_SERIES:
         return []
     scans: list[list[tuple[str, _Grid]]] = []
