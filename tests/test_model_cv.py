@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from ctperf.errors import ValidationError
+from ctperf.errors import InputError, ValidationError
 from ctperf.model import TrainConfig, build_slice_cache, cross_validate, format_table, make_folds
 from test_model_data import make_cohort
 
@@ -118,3 +119,15 @@ def test_cross_validate_writes_table(tmp_path: Path):
                            "val_mse_paper,test_mse_paper") and len(csv_text) == 3
     assert "CBV+TTP" in (tmp_path / "cv" / "table1.md").read_text()
     assert (tmp_path / "cv" / "fold-2" / "model.pt").exists()
+    # continued: the same folds give the same table; another split or other settings are
+    # refused, naming what differs (a finished fold's model had been scored, unchecked, on
+    # validation patients it trained on)
+    again = cross_validate(cache, tmp_path / "cv", config, folds=2,
+                           test_patients=["sub-0003"], resume=True)
+    assert again == rows
+    with pytest.raises(InputError, match=r"cannot resume with different settings.*"
+                                         r"train_patients differ"):
+        cross_validate(cache, tmp_path / "cv", config, folds=2, resume=True)  # sub-0003 joins
+    with pytest.raises(InputError, match="cannot resume with different settings"):
+        cross_validate(cache, tmp_path / "cv", replace(config, epochs=3), folds=2,
+                       test_patients=["sub-0003"], resume=True)

@@ -126,7 +126,8 @@ def cross_validate(cache: SliceCache, out: str | Path, config: TrainConfig | Non
     folds, test_patients
         See :func:`make_folds`.
     pretrain_cache, resume, progress
-        Passed to :func:`ctperf.model.train`.
+        Passed to :func:`ctperf.model.train` for every fold, finished ones included: a fold
+        whose checkpoint was trained on another split or with other settings is refused.
 
     Returns
     -------
@@ -148,12 +149,12 @@ def cross_validate(cache: SliceCache, out: str | Path, config: TrainConfig | Non
                                             test_patients=test_patients), start=1):
         log.info("fold %d/%d: %d train, %d validation patients", i, folds, len(tr), len(va))
         fold_dir = out / f"fold-{i}"
-        done = (fold_dir / "model.pt").exists() and resume
-        result_path = fold_dir / "model.pt"
-        if not done:
-            result_path = train(cache, fold_dir, config, train_patients=tr, val_patients=va,
-                                pretrain_cache=pretrain_cache, resume=resume,
-                                progress=progress).model_path
+        # a finished fold too goes through train's resume: it refuses a checkpoint trained on
+        # another split or with other settings (reused unchecked, a fold's model had been
+        # scored on validation patients it trained on), and has no epoch left to run
+        result_path = train(cache, fold_dir, config, train_patients=tr, val_patients=va,
+                            pretrain_cache=pretrain_cache, resume=resume,
+                            progress=progress).model_path
         ckpt = load_checkpoint(result_path)
         model = build_model(ckpt["config"])
         model.load_state_dict(ckpt["model"])
