@@ -164,3 +164,23 @@ def test_a_cohort_that_is_not_one_leaves_no_output_folder(tmp_path, cohort_kind)
     with pytest.raises(InputError):
         prepare_training(cohort, out, PRESETS["cpu"], TrainingOptions(reference="truth"))
     assert out.is_dir()
+
+
+def test_references_a_caller_made_are_not_computed_again(monkeypatch, tmp_path):
+    """`ctperf reproduce` computes and records its references itself (its method, with the
+    summary its prediction reads); training on them must not refit them. In a copied run the
+    studies looked newer than their references, training refitted them with plain nlr and no
+    summary, and every prediction then failed."""
+    import ctperf.workflow.references as references
+
+    calls = _fake_caches(monkeypatch)
+    refits: list[Path] = []
+    monkeypatch.setattr(references, "nlr_references",
+                        lambda cohort, out, **kw: refits.append(Path(out)) or Path(out))
+    cohort, out, made = tmp_path / "cohort", tmp_path / "out", tmp_path / "nlr"
+    cohort.mkdir()
+    prepare_training(cohort, out, PRESETS["cpu"],
+                     TrainingOptions(references=made, references_ready=True))
+    assert refits == [] and calls[0]["references"] == made
+    prepare_training(cohort, out, PRESETS["cpu"], TrainingOptions(references=made))
+    assert refits == [made]  # a plain training run completes what is missing

@@ -587,7 +587,8 @@ def _cross_validate(cohort: Path, studies_root: Path, out: Path, layout: str, co
                   else cohort if options.reference == "truth" else out / "nlr")
     train_options = TrainingOptions(
         reference=options.reference, references=references,
-        cache=out / "cache", resume=True, progress=options.progress)
+        cache=out / "cache", resume=True, progress=options.progress,
+        references_ready=references == out / "nlr")
     folds: list[tuple[list[str], list[str]]] = []
     for group in groups:
         name = "+".join(group)

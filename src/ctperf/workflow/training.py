@@ -75,6 +75,9 @@ class TrainingOptions:
         Continue the run in ``OUT`` from its checkpoints.
     progress : bool
         Progress bars.
+    references_ready : bool
+        ``references`` were computed and checked by the caller (``ctperf reproduce``, with its
+        own method and record): used as they are, none computed again here.
     """
 
     reference: str = "nlr"
@@ -87,6 +90,7 @@ class TrainingOptions:
     val_fraction: float = 0.2
     resume: bool = False
     progress: bool = False
+    references_ready: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "test_patients", tuple(self.test_patients))
@@ -193,7 +197,10 @@ def _prepare(cohort: Path, out: Path, cache_root: Path, config: Any,
     from ctperf.workflow.references import nlr_references
 
     references = options.references  # the truth's phantom cohort, for reference="truth"
-    if options.reference == "nlr":  # into OUT (or the given folder), never into the cohort
+    # into OUT (or the given folder), never into the cohort; not where the caller made them (a
+    # study copied after its references looked newer, and they were refitted with plain nlr
+    # over reproduce's own method, without the summary its prediction step reads)
+    if options.reference == "nlr" and not (options.references_ready and options.references):
         references = nlr_references(cohort, options.references or out / "references",
                                     progress=options.progress)
     common: dict[str, Any] = {
