@@ -262,6 +262,17 @@ def test_a_scan_started_after_the_bolus_is_refused(study):
         check_scan_start(series.replace(hu=series.hu[:10], times=series.times[:10]))
 
 
+def test_a_series_built_in_python_is_checked_as_the_readers_check_it(study):
+    """Times in milliseconds (CBF 0.04, MTT 8351 s, no flag) and an array in place of a
+    CTPSeries are refused with ctperf's own error, as a file's reader refuses them."""
+    series, _ = study
+    with pytest.raises(ValidationError, match=r"series\.times: frames are 500 s apart "
+                                              r"\(milliseconds read as seconds\?\)"):
+        compute_maps(series.replace(times=series.times * 1000.0), method="bsvd")
+    with pytest.raises(ValidationError, match="must be a CTPSeries.*got ndarray"):
+        compute_maps(series.hu, method="bsvd")
+
+
 def test_maps_cli_names_the_study_it_refuses(study, tmp_path, capsys):
     from ctperf.cli import main
     from ctperf.io import write_series_nifti

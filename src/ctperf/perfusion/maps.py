@@ -28,6 +28,7 @@ from scipy import ndimage
 
 from ctperf import masks
 from ctperf.errors import ValidationError
+from ctperf.io.integrity import frame_spacing_problem
 from ctperf.perfusion.bayes import fit_bayes
 from ctperf.perfusion.boxnlr import BOX_METHODS, fit_box_nlr
 from ctperf.perfusion.curves import (
@@ -301,6 +302,14 @@ def _brain_slice_share(brain: np.ndarray, inside: np.ndarray) -> np.ndarray | No
 
 
 def _check_inputs(series: CTPSeries, *, method: str, vessel_series: CTPSeries | None) -> None:
+    if not isinstance(series, CTPSeries):
+        raise ValidationError(f"the study must be a CTPSeries (ctperf.io.read_study, or "
+                              f"CTPSeries(hu, times, affine)), got {type(series).__name__}")
+    # the readers check this; a series built in Python is checked here (times in ms had given
+    # CBF 0.04 and MTT 8351 s with no flag)
+    problem = frame_spacing_problem(series.times)
+    if problem is not None:
+        raise ValidationError(f"series.times: {problem}; CTPSeries times are in seconds")
     if method not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     n_t = series.hu.shape[0]
