@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +126,50 @@ def test_failures_are_recorded_and_reruns_skip_what_is_done(tmp_path):
     CALLS.clear()  # progress does not change what is written: still done
     assert run_cohort(_studies("a", "c"), out, _echo_task, {"upper": True},
                       workers=1).skipped == ("a", "c")
+
+
+def _read_task(source, target, options):
+    """A study whose output is its source file's text."""
+    with atomic_dir(target) as tmp:
+        (tmp / "value.txt").write_text(Path(source).read_text())
+
+
+def test_a_study_whose_input_changed_is_computed_again(tmp_path):
+    """A study replaced since it was done had kept its stale maps (rerun: "already done",
+    exit 0); the state of the files a source names is part of what makes it done."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b"):
+        (inputs / f"{name}.txt").write_text(f"first {name}")
+    studies = [Study(n, str(inputs / f"{n}.txt")) for n in ("a", "b")]
+    out = tmp_path / "out"
+    assert run_cohort(studies, out, _read_task, {}, workers=1).done == ("a", "b")
+    assert run_cohort(studies, out, _read_task, {}, workers=1).skipped == ("a", "b")
+    (inputs / "b.txt").write_text("second b, replaced")  # another size
+    again = run_cohort(studies, out, _read_task, {}, workers=1)
+    assert again.done == ("b",) and again.skipped == ("a",)
+    assert (out / "b" / "value.txt").read_text() == "second b, replaced"
+    assert str(inputs) not in (out / MANIFEST).read_text()  # a digest, not the path
+
+
+def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
+    """Two runs into one OUT had each rewritten the manifest from memory and replaced the
+    other's studies, both exit 0: the folder's lock refuses the second; a lock whose process
+    is gone is taken over."""
+    from ctperf.io.state import LOCK
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".ctperf-output").write_text("")
+    (out / LOCK).write_text(f"{socket.gethostname()} {os.getppid()}\n")  # alive: pytest's parent
+    with pytest.raises(InputError, match=rf"is being written by process {os.getppid()}"):
+        run_cohort(_studies("a"), out, _echo_task, {"upper": False}, workers=1)
+    assert CALLS == [] and not (out / MANIFEST).exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / LOCK).write_text(f"{socket.gethostname()} {dead.pid}\n")  # its run was killed
+    assert run_cohort(_studies("a"), out, _echo_task, {"upper": False}, workers=1).done == ("a",)
+    assert not (out / LOCK).exists()  # released at the end
 
 
 def test_a_local_cluster_runs_the_studies_in_worker_processes(tmp_path):

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import InputError, ValidationError
+from ctperf.io.state import files_state
 from ctperf.masks import hu_offset
 from ctperf.model.normalise import (
     DEFAULT_HU_WINDOW,
@@ -237,35 +238,14 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
         raise InputError(root, "no patients found (neither phantom nor UniToBrain layout)")
 
 
-#: Files a cohort holds beside its studies and maps, which the cache does not read (a cohort
-#: runner's manifest is rewritten by every run).
-_NOT_READ = ("manifest.json", "cohort.json")
-_NOT_READ_SUFFIXES = (".png", ".html", ".md", ".txt", ".csv", ".log")
-
-
-def _files_state(folder: Path) -> list[tuple[str, int, int]]:
-    """(relative path, size, modification time in ns) of the files under ``folder`` that may
-    be studies or maps (not hidden ones, manifests, figures or notes): a study or reference
-    replaced since a cache was built changes it."""
-    out = []
-    for path in folder.rglob("*"):
-        rel = path.relative_to(folder)
-        if (any(part.startswith(".") for part in rel.parts) or not path.is_file()
-                or path.name in _NOT_READ or path.suffix.lower() in _NOT_READ_SUFFIXES):
-            continue
-        st = path.stat()
-        out.append((rel.as_posix(), st.st_size, st.st_mtime_ns))
-    return sorted(out)
-
-
 def _cache_key(root: Path, config: dict[str, Any], references: Path | None) -> str:
     """The cache's name: its cohort, settings and references, and the state of their files
     (a cache shared by runs is rebuilt when a study or reference changed, not reused)."""
     refs = None if references is None else str(references.resolve())
     blob = json.dumps({"root": str(root.resolve()), **config,
                        **({"references": refs} if refs is not None else {}),
-                       "files": _files_state(root),
-                       **({"reference_files": _files_state(references)}
+                       "files": files_state(root),
+                       **({"reference_files": files_state(references)}
                           if references is not None and references.is_dir() else {})},
                       sort_keys=True)
     return hashlib.sha1(blob.encode()).hexdigest()[:10]

@@ -5,12 +5,14 @@ cohort and writes study ``name`` into ``OUT/<name>/`` (the task writes that fold
 see :func:`ctperf.io.atomic_dir`). ``OUT/manifest.json`` records the state of every study:
 
 - ``pending``: submitted, not finished (or the run was killed);
-- ``done``: its folder was renamed into place; a rerun with the same options skips it;
+- ``done``: its folder was renamed into place; a rerun with the same options, and the files
+  its source names unchanged (size and modification time), skips it;
 - ``failed``: with its one-line error; a rerun tries it again.
 
 Only the client process writes the manifest, atomically, after each change of state, so a
 killed run leaves a manifest that never claims more than is on disk: a rerun finishes only the
-rest. Studies run on a local Dask cluster (worker processes, one thread each, sized to the
+rest. A run holds ``OUT/.ctperf-lock`` while it writes: a second run into the same folder is
+refused. Studies run on a local Dask cluster (worker processes, one thread each, sized to the
 machine's cores and memory), on an existing cluster (``scheduler="tcp://host:port"``), or in
 this process when one worker is asked for (or enough).
 """
@@ -33,7 +35,8 @@ from ctperf.errors import CTPerfError, InputError
 from ctperf.io.unitobrain import MAP_FOLDERS
 
 __all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_studies",
-           "load_manifest", "options_hash", "run_cohort", "run_cohort_folder", "worker_count"]
+           "load_manifest", "options_hash", "run_cohort", "run_cohort_folder", "source_state",
+           "worker_count"]
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +231,36 @@ def options_hash(task: Task, options: Any) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
+def source_state(source: Any) -> str:
+    """``sha256:<hex>`` of the state (:func:`ctperf.io.state.files_state`) of every existing
+    file or folder a study's ``source`` names (a path, or paths inside a mapping or sequence;
+    a NIfTI study with its JSON sidecar): a study whose input was replaced since it was done
+    is computed again (it had kept its stale maps, exit 0)."""
+    from ctperf.io.nifti import is_nifti, sidecar_path
+    from ctperf.io.state import files_state
+
+    paths: list[Path] = []
+
+    def collect(value: Any) -> None:
+        if isinstance(value, dict):
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                collect(item)
+        elif isinstance(value, str | os.PathLike):
+            path = Path(value)
+            try:
+                if path.exists():
+                    paths.extend([path, sidecar_path(path)] if is_nifti(path) else [path])
+            except (OSError, ValueError):
+                pass  # a name, not a path
+
+    collect(source)
+    blob = json.dumps([files_state(p) for p in paths])
+    return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+
 def load_manifest(out: _PathLike) -> dict[str, dict[str, Any]]:
     """The per-study rows of ``OUT/manifest.json`` (empty when there is none).
 
@@ -392,9 +425,8 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
     CohortSummary
         Names done, skipped and failed (with their errors); see ``exit_code``.
     """
-    from ctperf import __version__
     from ctperf.io import mark_output
-    from ctperf.io.atomic import remove_stale_temporaries
+    from ctperf.io.state import folder_lock
 
     started = time.monotonic()
     studies = list(studies)
@@ -402,15 +434,32 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
     if len(set(names)) != len(names):
         raise ValueError("study names must be unique")
     root = mark_output(out)
+    with folder_lock(root):
+        return _run_locked(studies, root, task, options, scheduler=scheduler, workers=workers,
+                           progress=progress, started=started)
+
+
+def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
+                scheduler: str | None, workers: int | None, progress: bool,
+                started: float) -> CohortSummary:
+    """:func:`run_cohort` once it holds the output folder's lock."""
+    from ctperf import __version__
+    from ctperf.io.atomic import remove_stale_temporaries
+
+    names = [s.name for s in studies]
     remove_stale_temporaries(root)
     rows = load_manifest(root)
     digest = options_hash(task, options)
+    state = {s.name: source_state(s.source) for s in studies}
+    # a row from before sources were stamped keeps its maps, and is stamped now
     skipped = tuple(s.name for s in studies if rows.get(s.name, {}).get("state") == "done"
-                    and rows[s.name].get("options_hash") == digest and (root / s.name).is_dir())
+                    and rows[s.name].get("options_hash") == digest and (root / s.name).is_dir()
+                    and rows[s.name].setdefault("source_state", state[s.name]) == state[s.name])
     todo = [s for s in studies if s.name not in skipped]
     for study in todo:
         rows[study.name] = {"state": "pending", "error": None, "started": None, "finished": None,
-                            "ctperf_version": __version__, "options_hash": digest}
+                            "ctperf_version": __version__, "options_hash": digest,
+                            "source_state": state[study.name]}
     _save_manifest(root, rows)
     if skipped:
         log.info("%d of %d studies already done with these options, skipped", len(skipped),
