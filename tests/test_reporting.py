@@ -121,6 +121,29 @@ def test_overview_states_the_lesion_thresholds(overview):
     assert f"Tmax>{th['tmax10']['tmax_above_s']:g} s" in text
 
 
+def test_overview_names_the_aif_as_it_was_used(overview):
+    """The legend said "partial-volume corrected" when no VOF had corrected anything, over a
+    measured curve it hid; it now names the curve that was used."""
+    import dataclasses
+
+    import matplotlib.pyplot as plt
+
+    result, fig = overview
+    labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in
+              ax.get_legend().get_texts()]
+    corrected = result.maps.provenance["partial_volume"]["corrected"]
+    assert ("AIF (partial-volume corrected)" in labels) is corrected
+    prov = {**result.maps.provenance,
+            "partial_volume": {**result.maps.provenance["partial_volume"], "corrected": False}}
+    plain = maps_overview(dataclasses.replace(result, maps=result.maps.replace(provenance=prov)))
+    try:
+        labels = [t.get_text() for ax in plain.axes if ax.get_legend() for t in
+                  ax.get_legend().get_texts()]
+        assert "AIF (not corrected)" in labels and "AIF measured" not in labels
+    finally:
+        plt.close(plain)
+
+
 @pytest.mark.parametrize("kept", [("cbf",), ("cbv", "tmax")])
 def test_overview_of_one_or_two_maps(overview, kept):
     # a network trained on one or two targets gives maps of only those: the overview still has
@@ -141,3 +164,30 @@ def test_overview_of_one_or_two_maps(overview, kept):
         assert any("hypoperfused" in t.get_text() for ax in fig.axes for t in ax.texts)
     finally:
         plt.close(fig)
+
+
+def test_the_motion_qc_figure_is_radiological_whatever_the_stored_order(small_series):
+    """qc.png drew slices as stored: the same head stored with x reversed showed mirrored.
+    Both orders now show the same image, the patient's right on the left, marked "R"."""
+    from types import SimpleNamespace
+
+    from ctperf.reporting.qc import motion_qc_figure
+
+    n_t, shape = small_series.n_frames, small_series.shape[1:]
+    mask = np.zeros(shape, dtype=bool)
+    mask[:, 4:12, 3:9] = True  # off-centre, so a mirror shows
+    result = SimpleNamespace(displacement_mm=np.linspace(0, 1, n_t),
+                             max_displacement_mm=np.linspace(0, 2, n_t), mask=mask)
+    reversed_x = small_series.affine.copy()
+    reversed_x[:3, 3] += reversed_x[:3, 0] * (shape[2] - 1)
+    reversed_x[:3, 0] *= -1
+    stored_reversed = small_series.replace(hu=small_series.hu[..., ::-1].copy(),
+                                           affine=reversed_x)
+    flipped = SimpleNamespace(**{**vars(result), "mask": mask[..., ::-1]})
+    images = []
+    for series, res in ((small_series, result), (stored_reversed, flipped)):
+        fig = motion_qc_figure(series, series, res)
+        images.append([np.asarray(ax.images[0].get_array()) for ax in fig.axes[1:4]])
+        assert all(any(t.get_text() == "R" for t in ax.texts) for ax in fig.axes[1:4])
+    for a, b in zip(*images, strict=True):
+        np.testing.assert_array_equal(a, b)

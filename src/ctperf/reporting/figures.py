@@ -98,12 +98,15 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
             ax = axes[i, j]
             shown = ax.imshow(img, cmap=plt.get_cmap(cmap).with_extremes(bad="black"),
                               vmin=vmin, vmax=vmax, aspect=dy / dx, interpolation="nearest")
-            for k, (key, outline) in enumerate((outlines or {}).items()):
-                if outline[z].any():
-                    ax.contour(orient(outline[z], flips).astype(float), levels=[0.5],
-                               colors=colours[k % len(colours)], linewidths=0.8)
-                    if i == 0 and j == 0:
-                        ax.plot([], [], color=colours[k % len(colours)], label=key)
+            drawn = [(k, key, outline) for k, (key, outline) in enumerate((outlines or {}).items())
+                     if outline[z].any()]
+            # the first outline (the core) on top: a penumbra's edge runs along it
+            for k, _, outline in reversed(drawn):
+                ax.contour(orient(outline[z], flips).astype(float), levels=[0.5],
+                           colors=colours[k % len(colours)], linewidths=0.8)
+            if i == 0 and j == 0:
+                for k, key, _ in drawn:
+                    ax.plot([], [], color=colours[k % len(colours)], label=key)
             ax.set_title(f"{label} [{reference.units[name]}]", color="white", fontsize=9)
             _radiological_axes(ax, mark=j == 0)
             bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
@@ -394,13 +397,15 @@ def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: s
         ax.axhline(0, color="grey", linewidth=0.6)
         ax.set_xlabel("time from the first frame (s)", fontsize=9)
         ax.tick_params(labelsize=8)
-    left.set_ylabel("enhancement (input units)", fontsize=9)
+    for ax in (left, right):
+        ax.set_ylabel("enhancement (input units)", fontsize=9)
     left.set_title("arterial and venous curves" if fit.vof is not None else "arterial curve",
                    fontsize=10)
     shown = f" (first {n} of {len(names)})" if n < len(names) else ""
     right.set_title(f"tissue curves{shown}", fontsize=10)
-    left.legend(fontsize=7, loc="upper right")
-    right.legend(fontsize=6, loc="upper right")
+    # beside the curves, whose peaks lie at the top: matplotlib's least covered corner
+    left.legend(fontsize=7, loc="best")
+    right.legend(fontsize=6, loc="best")
     fig.suptitle(title or f"{fit.provenance.get('method', '')}: CBF mL/100g/min, Tmax s",
                  fontsize=11)
     fig.tight_layout()

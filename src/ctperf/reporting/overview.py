@@ -141,8 +141,12 @@ def maps_overview(result: Any, *, title: str = "",
     ax = fig.add_subplot(grid[-1, :split])
     t = result.times
     prov = maps.provenance
-    ax.plot(t, prov["aif"]["measured_hu"], color="tab:red", lw=1, ls="--", label="AIF measured")
-    ax.plot(t, result.aif, color="tab:red", lw=2, label="AIF (partial-volume corrected)")
+    corrected = bool(prov.get("partial_volume", {}).get("corrected"))
+    if corrected:  # else the AIF used is the measured one: one curve, named as it is
+        ax.plot(t, prov["aif"]["measured_hu"], color="tab:red", lw=1, ls="--",
+                label="AIF measured")
+    ax.plot(t, result.aif, color="tab:red", lw=2,
+            label="AIF (partial-volume corrected)" if corrected else "AIF (not corrected)")
     if result.vof is not None:
         ax.plot(t, result.vof, color="tab:blue", lw=2, label="VOF")
     ax.set_facecolor("black")

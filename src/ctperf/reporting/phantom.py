@@ -13,15 +13,12 @@ from ctperf.reporting.windows import (
     display_window,
     map_title,
 )
+from ctperf.types import orient, radiological_flips
 
 if TYPE_CHECKING:
     from ctperf.phantom.generate import PhantomSubject
 
 __all__ = ["phantom_preview_figure"]
-
-#: True Tmax of the preview: up to 15 s, a wider window than the table's.
-_PREVIEW_TMAX_WINDOW = (0.0, 15.0)
-
 
 def phantom_preview_figure(subject: PhantomSubject, *, slice_index: int | None = None) -> Any:
     """A montage of one slice (the middle one by default).
@@ -62,12 +59,14 @@ def phantom_preview_figure(subject: PhantomSubject, *, slice_index: int | None =
         (s.hu[t_ven, z], {"vmin": vessel_lo, "vmax": vessel_hi, **gray},
          f"venous peak, frame {t_ven}, vessel window"),
     ]
-    for name in ("cbf", "cbv", "tmax"):
-        lo, hi = _PREVIEW_TMAX_WINDOW if name == "tmax" else display_window(name)
-        panels.append((subject.truth[name][z], {"vmin": lo, "vmax": hi, "cmap": "jet"},
+    for name in ("cbf", "cbv", "tmax"):  # the windows and colours of the maps' overview
+        lo, hi = display_window(name)
+        panels.append((subject.truth[name][z], {"vmin": lo, "vmax": hi, "cmap": "turbo"},
                        f"true {map_title(name)}"))
+    # radiological, as every other figure: the patient's right on the image's left
+    flips = radiological_flips(s.affine)
     for ax, (img, kw, title) in zip(axes.flat, panels, strict=False):
-        im = ax.imshow(img, **kw)
+        im = ax.imshow(orient(img, flips), **kw)
         ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     ax = axes[2, 0]
@@ -76,14 +75,15 @@ def phantom_preview_figure(subject: PhantomSubject, *, slice_index: int | None =
     rgb[subject.masks["core"][z]] = [0.9, 0.05, 0.05]
     rgb[subject.masks["artery"][z]] = [0.1, 0.4, 1.0]
     rgb[subject.masks["vein"][z]] = [0.0, 0.9, 0.9]
-    ax.imshow(rgb, interpolation="nearest")
+    ax.imshow(np.moveaxis(orient(np.moveaxis(rgb, -1, 0), flips), 0, -1),
+              interpolation="nearest")
     vol = subject.params["volumes_ml"]
     ax.set_title(f"core {vol['core']:.0f} mL (red), penumbra {vol['penumbra']:.0f} mL "
                  "(yellow)\nartery (blue), vein (cyan)", fontsize=10)
     ax = axes[2, 1]
     terr = subject.masks["territories"][z].astype(float)
-    ax.imshow(np.where(terr > 0, terr, np.nan), cmap="tab10", vmin=0.5, vmax=10.5,
-              interpolation="nearest")
+    ax.imshow(orient(np.where(terr > 0, terr, np.nan), flips), cmap="tab10", vmin=0.5,
+              vmax=10.5, interpolation="nearest")
     ax.set_title("vascular territories (ACA, MCA, PCA R/L)", fontsize=10)
     ax = axes[2, 2]
     ax.plot(subject.fine_times, subject.aif_fine, "r-", lw=1, label="AIF (true, no PV)")
@@ -103,6 +103,8 @@ def phantom_preview_figure(subject: PhantomSubject, *, slice_index: int | None =
     for a in axes.flat[:8]:
         a.set_xticks([])
         a.set_yticks([])
+        a.text(0.02, 0.98, "R", transform=a.transAxes, fontsize=9, va="top",
+               color="black" if a is axes[2, 1] else "white")  # territories: on white
     cfg = subject.params["config"]
     fig.suptitle(f"ctperf phantom seed {cfg['seed']}, slice {z}, {cfg['mas']:g} mAs, motion "
                  f"{subject.params['motion_category']}, template {subject.params['template']}")
