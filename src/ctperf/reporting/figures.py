@@ -403,9 +403,10 @@ def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: s
                    fontsize=10)
     shown = f" (first {n} of {len(names)})" if n < len(names) else ""
     right.set_title(f"tissue curves{shown}", fontsize=10)
-    # beside the curves, whose peaks lie at the top: matplotlib's least covered corner
-    left.legend(fontsize=7, loc="best")
-    right.legend(fontsize=6, loc="best")
+    for ax, size in ((left, 7), (right, 6)):  # room above the peaks for the legend
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high + 0.45 * (high - low))
+        ax.legend(fontsize=size, loc="upper right")
     fig.suptitle(title or f"{fit.provenance.get('method', '')}: CBF mL/100g/min, Tmax s",
                  fontsize=11)
     fig.tight_layout()
