@@ -887,3 +887,20 @@ def test_damaged_jpeg_ls_stream_names_the_file(tmp_path, rng, caplog):
                                              r"\(JPEG-LS Lossless"):
             read_dicom_series(study.folder, workers=1)
     assert not [r for r in caplog.records if r.exc_info]
+
+
+def test_a_time_point_missing_from_every_slice_is_said(tmp_path, caplog):
+    """With no index tag, a time point missing from every slice left one doubled step that was
+    read without a word; it is now named. Protocols that change their step (1 s, then 3 s)
+    and frames a little uneven say nothing."""
+    from ctperf.io.dicom import _missing_time_point_warning
+
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        gap = np.r_[np.arange(0, 15, 1.5), np.arange(16.5, 30, 1.5)]  # 15.0 s missing
+        _missing_time_point_warning(tmp_path, gap)
+    assert "frames every 1.5 s but 3 s apart at 13.5-16.5 s" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        _missing_time_point_warning(tmp_path, np.r_[np.arange(0, 30, 1.0), np.arange(30, 60, 3)])
+        _missing_time_point_warning(tmp_path, np.cumsum(np.r_[0, np.tile([1.0, 1.25], 10)]))
+    assert caplog.text == ""

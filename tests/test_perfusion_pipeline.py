@@ -269,7 +269,7 @@ def test_a_series_built_in_python_is_checked_as_the_readers_check_it(study):
     with pytest.raises(ValidationError, match=r"series\.times: frames are 500 s apart "
                                               r"\(milliseconds read as seconds\?\)"):
         compute_maps(series.replace(times=series.times * 1000.0), method="bsvd")
-    with pytest.raises(ValidationError, match="must be a CTPSeries.*got ndarray"):
+    with pytest.raises(ValidationError, match=r"must be a CTPSeries.*got ndarray"):
         compute_maps(series.hu, method="bsvd")
 
 

@@ -234,6 +234,24 @@ def _whole_seconds_warning(root: Path, tag: str, times: np.ndarray) -> None:
                     root, tag, steps.min(), steps.max())
 
 
+def _missing_time_point_warning(root: Path, times: np.ndarray) -> None:
+    """Warn when even frames hold one gap of a whole number of steps (a time point missing
+    from every slice, which no index tag tells: the series is read, with that gap)."""
+    steps = np.diff(times)
+    if steps.size < 4:
+        return
+    step = float(np.median(steps))
+    usual = np.abs(steps - step) <= 0.1 * step
+    multiple = np.round(steps / step)
+    gaps = np.flatnonzero(~usual & (multiple >= 2) & (np.abs(steps - multiple * step)
+                                                       <= 0.1 * step))
+    if gaps.size and usual.sum() + gaps.size == steps.size and gaps.size <= 2:
+        where = ", ".join(f"{times[g]:.1f}-{times[g + 1]:.1f} s" for g in gaps)
+        log.warning("%s: frames every %.3g s but %s apart at %s: a time point missing "
+                    "from every slice? (read with the gap)", root, step,
+                    " and ".join(f"{steps[g]:.3g} s" for g in gaps), where)
+
+
 def _order_frames(root: Path, slices: list[list[Header]],
                   frame_interval: float | None) -> tuple[list[list[Header]], np.ndarray, str]:
     """Frames of each slice in time order, (T, Z) times in s (since 1970, or from the start
@@ -478,6 +496,8 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         if np.max(np.ptp(rel, axis=1)) > 1e-3:
             slice_times = rel
     check_frame_times(times, root, source=source_tag)
+    if frame_interval is None:
+        _missing_time_point_warning(root, times)
     check_memory(n_t * n_z * rows * cols * 4, root,
                  what=f"the study's {n_t} frames x {n_z} slices of {rows} x {cols} pixels")
     flat = np.empty((n_t * n_z, rows, cols), dtype=np.float32)

@@ -434,8 +434,10 @@ def assess_vof(
         reason = (f"the VOF peaks at {ttp_v:.1f} s, not after the AIF ({ttp_a:.1f} s): "
                   "not a vein")
     elif (lag := _centroid(v, t) - _centroid(a, t)) < min_lag_s:
-        reason = (f"the VOF's bolus is centred only {lag:.1f} s after the AIF's (less than "
-                  f"{min_lag_s:g} s): an artery, not a vein")
+        when = (f"only {lag:.1f} s after" if round(lag, 1) > 0 else
+                "no later than" if round(lag, 1) == 0 else f"{-lag:.1f} s before")
+        reason = (f"the VOF's bolus is centred {when} the AIF's (less than {min_lag_s:g} s "
+                  "after): an artery, not a vein")
     elif not snr >= min_snr:
         reason = (f"the VOF's peak ({peak:.0f} HU) is only {snr:.1f} times its noise SD "
                   f"({sd:.1f} HU), below {min_snr:g}: noise, not a vein")
