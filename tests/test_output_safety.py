@@ -385,3 +385,21 @@ def _tiny_series():
 
     hu = np.zeros((4, 2, 6, 6), dtype=np.float32)
     return CTPSeries(hu=hu, times=np.arange(4.0), affine=np.eye(4), meta={})
+
+
+def test_an_output_that_cannot_be_created_is_refused_before_any_work(nifti_study, tmp_path,
+                                                                     monkeypatch, capsys):
+    """Permission bits said yes (a read-only mount, a full disk, /proc): the maps were
+    computed, then writing failed with an error naming a temporary path. A folder is now
+    made and removed there first."""
+    import tempfile
+
+    import ctperf.perfusion
+
+    def refuse(*args, **kwargs):
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(ctperf.perfusion, "run_perfusion", lambda *a, **k: pytest.fail("ran"))
+    assert main(["maps", str(nifti_study), str(tmp_path / "out")]) == 2
+    _one_error_line(capsys, str(tmp_path / "out"), "cannot be written", "Read-only file system")

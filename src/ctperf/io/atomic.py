@@ -311,6 +311,12 @@ def _check_parent(out: Path, resolved: Path) -> None:
         raise InputError(out, f"cannot be created: {ancestor} is a file, not a folder")
     if not os.access(ancestor, os.W_OK | os.X_OK):
         raise InputError(out, f"cannot be written: no write permission in {ancestor}")
+    try:  # permission bits say yes on a read-only mount, /proc or a full quota: try it
+        probe = Path(tempfile.mkdtemp(prefix=_temp_prefix(), suffix=".probe", dir=ancestor))
+    except OSError as exc:
+        raise InputError(out, f"cannot be written in {ancestor} "
+                              f"({exc.strerror or type(exc).__name__})") from None
+    probe.rmdir()
 
 
 #: Extensions of files, never of an output folder: a folder named so is a typo or a request for
