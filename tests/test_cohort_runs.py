@@ -172,6 +172,21 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
     assert not (out / LOCK).exists()  # released at the end
 
 
+def _several_series_task(source, target, options):
+    raise InputError(source, "holds 2 series; choose one with --series UID: "
+                             "1.2.826.0.1.3680043.8.498.25753 CT 'Perfusion Mueller Joerg' "
+                             "(60 files)")
+
+
+def test_the_manifest_leaves_out_uids_and_series_descriptions(tmp_path):
+    """A failure listing a folder's series put their UIDs and descriptions (which may name the
+    patient) into manifest.json; stderr keeps them, to choose a series from."""
+    summary = run_cohort(_studies("a"), tmp_path / "out", _several_series_task, {}, workers=1)
+    assert "Mueller" in summary.failed["a"]  # the command prints this
+    saved = load_manifest(tmp_path / "out")["a"]["error"]
+    assert saved == "a: holds 2 series; choose one with --series UID: <UID> CT '...' (60 files)"
+
+
 def test_a_local_cluster_runs_the_studies_in_worker_processes(tmp_path):
     out = tmp_path / "out"
     summary = run_cohort(_studies("a", "bug", "c"), out, _echo_task, {"upper": True},

@@ -148,7 +148,11 @@ def test_evaluate_synthetic_tables_json_and_report(cohorts, evaluated):
     assert doc["maps"][[r["map"] for r in doc["maps"]].index("tmax")]["cases"]["s02"][
         "n_voxels"] == direct.n
 
+    # folder names, not machine paths, in what is made to be shared
+    assert [r["path"] for r in doc["readers"]] == [r["path"].rsplit("/", 1)[-1]
+                                                   for r in doc["readers"]]
     page = (out / "report.html").read_text()
+    assert str(out.parent) not in page and str(out.parent) not in json.dumps(doc)
     # self-contained: every image inline, no link to anything outside the file
     assert not re.search(r"""(src|href)\s*=\s*["'](?!data:)""", page)
     assert "http://" not in page and "https://" not in page and "@import" not in page

@@ -61,6 +61,10 @@ def test_public_meta_drops_nested_identity_and_windows_paths():
             "files": ["/a/b"], "source": "C:\\data\\patient\\study", "acquisition_start": "x",
             "description": "Perfusion Müller"}  # free text, as SeriesDescription may name one
     assert public_meta(meta) == {"kvp": 80, "extra": {"n": 3}, "source": "study"}
+    # the same free text under the keys another tool's NIfTI sidecar uses
+    other = {"SeriesDescription": "Perfusion Mueller Joerg", "ProtocolName": "Mueller",
+             "ImageComments": "patient Müller Jörg aphasia", "subject": "Mueller", "kvp": 80}
+    assert public_meta(other) == {"kvp": 80}
 
 
 def file_text(folder) -> bytes:
@@ -146,3 +150,26 @@ def test_new_uids_need_the_key(monkeypatch):
     unkeyed = {f"2.25.{uuid.uuid5(namespace, source).int}",
                f"2.25.{int.from_bytes(hashlib.sha256(source.encode()).digest()[:16], 'big')}"}
     assert not unkeyed & {run, keyed}
+
+
+def _anonymous_uid_task(source, target, options):
+    """A cohort study that records the new UID its process gives ``source``."""
+    from ctperf.io import atomic_dir
+
+    with atomic_dir(target) as tmp:
+        (tmp / "uid.txt").write_text(anonymous_uid(source))
+
+
+def test_one_cohort_run_gives_one_new_uid_in_every_worker(monkeypatch, tmp_path):
+    """Each worker process drew its own secret: two slabs of one study, de-identified in one
+    cohort run with --workers 2, came out as two studies. The client's secret now travels with
+    every study to the workers."""
+    from ctperf.io.privacy import UID_KEY_VARIABLE, uid_key
+    from ctperf.workflow.cohort import Study, run_cohort
+
+    monkeypatch.delenv(UID_KEY_VARIABLE, raising=False)
+    source = "1.2.840.113619.2.55.3.1234"
+    studies = [Study(name, source) for name in ("slab1", "slab2", "slab3")]
+    run_cohort(studies, tmp_path / "out", _anonymous_uid_task, {}, workers=2)
+    uids = {(tmp_path / "out" / s.name / "uid.txt").read_text() for s in studies}
+    assert uids == {anonymous_uid(source)} and uid_key()  # this process's, in every worker

@@ -173,11 +173,13 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     train_rows = (_read_train_log(log_path) if train_log is not None or log_path.exists()
                   else None)
     doc = {"software_version": __version__,
-           "readers": [{"label": r.label, "kind": r.kind, "path": r.path} for r in readers],
+           # folder names, not machine paths: the report is made to be shared
+           "readers": [{"label": r.label, "kind": r.kind, "path": Path(r.path).name}
+                       for r in readers],
            "studies": studies, "excluded_studies": excluded,
            "warnings": [f"{r.label}, {w}" for r in readers for w in r.warnings]
            + result.pop("lesion_warnings"), **result,
-           "training_log": str(log_path) if train_rows is not None else None}
+           "training_log": log_path.name if train_rows is not None else None}
     figures = evaluation_figures(readers, result, studies, train_rows,
                                  max_map_figures=max_map_figures)
     page = evaluation_page(doc, figures)

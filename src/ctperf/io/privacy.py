@@ -33,6 +33,7 @@ __all__ = [
     "anonymous_uid",
     "deidentify_dataset",
     "public_meta",
+    "uid_key",
 ]
 
 #: DICOM keywords that identify a patient, a visit or the people and place involved (PS3.15
@@ -56,6 +57,15 @@ IDENTITY_KEYWORDS: frozenset[str] = frozenset({
 # Profile removes as it may name the patient).
 _META_IDENTITY_KEYS = frozenset({"series_uid", "frame_of_reference_uid", "acquisition_start",
                                  "patient_id", "files", "description"})
+# Free text the Basic Profile removes (X) because people write names and histories into it,
+# and the subject keys other tools put in a NIfTI sidecar: kept out of JSON written by ctperf
+# (a sidecar's SeriesDescription "Perfusion Mueller Joerg" had been copied through).
+_FREE_TEXT_KEYS = frozenset({
+    "SeriesDescription", "ProtocolName", "ImageComments", "PerformedProcedureStepDescription",
+    "PerformedProcedureStepID", "ScheduledProcedureStepDescription",
+    "ReasonForTheRequestedProcedure", "AdditionalPatientHistory", "PatientState",
+    "MedicalAlerts", "Allergies", "Occupation", "ResponsiblePerson", "ResponsibleOrganization",
+    "subject", "participant_id", "session"})
 # Keywords of ``meta["dicom"]`` that describe the device, not the patient, and may be shared.
 _DEVICE_KEYWORDS = ("Manufacturer", "ManufacturerModelName")
 
@@ -77,7 +87,8 @@ def _is_absolute_path(text: str) -> bool:
 def _clean(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _clean(v) for k, v in value.items()
-                if k not in IDENTITY_KEYWORDS and k not in _META_IDENTITY_KEYS}
+                if k not in IDENTITY_KEYWORDS and k not in _META_IDENTITY_KEYS
+                and k not in _FREE_TEXT_KEYS}
     if isinstance(value, list | tuple):
         return [_clean(v) for v in value]
     if isinstance(value, PurePath | os.PathLike):
@@ -107,7 +118,13 @@ def public_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
 #: same new UIDs in every run (a study and its maps de-identified by two commands file
 #: together); without it each run draws its own.
 UID_KEY_VARIABLE = "CTPERF_DEIDENTIFY_KEY"
-_RUN_KEY = secrets.token_bytes(32)
+_RUN_KEY = secrets.token_hex(32)
+
+
+def uid_key() -> str:
+    """The secret :func:`anonymous_uid` uses: :data:`UID_KEY_VARIABLE`'s, or this process's own
+    (a cohort run hands it to its worker processes, so that one run's series share new UIDs)."""
+    return os.environ.get(UID_KEY_VARIABLE) or _RUN_KEY
 
 
 def anonymous_uid(uid: str) -> str:
@@ -116,9 +133,8 @@ def anonymous_uid(uid: str) -> str:
     in :data:`UID_KEY_VARIABLE` (a de-identified series and maps written from one source
     still share study and frame of reference), and that whoever holds the source UIDs cannot
     match them to the new ones without the key."""
-    secret = os.environ.get(UID_KEY_VARIABLE)
-    key = secret.encode("utf-8") if secret else _RUN_KEY
-    digest = hmac.new(key, str(uid).strip().encode("utf-8"), hashlib.sha256).digest()
+    digest = hmac.new(uid_key().encode("utf-8"), str(uid).strip().encode("utf-8"),
+                      hashlib.sha256).digest()
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 

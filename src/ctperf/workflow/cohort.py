@@ -300,9 +300,26 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(text.split()) or type(exc).__name__
 
 
-def _run_study(task: Task, study: Study, target: Path, options: Any) -> dict[str, Any]:
-    """Run one study (in a worker or in this process); never raises an ``Exception``."""
+def _without_identifiers(error: str | None) -> str | None:
+    """A failure's message for the manifest, which may be shared: DICOM UIDs and quoted series
+    descriptions (which may name the patient) left out; stderr keeps them, to choose a
+    ``--series`` from."""
+    if error is None:
+        return None
+    error = re.sub(r"\b\d+(?:\.\d+){3,}\b", "<UID>", error)
+    return re.sub(r"'[^']*'", "'...'", error)
+
+
+def _run_study(task: Task, study: Study, target: Path, options: Any,
+               uid_key: str | None = None) -> dict[str, Any]:
+    """Run one study (in a worker or in this process); never raises an ``Exception``.
+    ``uid_key``: the client's de-identification secret, which a worker process takes as its
+    own (each had drawn its own, and one run's series came out as different studies)."""
+    from ctperf.io.privacy import UID_KEY_VARIABLE
+
     started = _now()
+    if uid_key is not None:
+        os.environ[UID_KEY_VARIABLE] = uid_key
     try:
         task(study.source, target, options)
         if not target.is_dir():
@@ -353,6 +370,8 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
              ) -> Generator[tuple[Study, dict[str, Any]], None, None]:
     import distributed
 
+    from ctperf.io.privacy import uid_key
+
     # distributed logs its start and stop at INFO through the root handler: keep that for -v.
     chatter = logging.getLogger("distributed")
     level = chatter.level
@@ -374,7 +393,8 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
                 raise CTPerfError(f"cannot reach the Dask scheduler at {scheduler} "
                                   f"({_one_line(exc)})") from None
         with client:
-            futures = {client.submit(_run_study, task, s, out / s.name, options,
+            key = uid_key()
+            futures = {client.submit(_run_study, task, s, out / s.name, options, key,
                                      key=f"ctperf-{s.name}-{time.time_ns()}", pure=False): s
                        for s in todo}
             for future in distributed.as_completed(futures):
@@ -480,7 +500,7 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
                            workers=local)
     try:
         for study, row in results:
-            rows[study.name].update(row)
+            rows[study.name].update(row, error=_without_identifiers(row["error"]))
             _save_manifest(root, rows)
             if row["state"] == "done":
                 done.append(study.name)
