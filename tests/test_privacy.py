@@ -107,6 +107,13 @@ def test_anonymised_maps_file_with_anonymised_series(series, tmp_path, rng):
         assert ds.StudyInstanceUID == series_ds.StudyInstanceUID
         assert ds.FrameOfReferenceUID == series_ds.FrameOfReferenceUID
         assert ds.SeriesInstanceUID != series_ds.SeriesInstanceUID
+    # maps made from the de-identified series, de-identified again: still in that study (its
+    # UIDs had been hashed a second time)
+    anon = read_dicom_series(tmp_path / "anon")
+    again = write_maps_dicom(maps, tmp_path / "maps2", source=anon, anonymise=True)
+    ds = pydicom.dcmread(next(again[0].glob("*.dcm")))
+    assert ds.StudyInstanceUID == series_ds.StudyInstanceUID
+    assert ds.FrameOfReferenceUID == series_ds.FrameOfReferenceUID
 
 
 def test_default_dicom_output_keeps_identity(series, tmp_path):

@@ -41,7 +41,7 @@ PATIENT_STUDY_TAGS: tuple[str, ...] = (
     "PatientName", "PatientID", "PatientBirthDate", "PatientSex", "PatientAge",
     "StudyInstanceUID", "StudyDate", "StudyTime", "StudyID", "AccessionNumber",
     "StudyDescription", "ReferringPhysicianName", "InstitutionName",
-    "Manufacturer", "ManufacturerModelName", "PatientPosition",
+    "Manufacturer", "ManufacturerModelName", "PatientPosition", "PatientIdentityRemoved",
 )
 
 _TEXT_VRS = frozenset({"AE", "CS", "LO", "LT", "PN", "SH", "ST", "UC", "UT"})

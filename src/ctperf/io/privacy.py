@@ -147,6 +147,9 @@ def deidentify_dataset(ds: Dataset) -> None:
     any case. PatientIdentityRemoved, DeidentificationMethod and its code sequence record what
     was done. Timing tags must already count from :data:`ANONYMOUS_START`.
     """
+    # a source de-identified before (by ctperf or another tool) keeps its new UIDs: hashed
+    # again, maps of a de-identified series had been filed in another study
+    again = str(ds.get("PatientIdentityRemoved", "")).strip().upper() == "YES"
     for keyword in ("PatientName", "PatientID"):
         setattr(ds, keyword, _DUMMY_NAME)
     for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
@@ -163,7 +166,7 @@ def deidentify_dataset(ds: Dataset) -> None:
     ds.StudyDate = ANONYMOUS_START.strftime("%Y%m%d")
     ds.StudyTime = ANONYMOUS_START.strftime("%H%M%S")
     for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):
-        if keyword in ds:
+        if keyword in ds and not again:
             setattr(ds, keyword, anonymous_uid(str(getattr(ds, keyword))))
     ds.PatientIdentityRemoved = "YES"
     ds.LongitudinalTemporalInformationModified = "MODIFIED"
