@@ -202,6 +202,35 @@ def test_values_stored_without_the_intercept_are_refused(tmp_path, rng, backgrou
         read_nifti_series(write_nifti(tmp_path / "s.nii.gz", stored))
 
 
+def _with_skull(hu: np.ndarray) -> np.ndarray:
+    """``hu`` (X, Y, Z, T) with a 1-voxel ring of bone (1200-1600 HU) around its tissue."""
+    out = hu.copy()
+    ring = np.zeros(hu.shape[:3], dtype=bool)
+    ring[1:-1, 1:-1] = True
+    ring[2:-2, 2:-2] = False
+    out[ring] = np.linspace(1200, 1600, int(ring.sum()))[:, None]
+    return out
+
+
+@pytest.mark.parametrize("window", [250.0, 150.0])
+def test_values_clipped_to_a_display_window_are_refused(tmp_path, rng, window):
+    """An export clipped at the top of a display window had its bone, AIF and VOF cut
+    together: CBF up to 5.8 times too high, exit 0, no flag."""
+    hu = _with_skull(_bolus(rng, (12, 10, 2, 12)))
+    read_nifti_series(write_nifti(tmp_path / "full.nii.gz", hu))
+    with pytest.raises(InputError, match=rf"sit at the study's highest, {window:g} HU, in 100% "
+                                         r"of the frames.*clipped"):
+        read_nifti_series(write_nifti(tmp_path / "c.nii.gz", np.minimum(hu, window)))
+
+
+def test_metal_that_flickers_between_frames_is_no_unscaled_study(tmp_path, rng):
+    """Streaks at 3000 HU that change by +-300 HU from frame to frame had been taken for the
+    most enhancing voxels, and the study refused as stored without its intercept."""
+    hu = _with_skull(_bolus(rng, (24, 24, 2, 12)))
+    hu[8:16, 18:20, 0] = 3000 + 300 * rng.standard_normal((8, 2, 12))  # most of the top 20
+    read_nifti_series(write_nifti(tmp_path / "metal.nii.gz", hu))
+
+
 def test_frame_interval_override_is_checked(nifti_study):
     with pytest.raises(InputError, match="frames are 500 s apart"):
         read_study(nifti_study, frame_interval=500.0)

@@ -56,6 +56,15 @@ ENHANCING_BASELINE_MAX_HU = 400.0
 # _ENHANCEMENT_MIN_HU (a bolus, not noise).
 _ENHANCING_SHARE = 0.005
 _ENHANCEMENT_MIN_HU = 50.0
+# Voxels denser than this before the bolus are bone or metal, never blood or brain, whatever
+# the rescale (stored without the intercept, blood sits near 1070): left out of the check of
+# the enhancing voxels' level (metal streaks that flicker from frame to frame had been taken
+# for the most enhancing voxels, and the study refused as unscaled).
+_DENSE_HU = 1500.0
+# A head CT holds bone far above this; values that stop below it, with a plateau at their
+# highest value across the frames, were clipped (a display window applied on export).
+_CLIPPED_BELOW_HU = 1000.0
+_CLIPPED_SHARE = 0.005
 _SAMPLES_PER_IMAGE = 4096
 # A frame's median pixel lies about the noise's size from its slice's median over the scan
 # (4-8 HU on phantoms at 75-300 mAs, severe motion included: at most 1.5 times its slice's
@@ -213,6 +222,7 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     bad = np.argwhere(np.logical_or.reduce(problems))
     if bad.size == 0:
         _check_images_alike(sample, path_of)
+        _check_clipped(sample, path_of(0, 0)[0])
         _check_enhancing_baseline(sample, path_of(0, 0)[0])
         return
     t, z = (int(v) for v in bad[0])
@@ -253,13 +263,32 @@ def _check_images_alike(sample: np.ndarray,
                            "or truncated pixel data)?")
 
 
+def _check_clipped(sample: np.ndarray, path: PathLike) -> None:
+    """Refuse values clipped below bone's level: a plateau at the study's highest value, in
+    :data:`_CLIPPED_SHARE` of the samples or more and in half the frames or more (bone in
+    every frame), with nothing above :data:`_CLIPPED_BELOW_HU`. The AIF and the VOF are then
+    cut together, the partial-volume scaling sees nothing to correct, and CBF came out up to
+    5.8 times too high with no flag. A skull-stripped study has no such plateau."""
+    top = float(sample.max())
+    if top >= _CLIPPED_BELOW_HU:
+        return
+    at_top = sample == top
+    share, frames = float(at_top.mean()), float(at_top.any(axis=(1, 2)).mean())
+    if share >= _CLIPPED_SHARE and frames >= 0.5:
+        raise InputError(path, f"implausible CT numbers: {share:.1%} of the values sit at the "
+                               f"study's highest, {top:.4g} HU, in {frames:.0%} of the frames, "
+                               "and nothing is denser: values clipped (a display window "
+                               "applied on export, or too few bits)? A head CT holds bone "
+                               f"far above {_CLIPPED_BELOW_HU:g} HU; export the full range")
+
+
 def _check_enhancing_baseline(sample: np.ndarray, path: PathLike) -> None:
     """Refuse a study whose enhancing voxels start far above blood's HU (see
     :func:`check_hu_plausible`); ``sample`` (T, Z, N)."""
     if sample.shape[0] < 3:
         return
     base = np.median(sample[:3], axis=0).ravel()
-    rise = sample.max(axis=0).ravel() - base
+    rise = np.where(base > _DENSE_HU, -np.inf, sample.max(axis=0).ravel() - base)
     k = max(20, int(rise.size * _ENHANCING_SHARE))
     if k >= rise.size:
         return
