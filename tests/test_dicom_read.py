@@ -903,4 +903,8 @@ def test_a_time_point_missing_from_every_slice_is_said(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
         _missing_time_point_warning(tmp_path, np.r_[np.arange(0, 30, 1.0), np.arange(30, 60, 3)])
         _missing_time_point_warning(tmp_path, np.cumsum(np.r_[0, np.tile([1.0, 1.25], 10)]))
+        # a slower start, a pause after the first frame, a slower end: protocols, not gaps
+        _missing_time_point_warning(tmp_path, np.r_[0, 2, 4, np.arange(5, 30, 1.0)])
+        _missing_time_point_warning(tmp_path, np.r_[0, np.arange(2, 30, 1.0)])
+        _missing_time_point_warning(tmp_path, np.r_[np.arange(0, 30, 1.0), 31, 33])
     assert caplog.text == ""

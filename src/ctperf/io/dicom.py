@@ -235,8 +235,9 @@ def _whole_seconds_warning(root: Path, tag: str, times: np.ndarray) -> None:
 
 
 def _missing_time_point_warning(root: Path, times: np.ndarray) -> None:
-    """Warn when even frames hold one gap of a whole number of steps (a time point missing
-    from every slice, which no index tag tells: the series is read, with that gap)."""
+    """Warn when even frames hold one gap of a whole number of steps inside the scan (a time
+    point missing from every slice, which no index tag tells: the series is read, with that
+    gap); a slower start or end, or two gaps, is a protocol's change of rate."""
     steps = np.diff(times)
     if steps.size < 4:
         return
@@ -245,7 +246,8 @@ def _missing_time_point_warning(root: Path, times: np.ndarray) -> None:
     multiple = np.round(steps / step)
     gaps = np.flatnonzero(~usual & (multiple >= 2) & (np.abs(steps - multiple * step)
                                                        <= 0.1 * step))
-    if gaps.size and usual.sum() + gaps.size == steps.size and gaps.size <= 2:
+    # one gap, inside the scan: two, or one at either end, is a protocol's change of rate
+    if gaps.size == 1 and usual.sum() + 1 == steps.size and 0 < gaps[0] < steps.size - 1:
         where = ", ".join(f"{times[g]:.1f}-{times[g + 1]:.1f} s" for g in gaps)
         log.warning("%s: frames every %.3g s but %s apart at %s: a time point missing "
                     "from every slice? (read with the gap)", root, step,

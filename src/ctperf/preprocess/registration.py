@@ -157,7 +157,8 @@ class MotionResult:
             "rule": "keep a transform only if it is plausible and lowers the check metric "
                     "(mean squared difference of the smoothed frames, HU^2) by more than "
                     "min_gain of the identity's (min_gain_through_plane of the in-plane "
-                    "part's for the whole fit) and by three standard errors",
+                    "part's for the whole fit) and by three standard errors, or by half "
+                    "of it or more",
             "min_gain": self.min_gain,
             "min_gain_through_plane": self.min_gain_through_plane,
             "decision": list(self.decision),
