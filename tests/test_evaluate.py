@@ -221,6 +221,15 @@ def test_evaluate_refuses_missing_input_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_truth_that_is_no_phantom_is_refused(cohorts, tmp_path, capsys):
+    """Maps of a method given as --truth had been scored as the truth (labelled truth-2)."""
+    assert main(["evaluate", str(cohorts["pred"]), str(cohorts["ref"]), str(tmp_path / "out"),
+                 "--truth", str(cohorts["ref"])]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a phantom cohort" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def _browser() -> str | None:
     return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(b)), None)

@@ -184,3 +184,20 @@ def test_references_a_caller_made_are_not_computed_again(monkeypatch, tmp_path):
     assert refits == [] and calls[0]["references"] == made
     prepare_training(cohort, out, PRESETS["cpu"], TrainingOptions(references=made))
     assert refits == [made]  # a plain training run completes what is missing
+
+
+def test_resuming_a_folder_with_nothing_to_resume_is_said(monkeypatch, tmp_path, caplog):
+    """`train --resume` into a new (or mistyped) folder trained from the start in silence."""
+    import ctperf.workflow.training as training
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(training, "prepare_training", stop)
+    with pytest.raises(Stop):
+        training.train_cohort(tmp_path / "cohort", tmp_path / "run", PRESETS["cpu"],
+                              TrainingOptions(resume=True))
+    assert "nothing to resume in" in caplog.text and "training from the start" in caplog.text

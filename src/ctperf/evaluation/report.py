@@ -141,7 +141,11 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
 
     readers = [load_maps_cohort(p, lesion_options=lesion_options) for p in (pred, ref, *compare)]
     if truth is not None:
-        readers.append(load_maps_cohort(truth, label="truth"))
+        truth_reader = load_maps_cohort(truth, label="truth")
+        if truth_reader.kind != "truth":  # maps of a method are no truth (had been scored so)
+            raise InputError(truth, "is not a phantom cohort (sub-*/truth/ and sub-*/masks/ "
+                                    "in every subject): compare other maps with --compare")
+        readers.append(truth_reader)
     _unique_labels(readers)
     with_maps = [r for r in readers if r.maps]
     studies = sorted(set.intersection(*(set(r.maps) for r in with_maps)))

@@ -290,6 +290,8 @@ def train_cohort(cohort: str | Path, out: str | Path, config: Any,
 
     cohort, out = Path(cohort), Path(out)
     held_out = held_out_patients(options)
+    if options.resume and not (out / "last.pt").exists():  # a mistyped folder is noticed
+        log.warning("nothing to resume in %s (no last.pt): training from the start", out)
     cache, pretrain, config = prepare_training(cohort, out, config, options)
     check_held_out(held_out, cache.patient_ids, options)
     tr, va = split_patients(cache.patient_ids, val_fraction=options.val_fraction,
