@@ -248,10 +248,10 @@ def _missing_time_point_warning(root: Path, times: np.ndarray) -> None:
                                                        <= 0.1 * step))
     # one gap, inside the scan: two, or one at either end, is a protocol's change of rate
     if gaps.size == 1 and usual.sum() + 1 == steps.size and 0 < gaps[0] < steps.size - 1:
-        where = ", ".join(f"{times[g]:.1f}-{times[g + 1]:.1f} s" for g in gaps)
-        log.warning("%s: frames every %.3g s but %s apart at %s: a time point missing "
-                    "from every slice? (read with the gap)", root, step,
-                    " and ".join(f"{steps[g]:.3g} s" for g in gaps), where)
+        g = int(gaps[0])
+        log.warning("%s: frames every %.3g s but %.3g s apart at %.1f-%.1f s: a time point "
+                    "missing from every slice? (read with the gap)", root, step, steps[g],
+                    times[g], times[g + 1])
 
 
 def _order_frames(root: Path, slices: list[list[Header]],

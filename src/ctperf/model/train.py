@@ -447,7 +447,7 @@ def _stages(cache: SliceCache, pretrain_cache: SliceCache | None,
     return stages
 
 
-def _median_step(values: dict[str, float] | None) -> float | None:
+def _median(values: dict[str, float] | None) -> float | None:
     """The training studies' median of a per-patient figure (the time step between input
     frames, s; the pixel the network sees, mm); None: not recorded, a cache from before it
     was."""
@@ -470,8 +470,8 @@ def _record(cache: SliceCache, config: TrainConfig, stages: list[tuple[str, Slic
         "windows": {t: list(TARGET_WINDOWS[t]) for t in c.targets},
         "size": cache.size, "frames": cache.n_frames, "frame_mode": cache.meta["frame_mode"],
         "frame_interval": cache.meta["frame_interval"], "hu_window": cache.meta["hu_window"],
-        "input_step_s": _median_step(cache.meta.get("input_steps_s")),
-        "pixel_mm": _median_step(cache.meta.get("pixels_mm")),
+        "input_step_s": _median(cache.meta.get("input_steps_s")),
+        "pixel_mm": _median(cache.meta.get("pixels_mm")),
         "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"],
         "cache_version": int(cache.meta["version"]), "orientation": cache.meta.get("orientation"),
         "seed": c.seed,

@@ -108,7 +108,7 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
                 for k, key, _ in drawn:
                     ax.plot([], [], color=colours[k % len(colours)], label=key)
             ax.set_title(f"{label} [{reference.units[name]}]", color="white", fontsize=9)
-            _radiological_axes(ax, mark=j == 0)
+            radiological_axes(ax, mark=j == 0)
             bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
             bar.ax.tick_params(colors="white", labelsize=7)
     fig.suptitle(title or f"slice {z}", color="white")
@@ -127,13 +127,15 @@ def _outline_legend(fig: Any, ax: Any, *, fontsize: int) -> None:
                    fontsize=fontsize, facecolor="black", labelcolor="white", frameon=False)
 
 
-def _radiological_axes(ax: Any, *, mark: bool) -> None:
+def radiological_axes(ax: Any, *, mark: bool, color: str = "white", fontsize: int = 8
+                      ) -> None:
     """No ticks; with ``mark`` an "R" at the patient's right (the slice is shown
     radiologically, :func:`~ctperf.types.radiological_flips`)."""
     ax.set_xticks([])
     ax.set_yticks([])
     if mark:
-        ax.text(0.02, 0.98, "R", transform=ax.transAxes, color="white", fontsize=8, va="top")
+        ax.text(0.02, 0.98, "R", transform=ax.transAxes, color=color, fontsize=fontsize,
+                va="top")
 
 
 def _pyplot() -> Any:
@@ -204,7 +206,7 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
                         ax.plot([], [], color=colours[k % len(colours)], label=key)
             ax.set_title(f"{name} {label} [{first.units.get(name, '')}]", color="white",
                          fontsize=8)
-            _radiological_axes(ax, mark=j == 0)
+            radiological_axes(ax, mark=j == 0)
             bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
             bar.ax.tick_params(colors="white", labelsize=6)
     fig.suptitle(title or f"slice {z}", color="white")

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from ctperf.reporting.figures import radiological_axes
 from ctperf.reporting.windows import display_window, map_title
 from ctperf.types import orient, radiological_flips
 
@@ -126,13 +127,10 @@ def maps_overview(result: Any, *, title: str = "",
                 m = view(mask[z]).astype(float)
                 if m.any() and name.removesuffix("_sd") in _OUTLINED:
                     ax.contour(m, levels=[0.5], colors=colour, linewidths=1.0)
-            ax.set_xticks([])
-            ax.set_yticks([])
+            # the patient's right, in the corner the elliptical head leaves free
+            radiological_axes(ax, mark=j == 0, fontsize=9)
             if j == 0:
                 ax.set_ylabel(f"slice {z}", color="white")
-                # the patient's right, in the corner the elliptical head leaves free
-                ax.text(0.02, 0.98, "R", transform=ax.transAxes, color="white", fontsize=9,
-                        va="top")
             if i == 0:
                 ax.set_title(map_title(name), color="white", fontsize=10)
         cb = fig.colorbar(im, ax=[fig.axes[-1]], fraction=0.05, pad=0.01, location="bottom",

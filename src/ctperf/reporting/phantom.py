@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from ctperf.reporting.figures import radiological_axes
 from ctperf.reporting.windows import (
     BRAIN_WINDOW_HU,
     VESSEL_WINDOW_HU,
@@ -100,11 +101,9 @@ def phantom_preview_figure(subject: PhantomSubject, *, slice_index: int | None =
     ax.set_ylabel("enhancement (HU)")
     ax.legend(fontsize=8)
     ax.set_title("curves", fontsize=10)
-    for a in axes.flat[:8]:
-        a.set_xticks([])
-        a.set_yticks([])
-        a.text(0.02, 0.98, "R", transform=a.transAxes, fontsize=9, va="top",
-               color="black" if a is axes[2, 1] else "white")  # territories: on white
+    for a in axes.flat[:8]:  # the territories' panel is on white
+        radiological_axes(a, mark=True, color="black" if a is axes[2, 1] else "white",
+                          fontsize=9)
     cfg = subject.params["config"]
     fig.suptitle(f"ctperf phantom seed {cfg['seed']}, slice {z}, {cfg['mas']:g} mAs, motion "
                  f"{subject.params['motion_category']}, template {subject.params['template']}")

@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from ctperf.reporting.figures import radiological_axes
 from ctperf.reporting.windows import BRAIN_WINDOW_HU
 from ctperf.types import orient, radiological_flips
 
@@ -66,5 +67,5 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
         ax.contour(orient(result.mask[z], flips), levels=[0.5], colors="r", linewidths=0.5)
         ax.set_title(f"{title}, slice {z} (W {high - low:g} / L {(high + low) / 2:g})")
         ax.axis("off")
-        ax.text(0.02, 0.98, "R", transform=ax.transAxes, color="white", fontsize=9, va="top")
+        radiological_axes(ax, mark=True, fontsize=9)
     return fig
