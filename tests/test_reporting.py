@@ -191,3 +191,15 @@ def test_the_motion_qc_figure_is_radiological_whatever_the_stored_order(small_se
         assert all(any(t.get_text() == "R" for t in ax.texts) for ax in fig.axes[1:4])
     for a, b in zip(*images, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_colour_bars_point_where_the_map_passes_the_window():
+    """A fixed window (CBF 0-80) hid a map reaching 300, and a negative Tmax, as values at its
+    edge; the colour bar now ends in a point on each side the shown values pass."""
+    from ctperf.reporting.windows import colorbar_extend
+
+    assert colorbar_extend(np.array([1.0, 79.0, np.nan]), (0.0, 80.0)) == "neither"
+    assert colorbar_extend(np.array([1.0, 300.0]), (0.0, 80.0)) == "max"
+    assert colorbar_extend(np.array([-2.75, 26.0]), (0.0, 14.0)) == "both"
+    assert colorbar_extend(np.array([-1.0, 5.0]), (0.0, 14.0)) == "min"
+    assert colorbar_extend(np.array([np.nan]), (0.0, 14.0)) == "neither"

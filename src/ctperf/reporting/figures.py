@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.reporting.windows import display_window
+from ctperf.reporting.windows import colorbar_extend, display_window
 from ctperf.types import PerfusionMaps, orient, radiological_flips
 
 __all__ = [
@@ -109,7 +109,8 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
                     ax.plot([], [], color=colours[k % len(colours)], label=key)
             ax.set_title(f"{label} [{reference.units[name]}]", color="white", fontsize=9)
             radiological_axes(ax, mark=j == 0)
-            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02,
+                               extend=colorbar_extend(img, (vmin, vmax)))
             bar.ax.tick_params(colors="white", labelsize=7)
     fig.suptitle(title or f"slice {z}", color="white")
     fig.tight_layout(rect=(0, 0, 1, 0.97))
@@ -207,7 +208,8 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
             ax.set_title(f"{name} {label} [{first.units.get(name, '')}]", color="white",
                          fontsize=8)
             radiological_axes(ax, mark=j == 0)
-            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+            bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02,
+                               extend=colorbar_extend(img, (vmin, vmax)))
             bar.ax.tick_params(colors="white", labelsize=6)
     fig.suptitle(title or f"slice {z}", color="white")
     fig.subplots_adjust(left=0.02, right=0.95, bottom=0.02, top=0.93, wspace=0.15, hspace=0.18)

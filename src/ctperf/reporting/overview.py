@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.reporting.figures import radiological_axes
-from ctperf.reporting.windows import display_window, map_title
+from ctperf.reporting.windows import colorbar_extend, display_window, map_title
 from ctperf.types import orient, radiological_flips
 
 __all__ = ["maps_overview", "radiological_flips", "volume_text"]
@@ -116,7 +116,8 @@ def maps_overview(result: Any, *, title: str = "",
         return orient(a[r0:r1, c0:c1], flips)
 
     for j, name in enumerate(names):
-        window = display_window(name, maps[name][result.brain & ~result.vessels])
+        shown_values = maps[name][result.brain & ~result.vessels]
+        window = display_window(name, shown_values)
         cmap = plt.get_cmap("turbo").with_extremes(bad="black")
         for i, z in enumerate(slices):
             ax = fig.add_subplot(grid[i, j])
@@ -134,7 +135,7 @@ def maps_overview(result: Any, *, title: str = "",
             if i == 0:
                 ax.set_title(map_title(name), color="white", fontsize=10)
         cb = fig.colorbar(im, ax=[fig.axes[-1]], fraction=0.05, pad=0.01, location="bottom",
-                          shrink=0.85)
+                          shrink=0.85, extend=colorbar_extend(shown_values, window))
         cb.ax.tick_params(colors="white", labelsize=7)
     ax = fig.add_subplot(grid[-1, :split])
     t = result.times

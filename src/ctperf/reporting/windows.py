@@ -15,6 +15,7 @@ __all__ = [
     "DISPLAY_WINDOWS",
     "MAP_LABELS",
     "VESSEL_WINDOW_HU",
+    "colorbar_extend",
     "display_window",
     "map_title",
 ]
@@ -62,6 +63,18 @@ def display_window(name: str, values: np.ndarray | None = None) -> tuple[float, 
         raise ValueError(f"map {name!r} is shown in the study's own range: pass its values")
     low, high = _RELATIVE_PERCENTILES
     return float(np.nanpercentile(values, low)), float(np.nanpercentile(values, high))
+
+
+def colorbar_extend(values: np.ndarray, window: tuple[float, float]) -> str:
+    """Matplotlib's ``extend`` for a colour bar of ``window``: a pointed end on each side that
+    the shown ``values`` (NaN ignored) pass, so that a map saturating the window (CBF of 300,
+    a negative Tmax) is not read as lying at its edge."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[np.isfinite(v)]
+    low = bool(v.size) and float(v.min()) < window[0]
+    high = bool(v.size) and float(v.max()) > window[1]
+    return {(False, False): "neither", (True, False): "min", (False, True): "max",
+            (True, True): "both"}[(low, high)]
 
 
 def map_title(name: str, *, unit: str | None = None) -> str:
