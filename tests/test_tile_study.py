@@ -48,6 +48,12 @@ def _tile(i: int, j: int) -> tuple[slice, slice]:
 @pytest.fixture(scope="module")
 def tile_study(tmp_path_factory):
     """(path of the NIfTI, truth dict of (Z, Y, X) arrays: cbf, cbv, delay; 0 off the tiles)."""
+    return _write_tiles(tmp_path_factory.mktemp("tiles"))
+
+
+def _write_tiles(folder, *, padding: bool = False):
+    """The tile study in ``folder``; with ``padding`` its background is 0 HU with no noise
+    (what a mask left out), the tiles and squares 35 HU below their enhancement."""
     rng = np.random.default_rng(11)
     fine_dt = 0.01
     t = np.arange(FRAMES) * DT
@@ -69,13 +75,20 @@ def tile_study(tmp_path_factory):
         vol[(slice(None), z, *AIF_SQUARE)] += np.interp(t, fine, aif_fine)[:, None, None]
         vol[(slice(None), z, *VOF_SQUARE)] += np.interp(t - VEIN_LAG, fine, aif_fine,
                                                         left=0.0)[:, None, None]
-    vol += rng.normal(0.0, 5.0, vol.shape)
+    noise = rng.normal(0.0, 5.0, vol.shape)
+    if padding:
+        kept = np.zeros(vol.shape[1:], dtype=bool)
+        kept[:, PAD:PAD + 7 * TILE, PAD:PAD + 7 * TILE] = True
+        kept[(slice(None), *AIF_SQUARE)] = kept[(slice(None), *VOF_SQUARE)] = True
+        vol[:, ~kept] = 0.0
+        noise[:, ~kept] = 0.0
+    vol += noise
     # (T, Z, Y, X) -> NIfTI's (X, Y, Z, T); 1 x 1 mm pixels, 5 mm slices
     img = nib.Nifti1Image(vol.transpose(3, 2, 1, 0).astype(np.float32),
                           np.diag([1.0, 1.0, 5.0, 1.0]))
     img.header.set_xyzt_units("mm", "sec")
     img.header["pixdim"][4] = DT
-    path = tmp_path_factory.mktemp("tiles") / "tiles.nii.gz"
+    path = folder / "tiles.nii.gz"
     nib.save(img, path)
     return path, truth
 
@@ -148,3 +161,21 @@ def test_tile_study_through_ctperf_maps(tile_study, tmp_path, method):
         assert 0.85 <= slope <= 1.15, slope
     drift = np.polyfit(np.tile(DELAYS, len(CBVS) * 7), np.log(ratio).ravel(), 1)[0]
     assert abs(drift) <= 0.03, drift  # under 3 % per second of delay
+
+
+def test_tiles_on_padding_keep_their_vessels(tmp_path):
+    """The same tiles on a background of 0 HU with no noise, as a mask leaves it: the padding
+    is air (docs/methods.md, "Skull-stripped and padded studies"), which cuts the artery's
+    and the vein's squares off the tiles; with no skull every part that was kept is searched
+    (the largest part alone had been, and the study was refused for want of an artery)."""
+    path, truth = _write_tiles(tmp_path, padding=True)
+    out = tmp_path / "out"
+    assert main(["maps", str(path), str(out), "--method", "bsvd"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    zyx = np.array(summary["aif"]["voxels_zyx"])
+    ys, xs = AIF_SQUARE
+    assert np.all((zyx[:, 1] >= ys.start) & (zyx[:, 1] < ys.stop)
+                  & (zyx[:, 2] >= xs.start) & (zyx[:, 2] < xs.stop))
+    assert summary["qc"]["no_skull"]["flag"]
+    cbf = _tile_medians(_map(out, "cbf"))
+    assert abs(np.median(cbf / _tile_medians(truth["cbf"])) - 1) <= BIAS["bsvd"]

@@ -29,6 +29,8 @@ __all__ = [
     "NOMINAL_CSF_HU",
     "NOMINAL_PARENCHYMA_HU",
     "PARENCHYMA_HU",
+    "SKULL_SHARE",
+    "STILL_HU",
     "air_level",
     "brain_mask",
     "csf_mask",
@@ -37,6 +39,9 @@ __all__ = [
     "hu_offset",
     "hyperdense_mask",
     "near_bone",
+    "padding_mask",
+    "skull_present",
+    "skull_share",
     "tissue_csf_midpoint",
 ]
 
@@ -83,6 +88,23 @@ def _as_volume(
     return vol, (dz, dy, dx)
 
 
+def _smooth_in_plane(vol: np.ndarray, pixel: tuple[float, float], sigma_mm: float
+                     ) -> np.ndarray:
+    """``vol`` (Z, Y, X) smoothed in-plane by a Gaussian of SD ``sigma_mm`` (``pixel`` (dy, dx)
+    mm). In a volume with no skull (:func:`skull_present`: a skull-stripped study) air is left
+    out (a normalised convolution over the voxels at or above :data:`AIR_HU`, air kept as it
+    is): there the brain meets air, whose -1000 HU averaged into the cortex beside it took a
+    ring of brain for air or CSF. A head's scalp meets air too, and there air averaged into
+    its edge helps cut it from the brain."""
+    sigma = (0.0, sigma_mm / pixel[0], sigma_mm / pixel[1])
+    solid = vol >= AIR_HU
+    if solid.all() or skull_present(vol):
+        return ndimage.gaussian_filter(vol, sigma=sigma)
+    weight = ndimage.gaussian_filter(solid.astype(np.float32), sigma=sigma)
+    total = ndimage.gaussian_filter(np.where(solid, vol, np.float32(0.0)), sigma=sigma)
+    return np.where(solid, total / np.maximum(weight, np.float32(1e-6)), vol)
+
+
 def brain_mask(
     series_or_volume: CTPSeries | np.ndarray,
     *,
@@ -127,7 +149,7 @@ def brain_mask(
     """
     vol, (dz, dy, dx) = _as_volume(series_or_volume, spacing)
     sampling = (dz, dy, dx)
-    smooth = ndimage.gaussian_filter(vol, sigma=(0.0, smooth_mm / dy, smooth_mm / dx))
+    smooth = _smooth_in_plane(vol, (dy, dx), smooth_mm)
     # Bone from the unsmoothed volume: smoothing would spread 1000+ HU bone millimetres inwards.
     bone = vol >= bone_hu
     if bone.any() and bone_margin_mm > 0:
@@ -148,9 +170,12 @@ def brain_mask(
     labels, n = ndimage.label(core)
     if n == 0:
         return np.zeros(vol.shape, dtype=bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    largest = labels == int(np.argmax(sizes))
+    if skull_present(vol):  # the brain, not the scalp or what lies beyond the skull
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        largest = labels == int(np.argmax(sizes))
+    else:  # what a mask kept (a stripped study), or a phantom's tiles and vessels: every part
+        largest = core
     if depth is not None:
         grown = ndimage.distance_transform_edt(~largest, sampling=plane) <= erode_mm + 1e-6
         largest = grown & soft
@@ -244,9 +269,10 @@ def exposed_share(brain: np.ndarray, volume: np.ndarray, *,
     """Share of the ``brain``'s voxels nearer (in plane, within :data:`EXPOSED_MM`) to air,
     padding or the image's border than to bone in an unenhanced ``volume`` (Z, Y, X) in HU:
     where the field of view cuts the head, the brain meets its edge with no skull between.
-    None for an empty brain."""
+    None for an empty brain, and for a volume with no skull (:func:`skull_present`): a
+    skull-stripped study, whose whole brain meets air by design."""
     n = int(np.count_nonzero(brain))
-    if n == 0:
+    if n == 0 or not skull_present(volume):
         return None
     outside = np.asarray(volume) < AIR_HU
     outside[:, [0, -1], :] = True
@@ -257,6 +283,46 @@ def exposed_share(brain: np.ndarray, volume: np.ndarray, *,
     to_bone = (ndimage.distance_transform_edt(~bone, sampling=plane) if bone.any()
                else np.full(bone.shape, np.inf))
     return int(np.count_nonzero(brain & (to_edge <= EXPOSED_MM) & (to_edge < to_bone))) / n
+
+
+#: A volume with less than this share of its voxels above :data:`BONE_HU` has no skull (a
+#: skull-stripped study); a slab of 8 slices over the vertex holds a few per cent.
+SKULL_SHARE = 0.005
+
+
+def skull_share(volume: np.ndarray) -> float:
+    """Share of an unenhanced ``volume``'s (HU) voxels above :data:`BONE_HU`."""
+    return float(np.mean(np.asarray(volume) > BONE_HU))
+
+
+def skull_present(volume: np.ndarray) -> bool:
+    """Whether an unenhanced ``volume`` (HU) holds a skull: at least :data:`SKULL_SHARE` of
+    its voxels above :data:`BONE_HU` (:func:`skull_share`)."""
+    return skull_share(volume) >= SKULL_SHARE
+
+
+#: A voxel whose value changes by no more than this (HU) over the frames holds no CT noise.
+STILL_HU = 1e-3
+
+
+def padding_mask(hu: np.ndarray) -> np.ndarray | None:
+    """What a study (T, Z, Y, X) in HU holds of padding, bool (Z, Y, X), or None for none: the
+    voxels whose value never changes over the frames (:data:`STILL_HU`: no CT noise) and lies
+    below CSF's 15 HU, joined in-plane to the image's border. Padding is what a pipeline left
+    outside a mask or the matrix (0 HU around a skull-stripped brain or a padded image, -1024
+    or -2048 outside the field of view); stored as 0 HU it passes for soft tissue. A
+    noise-free phantom's still tissue and CSF lie above 15 HU or within its skull, and are not
+    padding."""
+    x = np.asarray(hu)
+    low = x.min(axis=0)
+    still = (x.max(axis=0) - low <= STILL_HU) & (low < 15.0)
+    if not still.any():
+        return None
+    labels, _ = ndimage.label(still, structure=_PLANE)
+    edge = np.unique(np.concatenate([labels[:, [0, -1], :].ravel(),
+                                     labels[:, :, [0, -1]].ravel()]))
+    padding = np.isin(labels, edge[edge > 0])
+    return padding if padding.any() else None
 
 
 def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
@@ -273,6 +339,8 @@ def csf_mask(
 ) -> np.ndarray:
     """Voxels below ``csf_hu`` after in-plane Gaussian smoothing (CSF, air), bool (Z, Y, X).
 
+    The smoothing leaves air out in a skull-stripped study (:func:`_smooth_in_plane`).
+
     Parameters
     ----------
     volume : ndarray, shape (Z, Y, X)
@@ -282,9 +350,8 @@ def csf_mask(
         Threshold in HU and smoothing sigma in mm.
     """
     _, dy, dx = (float(v) for v in spacing)
-    view = ndimage.gaussian_filter(np.asarray(volume, dtype=np.float32),
-                                   sigma=(0.0, smooth_mm / dy, smooth_mm / dx))
-    return view < csf_hu
+    vol = np.asarray(volume, dtype=np.float32)
+    return _smooth_in_plane(vol, (dy, dx), smooth_mm) < csf_hu
 
 
 def tissue_csf_midpoint(
@@ -312,7 +379,7 @@ def tissue_csf_midpoint(
     tell apart).
     """
     brain = np.asarray(brain, dtype=bool)
-    fluid, tissue = brain & csf, brain & ~csf
+    fluid, tissue = brain & csf & (mean >= AIR_HU), brain & ~csf  # not air a mask left within
     if tissue.sum() < min_voxels:
         return None
     # too little CSF to read its level (a slab over the vertex, where the smoothing lifted the

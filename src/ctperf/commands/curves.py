@@ -43,7 +43,8 @@ def register(subparsers: Any) -> None:
                     "for bayes, and flags: below_baseline for a curve that falls below its "
                     "pre-bolus level by more than its noise allows, "
                     "no_enhancement for one that never rises above it, at_bound for a box "
-                    "fit that ended on a bound of its parameters), a JSON sidecar of the "
+                    "fit that ended on a bound of its parameters, peaks_before_aif for one "
+                    "that peaks before the AIF does), a JSON sidecar of the "
                     "same stem (method, constants, baseline frames, partial-volume step, QC, "
                     "units) and a PNG of the curves as fitted.")
     p.add_argument("curves", type=Path, help="CSV table of curves")

@@ -43,6 +43,9 @@ MAX_FRAME_GAP_S = 60.0
 #: Range of CT numbers (HU) in which the median of any image must lie: air is -1000, dense bone
 #: and the extended CT scale's metal stay below 3100 at the voxel median.
 HU_RANGE = (-1100.0, 3100.0)
+#: Values at or below this are padding, not air (-1000 HU, whose noise stays above -1300):
+#: left out of an image's median unless the image holds nothing else.
+_PADDING_HU = -1500.0
 # Tissue (voxels above -500 HU) of one slice changes little over a perfusion scan: contrast
 # adds tens of HU to the tissue median, motion a little more. A frame whose tissue median moved
 # further than this from its slice's median over frames was scaled differently.
@@ -187,7 +190,8 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     """Refuse images whose values are not CT numbers, or not scaled like the rest of the study.
 
     Each (frame, slice) image, on a regular sample of its pixels, must have its median within
-    :data:`HU_RANGE` and its tissue (voxels above -500 HU) median at most the range's top; and
+    :data:`HU_RANGE` (padding at or below -1500 HU left out, unless it is all the image holds)
+    and its tissue (voxels above -500 HU) median at most the range's top; and
     the tissue median of a frame must stay near that of the same slice in the other frames
     (a wrong RescaleSlope or RescaleIntercept in one file moves it far), and an image may not
     be blank where the slice's other frames hold tissue, nor unlike them pixel by pixel (a
@@ -208,9 +212,12 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     n_t, n_z, n_y, n_x = hu.shape
     step = max(1, int(np.ceil(np.sqrt(n_y * n_x / _SAMPLES_PER_IMAGE))))
     sample = hu[:, :, ::step, ::step].reshape(n_t, n_z, -1)
-    median = np.median(sample, axis=2)
     with warnings.catch_warnings():  # images without tissue give NaN, which is skipped
         warnings.simplefilter("ignore", RuntimeWarning)
+        # padding below air (-2048, -3024 outside the field of view) may fill most of an image
+        # that was padded or cropped: the median of the rest, unless that is all there is
+        median = np.nanmedian(np.where(sample > _PADDING_HU, sample, np.nan), axis=2)
+        median = np.where(np.isnan(median), np.median(sample, axis=2), median)
         tissue = np.nanmedian(np.where(sample > _TISSUE_HU, sample, np.nan), axis=2)
         reference = np.nanmedian(tissue, axis=0) if n_t >= 3 else np.full(n_z, np.nan)
     lo, hi = HU_RANGE

@@ -323,7 +323,8 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
     header's time unit (s, ms or us; unknown is taken as s). A sidecar's ``SliceTimes``
     (T x Z, not with ``frame_interval``) and ``meta`` are kept. Header, sidecar and timing are
     checked before the pixels are read; the whole file is read (a compressed file's CRC checked) and
-    every image's values checked to be CT numbers.
+    every image's values checked to be CT numbers. Voxels NaN in every frame (a mask applied
+    outside the brain) are read as air, -1024 HU.
 
     Raises
     ------
@@ -369,7 +370,7 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         slice_times = times[:, None] + offsets[None, :]
         source += " and SliceTiming"
     meta["timing_source"] = source
-    data = _pixels(p, img)
+    data = _masked_as_air(p, _pixels(p, img, allow_nan=True))
     hu = np.ascontiguousarray(data.transpose(3, 2, 1, 0))
     del data
     check_hu_plausible(hu, lambda t, z: (p, f"frame {t}, slice {z}: "))
@@ -380,6 +381,30 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         geometry = "affine" in str(exc)            # the image's header, not the sidecar
         raise InputError(p if geometry else where if slice_times is None else side,
                          str(exc)) from None
+
+
+#: The value given to a study's voxels that are NaN in every frame (:func:`_masked_as_air`).
+MASKED_HU = -1024.0
+
+
+def _masked_as_air(p: Path, data: np.ndarray) -> np.ndarray:
+    """A 4D study (X, Y, Z, T) with its voxels that are NaN in every frame (what a mask left
+    out: a skull-stripped study stored with NaN outside the brain) set to :data:`MASKED_HU`,
+    air, with a warning; a voxel NaN in some frames only is damage, refused."""
+    nan = np.isnan(data)
+    if not nan.any():
+        return data
+    masked = nan.all(axis=3)
+    if masked.all():
+        raise InputError(p, "every voxel is NaN: no image")
+    partial = int(np.count_nonzero(nan.any(axis=3) & ~masked))
+    if partial:
+        raise InputError(p, f"{partial} voxels are NaN in some frames and not in others: "
+                            "damaged values")
+    data[masked] = MASKED_HU
+    log.warning("%s: %d voxels are NaN in every frame (a mask applied outside the head or "
+                "brain): read as air (%g HU)", p, int(masked.sum()), MASKED_HU)
+    return data
 
 
 def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float32") -> Path:

@@ -19,6 +19,9 @@ from ctperf.errors import ValidationError
 from ctperf.io.integrity import frame_spacing_problem
 from ctperf.perfusion.boxnlr import BOX_METHODS, DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
+    bandlimit,
+    bolus_arrival_frame,
+    check_bolus_present,
     check_bolus_start,
     check_constants,
     second_difference_sd,
@@ -51,6 +54,10 @@ CURVE_FLAGS: dict[str, str] = {
                       "its values are not reliable",
     "no_enhancement": "never rises above its pre-bolus level by more than its noise allows: "
                       "its values are mostly noise",
+    "peaks_before_aif": "peaks more than a second (or a frame) before the AIF does, which "
+                        "tissue fed by that artery cannot: the AIF was taken downstream of "
+                        "it (a vein, or an artery past a delay); its delay, Tmax and CBF are "
+                        "not reliable",
     "at_bound": "the box model's fit ended on a bound of CBF, MTT or delay (DEFAULT_BOUNDS of "
                 "ctperf.perfusion.boxnlr): the curve does not determine it; its values are not "
                 "reliable",
@@ -150,6 +157,42 @@ def _check(name: str, curve: np.ndarray) -> None:
         raise ValidationError(f"{name} holds NaN or infinite values")
 
 
+def _peaks_before(t: np.ndarray, aif: np.ndarray, ttp: np.ndarray) -> np.ndarray:
+    """Which tissue curves' time to peak ``ttp`` (s from the first frame) comes more than
+    1 s, or the frame step at the AIF's peak, before the AIF's (smoothed with
+    :func:`~ctperf.perfusion.curves.bandlimit`): a curve fed by an artery peaks after it (the
+    convolution of a single-peaked input with a non-increasing residue)."""
+    k = int(np.argmax(bandlimit(aif)))
+    step = float(np.diff(t)[min(k, t.size - 2)])
+    with np.errstate(invalid="ignore"):
+        return np.asarray(ttp < (t[k] - t[0]) - max(1.0, step))
+
+
+def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> None:
+    """Refuse curves given as enhancement (baseline 0) that stand clearly off zero before the
+    AIF's bolus arrives: the AIF by more than 5 % of its rise, or the tissue curves' median by
+    more than a quarter of theirs (and each by more than five times its noise). Such curves
+    still hold their unenhanced values (HU: 40 in blood, 25-35 in tissue), which every fit
+    would take for contrast (a probe's CBV read 12-20 mL/100 g against 1-4)."""
+    try:
+        k = bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)
+    except ValidationError:
+        return
+    if k < 2:
+        return
+    mean = tissue.mean(axis=1)
+    for name, curve, share in (("the AIF", aif, 0.05), ("the tissue curves' mean", mean, 0.25)):
+        level = float(np.median(curve[:k]))
+        rise = float(curve.max()) - level
+        noise = float(second_difference_sd(curve))
+        if abs(level) > max(5.0 * noise, share * max(rise, 0.0)):
+            raise ValidationError(
+                f"baseline 0 takes the curves as enhancement (0 before the bolus), but before "
+                f"the AIF's bolus arrives (at {t[k] - t[0]:.1f} s) {name} stands at "
+                f"{level:.3g}, against a rise of {rise:.3g}: the curves hold their unenhanced "
+                "values (HU); let the baseline be read from them (auto, or a number of frames)")
+
+
 def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                method: str = "nlr-fast", vof: np.ndarray | None = None,
                baseline: int | str = "auto", rho: float = 1.04, kh: float = 0.733,
@@ -208,6 +251,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         if curve is not None:
             _check(name, curve)
 
+    check_bolus_present(a)
     check_bolus_start(a)
     check_first_pass_sampled(t, a)
     vessels = a[:, None] if v is None else np.stack([a, v], axis=1)
@@ -229,6 +273,8 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         n_base = int(baseline)
         if not 0 <= n_base < t.size - 2:
             raise ValidationError(f"baseline must be 0 to {t.size - 3} frames, got {baseline}")
+    if n_base == 0:
+        _check_enhancement(t, a, tis)
     if n_base:
         vessels = to_enhancement(vessels, n_baseline=n_base)[0]
         tis = to_enhancement(tis, n_baseline=n_base)[0]
@@ -245,6 +291,9 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                      pv_corrected=bool(pv["corrected"]) if v is not None else None,
                      box_mtt=out["mtt"] if method in BOX_METHODS else None)
     per_curve = curve_flags(tis, n_base)
+    early = _peaks_before(t, vessels[:, 0], out["ttp"])
+    per_curve = tuple(f + ("peaks_before_aif",) * bool(hit and "no_enhancement" not in f)
+                      for f, hit in zip(per_curve, early, strict=True))
     if method in BOX_METHODS:
         stuck = _at_bounds(out)
         per_curve = tuple(f + ("at_bound",) * bool(hit)

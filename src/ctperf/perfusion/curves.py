@@ -19,12 +19,14 @@ from ctperf.types import CTPSeries
 
 __all__ = [
     "KH_RANGE",
+    "MIN_AIF_SNR",
     "RHO_RANGE",
     "TTP_SMOOTH_S",
     "ArterialTable",
     "bandlimit",
     "bolus_arrival_frame",
     "box_model",
+    "check_bolus_present",
     "check_bolus_start",
     "check_constants",
     "enhanced_at_start",
@@ -91,8 +93,15 @@ def second_difference_sd(curves: np.ndarray) -> np.ndarray:
     return 1.4826 * np.median(np.abs(np.diff(c, n=2, axis=0)), axis=0) / np.sqrt(6.0)
 
 
-def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1) -> int:
+def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1,
+                        noise_sds: float = 0.0) -> int:
     """First frame whose rise above the start exceeds ``fraction`` of the curve's peak rise.
+
+    With ``noise_sds`` > 0 the curve is first smoothed over time (Gaussian, SD one frame) and
+    the rise must also exceed that many SDs of the smoothed curve's noise (its own, from its
+    second differences) and of the start's error: a noisy curve of a few voxels crosses a
+    fifth of its peak by noise alone seconds before its bolus. ValidationError when it never
+    does.
 
     Parameters
     ----------
@@ -100,12 +109,37 @@ def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1) -> int:
         A strongly enhancing reference curve (e.g. the mean of the brightest vessels), HU.
     """
     c = np.asarray(curve, dtype=np.float64)
-    rise = c - np.median(c[: max(1, min(3, c.size))])
+    n0 = max(1, min(3, c.size))
+    level = 0.0
+    if noise_sds > 0 and c.size >= 3:
+        noise = float(second_difference_sd(c))
+        c = gaussian_time(c, 1.0).astype(np.float64)
+        level = noise_sds * noise * float(np.sqrt((gaussian_taps(1.0) ** 2).sum() + 1.0 / n0))
+    rise = c - np.median(c[:n0])
     peak = float(rise.max())
-    if not peak > 0:
+    if not peak > 0 or not peak > level:
         raise ValidationError(
             "no contrast arrival: the reference curve never rises above its start")
-    return int(np.argmax(rise > fraction * peak))
+    return int(np.argmax(rise > max(fraction * peak, level)))
+
+
+#: An arterial curve whose range, smoothed, is under this many times its noise is no bolus
+#: (:func:`check_bolus_present`; pure noise of 20-89 frames exceeds 7 once in a thousand).
+MIN_AIF_SNR = 10.0
+
+
+def check_bolus_present(aif: np.ndarray) -> None:
+    """Refuse an arterial curve (T,) with no bolus in it: its range, smoothed with
+    :func:`bandlimit` (:func:`start_level`), under :data:`MIN_AIF_SNR` times the smoothed
+    curve's noise. A flat or noise-only curve is no AIF; maps deconvolved with it read CBF in
+    the thousands. Any units."""
+    _, span, noise = start_level(aif)
+    if np.asarray(aif).size >= 4 and not span > MIN_AIF_SNR * noise:
+        ratio = f"{span / noise:.1f} times" if noise > 0 else "no more than"
+        raise ValidationError(
+            f"no bolus in the arterial curve: its range ({span:.3g}) is {ratio} its noise "
+            f"({noise:.2g}), under {MIN_AIF_SNR:g} times (noise alone reaches about 7): a "
+            "flat curve is no AIF; check which curve or voxels were given as the artery")
 
 
 #: A vessel's curve whose first frame (lightly smoothed) stands more than this fraction of its

@@ -27,7 +27,11 @@ from ctperf.perfusion.aif import (
     select_vof,
     tissue_peak_time,
 )
-from ctperf.perfusion.curves import check_bolus_start, second_difference_sd
+from ctperf.perfusion.curves import (
+    check_bolus_present,
+    check_bolus_start,
+    second_difference_sd,
+)
 from ctperf.perfusion.qc import check_first_pass_sampled
 
 __all__ = ["CurveOrigin", "arterial_input", "partial_volume", "pre_bolus_noise_sd",
@@ -99,6 +103,7 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
             sel = select_aif(venh, t, exclude=exclude, latest_s=tissue_peak, region=region)
             origin = CurveOrigin("automatic", sel, note)
         curve = sel.curve
+    check_bolus_present(curve)
     check_bolus_start(curve)
     check_first_pass_sampled(t, curve)
     if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
@@ -221,9 +226,10 @@ def partial_volume(aif: np.ndarray, vof: np.ndarray | None, vof_origin: CurveOri
                             else round(check.ratio, 4), "snr": round(min(check.snr, 1e6), 2)}
     if not check.ok:
         if vof_origin.source != "automatic":
+            what = "mask on" if vof_origin.source == "mask" else "curve of"
             raise ValidationError(
                 f"the given VOF ({vof_origin.source}) cannot correct the AIF for partial "
-                f"volume: {check.reason}; give a VOF mask on a large vein (e.g. the superior "
+                f"volume: {check.reason}; give a VOF {what} a large vein (e.g. the superior "
                 "sagittal sinus), or none")
         log.warning("automatic VOF rejected (%s); the AIF is not corrected for partial volume, "
                     "so CBF and CBV may be overestimated", check.reason)

@@ -188,19 +188,20 @@ def run_perfusion(
     hu, t, spacing = series.hu, series.times, series.spacing
     vhu = hu if vessel_series is None else vessel_series.hu
 
-    level, offset = masks.hu_offset(hu[0], spacing=spacing)
+    padding = masks.padding_mask(hu)
+    level, offset = masks.hu_offset(_as_air(hu[0], padding), spacing=spacing)
     hu_scale = None if level is None else offset
     n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing, offset=offset)
     base = hu[:n_base].mean(axis=0)
     mean = hu.mean(axis=0, dtype=np.float32)
-    region = _brain(base, mean, brain_mask, spacing=spacing, offset=offset)
+    region = _brain(base, mean, brain_mask, spacing=spacing, offset=offset, padding=padding)
     brain, search = region.fitted, region.search
     # inside the head: the brain found, and what it and the bone enclose in each slice (an
     # artery already bright at the first frames is no brain to the brain mask)
     inside = masks.fill_holes_in_plane(search | bone_rim)
     _check_scan_start(onset, inside & ~bone_rim)
     slice_share = _brain_slice_share(brain, inside)
-    exposed = masks.exposed_share(brain, base - offset, spacing=spacing)
+    exposed = masks.exposed_share(brain, _as_air(base - offset, padding), spacing=spacing)
     enh, venh = _enhancement(hu, vhu, search, base=base, n_base=n_base)
 
     # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
@@ -240,7 +241,7 @@ def run_perfusion(
     flags = _qc(hu, tissue_mean, brain_mean, t, brain=brain, n_base=n_base, aif_raw=aif_raw,
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
-                exposed_share=exposed,
+                exposed_share=exposed, skull_share=masks.skull_share(base - offset),
                 box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
                 csf_cut_share=region.csf_share, hu_offset=hu_scale, voxelwise=method != "bayes",
                 voxel_volume_ml=series.voxel_ml,
@@ -361,6 +362,7 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float], off
         raise ValidationError("flat curves: no voxel enhances by more than 5 HU over time")
     bone_rim = masks.near_bone(first - offset, spacing=spacing)
     calm = (first > -100 + offset) & (first < 200 + offset) & (last - first <= 0.5 * rise)
+    calm &= top - low > masks.STILL_HU  # padding (a stripped study's 0 HU) has no noise to read
     calm &= ~bone_rim
     if calm.sum() < 20:  # too few such voxels: every voxel counts
         calm = np.ones_like(calm)
@@ -415,11 +417,12 @@ def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) ->
     same search region: its automatic brain, or ``brain_mask``), or whose searched voxels'
     mean curve does not rise above its noise (no contrast, no head)."""
     hu, spacing = series.hu, series.spacing
-    _, offset = masks.hu_offset(hu[0], spacing=spacing)
+    padding = masks.padding_mask(hu)
+    _, offset = masks.hu_offset(_as_air(hu[0], padding), spacing=spacing)
     n_base, bone_rim, onset = _bolus_baseline(hu, spacing=spacing, offset=offset)
     base = hu[:n_base].mean(axis=0)
     search = _brain(base, hu.mean(axis=0, dtype=np.float32), brain_mask,
-                    spacing=spacing, offset=offset).search
+                    spacing=spacing, offset=offset, padding=padding).search
     _check_scan_start(onset, masks.fill_holes_in_plane(search | bone_rim) & ~bone_rim)
     # a bolus at all: the searched voxels' mean curve rises clearly above its noise (pure
     # noise: within about 3 of its SDs; a probe's faint bolus over 100 voxels: 7.5). That
@@ -436,6 +439,12 @@ def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) ->
             "these frames (pure noise reaches about 3 times)")
 
 
+def _as_air(volume: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
+    """``volume`` (Z, Y, X) with its ``padding`` voxels (:func:`~ctperf.masks.padding_mask`)
+    set to air, -1000 HU."""
+    return volume if padding is None else np.where(padding, np.float32(-1000.0), volume)
+
+
 class _Brain(NamedTuple):
     """The brain fitted and the region searched for vessels (bool (Z, Y, X)); the HU below which
     a voxel's temporal mean left it out as CSF and the share of the brain it left out (None: no
@@ -448,13 +457,15 @@ class _Brain(NamedTuple):
 
 
 def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
-           spacing: tuple[float, float, float], offset: float = 0.0) -> _Brain:
+           spacing: tuple[float, float, float], offset: float = 0.0,
+           padding: np.ndarray | None = None) -> _Brain:
     """The automatic brain less CSF (the smoothed pre-bolus ``base`` below 15 HU, then voxels
     darker than :func:`~ctperf.masks.tissue_csf_midpoint` in their temporal ``mean``), and the
     automatic brain with the CSF and with what it encloses in each slice for the search
     (vessels still bright from an earlier injection, such as an angiogram's, are above the brain
     mask's bone threshold before this bolus); or the given mask for both, with no cut. The
-    thresholds apply to HU less ``offset`` (:func:`~ctperf.masks.hu_offset`)."""
+    thresholds apply to HU less ``offset`` (:func:`~ctperf.masks.hu_offset`); ``padding``
+    (:func:`~ctperf.masks.padding_mask`) is read as air."""
     if given is not None:
         brain = np.asarray(given, dtype=bool)
         if brain.shape != base.shape:
@@ -465,6 +476,7 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
         return _Brain(brain, brain)
     if offset:
         base, mean = base - offset, mean - offset
+    base, mean = _as_air(base, padding), _as_air(mean, padding)
     whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
     csf = masks.csf_mask(base, spacing=spacing)
     brain = whole & ~csf
@@ -610,7 +622,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
         n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
         uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
-        exposed_share: float | None,
+        exposed_share: float | None, skull_share: float,
         voxelwise: bool, voxel_volume_ml: float, box_mtt: np.ndarray | None,
         csf_cut_share: float | None, hu_offset: float | None,
         hyperdense_ml: float) -> dict[str, Any]:
@@ -637,7 +649,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
                     uncorrected_mm=uncorrected_motion_mm, skull_shift=shift,
                     hyperdense_ml=hyperdense_ml,
                     brain_slice_share=slice_share,
-                    exposed_share=exposed_share,
+                    exposed_share=exposed_share, skull_share=skull_share,
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
                     box_mtt=box_mtt, csf_cut_share=csf_cut_share,
                     hu_offset=hu_offset, voxelwise=voxelwise)
@@ -710,6 +722,12 @@ def pre_bolus_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
     c = smooth_time(hu.reshape(hu.shape[0], -1)[:, top])
     rel = c - np.median(c[: min(3, c.shape[0])], axis=0)
     smoothed_sd = noise_sd * ARRIVAL_NOISE_GAIN
-    arrival = np.argmax(rel > np.maximum(0.2 * rel.max(axis=0), 4.0 * smoothed_sd), axis=0)
+    above = rel > np.maximum(0.2 * rel.max(axis=0), 4.0 * smoothed_sd)
+    # a curve that never crosses has no arrival (argmax would read its first frame: a poor
+    # injection's noisy tissue among the strongest risers had ended the baseline at frame 1)
+    crossed = above.any(axis=0)
+    if not crossed.any():
+        return 1
+    arrival = np.argmax(above[:, crossed], axis=0)
     # two frames early: the smoothing (one frame's SD) moves a crossing by up to a frame
     return max(1, int(np.percentile(arrival, percentile)) - 2)

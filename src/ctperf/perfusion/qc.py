@@ -13,12 +13,13 @@ from ctperf.masks import (
     HYPERDENSE_MAX_HU,
     HYPERDENSE_MIN_ML,
     PARENCHYMA_HU,
+    SKULL_SHARE,
 )
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
 from ctperf.perfusion.curves import bolus_arrival_frame, enhanced_at_start, start_level
 
-__all__ = ["MAX_AIF_LEAD_S", "MAX_SKULL_SHIFT_PX", "aif_lag", "check_first_pass_sampled",
-           "first_pass", "frame_gaps", "qc_flags", "skull_shift_px"]
+__all__ = ["ARRIVAL_SDS", "MAX_AIF_LEAD_S", "MAX_SKULL_SHIFT_PX", "aif_lag",
+           "check_first_pass_sampled", "first_pass", "frame_gaps", "qc_flags", "skull_shift_px"]
 
 
 #: How many seconds the brain's bolus may arrive before the AIF's (``aif_after_tissue``): on
@@ -27,12 +28,19 @@ __all__ = ["MAX_AIF_LEAD_S", "MAX_SKULL_SHIFT_PX", "aif_lag", "check_first_pass_
 MAX_AIF_LEAD_S = 2.0
 
 
+#: How many SDs of its noise a curve's rise must pass for :func:`aif_lag` to read its arrival.
+ARRIVAL_SDS = 5.0
+
+
 def aif_lag(times: np.ndarray, aif: np.ndarray, tissue_mean: np.ndarray) -> float | None:
-    """Seconds by which the AIF's bolus arrives after the mean brain curve's (each rising
-    past 20 % of its peak); None when either never rises."""
+    """Seconds by which the AIF's bolus arrives after the mean brain curve's (each smoothed
+    over time and rising past 20 % of its peak and :data:`ARRIVAL_SDS` SDs of its noise, so
+    that the mean of a few noisy voxels does not arrive by noise alone); None when either
+    never rises."""
     try:
-        return float(times[bolus_arrival_frame(aif, fraction=0.2)]
-                     - times[bolus_arrival_frame(tissue_mean, fraction=0.2)])
+        return float(times[bolus_arrival_frame(aif, fraction=0.2, noise_sds=ARRIVAL_SDS)]
+                     - times[bolus_arrival_frame(tissue_mean, fraction=0.2,
+                                                 noise_sds=ARRIVAL_SDS)])
     except ValidationError:  # a curve that never rises: nothing to judge
         return None
 
@@ -162,6 +170,7 @@ def qc_flags(
     min_brain_slice_share: float = 0.75,
     exposed_share: float | None = None,
     max_exposed_share: float = 0.005,
+    skull_share: float | None = None,
     voxelwise: bool | None = None,
     max_voxelwise_sd_hu: float = 4.0,
     max_below_fraction: float = 0.05,
@@ -209,6 +218,9 @@ def qc_flags(
     exposed_share : float, optional
         Share of the brain nearer to air or the image's edge than to bone (the field of view
         cuts the head there).
+    skull_share : float, optional
+        Share of the unenhanced study's voxels above bone density: ``no_skull`` under
+        :data:`~ctperf.masks.SKULL_SHARE`.
     voxelwise : bool, optional
         Whether each voxel's curve was fitted alone (the box and SVD methods; ``bayes`` pools
         neighbours): its pre-bolus noise is then judged against ``max_voxelwise_sd_hu``.
@@ -377,6 +389,14 @@ def qc_flags(
         "beyond it is missing from the lesion volumes, and the mid-sagittal plane and the "
         "contralateral reference are read from part of a head; reconstruct with a field of "
         "view that holds the whole head")
+    put("no_skull", skull_share is not None and skull_share < SKULL_SHARE, skull_share,
+        "no skull in the study (a skull-stripped study, or a phantom without one): the "
+        "superior sagittal sinus, where the VOF that scales the AIF for partial volume is best "
+        "measured, usually goes with the skull, and a cortical vein taken instead is diluted "
+        "itself (a probe's stripped study: CBV and CBF 36 % high, no other flag); fov_cut "
+        "cannot be judged; the lesions leave out the brain's outer 2 mm, here the cortex's "
+        "surface. Check the VOF's voxels (summary.json), or give --vof-mask on the sinus of "
+        "the unstripped study")
     put("noisy_voxelwise", bool(voxelwise) and baseline_sd is not None
         and baseline_sd > max_voxelwise_sd_hu, baseline_sd if voxelwise else None,
         f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU with a method that fits each voxel "
