@@ -400,3 +400,19 @@ def test_a_bolus_just_begun_at_the_first_frame_is_flagged():
         flag = qc_flags(times=t - start, aif=aif)["bolus_at_start"]
         assert flag["flag"] is flagged, (start, flag)
     assert 0.05 < flag["value"] < 0.2
+
+
+def test_an_automatic_aif_with_no_bolus_is_refused_asking_for_a_mask():
+    """At 64 px and 30 mAs (19 HU of noise) no artery stands out: the automatic choice was a
+    flat curve of noise (with a one-frame baseline, exit 0 and a median CBF of 293 against 24).
+    It is refused, asking for an AIF mask, not for the artery the user did not give; with the
+    artery's mask the study is mapped."""
+    from ctperf.errors import ValidationError
+    from ctperf.perfusion import run_perfusion
+    from ctperf.phantom import generate_subject, subject_seed
+
+    # `ctperf phantom OUT --size 64 --slices 2 --seed 12 --mas 30`'s first subject
+    subject = generate_subject(seed=subject_seed(12, 0), size=64, slices=2, mas=30.0)
+    with pytest.raises(ValidationError, match=r"no bolus in the automatic AIF.*--aif-mask"):
+        run_perfusion(subject.series, method="bsvd")
+    run_perfusion(subject.series, method="bsvd", aif_mask=subject.masks["artery"])

@@ -130,3 +130,14 @@ def test_a_border_of_padding_changes_nothing(subject, whole, fill):
     inner = np.isfinite(result.maps["cbf"])[:, 40:-40, 40:-40]
     np.testing.assert_array_equal(inner, np.isfinite(whole.maps["cbf"]))
     assert result.lesions.volumes_ml == pytest.approx(whole.lesions.volumes_ml, abs=1e-9)
+
+
+def test_the_brain_mask_of_a_series_reads_padding_as_air(subject):
+    """`brain_mask(series)`, which bounds the U-Net's maps (`ctperf predict`), had taken a
+    0 HU padding for soft tissue: the whole image was "brain"."""
+    from ctperf.masks import brain_mask
+
+    series = _stripped(subject, 0.0)
+    outside = np.all(series.hu == 0.0, axis=0)
+    mask = brain_mask(series)
+    assert mask.any() and not (mask & outside).any()

@@ -32,6 +32,7 @@ __all__ = [
     "SKULL_SHARE",
     "STILL_HU",
     "air_level",
+    "as_air",
     "brain_mask",
     "csf_mask",
     "exposed_share",
@@ -68,12 +69,14 @@ def _as_volume(
     series_or_volume: CTPSeries | np.ndarray, spacing: Sequence[float] | None
 ) -> tuple[np.ndarray, tuple[float, float, float]]:
     if isinstance(series_or_volume, CTPSeries):
-        vol = series_or_volume.hu.mean(axis=0, dtype=np.float64).astype(np.float32)
+        hu = series_or_volume.hu
+        vol = as_air(hu.mean(axis=0, dtype=np.float64).astype(np.float32), padding_mask(hu))
         sp = series_or_volume.spacing if spacing is None else tuple(spacing)
     else:
         vol = np.asarray(series_or_volume, dtype=np.float32)
         if vol.ndim == 4:
-            vol = vol.mean(axis=0, dtype=np.float64).astype(np.float32)
+            vol = as_air(vol.mean(axis=0, dtype=np.float64).astype(np.float32),
+                         padding_mask(vol))
         sp = (1.0, 1.0, 1.0) if spacing is None else tuple(spacing)
     if vol.ndim != 3:
         raise ValidationError(
@@ -323,6 +326,12 @@ def padding_mask(hu: np.ndarray) -> np.ndarray | None:
                                      labels[:, :, [0, -1]].ravel()]))
     padding = np.isin(labels, edge[edge > 0])
     return padding if padding.any() else None
+
+
+def as_air(volume: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
+    """``volume`` (Z, Y, X) with its ``padding`` voxels (:func:`padding_mask`) set to air,
+    -1000 HU."""
+    return volume if padding is None else np.where(padding, np.float32(-1000.0), volume)
 
 
 def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:

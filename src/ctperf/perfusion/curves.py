@@ -128,18 +128,20 @@ def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1,
 MIN_AIF_SNR = 10.0
 
 
-def check_bolus_present(aif: np.ndarray) -> None:
+def check_bolus_present(aif: np.ndarray, *, what: str = "the arterial curve",
+                        remedy: str = "check which curve or voxels were given as the artery"
+                        ) -> None:
     """Refuse an arterial curve (T,) with no bolus in it: its range, smoothed with
     :func:`bandlimit` (:func:`start_level`), under :data:`MIN_AIF_SNR` times the smoothed
     curve's noise. A flat or noise-only curve is no AIF; maps deconvolved with it read CBF in
-    the thousands. Any units."""
+    the thousands. Any units. ``what`` names the curve and ``remedy`` ends the message."""
     _, span, noise = start_level(aif)
     if np.asarray(aif).size >= 4 and not span > MIN_AIF_SNR * noise:
         ratio = f"{span / noise:.1f} times" if noise > 0 else "no more than"
         raise ValidationError(
-            f"no bolus in the arterial curve: its range ({span:.3g}) is {ratio} its noise "
-            f"({noise:.2g}), under {MIN_AIF_SNR:g} times (noise alone reaches about 7): a "
-            "flat curve is no AIF; check which curve or voxels were given as the artery")
+            f"no bolus in {what}: its range ({span:.3g}) is {ratio} its noise ({noise:.2g}), "
+            f"under {MIN_AIF_SNR:g} times (noise alone reaches about 7): a flat curve is no "
+            f"AIF; {remedy}")
 
 
 #: A vessel's curve whose first frame (lightly smoothed) stands more than this fraction of its

@@ -103,7 +103,13 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
             sel = select_aif(venh, t, exclude=exclude, latest_s=tissue_peak, region=region)
             origin = CurveOrigin("automatic", sel, note)
         curve = sel.curve
-    check_bolus_present(curve)
+    if origin.source == "automatic" and origin.selection is not None:
+        check_bolus_present(curve, what=f"the automatic AIF ({origin.selection.indices.size} "
+                                        "voxels)",
+                            remedy="no artery stands out of the noise at these pixels and "
+                                   "this dose: give an AIF mask on an artery (--aif-mask)")
+    else:
+        check_bolus_present(curve)
     check_bolus_start(curve)
     check_first_pass_sampled(t, curve)
     if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:

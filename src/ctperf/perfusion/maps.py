@@ -189,7 +189,7 @@ def run_perfusion(
     vhu = hu if vessel_series is None else vessel_series.hu
 
     padding = masks.padding_mask(hu)
-    level, offset = masks.hu_offset(_as_air(hu[0], padding), spacing=spacing)
+    level, offset = masks.hu_offset(masks.as_air(hu[0], padding), spacing=spacing)
     hu_scale = None if level is None else offset
     n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing, offset=offset)
     base = hu[:n_base].mean(axis=0)
@@ -201,7 +201,7 @@ def run_perfusion(
     inside = masks.fill_holes_in_plane(search | bone_rim)
     _check_scan_start(onset, inside & ~bone_rim)
     slice_share = _brain_slice_share(brain, inside)
-    exposed = masks.exposed_share(brain, _as_air(base - offset, padding), spacing=spacing)
+    exposed = masks.exposed_share(brain, masks.as_air(base - offset, padding), spacing=spacing)
     enh, venh = _enhancement(hu, vhu, search, base=base, n_base=n_base)
 
     # Vessel voxels next to bone take in some of its 1000+ HU whenever the head moves or frames
@@ -418,7 +418,7 @@ def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) ->
     mean curve does not rise above its noise (no contrast, no head)."""
     hu, spacing = series.hu, series.spacing
     padding = masks.padding_mask(hu)
-    _, offset = masks.hu_offset(_as_air(hu[0], padding), spacing=spacing)
+    _, offset = masks.hu_offset(masks.as_air(hu[0], padding), spacing=spacing)
     n_base, bone_rim, onset = _bolus_baseline(hu, spacing=spacing, offset=offset)
     base = hu[:n_base].mean(axis=0)
     search = _brain(base, hu.mean(axis=0, dtype=np.float32), brain_mask,
@@ -437,12 +437,6 @@ def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) ->
             f"no bolus: the head's mean curve rises by {max(mean.max(), 0.0):.2f} HU at most, "
             f"less than {MIN_BOLUS_SNR:g} times its noise ({noise:.2f} HU): no bolus to map in "
             "these frames (pure noise reaches about 3 times)")
-
-
-def _as_air(volume: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
-    """``volume`` (Z, Y, X) with its ``padding`` voxels (:func:`~ctperf.masks.padding_mask`)
-    set to air, -1000 HU."""
-    return volume if padding is None else np.where(padding, np.float32(-1000.0), volume)
 
 
 class _Brain(NamedTuple):
@@ -476,7 +470,7 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
         return _Brain(brain, brain)
     if offset:
         base, mean = base - offset, mean - offset
-    base, mean = _as_air(base, padding), _as_air(mean, padding)
+    base, mean = masks.as_air(base, padding), masks.as_air(mean, padding)
     whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
     csf = masks.csf_mask(base, spacing=spacing)
     brain = whole & ~csf
