@@ -195,7 +195,7 @@ def run_perfusion(
     base = hu[:n_base].mean(axis=0)
     mean = hu.mean(axis=0, dtype=np.float32)
     region = _brain(base, mean, brain_mask, spacing=spacing, offset=offset, padding=padding)
-    brain, search = region.fitted, region.search
+    brain, search = _without_still(region.fitted, onset), region.search
     # inside the head: the brain found, and what it and the bone enclose in each slice (an
     # artery already bright at the first frames is no brain to the brain mask)
     inside = masks.fill_holes_in_plane(search | bone_rim)
@@ -242,7 +242,8 @@ def run_perfusion(
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 exposed_share=exposed, skull_share=masks.skull_share(base - offset),
-                box_mtt=values["mtt"][~vessels[brain]] if method in BOX_METHODS else None,
+                box_mtt=(values["mtt"][~vessels[brain] & (values["cbv"] > 0)]
+                         if method in BOX_METHODS else None),
                 csf_cut_share=region.csf_share, hu_offset=hu_scale, voxelwise=method != "bayes",
                 voxel_volume_ml=series.voxel_ml,
                 hyperdense_ml=float(dense.sum()) * series.voxel_ml,
@@ -287,6 +288,24 @@ def _check_aif_leads(t: np.ndarray, aif: np.ndarray, tissue_mean: np.ndarray) ->
             f"the automatic AIF's bolus arrives {lag:.1f} s after the brain's: no artery "
             "feeding the brain was found (a poor injection, or arteries too small for the "
             "pixels); give an AIF mask on an artery (--aif-mask)")
+
+
+def _without_still(brain: np.ndarray, onset: _Onset) -> np.ndarray:
+    """``brain`` less the voxels whose value never changes over the frames
+    (:data:`~ctperf.masks.STILL_HU`): no CT noise and no contrast, nothing to fit (a noise-free
+    phantom's background, values a pipeline replaced). Fitted, every method read CBF 0 there,
+    but bSVD a Tmax of 0 s, the box fit 20 s and bayes 46 s: a probe's tile phantom on a still
+    30 HU background read a core of 0, 236 and 160 mL. Said in a warning."""
+    still = brain & (onset.span <= masks.STILL_HU)
+    if not still.any():
+        return brain
+    if still.all():
+        raise ValidationError("every brain voxel keeps one value in every frame: no CT noise "
+                              "and no contrast, nothing to fit")
+    log.warning("%d brain voxels keep one value in every frame (no CT noise and no contrast: a "
+                "noise-free phantom's background, or values a pipeline replaced): left out of "
+                "the maps and lesions", int(still.sum()))
+    return brain & ~still
 
 
 def _brain_slice_share(brain: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
