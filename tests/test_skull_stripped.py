@@ -141,3 +141,14 @@ def test_the_brain_mask_of_a_series_reads_padding_as_air(subject):
     outside = np.all(series.hu == 0.0, axis=0)
     mask = brain_mask(series)
     assert mask.any() and not (mask & outside).any()
+
+
+def test_registration_reads_padding_as_air(subject):
+    """The registration's brain of the first frame had taken a 0 HU padding for soft tissue
+    (a probe's 64 px stripped study: 8,182 of 8,192 voxels)."""
+    from ctperf.preprocess.registration import _registration_mask
+
+    series = _stripped(subject, 0.0)
+    outside = np.all(series.hu == 0.0, axis=0)
+    mask = _registration_mask(series, None)
+    assert mask.any() and not (mask & outside).any()

@@ -3,8 +3,9 @@
 Skull stripping on non-contrast-like CT: the temporal mean of the series (or a given 3D volume) is
 smoothed in-plane, soft tissue is kept between an air and a bone threshold, a margin around the
 bone is removed, thin bridges to the scalp are cut by an erosion, the largest connected component
-is kept and grown back, holes are filled slice by slice and, optionally, cerebrospinal fluid is
-removed. Everything is :mod:`scipy.ndimage` on whole volumes.
+is kept (every component where there is no skull: a skull-stripped study) and grown back, holes
+are filled slice by slice and, optionally, cerebrospinal fluid is removed. A study's padding
+(:func:`padding_mask`) is read as air. Everything is :mod:`scipy.ndimage` on whole volumes.
 """
 
 from __future__ import annotations
@@ -135,10 +136,11 @@ def brain_mask(
         Voxels closer than this to bone are removed (partial volume at the inner table).
     erode_mm : float
         Erosion depth that cuts thin bridges between the brain and the scalp before the largest
-        connected component is taken; the component is then grown back by the same depth.
+        connected component is taken (every component without a skull); it is then grown
+        back by the same depth.
     smooth_mm : float
         In-plane Gaussian sigma in mm before the air and CSF thresholds (bone is thresholded
-        unsmoothed).
+        unsmoothed); without a skull, air is left out of it (:func:`_smooth_in_plane`).
     exclude_csf : bool
         Remove voxels below ``csf_hu`` after smoothing with ``csf_smooth_mm`` (ventricles, sulci).
     csf_hu, csf_smooth_mm : float

@@ -44,7 +44,8 @@ def register(subparsers: Any) -> None:
                     "pre-bolus level by more than its noise allows, "
                     "no_enhancement for one that never rises above it, at_bound for a box "
                     "fit that ended on a bound of its parameters, peaks_before_aif for one "
-                    "that peaks before the AIF does), a JSON sidecar of the "
+                    "that peaks before the AIF by more than 1 s or a frame interval), a JSON "
+                    "sidecar of the "
                     "same stem (method, constants, baseline frames, partial-volume step, QC, "
                     "units) and a PNG of the curves as fitted.")
     p.add_argument("curves", type=Path, help="CSV table of curves")
@@ -70,7 +71,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--baseline", type=_baseline, default="auto", metavar="N",
                    help="pre-bolus frames whose mean is subtracted from every curve: auto (read "
                         "from the AIF's arrival, as the maps do), or N; 0 when the curves are "
-                        "enhancement or concentration already [%(default)s]")
+                        "enhancement or concentration already (curves still at their "
+                        "unenhanced HU before the AIF's bolus are then refused) "
+                        "[%(default)s]")
     add_constants_options(p)
     add_device_option(p, what="the box-model fits")
     p.set_defaults(func=run)
@@ -119,5 +122,6 @@ def run(args: argparse.Namespace) -> int:
     for name, flagged in fit.provenance["curve_flags"].items():
         if flagged["curves"]:
             which = ", ".join(table.names[i] for i in flagged["curves"])
-            print(f"QC {name}: {which}: each {flagged['reason']}")
+            each = "each " if len(flagged["curves"]) > 1 else ""
+            print(f"QC {name}: {which}: {each}{flagged['reason']}")
     return 0

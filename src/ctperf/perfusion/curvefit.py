@@ -54,10 +54,10 @@ CURVE_FLAGS: dict[str, str] = {
                       "its values are not reliable",
     "no_enhancement": "never rises above its pre-bolus level by more than its noise allows: "
                       "its values are mostly noise",
-    "peaks_before_aif": "peaks more than a second (or a frame) before the AIF does, which "
-                        "tissue fed by that artery cannot: the AIF was taken downstream of "
-                        "it (a vein, or an artery past a delay); its delay, Tmax and CBF are "
-                        "not reliable",
+    "peaks_before_aif": "peaks before the AIF does by more than 1 s or a frame interval, "
+                        "whichever is longer, which tissue fed by that artery cannot: the AIF "
+                        "was taken downstream of it (a vein, or an artery past a delay); its "
+                        "delay, Tmax and CBF are not reliable",
     "at_bound": "the box model's fit ended on a bound of CBF, MTT or delay (DEFAULT_BOUNDS of "
                 "ctperf.perfusion.boxnlr): the curve does not determine it; its values are not "
                 "reliable",
@@ -81,7 +81,8 @@ class CurveFit:
     """Per-curve results, each an ndarray (N,) float64: ``cbf`` mL/100 g/min, ``cbv``
     mL/100 g, ``mtt``, ``tmax``, ``delay``, ``ttp`` s (``delay`` is the SVD methods' Tmax, as
     in the maps); ``sd`` the posterior SDs of ``bayes`` by map name (``cbf_sd``...), else
-    empty; ``provenance`` the method, constants, baseline frames, partial-volume step and the
+    empty; ``flags`` one tuple per curve of the names of :data:`CURVE_FLAGS` it raised;
+    ``provenance`` the method, constants, baseline frames, partial-volume step and the
     QC flags of :data:`CURVE_QC` (``qc``, as in the maps' ``summary.json``); and
     the curves as fitted, baseline subtracted: ``tissue`` (T, N), ``aif`` (T,) after the
     partial-volume scaling, ``vof`` (T,) or None."""
@@ -170,8 +171,8 @@ def _peaks_before(t: np.ndarray, aif: np.ndarray, ttp: np.ndarray) -> np.ndarray
 
 def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> None:
     """Refuse curves given as enhancement (baseline 0) that stand clearly off zero before the
-    AIF's bolus arrives: the AIF by more than 5 % of its rise, or the tissue curves' median by
-    more than a quarter of theirs (and each by more than five times its noise). Such curves
+    AIF's bolus arrives: the AIF by more than 5 % of its rise, or the tissue curves' mean by
+    more than a quarter of its own (and each by more than five times its noise). Such curves
     still hold their unenhanced values (HU: 40 in blood, 25-35 in tissue), which every fit
     would take for contrast (a probe's CBV read 12-20 mL/100 g against 1-4)."""
     try:
@@ -215,7 +216,8 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     baseline : "auto" or int
         Frames before the bolus whose mean is subtracted from every curve: ``"auto"`` reads
         them from the AIF's (and VOF's) arrival as the maps do; ``0`` takes the curves as
-        enhancement already (baseline subtracted, e.g. concentration).
+        enhancement already (baseline subtracted, e.g. concentration): curves still at their
+        unenhanced values before the AIF's bolus are then refused.
     rho, kh : float
         Brain density g/mL and haematocrit ratio.
     device : str, optional
@@ -226,6 +228,13 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     Returns
     -------
     CurveFit
+
+    Raises
+    ------
+    ctperf.errors.ValidationError
+        Implausible times or constants; an AIF with no bolus above its noise, or whose bolus
+        had begun before the first frame; a VOF that cannot be a vein; with ``baseline`` 0,
+        curves that stand off zero before the bolus.
     """
     if method not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
@@ -289,7 +298,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                      baseline_frames=n_base if isinstance(baseline, str) else None,
                      tissue_mean=tis.mean(axis=1), pv_factor=pv["factor"],
                      pv_corrected=bool(pv["corrected"]) if v is not None else None,
-                     box_mtt=out["mtt"] if method in BOX_METHODS else None)
+                     box_mtt=out["mtt"][out["cbv"] > 0] if method in BOX_METHODS else None)
     per_curve = curve_flags(tis, n_base)
     early = _peaks_before(t, vessels[:, 0], out["ttp"])
     per_curve = tuple(f + ("peaks_before_aif",) * bool(hit and "no_enhancement" not in f)

@@ -209,8 +209,8 @@ def qc_flags(
     pv_corrected : bool, optional
         Whether a VOF corrected the AIF for partial volume (False: none found, or rejected).
     box_mtt : ndarray, shape (N,), optional
-        The box model's MTT of the tissue curves (``nlr``, ``nlr-fast``; vessels left out),
-        s: its share on the fit's lower MTT bound is judged.
+        The box model's MTT of the tissue curves with a positive CBV (``nlr``, ``nlr-fast``;
+        vessels left out), s: its share on the fit's lower MTT bound is judged.
     brain_slice_share : ndarray, shape (Z',), optional
         Per slice that cuts the head well, the brain mask's share of what the skull encloses,
         over that share's median across the slices: a slice far below the others lost brain
@@ -239,13 +239,14 @@ def qc_flags(
         ``few_brain_voxels``, ``motion``, ``motion_uncorrected``, ``motion_unregistered``,
         ``below_baseline``, ``hyperdense``,
         ``mtt_floor``, ``csf_cut``,
-        ``hu_offset``, ``brain_slice_gap``, ``fov_cut`` and ``noisy_voxelwise``; a flag that
-        cannot be judged has ``value`` None. ``hu_offset``'s value is ``hu_offset``,
-        ``fov_cut``'s ``exposed_share``.
-        ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival (its
-        rise past 20 % of its peak) precedes the AIF's. ``mtt_floor``'s value is the share of
-        ``box_mtt`` on the lower bound, ``csf_cut``'s ``csf_cut_share``, ``brain_slice_gap``'s
-        the lowest of ``brain_slice_share``, ``frame_gap``'s the longest
+        ``hu_offset``, ``brain_slice_gap``, ``fov_cut``, ``no_skull`` and ``noisy_voxelwise``;
+        a flag that cannot be judged has ``value`` None. ``hu_offset``'s value is
+        ``hu_offset``, ``fov_cut``'s ``exposed_share``, ``no_skull``'s ``skull_share``.
+        ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival
+        precedes the AIF's (:func:`aif_lag`: each curve smoothed over time and rising past
+        20 % of its peak and :data:`ARRIVAL_SDS` SDs of its noise). ``mtt_floor``'s value is
+        the share of ``box_mtt`` on the lower bound, ``csf_cut``'s ``csf_cut_share``,
+        ``brain_slice_gap``'s the lowest of ``brain_slice_share``, ``frame_gap``'s the longest
         gap after the AIF's arrival (s; 0 for none).
     """
     t = np.asarray(times, dtype=np.float64)

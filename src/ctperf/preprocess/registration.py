@@ -289,14 +289,15 @@ def _register_frames(first: int, stop: int, *, series: CTPSeries,
 def _registration_mask(series: CTPSeries, mask: np.ndarray | None) -> np.ndarray:
     """The brain of the first frame (bool (Z, Y, X)); soft tissue by threshold as a fallback."""
     if mask is None:
-        from ctperf.masks import brain_mask
+        from ctperf.masks import as_air, brain_mask, padding_mask
 
+        first = as_air(series.hu[0], padding_mask(series.hu))  # padding read as air
         try:
-            mask = brain_mask(series.hu[0], spacing=series.spacing)
+            mask = brain_mask(first, spacing=series.spacing)
         except ValidationError:
             mask = None
         if mask is None or mask.sum() < 1000:
-            mask = (series.hu[0] > -20) & (series.hu[0] < 100)
+            mask = (first > -20) & (first < 100)
         if mask.sum() < 1000:  # no recognisable brain: use every voxel
             mask = np.ones(series.shape[1:], dtype=bool)
     mask = np.asarray(mask, dtype=bool)
