@@ -38,6 +38,7 @@ __all__ = [
     "csf_mask",
     "exposed_share",
     "fill_holes_in_plane",
+    "first_frame_as_air",
     "hu_offset",
     "hyperdense_mask",
     "near_bone",
@@ -334,6 +335,12 @@ def as_air(volume: np.ndarray, padding: np.ndarray | None) -> np.ndarray:
     """``volume`` (Z, Y, X) with its ``padding`` voxels (:func:`padding_mask`) set to air,
     -1000 HU."""
     return volume if padding is None else np.where(padding, np.float32(-1000.0), volume)
+
+
+def first_frame_as_air(hu: np.ndarray) -> np.ndarray:
+    """A study's (T, Z, Y, X) first frame with its padding (:func:`padding_mask`) read as air:
+    the unenhanced volume the HU scale and a brain are read from."""
+    return as_air(np.asarray(hu)[0], padding_mask(hu))
 
 
 def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:

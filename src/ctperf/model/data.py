@@ -35,7 +35,7 @@ import numpy as np
 
 from ctperf.errors import InputError, ValidationError
 from ctperf.io.state import files_state
-from ctperf.masks import as_air, hu_offset, padding_mask
+from ctperf.masks import first_frame_as_air, hu_offset
 from ctperf.model.normalise import (
     DEFAULT_HU_WINDOW,
     TARGET_MAPS,
@@ -359,8 +359,8 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
             steps[pid] = input_step(series.times, n_frames=frames, mode=frame_mode,
                                     frame_interval=frame_interval)
             pixels[pid] = network_pixel_mm(series, size)
-            first = as_air(series.hu[0], padding_mask(series.hu))  # padding read as air
-            _, offset = hu_offset(first, spacing=series.spacing)  # calibrated HU
+            _, offset = hu_offset(first_frame_as_air(series.hu),  # calibrated HU
+                                  spacing=series.spacing)
             if offset:
                 x = x - np.float32(offset)
             flips = radiological_flips(series.affine)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.masks import as_air, hu_offset, padding_mask
+from ctperf.masks import first_frame_as_air, hu_offset
 from ctperf.model.data import ORIENTATION
 from ctperf.model.normalise import from_unit, normalise_input
 from ctperf.model.unet import input_step, select_frames, subsample_indices
@@ -164,8 +164,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
              else (False, False))
     frames = orient(frames, flips)
     # the network learned calibrated HU: a study whose scale is offset is moved back
-    first = as_air(series.hu[0], padding_mask(series.hu))  # padding read as air, as the maps do
-    _, offset = hu_offset(first, spacing=series.spacing)
+    _, offset = hu_offset(first_frame_as_air(series.hu), spacing=series.spacing)
     if offset:
         frames = frames - np.float32(offset)
     x = normalise_input(_resize(frames, (size, size)), window=cfg["hu_window"],

@@ -19,23 +19,23 @@ from ctperf.errors import ValidationError
 from ctperf.io.integrity import frame_spacing_problem
 from ctperf.perfusion.boxnlr import BOX_METHODS, DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
+    ARRIVAL_NOISE_GAIN,
     bandlimit,
     bolus_arrival_frame,
     check_bolus_present,
     check_bolus_start,
     check_constants,
     second_difference_sd,
+    smooth_time,
     to_enhancement,
 )
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import (
-    ARRIVAL_NOISE_GAIN,
     METHODS,
     MIN_FRAMES,
     SD_MAPS,
     fit_voxels,
     pre_bolus_frames,
-    smooth_time,
 )
 from ctperf.perfusion.qc import check_first_pass_sampled, qc_flags
 

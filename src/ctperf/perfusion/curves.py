@@ -18,6 +18,8 @@ from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
 __all__ = [
+    "ARRIVAL_NOISE_GAIN",
+    "ARRIVAL_SMOOTH_FRAMES",
     "KH_RANGE",
     "MIN_AIF_SNR",
     "RHO_RANGE",
@@ -36,6 +38,7 @@ __all__ = [
     "on_frame_times",
     "resample",
     "second_difference_sd",
+    "smooth_time",
     "time_to_peak",
     "to_enhancement",
     "uniform_grid",
@@ -97,7 +100,7 @@ def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1,
                         noise_sds: float = 0.0) -> int:
     """First frame whose rise above the start exceeds ``fraction`` of the curve's peak rise.
 
-    With ``noise_sds`` > 0 the curve is first smoothed over time (Gaussian, SD one frame) and
+    With ``noise_sds`` > 0 the curve is first smoothed over time (:func:`smooth_time`) and
     the rise must also exceed that many SDs of the smoothed curve's noise (its own, from its
     second differences) and of the start's error: a noisy curve of a few voxels crosses a
     fifth of its peak by noise alone seconds before its bolus. ValidationError when it never
@@ -113,8 +116,8 @@ def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1,
     level = 0.0
     if noise_sds > 0 and c.size >= 3:
         noise = float(second_difference_sd(c))
-        c = gaussian_time(c, 1.0).astype(np.float64)
-        level = noise_sds * noise * float(np.sqrt((gaussian_taps(1.0) ** 2).sum() + 1.0 / n0))
+        c = smooth_time(c).astype(np.float64)
+        level = noise_sds * noise * float(np.sqrt(ARRIVAL_NOISE_GAIN ** 2 + 1.0 / n0))
     rise = c - np.median(c[:n0])
     peak = float(rise.max())
     if not peak > 0 or not peak > level:
@@ -341,6 +344,18 @@ def gaussian_time(curves: np.ndarray, sd_frames: float) -> np.ndarray:
     for k, w in enumerate(taps):
         out += w * p[k:k + n]
     return out
+
+
+#: Gaussian SD, in frames, of the smoothing over time before bolus arrivals are read.
+ARRIVAL_SMOOTH_FRAMES = 1.0
+#: SD of white noise of unit SD after :func:`smooth_time`.
+ARRIVAL_NOISE_GAIN = float(np.sqrt((gaussian_taps(ARRIVAL_SMOOTH_FRAMES) ** 2).sum()))
+
+
+def smooth_time(curves: np.ndarray) -> np.ndarray:
+    """Curves (T, ...) smoothed along time before bolus arrivals are read, float32: a Gaussian of
+    SD :data:`ARRIVAL_SMOOTH_FRAMES` (:func:`gaussian_time`)."""
+    return gaussian_time(curves, ARRIVAL_SMOOTH_FRAMES)
 
 
 def time_to_peak(curves: np.ndarray, times: np.ndarray, *, smooth_s: float = 0.0,

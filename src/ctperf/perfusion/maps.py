@@ -32,15 +32,15 @@ from ctperf.io.integrity import frame_spacing_problem
 from ctperf.perfusion.bayes import fit_bayes
 from ctperf.perfusion.boxnlr import BOX_METHODS, fit_box_nlr
 from ctperf.perfusion.curves import (
+    ARRIVAL_NOISE_GAIN,
     TTP_SMOOTH_S,
     bolus_started_message,
     check_constants,
     enhanced_at_start,
-    gaussian_taps,
-    gaussian_time,
     on_frame_times,
     resample,
     second_difference_sd,
+    smooth_time,
     time_to_peak,
     uniform_grid,
 )
@@ -188,13 +188,11 @@ def run_perfusion(
     hu, t, spacing = series.hu, series.times, series.spacing
     vhu = hu if vessel_series is None else vessel_series.hu
 
-    padding = masks.padding_mask(hu)
-    level, offset = masks.hu_offset(masks.as_air(hu[0], padding), spacing=spacing)
-    hu_scale = None if level is None else offset
-    n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing, offset=offset)
-    base = hu[:n_base].mean(axis=0)
-    mean = hu.mean(axis=0, dtype=np.float32)
-    region = _brain(base, mean, brain_mask, spacing=spacing, offset=offset, padding=padding)
+    start = _study_start(hu, vhu, spacing=spacing, brain_mask=brain_mask)
+    padding, offset, n_base, bone_rim, onset = (start.padding, start.offset, start.n_base,
+                                                start.bone_rim, start.onset)
+    hu_scale = None if start.level is None else offset
+    base, mean, region = start.base, start.mean, start.region
     brain, search = _without_still(region.fitted, onset), region.search
     # inside the head: the brain found, and what it and the bone enclose in each slice (an
     # artery already bright at the first frames is no brain to the brain mask)
@@ -436,13 +434,10 @@ def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) ->
     same search region: its automatic brain, or ``brain_mask``), or whose searched voxels'
     mean curve does not rise above its noise (no contrast, no head)."""
     hu, spacing = series.hu, series.spacing
-    padding = masks.padding_mask(hu)
-    _, offset = masks.hu_offset(masks.as_air(hu[0], padding), spacing=spacing)
-    n_base, bone_rim, onset = _bolus_baseline(hu, spacing=spacing, offset=offset)
-    base = hu[:n_base].mean(axis=0)
-    search = _brain(base, hu.mean(axis=0, dtype=np.float32), brain_mask,
-                    spacing=spacing, offset=offset, padding=padding).search
-    _check_scan_start(onset, masks.fill_holes_in_plane(search | bone_rim) & ~bone_rim)
+    start = _study_start(hu, hu, spacing=spacing, brain_mask=brain_mask)
+    n_base, bone_rim, base = start.n_base, start.bone_rim, start.base
+    search = start.region.search
+    _check_scan_start(start.onset, masks.fill_holes_in_plane(search | bone_rim) & ~bone_rim)
     # a bolus at all: the searched voxels' mean curve rises clearly above its noise (pure
     # noise: within about 3 of its SDs; a probe's faint bolus over 100 voxels: 7.5). That
     # noise: the curve's own second differences, or one voxel's over the root of their number
@@ -456,6 +451,36 @@ def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) ->
             f"no bolus: the head's mean curve rises by {max(mean.max(), 0.0):.2f} HU at most, "
             f"less than {MIN_BOLUS_SNR:g} times its noise ({noise:.2f} HU): no bolus to map in "
             "these frames (pure noise reaches about 3 times)")
+
+
+class _Start(NamedTuple):
+    """What :func:`run_perfusion` and :func:`check_scan_start` read of a study before its
+    vessels: the padding (:func:`~ctperf.masks.padding_mask`), the brain's unenhanced level and
+    the HU scale's offset (:func:`~ctperf.masks.hu_offset`), the baseline frames, the voxels
+    next to bone and the arrivals (:func:`_bolus_baseline`), the pre-bolus and temporal means,
+    and the brain (:func:`_brain`)."""
+
+    padding: np.ndarray | None
+    level: float | None
+    offset: float
+    n_base: int
+    bone_rim: np.ndarray
+    onset: _Onset
+    base: np.ndarray
+    mean: np.ndarray
+    region: _Brain
+
+
+def _study_start(hu: np.ndarray, vhu: np.ndarray, *, spacing: tuple[float, float, float],
+                 brain_mask: np.ndarray | None) -> _Start:
+    """:class:`_Start` of a study ``hu`` (T, Z, Y, X), its vessels read on ``vhu``."""
+    padding = masks.padding_mask(hu)
+    level, offset = masks.hu_offset(masks.as_air(hu[0], padding), spacing=spacing)
+    n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing, offset=offset)
+    base = hu[:n_base].mean(axis=0)
+    mean = hu.mean(axis=0, dtype=np.float32)
+    region = _brain(base, mean, brain_mask, spacing=spacing, offset=offset, padding=padding)
+    return _Start(padding, level, offset, n_base, bone_rim, onset, base, mean, region)
 
 
 class _Brain(NamedTuple):
@@ -707,19 +732,6 @@ def _lesions(maps: PerfusionMaps, *, brain: np.ndarray, search: np.ndarray,
         depth = ndimage.distance_transform_edt(search, sampling=(1e6, *maps.spacing[1:]))
         exclude |= brain & (depth <= rim_mm)
     return segment_lesions(maps, brain=brain, exclude=exclude, options=options)
-
-
-#: Gaussian SD, in frames, of the smoothing over time before bolus arrivals are read.
-ARRIVAL_SMOOTH_FRAMES = 1.0
-_ARRIVAL_TAPS = gaussian_taps(ARRIVAL_SMOOTH_FRAMES)
-#: SD of white noise of unit SD after :func:`smooth_time`.
-ARRIVAL_NOISE_GAIN = float(np.sqrt((_ARRIVAL_TAPS ** 2).sum()))
-
-
-def smooth_time(curves: np.ndarray) -> np.ndarray:
-    """Curves (T, ...) smoothed along time before bolus arrivals are read, float32: a Gaussian of
-    SD :data:`ARRIVAL_SMOOTH_FRAMES` (:func:`~ctperf.perfusion.curves.gaussian_time`)."""
-    return gaussian_time(curves, ARRIVAL_SMOOTH_FRAMES)
 
 
 def pre_bolus_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,

@@ -289,9 +289,9 @@ def _register_frames(first: int, stop: int, *, series: CTPSeries,
 def _registration_mask(series: CTPSeries, mask: np.ndarray | None) -> np.ndarray:
     """The brain of the first frame (bool (Z, Y, X)); soft tissue by threshold as a fallback."""
     if mask is None:
-        from ctperf.masks import as_air, brain_mask, padding_mask
+        from ctperf.masks import brain_mask, first_frame_as_air
 
-        first = as_air(series.hu[0], padding_mask(series.hu))  # padding read as air
+        first = first_frame_as_air(series.hu)
         try:
             mask = brain_mask(first, spacing=series.spacing)
         except ValidationError:
