@@ -174,7 +174,10 @@ def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> No
     AIF's bolus arrives: the AIF by more than 5 % of its rise, or the tissue curves' mean by
     more than a quarter of its own (and each by more than five times its noise). Such curves
     still hold their unenhanced values (HU: 40 in blood, 25-35 in tissue), which every fit
-    would take for contrast (a probe's CBV read 12-20 mL/100 g against 1-4)."""
+    would take for contrast (a probe's CBV read 12-20 mL/100 g against 1-4). The level is the
+    pre-arrival frame nearest 0: curves in HU stand off zero in every frame before the bolus,
+    while enhancement whose bolus rises from the second frame stands at 0 only in the first
+    (their median had refused a toolbox's undelayed gamma-variate AIF)."""
     try:
         k = bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)
     except ValidationError:
@@ -183,7 +186,8 @@ def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> No
         return
     mean = tissue.mean(axis=1)
     for name, curve, share in (("the AIF", aif, 0.05), ("the tissue curves' mean", mean, 0.25)):
-        level = float(np.median(curve[:k]))
+        before = curve[:k]
+        level = float(before[np.argmin(np.abs(before))])
         rise = float(curve.max()) - level
         noise = float(second_difference_sd(curve))
         if abs(level) > max(5.0 * noise, share * max(rise, 0.0)):
