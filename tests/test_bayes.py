@@ -13,15 +13,13 @@ import pytest
 from scipy.signal import fftconvolve
 
 from ctperf.perfusion.bayes import (
-    Neighbourhood,
     ResidueGrid,
     fit_bayes,
-    interpolate_blocks,
     learn_shape_weights,
-    pool_amplitudes,
     residue,
     transit_cv,
 )
+from ctperf.perfusion.bayes.spatial import Neighbourhood, interpolate_blocks, pool_amplitudes
 from ctperf.perfusion.curves import flow_scale
 
 RHO, KH = 1.04, 0.733
@@ -373,7 +371,7 @@ def test_a_vessel_mask_covering_most_voxels_is_not_used(caplog):
     is a tissue's): leaving them out would leave the spatial prior to a few voxels (on the
     skull-less slice with the AIF at 0.15 of its value, 98.5 % marked, CBF r fell from 0.83 to
     0.18). Above MAX_VESSEL_FRACTION the mask is ignored, with a warning."""
-    from ctperf.perfusion.bayes import MAX_VESSEL_FRACTION
+    from ctperf.perfusion.bayes.fit import MAX_VESSEL_FRACTION
 
     curves, mask, _, _ = _tile_study(inner=4, noise=10.0, seed=7)
     n = curves.shape[1]
@@ -651,7 +649,7 @@ def test_guided_neighbourhood_stays_within_its_memory(monkeypatch):
     full = Neighbourhood(mask, 3.6, (5.0, 1.2, 1.2), guide, 2.0)   # SD of 3 voxels: f = 2
     ref = full.mean(values)[0]
     assert full._f == 2
-    monkeypatch.setattr(bayes_module, "MAX_WEIGHTS", full._operator().nnz // 3)
+    monkeypatch.setattr(bayes_module.spatial, "MAX_WEIGHTS", full._operator().nnz // 3)
     small = Neighbourhood(mask, 3.6, (5.0, 1.2, 1.2), guide, 2.0)
     got = small.mean(values)[0]
     assert small._f > 2 and small._operator().nnz <= full._operator().nnz // 3
@@ -936,7 +934,7 @@ def test_run_perfusion_leaves_its_vessels_out_of_the_spatial_prior(monkeypatch):
 def test_draws_follow_the_posterior_exactly():
     """Systematic resampling: a point of probability p is drawn p x draws times when that is
     whole, never a point of probability 0, rows independent."""
-    from ctperf.perfusion.bayes import _resample
+    from ctperf.perfusion.bayes.posterior import _resample
 
     p = np.array([[0.5, 0.25, 0.0, 0.25], [0.0, 0.0, 1.0, 0.0]])
     with np.errstate(divide="ignore"):
