@@ -924,7 +924,7 @@ def test_run_perfusion_leaves_its_vessels_out_of_the_spatial_prior(monkeypatch):
         seen["vessels"] = kwargs.get("vessels")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr("ctperf.perfusion.maps.fit_bayes", spy)
+    monkeypatch.setattr("ctperf.perfusion.voxelfit.fit_bayes", spy)
     series, truth = skullless_study(np.random.default_rng(2), times=T1)
     result = run_perfusion(series, method="bayes", aif=truth["aif"])
     assert result.vessels.any()

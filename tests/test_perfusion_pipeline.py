@@ -10,7 +10,7 @@ import pytest
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion import LesionOptions, check_bolus_start, compute_maps, run_perfusion
-from ctperf.perfusion.maps import check_scan_start
+from ctperf.perfusion.onset import check_scan_start
 from ctperf.types import CTPSeries
 
 RHO, KH = 1.04, 0.733

@@ -396,7 +396,7 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
             raise InputError(study, "no brain voxels found (no tissue at brain densities); "
                                     "check that the study is in HU, or give the brain with "
                                     "--brain-mask")
-    from ctperf.perfusion.maps import check_scan_start
+    from ctperf.perfusion.onset import check_scan_start
 
     try:  # the network's input must start before the bolus, as its training studies did
         check_scan_start(series, given)
