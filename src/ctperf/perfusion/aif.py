@@ -29,7 +29,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ctperf.errors import ValidationError
-from ctperf.perfusion.curves import second_difference_sd
+from ctperf.perfusion.curves import brief_peak, second_difference_sd
 
 __all__ = [
     "VesselCurve",
@@ -150,9 +150,10 @@ def select_aif(
     t = np.asarray(times, dtype=np.float64)
     peak_i = np.argmax(enh, axis=0)
     peak_all = np.take_along_axis(enh, peak_i[None], axis=0)[0]
-    # Curves that do not wash out (steps where the head moved, truncated boluses) set no
-    # threshold and are never chosen.
-    off = enh[-1] > max_end * peak_all
+    # Curves that do not wash out (steps where the head moved, truncated boluses) or peak for
+    # a frame or two (bone carried in by a jerk of the head) set no threshold and are never
+    # chosen.
+    off = (enh[-1] > max_end * peak_all) | brief_peak(enh, t)
     if exclude is not None:
         off |= np.asarray(exclude, dtype=bool)
     peak_all = np.where(off, -np.inf, peak_all)

@@ -182,7 +182,7 @@ def run_perfusion(
     hu, t, spacing = series.hu, series.times, series.spacing
     vhu = hu if vessel_series is None else vessel_series.hu
 
-    start = study_start(hu, vhu, spacing=spacing, brain_mask=brain_mask)
+    start = study_start(hu, vhu, t, spacing=spacing, brain_mask=brain_mask)
     padding, offset, n_base, bone_rim, onset = (start.padding, start.offset, start.n_base,
                                                 start.bone_rim, start.onset)
     hu_scale = None if start.level is None else offset
@@ -191,7 +191,10 @@ def run_perfusion(
     # inside the head: the brain found, and what it and the bone enclose in each slice (an
     # artery already bright at the first frames is no brain to the brain mask)
     inside = masks.fill_holes_in_plane(search | bone_rim)
-    check_vessels_at_start(onset, inside & ~bone_rim)
+    if aif is None and aif_mask is None:
+        # a given AIF is judged on its own curve (arterial_input): the study's other vessels
+        # can hold metal streaks that peak at any frame, the first too
+        check_vessels_at_start(onset, inside & ~bone_rim)
     slice_share = _brain_slice_share(brain, inside)
     exposed = masks.exposed_share(brain, masks.as_air(base - offset, padding), spacing=spacing)
     enh, venh = enhancement(hu, vhu, search, base=base, n_base=n_base)

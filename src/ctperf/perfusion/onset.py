@@ -18,6 +18,7 @@ from ctperf.errors import ValidationError
 from ctperf.perfusion.curves import (
     ARRIVAL_NOISE_GAIN,
     bolus_started_message,
+    brief_peak,
     enhanced_at_start,
     second_difference_sd,
     smooth_time,
@@ -33,13 +34,15 @@ __all__ = ["MIN_BOLUS_SNR", "check_scan_start", "check_vessels_at_start", "enhan
 
 class _Onset(NamedTuple):
     """Per voxel (Z, Y, X), of the curves smoothed over time: how far the first frame stands
-    above the lowest value (``height``), the range (``span``), the frame of the highest value;
-    and the smoothed curves' noise SD, HU."""
+    above the lowest value (``height``), the range (``span``), the frame of the highest value,
+    whether the curve as acquired peaks for a frame or two only (``brief``,
+    :func:`~ctperf.perfusion.curves.brief_peak`); and the smoothed curves' noise SD, HU."""
 
     height: np.ndarray
     span: np.ndarray
     lowest: np.ndarray
     peak_at: np.ndarray
+    brief: np.ndarray
     noise_sd: float
 
 
@@ -67,8 +70,8 @@ def pre_bolus_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
     return max(1, int(np.percentile(arrival, percentile)) - 2)
 
 
-def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float], offset: float = 0.0
-                    ) -> tuple[int, np.ndarray, _Onset]:
+def _bolus_baseline(vhu: np.ndarray, times: np.ndarray, *, spacing: tuple[float, float, float],
+                    offset: float = 0.0) -> tuple[int, np.ndarray, _Onset]:
     """Frames before the bolus, the voxels next to bone (bool (Z, Y, X)), and what
     :func:`check_vessels_at_start` needs; ``offset`` (HU) is taken off before bone and soft tissue
     are told apart by their attenuation.
@@ -82,13 +85,20 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float], off
     and arrivals are read from the curves smoothed over time (:data:`ARRIVAL_SMOOTH_FRAMES`):
     in a noisy study whose arteries are diluted by partial volume, the largest excursion of
     noise alone reaches a quarter of the arteries' rise, and such voxels' random "arrivals"
-    ended the baseline at the first frames.
+    ended the baseline at the first frames. Curves raised for a frame or two only
+    (:func:`~ctperf.perfusion.curves.brief_peak`: bone a jerk of the head carried in) are no
+    bolus: their rise of a thousand HU had set the quarter above every vessel's, and the jerk's
+    frame had ended the baseline.
     """
     first, last, top, low = (np.empty(vhu.shape[1:], dtype=np.float32) for _ in range(4))
     peak_at = np.empty(vhu.shape[1:], dtype=np.int64)
+    brief = np.empty(vhu.shape[1:], dtype=bool)
     for z in range(vhu.shape[1]):  # 16 rows at a time: no smoothed copy, and cache-sized
         for y in range(0, vhu.shape[2], 16):
-            sm = smooth_time(vhu[:, z, y:y + 16])
+            rows = vhu[:, z, y:y + 16]
+            brief[z, y:y + 16] = brief_peak(rows.reshape(rows.shape[0], -1),
+                                            times).reshape(rows.shape[1:])
+            sm = smooth_time(rows)
             first[z, y:y + 16], last[z, y:y + 16], top[z, y:y + 16] = sm[0], sm[-1], sm.max(0)
             low[z, y:y + 16], peak_at[z, y:y + 16] = sm.min(0), sm.argmax(0)
     rise = top - first
@@ -104,10 +114,9 @@ def _bolus_baseline(vhu: np.ndarray, *, spacing: tuple[float, float, float], off
     where = np.flatnonzero(calm)
     sample = where[np.linspace(0, where.size - 1, min(where.size, 4096)).astype(np.int64)]
     noise = voxel_noise_sd(vhu.reshape(vhu.shape[0], -1)[:, sample], 0)
-    onset = _Onset(first - low, top - low, low, peak_at,
-                   noise * ARRIVAL_NOISE_GAIN)
-    return (pre_bolus_frames(vhu, np.where(calm, rise, -np.inf), noise_sd=noise), bone_rim,
-            onset)
+    onset = _Onset(first - low, top - low, low, peak_at, brief, noise * ARRIVAL_NOISE_GAIN)
+    return (pre_bolus_frames(vhu, np.where(calm & ~brief, rise, -np.inf), noise_sd=noise),
+            bone_rim, onset)
 
 
 def check_vessels_at_start(onset: _Onset, region: np.ndarray) -> None:
@@ -120,9 +129,10 @@ def check_vessels_at_start(onset: _Onset, region: np.ndarray) -> None:
     by its rise. Their earliest-peaking tenth are arteries; when most of those stand at their
     first frame more than :data:`~ctperf.perfusion.curves.BOLUS_AT_START` of their span, and
     five times the smoothed noise, above their lowest value (contrast only adds attenuation:
-    the lowest is the unenhanced value), the scan began after the contrast arrived.
+    the lowest is the unenhanced value), the scan began after the contrast arrived. Curves
+    that peak for a frame or two only (``onset.brief``: a jerk of the head) are no vessels.
     """
-    soft = region & (onset.lowest > -100)
+    soft = region & (onset.lowest > -100) & ~onset.brief
     if not soft.any():
         return
     span = onset.span
@@ -212,12 +222,13 @@ class _Start(NamedTuple):
     region: _Brain
 
 
-def study_start(hu: np.ndarray, vhu: np.ndarray, *, spacing: tuple[float, float, float],
-                 brain_mask: np.ndarray | None) -> _Start:
-    """:class:`_Start` of a study ``hu`` (T, Z, Y, X), its vessels read on ``vhu``."""
+def study_start(hu: np.ndarray, vhu: np.ndarray, times: np.ndarray, *,
+                spacing: tuple[float, float, float], brain_mask: np.ndarray | None) -> _Start:
+    """:class:`_Start` of a study ``hu`` (T, Z, Y, X) at ``times`` (s), its vessels read on
+    ``vhu``."""
     padding = masks.padding_mask(hu)
     level, offset = masks.hu_offset(masks.as_air(hu[0], padding), spacing=spacing)
-    n_base, bone_rim, onset = _bolus_baseline(vhu, spacing=spacing, offset=offset)
+    n_base, bone_rim, onset = _bolus_baseline(vhu, times, spacing=spacing, offset=offset)
     base = hu[:n_base].mean(axis=0)
     mean = hu.mean(axis=0, dtype=np.float32)
     region = _brain(base, mean, brain_mask, spacing=spacing, offset=offset, padding=padding)
@@ -243,7 +254,7 @@ def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) ->
     refuses it (the same search region: its automatic brain, or ``brain_mask``), or whose
     searched voxels' mean curve does not rise above its noise (no contrast, no head)."""
     hu, spacing = series.hu, series.spacing
-    start = study_start(hu, hu, spacing=spacing, brain_mask=brain_mask)
+    start = study_start(hu, hu, series.times, spacing=spacing, brain_mask=brain_mask)
     n_base, bone_rim, base = start.n_base, start.bone_rim, start.base
     search = start.region.search
     check_vessels_at_start(start.onset, masks.fill_holes_in_plane(search | bone_rim) & ~bone_rim)
