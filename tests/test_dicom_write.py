@@ -259,3 +259,22 @@ def test_a_map_below_minus_327_keeps_its_step_and_says_nothing_of_coarsening(tmp
     assert float(pydicom.dcmread(meta["files"][0]).RescaleSlope) == pytest.approx(0.01)
     np.testing.assert_allclose(volume, delay, atol=0.0051)  # half a step, and float32 reads
     assert "does not fit" not in caplog.text
+
+
+def test_map_series_numbers_leave_the_source_and_other_methods_apart(tmp_path, maps,
+                                                                     small_series):
+    """A scan numbered 101 and its CBF map had both been series 101, and every method's maps
+    were numbered 101 on: PACS lists and hanging protocols go by the number."""
+    source = small_series.replace(affine=oblique_affine(),
+                                  meta={**small_series.meta, "series_number": 101})
+    numbers = {}
+    for method in ("nlr-fast", "bayes", "unet"):
+        m = maps.replace(provenance={"method": method})
+        folders = write_maps_dicom(m, tmp_path / method, source=source)
+        numbers[method] = [int(pydicom.dcmread(next(f.glob("*.dcm"))).SeriesNumber)
+                           for f in folders]
+        ds = pydicom.dcmread(next(folders[0].glob("*.dcm")))
+        assert ds.BodyPartExamined == "HEAD"   # the General Series module's Type 2C
+    every = [n for ns in numbers.values() for n in ns]
+    assert 101 not in every and len(set(every)) == len(every)
+    assert numbers["nlr-fast"] == [10115, 10116, 10117, 10118]

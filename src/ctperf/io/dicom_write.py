@@ -103,6 +103,22 @@ def _start_time(meta: Mapping[str, Any], *, anonymise: bool = False) -> dt.datet
     return start or _DEFAULT_START
 
 
+#: Methods in the order that sets their maps' SeriesNumber (:func:`_map_series_number`); any
+#: other (the U-Net's "unet", a map set read from elsewhere) takes the place after them.
+MAP_SERIES_METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes")
+
+
+def _map_series_number(source: int, method: str) -> int:
+    """SeriesNumber of the first map of ``method`` made from the series numbered ``source``:
+    100 x ``source`` + 14 x the method's place in :data:`MAP_SERIES_METHODS` + 1; the maps
+    follow it one by one (at most 11). Never the source's own number, and each method's maps
+    of one study apart from the others' (maps had been numbered 101 on whatever the source: a
+    scan numbered 101 and its CBF map shared the number, and so did two methods' maps)."""
+    place = (MAP_SERIES_METHODS.index(method) if method in MAP_SERIES_METHODS
+             else len(MAP_SERIES_METHODS))
+    return 100 * max(source, 1) + 14 * place + 1
+
+
 def _preprocess_steps(meta: Mapping[str, Any]) -> str | None:
     """What ctperf's preprocessing did to a study, from its ``meta["preprocess"]`` record
     ("registered and filtered", "rewritten by ctperf" when neither), or None without one."""
@@ -121,6 +137,7 @@ def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
     ds.file_meta.MediaStorageSOPClassUID = UID(sop_class)
     ds.SOPClassUID = UID(sop_class)
     ds.Modality = "CT"
+    ds.BodyPartExamined = "HEAD"  # the General Series module wants it, or Laterality (Type 2C)
     tags: dict[str, Any] = {"PatientName": "Anonymous", "PatientID": "ctperf"}
     tags.update({k: v for k, v in (meta.get("dicom") or {}).items() if k in PATIENT_STUDY_TAGS})
     tags.update(patient or {})
@@ -387,14 +404,15 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
     tags.setdefault("StudyInstanceUID", generate_uid())  # one study for all the maps
     meta["dicom"] = tags
     written = []
-    for number, name in enumerate(maps.names, start=1):
+    first = _map_series_number(int(meta.get("series_number") or 1), method)
+    for number, name in enumerate(maps.names, start=first):
         values = np.asarray(maps[name], dtype=np.float64)
         stored, kind, slope, intercept = _map_scaling(values)
         desc = f"{name.upper()} [{maps.units[name]}] {method}"
         base = _base_dataset({**meta, "frame_of_reference_uid": frame_uid}, None,
                              description=desc, sop_class=CTImageStorage, anonymise=anonymise)
         base.ImageType = ["DERIVED", "SECONDARY", "AXIAL", name.upper()]
-        base.SeriesNumber = 100 + number
+        base.SeriesNumber = number
         base.Rows, base.Columns = n_y, n_x
         base.PixelRepresentation = 1 if kind == "int16" else 0
         base.RescaleSlope, base.RescaleIntercept = _ds(slope), _ds(intercept)
