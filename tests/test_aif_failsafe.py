@@ -194,6 +194,16 @@ def test_vof_smaller_than_aif_rejected_and_never_shrinks():
     np.testing.assert_array_equal(scaled, aif)
 
 
+def test_a_vof_cut_off_by_the_scans_end_is_rejected_as_such():
+    """A scan ending 6 s after the AIF's peak cuts the vein's bolus: its area falls short of
+    the artery's for that reason, not because the vein is diluted (the reason given before)."""
+    aif, vof = _curves()
+    k = int(np.argmax(aif)) + 6
+    check = assess_vof(aif[:k], vof[:k], T1[:k])
+    assert not check.ok and "cut off by the scan's end" in check.reason
+    assert assess_vof(aif, 0.4 * vof, T1).reason.startswith("the VOF's area is")
+
+
 def test_vof_within_noise_of_the_aif_area_is_kept_without_scaling():
     aif, vof = _curves()
     check = assess_vof(aif, 0.57 * vof, T1)  # ratio 0.95: an undiluted AIF measured with noise
