@@ -242,11 +242,16 @@ def tissue_peak_time(enh: np.ndarray, times: np.ndarray, *, vessel_quantile: flo
     """Time (s from the first frame) at which the tissue's bolus peaks: the peak of the mean of
     the curves ``enh`` (T, N) that enhance no more than the ``vessel_quantile`` of their peaks
     (the vessels left out, arteries and veins alike). Voxels that do not enhance (CSF, a loose
-    mask) lower the mean's height, not its timing."""
+    mask) lower the mean's height, not its timing. Curves raised for a frame or two only
+    (:func:`~ctperf.perfusion.curves.brief_peak`) are left out as well: bone a jerk of the head
+    carried in before the bolus had put the tissue's peak at the jerk, before every artery."""
     t = np.asarray(times, dtype=np.float64)
     c = np.asarray(enh)
     peaks = c.max(axis=0)
-    mean = c[:, peaks <= np.quantile(peaks, vessel_quantile)].mean(axis=1, dtype=np.float64)
+    use = (peaks <= np.quantile(peaks, vessel_quantile)) & ~brief_peak(c, t)
+    if not use.any():
+        use = np.ones(c.shape[1], dtype=bool)
+    mean = c[:, use].mean(axis=1, dtype=np.float64)
     return float(t[int(np.argmax(mean))] - t[0])
 
 
