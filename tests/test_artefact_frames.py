@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from ctperf import phantom
+from ctperf.errors import ValidationError
 from ctperf.perfusion import LesionOptions, run_perfusion
 from ctperf.perfusion.curves import brief_peak
 
@@ -115,7 +116,12 @@ def test_a_given_aif_is_judged_on_its_own_curve_among_streaks(subject, still):
     """Streaks peaking at the first frame had refused the study as begun after the bolus,
     the artery's mask given or not (its own curve is unenhanced at the first frame)."""
     mask = subject.masks["artery"]
-    res = run_perfusion(_streaked(subject.series), method="nlr-fast", aif_mask=mask,
+    streaked = _streaked(subject.series)
+    # without the mask the streaks still read as vessels enhanced at the first frame: the
+    # refusal says how to get past it
+    with pytest.raises(ValidationError, match=r"give the artery's mask \(--aif-mask\)"):
+        run_perfusion(streaked, method="nlr-fast")
+    res = run_perfusion(streaked, method="nlr-fast", aif_mask=mask,
                         lesion_options=LesionOptions())
     clean = run_perfusion(subject.series, method="nlr-fast", aif_mask=mask,
                           lesion_options=LesionOptions())

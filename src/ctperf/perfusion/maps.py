@@ -194,7 +194,10 @@ def run_perfusion(
     if aif is None and aif_mask is None:
         # a given AIF is judged on its own curve (arterial_input): the study's other vessels
         # can hold metal streaks that peak at any frame, the first too
-        check_vessels_at_start(onset, inside & ~bone_rim)
+        check_vessels_at_start(onset, inside & ~bone_rim, remedy=(
+            "; if the arteries are unenhanced at the first frame and something else peaks there "
+            "(metal streaks), give the artery's mask (--aif-mask): a given AIF is judged on its "
+            "own curve"))
     slice_share = _brain_slice_share(brain, inside)
     exposed = masks.exposed_share(brain, masks.as_air(base - offset, padding), spacing=spacing)
     enh, venh = enhancement(hu, vhu, search, base=base, n_base=n_base)

@@ -119,7 +119,7 @@ def _bolus_baseline(vhu: np.ndarray, times: np.ndarray, *, spacing: tuple[float,
             bone_rim, onset)
 
 
-def check_vessels_at_start(onset: _Onset, region: np.ndarray) -> None:
+def check_vessels_at_start(onset: _Onset, region: np.ndarray, *, remedy: str = "") -> None:
     """Refuse a study whose arteries were already enhanced at the first frame.
 
     The vessels are the voxels of ``region`` (bool (Z, Y, X): inside the head, away from bone)
@@ -131,6 +131,7 @@ def check_vessels_at_start(onset: _Onset, region: np.ndarray) -> None:
     five times the smoothed noise, above their lowest value (contrast only adds attenuation:
     the lowest is the unenhanced value), the scan began after the contrast arrived. Curves
     that peak for a frame or two only (``onset.brief``: a jerk of the head) are no vessels.
+    ``remedy`` ends the refusal's message.
     """
     soft = region & (onset.lowest > -100) & ~onset.brief
     if not soft.any():
@@ -148,7 +149,7 @@ def check_vessels_at_start(onset: _Onset, region: np.ndarray) -> None:
     if started.mean() > 0.5:
         raise ValidationError(bolus_started_message(
             f"{started.mean():.0%} of the earliest-peaking vessels are enhanced at it, by a "
-            f"median {np.median(level):.0%} of their range"))
+            f"median {np.median(level):.0%} of their range") + remedy)
 
 
 class _Brain(NamedTuple):
