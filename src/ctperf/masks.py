@@ -93,17 +93,18 @@ def _as_volume(
     return vol, (dz, dy, dx)
 
 
-def _smooth_in_plane(vol: np.ndarray, pixel: tuple[float, float], sigma_mm: float
-                     ) -> np.ndarray:
+def _smooth_in_plane(vol: np.ndarray, pixel: tuple[float, float], sigma_mm: float, *,
+                     skull: bool | None = None) -> np.ndarray:
     """``vol`` (Z, Y, X) smoothed in-plane by a Gaussian of SD ``sigma_mm`` (``pixel`` (dy, dx)
     mm). In a volume with no skull (:func:`skull_present`: a skull-stripped study) air is left
     out (a normalised convolution over the voxels at or above :data:`AIR_HU`, air kept as it
     is): there the brain meets air, whose -1000 HU averaged into the cortex beside it took a
     ring of brain for air or CSF. A head's scalp meets air too, and there air averaged into
-    its edge helps cut it from the brain."""
+    its edge helps cut it from the brain. ``skull``: :func:`skull_present` of ``vol`` when
+    the caller has it."""
     sigma = (0.0, sigma_mm / pixel[0], sigma_mm / pixel[1])
     solid = vol >= AIR_HU
-    if solid.all() or skull_present(vol):
+    if solid.all() or (skull_present(vol) if skull is None else skull):
         return ndimage.gaussian_filter(vol, sigma=sigma)
     weight = ndimage.gaussian_filter(solid.astype(np.float32), sigma=sigma)
     total = ndimage.gaussian_filter(np.where(solid, vol, np.float32(0.0)), sigma=sigma)
@@ -155,7 +156,8 @@ def brain_mask(
     """
     vol, (dz, dy, dx) = _as_volume(series_or_volume, spacing)
     sampling = (dz, dy, dx)
-    smooth = _smooth_in_plane(vol, (dy, dx), smooth_mm)
+    skull = skull_present(vol)
+    smooth = _smooth_in_plane(vol, (dy, dx), smooth_mm, skull=skull)
     # Bone from the unsmoothed volume: smoothing would spread 1000+ HU bone millimetres inwards.
     bone = vol >= bone_hu
     if bone.any() and bone_margin_mm > 0:
@@ -176,7 +178,7 @@ def brain_mask(
     labels, n = ndimage.label(core)
     if n == 0:
         return np.zeros(vol.shape, dtype=bool)
-    if skull_present(vol):  # the brain, not the scalp or what lies beyond the skull
+    if skull:  # the brain, not the scalp or what lies beyond the skull
         sizes = np.bincount(labels.ravel())
         sizes[0] = 0
         largest = labels == int(np.argmax(sizes))

@@ -19,6 +19,7 @@ from ctperf.errors import ValidationError
 __all__ = [
     "MAP_NAMES",
     "MAP_UNITS",
+    "METHODS",
     "CTPSeries",
     "PerfusionMaps",
     "orient",
@@ -37,6 +38,9 @@ MAP_UNITS: dict[str, str] = {
     "delay": "s",
 }
 MAP_NAMES: tuple[str, ...] = tuple(MAP_UNITS)
+
+#: The model-based methods of ``ctperf maps`` (``ctperf.perfusion.run_perfusion``).
+METHODS: tuple[str, ...] = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes")
 
 
 def spacing_zyx(affine: np.ndarray) -> tuple[float, float, float]:

@@ -291,7 +291,7 @@ def add_anonymise_option(parser: Any) -> None:
                              "institution; new UIDs); JSON never carries them")
 
 
-#: ``--method`` of the model-based commands (``ctperf.perfusion.METHODS``, spelled out here so
+#: ``--method`` of the model-based commands (``ctperf.types.METHODS``, spelled out here so
 #: that ``--help`` needs no scientific imports).
 METHOD_CHOICES: tuple[str, ...] = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes")
 

@@ -28,7 +28,7 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_ui
 from ctperf.errors import ValidationError
 from ctperf.io.atomic import atomic_dir
 from ctperf.io.privacy import ANONYMOUS_START, deidentify_dataset
-from ctperf.types import CTPSeries, PerfusionMaps
+from ctperf.types import METHODS, CTPSeries, PerfusionMaps
 
 __all__ = ["PATIENT_STUDY_TAGS", "gdcm_compress", "write_maps_dicom", "write_series_dicom"]
 
@@ -103,19 +103,14 @@ def _start_time(meta: Mapping[str, Any], *, anonymise: bool = False) -> dt.datet
     return start or _DEFAULT_START
 
 
-#: Methods in the order that sets their maps' SeriesNumber (:func:`_map_series_number`); any
-#: other (the U-Net's "unet", a map set read from elsewhere) takes the place after them.
-MAP_SERIES_METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes")
-
-
 def _map_series_number(source: int, method: str) -> int:
     """SeriesNumber of the first map of ``method`` made from the series numbered ``source``:
-    100 x ``source`` + 14 x the method's place in :data:`MAP_SERIES_METHODS` + 1; the maps
+    100 x ``source`` + 14 x the method's place in :data:`~ctperf.types.METHODS` (any other,
+    such as the U-Net's "unet", after them) + 1; the maps
     follow it one by one (at most 11). Never the source's own number, and each method's maps
     of one study apart from the others' (maps had been numbered 101 on whatever the source: a
     scan numbered 101 and its CBF map shared the number, and so did two methods' maps)."""
-    place = (MAP_SERIES_METHODS.index(method) if method in MAP_SERIES_METHODS
-             else len(MAP_SERIES_METHODS))
+    place = METHODS.index(method) if method in METHODS else len(METHODS)
     return 100 * max(source, 1) + 14 * place + 1
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ctperf.errors import ValidationError
-from ctperf.perfusion.curves import brief_peak, second_difference_sd
+from ctperf.perfusion.curves import TRUNCATED_END, brief_peak, second_difference_sd
 
 __all__ = [
     "VesselCurve",
@@ -447,7 +447,7 @@ def assess_vof(
     elif not snr >= min_snr:
         reason = (f"the VOF's peak ({peak:.0f} HU) is only {snr:.1f} times its noise SD "
                   f"({sd:.1f} HU), below {min_snr:g}: noise, not a vein")
-    elif ratio < min_area_ratio and v[-1] > VOF_CUT_FRACTION * peak:
+    elif ratio < min_area_ratio and v[-1] > TRUNCATED_END * peak:
         reason = (f"the VOF's bolus is cut off by the scan's end (its last frame at "
                   f"{v[-1] / peak:.0%} of its peak): its area, {ratio:.2f} times the AIF's, "
                   "cannot be measured, nor the AIF's partial volume with it")
@@ -457,11 +457,6 @@ def assess_vof(
     ok = not reason
     return VofCheck(ok=ok, ratio=ratio, factor=max(ratio, 1.0) if ok else 1.0, snr=snr,
                     reason=reason)
-
-
-#: A VOF whose last frame stands above this fraction of its peak was cut off by the scan's end
-#: (:func:`assess_vof`), as the ``truncation`` QC flag reads curves.
-VOF_CUT_FRACTION = 0.3
 
 
 def _centroid(c: np.ndarray, t: np.ndarray) -> float:

@@ -33,7 +33,8 @@ from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import MIN_FRAMES
 from ctperf.perfusion.onset import pre_bolus_frames
 from ctperf.perfusion.qc import check_first_pass_sampled, qc_flags
-from ctperf.perfusion.voxelfit import METHODS, SD_MAPS, fit_voxels
+from ctperf.perfusion.voxelfit import SD_MAPS, fit_voxels
+from ctperf.types import METHODS
 
 __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_curves"]
 

@@ -24,6 +24,7 @@ __all__ = [
     "MIN_AIF_SNR",
     "MIN_BOLUS_WIDTH_S",
     "RHO_RANGE",
+    "TRUNCATED_END",
     "TTP_SMOOTH_S",
     "ArterialTable",
     "bandlimit",
@@ -358,6 +359,12 @@ def smooth_time(curves: np.ndarray) -> np.ndarray:
     """Curves (T, ...) smoothed along time before bolus arrivals are read, float32: a Gaussian of
     SD :data:`ARRIVAL_SMOOTH_FRAMES` (:func:`gaussian_time`)."""
     return gaussian_time(curves, ARRIVAL_SMOOTH_FRAMES)
+
+
+#: A curve whose last frame stands above this fraction of its peak was cut off by the scan's
+#: end (or drifts upwards): the ``truncation`` QC flag, and a VOF that
+#: :func:`~ctperf.perfusion.assess_vof` rejects as cut off.
+TRUNCATED_END = 0.3
 
 
 #: Shortest time (s) a bolus spends at or above half its rise, counted in frames

@@ -58,8 +58,8 @@ from ctperf.perfusion.onset import (
     without_still,
 )
 from ctperf.perfusion.qc import MAX_AIF_LEAD_S, aif_lag, qc_flags, skull_shift_px
-from ctperf.perfusion.voxelfit import METHODS, SD_MAPS, check_bayes_options, fit_voxels
-from ctperf.types import MAP_UNITS, CTPSeries, PerfusionMaps
+from ctperf.perfusion.voxelfit import SD_MAPS, check_bayes_options, fit_voxels
+from ctperf.types import MAP_UNITS, METHODS, CTPSeries, PerfusionMaps
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,12 @@ from ctperf.masks import (
     SKULL_SHARE,
 )
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
-from ctperf.perfusion.curves import bolus_arrival_frame, enhanced_at_start, start_level
+from ctperf.perfusion.curves import (
+    TRUNCATED_END,
+    bolus_arrival_frame,
+    enhanced_at_start,
+    start_level,
+)
 
 __all__ = ["ARRIVAL_SDS", "MAX_AIF_LEAD_S", "MAX_SKULL_SHIFT_PX", "aif_lag",
            "check_first_pass_sampled", "first_pass", "frame_gaps", "qc_flags", "skull_shift_px"]
@@ -154,7 +159,7 @@ def qc_flags(
     box_mtt: np.ndarray | None = None,
     csf_cut_share: float | None = None,
     hu_offset: float | None = None,
-    end_fraction: float = 0.3,
+    end_fraction: float = TRUNCATED_END,
     min_aif_peak_hu: float = 100.0,
     late_aif_fraction: float = 0.6,
     max_aif_lead_s: float = MAX_AIF_LEAD_S,

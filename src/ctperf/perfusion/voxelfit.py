@@ -17,9 +17,8 @@ from ctperf.perfusion.svd import svd_deconvolve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["METHODS", "SD_MAPS", "check_bayes_options", "fit_voxels"]
+__all__ = ["SD_MAPS", "check_bayes_options", "fit_voxels"]
 
-METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes")
 #: Posterior standard deviations written beside the maps by ``bayes``.
 SD_MAPS = ("cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd")
 
