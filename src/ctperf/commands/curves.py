@@ -44,7 +44,8 @@ def register(subparsers: Any) -> None:
                     "pre-bolus level by more than its noise allows, "
                     "no_enhancement for one that never rises above it, at_bound for a box "
                     "fit that ended on a bound of its parameters, peaks_before_aif for one "
-                    "that peaks before the AIF by more than 1 s or a frame interval), a JSON "
+                    "that peaks before the AIF by more than 1 s or a frame interval, "
+                    "truncated for one still above 30 % of its peak at the last frame), a JSON "
                     "sidecar of the "
                     "same stem (method, constants, baseline frames, partial-volume step, QC, "
                     "units) and a PNG of the curves as fitted.")
@@ -70,7 +71,8 @@ def register(subparsers: Any) -> None:
                         "there [%(default)s]")
     p.add_argument("--baseline", type=_baseline, default="auto", metavar="N",
                    help="pre-bolus frames whose mean is subtracted from every curve: auto (read "
-                        "from the AIF's arrival, as the maps do), or N; 0 when the curves are "
+                        "from the AIF's arrival, as the maps do), or N, no more frames than "
+                        "precede the AIF's arrival; 0 when the curves are "
                         "enhancement or concentration already (curves still at their "
                         "unenhanced HU before the AIF's bolus are then refused) "
                         "[%(default)s]")

@@ -20,11 +20,13 @@ from ctperf.io.integrity import frame_spacing_problem
 from ctperf.perfusion.boxnlr import BOX_METHODS, DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
     ARRIVAL_NOISE_GAIN,
+    TRUNCATED_END,
     bandlimit,
     bolus_arrival_frame,
     check_bolus_present,
     check_bolus_start,
     check_constants,
+    check_peak_not_clipped,
     second_difference_sd,
     smooth_time,
     to_enhancement,
@@ -51,6 +53,10 @@ CURVE_FLAGS: dict[str, str] = {
                       "its values are not reliable",
     "no_enhancement": "never rises above its pre-bolus level by more than its noise allows: "
                       "its values are mostly noise",
+    "truncated": f"its last frame stands above {TRUNCATED_END:.0%} of its peak (and above its "
+                 "noise): the scan ended before its bolus washed out, so the area after it is "
+                 "missing and its CBV, MTT and CBF are biased (a long transit, a late arrival, "
+                 "or a baseline drifting upwards)",
     "peaks_before_aif": "peaks before the AIF does by more than 1 s or a frame interval, "
                         "whichever is longer, which tissue fed by that artery cannot: the AIF "
                         "was taken downstream of it (a vein, or an artery past a delay); its "
@@ -113,7 +119,10 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ..
     ``below_baseline`` where it falls :data:`CURVE_FLAG_SDS` times that below zero after the
     baseline frames (and by more than 1 % of its largest excursion, so that rounding in a
     noise-free curve does not count), ``no_enhancement`` where it never rises
-    :data:`NO_ENHANCEMENT_SDS` times that above zero. Any units.
+    :data:`NO_ENHANCEMENT_SDS` times that above zero, ``truncated`` where its last frame stands
+    above :data:`~ctperf.perfusion.curves.TRUNCATED_END` of its peak and that many SDs above
+    zero (each curve judged on its own: the study's ``truncation`` flag reads the AIF, the VOF
+    and the tissue's mean, in which one long-transit curve is lost). Any units.
     """
     c = np.asarray(tissue, dtype=np.float64)
     noise = second_difference_sd(c)
@@ -125,8 +134,10 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ..
     after = sm[baseline_frames:] if 0 < baseline_frames < sm.shape[0] else sm
     below = after.min(axis=0) < -np.maximum(CURVE_FLAG_SDS * sd, 0.01 * np.abs(sm).max(axis=0))
     flat = sm.max(axis=0) <= NO_ENHANCEMENT_SDS * sd
-    return tuple(tuple(name for name, hit in (("below_baseline", b), ("no_enhancement", f))
-                       if hit) for b, f in zip(below, flat, strict=True))
+    cut = ~flat & (sm[-1] > TRUNCATED_END * sm.max(axis=0)) & (sm[-1] > NO_ENHANCEMENT_SDS * sd)
+    return tuple(tuple(name for name, hit in (("below_baseline", b), ("no_enhancement", f),
+                                              ("truncated", c)) if hit)
+                 for b, f, c in zip(below, flat, cut, strict=True))
 
 
 def _at_bounds(values: dict[str, np.ndarray]) -> np.ndarray:
@@ -193,6 +204,23 @@ def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> No
                 f"the AIF's bolus arrives (at {t[k] - t[0]:.1f} s) {name} stands at "
                 f"{level:.3g}, against a rise of {rise:.3g}: the curves hold their unenhanced "
                 "values (HU); let the baseline be read from them (auto, or a number of frames)")
+
+
+def _check_baseline_before_bolus(t: np.ndarray, aif: np.ndarray, n_base: int) -> None:
+    """Refuse a baseline of ``n_base`` frames that reaches into the AIF's bolus (past its
+    arrival: the first frame, smoothed, above 10 % of its rise and five times its noise). Its
+    mean would hold contrast, subtracted from every curve: a probe's baseline ending at 80 % of
+    the AIF's peak."""
+    try:
+        k = bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)
+    except ValidationError:
+        return  # no arrival to compare with: the AIF's own checks speak
+    if n_base > k:
+        raise ValidationError(
+            f"baseline {n_base} frames reaches into the AIF's bolus, which arrives at frame "
+            f"{k + 1} ({t[k] - t[0]:.1f} s, 10 % of its rise): the baseline's mean would hold "
+            f"contrast; give at most {k} frames, or let the baseline be read from the curves "
+            "(auto)")
 
 
 def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
@@ -263,6 +291,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
 
     check_bolus_present(a)
     check_bolus_start(a)
+    check_peak_not_clipped(a, t)
     check_first_pass_sampled(t, a)
     vessels = a[:, None] if v is None else np.stack([a, v], axis=1)
     if isinstance(baseline, str):
@@ -283,6 +312,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         n_base = int(baseline)
         if not 0 <= n_base < t.size - 2:
             raise ValidationError(f"baseline must be 0 to {t.size - 3} frames, got {baseline}")
+        _check_baseline_before_bolus(t, a, n_base)
     if n_base == 0:
         _check_enhancement(t, a, tis)
     if n_base:

@@ -23,6 +23,7 @@ __all__ = [
     "KH_RANGE",
     "MIN_AIF_SNR",
     "MIN_BOLUS_WIDTH_S",
+    "MIN_CLIPPED_TOP_S",
     "RHO_RANGE",
     "TRUNCATED_END",
     "TTP_SMOOTH_S",
@@ -34,6 +35,7 @@ __all__ = [
     "check_bolus_present",
     "check_bolus_start",
     "check_constants",
+    "check_peak_not_clipped",
     "enhanced_at_start",
     "flow_scale",
     "gaussian_taps",
@@ -188,6 +190,42 @@ def check_bolus_start(aif: np.ndarray) -> None:
             and enhanced_at_start(rise, span, noise)):
         raise ValidationError(bolus_started_message(
             f"the AIF starts at {rise / span:.0%} of its rise above its lowest values"))
+
+
+#: An arterial curve whose highest frames hold one value over this many seconds (three frames
+#: or more) was clipped: :func:`check_peak_not_clipped`.
+MIN_CLIPPED_TOP_S = 2.5
+
+
+def check_peak_not_clipped(aif: np.ndarray, times: np.ndarray, *,
+                           remedy: str = "give the curve as measured, unclipped") -> None:
+    """Refuse an arterial curve (T,) whose top was cut flat: three or more consecutive frames,
+    spanning :data:`MIN_CLIPPED_TOP_S` or more, at its maximum (within 1e-4 of its range), that
+    maximum standing above the first frame by half the range or more (a bolus's peak).
+
+    A measured bolus has a rounded peak and noise, so its frames are not equal to the digit
+    for seconds, even noise-free and rounded to whole HU; values saturated by a detector, a
+    display window or an export's range are. The cut AIF has too little area and too low a
+    peak, so every CBF and CBV read from it is too high (docs/validation.md, "Curves that
+    cannot be a bolus passage").
+    Any units. ``remedy`` ends the message.
+    """
+    x = np.asarray(aif, dtype=np.float64)
+    t = np.asarray(times, dtype=np.float64)
+    if x.size < 3 or not np.ptp(x) > 0:
+        return
+    top, span = float(x.max()), float(np.ptp(x))
+    if top - x[0] < 0.5 * span:  # no bolus rising to the top (its checks are elsewhere)
+        return
+    at_top = np.flatnonzero(x >= top - 1e-4 * span)
+    runs = np.split(at_top, np.flatnonzero(np.diff(at_top) > 1) + 1)
+    run = max(runs, key=lambda r: t[r[-1]] - t[r[0]])
+    if run.size >= 3 and t[run[-1]] - t[run[0]] >= MIN_CLIPPED_TOP_S:
+        raise ValidationError(
+            f"the arterial curve's peak is cut flat: its {run.size} frames from "
+            f"{t[run[0]] - t[0]:.1f} to {t[run[-1]] - t[0]:.1f} s all hold its maximum "
+            f"{top:.4g}, as clipped or saturated values do (a bolus peaks rounded and noisy); "
+            f"its true peak and area are larger, so CBF and CBV would read too high; {remedy}")
 
 
 def start_level(aif: np.ndarray) -> tuple[float, float, float]:

@@ -30,6 +30,7 @@ from ctperf.perfusion.aif import (
 from ctperf.perfusion.curves import (
     check_bolus_present,
     check_bolus_start,
+    check_peak_not_clipped,
     second_difference_sd,
 )
 from ctperf.perfusion.qc import check_first_pass_sampled
@@ -111,6 +112,8 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
     else:
         check_bolus_present(curve)
     check_bolus_start(curve)
+    check_peak_not_clipped(curve, t, remedy="give an AIF mask on an artery whose voxels are "
+                                          "not saturated (--aif-mask)")
     check_first_pass_sampled(t, curve)
     if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
         raise ValidationError(

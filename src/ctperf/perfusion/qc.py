@@ -267,7 +267,8 @@ def qc_flags(
             ends.append(float(curve[-1] / np.max(curve)))
     end = max(ends) if ends else None
     put("truncation", end is not None and end > end_fraction, end,
-        f"a curve's last frame is above {end_fraction:.0%} of its peak: bolus not washed out "
+        f"the AIF's, the VOF's or the tissue's mean curve's last frame is above "
+        f"{end_fraction:.0%} of its peak: bolus not washed out "
         "(a scan too short), or a baseline drifting upwards, so CBV and MTT are biased (the "
         "area after the last frame is missing; fits extrapolate it, in either direction)")
     below = None
