@@ -178,7 +178,8 @@ def test_a_study_at_another_pixel_scale_is_said(trained, caplog):
     small[:3, :2] /= 4.0  # the same 16 px, a field of view a quarter as wide
     with caplog.at_level("WARNING", logger="ctperf"):
         maps = predict_maps(series.replace(affine=small), ckpt, device="cpu")
-    assert "0.25 times their trained size" in maps.provenance["pixel_note"]
+    # pixels a quarter the size: the head covers four times the pixels it was trained on
+    assert "4.00 times their trained size" in maps.provenance["pixel_note"]
     assert "unreliable" in caplog.text
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import pickle
 import re
@@ -17,7 +18,7 @@ from ctperf.errors import InputError
 from ctperf.model.unet import UNet
 
 __all__ = ["CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "build_model", "check_checkpoint",
-           "load_checkpoint", "save_checkpoint"]
+           "load_checkpoint", "save_checkpoint", "weights_digest"]
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,24 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
 
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
                "software_version": __version__, **state}
+    if isinstance(state.get("model"), dict):
+        payload["model_sha256"] = weights_digest(state["model"])
     with atomic_file(path) as tmp:
         torch.save(payload, tmp)
     return Path(path)
+
+
+def weights_digest(weights: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict's names and tensor bytes, in name order: stored by
+    :func:`save_checkpoint` and compared on loading, so that bytes damaged inside the tensors,
+    which torch loads without complaint, are refused rather than predicted from."""
+    digest = hashlib.sha256()
+    for name in sorted(weights):
+        tensor = weights[name].detach().cpu().contiguous().reshape(-1)
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _refusal(exc: Exception) -> str:
@@ -84,10 +100,19 @@ def check_checkpoint(ckpt: Any, source: str | Path) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise InputError(source, f"checkpoint config {key} must be a positive integer, got "
                                      f"{value!r}")
+    _check_outputs(config, source)
     weights = ckpt.get("model")
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor)
                                                  for v in weights.values()):
         raise InputError(source, "checkpoint has no model weights (a dict of tensors)")
+    stored = ckpt.get("model_sha256")  # checkpoints written before it have none
+    if stored is not None and stored != weights_digest(weights):
+        raise InputError(source, "the weights' bytes differ from the digest stored when the "
+                                 "checkpoint was written: the file is damaged; use another "
+                                 "copy, or train again")
+    if not all(bool(torch.isfinite(v).all()) for v in weights.values() if v.is_floating_point()):
+        raise InputError(source, "weights hold NaN or infinite values (a training that "
+                                 "diverged, or a damaged file)")
     try:
         with torch.device("meta"):
             expected = {k: tuple(v.shape) for k, v in build_model(config).state_dict().items()}
@@ -104,6 +129,24 @@ def check_checkpoint(ckpt: Any, source: str | Path) -> None:
         raise InputError(source, f"weights do not match the U-Net of its config: {k} has shape "
                                  f"{list(have[k])}, the architecture needs {list(expected[k])} "
                                  f"({len(wrong)} tensors differ)")
+
+
+def _check_outputs(config: dict[str, Any], source: str | Path) -> None:
+    """The config's ``targets`` and ``map_names``: one of each per output channel, the names
+    those of ctperf's maps (they name the files written: a name holding a path had written
+    outside the output folder)."""
+    from ctperf.types import MAP_NAMES
+
+    targets, names = config["targets"], config["map_names"]
+    if not (isinstance(targets, list | tuple) and isinstance(names, list | tuple)
+            and len(targets) == len(names) == config["out_channels"]):
+        raise InputError(source, f"checkpoint config needs one target and one map name per "
+                                 f"output channel ({config['out_channels']}), got targets "
+                                 f"{targets!r} and map_names {names!r}")
+    strange = [n for n in names if n not in MAP_NAMES]
+    if strange:
+        raise InputError(source, f"checkpoint config map_names {strange!r} are not maps "
+                                 f"ctperf writes ({', '.join(MAP_NAMES)})")
 
 
 def load_checkpoint(path: str | Path, *, frames: int | None = None,

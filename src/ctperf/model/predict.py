@@ -18,7 +18,13 @@ from ctperf.masks import first_frame_as_air, hu_offset
 from ctperf.model.data import ORIENTATION
 from ctperf.model.normalise import from_unit, normalise_input
 from ctperf.model.unet import input_step, select_frames, subsample_indices
-from ctperf.types import CTPSeries, PerfusionMaps, orient, radiological_flips
+from ctperf.types import (
+    CTPSeries,
+    PerfusionMaps,
+    non_axial_slices,
+    orient,
+    radiological_flips,
+)
 
 __all__ = ["predict_maps"]
 
@@ -98,7 +104,7 @@ def _pixel_scale(series: CTPSeries, cfg: dict[str, Any]) -> str | None:
         return None
     note = (f"the network learned {trained:.2f} mm pixels; this study's field of view gives "
             f"{seen:.2f} mm at its {int(cfg['size'])} px input: structures are "
-            f"{seen / trained:.2f} times their trained size, so its maps are unreliable "
+            f"{trained / seen:.2f} times their trained size, so its maps are unreliable "
             "(crop or pad the study to the training field of view, or train at this scale)")
     log.warning("%s", note)
     return note
@@ -146,6 +152,9 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
     else:
         ckpt = load_checkpoint(checkpoint)
     cfg = ckpt["config"]
+    problem = non_axial_slices(series.affine)
+    if problem is not None:
+        raise ValidationError(problem)
     _, z, ny, nx = series.shape
     size = int(cfg["size"])
     if (ny, nx) != (size, size) and not resize:
@@ -179,6 +188,10 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
             xb = torch.from_numpy(np.ascontiguousarray(x[start:start + batch_size])).to(dev)
             outputs.append(model(xb).float().cpu().numpy())
     unit = orient(_resize(np.concatenate(outputs, axis=0), (ny, nx)), flips)  # (Z, C, Y, X)
+    if not np.all(np.isfinite(unit)):
+        raise ValidationError("the network's output holds NaN or infinite values: its weights "
+                              "or its input normalisation (hu_mean, hu_std) are broken; use "
+                              "another checkpoint")
     maps = {}
     for c, (target, name) in enumerate(zip(cfg["targets"], cfg["map_names"], strict=True)):
         values = from_unit(np.clip(unit[:, c], 0.0, 1.0), target, windows=cfg["windows"])

@@ -219,15 +219,31 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def _path_options(value: Any) -> list[os.PathLike[str]]:
+    """The paths among options (fields of dataclasses, values of mappings and sequences):
+    only ``os.PathLike`` values, so that a method's name is never taken for a file."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
+    elif isinstance(value, dict):
+        value = list(value.values())
+    if isinstance(value, list | tuple):
+        return [p for item in value for p in _path_options(item)]
+    return [value] if isinstance(value, os.PathLike) else []
+
+
 def options_hash(task: Task, options: Any) -> str:
     """``sha256:<hex>`` of the task's qualified name and its options (a dataclass or mapping),
-    as canonical JSON; studies done under another hash are computed again. Options that do not
+    as canonical JSON, with the state (:func:`source_state`) of the files its paths name (a
+    checkpoint, a mask): studies done under another hash are computed again (a model replaced
+    at the same path had left every study's maps those of the old one). Options that do not
     change what is written (``progress``, ``overwrite``, ``workers``) are left out."""
     name = f"{getattr(task, '__module__', '')}.{getattr(task, '__qualname__', repr(task))}"
     plain = _plain(options)
     if isinstance(plain, dict):
         plain = {k: v for k, v in plain.items() if k not in _UNHASHED}
-    text = json.dumps({"task": name, "options": plain}, sort_keys=True, default=repr)
+    files = source_state(_path_options(options))
+    text = json.dumps({"task": name, "options": plain, "files": files}, sort_keys=True,
+                      default=repr)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -1,0 +1,61 @@
+"""Checkpoints that must not be predicted from: names that would be written outside the
+output folder, outputs without a target, weights damaged or diverged; and a cohort whose
+model file was replaced at the same path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from ctperf.errors import InputError
+from ctperf.model import load_checkpoint, save_checkpoint
+from ctperf.workflow.cohort import options_hash
+from ctperf.workflow.study import PredictOptions, predict_study
+from test_model_predict import trained  # noqa: F401 (the module's fixture)
+
+
+def test_map_names_that_are_paths_are_refused(trained, tmp_path: Path):  # noqa: F811
+    """A map name is a file name: '../../notes' had overwritten a user's notes.json beside
+    the output folder, exit 0."""
+    _, path = trained
+    ckpt = load_checkpoint(path)
+    for names, match in ((["../../notes", "delay"], "not maps ctperf writes"),
+                         (["cbf"], "one target and one map name per output channel")):
+        bad = tmp_path / "bad.pt"
+        save_checkpoint({**ckpt, "config": {**ckpt["config"], "map_names": names}}, bad)
+        with pytest.raises(InputError, match=match):
+            load_checkpoint(bad)
+
+
+def test_damaged_or_diverged_weights_are_refused(trained, tmp_path: Path):  # noqa: F811
+    """Bytes changed inside a tensor load without complaint from torch (a probe's damaged file
+    predicted CBV 0 in 99 % of the brain, exit 0): the digest written with the weights no
+    longer matches. NaN weights written as such are refused too."""
+    _, path = trained
+    ckpt = load_checkpoint(path)
+    assert "model_sha256" in ckpt
+    name = next(iter(ckpt["model"]))
+    damaged = {k: v.clone() for k, v in ckpt["model"].items()}
+    damaged[name].view(-1)[0] += 1.0
+    torch.save({**ckpt, "model": damaged}, tmp_path / "damaged.pt")  # the old digest kept
+    with pytest.raises(InputError, match="differ from the digest"):
+        load_checkpoint(tmp_path / "damaged.pt")
+    damaged[name].view(-1)[0] = float("nan")
+    save_checkpoint({**ckpt, "model": damaged}, tmp_path / "nan.pt")
+    with pytest.raises(InputError, match="NaN or infinite"):
+        load_checkpoint(tmp_path / "nan.pt")
+    legacy = {k: v for k, v in ckpt.items() if k != "model_sha256"}  # written before digests
+    torch.save(legacy, tmp_path / "legacy.pt")
+    assert load_checkpoint(tmp_path / "legacy.pt")["config"] == ckpt["config"]
+
+
+def test_a_model_replaced_at_its_path_changes_the_options(tmp_path: Path):
+    model = tmp_path / "current.pt"
+    model.write_bytes(b"first model")
+    options = PredictOptions(model=model)
+    before = options_hash(predict_study, options)
+    assert options_hash(predict_study, options) == before
+    model.write_bytes(b"a second, different model")
+    assert options_hash(predict_study, options) != before
