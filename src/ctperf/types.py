@@ -22,6 +22,8 @@ __all__ = [
     "METHODS",
     "CTPSeries",
     "PerfusionMaps",
+    "RadiologicalView",
+    "non_axial_slices",
     "orient",
     "radiological_flips",
     "spacing_zyx",
@@ -49,6 +51,28 @@ def spacing_zyx(affine: np.ndarray) -> tuple[float, float, float]:
     return float(norms[2]), float(norms[1]), float(norms[0])
 
 
+def non_axial_slices(affine: np.ndarray) -> str | None:
+    """Why a study's slices are not axial, or None: its third array axis, along which slices
+    are stacked, runs closer to the patient's left-right or front-back axis than to head-foot
+    (a gantry tilt or a turned head keeps it closest to head-foot). The midline, the
+    contralateral reference, the figures and the U-Net take slices to be axial; sagittal
+    slices mirrored a hemisphere onto itself.
+
+    Parameters
+    ----------
+    affine : ndarray (4, 4)
+        Voxel-to-patient (RAS) affine of the ``(x, y, z, 1)`` index vector.
+    """
+    axis = int(np.argmax(np.abs(np.asarray(affine, dtype=np.float64)[:3, 2])))
+    if axis == 2:
+        return None
+    kind, along = (("sagittal", "left-right"), ("coronal", "front-back"))[axis]
+    return (f"its slices are stacked along the patient's {along} axis ({kind} slices, or a "
+            "file storing its axes in another order), and ctperf maps axial slices stacked "
+            "along the third axis; reslice the study to axial, or reorder the file's axes "
+            "(e.g. nibabel's as_closest_canonical)")
+
+
 def radiological_flips(affine: np.ndarray) -> tuple[bool, bool]:
     """Flips (rows, columns) that turn a (.., Y, X) slice to the radiological orientation in
     which DICOM stores axial images: anterior at the first row, the patient's right at the
@@ -66,6 +90,34 @@ def radiological_flips(affine: np.ndarray) -> tuple[bool, bool]:
     flip_cols = col_axis == 0 and a[0, 0] > 0
     flip_rows = row_axis == 1 and a[1, 1] > 0
     return bool(flip_rows), bool(flip_cols)
+
+
+@dataclass(frozen=True)
+class RadiologicalView:
+    """How figures show a (..., Y, X) slice radiologically (anterior up, the patient's right on
+    the left), whatever order the file stores its axes in: transposed first when its columns
+    run front-back and its rows left-right, then flipped (:func:`radiological_flips` of the
+    affine with its in-plane axes in that order). The network's slices are only flipped
+    (:func:`radiological_flips`)."""
+
+    swap: bool
+    flips: tuple[bool, bool]
+
+    @classmethod
+    def of(cls, affine: np.ndarray) -> RadiologicalView:
+        """The view of slices of a study with voxel-to-patient (RAS) ``affine``."""
+        a = np.asarray(affine, dtype=np.float64)
+        swap = (int(np.argmax(np.abs(a[:3, 0]))) == 1
+                and int(np.argmax(np.abs(a[:3, 1]))) == 0)
+        return cls(swap, radiological_flips(a[:, [1, 0, 2, 3]] if swap else a))
+
+    def __call__(self, arr: np.ndarray) -> np.ndarray:
+        """``arr`` (..., Y, X) as shown: a view, not a copy."""
+        return orient(np.swapaxes(arr, -1, -2) if self.swap else arr, self.flips)
+
+    def aspect(self, dy: float, dx: float) -> float:
+        """Height over width, as shown, of a pixel of ``dy`` x ``dx`` mm (rows x columns)."""
+        return dx / dy if self.swap else dy / dx
 
 
 def orient(arr: np.ndarray, flips: tuple[bool, bool]) -> np.ndarray:

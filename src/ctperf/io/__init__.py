@@ -13,6 +13,7 @@ from ctperf.io.dicom_write import write_maps_dicom, write_series_dicom
 from ctperf.io.maps import map_file, read_maps
 from ctperf.io.nifti import (
     is_nifti,
+    maps_xform_code,
     read_mask,
     read_nifti_series,
     read_on_grid,
@@ -37,6 +38,7 @@ __all__ = [
     "is_nifti",
     "iter_unitobrain",
     "map_file",
+    "maps_xform_code",
     "mark_output",
     "nifti_study_in",
     "public_meta",

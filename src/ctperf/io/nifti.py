@@ -33,6 +33,7 @@ from ctperf.types import CTPSeries, PerfusionMaps
 __all__ = [
     "has_orientation",
     "is_nifti",
+    "maps_xform_code",
     "read_mask",
     "read_nifti_series",
     "read_on_grid",
@@ -177,8 +178,15 @@ def _stored_zooms(p: Path, img: Any) -> np.ndarray:
 
 def has_orientation(path: PathLike) -> bool:
     """Whether a NIfTI file's header sets an sform or a qform (else its affine is a guess)."""
-    header = _open(path).header
-    return (int(header.get("sform_code", 0)), int(header.get("qform_code", 0))) != (0, 0)
+    return xform_code(_open(path).header) != 0
+
+
+def xform_code(header: Any) -> int:
+    """The NIfTI space a header's affine is in: its sform's code, else its qform's (1 scanner,
+    2 aligned, 3 Talairach, 4 MNI, 5 template); 0 when neither is set and the orientation
+    is a guess. Maps written from a study keep its code (:func:`write_volume`)."""
+    sform = int(header.get("sform_code", 0))
+    return sform if sform > 0 else int(header.get("qform_code", 0))
 
 
 def _load(path: PathLike, *, allow_nan: bool = False) -> tuple[np.ndarray, np.ndarray, Any]:
@@ -370,6 +378,7 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         slice_times = times[:, None] + offsets[None, :]
         source += " and SliceTiming"
     meta["timing_source"] = source
+    meta["nifti_xform_code"] = xform_code(header)
     data = _masked_as_air(p, _pixels(p, img, allow_nan=True))
     hu = np.ascontiguousarray(data.transpose(3, 2, 1, 0))
     del data
@@ -422,7 +431,8 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
         data = np.clip(np.rint(data), -32768, 32767).astype(np.int16)
     elif dtype != "float32":
         raise ValueError(f"dtype must be 'float32' or 'int16', got {dtype!r}")
-    img = _image(data, series.affine, "CT perfusion study, HU")
+    img = _image(data, series.affine, "CT perfusion study, HU",
+                 code=int(series.meta.get("nifti_xform_code", 1)))
     zooms = [*img.header.get_zooms()[:3], series.frame_interval]
     img.header.set_zooms(zooms)
     with atomic_file(p) as tmp:
@@ -434,18 +444,21 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
     return p
 
 
-def _image(data: np.ndarray, affine: np.ndarray, description: str) -> nib.Nifti1Image:
+def _image(data: np.ndarray, affine: np.ndarray, description: str, *,
+           code: int = 1) -> nib.Nifti1Image:
     """A NIfTI image in mm and s whose sform holds ``affine``, and its qform too where a qform
-    can, so that tools reading only one agree, both coded "scanner" (1); ``description`` in the
-    header's descrip. A tilted gantry's sheared grid, which a qform cannot hold, gets
-    :func:`unsheared_grid` as its qform: tools that need orthogonal axes (ITK, and so ITK-SNAP
-    and Slicer) open the file on that grid, while the sform, which the others read, keeps the
-    tilt."""
+    can, so that tools reading only one agree, both with the space ``code`` (:func:`xform_code`;
+    1, scanner, for DICOM studies and phantoms); ``description`` in the header's descrip. With
+    code 0 (a study whose header set no orientation) both stay unset, as in the study, so that
+    no tool takes the guessed orientation for a known one. A tilted gantry's sheared grid,
+    which a qform cannot hold, gets :func:`unsheared_grid` as its qform: tools that need
+    orthogonal axes (ITK, and so ITK-SNAP and Slicer) open the file on that grid, while the
+    sform, which the others read, keeps the tilt."""
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    img.set_qform(affine, code=1)
+    img.set_qform(affine, code=code)
     if not np.allclose(img.get_qform(), affine, atol=1e-4):
-        img.set_qform(unsheared_grid(affine, data.shape[:3]), code=1)
-    img.set_sform(affine, code=1)
+        img.set_qform(unsheared_grid(affine, data.shape[:3]), code=code)
+    img.set_sform(affine, code=code)
     img.header.set_xyzt_units("mm", "sec")
     img.header["descrip"] = description.encode("ascii", "replace")[:79]
     return img
@@ -471,15 +484,16 @@ def unsheared_grid(affine: np.ndarray, shape_xyz: Iterable[int]) -> np.ndarray:
 
 
 def write_volume(volume: np.ndarray, affine: np.ndarray, path: PathLike,
-                 *, sidecar: Mapping[str, Any] | None = None) -> Path:
-    """Write one (Z, Y, X) volume (map or mask) as 3D NIfTI; booleans are stored as uint8."""
+                 *, sidecar: Mapping[str, Any] | None = None, code: int = 1) -> Path:
+    """Write one (Z, Y, X) volume (map or mask) as 3D NIfTI; booleans are stored as uint8.
+    ``code``: the NIfTI space of ``affine`` (the study's, :func:`xform_code`)."""
     vol = np.asarray(volume)
     if vol.ndim != 3:
         raise ValidationError(f"volume must be 3D (Z, Y, X), got shape {vol.shape}")
     if vol.dtype == bool:
         vol = vol.astype(np.uint8)
     what = "" if sidecar is None else f"{sidecar.get('map', '')} {sidecar.get('units', '')}"
-    img = _image(vol.transpose(2, 1, 0), affine, what.strip())
+    img = _image(vol.transpose(2, 1, 0), affine, what.strip(), code=code)
     with atomic_file(path) as tmp:
         nib.save(img, str(tmp))
     if sidecar is not None:
@@ -588,6 +602,12 @@ def read_mask(path: PathLike, *, shape: tuple[int, int, int], affine: np.ndarray
     return mask
 
 
+def maps_xform_code(maps: PerfusionMaps) -> int:
+    """The NIfTI space code of maps' affine: the study's (``nifti_xform_code`` of their
+    provenance), 1 (scanner) when the study was not a NIfTI file."""
+    return int(maps.provenance.get("nifti_xform_code", 1))
+
+
 def write_maps_nifti(maps: PerfusionMaps, folder: PathLike,
                      *, names: Iterable[str] | None = None) -> list[Path]:
     """Write each map as ``<folder>/<name>.nii.gz`` with a sidecar of units and provenance."""
@@ -597,5 +617,5 @@ def write_maps_nifti(maps: PerfusionMaps, folder: PathLike,
     for name in names if names is not None else maps.names:
         sidecar = {"map": name, "units": maps.units[name], **public_meta(maps.provenance)}
         written.append(write_volume(maps[name], maps.affine, out / f"{name}.nii.gz",
-                                    sidecar=sidecar))
+                                    sidecar=sidecar, code=maps_xform_code(maps)))
     return written

@@ -35,7 +35,8 @@ from ctperf.parallel import map_chunks
 from ctperf.types import PerfusionMaps
 
 __all__ = ["MIDPLANE_MAX_YAW_DEG", "THRESHOLDS_ONLY", "LesionOptions", "LesionResult", "MidPlane",
-           "left_right_angle", "midsagittal_plane", "normal_cbf_reference", "segment_lesions"]
+           "in_patient_terms", "left_right_angle", "midsagittal_plane", "normal_cbf_reference",
+           "segment_lesions"]
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,20 @@ def left_right_angle(affine: np.ndarray) -> float:
     elif angle <= -math.pi / 2:
         angle += math.pi
     return angle
+
+
+def in_patient_terms(plane: MidPlane, affine: np.ndarray) -> tuple[float, np.ndarray]:
+    """The mid-sagittal plane as the patient's head stands, whatever the array's storage order:
+    its yaw (degrees, about the head-foot axis: the angle of the head's left-to-right
+    axis from the scanner's towards anterior, positive when the patient's right side is turned
+    forward, the nose towards the patient's left) and each slice's midline offset (mm, (Z,),
+    positive to the patient's right of the slice's centre). ``affine``: the maps' RAS affine."""
+    a = np.asarray(affine, dtype=np.float64)[:3, :2]
+    cols = a / np.maximum(np.linalg.norm(a, axis=0), 1e-12)
+    normal = cols[:, 0] * math.cos(plane.angle) + cols[:, 1] * math.sin(plane.angle)
+    sign = 1.0 if normal[0] >= 0 else -1.0  # the normal turned to point to the patient's right
+    turn = math.degrees(math.atan2(sign * normal[1], sign * normal[0]))
+    return turn, sign * np.asarray(plane.offset, dtype=np.float64)
 
 
 #: Yaw (degrees) searched either side of the affine's left-right axis for the mid-sagittal
@@ -373,9 +388,10 @@ def segment_lesions(
                                        spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm,
                                        plane=plane)
             if plane is not None:
-                yaw = float(np.rad2deg(plane.angle - base))
-                mid_info = {"yaw_deg": round(yaw, 2),
-                            "offset_mm": np.round(plane.offset, 2).tolist(),
+                yaw = float(np.rad2deg(plane.angle - base))  # from the header's left-right
+                turn, shift = in_patient_terms(plane, maps.affine)
+                mid_info = {"yaw_deg": round(turn, 2),
+                            "offset_mm": np.round(shift, 2).tolist(),
                             "mirror_overlap": round(plane.score, 4),
                             "yaw_at_search_limit": abs(yaw) >= MIDPLANE_MAX_YAW_DEG - 0.5}
                 if mid_info["yaw_at_search_limit"]:

@@ -59,7 +59,7 @@ from ctperf.perfusion.onset import (
 )
 from ctperf.perfusion.qc import MAX_AIF_LEAD_S, aif_lag, qc_flags, skull_shift_px
 from ctperf.perfusion.voxelfit import SD_MAPS, check_bayes_options, fit_voxels
-from ctperf.types import MAP_UNITS, METHODS, CTPSeries, PerfusionMaps
+from ctperf.types import MAP_UNITS, METHODS, CTPSeries, PerfusionMaps, non_axial_slices
 
 log = logging.getLogger(__name__)
 
@@ -254,6 +254,8 @@ def run_perfusion(
         provenance["slice_times_interpolated_s"] = round(slice_shift, 3)
     if series.meta.get("timing_source"):   # where the frame times came from, as read
         provenance["timing_source"] = str(series.meta["timing_source"])
+    if "nifti_xform_code" in series.meta:  # 0: the study's header had no orientation
+        provenance["nifti_xform_code"] = int(series.meta["nifti_xform_code"])
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
     lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels | dense, rim_mm=rim_mm,
                        options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)
@@ -312,6 +314,9 @@ def _check_inputs(series: CTPSeries, *, method: str, vessel_series: CTPSeries | 
         raise ValidationError(f"series.times: {problem}; CTPSeries times are in seconds")
     if method not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    problem = non_axial_slices(series.affine)
+    if problem is not None:
+        raise ValidationError(problem)
     n_t = series.hu.shape[0]
     if n_t < MIN_FRAMES:
         raise ValidationError(f"a perfusion study needs at least {MIN_FRAMES} frames, got {n_t}")

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.reporting.windows import colorbar_extend, display_window
-from ctperf.types import PerfusionMaps, orient, radiological_flips
+from ctperf.types import PerfusionMaps, RadiologicalView
 
 __all__ = [
     "bland_altman_figure",
@@ -82,13 +82,13 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
         area = mask.sum(axis=(1, 2))
         z = int(np.argmax(area)) if area.any() else reference.shape[0] // 2
     _, dy, dx = reference.spacing
-    flips = radiological_flips(reference.affine)
+    radio = RadiologicalView.of(reference.affine)
     colours = ("magenta", "white", "cyan", "yellow")
     fig, axes = plt.subplots(3, len(names), figsize=(3.2 * len(names), 9.2), squeeze=False,
                              facecolor="black")
     for j, name in enumerate(names):
-        ref = orient(np.where(mask[z], reference[name][z], np.nan), flips)
-        est = orient(np.where(mask[z], estimate[name][z], np.nan), flips)
+        ref = radio(np.where(mask[z], reference[name][z], np.nan))
+        est = radio(np.where(mask[z], estimate[name][z], np.nan))
         lo, hi = display_window(name, ref)
         span = hi - lo
         panels = ((ref, f"{name} {labels[1]}", "turbo", lo, hi),
@@ -97,12 +97,13 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
         for i, (img, label, cmap, vmin, vmax) in enumerate(panels):
             ax = axes[i, j]
             shown = ax.imshow(img, cmap=plt.get_cmap(cmap).with_extremes(bad="black"),
-                              vmin=vmin, vmax=vmax, aspect=dy / dx, interpolation="nearest")
+                              vmin=vmin, vmax=vmax, aspect=radio.aspect(dy, dx),
+                              interpolation="nearest")
             drawn = [(k, key, outline) for k, (key, outline) in enumerate((outlines or {}).items())
                      if outline[z].any()]
             # the first outline (the core) on top: a penumbra's edge runs along it
             for k, _, outline in reversed(drawn):
-                ax.contour(orient(outline[z], flips).astype(float), levels=[0.5],
+                ax.contour(radio(outline[z]).astype(float), levels=[0.5],
                            colors=colours[k % len(colours)], linewidths=0.8)
             if i == 0 and j == 0:
                 for k, key, _ in drawn:
@@ -131,7 +132,7 @@ def _outline_legend(fig: Any, ax: Any, *, fontsize: int) -> None:
 def radiological_axes(ax: Any, *, mark: bool, color: str = "white", fontsize: int = 8
                       ) -> None:
     """No ticks; with ``mark`` an "R" at the patient's right (the slice is shown
-    radiologically, :func:`~ctperf.types.radiological_flips`)."""
+    radiologically, :class:`~ctperf.types.RadiologicalView`)."""
     ax.set_xticks([])
     ax.set_yticks([])
     if mark:
@@ -178,7 +179,7 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
         area = mask.sum(axis=(1, 2))
         z = int(np.argmax(area)) if area.any() else first.shape[0] // 2
     _, dy, dx = first.spacing
-    flips = radiological_flips(first.affine)
+    radio = RadiologicalView.of(first.affine)
     label0 = readings[0][0]
     rows = [(label, m, False) for label, m in readings]
     rows += [(f"{label0} - {label}", m, True) for label, m in readings[1:]]
@@ -195,13 +196,14 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
                 cmap, vmin, vmax = "RdBu_r", -(hi - lo) / 2, (hi - lo) / 2
             else:
                 cmap, vmin, vmax = "turbo", lo, hi
-            shown = ax.imshow(orient(img, flips),
+            shown = ax.imshow(radio(img),
                               cmap=plt.get_cmap(cmap).with_extremes(bad="black"),
-                              vmin=vmin, vmax=vmax, aspect=dy / dx, interpolation="nearest")
+                              vmin=vmin, vmax=vmax, aspect=radio.aspect(dy, dx),
+                              interpolation="nearest")
             if not is_diff:
                 for k, (key, outline) in enumerate((outlines or {}).items()):
                     if outline[z].any():
-                        ax.contour(orient(outline[z], flips).astype(float), levels=[0.5],
+                        ax.contour(radio(outline[z]).astype(float), levels=[0.5],
                                    colors=colours[k % len(colours)], linewidths=0.8)
                     if i == 0 and j == 0:
                         ax.plot([], [], color=colours[k % len(colours)], label=key)

@@ -11,7 +11,7 @@ import numpy as np
 
 from ctperf.reporting.figures import radiological_axes
 from ctperf.reporting.windows import colorbar_extend, display_window, map_title
-from ctperf.types import orient, radiological_flips
+from ctperf.types import RadiologicalView, radiological_flips
 
 __all__ = ["maps_overview", "radiological_flips", "volume_text"]
 
@@ -89,7 +89,7 @@ def maps_overview(result: Any, *, title: str = "",
     area = result.brain.sum(axis=(1, 2))
     order = np.argsort(-area, kind="stable")[: min(4, n_z)]
     slices = sorted(int(z) for z in order if area[z] > 0) or [n_z // 2]
-    flips = radiological_flips(maps.affine)
+    radio = RadiologicalView.of(maps.affine)
     _, dy, dx = maps.spacing
     # At least three columns: the curves take two and the text one when few maps are shown.
     columns = max(3, len(names))
@@ -102,7 +102,8 @@ def maps_overview(result: Any, *, title: str = "",
     # The figure is sized to its content (inches): each map as tall as the cropped brain is for
     # its width, room for the column titles, the colour bars and the title, and no more.
     cell_w = 2.8
-    map_h = cell_w * (r1 - r0) * dy / ((c1 - c0) * dx)
+    high, wide = radio(np.empty((r1 - r0, c1 - c0))).shape
+    map_h = cell_w * high * radio.aspect(dy, dx) / wide
     heights = [map_h] * len(slices) + [2.9]
     gap, top, bottom = 0.1, 0.7, 0.45  # gap: of the mean row's height
     fig_w = cell_w * columns + 0.85
@@ -113,7 +114,7 @@ def maps_overview(result: Any, *, title: str = "",
                             top=1 - top / fig_h, bottom=bottom / fig_h)
 
     def view(a: Any) -> Any:
-        return orient(a[r0:r1, c0:c1], flips)
+        return radio(a[r0:r1, c0:c1])
 
     for j, name in enumerate(names):
         shown_values = maps[name][result.brain & ~result.vessels]
@@ -122,7 +123,7 @@ def maps_overview(result: Any, *, title: str = "",
         for i, z in enumerate(slices):
             ax = fig.add_subplot(grid[i, j])
             im = ax.imshow(view(maps[name][z]), cmap=cmap, vmin=window[0], vmax=window[1],
-                           interpolation="nearest", aspect=dy / dx)
+                           interpolation="nearest", aspect=radio.aspect(dy, dx))
             for mask, colour in ((result.lesions.hypoperfused, "white"),
                                  (result.lesions.core, "magenta")):
                 m = view(mask[z]).astype(float)

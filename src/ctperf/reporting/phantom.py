@@ -14,7 +14,7 @@ from ctperf.reporting.windows import (
     display_window,
     map_title,
 )
-from ctperf.types import orient, radiological_flips
+from ctperf.types import RadiologicalView
 
 if TYPE_CHECKING:
     from ctperf.phantom.generate import PhantomSubject
@@ -65,9 +65,9 @@ def phantom_preview_figure(subject: PhantomSubject, *, slice_index: int | None =
         panels.append((subject.truth[name][z], {"vmin": lo, "vmax": hi, "cmap": "turbo"},
                        f"true {map_title(name)}"))
     # radiological, as every other figure: the patient's right on the image's left
-    flips = radiological_flips(s.affine)
+    radio = RadiologicalView.of(s.affine)
     for ax, (img, kw, title) in zip(axes.flat, panels, strict=False):
-        im = ax.imshow(orient(img, flips), **kw)
+        im = ax.imshow(radio(img), **kw)
         ax.set_title(title, fontsize=10)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
     ax = axes[2, 0]
@@ -76,14 +76,14 @@ def phantom_preview_figure(subject: PhantomSubject, *, slice_index: int | None =
     rgb[subject.masks["core"][z]] = [0.9, 0.05, 0.05]
     rgb[subject.masks["artery"][z]] = [0.1, 0.4, 1.0]
     rgb[subject.masks["vein"][z]] = [0.0, 0.9, 0.9]
-    ax.imshow(np.moveaxis(orient(np.moveaxis(rgb, -1, 0), flips), 0, -1),
+    ax.imshow(np.moveaxis(radio(np.moveaxis(rgb, -1, 0)), 0, -1),
               interpolation="nearest")
     vol = subject.params["volumes_ml"]
     ax.set_title(f"core {vol['core']:.0f} mL (red), penumbra {vol['penumbra']:.0f} mL "
                  "(yellow)\nartery (blue), vein (cyan)", fontsize=10)
     ax = axes[2, 1]
     terr = subject.masks["territories"][z].astype(float)
-    ax.imshow(orient(np.where(terr > 0, terr, np.nan), flips), cmap="tab10", vmin=0.5,
+    ax.imshow(radio(np.where(terr > 0, terr, np.nan)), cmap="tab10", vmin=0.5,
               vmax=10.5, interpolation="nearest")
     ax.set_title("vascular territories (ACA, MCA, PCA R/L)", fontsize=10)
     ax = axes[2, 2]

@@ -8,7 +8,7 @@ import numpy as np
 
 from ctperf.reporting.figures import radiological_axes
 from ctperf.reporting.windows import BRAIN_WINDOW_HU
-from ctperf.types import orient, radiological_flips
+from ctperf.types import RadiologicalView
 
 __all__ = ["motion_qc_figure"]
 
@@ -59,12 +59,12 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
     ax.set_title("frame-wise displacement (corrected)" if left is None else
                  "displacement: corrected, and measured but not corrected")
     # radiological, as the maps' overview: the patient's right on the image's left
-    flips = radiological_flips(before.affine)
+    radio = RadiologicalView.of(before.affine)
     panels = [(before.hu[0, z], "frame 0"), (before.hu[t, z], f"frame {t} before"),
               (after.hu[t, z], f"frame {t} after")]
     for ax, (img, title) in zip(axes[1:], panels, strict=True):
-        ax.imshow(orient(img, flips), cmap="gray", vmin=low, vmax=high, origin="upper")
-        ax.contour(orient(result.mask[z], flips), levels=[0.5], colors="r", linewidths=0.5)
+        ax.imshow(radio(img), cmap="gray", vmin=low, vmax=high, origin="upper")
+        ax.contour(radio(result.mask[z]), levels=[0.5], colors="r", linewidths=0.5)
         ax.set_title(f"{title}, slice {z} (W {high - low:g} / L {(high + low) / 2:g})")
         ax.axis("off")
         radiological_axes(ax, mark=True, fontsize=9)

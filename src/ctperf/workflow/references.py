@@ -78,7 +78,8 @@ def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = Fals
         with io.atomic_dir(out / sub.name) as tmp:
             io.write_maps_nifti(maps, tmp)
             if vessels.any():  # the slice cache leaves them out of the training loss
-                io.write_volume(vessels, maps.affine, tmp / "lesions" / "vessels.nii.gz")
+                io.write_volume(vessels, maps.affine, tmp / "lesions" / "vessels.nii.gz",
+                                code=io.maps_xform_code(maps))
     return out
 
 
