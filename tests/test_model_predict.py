@@ -162,6 +162,13 @@ def test_a_study_sampled_otherwise_is_resampled_to_the_training_spacing(trained)
     uneven = predict_maps(series.replace(times=slow), ckpt, device="cpu")
     assert uneven.provenance["frame_mode"] == "resample"
     assert "apart, so it was resampled" in uneven.provenance["input_note"]
+    # the note gives the spread of the steps, not their median (which is the network's)
+    assert f"frames {step:.2f}-{2 * step:.2f} s apart" in uneven.provenance["input_note"]
+    # a scan a frame or two short of what the network takes: its last frame stands for the
+    # rest, and the note says so
+    cut = predict_maps(series.replace(hu=series.hu[:10], times=series.times[:10]), ckpt,
+                       device="cpu")
+    assert "its last frame stands for the last" in cut.provenance["input_note"]
 
 
 def test_a_study_at_another_pixel_scale_is_said(trained, caplog):

@@ -371,3 +371,15 @@ def test_config_is_frozen_validated_and_replaced():
     for change, match in bad:
         with pytest.raises(ValidationError, match=match):
             replace(config, **change)
+
+
+def test_a_timing_map_trained_with_another_is_said_to_go_without_shifts(caches, tmp_path,
+                                                                        caplog):
+    """Time shifts apply only to a network whose every target is a timing map: asked for with
+    Tmax beside CBV, the run says so (it had trained without them in silence)."""
+    _, small = caches
+    config = replace(TINY, targets=("cbv", "tmax"), epochs=1, augment=True, augment_shift=3)
+    with caplog.at_level("WARNING", logger="ctperf.model.train"):
+        train(small, tmp_path / "run", config, train_patients=["sub-0000"],
+              val_patients=["sub-0001"])
+    assert "tmax learnt without time shifts" in caplog.text

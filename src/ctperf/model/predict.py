@@ -74,13 +74,16 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
             f"the network takes {n_frames} frames {trained:.2f} s apart ({need:.0f} s), as its "
             f"training studies had them; this study spans {have:.0f} s")
     if steps is None or not steps.size:
-        what = "too few frames"
-    elif abs(float(np.median(steps)) / trained - 1.0) > STEP_TOLERANCE:
-        what = f"frames {float(np.median(steps)):.2f} s apart"
-    else:
+        what = f"{t.size} frames, fewer than the {n_frames} it takes"
+    elif float(steps.max() - steps.min()) > STEP_TOLERANCE * trained:
         what = f"frames {float(steps.min()):.2f}-{float(steps.max()):.2f} s apart"
+    else:
+        what = f"frames {float(np.median(steps)):.2f} s apart"
     note = (f"the network takes every n-th frame, {trained:.2f} s apart in its training "
             f"studies; this study gives {what}, so it was resampled to {trained:.2f} s")
+    if have < need:
+        note += (f"; it spans {have:.1f} of the {need:.1f} s the network takes, so its last "
+                 f"frame stands for the last {need - have:.1f} s")
     log.warning("%s", note)
     return "resample", float(trained), note
 

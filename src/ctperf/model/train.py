@@ -399,6 +399,11 @@ def train(cache: SliceCache, out: str | Path, config: TrainConfig | None = None,
     out = Path(out)
     config = config or TrainConfig()
     _check_patients(train_patients, val_patients)
+    timed = sorted(set(config.targets) & SHIFT_TARGETS)
+    if config.augment and config.augment_shift and timed and not time_shift(config):
+        log.warning("%s learnt without time shifts: they apply only to a network whose every "
+                    "target is Tmax or delay (targets %s); train %s on its own for them",
+                    " and ".join(timed), ", ".join(config.targets), " and ".join(timed))
     target_idx = [cache.target_index(t) for t in config.targets]
     stages = _stages(cache, pretrain_cache, config)
     mean, std = cache.input_stats(train_patients)
