@@ -323,7 +323,7 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
                 _finish_file(ds, tmp / f"IM_{t:04d}_{z:04d}.dcm", compress)
                 bar.update()
         bar.close()
-    log.info("wrote %d DICOM files to %s", n_t * n_z, out)
+    log.info("wrote %d DICOM files (%s)", n_t * n_z, out.name)  # out may be a temporary name
     return out
 
 

@@ -102,12 +102,13 @@ def preprocess(series: CTPSeries, *, register: bool = True, filter: bool = True,
         mean_d, max_d = motion.displacement_mm, motion.max_displacement_mm
         uncorrected = motion.uncorrected_mm
         record = motion.record()
+    registered = out is not series
+    del series  # a caller that handed the study over frees it now (ctperf preprocess)
     if filter:
         # the registered study is ours: filter it in place (one study less in memory)
         out = bilateral_filter(out, spatial_sigma_mm=spatial_sigma_mm,
                                range_sigma_hu=range_sigma_hu, filter_weights=filter_weights,
-                               in_place=out is not series,
-                               progress=progress)
+                               in_place=registered, progress=progress)
     mask = brain_mask(out)
     log.info("preprocess: %d frames, max mean displacement %.2f mm, brain %d voxels", n,
              float(mean_d.max()), int(mask.sum()))

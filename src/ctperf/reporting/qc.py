@@ -19,7 +19,8 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
     Parameters
     ----------
     before, after : CTPSeries
-        The study (T, Z, Y, X) in HU as read and as preprocessed.
+        The study (T, Z, Y, X) in HU as read and as preprocessed; ``before`` may hold only
+        the middle slice of ``after`` (T, 1, Y, X), the one shown.
     result : PreprocessResult
         Output of :func:`ctperf.preprocess.preprocess`: ``displacement_mm`` and
         ``max_displacement_mm`` (T,) over the brain, ``mask`` bool (Z, Y, X).
@@ -40,7 +41,8 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
     # the frame moved most: corrected, or else measured and left uncorrected
     t = int(np.argmax(result.displacement_mm if left is None
                       else np.maximum(result.displacement_mm, left)))
-    z = before.shape[1] // 2
+    z = after.shape[1] // 2
+    z_before = z if before.shape[1] == after.shape[1] else 0  # or only that slice, as read
     low, high = BRAIN_WINDOW_HU
     fig, axes = plt.subplots(1, 4, figsize=(16, 4), constrained_layout=True)
     ax = axes[0]
@@ -60,7 +62,7 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
                  "displacement: corrected, and measured but not corrected")
     # radiological, as the maps' overview: the patient's right on the image's left
     radio = RadiologicalView.of(before.affine)
-    panels = [(before.hu[0, z], "frame 0"), (before.hu[t, z], f"frame {t} before"),
+    panels = [(before.hu[0, z_before], "frame 0"), (before.hu[t, z_before], f"frame {t} before"),
               (after.hu[t, z], f"frame {t} after")]
     for ax, (img, title) in zip(axes[1:], panels, strict=True):
         ax.imshow(radio(img), cmap="gray", vmin=low, vmax=high, origin="upper")

@@ -278,9 +278,12 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
 
     o = options
     io.check_output(out, inputs=(study,), overwrite=o.overwrite)
-    series = io.read_study(study, series_uid=o.series_uid, frame_interval=o.frame_interval,
-                           progress=o.progress)
-    result = preprocess(series, register=o.register, filter=o.filter,
+    read = [io.read_study(study, series_uid=o.series_uid, frame_interval=o.frame_interval,
+                          progress=o.progress)]
+    # what the records and qc.png need of the study as read: its first frames and its middle
+    # slice; the study itself is handed over, and freed once registered
+    series, first_frames = _as_read(read[0])
+    result = preprocess(read.pop(), register=o.register, filter=o.filter,
                         spatial_sigma_mm=o.spatial_sigma_mm, range_sigma_hu=o.range_sigma_hu,
                         filter_weights=o.filter_weights, workers=o.workers,
                         progress=o.progress)
@@ -291,9 +294,10 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
     with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear together, or none
         io.write_series_nifti(final, tmp / "study.nii.gz")
         if o.dicom:  # DERIVED, with the steps of meta["preprocess"]
-            io.write_series_dicom(final, tmp / "dicom", anonymise=o.anonymise)
+            io.write_series_dicom(final, tmp / "dicom", anonymise=o.anonymise,
+                                  progress=o.progress)
         io.write_json(_transforms_record(series, result), tmp / "transforms.json")
-        qc = _preprocess_qc(series, final, result, o)
+        qc = _preprocess_qc(series, final, result, o, first_frames)
         io.write_json(qc, tmp / "qc.json")
         _write_qc_figure(series, final, result, tmp / "qc.png")
     largest = float(np.max(result.displacement_mm))
@@ -304,6 +308,23 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
                                          f"{note})",
                         summary={"max_mean_displacement_mm": largest,
                                  "max_uncorrected_mm": left})
+
+
+def _as_read(series: Any) -> tuple[Any, Any]:
+    """What ``qc.json`` and ``qc.png`` show of a study as read: its middle slice as a study
+    (T, 1, Y, X) and its first :data:`NOISE_FRAMES` frames (T, Z, Y, X), copies."""
+    z = series.shape[1] // 2
+    middle = series.replace(hu=series.hu[:, z:z + 1].copy(), slice_times=None,
+                            affine=series.affine @ _slice_shift(z))
+    return middle, series.hu[:NOISE_FRAMES].copy()
+
+
+def _slice_shift(z: int) -> Any:
+    import numpy as np
+
+    shift = np.eye(4)
+    shift[2, 3] = z
+    return shift
 
 
 def _transforms_record(series: Any, result: Any) -> dict[str, Any]:
@@ -319,7 +340,8 @@ def _transforms_record(series: Any, result: Any) -> dict[str, Any]:
     }
 
 
-def _preprocess_qc(series: Any, final: Any, result: Any, o: PreprocessOptions) -> dict[str, Any]:
+def _preprocess_qc(series: Any, final: Any, result: Any, o: PreprocessOptions,
+                   first_frames: Any) -> dict[str, Any]:
     import numpy as np
 
     return {
@@ -334,12 +356,16 @@ def _preprocess_qc(series: Any, final: Any, result: Any, o: PreprocessOptions) -
         "uncorrected_frames": [int(t) for t in np.flatnonzero(result.uncorrected_mm > 0)],
         "brain_voxels": int(result.mask.sum()),
         # frame-to-frame noise over the brain in the first (pre-contrast) frames
-        "noise_sd_hu_before": _noise(series.hu, result.mask),
+        "noise_sd_hu_before": _noise(first_frames, result.mask),
         "noise_sd_hu_after": _noise(final.hu, result.mask),
     }
 
 
-def _noise(hu: Any, mask: Any, frames: int = 6) -> float:
+#: The first frames (pre-contrast) whose frame-to-frame noise ``qc.json`` gives.
+NOISE_FRAMES = 6
+
+
+def _noise(hu: Any, mask: Any, frames: int = NOISE_FRAMES) -> float:
     """SD of consecutive-frame differences over the mask / sqrt(2), first ``frames`` frames."""
     import numpy as np
 
