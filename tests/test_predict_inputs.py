@@ -59,3 +59,27 @@ def test_a_model_replaced_at_its_path_changes_the_options(tmp_path: Path):
     assert options_hash(predict_study, options) == before
     model.write_bytes(b"a second, different model")
     assert options_hash(predict_study, options) != before
+
+
+def test_a_scan_begun_earlier_than_the_training_scans_is_said(trained, caplog):  # noqa: F811
+    """The network reads the bolus's timing from the frame index: the same study with three
+    more frames before its bolus (8 s) is predicted with a warning, the study as trained
+    without one."""
+    import numpy as np
+
+    from ctperf.io import read_nifti_series
+    from ctperf.model import predict_maps
+
+    cohort, path = trained
+    ckpt = load_checkpoint(path)
+    series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
+    low, high = ckpt["config"]["bolus_arrival_s"]
+    assert predict_maps(series, ckpt, device="cpu").provenance["arrival_note"] is None
+    step = float(np.median(np.diff(series.times)))
+    early = series.replace(hu=np.concatenate([np.repeat(series.hu[:1], 3, axis=0), series.hu]),
+                           times=np.r_[series.times[0] - step * np.arange(3, 0, -1),
+                                       series.times])
+    with caplog.at_level("WARNING", logger="ctperf"):
+        note = predict_maps(early, ckpt, device="cpu").provenance["arrival_note"]
+    assert note is not None and f"{low:.1f}-{high:.1f} s after it" in note
+    assert "unreliable" in caplog.text

@@ -44,6 +44,7 @@ from ctperf.model.normalise import (
     to_unit,
 )
 from ctperf.model.unet import input_step, select_frames
+from ctperf.perfusion.onset import bolus_arrival_s
 from ctperf.types import CTPSeries, PerfusionMaps, orient, radiological_flips
 
 __all__ = ["CACHE_VERSION", "ORIENTATION", "SliceCache", "build_slice_cache", "iter_cohort",
@@ -342,6 +343,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         ranges: dict[str, list[float]] = {}  # dataset-wide min/max per target, whole images
         steps: dict[str, float] = {}  # time step of each patient's input frames, s
         pixels: dict[str, float] = {}  # each patient's pixel as the network sees it, mm
+        arrivals: dict[str, float] = {}  # when each patient's bolus arrives, s
         for pid, series, maps, mask in tqdm(iter_cohort(root, reference=reference, references=refs),
                                             desc="slice cache", disable=not progress):
             if frames is None:
@@ -359,6 +361,10 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
             steps[pid] = input_step(series.times, n_frames=frames, mode=frame_mode,
                                     frame_interval=frame_interval)
             pixels[pid] = network_pixel_mm(series, size)
+            try:
+                arrivals[pid] = bolus_arrival_s(series)
+            except ValidationError:  # no bolus the maps' reading finds: no range from it
+                pass
             _, offset = hu_offset(first_frame_as_air(series.hu),  # calibrated HU
                                   spacing=series.spacing)
             if offset:
@@ -425,7 +431,8 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         meta = {**config, "size": size, "frames": frames, "targets": targets_kept,
                 "patients": list(stats), "stats": stats, "rows_patient": rows_patient,
                 "rows_z": rows_z, "cohort": str(root), "target_ranges": ranges,
-                "input_steps_s": steps, "pixels_mm": pixels, "targets_lacking": lacking}
+                "input_steps_s": steps, "pixels_mm": pixels, "arrivals_s": arrivals,
+                "targets_lacking": lacking}
         (tmp / "index.json").write_text(json.dumps(meta) + "\n")
     log.info("built slice cache %s (%d slices)", path, n)
     return open_slice_cache(path)

@@ -88,6 +88,40 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
     return "resample", float(trained), note
 
 
+#: A study whose bolus arrives further than this (s), or than the time shifts the network was
+#: trained with when they are wider, outside its training studies' arrivals is said to.
+ARRIVAL_TOLERANCE_S = 2.0
+
+
+def _arrival(series: CTPSeries, cfg: dict[str, Any]) -> str | None:
+    """A warning (logged and returned) when the study's bolus arrives, counted from its first
+    frame, outside the training studies' arrivals (``bolus_arrival_s`` of the checkpoint): the
+    network reads the bolus's timing from the frame index, so a scan begun earlier or later
+    than those it learned from shifts its Tmax and delay (docs/reproduce.md). None when
+    inside, or the checkpoint does not say."""
+    from ctperf.perfusion.onset import bolus_arrival_s
+
+    span = cfg.get("bolus_arrival_s")
+    if not span:
+        return None
+    try:
+        seen = bolus_arrival_s(series)
+    except ValidationError:  # no bolus found: the scan-start check says why
+        return None
+    slack = max(ARRIVAL_TOLERANCE_S,
+                int(cfg.get("augment_shift") or 0) * float(cfg.get("input_step_s") or 0.0))
+    low, high = float(span[0]), float(span[1])
+    if low - slack <= seen <= high + slack:
+        return None
+    note = (f"the bolus arrives {seen:.1f} s after this study's first frame, and {low:.1f}-"
+            f"{high:.1f} s after it in the network's training studies (its time shifts cover "
+            f"{slack:.1f} s more): it reads the bolus's timing from the frame index, so its "
+            "maps, Tmax and delay most, are unreliable (leave out early frames of a scan "
+            "begun earlier, or train on studies like it)")
+    log.warning("%s", note)
+    return note
+
+
 #: A study whose pixel, as the network sees it, differs from the training studies' by more
 #: than this fraction is said to be at another scale.
 PIXEL_TOLERANCE = 0.2
@@ -168,6 +202,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
         raise ValidationError(f"brain mask shape {np.shape(brain_mask)} differs from the "
                               f"study's {(z, ny, nx)}")
     pixel_note = _pixel_scale(series, cfg)
+    arrival_note = _arrival(series, cfg)
     mode, interval, note = _frame_selection(series.times, cfg)
     frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]), mode=mode,
                            frame_interval=interval)
@@ -206,7 +241,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                   "frames": cfg["frames"], "frame_mode": mode,
                   "input_step_s": input_step(series.times, n_frames=int(cfg["frames"]),
                                              mode=mode, frame_interval=interval),
-                  "input_note": note, "pixel_note": pixel_note,
+                  "input_note": note, "pixel_note": pixel_note, "arrival_note": arrival_note,
                   "size": size, "resized": (ny, nx) != (size, size),
                   "flipped_rows_columns": list(flips), "hu_offset": offset,
                   "model_software_version": ckpt.get("software_version")}

@@ -459,6 +459,13 @@ def _median(values: dict[str, float] | None) -> float | None:
     return float(np.median(list(values.values()))) if values else None
 
 
+def _span(values: dict[str, float] | None, patients: Sequence[str]) -> list[float] | None:
+    """[lowest, highest] of a per-patient figure over ``patients`` (the bolus's arrival, s);
+    None: not recorded for them."""
+    kept = [values[p] for p in patients if values and p in values]
+    return [float(min(kept)), float(max(kept))] if kept else None
+
+
 def _record(cache: SliceCache, config: TrainConfig, stages: list[tuple[str, SliceCache, int]],
             *, mean: float, std: float, train_patients: Sequence[str],
             val_patients: Sequence[str]) -> dict[str, Any]:
@@ -477,6 +484,7 @@ def _record(cache: SliceCache, config: TrainConfig, stages: list[tuple[str, Slic
         "frame_interval": cache.meta["frame_interval"], "hu_window": cache.meta["hu_window"],
         "input_step_s": _median(cache.meta.get("input_steps_s")),
         "pixel_mm": _median(cache.meta.get("pixels_mm")),
+        "bolus_arrival_s": _span(cache.meta.get("arrivals_s"), train_patients),
         "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"],
         "cache_version": int(cache.meta["version"]), "orientation": cache.meta.get("orientation"),
         "seed": c.seed,

@@ -28,8 +28,8 @@ from ctperf.types import CTPSeries
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIN_BOLUS_SNR", "check_scan_start", "check_vessels_at_start", "enhancement",
-           "pre_bolus_frames", "study_start", "without_still"]
+__all__ = ["MIN_BOLUS_SNR", "bolus_arrival_s", "check_scan_start", "check_vessels_at_start",
+           "enhancement", "pre_bolus_frames", "study_start", "without_still"]
 
 
 class _Onset(NamedTuple):
@@ -234,6 +234,14 @@ def study_start(hu: np.ndarray, vhu: np.ndarray, times: np.ndarray, *,
     mean = hu.mean(axis=0, dtype=np.float32)
     region = _brain(base, mean, brain_mask, spacing=spacing, offset=offset, padding=padding)
     return _Start(padding, level, offset, n_base, bone_rim, onset, base, mean, region)
+
+
+def bolus_arrival_s(series: CTPSeries) -> float:
+    """When the bolus reaches the study, s after its first frame, as the maps read it: the time
+    of the first frame after the pre-bolus frames (:func:`study_start`, the automatic brain)."""
+    start = study_start(series.hu, series.hu, series.times, spacing=series.spacing,
+                        brain_mask=None)
+    return float(series.times[min(start.n_base, series.n_frames - 1)] - series.times[0])
 
 
 def enhancement(hu: np.ndarray, vhu: np.ndarray, search: np.ndarray, *, base: np.ndarray,
