@@ -521,7 +521,7 @@ def test_a_lesion_missing_in_some_studies_is_said_not_dropped_silently():
     del readers[0].lesions["b"]["hypoperfused"]
     out = evaluate_readers(readers, studies=studies)
     assert [row["lesion"] for row in out["lesions"]] == ["core"]
-    (said,) = out["lesion_warnings"]
+    (said,) = out["table_warnings"]
     assert said == "hypoperfused, est vs ref: left out of Table 2 (est has none in b)"
 
 

@@ -277,7 +277,9 @@ def map_case_metrics(estimate: np.ndarray, reference: np.ndarray, *, name: str,
     lo, hi = window
     scaled = [np.clip((np.asarray(a, np.float64) - lo) / (hi - lo), 0, 1)
               for a in (estimate, reference)]
-    return {"mse_minmax": unit_mse(estimate, reference, window=minmax, clip=False, mask=region),
+    paper = (unit_mse(estimate, reference, window=minmax, clip=False, mask=region)
+             if minmax[1] > minmax[0] else float("nan"))  # NaN: no range (a constant map)
+    return {"mse_minmax": paper,
             "mse_window": mse_w, "psnr": psnr(mse_w),
             "ssim": ssim(scaled[0], scaled[1], mask=region),
             "mae": agree.mae, "bias": agree.bias, "rmse": agree.rmse,
@@ -358,7 +360,8 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
     dict
         ``maps`` (Table 1 rows), ``lesions`` (Table 2 rows), ``friedman`` (one per lesion when
         three or more readers segmented it), ``minmax`` (the paper's ranges per reference and
-        map), ``region`` (where maps were compared). Keys are documented in
+        map; NaN for a constant map), ``region`` (where maps were compared),
+        ``table_warnings`` (rows left out, ranges that could not be had). Keys are documented in
         ``docs/evaluation.md``.
     """
     studies = list(studies)
@@ -374,18 +377,33 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
     out: dict[str, Any] = {
         "region": f"brain mask of {brain_src.label}" if brain_src else "all finite voxels",
         "voxel_ml": voxel_ml, "maps": [], "lesions": [], "friedman": [], "minmax": {},
-        "lesion_warnings": []}
+        "table_warnings": []}
+
+    def warn(text: str) -> None:
+        out["table_warnings"].append(text)
+        log.warning("%s", text)
+
     for est, ref in _map_pairs(readers):
         for name in MAP_ORDER:
             lacking = [s for s in studies if name not in est.maps[s] or name not in ref.maps[s]]
             if lacking:
-                if len(lacking) < len(studies):
-                    log.warning("%s against %s: no %s row, the map is missing in %s",
-                                est.label, ref.label, name, ", ".join(lacking))
+                if len(lacking) < len(studies):  # (a reader that never makes it: no row)
+                    warn(f"{name}, {est.label} vs {ref.label}: left out of Table 1 (missing in "
+                         f"{', '.join(lacking[:3])}{' ...' if len(lacking) > 3 else ''})")
+                else:
+                    log.info("%s, %s vs %s: not compared (not in both readers)", name,
+                             est.label, ref.label)
                 continue
             key = f"{ref.label}/{name}"
             if key not in out["minmax"]:
-                out["minmax"][key] = list(dataset_range([ref.maps[s][name] for s in studies]))
+                try:
+                    out["minmax"][key] = list(dataset_range([ref.maps[s][name]
+                                                             for s in studies]))
+                except ValidationError:
+                    out["minmax"][key] = [float("nan"), float("nan")]
+                    warn(f"{name} of {ref.label}: constant or without finite voxels over the "
+                         "studies, so no min-max range: its MSE in the paper's normalisation "
+                         "is left empty")
             lo_hi = tuple(out["minmax"][key])
             cases = {s: map_case_metrics(est.maps[s][name], ref.maps[s][name], name=name,
                                          minmax=lo_hi, region=region_of[s]) for s in studies}
@@ -405,9 +423,7 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
                 said = "; ".join(f"{label} has none in {', '.join(v[:3])}"
                                  f"{' ...' if len(v) > 3 else ''}"
                                  for label, v in absent.items() if v)
-                out["lesion_warnings"].append(f"{name}, {est.label} vs {ref.label}: left out of "
-                                              f"Table 2 ({said})")
-                log.warning("%s", out["lesion_warnings"][-1])
+                warn(f"{name}, {est.label} vs {ref.label}: left out of Table 2 ({said})")
     for name in LESION_NAMES:
         have = [r for r in readers
                 if all(name in r.lesions.get(s, {}) for s in studies)]

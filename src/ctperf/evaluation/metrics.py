@@ -18,6 +18,7 @@ import numpy as np
 from ctperf.errors import ValidationError
 
 __all__ = [
+    "IDENTICAL_MSE",
     "UNIT_WINDOWS",
     "MapAgreement",
     "dataset_range",
@@ -173,11 +174,19 @@ def unit_mse(estimate: np.ndarray, reference: np.ndarray, *, window: tuple[float
     return float(np.mean((e - r) ** 2))
 
 
+#: An MSE (of maps on [0, 1]) at or under this is rounding, not a difference: maps identical
+#: but for a unit conversion in float32 read 2e-17 to 6e-16 (PSNR 152-168 dB).
+IDENTICAL_MSE = 1e-12
+
+
 def psnr(mse: float, *, data_range: float = 1.0) -> float:
-    """Peak signal-to-noise ratio in dB, ``10 log10(data_range**2 / mse)``; inf for mse = 0."""
+    """Peak signal-to-noise ratio in dB, ``10 log10(data_range**2 / mse)``; inf for an mse of
+    at most :data:`IDENTICAL_MSE` times ``data_range**2`` (identical maps, to rounding)."""
     if not np.isfinite(mse):
         return float("nan")
-    return float("inf") if mse == 0 else float(10.0 * np.log10(data_range**2 / mse))
+    if mse <= IDENTICAL_MSE * data_range**2:
+        return float("inf")
+    return float(10.0 * np.log10(data_range**2 / mse))
 
 
 def ssim(estimate: np.ndarray, reference: np.ndarray, *, mask: np.ndarray | None = None,

@@ -182,7 +182,7 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
                        for r in readers],
            "studies": studies, "excluded_studies": excluded,
            "warnings": [f"{r.label}, {w}" for r in readers for w in r.warnings]
-           + result.pop("lesion_warnings"), **result,
+           + result.pop("table_warnings"), **result,
            "training_log": log_path.name if train_rows is not None else None}
     figures = evaluation_figures(readers, result, studies, train_rows,
                                  max_map_figures=max_map_figures)

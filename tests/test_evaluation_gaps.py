@@ -1,0 +1,56 @@
+"""Evaluation of readers with gaps: a map missing in some studies, a reference map that is
+constant, and maps identical but for float rounding."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ctperf.evaluation.cohort import Reader, evaluate_readers
+from ctperf.evaluation.metrics import psnr
+from ctperf.types import PerfusionMaps
+
+STUDIES = ["a", "b", "c"]
+
+
+def _readers(delay_ref: float | None = None, drop: tuple[str, str] | None = None) -> list[Reader]:
+    rng = np.random.default_rng(0)
+    readers = []
+    for label in ("est", "ref"):
+        r = Reader(label=label, kind="method", path=label)
+        for s in STUDIES:
+            cbf = rng.uniform(10.0, 70.0, (2, 8, 8)).astype(np.float32)
+            delay = rng.uniform(0.0, 6.0, (2, 8, 8)).astype(np.float32)
+            if label == "ref" and delay_ref is not None:
+                delay = np.full_like(delay, delay_ref)  # a tool that estimates no delay
+            maps = {"cbf": cbf, "delay": delay}
+            if drop == (label, s):
+                del maps["delay"]
+            units = {"cbf": "mL/100g/min", "delay": "s"}
+            r.maps[s] = PerfusionMaps(maps=maps, affine=np.eye(4),
+                                      units={k: units[k] for k in maps})
+        readers.append(r)
+    return readers
+
+
+def test_a_constant_reference_map_leaves_its_paper_mse_empty_and_the_rest():
+    """A reference delay of 0 everywhere has no min-max range: it had stopped the whole
+    evaluation with an error naming neither the reader nor the map."""
+    out = evaluate_readers(_readers(delay_ref=0.0), studies=STUDIES)
+    rows = {row["map"]: row for row in out["maps"]}
+    assert set(rows) == {"cbf", "delay"}
+    assert np.isnan(rows["delay"]["summary"]["mse_minmax"]["mean"])
+    assert np.isfinite(rows["delay"]["summary"]["mae"]["mean"])
+    assert np.isfinite(rows["cbf"]["summary"]["mse_minmax"]["mean"])
+    (said,) = out["table_warnings"]
+    assert said.startswith("delay of ref: constant") and "left empty" in said
+
+
+def test_a_map_missing_in_some_studies_is_said_in_the_report():
+    out = evaluate_readers(_readers(drop=("est", "b")), studies=STUDIES)
+    assert [row["map"] for row in out["maps"]] == ["cbf"]
+    assert out["table_warnings"] == ["delay, est vs ref: left out of Table 1 (missing in b)"]
+
+
+def test_maps_identical_to_rounding_have_no_finite_psnr():
+    assert psnr(0.0) == psnr(6e-16) == float("inf")  # float32 unit conversions: 2e-17-6e-16
+    assert psnr(1e-4) == 40.0
