@@ -54,3 +54,22 @@ def test_a_map_missing_in_some_studies_is_said_in_the_report():
 def test_maps_identical_to_rounding_have_no_finite_psnr():
     assert psnr(0.0) == psnr(6e-16) == float("inf")  # float32 unit conversions: 2e-17-6e-16
     assert psnr(1e-4) == 40.0
+
+
+def test_a_maps_cohort_of_core_and_hypoperfused_gets_its_penumbra(tmp_path):
+    """RAPID-style outputs give core and hypoperfused masks: the penumbra is the hypoperfused
+    tissue outside the core, as it is for raters."""
+    from ctperf import io
+    from ctperf.evaluation.cohort import load_maps_cohort
+
+    core = np.zeros((2, 8, 8), dtype=bool)
+    core[:, 2:4, 2:4] = True
+    hypo = core.copy()
+    hypo[:, 2:6, 2:6] = True
+    for s in STUDIES:
+        folder = tmp_path / "rapid" / s
+        io.write_volume(np.full((2, 8, 8), 30.0, np.float32), np.eye(4), folder / "cbf.nii.gz")
+        for name, mask in (("core", core), ("hypoperfused", hypo)):
+            io.write_volume(mask, np.eye(4), folder / "lesions" / f"{name}.nii.gz")
+    reader = load_maps_cohort(tmp_path / "rapid")
+    np.testing.assert_array_equal(reader.lesions["a"]["penumbra"], hypo & ~core)

@@ -183,8 +183,7 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
                for n, f in found.items() if f is not None}
         if "brain" in les:
             reader.brain[sub.name] = les.pop("brain")
-        if {"core", "penumbra"} <= set(les) and "hypoperfused" not in les:
-            les["hypoperfused"] = les["core"] | les["penumbra"]
+        _complete_lesions(les)
         if (not phantom and lesion_options is not None and not masks.is_dir()
                 and {"cbf", "tmax"} <= set(names)):
             les.update(_segment(maps, reader.brain.get(sub.name), lesion_options))
@@ -250,16 +249,23 @@ def load_rater(root: str | Path, grids: Mapping[str, tuple[tuple[int, ...], np.n
             les = {n: _labels(root / study / f"{n}.nii.gz", study, shape, affine) != 0
                    for n in LESION_NAMES
                    if (root / study / f"{n}.nii.gz").exists()}
-            if "penumbra" not in les and {"core", "hypoperfused"} <= set(les):
-                les["penumbra"] = les["hypoperfused"] & ~les["core"]
-            if "hypoperfused" not in les and {"core", "penumbra"} <= set(les):
-                les["hypoperfused"] = les["core"] | les["penumbra"]
+            _complete_lesions(les)
         if les:
             reader.lesions[study] = les
     if not reader.lesions:
         raise InputError(root, f"no segmentations for any of the studies {sorted(grids)} "
                                "(<study>.nii.gz label image or <study>/<lesion>.nii.gz masks)")
     return reader
+
+
+def _complete_lesions(les: dict[str, np.ndarray]) -> None:
+    """The lesion a reader gives by its parts: the penumbra as the hypoperfused tissue outside
+    the core (RAPID-style outputs give core and hypoperfused), the hypoperfused as core and
+    penumbra together."""
+    if "penumbra" not in les and {"core", "hypoperfused"} <= set(les):
+        les["penumbra"] = les["hypoperfused"] & ~les["core"]
+    if "hypoperfused" not in les and {"core", "penumbra"} <= set(les):
+        les["hypoperfused"] = les["core"] | les["penumbra"]
 
 
 def map_case_metrics(estimate: np.ndarray, reference: np.ndarray, *, name: str,
