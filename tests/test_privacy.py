@@ -180,3 +180,26 @@ def test_one_cohort_run_gives_one_new_uid_in_every_worker(monkeypatch, tmp_path)
     run_cohort(studies, tmp_path / "out", _anonymous_uid_task, {}, workers=2)
     uids = {(tmp_path / "out" / s.name / "uid.txt").read_text() for s in studies}
     assert uids == {anonymous_uid(source)} and uid_key()  # this process's, in every worker
+
+
+@pytest.mark.parametrize(("codes", "kept"), [(("113100",), True), (("113100", "113110"), False)])
+def test_a_source_de_identified_with_its_uids_retained_gets_new_ones(codes, kept):
+    """A source de-identified before keeps its UIDs (hashed again, maps of a de-identified
+    series were filed in another study), unless that de-identification retained the original
+    UIDs (PS3.15 code 113110), which had then gone out unchanged."""
+    from pydicom.dataset import Dataset
+
+    from ctperf.io.privacy import deidentify_dataset
+
+    ds = Dataset()
+    ds.PatientIdentityRemoved = "YES"
+    ds.StudyInstanceUID, ds.FrameOfReferenceUID = "1.2.840.99.1", "1.2.840.99.2"
+    items = []
+    for code in codes:
+        item = Dataset()
+        item.CodeValue, item.CodingSchemeDesignator = code, "DCM"
+        items.append(item)
+    ds.DeidentificationMethodCodeSequence = items
+    deidentify_dataset(ds)
+    assert (ds.StudyInstanceUID == "1.2.840.99.1") is kept
+    assert (ds.FrameOfReferenceUID == "1.2.840.99.2") is kept

@@ -138,6 +138,16 @@ def anonymous_uid(uid: str) -> str:
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
+#: PS3.15's Retain UIDs Option: a source de-identified with it still holds its original UIDs.
+RETAIN_UIDS_CODE = "113110"
+
+
+def _method_codes(ds: Dataset) -> set[str]:
+    """The code values of a dataset's DeidentificationMethodCodeSequence."""
+    return {str(item.get("CodeValue", "")).strip()
+            for item in ds.get("DeidentificationMethodCodeSequence", None) or []}
+
+
 def deidentify_dataset(ds: Dataset) -> None:
     """Apply the Basic Profile to the identity attributes of ``ds``, in place.
 
@@ -148,8 +158,10 @@ def deidentify_dataset(ds: Dataset) -> None:
     was done. Timing tags must already count from :data:`ANONYMOUS_START`.
     """
     # a source de-identified before (by ctperf or another tool) keeps its new UIDs: hashed
-    # again, maps of a de-identified series had been filed in another study
-    again = str(ds.get("PatientIdentityRemoved", "")).strip().upper() == "YES"
+    # again, maps of a de-identified series had been filed in another study; unless that
+    # de-identification kept the original UIDs (PS3.15's Retain UIDs Option, code 113110)
+    again = (str(ds.get("PatientIdentityRemoved", "")).strip().upper() == "YES"
+             and RETAIN_UIDS_CODE not in _method_codes(ds))
     for keyword in ("PatientName", "PatientID"):
         setattr(ds, keyword, _DUMMY_NAME)
     for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
