@@ -208,6 +208,8 @@ def test_bids_slice_timing_in_the_sidecar(tmp_path, caplog):
     (tmp_path / "s.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(side).encode())
     series = read_nifti_series(path)
     np.testing.assert_allclose(series.slice_times, starts[:, None] + [0.0, 0.4])
+    # each frame at its slices' mean time, as a DICOM series of these slices is read
+    np.testing.assert_allclose(series.times, starts + 0.2)
     assert series.meta["timing_source"] == "sidecar FrameTimesStart and SliceTiming"
     (tmp_path / "s.json").write_text(json.dumps(side | {"SliceEncodingDirection": "j"}))
     assert read_nifti_series(path).slice_times is None

@@ -376,6 +376,10 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         check_frame_times(times, p, source="pixdim[4]")
     if offsets is not None and frame_interval is None:
         slice_times = times[:, None] + offsets[None, :]
+        # a frame's time is its slices' mean, as the DICOM reader and CTPSeries take it (the
+        # frame's start had put a converted copy's frames 0.375 s apart from the original's,
+        # and its slices were moved onto the frames by that much more)
+        times = slice_times.mean(axis=1)
         source += " and SliceTiming"
     meta["timing_source"] = source
     meta["nifti_xform_code"] = xform_code(header)
