@@ -144,3 +144,46 @@ def test_patient_folders_spelled_without_the_hyphen_are_read(tmp_path, rng):
         make_patient(tmp_path / "b", rng, patient, n_slices=2)
     with pytest.raises(InputError, match="patient MOL-001 appears twice"):
         find_unitobrain(tmp_path / "b")
+
+
+def test_true_maps_are_not_asked_of_the_dataset(tmp_path, rng, capsys):
+    """UniToBrain's reference is its own NLR maps: training on it with --reference truth had
+    exited 0 with a model recorded as trained on true maps."""
+    from ctperf.cli import main
+
+    root = tmp_path / "unitobrain"
+    make_patient(root, rng, "MOL-001")
+    code = main(["train", str(root), str(tmp_path / "run"), "--reference", "truth",
+                 "--epochs", "1"])
+    assert code == 2
+    assert "has no true maps" in capsys.readouterr().err
+
+
+def test_the_reference_brain_leaves_out_the_zeros_outside_it():
+    """The dataset stores 0 outside the brain, never NaN: the brain the U-Net's maps are kept
+    in (and its loss is taken over) is where the reference holds tissue."""
+    from ctperf.model.data import reference_brain
+    from ctperf.types import PerfusionMaps
+
+    cbv = np.zeros((1, 4, 4), dtype=np.float32)
+    cbv[0, 1:3, 1:3] = 3.0
+    delay = np.zeros_like(cbv)  # a delay of 0 inside the brain is a value
+    delay[0, 0, 0] = np.nan
+    maps = PerfusionMaps(maps={"cbv": cbv, "delay": delay}, affine=np.eye(4))
+    np.testing.assert_array_equal(reference_brain(maps), cbv > 0)
+
+
+def test_the_unets_maps_are_kept_in_the_references_tissue(tmp_path):
+    """The U-Net's maps of a UniToBrain patient are kept where the dataset's maps hold tissue;
+    taken where they were finite, they had covered the air (CBV 5.3 mL/100 g there)."""
+    from ctperf import io
+    from ctperf.workflow.reproduce import _reference_masks
+
+    cbv = np.zeros((1, 4, 4), dtype=np.float32)
+    cbv[0, 1:3, 1:3] = 3.0
+    for name in ("cbv", "cbf"):
+        io.write_volume(cbv * 10 if name == "cbf" else cbv, np.eye(4),
+                        tmp_path / "ref" / f"{name}.nii.gz")
+    brain, vessels = _reference_masks(tmp_path / "ref", (1, 4, 4), np.eye(4))
+    np.testing.assert_array_equal(brain, cbv > 0)
+    assert not vessels.any()

@@ -48,7 +48,7 @@ from ctperf.perfusion.onset import bolus_arrival_s
 from ctperf.types import CTPSeries, PerfusionMaps, orient, radiological_flips
 
 __all__ = ["CACHE_VERSION", "ORIENTATION", "SliceCache", "build_slice_cache", "iter_cohort",
-           "network_pixel_mm", "open_slice_cache", "resize_slices"]
+           "network_pixel_mm", "open_slice_cache", "reference_brain", "resize_slices"]
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,14 @@ def _reference_folder(sub: Path, reference: str, references: Path | None) -> Pat
                                  "do) and pass their folder as references")
 
 
+def reference_brain(ref: PerfusionMaps) -> np.ndarray:
+    """Where a dataset's reference maps hold tissue, (Z, Y, X) bool: every map finite and the
+    CBV (or CBF, or the first map) positive. UniToBrain's maps are computed inside the brain
+    only and store 0 outside it, never NaN (its delay may be 0 inside too)."""
+    tissue = next(ref[n] for n in ("cbv", "cbf", *ref.names) if n in ref)
+    return np.all([np.isfinite(a) for a in ref.maps.values()], axis=0) & (tissue > 0)
+
+
 def iter_cohort(root: str | Path, *, reference: str = "truth",
                 references: str | Path | None = None,
                 ) -> Iterator[tuple[str, CTPSeries, PerfusionMaps, np.ndarray]]:
@@ -230,10 +238,8 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
         given = getattr(item, "mask", None)
         if given is not None:
             mask = np.asarray(given, dtype=bool)
-        else:  # the reference is computed inside the brain only (delay may be 0 there)
-            ref = item.reference
-            tissue = next(ref[n] for n in ("cbv", "cbf", *ref.names) if n in ref)
-            mask = np.all([np.isfinite(a) for a in ref.maps.values()], axis=0) & (tissue > 0)
+        else:
+            mask = reference_brain(item.reference)
         yield str(item.patient_id), item.series, item.reference, mask
     if not found:
         raise InputError(root, "no patients found (neither phantom nor UniToBrain layout)")

@@ -37,6 +37,7 @@ from typing import Any, cast
 from ctperf.errors import CTPerfError, InputError, ValidationError
 from ctperf.lesion_options import LesionOptions
 from ctperf.workflow.study import write_maps_and_summary, write_maps_outputs
+from ctperf.workflow.training import cohort_layout
 
 __all__ = ["PHANTOM_TARGETS", "UNITOBRAIN_TARGETS", "NeuralDemoOptions", "ReproduceOptions",
            "ReproduceOutcome", "predict_subject", "reference_subject", "reproduce_cohort",
@@ -176,7 +177,7 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
 
     say = echo or (lambda line: None)
     cohort, out = Path(cohort), Path(out)
-    layout = _layout(cohort)
+    layout = cohort_layout(cohort)
     if options.reference == "truth" and layout != "phantom":
         raise InputError(cohort, "has no true maps: --reference truth needs a phantom cohort")
     targets = options.targets or (PHANTOM_TARGETS if layout == "phantom"
@@ -222,7 +223,7 @@ def training_compute(cohort: str | Path, config: Any,
     from ctperf.model import unet_flops
 
     cohort = Path(cohort)
-    layout = _layout(cohort)
+    layout = cohort_layout(cohort)
     if layout == "phantom":
         import nibabel as nib
 
@@ -303,24 +304,6 @@ def run_neural_demo(out: str | Path, options: NeuralDemoOptions = NeuralDemoOpti
 
 
 # --- set-up ----------------------------------------------------------------------------------
-
-def _layout(cohort: Path) -> str:
-    """``"phantom"`` or ``"unitobrain"``."""
-    from ctperf.io.unitobrain import find_unitobrain
-
-    if not cohort.is_dir():
-        raise InputError(cohort, "is not a folder; expected a phantom cohort (ctperf phantom) "
-                                 "or a UniToBrain folder")
-    if any((p / "study.nii.gz").exists() for p in cohort.glob("sub-*")):
-        return "phantom"
-    try:
-        if find_unitobrain(cohort):
-            return "unitobrain"
-    except InputError:
-        pass
-    raise InputError(cohort, "holds neither phantom subjects (sub-*/study.nii.gz) nor "
-                             "UniToBrain patients (MOL-*_Registered_Filtered_3mm_20HU)")
-
 
 def _fit_frames(config: Any, cohort: Path, layout: str, say: Callable[[str], None]) -> Any:
     """The config with no more input frames than the cohort's shortest phantom study has
@@ -705,8 +688,8 @@ def predict_subject(source: dict[str, Any], target: Path, options: dict[str, Any
 
 
 def _reference_masks(reference: Path, shape: tuple[int, int, int], affine: Any) -> tuple[Any, Any]:
-    """Brain and vessel masks of the reference run (UniToBrain: where the reference maps
-    are finite, no vessels)."""
+    """Brain and vessel masks of the reference run (UniToBrain:
+    :func:`~ctperf.model.data.reference_brain`, no vessels)."""
     import numpy as np
 
     from ctperf import io
@@ -716,9 +699,10 @@ def _reference_masks(reference: Path, shape: tuple[int, int, int], affine: Any) 
         brain = io.read_mask(lesions / "brain.nii.gz", shape=shape, affine=affine)
         vessels = io.read_mask(lesions / "vessels.nii.gz", shape=shape, affine=affine)
         return brain, vessels
-    ref = io.read_maps(reference)
-    brain = np.all([np.isfinite(ref[n]) for n in ref.names], axis=0)
-    return brain, np.zeros(shape, dtype=bool)
+    from ctperf.model.data import reference_brain
+
+    # as the training's loss reads it (only finite, the U-Net's maps had covered the air too)
+    return reference_brain(io.read_maps(reference)), np.zeros(shape, dtype=bool)
 
 
 def _cnn_provenance(reference: Path, source: dict[str, Any],

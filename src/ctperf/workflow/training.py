@@ -26,6 +26,7 @@ from ctperf.errors import InputError, ValidationError
 __all__ = [
     "TrainingOptions",
     "TrainingOutcome",
+    "cohort_layout",
     "cross_validate_cohort",
     "held_out_patients",
     "prepare_training",
@@ -190,12 +191,33 @@ def _holds_work(out: Path) -> bool:
     return any(p.is_file() and p.name != MARKER for p in out.rglob("*"))
 
 
+def cohort_layout(cohort: Path) -> str:
+    """``"phantom"`` or ``"unitobrain"``: what kind of cohort a folder holds."""
+    from ctperf.io.unitobrain import find_unitobrain
+
+    if not cohort.is_dir():
+        raise InputError(cohort, "is not a folder; expected a phantom cohort (ctperf phantom) "
+                                 "or a UniToBrain folder")
+    if any((p / "study.nii.gz").exists() for p in cohort.glob("sub-*")):
+        return "phantom"
+    try:
+        if find_unitobrain(cohort):
+            return "unitobrain"
+    except InputError:
+        pass
+    raise InputError(cohort, "holds neither phantom subjects (sub-*/study.nii.gz) nor "
+                             "UniToBrain patients (MOL-*_Registered_Filtered_3mm_20HU)")
+
+
 def _prepare(cohort: Path, out: Path, cache_root: Path, config: Any,
              options: TrainingOptions) -> tuple[Any, Any, Any]:
     """:func:`prepare_training` once OUT is marked."""
     from ctperf.model import build_slice_cache
     from ctperf.workflow.references import nlr_references
 
+    if options.reference == "truth" and cohort_layout(cohort) != "phantom":
+        raise InputError(cohort, "has no true maps: --reference truth needs a phantom cohort "
+                                 "(a UniToBrain cohort's reference is its own NLR maps)")
     references = options.references  # the truth's phantom cohort, for reference="truth"
     # into OUT (or the given folder), never into the cohort; not where the caller made them (a
     # study copied after its references looked newer, and they were refitted with plain nlr
