@@ -187,3 +187,25 @@ def test_the_unets_maps_are_kept_in_the_references_tissue(tmp_path):
     brain, vessels = _reference_masks(tmp_path / "ref", (1, 4, 4), np.eye(4))
     np.testing.assert_array_equal(brain, cbv > 0)
     assert not vessels.any()
+
+
+def test_a_damaged_map_folder_costs_only_its_map(tmp_path, rng, caplog):
+    """An empty NLR_TTP folder of one patient had stopped a cohort training CBF: it is left out
+    for that patient, with a warning naming it, as a missing folder is."""
+    import logging
+
+    from ctperf.errors import ValidationError
+    from ctperf.model import build_slice_cache
+
+    for patient in ("MOL-001", "MOL-002"):
+        make_patient(tmp_path / "utb", rng, patient, n_slices=3)
+    ttp = tmp_path / "utb" / "MOL-002_Registered_Filtered_3mm_20HU_Maps" / "NLR_TTP"
+    for f in ttp.iterdir():
+        f.unlink()
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.unitobrain"):
+        cache = build_slice_cache(tmp_path / "utb", tmp_path / "cache", size=16, frames=4)
+    said = [r.getMessage() for r in caplog.records if "left out for MOL-002" in r.getMessage()]
+    assert said and "NLR_TTP" in said[0] and "no reference for ttp" in said[0]
+    assert cache.target_index("cbf") >= 0
+    with pytest.raises(ValidationError, match=r"MOL-002 has no 'ttp' reference map"):
+        cache.target_index("ttp")

@@ -19,7 +19,9 @@ AIF) are different maps and become ``ttp`` and ``delay``; the network's ``ttp`` 
 
 The input folder is read with :func:`ctperf.io.read_dicom_series` (slices grouped by position,
 frames ordered by AcquisitionTime). Map files are paired with the input slices by their position
-along the slice normal, never by file or list order; an input slice without a map slice gets NaN.
+along the slice normal, never by file or list order; an input slice without a map slice gets NaN
+(the map's slices must be evenly spaced: a map folder that cannot be read, a slice missing
+inside it included, is left out for that patient with a warning, as a missing folder is).
 Patient folders may also sit one level down (``ROOT/<anything>/MOL-...``); ``MOL001`` and
 ``MOL_001`` are read as ``MOL-001``, and numbers written with other padding (``MOL-1``) as the
 same patient.
@@ -166,13 +168,23 @@ def read_unitobrain_case(patient_id: str, input_folder: PathLike, maps_folder: P
     series = series.replace(meta={**series.meta, "patient_id": patient_id})
     maps: dict[str, np.ndarray] = {}
     by_lower = {p.name.lower(): p for p in maps_dir.iterdir() if p.is_dir()}
+    damaged = []
     for folder_name, name in MAP_FOLDERS.items():
         folder = by_lower.get(folder_name.lower())
         if folder is not None:
-            maps[name] = _pair_map(name, folder, series, tol_mm)
+            try:
+                maps[name] = _pair_map(name, folder, series, tol_mm)
+            except InputError as exc:  # one map's damage need not cost the others
+                damaged.append((folder_name, f"{exc}"))
     if not maps:
-        raise InputError(maps_dir, f"no map folders ({', '.join(MAP_FOLDERS)})")
-    absent = [f for f, name in MAP_FOLDERS.items() if name not in maps]
+        detail = f": {'; '.join(text for _, text in damaged)}" if damaged else ""
+        raise InputError(maps_dir, f"no readable map folders ({', '.join(MAP_FOLDERS)})"
+                                   f"{detail}")
+    for folder_name, problem in damaged:
+        log.warning("%s: %s left out for %s (%s); %s has no reference for %s", maps_dir,
+                    folder_name, patient_id, problem, patient_id, MAP_FOLDERS[folder_name])
+    unread = {f for f, _ in damaged}
+    absent = [f for f, name in MAP_FOLDERS.items() if name not in maps and f not in unread]
     if absent:
         log.warning("%s: no %s folder%s; %s has no reference for %s", maps_dir,
                     ", ".join(absent), "s" if len(absent) > 1 else "", patient_id,
