@@ -908,3 +908,21 @@ def test_a_time_point_missing_from_every_slice_is_said(tmp_path, caplog):
         _missing_time_point_warning(tmp_path, np.r_[0, np.arange(2, 30, 1.0)])
         _missing_time_point_warning(tmp_path, np.r_[np.arange(0, 30, 1.0), 31, 33])
     assert caplog.text == ""
+
+
+def test_exact_whole_seconds_of_a_two_rate_protocol_are_not_doubted(tmp_path, rng, caplog):
+    """20 frames 1 s apart, then 10 frames 2 s apart, their clock written to the microsecond
+    (as ctperf writes it): whole seconds that step by 1 and 2 s are exact readings here, not a
+    clock cut to the second (the warning had advised --frame-interval, which would have
+    squeezed the 38 s scan into 29 s)."""
+    from ctperf.io import write_series_dicom
+    from ctperf.types import CTPSeries
+
+    times = np.r_[np.arange(20.0), 19.0 + 2.0 * np.arange(1, 11)]
+    hu = (30 + 5 * rng.standard_normal((times.size, 2, 8, 8))).astype(np.float32)
+    series = CTPSeries(hu=hu, times=times, affine=np.diag([0.5, 0.5, 5.0, 1.0]))
+    write_series_dicom(series, tmp_path / "d")
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        back = read_dicom_series(tmp_path / "d")
+    np.testing.assert_allclose(back.times - back.times[0], times, atol=1e-6)
+    assert "whole seconds" not in caplog.text

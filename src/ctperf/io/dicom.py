@@ -43,6 +43,7 @@ from ctperf.io.dicom_checks import (
     numbers,
     optional_number,
     rescales,
+    states_fraction,
     time_of,
 )
 from ctperf.io.dicom_decode import decode_into, set_transfer_syntax
@@ -278,7 +279,10 @@ def _order_frames(root: Path, slices: list[list[Header]],
         except InputError as exc:
             passed.append(exc)
             continue
-        whole = bool(np.all(np.mod(times, 1.0) == 0))
+        # whole seconds that the tags' text does not state finer (a two-rate protocol's 1 and
+        # 2 s steps written to the microsecond are exact, not a clock cut to the second)
+        whole = bool(np.all(np.mod(times, 1.0) == 0)) and not all(
+            states_fraction(h, tag) for s in slices for h in s)
         if found_first is None and whole:
             found_first = frames, times, tag    # whole seconds: a finer tag may follow
             continue

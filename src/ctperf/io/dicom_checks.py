@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RELATIVE_TIME_TAGS", "TIME_TAGS", "Header", "check_duplicates", "check_frame_counts",
            "check_temporal_positions", "number", "numbers", "optional_number",
-           "rescale_of", "rescales", "time_of"]
+           "rescale_of", "rescales", "states_fraction", "time_of"]
 
 _EPOCH = dt.datetime(1970, 1, 1)
 
@@ -105,6 +105,16 @@ def time_of(h: Header, tag: str) -> float | None:
     date_tag = "AcquisitionDate" if tag == "AcquisitionTime" else "ContentDate"
     return _parse_date(h.get(date_tag) or h.get("SeriesDate") or h.get("StudyDate") or "") \
         + seconds
+
+
+def states_fraction(h: Header, tag: str) -> bool:
+    """Whether a clock tag's text gives fractions of a second (``HHMMSS.ffffff``): its whole
+    seconds are then readings to that precision, not a clock truncated to the second."""
+    value = h.get(tag)
+    if value is None or tag in RELATIVE_TIME_TAGS:
+        return False
+    text = str(value).strip()
+    return "." in (text[8:] if tag == "AcquisitionDateTime" else text)
 
 
 def numbers(h: Header, keyword: str, count: int) -> np.ndarray:
