@@ -202,6 +202,17 @@ def test_values_stored_without_the_intercept_are_refused(tmp_path, rng, backgrou
         read_nifti_series(write_nifti(tmp_path / "s.nii.gz", stored))
 
 
+def test_values_stored_as_tenths_above_air_are_refused(tmp_path, rng):
+    """(HU + 1000) x 10 without its rescale, in an image mostly of air (stored near 0): the
+    air passed for tissue and the tissue, above 1500 HU, was left out of the enhancing check.
+    Most of the values then lie above the CT scale's top, which only metal reaches."""
+    hu = _bolus(rng, (16, 16, 2, 12))
+    hu[:, :6] = -1000.0 + rng.normal(0.0, 5.0, hu[:, :6].shape)  # air over a third of it
+    read_nifti_series(write_nifti(tmp_path / "hu.nii.gz", hu))
+    with pytest.raises(InputError, match=r"s\.nii\.gz: .*% of the values lie above 3100 HU"):
+        read_nifti_series(write_nifti(tmp_path / "s.nii.gz", (hu + 1000.0) * 10.0))
+
+
 def _with_skull(hu: np.ndarray) -> np.ndarray:
     """``hu`` (X, Y, Z, T) with a 1-voxel ring of bone (1200-1600 HU) around its tissue."""
     out = hu.copy()

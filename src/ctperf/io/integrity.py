@@ -230,6 +230,7 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     bad = np.argwhere(np.logical_or.reduce(problems))
     if bad.size == 0:
         _check_images_alike(sample, path_of)
+        _check_beyond_ct(sample, path_of(0, 0)[0])
         _check_clipped(sample, path_of(0, 0)[0])
         _check_enhancing_baseline(sample, path_of(0, 0)[0])
         return
@@ -269,6 +270,23 @@ def _check_images_alike(sample: np.ndarray,
                            f"{apart[t, z]:.4g} HU from the slice's values over the scan, the "
                            f"other frames' {typical[z]:.3g} HU{more}; a damaged image (corrupt "
                            "or truncated pixel data)?")
+
+
+#: Most of a study's values above the CT scale's top (:data:`HU_RANGE`) are no CT numbers:
+#: metal, the only thing that dense in a head, fills far less than this share of it.
+_BEYOND_CT_SHARE = 0.02
+
+
+def _check_beyond_ct(sample: np.ndarray, path: PathLike) -> None:
+    """Refuse a study whose values lie above the CT scale's top in :data:`_BEYOND_CT_SHARE` of
+    the samples or more: stored values read without their rescale (such as (HU + 1000) x 10,
+    tissue then at about 10,000), which a study with much air (stored near 0) had passed."""
+    share = float((sample > HU_RANGE[1]).mean())
+    if share >= _BEYOND_CT_SHARE:
+        raise InputError(path, f"implausible CT numbers: {share:.0%} of the values lie above "
+                               f"{HU_RANGE[1]:g} HU, which only metal reaches in a head; stored "
+                               "values read without their rescale (RescaleSlope/"
+                               "RescaleIntercept, scl_slope/scl_inter)?")
 
 
 def _check_clipped(sample: np.ndarray, path: PathLike) -> None:
