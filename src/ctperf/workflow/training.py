@@ -209,13 +209,22 @@ def cohort_layout(cohort: Path) -> str:
                              "UniToBrain patients (MOL-*_Registered_Filtered_3mm_20HU)")
 
 
+def _layout_or_none(cohort: Path) -> str | None:
+    """:func:`cohort_layout`, or None for a folder of neither kind (the slice cache says what
+    is wrong with it)."""
+    try:
+        return cohort_layout(cohort)
+    except InputError:
+        return None
+
+
 def _prepare(cohort: Path, out: Path, cache_root: Path, config: Any,
              options: TrainingOptions) -> tuple[Any, Any, Any]:
     """:func:`prepare_training` once OUT is marked."""
     from ctperf.model import build_slice_cache
     from ctperf.workflow.references import nlr_references
 
-    if options.reference == "truth" and cohort_layout(cohort) != "phantom":
+    if options.reference == "truth" and _layout_or_none(cohort) == "unitobrain":
         raise InputError(cohort, "has no true maps: --reference truth needs a phantom cohort "
                                  "(a UniToBrain cohort's reference is its own NLR maps)")
     references = options.references  # the truth's phantom cohort, for reference="truth"
