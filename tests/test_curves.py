@@ -585,6 +585,8 @@ def test_curve_flags_rarely_flag_noise(rng):
     flags = curve_flags(noise - noise[:5].mean(axis=0), 5)
     assert np.mean(["below_baseline" in f for f in flags]) < 0.01
     assert np.mean(["no_enhancement" in f for f in flags]) > 0.95
+    # truncated: a last frame 3.5 SDs up as well as one before it, about 0.6 % (2 % for scatter)
+    assert np.mean(["truncated" in f for f in flags]) < 0.02
 
 
 def test_grey_matter_after_a_short_baseline_is_not_flagged_flat(rng):
@@ -599,6 +601,8 @@ def test_grey_matter_after_a_short_baseline_is_not_flagged_flat(rng):
     curves = 7.0 * (bolus / bolus.max())[:, None] + rng.normal(0.0, 1.0, (t.size, 2000))
     flags = curve_flags(curves - curves[:2].mean(axis=0), 2)
     assert np.mean(["no_enhancement" in f for f in flags]) < 0.05
+    # washed out by the scan's end: taken for cut off in about 0.2 % (2 % for scatter)
+    assert np.mean(["truncated" in f for f in flags]) < 0.02
 
 
 @pytest.mark.parametrize("method", ["nlr-fast", "bsvd"])
