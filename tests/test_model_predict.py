@@ -188,6 +188,11 @@ def test_a_study_at_another_pixel_scale_is_said(trained, caplog):
     # pixels a quarter the size: the head covers four times the pixels it was trained on
     assert "4.00 times their trained size" in maps.provenance["pixel_note"]
     assert "unreliable" in caplog.text
+    # a non-square crop resized to the square input is stretched across, not scaled: said so
+    # (the geometric mean of the two pixels had stayed within the tolerance)
+    narrow = predict_maps(series.replace(hu=series.hu[..., :11]), ckpt, device="cpu",
+                          resize=True)
+    assert "1.00 x 1.45 times their trained size, stretched" in narrow.provenance["pixel_note"]
 
 
 def test_checkpoints_load_weights_only(trained):

@@ -129,20 +129,28 @@ PIXEL_TOLERANCE = 0.2
 
 def _pixel_scale(series: CTPSeries, cfg: dict[str, Any]) -> str | None:
     """A warning (logged and returned) when the study's pixel, resized to the network's input
-    size, is not the training studies' (another field of view or matrix): the network learned
-    vessels and tissue at one scale; None when it is, or the checkpoint does not say."""
-    from ctperf.model.data import network_pixel_mm
-
+    size, is not the training studies' along its rows or its columns (another field of view or
+    matrix, or a non-square one stretched): the network learned vessels and tissue at one
+    scale; None when it is, or the checkpoint does not say."""
     trained = cfg.get("pixel_mm")
     if not trained:
         return None
-    seen = network_pixel_mm(series, int(cfg["size"]))
-    if abs(seen / trained - 1.0) <= PIXEL_TOLERANCE:
+    size = int(cfg["size"])
+    _, dy, dx = series.spacing
+    _, _, ny, nx = series.shape
+    seen = np.array([ny * dy, nx * dx]) / size  # mm per input pixel, down and across
+    if np.all(np.abs(seen / trained - 1.0) <= PIXEL_TOLERANCE):
         return None
+    scale = trained / seen
+    if abs(scale[0] / scale[1] - 1.0) <= 0.01:
+        what = f"{seen[0]:.2f} mm", f"{scale[0]:.2f} times their trained size"
+    else:
+        what = (f"{seen[0]:.2f} x {seen[1]:.2f} mm (down x across)",
+                f"{scale[0]:.2f} x {scale[1]:.2f} times their trained size, stretched")
     note = (f"the network learned {trained:.2f} mm pixels; this study's field of view gives "
-            f"{seen:.2f} mm at its {int(cfg['size'])} px input: structures are "
-            f"{trained / seen:.2f} times their trained size, so its maps are unreliable "
-            "(crop or pad the study to the training field of view, or train at this scale)")
+            f"{what[0]} at its {size} px input: structures are {what[1]}, so its maps are "
+            "unreliable (crop or pad the study to the training field of view, or train at "
+            "this scale)")
     log.warning("%s", note)
     return note
 
