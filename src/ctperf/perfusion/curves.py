@@ -212,10 +212,10 @@ def check_peak_not_clipped(aif: np.ndarray, times: np.ndarray, *,
     """
     x = np.asarray(aif, dtype=np.float64)
     t = np.asarray(times, dtype=np.float64)
-    if x.size < 3 or not np.ptp(x) > 0:
+    if x.size < 3:
         return
     top, span = float(x.max()), float(np.ptp(x))
-    if top - x[0] < 0.5 * span:  # no bolus rising to the top (its checks are elsewhere)
+    if not span > 0 or top - x[0] < 0.5 * span:  # no bolus rising to a top (checked elsewhere)
         return
     at_top = np.flatnonzero(x >= top - 1e-4 * span)
     runs = np.split(at_top, np.flatnonzero(np.diff(at_top) > 1) + 1)

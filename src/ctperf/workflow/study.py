@@ -314,17 +314,10 @@ def _as_read(series: Any) -> tuple[Any, Any]:
     """What ``qc.json`` and ``qc.png`` show of a study as read: its middle slice as a study
     (T, 1, Y, X) and its first :data:`NOISE_FRAMES` frames (T, Z, Y, X), copies."""
     z = series.shape[1] // 2
-    middle = series.replace(hu=series.hu[:, z:z + 1].copy(), slice_times=None,
-                            affine=series.affine @ _slice_shift(z))
+    affine = series.affine.copy()
+    affine[:3, 3] += z * affine[:3, 2]  # the origin of slice z
+    middle = series.replace(hu=series.hu[:, z:z + 1].copy(), slice_times=None, affine=affine)
     return middle, series.hu[:NOISE_FRAMES].copy()
-
-
-def _slice_shift(z: int) -> Any:
-    import numpy as np
-
-    shift = np.eye(4)
-    shift[2, 3] = z
-    return shift
 
 
 def _transforms_record(series: Any, result: Any) -> dict[str, Any]:
