@@ -75,6 +75,10 @@ def test_a_scan_begun_earlier_than_the_training_scans_is_said(trained, caplog): 
     series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
     low, high = ckpt["config"]["bolus_arrival_s"]
     assert predict_maps(series, ckpt, device="cpu").provenance["arrival_note"] is None
+    # the arrival the command line's scan-start check reads and passes on is the same
+    from ctperf.perfusion.onset import bolus_arrival_s, check_scan_start
+
+    assert check_scan_start(series) == bolus_arrival_s(series)
     step = float(np.median(np.diff(series.times)))
     early = series.replace(hu=np.concatenate([np.repeat(series.hu[:1], 3, axis=0), series.hu]),
                            times=np.r_[series.times[0] - step * np.arange(3, 0, -1),

@@ -93,21 +93,23 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
 ARRIVAL_TOLERANCE_S = 2.0
 
 
-def _arrival(series: CTPSeries, cfg: dict[str, Any]) -> str | None:
+def _arrival(series: CTPSeries, cfg: dict[str, Any], seen: float | None) -> str | None:
     """A warning (logged and returned) when the study's bolus arrives, counted from its first
     frame, outside the training studies' arrivals (``bolus_arrival_s`` of the checkpoint): the
     network reads the bolus's timing from the frame index, so a scan begun earlier or later
     than those it learned from shifts its Tmax and delay (docs/reproduce.md). None when
-    inside, or the checkpoint does not say."""
+    inside, or the checkpoint does not say. ``seen``: the study's arrival when the caller has
+    read it, else it is read here."""
     from ctperf.perfusion.onset import bolus_arrival_s
 
     span = cfg.get("bolus_arrival_s")
     if not span:
         return None
-    try:
-        seen = bolus_arrival_s(series)
-    except ValidationError:  # no bolus found: the scan-start check says why
-        return None
+    if seen is None:
+        try:
+            seen = bolus_arrival_s(series)
+        except ValidationError:  # no bolus found: the scan-start check says why
+            return None
     slack = max(ARRIVAL_TOLERANCE_S,
                 int(cfg.get("augment_shift") or 0) * float(cfg.get("input_step_s") or 0.0))
     low, high = float(span[0]), float(span[1])
@@ -157,7 +159,8 @@ def _pixel_scale(series: CTPSeries, cfg: dict[str, Any]) -> str | None:
 
 def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                  device: str = "auto", batch_size: int = 4, resize: bool = False,
-                 brain_mask: np.ndarray | None = None, progress: bool = False) -> PerfusionMaps:
+                 brain_mask: np.ndarray | None = None, progress: bool = False,
+                 bolus_arrival_s: float | None = None) -> PerfusionMaps:
     """Predict perfusion maps for every slice of a series.
 
     Parameters
@@ -178,6 +181,10 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
         Voxels outside are set to 0.
     progress : bool
         Progress bar over slice batches.
+    bolus_arrival_s : float, optional
+        The bolus's arrival in the study, s after its first frame, when the caller has read it
+        (:func:`ctperf.perfusion.onset.check_scan_start` returns it); else it is read here,
+        for the warning on a scan begun unlike the training studies.
 
     Returns
     -------
@@ -210,7 +217,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
         raise ValidationError(f"brain mask shape {np.shape(brain_mask)} differs from the "
                               f"study's {(z, ny, nx)}")
     pixel_note = _pixel_scale(series, cfg)
-    arrival_note = _arrival(series, cfg)
+    arrival_note = _arrival(series, cfg, bolus_arrival_s)
     mode, interval, note = _frame_selection(series.times, cfg)
     frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]), mode=mode,
                            frame_interval=interval)

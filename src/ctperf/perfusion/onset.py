@@ -238,10 +238,15 @@ def study_start(hu: np.ndarray, vhu: np.ndarray, times: np.ndarray, *,
 
 def bolus_arrival_s(series: CTPSeries) -> float:
     """When the bolus reaches the study, s after its first frame, as the maps read it: the time
-    of the first frame after the pre-bolus frames (:func:`study_start`, the automatic brain)."""
+    of the first frame after the pre-bolus frames (:func:`study_start`; they do not depend on
+    the brain). :func:`check_scan_start` returns it too."""
     start = study_start(series.hu, series.hu, series.times, spacing=series.spacing,
                         brain_mask=None)
-    return float(series.times[min(start.n_base, series.n_frames - 1)] - series.times[0])
+    return _arrival_s(start.n_base, series.times)
+
+
+def _arrival_s(n_base: int, times: np.ndarray) -> float:
+    return float(times[min(n_base, times.size - 1)] - times[0])
 
 
 def enhancement(hu: np.ndarray, vhu: np.ndarray, search: np.ndarray, *, base: np.ndarray,
@@ -257,11 +262,12 @@ def enhancement(hu: np.ndarray, vhu: np.ndarray, search: np.ndarray, *, base: np
 MIN_BOLUS_SNR = 5.0
 
 
-def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) -> None:
+def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) -> float:
     """Refuse a study with no bolus to map, for an estimate that fits no AIF (the U-Net): begun
     after the contrast reached its arteries, exactly as :func:`~ctperf.perfusion.run_perfusion`
     refuses it (the same search region: its automatic brain, or ``brain_mask``), or whose
-    searched voxels' mean curve does not rise above its noise (no contrast, no head)."""
+    searched voxels' mean curve does not rise above its noise (no contrast, no head). Returns
+    the bolus's arrival, s (:func:`bolus_arrival_s`), read on the way."""
     hu, spacing = series.hu, series.spacing
     start = study_start(hu, hu, series.times, spacing=spacing, brain_mask=brain_mask)
     n_base, bone_rim, base = start.n_base, start.bone_rim, start.base
@@ -280,6 +286,7 @@ def check_scan_start(series: CTPSeries, brain_mask: np.ndarray | None = None) ->
             f"no bolus: the head's mean curve rises by {max(mean.max(), 0.0):.2f} HU at most, "
             f"less than {MIN_BOLUS_SNR:g} times its noise ({noise:.2f} HU): no bolus to map in "
             "these frames (pure noise reaches about 3 times)")
+    return _arrival_s(n_base, series.times)
 
 
 def without_still(brain: np.ndarray, onset: _Onset) -> np.ndarray:

@@ -419,11 +419,12 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
     from ctperf.perfusion.onset import check_scan_start
 
     try:  # the network's input must start before the bolus, as its training studies did
-        check_scan_start(series, given)
+        arrival = check_scan_start(series, given)
     except ValidationError as exc:
         raise InputError(study, str(exc)) from None
     maps = predict_maps(series, checkpoint, device=o.device, batch_size=o.batch_size,
-                        resize=o.resize, brain_mask=mask, progress=o.progress)
+                        resize=o.resize, brain_mask=mask, progress=o.progress,
+                        bolus_arrival_s=arrival)
     # The checkpoint's file name only, and no study path: paths often hold a patient's name.
     maps = maps.replace(provenance={**maps.provenance, "checkpoint": o.model.name})
     with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear, or none
