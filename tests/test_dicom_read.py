@@ -426,8 +426,11 @@ def test_an_exams_folder_reads_its_one_time_course(tmp_path, rng, caplog, capsys
         series = read_dicom_series(tmp_path / "exam")
     np.testing.assert_array_equal(series.hu, study.hu)
     assert f"reading the one time course, {study.series_uid}" in caplog.text
-    assert main(["info", str(tmp_path / "exam")]) == 0  # info lists them, marking that one
-    assert f"* {study.series_uid}  CT" in capsys.readouterr().out
+    assert main(["info", str(tmp_path / "exam")]) == 0  # info lists them, marking that one,
+    out = capsys.readouterr().out                      # and describes it as the study read
+    assert f"* {study.series_uid}  CT" in out
+    assert "5 frames x 3 slices" in out and f"series UID   {study.series_uid}" in out
+    assert "  1 file\n" in out                          # the scout: one file, singular
     write_fake_study(tmp_path / "exam" / "ctp_thick", rng, n_frames=5)
     with pytest.raises(InputError, match="holds 4 series, 2 of them time courses; choose one"):
         read_dicom_series(tmp_path / "exam")

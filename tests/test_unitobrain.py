@@ -177,7 +177,7 @@ def test_the_unets_maps_are_kept_in_the_references_tissue(tmp_path):
     """The U-Net's maps of a UniToBrain patient are kept where the dataset's maps hold tissue;
     taken where they were finite, they had covered the air (CBV 5.3 mL/100 g there)."""
     from ctperf import io
-    from ctperf.workflow.reproduce import _reference_masks
+    from ctperf.workflow.reproduce_subjects import _reference_masks
 
     cbv = np.zeros((1, 4, 4), dtype=np.float32)
     cbv[0, 1:3, 1:3] = 3.0

@@ -85,9 +85,13 @@ def run(args: argparse.Namespace) -> int:
                      "another:"))
             for uid, headers in groups.items():
                 first = headers[0].ds
+                files = f"{len(headers)} file{'s' if len(headers) != 1 else ''}"
                 print(f"{'*' if uid == chosen else ' '} {uid}  {first.get('Modality', '?')}  "
-                      f"'{first.get('SeriesDescription', '')}'  {len(headers)} files")
-            return 0
+                      f"'{first.get('SeriesDescription', '')}'  {files}")
+            if chosen is None:
+                return 0
+            print()
+            groups = {chosen: groups[chosen]}  # the study the other commands read, described
     if groups:  # headers read once: their warnings said once
         series = io.read_dicom_series(args.study, frame_interval=args.frame_interval,
                                       progress=True, headers_by_series=groups)

@@ -179,8 +179,8 @@ def _condition(folder: Path, name: str, acq: dict[str, float], options: Reductio
 def _method_maps(cohort: Path, run: Path, target: Path, method: str,
                  options: ReductionOptions) -> None:
     """One model-based method on the run's preprocessed studies, the AIF handled as for the
-    NLR references (:func:`ctperf.workflow.reproduce.phantom_maps`)."""
-    from ctperf.workflow.reproduce import phantom_maps
+    NLR references (:func:`ctperf.workflow.reproduce_subjects.phantom_maps`)."""
+    from ctperf.workflow.reproduce_subjects import phantom_maps
     from ctperf.workflow.study import MapsOptions
 
     root = run / "preprocessed" if (run / "preprocessed").is_dir() else cohort
