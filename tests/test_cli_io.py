@@ -129,6 +129,24 @@ def test_bad_input_as_a_process(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_compressed_file_cut_short_is_one_line(tmp_path, rng):
+    """An RLE file cut inside its pixel data: pydicom reads it without the pixel data and warns;
+    the one line names the file as truncated (it had said "has no pixel data", under two lines
+    of pydicom's warning)."""
+    from pydicom.uid import RLELossless
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=3, n_slices=2,
+                             edit=lambda ds, t, z: ds.compress(RLELossless))
+    cut = study.files[(1, 0)]
+    cut.write_bytes(cut.read_bytes()[:-60])
+    result = subprocess.run([sys.executable, "-m", "ctperf", "info", str(study.folder)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [ln for ln in result.stderr.strip().splitlines() if "decode DICOM" not in ln]
+    assert len(lines) == 1 and cut.name in lines[0], result.stderr
+    assert "truncated" in lines[0]
+
+
 def test_unet_commands_without_torch_say_what_to_install(tmp_path):
     # torch is an optional dependency (ctperf[model]): without it the U-Net commands end with
     # one line that names it, exit 2, and leave no output behind.

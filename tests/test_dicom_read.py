@@ -153,6 +153,22 @@ def test_timing_tag_that_cannot_order_frames_is_passed_over(tmp_path, rng, caplo
     assert f"frame times from {source} (passed over:" in caplog.text
 
 
+def test_tag_passed_over_is_said_before_whole_seconds(tmp_path, rng, caplog):
+    """AcquisitionTime the series' start in every image, TriggerTime in whole seconds: the log
+    says why AcquisitionTime was passed over (it did only when a finer tag followed)."""
+    def edit(ds, t, z):
+        del ds.AcquisitionDateTime, ds.ContentTime
+        ds.AcquisitionTime = "102030.000000"
+        ds.TriggerTime = f"{2000 * t}"
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with caplog.at_level(logging.INFO, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    assert series.meta["timing_source"] == "TriggerTime"
+    np.testing.assert_array_equal(series.times, 2.0 * np.arange(5))
+    assert "frame times from TriggerTime (passed over: AcquisitionTime" in caplog.text
+
+
 @pytest.mark.parametrize("tag", ["FrameReferenceTime", "TriggerTime"])
 def test_relative_times_in_ms_are_a_last_resort(tmp_path, rng, tag):
     """Only a relative time in ms (and an AcquisitionTime holding the series' start): read,

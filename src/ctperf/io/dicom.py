@@ -291,14 +291,13 @@ def _order_frames(root: Path, slices: list[list[Header]],
         if found_first is not None and not _agree(found_first[1], times,
                                                   relative=tag in RELATIVE_TIME_TAGS):
             break
-        if passed:
-            log.info("%s: frame times from %s (passed over: %s)", root, tag,
-                     "; ".join(exc.problem.split(";")[0] for exc in passed))
+        _say_passed_over(root, tag, passed)
         if found_first is not None:
             log.info("%s: frame times from %s, finer than %s's whole seconds", root, tag,
                      found_first[2])
         return frames, times, tag
     if found_first is not None:
+        _say_passed_over(root, found_first[2], passed)
         if frame_interval is None:
             _whole_seconds_warning(root, found_first[2], found_first[1])
         return found_first
@@ -318,6 +317,13 @@ def _order_frames(root: Path, slices: list[list[Header]],
         return frames, np.full((len(frames[0]), len(frames)), np.nan), tag
     raise InputError(root, "cannot order frames: no acquisition times and no unique "
                            "TemporalPositionIndex or InstanceNumber within each slice")
+
+
+def _say_passed_over(root: Path, tag: str, passed: list[InputError]) -> None:
+    """Log the time tags passed over before ``tag``, each with its problem's first clause."""
+    if passed:
+        log.info("%s: frame times from %s (passed over: %s)", root, tag,
+                 "; ".join(exc.problem.split(";")[0] for exc in passed))
 
 
 def _depths(slices: Sequence[Sequence[Header]]) -> np.ndarray:

@@ -14,8 +14,10 @@ header was read in.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -74,6 +76,30 @@ def _plugin(syntax: UID) -> str:
     return ranked[0] if ranked else ""
 
 
+#: (7FE0,0010) Pixel Data as little-endian bytes: in a file that pydicom reads without it, the
+#: pixel data began but was cut short.
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"
+
+_CUT_SHORT = "End of file reached before delimiter"
+
+
+@contextlib.contextmanager
+def _cut_short_unsaid() -> Iterator[None]:
+    """pydicom's warning (and log record) for a file cut short, left out while decoding: the
+    file is refused in one line naming it (:func:`_decode_one`)."""
+    def keep(record: logging.LogRecord) -> bool:
+        return _CUT_SHORT not in record.getMessage()
+
+    logger = logging.getLogger("pydicom")
+    logger.addFilter(keep)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_CUT_SHORT)
+            yield
+    finally:
+        logger.removeFilter(keep)
+
+
 def _decode_one(path: Path, out: np.ndarray, frames: Sequence[int | None],
                 rescale: Sequence[tuple[float, float]]) -> str | None:
     """Write one file's HU (stored * slope + intercept, ``rescale`` as the header pass read it)
@@ -84,7 +110,10 @@ def _decode_one(path: Path, out: np.ndarray, frames: Sequence[int | None],
     except Exception as exc:  # pydicom raises many types for damaged files
         return f"damaged or truncated DICOM file ({exc})"
     if not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
-        return "has no pixel data"
+        # a compressed image cut short: pydicom leaves its pixel data out (with a warning)
+        cut = _PIXEL_DATA_TAG in path.read_bytes()
+        return "damaged or truncated DICOM file (its pixel data ends early)" if cut else \
+            "has no pixel data"
     set_transfer_syntax(ds)
     syntax = ds.file_meta.get("TransferSyntaxUID")
     plugin = "" if syntax is None else _plugin(UID(syntax))
@@ -143,7 +172,8 @@ def decode_into(out: np.ndarray, images: Sequence[tuple[Path, int | None]], *,
     for row, (path, _) in enumerate(images):
         rows.setdefault(path, []).append(row)
     files = list(rows.items())
-    map_chunks(partial(_decode_files, out=out, files=files, frames=[f for _, f in images],
-                       rescale=rescale), len(files),
-               chunk=1, workers=max(1, workers), progress=progress, desc="decode DICOM",
-               unit="file")
+    with _cut_short_unsaid():
+        map_chunks(partial(_decode_files, out=out, files=files, frames=[f for _, f in images],
+                           rescale=rescale), len(files),
+                   chunk=1, workers=max(1, workers), progress=progress, desc="decode DICOM",
+                   unit="file")
