@@ -303,6 +303,23 @@ def test_diluted_vein_rejected_automatic_and_refused_as_mask():
         run_perfusion(series, method="bsvd", vof_mask=truth["vein"])
 
 
+def test_an_aif_mask_on_a_vein_or_on_tissue_is_refused():
+    """An AIF mask on a vein (its bolus after the tissue's) or on grey matter (enhancing as
+    tissue does): refused, saying the mask is no artery. The vein had given maps with exit 0
+    and only the no_vof flag (CBF 6x, Tmax negative, on a probe's phantom); the tissue had
+    failed after the fit, blaming the lesions' reference."""
+    series, truth = skullless_study(np.random.default_rng(2), times=T1, noise=2.0,
+                                    vein_fraction=1.0)
+    run_perfusion(series, method="bsvd", aif_mask=truth["artery_fraction"] > 0.5)  # accepted
+    with pytest.raises(CTPerfError, match=r"the AIF \(mask\)'s bolus arrives \d+\.\d s after "
+                                          r"the brain's: it is not an artery"):
+        run_perfusion(series, method="bsvd", aif_mask=truth["vein"])
+    grey = truth["gm"] & (np.cumsum(truth["gm"], axis=2) <= 3)  # a few voxels of each row
+    with pytest.raises(CTPerfError, match=r"the AIF \(mask\) enhances by \d+ HU at its peak, "
+                                          r"under 2 times the brain's"):
+        run_perfusion(series, method="bsvd", aif_mask=grey)
+
+
 def test_large_vein_still_corrects():
     """A sinus-sized vein with its full area: the AIF is scaled up towards the truth."""
     series, truth = skullless_study(np.random.default_rng(2), times=T1, noise=10.0,
@@ -355,16 +372,23 @@ def test_a_poor_injection_reads_its_baseline_and_is_flagged():
 
 
 def test_an_automatic_aif_arriving_after_the_brain_is_refused():
-    """An automatic AIF whose bolus arrives more than 2 s after the brain's mean curve feeds
-    none of it: refused, asking for an AIF mask."""
+    """An automatic AIF whose bolus arrives after the brain's mean curve feeds none of it:
+    refused, asking for an AIF mask. 1 s after was passed (2 s were allowed): a sinus chosen in
+    place of diluted arteries arrives that close to the tissue."""
     from ctperf.errors import ValidationError
-    from ctperf.perfusion.maps import _check_aif_leads
+    from ctperf.perfusion.maps import _check_aif_feeds_tissue
 
     t = np.arange(60) * 1.0
-    brain = 0.02 * arterial_input(t)
-    _check_aif_leads(t, np.interp(t - 1.0, t, arterial_input(t), left=0.0), brain)
-    with pytest.raises(ValidationError, match=r"AIF's bolus arrives \d+\.\d s after the brain's"):
-        _check_aif_leads(t, np.interp(t - 5.0, t, arterial_input(t), left=0.0), brain)
+    brain = 0.02 * np.interp(t - 2.0, t, arterial_input(t), left=0.0)  # 2 s after the AIF
+    check = _check_aif_feeds_tissue
+    check(t, arterial_input(t), brain[:, None], brain, "automatic")
+    check(t, np.interp(t - 1.0, t, arterial_input(t), left=0.0), brain[:, None], brain,
+          "automatic")
+    for late in (3.0, 7.0):  # 1 and 5 s after the brain
+        with pytest.raises(ValidationError, match=r"AIF's bolus arrives \d+\.\d s after the "
+                                                  "brain's"):
+            check(t, np.interp(t - late, t, arterial_input(t), left=0.0), brain[:, None],
+                  brain, "automatic")
 
 
 def test_vof_ranked_by_its_neighbours_is_not_raised_by_noise():

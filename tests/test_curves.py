@@ -589,6 +589,75 @@ def test_curve_flags_rarely_flag_noise(rng):
     assert np.mean(["truncated" in f for f in flags]) < 0.02
 
 
+def test_curve_flags_spike_on_one_frame_not_on_noise(rng):
+    """One frame of 2,000 noisy bolus curves raised by 16 noise SDs (motion, a streak through
+    that frame): flagged ``spike`` in nearly all; the same curves without it (white noise,
+    even and uneven frames) in none. A +40 HU frame had taken CBF 1.5-3.6x with no flag."""
+    from ctperf.perfusion import curve_flags
+
+    uneven = np.r_[np.arange(0.0, 30.0, 1.0), 30.0 + 3.0 * np.arange(10)]  # 1 s, then 3 s
+    for t in (np.arange(0.0, 60.0, 2.0), uneven):
+        s = np.maximum(t - 4.0, 0.0)
+        bolus = s ** 3 * np.exp(-s / 2.5)
+        clean = 15.0 * (bolus / bolus.max())[:, None] + rng.normal(0.0, 1.0, (t.size, 2000))
+        flags = curve_flags(clean - clean[:2].mean(axis=0), 2, t)
+        assert not any("spike" in f for f in flags)  # 6 SDs of the gap: 1 in 10^8 frames
+        raised = clean.copy()
+        raised[t.size // 2] += 16.0
+        flags = curve_flags(raised - raised[:2].mean(axis=0), 2, t)
+        # the level is 6 SDs of the gap (7.3-7.6 noise SDs), the noise read from 30-40 frames
+        # that the spike and the bolus's bends raise (to 1.1-1.4 SDs): 98.6-99.9 % flagged at
+        # 16 SDs, 80-92 % at 12; 0.97 allows for the count's scatter
+        assert np.mean(["spike" in f for f in flags]) > 0.97
+
+
+@pytest.mark.parametrize("method", ["nlr-fast", "bsvd"])
+def test_a_drift_every_curve_carries_is_flagged(rng, method):
+    """A baseline drifting down by 2 HU over the scan in 100 curves of 3 HU noise: no curve
+    falls 5 SDs below its own baseline, but their mean falls below it by more than 5 % of its
+    peak, which the maps flag as ``below_baseline`` (bSVD CBV had read 39 % low on a probe's
+    curves, no flag); without the drift the mean stays within its noise, unflagged."""
+    tissue, aif = _hand_curves()
+    curves = np.repeat(tissue[:, :1], 100, axis=1) + rng.normal(0.0, 3.0, (T_HAND.size, 100))
+    drift = -2.0 * T_HAND / T_HAND[-1]
+    flat = fit_curves(curves + 40.0, aif + 40.0, T_HAND, method=method)
+    assert not flat.provenance["qc"]["below_baseline"]["flag"]
+    drifting = fit_curves(curves + 40.0 + drift[:, None], aif + 40.0, T_HAND, method=method)
+    assert drifting.provenance["qc"]["below_baseline"]["flag"]
+    assert drifting.provenance["qc"]["below_baseline"]["value"] < -0.05
+
+
+def test_tmax_after_the_curves_own_peak_is_flagged():
+    """A Tmax (s after the AIF) after the curve's own peak (s after the first frame) is no
+    residue's: flagged ``tmax_after_peak`` (bSVD had read 42.6 s on a curve peaking at 24 s of
+    a probe's, no flag); the plain curves are not."""
+    from ctperf.perfusion.curvefit import CurveFit
+
+    tissue, aif = _hand_curves()
+    fit = fit_curves(tissue, aif, T_HAND, method="bsvd", baseline=0)
+    assert not any("tmax_after_peak" in f for f in fit.flags)
+    assert np.all(fit.tmax < fit.ttp)
+    # the flag reads the fit's own numbers: a wrapped lag put after the peak is caught
+    import ctperf.perfusion.curvefit as cf
+
+    real = cf.fit_voxels
+
+    def wrapped(*args, **kwargs):
+        values, grid, fitted = real(*args, **kwargs)
+        values["tmax"] = np.asarray(values["tmax"]).copy()
+        values["tmax"][1] = 40.0
+        return values, grid, fitted
+
+    cf.fit_voxels = wrapped
+    try:
+        late = fit_curves(tissue, aif, T_HAND, method="bsvd", baseline=0)
+    finally:
+        cf.fit_voxels = real
+    assert isinstance(late, CurveFit)
+    assert "tmax_after_peak" in late.flags[1]
+    assert late.provenance["curve_flags"]["tmax_after_peak"]["curves"] == [1]
+
+
 def test_grey_matter_after_a_short_baseline_is_not_flagged_flat(rng):
     """A bolus peak of 7 noise SDs sampled every 2 s after a 2-frame baseline: the baseline
     mean's error is half the noise variance of every frame, yet the curve plainly enhances

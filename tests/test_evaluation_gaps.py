@@ -73,3 +73,47 @@ def test_a_maps_cohort_of_core_and_hypoperfused_gets_its_penumbra(tmp_path):
             io.write_volume(mask, np.eye(4), folder / "lesions" / f"{name}.nii.gz")
     reader = load_maps_cohort(tmp_path / "rapid")
     np.testing.assert_array_equal(reader.lesions["a"]["penumbra"], hypo & ~core)
+
+
+def test_readers_lesions_defined_differently_are_said(tmp_path):
+    """Two readers' hypoperfused masks made at Tmax > 12 s and > 6 s (their summaries say so):
+    evaluate had compared them as one lesion (5.1 against 92.5 mL, no warning). Said now, per
+    lesion; the same definitions are not; a reader whose lesions are segmented by evaluate
+    carries the definition it used."""
+    import json
+
+    from ctperf import io
+    from ctperf.evaluation.cohort import lesion_rule_warnings, load_maps_cohort
+    from ctperf.lesion_options import LesionOptions
+
+    def write(root, tmax):
+        mask = np.zeros((2, 8, 8), dtype=bool)
+        mask[:, 2:5, 2:5] = True
+        for s in STUDIES:
+            folder = tmp_path / root / s
+            io.write_volume(np.full((2, 8, 8), 30.0, np.float32), np.eye(4), folder / "cbf.nii.gz")
+            io.write_volume(mask, np.eye(4), folder / "lesions" / "hypoperfused.nii.gz")
+            (folder / "summary.json").write_text(json.dumps({"method": "bsvd", "lesions": {
+                "thresholds": {"core": {"label": "rCBF < 0.3 (contralateral reference)"},
+                               "hypoperfused": {"label": f"Tmax > {tmax:.1f} s"}}}}))
+
+    write("late", 12.0)
+    write("usual", 6.0)
+    write("again", 6.0)
+    late, usual, again = (load_maps_cohort(tmp_path / n, label=n)
+                          for n in ("late", "usual", "again"))
+    said = lesion_rule_warnings([late, usual], list(STUDIES))
+    assert said == ["hypoperfused lesion defined differently by the readers (Tmax > 12.0 s: "
+                    "late; Tmax > 6.0 s: usual): their volumes and Dice compare different "
+                    "definitions"]
+    assert lesion_rule_warnings([usual, again], list(STUDIES)) == []
+
+    tmax = np.full((2, 8, 8), 2.0, np.float32)  # maps only: evaluate segments them
+    for s in STUDIES:
+        folder = tmp_path / "net" / s
+        io.write_volume(np.full((2, 8, 8), 30.0, np.float32), np.eye(4), folder / "cbf.nii.gz")
+        io.write_volume(tmax, np.eye(4), folder / "tmax.nii.gz")
+    net = load_maps_cohort(tmp_path / "net", label="net",
+                           lesion_options=LesionOptions(tmax_hypo=8.0))
+    assert net.rules["a"]["hypoperfused"] == "Tmax > 8.0 s"
+    assert "Tmax > 8.0 s: net" in lesion_rule_warnings([net, usual], list(STUDIES))[0]

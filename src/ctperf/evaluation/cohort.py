@@ -41,6 +41,7 @@ __all__ = [
     "RATER_LABELS",
     "Reader",
     "evaluate_readers",
+    "lesion_rule_warnings",
     "load_maps_cohort",
     "load_rater",
 ]
@@ -63,7 +64,9 @@ class Reader:
     ``maps[study]`` is a :class:`PerfusionMaps` (absent for raters), ``lesions[study][name]`` a
     bool (Z, Y, X) mask, ``brain[study]`` the brain mask when the reader has one; ``kind`` is
     ``"method"``, ``"truth"`` or ``"rater"``; ``warnings`` what reading it found doubtful
-    (a map's values implausible for its unit).
+    (a map's values implausible for its unit); ``rules[study]`` the definition of its core and
+    hypoperfused lesions where known (``summary.json``'s thresholds, or those it was segmented
+    with here), as labels such as ``"Tmax > 6.0 s"``.
     """
 
     label: str
@@ -73,6 +76,7 @@ class Reader:
     lesions: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     brain: dict[str, np.ndarray] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    rules: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def studies(self) -> list[str]:
@@ -184,29 +188,66 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
         if "brain" in les:
             reader.brain[sub.name] = les.pop("brain")
         _complete_lesions(les)
+        doc = _summary(sub)
+        if les:  # read from its files: defined as its summary says
+            reader.rules[sub.name] = _rule_labels(doc.get("lesions", {}).get("thresholds"))
         if (not phantom and lesion_options is not None and not masks.is_dir()
                 and {"cbf", "tmax"} <= set(names)):
-            les.update(_segment(maps, reader.brain.get(sub.name), lesion_options))
+            segmented, thresholds = _segment(maps, reader.brain.get(sub.name), lesion_options)
+            les.update(segmented)
+            reader.rules[sub.name] = _rule_labels(thresholds)
         if les:
             reader.lesions[sub.name] = les
-        summary = sub / "summary.json"
-        if method is None and summary.exists():
-            try:
-                method = json.loads(summary.read_text()).get("method")
-            except (OSError, json.JSONDecodeError):
-                method = None
+        method = method or doc.get("method")
     reader.label = label or ("truth" if phantom else (method or root.name))
     return reader
 
 
-def _segment(maps: PerfusionMaps, brain: np.ndarray | None,
-             options: LesionOptions) -> dict[str, np.ndarray]:
+def _summary(sub: Path) -> dict[str, Any]:
+    """A study folder's ``summary.json``, or {} (none, or unreadable)."""
+    try:
+        doc = json.loads((sub / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _rule_labels(thresholds: Any) -> dict[str, str]:
+    """The core's and the hypoperfused lesion's definitions (their ``label``) of a lesion
+    summary's ``thresholds``."""
+    if not isinstance(thresholds, dict):
+        return {}
+    return {n: str(rule["label"]) for n in ("core", "hypoperfused")
+            if isinstance(rule := thresholds.get(n), dict) and "label" in rule}
+
+
+def lesion_rule_warnings(readers: list[Reader], studies: list[str]) -> list[str]:
+    """One line per lesion (core, hypoperfused) that the readers defined differently on
+    ``studies`` (a Tmax threshold of 12 s against 6 s had been compared as one lesion)."""
+    out = []
+    for name in ("core", "hypoperfused"):
+        seen: dict[str, list[str]] = {}
+        for r in readers:
+            for rule in sorted({r.rules[s][name] for s in studies
+                                if name in r.rules.get(s, {})}):
+                seen.setdefault(rule, []).append(r.label)
+        if len(seen) > 1:
+            out.append(f"{name} lesion defined differently by the readers ("
+                       + "; ".join(f"{rule}: {', '.join(who)}" for rule, who in seen.items())
+                       + "): their volumes and Dice compare different definitions")
+    return out
+
+
+def _segment(maps: PerfusionMaps, brain: np.ndarray | None, options: LesionOptions
+             ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Lesion masks segmented from ``maps`` and the thresholds used."""
     from ctperf.perfusion import segment_lesions
 
     finite = np.isfinite(maps["cbf"]) & np.isfinite(maps["tmax"])
     result = segment_lesions(maps, brain=finite if brain is None else brain & finite,
                              options=options)
-    return {n: m for n, m in result.masks().items() if n in LESION_NAMES}
+    return ({n: m for n, m in result.masks().items() if n in LESION_NAMES},
+            dict(result.thresholds))
 
 
 def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:

@@ -136,7 +136,12 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
         The content of ``evaluation.json``.
     """
     from ctperf import __version__, io
-    from ctperf.evaluation.cohort import evaluate_readers, load_maps_cohort, load_rater
+    from ctperf.evaluation.cohort import (
+        evaluate_readers,
+        lesion_rule_warnings,
+        load_maps_cohort,
+        load_rater,
+    )
     from ctperf.reporting.evaluation import evaluation_figures, evaluation_page
 
     readers = [load_maps_cohort(p, lesion_options=lesion_options) for p in (pred, ref, *compare)]
@@ -182,7 +187,7 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
                        for r in readers],
            "studies": studies, "excluded_studies": excluded,
            "warnings": [f"{r.label}, {w}" for r in readers for w in r.warnings]
-           + result.pop("table_warnings"), **result,
+           + lesion_rule_warnings(readers, studies) + result.pop("table_warnings"), **result,
            "training_log": log_path.name if train_rows is not None else None}
     figures = evaluation_figures(readers, result, studies, train_rows,
                                  max_map_figures=max_map_figures)

@@ -40,6 +40,7 @@ __all__ = [
     "curve_noise_sd",
     "select_aif",
     "select_vof",
+    "tissue_curve",
     "tissue_peak_time",
 ]
 
@@ -237,12 +238,12 @@ def _earlier_group(rise: np.ndarray, before: float, *, size: int, width: float
     return order[i:ends[i]]
 
 
-def tissue_peak_time(enh: np.ndarray, times: np.ndarray, *, vessel_quantile: float = 0.95
-                     ) -> float:
-    """Time (s from the first frame) at which the tissue's bolus peaks: the peak of the mean of
-    the curves ``enh`` (T, N) that enhance no more than the ``vessel_quantile`` of their peaks
-    (the vessels left out, arteries and veins alike). Voxels that do not enhance (CSF, a loose
-    mask) lower the mean's height, not its timing. Curves raised for a frame or two only
+def tissue_curve(enh: np.ndarray, times: np.ndarray, *, vessel_quantile: float = 0.95
+                 ) -> np.ndarray:
+    """The tissue's mean curve (T,): the mean of the curves ``enh`` (T, N) that enhance no
+    more than the ``vessel_quantile`` of their peaks (the vessels left out, arteries and veins
+    alike, whatever the AIF). Voxels that do not enhance (CSF, a loose mask) lower its height,
+    not its timing. Curves raised for a frame or two only
     (:func:`~ctperf.perfusion.curves.brief_peak`) are left out as well: bone a jerk of the head
     carried in before the bolus had put the tissue's peak at the jerk, before every artery."""
     t = np.asarray(times, dtype=np.float64)
@@ -251,7 +252,15 @@ def tissue_peak_time(enh: np.ndarray, times: np.ndarray, *, vessel_quantile: flo
     use = (peaks <= np.quantile(peaks, vessel_quantile)) & ~brief_peak(c, t)
     if not use.any():
         use = np.ones(c.shape[1], dtype=bool)
-    mean = c[:, use].mean(axis=1, dtype=np.float64)
+    return c[:, use].mean(axis=1, dtype=np.float64)
+
+
+def tissue_peak_time(enh: np.ndarray, times: np.ndarray, *, vessel_quantile: float = 0.95
+                     ) -> float:
+    """Time (s from the first frame) at which the tissue's bolus peaks: the peak of
+    :func:`tissue_curve`."""
+    t = np.asarray(times, dtype=np.float64)
+    mean = tissue_curve(enh, t, vessel_quantile=vessel_quantile)
     return float(t[int(np.argmax(mean))] - t[0])
 
 

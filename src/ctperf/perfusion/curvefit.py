@@ -44,7 +44,13 @@ __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_cu
 #: (the AIF's peak height and the baseline's noise are judged in HU, the brain's size and the
 #: motion need an image).
 CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_after_tissue",
-                             "short_baseline", "aif_vof_ratio", "no_vof", "mtt_floor")
+                             "short_baseline", "below_baseline", "aif_vof_ratio", "no_vof",
+                             "mtt_floor")
+
+#: How many SDs of its noise (and above half the curve's peak) one frame must stand apart from
+#: the line through its two neighbours for ``spike`` (white noise gives that gap an SD of 1.22
+#: noise SDs at even steps; 6 of them: 1 false alarm in 10^8 frames of Gaussian noise).
+SPIKE_SDS = 6.0
 
 #: Per-curve plausibility flags (:func:`curve_flags`) and what each means.
 CURVE_FLAGS: dict[str, str] = {
@@ -61,6 +67,13 @@ CURVE_FLAGS: dict[str, str] = {
                         "whichever is longer, which tissue fed by that artery cannot: the AIF "
                         "was taken downstream of it (a vein, or an artery past a delay); its "
                         "delay, Tmax and CBF are not reliable",
+    "spike": "one frame stands apart from both its neighbours by more than "
+             f"{SPIKE_SDS:g} SDs of its noise and half the curve's peak, which no bolus does "
+             "(motion, or a streak through that frame): its values are not reliable",
+    "tmax_after_peak": "its Tmax (s after the AIF) comes after its own peak (s after the first "
+                       "frame), which no residue function can: the deconvolved residue's "
+                       "maximum is noise or a lag wrapped round the circular window; its Tmax "
+                       "and delay are not reliable",
     "at_bound": "the box model's fit ended on a bound of CBF, MTT or delay (DEFAULT_BOUNDS of "
                 "ctperf.perfusion.boxnlr): the curve does not determine it; its values are not "
                 "reliable",
@@ -109,7 +122,8 @@ class CurveFit:
         return [{k: float(v[i]) for k, v in columns.items()} for i in range(self.cbf.size)]
 
 
-def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ...], ...]:
+def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | None = None
+                ) -> tuple[tuple[str, ...], ...]:
     """Plausibility flags of baseline-subtracted tissue curves (T, N), one tuple per curve
     (names of :data:`CURVE_FLAGS`).
 
@@ -122,7 +136,10 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ..
     :data:`NO_ENHANCEMENT_SDS` times that above zero, ``truncated`` where its last frame stands
     above :data:`~ctperf.perfusion.curves.TRUNCATED_END` of its peak and that many SDs above
     zero (each curve judged on its own: the study's ``truncation`` flag reads the AIF, the VOF
-    and the tissue's mean, in which one long-transit curve is lost). Any units.
+    and the tissue's mean, in which one long-transit curve is lost), ``spike`` where one frame
+    stands apart from the line through its neighbours (at ``times``, s; even steps when None)
+    by more than :data:`SPIKE_SDS` SDs of that gap's noise and half the smoothed curve's
+    largest excursion. Any units.
     """
     c = np.asarray(tissue, dtype=np.float64)
     noise = second_difference_sd(c)
@@ -135,9 +152,21 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int) -> tuple[tuple[str, ..
     below = after.min(axis=0) < -np.maximum(CURVE_FLAG_SDS * sd, 0.01 * np.abs(sm).max(axis=0))
     flat = sm.max(axis=0) <= NO_ENHANCEMENT_SDS * sd
     cut = ~flat & (sm[-1] > TRUNCATED_END * sm.max(axis=0)) & (sm[-1] > NO_ENHANCEMENT_SDS * sd)
-    return tuple(tuple(name for name, hit in (("below_baseline", b), ("no_enhancement", f),
-                                              ("truncated", c)) if hit)
-                 for b, f, c in zip(below, flat, cut, strict=True))
+    spike = np.zeros(c.shape[1], dtype=bool)
+    if c.shape[0] >= 3:
+        tt = np.arange(c.shape[0], dtype=np.float64) if times is None else \
+            np.asarray(times, dtype=np.float64)
+        w = ((tt[1:-1] - tt[:-2]) / (tt[2:] - tt[:-2]))[:, None]
+        gap = np.abs(c[1:-1] - (1.0 - w) * c[:-2] - w * c[2:]).max(axis=0)
+        # the gap's noise: the frame's own and the line's (1 + w^2 + (1 - w)^2 variances), from
+        # the curve's noise or the curves' median, whichever is larger (from 30 frames one
+        # curve's estimate falls to half the true SD once in a hundred curves)
+        gap_sd = np.maximum(noise, np.median(noise)) * np.sqrt(
+            1.0 + float(np.max(w ** 2 + (1.0 - w) ** 2)))
+        spike = (gap > SPIKE_SDS * gap_sd) & (gap > 0.5 * np.abs(sm).max(axis=0))
+    hits = (("below_baseline", below), ("no_enhancement", flat), ("truncated", cut),
+            ("spike", spike))
+    return tuple(tuple(name for name, hit in hits if hit[i]) for i in range(c.shape[1]))
 
 
 def _at_bounds(values: dict[str, np.ndarray]) -> np.ndarray:
@@ -325,15 +354,24 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                                       device=device, progress=progress, n_base=n_base or None)
     out = {k: np.asarray(values[k], dtype=np.float64) for k in CURVE_PARAMETERS}
     sd = {k: np.asarray(values[k], dtype=np.float64) for k in SD_MAPS if k in values}
+    mean = tis.mean(axis=1)
     flags = qc_flags(times=t, aif=vessels[:, 0], vof=None if v is None else vessels[:, 1],
-                     baseline_frames=n_base if isinstance(baseline, str) else None,
-                     tissue_mean=tis.mean(axis=1), pv_factor=pv["factor"],
+                     baseline_frames=n_base, tissue_mean=mean, brain_mean=mean,
+                     pv_factor=pv["factor"],
                      pv_corrected=bool(pv["corrected"]) if v is not None else None,
                      box_mtt=out["mtt"][out["cbv"] > 0] if method in BOX_METHODS else None)
-    per_curve = curve_flags(tis, n_base)
+    if not isinstance(baseline, str):  # frames the user counted (0: curves of enhancement)
+        flags["short_baseline"].update(flag=False, value=None)
+    # the tissue's mean below its baseline by 5 % of its peak (a drift every curve carries, too
+    # small for each curve's own flag), and beyond that mean's noise (a few noisy curves')
+    if "below_baseline" not in curve_flags(mean[:, None], n_base, t)[0]:
+        flags["below_baseline"]["flag"] = False
+    per_curve = curve_flags(tis, n_base, t)
     early = _peaks_before(t, vessels[:, 0], out["ttp"])
+    late = out["tmax"] > out["ttp"]  # NaN compares False
     per_curve = tuple(f + ("peaks_before_aif",) * bool(hit and "no_enhancement" not in f)
-                      for f, hit in zip(per_curve, early, strict=True))
+                      + ("tmax_after_peak",) * bool(after and "no_enhancement" not in f)
+                      for f, hit, after in zip(per_curve, early, late, strict=True))
     if method in BOX_METHODS:
         stuck = _at_bounds(out)
         per_curve = tuple(f + ("at_bound",) * bool(hit)

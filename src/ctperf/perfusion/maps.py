@@ -30,6 +30,7 @@ from scipy import ndimage
 from ctperf import masks
 from ctperf.errors import ValidationError
 from ctperf.io.integrity import frame_spacing_problem
+from ctperf.perfusion.aif import tissue_curve
 from ctperf.perfusion.boxnlr import BOX_METHODS
 from ctperf.perfusion.curves import (
     TTP_SMOOTH_S,
@@ -223,8 +224,7 @@ def run_perfusion(
     # the brain's mean curve, vessels left out: the AIF's timing is judged against it
     tissue_mean = (tissue @ not_vessel) / not_vessel.sum() if not_vessel.any() else None
     brain_mean = tissue.mean(axis=1, dtype=np.float64)  # vessels too: drift is in every voxel
-    if aif_from.source == "automatic" and tissue_mean is not None:
-        _check_aif_leads(t, aif_raw, tissue_mean)
+    _check_aif_feeds_tissue(t, aif_raw, tissue[:, ::7], tissue_mean, aif_from.source)
     del enh, venh  # the search region's curves: tissue and vessels are all that is needed now
     # bayes pools amplitudes among neighbours of similar temporal mean (the paper's guide)
     guide = mean if method == "bayes" else None
@@ -278,16 +278,39 @@ def compute_maps(series: CTPSeries, **options: Any) -> PerfusionMaps:
     return run_perfusion(series, **options).maps
 
 
-def _check_aif_leads(t: np.ndarray, aif: np.ndarray, tissue_mean: np.ndarray) -> None:
-    """Refuse an automatic AIF whose bolus arrives more than :data:`MAX_AIF_LEAD_S` after the
-    brain's mean curve (vessels left out): no artery was found, and maps on it would read
-    every delay, Tmax and CBF wrong."""
-    lag = aif_lag(t, aif, tissue_mean)
+#: An AIF must enhance at its peak at least this many times the brain's mean curve (vessels left
+#: out): arteries enhance 5-20 times as much as tissue (4 times for an automatic AIF of arteries
+#: diluted by partial volume until a sinus outshone them); a mask on tissue enhances as much.
+MIN_AIF_OVER_TISSUE = 2.0
+
+
+def _check_aif_feeds_tissue(t: np.ndarray, aif: np.ndarray, brain: np.ndarray,
+                            tissue_mean: np.ndarray | None, source: str) -> None:
+    """Refuse an AIF (automatic, from a mask or given as a curve) that cannot be an artery
+    feeding the brain: its bolus arrives after ``tissue_mean``'s (the brain's mean curve,
+    vessels left out; more than :data:`MAX_AIF_LEAD_S`), or it enhances less than
+    :data:`MIN_AIF_OVER_TISSUE` times the mean of ``brain``'s (T, N) tissue curves
+    (:func:`~ctperf.perfusion.aif.tissue_curve`, vessels left out whatever the AIF: the vessel
+    mask is drawn from the AIF's height, so an AIF on tissue leaves none). Maps on it would read
+    every delay, Tmax and CBF wrong (a sinus as the AIF: CBF 6x, Tmax negative; a mask on
+    tissue: no normal tissue left for the lesions' reference)."""
+    automatic = source == "automatic"
+    what = "the automatic AIF" if automatic else f"the AIF ({source})"
+    def remedy(given: str) -> str:
+        return ("no artery feeding the brain was found (a poor injection, or arteries too small "
+                "for the pixels); give an AIF mask on an artery (--aif-mask)" if automatic else
+                f"it is not an artery feeding the brain ({given}); give an AIF on an artery")
+
+    lag = None if tissue_mean is None else aif_lag(t, aif, tissue_mean)
     if lag is not None and lag > MAX_AIF_LEAD_S:
+        raise ValidationError(f"{what}'s bolus arrives {lag:.1f} s after the brain's: "
+                              f"{remedy('a vein?')}")
+    peak, tissue_peak = float(np.max(aif)), float(np.max(tissue_curve(brain, t)))
+    if tissue_peak > 0 and peak < MIN_AIF_OVER_TISSUE * tissue_peak:
+        why = remedy("tissue, or a mask far wider than the artery?")
         raise ValidationError(
-            f"the automatic AIF's bolus arrives {lag:.1f} s after the brain's: no artery "
-            "feeding the brain was found (a poor injection, or arteries too small for the "
-            "pixels); give an AIF mask on an artery (--aif-mask)")
+            f"{what} enhances by {peak:.0f} HU at its peak, under {MIN_AIF_OVER_TISSUE:g} times "
+            f"the brain's {tissue_peak:.0f} HU: {why}")
 
 
 def _brain_slice_share(brain: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
