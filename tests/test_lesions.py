@@ -185,6 +185,32 @@ def test_contralateral_reference_follows_a_turned_head(yaw, offset, roll):
     assert np.median(np.abs(ref[core] / ideal[core] - 1)) < 0.03
 
 
+def test_maps_with_zero_outside_the_head_need_no_brain_mask():
+    """Maps written with 0 (ctperf predict) or -1 outside a head 20 voxels off-centre: the
+    default brain leaves out that background where it reaches the image's edge, so the
+    midline and the reference are the head's (a probe's maps had the midline at the image's
+    centre, the reference median 5.4 for 39 and the core -17 %). What the brain encloses (its
+    ventricles here, a core's CBF of 0) stays: the same as the filled outline given as mask."""
+    maps, brain, _, core, lesion = lesion_case(0.0, 20.0, 0.0)
+    outline = np.stack([ndimage.binary_fill_holes(s) for s in brain])
+    as_mask = segment_lesions(maps.replace(maps={n: np.where(outline, np.nan_to_num(maps[n]),
+                                                             np.nan) for n in maps.names}),
+                              brain=outline)
+    for fill in (0.0, -1.0):
+        filled = maps.replace(maps={n: np.where(brain, maps[n], fill) for n in maps.names})
+        res = segment_lesions(filled)
+        assert res.thresholds["midsagittal_plane"]["offset_mm"][0] == pytest.approx(
+            as_mask.thresholds["midsagittal_plane"]["offset_mm"][0], abs=0.5)
+        # the ventricles hold the fill too: -1 in place of 0 moves the median by 0.1 %
+        assert res.thresholds["reference_cbf_median"] == pytest.approx(
+            as_mask.thresholds["reference_cbf_median"], rel=0.005)
+        np.testing.assert_array_equal(res.core, as_mask.core)
+        np.testing.assert_array_equal(res.hypoperfused, lesion)
+    zero_core = maps.replace(maps={"cbf": np.where(brain, np.where(core, 0.0, maps["cbf"]), 0.0),
+                                   "tmax": np.where(brain, maps["tmax"], 0.0)})
+    assert segment_lesions(zero_core).core[core].all()  # enclosed by the brain: tissue
+
+
 def test_image_axis_mirror_fails_on_a_turned_head():
     """The same case mirrored about the image's vertical axis (the old rule): white matter meets
     grey matter and the core is wrong, which the plane estimate avoids."""

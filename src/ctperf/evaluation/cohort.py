@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import ndimage
 
 from ctperf.errors import InputError, ValidationError
 from ctperf.evaluation.agreement import case_dice, friedman, summarise_dice, volume_agreement
@@ -83,36 +82,21 @@ class Reader:
         return sorted(set(self.maps) | set(self.lesions))
 
 
-def _outside(mask: np.ndarray) -> np.ndarray:
-    """The voxels of ``mask`` (Z, Y, X) connected, within their slice, to the slice's edge:
-    the background around a head, not the same value enclosed by the brain."""
-    in_plane = np.zeros((3, 3, 3), dtype=bool)
-    in_plane[1] = ndimage.generate_binary_structure(2, 1)
-    labels, _ = ndimage.label(mask, structure=in_plane)
-    edge = np.zeros(mask.shape, dtype=bool)
-    edge[:, [0, -1], :] = True
-    edge[:, :, [0, -1]] = True
-    touching = np.unique(labels[edge & mask])
-    return np.isin(labels, touching[touching > 0])
-
-
 def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
     """The maps with a background value (:func:`~ctperf.io.maps.background_value`) set to NaN
     where it reaches the image's edge, so that it is never compared as a measurement where the
     comparison's brain mask is wider; the same value inside the brain (a CBF of 0 in the core)
     stays."""
-    from ctperf.io.maps import background_value
+    from ctperf.io.maps import edge_background
 
     out = {}
     for name in maps.names:
         arr = maps[name]
-        value = background_value(arr)
-        if value is not None:
-            held = arr == value
-            outside = _outside(held)
-            log.info("%s: %s holds %g in %.0f%% of its voxels, read as the background (no "
-                     "value) where it reaches the image's edge (%.0f%%)", folder, name, value,
-                     100 * held.mean(), 100 * outside.mean())
+        outside = edge_background(arr) & np.isfinite(arr)
+        if outside.any():
+            log.info("%s: %s holds %g where it reaches the image's edge (%.0f%% of its voxels), "
+                     "read as the background (no value)", folder, name,
+                     float(arr[outside][0]), 100 * outside.mean())
             arr = np.where(outside, np.float32(np.nan), arr)
         out[name] = arr
     return maps.replace(maps=out)

@@ -25,7 +25,7 @@ from ctperf.io.nifti import has_orientation, read_volume, sidecar_path
 from ctperf.types import MAP_NAMES, MAP_UNITS, PerfusionMaps
 
 __all__ = ["BACKGROUND_SHARE", "PLAUSIBLE_MEDIANS", "background_value",
-           "check_plausible", "map_file", "read_maps", "to_map_unit"]
+           "check_plausible", "edge_background", "map_file", "read_maps", "to_map_unit"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,27 @@ def background_value(values: np.ndarray) -> float | None:
     levels, counts = np.unique(low, return_counts=True)
     return float(levels[np.argmax(counts)]) if counts.max() > BACKGROUND_SHARE * values.size \
         else None
+
+
+def edge_background(*maps: np.ndarray) -> np.ndarray:
+    """Where every one of the (Z, Y, X) ``maps`` holds its background value
+    (:func:`background_value`; NaN in a map that has none), connected within its slice to the
+    slice's edge: the air around a head written as 0 or -1, not the same value enclosed by the
+    brain, nor a core's CBF of 0 at the brain's surface when its Tmax is also given."""
+    from scipy import ndimage
+
+    held = np.ones(maps[0].shape, dtype=bool)
+    for values in maps:
+        value = background_value(values)
+        held &= ~np.isfinite(values) if value is None else values == value
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    labels, _ = ndimage.label(held, structure=in_plane)
+    edge = np.zeros(held.shape, dtype=bool)
+    edge[:, [0, -1], :] = True
+    edge[:, :, [0, -1]] = True
+    touching = np.unique(labels[edge & held])
+    return np.isin(labels, touching[touching > 0])
 
 
 def check_plausible(name: str, values: np.ndarray, path: PathLike) -> str | None:

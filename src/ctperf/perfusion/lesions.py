@@ -341,7 +341,10 @@ def segment_lesions(
     maps : PerfusionMaps
         Needs ``cbf`` and ``tmax`` (and ``cbv`` when ``options.core_cbv`` is set).
     brain : ndarray of bool, shape (Z, Y, X), optional
-        Where lesions may lie; default where the maps are finite.
+        Where lesions may lie; default where the maps are finite, less a background value
+        reaching the image's edge (:func:`ctperf.io.maps.edge_background`: maps written with
+        0 outside the head had put the midline at the image's centre and the reference CBF
+        among the zeros).
     exclude : ndarray of bool, shape (Z, Y, X), optional
         Voxels never labelled (vessels, CSF).
     options : LesionOptions
@@ -363,7 +366,11 @@ def segment_lesions(
     o = options
     cbf, tmax = maps["cbf"].astype(np.float64), maps["tmax"].astype(np.float64)
     valid = np.isfinite(cbf) & np.isfinite(tmax)
-    if brain is not None:
+    if brain is None:  # maps written with 0 (or -1) outside the head: that is no brain
+        from ctperf.io.maps import edge_background
+
+        valid &= ~edge_background(maps["cbf"], maps["tmax"])
+    else:
         if brain.shape != cbf.shape:
             raise ValidationError(f"brain mask shape {brain.shape} differs from maps {cbf.shape}")
         valid &= brain
