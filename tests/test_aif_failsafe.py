@@ -450,3 +450,17 @@ def test_an_automatic_aif_with_no_bolus_is_refused_asking_for_a_mask():
     with pytest.raises(ValidationError, match=r"no bolus in the automatic AIF.*--aif-mask"):
         run_perfusion(subject.series, method="bsvd")
     run_perfusion(subject.series, method="bsvd", aif_mask=subject.masks["artery"])
+
+
+def test_a_study_without_geometry_is_said(caplog):
+    """CTPSeries(hu, times) without an affine takes 1 mm voxels: volumes and the vessel search
+    read that scale (a probe's 2.4 mm study: hypoperfused 1.6 mL for 50.8). Said; a study with
+    its geometry is not."""
+    series, _ = skullless_study(np.random.default_rng(2), times=T1, noise=2.0,
+                                vein_fraction=1.0)
+    with caplog.at_level(logging.WARNING, logger="ctperf.perfusion.maps"):
+        run_perfusion(series, method="bsvd")
+    assert "affine is the identity" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="ctperf.perfusion.maps"):
+        run_perfusion(CTPSeries(series.hu, series.times), method="bsvd")
+    assert "affine is the identity (1 mm voxels at the origin)" in caplog.text

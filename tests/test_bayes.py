@@ -910,6 +910,12 @@ def test_bayes_options_reach_the_fit_and_the_provenance():
     # prior's averages; they are not an option
     with pytest.raises(ValidationError, match=r"unknown option\(s\) vessels;"):
         run_perfusion(series, method="bayes", bayes_options={"vessels": None})
+    # of their defaults' types: "no" for a bool had switched shape learning on
+    for wrong, said in (({"learn_shapes": "no"}, "learn_shapes must be a bool"),
+                        ({"candidates": 9.5}, "candidates must be a int"),
+                        ({"mtt_median": True}, "mtt_median must be a float")):
+        with pytest.raises(ValidationError, match=said):
+            run_perfusion(series, method="bayes", bayes_options=wrong)
 
 
 def test_run_perfusion_leaves_its_vessels_out_of_the_spatial_prior(monkeypatch):

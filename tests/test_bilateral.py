@@ -214,6 +214,9 @@ def test_constant_and_guide_checks(small_series):
     with pytest.raises(ValidationError, match="NaN"):
         joint_bilateral(frame, np.full(frame.shape[1:], np.nan, np.float32),
                         spacing=(5.0, 0.45, 0.45))
+    for sigma in (0.0, float("nan"), float("inf")):  # NaN had reached numpy's arange
+        with pytest.raises(ValidationError, match="must be finite and > 0"):
+            bilateral_filter(small_series, range_sigma_hu=sigma)
 
 
 def test_threads_and_chunks_agree(rng):

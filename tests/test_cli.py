@@ -49,3 +49,13 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path):
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 141
     assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_the_neural_demo_refuses_the_model_based_demos_options(tmp_path, capsys):
+    """--size, --method, --motion (and --overwrite) had been ignored by --neural in silence;
+    refused in one line, nothing written."""
+    out = tmp_path / "neural"
+    assert main(["demo", str(out), "--neural", "--size", "128", "--method", "bsvd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--size, --method do not apply to --neural" in err[0]
+    assert not out.exists()

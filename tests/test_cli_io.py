@@ -52,6 +52,11 @@ def test_info_nifti(tmp_path, small_series, capsys):
     out = capsys.readouterr().out
     assert "12 frames x 3 slices x 16 rows x 20 columns" in out
     assert "sidecar FrameTimes" in out
+    assert "format       NIfTI\n" in out
+    # a folder holding it alone (ISLES' layout, a phantom subject without DICOM): the NIfTI
+    # read is named (it had said "DICOM, None")
+    assert main(["info", str(tmp_path)]) == 0
+    assert "format       NIfTI, study.nii.gz\n" in capsys.readouterr().out
 
 
 def test_convert_dicom_to_nifti_and_back(tmp_path, rng, capsys):

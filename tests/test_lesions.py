@@ -471,3 +471,17 @@ def test_volume_sd_of_a_volume_the_clean_up_empties_is_zero():
                           uncertainty_mm=0.0, samples=40)
     assert res.volumes_ml["core"] == 0.0
     assert res.volumes_sd_ml is not None and res.volumes_sd_ml["core"] == 0.0
+
+
+@pytest.mark.parametrize("field, value, said", [
+    ("core_rcbf", 30.0, "fraction of normal CBF"),   # a percentage typed for the fraction
+    ("core_rcbf", 1.0, "fraction of normal CBF"),
+    ("tmax_hypo", 600.0, "1 to 30 s"),               # ms for s
+    ("tmax_severe", 0.5, "1 to 30 s"),
+])
+def test_lesion_options_hold_the_command_lines_ranges(field, value, said):
+    """The Python API had taken a core_rcbf of 30 (all 34.9 mL hypoperfused made core) and a
+    Tmax threshold of 600 s (no hypoperfusion) that the command line refuses."""
+    with pytest.raises(ValidationError, match=said):
+        LesionOptions(**{field: value})
+    LesionOptions(core_rcbf=0.0, tmax_hypo=1.0, tmax_severe=30.0)  # the ranges' ends

@@ -137,3 +137,16 @@ def test_cross_validate_writes_table(tmp_path: Path):
     with pytest.raises(InputError, match="cannot resume with different settings"):
         cross_validate(cache, tmp_path / "cv", replace(config, epochs=3), folds=2,
                        test_patients=["sub-0003"], resume=True)
+
+
+def test_more_folds_than_patients_is_refused_before_the_references(tmp_path):
+    """5 folds of a 3-subject cohort: refused before any reference or cache is computed (it
+    had been refused after them, leaving references/ and cache/), nothing written."""
+    from ctperf.workflow.training import cross_validate_cohort
+
+    for i in range(3):  # only the layout is read: the studies are never opened
+        (tmp_path / "cohort" / f"sub-{i:04d}").mkdir(parents=True)
+        (tmp_path / "cohort" / f"sub-{i:04d}" / "study.nii.gz").write_bytes(b"")
+    with pytest.raises(ValidationError, match=r"folds must be 2 to 3 .* got 5"):
+        cross_validate_cohort(tmp_path / "cohort", tmp_path / "cv", TrainConfig(), folds=5)
+    assert not (tmp_path / "cv").exists()

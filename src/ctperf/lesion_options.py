@@ -62,6 +62,14 @@ class LesionOptions:
                 raise ValidationError(f"lesion option {name} must be 0 or more, got {value}")
         if self.core_cbv is not None and not self.core_cbv > 0:
             raise ValidationError(f"lesion option core_cbv must be positive, got {self.core_cbv}")
+        # the command line's ranges: a percentage typed for the fraction (30 for 0.3) had made
+        # every hypoperfused voxel core
+        if not self.core_rcbf < 1:
+            raise ValidationError(f"lesion option core_rcbf is a fraction of normal CBF, under "
+                                  f"1 (0.3 for 30 %), got {self.core_rcbf}")
+        for name, value in (("tmax_hypo", self.tmax_hypo), ("tmax_severe", self.tmax_severe)):
+            if not 1.0 <= value <= 30.0:
+                raise ValidationError(f"lesion option {name} must be 1 to 30 s, got {value}")
 
 
 #: The thresholds of :class:`LesionOptions` on the maps as they are: no median filter, no

@@ -174,7 +174,9 @@ class CTPSeries:
     times : ndarray, float64, shape (T,)
         Acquisition time of each frame in seconds, strictly increasing, possibly non-uniform.
     affine : ndarray, shape (4, 4)
-        Voxel ``(x, y, z, 1)`` -> patient mm (see module docstring).
+        Voxel ``(x, y, z, 1)`` -> patient mm (see module docstring). Default the identity:
+        1 mm voxels, which sets every volume in mL, the lesions' clean-up in mm and the vessel
+        search; the maps warn of a study that carries it.
     slice_times : ndarray, float64, shape (T, Z), optional
         Per-slice acquisition times when a scanner gives each slice its own (shuttle mode);
         ``times`` is then their mean over slices.

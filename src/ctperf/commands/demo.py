@@ -18,6 +18,11 @@ __all__ = ["ORDER", "register", "run"]
 
 ORDER = 0
 
+#: The model-based demo's options and defaults; ``--neural`` runs a cohort of its own and
+#: refuses them when changed (they had been ignored in silence).
+_STUDY_DEFAULTS = {"size": 256, "slices": 8, "frames": 89, "motion": "none",
+                   "method": "nlr-fast"}
+
 
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
@@ -39,17 +44,19 @@ def register(subparsers: Any) -> None:
                         "reproduce` on it with the cpu preset (filtered, not registered: "
                         "nothing moves); --seed and --filter/--no-filter apply, the other "
                         "options do not (docs/reproduce.md)")
-    p.add_argument("--size", type=count(32), default=256,
+    p.add_argument("--size", type=count(32), default=_STUDY_DEFAULTS["size"],
                    help="in-plane pixels over a 230 mm field of view, >= 32 [%(default)s; "
                         "scanners give 512]")
-    p.add_argument("--slices", type=count(1), default=8, help="5 mm slices [%(default)s]")
-    p.add_argument("--frames", type=count(30), default=89,
+    p.add_argument("--slices", type=count(1), default=_STUDY_DEFAULTS["slices"],
+                   help="5 mm slices [%(default)s]")
+    p.add_argument("--frames", type=count(30), default=_STUDY_DEFAULTS["frames"],
                    help="frames 0.5 s apart, >= 30 [%(default)s]")
     p.add_argument("--seed", type=seed, default=3, help="phantom seed [%(default)s]")
-    p.add_argument("--motion", choices=("none", "mild", "severe", "realistic"), default="none",
+    p.add_argument("--motion", choices=("none", "mild", "severe", "realistic"),
+                   default=_STUDY_DEFAULTS["motion"],
                    help="simulated head motion (realistic: drawn as a cohort's) [%(default)s]")
     p.add_argument("--method", choices=METHOD_CHOICES,
-                   default="nlr-fast", help="perfusion method [%(default)s]")
+                   default=_STUDY_DEFAULTS["method"], help="perfusion method [%(default)s]")
     add_preprocess_options(p, default=True, filter_by_method=True)
     add_overwrite_option(p)
     p.set_defaults(func=run)
@@ -76,8 +83,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_neural(args: argparse.Namespace) -> int:
+    from ctperf.errors import ValidationError
     from ctperf.workflow.reproduce import NeuralDemoOptions, ReproduceOptions, run_neural_demo
 
+    changed = [f"--{k}" for k, v in _STUDY_DEFAULTS.items() if getattr(args, k) != v]
+    changed += ["--overwrite"] * bool(args.overwrite)  # a rerun continues what is done
+    if changed:
+        raise ValidationError(f"{', '.join(changed)} do not apply to --neural (its cohort is "
+                              "24 subjects of 64 x 64 x 4 x 89, no motion, not registered; "
+                              "docs/reproduce.md); --seed and --filter/--no-filter do")
     out = args.out or Path("ctperf-demo-neural")
     options = NeuralDemoOptions(seed=args.seed, reproduce=ReproduceOptions(
         register=False, filter=args.filter is not False, spatial_sigma_mm=args.spatial_sigma,

@@ -46,7 +46,13 @@ def describe(series: Any, path: Path) -> list[str]:
     timing = str(meta.get("timing_source") or "unknown")
     if series.slice_times is not None:
         timing += " (each slice has its own times)"
-    kind = f"DICOM, {meta.get('transfer_syntax')}" if path.is_dir() else "NIfTI"
+    if meta.get("transfer_syntax"):
+        kind = f"DICOM, {meta['transfer_syntax']}"
+    else:  # a folder without DICOM images is read as the one 4D NIfTI under it
+        from ctperf.io.study import nifti_study_in
+
+        found = nifti_study_in(path) if path.is_dir() else None
+        kind = "NIfTI" if found is None else f"NIfTI, {found.relative_to(path)}"
     lines = [
         f"study        {path}",
         f"format       {kind}",

@@ -73,7 +73,8 @@ def register(subparsers: Any) -> None:
                    help="core rCBF threshold, a fraction of normal tissue [%(default)s]")
     p.add_argument("--tmax", type=float_in(1.0, 30.0, "--tmax (s)"),
                    default=LesionOptions.tmax_hypo,
-                   help="hypoperfusion Tmax threshold s [%(default)s]")
+                   help="hypoperfusion Tmax threshold s (the tmax10 mask keeps its 10 s) "
+                        "[%(default)s]")
     p.add_argument("--lesion-smooth", type=non_negative_float,
                    default=LesionOptions.smooth_mm,
                    metavar="MM", help="radius of an in-plane median filter on the maps before "

@@ -32,11 +32,26 @@ def check_bayes_options(options: dict[str, Any] | None, method: str) -> None:
         return
     if method != "bayes":
         raise ValidationError(f"bayes_options apply to method 'bayes', not {method!r}")
-    known = set(inspect.signature(fit_bayes).parameters) - _BAYES_SET
+    params = inspect.signature(fit_bayes).parameters
+    known = set(params) - _BAYES_SET
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValidationError(f"bayes_options: unknown option(s) {', '.join(unknown)}; "
                               f"known: {', '.join(sorted(known))}")
+    # of the type of the option's default ("no" for a bool had switched it on)
+    for name, value in options.items():
+        default = params[name].default
+        if isinstance(default, bool):
+            ok = isinstance(value, bool | np.bool_)
+        elif isinstance(default, int | float):
+            number = isinstance(value, int | float | np.integer | np.floating) and \
+                not isinstance(value, bool | np.bool_)
+            ok = number and (isinstance(default, float) or float(value).is_integer())
+        else:
+            continue
+        if not ok:
+            raise ValidationError(f"bayes_options: {name} must be a {type(default).__name__} "
+                                  f"like its default {default!r}, got {value!r}")
 
 
 def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, *,

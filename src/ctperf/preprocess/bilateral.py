@@ -70,10 +70,11 @@ class _Setup:
     def of(cls, spacing: tuple[float, float, float], *, spatial_sigma_mm: float,
            range_sigma_hu: float, levels_per_sigma: float, levels_per_sigma_outside: float,
            cells_per_sigma: float, filter_weights: str) -> _Setup:
-        if min(spatial_sigma_mm, range_sigma_hu, levels_per_sigma, levels_per_sigma_outside,
-               cells_per_sigma) <= 0:
+        values = (spatial_sigma_mm, range_sigma_hu, levels_per_sigma, levels_per_sigma_outside,
+                  cells_per_sigma)
+        if not all(np.isfinite(v) and v > 0 for v in values):  # NaN compares False to all
             raise ValidationError("spatial_sigma_mm, range_sigma_hu, levels_per_sigma(_outside) "
-                                  "and cells_per_sigma must be > 0")
+                                  f"and cells_per_sigma must be finite and > 0, got {values}")
         if len(spacing) != 3 or not min(spacing) > 0:
             raise ValidationError(f"spacing must be three voxel sizes > 0 in mm, got {spacing}")
         if filter_weights not in ("linear", "quadratic"):

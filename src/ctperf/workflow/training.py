@@ -209,6 +209,23 @@ def cohort_layout(cohort: Path) -> str:
                              "UniToBrain patients (MOL-*_Registered_Filtered_3mm_20HU)")
 
 
+def _check_fold_count(cohort: Path, folds: int, held_out: Sequence[str]) -> None:
+    """Refuse more folds than the cohort has patients to validate on before its references
+    and caches are computed (minutes to hours; 5 folds of 3 patients had been refused after
+    them), counting its subject folders (a cohort of neither layout is left to the cache)."""
+    from ctperf.io.unitobrain import find_unitobrain
+
+    layout = _layout_or_none(cohort)
+    if layout is None:
+        return
+    ids = ([p.name for p in cohort.glob("sub-*") if (p / "study.nii.gz").exists()]
+           if layout == "phantom" else [pid for pid, _, _ in find_unitobrain(cohort)])
+    pool = len(set(ids) - set(held_out))
+    if not 2 <= folds <= pool:
+        raise ValidationError(f"folds must be 2 to {pool} (one patient per fold at most; the "
+                              f"cohort has {pool} to validate on), got {folds}")
+
+
 def _layout_or_none(cohort: Path) -> str | None:
     """:func:`cohort_layout`, or None for a folder of neither kind (the slice cache says what
     is wrong with it)."""
@@ -362,6 +379,7 @@ def cross_validate_cohort(cohort: str | Path, out: str | Path, config: Any,
 
     cohort, out = Path(cohort), Path(out)
     held_out = held_out_patients(options)
+    _check_fold_count(cohort, folds, held_out)
     cache, pretrain, config = prepare_training(cohort, out, config, options)
     check_held_out(held_out, cache.patient_ids, options)
     pairs = make_folds(cache.patient_ids, k=folds, seed=config.seed, test_patients=held_out)
