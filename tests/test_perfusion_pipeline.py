@@ -195,10 +195,14 @@ def test_bad_input_gives_clear_errors(study, rng):
         compute_maps(series, brain_mask=np.ones((1, 4, 4), dtype=bool))
     with pytest.raises(ValidationError, match="AIF mask shape"):
         compute_maps(series, aif_mask=np.ones((2, 8, 8), dtype=bool))
-    # Only soft tissue enhancing by ~20 HU: no arterial candidates.
+    # Only soft tissue enhancing by ~20 HU (the study clipped at 60 HU): the values are
+    # refused as clipped, as the readers refuse a file's (it had been "no arterial candidates")
     weak = series.replace(hu=np.clip(series.hu, -1000, 60))
-    with pytest.raises(ValidationError, match="arterial candidates"):
+    with pytest.raises(ValidationError, match=r"series\.hu: implausible CT numbers.*clipped"):
         compute_maps(weak)
+    # stored values without their rescale intercept
+    with pytest.raises(ValidationError, match=r"series.hu: .*HU \+ 1024"):
+        compute_maps(series.replace(hu=series.hu + 1024))
     # An AIF below its baseline (e.g. motion between baseline and bolus): a hint, not a fit.
     dip = -np.clip(np.arange(series.n_frames, dtype=float) - 10.0, 0, 30)
     with pytest.raises(ValidationError, match=r"no positive area.*motion"):

@@ -28,8 +28,8 @@ import numpy as np
 from scipy import ndimage
 
 from ctperf import masks
-from ctperf.errors import ValidationError
-from ctperf.io.integrity import frame_spacing_problem
+from ctperf.errors import InputError, ValidationError
+from ctperf.io.integrity import check_hu_plausible, frame_spacing_problem
 from ctperf.perfusion.aif import tissue_curve
 from ctperf.perfusion.boxnlr import BOX_METHODS
 from ctperf.perfusion.curves import (
@@ -337,6 +337,12 @@ def _check_inputs(series: CTPSeries, *, method: str, vessel_series: CTPSeries | 
         raise ValidationError(f"series.times: {problem}; CTPSeries times are in seconds")
     if method not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    # as the readers check a file's values: a series built in Python of stored values (HU +
+    # 1024) had been refused as "no arterial candidates", asking for a command line option
+    try:
+        check_hu_plausible(series.hu, lambda t, z: ("series.hu", f"frame {t}, slice {z}: "))
+    except InputError as exc:  # no file here: the series' values
+        raise ValidationError(str(exc)) from None
     if np.array_equal(series.affine, np.eye(4)):
         # CTPSeries(hu, times) without an affine: on a probe's 2.4 x 2.4 x 5 mm study the
         # hypoperfused volume read 1.6 mL for 50.8, the VOF was rejected and CBF read 2.3x
