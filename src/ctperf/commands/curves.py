@@ -45,7 +45,10 @@ def register(subparsers: Any) -> None:
                     "no_enhancement for one that never rises above it, at_bound for a box "
                     "fit that ended on a bound of its parameters, peaks_before_aif for one "
                     "that peaks before the AIF by more than 1 s or a frame interval, "
-                    "truncated for one still above 30 % of its peak at the last frame), a JSON "
+                    "truncated for one still above 30 % of its peak at the last frame, spike "
+                    "for one with a frame standing far off the line through its neighbours "
+                    "(motion, a streak), tmax_after_peak for a Tmax after the curve's own "
+                    "peak, which no residue gives), a JSON "
                     "sidecar of the "
                     "same stem (method, constants, baseline frames, partial-volume step, QC, "
                     "units) and a PNG of the curves as fitted.")

@@ -122,8 +122,8 @@ class CurveFit:
         return [{k: float(v[i]) for k, v in columns.items()} for i in range(self.cbf.size)]
 
 
-def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | None = None
-                ) -> tuple[tuple[str, ...], ...]:
+def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | None = None,
+                aif: np.ndarray | None = None) -> tuple[tuple[str, ...], ...]:
     """Plausibility flags of baseline-subtracted tissue curves (T, N), one tuple per curve
     (names of :data:`CURVE_FLAGS`).
 
@@ -138,8 +138,12 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | No
     zero (each curve judged on its own: the study's ``truncation`` flag reads the AIF, the VOF
     and the tissue's mean, in which one long-transit curve is lost), ``spike`` where one frame
     stands apart from the line through its neighbours (at ``times``, s; even steps when None)
-    by more than :data:`SPIKE_SDS` SDs of that gap's noise and half the smoothed curve's
-    largest excursion. Any units.
+    by more than :data:`SPIKE_SDS` SDs of that gap's noise and by a share of the curve's
+    largest excursion that no bolus sampled so shows: half, or 1.25 times the largest share
+    of the ``aif`` (baseline-subtracted, on the same frames) when that is more, and none when
+    the AIF stands above half its peak in fewer than three frames. Tissue is the AIF convolved
+    with a residue, never sharper; at frames 2-3 s apart a bolus's peak is a frame or two wide
+    and stands off its neighbours as a spike does. Any units.
     """
     c = np.asarray(tissue, dtype=np.float64)
     noise = second_difference_sd(c)
@@ -157,13 +161,23 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | No
         tt = np.arange(c.shape[0], dtype=np.float64) if times is None else \
             np.asarray(times, dtype=np.float64)
         w = ((tt[1:-1] - tt[:-2]) / (tt[2:] - tt[:-2]))[:, None]
-        gap = np.abs(c[1:-1] - (1.0 - w) * c[:-2] - w * c[2:]).max(axis=0)
+        def gaps(x: np.ndarray) -> np.ndarray:
+            return np.abs(x[1:-1] - (1.0 - w) * x[:-2] - w * x[2:]).max(axis=0)
+
+        gap = gaps(c)
         # the gap's noise: the frame's own and the line's (1 + w^2 + (1 - w)^2 variances), from
         # the curve's noise or the curves' median, whichever is larger (from 30 frames one
         # curve's estimate falls to half the true SD once in a hundred curves)
         gap_sd = np.maximum(noise, np.median(noise)) * np.sqrt(
             1.0 + float(np.max(w ** 2 + (1.0 - w) ** 2)))
-        spike = (gap > SPIKE_SDS * gap_sd) & (gap > 0.5 * np.abs(sm).max(axis=0))
+        share = 0.5
+        if aif is not None:
+            a = np.asarray(aif, dtype=np.float64)[:, None]
+            if np.abs(a).max() > 0:
+                share = max(share, 1.25 * float(gaps(a)[0] / np.abs(a).max()))
+                if int((a >= 0.5 * a.max()).sum()) < 3:  # a bolus within two frames: a
+                    share = np.inf                       # peak is a spike; none is judged
+        spike = (gap > SPIKE_SDS * gap_sd) & (gap > share * np.abs(c).max(axis=0))
     hits = (("below_baseline", below), ("no_enhancement", flat), ("truncated", cut),
             ("spike", spike))
     return tuple(tuple(name for name, hit in hits if hit[i]) for i in range(c.shape[1]))
@@ -366,7 +380,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     # small for each curve's own flag), and beyond that mean's noise (a few noisy curves')
     if "below_baseline" not in curve_flags(mean[:, None], n_base, t)[0]:
         flags["below_baseline"]["flag"] = False
-    per_curve = curve_flags(tis, n_base, t)
+    per_curve = curve_flags(tis, n_base, t, aif=vessels[:, 0])
     early = _peaks_before(t, vessels[:, 0], out["ttp"])
     late = out["tmax"] > out["ttp"]  # NaN compares False
     per_curve = tuple(f + ("peaks_before_aif",) * bool(hit and "no_enhancement" not in f)
