@@ -352,7 +352,31 @@ def test_pre_bolus_noise_is_read_without_bias(n_base):
     curves[n_base:] += 50.0  # the bolus after the baseline does not count
     # 4000 voxels: the median variance's sampling error is about 2-3 % of the SD at 3 frames
     assert pre_bolus_noise_sd(curves, n_base) == pytest.approx(4.6, rel=0.04)
-    assert pre_bolus_noise_sd(curves, 2) is None
+    # under three baseline frames: from the second differences over every frame (it had been
+    # None: a 10 HU study of 3 s frames went unflagged); the bolus's 50 HU step (11 SDs)
+    # lands in 2 of the 38 differences and moves their median up: 4.9 read, 8 % allowed
+    assert pre_bolus_noise_sd(curves, 2) == pytest.approx(4.6, rel=0.08)
+    assert pre_bolus_noise_sd(curves[:2], 1) is None  # two frames: nothing to read
+
+
+def test_frames_seconds_apart_keep_their_baseline():
+    """An AIF sampled every 3 s, rising at its fourth frame (0, 0, 1, 78, 291 HU...): the
+    smoothed arrival less two frames had kept one baseline frame of three; one frame less
+    where two frames span more than 3 s. At 1 s frames nothing changes."""
+    from ctperf.perfusion.onset import pre_bolus_frames
+
+    def bolus(t):
+        s = np.clip(t - 8.5, 0.0, None) / 1.6
+        return 500.0 * (s / 3.0) ** 3 * np.exp(3.0 - s)
+
+    def frames(step, timed):
+        t = np.arange(0.0, 60.0, step)
+        hu = (40.0 + bolus(t))[:, None, None, None] * np.ones((1, 1, 2, 2))
+        rise = np.full((1, 2, 2), bolus(t).max())
+        return pre_bolus_frames(hu, rise, times=t if timed else None)
+
+    assert (frames(3.0, True), frames(3.0, False)) == (2, 1)
+    assert frames(1.0, True) == frames(1.0, False) == 8
 
 
 def test_qc_flags_box_fits_on_the_mtt_floor():

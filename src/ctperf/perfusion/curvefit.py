@@ -347,7 +347,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
             raise ValidationError("the AIF never rises above its first frame: no bolus, or one "
                                   "that had peaked before it (the curves must start before "
                                   "the contrast arrives)")
-        n_base = pre_bolus_frames(vessels, rise, noise_sd=voxel_noise_sd(vessels, 0))
+        n_base = pre_bolus_frames(vessels, rise, noise_sd=voxel_noise_sd(vessels, 0), times=t)
     else:
         if isinstance(baseline, bool) or not float(baseline).is_integer():
             raise ValidationError(f"baseline must be 'auto' or a whole number of frames, got "

@@ -278,10 +278,14 @@ def pre_bolus_noise_sd(curves: np.ndarray, n_base: int) -> float | None:
     """The noise SD (HU per frame) of single-voxel curves (T, N) from their first ``n_base``
     (pre-bolus) frames, unbiased for Gaussian noise: the median of the voxels' sample variances,
     divided by the median of chi-square over its degrees of freedom (the median SD of 6 frames
-    reads 0.84 sigma, and the SD with n rather than n - 1 lower still). None under three
-    frames."""
+    reads 0.84 sigma, and the SD with n rather than n - 1 lower still). Under three baseline
+    frames, the median of the curves' second-difference SDs over every frame
+    (:func:`~ctperf.perfusion.curves.second_difference_sd`, robust to the bolus: frames 3 s
+    apart had left one baseline frame, and a 10 HU study was not flagged noisy); None under
+    three frames in all."""
     if n_base < 3:
-        return None
+        c = np.asarray(curves, dtype=np.float64)
+        return float(np.median(second_difference_sd(c))) if c.shape[0] >= 3 else None
     var = np.var(np.asarray(curves[:n_base], dtype=np.float64), axis=0, ddof=1)
     k = n_base - 1
     return float(np.sqrt(np.median(var) * k / chi2.ppf(0.5, k)))

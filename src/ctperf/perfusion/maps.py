@@ -410,12 +410,8 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
     base_sd = pre_bolus_noise_sd(hu.reshape(n_t, -1)[:, sample], n_base)
     shift = None
     if motion_mm is None:  # not registered: is the skull still?
-        noise = base_sd
-        if noise is None:  # too few baseline frames: the first two frames' difference
-            first_two = hu.reshape(n_t, -1)[:2, sample]
-            noise = float(np.median(np.abs(first_two[1] - first_two[0]))
-                          / (0.6745 * np.sqrt(2.0)))
-        shift = skull_shift_px(hu, n_base=n_base, noise_sd=noise, offset=hu_offset or 0.0)
+        shift = skull_shift_px(hu, n_base=n_base, noise_sd=base_sd or 0.0,
+                               offset=hu_offset or 0.0)
     return qc_flags(times=t, aif=aif_raw, vof=vof_used, tissue_mean=tissue_mean,
                     brain_mean=brain_mean,
                     baseline_sd=base_sd, baseline_frames=n_base,

@@ -46,13 +46,20 @@ class _Onset(NamedTuple):
     noise_sd: float
 
 
+#: Longest span (s) of the two frames :func:`pre_bolus_frames` leaves between the baseline and
+#: the bolus's smoothed arrival; wider frames leave one.
+MARGIN_SPAN_S = 3.0
+
+
 def pre_bolus_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
-                     share: float = 0.25, most: int = 5000, percentile: float = 5.0) -> int:
+                     share: float = 0.25, most: int = 5000, percentile: float = 5.0,
+                     times: np.ndarray | None = None) -> int:
     """Frames before the bolus: two less than an early percentile of the arrival frames of the
     voxels rising by at least ``share`` of the largest ``rise`` (Z, Y, X), at most ``most`` of
-    them; arrival is where a curve, smoothed over time, first exceeds 20 % of its own rise
-    above its start, and four times the smoothed curves' noise (``noise_sd`` of one frame, HU),
-    so that a weak vessel's noise does not cross for it."""
+    them (one less where those two frames span more than :data:`MARGIN_SPAN_S` of ``times``,
+    s); arrival is where a curve, smoothed over time, first exceeds 20 % of its own rise above
+    its start, and four times the smoothed curves' noise (``noise_sd`` of one frame, HU), so
+    that a weak vessel's noise does not cross for it."""
     flat = rise.ravel()
     n = min(most, int(np.count_nonzero(flat >= share * flat.max())))
     top = np.argpartition(flat, flat.size - max(n, 1))[-max(n, 1):]
@@ -65,9 +72,13 @@ def pre_bolus_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
     crossed = above.any(axis=0)
     if not crossed.any():
         return 1
-    arrival = np.argmax(above[:, crossed], axis=0)
-    # two frames early: the smoothing (one frame's SD) moves a crossing by up to a frame
-    return max(1, int(np.percentile(arrival, percentile)) - 2)
+    arrival = int(np.percentile(np.argmax(above[:, crossed], axis=0), percentile))
+    # two frames early: the smoothing (one frame's SD) moves a crossing by up to a frame; one
+    # where frames are seconds apart (3 s frames had kept 1 of 3 pre-bolus frames)
+    margin = 2
+    if times is not None and arrival >= 2 and times[arrival] - times[arrival - 2] > MARGIN_SPAN_S:
+        margin = 1
+    return max(1, arrival - margin)
 
 
 def _bolus_baseline(vhu: np.ndarray, times: np.ndarray, *, spacing: tuple[float, float, float],
@@ -115,8 +126,8 @@ def _bolus_baseline(vhu: np.ndarray, times: np.ndarray, *, spacing: tuple[float,
     sample = where[np.linspace(0, where.size - 1, min(where.size, 4096)).astype(np.int64)]
     noise = voxel_noise_sd(vhu.reshape(vhu.shape[0], -1)[:, sample], 0)
     onset = _Onset(first - low, top - low, low, peak_at, brief, noise * ARRIVAL_NOISE_GAIN)
-    return (pre_bolus_frames(vhu, np.where(calm & ~brief, rise, -np.inf), noise_sd=noise),
-            bone_rim, onset)
+    return (pre_bolus_frames(vhu, np.where(calm & ~brief, rise, -np.inf), noise_sd=noise,
+                             times=times), bone_rim, onset)
 
 
 def check_vessels_at_start(onset: _Onset, region: np.ndarray, *, remedy: str = "") -> None:
