@@ -152,6 +152,50 @@ def test_a_study_whose_input_changed_is_computed_again(tmp_path):
     assert str(inputs) not in (out / MANIFEST).read_text()  # a digest, not the path
 
 
+def _strict_read_task(source, target, options):
+    """_read_task refusing a source that says it is damaged."""
+    if "damaged" in Path(source).read_text():
+        raise InputError(source, "damaged file")
+    _read_task(source, target, options)
+
+
+def test_a_changed_study_that_fails_loses_its_earlier_output(tmp_path):
+    """A done study whose input was replaced by a damaged file: the rerun fails it, and its
+    earlier output (of the old input) had stayed, which `ctperf evaluate` scored without a
+    word. Removed now, the failure says so; a folder holding a user's file is kept."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b", "c"):
+        (inputs / f"{name}.txt").write_text(f"first {name}")
+    studies = [Study(n, str(inputs / f"{n}.txt")) for n in ("a", "b", "c")]
+    out = tmp_path / "out"
+    run_cohort(studies, out, _strict_read_task, {}, workers=1)
+    (out / "c" / "notes.txt").write_text("a reader's notes")
+    for name in ("b", "c"):
+        (inputs / f"{name}.txt").write_text("damaged, replaced")
+    again = run_cohort(studies, out, _strict_read_task, {}, workers=1)
+    assert again.skipped == ("a",) and set(again.failed) == {"b", "c"}
+    assert not (out / "b").exists()
+    assert again.failed["b"].endswith("(its output of an earlier run was removed)")
+    assert (out / "c" / "notes.txt").exists() and "removed" not in again.failed["c"]
+
+
+def test_a_done_study_missing_an_output_file_is_computed_again(tmp_path):
+    """A map deleted from a done study's folder: the rerun had said "already done", exit 0,
+    the map still missing. The folder's marker lists what was written: the study is redone."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for name in ("a", "b"):
+        (inputs / f"{name}.txt").write_text(f"first {name}")
+    studies = [Study(n, str(inputs / f"{n}.txt")) for n in ("a", "b")]
+    out = tmp_path / "out"
+    run_cohort(studies, out, _read_task, {}, workers=1)
+    (out / "b" / "value.txt").unlink()
+    again = run_cohort(studies, out, _read_task, {}, workers=1)
+    assert again.skipped == ("a",) and again.done == ("b",)
+    assert (out / "b" / "value.txt").read_text() == "first b"
+
+
 def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
     """Two runs into one OUT had each rewritten the manifest from memory and replaced the
     other's studies, both exit 0: the folder's lock refuses the second; a lock whose process
@@ -436,3 +480,24 @@ def test_default_workers_one_per_two_cores(monkeypatch):
     small = type("Memory", (), {"total": 3 * cohort_module.MEMORY_PER_WORKER})()
     monkeypatch.setattr(psutil, "virtual_memory", lambda: small)
     assert cohort_module.worker_count(10) == 3
+
+
+def _warning_task(source, target, options):
+    """A study that warns, as the AIF search does, and then writes its output."""
+    import logging
+
+    logging.getLogger("ctperf.perfusion.inputs").warning("automatic VOF rejected (%s)", "why")
+    _echo_task(source, target, {"upper": False})
+
+
+def test_a_cohorts_warnings_name_their_study(tmp_path, caplog):
+    """Warnings made while a study runs begin with its name (a cohort's 'automatic VOF
+    rejected' had named none); the process's other records are left as they are."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        run_cohort(_studies("a", "b%"), tmp_path / "out", _warning_task, {}, workers=1)
+        logging.getLogger("ctperf.elsewhere").warning("after the cohort")
+    said = [r.getMessage() for r in caplog.records]
+    assert "a: automatic VOF rejected (why)" in said and "b%: automatic VOF rejected (why)" in said
+    assert "after the cohort" in said

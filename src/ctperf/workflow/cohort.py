@@ -19,6 +19,7 @@ this process when one worker is asked for (or enough).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import hashlib
@@ -27,11 +28,12 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from ctperf.errors import CTPerfError, InputError
+from ctperf.io.atomic import output_missing, remove_own_output
 from ctperf.io.unitobrain import MAP_FOLDERS
 
 __all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_studies",
@@ -326,6 +328,26 @@ def _without_identifiers(error: str | None) -> str | None:
     return re.sub(r"'[^']*'", "'...'", error)
 
 
+@contextlib.contextmanager
+def _logs_named(name: str) -> Iterator[None]:
+    """ctperf's log records made meanwhile begin with the study's ``name`` (a cohort's
+    warnings had named no study). One study runs at a time in a process."""
+    make = logging.getLogRecordFactory()
+    prefix = name.replace("%", "%%") + ": "
+
+    def named(*args: Any, **kwargs: Any) -> logging.LogRecord:
+        record = make(*args, **kwargs)
+        if record.name.startswith("ctperf"):
+            record.msg = prefix + str(record.msg) if record.args else f"{name}: {record.msg}"
+        return record
+
+    logging.setLogRecordFactory(named)
+    try:
+        yield
+    finally:
+        logging.setLogRecordFactory(make)
+
+
 def _run_study(task: Task, study: Study, target: Path, options: Any,
                uid_key: str | None = None) -> dict[str, Any]:
     """Run one study (in a worker or in this process); never raises an ``Exception``.
@@ -337,7 +359,8 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
     if uid_key is not None:
         os.environ[UID_KEY_VARIABLE] = uid_key
     try:
-        task(study.source, target, options)
+        with _logs_named(study.name):
+            task(study.source, target, options)
         if not target.is_dir():
             raise CTPerfError(f"the task wrote no folder {target.name}")
         state, error = "done", None
@@ -346,6 +369,10 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
         for folder in (study.root, target.parent):
             if folder is not None and error is not None:
                 error = error.replace(f"{folder}{os.sep}", "")
+        # an earlier run's output (of other inputs or options: it would have been skipped)
+        # no longer answers to the study; left, `ctperf evaluate` had scored it
+        if remove_own_output(target):
+            error = f"{error} (its output of an earlier run was removed)"
     return {"state": state, "error": error, "started": started, "finished": _now()}
 
 
@@ -490,6 +517,7 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
     # a row from before sources were stamped keeps its maps, and is stamped now
     skipped = tuple(s.name for s in studies if rows.get(s.name, {}).get("state") == "done"
                     and rows[s.name].get("options_hash") == digest and (root / s.name).is_dir()
+                    and not output_missing(root / s.name)  # a map deleted since: redone
                     and rows[s.name].setdefault("source_state", state[s.name]) == state[s.name])
     todo = [s for s in studies if s.name not in skipped]
     for study in todo:
