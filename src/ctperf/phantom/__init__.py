@@ -34,7 +34,8 @@ Truth conventions
   with the rectangular injection (volume / rate), plus recirculation; arterial voxels carry
   0.4-0.9 of it (``extras["artery_pv"]``). The sinuses are large enough that ``vein`` voxels are
   free of partial volume, and the VOF (AIF convolved with a unit-area transit kernel) has the
-  AIF's area, so scaling a measured AIF to the VOF's area recovers the true AIF area.
+  AIF's area over all time; a study ends before the VOF's tail does, so within it the VOF's
+  area falls short of the AIF's (by about 4 %, docs/phantom.md "Known limits").
 - Curves are simulated on a fine grid (0.05 s at 0.5 s frames) and sampled at the frames; voxel
   delays are rounded to that grid and dispersion to 0.1 s, and the truth maps hold the rounded
   values that were simulated.
