@@ -913,6 +913,7 @@ def test_bayes_options_reach_the_fit_and_the_provenance():
     # of their defaults' types: "no" for a bool had switched shape learning on
     for wrong, said in (({"learn_shapes": "no"}, "learn_shapes must be a bool"),
                         ({"candidates": 9.5}, "candidates must be a int"),
+                        ({"chunk": 2048.0}, "chunk must be a int"),  # had crashed the fit
                         ({"mtt_median": True}, "mtt_median must be a float")):
         with pytest.raises(ValidationError, match=said):
             run_perfusion(series, method="bayes", bayes_options=wrong)

@@ -159,25 +159,23 @@ def _strict_read_task(source, target, options):
     _read_task(source, target, options)
 
 
-def test_a_changed_study_that_fails_loses_its_earlier_output(tmp_path):
-    """A done study whose input was replaced by a damaged file: the rerun fails it, and its
-    earlier output (of the old input) had stayed, which `ctperf evaluate` scored without a
-    word. Removed now, the failure says so; a folder holding a user's file is kept."""
+def test_a_changed_study_that_fails_keeps_its_folder_and_says_failed(tmp_path):
+    """A done study whose input was replaced by a damaged file: the rerun fails it and leaves
+    its earlier folder as it is (the failure may lie outside the study: another command's
+    folder, a missing device), the manifest says failed; `ctperf evaluate` reads that
+    (tests/test_evaluation_gaps.py)."""
     inputs = tmp_path / "in"
     inputs.mkdir()
-    for name in ("a", "b", "c"):
+    for name in ("a", "b"):
         (inputs / f"{name}.txt").write_text(f"first {name}")
-    studies = [Study(n, str(inputs / f"{n}.txt")) for n in ("a", "b", "c")]
+    studies = [Study(n, str(inputs / f"{n}.txt")) for n in ("a", "b")]
     out = tmp_path / "out"
     run_cohort(studies, out, _strict_read_task, {}, workers=1)
-    (out / "c" / "notes.txt").write_text("a reader's notes")
-    for name in ("b", "c"):
-        (inputs / f"{name}.txt").write_text("damaged, replaced")
+    (inputs / "b.txt").write_text("damaged, replaced")
     again = run_cohort(studies, out, _strict_read_task, {}, workers=1)
-    assert again.skipped == ("a",) and set(again.failed) == {"b", "c"}
-    assert not (out / "b").exists()
-    assert again.failed["b"].endswith("(its output of an earlier run was removed)")
-    assert (out / "c" / "notes.txt").exists() and "removed" not in again.failed["c"]
+    assert again.skipped == ("a",) and set(again.failed) == {"b"}
+    assert (out / "b" / "value.txt").read_text() == "first b"
+    assert json.loads((out / MANIFEST).read_text())["studies"]["b"]["state"] == "failed"
 
 
 def test_a_done_study_missing_an_output_file_is_computed_again(tmp_path):
@@ -501,3 +499,31 @@ def test_a_cohorts_warnings_name_their_study(tmp_path, caplog):
     said = [r.getMessage() for r in caplog.records]
     assert "a: automatic VOF rejected (why)" in said and "b%: automatic VOF rejected (why)" in said
     assert "after the cohort" in said
+
+
+def test_study_names_in_the_logs_hold_per_thread(caplog):
+    """A Dask worker of several threads runs studies at once: each thread's records carry its
+    own study (a swapped global factory had written 'b: a: ...' and kept naming study a after
+    both ended)."""
+    import logging
+    import threading
+
+    from ctperf.workflow.cohort import _logs_named
+
+    inside = threading.Barrier(2)
+
+    def study(name):
+        with _logs_named(name):
+            inside.wait(timeout=10)  # both studies running
+            logging.getLogger("ctperf.x").warning("warning of %s", name)
+            inside.wait(timeout=10)
+
+    with caplog.at_level(logging.WARNING):
+        threads = [threading.Thread(target=study, args=(n,)) for n in ("a", "b")]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        logging.getLogger("ctperf.x").warning("after both")
+    said = sorted(r.getMessage() for r in caplog.records)
+    assert said == ["a: warning of a", "after both", "b: warning of b"]

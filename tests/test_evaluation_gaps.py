@@ -117,3 +117,27 @@ def test_readers_lesions_defined_differently_are_said(tmp_path):
                            lesion_options=LesionOptions(tmax_hypo=8.0))
     assert net.rules["a"]["hypoperfused"] == "Tmax > 8.0 s"
     assert "Tmax > 8.0 s: net" in lesion_rule_warnings([net, usual], list(STUDIES))[0]
+
+
+def test_studies_a_cohort_run_did_not_finish_are_left_out(tmp_path):
+    """A maps cohort whose manifest records a study as failed (a rerun on a damaged input
+    keeps the folder of the earlier run): left out with a warning (it had been scored as if
+    current). Without a manifest, or one of another format, every folder counts."""
+    import json
+
+    from ctperf import io
+    from ctperf.evaluation.cohort import load_maps_cohort
+
+    root = tmp_path / "maps"
+    for s in STUDIES:
+        io.write_volume(np.full((2, 8, 8), 30.0, np.float32), np.eye(4), root / s / "cbf.nii.gz")
+    assert sorted(load_maps_cohort(root).maps) == STUDIES
+    (root / "manifest.json").write_text(json.dumps({
+        "format": "ctperf-cohort-manifest", "version": 1,
+        "studies": {"a": {"state": "done"}, "b": {"state": "failed"}, "c": {"state": "done"}}}))
+    reader = load_maps_cohort(root)
+    assert sorted(reader.maps) == ["a", "c"]
+    assert reader.warnings == ["b: left out: the cohort's manifest says 'failed' (maps of an "
+                               "earlier run, or none)"]
+    (root / "manifest.json").write_text(json.dumps({"format": "other", "studies": {}}))
+    assert sorted(load_maps_cohort(root).maps) == STUDIES

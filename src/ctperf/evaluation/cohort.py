@@ -146,7 +146,12 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
     phantom = all((s / "truth").is_dir() and (s / "masks").is_dir() for s in subs)
     reader = Reader(label="", kind="truth" if phantom else "method", path=str(root))
     method = None
+    unfinished = _unfinished(root)
     for sub in subs:
+        if sub.name in unfinished:
+            reader.warnings.append(f"{sub.name}: left out: the cohort's manifest says "
+                                   f"'{unfinished[sub.name]}' (maps of an earlier run, or none)")
+            continue
         folder = sub / "truth" if phantom else sub
         names = [n for n in MAP_NAMES if map_file(folder, n) is not None]
         others = sorted(f.name for f in folder.glob("*.nii*")
@@ -185,6 +190,25 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
         method = method or doc.get("method")
     reader.label = label or ("truth" if phantom else (method or root.name))
     return reader
+
+
+#: The record a cohort run (:mod:`ctperf.workflow.cohort`) keeps of each study's state.
+_MANIFEST, _MANIFEST_FORMAT = "manifest.json", "ctperf-cohort-manifest"
+
+
+def _unfinished(root: Path) -> dict[str, str]:
+    """Studies a cohort run's manifest in ``root`` does not record as done, with their state: a
+    study failed on a rerun keeps the folder of its earlier run (other inputs or options),
+    which had been scored as if current. {} without a manifest."""
+    try:
+        doc = json.loads((root / _MANIFEST).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+    if not isinstance(doc, dict) or doc.get("format") != _MANIFEST_FORMAT:
+        return {}
+    rows = doc.get("studies") or {}
+    return {name: str(row.get("state")) for name, row in rows.items()
+            if isinstance(row, dict) and row.get("state") != "done"}
 
 
 def _summary(sub: Path) -> dict[str, Any]:

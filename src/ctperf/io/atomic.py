@@ -31,8 +31,8 @@ from pathlib import Path
 from ctperf.errors import InputError
 
 __all__ = ["MARKER", "STALE_AFTER_S", "TEMP_PREFIX", "atomic_dir", "atomic_file",
-           "check_output", "mark_output", "output_missing", "remove_own_output",
-           "remove_stale_temporaries", "set_writer"]
+           "check_output", "mark_output", "output_missing", "remove_stale_temporaries",
+           "set_writer"]
 
 log = logging.getLogger(__name__)
 
@@ -194,19 +194,6 @@ def output_missing(folder: _PathLike) -> list[str]:
         return []
     return [p for p in marker.split(_INVENTORY, 1)[1].splitlines()
             if p and not os.path.lexists(out / p)]
-
-
-def remove_own_output(folder: _PathLike) -> bool:
-    """Remove ``folder`` if ctperf wrote all it holds (its marker's inventory lists every
-    file); True when removed, False when it is absent or holds anything else."""
-    out = Path(folder)
-    if out.is_symlink() or not out.is_dir():
-        return False
-    marker = _marker_text(out)
-    if _INVENTORY not in marker or _not_written(out, marker):
-        return False
-    shutil.rmtree(out)
-    return True
 
 
 def _check_replaceable(target: Path, overwrite: bool) -> None:

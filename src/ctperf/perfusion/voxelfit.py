@@ -43,10 +43,10 @@ def check_bayes_options(options: dict[str, Any] | None, method: str) -> None:
         default = params[name].default
         if isinstance(default, bool):
             ok = isinstance(value, bool | np.bool_)
-        elif isinstance(default, int | float):
-            number = isinstance(value, int | float | np.integer | np.floating) and \
-                not isinstance(value, bool | np.bool_)
-            ok = number and (isinstance(default, float) or float(value).is_integer())
+        elif isinstance(default, int | float):  # a float for a count (2048.0) is refused
+            kinds = (int, np.integer) if isinstance(default, int) else \
+                (int, float, np.integer, np.floating)
+            ok = isinstance(value, kinds) and not isinstance(value, bool | np.bool_)
         else:
             continue
         if not ok:

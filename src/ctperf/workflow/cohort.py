@@ -20,6 +20,7 @@ this process when one worker is asked for (or enough).
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import datetime
 import hashlib
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.errors import CTPerfError, InputError
-from ctperf.io.atomic import output_missing, remove_own_output
+from ctperf.io.atomic import output_missing
 from ctperf.io.unitobrain import MAP_FOLDERS
 
 __all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_studies",
@@ -328,24 +329,36 @@ def _without_identifiers(error: str | None) -> str | None:
     return re.sub(r"'[^']*'", "'...'", error)
 
 
-@contextlib.contextmanager
-def _logs_named(name: str) -> Iterator[None]:
-    """ctperf's log records made meanwhile begin with the study's ``name`` (a cohort's
-    warnings had named no study). One study runs at a time in a process."""
-    make = logging.getLogRecordFactory()
-    prefix = name.replace("%", "%%") + ": "
+#: The study whose task runs in this thread (its context), for :func:`_logs_named`.
+_STUDY: contextvars.ContextVar[str | None] = contextvars.ContextVar("ctperf_study", default=None)
 
+
+def _named_record_factory(make: Callable[..., logging.LogRecord]
+                          ) -> Callable[..., logging.LogRecord]:
     def named(*args: Any, **kwargs: Any) -> logging.LogRecord:
         record = make(*args, **kwargs)
-        if record.name.startswith("ctperf"):
-            record.msg = prefix + str(record.msg) if record.args else f"{name}: {record.msg}"
+        name = _STUDY.get()
+        if name is not None and record.name.startswith("ctperf"):
+            record.msg = (name.replace("%", "%%") + ": " + str(record.msg) if record.args
+                          else f"{name}: {record.msg}")
         return record
 
-    logging.setLogRecordFactory(named)
+    named.ctperf_names_studies = True  # type: ignore[attr-defined]
+    return named
+
+
+@contextlib.contextmanager
+def _logs_named(name: str) -> Iterator[None]:
+    """ctperf's log records made meanwhile in this thread begin with the study's ``name`` (a
+    cohort's warnings had named no study): a record factory, installed once per process,
+    reads the thread's study (a worker of several threads runs several studies at once)."""
+    if not getattr(logging.getLogRecordFactory(), "ctperf_names_studies", False):
+        logging.setLogRecordFactory(_named_record_factory(logging.getLogRecordFactory()))
+    token = _STUDY.set(name)
     try:
         yield
     finally:
-        logging.setLogRecordFactory(make)
+        _STUDY.reset(token)
 
 
 def _run_study(task: Task, study: Study, target: Path, options: Any,
@@ -369,10 +382,6 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
         for folder in (study.root, target.parent):
             if folder is not None and error is not None:
                 error = error.replace(f"{folder}{os.sep}", "")
-        # an earlier run's output (of other inputs or options: it would have been skipped)
-        # no longer answers to the study; left, `ctperf evaluate` had scored it
-        if remove_own_output(target):
-            error = f"{error} (its output of an earlier run was removed)"
     return {"state": state, "error": error, "started": started, "finished": _now()}
 
 
