@@ -134,14 +134,19 @@ def _read_task(source, target, options):
         (tmp / "value.txt").write_text(Path(source).read_text())
 
 
-def test_a_study_whose_input_changed_is_computed_again(tmp_path):
-    """A study replaced since it was done had kept its stale maps (rerun: "already done",
-    exit 0); the state of the files a source names is part of what makes it done."""
+def _text_studies(tmp_path):
+    """Studies a and b, each a text file ("first a", "first b") in ``tmp_path/in``."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for name in ("a", "b"):
         (inputs / f"{name}.txt").write_text(f"first {name}")
-    studies = [Study(n, str(inputs / f"{n}.txt")) for n in ("a", "b")]
+    return inputs, [Study(n, str(inputs / f"{n}.txt")) for n in ("a", "b")]
+
+
+def test_a_study_whose_input_changed_is_computed_again(tmp_path):
+    """A study replaced since it was done had kept its stale maps (rerun: "already done",
+    exit 0); the state of the files a source names is part of what makes it done."""
+    inputs, studies = _text_studies(tmp_path)
     out = tmp_path / "out"
     assert run_cohort(studies, out, _read_task, {}, workers=1).done == ("a", "b")
     assert run_cohort(studies, out, _read_task, {}, workers=1).skipped == ("a", "b")
@@ -164,11 +169,7 @@ def test_a_changed_study_that_fails_keeps_its_folder_and_says_failed(tmp_path):
     its earlier folder as it is (the failure may lie outside the study: another command's
     folder, a missing device), the manifest says failed; `ctperf evaluate` reads that
     (tests/test_evaluation_gaps.py)."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in ("a", "b"):
-        (inputs / f"{name}.txt").write_text(f"first {name}")
-    studies = [Study(n, str(inputs / f"{n}.txt")) for n in ("a", "b")]
+    inputs, studies = _text_studies(tmp_path)
     out = tmp_path / "out"
     run_cohort(studies, out, _strict_read_task, {}, workers=1)
     (inputs / "b.txt").write_text("damaged, replaced")
@@ -181,11 +182,7 @@ def test_a_changed_study_that_fails_keeps_its_folder_and_says_failed(tmp_path):
 def test_a_done_study_missing_an_output_file_is_computed_again(tmp_path):
     """A map deleted from a done study's folder: the rerun had said "already done", exit 0,
     the map still missing. The folder's marker lists what was written: the study is redone."""
-    inputs = tmp_path / "in"
-    inputs.mkdir()
-    for name in ("a", "b"):
-        (inputs / f"{name}.txt").write_text(f"first {name}")
-    studies = [Study(n, str(inputs / f"{n}.txt")) for n in ("a", "b")]
+    _, studies = _text_studies(tmp_path)
     out = tmp_path / "out"
     run_cohort(studies, out, _read_task, {}, workers=1)
     (out / "b" / "value.txt").unlink()
