@@ -150,3 +150,39 @@ def test_more_folds_than_patients_is_refused_before_the_references(tmp_path):
     with pytest.raises(ValidationError, match=r"folds must be 2 to 3 .* got 5"):
         cross_validate_cohort(tmp_path / "cohort", tmp_path / "cv", TrainConfig(), folds=5)
     assert not (tmp_path / "cv").exists()
+
+
+def test_a_mistyped_held_out_id_or_an_absent_gpu_is_refused_before_any_work(tmp_path):
+    """A held-out id that names no subject, or a CUDA device torch does not see: refused before
+    the references and caches (they had been computed first, 56 NIfTIs left behind)."""
+    import torch
+
+    from ctperf.workflow.training import TrainingOptions, cross_validate_cohort, train_cohort
+
+    for i in range(3):
+        (tmp_path / "cohort" / f"sub-{i:04d}").mkdir(parents=True)
+        (tmp_path / "cohort" / f"sub-{i:04d}" / "study.nii.gz").write_bytes(b"")
+    typo = TrainingOptions(test_patients=("sub-9999",))
+    with pytest.raises(InputError, match="held-out patient sub-9999 not in the cohort"):
+        train_cohort(tmp_path / "cohort", tmp_path / "train", TrainConfig(), typo)
+    with pytest.raises(InputError, match="held-out patient sub-9999 not in the cohort"):
+        cross_validate_cohort(tmp_path / "cohort", tmp_path / "cv", TrainConfig(), typo, folds=2)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValidationError, match="torch sees no CUDA"):
+            train_cohort(tmp_path / "cohort", tmp_path / "train", TrainConfig(device="cuda"))
+    assert not (tmp_path / "train").exists() and not (tmp_path / "cv").exists()
+
+
+def test_a_slice_cache_given_as_a_file_is_refused_in_one_line(tmp_path):
+    """--cache naming a file: refused before OUT is made (it had read "File exists" and left
+    OUT holding only its marker)."""
+    from ctperf.workflow.training import TrainingOptions, train_cohort
+
+    (tmp_path / "cohort" / "sub-0000").mkdir(parents=True)
+    (tmp_path / "cohort" / "sub-0000" / "study.nii.gz").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=r"notes\.txt: exists and is a file"):
+        train_cohort(tmp_path / "cohort", tmp_path / "train", TrainConfig(device="cpu"),
+                     TrainingOptions(cache=tmp_path / "notes.txt"))
+    assert not (tmp_path / "train").exists()
+    assert (tmp_path / "notes.txt").read_text() == "mine"

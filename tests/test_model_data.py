@@ -385,3 +385,23 @@ def test_nlr_references_of_a_phantom_cohort_are_fitted_as_ctperf_maps_fits(tmp_p
     # partial volume); without the VOF's correction it read about 2 (2.15 on a 128 px one)
     assert 0.85 < ratio < 1.25, ratio
     assert (refs / "sub-0000" / "lesions" / "vessels.nii.gz").exists()
+
+
+def test_a_subject_without_its_brain_mask_is_not_trained_on_the_air(tmp_path, caplog):
+    """A phantom subject whose masks/brain.nii.gz is gone had its loss taken over the whole
+    slice (air as a target of 0), in silence: the reference maps' tissue stands in, said in
+    the log. A missing true map is named among those needed."""
+    import logging
+
+    from ctperf.model.data import iter_cohort
+
+    cohort = make_cohort(tmp_path / "c", subjects=2, size=16, frames=12)
+    (cohort / "sub-0001" / "masks" / "brain.nii.gz").unlink()
+    with caplog.at_level(logging.WARNING, logger="ctperf.model.data"):
+        masks = {pid: mask for pid, _, _, mask in iter_cohort(cohort)}
+    np.testing.assert_array_equal(masks["sub-0001"], masks["sub-0000"])  # the same disc
+    assert masks["sub-0001"].mean() < 0.6
+    assert "sub-0001: no brain mask" in caplog.text
+    (cohort / "sub-0000" / "truth" / "cbv.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"missing true maps: cbv \(of cbf, cbv, mtt, delay\)"):
+        list(iter_cohort(cohort))

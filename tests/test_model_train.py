@@ -113,7 +113,10 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(caches, tmp_path: Path)
         log = list(csv.DictReader(f))
     assert [r["epoch"] for r in log] == ["1", "2", "3", "4"]
     assert [r["stage"] for r in log] == ["pretrain", "pretrain", "finetune", "finetune"]
-    assert set(log[0]) == {"epoch", "stage", "train_loss", "val_loss", "lr", "seconds"}
+    assert set(log[0]) == {"epoch", "stage", "train_loss", "loss_function", "val_loss", "lr",
+                           "seconds"}
+    # the training loss is named: the cpu preset's L1 had been reported as "MSE"
+    assert {r["loss_function"] for r in log} == {config.loss}
 
 
 def test_kill_at_stage_boundary_resumes_exactly(caches, tmp_path: Path):
@@ -383,3 +386,20 @@ def test_a_timing_map_trained_with_another_is_said_to_go_without_shifts(caches, 
         train(small, tmp_path / "run", config, train_patients=["sub-0000"],
               val_patients=["sub-0001"])
     assert "tmax learnt without time shifts" in caplog.text
+
+
+def test_training_curves_name_the_training_loss():
+    """The figure had labelled an L1 training loss "MSE loss": the training curve names its
+    loss (older logs, without the column, read as MSE), validation stays MSE."""
+    from ctperf.reporting.figures import training_curves_figure
+
+    rows = [{"epoch": e, "stage": "finetune", "train_loss": 0.2 / e, "loss_function": "l1",
+             "val_loss": 0.06 / e} for e in (1, 2)]
+    fig = training_curves_figure(rows)
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert labels == ["finetune train (L1)", "finetune val (MSE)"]
+    assert fig.axes[0].get_ylabel() == "loss on [0, 1] maps"
+    old = training_curves_figure([{k: v for k, v in r.items() if k != "loss_function"}
+                                  for r in rows])
+    assert next(t.get_text() for t in old.axes[0].get_legend().get_texts()) == \
+        "finetune train (MSE)"

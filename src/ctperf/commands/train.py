@@ -85,7 +85,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="epochs without validation improvement before the plateau schedule "
                         "lowers the learning rate (default: the preset's)")
     p.add_argument("--whole-slice-loss", action="store_true",
-                   help="MSE over the whole slice instead of the brain mask")
+                   help="the training loss (the preset's: MSE, or L1 for cpu) over the whole "
+                        "slice instead of the brain mask")
     p.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="flips, small rotations, noise (default: the preset's)")
     p.add_argument("--augment-shift", type=count(0), default=None, metavar="FRAMES",

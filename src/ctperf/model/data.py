@@ -175,11 +175,13 @@ def _reference_folder(sub: Path, reference: str, references: Path | None) -> Pat
     for folder in folders:
         if all((folder / f"{n}.nii.gz").exists() for n in needed):
             return folder
+    missing = ", ".join(n for n in needed if not (folders[0] / f"{n}.nii.gz").exists())
     if reference == "truth":
-        raise InputError(folders[0], f"missing true maps ({', '.join(needed)})")
-    raise InputError(folders[0], f"missing NLR reference maps ({', '.join(needed)}); compute "
-                                 "them with ctperf.workflow.nlr_references (ctperf train and cv "
-                                 "do) and pass their folder as references")
+        raise InputError(folders[0], f"missing true maps: {missing} (of {', '.join(needed)})")
+    raise InputError(folders[0], f"missing NLR reference maps: {missing} (of "
+                                 f"{', '.join(needed)}); compute them with "
+                                 "ctperf.workflow.nlr_references (ctperf train and cv do) and "
+                                 "pass their folder as references")
 
 
 def reference_brain(ref: PerfusionMaps) -> np.ndarray:
@@ -216,18 +218,26 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
         for sub in subs:
             series = io.read_nifti_series(sub / "study.nii.gz")
             shape = series.shape[1:]
-            mask_path = sub / "masks" / "brain.nii.gz"
-            if not mask_path.exists() and refs is not None and reference == "truth":
-                mask_path = refs / sub.name / "masks" / "brain.nii.gz"
-            mask = (io.read_mask(mask_path, shape=shape, affine=series.affine)
-                    if mask_path.exists() else np.ones(shape, dtype=bool))
             folder = _reference_folder(sub, reference, refs)
+            maps = io.read_maps(folder)
+            # the phantom's brain, the source cohort's, or the reference run's
+            found = [p for p in (sub / "masks" / "brain.nii.gz",
+                                 None if refs is None or reference != "truth"
+                                 else refs / sub.name / "masks" / "brain.nii.gz",
+                                 folder / "lesions" / "brain.nii.gz")
+                     if p is not None and p.exists()]
+            if found:
+                mask = io.read_mask(found[0], shape=shape, affine=series.affine)
+            else:  # the whole slice had counted, air included, in silence
+                log.warning("%s: no brain mask (masks/brain.nii.gz); the loss is taken where "
+                            "the reference maps hold tissue (finite, CBV > 0)", sub.name)
+                mask = reference_brain(maps)
             # vessel voxels hold the vessel's own CBV and CBF, tens of times tissue's, which no
             # perfusion map is read for and which would dominate the loss
             vessels = folder / "lesions" / "vessels.nii.gz"
             if reference == "nlr" and vessels.exists():
                 mask = mask & ~io.read_mask(vessels, shape=shape, affine=series.affine)
-            yield sub.name, series, io.read_maps(folder), mask
+            yield sub.name, series, maps, mask
         return
     iter_unitobrain = getattr(io, "iter_unitobrain", None)
     if iter_unitobrain is None:

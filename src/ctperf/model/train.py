@@ -41,7 +41,9 @@ __all__ = ["PRESETS", "TrainConfig", "TrainResult", "evaluate_mse", "masked_mse"
 
 log = logging.getLogger(__name__)
 
-LOG_COLUMNS = ("epoch", "stage", "train_loss", "val_loss", "lr", "seconds")
+#: Columns of ``log.csv``: ``train_loss`` is the training loss named by ``loss_function``
+#: (``mse`` or ``l1``, TrainConfig.loss), ``val_loss`` always the MSE.
+LOG_COLUMNS = ("epoch", "stage", "train_loss", "loss_function", "val_loss", "lr", "seconds")
 # Settings that must match for a resumed run to be the same run.
 _RESUME_KEYS = ("reference", "train_patients", "val_patients",
                 "targets", "size", "frames", "width", "depth", "kernel_size", "norm", "seed",
@@ -307,7 +309,7 @@ def _write_log(history: Sequence[Mapping[str, Any]], path: Path) -> None:
     writer = csv.DictWriter(buf, fieldnames=LOG_COLUMNS, lineterminator="\n")
     writer.writeheader()
     for row in history:
-        writer.writerow({k: row[k] for k in LOG_COLUMNS})
+        writer.writerow({k: row.get(k, "") for k in LOG_COLUMNS})  # older runs: no loss_function
     with atomic_file(path) as tmp:
         tmp.write_text(buf.getvalue())
 
@@ -370,7 +372,7 @@ def train(cache: SliceCache, out: str | Path, config: TrainConfig | None = None,
           progress: bool = False,
           on_epoch: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
     """Train one U-Net on cached slices; write ``last.pt`` every epoch, ``best.pt``, ``model.pt``
-    and ``log.csv`` (epoch, stage, train_loss, val_loss, lr, seconds) in ``out``.
+    and ``log.csv`` (:data:`LOG_COLUMNS`) in ``out``.
 
     Parameters
     ----------
@@ -610,7 +612,8 @@ def _train_stage(run: _Run, state: _State, si: int, out: Path, *, progress: bool
         else:
             state.sched.step(val_loss if not math.isnan(val_loss) else train_loss)
         row = {"epoch": global_epoch, "stage": name, "train_loss": train_loss,
-               "val_loss": val_loss, "lr": state.opt.param_groups[0]["lr"],
+               "loss_function": run.config.loss, "val_loss": val_loss,
+               "lr": state.opt.param_groups[0]["lr"],
                "seconds": time.perf_counter() - t0}
         state.history.append(row)
         state.done_in_stage = ep + 1

@@ -309,15 +309,17 @@ def training_curves_figure(log: Sequence[Mapping[str, Any]], *, title: str = "")
     stages = list(dict.fromkeys(str(r.get("stage", "")) for r in log))
     for k, stage in enumerate(stages):
         rows = [r for r in log if str(r.get("stage", "")) == stage]
-        for key, style in (("train_loss", "-"), ("val_loss", "--")):
+        kind = str(rows[0].get("loss_function") or "mse").upper()  # older logs: MSE
+        for key, style, what in (("train_loss", "-", f"train ({kind})"),
+                                 ("val_loss", "--", "val (MSE)")):
             pts = [(float(r["epoch"]), float(r[key])) for r in rows
                    if str(r.get(key, "")).strip() not in ("", "nan")]
             if pts:
                 x, y = zip(*pts, strict=True)
-                ax.plot(x, y, style, color=f"C{k}", label=f"{stage} {key.split('_')[0]}".strip())
+                ax.plot(x, y, style, color=f"C{k}", label=f"{stage} {what}".strip())
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel("MSE loss on [0, 1] maps")
+    ax.set_ylabel("loss on [0, 1] maps")
     ax.legend(fontsize=8)
     ax.set_title(title or "training curves", fontsize=10)
     fig.tight_layout()

@@ -144,6 +144,8 @@ def _check_run(cohort: Path, out: Path, options: TrainingOptions) -> Path:
     if resolved == source or resolved.is_relative_to(source) or source.is_relative_to(resolved):
         raise InputError(cache, f"is, holds or lies inside the cohort {cohort}; ctperf never "
                                 "writes into its inputs, choose a slice cache folder outside it")
+    if cache.exists() and not cache.is_dir():  # had said "File exists", after OUT was made
+        raise InputError(cache, "exists and is a file; the slice cache is a folder")
     return cache
 
 
@@ -209,19 +211,24 @@ def cohort_layout(cohort: Path) -> str:
                              "UniToBrain patients (MOL-*_Registered_Filtered_3mm_20HU)")
 
 
-def _check_fold_count(cohort: Path, folds: int, held_out: Sequence[str]) -> None:
-    """Refuse more folds than the cohort has patients to validate on before its references
-    and caches are computed (minutes to hours; 5 folds of 3 patients had been refused after
-    them), counting its subject folders (a cohort of neither layout is left to the cache)."""
+def _check_before_work(cohort: Path, config: Any, options: TrainingOptions,
+                       held_out: Sequence[str], folds: int | None = None) -> None:
+    """Refuse, before a cohort's references and caches are computed (minutes to hours; these
+    had been refused after them), a device torch does not see, held-out ids that name no
+    subject folder, and more ``folds`` than patients to validate on (a cohort of neither
+    layout is left to the cache to describe)."""
     from ctperf.io.unitobrain import find_unitobrain
+    from ctperf.model import resolve_device
 
+    resolve_device(config.device)
     layout = _layout_or_none(cohort)
     if layout is None:
         return
     ids = ([p.name for p in cohort.glob("sub-*") if (p / "study.nii.gz").exists()]
            if layout == "phantom" else [pid for pid, _, _ in find_unitobrain(cohort)])
+    check_held_out(held_out, ids, options)
     pool = len(set(ids) - set(held_out))
-    if not 2 <= folds <= pool:
+    if folds is not None and not 2 <= folds <= pool:
         raise ValidationError(f"folds must be 2 to {pool} (one patient per fold at most; the "
                               f"cohort has {pool} to validate on), got {folds}")
 
@@ -338,6 +345,7 @@ def train_cohort(cohort: str | Path, out: str | Path, config: Any,
 
     cohort, out = Path(cohort), Path(out)
     held_out = held_out_patients(options)
+    _check_before_work(cohort, config, options, held_out)
     if options.resume and not (out / "last.pt").exists():  # a mistyped folder is noticed
         log.warning("nothing to resume in %s (no last.pt): training from the start", out)
     cache, pretrain, config = prepare_training(cohort, out, config, options)
@@ -348,12 +356,18 @@ def train_cohort(cohort: str | Path, out: str | Path, config: Any,
                    pretrain_cache=pretrain, resume=options.resume, progress=options.progress)
     last = result.history[-1]
     message = (f"trained {'+'.join(config.targets)} on {len(tr)} patients ({len(va)} "
-               f"validation): final train MSE {last['train_loss']:.4f}, validation MSE "
+               f"validation): final train {_loss_name(config)} {last['train_loss']:.4f} "
+               f"(augmented, training mode), validation MSE "
                f"{last['val_loss']:.4f} -> {result.model_path}")
     return TrainingOutcome(out=out, config=config, folds=[(tr, va)],
                            model_paths=(result.model_path,),
                            rows=[{"train_loss": last["train_loss"],
                                   "val_loss": last["val_loss"]}], message=message)
+
+
+def _loss_name(config: Any) -> str:
+    """The training loss's name as the log reports it (the cpu preset's is L1, not MSE)."""
+    return {"mse": "MSE", "l1": "L1"}.get(str(getattr(config, "loss", "mse")), "loss")
 
 
 def cross_validate_cohort(cohort: str | Path, out: str | Path, config: Any,
@@ -379,7 +393,7 @@ def cross_validate_cohort(cohort: str | Path, out: str | Path, config: Any,
 
     cohort, out = Path(cohort), Path(out)
     held_out = held_out_patients(options)
-    _check_fold_count(cohort, folds, held_out)
+    _check_before_work(cohort, config, options, held_out, folds)
     cache, pretrain, config = prepare_training(cohort, out, config, options)
     check_held_out(held_out, cache.patient_ids, options)
     pairs = make_folds(cache.patient_ids, k=folds, seed=config.seed, test_patients=held_out)
