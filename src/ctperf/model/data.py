@@ -221,13 +221,13 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
             folder = _reference_folder(sub, reference, refs)
             maps = io.read_maps(folder)
             # the phantom's brain, the source cohort's, or the reference run's
-            found = [p for p in (sub / "masks" / "brain.nii.gz",
-                                 None if refs is None or reference != "truth"
-                                 else refs / sub.name / "masks" / "brain.nii.gz",
-                                 folder / "lesions" / "brain.nii.gz")
-                     if p is not None and p.exists()]
-            if found:
-                mask = io.read_mask(found[0], shape=shape, affine=series.affine)
+            brains = [p for p in (sub / "masks" / "brain.nii.gz",
+                                  None if refs is None or reference != "truth"
+                                  else refs / sub.name / "masks" / "brain.nii.gz",
+                                  folder / "lesions" / "brain.nii.gz")
+                      if p is not None and p.exists()]
+            if brains:
+                mask = io.read_mask(brains[0], shape=shape, affine=series.affine)
             else:  # the whole slice had counted, air included, in silence
                 log.warning("%s: no brain mask (masks/brain.nii.gz); the loss is taken where "
                             "the reference maps hold tissue (finite, CBV > 0)", sub.name)
