@@ -167,6 +167,14 @@ def test_a_mistyped_held_out_id_or_an_absent_gpu_is_refused_before_any_work(tmp_
         train_cohort(tmp_path / "cohort", tmp_path / "train", TrainConfig(), typo)
     with pytest.raises(InputError, match="held-out patient sub-9999 not in the cohort"):
         cross_validate_cohort(tmp_path / "cohort", tmp_path / "cv", TrainConfig(), typo, folds=2)
+    everyone = TrainingOptions(test_patients=tuple(f"sub-{i:04d}" for i in range(3)))
+    for run in (lambda: train_cohort(tmp_path / "cohort", tmp_path / "train", TrainConfig(),
+                                     everyone),
+                lambda: cross_validate_cohort(tmp_path / "cohort", tmp_path / "cv",
+                                              TrainConfig(), everyone, folds=2)):
+        with pytest.raises(ValidationError, match="every one of the cohort's 3 patients is "
+                                                  "held out"):
+            run()
     if not torch.cuda.is_available():
         with pytest.raises(ValidationError, match="torch sees no CUDA"):
             train_cohort(tmp_path / "cohort", tmp_path / "train", TrainConfig(device="cuda"))

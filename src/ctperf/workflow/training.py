@@ -228,6 +228,9 @@ def _check_before_work(cohort: Path, config: Any, options: TrainingOptions,
            if layout == "phantom" else [pid for pid, _, _ in find_unitobrain(cohort)])
     check_held_out(held_out, ids, options)
     pool = len(set(ids) - set(held_out))
+    if ids and pool == 0:  # had read "folds must be 2 to 0", or failed after the caches
+        raise ValidationError(f"every one of the cohort's {len(set(ids))} patients is held out "
+                              "(--test); none is left to train on")
     if folds is not None and not 2 <= folds <= pool:
         raise ValidationError(f"folds must be 2 to {pool} (one patient per fold at most; the "
                               f"cohort has {pool} to validate on), got {folds}")
