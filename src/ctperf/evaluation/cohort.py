@@ -192,23 +192,18 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
     return reader
 
 
-#: The record a cohort run (:mod:`ctperf.workflow.cohort`) keeps of each study's state.
-_MANIFEST, _MANIFEST_FORMAT = "manifest.json", "ctperf-cohort-manifest"
-
-
 def _unfinished(root: Path) -> dict[str, str]:
-    """Studies a cohort run's manifest in ``root`` does not record as done, with their state: a
-    study failed on a rerun keeps the folder of its earlier run (other inputs or options),
-    which had been scored as if current. {} without a manifest."""
+    """Studies a cohort run's manifest in ``root`` (:func:`ctperf.io.state.load_manifest`) does
+    not record as done, with their state: a study failed on a rerun keeps the folder of its
+    earlier run (other inputs or options), which had been scored as if current. {} without a
+    manifest, or with another tool's ``manifest.json``."""
+    from ctperf.io.state import load_manifest
+
     try:
-        doc = json.loads((root / _MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
+        rows = load_manifest(root)
+    except InputError:
         return {}
-    if not isinstance(doc, dict) or doc.get("format") != _MANIFEST_FORMAT:
-        return {}
-    rows = doc.get("studies") or {}
-    return {name: str(row.get("state")) for name, row in rows.items()
-            if isinstance(row, dict) and row.get("state") != "done"}
+    return {name: row["state"] for name, row in rows.items() if row["state"] != "done"}
 
 
 def _summary(sub: Path) -> dict[str, Any]:

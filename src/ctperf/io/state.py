@@ -8,22 +8,32 @@ same folder at the same time.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from ctperf.errors import InputError
 from ctperf.io.atomic import _pid_alive
 
-__all__ = ["LOCK", "files_state", "folder_lock"]
+__all__ = ["LOCK", "MANIFEST", "MANIFEST_FORMAT", "MANIFEST_STATES", "files_state",
+           "folder_lock", "load_manifest"]
 
 #: The lock file a running cohort holds in its output folder.
 LOCK = ".ctperf-lock"
 
+#: The record a cohort run keeps in its output folder of each study's state
+#: (:mod:`ctperf.workflow.cohort` writes it; ``ctperf evaluate`` reads it), its format's name
+#: and the states a study may be in.
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "ctperf-cohort-manifest"
+MANIFEST_STATES = ("pending", "done", "failed")
+
 #: Files beside studies and maps that no run reads (a cohort runner rewrites its manifest on
 #: every run; figures and notes are outputs).
-_NOT_READ = ("manifest.json", "cohort.json")
+_NOT_READ = (MANIFEST, "cohort.json")
 _NOT_READ_SUFFIXES = (".png", ".html", ".md", ".txt", ".csv", ".log")
 
 
@@ -90,3 +100,28 @@ def folder_lock(folder: Path) -> Iterator[Path]:
     finally:
         if _holder(lock) == (socket.gethostname(), os.getpid()):
             lock.unlink(missing_ok=True)
+
+
+def load_manifest(out: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
+    """The per-study rows of ``OUT/manifest.json`` (empty when there is none).
+
+    Raises
+    ------
+    InputError
+        The file exists but is not a ctperf cohort manifest.
+    """
+    path = Path(out) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"is not valid JSON ({exc}); delete it to start the cohort "
+                               "again") from None
+    studies = data.get("studies") if isinstance(data, dict) else None
+    if not isinstance(studies, dict) or data.get("format") != MANIFEST_FORMAT or not all(
+            isinstance(row, dict) and row.get("state") in MANIFEST_STATES
+            for row in studies.values()):
+        raise InputError(path, "is not a ctperf cohort manifest; delete it or choose another "
+                               "output folder")
+    return studies

@@ -35,6 +35,7 @@ from typing import Any
 
 from ctperf.errors import CTPerfError, InputError
 from ctperf.io.atomic import output_missing
+from ctperf.io.state import MANIFEST, MANIFEST_FORMAT, load_manifest
 from ctperf.io.unitobrain import MAP_FOLDERS
 
 __all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_studies",
@@ -44,13 +45,10 @@ __all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_
 log = logging.getLogger(__name__)
 
 #: Name of the manifest in a cohort output folder.
-MANIFEST = "manifest.json"
 #: Memory set aside per local Dask worker (bytes) when sizing a local cluster: a full-size
 #: study and its intermediate arrays fit in it.
 MEMORY_PER_WORKER = 4 * 2**30
-_FORMAT = "ctperf-cohort-manifest"
 _OWN_FILES = frozenset({MANIFEST, "cohort.json"})
-_STATES = ("pending", "done", "failed")
 _UNHASHED = frozenset({"progress", "overwrite", "workers"})
 _PathLike = str | os.PathLike[str]
 Task = Callable[[Any, Path, Any], Any]
@@ -280,35 +278,12 @@ def source_state(source: Any) -> str:
     return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
 
 
-def load_manifest(out: _PathLike) -> dict[str, dict[str, Any]]:
-    """The per-study rows of ``OUT/manifest.json`` (empty when there is none).
-
-    Raises
-    ------
-    InputError
-        The file exists but is not a ctperf cohort manifest.
-    """
-    path = Path(out) / MANIFEST
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"is not valid JSON ({exc}); delete it to start the cohort "
-                               "again") from None
-    studies = data.get("studies") if isinstance(data, dict) else None
-    if not isinstance(studies, dict) or data.get("format") != _FORMAT or not all(
-            isinstance(row, dict) and row.get("state") in _STATES for row in studies.values()):
-        raise InputError(path, "is not a ctperf cohort manifest; delete it or choose another "
-                               "output folder")
-    return studies
-
-
 def _save_manifest(out: Path, rows: dict[str, dict[str, Any]]) -> None:
     from ctperf.io import atomic_file
 
     with atomic_file(out / MANIFEST) as tmp:
-        tmp.write_text(json.dumps({"format": _FORMAT, "version": 1, "studies": rows}, indent=1)
+        tmp.write_text(json.dumps({"format": MANIFEST_FORMAT, "version": 1, "studies": rows},
+                                  indent=1)
                        + "\n")
 
 
