@@ -47,9 +47,10 @@ CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_after_tissue",
                              "short_baseline", "below_baseline", "aif_vof_ratio", "no_vof",
                              "mtt_floor")
 
-#: How many SDs of its noise (and above half the curve's peak) one frame must stand apart from
-#: the line through its two neighbours for ``spike`` (white noise gives that gap an SD of 1.22
-#: noise SDs at even steps; 6 of them: 1 false alarm in 10^8 frames of Gaussian noise).
+#: How many SDs of its noise one frame must stand apart from the line through its two
+#: neighbours for ``spike`` (white noise gives that gap an SD of 1.22 noise SDs at even steps;
+#: 6 of them: 1 false alarm in 10^8 frames of Gaussian noise), besides a share of the curve's
+#: peak (:func:`curve_flags`).
 SPIKE_SDS = 6.0
 
 #: Per-curve plausibility flags (:func:`curve_flags`) and what each means.
@@ -68,8 +69,9 @@ CURVE_FLAGS: dict[str, str] = {
                         "was taken downstream of it (a vein, or an artery past a delay); its "
                         "delay, Tmax and CBF are not reliable",
     "spike": "one frame stands apart from both its neighbours by more than "
-             f"{SPIKE_SDS:g} SDs of its noise and half the curve's peak, which no bolus does "
-             "(motion, or a streak through that frame): its values are not reliable",
+             f"{SPIKE_SDS:g} SDs of its noise and by more of the curve's peak than a bolus "
+             "sampled on those frames can (motion, or a streak through that frame): its values "
+             "are not reliable",
     "tmax_after_peak": "its Tmax (s after the AIF) comes after its own peak (s after the first "
                        "frame), which no residue function can: the deconvolved residue's "
                        "maximum is noise or a lag wrapped round the circular window; its Tmax "
@@ -156,31 +158,38 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | No
     below = after.min(axis=0) < -np.maximum(CURVE_FLAG_SDS * sd, 0.01 * np.abs(sm).max(axis=0))
     flat = sm.max(axis=0) <= NO_ENHANCEMENT_SDS * sd
     cut = ~flat & (sm[-1] > TRUNCATED_END * sm.max(axis=0)) & (sm[-1] > NO_ENHANCEMENT_SDS * sd)
-    spike = np.zeros(c.shape[1], dtype=bool)
-    if c.shape[0] >= 3:
-        tt = np.arange(c.shape[0], dtype=np.float64) if times is None else \
-            np.asarray(times, dtype=np.float64)
-        w = ((tt[1:-1] - tt[:-2]) / (tt[2:] - tt[:-2]))[:, None]
-        def gaps(x: np.ndarray) -> np.ndarray:
-            return np.abs(x[1:-1] - (1.0 - w) * x[:-2] - w * x[2:]).max(axis=0)
-
-        gap = gaps(c)
-        # the gap's noise: the frame's own and the line's (1 + w^2 + (1 - w)^2 variances), from
-        # the curve's noise or the curves' median, whichever is larger (from 30 frames one
-        # curve's estimate falls to half the true SD once in a hundred curves)
-        gap_sd = np.maximum(noise, np.median(noise)) * np.sqrt(
-            1.0 + float(np.max(w ** 2 + (1.0 - w) ** 2)))
-        share = 0.5
-        if aif is not None:
-            a = np.asarray(aif, dtype=np.float64)[:, None]
-            if np.abs(a).max() > 0:
-                share = max(share, 1.25 * float(gaps(a)[0] / np.abs(a).max()))
-                if int((a >= 0.5 * a.max()).sum()) < 3:  # a bolus within two frames: a
-                    share = np.inf                       # peak is a spike; none is judged
-        spike = (gap > SPIKE_SDS * gap_sd) & (gap > share * np.abs(c).max(axis=0))
+    spike = _spikes(c, noise, times, aif)
     hits = (("below_baseline", below), ("no_enhancement", flat), ("truncated", cut),
             ("spike", spike))
     return tuple(tuple(name for name, hit in hits if hit[i]) for i in range(c.shape[1]))
+
+
+def _spikes(c: np.ndarray, noise: np.ndarray, times: np.ndarray | None,
+            aif: np.ndarray | None) -> np.ndarray:
+    """``spike`` of :func:`curve_flags` for curves ``c`` (T, N) of noise SD ``noise`` (N,)."""
+    if c.shape[0] < 3:
+        return np.zeros(c.shape[1], dtype=bool)
+    tt = np.arange(c.shape[0], dtype=np.float64) if times is None else \
+        np.asarray(times, dtype=np.float64)
+    w = ((tt[1:-1] - tt[:-2]) / (tt[2:] - tt[:-2]))[:, None]
+
+    def gaps(x: np.ndarray) -> np.ndarray:  # each frame off the line through its neighbours
+        return np.abs(x[1:-1] - (1.0 - w) * x[:-2] - w * x[2:]).max(axis=0)
+
+    # the gap's noise: the frame's own and the line's (1 + w^2 + (1 - w)^2 variances), from the
+    # curve's noise or the curves' median, whichever is larger (from 30 frames one curve's
+    # estimate falls to half the true SD once in a hundred curves)
+    gap_sd = np.maximum(noise, np.median(noise)) * np.sqrt(
+        1.0 + float(np.max(w ** 2 + (1.0 - w) ** 2)))
+    share = 0.5
+    if aif is not None:
+        a = np.asarray(aif, dtype=np.float64)[:, None]
+        if np.abs(a).max() > 0:
+            if int((a >= 0.5 * a.max()).sum()) < 3:  # a bolus within two frames: a peak is a
+                return np.zeros(c.shape[1], dtype=bool)  # spike; none is judged
+            share = max(share, 1.25 * float(gaps(a)[0] / np.abs(a).max()))
+    gap = gaps(c)
+    return (gap > SPIKE_SDS * gap_sd) & (gap > share * np.abs(c).max(axis=0))
 
 
 def _at_bounds(values: dict[str, np.ndarray]) -> np.ndarray:
