@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 from ctperf.errors import ValidationError
 
-__all__ = ["THRESHOLDS_ONLY", "LesionOptions"]
+__all__ = ["THRESHOLDS_ONLY", "TMAX_RANGE_S", "LesionOptions"]
+
+
+#: The Tmax thresholds a lesion may be defined by, s (``--tmax`` and :class:`LesionOptions`).
+TMAX_RANGE_S = (1.0, 30.0)
 
 
 @dataclass(frozen=True)
@@ -67,9 +71,11 @@ class LesionOptions:
         if not self.core_rcbf < 1:
             raise ValidationError(f"lesion option core_rcbf is a fraction of normal CBF, under "
                                   f"1 (0.3 for 30 %), got {self.core_rcbf}")
+        lo, hi = TMAX_RANGE_S
         for name, value in (("tmax_hypo", self.tmax_hypo), ("tmax_severe", self.tmax_severe)):
-            if not 1.0 <= value <= 30.0:
-                raise ValidationError(f"lesion option {name} must be 1 to 30 s, got {value}")
+            if not lo <= value <= hi:
+                raise ValidationError(f"lesion option {name} must be {lo:g} to {hi:g} s, got "
+                                      f"{value}")
 
 
 #: The thresholds of :class:`LesionOptions` on the maps as they are: no median filter, no

@@ -25,7 +25,7 @@ from ctperf.commands import (
     run_study_command,
     study_io_options,
 )
-from ctperf.lesion_options import LesionOptions
+from ctperf.lesion_options import TMAX_RANGE_S, LesionOptions
 
 __all__ = ["ORDER", "maps_options", "register", "run"]
 
@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
                         "threshold (--core-rcbf)")
     p.add_argument("--core-rcbf", type=fraction, default=LesionOptions.core_rcbf,
                    help="core rCBF threshold, a fraction of normal tissue [%(default)s]")
-    p.add_argument("--tmax", type=float_in(1.0, 30.0, "--tmax (s)"),
+    p.add_argument("--tmax", type=float_in(*TMAX_RANGE_S, "--tmax (s)"),
                    default=LesionOptions.tmax_hypo,
                    help="hypoperfusion Tmax threshold s (the tmax10 mask keeps its 10 s) "
                         "[%(default)s]")
