@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
 from ctperf.cli import main
 from ctperf.errors import InputError, ValidationError
-from ctperf.io import read_maps, read_nifti_series
+from ctperf.io import read_maps, read_nifti_series, write_maps_nifti, write_series_nifti
 from ctperf.model import (
     TARGET_WINDOWS,
     TrainConfig,
@@ -316,3 +317,16 @@ def test_a_checkpoint_of_an_unfinished_run_is_said(trained, tmp_path: Path, capl
         assert main(["predict", str(study), str(tmp_path / "early"), "--model",
                      str(tmp_path / "last.pt"), "--device", "cpu"]) == 0
     assert any("epoch 1 of 3" in r.getMessage() for r in caplog.records)
+
+
+def test_predicted_maps_keep_the_space_of_the_study(trained, tmp_path):
+    """U-Net maps of a study whose header sets no orientation stay without one, as the
+    model-based maps do (written as scanner space, they had stated a guessed orientation as
+    fact)."""
+    cohort, ckpt = trained
+    series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
+    series = series.replace(meta={**series.meta, "nifti_xform_code": 0})
+    study = write_series_nifti(series, tmp_path / "study.nii.gz")
+    maps = predict_maps(read_nifti_series(study), ckpt, device="cpu")
+    header = nib.load(str(write_maps_nifti(maps, tmp_path / "maps")[0])).header
+    assert (int(header["sform_code"]), int(header["qform_code"])) == (0, 0)

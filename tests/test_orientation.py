@@ -46,6 +46,32 @@ def _turned(axis: str, degrees: float) -> np.ndarray:
     return affine
 
 
+def test_maps_keep_a_qform_that_disagrees_with_the_sform(tmp_path, caplog):
+    """A study whose qform mirrors its sform left to right: its maps, masks and preprocessed
+    study keep both as the study has them, so that a viewer reading the qform (ITK's, and so
+    Slicer's and ITK-SNAP's) shows them where it shows the study (written with the sform as
+    the qform too, such viewers had shown the lesions in the other hemisphere)."""
+    series, _ = skullless_study(np.random.default_rng(2), times=T1, noise=10.0)
+    study = io.write_series_nifti(series, tmp_path / "study.nii.gz")
+    img = nib.load(str(study))
+    mirrored = img.affine.copy()
+    mirrored[:3, 0] *= -1
+    mirrored[:3, 3] -= mirrored[:3, 0] * (img.shape[0] - 1)  # the same box, x reversed
+    img.set_qform(mirrored, code=1)
+    img.set_sform(img.affine, code=2)
+    nib.save(img, str(study))
+    assert main(["maps", str(study), str(tmp_path / "maps"), "--method", "bsvd"]) == 0
+    assert "sform and qform disagree" in caplog.text
+    assert main(["preprocess", str(study), str(tmp_path / "pre"), "--no-register"]) == 0
+    for path in (tmp_path / "maps" / "cbf.nii.gz", tmp_path / "maps" / "lesions" / "core.nii.gz",
+                 tmp_path / "pre" / "study.nii.gz"):
+        header = nib.load(str(path)).header
+        np.testing.assert_allclose(header.get_qform(), mirrored, atol=1e-4, err_msg=str(path))
+        np.testing.assert_allclose(header.get_sform(), img.affine, atol=1e-4,
+                                   err_msg=str(path))
+        assert _codes(path) == (2, 1), path
+
+
 def test_which_slices_are_axial():
     from ctperf.types import non_axial_slices
 

@@ -33,7 +33,7 @@ from ctperf.types import CTPSeries, PerfusionMaps
 __all__ = [
     "has_orientation",
     "is_nifti",
-    "maps_xform_code",
+    "nifti_space",
     "read_mask",
     "read_nifti_series",
     "read_on_grid",
@@ -41,6 +41,7 @@ __all__ = [
     "reorient",
     "reorientation",
     "sidecar_path",
+    "study_space",
     "unsheared_grid",
     "write_json",
     "write_maps_nifti",
@@ -159,11 +160,27 @@ def _affine(p: Path, img: Any) -> np.ndarray:
     if codes == (0, 0):
         log.warning("%s: neither sform nor qform is set; orientation guessed from the voxel "
                     "sizes (check left and right)", p)
-    elif min(codes) > 0 and not np.allclose(header.get_sform(), header.get_qform(), atol=1e-3):
-        qform_of_tilt = unsheared_grid(header.get_sform(), img.shape[:3])  # as ctperf writes it
-        if not np.allclose(header.get_qform(), qform_of_tilt, atol=1e-3):
-            log.warning("%s: sform and qform disagree; the sform is used", p)
+    elif _own_qform(img) is not None:
+        log.warning("%s: sform and qform disagree; the sform is used, and written NIfTI keeps "
+                    "both as they are here (viewers reading the qform, as ITK's do, show the "
+                    "outputs where they show this study)", p)
     return affine
+
+
+def _own_qform(img: Any) -> dict[str, Any] | None:
+    """A qform that disagrees with the image's sform (both set), as ``{"affine": 4 x 4 list in
+    mm, "code": int}``, for written NIfTI to keep (:func:`nifti_space`); None where the two agree
+    or the qform is the unsheared grid ctperf writes beside a tilted gantry's sform."""
+    header = img.header
+    if min(int(header.get("sform_code", 0)), int(header.get("qform_code", 0))) <= 0:
+        return None
+    sform, qform = header.get_sform(), header.get_qform()
+    if np.allclose(sform, qform, atol=1e-3) \
+            or np.allclose(qform, unsheared_grid(sform, img.shape[:3]), atol=1e-3):
+        return None
+    qform = np.asarray(qform, dtype=np.float64)
+    qform[:3] *= _SPACE_UNIT_MM.get(header.get_xyzt_units()[0], 1.0)
+    return {"affine": qform.tolist(), "code": int(header["qform_code"])}
 
 
 def _stored_zooms(p: Path, img: Any) -> np.ndarray:
@@ -383,6 +400,8 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         source += " and SliceTiming"
     meta["timing_source"] = source
     meta["nifti_xform_code"] = xform_code(header)
+    if (qform := _own_qform(img)) is not None:
+        meta["nifti_qform"] = qform
     data = _masked_as_air(p, _pixels(p, img, allow_nan=True))
     hu = np.ascontiguousarray(data.transpose(3, 2, 1, 0))
     del data
@@ -435,8 +454,7 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
         data = np.clip(np.rint(data), -32768, 32767).astype(np.int16)
     elif dtype != "float32":
         raise ValueError(f"dtype must be 'float32' or 'int16', got {dtype!r}")
-    img = _image(data, series.affine, "CT perfusion study, HU",
-                 code=int(series.meta.get("nifti_xform_code", 1)))
+    img = _image(data, series.affine, "CT perfusion study, HU", **nifti_space(series.meta))
     zooms = [*img.header.get_zooms()[:3], series.frame_interval]
     img.header.set_zooms(zooms)
     with atomic_file(p) as tmp:
@@ -449,7 +467,7 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
 
 
 def _image(data: np.ndarray, affine: np.ndarray, description: str, *,
-           code: int = 1) -> nib.Nifti1Image:
+           code: int = 1, qform: Mapping[str, Any] | None = None) -> nib.Nifti1Image:
     """A NIfTI image in mm and s whose sform holds ``affine``, and its qform too where a qform
     can, so that tools reading only one agree, both with the space ``code`` (:func:`xform_code`;
     1, scanner, for DICOM studies and phantoms); ``description`` in the header's descrip. With
@@ -457,11 +475,16 @@ def _image(data: np.ndarray, affine: np.ndarray, description: str, *,
     no tool takes the guessed orientation for a known one. A tilted gantry's sheared grid,
     which a qform cannot hold, gets :func:`unsheared_grid` as its qform: tools that need
     orthogonal axes (ITK, and so ITK-SNAP and Slicer) open the file on that grid, while the
-    sform, which the others read, keeps the tilt."""
+    sform, which the others read, keeps the tilt. ``qform``: a study's own qform that disagreed
+    with its sform (:func:`nifti_space`), written as it was, so that each viewer shows the
+    outputs where it shows the study."""
     img = nib.Nifti1Image(np.ascontiguousarray(data), affine)
-    img.set_qform(affine, code=code)
-    if not np.allclose(img.get_qform(), affine, atol=1e-4):
-        img.set_qform(unsheared_grid(affine, data.shape[:3]), code=code)
+    if qform is not None:
+        img.set_qform(np.asarray(qform["affine"], dtype=np.float64), code=int(qform["code"]))
+    else:
+        img.set_qform(affine, code=code)
+        if not np.allclose(img.get_qform(), affine, atol=1e-4):
+            img.set_qform(unsheared_grid(affine, data.shape[:3]), code=code)
     img.set_sform(affine, code=code)
     img.header.set_xyzt_units("mm", "sec")
     img.header["descrip"] = description.encode("ascii", "replace")[:79]
@@ -488,16 +511,18 @@ def unsheared_grid(affine: np.ndarray, shape_xyz: Iterable[int]) -> np.ndarray:
 
 
 def write_volume(volume: np.ndarray, affine: np.ndarray, path: PathLike,
-                 *, sidecar: Mapping[str, Any] | None = None, code: int = 1) -> Path:
+                 *, sidecar: Mapping[str, Any] | None = None, code: int = 1,
+                 qform: Mapping[str, Any] | None = None) -> Path:
     """Write one (Z, Y, X) volume (map or mask) as 3D NIfTI; booleans are stored as uint8.
-    ``code``: the NIfTI space of ``affine`` (the study's, :func:`xform_code`)."""
+    ``code``: the NIfTI space of ``affine`` (the study's, :func:`xform_code`); ``qform``: the
+    study's own qform where it disagreed with its sform (:func:`nifti_space` gives both)."""
     vol = np.asarray(volume)
     if vol.ndim != 3:
         raise ValidationError(f"volume must be 3D (Z, Y, X), got shape {vol.shape}")
     if vol.dtype == bool:
         vol = vol.astype(np.uint8)
     what = "" if sidecar is None else f"{sidecar.get('map', '')} {sidecar.get('units', '')}"
-    img = _image(vol.transpose(2, 1, 0), affine, what.strip(), code=code)
+    img = _image(vol.transpose(2, 1, 0), affine, what.strip(), code=code, qform=qform)
     with atomic_file(path) as tmp:
         nib.save(img, str(tmp))
     if sidecar is not None:
@@ -606,10 +631,19 @@ def read_mask(path: PathLike, *, shape: tuple[int, int, int], affine: np.ndarray
     return mask
 
 
-def maps_xform_code(maps: PerfusionMaps) -> int:
-    """The NIfTI space code of maps' affine: the study's (``nifti_xform_code`` of their
-    provenance), 1 (scanner) when the study was not a NIfTI file."""
-    return int(maps.provenance.get("nifti_xform_code", 1))
+def nifti_space(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The NIfTI space written images keep, from a study's meta or its maps' provenance:
+    ``{"code": ..., "qform": ...}`` for :func:`write_volume`. The code is the study's
+    (``nifti_xform_code``; 1, scanner, when the study was not a NIfTI file); the qform is the
+    study's own where it disagreed with its sform (``nifti_qform``), else None."""
+    qform = record.get("nifti_qform")
+    return {"code": int(record.get("nifti_xform_code", 1)),
+            "qform": qform if isinstance(qform, Mapping) else None}
+
+
+def study_space(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The entries of a study's meta that :func:`nifti_space` reads, for its maps' provenance."""
+    return {k: meta[k] for k in ("nifti_xform_code", "nifti_qform") if k in meta}
 
 
 def write_maps_nifti(maps: PerfusionMaps, folder: PathLike,
@@ -621,5 +655,5 @@ def write_maps_nifti(maps: PerfusionMaps, folder: PathLike,
     for name in names if names is not None else maps.names:
         sidecar = {"map": name, "units": maps.units[name], **public_meta(maps.provenance)}
         written.append(write_volume(maps[name], maps.affine, out / f"{name}.nii.gz",
-                                    sidecar=sidecar, code=maps_xform_code(maps)))
+                                    sidecar=sidecar, **nifti_space(maps.provenance)))
     return written

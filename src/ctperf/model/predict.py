@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.io.nifti import study_space
 from ctperf.masks import first_frame_as_air, hu_offset
 from ctperf.model.data import ORIENTATION
 from ctperf.model.normalise import from_unit, normalise_input
@@ -259,7 +260,8 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                   "input_note": note, "pixel_note": pixel_note, "arrival_note": arrival_note,
                   "size": size, "resized": (ny, nx) != (size, size),
                   "flipped_rows_columns": list(flips), "hu_offset": offset,
-                  "model_software_version": ckpt.get("software_version")}
+                  "model_software_version": ckpt.get("software_version"),
+                  **study_space(series.meta)}
     if not isinstance(checkpoint, dict):
         provenance["checkpoint"] = Path(checkpoint).name
     log.info("predicted %s for %d slices", ", ".join(maps), z)

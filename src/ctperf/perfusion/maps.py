@@ -30,6 +30,7 @@ from scipy import ndimage
 from ctperf import masks
 from ctperf.errors import InputError, ValidationError
 from ctperf.io.integrity import check_hu_plausible, frame_spacing_problem
+from ctperf.io.nifti import study_space
 from ctperf.perfusion.aif import tissue_curve
 from ctperf.perfusion.boxnlr import BOX_METHODS
 from ctperf.perfusion.curves import (
@@ -254,8 +255,7 @@ def run_perfusion(
         provenance["slice_times_interpolated_s"] = round(slice_shift, 3)
     if series.meta.get("timing_source"):   # where the frame times came from, as read
         provenance["timing_source"] = str(series.meta["timing_source"])
-    if "nifti_xform_code" in series.meta:  # 0: the study's header had no orientation
-        provenance["nifti_xform_code"] = int(series.meta["nifti_xform_code"])
+    provenance.update(study_space(series.meta))  # the NIfTI space its written maps keep
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
     lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels | dense, rim_mm=rim_mm,
                        options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)

@@ -79,7 +79,7 @@ def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = Fals
             io.write_maps_nifti(maps, tmp)
             if vessels.any():  # the slice cache leaves them out of the training loss
                 io.write_volume(vessels, maps.affine, tmp / "lesions" / "vessels.nii.gz",
-                                code=io.maps_xform_code(maps))
+                                **io.nifti_space(maps.provenance))
     return out
 
 

@@ -240,7 +240,7 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
         masks = {**result.lesions.masks(), "brain": result.brain, "vessels": result.vessels}
         for name, mask in masks.items():
             io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz",
-                            code=io.maps_xform_code(maps))
+                            **io.nifti_space(maps.provenance))
         save_figure(maps_overview(result, title=title), tmp / "overview.png", dpi=110,
                     facecolor="black")
         if any(name in maps for name in SD_MAPS):
