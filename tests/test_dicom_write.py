@@ -143,7 +143,7 @@ def test_maps_round_trip(tmp_path, maps, small_series):
         assert "box-NLR" in meta["description"]
         ds = pydicom.dcmread(meta["files"][0])
         assert float(ds.RescaleSlope) == pytest.approx(0.01)
-        assert float(ds.WindowWidth) > 0
+        assert float(ds.WindowWidth) >= 1  # the least a linear window may be (PS3.3)
 
 
 def test_a_map_scaled_slice_by_slice_is_read(tmp_path, maps):
@@ -278,3 +278,14 @@ def test_map_series_numbers_leave_the_source_and_other_methods_apart(tmp_path, m
     every = [n for ns in numbers.values() for n in ns]
     assert 101 not in every and len(set(every)) == len(every)
     assert numbers["nlr-fast"] == [10115, 10116, 10117, 10118]
+
+
+def test_a_narrow_map_gets_a_window_dicom_allows(tmp_path, rng):
+    """An SD map of a few tenths (bayes's cbv_sd, the residual) had a window 0.4 wide, which
+    dciodvfy rejects: a linear window is at least 1 wide."""
+    sd = PerfusionMaps(maps={"cbv_sd": rng.uniform(0.0, 0.4, (2, 8, 8))},
+                       affine=oblique_affine(), provenance={"method": "bayes"})
+    (folder,) = write_maps_dicom(sd, tmp_path / "maps")
+    ds = pydicom.dcmread(next(folder.iterdir()))
+    assert float(ds.WindowWidth) == 1.0
+    assert 0.1 < float(ds.WindowCenter) < 0.3

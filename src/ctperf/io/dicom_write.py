@@ -353,14 +353,16 @@ def _map_scaling(values: np.ndarray) -> tuple[np.ndarray, str, float, float]:
 
 def _window(name: str, values: np.ndarray) -> tuple[float, float]:
     """Display window (centre, width): fixed per map in its units, but TTP (which counts from
-    the start of the scan) and maps without one from their values (1st-99th percentile)."""
+    the start of the scan) and maps without one from their values (1st-99th percentile), at
+    least 1 wide: the least width DICOM allows a linear window (PS3.3 C.11.2.1.2; an SD map of
+    a few tenths had failed validation)."""
     if name in _MAP_WINDOWS:
         return _MAP_WINDOWS[name]
     finite = values[np.isfinite(values) & (values != 0)]
     if finite.size == 0:
         return 0.5, 1.0
     lo, hi = (float(v) for v in np.percentile(finite, [1, 99]))
-    return (lo + hi) / 2, max(hi - lo, 1e-3)
+    return (lo + hi) / 2, max(hi - lo, 1.0)
 
 
 def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
