@@ -202,6 +202,20 @@ def test_values_stored_without_the_intercept_are_refused(tmp_path, rng, backgrou
         read_nifti_series(write_nifti(tmp_path / "s.nii.gz", stored))
 
 
+def test_values_stored_without_the_intercept_in_an_unsigned_type_are_refused(tmp_path, rng):
+    """HU + 1024 stored as uint16 without clipping: air a little below -1024 HU wraps to about
+    65,530. Those voxels "rose" by 65,000 and were taken for the most enhancing ones, at a
+    plausible level before it, so the study passed (and the maps failed on no arterial
+    candidates); what lies beyond the CT scale is no blood."""
+    hu = _bolus(rng, (12, 10, 2, 12))
+    air = hu < -500
+    hu[air] = -1000.0 + rng.normal(0.0, 12.0, int(air.sum()))  # 2 % of air under -1024
+    stored = (np.rint(hu + 1024.0).astype(np.int64) % 65536).astype(np.uint16)
+    assert 0.0 < (stored > 3100).mean() < 0.02  # under the share of the beyond-CT check
+    with pytest.raises(InputError, match=r"s\.nii\.gz: .*enhance start at 10\d\d HU.*HU \+ 1024"):
+        read_nifti_series(write_nifti(tmp_path / "s.nii.gz", stored))
+
+
 def test_values_stored_as_tenths_above_air_are_refused(tmp_path, rng):
     """(HU + 1000) x 10 without its rescale, in an image mostly of air (stored near 0): the
     air passed for tissue and the tissue, above 1500 HU, was left out of the enhancing check.

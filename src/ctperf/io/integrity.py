@@ -318,7 +318,10 @@ def _check_enhancing_baseline(sample: np.ndarray, path: PathLike) -> None:
     if sample.shape[0] < 3:
         return
     base = np.median(sample[:3], axis=0).ravel()
-    rise = np.where(base > _DENSE_HU, -np.inf, sample.max(axis=0).ravel() - base)
+    peak = sample.max(axis=0).ravel()
+    # neither dense before the bolus nor beyond the CT scale at any time (air stored as HU +
+    # 1024 in an unsigned type wraps from 0 to 65535: a "rise" of 65,000 from 0)
+    rise = np.where((base > _DENSE_HU) | (peak > HU_RANGE[1]), -np.inf, peak - base)
     k = max(20, int(rise.size * _ENHANCING_SHARE))
     if k >= rise.size:
         return
