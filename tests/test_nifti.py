@@ -182,6 +182,15 @@ def test_frame_interval_replaces_missing_or_wrong_header_timing(tmp_path):
     (tmp_path / "s.json").write_text(json.dumps({"FrameTimes": [0, 1, 2, 3, 4, 5]}))
     np.testing.assert_allclose(read_nifti_series(path, frame_interval=0.5).times,
                                np.arange(6) * 0.5)
+    # a sidecar whose times cannot be used (one entry short) is what the option is for: it
+    # had refused the study, naming the sidecar's count
+    (tmp_path / "s.json").write_text(json.dumps({"FrameTimes": [0, 1, 2, 3, 4],
+                                                 "SliceTiming": [0, 250]}))
+    with pytest.raises(InputError, match="FrameTimes has 5 entries"):
+        read_nifti_series(path)
+    series = read_nifti_series(path, frame_interval=0.5)
+    np.testing.assert_allclose(series.times, np.arange(6) * 0.5)
+    assert series.slice_times is None
 
 
 def test_bids_frame_start_times_in_the_sidecar(tmp_path):
@@ -217,6 +226,38 @@ def test_bids_slice_timing_in_the_sidecar(tmp_path, caplog):
     (tmp_path / "s.json").write_text(json.dumps(side | {"SliceTiming": [0.0, 0.4, 0.8]}))
     with pytest.raises(InputError, match="SliceTiming has 3 entries, the image has 2 slices"):
         read_nifti_series(path)
+
+
+@pytest.mark.parametrize(("offsets", "match"), [
+    ([0.0, 400.0], r"s\.json: SliceTiming runs from 0 to 400 s.*milliseconds\?"),
+    ([0.0, 1.0], r"SliceTiming runs from 0 to 1 s, outside a frame \(0 to the 1 s[^;]*$"),
+    ([-0.2, 0.2], r"SliceTiming runs from -0\.2 to 0\.2 s")])
+def test_slice_timing_outside_a_frame_is_refused(tmp_path, offsets, match):
+    """SliceTiming is each slice's time within its frame (BIDS: at least 0, under the time
+    between frames). Given in milliseconds it had put the frames 375 s late (the maps then
+    found no enhancement); offsets of whole frames had moved the slices a frame apart and
+    doubled a study's hypoperfused volume, exit 0."""
+    path = _blank_study(tmp_path / "s.nii.gz", 0.0)
+    starts = [0.0, 1.0, 2.0, 3.5, 5.0, 7.0]
+    (tmp_path / "s.json").write_text(json.dumps({"FrameTimesStart": starts,
+                                                 "SliceTiming": offsets}))
+    with pytest.raises(InputError, match=match):
+        read_nifti_series(path)
+
+
+def test_a_default_header_step_is_not_compared_with_the_sidecar(tmp_path, caplog):
+    """pixdim[4] = 1 without a unit is what writers leave when they set no spacing (refused
+    as one without a sidecar): a sidecar at 2 s is used without a warning that the header
+    says otherwise; a header that gives a spacing (0.5 s) is still compared."""
+    (tmp_path / "s.json").write_text(json.dumps({"RepetitionTime": 2.0}))
+    path = _blank_study(tmp_path / "s.nii.gz", 1.0)
+    with caplog.at_level("WARNING", logger="ctperf"):
+        np.testing.assert_allclose(read_nifti_series(path).times, np.arange(6) * 2.0)
+    assert "pixdim[4] gives" not in caplog.text
+    path = _blank_study(tmp_path / "s.nii.gz", 0.5, unit="sec")
+    with caplog.at_level("WARNING", logger="ctperf"):
+        read_nifti_series(path)
+    assert "pixdim[4] gives 0.5 s between frames" in caplog.text
 
 
 def test_a_voxel_size_of_zero_is_refused(tmp_path):

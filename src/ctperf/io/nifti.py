@@ -240,11 +240,12 @@ def _numbers(value: Any, side: Path, key: str, shape: tuple[int, ...]) -> np.nda
     return arr
 
 
-def _read_sidecar(side: Path, n_frames: int, n_slices: int
+def _read_sidecar(side: Path, n_frames: int, n_slices: int, *, timing: bool = True
                   ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None,
                              dict[str, Any], str]:
     """(frame times, SliceTimes, BIDS SliceTiming offsets, meta, the frame times' key) of a
-    study's JSON sidecar, each checked."""
+    study's JSON sidecar, each checked; without ``timing`` (a frame interval given instead)
+    its times are neither read nor checked."""
     try:
         info = json.loads(side.read_text(encoding="utf-8-sig"))  # a byte-order mark too
     except OSError as exc:
@@ -258,6 +259,9 @@ def _read_sidecar(side: Path, n_frames: int, n_slices: int
     if not isinstance(meta, dict):
         raise InputError(side, f"sidecar's meta must be a JSON object, got "
                                f"{type(meta).__name__}")
+    key = "FrameTimes"
+    if not timing:
+        return None, None, None, dict(meta), key
     # BIDS (PET) writes the frames' start times as FrameTimesStart
     key = "FrameTimes" if info.get("FrameTimes") is not None else "FrameTimesStart"
     times = (_numbers(info[key], side, key, (n_frames,))
@@ -323,11 +327,29 @@ def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]
     return np.arange(n_frames, dtype=np.float64) * step, source
 
 
+def _check_slice_timing(offsets: np.ndarray, times: np.ndarray, side: Path) -> None:
+    """Refuse BIDS SliceTiming offsets that do not lie within a frame: each at least 0 and
+    under the shortest step between frames (BIDS: under RepetitionTime). Milliseconds had put a
+    study's frames 375 s late, and offsets of whole frames had doubled its hypoperfused
+    volume, exit 0."""
+    step = float(np.diff(times).min()) if times.size > 1 else np.inf
+    if float(offsets.min()) >= 0.0 and float(offsets.max()) < step:
+        return
+    top = float(offsets.max())
+    hint = ("; milliseconds? BIDS gives seconds"
+            if float(offsets.min()) >= 0.0 and 10.0 * step < top < 1000.0 * step else "")
+    raise InputError(side, f"SliceTiming runs from {float(offsets.min()):.4g} to "
+                           f"{float(offsets.max()):.4g} s, outside a frame (0 to the {step:.4g} s "
+                           f"between frames){hint}")
+
+
 def _compare_pixdim(p: Path, header: Any, times: np.ndarray, key: str) -> None:
     """Warn when the header's frame spacing (pixdim[4], if given) lies outside the sidecar's
-    steps by more than 10 %: one of them is wrong, and the sidecar is the one used."""
-    _, _, step = _pixdim_step(header)
-    if step is None or not step > 0 or len(times) < 2:
+    steps by more than 10 %: one of them is wrong, and the sidecar is the one used. A bare 1
+    without a unit is the default writers leave when they set none (refused as a spacing
+    without a sidecar): nothing to compare."""
+    unit, pixdim, step = _pixdim_step(header)
+    if step is None or not step > 0 or len(times) < 2 or (pixdim == 1.0 and unit == "unknown"):
         return
     steps = np.diff(times)
     if 0.9 * steps.min() <= step <= 1.1 * steps.max():
@@ -376,7 +398,8 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
     times = slice_times = offsets = None
     key = "FrameTimes"
     if side.exists():
-        times, slice_times, offsets, meta, key = _read_sidecar(side, n_frames, n_slices)
+        times, slice_times, offsets, meta, key = _read_sidecar(
+            side, n_frames, n_slices, timing=frame_interval is None)
     if frame_interval is not None:
         if not frame_interval > 0:
             raise InputError(p, f"frame_interval must be > 0 s, got {frame_interval}")
@@ -391,7 +414,8 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         times, source = _pixdim_times(p, header, n_frames)
         where = p
         check_frame_times(times, p, source="pixdim[4]")
-    if offsets is not None and frame_interval is None:
+    if offsets is not None:
+        _check_slice_timing(offsets, times, side)
         slice_times = times[:, None] + offsets[None, :]
         # a frame's time is its slices' mean, as the DICOM reader and CTPSeries take it (the
         # frame's start had put a converted copy's frames 0.375 s apart from the original's,
