@@ -242,8 +242,9 @@ def test_curves_csv_columns_with_units_in_their_names(tmp_path):
     np.testing.assert_allclose(table.aif, aif, rtol=1e-6)
     assert table.names == ("gm",)
     src.write_text(text.replace(",gm", ",aif_2", 1))
-    with pytest.raises(InputError, match="no 'aif' column"):
-        read_curves_csv(src)
+    with pytest.raises(InputError, match=r"several columns could be the aif \(\['AIF \[HU\]', "
+                                         r"'aif_2'\]\): name one with --aif-column"):
+        read_curves_csv(src)  # it had said there was no 'aif' column
 
 
 @pytest.mark.parametrize("time, aif, vof", [
@@ -407,6 +408,8 @@ def test_curves_csv_as_spreadsheets_save_it(tmp_path):
         "utf-16": (";".join(["time", "aif", "ROI Läsion"]), lines, "utf-16"),
         "empty rows": (head, [*lines, ";;", ";;"], "utf-8"),
         "comma in a name": (";".join(["time", "AIF, left (HU)", "gm"]), lines, "utf-8"),
+        # Excel's first line naming the separator (it had been read as the header)
+        "sep= line": ("sep=;\r\n" + head, lines, "utf-8"),
     }
     for label, (first, rest, encoding) in variants.items():
         src.write_bytes("\r\n".join([first, *rest, ""]).encode(encoding))

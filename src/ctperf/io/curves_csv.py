@@ -22,6 +22,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -77,13 +78,21 @@ def _rows(path: Path) -> tuple[list[list[str]], bool]:
     Rows of separators alone (a spreadsheet's empty rows) are left out."""
     lines = [line for line in _text(path).splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
+    declared = re.fullmatch(r"\s*sep=(.)\s*", lines[0]) if lines else None
+    if declared:  # Excel's line naming the separator ("sep=;") before the header
+        lines = lines[1:]
     if len(lines) < 2:
         raise InputError(path, "expected a header row and one row per frame")
-    dialect = None
+    dialect: Any = None
+    if declared:
+        if declared.group(1) not in ",;\t":
+            raise InputError(path, f"line 1 declares the separator {declared.group(1)!r}: "
+                                   "expected a comma, a semicolon or a tab")
+        dialect = type("Declared", (csv.excel,), {"delimiter": declared.group(1)})
     # the separator that splits the header and the first rows alike (a header name may hold
     # another separator: "AIF, left (HU)" in a semicolon table); the header alone when they
     # do not agree
-    for sample in (lines[:6], lines[:1]):
+    for sample in (lines[:6], lines[:1]) if dialect is None else ():
         try:
             dialect = csv.Sniffer().sniff("\n".join(sample), delimiters=",;\t")
             break
@@ -245,6 +254,10 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     for role, name in (("time", time_column), ("aif", aif_column)):
         found = _role_column(keys, name, role)
         if found is None:
+            several = [header[i] for i, k in enumerate(keys) if k.startswith(name.lower())]
+            if len(several) > 1:
+                raise InputError(p, f"several columns could be the {role} ({several}): name "
+                                    f"one with --{role}-column, or rename the others")
             raise InputError(p, f"no {name!r} column ({role}); the header holds {header}")
         where[role], names[role] = found
     vof = _role_column(keys, vof_column, "vof")
