@@ -286,6 +286,23 @@ def test_a_narrow_map_gets_a_window_dicom_allows(tmp_path, rng):
     sd = PerfusionMaps(maps={"cbv_sd": rng.uniform(0.0, 0.4, (2, 8, 8))},
                        affine=oblique_affine(), provenance={"method": "bayes"})
     (folder,) = write_maps_dicom(sd, tmp_path / "maps")
-    ds = pydicom.dcmread(next(folder.iterdir()))
+    ds = pydicom.dcmread(next(folder.glob("*.dcm")))
     assert float(ds.WindowWidth) == 1.0
     assert 0.1 < float(ds.WindowCenter) < 0.3
+
+
+def test_dicom_from_a_nifti_without_orientation_says_so(tmp_path, maps, small_series):
+    """DICOM must state an orientation; one written from a NIfTI header that set none is a
+    guess, which the images' comments say (PACS shows left and right markers that nothing
+    verified); maps and studies from an oriented source carry no such comment."""
+    unknown = small_series.replace(meta={**small_series.meta, "nifti_xform_code": 0})
+    for out, known in ((write_series_dicom(unknown, tmp_path / "s"), False),
+                       (write_series_dicom(small_series, tmp_path / "k"), True)):
+        ds = pydicom.dcmread(next(out.glob("*.dcm")))
+        assert ("orientation unknown" in str(ds.get("ImageComments", ""))) is not known
+    for code, note in ((0, True), (1, False)):
+        oriented = maps.replace(provenance={**maps.provenance, "nifti_xform_code": code})
+        (folder, *_) = write_maps_dicom(oriented, tmp_path / f"m{code}")
+        ds = pydicom.dcmread(next(folder.glob("*.dcm")))
+        assert ("orientation unknown" in ds.ImageComments) is note
+        assert ds.ImageComments.startswith("cbf in mL/100g/min; method: box-NLR")

@@ -55,6 +55,12 @@ _MAP_WINDOWS: dict[str, tuple[float, float]] = {
 }
 
 
+#: ImageComments of images whose source, a NIfTI file setting neither sform nor qform, gave
+#: no orientation: DICOM needs one (ImageOrientationPatient), and the one written is a guess.
+_ORIENTATION_UNKNOWN = ("orientation unknown: the source NIfTI header set none; left and right "
+                        "as stored, not verified")
+
+
 def _slice_geometry(affine: np.ndarray, n_slices: int) -> dict[str, Any]:
     """DICOM geometry tags of each slice from a RAS voxel-to-mm affine."""
     lps = _LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)
@@ -296,6 +302,8 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
     base.PixelSpacing = [_ds(v) for v in geo["pixel_spacing"]]
     base.SliceThickness = _ds(meta.get("slice_thickness_mm") or geo["thickness"])
     base.SpacingBetweenSlices = _ds(geo["thickness"])
+    if meta.get("nifti_xform_code") == 0:
+        base.ImageComments = _ORIENTATION_UNKNOWN
     base.NumberOfTemporalPositions = n_t
     if meta.get("mas") is not None:
         base.Exposure = round(float(meta["mas"]))
@@ -420,7 +428,8 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
         base.PixelSpacing = [_ds(v) for v in geo["pixel_spacing"]]
         base.SliceThickness = _ds(meta.get("slice_thickness_mm") or geo["thickness"])
         base.SpacingBetweenSlices = _ds(geo["thickness"])
-        base.ImageComments = f"{name} in {maps.units[name]}; method: {method}"[:10240]
+        base.ImageComments = f"{name} in {maps.units[name]}; method: {method}" + (
+            f"; {_ORIENTATION_UNKNOWN}" if maps.provenance.get("nifti_xform_code") == 0 else "")
         start = _start_time(meta, anonymise=anonymise)
         target = Path(folder) / name
         with atomic_dir(target) as tmp:
