@@ -230,6 +230,22 @@ def test_curves_csv_errors_name_the_problem(tmp_path, capsys, edit, message):
     assert not (tmp_path / "out.csv").exists()
 
 
+def test_curves_csv_frame_numbers_are_no_tissue_curve(tmp_path, caplog):
+    """A 'Frame' column counting 1 upwards, as viewers export curves, had been fitted as a
+    tissue curve (CBF 17, CBV 8); it is left out with a warning, unless it is the time column
+    asked for by name."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    times = np.arange(T_HAND.size, dtype=float)
+    _write_csv(src, times, {"Frame": times + 1, "aif": aif, "gm": tissue[:, 0]})
+    with caplog.at_level("WARNING", logger="ctperf"):
+        assert read_curves_csv(src).names == ("gm",)
+    assert "column 'Frame' holds the frame numbers" in caplog.text
+    table = read_curves_csv(src, time_column="frame")
+    np.testing.assert_allclose(table.times, times + 1)
+    assert table.names == ("time", "gm")
+
+
 def test_curves_csv_columns_with_units_in_their_names(tmp_path):
     """Headers as exported by other software, 'Time (s)' and 'AIF [HU]', are found; a name that
     two columns could be is not guessed."""

@@ -176,25 +176,46 @@ def _is_number(cell: str, decimal_comma: bool) -> bool:
     return True
 
 
-def _unnamed_left_out(path: Path, rows: list[list[str]], decimal_comma: bool
-                      ) -> list[list[str]]:
+#: Names of a column of frame numbers (as image viewers and spreadsheets export curves):
+#: left out when it counts 0 or 1 upwards, not fitted as a tissue curve.
+FRAME_NUMBER_NAMES = ("frame", "frames", "frame number", "frame_number", "frame no", "index",
+                      "no", "no.", "nr", "#", "volume", "time point", "timepoint", "dynamic")
+
+
+def _counts_rows(cells: list[str], decimal_comma: bool) -> bool:
+    """Whether ``cells`` are the numbers 0 or 1 upwards, one per row."""
+    if not cells or not all(_is_number(c, decimal_comma) for c in cells):
+        return False
+    values = np.array([_number(c, decimal_comma) for c in cells])
+    return values[0] in (0, 1) and np.array_equal(values, values[0] + np.arange(values.size))
+
+
+def _unnamed_left_out(path: Path, rows: list[list[str]], decimal_comma: bool,
+                      asked: Sequence[str] = ()) -> list[list[str]]:
     """``rows`` without their unnamed columns: empty ones (a separator ending every line), and a
     first column of row numbers (0 or 1 upwards: a data frame's index, such as pandas writes
-    with an empty or ``Unnamed: 0`` name). Any other unnamed column is refused."""
+    with an empty or ``Unnamed: 0`` name); and without a column named as frame numbers
+    (:data:`FRAME_NUMBER_NAMES`) that counts them, unless ``asked`` names it (the time column
+    given by name). Any other unnamed column is refused."""
+    asked = [a.lower() for a in asked]
     drop = []
     for col, name in enumerate(rows[0]):
+        cells = [row[col] for row in rows[1:] if col < len(row) and row[col]]
+        if name.lower() in FRAME_NUMBER_NAMES and name.lower() not in asked \
+                and _counts_rows(cells, decimal_comma):
+            log.warning("%s: column %r holds the frame numbers: left out, not a tissue curve",
+                        path, name)
+            drop.append(col)
+            continue
         if name and not name.lower().startswith("unnamed:"):
             continue
-        cells = [row[col] for row in rows[1:] if col < len(row) and row[col]]
         if not cells:
             drop.append(col)
             continue
-        if col == 0 and all(_is_number(c, decimal_comma) for c in cells):
-            values = np.array([_number(c, decimal_comma) for c in cells])
-            if values[0] in (0, 1) and np.array_equal(values, values[0] + np.arange(values.size)):
-                log.info("%s: the unnamed first column holds the row numbers: left out", path)
-                drop.append(col)
-                continue
+        if col == 0 and _counts_rows(cells, decimal_comma):
+            log.info("%s: the unnamed first column holds the row numbers: left out", path)
+            drop.append(col)
+            continue
         raise InputError(path, f"column {col + 1} has no name in the header row: name it (the "
                                "time, the AIF, the VOF or a tissue curve) or remove it")
     if not drop:
@@ -245,7 +266,7 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     """
     p = Path(path)
     rows, decimal_comma = _rows(p)
-    rows = _unnamed_left_out(p, rows, decimal_comma)
+    rows = _unnamed_left_out(p, rows, decimal_comma, (time_column, aif_column, vof_column))
     header = rows[0]
     keys = [h.lower() for h in header]
     if len(set(keys)) < len(keys):
