@@ -112,9 +112,10 @@ def test_evaluate_synthetic_tables_json_and_report(cohorts, evaluated):
     assert float(t1["cbf"]["mae_mean"]) == pytest.approx(2.0, abs=1e-4)
     # CBF window 0-100: a 2 mL/100 g/min offset is 0.02 -> MSE 4e-4 (no value reaches the clip)
     assert float(t1["cbf"]["mse_window_mean"]) == pytest.approx(4e-4, rel=1e-3)
-    # paper's normalisation: the reference's dataset-wide min-max (its minimum is a brain
-    # value, NaN background is not a number); the same offset over that range
+    # paper's normalisation: the reference's dataset-wide min-max over whole images, the NaN
+    # background counted as the 0 of the paper's images; the same offset over that range
     lo, hi = float(t1["cbf"]["minmax_low"]), float(t1["cbf"]["minmax_high"])
+    assert lo == 0.0 and float(t1["cbf"]["coverage_mean"]) == 1.0
     assert float(t1["cbf"]["mse_minmax_mean"]) == pytest.approx((2 / (hi - lo)) ** 2, rel=1e-3)
     assert float(t1["cbv"]["mse_window_mean"]) == 0 and float(t1["cbv"]["ssim_mean"]) == 1
     assert t1["cbv"]["psnr_mean"] == ""  # infinite PSNR of identical maps is left empty
@@ -523,6 +524,34 @@ def test_a_lesion_missing_in_some_studies_is_said_not_dropped_silently():
     assert [row["lesion"] for row in out["lesions"]] == ["core"]
     (said,) = out["table_warnings"]
     assert said == "hypoperfused, est vs ref: left out of Table 2 (est has none in b)"
+
+
+def test_a_reader_without_values_where_the_reference_has_them_is_said():
+    """A reader's NaN where it is wrong had halved its MSE and MAE in silence (NaN voxels are
+    left out of the comparison): the share of the reference's values it covers is a column
+    of Table 1, and under 95 % a warning."""
+    from ctperf.evaluation.cohort import Reader, evaluate_readers
+    from ctperf.types import PerfusionMaps
+
+    rng = np.random.default_rng(4)
+    ref = rng.uniform(10.0, 70.0, (2, 8, 8)).astype(np.float32)
+    est = (ref + rng.normal(0.0, 10.0, ref.shape)).astype(np.float32)
+    worst = np.abs(est - ref) > np.quantile(np.abs(est - ref), 0.7)
+    holed = np.where(worst, np.nan, est)
+    studies = ["a", "b"]
+    readers = []
+    for label, cbf in (("est", holed), ("ref", ref)):
+        r = Reader(label=label, kind="method", path=label)
+        for s in studies:
+            r.maps[s] = PerfusionMaps(maps={"cbf": cbf}, affine=np.eye(4),
+                                      units={"cbf": "mL/100g/min"})
+        readers.append(r)
+    out = evaluate_readers(readers, studies=studies)
+    (row,) = out["maps"]
+    assert row["summary"]["coverage"]["mean"] == pytest.approx(1 - worst.mean())
+    (said,) = out["table_warnings"]
+    assert said.startswith("cbf, est vs ref: est has no value in 30.") and "compares the rest" \
+        in said
 
 
 def test_a_compared_cohort_sharing_no_study_is_the_one_named(cohorts, tmp_path, capsys):

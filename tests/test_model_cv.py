@@ -75,7 +75,7 @@ def test_format_table_mean_and_sd():
 def test_paper_scale_from_window_and_dataset_range():
     from ctperf.model.crossval import paper_scale
 
-    meta = {"windows": {"cbv": [0.0, 10.0]}, "target_ranges": {"cbv": [0.0, 40.0]}}
+    meta = {"windows": {"cbv": [0.0, 10.0]}, "image_ranges": {"cbv": [0.0, 40.0]}}
     # a 0-10 window against a 0-40 data set range: differences shrink 4x, squared 16x
     assert paper_scale(meta, "cbv") == pytest.approx(1 / 16)
     assert paper_scale({"windows": meta["windows"]}, "cbv") is None  # an older cache
@@ -89,7 +89,7 @@ def test_paper_mse_per_channel_equals_pooled_mse_at_unit_scale(tmp_path: Path):
 
     cohort = make_cohort(tmp_path / "cohort", subjects=2, seed=1, size=16, frames=8)
     cache = build_slice_cache(cohort, tmp_path / "cache", size=16, frames=8)
-    assert set(cache.meta["target_ranges"]) >= {"cbv", "ttp"}
+    assert set(cache.meta["image_ranges"]) >= {"cbv", "ttp"}
 
     class Constant(torch.nn.Module):  # channel 0 predicts 0.2, channel 1 predicts 0.7
         def forward(self, x):

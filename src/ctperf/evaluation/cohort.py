@@ -21,6 +21,7 @@ import numpy as np
 from ctperf.errors import InputError, ValidationError
 from ctperf.evaluation.agreement import case_dice, friedman, summarise_dice, volume_agreement
 from ctperf.evaluation.metrics import (
+    MAP_METRICS,
     UNIT_WINDOWS,
     dataset_range,
     map_agreement,
@@ -49,9 +50,10 @@ __all__ = [
 MAP_ORDER = ("cbv", "cbf", "delay", "tmax", "mtt", "ttp")
 #: Lesions compared, in table order.
 LESION_NAMES = ("core", "hypoperfused", "penumbra")
-#: Per-case map figures, in table order (see :func:`map_case_metrics`).
-MAP_METRICS = ("mse_minmax", "mse_window", "psnr", "ssim", "mae", "bias", "rmse", "pearson_r",
-               "ccc")
+#: Least share of the region's reference values an estimate should hold a value at: below it,
+#: Table 1 compares only the rest, and a warning says so (a reader's NaN where it is wrong had
+#: halved its MSE and MAE in silence).
+MIN_COVERAGE = 0.95
 #: Label values of a rater's ITK-SNAP segmentation: 1 core, 2 penumbra (hypoperfused = both).
 RATER_LABELS: dict[str, int] = {"core": 1, "penumbra": 2}
 
@@ -319,10 +321,13 @@ def map_case_metrics(estimate: np.ndarray, reference: np.ndarray, *, name: str,
     ``mse_minmax`` scales both maps with the reference data set's min-max (the paper's [0, 1]
     maps), ``mse_window`` with ctperf's fixed window (:data:`UNIT_WINDOWS`, clipped); PSNR (dB)
     and SSIM are computed on the fixed-window maps; MAE, bias, RMSE, Pearson r and Lin's CCC in
-    the map's unit.
+    the map's unit; ``coverage``, the share of the reference's values in the region that the
+    estimate holds a value at too (the figures are over those voxels only).
     """
     window = UNIT_WINDOWS.get(name, minmax)
     agree = map_agreement(estimate, reference, mask=region)
+    valued = np.isfinite(reference) if region is None else np.isfinite(reference) & region
+    n_ref = int(np.count_nonzero(valued))
     mse_w = unit_mse(estimate, reference, window=window, mask=region)
     lo, hi = window
     scaled = [np.clip((np.asarray(a, np.float64) - lo) / (hi - lo), 0, 1)
@@ -333,7 +338,8 @@ def map_case_metrics(estimate: np.ndarray, reference: np.ndarray, *, name: str,
             "mse_window": mse_w, "psnr": psnr(mse_w),
             "ssim": ssim(scaled[0], scaled[1], mask=region),
             "mae": agree.mae, "bias": agree.bias, "rmse": agree.rmse,
-            "pearson_r": agree.pearson_r, "ccc": agree.ccc, "n_voxels": agree.n}
+            "pearson_r": agree.pearson_r, "ccc": agree.ccc,
+            "coverage": agree.n / n_ref if n_ref else float("nan"), "n_voxels": agree.n}
 
 
 def _mean_sd(values: Sequence[float]) -> dict[str, float]:
@@ -457,6 +463,11 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
             lo_hi = tuple(out["minmax"][key])
             cases = {s: map_case_metrics(est.maps[s][name], ref.maps[s][name], name=name,
                                          minmax=lo_hi, region=region_of[s]) for s in studies}
+            coverage = _mean_sd([c["coverage"] for c in cases.values()])["mean"]
+            if coverage < MIN_COVERAGE:
+                warn(f"{name}, {est.label} vs {ref.label}: {est.label} has no value in "
+                     f"{1 - coverage:.1%} of the region where {ref.label} has one (mean over "
+                     "studies); Table 1 compares the rest only")
             out["maps"].append({
                 "estimate": est.label, "reference": ref.label, "map": name,
                 "unit": ref.maps[studies[0]].units.get(name, ""), "window": list(

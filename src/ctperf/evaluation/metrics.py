@@ -19,16 +19,23 @@ from ctperf.errors import ValidationError
 
 __all__ = [
     "IDENTICAL_MSE",
+    "MAP_METRICS",
     "UNIT_WINDOWS",
     "MapAgreement",
     "dataset_range",
     "dice",
+    "image_range",
     "map_agreement",
     "map_agreement_by_region",
     "psnr",
     "ssim",
     "unit_mse",
 ]
+
+#: Per-case map figures of Table 1, in table order
+#: (:func:`ctperf.evaluation.cohort.map_case_metrics`).
+MAP_METRICS = ("mse_minmax", "mse_window", "psnr", "ssim", "mae", "bias", "rmse", "pearson_r",
+               "ccc", "coverage")
 
 #: ctperf's fixed window (low, high) per map, in the map's unit, that scales it to [0, 1]: the
 #: U-Net's target windows (``ctperf.model.normalise.TARGET_WINDOWS``, kept here so evaluation
@@ -118,11 +125,27 @@ def dice(a: np.ndarray, b: np.ndarray) -> float:
     return float("nan") if total == 0 else 2.0 * int(np.sum(a & b)) / total
 
 
+def image_range(volume: np.ndarray) -> tuple[float, float] | None:
+    """Minimum and maximum of one map over the whole image, as the paper took them: its finite
+    voxels, and 0 for voxels without a value (NaN, as outside the brain in ctperf's maps,
+    where the paper's images hold 0); None when no voxel is finite."""
+    v = np.asarray(volume)
+    finite = np.isfinite(v)
+    if not finite.any():
+        return None
+    lo, hi = float(v[finite].min()), float(v[finite].max())
+    return (min(lo, 0.0), max(hi, 0.0)) if not finite.all() else (lo, hi)
+
+
 def dataset_range(volumes: Sequence[np.ndarray]) -> tuple[float, float]:
-    """Minimum and maximum over every finite voxel of every volume (background included).
+    """Minimum and maximum over every voxel of every volume (background included; a voxel
+    without a value counts as the paper's background, 0: :func:`image_range`).
 
     This is the paper's normalisation of a map to [0, 1]: one min-max over the whole data set and
-    the whole image, not per image and not inside the brain only.
+    the whole image, not per image and not inside the brain only. (Before 2026-12-05 the NaN
+    outside ctperf's brain was left out, so its TTP range began at the earliest brain's TTP, 7 s
+    on a probe's cohort, where the phantom's truth, 0 outside, began at 0: the same maps scored
+    29 % apart.)
 
     Parameters
     ----------
@@ -134,11 +157,10 @@ def dataset_range(volumes: Sequence[np.ndarray]) -> tuple[float, float]:
     (float, float)
         (low, high) in the maps' unit; a constant or empty data set is an error.
     """
-    lows = [float(np.nanmin(v)) for v in volumes if np.isfinite(v).any()]
-    highs = [float(np.nanmax(v)) for v in volumes if np.isfinite(v).any()]
-    if not lows or not max(highs) > min(lows):
+    ranges = [r for v in volumes if (r := image_range(v)) is not None]
+    if not ranges or not max(r[1] for r in ranges) > min(r[0] for r in ranges):
         raise ValidationError("the maps have no finite voxels or are constant: no min-max range")
-    return min(lows), max(highs)
+    return min(r[0] for r in ranges), max(r[1] for r in ranges)
 
 
 def unit_mse(estimate: np.ndarray, reference: np.ndarray, *, window: tuple[float, float],
@@ -196,7 +218,11 @@ def ssim(estimate: np.ndarray, reference: np.ndarray, *, mask: np.ndarray | None
     Local means, variances and covariance come from an isotropic Gaussian window (``sigma``
     pixels, truncated at 3.5 sigma: 11 x 11 taps for 1.5) applied to each (Y, X) slice, with
     ``C1 = (0.01 L)**2`` and ``C2 = (0.03 L)**2`` for ``L = data_range``; the SSIM map is averaged
-    over ``mask``. NaN voxels count as 0 in the local statistics and are left out of the mean.
+    over ``mask``. A voxel without a value (NaN) in both maps counts as 0 in the local
+    statistics (the background, as the paper's images hold it); one without a value in one map
+    only is left out of them (normalised convolution; counted as 0, a reader's holes had
+    lowered the SSIM of identical values around them to 0.88); either is left out of the
+    mean.
 
     Parameters
     ----------
@@ -226,11 +252,19 @@ def ssim(estimate: np.ndarray, reference: np.ndarray, *, mask: np.ndarray | None
         keep &= np.asarray(mask, dtype=bool)
     if not keep.any():
         return float("nan")
-    x, y = np.nan_to_num(est), np.nan_to_num(ref)
+    fx, fy = np.isfinite(est), np.isfinite(ref)
+    weight = (fx == fy).astype(np.float64)  # both with a value, or both background
+    x, y = np.where(fx, est, 0.0), np.where(fy, ref, 0.0)
     sig = (sigma, sigma) if x.ndim == 2 else (0.0, sigma, sigma)
 
-    def smooth(a: np.ndarray) -> np.ndarray:
+    def window(a: np.ndarray) -> np.ndarray:
         return gaussian_filter(a, sigma=sig, mode="reflect", truncate=3.5)
+
+    # the window's weight on the voxels it may use: 1 where no hole is near, > 0 where kept
+    norm = 1.0 if weight.all() else np.maximum(window(weight), 1e-12)
+
+    def smooth(a: np.ndarray) -> np.ndarray:
+        return window(a * weight) / norm
 
     mx, my = smooth(x), smooth(y)
     vx, vy, cxy = smooth(x * x) - mx**2, smooth(y * y) - my**2, smooth(x * y) - mx * my

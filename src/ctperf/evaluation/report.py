@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import InputError
+from ctperf.evaluation.metrics import MAP_METRICS
 from ctperf.lesion_options import LesionOptions
 
 __all__ = [
@@ -28,11 +29,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_METRICS = ("mse_minmax", "mse_window", "psnr", "ssim", "mae", "bias", "rmse", "pearson_r", "ccc")
 #: Columns of ``table1.csv`` (one row per estimate, reference and map).
 TABLE1_COLUMNS = ("estimate", "reference", "map", "unit", "n_cases", "window_low", "window_high",
                   "minmax_low", "minmax_high",
-                  *(f"{m}_{s}" for m in _METRICS for s in ("mean", "sd")), "psnr_n")
+                  *(f"{m}_{s}" for m in MAP_METRICS for s in ("mean", "sd")), "psnr_n")
 #: Columns of ``table2.csv`` (one row per lesion, estimate and reference).
 TABLE2_COLUMNS = ("lesion", "estimate", "reference", "n_cases", "dice_n", "dice_mean", "dice_sd",
                   "dice_excluded", "dice_undefined", "volume_estimate_mean_ml",
@@ -60,7 +60,7 @@ def table1(result: Mapping[str, Any]) -> tuple[list[str], list[list[Any]]]:
         s = r["summary"]
         rows.append([r["estimate"], r["reference"], r["map"], r["unit"], s["mae"]["n"],
                      *r["window"], *r["minmax"],
-                     *(s[m][k] for m in _METRICS for k in ("mean", "sd")), s["psnr"]["n"]])
+                     *(s[m][k] for m in MAP_METRICS for k in ("mean", "sd")), s["psnr"]["n"]])
     return list(TABLE1_COLUMNS), rows
 
 

@@ -71,10 +71,11 @@ def paper_scale(meta: dict[str, Any], target: str) -> float | None:
     """Factor from ctperf's window MSE to the paper's min-max MSE for one target.
 
     ``((high - low) / (max - min))**2`` with the target's window and its dataset-wide range as
-    recorded in a slice cache's ``meta`` (``windows``, ``target_ranges``); None when the cache
-    has no range (built by an older ctperf) or the range is empty.
+    recorded in a slice cache's ``meta`` (``windows``, ``image_ranges``:
+    :func:`~ctperf.evaluation.metrics.image_range`); None when the cache has no range (built
+    by a ctperf before 2026-12-05, whose ranges left the background out) or it is empty.
     """
-    lo_hi = meta.get("target_ranges", {}).get(target)
+    lo_hi = meta.get("image_ranges", {}).get(target)
     window = meta.get("windows", {}).get(target)
     if not lo_hi or not window or not lo_hi[1] > lo_hi[0]:
         return None

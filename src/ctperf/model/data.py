@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import InputError, ValidationError
+from ctperf.evaluation.metrics import image_range
 from ctperf.io.state import files_state
 from ctperf.masks import first_frame_as_air, hu_offset
 from ctperf.model.normalise import (
@@ -392,10 +393,9 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
             for target, map_name in TARGET_MAPS.items():
                 if map_name in maps:
                     raw = orient(maps[map_name], flips)
-                    if np.isfinite(raw).any():
+                    if (whole := image_range(raw)) is not None:  # the paper's min-max
                         lo_hi = ranges.setdefault(target, [np.inf, -np.inf])
-                        lo_hi[:] = [min(lo_hi[0], float(np.nanmin(raw))),
-                                    max(lo_hi[1], float(np.nanmax(raw)))]
+                        lo_hi[:] = [min(lo_hi[0], whole[0]), max(lo_hi[1], whole[1])]
                     valid &= resize_slices(np.isfinite(raw).astype(np.float32), size, mask=True)
                     unit = resize_slices(to_unit(np.nan_to_num(raw), target), size)
                     targets.append(unit)
@@ -446,7 +446,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                         spread[0], spread[-1])
         meta = {**config, "size": size, "frames": frames, "targets": targets_kept,
                 "patients": list(stats), "stats": stats, "rows_patient": rows_patient,
-                "rows_z": rows_z, "cohort": str(root), "target_ranges": ranges,
+                "rows_z": rows_z, "cohort": str(root), "image_ranges": ranges,
                 "input_steps_s": steps, "pixels_mm": pixels, "arrivals_s": arrivals,
                 "targets_lacking": lacking}
         (tmp / "index.json").write_text(json.dumps(meta) + "\n")

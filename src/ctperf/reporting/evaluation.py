@@ -7,12 +7,12 @@ import html
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ctperf.evaluation.metrics import MAP_METRICS
 from ctperf.reporting.html import figure_data_uri, figure_html, html_table
 from ctperf.reporting.html import fmt_number as _fmt
 
 __all__ = ["evaluation_figures", "evaluation_page"]
 
-_METRICS = ("mse_minmax", "mse_window", "psnr", "ssim", "mae", "bias", "rmse", "pearson_r", "ccc")
 
 
 def _p(value: Any) -> str:
@@ -30,11 +30,11 @@ def _pm(stat: Mapping[str, Any], digits: int = 3) -> str:
 def _table1_html(result: Mapping[str, Any]) -> str:
     header = ["estimate", "reference", "map [unit]", "n", "MSE (paper: min-max)",
               "MSE (ctperf windows)", "PSNR dB", "SSIM", "MAE", "bias", "RMSE", "Pearson r",
-              "Lin's CCC"]
+              "Lin's CCC", "coverage"]
     rows = [[r["estimate"], r["reference"], f"{r['map']} [{r['unit']}]", r["summary"]["mae"]["n"],
              *(_pm(r["summary"][m], 4 if m.startswith("mse") else 2 if m in
                    ("psnr", "mae", "bias", "rmse") else 3) + _fewer(r["summary"], m)
-               for m in _METRICS)]
+               for m in MAP_METRICS)]
             for r in result["maps"]]
     return html_table(header, rows, text_columns=3)
 
