@@ -554,6 +554,23 @@ def test_a_reader_without_values_where_the_reference_has_them_is_said():
         in said
 
 
+def test_an_icc_left_empty_for_want_of_pingouin_is_said(cohorts, tmp_path, monkeypatch, caplog):
+    """Without the [stats] extra the ICC column was empty with no word but a note in
+    evaluation.json, which named pandas; the report's warnings and the log now say what to
+    install."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pingouin", None)  # import pingouin raises ImportError
+    out = tmp_path / "eval"
+    with caplog.at_level("WARNING", logger="ctperf"):
+        assert main(["evaluate", str(cohorts["pred"]), str(cohorts["ref"]), str(out)]) == 0
+    said = json.loads((out / "evaluation.json").read_text())["warnings"]
+    icc = [w for w in said if "ICC" in w]
+    assert len(icc) == 1 and "pingouin is not installed" in icc[0] \
+        and "pip install 'ctperf[stats]'" in icc[0]
+    assert "Table 2's ICC is left empty" in caplog.text
+
+
 def test_a_compared_cohort_sharing_no_study_is_the_one_named(cohorts, tmp_path, capsys):
     """``--compare`` with a cohort of other studies: the error names that cohort, not the two
     that share every study."""

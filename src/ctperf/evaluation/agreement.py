@@ -133,7 +133,8 @@ def icc1k(ratings: np.ndarray) -> dict[str, float]:
         import pandas as pd
         import pingouin
     except ImportError as exc:
-        raise CTPerfError(f"the ICC needs pingouin ({exc}); pip install 'ctperf[stats]'") from None
+        raise CTPerfError(f"the ICC needs pingouin and pandas ({exc.name or exc} is not "
+                          "installed): pip install 'ctperf[stats]'") from None
     long = pd.DataFrame({"case": np.repeat(np.arange(n), k), "reader": np.tile(np.arange(k), n),
                          "value": table.ravel()})
     with warnings.catch_warnings():  # pingouin's use of deprecated pandas keywords

@@ -480,6 +480,9 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
                        for r in (est, ref)}
             if not any(absent.values()):
                 out["lesions"].append(_lesion_row(est, ref, name, studies, voxel_ml))
+                note = out["lesions"][-1]["volumes"].get("icc1k_note")
+                if note and not any(note in w for w in out["table_warnings"]):
+                    warn(f"Table 2's ICC is left empty: {note}")
             elif any(len(v) < len(studies) for v in absent.values()):  # not a cohort of maps
                 said = "; ".join(f"{label} has none in {', '.join(v[:3])}"
                                  f"{' ...' if len(v) > 3 else ''}"
