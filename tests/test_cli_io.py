@@ -134,6 +134,19 @@ def test_bad_input_as_a_process(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_compression_without_gdcm_is_refused_before_reading(tmp_path, rng, capsys, monkeypatch):
+    """Without GDCM, --compress was refused once the study was read and writing had begun,
+    naming the Python option; now before anything is read, naming the extra."""
+    import sys
+
+    study = write_fake_study(tmp_path / "s", rng)
+    monkeypatch.setitem(sys.modules, "gdcm", None)
+    assert main(["convert", str(study.folder), str(tmp_path / "out"), "--compress"]) == 2
+    err = capsys.readouterr().err
+    assert "needs GDCM, which is not installed: pip install 'ctperf[compress]'" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
 def test_compressed_file_cut_short_is_one_line(tmp_path, rng):
     """An RLE file cut inside its pixel data: pydicom reads it without the pixel data and warns;
     the one line names the file as truncated (it had said "has no pixel data", under two lines

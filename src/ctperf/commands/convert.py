@@ -28,7 +28,8 @@ def register(subparsers: Any) -> None:
     add_overwrite_option(p)
     add_anonymise_option(p)
     p.add_argument("--compress", action="store_true",
-                   help="DICOM output: JPEG Lossless (Process 14 SV1) pixel data")
+                   help="DICOM output: JPEG Lossless (Process 14 SV1) pixel data (needs GDCM: "
+                        "pip install 'ctperf[compress]')")
     p.add_argument("--int16", action="store_true",
                    help="NIfTI output: store integer HU as int16 instead of float32")
     p.set_defaults(func=run)

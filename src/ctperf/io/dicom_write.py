@@ -30,7 +30,8 @@ from ctperf.io.atomic import atomic_dir
 from ctperf.io.privacy import ANONYMOUS_START, deidentify_dataset
 from ctperf.types import METHODS, CTPSeries, PerfusionMaps
 
-__all__ = ["PATIENT_STUDY_TAGS", "gdcm_compress", "write_maps_dicom", "write_series_dicom"]
+__all__ = ["PATIENT_STUDY_TAGS", "gdcm_compress", "require_gdcm", "write_maps_dicom",
+           "write_series_dicom"]
 
 log = logging.getLogger(__name__)
 
@@ -198,13 +199,20 @@ def _finish_file(ds: Dataset, path: Path, compress: bool) -> None:
         gdcm_compress(path)
 
 
-def gdcm_compress(path: Path, syntax: str = "JPEGLosslessProcess14_1") -> None:
-    """Re-encode one file in place with GDCM, by default as JPEG Lossless, Process 14 SV1
-    (``syntax``: a ``gdcm.TransferSyntax`` attribute name, e.g. "JPEGLSLossless")."""
+def require_gdcm() -> Any:
+    """The ``gdcm`` module, or ValidationError saying which extra installs it."""
     try:
         import gdcm
     except ImportError:
-        raise ValidationError("compress=True needs GDCM: pip install python-gdcm") from None
+        raise ValidationError("JPEG Lossless compression needs GDCM, which is not installed: "
+                              "pip install 'ctperf[compress]'") from None
+    return gdcm
+
+
+def gdcm_compress(path: Path, syntax: str = "JPEGLosslessProcess14_1") -> None:
+    """Re-encode one file in place with GDCM, by default as JPEG Lossless, Process 14 SV1
+    (``syntax``: a ``gdcm.TransferSyntax`` attribute name, e.g. "JPEGLSLossless")."""
+    gdcm = require_gdcm()
 
     reader = gdcm.ImageReader()
     reader.SetFileName(str(path))
@@ -277,6 +285,8 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
     """
     from tqdm import tqdm
 
+    if compress:
+        require_gdcm()  # before any file is written
     meta = series.meta
     if derived is None:
         derived = _preprocess_steps(meta)

@@ -51,6 +51,10 @@ def convert_study(src: Path, dst: Path, options: ConvertOptions) -> StudyOutcome
     to_nifti = io.is_nifti(dst)
     if to_nifti and o.compress:
         raise InputError(dst, "--compress applies to DICOM output, not NIfTI")
+    if o.compress:
+        from ctperf.io.dicom_write import require_gdcm
+
+        require_gdcm()  # before the study is read
     if not to_nifti and o.int16:
         raise InputError(dst, "--int16 applies to NIfTI output; DICOM is always int16")
     if not to_nifti and dst.exists() and not dst.is_dir():
