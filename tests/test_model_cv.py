@@ -152,6 +152,20 @@ def test_more_folds_than_patients_is_refused_before_the_references(tmp_path):
     assert not (tmp_path / "cv").exists()
 
 
+def test_pretraining_without_a_size_is_refused_before_the_references(tmp_path):
+    """Pretraining epochs with a pretraining size of 0 (the cpu preset's): refused before the
+    references and the cache (it had been refused after them), naming the option."""
+    from ctperf.workflow.training import train_cohort
+
+    for i in range(3):  # only the layout is read: the studies are never opened
+        (tmp_path / "cohort" / f"sub-{i:04d}").mkdir(parents=True)
+        (tmp_path / "cohort" / f"sub-{i:04d}" / "study.nii.gz").write_bytes(b"")
+    config = TrainConfig(pretrain_epochs=1, pretrain_size=0)
+    with pytest.raises(ValidationError, match=r"pretraining size of 1 or more \(--pretrain-size"):
+        train_cohort(tmp_path / "cohort", tmp_path / "train", config)
+    assert not (tmp_path / "train").exists()
+
+
 def test_a_mistyped_held_out_id_or_an_absent_gpu_is_refused_before_any_work(tmp_path):
     """A held-out id that names no subject, or a CUDA device torch does not see: refused before
     the references and caches (they had been computed first, 56 NIfTIs left behind)."""

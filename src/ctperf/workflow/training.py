@@ -215,12 +215,15 @@ def _check_before_work(cohort: Path, config: Any, options: TrainingOptions,
                        held_out: Sequence[str], folds: int | None = None) -> None:
     """Refuse, before a cohort's references and caches are computed (minutes to hours; these
     had been refused after them), a device torch does not see, held-out ids that name no
-    subject folder, and more ``folds`` than patients to validate on (a cohort of neither
-    layout is left to the cache to describe)."""
+    subject folder, more ``folds`` than patients to validate on (a cohort of neither layout
+    is left to the cache to describe), and pretraining epochs without a pretraining size."""
     from ctperf.io.unitobrain import find_unitobrain
     from ctperf.model import resolve_device
 
     resolve_device(config.device)
+    if config.pretrain_epochs > 0 and config.pretrain_size < 1:
+        raise ValidationError("pretraining epochs need a pretraining size of 1 or more "
+                              "(--pretrain-size; the preset has none)")
     layout = _layout_or_none(cohort)
     if layout is None:
         return
@@ -272,8 +275,6 @@ def _prepare(cohort: Path, out: Path, cache_root: Path, config: Any,
         log.warning("pretraining skipped: the pretraining size %d is not below the training "
                     "size %d", config.pretrain_size, cache.size)
         config = replace(config, pretrain_epochs=0)
-    if config.pretrain_epochs > 0 and config.pretrain_size < 1:
-        raise ValidationError("pretraining epochs need a pretraining size of 1 or more")
     pretrain = None
     if config.pretrain_epochs > 0:
         pretrain = build_slice_cache(cohort, cache_root, size=config.pretrain_size,
