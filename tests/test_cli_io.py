@@ -173,7 +173,8 @@ def test_unet_commands_without_torch_say_what_to_install(tmp_path):
     runs = [["train", str(cohort), str(tmp_path / "t"), "--target", "cbv"],
             ["cv", str(cohort), str(tmp_path / "c"), "--target", "cbv"],
             ["predict", str(cohort), str(tmp_path / "p"), "--model", str(tmp_path / "m.pt")],
-            ["reproduce", str(cohort), str(tmp_path / "r")]]
+            ["reproduce", str(cohort), str(tmp_path / "r")],
+            ["demo", "--neural", str(tmp_path / "d")]]  # had promised 11 minutes first
     script = ("import importlib.abc, sys\n"
               "class NoTorch(importlib.abc.MetaPathFinder):  # an environment without torch\n"
               "    def find_spec(self, name, path, target=None):\n"
@@ -184,9 +185,9 @@ def test_unet_commands_without_torch_say_what_to_install(tmp_path):
               f"print([main(a) for a in {runs!r}])\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             timeout=300)
-    assert result.stdout.strip() == "[2, 2, 2, 2]", result.stderr
+    assert result.stdout.strip() == "[2, 2, 2, 2, 2]", result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 4 and "Traceback" not in result.stderr
+    assert len(lines) == 5 and "Traceback" not in result.stderr
     for line, run in zip(lines, runs, strict=True):
         assert line.startswith(f"ctperf {run[0]}: error: the U-Net needs PyTorch"), line
         assert "pip install 'ctperf[model]'" in line

@@ -92,6 +92,8 @@ def _run_neural(args: argparse.Namespace) -> int:
         raise ValidationError(f"{', '.join(changed)} do not apply to --neural (its cohort is "
                               "24 subjects of 64 x 64 x 4 x 89, no motion, not registered; "
                               "docs/reproduce.md); --seed and --filter/--no-filter do")
+    import ctperf.model  # noqa: F401  (without PyTorch: refused before a time is promised)
+
     out = args.out or Path("ctperf-demo-neural")
     options = NeuralDemoOptions(seed=args.seed, reproduce=ReproduceOptions(
         register=False, filter=args.filter is not False, spatial_sigma_mm=args.spatial_sigma,

@@ -35,7 +35,8 @@ def resolve_torch_device(device: str | None) -> str | None:
     try:
         import torch
     except ImportError as exc:
-        raise ValidationError(f"device {device!r} needs PyTorch, which is not installed") from exc
+        raise ValidationError(f"device {device!r} needs PyTorch, which is not installed: "
+                              "pip install 'ctperf[model]', or --device cpu") from exc
     try:
         dev = torch.device(device)
     except RuntimeError as exc:

@@ -285,8 +285,8 @@ def _mni() -> Template:
 def check_source(source: str) -> None:
     """Refuse a template source that cannot be used here (``"mni"`` without nilearn)."""
     if source == "mni" and "mni" not in available_sources():
-        raise ValidationError("anatomy='mni' needs nilearn (pip install 'ctperf[anatomy]'); "
-                              "use anatomy='procedural'")
+        raise ValidationError("the MNI anatomy needs nilearn (pip install 'ctperf[anatomy]'); "
+                              "or use the procedural one (--anatomy procedural)")
 
 
 def load_template(source: str = "procedural") -> Template:
