@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import numpy as np
 import pydicom
 import pytest
@@ -306,3 +309,24 @@ def test_dicom_from_a_nifti_without_orientation_says_so(tmp_path, maps, small_se
         ds = pydicom.dcmread(next(folder.glob("*.dcm")))
         assert ("orientation unknown" in ds.ImageComments) is note
         assert ds.ImageComments.startswith("cbf in mL/100g/min; method: box-NLR")
+
+
+@pytest.mark.skipif(shutil.which("dciodvfy") is None,
+                    reason="dciodvfy (dicom3tools) not installed: the standard's own validator")
+def test_written_dicom_passes_the_standards_validator(tmp_path, maps, small_series, rng):
+    """Every series ctperf writes (a study, its maps, an SD map of a few tenths, maps from a
+    source without orientation) has no error by dciodvfy (a window under 1 wide had one)."""
+    narrow = PerfusionMaps(maps={**maps.maps, "cbv_sd": rng.uniform(0.0, 0.4, maps.shape)},
+                           affine=maps.affine,
+                           provenance={"method": "bayes", "nifti_xform_code": 0})
+    folders = [write_series_dicom(small_series, tmp_path / "study"),
+               *write_maps_dicom(narrow, tmp_path / "maps", source=small_series.replace(
+                   hu=small_series.hu[:, :maps.shape[0], :maps.shape[1], :maps.shape[2]],
+                   affine=maps.affine))]
+    for folder in folders:
+        first = sorted(folder.glob("*.dcm"))[0]
+        run = subprocess.run(["dciodvfy", str(first)], capture_output=True, text=True,
+                             timeout=60)
+        errors = [ln for ln in (run.stdout + run.stderr).splitlines()
+                  if ln.startswith("Error")]
+        assert not errors, (folder.name, errors)
