@@ -27,7 +27,7 @@ from ctperf.io.nifti import (
     write_volume,
 )
 from ctperf.io.privacy import public_meta
-from ctperf.io.study import nifti_study_in, read_study
+from ctperf.io.study import nifti_study_in, phantom_studies, read_study
 from ctperf.io.unitobrain import UniToBrainCase, iter_unitobrain
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "mark_output",
     "nifti_space",
     "nifti_study_in",
+    "phantom_studies",
     "public_meta",
     "read_dicom_headers",
     "read_dicom_series",

@@ -13,7 +13,7 @@ from ctperf.io.dicom import NoDicomError, read_dicom_series
 from ctperf.io.nifti import is_nifti, read_nifti_series
 from ctperf.types import CTPSeries
 
-__all__ = ["nifti_study_in", "read_study"]
+__all__ = ["nifti_study_in", "phantom_studies", "read_study"]
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,11 @@ def _time_course(path: Path) -> bool:
     except Exception:  # nibabel raises many types for damaged headers: not a candidate
         return False
     return len(shape) == 4 and shape[3] > 1
+
+
+def phantom_studies(cohort: str | os.PathLike[str]) -> list[Path]:
+    """The studies of a phantom cohort (``ctperf phantom``), ``sub-*/study.nii.gz``, in order."""
+    return sorted(Path(cohort).glob("sub-*/study.nii.gz"))
 
 
 def nifti_study_in(folder: str | os.PathLike[str]) -> Path | None:

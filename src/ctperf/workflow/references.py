@@ -68,7 +68,7 @@ def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = Fals
 
     root, out = Path(cohort), Path(out)
     io.check_output(out, inputs=(root,), kind="extend")
-    subjects = sorted(p for p in root.glob("sub-*") if (p / "study.nii.gz").exists())
+    subjects = [p.parent for p in io.phantom_studies(root)]
     todo = [s for s in subjects if not (_complete(out / s.name, s / "study.nii.gz")
                                         or _complete(s / "nlr", s / "study.nii.gz"))]
     if todo:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ctperf.errors import CTPerfError, InputError, ValidationError
+from ctperf.io.study import phantom_studies
 from ctperf.lesion_options import LesionOptions
 from ctperf.workflow.reproduce_subjects import (
     phantom_maps,
@@ -230,7 +231,7 @@ def training_compute(cohort: str | Path, config: Any,
         import nibabel as nib
 
         shapes = [tuple(int(n) for n in cast(Any, nib.load(p)).shape)
-                  for p in sorted(cohort.glob("sub-*/study.nii.gz"))]
+                  for p in phantom_studies(cohort)]
         slices = sum(sh[2] for sh in shapes)
         size, frames = max(sh[0] for sh in shapes), min(sh[3] for sh in shapes)
     else:
@@ -317,7 +318,7 @@ def _fit_frames(config: Any, cohort: Path, layout: str, say: Callable[[str], Non
 
     try:
         shortest = min(int(cast(Any, nib.load(p)).shape[3])
-                       for p in sorted(cohort.glob("sub-*/study.nii.gz")))
+                       for p in phantom_studies(cohort))
     except (OSError, ValueError, IndexError, ImageFileError):
         return config  # an unreadable study is reported by the step that reads it
     if shortest >= config.frames:
@@ -351,7 +352,7 @@ def _cohort_id(cohort: Path, layout: str) -> str:
     the record carries no folder name), so that a run continued on another cohort is refused."""
     if layout == "phantom":
         items = [(p.parent.name, p.stat().st_size)
-                 for p in sorted(cohort.glob("sub-*/study.nii.gz"))]
+                 for p in phantom_studies(cohort)]
     else:
         from ctperf.io.unitobrain import find_unitobrain
 

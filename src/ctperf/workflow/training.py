@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.errors import InputError, ValidationError
+from ctperf.io.study import phantom_studies
 
 __all__ = [
     "TrainingOptions",
@@ -200,7 +201,7 @@ def cohort_layout(cohort: Path) -> str:
     if not cohort.is_dir():
         raise InputError(cohort, "is not a folder; expected a phantom cohort (ctperf phantom) "
                                  "or a UniToBrain folder")
-    if any((p / "study.nii.gz").exists() for p in cohort.glob("sub-*")):
+    if phantom_studies(cohort):
         return "phantom"
     try:
         if find_unitobrain(cohort):
@@ -227,7 +228,7 @@ def _check_before_work(cohort: Path, config: Any, options: TrainingOptions,
     layout = _layout_or_none(cohort)
     if layout is None:
         return
-    ids = ([p.name for p in cohort.glob("sub-*") if (p / "study.nii.gz").exists()]
+    ids = ([p.parent.name for p in phantom_studies(cohort)]
            if layout == "phantom" else [pid for pid, _, _ in find_unitobrain(cohort)])
     check_held_out(held_out, ids, options)
     pool = len(set(ids) - set(held_out))
