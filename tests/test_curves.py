@@ -244,6 +244,10 @@ def test_curves_csv_frame_numbers_are_no_tissue_curve(tmp_path, caplog):
     table = read_curves_csv(src, time_column="frame")
     np.testing.assert_allclose(table.times, times + 1)
     assert table.names == ("time", "gm")
+    # a time column named "Time point", 0, 1, 2 ... s, is the time, not frame numbers
+    _write_csv(src, times, {"aif": aif, "gm": tissue[:, 0]})
+    src.write_text(src.read_text().replace("time,", "Time point,", 1))
+    np.testing.assert_allclose(read_curves_csv(src).times, times)
 
 
 def test_curves_csv_columns_with_units_in_their_names(tmp_path):

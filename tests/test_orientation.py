@@ -70,6 +70,26 @@ def test_maps_keep_a_qform_that_disagrees_with_the_sform(tmp_path, caplog):
         np.testing.assert_allclose(header.get_sform(), img.affine, atol=1e-4,
                                    err_msg=str(path))
         assert _codes(path) == (2, 1), path
+    # a mask drawn in a viewer that placed the maps by that qform is saved on it: read voxel
+    # for voxel (it had been turned left to right onto the sform's grid), for the maps' own
+    # masks too
+    drawn = np.zeros(img.shape[2::-1], dtype=np.uint8)  # (Z, Y, X)
+    drawn[:, 5:9, 2:6] = 1  # off the midline: a mirror would move it
+    saved = nib.Nifti1Image(drawn.transpose(2, 1, 0), mirrored)
+    saved.set_qform(mirrored, code=1)
+    saved.set_sform(mirrored, code=1)
+    nib.save(saved, str(tmp_path / "drawn.nii.gz"))
+    series_back = io.read_study(study)
+    maps = io.read_maps(tmp_path / "maps")
+    for record in (series_back.meta, maps.provenance):
+        read = io.read_mask(tmp_path / "drawn.nii.gz", shape=drawn.shape,
+                            affine=series_back.affine, qform=io.kept_qform(record))
+        np.testing.assert_array_equal(read, drawn.astype(bool))
+    # the header decides: repaired (qform = sform), the sidecar's record of the old qform is
+    # not written back
+    img.set_qform(img.affine, code=2)
+    nib.save(img, str(study))
+    assert "nifti_qform" not in io.read_study(study).meta
 
 
 def test_which_slices_are_axial():

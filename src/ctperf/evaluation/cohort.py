@@ -104,10 +104,12 @@ def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
     return maps.replace(maps=out)
 
 
-def _labels(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
-    """A mask or label image (int64, 0 outside) on the maps' grid of ``study``; values between
-    whole numbers, as a probability map has, are refused."""
-    vol = np.nan_to_num(_on_grid(path, study, shape, affine))
+def _labels(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
+            qform: np.ndarray | None = None) -> np.ndarray:
+    """A mask or label image (int64, 0 outside) on the maps' grid of ``study`` (or on the
+    study's own ``qform``, :func:`ctperf.io.read_on_grid`); values between whole numbers, as a
+    probability map has, are refused."""
+    vol = np.nan_to_num(_on_grid(path, study, shape, affine, qform))
     if np.any(vol != np.round(vol)):
         raise InputError(path, f"study {study}: not a mask: values between whole numbers "
                                f"(from {vol.min():.3g} to {vol.max():.3g}), such as a "
@@ -140,7 +142,7 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
         ``lesions/`` folder (e.g. U-Net predictions): their lesions are segmented from the maps
         when they include ``cbf`` and ``tmax``. Without options such studies have no lesions.
     """
-    from ctperf.io import map_file, read_maps
+    from ctperf.io import kept_qform, map_file, read_maps
     from ctperf.types import MAP_NAMES
 
     root = Path(root)
@@ -174,7 +176,8 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
         masks = sub / ("masks" if phantom else "lesions")
         found = {n: map_file(masks, n) for n in ("core", "penumbra", "hypoperfused", "brain")
                  } if masks.is_dir() else {}
-        les = {n: _labels(f, sub.name, maps.shape, maps.affine) != 0
+        les = {n: _labels(f, sub.name, maps.shape, maps.affine, kept_qform(maps.provenance))
+               != 0
                for n, f in found.items() if f is not None}
         if "brain" in les:
             reader.brain[sub.name] = les.pop("brain")
@@ -255,17 +258,18 @@ def _segment(maps: PerfusionMaps, brain: np.ndarray | None, options: LesionOptio
             dict(result.thresholds))
 
 
-def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray) -> np.ndarray:
+def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
+             qform: np.ndarray | None = None) -> np.ndarray:
     """A rater's volume on the maps' grid of ``study`` (:func:`ctperf.io.read_on_grid`)."""
     from ctperf.io import read_on_grid
 
     try:
-        return read_on_grid(path, shape=shape, affine=affine)
+        return read_on_grid(path, shape=shape, affine=affine, qform=qform)
     except InputError as exc:
         raise InputError(path, f"study {study}: not on the maps' grid ({exc.problem})") from None
 
 
-def load_rater(root: str | Path, grids: Mapping[str, tuple[tuple[int, ...], np.ndarray]], *,
+def load_rater(root: str | Path, grids: Mapping[str, tuple[Any, ...]], *,
                label: str | None = None) -> Reader:
     """Read one rater's manual lesion segmentations for the given studies.
 
@@ -274,9 +278,10 @@ def load_rater(root: str | Path, grids: Mapping[str, tuple[tuple[int, ...], np.n
     root : path
         ``<root>/<study>/{core,hypoperfused,penumbra}.nii.gz`` masks, or one label image per study
         (``<root>/<study>.nii.gz`` or ``<root>/<study>/labels.nii.gz``, :data:`RATER_LABELS`).
-    grids : mapping of study -> ((Z, Y, X), affine)
+    grids : mapping of study -> ((Z, Y, X), affine) or ((Z, Y, X), affine, qform)
         The studies to read and the reference maps' grid of each: a segmentation storing the
-        same voxels in another order is turned onto it, one on another grid refused.
+        same voxels in another order is turned onto it, one on another grid refused; one on
+        the study's own qform (:func:`ctperf.io.kept_qform`, or None) is taken as stored.
     label : str, optional
         Reader name; default the folder name.
     """
@@ -284,15 +289,16 @@ def load_rater(root: str | Path, grids: Mapping[str, tuple[tuple[int, ...], np.n
     if not root.is_dir():
         raise InputError(root, "rater folder does not exist")
     reader = Reader(label=label or root.name, kind="rater", path=str(root))
-    for study, (shape, affine) in grids.items():
+    for study, grid in grids.items():
+        shape, affine, qform = grid[0], grid[1], grid[2] if len(grid) > 2 else None
         labels = next((p for p in (root / f"{study}.nii.gz", root / study / "labels.nii.gz")
                        if p.exists()), None)
         if labels is not None:
-            img = _labels(labels, study, shape, affine)
+            img = _labels(labels, study, shape, affine, qform)
             les = {n: img == v for n, v in RATER_LABELS.items()}
             les["hypoperfused"] = les["core"] | les["penumbra"]
         else:
-            les = {n: _labels(root / study / f"{n}.nii.gz", study, shape, affine) != 0
+            les = {n: _labels(root / study / f"{n}.nii.gz", study, shape, affine, qform) != 0
                    for n in LESION_NAMES
                    if (root / study / f"{n}.nii.gz").exists()}
             _complete_lesions(les)

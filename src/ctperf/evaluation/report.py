@@ -168,7 +168,8 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
         raise InputError(pred, "no study in common to the cohorts")
     excluded = {s: "missing in " + ", ".join(r.label for r in with_maps if s not in r.maps)
                 for r0 in with_maps for s in r0.maps if s not in studies}
-    grids = {s: (readers[1].maps[s].shape, readers[1].maps[s].affine) for s in studies}
+    grids = {s: (readers[1].maps[s].shape, readers[1].maps[s].affine,
+                 io.kept_qform(readers[1].maps[s].provenance)) for s in studies}
     readers += [load_rater(p, grids) for p in raters]
     _unique_labels(readers)
     for r in readers[len(with_maps):]:

@@ -13,6 +13,7 @@ from ctperf.io.dicom_write import write_maps_dicom, write_series_dicom
 from ctperf.io.maps import map_file, read_maps
 from ctperf.io.nifti import (
     is_nifti,
+    kept_qform,
     nifti_space,
     read_mask,
     read_nifti_series,
@@ -38,6 +39,7 @@ __all__ = [
     "check_output",
     "is_nifti",
     "iter_unitobrain",
+    "kept_qform",
     "map_file",
     "mark_output",
     "nifti_space",

@@ -179,7 +179,7 @@ def _is_number(cell: str, decimal_comma: bool) -> bool:
 #: Names of a column of frame numbers (as image viewers and spreadsheets export curves):
 #: left out when it counts 0 or 1 upwards, not fitted as a tissue curve.
 FRAME_NUMBER_NAMES = ("frame", "frames", "frame number", "frame_number", "frame no", "index",
-                      "no", "no.", "nr", "#", "volume", "time point", "timepoint", "dynamic")
+                      "no", "no.", "nr", "#", "dynamic")
 
 
 def _counts_rows(cells: list[str], decimal_comma: bool) -> bool:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import InputError
-from ctperf.io.nifti import has_orientation, read_volume, sidecar_path
+from ctperf.io.nifti import file_qform, has_orientation, read_volume, sidecar_path
 from ctperf.types import MAP_NAMES, MAP_UNITS, PerfusionMaps
 
 __all__ = ["BACKGROUND_SHARE", "PLAUSIBLE_MEDIANS", "background_value",
@@ -187,4 +187,9 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
         if doubt is not None:
             provenance.setdefault("unit_warnings", []).append(doubt)
     assert affine is not None
+    # the maps' own header says whether they keep a study's qform, not a sidecar's record
+    provenance.pop("nifti_qform", None)
+    first = next(iter(files.values())) or root / f"{next(iter(files))}.nii.gz"
+    if (qform := file_qform(first)) is not None:
+        provenance["nifti_qform"] = qform
     return PerfusionMaps(maps=arrays, affine=affine, units=units, provenance=provenance)

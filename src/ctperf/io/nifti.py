@@ -31,8 +31,10 @@ from ctperf.io.privacy import public_meta
 from ctperf.types import CTPSeries, PerfusionMaps
 
 __all__ = [
+    "file_qform",
     "has_orientation",
     "is_nifti",
+    "kept_qform",
     "nifti_space",
     "read_mask",
     "read_nifti_series",
@@ -138,7 +140,7 @@ def _pixels(path: PathLike, img: Any, *, allow_nan: bool = False) -> np.ndarray:
     return data
 
 
-def _affine(p: Path, img: Any) -> np.ndarray:
+def _affine(p: Path, img: Any, *, study: bool = False) -> np.ndarray:
     """The image's voxel -> RAS affine in mm: the header's spatial unit (metres, microns)
     converted; a missing or disagreeing orientation logged, as nibabel resolves it (sform, then
     qform, then a guess from the voxel sizes)."""
@@ -160,10 +162,10 @@ def _affine(p: Path, img: Any) -> np.ndarray:
     if codes == (0, 0):
         log.warning("%s: neither sform nor qform is set; orientation guessed from the voxel "
                     "sizes (check left and right)", p)
-    elif _own_qform(img) is not None:
-        log.warning("%s: sform and qform disagree; the sform is used, and written NIfTI keeps "
-                    "both as they are here (viewers reading the qform, as ITK's do, show the "
-                    "outputs where they show this study)", p)
+    elif _own_qform(img) is not None:  # a study's is news; each map of a set has it again
+        log.log(logging.WARNING if study else logging.INFO,
+                "%s: sform and qform disagree; the sform is used (ITK-based viewers may place "
+                "the image by its qform; NIfTI that ctperf writes from it keeps both)", p)
     return affine
 
 
@@ -424,6 +426,7 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         source += " and SliceTiming"
     meta["timing_source"] = source
     meta["nifti_xform_code"] = xform_code(header)
+    meta.pop("nifti_qform", None)  # the header read decides, not a sidecar's record of another
     if (qform := _own_qform(img)) is not None:
         meta["nifti_qform"] = qform
     data = _masked_as_air(p, _pixels(p, img, allow_nan=True))
@@ -431,7 +434,7 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
     del data
     check_hu_plausible(hu, lambda t, z: (p, f"frame {t}, slice {z}: "))
     try:
-        return CTPSeries(hu=hu, times=times, affine=_affine(p, img),
+        return CTPSeries(hu=hu, times=times, affine=_affine(p, img, study=True),
                          slice_times=slice_times, meta=meta)
     except ValidationError as exc:
         geometry = "affine" in str(exc)            # the image's header, not the sidecar
@@ -605,13 +608,20 @@ def reorient(arr: np.ndarray, how: Turn) -> np.ndarray:
 
 
 def read_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
-                 atol_mm: float = 1e-3) -> np.ndarray:
+                 atol_mm: float = 1e-3, qform: np.ndarray | None = None) -> np.ndarray:
     """Read a 3D volume onto the grid ``shape``/``affine``: as stored, or turned onto it when
     it holds the same voxels in another order (axes swapped or reversed, as another tool may
     write it); another grid (position, spacing, rotation or extent) is refused. A file without
-    orientation (as MATLAB's save_nii writes) of the same shape is taken as stored."""
+    orientation (as MATLAB's save_nii writes) of the same shape is taken as stored, and so is
+    one on ``qform``, the study's own qform that disagreed with its sform (:func:`kept_qform`):
+    a tool placing the study by it (ITK's, where the sform is not in scanner space) saves a
+    mask drawn on it there."""
     vol, own = read_volume(path)
     if vol.shape == tuple(shape) and np.allclose(own, affine, atol=atol_mm):
+        return vol
+    if vol.shape == tuple(shape) and qform is not None and np.allclose(own, qform, atol=atol_mm):
+        log.info("%s: on the study's own qform (where ITK tools place it); taken voxel for "
+                 "voxel", path)
         return vol
     if vol.shape == tuple(shape) and not has_orientation(path):
         log.warning("%s: no orientation (neither sform nor qform); taken voxel for voxel on "
@@ -642,11 +652,11 @@ def _where(affine: np.ndarray) -> str:
 
 
 def read_mask(path: PathLike, *, shape: tuple[int, int, int], affine: np.ndarray,
-              atol_mm: float = 1e-3) -> np.ndarray:
+              atol_mm: float = 1e-3, qform: np.ndarray | None = None) -> np.ndarray:
     """Read a 3D mask (nonzero = inside) on the grid ``shape``/``affine``
     (:func:`read_on_grid`)."""
     try:
-        vol = read_on_grid(path, shape=shape, affine=affine, atol_mm=atol_mm)
+        vol = read_on_grid(path, shape=shape, affine=affine, atol_mm=atol_mm, qform=qform)
     except InputError as exc:
         raise InputError(path, f"mask {exc.problem}") from None
     mask = vol != 0
@@ -663,6 +673,19 @@ def nifti_space(record: Mapping[str, Any]) -> dict[str, Any]:
     qform = record.get("nifti_qform")
     return {"code": int(record.get("nifti_xform_code", 1)),
             "qform": qform if isinstance(qform, Mapping) else None}
+
+
+def file_qform(path: PathLike) -> dict[str, Any] | None:
+    """The qform of a NIfTI file that disagrees with its sform (``{"affine", "code"}``), as
+    :func:`read_nifti_series` records it for a study; None where the two agree."""
+    return _own_qform(_open(Path(path)))
+
+
+def kept_qform(record: Mapping[str, Any]) -> np.ndarray | None:
+    """The study's own qform (4 x 4, mm) that disagreed with its sform, from its meta or its
+    maps' provenance (:func:`nifti_space`); None where it had none of its own."""
+    qform = nifti_space(record)["qform"]
+    return None if qform is None else np.asarray(qform["affine"], dtype=np.float64)
 
 
 def study_space(meta: Mapping[str, Any]) -> dict[str, Any]:

@@ -75,6 +75,10 @@ def paper_scale(meta: dict[str, Any], target: str) -> float | None:
     :func:`~ctperf.evaluation.metrics.image_range`); None when the cache has no range (built
     by a ctperf before 2026-12-05, whose ranges left the background out) or it is empty.
     """
+    if "image_ranges" not in meta and "target_ranges" in meta:
+        log.warning("the slice cache was built before 2026-12-05: its ranges leave the "
+                    "background out, so the paper's MSE columns stay empty; delete the cache "
+                    "to rebuild it")
     lo_hi = meta.get("image_ranges", {}).get(target)
     window = meta.get("windows", {}).get(target)
     if not lo_hi or not window or not lo_hi[1] > lo_hi[0]:

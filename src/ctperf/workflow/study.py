@@ -170,7 +170,8 @@ def _read_mask(path: Path | None, series: Any) -> Any:
     from ctperf import io
 
     return None if path is None else io.read_mask(path, shape=series.shape[1:],
-                                                  affine=series.affine)
+                                                  affine=series.affine,
+                                                  qform=io.kept_qform(series.meta))
 
 
 def _first_frame(series: Any) -> Any:
