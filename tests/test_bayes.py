@@ -89,6 +89,16 @@ def test_late_tissue_widens_the_delays():
     assert np.median(kept.cbf) < 0.6 * 20.0
     assert fit.delay_range[1] > 18.0 and kept.delay_range == (-3.0, 12.0)
 
+    # one curve alone (a region's, as `ctperf curves` fits it): extended too; three curves
+    # had been needed, and one alone read CBF 12 for 20, Tmax 28 s, with no flag
+    ones = [fit_bayes(y[:, i:i + 1], _aif(TIMES), TIMES, rho=RHO, kh=KH, spatial=False,
+                      noise_sd=1.0) for i in range(6)]
+    assert all(one.delay_range[1] > 18.0 for one in ones)
+    # medians of six curves fitted alone, the bounds of the 40 above (measured over 12: Tmax
+    # +1.1 s, CBF -2 %; single curves 18.3-20.0 s and CBF 15-23 at this noise)
+    assert np.median([one.tmax[0] for one in ones]) == pytest.approx(18.0, abs=1.5)
+    assert np.median([one.cbf[0] for one in ones]) == pytest.approx(20.0, rel=0.1)
+
     # with the spatial prior: a slice whose right half is 18 s late
     mask = np.ones((1, 16, 16), dtype=bool)
     late = np.repeat((np.arange(16) >= 8)[None, :], 16, axis=0).ravel()
