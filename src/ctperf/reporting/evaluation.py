@@ -181,8 +181,8 @@ def _sections(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) ->
     t1_note = ('<p class="note">Mean ± SD over studies of per-study figures. MSE (paper: '
                "min-max): both maps scaled to [0, 1] with the reference data set's minimum and "
                "maximum over whole images, background included (a voxel without a value as "
-               "0), as Gava et al. 2023 normalised their maps. MSE (ctperf windows): scaled and clipped with ctperf's fixed window "
-               "per map (the U-Net's target windows); PSNR and SSIM (Wang 2004, Gaussian "
+               "0), as Gava et al. 2023 normalised their maps. MSE (ctperf windows): scaled "
+               "and clipped with ctperf's fixed window per map (the U-Net's target windows); PSNR and SSIM (Wang 2004, Gaussian "
                "window sigma 1.5 px, per slice) on those maps. MAE, bias (estimate - reference), "
                "RMSE in the map's unit; delay is the box model's arrival delay, ttp the time "
                "to peak from the first frame. Coverage: the share of the reference's values "
