@@ -183,11 +183,11 @@ def _sections(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) ->
                "maximum over whole images, background included (a voxel without a value as "
                "0), as Gava et al. 2023 normalised their maps. MSE (ctperf windows): scaled "
                "and clipped with ctperf's fixed window per map (the U-Net's target windows); "
-               "PSNR and SSIM (Wang 2004, Gaussian window sigma 1.5 px, per slice) on those maps. MAE, bias (estimate - reference), "
-               "RMSE in the map's unit; delay is the box model's arrival delay, ttp the time "
-               "to peak from the first frame. Coverage: the share of the reference's values "
-               "in the region at which the estimate has a value too; every other figure is "
-               "over those voxels.</p>")
+               "PSNR and SSIM (Wang 2004, Gaussian window sigma 1.5 px, per slice) on those "
+               "maps. MAE, bias (estimate - reference), RMSE in the map's unit; delay is the "
+               "box model's arrival delay, ttp the time to peak from the first frame. "
+               "Coverage: the share of the reference's values in the region at which the "
+               "estimate has a value too; every other figure is over those voxels.</p>")
     t2_note = ('<p class="note">Dice: mean ± SD over studies with a lesion in the reference '
                "(studies without one are left out, as in the paper; both masks empty = "
                "undefined, never 0 or 1). |ΔV|: mean ± SD of absolute volume differences. "
