@@ -99,6 +99,14 @@ def test_late_tissue_widens_the_delays():
     assert np.median([one.tmax[0] for one in ones]) == pytest.approx(18.0, abs=1.5)
     assert np.median([one.cbf[0] for one in ones]) == pytest.approx(20.0, rel=0.1)
 
+    # a curve within its noise (peak 3 HU at 1 HU, CBF 2) does not: it had set the grid of
+    # every curve in its file (noise curves beside clean ones had read Tmax 28 s for 2 s)
+    faint = tissue("exponential", 2.0, 8.0, 18.0)[:, None] \
+        + np.random.default_rng(5).normal(0.0, 1.0, (TIMES.size, 1))
+    assert faint.max() < 5.0  # under LATE_CURVE_SNR SDs
+    alone = fit_bayes(faint, _aif(TIMES), TIMES, rho=RHO, kh=KH, spatial=False, noise_sd=1.0)
+    assert alone.delay_range == (-3.0, 12.0)
+
     # with the spatial prior: a slice whose right half is 18 s late
     mask = np.ones((1, 16, 16), dtype=bool)
     late = np.repeat((np.arange(16) >= 8)[None, :], 16, axis=0).ravel()

@@ -85,6 +85,9 @@ def test_maps_keep_a_qform_that_disagrees_with_the_sform(tmp_path, caplog):
         read = io.read_mask(tmp_path / "drawn.nii.gz", shape=drawn.shape,
                             affine=series_back.affine, qform=io.kept_qform(record))
         np.testing.assert_array_equal(read, drawn.astype(bool))
+    # where the sform is in scanner space ITK places the study by it: the qform is no grid a
+    # mask was drawn on, and a mask on it is the sform's voxels in another order, turned
+    assert io.kept_qform({**series_back.meta, "nifti_xform_code": 1}) is None
     # the header decides: repaired (qform = sform), the sidecar's record of the old qform is
     # not written back
     img.set_qform(img.affine, code=2)

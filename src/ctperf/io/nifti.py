@@ -620,8 +620,10 @@ def read_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
     if vol.shape == tuple(shape) and np.allclose(own, affine, atol=atol_mm):
         return vol
     if vol.shape == tuple(shape) and qform is not None and np.allclose(own, qform, atol=atol_mm):
-        log.info("%s: on the study's own qform (where ITK tools place it); taken voxel for "
-                 "voxel", path)
+        log.warning("%s: on the study's own qform, where ITK-based tools place the study (its "
+                    "sform is not in scanner space): taken voxel for voxel, as drawn there; a "
+                    "mask drawn on the sform's geometry and saved turned onto the qform's axes "
+                    "would read mirrored: check it", path)
         return vol
     if vol.shape == tuple(shape) and not has_orientation(path):
         log.warning("%s: no orientation (neither sform nor qform); taken voxel for voxel on "
@@ -683,9 +685,12 @@ def file_qform(path: PathLike) -> dict[str, Any] | None:
 
 def kept_qform(record: Mapping[str, Any]) -> np.ndarray | None:
     """The study's own qform (4 x 4, mm) that disagreed with its sform, from its meta or its
-    maps' provenance (:func:`nifti_space`); None where it had none of its own."""
-    qform = nifti_space(record)["qform"]
-    return None if qform is None else np.asarray(qform["affine"], dtype=np.float64)
+    maps' provenance (:func:`nifti_space`), where ITK places the study by it: its sform is not
+    in scanner space (code 1; ITK takes such an sform). None otherwise."""
+    space = nifti_space(record)
+    if space["qform"] is None or space["code"] == 1:
+        return None
+    return np.asarray(space["qform"]["affine"], dtype=np.float64)
 
 
 def study_space(meta: Mapping[str, Any]) -> dict[str, Any]:

@@ -36,10 +36,14 @@ log = logging.getLogger(__name__)
 
 #: ``fit_bayes`` extends the delays by this many seconds at a time (up to the acquisition's end)
 #: when at least :data:`LATE_BLOCKS` blocks, and :data:`LATE_FRACTION` of them, sit at the last;
-#: curves fitted one by one (no voxel positions: regions of interest) when any one does.
+#: curves fitted one by one (no voxel positions: regions of interest) when any one clearly
+#: enhanced curve does (:data:`LATE_CURVE_SNR`).
 DELAY_EXTENSION = 8.0
 LATE_BLOCKS = 3
 LATE_FRACTION = 0.002
+#: A curve fitted without voxel positions extends the delays when its peak stands this many
+#: SDs of its noise above its baseline.
+LATE_CURVE_SNR = 5.0
 
 #: ``fit_bayes`` leaves the vessels out of its neighbourhoods' averages only while they are at
 #: most this fraction of the voxels: a mask that covers more (an AIF whose peak is too low to
@@ -242,6 +246,7 @@ def fit_bayes(
         # at a millionth of the arterial peak, whatever the curves' units
         peak = float(np.abs(np.asarray(aif, dtype=np.float64)).max())
         noise = np.maximum(own_noise, (NOISE_FLOOR * peak) ** 2 or 1e-30)
+    clear_bolus = y_all.max(axis=0) > LATE_CURVE_SNR * np.sqrt(noise)  # as given, not whitened
 
     # Stage 1: the candidates and their prior. With the spatial prior, the posterior of the
     # neighbourhood's average curve, computed once per in-plane block about as wide as the
@@ -339,13 +344,20 @@ def fit_bayes(
     # with a longer MTT and a lower CBF: where more than a few blocks put most of their
     # posterior within half a second of the last delay, the delays are extended and the
     # search run again, up to the latest delay the acquisition can show.
+    # curves without positions (regions): each clearly enhanced one is a measurement, and one
+    # late is enough (a region 16 s late had read CBF 12 for 20 at Tmax 28 +- 0.04 s for 20.5);
+    # a curve within its noise is not (noise curves had set every curve's grid to 28-37 s)
+    clear = clear_bolus if not use_space else None
     while adapt and delays[1] < latest:
         near = grid.delay_32[top] >= delays[1] - 0.5
         w = np.exp(top_lp - top_lp.max(axis=1, keepdims=True))
-        late = int(((w * near).sum(axis=1) > 0.5 * w.sum(axis=1)).sum())
-        # a map's few late blocks may be noise; each curve given alone is a measurement (one
-        # region's curve 16 s late had read CBF 12 for 20 at Tmax 28 +- 0.04 s for 20.5)
-        if late < (max(LATE_BLOCKS, LATE_FRACTION * n_blocks) if use_space else 1):
+        at_end = (w * near).sum(axis=1) > 0.5 * w.sum(axis=1)
+        if clear is not None:  # a map's few late blocks may be noise
+            late = int((at_end & clear).sum())
+            enough = 1.0
+        else:
+            late, enough = int(at_end.sum()), max(LATE_BLOCKS, LATE_FRACTION * n_blocks)
+        if late < enough:
             break
         delays = (delays[0], min(delays[1] + DELAY_EXTENSION, latest))
         log.info("%d blocks at the grid's last delay: delays extended to %.1f s", late,
