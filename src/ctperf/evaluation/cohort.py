@@ -469,7 +469,8 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
             lo_hi = tuple(out["minmax"][key])
             cases = {s: map_case_metrics(est.maps[s][name], ref.maps[s][name], name=name,
                                          minmax=lo_hi, region=region_of[s]) for s in studies}
-            coverage = _mean_sd([c["coverage"] for c in cases.values()])["mean"]
+            summary = {m: _mean_sd([c[m] for c in cases.values()]) for m in MAP_METRICS}
+            coverage = summary["coverage"]["mean"]
             if coverage < MIN_COVERAGE:
                 warn(f"{name}, {est.label} vs {ref.label}: {est.label} has no value in "
                      f"{1 - coverage:.1%} of the region where {ref.label} has one (mean over "
@@ -478,7 +479,7 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
                 "estimate": est.label, "reference": ref.label, "map": name,
                 "unit": ref.maps[studies[0]].units.get(name, ""), "window": list(
                     UNIT_WINDOWS.get(name, lo_hi)), "minmax": list(lo_hi),
-                "summary": {m: _mean_sd([c[m] for c in cases.values()]) for m in MAP_METRICS},
+                "summary": summary,
                 "cases": cases})
     for est, ref in _lesion_pairs(readers):
         for name in LESION_NAMES:

@@ -112,9 +112,14 @@ def _column(keys: list[str], name: str) -> int | None:
     name = name.lower()
     if name in keys:
         return keys.index(name)
-    near = [i for i, k in enumerate(keys)
-            if k.startswith(name) and not k[len(name):len(name) + 1].isalnum()]
+    near = _near(keys, name)
     return near[0] if len(near) == 1 else None
+
+
+def _near(keys: list[str], name: str) -> list[int]:
+    """The columns named ``name`` (lower case) followed by a unit or a suffix."""
+    return [i for i, k in enumerate(keys)
+            if k.startswith(name) and not k[len(name):len(name) + 1].isalnum()]
 
 
 #: Other names the time, AIF and VOF columns are read by when their option keeps its default
@@ -275,7 +280,7 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     for role, name in (("time", time_column), ("aif", aif_column)):
         found = _role_column(keys, name, role)
         if found is None:
-            several = [header[i] for i, k in enumerate(keys) if k.startswith(name.lower())]
+            several = [header[i] for i in _near(keys, name.lower())]
             if len(several) > 1:
                 raise InputError(p, f"several columns could be the {role} ({several}): name "
                                     f"one with --{role}-column, or rename the others")

@@ -156,7 +156,7 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
     arrays: dict[str, np.ndarray] = {}
     units: dict[str, str] = {}
     provenance: dict[str, Any] = {}
-    affine = None
+    affine = qform = None
     for name, found in files.items():
         path = found if found is not None else root / f"{name}.nii.gz"
         arrays[name], aff = read_volume(path, allow_nan=True)
@@ -164,6 +164,7 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
             provenance["orientation_unknown"] = True
         if affine is None:
             affine = aff
+            qform = file_qform(path)  # the maps' own header, not a sidecar's record
         elif not np.allclose(aff, affine, atol=1e-3):
             raise InputError(path, "map affine differs from the other maps in the folder")
         declared = None
@@ -187,9 +188,7 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
         if doubt is not None:
             provenance.setdefault("unit_warnings", []).append(doubt)
     assert affine is not None
-    # the maps' own header says whether they keep a study's qform, not a sidecar's record
     provenance.pop("nifti_qform", None)
-    first = next(iter(files.values())) or root / f"{next(iter(files))}.nii.gz"
-    if (qform := file_qform(first)) is not None:
+    if qform is not None:
         provenance["nifti_qform"] = qform
     return PerfusionMaps(maps=arrays, affine=affine, units=units, provenance=provenance)

@@ -261,9 +261,8 @@ def _read_sidecar(side: Path, n_frames: int, n_slices: int, *, timing: bool = Tr
     if not isinstance(meta, dict):
         raise InputError(side, f"sidecar's meta must be a JSON object, got "
                                f"{type(meta).__name__}")
-    key = "FrameTimes"
     if not timing:
-        return None, None, None, dict(meta), key
+        return None, None, None, dict(meta), "FrameTimes"
     # BIDS (PET) writes the frames' start times as FrameTimesStart
     key = "FrameTimes" if info.get("FrameTimes") is not None else "FrameTimesStart"
     times = (_numbers(info[key], side, key, (n_frames,))

@@ -246,7 +246,10 @@ def fit_bayes(
         # at a millionth of the arterial peak, whatever the curves' units
         peak = float(np.abs(np.asarray(aif, dtype=np.float64)).max())
         noise = np.maximum(own_noise, (NOISE_FLOOR * peak) ** 2 or 1e-30)
-    clear_bolus = y_all.max(axis=0) > LATE_CURVE_SNR * np.sqrt(noise)  # as given, not whitened
+    # curves without positions (regions) that clear their noise: each late one alone extends
+    # the delays below (None for a map: a few late blocks there may be noise); read from the
+    # curves as given, before any whitening
+    clear = None if use_space else y_all.max(axis=0) > LATE_CURVE_SNR * np.sqrt(noise)
 
     # Stage 1: the candidates and their prior. With the spatial prior, the posterior of the
     # neighbourhood's average curve, computed once per in-plane block about as wide as the
@@ -344,19 +347,15 @@ def fit_bayes(
     # with a longer MTT and a lower CBF: where more than a few blocks put most of their
     # posterior within half a second of the last delay, the delays are extended and the
     # search run again, up to the latest delay the acquisition can show.
-    # curves without positions (regions): each clearly enhanced one is a measurement, and one
-    # late is enough (a region 16 s late had read CBF 12 for 20 at Tmax 28 +- 0.04 s for 20.5);
-    # a curve within its noise is not (noise curves had set every curve's grid to 28-37 s)
-    clear = clear_bolus if not use_space else None
+    # Regions: one clear late curve is enough (a region 16 s late had read CBF 12 for 20 at
+    # Tmax 28 +- 0.04 s for 20.5); curves within their noise do not count (they had set every
+    # curve's grid to 28-37 s).
+    enough = max(LATE_BLOCKS, LATE_FRACTION * n_blocks) if clear is None else 1
     while adapt and delays[1] < latest:
         near = grid.delay_32[top] >= delays[1] - 0.5
         w = np.exp(top_lp - top_lp.max(axis=1, keepdims=True))
         at_end = (w * near).sum(axis=1) > 0.5 * w.sum(axis=1)
-        if clear is not None:  # a map's few late blocks may be noise
-            late = int((at_end & clear).sum())
-            enough = 1.0
-        else:
-            late, enough = int(at_end.sum()), max(LATE_BLOCKS, LATE_FRACTION * n_blocks)
+        late = int((at_end if clear is None else at_end & clear).sum())
         if late < enough:
             break
         delays = (delays[0], min(delays[1] + DELAY_EXTENSION, latest))
