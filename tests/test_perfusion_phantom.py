@@ -225,3 +225,15 @@ def test_a_haemorrhage_is_flagged_and_not_called_core(subject):
     assert flag["flag"] and flag["value"] > 2.0, flag
     # its no-flow voxels are not core (partial volume at its rim aside)
     assert (bled.lesions.core & blob).sum() <= 0.1 * blob.sum()
+
+
+def test_no_voxel_is_both_the_aif_and_the_vof():
+    # This subject's automatic AIF holds an artery voxel whose noisy curve peaks 2 s after the
+    # AIF's: it passed the VOF's timing rule and was averaged into the venous reference too.
+    subject = phantom.generate_subject(seed=1576890651, size=64, slices=3, frames=40,
+                                       frame_interval=1.0, lesion=True)
+    prov = run_perfusion(subject.series, method="bsvd").maps.provenance
+    aif = {tuple(v) for v in prov["aif"]["voxels_zyx"]}
+    vof = {tuple(v) for v in prov["vof"]["voxels_zyx"]}
+    assert vof and not aif & vof
+    assert not subject.masks["artery"][tuple(np.array(sorted(vof)).T)].any()

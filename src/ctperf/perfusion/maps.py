@@ -212,8 +212,15 @@ def run_perfusion(
                 "brain mask with what it encloses)")
     aif_raw, aif_from = arterial_input(aif, aif_mask, vhu, venh, t, n_base=n_base,
                                        exclude=bony, region=searched)
+    # a voxel of the AIF is never the venous reference: an artery peaking late on its noise
+    # would otherwise pass the VOF's timing rule and scale the AIF by itself
+    arterial = (np.asarray(aif_mask, dtype=bool)[search] if aif_mask is not None and aif is None
+                else np.zeros_like(bony))
+    if aif_from.selection is not None:
+        arterial = arterial.copy()
+        arterial[aif_from.selection.indices] = True
     vof_curve, vof_from = venous_output(vof, vof_mask, vhu, venh, t, n_base=n_base,
-                                        exclude=bony, aif=aif_raw,
+                                        exclude=bony | arterial, aif=aif_raw,
                                         aif_curve_given=aif is not None, search=search,
                                         spacing=spacing)
     aif_used, pv_info = partial_volume(aif_raw, vof_curve, vof_from, t, n_base=n_base)
