@@ -311,6 +311,29 @@ def test_dicom_from_a_nifti_without_orientation_says_so(tmp_path, maps, small_se
         assert ds.ImageComments.startswith("cbf in mL/100g/min; method: box-NLR")
 
 
+def test_dicom_maps_name_the_constants_they_were_made_with(tmp_path, maps,
+                                                           small_series):
+    """CBF and CBV scale with kH / rho: maps made with other constants must say so in their
+    DICOM too (they had the same description, comments and series number as the defaults)."""
+    made = {}
+    for kh, rho in ((0.73, 1.04), (1.0, 1.0)):
+        scaled = maps.replace(provenance={**maps.provenance,
+                                          "constants": {"kh": kh, "rho_g_per_ml": rho}})
+        (folder, *_) = write_maps_dicom(scaled, tmp_path / f"k{kh}")
+        ds = pydicom.dcmread(next(folder.glob("*.dcm")))
+        assert ds.DerivationDescription == f"box-NLR; kH {kh:g}, rho {rho:g} g/mL"
+        assert ds.ImageComments.endswith(f"kH {kh:g}, rho {rho:g} g/mL")
+        made[kh] = ds.ImageComments
+    assert made[0.73] != made[1.0]
+    # maps of a registered and filtered study say so too
+    source = small_series.replace(meta={**small_series.meta,
+                                        "preprocess": {"registered": True, "filtered": True}})
+    (folder, *_) = write_maps_dicom(maps.replace(affine=source.affine), tmp_path / "p",
+                                    source=source)
+    ds = pydicom.dcmread(next(folder.glob("*.dcm")))
+    assert ds.DerivationDescription == "box-NLR; from a study registered and filtered"
+
+
 @pytest.mark.skipif(shutil.which("dciodvfy") is None,
                     reason="dciodvfy (dicom3tools) not installed: the standard's own validator")
 def test_written_dicom_passes_the_standards_validator(tmp_path, maps, small_series, rng):

@@ -383,6 +383,16 @@ def _window(name: str, values: np.ndarray) -> tuple[float, float]:
     return (lo + hi) / 2, max(hi - lo, 1.0)
 
 
+def _constants_text(constants: Mapping[str, Any]) -> str:
+    """"; kH 0.73, rho 1.04 g/mL" from a provenance's constants (CBF and CBV scale with
+    kH / rho, so a map's DICOM says which it was made with), or "" when it names none."""
+    kh = constants.get("kh", constants.get("kH"))
+    rho = constants.get("rho_g_per_ml", constants.get("rho"))
+    parts = ([] if kh is None else [f"kH {float(kh):g}"]) + (
+        [] if rho is None else [f"rho {float(rho):g} g/mL"])
+    return "; " + ", ".join(parts) if parts else ""
+
+
 def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
                      source: CTPSeries | None = None, anonymise: bool = False) -> list[Path]:
     """Write each map as its own DICOM series, ``<folder>/<name>/`` with one file per slice.
@@ -412,6 +422,9 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
         raise ValidationError(f"maps grid {maps.shape} differs from the source study's "
                               f"{source.hu.shape[1:]} (Z, Y, X)")
     method = str(maps.provenance.get("method", "unknown method"))
+    constants = _constants_text(maps.provenance.get("constants") or {})
+    steps = _preprocess_steps(meta)
+    derivation = f"{method}{constants}" + (f"; from a study {steps}" if steps else "")
     n_z, n_y, n_x = maps.shape
     geo = _slice_geometry(maps.affine, n_z)
     frame_uid = meta.get("frame_of_reference_uid") or generate_uid()
@@ -438,8 +451,9 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
         base.PixelSpacing = [_ds(v) for v in geo["pixel_spacing"]]
         base.SliceThickness = _ds(meta.get("slice_thickness_mm") or geo["thickness"])
         base.SpacingBetweenSlices = _ds(geo["thickness"])
-        base.ImageComments = f"{name} in {maps.units[name]}; method: {method}" + (
+        base.ImageComments = f"{name} in {maps.units[name]}; method: {method}{constants}" + (
             f"; {_ORIENTATION_UNKNOWN}" if maps.provenance.get("nifti_xform_code") == 0 else "")
+        base.DerivationDescription = derivation
         start = _start_time(meta, anonymise=anonymise)
         target = Path(folder) / name
         with atomic_dir(target) as tmp:
