@@ -582,3 +582,27 @@ def test_a_compared_cohort_sharing_no_study_is_the_one_named(cohorts, tmp_path, 
                  "--compare", str(other)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{other}: no study in common with {cohorts['pred']}" in err[0]
+
+
+def test_an_svd_readers_delay_is_not_compared_with_an_arrival_delay():
+    """The SVD methods' delay map is their Tmax: scored against the box model's arrival delay
+    it had read as a +4 s bias with no word. Its delay row is left out and said; Tmax stays."""
+    from ctperf.evaluation.cohort import Reader, evaluate_readers
+    from ctperf.types import PerfusionMaps
+
+    delay = np.linspace(0.0, 4.0, 128, dtype=np.float32).reshape(2, 8, 8)
+    studies = ["a", "b"]
+    readers = []
+    for label, method in (("bsvd", "bsvd"), ("nlr-fast", "nlr-fast"), ("nlr", "nlr")):
+        r = Reader(label=label, kind="method", path=label)
+        for s in studies:
+            r.maps[s] = PerfusionMaps(maps={"delay": delay, "tmax": delay + 2.0},
+                                      affine=np.eye(4), units={"delay": "s", "tmax": "s"},
+                                      provenance={"method": method})
+        readers.append(r)
+    out = evaluate_readers(readers, studies=studies)
+    rows = {(r["estimate"], r["map"]) for r in out["maps"]}
+    assert rows == {("bsvd", "tmax"), ("nlr", "tmax"), ("nlr", "delay")}
+    assert out["table_warnings"] == [
+        "delay, bsvd vs nlr-fast: left out of Table 1 (bsvd's delay map is its Tmax, not an "
+        "arrival delay: compare tmax)"]

@@ -20,6 +20,7 @@ __all__ = [
     "MAP_NAMES",
     "MAP_UNITS",
     "METHODS",
+    "SVD_METHODS",
     "CTPSeries",
     "PerfusionMaps",
     "RadiologicalView",
@@ -43,6 +44,9 @@ MAP_NAMES: tuple[str, ...] = tuple(MAP_UNITS)
 
 #: The model-based methods of ``ctperf maps`` (``ctperf.perfusion.run_perfusion``).
 METHODS: tuple[str, ...] = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes")
+#: The deconvolution methods among them: they measure no arrival delay apart from the residue's
+#: peak, so their ``delay`` map is their Tmax.
+SVD_METHODS: tuple[str, ...] = ("ssvd", "bsvd", "osvd")
 
 
 def spacing_zyx(affine: np.ndarray) -> tuple[float, float, float]:

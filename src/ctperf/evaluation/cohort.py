@@ -30,7 +30,7 @@ from ctperf.evaluation.metrics import (
     unit_mse,
 )
 from ctperf.lesion_options import LesionOptions
-from ctperf.types import PerfusionMaps
+from ctperf.types import SVD_METHODS, PerfusionMaps
 
 log = logging.getLogger(__name__)
 
@@ -348,6 +348,11 @@ def map_case_metrics(estimate: np.ndarray, reference: np.ndarray, *, name: str,
             "coverage": agree.n / n_ref if n_ref else float("nan"), "n_voxels": agree.n}
 
 
+def _delay_is_tmax(reader: Reader) -> bool:
+    """Whether a reader's delay maps are an SVD method's Tmax (its maps' provenance)."""
+    return any(m.provenance.get("method") in SVD_METHODS for m in reader.maps.values())
+
+
 def _mean_sd(values: Sequence[float]) -> dict[str, float]:
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     nan = float("nan")
@@ -455,6 +460,10 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
                 else:
                     log.info("%s, %s vs %s: not compared (not in both readers)", name,
                              est.label, ref.label)
+                continue
+            if name == "delay" and (svd := [r.label for r in (est, ref) if _delay_is_tmax(r)]):
+                warn(f"delay, {est.label} vs {ref.label}: left out of Table 1 ({', '.join(svd)}'s "
+                     "delay map is its Tmax, not an arrival delay: compare tmax)")
                 continue
             key = f"{ref.label}/{name}"
             if key not in out["minmax"]:

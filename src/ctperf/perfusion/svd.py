@@ -31,6 +31,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.parallel import map_chunks
+from ctperf.types import SVD_METHODS
 
 __all__ = ["SVDResult", "svd_deconvolve"]
 
@@ -137,7 +138,7 @@ def svd_deconvolve(
     -------
     SVDResult
     """
-    if method not in ("ssvd", "bsvd", "osvd"):
+    if method not in SVD_METHODS:
         raise ValidationError(f"method must be 'ssvd', 'bsvd' or 'osvd', got {method!r}")
     tis = np.asarray(tissue)
     if not np.issubdtype(tis.dtype, np.floating):
