@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import nibabel as nib
@@ -50,6 +51,11 @@ def test_predict_maps_names_units_and_shape(trained):
         assert np.ptp(maps[name]) > 0
     np.testing.assert_array_equal(maps.affine, series.affine)
     assert maps.provenance["method"] == "unet"
+    # which network made the maps: two checkpoints' predictions had alike provenance
+    stored = load_checkpoint(ckpt)
+    assert maps.provenance["model_sha256"] == stored["model_sha256"]
+    assert maps.provenance["training_seed"] == stored["config"]["seed"]
+    assert maps.provenance["training_patients"] == 1
     mask = np.zeros(series.shape[1:], dtype=bool)
     mask[:, 4:12, 4:12] = True
     masked = predict_maps(series, ckpt, device="cpu", brain_mask=mask)
@@ -266,7 +272,8 @@ def test_cli_train_cv_predict(tmp_path: Path, capsys):
     assert any((tmp_path / "maps" / "dicom" / "cbv").iterdir())
     maps = read_maps(tmp_path / "maps")
     assert maps.names == ["cbv"] and maps.shape == (2, 16, 16)
-    assert (tmp_path / "maps" / "summary.json").exists()
+    summary = json.loads((tmp_path / "maps" / "summary.json").read_text())
+    assert summary["masks_given"] == {} and summary["training_seed"] == cfg["seed"]
     # bounded by the automatic brain mask, as `ctperf maps` is: air reads 0
     from ctperf.io import read_study, write_series_nifti
     from ctperf.masks import brain_mask

@@ -44,6 +44,12 @@ def test_maps_cli_writes_everything(study_file, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["method"] == "bsvd"
     assert summary["aif"]["source"] == "mask"
+    # the masks given are recorded (by count and digest, not by a path that may name the
+    # patient): with and without one, summaries had been alike
+    truth = study_file[2]
+    given = summary["masks_given"]
+    assert list(given) == ["aif_mask"] and given["aif_mask"]["voxels"] == truth["artery"].sum()
+    assert len(given["aif_mask"]["sha256"]) == 64
     assert summary["constants"] == {"rho_g_per_ml": 1.04, "kh": 0.733}
     assert summary["lesions"]["volumes_ml"]["hypoperfused"] > 0
     assert (out / "overview.png").stat().st_size > 10_000

@@ -261,6 +261,8 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                   "size": size, "resized": (ny, nx) != (size, size),
                   "flipped_rows_columns": list(flips), "hu_offset": offset,
                   "model_software_version": ckpt.get("software_version"),
+                  "model_sha256": ckpt.get("model_sha256"), "training_seed": cfg.get("seed"),
+                  "training_patients": len(cfg.get("train_patients") or ()) or None,
                   **study_space(series.meta)}
     if not isinstance(checkpoint, dict):
         provenance["checkpoint"] = Path(checkpoint).name

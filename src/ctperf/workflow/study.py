@@ -8,6 +8,7 @@ independent of argparse, so a cohort runner can send them to other processes.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,6 +150,8 @@ def maps_study(study: Path, out: Path, options: MapsOptions) -> StudyOutcome:
         aif_mask=masks["aif_mask"], vof_mask=masks["vof_mask"], brain_mask=masks["brain_mask"],
         rho=o.rho, kh=o.kh, device=o.device,
         lesion_options=o.lesion_options, progress=o.progress)
+    result = dataclasses.replace(result, maps=result.maps.replace(provenance={
+        **result.maps.provenance, "masks_given": _masks_record(masks)}))
     # No study path or name in the outputs: folder names often hold the patient's name.
     write_maps_outputs(result, out, title=f"ctperf maps: {o.method}", dicom_source=source,
                        overwrite=o.overwrite, anonymise=o.anonymise)
@@ -164,6 +167,18 @@ def _say_if_unfinished(checkpoint: dict[str, Any], path: Path) -> None:
         log.warning("%s: a checkpoint of an unfinished training run (epoch %d of %d): the maps "
                     "are an unfinished network's; use the run's model.pt once it is done",
                     path.name, done, planned)
+
+
+def _masks_record(masks: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The masks a run was given, each by its voxel count and a digest of its voxels (not its
+    file name: paths often hold a patient's name); masks not given are left out."""
+    import hashlib
+
+    import numpy as np
+
+    return {name: {"voxels": int(np.count_nonzero(m)),
+                   "sha256": hashlib.sha256(np.packbits(np.asarray(m, dtype=bool))).hexdigest()}
+            for name, m in masks.items() if m is not None}
 
 
 def _read_mask(path: Path | None, series: Any) -> Any:
@@ -427,7 +442,8 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
                         resize=o.resize, brain_mask=mask, progress=o.progress,
                         bolus_arrival_s=arrival)
     # The checkpoint's file name only, and no study path: paths often hold a patient's name.
-    maps = maps.replace(provenance={**maps.provenance, "checkpoint": o.model.name})
+    maps = maps.replace(provenance={**maps.provenance, "checkpoint": o.model.name,
+                                    "masks_given": _masks_record({"brain_mask": given})})
     with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear, or none
         write_maps_and_summary(maps, tmp)
         if o.dicom:
