@@ -231,6 +231,19 @@ def test_a_truth_that_is_no_phantom_is_refused(cohorts, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_cohort_mapped_by_several_methods_is_refused(cohorts, tmp_path, capsys):
+    """A rerun with another method on some studies had left a cohort of two methods, scored
+    under the first study's method's name with no word."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cohorts["ref"], mixed)
+    for study in ("s03", "s04"):
+        (mixed / study / "summary.json").write_text(json.dumps({"method": "bsvd"}))
+    assert main(["evaluate", str(cohorts["pred"]), str(mixed), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mapped by different methods (nlr: s01, s02; bsvd: s03, s04)" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def _browser() -> str | None:
     return next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
                  if shutil.which(b)), None)

@@ -149,7 +149,7 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
     subs = _study_dirs(root)
     phantom = all((s / "truth").is_dir() and (s / "masks").is_dir() for s in subs)
     reader = Reader(label="", kind="truth" if phantom else "method", path=str(root))
-    method = None
+    made_by: dict[str, list[str]] = {}  # method -> its studies, from their summary.json
     unfinished = _unfinished(root)
     for sub in subs:
         if sub.name in unfinished:
@@ -192,7 +192,15 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
             reader.rules[sub.name] = _rule_labels(thresholds)
         if les:
             reader.lesions[sub.name] = les
-        method = method or doc.get("method")
+        if doc.get("method"):
+            made_by.setdefault(str(doc["method"]), []).append(sub.name)
+    if len(made_by) > 1:  # a rerun into the cohort with another method, on some studies only
+        said = "; ".join(f"{m}: {', '.join(s[:3])}{' ...' if len(s) > 3 else ''}"
+                         for m, s in made_by.items())
+        raise InputError(root, f"its studies were mapped by different methods ({said}): a "
+                               "reader is one method; map them all again with one, or "
+                               "evaluate each method's studies as their own cohort")
+    method = next(iter(made_by), None)
     reader.label = label or ("truth" if phantom else (method or root.name))
     return reader
 
