@@ -126,6 +126,14 @@ def test_failures_are_recorded_and_reruns_skip_what_is_done(tmp_path):
     CALLS.clear()  # progress does not change what is written: still done
     assert run_cohort(_studies("a", "c"), out, _echo_task, {"upper": True},
                       workers=1).skipped == ("a", "c")
+    # a study done by another ctperf version is done again (its maps had been kept in silence)
+    doc = json.loads((out / MANIFEST).read_text())
+    doc["studies"]["a"]["ctperf_version"] = "0.0.9"
+    (out / MANIFEST).write_text(json.dumps(doc))
+    CALLS.clear()
+    assert run_cohort(_studies("a", "c"), out, _echo_task, {"upper": True},
+                      workers=1).done == ("a",)
+    assert load_manifest(out)["a"]["ctperf_version"] != "0.0.9"
 
 
 def _read_task(source, target, options):

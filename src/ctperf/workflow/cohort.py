@@ -502,7 +502,15 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
     skipped = tuple(s.name for s in studies if rows.get(s.name, {}).get("state") == "done"
                     and rows[s.name].get("options_hash") == digest and (root / s.name).is_dir()
                     and not output_missing(root / s.name)  # a map deleted since: redone
-                    and rows[s.name].setdefault("source_state", state[s.name]) == state[s.name])
+                    and rows[s.name].setdefault("source_state", state[s.name]) == state[s.name]
+                    # another version may map differently: one cohort, one version
+                    and rows[s.name].get("ctperf_version", __version__) == __version__)
+    older = sorted(s.name for s in studies if s.name not in skipped
+                   and rows.get(s.name, {}).get("state") == "done"
+                   and rows[s.name].get("ctperf_version", __version__) != __version__)
+    if older:
+        log.warning("%d studies were done by another ctperf version (%s): done again by %s",
+                    len(older), rows[older[0]]["ctperf_version"], __version__)
     todo = [s for s in studies if s.name not in skipped]
     for study in todo:
         rows[study.name] = {"state": "pending", "error": None, "started": None, "finished": None,
