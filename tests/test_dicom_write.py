@@ -219,6 +219,22 @@ def test_a_processed_study_is_marked_derived(tmp_path, small_series):
     ds = pydicom.dcmread(next(write_series_dicom(again, tmp_path / "c").glob("*.dcm")))
     assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
     assert plain.Manufacturer == ""  # Type 2: present, empty when the source does not say
+    # a derived series, and maps, name ctperf as their maker, not the scanner (PACS had shown
+    # ctperf's CBF as a SIEMENS SOMATOM Force image)
+    from ctperf import __version__
+
+    scanned = small_series.replace(meta={**small_series.meta, "dicom": {
+        "Manufacturer": "SIEMENS", "ManufacturerModelName": "SOMATOM Force"}})
+    made = [write_series_dicom(scanned, tmp_path / "d", derived="filtered"),
+            write_maps_dicom(PerfusionMaps(maps={"cbf": np.ones(scanned.shape[1:])},
+                                           affine=scanned.affine), tmp_path / "m",
+                             source=scanned)[0]]
+    for folder in made:
+        ds = pydicom.dcmread(next(folder.glob("*.dcm")))
+        assert ds.Manufacturer == "ctperf" and ds.SoftwareVersions == __version__
+        assert "ManufacturerModelName" not in ds
+    ds = pydicom.dcmread(next(write_series_dicom(scanned, tmp_path / "e").glob("*.dcm")))
+    assert ds.Manufacturer == "SIEMENS"  # the scan itself, rewritten, stays the scanner's
 
 
 def test_a_preprocessed_nifti_converted_to_dicom_stays_derived(tmp_path, small_series):

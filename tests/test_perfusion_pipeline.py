@@ -260,6 +260,11 @@ def test_a_scan_started_after_the_bolus_is_refused(study):
     # no bolus, no head: noise of 20 HU around 40 HU on the study's grid and times (`ctperf
     # predict` had written maps of it, exit 0, where `ctperf maps` finds no artery)
     noise = np.random.default_rng(0).normal(40.0, 20.0, series.shape).astype(np.float32)
+    # tissue densities up to every edge of the image are no head: its brain would be the
+    # background (a tile phantom's flat 35 HU had counted 684 mL of core)
+    with pytest.raises(ValidationError, match="reaches all four edges of the image in 2 of 2"):
+        check_scan_start(series.replace(hu=noise))
+    noise[:, :, [0, -1], :] = noise[:, :, :, [0, -1]] = -1000.0  # air around it
     with pytest.raises(ValidationError, match="no bolus: the head's mean curve rises by"):
         check_scan_start(series.replace(hu=noise))
     with pytest.raises(ValidationError, match="flat curves"):  # the frames before it arrives

@@ -303,6 +303,7 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
                       else list(meta.get("image_type") or ["ORIGINAL", "PRIMARY", "AXIAL"]))
     if derived:
         base.DerivationDescription = derived
+        _made_by_ctperf(base)
     base.SeriesNumber = number
     base.Rows, base.Columns = n_y, n_x
     base.PixelRepresentation = 1
@@ -383,6 +384,17 @@ def _window(name: str, values: np.ndarray) -> tuple[float, float]:
     return (lo + hi) / 2, max(hi - lo, 1.0)
 
 
+def _made_by_ctperf(ds: Dataset) -> None:
+    """Name ctperf as the equipment that made a derived series (General Equipment module): it
+    had carried the scanner's make and model, so PACS showed maps as the scanner's own."""
+    from ctperf import __version__
+
+    ds.Manufacturer = "ctperf"
+    ds.SoftwareVersions = __version__
+    if "ManufacturerModelName" in ds:
+        del ds.ManufacturerModelName
+
+
 def _constants_text(constants: Mapping[str, Any]) -> str:
     """"; kH 0.73, rho 1.04 g/mL" from a provenance's constants (CBF and CBV scale with
     kH / rho, so a map's DICOM says which it was made with), or "" when it names none."""
@@ -454,6 +466,7 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
         base.ImageComments = f"{name} in {maps.units[name]}; method: {method}{constants}" + (
             f"; {_ORIENTATION_UNKNOWN}" if maps.provenance.get("nifti_xform_code") == 0 else "")
         base.DerivationDescription = derivation
+        _made_by_ctperf(base)
         start = _start_time(meta, anonymise=anonymise)
         target = Path(folder) / name
         with atomic_dir(target) as tmp:

@@ -196,6 +196,14 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
         base, mean = base - offset, mean - offset
     base, mean = masks.as_air(base, padding), masks.as_air(mean, padding)
     whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
+    edges = (whole[:, 0, :].any(axis=1) & whole[:, -1, :].any(axis=1)
+             & whole[:, :, 0].any(axis=1) & whole[:, :, -1].any(axis=1))
+    if edges.any():  # a head's brain lies inside its skull and scalp, within the image
+        raise ValidationError(
+            f"the automatic brain reaches all four edges of the image in {int(edges.sum())} of "
+            f"{edges.size} slices: no head's outline in the field of view (a phantom of tiles "
+            "or a flat background?), so its lesion volumes would count the background; give "
+            "the region to fit with --brain-mask (brain_mask=)")
     csf = masks.csf_mask(base, spacing=spacing)
     brain = whole & ~csf
     cut = masks.tissue_csf_midpoint(mean, whole, csf)
