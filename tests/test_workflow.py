@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import ctperf
+from ctperf import __version__
 from ctperf.errors import InputError
 from ctperf.io import read_maps, write_series_nifti, write_volume
 from ctperf.lesion_options import LesionOptions
@@ -102,6 +103,12 @@ def test_maps_of_a_preprocessed_study_say_it_was_preprocessed(study, tmp_path):
     assert summary["preprocessed"] is True and summary["filtered"] is True
     assert summary["registered"] is False
     assert summary["preprocessed_before"] == {"registered": False, "filtered": True}
+    # the earlier filter's settings and where the vessels were searched (a two-step run had
+    # read "filter": null, and nothing said its AIF came from filtered voxels)
+    assert summary["filter"]["range_sigma_hu"] == 20.0
+    assert summary["vessels_searched_on"] == "the study as given, filtered before"
+    for record in ("transforms.json", "qc.json"):
+        assert json.loads((pre / record).read_text())["software_version"] == __version__
 
 
 def test_study_functions_check_the_output_before_reading(study, tmp_path):

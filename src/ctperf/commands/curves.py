@@ -85,6 +85,7 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctperf import __version__
     from ctperf.errors import InputError, ValidationError
     from ctperf.io import check_output, write_json
     from ctperf.io.curves_csv import read_curves_csv, write_curves_csv
@@ -109,7 +110,9 @@ def run(args: argparse.Namespace) -> int:
     rows = fit.rows()
     write_curves_csv(args.out, table.names, rows, flags=fit.flags)
     units = {k: MAP_UNITS[k.removesuffix("_sd")] for k in rows[0]}
-    write_json({**fit.provenance, "curves": list(table.names), "units": units}, sidecar)
+    write_json({**fit.provenance, "curves": list(table.names), "units": units,
+                "times_s": [round(float(v), 4) for v in table.times],
+                "software_version": __version__}, sidecar)
     save_figure(curves_figure(table.times, fit, table.names), figure, dpi=110)
     width = max(len(n) for n in table.names)
     shown = ("cbf", "cbv", "mtt", "tmax")

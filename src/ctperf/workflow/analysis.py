@@ -107,6 +107,13 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
     if filter:
         provenance["filter"] = {"spatial_sigma_mm": spatial_sigma_mm,
                                 "range_sigma_hu": range_sigma_hu, "weights": filter_weights}
+    elif done.get("filtered") and isinstance(series.meta.get("bilateral"), dict):
+        provenance["filter"] = dict(series.meta["bilateral"])  # the earlier run's settings
+    # the AIF and VOF of a study filtered here are read on it unfiltered; one filtered before
+    # holds only its filtered voxels (fewer, more diluted arteries stand out)
+    provenance["vessels_searched_on"] = (
+        "the study unfiltered" if filter else "the study as given" + (
+            ", filtered before" if done.get("filtered") else ""))
     return dataclasses.replace(result, maps=result.maps.replace(provenance=provenance)), motion
 
 

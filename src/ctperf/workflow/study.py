@@ -289,7 +289,7 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
     """
     import numpy as np
 
-    from ctperf import io
+    from ctperf import __version__, io
     from ctperf.preprocess import preprocess
 
     o = options
@@ -305,16 +305,18 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
                         progress=o.progress)
     # No study path in the outputs: folder names often hold the patient's name.
     meta = {**result.series.meta, "preprocess": {"registered": o.register,
-                                                 "filtered": o.filter}}
+                                                 "filtered": o.filter,
+                                                 "software_version": __version__}}
     final = result.series.replace(meta=meta)
     with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear together, or none
         io.write_series_nifti(final, tmp / "study.nii.gz")
         if o.dicom:  # DERIVED, with the steps of meta["preprocess"]
             io.write_series_dicom(final, tmp / "dicom", anonymise=o.anonymise,
                                   progress=o.progress)
-        io.write_json(_transforms_record(series, result), tmp / "transforms.json")
+        io.write_json({**_transforms_record(series, result), "software_version": __version__},
+                      tmp / "transforms.json")
         qc = _preprocess_qc(series, final, result, o, first_frames)
-        io.write_json(qc, tmp / "qc.json")
+        io.write_json({**qc, "software_version": __version__}, tmp / "qc.json")
         _write_qc_figure(series, final, result, tmp / "qc.png")
     largest = float(np.max(result.displacement_mm))
     left = float(np.max(result.uncorrected_mm, initial=0.0))
