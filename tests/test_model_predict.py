@@ -54,6 +54,7 @@ def test_predict_maps_names_units_and_shape(trained):
     # which network made the maps: two checkpoints' predictions had alike provenance
     stored = load_checkpoint(ckpt)
     assert maps.provenance["model_sha256"] == stored["model_sha256"]
+    assert stored["torch_threads"] == torch.get_num_threads()  # the weights depend on it
     assert maps.provenance["training_seed"] == stored["config"]["seed"]
     assert maps.provenance["training_patients"] == 1
     mask = np.zeros(series.shape[1:], dtype=bool)

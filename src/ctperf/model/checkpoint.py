@@ -36,7 +36,10 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
     from ctperf.io import atomic_file
 
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-               "software_version": __version__, **state}
+               "software_version": __version__,
+               # floating-point sums, so the weights, depend on it (a run repeats bit for bit
+               # at one thread count)
+               "torch_threads": torch.get_num_threads(), **state}
     if isinstance(state.get("model"), dict):
         payload["model_sha256"] = weights_digest(state["model"])
     with atomic_file(path) as tmp:

@@ -360,8 +360,8 @@ def train_cohort(cohort: str | Path, out: str | Path, config: Any,
     result = train(cache, out, config, train_patients=tr, val_patients=va,
                    pretrain_cache=pretrain, resume=options.resume, progress=options.progress)
     last = result.history[-1]
-    message = (f"trained {'+'.join(config.targets)} on {len(tr)} patients ({len(va)} "
-               f"validation): final train {_loss_name(config)} {last['train_loss']:.4f} "
+    message = (f"trained {'+'.join(config.targets)} on {len(tr)} patients, validated on "
+               f"{len(va)} others: final train {_loss_name(config)} {last['train_loss']:.4f} "
                f"(augmented, training mode), validation MSE "
                f"{last['val_loss']:.4f} -> {result.model_path}")
     return TrainingOutcome(out=out, config=config, folds=[(tr, va)],
