@@ -28,7 +28,7 @@ from ctperf.types import CTPSeries
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MIN_BOLUS_SNR", "bolus_arrival_s", "check_scan_start", "check_vessels_at_start",
+__all__ = ["MAX_BRAIN_BORDER", "MIN_BOLUS_SNR", "bolus_arrival_s", "check_scan_start", "check_vessels_at_start",
            "enhancement", "pre_bolus_frames", "study_start", "without_still"]
 
 
@@ -174,6 +174,12 @@ class _Brain(NamedTuple):
     csf_share: float | None = None
 
 
+#: Share of an image's edge pixels the automatic brain may cover in a slice: a head's brain
+#: lies inside skull and scalp (none), a brain cropped to its bounding box meets the edges
+#: at a few points; a flat tissue-like background covers all of them.
+MAX_BRAIN_BORDER = 0.5
+
+
 def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
            spacing: tuple[float, float, float], offset: float = 0.0,
            padding: np.ndarray | None = None) -> _Brain:
@@ -196,14 +202,15 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
         base, mean = base - offset, mean - offset
     base, mean = masks.as_air(base, padding), masks.as_air(mean, padding)
     whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
-    edges = (whole[:, 0, :].any(axis=1) & whole[:, -1, :].any(axis=1)
-             & whole[:, :, 0].any(axis=1) & whole[:, :, -1].any(axis=1))
-    if edges.any():  # a head's brain lies inside its skull and scalp, within the image
-        raise ValidationError(
-            f"the automatic brain reaches all four edges of the image in {int(edges.sum())} of "
-            f"{edges.size} slices: no head's outline in the field of view (a phantom of tiles "
-            "or a flat background?), so its lesion volumes would count the background; give "
-            "the region to fit with --brain-mask (brain_mask=)")
+    border = np.concatenate([whole[:, 0, :], whole[:, -1, :], whole[:, :, 0], whole[:, :, -1]],
+                            axis=1).mean(axis=1)
+    edges = border > MAX_BRAIN_BORDER
+    if edges.any():  # a head's brain lies inside its skull and scalp, or meets a crop's edges
+        raise ValidationError(   # at a few points
+            f"the automatic brain covers {float(border.max()):.0%} of the image's edges in "
+            f"{int(edges.sum())} of {edges.size} slices: no head's outline in the field of view "
+            "(a phantom of tiles or a flat background?), so its lesion volumes would count the "
+            "background; give the region to fit with --brain-mask (brain_mask=)")
     csf = masks.csf_mask(base, spacing=spacing)
     brain = whole & ~csf
     cut = masks.tissue_csf_midpoint(mean, whole, csf)
