@@ -262,7 +262,7 @@ def test_a_scan_started_after_the_bolus_is_refused(study):
     noise = np.random.default_rng(0).normal(40.0, 20.0, series.shape).astype(np.float32)
     # tissue densities up to every edge of the image are no head: its brain would be the
     # background (a tile phantom's flat 35 HU had counted 684 mL of core)
-    with pytest.raises(ValidationError, match="of the image.s edges in 2 of 2 slices"):
+    with pytest.raises(ValidationError, match=r"of the image.s edges in 2 of 2 slices"):
         check_scan_start(series.replace(hu=noise))
     # a skull-stripped study cropped to its brain's bounding box meets the edges at a few
     # points only: mapped, not refused
@@ -270,8 +270,9 @@ def test_a_scan_started_after_the_bolus_is_refused(study):
     ys, xs = np.nonzero(truth["brain"][0])
     box = (slice(None), slice(None), slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
     stripped = np.where(truth["brain"][None], series.hu, -1000.0).astype(np.float32)[box]
-    cropped = series.replace(hu=stripped, affine=series.affine)
-    check_scan_start(cropped)
+    check_scan_start(series.replace(hu=stripped))
+    # skull-stripped to 0 HU, the tools' usual background, over the whole field: mapped too
+    check_scan_start(series.replace(hu=np.where(truth["brain"][None], series.hu, 0.0)))
     noise[:, :, [0, -1], :] = noise[:, :, :, [0, -1]] = -1000.0  # air around it
     with pytest.raises(ValidationError, match="no bolus: the head's mean curve rises by"):
         check_scan_start(series.replace(hu=noise))

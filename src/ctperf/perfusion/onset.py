@@ -28,8 +28,9 @@ from ctperf.types import CTPSeries
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_BRAIN_BORDER", "MIN_BOLUS_SNR", "bolus_arrival_s", "check_scan_start", "check_vessels_at_start",
-           "enhancement", "pre_bolus_frames", "study_start", "without_still"]
+__all__ = ["MAX_BRAIN_BORDER", "MIN_BOLUS_SNR", "bolus_arrival_s", "check_scan_start",
+           "check_vessels_at_start", "enhancement", "pre_bolus_frames", "study_start",
+           "without_still"]
 
 
 class _Onset(NamedTuple):
@@ -202,7 +203,9 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
         base, mean = base - offset, mean - offset
     base, mean = masks.as_air(base, padding), masks.as_air(mean, padding)
     whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
-    border = np.concatenate([whole[:, 0, :], whole[:, -1, :], whole[:, :, 0], whole[:, :, -1]],
+    csf = masks.csf_mask(base, spacing=spacing)
+    brain = whole & ~csf
+    border = np.concatenate([brain[:, 0, :], brain[:, -1, :], brain[:, :, 0], brain[:, :, -1]],
                             axis=1).mean(axis=1)
     edges = border > MAX_BRAIN_BORDER
     if edges.any():  # a head's brain lies inside its skull and scalp, or meets a crop's edges
@@ -211,8 +214,6 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
             f"{int(edges.sum())} of {edges.size} slices: no head's outline in the field of view "
             "(a phantom of tiles or a flat background?), so its lesion volumes would count the "
             "background; give the region to fit with --brain-mask (brain_mask=)")
-    csf = masks.csf_mask(base, spacing=spacing)
-    brain = whole & ~csf
     cut = masks.tissue_csf_midpoint(mean, whole, csf)
     share = None
     if cut is not None:
