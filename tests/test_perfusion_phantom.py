@@ -149,6 +149,20 @@ def test_a_field_of_view_cutting_the_head_is_flagged(subject, outside):
     assert qc["flag"] and qc["value"] > 0.005, qc
 
 
+def test_a_field_of_view_inside_the_brain_on_every_side_is_mapped_and_flagged(subject):
+    """A matrix that crops the brain itself on all four sides (skull left only at the corners)
+    is a cut head, mapped with ``fov_cut``: the refusal of a brain along most of the image's
+    edges (a tile phantom's flat background) had taken it for one."""
+    s = subject.series
+    ys, xs = np.nonzero(subject.masks["brain"].any(axis=0))
+    y0, y1, x0, x1 = ys.min() + 3, ys.max() - 2, xs.min() + 3, xs.max() - 2
+    affine = s.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ np.array([x0, y0, 0.0])
+    cut = s.replace(hu=np.ascontiguousarray(s.hu[:, :, y0:y1, x0:x1]), affine=affine)
+    qc = run_perfusion(cut, method="bsvd").maps.provenance["qc"]
+    assert qc["fov_cut"]["flag"] and not qc["no_skull"]["flag"]
+
+
 @pytest.mark.parametrize("axis", [2, 3])
 def test_a_study_stored_flipped_gives_the_same_maps_and_lesions(axis):
     """The same acquisition with its rows or columns stored in reverse order (a DICOM folder

@@ -175,9 +175,9 @@ class _Brain(NamedTuple):
     csf_share: float | None = None
 
 
-#: Share of an image's edge pixels the automatic brain may cover in a slice: a head's brain
-#: lies inside skull and scalp (none), a brain cropped to its bounding box meets the edges
-#: at a few points; a flat tissue-like background covers all of them.
+#: Share of an image's edge pixels the automatic brain may cover in a slice of a study without
+#: a skull: a stripped brain cropped to its bounding box meets the edges at a few points, a
+#: flat tissue-like background covers all of them.
 MAX_BRAIN_BORDER = 0.5
 
 
@@ -208,12 +208,16 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
     border = np.concatenate([brain[:, 0, :], brain[:, -1, :], brain[:, :, 0], brain[:, :, -1]],
                             axis=1).mean(axis=1)
     edges = border > MAX_BRAIN_BORDER
-    if edges.any():  # a head's brain lies inside its skull and scalp, or meets a crop's edges
-        raise ValidationError(   # at a few points
-            f"the automatic brain covers {float(border.max()):.0%} of the image's edges in "
-            f"{int(edges.sum())} of {edges.size} slices: no head's outline in the field of view "
-            "(a phantom of tiles or a flat background?), so its lesion volumes would count the "
-            "background; give the region to fit with --brain-mask (brain_mask=)")
+    # a head's brain lies inside its skull and scalp (a field of view that cuts it leaves the
+    # skull elsewhere: fov_cut), and a stripped brain cropped to its box meets the edges at a
+    # few points; without a skull, a brain along most of the edges is a flat background
+    if edges.any() and not masks.skull_present(base):
+        raise ValidationError(
+            f"no skull, and the automatic brain covers {float(border.max()):.0%} of the "
+            f"image's edges in {int(edges.sum())} of {edges.size} slices: no head's outline in "
+            "the field of view (a phantom of tiles or a flat background?), so its lesion "
+            "volumes would count the background; give the region to fit with --brain-mask "
+            "(brain_mask=)")
     cut = masks.tissue_csf_midpoint(mean, whole, csf)
     share = None
     if cut is not None:
