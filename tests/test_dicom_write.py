@@ -219,22 +219,30 @@ def test_a_processed_study_is_marked_derived(tmp_path, small_series):
     ds = pydicom.dcmread(next(write_series_dicom(again, tmp_path / "c").glob("*.dcm")))
     assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
     assert plain.Manufacturer == ""  # Type 2: present, empty when the source does not say
-    # a derived series, and maps, name ctperf as their maker, not the scanner (PACS had shown
-    # ctperf's CBF as a SIEMENS SOMATOM Force image)
+    # maps name ctperf as their maker, not the scanner (PACS had shown ctperf's CBF as a
+    # SIEMENS SOMATOM Force image); a filtered study is still the scanner's images, with ctperf
+    # as modifying equipment, and reads back with its steps and its scanner
     from ctperf import __version__
 
     scanned = small_series.replace(meta={**small_series.meta, "dicom": {
         "Manufacturer": "SIEMENS", "ManufacturerModelName": "SOMATOM Force"}})
-    made = [write_series_dicom(scanned, tmp_path / "d", derived="filtered"),
-            write_maps_dicom(PerfusionMaps(maps={"cbf": np.ones(scanned.shape[1:])},
-                                           affine=scanned.affine), tmp_path / "m",
-                             source=scanned)[0]]
-    for folder in made:
-        ds = pydicom.dcmread(next(folder.glob("*.dcm")))
-        assert ds.Manufacturer == "ctperf" and ds.SoftwareVersions == __version__
-        assert "ManufacturerModelName" not in ds
+    (maps_folder, *_) = write_maps_dicom(
+        PerfusionMaps(maps={"cbf": np.ones(scanned.shape[1:])}, affine=scanned.affine),
+        tmp_path / "m", source=scanned)
+    ds = pydicom.dcmread(next(maps_folder.glob("*.dcm")))
+    assert ds.Manufacturer == "ctperf" and ds.SoftwareVersions == __version__
+    assert "ManufacturerModelName" not in ds
+    filtered = write_series_dicom(scanned, tmp_path / "d", derived="registered and filtered")
+    ds = pydicom.dcmread(next(filtered.glob("*.dcm")))
+    assert (ds.Manufacturer, ds.ManufacturerModelName) == ("SIEMENS", "SOMATOM Force")
+    (item,) = ds.ContributingEquipmentSequence
+    assert item.Manufacturer == "ctperf" and item.SoftwareVersions == __version__
+    back = read_dicom_series(filtered).meta
+    assert back["preprocess"] == {"registered": True, "filtered": True}
+    assert back["scanner"] == "SIEMENS SOMATOM Force"
     ds = pydicom.dcmread(next(write_series_dicom(scanned, tmp_path / "e").glob("*.dcm")))
-    assert ds.Manufacturer == "SIEMENS"  # the scan itself, rewritten, stays the scanner's
+    assert ds.Manufacturer == "SIEMENS" and "ContributingEquipmentSequence" not in ds
+    assert "preprocess" not in read_dicom_series(tmp_path / "e").meta
 
 
 def test_a_preprocessed_nifti_converted_to_dicom_stays_derived(tmp_path, small_series):
@@ -348,6 +356,14 @@ def test_dicom_maps_name_the_constants_they_were_made_with(tmp_path, maps,
                                     source=source)
     ds = pydicom.dcmread(next(folder.glob("*.dcm")))
     assert ds.DerivationDescription == "box-NLR; from a study registered and filtered"
+    # the maps' own record wins: filtered in the same run (`maps --filter`), or not at all
+    for done, said in (({"registered": False, "filtered": True}, "; from a study filtered"),
+                       ({"registered": False, "filtered": False}, "")):
+        one_step = maps.replace(affine=source.affine,
+                                provenance={**maps.provenance, **done})
+        (folder, *_) = write_maps_dicom(one_step, tmp_path / f"o{said!s:.3}", source=small_series)
+        ds = pydicom.dcmread(next(folder.glob("*.dcm")))
+        assert ds.DerivationDescription == f"box-NLR{said}"
 
 
 @pytest.mark.skipif(shutil.which("dciodvfy") is None,

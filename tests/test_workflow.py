@@ -106,7 +106,15 @@ def test_maps_of_a_preprocessed_study_say_it_was_preprocessed(study, tmp_path):
     # the earlier filter's settings and where the vessels were searched (a two-step run had
     # read "filter": null, and nothing said its AIF came from filtered voxels)
     assert summary["filter"]["range_sigma_hu"] == 20.0
-    assert summary["vessels_searched_on"] == "the study as given, filtered before"
+    assert summary["vessels_searched_on"] == "the study filtered before"
+    # filtered again: both filters' settings, and the vessels still on the once-filtered study
+    maps_study(pre / "study.nii.gz", tmp_path / "twice",
+               MapsOptions(method="bsvd", filter=True, range_sigma_hu=10.0,
+                           aif_mask=path.parent / "aif.nii.gz"))
+    twice = json.loads((tmp_path / "twice" / "summary.json").read_text())
+    assert twice["filter"]["range_sigma_hu"] == 10.0
+    assert twice["filter_before"]["range_sigma_hu"] == 20.0
+    assert twice["vessels_searched_on"] == "the study filtered before"
     for record in ("transforms.json", "qc.json"):
         assert json.loads((pre / record).read_text())["software_version"] == __version__
 
@@ -132,7 +140,8 @@ def test_the_filter_by_default_follows_the_method(study, monkeypatch, caplog, me
 
     _, series, _ = study
     calls = []
-    monkeypatch.setattr(analysis, "_filter", lambda s, **kw: calls.append(1) or s)
+    monkeypatch.setattr(analysis, "_filter", lambda s, **kw: calls.append(1) or s.replace(
+        meta={**s.meta, "bilateral": kw}))  # as the filter records its settings
     from ctperf.perfusion.maps import PerfusionResult
     from ctperf.types import PerfusionMaps
 

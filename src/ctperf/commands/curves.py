@@ -111,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
     write_curves_csv(args.out, table.names, rows, flags=fit.flags)
     units = {k: MAP_UNITS[k.removesuffix("_sd")] for k in rows[0]}
     write_json({**fit.provenance, "curves": list(table.names), "units": units,
-                "times_s": [round(float(v), 4) for v in table.times],
+                # from the first frame: a clock-time column's time of day is not kept
+                "times_s": [round(float(v - table.times[0]), 4) for v in table.times],
                 "software_version": __version__}, sidecar)
     save_figure(curves_figure(table.times, fit, table.names), figure, dpi=110)
     width = max(len(n) for n in table.names)

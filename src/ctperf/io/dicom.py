@@ -392,6 +392,16 @@ def _median_mas(headers: Sequence[Header]) -> float | None:
     return float(np.median(values)) if values else None
 
 
+def _ctperf_preprocess(first: Header) -> dict[str, bool] | None:
+    """The steps ``ctperf preprocess`` applied to a series it wrote as DICOM (its contributing
+    equipment item), as a NIfTI sidecar's ``preprocess`` record holds them; None otherwise."""
+    for item in first.get("ContributingEquipmentSequence") or ():
+        if str(item.get("Manufacturer", "")) == "ctperf":
+            what = str(item.get("ContributionDescription", ""))
+            return {step: step in what for step in ("registered", "filtered")}
+    return None
+
+
 def _meta(headers: Sequence[Header], source: str, start: float | None,
           n_files: int) -> dict[str, Any]:
     first = headers[0]
@@ -415,6 +425,9 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
         "n_files": n_files,
         "dicom": {k: str(first.get(k)) for k in PATIENT_STUDY_TAGS if first.get(k) is not None},
     }
+    record = _ctperf_preprocess(first)
+    if record is not None:
+        meta["preprocess"] = record
     if exposure is not None:
         meta["exposure_time_ms"] = exposure
     if current is not None:

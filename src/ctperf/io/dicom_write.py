@@ -303,7 +303,7 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
                       else list(meta.get("image_type") or ["ORIGINAL", "PRIMARY", "AXIAL"]))
     if derived:
         base.DerivationDescription = derived
-        _made_by_ctperf(base)
+        _contributed_by_ctperf(base, derived)
     base.SeriesNumber = number
     base.Rows, base.Columns = n_y, n_x
     base.PixelRepresentation = 1
@@ -384,6 +384,21 @@ def _window(name: str, values: np.ndarray) -> tuple[float, float]:
     return (lo + hi) / 2, max(hi - lo, 1.0)
 
 
+def _contributed_by_ctperf(ds: Dataset, what: str) -> None:
+    """Name ctperf, with ``what`` it did, as modifying equipment of a series whose images are
+    still the scanner's (General Equipment keeps the scanner; ctperf reads ``what`` back)."""
+    from ctperf import __version__
+
+    code = Dataset()
+    code.CodeValue, code.CodingSchemeDesignator = "109103", "DCM"
+    code.CodeMeaning = "Modifying Equipment"
+    item = Dataset()
+    item.Manufacturer, item.SoftwareVersions = "ctperf", __version__
+    item.ContributionDescription = what
+    item.PurposeOfReferenceCodeSequence = [code]
+    ds.ContributingEquipmentSequence = [item]
+
+
 def _made_by_ctperf(ds: Dataset) -> None:
     """Name ctperf as the equipment that made a derived series (General Equipment module): it
     had carried the scanner's make and model, so PACS showed maps as the scanner's own."""
@@ -435,7 +450,9 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
                               f"{source.hu.shape[1:]} (Z, Y, X)")
     method = str(maps.provenance.get("method", "unknown method"))
     constants = _constants_text(maps.provenance.get("constants") or {})
-    steps = _preprocess_steps(meta)
+    prov = maps.provenance  # its own record of the steps (this run's and earlier ones) first
+    steps = (" and ".join(k for k in ("registered", "filtered") if prov.get(k)) or None
+             if {"registered", "filtered"} & set(prov) else _preprocess_steps(meta))
     derivation = f"{method}{constants}" + (f"; from a study {steps}" if steps else "")
     n_z, n_y, n_x = maps.shape
     geo = _slice_geometry(maps.affine, n_z)

@@ -83,7 +83,13 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         log.warning("%s on a filtered study: its spatial prior pools the neighbours itself, and "
                     "filtered noise is correlated between them (docs/bayes.md, \"Filtered "
                     "studies\")", method)
+    done = earlier if isinstance(earlier, dict) else {}
+    before = series.meta.get("bilateral") if done.get("filtered") else None
     if filter:
+        if done.get("filtered"):
+            log.warning("the study was filtered before (by ctperf preprocess) and is filtered "
+                        "again: its noise is smoothed twice and its vessels are searched on it "
+                        "filtered once")
         perfusion_options.setdefault("vessel_series", series)  # vessels from the unfiltered study
         series = _filter(series, spatial_sigma_mm=spatial_sigma_mm,
                          range_sigma_hu=range_sigma_hu, filter_weights=filter_weights,
@@ -95,7 +101,6 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         if left:  # the moved frames, not the bolus or the vessels, are then the likely cause
             raise ValidationError(f"{left}; mapping then failed: {err}") from err
         raise
-    done = earlier if isinstance(earlier, dict) else {}
     provenance = {**result.maps.provenance,
                   "preprocessed": bool(register or filter or done.get("registered")
                                        or done.get("filtered")),
@@ -104,16 +109,16 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
     if done:
         provenance["preprocessed_before"] = {k: bool(done.get(k))
                                              for k in ("registered", "filtered")}
+    # the filter's settings as the filter records them: this run's, and an earlier run's
     if filter:
-        provenance["filter"] = {"spatial_sigma_mm": spatial_sigma_mm,
-                                "range_sigma_hu": range_sigma_hu, "weights": filter_weights}
-    elif done.get("filtered") and isinstance(series.meta.get("bilateral"), dict):
-        provenance["filter"] = dict(series.meta["bilateral"])  # the earlier run's settings
+        provenance["filter"] = dict(series.meta["bilateral"])
+    if isinstance(before, dict):
+        provenance["filter_before" if filter else "filter"] = dict(before)
     # the AIF and VOF of a study filtered here are read on it unfiltered; one filtered before
     # holds only its filtered voxels (fewer, more diluted arteries stand out)
     provenance["vessels_searched_on"] = (
-        "the study unfiltered" if filter else "the study as given" + (
-            ", filtered before" if done.get("filtered") else ""))
+        "the study filtered before" if done.get("filtered") else
+        "the study unfiltered" if filter else "the study as given")
     return dataclasses.replace(result, maps=result.maps.replace(provenance=provenance)), motion
 
 
