@@ -801,3 +801,27 @@ def test_enhancement_curves_rising_from_the_second_frame_are_not_refused():
     # the curves as HU (40 and 35 HU before the bolus) are still refused
     with pytest.raises(ValidationError, match="baseline 0 takes the curves as enhancement"):
         fit_curves(35.0 + tissue[step][:, None], 40.0 + aif_fine[step], t, baseline=0)
+
+
+def test_a_full_disk_leaves_no_part_of_the_curves_output(tmp_path, capsys, monkeypatch):
+    """The CSV, its sidecar and its figure appear together or not at all: a write failing on
+    the figure (disk full: an error naming no file) had left the CSV, which then blocked the
+    rerun, after a traceback and exit 1."""
+    import errno
+
+    import ctperf.reporting
+
+    osipi = _load_osipi()
+    src = tmp_path / "osipi.csv"
+    _write_csv(src, osipi["times"], {"aif": 30.0 + 100.0 * osipi["aif"],
+                                     "t1": 30.0 + 100.0 * osipi["tissue"][:, 0]})
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ctperf.reporting, "save_figure", full)
+    out = tmp_path / "out" / "r.csv"
+    assert main(["curves", str(src), str(out), "--aif-column", "aif"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
+    assert err == f"ctperf curves: error: {out}: could not be written: No space left on device"
+    assert sorted(p.name for p in out.parent.iterdir()) == []

@@ -373,10 +373,13 @@ def test_sigterm_leaves_no_temporary(tmp_path):
         f"sys.exit(main(['convert', {str(tmp_path / 's.nii.gz')!r}, "
         f"{str(tmp_path / 'out')!r}]))\n")
     write_series_nifti(_tiny_series(), tmp_path / "s.nii.gz")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     assert proc.stdout is not None and proc.stdout.readline().strip() == "writing"
     proc.terminate()
     assert proc.wait(timeout=30) == 128 + 15
+    assert proc.stderr is not None  # one line, as Ctrl-C gets (it had printed nothing)
+    assert proc.stderr.read().strip().splitlines()[-1] == "ctperf convert: terminated"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json", "s.nii.gz"]
 
 

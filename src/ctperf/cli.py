@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import os
@@ -45,8 +46,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(SystemExit):
+    """SIGTERM, raised where the command was, so that its temporaries are removed."""
+
+
 def _terminated(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
+    raise _Terminated(128 + signum)
+
+
+#: Write failures that name no file (a full disk, a file-size or quota limit): the command's
+#: output is named instead.
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO})
+
+
+def _output_of(args: argparse.Namespace) -> str:
+    for name in ("out", "outdir", "dst"):
+        if getattr(args, name, None) is not None:
+            return str(getattr(args, name))
+    return "the output"
 
 
 @contextmanager
@@ -83,14 +100,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except OSError as exc:
-        if exc.filename is None:
+        if exc.filename is None and exc.errno not in _WRITE_ERRNOS:
             raise
         # A file system refusal (permissions, full disk) is not a bug: one line, like the rest.
-        print(f"ctperf {args.command}: error: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        where = (f"{exc.filename}" if exc.filename is not None
+                 else f"{_output_of(args)}: could not be written")
+        print(f"ctperf {args.command}: error: {where}: {exc.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ctperf {args.command}: interrupted", file=sys.stderr)
         return 130
+    except _Terminated as exc:
+        print(f"ctperf {args.command}: terminated", file=sys.stderr)
+        return int(exc.code or 143)
     finally:
         set_writer(None)  # main() called from Python: its later outputs are not this command's
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def register(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from ctperf import __version__
     from ctperf.errors import InputError, ValidationError
-    from ctperf.io import check_output, write_json
+    from ctperf.io import atomic_file, check_output, write_json
     from ctperf.io.curves_csv import read_curves_csv, write_curves_csv
     from ctperf.perfusion import fit_curves
     from ctperf.reporting import curves_figure, save_figure
@@ -108,13 +109,16 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:  # what the curves cannot give: the file's problem
         raise InputError(args.curves, str(exc)) from None
     rows = fit.rows()
-    write_curves_csv(args.out, table.names, rows, flags=fit.flags)
     units = {k: MAP_UNITS[k.removesuffix("_sd")] for k in rows[0]}
-    write_json({**fit.provenance, "curves": list(table.names), "units": units,
-                # from the first frame: a clock-time column's time of day is not kept
-                "times_s": [round(float(v - table.times[0]), 4) for v in table.times],
-                "software_version": __version__}, sidecar)
-    save_figure(curves_figure(table.times, fit, table.names), figure, dpi=110)
+    with ExitStack() as stack:  # the three files appear together, or none of them
+        tmp_csv, tmp_json, tmp_png = (stack.enter_context(atomic_file(p))
+                                      for p in (args.out, sidecar, figure))
+        write_curves_csv(tmp_csv, table.names, rows, flags=fit.flags)
+        write_json({**fit.provenance, "curves": list(table.names), "units": units,
+                    # from the first frame: a clock-time column's time of day is not kept
+                    "times_s": [round(float(v - table.times[0]), 4) for v in table.times],
+                    "software_version": __version__}, tmp_json)
+        save_figure(curves_figure(table.times, fit, table.names), tmp_png, dpi=110)
     width = max(len(n) for n in table.names)
     shown = ("cbf", "cbv", "mtt", "tmax")
     print(f"{'curve':<{width}}  " + "  ".join(f"{k.upper():>8}" for k in shown))
