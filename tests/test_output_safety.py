@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -406,3 +407,20 @@ def test_an_output_that_cannot_be_created_is_refused_before_any_work(nifti_study
     monkeypatch.setattr(ctperf.perfusion, "run_perfusion", lambda *a, **k: pytest.fail("ran"))
     assert main(["maps", str(nifti_study), str(tmp_path / "out")]) == 2
     _one_error_line(capsys, str(tmp_path / "out"), "cannot be written", "Read-only file system")
+
+
+def test_a_mount_point_as_output_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """A container's volume given as OUT (``docker -v host:/out``) cannot be renamed away: the
+    maps had been computed in full, then refused as 'Device or resource busy', leaving an empty
+    temporary folder beside it."""
+    import ctperf.io.atomic as atomic
+
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setattr(atomic.os.path, "ismount", lambda p: Path(p) == out)
+    with pytest.raises(InputError, match=r"is a mount point.*give a folder inside it"):
+        check_output(out, inputs=[])
+    with pytest.raises(InputError, match="is a mount point"), atomic_dir(out):
+        pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    check_output(out / "maps", inputs=[])  # a folder inside it is fine

@@ -205,6 +205,10 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
     if not target.is_dir():
         raise InputError(target, "exists and is a file, but a folder is expected; remove it or "
                                  "choose another name")
+    if os.path.ismount(target):  # a container's volume: it cannot be renamed away
+        raise InputError(target, "is a mount point, which ctperf cannot replace (an output "
+                                 "folder is written under a temporary name, then renamed into "
+                                 "place); give a folder inside it")
     if overwrite:
         return
     if not _owned_or_empty(target):
@@ -279,7 +283,11 @@ def atomic_dir(path: _PathLike, *, overwrite: bool = False) -> Iterator[Path]:
         if target.exists():
             old = Path(tempfile.mkdtemp(prefix=_temp_prefix(), suffix=".old" + suffix,
                                         dir=target.parent))
-            os.replace(target, old)  # rename onto the empty folder just made
+            try:
+                os.replace(target, old)  # rename onto the empty folder just made
+            except BaseException:
+                old.rmdir()
+                raise
             try:
                 os.replace(tmp_path, target)
             except BaseException:
