@@ -166,8 +166,9 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
                         ", ".join(MAP_NAMES), ", ".join(others[:5]))
         if not names:
             raise InputError(folder, f"no map files ({', '.join(MAP_NAMES)}, each .nii.gz or "
-                                     ".nii, any case); is this a maps cohort? DICOM maps: "
-                                     "convert them to NIfTI first")
+                                     ".nii, any case); is this a maps cohort? DICOM maps "
+                                     "are not read: use the NIfTI maps ctperf writes beside "
+                                     "them, or convert another tool's with dcm2niix")
         maps = read_maps(folder, names=names)
         reader.warnings += [f"{sub.name}: {w}" for w in maps.provenance.get("unit_warnings", [])]
         if not phantom:
