@@ -151,8 +151,8 @@ def test_a_field_of_view_cutting_the_head_is_flagged(subject, outside):
 
 def test_a_field_of_view_inside_the_brain_on_every_side_is_mapped_and_flagged(subject):
     """A matrix that crops the brain itself on all four sides (skull left only at the corners)
-    is a cut head, mapped with ``fov_cut``: the refusal of a brain along most of the image's
-    edges (a tile phantom's flat background) had taken it for one."""
+    is a cut head, mapped with ``fov_cut``, not taken for a flat background without a head
+    (``no_head_outline``, judged only without a skull)."""
     s = subject.series
     ys, xs = np.nonzero(subject.masks["brain"].any(axis=0))
     y0, y1, x0, x1 = ys.min() + 3, ys.max() - 2, xs.min() + 3, xs.max() - 2
@@ -161,6 +161,7 @@ def test_a_field_of_view_inside_the_brain_on_every_side_is_mapped_and_flagged(su
     cut = s.replace(hu=np.ascontiguousarray(s.hu[:, :, y0:y1, x0:x1]), affine=affine)
     qc = run_perfusion(cut, method="bsvd").maps.provenance["qc"]
     assert qc["fov_cut"]["flag"] and not qc["no_skull"]["flag"]
+    assert not qc["no_head_outline"]["flag"] and qc["no_head_outline"]["value"] is None
 
 
 @pytest.mark.parametrize("axis", [2, 3])

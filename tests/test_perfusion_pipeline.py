@@ -260,20 +260,6 @@ def test_a_scan_started_after_the_bolus_is_refused(study):
     # no bolus, no head: noise of 20 HU around 40 HU on the study's grid and times (`ctperf
     # predict` had written maps of it, exit 0, where `ctperf maps` finds no artery)
     noise = np.random.default_rng(0).normal(40.0, 20.0, series.shape).astype(np.float32)
-    # tissue densities up to every edge of the image are no head: its brain would be the
-    # background (a tile phantom's flat 35 HU had counted 684 mL of core)
-    with pytest.raises(ValidationError, match=r"of the image.s edges in 2 of 2 slices"):
-        check_scan_start(series.replace(hu=noise))
-    # a skull-stripped study cropped to its brain's bounding box meets the edges at a few
-    # points only: mapped, not refused
-    _, truth = study
-    ys, xs = np.nonzero(truth["brain"][0])
-    box = (slice(None), slice(None), slice(ys.min(), ys.max() + 1), slice(xs.min(), xs.max() + 1))
-    stripped = np.where(truth["brain"][None], series.hu, -1000.0).astype(np.float32)[box]
-    check_scan_start(series.replace(hu=stripped))
-    # skull-stripped to 0 HU, the tools' usual background, over the whole field: mapped too
-    check_scan_start(series.replace(hu=np.where(truth["brain"][None], series.hu, 0.0)))
-    noise[:, :, [0, -1], :] = noise[:, :, :, [0, -1]] = -1000.0  # air around it
     with pytest.raises(ValidationError, match="no bolus: the head's mean curve rises by"):
         check_scan_start(series.replace(hu=noise))
     with pytest.raises(ValidationError, match="flat curves"):  # the frames before it arrives

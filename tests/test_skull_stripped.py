@@ -55,6 +55,7 @@ def test_a_skull_stripped_study_is_mapped_as_the_whole_head(subject, whole, fill
     assert not qc["fov_cut"]["flag"] and qc["fov_cut"]["value"] is None
     # the sinus that measures the partial volume usually goes with the skull: said
     assert qc["no_skull"]["flag"] and not whole.maps.provenance["qc"]["no_skull"]["flag"]
+    assert not qc["no_head_outline"]["flag"] and qc["no_head_outline"]["value"] == 0.0
     brain = subject.masks["brain"]
     fitted, fitted_whole = np.isfinite(result.maps["cbf"]), np.isfinite(whole.maps["cbf"])
     # the true brain is fitted as in the whole head: 99.4 % here (the CSF rim that the whole

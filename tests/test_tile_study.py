@@ -138,6 +138,9 @@ def test_tile_study_through_ctperf_maps(tile_study, tmp_path, method):
     # of the area), so partial-volume scaling must leave the AIF about as it is
     assert summary["partial_volume"]["corrected"]
     assert 0.95 <= summary["partial_volume"]["area_ratio"] <= 1.08
+    # the noisy background is mapped as brain: its lesion volumes are said to mean nothing
+    outline = summary["qc"]["no_head_outline"]
+    assert outline["flag"] and outline["value"] == 1.0
 
     cbf, cbv = _tile_medians(_map(out, "cbf")), _tile_medians(_map(out, "cbv"))
     true_cbf, true_cbv = _tile_medians(truth["cbf"]), _tile_medians(truth["cbv"])
@@ -178,6 +181,7 @@ def test_tiles_on_padding_keep_their_vessels(tmp_path):
     assert np.all((zyx[:, 1] >= ys.start) & (zyx[:, 1] < ys.stop)
                   & (zyx[:, 2] >= xs.start) & (zyx[:, 2] < xs.stop))
     assert summary["qc"]["no_skull"]["flag"]
+    assert not summary["qc"]["no_head_outline"]["flag"]  # the padding is no brain
     cbf = _tile_medians(_map(out, "cbf"))
     assert abs(np.median(cbf / _tile_medians(truth["cbf"])) - 1) <= BIAS["bsvd"]
 

@@ -59,7 +59,13 @@ from ctperf.perfusion.onset import (
     study_start,
     without_still,
 )
-from ctperf.perfusion.qc import MAX_AIF_LEAD_S, aif_lag, qc_flags, skull_shift_px
+from ctperf.perfusion.qc import (
+    MAX_AIF_LEAD_S,
+    aif_lag,
+    brain_edge_share,
+    qc_flags,
+    skull_shift_px,
+)
 from ctperf.perfusion.voxelfit import SD_MAPS, check_bayes_options, fit_voxels
 from ctperf.types import MAP_UNITS, METHODS, CTPSeries, PerfusionMaps, non_axial_slices
 
@@ -428,6 +434,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
                     hyperdense_ml=hyperdense_ml,
                     brain_slice_share=slice_share,
                     exposed_share=exposed_share, skull_share=skull_share,
+                    edge_share=brain_edge_share(brain),
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
                     box_mtt=box_mtt, csf_cut_share=csf_cut_share,
                     hu_offset=hu_offset, voxelwise=voxelwise)

@@ -28,9 +28,8 @@ from ctperf.types import CTPSeries
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_BRAIN_BORDER", "MIN_BOLUS_SNR", "bolus_arrival_s", "check_scan_start",
-           "check_vessels_at_start", "enhancement", "pre_bolus_frames", "study_start",
-           "without_still"]
+__all__ = ["MIN_BOLUS_SNR", "bolus_arrival_s", "check_scan_start", "check_vessels_at_start",
+           "enhancement", "pre_bolus_frames", "study_start", "without_still"]
 
 
 class _Onset(NamedTuple):
@@ -175,12 +174,6 @@ class _Brain(NamedTuple):
     csf_share: float | None = None
 
 
-#: Share of an image's edge pixels the automatic brain may cover in a slice of a study without
-#: a skull: a stripped brain cropped to its bounding box meets the edges at a few points, a
-#: flat tissue-like background covers all of them.
-MAX_BRAIN_BORDER = 0.5
-
-
 def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
            spacing: tuple[float, float, float], offset: float = 0.0,
            padding: np.ndarray | None = None) -> _Brain:
@@ -205,19 +198,6 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
     whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
     csf = masks.csf_mask(base, spacing=spacing)
     brain = whole & ~csf
-    border = np.concatenate([brain[:, 0, :], brain[:, -1, :], brain[:, :, 0], brain[:, :, -1]],
-                            axis=1).mean(axis=1)
-    edges = border > MAX_BRAIN_BORDER
-    # a head's brain lies inside its skull and scalp (a field of view that cuts it leaves the
-    # skull elsewhere: fov_cut), and a stripped brain cropped to its box meets the edges at a
-    # few points; without a skull, a brain along most of the edges is a flat background
-    if edges.any() and not masks.skull_present(base):
-        raise ValidationError(
-            f"no skull, and the automatic brain covers {float(border.max()):.0%} of the "
-            f"image's edges in {int(edges.sum())} of {edges.size} slices: no head's outline in "
-            "the field of view (a phantom of tiles or a flat background?), so its lesion "
-            "volumes would count the background; give the region to fit with --brain-mask "
-            "(brain_mask=)")
     cut = masks.tissue_csf_midpoint(mean, whole, csf)
     share = None
     if cut is not None:

@@ -24,7 +24,8 @@ from ctperf.perfusion.curves import (
 )
 
 __all__ = ["ARRIVAL_SDS", "MAX_AIF_LEAD_S", "MAX_SKULL_SHIFT_PX", "aif_lag",
-           "check_first_pass_sampled", "first_pass", "frame_gaps", "qc_flags", "skull_shift_px"]
+           "brain_edge_share", "check_first_pass_sampled", "first_pass", "frame_gaps",
+           "qc_flags", "skull_shift_px"]
 
 
 #: How many seconds the brain's bolus may arrive before the AIF's (``aif_after_tissue``): none.
@@ -141,6 +142,15 @@ def check_first_pass_sampled(times: np.ndarray, aif: np.ndarray) -> None:
                 "CBF and delays cannot be (an interrupted acquisition)")
 
 
+def brain_edge_share(brain: np.ndarray) -> float:
+    """The largest share, over the slices of a (Z, Y, X) mask, of the image's edge pixels that
+    lie in it: 0 for a head (skull and scalp between brain and edge), a few tenths for a brain
+    cropped to its bounding box or a field of view cutting it, 1 for a flat background."""
+    b = np.asarray(brain, dtype=bool)
+    edges = np.concatenate([b[:, 0, :], b[:, -1, :], b[:, :, 0], b[:, :, -1]], axis=1)
+    return float(edges.mean(axis=1).max()) if edges.size else 0.0
+
+
 def qc_flags(
     *,
     times: np.ndarray,
@@ -178,6 +188,8 @@ def qc_flags(
     exposed_share: float | None = None,
     max_exposed_share: float = 0.005,
     skull_share: float | None = None,
+    edge_share: float | None = None,
+    max_edge_share: float = 0.5,
     voxelwise: bool | None = None,
     max_voxelwise_sd_hu: float = 4.0,
     max_below_fraction: float = 0.05,
@@ -228,6 +240,10 @@ def qc_flags(
     skull_share : float, optional
         Share of the unenhanced study's voxels above bone density: ``no_skull`` under
         :data:`~ctperf.masks.SKULL_SHARE`.
+    edge_share : float, optional
+        The largest share, over the slices, of the image's edge pixels inside the brain
+        (:func:`brain_edge_share`): with no skull, above ``max_edge_share`` the "brain" is a
+        flat background (``no_head_outline``).
     voxelwise : bool, optional
         Whether each voxel's curve was fitted alone (the box and SVD methods; ``bayes`` pools
         neighbours): its pre-bolus noise is then judged against ``max_voxelwise_sd_hu``.
@@ -246,7 +262,8 @@ def qc_flags(
         ``few_brain_voxels``, ``motion``, ``motion_uncorrected``, ``motion_unregistered``,
         ``below_baseline``, ``hyperdense``,
         ``mtt_floor``, ``csf_cut``,
-        ``hu_offset``, ``brain_slice_gap``, ``fov_cut``, ``no_skull`` and ``noisy_voxelwise``;
+        ``hu_offset``, ``brain_slice_gap``, ``fov_cut``, ``no_skull``, ``no_head_outline``
+        and ``noisy_voxelwise``;
         a flag that cannot be judged has ``value`` None. ``hu_offset``'s value is
         ``hu_offset``, ``fov_cut``'s ``exposed_share``, ``no_skull``'s ``skull_share``.
         ``aif_after_tissue``'s value is how many seconds the mean brain curve's arrival
@@ -407,6 +424,15 @@ def qc_flags(
         "cannot be judged; the lesions leave out the brain's outer 2 mm, here the cortex's "
         "surface. Check the VOF's voxels (summary.json), or give --vof-mask on the sinus of "
         "the unstripped study")
+    no_skull = skull_share is not None and skull_share < SKULL_SHARE
+    put("no_head_outline", no_skull and edge_share is not None and edge_share > max_edge_share,
+        edge_share if no_skull else None,
+        f"no skull, and the brain found covers more than {max_edge_share:.0%} of the image's "
+        "edges in a slice: no head's outline (a phantom of tiles on a flat tissue-like "
+        "background): its background was mapped as brain, so the lesion volumes, the "
+        "mid-sagittal plane and the contralateral reference include it and mean nothing (a "
+        "tile phantom's 684 mL of core, 63 mL of it in the tiles); the tiles' maps stand. "
+        "Give --brain-mask on the tiles for lesions of the tiles only")
     put("noisy_voxelwise", bool(voxelwise) and baseline_sd is not None
         and baseline_sd > max_voxelwise_sd_hu, baseline_sd if voxelwise else None,
         f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU with a method that fits each voxel "
