@@ -176,8 +176,10 @@ def _masks_record(masks: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
     import numpy as np
 
-    return {name: {"voxels": int(np.count_nonzero(m)),
-                   "sha256": hashlib.sha256(np.packbits(np.asarray(m, dtype=bool))).hexdigest()}
+    def digest(mask: Any) -> str:
+        return hashlib.sha256(np.packbits(np.asarray(mask, dtype=bool)).tobytes()).hexdigest()
+
+    return {name: {"voxels": int(np.count_nonzero(m)), "sha256": digest(m)}
             for name, m in masks.items() if m is not None}
 
 
