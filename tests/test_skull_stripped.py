@@ -153,3 +153,19 @@ def test_registration_reads_padding_as_air(subject):
     outside = np.all(series.hu == 0.0, axis=0)
     mask = _registration_mask(series, None)
     assert mask.any() and not (mask & outside).any()
+
+
+def test_a_stripped_brain_cut_on_every_side_is_no_flat_background(subject):
+    """Cropped 6-12 px into the brain on every side, a stripped brain covers 57-100 % of the
+    image's edges: those edge voxels enhance, so they are brain, not a tile phantom's flat
+    background (``no_head_outline`` had been raised on them by the edges' share alone)."""
+    ys, xs = np.nonzero(subject.masks["brain"].any(axis=0))
+    for depth in (6, 10):
+        cut = _stripped(subject, 0.0)
+        box = (slice(None), slice(None), slice(ys.min() + depth, ys.max() + 1 - depth),
+               slice(xs.min() + depth, xs.max() + 1 - depth))
+        affine = cut.affine.copy()
+        affine[:3, 3] += affine[:3, :3] @ np.array([xs.min() + depth, ys.min() + depth, 0.0])
+        cropped = cut.replace(hu=np.ascontiguousarray(cut.hu[box]), affine=affine)
+        outline = _run(cropped).maps.provenance["qc"]["no_head_outline"]
+        assert not outline["flag"] and outline["value"] == 0.0, (depth, outline)

@@ -62,7 +62,7 @@ from ctperf.perfusion.onset import (
 from ctperf.perfusion.qc import (
     MAX_AIF_LEAD_S,
     aif_lag,
-    brain_edge_share,
+    flat_edge_share,
     qc_flags,
     skull_shift_px,
 )
@@ -434,7 +434,8 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
                     hyperdense_ml=hyperdense_ml,
                     brain_slice_share=slice_share,
                     exposed_share=exposed_share, skull_share=skull_share,
-                    edge_share=brain_edge_share(brain),
+                    edge_share=flat_edge_share(hu, brain, n_base=n_base,
+                                               noise_sd=base_sd or 0.0),
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
                     box_mtt=box_mtt, csf_cut_share=csf_cut_share,
                     hu_offset=hu_offset, voxelwise=voxelwise)

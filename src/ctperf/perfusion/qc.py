@@ -23,9 +23,18 @@ from ctperf.perfusion.curves import (
     start_level,
 )
 
-__all__ = ["ARRIVAL_SDS", "MAX_AIF_LEAD_S", "MAX_SKULL_SHIFT_PX", "aif_lag",
-           "brain_edge_share", "check_first_pass_sampled", "first_pass", "frame_gaps",
-           "qc_flags", "skull_shift_px"]
+__all__ = [
+    "ARRIVAL_SDS",
+    "MAX_AIF_LEAD_S",
+    "MAX_SKULL_SHIFT_PX",
+    "aif_lag",
+    "check_first_pass_sampled",
+    "first_pass",
+    "flat_edge_share",
+    "frame_gaps",
+    "qc_flags",
+    "skull_shift_px",
+]
 
 
 #: How many seconds the brain's bolus may arrive before the AIF's (``aif_after_tissue``): none.
@@ -142,13 +151,26 @@ def check_first_pass_sampled(times: np.ndarray, aif: np.ndarray) -> None:
                 "CBF and delays cannot be (an interrupted acquisition)")
 
 
-def brain_edge_share(brain: np.ndarray) -> float:
-    """The largest share, over the slices of a (Z, Y, X) mask, of the image's edge pixels that
-    lie in it: 0 for a head (skull and scalp between brain and edge), a few tenths for a brain
-    cropped to its bounding box or a field of view cutting it, 1 for a flat background."""
+def flat_edge_share(hu: np.ndarray, brain: np.ndarray, *, n_base: int,
+                    noise_sd: float) -> float:
+    """The largest share, over the slices of a (T, Z, Y, X) study, of the image's edge pixels
+    that lie in the ``brain`` (Z, Y, X) where those voxels' mean curve shows no bolus (its rise
+    within 5 SDs of its noise, ``noise_sd`` per voxel): 0 for a head (skull and scalp between
+    brain and edge) and for a brain cut by the field of view (its edge enhances), 1 for a
+    tile phantom's flat background mapped as brain."""
     b = np.asarray(brain, dtype=bool)
-    edges = np.concatenate([b[:, 0, :], b[:, -1, :], b[:, :, 0], b[:, :, -1]], axis=1)
-    return float(edges.mean(axis=1).max()) if edges.size else 0.0
+    frame = np.zeros(b.shape[1:], dtype=bool)
+    frame[[0, -1], :] = frame[:, [0, -1]] = True
+    share = 0.0
+    for z in range(b.shape[0]):
+        edge = b[z] & frame
+        if not edge.any():
+            continue
+        curve = hu[:, z][:, edge].mean(axis=1, dtype=np.float64)
+        rise = float(curve[n_base:].max() - curve[:max(n_base, 1)].mean())
+        if rise <= 5.0 * noise_sd / np.sqrt(edge.sum()):
+            share = max(share, float(edge.sum()) / float(frame.sum()))
+    return share
 
 
 def qc_flags(
@@ -241,9 +263,9 @@ def qc_flags(
         Share of the unenhanced study's voxels above bone density: ``no_skull`` under
         :data:`~ctperf.masks.SKULL_SHARE`.
     edge_share : float, optional
-        The largest share, over the slices, of the image's edge pixels inside the brain
-        (:func:`brain_edge_share`): with no skull, above ``max_edge_share`` the "brain" is a
-        flat background (``no_head_outline``).
+        The largest share, over the slices, of the image's edge pixels inside the brain with
+        no bolus in them (:func:`flat_edge_share`): with no skull, above ``max_edge_share`` the
+        "brain" is a flat background (``no_head_outline``).
     voxelwise : bool, optional
         Whether each voxel's curve was fitted alone (the box and SVD methods; ``bayes`` pools
         neighbours): its pre-bolus noise is then judged against ``max_voxelwise_sd_hu``.
@@ -428,11 +450,11 @@ def qc_flags(
     put("no_head_outline", no_skull and edge_share is not None and edge_share > max_edge_share,
         edge_share if no_skull else None,
         f"no skull, and the brain found covers more than {max_edge_share:.0%} of the image's "
-        "edges in a slice: no head's outline (a phantom of tiles on a flat tissue-like "
-        "background): its background was mapped as brain, so the lesion volumes, the "
-        "mid-sagittal plane and the contralateral reference include it and mean nothing (a "
-        "tile phantom's 684 mL of core, 63 mL of it in the tiles); the tiles' maps stand. "
-        "Give --brain-mask on the tiles for lesions of the tiles only")
+        "edges in a slice, with no bolus there: no head's outline (a phantom of tiles on a "
+        "flat tissue-like background): its background was mapped as brain, so the lesion "
+        "volumes, the mid-sagittal plane and the contralateral reference include it and mean "
+        "nothing (a tile phantom's 684 mL of core, 63 mL of it in the tiles); the tiles' maps "
+        "stand. Give --brain-mask on the tiles for lesions of the tiles only")
     put("noisy_voxelwise", bool(voxelwise) and baseline_sd is not None
         and baseline_sd > max_voxelwise_sd_hu, baseline_sd if voxelwise else None,
         f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU with a method that fits each voxel "
