@@ -115,6 +115,11 @@ def test_maps_of_a_preprocessed_study_say_it_was_preprocessed(study, tmp_path):
     assert twice["filter"]["range_sigma_hu"] == 10.0
     assert twice["filter_before"]["range_sigma_hu"] == 20.0
     assert twice["vessels_searched_on"] == "the study filtered before"
+    # preprocessed again with registration only: the earlier filtering stays on the record
+    preprocess_study(pre / "study.nii.gz", tmp_path / "pre2",
+                     PreprocessOptions(register=True, filter=False))
+    side = json.loads((tmp_path / "pre2" / "study.json").read_text())
+    assert side["meta"]["preprocess"]["registered"] and side["meta"]["preprocess"]["filtered"]
     for record in ("transforms.json", "qc.json"):
         assert json.loads((pre / record).read_text())["software_version"] == __version__
 

@@ -306,9 +306,12 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
                         filter_weights=o.filter_weights, workers=o.workers,
                         progress=o.progress)
     # No study path in the outputs: folder names often hold the patient's name.
-    meta = {**result.series.meta, "preprocess": {"registered": o.register,
-                                                 "filtered": o.filter,
-                                                 "software_version": __version__}}
+    earlier = result.series.meta.get("preprocess")  # a study ctperf preprocessed before
+    done = earlier if isinstance(earlier, dict) else {}
+    meta = {**result.series.meta, "preprocess": {
+        "registered": bool(o.register or done.get("registered")),
+        "filtered": bool(o.filter or done.get("filtered")),
+        "software_version": __version__}}
     final = result.series.replace(meta=meta)
     with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear together, or none
         io.write_series_nifti(final, tmp / "study.nii.gz")
