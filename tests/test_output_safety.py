@@ -424,3 +424,8 @@ def test_a_mount_point_as_output_folder_is_refused_before_any_work(tmp_path, mon
         pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     check_output(out / "maps", inputs=[])  # a folder inside it is fine
+    bound = tmp_path / "bound.csv"  # a file bound into a container: as refused
+    bound.write_text("x")
+    monkeypatch.setattr(atomic.os.path, "ismount", lambda p: Path(p) == bound)
+    with pytest.raises(InputError, match="is a mount point"):
+        check_output(bound, inputs=[], overwrite=True, kind="file")

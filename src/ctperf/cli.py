@@ -56,7 +56,7 @@ def _terminated(signum: int, frame: Any) -> None:
 
 #: Write failures that name no file (a full disk, a file-size or quota limit): the command's
 #: output is named instead.
-_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EIO})
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 
 
 def _output_of(args: argparse.Namespace) -> str:

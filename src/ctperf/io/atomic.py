@@ -418,6 +418,10 @@ def check_output(out: _PathLike, *, inputs: Iterable[_PathLike | None] = (),
             raise InputError(path, "is a folder, but a file is expected; choose another name")
         if path.exists() and not overwrite:
             raise InputError(path, "exists; choose another name, or --overwrite to replace it")
+        if path.exists() and os.path.ismount(path):  # a file bound into a container
+            raise InputError(path, "is a mount point, which ctperf cannot replace (an output is "
+                                   "written under a temporary name, then renamed into place); "
+                                   "give another name")
     elif path.exists() and not path.is_dir():
         raise InputError(path, "exists and is a file, but a folder is expected; remove it or "
                                "choose another name")
