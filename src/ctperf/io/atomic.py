@@ -196,6 +196,14 @@ def output_missing(folder: _PathLike) -> list[str]:
             if p and not os.path.lexists(out / p)]
 
 
+def _refuse_mount_point(path: Path, remedy: str) -> None:
+    """A container's volume or bound file cannot be renamed away, as outputs are replaced."""
+    if path.exists() and os.path.ismount(path):
+        raise InputError(path, "is a mount point, which ctperf cannot replace (an output is "
+                               "written under a temporary name, then renamed into place); "
+                               f"{remedy}")
+
+
 def _check_replaceable(target: Path, overwrite: bool) -> None:
     if target.is_symlink():
         raise InputError(target, "is a symbolic link; give the folder it points to, or another "
@@ -205,10 +213,7 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
     if not target.is_dir():
         raise InputError(target, "exists and is a file, but a folder is expected; remove it or "
                                  "choose another name")
-    if os.path.ismount(target):  # a container's volume: it cannot be renamed away
-        raise InputError(target, "is a mount point, which ctperf cannot replace (an output "
-                                 "folder is written under a temporary name, then renamed into "
-                                 "place); give a folder inside it")
+    _refuse_mount_point(target, "give a folder inside it")
     if overwrite:
         return
     if not _owned_or_empty(target):
@@ -418,10 +423,7 @@ def check_output(out: _PathLike, *, inputs: Iterable[_PathLike | None] = (),
             raise InputError(path, "is a folder, but a file is expected; choose another name")
         if path.exists() and not overwrite:
             raise InputError(path, "exists; choose another name, or --overwrite to replace it")
-        if path.exists() and os.path.ismount(path):  # a file bound into a container
-            raise InputError(path, "is a mount point, which ctperf cannot replace (an output is "
-                                   "written under a temporary name, then renamed into place); "
-                                   "give another name")
+        _refuse_mount_point(path, "give another name")
     elif path.exists() and not path.is_dir():
         raise InputError(path, "exists and is a file, but a folder is expected; remove it or "
                                "choose another name")

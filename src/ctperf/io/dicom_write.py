@@ -127,8 +127,12 @@ def _preprocess_steps(meta: Mapping[str, Any]) -> str | None:
     record = meta.get("preprocess")
     if not isinstance(record, Mapping):
         return None
-    steps = [step for step in ("registered", "filtered") if record.get(step)]
-    return " and ".join(steps) or "rewritten by ctperf"
+    return _steps_done(record) or "rewritten by ctperf"
+
+
+def _steps_done(record: Mapping[str, Any]) -> str:
+    """"registered and filtered", "filtered" ... from a record of the steps; "" for none."""
+    return " and ".join(step for step in ("registered", "filtered") if record.get(step))
 
 
 def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
@@ -451,8 +455,8 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
     method = str(maps.provenance.get("method", "unknown method"))
     constants = _constants_text(maps.provenance.get("constants") or {})
     prov = maps.provenance  # its own record of the steps (this run's and earlier ones) first
-    steps = (" and ".join(k for k in ("registered", "filtered") if prov.get(k)) or None
-             if {"registered", "filtered"} & set(prov) else _preprocess_steps(meta))
+    steps = (_steps_done(prov) if {"registered", "filtered"} & set(prov)
+             else _preprocess_steps(meta))
     derivation = f"{method}{constants}" + (f"; from a study {steps}" if steps else "")
     n_z, n_y, n_x = maps.shape
     geo = _slice_geometry(maps.affine, n_z)
