@@ -331,8 +331,9 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
         np.repeat(series.times[:, None], n_z, axis=1))
     pixels = np.clip(np.rint(series.hu), -32768, 32767).astype(np.int16)
     out = Path(folder)
-    with atomic_dir(out) as tmp:
-        bar = tqdm(total=n_t * n_z, desc="write DICOM", unit="file", disable=not progress)
+    # the bar closed on the way out too, so that an interrupted run's last line is its message
+    with atomic_dir(out) as tmp, tqdm(total=n_t * n_z, desc="write DICOM", unit="file",
+                                      disable=not progress) as bar:
         for t in range(n_t):
             for z in range(n_z):
                 ds = copy.deepcopy(base)  # Dataset.copy() would share elements with base
@@ -345,7 +346,6 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
                 ds.PixelData = np.ascontiguousarray(pixels[t, z]).tobytes()
                 _finish_file(ds, tmp / f"IM_{t:04d}_{z:04d}.dcm", compress)
                 bar.update()
-        bar.close()
     log.info("wrote %d DICOM files (%s)", n_t * n_z, out.name)  # out may be a temporary name
     return out
 
