@@ -338,3 +338,26 @@ def test_predicted_maps_keep_the_space_of_the_study(trained, tmp_path):
     maps = predict_maps(read_nifti_series(study), ckpt, device="cpu")
     header = nib.load(str(write_maps_nifti(maps, tmp_path / "maps")[0])).header
     assert (int(header["sform_code"]), int(header["qform_code"])) == (0, 0)
+
+
+def test_a_full_disk_while_training_is_one_line_naming_the_file(tmp_path, monkeypatch):
+    """numpy's and torch's own write errors on a full disk name no file and carry no errno (a
+    traceback, exit 1): the slice cache and the checkpoint are named instead, as InputError."""
+    import ctperf.model.data as data
+
+    def full_numpy(*args, **kwargs):
+        raise OSError("problem writing element 98304 to file")
+
+    monkeypatch.setattr(data.np, "save", full_numpy)
+    cohort = make_cohort(tmp_path / "cohort", subjects=1, size=16, frames=12)
+    with pytest.raises(InputError, match=r"cache.*could not be written .*a full disk"):
+        build_slice_cache(cohort, tmp_path / "cache", size=16, frames=6)
+    monkeypatch.undo()
+
+    def full_torch(*args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 248576")
+
+    monkeypatch.setattr(torch, "save", full_torch)
+    with pytest.raises(InputError, match=r"model\.pt: could not be written"):
+        save_checkpoint({"config": {}}, tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()

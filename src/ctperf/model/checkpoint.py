@@ -43,7 +43,11 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
     if isinstance(state.get("model"), dict):
         payload["model_sha256"] = weights_digest(state["model"])
     with atomic_file(path) as tmp:
-        torch.save(payload, tmp)
+        try:
+            torch.save(payload, tmp)
+        except RuntimeError as exc:  # torch's zip writer: "unexpected pos" on a full disk
+            raise InputError(path, f"could not be written ({str(exc).splitlines()[0]}): a "
+                                   "full disk?") from None
     return Path(path)
 
 

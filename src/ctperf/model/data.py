@@ -405,11 +405,14 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                 if target not in names:
                     lacking.setdefault(target, []).append(pid)
             n_z = x.shape[1]
-            np.save(tmp / f"part-{len(parts)}-inputs.npy",
-                    x.transpose(1, 0, 2, 3).astype(np.float16))
-            np.save(tmp / f"part-{len(parts)}-targets.npy",
-                    np.stack(targets, axis=1).astype(np.float16))
-            np.save(tmp / f"part-{len(parts)}-masks.npy", valid.astype(np.uint8))
+            for kind, array in (("inputs", x.transpose(1, 0, 2, 3).astype(np.float16)),
+                                ("targets", np.stack(targets, axis=1).astype(np.float16)),
+                                ("masks", valid.astype(np.uint8))):
+                try:
+                    np.save(tmp / f"part-{len(parts)}-{kind}.npy", array)
+                except OSError as exc:  # numpy's own write error names no file and no errno
+                    raise InputError(path, f"could not be written ({exc}): a full disk?"
+                                     ) from None
             parts.append(",".join(names))
             x64 = x.astype(np.float64)
             stats[pid] = [float(x64.size), float(x64.sum()), float((x64**2).sum())]
