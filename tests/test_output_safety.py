@@ -429,3 +429,12 @@ def test_a_mount_point_as_output_folder_is_refused_before_any_work(tmp_path, mon
     monkeypatch.setattr(atomic.os.path, "ismount", lambda p: Path(p) == bound)
     with pytest.raises(InputError, match="is a mount point"):
         check_output(bound, inputs=[], overwrite=True, kind="file")
+    # a bind mount within one file system, which os.path.ismount misses: from the mount table
+    monkeypatch.undo()
+    spaced = tmp_path / "my out"
+    spaced.mkdir()
+    line = f"36 35 98:0 /src {str(spaced).replace(' ', chr(92) + '040')} rw - ext4 /dev/x rw"
+    monkeypatch.setattr(atomic, "_mount_table", lambda: f"1 0 8:1 / / rw - ext4 /dev/y rw\n{line}")
+    with pytest.raises(InputError, match="is a mount point"):
+        check_output(spaced, inputs=[])
+    check_output(tmp_path / "other", inputs=[])

@@ -205,3 +205,21 @@ def test_a_still_background_is_left_out_of_the_maps(tmp_path, caplog):
     assert not (brain & ~tiles & ~squares).any()
     # the tiles' outer ring is the brain mask's edge: 90 % kept
     assert (brain & tiles).sum() >= 0.9 * tiles.sum()
+
+
+def test_an_artery_on_the_edge_does_not_hide_a_flat_background():
+    """``no_head_outline`` reads the edge voxels' median curve: an artery square in a corner
+    (7 of 252 edge pixels) had lifted their mean above its noise, and a tile phantom's flat
+    background had read as a head (value 0). A brain along the edges enhances throughout."""
+    from ctperf.perfusion.qc import flat_edge_share
+
+    rng = np.random.default_rng(2)
+    t = np.arange(40) * 1.0
+    bolus = _gamma_variate(t, 8.0, 3.0, 1.5)
+    hu = 35.0 + rng.normal(0.0, 8.0, (40, 1, 64, 64))
+    hu[:, 0, :4, :4] += 350.0 * (bolus / bolus.max())[:, None, None]  # the artery, in a corner
+    everything = np.ones((1, 64, 64), dtype=bool)
+    assert flat_edge_share(hu, everything, n_base=6, noise_sd=8.0) == 1.0
+    brain = hu.copy()
+    brain[:, 0] += 15.0 * (bolus / bolus.max())[:, None, None]  # tissue enhancing everywhere
+    assert flat_edge_share(brain, everything, n_base=6, noise_sd=8.0) == 0.0

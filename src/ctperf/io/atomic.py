@@ -196,9 +196,30 @@ def output_missing(folder: _PathLike) -> list[str]:
             if p and not os.path.lexists(out / p)]
 
 
+def _mount_table() -> str:
+    """Linux's table of this process's mounts ("" elsewhere)."""
+    try:
+        return Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return ""
+
+
+def _is_mount_point(path: Path) -> bool:
+    """Whether ``path`` is mounted on: :func:`os.path.ismount`, or listed in Linux's
+    ``/proc/self/mountinfo`` (a bind mount within one file system, which ismount misses)."""
+    if os.path.ismount(path):
+        return True
+    table = _mount_table()
+    target = str(path.resolve())
+    octal = re.compile(r"\\([0-7]{3})")  # spaces and tabs are written as \040, \011
+    return any(len(f := line.split()) > 4
+               and octal.sub(lambda m: chr(int(m.group(1), 8)), f[4]) == target
+               for line in table.splitlines())
+
+
 def _refuse_mount_point(path: Path, remedy: str) -> None:
     """A container's volume or bound file cannot be renamed away, as outputs are replaced."""
-    if path.exists() and os.path.ismount(path):
+    if path.exists() and _is_mount_point(path):
         raise InputError(path, "is a mount point, which ctperf cannot replace (an output is "
                                "written under a temporary name, then renamed into place); "
                                f"{remedy}")

@@ -154,10 +154,11 @@ def check_first_pass_sampled(times: np.ndarray, aif: np.ndarray) -> None:
 def flat_edge_share(hu: np.ndarray, brain: np.ndarray, *, n_base: int,
                     noise_sd: float) -> float:
     """The largest share, over the slices of a (T, Z, Y, X) study, of the image's edge pixels
-    that lie in the ``brain`` (Z, Y, X) where those voxels' mean curve shows no bolus (its rise
-    within 5 SDs of its noise, ``noise_sd`` per voxel): 0 for a head (skull and scalp between
-    brain and edge) and for a brain cut by the field of view (its edge enhances), 1 for a
-    tile phantom's flat background mapped as brain."""
+    that lie in the ``brain`` (Z, Y, X) where those voxels' median curve shows no bolus (its
+    rise within 5 SDs of its noise, ``noise_sd`` per voxel; the median, so that an artery or
+    a tile that touches the edge does not speak for the background around it): 0 for a head
+    (skull and scalp between brain and edge) and for a brain cut by the field of view (its
+    edge enhances), 1 for a tile phantom's flat background mapped as brain."""
     b = np.asarray(brain, dtype=bool)
     frame = np.zeros(b.shape[1:], dtype=bool)
     frame[[0, -1], :] = frame[:, [0, -1]] = True
@@ -166,9 +167,9 @@ def flat_edge_share(hu: np.ndarray, brain: np.ndarray, *, n_base: int,
         edge = b[z] & frame
         if not edge.any():
             continue
-        curve = hu[:, z][:, edge].mean(axis=1, dtype=np.float64)
+        curve = np.median(hu[:, z][:, edge], axis=1).astype(np.float64)
         rise = float(curve[n_base:].max() - curve[:max(n_base, 1)].mean())
-        if rise <= 5.0 * noise_sd / np.sqrt(edge.sum()):
+        if rise <= 5.0 * 1.25 * noise_sd / np.sqrt(edge.sum()):  # a median's SD: 1.25 x
             share = max(share, float(edge.sum()) / float(frame.sum()))
     return share
 
