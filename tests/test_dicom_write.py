@@ -215,6 +215,11 @@ def test_a_processed_study_is_marked_derived(tmp_path, small_series):
     assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]
     assert ds.DerivationDescription == "registered and filtered"
     assert ds.SeriesDescription == "test (registered and filtered)" and ds.SeriesNumber == 1001
+    # derived again (registered after filtering): one description and number, the steps of
+    # the record (it had read "test (registered and filtered) (filtered)", number 2001)
+    twice = write_series_dicom(read_dicom_series(out), tmp_path / "t", derived="registered")
+    ds = pydicom.dcmread(next(twice.glob("*.dcm")))
+    assert ds.SeriesDescription == "test (registered)" and ds.SeriesNumber == 1001
     again = read_dicom_series(out)  # a DERIVED source stays DERIVED when rewritten
     ds = pydicom.dcmread(next(write_series_dicom(again, tmp_path / "c").glob("*.dcm")))
     assert list(ds.ImageType) == ["DERIVED", "SECONDARY", "AXIAL"]

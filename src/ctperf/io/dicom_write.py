@@ -17,6 +17,7 @@ import copy
 import datetime as dt
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -119,6 +120,11 @@ def _map_series_number(source: int, method: str) -> int:
     scan numbered 101 and its CBF map shared the number, and so did two methods' maps)."""
     place = METHODS.index(method) if method in METHODS else len(METHODS)
     return 100 * max(source, 1) + 14 * place + 1
+
+
+#: The end of a series description ctperf wrote for a preprocessed study.
+_EARLIER_STEPS = re.compile(r" \((registered and filtered|registered|filtered|rewritten by "
+                            r"ctperf)\)$")
 
 
 def _preprocess_steps(meta: Mapping[str, Any]) -> str | None:
@@ -300,6 +306,10 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
     desc = description or str(source_desc or "ctperf CT perfusion")
     number = int(meta.get("series_number") or 1)
     if derived:
+        # a series ctperf derived before: its steps are in ``derived`` (the record keeps them)
+        earlier = _EARLIER_STEPS.search(desc)
+        if earlier and description is None and number > 1000:
+            desc, number = desc[:earlier.start()], number - 1000
         desc, number = f"{desc} ({derived})", 1000 + number
     base = _base_dataset(meta, patient, description=desc, sop_class=CTImageStorage,
                          anonymise=anonymise)
