@@ -222,8 +222,7 @@ def run_perfusion(
     # would otherwise pass the VOF's timing rule and scale the AIF by itself
     arterial = (np.asarray(aif_mask, dtype=bool)[search] if aif_mask is not None and aif is None
                 else np.zeros_like(bony))
-    if aif_from.selection is not None:
-        arterial = arterial.copy()
+    if aif_from.selection is not None:  # (a new array either way: indexing copies)
         arterial[aif_from.selection.indices] = True
     vof_curve, vof_from = venous_output(vof, vof_mask, vhu, venh, t, n_base=n_base,
                                         exclude=bony | arterial, aif=aif_raw,

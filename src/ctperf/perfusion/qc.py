@@ -439,7 +439,8 @@ def qc_flags(
         "beyond it is missing from the lesion volumes, and the mid-sagittal plane and the "
         "contralateral reference are read from part of a head; reconstruct with a field of "
         "view that holds the whole head")
-    put("no_skull", skull_share is not None and skull_share < SKULL_SHARE, skull_share,
+    no_skull = skull_share is not None and skull_share < SKULL_SHARE
+    put("no_skull", no_skull, skull_share,
         "no skull in the study (a skull-stripped study, or a phantom without one): the "
         "superior sagittal sinus, where the VOF that scales the AIF for partial volume is best "
         "measured, usually goes with the skull, and a cortical vein taken instead is diluted "
@@ -447,7 +448,6 @@ def qc_flags(
         "cannot be judged; the lesions leave out the brain's outer 2 mm, here the cortex's "
         "surface. Check the VOF's voxels (summary.json), or give --vof-mask on the sinus of "
         "the unstripped study")
-    no_skull = skull_share is not None and skull_share < SKULL_SHARE
     put("no_head_outline", no_skull and edge_share is not None and edge_share > max_edge_share,
         edge_share if no_skull else None,
         f"no skull, and the brain found covers more than {max_edge_share:.0%} of the image's "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from ctperf.types import CTPSeries
 
 log = logging.getLogger(__name__)
 
-__all__ = ["analyse_study", "filters_by_default"]
+__all__ = ["analyse_study", "filters_by_default", "preprocessed_before"]
 
 
 def filters_by_default(method: str) -> bool:
@@ -23,6 +24,13 @@ def filters_by_default(method: str) -> bool:
     of its neighbours', which the filter's averaging breaks (docs/bayes.md, "Filtered
     studies")."""
     return method != "bayes"
+
+
+def preprocessed_before(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """The record ``ctperf preprocess`` left in a study's meta (``registered``, ``filtered``),
+    or {} for a study it did not write."""
+    record = meta.get("preprocess")
+    return dict(record) if isinstance(record, Mapping) else {}
 
 
 def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool = True,
@@ -70,7 +78,7 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
     """
     from ctperf.perfusion import run_perfusion
 
-    earlier = series.meta.get("preprocess")  # a study that ctperf preprocess wrote
+    done = preprocessed_before(series.meta)
     motion = None
     if register:
         motion = _register(series, workers=workers, progress=progress)
@@ -83,7 +91,6 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         log.warning("%s on a filtered study: its spatial prior pools the neighbours itself, and "
                     "filtered noise is correlated between them (docs/bayes.md, \"Filtered "
                     "studies\")", method)
-    done = earlier if isinstance(earlier, dict) else {}
     before = series.meta.get("bilateral") if done.get("filtered") else None
     if filter:
         if done.get("filtered"):

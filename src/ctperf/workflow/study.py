@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.lesion_options import LesionOptions
-from ctperf.workflow.analysis import analyse_study
+from ctperf.workflow.analysis import analyse_study, preprocessed_before
 
 __all__ = ["MapsOptions", "PredictOptions", "PreprocessOptions", "StudyOutcome", "maps_study",
            "predict_study", "preprocess_study", "write_maps_outputs"]
@@ -306,8 +306,7 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
                         filter_weights=o.filter_weights, workers=o.workers,
                         progress=o.progress)
     # No study path in the outputs: folder names often hold the patient's name.
-    earlier = result.series.meta.get("preprocess")  # a study ctperf preprocessed before
-    done = earlier if isinstance(earlier, dict) else {}
+    done = preprocessed_before(result.series.meta)  # a study ctperf preprocessed before
     meta = {**result.series.meta, "preprocess": {
         "registered": bool(o.register or done.get("registered")),
         "filtered": bool(o.filter or done.get("filtered")),
