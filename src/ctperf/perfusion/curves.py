@@ -13,6 +13,7 @@ Box model (Bennink et al., J. Med. Imaging 3:026003, 2016, doi:10.1117/1.JMI.3.2
 from __future__ import annotations
 
 import numpy as np
+from scipy import interpolate
 
 from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
@@ -520,6 +521,9 @@ def resample(curves: np.ndarray, times: np.ndarray, grid: np.ndarray) -> np.ndar
 #: interpolated onto the frame times by :func:`on_frame_times`.
 SLICE_TIME_TOLERANCE_S = 0.05
 
+#: Voxels interpolated at once by :func:`on_frame_times` (memory).
+_SPLINE_CHUNK = 65536
+
 
 def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
     """The study with every slice's curves on the frame times, and the largest shift (s).
@@ -527,9 +531,12 @@ def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
     A scanner that sweeps its slices one after another (shuttle and helical perfusion modes)
     takes each slice of a frame at its own time (``series.slice_times``), up to a second apart;
     the fits see one time per frame (``series.times``, the frame's mean), so each slice's
-    curves are interpolated linearly from its own times onto them (the first and last values
-    held outside the slice's span). A study without slice times, or whose slices lie within
-    :data:`SLICE_TIME_TOLERANCE_S` of their frame's time, is returned as it is (shift 0).
+    curves are interpolated from its own times onto them by a cubic spline (not-a-knot; the
+    first and last values held outside the slice's span). A straight line between frames
+    would cut a bolus's peak by how far a slice lies from its frame's time, so slices at the
+    ends of a sweep would read a lower CBF than those in its middle. A study without slice
+    times, or whose slices lie within :data:`SLICE_TIME_TOLERANCE_S` of their frame's time,
+    is returned as it is (shift 0).
     """
     if series.slice_times is None:
         return series, 0.0
@@ -538,7 +545,14 @@ def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
     if shift <= SLICE_TIME_TOLERANCE_S:
         return series, 0.0
     hu = np.empty_like(series.hu)
-    for z in range(series.hu.shape[1]):
+    n_t, n_z = series.hu.shape[:2]
+    for z in range(n_z):
         grid = np.clip(frame, own[0, z], own[-1, z])
-        hu[:, z] = resample(series.hu[:, z], own[:, z], grid)
+        flat = series.hu[:, z].reshape(n_t, -1)
+        out = np.empty_like(flat)
+        for a in range(0, flat.shape[1], _SPLINE_CHUNK):   # float64 coefficients: in blocks
+            spline = interpolate.make_interp_spline(own[:, z], flat[:, a:a + _SPLINE_CHUNK],
+                                                    k=min(3, n_t - 1), axis=0)
+            out[:, a:a + _SPLINE_CHUNK] = spline(grid)
+        hu[:, z] = out.reshape(hu[:, z].shape)
     return series.replace(hu=hu, slice_times=None), shift
