@@ -945,3 +945,101 @@ def test_exact_whole_seconds_of_a_two_rate_protocol_are_not_doubted(tmp_path, rn
         back = read_dicom_series(tmp_path / "d")
     np.testing.assert_allclose(back.times - back.times[0], times, atol=1e-6)
     assert "whole seconds" not in caplog.text
+
+
+def _recon_clock(ds, t, z):
+    """AcquisitionDateTime gone; ContentTime a reconstruction's clock, 0.5 s per image."""
+    del ds.AcquisitionDateTime
+    ds.ContentTime = f"1100{int(0.5 * (t * 3 + z)):02d}.{int(5e5 * ((t * 3 + z) % 2)):06d}"
+
+
+def test_a_time_tag_some_images_lack_is_not_passed_over_for_another_clock(tmp_path, rng):
+    """One image without AcquisitionTime made every image's times come from ContentTime, a
+    reconstruction's clock here: the frames were read 0.5 s apart instead of 1.5-1.75 s,
+    exit 0. The reader names the image and refuses; with the spacing given it orders by
+    index, saying why."""
+    def edit(ds, t, z):
+        _recon_clock(ds, t, z)
+        if (t, z) == (2, 1):
+            del ds.AcquisitionTime
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with pytest.raises(InputError, match=r"has no AcquisitionTime, which 14 of the series' 15 "
+                                         r"images carry; ContentTime.*another clock"):
+        read_dicom_series(study.folder)
+    series = read_dicom_series(study.folder, frame_interval=1.5)
+    np.testing.assert_array_equal(series.hu, study.hu)
+    assert "TemporalPositionIndex" in series.meta["timing_source"]
+
+
+def test_a_time_tag_some_images_lack_gives_way_to_one_that_agrees(tmp_path, rng, caplog):
+    """ContentTime equal to AcquisitionTime (to one offset) where both are: read from it,
+    with a warning naming how many images lack AcquisitionTime."""
+    def edit(ds, t, z):
+        del ds.AcquisitionDateTime
+        if t == 3:
+            del ds.AcquisitionTime
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    np.testing.assert_allclose(series.times, study.times, atol=1e-4)
+    assert "3 of 15 images have no AcquisitionTime" in caplog.text
+
+
+def test_a_time_tag_only_some_images_hold_is_named(tmp_path, rng):
+    """Two thirds of the images hold AcquisitionTime and none another time tag: the error
+    named "no acquisition times"; now the image without it and how many have it."""
+    def edit(ds, t, z):
+        for tag in ("AcquisitionDateTime", "ContentTime"):
+            delattr(ds, tag)
+        if z == 2:
+            del ds.AcquisitionTime
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with pytest.raises(InputError, match="has no AcquisitionTime, which 10 of the series' 15 "
+                                         "images carry, and no other time tag"):
+        read_dicom_series(study.folder)
+
+
+def test_a_clock_that_jumps_back_against_the_temporal_index_is_refused(tmp_path, rng, caplog):
+    """Frame 4's clock stamped 3.5 s early in every slice while TemporalPositionIndex keeps
+    the acquisition's order: read before, with frame 4 moved into the middle of the scan and
+    exit 0. Refused now, naming the image; with the spacing given, ordered by the index."""
+    def edit(ds, t, z):
+        if t == 3:
+            when = dt.datetime.strptime(ds.AcquisitionDateTime, "%Y%m%d%H%M%S.%f") \
+                - dt.timedelta(seconds=3.5)
+            ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
+            ds.AcquisitionTime = ds.ContentTime = when.strftime("%H%M%S.%f")
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with pytest.raises(InputError, match=r"TemporalPositionIndex 4.*contradicts "
+                                         r"TemporalPositionIndex"):
+        read_dicom_series(study.folder)
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder, frame_interval=1.5)
+    np.testing.assert_array_equal(series.hu, study.hu)
+    assert "frames ordered by index" in caplog.text
+
+
+def test_a_frame_interval_that_flattens_the_files_own_times_is_warned_of(tmp_path, rng,
+                                                                        caplog):
+    """A two-rate protocol (1 s, then 3 s) read with --frame-interval 1: the last frames
+    placed seconds early, without a word before; now a warning gives the files' steps."""
+    steps = np.r_[0.0, 1.0, 1.0, 3.0, 3.0]
+
+    def edit(ds, t, z):
+        when = dt.datetime(2021, 3, 4, 10, 20, 30) + dt.timedelta(seconds=float(steps[:t + 1]
+                                                                                 .sum()))
+        ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
+        ds.AcquisitionTime = ds.ContentTime = when.strftime("%H%M%S.%f")
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        read_dicom_series(study.folder)
+    assert "frame_interval" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder, frame_interval=1.0)
+    np.testing.assert_array_equal(series.times, np.arange(5.0))
+    assert "AcquisitionDateTime steps by 1-3 s: the files' own times are not used" in caplog.text

@@ -210,7 +210,7 @@ def _by_time(root: Path, tag: str, values: list[list[float]],
         a, b = ordered[z][t][1], ordered[z][t + 1][1]
         raise InputError(b.path, f"non-monotonic frame times: same {tag} as {a.path.name} in "
                                  "the same slice; give frame_interval (--frame-interval "
-                                 "SECONDS) to order by index instead")
+                                 "SECONDS) to order by index instead, evenly spaced")
     return [[h for _, h in o] for o in ordered], times
 
 
@@ -265,14 +265,21 @@ def _order_frames(root: Path, slices: list[list[Header]],
     whole seconds for half-second frames, is passed over for the next, and one in whole
     seconds gives way to a later one that counts the same times more finely (a clock to its
     whole seconds, a relative time to one start time), with a warning when none does and the
-    seconds step unevenly. Without one, frames
-    are ordered by index when ``frame_interval`` is given, else the first tag's error is
-    raised."""
+    seconds step unevenly. A tag that only some images hold is not passed over in silence: the
+    tag read instead must agree with it where both are, and an order of time that
+    TemporalPositionIndex contradicts is an error (a clock that jumped). Without a tag, or
+    where one of these checks fails, frames are ordered by index when ``frame_interval`` is
+    given, else an error is raised."""
     passed: list[InputError] = []
     found_first: tuple[list[list[Header]], np.ndarray, str] | None = None
+    values: dict[str, list[list[float | None]]] = {}
+    partial: str | None = None                  # the first tag that only some images hold
+    chosen: tuple[list[list[Header]], np.ndarray, str] | None = None
     for tag in TIME_TAGS:
-        found = [[time_of(h, tag) for h in s] for s in slices]
+        found = values[tag] = [[time_of(h, tag) for h in s] for s in slices]
         if any(v is None for s in found for v in s):
+            if partial is None and any(v is not None for s in found for v in s):
+                partial = tag
             continue
         try:
             frames, times = _by_time(root, tag, [[v or 0.0 for v in s] for s in found], slices)
@@ -295,14 +302,38 @@ def _order_frames(root: Path, slices: list[list[Header]],
         if found_first is not None:
             log.info("%s: frame times from %s, finer than %s's whole seconds", root, tag,
                      found_first[2])
-        return frames, times, tag
-    if found_first is not None:
+        chosen = frames, times, tag
+        break
+    if chosen is None and found_first is not None:
         _say_passed_over(root, found_first[2], passed)
         if frame_interval is None:
             _whole_seconds_warning(root, found_first[2], found_first[1])
-        return found_first
-    if passed and frame_interval is None:
-        raise passed[0]
+        chosen = found_first
+    if frame_interval is not None:
+        _frame_interval_warning(root, frame_interval, values)
+    problem = None
+    if chosen is not None:
+        problem = _partial_tag_problem(root, slices, values, partial, chosen[2]) \
+            or _index_order_problem(chosen[0], chosen[2])
+        if problem is None:
+            return chosen
+    elif partial is not None:
+        n_have = sum(v is not None for s in values[partial] for v in s)
+        missing = next(h for s, v in zip(slices, values[partial], strict=True)
+                       for h, x in zip(s, v, strict=True) if x is None)
+        problem = InputError(missing.path, f"has no {partial}, which {n_have} of the series' "
+                                           f"{sum(map(len, slices))} images carry, and no "
+                                           "other time tag orders the frames")
+    if frame_interval is None:
+        if problem is not None:
+            raise InputError(problem.path, f"{problem.problem}; restore the files' times, or "
+                                           "give frame_interval (--frame-interval SECONDS) "
+                                           "to order the frames by index, evenly spaced")
+        if passed:
+            raise passed[0]
+    elif problem is not None:
+        log.warning("%s: %s; frames ordered by index, as frame_interval is given",
+                    problem.path, problem.problem)
     for tag in _INDEX_TAGS:
         keys = [[h.get(tag) for h in s] for s in slices]
         if any(k is None for s in keys for k in s) or any(len(set(s)) < len(s) for s in keys):
@@ -317,6 +348,83 @@ def _order_frames(root: Path, slices: list[list[Header]],
         return frames, np.full((len(frames[0]), len(frames)), np.nan), tag
     raise InputError(root, "cannot order frames: no acquisition times and no unique "
                            "TemporalPositionIndex or InstanceNumber within each slice")
+
+
+def _partial_tag_problem(root: Path, slices: list[list[Header]],
+                         values: dict[str, list[list[float | None]]], partial: str | None,
+                         tag: str) -> InputError | None:
+    """An error when ``partial``, a time tag before ``tag`` that only some images hold,
+    disagrees with ``tag`` in the images holding both (another clock: a reconstruction's
+    ContentTime): by more than half a frame, beyond one constant offset. None when they agree
+    (a warning says which tag was read) or there is no such tag."""
+    if partial is None or TIME_TAGS.index(partial) > TIME_TAGS.index(tag):
+        return None
+    pairs = [(x, y) for s in zip(values[partial], values[tag], strict=True)
+             for x, y in zip(*s, strict=True) if x is not None]
+    have, read = np.array(pairs, dtype=float).T
+    offset = read - have
+    offset = (offset - offset[0] + 43200.0) % 86400.0 - 43200.0     # a clock past midnight
+    steps = np.diff(np.sort(np.asarray([v for s in values[tag] for v in s], dtype=float)))
+    step = float(np.median(steps[steps > 0])) if np.any(steps > 0) else 1.0
+    tolerance = 0.5 * step + (1.0 if np.all(np.mod(have, 1.0) == 0) else 0.0)
+    n_miss = sum(map(len, slices)) - have.size
+    missing = next(h for s, v in zip(slices, values[partial], strict=True)
+                   for h, x in zip(s, v, strict=True) if x is None)
+    if np.ptp(offset) > tolerance:
+        return InputError(missing.path, f"has no {partial}, which {have.size} of the series' "
+                                        f"{have.size + n_miss} images carry; {tag}, the "
+                                        f"next time tag, is another clock (it differs from "
+                                        f"{partial} by {np.ptp(offset):.3g} s more in some "
+                                        "images than in others)")
+    log.warning("%s: %d of %d images have no %s (first: %s); frame times from %s, which "
+                "agrees with it within %.3g s in the others", root, n_miss,
+                have.size + n_miss, partial, missing.path.name, tag, np.ptp(offset))
+    return None
+
+
+def _index_order_problem(frames: list[list[Header]], tag: str) -> InputError | None:
+    """An error when TemporalPositionIndex (or TemporalPositionIdentifier), held by every image
+    and distinct within each slice, does not increase along the frames ordered by ``tag``:
+    a clock that jumped, which would read a frame at another time."""
+    for index in ("TemporalPositionIndex", "TemporalPositionIdentifier"):
+        keys = [[optional_number(h, index) for h in s] for s in frames]
+        if any(k is None for s in keys for k in s) or any(len(set(s)) < len(s) for s in keys):
+            continue
+        for s, k in zip(frames, keys, strict=True):
+            back = np.flatnonzero(np.diff(np.asarray(k, dtype=float)) < 0)
+            if back.size:
+                a, b = s[back[0]], s[back[0] + 1]
+                return InputError(a.path, f"{tag} puts it ({index} {k[back[0]]:g}) before "
+                                          f"{b.path.name} ({index} {k[back[0] + 1]:g}): the "
+                                          f"order of {tag} contradicts {index} (a clock "
+                                          "that jumped?)")
+        return None
+    return None
+
+
+def _frame_interval_warning(root: Path, frame_interval: float,
+                            values: dict[str, list[list[float | None]]]) -> None:
+    """Warn when ``frame_interval`` spaces the frames evenly but the files' own times (the
+    first time tag every image holds) step unevenly, or by another amount: the times given
+    replace them, and a two-rate protocol's slower frames would be read too early."""
+    for tag, found in values.items():
+        if any(v is None for s in found for v in s):
+            continue
+        table = [np.sort(np.asarray(s, dtype=float)) for s in found]
+        span = float(np.median([s[-1] - s[0] for s in table]))
+        steps = np.concatenate([np.diff(s) for s in table])
+        steps = steps[steps > 0]
+        if not steps.size:
+            return                              # one time for all frames: nothing to compare
+        # a clock cut to whole seconds steps by n and n + 1 s: uneven only beyond that
+        cut = bool(np.all(np.mod(steps, 1.0) == 0) and np.ptp(steps) <= 1.0)
+        uneven = steps.max() > 1.5 * steps.min() and not cut
+        longer = abs(span - (len(table[0]) - 1) * frame_interval) > max(1.0, 0.05 * span)
+        if uneven or longer:
+            log.warning("%s: frames spaced evenly every %g s (frame_interval), but %s steps by "
+                        "%.3g-%.3g s: the files' own times are not used", root, frame_interval,
+                        tag, steps.min(), steps.max())
+        return
 
 
 def _say_passed_over(root: Path, tag: str, passed: list[InputError]) -> None:
@@ -461,7 +569,9 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         Seconds between frames. Required when no timing tag (AcquisitionDateTime,
         AcquisitionTime, ContentTime, then FrameReferenceTime and TriggerTime in ms) increases
         within each slice (frames are then ordered by TemporalPositionIndex, else
-        InstanceNumber); when given, it replaces the times from the files.
+        InstanceNumber, as also when a time tag only some images hold disagrees with the one
+        read instead, or TemporalPositionIndex contradicts the order of time); when given, it
+        replaces the times from the files, with a warning when they step otherwise.
     workers : int, optional
         Decoder threads (default: the number of CPUs, at most 8). The JPEG decoders (pylibjpeg,
         GDCM) hold the GIL, so with compressed files threads mostly overlap file reads.
@@ -486,7 +596,9 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         Naming the file or folder: unreadable or damaged files, duplicate or missing (frame,
         slice) images, a time point missing from every slice (a hole in TemporalPositionIndex
         or fewer than NumberOfTemporalPositions), numeric tags that are not numbers, fewer
-        than three frames, implausible frame timing, images whose values are not CT numbers
+        than three frames, implausible frame timing (a time tag only some images hold that
+        the tag read instead disagrees with, an order of time that TemporalPositionIndex
+        contradicts), images whose values are not CT numbers
         (an image unlike its slice's other frames among them), or more pixels than memory
         holds. Each file is rescaled with its own RescaleSlope/Intercept.
     """
