@@ -208,13 +208,18 @@ def test_a_second_run_into_a_folder_being_written_is_refused(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / ".ctperf-output").write_text("")
-    (out / LOCK).write_text(f"{socket.gethostname()} {os.getppid()}\n")  # alive: pytest's parent
-    with pytest.raises(InputError, match=rf"is being written by process {os.getppid()}"):
-        run_cohort(_studies("a"), out, _echo_task, {"upper": False}, workers=1)
-    assert CALLS == [] and not (out / MANIFEST).exists()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    (out / LOCK).write_text(f"{socket.gethostname()} {dead.pid}\n")  # its run was killed
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from ctperf.io.state "
+                               "import folder_lock\nwith folder_lock(sys.argv[1]):\n"
+                               "    print('held', flush=True); time.sleep(120)", str(out)],
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    try:
+        with pytest.raises(InputError, match=rf"is being written by process {holder.pid}"):
+            run_cohort(_studies("a"), out, _echo_task, {"upper": False}, workers=1)
+    finally:
+        holder.kill()                           # its run killed: the lock file stays
+        holder.wait()
+    assert CALLS == [] and not (out / MANIFEST).exists() and (out / LOCK).exists()
     assert run_cohort(_studies("a"), out, _echo_task, {"upper": False}, workers=1).done == ("a",)
     assert not (out / LOCK).exists()  # released at the end
 

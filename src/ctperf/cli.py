@@ -13,6 +13,7 @@ import sys
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, NoReturn
 
 from ctperf import commands
@@ -59,11 +60,29 @@ def _terminated(signum: int, frame: Any) -> None:
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS})
 
 
+def _output_arg(args: argparse.Namespace) -> Path | None:
+    """The command's output path (its ``out``, ``outdir`` or ``dst``), None without one."""
+    return next((Path(getattr(args, n)) for n in ("out", "outdir", "dst")
+                 if getattr(args, n, None) is not None), None)
+
+
 def _output_of(args: argparse.Namespace) -> str:
-    for name in ("out", "outdir", "dst"):
-        if getattr(args, name, None) is not None:
-            return str(getattr(args, name))
-    return "the output"
+    out = _output_arg(args)
+    return "the output" if out is None else str(out)
+
+
+@contextmanager
+def _lock_output(args: argparse.Namespace) -> Iterator[None]:
+    """Hold the command's output for its whole run (:func:`ctperf.io.state.output_lock`): two
+    runs into one output had both exited 0, the last one's output replacing the first's."""
+    out = _output_arg(args)
+    if out is None:
+        yield
+        return
+    from ctperf.io.state import output_lock
+
+    with output_lock(out):
+        yield
 
 
 @contextmanager
@@ -89,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     set_writer(f"ctperf {args.command}")
     try:
-        with _exit_cleanly_on_sigterm():
+        with _exit_cleanly_on_sigterm(), _lock_output(args):
             return int(args.func(args) or 0)
     except CTPerfError as exc:
         print(f"ctperf {args.command}: error: {exc}", file=sys.stderr)

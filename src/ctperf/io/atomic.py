@@ -89,8 +89,13 @@ def _temp_prefix() -> str:
 
 
 def _temp_suffix(name: str) -> str:
-    """``.<name>`` (keeps ``.nii.gz`` for writers that choose a format by extension)."""
-    return f".{name}" if len(name) <= 160 else "".join(Path(name).suffixes)[-40:]
+    """``.<name>`` (keeps ``.nii.gz`` for writers that choose a format by extension); for a
+    name over 160 bytes (a file system's limit is 255 bytes, not characters) its extensions,
+    when they are short."""
+    if len(name.encode()) <= 160:
+        return f".{name}"
+    suffixes = "".join(Path(name).suffixes)
+    return suffixes if len(suffixes.encode()) <= 40 else ""
 
 
 def _pid_alive(pid: int) -> bool:

@@ -8,7 +8,10 @@ same folder at the same time.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
@@ -16,10 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.errors import InputError
-from ctperf.io.atomic import _pid_alive
 
 __all__ = ["LOCK", "MANIFEST", "MANIFEST_FORMAT", "MANIFEST_STATES", "files_state",
-           "folder_lock", "load_manifest"]
+           "folder_lock", "load_manifest", "output_lock"]
+
+log = logging.getLogger(__name__)
 
 #: The lock file a running cohort holds in its output folder.
 LOCK = ".ctperf-lock"
@@ -65,41 +69,129 @@ def _holder(lock: Path) -> tuple[str, int] | None:
         return None
 
 
+#: Locks this process holds: lock file -> [descriptor, depth] (a run's inner steps take the
+#: lock their command already holds).
+_HELD: dict[Path, list[int]] = {}
+
+
+def _take(lock: Path, what: Path, *, required: bool) -> int | None:
+    """An open descriptor of ``lock`` holding its exclusive ``flock``; None where the file
+    system keeps no locks (a warning says so), or, when not ``required``, where the lock file
+    cannot be made (the run then meets the folder's own refusal).
+
+    A lock lives as long as its holder's process: the kernel lets it go when that process
+    ends, however it ends, so a run killed before releasing it leaves nothing to take over.
+    The holder removes the file before letting it go; a run that opened the file just before
+    (its lock then on a file no longer in the folder) sees this and opens it again.
+    """
+    for _ in range(100):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_RDWR, 0o644)
+        except OSError:
+            if required:
+                raise
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = _holder(lock)
+            who = (f"process {holder[1]} on {holder[0]}" if holder is not None
+                   else "another run")
+            raise InputError(what, f"is being written by {who}; wait for it to end, or "
+                                   "choose another output") from None
+        except OSError as exc:                  # a file system without locks (some NFS)
+            os.close(fd)
+            log.warning("%s: cannot lock (%s): a second run into it would not be noticed",
+                        what, exc.strerror)
+            return None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+    raise InputError(what, f"could not take its lock {lock.name}: it kept being replaced")
+
+
+@contextlib.contextmanager
+def _hold(lock: Path, what: Path, *, required: bool = True) -> Iterator[Path]:
+    """Hold ``lock`` (re-entrant within this process) while a run writes ``what``."""
+    key = lock.absolute()
+    if key in _HELD:
+        _HELD[key][1] += 1
+        try:
+            yield lock
+        finally:
+            _HELD[key][1] -= 1
+        return
+    fd = _take(lock, what, required=required)
+    if fd is None:
+        yield lock
+        return
+    _HELD[key] = [fd, 1]
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
+        yield lock
+    finally:
+        del _HELD[key]
+        with contextlib.suppress(OSError):
+            lock.unlink()                       # before letting go: see _take
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def folder_lock(folder: Path) -> Iterator[Path]:
     """Hold ``folder/.ctperf-lock`` while a run writes ``folder``: a second run refused while
     the first is alive (two cohort runs into one folder had each rewritten the manifest from
-    its own memory and replaced the other's studies, both exiting 0). A lock left by a process
-    of this host that no longer runs is taken over.
+    its own memory and replaced the other's studies, both exiting 0). The lock goes with the
+    process that holds it, however that process ends.
 
     Raises
     ------
     InputError
-        Another live run (this host's, or any other host's) holds the lock.
+        Another live run (of this host or, on a file system that shares locks, any other)
+        holds the lock.
     """
-    lock = Path(folder) / LOCK
-    me = f"{socket.gethostname()} {os.getpid()}"
-    for attempt in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            break
-        except FileExistsError:
-            holder = _holder(lock)
-            if (attempt == 0 and holder is not None and holder[0] == socket.gethostname()
-                    and not _pid_alive(holder[1])):
-                lock.unlink(missing_ok=True)  # its run ended without releasing it
-                continue
-            who = (f"process {holder[1]} on {holder[0]}" if holder is not None
-                   else "another run")
-            raise InputError(folder, f"is being written by {who} ({LOCK}); wait for it to "
-                                     f"end, or delete {LOCK} if that run is gone") from None
-    with os.fdopen(fd, "w") as f:
-        f.write(me + "\n")
-    try:
+    with _hold(Path(folder) / LOCK, Path(folder)) as lock:
         yield lock
+
+
+def _sibling_lock(path: Path) -> Path:
+    """The lock file beside ``path``: ``.<name>.ctperf-lock`` (a digest for long names)."""
+    name = f".{path.name}{LOCK}"
+    if len(name.encode()) > 200:
+        name = f"{LOCK}.{hashlib.sha1(path.name.encode()).hexdigest()[:16]}"
+    return path.parent / name
+
+
+@contextlib.contextmanager
+def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
+    """Hold a lock beside ``out`` (a file or a folder, existing or not) for a whole run, so
+    that a second run writing the same output refuses to start instead of both running and
+    the last one's output silently replacing the first's. Parent folders it has to make for
+    the lock and that stay empty are removed again.
+
+    Raises
+    ------
+    InputError
+        Another live run holds the lock.
+    """
+    path = Path(out).absolute()
+    made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        made = []                               # the command's own checks say why
+    try:
+        with _hold(_sibling_lock(path), Path(out), required=False):
+            yield
     finally:
-        if _holder(lock) == (socket.gethostname(), os.getpid()):
-            lock.unlink(missing_ok=True)
+        for folder in made:                     # the deepest first
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def load_manifest(out: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:

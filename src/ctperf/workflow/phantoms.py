@@ -100,21 +100,24 @@ def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
         When a subject failed (after the others were written); the manifest names each
         failure.
     """
+    from ctperf.io.state import output_lock
+
     root = Path(folder)
     if root.exists() and not root.is_dir():
         raise InputError(root, "exists and is not a folder")
     recipe = json.loads(json.dumps({"seed": seed, "options": subject_options}))
-    known = _check_recipe(root, recipe)
-    draw_parameters(seed=subject_seed(seed, 0),
-                    **{k: v for k, v in subject_options.items() if k != "progress"})
-    check_source(str(subject_options.get("anatomy", "procedural")))  # before any file
-    root.mkdir(parents=True, exist_ok=True)
-    write_json({"subjects": max(subjects, known), **recipe}, root / "cohort.json")
-    studies = [Study(f"sub-{i:04d}", i) for i in range(subjects)]
-    options = {"seed": seed, "subject_options": subject_options, "dicom": dicom,
-               "preview": preview}
-    summary = run_cohort(studies, root, make_cohort_subject, options, workers=workers,
-                         scheduler=scheduler, progress=progress)
+    with output_lock(root):     # before cohort.json: a refused second run had rewritten it
+        known = _check_recipe(root, recipe)
+        draw_parameters(seed=subject_seed(seed, 0),
+                        **{k: v for k, v in subject_options.items() if k != "progress"})
+        check_source(str(subject_options.get("anatomy", "procedural")))  # before any file
+        root.mkdir(parents=True, exist_ok=True)
+        write_json({"subjects": max(subjects, known), **recipe}, root / "cohort.json")
+        studies = [Study(f"sub-{i:04d}", i) for i in range(subjects)]
+        options = {"seed": seed, "subject_options": subject_options, "dicom": dicom,
+                   "preview": preview}
+        summary = run_cohort(studies, root, make_cohort_subject, options, workers=workers,
+                             scheduler=scheduler, progress=progress)
     if summary.failed:
         first = summary.failure_lines()[0]
         raise CTPerfError(f"{len(summary.failed)} of {subjects} subjects failed ({first}); "

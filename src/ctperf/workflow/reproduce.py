@@ -176,10 +176,18 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
     -------
     ReproduceOutcome
     """
+    from ctperf.io.state import output_lock
+
+    with output_lock(out):  # a second run had redone the first's steps beside it
+        return _reproduce_cohort(Path(cohort), Path(out), config, options,
+                                 echo or (lambda line: None))
+
+
+def _reproduce_cohort(cohort: Path, out: Path, config: Any, options: ReproduceOptions,
+                      say: Callable[[str], None]) -> ReproduceOutcome:
+    """:func:`reproduce_cohort` once it holds OUT."""
     from ctperf import io
 
-    say = echo or (lambda line: None)
-    cohort, out = Path(cohort), Path(out)
     layout = cohort_layout(cohort)
     if options.reference == "truth" and layout != "phantom":
         raise InputError(cohort, "has no true maps: --reference truth needs a phantom cohort")

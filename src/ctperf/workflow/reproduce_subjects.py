@@ -55,11 +55,19 @@ def reference_subject(source: dict[str, str], target: Path, options: Any) -> Non
         maps_study(study, target, options)
     except ValidationError as exc:
         artery = Path(source["artery"])
-        if "no arterial candidates" not in str(exc) or not artery.exists():
+        if "no arterial candidates" not in str(exc) or not _has_voxels(artery):
             raise
-        log.warning("%s: %s; the phantom's artery mask is used as the AIF mask", target.name,
-                    exc)
+        log.warning("%s; the phantom's artery mask is used as the AIF mask",
+                    exc if target.name in str(exc) else f"{target.name}: {exc}")
         maps_study(study, target, dataclasses.replace(options, aif_mask=artery))
+
+
+def _has_voxels(mask: Path) -> bool:
+    """Whether a mask file exists and marks at least one voxel (a phantom made before its
+    artery mask was kept from being empty may hold none)."""
+    from ctperf import io
+
+    return mask.exists() and bool(io.read_volume(mask)[0].any())
 
 
 def unitobrain_reference(source: tuple[str, str], target: Path, options: Any) -> None:

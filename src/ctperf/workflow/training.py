@@ -346,9 +346,17 @@ def train_cohort(cohort: str | Path, out: str | Path, config: Any,
     -------
     TrainingOutcome
     """
+    from ctperf.io.state import output_lock
+
+    with output_lock(out):
+        return _train_cohort(Path(cohort), Path(out), config, options)
+
+
+def _train_cohort(cohort: Path, out: Path, config: Any,
+                  options: TrainingOptions) -> TrainingOutcome:
+    """:func:`train_cohort` once it holds OUT (a second run into it refused)."""
     from ctperf.model import train
 
-    cohort, out = Path(cohort), Path(out)
     held_out = held_out_patients(options)
     _check_before_work(cohort, config, options, held_out)
     if options.resume and not (out / "last.pt").exists():  # a mistyped folder is noticed
@@ -394,9 +402,17 @@ def cross_validate_cohort(cohort: str | Path, out: str | Path, config: Any,
     TrainingOutcome
         ``folds`` in fold order (fold k is ``folds[k - 1]``), ``rows`` Table 1.
     """
+    from ctperf.io.state import output_lock
+
+    with output_lock(out):
+        return _cross_validate_cohort(Path(cohort), Path(out), config, options, folds)
+
+
+def _cross_validate_cohort(cohort: Path, out: Path, config: Any, options: TrainingOptions,
+                           folds: int) -> TrainingOutcome:
+    """:func:`cross_validate_cohort` once it holds OUT."""
     from ctperf.model import cross_validate, format_table, make_folds
 
-    cohort, out = Path(cohort), Path(out)
     held_out = held_out_patients(options)
     _check_before_work(cohort, config, options, held_out, folds)
     cache, pretrain, config = prepare_training(cohort, out, config, options)
