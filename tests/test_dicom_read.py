@@ -1043,3 +1043,22 @@ def test_a_frame_interval_that_flattens_the_files_own_times_is_warned_of(tmp_pat
         series = read_dicom_series(study.folder, frame_interval=1.0)
     np.testing.assert_array_equal(series.times, np.arange(5.0))
     assert "AcquisitionDateTime steps by 1-3 s: the files' own times are not used" in caplog.text
+
+
+def test_slices_imaged_in_two_passes_are_named_as_such(tmp_path, rng):
+    """Two table positions overlapping by a slice: that slice holds every frame twice. The
+    error had named a missing frame of another slice; it now says which slices were imaged
+    twice."""
+    uid = generate_uid()
+    write_fake_study(tmp_path / "s", rng, n_slices=3, series_uid=uid, nested=False)
+
+    def later(ds, t, z):
+        when = dt.datetime.strptime(ds.AcquisitionDateTime, "%Y%m%d%H%M%S.%f") \
+            + dt.timedelta(seconds=0.5)
+        ds.AcquisitionDateTime = when.strftime("%Y%m%d%H%M%S.%f")
+        ds.AcquisitionTime = ds.ContentTime = when.strftime("%H%M%S.%f")
+
+    write_fake_study(tmp_path / "s" / "second pass", rng, n_slices=1, series_uid=uid,
+                     nested=False, edit=later)
+    with pytest.raises(InputError, match=r"slices 0 of 3 hold 2 times as many images"):
+        read_dicom_series(tmp_path / "s")

@@ -214,6 +214,15 @@ def check_frame_counts(root: Path, slices: Sequence[Sequence[Header]],
     full = max(counts)
     if min(counts) == full:
         return
+    usual = max(set(counts), key=counts.count)
+    if (usual < full and full % usual == 0 and set(counts) == {usual, full}
+            and counts.count(usual) > counts.count(full)):
+        twice = [i for i, c in enumerate(counts) if c == full]
+        raise InputError(root, f"slices {', '.join(map(str, twice))} of {len(slices)} hold "
+                               f"{full // usual} times as many images as the others (counts "
+                               f"per slice {counts}): positions imaged in more than one pass "
+                               "(overlapping table positions?); export one image per slice "
+                               "and frame")
     ref = counts.index(full)
     z = next(i for i, c in enumerate(counts) if c < full)
     where = (f"slice {z} of {len(slices)} (at {positions_mm[z]:.2f} mm along the slice "
