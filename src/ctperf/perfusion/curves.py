@@ -521,9 +521,6 @@ def resample(curves: np.ndarray, times: np.ndarray, grid: np.ndarray) -> np.ndar
 #: interpolated onto the frame times by :func:`on_frame_times`.
 SLICE_TIME_TOLERANCE_S = 0.05
 
-#: Voxels interpolated at once by :func:`on_frame_times` (memory).
-_SPLINE_CHUNK = 65536
-
 
 def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
     """The study with every slice's curves on the frame times, and the largest shift (s).
@@ -548,11 +545,8 @@ def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
     n_t, n_z = series.hu.shape[:2]
     for z in range(n_z):
         grid = np.clip(frame, own[0, z], own[-1, z])
-        flat = series.hu[:, z].reshape(n_t, -1)
-        out = np.empty_like(flat)
-        for a in range(0, flat.shape[1], _SPLINE_CHUNK):   # float64 coefficients: in blocks
-            spline = interpolate.make_interp_spline(own[:, z], flat[:, a:a + _SPLINE_CHUNK],
-                                                    k=min(3, n_t - 1), axis=0)
-            out[:, a:a + _SPLINE_CHUNK] = spline(grid)
-        hu[:, z] = out.reshape(hu[:, z].shape)
+        # the spline is linear in the samples: one (T, T) matrix moves every curve of a slice
+        weights = interpolate.make_interp_spline(own[:, z], np.eye(n_t), k=min(3, n_t - 1),
+                                                 axis=0)(grid).astype(hu.dtype)
+        hu[:, z] = np.tensordot(weights, series.hu[:, z], axes=1)
     return series.replace(hu=hu, slice_times=None), shift
