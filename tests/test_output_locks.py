@@ -159,3 +159,50 @@ def test_an_output_name_long_in_bytes_is_written(tmp_path):
     with atomic_dir(target) as tmp:
         (tmp / "cbf.txt").write_text("1")
     assert (target / "cbf.txt").read_text() == "1"
+
+
+def test_a_second_thread_writing_the_same_output_is_refused(tmp_path):
+    """The lock was re-entrant per process: two threads both entered, and the first to leave
+    removed the lock under the second (a KeyError). Re-entrant per thread now; another thread
+    is refused as another process is."""
+    import threading
+
+    entered, results = threading.Event(), []
+
+    def first():
+        with output_lock(tmp_path / "out"):
+            entered.set()
+            time.sleep(0.5)
+        results.append("first done")
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    entered.wait(10)
+    with pytest.raises(InputError, match="is being written by process"):
+        with output_lock(tmp_path / "out"):
+            pass
+    thread.join()
+    assert results == ["first done"] and list(tmp_path.iterdir()) == []
+
+
+def test_the_demo_holds_its_output(tmp_path):
+    """`ctperf demo` with its default output took no lock (the CLI saw no OUT): the demo takes
+    it itself, before any work."""
+    from ctperf.workflow.demo import DemoOptions, run_demo
+
+    holder = _hold("output", tmp_path / "demo")
+    try:
+        with pytest.raises(InputError, match="is being written by process"):
+            run_demo(tmp_path / "demo", DemoOptions())
+    finally:
+        _kill(holder)
+
+
+def test_a_long_name_keeps_its_extensions_in_the_temporary():
+    """A name over 160 bytes with an early dot ("Dr. ...") lost `.nii.gz` in its temporary's
+    name, and nibabel, which reads the format from it, failed after the whole conversion."""
+    from ctperf.io.atomic import _temp_suffix
+
+    assert _temp_suffix("Dr. " + "検" * 60 + ".nii.gz") == ".nii.gz"
+    assert _temp_suffix("Pat. " + "x" * 180 + ".csv") == ".csv"
+    assert _temp_suffix("x" * 200) == ""

@@ -94,8 +94,12 @@ def _temp_suffix(name: str) -> str:
     when they are short."""
     if len(name.encode()) <= 160:
         return f".{name}"
-    suffixes = "".join(Path(name).suffixes)
-    return suffixes if len(suffixes.encode()) <= 40 else ""
+    kept = ""
+    for suffix in reversed(Path(name).suffixes):   # ".gz", then ".nii"; not ". Smith ..."
+        if len(suffix.encode()) > 10 or len((suffix + kept).encode()) > 20:
+            break
+        kept = suffix + kept
+    return kept
 
 
 def _pid_alive(pid: int) -> bool:
@@ -161,12 +165,13 @@ def remove_stale_temporaries(folder: _PathLike) -> list[Path]:
 
 
 def _contents(folder: Path) -> list[str]:
-    """Relative paths of everything under ``folder`` (links not followed), ctperf's marker and
-    temporaries left out."""
+    """Relative paths of everything under ``folder`` (links not followed), ctperf's marker,
+    temporaries and lock files left out."""
     found = []
     for parent, dirs, files in os.walk(folder):
         for name in (*dirs, *files):
-            if name != MARKER and not name.startswith(TEMP_PREFIX):
+            if (name != MARKER and not name.startswith(TEMP_PREFIX)
+                    and not name.endswith(".ctperf-lock")):  # a killed run's lock file
                 found.append((Path(parent) / name).relative_to(folder).as_posix())
         dirs[:] = [d for d in dirs if not d.startswith(TEMP_PREFIX)]
     return sorted(found)

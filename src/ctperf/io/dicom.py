@@ -354,31 +354,40 @@ def _partial_tag_problem(root: Path, slices: list[list[Header]],
                          values: dict[str, list[list[float | None]]], partial: str | None,
                          tag: str) -> InputError | None:
     """An error when ``partial``, a time tag before ``tag`` that only some images hold,
-    disagrees with ``tag`` in the images holding both (another clock: a reconstruction's
-    ContentTime): by more than half a frame, beyond one constant offset. None when they agree
-    (a warning says which tag was read) or there is no such tag."""
+    disagrees with ``tag`` in the images holding both: within a slice, the two must differ by
+    one amount (a reconstruction's constant delay; a frame's one ContentTime for slices swept
+    at their own AcquisitionTimes) to a tenth of a frame (0.1 s at least, and a second more
+    for a tag in whole seconds); more is another clock. None when they agree (a warning says
+    which tag was read) or there is no such tag."""
     if partial is None or TIME_TAGS.index(partial) > TIME_TAGS.index(tag):
         return None
-    pairs = [(x, y) for s in zip(values[partial], values[tag], strict=True)
-             for x, y in zip(*s, strict=True) if x is not None]
-    have, read = np.array(pairs, dtype=float).T
-    offset = read - have
-    offset = (offset - offset[0] + 43200.0) % 86400.0 - 43200.0     # a clock past midnight
-    steps = np.diff(np.sort(np.asarray([v for s in values[tag] for v in s], dtype=float)))
-    step = float(np.median(steps[steps > 0])) if np.any(steps > 0) else 1.0
-    tolerance = 0.5 * step + (1.0 if np.all(np.mod(have, 1.0) == 0) else 0.0)
-    n_miss = sum(map(len, slices)) - have.size
+    spread, steps = 0.0, []
+    have_all: list[float] = []
+    for s_partial, s_tag in zip(values[partial], values[tag], strict=True):
+        read = np.asarray(s_tag, dtype=float)
+        steps.append(np.diff(np.sort(read)))
+        have = np.array([x is not None for x in s_partial])
+        if have.sum() > 1:
+            offset = read[have] - np.asarray([x for x in s_partial if x is not None], float)
+            offset = (offset - offset[0] + 43200.0) % 86400.0 - 43200.0   # past midnight
+            spread = max(spread, float(np.ptp(offset)))
+        have_all.extend(x for x in s_partial if x is not None)
+    step = np.concatenate(steps)
+    frame_step = float(np.median(step[step > 0])) if np.any(step > 0) else 1.0
+    whole = bool(np.all(np.mod(have_all, 1.0) == 0))
+    tolerance = max(0.1, 0.1 * frame_step) + (1.0 if whole else 0.0)
+    n_images = sum(map(len, slices))
     missing = next(h for s, v in zip(slices, values[partial], strict=True)
                    for h, x in zip(s, v, strict=True) if x is None)
-    if np.ptp(offset) > tolerance:
-        return InputError(missing.path, f"has no {partial}, which {have.size} of the series' "
-                                        f"{have.size + n_miss} images carry; {tag}, the "
-                                        f"next time tag, is another clock (it differs from "
-                                        f"{partial} by {np.ptp(offset):.3g} s more in some "
-                                        "images than in others)")
+    if spread > tolerance:
+        return InputError(missing.path, f"has no {partial}, which {len(have_all)} of the "
+                                        f"series' {n_images} images carry; {tag}, the next "
+                                        f"time tag, is another clock (within a slice it "
+                                        f"differs from {partial} by amounts {spread:.3g} s "
+                                        "apart)")
     log.warning("%s: %d of %d images have no %s (first: %s); frame times from %s, which "
-                "agrees with it within %.3g s in the others", root, n_miss,
-                have.size + n_miss, partial, missing.path.name, tag, np.ptp(offset))
+                "differs from it by one amount within each slice (to %.3g s)", root,
+                n_images - len(have_all), n_images, partial, missing.path.name, tag, spread)
     return None
 
 

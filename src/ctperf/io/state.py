@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -69,9 +70,10 @@ def _holder(lock: Path) -> tuple[str, int] | None:
         return None
 
 
-#: Locks this process holds: lock file -> [descriptor, depth] (a run's inner steps take the
-#: lock their command already holds).
-_HELD: dict[Path, list[int]] = {}
+#: Locks held in this process: (lock file, thread) -> [descriptor, depth] (a run's inner
+#: steps take the lock their command already holds; another thread is refused, as another
+#: process is, by the kernel).
+_HELD: dict[tuple[Path, int], list[int]] = {}
 
 
 def _take(lock: Path, what: Path, *, required: bool) -> int | None:
@@ -118,7 +120,7 @@ def _take(lock: Path, what: Path, *, required: bool) -> int | None:
 @contextlib.contextmanager
 def _hold(lock: Path, what: Path, *, required: bool = True) -> Iterator[Path]:
     """Hold ``lock`` (re-entrant within this process) while a run writes ``what``."""
-    key = lock.absolute()
+    key = (lock.absolute(), threading.get_ident())
     if key in _HELD:
         _HELD[key][1] += 1
         try:

@@ -69,6 +69,14 @@ def run_demo(out: Path, options: DemoOptions, *,
     StudyOutcome
         ``message`` holds the agreement tables (Markdown).
     """
+    from ctperf.io.state import output_lock
+
+    with output_lock(out):
+        return _run_demo(Path(out), options, echo or (lambda line: None))
+
+
+def _run_demo(out: Path, options: DemoOptions, say: Callable[[str], None]) -> StudyOutcome:
+    """:func:`run_demo` once it holds OUT."""
     import numpy as np
 
     from ctperf import io
@@ -84,7 +92,6 @@ def run_demo(out: Path, options: DemoOptions, *,
     o = options
     if o.filter is None:
         o = replace(o, filter=filters_by_default(o.method))
-    say = echo or (lambda line: None)
     io.check_output(out, overwrite=o.overwrite)
     say(f"[1/4] simulating a {o.size} x {o.size} x {o.slices} x {o.frames} "
         f"phantom study (seed {o.seed}, {'no' if o.motion == 'none' else o.motion} motion)")
