@@ -537,3 +537,23 @@ def test_study_names_in_the_logs_hold_per_thread(caplog):
         logging.getLogger("ctperf.x").warning("after both")
     said = sorted(r.getMessage() for r in caplog.records)
     assert said == ["a: warning of a", "after both", "b: warning of b"]
+
+
+def test_the_software_version_changes_with_the_code(tmp_path):
+    """Records said "0.1.0" for 339 commits whose maps differed (CBV 32.4 against 21.4 on one
+    study), so a cohort's one-version guard never fired: the version carries a digest of the
+    package's files, which any change to them moves and compiled caches do not."""
+    import ctperf
+    from ctperf.versioning import software_version, source_digest
+
+    assert software_version().startswith(ctperf.__version__ + "+src.")
+    package = tmp_path / "pkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "a.py").write_text("x = 1\n")
+    (package / "sub" / "b.json").write_text("{}")
+    before = source_digest(package)
+    (package / "__pycache__").mkdir()
+    (package / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
+    assert source_digest(package) == before
+    (package / "a.py").write_text("x = 2\n")
+    assert source_digest(package) != before

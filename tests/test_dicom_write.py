@@ -227,7 +227,7 @@ def test_a_processed_study_is_marked_derived(tmp_path, small_series):
     # maps name ctperf as their maker, not the scanner (PACS had shown ctperf's CBF as a
     # SIEMENS SOMATOM Force image); a filtered study is still the scanner's images, with ctperf
     # as modifying equipment, and reads back with its steps and its scanner
-    from ctperf import __version__
+    from ctperf.versioning import software_version
 
     scanned = small_series.replace(meta={**small_series.meta, "dicom": {
         "Manufacturer": "SIEMENS", "ManufacturerModelName": "SOMATOM Force"}})
@@ -235,13 +235,13 @@ def test_a_processed_study_is_marked_derived(tmp_path, small_series):
         PerfusionMaps(maps={"cbf": np.ones(scanned.shape[1:])}, affine=scanned.affine),
         tmp_path / "m", source=scanned)
     ds = pydicom.dcmread(next(maps_folder.glob("*.dcm")))
-    assert ds.Manufacturer == "ctperf" and ds.SoftwareVersions == __version__
+    assert ds.Manufacturer == "ctperf" and ds.SoftwareVersions == software_version()
     assert "ManufacturerModelName" not in ds
     filtered = write_series_dicom(scanned, tmp_path / "d", derived="registered and filtered")
     ds = pydicom.dcmread(next(filtered.glob("*.dcm")))
     assert (ds.Manufacturer, ds.ManufacturerModelName) == ("SIEMENS", "SOMATOM Force")
     (item,) = ds.ContributingEquipmentSequence
-    assert item.Manufacturer == "ctperf" and item.SoftwareVersions == __version__
+    assert item.Manufacturer == "ctperf" and item.SoftwareVersions == software_version()
     back = read_dicom_series(filtered).meta
     assert back["preprocess"] == {"registered": True, "filtered": True}
     assert back["scanner"] == "SIEMENS SOMATOM Force"

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 
 import ctperf
+import ctperf.versioning
 from ctperf import CTPSeries, PerfusionMaps, ValidationError
 
 
@@ -35,7 +36,7 @@ def test_maps_units_and_provenance():
     cbf = np.ones((2, 3, 4))
     maps = PerfusionMaps(maps={"cbf": cbf, "residual": cbf}, provenance={"method": "x"})
     assert maps.units == {"cbf": "mL/100g/min", "residual": "1"}
-    assert maps.provenance["software_version"] == ctperf.__version__
+    assert maps.provenance["software_version"] == ctperf.versioning.software_version()
     assert maps["cbf"].dtype == np.float32
     with pytest.raises(ValidationError, match="share one shape"):
         PerfusionMaps(maps={"cbf": cbf, "cbv": np.ones((2, 3, 5))})

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 import ctperf
-from ctperf import __version__
 from ctperf.errors import InputError
 from ctperf.io import read_maps, write_series_nifti, write_volume
 from ctperf.lesion_options import LesionOptions
+from ctperf.versioning import software_version
 from ctperf.workflow import (
     MapsOptions,
     PredictOptions,
@@ -121,7 +121,7 @@ def test_maps_of_a_preprocessed_study_say_it_was_preprocessed(study, tmp_path):
     side = json.loads((tmp_path / "pre2" / "study.json").read_text())
     assert side["meta"]["preprocess"]["registered"] and side["meta"]["preprocess"]["filtered"]
     for record in ("transforms.json", "qc.json"):
-        assert json.loads((pre / record).read_text())["software_version"] == __version__
+        assert json.loads((pre / record).read_text())["software_version"] == software_version()
 
 
 def test_study_functions_check_the_output_before_reading(study, tmp_path):

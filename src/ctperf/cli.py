@@ -30,13 +30,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ctperf import __version__
+    from ctperf.versioning import software_version
 
     parser = _Parser(
         prog="ctperf",
         description="CT perfusion maps for acute ischemic stroke (model-based and U-Net).",
     )
-    parser.add_argument("--version", action="version", version=f"ctperf {__version__}")
+    parser.add_argument("--version", action="version", version=f"ctperf {software_version()}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True

@@ -305,9 +305,9 @@ class PerfusionMaps:
             raise ValidationError(f"units given for maps that do not exist: {sorted(unknown)}")
         provenance = dict(self.provenance)
         if "software_version" not in provenance:
-            from ctperf import __version__
+            from ctperf.versioning import software_version
 
-            provenance["software_version"] = __version__
+            provenance["software_version"] = software_version()
         object.__setattr__(self, "maps", maps)
         object.__setattr__(self, "units", units)
         object.__setattr__(self, "affine", _check_affine(self.affine))

@@ -86,13 +86,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctperf import __version__
     from ctperf.errors import InputError, ValidationError
     from ctperf.io import atomic_file, check_output, write_json
     from ctperf.io.curves_csv import read_curves_csv, write_curves_csv
     from ctperf.perfusion import fit_curves
     from ctperf.reporting import curves_figure, save_figure
     from ctperf.types import MAP_UNITS
+    from ctperf.versioning import software_version
 
     sidecar, figure = args.out.with_suffix(".json"), args.out.with_suffix(".png")
     if args.out in (sidecar, figure):
@@ -117,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
         write_json({**fit.provenance, "curves": list(table.names), "units": units,
                     # from the first frame: a clock-time column's time of day is not kept
                     "times_s": [round(float(v - table.times[0]), 4) for v in table.times],
-                    "software_version": __version__}, tmp_json)
+                    "software_version": software_version()}, tmp_json)
         save_figure(curves_figure(table.times, fit, table.names), tmp_png, dpi=110)
     width = max(len(n) for n in table.names)
     shown = ("cbf", "cbv", "mtt", "tmax")

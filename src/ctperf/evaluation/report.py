@@ -135,7 +135,7 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     dict
         The content of ``evaluation.json``.
     """
-    from ctperf import __version__, io
+    from ctperf import io
     from ctperf.evaluation.cohort import (
         evaluate_readers,
         lesion_rule_warnings,
@@ -143,6 +143,7 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
         load_rater,
     )
     from ctperf.reporting.evaluation import evaluation_figures, evaluation_page
+    from ctperf.versioning import software_version
 
     readers = [load_maps_cohort(p, lesion_options=lesion_options) for p in (pred, ref, *compare)]
     if truth is not None:
@@ -182,7 +183,7 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     log_path = Path(train_log) if train_log is not None else Path(pred) / "log.csv"
     train_rows = (_read_train_log(log_path) if train_log is not None or log_path.exists()
                   else None)
-    doc = {"software_version": __version__,
+    doc = {"software_version": software_version(),
            # folder names, not machine paths: the report is made to be shared
            "readers": [{"label": r.label, "kind": r.kind, "path": Path(r.path).name}
                        for r in readers],

@@ -401,13 +401,13 @@ def _window(name: str, values: np.ndarray) -> tuple[float, float]:
 def _contributed_by_ctperf(ds: Dataset, what: str) -> None:
     """Name ctperf, with ``what`` it did, as modifying equipment of a series whose images are
     still the scanner's (General Equipment keeps the scanner; ctperf reads ``what`` back)."""
-    from ctperf import __version__
+    from ctperf.versioning import software_version
 
     code = Dataset()
     code.CodeValue, code.CodingSchemeDesignator = "109103", "DCM"
     code.CodeMeaning = "Modifying Equipment"
     item = Dataset()
-    item.Manufacturer, item.SoftwareVersions = "ctperf", __version__
+    item.Manufacturer, item.SoftwareVersions = "ctperf", software_version()
     item.ContributionDescription = what
     item.PurposeOfReferenceCodeSequence = [code]
     ds.ContributingEquipmentSequence = [item]
@@ -416,10 +416,10 @@ def _contributed_by_ctperf(ds: Dataset, what: str) -> None:
 def _made_by_ctperf(ds: Dataset) -> None:
     """Name ctperf as the equipment that made a derived series (General Equipment module): it
     had carried the scanner's make and model, so PACS showed maps as the scanner's own."""
-    from ctperf import __version__
+    from ctperf.versioning import software_version
 
     ds.Manufacturer = "ctperf"
-    ds.SoftwareVersions = __version__
+    ds.SoftwareVersions = software_version()
     if "ManufacturerModelName" in ds:
         del ds.ManufacturerModelName
 

@@ -32,11 +32,11 @@ _CONFIG_KEYS = (*_MODEL_KEYS, "size", "frames", "frame_mode", "frame_interval", 
 
 def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``state`` (with format tags added) atomically with :func:`torch.save`."""
-    from ctperf import __version__
     from ctperf.io import atomic_file
+    from ctperf.versioning import software_version
 
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION,
-               "software_version": __version__,
+               "software_version": software_version(),
                # floating-point sums, so the weights, depend on it (a run repeats bit for bit
                # at one thread count)
                "torch_threads": torch.get_num_threads(), **state}

@@ -490,13 +490,14 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
                 scheduler: str | None, workers: int | None, progress: bool,
                 started: float) -> CohortSummary:
     """:func:`run_cohort` once it holds the output folder's lock."""
-    from ctperf import __version__
     from ctperf.io.atomic import remove_stale_temporaries
+    from ctperf.versioning import software_version
 
     names = [s.name for s in studies]
     remove_stale_temporaries(root)
     rows = load_manifest(root)
     digest = options_hash(task, options)
+    version = software_version()
     state = {s.name: source_state(s.source) for s in studies}
     # a row from before sources were stamped keeps its maps, and is stamped now
     skipped = tuple(s.name for s in studies if rows.get(s.name, {}).get("state") == "done"
@@ -504,17 +505,17 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
                     and not output_missing(root / s.name)  # a map deleted since: redone
                     and rows[s.name].setdefault("source_state", state[s.name]) == state[s.name]
                     # another version may map differently: one cohort, one version
-                    and rows[s.name].get("ctperf_version", __version__) == __version__)
+                    and rows[s.name].get("ctperf_version", version) == version)
     older = sorted(s.name for s in studies if s.name not in skipped
                    and rows.get(s.name, {}).get("state") == "done"
-                   and rows[s.name].get("ctperf_version", __version__) != __version__)
+                   and rows[s.name].get("ctperf_version", version) != version)
     if older:
         log.warning("%d studies were done by another ctperf version (%s): done again by %s",
-                    len(older), rows[older[0]]["ctperf_version"], __version__)
+                    len(older), rows[older[0]]["ctperf_version"], version)
     todo = [s for s in studies if s.name not in skipped]
     for study in todo:
         rows[study.name] = {"state": "pending", "error": None, "started": None, "finished": None,
-                            "ctperf_version": __version__, "options_hash": digest,
+                            "ctperf_version": version, "options_hash": digest,
                             "source_state": state[study.name]}
     _save_manifest(root, rows)
     if skipped:

@@ -399,12 +399,12 @@ def _check_record(out: Path, cohort: Path, layout: str, config: Any,
 
 def _write_record(out: Path, cohort: Path, layout: str, config: Any,
                   options: ReproduceOptions) -> None:
-    from ctperf import __version__
     from ctperf.io import write_json
+    from ctperf.versioning import software_version
 
     if (out / _RECORD).exists():  # checked by _check_record: the same settings
         return
-    write_json({"format": _FORMAT, "version": 1, "ctperf_version": __version__,
+    write_json({"format": _FORMAT, "version": 1, "ctperf_version": software_version(),
                 "cohort_id": _cohort_id(cohort, layout),
                 "settings": _settings(layout, config, options)}, out / _RECORD)
 

@@ -291,8 +291,9 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
     """
     import numpy as np
 
-    from ctperf import __version__, io
+    from ctperf import io
     from ctperf.preprocess import preprocess
+    from ctperf.versioning import software_version
 
     o = options
     io.check_output(out, inputs=(study,), overwrite=o.overwrite)
@@ -310,17 +311,17 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
     meta = {**result.series.meta, "preprocess": {
         "registered": bool(o.register or done.get("registered")),
         "filtered": bool(o.filter or done.get("filtered")),
-        "software_version": __version__}}
+        "software_version": software_version()}}
     final = result.series.replace(meta=meta)
     with io.atomic_dir(out, overwrite=o.overwrite) as tmp:  # all appear together, or none
         io.write_series_nifti(final, tmp / "study.nii.gz")
         if o.dicom:  # DERIVED, with the steps of meta["preprocess"]
             io.write_series_dicom(final, tmp / "dicom", anonymise=o.anonymise,
                                   progress=o.progress)
-        io.write_json({**_transforms_record(series, result), "software_version": __version__},
-                      tmp / "transforms.json")
+        io.write_json({**_transforms_record(series, result),
+                       "software_version": software_version()}, tmp / "transforms.json")
         qc = _preprocess_qc(series, final, result, o, first_frames)
-        io.write_json({**qc, "software_version": __version__}, tmp / "qc.json")
+        io.write_json({**qc, "software_version": software_version()}, tmp / "qc.json")
         _write_qc_figure(series, final, result, tmp / "qc.png")
     largest = float(np.max(result.displacement_mm))
     left = float(np.max(result.uncorrected_mm, initial=0.0))
