@@ -258,3 +258,40 @@ def test_dicom_keeps_identity_without_anonymise(tiny_patient_study, tmp_path):
     assert main(["convert", str(folder), str(out)]) == 0
     ds = pydicom.dcmread(next(out.glob("*.dcm")))
     assert str(ds.PatientID) == IDENTITY["PatientID"]
+
+
+def test_a_phantom_cohort_refusal_names_the_setting_that_differs(tmp_path, quick_subjects,
+                                                                 capsys):
+    """Extending a cohort with another setting printed both option dicts whole (a changed
+    default hidden among a dozen keys); the setting that differs is named."""
+    cohort = tmp_path / "cohort"
+    assert main(["phantom", str(cohort), *TINY]) == 0
+    capsys.readouterr()
+    assert main(["phantom", str(cohort), *TINY[:6], "--anatomy", "auto", "--no-dicom",
+                 "--workers", "1", "--subjects", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "made with other settings (anatomy 'procedural' -> 'auto')" in err
+
+
+def test_subjects_of_another_ctperf_version_are_not_made_again(tmp_path, quick_subjects,
+                                                               capsys):
+    """A cohort made by an older ctperf, extended by a newer one: its four subjects, which
+    maps and trainings had been made from, were generated again in silence (studies up to
+    2487 HU apart). The run is refused, naming them; a cohort of this version extends."""
+    cohort = tmp_path / "cohort"
+    assert main(["phantom", str(cohort), *TINY, "--subjects", "2"]) == 0
+    manifest = json.loads((cohort / "manifest.json").read_text())
+    for row in manifest["studies"].values():
+        row["ctperf_version"] = "0.1.0"
+    (cohort / "manifest.json").write_text(json.dumps(manifest))
+    made = (cohort / "sub-0000" / "params.json").stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(["phantom", str(cohort), *TINY, "--subjects", "3"]) == 2
+    assert "2 done studies (sub-0000, sub-0001) were made by ctperf 0.1.0" in \
+        capsys.readouterr().err
+    assert (cohort / "sub-0000" / "params.json").stat().st_mtime_ns == made
+    assert not (cohort / "sub-0002").exists()
+    fresh = tmp_path / "fresh"
+    assert main(["phantom", str(fresh), *TINY, "--subjects", "2"]) == 0
+    assert main(["phantom", str(fresh), *TINY, "--subjects", "3"]) == 0
+    assert (fresh / "sub-0002").is_dir()

@@ -440,7 +440,7 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
 
 def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: Any, *,
                scheduler: str | None = None, workers: int | None = None,
-               progress: bool = False) -> CohortSummary:
+               progress: bool = False, keep_done: bool = False) -> CohortSummary:
     """Run ``task`` on every study not yet done and record each one's state in the manifest.
 
     Parameters
@@ -466,6 +466,11 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
         this process. Ignored with ``scheduler``.
     progress : bool
         A tqdm bar over studies.
+    keep_done : bool
+        A study done by another ctperf version or with other options is redone (with a
+        warning) unless this is true: the run is then refused before any work, naming them
+        (a phantom cohort's subjects are data that maps and trainings were made from; silently
+        made again they would change under them).
 
     Returns
     -------
@@ -483,12 +488,12 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
     root = mark_output(out)
     with folder_lock(root):
         return _run_locked(studies, root, task, options, scheduler=scheduler, workers=workers,
-                           progress=progress, started=started)
+                           progress=progress, started=started, keep_done=keep_done)
 
 
 def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
                 scheduler: str | None, workers: int | None, progress: bool,
-                started: float) -> CohortSummary:
+                started: float, keep_done: bool) -> CohortSummary:
     """:func:`run_cohort` once it holds the output folder's lock."""
     from ctperf.io.atomic import remove_stale_temporaries
     from ctperf.versioning import software_version
@@ -509,6 +514,16 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
     older = sorted(s.name for s in studies if s.name not in skipped
                    and rows.get(s.name, {}).get("state") == "done"
                    and rows[s.name].get("ctperf_version", version) != version)
+    if keep_done:
+        redone = [s.name for s in studies if s.name not in skipped
+                  and rows.get(s.name, {}).get("state") == "done" and (root / s.name).is_dir()]
+        if redone:
+            why = (f"made by ctperf {rows[redone[0]].get('ctperf_version')}, this is {version}"
+                   if redone[0] in older else "made with other options or inputs")
+            raise InputError(root, f"{len(redone)} done studies ({', '.join(redone[:3])}"
+                                   f"{' ...' if len(redone) > 3 else ''}) were {why}; "
+                                   "finishing or extending this cohort would make them "
+                                   "again: use a new folder")
     if older:
         log.warning("%d studies were done by another ctperf version (%s): done again by %s",
                     len(older), rows[older[0]]["ctperf_version"], version)

@@ -58,9 +58,13 @@ def _check_recipe(root: Path, recipe: dict[str, Any]) -> int:
     if {"seed": old.get("seed"), "options": old.get("options")} == recipe:
         return _count(stored)
     if any(p.is_dir() for p in root.glob("sub-*")):
-        raise InputError(stored, f"this cohort was made with seed {old.get('seed')} and "
-                                 f"options {old.get('options')}, not seed {recipe['seed']} and "
-                                 f"{recipe['options']}; use another folder to change them")
+        was, now = old.get("options") or {}, recipe["options"]
+        changed = [f"seed {old.get('seed')} -> {recipe['seed']}"] \
+            if old.get("seed") != recipe["seed"] else []
+        changed += [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in sorted({*was, *now})
+                    if was.get(k) != now.get(k)]
+        raise InputError(stored, f"this cohort was made with other settings ("
+                                 f"{'; '.join(changed)}); use another folder to change them")
     log.info("%s describes no subject yet; replaced by the new seed and options", stored)
     return 0
 
@@ -117,7 +121,7 @@ def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
         options = {"seed": seed, "subject_options": subject_options, "dicom": dicom,
                    "preview": preview}
         summary = run_cohort(studies, root, make_cohort_subject, options, workers=workers,
-                             scheduler=scheduler, progress=progress)
+                             scheduler=scheduler, progress=progress, keep_done=True)
     if summary.failed:
         first = summary.failure_lines()[0]
         raise CTPerfError(f"{len(summary.failed)} of {subjects} subjects failed ({first}); "
