@@ -201,3 +201,42 @@ def test_resuming_a_folder_with_nothing_to_resume_is_said(monkeypatch, tmp_path,
         training.train_cohort(tmp_path / "cohort", tmp_path / "run", PRESETS["cpu"],
                               TrainingOptions(resume=True))
     assert "nothing to resume in" in caplog.text and "training from the start" in caplog.text
+
+
+def test_a_run_that_cannot_be_continued_is_refused_before_any_cache(monkeypatch, tmp_path):
+    """An older ctperf's run folder: `train` (with or without --resume) built a whole new slice
+    cache beside the old one, then refused ("cache_version=2 vs 3", which no setting of the
+    user's had changed). Both are refused before any work now, the second saying why."""
+    import ctperf.model
+    import ctperf.workflow.training as training
+
+    def never(*args, **kwargs):
+        raise AssertionError("the references and caches were computed")
+
+    monkeypatch.setattr(training, "prepare_training", never)
+    monkeypatch.setattr(ctperf.model, "load_checkpoint", lambda path: {
+        "config": {"cache_version": 2}, "software_version": "0.1.0"})
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"old")
+    with pytest.raises(InputError, match="already holds a training run"):
+        training.train_cohort(tmp_path / "cohort", run, PRESETS["cpu"], TrainingOptions())
+    with pytest.raises(InputError, match=r"made by ctperf 0.1.0 on slice caches of format 2; "
+                                         r"this ctperf builds format 3"):
+        training.train_cohort(tmp_path / "cohort", run, PRESETS["cpu"],
+                              TrainingOptions(resume=True))
+    (run / "fold-1").mkdir()
+    (run / "last.pt").rename(run / "fold-1" / "last.pt")
+    with pytest.raises(InputError, match="format 2"):
+        training.cross_validate_cohort(tmp_path / "cohort", run, PRESETS["cpu"],
+                                       TrainingOptions(resume=True), folds=2)
+    assert sorted(p.name for p in run.iterdir()) == ["fold-1"]
+
+
+def test_a_refusal_to_extend_a_finished_run_names_the_epochs():
+    """A run resumed with more epochs was refused as "stages=[['train', 32, 3]] vs [['train',
+    32, 5]]", the trainer's own names."""
+    from ctperf.model.train import _difference
+
+    assert _difference("stages", [["train", 32, 3]], [["train", 32, 5]]) == (
+        "epochs: 3 epochs at 32 px vs 5 epochs at 32 px (a finished run is not extended)")

@@ -541,6 +541,12 @@ def _difference(key: str, old: Any, new: Any) -> str:
                  for what, ids in (("added", sorted(set(new) - set(old))),
                                    ("gone", sorted(set(old) - set(new)))) if ids]
         return f"{key} differ ({'; '.join(moved) or 'their order'})"
+    if key == "stages" and isinstance(old, list) and isinstance(new, list):
+        def epochs(stages: list[Any]) -> str:
+            return ", ".join(f"{n} epochs at {size} px" + (" (pretraining)" if name != "train"
+                                                          else "")
+                             for name, size, n in stages)
+        return f"epochs: {epochs(old)} vs {epochs(new)} (a finished run is not extended)"
     return f"{key}={old!r} vs {new!r}"
 
 

@@ -212,16 +212,19 @@ def cohort_layout(cohort: Path) -> str:
                              "UniToBrain patients (MOL-*_Registered_Filtered_3mm_20HU)")
 
 
-def _check_before_work(cohort: Path, config: Any, options: TrainingOptions,
+def _check_before_work(cohort: Path, out: Path, config: Any, options: TrainingOptions,
                        held_out: Sequence[str], folds: int | None = None) -> None:
     """Refuse, before a cohort's references and caches are computed (minutes to hours; these
     had been refused after them), a device torch does not see, held-out ids that name no
     subject folder, more ``folds`` than patients to validate on (a cohort of neither layout
-    is left to the cache to describe), and pretraining epochs without a pretraining size."""
+    is left to the cache to describe), pretraining epochs without a pretraining size, and a
+    run's checkpoint that cannot be continued (without ``resume``, or of another slice-cache
+    format)."""
     from ctperf.io.unitobrain import find_unitobrain
     from ctperf.model import resolve_device
 
     resolve_device(config.device)
+    _check_checkpoints(out, folds, resume=options.resume)
     if config.pretrain_epochs > 0 and config.pretrain_size < 1:
         raise ValidationError("pretraining epochs need a pretraining size of 1 or more "
                               "(--pretrain-size; the preset has none)")
@@ -238,6 +241,28 @@ def _check_before_work(cohort: Path, config: Any, options: TrainingOptions,
     if folds is not None and not 2 <= folds <= pool:
         raise ValidationError(f"folds must be 2 to {pool} (one patient per fold at most; the "
                               f"cohort has {pool} to validate on), got {folds}")
+
+
+def _check_checkpoints(out: Path, folds: int | None, *, resume: bool) -> None:
+    """Refuse a run's ``last.pt`` (OUT's, or each fold's) that this run could not continue:
+    without ``resume``, or written for another slice-cache format (an older ctperf's run,
+    which had been refused only after a new cache was built beside the old one)."""
+    from ctperf.model import load_checkpoint
+    from ctperf.model.data import CACHE_VERSION
+
+    lasts = sorted(out.glob("fold-*/last.pt")) if folds is not None else [out / "last.pt"]
+    for last in (p for p in lasts if p.exists()):
+        if not resume:
+            raise InputError(last.parent, "already holds a training run (last.pt); resume it "
+                                          "(--resume; resume=True in Python) or choose another "
+                                          "folder")
+        ckpt = load_checkpoint(last)
+        made = int(ckpt["config"].get("cache_version", 1))
+        if made != CACHE_VERSION:
+            by = ckpt.get("software_version", "of an older version")
+            raise InputError(last, f"was made by ctperf {by} on slice caches of format {made}; "
+                                   f"this ctperf builds format {CACHE_VERSION} and cannot "
+                                   "continue it: train into a new folder")
 
 
 def _layout_or_none(cohort: Path) -> str | None:
@@ -358,7 +383,7 @@ def _train_cohort(cohort: Path, out: Path, config: Any,
     from ctperf.model import train
 
     held_out = held_out_patients(options)
-    _check_before_work(cohort, config, options, held_out)
+    _check_before_work(cohort, out, config, options, held_out)
     if options.resume and not (out / "last.pt").exists():  # a mistyped folder is noticed
         log.warning("nothing to resume in %s (no last.pt): training from the start", out)
     cache, pretrain, config = prepare_training(cohort, out, config, options)
@@ -414,7 +439,7 @@ def _cross_validate_cohort(cohort: Path, out: Path, config: Any, options: Traini
     from ctperf.model import cross_validate, format_table, make_folds
 
     held_out = held_out_patients(options)
-    _check_before_work(cohort, config, options, held_out, folds)
+    _check_before_work(cohort, out, config, options, held_out, folds)
     cache, pretrain, config = prepare_training(cohort, out, config, options)
     check_held_out(held_out, cache.patient_ids, options)
     pairs = make_folds(cache.patient_ids, k=folds, seed=config.seed, test_patients=held_out)
