@@ -619,3 +619,24 @@ def test_an_svd_readers_delay_is_not_compared_with_an_arrival_delay():
     assert out["table_warnings"] == [
         "delay, bsvd vs nlr-fast: left out of Table 1 (bsvd's delay map is its Tmax, not an "
         "arrival delay: compare tmax)"]
+
+
+def test_the_versions_that_made_each_readers_maps_are_recorded(cohorts, tmp_path):
+    """Maps of one cohort made by two versions of ctperf (a cohort partly mapped before an
+    upgrade) were scored with no word: evaluation.json lists each reader's versions and
+    warns of a reader made by several."""
+    from ctperf.versioning import software_version
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(cohorts["ref"], mixed)
+    for sidecar in (mixed / "s01").glob("*.json"):
+        doc = json.loads(sidecar.read_text())
+        if "software_version" in doc:
+            sidecar.write_text(json.dumps({**doc, "software_version": "0.1.0"}))
+    out = tmp_path / "out"
+    assert main(["evaluate", str(cohorts["pred"]), str(mixed), str(out)]) == 0
+    doc = json.loads((out / "evaluation.json").read_text())
+    versions = {r["label"]: r["software_versions"] for r in doc["readers"]}
+    assert versions["unet"] == [software_version()]
+    assert versions["nlr"] == sorted(["0.1.0", software_version()])
+    assert any("made by 2 versions of ctperf" in w for w in doc["warnings"])

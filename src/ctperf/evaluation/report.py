@@ -185,10 +185,12 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
                   else None)
     doc = {"software_version": software_version(),
            # folder names, not machine paths: the report is made to be shared
-           "readers": [{"label": r.label, "kind": r.kind, "path": Path(r.path).name}
-                       for r in readers],
+           "readers": [{"label": r.label, "kind": r.kind, "path": Path(r.path).name,
+                        "software_versions": _versions(r, studies)} for r in readers],
            "studies": studies, "excluded_studies": excluded,
            "warnings": [f"{r.label}, {w}" for r in readers for w in r.warnings]
+           + [f"{r.label}: its maps were made by {len(v)} versions of ctperf ({', '.join(v)})"
+              for r in readers if len(v := _versions(r, studies)) > 1]
            + lesion_rule_warnings(readers, studies) + result.pop("table_warnings"), **result,
            "training_log": log_path.name if train_rows is not None else None}
     figures = evaluation_figures(readers, result, studies, train_rows,
@@ -209,6 +211,13 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
         io.write_json(json_safe(doc), tmp / "evaluation.json")
         (tmp / "report.html").write_text(page, encoding="utf-8")
     return json_safe(doc)
+
+
+def _versions(reader: Any, studies: list[str]) -> list[str]:
+    """The ctperf versions that made a reader's maps of ``studies`` (their provenance's
+    ``software_version``; none for other software's maps or a truth)."""
+    return sorted({str(v) for name in studies if name in getattr(reader, "maps", {})
+                   if (v := reader.maps[name].provenance.get("software_version"))})
 
 
 def _unique_labels(readers: Sequence[Any]) -> None:
