@@ -291,7 +291,24 @@ def test_subjects_of_another_ctperf_version_are_not_made_again(tmp_path, quick_s
         capsys.readouterr().err
     assert (cohort / "sub-0000" / "params.json").stat().st_mtime_ns == made
     assert not (cohort / "sub-0002").exists()
+    # the record is left as it was (it had been rewritten for 3 subjects before the refusal)
+    assert json.loads((cohort / "cohort.json").read_text())["subjects"] == 2
     fresh = tmp_path / "fresh"
     assert main(["phantom", str(fresh), *TINY, "--subjects", "2"]) == 0
     assert main(["phantom", str(fresh), *TINY, "--subjects", "3"]) == 0
     assert (fresh / "sub-0002").is_dir()
+
+
+def test_a_subject_missing_a_file_is_made_again_by_the_same_version(tmp_path):
+    """A first version of the refusal above also refused to repair a subject of this very
+    version that had lost a file, or to add DICOM to it ("made with other options or
+    inputs")."""
+    cohort = tmp_path / "cohort"
+    assert main(["phantom", str(cohort), *TINY]) == 0
+    (cohort / "sub-0000" / "truth" / "cbf.nii.gz").unlink()
+    assert main(["phantom", str(cohort), *TINY]) == 0
+    assert (cohort / "sub-0000" / "truth" / "cbf.nii.gz").is_file()
+    # an output format added (DICOM) makes the subject again with this version, its data the
+    # same (a first version of the refusal had refused this too)
+    assert main(["phantom", str(cohort), *TINY[:-3], "--workers", "1"]) == 0
+    assert (cohort / "sub-0000" / "dicom").is_dir()

@@ -550,10 +550,25 @@ def test_the_software_version_changes_with_the_code(tmp_path):
     package = tmp_path / "pkg"
     (package / "sub").mkdir(parents=True)
     (package / "a.py").write_text("x = 1\n")
-    (package / "sub" / "b.json").write_text("{}")
+    (package / "sub" / "b.py").write_text("")
     before = source_digest(package)
     (package / "__pycache__").mkdir()
     (package / "__pycache__" / "a.cpython-311.pyc").write_bytes(b"\0")
     assert source_digest(package) == before
+    # what a wheel does not ship, or a checkout's line endings, changes nothing: an editor's
+    # backup had made one code two versions (and refused the cohort it had made)
+    (package / "a.py~").write_text("x = 0\n")
+    (package / ".a.py.swp").write_bytes(b"\0")
+    (package / ".mypy_cache").mkdir()
+    (package / ".mypy_cache" / "c.py").write_text("y = 1\n")
+    (package / "a.py").write_bytes(b"x = 1\r\n")
+    assert source_digest(package) == before
     (package / "a.py").write_text("x = 2\n")
     assert source_digest(package) != before
+    (package / "c.py").write_text("z = 1\n")
+    after = source_digest(package)
+    (package / "c.py").chmod(0)                # unreadable: named, not fatal
+    try:
+        assert source_digest(package) not in (after, before) or os.geteuid() == 0
+    finally:
+        (package / "c.py").chmod(0o644)

@@ -467,6 +467,10 @@ def test_a_cohort_written_by_other_software_gives_the_same_tables(cohorts, tmp_p
         got = evaluate_readers([cohort, load_maps_cohort(cohorts["ref"])], studies=STUDIES)
         # float32 maps divided and multiplied back by 60 or 1000: equal to 1e-5
         _same_tables(got, base, rel=1e-5)
+        # another tool's maps were credited to the ctperf reading them
+        from ctperf.evaluation.report import _versions
+        assert _versions(cohort, STUDIES) == [] and _versions(
+            load_maps_cohort(cohorts["ref"]), STUDIES) != []
     blurred = tmp_path / "foreignTrue" / "s01" / "lesions" / "core.nii.gz"
     save(np.full(SHAPE, 0.3), AFFINE, blurred, True)
     with pytest.raises(InputError, match="not a mask: values between whole numbers"):

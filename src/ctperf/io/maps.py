@@ -188,6 +188,8 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
         if doubt is not None:
             provenance.setdefault("unit_warnings", []).append(doubt)
     assert affine is not None
+    # what the files say made them, or nothing: not the ctperf that reads them
+    provenance.setdefault("software_version", None)
     provenance.pop("nifti_qform", None)
     if qform is not None:
         provenance["nifti_qform"] = qform

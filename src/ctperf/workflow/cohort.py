@@ -39,8 +39,8 @@ from ctperf.io.state import MANIFEST, MANIFEST_FORMAT, load_manifest
 from ctperf.io.unitobrain import MAP_FOLDERS
 
 __all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_studies",
-           "load_manifest", "options_hash", "run_cohort", "run_cohort_folder", "source_state",
-           "worker_count"]
+           "load_manifest", "options_hash", "refuse_other_versions", "run_cohort",
+           "run_cohort_folder", "source_state", "worker_count"]
 
 log = logging.getLogger(__name__)
 
@@ -467,10 +467,11 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
     progress : bool
         A tqdm bar over studies.
     keep_done : bool
-        A study done by another ctperf version or with other options is redone (with a
-        warning) unless this is true: the run is then refused before any work, naming them
-        (a phantom cohort's subjects are data that maps and trainings were made from; silently
-        made again they would change under them).
+        A study done by another ctperf version is redone (with a warning) unless this is
+        true: the run is then refused before any work (:func:`refuse_other_versions`; a
+        phantom cohort's subjects are data that maps and trainings were made from, and made
+        again by other code they would change under them). A study redone for another reason
+        (a file of it deleted, other options) is redone either way.
 
     Returns
     -------
@@ -515,15 +516,7 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
                    and rows.get(s.name, {}).get("state") == "done"
                    and rows[s.name].get("ctperf_version", version) != version)
     if keep_done:
-        redone = [s.name for s in studies if s.name not in skipped
-                  and rows.get(s.name, {}).get("state") == "done" and (root / s.name).is_dir()]
-        if redone:
-            why = (f"made by ctperf {rows[redone[0]].get('ctperf_version')}, this is {version}"
-                   if redone[0] in older else "made with other options or inputs")
-            raise InputError(root, f"{len(redone)} done studies ({', '.join(redone[:3])}"
-                                   f"{' ...' if len(redone) > 3 else ''}) were {why}; "
-                                   "finishing or extending this cohort would make them "
-                                   "again: use a new folder")
+        refuse_other_versions(root, names, rows)
     if older:
         log.warning("%d studies were done by another ctperf version (%s): done again by %s",
                     len(older), rows[older[0]]["ctperf_version"], version)
@@ -569,6 +562,30 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
     return CohortSummary(done=tuple(sorted(done, key=order.__getitem__)), skipped=skipped,
                          failed=dict(sorted(failed.items(), key=lambda kv: order[kv[0]])),
                          manifest=root / MANIFEST, seconds=time.monotonic() - started)
+
+
+def refuse_other_versions(root: Path, names: Iterable[str],
+                          rows: dict[str, dict[str, Any]] | None = None) -> None:
+    """Refuse when a study of ``names`` that ``root``'s manifest (or ``rows``) records as done,
+    and whose folder exists, was done by another ctperf version.
+
+    Raises
+    ------
+    InputError
+        Naming the first studies and both versions.
+    """
+    from ctperf.versioning import software_version
+
+    rows = load_manifest(root) if rows is None else rows
+    version = software_version()
+    other = [n for n in names if rows.get(n, {}).get("state") == "done" and (root / n).is_dir()
+             and rows[n].get("ctperf_version", version) != version]
+    if other:
+        raise InputError(root, f"{len(other)} done studies ({', '.join(other[:3])}"
+                               f"{' ...' if len(other) > 3 else ''}) were made by ctperf "
+                               f"{rows[other[0]]['ctperf_version']}, this is {version}; "
+                               "finishing or extending this cohort would make them again: use "
+                               "a new folder")
 
 
 def run_cohort_folder(cohort: _PathLike, out: _PathLike, task: Task, options: Any, *,

@@ -19,7 +19,7 @@ from ctperf.errors import CTPerfError, InputError
 from ctperf.io import write_json
 from ctperf.phantom import draw_parameters, generate_subject, subject_seed, write_subject
 from ctperf.phantom.anatomy import check_source
-from ctperf.workflow.cohort import Study, run_cohort
+from ctperf.workflow.cohort import Study, refuse_other_versions, run_cohort
 
 __all__ = ["generate_cohort", "make_cohort_subject"]
 
@@ -116,8 +116,9 @@ def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
                         **{k: v for k, v in subject_options.items() if k != "progress"})
         check_source(str(subject_options.get("anatomy", "procedural")))  # before any file
         root.mkdir(parents=True, exist_ok=True)
-        write_json({"subjects": max(subjects, known), **recipe}, root / "cohort.json")
         studies = [Study(f"sub-{i:04d}", i) for i in range(subjects)]
+        refuse_other_versions(root, [s.name for s in studies])  # before the record changes
+        write_json({"subjects": max(subjects, known), **recipe}, root / "cohort.json")
         options = {"seed": seed, "subject_options": subject_options, "dicom": dicom,
                    "preview": preview}
         summary = run_cohort(studies, root, make_cohort_subject, options, workers=workers,
