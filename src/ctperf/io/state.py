@@ -82,7 +82,7 @@ def _take(lock: Path, what: Path, *, required: bool) -> int | None:
     cannot be made (the run then meets the folder's own refusal).
 
     A lock lives as long as its holder's process: the kernel lets it go when that process
-    ends, however it ends, so a run killed before releasing it leaves nothing to take over.
+    ends, however it ends, so the file a killed run leaves is simply taken by the next.
     The holder removes the file before letting it go; a run that opened the file just before
     (its lock then on a file no longer in the folder) sees this and opens it again.
     """
@@ -119,7 +119,7 @@ def _take(lock: Path, what: Path, *, required: bool) -> int | None:
 
 @contextlib.contextmanager
 def _hold(lock: Path, what: Path, *, required: bool = True) -> Iterator[Path]:
-    """Hold ``lock`` (re-entrant within this process) while a run writes ``what``."""
+    """Hold ``lock`` (re-entrant within one thread) while a run writes ``what``."""
     key = (lock.absolute(), threading.get_ident())
     if key in _HELD:
         _HELD[key][1] += 1
@@ -181,7 +181,7 @@ def output_lock(out: str | os.PathLike[str]) -> Iterator[None]:
     InputError
         Another live run holds the lock.
     """
-    path = Path(out).absolute()
+    path = Path(os.path.abspath(out))             # "a/b/.." and "a" share one lock
     made = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
