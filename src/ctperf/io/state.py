@@ -9,20 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
+import inspect
 import json
 import logging
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from ctperf.errors import InputError
 
 __all__ = ["LOCK", "MANIFEST", "MANIFEST_FORMAT", "MANIFEST_STATES", "files_state",
-           "folder_lock", "load_manifest", "output_lock"]
+           "folder_lock", "holds_output", "load_manifest", "output_lock"]
 
 log = logging.getLogger(__name__)
 
@@ -219,3 +221,21 @@ def load_manifest(out: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
         raise InputError(path, "is not a ctperf cohort manifest; delete it or choose another "
                                "output folder")
     return studies
+
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def holds_output(name: str = "out") -> Callable[[Callable[_P, _R]], Callable[_P, _R]]:
+    """Decorate a function that writes the output its argument ``name`` names: it runs
+    holding :func:`output_lock` on it, from its first check to its last write."""
+    def decorate(func: Callable[_P, _R]) -> Callable[_P, _R]:
+        signature = inspect.signature(func)
+
+        @functools.wraps(func)
+        def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            with output_lock(signature.bind(*args, **kwargs).arguments[name]):
+                return func(*args, **kwargs)
+        return run
+    return decorate

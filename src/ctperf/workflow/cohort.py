@@ -440,7 +440,7 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
 
 def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: Any, *,
                scheduler: str | None = None, workers: int | None = None,
-               progress: bool = False, keep_done: bool = False) -> CohortSummary:
+               progress: bool = False) -> CohortSummary:
     """Run ``task`` on every study not yet done and record each one's state in the manifest.
 
     Parameters
@@ -466,12 +466,6 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
         this process. Ignored with ``scheduler``.
     progress : bool
         A tqdm bar over studies.
-    keep_done : bool
-        A study done by another ctperf version is redone (with a warning) unless this is
-        true: the run is then refused before any work (:func:`refuse_other_versions`; a
-        phantom cohort's subjects are data that maps and trainings were made from, and made
-        again by other code they would change under them). A study redone for another reason
-        (a file of it deleted, other options) is redone either way.
 
     Returns
     -------
@@ -489,12 +483,12 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
     root = mark_output(out)
     with folder_lock(root):
         return _run_locked(studies, root, task, options, scheduler=scheduler, workers=workers,
-                           progress=progress, started=started, keep_done=keep_done)
+                           progress=progress, started=started)
 
 
 def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
                 scheduler: str | None, workers: int | None, progress: bool,
-                started: float, keep_done: bool) -> CohortSummary:
+                started: float) -> CohortSummary:
     """:func:`run_cohort` once it holds the output folder's lock."""
     from ctperf.io.atomic import remove_stale_temporaries
     from ctperf.versioning import software_version
@@ -512,11 +506,7 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
                     and rows[s.name].setdefault("source_state", state[s.name]) == state[s.name]
                     # another version may map differently: one cohort, one version
                     and rows[s.name].get("ctperf_version", version) == version)
-    older = sorted(s.name for s in studies if s.name not in skipped
-                   and rows.get(s.name, {}).get("state") == "done"
-                   and rows[s.name].get("ctperf_version", version) != version)
-    if keep_done:
-        refuse_other_versions(root, names, rows)
+    older = _done_by_other_version(rows, names, version)  # none of them skipped
     if older:
         log.warning("%d studies were done by another ctperf version (%s): done again by %s",
                     len(older), rows[older[0]]["ctperf_version"], version)
@@ -564,10 +554,18 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
                          manifest=root / MANIFEST, seconds=time.monotonic() - started)
 
 
-def refuse_other_versions(root: Path, names: Iterable[str],
-                          rows: dict[str, dict[str, Any]] | None = None) -> None:
-    """Refuse when a study of ``names`` that ``root``'s manifest (or ``rows``) records as done,
-    and whose folder exists, was done by another ctperf version.
+def _done_by_other_version(rows: dict[str, dict[str, Any]], names: Iterable[str],
+                           version: str) -> list[str]:
+    """The studies of ``names`` a manifest's ``rows`` record as done by another version."""
+    return [n for n in names if rows.get(n, {}).get("state") == "done"
+            and rows[n].get("ctperf_version", version) != version]
+
+
+def refuse_other_versions(root: Path, names: Iterable[str]) -> None:
+    """Refuse when a study of ``names`` that ``root``'s manifest records as done, and whose
+    folder exists, was done by another ctperf version (a phantom cohort's subjects are data
+    that maps and trainings were made from: made again by other code they would change under
+    them; ``generate_cohort`` calls it before it writes anything).
 
     Raises
     ------
@@ -576,10 +574,9 @@ def refuse_other_versions(root: Path, names: Iterable[str],
     """
     from ctperf.versioning import software_version
 
-    rows = load_manifest(root) if rows is None else rows
+    rows = load_manifest(root)
     version = software_version()
-    other = [n for n in names if rows.get(n, {}).get("state") == "done" and (root / n).is_dir()
-             and rows[n].get("ctperf_version", version) != version]
+    other = [n for n in _done_by_other_version(rows, names, version) if (root / n).is_dir()]
     if other:
         raise InputError(root, f"{len(other)} done studies ({', '.join(other[:3])}"
                                f"{' ...' if len(other) > 3 else ''}) were made by ctperf "

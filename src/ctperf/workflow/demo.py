@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ctperf.io.state import holds_output
 from ctperf.workflow.analysis import analyse_study, filters_by_default
 from ctperf.workflow.study import StudyOutcome, write_maps_outputs
 
@@ -46,6 +47,7 @@ def _steps(o: DemoOptions) -> tuple[str, str]:
     return running, done
 
 
+@holds_output("out")
 def run_demo(out: Path, options: DemoOptions, *,
              echo: Callable[[str], None] | None = None) -> StudyOutcome:
     """Simulate a phantom study, analyse it as ``ctperf maps`` does and score it against its
@@ -69,14 +71,6 @@ def run_demo(out: Path, options: DemoOptions, *,
     StudyOutcome
         ``message`` holds the agreement tables (Markdown).
     """
-    from ctperf.io.state import output_lock
-
-    with output_lock(out):
-        return _run_demo(Path(out), options, echo or (lambda line: None))
-
-
-def _run_demo(out: Path, options: DemoOptions, say: Callable[[str], None]) -> StudyOutcome:
-    """:func:`run_demo` once it holds OUT."""
     import numpy as np
 
     from ctperf import io
@@ -92,6 +86,7 @@ def _run_demo(out: Path, options: DemoOptions, say: Callable[[str], None]) -> St
     o = options
     if o.filter is None:
         o = replace(o, filter=filters_by_default(o.method))
+    say = echo or (lambda line: None)
     io.check_output(out, overwrite=o.overwrite)
     say(f"[1/4] simulating a {o.size} x {o.size} x {o.slices} x {o.frames} "
         f"phantom study (seed {o.seed}, {'no' if o.motion == 'none' else o.motion} motion)")

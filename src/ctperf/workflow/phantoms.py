@@ -17,6 +17,7 @@ from typing import Any
 
 from ctperf.errors import CTPerfError, InputError
 from ctperf.io import write_json
+from ctperf.io.state import holds_output
 from ctperf.phantom import draw_parameters, generate_subject, subject_seed, write_subject
 from ctperf.phantom.anatomy import check_source
 from ctperf.workflow.cohort import Study, refuse_other_versions, run_cohort
@@ -69,6 +70,8 @@ def _check_recipe(root: Path, recipe: dict[str, Any]) -> int:
     return 0
 
 
+# held from before cohort.json is read: a refused second run had rewritten it
+@holds_output("folder")
 def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
                     progress: bool = False, dicom: bool = True, preview: bool = False,
                     workers: int | None = 1, scheduler: str | None = None,
@@ -104,25 +107,22 @@ def generate_cohort(folder: str | os.PathLike[str], *, subjects: int, seed: int,
         When a subject failed (after the others were written); the manifest names each
         failure.
     """
-    from ctperf.io.state import output_lock
-
     root = Path(folder)
     if root.exists() and not root.is_dir():
         raise InputError(root, "exists and is not a folder")
     recipe = json.loads(json.dumps({"seed": seed, "options": subject_options}))
-    with output_lock(root):     # before cohort.json: a refused second run had rewritten it
-        known = _check_recipe(root, recipe)
-        draw_parameters(seed=subject_seed(seed, 0),
-                        **{k: v for k, v in subject_options.items() if k != "progress"})
-        check_source(str(subject_options.get("anatomy", "procedural")))  # before any file
-        root.mkdir(parents=True, exist_ok=True)
-        studies = [Study(f"sub-{i:04d}", i) for i in range(subjects)]
-        refuse_other_versions(root, [s.name for s in studies])  # before the record changes
-        write_json({"subjects": max(subjects, known), **recipe}, root / "cohort.json")
-        options = {"seed": seed, "subject_options": subject_options, "dicom": dicom,
-                   "preview": preview}
-        summary = run_cohort(studies, root, make_cohort_subject, options, workers=workers,
-                             scheduler=scheduler, progress=progress, keep_done=True)
+    known = _check_recipe(root, recipe)
+    draw_parameters(seed=subject_seed(seed, 0),
+                    **{k: v for k, v in subject_options.items() if k != "progress"})
+    check_source(str(subject_options.get("anatomy", "procedural")))  # before any file
+    root.mkdir(parents=True, exist_ok=True)
+    studies = [Study(f"sub-{i:04d}", i) for i in range(subjects)]
+    refuse_other_versions(root, [s.name for s in studies])  # before the record changes
+    write_json({"subjects": max(subjects, known), **recipe}, root / "cohort.json")
+    options = {"seed": seed, "subject_options": subject_options, "dicom": dicom,
+               "preview": preview}
+    summary = run_cohort(studies, root, make_cohort_subject, options, workers=workers,
+                         scheduler=scheduler, progress=progress)
     if summary.failed:
         first = summary.failure_lines()[0]
         raise CTPerfError(f"{len(summary.failed)} of {subjects} subjects failed ({first}); "

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ctperf.errors import CTPerfError, InputError, ValidationError
+from ctperf.io.state import holds_output
 from ctperf.io.study import phantom_studies
 from ctperf.lesion_options import LesionOptions
 from ctperf.workflow.reproduce_subjects import (
@@ -151,6 +152,7 @@ class ReproduceOutcome:
     message: str
 
 
+@holds_output("out")
 def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
                      options: ReproduceOptions = ReproduceOptions(), *,
                      echo: Callable[[str], None] | None = None) -> ReproduceOutcome:
@@ -176,18 +178,10 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
     -------
     ReproduceOutcome
     """
-    from ctperf.io.state import output_lock
-
-    with output_lock(out):  # a second run had redone the first's steps beside it
-        return _reproduce_cohort(Path(cohort), Path(out), config, options,
-                                 echo or (lambda line: None))
-
-
-def _reproduce_cohort(cohort: Path, out: Path, config: Any, options: ReproduceOptions,
-                      say: Callable[[str], None]) -> ReproduceOutcome:
-    """:func:`reproduce_cohort` once it holds OUT."""
     from ctperf import io
 
+    say = echo or (lambda line: None)
+    cohort, out = Path(cohort), Path(out)
     layout = cohort_layout(cohort)
     if options.reference == "truth" and layout != "phantom":
         raise InputError(cohort, "has no true maps: --reference truth needs a phantom cohort")

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.errors import InputError, ValidationError
+from ctperf.io.state import holds_output
 from ctperf.io.study import phantom_studies
 
 __all__ = [
@@ -351,6 +352,7 @@ def split_patients(patients: Sequence[str], *, val_fraction: float, seed: int,
     return sorted(order[n_val:]), sorted(order[:n_val])
 
 
+@holds_output("out")
 def train_cohort(cohort: str | Path, out: str | Path, config: Any,
                  options: TrainingOptions = TrainingOptions()) -> TrainingOutcome:
     """Train the U-Net on a cohort: references -> slice caches -> split -> train.
@@ -371,17 +373,9 @@ def train_cohort(cohort: str | Path, out: str | Path, config: Any,
     -------
     TrainingOutcome
     """
-    from ctperf.io.state import output_lock
-
-    with output_lock(out):
-        return _train_cohort(Path(cohort), Path(out), config, options)
-
-
-def _train_cohort(cohort: Path, out: Path, config: Any,
-                  options: TrainingOptions) -> TrainingOutcome:
-    """:func:`train_cohort` once it holds OUT (a second run into it refused)."""
     from ctperf.model import train
 
+    cohort, out = Path(cohort), Path(out)
     held_out = held_out_patients(options)
     _check_before_work(cohort, out, config, options, held_out)
     if options.resume and not (out / "last.pt").exists():  # a mistyped folder is noticed
@@ -408,6 +402,7 @@ def _loss_name(config: Any) -> str:
     return {"mse": "MSE", "l1": "L1"}.get(str(getattr(config, "loss", "mse")), "loss")
 
 
+@holds_output("out")
 def cross_validate_cohort(cohort: str | Path, out: str | Path, config: Any,
                           options: TrainingOptions = TrainingOptions(), *,
                           folds: int = 3) -> TrainingOutcome:
@@ -427,17 +422,9 @@ def cross_validate_cohort(cohort: str | Path, out: str | Path, config: Any,
     TrainingOutcome
         ``folds`` in fold order (fold k is ``folds[k - 1]``), ``rows`` Table 1.
     """
-    from ctperf.io.state import output_lock
-
-    with output_lock(out):
-        return _cross_validate_cohort(Path(cohort), Path(out), config, options, folds)
-
-
-def _cross_validate_cohort(cohort: Path, out: Path, config: Any, options: TrainingOptions,
-                           folds: int) -> TrainingOutcome:
-    """:func:`cross_validate_cohort` once it holds OUT."""
     from ctperf.model import cross_validate, format_table, make_folds
 
+    cohort, out = Path(cohort), Path(out)
     held_out = held_out_patients(options)
     _check_before_work(cohort, out, config, options, held_out, folds)
     cache, pretrain, config = prepare_training(cohort, out, config, options)
