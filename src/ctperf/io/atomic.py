@@ -29,6 +29,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from ctperf.errors import InputError
+from ctperf.io.state import LOCK
 
 __all__ = ["MARKER", "STALE_AFTER_S", "TEMP_PREFIX", "atomic_dir", "atomic_file",
            "check_output", "mark_output", "output_missing", "remove_stale_temporaries",
@@ -171,7 +172,7 @@ def _contents(folder: Path) -> list[str]:
     for parent, dirs, files in os.walk(folder):
         for name in (*dirs, *files):
             if (name != MARKER and not name.startswith(TEMP_PREFIX)
-                    and not name.endswith(".ctperf-lock")):  # a killed run's lock file
+                    and not name.endswith(LOCK)):  # a killed run's lock file
                 found.append((Path(parent) / name).relative_to(folder).as_posix())
         dirs[:] = [d for d in dirs if not d.startswith(TEMP_PREFIX)]
     return sorted(found)

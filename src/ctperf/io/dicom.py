@@ -318,9 +318,7 @@ def _order_frames(root: Path, slices: list[list[Header]],
         if problem is None:
             return chosen
     elif partial is not None:
-        n_have = sum(v is not None for s in values[partial] for v in s)
-        missing = next(h for s, v in zip(slices, values[partial], strict=True)
-                       for h, x in zip(s, v, strict=True) if x is None)
+        missing, n_have = _lacking(slices, values[partial])
         problem = InputError(missing.path, f"has no {partial}, which {n_have} of the series' "
                                            f"{sum(map(len, slices))} images carry, and no "
                                            "other time tag orders the frames")
@@ -377,18 +375,25 @@ def _partial_tag_problem(root: Path, slices: list[list[Header]],
     whole = bool(np.all(np.mod(have_all, 1.0) == 0))
     tolerance = max(0.1, 0.1 * frame_step) + (1.0 if whole else 0.0)
     n_images = sum(map(len, slices))
-    missing = next(h for s, v in zip(slices, values[partial], strict=True)
-                   for h, x in zip(s, v, strict=True) if x is None)
+    missing, n_have = _lacking(slices, values[partial])
     if spread > tolerance:
-        return InputError(missing.path, f"has no {partial}, which {len(have_all)} of the "
-                                        f"series' {n_images} images carry; {tag}, the next "
-                                        f"time tag, is another clock (within a slice it "
-                                        f"differs from {partial} by amounts {spread:.3g} s "
-                                        "apart)")
+        return InputError(missing.path, f"has no {partial}, which {n_have} of the series' "
+                                        f"{n_images} images carry; {tag}, the next time tag, "
+                                        f"is another clock (within a slice it differs from "
+                                        f"{partial} by amounts {spread:.3g} s apart)")
     log.warning("%s: %d of %d images have no %s (first: %s); frame times from %s, which "
                 "differs from it by one amount within each slice (to %.3g s)", root,
-                n_images - len(have_all), n_images, partial, missing.path.name, tag, spread)
+                n_images - n_have, n_images, partial, missing.path.name, tag, spread)
     return None
+
+
+def _lacking(slices: list[list[Header]],
+             found: list[list[float | None]]) -> tuple[Header, int]:
+    """The first image a time tag's ``found`` values leave without one, and how many hold
+    one."""
+    missing = next(h for s, v in zip(slices, found, strict=True)
+                   for h, x in zip(s, v, strict=True) if x is None)
+    return missing, sum(x is not None for v in found for x in v)
 
 
 def _index_order_problem(frames: list[list[Header]], tag: str) -> InputError | None:

@@ -550,14 +550,20 @@ def _difference(key: str, old: Any, new: Any) -> str:
     return f"{key}={old!r} vs {new!r}"
 
 
-def _resume_or_start(run: _Run, last: Path, *, resume: bool) -> _State:
-    """A fresh state, or the one saved in ``last`` (same settings required) with ``resume``."""
-    opt, sched = _fresh_optim(run, run.stages[0][2])
-    state = _State(opt=opt, sched=sched, history=[])
+def refuse_unresumed(last: Path, *, resume: bool) -> None:
+    """Refuse a run's checkpoint ``last`` that exists when it is not to be resumed (its
+    folder would mix two runs)."""
     if last.exists() and not resume:
         raise InputError(last.parent, "already holds a training run (last.pt); resume "
                                       "it (--resume; resume=True in Python) or choose another "
                                       "folder")
+
+
+def _resume_or_start(run: _Run, last: Path, *, resume: bool) -> _State:
+    """A fresh state, or the one saved in ``last`` (same settings required) with ``resume``."""
+    opt, sched = _fresh_optim(run, run.stages[0][2])
+    state = _State(opt=opt, sched=sched, history=[])
+    refuse_unresumed(last, resume=resume)
     if not (resume and last.exists()):
         return state
     ckpt = load_checkpoint(last)

@@ -250,13 +250,11 @@ def _check_checkpoints(out: Path, folds: int | None, *, resume: bool) -> None:
     which had been refused only after a new cache was built beside the old one)."""
     from ctperf.model import load_checkpoint
     from ctperf.model.data import CACHE_VERSION
+    from ctperf.model.train import refuse_unresumed
 
     lasts = sorted(out.glob("fold-*/last.pt")) if folds is not None else [out / "last.pt"]
     for last in (p for p in lasts if p.exists()):
-        if not resume:
-            raise InputError(last.parent, "already holds a training run (last.pt); resume it "
-                                          "(--resume; resume=True in Python) or choose another "
-                                          "folder")
+        refuse_unresumed(last, resume=resume)
         ckpt = load_checkpoint(last)
         made = int(ckpt["config"].get("cache_version", 1))
         if made != CACHE_VERSION:
