@@ -72,10 +72,10 @@ def _holder(lock: Path) -> tuple[str, int] | None:
         return None
 
 
-#: Locks held in this process: (lock file, thread) -> [descriptor, depth] (a run's inner
-#: steps take the lock their command already holds; another thread is refused, as another
-#: process is, by the kernel).
-_HELD: dict[tuple[Path, int], list[int]] = {}
+#: Locks held in this process, with the thread holding each: a run's inner steps take the
+#: lock their command already holds; another thread is refused, as another process is, by
+#: the kernel.
+_HELD: set[tuple[Path, int]] = set()
 
 
 def _take(lock: Path, what: Path, *, required: bool) -> int | None:
@@ -123,24 +123,20 @@ def _take(lock: Path, what: Path, *, required: bool) -> int | None:
 def _hold(lock: Path, what: Path, *, required: bool = True) -> Iterator[Path]:
     """Hold ``lock`` (re-entrant within one thread) while a run writes ``what``."""
     key = (lock.absolute(), threading.get_ident())
-    if key in _HELD:
-        _HELD[key][1] += 1
-        try:
-            yield lock
-        finally:
-            _HELD[key][1] -= 1
+    if key in _HELD:                            # the outermost holder lets it go
+        yield lock
         return
     fd = _take(lock, what, required=required)
     if fd is None:
         yield lock
         return
-    _HELD[key] = [fd, 1]
+    _HELD.add(key)
     try:
         os.ftruncate(fd, 0)
         os.write(fd, f"{socket.gethostname()} {os.getpid()}\n".encode())
         yield lock
     finally:
-        del _HELD[key]
+        _HELD.discard(key)
         with contextlib.suppress(OSError):
             lock.unlink()                       # before letting go: see _take
         os.close(fd)
