@@ -637,6 +637,39 @@ def test_curve_flags_spike_on_one_frame_not_on_noise(rng):
         assert np.mean(["spike" in f for f in flags]) > 0.97
 
 
+def test_a_curves_spike_is_flagged_whatever_curves_come_with_it(rng):
+    """A quiet curve (0.5 HU noise, peak 13.5 HU) with one frame raised 12 HU is flagged
+    ``spike`` alone and beside nine curves of 4 HU noise: the gap's noise had been floored at
+    the batch's median noise, which hid it among noisy neighbours (a probe's curves)."""
+    from ctperf.perfusion import curve_flags
+
+    t = np.arange(0.0, 60.0, 1.0)
+    s = np.maximum(t - 8.0, 0.0)
+    bolus = s ** 3 * np.exp(-s / 2.5)
+    quiet = 13.5 * bolus / bolus.max() + rng.normal(0.0, 0.5, t.size)
+    quiet[30] += 12.0
+    noisy = 13.5 * (bolus / bolus.max())[:, None] + rng.normal(0.0, 4.0, (t.size, 9))
+    alone = curve_flags(quiet[:, None] - quiet[:5].mean(), 5, t)
+    both = np.column_stack([quiet, noisy])
+    together = curve_flags(both - both[:5].mean(axis=0), 5, t)
+    assert "spike" in alone[0]
+    assert together[0] == alone[0]
+
+
+@pytest.mark.parametrize("method", ["ssvd", "bsvd", "osvd", "bayes", "nlr-fast"])
+def test_a_vessels_curve_is_flagged_vessel(method):
+    """The AIF given again as tissue, or at 0.3 of its height (a vessel's region), read CBV 21-71
+    mL/100 g and CBF up to 4,280 with no flag from the SVD methods and bayes (a probe); the
+    maps' rule (smoothed peak above a quarter of the AIF's) now flags them ``vessel``, and the
+    tissue curves beside them not; with the AIF and tissue columns swapped every curve is."""
+    tissue, aif = _hand_curves()
+    curves = np.column_stack([tissue, aif, 0.3 * aif])
+    fit = fit_curves(35.0 + curves, 40.0 + aif, T_HAND, method=method)
+    assert [("vessel" in f) for f in fit.flags] == [False, False, False, True, True]
+    swapped = fit_curves(40.0 + aif, 35.0 + tissue[:, 0], T_HAND, method=method)
+    assert "vessel" in swapped.flags[0]
+
+
 @pytest.mark.parametrize("fwhm_s", [5.0, 6.6, 8.3])
 def test_a_bolus_sampled_every_3_s_is_no_spike(fwhm_s):
     """Clean curves at frames 3 s apart (a gamma-variate AIF with recirculation; box, gamma

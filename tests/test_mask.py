@@ -119,7 +119,7 @@ def test_tissue_csf_midpoint_takes_csf_at_most_at_its_threshold(rng):
     assert tissue_csf_midpoint(lifted, whole, csf) == pytest.approx(0.5 * (15.0 + 35.0), abs=1.0)
 
 
-@pytest.mark.parametrize("offset", [-150.0, -80.0, -24.0, 0.0, 24.0, 60.0])
+@pytest.mark.parametrize("offset", [-150.0, -80.0, -24.0, -10.0, 0.0, 10.0, 24.0, 60.0])
 def test_hu_offset_reads_a_shifted_scale_from_the_brain_and_air(rng, offset):
     from ctperf.masks import hu_offset
 
@@ -142,6 +142,19 @@ def test_hu_offset_leaves_a_dark_brain_on_a_calibrated_scale_alone(rng):
     vol[brain] -= 20.0  # 15 HU
     level, found = hu_offset(vol, spacing=(5.0, 1.0, 1.0))
     assert level == pytest.approx(15.0, abs=0.5) and found == 0.0
+
+
+def test_hu_offset_leaves_air_a_little_off_beside_a_nominal_brain_alone(rng):
+    """Offsets of +-10 HU keep a 35 HU brain inside 18-50 HU, and had been left in place
+    (above: now read from the air, which the brain follows); air 10 HU off beside a brain at
+    its nominal level is a calibrated scan's air, not an offset."""
+    from ctperf.masks import hu_offset
+
+    vol, brain, _ = _head(rng)
+    vol[brain] -= 3.0  # 32 HU
+    vol[vol < -500] += 10.0
+    level, found = hu_offset(vol, spacing=(5.0, 1.0, 1.0))
+    assert level == pytest.approx(32.0, abs=0.5) and found == 0.0
 
 
 def test_hu_offset_without_air_takes_the_nominal_brain_and_ignores_padding(rng):

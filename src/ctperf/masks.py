@@ -208,7 +208,9 @@ def hu_offset(
     :data:`PARENCHYMA_HU` raises the question; air, which a scanner calibrates to -1000 HU,
     answers it (:func:`air_level`): air read as far off in the same direction gives the offset;
     air at -1000 HU says the scale is right and the brain is unusual (atrophy, oedema), which
-    is left alone. Without air to read, the offset is the brain's distance from
+    is left alone. A brain inside the range is moved by the air's offset only when the air is
+    :data:`AIR_TOLERANCE_HU` or more off and the brain off :data:`NOMINAL_PARENCHYMA_HU` by at
+    least half of it the same way. Without air to read, the offset is the brain's distance from
     :data:`NOMINAL_PARENCHYMA_HU`. (None, 0) when no brain is found, or when the volume lacks
     the air or padding (under :data:`AIR_HU`) and bone (over :data:`BONE_HU`) of a head in
     HU: what is not a CT head is not moved into one. The brain is found with a low air
@@ -230,10 +232,20 @@ def hu_offset(
             return None, 0.0
     level = float(np.median(vol[brain]))
     low, high = PARENCHYMA_HU
-    if low <= level <= high:
-        return level, 0.0
     guess = level - NOMINAL_PARENCHYMA_HU
     air = air_level(vol) if air is None else air
+    if low <= level <= high:
+        # a usual brain: an offset only where the air reads one and the brain is off by at
+        # least half of it the same way (+20 HU put a 30 HU brain at 50, inside the range,
+        # and moved the CSF cut and the lesions; a calibrated scan's air a few HU off, beside
+        # a brain near the nominal level, is left alone)
+        shift = None if air is None else air + 1000.0
+        if shift is None or abs(shift) < AIR_TOLERANCE_HU or guess / shift < 0.5:
+            return level, 0.0
+        log.warning("air reads %.0f HU and the brain %.0f HU before the bolus (%+.0f HU from its "
+                    "nominal %g HU): the study's HU scale looks offset by %+.0f HU, and is read "
+                    "moved back by it", air, level, guess, NOMINAL_PARENCHYMA_HU, shift)
+        return level, shift
     if air is not None:
         if abs(air + 1000.0) < AIR_TOLERANCE_HU or (air + 1000.0) * guess < 0:
             log.warning("the brain reads %.0f HU before the bolus, outside the %.0f-%.0f HU of "

@@ -49,7 +49,8 @@ def register(subparsers: Any) -> None:
                     "truncated for one still above 30 % of its peak at the last frame, spike "
                     "for one with a frame standing far off the line through its neighbours "
                     "(motion, a streak), tmax_after_peak for a Tmax after the curve's own "
-                    "peak, which no residue gives), a JSON "
+                    "peak, which no residue gives, vessel for one peaking above a quarter of "
+                    "the AIF's peak, as only a vessel does), a JSON "
                     "sidecar of the "
                     "same stem (method, constants, baseline frames, partial-volume step, QC, "
                     "units) and a PNG of the curves as fitted.")

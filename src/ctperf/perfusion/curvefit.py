@@ -32,7 +32,7 @@ from ctperf.perfusion.curves import (
     to_enhancement,
 )
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
-from ctperf.perfusion.maps import MIN_FRAMES
+from ctperf.perfusion.maps import MIN_FRAMES, vessel_curves
 from ctperf.perfusion.onset import pre_bolus_frames
 from ctperf.perfusion.qc import check_first_pass_sampled, qc_flags
 from ctperf.perfusion.voxelfit import SD_MAPS, fit_voxels
@@ -76,6 +76,10 @@ CURVE_FLAGS: dict[str, str] = {
                        "frame), which no residue function can: the deconvolved residue's "
                        "maximum is noise or a lag wrapped round the circular window; its Tmax "
                        "and delay are not reliable",
+    "vessel": "it peaks, smoothed over time, above a quarter of the AIF's peak, as only a "
+              "vessel does (tissue holds a few per cent of blood): a vessel's region, the AIF "
+              "itself, or the AIF and tissue columns swapped; its values are not tissue "
+              "perfusion (the maps leave such voxels out of the lesions)",
     "at_bound": "the box model's fit ended on a bound of CBF, MTT or delay (DEFAULT_BOUNDS of "
                 "ctperf.perfusion.boxnlr): the curve does not determine it; its values are not "
                 "reliable",
@@ -145,7 +149,9 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | No
     of the ``aif`` (baseline-subtracted, on the same frames) when that is more, and none when
     the AIF stands above half its peak in fewer than three frames. Tissue is the AIF convolved
     with a residue, never sharper; at frames 2-3 s apart a bolus's peak is a frame or two wide
-    and stands off its neighbours as a spike does. Any units.
+    and stands off its neighbours as a spike does. With ``aif``, ``vessel`` where the curve is
+    a vessel's (:func:`~ctperf.perfusion.maps.vessel_curves`: the maps' rule). Each curve is
+    judged on its own, whatever other curves come with it. Any units.
     """
     c = np.asarray(tissue, dtype=np.float64)
     noise = second_difference_sd(c)
@@ -159,8 +165,10 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | No
     flat = sm.max(axis=0) <= NO_ENHANCEMENT_SDS * sd
     cut = ~flat & (sm[-1] > TRUNCATED_END * sm.max(axis=0)) & (sm[-1] > NO_ENHANCEMENT_SDS * sd)
     spike = _spikes(c, noise, times, aif)
+    vessel = (np.zeros(c.shape[1], dtype=bool) if aif is None
+              else vessel_curves(c, np.asarray(aif, dtype=np.float64)))
     hits = (("below_baseline", below), ("no_enhancement", flat), ("truncated", cut),
-            ("spike", spike))
+            ("spike", spike), ("vessel", vessel))
     return tuple(tuple(name for name, hit in hits if hit[i]) for i in range(c.shape[1]))
 
 
@@ -177,10 +185,9 @@ def _spikes(c: np.ndarray, noise: np.ndarray, times: np.ndarray | None,
         return np.abs(x[1:-1] - (1.0 - w) * x[:-2] - w * x[2:]).max(axis=0)
 
     # the gap's noise: the frame's own and the line's (1 + w^2 + (1 - w)^2 variances), from the
-    # curve's noise or the curves' median, whichever is larger (from 30 frames one curve's
-    # estimate falls to half the true SD once in a hundred curves)
-    gap_sd = np.maximum(noise, np.median(noise)) * np.sqrt(
-        1.0 + float(np.max(w ** 2 + (1.0 - w) ** 2)))
+    # curve's own noise (a floor from the other curves' made a quiet curve's spike go unflagged
+    # beside noisy ones); white-noise curves of 16-30 frames raise it in about 1 in 1000
+    gap_sd = noise * np.sqrt(1.0 + float(np.max(w ** 2 + (1.0 - w) ** 2)))
     share = 0.5
     if aif is not None:
         a = np.asarray(aif, dtype=np.float64)[:, None]

@@ -75,6 +75,10 @@ __all__ = ["METHODS", "SD_MAPS", "PerfusionResult", "compute_maps", "run_perfusi
 
 MIN_FRAMES = 10
 
+#: A curve that peaks, smoothed over time, above this share of the AIF's peak is a vessel's
+#: (:func:`vessel_curves`): tissue, whose blood is a few per cent of it, stays far below.
+VESSEL_FRACTION = 0.25
+
 
 _SMOOTHED_TTP = (f"peak of the tissue curve smoothed over time (Gaussian, SD {TTP_SMOOTH_S} s) "
                  "after the bolus's arrival, from the first frame")
@@ -119,7 +123,7 @@ def run_perfusion(
     kh: float = 0.733,
     motion_mm: np.ndarray | None = None,
     uncorrected_motion_mm: np.ndarray | None = None,
-    vessel_fraction: float = 0.25,
+    vessel_fraction: float = VESSEL_FRACTION,
     rim_mm: float = 2.0,
     lesion_options: LesionOptions | None = None,
     vessel_series: CTPSeries | None = None,
@@ -372,19 +376,26 @@ def _check_inputs(series: CTPSeries, *, method: str, vessel_series: CTPSeries | 
                               f"study's {series.shape}")
 
 
+def vessel_curves(enhancement: np.ndarray, aif: np.ndarray,
+                  fraction: float = VESSEL_FRACTION) -> np.ndarray:
+    """Which curves of ``enhancement`` (T, N), smoothed over time (:func:`smooth_time`), peak
+    above ``fraction`` of the measured AIF's (enhancement) peak: vessels, bool (N,). Smoothed,
+    because the highest single frame of a tissue curve is its noise's highest: at low dose with
+    a partial-volume diluted AIF that alone carried tissue over the threshold (docs/methods.md,
+    "Vessel voxels")."""
+    return smooth_time(enhancement).max(axis=0) > fraction * float(np.max(aif))
+
+
 def _vessels(brain: np.ndarray, peaks_of: np.ndarray, aif: np.ndarray,
              vessel_fraction: float, *, chunk: int = 1 << 16) -> np.ndarray:
-    """Brain voxels (bool (Z, Y, X)) whose enhancement ``peaks_of`` (T, N brain voxels),
-    smoothed over time (:func:`smooth_time`), peaks above ``vessel_fraction`` of the measured
-    AIF's peak. Smoothed, because the highest single frame of a tissue curve is its noise's
-    highest: at low dose with a partial-volume diluted AIF that alone carried tissue over the
-    threshold (docs/methods.md, "Vessel voxels"). ``chunk`` voxels at a time."""
+    """Brain voxels (bool (Z, Y, X)) whose enhancement ``peaks_of`` (T, N brain voxels) is a
+    vessel's (:func:`vessel_curves`), ``chunk`` voxels at a time."""
     n = peaks_of.shape[1]
-    peak = np.empty(n, dtype=np.float32)
+    hit = np.empty(n, dtype=bool)
     for s in range(0, n, chunk):
-        peak[s:s + chunk] = smooth_time(peaks_of[:, s:s + chunk]).max(axis=0)
+        hit[s:s + chunk] = vessel_curves(peaks_of[:, s:s + chunk], aif, vessel_fraction)
     vessels = np.zeros(brain.shape, dtype=bool)
-    vessels[brain] = peak > vessel_fraction * float(np.max(aif))
+    vessels[brain] = hit
     return vessels
 
 
