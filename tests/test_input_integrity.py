@@ -161,6 +161,22 @@ def test_blank_frame_is_named(tmp_path, rng):
         read_nifti_series(write_nifti(tmp_path / "s.nii.gz", data))
 
 
+@pytest.mark.parametrize("fill", [0.0, -1024.0])
+def test_a_slice_blanked_in_every_frame_is_named(tmp_path, rng, fill):
+    """A middle slice filled with one value in every frame passed every image check (each image
+    like its slice's other frames) and the brain mask's largest component then dropped the
+    slice beyond it from the U-Net's maps too, exit 0 (a probe). The same blank at an end (above
+    a stripped brain) is read."""
+    data = brain_like(rng, (12, 10, 4, 12))
+    data[:, :, 1] = fill
+    with pytest.raises(InputError, match=r"s\.nii\.gz: slice 1 holds .* between slices that "
+                                         r"hold images: a missing or blanked slice"):
+        read_nifti_series(write_nifti(tmp_path / "s.nii.gz", data))
+    data = brain_like(rng, (12, 10, 4, 12))
+    data[:, :, 3] = fill
+    assert read_nifti_series(write_nifti(tmp_path / "end.nii.gz", data)).shape[1] == 4
+
+
 def test_an_image_unlike_its_slice_is_named(tmp_path, rng):
     """A truncated compressed stream decodes to CT-like values in the wrong places: the
     image's range passes, its pixels do not match the slice's other frames."""

@@ -100,6 +100,25 @@ def test_nan_outside_the_mask_is_read_as_air(subject, tmp_path, caplog):
     np.testing.assert_array_equal(read.hu[:, ~outside], series.hu[:, ~outside])
 
 
+def test_nan_holes_inside_the_brain_stay_out_of_its_mask(subject):
+    """Voxels NaN in every frame inside the brain (a mask's holes) are read as air; the brain
+    mask's hole filling had put them back, and the U-Net gave them CBV 3.3, Tmax 6.2 s (a
+    probe). Air enclosed by the brain is now no brain; the rest of the mask is unchanged."""
+    from ctperf.io.nifti import MASKED_HU
+    from ctperf.masks import brain_mask
+
+    before = brain_mask(subject.series)
+    z, y, x = (int(np.median(v)) for v in np.nonzero(before))
+    hu = subject.series.hu.copy()
+    hole = np.zeros(before.shape, dtype=bool)
+    hole[z, y - 2:y + 2, x - 2:x + 2] = True
+    assert before[hole].all()
+    hu[:, hole] = MASKED_HU
+    after = brain_mask(subject.series.replace(hu=hu))
+    assert not after[hole].any()
+    np.testing.assert_array_equal(after[~hole], before[~hole])
+
+
 def test_nan_in_some_frames_only_is_refused(tmp_path):
     hu = np.zeros((8, 8, 2, 6), dtype=np.float32)
     hu[2, 3, 1, 4] = np.nan

@@ -187,9 +187,10 @@ def brain_mask(
     if depth is not None:
         grown = ndimage.distance_transform_edt(~largest, sampling=plane) <= erode_mm + 1e-6
         largest = grown & soft
-    # Holes (ventricles with contrast-enhanced vessels, bone-free islands) filled slice by slice.
+    # Holes (ventricles with contrast-enhanced vessels, bone-free islands) filled slice by slice;
+    # air enclosed by the brain (a mask's NaN read as air, pneumocephalus) is no brain.
     mask = fill_holes_in_plane(largest)
-    mask &= ~bone
+    mask &= ~bone & (vol >= AIR_HU)
     if exclude_csf:
         mask &= ~csf_mask(vol, spacing=sampling, csf_hu=csf_hu, smooth_mm=csf_smooth_mm)
     log.info("brain_mask: %d voxels (%.1f mL)", int(mask.sum()), mask.sum() * dz * dy * dx / 1e3)

@@ -29,8 +29,19 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "predict", help="perfusion maps of a study from a trained U-Net",
         description="Run a trained U-Net on every slice of a study (DICOM folder or 4D NIfTI) "
-                    "and write the maps in physical units as OUT/<name>.nii.gz plus "
-                    "OUT/summary.json.")
+                    "and write the maps in physical units as OUT/<name>.nii.gz (0 outside the "
+                    "brain mask) plus OUT/summary.json; no lesions (ctperf reproduce segments "
+                    "the U-Net's maps inside its references' brain and vessel masks). The "
+                    "network sees the study as its training studies were: one sampled at "
+                    "another rate or unevenly is resampled to their frame spacing, one shorter "
+                    "than their time window is refused, one of another matrix is refused "
+                    "unless --resize, one stored with rows or columns reversed is turned, one "
+                    "on an offset HU scale is moved back; one begun after its bolus arrived, "
+                    "with no bolus or no brain, or with a blanked slice is refused. A study "
+                    "whose pixels, at the network's input size, differ by more than 20 %% from "
+                    "the training studies', or whose bolus arrives more than 1 s outside their "
+                    "arrivals (counted from its first frame), is predicted with a warning that "
+                    "its maps are unreliable, in the log and the maps' provenance.")
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study (with --cohort: a "
                                             "folder of studies)")
     p.add_argument("out", type=Path, help="output folder (replaced whole when done; with "

@@ -229,6 +229,7 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     ]
     bad = np.argwhere(np.logical_or.reduce(problems))
     if bad.size == 0:
+        _check_slices_present(sample, path_of)
         _check_images_alike(sample, path_of)
         _check_beyond_ct(sample, path_of(0, 0)[0])
         _check_clipped(sample, path_of(0, 0)[0])
@@ -250,6 +251,28 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     more = f" ({len(bad)} images in all)" if len(bad) > 1 else ""
     raise InputError(path, f"{where}implausible CT numbers: {what}{more}; a wrong rescale "
                            "(RescaleSlope/RescaleIntercept, scl_slope) or not a CT image")
+
+
+def _check_slices_present(sample: np.ndarray,
+                          path_of: Callable[[int, int], tuple[PathLike, str]]) -> None:
+    """Refuse a slice blanked in every frame between slices that are not (``sample`` (T, Z,
+    N)): one value in every pixel and frame (a slice filled with 0, say), or no tissue in any
+    frame (air, or a mask's fill). A head has no gap; each of such a slice's images is like its
+    slice's other frames, so the image checks pass it, and the brain beyond it was lost from
+    the maps. A blank slice at either end (beyond the head, or above a stripped brain) is
+    left."""
+    flat = sample.max(axis=(0, 2)) == sample.min(axis=(0, 2))
+    tissue = (sample > _TISSUE_HU).any(axis=(0, 2))
+    blank = flat | ~tissue
+    for z in np.flatnonzero(blank):
+        if not ((~blank[:z]).any() and (~blank[z + 1:]).any()):
+            continue
+        path, _ = path_of(0, int(z))
+        what = (f"holds one value ({float(sample[0, z, 0]):.4g}) in every pixel of every frame"
+                if tissue[z] else
+                f"holds no tissue (nothing above {_TISSUE_HU:g} HU) in any frame")
+        raise InputError(path, f"slice {z} {what}, between slices that hold images: a missing "
+                               "or blanked slice (a head has no gap)")
 
 
 def _check_images_alike(sample: np.ndarray,

@@ -461,7 +461,8 @@ def _masked_as_air(p: Path, data: np.ndarray) -> np.ndarray:
                             "damaged values")
     data[masked] = MASKED_HU
     log.warning("%s: %d voxels are NaN in every frame (a mask applied outside the head or "
-                "brain): read as air (%g HU)", p, int(masked.sum()), MASKED_HU)
+                "brain, or holes cut in it): read as air (%g HU), which no brain mask holds",
+                p, int(masked.sum()), MASKED_HU)
     return data
 
 

@@ -90,8 +90,10 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
 
 
 #: A study whose bolus arrives further than this (s), or than the time shifts the network was
-#: trained with when they are wider, outside its training studies' arrivals is said to.
-ARRIVAL_TOLERANCE_S = 2.0
+#: trained with when they are wider, outside its training studies' arrivals is said to: the
+#: network reads timing from the frame index, so its Tmax moves by about the time a scan began
+#: early or late (docs/reproduce.md).
+ARRIVAL_TOLERANCE_S = 1.0
 
 
 def _arrival(series: CTPSeries, cfg: dict[str, Any], seen: float | None) -> str | None:
@@ -213,7 +215,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
     if (ny, nx) != (size, size) and not resize:
         raise ValidationError(
             f"the model was trained on {size} x {size} slices, the study has {ny} x {nx}; "
-            "pass resize=True (--resize) to resample, or train at this size")
+            "resample with --resize (resize=True in Python), or train at this size")
     if brain_mask is not None and np.shape(brain_mask) != (z, ny, nx):
         raise ValidationError(f"brain mask shape {np.shape(brain_mask)} differs from the "
                               f"study's {(z, ny, nx)}")
