@@ -79,8 +79,10 @@ def register(subparsers: Any) -> None:
                         "from the AIF's arrival, as the maps do), or N, no more frames than "
                         "precede the AIF's arrival; 0 when the curves are "
                         "enhancement or concentration already (curves still at their "
-                        "unenhanced HU before the AIF's bolus are then refused) "
-                        "[%(default)s]")
+                        "unenhanced HU before the AIF's bolus are then refused; bayes "
+                        "accounts for the subtracted baseline's error in its likelihood, so "
+                        "the same curves read a little differently with 0 than with the "
+                        "baseline subtracted by ctperf) [%(default)s]")
     add_constants_options(p)
     add_device_option(p, what="the box-model fits")
     p.set_defaults(func=run)

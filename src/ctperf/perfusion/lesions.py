@@ -195,17 +195,26 @@ def midsagittal_plane(
     if not (dy > 0 and dx > 0):
         raise ValidationError(f"spacing must be two pixel sizes > 0 in mm, got {spacing}")
     nz, ny, nx = img.shape
-    centre = ((ny - 1) / 2.0, (nx - 1) / 2.0)
     area = img.sum(axis=(1, 2))
     if not area.sum() > 0:
         raise ValidationError("no brain voxels to estimate the mid-sagittal plane from")
-    extent = max(ny * dy, nx * dx)
+    # searched about the image's centroid over the extent it fills, so that air added or cut
+    # around the head (another field of view) samples the head on the same grid; the offsets
+    # are given from the slice's centre at the end
+    centre = ((ny - 1) / 2.0, (nx - 1) / 2.0)
+    yy, xx = np.mgrid[0:ny, 0:nx].astype(np.float64)
+    plane_sum = img.sum(axis=0)
+    about = (float((plane_sum * yy).sum() / plane_sum.sum()),
+             float((plane_sum * xx).sum() / plane_sum.sum()))
+    filled = plane_sum > 0
+    reach = float(np.hypot((yy[filled] - about[0]) * dy, (xx[filled] - about[1]) * dx).max())
+    extent = 2.0 * reach + 4.0 * max(dy, dx, pixel_mm)
     angles = base_angle + np.deg2rad(np.arange(-max_angle_deg, max_angle_deg + 1e-9,
                                                angle_step_deg))
 
     def grid(pix: float) -> tuple[np.ndarray, np.ndarray, float, float]:
-        """A square grid of ``pix`` mm pixels over the slice's larger extent, centred: its
-        (y, x) in mm from the centre, its pixel and its centre index."""
+        """A square grid of ``pix`` mm pixels over the image's extent about its centroid: its
+        (y, x) in mm from the centroid, its pixel and its centre index."""
         pix = max(min(dy, dx), pix)
         n = int(np.ceil(extent / pix))
         c0 = (n - 1) / 2.0
@@ -219,8 +228,8 @@ def midsagittal_plane(
         in which a midline whose normal points at angle th stands vertical."""
         yr, xr, _, _ = on
         c, s = np.cos(th), np.sin(th)
-        x_src = centre[1] + (xr * c - yr * s) / dx
-        y_src = centre[0] + (xr * s + yr * c) / dy
+        x_src = about[1] + (xr * c - yr * s) / dx
+        y_src = about[0] + (xr * s + yr * c) / dy
         rot = np.stack([ndimage.map_coordinates(sl, [y_src, x_src], order=1, cval=0.0)
                         for sl in img])
         length = 2 * rot.shape[2]
@@ -257,7 +266,9 @@ def midsagittal_plane(
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = np.where(curv < 0, 0.5 * (left - right) / curv, 0.0)
     axis_x = (m + np.clip(frac, -0.5, 0.5)) / 2.0  # midline column in the rotated view
-    offset = (axis_x - c0) * pix
+    # from the centroid, then from the slice's centre (MidPlane's origin)
+    offset = (axis_x - c0) * pix + ((about[1] - centre[1]) * dx * np.cos(angle)
+                                    + (about[0] - centre[0]) * dy * np.sin(angle))
     w = area / area.max()
     keep = w > 0.05
     if keep.sum() >= 2:
