@@ -436,6 +436,27 @@ def test_a_bolus_just_begun_at_the_first_frame_is_flagged():
     assert 0.05 < flag["value"] < 0.2
 
 
+def test_a_baseline_drifting_down_is_no_bolus_begun():
+    """Contrast left from an earlier injection washing out (150 HU in the blood, falling with a
+    2 min time constant) takes the AIF's tail 40 HU below its flat pre-bolus frames: its lowest
+    values had been read as the unenhanced level, and the flat start as a bolus under way
+    (flagged at 16 % of the rise, a phantom's; at 20 % such a study is refused). A bolus begun
+    at the first frame is still flagged with the same drift."""
+    from ctperf.perfusion.curves import check_bolus_start
+    from ctperf.perfusion.qc import qc_flags
+
+    rng = np.random.default_rng(0)
+    for start, flagged in ((0.0, False), (8.0, True)):
+        t = np.arange(start, start + 60.0, 1.0)
+        drift = 150.0 * np.exp(-t / 120.0)
+        aif = arterial_input(t) + drift - drift[0] + rng.normal(0.0, 2.0, t.size)
+        flag = qc_flags(times=t - start, aif=aif)["bolus_at_start"]
+        assert flag["flag"] is flagged, (start, flag)
+        if not flagged:
+            assert flag["value"] < 0.02  # the flat start is the level: noise's share
+            check_bolus_start(1.3 * aif)  # nor refused when the drift is deeper still
+
+
 def test_an_automatic_aif_with_no_bolus_is_refused_asking_for_a_mask():
     """At 64 px and 30 mAs (19 HU of noise) no artery stands out: the automatic choice was a
     flat curve of noise (with a one-frame baseline, exit 0 and a median CBF of 293 against 24).

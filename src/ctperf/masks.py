@@ -31,6 +31,7 @@ __all__ = [
     "NOMINAL_PARENCHYMA_HU",
     "PARENCHYMA_HU",
     "SKULL_SHARE",
+    "SOFT_TISSUE_MAX_HU",
     "STILL_HU",
     "air_level",
     "as_air",
@@ -53,6 +54,8 @@ log = logging.getLogger(__name__)
 #: Below this a voxel of an unenhanced head is air (or padding), above :data:`BONE_HU` bone.
 AIR_HU = -500.0
 BONE_HU = 300.0
+#: Soft tissue's upper bound in :func:`brain_mask` (bone and its partial volume above).
+SOFT_TISSUE_MAX_HU = 120.0
 
 #: Median HU of an unenhanced adult brain (grey and white matter, some CSF) that a calibrated
 #: scanner can read at 70-140 kV: white matter 22-32 HU, grey matter 32-45 HU.
@@ -116,7 +119,7 @@ def brain_mask(
     *,
     spacing: Sequence[float] | None = None,
     air_hu: float = -10.0,
-    bone_hu: float = 120.0,
+    bone_hu: float = SOFT_TISSUE_MAX_HU,
     bone_margin_mm: float = 0.5,
     erode_mm: float = 2.5,
     smooth_mm: float = 1.0,

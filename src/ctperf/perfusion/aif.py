@@ -463,6 +463,11 @@ def assess_vof(
     elif ratio < min_area_ratio:
         reason = (f"the VOF's area is {ratio:.2f} times the AIF's: a vein holds at least the "
                   "arterial area, so it is partial-volume diluted itself (or not a vein)")
+        tail = v[-max(3, v.size // 10):]
+        if float(tail.mean()) < -3.0 * sd / np.sqrt(tail.size):
+            reason += (f", or its baseline drifts down (its last frames {-float(tail.mean()):.0f}"
+                       " HU below it: contrast left from an earlier injection washing out), "
+                       "which takes area from the later curve")
     ok = not reason
     return VofCheck(ok=ok, ratio=ratio, factor=max(ratio, 1.0) if ok else 1.0, snr=snr,
                     reason=reason)
