@@ -468,9 +468,13 @@ def test_a_cohort_written_by_other_software_gives_the_same_tables(cohorts, tmp_p
         # float32 maps divided and multiplied back by 60 or 1000: equal to 1e-5
         _same_tables(got, base, rel=1e-5)
         # another tool's maps were credited to the ctperf reading them
-        from ctperf.evaluation.report import _versions
+        from ctperf.evaluation.report import _conversions, _versions
         assert _versions(cohort, STUDIES) == [] and _versions(
             load_maps_cohort(cohorts["ref"]), STUDIES) != []
+        # the conversions the sidecars asked for are recorded (they had been logged at INFO)
+        assert _conversions(cohort, STUDIES) == [
+            "cbf converted from mL/100g/s to mL/100g/min (x 60)",
+            "mtt converted from ms to s (x 0.001)", "tmax converted from ms to s (x 0.001)"]
     blurred = tmp_path / "foreignTrue" / "s01" / "lesions" / "core.nii.gz"
     save(np.full(SHAPE, 0.3), AFFINE, blurred, True)
     with pytest.raises(InputError, match="not a mask: values between whole numbers"):
@@ -497,6 +501,60 @@ def test_another_tools_background_is_no_value_but_a_zero_inside_the_brain_is(tmp
     assert np.isnan(out[:, :4]).all() and np.isnan(out[:, :, 16:]).all()
     assert (out[:, 9:11, 9:11] == 0).all()
     assert np.count_nonzero(np.isfinite(out)) == 2 * 12 * 12
+
+
+def test_pockets_where_every_map_holds_the_background_are_no_value(tmp_path):
+    """Another tool's 0 in every map inside the head (where ctperf writes NaN: left-out CSF)
+    had entered the lesions as CBF 0 and Tmax 0 (a probe's core 0.39 against 0.45 mL); a CBF
+    of 0 where Tmax is set stays a measurement."""
+    from ctperf.evaluation.cohort import _background_as_nan
+    from ctperf.types import PerfusionMaps
+
+    cbf = np.zeros((2, 20, 20), dtype=np.float32)
+    cbf[:, 4:16, 4:16] = 40.0
+    tmax = np.where(cbf > 0, np.float32(2.0), np.float32(0.0))
+    cbf[:, 6:8, 6:8] = tmax[:, 6:8, 6:8] = 0.0                   # a pocket: 0 in both
+    cbf[:, 11:13, 11:13] = 0.0                                   # a core: CBF 0, Tmax 9 s
+    tmax[:, 11:13, 11:13] = 9.0
+    maps = PerfusionMaps(maps={"cbf": cbf, "tmax": tmax}, affine=np.eye(4))
+    out = _background_as_nan(maps, tmp_path)
+    for name in ("cbf", "tmax"):
+        assert np.isnan(out[name][:, 6:8, 6:8]).all()
+        assert np.isfinite(out[name][:, 11:13, 11:13]).all()
+    assert (out["cbf"][:, 11:13, 11:13] == 0).all()
+
+
+def test_display_images_and_capped_maps_from_another_tool_are_named(tmp_path):
+    """A colour NIfTI had been refused as an unreadable file; unscaled 8-bit grey levels (a
+    screenshot) had passed as a CBF of median 150-250; a CBF capped at 100 had been compared
+    with no word (bias -17, r 0.37 against the same maps uncapped; a probe)."""
+    import nibabel as nib
+
+    from ctperf.io import read_maps
+
+    rng = np.random.default_rng(0)
+    cbf = np.full((2, 20, 20), np.nan, dtype=np.float32)
+    cbf[:, 4:16, 4:16] = rng.uniform(10.0, 140.0, (2, 12, 12))
+    for name, values in (("rgb", None), ("grey", None), ("capped", np.minimum(cbf, 100.0)),
+                         ("plain", cbf)):
+        (tmp_path / name).mkdir()
+        if name == "rgb":
+            rgb = np.zeros((20, 20, 2), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+            img = nib.Nifti1Image(rgb, np.eye(4))
+        elif name == "grey":
+            grey = np.nan_to_num(cbf / 140.0 * 255.0).round().clip(0, 255).astype(np.uint8)
+            grey[0, 0, 0] = 255
+            img = nib.Nifti1Image(grey.transpose(2, 1, 0), np.eye(4))
+        else:
+            img = nib.Nifti1Image(values.transpose(2, 1, 0), np.eye(4))
+        nib.save(img, tmp_path / name / "cbf.nii.gz")
+    with pytest.raises(InputError, match=r"colour pixels \(R, G, B\): a picture"):
+        read_maps(tmp_path / "rgb")
+    with pytest.raises(InputError, match=r"8-bit values up to 255 .* a display image"):
+        read_maps(tmp_path / "grey")
+    (doubt,) = read_maps(tmp_path / "capped").provenance["unit_warnings"]
+    assert "of its voxels hold its largest value, 100: capped" in doubt
+    assert "unit_warnings" not in read_maps(tmp_path / "plain").provenance
 
 
 def test_maps_in_another_unit_are_reported_and_a_background_is_not_taken_for_one(tmp_path):

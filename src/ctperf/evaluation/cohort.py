@@ -87,14 +87,24 @@ class Reader:
 def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
     """The maps with a background value (:func:`~ctperf.io.maps.background_value`) set to NaN
     where it reaches the image's edge, so that it is never compared as a measurement where the
-    comparison's brain mask is wider; the same value inside the brain (a CBF of 0 in the core)
-    stays."""
-    from ctperf.io.maps import edge_background
+    comparison's brain mask is wider, and where every map holds its background (0 in every map:
+    another tool's pockets inside the head where ctperf writes NaN, which had entered the
+    lesions as CBF 0 and Tmax 0); the same value in one map inside the brain (a CBF of 0 in
+    the core) stays."""
+    from ctperf.io.maps import background_value, edge_background
 
+    everywhere = None
+    if len(maps.names) >= 2:
+        everywhere = np.ones(maps.shape, dtype=bool)
+        for name in maps.names:
+            value = background_value(maps[name])
+            everywhere &= maps[name] == (0.0 if value is None else value)
     out = {}
     for name in maps.names:
         arr = maps[name]
         outside = edge_background(arr) & np.isfinite(arr)
+        if everywhere is not None:
+            outside |= everywhere
         if outside.any():
             log.info("%s: %s holds %g where it reaches the image's edge (%.0f%% of its voxels), "
                      "read as the background (no value)", folder, name,

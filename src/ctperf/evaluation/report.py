@@ -186,7 +186,8 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     doc = {"software_version": software_version(),
            # folder names, not machine paths: the report is made to be shared
            "readers": [{"label": r.label, "kind": r.kind, "path": Path(r.path).name,
-                        "software_versions": _versions(r, studies)} for r in readers],
+                        "software_versions": _versions(r, studies),
+                        "unit_conversions": _conversions(r, studies)} for r in readers],
            "studies": studies, "excluded_studies": excluded,
            "warnings": [f"{r.label}, {w}" for r in readers for w in r.warnings]
            + [f"{r.label}: its maps were made by {len(v)} versions of ctperf ({', '.join(v)})"
@@ -218,6 +219,13 @@ def _versions(reader: Any, studies: list[str]) -> list[str]:
     ``software_version``; none for other software's maps or a truth)."""
     return sorted({str(v) for name in studies if name in getattr(reader, "maps", {})
                    if (v := reader.maps[name].provenance.get("software_version"))})
+
+
+def _conversions(reader: Any, studies: list[str]) -> list[str]:
+    """The unit conversions applied in reading a reader's maps of ``studies`` (their
+    provenance's ``unit_conversions``: units their sidecars declared)."""
+    return sorted({str(n) for name in studies if name in getattr(reader, "maps", {})
+                   for n in reader.maps[name].provenance.get("unit_conversions", [])})
 
 
 def _unique_labels(readers: Sequence[Any]) -> None:

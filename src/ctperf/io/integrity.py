@@ -261,8 +261,8 @@ def _check_slices_present(sample: np.ndarray,
     slice's other frames, so the image checks pass it, and the brain beyond it was lost from
     the maps. A blank slice at either end (beyond the head, or above a stripped brain) is
     left."""
-    flat = sample.max(axis=(0, 2)) == sample.min(axis=(0, 2))
-    tissue = (sample > _TISSUE_HU).any(axis=(0, 2))
+    flat = np.asarray(sample.max(axis=(0, 2)) == sample.min(axis=(0, 2)))
+    tissue = np.asarray((sample > _TISSUE_HU).any(axis=(0, 2)))
     blank = flat | ~tissue
     for z in np.flatnonzero(blank):
         if not ((~blank[:z]).any() and (~blank[z + 1:]).any()):

@@ -24,8 +24,9 @@ from ctperf.errors import InputError
 from ctperf.io.nifti import file_qform, has_orientation, read_volume, sidecar_path
 from ctperf.types import MAP_NAMES, MAP_UNITS, PerfusionMaps
 
-__all__ = ["BACKGROUND_SHARE", "PLAUSIBLE_MEDIANS", "background_value",
-           "check_plausible", "edge_background", "map_file", "read_maps", "to_map_unit"]
+__all__ = ["BACKGROUND_SHARE", "CAPPED_MIN_VOXELS", "CAPPED_SHARE", "PLAUSIBLE_MEDIANS",
+           "background_value", "check_capped", "check_display_image", "check_plausible",
+           "conversion_note", "edge_background", "map_file", "read_maps", "to_map_unit"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,64 @@ def to_map_unit(name: str, values: np.ndarray, unit: str | None,
     if factor != 1.0:
         log.info("%s: %s converted from %s to %s", path, name, unit, want)
     return values * np.float32(factor)
+
+
+def conversion_note(name: str, unit: str | None) -> str | None:
+    """What :func:`to_map_unit` did to map ``name`` declared in ``unit``, for the record (a
+    CBV per 100 mL read per 100 g takes a brain density); None when nothing."""
+    want = MAP_UNITS.get(name)
+    if want is None or unit is None or unit == want:
+        return None
+    key = re.sub(r"\s+", "", unit).lower()
+    factor = _FACTORS.get(name, _TIME).get(key, 1.0)
+    if factor == 1.0:
+        return None
+    density = f", at a brain density of {_RHO:g} g/mL" if key in ("%", "ml/100ml") else ""
+    return f"{name} converted from {unit} to {want} (x {factor:.4g}{density})"
+
+
+#: A map another tool wrote whose largest value is held by at least this share of its set
+#: voxels (and :data:`CAPPED_MIN_VOXELS`) was capped at a display limit.
+CAPPED_SHARE = 0.01
+CAPPED_MIN_VOXELS = 10
+
+
+def check_capped(name: str, values: np.ndarray, path: PathLike) -> str | None:
+    """A warning (logged, and returned without the path) when the map's largest value is held
+    by :data:`CAPPED_SHARE` or more of its set voxels (other than its background): values
+    capped at a display limit (CBF at 100, Tmax at 10 s), whose true values are unknown and
+    read low; None when not."""
+    keep = np.isfinite(values)
+    background = background_value(values)
+    if background is not None:
+        keep &= values != background
+    v = values[keep]
+    if v.size == 0:
+        return None
+    top = float(v.max())
+    held = int(np.count_nonzero(v == top))
+    if held < CAPPED_MIN_VOXELS or held < CAPPED_SHARE * v.size:
+        return None
+    message = (f"{name}: {held / v.size:.1%} of its voxels hold its largest value, {top:.4g}: "
+               "capped at a display limit (or a fit's bound)? Their true values are higher "
+               "and unknown, so the comparison reads them low; export the maps uncapped")
+    log.warning("%s: %s", path, message)
+    return message
+
+
+def check_display_image(name: str, path: PathLike) -> None:
+    """Refuse a map stored as unscaled 8-bit values reaching 255: a display image (greys or a
+    colour table's index windowed into 0-255), not measured values."""
+    import nibabel as nib
+
+    img: Any = nib.load(str(path))
+    slope, inter = img.header.get_slope_inter()
+    if img.get_data_dtype() != np.uint8 or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
+        return
+    if int(np.asarray(img.dataobj).max()) == 255:
+        raise InputError(path, f"{name} is stored as 8-bit values up to 255 without a scale "
+                               "(scl_slope): a display image windowed into grey levels, not "
+                               "measured values; export the maps' values")
 
 
 #: A value that is not positive and is held by more than this share of a map's voxels is the
@@ -168,6 +227,7 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
         elif not np.allclose(aff, affine, atol=1e-3):
             raise InputError(path, "map affine differs from the other maps in the folder")
         declared = None
+        info: dict[str, Any] = {}
         side = sidecar_path(path)
         if side.exists():
             try:
@@ -182,9 +242,17 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
             declared = info.pop(key) if key is not None else None
             info.pop("map", None)
             provenance.update(info)
+        ours = bool(info.get("software_version"))  # a ctperf's map
+        if not ours:
+            check_display_image(name, path)
         arrays[name] = to_map_unit(name, arrays[name], declared, side)
         units[name] = MAP_UNITS.get(name) or declared or "1"
+        note = conversion_note(name, declared)
+        if note is not None:
+            provenance.setdefault("unit_conversions", []).append(note)
         doubt = check_plausible(name, arrays[name], path)
+        if doubt is None and not ours and name != "ttp":  # TTP stops at the scan's end
+            doubt = check_capped(name, arrays[name], path)
         if doubt is not None:
             provenance.setdefault("unit_warnings", []).append(doubt)
     assert affine is not None

@@ -112,7 +112,11 @@ def _pixels(path: PathLike, img: Any, *, allow_nan: bool = False) -> np.ndarray:
     p = Path(path)
     shape = tuple(int(n) for n in img.header.get_data_shape())
     n_vox = int(np.prod(shape, dtype=np.int64))
-    itemsize = np.dtype(img.header.get_data_dtype()).itemsize
+    stored = np.dtype(img.header.get_data_dtype())
+    if stored.fields is not None:  # RGB24, RGBA32: a picture's colours, not one value a voxel
+        raise InputError(p, f"holds colour pixels ({', '.join(stored.names or ())}): a "
+                            "picture (a screenshot or colour-coded map), not measured values")
+    itemsize = stored.itemsize
     compressed = p.name.lower().endswith(".gz")
     check_memory(n_vox * (8 + itemsize * (2 if compressed else 1)), p,
                  what=f"the image's {n_vox} voxels {shape}")

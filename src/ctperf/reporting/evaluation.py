@@ -168,7 +168,9 @@ def evaluation_page(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str
 def _sections(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) -> list[
         tuple[str, str]]:
     readers = "".join(f"<li>{html.escape(r['label'])} ({r['kind']}): "
-                      f"<code>{html.escape(r['path'])}</code></li>" for r in doc["readers"])
+                      f"<code>{html.escape(r['path'])}</code>"
+                      + "".join(f"; {html.escape(n)}" for n in r.get("unit_conversions", []))
+                      + "</li>" for r in doc["readers"])
     excluded = "".join(f"<li>{html.escape(s)}: {html.escape(why)}</li>"
                        for s, why in doc["excluded_studies"].items())
     warnings = "".join(f"<li>{html.escape(w)}</li>" for w in doc.get("warnings", []))
