@@ -120,13 +120,13 @@ def test_a_large_hypodense_region_left_out_as_csf_is_flagged(subject):
     assert qc["csf_cut"]["flag"] and qc["csf_cut"]["value"] > 0.10, qc["csf_cut"]
 
 
-@pytest.mark.parametrize("offset", [-24.0, 12.0, 20.0, 24.0])
+@pytest.mark.parametrize("offset", [-24.0, 16.0, 20.0, 24.0])
 def test_a_study_on_an_offset_hu_scale_gives_the_same_brain_and_lesions(subject, offset):
     """HU shifted by a constant (an intercept of -1000 applied for -1024, or the reverse) left
     the CSF threshold's 15 HU above the brain's white matter (-24 HU: a tenth of a 128 px
     phantom's brain fitted, its 12.6 mL hypoperfused read 0.7 mL, no flag) or below its CSF
     (+24: the CSF fitted). A brain outside 18-50 HU whose air is as far off is moved back by
-    the air's offset, and flagged; so is one that +12 or +20 HU left inside it, where the brain
+    the air's offset, and flagged; so is one that +16 or +20 HU left inside it, where the brain
     follows the air (a probe's 96 px phantoms had read core +4 to +16 % at +20 HU, no flag)."""
     s = subject.series
     a = run_perfusion(s, method="bsvd", lesion_options=LesionOptions())

@@ -27,6 +27,8 @@ __all__ = [
     "HYPERDENSE_HU",
     "HYPERDENSE_MAX_HU",
     "HYPERDENSE_MIN_ML",
+    "IN_RANGE_AIR_TOLERANCE_HU",
+    "IN_RANGE_BRAIN_OFF_HU",
     "NOMINAL_CSF_HU",
     "NOMINAL_PARENCHYMA_HU",
     "PARENCHYMA_HU",
@@ -213,13 +215,14 @@ def hu_offset(
     answers it (:func:`air_level`): air read as far off in the same direction gives the offset;
     air at -1000 HU says the scale is right and the brain is unusual (atrophy, oedema), which
     is left alone. A brain inside the range is moved by the air's offset only when the air is
-    :data:`AIR_TOLERANCE_HU` or more off and the brain off :data:`NOMINAL_PARENCHYMA_HU` by at
-    least half of it the same way. Without air to read, the offset is the brain's distance from
-    :data:`NOMINAL_PARENCHYMA_HU`. (None, 0) when no brain is found, or when the volume lacks
-    the air or padding (under :data:`AIR_HU`) and bone (over :data:`BONE_HU`) of a head in
-    HU: what is not a CT head is not moved into one. The brain is found with a low air
-    threshold (-60 HU), on the scale the air gives when that finds none (a scale shifted down
-    by more than about 80 HU).
+    :data:`IN_RANGE_AIR_TOLERANCE_HU` or more off and the brain off
+    :data:`NOMINAL_PARENCHYMA_HU` by :data:`IN_RANGE_BRAIN_OFF_HU` or more and by at least
+    half of the air's offset, the same way. Without air to read, the offset is the brain's
+    distance from :data:`NOMINAL_PARENCHYMA_HU`. (None, 0) when no brain is found, or when
+    the volume lacks the air or padding (under :data:`AIR_HU`) and bone (over
+    :data:`BONE_HU`) of a head in HU: what is not a CT head is not moved into one. The brain
+    is found with a low air threshold (-60 HU), on the scale the air gives when that finds
+    none (a scale shifted down by more than about 80 HU).
     """
     vol = np.asarray(volume, dtype=np.float32)
     if np.mean(vol < AIR_HU) < 0.01 or np.mean(vol > BONE_HU) < 0.002:
@@ -239,12 +242,14 @@ def hu_offset(
     guess = level - NOMINAL_PARENCHYMA_HU
     air = air_level(vol) if air is None else air
     if low <= level <= high:
-        # a usual brain: an offset only where the air reads one and the brain is off by at
-        # least half of it the same way (+20 HU put a 30 HU brain at 50, inside the range,
-        # and moved the CSF cut and the lesions; a calibrated scan's air a few HU off, beside
-        # a brain near the nominal level, is left alone)
+        # a usual brain: an offset only where the air reads one beyond a calibrated scanner's
+        # tolerance and the brain is far off its nominal level, by at least half of it the same
+        # way (+20 HU put a 30 HU brain at 50, inside the range, and moved the CSF cut and the
+        # lesions; a calibrated scan's air 9-10 HU off beside an 80 kV brain at 37-40 HU, or a
+        # child's at 22-24 HU, is left alone)
         shift = None if air is None else air + 1000.0
-        if shift is None or abs(shift) < AIR_TOLERANCE_HU or guess / shift < 0.5:
+        if (shift is None or abs(shift) < IN_RANGE_AIR_TOLERANCE_HU
+                or abs(guess) < IN_RANGE_BRAIN_OFF_HU or guess / shift < 0.5):
             return level, 0.0
         log.warning("air reads %.0f HU and the brain %.0f HU before the bolus (%+.0f HU from its "
                     "nominal %g HU): the study's HU scale looks offset by %+.0f HU, and is read "
@@ -267,6 +272,11 @@ def hu_offset(
 
 #: Air further than this from -1000 HU confirms an offset of the HU scale in its direction.
 AIR_TOLERANCE_HU = 8.0
+#: With the brain inside :data:`PARENCHYMA_HU`, the air must be this far off (beyond the
+#: few HU a calibrated scanner's air may read off -1000) and the brain
+#: :data:`IN_RANGE_BRAIN_OFF_HU` off its nominal level for the scale to be taken as offset.
+IN_RANGE_AIR_TOLERANCE_HU = 15.0
+IN_RANGE_BRAIN_OFF_HU = 10.0
 
 
 def air_level(volume: np.ndarray) -> float | None:

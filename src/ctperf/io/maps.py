@@ -100,6 +100,8 @@ def check_capped(name: str, values: np.ndarray, path: PathLike) -> str | None:
     if v.size == 0:
         return None
     top = float(v.max())
+    if not float(v.min()) < top:  # one value throughout: no cap to tell
+        return None
     held = int(np.count_nonzero(v == top))
     if held < CAPPED_MIN_VOXELS or held < CAPPED_SHARE * v.size:
         return None

@@ -232,10 +232,7 @@ def check_peak_not_clipped(aif: np.ndarray, times: np.ndarray, *,
 def start_level(aif: np.ndarray) -> tuple[float, float, float]:
     """How far an arterial curve's first frame (smoothed with :func:`bandlimit`) stands above
     the mean of its three lowest values, the curve's range above them, and the smoothed first
-    frame's noise SD (from second differences); zeros for fewer than four frames. A start
-    flat over four frames (within three noise SDs) in the lower half of the range is no bolus
-    under way but the unenhanced level, and values below it are drift (contrast left from an
-    earlier injection washing out): it is then the level."""
+    frame's noise SD (from second differences); zeros for fewer than four frames."""
     x = np.asarray(aif, dtype=np.float64)
     if x.size < 4:
         return 0.0, 0.0, 0.0
@@ -243,10 +240,6 @@ def start_level(aif: np.ndarray) -> tuple[float, float, float]:
     low = float(np.sort(c)[:3].mean())
     # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
     noise = np.sqrt(0.625) * float(second_difference_sd(x))
-    lead = c[:4]
-    if (x.size >= 8 and float(np.ptp(lead)) <= 3.0 * noise
-            and float(lead.mean()) - low < 0.5 * (float(c.max()) - low)):
-        low = max(low, float(lead.min()))
     return float(c[0]) - low, float(c.max()) - low, noise
 
 

@@ -12,6 +12,9 @@ from ctperf.masks import (
     HYPERDENSE_HU,
     HYPERDENSE_MAX_HU,
     HYPERDENSE_MIN_ML,
+    IN_RANGE_AIR_TOLERANCE_HU,
+    IN_RANGE_BRAIN_OFF_HU,
+    NOMINAL_PARENCHYMA_HU,
     PARENCHYMA_HU,
     SKULL_SHARE,
 )
@@ -420,8 +423,10 @@ def qc_flags(
     put("hu_offset", bool(hu_offset), hu_offset,
         f"the brain's median before the bolus lies outside the {low:g}-{high:g} HU of unenhanced "
         f"brain and the air is as far off (by {AIR_TOLERANCE_HU:g} HU or more; or there is no "
-        "air to read): the study's HU scale is offset by the value (a RescaleIntercept of -1000 "
-        "applied for -1024, an uncalibrated scanner, a conversion that added a constant). "
+        f"air to read), or inside it but {IN_RANGE_BRAIN_OFF_HU:g} HU or more off its nominal "
+        f"{NOMINAL_PARENCHYMA_HU:g} HU with the air {IN_RANGE_AIR_TOLERANCE_HU:g} HU or more "
+        "off the same way: the study's HU scale is offset by the value (a RescaleIntercept of "
+        "-1000 applied for -1024, an uncalibrated scanner, a conversion that added a constant). "
         "Bone, brain and CSF were found on the scale moved back, and the maps use only "
         "differences from the baseline, but check the conversion and the brain mask "
         "(lesions/brain.nii.gz)")
