@@ -524,6 +524,34 @@ def test_pockets_where_every_map_holds_the_background_are_no_value(tmp_path):
     assert (out["cbf"][:, 11:13, 11:13] == 0).all()
 
 
+def test_a_core_written_as_zero_flow_stays_a_measurement(tmp_path):
+    """Another tool's core of CBF, CBV and MTT 0 ("no flow measured", Tmax 11 s) at the brain's
+    surface, joined through a scalp of 0 to the image's edge: each map's own background had
+    taken it for no value (the tool scored CBF r 1.000, core Dice 0.21; a review). The
+    background is where every map holds it: the core stays 0, the air is no value. Without a
+    time map the two cannot be told apart (docs/evaluation.md)."""
+    from ctperf.evaluation.cohort import _background_as_nan
+    from ctperf.types import PerfusionMaps
+
+    shape = (2, 24, 24)
+    head = np.zeros(shape, dtype=bool)
+    head[:, 3:21, 3:21] = True
+    maps = {"cbf": np.where(head, 40.0, 0.0), "cbv": np.where(head, 4.0, 0.0),
+            "mtt": np.where(head, 6.0, 0.0), "tmax": np.where(head, 2.0, 0.0)}
+    core = np.zeros(shape, dtype=bool)
+    core[:, 3:7, 8:14] = True                     # at the brain's edge, next to the air
+    for name in ("cbf", "cbv", "mtt"):
+        maps[name][core] = 0.0
+    maps["tmax"][core] = 11.0
+    out = _background_as_nan(PerfusionMaps(maps={k: v.astype(np.float32)
+                                                 for k, v in maps.items()},
+                                           affine=np.eye(4)), tmp_path)
+    for name in ("cbf", "cbv", "mtt"):
+        assert (out[name][core] == 0).all()
+        assert np.isnan(out[name][~head]).all()
+    assert (out["tmax"][core] == 11).all()
+
+
 def test_display_images_and_capped_maps_from_another_tool_are_named(tmp_path):
     """A colour NIfTI had been refused as an unreadable file; unscaled 8-bit grey levels (a
     screenshot) had passed as a CBF of median 150-250; a CBF capped at 100 had been compared
@@ -555,6 +583,10 @@ def test_display_images_and_capped_maps_from_another_tool_are_named(tmp_path):
     (doubt,) = read_maps(tmp_path / "capped").provenance["unit_warnings"]
     assert "of its voxels hold its largest value, 100: capped" in doubt
     assert "unit_warnings" not in read_maps(tmp_path / "plain").provenance
+    # ctperf's own maps copied without their sidecars (the box model's MTT on its 30 s bound
+    # had been called capped): known by their folder's summary
+    (tmp_path / "capped" / "summary.json").write_text('{"software_version": "0.1.0"}')
+    assert "unit_warnings" not in read_maps(tmp_path / "capped").provenance
 
 
 def test_maps_in_another_unit_are_reported_and_a_background_is_not_taken_for_one(tmp_path):

@@ -85,31 +85,33 @@ class Reader:
 
 
 def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
-    """The maps with a background value (:func:`~ctperf.io.maps.background_value`) set to NaN
-    where it reaches the image's edge, so that it is never compared as a measurement where the
-    comparison's brain mask is wider, and where every map holds its background (0 in every map:
-    another tool's pockets inside the head where ctperf writes NaN, which had entered the
-    lesions as CBF 0 and Tmax 0); the same value in one map inside the brain (a CBF of 0 in
-    the core) stays."""
+    """The maps with their background (:func:`~ctperf.io.maps.background_value`) set to NaN
+    where every map holds it and it reaches the image's edge, so that it is never compared as
+    a measurement where the comparison's brain mask is wider; and, with a time map (Tmax, TTP
+    or delay) among them, where every map holds it inside the head too (another tool's 0 in
+    every map where ctperf writes NaN, which had entered the lesions as CBF 0 and Tmax 0). A
+    core's CBF of 0 stays a measurement where its Tmax is given (not 0), and without a time map
+    nothing enclosed by the head is taken for background (a core written as CBF, CBV and MTT of
+    0 had been dropped, and the reader scored as perfect); one joining the air is lost without
+    a time map, since every map holds 0 there as in the air."""
     from ctperf.io.maps import background_value, edge_background
 
-    everywhere = None
-    if len(maps.names) >= 2:
+    arrays = [maps[name] for name in maps.names]
+    outside = edge_background(*arrays)
+    if len(arrays) >= 2 and {"tmax", "ttp", "delay"} & set(maps.names):
         everywhere = np.ones(maps.shape, dtype=bool)
-        for name in maps.names:
-            value = background_value(maps[name])
-            everywhere &= maps[name] == (0.0 if value is None else value)
+        for arr in arrays:
+            value = background_value(arr)
+            everywhere &= arr == (0.0 if value is None else value)
+        outside |= everywhere
     out = {}
-    for name in maps.names:
-        arr = maps[name]
-        outside = edge_background(arr) & np.isfinite(arr)
-        if everywhere is not None:
-            outside |= everywhere
-        if outside.any():
-            log.info("%s: %s holds %g where it reaches the image's edge (%.0f%% of its voxels), "
-                     "read as the background (no value)", folder, name,
-                     float(arr[outside][0]), 100 * outside.mean())
-            arr = np.where(outside, np.float32(np.nan), arr)
+    for name, arr in zip(maps.names, arrays, strict=True):
+        gone = outside & np.isfinite(arr)
+        if gone.any():
+            log.info("%s: %s holds %g where every map holds its background (%.0f%% of its "
+                     "voxels), read as no value", folder, name, float(arr[gone][0]),
+                     100 * gone.mean())
+            arr = np.where(gone, np.float32(np.nan), arr)
         out[name] = arr
     return maps.replace(maps=out)
 

@@ -198,6 +198,16 @@ def map_file(folder: PathLike, name: str) -> Path | None:
     return found[0] if found else None
 
 
+def _made_by_ctperf(folder: Path) -> bool:
+    """Whether ``folder``'s ``summary.json`` says a ctperf wrote the maps (their sidecars may
+    have been left behind in a copy)."""
+    try:
+        doc = json.loads((folder / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(doc, dict) and bool(doc.get("software_version"))
+
+
 def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> PerfusionMaps:
     """Read the maps of a folder (all known names present, or those asked for):
     ``<name>.nii.gz`` or ``.nii``, the name in any case (:func:`map_file`). A map whose JSON
@@ -218,6 +228,7 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
     units: dict[str, str] = {}
     provenance: dict[str, Any] = {}
     affine = qform = None
+    made_here = _made_by_ctperf(root)
     for name, found in files.items():
         path = found if found is not None else root / f"{name}.nii.gz"
         arrays[name], aff = read_volume(path, allow_nan=True)
@@ -244,7 +255,7 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
             declared = info.pop(key) if key is not None else None
             info.pop("map", None)
             provenance.update(info)
-        ours = bool(info.get("software_version"))  # a ctperf's map
+        ours = bool(info.get("software_version")) or made_here  # a ctperf's map
         if not ours:
             check_display_image(name, path)
         arrays[name] = to_map_unit(name, arrays[name], declared, side)
