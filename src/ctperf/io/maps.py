@@ -49,36 +49,41 @@ PLAUSIBLE_MEDIANS: dict[str, tuple[float, float]] = {
     "ttp": (0.0, 200.0), "delay": (-10.0, 60.0)}
 
 
+def _conversion(name: str, unit: str | None) -> tuple[float, str] | None:
+    """(factor to ctperf's unit, its note for the record) of map ``name`` declared in
+    ``unit``; None when there is nothing to convert; factor NaN for a unit not known."""
+    want = MAP_UNITS.get(name)
+    if want is None or unit is None or unit == want:
+        return None
+    key = re.sub(r"\s+", "", unit).lower()
+    factor = _FACTORS.get(name, _TIME).get(key, float("nan"))
+    # a CBV per 100 mL read per 100 g takes a brain density
+    density = f", at a brain density of {_RHO:g} g/mL" if key in ("%", "ml/100ml") else ""
+    return factor, f"{name} converted from {unit} to {want} (x {factor:.4g}{density})"
+
+
 def to_map_unit(name: str, values: np.ndarray, unit: str | None,
                 path: PathLike) -> np.ndarray:
     """``values`` of map ``name`` declared in ``unit`` (None: ctperf's), in ctperf's unit;
     an InputError naming ``path`` for a unit that cannot be converted."""
-    want = MAP_UNITS.get(name)
-    if want is None or unit is None or unit == want:
+    found = _conversion(name, unit)
+    if found is None:
         return values
-    key = re.sub(r"\s+", "", unit).lower()
-    factor = _FACTORS.get(name, _TIME).get(key)
-    if factor is None:
+    factor, note = found
+    if not np.isfinite(factor):
         known = ", ".join(sorted(_FACTORS.get(name, _TIME)))
-        raise InputError(path, f"{name} in {unit!r}, a unit ctperf cannot convert to {want} "
-                               f"(it reads {known})")
+        raise InputError(path, f"{name} in {unit!r}, a unit ctperf cannot convert to "
+                               f"{MAP_UNITS[name]} (it reads {known})")
     if factor != 1.0:
-        log.info("%s: %s converted from %s to %s", path, name, unit, want)
+        log.info("%s: %s", path, note)
     return values * np.float32(factor)
 
 
 def conversion_note(name: str, unit: str | None) -> str | None:
-    """What :func:`to_map_unit` did to map ``name`` declared in ``unit``, for the record (a
-    CBV per 100 mL read per 100 g takes a brain density); None when nothing."""
-    want = MAP_UNITS.get(name)
-    if want is None or unit is None or unit == want:
-        return None
-    key = re.sub(r"\s+", "", unit).lower()
-    factor = _FACTORS.get(name, _TIME).get(key, 1.0)
-    if factor == 1.0:
-        return None
-    density = f", at a brain density of {_RHO:g} g/mL" if key in ("%", "ml/100ml") else ""
-    return f"{name} converted from {unit} to {want} (x {factor:.4g}{density})"
+    """What :func:`to_map_unit` did to map ``name`` declared in ``unit``, for the record;
+    None when nothing (the unit is ctperf's, or another spelling of it)."""
+    found = _conversion(name, unit)
+    return None if found is None or found[0] == 1.0 else found[1]
 
 
 #: A map another tool wrote whose largest value is held by at least this share of its set
