@@ -39,8 +39,9 @@ def register(subparsers: Any) -> None:
                     "on an offset HU scale is moved back; one begun after its bolus arrived, "
                     "with no bolus or no brain, or with a blanked slice is refused. A study "
                     "whose pixels, at the network's input size, differ by more than 20 %% from "
-                    "the training studies', or whose bolus arrives more than 1 s outside their "
-                    "arrivals (counted from its first frame), is predicted with a warning that "
+                    "the training studies', or whose bolus arrives more than 1 s (or the time "
+                    "shifts the network trained with, when wider) outside their arrivals "
+                    "(counted from its first frame), is predicted with a warning that "
                     "its maps are unreliable, in the log and the maps' provenance.")
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study (with --cohort: a "
                                             "folder of studies)")

@@ -76,7 +76,8 @@ def to_map_unit(name: str, values: np.ndarray, unit: str | None,
                                f"{MAP_UNITS[name]} (it reads {known})")
     if factor != 1.0:
         log.info("%s: %s", path, note)
-    return values * np.float32(factor)
+    # in float64: 6000 ms times a float32 0.001 is 6.0000005 s, over a 6 s threshold
+    return (np.asarray(values, dtype=np.float64) * factor).astype(np.float32)
 
 
 def conversion_note(name: str, unit: str | None) -> str | None:

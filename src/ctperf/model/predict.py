@@ -119,8 +119,9 @@ def _arrival(series: CTPSeries, cfg: dict[str, Any], seen: float | None) -> str 
     if low - slack <= seen <= high + slack:
         return None
     note = (f"the bolus arrives {seen:.1f} s after this study's first frame, and {low:.1f}-"
-            f"{high:.1f} s after it in the network's training studies (its time shifts cover "
-            f"{slack:.1f} s more): it reads the bolus's timing from the frame index, so its "
+            f"{high:.1f} s after it in the network's training studies, more than {slack:.1f} s "
+            "outside them (the margin, or the time shifts it trained with when wider): it reads "
+            "the bolus's timing from the frame index, so its "
             "maps, Tmax and delay most, are unreliable (leave out early frames of a scan "
             "begun earlier, or train on studies like it)")
     log.warning("%s", note)
