@@ -214,18 +214,27 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     return json_safe(doc)
 
 
+def _recorded(reader: Any, studies: list[str], key: str) -> list[str]:
+    """The distinct values (a list's items) that the provenance of a reader's maps of
+    ``studies`` records under ``key``, sorted."""
+    maps = getattr(reader, "maps", {})
+    found: set[str] = set()
+    for name in studies:
+        value = maps[name].provenance.get(key) if name in maps else None
+        found.update(str(v) for v in (value if isinstance(value, list) else [value]) if v)
+    return sorted(found)
+
+
 def _versions(reader: Any, studies: list[str]) -> list[str]:
-    """The ctperf versions that made a reader's maps of ``studies`` (their provenance's
-    ``software_version``; none for other software's maps or a truth)."""
-    return sorted({str(v) for name in studies if name in getattr(reader, "maps", {})
-                   if (v := reader.maps[name].provenance.get("software_version"))})
+    """The ctperf versions that made a reader's maps of ``studies`` (none for other
+    software's maps or a truth)."""
+    return _recorded(reader, studies, "software_version")
 
 
 def _conversions(reader: Any, studies: list[str]) -> list[str]:
-    """The unit conversions applied in reading a reader's maps of ``studies`` (their
-    provenance's ``unit_conversions``: units their sidecars declared)."""
-    return sorted({str(n) for name in studies if name in getattr(reader, "maps", {})
-                   for n in reader.maps[name].provenance.get("unit_conversions", [])})
+    """The unit conversions applied in reading a reader's maps of ``studies`` (units their
+    sidecars declared)."""
+    return _recorded(reader, studies, "unit_conversions")
 
 
 def _unique_labels(readers: Sequence[Any]) -> None:

@@ -118,16 +118,18 @@ def check_capped(name: str, values: np.ndarray, path: PathLike) -> str | None:
     return message
 
 
-def check_display_image(name: str, path: PathLike) -> None:
-    """Refuse a map stored as unscaled 8-bit values reaching 255: a display image (greys or a
-    colour table's index windowed into 0-255), not measured values."""
+def check_display_image(name: str, values: np.ndarray, path: PathLike) -> None:
+    """Refuse a map (``values`` as read from ``path``) stored as unscaled 8-bit values reaching
+    255: a display image (greys or a colour table's index windowed into 0-255), not measured
+    values. Only the file's header is read again."""
     import nibabel as nib
 
-    img: Any = nib.load(str(path))
-    slope, inter = img.header.get_slope_inter()
-    if img.get_data_dtype() != np.uint8 or (slope not in (None, 1.0)) or (inter not in (None, 0.0)):
+    header: Any = nib.load(str(path)).header
+    slope, inter = header.get_slope_inter()
+    if (header.get_data_dtype() != np.uint8 or slope not in (None, 1.0)
+            or inter not in (None, 0.0)):
         return
-    if int(np.asarray(img.dataobj).max()) == 255:
+    if float(np.nanmax(values)) == 255.0:
         raise InputError(path, f"{name} is stored as 8-bit values up to 255 without a scale "
                                "(scl_slope): a display image windowed into grey levels, not "
                                "measured values; export the maps' values")
@@ -204,7 +206,7 @@ def map_file(folder: PathLike, name: str) -> Path | None:
     return found[0] if found else None
 
 
-def _made_by_ctperf(folder: Path) -> bool:
+def _summary_names_ctperf(folder: Path) -> bool:
     """Whether ``folder``'s ``summary.json`` says a ctperf wrote the maps (their sidecars may
     have been left behind in a copy)."""
     try:
@@ -234,7 +236,7 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
     units: dict[str, str] = {}
     provenance: dict[str, Any] = {}
     affine = qform = None
-    made_here = _made_by_ctperf(root)
+    made_here = _summary_names_ctperf(root)
     for name, found in files.items():
         path = found if found is not None else root / f"{name}.nii.gz"
         arrays[name], aff = read_volume(path, allow_nan=True)
@@ -263,7 +265,7 @@ def read_maps(folder: PathLike, *, names: Iterable[str] | None = None) -> Perfus
             provenance.update(info)
         ours = bool(info.get("software_version")) or made_here  # a ctperf's map
         if not ours:
-            check_display_image(name, path)
+            check_display_image(name, arrays[name], path)
         arrays[name] = to_map_unit(name, arrays[name], declared, side)
         units[name] = MAP_UNITS.get(name) or declared or "1"
         note = conversion_note(name, declared)

@@ -165,8 +165,7 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | No
     flat = sm.max(axis=0) <= NO_ENHANCEMENT_SDS * sd
     cut = ~flat & (sm[-1] > TRUNCATED_END * sm.max(axis=0)) & (sm[-1] > NO_ENHANCEMENT_SDS * sd)
     spike = _spikes(c, noise, times, aif)
-    vessel = (np.zeros(c.shape[1], dtype=bool) if aif is None
-              else vessel_curves(c, np.asarray(aif, dtype=np.float64)))
+    vessel = np.zeros(c.shape[1], dtype=bool) if aif is None else vessel_curves(c, aif)
     hits = (("below_baseline", below), ("no_enhancement", flat), ("truncated", cut),
             ("spike", spike), ("vessel", vessel))
     return tuple(tuple(name for name, hit in hits if hit[i]) for i in range(c.shape[1]))
