@@ -241,8 +241,12 @@ def test_the_manifest_leaves_out_uids_and_series_descriptions(tmp_path):
 
 def test_a_local_cluster_runs_the_studies_in_worker_processes(tmp_path):
     out = tmp_path / "out"
+    environment = dict(os.environ)
     summary = run_cohort(_studies("a", "bug", "c"), out, _echo_task, {"upper": True},
                          workers=2)
+    # Dask's nannies set their workers' OMP_NUM_THREADS=1, PYTHONHASHSEED, ... in this
+    # process's environment: the caller's later subprocesses must not inherit them
+    assert dict(os.environ) == environment
     assert summary.done == ("a", "c") and summary.failed == {
         "bug": "ZeroDivisionError: division by zero"}
     assert (out / "c" / "value.txt").read_text() == "C"
@@ -479,9 +483,9 @@ def test_default_workers_one_per_two_cores(monkeypatch):
 
     big = type("Memory", (), {"total": 64 * cohort_module.MEMORY_PER_WORKER})()
     monkeypatch.setattr(psutil, "virtual_memory", lambda: big)
-    monkeypatch.setattr(cohort_module, "_cores", lambda: 2)
+    monkeypatch.setattr(cohort_module, "usable_cores", lambda: 2)
     assert cohort_module.worker_count(10) == 1
-    monkeypatch.setattr(cohort_module, "_cores", lambda: 16)
+    monkeypatch.setattr(cohort_module, "usable_cores", lambda: 16)
     assert cohort_module.worker_count(10) == 8
     assert cohort_module.worker_count(3) == 3
     assert cohort_module.worker_count(10, workers=5) == 5

@@ -1082,3 +1082,21 @@ def test_a_reconstruction_clock_a_few_ms_later_per_slice_still_agrees(tmp_path, 
         series = read_dicom_series(study.folder)
     np.testing.assert_allclose(series.times, study.times, atol=0.011)
     assert "1 of 15 images have no AcquisitionTime" in caplog.text
+
+
+def test_decodes_that_cross_in_two_threads_leave_no_warnings_filter():
+    """Two DICOM reads at once: the second began before the first ended and ended after it.
+    Each restoring the filters it had found left the first's filter for pydicom's cut-short
+    warning installed for good, hiding it from the program's own pydicom reads."""
+    import warnings
+
+    from ctperf.io.dicom_decode import _cut_short_unsaid
+
+    before = list(warnings.filters)
+    first, second = _cut_short_unsaid(), _cut_short_unsaid()
+    first.__enter__()
+    second.__enter__()
+    assert any("End of file" in str(f[1]) for f in warnings.filters)  # quiet while they run
+    first.__exit__(None, None, None)
+    second.__exit__(None, None, None)
+    assert warnings.filters == before

@@ -403,3 +403,23 @@ def test_training_curves_name_the_training_loss():
                                   for r in rows])
     assert next(t.get_text() for t in old.axes[0].get_legend().get_texts()) == \
         "finetune train (MSE)"
+
+
+def test_building_a_network_leaves_the_callers_random_state_alone():
+    # training reseeded the program's global generator (torch.manual_seed), and prediction's
+    # model construction drew from it: a caller's own torch.rand changed with ctperf's calls
+    from ctperf.model.checkpoint import build_model
+
+    config = {"in_frames": 4, "out_channels": 1, "width": 4, "depth": 2, "kernel_size": 2,
+              "norm": "none"}
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    first = build_model(config, seed=5)
+    unseeded = build_model(config)
+    assert torch.equal(torch.rand(3), expected)
+    again = build_model(config, seed=5)
+    for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)  # the seed alone sets the weights
+    assert any(not torch.equal(a, b) for a, b in zip(
+        first.state_dict().values(), unseeded.state_dict().values(), strict=True))

@@ -380,6 +380,27 @@ def test_atomic_outputs_get_ordinary_permissions(small_series, tmp_path):
     assert stat.S_IMODE((tmp_path / "folder").stat().st_mode) == 0o755
 
 
+def test_the_umask_is_read_without_being_changed(monkeypatch):
+    # setting the umask to 0 to read it let another thread create a file writable by all
+    import os
+    import sys
+
+    from ctperf.io import atomic
+
+    expected = os.umask(0o027)
+    os.umask(0o027)
+    try:
+        if sys.platform.startswith("linux"):
+            def refuse(mask):
+                raise AssertionError("os.umask called")
+
+            monkeypatch.setattr(os, "umask", refuse)
+        assert atomic._umask() == 0o027
+    finally:
+        monkeypatch.undo()
+        os.umask(expected)
+
+
 @pytest.mark.parametrize("shear", [0.0, 1.82], ids=["straight", "tilted gantry"])
 def test_written_maps_carry_qform_and_sform_and_their_unit(tmp_path, shear):
     """Tools that read only the qform (or only the sform) see the same grid, coded 1 (scanner:

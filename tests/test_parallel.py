@@ -174,3 +174,43 @@ def test_overlapping_pools_of_two_threads_restore_the_blas_setting(first_ends_fi
             assert _blas_threads() == [1] * len(before)    # the other pool still runs
     assert all(n == [1] * len(before) for n in seen)
     assert _blas_threads() == before
+
+
+def test_default_workers_are_the_cores_this_process_may_use(monkeypatch):
+    # a batch job or a container allotted one core of a large machine runs one thread
+    import os
+
+    import ctperf.parallel as parallel
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert parallel.usable_cores() == 1
+    threads = set()
+    map_chunks(lambda a, b: threads.add(threading.get_ident()), 8, chunk=1)
+    assert threads == {threading.get_ident()}  # one worker: the calling thread
+
+
+def test_no_progress_bar_is_made_without_progress(monkeypatch):
+    # even a disabled tqdm bar creates tqdm's process-wide lock (a semaphore that spawned
+    # pools report as leaked at their shutdown)
+    import tqdm.auto
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a bar was made")
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", refuse)
+    assert map_chunks(lambda a, b: b - a, 10, chunk=3, workers=2) == [3, 3, 3, 1]
+
+
+def test_importing_the_package_leaves_the_environment_alone():
+    # threadpoolctl's import sets KMP_DUPLICATE_LIB_OK: it waits for the first pool
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "KMP_DUPLICATE_LIB_OK"}
+    code = ("import os, ctperf.parallel, ctperf.perfusion, ctperf.workflow; "
+            "print(os.environ.get('KMP_DUPLICATE_LIB_OK'))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "None"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -28,6 +29,32 @@ def test_reporting_imports_no_matplotlib():
     # ctperf.evaluation do) stays light.
     code = "import sys, ctperf.reporting; sys.exit('matplotlib' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_figures_leave_the_callers_matplotlib_session_alone(tmp_path):
+    # In a notebook or a Qt session ctperf's figures switched the backend to Agg (plt.show
+    # then showed nothing) and stayed open in pyplot (20 overviews: 20 figures, +96 MiB).
+    code = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+import numpy as np
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_perfusion_pipeline import synthetic_study
+from ctperf.perfusion import run_perfusion
+from ctperf.reporting import comparison_figure, maps_overview, save_figure
+series, _ = synthetic_study(np.random.default_rng(7), noise=5.0)
+result = run_perfusion(series, method="bsvd")
+fig = maps_overview(result)
+save_figure(fig, {str(tmp_path / "o.png")!r}, dpi=50)
+save_figure(comparison_figure(result.maps, result.maps), {str(tmp_path / "c.png")!r}, dpi=50)
+print(matplotlib.get_backend(), plt.get_fignums(), type(fig).__name__)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["svg", "[]", "Figure"]
+    assert (tmp_path / "o.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_display_windows_fixed_and_study_relative():
@@ -86,11 +113,7 @@ def test_html_tables_escape_and_format():
 def overview():
     series, _ = synthetic_study(np.random.default_rng(7), noise=5.0)
     result = run_perfusion(series, method="bsvd")
-    fig = maps_overview(result, title="overview")
-    yield result, fig
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
+    return result, maps_overview(result, title="overview")
 
 
 def test_overview_windows_and_titles_from_the_table(overview):
@@ -126,8 +149,6 @@ def test_overview_names_the_aif_as_it_was_used(overview):
     measured curve it hid; it now names the curve that was used."""
     import dataclasses
 
-    import matplotlib.pyplot as plt
-
     result, fig = overview
     labels = [t.get_text() for ax in fig.axes if ax.get_legend() for t in
               ax.get_legend().get_texts()]
@@ -136,12 +157,9 @@ def test_overview_names_the_aif_as_it_was_used(overview):
     prov = {**result.maps.provenance,
             "partial_volume": {**result.maps.provenance["partial_volume"], "corrected": False}}
     plain = maps_overview(dataclasses.replace(result, maps=result.maps.replace(provenance=prov)))
-    try:
-        labels = [t.get_text() for ax in plain.axes if ax.get_legend() for t in
-                  ax.get_legend().get_texts()]
-        assert "AIF (not corrected)" in labels and "AIF measured" not in labels
-    finally:
-        plt.close(plain)
+    labels = [t.get_text() for ax in plain.axes if ax.get_legend() for t in
+              ax.get_legend().get_texts()]
+    assert "AIF (not corrected)" in labels and "AIF measured" not in labels
 
 
 @pytest.mark.parametrize("kept", [("cbf",), ("cbv", "tmax")])
@@ -150,20 +168,15 @@ def test_overview_of_one_or_two_maps(overview, kept):
     # its curves and its text beside them
     import dataclasses
 
-    import matplotlib.pyplot as plt
-
     result, _ = overview
     maps = result.maps
     few = maps.replace(maps={n: maps[n] for n in kept},
                        units={n: u for n, u in maps.units.items() if n in kept})
     fig = maps_overview(dataclasses.replace(result, maps=few))
-    try:
-        titles = {ax.get_title() for ax in fig.axes if ax.images and ax.get_title()}
-        assert titles == {map_title(n) for n in kept}
-        assert any(ax.lines for ax in fig.axes)  # the AIF/VOF panel
-        assert any("hypoperfused" in t.get_text() for ax in fig.axes for t in ax.texts)
-    finally:
-        plt.close(fig)
+    titles = {ax.get_title() for ax in fig.axes if ax.images and ax.get_title()}
+    assert titles == {map_title(n) for n in kept}
+    assert any(ax.lines for ax in fig.axes)  # the AIF/VOF panel
+    assert any("hypoperfused" in t.get_text() for ax in fig.axes for t in ax.texts)
 
 
 def test_the_motion_qc_figure_is_radiological_whatever_the_stored_order(small_series):

@@ -14,14 +14,15 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from contextlib import contextmanager
-from typing import Any, TypeVar
-
-from threadpoolctl import ThreadpoolController
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ctperf.errors import ValidationError
 
-__all__ = ["map_chunks"]
+if TYPE_CHECKING:
+    from threadpoolctl import ThreadpoolController
+
+__all__ = ["map_chunks", "usable_cores"]
 
 R = TypeVar("R")
 
@@ -41,7 +42,7 @@ def map_chunks(fn: Callable[[int, int], R], n_items: int, *, chunk: int,
     chunk : int
         Items per call (the last chunk may be shorter), at least 1.
     workers : int, optional
-        Threads; default ``os.cpu_count()``. Never more than there are chunks. With 1 the
+        Threads; default :func:`usable_cores`. Never more than there are chunks. With 1 the
         chunks run one after the other in the calling thread (no pool).
     progress : bool
         Show a tqdm bar that counts items as their chunks finish.
@@ -68,20 +69,37 @@ def map_chunks(fn: Callable[[int, int], R], n_items: int, *, chunk: int,
     if workers is not None and workers < 1:
         raise ValidationError(f"workers must be >= 1, got {workers}")
     bounds = [(s, min(s + chunk, n_items)) for s in range(0, n_items, chunk)]
-    n_workers = min(workers or os.cpu_count() or 1, max(1, len(bounds)))
-    from tqdm.auto import tqdm
-
-    # SI prefixes (12.3k) for many items such as voxels, plain counts for frames and files
-    with tqdm(total=n_items, desc=desc or None, unit=unit, unit_scale=n_items >= 10_000,
-              disable=not progress) as bar:
+    n_workers = min(workers or usable_cores(), max(1, len(bounds)))
+    # no bar at all without progress: even a disabled one creates tqdm's process-wide lock
+    with _bar(n_items, desc, unit) if progress else nullcontext(None) as bar:
+        update = bar.update if bar is not None else _count_nothing
         if n_workers == 1:
             results = []
             for start, stop in bounds:
                 results.append(fn(start, stop))
-                bar.update(stop - start)
+                update(stop - start)
             return results
         with _blas_single_thread():
-            return _run_pool(fn, bounds, n_workers, bar.update)
+            return _run_pool(fn, bounds, n_workers, update)
+
+
+def _bar(n_items: int, desc: str, unit: str) -> Any:
+    from tqdm.auto import tqdm
+
+    # SI prefixes (12.3k) for many items such as voxels, plain counts for frames and files
+    return tqdm(total=n_items, desc=desc or None, unit=unit, unit_scale=n_items >= 10_000)
+
+
+def _count_nothing(count: int) -> None:
+    """The progress update of a run without a bar."""
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the system has one (a batch
+    job's or a container's allocation), else every core of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def _run_pool(fn: Callable[[int, int], R], bounds: list[tuple[int, int]], n_workers: int,
@@ -113,7 +131,11 @@ _HELD: dict[str, Any] = {"pools": 0, "limiter": None}
 @functools.cache
 def _blas_controller() -> ThreadpoolController:
     """The thread pools of the libraries loaded at the first call (finding them takes a few
-    milliseconds, so it is done once)."""
+    milliseconds, so it is done once). threadpoolctl is imported here, not with this module:
+    its import sets ``KMP_DUPLICATE_LIB_OK`` in the environment, which a program that only
+    imports ctperf should not find changed."""
+    from threadpoolctl import ThreadpoolController
+
     return ThreadpoolController()
 
 

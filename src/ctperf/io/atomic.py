@@ -24,6 +24,7 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -80,9 +81,22 @@ _PathLike = str | os.PathLike[str]
 
 
 def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
+    """The process's file mode creation mask, read without changing it where the system says
+    it (Linux): setting it to read it would let another thread create a file under the
+    momentary mask 0, writable by all."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:  # elsewhere it can only be read by setting it
+        mask = os.umask(0o077)
+        os.umask(mask)
     return mask
+
+
+_UMASK_LOCK = threading.Lock()
 
 
 def _temp_prefix() -> str:

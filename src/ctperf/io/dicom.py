@@ -65,6 +65,7 @@ from ctperf.io.integrity import (
     check_hu_plausible,
     check_memory,
 )
+from ctperf.parallel import usable_cores
 from ctperf.types import CTPSeries
 
 __all__ = ["NoDicomError", "read_dicom_headers", "read_dicom_series", "read_dicom_volume",
@@ -654,7 +655,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     flat = np.empty((n_t * n_z, rows, cols), dtype=np.float32)
     images = [(frames[z][t].path, frames[z][t].frame) for t in range(n_t) for z in range(n_z)]
     decode_into(flat, images, rescale=[rescale[i] for i in images],
-                workers=workers or min(os.cpu_count() or 1, 8), progress=progress)
+                workers=workers or min(usable_cores(), 8), progress=progress)
     hu = flat.reshape(n_t, n_z, rows, cols)
 
     def image_of(t: int, z: int) -> tuple[Path, str]:
@@ -699,7 +700,7 @@ def read_dicom_volume(folder: PathLike, *, series_uid: str | None = None,
     volume = np.empty((len(slices), rows, cols), dtype=np.float32)
     images = [(s[0].path, s[0].frame) for s in slices]
     decode_into(volume, images, rescale=rescales([s[0] for s in slices]),
-                workers=workers or min(os.cpu_count() or 1, 8), progress=False)
+                workers=workers or min(usable_cores(), 8), progress=False)
     files = list(dict.fromkeys(path for path, _ in images))
     meta = _meta(headers, "", None, len(files))
     meta["slice_positions"] = _depths(slices)

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -92,12 +94,28 @@ def _cut_short_unsaid() -> Iterator[None]:
 
     logger = logging.getLogger("pydicom")
     logger.addFilter(keep)
-    try:
-        with warnings.catch_warnings():
+    # The warnings filter is process-wide: decodes running at once in several threads share one
+    # filter, set by the first to start and removed by the last to end (each with its own
+    # catch_warnings would restore another's filter when they cross, leaving it set for good).
+    with _QUIET_LOCK:
+        if _QUIET["decodes"] == 0:
+            quiet = warnings.catch_warnings()
+            quiet.__enter__()
             warnings.filterwarnings("ignore", message=_CUT_SHORT)
-            yield
+            _QUIET["context"] = quiet
+        _QUIET["decodes"] += 1
+    try:
+        yield
     finally:
+        with _QUIET_LOCK:
+            _QUIET["decodes"] -= 1
+            if _QUIET["decodes"] == 0:
+                _QUIET.pop("context").__exit__(None, None, None)
         logger.removeFilter(keep)
+
+
+_QUIET_LOCK = threading.Lock()
+_QUIET: dict[str, Any] = {"decodes": 0}
 
 
 def _decode_one(path: Path, out: np.ndarray, frames: Sequence[int | None],

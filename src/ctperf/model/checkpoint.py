@@ -199,8 +199,14 @@ def load_checkpoint(path: str | Path, *, frames: int | None = None,
     return ckpt
 
 
-def build_model(config: Mapping[str, Any]) -> UNet:
-    """A :class:`UNet` with the architecture recorded in a checkpoint's ``config``."""
+def build_model(config: Mapping[str, Any], *, seed: int | None = None) -> UNet:
+    """A :class:`UNet` with the architecture recorded in a checkpoint's ``config``, on the CPU;
+    its initial weights drawn from ``seed`` (None: from a copy of the current random state).
+    The caller's random state is left as it was (a library call that trains or predicts does
+    not reseed the program it runs in)."""
     optional = {k: config[k] for k in ("baseline_frames", "contrast_gain", "enhancement_quantile")
                 if k in config}
-    return UNet(config["in_frames"], **{k: config[k] for k in _MODEL_KEYS[1:]}, **optional)
+    with torch.random.fork_rng(devices=[]):
+        if seed is not None:
+            torch.default_generator.manual_seed(int(seed))
+        return UNet(config["in_frames"], **{k: config[k] for k in _MODEL_KEYS[1:]}, **optional)

@@ -19,7 +19,8 @@ import logging
 import math
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -411,15 +412,29 @@ def train(cache: SliceCache, out: str | Path, config: TrainConfig | None = None,
     mean, std = cache.input_stats(train_patients)
     record = _record(cache, config, stages, mean=mean, std=std,
                      train_patients=train_patients, val_patients=val_patients)
-    run = _start(config, record, stages, train_patients=train_patients,
-                 val_patients=val_patients, target_idx=target_idx, mean=mean, std=std)
-    state = _resume_or_start(run, out / "last.pt", resume=resume)
-    out.mkdir(parents=True, exist_ok=True)
-    for si in range(state.stage, len(stages)):
-        _train_stage(run, state, si, out, progress=progress, on_epoch=on_epoch)
-    _finish(run, state, out)
+    with _deterministic_cudnn():
+        run = _start(config, record, stages, train_patients=train_patients,
+                     val_patients=val_patients, target_idx=target_idx, mean=mean, std=std)
+        state = _resume_or_start(run, out / "last.pt", resume=resume)
+        out.mkdir(parents=True, exist_ok=True)
+        for si in range(state.stage, len(stages)):
+            _train_stage(run, state, si, out, progress=progress, on_epoch=on_epoch)
+        _finish(run, state, out)
     return TrainResult(history=state.history, model_path=out / "model.pt",
                        best_path=out / "best.pt", config=record)
+
+
+@contextmanager
+def _deterministic_cudnn() -> Iterator[None]:
+    """cuDNN's deterministic algorithms while training (the same weights from the same seed
+    on a GPU), its settings restored after."""
+    cudnn = torch.backends.cudnn
+    saved = (cudnn.benchmark, cudnn.deterministic)
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        cudnn.benchmark, cudnn.deterministic = saved
 
 
 def _check_patients(train_patients: Sequence[str], val_patients: Sequence[str]) -> None:
@@ -506,11 +521,7 @@ def _start(config: TrainConfig, record: dict[str, Any],
     dev = resolve_device(config.device)
     rank, world, dev = _setup_distributed(dev)
     amp_dtype = _amp_dtype(config.amp, dev)
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
-    torch.manual_seed(config.seed)
-    model = build_model(record).to(dev)
+    model = build_model(record, seed=config.seed).to(dev)
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(

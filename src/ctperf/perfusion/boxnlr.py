@@ -24,7 +24,6 @@ pass over all frames). Chunks of voxels are fitted in parallel threads on the CP
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.parallel import map_chunks
+from ctperf.parallel import map_chunks, usable_cores
 from ctperf.perfusion.backend import ArrayOps, resolve_torch_device
 from ctperf.perfusion.curves import ArterialTable, bandlimit, box_model, flow_scale
 from ctperf.perfusion.fastsse import FastBoxSSE
@@ -241,7 +240,7 @@ def fit_box_nlr(
     table = _arterial_table(aif, t, band_limit=band_limit)
     ops = ArrayOps(_torch_device(device, uniform=table.uniform))
     n = tis.shape[1]
-    workers = workers if workers is not None else (os.cpu_count() or 1) if ops.is_numpy else 1
+    workers = workers if workers is not None else usable_cores() if ops.is_numpy else 1
     chunk = chunk if chunk is not None else _default_chunk(n, workers, on_gpu=not ops.is_numpy)
     setup = _setup(tis, table, method=method, rho=rho, kh=kh, band_limit=band_limit,
                    bounds=bounds, start=start, max_iter=max_iter, restarts=restarts,

@@ -9,7 +9,6 @@ and (tx, ty, tz) in mm, rotating about a centre in mm.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ctperf.errors import ValidationError
+from ctperf.parallel import usable_cores
 from ctperf.types import CTPSeries
 
 __all__ = ["THROUGH_PLANE", "FrameCheck", "apply_transforms", "choose_transform",
@@ -116,7 +116,7 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
     """
     if len(transforms) != series.n_frames:
         raise ValidationError(f"{len(transforms)} transforms for {series.n_frames} frames")
-    workers = int(workers or os.cpu_count() or 1)
+    workers = int(workers or usable_cores())
     out = series.hu.copy()
     for t, tx in enumerate(transforms):
         if tx is not None:

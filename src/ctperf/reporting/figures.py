@@ -1,5 +1,9 @@
 """Figures comparing estimated maps with a reference, lesion volumes and training curves
-(matplotlib, Agg backend, imported when a figure is drawn)."""
+(matplotlib, imported when a figure is drawn).
+
+Every figure of this package is a bare :class:`matplotlib.figure.Figure`, made outside pyplot:
+drawing one selects no backend in the caller's session and leaves no figure open there (it is
+freed with its last reference); ``fig.savefig`` writes it and Jupyter shows it as it is."""
 
 from __future__ import annotations
 
@@ -24,9 +28,31 @@ __all__ = [
 ]
 
 
+def new_figure(**options: Any) -> Any:
+    """A bare :class:`matplotlib.figure.Figure` (``figsize``, ``facecolor``, ``layout``, ...)."""
+    from matplotlib.figure import Figure
+
+    return Figure(**options)
+
+
+def new_subplots(rows: int = 1, cols: int = 1, *, squeeze: bool = True,
+                 **options: Any) -> tuple[Any, Any]:
+    """``(figure, axes)`` like ``pyplot.subplots`` but on :func:`new_figure` (``options`` go to
+    the figure)."""
+    fig = new_figure(**options)
+    return fig, fig.subplots(rows, cols, squeeze=squeeze)
+
+
+def colormap(name: str) -> Any:
+    """The registered matplotlib colour map ``name``."""
+    from matplotlib import colormaps
+
+    return colormaps[name]
+
+
 def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int,
                 facecolor: str | None = None) -> None:
-    """Write a figure as PNG in one atomic step, then close it.
+    """Write a figure as PNG in one atomic step.
 
     Parameters
     ----------
@@ -38,16 +64,11 @@ def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int,
     facecolor : str, optional
         Background; by default matplotlib's (white).
     """
-    import matplotlib.pyplot as plt
-
     from ctperf.io import atomic_file
 
-    try:
-        with atomic_file(path) as tmp:
-            options = {} if facecolor is None else {"facecolor": facecolor}
-            fig.savefig(tmp, dpi=dpi, format="png", **options)
-    finally:
-        plt.close(fig)
+    with atomic_file(path) as tmp:
+        options = {} if facecolor is None else {"facecolor": facecolor}
+        fig.savefig(tmp, dpi=dpi, format="png", **options)
 
 
 def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
@@ -70,11 +91,6 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
     outlines : mapping of str to bool ndarray (Z, Y, X), optional
         Contours drawn on every panel, e.g. true core and penumbra; one colour each.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [n for n in names if n in estimate and n in reference]
     if mask is None:
         mask = np.ones(reference.shape, dtype=bool)
@@ -84,7 +100,7 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
     _, dy, dx = reference.spacing
     radio = RadiologicalView.of(reference.affine)
     colours = ("magenta", "white", "cyan", "yellow")
-    fig, axes = plt.subplots(3, len(names), figsize=(3.2 * len(names), 9.2), squeeze=False,
+    fig, axes = new_subplots(3, len(names), figsize=(3.2 * len(names), 9.2), squeeze=False,
                              facecolor="black")
     for j, name in enumerate(names):
         ref = radio(np.where(mask[z], reference[name][z], np.nan))
@@ -96,7 +112,7 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
                   (est - ref, f"{labels[0]} - {labels[1]}", "RdBu_r", -span / 2, span / 2))
         for i, (img, label, cmap, vmin, vmax) in enumerate(panels):
             ax = axes[i, j]
-            shown = ax.imshow(img, cmap=plt.get_cmap(cmap).with_extremes(bad="black"),
+            shown = ax.imshow(img, cmap=colormap(cmap).with_extremes(bad="black"),
                               vmin=vmin, vmax=vmax, aspect=radio.aspect(dy, dx),
                               interpolation="nearest")
             drawn = [(k, key, outline) for k, (key, outline) in enumerate((outlines or {}).items())
@@ -140,15 +156,6 @@ def radiological_axes(ax: Any, *, mark: bool, color: str = "white", fontsize: in
                 va="top")
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
                         names: Sequence[str] = ("cbv", "cbf", "delay", "tmax"),
                         z: int | None = None, mask: np.ndarray | None = None,
@@ -170,7 +177,6 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
     outlines : mapping of str to bool ndarray (Z, Y, X), optional
         Contours drawn on every map panel (e.g. the reference core and hypoperfused region).
     """
-    plt = _pyplot()
     first = readings[0][1]
     names = [n for n in names if all(n in m for _, m in readings)]
     if mask is None:
@@ -184,7 +190,7 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
     rows = [(label, m, False) for label, m in readings]
     rows += [(f"{label0} - {label}", m, True) for label, m in readings[1:]]
     colours = ("magenta", "white", "cyan", "yellow")
-    fig, axes = plt.subplots(len(rows), max(len(names), 1), squeeze=False, facecolor="black",
+    fig, axes = new_subplots(len(rows), max(len(names), 1), squeeze=False, facecolor="black",
                              figsize=(2.9 * max(len(names), 1), 2.7 * len(rows)))
     for j, name in enumerate(names):
         lo, hi = display_window(name, np.where(mask[z], first[name][z], np.nan))
@@ -197,7 +203,7 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
             else:
                 cmap, vmin, vmax = "turbo", lo, hi
             shown = ax.imshow(radio(img),
-                              cmap=plt.get_cmap(cmap).with_extremes(bad="black"),
+                              cmap=colormap(cmap).with_extremes(bad="black"),
                               vmin=vmin, vmax=vmax, aspect=radio.aspect(dy, dx),
                               interpolation="nearest")
             if not is_diff:
@@ -221,10 +227,9 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
 
 
 def _panel_grid(n: int, *, width: float = 3.6, height: float = 3.2) -> tuple[Any, Any]:
-    plt = _pyplot()
     cols = min(n, 3)
     rows = (n + cols - 1) // cols
-    fig, axes = plt.subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
+    fig, axes = new_subplots(rows, cols, figsize=(width * cols, height * rows), squeeze=False)
     for ax in axes.flat[n:]:
         ax.set_visible(False)
     return fig, axes.flat
@@ -304,8 +309,7 @@ def training_curves_figure(log: Sequence[Mapping[str, Any]], *, title: str = "")
         Rows with ``epoch``, ``stage``, ``train_loss`` and ``val_loss`` (numbers or strings;
         empty validation losses are skipped).
     """
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, ax = new_subplots(figsize=(6.4, 3.6))
     stages = list(dict.fromkeys(str(r.get("stage", "")) for r in log))
     for k, stage in enumerate(stages):
         rows = [r for r in log if str(r.get("stage", "")) == stage]
@@ -381,9 +385,8 @@ def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: s
     names : sequence of str
         The tissue curves' names.
     """
-    plt = _pyplot()
     times = np.asarray(times, dtype=np.float64) - float(times[0])
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.2))
+    fig, (left, right) = new_subplots(1, 2, figsize=(11.0, 4.2))
     pv = fit.provenance.get("partial_volume", {})
     factor = float(pv.get("factor") or 1.0) if pv.get("corrected") else 1.0
     label = f"AIF x {factor:.2f} (scaled to the VOF's area)" if factor > 1.005 else "AIF"
@@ -391,7 +394,7 @@ def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: s
     if fit.vof is not None:
         left.plot(times, fit.vof, color="tab:blue", label="VOF")
     n = min(len(names), most)
-    colours = plt.get_cmap("tab20")(np.linspace(0, 1, max(n, 2)))
+    colours = colormap("tab20")(np.linspace(0, 1, max(n, 2)))
     for i in range(n):
         right.plot(times, fit.tissue[:, i], color=colours[i], linewidth=1.2,
                    label=f"{names[i]}: CBF {fit.cbf[i]:.1f}, Tmax {fit.tmax[i]:.1f} s"

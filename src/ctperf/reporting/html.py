@@ -105,12 +105,9 @@ def png_data_uri(data: bytes) -> str:
 
 
 def figure_data_uri(fig: Any, *, dpi: int = 90) -> str:
-    """A matplotlib figure as a PNG data URI (the figure is closed)."""
-    import matplotlib.pyplot as plt
-
+    """A matplotlib figure as a PNG data URI."""
     buf = _io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi, facecolor=fig.get_facecolor())
-    plt.close(fig)
     return png_data_uri(buf.getvalue())
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.reporting.figures import radiological_axes
+from ctperf.reporting.figures import colormap, new_figure, radiological_axes
 from ctperf.reporting.windows import colorbar_extend, display_window, map_title
 from ctperf.types import RadiologicalView, radiological_flips
 
@@ -78,11 +78,6 @@ def maps_overview(result: Any, *, title: str = "",
         limits from :data:`ctperf.reporting.windows.DISPLAY_WINDOWS`, over brain voxels outside
         vessels for maps shown in the study's own range.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     maps = result.maps
     names = tuple(n for n in names if n in maps)
     n_z = maps.shape[0]
@@ -108,7 +103,7 @@ def maps_overview(result: Any, *, title: str = "",
     gap, top, bottom = 0.1, 0.7, 0.45  # gap: of the mean row's height
     fig_w = cell_w * columns + 0.85
     fig_h = sum(heights) * (1 + gap * len(slices) / len(heights)) + top + bottom
-    fig = plt.figure(figsize=(fig_w, fig_h), facecolor="black")
+    fig = new_figure(figsize=(fig_w, fig_h), facecolor="black")
     grid = fig.add_gridspec(len(slices) + 1, columns, height_ratios=heights, hspace=gap,
                             wspace=0.04, left=0.75 / fig_w, right=1 - 0.1 / fig_w,
                             top=1 - top / fig_h, bottom=bottom / fig_h)
@@ -119,7 +114,7 @@ def maps_overview(result: Any, *, title: str = "",
     for j, name in enumerate(names):
         shown_values = maps[name][result.brain & ~result.vessels]
         window = display_window(name, shown_values)
-        cmap = plt.get_cmap("turbo").with_extremes(bad="black")
+        cmap = colormap("turbo").with_extremes(bad="black")
         for i, z in enumerate(slices):
             ax = fig.add_subplot(grid[i, j])
             im = ax.imshow(view(maps[name][z]), cmap=cmap, vmin=window[0], vmax=window[1],

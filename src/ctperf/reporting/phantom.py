@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ctperf.reporting.figures import radiological_axes
+from ctperf.reporting.figures import new_subplots, radiological_axes
 from ctperf.reporting.windows import (
     BRAIN_WINDOW_HU,
     VESSEL_WINDOW_HU,
@@ -39,16 +39,11 @@ def phantom_preview_figure(subject: PhantomSubject, *, slice_index: int | None =
     -------
     matplotlib.figure.Figure
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     s = subject.series
     z = s.hu.shape[1] // 2 if slice_index is None else int(slice_index)
     t_art = int(np.argmax(subject.aif))
     t_ven = int(np.argmax(subject.vof))
-    fig, axes = plt.subplots(3, 3, figsize=(13, 13))
+    fig, axes = new_subplots(3, 3, figsize=(13, 13))
     gray = {"cmap": "gray", "interpolation": "nearest"}
     brain_lo, brain_hi = BRAIN_WINDOW_HU
     vessel_lo, vessel_hi = VESSEL_WINDOW_HU

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.reporting.figures import radiological_axes
+from ctperf.reporting.figures import new_subplots, radiological_axes
 from ctperf.reporting.windows import BRAIN_WINDOW_HU
 from ctperf.types import RadiologicalView
 
@@ -31,11 +31,6 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
         Four panels: displacement against time, then frame 0 and the most displaced frame
         before and after, in the brain window with the brain outline.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     measured = np.asarray(getattr(result, "uncorrected_mm", np.zeros(0)))
     left = measured if measured.size == before.n_frames and measured.any() else None
     # the frame moved most: corrected, or else measured and left uncorrected
@@ -44,7 +39,7 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
     z = after.shape[1] // 2
     z_before = z if before.shape[1] == after.shape[1] else 0  # or only that slice, as read
     low, high = BRAIN_WINDOW_HU
-    fig, axes = plt.subplots(1, 4, figsize=(16, 4), constrained_layout=True)
+    fig, axes = new_subplots(1, 4, figsize=(16, 4), layout="constrained")
     ax = axes[0]
     ax.plot(before.times, result.displacement_mm, label="mean over brain")
     ax.plot(before.times, result.max_displacement_mm, label="max over brain")

@@ -37,6 +37,7 @@ from ctperf.errors import CTPerfError, InputError
 from ctperf.io.atomic import output_missing
 from ctperf.io.state import MANIFEST, MANIFEST_FORMAT, load_manifest
 from ctperf.io.unitobrain import MAP_FOLDERS
+from ctperf.parallel import usable_cores
 
 __all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_studies",
            "load_manifest", "options_hash", "refuse_other_versions", "run_cohort",
@@ -360,11 +361,6 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
     return {"state": state, "error": error, "started": started, "finished": _now()}
 
 
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (
-        os.cpu_count() or 1)
-
-
 def _threads(options: Any, threads: int | None) -> Any:
     """``options`` with its ``workers`` field (threads per study) set to ``threads`` (None:
     every core)."""
@@ -381,7 +377,7 @@ def worker_count(studies: int, workers: int | None = None) -> int:
     if workers is None:
         import psutil
 
-        workers = min(max(1, _cores() // 2),
+        workers = min(max(1, usable_cores() // 2),
                       max(1, psutil.virtual_memory().total // MEMORY_PER_WORKER))
     return max(1, min(int(workers), studies))
 
@@ -405,6 +401,7 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
     if not log.isEnabledFor(logging.INFO):
         chatter.setLevel(logging.WARNING)
     cluster = None
+    environment = dict(os.environ)
     try:
         if scheduler is None:
             # ":0": the scheduler's web server (it runs even without a dashboard) on a free
@@ -436,6 +433,18 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
         if cluster is not None:
             cluster.close()
         chatter.setLevel(level)
+        # Dask's nannies write their workers' settings (one BLAS thread, a hash seed, ...) into
+        # this process's environment, which the caller's later subprocesses would inherit
+        _restore_environment(environment)
+
+
+def _restore_environment(saved: dict[str, str]) -> None:
+    """``os.environ`` as ``saved``: what was added since removed, what was changed set back."""
+    for name in set(os.environ) - set(saved):
+        del os.environ[name]
+    for name, value in saved.items():
+        if os.environ.get(name) != value:
+            os.environ[name] = value
 
 
 def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: Any, *,
@@ -530,7 +539,7 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
     if not todo or (scheduler is None and local == 1):
         results = _in_process(todo, root, task, _threads(options, None))
     else:  # the cores shared out among the local workers; on another cluster one per study
-        threads = 1 if scheduler else max(1, _cores() // local)
+        threads = 1 if scheduler else max(1, usable_cores() // local)
         results = _on_dask(todo, root, task, _threads(options, threads), scheduler=scheduler,
                            workers=local)
     try:
