@@ -858,3 +858,27 @@ def test_a_full_disk_leaves_no_part_of_the_curves_output(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress bar
     assert err == f"ctperf curves: error: {out}: could not be written: No space left on device"
     assert not out.parent.exists()  # nothing left: not even the folder the run had to make
+
+
+def test_a_simplex_stopped_at_no_flow_on_an_enhancing_curve_is_flagged():
+    """An independent simulation (gamma-variate AIF with recirculation, gamma residue of CBF 60
+    and CBV 4, delay -2 s, 1 s frames, 10 HU): the plain simplex ended at CBF 0 (CBV on its
+    bound, where MTT and delay no longer move the misfit), unflagged, where the least-squares
+    box reads CBF about 100; a CBF of 0 there would have been read as core."""
+    aif = [48.6, 60.1, 27.1, 61.9, 44.5, 37, 37, 46.3, 121.4, 239.8, 343.6, 418.2, 426.4, 421.3,
+           419.5, 365.7, 325, 265.7, 203, 196.5, 169.8, 152.2, 132.3, 132.7, 124, 127.1, 111.9,
+           118.9, 87.9, 93.2, 86.9, 67.3, 58.9, 76.3, 67.4, 57.4, 60.2, 47.3, 54.6, 44.7, 51.4,
+           58.4, 44.4, 55.7, 36.4, 43.5, 32.4, 44.8, 46.4, 43.5, 42.7, 58.7, 59.5, 33, 56.9,
+           27.9, 37.7, 43.3, 46.2, 34.6]
+    tissue = [28.7, 40.3, 30.8, 47.7, 33.3, 46.3, 32.1, 43.6, 42.6, 30.5, 54.6, 42.7, 36.4, 55.3,
+              64.2, 59.1, 42.2, 32, 20.9, 38.5, 38.3, 40.6, 53, 38.7, 29.7, 28.8, 29.9, 32.1,
+              41.1, 34.6, 36.6, 37.9, 38.6, 42.5, 47.2, 26.4, 32.9, 34.5, 34, 43.1, 42.2, 29.2,
+              51, 40.1, 41.7, 29.4, 42.6, 32, 26, 36.2, 25.4, 24.7, 39.3, 42.6, 28.5, 44.1,
+              46.2, 46, 38.3, 32.2]
+    times = np.arange(60.0)
+    fit = fit_curves(np.array(tissue), np.array(aif), times, method="nlr")
+    assert fit.cbf[0] == 0.0 and "no_enhancement" not in fit.flags[0]
+    assert "at_bound" in fit.flags[0]
+    # a flat curve's zero flow stays a value, unflagged
+    flat = fit_curves(np.full(60, 35.0), np.array(aif), times, method="nlr")
+    assert "no_enhancement" in flat.flags[0] and "at_bound" not in flat.flags[0]

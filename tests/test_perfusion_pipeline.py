@@ -342,3 +342,22 @@ def test_noise_alone_does_not_make_tissue_a_vessel():
     # arteries' voxels
     assert result.vessels[tissue].mean() < 0.02
     assert result.vessels[arteries].mean() > 0.9
+
+
+def test_a_lesion_cut_off_by_the_scans_end_raises_truncation():
+    """An independent probe's scans of 38-44 s: the lesion's curves still at 46-73 % of their
+    peak at the last frame, the AIF, VOF and brain mean under 30 %; no flag, and the lesion's
+    CBV read 26-56 % low. The mean curve of the tissue of long Tmax is judged too. Here the
+    lesion arrives 8 s later than in the study above and the scan stops at 30 s."""
+    series, truth = synthetic_study(np.random.default_rng(7), noise=2.0)
+    hu = series.hu.copy()
+    lesion = truth["lesion"]
+    hu[16:, lesion] = series.hu[:-16, lesion]  # 16 frames: 8 s later
+    hu[:16, lesion] = series.hu[:16, lesion].mean(axis=0)
+    n = 61
+    short = CTPSeries(hu[:n], series.times[:n], affine=series.affine)
+    flag = run_perfusion(short, method="bsvd").maps.provenance["qc"]["truncation"]
+    assert flag["flag"] and flag["value"] > 0.6  # the lesion's mean: near its peak
+    # the same scan without the late lesion: the AIF, VOF and brain mean alone stay under 30 %
+    plain = CTPSeries(series.hu[:n], series.times[:n], affine=series.affine)
+    assert not run_perfusion(plain, method="bsvd").maps.provenance["qc"]["truncation"]["flag"]

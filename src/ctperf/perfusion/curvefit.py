@@ -81,7 +81,8 @@ CURVE_FLAGS: dict[str, str] = {
               "itself, or the AIF and tissue columns swapped; its values are not tissue "
               "perfusion (the maps leave such voxels out of the lesions)",
     "at_bound": "the box model's fit ended on a bound of CBF, MTT or delay (DEFAULT_BOUNDS of "
-                "ctperf.perfusion.boxnlr): the curve does not determine it; its values are not "
+                "ctperf.perfusion.boxnlr), or at no flow for a curve that enhances: the curve "
+                "does not determine it, or the simplex stopped there; its values are not "
                 "reliable",
 }
 
@@ -403,6 +404,9 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                       for f, hit, after in zip(per_curve, early, late, strict=True))
     if method in BOX_METHODS:
         stuck = _at_bounds(out)
+        # No flow is a value for a flat curve; for one that enhances it is a simplex that
+        # stopped (CBV on its bound of 0, where MTT and delay no longer change the misfit)
+        stuck |= np.array(["no_enhancement" not in f for f in per_curve]) & (out["cbf"] <= 0)
         per_curve = tuple(f + ("at_bound",) * bool(hit)
                           for f, hit in zip(per_curve, stuck, strict=True))
     provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},

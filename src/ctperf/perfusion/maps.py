@@ -254,6 +254,8 @@ def run_perfusion(
     dense = masks.hyperdense_mask(base, brain, spacing=spacing, offset=offset, exclude=vessels)
 
     flags = _qc(hu, tissue_mean, brain_mean, t, brain=brain, n_base=n_base, aif_raw=aif_raw,
+                late_mean=_late_mean(tissue, values.get("tmax"), ~vessels[brain],
+                                     voxel_ml=series.voxel_ml),
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 exposed_share=exposed, skull_share=masks.skull_share(base - offset),
@@ -415,8 +417,28 @@ def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
     return maps, units
 
 
+def _late_mean(tissue: np.ndarray, tmax: np.ndarray | None, kept: np.ndarray, *,
+               voxel_ml: float) -> np.ndarray | None:
+    """The mean curve of the tissue (``kept`` of ``tissue`` (T, N)) whose Tmax is over
+    :data:`LATE_TMAX_S`, when it holds :data:`LATE_MIN_ML` or more; else None."""
+    if tmax is None:
+        return None
+    with np.errstate(invalid="ignore"):
+        late = (kept & (tmax > LATE_TMAX_S)).astype(np.float32)
+    if late.sum() * voxel_ml < LATE_MIN_ML:
+        return None
+    return (tissue @ late) / late.sum()
+
+
+#: Tmax (s) over which tissue counts as late for the ``truncation`` flag: the lesions' default
+#: hypoperfusion threshold.
+LATE_TMAX_S = LesionOptions.tmax_hypo
+#: The least volume of late tissue (mL) whose mean curve the ``truncation`` flag reads.
+LATE_MIN_ML = 1.0
+
+
 def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
-        t: np.ndarray, *, brain: np.ndarray,
+        t: np.ndarray, *, brain: np.ndarray, late_mean: np.ndarray | None,
         n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
         uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
@@ -436,7 +458,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
         shift = skull_shift_px(hu, n_base=n_base, noise_sd=base_sd or 0.0,
                                offset=hu_offset or 0.0)
     return qc_flags(times=t, aif=aif_raw, vof=vof_used, tissue_mean=tissue_mean,
-                    brain_mean=brain_mean,
+                    late_mean=late_mean, brain_mean=brain_mean,
                     baseline_sd=base_sd, baseline_frames=n_base,
                     brain_voxels=int(brain.sum()), voxel_ml=voxel_volume_ml,
                     pv_factor=pv_info["factor"], displacement_mm=motion_mm,

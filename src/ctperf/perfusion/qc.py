@@ -183,6 +183,7 @@ def qc_flags(
     aif: np.ndarray,
     vof: np.ndarray | None = None,
     tissue_mean: np.ndarray | None = None,
+    late_mean: np.ndarray | None = None,
     brain_mean: np.ndarray | None = None,
     baseline_sd: float | None = None,
     baseline_frames: int | None = None,
@@ -230,6 +231,10 @@ def qc_flags(
     vof : ndarray, shape (T,), optional
     tissue_mean : ndarray, shape (T,), optional
         Mean brain enhancement, vessels left out, HU.
+    late_mean : ndarray, shape (T,), optional
+        Mean enhancement of the tissue of long Tmax (the hypoperfused region, vessels left
+        out), HU: its last frame is judged for ``truncation`` as the other curves' are (the
+        brain's mean hides a lesion whose bolus the scan's end cut off).
     brain_mean : ndarray, shape (T,), optional
         Mean enhancement of the whole fitted brain, vessels included (whatever an AIF chose
         as vessels), HU: ``below_baseline`` where, after the baseline frames, it falls below 0
@@ -307,13 +312,13 @@ def qc_flags(
                        "reason": reason}
 
     ends = []
-    for curve in (aif, vof, tissue_mean):
+    for curve in (aif, vof, tissue_mean, late_mean):
         if curve is not None and np.max(curve) > 0:
             ends.append(float(curve[-1] / np.max(curve)))
     end = max(ends) if ends else None
     put("truncation", end is not None and end > end_fraction, end,
-        f"the AIF's, the VOF's or the tissue's mean curve's last frame is above "
-        f"{end_fraction:.0%} of its peak: bolus not washed out "
+        f"the last frame of the AIF, the VOF, the tissue's mean curve or the mean curve of the "
+        f"tissue of long Tmax is above {end_fraction:.0%} of its peak: bolus not washed out "
         "(a scan too short), or a baseline drifting upwards, so CBV and MTT are biased (the "
         "area after the last frame is missing; fits extrapolate it, in either direction)")
     below = None
