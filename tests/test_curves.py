@@ -882,3 +882,12 @@ def test_a_simplex_stopped_at_no_flow_on_an_enhancing_curve_is_flagged():
     # a flat curve's zero flow stays a value, unflagged
     flat = fit_curves(np.full(60, 35.0), np.array(aif), times, method="nlr")
     assert "no_enhancement" in flat.flags[0] and "at_bound" not in flat.flags[0]
+
+
+def test_curves_whose_aif_was_cut_at_its_peak_are_refused():
+    # the AIF still rising at the last frame: its peak, which sets CBF, was never measured
+    t = np.arange(0.0, 12.0, 0.5)
+    aif = 300.0 * np.clip((t - 3.0) / 9.0, 0.0, None) ** 2
+    tissue = 0.03 * np.convolve(aif, np.ones(8) / 8.0)[: t.size]
+    with pytest.raises(ValidationError, match="had not come down from its peak"):
+        fit_curves(tissue, aif, t, method="bsvd")

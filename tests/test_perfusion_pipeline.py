@@ -361,3 +361,21 @@ def test_a_lesion_cut_off_by_the_scans_end_raises_truncation():
     # the same scan without the late lesion: the AIF, VOF and brain mean alone stay under 30 %
     plain = CTPSeries(series.hu[:n], series.times[:n], affine=series.affine)
     assert not run_perfusion(plain, method="bsvd").maps.provenance["qc"]["truncation"]["flag"]
+
+
+def test_a_scan_ending_at_the_arterial_peak_is_refused():
+    """A probe's scan that ended as the AIF peaked: the automatic search found no artery and
+    did not say why; with an AIF mask the maps were written (exit 0, only flagged) with
+    penumbra CBF +1264 % and no core. The peak was never measured: refused, as a gap over it
+    is."""
+    series, truth = synthetic_study(np.random.default_rng(7), noise=2.0)
+    n = 22  # the AIF peaks at 10.5 s, the 22nd frame
+    short = CTPSeries(series.hu[:n], series.times[:n], affine=series.affine)
+    with pytest.raises(ValidationError, match="the scan may have ended before the bolus"):
+        run_perfusion(short, method="bsvd")
+    with pytest.raises(ValidationError, match="had not come down from its peak"):
+        run_perfusion(short, method="bsvd", aif_mask=truth["artery"])
+    # 3 s later the peak is past: mapped, and flagged as truncated
+    longer = CTPSeries(series.hu[:n + 6], series.times[:n + 6], affine=series.affine)
+    qc = run_perfusion(longer, method="bsvd", aif_mask=truth["artery"]).maps.provenance["qc"]
+    assert qc["truncation"]["flag"]

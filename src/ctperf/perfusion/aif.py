@@ -154,7 +154,9 @@ def select_aif(
     # Curves that do not wash out (steps where the head moved, truncated boluses) or peak for
     # a frame or two (bone carried in by a jerk of the head) set no threshold and are never
     # chosen.
-    off = (enh[-1] > max_end * peak_all) | brief_peak(enh, t)
+    unwashed = enh[-1] > max_end * peak_all
+    peak_seen = peak_all
+    off = unwashed | brief_peak(enh, t)
     if exclude is not None:
         off |= np.asarray(exclude, dtype=bool)
     peak_all = np.where(off, -np.inf, peak_all)
@@ -174,9 +176,13 @@ def select_aif(
     if pool.size == 0:
         need = max(min_peak_hu, pool_fraction * top)
         when = "" if latest_s is None else f" peaking by the tissue's peak ({latest_s:.1f} s)"
+        cut = int((unwashed & (peak_seen >= need)).sum())
+        ended = (f" ({cut} enhance so but stand above {max_end:.0%} of their peak at the last "
+                 f"frame, {t[-1] - t[0]:.1f} s: the scan may have ended before the bolus "
+                 "passed)") if cut else ""
         raise ValidationError(
             f"no arterial candidates: none of the {enh.shape[1]} {region}{when} enhances by "
-            f"{need:.0f} HU with a complete bolus; give an AIF mask (--aif-mask)")
+            f"{need:.0f} HU with a complete bolus{ended}; give an AIF mask (--aif-mask)")
     # Early, high, narrow: equal weights on the ranks; arrival counts twice, veins are high too.
     score = (2.0 * _rank(f["ttp"][pool]) + _rank(-f["peak"][pool]) + _rank(f["fwhm"][pool]))
     chosen = pool[np.argsort(score, kind="stable")[: max(1, int(n_voxels))]]

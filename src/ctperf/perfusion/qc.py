@@ -123,6 +123,11 @@ def skull_shift_px(hu: np.ndarray, *, n_base: int, noise_sd: float,
     return float(np.max(np.clip(change - floor, 0.0, None))) / slope * np.pi / 2
 
 
+#: Share of its rise that an AIF must fall under after its highest frame for its peak to count
+#: as measured (:func:`check_first_pass_sampled`).
+PEAK_PASSED = 0.9
+
+
 def first_pass(aif: np.ndarray) -> tuple[int, int]:
     """Frames of the AIF's first pass: the last before it rises past 10 % of its peak rise,
     and the first after its peak below half of it (the last frame if none)."""
@@ -135,15 +140,27 @@ def first_pass(aif: np.ndarray) -> tuple[int, int]:
 
 
 def check_first_pass_sampled(times: np.ndarray, aif: np.ndarray) -> None:
-    """Refuse frame times with a gap (:func:`frame_gaps`) in the AIF's first pass: its peak
-    and upslope, which set CBF and every delay, were not measured (an interrupted scan; a
-    phantom with 11 s missing over the arterial peak read CBF 2.6 times the truth)."""
+    """Refuse an AIF whose peak was not measured: frame times with a gap (:func:`frame_gaps`)
+    in its first pass (an interrupted scan; a phantom with 11 s missing over the arterial peak
+    read CBF 2.6 times the truth), or a scan that ended before the AIF came down from its peak
+    (no frame after its highest below :data:`PEAK_PASSED` of its rise: a probe's scan ending
+    at the arterial peak, given an AIF mask, read penumbra CBF +1264 % and no core, only
+    flagged). The peak and upslope set CBF and every delay."""
     t = np.asarray(times, dtype=np.float64)
     gaps, pace = frame_gaps(t)
     try:
         start, end = first_pass(aif)
     except ValidationError:  # an AIF that never rises is refused elsewhere
         return
+    c = np.asarray(aif, dtype=np.float64)
+    rise = c - np.median(c[: max(1, min(3, c.size))])
+    peak = int(np.argmax(rise))
+    if not (rise[peak:] < PEAK_PASSED * rise[peak]).any():
+        raise ValidationError(
+            f"the arterial curve had not come down from its peak by the scan's last frame "
+            f"({t[-1] - t[0]:.1f} s; its highest at {t[peak] - t[0]:.1f} s, nothing after it "
+            f"under {PEAK_PASSED:.0%} of its rise): the bolus's peak was not measured, so CBF "
+            "and delays cannot be (a scan too short, or started too late for this bolus)")
     for i, local in zip(gaps, pace, strict=True):
         if start <= i < end:
             raise ValidationError(
