@@ -470,3 +470,18 @@ def test_svd_runs_its_blocks_in_threads_with_a_progress_bar(rng, capsys):
             # the same sums; BLAS may round products of other block shapes in the last bit
             np.testing.assert_allclose(getattr(many, name), getattr(one, name), rtol=1e-12)
         assert method in capsys.readouterr().err
+
+
+def test_the_noise_flag_weighs_the_frames_pace():
+    """A probe's 3 HU studies at 2-3 s frames (or switching from 1 to 3 s): bSVD's hypoperfused
+    volume +28 to +49 % with no flag, where 4 HU at 0.5 s frames raises it. The same noise on
+    frames four times as far apart carries a quarter of the samples over the passage: judged as
+    the noise per 0.5 s frame it stands for."""
+    def flag(times: np.ndarray, sd: float) -> dict:
+        return qc_flags(times=times, aif=_aif(times), baseline_sd=sd,
+                        voxelwise=True)["noisy_voxelwise"]
+
+    assert not flag(TIMES, 3.0)["flag"]
+    slow = np.arange(23) * 2.0
+    assert flag(slow, 3.0)["flag"] and flag(slow, 3.0)["value"] == pytest.approx(6.0)
+    assert not flag(slow, 1.5)["flag"]  # 3 HU per 0.5 s frame

@@ -123,6 +123,11 @@ def skull_shift_px(hu: np.ndarray, *, n_base: int, noise_sd: float,
     return float(np.max(np.clip(change - floor, 0.0, None))) / slope * np.pi / 2
 
 
+#: Frame interval (s) at which ``noisy_voxelwise`` of :func:`qc_flags` takes the noise as
+#: measured; at another pace it is scaled by the square root of the ratio (the same noise per
+#: second of the passage).
+NOISE_STEP_S = 0.5
+
 #: Share of its rise that an AIF must fall under after its highest frame for its peak to count
 #: as measured (:func:`check_first_pass_sampled`).
 PEAK_PASSED = 0.9
@@ -294,7 +299,8 @@ def qc_flags(
         "brain" is a flat background (``no_head_outline``).
     voxelwise : bool, optional
         Whether each voxel's curve was fitted alone (the box and SVD methods; ``bayes`` pools
-        neighbours): its pre-bolus noise is then judged against ``max_voxelwise_sd_hu``.
+        neighbours): its pre-bolus noise, as it would be at :data:`NOISE_STEP_S` frames, is
+        then judged against ``max_voxelwise_sd_hu`` (``noisy_voxelwise``'s value).
     csf_cut_share : float, optional
         Share of the brain (less the smoothed CSF) that its voxels' temporal mean left out as
         CSF (:func:`ctperf.masks.tissue_csf_midpoint`).
@@ -483,9 +489,17 @@ def qc_flags(
         "volumes, the mid-sagittal plane and the contralateral reference include it and mean "
         "nothing (a tile phantom's 684 mL of core, 63 mL of it in the tiles); the tiles' maps "
         "stand. Give --brain-mask on the tiles for lesions of the tiles only")
-    put("noisy_voxelwise", bool(voxelwise) and baseline_sd is not None
-        and baseline_sd > max_voxelwise_sd_hu, baseline_sd if voxelwise else None,
-        f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU with a method that fits each voxel "
+    # Noise per frame weighs with the frames' pace: at 2 s frames a curve holds a quarter of the
+    # frames of a 0.5 s study over the same passage, as if each were twice as noisy
+    paced = None
+    if baseline_sd is not None and t.size > arrival + 1:
+        step = float(t[-1] - t[arrival]) / (t.size - 1 - arrival)
+        paced = baseline_sd * float(np.sqrt(max(step, 1e-9) / NOISE_STEP_S))
+    put("noisy_voxelwise", bool(voxelwise) and paced is not None
+        and paced > max_voxelwise_sd_hu, paced if voxelwise else None,
+        f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU per {NOISE_STEP_S:g} s frame (the "
+        "noise per frame times the square root of the frame interval after the bolus's arrival "
+        f"over {NOISE_STEP_S:g} s) with a method that fits each voxel "
         "alone: at this noise the SVD methods' Tmax and the box model's CBF scatter so widely "
         "that lesion volumes are unreliable either way (unfiltered 150 mAs phantoms, 8 HU: bSVD "
         "read 25 mL hypoperfused in a lesion-free head and no core where the truth held 2.5-16.8 "
