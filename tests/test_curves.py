@@ -891,3 +891,18 @@ def test_curves_whose_aif_was_cut_at_its_peak_are_refused():
     tissue = 0.03 * np.convolve(aif, np.ones(8) / 8.0)[: t.size]
     with pytest.raises(ValidationError, match="had not come down from its peak"):
         fit_curves(tissue, aif, t, method="bsvd")
+
+
+def test_svd_deconvolve_reads_uneven_frames_as_the_maps_do():
+    # 1 s frames, then 3 s: svd_deconvolve resampled to the median step where the
+    # maps and fit_curves use the finest; a probe's curves read bSVD CBF 5 % apart
+    t = np.r_[np.arange(0.0, 12.0, 1.0), np.arange(12.0, 70.0, 3.0)]  # median step 3 s
+    fine = np.arange(0.0, 70.0, 0.01)
+    aif_fine = _gv(fine)
+    tissue_fine = np.convolve(aif_fine, np.exp(-fine / 4.0))[: fine.size] * 0.01 * 0.01
+    aif, tissue = np.interp(t, fine, aif_fine), np.interp(t, fine, tissue_fine)
+    for method in ("ssvd", "bsvd", "osvd"):
+        direct = svd_deconvolve(tissue[:, None], aif, t, method=method)
+        fitted = fit_curves(tissue, aif, t, method=method, baseline=0)
+        np.testing.assert_allclose(direct.cbf, fitted.cbf, rtol=1e-5)
+        np.testing.assert_allclose(direct.tmax, fitted.tmax, atol=1e-5)

@@ -11,16 +11,16 @@
   all thresholds is the FFT of the padded AIF, and applying the truncated pseudo-inverse is an FFT
   product (identical to the explicit SVD, at O(T log T) per voxel).
 
-All methods resample to a uniform grid (the median frame interval) when the frames are not
-uniform. CBF = max of the flow-scaled residue, CBV from the areas under the tissue and arterial
-curves (signed: negative where noise outweighs the enhancement), MTT = CBV / CBF x 60 where
-both are positive (NaN elsewhere: no transit to measure, not a negative one). Tmax = the time
-of the residue's maximum after the AIF (lag 0 = no delay), refined between frames by the vertex
-of the parabola through the three samples around it. The deconvolved residue is the tissue's
-effective residue: dispersion on the way from the AIF's artery is part of it, so this is the
-package's Tmax convention (effective delay plus the peak time of the dispersed residue). bSVD
-and oSVD read lags in the second half of the 2T circular window as negative (tissue ahead of
-the AIF).
+All methods resample unevenly spaced frames to the uniform grid the maps use (the finest frame
+interval, :func:`~ctperf.perfusion.curves.uniform_grid`). CBF = max of the flow-scaled residue,
+CBV from the areas under the tissue and arterial curves (signed: negative where noise outweighs
+the enhancement), MTT = CBV / CBF x 60 where both are positive (NaN elsewhere: no transit to
+measure, not a negative one). Tmax = the time of the residue's maximum after the AIF (lag 0 = no
+delay), refined between frames by the vertex of the parabola through the three samples around
+it. The deconvolved residue is the tissue's effective residue: dispersion on the way from the
+AIF's artery is part of it, so this is the package's Tmax convention (effective delay plus the
+peak time of the dispersed residue). bSVD and oSVD read lags in the second half of the 2T
+circular window as negative (tissue ahead of the AIF).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.parallel import map_chunks
+from ctperf.perfusion.curves import resample, uniform_grid
 from ctperf.types import SVD_METHODS
 
 __all__ = ["SVDResult", "svd_deconvolve"]
@@ -54,15 +55,12 @@ class SVDResult:
 
 def _uniform(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray
              ) -> tuple[np.ndarray, np.ndarray, float]:
-    steps = np.diff(times)
-    dt = float(np.median(steps))
-    if np.allclose(steps, dt, rtol=1e-3):
-        return tissue, aif, dt
-    grid = np.arange(times[0], times[-1] + 1e-9, dt)
-    idx = np.clip(np.searchsorted(times, grid, side="right") - 1, 0, times.size - 2)
-    w = ((grid - times[idx]) / steps[idx])[:, None]
-    tis = tissue[idx] * (1 - w) + tissue[idx + 1] * w
-    return tis, np.interp(grid, times, aif), dt
+    """The curves on the uniform grid the maps fit unevenly spaced frames on
+    (:func:`~ctperf.perfusion.curves.uniform_grid`), and its step."""
+    grid = uniform_grid(times)
+    if grid is None:
+        return tissue, aif, float(times[1] - times[0])
+    return resample(tissue, times, grid), resample(aif, times, grid), float(grid[1] - grid[0])
 
 
 def _peak_offset(res: np.ndarray, j: np.ndarray, *, circular: bool) -> np.ndarray:
