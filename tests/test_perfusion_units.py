@@ -309,6 +309,25 @@ def test_qc_flags_raise_on_truncation_and_motion():
     assert qc_flags(times=t, aif=0.1 * _aif(t))["aif_low_peak"]["flag"]
 
 
+def test_a_slice_grazing_the_skulls_vault_is_not_a_lost_slice():
+    """A whole-brain study (16 cm): near the vertex a slice cuts the skull almost tangentially,
+    mostly bone around a little brain that is all there; with the bone counted as what the skull
+    encloses, it read 0.27 of the typical share and raised brain_slice_gap on intact heads."""
+    from ctperf.perfusion.maps import _brain_slice_share
+
+    inside = np.zeros((4, 20, 20), dtype=bool)
+    inside[:, 2:18, 2:18] = True
+    bone = np.zeros_like(inside)
+    bone[:, 2:18, 2:18] = True
+    bone[:, 4:16, 4:16] = False                        # a 2-pixel skull around the brain
+    bone[3, 2:18, 2:18] = True
+    bone[3, 8:12, 8:12] = False                        # the vault: bone around 16 px of brain
+    brain = inside & ~bone
+    assert _brain_slice_share(brain, inside)[3] < 0.25  # as it was read
+    share = _brain_slice_share(brain, inside, bone=bone)
+    np.testing.assert_allclose(share, 1.0)
+
+
 def test_a_slice_that_lost_its_brain_is_flagged():
     """Metal streaks through slice 1 cut its brain mask to a fifth of the skull's interior,
     the other slices keep all of it: flagged; a head whose slices all keep it is not."""

@@ -210,7 +210,7 @@ def run_perfusion(
             "; if the arteries are unenhanced at the first frame and something else peaks there "
             "(metal streaks), give the artery's mask (--aif-mask): a given AIF is judged on its "
             "own curve"))
-    slice_share = _brain_slice_share(brain, inside)
+    slice_share = _brain_slice_share(brain, inside, bone=bone_rim)
     exposed = masks.exposed_share(brain, masks.as_air(base - offset, padding), spacing=spacing)
     enh, venh = enhancement(hu, vhu, search, base=base, n_base=n_base)
 
@@ -331,10 +331,15 @@ def _check_aif_feeds_tissue(t: np.ndarray, aif: np.ndarray, brain: np.ndarray,
             f"the brain's {tissue_peak:.0f} HU: {why}")
 
 
-def _brain_slice_share(brain: np.ndarray, inside: np.ndarray) -> np.ndarray | None:
-    """Per slice, the brain's share of what the skull encloses, over its median across the
-    slices that cut the head well (a quarter of the largest slice's area or more); None with
-    fewer than two such slices."""
+def _brain_slice_share(brain: np.ndarray, inside: np.ndarray, *,
+                       bone: np.ndarray | None = None) -> np.ndarray | None:
+    """Per slice, the brain's share of ``inside``, what the skull encloses, ``bone`` left out
+    (a slice grazing the skull's vault holds mostly bone: on a whole-brain study of 12-16 cm
+    such a slice read a quarter of the brain it held), over its median across the slices that
+    cut the head well (a quarter of the largest slice's area or more); None with fewer than
+    two such slices."""
+    if bone is not None:
+        inside = inside & ~bone
     area = inside.sum(axis=(1, 2)).astype(np.float64)
     cut = area >= 0.25 * area.max() if area.max() > 0 else np.zeros(area.shape, dtype=bool)
     if cut.sum() < 2:
