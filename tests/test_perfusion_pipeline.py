@@ -366,8 +366,10 @@ def test_a_lesion_cut_off_by_the_scans_end_raises_truncation():
 def test_a_scan_ending_at_the_arterial_peak_is_refused():
     """A probe's scan that ended as the AIF peaked: the automatic search found no artery and
     did not say why; with an AIF mask the maps were written (exit 0, only flagged) with
-    penumbra CBF +1264 % and no core. The peak was never measured: refused, as a gap over it
-    is."""
+    penumbra CBF +1264 % and no core; another's ending 3 s after the peak (the AIF at 75 % of
+    it) read the core's CBF at the fit's bound and no lesion. The first pass was never measured
+    whole: refused, as a gap over the peak is, until the AIF has fallen under half its rise (as
+    the automatic search asks of its candidates)."""
     series, truth = synthetic_study(np.random.default_rng(7), noise=2.0)
     n = 22  # the AIF peaks at 10.5 s, the 22nd frame
     short = CTPSeries(series.hu[:n], series.times[:n], affine=series.affine)
@@ -375,7 +377,10 @@ def test_a_scan_ending_at_the_arterial_peak_is_refused():
         run_perfusion(short, method="bsvd")
     with pytest.raises(ValidationError, match="had not come down from its peak"):
         run_perfusion(short, method="bsvd", aif_mask=truth["artery"])
-    # 3 s later the peak is past: mapped, and flagged as truncated
-    longer = CTPSeries(series.hu[:n + 6], series.times[:n + 6], affine=series.affine)
+    later = CTPSeries(series.hu[:n + 6], series.times[:n + 6], affine=series.affine)
+    with pytest.raises(ValidationError, match="had not come down from its peak"):
+        run_perfusion(later, method="bsvd", aif_mask=truth["artery"])  # 3 s on: 60 % of it
+    # 5 s later it is under half its rise: mapped, and flagged as truncated
+    longer = CTPSeries(series.hu[:n + 10], series.times[:n + 10], affine=series.affine)
     qc = run_perfusion(longer, method="bsvd", aif_mask=truth["artery"]).maps.provenance["qc"]
     assert qc["truncation"]["flag"]

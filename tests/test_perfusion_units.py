@@ -504,3 +504,6 @@ def test_the_noise_flag_weighs_the_frames_pace():
     slow = np.arange(23) * 2.0
     assert flag(slow, 3.0)["flag"] and flag(slow, 3.0)["value"] == pytest.approx(6.0)
     assert not flag(slow, 1.5)["flag"]  # 3 HU per 0.5 s frame
+    # one delayed frame after the scan (at 90 s) adds a sample, not noise: the median step
+    delayed = np.r_[TIMES, 90.0]
+    assert flag(delayed, 2.7)["value"] == pytest.approx(2.7)

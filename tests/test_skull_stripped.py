@@ -188,3 +188,21 @@ def test_a_stripped_brain_cut_on_every_side_is_no_flat_background(subject):
         cropped = cut.replace(hu=np.ascontiguousarray(cut.hu[box]), affine=affine)
         outline = _run(cropped).maps.provenance["qc"]["no_head_outline"]
         assert not outline["flag"] and outline["value"] == 0.0, (depth, outline)
+
+
+def test_the_hu_check_installs_no_warnings_filter(monkeypatch):
+    """The readers' HU check silenced numpy's all-NaN warnings with warnings.catch_warnings:
+    a process-wide filter that, crossing a DICOM decode's in another thread, stayed installed
+    for good (a probe's three threads reading at once: 2-6 of 6 runs). It now computes the
+    medians masked, with nothing to silence, on images with and without tissue."""
+    import warnings
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a warnings filter was installed")
+
+    hu = np.full((4, 2, 16, 16), 30.0, dtype=np.float32)
+    hu[:, 1] = -1000.0  # a slice of air: no tissue median
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setattr(warnings, "catch_warnings", refuse)
+        check_hu_plausible(hu, lambda t, z: ("study", f"frame {t}, slice {z}: "))

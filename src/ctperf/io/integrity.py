@@ -8,7 +8,6 @@ timing from the headers, memory for the pixels, then the HU of every (frame, sli
 from __future__ import annotations
 
 import os
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -185,6 +184,12 @@ def check_memory(nbytes: int, path: PathLike, *, what: str) -> None:
                                "dimensions, or read the study on a larger machine")
 
 
+def _median_where(values: np.ndarray, keep: np.ndarray, *, axis: int) -> np.ndarray:
+    """The median of ``values`` where ``keep`` along ``axis``; NaN where nothing is kept."""
+    kept = np.ma.masked_array(values, mask=~keep)
+    return np.ma.median(kept, axis=axis).astype(np.float64).filled(np.nan)
+
+
 def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathLike, str]]
                        ) -> None:
     """Refuse images whose values are not CT numbers, or not scaled like the rest of the study.
@@ -212,14 +217,15 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     n_t, n_z, n_y, n_x = hu.shape
     step = max(1, int(np.ceil(np.sqrt(n_y * n_x / _SAMPLES_PER_IMAGE))))
     sample = hu[:, :, ::step, ::step].reshape(n_t, n_z, -1)
-    with warnings.catch_warnings():  # images without tissue give NaN, which is skipped
-        warnings.simplefilter("ignore", RuntimeWarning)
-        # padding below air (-2048, -3024 outside the field of view) may fill most of an image
-        # that was padded or cropped: the median of the rest, unless that is all there is
-        median = np.nanmedian(np.where(sample > _PADDING_HU, sample, np.nan), axis=2)
-        median = np.where(np.isnan(median), np.median(sample, axis=2), median)
-        tissue = np.nanmedian(np.where(sample > _TISSUE_HU, sample, np.nan), axis=2)
-        reference = np.nanmedian(tissue, axis=0) if n_t >= 3 else np.full(n_z, np.nan)
+    # padding below air (-2048, -3024 outside the field of view) may fill most of an image that
+    # was padded or cropped: the median of the rest, unless that is all there is; an image
+    # without tissue has no tissue median (NaN). Masked medians: no warning to silence (a
+    # warnings filter is process-wide, and crossing another thread's would outlive both)
+    median = _median_where(sample, sample > _PADDING_HU, axis=2)
+    median = np.where(np.isnan(median), np.median(sample, axis=2), median)
+    tissue = _median_where(sample, sample > _TISSUE_HU, axis=2)
+    reference = (_median_where(tissue, np.isfinite(tissue), axis=0) if n_t >= 3
+                 else np.full(n_z, np.nan))
     lo, hi = HU_RANGE
     problems = [
         (median < lo) | (median > hi),

@@ -128,9 +128,11 @@ def skull_shift_px(hu: np.ndarray, *, n_base: int, noise_sd: float,
 #: second of the passage).
 NOISE_STEP_S = 0.5
 
-#: Share of its rise that an AIF must fall under after its highest frame for its peak to count
-#: as measured (:func:`check_first_pass_sampled`).
-PEAK_PASSED = 0.9
+#: Share of its rise that an AIF must fall under after its highest frame for its first pass to
+#: count as measured (:func:`check_first_pass_sampled`): half, as the automatic search asks of
+#: its candidates (an AIF mask on a scan ending 3 s after the peak, the AIF at 75 % of it, had
+#: read the core's CBF at the fit's bound and no lesion).
+PEAK_PASSED = 0.5
 
 
 def first_pass(aif: np.ndarray) -> tuple[int, int]:
@@ -150,7 +152,7 @@ def check_first_pass_sampled(times: np.ndarray, aif: np.ndarray) -> None:
     read CBF 2.6 times the truth), or a scan that ended before the AIF came down from its peak
     (no frame after its highest below :data:`PEAK_PASSED` of its rise: a probe's scan ending
     at the arterial peak, given an AIF mask, read penumbra CBF +1264 % and no core, only
-    flagged). The peak and upslope set CBF and every delay."""
+    flagged). The first pass sets CBF, CBV and every delay."""
     t = np.asarray(times, dtype=np.float64)
     gaps, pace = frame_gaps(t)
     try:
@@ -164,8 +166,9 @@ def check_first_pass_sampled(times: np.ndarray, aif: np.ndarray) -> None:
         raise ValidationError(
             f"the arterial curve had not come down from its peak by the scan's last frame "
             f"({t[-1] - t[0]:.1f} s; its highest at {t[peak] - t[0]:.1f} s, nothing after it "
-            f"under {PEAK_PASSED:.0%} of its rise): the bolus's peak was not measured, so CBF "
-            "and delays cannot be (a scan too short, or started too late for this bolus)")
+            f"under {PEAK_PASSED:.0%} of its rise): the bolus's first pass was not measured, so "
+            "CBF, CBV and delays cannot be (a scan too short, or started too late for this "
+            "bolus)")
     for i, local in zip(gaps, pace, strict=True):
         if start <= i < end:
             raise ValidationError(
@@ -490,15 +493,17 @@ def qc_flags(
         "nothing (a tile phantom's 684 mL of core, 63 mL of it in the tiles); the tiles' maps "
         "stand. Give --brain-mask on the tiles for lesions of the tiles only")
     # Noise per frame weighs with the frames' pace: at 2 s frames a curve holds a quarter of the
-    # frames of a 0.5 s study over the same passage, as if each were twice as noisy
+    # frames of a 0.5 s study over the same passage, as if each were twice as noisy. The median
+    # step after the arrival: one delayed frame at the end adds a sample, not noise
     paced = None
     if baseline_sd is not None and t.size > arrival + 1:
-        step = float(t[-1] - t[arrival]) / (t.size - 1 - arrival)
+        step = float(np.median(np.diff(t[arrival:])))
         paced = baseline_sd * float(np.sqrt(max(step, 1e-9) / NOISE_STEP_S))
     put("noisy_voxelwise", bool(voxelwise) and paced is not None
         and paced > max_voxelwise_sd_hu, paced if voxelwise else None,
         f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU per {NOISE_STEP_S:g} s frame (the "
-        "noise per frame times the square root of the frame interval after the bolus's arrival "
+        "noise per frame times the square root of the median frame interval after the bolus's "
+        "arrival "
         f"over {NOISE_STEP_S:g} s) with a method that fits each voxel "
         "alone: at this noise the SVD methods' Tmax and the box model's CBF scatter so widely "
         "that lesion volumes are unreliable either way (unfiltered 150 mAs phantoms, 8 HU: bSVD "
