@@ -107,3 +107,13 @@ def test_demo_default_size_accuracy(tmp_path):
     assert motion["value"] is not None and motion["value"] < 0.3
     # The rule itself (contralateral reference) reproduces the hypoperfused mask on true maps.
     assert scores["lesions_vs_rule_on_truth"]["hypoperfused"]["dice_rule_vs_phantom"] > 0.95
+
+
+def test_a_phantom_scan_too_short_for_its_bolus_names_the_frames_it_needs(tmp_path, capsys):
+    # 30 frames (the option's minimum) end before the default phantom's arterial bolus has
+    # passed: the maps' refusal asked for an AIF mask, which the demo has no option for
+    assert main(["demo", str(tmp_path / "d"), "--size", "32", "--slices", "1",
+                 "--frames", "30"]) == 2
+    err = capsys.readouterr().err
+    assert "give --frames 33 or more" in err and "--aif-mask" not in err
+    assert not (tmp_path / "d").exists()

@@ -47,6 +47,28 @@ def _steps(o: DemoOptions) -> tuple[str, str]:
     return running, done
 
 
+def _check_bolus_passes(subject: Any, o: DemoOptions) -> None:
+    """Refuse a phantom scan too short for its own arterial bolus, with the frames it needs:
+    the maps would refuse it asking for an AIF mask, which the demo cannot give (an AIF that
+    has not fallen under half its peak by the last frame was not measured)."""
+    import numpy as np
+
+    from ctperf.errors import ValidationError
+    from ctperf.phantom.hemodynamics import aif_from_params
+
+    t = np.arange(0.0, 180.0, 0.05)
+    aif = aif_from_params(t, subject.params["aif"])
+    peak = int(np.argmax(aif))
+    passed = float(t[peak + int(np.flatnonzero(aif[peak:] < 0.5 * aif[peak])[0])])
+    interval = float(subject.series.times[1] - subject.series.times[0])
+    if float(subject.series.times[-1] - subject.series.times[0]) < passed:
+        need = int(np.ceil(passed / interval)) + 1
+        raise ValidationError(
+            f"the phantom's arterial bolus (seed {o.seed}) falls under half its peak at "
+            f"{passed:.1f} s, after the last of {o.frames} frames: its first pass is not "
+            f"measured; give --frames {need} or more")
+
+
 @holds_output("out")
 def run_demo(out: Path, options: DemoOptions, *,
              echo: Callable[[str], None] | None = None) -> StudyOutcome:
@@ -92,6 +114,7 @@ def run_demo(out: Path, options: DemoOptions, *,
         f"phantom study (seed {o.seed}, {'no' if o.motion == 'none' else o.motion} motion)")
     subject = generate_subject(seed=o.seed, size=o.size, slices=o.slices, frames=o.frames,
                                motion=o.motion, lesion=True, progress=o.progress)
+    _check_bolus_passes(subject, o)
     running, done = _steps(o)
     with io.atomic_dir(out, overwrite=o.overwrite) as tmp:
         write_subject(subject, tmp / "phantom", dicom=False, preview=True)
