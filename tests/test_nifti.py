@@ -363,6 +363,22 @@ def test_mask_storing_the_same_voxels_another_way_is_turned_onto_the_study(tmp_p
                                             affine=study), mask)
 
 
+def test_a_study_whose_sidecar_cannot_be_written_leaves_no_image(small_series, tmp_path,
+                                                                  monkeypatch):
+    """A full disk while writing the sidecar: the image had already taken its name and stayed
+    alone, read later with its header's even frame steps (a probe's 2-then-3 s study read 0-50
+    s for 0-60 s, Tmax 2.85 for 3.01 s, no warning). Now neither is written."""
+    from ctperf.io import nifti as nifti_module
+
+    def full(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(nifti_module, "write_json", full)
+    with pytest.raises(OSError, match="No space"):
+        write_series_nifti(small_series, tmp_path / "study.nii.gz")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_atomic_outputs_get_ordinary_permissions(small_series, tmp_path):
     import os
     import stat

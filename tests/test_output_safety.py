@@ -438,3 +438,68 @@ def test_a_mount_point_as_output_folder_is_refused_before_any_work(tmp_path, mon
     with pytest.raises(InputError, match="is a mount point"):
         check_output(spaced, inputs=[])
     check_output(tmp_path / "other", inputs=[])
+
+
+def test_an_interruption_between_the_two_renames_keeps_the_earlier_output(tmp_path,
+                                                                           monkeypatch):
+    """A signal just after the earlier output was moved aside: the cleanup called rmdir on
+    the folder now holding it ("Directory not empty"), OUT was gone, and the next run anywhere
+    in that folder deleted the earlier output as a stale temporary."""
+    from ctperf.io import atomic as atomic_module
+
+    out = tmp_path / "out"
+    with atomic_dir(out) as tmp:
+        (tmp / "cbf.nii.gz").write_text("earlier")
+    real = os.replace
+    calls = []
+
+    def replace_then_signal(src, dst):
+        real(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:  # the earlier output moved aside: the signal comes now
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic_module.os, "replace", replace_then_signal)
+    with pytest.raises(KeyboardInterrupt), atomic_dir(out) as tmp:
+        (tmp / "cbf.nii.gz").write_text("new")
+    monkeypatch.setattr(atomic_module.os, "replace", real)
+    assert (out / "cbf.nii.gz").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_an_earlier_output_moved_aside_by_a_killed_run_is_put_back(tmp_path):
+    # SIGKILL between the two renames: OUT missing, the earlier output in a hidden temporary
+    # that the next run had deleted as stale
+    from ctperf.io import atomic as atomic_module
+
+    parent = tmp_path / "runs"
+    parent.mkdir()
+    aside = parent / f"{TEMP_PREFIX}{atomic_module._HOST}.{_dead_pid()}.abcd1234.old.out"
+    aside.mkdir()
+    (aside / MARKER).write_text("ctperf output\n")
+    (aside / "cbf.nii.gz").write_text("earlier")
+    half = parent / f"{TEMP_PREFIX}{atomic_module._HOST}.{_dead_pid()}.efgh5678.out"
+    half.mkdir()  # the replacement it was writing
+    assert remove_stale_temporaries(parent) == [half]
+    assert (parent / "out" / "cbf.nii.gz").read_text() == "earlier"
+    assert sorted(p.name for p in parent.iterdir()) == ["out"]
+
+
+def test_a_full_disk_under_a_librarys_own_error_is_one_line(nifti_study, tmp_path, capsys,
+                                                              monkeypatch):
+    # pydicom re-raises the file system's ENOSPC as a bare OSError without its number: the
+    # CLI had printed a traceback and exited 1
+    import pydicom
+
+    def full(self, *args, **kwargs):
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError as exc:
+            raise OSError(f"With tag (7FE0,0010) got exception: {exc}") from exc
+
+    monkeypatch.setattr(pydicom.Dataset, "save_as", full)
+    assert main(["convert", str(nifti_study), str(tmp_path / "dcm")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "ctperf" in line]
+    assert err == [f"ctperf convert: error: {tmp_path / 'dcm'}: could not be written: No space "
+                   "left on device"]  # one line (the progress bar's aside)
+    assert not (tmp_path / "dcm").exists()

@@ -99,6 +99,17 @@ def _exit_cleanly_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _underlying(exc: OSError) -> OSError:
+    """The file system's own error behind ``exc``: a library may re-raise it as a bare OSError
+    without its number (pydicom: "With tag (7FE0,0010) got exception: [Errno 28] ...")."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        if isinstance(cause, OSError) and (cause.errno is not None or cause.filename):
+            return cause
+        cause = cause.__cause__ or cause.__context__
+    return exc
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -118,13 +129,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         # keep Python from failing again on flushing stdout at exit
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except OSError as exc:
-        if exc.filename is None and exc.errno not in _WRITE_ERRNOS:
+    except OSError as error:
+        cause = _underlying(error)
+        if cause.filename is None and cause.errno not in _WRITE_ERRNOS:
             raise
         # A file system refusal (permissions, full disk) is not a bug: one line, like the rest.
-        where = (f"{exc.filename}" if exc.filename is not None
+        where = (f"{cause.filename}" if cause.filename is not None
                  else f"{_output_of(args)}: could not be written")
-        print(f"ctperf {args.command}: error: {where}: {exc.strerror}", file=sys.stderr)
+        print(f"ctperf {args.command}: error: {where}: {cause.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ctperf {args.command}: interrupted", file=sys.stderr)

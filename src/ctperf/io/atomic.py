@@ -144,12 +144,35 @@ def _is_stale(entry: os.DirEntry[str], now: float) -> bool:
         return False
 
 
+def _restored(entry: os.DirEntry[str]) -> bool:
+    """Put back an earlier output that a killed run had moved aside to replace it
+    (``<prefix><random>.old.<name>``, :func:`atomic_dir`) when ``<name>`` is missing: the run
+    died between its two renames. True when it was put back."""
+    parts = entry.name[len(TEMP_PREFIX):].split(".", 3)
+    if len(parts) < 4 or not parts[3].startswith("old."):
+        return False
+    name = parts[3][len("old."):]
+    target = Path(entry.path).parent / name
+    if (not name or _temp_suffix(name) != f".{name}" or target.exists()
+            or not entry.is_dir(follow_symlinks=False)
+            or not (Path(entry.path) / MARKER).is_file()):
+        return False
+    try:
+        os.replace(entry.path, target)
+    except OSError:
+        return False
+    log.warning("%s: put back the earlier output that an interrupted run had moved aside to "
+                "replace it", target)
+    return True
+
+
 def remove_stale_temporaries(folder: _PathLike) -> list[Path]:
     """Remove ctperf temporaries in ``folder`` left by runs that were killed.
 
     Only entries named ``.ctperf-tmp.<host>.<pid>....`` are considered: one is removed when its
-    process no longer runs on this host, or when it is older than :data:`STALE_AFTER_S`.
-    Symbolic links are never followed.
+    process no longer runs on this host, or when it is older than :data:`STALE_AFTER_S`; an
+    earlier output that such a run had moved aside to replace it is put back instead, when
+    nothing has taken its name. Symbolic links are never followed.
 
     Returns
     -------
@@ -166,6 +189,8 @@ def remove_stale_temporaries(folder: _PathLike) -> list[Path]:
         if not _is_stale(entry, now):
             continue
         path = Path(entry.path)
+        if _restored(entry):
+            continue
         try:
             if entry.is_dir(follow_symlinks=False):
                 shutil.rmtree(path)
@@ -337,12 +362,20 @@ def atomic_dir(path: _PathLike, *, overwrite: bool = False) -> Iterator[Path]:
             try:
                 os.replace(target, old)  # rename onto the empty folder just made
             except BaseException:
-                old.rmdir()
+                # a signal may arrive just after the rename: the earlier output is then in
+                # ``old``, and goes back
+                if target.exists():
+                    old.rmdir()
+                else:
+                    os.replace(old, target)
                 raise
             try:
                 os.replace(tmp_path, target)
             except BaseException:
-                os.replace(old, target)
+                if tmp_path.exists():  # not renamed: the earlier output goes back
+                    os.replace(old, target)
+                else:  # renamed just before the signal: the new output stands
+                    shutil.rmtree(old, ignore_errors=True)
                 raise
             shutil.rmtree(old, ignore_errors=True)
         else:

@@ -488,12 +488,14 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
     img = _image(data, series.affine, "CT perfusion study, HU", **nifti_space(series.meta))
     zooms = [*img.header.get_zooms()[:3], series.frame_interval]
     img.header.set_zooms(zooms)
-    with atomic_file(p) as tmp:
-        nib.save(img, str(tmp))
     side: dict[str, Any] = {"FrameTimes": series.times, "meta": public_meta(series.meta)}
     if series.slice_times is not None:
         side["SliceTimes"] = series.slice_times
-    write_json(side, sidecar_path(p))
+    with atomic_file(p) as tmp:
+        nib.save(img, str(tmp))
+        # the sidecar whole before the image takes its name (a full disk had left the image
+        # alone, read then with its header's even frame steps)
+        write_json(side, sidecar_path(p))
     return p
 
 
@@ -556,8 +558,8 @@ def write_volume(volume: np.ndarray, affine: np.ndarray, path: PathLike,
     img = _image(vol.transpose(2, 1, 0), affine, what.strip(), code=code, qform=qform)
     with atomic_file(path) as tmp:
         nib.save(img, str(tmp))
-    if sidecar is not None:
-        write_json(dict(sidecar), sidecar_path(path))
+        if sidecar is not None:  # whole before the image takes its name
+            write_json(dict(sidecar), sidecar_path(path))
     return Path(path)
 
 
