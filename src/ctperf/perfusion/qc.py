@@ -135,15 +135,20 @@ NOISE_STEP_S = 0.5
 PEAK_PASSED = 0.5
 
 
+def _rise(aif: np.ndarray) -> tuple[np.ndarray, int]:
+    """An AIF's rise over its first frames (up to three) and the frame of its peak."""
+    c = np.asarray(aif, dtype=np.float64)
+    rise = c - np.median(c[: max(1, min(3, c.size))])
+    return rise, int(np.argmax(rise))
+
+
 def first_pass(aif: np.ndarray) -> tuple[int, int]:
     """Frames of the AIF's first pass: the last before it rises past 10 % of its peak rise,
     and the first after its peak below half of it (the last frame if none)."""
-    c = np.asarray(aif, dtype=np.float64)
-    start = max(0, bolus_arrival_frame(c, fraction=0.1) - 1)
-    rise = c - np.median(c[: max(1, min(3, c.size))])
-    peak = int(np.argmax(rise))
+    start = max(0, bolus_arrival_frame(np.asarray(aif, dtype=np.float64), fraction=0.1) - 1)
+    rise, peak = _rise(aif)
     below = np.flatnonzero(rise[peak:] < 0.5 * rise[peak])
-    return start, peak + int(below[0]) if below.size else c.size - 1
+    return start, peak + int(below[0]) if below.size else rise.size - 1
 
 
 def check_first_pass_sampled(times: np.ndarray, aif: np.ndarray) -> None:
@@ -159,9 +164,7 @@ def check_first_pass_sampled(times: np.ndarray, aif: np.ndarray) -> None:
         start, end = first_pass(aif)
     except ValidationError:  # an AIF that never rises is refused elsewhere
         return
-    c = np.asarray(aif, dtype=np.float64)
-    rise = c - np.median(c[: max(1, min(3, c.size))])
-    peak = int(np.argmax(rise))
+    rise, peak = _rise(aif)
     if not (rise[peak:] < PEAK_PASSED * rise[peak]).any():
         raise ValidationError(
             f"the arterial curve had not come down from its peak by the scan's last frame "
