@@ -730,6 +730,40 @@ def test_an_svd_readers_delay_is_not_compared_with_an_arrival_delay():
         "arrival delay: compare tmax)"]
 
 
+def test_an_svd_readers_delay_is_not_drawn_in_the_map_figures(monkeypatch):
+    """The map figures had drawn bsvd's delay (its Tmax) beside the box model's arrival delay,
+    with difference panels of +2 to +3 s, although Table 1 leaves that comparison out."""
+    import ctperf.reporting.figures as figures
+    from ctperf.evaluation.cohort import Reader
+    from ctperf.reporting.evaluation import evaluation_figures
+    from ctperf.types import PerfusionMaps
+
+    drawn = []
+    real = figures.side_by_side_figure
+
+    def spy(readings, **kw):
+        drawn.append(tuple(kw["names"]))
+        return real(readings, **kw)
+
+    monkeypatch.setattr(figures, "side_by_side_figure", spy)
+    cube = np.linspace(0.0, 4.0, 128, dtype=np.float32).reshape(2, 8, 8)
+
+    def reader(label, method):
+        r = Reader(label=label, kind="method", path=label)
+        r.maps["a"] = PerfusionMaps(maps={n: cube + k for k, n in enumerate(
+            ("cbv", "cbf", "delay", "tmax"))}, affine=np.eye(4), provenance={"method": method})
+        return r
+
+    result = {"lesions": []}
+    svd = evaluation_figures([reader("bsvd", "bsvd"), reader("nlr-fast", "nlr-fast")], result,
+                             ["a"], None, max_map_figures=1)
+    box = evaluation_figures([reader("nlr", "nlr"), reader("nlr-fast", "nlr-fast")], result,
+                             ["a"], None, max_map_figures=1)
+    assert drawn == [("cbv", "cbf", "tmax"), ("cbv", "cbf", "delay", "tmax")]
+    assert "no delay: bsvd's delay map is its Tmax" in svd["maps_a.png"][1]
+    assert "delay" not in box["maps_a.png"][1]
+
+
 def test_the_versions_that_made_each_readers_maps_are_recorded(cohorts, tmp_path):
     """Maps of one cohort made by two versions of ctperf (a cohort partly mapped before an
     upgrade) were scored with no word: evaluation.json lists each reader's versions and

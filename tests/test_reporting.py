@@ -206,6 +206,22 @@ def test_the_motion_qc_figure_is_radiological_whatever_the_stored_order(small_se
         np.testing.assert_array_equal(a, b)
 
 
+def test_the_motion_qc_figure_of_a_still_study_shows_two_frames(small_series):
+    """A study that did not move showed frame 0 twice, and its displacement lines lay on the
+    x axis, out of sight: it now shows the last frame, and the axis starts below 0."""
+    from types import SimpleNamespace
+
+    from ctperf.reporting.qc import motion_qc_figure
+
+    n_t, shape = small_series.n_frames, small_series.shape[1:]
+    still = SimpleNamespace(displacement_mm=np.zeros(n_t), max_displacement_mm=np.zeros(n_t),
+                            mask=np.ones(shape, dtype=bool))
+    fig = motion_qc_figure(small_series, small_series, still)
+    titles = [ax.get_title() for ax in fig.axes[1:4]]
+    assert titles[0].startswith("frame 0,") and titles[1].startswith(f"frame {n_t - 1} before")
+    assert fig.axes[0].get_ylim()[0] < 0.0
+
+
 def test_colour_bars_point_where_the_map_passes_the_window():
     """A fixed window (CBF 0-80) hid a map reaching 300, and a negative Tmax, as values at its
     edge; the colour bar now ends in a point on each side the shown values pass."""

@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 from ctperf import commands
 from ctperf.errors import CTPerfError
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "command_reference", "main"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -45,6 +45,35 @@ def build_parser() -> argparse.ArgumentParser:
     for module in sorted(modules, key=lambda m: (getattr(m, "ORDER", 99), m.__name__)):
         module.register(sub)
     return parser
+
+
+def command_reference() -> str:
+    """Every command's description, arguments and options as Markdown (docs/cli.md), from the
+    same help texts as ``--help``, defaults filled in."""
+    parser = build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    lines = ["# Command reference", "",
+             "Every command's arguments and options, from the texts `ctperf COMMAND --help` "
+             "prints (this page is made from them: `python -c \"from ctperf.cli import "
+             "command_reference; print(command_reference(), end='')\" > docs/cli.md`). What "
+             "the commands write, and the units, are in the README and the pages of `docs/`.",
+             "", "Before the command: `ctperf -v COMMAND ...` logs progress details; "
+             "`ctperf --version` prints the version.", ""]
+    for name, sub in action.choices.items():
+        lines += [f"## `ctperf {name}`", "", " ".join((sub.description or "").split()), "",
+                  "| argument | meaning |", "|---|---|"]
+        for act in sub._actions:
+            if act.dest == "help" or act.help == argparse.SUPPRESS:
+                continue
+            metavar = act.metavar or ("{" + ",".join(map(str, act.choices)) + "}"
+                                      if act.choices else act.dest.upper())
+            shown = act.dest if not act.option_strings else ", ".join(act.option_strings) + (
+                f" {metavar}" if act.nargs != 0 else "")
+            text = (act.help or "") % {**vars(act), "prog": sub.prog, "default": act.default}
+            cell = " ".join(text.split()).replace("|", "\\|")
+            lines.append(f"| `{shown}` | {cell} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 class _Terminated(SystemExit):

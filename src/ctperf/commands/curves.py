@@ -54,7 +54,8 @@ def register(subparsers: Any) -> None:
                     "the AIF's peak, as only a vessel does), a JSON "
                     "sidecar of the "
                     "same stem (method, constants, baseline frames, partial-volume step, QC, "
-                    "units) and a PNG of the curves as fitted.")
+                    "units) and a PNG of the curves the fit read (baseline subtracted, the "
+                    "AIF after its partial-volume scaling; no model curves drawn).")
     p.add_argument("curves", type=Path, help="CSV table of curves")
     p.add_argument("out", type=Path, help="output CSV file (a .json sidecar and a .png figure "
                                           "are written beside)")

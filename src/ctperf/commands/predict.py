@@ -38,7 +38,7 @@ def register(subparsers: Any) -> None:
                     "unless --resize, one stored with rows or columns reversed is turned, one "
                     "on an offset HU scale is moved back; one begun after its bolus arrived, "
                     "with no bolus or no brain, or with a blanked slice is refused. A study "
-                    "whose pixels, at the network's input size, differ by more than 20 %% from "
+                    "whose pixels, at the network's input size, differ by more than 20 % from "
                     "the training studies', or whose bolus arrives more than 1 s (or the time "
                     "shifts the network trained with, when wider) outside their arrivals "
                     "(counted from its first frame), is predicted with a warning that "

@@ -83,6 +83,12 @@ class Reader:
     def studies(self) -> list[str]:
         return sorted(set(self.maps) | set(self.lesions))
 
+    @property
+    def delay_is_tmax(self) -> bool:
+        """Whether its delay maps are an SVD method's Tmax (its maps' provenance), not an
+        arrival delay."""
+        return any(m.provenance.get("method") in SVD_METHODS for m in self.maps.values())
+
 
 def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
     """The maps with their background (:func:`~ctperf.io.maps.background_value`) set to NaN
@@ -369,11 +375,6 @@ def map_case_metrics(estimate: np.ndarray, reference: np.ndarray, *, name: str,
             "coverage": agree.n / n_ref if n_ref else float("nan"), "n_voxels": agree.n}
 
 
-def _delay_is_tmax(reader: Reader) -> bool:
-    """Whether a reader's delay maps are an SVD method's Tmax (its maps' provenance)."""
-    return any(m.provenance.get("method") in SVD_METHODS for m in reader.maps.values())
-
-
 def _mean_sd(values: Sequence[float]) -> dict[str, float]:
     v = np.asarray([x for x in values if x is not None and np.isfinite(x)], dtype=np.float64)
     nan = float("nan")
@@ -482,7 +483,7 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
                     log.info("%s, %s vs %s: not compared (not in both readers)", name,
                              est.label, ref.label)
                 continue
-            if name == "delay" and (svd := [r.label for r in (est, ref) if _delay_is_tmax(r)]):
+            if name == "delay" and (svd := [r.label for r in (est, ref) if r.delay_is_tmax]):
                 warn(f"delay, {est.label} vs {ref.label}: left out of Table 1 ({', '.join(svd)}'s "
                      "delay map is its Tmax, not an arrival delay: compare tmax)")
                 continue

@@ -107,7 +107,7 @@ class CurveFit:
     empty; ``flags`` one tuple per curve of the names of :data:`CURVE_FLAGS` it raised;
     ``provenance`` the method, constants, baseline frames, partial-volume step and the
     QC flags of :data:`CURVE_QC` (``qc``, as in the maps' ``summary.json``); and
-    the curves as fitted, baseline subtracted: ``tissue`` (T, N), ``aif`` (T,) after the
+    the curves the fit read, baseline subtracted: ``tissue`` (T, N), ``aif`` (T,) after the
     partial-volume scaling, ``vof`` (T,) or None."""
 
     cbf: np.ndarray

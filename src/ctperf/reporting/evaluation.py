@@ -119,6 +119,11 @@ def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studie
     with_maps = [r for r in readers if r.maps]
     truth = next((r for r in readers if r.kind == "truth"), None)
     outline_src = truth or readers[1]
+    # An SVD method's delay map is its Tmax: its delay panels would compare it with an arrival
+    # delay, as Table 1 does not
+    svd = [r.label for r in with_maps if r.delay_is_tmax]
+    names = ("cbv", "cbf", "tmax") if svd else ("cbv", "cbf", "delay", "tmax")
+    unshown = f" (no delay: {', '.join(svd)}'s delay map is its Tmax)" if svd else ""
     for s in studies[:max_map_figures]:
         region = (truth.brain.get(s) if truth is not None else None)
         if region is None:
@@ -126,11 +131,12 @@ def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studie
         les = outline_src.lesions.get(s, {})
         outlines = {f"{outline_src.label} {n}": les[n] for n in ("core", "hypoperfused")
                     if n in les}
-        fig = side_by_side_figure([(r.label, r.maps[s]) for r in with_maps], mask=region,
+        fig = side_by_side_figure([(r.label, r.maps[s]) for r in with_maps], names=names,
+                                  mask=region,
                                   outlines=outlines, title=f"{s}: maps and differences")
         figs[f"maps_{s}.png"] = (figure_data_uri(fig),
                                  f"{s}: maps of each reader, then differences "
-                                 f"{readers[0].label} minus each reference")
+                                 f"{readers[0].label} minus each reference{unshown}")
     pairs = list(dict.fromkeys((r["estimate"], r["reference"]) for r in result["lesions"]))
     for est, ref in pairs:
         rows = [r for r in result["lesions"] if (r["estimate"], r["reference"]) == (est, ref)]

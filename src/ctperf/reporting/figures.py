@@ -372,8 +372,8 @@ def reduction_figure(doc: Mapping[str, Any], *, title: str = "") -> Any:
 
 def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: str = "",
                   most: int = 12) -> Any:
-    """The curves of :func:`ctperf.perfusion.fit_curves` as fitted: the AIF (after any
-    partial-volume scaling) and the VOF on the left, the tissue curves on the right with
+    """The curves :func:`ctperf.perfusion.fit_curves` read (not its model's curves): the AIF
+    (after any partial-volume scaling) and the VOF on the left, the tissue curves on the right with
     their CBF, Tmax and flags in the legend (the first ``most`` of them), the baseline frames
     shaded.
 
@@ -394,7 +394,9 @@ def curves_figure(times: np.ndarray, fit: Any, names: Sequence[str], *, title: s
     if fit.vof is not None:
         left.plot(times, fit.vof, color="tab:blue", label="VOF")
     n = min(len(names), most)
-    colours = colormap("tab20")(np.linspace(0, 1, max(n, 2)))
+    # tab20 without its blues and reds, the VOF's and the AIF's colours beside
+    palette = [c for i, c in enumerate(colormap("tab20").colors) if i not in (0, 1, 6, 7)]
+    colours = [palette[i % len(palette)] for i in range(n)]
     for i in range(n):
         right.plot(times, fit.tissue[:, i], color=colours[i], linewidth=1.2,
                    label=f"{names[i]}: CBF {fit.cbf[i]:.1f}, Tmax {fit.tmax[i]:.1f} s"

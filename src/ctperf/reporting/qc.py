@@ -29,13 +29,15 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
     -------
     matplotlib.figure.Figure
         Four panels: displacement against time, then frame 0 and the most displaced frame
-        before and after, in the brain window with the brain outline.
+        (the last one when none moved) before and after, in the brain window with the brain outline.
     """
     measured = np.asarray(getattr(result, "uncorrected_mm", np.zeros(0)))
     left = measured if measured.size == before.n_frames and measured.any() else None
     # the frame moved most: corrected, or else measured and left uncorrected
-    t = int(np.argmax(result.displacement_mm if left is None
-                      else np.maximum(result.displacement_mm, left)))
+    moved_by = result.displacement_mm if left is None else np.maximum(result.displacement_mm,
+                                                                        left)
+    # a still study: its last frame, not frame 0 twice
+    t = int(np.argmax(moved_by)) if np.any(moved_by > 0) else before.n_frames - 1
     z = after.shape[1] // 2
     z_before = z if before.shape[1] == after.shape[1] else 0  # or only that slice, as read
     low, high = BRAIN_WINDOW_HU
@@ -51,7 +53,8 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
     ax.set_ylabel("displacement from frame 0 (mm)")
     top = max(float(np.max(result.max_displacement_mm)),
               0.0 if left is None else float(left.max()), 1.0)
-    ax.set_ylim(0.0, 1.5 * top)  # room above the data for the legend
+    # room above the data for the legend, and below 0 to show lines lying on it
+    ax.set_ylim(-0.04 * top, 1.5 * top)
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("frame-wise displacement (corrected)" if left is None else
                  "displacement: corrected, and measured but not corrected")
