@@ -89,8 +89,8 @@ def analyse_study(series: CTPSeries, *, method: str = "nlr-fast", register: bool
         filter = filters_by_default(method)
     elif filter and not filters_by_default(method):
         log.warning("%s on a filtered study: its spatial prior pools the neighbours itself, and "
-                    "filtered noise is correlated between them (docs/bayes.md, \"Filtered "
-                    "studies\")", method)
+                    "its uncertainty maps and volume SDs leave out what the filter smoothed "
+                    "away (too small: docs/bayes.md, \"Filtered studies\")", method)
     before = series.meta.get("bilateral") if done.get("filtered") else None
     if filter:
         if done.get("filtered"):

@@ -27,6 +27,7 @@ from ctperf.perfusion.bayes.spatial import (
     _block_noise,
     _blocks,
     interpolate_blocks,
+    noise_fields,
     pool_amplitudes,
     pool_curves,
 )
@@ -240,6 +241,9 @@ def fit_bayes(
     n_draws = int(max(draws, 1))
     y_all = np.nan_to_num(y_all.astype(np.float32, copy=False))
     own_noise = noise_variance(y_all, max(1, workers))
+    # the noise's texture in space, for the amplitudes' pooling: read from the curves as given
+    fields = noise_fields(y_all, own_noise) if spatial and mask is not None and \
+        pool_amplitude else None
     if noise_sd is not None:
         noise = np.full(n, float(noise_sd) ** 2)
     else:  # a noise-free curve is fitted as one: the floor only keeps the precision finite,
@@ -431,7 +435,8 @@ def fit_bayes(
             max(4.0 * math.sqrt(float(np.median(noise)) / t.size), 1.0)
         cbv_var = mom[:, 9] ** 2
         cbv, var, _ = pool_amplitudes(mom[:, 1], cbv_var, mom[:, 13],
-                                      Neighbourhood(m, spatial_sigma_mm, sp, guide, g_sigma))
+                                      Neighbourhood(m, spatial_sigma_mm, sp, guide, g_sigma),
+                                      fields=fields)
         # CBF = 60 CBV / MTT: the pooled CBV's error no longer offsets MTT's within the voxel
         # (a shorter MTT fits a higher CBF of about the same area), so CBF's relative variance
         # is the sum of CBV's and that of MTT's reciprocal (column inv_mtt_rel)

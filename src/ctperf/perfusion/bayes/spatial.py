@@ -215,8 +215,28 @@ class Neighbourhood:
         return smooth[:-1][:, mask].astype(np.float64) / weight
 
 
+def noise_fields(curves: np.ndarray, noise_var: np.ndarray, count: int = 8) -> np.ndarray:
+    """Fields of the curves' own noise, each voxel's of unit variance, (K, N) float32: the
+    second differences over time of the ``count`` frames where they are smallest (the curves
+    flat there, so the differences hold noise alone), over ``sqrt(6 noise_var)``. Noise
+    correlated in space (a scanner's kernel, a filter) keeps its correlation in them, which
+    :func:`pool_amplitudes` measures."""
+    y = np.asarray(curves, dtype=np.float32)
+    scale = np.sqrt(6.0 * np.asarray(noise_var, dtype=np.float64)).astype(np.float32)
+
+    def normalised(frames: np.ndarray, cols: slice) -> np.ndarray:
+        d2 = y[frames, cols] - 2.0 * y[frames + 1, cols] + y[frames + 2, cols]
+        return np.divide(d2, scale[cols], out=np.zeros_like(d2), where=scale[cols] > 0)
+
+    every = np.arange(y.shape[0] - 2)
+    sample = slice(None, None, max(1, y.shape[1] // 20000))  # frames chosen on a sample
+    flat = np.argsort(np.median(np.abs(normalised(every, sample)), axis=1))[:max(1, count)]
+    return normalised(np.sort(flat), slice(None))
+
+
 def pool_amplitudes(cbv: np.ndarray, cbv_var: np.ndarray, noise_var: np.ndarray,
-                    neighbourhood: Neighbourhood, *, probes: int = 4
+                    neighbourhood: Neighbourhood, *, probes: int = 4,
+                    fields: np.ndarray | None = None
                     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Empirical-Bayes pooling of each voxel's CBV with its neighbours' (the amplitude part).
 
@@ -239,6 +259,14 @@ def pool_amplitudes(cbv: np.ndarray, cbv_var: np.ndarray, noise_var: np.ndarray,
     from voxel to voxel) is measured by passing ``probes`` fields of white noise through the
     same neighbourhood (the variance of their means is 1 / n), with a fixed seed.
 
+    Noise correlated between neighbours (a scanner's reconstruction kernel, a filtered study)
+    averages out less: passed through the neighbourhood too, the study's own noise
+    (``fields``, :func:`noise_fields`) gives its mean's variance (taken for the local mean's
+    noise in place of white noise's 1 / n), its covariance with the voxel's own noise beyond
+    the voxel's weight (shrinking towards neighbours that share a voxel's error removes less
+    of it: the pooled variance gains ``2 B (1 - B)`` times that covariance) and its spread
+    within the neighbourhood (which then holds less of the noise, and more of tau^2).
+
     Parameters
     ----------
     cbv, cbv_var, noise_var : ndarray, shape (N,)
@@ -247,6 +275,9 @@ def pool_amplitudes(cbv: np.ndarray, cbv_var: np.ndarray, noise_var: np.ndarray,
     neighbourhood : Neighbourhood
     probes : int
         White-noise fields that measure the neighbourhoods' effective size.
+    fields : ndarray, shape (K, N), optional
+        The study's noise, unit variance per voxel (:func:`noise_fields`); None: independent
+        between voxels.
 
     Returns
     -------
@@ -261,15 +292,29 @@ def pool_amplitudes(cbv: np.ndarray, cbv_var: np.ndarray, noise_var: np.ndarray,
     v = np.clip(np.asarray(noise_var, dtype=np.float64), 0.0, total)
     ok = np.isfinite(x) & np.isfinite(v) & np.isfinite(total)
     x0, v0 = np.where(ok, x, 0.0), np.where(ok, v, 0.0)
-    z = np.random.default_rng(0).standard_normal((max(1, probes), x.size)) * ok
-    stats = neighbourhood.mean(np.concatenate([np.stack([x0, x0 * x0, v0, ok]), z]))
+    n_probes = max(1, probes)
+    z = np.random.default_rng(0).standard_normal((n_probes, x.size)) * ok
+    own = np.zeros((0, x.size)) if fields is None else np.asarray(fields, dtype=np.float64) * ok
+    stats = neighbourhood.mean(np.concatenate([np.stack([x0, x0 * x0, v0, ok]), z, own]))
     n_ok = np.maximum(stats[3], 1e-6)
     m, m2, vbar = stats[0] / n_ok, stats[1] / n_ok, stats[2] / n_ok
+    white, study = stats[4:4 + n_probes] / n_ok, stats[4 + n_probes:] / n_ok
     # 1 / n: the probes' mean squares, averaged over the neighbourhood, below 1
-    inv_n = (stats[4:] / n_ok) ** 2
-    inv_n = neighbourhood.mean(inv_n.mean(axis=0, keepdims=True))[0]
-    inv_n = np.clip(inv_n, 1e-3, 0.9)
-    spread = (m2 - m * m) / (1.0 - inv_n) - vbar        # tau^2 of each neighbourhood, noisy
+    raw_inv_n = (white ** 2).mean(axis=0)
+    inv_n = np.clip(neighbourhood.mean(raw_inv_n[None])[0], 1e-3, 0.9)
+    excess, shared, in_spread = 1.0, 0.0, 1.0
+    if own.size and ok.any():
+        # The study's noise against white noise through the same weights, over the whole
+        # study (a texture, steady where one neighbourhood's few fields are not): its local
+        # means' mean square over white noise's, the voxel's noise's covariance with them
+        # beyond the voxel's own weight (the white probes'), the noise's share of the spread
+        q_white, q = raw_inv_n[ok].mean(), (study ** 2).mean(axis=0)[ok].mean()
+        self_weight = (z * white).mean(axis=0)[ok].mean()
+        cross = (own * study).mean(axis=0)[ok].mean()
+        excess = float(np.clip(q / q_white, 1.0, 1.0 / q_white))
+        shared = float(np.clip((cross - self_weight) / max(1.0 - self_weight, 1e-3), 0.0, 1.0))
+        in_spread = float(np.clip((1.0 - q) / max(1.0 - q_white, 1e-3), 0.0, 1.0))
+    spread = (m2 - m * m) / (1.0 - inv_n) - vbar * in_spread  # tau^2 of each one, noisy
     # the neighbours' mean, without x; never below zero, which the arithmetic can give where a
     # voxel's own weight is under the neighbourhood's 1 / n
     m_loo = np.maximum((m - inv_n * x0) / (1.0 - inv_n), 0.0)
@@ -279,9 +324,9 @@ def pool_amplitudes(cbv: np.ndarray, cbv_var: np.ndarray, noise_var: np.ndarray,
     b = np.where(tau2 + v > 0, tau2 / np.maximum(tau2 + v, 1e-30), 1.0)
     # a voxel with fewer than two neighbours' worth has nothing to pool with
     b = np.where((inv_n > 0.5) | (neighbourhood.voxels() < 2.0), 1.0, b)
-    var_m = (vbar + tau2) * inv_n / (1.0 - inv_n)
+    var_m = (vbar * excess + tau2) * inv_n / (1.0 - inv_n)
     pooled = m_loo + b * (x - m_loo)
-    var = total - (1.0 - b) * v + (1.0 - b) ** 2 * var_m
+    var = total - (1.0 - b) * v + (1.0 - b) ** 2 * var_m + 2.0 * b * (1.0 - b) * shared * v
     return np.where(ok, pooled, x), np.where(ok, var, total), np.where(ok, b, 1.0)
 
 
