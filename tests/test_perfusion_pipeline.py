@@ -384,3 +384,31 @@ def test_a_scan_ending_at_the_arterial_peak_is_refused():
     longer = CTPSeries(series.hu[:n + 10], series.times[:n + 10], affine=series.affine)
     qc = run_perfusion(longer, method="bsvd", aif_mask=truth["artery"]).maps.provenance["qc"]
     assert qc["truncation"]["flag"]
+
+
+def test_lesion_tissue_without_any_bolus_is_flagged(rng):
+    """Brain that never enhances (an old infarct above the CSF cut) read as 49 mL of core and
+    hypoperfused tissue, its Tmax from noise, with no word: a lesion region whose mean curve
+    holds no bolus is now flagged; the acute lesion, whose core keeps some blood, is not."""
+    from ctperf.perfusion.qc import NO_BOLUS_CBV
+
+    series, truth = synthetic_study(np.random.default_rng(11), noise=2.0)
+    size = series.shape[-1]
+    c = size / 2 - 0.5
+    yy, xx = np.mgrid[0:size, 0:size]
+    old = truth["tissue"][0] & (np.hypot(yy - (c + 8), xx - (c + 14)) < 7)  # healthy side
+    hu = series.hu.copy()
+    hu[:, :, old] = 24.0 + 2.0 * rng.standard_normal((series.n_frames, 2, int(old.sum())))
+    acute = run_perfusion(series, method="nlr-fast", lesion_options=LesionOptions())
+    scarred = run_perfusion(series.replace(hu=hu), method="nlr-fast",
+                            lesion_options=LesionOptions())
+    assert not acute.maps.provenance["qc"]["lesion_no_bolus"]["flag"]
+    flag = scarred.maps.provenance["qc"]["lesion_no_bolus"]
+    old_ml = 2 * int(old.sum()) * series.voxel_ml
+    lesion_in_old = (scarred.lesions.core | scarred.lesions.hypoperfused)[:, old].sum() \
+        * series.voxel_ml
+    assert lesion_in_old > 0.5 * old_ml  # what the flag is for: it was called a lesion
+    # the flagged regions: the old infarct as segmented (the lesions' 2 mm median trims its
+    # edge), not the acute lesion beside it
+    assert flag["flag"] and lesion_in_old - 0.5 <= flag["value"] <= old_ml + 0.5, (flag, old_ml)
+    assert f"{NO_BOLUS_CBV:g} mL/100 g" in flag["reason"]

@@ -63,6 +63,8 @@ from ctperf.perfusion.qc import (
     MAX_AIF_LEAD_S,
     aif_lag,
     flat_edge_share,
+    lesion_no_bolus_flag,
+    lesion_no_bolus_ml,
     qc_flags,
     skull_shift_px,
 )
@@ -277,6 +279,10 @@ def run_perfusion(
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
     lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels | dense, rim_mm=rim_mm,
                        options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)
+    # lesions with no bolus at all: brain without blood is no acute core (its Tmax is noise)
+    regions = ndimage.label((lesions.core | lesions.hypoperfused) & ~vessels)[0][brain]
+    flags["lesion_no_bolus"] = lesion_no_bolus_flag(lesion_no_bolus_ml(
+        tissue, aif_used, t, regions, voxel_ml=series.voxel_ml, rho=rho, kh=kh))
     pmaps = pmaps.replace(provenance={**provenance, "lesions": lesions.summary()})
     return PerfusionResult(maps=pmaps, lesions=lesions, brain=brain, vessels=vessels,
                            aif=aif_used, vof=vof_used, times=t)

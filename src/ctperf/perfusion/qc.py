@@ -205,6 +205,65 @@ def flat_edge_share(hu: np.ndarray, brain: np.ndarray, *, n_base: int,
     return share
 
 
+#: CBV (mL/100 g) of a lesion region's mean curve under which it held no bolus
+#: (``lesion_no_bolus``): acute core keeps some blood (CBV 0.2-0.6 times normal tissue's, 0.4
+#: and more), while tissue without any (an old infarct, gliosis, a cyst denser than the CSF
+#: cut) reads 0 within the mean curve's noise.
+NO_BOLUS_CBV = 0.2
+#: The least region (mL) whose mean curve ``lesion_no_bolus`` reads.
+NO_BOLUS_MIN_ML = 1.0
+
+
+def lesion_no_bolus_ml(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray,
+                       regions: np.ndarray, *, voxel_ml: float, rho: float,
+                       kh: float) -> float | None:
+    """Volume (mL) of the lesion regions whose mean curve holds no bolus: the CBV of the mean
+    of each region's curves, ``100 kH / rho x area(curve) / area(AIF)``, under
+    :data:`NO_BOLUS_CBV`, over the regions of :data:`NO_BOLUS_MIN_ML` or more.
+
+    Parameters
+    ----------
+    tissue : ndarray, shape (T, N)
+        Enhancement curves (baseline subtracted).
+    aif : ndarray, shape (T,)
+        The AIF as the fits used it.
+    times : ndarray, shape (T,)
+    regions : ndarray of int, shape (N,)
+        Each curve's lesion region (connected component), 0 for none.
+    voxel_ml, rho, kh : float
+
+    Returns
+    -------
+    float or None
+        None when the AIF has no positive area.
+    """
+    t = np.asarray(times, dtype=np.float64)
+    area = float(np.trapezoid(np.asarray(aif, dtype=np.float64), t))
+    if not area > 0:
+        return None
+    labels = np.asarray(regions)
+    sizes = np.bincount(labels.ravel())
+    volume = 0.0
+    for k in np.flatnonzero(sizes * voxel_ml >= NO_BOLUS_MIN_ML):
+        if k == 0:
+            continue
+        mean = tissue[:, labels == k].mean(axis=1, dtype=np.float64)
+        if 100.0 * kh / rho * float(np.trapezoid(mean, t)) / area < NO_BOLUS_CBV:
+            volume += float(sizes[k]) * voxel_ml
+    return volume
+
+
+def lesion_no_bolus_flag(volume_ml: float | None) -> dict[str, Any]:
+    """The ``lesion_no_bolus`` QC entry of :func:`lesion_no_bolus_ml`'s volume."""
+    return {"flag": bool(volume_ml), "value": volume_ml,
+            "reason": f"lesion regions whose mean curve holds no bolus (CBV under "
+                      f"{NO_BOLUS_CBV:g} mL/100 g; the value is their volume, mL): tissue without "
+                      "blood (an old infarct, gliosis, a cyst denser than the CSF cut) or that "
+                      "the bolus never reached; an acute core keeps some blood. Its CBF counts "
+                      "it as core and its Tmax is read from noise; the volumes include it: read "
+                      "the unenhanced images"}
+
+
 def qc_flags(
     *,
     times: np.ndarray,
