@@ -114,6 +114,20 @@ def test_curves_begun_after_the_bolus_are_refused():
         fit_curves(tissue[20:], aif[20:], t[20:] - t[20], method="bsvd")
 
 
+def test_curves_begun_as_the_bolus_rose_raise_bolus_at_start():
+    """``ctperf curves`` had never raised ``bolus_at_start`` (left out of the curves' QC),
+    where ``ctperf maps`` raised it on the same curves: a probe's curves begun at 5-12 % of
+    the AIF's rise read SVD CBV +38 to +180 % with short_baseline alone."""
+    tissue, aif = _hand_curves()
+    whole = fit_curves(tissue, aif, T_HAND, method="bsvd").provenance["qc"]["bolus_at_start"]
+    # frame 14 stands at 11 % of the gamma variate's rise
+    begun = fit_curves(tissue[14:], aif[14:], T_HAND[14:] - T_HAND[14],
+                       method="bsvd").provenance["qc"]["bolus_at_start"]
+    assert not whole["flag"] and begun["flag"], (whole, begun)
+    assert 0.05 < begun["value"] < 0.2  # 0.15: the rise read from the curve's own noise floor
+    assert "high with the SVD methods" in begun["reason"]
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_curves_starting_near_the_arterial_peak_are_refused_by_every_method(method, tmp_path,
                                                                              capsys):

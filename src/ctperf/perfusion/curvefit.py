@@ -44,8 +44,8 @@ __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_cu
 #: (the AIF's peak height and the baseline's noise are judged in HU, the brain's size and the
 #: motion need an image).
 CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_after_tissue",
-                             "short_baseline", "below_baseline", "aif_vof_ratio", "no_vof",
-                             "mtt_floor")
+                             "short_baseline", "bolus_at_start", "below_baseline",
+                             "aif_vof_ratio", "no_vof", "mtt_floor")
 
 #: How many SDs of its noise one frame must stand apart from the line through its two
 #: neighbours for ``spike`` (white noise gives that gap an SD of 1.22 noise SDs at even steps;

@@ -414,9 +414,11 @@ def segment_lesions(
                             "yaw_at_search_limit": abs(yaw) >= MIDPLANE_MAX_YAW_DEG - 0.5}
                 if mid_info["yaw_at_search_limit"]:
                     log.warning("the mid-sagittal plane's yaw (%.1f deg) reached the search's "
-                                "limit of %g deg: the head may be turned further, and the "
-                                "contralateral reference be taken off the mirror; check the "
-                                "midline, or use --core-cbv", yaw, MIDPLANE_MAX_YAW_DEG)
+                                "limit of %g deg: the head may be turned further, or the "
+                                "brain mask be lopsided (a craniectomy's swelling, a large old "
+                                "infarct), and the contralateral reference be taken off the "
+                                "mirror; check the midline, or use --core-cbv", yaw,
+                                MIDPLANE_MAX_YAW_DEG)
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
         core = valid & (cbf < o.core_rcbf * ref)

@@ -457,9 +457,11 @@ def qc_flags(
     put("bolus_at_start", begun, rise / span if span > 0 else None,
         f"the AIF's first frame stands more than {min_start_fraction:.0%} of its rise above its "
         "lowest values: the bolus had begun when the scan started, so the baseline holds "
-        "contrast and CBV and CBF read low (a phantom whose AIF stood at 8 % of its peak: "
-        "CBV -19 to -23 %, the hypoperfused volume 37 mL against 60 with bayes); start the "
-        "scan earlier (at 20 % the study is refused)")
+        "contrast and CBV and CBF are wrong: low with the box model and bayes (a phantom whose "
+        "AIF stood at 8 % of its peak: CBV -19 to -23 %, the hypoperfused volume 37 mL "
+        "against 60 with bayes), high with the SVD methods (a probe's noise-free curves: CBV "
+        "+38 % at 5 % of the rise, +118 % at 10 %); start the scan earlier (at 20 % the study "
+        "is refused)")
     put("aif_vof_ratio", pv_factor is not None and not pv_range[0] <= pv_factor <= pv_range[1],
         pv_factor, f"VOF/AIF area ratio outside [{pv_range[0]}, {pv_range[1]}]: wrong AIF or VOF "
         "choice")
