@@ -43,7 +43,7 @@ __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_cu
 #: The QC flags (:func:`~ctperf.perfusion.qc_flags`) that curves in any unit can be judged by
 #: (the AIF's peak height and the baseline's noise are judged in HU, the brain's size and the
 #: motion need an image).
-CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_after_tissue",
+CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_wide", "aif_after_tissue",
                              "short_baseline", "bolus_at_start", "below_baseline",
                              "aif_vof_ratio", "no_vof", "mtt_floor")
 
@@ -389,7 +389,8 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                      baseline_frames=n_base, tissue_mean=mean, brain_mean=mean,
                      pv_factor=pv["factor"],
                      pv_corrected=bool(pv["corrected"]) if v is not None else None,
-                     box_mtt=out["mtt"][out["cbv"] > 0] if method in BOX_METHODS else None)
+                     box_mtt=out["mtt"][out["cbv"] > 0] if method in BOX_METHODS else None,
+                     voxelwise=method != "bayes")
     if not isinstance(baseline, str):  # frames the user counted (0: curves of enhancement)
         flags["short_baseline"].update(flag=False, value=None)
     # the tissue's mean below its baseline by 5 % of its peak (a drift every curve carries, too

@@ -142,6 +142,49 @@ def _rise(aif: np.ndarray) -> tuple[np.ndarray, int]:
     return rise, int(np.argmax(rise))
 
 
+#: Longest time (s) an AIF may stand at or above half its peak rise before ``aif_wide``
+#: (:func:`aif_half_width_s`): ctperf's phantoms, whose boluses are shaped by injections of
+#: 7-12 s, span 7.5-13 s; low cardiac output, a slow injection or a split bolus spans more.
+AIF_WIDE_S = 14.0
+
+
+def aif_half_width_s(times: np.ndarray, aif: np.ndarray) -> float | None:
+    """Seconds from the AIF's first rise past half its peak rise to its last fall below it
+    (interpolated between frames): its full width at half maximum, or the span of both peaks
+    of a split bolus. None for a flat curve."""
+    t = np.asarray(times, dtype=np.float64)
+    rise, peak = _rise(aif)
+    half = 0.5 * rise[peak]
+    if not half > 0:
+        return None
+    above = np.flatnonzero(rise >= half)
+    first, last = int(above[0]), int(above[-1])
+    up = t[0] if first == 0 else t[first - 1] + (half - rise[first - 1]) / (
+        rise[first] - rise[first - 1]) * (t[first] - t[first - 1])
+    down = t[-1] if last == t.size - 1 else t[last] + (rise[last] - half) / (
+        rise[last] - rise[last + 1]) * (t[last + 1] - t[last])
+    return float(down - up)
+
+
+def split_bolus(aif: np.ndarray) -> bool:
+    """Whether the AIF has two first passes: after its first frame above half its peak rise it
+    falls under :data:`SPLIT_DIP` of it and rises again past :data:`SPLIT_AGAIN` (a split or
+    repeated injection; recirculation stays under that)."""
+    rise, peak = _rise(aif)
+    if not rise[peak] > 0:
+        return False
+    r = rise / rise[peak]
+    start = int(np.flatnonzero(r >= 0.5)[0])
+    dips = np.flatnonzero(r[start:] < SPLIT_DIP)
+    return bool(dips.size) and bool(np.any(r[start + int(dips[0]):] > SPLIT_AGAIN))
+
+
+#: A split bolus (:func:`split_bolus`): the AIF falls under this share of its peak rise
+#: between two passes that each pass :data:`SPLIT_AGAIN` of it.
+SPLIT_DIP = 0.45
+SPLIT_AGAIN = 0.6
+
+
 def first_pass(aif: np.ndarray) -> tuple[int, int]:
     """Frames of the AIF's first pass: the last before it rises past 10 % of its peak rise,
     and the first after its peak below half of it (the last frame if none)."""
@@ -365,7 +408,8 @@ def qc_flags(
     voxelwise : bool, optional
         Whether each voxel's curve was fitted alone (the box and SVD methods; ``bayes`` pools
         neighbours): its pre-bolus noise, as it would be at :data:`NOISE_STEP_S` frames, is
-        then judged against ``max_voxelwise_sd_hu`` (``noisy_voxelwise``'s value).
+        then judged against ``max_voxelwise_sd_hu`` (``noisy_voxelwise``'s value), and the
+        AIF's width against :data:`AIF_WIDE_S` (``aif_wide``).
     csf_cut_share : float, optional
         Share of the brain (less the smoothed CSF) that its voxels' temporal mean left out as
         CSF (:func:`ctperf.masks.tissue_csf_midpoint`).
@@ -376,7 +420,8 @@ def qc_flags(
     -------
     dict
         ``{name: {"flag": bool, "value": float | None, "reason": str}}`` for ``truncation``,
-        ``aif_low_peak``, ``aif_late_peak``, ``aif_after_tissue``, ``noisy_baseline``,
+        ``aif_low_peak``, ``aif_late_peak``, ``aif_wide``, ``aif_after_tissue``,
+        ``noisy_baseline``,
         ``short_baseline``, ``bolus_at_start``, ``frame_gap``, ``aif_vof_ratio``, ``no_vof``,
         ``few_brain_voxels``, ``motion``, ``motion_uncorrected``, ``motion_unregistered``,
         ``below_baseline``, ``hyperdense``,
@@ -438,6 +483,17 @@ def qc_flags(
     put("aif_late_peak", when > late_aif_fraction * (t[-1] - t[0]), when,
         f"AIF peaks after {late_aif_fraction:.0%} of the acquisition: late bolus, risk of "
         "truncation")
+    width = aif_half_width_s(t, aif)
+    wide = width is not None and (width > AIF_WIDE_S or split_bolus(aif))
+    put("aif_wide", bool(voxelwise) and wide, width if voxelwise else None,
+        f"the AIF stands above half its peak for more than {AIF_WIDE_S:g} s, or in two "
+        "passes (low cardiac output, a slow injection or a split bolus; the value is the span "
+        "in s from its first rise past half its peak to its last fall below it) with a method that "
+        "deconvolves each voxel alone: the SVD methods' truncation then keeps less of its "
+        "spectrum, so CBF reads low and the core shrinks (a probe's low-output head, 16 s: "
+        "bSVD grey matter CBF -56 %, core 0.7 mL for 11.4, oSVD 2.6; a split bolus, peaks 8 s "
+        "apart: oSVD CBF -57 %, bSVD core 0), while the box model's core grows (17.5 mL); "
+        "bayes held (10.7 mL)")
     lead = None if tissue_mean is None else aif_lag(t, aif, tissue_mean)
     lead_text = f"more than {max_aif_lead_s:g} s before " if max_aif_lead_s > 0 else "before "
     put("aif_after_tissue", lead is not None and lead > max_aif_lead_s, lead,
