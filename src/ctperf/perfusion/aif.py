@@ -408,6 +408,7 @@ def assess_vof(
     min_snr: float = 8.0,
     min_area_ratio: float = 0.9,
     min_lag_s: float = 1.0,
+    tissue_peak_s: float | None = None,
 ) -> VofCheck:
     """Judge whether a VOF is a plausible venous outflow of this AIF.
 
@@ -418,6 +419,10 @@ def assess_vof(
     - its time to peak is not later than the AIF's, or its first moment (the centre of its
       positive part) is less than ``min_lag_s`` after the AIF's (an arterial voxel whose noisy
       peak came late);
+    - it peaks before the tissue it drains: more than a frame, and more than 1 s, before
+      ``tissue_peak_s`` (s from the first frame; on ctperf's phantoms a vein peaks 0.5-5 s after
+      the tissue's mean curve; a probe's mislabelled vessel 4-5 s before it had scaled the AIF
+      by 1.3-1.4, CBF and CBV 23-28 % low);
     - its peak is below ``min_snr`` times its noise SD (:func:`curve_noise_sd`);
     - its area over the same part of the bolus (see :func:`correct_partial_volume`) is below
       ``min_area_ratio`` times the AIF's. Between that and 1 the VOF agrees with an undiluted
@@ -435,6 +440,8 @@ def assess_vof(
         The VOF's noise SD in HU, when known; default estimated from the curve.
     min_snr, min_area_ratio, min_lag_s : float
         See above.
+    tissue_peak_s : float, optional
+        When the tissue's bolus peaks, s from the first frame (None: not judged).
 
     Returns
     -------
@@ -459,6 +466,11 @@ def assess_vof(
                 "no later than" if round(lag, 1) == 0 else f"{-lag:.1f} s before")
         reason = (f"the VOF's bolus is centred {when} the AIF's (less than {min_lag_s:g} s "
                   "after): an artery, not a vein")
+    elif tissue_peak_s is not None and ttp_v < tissue_peak_s - max(
+            1.0, float(np.max(np.diff(t))) if t.size > 1 else 0.0):
+        reason = (f"the VOF peaks at {ttp_v:.1f} s, before the tissue's bolus "
+                  f"({tissue_peak_s:.1f} s): a vein drains the tissue and peaks after it "
+                  "(an artery, or another vessel)")
     elif not snr >= min_snr:
         reason = (f"the VOF's peak ({peak:.0f} HU) is only {snr:.1f} times its noise SD "
                   f"({sd:.1f} HU), below {min_snr:g}: noise, not a vein")

@@ -198,7 +198,8 @@ def _neighbourhood_area(venh: np.ndarray, t: np.ndarray, search: np.ndarray,
 
 
 def partial_volume(aif: np.ndarray, vof: np.ndarray | None, vof_origin: CurveOrigin,
-                   t: np.ndarray, *, n_base: int) -> tuple[np.ndarray, dict[str, Any]]:
+                   t: np.ndarray, *, n_base: int, tissue_peak_s: float | None = None
+                   ) -> tuple[np.ndarray, dict[str, Any]]:
     """The AIF to use and what was done about partial volume (for the provenance).
 
     A VOF that :func:`~ctperf.perfusion.assess_vof` rejects is refused with an error when the
@@ -217,6 +218,9 @@ def partial_volume(aif: np.ndarray, vof: np.ndarray | None, vof_origin: CurveOri
         Frame times, s.
     n_base : int
         Pre-bolus frames.
+    tissue_peak_s : float, optional
+        When the tissue's bolus peaks (s from the first frame): a VOF peaking before it is no
+        vein (:func:`~ctperf.perfusion.assess_vof`).
 
     Returns
     -------
@@ -230,7 +234,7 @@ def partial_volume(aif: np.ndarray, vof: np.ndarray | None, vof_origin: CurveOri
         reason = ("no VOF found" if vof_origin.source == "none found"
                   else "no VOF given with the AIF curve")
         return aif, {"corrected": False, "factor": None, "reason": reason}
-    check = assess_vof(aif, vof, t, n_baseline=n_base)
+    check = assess_vof(aif, vof, t, n_baseline=n_base, tissue_peak_s=tissue_peak_s)
     info: dict[str, Any] = {"area_ratio": None if not np.isfinite(check.ratio)
                             else round(check.ratio, 4), "snr": round(min(check.snr, 1e6), 2)}
     if not check.ok:

@@ -31,7 +31,7 @@ from ctperf import masks
 from ctperf.errors import InputError, ValidationError
 from ctperf.io.integrity import check_hu_plausible, frame_spacing_problem
 from ctperf.io.nifti import study_space
-from ctperf.perfusion.aif import tissue_curve
+from ctperf.perfusion.aif import tissue_curve, tissue_peak_time
 from ctperf.perfusion.boxnlr import BOX_METHODS
 from ctperf.perfusion.curves import (
     TTP_SMOOTH_S,
@@ -234,7 +234,8 @@ def run_perfusion(
                                         exclude=bony | arterial, aif=aif_raw,
                                         aif_curve_given=aif is not None, search=search,
                                         spacing=spacing)
-    aif_used, pv_info = partial_volume(aif_raw, vof_curve, vof_from, t, n_base=n_base)
+    aif_used, pv_info = partial_volume(aif_raw, vof_curve, vof_from, t, n_base=n_base,
+                                       tissue_peak_s=tissue_peak_time(venh[:, ::7], t))
     vof_used = vof_curve if pv_info["corrected"] else None
 
     tissue = enh[:, brain[search]]  # (T, N): every brain voxel
