@@ -176,19 +176,15 @@ def test_a_vein_smaller_than_the_artery_is_refused():
         fit_curves(tissue, aif, T_HAND, vof=vof, baseline=0)
 
 
-def test_a_vessel_peaking_before_the_tissue_is_no_vein():
-    """A vessel 2 s behind the AIF and larger than it (a downstream artery labelled the VOF)
-    peaks after the AIF, with more area, so it had scaled the AIF by 1.3-1.4 (CBF and CBV
-    23-28 % low in a probe's curves); it peaks before every tissue curve, which no vein does."""
+def test_a_vein_peaking_before_late_lesion_curves_is_kept():
+    """``ctperf curves`` does not judge the VOF by the tissue curves' timing: a table of lesion
+    regions alone, all peaking after the sinus, had refused a real vein (the maps judge it
+    against the earliest tissue, docs/methods.md)."""
     aif = _gv(T_HAND)
-    # grey matter arriving 1 s after the AIF's artery peaks 3.3 s after it
-    tissue = np.stack([_box_tissue(f, m, d + 1.0, RHO, KH) for f, m, d in BOXES], axis=1)
-    artery = 1.4 * np.interp(T_HAND - 2.0, T_HAND, aif, left=0.0)
-    with pytest.raises(ValidationError, match=r"peaks at 12\.5 s, before the tissue's bolus"):
-        fit_curves(tissue, aif, T_HAND, vof=artery, baseline=0)
-    vein = 1.4 * np.interp(T_HAND - 5.0, T_HAND, aif, left=0.0)  # as late as a vein
-    assert fit_curves(tissue, aif, T_HAND, vof=vein, baseline=0).provenance[
-        "partial_volume"]["corrected"]
+    late = np.stack([_box_tissue(f, m, d + 8.0, RHO, KH) for f, m, d in BOXES], axis=1)
+    vein = 1.4 * np.interp(T_HAND - 5.0, T_HAND, aif, left=0.0)
+    fit = fit_curves(late, aif, T_HAND, vof=vein, baseline=0)
+    assert fit.provenance["partial_volume"]["corrected"]
 
 
 def test_bayes_curves_carry_their_sds():

@@ -29,7 +29,13 @@ import numpy as np
 from scipy.stats import rankdata
 
 from ctperf.errors import ValidationError
-from ctperf.perfusion.curves import TRUNCATED_END, brief_peak, second_difference_sd
+from ctperf.perfusion.curves import (
+    TRUNCATED_END,
+    TTP_SMOOTH_S,
+    brief_peak,
+    gaussian_time,
+    second_difference_sd,
+)
 
 __all__ = [
     "VesselCurve",
@@ -38,6 +44,7 @@ __all__ = [
     "correct_partial_volume",
     "curve_features",
     "curve_noise_sd",
+    "early_tissue_peak_time",
     "select_aif",
     "select_vof",
     "tissue_curve",
@@ -270,6 +277,25 @@ def tissue_peak_time(enh: np.ndarray, times: np.ndarray, *, vessel_quantile: flo
     return float(t[int(np.argmax(mean))] - t[0])
 
 
+def early_tissue_peak_time(enh: np.ndarray, times: np.ndarray, *, quantile: float = 0.25,
+                           vessel_quantile: float = 0.95) -> float:
+    """When the earliest tissue's bolus peaks (s from the first frame): the ``quantile`` of
+    the tissue curves' times to peak, each smoothed over :data:`TTP_SMOOTH_S` (the vessels,
+    above ``vessel_quantile`` of the peaks, and brief peaks left out). Unlike the mean
+    curve's peak (:func:`tissue_peak_time`) it stays with the well-perfused tissue when most
+    of the brain is delayed (a large stroke): that tissue is what a vein's peak follows."""
+    t = np.asarray(times, dtype=np.float64)
+    c = np.asarray(enh)
+    peaks = c.max(axis=0)
+    use = (peaks <= np.quantile(peaks, vessel_quantile)) & ~brief_peak(c, t)
+    if not use.any():
+        use = np.ones(c.shape[1], dtype=bool)
+    step = float(np.median(np.diff(t))) if t.size > 1 else 1.0
+    smooth = gaussian_time(np.ascontiguousarray(c[:, use], dtype=np.float32),
+                           max(TTP_SMOOTH_S / step, 0.5))
+    return float(np.quantile(t[np.argmax(smooth, axis=0)] - t[0], quantile))
+
+
 def select_vof(
     enh: np.ndarray,
     times: np.ndarray,
@@ -420,9 +446,9 @@ def assess_vof(
       positive part) is less than ``min_lag_s`` after the AIF's (an arterial voxel whose noisy
       peak came late);
     - it peaks before the tissue it drains: more than a frame, and more than 1 s, before
-      ``tissue_peak_s`` (s from the first frame; on ctperf's phantoms a vein peaks 0.5-5 s after
-      the tissue's mean curve; a probe's mislabelled vessel 4-5 s before it had scaled the AIF
-      by 1.3-1.4, CBF and CBV 23-28 % low);
+      ``tissue_peak_s`` (s from the first frame: :func:`early_tissue_peak_time`; a probe's
+      downstream artery taken for the vein had scaled the AIF by 1.3-1.4, CBF and CBV 23-28 %
+      low);
     - its peak is below ``min_snr`` times its noise SD (:func:`curve_noise_sd`);
     - its area over the same part of the bolus (see :func:`correct_partial_volume`) is below
       ``min_area_ratio`` times the AIF's. Between that and 1 the VOF agrees with an undiluted

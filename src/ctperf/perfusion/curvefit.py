@@ -29,7 +29,6 @@ from ctperf.perfusion.curves import (
     check_peak_not_clipped,
     second_difference_sd,
     smooth_time,
-    time_to_peak,
     to_enhancement,
 )
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
@@ -378,11 +377,9 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     if n_base:
         vessels = to_enhancement(vessels, n_baseline=n_base)[0]
         tis = to_enhancement(tis, n_baseline=n_base)[0]
-    # a vein peaks after the tissue it drains: after the earliest of these curves at least
-    # (their highest frames: noise can only make that earlier, and the check more lenient)
+    # (the VOF is not judged against these curves' timing: they may all be late lesions)
     aif_used, pv = partial_volume(vessels[:, 0], None if v is None else vessels[:, 1],
-                                  CurveOrigin("given curve"), t, n_base=max(n_base, 1),
-                                  tissue_peak_s=float(np.min(time_to_peak(tis, t))))
+                                  CurveOrigin("given curve"), t, n_base=max(n_base, 1))
     values, grid, fitted = fit_voxels(method, tis.astype(np.float32), aif_used, t, rho=rho,
                                       kh=kh, brain=None, spacing=(1.0, 1.0, 1.0),
                                       device=device, progress=progress, n_base=n_base or None)

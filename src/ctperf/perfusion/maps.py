@@ -31,7 +31,7 @@ from ctperf import masks
 from ctperf.errors import InputError, ValidationError
 from ctperf.io.integrity import check_hu_plausible, frame_spacing_problem
 from ctperf.io.nifti import study_space
-from ctperf.perfusion.aif import tissue_curve, tissue_peak_time
+from ctperf.perfusion.aif import early_tissue_peak_time, tissue_curve
 from ctperf.perfusion.boxnlr import BOX_METHODS
 from ctperf.perfusion.curves import (
     TTP_SMOOTH_S,
@@ -235,7 +235,7 @@ def run_perfusion(
                                         aif_curve_given=aif is not None, search=search,
                                         spacing=spacing)
     aif_used, pv_info = partial_volume(aif_raw, vof_curve, vof_from, t, n_base=n_base,
-                                       tissue_peak_s=tissue_peak_time(venh[:, ::7], t))
+                                       tissue_peak_s=early_tissue_peak_time(venh[:, ::7], t))
     vof_used = vof_curve if pv_info["corrected"] else None
 
     tissue = enh[:, brain[search]]  # (T, N): every brain voxel
@@ -283,7 +283,7 @@ def run_perfusion(
     # lesions with no bolus at all: brain without blood is no acute core (its Tmax is noise)
     regions = ndimage.label((lesions.core | lesions.hypoperfused) & ~vessels)[0][brain]
     flags["lesion_no_bolus"] = lesion_no_bolus_flag(lesion_no_bolus_ml(
-        tissue, aif_used, t, regions, voxel_ml=series.voxel_ml, rho=rho, kh=kh))
+        tissue, aif_used, t, regions, n_base=n_base, voxel_ml=series.voxel_ml, rho=rho, kh=kh))
     pmaps = pmaps.replace(provenance={**provenance, "lesions": lesions.summary()})
     return PerfusionResult(maps=pmaps, lesions=lesions, brain=brain, vessels=vessels,
                            aif=aif_used, vof=vof_used, times=t)
