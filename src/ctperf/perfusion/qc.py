@@ -24,6 +24,7 @@ from ctperf.perfusion.curves import (
     bolus_arrival_frame,
     enhanced_at_start,
     second_difference_sd,
+    smooth_time,
     start_level,
 )
 
@@ -464,13 +465,18 @@ def qc_flags(
         flags[name] = {"flag": bool(flag), "value": None if value is None else float(value),
                        "reason": reason}
 
+    # each curve smoothed over time as arrivals are read: one noisy last frame had turned the
+    # flag on and off between noise draws of one patient (0.29-0.34 about 0.30)
     ends = []
     for curve in (aif, vof, tissue_mean, late_mean):
         if curve is not None and np.max(curve) > 0:
-            ends.append(float(curve[-1] / np.max(curve)))
+            smooth = smooth_time(np.asarray(curve, dtype=np.float64))
+            if smooth.max() > 0:
+                ends.append(float(smooth[-1] / smooth.max()))
     end = max(ends) if ends else None
     put("truncation", end is not None and end > end_fraction, end,
-        f"the last frame of the AIF, the VOF, the tissue's mean curve or the mean curve of the "
+        f"the last frame (smoothed over time) of the AIF, the VOF, the tissue's mean curve or "
+        f"the mean curve of the "
         f"tissue of long Tmax is above {end_fraction:.0%} of its peak: bolus not washed out "
         "(a scan too short), or a baseline drifting upwards, so CBV and MTT are biased (the "
         "area after the last frame is missing; fits extrapolate it, in either direction)")
