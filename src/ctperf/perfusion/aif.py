@@ -259,13 +259,17 @@ def tissue_curve(enh: np.ndarray, times: np.ndarray, *, vessel_quantile: float =
     not its timing. Curves raised for a frame or two only
     (:func:`~ctperf.perfusion.curves.brief_peak`) are left out as well: bone a jerk of the head
     carried in before the bolus had put the tissue's peak at the jerk, before every artery."""
+    return _tissue_only(enh, times, vessel_quantile).mean(axis=1, dtype=np.float64)
+
+
+def _tissue_only(enh: np.ndarray, times: np.ndarray, vessel_quantile: float) -> np.ndarray:
+    """The curves of ``enh`` (T, N) that enhance no more than the ``vessel_quantile`` of their
+    peaks and do not peak briefly (all of them when none is left)."""
     t = np.asarray(times, dtype=np.float64)
     c = np.asarray(enh)
     peaks = c.max(axis=0)
     use = (peaks <= np.quantile(peaks, vessel_quantile)) & ~brief_peak(c, t)
-    if not use.any():
-        use = np.ones(c.shape[1], dtype=bool)
-    return c[:, use].mean(axis=1, dtype=np.float64)
+    return c[:, use] if use.any() else c
 
 
 def tissue_peak_time(enh: np.ndarray, times: np.ndarray, *, vessel_quantile: float = 0.95
@@ -285,14 +289,9 @@ def early_tissue_peak_time(enh: np.ndarray, times: np.ndarray, *, quantile: floa
     curve's peak (:func:`tissue_peak_time`) it stays with the well-perfused tissue when most
     of the brain is delayed (a large stroke): that tissue is what a vein's peak follows."""
     t = np.asarray(times, dtype=np.float64)
-    c = np.asarray(enh)
-    peaks = c.max(axis=0)
-    use = (peaks <= np.quantile(peaks, vessel_quantile)) & ~brief_peak(c, t)
-    if not use.any():
-        use = np.ones(c.shape[1], dtype=bool)
     step = float(np.median(np.diff(t))) if t.size > 1 else 1.0
-    smooth = gaussian_time(np.ascontiguousarray(c[:, use], dtype=np.float32),
-                           max(TTP_SMOOTH_S / step, 0.5))
+    smooth = gaussian_time(np.ascontiguousarray(_tissue_only(enh, t, vessel_quantile),
+                                                dtype=np.float32), max(TTP_SMOOTH_S / step, 0.5))
     return float(np.quantile(t[np.argmax(smooth, axis=0)] - t[0], quantile))
 
 
