@@ -322,10 +322,9 @@ def lesion_no_bolus_flag(volume_ml: float | None) -> dict[str, Any]:
             "reason": f"lesion regions whose mean curve holds no bolus (CBV within "
                       f"+-{NO_BOLUS_CBV:g} mL/100 g; the value is their volume, mL): tissue "
                       "without blood (an old infarct, gliosis, a cyst denser than the CSF cut) "
-                      "or that "
-                      "the bolus never reached; an acute core keeps some blood. Its CBF counts "
-                      "it as core and its Tmax is read from noise; the volumes include it: read "
-                      "the unenhanced images"}
+                      "or that the bolus never reached; an acute core keeps some blood. Its CBF "
+                      "counts it as core and its Tmax is read from noise; the volumes include "
+                      "it: read the unenhanced images"}
 
 
 def qc_flags(
@@ -467,18 +466,15 @@ def qc_flags(
 
     # each curve smoothed over time as arrivals are read: one noisy last frame had turned the
     # flag on and off between noise draws of one patient (0.29-0.34 about 0.30)
-    ends = []
-    for curve in (aif, vof, tissue_mean, late_mean):
-        if curve is not None and np.max(curve) > 0:
-            smooth = smooth_time(np.asarray(curve, dtype=np.float64))
-            if smooth.max() > 0:
-                ends.append(float(smooth[-1] / smooth.max()))
+    smoothed = [smooth_time(np.asarray(c, dtype=np.float64))
+                for c in (aif, vof, tissue_mean, late_mean) if c is not None]
+    ends = [float(c[-1] / c.max()) for c in smoothed if c.max() > 0]
     end = max(ends) if ends else None
     put("truncation", end is not None and end > end_fraction, end,
         f"the last frame (smoothed over time) of the AIF, the VOF, the tissue's mean curve or "
-        f"the mean curve of the "
-        f"tissue of long Tmax is above {end_fraction:.0%} of its peak: bolus not washed out "
-        "(a scan too short), or a baseline drifting upwards, so CBV and MTT are biased (the "
+        f"the mean curve of the tissue of long Tmax is above {end_fraction:.0%} of its peak: "
+        "bolus not washed out (a scan too short), or a baseline drifting upwards, so CBV and "
+        "MTT are biased (the "
         "area after the last frame is missing; fits extrapolate it, in either direction)")
     below = None
     if brain_mean is not None and np.max(brain_mean) > 0 and baseline_frames is not None:
@@ -649,10 +645,9 @@ def qc_flags(
         and paced > max_voxelwise_sd_hu, paced if voxelwise else None,
         f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU per {NOISE_STEP_S:g} s frame (the "
         "noise per frame times the square root of the median frame interval after the bolus's "
-        "arrival "
-        f"over {NOISE_STEP_S:g} s) with a method that fits each voxel "
-        "alone: at this noise the SVD methods' Tmax and the box model's CBF scatter so widely "
-        "that lesion volumes are unreliable either way (unfiltered 150 mAs phantoms, 8 HU: bSVD "
+        f"arrival over {NOISE_STEP_S:g} s) with a method that fits each voxel alone: at this "
+        "noise the SVD methods' Tmax and the box model's CBF scatter so widely that lesion "
+        "volumes are unreliable either way (unfiltered 150 mAs phantoms, 8 HU: bSVD "
         "read 25 mL hypoperfused in a lesion-free head and no core where the truth held 2.5-16.8 "
         "mL, nlr-fast three times the true core); filter the study first as the paper did "
         "(--register --filter), or use bayes")

@@ -50,16 +50,18 @@ def _steps(o: DemoOptions) -> tuple[str, str]:
 def _check_bolus_passes(subject: Any, o: DemoOptions) -> None:
     """Refuse a phantom scan too short for its own arterial bolus, with the frames it needs:
     the maps would refuse it asking for an AIF mask, which the demo cannot give (an AIF that
-    has not fallen under half its peak by the last frame was not measured)."""
+    has not fallen under :data:`~ctperf.perfusion.qc.PEAK_PASSED` of its peak by the last
+    frame was not measured)."""
     import numpy as np
 
     from ctperf.errors import ValidationError
+    from ctperf.perfusion.qc import PEAK_PASSED
     from ctperf.phantom.hemodynamics import aif_from_params
 
     t = np.arange(0.0, 180.0, 0.05)
     aif = aif_from_params(t, subject.params["aif"])
     peak = int(np.argmax(aif))
-    passed = float(t[peak + int(np.flatnonzero(aif[peak:] < 0.5 * aif[peak])[0])])
+    passed = float(t[peak + int(np.flatnonzero(aif[peak:] < PEAK_PASSED * aif[peak])[0])])
     interval = float(subject.series.times[1] - subject.series.times[0])
     if float(subject.series.times[-1] - subject.series.times[0]) < passed:
         need = int(np.ceil(passed / interval)) + 1
