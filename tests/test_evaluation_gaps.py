@@ -141,3 +141,39 @@ def test_studies_a_cohort_run_did_not_finish_are_left_out(tmp_path):
                                "earlier run, or none)"]
     (root / "manifest.json").write_text(json.dumps({"format": "other", "studies": {}}))
     assert sorted(load_maps_cohort(root).maps) == STUDIES
+
+
+def test_maps_without_orientation_are_said_in_the_tables_warnings():
+    """Maps saved with no sform or qform (MATLAB's save_nii) are compared voxel for voxel: the
+    warning had gone to the log only, never to the report, where a mirrored reader's Dice 0
+    then stood unexplained."""
+    readers = _readers()
+    for s in STUDIES:
+        maps = readers[0].maps[s]
+        readers[0].maps[s] = maps.replace(affine=np.diag([2.0, 2.0, 5.0, 1.0]), provenance={
+            **maps.provenance, "orientation_unknown": True})
+    out = evaluate_readers(readers, studies=STUDIES)
+    (said,) = out["table_warnings"]  # one line for the reader, naming its studies
+    assert said.startswith("the maps of est carry no orientation") and "a, b, c" in said
+
+
+def test_files_a_reader_leaves_out_are_said_in_its_warnings(tmp_path):
+    """Another tool's DT.nii.gz and lesions/Hypoperfusion.nii were skipped with a line on
+    stderr only: Table 1 lost its delay row and Table 2 its lesion, the report said nothing."""
+    from ctperf import io
+    from ctperf.evaluation.cohort import load_maps_cohort
+
+    for s in STUDIES:
+        folder = tmp_path / "other" / s
+        for name in ("cbf", "DT"):
+            io.write_volume(np.full((2, 8, 8), 30.0, np.float32), np.eye(4),
+                            folder / f"{name}.nii.gz")
+        io.write_volume(np.ones((2, 8, 8), bool), np.eye(4),
+                        folder / "lesions" / "Hypoperfusion.nii")
+        io.write_volume(np.ones((2, 8, 8), bool), np.eye(4), folder / "lesions" / "vessels.nii.gz")
+    reader = load_maps_cohort(tmp_path / "other")
+    assert sorted(reader.maps["a"].names) == ["cbf"]
+    said = [w for w in reader.warnings if w.startswith("a: ")]
+    assert len(said) == 2, reader.warnings
+    assert "DT.nii.gz" in said[0] and "not named as a map" in said[0]
+    assert "Hypoperfusion.nii" in said[1] and "vessels" not in said[1]  # ctperf's own: unread

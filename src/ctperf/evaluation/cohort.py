@@ -144,6 +144,12 @@ def _study_dirs(root: Path) -> list[Path]:
     return subs
 
 
+#: The masks a reader's ``lesions/`` folder (a phantom's ``masks/``) is read for, and those of
+#: ctperf's own that are not compared.
+_MASK_NAMES = ("core", "penumbra", "hypoperfused", "brain")
+_MASKS_UNREAD = ("tmax10", "vessels")
+
+
 def load_maps_cohort(root: str | Path, *, label: str | None = None,
                      lesion_options: LesionOptions | None = None) -> Reader:
     """Read a maps cohort (``ctperf maps`` layout) or a phantom cohort (its truth).
@@ -180,8 +186,10 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
                         if (stem := f.name.split(".")[0].lower()) not in MAP_NAMES
                         and stem != "residual" and not stem.endswith("_sd"))  # ctperf's too
         if others and not phantom:  # a phantom's truth holds more of its own (dispersion...)
-            log.warning("%s: left out NIfTI files not named as a map (%s): %s", folder,
-                        ", ".join(MAP_NAMES), ", ".join(others[:5]))
+            said = (f"left out NIfTI files not named as a map ({', '.join(MAP_NAMES)}): "
+                    f"{', '.join(others[:5])}{' ...' if len(others) > 5 else ''}")
+            log.warning("%s: %s", folder, said)
+            reader.warnings.append(f"{sub.name}: {said}")
         if not names:
             raise InputError(folder, f"no map files ({', '.join(MAP_NAMES)}, each .nii.gz or "
                                      ".nii, any case); is this a maps cohort? DICOM maps "
@@ -193,8 +201,15 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
             maps = _background_as_nan(maps, folder)
         reader.maps[sub.name] = maps
         masks = sub / ("masks" if phantom else "lesions")
-        found = {n: map_file(masks, n) for n in ("core", "penumbra", "hypoperfused", "brain")
-                 } if masks.is_dir() else {}
+        found = {n: map_file(masks, n) for n in _MASK_NAMES} if masks.is_dir() else {}
+        unread = sorted(f.name for f in masks.glob("*.nii*")
+                        if f.name.split(".")[0].lower() not in (*_MASK_NAMES, *_MASKS_UNREAD)
+                        ) if masks.is_dir() and not phantom else []
+        if unread:
+            said = (f"left out lesion files not named {', '.join(_MASK_NAMES[:3])} (or brain): "
+                    f"{', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}")
+            log.warning("%s: %s", masks, said)
+            reader.warnings.append(f"{sub.name}: {said}")
         les = {n: _labels(f, sub.name, maps.shape, maps.affine, kept_qform(maps.provenance))
                != 0
                for n, f in found.items() if f is not None}
@@ -390,16 +405,17 @@ def _map_pairs(readers: Sequence[Reader]) -> list[tuple[Reader, Reader]]:
     return pairs + [(m, t) for t in truth for m in methods]
 
 
-def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> None:
+def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str]:
     """Put every reader's maps, lesions and brain masks on the grid of the reference (the
     second reader with maps, else the first; raters' masks are read on it), study by study, in
     place: a cohort written by another tool may store the same voxels in another order (rows
     reversed, as a NIfTI converter may), which a voxel-by-voxel comparison would otherwise pair
     wrongly. Grids that do not hold the same voxels are refused, naming the study and both
-    readers."""
+    readers. Returns warnings: maps without an orientation, compared voxel for voxel."""
     with_maps = [r for r in readers if r.maps]
+    unoriented: dict[str, list[str]] = {}  # readers without orientation -> their studies
     if not with_maps:
-        return
+        return []
     from ctperf.io import reorient, reorientation
 
     grid = with_maps[1] if len(with_maps) > 1 else with_maps[0]
@@ -415,8 +431,7 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> None:
             unknown = [x.label for x in (r, grid)
                        if x.maps[s].provenance.get("orientation_unknown")]
             if unknown and own.shape == target.shape:
-                log.warning("study %s: the maps of %s carry no orientation; compared voxel for "
-                            "voxel (same shape)", s, " and ".join(unknown))
+                unoriented.setdefault(" and ".join(unknown), []).append(s)
                 r.maps[s] = own.replace(affine=target.affine)
                 continue
             how = reorientation(own.affine, own.shape, target.affine, target_shape=target.shape)
@@ -430,6 +445,10 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> None:
             r.lesions[s] = {n: reorient(m, how) for n, m in r.lesions.get(s, {}).items()}
             if s in r.brain:
                 r.brain[s] = reorient(r.brain[s], how)
+    return [f"the maps of {who} carry no orientation (no sform or qform) in "
+            f"{', '.join(s[:3])}{' ...' if len(s) > 3 else ''}: compared voxel for voxel (same "
+            "shape), which pairs the wrong voxels if they are stored mirrored"
+            for who, s in unoriented.items()]
 
 
 def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> dict[str, Any]:
@@ -454,7 +473,7 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
         ``docs/evaluation.md``.
     """
     studies = list(studies)
-    align_readers(readers, studies)
+    aligned = align_readers(readers, studies)
     truth = next((r for r in readers if r.kind == "truth"), None)
     brain_src = truth if truth is not None and truth.brain else next(
         (r for r in readers if r.kind == "method" and r.brain), None)
@@ -471,6 +490,9 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
     def warn(text: str) -> None:
         out["table_warnings"].append(text)
         log.warning("%s", text)
+
+    for text in aligned:
+        warn(text)
 
     for est, ref in _map_pairs(readers):
         for name in MAP_ORDER:
