@@ -128,6 +128,24 @@ def test_cache_holds_the_frames_and_maps_it_was_built_from(cohort: Path, tmp_pat
     assert 0.4 < mask.mean() < 0.7  # the disc of radius 0.42 covers pi * 0.42**2 = 55 %
 
 
+def test_patients_read_in_parallel_give_the_same_cache(tmp_path: Path):
+    import json
+
+    cohort = make_cohort(tmp_path / "cohort", subjects=5, seed=4)
+    one = build_slice_cache(cohort, tmp_path / "one", workers=1)
+    three = build_slice_cache(cohort, tmp_path / "three", workers=3)
+    for name in ("inputs", "targets", "masks"):
+        np.testing.assert_array_equal(getattr(one, name), getattr(three, name))
+    index = [json.loads((c.path / "index.json").read_text()) for c in (one, three)]
+    assert index[0] == index[1]  # rows in the cohort's order, the same sums and ranges
+    assert index[0]["rows_patient"][::2] == [f"sub-{i:04d}" for i in range(5)]
+    # a patient failing in a worker stops the build with its error, and leaves no cache
+    (cohort / "sub-0003" / "truth" / "mtt.nii.gz").unlink()
+    with pytest.raises(InputError, match=r"sub-0003.*missing true maps: mtt"):
+        build_slice_cache(cohort, tmp_path / "broken", workers=3)
+    assert not any((tmp_path / "broken").glob("*/index.json"))
+
+
 def test_downsampled_cache_averages_areas(cohort: Path, tmp_path: Path):
     full = build_slice_cache(cohort, tmp_path, size=32, frames=4)
     half = build_slice_cache(cohort, tmp_path, size=16, frames=4)
@@ -179,27 +197,31 @@ def test_missing_cohort_and_damaged_cache_are_input_errors(tmp_path: Path):
 
 def test_unitobrain_layout_goes_through_the_io_reader(monkeypatch, tmp_path: Path,
                                                       rng: np.random.Generator):
-    # no phantom subjects in the folder: the cohort is read with ctperf.io.iter_unitobrain, and
-    # the loss mask is where the reference has tissue (CBV > 0) and every map is finite
+    # no phantom subjects in the folder: the cohort is read with ctperf.io.unitobrain's reader,
+    # and the loss mask is where the reference has tissue (CBV > 0) and every map is finite
     from types import SimpleNamespace
 
-    import ctperf.io
+    import ctperf.io.unitobrain
 
-    def fake_reader(root):
-        for pid in ("MOL-001", "MOL-002"):
-            hu = rng.normal(40, 5, (10, 2, 16, 16)).astype(np.float32)
-            # stored as DICOM stores axial slices: the cache keeps them as they are
-            radiological = np.diag([-1.0, -1.0, 1.0, 1.0])
-            series = CTPSeries(hu=hu, times=np.arange(10) * 0.5, affine=radiological)
-            cbv = np.full((2, 16, 16), 3.0, dtype=np.float32)
-            cbv[:, :4] = 0.0  # outside the brain
-            delay = np.zeros_like(cbv)
-            delay[1, 8, 8] = np.nan
-            maps = PerfusionMaps(maps={"cbv": cbv, "cbf": cbv * 10, "delay": delay},
-                                 affine=radiological)
-            yield SimpleNamespace(patient_id=pid, series=series, reference=maps)
+    def fake_find(root):
+        return [(pid, Path(root) / pid, Path(root) / f"{pid}_Maps")
+                for pid in ("MOL-001", "MOL-002")]
 
-    monkeypatch.setattr(ctperf.io, "iter_unitobrain", fake_reader, raising=False)
+    def fake_read(pid, folder, maps_folder):
+        hu = rng.normal(40, 5, (10, 2, 16, 16)).astype(np.float32)
+        # stored as DICOM stores axial slices: the cache keeps them as they are
+        radiological = np.diag([-1.0, -1.0, 1.0, 1.0])
+        series = CTPSeries(hu=hu, times=np.arange(10) * 0.5, affine=radiological)
+        cbv = np.full((2, 16, 16), 3.0, dtype=np.float32)
+        cbv[:, :4] = 0.0  # outside the brain
+        delay = np.zeros_like(cbv)
+        delay[1, 8, 8] = np.nan
+        maps = PerfusionMaps(maps={"cbv": cbv, "cbf": cbv * 10, "delay": delay},
+                             affine=radiological)
+        return SimpleNamespace(patient_id=pid, series=series, reference=maps)
+
+    monkeypatch.setattr(ctperf.io.unitobrain, "find_unitobrain", fake_find)
+    monkeypatch.setattr(ctperf.io.unitobrain, "read_unitobrain_case", fake_read)
     (tmp_path / "utb").mkdir()
     cache = build_slice_cache(tmp_path / "utb", tmp_path / "cache", size=16, frames=5)
     assert cache.patient_ids == ["MOL-001", "MOL-002"]

@@ -55,8 +55,9 @@ def add_reproduce_options(p: argparse.ArgumentParser) -> None:
     add_preprocess_options(p, default=True)
     add_device_option(p, what="the box-model fits, training and prediction")
     add_batch_size_option(p, default=4, what="slices per forward pass when predicting")
-    add_workers_option(p, what="studies preprocessed and fitted",
-                       default="one per two CPU cores, so one process on 2 cores")
+    add_workers_option(p, what="studies preprocessed and fitted (and read into the slice "
+                       "caches)", default="one per two CPU cores, so one process on 2 cores; "
+                       "up to 4 for the caches")
 
 
 def reproduce_options(args: argparse.Namespace) -> tuple[Any, Any]:

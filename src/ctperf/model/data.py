@@ -14,9 +14,9 @@ the study's are resampled slice by slice (area averaging down, bilinear up), whi
 down-sampled copies used for pretraining.
 
 Cohort layouts: the phantom's (``sub-*/study.nii.gz`` with ``truth/``, ``masks/brain.nii.gz`` and
-optionally precomputed ``nlr/`` maps) and UniToBrain's (through :func:`ctperf.io.iter_unitobrain`).
-This module only reads: NLR references are computed beforehand by
-:func:`ctperf.workflow.nlr_references` into a folder of their own.
+optionally precomputed ``nlr/`` maps) and UniToBrain's
+(:func:`ctperf.io.unitobrain.read_unitobrain_case`). This module only reads: NLR references
+are computed beforehand by :func:`ctperf.workflow.nlr_references` into a folder of their own.
 """
 
 from __future__ import annotations
@@ -26,8 +26,9 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -206,8 +207,17 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
     ``"truth"``, ``references`` may name the phantom cohort that the studies of ``root`` were
     made from (preprocessed studies carry no truth): its ``truth/`` and brain masks are read.
     """
-    from ctperf import io
+    for pid, load in _cohort_loaders(root, reference=reference, references=references):
+        yield (pid, *load())
 
+
+_Patient = tuple[CTPSeries, PerfusionMaps, np.ndarray]
+
+
+def _cohort_loaders(root: str | Path, *, reference: str, references: str | Path | None,
+                    ) -> list[tuple[str, Callable[[], _Patient]]]:
+    """(patient id, a function that reads its series, reference maps and brain mask) for each
+    patient of the cohort, in order: what :func:`iter_cohort` yields, read when called."""
     root = Path(root)
     if reference not in _REFERENCES:
         raise ValidationError(f"reference must be one of {_REFERENCES}, got {reference!r}")
@@ -216,44 +226,46 @@ def iter_cohort(root: str | Path, *, reference: str = "truth",
     subs = _phantom_subjects(root)
     if subs:
         refs = None if references is None else Path(references)
-        for sub in subs:
-            series = io.read_nifti_series(sub / "study.nii.gz")
-            shape = series.shape[1:]
-            folder = _reference_folder(sub, reference, refs)
-            maps = io.read_maps(folder)
-            # the phantom's brain, the source cohort's, or the reference run's
-            brains = [p for p in (sub / "masks" / "brain.nii.gz",
-                                  None if refs is None or reference != "truth"
-                                  else refs / sub.name / "masks" / "brain.nii.gz",
-                                  folder / "lesions" / "brain.nii.gz")
-                      if p is not None and p.exists()]
-            if brains:
-                mask = io.read_mask(brains[0], shape=shape, affine=series.affine)
-            else:  # the whole slice had counted, air included, in silence
-                log.warning("%s: no brain mask (masks/brain.nii.gz); the loss is taken where "
-                            "the reference maps hold tissue (finite, CBV > 0)", sub.name)
-                mask = reference_brain(maps)
-            # vessel voxels hold the vessel's own CBV and CBF, tens of times tissue's, which no
-            # perfusion map is read for and which would dominate the loss
-            vessels = folder / "lesions" / "vessels.nii.gz"
-            if reference == "nlr" and vessels.exists():
-                mask = mask & ~io.read_mask(vessels, shape=shape, affine=series.affine)
-            yield sub.name, series, maps, mask
-        return
-    iter_unitobrain = getattr(io, "iter_unitobrain", None)
-    if iter_unitobrain is None:
-        raise InputError(root, "no sub-*/study.nii.gz (phantom layout) and no UniToBrain reader")
-    found = False
-    for item in iter_unitobrain(root):
-        found = True
-        given = getattr(item, "mask", None)
-        if given is not None:
-            mask = np.asarray(given, dtype=bool)
-        else:
-            mask = reference_brain(item.reference)
-        yield str(item.patient_id), item.series, item.reference, mask
-    if not found:
-        raise InputError(root, "no patients found (neither phantom nor UniToBrain layout)")
+        return [(sub.name, partial(_read_phantom_subject, sub, reference, refs))
+                for sub in subs]
+    from ctperf.io.unitobrain import find_unitobrain
+
+    return [(patient, partial(_read_unitobrain_patient, patient, folder, maps))
+            for patient, folder, maps in find_unitobrain(root)]
+
+
+def _read_phantom_subject(sub: Path, reference: str, refs: Path | None) -> _Patient:
+    from ctperf import io
+
+    series = io.read_nifti_series(sub / "study.nii.gz")
+    shape = series.shape[1:]
+    folder = _reference_folder(sub, reference, refs)
+    maps = io.read_maps(folder)
+    # the phantom's brain, the source cohort's, or the reference run's
+    brains = [p for p in (sub / "masks" / "brain.nii.gz",
+                          None if refs is None or reference != "truth"
+                          else refs / sub.name / "masks" / "brain.nii.gz",
+                          folder / "lesions" / "brain.nii.gz")
+              if p is not None and p.exists()]
+    if brains:
+        mask = io.read_mask(brains[0], shape=shape, affine=series.affine)
+    else:  # the whole slice had counted, air included, in silence
+        log.warning("%s: no brain mask (masks/brain.nii.gz); the loss is taken where "
+                    "the reference maps hold tissue (finite, CBV > 0)", sub.name)
+        mask = reference_brain(maps)
+    # vessel voxels hold the vessel's own CBV and CBF, tens of times tissue's, which no
+    # perfusion map is read for and which would dominate the loss
+    vessels = folder / "lesions" / "vessels.nii.gz"
+    if reference == "nlr" and vessels.exists():
+        mask = mask & ~io.read_mask(vessels, shape=shape, affine=series.affine)
+    return series, maps, mask
+
+
+def _read_unitobrain_patient(patient: str, folder: Path, maps: Path) -> _Patient:
+    from ctperf.io.unitobrain import read_unitobrain_case
+
+    case = read_unitobrain_case(patient, folder, maps)
+    return case.series, case.reference, reference_brain(case.reference)
 
 
 def _cache_key(root: Path, config: dict[str, Any], references: Path | None) -> str:
@@ -292,12 +304,133 @@ def network_pixel_mm(series: CTPSeries, size: int) -> float:
     return float(np.sqrt(ny * dy * nx * dx)) / size
 
 
+#: Patients a slice cache reads at once by default: each holds its study (a 512 x 512 x 8 x 89
+#: one about 2 GB at its peak) while it is read, resampled and written.
+CACHE_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class _Part:
+    """One patient's rows of a cache being built, written to ``part-<i>-*.npy``, and what the
+    index records of them."""
+
+    index: int
+    pid: str
+    names: tuple[str, ...]   # its targets, in the order of its part's target columns
+    n_z: int
+    size: int
+    frames: int
+    stats: list[float]       # count, sum and sum of squares of its input HU
+    step: float              # s between its input frames
+    pixel: float             # its pixel as the network sees it, mm
+    arrival: float | None    # s from its first frame to the bolus, None where none is found
+    ranges: dict[str, tuple[float, float]]  # whole-image min and max per target
+
+
+def _write_part(i: int, pid: str, load: Callable[[], _Patient], *, size: int | None,
+                frames: int | None, root: Path, tmp: Path, path: Path, frame_mode: str,
+                frame_interval: float | None, hu_window: Sequence[float]) -> _Part:
+    """Read patient ``i``, select, calibrate, orient, resample and clip its frames and maps, and
+    write them as the cache's part ``i``."""
+    series, maps, mask = load()
+    if frames is None:
+        frames = series.n_frames
+    if size is None:
+        if series.shape[2] != series.shape[3]:
+            raise InputError(root, f"{pid} has non-square slices {series.shape[2:]}; give a size")
+        size = series.shape[3]
+    try:
+        x = select_frames(series.hu, series.times, n_frames=frames, mode=frame_mode,
+                          frame_interval=frame_interval)
+    except ValidationError as exc:
+        raise InputError(root, f"{pid}: {exc}") from None
+    step = input_step(series.times, n_frames=frames, mode=frame_mode,
+                      frame_interval=frame_interval)
+    try:
+        arrival: float | None = bolus_arrival_s(series)
+    except ValidationError:  # no bolus the maps' reading finds: no range from it
+        arrival = None
+    _, offset = hu_offset(first_frame_as_air(series.hu), spacing=series.spacing)  # calibrated HU
+    if offset:
+        x -= np.float32(offset)
+    flips = radiological_flips(series.affine)
+    x = np.clip(resize_slices(orient(x, flips), size), hu_window[0], hu_window[1])
+    targets, names, ranges = [], [], {}
+    valid = resize_slices(orient(mask, flips).astype(np.float32), size, mask=True)
+    for target, map_name in TARGET_MAPS.items():
+        if map_name in maps:
+            raw = orient(maps[map_name], flips)
+            if (whole := image_range(raw)) is not None:  # the paper's min-max
+                ranges[target] = (float(whole[0]), float(whole[1]))
+            valid &= resize_slices(np.isfinite(raw).astype(np.float32), size, mask=True)
+            targets.append(resize_slices(to_unit(np.nan_to_num(raw), target), size))
+            names.append(target)
+    for kind, array in (("inputs", x.transpose(1, 0, 2, 3).astype(np.float16)),
+                        ("targets", np.stack(targets, axis=1).astype(np.float16)),
+                        ("masks", valid.astype(np.uint8))):
+        try:
+            np.save(tmp / f"part-{i}-{kind}.npy", array)
+        except OSError as exc:  # numpy's own write error names no file and no errno
+            raise InputError(path, f"could not be written ({exc}): a full disk?") from None
+    # frame by frame in float64: a float64 copy of the whole input had doubled the peak memory
+    total = sum(float(np.sum(frame, dtype=np.float64)) for frame in x)
+    squares = sum(float(np.sum(np.square(frame, dtype=np.float64))) for frame in x)
+    return _Part(index=i, pid=pid, names=tuple(names), n_z=x.shape[1], size=size, frames=frames,
+                 stats=[float(x.size), total, squares], step=step,
+                 pixel=network_pixel_mm(series, size), arrival=arrival, ranges=ranges)
+
+
+def _kept_targets(parts: Sequence[_Part]) -> list[str]:
+    """The targets every patient has, in :data:`TARGET_MAPS` order."""
+    have = set.intersection(*(set(p.names) for p in parts))
+    return [t for t in TARGET_MAPS if t in have]
+
+
+def _assemble(tmp: Path, parts: Sequence[_Part], *, size: int, frames: int, root: Path) -> int:
+    """Join the parts' files into ``inputs.npy``, ``targets.npy`` and ``masks.npy`` (the targets
+    every patient has), deleting each part once copied; returns the number of slices."""
+    kept = _kept_targets(parts)
+    if not kept:
+        raise InputError(root, "the cohort yielded no patients with reference maps")
+    n = sum(p.n_z for p in parts)
+    shapes = {"inputs": (n, frames, size, size), "targets": (n, len(kept), size, size),
+              "masks": (n, size, size)}
+    dtypes = {"inputs": np.float16, "targets": np.float16, "masks": np.uint8}
+    for name, shape in shapes.items():
+        out = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtypes[name],
+                                        shape=shape)
+        start = 0
+        for p in parts:
+            part_file = tmp / f"part-{p.index}-{name}.npy"
+            block = np.load(part_file, mmap_mode="r")
+            if name == "targets":
+                block = block[:, [p.names.index(t) for t in kept]]
+            out[start:start + len(block)] = block
+            start += len(block)
+            del block
+            part_file.unlink()
+        out.flush()
+        del out
+    return n
+
+
+def _warn_mixed_steps(steps: dict[str, float]) -> None:
+    spread = sorted(steps.values())
+    if spread and spread[-1] > 1.1 * spread[0]:
+        log.warning("the patients' input frames are %.2f to %.2f s apart: one network "
+                    "then reads one frame index as different times; resample them onto one "
+                    "spacing (frame_mode='resample', train --frame-mode resample)",
+                    spread[0], spread[-1])
+
+
+
 def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int | None = None,
                       frames: int | None = None,
                       reference: str = "truth", references: str | Path | None = None,
                       frame_mode: str = "subsample",
                       frame_interval: float | None = None,
                       hu_window: Sequence[float] = DEFAULT_HU_WINDOW,
+                      workers: int | None = None,
                       progress: bool = False) -> SliceCache:
     """Build (or reuse) the slice cache of a cohort at one size and frame count.
 
@@ -325,12 +458,15 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         Frame selection; ``frame_interval`` (s) for resampling.
     hu_window : (float, float)
         HU clip window stored with the inputs.
+    workers : int, optional
+        Patients read and written at once, in threads (each holds its study in memory);
+        default :data:`CACHE_WORKERS` or the usable cores, whichever is fewer. The cache is the
+        same whatever their number.
     progress : bool
         Show a progress bar over patients.
     """
-    from tqdm.auto import tqdm
-
     from ctperf.io import atomic_dir
+    from ctperf.parallel import map_chunks, usable_cores
 
     if (size is not None and size < 1) or (frames is not None and frames < 1):
         raise ValidationError(f"size and frames must be >= 1, got size={size}, frames={frames}")
@@ -350,107 +486,38 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
     if (path / "index.json").exists():
         log.info("reusing slice cache %s", path)
         return open_slice_cache(path)
+    loaders = _cohort_loaders(root, reference=reference, references=refs)
     with atomic_dir(path) as tmp:
-        parts: list[str] = []
-        stats: dict[str, list[float]] = {}
-        rows_patient: list[str] = []
-        rows_z: list[int] = []
-        have: set[str] | None = None
-        lacking: dict[str, list[str]] = {}  # target -> patients without its reference map
+        part = partial(_write_part, root=root, tmp=tmp, path=path, frame_mode=frame_mode,
+                       frame_interval=frame_interval, hu_window=hu_window)
+        first = []
+        if size is None or frames is None:  # the first patient's own, read first
+            first = [part(0, *loaders[0], size=size, frames=frames)]
+            size, frames = first[0].size, first[0].frames
+        k = len(first)
+        parts = [*first, *map_chunks(
+            lambda i, _: part(i + k, *loaders[i + k], size=size, frames=frames),
+            len(loaders) - k, chunk=1, workers=workers or min(CACHE_WORKERS, usable_cores()),
+            progress=progress, desc="slice cache", unit="patient")]
+        n = _assemble(tmp, parts, size=size, frames=frames, root=root)
+        _warn_mixed_steps({p.pid: p.step for p in parts})
         ranges: dict[str, list[float]] = {}  # dataset-wide min/max per target, whole images
-        steps: dict[str, float] = {}  # time step of each patient's input frames, s
-        pixels: dict[str, float] = {}  # each patient's pixel as the network sees it, mm
-        arrivals: dict[str, float] = {}  # when each patient's bolus arrives, s
-        for pid, series, maps, mask in tqdm(iter_cohort(root, reference=reference, references=refs),
-                                            desc="slice cache", disable=not progress):
-            if frames is None:
-                frames = series.n_frames
-            if size is None:
-                if series.shape[2] != series.shape[3]:
-                    raise InputError(root, f"{pid} has non-square slices {series.shape[2:]}; "
-                                           "give a size")
-                size = series.shape[3]
-            try:
-                x = select_frames(series.hu, series.times, n_frames=frames, mode=frame_mode,
-                                  frame_interval=frame_interval)
-            except ValidationError as exc:
-                raise InputError(root, f"{pid}: {exc}") from None
-            steps[pid] = input_step(series.times, n_frames=frames, mode=frame_mode,
-                                    frame_interval=frame_interval)
-            pixels[pid] = network_pixel_mm(series, size)
-            try:
-                arrivals[pid] = bolus_arrival_s(series)
-            except ValidationError:  # no bolus the maps' reading finds: no range from it
-                pass
-            _, offset = hu_offset(first_frame_as_air(series.hu),  # calibrated HU
-                                  spacing=series.spacing)
-            if offset:
-                x = x - np.float32(offset)
-            flips = radiological_flips(series.affine)
-            x = np.clip(resize_slices(orient(x, flips), size), hu_window[0], hu_window[1])
-            targets, names = [], []
-            valid = resize_slices(orient(mask, flips).astype(np.float32), size, mask=True)
-            for target, map_name in TARGET_MAPS.items():
-                if map_name in maps:
-                    raw = orient(maps[map_name], flips)
-                    if (whole := image_range(raw)) is not None:  # the paper's min-max
-                        lo_hi = ranges.setdefault(target, [np.inf, -np.inf])
-                        lo_hi[:] = [min(lo_hi[0], whole[0]), max(lo_hi[1], whole[1])]
-                    valid &= resize_slices(np.isfinite(raw).astype(np.float32), size, mask=True)
-                    unit = resize_slices(to_unit(np.nan_to_num(raw), target), size)
-                    targets.append(unit)
-                    names.append(target)
-            have = set(names) if have is None else have & set(names)
+        for p in parts:
+            for target, (lo, hi) in p.ranges.items():
+                lo_hi = ranges.setdefault(target, [np.inf, -np.inf])
+                lo_hi[:] = [min(lo_hi[0], lo), max(lo_hi[1], hi)]
+        lacking: dict[str, list[str]] = {}  # target -> patients without its reference map
+        for p in parts:
             for target in TARGET_MAPS:
-                if target not in names:
-                    lacking.setdefault(target, []).append(pid)
-            n_z = x.shape[1]
-            for kind, array in (("inputs", x.transpose(1, 0, 2, 3).astype(np.float16)),
-                                ("targets", np.stack(targets, axis=1).astype(np.float16)),
-                                ("masks", valid.astype(np.uint8))):
-                try:
-                    np.save(tmp / f"part-{len(parts)}-{kind}.npy", array)
-                except OSError as exc:  # numpy's own write error names no file and no errno
-                    raise InputError(path, f"could not be written ({exc}): a full disk?"
-                                     ) from None
-            parts.append(",".join(names))
-            x64 = x.astype(np.float64)
-            stats[pid] = [float(x64.size), float(x64.sum()), float((x64**2).sum())]
-            rows_patient += [pid] * n_z
-            rows_z += list(range(n_z))
-        if not parts or not have or size is None or frames is None:
-            raise InputError(root, "the cohort yielded no patients with reference maps")
-        targets_kept = [t for t in TARGET_MAPS if t in have]
-        n = len(rows_z)
-        shapes = {"inputs": (n, frames, size, size), "targets": (n, len(targets_kept), size, size),
-                  "masks": (n, size, size)}
-        dtypes = {"inputs": np.float16, "targets": np.float16, "masks": np.uint8}
-        for name, shape in shapes.items():
-            out = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtypes[name],
-                                            shape=shape)
-            start = 0
-            for i, names_i in enumerate(parts):
-                part_file = tmp / f"part-{i}-{name}.npy"
-                block = np.load(part_file, mmap_mode="r")
-                if name == "targets":
-                    cols = names_i.split(",")
-                    block = block[:, [cols.index(t) for t in targets_kept]]
-                out[start:start + len(block)] = block
-                start += len(block)
-                del block
-                part_file.unlink()
-            out.flush()
-            del out
-        spread = sorted(steps.values())
-        if spread and spread[-1] > 1.1 * spread[0]:
-            log.warning("the patients' input frames are %.2f to %.2f s apart: one network "
-                        "then reads one frame index as different times; resample them onto one "
-                        "spacing (frame_mode='resample', train --frame-mode resample)",
-                        spread[0], spread[-1])
-        meta = {**config, "size": size, "frames": frames, "targets": targets_kept,
-                "patients": list(stats), "stats": stats, "rows_patient": rows_patient,
-                "rows_z": rows_z, "cohort": str(root), "image_ranges": ranges,
-                "input_steps_s": steps, "pixels_mm": pixels, "arrivals_s": arrivals,
+                if target not in p.names:
+                    lacking.setdefault(target, []).append(p.pid)
+        meta = {**config, "size": size, "frames": frames, "targets": _kept_targets(parts),
+                "patients": [p.pid for p in parts], "stats": {p.pid: p.stats for p in parts},
+                "rows_patient": [p.pid for p in parts for _ in range(p.n_z)],
+                "rows_z": [z for p in parts for z in range(p.n_z)], "cohort": str(root),
+                "image_ranges": ranges, "input_steps_s": {p.pid: p.step for p in parts},
+                "pixels_mm": {p.pid: p.pixel for p in parts},
+                "arrivals_s": {p.pid: p.arrival for p in parts if p.arrival is not None},
                 "targets_lacking": lacking}
         (tmp / "index.json").write_text(json.dumps(meta) + "\n")
     log.info("built slice cache %s (%d slices)", path, n)

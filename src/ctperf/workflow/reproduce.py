@@ -89,7 +89,9 @@ class ReproduceOptions:
         Slices per forward pass when predicting.
     workers : int or None
         Studies preprocessed and fitted at once (:func:`ctperf.workflow.cohort.run_cohort`):
-        1 in this process, None a local cluster sized to the machine.
+        1 in this process, None a local cluster sized to the machine; also the patients read
+        into the slice caches at once (threads; None: :func:`ctperf.model.build_slice_cache`'s
+        default).
     lesion_options : LesionOptions
         Lesion thresholds of both readers (defaults of ``ctperf maps``).
     progress : bool
@@ -524,7 +526,7 @@ def _cross_validate(cohort: Path, studies_root: Path, out: Path, layout: str, co
     train_options = TrainingOptions(
         reference=options.reference, references=references,
         cache=out / "cache", resume=True, progress=options.progress,
-        references_ready=references == out / "nlr")
+        references_ready=references == out / "nlr", cache_workers=options.workers)
     folds: list[tuple[list[str], list[str]]] = []
     for group in groups:
         name = "+".join(group)

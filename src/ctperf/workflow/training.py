@@ -81,6 +81,9 @@ class TrainingOptions:
     references_ready : bool
         ``references`` were computed and checked by the caller (``ctperf reproduce``, with its
         own method and record): used as they are, none computed again here.
+    cache_workers : int or None
+        Patients read into the slice caches at once (threads; default
+        :func:`ctperf.model.build_slice_cache`'s).
     """
 
     reference: str = "nlr"
@@ -94,6 +97,7 @@ class TrainingOptions:
     resume: bool = False
     progress: bool = False
     references_ready: bool = False
+    cache_workers: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "test_patients", tuple(self.test_patients))
@@ -292,7 +296,7 @@ def _prepare(cohort: Path, out: Path, cache_root: Path, config: Any,
     common: dict[str, Any] = {
         "reference": options.reference, "references": references,
         "frame_mode": options.frame_mode, "frame_interval": options.resample_interval,
-        "progress": options.progress}
+        "workers": options.cache_workers, "progress": options.progress}
     cache = build_slice_cache(cohort, cache_root, size=config.size, frames=config.frames,
                               **common)
     config = replace(config, size=cache.size, frames=cache.n_frames)
