@@ -169,6 +169,61 @@ def test_tag_passed_over_is_said_before_whole_seconds(tmp_path, rng, caplog):
     assert "frame times from TriggerTime (passed over: AcquisitionTime" in caplog.text
 
 
+def _ge_console(delay_s: float | None):
+    """An edit of write_fake_study's images as a GE console writes them: AcquisitionTime the
+    series' start in every image, TriggerTime the ms from the start, and ContentTime either the
+    console's own clock, one image every 0.1 s (``delay_s`` None), or the acquisition's
+    clock ``delay_s`` later."""
+    def edit(ds, t, z):
+        del ds.AcquisitionDateTime
+        start = dt.datetime.strptime("102030", "%H%M%S")
+        when = dt.datetime.strptime(ds.AcquisitionTime, "%H%M%S.%f")
+        ds.TriggerTime = f"{(when - start).total_seconds() * 1000:.1f}"
+        made = (start + dt.timedelta(seconds=60.0 + 0.1 * (3 * t + z)) if delay_s is None
+                else when + dt.timedelta(seconds=delay_s))
+        ds.ContentTime = made.strftime("%H%M%S.%f")
+        ds.AcquisitionTime = "102030.000000"
+    return edit
+
+
+def test_a_consoles_content_time_gives_way_to_the_acquisitions_time(tmp_path, rng, caplog):
+    """ContentTime is when the pixels were made: a console writing an image every 0.1 s had
+    been read as the frames' times (0.3 s apart for 1.5-1.75 s frames: CBF three times too
+    high, no lesion, an INFO line only). TriggerTime, held by every image, is read instead."""
+    study = write_fake_study(tmp_path / "s", rng, edit=_ge_console(None))
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    assert series.meta["timing_source"] == "TriggerTime"
+    # times written in 0.1 ms
+    np.testing.assert_allclose(series.times, study.times - study.times[0], atol=1e-4)
+    assert "ContentTime (when the images were made) does not follow TriggerTime" in caplog.text
+    # a ContentTime that is the acquisition's clock a reconstruction's delay later is read
+    caplog.clear()
+    study = write_fake_study(tmp_path / "d", rng, edit=_ge_console(4.0))
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    assert series.meta["timing_source"] == "ContentTime" and not caplog.text
+
+
+def test_times_in_whole_ms_are_not_a_clock_cut_to_the_second(tmp_path, rng, caplog):
+    """TriggerTime of 0, 1000, 3000 ms is exact to the ms: it had been warned of as whole
+    seconds read up to 1 s off, advising --frame-interval; and that option, given, spaced a
+    two-rate protocol evenly without a word, as the series' flat AcquisitionTime hid it."""
+    def edit(ds, t, z):
+        del ds.AcquisitionDateTime, ds.ContentTime
+        ds.TriggerTime = f"{1000 * (t + max(0, t - 2))}"  # 1 s steps, then 2 s
+        ds.AcquisitionTime = "102030.000000"
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=6, edit=edit)
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    np.testing.assert_array_equal(series.times, [0.0, 1.0, 2.0, 4.0, 6.0, 8.0])
+    assert not caplog.text
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        read_dicom_series(study.folder, frame_interval=1.0)
+    assert "frame_interval), but TriggerTime steps by 1-2 s" in caplog.text
+
+
 @pytest.mark.parametrize("tag", ["FrameReferenceTime", "TriggerTime"])
 def test_relative_times_in_ms_are_a_last_resort(tmp_path, rng, tag):
     """Only a relative time in ms (and an AcquisitionTime holding the series' start): read,

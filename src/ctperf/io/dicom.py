@@ -225,6 +225,40 @@ def _agree(coarse: np.ndarray, fine: np.ndarray, *, relative: bool) -> bool:
     return bool(np.all(np.floor(fine) == coarse) or np.all(np.round(fine) == coarse))
 
 
+def _acquisition_over_content(root: Path, slices: list[list[Header]],
+                              chosen: tuple[list[list[Header]], np.ndarray, str],
+                              ) -> tuple[list[list[Header]], np.ndarray, str]:
+    """ContentTime is when an image's pixels were made: often the reconstruction's clock,
+    which can tick at its own pace (a console writing one image every 0.1 s). Where every image
+    also holds a time from the start of the acquisition (FrameReferenceTime, TriggerTime) that
+    orders each slice's frames and that ContentTime does not follow (the two differing within
+    a slice by more than a tenth of a frame, 0.1 s at least), the acquisition's time is read,
+    with a warning."""
+    frames, times, _ = chosen
+    for tag in RELATIVE_TIME_TAGS:
+        found = [[time_of(h, tag) for h in s] for s in frames]
+        if any(v is None for s in found for v in s):
+            continue
+        try:
+            by_tag, tag_times = _by_time(root, tag, [[float(v or 0.0) for v in s]
+                                                     for s in found], frames)
+        except InputError:
+            continue
+        relative = np.array(found, dtype=float).T        # (T, Z), in ContentTime's order
+        spread = float(np.max(np.ptp(times - relative, axis=0)))
+        steps = np.diff(tag_times, axis=0)
+        step = float(np.median(steps[steps > 0]))
+        if spread <= max(0.1, 0.1 * step):
+            return chosen
+        log.warning("%s: ContentTime (when the images were made) does not follow %s (the "
+                    "acquisition's time; they differ by amounts %.3g s apart within a slice, "
+                    "frames %.3g s apart by ContentTime, %.3g s by %s): frame times from %s",
+                    root, tag, spread, float(np.median(np.diff(times, axis=0))), step, tag,
+                    tag)
+        return by_tag, tag_times, tag
+    return chosen
+
+
 def _whole_seconds_warning(root: Path, tag: str, times: np.ndarray) -> None:
     """Warn when whole-second times step unevenly by one second (0, 1, 3, 4, ...): frames a
     fraction of a second apart, each read up to a second off."""
@@ -266,10 +300,11 @@ def _order_frames(root: Path, slices: list[list[Header]],
     whole seconds for half-second frames, is passed over for the next, and one in whole
     seconds gives way to a later one that counts the same times more finely (a clock to its
     whole seconds, a relative time to one start time), with a warning when none does and the
-    seconds step unevenly. A tag that only some images hold is not passed over in silence: the
-    tag read instead must agree with it where both are, and an order of time that
-    TemporalPositionIndex contradicts is an error (a clock that jumped). Without a tag, or
-    where one of these checks fails, frames are ordered by index when ``frame_interval`` is
+    seconds step unevenly; ContentTime gives way to a relative time that it does not follow
+    (:func:`_acquisition_over_content`). A tag that only some images hold is not passed over
+    in silence: the tag read instead must agree with it where both are, and an order of time
+    that TemporalPositionIndex contradicts is an error (a clock that jumped). Without a tag,
+    or where one of these checks fails, frames are ordered by index when ``frame_interval`` is
     given, else an error is raised."""
     passed: list[InputError] = []
     found_first: tuple[list[list[Header]], np.ndarray, str] | None = None
@@ -289,8 +324,9 @@ def _order_frames(root: Path, slices: list[list[Header]],
             continue
         # whole seconds that the tags' text does not state finer (a two-rate protocol's 1 and
         # 2 s steps written to the microsecond are exact, not a clock cut to the second)
-        whole = bool(np.all(np.mod(times, 1.0) == 0)) and not all(
-            states_fraction(h, tag) for s in slices for h in s)
+        # (a time from the start in ms is exact to the ms: 1000 is no clock cut to the second)
+        whole = tag not in RELATIVE_TIME_TAGS and bool(np.all(np.mod(times, 1.0) == 0)) \
+            and not all(states_fraction(h, tag) for s in slices for h in s)
         if found_first is None and whole:
             found_first = frames, times, tag    # whole seconds: a finer tag may follow
             continue
@@ -304,6 +340,9 @@ def _order_frames(root: Path, slices: list[list[Header]],
             log.info("%s: frame times from %s, finer than %s's whole seconds", root, tag,
                      found_first[2])
         chosen = frames, times, tag
+        if tag == "ContentTime":
+            chosen = _acquisition_over_content(root, slices, chosen)
+            values[chosen[2]] = [[time_of(h, chosen[2]) for h in s] for s in slices]
         break
     if chosen is None and found_first is not None:
         _say_passed_over(root, found_first[2], passed)
@@ -420,8 +459,9 @@ def _index_order_problem(frames: list[list[Header]], tag: str) -> InputError | N
 def _frame_interval_warning(root: Path, frame_interval: float,
                             values: dict[str, list[list[float | None]]]) -> None:
     """Warn when ``frame_interval`` spaces the frames evenly but the files' own times (the
-    first time tag every image holds) step unevenly, or by another amount: the times given
-    replace them, and a two-rate protocol's slower frames would be read too early."""
+    first time tag every image holds that is not one time for all) step unevenly, or by
+    another amount: the times given replace them, and a two-rate protocol's slower frames
+    would be read too early."""
     for tag, found in values.items():
         if any(v is None for s in found for v in s):
             continue
@@ -430,7 +470,7 @@ def _frame_interval_warning(root: Path, frame_interval: float,
         steps = np.concatenate([np.diff(s) for s in table])
         steps = steps[steps > 0]
         if not steps.size:
-            return                              # one time for all frames: nothing to compare
+            continue                            # one time for all frames: the next tag
         # a clock cut to whole seconds steps by n and n + 1 s: uneven only beyond that
         cut = bool(np.all(np.mod(steps, 1.0) == 0) and np.ptp(steps) <= 1.0)
         uneven = steps.max() > 1.5 * steps.min() and not cut
