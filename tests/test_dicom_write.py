@@ -390,3 +390,20 @@ def test_written_dicom_passes_the_standards_validator(tmp_path, maps, small_seri
         errors = [ln for ln in (run.stdout + run.stderr).splitlines()
                   if ln.startswith("Error")]
         assert not errors, (folder.name, errors)
+
+
+def test_written_code_strings_are_valid(tmp_path, maps, small_series):
+    """Every code string (VR CS) of the study and maps ctperf writes passes pydicom's value
+    check: the maps' RescaleType had been their unit, "mL/100g/min", where a code string takes
+    upper case, digits, space and "_" only."""
+    from pydicom.valuerep import validate_value
+
+    folders = [write_series_dicom(small_series, tmp_path / "study"),
+               *write_maps_dicom(maps, tmp_path / "maps")]
+    for folder in folders:
+        ds = pydicom.dcmread(sorted(folder.glob("*.dcm"))[0])
+        for elem in ds.iterall():
+            if elem.VR == "CS" and elem.value is not None:
+                for value in (elem.value if elem.VM > 1 else [elem.value]):
+                    validate_value("CS", value, pydicom.config.RAISE)
+    assert ds.RescaleType == "US" and "[s]" in ds.SeriesDescription

@@ -487,7 +487,9 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
         base.Rows, base.Columns = n_y, n_x
         base.PixelRepresentation = 1 if kind == "int16" else 0
         base.RescaleSlope, base.RescaleIntercept = _ds(slope), _ds(intercept)
-        base.RescaleType = maps.units[name][:16]
+        # "US", unspecified: RescaleType is a code string (upper case, digits, "_"), which
+        # "mL/100g/min" is not; the unit is in SeriesDescription and ImageComments
+        base.RescaleType = "US"
         centre, width = _window(name, values)
         base.WindowCenter, base.WindowWidth = _ds(centre), _ds(width)
         base.ImageOrientationPatient = [_ds(v) for v in geo["iop"]]
