@@ -61,24 +61,27 @@ def test_a_model_replaced_at_its_path_changes_the_options(tmp_path: Path):
     assert options_hash(predict_study, options) != before
 
 
-def test_a_scan_begun_earlier_than_the_training_scans_is_said(trained, caplog):  # noqa: F811
+def test_a_scan_begun_earlier_than_the_training_scans_is_said(tmp_path, caplog):
     """The network reads the bolus's timing from the frame index: the same study with three
     more frames before its bolus (8 s) is predicted with a warning, the study as trained
-    without one."""
+    without one; the arrivals are read on the frames the network takes."""
     import numpy as np
 
     from ctperf.io import read_nifti_series
-    from ctperf.model import predict_maps
+    from ctperf.model import TrainConfig, build_slice_cache, predict_maps, train
+    from test_model_data import make_cohort
 
-    cohort, path = trained
-    ckpt = load_checkpoint(path)
+    cohort = make_cohort(tmp_path / "cohort", subjects=2, seed=3, size=16, frames=12)
+    cache = build_slice_cache(cohort, tmp_path / "cache", size=16, frames=12)
+    assert cache.meta["arrivals_on"] == "input"
+    config = TrainConfig(targets=("delay",), epochs=1, width=2, depth=2, batch_size=2,
+                         device="cpu")
+    ckpt = load_checkpoint(train(cache, tmp_path / "run", config,
+                                 train_patients=["sub-0000", "sub-0001"]).model_path)
+    assert ckpt["config"]["bolus_arrival_on"] == "input"
     series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
     low, high = ckpt["config"]["bolus_arrival_s"]
     assert predict_maps(series, ckpt, device="cpu").provenance["arrival_note"] is None
-    # the arrival the command line's scan-start check reads and passes on is the same
-    from ctperf.perfusion.onset import bolus_arrival_s, check_scan_start
-
-    assert check_scan_start(series) == bolus_arrival_s(series)
     step = float(np.median(np.diff(series.times)))
     early = series.replace(hu=np.concatenate([np.repeat(series.hu[:1], 3, axis=0), series.hu]),
                            times=np.r_[series.times[0] - step * np.arange(3, 0, -1),
@@ -89,6 +92,30 @@ def test_a_scan_begun_earlier_than_the_training_scans_is_said(trained, caplog): 
     assert "unreliable" in caplog.text
 
 
+def test_arrivals_are_read_on_the_frames_the_network_takes():
+    """One bolus at 0.5 s and at 1.5 s frames: its arrival on the study's own frames moved with
+    their spacing (a probe's 5.5 s and 3.0 s), so a scan begun 10 s early passed unsaid at
+    1.5 s frames and a normal one was warned of. On the 1 s grid a network takes, the two agree
+    within that grid's step."""
+    import numpy as np
+
+    from ctperf.model import input_arrival_s
+    from ctperf.model.unet import input_times, select_frames
+    from ctperf.perfusion.onset import bolus_arrival_s
+    from test_aif_failsafe import skullless_study
+
+    fine = skullless_study(np.random.default_rng(0), times=np.arange(0.0, 45.0, 0.5))[0]
+    coarse = fine.replace(hu=fine.hu[::3], times=fine.times[::3])
+    own = [bolus_arrival_s(s) for s in (fine, coarse)]
+    on_grid = []
+    for s in (fine, coarse):
+        kw = {"n_frames": 40, "mode": "resample", "frame_interval": 1.0}
+        on_grid.append(input_arrival_s(s, select_frames(s.hu, s.times, **kw),
+                                       input_times(s.times, **kw)))
+    assert abs(on_grid[0] - on_grid[1]) <= 1.0, (own, on_grid)
+    assert abs(own[0] - own[1]) > abs(on_grid[0] - on_grid[1])  # what moved before
+
+
 def test_a_scan_begun_1_5_s_early_is_said():
     """A probe's network (arrivals 6.5-9.0 s in training) moved Tmax by -2.2 s on a study whose
     bolus arrived at 10.5 s, which the 2 s margin let pass unsaid; the margin is 1 s now, the
@@ -96,8 +123,25 @@ def test_a_scan_begun_1_5_s_early_is_said():
     from ctperf.model.predict import _arrival
 
     cfg = {"bolus_arrival_s": [6.5, 9.0]}
-    assert _arrival(None, cfg, 9.8) is None  # type: ignore[arg-type]
-    assert _arrival(None, cfg, 5.6) is None  # type: ignore[arg-type]
-    note = _arrival(None, cfg, 10.5)  # type: ignore[arg-type]
+    assert _arrival(cfg, 9.8) is None
+    assert _arrival(cfg, 5.6) is None
+    note = _arrival(cfg, 10.5)
     assert note is not None and "10.5 s after this study's first frame" in note
-    assert _arrival(None, cfg, 5.0) is not None  # type: ignore[arg-type]
+    assert _arrival(cfg, 5.0) is not None
+
+
+def test_a_moving_head_is_said(trained):  # noqa: F811
+    """`ctperf maps` flags an unregistered moving head (motion_unregistered); the U-Net's maps of
+    a probe's severely moved subject (CBV 45 % low, Tmax 2.5 s high) had been written without a
+    word. The same skull-edge reading says so now; a still head is not."""
+    from ctperf.model import predict_maps
+    from ctperf.phantom import generate_subject
+
+    _, ckpt = trained
+    for motion in ("none", "severe"):
+        series = generate_subject(seed=1, size=96, slices=2, motion=motion).series
+        note = predict_maps(series, ckpt, device="cpu", resize=True).provenance["motion_note"]
+        if motion == "none":
+            assert note is None
+        else:
+            assert note is not None and "the head moved" in note and "--register" in note

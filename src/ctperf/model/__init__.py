@@ -16,7 +16,13 @@ from ctperf.model.checkpoint import (
     save_checkpoint,
 )
 from ctperf.model.crossval import cross_validate, format_table, make_folds
-from ctperf.model.data import SliceCache, build_slice_cache, iter_cohort, open_slice_cache
+from ctperf.model.data import (
+    SliceCache,
+    build_slice_cache,
+    input_arrival_s,
+    iter_cohort,
+    open_slice_cache,
+)
 from ctperf.model.normalise import (
     DEFAULT_HU_WINDOW,
     TARGET_MAPS,
@@ -60,6 +66,7 @@ __all__ = [
     "evaluate_mse",
     "format_table",
     "from_unit",
+    "input_arrival_s",
     "iter_cohort",
     "load_checkpoint",
     "make_folds",

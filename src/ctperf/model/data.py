@@ -45,12 +45,13 @@ from ctperf.model.normalise import (
     normalise_input,
     to_unit,
 )
-from ctperf.model.unet import input_step, select_frames
+from ctperf.model.unet import input_step, input_times, select_frames
 from ctperf.perfusion.onset import bolus_arrival_s
 from ctperf.types import CTPSeries, PerfusionMaps, orient, radiological_flips
 
-__all__ = ["CACHE_VERSION", "ORIENTATION", "SliceCache", "build_slice_cache", "iter_cohort",
-           "network_pixel_mm", "open_slice_cache", "reference_brain", "resize_slices"]
+__all__ = ["CACHE_VERSION", "ORIENTATION", "SliceCache", "build_slice_cache", "input_arrival_s",
+           "iter_cohort", "network_pixel_mm", "open_slice_cache", "reference_brain",
+           "resize_slices"]
 
 log = logging.getLogger(__name__)
 
@@ -346,10 +347,9 @@ def _write_part(i: int, pid: str, load: Callable[[], _Patient], *, size: int | N
         raise InputError(root, f"{pid}: {exc}") from None
     step = input_step(series.times, n_frames=frames, mode=frame_mode,
                       frame_interval=frame_interval)
-    try:
-        arrival: float | None = bolus_arrival_s(series)
-    except ValidationError:  # no bolus the maps' reading finds: no range from it
-        arrival = None
+    arrival = input_arrival_s(series, x, input_times(series.times, n_frames=frames,
+                                                     mode=frame_mode,
+                                                     frame_interval=frame_interval))
     _, offset = hu_offset(first_frame_as_air(series.hu), spacing=series.spacing)  # calibrated HU
     if offset:
         x -= np.float32(offset)
@@ -378,6 +378,18 @@ def _write_part(i: int, pid: str, load: Callable[[], _Patient], *, size: int | N
     return _Part(index=i, pid=pid, names=tuple(names), n_z=x.shape[1], size=size, frames=frames,
                  stats=[float(x.size), total, squares], step=step,
                  pixel=network_pixel_mm(series, size), arrival=arrival, ranges=ranges)
+
+
+def input_arrival_s(series: CTPSeries, frames: np.ndarray, times: np.ndarray) -> float | None:
+    """When the bolus reaches a study (:func:`ctperf.perfusion.onset.bolus_arrival_s`), s after
+    its first frame, read on the frames the network takes (``frames`` (t, Z, Y, X) HU at
+    ``times``): on the study's own frames it moves with their spacing (a bolus read 5.5 s at
+    0.5 s frames read 3.0 s at 1.5 s), which the network, given every study on one grid, does
+    not see. None where no bolus is found."""
+    try:
+        return bolus_arrival_s(series.replace(hu=frames, times=times, slice_times=None))
+    except ValidationError:  # no bolus the maps' reading finds
+        return None
 
 
 def _kept_targets(parts: Sequence[_Part]) -> list[str]:
@@ -518,6 +530,7 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                 "image_ranges": ranges, "input_steps_s": {p.pid: p.step for p in parts},
                 "pixels_mm": {p.pid: p.pixel for p in parts},
                 "arrivals_s": {p.pid: p.arrival for p in parts if p.arrival is not None},
+                "arrivals_on": "input",
                 "targets_lacking": lacking}
         (tmp / "index.json").write_text(json.dumps(meta) + "\n")
     log.info("built slice cache %s (%d slices)", path, n)

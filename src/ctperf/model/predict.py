@@ -16,9 +16,9 @@ import numpy as np
 from ctperf.errors import ValidationError
 from ctperf.io.nifti import study_space
 from ctperf.masks import first_frame_as_air, hu_offset
-from ctperf.model.data import ORIENTATION
+from ctperf.model.data import ORIENTATION, input_arrival_s
 from ctperf.model.normalise import from_unit, normalise_input
-from ctperf.model.unet import input_step, select_frames, subsample_indices
+from ctperf.model.unet import input_step, input_times, select_frames, subsample_indices
 from ctperf.types import (
     CTPSeries,
     PerfusionMaps,
@@ -96,23 +96,24 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
 ARRIVAL_TOLERANCE_S = 1.0
 
 
-def _arrival(series: CTPSeries, cfg: dict[str, Any], seen: float | None) -> str | None:
-    """A warning (logged and returned) when the study's bolus arrives, counted from its first
-    frame, outside the training studies' arrivals (``bolus_arrival_s`` of the checkpoint): the
-    network reads the bolus's timing from the frame index, so a scan begun earlier or later
-    than those it learned from shifts its Tmax and delay (docs/reproduce.md). None when
-    inside, or the checkpoint does not say. ``seen``: the study's arrival when the caller has
-    read it, else it is read here."""
+def _own_arrival(series: CTPSeries) -> float | None:
     from ctperf.perfusion.onset import bolus_arrival_s
 
-    span = cfg.get("bolus_arrival_s")
-    if not span:
+    try:
+        return bolus_arrival_s(series)
+    except ValidationError:  # no bolus found: the scan-start check says why
         return None
-    if seen is None:
-        try:
-            seen = bolus_arrival_s(series)
-        except ValidationError:  # no bolus found: the scan-start check says why
-            return None
+
+
+def _arrival(cfg: dict[str, Any], seen: float | None) -> str | None:
+    """A warning (logged and returned) when the study's bolus arrives ``seen`` s after its
+    first frame, outside the training studies' arrivals (``bolus_arrival_s`` of the
+    checkpoint): the network reads the bolus's timing from the frame index, so a scan begun
+    earlier or later than those it learned from shifts its Tmax and delay (docs/reproduce.md).
+    None when inside, when no bolus was found, or the checkpoint does not say."""
+    span = cfg.get("bolus_arrival_s")
+    if not span or seen is None:
+        return None
     slack = max(ARRIVAL_TOLERANCE_S,
                 int(cfg.get("augment_shift") or 0) * float(cfg.get("input_step_s") or 0.0))
     low, high = float(span[0]), float(span[1])
@@ -124,6 +125,36 @@ def _arrival(series: CTPSeries, cfg: dict[str, Any], seen: float | None) -> str 
             "the bolus's timing from the frame index, so its "
             "maps, Tmax and delay most, are unreliable (leave out early frames of a scan "
             "begun earlier, or train on studies like it)")
+    log.warning("%s", note)
+    return note
+
+
+def _motion(series: CTPSeries) -> str | None:
+    """A warning (logged and returned) when the skull's edges move between frames by more than
+    ``ctperf maps``'s ``motion_unregistered`` flag allows: the network reads each voxel's curve
+    as one tissue's, and a moving head mixes tissues (a probe's severely moved subject: CBV 45 %
+    low, Tmax 2.5 s high, 17.6 % of a healthy brain over 6 s, said nowhere). None when still,
+    or without enough bone to tell."""
+    from ctperf.perfusion.inputs import pre_bolus_noise_sd
+    from ctperf.perfusion.onset import study_start
+    from ctperf.perfusion.qc import MAX_SKULL_SHIFT_PX, skull_shift_px
+
+    try:
+        start = study_start(series.hu, series.hu, series.times, spacing=series.spacing,
+                            brain_mask=None)
+    except ValidationError:  # no bolus found: the scan-start check says why
+        return None
+    n_t = series.n_frames
+    sample = np.flatnonzero(start.region.fitted.ravel())[::7]
+    noise = pre_bolus_noise_sd(series.hu.reshape(n_t, -1)[:, sample], start.n_base)
+    shift = skull_shift_px(series.hu, n_base=start.n_base, noise_sd=noise or 0.0,
+                           offset=start.offset)
+    if shift is None or shift <= MAX_SKULL_SHIFT_PX:
+        return None
+    note = (f"the skull's edges move by {shift:.1f} pixel between frames (more than "
+            f"{MAX_SKULL_SHIFT_PX:g}): the head moved, so voxels' curves mix tissues and the "
+            "network's maps are unreliable; register the study first (ctperf preprocess "
+            "--register, as the training studies were if they were)")
     log.warning("%s", note)
     return note
 
@@ -182,13 +213,16 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
         Resample slices whose size differs from the training size to it and the maps back
         (off: a size mismatch is an error, because the net learned one pixel scale).
     brain_mask : ndarray of bool, shape (Z, Y, X), optional
-        Voxels outside are set to 0.
+        Voxels outside are set to 0; without it the maps cover the whole image, air included
+        (``ctperf predict`` passes the study's automatic brain mask).
     progress : bool
         Progress bar over slice batches.
     bolus_arrival_s : float, optional
         The bolus's arrival in the study, s after its first frame, when the caller has read it
-        (:func:`ctperf.perfusion.onset.check_scan_start` returns it); else it is read here,
-        for the warning on a scan begun unlike the training studies.
+        on the study's own frames (:func:`ctperf.perfusion.onset.check_scan_start` returns it),
+        for the warning on a scan begun unlike the training studies. Used only with a
+        checkpoint whose training arrivals were read so (trained on caches of before the
+        arrivals were read on the network's input frames, which are read here).
 
     Returns
     -------
@@ -221,10 +255,17 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
         raise ValidationError(f"brain mask shape {np.shape(brain_mask)} differs from the "
                               f"study's {(z, ny, nx)}")
     pixel_note = _pixel_scale(series, cfg)
-    arrival_note = _arrival(series, cfg, bolus_arrival_s)
+    motion_note = _motion(series)
     mode, interval, note = _frame_selection(series.times, cfg)
     frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]), mode=mode,
                            frame_interval=interval)
+    if cfg.get("bolus_arrival_on") == "input":  # as the training studies' arrivals were read
+        bolus_arrival_s = input_arrival_s(series, frames, input_times(
+            series.times, n_frames=int(cfg["frames"]), mode=mode, frame_interval=interval))
+        arrival_note = _arrival(cfg, bolus_arrival_s)
+    else:
+        arrival_note = _arrival(cfg, bolus_arrival_s if bolus_arrival_s is not None
+                                else _own_arrival(series))
     # turned as the training slices were (checkpoints from before this have no orientation)
     flips = (radiological_flips(series.affine) if cfg.get("orientation") == ORIENTATION
              else (False, False))
@@ -261,6 +302,7 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
                   "input_step_s": input_step(series.times, n_frames=int(cfg["frames"]),
                                              mode=mode, frame_interval=interval),
                   "input_note": note, "pixel_note": pixel_note, "arrival_note": arrival_note,
+                  "motion_note": motion_note,
                   "size": size, "resized": (ny, nx) != (size, size),
                   "flipped_rows_columns": list(flips), "hu_offset": offset,
                   "model_software_version": ckpt.get("software_version"),

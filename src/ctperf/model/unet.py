@@ -34,7 +34,8 @@ from torch import nn
 
 from ctperf.errors import ValidationError
 
-__all__ = ["UNet", "resample_frames", "select_frames", "subsample_indices", "unet_flops"]
+__all__ = ["UNet", "input_times", "resample_frames", "select_frames", "subsample_indices",
+           "unet_flops"]
 
 _NORMS = ("none", "batch", "group")
 # Floor of the slice's enhancement level (input units) that ``enhancement_quantile`` divides by:
@@ -131,6 +132,16 @@ def input_step(times: np.ndarray, *, n_frames: int, mode: str = "subsample",
         return float(frame_interval)
     t = np.asarray(times, dtype=np.float64)[subsample_indices(len(times), n_frames)]
     return float(np.median(np.diff(t))) if t.size > 1 else 0.0
+
+
+def input_times(times: np.ndarray, *, n_frames: int, mode: str = "subsample",
+                frame_interval: float | None = None) -> np.ndarray:
+    """The times, s, of the frames :func:`select_frames` gives the network (a resampled grid
+    runs on past a study that ends before it, as its repeated last frame does)."""
+    t = np.asarray(times, dtype=np.float64)
+    if mode == "resample" and frame_interval is not None:
+        return t[0] + float(frame_interval) * np.arange(n_frames)
+    return t[subsample_indices(t.size, n_frames)]
 
 
 def _same_pad(kernel_size: int, *, flip: bool = False) -> tuple[int, int, int, int]:
