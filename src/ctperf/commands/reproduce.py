@@ -99,9 +99,9 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run)
 
 
-# Sustained training throughputs assumed for the paper preset's time estimate: a data-centre
-# GPU in bf16 at a good and at a poor share of its peak (assumptions; the CPU's own rate is in
-# docs/results_unet_phantom.md).
+# Sustained training throughputs for the paper preset's time estimate: a data-centre GPU in
+# bf16 at a good and at a poor share of its peak (a range; docs/reproduce.md gives one GPU's
+# measured rates, docs/results_unet_phantom.md the CPU's).
 _GPU_FLOPS = (100e12, 20e12)
 
 
@@ -119,8 +119,8 @@ def _paper_estimate(cohort: Path, config: Any, options: Any) -> str:
             f"{c['flops_per_network'] / 1e15:.2f} PFLOP each ({c['slices']} slices, "
             f"{c['training_slices']:.0f} per training fold): {fast} to {slow} of training on "
             f"one GPU sustaining {_GPU_FLOPS[0] / 1e12:.0f} to {_GPU_FLOPS[1] / 1e12:.0f} "
-            "TFLOP/s (assumed, not measured; shared among the GPUs under torchrun), the NLR "
-            "references and the other steps on top")
+            "TFLOP/s (a range: docs/reproduce.md has one GPU's rates; shared among the GPUs "
+            "under torchrun), the slice caches, NLR references and other steps on top")
 
 
 def run(args: argparse.Namespace) -> int:
