@@ -177,3 +177,30 @@ def test_files_a_reader_leaves_out_are_said_in_its_warnings(tmp_path):
     assert len(said) == 2, reader.warnings
     assert "DT.nii.gz" in said[0] and "not named as a map" in said[0]
     assert "Hypoperfusion.nii" in said[1] and "vessels" not in said[1]  # ctperf's own: unread
+
+
+def test_a_reader_at_ten_times_the_others_scale_is_said():
+    """A CBF stored x 10 without a sidecar reads 200-220 at low flow, inside the plausible
+    window of one map's median: Table 1 had read a bias of +250 and r 1.000 without a word.
+    Medians 5 or more times apart are said; a reader 0.5x the other (a box model on dispersed
+    tissue) is not."""
+    readers = _readers()
+    for factor, said in ((10.0, True), (0.5, False), (0.1, True)):
+        scaled = _readers()
+        for s in STUDIES:
+            maps = readers[1].maps[s]
+            scaled[0].maps[s] = maps.replace(maps={**maps.maps, "cbf": maps["cbf"] * factor})
+        out = evaluate_readers(scaled, studies=STUDIES)
+        hits = [w for w in out["table_warnings"] if w.startswith("cbf, est vs ref: est's median")]
+        assert bool(hits) is said, (factor, out["table_warnings"])
+        if said:
+            assert f"is {factor:.3g} times ref's" in hits[0]
+
+
+def test_cbf_per_100_ml_of_tissue_is_converted_as_cbv_per_100_ml_is():
+    from ctperf.io.maps import to_map_unit
+
+    got = to_map_unit("cbf", np.array([52.0], np.float32), "mL/100mL/min", "cbf.nii")
+    np.testing.assert_allclose(got, [50.0], rtol=1e-6)  # 52 / 1.04
+    got = to_map_unit("cbv", np.array([4.16], np.float32), "mL/100mL", "cbv.nii")
+    np.testing.assert_allclose(got, [4.0], rtol=1e-6)

@@ -523,6 +523,8 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
             cases = {s: map_case_metrics(est.maps[s][name], ref.maps[s][name], name=name,
                                          minmax=lo_hi, region=region_of[s]) for s in studies}
             summary = {m: _mean_sd([c[m] for c in cases.values()]) for m in MAP_METRICS}
+            if (said := _scale_mismatch(est, ref, name, studies, region_of)) is not None:
+                warn(said)
             coverage = summary["coverage"]["mean"]
             if coverage < MIN_COVERAGE:
                 warn(f"{name}, {est.label} vs {ref.label}: {est.label} has no value in "
@@ -557,6 +559,39 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
             out["friedman"].append({"lesion": name, "readers": [r.label for r in have],
                                     "variable": "volume_ml", **friedman(table)})
     return out
+
+
+#: Medians of one map by two readers further apart than this factor are said to be in other
+#: units or scales: the mistakes of other tools' files are factors of 10 (a CBF stored x 10),
+#: 60 (per second), 100 (a fraction as %) or 1,000 (ms), where methods that differ in model
+#: read within a factor of 2 or 3 of each other (the box model's 0.5x CBF on dispersed tissue).
+SCALE_MISMATCH = 5.0
+
+
+def _scale_mismatch(est: Reader, ref: Reader, name: str, studies: Sequence[str],
+                    region_of: Mapping[str, np.ndarray | None]) -> str | None:
+    """A warning when ``est``'s median of map ``name`` over the voxels both readers hold a
+    value at (in the compared region, every study pooled) is more than :data:`SCALE_MISMATCH`
+    times ``ref``'s, or less than its inverse: a unit or scale that reading the files could not
+    tell (a CBF stored x 10 whose values stay within the plausible window at low flow)."""
+    pairs = []
+    for s in studies:
+        a, b = np.asarray(est.maps[s][name], float), np.asarray(ref.maps[s][name], float)
+        both = np.isfinite(a) & np.isfinite(b)
+        if region_of.get(s) is not None:
+            both &= np.asarray(region_of[s], bool)
+        pairs.append((a[both], b[both]))
+    a = np.concatenate([p[0] for p in pairs])
+    b = np.concatenate([p[1] for p in pairs])
+    if a.size == 0:
+        return None
+    ma, mb = float(np.median(a)), float(np.median(b))
+    if ma <= 0 or mb <= 0 or 1 / SCALE_MISMATCH <= ma / mb <= SCALE_MISMATCH:
+        return None
+    return (f"{name}, {est.label} vs {ref.label}: {est.label}'s median ({ma:.3g}) is "
+            f"{ma / mb:.3g} times {ref.label}'s ({mb:.3g}) where both have values: another "
+            "unit or scale (a map stored x 10, per second, in ms)? Table 1 compares them as "
+            "read; give the unit in a JSON sidecar (docs/evaluation.md)")
 
 
 def _lesion_pairs(readers: Sequence[Reader]) -> list[tuple[Reader, Reader]]:

@@ -32,12 +32,14 @@ log = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
-#: Brain tissue density (g/mL), to read a CBV in % (mL per 100 mL) as mL/100 g.
+#: Brain tissue density (g/mL), to read a CBV in % (mL per 100 mL), or a CBF per 100 mL of
+#: tissue, per 100 g.
 _RHO = 1.04
 
 # Factor to ctperf's unit, per kind of map and unit spelling (lower case, spaces removed).
 _FLOW = {"ml/100g/min": 1.0, "ml/100g/s": 60.0, "ml/100g/sec": 60.0, "ml/g/min": 100.0,
-         "ml/g/s": 6000.0, "ml/min/100g": 1.0}
+         "ml/g/s": 6000.0, "ml/min/100g": 1.0,
+         "ml/100ml/min": 1.0 / _RHO, "ml/min/100ml": 1.0 / _RHO, "ml/100ml/s": 60.0 / _RHO}
 _VOLUME = {"ml/100g": 1.0, "ml/g": 100.0, "%": 1.0 / _RHO, "ml/100ml": 1.0 / _RHO}
 _TIME = {"s": 1.0, "sec": 1.0, "seconds": 1.0, "ms": 1e-3, "msec": 1e-3, "min": 60.0}
 _FACTORS = {"cbf": _FLOW, "cbv": _VOLUME}
@@ -58,7 +60,7 @@ def _conversion(name: str, unit: str | None) -> tuple[float, str] | None:
     key = re.sub(r"\s+", "", unit).lower()
     factor = _FACTORS.get(name, _TIME).get(key, float("nan"))
     # a CBV per 100 mL read per 100 g takes a brain density
-    density = f", at a brain density of {_RHO:g} g/mL" if key in ("%", "ml/100ml") else ""
+    density = f", at a brain density of {_RHO:g} g/mL" if key == "%" or "100ml" in key else ""
     return factor, f"{name} converted from {unit} to {want} (x {factor:.4g}{density})"
 
 

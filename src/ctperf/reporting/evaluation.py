@@ -193,7 +193,9 @@ def _sections(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) ->
                "and clipped with ctperf's fixed window per map (the U-Net's target windows); "
                "PSNR and SSIM (Wang 2004, Gaussian window sigma 1.5 px, per slice) on those "
                "maps. MAE, bias (estimate - reference), RMSE in the map's unit; delay is the "
-               "box model's arrival delay, ttp the time to peak from the first frame. "
+               "arrival delay of the tissue's arterial input (ctperf's box model and bayes "
+               "fit it; another tool's delay map is read as its own definition), ttp the "
+               "time to peak from the first frame. "
                "Coverage: the share of the reference's values in the region at which the "
                "estimate has a value too; every other figure is over those voxels.</p>")
     t2_note = ('<p class="note">Dice: mean ± SD over studies with a lesion in the reference '
