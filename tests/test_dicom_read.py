@@ -244,6 +244,48 @@ def test_relative_times_in_ms_are_a_last_resort(tmp_path, rng, tag):
     np.testing.assert_array_equal(series.hu, study.hu)
 
 
+def test_a_shuttle_scan_ending_on_one_table_position_is_read(tmp_path, rng, caplog):
+    """Slices at the scan's last table position got one pass more than the others: a valid
+    acquisition that had been refused, naming a frame that was not the one lacking. Their
+    last frame is left out, with a warning; a frame missing inside the scan is still refused."""
+    study = write_fake_study(tmp_path / "s", rng, shuttle=True)
+    for z in (1, 2):
+        study.files[(4, z)].unlink()  # the last pass imaged slice 0 only
+    with caplog.at_level(logging.WARNING, logger="ctperf.io"):
+        series = read_dicom_series(study.folder)
+    assert series.hu.shape[0] == 4
+    np.testing.assert_array_equal(series.hu, study.hu[:4])
+    np.testing.assert_allclose(series.slice_times, study.slice_times[:4] - study.slice_times[0, 0],
+                               atol=1e-6)
+    assert "slices 0 of 3 hold 5 frames, the others 4" in caplog.text
+    inside = write_fake_study(tmp_path / "i", rng, shuttle=True)
+    for z in (1, 2):
+        inside.files[(2, z)].unlink()
+    with pytest.raises(InputError, match="has no file for frame 2 of 5"):
+        read_dicom_series(inside.folder)
+
+
+def test_a_copy_exported_again_is_named_as_one(tmp_path, rng):
+    """A file copied under a new SOPInstanceUID and InstanceNumber had been reported as frame 0
+    missing from another slice; a whole frame copied so, as frames to order by index with
+    --frame-interval."""
+    study = write_fake_study(tmp_path / "s", rng)
+    ds = pydicom.dcmread(study.files[(2, 1)])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.InstanceNumber = 500
+    ds.save_as(study.folder / "reexport.dcm")
+    with pytest.raises(InputError, match=r"reexport.dcm: the same image as .*exported again"):
+        read_dicom_series(study.folder)
+    (study.folder / "reexport.dcm").unlink()
+    for z in range(3):
+        ds = pydicom.dcmread(study.files[(2, z)])
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+        ds.InstanceNumber = 500 + z
+        ds.save_as(study.folder / f"again{z}.dcm")
+    with pytest.raises(InputError, match=r"the same image as .*exported again"):
+        read_dicom_series(study.folder)
+
+
 def test_rescale_slope_and_intercept(tmp_path, rng):
     def edit(ds, t, z):
         stored = np.frombuffer(ds.PixelData, dtype=np.uint16)

@@ -43,8 +43,10 @@ from ctperf.io.dicom_checks import (
     numbers,
     optional_number,
     rescales,
+    same_image,
     states_fraction,
     time_of,
+    trim_unfinished_pass,
 )
 from ctperf.io.dicom_decode import decode_into, set_transfer_syntax
 from ctperf.io.dicom_frames import frame_count, frame_headers, has_functional_groups
@@ -209,6 +211,10 @@ def _by_time(root: Path, tag: str, values: list[list[float]],
     if np.any(steps <= 0):
         t, z = np.argwhere(steps <= 0)[0]
         a, b = ordered[z][t][1], ordered[z][t + 1][1]
+        if same_image(a, b):
+            raise InputError(b.path, f"the same image as {a.path.name} (same {tag}, another "
+                                     "SOPInstanceUID: a copy exported again?); remove one of "
+                                     "the two")
         raise InputError(b.path, f"non-monotonic frame times: same {tag} as {a.path.name} in "
                                  "the same slice; give frame_interval (--frame-interval "
                                  "SECONDS) to order by index instead, evenly spaced")
@@ -663,11 +669,12 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     headers = choice.headers
     slices, affine, (rows, cols) = _geometry(root, headers, modality="CT")
     check_duplicates(slices)
+    slices, left_out = trim_unfinished_pass(root, slices)
     check_frame_counts(root, slices, _depths(slices))
     if len(slices[0]) < 2:
         raise InputError(root, f"one frame per slice ({len(slices)} slices): a 3D volume, a "
                                "perfusion study needs several frames (4D)")
-    check_temporal_positions(root, slices)
+    check_temporal_positions(root, slices, passes_left_out=left_out)
     check_frame_count(len(slices[0]), root)
     rescale = dict(zip(((h.path, h.frame) for h in headers), rescales(headers),
                        strict=True))

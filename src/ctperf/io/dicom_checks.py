@@ -21,8 +21,9 @@ from ctperf.errors import InputError
 log = logging.getLogger(__name__)
 
 __all__ = ["RELATIVE_TIME_TAGS", "TIME_TAGS", "Header", "check_duplicates", "check_frame_counts",
-           "check_temporal_positions", "number", "numbers", "optional_number",
-           "rescale_of", "rescales", "states_fraction", "time_of"]
+           "check_temporal_positions", "copies_in", "number", "numbers", "optional_number",
+           "rescale_of", "rescales", "same_image", "states_fraction", "time_of",
+           "trim_unfinished_pass"]
 
 _EPOCH = dt.datetime(1970, 1, 1)
 
@@ -192,6 +193,21 @@ def check_duplicates(slices: Sequence[Sequence[Header]]) -> None:
             seen_key[key] = h.path
 
 
+#: Slices whose frames are imaged this far apart in time (s) or more lie at different table
+#: positions of a shuttle scan.
+SHUTTLE_OFFSET_S = 0.1
+
+
+def _times(s: Sequence[Header]) -> np.ndarray | None:
+    """Times (s) of one slice's files from the first of :data:`TIME_TAGS` they all hold and
+    that varies among them, or None."""
+    for tag in TIME_TAGS:
+        times = [time_of(h, tag) for h in s]
+        if all(t is not None for t in times) and np.ptp(np.asarray(times, float)) > 0:
+            return np.asarray(times, dtype=float)
+    return None
+
+
 def _frame_keys(s: Sequence[Header]) -> tuple[np.ndarray, str] | None:
     """Per-file frame key of one slice: TemporalPositionIndex, else AcquisitionTime-like s."""
     index = [h.get("TemporalPositionIndex") for h in s]
@@ -207,13 +223,102 @@ def _frame_keys(s: Sequence[Header]) -> tuple[np.ndarray, str] | None:
     return None
 
 
+def same_image(a: Header, b: Header) -> bool:
+    """Whether two single-image files hold the same pixels (a copy exported again under another
+    SOPInstanceUID and InstanceNumber: CT noise makes two acquisitions differ)."""
+    if a.frame is not None or b.frame is not None:
+        return False
+    try:
+        return bool(pydicom.dcmread(a.path).PixelData == pydicom.dcmread(b.path).PixelData)
+    except Exception:  # unreadable pixels are said where the images are decoded
+        return False
+
+
+def copies_in(s: Sequence[Header]) -> tuple[Header, Header] | None:
+    """Two files of one slice position with one frame key (:func:`_frame_keys`) and the same
+    pixels, or None."""
+    keys = _frame_keys(s)
+    if keys is None:
+        return None
+    values, _ = keys
+    for value in np.unique(values):
+        same = [h for h, v in zip(s, values, strict=True) if v == value]
+        for i, a in enumerate(same):
+            for b in same[i + 1:]:
+                if same_image(a, b):
+                    return a, b
+    return None
+
+
+def trim_unfinished_pass(root: Path, slices: Sequence[Sequence[Header]]
+                         ) -> tuple[list[list[Header]], int]:
+    """A shuttle scan that ends on one table position leaves its slices one frame more than the
+    others': their last frame is left out, with a warning, when each such slice's other frames
+    pair with the shorter slices' frames one for one (by TemporalPositionIndex, or at times
+    one offset apart to within half a frame), its extra frame comes after all of theirs, and
+    its frames were imaged at other times than theirs (:data:`SHUTTLE_OFFSET_S`).
+    Anything else (a frame missing inside the scan) is left to :func:`check_frame_counts`.
+    Returns the slices and the number of passes left out (0 or 1)."""
+    counts = [len(s) for s in slices]
+    n = min(counts)
+    out = [list(s) for s in slices]
+    if max(counts) != n + 1 or n < 2:
+        return out, 0
+    keys = [_frame_keys(s) for s in slices]
+    if any(k is None for k in keys) or len({k[1] for k in keys if k is not None}) > 1:
+        return out, 0
+    table = [np.sort(k[0]) for k in keys if k is not None]
+    short = [t for t, c in zip(table, counts, strict=True) if c == n]
+    longer = [t for t, c in zip(table, counts, strict=True) if c > n]
+    tag = keys[0][1] if keys[0] is not None else ""
+    if tag == "TemporalPositionIndex":
+        paired = all(np.array_equal(t, short[0]) for t in short) and all(
+            np.array_equal(t[:n], short[0]) for t in longer)
+    else:
+        steps = np.diff(short[0])
+        half = 0.5 * float(np.median(steps)) if steps.size else 0.0
+        paired = half > 0 and all(np.ptp(t[:n] - short[0]) <= half for t in (*short, *longer))
+    if not paired or min(t[-1] for t in longer) <= max(t[-1] for t in short):
+        return out, 0
+    # and at another table position: imaged at other times than the shorter slices (slices
+    # imaged together, whose one lacks its last frame, lost a file)
+    clocks = [_times(s) for s in slices]
+    if any(c is None for c in clocks):
+        return out, 0
+    first_short = next(np.sort(c)[:n] for c, k in zip(clocks, counts, strict=True)
+                       if c is not None and k == n)
+    apart = [abs(float(np.median(np.sort(c)[:n] - first_short)))
+             for c, k in zip(clocks, counts, strict=True) if c is not None and k > n]
+    if min(apart) < SHUTTLE_OFFSET_S:
+        return out, 0
+    dropped = []
+    for z, (s, k) in enumerate(zip(out, keys, strict=True)):
+        if len(s) > n and k is not None:
+            last = int(np.argmax(k[0]))
+            dropped.append((z, s.pop(last)))
+    where = ", ".join(str(z) for z, _ in dropped)
+    log.warning("%s: slices %s of %d hold %d frames, the others %d (a shuttle scan that ended "
+                "on their table position?): their last frame (%s) is left out, so that every "
+                "slice has %d", root, where, len(slices), n + 1, n,
+                ", ".join(h.path.name for _, h in dropped[:3])
+                + (" ..." if len(dropped) > 3 else ""), n)
+    return out, 1
+
+
 def check_frame_counts(root: Path, slices: Sequence[Sequence[Header]],
                        positions_mm: np.ndarray) -> None:
-    """Every slice position must hold the same frames; say which (frame, slice) is missing."""
+    """Every slice position must hold the same frames; say which (frame, slice) is missing,
+    or which two files of a slice holding more are one image."""
     counts = [len(s) for s in slices]
     full = max(counts)
     if min(counts) == full:
         return
+    for s in (s for s, c in zip(slices, counts, strict=True) if c == full):
+        if (pair := copies_in(s)) is not None:
+            raise InputError(pair[1].path, f"the same image as {pair[0].path.name} (another "
+                                           "SOPInstanceUID: a copy exported again?); its slice "
+                                           f"holds {full} images, the others {min(counts)}; "
+                                           "remove one of the two")
     usual = max(set(counts), key=counts.count)
     if (usual < full and full % usual == 0 and set(counts) == {usual, full}
             and counts.count(usual) > counts.count(full)):
@@ -245,14 +350,17 @@ def check_frame_counts(root: Path, slices: Sequence[Sequence[Header]],
                            f"per slice {counts}); a frame is missing there")
 
 
-def check_temporal_positions(root: Path, slices: Sequence[Sequence[Header]]) -> None:
+def check_temporal_positions(root: Path, slices: Sequence[Sequence[Header]], *,
+                             passes_left_out: int = 0) -> None:
     """Refuse a study missing a whole time point (every slice's image of it), which
     :func:`check_frame_counts` cannot see: TemporalPositionIndex values with a hole, or fewer
-    time points than NumberOfTemporalPositions. Images without these tags, or whose index does
-    not tell the frames of a slice apart, are not checked."""
+    time points than NumberOfTemporalPositions (less ``passes_left_out``, the last passes of
+    some slices :func:`trim_unfinished_pass` left out). Images without these tags, or whose
+    index does not tell the frames of a slice apart, are not checked."""
     n_frames = len(slices[0])
     declared = {optional_number(h, "NumberOfTemporalPositions") for s in slices for h in s}
     n_declared = int(declared.pop() or 0) if len(declared) == 1 else 0
+    n_declared = max(0, n_declared - passes_left_out)
     index = [[optional_number(h, "TemporalPositionIndex") for h in s] for s in slices]
     if all(v is not None for s in index for v in s) and all(len(set(s)) == len(s) for s in index):
         present = sorted({int(v) for s in index for v in s if v is not None})
