@@ -286,6 +286,26 @@ def test_a_copy_exported_again_is_named_as_one(tmp_path, rng):
         read_dicom_series(study.folder)
 
 
+@pytest.mark.parametrize(("value", "signed"), [(63536, False), (-2000, True), (4095, False)])
+def test_declared_padding_is_read_as_air(tmp_path, rng, value, signed):
+    """Pixels a file declares padding (PixelPaddingValue: outside the field of view) had been
+    read as HU: 63536 stored with intercept -1024 as 62,512 HU (the study refused, blaming its
+    rescale), 4095 in 12-bit data as 3,071 HU of bone. They read as air now."""
+    def edit(ds, t, z):
+        stored = np.frombuffer(ds.PixelData, dtype=np.uint16).reshape(ds.Rows, ds.Columns)
+        stored = stored.astype(np.int16 if signed else np.uint16).copy()
+        stored[0, :3] = value
+        ds.PixelData = stored.tobytes()
+        ds.PixelRepresentation = int(signed)
+        ds["PixelPaddingValue"] = pydicom.DataElement(0x00280120, "SS" if signed else "US",
+                                                      value)
+
+    study = write_fake_study(tmp_path / "s", rng, edit=edit)
+    series = read_dicom_series(study.folder)
+    assert np.all(series.hu[:, :, 0, :3] == -1000.0)
+    np.testing.assert_array_equal(series.hu[:, :, 1:], study.hu[:, :, 1:])
+
+
 def test_rescale_slope_and_intercept(tmp_path, rng):
     def edit(ds, t, z):
         stored = np.frombuffer(ds.PixelData, dtype=np.uint16)

@@ -118,6 +118,30 @@ _QUIET_LOCK = threading.Lock()
 _QUIET: dict[str, Any] = {"decodes": 0}
 
 
+#: HU given to the pixels a file declares padding (PixelPaddingValue): air, as ctperf reads the
+#: undeclared padding it finds (:func:`ctperf.masks.as_air`).
+PADDING_HU = -1000.0
+
+
+def _padding_range(ds: pydicom.Dataset) -> tuple[int, int] | None:
+    """The stored values a file declares padding (PixelPaddingValue, up to
+    PixelPaddingRangeLimit), in the pixels' own signedness, or None. A scanner writes the
+    pixels outside its field of view so (-2000 stored, or 63536 read unsigned; 4095 in 12-bit
+    data), which rescaled had read as 62,512 HU or as 3,071 HU of bone."""
+    value, limit = ds.get("PixelPaddingValue"), ds.get("PixelPaddingRangeLimit")
+    if not isinstance(value, int):
+        return None
+    signed = int(ds.get("PixelRepresentation") or 0) == 1
+    bits = int(ds.get("BitsAllocated") or 16)
+
+    def own(v: int) -> int:  # an SS value written as US (or read so) back to its sign
+        return v - (1 << bits) if signed and v >= 1 << (bits - 1) else v
+
+    lo = own(value)
+    hi = own(limit) if isinstance(limit, int) else lo
+    return (min(lo, hi), max(lo, hi))
+
+
 def _decode_one(path: Path, out: np.ndarray, frames: Sequence[int | None],
                 rescale: Sequence[tuple[float, float]]) -> str | None:
     """Write one file's HU (stored * slope + intercept, ``rescale`` as the header pass read it)
@@ -152,9 +176,13 @@ def _decode_one(path: Path, out: np.ndarray, frames: Sequence[int | None],
         else out.shape[1:]
     if pixels.shape != expected:
         return f"pixel array is {pixels.shape}, header says {expected}"
+    padding = _padding_range(ds)
     for row, (frame, (slope, intercept)) in enumerate(zip(frames, rescale, strict=True)):
-        np.multiply(pixels[frame] if multi else pixels, slope, out=out[row], casting="unsafe")
+        stored = pixels[frame] if multi else pixels
+        np.multiply(stored, slope, out=out[row], casting="unsafe")
         out[row] += intercept
+        if padding is not None:  # outside the reconstructed field of view: air
+            out[row][(stored >= padding[0]) & (stored <= padding[1])] = PADDING_HU
     if not np.all(np.isfinite(out)):
         return "pixel data contains NaN or Inf values"
     return None
