@@ -7,9 +7,6 @@ on a machine with CUDA.
 
 from __future__ import annotations
 
-import csv
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -17,24 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from ctperf.model import TrainConfig, build_slice_cache, load_checkpoint, predict_maps, train
-from test_model_data import make_cohort
+from ctperf.model import TrainConfig, load_checkpoint, predict_maps, train
+from test_model_train import caches, train_under_torchrun  # noqa: F401 (its fixture)
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
 ON_GPU = TrainConfig(width=8, depth=3, batch_size=2, lr=1e-3, device="cuda", norm="batch")
-
-
-@pytest.fixture(scope="module")
-def caches(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("gpu")
-    cohort = make_cohort(root / "cohort", subjects=3, seed=2)
-    full = build_slice_cache(cohort, root / "cache", size=32, frames=8)
-    small = build_slice_cache(cohort, root / "cache", size=16, frames=8)
-    return full, small
-
-
 KW = {"train_patients": ["sub-0000", "sub-0002"], "val_patients": ["sub-0001"]}
 
 
@@ -50,7 +36,7 @@ def _identical(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_training_on_a_gpu_repeats_and_resumes_bit_identically(caches, tmp_path, amp):
+def test_training_on_a_gpu_repeats_and_resumes_bit_identically(caches, tmp_path, amp):  # noqa: F811
     # fp16 runs through the gradient scaler, whose state the checkpoint must carry
     full, small = caches
     config = replace(ON_GPU, epochs=2, pretrain_epochs=1, seed=4, amp=amp, augment=True,
@@ -75,7 +61,7 @@ def test_training_on_a_gpu_repeats_and_resumes_bit_identically(caches, tmp_path,
     assert all(np.isfinite(r["train_loss"]) for r in first.history)
 
 
-def test_gpu_training_and_prediction_agree_with_the_cpu(caches, tmp_path):
+def test_gpu_training_and_prediction_agree_with_the_cpu(caches, tmp_path):  # noqa: F811
     full, _ = caches
     config = replace(ON_GPU, epochs=1, seed=7, amp="none")
     gpu = train(full, tmp_path / "gpu", config, **KW)
@@ -100,23 +86,11 @@ def test_gpu_training_and_prediction_agree_with_the_cpu(caches, tmp_path):
         assert np.abs(a - b).max() <= 0.01 * scale, name
 
 
-def test_ddp_under_torchrun_on_one_gpu(caches, tmp_path):
+def test_ddp_under_torchrun_on_one_gpu(caches, tmp_path):  # noqa: F811
     # the NCCL process group of a multi-GPU run, with one process
     full, _ = caches
-    code = (
-        "from ctperf.model import TrainConfig, open_slice_cache, train\n"
-        f"c = open_slice_cache({str(full.path)!r})\n"
-        f"train(c, {str(tmp_path / 'ddp')!r}, TrainConfig(epochs=2, width=4, depth=3, "
-        "batch_size=1, device='cuda'), train_patients=['sub-0000', 'sub-0002'], "
-        "val_patients=['sub-0001'])\n")
-    script = tmp_path / "ddp_train.py"
-    script.write_text(code)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=1", str(script)], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    with (tmp_path / "ddp" / "log.csv").open() as f:
-        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]
+    log = train_under_torchrun(full, tmp_path / "ddp", device="cuda", processes=1)
+    assert [r["epoch"] for r in log] == ["1", "2"]
 
 
 @pytest.mark.parametrize("method", ["nlr-fast", "nlr"])

@@ -190,28 +190,33 @@ def test_guards(caches, tmp_path: Path, caplog):
               train_patients=["sub-0000"])
 
 
-@pytest.mark.slow
-def test_ddp_under_torchrun_on_cpu(caches, tmp_path: Path):
-    # two gloo processes share the epoch: each sees half the slices, losses are all-reduced
+def train_under_torchrun(cache, out: Path, *, device: str, processes: int) -> list[dict]:
+    """Train a small network on ``cache`` into ``out`` under ``torchrun`` with ``processes``
+    processes; returns the rows of its log.csv."""
     import subprocess
     import sys
 
-    full, _ = caches
     code = (
-        "from ctperf.model import open_slice_cache, train\n"
-        f"c = open_slice_cache({str(full.path)!r})\n"
-        "from ctperf.model import TrainConfig\n"
-        f"train(c, {str(tmp_path / 'ddp')!r}, TrainConfig(epochs=2, width=4, depth=3, "
-        "batch_size=1, device='cpu'), train_patients=['sub-0000', 'sub-0002'], "
+        "from ctperf.model import TrainConfig, open_slice_cache, train\n"
+        f"c = open_slice_cache({str(cache.path)!r})\n"
+        f"train(c, {str(out)!r}, TrainConfig(epochs=2, width=4, depth=3, batch_size=1, "
+        f"device={device!r}), train_patients=['sub-0000', 'sub-0002'], "
         "val_patients=['sub-0001'])\n")
-    script = tmp_path / "ddp_train.py"
+    script = out.parent / f"{out.name}_train.py"
     script.write_text(code)
-    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                          "--nproc_per_node=2", str(script)], capture_output=True, text=True,
-                         timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    with (tmp_path / "ddp" / "log.csv").open() as f:
-        log = list(csv.DictReader(f))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                          f"--nproc_per_node={processes}", str(script)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    with (out / "log.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_ddp_under_torchrun_on_cpu(caches, tmp_path: Path):
+    # two gloo processes share the epoch: each sees half the slices, losses are all-reduced
+    full, _ = caches
+    log = train_under_torchrun(full, tmp_path / "ddp", device="cpu", processes=2)
     assert [r["epoch"] for r in log] == ["1", "2"]
     assert load_checkpoint(tmp_path / "ddp" / "model.pt")["config"]["train_patients"] == [
         "sub-0000", "sub-0002"]
