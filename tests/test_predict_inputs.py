@@ -145,3 +145,16 @@ def test_a_moving_head_is_said(trained):  # noqa: F811
             assert note is None
         else:
             assert note is not None and "the head moved" in note and "--register" in note
+
+
+def test_an_offset_hu_scale_is_said_once(trained, caplog):  # noqa: F811
+    """Prediction reads a study's HU scale in each of its checks (scan start, arrival, motion,
+    input): an offset scale had been warned of four times in one run."""
+    from ctperf.model import predict_maps
+    from ctperf.phantom import generate_subject
+
+    _, ckpt = trained
+    series = generate_subject(seed=1, size=64, slices=2).series
+    with caplog.at_level("WARNING", logger="ctperf"):
+        predict_maps(series.replace(hu=series.hu - 24), ckpt, device="cpu", resize=True)
+    assert caplog.text.count("HU scale looks offset by -24 HU") == 1, caplog.text

@@ -11,7 +11,9 @@ are filled slice by slice and, optionally, cerebrospinal fluid is removed. A stu
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import numpy as np
 from scipy import ndimage
@@ -45,6 +47,7 @@ __all__ = [
     "hu_offset",
     "hyperdense_mask",
     "near_bone",
+    "offset_said_once",
     "padding_mask",
     "skull_present",
     "skull_share",
@@ -52,6 +55,31 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# What :func:`hu_offset` has said inside :func:`offset_said_once` (None: outside, say all).
+_SAID: ContextVar[set[str] | None] = ContextVar("ctperf_hu_offset_said", default=None)
+
+
+@contextmanager
+def offset_said_once() -> Iterator[None]:
+    """Inside the block (and blocks nested in it), each of :func:`hu_offset`'s warnings is
+    logged once: a step that reads a study's HU scale several times (its scan-start check, its
+    arrival, its motion, its input) says its offset once."""
+    token = _SAID.set(set()) if _SAID.get() is None else None
+    try:
+        yield
+    finally:
+        if token is not None:
+            _SAID.reset(token)
+
+
+def _say(text: str) -> None:
+    said = _SAID.get()
+    if said is not None:
+        if text in said:
+            return
+        said.add(text)
+    log.warning("%s", text)
 
 #: Below this a voxel of an unenhanced head is air (or padding), above :data:`BONE_HU` bone.
 AIR_HU = -500.0
@@ -251,22 +279,22 @@ def hu_offset(
         if (shift is None or abs(shift) < IN_RANGE_AIR_TOLERANCE_HU
                 or abs(guess) < IN_RANGE_BRAIN_OFF_HU or guess / shift < 0.5):
             return level, 0.0
-        log.warning("air reads %.0f HU and the brain %.0f HU before the bolus (%+.0f HU from its "
-                    "nominal %g HU): the study's HU scale looks offset by %+.0f HU, and is read "
-                    "moved back by it", air, level, guess, NOMINAL_PARENCHYMA_HU, shift)
+        _say(f"air reads {air:.0f} HU and the brain {level:.0f} HU before the bolus ({guess:+.0f} "
+             f"HU from its nominal {NOMINAL_PARENCHYMA_HU:g} HU): the study's HU scale looks "
+             f"offset by {shift:+.0f} HU, and is read moved back by it")
         return level, shift
     if air is not None:
         if abs(air + 1000.0) < AIR_TOLERANCE_HU or (air + 1000.0) * guess < 0:
-            log.warning("the brain reads %.0f HU before the bolus, outside the %.0f-%.0f HU of "
-                        "unenhanced brain, but air reads %.0f HU: the HU scale is taken as "
-                        "calibrated and the brain as unusual", level, low, high, air)
+            _say(f"the brain reads {level:.0f} HU before the bolus, outside the {low:.0f}-"
+                 f"{high:.0f} HU of unenhanced brain, but air reads {air:.0f} HU: the HU scale "
+                 "is taken as calibrated and the brain as unusual")
             return level, 0.0
         offset, how = air + 1000.0, f"air reads {air:.0f} HU"
     else:
         offset, how = guess, f"no air to read, {NOMINAL_PARENCHYMA_HU:g} HU taken as the brain's"
-    log.warning("the brain reads %.0f HU before the bolus, outside the %.0f-%.0f HU of unenhanced "
-                "brain, and %s: the study's HU scale looks offset by %+.0f HU, and is read moved "
-                "back by it", level, low, high, how, offset)
+    _say(f"the brain reads {level:.0f} HU before the bolus, outside the {low:.0f}-{high:.0f} HU "
+         f"of unenhanced brain, and {how}: the study's HU scale looks offset by {offset:+.0f} "
+         "HU, and is read moved back by it")
     return level, offset
 
 

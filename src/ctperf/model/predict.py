@@ -15,7 +15,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.io.nifti import study_space
-from ctperf.masks import first_frame_as_air, hu_offset
+from ctperf.masks import first_frame_as_air, hu_offset, offset_said_once
 from ctperf.model.data import ORIENTATION, input_arrival_s
 from ctperf.model.normalise import from_unit, normalise_input
 from ctperf.model.unet import input_step, input_times, select_frames, subsample_indices
@@ -230,6 +230,15 @@ def predict_maps(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *,
         One float32 (Z, Y, X) map per target, named as in :data:`ctperf.model.TARGET_MAPS`
         (cbf mL/100 g/min, cbv mL/100 g, delay/mtt/tmax s).
     """
+    with offset_said_once():  # the study's HU offset read four times, said once
+        return _predict(series, checkpoint, device=device, batch_size=batch_size,
+                        resize=resize, brain_mask=brain_mask, progress=progress,
+                        bolus_arrival_s=bolus_arrival_s)
+
+
+def _predict(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *, device: str,
+             batch_size: int, resize: bool, brain_mask: np.ndarray | None, progress: bool,
+             bolus_arrival_s: float | None) -> PerfusionMaps:
     import torch
     from tqdm.auto import tqdm
 

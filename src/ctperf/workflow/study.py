@@ -439,15 +439,17 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
             raise InputError(study, "no brain voxels found (no tissue at brain densities); "
                                     "check that the study is in HU, or give the brain with "
                                     "--brain-mask")
+    from ctperf.masks import offset_said_once
     from ctperf.perfusion.onset import check_scan_start
 
-    try:  # the network's input must start before the bolus, as its training studies did
-        arrival = check_scan_start(series, given)
-    except ValidationError as exc:
-        raise InputError(study, str(exc)) from None
-    maps = predict_maps(series, checkpoint, device=o.device, batch_size=o.batch_size,
-                        resize=o.resize, brain_mask=mask, progress=o.progress,
-                        bolus_arrival_s=arrival)
+    with offset_said_once():  # the study's HU offset, read by every check, said once
+        try:  # the network's input must start before the bolus, as its training studies did
+            arrival = check_scan_start(series, given)
+        except ValidationError as exc:
+            raise InputError(study, str(exc)) from None
+        maps = predict_maps(series, checkpoint, device=o.device, batch_size=o.batch_size,
+                            resize=o.resize, brain_mask=mask, progress=o.progress,
+                            bolus_arrival_s=arrival)
     # The checkpoint's file name only, and no study path: paths often hold a patient's name.
     maps = maps.replace(provenance={**maps.provenance, "checkpoint": o.model.name,
                                     "masks_given": _masks_record({"brain_mask": given})})
