@@ -196,13 +196,40 @@ def test_a_consoles_content_time_gives_way_to_the_acquisitions_time(tmp_path, rn
     assert series.meta["timing_source"] == "TriggerTime"
     # times written in 0.1 ms
     np.testing.assert_allclose(series.times, study.times - study.times[0], atol=1e-4)
-    assert "ContentTime (when the images were made) does not follow TriggerTime" in caplog.text
+    assert "ContentTime does not tick at the acquisition's pace" in caplog.text
     # a ContentTime that is the acquisition's clock a reconstruction's delay later is read
     caplog.clear()
     study = write_fake_study(tmp_path / "d", rng, edit=_ge_console(4.0))
     with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
         series = read_dicom_series(study.folder)
     assert series.meta["timing_source"] == "ContentTime" and not caplog.text
+
+
+
+@pytest.mark.parametrize("kind", ["restarting", "ecg", "pass_start"])
+def test_content_time_stays_where_the_relative_tag_is_no_acquisition_clock(tmp_path, rng,
+                                                                            caplog, kind):
+    """ContentTime the images' true times beside a TriggerTime that restarts with a protocol's
+    second acquisition, an ECG trigger's delay in no time order, or a FrameReferenceTime that is
+    the start of each pass of a sweep (the slices 0.2 s apart within it): ContentTime is read,
+    as before the console rule (a review had the frames reordered by the restarting tag)."""
+    def edit(ds, t, z):
+        del ds.AcquisitionDateTime
+        when = dt.datetime.strptime(ds.AcquisitionTime, "%H%M%S.%f")
+        ds.ContentTime = when.strftime("%H%M%S.%f")
+        seconds = (when - dt.datetime.strptime("102030", "%H%M%S")).total_seconds()
+        tag, value = {"restarting": ("TriggerTime", seconds - (6.0 if t >= 3 else 0.0)),
+                      "ecg": ("TriggerTime", 0.25 + 0.1 * ((7 * t + z) % 5)),
+                      "pass_start": ("FrameReferenceTime", seconds - 0.2 * z)}[kind]
+        setattr(ds, tag, f"{1000 * value:.1f}")
+        ds.AcquisitionTime = "102030.000000"
+
+    study = write_fake_study(tmp_path / "s", rng, shuttle=True, edit=edit)
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    assert series.meta["timing_source"] == "ContentTime" and "pace" not in caplog.text
+    np.testing.assert_allclose(series.slice_times, study.slice_times - study.slice_times[0, 0],
+                               atol=1e-5)
 
 
 def test_times_in_whole_ms_are_not_a_clock_cut_to_the_second(tmp_path, rng, caplog):
@@ -263,6 +290,12 @@ def test_a_shuttle_scan_ending_on_one_table_position_is_read(tmp_path, rng, capl
         inside.files[(2, z)].unlink()
     with pytest.raises(InputError, match="has no file for frame 2 of 5"):
         read_dicom_series(inside.folder)
+    # slices that lost their first frame are no pass left unfinished (a review's case)
+    lost = write_fake_study(tmp_path / "f", rng, shuttle=True)
+    for z in (1, 2):
+        lost.files[(0, z)].unlink()
+    with pytest.raises(InputError, match="no file for frame"):
+        read_dicom_series(lost.folder)
 
 
 def test_a_copy_exported_again_is_named_as_one(tmp_path, rng):

@@ -177,6 +177,14 @@ def test_map_nan_stored_as_zero(tmp_path, maps):
     folders = write_maps_dicom(PerfusionMaps(maps={"cbf": cbf}, affine=maps.affine), tmp_path / "m")
     volume, _, _ = read_dicom_volume(folders[0])
     assert volume[0, 0, 0] == 0
+    # a map declaring its 0 padding (as UniToBrain's may) is read as stored: a study's padding
+    # reads as air, which had turned a map's CBF of 0 into -1000 (a review's case)
+    for path in folders[0].glob("*.dcm"):
+        ds = pydicom.dcmread(path)
+        ds["PixelPaddingValue"] = pydicom.DataElement(0x00280120, "US", 0)
+        ds.save_as(path)
+    volume, _, _ = read_dicom_volume(folders[0])
+    assert volume[0, 0, 0] == 0 and volume.min() >= 0
 
 
 def test_series_with_one_slice(tmp_path, small_series):

@@ -197,10 +197,25 @@ def test_a_reader_at_ten_times_the_others_scale_is_said():
             assert f"is {factor:.3g} times ref's" in hits[0]
 
 
+def test_timing_maps_medians_far_apart_are_no_scale_mismatch():
+    """Healthy tissue's Tmax sits near 0 s: two valid methods read medians of 0.24 and 1.64 s
+    (a review's), which the ratio test had called another unit."""
+    readers = _readers()
+    for s in STUDIES:
+        for r, value in ((readers[0], 0.24), (readers[1], 1.64)):
+            maps = r.maps[s]
+            r.maps[s] = maps.replace(maps={**maps.maps, "delay": np.full_like(maps["delay"], value)
+                                           + 0.01 * maps["delay"]})
+    out = evaluate_readers(readers, studies=STUDIES)
+    assert not [w for w in out["table_warnings"] if "median" in w]
+
+
 def test_cbf_per_100_ml_of_tissue_is_converted_as_cbv_per_100_ml_is():
     from ctperf.io.maps import to_map_unit
 
     got = to_map_unit("cbf", np.array([52.0], np.float32), "mL/100mL/min", "cbf.nii")
     np.testing.assert_allclose(got, [50.0], rtol=1e-6)  # 52 / 1.04
+    got = to_map_unit("cbf", np.array([1.04], np.float32), "mL/100mL/sec", "cbf.nii")
+    np.testing.assert_allclose(got, [60.0], rtol=1e-6)
     got = to_map_unit("cbv", np.array([4.16], np.float32), "mL/100mL", "cbv.nii")
     np.testing.assert_allclose(got, [4.0], rtol=1e-6)

@@ -523,7 +523,8 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
             cases = {s: map_case_metrics(est.maps[s][name], ref.maps[s][name], name=name,
                                          minmax=lo_hi, region=region_of[s]) for s in studies}
             summary = {m: _mean_sd([c[m] for c in cases.values()]) for m in MAP_METRICS}
-            if (said := _scale_mismatch(est, ref, name, studies, region_of)) is not None:
+            if name in RATIO_MAPS and (said := _scale_mismatch(est, ref, name, studies,
+                                                                region_of)) is not None:
                 warn(said)
             coverage = summary["coverage"]["mean"]
             if coverage < MIN_COVERAGE:
@@ -566,6 +567,9 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
 #: 60 (per second), 100 (a fraction as %) or 1,000 (ms), where methods that differ in model
 #: read within a factor of 2 or 3 of each other (the box model's 0.5x CBF on dispersed tissue).
 SCALE_MISMATCH = 5.0
+#: The maps whose medians are compared so: those on a ratio scale (a healthy Tmax or delay sits
+#: near 0 s, where two valid methods' medians are any factor apart: 0.24 and 1.64 s).
+RATIO_MAPS = ("cbf", "cbv", "mtt")
 
 
 def _scale_mismatch(est: Reader, ref: Reader, name: str, studies: Sequence[str],

@@ -48,7 +48,7 @@ from ctperf.io.dicom_checks import (
     time_of,
     trim_unfinished_pass,
 )
-from ctperf.io.dicom_decode import decode_into, set_transfer_syntax
+from ctperf.io.dicom_decode import PADDING_HU, decode_into, set_transfer_syntax
 from ctperf.io.dicom_frames import frame_count, frame_headers, has_functional_groups
 from ctperf.io.dicom_series import (
     POSITION_TOL_MM,
@@ -237,31 +237,29 @@ def _acquisition_over_content(root: Path, slices: list[list[Header]],
     """ContentTime is when an image's pixels were made: often the reconstruction's clock,
     which can tick at its own pace (a console writing one image every 0.1 s). Where every image
     also holds a time from the start of the acquisition (FrameReferenceTime, TriggerTime) that
-    orders each slice's frames and that ContentTime does not follow (the two differing within
-    a slice by more than a tenth of a frame, 0.1 s at least), the acquisition's time is read,
-    with a warning."""
+    orders each slice's frames as ContentTime does, but over a span of time more than 10 %
+    longer or shorter (ContentTime not ticking at the acquisition's pace), the acquisition's
+    time is read, with a warning. A relative tag that orders the frames otherwise (restarting
+    with each acquisition of a two-part protocol; an ECG trigger's delay) or spans the same
+    time (a reconstruction's delay; the start of each pass of a sweep whose images ContentTime
+    times one by one) leaves ContentTime read."""
     frames, times, _ = chosen
     for tag in RELATIVE_TIME_TAGS:
         found = [[time_of(h, tag) for h in s] for s in frames]
         if any(v is None for s in found for v in s):
             continue
-        try:
-            by_tag, tag_times = _by_time(root, tag, [[float(v or 0.0) for v in s]
-                                                     for s in found], frames)
-        except InputError:
-            continue
         relative = np.array(found, dtype=float).T        # (T, Z), in ContentTime's order
-        spread = float(np.max(np.ptp(times - relative, axis=0)))
-        steps = np.diff(tag_times, axis=0)
-        step = float(np.median(steps[steps > 0]))
-        if spread <= max(0.1, 0.1 * step):
+        if np.any(np.diff(relative, axis=0) <= 0):       # another order, or repeated values
+            continue
+        span, tag_span = np.ptp(times, axis=0), np.ptp(relative, axis=0)
+        ratio = float(np.median(span / tag_span))
+        if abs(ratio - 1.0) <= 0.1:
             return chosen
-        log.warning("%s: ContentTime (when the images were made) does not follow %s (the "
-                    "acquisition's time; they differ by amounts %.3g s apart within a slice, "
-                    "frames %.3g s apart by ContentTime, %.3g s by %s): frame times from %s",
-                    root, tag, spread, float(np.median(np.diff(times, axis=0))), step, tag,
-                    tag)
-        return by_tag, tag_times, tag
+        log.warning("%s: ContentTime (when the images were made) spans %.3g s of frames, %s "
+                    "(the time from the acquisition's start) %.3g s: ContentTime does not tick "
+                    "at the acquisition's pace, frame times from %s", root,
+                    float(np.median(span)), tag, float(np.median(tag_span)), tag)
+        return frames, relative, tag
     return chosen
 
 
@@ -702,7 +700,8 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     flat = np.empty((n_t * n_z, rows, cols), dtype=np.float32)
     images = [(frames[z][t].path, frames[z][t].frame) for t in range(n_t) for z in range(n_z)]
     decode_into(flat, images, rescale=[rescale[i] for i in images],
-                workers=workers or min(usable_cores(), 8), progress=progress)
+                workers=workers or min(usable_cores(), 8), progress=progress,
+                padding_as=PADDING_HU)
     hu = flat.reshape(n_t, n_z, rows, cols)
 
     def image_of(t: int, z: int) -> tuple[Path, str]:

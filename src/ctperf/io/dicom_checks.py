@@ -256,7 +256,8 @@ def trim_unfinished_pass(root: Path, slices: Sequence[Sequence[Header]]
     others': their last frame is left out, with a warning, when each such slice's other frames
     pair with the shorter slices' frames one for one (by TemporalPositionIndex, or at times
     one offset apart to within half a frame), its extra frame comes after all of theirs, and
-    its frames were imaged at other times than theirs (:data:`SHUTTLE_OFFSET_S`).
+    its frames were imaged at other times than theirs (:data:`SHUTTLE_OFFSET_S`) within the
+    same pass (less than three quarters of a frame's period apart).
     Anything else (a frame missing inside the scan) is left to :func:`check_frame_counts`.
     Returns the slices and the number of passes left out (0 or 1)."""
     counts = [len(s) for s in slices]
@@ -289,7 +290,10 @@ def trim_unfinished_pass(root: Path, slices: Sequence[Sequence[Header]]
                        if c is not None and k == n)
     apart = [abs(float(np.median(np.sort(c)[:n] - first_short)))
              for c, k in zip(clocks, counts, strict=True) if c is not None and k > n]
-    if min(apart) < SHUTTLE_OFFSET_S:
+    # within one pass of the table, not a frame apart (slices that lost their first frame pair
+    # the others' frames with their own next ones)
+    pass_s = float(np.median(np.diff(first_short)))
+    if min(apart) < SHUTTLE_OFFSET_S or max(apart) > 0.75 * pass_s:
         return out, 0
     dropped = []
     for z, (s, k) in enumerate(zip(out, keys, strict=True)):

@@ -118,8 +118,8 @@ _QUIET_LOCK = threading.Lock()
 _QUIET: dict[str, Any] = {"decodes": 0}
 
 
-#: HU given to the pixels a file declares padding (PixelPaddingValue): air, as ctperf reads the
-#: undeclared padding it finds (:func:`ctperf.masks.as_air`).
+#: HU given to the pixels a CT image declares padding (PixelPaddingValue): air, as ctperf reads
+#: the undeclared padding it finds (:func:`ctperf.masks.as_air`).
 PADDING_HU = -1000.0
 
 
@@ -143,10 +143,12 @@ def _padding_range(ds: pydicom.Dataset) -> tuple[int, int] | None:
 
 
 def _decode_one(path: Path, out: np.ndarray, frames: Sequence[int | None],
-                rescale: Sequence[tuple[float, float]]) -> str | None:
+                rescale: Sequence[tuple[float, float]], padding_as: float | None = None,
+                ) -> str | None:
     """Write one file's HU (stored * slope + intercept, ``rescale`` as the header pass read it)
     into ``out`` (K, Y, X): its image, or the frames ``frames`` of a multi-frame file, one per
-    row of ``out``; return what is wrong with the file, or None."""
+    row of ``out``, the pixels it declares padding as ``padding_as`` where given; return what
+    is wrong with the file, or None."""
     try:
         ds = pydicom.dcmread(path, force=True)  # the header pass accepted it as DICOM
     except Exception as exc:  # pydicom raises many types for damaged files
@@ -176,13 +178,13 @@ def _decode_one(path: Path, out: np.ndarray, frames: Sequence[int | None],
         else out.shape[1:]
     if pixels.shape != expected:
         return f"pixel array is {pixels.shape}, header says {expected}"
-    padding = _padding_range(ds)
+    padding = None if padding_as is None else _padding_range(ds)
     for row, (frame, (slope, intercept)) in enumerate(zip(frames, rescale, strict=True)):
         stored = pixels[frame] if multi else pixels
         np.multiply(stored, slope, out=out[row], casting="unsafe")
         out[row] += intercept
-        if padding is not None:  # outside the reconstructed field of view: air
-            out[row][(stored >= padding[0]) & (stored <= padding[1])] = PADDING_HU
+        if padding is not None and padding_as is not None:  # outside the field of view
+            out[row][(stored >= padding[0]) & (stored <= padding[1])] = padding_as
     if not np.all(np.isfinite(out)):
         return "pixel data contains NaN or Inf values"
     return None
@@ -190,14 +192,15 @@ def _decode_one(path: Path, out: np.ndarray, frames: Sequence[int | None],
 
 def _decode_files(first: int, stop: int, *, out: np.ndarray,
                   files: Sequence[tuple[Path, list[int]]], frames: Sequence[int | None],
-                  rescale: Sequence[tuple[float, float]]) -> None:
+                  rescale: Sequence[tuple[float, float]], padding_as: float | None) -> None:
     """Decode files first:stop into their rows of ``out``; the first failure raises."""
     for i in range(first, stop):
         path, rows = files[i]
         # one image: decoded in place; several frames: decoded together, then scattered
         part = out[rows[0]:rows[0] + 1] if len(rows) == 1 else \
             np.empty((len(rows), *out.shape[1:]), dtype=out.dtype)
-        error = _decode_one(path, part, [frames[r] for r in rows], [rescale[r] for r in rows])
+        error = _decode_one(path, part, [frames[r] for r in rows], [rescale[r] for r in rows],
+                            padding_as)
         if error:
             raise InputError(path, error)
         if len(rows) > 1:
@@ -205,8 +208,13 @@ def _decode_files(first: int, stop: int, *, out: np.ndarray,
 
 
 def decode_into(out: np.ndarray, images: Sequence[tuple[Path, int | None]], *,
-                rescale: Sequence[tuple[float, float]], workers: int, progress: bool) -> None:
+                rescale: Sequence[tuple[float, float]], workers: int, progress: bool,
+                padding_as: float | None = None) -> None:
     """Decode ``images`` into ``out`` (N, Y, X) float32 HU, in ``workers`` threads.
+
+    ``padding_as``: the value given to the pixels a file declares padding (PixelPaddingValue,
+    up to PixelPaddingRangeLimit): :data:`PADDING_HU` for CT images; None reads them as stored
+    (a map's declared padding may be one of its values, a CBF of 0).
 
     ``images`` holds each row's file and, for a multi-frame file, its frame (0-based; None for
     a single-frame file); a multi-frame file is read once for all its rows. ``rescale`` holds
@@ -220,6 +228,6 @@ def decode_into(out: np.ndarray, images: Sequence[tuple[Path, int | None]], *,
     files = list(rows.items())
     with _cut_short_unsaid():
         map_chunks(partial(_decode_files, out=out, files=files, frames=[f for _, f in images],
-                           rescale=rescale), len(files),
+                           rescale=rescale, padding_as=padding_as), len(files),
                    chunk=1, workers=max(1, workers), progress=progress, desc="decode DICOM",
                    unit="file")

@@ -39,7 +39,8 @@ _RHO = 1.04
 # Factor to ctperf's unit, per kind of map and unit spelling (lower case, spaces removed).
 _FLOW = {"ml/100g/min": 1.0, "ml/100g/s": 60.0, "ml/100g/sec": 60.0, "ml/g/min": 100.0,
          "ml/g/s": 6000.0, "ml/min/100g": 1.0,
-         "ml/100ml/min": 1.0 / _RHO, "ml/min/100ml": 1.0 / _RHO, "ml/100ml/s": 60.0 / _RHO}
+         "ml/100ml/min": 1.0 / _RHO, "ml/min/100ml": 1.0 / _RHO, "ml/100ml/s": 60.0 / _RHO,
+         "ml/100ml/sec": 60.0 / _RHO}
 _VOLUME = {"ml/100g": 1.0, "ml/g": 100.0, "%": 1.0 / _RHO, "ml/100ml": 1.0 / _RHO}
 _TIME = {"s": 1.0, "sec": 1.0, "seconds": 1.0, "ms": 1e-3, "msec": 1e-3, "min": 60.0}
 _FACTORS = {"cbf": _FLOW, "cbv": _VOLUME}
