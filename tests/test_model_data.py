@@ -193,6 +193,13 @@ def test_missing_cohort_and_damaged_cache_are_input_errors(tmp_path: Path):
     (tmp_path / "bad").mkdir()
     with pytest.raises(InputError, match="not a slice cache"):
         open_slice_cache(tmp_path / "bad")
+    # a finished cache whose inputs were cut short later: one line, not numpy's traceback
+    cohort = make_cohort(tmp_path / "c", subjects=1, size=8, frames=4)
+    cache = build_slice_cache(cohort, tmp_path / "cache", size=8, frames=2)
+    inputs = cache.path / "inputs.npy"
+    inputs.write_bytes(inputs.read_bytes()[:200])
+    with pytest.raises(InputError, match=r"damaged slice cache .*delete the folder"):
+        open_slice_cache(cache.path)
 
 
 def test_unitobrain_layout_goes_through_the_io_reader(monkeypatch, tmp_path: Path,
@@ -305,6 +312,16 @@ def test_nlr_references_are_written_to_the_output_not_the_cohort(monkeypatch, tm
     study = cohort / "sub-0000" / "study.nii.gz"
     later = (refs / "sub-0000" / "cbv.nii.gz").stat().st_mtime_ns + 10**9
     os.utime(study, ns=(later, later))
+    calls.clear()
+    nlr_references(cohort, tmp_path / "refs")
+    assert calls == ["nlr"]
+    # replaced by a copy keeping an older time (cp -p, rsync -a): computed again too (the
+    # references of the study before had been kept, paired with the new study's inputs)
+    import shutil
+
+    shutil.copy2(cohort / "sub-0001" / "study.nii.gz", study)
+    earlier = (refs / "sub-0000" / "cbv.nii.gz").stat().st_mtime_ns - 10**10
+    os.utime(study, ns=(earlier, earlier))
     calls.clear()
     nlr_references(cohort, tmp_path / "refs")
     assert calls == ["nlr"]

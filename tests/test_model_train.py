@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -428,3 +429,20 @@ def test_building_a_network_leaves_the_callers_random_state_alone():
         assert torch.equal(a, b)  # the seed alone sets the weights
     assert any(not torch.equal(a, b) for a, b in zip(
         first.state_dict().values(), unseeded.state_dict().values(), strict=True))
+
+
+def test_a_run_is_not_resumed_on_other_frames_or_other_studies(caches, tmp_path: Path):
+    """Resumed with another frame selection, a probe's run trained its last 25 epochs on 1 s
+    frames after 55 on 2 s ones, and a finished run's model.pt was relabelled around the same
+    weights; resumed after a study changed, its input normalisation moved mid-run. Refused."""
+    full, _ = caches
+    one = replace(TINY, epochs=1)
+    train(full, tmp_path / "run", one, train_patients=["sub-0000"])
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    for key, value, said in (("frame_mode", "resample", "frame_mode='resample' vs"),
+                             ("frame_interval", 1.0, "frame_interval=1.0 vs None"),
+                             ("hu_mean", 123.0, "a study changed since")):
+        torch.save({**saved, "config": {**saved["config"], key: value}},
+                   tmp_path / "run" / "last.pt")
+        with pytest.raises(InputError, match=re.escape(said)):
+            train(full, tmp_path / "run", one, train_patients=["sub-0000"], resume=True)

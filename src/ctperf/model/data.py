@@ -292,7 +292,12 @@ def open_slice_cache(path: str | Path) -> SliceCache:
     if meta.get("version") != CACHE_VERSION:
         raise InputError(p, f"slice cache version {meta.get('version')}, this ctperf reads "
                             f"{CACHE_VERSION}; delete the folder to rebuild it")
-    arrays = {n: np.load(p / f"{n}.npy", mmap_mode="r") for n in ("inputs", "targets", "masks")}
+    try:
+        arrays = {n: np.load(p / f"{n}.npy", mmap_mode="r")
+                  for n in ("inputs", "targets", "masks")}
+    except (OSError, ValueError) as exc:  # a file cut short or damaged after it was built
+        raise InputError(p, f"damaged slice cache ({' '.join(str(exc).split())}); delete the "
+                            "folder to rebuild it") from None
     return SliceCache(path=p, patients=np.asarray(meta["rows_patient"]),
                       z=np.asarray(meta["rows_z"], dtype=np.int64), meta=meta, **arrays)
 

@@ -50,13 +50,15 @@ _RESUME_KEYS = ("reference", "train_patients", "val_patients",
                 "targets", "size", "frames", "width", "depth", "kernel_size", "norm", "seed",
                 "batch_size", "lr", "masked_loss", "augment", "stages", "baseline_frames",
                 "contrast_gain", "schedule", "augment_gain", "augment_degrees", "augment_noise",
-                "enhancement_quantile", "cache_version", "loss", "augment_shift")
+                "enhancement_quantile", "cache_version", "loss", "augment_shift",
+                "frame_mode", "frame_interval", "hu_mean", "hu_std")
 # values of keys that checkpoints written before the key existed implicitly had
 _KEY_DEFAULTS: dict[str, Any] = {"baseline_frames": 0, "contrast_gain": 1.0,
                                  "schedule": "plateau", "augment_gain": 0.0,
                                  "augment_degrees": 10.0, "augment_noise": 0.05,
                                  "enhancement_quantile": 0.0, "cache_version": 1, "loss": "mse",
-                                 "augment_shift": 0}
+                                 "augment_shift": 0, "frame_mode": "subsample",
+                                 "frame_interval": None}
 #: Maps measured from the arterial input's arrival: a study shifted in time keeps them, so
 #: networks that learn only these train with :attr:`TrainConfig.augment_shift`.
 SHIFT_TARGETS = frozenset({"tmax", "delay"})
@@ -560,6 +562,9 @@ def _difference(key: str, old: Any, new: Any) -> str:
                                                           else "")
                              for name, size, n in stages)
         return f"epochs: {epochs(old)} vs {epochs(new)} (a finished run is not extended)"
+    if key in ("hu_mean", "hu_std", "contrast_gain"):
+        return (f"{key}={old!r} vs {new!r} (the training studies' HU differ from those the run "
+                "began on: a study changed since, or the cache was built from other files)")
     return f"{key}={old!r} vs {new!r}"
 
 

@@ -7,11 +7,13 @@ input cohort: ``OUT/<subject>/<map>.nii.gz`` for each ``COHORT/sub-*`` with a ``
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from ctperf.errors import CTPerfError, InputError
+from ctperf.io.state import files_state
 
 __all__ = ["REFERENCE_MAPS", "nlr_references"]
 
@@ -21,20 +23,36 @@ log = logging.getLogger(__name__)
 REFERENCE_MAPS = ("cbf", "cbv", "mtt", "delay")
 
 
+#: The file in a reference folder recording the state of the study it was computed from.
+SOURCE_RECORD = "source.json"
+
+
 def _complete(folder: Path, study: Path | None = None) -> bool:
-    """All reference maps are in ``folder``, and none older than ``study`` (a study replaced
-    since its references were computed has them computed again)."""
+    """All reference maps are in ``folder``, computed from ``study`` as it is now: its size and
+    modification time as recorded in the folder's :data:`SOURCE_RECORD` (a study replaced by a
+    copy that kept an older time, ``cp -p`` or ``rsync -a``, had kept references of the study
+    before), or, in a folder without the record (a phantom's own ``nlr/``, or one written
+    before the record), none of the maps older than the study."""
     files = [folder / f"{name}.nii.gz" for name in REFERENCE_MAPS]
     if not all(f.exists() for f in files):
         return False
-    return study is None or min(f.stat().st_mtime_ns for f in files) >= study.stat().st_mtime_ns
+    if study is None:
+        return True
+    record = folder / SOURCE_RECORD
+    if record.exists():
+        try:
+            return bool(json.loads(record.read_text()) == [list(v) for v in files_state(study)])
+        except (OSError, json.JSONDecodeError):
+            return False
+    return min(f.stat().st_mtime_ns for f in files) >= study.stat().st_mtime_ns
 
 
 def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = False) -> Path:
     """Compute the box-model NLR maps (``method="nlr"``) of every phantom-layout subject.
 
     Subjects whose references already exist (``OUT/<subject>/`` or, precomputed with the cohort,
-    ``COHORT/<subject>/nlr/``) and are not older than the study are skipped, so a rerun
+    ``COHORT/<subject>/nlr/``) and were computed from the study as it is (``source.json``
+    records its size and time; without it, not older than the study) are skipped, so a rerun
     resumes (and a study replaced since has its references computed again). Each subject's
     folder is written atomically with the vessel mask of the fit (``lesions/vessels.nii.gz``),
     which training leaves out of its loss. Each study is fitted as ``ctperf maps`` fits it
@@ -77,6 +95,7 @@ def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = Fals
         maps, vessels = _subject_reference(sub, out / sub.name)
         with io.atomic_dir(out / sub.name) as tmp:
             io.write_maps_nifti(maps, tmp)
+            (tmp / SOURCE_RECORD).write_text(json.dumps(files_state(sub / "study.nii.gz")))
             if vessels.any():  # the slice cache leaves them out of the training loss
                 io.write_volume(vessels, maps.affine, tmp / "lesions" / "vessels.nii.gz",
                                 **io.nifti_space(maps.provenance))
@@ -91,6 +110,7 @@ def _subject_reference(sub: Path, folder: Path) -> tuple[Any, Any]:
     selection finds no artery (small or noisy phantoms), the phantom's artery mask is the AIF
     mask, as ``ctperf reproduce`` does (``folder``: where they go, for the error message)."""
     from ctperf import io, perfusion
+    from ctperf.workflow.reproduce_subjects import automatic_aif_refused
 
     series = io.read_nifti_series(sub / "study.nii.gz")
     artery = sub / "masks" / "artery.nii.gz"
@@ -99,7 +119,7 @@ def _subject_reference(sub: Path, folder: Path) -> tuple[Any, Any]:
         try:
             result = perfusion.run_perfusion(series, method="nlr")
         except CTPerfError as exc:
-            if "no arterial candidates" not in str(exc) or not artery.exists():
+            if not automatic_aif_refused(exc) or not artery.exists():
                 raise
             log.warning("%s: %s; the phantom's artery mask is used as the AIF mask", sub.name,
                         exc)
