@@ -210,3 +210,19 @@ def test_training_compute_counts_slices_networks_and_stages(tmp_path: Path):
     assert cpu["flops_per_network"] < c["flops_per_network"] / 100  # no pretraining, narrow
     line = _paper_estimate(cohort, paper, ReproduceOptions(folds=2))
     assert line.startswith("expected time (paper preset, a GPU job): 8 networks") and "min" in line
+
+
+def test_runs_on_one_unitobrain_cohort_share_its_slice_cache(tmp_path: Path, rng):
+    """A UniToBrain cohort brings its own reference maps: the name of a cache shared by two runs
+    had held each run's own (unused) references folder, so each built its own copy."""
+    from ctperf.workflow.training import TrainingOptions, prepare_training
+    from test_unitobrain import make_patient
+
+    root = tmp_path / "unitobrain"
+    for patient in ("MOL-001", "MOL-002"):
+        make_patient(root, rng, patient)
+    config = replace(_tiny_config(), frames=4, size=16, baseline_frames=1)
+    options = TrainingOptions(cache=tmp_path / "shared")
+    first, _, _ = prepare_training(root, tmp_path / "run1", config, options)
+    second, _, _ = prepare_training(root, tmp_path / "run2", config, options)
+    assert first.path == second.path and len(list((tmp_path / "shared").iterdir())) == 1

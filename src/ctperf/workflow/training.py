@@ -290,7 +290,9 @@ def _prepare(cohort: Path, out: Path, cache_root: Path, config: Any,
     # into OUT (or the given folder), never into the cohort; not where the caller made them (a
     # study copied after its references looked newer, and they were refitted with plain nlr
     # over reproduce's own method, without the summary its prediction step reads)
-    if options.reference == "nlr" and not (options.references_ready and options.references):
+    if _layout_or_none(cohort) == "unitobrain":
+        references = None  # its own maps: no run's folder in the cache's name (shared caches)
+    elif options.reference == "nlr" and not (options.references_ready and options.references):
         references = nlr_references(cohort, options.references or out / "references",
                                     progress=options.progress)
     common: dict[str, Any] = {
