@@ -444,3 +444,31 @@ def test_a_subject_without_its_brain_mask_is_not_trained_on_the_air(tmp_path, ca
     (cohort / "sub-0000" / "truth" / "cbv.nii.gz").unlink()
     with pytest.raises(InputError, match=r"missing true maps: cbv \(of cbf, cbv, mtt, delay\)"):
         list(iter_cohort(cohort))
+
+
+def test_a_cache_built_meanwhile_by_another_run_is_used(tmp_path: Path, monkeypatch):
+    """`ctperf train` and `ctperf cv` started together on one --cache both built the cache; the
+    one finishing second stopped (exit 2) on the first's, "the output of `ctperf train`". It
+    uses it now."""
+    import ctperf.model.data as data
+    from ctperf.io import atomic
+
+    cohort = make_cohort(tmp_path / "c", subjects=2, size=8, frames=4)
+    real = data._assemble
+
+    def other_run_first(tmp, parts, **kw):  # the other run finishes while this one assembles
+        monkeypatch.setattr(data, "_assemble", real)
+        atomic.set_writer("ctperf train")
+        try:
+            build_slice_cache(cohort, tmp_path / "cache", size=8, frames=2)
+        finally:
+            atomic.set_writer("ctperf cv")
+        return real(tmp, parts, **kw)
+
+    monkeypatch.setattr(data, "_assemble", other_run_first)
+    atomic.set_writer("ctperf cv")
+    try:
+        cache = build_slice_cache(cohort, tmp_path / "cache", size=8, frames=2)
+    finally:
+        atomic.set_writer(None)
+    assert cache.inputs.shape[0] == 4 and len(list((tmp_path / "cache").iterdir())) == 1

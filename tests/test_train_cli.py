@@ -240,3 +240,11 @@ def test_a_refusal_to_extend_a_finished_run_names_the_epochs():
 
     assert _difference("stages", [["train", 32, 3]], [["train", 32, 5]]) == (
         "epochs: 3 epochs at 32 px vs 5 epochs at 32 px (a finished run is not extended)")
+
+
+@pytest.mark.parametrize("command", ["train", "cv"])
+def test_workers_bound_the_patients_read_into_the_caches(command):
+    """The caches read up to 4 patients at once (each a study in memory): `train` and `cv` had
+    no way to hold that down, as `reproduce --workers` does."""
+    assert train_command.training_options(_args(command, "--workers", "1")).cache_workers == 1
+    assert train_command.training_options(_args(command)).cache_workers is None

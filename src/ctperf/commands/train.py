@@ -15,6 +15,7 @@ from typing import Any
 from ctperf.commands import (
     add_batch_size_option,
     add_device_option,
+    add_workers_option,
     count,
     fraction,
     positive_float,
@@ -98,6 +99,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                    help="slice cache folder, e.g. one shared by several runs (a cache is "
                         "reused only while the cohort's files are unchanged); not inside the "
                         "cohort, not OUT itself (default: OUT/cache)")
+    add_workers_option(p, what="patients read into the slice caches (threads, each holding "
+                       "its study)", default="up to 4, one per CPU core")
     add_device_option(p, what="training and evaluation")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="autocast (auto: bf16/fp16 on CUDA, none on CPU) [%(default)s]")
@@ -139,7 +142,8 @@ def training_options(args: argparse.Namespace, **extra: Any) -> Any:
 
     return TrainingOptions(reference=args.reference, frame_mode=args.frame_mode,
                            resample_interval=args.resample_interval, cache=args.cache,
-                           test_list=args.test, resume=args.resume, progress=True, **extra)
+                           test_list=args.test, resume=args.resume, progress=True,
+                           cache_workers=args.workers, **extra)
 
 
 def register(subparsers: Any) -> None:

@@ -504,39 +504,47 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         log.info("reusing slice cache %s", path)
         return open_slice_cache(path)
     loaders = _cohort_loaders(root, reference=reference, references=refs)
-    with atomic_dir(path) as tmp:
-        part = partial(_write_part, root=root, tmp=tmp, path=path, frame_mode=frame_mode,
-                       frame_interval=frame_interval, hu_window=hu_window)
-        first = []
-        if size is None or frames is None:  # the first patient's own, read first
-            first = [part(0, *loaders[0], size=size, frames=frames)]
-            size, frames = first[0].size, first[0].frames
-        k = len(first)
-        parts = [*first, *map_chunks(
-            lambda i, _: part(i + k, *loaders[i + k], size=size, frames=frames),
-            len(loaders) - k, chunk=1, workers=workers or min(CACHE_WORKERS, usable_cores()),
-            progress=progress, desc="slice cache", unit="patient")]
-        n = _assemble(tmp, parts, size=size, frames=frames, root=root)
-        _warn_mixed_steps({p.pid: p.step for p in parts})
-        ranges: dict[str, list[float]] = {}  # dataset-wide min/max per target, whole images
-        for p in parts:
-            for target, (lo, hi) in p.ranges.items():
-                lo_hi = ranges.setdefault(target, [np.inf, -np.inf])
-                lo_hi[:] = [min(lo_hi[0], lo), max(lo_hi[1], hi)]
-        lacking: dict[str, list[str]] = {}  # target -> patients without its reference map
-        for p in parts:
-            for target in TARGET_MAPS:
-                if target not in p.names:
-                    lacking.setdefault(target, []).append(p.pid)
-        meta = {**config, "size": size, "frames": frames, "targets": _kept_targets(parts),
-                "patients": [p.pid for p in parts], "stats": {p.pid: p.stats for p in parts},
-                "rows_patient": [p.pid for p in parts for _ in range(p.n_z)],
-                "rows_z": [z for p in parts for z in range(p.n_z)], "cohort": str(root),
-                "image_ranges": ranges, "input_steps_s": {p.pid: p.step for p in parts},
-                "pixels_mm": {p.pid: p.pixel for p in parts},
-                "arrivals_s": {p.pid: p.arrival for p in parts if p.arrival is not None},
-                "arrivals_on": "input",
-                "targets_lacking": lacking}
-        (tmp / "index.json").write_text(json.dumps(meta) + "\n")
+    try:
+        with atomic_dir(path) as tmp:
+            part = partial(_write_part, root=root, tmp=tmp, path=path, frame_mode=frame_mode,
+                           frame_interval=frame_interval, hu_window=hu_window)
+            first = []
+            if size is None or frames is None:  # the first patient's own, read first
+                first = [part(0, *loaders[0], size=size, frames=frames)]
+                size, frames = first[0].size, first[0].frames
+            k = len(first)
+            parts = [*first, *map_chunks(
+                lambda i, _: part(i + k, *loaders[i + k], size=size, frames=frames),
+                len(loaders) - k, chunk=1, workers=workers or min(CACHE_WORKERS, usable_cores()),
+                progress=progress, desc="slice cache", unit="patient")]
+            n = _assemble(tmp, parts, size=size, frames=frames, root=root)
+            _warn_mixed_steps({p.pid: p.step for p in parts})
+            ranges: dict[str, list[float]] = {}  # dataset-wide min/max per target, whole images
+            for p in parts:
+                for target, (lo, hi) in p.ranges.items():
+                    lo_hi = ranges.setdefault(target, [np.inf, -np.inf])
+                    lo_hi[:] = [min(lo_hi[0], lo), max(lo_hi[1], hi)]
+            lacking: dict[str, list[str]] = {}  # target -> patients without its reference map
+            for p in parts:
+                for target in TARGET_MAPS:
+                    if target not in p.names:
+                        lacking.setdefault(target, []).append(p.pid)
+            meta = {**config, "size": size, "frames": frames, "targets": _kept_targets(parts),
+                    "patients": [p.pid for p in parts], "stats": {p.pid: p.stats for p in parts},
+                    "rows_patient": [p.pid for p in parts for _ in range(p.n_z)],
+                    "rows_z": [z for p in parts for z in range(p.n_z)], "cohort": str(root),
+                    "image_ranges": ranges, "input_steps_s": {p.pid: p.step for p in parts},
+                    "pixels_mm": {p.pid: p.pixel for p in parts},
+                    "arrivals_s": {p.pid: p.arrival for p in parts if p.arrival is not None},
+                    "arrivals_on": "input",
+                    "targets_lacking": lacking}
+            (tmp / "index.json").write_text(json.dumps(meta) + "\n")
+    except InputError as exc:
+        # the same cache finished meanwhile by another run (train and cv started together on
+        # one --cache): theirs is used, ours is left
+        if Path(exc.path) != path or not (path / "index.json").exists():
+            raise
+        log.info("slice cache %s was built meanwhile by another run: reused", path)
+        return open_slice_cache(path)
     log.info("built slice cache %s (%d slices)", path, n)
     return open_slice_cache(path)
