@@ -393,7 +393,7 @@ def train_cohort(cohort: str | Path, out: str | Path, config: Any,
     last = result.history[-1]
     message = (f"trained {'+'.join(config.targets)} on {len(tr)} patients, validated on "
                f"{len(va)} others: final train {_loss_name(config)} {last['train_loss']:.4f} "
-               f"(augmented, training mode), validation MSE "
+               f"({'augmented, ' if config.augment else ''}training mode), validation MSE "
                f"{last['val_loss']:.4f} -> {result.model_path}")
     return TrainingOutcome(out=out, config=config, folds=[(tr, va)],
                            model_paths=(result.model_path,),
