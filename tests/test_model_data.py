@@ -197,9 +197,10 @@ def test_missing_cohort_and_damaged_cache_are_input_errors(tmp_path: Path):
     cohort = make_cohort(tmp_path / "c", subjects=1, size=8, frames=4)
     cache = build_slice_cache(cohort, tmp_path / "cache", size=8, frames=2)
     inputs = cache.path / "inputs.npy"
-    inputs.write_bytes(inputs.read_bytes()[:200])
-    with pytest.raises(InputError, match=r"damaged slice cache .*delete the folder"):
-        open_slice_cache(cache.path)
+    for kept in (200, 0):  # cut short, or emptied
+        inputs.write_bytes(inputs.read_bytes()[:kept])
+        with pytest.raises(InputError, match=r"damaged slice cache .*delete the folder"):
+            open_slice_cache(cache.path)
 
 
 def test_unitobrain_layout_goes_through_the_io_reader(monkeypatch, tmp_path: Path,
@@ -322,6 +323,21 @@ def test_nlr_references_are_written_to_the_output_not_the_cohort(monkeypatch, tm
     shutil.copy2(cohort / "sub-0001" / "study.nii.gz", study)
     earlier = (refs / "sub-0000" / "cbv.nii.gz").stat().st_mtime_ns - 10**10
     os.utime(study, ns=(earlier, earlier))
+    calls.clear()
+    nlr_references(cohort, tmp_path / "refs")
+    assert calls == ["nlr"]
+    # replaced while its references were being fitted: they are of the study before, and
+    # computed again on the next run (the record is taken before the study is read)
+    def replaced_meanwhile(series, **kw):
+        study.write_bytes((cohort / "sub-0001" / "study.nii.gz").read_bytes() + b"")
+        os.utime(study, ns=(earlier - 10**9, earlier - 10**9))
+        return fake_run(series, **kw)
+
+    monkeypatch.setattr(ctperf.perfusion, "run_perfusion", replaced_meanwhile)
+    os.utime(study, ns=(earlier + 10**9, earlier + 10**9))  # stale now: computed again
+    calls.clear()
+    nlr_references(cohort, tmp_path / "refs")
+    monkeypatch.setattr(ctperf.perfusion, "run_perfusion", fake_run)
     calls.clear()
     nlr_references(cohort, tmp_path / "refs")
     assert calls == ["nlr"]

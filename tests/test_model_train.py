@@ -446,3 +446,8 @@ def test_a_run_is_not_resumed_on_other_frames_or_other_studies(caches, tmp_path:
                    tmp_path / "run" / "last.pt")
         with pytest.raises(InputError, match=re.escape(said)):
             train(full, tmp_path / "run", one, train_patients=["sub-0000"], resume=True)
+    # the same studies' statistics summed in another order (a cache rebuilt by another
+    # version): equal to rounding, resumed (a review's run had been refused on 3e-16)
+    rounded = {**saved["config"], "hu_std": saved["config"]["hu_std"] * (1 + 3e-16)}
+    torch.save({**saved, "config": rounded}, tmp_path / "run" / "last.pt")
+    train(full, tmp_path / "run", one, train_patients=["sub-0000"], resume=True)

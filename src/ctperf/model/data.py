@@ -295,7 +295,7 @@ def open_slice_cache(path: str | Path) -> SliceCache:
     try:
         arrays = {n: np.load(p / f"{n}.npy", mmap_mode="r")
                   for n in ("inputs", "targets", "masks")}
-    except (OSError, ValueError) as exc:  # a file cut short or damaged after it was built
+    except (OSError, ValueError, EOFError) as exc:  # a file cut short or damaged since
         raise InputError(p, f"damaged slice cache ({' '.join(str(exc).split())}); delete the "
                             "folder to rebuild it") from None
     return SliceCache(path=p, patients=np.asarray(meta["rows_patient"]),

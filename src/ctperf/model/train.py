@@ -548,6 +548,18 @@ def _fresh_optim(run: _Run, n_epochs: int) -> tuple[torch.optim.Adam, Any]:
     return opt, sched
 
 
+#: Settings computed from the training studies' HU: equal to float rounding when a cache is
+#: rebuilt from unchanged studies (its sums added in another order), moved by whole HU when a
+#: study changed.
+_MEASURED_KEYS = ("hu_mean", "hu_std", "contrast_gain")
+
+
+def _same_setting(key: str, old: Any, new: Any) -> bool:
+    if key in _MEASURED_KEYS and isinstance(old, float) and isinstance(new, float):
+        return math.isclose(old, new, rel_tol=1e-9)
+    return bool(old == new)
+
+
 def _difference(key: str, old: Any, new: Any) -> str:
     """One setting that differs, for the refusal to resume: a patient list by who joined and
     who left it (the split changes with the validation fraction or a held-out list)."""
@@ -562,7 +574,7 @@ def _difference(key: str, old: Any, new: Any) -> str:
                                                           else "")
                              for name, size, n in stages)
         return f"epochs: {epochs(old)} vs {epochs(new)} (a finished run is not extended)"
-    if key in ("hu_mean", "hu_std", "contrast_gain"):
+    if key in _MEASURED_KEYS:
         return (f"{key}={old!r} vs {new!r} (the training studies' HU differ from those the run "
                 "began on: a study changed since, or the cache was built from other files)")
     return f"{key}={old!r} vs {new!r}"
@@ -586,7 +598,8 @@ def _resume_or_start(run: _Run, last: Path, *, resume: bool) -> _State:
         return state
     ckpt = load_checkpoint(last)
     old = {k: ckpt["config"].get(k, _KEY_DEFAULTS.get(k)) for k in _RESUME_KEYS}
-    diff = {k: (old[k], run.record[k]) for k in _RESUME_KEYS if old[k] != run.record[k]}
+    diff = {k: (old[k], run.record[k]) for k in _RESUME_KEYS
+            if not _same_setting(k, old[k], run.record[k])}
     if diff:
         raise InputError(last, "cannot resume with different settings (checkpoint, now): "
                                + ", ".join(_difference(k, a, b) for k, (a, b) in diff.items()))

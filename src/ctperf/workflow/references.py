@@ -92,10 +92,11 @@ def nlr_references(cohort: str | Path, out: str | Path, *, progress: bool = Fals
     if todo:
         io.mark_output(out)
     for sub in tqdm(todo, desc="NLR references", disable=not progress or not todo):
-        maps, vessels = _subject_reference(sub, out / sub.name)
+        source = files_state(sub / "study.nii.gz")  # before it is read: one replaced meanwhile
+        maps, vessels = _subject_reference(sub, out / sub.name)  # is computed again next time
         with io.atomic_dir(out / sub.name) as tmp:
             io.write_maps_nifti(maps, tmp)
-            (tmp / SOURCE_RECORD).write_text(json.dumps(files_state(sub / "study.nii.gz")))
+            (tmp / SOURCE_RECORD).write_text(json.dumps(source))
             if vessels.any():  # the slice cache leaves them out of the training loss
                 io.write_volume(vessels, maps.affine, tmp / "lesions" / "vessels.nii.gz",
                                 **io.nifti_space(maps.provenance))

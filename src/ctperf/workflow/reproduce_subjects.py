@@ -28,7 +28,8 @@ def phantom_maps(cohort: Path, studies_root: Path, target: Path, options: Any, *
                  workers: int | None, progress: bool) -> Any:
     """Model-based maps of every phantom subject of ``studies_root`` (the cohort's studies or
     their preprocessed copies) into the maps cohort ``target``, with :func:`reference_subject`
-    (the phantom's artery mask where the automatic AIF selection finds none).
+    (the phantom's artery mask where the automatic AIF selection finds none or its choice is
+    refused).
 
     Returns
     -------
