@@ -375,7 +375,7 @@ def test_an_automatic_aif_arriving_after_the_brain_is_refused():
     """An automatic AIF whose bolus arrives after the brain's mean curve feeds none of it:
     refused, asking for an AIF mask. 1 s after was passed (2 s were allowed): a sinus chosen in
     place of diluted arteries arrives that close to the tissue."""
-    from ctperf.errors import ValidationError
+    from ctperf.errors import AIFRefused, ValidationError
     from ctperf.perfusion.maps import _check_aif_feeds_tissue
 
     t = np.arange(60) * 1.0
@@ -389,6 +389,14 @@ def test_an_automatic_aif_arriving_after_the_brain_is_refused():
                                                   "brain's"):
             check(t, np.interp(t - late, t, arterial_input(t), left=0.0), brain[:, None],
                   brain, "automatic")
+    # refused as the automatic AIF (a phantom's artery mask may stand in for it), and a given
+    # mask's refused as such
+    late_aif = np.interp(t - 7.0, t, arterial_input(t), left=0.0)
+    with pytest.raises(AIFRefused):
+        check(t, late_aif, brain[:, None], brain, "automatic")
+    with pytest.raises(ValidationError) as given:
+        check(t, late_aif, brain[:, None], brain, "mask")
+    assert not isinstance(given.value, AIFRefused)
 
 
 def test_vof_ranked_by_its_neighbours_is_not_raised_by_noise():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from os import PathLike
 
-__all__ = ["CTPerfError", "DependencyError", "InputError", "ValidationError"]
+__all__ = ["AIFRefused", "CTPerfError", "DependencyError", "InputError", "ValidationError"]
 
 
 class CTPerfError(Exception):
@@ -17,6 +17,12 @@ class DependencyError(CTPerfError, ModuleNotFoundError):
 
 class ValidationError(CTPerfError, ValueError):
     """Data that does not satisfy a type's or function's contract."""
+
+
+class AIFRefused(ValidationError):
+    """The automatic AIF selection found no artery, or refused the one it chose (its bolus
+    arriving after the brain's, none standing out of the noise): an AIF mask on an artery (a
+    reader's, or a phantom's own) can still give the study its maps."""
 
 
 class InputError(CTPerfError):

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
-from ctperf.errors import ValidationError
+from ctperf.errors import AIFRefused, ValidationError
 from ctperf.perfusion.curves import (
     TRUNCATED_END,
     TTP_SMOOTH_S,
@@ -187,7 +187,7 @@ def select_aif(
         ended = (f" ({cut} enhance so but stand above {max_end:.0%} of their peak at the last "
                  f"frame, {t[-1] - t[0]:.1f} s: the scan may have ended before the bolus "
                  "passed)") if cut else ""
-        raise ValidationError(
+        raise AIFRefused(
             f"no arterial candidates: none of the {enh.shape[1]} {region}{when} enhances by "
             f"{need:.0f} HU with a complete bolus{ended}; give an AIF mask (--aif-mask)")
     # Early, high, narrow: equal weights on the ranks; arrival counts twice, veins are high too.

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import chi2
 
-from ctperf.errors import ValidationError
+from ctperf.errors import AIFRefused, ValidationError
 from ctperf.perfusion.aif import (
     VesselCurve,
     assess_vof,
@@ -105,10 +105,13 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
             origin = CurveOrigin("automatic", sel, note)
         curve = sel.curve
     if origin.source == "automatic" and origin.selection is not None:
-        check_bolus_present(curve, what=f"the automatic AIF ({origin.selection.indices.size} "
-                                        "voxels)",
-                            remedy="no artery stands out of the noise at these pixels and "
-                                   "this dose: give an AIF mask on an artery (--aif-mask)")
+        try:
+            check_bolus_present(curve, what=f"the automatic AIF ({origin.selection.indices.size}"
+                                            " voxels)",
+                                remedy="no artery stands out of the noise at these pixels and "
+                                       "this dose: give an AIF mask on an artery (--aif-mask)")
+        except ValidationError as exc:
+            raise AIFRefused(str(exc)) from None
     else:
         check_bolus_present(curve)
     check_bolus_start(curve)

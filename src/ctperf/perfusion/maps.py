@@ -28,7 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from ctperf import masks
-from ctperf.errors import InputError, ValidationError
+from ctperf.errors import AIFRefused, InputError, ValidationError
 from ctperf.io.integrity import check_hu_plausible, frame_spacing_problem
 from ctperf.io.nifti import study_space
 from ctperf.perfusion.aif import early_tissue_peak_time, tissue_curve
@@ -326,14 +326,15 @@ def _check_aif_feeds_tissue(t: np.ndarray, aif: np.ndarray, brain: np.ndarray,
                 "for the pixels); give an AIF mask on an artery (--aif-mask)" if automatic else
                 f"it is not an artery feeding the brain ({given}); give an AIF on an artery")
 
+    refused = AIFRefused if automatic else ValidationError
     lag = None if tissue_mean is None else aif_lag(t, aif, tissue_mean)
     if lag is not None and lag > MAX_AIF_LEAD_S:
-        raise ValidationError(f"{what}'s bolus arrives {lag:.1f} s after the brain's: "
-                              f"{remedy('a vein?')}")
+        raise refused(f"{what}'s bolus arrives {lag:.1f} s after the brain's: "
+                      f"{remedy('a vein?')}")
     peak, tissue_peak = float(np.max(aif)), float(np.max(tissue_curve(brain, t)))
     if tissue_peak > 0 and peak < MIN_AIF_OVER_TISSUE * tissue_peak:
         why = remedy("tissue, or a mask far wider than the artery?")
-        raise ValidationError(
+        raise refused(
             f"{what} enhances by {peak:.0f} HU at its peak, under {MIN_AIF_OVER_TISSUE:g} times "
             f"the brain's {tissue_peak:.0f} HU: {why}")
 

@@ -12,7 +12,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from ctperf.errors import CTPerfError, InputError
+from ctperf.errors import AIFRefused, CTPerfError, InputError
 from ctperf.io.state import files_state
 
 __all__ = ["REFERENCE_MAPS", "nlr_references"]
@@ -111,7 +111,6 @@ def _subject_reference(sub: Path, folder: Path) -> tuple[Any, Any]:
     selection finds no artery (small or noisy phantoms), the phantom's artery mask is the AIF
     mask, as ``ctperf reproduce`` does (``folder``: where they go, for the error message)."""
     from ctperf import io, perfusion
-    from ctperf.workflow.reproduce_subjects import automatic_aif_refused
 
     series = io.read_nifti_series(sub / "study.nii.gz")
     artery = sub / "masks" / "artery.nii.gz"
@@ -120,7 +119,7 @@ def _subject_reference(sub: Path, folder: Path) -> tuple[Any, Any]:
         try:
             result = perfusion.run_perfusion(series, method="nlr")
         except CTPerfError as exc:
-            if not automatic_aif_refused(exc) or not artery.exists():
+            if not isinstance(exc, AIFRefused) or not artery.exists():
                 raise
             log.warning("%s: %s; the phantom's artery mask is used as the AIF mask", sub.name,
                         exc)

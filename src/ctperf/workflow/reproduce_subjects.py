@@ -14,12 +14,11 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ctperf.errors import CTPerfError, ValidationError
+from ctperf.errors import AIFRefused, CTPerfError, ValidationError
 from ctperf.lesion_options import LesionOptions
 from ctperf.workflow.study import write_maps_and_summary, write_maps_outputs
 
-__all__ = ["automatic_aif_refused", "phantom_maps", "predict_subject", "reference_subject",
-           "unitobrain_reference"]
+__all__ = ["phantom_maps", "predict_subject", "reference_subject", "unitobrain_reference"]
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +47,7 @@ def phantom_maps(cohort: Path, studies_root: Path, target: Path, options: Any, *
 def reference_subject(source: dict[str, str], target: Path, options: Any) -> None:
     """NLR maps of one phantom subject (:func:`ctperf.workflow.maps_study`); where the
     automatic AIF selection finds no artery or its choice is refused (small or noisy studies,
-    :func:`automatic_aif_refused`), the phantom's artery mask ``source["artery"]`` is used
+    :class:`~ctperf.errors.AIFRefused`), the phantom's artery mask ``source["artery"]`` is used
     instead, as a reader would place the AIF by hand, and
     ``summary.json`` says so (``aif.source``)."""
     from ctperf.workflow.study import maps_study
@@ -58,19 +57,11 @@ def reference_subject(source: dict[str, str], target: Path, options: Any) -> Non
         maps_study(study, target, options)
     except ValidationError as exc:
         artery = Path(source["artery"])
-        if not automatic_aif_refused(exc) or not _has_voxels(artery):
+        if not isinstance(exc, AIFRefused) or not _has_voxels(artery):
             raise
         log.warning("%s; the phantom's artery mask is used as the AIF mask",
                     exc if target.name in str(exc) else f"{target.name}: {exc}")
         maps_study(study, target, dataclasses.replace(options, aif_mask=artery))
-
-
-def automatic_aif_refused(exc: Exception) -> bool:
-    """Whether a study was refused for its automatic AIF: no artery found, or the one chosen
-    refused (its bolus arriving after the brain's, none passing, ...), where a phantom's artery
-    mask gives the AIF as a reader would place it."""
-    text = str(exc)
-    return "no arterial candidates" in text or "the automatic AIF" in text
 
 
 def _has_voxels(mask: Path) -> bool:
