@@ -346,7 +346,8 @@ def _order_frames(root: Path, slices: list[list[Header]],
         chosen = frames, times, tag
         if tag == "ContentTime":
             chosen = _acquisition_over_content(root, slices, chosen)
-            values[chosen[2]] = [[time_of(h, chosen[2]) for h in s] for s in slices]
+            if chosen[2] != tag:  # the checks below read the tag's values too
+                values[chosen[2]] = [[time_of(h, chosen[2]) for h in s] for s in slices]
         break
     if chosen is None and found_first is not None:
         _say_passed_over(root, found_first[2], passed)

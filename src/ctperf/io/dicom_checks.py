@@ -21,7 +21,7 @@ from ctperf.errors import InputError
 log = logging.getLogger(__name__)
 
 __all__ = ["RELATIVE_TIME_TAGS", "TIME_TAGS", "Header", "check_duplicates", "check_frame_counts",
-           "check_temporal_positions", "copies_in", "number", "numbers", "optional_number",
+           "check_temporal_positions", "number", "numbers", "optional_number",
            "rescale_of", "rescales", "same_image", "states_fraction", "time_of",
            "trim_unfinished_pass"]
 
@@ -198,13 +198,15 @@ def check_duplicates(slices: Sequence[Sequence[Header]]) -> None:
 SHUTTLE_OFFSET_S = 0.1
 
 
-def _times(s: Sequence[Header]) -> np.ndarray | None:
-    """Times (s) of one slice's files from the first of :data:`TIME_TAGS` they all hold and
-    that varies among them, or None."""
+def _times(s: Sequence[Header], *, varying: bool) -> tuple[np.ndarray, str] | None:
+    """Times (s) of one slice's files from the first of :data:`TIME_TAGS` they all hold (and,
+    ``varying``, that is not one time for all of them), with the tag; or None."""
     for tag in TIME_TAGS:
         times = [time_of(h, tag) for h in s]
-        if all(t is not None for t in times) and np.ptp(np.asarray(times, float)) > 0:
-            return np.asarray(times, dtype=float)
+        if all(t is not None for t in times):
+            table = np.asarray(times, dtype=float)
+            if not varying or np.ptp(table) > 0:
+                return table, tag
     return None
 
 
@@ -216,11 +218,7 @@ def _frame_keys(s: Sequence[Header]) -> tuple[np.ndarray, str] | None:
             return np.array([float(v) for v in index]), "TemporalPositionIndex"
         except (TypeError, ValueError):
             pass
-    for tag in TIME_TAGS:
-        times = [time_of(h, tag) for h in s]
-        if all(t is not None for t in times):
-            return np.array(times, dtype=float), tag
-    return None
+    return _times(s, varying=False)
 
 
 def same_image(a: Header, b: Header) -> bool:
@@ -234,7 +232,7 @@ def same_image(a: Header, b: Header) -> bool:
         return False
 
 
-def copies_in(s: Sequence[Header]) -> tuple[Header, Header] | None:
+def _copies_in(s: Sequence[Header]) -> tuple[Header, Header] | None:
     """Two files of one slice position with one frame key (:func:`_frame_keys`) and the same
     pixels, or None."""
     keys = _frame_keys(s)
@@ -283,13 +281,13 @@ def trim_unfinished_pass(root: Path, slices: Sequence[Sequence[Header]]
         return out, 0
     # and at another table position: imaged at other times than the shorter slices (slices
     # imaged together, whose one lacks its last frame, lost a file)
-    clocks = [_times(s) for s in slices]
-    if any(c is None for c in clocks):
+    found = [_times(s, varying=True) for s in slices]
+    if any(c is None for c in found):
         return out, 0
-    first_short = next(np.sort(c)[:n] for c, k in zip(clocks, counts, strict=True)
-                       if c is not None and k == n)
-    apart = [abs(float(np.median(np.sort(c)[:n] - first_short)))
-             for c, k in zip(clocks, counts, strict=True) if c is not None and k > n]
+    clocks = [np.sort(c[0]) for c in found if c is not None]
+    first_short = next(c[:n] for c, k in zip(clocks, counts, strict=True) if k == n)
+    apart = [abs(float(np.median(c[:n] - first_short)))
+             for c, k in zip(clocks, counts, strict=True) if k > n]
     # within one pass of the table, not a frame apart (slices that lost their first frame pair
     # the others' frames with their own next ones)
     pass_s = float(np.median(np.diff(first_short)))
@@ -318,7 +316,7 @@ def check_frame_counts(root: Path, slices: Sequence[Sequence[Header]],
     if min(counts) == full:
         return
     for s in (s for s, c in zip(slices, counts, strict=True) if c == full):
-        if (pair := copies_in(s)) is not None:
+        if (pair := _copies_in(s)) is not None:
             raise InputError(pair[1].path, f"the same image as {pair[0].path.name} (another "
                                            "SOPInstanceUID: a copy exported again?); its slice "
                                            f"holds {full} images, the others {min(counts)}; "

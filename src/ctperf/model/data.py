@@ -431,6 +431,24 @@ def _assemble(tmp: Path, parts: Sequence[_Part], *, size: int, frames: int, root
     return n
 
 
+def _index(parts: Sequence[_Part]) -> dict[str, Any]:
+    """What ``index.json`` records of the patients' parts: their rows, input sums, targets
+    (those every patient has, and who lacks each other), the paper's dataset-wide min-max per
+    target, frame steps, pixels and bolus arrivals (read on the input frames)."""
+    ranges = {t: [min(p.ranges[t][0] for p in parts if t in p.ranges),
+                  max(p.ranges[t][1] for p in parts if t in p.ranges)]
+              for t in TARGET_MAPS if any(t in p.ranges for p in parts)}
+    lacking = {t: [p.pid for p in parts if t not in p.names] for t in TARGET_MAPS}
+    return {"targets": _kept_targets(parts), "patients": [p.pid for p in parts],
+            "stats": {p.pid: p.stats for p in parts},
+            "rows_patient": [p.pid for p in parts for _ in range(p.n_z)],
+            "rows_z": [z for p in parts for z in range(p.n_z)], "image_ranges": ranges,
+            "input_steps_s": {p.pid: p.step for p in parts},
+            "pixels_mm": {p.pid: p.pixel for p in parts},
+            "arrivals_s": {p.pid: p.arrival for p in parts if p.arrival is not None},
+            "arrivals_on": "input", "targets_lacking": {t: v for t, v in lacking.items() if v}}
+
+
 def _warn_mixed_steps(steps: dict[str, float]) -> None:
     spread = sorted(steps.values())
     if spread and spread[-1] > 1.1 * spread[0]:
@@ -438,7 +456,6 @@ def _warn_mixed_steps(steps: dict[str, float]) -> None:
                     "then reads one frame index as different times; resample them onto one "
                     "spacing (frame_mode='resample', train --frame-mode resample)",
                     spread[0], spread[-1])
-
 
 
 def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int | None = None,
@@ -519,25 +536,8 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
                 progress=progress, desc="slice cache", unit="patient")]
             n = _assemble(tmp, parts, size=size, frames=frames, root=root)
             _warn_mixed_steps({p.pid: p.step for p in parts})
-            ranges: dict[str, list[float]] = {}  # dataset-wide min/max per target, whole images
-            for p in parts:
-                for target, (lo, hi) in p.ranges.items():
-                    lo_hi = ranges.setdefault(target, [np.inf, -np.inf])
-                    lo_hi[:] = [min(lo_hi[0], lo), max(lo_hi[1], hi)]
-            lacking: dict[str, list[str]] = {}  # target -> patients without its reference map
-            for p in parts:
-                for target in TARGET_MAPS:
-                    if target not in p.names:
-                        lacking.setdefault(target, []).append(p.pid)
-            meta = {**config, "size": size, "frames": frames, "targets": _kept_targets(parts),
-                    "patients": [p.pid for p in parts], "stats": {p.pid: p.stats for p in parts},
-                    "rows_patient": [p.pid for p in parts for _ in range(p.n_z)],
-                    "rows_z": [z for p in parts for z in range(p.n_z)], "cohort": str(root),
-                    "image_ranges": ranges, "input_steps_s": {p.pid: p.step for p in parts},
-                    "pixels_mm": {p.pid: p.pixel for p in parts},
-                    "arrivals_s": {p.pid: p.arrival for p in parts if p.arrival is not None},
-                    "arrivals_on": "input",
-                    "targets_lacking": lacking}
+            meta = {**config, **_index(parts), "size": size, "frames": frames,
+                    "cohort": str(root)}
             (tmp / "index.json").write_text(json.dumps(meta) + "\n")
     except InputError as exc:
         # the same cache finished meanwhile by another run (train and cv started together on

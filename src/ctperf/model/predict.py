@@ -96,15 +96,6 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
 ARRIVAL_TOLERANCE_S = 1.0
 
 
-def _own_arrival(series: CTPSeries) -> float | None:
-    from ctperf.perfusion.onset import bolus_arrival_s
-
-    try:
-        return bolus_arrival_s(series)
-    except ValidationError:  # no bolus found: the scan-start check says why
-        return None
-
-
 def _arrival(cfg: dict[str, Any], seen: float | None) -> str | None:
     """A warning (logged and returned) when the study's bolus arrives ``seen`` s after its
     first frame, outside the training studies' arrivals (``bolus_arrival_s`` of the
@@ -268,13 +259,15 @@ def _predict(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *, devi
     mode, interval, note = _frame_selection(series.times, cfg)
     frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]), mode=mode,
                            frame_interval=interval)
-    if cfg.get("bolus_arrival_on") == "input":  # as the training studies' arrivals were read
+    # read as the training studies' arrivals were: on the network's input frames, or (older
+    # checkpoints) on each study's own
+    if cfg.get("bolus_arrival_on") == "input":
         bolus_arrival_s = input_arrival_s(series, frames, input_times(
             series.times, n_frames=int(cfg["frames"]), mode=mode, frame_interval=interval))
         arrival_note = _arrival(cfg, bolus_arrival_s)
     else:
         arrival_note = _arrival(cfg, bolus_arrival_s if bolus_arrival_s is not None
-                                else _own_arrival(series))
+                                else input_arrival_s(series, series.hu, series.times))
     # turned as the training slices were (checkpoints from before this have no orientation)
     flips = (radiological_flips(series.affine) if cfg.get("orientation") == ORIENTATION
              else (False, False))
