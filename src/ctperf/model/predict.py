@@ -19,6 +19,7 @@ from ctperf.masks import first_frame_as_air, hu_offset, offset_said_once
 from ctperf.model.data import ORIENTATION, input_arrival_s
 from ctperf.model.normalise import from_unit, normalise_input
 from ctperf.model.unet import input_step, input_times, select_frames, subsample_indices
+from ctperf.perfusion import onset
 from ctperf.types import (
     CTPSeries,
     PerfusionMaps,
@@ -120,20 +121,29 @@ def _arrival(cfg: dict[str, Any], seen: float | None) -> str | None:
     return note
 
 
-def _motion(series: CTPSeries) -> str | None:
+def _study_start(series: CTPSeries) -> Any:
+    """The study's pre-bolus reading (:func:`ctperf.perfusion.onset.study_start`), read once
+    for its motion and its arrival; None when no bolus is found (the scan-start check says
+    why)."""
+    from ctperf.perfusion.onset import study_start
+
+    try:
+        return study_start(series.hu, series.hu, series.times, spacing=series.spacing,
+                           brain_mask=None)
+    except ValidationError:
+        return None
+
+
+def _motion(series: CTPSeries, start: Any) -> str | None:
     """A warning (logged and returned) when the skull's edges move between frames by more than
     ``ctperf maps``'s ``motion_unregistered`` flag allows: the network reads each voxel's curve
     as one tissue's, and a moving head mixes tissues (a probe's severely moved subject: CBV 45 %
     low, Tmax 2.5 s high, 17.6 % of a healthy brain over 6 s, said nowhere). None when still,
-    or without enough bone to tell."""
+    without enough bone to tell, or without a bolus (``start`` None, :func:`_study_start`)."""
     from ctperf.perfusion.inputs import pre_bolus_noise_sd
-    from ctperf.perfusion.onset import study_start
     from ctperf.perfusion.qc import MAX_SKULL_SHIFT_PX, skull_shift_px
 
-    try:
-        start = study_start(series.hu, series.hu, series.times, spacing=series.spacing,
-                            brain_mask=None)
-    except ValidationError:  # no bolus found: the scan-start check says why
+    if start is None:
         return None
     n_t = series.n_frames
     sample = np.flatnonzero(start.region.fitted.ravel())[::7]
@@ -255,19 +265,21 @@ def _predict(series: CTPSeries, checkpoint: str | Path | dict[str, Any], *, devi
         raise ValidationError(f"brain mask shape {np.shape(brain_mask)} differs from the "
                               f"study's {(z, ny, nx)}")
     pixel_note = _pixel_scale(series, cfg)
-    motion_note = _motion(series)
+    start = _study_start(series)
+    motion_note = _motion(series, start)
     mode, interval, note = _frame_selection(series.times, cfg)
     frames = select_frames(series.hu, series.times, n_frames=int(cfg["frames"]), mode=mode,
                            frame_interval=interval)
-    # read as the training studies' arrivals were: on the network's input frames, or (older
-    # checkpoints) on each study's own
+    t_in = input_times(series.times, n_frames=int(cfg["frames"]), mode=mode,
+                       frame_interval=interval)
+    own = None if start is None else onset.bolus_arrival_s(series, start)
+    # read as the training studies' arrivals were: on the network's input frames (the study's
+    # own when it takes them all), or (older checkpoints) on each study's own
     if cfg.get("bolus_arrival_on") == "input":
-        bolus_arrival_s = input_arrival_s(series, frames, input_times(
-            series.times, n_frames=int(cfg["frames"]), mode=mode, frame_interval=interval))
-        arrival_note = _arrival(cfg, bolus_arrival_s)
+        same = t_in.shape == series.times.shape and np.array_equal(t_in, series.times)
+        arrival_note = _arrival(cfg, own if same else input_arrival_s(series, frames, t_in))
     else:
-        arrival_note = _arrival(cfg, bolus_arrival_s if bolus_arrival_s is not None
-                                else input_arrival_s(series, series.hu, series.times))
+        arrival_note = _arrival(cfg, bolus_arrival_s if bolus_arrival_s is not None else own)
     # turned as the training slices were (checkpoints from before this have no orientation)
     flips = (radiological_flips(series.affine) if cfg.get("orientation") == ORIENTATION
              else (False, False))

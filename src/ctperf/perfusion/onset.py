@@ -268,12 +268,13 @@ def study_start(hu: np.ndarray, vhu: np.ndarray, times: np.ndarray, *,
     return _Start(padding, level, offset, n_base, bone_rim, onset, base, mean, region)
 
 
-def bolus_arrival_s(series: CTPSeries) -> float:
+def bolus_arrival_s(series: CTPSeries, start: _Start | None = None) -> float:
     """When the bolus reaches the study, s after its first frame, as the maps read it: the time
-    of the first frame after the pre-bolus frames (:func:`study_start`; they do not depend on
-    the brain). :func:`check_scan_start` returns it too."""
-    start = study_start(series.hu, series.hu, series.times, spacing=series.spacing,
-                        brain_mask=None)
+    of the first frame after the pre-bolus frames (:func:`study_start`, or ``start`` when the
+    caller has it; they do not depend on the brain). :func:`check_scan_start` returns it too."""
+    if start is None:
+        start = study_start(series.hu, series.hu, series.times, spacing=series.spacing,
+                            brain_mask=None)
     return _arrival_s(start.n_base, series.times)
 
 
