@@ -815,6 +815,54 @@ def test_gantry_tilt_keeps_the_voxel_volume(tmp_path, rng):
     assert series.voxel_ml == pytest.approx(0.5 * 0.45 * 5.0 * np.cos(tilt) / 1000, abs=1e-6)
 
 
+def test_one_slice_takes_its_thickness_and_needs_one(tmp_path, rng):
+    """A study of one slice has no second position to step to: its voxel depth is
+    SpacingBetweenSlices, else SliceThickness (a negative spacing, as some writers store it,
+    by its size). With neither (SliceThickness is type 2, present and empty), every volume in
+    mL is unknown: refused, naming the file, rather than read as 1 mm deep."""
+    def spacing_6(ds, t, z):
+        ds.SpacingBetweenSlices = "-6"
+
+    one = read_dicom_series(write_fake_study(tmp_path / "a", rng, n_slices=1,
+                                             edit=spacing_6).folder)
+    assert one.voxel_ml == pytest.approx(0.5 * 0.45 * 6.0 / 1000)
+    assert read_dicom_series(write_fake_study(tmp_path / "b", rng, n_slices=1).folder
+                             ).voxel_ml == pytest.approx(0.5 * 0.45 * 5.0 / 1000)
+
+    def no_thickness(ds, t, z):
+        ds.SliceThickness = None
+
+    study = write_fake_study(tmp_path / "c", rng, n_slices=1, edit=no_thickness)
+    with pytest.raises(InputError, match="one slice and no SliceThickness or "
+                                         "SpacingBetweenSlices: its thickness"):
+        read_dicom_series(study.folder)
+    # three slices without a thickness are stepped by their positions, as before
+    assert read_dicom_series(write_fake_study(tmp_path / "d", rng, edit=no_thickness).folder
+                             ).spacing[0] == pytest.approx(5.0, abs=1e-4)
+
+
+@pytest.mark.parametrize("cosines, match", [
+    ([2, 0, 0, 0, 2, 0], r"direction cosines have lengths \[2.0, 2.0\], not 1"),
+    ([1, 0, 0, np.sin(np.deg2rad(17)), np.cos(np.deg2rad(17)), 0],
+     "rows and columns are 73.0 degrees apart, not perpendicular")])
+def test_orientation_that_no_scanner_writes_is_refused(tmp_path, rng, cosines, match):
+    """ImageOrientationPatient holds two perpendicular unit vectors. Cosines of length 2 would
+    double every pixel (4x every volume) against PixelSpacing, and skewed axes put the image
+    nowhere: both refused, naming the file. Six-digit cosines of a tilted gantry are read."""
+    def edit(ds, t, z):
+        ds.ImageOrientationPatient = [f"{v:.8g}" for v in cosines]
+
+    study = write_fake_study(tmp_path / "s", rng, n_slices=1, edit=edit)
+    with pytest.raises(InputError, match=match):
+        read_dicom_series(study.folder)
+
+    def six_digits(ds, t, z):
+        ds.ImageOrientationPatient = ["1", "0", "0", "0", "0.978148", "-0.207912"]
+
+    assert read_dicom_series(write_fake_study(tmp_path / "t", rng, edit=six_digits).folder
+                             ).hu.shape[1] == 3
+
+
 @pytest.mark.parametrize("per_slice, shuttle", [(True, False), (False, True)])
 def test_reads_enhanced_multiframe_study(tmp_path, rng, per_slice, shuttle):
     """Enhanced CT: many frames per file, in any order, with position, orientation, spacing,

@@ -500,9 +500,33 @@ def _depths(slices: Sequence[Sequence[Header]]) -> np.ndarray:
     return along_normal([s[0] for s in slices], slice_normal(iop))
 
 
-def _geometry(root: Path, headers: Sequence[Header], *,
-              modality: str | None) -> tuple[list[list[Header]], np.ndarray, tuple[int, int]]:
-    """Check one grid; files grouped by slice (ascending along the normal), RAS affine, (Y, X)."""
+#: How far ImageOrientationPatient's direction cosines may stray from unit length and from
+#: perpendicular (their dot product): decimal strings of 6 digits stray by about 1e-6, of 3
+#: digits by up to about 2e-3.
+ORIENTATION_TOL = 5e-3
+
+
+def _check_orientation(path: Path, iop: np.ndarray) -> None:
+    """Refuse direction cosines that are not two perpendicular unit vectors: their lengths scale
+    every pixel (and volume), and skewed axes put the slices' geometry nowhere a scanner has."""
+    lengths = np.linalg.norm(iop.reshape(2, 3), axis=1)
+    if np.any(np.abs(lengths - 1.0) > ORIENTATION_TOL):
+        raise InputError(path, f"ImageOrientationPatient's direction cosines have lengths "
+                               f"{np.round(lengths, 4).tolist()}, not 1")
+    cosine = float(iop[:3] @ iop[3:]) / float(np.prod(lengths))
+    if abs(cosine) > ORIENTATION_TOL:
+        angle = float(np.degrees(np.arccos(np.clip(cosine, -1.0, 1.0))))
+        raise InputError(path, f"ImageOrientationPatient's rows and columns are {angle:.1f} "
+                               "degrees apart, not perpendicular")
+
+
+def _geometry(root: Path, headers: Sequence[Header], *, modality: str | None,
+              study: bool = True) -> tuple[list[list[Header]], np.ndarray, tuple[int, int]]:
+    """Check one grid; files grouped by slice (ascending along the normal), RAS affine, (Y, X).
+
+    A study of one slice needs its thickness (every volume in mL hangs on it); a 3D series read
+    beside a study (``study=False``: a dataset's map, placed by its slice positions) takes 1 mm.
+    """
     modalities = {str(h.get("Modality", "")) for h in headers}
     if len(modalities) > 1:
         raise InputError(root, f"mixed modalities in one series: {sorted(modalities)}")
@@ -511,6 +535,7 @@ def _geometry(root: Path, headers: Sequence[Header], *,
                                           f"expected {modality}")
     rows, cols = int(_check_same(headers, "Rows")), int(_check_same(headers, "Columns"))
     iop = _check_same(headers, "ImageOrientationPatient", count=6, atol=1e-4)
+    _check_orientation(headers[0].path, iop)
     spacing = _check_same(headers, "PixelSpacing", count=2, atol=1e-4)
     if not np.all(spacing > 0):
         raise InputError(headers[0].path, f"PixelSpacing must be > 0 mm, got {spacing.tolist()}")
@@ -525,8 +550,13 @@ def _geometry(root: Path, headers: Sequence[Header], *,
                              f"inconsistent slice spacing: gaps {np.round(gaps, 3).tolist()} mm")
         slice_step = (positions[-1] - positions[0]) / (len(slices) - 1)
     else:
-        thickness = (optional_number(headers[0], "SpacingBetweenSlices")
-                     or optional_number(headers[0], "SliceThickness") or 1.0)
+        given = [abs(v) for v in (optional_number(headers[0], "SpacingBetweenSlices"),
+                                  optional_number(headers[0], "SliceThickness")) if v]
+        thickness = given[0] if given else (None if study else 1.0)
+        if thickness is None:
+            raise InputError(headers[0].path, "one slice and no SliceThickness or "
+                                              "SpacingBetweenSlices: its thickness, and with it "
+                                              "every volume in mL, is unknown")
         slice_step = normal * thickness
     lps = np.eye(4)
     lps[:3, 0] = iop[:3] * spacing[1]
@@ -738,7 +768,7 @@ def read_dicom_volume(folder: PathLike, *, series_uid: str | None = None,
     root = Path(folder)
     headers = choose_series(root, read_dicom_headers(root), series_uid,
                              time_course=False).headers
-    slices, affine, (rows, cols) = _geometry(root, headers, modality=None)
+    slices, affine, (rows, cols) = _geometry(root, headers, modality=None, study=False)
     for s in slices:
         if len(s) > 1:
             raise InputError(s[1].path, f"{len(s)} files at one slice position "
