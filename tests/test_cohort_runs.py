@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctperf.errors import InputError
+from ctperf.errors import CTPerfError, InputError
 from ctperf.io import atomic_dir
 from ctperf.workflow.cohort import (
     MANIFEST,
@@ -472,6 +472,19 @@ def test_an_existing_dask_cluster_gives_the_local_clusters_maps(cohort, tmp_path
     assert {s: r["state"] for s, r in _rows(remote).items()} == {
         "sub-0000": "done", "sub-0001": "done", "sub-0002": "failed"}
     _maps_equal(local, remote)
+
+
+def test_an_unreachable_scheduler_leaves_no_output(tmp_path, monkeypatch):
+    """The scheduler is asked before OUT is made: a cluster that does not answer is one error
+    naming it, and no OUT holding a manifest of studies 'pending' that were never sent."""
+    import ctperf.workflow.cohort as cohort_module
+
+    monkeypatch.setattr(cohort_module, "SCHEDULER_TIMEOUT_S", 1)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    out = tmp_path / "out"
+    with pytest.raises(CTPerfError, match=f"cannot reach the Dask scheduler at {address}"):
+        run_cohort(_studies("a", "b"), out, _echo_task, {"upper": False}, scheduler=address)
+    assert not out.exists() and CALLS == []
 
 
 def test_default_workers_one_per_two_cores(monkeypatch):

@@ -6,6 +6,8 @@ import copy
 import datetime as dt
 import logging
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pydicom
@@ -772,6 +774,24 @@ def test_files_without_preamble_are_read(tmp_path, rng):
     for path in study.files.values():
         path.write_bytes(path.read_bytes()[132:])
     np.testing.assert_array_equal(read_dicom_series(study.folder).hu, study.hu)
+
+
+def test_junk_beside_a_study_is_passed_over_without_pydicom_noise(tmp_path, rng):
+    """Bytes that are no DICOM, named .dcm (seed 170's make pydicom warn twice, in its log and
+    as a UserWarning, when parsed by force), and a file of "DICM" alone: left out as other
+    files, with nothing from pydicom on the terminal (a separate process: pytest would catch
+    the warnings); alone in a folder, one line and exit 2."""
+    study = write_fake_study(tmp_path / "s", rng)
+    (study.folder / "junk.dcm").write_bytes(np.random.default_rng(170).bytes(3000))
+    (study.folder / "magic.dcm").write_bytes(b"DICM")
+    np.testing.assert_array_equal(read_dicom_series(study.folder).hu, study.hu)
+    for f in study.folder.rglob("0*"):
+        f.unlink()
+    run = subprocess.run([sys.executable, "-m", "ctperf", "info", str(study.folder)],
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        f"ctperf info: error: {study.folder}: no DICOM image files found (2 other files)"]
 
 
 def test_acquisition_time_across_midnight(tmp_path, rng):

@@ -117,6 +117,22 @@ def _find_files(root: Path) -> list[Path]:
     return sorted(files)
 
 
+#: The groups a bare dataset (no preamble) opens with: 0000 (ACR-NEMA's command group), 0002
+#: (file meta) or 0008 (identification), little- or big-endian.
+_BARE_START_GROUPS = frozenset((b"\x00\x00", b"\x02\x00", b"\x08\x00", b"\x00\x02",
+                                b"\x00\x08"))
+
+
+def _bare_dataset_start(path: Path) -> bool:
+    """Whether a file without a preamble opens as a bare dataset could: parsing other bytes
+    by force only makes pydicom print warnings about a file that is no DICOM."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(2) in _BARE_START_GROUPS
+    except OSError as exc:
+        raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None
+
+
 def _read_header(path: Path) -> list[Header] | None:
     """Headers without pixels, one per image (per frame of a multi-frame file); None for a
     non-DICOM file; InputError for a damaged one."""
@@ -126,6 +142,8 @@ def _read_header(path: Path) -> list[Header] | None:
         raise InputError(path, f"cannot read file ({exc.strerror or exc})") from None
     except InvalidDicomError:
         # no 128-byte preamble: old files may still be a bare dataset; text and others are not
+        if not _bare_dataset_start(path):
+            return None
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
         except Exception:  # anything that fails to parse without a preamble is not DICOM

@@ -388,54 +388,76 @@ def _in_process(todo: list[Study], out: Path, task: Task, options: Any
         yield study, _run_study(task, study, out / study.name, options)
 
 
-def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
-             scheduler: str | None, workers: int
-             ) -> Generator[tuple[Study, dict[str, Any]], None, None]:
-    import distributed
-
-    from ctperf.io.privacy import uid_key
-
-    # distributed logs its start and stop at INFO through the root handler: keep that for -v.
+@contextlib.contextmanager
+def _dask_quiet() -> Iterator[None]:
+    """distributed logs its start and stop at INFO through the root handler: kept for -v."""
     chatter = logging.getLogger("distributed")
     level = chatter.level
     if not log.isEnabledFor(logging.INFO):
         chatter.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        chatter.setLevel(level)
+
+
+#: Seconds to wait for an existing Dask scheduler to answer.
+SCHEDULER_TIMEOUT_S = 30
+
+
+def _connect(scheduler: str) -> Any:
+    """A client of the Dask scheduler at ``scheduler``, or CTPerfError naming it: asked before
+    the output folder is made, so that an unreachable cluster leaves nothing behind."""
+    import distributed
+
+    with _dask_quiet():
+        try:
+            return distributed.Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+        except (OSError, ValueError) as exc:
+            raise CTPerfError(f"cannot reach the Dask scheduler at {scheduler} "
+                              f"({_one_line(exc)})") from None
+
+
+def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
+             client: Any, workers: int
+             ) -> Generator[tuple[Study, dict[str, Any]], None, None]:
+    """The studies on ``client``'s cluster, or on a local cluster of ``workers`` processes
+    when it is None."""
+    import distributed
+
+    from ctperf.io.privacy import uid_key
+
     cluster = None
     environment = dict(os.environ)
-    try:
-        if scheduler is None:
-            # ":0": the scheduler's web server (it runs even without a dashboard) on a free
-            # port, so that clusters of several runs at once do not compete for one port
-            cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
-                                               processes=True, dashboard_address=":0",
-                                               silence_logs=logging.WARNING)
-            client = distributed.Client(cluster)
-        else:
-            try:
-                client = distributed.Client(scheduler, timeout=30)
-            except (OSError, ValueError) as exc:
-                raise CTPerfError(f"cannot reach the Dask scheduler at {scheduler} "
-                                  f"({_one_line(exc)})") from None
-        with client:
-            key = uid_key()
-            futures = {client.submit(_run_study, task, s, out / s.name, options, key,
-                                     key=f"ctperf-{s.name}-{time.time_ns()}", pure=False): s
-                       for s in todo}
-            for future in distributed.as_completed(futures):
-                study = futures[future]
-                try:
-                    row = future.result()
-                except Exception as exc:  # the worker died (memory, kill) or was lost
-                    row = {"state": "failed", "error": _one_line(exc), "started": None,
-                           "finished": _now()}
-                yield study, row
-    finally:
-        if cluster is not None:
-            cluster.close()
-        chatter.setLevel(level)
-        # Dask's nannies write their workers' settings (one BLAS thread, a hash seed, ...) into
-        # this process's environment, which the caller's later subprocesses would inherit
-        _restore_environment(environment)
+    with _dask_quiet():
+        try:
+            if client is None:
+                # ":0": the scheduler's web server (it runs even without a dashboard) on a
+                # free port, so that clusters of several runs at once do not compete for one
+                cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
+                                                   processes=True, dashboard_address=":0",
+                                                   silence_logs=logging.WARNING)
+                client = distributed.Client(cluster)
+            with client:
+                key = uid_key()
+                futures = {client.submit(_run_study, task, s, out / s.name, options, key,
+                                         key=f"ctperf-{s.name}-{time.time_ns()}",
+                                         pure=False): s
+                           for s in todo}
+                for future in distributed.as_completed(futures):
+                    study = futures[future]
+                    try:
+                        row = future.result()
+                    except Exception as exc:  # the worker died (memory, kill) or was lost
+                        row = {"state": "failed", "error": _one_line(exc), "started": None,
+                               "finished": _now()}
+                    yield study, row
+        finally:
+            if cluster is not None:
+                cluster.close()
+            # Dask's nannies write their workers' settings (one BLAS thread, a hash seed, ...)
+            # into this process's environment, which the caller's later subprocesses inherit
+            _restore_environment(environment)
 
 
 def _restore_environment(saved: dict[str, str]) -> None:
@@ -489,14 +511,19 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
     names = [s.name for s in studies]
     if len(set(names)) != len(names):
         raise ValueError("study names must be unique")
-    root = mark_output(out)
-    with folder_lock(root):
-        return _run_locked(studies, root, task, options, scheduler=scheduler, workers=workers,
-                           progress=progress, started=started)
+    client = _connect(scheduler) if scheduler is not None else None
+    try:
+        root = mark_output(out)
+        with folder_lock(root):
+            return _run_locked(studies, root, task, options, client=client, workers=workers,
+                               progress=progress, started=started)
+    finally:
+        if client is not None:
+            client.close()
 
 
 def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
-                scheduler: str | None, workers: int | None, progress: bool,
+                client: Any, workers: int | None, progress: bool,
                 started: float) -> CohortSummary:
     """:func:`run_cohort` once it holds the output folder's lock."""
     from ctperf.io.atomic import remove_stale_temporaries
@@ -536,11 +563,11 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
     done: list[str] = []
     failed: dict[str, str] = {}
     local = worker_count(len(todo), workers)
-    if not todo or (scheduler is None and local == 1):
+    if not todo or (client is None and local == 1):
         results = _in_process(todo, root, task, _threads(options, None))
     else:  # the cores shared out among the local workers; on another cluster one per study
-        threads = 1 if scheduler else max(1, usable_cores() // local)
-        results = _on_dask(todo, root, task, _threads(options, threads), scheduler=scheduler,
+        threads = 1 if client is not None else max(1, usable_cores() // local)
+        results = _on_dask(todo, root, task, _threads(options, threads), client=client,
                            workers=local)
     try:
         for study, row in results:
