@@ -278,6 +278,9 @@ def test_lesions_from_true_maps_equal_truth():
     voxel_ml = 0.5 * 0.5 * 5.0 / 1000
     assert res.volumes_ml["core"] == pytest.approx(core.sum() * voxel_ml)
     assert res.mismatch_ratio == pytest.approx(hypo.sum() / core.sum())
+    # hypoperfusion intensity ratio: Tmax > 10 s over Tmax > 6 s, 12 of 100 voxels a slice
+    assert res.hypoperfusion_intensity_ratio == pytest.approx(12 / 100)
+    assert res.summary()["hypoperfusion_intensity_ratio"] == pytest.approx(0.12)
     # Contralateral reference on a left-right symmetric brain gives the same core here.
     mirror_cbf = np.concatenate([cbf, np.full((2, 20, 30), 60.0)[:, :, ::-1]], axis=2)
     # (only checks it runs and finds the core in the affected side)

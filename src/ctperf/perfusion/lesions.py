@@ -4,7 +4,8 @@ The thresholds are the fields of :class:`LesionOptions`. Core: relative CBF belo
 ``core_rcbf`` (30 %) of normal tissue, or, when ``core_cbv`` is given, CBV below it (e.g.
 2.0 mL/100 g). Hypoperfused: Tmax above ``tmax_hypo`` (6 s); Tmax above ``tmax_severe`` (10 s)
 is reported too. Penumbra = hypoperfused minus core; mismatch ratio = hypoperfused / core
-volume.
+volume; hypoperfusion intensity ratio = the volume of Tmax above ``tmax_severe`` / hypoperfused
+(Olivot et al., Stroke 2014: a high ratio, such as above 0.4, goes with poor collaterals).
 
 By default the core is kept inside the hypoperfused region (``core_within_hypoperfused``):
 tissue whose flow has collapsed is also late, and low CBF in tissue with a normal Tmax is noise
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class LesionResult:
-    """Lesion masks (bool, (Z, Y, X)), volumes in mL, mismatch ratio and thresholds used.
+    """Lesion masks (bool, (Z, Y, X)), volumes in mL, mismatch and hypoperfusion intensity
+    ratios (None where their denominator is 0 mL) and thresholds used.
 
     ``thresholds`` holds numbers, each with a readable ``label``: ``core`` (``rcbf_below`` and
     the ``reference``, or ``cbv_below_ml_per_100g``), ``hypoperfused`` and ``tmax10``
@@ -59,6 +61,7 @@ class LesionResult:
     mismatch_ratio: float | None
     thresholds: dict[str, Any] = field(default_factory=dict)
     volumes_sd_ml: dict[str, float] | None = None
+    hypoperfusion_intensity_ratio: float | None = None
 
     def masks(self) -> dict[str, np.ndarray]:
         """The four masks by file name (``core``, ``hypoperfused``, ``penumbra``, ``tmax10``)."""
@@ -66,8 +69,9 @@ class LesionResult:
                 "penumbra": self.penumbra, "tmax10": self.tmax_severe}
 
     def summary(self) -> dict[str, Any]:
-        """JSON-ready volumes, mismatch ratio and thresholds."""
+        """JSON-ready volumes, mismatch and hypoperfusion intensity ratios and thresholds."""
         out = {"volumes_ml": dict(self.volumes_ml), "mismatch_ratio": self.mismatch_ratio,
+               "hypoperfusion_intensity_ratio": self.hypoperfusion_intensity_ratio,
                "thresholds": dict(self.thresholds)}
         if self.volumes_sd_ml is not None:
             out["volumes_sd_ml"] = dict(self.volumes_sd_ml)
@@ -434,6 +438,7 @@ def segment_lesions(
                "penumbra": float(penumbra.sum() * voxel_ml),
                "tmax10": float(severe.sum() * voxel_ml)}
     ratio = volumes["hypoperfused"] / volumes["core"] if volumes["core"] > 0 else None
+    hir = volumes["tmax10"] / volumes["hypoperfused"] if volumes["hypoperfused"] > 0 else None
     thresholds = _thresholds(o, reference if isinstance(reference, str) else "given",
                              ref_value=ref_value, midplane=mid_info)
     sd_ml = None
@@ -445,7 +450,7 @@ def segment_lesions(
                            samples=samples, voxel_ml=voxel_ml)
     return LesionResult(core=core, hypoperfused=hypo, penumbra=penumbra, tmax_severe=severe,
                         volumes_ml=volumes, mismatch_ratio=ratio, thresholds=thresholds,
-                        volumes_sd_ml=sd_ml)
+                        volumes_sd_ml=sd_ml, hypoperfusion_intensity_ratio=hir)
 
 
 def _thresholds(o: LesionOptions, reference: str, *, ref_value: float | None,

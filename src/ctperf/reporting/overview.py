@@ -40,6 +40,7 @@ def volume_text(lesions: Mapping[str, Any], name: str) -> str:
 def _summary_lines(prov: Mapping[str, Any]) -> list[str]:
     les = prov["lesions"]
     mr = les["mismatch_ratio"]
+    hir = les.get("hypoperfusion_intensity_ratio")  # absent from summaries before it
     vol = {k: volume_text(les, k) for k in ("core", "hypoperfused", "penumbra", "tmax10")}
     lines = [f"method {prov['method']}   rho {prov['constants']['rho_g_per_ml']}   "
              f"kH {prov['constants']['kh']}",
@@ -48,7 +49,8 @@ def _summary_lines(prov: Mapping[str, Any]) -> list[str]:
              f"(Tmax > {les['thresholds']['hypoperfused']['tmax_above_s']} s)",
              f"penumbra {vol['penumbra']}   "
              f"Tmax>{les['thresholds']['tmax10']['tmax_above_s']:g} s {vol['tmax10']}",
-             f"mismatch ratio {'-' if mr is None else f'{mr:.1f}'}",
+             f"mismatch ratio {'-' if mr is None else f'{mr:.1f}'}   "
+             f"hypoperfusion intensity ratio {'-' if hir is None else f'{hir:.2f}'}",
              "outlines: magenta core, white Tmax > threshold", "QC:"]
     raised = [k for k, v in prov["qc"].items() if v["flag"]]
     lines += [f"  ! {k}: {prov['qc'][k]['reason']}" for k in raised] or ["  no flags raised"]
