@@ -83,6 +83,15 @@ def test_cache_shapes_dtypes_and_index(cohort: Path, tmp_path: Path):
     assert not cache.inputs.flags.writeable  # opened as a read-only memory map
 
 
+@pytest.mark.parametrize("size", [None, 32])
+def test_cache_progress_counts_every_patient(cohort: Path, tmp_path: Path, capsys, size):
+    """The bar counts the three patients whether the size is given or taken from the first
+    patient, who is then read alone before the others (it had been left out of the bar)."""
+    build_slice_cache(cohort, tmp_path, size=size, frames=8, progress=True)
+    last = capsys.readouterr().err.replace("\r", "\n").strip().splitlines()[-1]
+    assert last.startswith("slice cache: 100%") and " 3/3 " in last
+
+
 def test_cache_is_reused_not_rebuilt(cohort: Path, tmp_path: Path):
     first = build_slice_cache(cohort, tmp_path, size=32, frames=8)
     stamp = (first.path / "inputs.npy").stat().st_mtime_ns

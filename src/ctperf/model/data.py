@@ -499,6 +499,8 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
     progress : bool
         Show a progress bar over patients.
     """
+    from tqdm.auto import tqdm
+
     from ctperf.io import atomic_dir
     from ctperf.parallel import map_chunks, usable_cores
 
@@ -525,15 +527,24 @@ def build_slice_cache(cohort: str | Path, cache_root: str | Path, *, size: int |
         with atomic_dir(path) as tmp:
             part = partial(_write_part, root=root, tmp=tmp, path=path, frame_mode=frame_mode,
                            frame_interval=frame_interval, hu_window=hu_window)
-            first = []
-            if size is None or frames is None:  # the first patient's own, read first
-                first = [part(0, *loaders[0], size=size, frames=frames)]
-                size, frames = first[0].size, first[0].frames
-            k = len(first)
-            parts = [*first, *map_chunks(
-                lambda i, _: part(i + k, *loaders[i + k], size=size, frames=frames),
-                len(loaders) - k, chunk=1, workers=workers or min(CACHE_WORKERS, usable_cores()),
-                progress=progress, desc="slice cache", unit="patient")]
+            # one bar over every patient, the first one too when it is read alone first
+            bar = tqdm(total=len(loaders), desc="slice cache", unit="patient",
+                       disable=not progress)
+
+            def one(i: int) -> _Part:
+                done = part(i, *loaders[i], size=size, frames=frames)
+                bar.update()
+                return done
+
+            with bar:
+                first = []
+                if size is None or frames is None:  # the first patient's own, read first
+                    first = [one(0)]
+                    size, frames = first[0].size, first[0].frames
+                k = len(first)
+                parts = [*first, *map_chunks(
+                    lambda i, _: one(i + k), len(loaders) - k, chunk=1,
+                    workers=workers or min(CACHE_WORKERS, usable_cores()))]
             n = _assemble(tmp, parts, size=size, frames=frames, root=root)
             _warn_mixed_steps({p.pid: p.step for p in parts})
             meta = {**config, **_index(parts), "size": size, "frames": frames,
