@@ -265,6 +265,40 @@ def test_plain_nelder_mead_has_no_cbf_outliers(noise, rng):
         assert ratio.max() <= 1.3, (mode, labels[np.argmax(ratio)], ratio.max())
 
 
+@pytest.mark.parametrize("step", [2.0, 3.0])
+def test_nlr_fast_reaches_the_box_least_squares_on_coarse_frames(step, rng):
+    """Noise-free box, exponential and gamma residues with 0-1.5 s of dispersion, sampled every
+    2 or 3 s: nlr-fast's misfit is never well above the plain simplex's. From its whole-frame
+    grid start alone, its Newton polish had stopped in a local minimum on such curves (a
+    probe's: CBF 98.3 for the simplex's 65.6, misfit 12 times as large; 3 of 120 curves at
+    2 s, 4 at 3 s); the starts half a frame earlier and later reach the simplex's fit."""
+    from scipy import special
+
+    times = np.arange(0.0, 60.0, step)
+    fine_t = np.arange(0, 120 + FINE / 2, FINE)
+    ca = _aif_fine(fine_t)
+    sample = np.rint(times / FINE).astype(int)
+    curves = []
+    for shape in ("box", "exponential", "gamma"):
+        for _ in range(40):
+            cbf, mtt = rng.uniform(10, 60), rng.uniform(3, 12)
+            delay, tau = rng.uniform(0, 6), rng.uniform(0.02, 1.5)
+            r = {"box": (fine_t < mtt).astype(float), "exponential": np.exp(-fine_t / mtt),
+                 "gamma": special.gammaincc(3.0, 3.0 * fine_t / mtt)}[shape]
+            h = np.exp(-fine_t / tau)
+            eff = fftconvolve(h / h.sum(), r)[: fine_t.size]
+            conv = fftconvolve(ca, eff)[: fine_t.size] * FINE
+            shifted = np.interp(fine_t - delay, fine_t, conv, left=0.0)
+            curves.append(RHO / KH * cbf / 6000.0 * shifted[sample])
+    c, aif = np.array(curves).T, ca[sample]
+    simplex = fit_box_nlr(c, aif, times, method="nlr")
+    fast = fit_box_nlr(c, aif, times, method="nlr-fast")
+    # misfits of 0.01-0.2 HU: where both reach one minimum they agree to 0.02 %, a local
+    # minimum left the misfit 3-12 times the simplex's
+    worse = fast.residual > 1.5 * simplex.residual + 1e-3
+    assert not worse.any(), (np.flatnonzero(worse), fast.residual[worse], simplex.residual[worse])
+
+
 def test_simplex_in_cbf_coordinates_stalls():
     """The cause of the outliers, kept here as a reference: the same simplex run in (CBF, MTT,
     delay) coordinates (fminsearch's 5 % simplex around the reference start, as before) stalls
