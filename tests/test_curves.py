@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -391,6 +392,28 @@ def test_curves_csv_clock_times(tmp_path, start, hours):
     src.write_text("\n".join([head, *clocked[:5], lines[5], *clocked[6:]]) + "\n")
     with pytest.raises(InputError, match=r"line 7.*clock times"):
         read_curves_csv(src)
+
+
+def test_curves_csv_clock_times_to_the_whole_second_are_warned_of(tmp_path, caplog):
+    """Frames 1.5 s apart written as clock times without fractions of a second step by 1 and
+    2 s in turn, each time off by up to 0.5 s: read as written, with a warning naming the
+    column. A two-rate protocol in whole seconds (1 s, then 3 s) is not warned of."""
+    def table(times, name):
+        src = tmp_path / name
+        rows = [f"{_clock(36000.0 + float(np.floor(t)), hours=True)[:8]},{40 + (t > 6)},35"
+                for t in times]
+        src.write_text("\n".join(["time,aif,gm", *rows]) + "\n")
+        return src
+
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.curves_csv"):
+        read = read_curves_csv(table(np.arange(30) * 1.5, "a.csv"))
+    assert set(np.diff(read.times)) == {1.0, 2.0}
+    assert "column 'time' holds clock times to the whole second, with steps of 1, 2 s" \
+        in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.curves_csv"):
+        read_curves_csv(table(np.r_[np.arange(20.0), 20 + 3 * np.arange(10)], "b.csv"))
+    assert "whole second" not in caplog.text
 
 
 def test_curves_csv_decimal_comma(tmp_path):

@@ -173,6 +173,22 @@ def _clock_seconds(cell: str) -> float | None:
     return 3600.0 * int(hours or 0) + 60.0 * int(minutes) + float(seconds.replace(",", "."))
 
 
+def _say_whole_seconds(p: Path, name: str, cells: Sequence[str], times: np.ndarray) -> None:
+    """Warn of clock times written to the whole second whose steps alternate: frames 1.5 s
+    apart read as steps of 1 and 2 s, each time off by up to 0.5 s (on a probe's curves bSVD's
+    CBF and MTT moved by up to 9 %, its Tmax by 6 %). Steps all alike, or changing at most
+    twice (a protocol of two or three rates, 1 s then 3 s), are left unsaid."""
+    if any(re.search(r"[.,]\d", cell) for cell in cells):
+        return
+    step = np.round(np.diff(times), 6)
+    if np.count_nonzero(np.diff(step)) > 2:
+        steps = np.unique(step)
+        log.warning("%s: column %r holds clock times to the whole second, with steps of %s s: "
+                    "each frame's time may be off by up to 0.5 s, which moves CBF, MTT and "
+                    "Tmax; export the times with fractions of a second, or in seconds",
+                    p, name, ", ".join(f"{v:g}" for v in steps[:4]))
+
+
 def _is_number(cell: str, decimal_comma: bool) -> bool:
     try:
         _number(cell, decimal_comma)
@@ -342,6 +358,8 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
         times = values[:, where["time"]].copy()
         past_midnight = np.concatenate([[False], np.diff(times) < -43200.0])
         times += 86400.0 * np.cumsum(past_midnight)  # a scan across midnight
+        _say_whole_seconds(p, header[where["time"]], [r[where["time"]] for r in rows[first:]],
+                           times)
     if not np.all(np.diff(times) > 0):
         bad = int(np.argmax(np.diff(times) <= 0)) + first + 2
         raise InputError(p, f"times must increase from row to row (line {bad})")
