@@ -72,9 +72,8 @@ CURVE_FLAGS: dict[str, str] = {
              f"{SPIKE_SDS:g} SDs of its noise and by more of the curve's peak than a bolus "
              "sampled on those frames can (motion, or a streak through that frame): its values "
              "are not reliable",
-    "tmax_after_peak": "its Tmax (s after the AIF) comes after its own peak less the AIF's "
-                       "arrival (both s after the first frame), by more than 1 s or a frame "
-                       "interval, which no residue function can: the deconvolved residue's "
+    "tmax_after_peak": "its Tmax (s after the AIF) comes after its own peak (s after the first "
+                       "frame), which no residue function can: the deconvolved residue's "
                        "maximum is noise or a lag wrapped round the circular window; its Tmax "
                        "and delay are not reliable",
     "vessel": "it peaks, smoothed over time, above a quarter of the AIF's peak, as only a "
@@ -235,27 +234,6 @@ def _peaks_before(t: np.ndarray, aif: np.ndarray, ttp: np.ndarray) -> np.ndarray
     step = float(np.diff(t)[min(k, t.size - 2)])
     with np.errstate(invalid="ignore"):
         return np.asarray(ttp < (t[k] - t[0]) - max(1.0, step))
-
-
-def _tmax_after_peak(t: np.ndarray, aif: np.ndarray, tmax: np.ndarray,
-                     ttp: np.ndarray) -> np.ndarray:
-    """Which curves' Tmax (s after the AIF) lies beyond their time to peak ``ttp`` (s from
-    the first frame) less the AIF's arrival, by more than 1 s or the median frame step: a
-    tissue curve is the AIF convolved with a residue whose maximum comes Tmax after it, and
-    cannot peak before the AIF's arrival plus that Tmax (over box, exponential and gamma
-    residues of MTT 2-24 s, dispersion 0-2.5 s and delays 0-8 s, noise-free, it peaked 0.1 s
-    or more after it, the maximum of a dispersed box taken at its plateau's end). The arrival
-    is the frame before the AIF, smoothed, first rises by a tenth of its peak (0 when it does
-    not stand out of its noise); it had been taken as 0, so that a bolus arriving 8 s into the
-    scan let a Tmax 8 s too late pass."""
-    try:
-        onset = float(t[max(bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0) - 1, 0)]
-                      - t[0])
-    except ValidationError:
-        onset = 0.0
-    slack = max(1.0, float(np.median(np.diff(t))))
-    with np.errstate(invalid="ignore"):
-        return np.asarray(tmax > ttp - onset + slack)  # NaN compares False
 
 
 def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> None:
@@ -422,7 +400,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         flags["below_baseline"]["flag"] = False
     per_curve = curve_flags(tis, n_base, t, aif=vessels[:, 0])
     early = _peaks_before(t, vessels[:, 0], out["ttp"])
-    late = _tmax_after_peak(t, vessels[:, 0], out["tmax"], out["ttp"])
+    late = out["tmax"] > out["ttp"]  # NaN compares False
     per_curve = tuple(f + ("peaks_before_aif",) * bool(hit and "no_enhancement" not in f)
                       + ("tmax_after_peak",) * bool(after and "no_enhancement" not in f)
                       for f, hit, after in zip(per_curve, early, late, strict=True))
