@@ -397,7 +397,8 @@ def test_curves_csv_clock_times(tmp_path, start, hours):
 def test_curves_csv_clock_times_to_the_whole_second_are_warned_of(tmp_path, caplog):
     """Frames 1.5 s apart written as clock times without fractions of a second step by 1 and
     2 s in turn, each time off by up to 0.5 s: read as written, with a warning naming the
-    column. A two-rate protocol in whole seconds (1 s, then 3 s) is not warned of."""
+    column. A protocol of two or four rates in whole seconds, or 1 s frames with two dropped,
+    are not warned of."""
     def table(times, name):
         src = tmp_path / name
         rows = [f"{_clock(36000.0 + float(np.floor(t)), hours=True)[:8]},{40 + (t > 6)},35"
@@ -411,9 +412,13 @@ def test_curves_csv_clock_times_to_the_whole_second_are_warned_of(tmp_path, capl
     assert "column 'time' holds clock times to the whole second, with steps of 1, 2 s" \
         in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="ctperf.io.curves_csv"):
-        read_curves_csv(table(np.r_[np.arange(20.0), 20 + 3 * np.arange(10)], "b.csv"))
-    assert "whole second" not in caplog.text
+    for name, times in (("b.csv", np.r_[np.arange(20.0), 20 + 3 * np.arange(10)]),  # 1, 3 s
+                        ("c.csv", np.delete(np.arange(30.0), [9, 19])),  # two frames dropped
+                        ("d.csv", np.cumsum(np.r_[0, [2.0] * 5, [1.0] * 10, [2.0] * 5,
+                                                  [3.0] * 5]))):  # four phases
+        with caplog.at_level(logging.WARNING, logger="ctperf.io.curves_csv"):
+            read_curves_csv(table(times, name))
+        assert "whole second" not in caplog.text, name
 
 
 def test_curves_csv_decimal_comma(tmp_path):

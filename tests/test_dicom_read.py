@@ -868,7 +868,8 @@ def test_one_slice_takes_its_thickness_and_needs_one(tmp_path, rng):
 def test_orientation_that_no_scanner_writes_is_refused(tmp_path, rng, cosines, match):
     """ImageOrientationPatient holds two perpendicular unit vectors. Cosines of length 2 would
     double every pixel (4x every volume) against PixelSpacing, and skewed axes put the image
-    nowhere: both refused, naming the file. Six-digit cosines of a tilted gantry are read."""
+    nowhere: both refused, naming the file. Cosines of a tilted gantry written with six
+    digits, or two, are read."""
     def edit(ds, t, z):
         ds.ImageOrientationPatient = [f"{v:.8g}" for v in cosines]
 
@@ -876,11 +877,13 @@ def test_orientation_that_no_scanner_writes_is_refused(tmp_path, rng, cosines, m
     with pytest.raises(InputError, match=match):
         read_dicom_series(study.folder)
 
-    def six_digits(ds, t, z):
-        ds.ImageOrientationPatient = ["1", "0", "0", "0", "0.978148", "-0.207912"]
+    for digits in (["1", "0", "0", "0", "0.978148", "-0.207912"],  # six digits
+                   ["1", "0", "0", "0", "0.98", "-0.17"]):  # two: 10 degrees, length 0.9946
+        def tilted(ds, t, z, digits=digits):
+            ds.ImageOrientationPatient = digits
 
-    assert read_dicom_series(write_fake_study(tmp_path / "t", rng, edit=six_digits).folder
-                             ).hu.shape[1] == 3
+        assert read_dicom_series(write_fake_study(tmp_path / digits[-1], rng, edit=tilted
+                                                  ).folder).hu.shape[1] == 3
 
 
 @pytest.mark.parametrize("per_slice, shuttle", [(True, False), (False, True)])

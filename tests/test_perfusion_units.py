@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import replace
 
 import numpy as np
@@ -281,6 +282,10 @@ def test_lesions_from_true_maps_equal_truth():
     # hypoperfusion intensity ratio: Tmax > 10 s over Tmax > 6 s, 12 of 100 voxels a slice
     assert res.hypoperfusion_intensity_ratio == pytest.approx(12 / 100)
     assert res.summary()["hypoperfusion_intensity_ratio"] == pytest.approx(0.12)
+    # defined on Tmax > 10 s over Tmax > 6 s: with another hypoperfusion threshold it is not it
+    other = segment_lesions(maps, reference=healthy,
+                            options=dataclasses.replace(THRESHOLDS_ONLY, tmax_hypo=9.0))
+    assert other.mismatch_ratio is not None and other.hypoperfusion_intensity_ratio is None
     # Contralateral reference on a left-right symmetric brain gives the same core here.
     mirror_cbf = np.concatenate([cbf, np.full((2, 20, 30), 60.0)[:, :, ::-1]], axis=2)
     # (only checks it runs and finds the core in the affected side)

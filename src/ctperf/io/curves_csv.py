@@ -176,13 +176,16 @@ def _clock_seconds(cell: str) -> float | None:
 def _say_whole_seconds(p: Path, name: str, cells: Sequence[str], times: np.ndarray) -> None:
     """Warn of clock times written to the whole second whose steps alternate: frames 1.5 s
     apart read as steps of 1 and 2 s, each time off by up to 0.5 s (on a probe's curves bSVD's
-    CBF and MTT moved by up to 9 %, its Tmax by 6 %). Steps all alike, or changing at most
-    twice (a protocol of two or three rates, 1 s then 3 s), are left unsaid."""
+    CBF and MTT moved by up to 9 %, its Tmax by 6 %). Steps all alike, a few frames dropped, or
+    a protocol of several rates (1 s then 3 s) are left unsaid."""
     if any(re.search(r"[.,]\d", cell) for cell in cells):
         return
     step = np.round(np.diff(times), 6)
-    if np.count_nonzero(np.diff(step)) > 2:
-        steps = np.unique(step)
+    steps, counts = np.unique(step, return_counts=True)
+    # two steps 1 s apart, each a quarter of them or more, changing more than twice: frames
+    # between whole seconds (a dropped frame or a protocol of several rates is none of that)
+    if (steps.size == 2 and steps[1] - steps[0] == 1.0 and counts.min() >= 0.25 * step.size
+            and np.count_nonzero(np.diff(step)) > 2):
         log.warning("%s: column %r holds clock times to the whole second, with steps of %s s: "
                     "each frame's time may be off by up to 0.5 s, which moves CBF, MTT and "
                     "Tmax; export the times with fractions of a second, or in seconds",

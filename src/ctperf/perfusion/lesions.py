@@ -45,7 +45,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class LesionResult:
     """Lesion masks (bool, (Z, Y, X)), volumes in mL, mismatch and hypoperfusion intensity
-    ratios (None where their denominator is 0 mL) and thresholds used.
+    ratios (None where their denominator is 0 mL; the latter also when the Tmax thresholds are
+    not 6 and 10 s) and thresholds used.
 
     ``thresholds`` holds numbers, each with a readable ``label``: ``core`` (``rcbf_below`` and
     the ``reference``, or ``cbv_below_ml_per_100g``), ``hypoperfused`` and ``tmax10``
@@ -438,7 +439,10 @@ def segment_lesions(
                "penumbra": float(penumbra.sum() * voxel_ml),
                "tmax10": float(severe.sum() * voxel_ml)}
     ratio = volumes["hypoperfused"] / volumes["core"] if volumes["core"] > 0 else None
-    hir = volumes["tmax10"] / volumes["hypoperfused"] if volumes["hypoperfused"] > 0 else None
+    # Olivot's ratio is that of Tmax > 10 s to Tmax > 6 s: with other thresholds it is not it
+    standard = (o.tmax_hypo, o.tmax_severe) == (6.0, 10.0)
+    hir = (volumes["tmax10"] / volumes["hypoperfused"]
+           if standard and volumes["hypoperfused"] > 0 else None)
     thresholds = _thresholds(o, reference if isinstance(reference, str) else "given",
                              ref_value=ref_value, midplane=mid_info)
     sd_ml = None
