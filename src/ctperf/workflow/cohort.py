@@ -413,7 +413,7 @@ def _connect(scheduler: str) -> Any:
     with _dask_quiet():
         try:
             return distributed.Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
-        except (OSError, ValueError) as exc:
+        except Exception as exc:  # also a server that is no Dask scheduler (its bytes misread)
             raise CTPerfError(f"cannot reach the Dask scheduler at {scheduler} "
                               f"({_one_line(exc)})") from None
 
