@@ -570,12 +570,11 @@ def _geometry(root: Path, headers: Sequence[Header], *, modality: str | None,
     else:
         given = [abs(v) for v in (optional_number(headers[0], "SpacingBetweenSlices"),
                                   optional_number(headers[0], "SliceThickness")) if v]
-        thickness = given[0] if given else (None if study else 1.0)
-        if thickness is None:
+        if not given and study:
             raise InputError(headers[0].path, "one slice and no SliceThickness or "
                                               "SpacingBetweenSlices: its thickness, and with it "
                                               "every volume in mL, is unknown")
-        slice_step = normal * thickness
+        slice_step = normal * (given[0] if given else 1.0)
     lps = np.eye(4)
     lps[:3, 0] = iop[:3] * spacing[1]
     lps[:3, 1] = iop[3:] * spacing[0]

@@ -4,8 +4,9 @@ The thresholds are the fields of :class:`LesionOptions`. Core: relative CBF belo
 ``core_rcbf`` (30 %) of normal tissue, or, when ``core_cbv`` is given, CBV below it (e.g.
 2.0 mL/100 g). Hypoperfused: Tmax above ``tmax_hypo`` (6 s); Tmax above ``tmax_severe`` (10 s)
 is reported too. Penumbra = hypoperfused minus core; mismatch ratio = hypoperfused / core
-volume; hypoperfusion intensity ratio = the volume of Tmax above ``tmax_severe`` / hypoperfused
-(Olivot et al., Stroke 2014: a high ratio, such as above 0.4, goes with poor collaterals).
+volume; hypoperfusion intensity ratio = the volume of Tmax above ``tmax_severe`` / hypoperfused,
+given only at its defining 10 and 6 s (Olivot et al., Stroke 2014: a high ratio, such as above
+0.4, goes with poor collaterals).
 
 By default the core is kept inside the hypoperfused region (``core_within_hypoperfused``):
 tissue whose flow has collapsed is also late, and low CBF in tissue with a normal Tmax is noise

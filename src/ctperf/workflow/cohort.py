@@ -421,8 +421,8 @@ def _connect(scheduler: str) -> Any:
 def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
              client: Any, workers: int
              ) -> Generator[tuple[Study, dict[str, Any]], None, None]:
-    """The studies on ``client``'s cluster, or on a local cluster of ``workers`` processes
-    when it is None."""
+    """The studies on ``client``'s cluster (its caller closes it), or on a local cluster of
+    ``workers`` processes, started and closed here, when it is None."""
     import distributed
 
     from ctperf.io.privacy import uid_key
@@ -438,7 +438,7 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
                                                    processes=True, dashboard_address=":0",
                                                    silence_logs=logging.WARNING)
                 client = distributed.Client(cluster)
-            with client:
+            with client if cluster is not None else contextlib.nullcontext(client):
                 key = uid_key()
                 futures = {client.submit(_run_study, task, s, out / s.name, options, key,
                                          key=f"ctperf-{s.name}-{time.time_ns()}",
