@@ -985,3 +985,22 @@ def test_a_wide_or_split_arterial_bolus_is_flagged(shape, wide):
         flag = fit_curves(tissue, aif, t, method=method).provenance["qc"]["aif_wide"]
         assert flag["flag"] == (wide and judged), (shape, method, flag)
         assert (flag["value"] is None) == (not judged)
+
+
+def test_the_flag_reference_page_is_current():
+    """docs/qc.md explains every QC flag with the reason ctperf stores with it: it is made from
+    the same code, must be remade when a reason changes, and names every flag the maps and the
+    curves can raise."""
+    from pathlib import Path
+
+    from ctperf.perfusion.curvefit import CURVE_FLAGS, flag_reference
+    from ctperf.perfusion.qc import qc_flags
+
+    page = (Path(__file__).parents[1] / "docs" / "qc.md").read_text(encoding="utf-8")
+    assert page == flag_reference(), (
+        "docs/qc.md is out of date: remake it as its first paragraph says")
+    t = np.arange(40, dtype=np.float64)
+    names = [*qc_flags(times=t, aif=np.exp(-0.5 * ((t - 15) / 3) ** 2)), "lesion_no_bolus",
+             *CURVE_FLAGS]
+    for name in names:
+        assert f"| `{name}` |" in page, name

@@ -34,11 +34,12 @@ from ctperf.perfusion.curves import (
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import MIN_FRAMES, vessel_curves
 from ctperf.perfusion.onset import pre_bolus_frames
-from ctperf.perfusion.qc import check_first_pass_sampled, qc_flags
+from ctperf.perfusion.qc import check_first_pass_sampled, lesion_no_bolus_flag, qc_flags
 from ctperf.perfusion.voxelfit import SD_MAPS, fit_voxels
 from ctperf.types import METHODS
 
-__all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_curves"]
+__all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_curves",
+           "flag_reference"]
 
 #: The QC flags (:func:`~ctperf.perfusion.qc_flags`) that curves in any unit can be judged by
 #: (the AIF's peak height and the baseline's noise are judged in HU, the brain's size and the
@@ -421,3 +422,38 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                   **fitted}
     return CurveFit(**out, sd=sd, flags=per_curve, provenance=provenance, tissue=tis,
                     aif=aif_used, vof=None if v is None else vessels[:, 1])
+
+
+def flag_reference() -> str:
+    """Every QC flag of the maps and of the curves as Markdown (docs/qc.md), with the reasons
+    ``summary.json`` and the curves' sidecar give, from the same code."""
+    t = np.arange(60, dtype=np.float64)
+    aif = 400.0 * np.clip(t - 10.0, 0.0, None) ** 3 * np.exp(-np.clip(t - 10.0, 0.0, None) / 1.5)
+    maps = qc_flags(times=t, aif=aif / aif.max())
+    maps["lesion_no_bolus"] = lesion_no_bolus_flag(None)
+
+    def cell(text: str) -> str:
+        return " ".join(text.split()).replace("|", "\\|")
+
+    lines = ["# Quality-control flags", "",
+             "What each flag means, in the words ctperf stores with it (this page is made from "
+             "them: `python -c \"from ctperf.perfusion.curvefit import flag_reference; "
+             "print(flag_reference(), end='')\" > docs/qc.md`).", "",
+             "## The maps' flags", "",
+             "`ctperf maps` (and `compute_maps`, `analyse_study`, the demo, `ctperf reproduce`'s "
+             "references) stores every flag in `summary.json` under `qc` as `{\"flag\": true or "
+             "false, \"value\": a number or null, \"reason\": the text below}`; the raised "
+             "ones are logged and printed on `overview.png`. A flag that cannot be judged "
+             "(no motion correction run, no VOF asked for) has the value null. `ctperf curves` "
+             "judges the ones marked in the last column (the others need an image or HU) and "
+             "stores them under `qc` in its JSON sidecar.", "",
+             "| flag | raised when | `ctperf curves` |", "|---|---|---|"]
+    lines += [f"| `{name}` | {cell(entry['reason'])} | {'yes' if name in CURVE_QC else ''} |"
+              for name, entry in maps.items()]
+    lines += ["", "## Each curve's flags (`ctperf curves`)", "",
+              "The output table's `flags` column names those a curve raised (separated by "
+              "semicolons); the sidecar's `curve_flags` lists, per flag, the curves that raised it "
+              "and its reason. Each curve is judged on its own.", "",
+              "| flag | the curve |", "|---|---|"]
+    lines += [f"| `{name}` | {cell(reason)} |" for name, reason in CURVE_FLAGS.items()]
+    return "\n".join(lines) + "\n"

@@ -554,7 +554,8 @@ def qc_flags(
     motion = None if displacement_mm is None else float(np.max(displacement_mm))
     put("motion", motion is not None and motion > max_motion_mm, motion,
         f"frame-wise displacement above {max_motion_mm} mm: if part of it was through plane, "
-        "resampling thick slices biases CBF and CBV even after correction (see the README)")
+        "resampling thick slices biases CBF and CBV even after correction (the README's "
+        "known limitations)")
     left = (None if uncorrected_mm is None or np.size(uncorrected_mm) == 0
             else float(np.max(uncorrected_mm)))
     put("motion_uncorrected", left is not None and left > max_motion_mm, left,
