@@ -45,8 +45,8 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "it [%(default)s]")
     p.add_argument("--target", nargs="+", choices=TARGETS, default=None,
                    help="map(s) to learn (default: the preset's); several give one multi-output "
-                        "model; 'ttp' is the tissue time to peak (the paper's TTP), 'delay' the "
-                        "box model's delay")
+                        "model; 'ttp' is the tissue time to peak (UniToBrain's NLR_TTP, which the "
+                        "paper's network learned), 'delay' the box model's delay (NLR_Delay)")
     p.add_argument("--reference", choices=("nlr", "truth"), default="nlr",
                    help="target maps: box-model NLR (computed into OUT/references, reused by a "
                         "rerun) or the phantom's truth; a UniToBrain cohort brings its own NLR "
