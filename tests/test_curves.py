@@ -1004,3 +1004,19 @@ def test_the_flag_reference_page_is_current():
              *CURVE_FLAGS]
     for name in names:
         assert f"| `{name}` |" in page, name
+
+
+def test_frames_missing_after_the_bolus_are_flagged_for_curves():
+    """A 12 s gap in the venous phase was judged for maps (``frame_gap``) but left out of the
+    curves' QC although it needs only the times: exit 0, no flag, no warning."""
+    full = np.arange(0, 70, 1.0)
+    bolus = _gamma_bolus(full, 8.0, 1.5)
+    kernel = np.diff(np.concatenate([[0.0], np.clip(full - 1.0, 0.0, 5.0)]))
+    tissue = 0.015 * np.convolve(300.0 * bolus, kernel)[: full.size]
+    for missing, expected in ((np.zeros(full.size, bool), 0.0),
+                              ((full >= 24) & (full < 36), 13.0)):
+        t = full[~missing]
+        fit = fit_curves(30.0 + tissue[~missing], 40.0 + 300.0 * bolus[~missing], t,
+                         method="bsvd")
+        flag = fit.provenance["qc"]["frame_gap"]
+        assert flag["flag"] == bool(expected) and flag["value"] == expected, flag

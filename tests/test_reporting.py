@@ -232,3 +232,29 @@ def test_colour_bars_point_where_the_map_passes_the_window():
     assert colorbar_extend(np.array([-2.75, 26.0]), (0.0, 14.0)) == "both"
     assert colorbar_extend(np.array([-1.0, 5.0]), (0.0, 14.0)) == "min"
     assert colorbar_extend(np.array([np.nan]), (0.0, 14.0)) == "neither"
+
+
+def test_overview_names_every_raised_flag_inside_the_figure(overview):
+    """Each raised flag's reason was printed in full: five of them ran off the figure's
+    bottom, hiding noisy_voxelwise, the flag that says the lesion volumes are unreliable. The
+    names of all flags now stand inside the figure, the reasons left to summary.json."""
+    import dataclasses
+
+    result, _ = overview
+    for kept in (("cbf", "cbv", "mtt", "tmax", "ttp"), ("cbf",)):
+        qc = {k: {**v, "flag": True} for k, v in result.maps.provenance["qc"].items()}
+        maps = result.maps.replace(maps={n: result.maps[n] for n in kept},
+                                   units={n: result.maps.units[n] for n in kept},
+                                   provenance={**result.maps.provenance, "qc": qc})
+        fig = maps_overview(dataclasses.replace(result, maps=maps))
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        texts = [t for ax in fig.axes for t in ax.texts if "QC:" in t.get_text()]
+        assert len(texts) == 1
+        shown = texts[0].get_text()
+        for name in qc:
+            assert f"! {name}" in shown.replace("\n", " "), name
+        box = texts[0].get_window_extent(renderer)
+        assert box.y0 >= 0 and box.x1 <= fig.bbox.x1 + 1, (kept, box, fig.bbox)

@@ -44,9 +44,9 @@ __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_cu
 #: The QC flags (:func:`~ctperf.perfusion.qc_flags`) that curves in any unit can be judged by
 #: (the AIF's peak height and the baseline's noise are judged in HU, the brain's size and the
 #: motion need an image).
-CURVE_QC: tuple[str, ...] = ("truncation", "aif_late_peak", "aif_wide", "aif_after_tissue",
-                             "short_baseline", "bolus_at_start", "below_baseline",
-                             "aif_vof_ratio", "no_vof", "mtt_floor")
+CURVE_QC: tuple[str, ...] = ("truncation", "frame_gap", "aif_late_peak", "aif_wide",
+                             "aif_after_tissue", "short_baseline", "bolus_at_start",
+                             "below_baseline", "aif_vof_ratio", "no_vof", "mtt_floor")
 
 #: How many SDs of its noise one frame must stand apart from the line through its two
 #: neighbours for ``spike`` (white noise gives that gap an SD of 1.22 noise SDs at even steps;
@@ -440,13 +440,15 @@ def flag_reference() -> str:
              "them: `python -c \"from ctperf.perfusion.curvefit import flag_reference; "
              "print(flag_reference(), end='')\" > docs/qc.md`).", "",
              "## The maps' flags", "",
-             "`ctperf maps` (and `compute_maps`, `analyse_study`, the demo, `ctperf reproduce`'s "
-             "references) stores every flag in `summary.json` under `qc` as `{\"flag\": true or "
-             "false, \"value\": a number or null, \"reason\": the text below}`; the raised "
-             "ones are logged and printed on `overview.png`. A flag that cannot be judged "
+             "`ctperf maps` (and the demo, and `ctperf reproduce`'s references) stores every "
+             "flag in `summary.json` under `qc` as `{\"flag\": true or false, \"value\": a "
+             "number or null, \"reason\": the text below}`, names the raised ones in its last "
+             "line and on `overview.png`; in Python they are the maps' `provenance[\"qc\"]` "
+             "(`compute_maps`, `run_perfusion`, `analyse_study`). A flag that cannot be judged "
              "(no motion correction run, no VOF asked for) has the value null. `ctperf curves` "
-             "judges the ones marked in the last column (the others need an image or HU) and "
-             "stores them under `qc` in its JSON sidecar.", "",
+             "(`fit_curves`) judges the ones marked in the last column (the others need an "
+             "image, or a study in HU) and stores them under `qc` in its JSON sidecar (the "
+             "fit's `provenance[\"qc\"]`).", "",
              "| flag | raised when | `ctperf curves` |", "|---|---|---|"]
     lines += [f"| `{name}` | {cell(entry['reason'])} | {'yes' if name in CURVE_QC else ''} |"
               for name, entry in maps.items()]

@@ -4,6 +4,7 @@ maps (``bayes``), the same figure of them (``uncertainty.png``)."""
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,6 +20,10 @@ __all__ = ["maps_overview", "radiological_flips", "volume_text"]
 _OVERVIEW_MAPS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "ttp")
 #: Maps that carry the lesion outlines.
 _OUTLINED = ("cbf", "tmax", "cbv")
+#: The summary's font (monospace, points) and its characters per inch and lines per inch.
+_TEXT_PT = 8
+_CHARS_PER_INCH = 72 / (0.65 * _TEXT_PT)  # DejaVu Sans Mono: 0.60-0.63 em, as rendered
+_LINES_PER_INCH = 72 / (1.2 * _TEXT_PT)
 
 
 def volume_text(lesions: Mapping[str, Any], name: str) -> str:
@@ -37,7 +42,8 @@ def volume_text(lesions: Mapping[str, Any], name: str) -> str:
     return f"{value:.1f} mL" if sd is None else f"{value:.1f} +- {sd:.1f} mL"
 
 
-def _summary_lines(prov: Mapping[str, Any]) -> list[str]:
+def _summary_lines(prov: Mapping[str, Any], width: int) -> list[str]:
+    """The summary beside the curves, wrapped to ``width`` characters."""
     les = prov["lesions"]
     mr = les["mismatch_ratio"]
     hir = les.get("hypoperfusion_intensity_ratio")  # absent from summaries before it
@@ -53,8 +59,14 @@ def _summary_lines(prov: Mapping[str, Any]) -> list[str]:
              f"hypoperfusion intensity ratio {'-' if hir is None else f'{hir:.2f}'}",
              "outlines: magenta core, white Tmax > threshold", "QC:"]
     raised = [k for k, v in prov["qc"].items() if v["flag"]]
-    lines += [f"  ! {k}: {prov['qc'][k]['reason']}" for k in raised] or ["  no flags raised"]
-    return lines
+    # names only: each reason is a paragraph, and five of them ran off the figure, hiding the
+    # last flags raised; the reasons are in summary.json
+    flags = ["  ".join(f"!\u00a0{k}" for k in raised), "(the reasons: summary.json, under qc)"]
+    wrapped = [part for line in lines
+               for part in textwrap.wrap(line, width, subsequent_indent="  ")]
+    for line in flags if raised else ["no flags raised"]:
+        wrapped += textwrap.wrap(line, width, initial_indent="  ", subsequent_indent="  ")
+    return [line.replace("\u00a0", " ") for line in wrapped]
 
 
 def maps_overview(result: Any, *, title: str = "",
@@ -101,7 +113,9 @@ def maps_overview(result: Any, *, title: str = "",
     cell_w = 2.8
     high, wide = radio(np.empty((r1 - r0, c1 - c0))).shape
     map_h = cell_w * high * radio.aspect(dy, dx) / wide
-    heights = [map_h] * len(slices) + [2.9]
+    prov = maps.provenance
+    summary = _summary_lines(prov, int((cell_w * (columns - split) - 0.2) * _CHARS_PER_INCH))
+    heights = [map_h] * len(slices) + [max(2.9, (len(summary) + 1) / _LINES_PER_INCH)]
     gap, top, bottom = 0.1, 0.7, 0.45  # gap: of the mean row's height
     fig_w = cell_w * columns + 0.85
     fig_h = sum(heights) * (1 + gap * len(slices) / len(heights)) + top + bottom
@@ -137,7 +151,6 @@ def maps_overview(result: Any, *, title: str = "",
         cb.ax.tick_params(colors="white", labelsize=7)
     ax = fig.add_subplot(grid[-1, :split])
     t = result.times
-    prov = maps.provenance
     corrected = bool(prov.get("partial_volume", {}).get("corrected"))
     if corrected:  # else the AIF used is the measured one: one curve, named as it is
         ax.plot(t, prov["aif"]["measured_hu"], color="tab:red", lw=1, ls="--",
@@ -156,8 +169,8 @@ def maps_overview(result: Any, *, title: str = "",
     ax.grid(alpha=0.25)
     text = fig.add_subplot(grid[-1, split:])
     text.axis("off")
-    text.text(0.0, 1.0, "\n".join(_summary_lines(prov)), va="top", ha="left", fontsize=8,
-              color="white", family="monospace", wrap=True)
+    text.text(0.0, 1.0, "\n".join(summary), va="top", ha="left", fontsize=_TEXT_PT,
+              color="white", family="monospace")
     if title:
         fig.suptitle(title, color="white", y=1 - 0.1 / fig_h, va="top")
     return fig
