@@ -102,3 +102,38 @@ def test_maps_help_is_fast_and_lists_methods(capsys):
     with pytest.raises(SystemExit):
         main(["maps", "--help"])
     assert "nlr-fast" in capsys.readouterr().out
+
+
+def _key_paths(record: dict, depth: int = 2) -> set[str]:
+    """``a`` and ``a.b`` for the nested objects of a JSON record (qc's flags, units and the
+    volumes by lesion are documented as tables of their own)."""
+    paths = set()
+    for key, value in record.items():
+        paths.add(key)
+        if isinstance(value, dict) and depth > 1 and key not in ("qc", "units"):
+            paths |= {f"{key}.{k}" for k in _key_paths(value, depth - 1)}
+    return paths
+
+
+@pytest.mark.parametrize("method", ["bsvd", "bayes"])
+def test_every_summary_key_is_documented(study_file, tmp_path, method):
+    """docs/inputs.md describes summary.json: every key a run writes (two levels deep, and the
+    lesion thresholds' three) is named there, so a key added to the record without a word for
+    its users fails here. Automatic vessels and a filtered run for one method, given masks for
+    the other, between them write every optional key but the notes."""
+    from pathlib import Path
+
+    page = (Path(__file__).parents[1] / "docs" / "inputs.md").read_text(encoding="utf-8")
+    section = page[page.index("## `summary.json` of `ctperf maps`"):]
+    if method == "bayes":
+        out = _maps_with_aif_mask(study_file, tmp_path, method)
+    else:
+        out = tmp_path / "out"
+        assert main(["maps", str(study_file[0]), str(out), "--method", method,
+                     "--register", "--filter"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    paths = _key_paths(summary) | {f"lesions.thresholds.{k}"
+                                   for k in summary["lesions"]["thresholds"]}
+    for path in sorted(paths):
+        key = path.rsplit(".", 1)[-1]
+        assert f"`{key}`" in section, f"summary.json key {path} is not in docs/inputs.md"
