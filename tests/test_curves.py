@@ -1020,3 +1020,23 @@ def test_frames_missing_after_the_bolus_are_flagged_for_curves():
                          method="bsvd")
         flag = fit.provenance["qc"]["frame_gap"]
         assert flag["flag"] == bool(expected) and flag["value"] == expected, flag
+
+
+def test_bayes_judges_the_measured_peak_against_the_aif():
+    """An AIF taken 4 s downstream (a 9 s injection, grey matter peaking 3 s before it): bayes
+    had judged ``peaks_before_aif`` on its fitted curve, which its model keeps near the AIF's
+    peak (TTP 20.1 s against the AIF's 22 s: no flag where bSVD, on the curve itself, raised
+    it). Both now judge the curve as measured, on every noise draw."""
+    fine = np.arange(0, 90, 0.1)
+    x = np.clip(fine - 9.0, 0, None)
+    bolus = np.convolve((fine < 9.0).astype(float), x ** 1.5 * np.exp(-x / 1.2))[: fine.size]
+    bolus *= 300.0 / bolus.max()
+    tissue = np.convolve(bolus, np.exp(-fine / 4.0))[: fine.size] * 0.1 * 0.01 * 1.04 / 0.733
+    t = np.arange(0, 58, 1.0)
+    for seed in range(8):  # the old rule missed 1 of these 8 draws
+        rng = np.random.default_rng(seed)
+        curve = 30.0 + np.interp(t, fine, tissue) + rng.normal(0, 1.0, t.size)
+        aif = 40.0 + np.interp(t - 4.0, fine, bolus) + rng.normal(0, 3.0, t.size)
+        for method in ("bsvd", "bayes"):
+            assert "peaks_before_aif" in fit_curves(curve, aif, t, method=method).flags[0], (
+                seed, method)

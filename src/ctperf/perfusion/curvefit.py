@@ -27,6 +27,7 @@ from ctperf.perfusion.curves import (
     check_bolus_start,
     check_constants,
     check_peak_not_clipped,
+    resample,
     second_difference_sd,
     smooth_time,
     to_enhancement,
@@ -35,7 +36,7 @@ from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import MIN_FRAMES, vessel_curves
 from ctperf.perfusion.onset import pre_bolus_frames
 from ctperf.perfusion.qc import check_first_pass_sampled, lesion_no_bolus_flag, qc_flags
-from ctperf.perfusion.voxelfit import SD_MAPS, fit_voxels
+from ctperf.perfusion.voxelfit import SD_MAPS, fit_voxels, measured_ttp
 from ctperf.types import METHODS
 
 __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_curves",
@@ -400,7 +401,14 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     if "below_baseline" not in curve_flags(mean[:, None], n_base, t)[0]:
         flags["below_baseline"]["flag"] = False
     per_curve = curve_flags(tis, n_base, t, aif=vessels[:, 0])
-    early = _peaks_before(t, vessels[:, 0], out["ttp"])
+    # judged on the curves as measured: bayes's TTP is its fitted curve's, which its model
+    # keeps after the AIF's (a curve peaking 1 s before its AIF read 20.2 s, the AIF 21 s)
+    measured = out["ttp"]
+    if method == "bayes":
+        on = t if grid is None else grid
+        measured = measured_ttp(tis if grid is None else resample(tis, t, grid), on,
+                                t[min(n_base, t.size - 1)])
+    early = _peaks_before(t, vessels[:, 0], measured)
     late = out["tmax"] > out["ttp"]  # NaN compares False
     per_curve = tuple(f + ("peaks_before_aif",) * bool(hit and "no_enhancement" not in f)
                       + ("tmax_after_peak",) * bool(after and "no_enhancement" not in f)

@@ -526,7 +526,9 @@ def qc_flags(
     put("noisy_baseline", baseline_sd is not None and baseline_sd > max_baseline_sd_hu,
         baseline_sd, f"pre-bolus noise above {max_baseline_sd_hu:.0f} HU")
     put("short_baseline", baseline_frames is not None and baseline_frames < min_baseline_frames,
-        baseline_frames, f"fewer than {min_baseline_frames} frames before the bolus: each "
+        baseline_frames, f"fewer than {min_baseline_frames} frames taken as the baseline (the "
+        "value; the frames before the bolus's arrival, less a margin, usually a frame: "
+        "docs/methods.md, \"Baseline\"): each "
         "curve's unenhanced value is the mean of so few frames, and its error is in every later "
         "frame (noisier CBV and CBF; with the box model on a one-frame baseline a phantom's "
         "core read 47 mL against a true 7, bayes 5 mL); start the scan a few seconds before "
@@ -572,7 +574,9 @@ def qc_flags(
     put("hyperdense", bool(hyperdense_ml), hyperdense_ml,
         f"brain tissue at {HYPERDENSE_HU:g}-{HYPERDENSE_MAX_HU:g} HU before the bolus, in "
         f"regions of {HYPERDENSE_MIN_ML:g} mL or more: blood-dense (a haemorrhage or a "
-        "thrombosed sinus), which no perfusion threshold can call ischaemic; it was left out "
+        "thrombosed sinus; or a metal or beam-hardening streak's bright band, which "
+        "brain_slice_gap may then name too), which no perfusion threshold can call ischaemic; "
+        "it was left out "
         "of the lesions (the value is its volume, mL): read the unenhanced images")
     floor_s = DEFAULT_BOUNDS[1][0]
     share = None
@@ -592,7 +596,9 @@ def qc_flags(
     put("csf_cut", csf_cut_share is not None and csf_cut_share > max_csf_cut_share,
         csf_cut_share, f"more than {max_csf_cut_share:.0%} of the brain was darker than the "
         "midpoint of its CSF and tissue and was left out as CSF: a large hypodense region (an "
-        "old infarct, oedema) or HU that are not HU; check the brain mask, or pass your own "
+        "old infarct, oedema) or HU that are not HU. Tissue below 15 HU before the bolus, "
+        "CSF's own density, is left out as CSF before that and is not counted: an old infarct "
+        "that has reached it raises no flag. Check the brain mask, or pass your own "
         "(--brain-mask)")
     low, high = PARENCHYMA_HU
     put("hu_offset", bool(hu_offset), hu_offset,

@@ -17,7 +17,7 @@ from ctperf.perfusion.svd import svd_deconvolve
 
 log = logging.getLogger(__name__)
 
-__all__ = ["SD_MAPS", "check_bayes_options", "fit_voxels"]
+__all__ = ["SD_MAPS", "check_bayes_options", "fit_voxels", "measured_ttp"]
 
 #: Posterior standard deviations written beside the maps by ``bayes``.
 SD_MAPS = ("cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd")
@@ -108,8 +108,14 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
                                  progress=progress)
             values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
                       "delay": res.tmax}
-        # searched from the bolus's arrival (the baseline's end) on
-        start = 0 if not n_base else int(np.searchsorted(fit_t, t[min(n_base, t.size - 1)]))
-        values["ttp"] = time_to_peak(fit_tissue, fit_t, smooth_s=TTP_SMOOTH_S,
-                                     start=min(start, fit_t.size - 1))
+        values["ttp"] = measured_ttp(fit_tissue, fit_t, t[min(n_base or 0, t.size - 1)])
     return values, grid, fitted
+
+
+def measured_ttp(tissue: np.ndarray, grid: np.ndarray, arrival_s: float) -> np.ndarray:
+    """The curves' own time to peak (s from the first frame; the box and SVD methods' TTP):
+    ``tissue`` (T', N) on the evenly spaced ``grid`` (T',), smoothed over time
+    (:data:`~ctperf.perfusion.curves.TTP_SMOOTH_S`), searched from the bolus's arrival
+    ``arrival_s`` (the baseline's end; the first frame's time for none) on."""
+    start = int(np.searchsorted(grid, arrival_s)) if arrival_s > grid[0] else 0
+    return time_to_peak(tissue, grid, smooth_s=TTP_SMOOTH_S, start=min(start, grid.size - 1))
