@@ -487,6 +487,29 @@ def test_an_unreachable_scheduler_leaves_no_output(tmp_path, monkeypatch):
     assert not out.exists() and CALLS == []
 
 
+def test_a_scheduler_that_never_answers_is_one_error(tmp_path, monkeypatch):
+    """A server that accepts the connection and says nothing had held the command until
+    Ctrl-C (Dask's own timeout did not end it): the connection now has a deadline."""
+    import socket
+    import time
+
+    import ctperf.workflow.cohort as cohort_module
+
+    monkeypatch.setattr(cohort_module, "SCHEDULER_TIMEOUT_S", 1)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"tcp://127.0.0.1:{server.getsockname()[1]}"
+        out = tmp_path / "out"
+        start = time.monotonic()
+        with pytest.raises(CTPerfError, match=f"cannot reach the Dask scheduler at {address}"):
+            run_cohort(_studies("a", "b"), out, _echo_task, {"upper": False},
+                       scheduler=address)
+        # the deadline (1 s and 5 more) and no more, with room for a busy machine
+        assert time.monotonic() - start < 30
+    assert not out.exists() and CALLS == []
+
+
 def test_default_workers_one_per_two_cores(monkeypatch):
     # one study's threaded fits keep two cores busy (docs/cohorts.md, Throughput): a 2-core
     # machine runs in one process, a 16-core one on 8 workers; memory and the studies cap it

@@ -407,15 +407,32 @@ SCHEDULER_TIMEOUT_S = 30
 
 def _connect(scheduler: str) -> Any:
     """A client of the Dask scheduler at ``scheduler``, or CTPerfError naming it: asked before
-    the output folder is made, so that an unreachable cluster leaves nothing behind."""
+    the output folder is made, so that an unreachable cluster leaves nothing behind.
+
+    The client is made in a daemon thread given :data:`SCHEDULER_TIMEOUT_S` and a few seconds
+    more: a server that accepts the connection and never answers held Dask's own timeout off,
+    and the command, until Ctrl-C."""
+    import threading
+
     import distributed
 
-    with _dask_quiet():
+    made: dict[str, Any] = {}
+
+    def connect() -> None:
         try:
-            return distributed.Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
+            made["client"] = distributed.Client(scheduler, timeout=SCHEDULER_TIMEOUT_S)
         except Exception as exc:  # also a server that is no Dask scheduler (its bytes misread)
-            raise CTPerfError(f"cannot reach the Dask scheduler at {scheduler} "
-                              f"({_one_line(exc)})") from None
+            made["error"] = exc
+
+    with _dask_quiet():
+        thread = threading.Thread(target=connect, name="ctperf-dask-connect", daemon=True)
+        thread.start()
+        thread.join(SCHEDULER_TIMEOUT_S + 5)
+    if "client" in made:
+        return made["client"]
+    why = (_one_line(made["error"]) if "error" in made
+           else f"no answer in {SCHEDULER_TIMEOUT_S + 5} s")
+    raise CTPerfError(f"cannot reach the Dask scheduler at {scheduler} ({why})")
 
 
 def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
