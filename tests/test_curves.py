@@ -1040,3 +1040,23 @@ def test_bayes_judges_the_measured_peak_against_the_aif():
         for method in ("bsvd", "bayes"):
             assert "peaks_before_aif" in fit_curves(curve, aif, t, method=method).flags[0], (
                 seed, method)
+
+
+@pytest.mark.parametrize("method", ["bsvd", "bayes"])
+def test_a_faint_curve_given_as_enhancement_does_not_peak_before_the_aif(method):
+    """Curves given as enhancement (baseline 0) behind a late AIF (arriving at 22 s): a faint
+    curve's noise before the bolus had been taken for its peak (TTP near 0 s), flagging
+    clean curves peaks_before_aif (2 of these 400, for bSVD and bayes alike). The peak is now
+    looked for from the AIF's arrival on. Seeded draws: over 800 such curves 1 flag was left
+    (noise after the arrival), against 4."""
+    fine = np.arange(0, 75, 0.1)
+    bolus = 300.0 * _gamma_bolus(fine, 22.0, 1.5)
+    kernel = np.exp(-np.clip(fine - 6.0, 0.0, None) / 10.0) * (fine >= 6.0)
+    tissue = np.convolve(bolus, kernel)[: fine.size] * 0.1 * 15.0 / 6000 * 1.04 / 0.733
+    t = np.arange(0, 70, 1.0)
+    for seed in (1, 2):
+        rng = np.random.default_rng(seed)
+        curves = np.interp(t, fine, tissue)[:, None] + rng.normal(0, 3.0, (t.size, 200))
+        fit = fit_curves(curves, np.interp(t, fine, bolus), t, method=method, baseline=0)
+        flagged = [i for i, f in enumerate(fit.flags) if "peaks_before_aif" in f]
+        assert flagged == [], (seed, flagged)

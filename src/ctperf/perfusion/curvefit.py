@@ -227,6 +227,24 @@ def _check(name: str, curve: np.ndarray) -> None:
         raise ValidationError(f"{name} holds NaN or infinite values")
 
 
+def _measured_peak(tissue: np.ndarray, t: np.ndarray, grid: np.ndarray | None, n_base: int,
+                   aif: np.ndarray) -> np.ndarray:
+    """The curves' own time to peak (:func:`~ctperf.perfusion.voxelfit.measured_ttp`, on
+    ``grid`` when the frames are uneven), searched from the later of the baseline's end and
+    the AIF's arrival, for ``peaks_before_aif`` whatever the method: bayes's TTP is its fitted
+    curve's, which its model keeps near the AIF's peak (a curve peaking 3 s before its AIF read
+    20.1 s, the AIF 22 s), and a faint curve's noise before the bolus had peaked with a
+    baseline given as 0 frames (TTP 0 s)."""
+    try:
+        arrival = t[bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)]
+    except ValidationError:
+        arrival = t[0]
+    start = max(float(t[min(n_base, t.size - 1)]), float(arrival))
+    if grid is None:
+        return measured_ttp(tissue, t, start)
+    return measured_ttp(resample(tissue, t, grid), grid, start)
+
+
 def _peaks_before(t: np.ndarray, aif: np.ndarray, ttp: np.ndarray) -> np.ndarray:
     """Which tissue curves' time to peak ``ttp`` (s from the first frame) comes more than
     1 s, or the frame step at the AIF's peak, before the AIF's (smoothed with
@@ -401,14 +419,8 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     if "below_baseline" not in curve_flags(mean[:, None], n_base, t)[0]:
         flags["below_baseline"]["flag"] = False
     per_curve = curve_flags(tis, n_base, t, aif=vessels[:, 0])
-    # judged on the curves as measured: bayes's TTP is its fitted curve's, which its model
-    # keeps after the AIF's (a curve peaking 1 s before its AIF read 20.2 s, the AIF 21 s)
-    measured = out["ttp"]
-    if method == "bayes":
-        on = t if grid is None else grid
-        measured = measured_ttp(tis if grid is None else resample(tis, t, grid), on,
-                                t[min(n_base, t.size - 1)])
-    early = _peaks_before(t, vessels[:, 0], measured)
+    early = _peaks_before(t, vessels[:, 0], _measured_peak(tis, t, grid, n_base,
+                                                            vessels[:, 0]))
     late = out["tmax"] > out["ttp"]  # NaN compares False
     per_curve = tuple(f + ("peaks_before_aif",) * bool(hit and "no_enhancement" not in f)
                       + ("tmax_after_peak",) * bool(after and "no_enhancement" not in f)

@@ -495,7 +495,8 @@ def qc_flags(
     late = [float(t[i + 1] - t[i]) for i in gaps if i >= arrival]
     put("frame_gap", bool(late), max(late, default=0.0),
         f"frames missing after the bolus arrived (steps over {GAP_FACTOR:g} times the frames "
-        "around them): the tissue curves' passage is sampled incompletely, which biases CBV "
+        f"around them and over {GAP_MIN_S:g} s; the value is the longest, s): the tissue "
+        "curves' passage is sampled incompletely, which biases CBV "
         "and the lesion volumes (a phantom missing 11 s of its venous phase: box-model CBV "
         "+24 %, bayes hypoperfused volume 30 mL against 49)")
     peak = float(np.max(aif))
@@ -527,8 +528,8 @@ def qc_flags(
         baseline_sd, f"pre-bolus noise above {max_baseline_sd_hu:.0f} HU")
     put("short_baseline", baseline_frames is not None and baseline_frames < min_baseline_frames,
         baseline_frames, f"fewer than {min_baseline_frames} frames taken as the baseline (the "
-        "value; the frames before the bolus's arrival, less a margin, usually a frame: "
-        "docs/methods.md, \"Baseline\"): each "
+        "value; the frames before the bolus's arrival less two, or one where those two span "
+        "more than 3 s: docs/methods.md, \"Baseline\"): each "
         "curve's unenhanced value is the mean of so few frames, and its error is in every later "
         "frame (noisier CBV and CBF; with the box model on a one-frame baseline a phantom's "
         "core read 47 mL against a true 7, bayes 5 mL); start the scan a few seconds before "
@@ -597,9 +598,9 @@ def qc_flags(
         csf_cut_share, f"more than {max_csf_cut_share:.0%} of the brain was darker than the "
         "midpoint of its CSF and tissue and was left out as CSF: a large hypodense region (an "
         "old infarct, oedema) or HU that are not HU. Tissue below 15 HU before the bolus, "
-        "CSF's own density, is left out as CSF before that and is not counted: an old infarct "
-        "that has reached it raises no flag. Check the brain mask, or pass your own "
-        "(--brain-mask)")
+        "CSF's own density, is left out as CSF before that and is not counted (only a rim "
+        "the smoothing lifts above 15 HU is): an old infarct that dense may raise no flag. "
+        "Check the brain mask, or pass your own (--brain-mask)")
     low, high = PARENCHYMA_HU
     put("hu_offset", bool(hu_offset), hu_offset,
         f"the brain's median before the bolus lies outside the {low:g}-{high:g} HU of unenhanced "

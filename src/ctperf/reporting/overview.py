@@ -4,6 +4,7 @@ maps (``bayes``), the same figure of them (``uncertainty.png``)."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 from collections.abc import Mapping
 from typing import Any
@@ -62,7 +63,10 @@ def _summary_lines(prov: Mapping[str, Any], width: int) -> list[str]:
     # names only: each reason is a paragraph, and five of them ran off the figure, hiding the
     # last flags raised; the reasons are in summary.json
     flags = ["  ".join(f"!\u00a0{k}" for k in raised), "(the reasons: summary.json, under qc)"]
-    wrapped = [part for line in lines
+    # a value kept with its unit, and a threshold with its comparison, on a narrow column
+    kept = [re.sub(r" ?([<>]) ", "\u00a0\\1\u00a0", re.sub(r"(?<=\d) (?=(mL|s)\b)", "\u00a0", line))
+            for line in lines]
+    wrapped = [part for line in kept
                for part in textwrap.wrap(line, width, subsequent_indent="  ")]
     for line in flags if raised else ["no flags raised"]:
         wrapped += textwrap.wrap(line, width, initial_indent="  ", subsequent_indent="  ")
