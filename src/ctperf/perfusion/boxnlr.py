@@ -397,9 +397,11 @@ def _newton_from_starts(setup: _Setup, sse: _ChunkSSE, fast: FastBoxSSE) -> Any:
     ops, bounds = setup.ops, setup.bounds
     start = fast.grid_start(bounds, n_mtt=16)
     best = refine_newton(fast, start, bounds, n_iter=setup.polish_iter)
+    if fast.dt <= SHIFTED_STARTS_ABOVE_S:
+        return best
     rows = ops.arange(best.shape[0])
     best_sse = sse(best.T, rows)
-    for shift in START_SHIFTS if fast.dt > SHIFTED_STARTS_ABOVE_S else ():
+    for shift in START_SHIFTS:
         moved = start * 1.0  # a copy
         moved[:, 2] = ops.xp.clip(moved[:, 2] + shift * fast.dt, float(bounds[2, 0]),
                                   float(bounds[2, 1]))

@@ -235,11 +235,8 @@ def _measured_peak(tissue: np.ndarray, t: np.ndarray, grid: np.ndarray | None, n
     curve's, which its model keeps near the AIF's peak (a curve peaking 3 s before its AIF read
     20.1 s, the AIF 22 s), and a faint curve's noise before the bolus had peaked with a
     baseline given as 0 frames (TTP 0 s)."""
-    try:
-        arrival = t[bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)]
-    except ValidationError:
-        arrival = t[0]
-    start = max(float(t[min(n_base, t.size - 1)]), float(arrival))
+    k = _aif_arrival(aif)
+    start = max(float(t[min(n_base, t.size - 1)]), float(t[k or 0]))
     if grid is None:
         return measured_ttp(tissue, t, start)
     return measured_ttp(resample(tissue, t, grid), grid, start)
@@ -256,6 +253,15 @@ def _peaks_before(t: np.ndarray, aif: np.ndarray, ttp: np.ndarray) -> np.ndarray
         return np.asarray(ttp < (t[k] - t[0]) - max(1.0, step))
 
 
+def _aif_arrival(aif: np.ndarray) -> int | None:
+    """The frame of the AIF's arrival (smoothed, above 10 % of its rise and five times its
+    noise), None when it never rises so."""
+    try:
+        return bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)
+    except ValidationError:
+        return None
+
+
 def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> None:
     """Refuse curves given as enhancement (baseline 0) that stand clearly off zero before the
     AIF's bolus arrives: the AIF by more than 5 % of its rise, or the tissue curves' mean by
@@ -265,11 +271,8 @@ def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> No
     pre-arrival frame nearest 0: curves in HU stand off zero in every frame before the bolus,
     while enhancement whose bolus rises from the second frame stands at 0 only in the first
     (their median had refused a toolbox's undelayed gamma-variate AIF)."""
-    try:
-        k = bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)
-    except ValidationError:
-        return
-    if k < 2:
+    k = _aif_arrival(aif)
+    if k is None or k < 2:
         return
     mean = tissue.mean(axis=1)
     for name, curve, share in (("the AIF", aif, 0.05), ("the tissue curves' mean", mean, 0.25)):
@@ -290,11 +293,8 @@ def _check_baseline_before_bolus(t: np.ndarray, aif: np.ndarray, n_base: int) ->
     arrival: the first frame, smoothed, above 10 % of its rise and five times its noise). Its
     mean would hold contrast, subtracted from every curve: a probe's baseline ending at 80 % of
     the AIF's peak."""
-    try:
-        k = bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)
-    except ValidationError:
-        return  # no arrival to compare with: the AIF's own checks speak
-    if n_base > k:
+    k = _aif_arrival(aif)
+    if k is not None and n_base > k:  # (no arrival to compare with: the AIF's checks speak)
         raise ValidationError(
             f"baseline {n_base} frames reaches into the AIF's bolus, which arrives at frame "
             f"{k + 1} ({t[k] - t[0]:.1f} s, 10 % of its rise): the baseline's mean would hold "
@@ -447,9 +447,9 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
 def flag_reference() -> str:
     """Every QC flag of the maps and of the curves as Markdown (docs/qc.md), with the reasons
     ``summary.json`` and the curves' sidecar give, from the same code."""
-    t = np.arange(60, dtype=np.float64)
-    aif = 400.0 * np.clip(t - 10.0, 0.0, None) ** 3 * np.exp(-np.clip(t - 10.0, 0.0, None) / 1.5)
-    maps = qc_flags(times=t, aif=aif / aif.max())
+    t = np.arange(60, dtype=np.float64)  # any bolus: the reasons do not depend on it
+    x = np.clip(t - 10.0, 0.0, None)
+    maps = qc_flags(times=t, aif=x ** 3 * np.exp(-x / 1.5))
     maps["lesion_no_bolus"] = lesion_no_bolus_flag(None)
 
     def cell(text: str) -> str:
