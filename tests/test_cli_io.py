@@ -81,6 +81,48 @@ def test_convert_dicom_to_nifti_and_back(tmp_path, rng, capsys):
     assert again.meta["dicom"].get("PatientID") != "P001"
 
 
+def test_a_converted_copy_is_never_taken_for_the_scan(tmp_path, rng):
+    """A DICOM study converted to DICOM is DERIVED, "rewritten by ctperf", under SeriesNumber
+    1000 + the source's, with ctperf as contributing equipment: it had kept the scanner's
+    ORIGINAL\\PRIMARY, number and description while its pixels changed (padding to air, whole
+    HU), two series alike in PACS."""
+    study = write_fake_study(tmp_path / "s", rng)
+    source = pydicom.dcmread(next(iter(study.files.values())))
+    assert main(["convert", str(study.folder), str(tmp_path / "copy")]) == 0
+    ds = pydicom.dcmread(next((tmp_path / "copy").glob("*.dcm")))
+    assert list(ds.ImageType)[:2] == ["DERIVED", "SECONDARY"]
+    assert ds.DerivationDescription == "rewritten by ctperf"
+    assert ds.SeriesNumber == 1000 + int(source.get("SeriesNumber") or 1)
+    assert ds.SeriesDescription.endswith("(rewritten by ctperf)")
+    assert ds.ContributingEquipmentSequence[0].Manufacturer == "ctperf"
+    # converted again: one suffix, one offset
+    assert main(["convert", str(tmp_path / "copy"), str(tmp_path / "again")]) == 0
+    twice = pydicom.dcmread(next((tmp_path / "again").glob("*.dcm")))
+    assert (twice.SeriesNumber, twice.SeriesDescription) == (ds.SeriesNumber,
+                                                            ds.SeriesDescription)
+
+
+def test_converted_nifti_sidecar_has_bids_timing(tmp_path, rng):
+    """The sidecar of a converted study also holds BIDS' FrameTimesStart and SliceTiming, so
+    that a tool reading only those (or ctperf without its own keys) times the frames and slices
+    alike; the header's one step had said a two-rate study ran 15 s where it ran 27."""
+    import json
+
+    study = write_fake_study(tmp_path / "s", rng, shuttle=True)
+    nii = tmp_path / "study.nii.gz"
+    assert main(["convert", str(study.folder), str(nii)]) == 0
+    side = json.loads(nii.with_name("study.json").read_text())
+    from_dicom = read_dicom_series(study.folder)
+    np.testing.assert_allclose(side["FrameTimesStart"], from_dicom.slice_times.min(axis=1))
+    np.testing.assert_allclose(side["SliceTiming"], 0.2 * np.arange(from_dicom.shape[1]),
+                               atol=1e-9)
+    bids_only = {k: v for k, v in side.items() if k not in ("FrameTimes", "SliceTimes")}
+    nii.with_name("study.json").write_text(json.dumps(bids_only))
+    again = read_nifti_series(nii)
+    np.testing.assert_allclose(again.slice_times, from_dicom.slice_times, atol=1e-9)
+    np.testing.assert_allclose(again.times, from_dicom.times, atol=1e-9)
+
+
 def test_convert_with_frame_interval(tmp_path, rng):
     def edit(ds, t, z):
         for keyword in ("AcquisitionDateTime", "AcquisitionTime", "ContentTime"):

@@ -64,6 +64,17 @@ def test_shuttle_mode_gives_slice_times(tmp_path, rng):
     np.testing.assert_allclose(series.times, study.times, atol=1e-6)
 
 
+def test_times_are_read_to_the_microsecond(tmp_path, rng):
+    """Frame and slice times read as the microseconds the files hold, exactly: seconds since
+    1970 had left up to 1e-7 s of rounding (frames at 0.44999999 s), and a study read from
+    DICOM and from its NIfTI copy with the same times then gave nlr-fast maps whose
+    ill-conditioned voxels differed by up to 69 mL/100 g/min."""
+    study = write_fake_study(tmp_path / "s", rng, shuttle=True)
+    series = read_dicom_series(study.folder, workers=1)
+    np.testing.assert_array_equal(series.slice_times, np.round(study.slice_times, 6))
+    np.testing.assert_array_equal(series.times, np.round(study.slice_times, 6).mean(axis=1))
+
+
 @pytest.mark.parametrize("drop, source", [
     (("AcquisitionDateTime",), "AcquisitionTime"),
     (("AcquisitionDateTime", "AcquisitionTime"), "ContentTime"),

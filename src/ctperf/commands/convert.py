@@ -19,8 +19,9 @@ def register(subparsers: Any) -> None:
         description="Read SRC (DICOM folder or 4D NIfTI) and write DST: a 4D NIfTI with a JSON "
                     "sidecar of frame times and metadata when DST ends in .nii or .nii.gz, "
                     "otherwise a DICOM folder (one CT file per frame and slice, int16 HU, "
-                    "real timing tags). DST is written beside its final place and renamed "
-                    "when complete; it must not be or hold SRC, and an existing DST is "
+                    "real timing tags; a DERIVED series numbered 1000 + the source's, never "
+                    "taken for the scanner's own). DST is written beside its final place and "
+                    "renamed when complete; it must not be or hold SRC, and an existing DST is "
                     "replaced only when ctperf wrote it (a folder) or with --overwrite.")
     p.add_argument("src", type=Path, help="DICOM folder or 4D NIfTI study")
     p.add_argument("dst", type=Path, help="output .nii/.nii.gz file or DICOM folder")

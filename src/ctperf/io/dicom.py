@@ -736,7 +736,9 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         source = f"frame_interval {frame_interval:g} s (frames ordered by {source})"
     else:
         source_tag = source
-        rel = abs_times - start
+        # to the microsecond, the resolution of DICOM's times: seconds since 1970 carry about
+        # 1e-7 s of rounding, and the same study read from NIfTI must time its frames alike
+        rel = np.round(abs_times - start, 6)
         times = rel.mean(axis=1)
         if np.max(np.ptp(rel, axis=1)) > 1e-3:
             slice_times = rel

@@ -471,7 +471,8 @@ def _masked_as_air(p: Path, data: np.ndarray) -> np.ndarray:
 
 
 def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float32") -> Path:
-    """Write a study as 4D NIfTI plus a JSON sidecar (FrameTimes, SliceTimes, meta).
+    """Write a study as 4D NIfTI plus a JSON sidecar (FrameTimes, SliceTimes, meta; and BIDS'
+    FrameTimesStart, with SliceTiming where every frame takes its slices at the same offsets).
 
     The sidecar's meta carries no patient identity (:func:`ctperf.io.privacy.public_meta`):
     scanner, kVp, mAs and timing stay; names, IDs, dates, institution, UIDs and absolute paths
@@ -489,8 +490,15 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
     zooms = [*img.header.get_zooms()[:3], series.frame_interval]
     img.header.set_zooms(zooms)
     side: dict[str, Any] = {"FrameTimes": series.times, "meta": public_meta(series.meta)}
+    # BIDS' keys too, for other tools: the header holds one step only (the median)
+    side["FrameTimesStart"] = series.times
     if series.slice_times is not None:
         side["SliceTimes"] = series.slice_times
+        starts = series.slice_times.min(axis=1)
+        offsets = series.slice_times - starts[:, None]
+        side["FrameTimesStart"] = starts
+        if np.allclose(offsets, offsets[0], rtol=0, atol=1e-6):
+            side["SliceTiming"] = offsets[0]
     with atomic_file(p) as tmp:
         nib.save(img, str(tmp))
         # the sidecar whole before the image takes its name (a full disk had left the image

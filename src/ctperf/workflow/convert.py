@@ -76,7 +76,11 @@ def convert_study(src: Path, dst: Path, options: ConvertOptions) -> StudyOutcome
                             f"{io.nifti.sidecar_path(dst).name} ({series.n_frames} frames)")
     # The outer folder carries overwrite; the writer then replaces its own empty folder.
     with io.atomic_dir(dst, overwrite=o.overwrite) as tmp:
+        # never taken for the scanner's own series: its pixels are rounded to whole HU and its
+        # padding is air (a preprocessed study's record names its steps instead)
+        rewritten = None if isinstance(series.meta.get("preprocess"), dict) else (
+            "rewritten by ctperf")
         io.write_series_dicom(series, tmp, compress=o.compress, anonymise=o.anonymise,
-                              progress=o.progress)
+                              derived=rewritten, progress=o.progress)
     return StudyOutcome(out=dst, message=f"wrote {dst} "
                         f"({series.n_frames * series.shape[1]} DICOM files)")
