@@ -258,3 +258,18 @@ def test_overview_names_every_raised_flag_inside_the_figure(overview):
             assert f"! {name}" in shown.replace("\n", " "), name
         box = texts[0].get_window_extent(renderer)
         assert box.y0 >= 0 and box.x1 <= fig.bbox.x1 + 1, (kept, box, fig.bbox)
+
+
+def test_overview_shows_the_slices_that_hold_the_lesion():
+    """Of 8 slices, the four with the most lesion, then the largest brain: the largest brain
+    alone had shown slices 0-3 of a study whose lesion lay in slices 4-5 (half its core)."""
+    from ctperf.reporting.overview import _shown_slices
+
+    brain = np.zeros((8, 20, 20), dtype=bool)
+    for z in range(8):
+        brain[z, : 20 - z, :] = True          # the brain's area shrinks upwards
+    lesion = np.zeros_like(brain)
+    lesion[4:6, 2:8, 2:8] = True
+    assert _shown_slices(brain, lesion) == [0, 1, 4, 5]
+    assert _shown_slices(brain, np.zeros_like(brain)) == [0, 1, 2, 3]
+    assert _shown_slices(brain[:2], lesion[:2]) == [0, 1]

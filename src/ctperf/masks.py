@@ -39,6 +39,7 @@ __all__ = [
     "STILL_HU",
     "air_level",
     "as_air",
+    "as_region",
     "brain_mask",
     "csf_mask",
     "exposed_share",
@@ -142,6 +143,23 @@ def _smooth_in_plane(vol: np.ndarray, pixel: tuple[float, float], sigma_mm: floa
     weight = ndimage.gaussian_filter(solid.astype(np.float32), sigma=sigma)
     total = ndimage.gaussian_filter(np.where(solid, vol, np.float32(0.0)), sigma=sigma)
     return np.where(solid, total / np.maximum(weight, np.float32(1e-6)), vol)
+
+
+def as_region(mask: object, shape: tuple[int, ...], what: str) -> np.ndarray:
+    """A mask given through the API as a bool array of ``shape``: nonzero is inside, as a mask
+    file is read (nibabel gives 0/1 masks as uint8, int16 or float). Another shape, NaN or a
+    non-numeric array is refused, naming ``what``: an integer AIF mask had been taken for
+    indices (a 96 px study asked for 50 GiB) and a uint8 brain mask failed deep in numpy."""
+    arr = np.asarray(mask)
+    if arr.dtype != bool and arr.dtype.kind not in "iuf":
+        raise ValidationError(f"{what} must be an array of bool (or 0/1 numbers), got dtype "
+                              f"{arr.dtype}")
+    if arr.shape != tuple(shape):
+        raise ValidationError(f"{what} shape {arr.shape} differs from the study grid "
+                              f"{tuple(shape)} (Z, Y, X)")
+    if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+        raise ValidationError(f"{what} contains NaN or Inf; a mask is nonzero inside, 0 outside")
+    return arr != 0
 
 
 def brain_mask(

@@ -205,7 +205,11 @@ class CTPSeries:
             raise ValidationError(f"hu has an empty axis: shape {hu.shape}")
         hu = hu.astype(np.float32, copy=False)
         if not np.all(np.isfinite(hu)):
-            raise ValidationError("hu contains NaN or Inf values")
+            bad = int(np.count_nonzero(~np.isfinite(hu)))
+            raise ValidationError(
+                f"hu contains NaN or Inf values ({bad} of {hu.size}); padding around a "
+                "stripped brain is air: np.nan_to_num(hu, nan=-1024.0) (the readers do this "
+                "for a file's NaN padding)")
         times = np.asarray(self.times, dtype=np.float64)
         if times.shape != (hu.shape[0],):
             raise ValidationError(

@@ -249,7 +249,10 @@ def ssim(estimate: np.ndarray, reference: np.ndarray, *, mask: np.ndarray | None
                               f"{est.shape} and {ref.shape}")
     keep = np.isfinite(est) & np.isfinite(ref)
     if mask is not None:
-        keep &= np.asarray(mask, dtype=bool)
+        m = np.asarray(mask, dtype=bool)
+        if m.shape != est.shape:  # a (Y, X) mask had been broadcast over every slice
+            raise ValidationError(f"mask shape {m.shape} differs from map shape {est.shape}")
+        keep &= m
     if not keep.any():
         return float("nan")
     fx, fy = np.isfinite(est), np.isfinite(ref)

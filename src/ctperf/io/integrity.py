@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ctperf.errors import InputError
+from ctperf.errors import InputError, ValidationError
 
 __all__ = [
     "ENHANCING_BASELINE_MAX_HU",
@@ -26,6 +26,7 @@ __all__ = [
     "check_frame_times",
     "check_hu_plausible",
     "check_memory",
+    "fit_times",
     "frame_spacing_problem",
 ]
 
@@ -127,6 +128,27 @@ def check_frame_times(times: np.ndarray, path: PathLike, *, source: str,
     if problem is not None:
         raise InputError(path, f"{source}: {problem}"
                                + (f"; {remedy}" if problem.startswith("frames are") else ""))
+    return t
+
+
+def fit_times(times: object) -> np.ndarray:
+    """Frame times (s) given to a fit, as float64 (T,), or ValidationError: 1-D, finite,
+    strictly increasing and spaced as CT perfusion is (:func:`frame_spacing_problem`). Times
+    in milliseconds had run the Bayesian fit for minutes on gigabytes, and the box and SVD
+    fits had returned CBF a thousand times low."""
+    t = np.asarray(times, dtype=np.float64)
+    if t.ndim != 1 or t.size < 2:
+        raise ValidationError(f"times must be 1-D with at least 2 frames, got shape {t.shape}")
+    if not np.all(np.isfinite(t)):
+        raise ValidationError("times contain NaN or Inf")
+    steps = np.diff(t)
+    if np.any(steps <= 0):
+        bad = int(np.flatnonzero(steps <= 0)[0])
+        raise ValidationError(f"times must be strictly increasing; frame {bad + 1} "
+                              f"({t[bad + 1]:g} s) is not after frame {bad} ({t[bad]:g} s)")
+    problem = frame_spacing_problem(t)
+    if problem is not None:
+        raise ValidationError(f"times: {problem}; give them in seconds")
     return t
 
 

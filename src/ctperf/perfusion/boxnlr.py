@@ -31,9 +31,16 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.io.integrity import fit_times
 from ctperf.parallel import map_chunks, usable_cores
 from ctperf.perfusion.backend import ArrayOps, resolve_torch_device
-from ctperf.perfusion.curves import ArterialTable, bandlimit, box_model, flow_scale
+from ctperf.perfusion.curves import (
+    ArterialTable,
+    bandlimit,
+    box_model,
+    finite_aif,
+    flow_scale,
+)
 from ctperf.perfusion.fastsse import FastBoxSSE
 from ctperf.perfusion.nelder_mead import nelder_mead
 from ctperf.perfusion.newton import refine_newton
@@ -258,14 +265,14 @@ def _check_curves(tissue: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np
     tis = np.asarray(tissue)
     if tis.ndim == 1:
         tis = tis[:, None]
-    t = np.asarray(times, dtype=np.float64)
+    t = fit_times(times)
     if tis.ndim != 2 or tis.shape[0] != t.size:
         raise ValidationError(f"tissue must be (T, N) with T = {t.size}, got shape {tis.shape}")
     return tis, t
 
 
 def _arterial_table(aif: np.ndarray, t: np.ndarray, *, band_limit: bool) -> ArterialTable:
-    ca = np.asarray(aif, dtype=np.float64)
+    ca = finite_aif(aif, t)
     if band_limit:
         ca = bandlimit(ca)
     table = ArterialTable(ca, t)

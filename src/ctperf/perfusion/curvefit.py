@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.io.integrity import frame_spacing_problem
+from ctperf.io.integrity import fit_times
 from ctperf.perfusion.boxnlr import BOX_METHODS, DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
     ARRIVAL_NOISE_GAIN,
@@ -27,6 +27,7 @@ from ctperf.perfusion.curves import (
     check_bolus_start,
     check_constants,
     check_peak_not_clipped,
+    off_zero_before,
     resample,
     second_difference_sd,
     smooth_time,
@@ -267,20 +268,16 @@ def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> No
     AIF's bolus arrives: the AIF by more than 5 % of its rise, or the tissue curves' mean by
     more than a quarter of its own (and each by more than five times its noise). Such curves
     still hold their unenhanced values (HU: 40 in blood, 25-35 in tissue), which every fit
-    would take for contrast (a probe's CBV read 12-20 mL/100 g against 1-4). The level is the
-    pre-arrival frame nearest 0: curves in HU stand off zero in every frame before the bolus,
-    while enhancement whose bolus rises from the second frame stands at 0 only in the first
-    (their median had refused a toolbox's undelayed gamma-variate AIF)."""
+    would take for contrast (a probe's CBV read 12-20 mL/100 g against 1-4); the level as
+    :func:`~ctperf.perfusion.curves.off_zero_before` reads it."""
     k = _aif_arrival(aif)
-    if k is None or k < 2:
+    if k is None:
         return
     mean = tissue.mean(axis=1)
     for name, curve, share in (("the AIF", aif, 0.05), ("the tissue curves' mean", mean, 0.25)):
-        before = curve[:k]
-        level = float(before[np.argmin(np.abs(before))])
-        rise = float(curve.max()) - level
-        noise = float(second_difference_sd(curve))
-        if abs(level) > max(5.0 * noise, share * max(rise, 0.0)):
+        off = off_zero_before(curve, k, share)
+        if off is not None:
+            level, rise = off
             raise ValidationError(
                 f"baseline 0 takes the curves as enhancement (0 before the bolus), but before "
                 f"the AIF's bolus arrives (at {t[k] - t[0]:.1f} s) {name} stands at "
@@ -351,11 +348,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         raise ValidationError(f"times must be 1-D, got shape {t.shape}")
     if t.size < MIN_FRAMES:
         raise ValidationError(f"{t.size} frames: perfusion fits need at least {MIN_FRAMES}")
-    if not np.all(np.isfinite(t)) or not np.all(np.diff(t) > 0):
-        raise ValidationError("times must be finite and strictly increasing")
-    problem = frame_spacing_problem(t)
-    if problem is not None:
-        raise ValidationError(f"times: {problem}; give them in seconds")
+    t = fit_times(t)
     check_constants(rho, kh)
     a = np.asarray(aif, dtype=np.float64)
     if a.shape != t.shape:

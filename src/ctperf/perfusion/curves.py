@@ -38,9 +38,11 @@ __all__ = [
     "check_constants",
     "check_peak_not_clipped",
     "enhanced_at_start",
+    "finite_aif",
     "flow_scale",
     "gaussian_taps",
     "gaussian_time",
+    "off_zero_before",
     "on_frame_times",
     "resample",
     "second_difference_sd",
@@ -53,6 +55,36 @@ __all__ = [
 
 #: Plausible brain density (g/mL) and haematocrit ratio kH, as the command line's --rho and --kh.
 RHO_RANGE, KH_RANGE = (0.5, 2.0), (0.1, 1.0)
+
+
+def finite_aif(aif: object, times: np.ndarray) -> np.ndarray:
+    """The AIF as float64 (T,), one finite value per frame of ``times``, or ValidationError
+    (NaN or Inf in it had ended the fits in an IndexError)."""
+    ca = np.asarray(aif, dtype=np.float64)
+    if ca.shape != np.shape(times):
+        raise ValidationError(f"aif must have one value per frame ({np.size(times)}), got "
+                              f"shape {ca.shape}")
+    if not np.all(np.isfinite(ca)):
+        raise ValidationError(f"aif contains NaN or Inf (frames "
+                              f"{np.flatnonzero(~np.isfinite(ca))[:5].tolist()})")
+    return ca
+
+
+def off_zero_before(curve: np.ndarray, arrival: int, share: float) -> tuple[float, float] | None:
+    """(level, rise) of a curve meant as enhancement (0 before the bolus) that stands clearly
+    off zero before the frame ``arrival``: its pre-arrival frame nearest 0 off by more than
+    five times its noise and ``share`` of its rise; None when it does not, or with fewer than
+    two frames before ``arrival``. Curves still in HU stand at their unenhanced 25-40 HU in
+    every frame before the bolus, while enhancement whose bolus rises from the second frame
+    stands at 0 only in the first (their median had refused an undelayed gamma-variate AIF)."""
+    c = np.asarray(curve, dtype=np.float64)
+    if arrival < 2:
+        return None
+    before = c[:arrival]
+    level = float(before[np.argmin(np.abs(before))])
+    rise = float(c.max()) - level
+    noise = float(second_difference_sd(c))
+    return (level, rise) if abs(level) > max(5.0 * noise, share * max(rise, 0.0)) else None
 
 
 def check_constants(rho: float, kh: float) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import chi2
 
+from ctperf import masks
 from ctperf.errors import AIFRefused, ValidationError
 from ctperf.perfusion.aif import (
     VesselCurve,
@@ -28,9 +29,12 @@ from ctperf.perfusion.aif import (
     tissue_peak_time,
 )
 from ctperf.perfusion.curves import (
+    bolus_arrival_frame,
     check_bolus_present,
     check_bolus_start,
     check_peak_not_clipped,
+    finite_aif,
+    off_zero_before,
     second_difference_sd,
 )
 from ctperf.perfusion.qc import check_first_pass_sampled
@@ -84,9 +88,8 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
     origin : CurveOrigin
     """
     if aif is not None:
-        curve, origin = np.asarray(aif, dtype=np.float64), CurveOrigin("given curve")
-        if curve.shape != (t.size,):
-            raise ValidationError(f"aif must have shape ({t.size},), got {curve.shape}")
+        curve, origin = finite_aif(aif, t), CurveOrigin("given curve")
+        _check_given_enhancement(curve, curve, "aif", 0.05)
     elif aif_mask is not None:
         curve, origin = _curve_from_mask(vhu, aif_mask, n_base, "AIF"), CurveOrigin("mask")
     else:
@@ -158,6 +161,9 @@ def venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.n
         curve = np.asarray(vof, dtype=np.float64)
         if curve.shape != (t.size,):
             raise ValidationError(f"vof must have shape ({t.size},), got {curve.shape}")
+        if not np.all(np.isfinite(curve)):
+            raise ValidationError("vof contains NaN or Inf")
+        _check_given_enhancement(curve, aif, "vof", 0.05)
         return curve, CurveOrigin("given curve")
     if vof_mask is not None:
         return _curve_from_mask(vhu, vof_mask, n_base, "VOF"), CurveOrigin("mask")
@@ -270,11 +276,26 @@ def vessel_info(origin: CurveOrigin, coords: np.ndarray, curve: np.ndarray | Non
     return info
 
 
+def _check_given_enhancement(curve: np.ndarray, aif: np.ndarray, name: str, share: float
+                             ) -> None:
+    """Refuse a curve given as enhancement that stands off zero before the AIF's bolus
+    arrives (:func:`~ctperf.perfusion.curves.off_zero_before`), as ``ctperf curves`` refuses
+    one: an AIF still at its unenhanced 40 HU had read CBV 20 % low, with no flag."""
+    try:
+        k = bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)
+    except ValidationError:
+        return  # no arrival: the bolus checks speak
+    off = off_zero_before(curve, k, share)
+    if off is not None:
+        raise ValidationError(
+            f"{name} given stands at {off[0]:.3g} before the AIF's bolus arrives, against a "
+            f"rise of {off[1]:.3g}: a given curve is enhancement (its pre-bolus level "
+            "subtracted), as the tissue's curves are")
+
+
 def _curve_from_mask(hu: np.ndarray, region: np.ndarray, n_base: int, what: str) -> np.ndarray:
     """Mean enhancement (T,) HU of the voxels of ``region`` (Z, Y, X)."""
-    if region.shape != hu.shape[1:]:
-        raise ValidationError(f"{what} mask shape {region.shape} differs from the study grid "
-                              f"{hu.shape[1:]} (Z, Y, X)")
+    region = masks.as_region(region, hu.shape[1:], f"{what} mask")
     if not region.any():
         raise ValidationError(f"{what} mask is empty")
     c = hu[:, region].astype(np.float64)

@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from ctperf.errors import ValidationError
 from ctperf.lesion_options import THRESHOLDS_ONLY, LesionOptions
+from ctperf.masks import as_region
 from ctperf.parallel import map_chunks
 from ctperf.types import PerfusionMaps
 
@@ -388,12 +389,10 @@ def segment_lesions(
 
         valid &= ~edge_background(maps["cbf"], maps["tmax"])
     else:
-        if brain.shape != cbf.shape:
-            raise ValidationError(f"brain mask shape {brain.shape} differs from maps {cbf.shape}")
-        valid &= brain
+        valid &= as_region(brain, cbf.shape, "brain mask")
     region = valid.copy()  # the brain's outline and ventricles: symmetric, lesion or not
     if exclude is not None:
-        valid &= ~exclude
+        valid &= ~as_region(exclude, cbf.shape, "exclude mask")
     rad = (o.smooth_mm / maps.spacing[1], o.smooth_mm / maps.spacing[2])
     cbf, tmax = _smooth(cbf, valid, rad), _smooth(tmax, valid, rad)
     hypo = valid & (tmax > o.tmax_hypo)

@@ -144,7 +144,8 @@ def run_perfusion(
         Given input/output curves (HU enhancement). A given AIF is used as is unless a VOF (curve
         or mask) is given too, then it is scaled up to the VOF's area.
     aif_mask, vof_mask : ndarray of bool, shape (Z, Y, X), optional
-        Voxels to average instead of the automatic choice. A given VOF (curve or mask) that
+        Voxels to average instead of the automatic choice (nonzero is inside, as a mask file
+        is read). A given VOF (curve or mask) that
         :func:`~ctperf.perfusion.aif.assess_vof` rejects raises ValidationError.
     brain_mask : ndarray of bool, shape (Z, Y, X), optional
         Brain mask; default :func:`ctperf.masks.brain_mask` of the pre-bolus mean, CSF
@@ -185,6 +186,10 @@ def run_perfusion(
     PerfusionResult
     """
     _check_inputs(series, method=method, vessel_series=vessel_series)
+    aif_mask, vof_mask, brain_mask = (
+        None if m is None else masks.as_region(m, series.shape[1:], what)
+        for m, what in ((aif_mask, "AIF mask"), (vof_mask, "VOF mask"),
+                        (brain_mask, "brain mask")))
     check_bayes_options(bayes_options, method)
     check_constants(rho, kh)
     series, slice_shift = on_frame_times(series)
@@ -226,7 +231,7 @@ def run_perfusion(
                                        exclude=bony, region=searched)
     # a voxel of the AIF is never the venous reference: an artery peaking late on its noise
     # would otherwise pass the VOF's timing rule and scale the AIF by itself
-    arterial = (np.asarray(aif_mask, dtype=bool)[search] if aif_mask is not None and aif is None
+    arterial = (aif_mask[search] if aif_mask is not None and aif is None
                 else np.zeros_like(bony))
     if aif_from.selection is not None:  # (a new array either way: indexing copies)
         arterial[aif_from.selection.indices] = True
@@ -258,7 +263,7 @@ def run_perfusion(
 
     flags = _qc(hu, tissue_mean, brain_mean, t, brain=brain, n_base=n_base, aif_raw=aif_raw,
                 late_mean=_late_mean(tissue, values.get("tmax"), ~vessels[brain],
-                                     voxel_ml=series.voxel_ml),
+                                     brain=brain, voxel_ml=series.voxel_ml),
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 exposed_share=exposed, skull_share=masks.skull_share(base - offset),
@@ -431,22 +436,34 @@ def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
 
 
 def _late_mean(tissue: np.ndarray, tmax: np.ndarray | None, kept: np.ndarray, *,
-               voxel_ml: float) -> np.ndarray | None:
-    """The mean curve of the tissue (``kept`` of ``tissue`` (T, N)) whose Tmax is over
-    :data:`LATE_TMAX_S`, when it holds :data:`LATE_MIN_ML` or more; else None."""
+               brain: np.ndarray, voxel_ml: float) -> np.ndarray | None:
+    """The mean curve of the tissue (``kept`` of ``tissue`` (T, N), the voxels of ``brain``)
+    whose Tmax is over :data:`LATE_TMAX_S` in face-connected regions of :data:`LATE_MIN_ML` or
+    more; None without any. Voxels read late by their noise alone, scattered over the brain,
+    are left out: on a 512 px study at 12 HU they had been 75 of 120 mL, and the mean of a
+    lesion cut short by the scan's end had fallen to 0.28 of its peak, under the flag's 0.3."""
     if tmax is None:
         return None
     with np.errstate(invalid="ignore"):
-        late = (kept & (tmax > LATE_TMAX_S)).astype(np.float32)
+        late = kept & (tmax > LATE_TMAX_S)
     if late.sum() * voxel_ml < LATE_MIN_ML:
         return None
-    return (tissue @ late) / late.sum()
+    grid = np.zeros(brain.shape, dtype=bool)
+    grid[brain] = late
+    labels, _ = ndimage.label(grid)
+    size_ml = np.bincount(labels.ravel()) * voxel_ml
+    size_ml[0] = 0.0
+    regional = (size_ml >= LATE_MIN_ML)[labels[brain]].astype(np.float32)
+    if not regional.any():
+        return None
+    return (tissue @ regional) / regional.sum()
 
 
 #: Tmax (s) over which tissue counts as late for the ``truncation`` flag: the lesions' default
 #: hypoperfusion threshold.
 LATE_TMAX_S = LesionOptions.tmax_hypo
-#: The least volume of late tissue (mL) whose mean curve the ``truncation`` flag reads.
+#: The least volume (mL) of a connected region of late tissue whose mean curve the
+#: ``truncation`` flag reads.
 LATE_MIN_ML = 1.0
 
 

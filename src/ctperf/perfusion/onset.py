@@ -186,10 +186,7 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
     thresholds apply to HU less ``offset`` (:func:`~ctperf.masks.hu_offset`); ``padding``
     (:func:`~ctperf.masks.padding_mask`) is read as air."""
     if given is not None:
-        brain = np.asarray(given, dtype=bool)
-        if brain.shape != base.shape:
-            raise ValidationError(f"brain mask shape {brain.shape} differs from the study grid "
-                                  f"{base.shape} (Z, Y, X)")
+        brain = masks.as_region(given, base.shape, "brain mask")
         if not brain.any():
             raise ValidationError("the brain mask given selects no voxel")
         return _Brain(brain, brain)

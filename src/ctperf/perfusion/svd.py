@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.io.integrity import fit_times
 from ctperf.parallel import map_chunks
-from ctperf.perfusion.curves import resample, uniform_grid
+from ctperf.perfusion.curves import finite_aif, resample, uniform_grid
 from ctperf.types import SVD_METHODS
 
 __all__ = ["SVDResult", "svd_deconvolve"]
@@ -143,8 +144,8 @@ def svd_deconvolve(
         tis = tis.astype(np.float64)
     if tis.ndim == 1:
         tis = tis[:, None]
-    t = np.asarray(times, dtype=np.float64)
-    ca = np.asarray(aif, dtype=np.float64)
+    t = fit_times(times)
+    ca = finite_aif(aif, t)
     if tis.shape[0] != t.size or ca.shape != t.shape:
         raise ValidationError(
             f"tissue (T, N), aif (T,) and times (T,) must agree: {tis.shape}, {ca.shape}, {t.shape}"

@@ -275,6 +275,9 @@ def bilateral_filter(series: CTPSeries, *, spatial_sigma_mm: float = 3.0,
     CTPSeries
         The filtered study (same grid, times and metadata, ``meta["bilateral"]`` added).
     """
+    if in_place and not series.hu.flags.writeable:
+        raise ValidationError("in_place=True needs a writeable study: its hu is read-only (a "
+                              "read-only memmap or array); filter a copy (in_place=False)")
     g = series.hu.mean(axis=0, dtype=np.float64).astype(np.float32) if guide is None \
         else np.asarray(guide, dtype=np.float32)
     if g.shape != series.shape[1:]:

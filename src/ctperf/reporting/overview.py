@@ -73,6 +73,16 @@ def _summary_lines(prov: Mapping[str, Any], width: int) -> list[str]:
     return [line.replace("\u00a0", " ") for line in wrapped]
 
 
+def _shown_slices(brain: np.ndarray, lesion: np.ndarray, most: int = 4) -> list[int]:
+    """Up to ``most`` slices, in order: those holding the most lesion voxels, then those of
+    the largest brain area (the largest brain alone had left out the slices that held half
+    of a high lesion's core, and could have shown none of it)."""
+    area = brain.sum(axis=(1, 2))
+    held = (lesion & brain).sum(axis=(1, 2))
+    order = np.lexsort((-area, -held))[:most]  # the last key ranks first
+    return sorted(int(z) for z in order if area[z] > 0) or [brain.shape[0] // 2]
+
+
 def maps_overview(result: Any, *, title: str = "",
                   names: tuple[str, ...] = _OVERVIEW_MAPS) -> Any:
     """A matplotlib Figure: maps of up to 4 slices with lesion outlines, AIF/VOF, volumes, QC.
@@ -92,16 +102,14 @@ def maps_overview(result: Any, *, title: str = "",
     Returns
     -------
     matplotlib.figure.Figure
-        Black background; the slices with the largest brain area, shown radiologically. Colour
+        Black background; the four slices holding the most lesion (then the largest brain
+        area; :func:`_shown_slices`), shown radiologically. Colour
         limits from :data:`ctperf.reporting.windows.DISPLAY_WINDOWS`, over brain voxels outside
         vessels for maps shown in the study's own range.
     """
     maps = result.maps
     names = tuple(n for n in names if n in maps)
-    n_z = maps.shape[0]
-    area = result.brain.sum(axis=(1, 2))
-    order = np.argsort(-area, kind="stable")[: min(4, n_z)]
-    slices = sorted(int(z) for z in order if area[z] > 0) or [n_z // 2]
+    slices = _shown_slices(result.brain, result.lesions.hypoperfused | result.lesions.core)
     radio = RadiologicalView.of(maps.affine)
     _, dy, dx = maps.spacing
     # At least three columns: the curves take two and the text one when few maps are shown.

@@ -11,6 +11,7 @@ import numpy as np
 from scipy import sparse
 
 from ctperf.errors import ValidationError
+from ctperf.io.integrity import fit_times
 from ctperf.parallel import map_chunks
 from ctperf.perfusion.bayes.grid import DELAY_RANGE, ResidueGrid
 from ctperf.perfusion.bayes.posterior import (
@@ -31,7 +32,7 @@ from ctperf.perfusion.bayes.spatial import (
     pool_amplitudes,
     pool_curves,
 )
-from ctperf.perfusion.curves import flow_scale
+from ctperf.perfusion.curves import finite_aif, flow_scale
 
 log = logging.getLogger(__name__)
 
@@ -222,13 +223,12 @@ def fit_bayes(
     BayesFit
     """
     y_all = np.asarray(tissue)
-    t = np.asarray(times, dtype=np.float64)
+    t = fit_times(times)
     if y_all.ndim != 2 or y_all.shape[0] != t.size:
         raise ValidationError(f"tissue must be (T, N) with T = {t.size}, got {y_all.shape}")
-    if np.asarray(aif).shape != t.shape:
-        raise ValidationError(f"aif must have shape {t.shape}, got {np.asarray(aif).shape}")
-    if t.size < 4 or not np.all(np.diff(t) > 0):
-        raise ValidationError("times must be strictly increasing, at least 4 frames")
+    finite_aif(aif, t)
+    if t.size < 4:
+        raise ValidationError(f"the fit needs at least 4 frames, got {t.size}")
     n = y_all.shape[1]
     m = np.zeros((0, 0, 0), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     use_space = spatial and mask is not None
@@ -239,6 +239,12 @@ def fit_bayes(
         return BayesFit(*(e,) * 13)
     whiten = None if baseline_frames is None else baseline_whitening(t.size, baseline_frames)
     n_draws = int(max(draws, 1))
+    # a curve with NaN or Inf is fitted as zeros there and given no values, as the box and
+    # SVD fits give none (it had read CBF 43 % low, silently, for a NaN on its peak)
+    unfit = ~np.isfinite(y_all).all(axis=0)
+    if unfit.any():
+        log.warning("%d of %d tissue curves hold NaN or Inf: no values for them",
+                    int(unfit.sum()), n)
     y_all = np.nan_to_num(y_all.astype(np.float32, copy=False))
     own_noise = noise_variance(y_all, max(1, workers))
     # the noise's texture in space, for the amplitudes' pooling: read from the curves as given
@@ -446,6 +452,7 @@ def fit_bayes(
         mom[:, 1] = cbv
         mom[:, 8] = np.abs(mom[:, 0]) * np.sqrt(rel)
         mom[:, 9] = np.sqrt(np.maximum(var, 0.0))
+    mom[unfit] = np.nan
     col = {name: mom[:, j].astype(np.float32) for j, name in enumerate(_COLUMNS)}
     return BayesFit(cbf=col["cbf"], cbv=col["cbv"], mtt=col["mtt"], delay=col["delay"],
                     tmax=col["tmax"], ttp=col["ttp"], transit_cv=col["cv"],

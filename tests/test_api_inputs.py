@@ -1,0 +1,107 @@
+"""The Python API under the arrays users pass: masks of numbers, NaN, times in the wrong
+unit, read-only studies. Each case had failed deep in numpy, run for minutes, or returned a
+wrong number silently."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ctperf.errors import ValidationError
+from ctperf.evaluation import ssim
+from ctperf.perfusion import fit_box_nlr, segment_lesions, svd_deconvolve
+from ctperf.perfusion.bayes import fit_bayes
+from ctperf.preprocess import bilateral_filter
+from ctperf.types import CTPSeries, PerfusionMaps
+from test_bayes import KH, RHO, TIMES, _aif, tissue
+
+FITS = {
+    "bayes": lambda y, a, t: fit_bayes(y, a, t, rho=RHO, kh=KH, spatial=False),
+    "nlr-fast": lambda y, a, t: fit_box_nlr(y, a, t, method="nlr-fast", rho=RHO, kh=KH),
+    "bsvd": lambda y, a, t: svd_deconvolve(y, a, t, method="bsvd", rho=RHO, kh=KH),
+}
+
+
+@pytest.fixture(scope="module")
+def curves():
+    y = np.stack([tissue("exponential", cbf, 4.0, 1.0) for cbf in (20.0, 40.0, 60.0)], axis=1)
+    return y, _aif(TIMES)
+
+
+@pytest.mark.parametrize("name", sorted(FITS))
+def test_times_in_the_wrong_unit_or_order_are_refused(curves, name):
+    """Times in milliseconds: bayes had run for minutes on gigabytes, the box and SVD fits
+    returned CBF a thousand times low; decreasing times had read "the AIF has no positive
+    area"."""
+    y, aif = curves
+    with pytest.raises(ValidationError, match=r"milliseconds read as seconds\?"):
+        FITS[name](y, aif, TIMES * 1000.0)
+    backwards = TIMES.copy()
+    backwards[5], backwards[6] = backwards[6], backwards[5]
+    with pytest.raises(ValidationError, match="times must be strictly increasing; frame 6"):
+        FITS[name](y, aif, backwards)
+
+
+@pytest.mark.parametrize("name", sorted(FITS))
+def test_nan_in_the_aif_is_named(curves, name):
+    """NaN in the AIF had ended bayes in an IndexError from numpy."""
+    y, aif = curves
+    bad = aif.copy()
+    bad[20] = np.nan
+    with pytest.raises(ValidationError, match=r"aif contains NaN or Inf \(frames \[20\]\)"):
+        FITS[name](y, bad, TIMES)
+
+
+def test_bayes_gives_no_values_for_a_curve_with_nan(curves, caplog):
+    """A tissue curve with a NaN gets NaN, as the box and SVD fits give it, and the others
+    their values: bayes had read it as 0 HU there (CBF 43 % low for a NaN on the peak),
+    silently."""
+    y, aif = curves
+    want = fit_bayes(y, aif, TIMES, rho=RHO, kh=KH, spatial=False, noise_sd=1.0)
+    holed = y.copy()
+    holed[int(np.argmax(y[:, 1])), 1] = np.nan
+    got = fit_bayes(holed, aif, TIMES, rho=RHO, kh=KH, spatial=False, noise_sd=1.0)
+    assert np.isnan(got.cbf[1]) and np.isnan(got.cbv_sd[1]) and np.isnan(got.residual[1])
+    np.testing.assert_array_equal(got.cbf[[0, 2]], want.cbf[[0, 2]])
+    assert "1 of 3 tissue curves hold NaN or Inf" in caplog.text
+    box = fit_box_nlr(holed, aif, TIMES, method="nlr-fast", rho=RHO, kh=KH)
+    assert np.isnan(box.cbf[1])
+
+
+def test_lesion_masks_of_numbers_and_wrong_shapes(rng):
+    """segment_lesions takes a 0/1 brain or exclude mask of numbers as the bool one (uint8
+    had raised numpy's UFuncTypeError, float "ufunc 'invert' not supported"); an exclude
+    mask of (Y, X) had been applied to every slice silently: refused."""
+    shape = (2, 24, 24)
+    tmax = np.where(np.arange(24) < 8, 9.0, 2.0)[None, None, :] * np.ones(shape)
+    cbf = 40.0 + rng.normal(0, 1, shape)
+    maps = PerfusionMaps(maps={"cbf": cbf, "tmax": tmax}, affine=np.diag([2.0, 2.0, 5.0, 1.0]))
+    brain = np.zeros(shape, bool)
+    brain[:, 2:22, 2:22] = True
+    want = segment_lesions(maps, brain=brain)
+    for dtype in (np.uint8, np.float32):
+        got = segment_lesions(maps, brain=brain.astype(dtype),
+                              exclude=np.zeros(shape, dtype=dtype))
+        np.testing.assert_array_equal(got.hypoperfused, want.hypoperfused)
+    with pytest.raises(ValidationError, match=r"exclude mask shape \(24, 24\) differs"):
+        segment_lesions(maps, brain=brain, exclude=np.zeros((24, 24), bool))
+    with pytest.raises(ValidationError, match=r"mask shape \(24, 24\) differs from map"):
+        ssim(cbf, cbf, mask=brain[0])
+
+
+def test_read_only_study_filtered_in_place_is_refused(rng):
+    """in_place=True on a read-only study (a memmap opened "r") had raised numpy's
+    "assignment destination is read-only"; a copy is filtered as before."""
+    hu = rng.normal(30.0, 5.0, (12, 2, 16, 16)).astype(np.float32)
+    hu.flags.writeable = False
+    series = CTPSeries(hu=hu, times=np.arange(12.0), affine=np.diag([1.0, 1.0, 5.0, 1.0]))
+    with pytest.raises(ValidationError, match="in_place=True needs a writeable study"):
+        bilateral_filter(series, in_place=True, workers=1)
+    assert bilateral_filter(series, workers=1).hu.shape == hu.shape
+
+
+def test_nan_in_a_study_built_in_python_says_how_to_make_it_air():
+    hu = np.full((12, 1, 4, 4), 30.0, np.float32)
+    hu[:, :, 0, 0] = np.nan
+    with pytest.raises(ValidationError, match=r"\(12 of 192\).*nan_to_num\(hu, nan=-1024"):
+        CTPSeries(hu=hu, times=np.arange(12.0))
