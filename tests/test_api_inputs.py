@@ -105,3 +105,29 @@ def test_nan_in_a_study_built_in_python_says_how_to_make_it_air():
     hu[:, :, 0, 0] = np.nan
     with pytest.raises(ValidationError, match=r"\(12 of 192\).*nan_to_num\(hu, nan=-1024"):
         CTPSeries(hu=hu, times=np.arange(12.0))
+
+
+def test_a_grid_finer_than_a_scan_is_no_unit_error(curves):
+    """The fits take a simulation's fine grid (0.05 s), and the grid they resample uneven
+    frames onto: the time check had refused a study with one frame 0.05 s after another as
+    "minutes read as seconds?" (its resampling grid, 0.075 s apart)."""
+    y, aif = curves
+    fine = np.arange(0.0, TIMES[-1] + 1e-9, 0.05)
+    y_fine = np.stack([np.interp(fine, TIMES, c) for c in y.T], axis=1)
+    for name in ("nlr-fast", "bsvd"):
+        coarse, dense = (FITS[name](yy, np.interp(tt, TIMES, aif), tt).cbf
+                         for yy, tt in ((y, TIMES), (y_fine, fine)))
+        # the same curves, linearly interpolated: the fits agree within a few percent
+        np.testing.assert_allclose(dense, coarse, rtol=0.05)
+
+
+def test_bayes_with_inf_and_the_spatial_prior(curves):
+    """+Inf in one curve, with the spatial prior on: that voxel gets NaN and the fit ends
+    (nan_to_num had made it 3.4e38 and the posterior ended in an IndexError)."""
+    y, aif = curves
+    many = np.repeat(y, 6, axis=1)[:, :16]
+    many[30, 5] = np.inf
+    mask = np.ones((1, 4, 4), dtype=bool)
+    fit = fit_bayes(many, aif, TIMES, rho=RHO, kh=KH, mask=mask, spacing=(5.0, 2.0, 2.0))
+    assert np.isnan(fit.cbf[5])
+    assert np.isfinite(np.delete(fit.cbf, 5)).all()

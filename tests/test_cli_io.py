@@ -10,6 +10,7 @@ import pydicom
 import pytest
 
 from ctperf.cli import main
+from ctperf.errors import InputError
 from ctperf.io import read_dicom_series, read_nifti_series, write_series_nifti
 from dicom_factory import write_fake_study
 
@@ -103,9 +104,10 @@ def test_a_converted_copy_is_never_taken_for_the_scan(tmp_path, rng):
 
 
 def test_converted_nifti_sidecar_has_bids_timing(tmp_path, rng):
-    """The sidecar of a converted study also holds BIDS' FrameTimesStart and SliceTiming, so
-    that a tool reading only those (or ctperf without its own keys) times the frames and slices
-    alike; the header's one step had said a two-rate study ran 15 s where it ran 27."""
+    """The sidecar of a converted study also holds BIDS' FrameTimesStart, so that a tool
+    reading only that times the frames (the header's one step had said a two-rate study ran
+    15 s where it ran 27); FrameTimes edited without SliceTimes is refused (the stale slice
+    times had won, silently)."""
     import json
 
     study = write_fake_study(tmp_path / "s", rng, shuttle=True)
@@ -114,13 +116,15 @@ def test_converted_nifti_sidecar_has_bids_timing(tmp_path, rng):
     side = json.loads(nii.with_name("study.json").read_text())
     from_dicom = read_dicom_series(study.folder)
     np.testing.assert_allclose(side["FrameTimesStart"], from_dicom.slice_times.min(axis=1))
-    np.testing.assert_allclose(side["SliceTiming"], 0.2 * np.arange(from_dicom.shape[1]),
-                               atol=1e-9)
     bids_only = {k: v for k, v in side.items() if k not in ("FrameTimes", "SliceTimes")}
     nii.with_name("study.json").write_text(json.dumps(bids_only))
-    again = read_nifti_series(nii)
-    np.testing.assert_allclose(again.slice_times, from_dicom.slice_times, atol=1e-9)
-    np.testing.assert_allclose(again.times, from_dicom.times, atol=1e-9)
+    np.testing.assert_allclose(read_nifti_series(nii).times,
+                               from_dicom.slice_times.min(axis=1), atol=1e-9)
+    edited = side | {"FrameTimes": (np.asarray(side["FrameTimes"]) + 10.0).tolist()}
+    nii.with_name("study.json").write_text(json.dumps(edited))
+    with pytest.raises(InputError, match=r"study\.json: the frame times \(FrameTimes\) and "
+                                         r"SliceTimes disagree: frame 0 at 10\.\d+ s"):
+        read_nifti_series(nii)
 
 
 def test_convert_with_frame_interval(tmp_path, rng):

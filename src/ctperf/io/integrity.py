@@ -133,9 +133,11 @@ def check_frame_times(times: np.ndarray, path: PathLike, *, source: str,
 
 def fit_times(times: object) -> np.ndarray:
     """Frame times (s) given to a fit, as float64 (T,), or ValidationError: 1-D, finite,
-    strictly increasing and spaced as CT perfusion is (:func:`frame_spacing_problem`). Times
-    in milliseconds had run the Bayesian fit for minutes on gigabytes, and the box and SVD
-    fits had returned CBF a thousand times low."""
+    strictly increasing, and not spaced too far apart or with gaps too long for CT perfusion
+    (:func:`frame_spacing_problem`). Times in milliseconds had run the Bayesian fit for
+    minutes on gigabytes, and the box and SVD fits had returned CBF a thousand times low. A
+    grid finer than a scan's frames (a simulation's, or the fits' own resampling of uneven
+    frames) is no unit error and is accepted."""
     t = np.asarray(times, dtype=np.float64)
     if t.ndim != 1 or t.size < 2:
         raise ValidationError(f"times must be 1-D with at least 2 frames, got shape {t.shape}")
@@ -147,7 +149,7 @@ def fit_times(times: object) -> np.ndarray:
         raise ValidationError(f"times must be strictly increasing; frame {bad + 1} "
                               f"({t[bad + 1]:g} s) is not after frame {bad} ({t[bad]:g} s)")
     problem = frame_spacing_problem(t)
-    if problem is not None:
+    if problem is not None and float(np.median(steps)) >= FRAME_STEP_RANGE_S[0]:
         raise ValidationError(f"times: {problem}; give them in seconds")
     return t
 

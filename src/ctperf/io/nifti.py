@@ -419,6 +419,16 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
         times, source = _pixdim_times(p, header, n_frames)
         where = p
         check_frame_times(times, p, source="pixdim[4]")
+    if slice_times is not None and frame_interval is None:
+        # ctperf writes both; one edited without the other had been read silently, the
+        # slices' times winning
+        apart = np.abs(slice_times.mean(axis=1) - times)
+        if apart.max() > 1e-3:
+            k = int(np.argmax(apart))
+            raise InputError(side, f"the frame times ({source.removeprefix('sidecar ')}) and "
+                                   f"SliceTimes disagree: frame {k} at {times[k]:g} s, its "
+                                   f"slices' mean at {slice_times[k].mean():g} s (one edited "
+                                   "without the other?); change both, or remove SliceTimes")
     if offsets is not None:
         _check_slice_timing(offsets, times, side)
         slice_times = times[:, None] + offsets[None, :]
@@ -472,7 +482,7 @@ def _masked_as_air(p: Path, data: np.ndarray) -> np.ndarray:
 
 def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float32") -> Path:
     """Write a study as 4D NIfTI plus a JSON sidecar (FrameTimes, SliceTimes, meta; and BIDS'
-    FrameTimesStart, with SliceTiming where every frame takes its slices at the same offsets).
+    FrameTimesStart, each frame's first slice's time, for other tools).
 
     The sidecar's meta carries no patient identity (:func:`ctperf.io.privacy.public_meta`):
     scanner, kVp, mAs and timing stay; names, IDs, dates, institution, UIDs and absolute paths
@@ -494,11 +504,7 @@ def write_series_nifti(series: CTPSeries, path: PathLike, *, dtype: str = "float
     side["FrameTimesStart"] = series.times
     if series.slice_times is not None:
         side["SliceTimes"] = series.slice_times
-        starts = series.slice_times.min(axis=1)
-        offsets = series.slice_times - starts[:, None]
-        side["FrameTimesStart"] = starts
-        if np.allclose(offsets, offsets[0], rtol=0, atol=1e-6):
-            side["SliceTiming"] = offsets[0]
+        side["FrameTimesStart"] = series.slice_times.min(axis=1)
     with atomic_file(p) as tmp:
         nib.save(img, str(tmp))
         # the sidecar whole before the image takes its name (a full disk had left the image

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
-from ctperf.io.integrity import fit_times
+from ctperf.io.integrity import fit_times, frame_spacing_problem
 from ctperf.perfusion.boxnlr import BOX_METHODS, DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
     ARRIVAL_NOISE_GAIN,
@@ -349,6 +349,9 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     if t.size < MIN_FRAMES:
         raise ValidationError(f"{t.size} frames: perfusion fits need at least {MIN_FRAMES}")
     t = fit_times(t)
+    problem = frame_spacing_problem(t)  # and none finer than a scan's: a unit error here
+    if problem is not None:
+        raise ValidationError(f"times: {problem}; give them in seconds")
     check_constants(rho, kh)
     a = np.asarray(aif, dtype=np.float64)
     if a.shape != t.shape:

@@ -263,7 +263,8 @@ def run_perfusion(
 
     flags = _qc(hu, tissue_mean, brain_mean, t, brain=brain, n_base=n_base, aif_raw=aif_raw,
                 late_mean=_late_mean(tissue, values.get("tmax"), ~vessels[brain],
-                                     brain=brain, voxel_ml=series.voxel_ml),
+                                     brain=brain, spacing=spacing,
+                                     voxel_ml=series.voxel_ml),
                 vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 exposed_share=exposed, skull_share=masks.skull_share(base - offset),
@@ -436,25 +437,30 @@ def _assemble(values: dict[str, np.ndarray], brain: np.ndarray
 
 
 def _late_mean(tissue: np.ndarray, tmax: np.ndarray | None, kept: np.ndarray, *,
-               brain: np.ndarray, voxel_ml: float) -> np.ndarray | None:
+               brain: np.ndarray, spacing: tuple[float, float, float],
+               voxel_ml: float) -> np.ndarray | None:
     """The mean curve of the tissue (``kept`` of ``tissue`` (T, N), the voxels of ``brain``)
-    whose Tmax is over :data:`LATE_TMAX_S` in face-connected regions of :data:`LATE_MIN_ML` or
-    more; None without any. Voxels read late by their noise alone, scattered over the brain,
-    are left out: on a 512 px study at 12 HU they had been 75 of 120 mL, and the mean of a
-    lesion cut short by the scan's end had fallen to 0.28 of its peak, under the flag's 0.3."""
+    whose Tmax is over :data:`LATE_TMAX_S` as most of its kept neighbours' are (within
+    :data:`LATE_SMOOTH_MM` in-plane: the default lesion clean-up's median, thresholded), when
+    that holds :data:`LATE_MIN_ML` or more; else None. Voxels read late by their noise alone,
+    scattered over the brain, are left out: on a 512 px study at 12 HU they had been 75 of
+    120 mL, and the mean of a lesion cut short by the scan's end had fallen to 0.28 of its
+    peak, under the flag's 0.3. Vessels crossing a lesion do not cut it up (they are not
+    counted among the neighbours)."""
     if tmax is None:
         return None
     with np.errstate(invalid="ignore"):
         late = kept & (tmax > LATE_TMAX_S)
     if late.sum() * voxel_ml < LATE_MIN_ML:
         return None
-    grid = np.zeros(brain.shape, dtype=bool)
-    grid[brain] = late
-    labels, _ = ndimage.label(grid)
-    size_ml = np.bincount(labels.ravel()) * voxel_ml
-    size_ml[0] = 0.0
-    regional = (size_ml >= LATE_MIN_ML)[labels[brain]].astype(np.float32)
-    if not regional.any():
+    grid, valid = np.zeros(brain.shape, np.float32), np.zeros(brain.shape, np.float32)
+    grid[brain], valid[brain] = late, kept
+    _, dy, dx = spacing
+    size = (1, *(2 * max(1, round(LATE_SMOOTH_MM / d)) + 1 for d in (dy, dx)))
+    near_late = ndimage.uniform_filter(grid, size=size, mode="constant")
+    near_kept = ndimage.uniform_filter(valid, size=size, mode="constant")
+    regional = (late & (near_late > 0.5 * near_kept)[brain]).astype(np.float32)
+    if regional.sum() * voxel_ml < LATE_MIN_ML:
         return None
     return (tissue @ regional) / regional.sum()
 
@@ -462,9 +468,11 @@ def _late_mean(tissue: np.ndarray, tmax: np.ndarray | None, kept: np.ndarray, *,
 #: Tmax (s) over which tissue counts as late for the ``truncation`` flag: the lesions' default
 #: hypoperfusion threshold.
 LATE_TMAX_S = LesionOptions.tmax_hypo
-#: The least volume (mL) of a connected region of late tissue whose mean curve the
-#: ``truncation`` flag reads.
+#: The least volume of late tissue (mL) whose mean curve the ``truncation`` flag reads.
 LATE_MIN_ML = 1.0
+#: In-plane reach (mm) of the neighbours whose majority must be late too: the default lesion
+#: clean-up's median (:class:`~ctperf.lesion_options.LesionOptions` ``smooth_mm``).
+LATE_SMOOTH_MM = LesionOptions.smooth_mm
 
 
 def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,

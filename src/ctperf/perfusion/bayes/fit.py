@@ -245,7 +245,7 @@ def fit_bayes(
     if unfit.any():
         log.warning("%d of %d tissue curves hold NaN or Inf: no values for them",
                     int(unfit.sum()), n)
-    y_all = np.nan_to_num(y_all.astype(np.float32, copy=False))
+    y_all = np.nan_to_num(y_all.astype(np.float32, copy=False), posinf=0.0, neginf=0.0)
     own_noise = noise_variance(y_all, max(1, workers))
     # the noise's texture in space, for the amplitudes' pooling: read from the curves as given
     fields = noise_fields(y_all, own_noise) if spatial and mask is not None and \
