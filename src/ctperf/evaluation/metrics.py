@@ -71,13 +71,20 @@ def _paired(estimate: np.ndarray, reference: np.ndarray,
     ref = np.asarray(reference, dtype=np.float64)
     if est.shape != ref.shape:
         raise ValidationError(f"estimate shape {est.shape} differs from reference {ref.shape}")
+    keep = _kept(est, ref, mask)
+    return est[keep], ref[keep]
+
+
+def _kept(est: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
+    """Voxels with a value in both maps, within ``mask`` (of their shape: a (Y, X) mask had
+    been broadcast over every slice)."""
     keep = np.isfinite(est) & np.isfinite(ref)
     if mask is not None:
         m = np.asarray(mask, dtype=bool)
         if m.shape != est.shape:
             raise ValidationError(f"mask shape {m.shape} differs from map shape {est.shape}")
         keep &= m
-    return est[keep], ref[keep]
+    return keep
 
 
 def map_agreement(estimate: np.ndarray, reference: np.ndarray,
@@ -247,12 +254,7 @@ def ssim(estimate: np.ndarray, reference: np.ndarray, *, mask: np.ndarray | None
     if est.shape != ref.shape or est.ndim not in (2, 3):
         raise ValidationError(f"ssim needs two (Y, X) or (Z, Y, X) maps of one shape, got "
                               f"{est.shape} and {ref.shape}")
-    keep = np.isfinite(est) & np.isfinite(ref)
-    if mask is not None:
-        m = np.asarray(mask, dtype=bool)
-        if m.shape != est.shape:  # a (Y, X) mask had been broadcast over every slice
-            raise ValidationError(f"mask shape {m.shape} differs from map shape {est.shape}")
-        keep &= m
+    keep = _kept(est, ref, mask)
     if not keep.any():
         return float("nan")
     fx, fy = np.isfinite(est), np.isfinite(ref)

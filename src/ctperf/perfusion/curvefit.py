@@ -21,8 +21,8 @@ from ctperf.perfusion.boxnlr import BOX_METHODS, DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
     ARRIVAL_NOISE_GAIN,
     TRUNCATED_END,
+    aif_arrival,
     bandlimit,
-    bolus_arrival_frame,
     check_bolus_present,
     check_bolus_start,
     check_constants,
@@ -236,7 +236,7 @@ def _measured_peak(tissue: np.ndarray, t: np.ndarray, grid: np.ndarray | None, n
     curve's, which its model keeps near the AIF's peak (a curve peaking 3 s before its AIF read
     20.1 s, the AIF 22 s), and a faint curve's noise before the bolus had peaked with a
     baseline given as 0 frames (TTP 0 s)."""
-    k = _aif_arrival(aif)
+    k = aif_arrival(aif)
     start = max(float(t[min(n_base, t.size - 1)]), float(t[k or 0]))
     if grid is None:
         return measured_ttp(tissue, t, start)
@@ -254,15 +254,6 @@ def _peaks_before(t: np.ndarray, aif: np.ndarray, ttp: np.ndarray) -> np.ndarray
         return np.asarray(ttp < (t[k] - t[0]) - max(1.0, step))
 
 
-def _aif_arrival(aif: np.ndarray) -> int | None:
-    """The frame of the AIF's arrival (smoothed, above 10 % of its rise and five times its
-    noise), None when it never rises so."""
-    try:
-        return bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)
-    except ValidationError:
-        return None
-
-
 def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> None:
     """Refuse curves given as enhancement (baseline 0) that stand clearly off zero before the
     AIF's bolus arrives: the AIF by more than 5 % of its rise, or the tissue curves' mean by
@@ -270,7 +261,7 @@ def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> No
     still hold their unenhanced values (HU: 40 in blood, 25-35 in tissue), which every fit
     would take for contrast (a probe's CBV read 12-20 mL/100 g against 1-4); the level as
     :func:`~ctperf.perfusion.curves.off_zero_before` reads it."""
-    k = _aif_arrival(aif)
+    k = aif_arrival(aif)
     if k is None:
         return
     mean = tissue.mean(axis=1)
@@ -290,7 +281,7 @@ def _check_baseline_before_bolus(t: np.ndarray, aif: np.ndarray, n_base: int) ->
     arrival: the first frame, smoothed, above 10 % of its rise and five times its noise). Its
     mean would hold contrast, subtracted from every curve: a probe's baseline ending at 80 % of
     the AIF's peak."""
-    k = _aif_arrival(aif)
+    k = aif_arrival(aif)
     if k is not None and n_base > k:  # (no arrival to compare with: the AIF's checks speak)
         raise ValidationError(
             f"baseline {n_base} frames reaches into the AIF's bolus, which arrives at frame "

@@ -29,6 +29,7 @@ __all__ = [
     "TRUNCATED_END",
     "TTP_SMOOTH_S",
     "ArterialTable",
+    "aif_arrival",
     "bandlimit",
     "bolus_arrival_frame",
     "box_model",
@@ -132,6 +133,15 @@ def second_difference_sd(curves: np.ndarray) -> np.ndarray:
     if c.shape[0] < 3:
         return np.zeros(c.shape[1:])
     return 1.4826 * np.median(np.abs(np.diff(c, n=2, axis=0)), axis=0) / np.sqrt(6.0)
+
+
+def aif_arrival(aif: np.ndarray) -> int | None:
+    """The frame of the AIF's arrival (smoothed, above 10 % of its rise and five times its
+    noise), against which given curves are checked; None when it never rises so."""
+    try:
+        return bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)
+    except ValidationError:
+        return None
 
 
 def bolus_arrival_frame(curve: np.ndarray, *, fraction: float = 0.1,

@@ -29,7 +29,7 @@ from ctperf.perfusion.aif import (
     tissue_peak_time,
 )
 from ctperf.perfusion.curves import (
-    bolus_arrival_frame,
+    aif_arrival,
     check_bolus_present,
     check_bolus_start,
     check_peak_not_clipped,
@@ -281,9 +281,8 @@ def _check_given_enhancement(curve: np.ndarray, aif: np.ndarray, name: str, shar
     """Refuse a curve given as enhancement that stands off zero before the AIF's bolus
     arrives (:func:`~ctperf.perfusion.curves.off_zero_before`), as ``ctperf curves`` refuses
     one: an AIF still at its unenhanced 40 HU had read CBV 20 % low, with no flag."""
-    try:
-        k = bolus_arrival_frame(aif, fraction=0.1, noise_sds=5.0)
-    except ValidationError:
+    k = aif_arrival(aif)
+    if k is None:
         return  # no arrival: the bolus checks speak
     off = off_zero_before(curve, k, share)
     if off is not None:

@@ -451,8 +451,6 @@ def _late_mean(tissue: np.ndarray, tmax: np.ndarray | None, kept: np.ndarray, *,
         return None
     with np.errstate(invalid="ignore"):
         late = kept & (tmax > LATE_TMAX_S)
-    if late.sum() * voxel_ml < LATE_MIN_ML:
-        return None
     grid, valid = np.zeros(brain.shape, np.float32), np.zeros(brain.shape, np.float32)
     grid[brain], valid[brain] = late, kept
     _, dy, dx = spacing
