@@ -162,6 +162,30 @@ def test_overview_names_the_aif_as_it_was_used(overview):
     assert "AIF (not corrected)" in labels and "AIF measured" not in labels
 
 
+@pytest.mark.parametrize("record", [{"nifti_xform_code": 0}, {"orientation_unknown": True}])
+def test_figures_do_not_mark_a_side_they_do_not_know(overview, record):
+    """A NIfTI study (or maps) without sform and qform: its "R" marked a guessed side, and a
+    probe's x-reversed copy showed the lesion opposite it; the figures now say the side is
+    unknown (the study's maps, or maps read for ``ctperf evaluate``)."""
+    import dataclasses
+
+    from ctperf.reporting.figures import comparison_figure, side_by_side_figure
+
+    result, fig = overview
+
+    def marks(figure):
+        return [t.get_text() for ax in figure.axes for t in ax.texts
+                if t.get_text() in ("R", "L/R unknown")]
+
+    assert set(marks(fig)) == {"R"}
+    unknown = result.maps.replace(provenance={**result.maps.provenance, **record})
+    assert set(marks(maps_overview(dataclasses.replace(result, maps=unknown)))) == {
+        "L/R unknown"}
+    assert set(marks(comparison_figure(unknown, unknown))) == {"L/R unknown"}
+    assert set(marks(side_by_side_figure([("a", unknown), ("b", unknown)]))) == {"L/R unknown"}
+    assert set(marks(side_by_side_figure([("a", result.maps), ("b", result.maps)]))) == {"R"}
+
+
 @pytest.mark.parametrize("kept", [("cbf",), ("cbv", "tmax")])
 def test_overview_of_one_or_two_maps(overview, kept):
     # a network trained on one or two targets gives maps of only those: the overview still has
@@ -273,3 +297,26 @@ def test_overview_shows_the_slices_that_hold_the_lesion():
     assert _shown_slices(brain, lesion) == [0, 1, 4, 5]
     assert _shown_slices(brain, np.zeros_like(brain)) == [0, 1, 2, 3]
     assert _shown_slices(brain[:2], lesion[:2]) == [0, 1]
+
+
+def test_print_rules_fit_a_figure_on_one_page():
+    """The report "prints as shown": a probe's printout split every figure over two pages, whose
+    images could be 24 cm tall on an A4 landscape page of 19 cm inside its margins."""
+    import re
+
+    from ctperf.reporting.html import _CSS
+
+    page = re.search(r"@page \{ size: A4 landscape; margin: (\d+)mm; \}", _CSS)
+    tallest = re.search(r"figure img \{ max-height: (\d+)cm; \}", _CSS)
+    assert page and tallest
+    assert float(tallest.group(1)) * 10 + 10 <= 210 - 2 * int(page.group(1))  # 1 cm: caption
+
+
+def test_phantom_preview_names_the_territories():
+    from ctperf.phantom import generate_subject
+    from ctperf.reporting.phantom import phantom_preview_figure
+
+    fig = phantom_preview_figure(generate_subject(seed=1, size=48, slices=2))
+    names = {t.get_text() for ax in fig.axes if ax.get_legend() for t in
+             ax.get_legend().get_texts()}
+    assert {"MCA R", "MCA L"} <= names

@@ -125,7 +125,7 @@ def comparison_figure(estimate: PerfusionMaps, reference: PerfusionMaps, *,
                 for k, key, _ in drawn:
                     ax.plot([], [], color=colours[k % len(colours)], label=key)
             ax.set_title(f"{label} [{reference.units[name]}]", color="white", fontsize=9)
-            radiological_axes(ax, mark=j == 0)
+            radiological_axes(ax, mark=j == 0, known=orientation_known(reference.provenance))
             bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02,
                                extend=colorbar_extend(img, (vmin, vmax)))
             bar.ax.tick_params(colors="white", labelsize=7)
@@ -145,15 +145,23 @@ def _outline_legend(fig: Any, ax: Any, *, fontsize: int) -> None:
                    fontsize=fontsize, facecolor="black", labelcolor="white", frameon=False)
 
 
-def radiological_axes(ax: Any, *, mark: bool, color: str = "white", fontsize: int = 8
-                      ) -> None:
+def orientation_known(record: Mapping[str, Any]) -> bool:
+    """False for maps or a study whose files set no orientation (a NIfTI without sform and
+    qform: ``provenance["orientation_unknown"]`` of maps read, ``nifti_xform_code`` 0 of a
+    study's meta and its maps' provenance), where the patient's left and right are a guess."""
+    return not record.get("orientation_unknown") and record.get("nifti_xform_code", 1) != 0
+
+
+def radiological_axes(ax: Any, *, mark: bool, color: str = "white", fontsize: int = 8,
+                      known: bool = True) -> None:
     """No ticks; with ``mark`` an "R" at the patient's right (the slice is shown
-    radiologically, :class:`~ctperf.types.RadiologicalView`)."""
+    radiologically, :class:`~ctperf.types.RadiologicalView`), or "L/R unknown" there when
+    the orientation is not ``known`` (:func:`orientation_known`)."""
     ax.set_xticks([])
     ax.set_yticks([])
     if mark:
-        ax.text(0.02, 0.98, "R", transform=ax.transAxes, color=color, fontsize=fontsize,
-                va="top")
+        ax.text(0.02, 0.98, "R" if known else "L/R unknown", transform=ax.transAxes,
+                color=color, fontsize=fontsize if known else max(fontsize - 2, 5), va="top")
 
 
 def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
@@ -215,7 +223,7 @@ def side_by_side_figure(readings: Sequence[tuple[str, PerfusionMaps]], *,
                         ax.plot([], [], color=colours[k % len(colours)], label=key)
             ax.set_title(f"{name} {label} [{first.units.get(name, '')}]", color="white",
                          fontsize=8)
-            radiological_axes(ax, mark=j == 0)
+            radiological_axes(ax, mark=j == 0, known=orientation_known(first.provenance))
             bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02,
                                extend=colorbar_extend(img, (vmin, vmax)))
             bar.ax.tick_params(colors="white", labelsize=6)

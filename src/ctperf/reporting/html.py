@@ -45,7 +45,7 @@ p.note, ul.note { font-size: .88em; color: #333; }
   table { font-size: 7.5pt; page-break-inside: auto; }
   tr { page-break-inside: avoid; break-inside: avoid; }
   h2 { page-break-after: avoid; break-after: avoid; }
-  figure img { max-height: 24cm; }
+  figure img { max-height: 17cm; }  /* A4 landscape less margins and caption */
 }
 """
 

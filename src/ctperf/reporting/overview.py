@@ -11,7 +11,12 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.reporting.figures import colormap, new_figure, radiological_axes
+from ctperf.reporting.figures import (
+    colormap,
+    new_figure,
+    orientation_known,
+    radiological_axes,
+)
 from ctperf.reporting.windows import colorbar_extend, display_window, map_title
 from ctperf.types import RadiologicalView, radiological_flips
 
@@ -153,7 +158,7 @@ def maps_overview(result: Any, *, title: str = "",
                 if m.any() and name.removesuffix("_sd") in _OUTLINED:
                     ax.contour(m, levels=[0.5], colors=colour, linewidths=1.0)
             # the patient's right, in the corner the elliptical head leaves free
-            radiological_axes(ax, mark=j == 0, fontsize=9)
+            radiological_axes(ax, mark=j == 0, fontsize=9, known=orientation_known(prov))
             if j == 0:
                 ax.set_ylabel(f"slice {z}", color="white")
             if i == 0:

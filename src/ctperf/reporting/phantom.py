@@ -7,7 +7,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ctperf.reporting.figures import new_subplots, radiological_axes
+from ctperf.phantom.physiology import TERRITORIES
+from ctperf.reporting.figures import colormap, new_subplots, radiological_axes
 from ctperf.reporting.windows import (
     BRAIN_WINDOW_HU,
     VESSEL_WINDOW_HU,
@@ -80,7 +81,14 @@ def phantom_preview_figure(subject: PhantomSubject, *, slice_index: int | None =
     terr = subject.masks["territories"][z].astype(float)
     ax.imshow(radio(np.where(terr > 0, terr, np.nan)), cmap="tab10", vmin=0.5,
               vmax=10.5, interpolation="nearest")
-    ax.set_title("vascular territories (ACA, MCA, PCA R/L)", fontsize=10)
+    ax.set_title("vascular territories", fontsize=10)
+    from matplotlib.patches import Patch
+
+    tab10 = colormap("tab10")
+    present = set(np.unique(terr[terr > 0]).astype(int).tolist())
+    ax.legend(handles=[Patch(color=tab10((label - 0.5) / 10.0), label=name.replace("_", " "))
+                       for label, name in TERRITORIES.items() if label in present],
+              fontsize=7, loc="lower right", ncol=2, frameon=False)
     ax = axes[2, 2]
     ax.plot(subject.fine_times, subject.aif_fine, "r-", lw=1, label="AIF (true, no PV)")
     ax.plot(subject.fine_times, subject.vof_fine, "b-", lw=1, label="VOF")

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.reporting.figures import new_subplots, radiological_axes
+from ctperf.reporting.figures import new_subplots, orientation_known, radiological_axes
 from ctperf.reporting.windows import BRAIN_WINDOW_HU
 from ctperf.types import RadiologicalView
 
@@ -67,5 +67,5 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
         ax.contour(radio(result.mask[z]), levels=[0.5], colors="r", linewidths=0.5)
         ax.set_title(f"{title}, slice {z} (W {high - low:g} / L {(high + low) / 2:g})")
         ax.axis("off")
-        radiological_axes(ax, mark=True, fontsize=9)
+        radiological_axes(ax, mark=True, fontsize=9, known=orientation_known(before.meta))
     return fig
