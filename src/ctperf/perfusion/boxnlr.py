@@ -14,6 +14,14 @@ Two fits, both vectorised over all voxels of a chunk at once (loops run over ite
   With non-uniform frame times, the polish is Levenberg-Marquardt with the analytic Jacobian of
   the box model, parameters projected onto their bounds after every step.
 
+Evenly spaced frames more than :data:`FIT_STEP_S` apart are fitted on a grid that divides each
+frame interval evenly into steps of at most that (:func:`fit_grid`), the AIF and the tissue
+curves interpolated linearly onto it (after the band limit, which works in frames): the box
+model integrates the AIF as a straight line between its samples, and between samples 2 s apart
+that line cuts the bolus's peak, which a short box fitted at the frames alone made up for with
+CBF up to twice the true (docs/methods.md, "Box fits on coarse frames"). The misfit
+(``residual``) is measured at the frames.
+
 With evenly spaced frames both methods evaluate the sum of squared errors through
 :class:`~ctperf.perfusion.fastsse.FastBoxSSE` (exact, a few gathers per evaluation instead of a
 pass over all frames). Chunks of voxels are fitted in parallel threads on the CPU
@@ -40,13 +48,14 @@ from ctperf.perfusion.curves import (
     box_model,
     finite_aif,
     flow_scale,
+    resample,
 )
 from ctperf.perfusion.fastsse import FastBoxSSE
 from ctperf.perfusion.nelder_mead import nelder_mead
 from ctperf.perfusion.newton import refine_newton
 
-__all__ = ["BOX_METHODS", "DEFAULT_BOUNDS", "DEFAULT_STEPS", "TMAX_MTT_FRACTION", "BoxFit",
-           "fit_box_nlr"]
+__all__ = ["BOX_METHODS", "DEFAULT_BOUNDS", "DEFAULT_STEPS", "FIT_STEP_S", "TMAX_MTT_FRACTION",
+           "BoxFit", "fit_box_nlr", "fit_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +71,10 @@ DEFAULT_BOUNDS: tuple[tuple[float, float], ...] = ((0.0, 300.0), (1.0, 30.0), (-
 #: and stalls there; 1 mL/100 g and 2 s in time find the least-squares minimum that the
 #: grid-started fit finds (see docs/methods.md).
 DEFAULT_STEPS: tuple[float, float, float] = (1.0, 2.0, 2.0)
+
+#: Longest time step (s) the box fits work on: evenly spaced frames further apart are fitted on
+#: a grid dividing each frame interval evenly (see the module's docstring).
+FIT_STEP_S = 0.5
 
 #: Box-model Tmax = delay + TMAX_MTT_FRACTION x MTT (see :class:`BoxFit`).
 TMAX_MTT_FRACTION = 0.25
@@ -223,7 +236,8 @@ def fit_box_nlr(
         ``"nlr-fast"`` only: Newton iterations after the grid start (evenly spaced frames).
     chunk : int, optional
         Voxels fitted at once; bounds peak memory: per worker about (24 n + 16 T) bytes per
-        voxel of a chunk, n = (largest delay + MTT - smallest delay) / frame interval + 3.
+        voxel of a chunk, n = (largest delay + MTT - smallest delay) / step + 3, T and the
+        step those of the frames or of the grid fitted on (:func:`fit_grid`).
         Default: at most 65536 with NumPy (large chunks keep the worker threads from waiting
         on each other for the GIL) and 262144 on a GPU, in a number of chunks that is a
         multiple of ``workers``.
@@ -244,12 +258,13 @@ def fit_box_nlr(
     if method not in BOX_METHODS:
         raise ValidationError(f"method must be 'nlr' or 'nlr-fast', got {method!r}")
     tis, t = _check_curves(tissue, times)
-    table = _arterial_table(aif, t, band_limit=band_limit)
+    grid = fit_grid(t)
+    table = _arterial_table(aif, t, band_limit=band_limit, grid=grid)
     ops = ArrayOps(_torch_device(device, uniform=table.uniform))
     n = tis.shape[1]
     workers = workers if workers is not None else usable_cores() if ops.is_numpy else 1
     chunk = chunk if chunk is not None else _default_chunk(n, workers, on_gpu=not ops.is_numpy)
-    setup = _setup(tis, table, method=method, rho=rho, kh=kh, band_limit=band_limit,
+    setup = _setup(tis, t, grid, table, method=method, rho=rho, kh=kh, band_limit=band_limit,
                    bounds=bounds, start=start, max_iter=max_iter, restarts=restarts,
                    initial_steps=initial_steps, lm_iter=lm_iter, polish_iter=polish_iter,
                    ops=ops)
@@ -271,11 +286,26 @@ def _check_curves(tissue: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np
     return tis, t
 
 
-def _arterial_table(aif: np.ndarray, t: np.ndarray, *, band_limit: bool) -> ArterialTable:
+def fit_grid(times: np.ndarray) -> np.ndarray | None:
+    """The times the box fits work on for frames at ``times`` (s): None (the frames
+    themselves) unless they are evenly spaced and more than :data:`FIT_STEP_S` apart; then
+    every frame interval divided evenly into steps of at most that, from the first frame to the
+    last."""
+    t = np.asarray(times, dtype=np.float64)
+    steps = np.diff(t)
+    if steps.size == 0 or not np.allclose(steps, steps[0], rtol=1e-6, atol=1e-9):
+        return None
+    parts = int(np.ceil(steps[0] / FIT_STEP_S - 1e-6))
+    return np.linspace(t[0], t[-1], (t.size - 1) * parts + 1) if parts > 1 else None
+
+
+def _arterial_table(aif: np.ndarray, t: np.ndarray, *, band_limit: bool,
+                    grid: np.ndarray | None = None) -> ArterialTable:
+    """The AIF's table: band-limited at the frames when asked, then on ``grid`` if given."""
     ca = finite_aif(aif, t)
     if band_limit:
         ca = bandlimit(ca)
-    table = ArterialTable(ca, t)
+    table = ArterialTable(ca, t) if grid is None else ArterialTable(resample(ca, t, grid), grid)
     if not table.area > 0:
         raise ValidationError("the AIF has no positive area: no contrast arrival to fit against")
     return table
@@ -305,6 +335,8 @@ class _Setup:
     """What every chunk's fit shares: the AIF's tables, bounds and the method's settings."""
 
     tissue: np.ndarray           # (T, N), any float dtype
+    frames: np.ndarray           # (T,) the tissue's times, s
+    grid: np.ndarray | None      # the times fitted on when not the frames' (fit_grid)
     table: ArterialTable
     scale: float
     method: str
@@ -321,7 +353,8 @@ class _Setup:
     polish_iter: int
 
 
-def _setup(tis: np.ndarray, table: ArterialTable, *, method: str, rho: float, kh: float,
+def _setup(tis: np.ndarray, frames: np.ndarray, grid: np.ndarray | None, table: ArterialTable,
+           *, method: str, rho: float, kh: float,
            band_limit: bool, bounds: tuple[tuple[float, float], ...],
            start: tuple[float, float, float], max_iter: int, restarts: int,
            initial_steps: tuple[float, float, float] | None, lm_iter: int, polish_iter: int,
@@ -333,8 +366,8 @@ def _setup(tis: np.ndarray, table: ArterialTable, *, method: str, rho: float, kh
     bv[0] = (b[0, 0] * b[1, 0] / 60.0, b[0, 1] * b[1, 1] / 60.0)
     # O(1)-per-evaluation SSE when frames are evenly spaced (see fastsse).
     fast = FastBoxSSE(table, scale, b, ops=ops) if table.uniform else None
-    return _Setup(tissue=tis, table=table, scale=scale, method=method, band_limit=band_limit,
-                  bounds=b, cbv_bounds=bv, fast=fast, ops=ops, start=start,
+    return _Setup(tissue=tis, frames=frames, grid=grid, table=table, scale=scale, method=method,
+                  band_limit=band_limit, bounds=b, cbv_bounds=bv, fast=fast, ops=ops, start=start,
                   initial_steps=initial_steps, max_iter=max_iter, restarts=restarts,
                   lm_iter=lm_iter, polish_iter=polish_iter)
 
@@ -373,51 +406,34 @@ def _fit_chunk(setup: _Setup, first: int, stop: int) -> tuple[np.ndarray, np.nda
     c = setup.tissue[:, first:stop].astype(np.float64)
     if setup.band_limit:
         c = bandlimit(c)
+    at_frames = c
+    if setup.grid is not None:
+        c = resample(c, setup.frames, setup.grid)
     sse = _ChunkSSE(c, setup, setup.fast.with_tissue(c) if setup.fast is not None else None)
     if setup.method == "nlr":
         p = _fit_simplex(setup, sse, c.shape[1])
     elif sse.fast is not None:
-        p = _newton_from_starts(setup, sse, sse.fast)
+        # frames at most FIT_STEP_S apart: between the grid's whole-step (MTT, delay) the
+        # misfit has no local minimum that the Newton polish stops in (docs/methods.md)
+        p = refine_newton(sse.fast, sse.fast.grid_start(setup.bounds, n_mtt=16),
+                          setup.bounds, n_iter=setup.polish_iter)
     else:
         p = _grid_start(c, setup.table, setup.scale, setup.bounds, n_mtt=24, delay_step=0.5)
         p = _levenberg_marquardt(c, p, setup.table, setup.scale, setup.bounds,
                                  n_iter=setup.lm_iter, rtol=1e-4)
     ops = setup.ops
-    return ops.to_numpy(p), ops.to_numpy(sse(p.T, ops.arange(p.shape[0]))) / c.shape[0]
+    if setup.grid is None:
+        return ops.to_numpy(p), ops.to_numpy(sse(p.T, ops.arange(p.shape[0]))) / c.shape[0]
+    p = ops.to_numpy(p)
+    return p, _frame_misfit(p, at_frames, setup)
 
 
-#: Delay shifts (frame intervals) of the extra starts of the Newton polish, and the frame
-#: interval (s) above which they are taken (see :func:`_newton_from_starts`).
-START_SHIFTS = (-0.5, 0.5)
-SHIFTED_STARTS_ABOVE_S = 1.0
-
-
-def _newton_from_starts(setup: _Setup, sse: _ChunkSSE, fast: FastBoxSSE) -> Any:
-    """``nlr-fast``'s polish: Newton from the grid's best (MTT, delay) at whole frame
-    intervals and, on frames more than :data:`SHIFTED_STARTS_ABOVE_S` apart, also from that
-    start moved half a frame earlier and later in delay; per voxel the lowest misfit. Between
-    the grid's points the misfit of curves sampled 2-3 s apart has local minima: from the grid
-    start alone, Newton stopped in one on 1-8 % of noise-free curves (CBF up to 1.9 times the
-    least-squares box's), none at 0.5-1 s frames, where the extra starts moved CBF by more
-    than 10 % in 0.2 % of noisy curves and cost half the fit's time again (docs/methods.md,
-    "nlr-fast on coarse frames")."""
-    ops, bounds = setup.ops, setup.bounds
-    start = fast.grid_start(bounds, n_mtt=16)
-    best = refine_newton(fast, start, bounds, n_iter=setup.polish_iter)
-    if fast.dt <= SHIFTED_STARTS_ABOVE_S:
-        return best
-    rows = ops.arange(best.shape[0])
-    best_sse = sse(best.T, rows)
-    for shift in START_SHIFTS:
-        moved = start * 1.0  # a copy
-        moved[:, 2] = ops.xp.clip(moved[:, 2] + shift * fast.dt, float(bounds[2, 0]),
-                                  float(bounds[2, 1]))
-        p = refine_newton(fast, moved, bounds, n_iter=setup.polish_iter)
-        p_sse = sse(p.T, rows)
-        better = p_sse < best_sse
-        ops.put_where(best, better[:, None], p)
-        ops.put_where(best_sse, better, p_sse)
-    return best
+def _frame_misfit(p: np.ndarray, c: np.ndarray, setup: _Setup) -> np.ndarray:
+    """Mean squared misfit (M,) at the frames of the boxes p (M, 3) of curves c (T, M) fitted
+    on a finer grid."""
+    x = setup.frames[:, None] - p[:, 2]
+    unit = setup.scale * (setup.table.integral(x) - setup.table.integral(x - p[:, 1]))
+    return ((c - p[:, 0] * unit) ** 2).mean(axis=0)
 
 
 def _fit_simplex(setup: _Setup, sse: _ChunkSSE, m: int) -> Any:
