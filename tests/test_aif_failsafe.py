@@ -225,6 +225,27 @@ def test_arterial_voxel_with_a_late_noisy_peak_rejected():
     assert not check.ok and "artery" in check.reason
 
 
+def test_a_vein_voxel_holding_bone_is_neither_chosen_nor_accepted(rng):
+    """A registered study: a sinus voxel at the skull's edge reads bone in the frames that
+    moved (a probe's: 130, 4, 94, 394 and 20 HU late in a vein of 240 HU), its area the
+    largest, so it alone was the VOF and scaled the AIF 2.1 times (CBF and CBV halved). Such a
+    voxel is left out of the choice, and a VOF with such a spike is rejected."""
+    from ctperf.perfusion.aif import select_vof
+
+    aif, vof = _curves()
+    veins = vof[:, None] * rng.uniform(0.95, 1.05, 6) + 2.0 * rng.standard_normal((T1.size, 6))
+    edge = vof * 1.02 + 2.0 * rng.standard_normal(T1.size)
+    late = int(np.argmax(vof)) + 12
+    edge[late:late + 5] += [130.0, 4.0, 94.0, 394.0, 20.0]
+    enh = np.column_stack([aif, veins, edge])
+    chosen = select_vof(enh, T1, aif_ttp=float(T1[np.argmax(aif)] - T1[0]), aif=aif)
+    assert 7 not in chosen.indices and set(chosen.indices) <= set(range(1, 7))
+    assert assess_vof(aif, chosen.curve, T1).ok
+    check = assess_vof(aif, edge, T1)
+    assert not check.ok and "spike" in check.reason and check.factor == 1.0
+    assert assess_vof(aif, vof, T1).ok  # the same vein without the bone
+
+
 def test_vof_in_noise_rejected(rng):
     aif, vof = _curves()
     weak = 0.05 * vof + 10.0 * rng.standard_normal(T1.size)  # peak ~15 HU under 10 HU noise

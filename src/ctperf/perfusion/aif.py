@@ -35,6 +35,7 @@ from ctperf.perfusion.curves import (
     brief_peak,
     gaussian_time,
     second_difference_sd,
+    spiky,
 )
 
 __all__ = [
@@ -309,6 +310,7 @@ def select_vof(
     min_snr: float = 8.0,
     exclude: np.ndarray | None = None,
     area: np.ndarray | None = None,
+    aif: np.ndarray | None = None,
 ) -> VesselCurve:
     """Pick venous voxels (late peak, largest area) and average their curves.
 
@@ -343,6 +345,12 @@ def select_vof(
         with a vein tile of the AIF's area: 7 % at 3 HU per voxel, 25 % at 10 HU);
         :func:`ctperf.perfusion.inputs.venous_output` ranks by the mean area of each voxel's
         in-plane neighbourhood, whose noise is a third.
+    aif : ndarray, shape (T,), optional
+        The measured AIF (enhancement, HU), which sets how sharp a peak a bolus on these
+        frames can have. Candidates holding a spike are never chosen
+        (:func:`~ctperf.perfusion.curves.spiky`, judged on each curve's own noise): a voxel at
+        the skull's edge in a registered study reads bone in the frames that moved (a probe's:
+        394 HU late in a vein of 240 HU, the AIF then scaled 2.1 times, CBF and CBV halved).
 
     Raises
     ------
@@ -359,6 +367,12 @@ def select_vof(
     need = max(min_peak_hu, min_snr * noise_sd if noise_sd is not None else 0.0)
     late = np.flatnonzero((t[peak_i] - t[0] >= aif_ttp + min_lag_s) & (peak_all >= need)
                           & bolus_like)
+    spikes = (spiky(enh[:, late], second_difference_sd(enh[:, late]), t, aif) if late.size
+              else np.zeros(0, dtype=bool))
+    if spikes.any():
+        log.info("VOF: %d of %d candidate voxels left out for a spike", int(spikes.sum()),
+                 late.size)
+    late = late[~spikes]
     area = (np.trapezoid(np.clip(enh[:, late], 0, None), t, axis=0) if area is None
             else np.asarray(area, dtype=np.float64)[late])
     if late.size == 0:
@@ -366,8 +380,9 @@ def select_vof(
         if exclude is not None:
             peaked &= ~np.asarray(exclude, dtype=bool)
         why = (f"; {int(peaked.sum())} voxels that peak so had not come back under "
-               f"{max_tail:.0%} of their peak by the last frame (a scan that ends early) or "
-               "dipped below their baseline by as much" if peaked.any() else "")
+               f"{max_tail:.0%} of their peak by the last frame (a scan that ends early), "
+               "dipped below their baseline by as much, or held a spike (motion, or bone "
+               "moved into them)" if peaked.any() else "")
         raise ValidationError(f"no venous candidates: no voxel peaks after the AIF by "
                               f"{need:.0f} HU or more and washes out{why}; give a VOF mask "
                               "(--vof-mask)")
@@ -449,6 +464,7 @@ def assess_vof(
       downstream artery taken for the vein had scaled the AIF by 1.3-1.4, CBF and CBV 23-28 %
       low);
     - its peak is below ``min_snr`` times its noise SD (:func:`curve_noise_sd`);
+    - it holds a spike (:func:`~ctperf.perfusion.curves.spiky`);
     - its area over the same part of the bolus (see :func:`correct_partial_volume`) is below
       ``min_area_ratio`` times the AIF's. Between that and 1 the VOF agrees with an undiluted
       AIF within noise: it is accepted and the AIF left as is (factor 1).
@@ -499,6 +515,10 @@ def assess_vof(
     elif not snr >= min_snr:
         reason = (f"the VOF's peak ({peak:.0f} HU) is only {snr:.1f} times its noise SD "
                   f"({sd:.1f} HU), below {min_snr:g}: noise, not a vein")
+    elif spiky(v[:, None], np.array([sd]), t, a)[0]:
+        reason = ("one of the VOF's frames stands off its neighbours as no bolus on these "
+                  "frames can (a spike: motion, or bone moved into the vein's voxels by "
+                  "registration); its area would scale the AIF wrongly")
     elif ratio < min_area_ratio and v[-1] > TRUNCATED_END * peak:
         reason = (f"the VOF's bolus is cut off by the scan's end (its last frame at "
                   f"{v[-1] / peak:.0%} of its peak): its area, {ratio:.2f} times the AIF's, "

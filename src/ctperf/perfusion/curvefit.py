@@ -20,6 +20,7 @@ from ctperf.io.integrity import fit_times, frame_spacing_problem
 from ctperf.perfusion.boxnlr import BOX_METHODS, DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
     ARRIVAL_NOISE_GAIN,
+    SPIKE_SDS,
     TRUNCATED_END,
     aif_arrival,
     bandlimit,
@@ -31,6 +32,7 @@ from ctperf.perfusion.curves import (
     resample,
     second_difference_sd,
     smooth_time,
+    spiky,
     to_enhancement,
 )
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
@@ -49,12 +51,6 @@ __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_cu
 CURVE_QC: tuple[str, ...] = ("truncation", "frame_gap", "aif_late_peak", "aif_wide",
                              "aif_after_tissue", "short_baseline", "bolus_at_start",
                              "below_baseline", "aif_vof_ratio", "no_vof", "mtt_floor")
-
-#: How many SDs of its noise one frame must stand apart from the line through its two
-#: neighbours for ``spike`` (white noise gives that gap an SD of 1.22 noise SDs at even steps;
-#: 6 of them: 1 false alarm in 10^8 frames of Gaussian noise), besides a share of the curve's
-#: peak (:func:`curve_flags`).
-SPIKE_SDS = 6.0
 
 #: Per-curve plausibility flags (:func:`curve_flags`) and what each means.
 CURVE_FLAGS: dict[str, str] = {
@@ -148,14 +144,12 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | No
     zero (each curve judged on its own: the study's ``truncation`` flag reads the AIF, the VOF
     and the tissue's mean, in which one long-transit curve is lost), ``spike`` where one frame
     stands apart from the line through its neighbours (at ``times``, s; even steps when None)
-    by more than :data:`SPIKE_SDS` SDs of that gap's noise and by a share of the curve's
-    largest excursion that no bolus sampled so shows: half, or 1.25 times the largest share
-    of the ``aif`` (baseline-subtracted, on the same frames) when that is more, and none when
-    the AIF stands above half its peak in fewer than three frames. Tissue is the AIF convolved
-    with a residue, never sharper; at frames 2-3 s apart a bolus's peak is a frame or two wide
-    and stands off its neighbours as a spike does. With ``aif``, ``vessel`` where the curve is
-    a vessel's (:func:`~ctperf.perfusion.maps.vessel_curves`: the maps' rule). Each curve is
-    judged on its own, whatever other curves come with it. Any units.
+    as :func:`~ctperf.perfusion.curves.spiky` describes: by more than its noise allows and by
+    more of the curve's largest excursion than a bolus sampled so shows. Tissue is the AIF
+    convolved with a residue, never sharper; at frames 2-3 s apart a bolus's peak is a frame or
+    two wide and stands off its neighbours as a spike does. With ``aif``, ``vessel`` where the
+    curve is a vessel's (:func:`~ctperf.perfusion.maps.vessel_curves`: the maps' rule). Each
+    curve is judged on its own, whatever other curves come with it. Any units.
     """
     c = np.asarray(tissue, dtype=np.float64)
     noise = second_difference_sd(c)
@@ -168,38 +162,11 @@ def curve_flags(tissue: np.ndarray, baseline_frames: int, times: np.ndarray | No
     below = after.min(axis=0) < -np.maximum(CURVE_FLAG_SDS * sd, 0.01 * np.abs(sm).max(axis=0))
     flat = sm.max(axis=0) <= NO_ENHANCEMENT_SDS * sd
     cut = ~flat & (sm[-1] > TRUNCATED_END * sm.max(axis=0)) & (sm[-1] > NO_ENHANCEMENT_SDS * sd)
-    spike = _spikes(c, noise, times, aif)
+    spike = spiky(c, noise, times, aif)
     vessel = np.zeros(c.shape[1], dtype=bool) if aif is None else vessel_curves(c, aif)
     hits = (("below_baseline", below), ("no_enhancement", flat), ("truncated", cut),
             ("spike", spike), ("vessel", vessel))
     return tuple(tuple(name for name, hit in hits if hit[i]) for i in range(c.shape[1]))
-
-
-def _spikes(c: np.ndarray, noise: np.ndarray, times: np.ndarray | None,
-            aif: np.ndarray | None) -> np.ndarray:
-    """``spike`` of :func:`curve_flags` for curves ``c`` (T, N) of noise SD ``noise`` (N,)."""
-    if c.shape[0] < 3:
-        return np.zeros(c.shape[1], dtype=bool)
-    tt = np.arange(c.shape[0], dtype=np.float64) if times is None else \
-        np.asarray(times, dtype=np.float64)
-    w = ((tt[1:-1] - tt[:-2]) / (tt[2:] - tt[:-2]))[:, None]
-
-    def gaps(x: np.ndarray) -> np.ndarray:  # each frame off the line through its neighbours
-        return np.abs(x[1:-1] - (1.0 - w) * x[:-2] - w * x[2:]).max(axis=0)
-
-    # the gap's noise: the frame's own and the line's (1 + w^2 + (1 - w)^2 variances), from the
-    # curve's own noise (a floor from the other curves' made a quiet curve's spike go unflagged
-    # beside noisy ones); white-noise curves of 16-30 frames raise it in about 1 in 1000
-    gap_sd = noise * np.sqrt(1.0 + float(np.max(w ** 2 + (1.0 - w) ** 2)))
-    share = 0.5
-    if aif is not None:
-        a = np.asarray(aif, dtype=np.float64)[:, None]
-        if np.abs(a).max() > 0:
-            if int((a >= 0.5 * a.max()).sum()) < 3:  # a bolus within two frames: a peak is a
-                return np.zeros(c.shape[1], dtype=bool)  # spike; none is judged
-            share = max(share, 1.25 * float(gaps(a)[0] / np.abs(a).max()))
-    gap = gaps(c)
-    return (gap > SPIKE_SDS * gap_sd) & (gap > share * np.abs(c).max(axis=0))
 
 
 def _at_bounds(values: dict[str, np.ndarray]) -> np.ndarray:

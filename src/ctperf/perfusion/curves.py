@@ -12,20 +12,26 @@ Box model (Bennink et al., J. Med. Imaging 3:026003, 2016, doi:10.1117/1.JMI.3.2
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 from scipy import interpolate
 
 from ctperf.errors import ValidationError
 from ctperf.types import CTPSeries
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "ARRIVAL_NOISE_GAIN",
     "ARRIVAL_SMOOTH_FRAMES",
     "KH_RANGE",
+    "MAX_SPLINE_NOISE_GAIN",
     "MIN_AIF_SNR",
     "MIN_BOLUS_WIDTH_S",
     "MIN_CLIPPED_TOP_S",
     "RHO_RANGE",
+    "SPIKE_SDS",
     "TRUNCATED_END",
     "TTP_SMOOTH_S",
     "ArterialTable",
@@ -48,6 +54,7 @@ __all__ = [
     "resample",
     "second_difference_sd",
     "smooth_time",
+    "spiky",
     "time_to_peak",
     "to_enhancement",
     "uniform_grid",
@@ -563,6 +570,11 @@ def resample(curves: np.ndarray, times: np.ndarray, grid: np.ndarray) -> np.ndar
 #: interpolated onto the frame times by :func:`on_frame_times`.
 SLICE_TIME_TOLERANCE_S = 0.05
 
+#: The most a slice's interpolation onto the frame times may multiply the noise of a frame
+#: (white noise; the norm of the frame's weights) before :func:`on_frame_times` takes a straight
+#: line over the cubic spline (evenly spaced slice times: at most 1, lower between samples).
+MAX_SPLINE_NOISE_GAIN = 1.05
+
 
 def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
     """The study with every slice's curves on the frame times, and the largest shift (s).
@@ -576,6 +588,13 @@ def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
     ends of a sweep would read a lower CBF than those in its middle. A study without slice
     times, or whose slices lie within :data:`SLICE_TIME_TOLERANCE_S` of their frame's time,
     is returned as it is (shift 0).
+
+    A slice whose own times are uneven (a shuttle that sweeps back and forth takes its end
+    slices in pairs a fraction of a second apart, then seconds later) is interpolated linearly
+    instead when the spline would raise the noise of any frame above the samples' own
+    (:data:`MAX_SPLINE_NOISE_GAIN`): through noisy pairs close in time it overshoots in the
+    gaps (a probe's edge slices: 5 HU of noise read 9.9-14 HU, their delay +1.25 s and bSVD's
+    CBF +55 %). A straight line never raises the noise.
     """
     if series.slice_times is None:
         return series, 0.0
@@ -585,10 +604,61 @@ def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
         return series, 0.0
     hu = np.empty_like(series.hu)
     n_t, n_z = series.hu.shape[:2]
+    linear = []
     for z in range(n_z):
         grid = np.clip(frame, own[0, z], own[-1, z])
-        # the spline is linear in the samples: one (T, T) matrix moves every curve of a slice
+        # either is linear in the samples: one (T, T) matrix moves every curve of a slice
         weights = interpolate.make_interp_spline(own[:, z], np.eye(n_t), k=min(3, n_t - 1),
-                                                 axis=0)(grid).astype(hu.dtype)
-        hu[:, z] = np.tensordot(weights, series.hu[:, z], axes=1)
+                                                 axis=0)(grid)
+        # each frame's noise over the samples' (white noise): the norm of its weights
+        if np.sqrt((weights ** 2).sum(axis=1)).max() > MAX_SPLINE_NOISE_GAIN:
+            weights = resample(np.eye(n_t), own[:, z], grid)
+            linear.append(z)
+        hu[:, z] = np.tensordot(weights.astype(hu.dtype), series.hu[:, z], axes=1)
+    if linear:
+        log.info("slices %s interpolated onto the frame times linearly: their own times are "
+                 "too uneven for a spline, which would raise their noise", linear)
     return series.replace(hu=hu, slice_times=None), shift
+
+
+#: How many SDs of its noise one frame must stand apart from the line through its two
+#: neighbours to be a spike (white noise gives that gap an SD of 1.22 noise SDs at even steps;
+#: 6 of them: 1 false alarm in 10^8 frames of Gaussian noise), besides a share of the curve's
+#: peak (:func:`spiky`).
+SPIKE_SDS = 6.0
+
+
+def spiky(curves: np.ndarray, noise: np.ndarray, times: np.ndarray | None = None,
+          aif: np.ndarray | None = None) -> np.ndarray:
+    """Which curves (T, N) hold a spike (N,) bool: a frame standing off the line through its
+    two neighbours (at ``times``, s; even steps when None) by more than :data:`SPIKE_SDS` SDs
+    of that gap's noise (from ``noise`` (N,), each curve's noise SD) and by a share of the
+    curve's largest excursion that no bolus sampled so shows: half, or 1.25 times the largest
+    share of the ``aif`` (baseline-subtracted, on the same frames) when that is more, and none
+    when the AIF stands above half its peak in fewer than three frames (a peak a frame or two
+    wide stands off its neighbours as a spike does). The ``spike`` flag of
+    :func:`ctperf.perfusion.curvefit.curve_flags`, and what keeps a voxel from being the VOF."""
+    c = np.asarray(curves, dtype=np.float64)
+    if c.shape[0] < 3:
+        return np.zeros(c.shape[1], dtype=bool)
+    tt = (np.arange(c.shape[0], dtype=np.float64) if times is None
+          else np.asarray(times, dtype=np.float64))
+    w = ((tt[1:-1] - tt[:-2]) / (tt[2:] - tt[:-2]))[:, None]
+
+    def gaps(x: np.ndarray) -> np.ndarray:  # each frame off the line through its neighbours
+        return np.abs(x[1:-1] - (1.0 - w) * x[:-2] - w * x[2:]).max(axis=0)
+
+    # the gap's noise: the frame's own and the line's (1 + w^2 + (1 - w)^2 variances), from the
+    # curve's own noise (a floor from the other curves' made a quiet curve's spike go unflagged
+    # beside noisy ones); white-noise curves of 16-30 frames raise it in about 1 in 1000
+    gap_sd = np.asarray(noise, dtype=np.float64) * np.sqrt(
+        1.0 + float(np.max(w ** 2 + (1.0 - w) ** 2)))
+    share = 0.5
+    if aif is not None:
+        a = np.asarray(aif, dtype=np.float64)[:, None]
+        if np.abs(a).max() > 0:
+            if int((a >= 0.5 * a.max()).sum()) < 3:
+                return np.zeros(c.shape[1], dtype=bool)
+            share = max(share, 1.25 * float(gaps(a)[0] / np.abs(a).max()))
+    gap = gaps(c)
+    return (gap > SPIKE_SDS * gap_sd) & (gap > share * np.abs(c).max(axis=0))

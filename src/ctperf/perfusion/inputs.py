@@ -174,7 +174,7 @@ def venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.n
     try:
         area = None if search is None else _neighbourhood_area(venh, t, search, spacing)
         sel = select_vof(venh, t, aif_ttp=aif_ttp, exclude=exclude, noise_sd=noise_sd,
-                         area=area)
+                         area=area, aif=aif)
     except ValidationError as exc:
         log.warning("%s; the AIF is not corrected for partial volume, so CBF and CBV "
                     "may be overestimated", exc)
