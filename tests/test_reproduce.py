@@ -226,3 +226,76 @@ def test_runs_on_one_unitobrain_cohort_share_its_slice_cache(tmp_path: Path, rng
     first, _, _ = prepare_training(root, tmp_path / "run1", config, options)
     second, _, _ = prepare_training(root, tmp_path / "run2", config, options)
     assert first.path == second.path and len(list((tmp_path / "shared").iterdir())) == 1
+
+
+def test_unitobrain_patients_without_a_target_map_are_named_before_training(tmp_path: Path,
+                                                                             rng):
+    """A patient without its NLR_TTP folder had been named only after the other maps'
+    networks were trained (reproduce) or the slice cache built (train, cv), one patient per
+    run; every gap is now named at once, before either."""
+    import shutil
+
+    from ctperf.workflow.training import TrainingOptions, train_cohort
+    from test_unitobrain import make_patient
+
+    root = tmp_path / "unitobrain"
+    for patient in ("MOL-001", "MOL-002", "MOL-003"):
+        make_patient(root, rng, patient)
+    shutil.rmtree(root / "MOL-002_Registered_Filtered_3mm_20HU_Maps" / "NLR_TTP")
+    shutil.rmtree(root / "MOL-003_Registered_Filtered_3mm_20HU_Maps" / "NLR_CBV")
+    config = replace(_tiny_config(), frames=4, size=16, baseline_frames=1)
+    out = tmp_path / "run"
+    with pytest.raises(InputError) as err:
+        reproduce_cohort(root, out, config, ReproduceOptions(workers=1, device="cpu",
+                                                             per_map=True))
+    assert "MOL-002: ttp" in str(err.value) and "MOL-003: cbv" in str(err.value)
+    assert not list(out.rglob("*.pt")) and not (out / "cache").exists()
+    with pytest.raises(InputError) as err:
+        train_cohort(root, tmp_path / "train", replace(config, targets=("cbv", "cbf", "ttp")),
+                     TrainingOptions())
+    assert "MOL-002: NLR_TTP" in str(err.value) and "MOL-003: NLR_CBV" in str(err.value)
+    assert not (tmp_path / "train").exists()
+    with pytest.raises(InputError, match="no tmax maps"):
+        train_cohort(root, tmp_path / "tmax", replace(config, targets=("tmax",)),
+                     TrainingOptions())
+
+
+def test_references_written_again_identical_keep_the_networks(tmp_path: Path, rng):
+    """Another ctperf version writes a UniToBrain cohort's references again (the dataset's
+    maps, byte for byte the same): its networks had been deleted and trained again from
+    scratch; they are kept. References that change still retrain."""
+    from test_unitobrain import make_patient
+
+    root = tmp_path / "unitobrain"
+    for patient in ("MOL-001", "MOL-002", "MOL-003"):
+        make_patient(root, rng, patient)
+    config = replace(_tiny_config(), frames=4, size=16, baseline_frames=1)
+    out = tmp_path / "run"
+    options = ReproduceOptions(workers=1, device="cpu")
+    reproduce_cohort(root, out, config, options)
+    models = {p: p.stat().st_mtime_ns for p in out.rglob("model.pt")}
+    assert models
+
+    def another_version() -> None:
+        manifest = out / "nlr" / "manifest.json"
+        doc = json.loads(manifest.read_text())
+        for row in doc["studies"].values() if isinstance(doc["studies"], dict) else \
+                doc["studies"]:
+            row["ctperf_version"] = "0.0.1"
+        manifest.write_text(json.dumps(doc))
+
+    another_version()
+    again = reproduce_cohort(root, out, config, options)
+    assert "references" in again.computed and "cross-validation" not in again.computed
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("model.pt")} == models
+    # a dataset map changed: the references differ, and the networks are trained again
+    cbf = root / "MOL-001_Registered_Filtered_3mm_20HU_Maps" / "NLR_CBF"
+    first = sorted(cbf.iterdir())[0]
+    import pydicom
+
+    ds = pydicom.dcmread(first)
+    ds.RescaleIntercept = float(getattr(ds, "RescaleIntercept", 0.0)) + 1.0
+    ds.save_as(first)
+    another_version()
+    third = reproduce_cohort(root, out, config, options)
+    assert "cross-validation" in third.computed

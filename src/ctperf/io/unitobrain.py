@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +43,7 @@ from ctperf.io.dicom import read_dicom_series, read_dicom_volume
 from ctperf.types import CTPSeries, PerfusionMaps
 
 __all__ = ["MAP_FOLDERS", "UniToBrainCase", "find_unitobrain", "iter_unitobrain",
-           "read_unitobrain_case"]
+           "lacking_maps", "read_unitobrain_case"]
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,20 @@ def _pair_map(name: str, folder: Path, series: CTPSeries, tol_mm: float) -> np.n
     if not hit.all():
         log.warning("%s: %d of %d study slices have no %s slice (set to NaN)", folder,
                     int((~hit).sum()), n_z, name)
+    return out
+
+
+def lacking_maps(maps_folder: PathLike, names: Iterable[str]) -> list[str]:
+    """The maps among ``names`` (ctperf's: ``cbf``, ``ttp``, ...) whose ``NLR_`` folder (any
+    case) ``maps_folder`` lacks or holds no file in, and those the dataset has none of
+    (:data:`MAP_FOLDERS`); what reading them would find damaged is not judged here."""
+    folders = {p.name.lower(): p for p in Path(maps_folder).iterdir() if p.is_dir()}
+    wanted = {name: folder for folder, name in MAP_FOLDERS.items()}
+    out = []
+    for name in names:
+        folder = folders.get(wanted[name].lower()) if name in wanted else None
+        if folder is None or not any(f.is_file() for f in folder.iterdir()):
+            out.append(name)
     return out
 
 

@@ -54,6 +54,8 @@ PHANTOM_TARGETS = ("cbv", "cbf", "ttp", "tmax")
 #: Maps learned on UniToBrain (its NLR reference has no Tmax).
 UNITOBRAIN_TARGETS = ("cbv", "cbf", "ttp")
 _RECORD = "reproduce.json"
+#: What the networks were trained on (:func:`_inputs_digest`), beside the run's record.
+_TRAINED_ON = "trained_on.json"
 _FORMAT = "ctperf-reproduce"
 _STEPS = 5
 
@@ -508,25 +510,24 @@ def _cross_validate(cohort: Path, studies_root: Path, out: Path, layout: str, co
     say(f"[3/{_STEPS}] {options.folds}-fold cross-validation over patients "
         f"({', '.join(config.targets)} of {learns}; {what}) -> {out / 'cv'}"
         + (": done before" if finished else ""))
-    if finished and not {"preprocessing", "references"} & set(computed):
+    redone = bool({"preprocessing", "references"} & set(computed))
+    if redone and _trained_on(out) == _inputs_digest(out):
+        log.warning("the studies and references were written again, identical to those the "
+                    "networks were trained on: training kept")
+        redone = False
+    if finished and not redone:
         return {k: int(v) for k, v in json.loads(record.read_text())["subject_fold"].items()}
-    if {"preprocessing", "references"} & set(computed):
+    if redone:
         _forget_training(out)
-    if layout == "phantom":
-        from ctperf.workflow.references import REFERENCE_MAPS
-
-        for sub in sorted(p for p in (out / "nlr").iterdir() if p.is_dir()):
-            missing = [n for n in REFERENCE_MAPS if not (sub / f"{n}.nii.gz").exists()]
-            if missing:
-                raise InputError(sub, f"the reference method {options.method} wrote no "
-                                      f"{', '.join(missing)} map; the slice cache needs "
-                                      f"{', '.join(REFERENCE_MAPS)}")
+    _check_references(out, layout, config.targets, options.method)
     references = (None if layout != "phantom"
                   else cohort if options.reference == "truth" else out / "nlr")
     train_options = TrainingOptions(
         reference=options.reference, references=references,
         cache=out / "cache", resume=True, progress=options.progress,
         references_ready=references == out / "nlr", cache_workers=options.workers)
+    if not (out / _TRAINED_ON).exists():
+        write_json({"sha256": _inputs_digest(out)}, out / _TRAINED_ON)
     folds: list[tuple[list[str], list[str]]] = []
     for group in groups:
         name = "+".join(group)
@@ -550,10 +551,59 @@ def _cross_validate(cohort: Path, studies_root: Path, out: Path, layout: str, co
     return subject_fold
 
 
+def _check_references(out: Path, layout: str, targets: tuple[str, ...], method: str) -> None:
+    """Refuse, before any network is trained, references that lack a map the training needs,
+    naming every subject and map at once (a UniToBrain patient without its NLR_TTP folder had
+    been named only after the other maps' networks were trained, one patient per run)."""
+    from ctperf.model.normalise import TARGET_MAPS
+    from ctperf.workflow.references import REFERENCE_MAPS
+
+    needed = (REFERENCE_MAPS if layout == "phantom"
+              else tuple(dict.fromkeys(TARGET_MAPS.get(t, t) for t in targets)))
+    gaps = {sub.name: [n for n in needed if not (sub / f"{n}.nii.gz").exists()]
+            for sub in sorted(p for p in (out / "nlr").iterdir() if p.is_dir())}
+    gaps = {k: v for k, v in gaps.items() if v}
+    if not gaps:
+        return
+    listed = "; ".join(f"{k}: {', '.join(v)}" for k, v in gaps.items())
+    if layout == "phantom":
+        raise InputError(out / "nlr", f"the reference method {method} wrote no map of "
+                                      f"{listed}; the slice cache needs "
+                                      f"{', '.join(REFERENCE_MAPS)}")
+    raise InputError(out / "nlr", f"the dataset has no readable reference for {listed} (the "
+                                  "log of step 2 says why: a missing or damaged NLR_ folder); "
+                                  "train other targets (--targets) or leave these patients out "
+                                  "of the cohort, into a new output folder")
+
+
+def _inputs_digest(out: Path) -> str:
+    """A digest of the images the networks learn from: the studies ``OUT/preprocessed``
+    holds and the references in ``OUT/nlr``: their NIfTI files' names and bytes (ctperf writes
+    the same image to the same bytes; not the sidecars, which carry the version that wrote
+    them)."""
+    digest = hashlib.sha256()
+    for folder in (out / "preprocessed", out / "nlr"):
+        for path in sorted(folder.rglob("*.nii*")) if folder.is_dir() else ():
+            digest.update(path.relative_to(out).as_posix().encode())
+            with path.open("rb") as f:
+                while block := f.read(1 << 22):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _trained_on(out: Path) -> str | None:
+    """The digest (:func:`_inputs_digest`) of what the run's networks were trained on."""
+    try:
+        return str(json.loads((out / _TRAINED_ON).read_text())["sha256"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _forget_training(out: Path) -> None:
     """Remove the models, caches and fold record made from references that have changed."""
     import shutil
 
+    (out / _TRAINED_ON).unlink(missing_ok=True)
     stale = [p for p in (out / "cv", out / "cache") if p.is_dir()]
     if stale:
         log.warning("the references changed: training again from scratch")

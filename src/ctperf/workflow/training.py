@@ -238,6 +238,8 @@ def _check_before_work(cohort: Path, out: Path, config: Any, options: TrainingOp
         return
     ids = ([p.parent.name for p in phantom_studies(cohort)]
            if layout == "phantom" else [pid for pid, _, _ in find_unitobrain(cohort)])
+    if layout == "unitobrain":
+        _check_dataset_maps(cohort, config.targets)
     check_held_out(held_out, ids, options)
     pool = len(set(ids) - set(held_out))
     if ids and pool == 0:  # had read "folds must be 2 to 0", or failed after the caches
@@ -246,6 +248,29 @@ def _check_before_work(cohort: Path, out: Path, config: Any, options: TrainingOp
     if folds is not None and not 2 <= folds <= pool:
         raise ValidationError(f"folds must be 2 to {pool} (one patient per fold at most; the "
                               f"cohort has {pool} to validate on), got {folds}")
+
+
+def _check_dataset_maps(cohort: Path, targets: Sequence[str]) -> None:
+    """Refuse a UniToBrain cohort in which any patient lacks the map folder of a target,
+    naming every patient and map at once (they had been found by the slice cache, after it
+    was built, one run at a time)."""
+    from ctperf.io.unitobrain import MAP_FOLDERS, find_unitobrain, lacking_maps
+    from ctperf.model.normalise import TARGET_MAPS
+
+    needed = list(dict.fromkeys(TARGET_MAPS.get(t, t) for t in targets))
+    folder = {name: f for f, name in MAP_FOLDERS.items()}
+    unknown = [n for n in needed if n not in folder]
+    if unknown:
+        raise InputError(cohort, f"the UniToBrain dataset has no {', '.join(unknown)} maps to "
+                                 f"learn (its NLR maps: {', '.join(folder)}); train other "
+                                 "targets")
+    gaps = [f"{pid}: {', '.join(folder[n] for n in lack)}"
+            for pid, _, maps in find_unitobrain(cohort) if (lack := lacking_maps(maps, needed))]
+    if gaps:
+        listed = "; ".join(gaps[:10]) + (f" and {len(gaps) - 10} more" if len(gaps) > 10 else "")
+        raise InputError(cohort, f"patients without the reference maps of the targets "
+                                 f"({', '.join(targets)}): {listed}; train other targets or "
+                                 "leave these patients out of the cohort")
 
 
 def _check_checkpoints(out: Path, folds: int | None, *, resume: bool) -> None:
