@@ -325,6 +325,32 @@ def test_box_fits_of_short_boxes_on_coarse_frames(method):
     assert np.all(fit.residual < 1.0), fit.residual  # HU, measured at the frames
 
 
+def test_box_fits_take_times_to_the_millisecond_as_even():
+    """Frames every 8/3 s with their times written to the millisecond: within 0.1 % of even
+    (as the uniform grid of uneven frames takes them), they had been fitted at the frames
+    alone, short boxes 1.45 and 3.98 times the true CBF (a review's); they go on the 0.5 s
+    grid as the exact times do."""
+    from ctperf.perfusion.boxnlr import fit_grid
+
+    step, mtts = 8.0 / 3.0, np.array([3.0, 4.0, 6.0])
+    exact = np.arange(0.0, 60.0, step)
+    fine_t = np.arange(0, 120 + FINE / 2, FINE)
+    ca = _aif_fine(fine_t)
+    sample = np.rint(exact / FINE).astype(int)
+    curves = np.array([RHO / KH * (60 * 4 / m) / 6000.0 * (fftconvolve(
+        ca, (fine_t < m).astype(float))[: fine_t.size] * FINE)[sample] for m in mtts]).T
+    fits = [fit_box_nlr(curves, ca[sample], t, method="nlr-fast")
+            for t in (exact, np.round(exact, 3))]
+    assert fit_grid(np.round(exact, 3)) is not None
+    # the same curves on grids 1e-4 s apart at most
+    np.testing.assert_allclose(fits[1].cbf, fits[0].cbf, rtol=0.01)
+    assert np.all(np.abs(fits[1].cbf / (60 * 4 / mtts) - 1) < 0.15), fits[1].cbf
+    from ctperf.perfusion import fit_curves
+
+    fit = fit_curves(curves + 30.0, ca[sample] + 40.0, np.round(exact, 3), method="nlr-fast")
+    assert fit.provenance["box_fit_step_s"] == pytest.approx(step / 6, abs=1e-4)
+
+
 def test_simplex_in_cbf_coordinates_stalls():
     """The cause of the outliers, kept here as a reference: the same simplex run in (CBF, MTT,
     delay) coordinates (fminsearch's 5 % simplex around the reference start, as before) stalls

@@ -11,7 +11,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.perfusion.bayes import fit_bayes
-from ctperf.perfusion.boxnlr import BOX_METHODS, fit_box_nlr
+from ctperf.perfusion.boxnlr import BOX_METHODS, fit_box_nlr, fit_grid
 from ctperf.perfusion.curves import TTP_SMOOTH_S, resample, time_to_peak, uniform_grid
 from ctperf.perfusion.svd import svd_deconvolve
 
@@ -101,6 +101,8 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
         if method in BOX_METHODS:
             fit = fit_box_nlr(fit_tissue, fit_aif, fit_t, method=method, rho=rho, kh=kh,
                               device=device, progress=progress)
+            if (box_grid := fit_grid(fit_t)) is not None:
+                fitted["box_fit_step_s"] = round(float(box_grid[1] - box_grid[0]), 6)
             values = {"cbf": fit.cbf, "cbv": fit.cbv, "mtt": fit.mtt, "tmax": fit.tmax,
                       "delay": fit.delay, "residual": fit.residual}
         else:
