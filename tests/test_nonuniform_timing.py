@@ -189,9 +189,8 @@ def test_a_shuttle_sweeping_back_and_forth_keeps_its_noise(caplog):
     """A shuttle that sweeps its 8 slices back and forth over 1.5 s of 2 s frames takes its end
     slices in pairs close in time, then 3.5 s later: the cubic spline through such noisy pairs
     overshot in the gaps (a probe's: 5 HU of noise read 9.9-14 HU in the end slices, their
-    delay +1.25 s); such slices are interpolated linearly, which never raises the noise.
-    Sweeps in one direction keep the spline in every slice (a review found them sent to the
-    line by the spline's end frames, their CBF apart again by slice)."""
+    delay +1.25 s); those frames take the straight line, which never raises the noise. Sweeps
+    in one direction keep the spline in every frame."""
     import logging
 
     from ctperf.perfusion.curves import MAX_SPLINE_NOISE_GAIN, on_frame_times
@@ -204,7 +203,6 @@ def test_a_shuttle_sweeping_back_and_forth_keeps_its_noise(caplog):
     back_and_forth = np.array([frames[k] + (offsets if k % 2 == 0 else offsets[::-1])
                                for k in range(n_t)])
     one_way = frames[:, None] + offsets[None, :]
-    sds = []
     for own in (back_and_forth, one_way):
         hu = (40.0 + 5.0 * rng.standard_normal((n_t, n_z, 24, 24))).astype(np.float32)
         study = CTPSeries(hu=hu, times=own.mean(axis=1), affine=np.diag([1.0, 1.0, 5.0, 1.0]),
@@ -212,13 +210,36 @@ def test_a_shuttle_sweeping_back_and_forth_keeps_its_noise(caplog):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="ctperf.perfusion.curves"):
             moved, _ = on_frame_times(study)
-        sds.append(moved.hu[2:-2].std(axis=(0, 2, 3)))  # the ends are held, not interpolated
         linear = [r.getMessage() for r in caplog.records if "linearly" in r.getMessage()]
-        if own is one_way:
-            assert not linear, linear
-        else:
-            assert linear and "[0, 1, 6, 7]" in linear[0], linear
-    # 5 HU in; 24 x 24 x 26 samples per slice give each SD within 2 %: the line never raises
-    # the noise (the end slices), the spline by at most its bound where it is kept
-    assert np.all(sds[0][[0, 1, 6, 7]] < 5.0 * 1.05), sds[0]
-    assert np.all(sds[0] < 5.0 * MAX_SPLINE_NOISE_GAIN) and np.all(sds[1] < 5.0 * 1.05), sds
+        assert bool(linear) == (own is back_and_forth), linear
+        sd = moved.hu[2:-2].std(axis=(0, 2, 3))  # the ends are held, not interpolated
+        # 5 HU in; 24 x 24 x 26 samples per slice give each SD within 2 %
+        assert np.all(sd < 5.0 * MAX_SPLINE_NOISE_GAIN), sd
+
+
+@pytest.mark.parametrize("frames", ["two-rate", "two frames missing"])
+def test_a_sweep_keeps_the_spline_where_it_does_not_raise_the_noise(frames):
+    """Slices swept in one direction over 0.9 s of frames taken 1 s then 3 s apart, or of 1 s
+    frames with two missing: a frame or two of theirs, at the change of pace or the gap, would
+    be made noisier by the spline. Only those take the line: the whole slice had, and its
+    bolus's peak read low (a review's: CBF 45.1-45.6 against 49.3 in the other slices)."""
+    from ctperf.perfusion.curves import on_frame_times
+    from ctperf.types import CTPSeries
+
+    t = (np.r_[np.arange(20.0), 19.0 + 3.0 * np.arange(1, 10)] if frames == "two-rate"
+         else np.delete(np.arange(40.0), [25, 26]))
+    n_z = 16
+    own = t[:, None] + np.linspace(0.0, 0.9, n_z)[None, :]
+    times = own.mean(axis=1)
+
+    def bolus(x):  # a gamma variate peaking at 12 s, 300 HU, on a 40 HU baseline
+        y = np.clip(x - 6.0, 0.0, None)
+        return 40.0 + 300.0 * (y / 6.0) ** 3 * np.exp(3.0 - y / 2.0)
+
+    hu = np.broadcast_to(bolus(own)[:, :, None, None], (t.size, n_z, 2, 2)).astype(np.float32)
+    moved, _ = on_frame_times(CTPSeries(hu=hu.copy(), times=times,
+                                        affine=np.diag([1.0, 1.0, 5.0, 1.0]), slice_times=own))
+    peak = slice(8, 18)  # frames over the bolus's peak, 1 s apart in both protocols
+    err = np.abs(moved.hu[peak, :, 0, 0] - bolus(times[peak])[:, None])
+    # the spline's own error on this bolus; the line's between 1 s samples reached 5 HU
+    assert err.max() < 0.5, err.max()

@@ -570,12 +570,10 @@ def resample(curves: np.ndarray, times: np.ndarray, grid: np.ndarray) -> np.ndar
 #: interpolated onto the frame times by :func:`on_frame_times`.
 SLICE_TIME_TOLERANCE_S = 0.05
 
-#: The most a slice's interpolation onto the frame times may multiply the noise of a frame
-#: (white noise; the norm of the frame's weights; the two frames at either end not judged)
-#: before :func:`on_frame_times` takes a straight line over the cubic spline. Slices swept in
-#: one direction at even steps stay under 1 (lower between samples), a two-rate protocol's
-#: (1 s then 3 s) under 1.24 at the change of rate; a shuttle sweeping back and forth reads
-#: 2.0 in its end slices and 1.33 in the next.
+#: The most the cubic spline of :func:`on_frame_times` may multiply the noise of a frame (white
+#: noise; the norm of the frame's weights) before that frame takes a straight line instead.
+#: Slices swept in one direction at even steps stay under 1 between their end frames and under
+#: 1.17 at them; a shuttle sweeping back and forth reads 2.0 in the gaps of its end slices.
 MAX_SPLINE_NOISE_GAIN = 1.25
 
 
@@ -592,12 +590,13 @@ def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
     times, or whose slices lie within :data:`SLICE_TIME_TOLERANCE_S` of their frame's time,
     is returned as it is (shift 0).
 
-    A slice whose own times are uneven (a shuttle that sweeps back and forth takes its end
-    slices in pairs a fraction of a second apart, then seconds later) is interpolated linearly
-    instead when the spline would raise the noise of a frame well above the samples' own
-    (:data:`MAX_SPLINE_NOISE_GAIN`): through noisy pairs close in time it overshoots in the
-    gaps (a probe's edge slices: 5 HU of noise read 9.9-14 HU, their delay +1.25 s and bSVD's
-    CBF +55 %). A straight line never raises the noise.
+    A frame whose spline value would be noisier than the samples by more than
+    :data:`MAX_SPLINE_NOISE_GAIN` takes the straight line between its samples instead (a
+    shuttle that sweeps back and forth takes its end slices in pairs a fraction of a second
+    apart, then seconds later, and through noisy pairs close in time the spline overshoots in
+    the gaps: a probe's end slices read 5 HU of noise as 9.9-14 HU, their delay +1.25 s and
+    bSVD's CBF +55 %). A straight line never raises the noise; the other frames keep the
+    spline.
     """
     if series.slice_times is None:
         return series, 0.0
@@ -607,21 +606,22 @@ def on_frame_times(series: CTPSeries) -> tuple[CTPSeries, float]:
         return series, 0.0
     hu = np.empty_like(series.hu)
     n_t, n_z = series.hu.shape[:2]
-    linear = []
+    linear: dict[int, int] = {}
     for z in range(n_z):
         grid = np.clip(frame, own[0, z], own[-1, z])
         # either is linear in the samples: one (T, T) matrix moves every curve of a slice
         weights = interpolate.make_interp_spline(own[:, z], np.eye(n_t), k=min(3, n_t - 1),
                                                  axis=0)(grid)
-        # each frame's noise over the samples' (white noise): the norm of its weights, away
-        # from the two frames at either end, where the spline's end conditions act
-        if np.sqrt((weights[2:-2] ** 2).sum(axis=1)).max(initial=0.0) > MAX_SPLINE_NOISE_GAIN:
-            weights = resample(np.eye(n_t), own[:, z], grid)
-            linear.append(z)
+        # each frame's noise over the samples' (white noise) is the norm of its weights: a
+        # frame the spline would make noisier takes the straight line between its samples
+        loud = np.sqrt((weights ** 2).sum(axis=1)) > MAX_SPLINE_NOISE_GAIN
+        if loud.any():
+            weights[loud] = resample(np.eye(n_t), own[:, z], grid[loud])
+            linear[z] = int(loud.sum())
         hu[:, z] = np.tensordot(weights.astype(hu.dtype), series.hu[:, z], axes=1)
     if linear:
-        log.info("slices %s interpolated onto the frame times linearly: their own times are "
-                 "too uneven for a spline, which would raise their noise", linear)
+        log.info("frames interpolated onto the frame times linearly where a spline would raise "
+                 "their noise (slice: frames): %s", linear)
     return series.replace(hu=hu, slice_times=None), shift
 
 
