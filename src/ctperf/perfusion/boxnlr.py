@@ -239,7 +239,8 @@ def fit_box_nlr(
         voxel of a chunk, n = (largest delay + MTT - smallest delay) / step + 3, T and the
         step those of the frames or of the grid fitted on (:func:`fit_grid`).
         Default: at most 65536 with NumPy (large chunks keep the worker threads from waiting
-        on each other for the GIL) and 262144 on a GPU, in a number of chunks that is a
+        on each other for the GIL) and 262144 on a GPU, divided by the grid's steps per frame
+        interval when the fit works on a finer grid, in a number of chunks that is a
         multiple of ``workers``.
     workers : int, optional
         Threads fitting chunks in parallel; default the number of CPUs with NumPy, 1 on a GPU
@@ -263,7 +264,10 @@ def fit_box_nlr(
     ops = ArrayOps(_torch_device(device, uniform=table.uniform))
     n = tis.shape[1]
     workers = workers if workers is not None else usable_cores() if ops.is_numpy else 1
-    chunk = chunk if chunk is not None else _default_chunk(n, workers, on_gpu=not ops.is_numpy)
+    # a finer grid holds more values per voxel: fewer voxels per chunk keep its memory
+    steps = 1 if grid is None else (grid.size - 1) // max(1, t.size - 1)
+    chunk = chunk if chunk is not None else _default_chunk(n, workers, on_gpu=not ops.is_numpy,
+                                                           steps=steps)
     setup = _setup(tis, t, grid, table, method=method, rho=rho, kh=kh, band_limit=band_limit,
                    bounds=bounds, start=start, max_iter=max_iter, restarts=restarts,
                    initial_steps=initial_steps, lm_iter=lm_iter, polish_iter=polish_iter,
@@ -322,10 +326,11 @@ def _torch_device(device: str | None, *, uniform: bool) -> str | None:
     return torch_device
 
 
-def _default_chunk(n: int, workers: int, *, on_gpu: bool) -> int:
-    """At most 2^16 voxels (2^18 on a GPU) per chunk, in a number of chunks of about equal
-    size that keeps every worker busy to the end."""
-    chunk = 1 << 18 if on_gpu else 1 << 16
+def _default_chunk(n: int, workers: int, *, on_gpu: bool, steps: int = 1) -> int:
+    """At most 2^16 voxels (2^18 on a GPU) per chunk, divided by the grid's ``steps`` per frame
+    interval (:func:`fit_grid`), in a number of chunks of about equal size that keeps every
+    worker busy to the end."""
+    chunk = max(1, (1 << 18 if on_gpu else 1 << 16) // max(1, steps))
     n_chunks = -(-n // chunk)
     if workers > 1 and n_chunks % workers:
         n_chunks = min(n, n_chunks + workers - n_chunks % workers)
