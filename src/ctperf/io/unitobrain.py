@@ -42,7 +42,7 @@ from ctperf.errors import InputError
 from ctperf.io.dicom import read_dicom_series, read_dicom_volume
 from ctperf.types import CTPSeries, PerfusionMaps
 
-__all__ = ["MAP_FOLDERS", "UniToBrainCase", "find_unitobrain", "iter_unitobrain",
+__all__ = ["FOLDER_OF_MAP", "MAP_FOLDERS", "UniToBrainCase", "find_unitobrain", "iter_unitobrain",
            "lacking_maps", "read_unitobrain_case"]
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,8 @@ PathLike = str | os.PathLike[str]
 MAP_FOLDERS: dict[str, str] = {
     "NLR_CBF": "cbf", "NLR_CBV": "cbv", "NLR_MTT": "mtt", "NLR_TTP": "ttp", "NLR_Delay": "delay",
 }
+#: ctperf map name -> its folder name (the inverse of :data:`MAP_FOLDERS`).
+FOLDER_OF_MAP: dict[str, str] = {name: folder for folder, name in MAP_FOLDERS.items()}
 _INPUT_RE = re.compile(r"^MOL[-_]?(\d+)_Registered_Filtered_3mm_20HU$", re.IGNORECASE)
 _MAPS_SUFFIX = "_Maps"
 
@@ -146,10 +148,9 @@ def lacking_maps(maps_folder: PathLike, names: Iterable[str]) -> list[str]:
     case) ``maps_folder`` lacks or holds no file in, and those the dataset has none of
     (:data:`MAP_FOLDERS`); what reading them would find damaged is not judged here."""
     folders = {p.name.lower(): p for p in Path(maps_folder).iterdir() if p.is_dir()}
-    wanted = {name: folder for folder, name in MAP_FOLDERS.items()}
     out = []
     for name in names:
-        folder = folders.get(wanted[name].lower()) if name in wanted else None
+        folder = folders.get(FOLDER_OF_MAP[name].lower()) if name in FOLDER_OF_MAP else None
         if folder is None or not any(f.is_file() for f in folder.iterdir()):
             out.append(name)
     return out

@@ -27,7 +27,7 @@ veins, cutting bone) and then standardised with the training set's mean and stan
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -40,6 +40,7 @@ __all__ = [
     "from_unit",
     "normalise_input",
     "target_map",
+    "target_maps",
     "to_unit",
 ]
 
@@ -68,6 +69,11 @@ def target_map(target: str) -> str:
     except KeyError:
         raise ValidationError(
             f"unknown target {target!r}; choose from {sorted(TARGET_MAPS)}") from None
+
+
+def target_maps(targets: Iterable[str]) -> tuple[str, ...]:
+    """The reference maps the ``targets`` learn (:func:`target_map`), once each, in order."""
+    return tuple(dict.fromkeys(target_map(t) for t in targets))
 
 
 def _window(target: str, windows: Mapping[str, Sequence[float]] | None) -> tuple[float, float]:

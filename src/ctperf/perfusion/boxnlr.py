@@ -46,6 +46,7 @@ from ctperf.perfusion.curves import (
     ArterialTable,
     bandlimit,
     box_model,
+    evenly_spaced,
     finite_aif,
     flow_scale,
     resample,
@@ -292,16 +293,14 @@ def _check_curves(tissue: np.ndarray, times: np.ndarray) -> tuple[np.ndarray, np
 
 def fit_grid(times: np.ndarray) -> np.ndarray | None:
     """The times the box fits work on for frames at ``times`` (s): None (the frames
-    themselves) unless they are evenly spaced (within 0.1 %, as
-    :func:`~ctperf.perfusion.curves.uniform_grid` takes them: times written to the millisecond
-    or jittered by a scanner's clock count as even) and more than :data:`FIT_STEP_S` apart;
+    themselves) unless they are evenly spaced (:func:`~ctperf.perfusion.curves.evenly_spaced`,
+    as the uniform grid of uneven frames takes them) and more than :data:`FIT_STEP_S` apart;
     then the span from the first frame to the last divided evenly into steps of at most that,
     as many per frame interval."""
     t = np.asarray(times, dtype=np.float64)
-    steps = np.diff(t)
-    if steps.size == 0 or not np.allclose(steps, steps[0], rtol=1e-3):
+    if not evenly_spaced(t):
         return None
-    parts = int(np.ceil(float(steps.mean()) / FIT_STEP_S - 1e-6))
+    parts = int(np.ceil(float(np.diff(t).mean()) / FIT_STEP_S - 1e-6))
     return np.linspace(t[0], t[-1], (t.size - 1) * parts + 1) if parts > 1 else None
 
 

@@ -45,6 +45,7 @@ __all__ = [
     "check_constants",
     "check_peak_not_clipped",
     "enhanced_at_start",
+    "evenly_spaced",
     "finite_aif",
     "flow_scale",
     "gaussian_taps",
@@ -65,15 +66,15 @@ __all__ = [
 RHO_RANGE, KH_RANGE = (0.5, 2.0), (0.1, 1.0)
 
 
-def finite_aif(aif: object, times: np.ndarray) -> np.ndarray:
-    """The AIF as float64 (T,), one finite value per frame of ``times``, or ValidationError
-    (NaN or Inf in it had ended the fits in an IndexError)."""
+def finite_aif(aif: object, times: np.ndarray, *, name: str = "aif") -> np.ndarray:
+    """The AIF (or the curve ``name``) as float64 (T,), one finite value per frame of
+    ``times``, or ValidationError (NaN or Inf in it had ended the fits in an IndexError)."""
     ca = np.asarray(aif, dtype=np.float64)
     if ca.shape != np.shape(times):
-        raise ValidationError(f"aif must have one value per frame ({np.size(times)}), got "
-                              f"shape {ca.shape}")
+        raise ValidationError(f"{name} must have shape ({np.size(times)},), one value per "
+                              f"frame, got shape {ca.shape}")
     if not np.all(np.isfinite(ca)):
-        raise ValidationError(f"aif contains NaN or Inf (frames "
+        raise ValidationError(f"{name} contains NaN or Inf (frames "
                               f"{np.flatnonzero(~np.isfinite(ca))[:5].tolist()})")
     return ca
 
@@ -521,6 +522,13 @@ def _parabolic_peak(c: np.ndarray, t: np.ndarray) -> np.ndarray:
     return np.interp(k + off, np.arange(t.size), t) - t[0]
 
 
+def evenly_spaced(times: np.ndarray) -> bool:
+    """Whether frame times (s, increasing, two or more) step evenly, within 0.1 % (times written
+    to the millisecond or jittered by a scanner's clock count as even)."""
+    steps = np.diff(np.asarray(times, dtype=np.float64))
+    return bool(steps.size) and bool(np.allclose(steps, steps[0], rtol=1e-3))
+
+
 def uniform_grid(times: np.ndarray) -> np.ndarray | None:
     """A uniform time grid for unevenly spaced frames, else None.
 
@@ -538,9 +546,9 @@ def uniform_grid(times: np.ndarray) -> np.ndarray | None:
     ndarray, shape (G,), or None when the frames are evenly spaced (within 0.1 %)
     """
     t = np.asarray(times, dtype=np.float64)
-    steps = np.diff(t)
-    if np.allclose(steps, steps[0], rtol=1e-3):
+    if evenly_spaced(t):
         return None
+    steps = np.diff(t)
     step = max(float(steps.min()), (t[-1] - t[0]) / (4 * t.size))
     return t[0] + step * np.arange(int(np.floor((t[-1] - t[0]) / step + 1e-6)) + 1)
 

@@ -158,11 +158,7 @@ def venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.n
     origin : CurveOrigin
     """
     if vof is not None:
-        curve = np.asarray(vof, dtype=np.float64)
-        if curve.shape != (t.size,):
-            raise ValidationError(f"vof must have shape ({t.size},), got {curve.shape}")
-        if not np.all(np.isfinite(curve)):
-            raise ValidationError("vof contains NaN or Inf")
+        curve = finite_aif(vof, t, name="vof")
         _check_given_enhancement(curve, aif, "vof", 0.05)
         return curve, CurveOrigin("given curve")
     if vof_mask is not None:

@@ -555,11 +555,10 @@ def _check_references(out: Path, layout: str, targets: tuple[str, ...], method: 
     """Refuse, before any network is trained, references that lack a map the training needs,
     naming every subject and map at once (a UniToBrain patient without its NLR_TTP folder had
     been named only after the other maps' networks were trained, one patient per run)."""
-    from ctperf.model.normalise import TARGET_MAPS
+    from ctperf.model.normalise import target_maps
     from ctperf.workflow.references import REFERENCE_MAPS
 
-    needed = (REFERENCE_MAPS if layout == "phantom"
-              else tuple(dict.fromkeys(TARGET_MAPS.get(t, t) for t in targets)))
+    needed = REFERENCE_MAPS if layout == "phantom" else target_maps(targets)
     gaps = {sub.name: [n for n in needed if not (sub / f"{n}.nii.gz").exists()]
             for sub in sorted(p for p in (out / "nlr").iterdir() if p.is_dir())}
     gaps = {k: v for k, v in gaps.items() if v}

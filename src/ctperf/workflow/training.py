@@ -254,17 +254,16 @@ def _check_dataset_maps(cohort: Path, targets: Sequence[str]) -> None:
     """Refuse a UniToBrain cohort in which any patient lacks the map folder of a target,
     naming every patient and map at once (they had been found by the slice cache, after it
     was built, one run at a time)."""
-    from ctperf.io.unitobrain import MAP_FOLDERS, find_unitobrain, lacking_maps
-    from ctperf.model.normalise import TARGET_MAPS
+    from ctperf.io.unitobrain import FOLDER_OF_MAP, find_unitobrain, lacking_maps
+    from ctperf.model.normalise import target_maps
 
-    needed = list(dict.fromkeys(TARGET_MAPS.get(t, t) for t in targets))
-    folder = {name: f for f, name in MAP_FOLDERS.items()}
-    unknown = [n for n in needed if n not in folder]
+    needed = target_maps(targets)
+    unknown = [n for n in needed if n not in FOLDER_OF_MAP]
     if unknown:
         raise InputError(cohort, f"the UniToBrain dataset has no {', '.join(unknown)} maps to "
-                                 f"learn (its NLR maps: {', '.join(folder)}); train other "
+                                 f"learn (its NLR maps: {', '.join(FOLDER_OF_MAP)}); train other "
                                  "targets")
-    gaps = [f"{pid}: {', '.join(folder[n] for n in lack)}"
+    gaps = [f"{pid}: {', '.join(FOLDER_OF_MAP[n] for n in lack)}"
             for pid, _, maps in find_unitobrain(cohort) if (lack := lacking_maps(maps, needed))]
     if gaps:
         listed = "; ".join(gaps[:10]) + (f" and {len(gaps) - 10} more" if len(gaps) > 10 else "")
