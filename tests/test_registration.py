@@ -28,13 +28,18 @@ def _sig(d: np.ndarray) -> np.ndarray:
 HEAD_CENTRE = np.array([0.0, 10.0, -30.0])
 
 
-def head_hu(points: np.ndarray, blobs: list[tuple[np.ndarray, float, float]]) -> np.ndarray:
-    """Smooth head-like HU at points (N, 3) in mm: air, skull shell, brain with blob texture."""
+def head_hu(points: np.ndarray, blobs: list[tuple[np.ndarray, float, float]], *,
+            sharpness: float = 60.0) -> np.ndarray:
+    """Smooth head-like HU at points (N, 3) in mm: air, skull shell, brain with blob texture.
+
+    ``sharpness`` sets the skull's edges: 60 blurs them over about 10 mm (10-90 %), 640 over
+    about 1 mm, as a soft reconstruction kernel leaves them.
+    """
     x, y, z = (points - HEAD_CENTRE).T
     r_out = np.sqrt((x / 80) ** 2 + (y / 95) ** 2 + (z / 70) ** 2)
     r_in = np.sqrt((x / 72) ** 2 + (y / 87) ** 2 + (z / 62) ** 2)
-    inside = _sig((1 - r_out) * 60)
-    brain = _sig((1 - r_in) * 60)
+    inside = _sig((1 - r_out) * sharpness)
+    brain = _sig((1 - r_in) * sharpness)
     hu = -1000 * (1 - inside) + 900 * (inside - brain) + 30 * brain
     for centre, sd, amp in blobs:
         hu += amp * brain * np.exp(-((points - centre) ** 2).sum(1) / (2 * sd * sd))
@@ -49,7 +54,8 @@ def make_blobs(rng: np.random.Generator, n: int = 80) -> list[tuple[np.ndarray, 
 
 
 def moving_study(rng: np.random.Generator, params: np.ndarray, *, shape=(8, 96, 96),
-                 spacing=(5.0, 2.0, 2.0), noise=5.0) -> tuple[CTPSeries, np.ndarray]:
+                 spacing=(5.0, 2.0, 2.0), noise=5.0,
+                 sharpness: float = 60.0) -> tuple[CTPSeries, np.ndarray]:
     """Frames of one head under rigid motions ``params`` (T, 6) about the volume centre.
 
     Frame t is the head seen through transform T_t (first frame -> frame t), each slice averaged
@@ -71,7 +77,7 @@ def moving_study(rng: np.random.Generator, params: np.ndarray, *, shape=(8, 96, 
         for sub in (-0.375, -0.125, 0.125, 0.375):
             y = centres + np.array([0.0, 0.0, sub * dz])
             x = (y - center - p[3:]) @ np.linalg.inv(m).T + center  # T^-1(y)
-            acc += head_hu(x, blobs) / 4
+            acc += head_hu(x, blobs, sharpness=sharpness) / 4
         frames.append(acc.reshape(shape) + noise * rng.standard_normal(shape))
     times = np.arange(len(params)) * 0.5
     return CTPSeries(hu=np.array(frames, dtype=np.float32), times=times, affine=affine), center
@@ -151,6 +157,61 @@ def test_apply_transforms_repeats_the_correction(rng):
         assert resid < 0.3 * np.std(series.hu[t][inner] - series.hu[0][inner]), (t, resid)
     with pytest.raises(ValidationError, match="3 transforms for 4 frames"):
         apply_transforms(series, result.transforms[:3])
+
+
+def test_moved_frames_take_their_bone_from_the_first_frame():
+    """Resampling a moved frame leaks no skull into the brain next to it, and nothing else moves.
+
+    A head whose skull edges are blurred over about 1 mm, moved in plane (3 degrees and 3.2 mm:
+    3.5 mm over the brain) and through plane (2 degrees and 1.5 mm: 2.0 mm), each frame imaged
+    after the motion; the true transforms bring it back. Read plainly, the brain within 4 mm of
+    the skull is off by 27 and 55 HU on average (up to 274 and 317 HU); with the first frame's
+    bone, by 0.2 and 0.9 HU (up to 6 and 21 HU).
+    """
+    from scipy import ndimage
+
+    from ctperf.preprocess.transforms import resample_frame, static_bone
+
+    motion = np.array([[0, 0, 0, 0, 0, 0], [0, 0, 3.0, 2.5, -2.0, 0], [2.0, 0, 0, 0, 0, 1.5]])
+    moving, center = moving_study(np.random.default_rng(3), motion, noise=0.0, sharpness=640)
+    still, _ = moving_study(np.random.default_rng(3), np.zeros_like(motion), noise=0.0,
+                            sharpness=640)
+    ref = still.hu[0]
+    skull = ref > 300
+    inside = np.array([ndimage.binary_fill_holes(s) for s in skull]) & (ref > -100) & (ref < 120)
+    edge = inside & (ndimage.distance_transform_edt(~skull, sampling=(1e6, 2.0, 2.0)) <= 4.0)
+    # beyond a slice and the motion from any bone (also the next slice's, at the head's top)
+    deep = inside & (ndimage.distance_transform_edt(~skull, sampling=(5.0, 2.0, 2.0)) > 10.0)
+    assert edge.sum() > 300 and deep.sum() > 10_000  # the test's own head has both
+    corrected = apply_transforms(moving, [None, *(make_transform(p, center) for p in motion[1:])])
+    for t in (1, 2):
+        plain = resample_frame(to_sitk_image(moving.hu[t], moving.affine),
+                               make_transform(motion[t], center), 1)
+        leak_plain = np.abs(plain - ref)[edge].mean()
+        leak = np.abs(corrected.hu[t] - ref)[edge].mean()
+        assert leak_plain > 20.0  # the leak is there to be taken away (27 and 55 HU)
+        # measured 0.2 and 0.9 HU: through plane, 5 mm slices of a tilted head keep a little
+        assert leak < 0.1 * leak_plain, (t, leak, leak_plain)
+        # away from the skull the frame is read exactly as before
+        assert np.array_equal(corrected.hu[t][deep], plain[deep])
+    # a frame read at the identity is the frame, bone and all
+    bone = static_bone(ref, still.affine)
+    same = resample_frame(to_sitk_image(moving.hu[0], moving.affine), make_transform(
+        np.zeros(6), center), 1, bone=bone)
+    assert np.allclose(same, moving.hu[0], atol=1e-3)
+
+
+def test_noise_in_the_brain_is_never_bone(rng):
+    """Only voxels next to bone can be bone: 30 HU of noise over a 35 HU brain never is, and an
+    enhancing vessel far from the skull is read as it is."""
+    from ctperf.preprocess.transforms import static_bone
+
+    field = 35.0 + 30.0 * rng.standard_normal((4, 64, 64)).astype(np.float32)
+    assert static_bone(field, np.eye(4)).voxels == 0
+    field[2, 30:33, 30:33] = 400.0  # a vessel at the peak of the bolus, as a first frame
+    field[2, 31, 31] = 1200.0  # with a calcification in it
+    bone = static_bone(field, np.eye(4))
+    assert 0 < bone.voxels <= 27  # the calcification and the voxels around it only
 
 
 def test_reduces_through_plane_motion(rng):
@@ -398,11 +459,12 @@ def test_nlr_maps_after_correction_match_still_phantom(motion, seed):
         err, err_exact = abs(b / a - 1), abs(c / a - 1)
         if motion == "mild":
             # issue 5 target: median CBF and CBV within 5 % of the still phantom (measured
-            # -1.1 % and +1.2 %; with the true transforms -1.0 % and +1.3 %)
+            # -0.9 % and +1.2 %; with the true transforms -1.5 % and +2.2 %)
             assert err < 0.05, (name, a, b)
-        # Measured severe: CBF -0.5 %, CBV +8.3 %; with the true transforms +0.1 % and +9.9 %
-        # (seed 5, 6.8 mm: +5.1 % and +12.9 %, true transforms +7.0 % and +15.2 %). 2 points
-        # allow for the registration's 0.1-0.2 mm error.
+        # Measured severe: CBF -6.7 %, CBV +7.8 %; with the true transforms -6.4 % and +10.8 %
+        # (seed 5, 6.8 mm: +3.4 % and +25.6 %, true transforms +4.8 % and +27.9 %; the VOF
+        # lost the bone that leaked into it, docs/preprocessing.md). 2 points allow for the
+        # registration's 0.1-0.2 mm error.
         assert err < err_exact + 0.02, (name, a, b, c)
 
 

@@ -16,17 +16,32 @@ import numpy as np
 import SimpleITK as sitk
 
 from ctperf.errors import ValidationError
+from ctperf.masks import BONE_HU
 from ctperf.parallel import usable_cores
 from ctperf.types import CTPSeries
 
-__all__ = ["THROUGH_PLANE", "FrameCheck", "apply_transforms", "choose_transform",
-           "frame_displacement", "make_check", "make_transform", "resample_frame",
-           "to_sitk_image"]
+__all__ = ["BONE_FILL_HU", "THROUGH_PLANE", "FrameCheck", "StaticBone", "apply_transforms",
+           "choose_transform", "fill_bone", "frame_displacement", "make_check", "make_transform",
+           "resample_frame", "static_bone", "to_sitk_image"]
 
 log = logging.getLogger(__name__)
 
 #: Parameters (rx, ry, tz) that a single slice cannot fix; zero in the in-plane candidate.
 THROUGH_PLANE = [0, 1, 5]
+
+#: Where a bone voxel has no soft tissue within a few voxels in its slice (inside the skull's
+#: tables), it reads this while the frame is resampled (HU): between CSF and brain.
+BONE_FILL_HU = 20.0
+#: Tissue that fills the bone lies above this (HU): fat and everything denser, not air.
+_FILL_MIN_HU = -100.0
+#: The skull's edge reaches down to this (HU) next to bone: above unenhanced brain (20-45 HU)
+#: and CSF, so that a blurred edge is taken whole and its interpolation leaks tissue only.
+_BONE_EDGE_HU = 60.0
+#: A moved frame's voxel is bone while it is resampled if the first frame's bone, read there by
+#: the inverse transform, covers this share of it: a quarter reaches the partial volume at the
+#: inner table (half left a third of the false Tmax > 10 s volume of a probe's moved head at 1.8
+#: mm pixels; docs/preprocessing.md).
+_BONE_WEIGHT = 0.25
 
 
 def to_sitk_image(volume: np.ndarray, affine: np.ndarray) -> sitk.Image:
@@ -79,9 +94,66 @@ def frame_displacement(parameters: np.ndarray, center_mm: np.ndarray,
     return means, maxes
 
 
-def resample_frame(moving_img: sitk.Image, tx: sitk.Transform, workers: int) -> np.ndarray:
-    """The moving frame on its own grid, read at T(x): linear, nearest beyond the slab;
-    ``workers`` ITK threads."""
+@dataclass(frozen=True, eq=False)
+class StaticBone:
+    """The first frame's bone, which a moved frame's resampling takes from there (read only).
+
+    Bone does not enhance, so the first frame holds what every frame has there. Read by linear
+    interpolation, a moved frame's skull (1,000-2,000 HU) leaks into the brain voxels next to
+    it: a voxel a tenth of a voxel off the inner table takes in 100 HU or more in every moved
+    frame, which tissue curves read as late enhancement (long Tmax at the brain's edge) or as
+    a lower baseline. :func:`resample_frame` therefore reads a moved frame with its bone filled
+    in from the soft tissue next to it (:func:`fill_bone`) and adds back what the first frame
+    has there above its own fill.
+    """
+
+    mask: sitk.Image  # the first frame's bone, 0/1 float32, on the study's grid
+    excess: np.ndarray  # (Z, Y, X) float32: the first frame less its fill (0 off the bone)
+    voxels: int  # voxels of bone
+
+
+def fill_bone(volume: np.ndarray, bone: np.ndarray) -> np.ndarray:
+    """``volume`` (Z, Y, X) with its ``bone`` voxels filled in from the soft tissue around them.
+
+    Each bone voxel takes the Gaussian-weighted mean (sigma one voxel, in plane) of the soft
+    tissue around it (not bone, and above :data:`_FILL_MIN_HU`: air next to the skull, in the
+    sinuses and mastoid cells, never fills it); one with none within reach (inside the skull's
+    tables) takes :data:`BONE_FILL_HU`. The fill meets the tissue without a step, whether the
+    skull's edge is sharp (a voxel partly bone next to CSF) or blurred over several voxels, so
+    linear interpolation across it mixes tissue with tissue-like values.
+    """
+    from scipy import ndimage
+
+    source = ~bone & (volume > _FILL_MIN_HU)
+    soft = source.astype(np.float32)
+    sigma = (0.0, 1.0, 1.0)
+    num = ndimage.gaussian_filter(np.where(source, volume, np.float32(0.0)), sigma,
+                                  truncate=3.0)
+    den = ndimage.gaussian_filter(soft, sigma, truncate=3.0)
+    reached = den > 1e-3
+    fill = np.where(reached, num / np.where(reached, den, 1.0), np.float32(BONE_FILL_HU))
+    return np.where(bone, fill, volume).astype(np.float32, copy=False)
+
+
+def static_bone(reference: np.ndarray, affine: np.ndarray) -> StaticBone:
+    """The bone of a pre-contrast frame (Z, Y, X) in HU and its partial volume with the tissue.
+
+    Bone is what lies next to (within one voxel of) a voxel at or above
+    :data:`~ctperf.masks.BONE_HU` and reads :data:`_BONE_EDGE_HU` or more once smoothed in
+    plane by a Gaussian of one voxel: the skull's edge blurred into the tissue, whereas noise
+    in the brain is never bone.
+    """
+    from scipy import ndimage
+
+    ref = np.asarray(reference, dtype=np.float32)
+    smooth = ndimage.gaussian_filter(ref, (0.0, 1.0, 1.0), truncate=3.0)
+    bone = (smooth >= _BONE_EDGE_HU) & ndimage.binary_dilation(
+        ref >= BONE_HU, np.ones((3, 3, 3), dtype=bool))
+    return StaticBone(mask=to_sitk_image(bone.astype(np.float32), affine),
+                      excess=ref - fill_bone(ref, bone), voxels=int(bone.sum()))
+
+
+def _resample(moving_img: sitk.Image, tx: sitk.Transform, workers: int) -> np.ndarray:
     resampler = sitk.ResampleImageFilter()
     resampler.SetNumberOfThreads(workers)
     resampler.SetReferenceImage(moving_img)
@@ -91,13 +163,33 @@ def resample_frame(moving_img: sitk.Image, tx: sitk.Transform, workers: int) -> 
     return sitk.GetArrayFromImage(resampler.Execute(moving_img)).astype(np.float32, copy=False)
 
 
+def resample_frame(moving_img: sitk.Image, tx: sitk.Transform, workers: int,
+                   bone: StaticBone | None = None) -> np.ndarray:
+    """The moving frame on its own grid, read at T(x): linear, nearest beyond the slab;
+    ``workers`` ITK threads.
+
+    With ``bone`` (the first frame's, :func:`static_bone`), the frame's bone (the first frame's
+    moved to this frame by the inverse transform) is filled in from the tissue around it
+    (:func:`fill_bone`) before it is read, and the first frame's bone added back after: the
+    bone is the first frame's, and what leaks from it is tissue (:class:`StaticBone`).
+    """
+    if bone is None or bone.voxels == 0:
+        return _resample(moving_img, tx, workers)
+    here = _resample(bone.mask, tx.GetInverse(), workers) >= _BONE_WEIGHT
+    frame = sitk.GetArrayFromImage(moving_img).astype(np.float32, copy=False)
+    bone_free = sitk.GetImageFromArray(fill_bone(frame, here))
+    bone_free.CopyInformation(moving_img)
+    return _resample(bone_free, tx, workers) + bone.excess
+
+
 def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | None], *,
                      workers: int | None = None) -> CTPSeries:
     """Bring every frame back onto the first frame's grid with known transforms.
 
     The resampling :func:`correct_motion` ends with, for transforms found elsewhere: saved
     ones (``MotionResult.transforms``), or a phantom's true motion. Linear interpolation;
-    points that left the slab take the nearest slice.
+    points that left the slab take the nearest slice; the bone of every resampled frame is the
+    first frame's (:class:`StaticBone`).
 
     Parameters
     ----------
@@ -118,9 +210,11 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
         raise ValidationError(f"{len(transforms)} transforms for {series.n_frames} frames")
     workers = int(workers or usable_cores())
     out = series.hu.copy()
+    bone = static_bone(series.hu[0], series.affine)
     for t, tx in enumerate(transforms):
         if tx is not None:
-            out[t] = resample_frame(to_sitk_image(series.hu[t], series.affine), tx, workers)
+            out[t] = resample_frame(to_sitk_image(series.hu[t], series.affine), tx, workers,
+                                    bone=bone)
     meta = dict(series.meta)
     meta["motion_corrected"] = True
     return series.replace(hu=out, meta=meta)
@@ -140,6 +234,7 @@ class FrameCheck:
     block: np.ndarray  # (N,) in-plane block of each voxel, for the gain's standard error
     reach_max: np.ndarray  # (Z, Y, X) smoothed first frame's maximum within reach
     reach_size: tuple[int, int, int]  # the reach as a (Z, Y, X) box of voxels
+    bone: StaticBone  # the first frame's bone, which the kept transform's frame takes
     min_gain: float
     min_gain_through_plane: float
     max_rotation_deg: float
@@ -220,6 +315,7 @@ def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
                       world_to_index=np.linalg.inv(affine), size_xyz=size, center_mm=center,
                       block=np.unique(block, return_inverse=True)[1],
                       reach_max=ndimage.maximum_filter(smoothed, size=reach), reach_size=reach,
+                      bone=static_bone(sitk.GetArrayViewFromImage(fixed), affine),
                       min_gain=min_gain, min_gain_through_plane=min_gain_through_plane,
                       max_rotation_deg=max_rotation_deg, max_shift_mm=max_shift_mm)
 
@@ -290,7 +386,8 @@ def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarr
     parameters : ndarray, float64, shape (6,)
         The parameters kept (zeros for the identity).
     frame : ndarray, float32, shape (Z, Y, X)
-        The frame read at them.
+        The frame read at them, its bone the first frame's (:class:`StaticBone`); the
+        candidates are compared as read plainly, since the skull is what places them.
     check_values : ndarray, float64, shape (3,)
         Check metric (HU^2) at the identity, the in-plane part and the whole fit; NaN for an
         implausible candidate.
@@ -335,6 +432,9 @@ def choose_transform(check: FrameCheck, moving_img: sitk.Image, fitted: np.ndarr
             decision, kept, frame, best = name, p, moved, sq
     if decision == "identity" and missed:
         decision = "uncorrected"
+    if decision in ("in-plane", "rigid"):
+        frame = resample_frame(moving_img, make_transform(kept, check.center_mm), workers,
+                               bone=check.bone)
     if not through:
         values["rigid"] = values["in-plane"]  # the fit has no through-plane part
     checks = np.array([values["identity"], values["in-plane"], values["rigid"]])
