@@ -6,8 +6,9 @@ For each phantom (motion class, matrix size, seed; 8 slices of 5 mm, 89 frames o
 MCA lesion) it prints the registration time, the mean target registration error (TRE) over the
 brain, averaged over frames and for the worst frame, the true mean displacement before correction,
 the largest displacement of a brain voxel that the registration reports and how many frames kept
-a transform. Cases ``tiles1:SIZE:SEED`` and ``tiles8:SIZE:SEED`` are the tests' still tile
-phantom without a head (1 or 8 slices, 8 frames, 12 HU noise). Issue targets: a still study
+a transform; then the time to read one moved frame plainly and with the first frame's bone.
+Cases ``tiles1:SIZE:SEED`` and ``tiles8:SIZE:SEED`` are the tests' still tile phantom without a
+head (1 or 8 slices, 8 frames, 12 HU noise). Issue targets: a still study
 moves by less than 0.3 mm; mean TRE < 0.5 mm with motion. Timings on a shared machine are noisy.
 """
 
@@ -25,6 +26,9 @@ from ctperf.preprocess import correct_motion
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_registration import phantom_tre, tile_study  # the tests' TRE and tiles: one definition
+
+#: Matrix sizes at which one frame's resampling is timed plainly and with the first frame's bone.
+RESAMPLE_SIZES = (256, 512)
 
 CASES = ("none:128:3", "none:256:3", "mild:128:3", "severe:128:3", "severe:128:5",
          "tiles1:64:1", "tiles8:64:1")
@@ -61,6 +65,38 @@ def main() -> None:
               f"{kept:3d}/{series.n_frames - 1}", flush=True)
     print("mm throughout; kept: frames that kept a fitted transform; note: timings on a "
           "shared machine are noisy")
+    resample_cost(args.workers)
+
+
+def resample_cost(workers: int, repeats: int = 5) -> None:
+    """Time one moved frame read plainly and with the first frame's bone (best of ``repeats``)."""
+    from ctperf.preprocess.transforms import (
+        make_transform,
+        resample_frame,
+        static_bone,
+        to_sitk_image,
+    )
+
+    print(f"\n{'frame (8 slices)':18s} {'plain ms':>9s} {'bone ms':>8s} {'ratio':>6s} "
+          f"{'first frame bone ms':>20s}")
+    for size in RESAMPLE_SIZES:
+        subject = generate_subject(seed=3, size=size, slices=8, frames=4, motion="none")
+        series = subject.series
+        t0 = time.perf_counter()
+        bone = static_bone(series.hu[0], series.affine)
+        once = time.perf_counter() - t0
+        img = to_sitk_image(series.hu[2], series.affine)
+        tx = make_transform([1.0, 0.5, 3.0, 2.0, -1.5, 1.0], np.zeros(3))
+        cost = []
+        for b in (None, bone):
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                resample_frame(img, tx, workers, bone=b)
+                runs.append(time.perf_counter() - t0)
+            cost.append(min(runs) * 1000)
+        print(f"{size} px{'':12s} {cost[0]:9.1f} {cost[1]:8.1f} {cost[1] / cost[0]:6.1f} "
+              f"{once * 1000:20.1f}")
 
 
 if __name__ == "__main__":

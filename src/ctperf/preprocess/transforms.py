@@ -38,9 +38,8 @@ _FILL_MIN_HU = -100.0
 #: and CSF, so that a blurred edge is taken whole and its interpolation leaks tissue only.
 _BONE_EDGE_HU = 60.0
 #: A moved frame's voxel is bone while it is resampled if the first frame's bone, read there by
-#: the inverse transform, covers this share of it: a quarter reaches the partial volume at the
-#: inner table (half left a third of the false Tmax > 10 s volume of a probe's moved head at 1.8
-#: mm pixels; docs/preprocessing.md).
+#: the inverse transform, covers this share of it: a quarter, so that a voxel only partly bone
+#: is filled too (half did about as well on a probe's moved heads: docs/preprocessing.md).
 _BONE_WEIGHT = 0.25
 
 
