@@ -150,6 +150,9 @@ def test_apply_transforms_repeats_the_correction(rng):
     assert again.meta["motion_corrected"] and not series.meta.get("motion_corrected")
     exact = apply_transforms(series, [None, *(make_transform(p, center) for p in IN_PLANE[1:])])
     assert np.array_equal(exact.hu[0], series.hu[0])
+    # a frame kept at the identity is left as it is, bone and all, as correct_motion leaves it
+    still = apply_transforms(series, [None, make_transform(np.zeros(6), center), None, None])
+    assert np.array_equal(still.hu, series.hu)
     inner = np.s_[2:-2, 10:-10, 10:-10]
     # the true transforms leave the ~5 HU noise (x sqrt 2) and interpolation; no motion left
     for t in range(1, len(IN_PLANE)):
@@ -166,7 +169,7 @@ def test_moved_frames_take_their_bone_from_the_first_frame():
     3.5 mm over the brain) and through plane (2 degrees and 1.5 mm: 2.0 mm), each frame imaged
     after the motion; the true transforms bring it back. Read plainly, the brain within 4 mm of
     the skull is off by 27 and 55 HU on average (up to 274 and 317 HU); with the first frame's
-    bone, by 0.2 and 0.9 HU (up to 6 and 21 HU).
+    bone, by 5.8 and 8.7 HU (up to 97 and 151 HU: the edge below 120 HU is read plainly).
     """
     from scipy import ndimage
 
@@ -190,8 +193,9 @@ def test_moved_frames_take_their_bone_from_the_first_frame():
         leak_plain = np.abs(plain - ref)[edge].mean()
         leak = np.abs(corrected.hu[t] - ref)[edge].mean()
         assert leak_plain > 20.0  # the leak is there to be taken away (27 and 55 HU)
-        # measured 0.2 and 0.9 HU: through plane, 5 mm slices of a tilted head keep a little
-        assert leak < 0.1 * leak_plain, (t, leak, leak_plain)
+        # measured 0.21 and 0.16 of the plain read: the skull's blurred edge below 120 HU, in
+        # the tissue, is read plainly and leaks what it holds
+        assert leak < 0.3 * leak_plain, (t, leak, leak_plain)
         # away from the skull the frame is read exactly as before
         assert np.array_equal(corrected.hu[t][deep], plain[deep])
     # a frame read at the identity is the frame, bone and all
@@ -201,17 +205,23 @@ def test_moved_frames_take_their_bone_from_the_first_frame():
     assert np.allclose(same, moving.hu[0], atol=1e-3)
 
 
-def test_noise_in_the_brain_is_never_bone(rng):
-    """Only voxels next to bone can be bone: 30 HU of noise over a 35 HU brain never is, and an
-    enhancing vessel far from the skull is read as it is."""
+def test_noise_and_contrast_are_never_bone(rng):
+    """Only voxels next to steady bone are bone: 30 HU of noise over a 35 HU brain never is,
+    nor an artery that a late start caught full of contrast in the first frame."""
+    import SimpleITK as sitk
+
     from ctperf.preprocess.transforms import static_bone
 
-    field = 35.0 + 30.0 * rng.standard_normal((4, 64, 64)).astype(np.float32)
-    assert static_bone(field, np.eye(4)).voxels == 0
-    field[2, 30:33, 30:33] = 400.0  # a vessel at the peak of the bolus, as a first frame
-    field[2, 31, 31] = 1200.0  # with a calcification in it
-    bone = static_bone(field, np.eye(4))
-    assert 0 < bone.voxels <= 27  # the calcification and the voxels around it only
+    hu = 35.0 + 30.0 * rng.standard_normal((20, 4, 64, 64)).astype(np.float32)
+    assert static_bone(hu, np.eye(4)).voxels == 0
+    hu[:, :, 5:8, :] = 1200.0  # a skull
+    hu[:, 2, 31, 31] = 1200.0  # a calcification
+    washout = np.r_[400.0, 350, 250, 150, 100, 80, 60, 50, np.full(12, 45.0)]
+    hu[:, :, 30:34, 40:44] = washout[:, None, None, None]  # an artery, the bolus already in
+    bone = sitk.GetArrayFromImage(static_bone(hu, np.eye(4)).mask) > 0.5
+    assert bone[:, 5:8].all() and bone[2, 31, 31]
+    assert not bone[:, 30:34, 40:44].any()
+    assert not bone[:, 15:25, 10:30].any()  # nor the brain between them
 
 
 def test_reduces_through_plane_motion(rng):

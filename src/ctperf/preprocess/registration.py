@@ -80,6 +80,7 @@ from ctperf.preprocess.transforms import (
     frame_displacement,
     make_check,
     make_transform,
+    static_bone,
     to_sitk_image,
 )
 from ctperf.types import CTPSeries
@@ -427,7 +428,8 @@ def correct_motion(series: CTPSeries, *, levels: Sequence[int] = (8, 1),
     check = make_check(fixed, metric_mask, series.affine, center, sigma_px=check_sigma_px,
                        reach_mm=reach_mm, min_gain=min_gain,
                        min_gain_through_plane=min_gain_through_plane,
-                       max_rotation_deg=max_rotation_deg, max_shift_mm=max_shift_mm)
+                       max_rotation_deg=max_rotation_deg, max_shift_mm=max_shift_mm,
+                       bone=static_bone(series.hu, series.affine))
     fit = {"levels": list(levels), "samples": list(samples), "iterations": int(iterations),
            "center": center.tolist(), "seed": int(seed) + 1,
            "in_plane": series.shape[1] == 1}

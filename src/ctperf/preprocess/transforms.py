@@ -8,6 +8,7 @@ and (tx, ty, tz) in mm, rotating about a centre in mm.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from ctperf.errors import ValidationError
-from ctperf.masks import BONE_HU
+from ctperf.masks import BONE_HU, SOFT_TISSUE_MAX_HU
 from ctperf.parallel import usable_cores
 from ctperf.types import CTPSeries
 
@@ -34,9 +35,6 @@ THROUGH_PLANE = [0, 1, 5]
 BONE_FILL_HU = 20.0
 #: Tissue that fills the bone lies above this (HU): fat and everything denser, not air.
 _FILL_MIN_HU = -100.0
-#: The skull's edge reaches down to this (HU) next to bone: above unenhanced brain (20-45 HU)
-#: and CSF, so that a blurred edge is taken whole and its interpolation leaks tissue only.
-_BONE_EDGE_HU = 60.0
 #: A moved frame's voxel is bone while it is resampled if the first frame's bone, read there by
 #: the inverse transform, covers this share of it: a quarter, so that a voxel only partly bone
 #: is filled too (half did about as well on a probe's moved heads: docs/preprocessing.md).
@@ -134,20 +132,27 @@ def fill_bone(volume: np.ndarray, bone: np.ndarray) -> np.ndarray:
     return np.where(bone, fill, volume).astype(np.float32, copy=False)
 
 
-def static_bone(reference: np.ndarray, affine: np.ndarray) -> StaticBone:
-    """The bone of a pre-contrast frame (Z, Y, X) in HU and its partial volume with the tissue.
+def static_bone(hu: np.ndarray, affine: np.ndarray) -> StaticBone:
+    """The first frame's bone, with its partial volume, from a study (T, Z, Y, X) in HU (or from
+    one frame (Z, Y, X)).
 
-    Bone is what lies next to (within one voxel of) a voxel at or above
-    :data:`~ctperf.masks.BONE_HU` and reads :data:`_BONE_EDGE_HU` or more once smoothed in
-    plane by a Gaussian of one voxel: the skull's edge blurred into the tissue, whereas noise
-    in the brain is never bone.
+    Bone is what reads :data:`~ctperf.masks.SOFT_TISSUE_MAX_HU` or more in the first frame next
+    to (within one voxel of) a voxel that reads :data:`~ctperf.masks.BONE_HU` or more there and
+    in at least half of the frames: noise in the brain is never bone, nor an artery that a late
+    start caught full of contrast.
     """
     from scipy import ndimage
 
-    ref = np.asarray(reference, dtype=np.float32)
-    smooth = ndimage.gaussian_filter(ref, (0.0, 1.0, 1.0), truncate=3.0)
-    bone = (smooth >= _BONE_EDGE_HU) & ndimage.binary_dilation(
-        ref >= BONE_HU, np.ones((3, 3, 3), dtype=bool))
+    hu = np.asarray(hu)
+    ref = np.asarray(hu[0] if hu.ndim == 4 else hu, dtype=np.float32)
+    steady = ref >= BONE_HU
+    if hu.ndim == 4:
+        count = np.zeros(ref.shape, dtype=np.int32)
+        for frame in hu:
+            count += frame >= BONE_HU
+        steady &= 2 * count >= len(hu)
+    bone = (ref >= SOFT_TISSUE_MAX_HU) & ndimage.binary_dilation(
+        steady, np.ones((3, 3, 3), dtype=bool))
     return StaticBone(mask=to_sitk_image(bone.astype(np.float32), affine),
                       excess=ref - fill_bone(ref, bone), voxels=int(bone.sum()))
 
@@ -196,7 +201,7 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
         Study (T, Z, Y, X) in HU.
     transforms : sequence of SimpleITK transforms or None, one per frame
         Each maps a point of the first frame (patient mm, in the frame of the series' affine)
-        to the same anatomy in that frame; None leaves the frame as it is.
+        to the same anatomy in that frame; None or the identity leaves the frame as it is.
     workers : int, optional
         Threads of the resampler; default the number of CPU cores.
 
@@ -209,9 +214,13 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
         raise ValidationError(f"{len(transforms)} transforms for {series.n_frames} frames")
     workers = int(workers or usable_cores())
     out = series.hu.copy()
-    bone = static_bone(series.hu[0], series.affine)
+    bone = static_bone(series.hu, series.affine)
+    corners = [tuple(series.affine[:3, :3] @ ijk + series.affine[:3, 3])
+               for ijk in itertools.product(*[(0, n - 1) for n in series.shape[:0:-1]])]
     for t, tx in enumerate(transforms):
-        if tx is not None:
+        # a frame kept at the identity is left as it is, as correct_motion leaves it
+        if tx is not None and not all(np.allclose(tx.TransformPoint(c), c, atol=1e-6)
+                                      for c in corners):
             out[t] = resample_frame(to_sitk_image(series.hu[t], series.affine), tx, workers,
                                     bone=bone)
     meta = dict(series.meta)
@@ -265,7 +274,7 @@ def _smooth(volume: np.ndarray, sigma_zyx: Sequence[float]) -> np.ndarray:
 def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
                center: np.ndarray, *, sigma_px: Sequence[float], reach_mm: float,
                min_gain: float, min_gain_through_plane: float, max_rotation_deg: float,
-               max_shift_mm: float) -> FrameCheck:
+               max_shift_mm: float, bone: StaticBone) -> FrameCheck:
     """What :func:`choose_transform` needs for every frame of a study.
 
     Parameters
@@ -290,6 +299,8 @@ def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
         Relative decrease the whole fit needs over its in-plane part, once that is kept.
     max_rotation_deg, max_shift_mm : float
         Plausible rotation about each axis (degrees) and shift (mm).
+    bone : StaticBone
+        The first frame's bone (:func:`static_bone`), which the kept transform's frame takes.
     """
     spacing = np.asarray(fixed.GetSpacing())
     size = np.asarray(fixed.GetSize())
@@ -314,7 +325,7 @@ def make_check(fixed: sitk.Image, metric_mask: np.ndarray, affine: np.ndarray,
                       world_to_index=np.linalg.inv(affine), size_xyz=size, center_mm=center,
                       block=np.unique(block, return_inverse=True)[1],
                       reach_max=ndimage.maximum_filter(smoothed, size=reach), reach_size=reach,
-                      bone=static_bone(sitk.GetArrayViewFromImage(fixed), affine),
+                      bone=bone,
                       min_gain=min_gain, min_gain_through_plane=min_gain_through_plane,
                       max_rotation_deg=max_rotation_deg, max_shift_mm=max_shift_mm)
 
