@@ -37,7 +37,7 @@ BONE_FILL_HU = 20.0
 _FILL_MIN_HU = -100.0
 #: A moved frame's voxel is bone while it is resampled if the first frame's bone, read there by
 #: the inverse transform, covers this share of it: a quarter, so that a voxel only partly bone
-#: is filled too (half did about as well on a probe's moved heads: docs/preprocessing.md).
+#: is filled too.
 _BONE_WEIGHT = 0.25
 
 
