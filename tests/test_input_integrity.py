@@ -218,6 +218,22 @@ def test_values_stored_without_the_intercept_are_refused(tmp_path, rng, backgrou
         read_nifti_series(write_nifti(tmp_path / "s.nii.gz", stored))
 
 
+def test_a_skull_moving_over_edge_voxels_is_no_unscaled_study(tmp_path, rng):
+    """A head tilted through 5 mm slices brings bone into the voxels at its edge, which then
+    rise by hundreds of HU from bone's partial volume, more than any artery: a review's tilts
+    of 2-4 degrees were refused as unscaled (their most enhancing voxels starting at 428-513
+    HU). A study with air at its level was rescaled; without it, the check stands."""
+    hu = _bolus(rng, (12, 10, 2, 12))
+    edge = np.zeros(hu.shape[:3], dtype=bool)
+    edge[0, 1:-1] = True  # a column of voxels at the head's edge, partly bone
+    hu[edge] = 500.0
+    hu[edge, 6:] = 1400.0  # the skull moves in from frame 6 on
+    assert (hu < -500).mean() > 0.05  # air around the head (the test's own)
+    read_nifti_series(write_nifti(tmp_path / "hu.nii.gz", hu))
+    with pytest.raises(InputError, match=r"s\.nii\.gz: .*enhance start at .*HU \+ 1024"):
+        read_nifti_series(write_nifti(tmp_path / "s.nii.gz", hu + 1024))
+
+
 def test_values_stored_without_the_intercept_in_an_unsigned_type_are_refused(tmp_path, rng):
     """HU + 1024 stored as uint16 without clipping: air a little below -1024 HU wraps to about
     65,530. Those voxels "rose" by 65,000 and were taken for the most enhancing ones, at a

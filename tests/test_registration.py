@@ -218,10 +218,27 @@ def test_noise_and_contrast_are_never_bone(rng):
     hu[:, 2, 31, 31] = 1200.0  # a calcification
     washout = np.r_[400.0, 350, 250, 150, 100, 80, 60, 50, np.full(12, 45.0)]
     hu[:, :, 30:34, 40:44] = washout[:, None, None, None]  # an artery, the bolus already in
+    hu[:, :, 8:10, 40:44] = washout[:, None, None, None]  # another against the skull (a canal)
     bone = sitk.GetArrayFromImage(static_bone(hu, np.eye(4)).mask) > 0.5
     assert bone[:, 5:8].all() and bone[2, 31, 31]
-    assert not bone[:, 30:34, 40:44].any()
+    assert not bone[:, 30:34, 40:44].any() and not bone[:, 8:10, 40:44].any()
     assert not bone[:, 15:25, 10:30].any()  # nor the brain between them
+
+
+def test_a_transform_without_an_inverse_is_applied_plainly(rng):
+    """A B-spline transform cannot move the first frame's bone: its frame is read plainly."""
+    import SimpleITK as sitk
+
+    from ctperf.preprocess.transforms import resample_frame, static_bone
+
+    series, _ = moving_study(rng, np.zeros((2, 6)), shape=(4, 96, 96))
+    assert static_bone(series.hu, series.affine).voxels > 1000  # a skull to move
+    img = to_sitk_image(series.hu[1], series.affine)
+    bspline = sitk.BSplineTransformInitializer(img, [2, 2, 2])
+    bspline.SetParameters(list(rng.normal(0.0, 1.0, len(bspline.GetParameters()))))
+    out = apply_transforms(series, [None, bspline])
+    assert np.array_equal(out.hu[1], resample_frame(img, bspline, 1))
+    assert not np.array_equal(out.hu[1], series.hu[1])  # it was applied
 
 
 def test_reduces_through_plane_motion(rng):

@@ -59,6 +59,11 @@ ENHANCING_BASELINE_MAX_HU = 400.0
 # _ENHANCEMENT_MIN_HU (a bolus, not noise).
 _ENHANCING_SHARE = 0.005
 _ENHANCEMENT_MIN_HU = 50.0
+#: A study with at least this share of its samples at air's level (-1100 to -500 HU) was
+#: rescaled (stored HU + 1024 puts air near 24): its most enhancing voxels are not weighed,
+#: since a skull that moves over the edge voxels raises them by hundreds of HU from bone's
+#: level (a review's head tilted by 2-4 degrees through 5 mm slices read 428-513 HU there).
+_AIR_SHARE = 0.01
 # Voxels denser than this before the bolus are bone or metal, never blood or brain, whatever
 # the rescale (stored without the intercept, blood sits near 1070): left out of the check of
 # the enhancing voxels' level (metal streaks that flicker from frame to frame had been taken
@@ -226,9 +231,10 @@ def check_hu_plausible(hu: np.ndarray, path_of: Callable[[int, int], tuple[PathL
     be blank where the slice's other frames hold tissue, nor unlike them pixel by pixel (a
     damaged compressed image decodes to a plausible range but to other pixels: its median
     pixel lies more than :data:`_UNLIKE_HU` and :data:`_UNLIKE_FACTOR` times the other frames'
-    from the slice's median over time). The voxels that enhance most must
-    start at most :data:`ENHANCING_BASELINE_MAX_HU` (blood and brain): values stored without
-    their rescale intercept (HU + 1024) put them near 1070.
+    from the slice's median over time). In a study without air at its level
+    (:data:`_AIR_SHARE`), the voxels that enhance most must start at most
+    :data:`ENHANCING_BASELINE_MAX_HU` (blood and brain): values stored without their rescale
+    intercept (HU + 1024) put them near 1070.
 
     Parameters
     ----------
@@ -369,6 +375,8 @@ def _check_enhancing_baseline(sample: np.ndarray, path: PathLike) -> None:
     """Refuse a study whose enhancing voxels start far above blood's HU (see
     :func:`check_hu_plausible`); ``sample`` (T, Z, N)."""
     if sample.shape[0] < 3:
+        return
+    if float(((sample > HU_RANGE[0]) & (sample < _TISSUE_HU)).mean()) >= _AIR_SHARE:
         return
     base = np.median(sample[:3], axis=0).ravel()
     peak = sample.max(axis=0).ravel()

@@ -136,23 +136,25 @@ def static_bone(hu: np.ndarray, affine: np.ndarray) -> StaticBone:
     """The first frame's bone, with its partial volume, from a study (T, Z, Y, X) in HU (or from
     one frame (Z, Y, X)).
 
-    Bone is what reads :data:`~ctperf.masks.SOFT_TISSUE_MAX_HU` or more in the first frame next
-    to (within one voxel of) a voxel that reads :data:`~ctperf.masks.BONE_HU` or more there and
-    in at least half of the frames: noise in the brain is never bone, nor an artery that a late
-    start caught full of contrast.
+    Bone is what reads :data:`~ctperf.masks.SOFT_TISSUE_MAX_HU` or more in the first frame and
+    in at least half of the frames, next to (within one voxel of) a voxel that reads
+    :data:`~ctperf.masks.BONE_HU` or more there and in at least half of the frames: noise in
+    the brain is never bone, nor an artery that a late start caught full of contrast, even in
+    its canal.
     """
     from scipy import ndimage
 
     hu = np.asarray(hu)
-    ref = np.asarray(hu[0] if hu.ndim == 4 else hu, dtype=np.float32)
-    steady = ref >= BONE_HU
-    if hu.ndim == 4:
-        count = np.zeros(ref.shape, dtype=np.int32)
-        for frame in hu:
-            count += frame >= BONE_HU
-        steady &= 2 * count >= len(hu)
-    bone = (ref >= SOFT_TISSUE_MAX_HU) & ndimage.binary_dilation(
-        steady, np.ones((3, 3, 3), dtype=bool))
+    frames = hu if hu.ndim == 4 else hu[None]
+    ref = np.asarray(frames[0], dtype=np.float32)
+    dense, steady = np.zeros((2, *ref.shape), dtype=np.int32)
+    for frame in frames:
+        dense += frame >= SOFT_TISSUE_MAX_HU
+        steady += frame >= BONE_HU
+    half = (len(frames) + 1) // 2
+    bone = ((ref >= SOFT_TISSUE_MAX_HU) & (dense >= half)
+            & ndimage.binary_dilation((ref >= BONE_HU) & (steady >= half),
+                                      np.ones((3, 3, 3), dtype=bool)))
     return StaticBone(mask=to_sitk_image(bone.astype(np.float32), affine),
                       excess=ref - fill_bone(ref, bone), voxels=int(bone.sum()))
 
@@ -179,7 +181,14 @@ def resample_frame(moving_img: sitk.Image, tx: sitk.Transform, workers: int,
     """
     if bone is None or bone.voxels == 0:
         return _resample(moving_img, tx, workers)
-    here = _resample(bone.mask, tx.GetInverse(), workers) >= _BONE_WEIGHT
+    try:
+        inverse = tx.GetInverse()
+    except RuntimeError:  # a B-spline or displacement field without an inverse: read plainly
+        log.warning("resample_frame: the transform has no inverse to move the first frame's "
+                    "bone with; the frame is read plainly, and the skull's edge leaks into "
+                    "the brain next to it")
+        return _resample(moving_img, tx, workers)
+    here = _resample(bone.mask, inverse, workers) >= _BONE_WEIGHT
     frame = sitk.GetArrayFromImage(moving_img).astype(np.float32, copy=False)
     bone_free = sitk.GetImageFromArray(fill_bone(frame, here))
     bone_free.CopyInformation(moving_img)
@@ -202,6 +211,7 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
     transforms : sequence of SimpleITK transforms or None, one per frame
         Each maps a point of the first frame (patient mm, in the frame of the series' affine)
         to the same anatomy in that frame; None or the identity leaves the frame as it is.
+        A transform without an inverse (a B-spline) is applied with the frame read plainly.
     workers : int, optional
         Threads of the resampler; default the number of CPU cores.
 
@@ -218,9 +228,10 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
     corners = [tuple(series.affine[:3, :3] @ ijk + series.affine[:3, 3])
                for ijk in itertools.product(*[(0, n - 1) for n in series.shape[:0:-1]])]
     for t, tx in enumerate(transforms):
-        # a frame kept at the identity is left as it is, as correct_motion leaves it
-        if tx is not None and not all(np.allclose(tx.TransformPoint(c), c, atol=1e-6)
-                                      for c in corners):
+        # a frame kept at the identity is left as it is, as correct_motion leaves it (a linear
+        # transform that keeps the corners keeps every point)
+        if tx is not None and not (tx.IsLinear() and all(
+                np.allclose(tx.TransformPoint(c), c, atol=1e-6) for c in corners)):
             out[t] = resample_frame(to_sitk_image(series.hu[t], series.affine), tx, workers,
                                     bone=bone)
     meta = dict(series.meta)
