@@ -511,7 +511,8 @@ def _cross_validate(cohort: Path, studies_root: Path, out: Path, layout: str, co
         f"({', '.join(config.targets)} of {learns}; {what}) -> {out / 'cv'}"
         + (": done before" if finished else ""))
     redone = bool({"preprocessing", "references"} & set(computed))
-    if redone and _trained_on(out) == _inputs_digest(out):
+    digest = _inputs_digest(out) if redone else None  # read once: minutes on a large cohort
+    if redone and _trained_on(out) == digest:
         log.warning("the studies and references were written again, identical to those the "
                     "networks were trained on: training kept")
         redone = False
@@ -527,7 +528,7 @@ def _cross_validate(cohort: Path, studies_root: Path, out: Path, layout: str, co
         cache=out / "cache", resume=True, progress=options.progress,
         references_ready=references == out / "nlr", cache_workers=options.workers)
     if not (out / _TRAINED_ON).exists():
-        write_json({"sha256": _inputs_digest(out)}, out / _TRAINED_ON)
+        write_json({"sha256": digest or _inputs_digest(out)}, out / _TRAINED_ON)
     folds: list[tuple[list[str], list[str]]] = []
     for group in groups:
         name = "+".join(group)
