@@ -368,6 +368,23 @@ def test_noisy_studies_fitted_voxel_by_voxel_are_flagged():
     assert not flag(8.0, False) and not flag(0.5, True)
 
 
+def test_the_noise_flag_weighs_the_bolus():
+    """A probe's AIF of 170 HU at 2 HU per 1 s frame (the voxels' contrast-to-noise of 4.7 HU
+    under a 400 HU bolus): bSVD's hypoperfused volume +50 % and its core -95 % with no flag,
+    where the same contrast-to-noise at 400 HU raised it. The noise counts against the bolus
+    (partial-volume corrected), and a strong bolus does not excuse it."""
+    def value(peak: float, sd: float, **pv) -> float:
+        return qc_flags(times=TIMES, aif=_aif(TIMES) * peak / 400.0, baseline_sd=sd,
+                        voxelwise=True, **pv)["noisy_voxelwise"]["value"]
+
+    assert value(400.0, 2.0) == pytest.approx(2.0)  # a typical bolus: the noise as measured
+    assert value(170.0, 2.0) == pytest.approx(2.0 * 400.0 / 170.0)  # 4.7: flagged
+    assert value(800.0, 5.0) == pytest.approx(5.0)  # still flagged
+    # an artery read at 170 HU and corrected 2.5 times by the VOF holds a 425 HU bolus
+    assert value(170.0, 2.0, pv_factor=2.5, pv_corrected=True) == pytest.approx(2.0)
+    assert value(170.0, 2.0, pv_factor=2.5, pv_corrected=False) > 4.0
+
+
 @pytest.mark.parametrize("n_base", [3, 6, 12])
 def test_pre_bolus_noise_is_read_without_bias(n_base):
     """The noise the flag above reads: 4.6 HU of Gaussian noise reads 4.6 HU whatever the

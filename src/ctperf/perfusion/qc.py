@@ -129,6 +129,11 @@ def skull_shift_px(hu: np.ndarray, *, n_base: int, noise_sd: float,
 #: measured; at another pace it is scaled by the square root of the ratio (the same noise per
 #: second of the passage).
 NOISE_STEP_S = 0.5
+#: Arterial peak enhancement (HU) at which ``noisy_voxelwise`` takes the noise as measured;
+#: under a weaker bolus it is scaled by this over the AIF's peak (the same contrast-to-noise).
+#: A stronger bolus does not lower it: the flag's limit was set on phantoms whose AIFs peak at
+#: 410-540 HU.
+NOISE_AIF_PEAK_HU = 400.0
 
 #: Share of its rise that an AIF must fall under after its highest frame for its first pass to
 #: count as measured (:func:`check_first_pass_sampled`): half, as the automatic search asks of
@@ -427,8 +432,10 @@ def qc_flags(
         "brain" is a flat background (``no_head_outline``).
     voxelwise : bool, optional
         Whether each voxel's curve was fitted alone (the box and SVD methods; ``bayes`` pools
-        neighbours): its pre-bolus noise, as it would be at :data:`NOISE_STEP_S` frames, is
-        then judged against ``max_voxelwise_sd_hu`` (``noisy_voxelwise``'s value), and the
+        neighbours): its pre-bolus noise, as it would be at :data:`NOISE_STEP_S` frames under
+        an AIF (times ``pv_factor`` where ``pv_corrected``) of at least
+        :data:`NOISE_AIF_PEAK_HU`, is then judged against ``max_voxelwise_sd_hu``
+        (``noisy_voxelwise``'s value), and the
         AIF's width against :data:`AIF_WIDE_S` (``aif_wide``).
     csf_cut_share : float, optional
         Share of the brain (less the smoothed CSF) that its voxels' temporal mean left out as
@@ -590,9 +597,10 @@ def qc_flags(
     put("mtt_floor", share is not None and share > max_mtt_floor_share, share,
         f"box fits ended on the shortest MTT allowed ({floor_s:g} s) in more than "
         f"{max_mtt_floor_share:.0%} of the tissue curves: a shorter box placed later fits "
-        "them as well, so there MTT is set by the bound, not the data, and CBF (CBV / MTT) "
-        "reads several times too high (CBV is not affected). It comes with low "
-        "contrast-to-noise (an unfiltered study: filter it as the paper did, or use bayes), "
+        "them as well, so there MTT is set by the bound, not the data, and their CBF (CBV / "
+        "MTT) reads several times too high (CBV is not affected; the value is their share). "
+        "It comes with low contrast-to-noise (an unfiltered study: filter it as the paper "
+        "did, or use bayes), "
         "with box-like residues under a wide bolus (docs/methods.md, \"The MTT floor\"), and "
         "with an arterial curve whose peak was cut flat (the VOF restores its area, not its "
         "shape: check the AIF's curve in summary.json)")
@@ -648,16 +656,25 @@ def qc_flags(
     # Noise per frame weighs with the frames' pace: at 2 s frames a curve holds a quarter of the
     # frames of a 0.5 s study over the same passage, as if each were twice as noisy. The median
     # step after the arrival: one delayed frame at the end adds a sample, not noise
+    # Tissue enhances in proportion to the arterial concentration, so the same noise over a
+    # bolus half as high is the noise of twice as many HU over a typical one (a probe's AIF of
+    # 170 HU at 2 HU per 1 s frame: bSVD's hypoperfused volume +50 %, its core -95 %, where
+    # the same contrast-to-noise at 400 HU raised the flag)
     paced = None
     if baseline_sd is not None and t.size > arrival + 1:
         step = float(np.median(np.diff(t[arrival:])))
-        paced = baseline_sd * float(np.sqrt(max(step, 1e-9) / NOISE_STEP_S))
+        arterial = float(np.max(aif)) * (pv_factor if pv_corrected and pv_factor else 1.0)
+        weak = NOISE_AIF_PEAK_HU / arterial if arterial > 0 else 1.0
+        paced = (baseline_sd * float(np.sqrt(max(step, 1e-9) / NOISE_STEP_S))
+                 * max(1.0, weak))
     put("noisy_voxelwise", bool(voxelwise) and paced is not None
         and paced > max_voxelwise_sd_hu, paced if voxelwise else None,
         f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU per {NOISE_STEP_S:g} s frame (the "
         "noise per frame times the square root of the median frame interval after the bolus's "
-        f"arrival over {NOISE_STEP_S:g} s: 2 HU at 2 s frames counts as 4) with a method "
-        "that fits each voxel alone: at this "
+        f"arrival over {NOISE_STEP_S:g} s: 2 HU at 2 s frames counts as 4; and, under an AIF "
+        f"peaking below {NOISE_AIF_PEAK_HU:g} HU (partial-volume corrected), times "
+        f"{NOISE_AIF_PEAK_HU:g} HU over its peak: 2 HU under a 200 HU bolus counts as 4) with a "
+        "method that fits each voxel alone: at this "
         "noise the SVD methods' Tmax and the box model's CBF scatter so widely that lesion "
         "volumes are unreliable either way (unfiltered 150 mAs phantoms, 8 HU: bSVD "
         "read 25 mL hypoperfused in a lesion-free head and no core where the truth held 2.5-16.8 "
