@@ -261,13 +261,63 @@ def test_another_commands_output_is_not_replaced(nifti_study, tmp_path, capsys):
     assert main(["convert", str(nifti_study), str(out), "--overwrite"]) == 0
 
 
-def test_an_output_marked_before_inventories_is_replaced(nifti_study, tmp_path):
+def test_an_output_without_an_inventory_is_replaced_only_when_asked(nifti_study, tmp_path,
+                                                                    capsys):
+    """A marker that lists nothing (an older version's output) cannot tell ctperf's files from
+    a user's: the folder is replaced with --overwrite only."""
     out = tmp_path / "old"
     out.mkdir()
     (out / MARKER).write_text("This folder was written by ctperf.\n")
     (out / "cbf.nii.gz").write_bytes(b"an earlier ctperf's output")
-    assert main(["preprocess", str(nifti_study), str(out), "--no-register", "--no-filter"]) == 0
+    args = ["preprocess", str(nifti_study), str(out), "--no-register", "--no-filter"]
+    assert main(args) == 2
+    assert "no list of what ctperf wrote" in capsys.readouterr().err
+    assert (out / "cbf.nii.gz").is_file()
+    assert main([*args, "--overwrite"]) == 0
     assert (out / "study.nii.gz").is_file() and not (out / "cbf.nii.gz").exists()
+
+
+def test_a_folder_written_file_by_file_is_never_replaced_whole(nifti_study, tmp_path, capsys):
+    """A probe's training run, cohort or cohort of maps (marked by mark_output, no inventory)
+    given as the output of a single-output command had been replaced whole, exit 0: model,
+    checkpoints, a subject's study and truth, and a user's notes gone."""
+    from ctperf.io.atomic import check_output, mark_output, set_writer
+
+    run = tmp_path / "run"
+    set_writer("ctperf train")
+    try:
+        mark_output(run)
+    finally:
+        set_writer(None)
+    assert "# command: ctperf train" in (run / MARKER).read_text()
+    for name in ("model.pt", "log.csv", "notes.txt"):
+        (run / name).write_text(name)
+    for command in (["maps", str(nifti_study), str(run)],
+                    ["preprocess", str(nifti_study), str(run), "--no-register", "--no-filter"],
+                    ["convert", str(nifti_study), str(run)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "holds the output of `ctperf train`" in err and err.count("\n") == 1
+        assert sorted(p.name for p in run.iterdir()) == [MARKER, "log.csv", "model.pt",
+                                                         "notes.txt"]
+    # and a folder written file by file is not written into a single output, nor another
+    # command's: the files would mix
+    single = tmp_path / "maps"
+    assert main(["preprocess", str(nifti_study), str(single), "--no-register",
+                 "--no-filter"]) == 0
+    with pytest.raises(InputError, match="holds the output of `ctperf preprocess`"):
+        check_output(single, kind="extend")
+    set_writer("ctperf phantom")
+    try:
+        with pytest.raises(InputError, match="holds the output of `ctperf train`"):
+            check_output(run, kind="extend")
+    finally:
+        set_writer(None)
+    set_writer("ctperf train")
+    try:
+        assert check_output(run, kind="extend") == run  # its own, to resume
+    finally:
+        set_writer(None)
 
 
 def test_empty_existing_folder_is_used(nifti_study, tmp_path):

@@ -53,6 +53,10 @@ _MARKER_TEXT = ("This folder was written by ctperf. ctperf replaces it whole whe
 _INVENTORY = "# written by ctperf:\n"
 # The line naming the command that wrote the folder, before the inventory.
 _COMMAND = "# command: "
+# The marker of a folder that mark_output made (a cohort, a training run): written into file by
+# file over one or more runs, with no inventory, and never replaced whole.
+_PARTS_TEXT = ("This folder was written by ctperf, file by file over one or more runs; ctperf "
+               "adds to it and does not replace it whole.\n")
 # The command this process runs (set by the CLI), None from Python.
 _writer: str | None = None
 
@@ -293,6 +297,14 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
                                  "its contents")
     marker = _marker_text(target)
     other = _written_by(marker)
+    if _INVENTORY not in marker and _contents(target):
+        # made by mark_output (a cohort, a training run: what it holds is not listed), or by a
+        # version that kept no inventory: nothing tells its outputs from a user's files
+        what = f"the output of `{other}`" if other else "a ctperf output"
+        raise InputError(target, f"holds {what} with no list of what ctperf wrote there (a "
+                                 "cohort or a training run, written file by file, or an older "
+                                 "version's output), which would be replaced whole; choose "
+                                 "another folder, or --overwrite")
     if other is not None and _writer is not None and other != _writer:
         raise InputError(target, f"holds the output of `{other}`, which `{_writer}` would replace "
                                  "whole; choose another folder, or --overwrite")
@@ -386,12 +398,15 @@ def atomic_dir(path: _PathLike, *, overwrite: bool = False) -> Iterator[Path]:
 
 
 def mark_output(folder: _PathLike) -> Path:
-    """Create ``folder`` (and parents) if needed and mark it as a ctperf output folder."""
+    """Create ``folder`` (and parents) if needed and mark it as a ctperf output folder that is
+    written into file by file (a cohort, a training run), naming the command: such a folder
+    is never replaced whole by :func:`atomic_dir` without ``overwrite``."""
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     marker = out / MARKER
     if not marker.exists():
-        marker.write_text(_MARKER_TEXT)
+        command = "" if _writer is None else f"{_COMMAND}{_writer}\n"
+        marker.write_text(_PARTS_TEXT + command)
     return out
 
 
@@ -454,7 +469,8 @@ def check_output(out: _PathLike, *, inputs: Iterable[_PathLike | None] = (),
         ``"folder"``: a folder replaced whole (see :func:`atomic_dir`); ``"file"``: one file,
         an existing one replaced only when ``overwrite``; ``"extend"``: a folder written into
         and never emptied (a phantom cohort, a training run), which must be new, empty, marked
-        by :func:`mark_output` or hold one of the ``owned_by`` names.
+        by :func:`mark_output` (by the same command, when the marker names one) or hold one
+        of the ``owned_by`` names, and never a single output of :func:`atomic_dir`.
     owned_by : iterable of str
         For ``"extend"``: names whose presence marks a folder ctperf made before markers
         existed (e.g. ``cohort.json``).
@@ -516,5 +532,14 @@ def check_output(out: _PathLike, *, inputs: Iterable[_PathLike | None] = (),
                                 or any((path / name).exists() for name in owned_by)):
         raise InputError(path, "exists and holds files ctperf did not write; choose a new or "
                                "empty folder")
+    elif path.exists() and _contents(path):  # kind "extend", into a folder ctperf marked
+        marker = _marker_text(path)
+        other = _written_by(marker)
+        if _INVENTORY in marker or (other is not None and _writer is not None
+                                    and other != _writer):
+            # a single output, which its command replaces whole; or another command's folder
+            raise InputError(path, f"holds the output of `{other or 'another command'}`, "
+                                   "which this command would mix its own files into; choose a "
+                                   "new or empty folder")
     _check_parent(path, resolved)
     return path
