@@ -51,6 +51,32 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path):
     assert "Traceback" not in err and "BrokenPipe" not in err
 
 
+def test_memory_running_out_is_one_line(tmp_path, capsys, monkeypatch):
+    """Sizes too large for the machine end in one line, exit 2 (NumPy's MemoryError, PyTorch's
+    CPU allocator's RuntimeError), not a traceback; other RuntimeErrors still raise."""
+    from ctperf.commands import info
+
+    study = tmp_path / "study.nii.gz"
+    study.write_bytes(b"never read")
+    for error in (MemoryError("Unable to allocate 4.37 TiB for an array"),
+                  RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to "
+                               "allocate 3520000000000 bytes")):
+        def fail(args, error=error):
+            raise error
+
+        monkeypatch.setattr(info, "run", fail)
+        assert main(["info", str(study)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("ctperf info: error: out of memory (") and err.count("\n") == 1
+
+    def bug(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(info, "run", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["info", str(study)])
+
+
 def test_the_neural_demo_refuses_the_model_based_demos_options(tmp_path, capsys):
     """--size, --method, --motion (and --overwrite) had been ignored by --neural in silence;
     refused in one line, nothing written."""

@@ -28,6 +28,7 @@ BAD_ARGUMENTS = [
     ("maps", ["--core-rcbf", "1.5"], "--core-rcbf"),
     ("maps", ["--core-cbv", "nan"], "--core-cbv"),
     ("maps", ["--lesion-smooth", "-2"], "--lesion-smooth"),
+    ("maps", ["--lesion-smooth", "1e6"], "--lesion-smooth"),  # had asked for terabytes
     ("maps", ["--spatial-sigma", "0"], "--spatial-sigma"),
     ("maps", ["--range-sigma", "-20"], "--range-sigma"),
     ("maps", ["--frame-interval", "nan"], "--frame-interval"),
@@ -48,6 +49,8 @@ BAD_ARGUMENTS = [
     ("train", ["--lr", "-1e-5"], "--lr"),
     ("train", ["--frames", "0"], "--frames"),
     ("train", ["--size", "2.5"], "--size"),
+    ("train", ["--size", "100000"], "--size"),  # had asked for terabytes
+    ("train", ["--pretrain-size", "5000"], "--pretrain-size"),
     ("train", ["--val-fraction", "1.5"], "--val-fraction"),
     ("train", ["--seed", "-1"], "--seed"),
     ("cv", ["--folds", "1"], "--folds"),
@@ -70,6 +73,7 @@ def test_bad_numbers_end_in_one_argparse_error(tmp_path, capsys, command, extra,
 
 
 @pytest.mark.parametrize("extra", [["--frames", "0"], ["--subjects", "0"], ["--size", "8"],
+                                   ["--size", "100000"],
                                    ["--frame-interval", "inf"], ["--mas", "0"], ["--seed", "-1"],
                                    ["--lesion-free", "nan"]])
 def test_phantom_options_are_checked_before_writing(tmp_path, capsys, extra):

@@ -47,6 +47,21 @@ def test_explicit_options_override_the_preset():
     assert (config.depth, config.schedule, config.size) == (4, "cosine", 64)
 
 
+def test_frames_and_depth_are_checked_with_the_preset(capsys):
+    """A probe's --frames 1 had ended in NumPy's traceback and --frames 2 or 3 in an error about
+    baseline_frames, which it never set; --depth 50 asked for gigabytes (killed for memory)."""
+    from ctperf.cli import main
+
+    for extra, said in ((["--frames", "3"], "frames must be 7 or more (the 4 frames before"),
+                        (["--depth", "50"], "depth must be 1 to 8")):
+        assert main(["train", "cohort", "out", "--preset", "cpu", *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and err.count("\n") == 1
+    assert replace(PRESETS["paper"], frames=3).frames == 3  # no baseline frames: three do
+    with pytest.raises(ValidationError, match="frames must be 3 or more"):
+        replace(PRESETS["paper"], frames=2)
+
+
 def test_frame_interval_is_not_the_resampling_grid(capsys):
     # --frame-interval means "seconds between frames of a file without timing" everywhere;
     # the resampling grid of the slice cache has its own name

@@ -128,6 +128,24 @@ def _exit_cleanly_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` says memory ran out: Python's and NumPy's MemoryError, PyTorch's
+    allocators (a RuntimeError on the CPU, ``torch.OutOfMemoryError`` on a GPU)."""
+    if isinstance(error, MemoryError):
+        return True
+    torch = sys.modules.get("torch")
+    oom = getattr(torch, "OutOfMemoryError", None) if torch is not None else None
+    if oom is not None and isinstance(error, oom):
+        return True
+    return "can't allocate memory" in str(error)
+
+
+def _first_line(error: BaseException) -> str:
+    """The first line of an error's message, at most 120 characters."""
+    text = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
 def _underlying(exc: OSError) -> OSError:
     """The file system's own error behind ``exc``: a library may re-raise it as a bare OSError
     without its number (pydicom: "With tag (7FE0,0010) got exception: [Errno 28] ...")."""
@@ -166,6 +184,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         where = (f"{cause.filename}" if cause.filename is not None
                  else f"{_output_of(args)}: could not be written")
         print(f"ctperf {args.command}: error: {where}: {cause.strerror}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as error:
+        if not _out_of_memory(error):
+            raise
+        # sizes too large for the machine (a matrix, a network, a filter's reach): one line
+        print(f"ctperf {args.command}: error: out of memory ({_first_line(error)}): the "
+              "study, matrix or network asked for is too large for this machine; check the "
+              "sizes given", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"ctperf {args.command}: interrupted", file=sys.stderr)

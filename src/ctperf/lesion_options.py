@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 from ctperf.errors import ValidationError
 
-__all__ = ["THRESHOLDS_ONLY", "TMAX_RANGE_S", "LesionOptions"]
+__all__ = ["MAX_SMOOTH_MM", "THRESHOLDS_ONLY", "TMAX_RANGE_S", "LesionOptions"]
 
 
 #: The Tmax thresholds a lesion may be defined by, s (``--tmax`` and :class:`LesionOptions`).
 TMAX_RANGE_S = (1.0, 30.0)
+#: The largest radius of the lesions' median (mm): ten times the default, a quarter of a
+#: hemisphere's width (a radius of 10^6 mm had asked for terabytes).
+MAX_SMOOTH_MM = 20.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +74,9 @@ class LesionOptions:
         if not self.core_rcbf < 1:
             raise ValidationError(f"lesion option core_rcbf is a fraction of normal CBF, under "
                                   f"1 (0.3 for 30 %), got {self.core_rcbf}")
+        if self.smooth_mm > MAX_SMOOTH_MM:
+            raise ValidationError(f"lesion option smooth_mm is the median's radius in plane, "
+                                  f"{MAX_SMOOTH_MM:g} mm at most, got {self.smooth_mm}")
         lo, hi = TMAX_RANGE_S
         for name, value in (("tmax_hypo", self.tmax_hypo), ("tmax_severe", self.tmax_severe)):
             if not lo <= value <= hi:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "MAX_MATRIX",
     "METHOD_CHOICES",
     "add_anonymise_option",
     "add_batch_size_option",
@@ -55,16 +56,23 @@ def _number(text: str, kind: type) -> Any:
     return value
 
 
-def count(least: int = 1) -> Callable[[str], int]:
-    """Argparse type: a whole number >= ``least`` (frames, epochs, batch size, workers...)."""
+def count(least: int = 1, most: int | None = None) -> Callable[[str], int]:
+    """Argparse type: a whole number >= ``least`` (frames, epochs, batch size, workers...), and
+    <= ``most`` where one is given (a matrix's pixels)."""
     def parse(text: str) -> int:
         value = _number(text, int)
-        if value < least:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {least}, got {text!r}")
+        if value < least or (most is not None and value > most):
+            bound = f">= {least}" if most is None else f"between {least} and {most}"
+            raise argparse.ArgumentTypeError(f"expected a whole number {bound}, got {text!r}")
         return int(value)
 
     parse.__name__ = f"count>={least}"
     return parse
+
+
+#: The largest matrix (pixels across) a phantom, a demo or a network's slices may have: CT
+#: reconstructs at most 1024.
+MAX_MATRIX = 1024
 
 
 #: Argparse type: a whole number >= 1.

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.commands import (
+    MAX_MATRIX,
     METHOD_CHOICES,
     add_overwrite_option,
     add_preprocess_options,
@@ -44,7 +45,7 @@ def register(subparsers: Any) -> None:
                         "reproduce` on it with the cpu preset (filtered, not registered: "
                         "nothing moves); --seed and --filter/--no-filter apply, the other "
                         "options do not (docs/reproduce.md)")
-    p.add_argument("--size", type=count(32), default=_STUDY_DEFAULTS["size"],
+    p.add_argument("--size", type=count(32, MAX_MATRIX), default=_STUDY_DEFAULTS["size"],
                    help="in-plane pixels over a 230 mm field of view, >= 32 [%(default)s; "
                         "scanners give 512]")
     p.add_argument("--slices", type=count(1), default=_STUDY_DEFAULTS["slices"],

@@ -25,7 +25,7 @@ from ctperf.commands import (
     run_study_command,
     study_io_options,
 )
-from ctperf.lesion_options import TMAX_RANGE_S, LesionOptions
+from ctperf.lesion_options import MAX_SMOOTH_MM, TMAX_RANGE_S, LesionOptions
 
 __all__ = ["ORDER", "maps_options", "register", "run"]
 
@@ -75,7 +75,7 @@ def register(subparsers: Any) -> None:
                    default=LesionOptions.tmax_hypo,
                    help="hypoperfusion Tmax threshold s (the tmax10 mask keeps its 10 s) "
                         "[%(default)s]")
-    p.add_argument("--lesion-smooth", type=non_negative_float,
+    p.add_argument("--lesion-smooth", type=float_in(0.0, MAX_SMOOTH_MM, "--lesion-smooth (mm)"),
                    default=LesionOptions.smooth_mm,
                    metavar="MM", help="radius of an in-plane median filter on the maps before "
                    "the lesion thresholds [%(default)s]")

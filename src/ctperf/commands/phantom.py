@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.commands import (
+    MAX_MATRIX,
     add_scheduler_option,
     add_workers_option,
     count,
@@ -46,7 +47,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("outdir", type=Path, help="cohort folder")
     p.add_argument("--subjects", type=positive_int, default=1,
                    help="number of subjects [%(default)s]")
-    p.add_argument("--size", type=count(32), default=512,
+    p.add_argument("--size", type=count(32, MAX_MATRIX), default=512,
                    help="in-plane pixels, >= 32 [%(default)s]")
     p.add_argument("--slices", type=positive_int, default=8, help="5 mm slices [%(default)s]")
     p.add_argument("--frames", type=count(2), default=89, help="time frames, >= 2 [%(default)s]")
@@ -58,7 +59,7 @@ def register(subparsers: Any) -> None:
                         "[%(default)s]")
     p.add_argument("--mas", type=positive_float, default=150.0,
                    help="tube current-time product; noise sigma = 103/sqrt(mAs) HU [%(default)s]")
-    p.add_argument("--noise-matrix", type=count(32), default=None, metavar="PIXELS",
+    p.add_argument("--noise-matrix", type=count(32, MAX_MATRIX), default=None, metavar="PIXELS",
                    help="pixels across the field of view of the image whose noise --mas sets "
                         "(512 for a clinical scanner); a smaller --size then carries that "
                         "image's noise averaged into its pixels [the phantom's own --size]")

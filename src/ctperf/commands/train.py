@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.commands import (
+    MAX_MATRIX,
     add_batch_size_option,
     add_device_option,
     add_workers_option,
@@ -60,10 +61,10 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "[%(default)s]")
     p.add_argument("--resample-interval", type=positive_float, default=None, metavar="SECONDS",
                    help="grid step of --frame-mode resample, in s")
-    p.add_argument("--size", type=positive_int, default=None,
+    p.add_argument("--size", type=count(1, MAX_MATRIX), default=None,
                    help="training slice size (default: the preset's; the studies' own with "
                         "'paper')")
-    p.add_argument("--pretrain-size", type=count(0), default=None,
+    p.add_argument("--pretrain-size", type=count(0, MAX_MATRIX), default=None,
                    help="pretraining slice size (default: the preset's)")
     p.add_argument("--pretrain-epochs", type=count(0), default=None,
                    help="pretraining epochs (default: the preset's); skipped when "

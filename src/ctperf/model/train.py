@@ -65,6 +65,9 @@ SHIFT_TARGETS = frozenset({"tmax", "delay"})
 _SCHEDULES = ("plateau", "cosine")
 _LOSSES = ("mse", "l1")
 _AMPS = ("auto", "none", "bf16", "fp16")
+#: The most resolution levels a network may have: 8 halve a 512 px slice to 4 px (depth 50 had
+#: asked for channels of 4 x 2^49 filters).
+MAX_DEPTH = 8
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -189,6 +192,14 @@ class TrainConfig:
                                   f"{self.batch_size}")
         if not self.lr > 0:
             raise ValidationError(f"lr must be > 0, got {self.lr}")
+        least = max(3, self.baseline_frames + 3)
+        if self.frames is not None and self.frames < least:
+            raise ValidationError(f"frames must be {least} or more (the {self.baseline_frames} "
+                                  f"frames before the bolus that the inputs are taken from, "
+                                  f"and three of the bolus), got {self.frames}")
+        if not 1 <= self.depth <= MAX_DEPTH:
+            raise ValidationError(f"depth must be 1 to {MAX_DEPTH} resolution levels (the "
+                                  f"paper's network has 5), got {self.depth}")
 
 
 #: Named configurations. ``paper``: the published network and schedule on the studies' own grid
