@@ -169,7 +169,7 @@ def test_moved_frames_take_their_bone_from_the_first_frame():
     3.5 mm over the brain) and through plane (2 degrees and 1.5 mm: 2.0 mm), each frame imaged
     after the motion; the true transforms bring it back. Read plainly, the brain within 4 mm of
     the skull is off by 27 and 55 HU on average (up to 274 and 317 HU); with the first frame's
-    bone, by 5.8 and 8.7 HU (up to 97 and 151 HU: the edge below 120 HU is read plainly).
+    bone, by 6.4 and 8.9 HU (up to 97 and 151 HU: the edge below 120 HU leaks what it holds).
     """
     from scipy import ndimage
 
@@ -193,16 +193,52 @@ def test_moved_frames_take_their_bone_from_the_first_frame():
         leak_plain = np.abs(plain - ref)[edge].mean()
         leak = np.abs(corrected.hu[t] - ref)[edge].mean()
         assert leak_plain > 20.0  # the leak is there to be taken away (27 and 55 HU)
-        # measured 0.21 and 0.16 of the plain read: the skull's blurred edge below 120 HU, in
+        # measured 0.23 and 0.16 of the plain read: the skull's blurred edge below 120 HU, in
         # the tissue, is read plainly and leaks what it holds
         assert leak < 0.3 * leak_plain, (t, leak, leak_plain)
-        # away from the skull the frame is read exactly as before
-        assert np.array_equal(corrected.hu[t][deep], plain[deep])
+        # away from the skull the cubic read is at least as close to the still head as the
+        # linear one (measured 0.001 against 0.045 HU in plane, 0.20 against 0.24 through
+        # plane)
+        err, err_plain = (np.abs(r[deep] - ref[deep]).mean() for r in (corrected.hu[t], plain))
+        assert err <= err_plain, (t, err, err_plain)
     # a frame read at the identity is the frame, bone and all
     bone = static_bone(ref, still.affine)
     same = resample_frame(to_sitk_image(moving.hu[0], moving.affine), make_transform(
         np.zeros(6), center), 1, bone=bone)
     assert np.allclose(same, moving.hu[0], atol=1e-3)
+
+
+def test_a_moved_small_artery_keeps_its_peak():
+    """An artery 2-3 voxels wide (Gaussian profile, SD 1.2 mm on 2 mm pixels, 400 HU over 30),
+    imaged after half a voxel of motion in x and y and brought back by the true transform:
+    linear interpolation averages it with the tissue beside it (its peak 22 % low, measured),
+    the cubic B-spline keeps it (3 % high); the AIF is read from such arteries."""
+    from ctperf.preprocess.transforms import resample_frame, static_bone
+
+    n, dx = 64, 2.0
+    affine = np.diag([dx, dx, 5.0, 1.0])
+    affine[:3, 3] = [-(n - 1) * dx / 2, -(n - 1) * dx / 2, -7.5]
+    jj, ii = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    x, y = ii * dx + affine[0, 3], jj * dx + affine[1, 3]
+
+    def head(shift: tuple[float, float], enhancement: float = 400.0) -> np.ndarray:
+        u, v = x - shift[0], y - shift[1]
+        r = np.hypot(u / 56.0, v / 56.0)
+        skull = 1000.0 * ((r > 0.9) & (r < 1.0)) - 1030.0 * (r >= 1.0)
+        artery = enhancement * np.exp(-(u ** 2 + (v - 10.0) ** 2) / (2 * 1.2 ** 2))
+        return np.broadcast_to(30.0 + skull + artery, (4, n, n)).astype(np.float32)
+
+    still, moved = head((0.0, 0.0)), head((1.0, 1.0))
+    bone = static_bone(np.stack([head((0.0, 0.0), 0.0), still]), affine)  # before the bolus
+    tx = make_transform([0, 0, 0, 1.0, 1.0, 0], np.zeros(3))
+    img = to_sitk_image(moved, affine)
+    brain = np.hypot(x / 56.0, y / 56.0) < 0.85
+    peak = np.unravel_index(np.argmax(np.where(brain, still[1], 0.0)), brain.shape)
+    linear = resample_frame(img, tx, 1)[1][peak] - 30.0
+    cubic = resample_frame(img, tx, 1, bone=bone)[1][peak] - 30.0
+    true = still[1][peak] - 30.0
+    assert linear < 0.85 * true  # the loss is there to be kept (22 %)
+    assert abs(cubic / true - 1.0) < 0.05, (cubic, linear, true)
 
 
 def test_noise_and_contrast_are_never_bone(rng):

@@ -39,6 +39,11 @@ _FILL_MIN_HU = -100.0
 #: the inverse transform, covers this share of it: a quarter, so that a voxel only partly bone
 #: is filled too.
 _BONE_WEIGHT = 0.25
+#: A resampled voxel within this reach (slices, rows, columns) of the first frame's bone or air
+#: is read by linear interpolation; elsewhere by cubic B-spline, which keeps a small artery's
+#: peak (linear interpolation halfway between voxels averages it with the tissue beside it)
+#: but would ring next to the skull's remaining edge and the air.
+_EDGE_REACH = (1, 2, 2)
 
 
 def to_sitk_image(volume: np.ndarray, affine: np.ndarray) -> sitk.Image:
@@ -107,6 +112,7 @@ class StaticBone:
     mask: sitk.Image  # the first frame's bone, 0/1 float32, on the study's grid
     excess: np.ndarray  # (Z, Y, X) float32: the first frame less its fill (0 off the bone)
     voxels: int  # voxels of bone
+    near_edges: np.ndarray  # (Z, Y, X) bool: within _EDGE_REACH of bone or air, read linearly
 
 
 def fill_bone(volume: np.ndarray, bone: np.ndarray) -> np.ndarray:
@@ -155,44 +161,58 @@ def static_bone(hu: np.ndarray, affine: np.ndarray) -> StaticBone:
     bone = ((ref >= SOFT_TISSUE_MAX_HU) & (dense >= half)
             & ndimage.binary_dilation((ref >= BONE_HU) & (steady >= half),
                                       np.ones((3, 3, 3), dtype=bool)))
+    # the edges as the first frame has them: bone by that frame alone (a head that moved for
+    # good after it keeps its skull's edge there in few frames), and air
+    edges = (ref >= SOFT_TISSUE_MAX_HU) | (ref < _FILL_MIN_HU)
+    near = ndimage.binary_dilation(edges, np.ones([2 * r + 1 for r in _EDGE_REACH], dtype=bool))
     return StaticBone(mask=to_sitk_image(bone.astype(np.float32), affine),
-                      excess=ref - fill_bone(ref, bone), voxels=int(bone.sum()))
+                      excess=ref - fill_bone(ref, bone), voxels=int(bone.sum()),
+                      near_edges=near)
 
 
-def _resample(moving_img: sitk.Image, tx: sitk.Transform, workers: int) -> np.ndarray:
+def _resample(moving_img: sitk.Image, tx: sitk.Transform, workers: int,
+              interpolator: int = sitk.sitkLinear) -> np.ndarray:
     resampler = sitk.ResampleImageFilter()
     resampler.SetNumberOfThreads(workers)
     resampler.SetReferenceImage(moving_img)
     resampler.SetTransform(tx)
-    resampler.SetInterpolator(sitk.sitkLinear)
+    resampler.SetInterpolator(interpolator)
     resampler.SetUseNearestNeighborExtrapolator(True)
     return sitk.GetArrayFromImage(resampler.Execute(moving_img)).astype(np.float32, copy=False)
 
 
 def resample_frame(moving_img: sitk.Image, tx: sitk.Transform, workers: int,
                    bone: StaticBone | None = None) -> np.ndarray:
-    """The moving frame on its own grid, read at T(x): linear, nearest beyond the slab;
-    ``workers`` ITK threads.
+    """The moving frame on its own grid, read at T(x), nearest beyond the slab; ``workers``
+    ITK threads.
 
+    Without ``bone``, by linear interpolation (how the registration compares candidates).
     With ``bone`` (the first frame's, :func:`static_bone`), the frame's bone (the first frame's
     moved to this frame by the inverse transform) is filled in from the tissue around it
     (:func:`fill_bone`) before it is read, and the first frame's bone added back after: the
-    bone is the first frame's, and what leaks from it is tissue (:class:`StaticBone`).
+    bone is the first frame's, and what leaks from it is tissue (:class:`StaticBone`). The
+    frame is then read by cubic B-spline, which keeps the peak of an artery a few voxels
+    wide, except near the first frame's bone and air (:data:`_EDGE_REACH`), read linearly.
     """
-    if bone is None or bone.voxels == 0:
+    if bone is None:
         return _resample(moving_img, tx, workers)
-    try:
-        inverse = tx.GetInverse()
-    except RuntimeError:  # a B-spline or displacement field without an inverse: read plainly
-        log.warning("resample_frame: the transform has no inverse to move the first frame's "
-                    "bone with; the frame is read plainly, and the skull's edge leaks into "
-                    "the brain next to it")
-        return _resample(moving_img, tx, workers)
-    here = _resample(bone.mask, inverse, workers) >= _BONE_WEIGHT
-    frame = sitk.GetArrayFromImage(moving_img).astype(np.float32, copy=False)
-    bone_free = sitk.GetImageFromArray(fill_bone(frame, here))
-    bone_free.CopyInformation(moving_img)
-    return _resample(bone_free, tx, workers) + bone.excess
+    source = moving_img
+    if bone.voxels:
+        try:
+            inverse = tx.GetInverse()
+        except RuntimeError:  # a B-spline or displacement field without an inverse
+            log.warning("resample_frame: the transform has no inverse to move the first "
+                        "frame's bone with; the frame is read plainly, and the skull's edge "
+                        "leaks into the brain next to it")
+            return _resample(moving_img, tx, workers)
+        here = _resample(bone.mask, inverse, workers) >= _BONE_WEIGHT
+        frame = sitk.GetArrayFromImage(moving_img).astype(np.float32, copy=False)
+        source = sitk.GetImageFromArray(fill_bone(frame, here))
+        source.CopyInformation(moving_img)
+    out = _resample(source, tx, workers, sitk.sitkBSpline)
+    if bone.near_edges.any():
+        out = np.where(bone.near_edges, _resample(source, tx, workers), out)
+    return out + bone.excess
 
 
 def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | None], *,
@@ -200,7 +220,8 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
     """Bring every frame back onto the first frame's grid with known transforms.
 
     The resampling :func:`correct_motion` ends with, for transforms found elsewhere: saved
-    ones (``MotionResult.transforms``), or a phantom's true motion. Linear interpolation;
+    ones (``MotionResult.transforms``), or a phantom's true motion. Read as
+    :func:`resample_frame` reads it (cubic B-spline, linear near bone and air);
     points that left the slab take the nearest slice; the bone of every resampled frame is the
     first frame's (:class:`StaticBone`).
 
