@@ -320,6 +320,30 @@ def test_a_folder_written_file_by_file_is_never_replaced_whole(nifti_study, tmp_
         set_writer(None)
 
 
+def test_an_output_written_from_python_and_a_commands_are_not_confused(nifti_study, tmp_path,
+                                                                         capsys):
+    """A second review: a subject written from Python (its marker names no command) was
+    replaced whole by `ctperf maps --cohort`, and a command's output from Python, exit 0."""
+    from ctperf.io.atomic import atomic_dir
+
+    python_made = tmp_path / "from_python"
+    with atomic_dir(python_made) as tmp:
+        (tmp / "study.nii.gz").write_text("a subject")
+    assert main(["preprocess", str(nifti_study), str(python_made), "--no-register",
+                 "--no-filter"]) == 2
+    assert "names no command" in capsys.readouterr().err
+    assert (python_made / "study.nii.gz").read_text() == "a subject"
+    with atomic_dir(python_made) as tmp:  # Python rewrites its own
+        (tmp / "study.nii.gz").write_text("again")
+    command_made = tmp_path / "from_command"
+    assert main(["preprocess", str(nifti_study), str(command_made), "--no-register",
+                 "--no-filter"]) == 0
+    with pytest.raises(InputError, match="holds the output of `ctperf preprocess`, which this "
+                                         "call would replace"), atomic_dir(command_made):
+        pass
+    assert (command_made / "study.nii.gz").is_file()
+
+
 def test_empty_existing_folder_is_used(nifti_study, tmp_path):
     out = tmp_path / "made_by_hand"
     out.mkdir()

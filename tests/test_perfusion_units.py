@@ -372,17 +372,21 @@ def test_the_noise_flag_weighs_the_bolus():
     """A probe's AIF of 170 HU at 2 HU per 1 s frame (the voxels' contrast-to-noise of 4.7 HU
     under a 400 HU bolus): bSVD's hypoperfused volume +50 % and its core -95 % with no flag,
     where the same contrast-to-noise at 400 HU raised it. The noise counts against the bolus
-    (partial-volume corrected), and a strong bolus does not excuse it."""
-    def value(peak: float, sd: float, **pv) -> float:
+    (partial-volume corrected by a VOF: the bolus's height), and a strong bolus does not
+    excuse it. An AIF that no VOF corrected may be diluted by partial volume at any dose (a
+    second probe's artery read at 267 and 107 HU of 506, the maps unchanged): not weighed."""
+    def value(peak: float, sd: float, pv: float = 1.0, corrected: bool | None = True) -> float:
         return qc_flags(times=TIMES, aif=_aif(TIMES) * peak / 400.0, baseline_sd=sd,
-                        voxelwise=True, **pv)["noisy_voxelwise"]["value"]
+                        voxelwise=True, pv_factor=pv, pv_corrected=corrected
+                        )["noisy_voxelwise"]["value"]
 
     assert value(400.0, 2.0) == pytest.approx(2.0)  # a typical bolus: the noise as measured
     assert value(170.0, 2.0) == pytest.approx(2.0 * 400.0 / 170.0)  # 4.7: flagged
     assert value(800.0, 5.0) == pytest.approx(5.0)  # still flagged
     # an artery read at 170 HU and corrected 2.5 times by the VOF holds a 425 HU bolus
-    assert value(170.0, 2.0, pv_factor=2.5, pv_corrected=True) == pytest.approx(2.0)
-    assert value(170.0, 2.0, pv_factor=2.5, pv_corrected=False) > 4.0
+    assert value(170.0, 2.0, pv=2.5) == pytest.approx(2.0)
+    assert value(170.0, 2.0, corrected=False) == pytest.approx(2.0)  # no VOF: its height unknown
+    assert value(170.0, 2.0, corrected=None) == pytest.approx(2.0)
 
 
 @pytest.mark.parametrize("n_base", [3, 6, 12])

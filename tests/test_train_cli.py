@@ -58,8 +58,14 @@ def test_frames_and_depth_are_checked_with_the_preset(capsys):
         err = capsys.readouterr().err
         assert said in err and err.count("\n") == 1
     assert replace(PRESETS["paper"], frames=3).frames == 3  # no baseline frames: three do
-    with pytest.raises(ValidationError, match="frames must be 3 or more"):
+    with pytest.raises(ValidationError, match="frames must be 3 or more, got 2"):
         replace(PRESETS["paper"], frames=2)
+    # each level halves the slice (a probe's size 1 trained to a NaN validation loss, exit 0)
+    with pytest.raises(ValidationError, match=r"size must be 16 pixels or more .* depth 4"):
+        replace(PRESETS["cpu"], size=8)
+    with pytest.raises(ValidationError, match="pretrain_size must be 32 pixels or more"):
+        replace(PRESETS["paper"], pretrain_size=16)
+    assert replace(PRESETS["cpu"], size=16).size == 16
 
 
 def test_frame_interval_is_not_the_resampling_grid(capsys):

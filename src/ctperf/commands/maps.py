@@ -78,7 +78,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--lesion-smooth", type=float_in(0.0, MAX_SMOOTH_MM, "--lesion-smooth (mm)"),
                    default=LesionOptions.smooth_mm,
                    metavar="MM", help="radius of an in-plane median filter on the maps before "
-                   "the lesion thresholds [%(default)s]")
+                   "the lesion thresholds, 0-20 [%(default)s]")
     p.add_argument("--min-lesion", type=non_negative_float,
                    default=LesionOptions.min_component_ml, metavar="ML",
                    help="drop lesion pieces smaller than ML mL [%(default)s]")

@@ -305,9 +305,14 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
                                  "cohort or a training run, written file by file, or an older "
                                  "version's output), which would be replaced whole; choose "
                                  "another folder, or --overwrite")
-    if other is not None and _writer is not None and other != _writer:
-        raise InputError(target, f"holds the output of `{other}`, which `{_writer}` would replace "
-                                 "whole; choose another folder, or --overwrite")
+    if other != _writer and _contents(target):
+        # another command's output, or one that names none (written from Python, or by a
+        # version that did not name it) replaced by a command, or the reverse
+        theirs = (f"the output of `{other}`" if other else
+                  "an output that names no command (written from Python, or by an older version)")
+        ours = f"`{_writer}`" if _writer else "this call"
+        raise InputError(target, f"holds {theirs}, which {ours} would replace whole; choose "
+                                 "another folder, or --overwrite")
     added = _not_written(target, marker)
     if added:
         more = f" and {len(added) - 3} more" if len(added) > 3 else ""

@@ -194,12 +194,19 @@ class TrainConfig:
             raise ValidationError(f"lr must be > 0, got {self.lr}")
         least = max(3, self.baseline_frames + 3)
         if self.frames is not None and self.frames < least:
-            raise ValidationError(f"frames must be {least} or more (the {self.baseline_frames} "
-                                  f"frames before the bolus that the inputs are taken from, "
-                                  f"and three of the bolus), got {self.frames}")
+            before = (f" (the {self.baseline_frames} frames before the bolus that the inputs "
+                      "are taken from, and three of the bolus)" if self.baseline_frames else "")
+            raise ValidationError(f"frames must be {least} or more{before}, got {self.frames}")
         if not 1 <= self.depth <= MAX_DEPTH:
             raise ValidationError(f"depth must be 1 to {MAX_DEPTH} resolution levels (the "
                                   f"paper's network has 5), got {self.depth}")
+        # each level halves the slice: fewer than two pixels at the bottom trains on nothing
+        # (a probe's size 1 had trained to a loss of 0 and a validation loss of NaN, exit 0)
+        pretrain = self.pretrain_size if self.pretrain_epochs else None
+        for name, size in (("size", self.size), ("pretrain_size", pretrain or None)):
+            if size is not None and size < 2 ** self.depth:
+                raise ValidationError(f"{name} must be {2 ** self.depth} pixels or more for a "
+                                      f"network of depth {self.depth}, got {size}")
 
 
 #: Named configurations. ``paper``: the published network and schedule on the studies' own grid

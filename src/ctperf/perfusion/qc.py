@@ -130,9 +130,9 @@ def skull_shift_px(hu: np.ndarray, *, n_base: int, noise_sd: float,
 #: second of the passage).
 NOISE_STEP_S = 0.5
 #: Arterial peak enhancement (HU) at which ``noisy_voxelwise`` takes the noise as measured;
-#: under a weaker bolus it is scaled by this over the AIF's peak (the same contrast-to-noise).
-#: A stronger bolus does not lower it: the flag's limit was set on phantoms whose AIFs peak at
-#: 410-540 HU.
+#: under a weaker bolus (the AIF corrected for partial volume by a VOF, so its true height) it
+#: is scaled by this over the AIF's peak (the same contrast-to-noise). A stronger bolus does not
+#: lower it: the flag's limit was set on phantoms whose AIFs peak at 410-540 HU.
 NOISE_AIF_PEAK_HU = 400.0
 
 #: Share of its rise that an AIF must fall under after its highest frame for its first pass to
@@ -433,8 +433,8 @@ def qc_flags(
     voxelwise : bool, optional
         Whether each voxel's curve was fitted alone (the box and SVD methods; ``bayes`` pools
         neighbours): its pre-bolus noise, as it would be at :data:`NOISE_STEP_S` frames under
-        an AIF (times ``pv_factor`` where ``pv_corrected``) of at least
-        :data:`NOISE_AIF_PEAK_HU`, is then judged against ``max_voxelwise_sd_hu``
+        an AIF of at least :data:`NOISE_AIF_PEAK_HU` (where ``pv_corrected``: the AIF times
+        ``pv_factor``), is then judged against ``max_voxelwise_sd_hu``
         (``noisy_voxelwise``'s value), and the
         AIF's width against :data:`AIF_WIDE_S` (``aif_wide``).
     csf_cut_share : float, optional
@@ -659,12 +659,13 @@ def qc_flags(
     # Tissue enhances in proportion to the arterial concentration, so the same noise over a
     # bolus half as high is the noise of twice as many HU over a typical one (a probe's AIF of
     # 170 HU at 2 HU per 1 s frame: bSVD's hypoperfused volume +50 %, its core -95 %, where
-    # the same contrast-to-noise at 400 HU raised the flag)
+    # the same contrast-to-noise at 400 HU raised the flag). Only an AIF that a VOF corrected
+    # tells the bolus's height: one diluted by partial volume (no_vof) reads low at any dose
     paced = None
     if baseline_sd is not None and t.size > arrival + 1:
         step = float(np.median(np.diff(t[arrival:])))
-        arterial = float(np.max(aif)) * (pv_factor if pv_corrected and pv_factor else 1.0)
-        weak = NOISE_AIF_PEAK_HU / arterial if arterial > 0 else 1.0
+        arterial = float(np.max(aif)) * (pv_factor or 1.0)
+        weak = NOISE_AIF_PEAK_HU / arterial if pv_corrected and arterial > 0 else 1.0
         paced = (baseline_sd * float(np.sqrt(max(step, 1e-9) / NOISE_STEP_S))
                  * max(1.0, weak))
     put("noisy_voxelwise", bool(voxelwise) and paced is not None
@@ -672,7 +673,7 @@ def qc_flags(
         f"pre-bolus noise above {max_voxelwise_sd_hu:g} HU per {NOISE_STEP_S:g} s frame (the "
         "noise per frame times the square root of the median frame interval after the bolus's "
         f"arrival over {NOISE_STEP_S:g} s: 2 HU at 2 s frames counts as 4; and, under an AIF "
-        f"peaking below {NOISE_AIF_PEAK_HU:g} HU (partial-volume corrected), times "
+        f"that a VOF corrected for partial volume peaking below {NOISE_AIF_PEAK_HU:g} HU, times "
         f"{NOISE_AIF_PEAK_HU:g} HU over its peak: 2 HU under a 200 HU bolus counts as 4) with a "
         "method that fits each voxel alone: at this "
         "noise the SVD methods' Tmax and the box model's CBF scatter so widely that lesion "

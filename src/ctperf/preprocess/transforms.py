@@ -192,7 +192,8 @@ def resample_frame(moving_img: sitk.Image, tx: sitk.Transform, workers: int,
     (:func:`fill_bone`) before it is read, and the first frame's bone added back after: the
     bone is the first frame's, and what leaks from it is tissue (:class:`StaticBone`). The
     frame is then read by cubic B-spline, which keeps the peak of an artery a few voxels
-    wide, except near the first frame's bone and air (:data:`_EDGE_REACH`), read linearly.
+    wide, except near the first frame's bone and air (:data:`_EDGE_REACH`), read linearly, as
+    is a study of two slices.
     """
     if bone is None:
         return _resample(moving_img, tx, workers)
@@ -209,9 +210,14 @@ def resample_frame(moving_img: sitk.Image, tx: sitk.Transform, workers: int,
         frame = sitk.GetArrayFromImage(moving_img).astype(np.float32, copy=False)
         source = sitk.GetImageFromArray(fill_bone(frame, here))
         source.CopyInformation(moving_img)
+    if source.GetSize()[2] == 2:
+        # SimpleITK's B-spline reads a study of two slices from outside it at random (NaN,
+        # infinities or 1e38 in whole rows); one slice, or three and more, it reads right
+        return _resample(source, tx, workers) + bone.excess
     out = _resample(source, tx, workers, sitk.sitkBSpline)
-    if bone.near_edges.any():
-        out = np.where(bone.near_edges, _resample(source, tx, workers), out)
+    near = bone.near_edges | ~np.isfinite(out)
+    if near.any():
+        out = np.where(near, _resample(source, tx, workers), out)
     return out + bone.excess
 
 
