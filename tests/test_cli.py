@@ -51,6 +51,17 @@ def test_a_closed_output_pipe_ends_quietly(tmp_path):
     assert "Traceback" not in err and "BrokenPipe" not in err
 
 
+def test_a_scheduler_without_a_cohort_is_refused(tmp_path, capsys):
+    """--scheduler runs a cohort's studies; with one study it had been ignored in silence."""
+    study = tmp_path / "study.nii.gz"
+    study.write_bytes(b"never read")
+    assert main(["maps", str(study), str(tmp_path / "out"), "--scheduler",
+                 "tcp://127.0.0.1:1"]) == 2
+    err = capsys.readouterr().err
+    assert "--scheduler runs a cohort's studies" in err and err.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 def test_memory_running_out_is_one_line(tmp_path, capsys, monkeypatch):
     """Sizes too large for the machine end in one line, exit 2 (NumPy's MemoryError, PyTorch's
     CPU allocator's RuntimeError), not a traceback; other RuntimeErrors still raise."""

@@ -53,6 +53,8 @@ BAD_ARGUMENTS = [
     ("train", ["--pretrain-size", "5000"], "--pretrain-size"),
     ("train", ["--val-fraction", "1.5"], "--val-fraction"),
     ("train", ["--seed", "-1"], "--seed"),
+    ("preprocess", ["--spatial-sigma", "1e6"], "--spatial-sigma"),  # a uniform study, exit 0
+    ("preprocess", ["--range-sigma", "1e9"], "--range-sigma"),
     ("cv", ["--folds", "1"], "--folds"),
     ("cv", ["--pretrain-epochs", "-3"], "--pretrain-epochs"),
 ]
@@ -73,7 +75,7 @@ def test_bad_numbers_end_in_one_argparse_error(tmp_path, capsys, command, extra,
 
 
 @pytest.mark.parametrize("extra", [["--frames", "0"], ["--subjects", "0"], ["--size", "8"],
-                                   ["--size", "100000"],
+                                   ["--size", "100000"], ["--frames", "2"],
                                    ["--frame-interval", "inf"], ["--mas", "0"], ["--seed", "-1"],
                                    ["--lesion-free", "nan"]])
 def test_phantom_options_are_checked_before_writing(tmp_path, capsys, extra):

@@ -74,6 +74,9 @@ def test_frame_interval_is_not_the_resampling_grid(capsys):
     with pytest.raises(SystemExit):
         _args("train", "--frame-interval", "1")
     assert _args("train", "--resample-interval", "1.5").resample_interval == 1.5
+    # given without --frame-mode resample it had been ignored in silence
+    with pytest.raises(ValidationError, match="give --frame-mode resample too"):
+        train_command.training_options(_args("train", "--resample-interval", "1.5"))
 
 
 def _fake_caches(monkeypatch) -> list[dict]:

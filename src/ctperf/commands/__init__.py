@@ -198,6 +198,9 @@ def run_study_command(args: argparse.Namespace, task: Callable[..., Any], option
     if not args.cohort:
         from ctperf.errors import InputError, ValidationError
 
+        if getattr(args, "scheduler", None):
+            raise ValidationError("--scheduler runs a cohort's studies on a Dask cluster: give "
+                                  "--cohort too")
         try:
             outcome = task(args.study, args.out, options)
         except ValidationError as exc:  # what the study holds cannot be analysed: name it
@@ -273,11 +276,14 @@ def add_study_options(parser: Any) -> None:
 def add_filter_options(parser: Any) -> None:
     """``--spatial-sigma``, ``--range-sigma`` (the paper's 3 mm, 20 HU) and ``--filter-weights``
     of the bilateral filter."""
-    parser.add_argument("--spatial-sigma", type=positive_float, default=3.0, metavar="MM",
-                        help="bilateral filter: spatial sigma in mm [%(default)s]")
-    parser.add_argument("--range-sigma", type=positive_float, default=20.0, metavar="HU",
-                        help="bilateral filter: range sigma in HU [%(default)s]; a smaller "
-                             "value keeps grey matter/CSF edges sharper (docs/preprocessing.md)")
+    parser.add_argument("--spatial-sigma", type=float_in(0.01, 20.0, "--spatial-sigma (mm)"),
+                        default=3.0, metavar="MM",
+                        help="bilateral filter: spatial sigma in mm, up to 20 [%(default)s]")
+    parser.add_argument("--range-sigma", type=float_in(0.01, 500.0, "--range-sigma (HU)"),
+                        default=20.0, metavar="HU",
+                        help="bilateral filter: range sigma in HU, up to 500 [%(default)s]; a "
+                             "smaller value keeps grey matter/CSF edges sharper "
+                             "(docs/preprocessing.md)")
     parser.add_argument("--filter-weights", choices=("linear", "quadratic"), default="linear",
                         help="bilateral grid weights: linear (faster) or quadratic (closer to "
                              "a brute-force filter next to arteries, slower) [%(default)s]")

@@ -50,7 +50,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--size", type=count(32, MAX_MATRIX), default=512,
                    help="in-plane pixels, >= 32 [%(default)s]")
     p.add_argument("--slices", type=positive_int, default=8, help="5 mm slices [%(default)s]")
-    p.add_argument("--frames", type=count(2), default=89, help="time frames, >= 2 [%(default)s]")
+    p.add_argument("--frames", type=count(3), default=89,
+                   help="time frames, >= 3 (what the readers take) [%(default)s]")
     p.add_argument("--frame-interval", type=frame_interval, default=0.5, metavar="SECONDS",
                    help="seconds between frames [%(default)s]")
     p.add_argument("--seed", type=seed, default=0, help="cohort seed [%(default)s]")

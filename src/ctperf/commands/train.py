@@ -139,8 +139,12 @@ def train_config(args: argparse.Namespace) -> Any:
 
 def training_options(args: argparse.Namespace, **extra: Any) -> Any:
     """The :class:`ctperf.workflow.training.TrainingOptions` of the command line."""
+    from ctperf.errors import ValidationError
     from ctperf.workflow.training import TrainingOptions
 
+    if args.resample_interval is not None and args.frame_mode != "resample":
+        raise ValidationError("--resample-interval is the grid of --frame-mode resample: give "
+                              "--frame-mode resample too, or leave it out")
     return TrainingOptions(reference=args.reference, frame_mode=args.frame_mode,
                            resample_interval=args.resample_interval, cache=args.cache,
                            test_list=args.test, resume=args.resume, progress=True,
