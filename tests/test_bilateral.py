@@ -217,6 +217,10 @@ def test_constant_and_guide_checks(small_series):
     for sigma in (0.0, float("nan"), float("inf")):  # NaN had reached numpy's arange
         with pytest.raises(ValidationError, match="must be finite and > 0"):
             bilateral_filter(small_series, range_sigma_hu=sigma)
+    # a probe's 1e6 mm and 1e9 HU had written a uniform study, exit 0
+    for wide in ({"spatial_sigma_mm": 1e6}, {"range_sigma_hu": 1e9}):
+        with pytest.raises(ValidationError, match="at most 20 and range_sigma_hu at most 500"):
+            bilateral_filter(small_series, **wide)
 
 
 def test_threads_and_chunks_agree(rng):

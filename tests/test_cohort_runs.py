@@ -255,6 +255,28 @@ def test_a_local_cluster_runs_the_studies_in_worker_processes(tmp_path):
         "a": "done", "bug": "failed", "c": "done"}
 
 
+def test_worker_processes_write_as_the_command_that_runs_them(tmp_path):
+    """A review: subjects written by a local cluster's workers named no command, so a rerun
+    in the command's own process (one study left to redo) refused them, and the reverse."""
+    from ctperf.io.atomic import set_writer
+
+    inputs, studies = _text_studies(tmp_path)
+    out = tmp_path / "out"
+    set_writer("ctperf maps")
+    try:
+        assert run_cohort(studies, out, _read_task, {}, workers=2).done == ("a", "b")
+        assert "# command: ctperf maps" in (out / "b" / ".ctperf-output").read_text()
+        (inputs / "b.txt").write_text("second b, replaced")  # one study to redo: in process
+        again = run_cohort(studies, out, _read_task, {}, workers=1)
+        assert again.done == ("b",) and not again.failed
+        (inputs / "a.txt").write_text("second a")
+        (inputs / "b.txt").write_text("third b")
+        assert run_cohort(studies, out, _read_task, {}, workers=2).done == ("a", "b")
+    finally:
+        set_writer(None)
+    assert (out / "b" / "value.txt").read_text() == "third b"
+
+
 def test_an_unexpected_exception_is_one_line_with_its_type(tmp_path):
     summary = run_cohort(_studies("bug"), tmp_path / "out", _echo_task, {"upper": False},
                          workers=1)

@@ -61,9 +61,9 @@ def test_frames_and_depth_are_checked_with_the_preset(capsys):
     with pytest.raises(ValidationError, match="frames must be 3 or more, got 2"):
         replace(PRESETS["paper"], frames=2)
     # each level halves the slice (a probe's size 1 trained to a NaN validation loss, exit 0)
-    with pytest.raises(ValidationError, match=r"size must be 16 pixels or more .* depth 4"):
+    with pytest.raises(ValidationError, match=r"\(--size\) must be 16 pixels or more .* depth 4"):
         replace(PRESETS["cpu"], size=8)
-    with pytest.raises(ValidationError, match="pretrain_size must be 32 pixels or more"):
+    with pytest.raises(ValidationError, match=r"\(--pretrain-size\) must be 32 pixels"):
         replace(PRESETS["paper"], pretrain_size=16)
     assert replace(PRESETS["cpu"], size=16).size == 16
 

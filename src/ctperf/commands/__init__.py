@@ -276,10 +276,14 @@ def add_study_options(parser: Any) -> None:
 def add_filter_options(parser: Any) -> None:
     """``--spatial-sigma``, ``--range-sigma`` (the paper's 3 mm, 20 HU) and ``--filter-weights``
     of the bilateral filter."""
-    parser.add_argument("--spatial-sigma", type=float_in(0.01, 20.0, "--spatial-sigma (mm)"),
+    from ctperf.filter_options import MAX_RANGE_SIGMA_HU, MAX_SPATIAL_SIGMA_MM
+
+    parser.add_argument("--spatial-sigma",
+                        type=float_in(0.01, MAX_SPATIAL_SIGMA_MM, "--spatial-sigma (mm)"),
                         default=3.0, metavar="MM",
                         help="bilateral filter: spatial sigma in mm, up to 20 [%(default)s]")
-    parser.add_argument("--range-sigma", type=float_in(0.01, 500.0, "--range-sigma (HU)"),
+    parser.add_argument("--range-sigma",
+                        type=float_in(0.01, MAX_RANGE_SIGMA_HU, "--range-sigma (HU)"),
                         default=20.0, metavar="HU",
                         help="bilateral filter: range sigma in HU, up to 500 [%(default)s]; a "
                              "smaller value keeps grey matter/CSF edges sharper "

@@ -32,9 +32,19 @@ from pathlib import Path
 from ctperf.errors import InputError
 from ctperf.io.state import LOCK
 
-__all__ = ["MARKER", "STALE_AFTER_S", "TEMP_PREFIX", "atomic_dir", "atomic_file",
-           "check_output", "mark_output", "output_missing", "remove_stale_temporaries",
-           "set_writer"]
+__all__ = [
+    "MARKER",
+    "STALE_AFTER_S",
+    "TEMP_PREFIX",
+    "atomic_dir",
+    "atomic_file",
+    "check_output",
+    "current_writer",
+    "mark_output",
+    "output_missing",
+    "remove_stale_temporaries",
+    "set_writer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -62,10 +72,16 @@ _writer: str | None = None
 
 
 def set_writer(command: str | None) -> None:
-    """Name the command whose outputs this process writes (``ctperf maps``...): a folder that
-    another command wrote is then replaced only with ``overwrite`` (None: not checked)."""
+    """Name the command whose outputs this process writes (``ctperf maps``...; None: a Python
+    call): a folder that another wrote is then replaced only with ``overwrite``."""
     global _writer
     _writer = command
+
+
+def current_writer() -> str | None:
+    """The command :func:`set_writer` named in this process (None: a Python call): a cohort's
+    worker processes take it on (:func:`ctperf.workflow.run_cohort`)."""
+    return _writer
 
 
 def _marker_text(folder: Path) -> str:

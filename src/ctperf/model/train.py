@@ -203,7 +203,8 @@ class TrainConfig:
         # each level halves the slice: fewer than two pixels at the bottom trains on nothing
         # (a probe's size 1 had trained to a loss of 0 and a validation loss of NaN, exit 0)
         pretrain = self.pretrain_size if self.pretrain_epochs else None
-        for name, size in (("size", self.size), ("pretrain_size", pretrain or None)):
+        for name, size in (("size (--size)", self.size),
+                           ("pretrain_size (--pretrain-size)", pretrain or None)):
             if size is not None and size < 2 ** self.depth:
                 raise ValidationError(f"{name} must be {2 ** self.depth} pixels or more for a "
                                       f"network of depth {self.depth}, got {size}")

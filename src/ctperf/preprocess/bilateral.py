@@ -37,6 +37,7 @@ from functools import partial
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.filter_options import MAX_RANGE_SIGMA_HU, MAX_SPATIAL_SIGMA_MM
 from ctperf.parallel import map_chunks
 from ctperf.preprocess.bilateral_grid import Grid, apply_grid, build_grid, grid_taps
 from ctperf.types import CTPSeries
@@ -75,6 +76,12 @@ class _Setup:
         if not all(np.isfinite(v) and v > 0 for v in values):  # NaN compares False to all
             raise ValidationError("spatial_sigma_mm, range_sigma_hu, levels_per_sigma(_outside) "
                                   f"and cells_per_sigma must be finite and > 0, got {values}")
+        if spatial_sigma_mm > MAX_SPATIAL_SIGMA_MM or range_sigma_hu > MAX_RANGE_SIGMA_HU:
+            # a probe's 1e6 mm and 1e9 HU had written a uniform study, exit 0
+            raise ValidationError(f"spatial_sigma_mm must be at most {MAX_SPATIAL_SIGMA_MM:g} "
+                                  f"and range_sigma_hu at most {MAX_RANGE_SIGMA_HU:g} (the "
+                                  f"paper's 3 mm and 20 HU), got {spatial_sigma_mm:g} and "
+                                  f"{range_sigma_hu:g}")
         if len(spacing) != 3 or not min(spacing) > 0:
             raise ValidationError(f"spacing must be three voxel sizes > 0 in mm, got {spacing}")
         if filter_weights not in ("linear", "quadratic"):

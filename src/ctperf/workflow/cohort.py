@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.errors import CTPerfError, InputError
-from ctperf.io.atomic import output_missing
+from ctperf.io.atomic import current_writer, output_missing, set_writer
 from ctperf.io.state import MANIFEST, MANIFEST_FORMAT, load_manifest
 from ctperf.io.unitobrain import MAP_FOLDERS
 from ctperf.parallel import usable_cores
@@ -338,15 +338,19 @@ def _logs_named(name: str) -> Iterator[None]:
 
 
 def _run_study(task: Task, study: Study, target: Path, options: Any,
-               uid_key: str | None = None) -> dict[str, Any]:
+               uid_key: str | None = None, writer: str | None = None) -> dict[str, Any]:
     """Run one study (in a worker or in this process); never raises an ``Exception``.
     ``uid_key``: the client's de-identification secret, which a worker process takes as its
-    own (each had drawn its own, and one run's series came out as different studies)."""
+    own (each had drawn its own, and one run's series came out as different studies);
+    ``writer``: the command the client runs, which a worker process writes as (its outputs
+    had named none, and a rerun in the client's process refused them)."""
     from ctperf.io.privacy import UID_KEY_VARIABLE
 
     started = _now()
     if uid_key is not None:
         os.environ[UID_KEY_VARIABLE] = uid_key
+    before = current_writer()
+    set_writer(writer)
     try:
         with _logs_named(study.name):
             task(study.source, target, options)
@@ -358,6 +362,8 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
         for folder in (study.root, target.parent):
             if folder is not None and error is not None:
                 error = error.replace(f"{folder}{os.sep}", "")
+    finally:
+        set_writer(before)
     return {"state": state, "error": error, "started": started, "finished": _now()}
 
 
@@ -385,7 +391,8 @@ def worker_count(studies: int, workers: int | None = None) -> int:
 def _in_process(todo: list[Study], out: Path, task: Task, options: Any
                 ) -> Generator[tuple[Study, dict[str, Any]], None, None]:
     for study in todo:
-        yield study, _run_study(task, study, out / study.name, options)
+        yield study, _run_study(task, study, out / study.name, options,
+                                writer=current_writer())
 
 
 @contextlib.contextmanager
@@ -458,6 +465,7 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
             with client if cluster is not None else contextlib.nullcontext(client):
                 key = uid_key()
                 futures = {client.submit(_run_study, task, s, out / s.name, options, key,
+                                         current_writer(),
                                          key=f"ctperf-{s.name}-{time.time_ns()}",
                                          pure=False): s
                            for s in todo}
