@@ -237,13 +237,13 @@ def _contents(folder: Path) -> list[str]:
     return sorted(found)
 
 
-def _not_written(folder: Path, marker: str) -> list[str]:
-    """What ``folder`` holds that ctperf did not write there: its contents missing from its
-    marker's inventory (none when the marker predates inventories)."""
+def _not_written(contents: list[str], marker: str) -> list[str]:
+    """What a folder holds (its ``contents``) that ctperf did not write there: what is missing
+    from its marker's inventory (none when the marker predates inventories)."""
     if _INVENTORY not in marker:
         return []
     written = set(marker.split(_INVENTORY, 1)[1].splitlines())
-    return [p for p in _contents(folder) if p not in written]
+    return [p for p in contents if p not in written]
 
 
 def _owned_or_empty(folder: Path) -> bool:
@@ -313,7 +313,8 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
                                  "its contents")
     marker = _marker_text(target)
     other = _written_by(marker)
-    if _INVENTORY not in marker and _contents(target):
+    contents = _contents(target)
+    if _INVENTORY not in marker and contents:
         # made by mark_output (a cohort, a training run: what it holds is not listed), or by a
         # version that kept no inventory: nothing tells its outputs from a user's files
         what = f"the output of `{other}`" if other else "a ctperf output"
@@ -321,7 +322,7 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
                                  "cohort or a training run, written file by file, or an older "
                                  "version's output), which would be replaced whole; choose "
                                  "another folder, or --overwrite")
-    if other != _writer and _contents(target):
+    if other != _writer and contents:
         # another command's output, or one that names none (written from Python, or by a
         # version that did not name it) replaced by a command, or the reverse
         theirs = (f"the output of `{other}`" if other else
@@ -329,7 +330,7 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
         ours = f"`{_writer}`" if _writer else "this call"
         raise InputError(target, f"holds {theirs}, which {ours} would replace whole; choose "
                                  "another folder, or --overwrite")
-    added = _not_written(target, marker)
+    added = _not_written(contents, marker)
     if added:
         more = f" and {len(added) - 3} more" if len(added) > 3 else ""
         raise InputError(target, f"holds files ctperf did not write ({', '.join(added[:3])}"

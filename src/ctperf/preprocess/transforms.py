@@ -251,16 +251,16 @@ def apply_transforms(series: CTPSeries, transforms: Sequence[sitk.Transform | No
         raise ValidationError(f"{len(transforms)} transforms for {series.n_frames} frames")
     workers = int(workers or usable_cores())
     out = series.hu.copy()
-    bone = static_bone(series.hu, series.affine)
     corners = [tuple(series.affine[:3, :3] @ ijk + series.affine[:3, 3])
                for ijk in itertools.product(*[(0, n - 1) for n in series.shape[:0:-1]])]
-    for t, tx in enumerate(transforms):
-        # a frame kept at the identity is left as it is, as correct_motion leaves it (a linear
-        # transform that keeps the corners keeps every point)
-        if tx is not None and not (tx.IsLinear() and all(
-                np.allclose(tx.TransformPoint(c), c, atol=1e-6) for c in corners)):
-            out[t] = resample_frame(to_sitk_image(series.hu[t], series.affine), tx, workers,
-                                    bone=bone)
+    # a frame kept at the identity is left as it is, as correct_motion leaves it (a linear
+    # transform that keeps the corners keeps every point)
+    moved = [(t, tx) for t, tx in enumerate(transforms) if tx is not None and not (
+        tx.IsLinear() and all(np.allclose(tx.TransformPoint(c), c, atol=1e-6) for c in corners))]
+    bone = static_bone(series.hu, series.affine) if moved else None
+    for t, tx in moved:
+        out[t] = resample_frame(to_sitk_image(series.hu[t], series.affine), tx, workers,
+                                bone=bone)
     meta = dict(series.meta)
     meta["motion_corrected"] = True
     return series.replace(hu=out, meta=meta)
