@@ -48,6 +48,17 @@ def test_a_folder_that_is_no_cohort_is_refused(tmp_path: Path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_more_folds_than_subjects_is_refused_before_any_work(tmp_path: Path, capsys):
+    """3 folds of a 2-subject cohort: one line, exit 2, before the preprocessing and the
+    references (it had been refused at the cross-validation, after both), nothing written."""
+    for i in range(2):  # only the layout is read: the studies are never opened
+        (tmp_path / "cohort" / f"sub-{i:04d}").mkdir(parents=True)
+        (tmp_path / "cohort" / f"sub-{i:04d}" / "study.nii.gz").write_bytes(b"")
+    assert main(["reproduce", str(tmp_path / "cohort"), str(tmp_path / "out")]) == 2
+    assert "folds must be 2 to 2" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_out_inside_the_cohort_and_other_settings_are_refused(tmp_path: Path):
     cohort = tmp_path / "cohort"
     (cohort / "sub-0000").mkdir(parents=True)

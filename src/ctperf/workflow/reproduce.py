@@ -42,7 +42,7 @@ from ctperf.workflow.reproduce_subjects import (
     predict_subject,
     unitobrain_reference,
 )
-from ctperf.workflow.training import cohort_layout
+from ctperf.workflow.training import check_folds, cohort_layout, cohort_patients
 
 __all__ = ["PHANTOM_TARGETS", "UNITOBRAIN_TARGETS", "NeuralDemoOptions", "ReproduceOptions",
            "ReproduceOutcome", "reproduce_cohort", "run_neural_demo", "training_compute"]
@@ -189,6 +189,8 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
     layout = cohort_layout(cohort)
     if options.reference == "truth" and layout != "phantom":
         raise InputError(cohort, "has no true maps: --reference truth needs a phantom cohort")
+    # refused here, not after the preprocessing and the references (minutes to hours)
+    check_folds(options.folds, len(cohort_patients(cohort, layout)))
     targets = options.targets or (PHANTOM_TARGETS if layout == "phantom"
                                   else UNITOBRAIN_TARGETS)
     config = dataclasses.replace(config, targets=targets)
@@ -245,6 +247,8 @@ def training_compute(cohort: str | Path, config: Any,
 
         slices = _UNITOBRAIN_SLICES * len(find_unitobrain(cohort))
         size, frames = _UNITOBRAIN_SIZE, _UNITOBRAIN_FRAMES
+    # refused here, not after the preprocessing and the references (minutes to hours)
+    check_folds(options.folds, len(cohort_patients(cohort, layout)))
     targets = options.targets or (PHANTOM_TARGETS if layout == "phantom"
                                   else UNITOBRAIN_TARGETS)
     outputs = 1 if options.per_map else len(targets)

@@ -28,7 +28,9 @@ from ctperf.io.study import phantom_studies
 __all__ = [
     "TrainingOptions",
     "TrainingOutcome",
+    "check_folds",
     "cohort_layout",
+    "cohort_patients",
     "cross_validate_cohort",
     "held_out_patients",
     "prepare_training",
@@ -225,7 +227,6 @@ def _check_before_work(cohort: Path, out: Path, config: Any, options: TrainingOp
     is left to the cache to describe), pretraining epochs without a pretraining size, and a
     run's checkpoint that cannot be continued (without ``resume``, or of another slice-cache
     format)."""
-    from ctperf.io.unitobrain import find_unitobrain
     from ctperf.model import resolve_device
 
     resolve_device(config.device)
@@ -236,8 +237,7 @@ def _check_before_work(cohort: Path, out: Path, config: Any, options: TrainingOp
     layout = _layout_or_none(cohort)
     if layout is None:
         return
-    ids = ([p.parent.name for p in phantom_studies(cohort)]
-           if layout == "phantom" else [pid for pid, _, _ in find_unitobrain(cohort)])
+    ids = cohort_patients(cohort, layout)
     if layout == "unitobrain":
         _check_dataset_maps(cohort, config.targets)
     check_held_out(held_out, ids, options)
@@ -245,9 +245,24 @@ def _check_before_work(cohort: Path, out: Path, config: Any, options: TrainingOp
     if ids and pool == 0:  # had read "folds must be 2 to 0", or failed after the caches
         raise ValidationError(f"every one of the cohort's {len(set(ids))} patients is held out "
                               "(--test); none is left to train on")
-    if folds is not None and not 2 <= folds <= pool:
-        raise ValidationError(f"folds must be 2 to {pool} (one patient per fold at most; the "
-                              f"cohort has {pool} to validate on), got {folds}")
+    if folds is not None:
+        check_folds(folds, pool)
+
+
+def cohort_patients(cohort: Path, layout: str) -> list[str]:
+    """The patient ids of a cohort of the given :func:`cohort_layout`."""
+    from ctperf.io.unitobrain import find_unitobrain
+
+    if layout == "phantom":
+        return [p.parent.name for p in phantom_studies(cohort)]
+    return [pid for pid, _, _ in find_unitobrain(cohort)]
+
+
+def check_folds(folds: int, patients: int) -> None:
+    """Refuse more cross-validation folds than patients to validate on, before any work."""
+    if not 2 <= folds <= patients:
+        raise ValidationError(f"folds must be 2 to {patients} (one patient per fold at most; "
+                              f"the cohort has {patients} to validate on), got {folds}")
 
 
 def _check_dataset_maps(cohort: Path, targets: Sequence[str]) -> None:
