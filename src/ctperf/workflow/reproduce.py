@@ -189,8 +189,6 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
     layout = cohort_layout(cohort)
     if options.reference == "truth" and layout != "phantom":
         raise InputError(cohort, "has no true maps: --reference truth needs a phantom cohort")
-    # refused here, not after the preprocessing and the references (minutes to hours)
-    check_folds(options.folds, len(cohort_patients(cohort, layout)))
     targets = options.targets or (PHANTOM_TARGETS if layout == "phantom"
                                   else UNITOBRAIN_TARGETS)
     config = dataclasses.replace(config, targets=targets)
@@ -199,6 +197,8 @@ def reproduce_cohort(cohort: str | Path, out: str | Path, config: Any,
                     owned_by=(_RECORD,))
     config = _fit_frames(config, cohort, layout, say)
     _check_record(out, cohort, layout, config, options)
+    # refused here, not after the preprocessing and the references (minutes to hours)
+    check_folds(options.folds, len(cohort_patients(cohort, layout)))
     io.mark_output(out)
     if layout == "phantom" and not inside:
         _link_cohort(cohort, out)
@@ -247,8 +247,6 @@ def training_compute(cohort: str | Path, config: Any,
 
         slices = _UNITOBRAIN_SLICES * len(find_unitobrain(cohort))
         size, frames = _UNITOBRAIN_SIZE, _UNITOBRAIN_FRAMES
-    # refused here, not after the preprocessing and the references (minutes to hours)
-    check_folds(options.folds, len(cohort_patients(cohort, layout)))
     targets = options.targets or (PHANTOM_TARGETS if layout == "phantom"
                                   else UNITOBRAIN_TARGETS)
     outputs = 1 if options.per_map else len(targets)
