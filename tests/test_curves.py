@@ -829,6 +829,20 @@ def test_an_arterial_curve_with_no_bolus_is_refused(rng, method):
                baseline=0)
 
 
+@pytest.mark.parametrize("method", METHODS)
+def test_an_inverted_arterial_curve_is_refused_by_every_method(rng, method):
+    """An AIF that dips where the bolus passes (an MR signal pasted unconverted, a probe's
+    real DSC curves) has no positive area: the box and SVD methods refused it, bayes had
+    fitted it (white matter CBF 316, exit 0). Refused by each method, and by the fits called
+    directly."""
+    tissue, aif = _hand_curves()
+    # with 2 HU of noise, as the probe's (a noise-free curve never rises past its first frame
+    # and is refused before, as one without a bolus)
+    inverted = 80.0 - aif + rng.normal(0.0, 2.0, T_HAND.size)
+    with pytest.raises(ValidationError, match="no positive area.*inverted"):
+        fit_curves(tissue + 35.0, inverted, T_HAND, method=method)
+
+
 def test_curves_in_hu_given_as_enhancement_are_refused():
     """baseline 0 says the curves are enhancement already; curves in HU (40 HU blood, 35 HU
     grey matter) given so had been fitted as contrast: bayes CBV 12.9-20.3 against 1.0-3.7,

@@ -44,6 +44,7 @@ from ctperf.parallel import map_chunks, usable_cores
 from ctperf.perfusion.backend import ArrayOps, resolve_torch_device
 from ctperf.perfusion.curves import (
     ArterialTable,
+    aif_area,
     bandlimit,
     box_model,
     evenly_spaced,
@@ -310,10 +311,8 @@ def _arterial_table(aif: np.ndarray, t: np.ndarray, *, band_limit: bool,
     ca = finite_aif(aif, t)
     if band_limit:
         ca = bandlimit(ca)
-    table = ArterialTable(ca, t) if grid is None else ArterialTable(resample(ca, t, grid), grid)
-    if not table.area > 0:
-        raise ValidationError("the AIF has no positive area: no contrast arrival to fit against")
-    return table
+    aif_area(ca, t)
+    return ArterialTable(ca, t) if grid is None else ArterialTable(resample(ca, t, grid), grid)
 
 
 def _torch_device(device: str | None, *, uniform: bool) -> str | None:

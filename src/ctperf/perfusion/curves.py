@@ -35,6 +35,7 @@ __all__ = [
     "TRUNCATED_END",
     "TTP_SMOOTH_S",
     "ArterialTable",
+    "aif_area",
     "aif_arrival",
     "bandlimit",
     "bolus_arrival_frame",
@@ -77,6 +78,19 @@ def finite_aif(aif: object, times: np.ndarray, *, name: str = "aif") -> np.ndarr
         raise ValidationError(f"{name} contains NaN or Inf (frames "
                               f"{np.flatnonzero(~np.isfinite(ca))[:5].tolist()})")
     return ca
+
+
+def aif_area(aif: np.ndarray, times: np.ndarray) -> float:
+    """The AIF's area over ``times`` (trapezoids), or ValidationError when it is not positive:
+    no contrast arrives, or the curve is inverted (an MR signal not converted to
+    concentration dips where the bolus passes). Every method refuses such an AIF (``bayes``
+    had fitted an inverted one, exit 0)."""
+    area = float(np.trapezoid(np.asarray(aif, dtype=np.float64), times))
+    if not area > 0:
+        raise ValidationError("the AIF has no positive area: it stays below its pre-bolus "
+                              "level (no contrast arrival, or an inverted curve, such as an "
+                              "MR signal not converted to concentration)")
+    return area
 
 
 def off_zero_before(curve: np.ndarray, arrival: int, share: float) -> tuple[float, float] | None:

@@ -32,7 +32,7 @@ import numpy as np
 from ctperf.errors import ValidationError
 from ctperf.io.integrity import fit_times
 from ctperf.parallel import map_chunks
-from ctperf.perfusion.curves import finite_aif, resample, uniform_grid
+from ctperf.perfusion.curves import aif_area, finite_aif, resample, uniform_grid
 from ctperf.types import SVD_METHODS
 
 __all__ = ["SVDResult", "svd_deconvolve"]
@@ -150,9 +150,7 @@ def svd_deconvolve(
         raise ValidationError(
             f"tissue (T, N), aif (T,) and times (T,) must agree: {tis.shape}, {ca.shape}, {t.shape}"
         )
-    area_a = float(np.trapezoid(ca, t))
-    if not area_a > 0:
-        raise ValidationError("the AIF has no positive area: no contrast arrival to deconvolve")
+    area_a = aif_area(ca, t)
     cbv = (kh / rho) * 100.0 * np.trapezoid(tis, t, axis=0) / area_a
     tis_u, ca_u, dt = _uniform(tis, ca, t)
     n_t, n = tis_u.shape

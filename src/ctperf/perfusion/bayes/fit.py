@@ -32,7 +32,7 @@ from ctperf.perfusion.bayes.spatial import (
     pool_amplitudes,
     pool_curves,
 )
-from ctperf.perfusion.curves import finite_aif, flow_scale
+from ctperf.perfusion.curves import aif_area, finite_aif, flow_scale
 
 log = logging.getLogger(__name__)
 
@@ -226,7 +226,7 @@ def fit_bayes(
     t = fit_times(times)
     if y_all.ndim != 2 or y_all.shape[0] != t.size:
         raise ValidationError(f"tissue must be (T, N) with T = {t.size}, got {y_all.shape}")
-    finite_aif(aif, t)
+    aif_area(finite_aif(aif, t), t)
     if t.size < 4:
         raise ValidationError(f"the fit needs at least 4 frames, got {t.size}")
     n = y_all.shape[1]
