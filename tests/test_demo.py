@@ -25,7 +25,7 @@ def test_demo_tiny_writes_every_output(tmp_path):
     assert main(["demo", str(out), "--size", "64", "--slices", "2", "--frames", "40",
                  "--motion", "none"]) == 0
     for rel in ("report.md", "report.html", "evaluation.json", "comparison.png",
-                "maps/overview.png",
+                "maps/overview.png", "maps/vessels.png",
                 "maps/summary.json", "maps/cbf.nii.gz", "maps/lesions/core.nii.gz",
                 "phantom/preview.png"):
         assert (out / rel).is_file(), rel
@@ -37,8 +37,8 @@ def test_demo_tiny_writes_every_output(tmp_path):
     assert scores["phantom"]["shape"] == [40, 2, 64, 64]
     assert "comparison.png" in (out / "report.md").read_text()
     page = (out / "report.html").read_text()
-    # self-contained: the three figures inline, nothing fetched from elsewhere
-    assert page.count('src="data:image/png;base64,') == 3
+    # self-contained: the four figures inline, nothing fetched from elsewhere
+    assert page.count('src="data:image/png;base64,') == 4
     assert "http://" not in page and "https://" not in page
     # the same numbers as report.md: the CBF MAE cell of the Markdown table appears in the page
     cbf_row = next(line for line in (out / "report.md").read_text().splitlines()

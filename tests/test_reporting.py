@@ -162,6 +162,39 @@ def test_overview_names_the_aif_as_it_was_used(overview):
     assert "AIF (not corrected)" in labels and "AIF measured" not in labels
 
 
+def test_vessels_figure_marks_the_chosen_voxels_where_they_are(overview):
+    """docs/methods.md tells the reader to check the AIF's voxels on a figure, which no output
+    of ctperf maps drew (a probe mapped summary.json's voxels by script). One voxel given a
+    value no other holds shows the brightest pixel exactly under its marker, through the
+    radiological turn and the crop; curves or masks given leave nothing to draw."""
+    import dataclasses
+
+    from ctperf.reporting import vessels_overview
+
+    result, _ = overview
+    assert "voxels_zyx" in result.maps.provenance["aif"]  # chosen automatically here
+    fig = vessels_overview(result, title="t")
+    marked = sum(len(c.get_offsets()) for ax in fig.axes for c in ax.collections)
+    chosen = len(result.maps.provenance["aif"]["voxels_zyx"]) + len(
+        result.maps.provenance.get("vof", {}).get("voxels_zyx", []))
+    assert marked <= chosen and marked >= 1  # the slices holding most of them, four at most
+    z, y, x = (int(v) for v in np.argwhere(result.brain)[len(np.argwhere(result.brain)) // 3])
+    cbv = result.maps["cbv"].copy()
+    cbv[z, y, x] = 10.0 * np.nanmax(cbv)
+    prov = {**result.maps.provenance, "aif": {"source": "automatic", "voxels_zyx": [[z, y, x]]},
+            "vof": {"source": "none"}}
+    one = dataclasses.replace(result, maps=result.maps.replace(
+        maps={**result.maps.maps, "cbv": cbv}, provenance=prov))
+    (ax,) = vessels_overview(one).axes
+    assert ax.get_title() == f"slice {z}: AIF 1"
+    (cx, cy), = ax.collections[0].get_offsets()
+    shown = np.ma.filled(ax.images[0].get_array(), -1.0)
+    assert np.unravel_index(np.argmax(shown), shown.shape) == (cy, cx)
+    given = {**prov, "aif": {"source": "mask"}}
+    assert vessels_overview(dataclasses.replace(
+        result, maps=result.maps.replace(provenance=given))) is None
+
+
 @pytest.mark.parametrize("record", [{"nifti_xform_code": 0}, {"orientation_unknown": True}])
 def test_figures_do_not_mark_a_side_they_do_not_know(overview, record):
     """A NIfTI study (or maps) without sform and qform: its "R" marked a guessed side, and a

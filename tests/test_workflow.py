@@ -75,6 +75,8 @@ def test_maps_study_writes_what_the_command_writes(study, tmp_path):
     assert summary["preprocessed"] is False
     assert outcome.summary["volumes_ml"] == summary["lesions"]["volumes_ml"]
     assert (out / "overview.png").exists() and (out / "lesions" / "core.nii.gz").exists()
+    # the AIF given: the VOF's voxels, chosen automatically, are drawn
+    assert "voxels_zyx" in summary["vof"] and (out / "vessels.png").exists()
     assert not any(p.name.startswith(".ctperf-tmp") for p in tmp_path.iterdir())
     # the same numbers as the library called directly on the series read back from disk
     from ctperf.io import read_mask, read_study

@@ -38,10 +38,11 @@ def register(subparsers: Any) -> None:
         description="Compute CBF, CBV, MTT, TTP, Tmax and delay maps of a study (DICOM folder or "
                     "4D NIfTI) and write OUT/<name>.nii.gz, OUT/lesions/<mask>.nii.gz (core, "
                     "hypoperfused, penumbra, tmax10, brain, vessels), OUT/summary.json (method, "
-                    "constants, AIF/VOF voxels and curves, lesion volumes, QC flags) and "
-                    "OUT/overview.png. OUT is checked before the study is read: it must not be "
-                    "or hold the study, and an existing OUT is replaced only when ctperf wrote "
-                    "it (or with --overwrite).")
+                    "constants, AIF/VOF voxels and curves, lesion volumes, QC flags), "
+                    "OUT/overview.png and, where the AIF or VOF was chosen automatically, "
+                    "OUT/vessels.png (their voxels on the CBV map). OUT is checked before "
+                    "the study is read: it must not be or hold the study, and an existing "
+                    "OUT is replaced only when ctperf wrote it (or with --overwrite).")
     p.add_argument("study", type=Path, help="DICOM folder or 4D NIfTI study (with --cohort: a "
                                             "folder of studies)")
     p.add_argument("out", type=Path, help="output folder (replaced whole when done; with "

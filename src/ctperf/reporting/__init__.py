@@ -24,7 +24,12 @@ from ctperf.reporting.html import (
     markdown_tables_to_html,
     png_data_uri,
 )
-from ctperf.reporting.overview import maps_overview, radiological_flips, volume_text
+from ctperf.reporting.overview import (
+    maps_overview,
+    radiological_flips,
+    vessels_overview,
+    volume_text,
+)
 from ctperf.reporting.phantom import phantom_preview_figure
 from ctperf.reporting.qc import motion_qc_figure
 from ctperf.reporting.windows import (
@@ -63,6 +68,7 @@ __all__ = [
     "save_figure",
     "side_by_side_figure",
     "training_curves_figure",
+    "vessels_overview",
     "volume_scatter_figure",
     "volume_text",
     "write_demo_report",

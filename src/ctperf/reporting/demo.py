@@ -42,7 +42,8 @@ def write_demo_report(folder: Path, *, method: str, seed: int, shape: Sequence[i
     ----------
     folder : Path
         The demo's output, already holding ``maps/overview.png``, ``comparison.png`` and
-        ``phantom/preview.png`` (and ``maps/uncertainty.png`` for ``bayes``, shown too).
+        ``phantom/preview.png`` (and ``maps/uncertainty.png`` for ``bayes`` and
+        ``maps/vessels.png`` for an automatic AIF or VOF, shown too).
     method : str
         Perfusion method.
     seed : int
@@ -61,9 +62,10 @@ def write_demo_report(folder: Path, *, method: str, seed: int, shape: Sequence[i
     title = f"ctperf demo: {method} on a digital phantom"
     intro = (f"Phantom seed {seed}, study {' x '.join(map(str, shape))} (T, Z, Y, X), "
              f"simulated motion: {motion}, {preprocessing}.")
-    sds = (("maps/uncertainty.png", "uncertainty", "posterior standard deviations"),) \
-        if (folder / "maps" / "uncertainty.png").is_file() else ()  # bayes
-    figures = (("maps/overview.png", "maps", "maps and lesions"), *sds,
+    optional = (("maps/uncertainty.png", "uncertainty", "posterior standard deviations"),
+                ("maps/vessels.png", "vessels", "the voxels of the AIF (red) and the VOF (blue)"))
+    present = tuple(f for f in optional if (folder / f[0]).is_file())  # bayes; automatic AIF
+    figures = (("maps/overview.png", "maps", "maps and lesions"), *present,
                ("comparison.png", "comparison", f"{method} against the true maps"),
                ("phantom/preview.png", "phantom", "the phantom study"))
     markdown = (f"# {title}\n\n{intro}\n\n{tables}\n"

@@ -1,6 +1,7 @@
 """The maps overview of one study (``overview.png`` of ``ctperf maps``): maps of up to four
 slices with lesion outlines, the AIF and VOF, lesion volumes and QC flags; with uncertainty
-maps (``bayes``), the same figure of them (``uncertainty.png``)."""
+maps (``bayes``), the same figure of them (``uncertainty.png``); where the AIF and VOF were
+chosen automatically, the voxels chosen (``vessels.png``)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from ctperf.reporting.figures import (
 from ctperf.reporting.windows import colorbar_extend, display_window, map_title
 from ctperf.types import RadiologicalView, radiological_flips
 
-__all__ = ["maps_overview", "radiological_flips", "volume_text"]
+__all__ = ["maps_overview", "radiological_flips", "vessel_voxels", "vessels_overview",
+           "volume_text"]
 
 #: Maps shown, one column each, when present.
 _OVERVIEW_MAPS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "ttp")
@@ -190,4 +192,71 @@ def maps_overview(result: Any, *, title: str = "",
               color="white", family="monospace")
     if title:
         fig.suptitle(title, color="white", y=1 - 0.1 / fig_h, va="top")
+    return fig
+
+
+def vessel_voxels(provenance: Mapping[str, Any], shape: tuple[int, int, int]
+                  ) -> dict[str, np.ndarray]:
+    """The voxels (Z, Y, X) masks of the AIF and the VOF that were chosen automatically
+    (``provenance["aif"|"vof"]["voxels_zyx"]``); a curve or mask given has none."""
+    out = {}
+    for name in ("aif", "vof"):
+        zyx = np.asarray(provenance.get(name, {}).get("voxels_zyx", []), dtype=np.intp)
+        if zyx.size:
+            mask = np.zeros(shape, dtype=bool)
+            mask[tuple(zyx.reshape(-1, 3).T)] = True
+            out[name] = mask
+    return out
+
+
+def vessels_overview(result: Any, *, title: str = "", most: int = 4) -> Any | None:
+    """A matplotlib Figure: the voxels the AIF (red) and the VOF (blue) were taken from, on the
+    CBV map in grey, in the (up to ``most``) slices holding the most of them, shown
+    radiologically; None when neither was chosen automatically.
+
+    The AIF's choice judges each voxel's curve, not its place (docs/methods.md): this is where
+    a reader checks that it sits on an artery and the VOF on a large vein (the superior
+    sagittal sinus), not on a streak, bone or the skull's edge."""
+    maps = result.maps
+    chosen = vessel_voxels(maps.provenance, maps.shape)
+    if not chosen:
+        return None
+    counts = sum(m.sum(axis=(1, 2)) for m in chosen.values())
+    slices = sorted(int(z) for z in np.argsort(-counts, kind="stable")[:most] if counts[z])
+    radio = RadiologicalView.of(maps.affine)
+    _, dy, dx = maps.spacing
+    shown = result.brain | result.vessels | np.logical_or.reduce(list(chosen.values()))
+    rows = np.flatnonzero(shown.any(axis=(0, 2)))
+    cols = np.flatnonzero(shown.any(axis=(0, 1)))
+    box = (slice(max(rows[0] - 2, 0), rows[-1] + 3), slice(max(cols[0] - 2, 0), cols[-1] + 3))
+    cbv = np.where(shown, maps["cbv"], np.nan)
+    # grey up to tissue's high values, so grey and white matter show and vessels stand white
+    tissue = maps["cbv"][result.brain & ~result.vessels]
+    tissue = tissue[np.isfinite(tissue)]
+    top = float(np.percentile(tissue, 99.0)) if tissue.size else 0.0
+    cell = 3.4
+    high, wide = radio(np.empty(maps.shape[1:])[box]).shape
+    fig = new_figure(figsize=(cell * len(slices) + 0.2,
+                              cell * high * radio.aspect(dy, dx) / wide + 0.9),
+                     facecolor="black", layout="constrained")
+    axes = fig.subplots(1, len(slices), squeeze=False)[0]
+    styles = {"aif": ("tab:red", "AIF"), "vof": ("deepskyblue", "VOF")}
+    for ax, z in zip(axes, slices, strict=True):
+        ax.imshow(radio(cbv[z][box]), cmap=colormap("gray").with_extremes(bad="black"),
+                  vmin=0.0, vmax=top if top > 0 else 1.0, interpolation="nearest",
+                  aspect=radio.aspect(dy, dx))
+        parts = []
+        for name, mask in chosen.items():
+            ys, xs = np.nonzero(radio(mask[z][box]))
+            colour, label = styles[name]
+            if ys.size:
+                ax.scatter(xs, ys, s=36, facecolors="none", edgecolors=colour, linewidths=1.3)
+                parts.append(f"{label} {ys.size}")
+        radiological_axes(ax, mark=True, fontsize=9, known=orientation_known(maps.provenance))
+        ax.set_title(f"slice {z}: " + ", ".join(parts), color="white", fontsize=9)
+    total = ", ".join(f"{styles[n][1]} {int(m.sum())} voxels" for n, m in chosen.items())
+    pv = maps.provenance.get("partial_volume", {})
+    note = pv.get("reason", "")
+    fig.suptitle(f"{title + ': ' if title else ''}{total} (on CBV){'; ' + note if note else ''}",
+                 color="white", fontsize=9, wrap=True)
     return fig

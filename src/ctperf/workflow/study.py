@@ -237,8 +237,9 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
         Output of :func:`ctperf.perfusion.run_perfusion` or :func:`analyse_study`.
     folder : Path
         Output folder: ``<map>.nii.gz``, ``lesions/<mask>.nii.gz`` (core, hypoperfused,
-        penumbra, tmax10, brain, vessels), ``summary.json``, ``overview.png`` and, with
-        uncertainty maps, ``uncertainty.png``.
+        penumbra, tmax10, brain, vessels), ``summary.json``, ``overview.png``, where the AIF
+        or the VOF was chosen automatically ``vessels.png`` (its voxels), and, with uncertainty
+        maps, ``uncertainty.png``.
     title : str
         Title of the overview figure.
     dicom_source : CTPSeries, optional
@@ -250,7 +251,7 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
     """
     from ctperf import io
     from ctperf.perfusion import SD_MAPS
-    from ctperf.reporting import maps_overview, save_figure
+    from ctperf.reporting import maps_overview, save_figure, vessels_overview
 
     maps = result.maps
     with io.atomic_dir(folder, overwrite=overwrite) as tmp:
@@ -261,6 +262,9 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
                             **io.nifti_space(maps.provenance))
         save_figure(maps_overview(result, title=title), tmp / "overview.png", dpi=110,
                     facecolor="black")
+        vessels = vessels_overview(result, title=title)
+        if vessels is not None:
+            save_figure(vessels, tmp / "vessels.png", dpi=110, facecolor="black")
         if any(name in maps for name in SD_MAPS):
             save_figure(maps_overview(result, title=f"{title}, uncertainty (posterior SD)",
                                       names=SD_MAPS),
