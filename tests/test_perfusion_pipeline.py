@@ -542,3 +542,11 @@ def test_truncation_reads_the_late_regions_not_late_noise():
     # the scattered voxels alone (3.9 mL in all, none among late neighbours): nothing to judge
     alone = np.where(scattered, 8.0, 2.0)[brain]
     assert _late_mean(tissue, alone, kept, brain=brain, spacing=spacing, voxel_ml=0.01) is None
+    # a late region whose mean holds no bolus (tissue of little blood read late by its noise:
+    # a probe's high slab, washed out, had raised truncation at 1.00): nothing to judge
+    noise = np.random.default_rng(0).normal(0.0, 1.0, tissue.shape)
+    bloodless = np.where(region[brain], noise, tissue)
+    assert _late_mean(bloodless, tmax, kept, brain=brain, spacing=spacing, voxel_ml=0.01) is None
+    noisy_cut = np.where(region[brain], tissue + noise, tissue)  # a bolus in the noise: judged
+    assert _late_mean(noisy_cut, tmax, kept, brain=brain, spacing=spacing,
+                      voxel_ml=0.01) is not None

@@ -34,10 +34,12 @@ from ctperf.io.nifti import study_space
 from ctperf.perfusion.aif import early_tissue_peak_time, tissue_curve
 from ctperf.perfusion.boxnlr import BOX_METHODS
 from ctperf.perfusion.curves import (
+    MIN_AIF_SNR,
     TTP_SMOOTH_S,
     check_constants,
     on_frame_times,
     smooth_time,
+    start_level,
 )
 from ctperf.perfusion.inputs import (
     CurveOrigin,
@@ -460,7 +462,12 @@ def _late_mean(tissue: np.ndarray, tmax: np.ndarray | None, kept: np.ndarray, *,
     regional = (late & (near_late > 0.5 * near_kept)[brain]).astype(np.float32)
     if regional.sum() * voxel_ml < LATE_MIN_ML:
         return None
-    return (tissue @ regional) / regional.sum()
+    mean = (tissue @ regional) / regional.sum()
+    # a mean with no bolus (tissue of little blood, read late by its noise: a probe's high
+    # slab, 507 voxels of 4 % tissue) has nothing to cut off; its smoothed last frame had
+    # stood at its peak, truncation 1.00, on a study that washed out
+    _, span, noise = start_level(mean)
+    return mean if span > MIN_AIF_SNR * noise else None
 
 
 #: Tmax (s) over which tissue counts as late for the ``truncation`` flag: the lesions' default

@@ -480,7 +480,8 @@ def qc_flags(
     put("truncation", end is not None and end > end_fraction, end,
         f"the last frame (smoothed over time) of the AIF, the VOF, the tissue's mean curve or "
         f"the mean curve of the tissue of long Tmax (where most of its neighbours are late "
-        f"too, not the voxels read late by their noise alone) is above {end_fraction:.0%} of "
+        f"too, not the voxels read late by their noise alone, and when that mean holds a "
+        f"bolus) is above {end_fraction:.0%} of "
         "its peak: "
         "bolus not washed out (a scan too short), or a baseline drifting upwards, so CBV and "
         "MTT are biased (the "
