@@ -540,6 +540,21 @@ def test_a_box_fit_on_a_bound_is_flagged():
     assert fit.provenance["curve_flags"]["at_bound"]["curves"] == [3]
 
 
+def test_a_bayes_posterior_against_its_grids_edge_is_flagged():
+    """A probe's real tumour curve read MTT 30 s and delay -3 s, the grid's last and first
+    values, with SDs near 0 and no flag (the box fits' bounds were flagged, bayes's grid
+    edges not). A box of MTT 60 s (longer than the grid's 30 s) is flagged at_bound; the
+    hand curves, and the OSIPI curves (MTT up to 24 s, delay 0), are not."""
+    tissue, aif = _hand_curves()
+    long = _box_tissue(10.0, 60.0, 1.0, RHO, KH)
+    fit = fit_curves(np.column_stack([tissue, long]), aif, T_HAND, method="bayes")
+    assert fit.mtt[3] > 28.0
+    assert [i for i, f in enumerate(fit.flags) if "at_bound" in f] == [3]
+    osipi = _load_osipi()
+    flags = fit_curves(osipi["tissue"], osipi["aif"], osipi["times"], method="bayes").flags
+    assert not any("at_bound" in f for f in flags)
+
+
 def test_an_aif_arriving_after_the_tissue_is_flagged(capsys, tmp_path):
     """A vein given as the AIF (its bolus 5 s after the tissue's): the maps' QC flag
     ``aif_after_tissue`` is raised, in the sidecar and on the terminal; a plausible AIF

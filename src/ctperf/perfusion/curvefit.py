@@ -17,6 +17,7 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.io.integrity import fit_times, frame_spacing_problem
+from ctperf.perfusion.bayes.grid import at_grid_edge
 from ctperf.perfusion.boxnlr import BOX_METHODS, DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
     ARRIVAL_NOISE_GAIN,
@@ -80,9 +81,11 @@ CURVE_FLAGS: dict[str, str] = {
               "itself, or the AIF and tissue columns swapped; its values are not tissue "
               "perfusion (the maps leave such voxels out of the lesions)",
     "at_bound": "the box model's fit ended on a bound of CBF, MTT or delay (DEFAULT_BOUNDS of "
-                "ctperf.perfusion.boxnlr), or at no flow for a curve that enhances: the curve "
-                "does not determine it, or the simplex stopped there; its values are not "
-                "reliable",
+                "ctperf.perfusion.boxnlr), or at no flow for a curve that enhances; or bayes's "
+                "posterior mean of MTT or delay lies within half a step of its grid's first or "
+                "last value (MTT 1-30 s, delay -3 to 12 s or as extended for late curves): the "
+                "curve does not determine it, the simplex stopped there, or the curve asks for "
+                "more than the grid holds; its values are not reliable",
 }
 
 #: How many SDs of a time-smoothed curve's noise ``below_baseline`` of :func:`curve_flags`
@@ -379,13 +382,17 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     per_curve = tuple(f + ("peaks_before_aif",) * bool(hit and "no_enhancement" not in f)
                       + ("tmax_after_peak",) * bool(after and "no_enhancement" not in f)
                       for f, hit, after in zip(per_curve, early, late, strict=True))
+    stuck = np.zeros(len(per_curve), dtype=bool)  # the SVD methods have no bounds
     if method in BOX_METHODS:
-        stuck = _at_bounds(out)
         # No flow is a value for a flat curve; for one that enhances it is a simplex that
         # stopped (CBV on its bound of 0, where MTT and delay no longer change the misfit)
-        stuck |= np.array(["no_enhancement" not in f for f in per_curve]) & (out["cbf"] <= 0)
-        per_curve = tuple(f + ("at_bound",) * bool(hit)
-                          for f, hit in zip(per_curve, stuck, strict=True))
+        stuck = _at_bounds(out) | (np.array(["no_enhancement" not in f for f in per_curve])
+                                   & (out["cbf"] <= 0))
+    elif method == "bayes":
+        lo, hi = fitted["bayes_delay_range_s"]
+        stuck = at_grid_edge(out["mtt"], out["delay"], (lo, hi))
+    per_curve = tuple(f + ("at_bound",) * bool(hit)
+                      for f, hit in zip(per_curve, stuck, strict=True))
     provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},
                   "baseline_frames": n_base, "partial_volume": pv,
                   "qc": {k: flags[k] for k in CURVE_QC},
