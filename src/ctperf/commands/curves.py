@@ -84,8 +84,9 @@ def register(subparsers: Any) -> None:
                         "enhancement or concentration already (curves still at their "
                         "unenhanced HU before the AIF's bolus are then refused; bayes "
                         "accounts for the subtracted baseline's error in its likelihood, so "
-                        "the same curves read a little differently with 0 than with the "
-                        "baseline subtracted by ctperf) [%(default)s]")
+                        "noisy curves read differently with 0 than with the baseline "
+                        "subtracted by ctperf, within about their posterior SD: docs/bayes.md)"
+                        " [%(default)s]")
     add_constants_options(p)
     add_device_option(p, what="the box-model fits")
     p.set_defaults(func=run)
