@@ -92,6 +92,68 @@ def test_discover_refuses_an_empty_cohort_or_a_file(tmp_path):
         discover_studies(tmp_path / "c" / "readme.txt")
 
 
+def _folder_task(source, target, options):
+    """A study folder's ``id.txt``, copied to its output (a broken link fails as a reader's
+    missing file does)."""
+    path = Path(source) / "id.txt"
+    if not path.is_file():
+        raise InputError(source, "does not exist")
+    with atomic_dir(target) as tmp:
+        (tmp / "id.txt").write_text(path.read_text())
+
+
+def test_a_study_keeps_its_name_when_a_clashing_one_is_added(tmp_path):
+    """A folder "a b" added beside "a_b" had taken the name a_b, whose maps became a_b-2: a
+    rerun left another patient's maps under a name the output held (exit 0). Names the
+    manifest holds stay with their studies, which it records relative to COHORT; a new
+    output names them afresh."""
+    from ctperf.workflow.cohort import run_cohort_folder
+
+    root, out = tmp_path / "cohort", tmp_path / "out"
+    for folder, patient in (("a_b", "patient 0"), ("c", "patient 2")):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "id.txt").write_text(patient)
+    assert run_cohort_folder(root, out, _folder_task, {}, workers=1).done == ("a_b", "c")
+    (root / "a b").mkdir()
+    (root / "a b" / "id.txt").write_text("patient 1")
+    again = run_cohort_folder(root, out, _folder_task, {}, workers=1)
+    assert again.skipped == ("a_b", "c") and again.done == ("a_b-2",)
+    assert (out / "a_b" / "id.txt").read_text() == "patient 0"
+    assert (out / "a_b-2" / "id.txt").read_text() == "patient 1"
+    assert {n: r["source"] for n, r in load_manifest(out).items()} == {
+        "a_b": "a_b", "a_b-2": "a b", "c": "c"}
+    fresh = run_cohort_folder(root, tmp_path / "fresh", _folder_task, {}, workers=1)
+    assert fresh.done == ("a_b", "a_b-2", "c")  # sorted: "a b" first
+    assert (tmp_path / "fresh" / "a_b" / "id.txt").read_text() == "patient 1"
+
+
+def test_a_broken_link_is_a_failed_study_not_a_missing_one(tmp_path, caplog):
+    """A study linked to a store that is offline had been left out in silence: "1 studies:
+    1 done", exit 0. It is a study that fails, named on stderr and in the manifest."""
+    from ctperf.workflow.cohort import run_cohort_folder
+
+    root = tmp_path / "cohort"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "id.txt").write_text("patient 0")
+    (root / "gone").symlink_to(tmp_path / "offline" / "gone")
+    (root / "gone.nii.gz").symlink_to(tmp_path / "offline" / "gone.nii.gz")
+    summary = run_cohort_folder(root, tmp_path / "out", _folder_task, {}, workers=1)
+    assert summary.done == ("a",) and set(summary.failed) == {"gone", "gone-2"}
+    assert summary.exit_code == 1
+    assert "a link to" in caplog.text
+
+
+def test_a_rerun_with_other_options_says_so(tmp_path, caplog):
+    """docs/cohorts.md promised a warning when changed options redo every study; only a
+    change of version had one (a probe's nlr-fast cohort was replaced by ssvd in silence)."""
+    out = tmp_path / "out"
+    run_cohort(_studies("a", "c"), out, _echo_task, {"upper": False}, workers=1)
+    with caplog.at_level("WARNING"):
+        assert run_cohort(_studies("a", "c"), out, _echo_task, {"upper": True},
+                          workers=1).done == ("a", "c")
+    assert "2 studies were done with other options (a, c): done again" in caplog.text
+
+
 # --- the engine, in this process ---------------------------------------------------------------
 
 def test_failures_are_recorded_and_reruns_skip_what_is_done(tmp_path):

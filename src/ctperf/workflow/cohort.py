@@ -41,7 +41,7 @@ from ctperf.parallel import usable_cores
 
 __all__ = ["MANIFEST", "MEMORY_PER_WORKER", "CohortSummary", "Study", "discover_studies",
            "load_manifest", "options_hash", "refuse_other_versions", "run_cohort",
-           "run_cohort_folder", "source_state", "worker_count"]
+           "run_cohort_folder", "source_name", "source_state", "worker_count"]
 
 log = logging.getLogger(__name__)
 
@@ -136,10 +136,17 @@ def _sanitise(name: str) -> str:
     return clean[:100] or "study"
 
 
-def _unique_names(raw: Iterable[str]) -> list[str]:
-    taken: set[str] = set(_OWN_FILES)
+def _unique_names(raw: Iterable[str], kept: Iterable[str | None] | None = None) -> list[str]:
+    """Output names for the studies ``raw`` (cleaned, clashes numbered), in their order; where
+    ``kept`` gives one (a name an output's manifest already holds for that study), that."""
+    raw = list(raw)
+    kept = list(kept) if kept is not None else [None] * len(raw)
+    taken: set[str] = set(_OWN_FILES) | {k.lower() for k in kept if k is not None}
     names = []
-    for name in raw:
+    for name, keep in zip(raw, kept, strict=True):
+        if keep is not None:
+            names.append(keep)
+            continue
         base, k, candidate = _sanitise(name), 1, _sanitise(name)
         while candidate.lower() in taken:
             k += 1
@@ -147,6 +154,17 @@ def _unique_names(raw: Iterable[str]) -> list[str]:
         taken.add(candidate.lower())
         names.append(candidate)
     return names
+
+
+def source_name(source: Any, root: Path | None) -> str | None:
+    """A study's input ``source`` as a path relative to its cohort folder ``root`` (POSIX), or
+    None for a source that is not a path inside it (a generated cohort's description)."""
+    if root is None or not isinstance(source, str | os.PathLike):
+        return None
+    try:
+        return Path(source).relative_to(root).as_posix()
+    except ValueError:
+        return None
 
 
 def _is_reference_maps(folder: Path) -> bool:
@@ -161,7 +179,7 @@ def _is_reference_maps(folder: Path) -> bool:
     return any(p.is_dir() and p.name.lower() in maps for p in folder.iterdir())
 
 
-def discover_studies(cohort: _PathLike) -> list[Study]:
+def discover_studies(cohort: _PathLike, *, names: dict[str, str] | None = None) -> list[Study]:
     """The studies of a cohort folder, sorted by name.
 
     Each sub-folder is one study (but a UniToBrain ``..._Maps`` folder of reference maps beside
@@ -170,7 +188,13 @@ def discover_studies(cohort: _PathLike) -> list[Study]:
     Each ``.nii``/``.nii.gz`` file beside them is one study (a JSON sidecar of the same stem
     goes with it). Hidden entries, ctperf's own files (``manifest.json``, ``cohort.json``) and
     other files are ignored. Names become output folder names: characters other than letters,
-    digits, ``.``, ``_`` and ``-`` turn into ``_``; clashes get ``-2``, ``-3``...
+    digits, ``.``, ``_`` and ``-`` turn into ``_``; clashes get ``-2``, ``-3``... ``names``
+    (a study's input relative to ``cohort``, :func:`source_name` -> its name) keeps the names
+    an output already holds: a study added later whose name clashes with one of them is the
+    one numbered (``"a b"`` added beside ``a_b`` had taken ``a_b``, whose maps became
+    ``a_b-2``: another patient's maps under a name the output held). An entry that is a
+    broken symbolic link (a store offline) is a study too, which fails when read (it had been
+    left out in silence, exit 0).
 
     Raises
     ------
@@ -196,11 +220,16 @@ def discover_studies(cohort: _PathLike) -> list[Study]:
             found.append((entry.name, _study_in_folder(entry)))
         elif entry.is_file() and (stem := _nifti_stem(entry.name)) is not None:
             found.append((stem, entry))
+        elif entry.is_symlink() and not entry.exists():
+            log.warning("%s: a link to %s, which does not exist", entry, os.readlink(entry))
+            found.append((_nifti_stem(entry.name) or entry.name, entry))
     if not found:
         raise InputError(root, "holds no study: expected one sub-folder (DICOM, or holding a "
                                "4D NIfTI) or one 4D NIfTI file per study")
-    names = _unique_names(name for name, _ in found)
-    return [Study(name, path, root) for name, (_, path) in zip(names, found, strict=True)]
+    given = names or {}
+    kept = [given.get(source_name(path, root) or "") for _, path in found]
+    named = _unique_names((name for name, _ in found), kept)
+    return [Study(name, path, root) for name, (_, path) in zip(named, found, strict=True)]
 
 
 # --- manifest --------------------------------------------------------------------------------
@@ -560,22 +589,29 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
     digest = options_hash(task, options)
     version = software_version()
     state = {s.name: source_state(s.source) for s in studies}
-    # a row from before sources were stamped keeps its maps, and is stamped now
+    source = {s.name: source_name(s.source, s.root) for s in studies}
+    # a row from before sources were stamped (or named) keeps its maps, and is stamped now
     skipped = tuple(s.name for s in studies if rows.get(s.name, {}).get("state") == "done"
                     and rows[s.name].get("options_hash") == digest and (root / s.name).is_dir()
                     and not output_missing(root / s.name)  # a map deleted since: redone
                     and rows[s.name].setdefault("source_state", state[s.name]) == state[s.name]
+                    and rows[s.name].setdefault("source", source[s.name]) == source[s.name]
                     # another version may map differently: one cohort, one version
                     and rows[s.name].get("ctperf_version", version) == version)
     older = _done_by_other_version(rows, names, version)  # none of them skipped
     if older:
         log.warning("%d studies were done by another ctperf version (%s): done again by %s",
                     len(older), rows[older[0]]["ctperf_version"], version)
+    other = [n for n in names if rows.get(n, {}).get("state") == "done"
+             and rows[n].get("options_hash") != digest and n not in older]
+    if other:  # said by the docs, and had not been: a rerun replaced every study in silence
+        log.warning("%d studies were done with other options (%s%s): done again with these",
+                    len(other), ", ".join(other[:3]), " ..." if len(other) > 3 else "")
     todo = [s for s in studies if s.name not in skipped]
     for study in todo:
         rows[study.name] = {"state": "pending", "error": None, "started": None, "finished": None,
                             "ctperf_version": version, "options_hash": digest,
-                            "source_state": state[study.name]}
+                            "source_state": state[study.name], "source": source[study.name]}
     _save_manifest(root, rows)
     if skipped:
         log.info("%d of %d studies already done with these options, skipped", len(skipped),
@@ -658,6 +694,8 @@ def run_cohort_folder(cohort: _PathLike, out: _PathLike, task: Task, options: An
     from ctperf.io import check_output
 
     check_output(out, inputs=(cohort,), kind="extend", owned_by=(MANIFEST,))
-    studies = discover_studies(cohort)
+    held = {row["source"]: name for name, row in load_manifest(out).items()
+            if isinstance(row.get("source"), str)}
+    studies = discover_studies(cohort, names=held)
     return run_cohort(studies, out, task, options, scheduler=scheduler, workers=workers,
                       progress=progress)
