@@ -543,13 +543,16 @@ def test_a_box_fit_on_a_bound_is_flagged():
 def test_a_bayes_posterior_against_its_grids_edge_is_flagged():
     """A probe's real tumour curve read MTT 30 s and delay -3 s, the grid's last and first
     values, with SDs near 0 and no flag (the box fits' bounds were flagged, bayes's grid
-    edges not). A box of MTT 60 s (longer than the grid's 30 s) is flagged at_bound; the
+    edges not). A box of MTT 60 s (longer than the grid's 30 s) and a curve 4 s ahead of the
+    AIF (the grid starts at -3 s; a review's such curves read delays of -2.95 to -2.63 s, a
+    posterior piled against the edge whose mean lies inside it) are flagged at_bound; the
     hand curves, and the OSIPI curves (MTT up to 24 s, delay 0), are not."""
     tissue, aif = _hand_curves()
     long = _box_tissue(10.0, 60.0, 1.0, RHO, KH)
-    fit = fit_curves(np.column_stack([tissue, long]), aif, T_HAND, method="bayes")
+    ahead = np.interp(T_HAND + 4.0, T_HAND, tissue[:, 0])
+    fit = fit_curves(np.column_stack([tissue, long, ahead]), aif, T_HAND, method="bayes")
     assert fit.mtt[3] > 28.0
-    assert [i for i, f in enumerate(fit.flags) if "at_bound" in f] == [3]
+    assert [i for i, f in enumerate(fit.flags) if "at_bound" in f] == [3, 4]
     osipi = _load_osipi()
     flags = fit_curves(osipi["tissue"], osipi["aif"], osipi["times"], method="bayes").flags
     assert not any("at_bound" in f for f in flags)

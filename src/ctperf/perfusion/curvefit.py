@@ -17,7 +17,6 @@ import numpy as np
 
 from ctperf.errors import ValidationError
 from ctperf.io.integrity import fit_times, frame_spacing_problem
-from ctperf.perfusion.bayes.grid import at_grid_edge
 from ctperf.perfusion.boxnlr import BOX_METHODS, DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
     ARRIVAL_NOISE_GAIN,
@@ -82,8 +81,8 @@ CURVE_FLAGS: dict[str, str] = {
               "perfusion (the maps leave such voxels out of the lesions)",
     "at_bound": "the box model's fit ended on a bound of CBF, MTT or delay (DEFAULT_BOUNDS of "
                 "ctperf.perfusion.boxnlr), or at no flow for a curve that enhances; or bayes's "
-                "posterior mean of MTT or delay lies within half a step of its grid's first or "
-                "last value (MTT 1-30 s, delay -3 to 12 s or as extended for late curves): the "
+                "posterior holds 20 % or more of its mass on its grid's first or last MTT or "
+                "delay (MTT 1 or 30 s, delay -3 s or 12 s, or as extended for late curves): the "
                 "curve does not determine it, the simplex stopped there, or the curve asks for "
                 "more than the grid holds; its values are not reliable",
 }
@@ -91,6 +90,10 @@ CURVE_FLAGS: dict[str, str] = {
 #: How many SDs of a time-smoothed curve's noise ``below_baseline`` of :func:`curve_flags`
 #: needs (each curve's noise is estimated from its own frames, so fewer raise false alarms).
 CURVE_FLAG_SDS = 5.0
+
+#: The posterior mass on the grid's first or last MTT or delay over which ``bayes`` flags a
+#: curve ``at_bound``.
+EDGE_MASS = 0.2
 #: How many SDs a curve must rise by to escape ``no_enhancement``: lower than
 #: :data:`CURVE_FLAG_SDS`, because after a short baseline the baseline mean's error dominates
 #: the level, and at 5 SDs real grey-matter curves (peaks of 7 noise SDs at 2 s frames) were
@@ -389,8 +392,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         stuck = _at_bounds(out) | (np.array(["no_enhancement" not in f for f in per_curve])
                                    & (out["cbf"] <= 0))
     elif method == "bayes":
-        lo, hi = fitted["bayes_delay_range_s"]
-        stuck = at_grid_edge(out["mtt"], out["delay"], (lo, hi))
+        stuck = values["grid_edge"] >= EDGE_MASS
     per_curve = tuple(f + ("at_bound",) * bool(hit)
                       for f, hit in zip(per_curve, stuck, strict=True))
     provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},

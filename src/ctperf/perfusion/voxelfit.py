@@ -88,6 +88,7 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
                          progress=progress, **options)
         values = {name: getattr(post, name) for name in
                   ("cbf", "cbv", "mtt", "ttp", "tmax", "delay", "residual", *SD_MAPS)}
+        values["grid_edge"] = post.edge
         if options:
             fitted["bayes_options"] = options
         if post.shape_weights is not None:

@@ -69,7 +69,9 @@ class BayesFit:
     deviations where its means are the maps), in the units of the map. ``shape_weights``: the
     residue shapes' prior probabilities when they were learned from the study;
     ``delay_range``: the grid's first and last delay, s (wider than :data:`DELAY_RANGE` where
-    the study's tissue arrived later).
+    the study's tissue arrived later); ``edge`` the posterior mass on the grid's first or last
+    MTT or delay (a posterior piled against the grid's edge: the curve asks for more than the
+    grid holds).
     """
 
     cbf: np.ndarray
@@ -85,6 +87,7 @@ class BayesFit:
     cbv_sd: np.ndarray
     mtt_sd: np.ndarray
     tmax_sd: np.ndarray
+    edge: np.ndarray
     shape_weights: dict[str, float] | None = None
     delay_range: tuple[float, float] = DELAY_RANGE
 
@@ -236,7 +239,7 @@ def fit_bayes(
         raise ValidationError(f"mask holds {int(m.sum())} voxels, tissue {n}")
     if n == 0:  # nothing to fit: empty maps, as the box fit gives
         e = np.zeros(0, dtype=np.float32)
-        return BayesFit(*(e,) * 13)
+        return BayesFit(*(e,) * 14)
     whiten = None if baseline_frames is None else baseline_whitening(t.size, baseline_frames)
     n_draws = int(max(draws, 1))
     # a curve with NaN or Inf is fitted as zeros there and given no values, as the box and
@@ -459,5 +462,5 @@ def fit_bayes(
                     residual=np.sqrt(mom[:, 6] / t.size).astype(np.float32),
                     noise=np.sqrt(mom[:, 7]).astype(np.float32),
                     cbf_sd=col["cbf_sd"], cbv_sd=col["cbv_sd"], mtt_sd=col["mtt_sd"],
-                    tmax_sd=col["tmax_sd"], shape_weights=weights,
+                    tmax_sd=col["tmax_sd"], edge=col["edge"], shape_weights=weights,
                     delay_range=(float(grid.delays[0]), float(grid.delays[-1])))

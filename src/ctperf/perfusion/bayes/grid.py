@@ -21,11 +21,6 @@ DISPERSIONS: tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.5, 0.75, 1.5, 3.0)
 #: Delays of the grid, s (``ResidueGrid``'s default): from tissue 3 s ahead of the AIF's artery
 #: to 12 s behind it.
 DELAY_RANGE: tuple[float, float] = (-3.0, 12.0)
-#: The grid's delay step, s, and its MTTs: ``N_MTT`` log-spaced values over ``MTT_RANGE`` (s)
-#: (``ResidueGrid``'s defaults).
-DELAY_STEP = 0.125
-MTT_RANGE: tuple[float, float] = (1.0, 30.0)
-N_MTT = 48
 
 #: Scale (s) of the prior on the dispersion, density proportional to 1 / (tau + scale): close
 #: to log-uniform (no preferred dispersion) from a few tenths of a second up, finite at 0.
@@ -106,8 +101,8 @@ class ResidueGrid:
     """
 
     def __init__(self, aif: np.ndarray, times: np.ndarray, *, scale: float,
-                 mtt_range: tuple[float, float] = MTT_RANGE, n_mtt: int = N_MTT,
-                 delay_range: tuple[float, float] = DELAY_RANGE, delay_step: float = DELAY_STEP,
+                 mtt_range: tuple[float, float] = (1.0, 30.0), n_mtt: int = 48,
+                 delay_range: tuple[float, float] = DELAY_RANGE, delay_step: float = 0.125,
                  residues: tuple[str, ...] = RESIDUES,
                  dispersions: tuple[float, ...] = DISPERSIONS, dt: float = 0.05,
                  whiten: np.ndarray | None = None) -> None:
@@ -196,6 +191,11 @@ class ResidueGrid:
         self.mtt_32, self.delay_32 = self.mtt.astype(np.float32), self.delay.astype(np.float32)
         self.tmax_32, self.cv_32 = self.tmax.astype(np.float32), self.cv.astype(np.float32)
         self.ttp_32 = self.ttp.astype(np.float32)
+        # the points on the first or last MTT or delay: a posterior piled there asks for more
+        # than the grid holds
+        self.edge_32 = ((self.mtt == self.mtts[0]) | (self.mtt == self.mtts[-1])
+                        | (self.delay == self.delays[0])
+                        | (self.delay == self.delays[-1])).astype(np.float32)
         self._log_speed: np.ndarray | None = None
 
     @property
@@ -316,15 +316,3 @@ class ResidueGrid:
             lp = np.where(self.usable, lp4.ravel(), -np.inf)
         return lp.astype(np.float32)
 
-
-def at_grid_edge(mtt: np.ndarray, delay: np.ndarray,
-                 delay_range: tuple[float, float] = DELAY_RANGE) -> np.ndarray:
-    """Which posterior means of MTT or delay lie within half a step of the default grid's
-    first or last value (``delay_range`` the delays the fit searched): the posterior piled
-    against the grid's edge, where the curve asked for more than the grid holds (a probe's
-    tumour curve read MTT 30 s and delay -3 s with SDs near 0). NaN is not at an edge."""
-    half = (MTT_RANGE[1] / MTT_RANGE[0]) ** (0.5 / (N_MTT - 1))
-    m, d = np.asarray(mtt, dtype=np.float64), np.asarray(delay, dtype=np.float64)
-    with np.errstate(invalid="ignore"):
-        return ((m <= MTT_RANGE[0] * half) | (m >= MTT_RANGE[1] / half)
-                | (d <= delay_range[0] + DELAY_STEP / 2) | (d >= delay_range[1] - DELAY_STEP / 2))

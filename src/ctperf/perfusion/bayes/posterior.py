@@ -221,7 +221,7 @@ def _weighted_median(x: np.ndarray, w: np.ndarray) -> np.ndarray:
 #: Columns of :func:`_moments`.
 _COLUMNS = ("cbf", "cbv", "mtt", "delay", "tmax", "cv", "sse_min", "noise_var",
             "cbf_sd", "cbv_sd", "mtt_sd", "tmax_sd", "cbf_noise_var", "cbv_noise_var",
-            "inv_mtt_rel", "ttp")
+            "inv_mtt_rel", "ttp", "edge")
 
 
 def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndarray,
@@ -237,11 +237,12 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndar
     prior (each carrying equal mass): their posterior weights represent the whole posterior,
     and give each estimate's root-mean-square deviation from the truth under it,
     sqrt(E[(x - estimate)^2]) (the posterior SD when the two means agree).
-    Returns (n, 16) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT. Columns
+    Returns (n, 17) float64 in the order of :data:`_COLUMNS`; CBF is 60 CBV / MTT. Columns
     12 and 13 are the parts of CBF's and CBV's variances that the voxel's own noise makes at
     a given grid point (the amplitude's), averaged over the estimates' points; column 14 is
     CBF's relative root-mean-square error from MTT's posterior alone (CBV given), over the
-    draws; the last the posterior mean of the fitted curve's time to peak.
+    draws; 15 the posterior mean of the fitted curve's time to peak; the last the posterior
+    mass on the grid's first or last MTT or delay (``ResidueGrid.edge_32``).
     """
     np.maximum(g, 0.0, out=g)                               # CBF >= 0
 
@@ -280,6 +281,7 @@ def _moments(g: np.ndarray, yy: np.ndarray, noise_var: np.ndarray, cand: np.ndar
     out[:, 3], out[:, 4] = est["delay"], est["tmax"]
     out[:, 5] = mean(w, at(grid.cv_32)[:, top])
     out[:, 15] = mean(w, at(grid.ttp_32)[:, top])
+    out[:, 16] = mean(w, at(grid.edge_32)[:, top])
     amp_var = noise32 * inv_nb[:, top]
     out[:, 12] = mean(w, amp_var)
     out[:, 13] = mean(w, amp_var * (mtt / 60.0) ** 2)
