@@ -193,6 +193,14 @@ def test_vessels_figure_marks_the_chosen_voxels_where_they_are(overview):
     given = {**prov, "aif": {"source": "mask"}}
     assert vessels_overview(dataclasses.replace(
         result, maps=result.maps.replace(provenance=given))) is None
+    # a VOF found and rejected (it scaled nothing) is drawn apart: a review found it circled
+    # in blue as "VOF" beside no_vof; the U-Net's maps say whose voxels they show
+    rejected = {**prov, "vof": {"source": "automatic", "used": False, "voxels_zyx": [[z, y, x]]},
+                "aif": {"source": "mask"}, "curves_from": "reference NLR run"}
+    fig = vessels_overview(dataclasses.replace(result, maps=result.maps.replace(
+        provenance=rejected)))
+    assert fig.axes[0].get_title() == f"slice {z}: VOF (rejected) 1"
+    assert "reference NLR run" in fig._suptitle.get_text()
 
 
 @pytest.mark.parametrize("record", [{"nifti_xform_code": 0}, {"orientation_unknown": True}])

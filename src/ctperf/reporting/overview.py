@@ -210,9 +210,10 @@ def vessel_voxels(provenance: Mapping[str, Any], shape: tuple[int, int, int]
 
 
 def vessels_overview(result: Any, *, title: str = "", most: int = 4) -> Any | None:
-    """A matplotlib Figure: the voxels the AIF (red) and the VOF (blue) were taken from, on the
-    CBV map in grey, in the (up to ``most``) slices holding the most of them, shown
-    radiologically; None when neither was chosen automatically.
+    """A matplotlib Figure: the voxels the AIF (red) and the VOF (blue; grey when it was
+    rejected and scaled nothing) were taken from, on the CBV map in grey, in the (up to
+    ``most``) slices holding the most of them, shown radiologically; None when neither was
+    chosen automatically.
 
     The AIF's choice judges each voxel's curve, not its place (docs/methods.md): this is where
     a reader checks that it sits on an artery and the VOF on a large vein (the superior
@@ -240,7 +241,11 @@ def vessels_overview(result: Any, *, title: str = "", most: int = 4) -> Any | No
                               cell * high * radio.aspect(dy, dx) / wide + 0.9),
                      facecolor="black", layout="constrained")
     axes = fig.subplots(1, len(slices), squeeze=False)[0]
-    styles = {"aif": ("tab:red", "AIF"), "vof": ("deepskyblue", "VOF")}
+    prov = maps.provenance
+    # a VOF found but not used (rejected: no partial-volume scaling) is drawn apart
+    used = prov.get("vof", {}).get("used", True) is not False
+    styles = {"aif": ("tab:red", "AIF"),
+              "vof": ("deepskyblue", "VOF") if used else ("darkgrey", "VOF (rejected)")}
     for ax, z in zip(axes, slices, strict=True):
         ax.imshow(radio(cbv[z][box]), cmap=colormap("gray").with_extremes(bad="black"),
                   vmin=0.0, vmax=top if top > 0 else 1.0, interpolation="nearest",
@@ -252,11 +257,12 @@ def vessels_overview(result: Any, *, title: str = "", most: int = 4) -> Any | No
             if ys.size:
                 ax.scatter(xs, ys, s=36, facecolors="none", edgecolors=colour, linewidths=1.3)
                 parts.append(f"{label} {ys.size}")
-        radiological_axes(ax, mark=True, fontsize=9, known=orientation_known(maps.provenance))
+        radiological_axes(ax, mark=True, fontsize=9, known=orientation_known(prov))
         ax.set_title(f"slice {z}: " + ", ".join(parts), color="white", fontsize=9)
     total = ", ".join(f"{styles[n][1]} {int(m.sum())} voxels" for n, m in chosen.items())
-    pv = maps.provenance.get("partial_volume", {})
-    note = pv.get("reason", "")
-    fig.suptitle(f"{title + ': ' if title else ''}{total} (on CBV){'; ' + note if note else ''}",
-                 color="white", fontsize=9, wrap=True)
+    # the U-Net's maps show the reference run's curves (it uses none), and say so
+    notes = [n for n in (prov.get("partial_volume", {}).get("reason", ""),
+                         prov.get("curves_from", "")) if n]
+    fig.suptitle(f"{title + ': ' if title else ''}{total} (on CBV)"
+                 + "".join(f"; {n}" for n in notes), color="white", fontsize=9, wrap=True)
     return fig
