@@ -127,6 +127,38 @@ def test_a_study_keeps_its_name_when_a_clashing_one_is_added(tmp_path):
     assert (tmp_path / "fresh" / "a_b" / "id.txt").read_text() == "patient 1"
 
 
+def test_names_of_older_or_edited_manifests(tmp_path, caplog):
+    """A review: rows from before inputs were recorded lost their names as before (a_c's maps
+    moved to a_c-2), and a hand-edited name ('../escaped') wrote outside OUT. A row without
+    its input keeps its name for the entry of that name; a name that is no clean name is not
+    kept; a name whose input is gone and now another's is made again, with a warning."""
+    from ctperf.workflow.cohort import run_cohort_folder
+
+    root, out = tmp_path / "cohort", tmp_path / "out"
+    for folder, patient in (("a_c", "patient 0"), ("d", "patient 3")):
+        (root / folder).mkdir(parents=True)
+        (root / folder / "id.txt").write_text(patient)
+    run_cohort_folder(root, out, _folder_task, {}, workers=1)
+    doc = json.loads((out / MANIFEST).read_text())
+    for row in doc["studies"].values():
+        del row["source"]  # as an older version wrote it
+    doc["studies"]["../escaped"] = doc["studies"].pop("d")
+    (out / MANIFEST).write_text(json.dumps(doc))
+    (root / "a c").mkdir()
+    (root / "a c" / "id.txt").write_text("patient 1")
+    again = run_cohort_folder(root, out, _folder_task, {}, workers=1)
+    assert again.skipped == ("a_c",) and again.done == ("a_c-2", "d")
+    assert (out / "a_c" / "id.txt").read_text() == "patient 0"
+    assert not (tmp_path / "escaped").exists() and (out / "d" / "id.txt").is_file()
+    shutil.rmtree(root / "a_c")  # its name goes to another input: made again, and said
+    (root / "a#c").mkdir()
+    (root / "a#c" / "id.txt").write_text("patient 4")
+    with caplog.at_level("WARNING"):
+        last = run_cohort_folder(root, out, _folder_task, {}, workers=1)
+    assert last.done == ("a_c",) and last.skipped == ("a_c-2", "d")  # "a c" keeps its name
+    assert "a_c was made from a_c, now from a#c" in caplog.text
+
+
 def test_a_broken_link_is_a_failed_study_not_a_missing_one(tmp_path, caplog):
     """A study linked to a store that is offline had been left out in silence: "1 studies:
     1 done", exit 0. It is a study that fails, named on stderr and in the manifest."""
@@ -137,10 +169,11 @@ def test_a_broken_link_is_a_failed_study_not_a_missing_one(tmp_path, caplog):
     (root / "a" / "id.txt").write_text("patient 0")
     (root / "gone").symlink_to(tmp_path / "offline" / "gone")
     (root / "gone.nii.gz").symlink_to(tmp_path / "offline" / "gone.nii.gz")
+    (root / "notes.txt").symlink_to(tmp_path / "offline" / "notes.txt")  # no study's name
     summary = run_cohort_folder(root, tmp_path / "out", _folder_task, {}, workers=1)
     assert summary.done == ("a",) and set(summary.failed) == {"gone", "gone-2"}
     assert summary.exit_code == 1
-    assert "a link to" in caplog.text
+    assert "a link to" in caplog.text and "notes.txt" in caplog.text
 
 
 def test_a_rerun_with_other_options_says_so(tmp_path, caplog):

@@ -179,7 +179,8 @@ def _is_reference_maps(folder: Path) -> bool:
     return any(p.is_dir() and p.name.lower() in maps for p in folder.iterdir())
 
 
-def discover_studies(cohort: _PathLike, *, names: dict[str, str] | None = None) -> list[Study]:
+def discover_studies(cohort: _PathLike, *,
+                     held: dict[str, str | None] | None = None) -> list[Study]:
     """The studies of a cohort folder, sorted by name.
 
     Each sub-folder is one study (but a UniToBrain ``..._Maps`` folder of reference maps beside
@@ -188,13 +189,17 @@ def discover_studies(cohort: _PathLike, *, names: dict[str, str] | None = None) 
     Each ``.nii``/``.nii.gz`` file beside them is one study (a JSON sidecar of the same stem
     goes with it). Hidden entries, ctperf's own files (``manifest.json``, ``cohort.json``) and
     other files are ignored. Names become output folder names: characters other than letters,
-    digits, ``.``, ``_`` and ``-`` turn into ``_``; clashes get ``-2``, ``-3``... ``names``
-    (a study's input relative to ``cohort``, :func:`source_name` -> its name) keeps the names
-    an output already holds: a study added later whose name clashes with one of them is the
-    one numbered (``"a b"`` added beside ``a_b`` had taken ``a_b``, whose maps became
-    ``a_b-2``: another patient's maps under a name the output held). An entry that is a
-    broken symbolic link (a store offline) is a study too, which fails when read (it had been
-    left out in silence, exit 0).
+    digits, ``.``, ``_`` and ``-`` turn into ``_``; clashes get ``-2``, ``-3``... ``held``
+    (an output's names -> the input each was made from, relative to ``cohort``,
+    :func:`source_name`; None for a row from before inputs were recorded) keeps the names an
+    output already holds: a study added later whose name clashes with one of them is the one
+    numbered (``"a b"`` added beside ``a_b`` had taken ``a_b``, whose maps became ``a_b-2``:
+    another patient's maps under a name the output held). A row without its input keeps its
+    name for the entry of that very name, else the first whose name cleans to it; a held name
+    that is no clean name (a hand-edited ``../x``) is not kept. An entry that is a broken
+    symbolic link (a store offline) with a study's name (a NIfTI file's, or one without a
+    suffix) is a study too, which fails when read (it had been left out in silence, exit 0);
+    any other broken link is left out with a warning.
 
     Raises
     ------
@@ -221,15 +226,33 @@ def discover_studies(cohort: _PathLike, *, names: dict[str, str] | None = None) 
         elif entry.is_file() and (stem := _nifti_stem(entry.name)) is not None:
             found.append((stem, entry))
         elif entry.is_symlink() and not entry.exists():
-            log.warning("%s: a link to %s, which does not exist", entry, os.readlink(entry))
-            found.append((_nifti_stem(entry.name) or entry.name, entry))
+            stem = _nifti_stem(entry.name) or (entry.name if not entry.suffix else None)
+            log.warning("%s: a link to %s, which does not exist%s", entry,
+                        os.readlink(entry), "" if stem else "; left out")
+            if stem:
+                found.append((stem, entry))
     if not found:
         raise InputError(root, "holds no study: expected one sub-folder (DICOM, or holding a "
                                "4D NIfTI) or one 4D NIfTI file per study")
-    given = names or {}
-    kept = [given.get(source_name(path, root) or "") for _, path in found]
-    named = _unique_names((name for name, _ in found), kept)
+    named = _unique_names((name for name, _ in found), _kept_names(found, root, held or {}))
     return [Study(name, path, root) for name, (_, path) in zip(named, found, strict=True)]
+
+
+def _kept_names(found: list[tuple[str, Path]], root: Path, held: dict[str, str | None]
+                ) -> list[str | None]:
+    """The name an output already holds for each entry ``(raw name, path)`` of ``found``, or
+    None (see :func:`discover_studies`)."""
+    clean = {n: src for n, src in held.items()
+             if _sanitise(n) == n and n.lower() not in _OWN_FILES}
+    by_source = {src: n for n, src in clean.items() if src is not None}
+    kept = [by_source.get(source_name(path, root) or "") for _, path in found]
+    for name in sorted(n for n, src in clean.items() if src is None and n not in kept):
+        for same in (lambda raw, n=name: raw == n, lambda raw, n=name: _sanitise(raw) == n):
+            free = [i for i, (raw, _) in enumerate(found) if kept[i] is None and same(raw)]
+            if free:
+                kept[free[0]] = name
+                break
+    return kept
 
 
 # --- manifest --------------------------------------------------------------------------------
@@ -602,6 +625,11 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
     if older:
         log.warning("%d studies were done by another ctperf version (%s): done again by %s",
                     len(older), rows[older[0]]["ctperf_version"], version)
+    for s in studies:  # a name whose input was removed, now another's
+        was = rows.get(s.name, {}).get("source")
+        if isinstance(was, str) and source[s.name] is not None and was != source[s.name]:
+            log.warning("%s was made from %s, now from %s: made again", s.name, was,
+                        source[s.name])
     other = [n for n in names if rows.get(n, {}).get("state") == "done"
              and rows[n].get("options_hash") != digest and n not in older]
     if other:  # said by the docs, and had not been: a rerun replaced every study in silence
@@ -694,8 +722,8 @@ def run_cohort_folder(cohort: _PathLike, out: _PathLike, task: Task, options: An
     from ctperf.io import check_output
 
     check_output(out, inputs=(cohort,), kind="extend", owned_by=(MANIFEST,))
-    held = {row["source"]: name for name, row in load_manifest(out).items()
-            if isinstance(row.get("source"), str)}
-    studies = discover_studies(cohort, names=held)
+    held = {name: row["source"] if isinstance(row.get("source"), str) else None
+            for name, row in load_manifest(out).items()}
+    studies = discover_studies(cohort, held=held)
     return run_cohort(studies, out, task, options, scheduler=scheduler, workers=workers,
                       progress=progress)
