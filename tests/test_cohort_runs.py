@@ -334,11 +334,29 @@ def test_the_manifest_leaves_out_uids_and_series_descriptions(tmp_path):
     assert saved == "a: holds 2 series; choose one with --series UID: <UID> CT '...' (60 files)"
 
 
-def test_a_local_cluster_runs_the_studies_in_worker_processes(tmp_path):
+def test_a_local_cluster_runs_the_studies_in_worker_processes(tmp_path, monkeypatch):
+    import distributed
+    import psutil
+
+    listening: list[str] = []
+
+    class Cluster(distributed.LocalCluster):
+        """The local cluster, noting where this process (its scheduler) listens once up."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            listening.extend(c.laddr.ip for c in psutil.Process().net_connections("tcp")
+                             if c.status == psutil.CONN_LISTEN)
+
+    monkeypatch.setattr(distributed, "LocalCluster", Cluster)
     out = tmp_path / "out"
     environment = dict(os.environ)
     summary = run_cohort(_studies("a", "bug", "c"), out, _echo_task, {"upper": True},
                          workers=2)
+    # on this machine only: the scheduler's web server had listened on every interface,
+    # serving the task keys (which name the studies: a folder named after the patient) to
+    # the network with no login
+    assert listening and set(listening) == {"127.0.0.1"}
     # Dask's nannies set their workers' OMP_NUM_THREADS=1, PYTHONHASHSEED, ... in this
     # process's environment: the caller's later subprocesses must not inherit them
     assert dict(os.environ) == environment

@@ -6,8 +6,10 @@ from ctperf.errors import DependencyError
 try:
     import torch  # noqa: F401
 except ImportError as _exc:  # an optional dependency: one line for the CLI, not a traceback
-    raise DependencyError(f"the U-Net needs PyTorch ({_exc}); pip install 'ctperf[model]' "
-                          "(a CPU build is enough)") from None
+    raise DependencyError(f"the U-Net needs PyTorch ({_exc}); on a machine without a GPU "
+                          "install its CPU build first (pip install torch --index-url "
+                          "https://download.pytorch.org/whl/cpu, else pip takes a CUDA build "
+                          "of several GB), then pip install 'ctperf[model]'") from None
 
 from ctperf.model.checkpoint import (
     CHECKPOINT_VERSION,

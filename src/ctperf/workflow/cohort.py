@@ -449,15 +449,19 @@ def _in_process(todo: list[Study], out: Path, task: Task, options: Any
 
 @contextlib.contextmanager
 def _dask_quiet() -> Iterator[None]:
-    """distributed logs its start and stop at INFO through the root handler: kept for -v."""
-    chatter = logging.getLogger("distributed")
-    level = chatter.level
+    """distributed logs its start and stop at INFO through the root handler, and at WARNING
+    the nannies' killing of workers slow to stop after a run that succeeded: kept for -v."""
+    chatters = {logging.getLogger("distributed"): logging.WARNING,
+                logging.getLogger("distributed.nanny"): logging.ERROR}
+    levels = {c: c.level for c in chatters}
     if not log.isEnabledFor(logging.INFO):
-        chatter.setLevel(logging.WARNING)
+        for chatter, level in chatters.items():
+            chatter.setLevel(level)
     try:
         yield
     finally:
-        chatter.setLevel(level)
+        for chatter, level in levels.items():
+            chatter.setLevel(level)
 
 
 #: Seconds to wait for an existing Dask scheduler to answer.
@@ -508,10 +512,13 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
     with _dask_quiet():
         try:
             if client is None:
-                # ":0": the scheduler's web server (it runs even without a dashboard) on a
-                # free port, so that clusters of several runs at once do not compete for one
+                # port 0: the scheduler's web server (it runs even without a dashboard) on a
+                # free port, so that clusters of several runs at once do not compete for one;
+                # on this machine only (":0" had served the task keys, which name the studies,
+                # to the whole network, with no login)
                 cluster = distributed.LocalCluster(n_workers=workers, threads_per_worker=1,
-                                                   processes=True, dashboard_address=":0",
+                                                   processes=True, host="127.0.0.1",
+                                                   dashboard_address="127.0.0.1:0",
                                                    silence_logs=logging.WARNING)
                 client = distributed.Client(cluster)
             with client if cluster is not None else contextlib.nullcontext(client):
