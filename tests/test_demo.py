@@ -20,10 +20,15 @@ def _finite_numbers(node: object) -> list[float]:
     return []
 
 
-def test_demo_tiny_writes_every_output(tmp_path):
+def test_demo_tiny_writes_every_output(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", str(out), "--size", "64", "--slices", "2", "--frames", "40",
                  "--motion", "none"]) == 0
+    # the flags raised are said, as ctperf maps says them (a 20 s scan's are; only
+    # overview.png had shown them)
+    qc = json.loads((out / "maps" / "summary.json").read_text())["qc"]
+    raised = [k for k, v in qc.items() if v["flag"]]
+    assert raised and f"QC flags: {', '.join(raised)}" in capsys.readouterr().out
     for rel in ("report.md", "report.html", "evaluation.json", "comparison.png",
                 "maps/overview.png", "maps/vessels.png",
                 "maps/summary.json", "maps/cbf.nii.gz", "maps/lesions/core.nii.gz",
