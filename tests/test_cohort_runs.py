@@ -170,10 +170,31 @@ def test_a_broken_link_is_a_failed_study_not_a_missing_one(tmp_path, caplog):
     (root / "gone").symlink_to(tmp_path / "offline" / "gone")
     (root / "gone.nii.gz").symlink_to(tmp_path / "offline" / "gone.nii.gz")
     (root / "notes.txt").symlink_to(tmp_path / "offline" / "notes.txt")  # no study's name
+    # a DICOM folder named by its UID: a review found it left out, exit 0, by a first rule
+    (root / "1.2.840.113619.2.55.3").symlink_to(tmp_path / "offline" / "1.2.840.113619.2.55.3")
     summary = run_cohort_folder(root, tmp_path / "out", _folder_task, {}, workers=1)
-    assert summary.done == ("a",) and set(summary.failed) == {"gone", "gone-2"}
+    assert summary.done == ("a",) and set(summary.failed) == {
+        "gone", "gone-2", "1.2.840.113619.2.55.3"}
     assert summary.exit_code == 1
     assert "a link to" in caplog.text and "notes.txt" in caplog.text
+
+
+def test_quiet_dask_hides_only_the_nannies_slow_stop(caplog):
+    """The nannies' "still alive ... killing" after a successful run is hidden without -v; a
+    first version hid every nanny warning, a worker restarted for its memory among them (a
+    review: a frozen progress bar, no reason given)."""
+    import logging
+
+    from ctperf.workflow.cohort import _dask_quiet
+
+    with caplog.at_level(logging.WARNING), _dask_quiet():
+        logging.getLogger("distributed.nanny").warning(
+            "Worker process still alive after 4.0 seconds, killing")
+        logging.getLogger("distributed.nanny").warning("Restarting worker")
+        logging.getLogger("distributed.nanny.memory").warning(
+            "Worker exceeded 95% memory budget. Restarting...")
+    assert [r.getMessage() for r in caplog.records] == [
+        "Restarting worker", "Worker exceeded 95% memory budget. Restarting..."]
 
 
 def test_a_rerun_with_other_options_says_so(tmp_path, caplog):

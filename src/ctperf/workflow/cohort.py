@@ -50,6 +50,10 @@ log = logging.getLogger(__name__)
 #: study and its intermediate arrays fit in it.
 MEMORY_PER_WORKER = 4 * 2**30
 _OWN_FILES = frozenset({MANIFEST, "cohort.json"})
+#: Suffixes of files beside a cohort's studies that are no study (a broken link so named is
+#: left out; any other is a study that fails).
+_OTHER_FILES = frozenset({".json", ".txt", ".csv", ".tsv", ".md", ".pdf", ".png", ".jpg",
+                          ".html", ".log", ".xml", ".yaml", ".yml", ".zip", ".gz", ".tar"})
 _UNHASHED = frozenset({"progress", "overwrite", "workers"})
 _PathLike = str | os.PathLike[str]
 Task = Callable[[Any, Path, Any], Any]
@@ -197,9 +201,9 @@ def discover_studies(cohort: _PathLike, *,
     another patient's maps under a name the output held). A row without its input keeps its
     name for the entry of that very name, else the first whose name cleans to it; a held name
     that is no clean name (a hand-edited ``../x``) is not kept. An entry that is a broken
-    symbolic link (a store offline) with a study's name (a NIfTI file's, or one without a
-    suffix) is a study too, which fails when read (it had been left out in silence, exit 0);
-    any other broken link is left out with a warning.
+    symbolic link (a store offline) is a study too, which fails when read (it had been left
+    out in silence, exit 0), unless it is named as a file of another kind (``.json``,
+    ``.txt``...), which is left out with a warning.
 
     Raises
     ------
@@ -226,7 +230,10 @@ def discover_studies(cohort: _PathLike, *,
         elif entry.is_file() and (stem := _nifti_stem(entry.name)) is not None:
             found.append((stem, entry))
         elif entry.is_symlink() and not entry.exists():
-            stem = _nifti_stem(entry.name) or (entry.name if not entry.suffix else None)
+            # a DICOM folder may be named by a UID or a date with dots: only a link named as
+            # a file of another kind is not a study
+            stem = _nifti_stem(entry.name) or (
+                entry.name if entry.suffix.lower() not in _OTHER_FILES else None)
             log.warning("%s: a link to %s, which does not exist%s", entry,
                         os.readlink(entry), "" if stem else "; left out")
             if stem:
@@ -447,21 +454,28 @@ def _in_process(todo: list[Study], out: Path, task: Task, options: Any
                                 writer=current_writer())
 
 
+def _not_slow_to_stop(record: logging.LogRecord) -> bool:
+    """False for a nanny's "Worker process still alive after 4.0 seconds, killing", which it
+    says of workers slow to stop after a run that succeeded (its other warnings, a worker
+    restarted for memory among them, stay)."""
+    return not str(record.msg).startswith("Worker process still alive")
+
+
 @contextlib.contextmanager
 def _dask_quiet() -> Iterator[None]:
     """distributed logs its start and stop at INFO through the root handler, and at WARNING
     the nannies' killing of workers slow to stop after a run that succeeded: kept for -v."""
-    chatters = {logging.getLogger("distributed"): logging.WARNING,
-                logging.getLogger("distributed.nanny"): logging.ERROR}
-    levels = {c: c.level for c in chatters}
-    if not log.isEnabledFor(logging.INFO):
-        for chatter, level in chatters.items():
-            chatter.setLevel(level)
+    chatter, nanny = logging.getLogger("distributed"), logging.getLogger("distributed.nanny")
+    level = chatter.level
+    quiet = not log.isEnabledFor(logging.INFO)
+    if quiet:
+        chatter.setLevel(logging.WARNING)
+        nanny.addFilter(_not_slow_to_stop)
     try:
         yield
     finally:
-        for chatter, level in levels.items():
-            chatter.setLevel(level)
+        chatter.setLevel(level)
+        nanny.removeFilter(_not_slow_to_stop)
 
 
 #: Seconds to wait for an existing Dask scheduler to answer.
