@@ -38,6 +38,7 @@ __all__ = [
     "flat_edge_share",
     "frame_gaps",
     "qc_flags",
+    "raised_flags",
     "skull_shift_px",
 ]
 
@@ -330,6 +331,11 @@ def lesion_no_bolus_flag(volume_ml: float | None) -> dict[str, Any]:
                       "or that the bolus never reached; an acute core keeps some blood. Its CBF "
                       "counts it as core and its Tmax is read from noise; the volumes include "
                       "it: read the unenhanced images"}
+
+
+def raised_flags(flags: dict[str, dict[str, Any]]) -> list[str]:
+    """The names of the raised flags among :func:`qc_flags`' (``provenance["qc"]``)."""
+    return [name for name, flag in flags.items() if flag["flag"]]
 
 
 def qc_flags(

@@ -21,8 +21,7 @@ from ctperf.reporting.figures import (
 from ctperf.reporting.windows import colorbar_extend, display_window, map_title
 from ctperf.types import RadiologicalView, radiological_flips
 
-__all__ = ["maps_overview", "radiological_flips", "vessel_voxels", "vessels_overview",
-           "volume_text"]
+__all__ = ["maps_overview", "radiological_flips", "vessels_overview", "volume_text"]
 
 #: Maps shown, one column each, when present.
 _OVERVIEW_MAPS: tuple[str, ...] = ("cbf", "cbv", "mtt", "tmax", "ttp")
@@ -195,7 +194,7 @@ def maps_overview(result: Any, *, title: str = "",
     return fig
 
 
-def vessel_voxels(provenance: Mapping[str, Any], shape: tuple[int, int, int]
+def _vessel_voxels(provenance: Mapping[str, Any], shape: tuple[int, int, int]
                   ) -> dict[str, np.ndarray]:
     """The voxels (Z, Y, X) masks of the AIF and the VOF that were chosen automatically
     (``provenance["aif"|"vof"]["voxels_zyx"]``); a curve or mask given has none."""
@@ -219,7 +218,7 @@ def vessels_overview(result: Any, *, title: str = "", most: int = 4) -> Any | No
     a reader checks that it sits on an artery and the VOF on a large vein (the superior
     sagittal sinus), not on a streak, bone or the skull's edge."""
     maps = result.maps
-    chosen = vessel_voxels(maps.provenance, maps.shape)
+    chosen = _vessel_voxels(maps.provenance, maps.shape)
     if not chosen:
         return None
     counts = sum(m.sum(axis=(1, 2)) for m in chosen.values())

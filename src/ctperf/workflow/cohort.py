@@ -253,12 +253,12 @@ def _kept_names(found: list[tuple[str, Path]], root: Path, held: dict[str, str |
              if _sanitise(n) == n and n.lower() not in _OWN_FILES}
     by_source = {src: n for n, src in clean.items() if src is not None}
     kept = [by_source.get(source_name(path, root) or "") for _, path in found]
-    for name in sorted(n for n, src in clean.items() if src is None and n not in kept):
-        for same in (lambda raw, n=name: raw == n, lambda raw, n=name: _sanitise(raw) == n):
-            free = [i for i, (raw, _) in enumerate(found) if kept[i] is None and same(raw)]
-            if free:
-                kept[free[0]] = name
-                break
+    for name in sorted(n for n, src in clean.items() if src is None):
+        free = [i for i, (raw, _) in enumerate(found) if kept[i] is None]
+        match = ([i for i in free if found[i][0] == name]
+                 or [i for i in free if _sanitise(found[i][0]) == name])
+        if match:
+            kept[match[0]] = name
     return kept
 
 

@@ -99,6 +99,7 @@ def run_demo(out: Path, options: DemoOptions, *,
 
     from ctperf import io
     from ctperf.lesion_options import LesionOptions
+    from ctperf.perfusion.qc import raised_flags
     from ctperf.phantom import generate_subject, write_subject
     from ctperf.reporting import (
         comparison_figure,
@@ -133,7 +134,7 @@ def run_demo(out: Path, options: DemoOptions, *,
         write_maps_outputs(result, tmp / "maps", title=f"phantom seed {o.seed}: {o.method}")
         # as ctperf maps says them: a 20 s scan's maps read CBF +256 % with three flags raised
         # that only overview.png showed
-        raised = [k for k, v in result.maps.provenance["qc"].items() if v["flag"]]
+        raised = raised_flags(result.maps.provenance["qc"])
         if raised:
             say(f"      QC flags: {', '.join(raised)} (maps/summary.json says why)")
         say("[4/4] scoring against the phantom's true maps")

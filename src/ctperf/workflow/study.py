@@ -199,11 +199,12 @@ def _first_frame(series: Any) -> Any:
 
 
 def _maps_outcome(result: Any, out: Path) -> StudyOutcome:
+    from ctperf.perfusion.qc import raised_flags
     from ctperf.reporting import volume_text
 
     maps = result.maps
     les = maps.provenance["lesions"]
-    raised = [k for k, v in maps.provenance["qc"].items() if v["flag"]]
+    raised = raised_flags(maps.provenance["qc"])
     message = (f"wrote {', '.join(maps.names)} to {out}: core {volume_text(les, 'core')}, "
                f"hypoperfused {volume_text(les, 'hypoperfused')}"
                + (f"; QC flags: {', '.join(raised)}" if raised else ""))

@@ -315,4 +315,3 @@ class ResidueGrid:
                     + special.logsumexp(lp4, axis=2, keepdims=True)
             lp = np.where(self.usable, lp4.ravel(), -np.inf)
         return lp.astype(np.float32)
-
