@@ -139,6 +139,7 @@ def test_studies_a_cohort_run_did_not_finish_are_left_out(tmp_path):
     assert sorted(reader.maps) == ["a", "c"]
     assert reader.warnings == ["b: left out: the cohort's manifest says 'failed' (maps of an "
                                "earlier run, or none)"]
+    assert reader.left_out == {"b": "its manifest says 'failed'"}
     (root / "manifest.json").write_text(json.dumps({"format": "other", "studies": {}}))
     assert sorted(load_maps_cohort(root).maps) == STUDIES
 
@@ -219,3 +220,23 @@ def test_cbf_per_100_ml_of_tissue_is_converted_as_cbv_per_100_ml_is():
     np.testing.assert_allclose(got, [60.0], rtol=1e-6)
     got = to_map_unit("cbv", np.array([4.16], np.float32), "mL/100mL", "cbv.nii")
     np.testing.assert_allclose(got, [4.0], rtol=1e-6)
+
+
+def test_a_study_left_out_is_said_failed_or_missing_and_like_readers_named_apart(tmp_path):
+    """`ctperf evaluate`'s excluded studies: a study whose run failed in one cohort had been
+    said "missing in" it; two cohorts of one method had become "bsvd" and "bsvd-2", which
+    does not say which is which: they are named by their folders' paths."""
+    from ctperf.evaluation.cohort import Reader
+    from ctperf.evaluation.report import _absence, _unique_labels
+
+    failed = Reader(label="bsvd", kind="method", path=str(tmp_path / "site-a" / "bsvd"),
+                    left_out={"b": "its manifest says 'failed'"})
+    other = Reader(label="bsvd", kind="method", path=str(tmp_path / "site-b" / "bsvd"))
+    net = Reader(label="net", kind="method", path=str(tmp_path / "net"))
+    _unique_labels([failed, other, net])
+    assert [r.label for r in (failed, other, net)] == ["bsvd (site-a)", "bsvd (site-b)", "net"]
+    assert _absence("b", [failed, other]) == ("not mapped in bsvd (site-a) (its manifest says "
+                                              "'failed'); missing in bsvd (site-b)")
+    same = [Reader(label="x", kind="method", path=str(tmp_path / "x")) for _ in range(2)]
+    _unique_labels(same)  # one folder given twice: only a number tells them apart
+    assert [r.label for r in same] == ["x-1", "x-2"]

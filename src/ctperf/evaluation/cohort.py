@@ -67,7 +67,8 @@ class Reader:
     ``"method"``, ``"truth"`` or ``"rater"``; ``warnings`` what reading it found doubtful
     (a map's values implausible for its unit); ``rules[study]`` the definition of its core and
     hypoperfused lesions where known (``summary.json``'s thresholds, or those it was segmented
-    with here), as labels such as ``"Tmax > 6.0 s"``.
+    with here), as labels such as ``"Tmax > 6.0 s"``; ``left_out[study]`` why a study its
+    cohort's manifest names was not read (its run failed or did not finish).
     """
 
     label: str
@@ -78,6 +79,7 @@ class Reader:
     brain: dict[str, np.ndarray] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     rules: dict[str, dict[str, str]] = field(default_factory=dict)
+    left_out: dict[str, str] = field(default_factory=dict)
 
     @property
     def studies(self) -> list[str]:
@@ -175,6 +177,8 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
     reader = Reader(label="", kind="truth" if phantom else "method", path=str(root))
     made_by: dict[str, list[str]] = {}  # method -> its studies, from their summary.json
     unfinished = _unfinished(root)
+    for name, state in unfinished.items():
+        reader.left_out[name] = f"its manifest says '{state}'"
     for sub in subs:
         if sub.name in unfinished:
             reader.warnings.append(f"{sub.name}: left out: the cohort's manifest says "

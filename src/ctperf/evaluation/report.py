@@ -167,7 +167,7 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
                 raise InputError(paths[k], f"no study in common with {before}")
             shared = set(reader.maps) if shared is None else shared & set(reader.maps)
         raise InputError(pred, "no study in common to the cohorts")
-    excluded = {s: "missing in " + ", ".join(r.label for r in with_maps if s not in r.maps)
+    excluded = {s: _absence(s, [r for r in with_maps if s not in r.maps])
                 for r0 in with_maps for s in r0.maps if s not in studies}
     grids = {s: (readers[1].maps[s].shape, readers[1].maps[s].affine,
                  io.kept_qform(readers[1].maps[s].provenance)) for s in studies}
@@ -237,11 +237,27 @@ def _conversions(reader: Any, studies: list[str]) -> list[str]:
     return _recorded(reader, studies, "unit_conversions")
 
 
+def _absence(study: str, lacking: Sequence[Any]) -> str:
+    """Why ``study`` is not compared: the readers without its maps, each said as failed (its
+    manifest's state) or missing."""
+    failed = [f"{r.label} ({r.left_out[study]})" for r in lacking if study in r.left_out]
+    missing = [r.label for r in lacking if study not in r.left_out]
+    return "; ".join([*([f"not mapped in {', '.join(failed)}"] if failed else []),
+                      *([f"missing in {', '.join(missing)}"] if missing else [])])
+
+
 def _unique_labels(readers: Sequence[Any]) -> None:
-    seen: dict[str, int] = {}
+    """Readers of the same label (two cohorts of one method) named apart by the last part of
+    their folders' paths that differs, e.g. ``bsvd (site-a)`` and ``bsvd (site-b)``; by a
+    number only when the paths are the same."""
+    by_label: dict[str, list[Any]] = {}
     for r in readers:
-        if r.label in seen:
-            seen[r.label] += 1
-            r.label = f"{r.label}-{seen[r.label]}"
-        else:
-            seen[r.label] = 1
+        by_label.setdefault(r.label, []).append(r)
+    for label, same in by_label.items():
+        if len(same) < 2:
+            continue
+        parts = [Path(r.path).resolve().parts[::-1] for r in same]
+        depth = next((k for k in range(min(map(len, parts)))
+                      if len({p[k] for p in parts}) == len(same)), None)
+        for k, (r, p) in enumerate(zip(same, parts, strict=True)):
+            r.label = f"{label} ({p[depth]})" if depth is not None else f"{label}-{k + 1}"
