@@ -735,6 +735,35 @@ def test_study_names_in_the_logs_hold_per_thread(caplog):
     assert said == ["a: warning of a", "after both", "b: warning of b"]
 
 
+def _warning_task(source, target, options):
+    """A study that says a warning and writes its folder."""
+    import logging
+
+    logging.getLogger("ctperf.perfusion.x").warning("automatic VOF rejected (%s)", source)
+    with atomic_dir(target) as tmp:
+        (tmp / "value.txt").write_text(str(source))
+
+
+def test_warnings_of_studies_on_another_cluster_are_said_here(tmp_path, caplog):
+    """With --scheduler the studies' warnings (an automatic VOF rejected...) had been written
+    in the workers' logs only, on the cluster's machines: the client says them too, named by
+    study, and the manifest keeps none of them (it may be shared)."""
+    import logging
+
+    import distributed
+
+    with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                                  dashboard_address=None) as cluster, \
+            caplog.at_level(logging.WARNING):
+        summary = run_cohort(_studies("a", "b"), tmp_path / "out", _warning_task, {},
+                             scheduler=cluster.scheduler_address)
+    assert summary.done == ("a", "b")
+    here = sorted(r.getMessage() for r in caplog.records
+                  if r.name == "ctperf.workflow.cohort")
+    assert here == ["a: automatic VOF rejected (a)", "b: automatic VOF rejected (b)"]
+    assert "warnings" not in _rows(tmp_path / "out")["a"]
+
+
 def test_the_software_version_changes_with_the_code(tmp_path):
     """Records said "0.1.0" for 339 commits whose maps differed (CBV 32.4 against 21.4 on one
     study), so a cohort's one-version guard never fired: the version carries a digest of the

@@ -382,17 +382,33 @@ def _named_record_factory(make: Callable[..., logging.LogRecord]
     return named
 
 
+class _StudyWarnings(logging.Handler):
+    """Keeps the text of ctperf's warnings made while ``study`` runs in this thread's context."""
+
+    def __init__(self, study: str) -> None:
+        super().__init__(logging.WARNING)
+        self.study, self.said = study, list[str]()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if _STUDY.get() == self.study:
+            self.said.append(record.getMessage())
+
+
 @contextlib.contextmanager
-def _logs_named(name: str) -> Iterator[None]:
+def _logs_named(name: str) -> Iterator[list[str]]:
     """ctperf's log records made meanwhile in this thread begin with the study's ``name`` (a
     cohort's warnings had named no study): a record factory, installed once per process,
-    reads the thread's study (a worker of several threads runs several studies at once)."""
+    reads the thread's study (a worker of several threads runs several studies at once).
+    Yields the list of the study's warnings, filled as they are made."""
     if not getattr(logging.getLogRecordFactory(), "ctperf_names_studies", False):
         logging.setLogRecordFactory(_named_record_factory(logging.getLogRecordFactory()))
     token = _STUDY.set(name)
+    kept = _StudyWarnings(name)
+    logging.getLogger("ctperf").addHandler(kept)
     try:
-        yield
+        yield kept.said
     finally:
+        logging.getLogger("ctperf").removeHandler(kept)
         _STUDY.reset(token)
 
 
@@ -402,7 +418,8 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
     ``uid_key``: the client's de-identification secret, which a worker process takes as its
     own (each had drawn its own, and one run's series came out as different studies);
     ``writer``: the command the client runs, which a worker process writes as (its outputs
-    had named none, and a rerun in the client's process refused them)."""
+    had named none, and a rerun in the client's process refused them). The row's
+    ``warnings`` are the study's warnings, for a client whose workers' logs it does not see."""
     from ctperf.io.privacy import UID_KEY_VARIABLE
 
     started = _now()
@@ -410,8 +427,9 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
         os.environ[UID_KEY_VARIABLE] = uid_key
     before = current_writer()
     set_writer(writer)
+    said: list[str] = []
     try:
-        with _logs_named(study.name):
+        with _logs_named(study.name) as said:
             task(study.source, target, options)
         if not target.is_dir():
             raise CTPerfError(f"the task wrote no folder {target.name}")
@@ -423,7 +441,8 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
                 error = error.replace(f"{folder}{os.sep}", "")
     finally:
         set_writer(before)
-    return {"state": state, "error": error, "started": started, "finished": _now()}
+    return {"state": state, "error": error, "started": started, "finished": _now(),
+            "warnings": said}
 
 
 def _threads(options: Any, threads: int | None) -> Any:
@@ -549,6 +568,9 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
                     except Exception as exc:  # the worker died (memory, kill) or was lost
                         row = {"state": "failed", "error": _one_line(exc), "started": None,
                                "finished": _now()}
+                    if cluster is None:  # another machine's workers log where we cannot see
+                        for text in row.get("warnings", []):
+                            log.warning("%s", text)
                     yield study, row
         finally:
             if cluster is not None:
@@ -681,6 +703,7 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
                            workers=local)
     try:
         for study, row in results:
+            row.pop("warnings", None)  # said where the study ran (or by _on_dask)
             rows[study.name].update(row, error=_without_identifiers(row["error"]))
             _save_manifest(root, rows)
             if row["state"] == "done":
