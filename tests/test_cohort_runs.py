@@ -735,15 +735,6 @@ def test_study_names_in_the_logs_hold_per_thread(caplog):
     assert said == ["a: warning of a", "after both", "b: warning of b"]
 
 
-def _warning_task(source, target, options):
-    """A study that says a warning and writes its folder."""
-    import logging
-
-    logging.getLogger("ctperf.perfusion.x").warning("automatic VOF rejected (%s)", source)
-    with atomic_dir(target) as tmp:
-        (tmp / "value.txt").write_text(str(source))
-
-
 def test_warnings_of_studies_on_another_cluster_are_said_here(tmp_path, caplog):
     """With --scheduler the studies' warnings (an automatic VOF rejected...) had been written
     in the workers' logs only, on the cluster's machines: the client says them too, named by
@@ -760,8 +751,31 @@ def test_warnings_of_studies_on_another_cluster_are_said_here(tmp_path, caplog):
     assert summary.done == ("a", "b")
     here = sorted(r.getMessage() for r in caplog.records
                   if r.name == "ctperf.workflow.cohort")
-    assert here == ["a: automatic VOF rejected (a)", "b: automatic VOF rejected (b)"]
+    assert here == ["a: automatic VOF rejected (why)", "b: automatic VOF rejected (why)"]
     assert "warnings" not in _rows(tmp_path / "out")["a"]
+
+
+def _flag_task(source, target, options):
+    """A study whose maps raise the QC flags its source names ('a,b'; '' none)."""
+    from ctperf.workflow.study import StudyOutcome
+
+    with atomic_dir(target) as tmp:
+        (tmp / "value.txt").write_text(str(source))
+    return StudyOutcome(out=target, message="", summary={
+        "qc_flags": [f for f in str(source).split(",") if f]})
+
+
+def test_the_qc_flags_of_a_cohorts_studies_are_said_and_kept(tmp_path):
+    """`ctperf maps --cohort` had said only "N done, M failed": a study's QC flags (no_vof,
+    truncation...) were in its summary.json alone. The summary names each flagged study, the
+    manifest keeps its flags, and a rerun that skips it says them again."""
+    studies = [Study("a", "no_vof,truncation"), Study("b", ""), Study("c", "motion")]
+    first = run_cohort(studies, tmp_path / "out", _flag_task, {}, workers=1)
+    assert first.flagged == {"a": ["no_vof", "truncation"], "c": ["motion"]}
+    assert first.flag_lines() == ["a: QC flags: no_vof, truncation", "c: QC flags: motion"]
+    assert _rows(tmp_path / "out")["b"]["qc_flags"] == []
+    again = run_cohort(studies, tmp_path / "out", _flag_task, {}, workers=1)
+    assert again.skipped == ("a", "b", "c") and again.flagged == first.flagged
 
 
 def test_the_software_version_changes_with_the_code(tmp_path):

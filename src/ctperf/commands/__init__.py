@@ -214,6 +214,8 @@ def run_study_command(args: argparse.Namespace, task: Callable[..., Any], option
                                 scheduler=args.scheduler, workers=args.workers, progress=True)
     for line in summary.failure_lines():
         print(f"ctperf {args.command}: {line}", file=sys.stderr)
+    for line in summary.flag_lines():
+        print(line)
     print(summary.text())
     return summary.exit_code
 

@@ -87,6 +87,9 @@ class CohortSummary:
         ``OUT/manifest.json``.
     seconds : float
         Wall time of the run, s.
+    flagged : dict of str to list of str
+        Study name -> the QC flags its maps raised, for the studies done or skipped that
+        raised any (a task that reports them: ``ctperf maps``).
     """
 
     done: tuple[str, ...]
@@ -94,6 +97,7 @@ class CohortSummary:
     failed: dict[str, str]
     manifest: Path
     seconds: float
+    flagged: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     @property
     def total(self) -> int:
@@ -113,6 +117,10 @@ class CohortSummary:
     def failure_lines(self) -> list[str]:
         """``<study>: <error>`` for every failed study."""
         return [f"{name}: {error}" for name, error in self.failed.items()]
+
+    def flag_lines(self) -> list[str]:
+        """``<study>: QC flags: <flags>`` for every study whose maps raised any."""
+        return [f"{name}: QC flags: {', '.join(flags)}" for name, flags in self.flagged.items()]
 
 
 # --- discovery -------------------------------------------------------------------------------
@@ -428,12 +436,16 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
     before = current_writer()
     set_writer(writer)
     said: list[str] = []
+    flags = None
     try:
         with _logs_named(study.name) as said:
-            task(study.source, target, options)
+            outcome = task(study.source, target, options)
         if not target.is_dir():
             raise CTPerfError(f"the task wrote no folder {target.name}")
         state, error = "done", None
+        summary = getattr(outcome, "summary", None)
+        if isinstance(summary, dict) and isinstance(summary.get("qc_flags"), list):
+            flags = [str(f) for f in summary["qc_flags"]]
     except Exception as exc:  # a study's failure is recorded, the cohort goes on
         state, error = "failed", _one_line(exc)
         for folder in (study.root, target.parent):
@@ -441,8 +453,9 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
                 error = error.replace(f"{folder}{os.sep}", "")
     finally:
         set_writer(before)
-    return {"state": state, "error": error, "started": started, "finished": _now(),
-            "warnings": said}
+    row = {"state": state, "error": error, "started": started, "finished": _now(),
+           "warnings": said}
+    return row if flags is None else {**row, "qc_flags": flags}
 
 
 def _threads(options: Any, threads: int | None) -> Any:
@@ -720,7 +733,9 @@ def _run_locked(studies: list[Study], root: Path, task: Task, options: Any, *,
     order = {name: i for i, name in enumerate(names)}
     return CohortSummary(done=tuple(sorted(done, key=order.__getitem__)), skipped=skipped,
                          failed=dict(sorted(failed.items(), key=lambda kv: order[kv[0]])),
-                         manifest=root / MANIFEST, seconds=time.monotonic() - started)
+                         manifest=root / MANIFEST, seconds=time.monotonic() - started,
+                         flagged={n: list(rows[n]["qc_flags"]) for n in names
+                                  if rows[n].get("state") == "done" and rows[n].get("qc_flags")})
 
 
 def _done_by_other_version(rows: dict[str, dict[str, Any]], names: Iterable[str],
