@@ -129,6 +129,33 @@ def test_curves_begun_as_the_bolus_rose_raise_bolus_at_start():
     assert "high with the SVD methods" in begun["reason"]
 
 
+def _slow_bolus(t: np.ndarray, t0: float) -> np.ndarray:
+    """A slow injection's arterial curve, HU: a raised-cosine rise over 20 s from ``t0`` to 340
+    HU, then a fall to a recirculation level of 30 % of its rise."""
+    x = np.clip(t - t0, 0.0, None)
+    up = 0.5 * (1.0 - np.cos(np.pi * np.minimum(x, 20.0) / 20.0))
+    return 40.0 + 300.0 * up * np.where(x > 20.0, 0.3 + 0.7 * np.exp(-(x - 20.0) / 6.0), 1.0)
+
+
+def test_a_scan_begun_on_a_slow_upslope_raises_bolus_at_start():
+    """An AIF filmed from partway up a slow rise (a probe's: 12 % of its peak at the first
+    frame, climbing every frame): its first frame is its lowest, since the recirculation
+    keeps the end higher, so the first-frame rule never fired; its baseline frames climb by
+    7 % of the rise (CBV +28 % here): flagged. Begun before the bolus: not flagged."""
+    t = np.arange(0.0, 50.0, 1.0)
+    rng = np.random.default_rng(0)
+    for t0, flagged in ((10.0, False), (-4.5, True)):
+        aif = _slow_bolus(t, t0) + rng.normal(0.0, 2.0, t.size)
+        tissue = 30.0 + 0.02 * (_slow_bolus(t, t0 + 1.5) - 40.0) + rng.normal(0.0, 0.5, t.size)
+        fit = fit_curves(tissue[:, None], aif, t, method="bsvd")
+        flag = fit.provenance["qc"]["bolus_at_start"]
+        assert flag["flag"] is flagged, (t0, flag)
+    assert fit.provenance["baseline_frames"] == 2 and float(np.argmin(aif)) == 0.0
+    assert 0.05 < flag["value"] < 0.1  # its two baseline frames climb by 6.8 % of the rise
+    with pytest.raises(ValidationError, match="or the bolus had begun before the first frame"):
+        fit_curves(tissue[:, None] - tissue[0], aif - 40.0, t, method="bsvd", baseline=0)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_curves_starting_near_the_arterial_peak_are_refused_by_every_method(method, tmp_path,
                                                                              capsys):

@@ -33,6 +33,7 @@ from ctperf.perfusion.curves import (
     second_difference_sd,
     smooth_time,
     spiky,
+    start_trend,
     to_enhancement,
 )
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
@@ -242,11 +243,17 @@ def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> No
         off = off_zero_before(curve, k, share)
         if off is not None:
             level, rise = off
+            climb, climb_sd = start_trend(curve, t, k)
+            begun = (f" or the bolus had begun before the first frame (the AIF climbs by "
+                     f"{climb:.0%} of its rise before then, with no flat start; the scan must "
+                     "start before the contrast arrives)"
+                     if curve is aif and climb > share and climb > 5.0 * climb_sd else "")
             raise ValidationError(
                 f"baseline 0 takes the curves as enhancement (0 before the bolus), but before "
                 f"the AIF's bolus arrives (at {t[k] - t[0]:.1f} s) {name} stands at "
                 f"{level:.3g}, against a rise of {rise:.3g}: the curves hold their unenhanced "
-                "values (HU); let the baseline be read from them (auto, or a number of frames)")
+                f"values (HU){begun}; let the baseline be read from them (auto, or a number of "
+                "frames)")
 
 
 def _check_baseline_before_bolus(t: np.ndarray, aif: np.ndarray, n_base: int) -> None:

@@ -13,6 +13,7 @@ Box model (Bennink et al., J. Med. Imaging 3:026003, 2016, doi:10.1117/1.JMI.3.2
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 from scipy import interpolate
@@ -57,6 +58,7 @@ __all__ = [
     "second_difference_sd",
     "smooth_time",
     "spiky",
+    "start_trend",
     "time_to_peak",
     "to_enhancement",
     "uniform_grid",
@@ -305,6 +307,29 @@ def start_level(aif: np.ndarray) -> tuple[float, float, float]:
     # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
     noise = np.sqrt(0.625) * float(second_difference_sd(x))
     return float(c[0]) - low, float(c.max()) - low, noise
+
+
+def start_trend(curve: np.ndarray, times: np.ndarray, frames: int) -> tuple[float, float]:
+    """How far a curve rises through its first ``frames`` frames -- the least-squares line's
+    rise from the first to the last of them, as a share of the curve's range above its lowest
+    values (smoothed, as :func:`start_level`) -- and that share's SD from the curve's noise (its
+    second differences); (0, inf) for fewer than two frames or no range. An unenhanced
+    baseline is flat: a curve whose pre-bolus frames climb steadily was filmed from its
+    upslope (the scan began as the bolus arrived), and its baseline holds contrast."""
+    x = np.asarray(curve, dtype=np.float64)
+    t = np.asarray(times, dtype=np.float64)
+    n = min(int(frames), x.size)
+    _, span, _ = start_level(x)
+    if n < 2 or not span > 0:
+        return 0.0, math.inf
+    dt = t[:n] - t[:n].mean()
+    spread = float(dt @ dt)
+    if not spread > 0:
+        return 0.0, math.inf
+    width = float(t[n - 1] - t[0])
+    slope = float(dt @ x[:n]) / spread
+    sd = float(second_difference_sd(x)) / math.sqrt(spread)
+    return slope * width / span, sd * width / span
 
 
 def bolus_started_message(evidence: str) -> str:
