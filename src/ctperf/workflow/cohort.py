@@ -395,7 +395,8 @@ class _StudyWarnings(logging.Handler):
 
     def __init__(self, study: str) -> None:
         super().__init__(logging.WARNING)
-        self.study, self.said = study, list[str]()
+        self.study = study
+        self.said: list[str] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if _STUDY.get() == self.study:
