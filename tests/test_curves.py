@@ -129,6 +129,17 @@ def test_curves_begun_as_the_bolus_rose_raise_bolus_at_start():
     assert "high with the SVD methods" in begun["reason"]
 
 
+def test_osvd_curves_on_coarse_frames_are_flagged():
+    """``ctperf curves --method osvd`` on 2 s frames raises ``osvd_coarse_frames`` (its CBF
+    reads low there: tests/test_nonuniform_timing.py); the same curves at 0.5 s do not."""
+    tissue, aif = _hand_curves()
+    for step, flagged in ((1, False), (4, True)):
+        qc = fit_curves(tissue[::step], aif[::step], T_HAND[::step],
+                        method="osvd").provenance["qc"]
+        assert qc["osvd_coarse_frames"]["flag"] is flagged
+        assert qc["osvd_coarse_frames"]["value"] == pytest.approx(0.5 * step)
+
+
 def _slow_bolus(t: np.ndarray, t0: float) -> np.ndarray:
     """A slow injection's arterial curve, HU: a raised-cosine rise over 20 s from ``t0`` to 340
     HU, then a fall to a recirculation level of 30 % of its rise."""

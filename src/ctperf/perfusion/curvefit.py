@@ -30,6 +30,7 @@ from ctperf.perfusion.curves import (
     check_peak_not_clipped,
     off_zero_before,
     resample,
+    sample_step,
     second_difference_sd,
     smooth_time,
     spiky,
@@ -51,7 +52,8 @@ __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_cu
 #: motion need an image).
 CURVE_QC: tuple[str, ...] = ("truncation", "frame_gap", "aif_late_peak", "aif_wide",
                              "aif_after_tissue", "short_baseline", "bolus_at_start",
-                             "below_baseline", "aif_vof_ratio", "no_vof", "mtt_floor")
+                             "below_baseline", "aif_vof_ratio", "no_vof", "mtt_floor",
+                             "osvd_coarse_frames")
 
 #: Per-curve plausibility flags (:func:`curve_flags`) and what each means.
 CURVE_FLAGS: dict[str, str] = {
@@ -378,7 +380,8 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                      pv_factor=pv["factor"],
                      pv_corrected=bool(pv["corrected"]) if v is not None else None,
                      box_mtt=out["mtt"][out["cbv"] > 0] if method in BOX_METHODS else None,
-                     voxelwise=method != "bayes")
+                     voxelwise=method != "bayes",
+                     osvd_step_s=sample_step(t, grid) if method == "osvd" else None)
     if not isinstance(baseline, str):  # frames the user counted (0: curves of enhancement)
         flags["short_baseline"].update(flag=False, value=None)
     # the tissue's mean below its baseline by 5 % of its peak (a drift every curve carries, too

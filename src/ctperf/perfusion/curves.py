@@ -55,6 +55,7 @@ __all__ = [
     "off_zero_before",
     "on_frame_times",
     "resample",
+    "sample_step",
     "second_difference_sd",
     "smooth_time",
     "spiky",
@@ -590,6 +591,13 @@ def uniform_grid(times: np.ndarray) -> np.ndarray | None:
     steps = np.diff(t)
     step = max(float(steps.min()), (t[-1] - t[0]) / (4 * t.size))
     return t[0] + step * np.arange(int(np.floor((t[-1] - t[0]) / step + 1e-6)) + 1)
+
+
+def sample_step(times: np.ndarray, grid: np.ndarray | None) -> float:
+    """The step (s) of the uniform samples a fit saw: ``grid``'s (:func:`uniform_grid`, for
+    unevenly spaced frames), else the frames' mean interval."""
+    t = np.asarray(times if grid is None else grid, dtype=np.float64)
+    return float((t[-1] - t[0]) / max(t.size - 1, 1))
 
 
 def resample(curves: np.ndarray, times: np.ndarray, grid: np.ndarray) -> np.ndarray:

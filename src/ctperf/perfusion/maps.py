@@ -38,6 +38,7 @@ from ctperf.perfusion.curves import (
     TTP_SMOOTH_S,
     check_constants,
     on_frame_times,
+    sample_step,
     smooth_time,
     start_level,
 )
@@ -275,7 +276,8 @@ def run_perfusion(
                 csf_cut_share=region.csf_share, hu_offset=hu_scale, voxelwise=method != "bayes",
                 voxel_volume_ml=series.voxel_ml,
                 hyperdense_ml=float(dense.sum()) * series.voxel_ml,
-                pv_asked=not (aif_from.source == "given curve" and vof_curve is None))
+                pv_asked=not (aif_from.source == "given curve" and vof_curve is None),
+                osvd_step_s=sample_step(t, grid) if method == "osvd" else None)
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
                              aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),
                              pv_info=pv_info, search=search, brain=brain, vessels=vessels,
@@ -488,10 +490,11 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
         exposed_share: float | None, skull_share: float,
         voxelwise: bool, voxel_volume_ml: float, box_mtt: np.ndarray | None,
         csf_cut_share: float | None, hu_offset: float | None,
-        hyperdense_ml: float) -> dict[str, Any]:
+        hyperdense_ml: float, osvd_step_s: float | None) -> dict[str, Any]:
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
     AIF curve came without a VOF (nothing to correct it with); ``box_mtt``: the box model's
-    MTT of the tissue voxels (vessels left out), None for the other methods."""
+    MTT of the tissue voxels (vessels left out), None for the other methods; ``osvd_step_s``
+    the step of the samples oSVD deconvolved, None for the other methods."""
     n_t = hu.shape[0]
     # Noise from every 7th brain voxel: a median needs no more, and the gather is (T, N).
     sample = np.flatnonzero(brain.ravel())[::7]
@@ -513,7 +516,7 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
                                                noise_sd=base_sd or 0.0),
                     pv_corrected=bool(pv_info["corrected"]) if pv_asked else None,
                     box_mtt=box_mtt, csf_cut_share=csf_cut_share,
-                    hu_offset=hu_offset, voxelwise=voxelwise)
+                    hu_offset=hu_offset, voxelwise=voxelwise, osvd_step_s=osvd_step_s)
 
 
 def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.ndarray | None,
