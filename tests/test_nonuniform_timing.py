@@ -251,7 +251,7 @@ def test_osvd_on_coarse_frames_is_flagged():
     to -57 % noise-free, bSVD -26 to -38 %), with no flag: ``osvd_coarse_frames`` says so.
     Frames 0.5 s apart at first and 3 s later are deconvolved on a 0.5 s grid: not flagged;
     nor are the other methods."""
-    coarse, truth = skullless_study(np.random.default_rng(4), times=np.arange(0.0, 50.0, 2.0),
+    coarse, _ = skullless_study(np.random.default_rng(4), times=np.arange(0.0, 50.0, 2.0),
                                     noise=2.0, residue="box")
     flag = run_perfusion(coarse, method="osvd").maps.provenance["qc"]["osvd_coarse_frames"]
     assert flag["flag"] and flag["value"] == 2.0
