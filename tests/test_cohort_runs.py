@@ -735,6 +735,45 @@ def test_study_names_in_the_logs_hold_per_thread(caplog):
     assert said == ["a: warning of a", "after both", "b: warning of b"]
 
 
+def test_a_workers_warnings_still_reach_its_stderr_when_kept():
+    """Keeping a study's warnings for the client must not silence them where it runs: a
+    handler on ctperf's logger had stopped Python's last-resort printing in worker processes
+    that configure no logging (a local cluster's warnings vanished from the terminal, an
+    external worker's from its log)."""
+    code = ("import logging\nfrom ctperf.workflow.cohort import _logs_named\n"
+            "with _logs_named('a') as said:\n"
+            "    logging.getLogger('ctperf.x').warning('automatic VOF rejected')\n"
+            "print(said)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120, check=True)
+    assert run.stdout.strip() == "['a: automatic VOF rejected']"
+    assert "a: automatic VOF rejected" in run.stderr
+
+
+def test_an_existing_clusters_studies_get_absolute_paths(tmp_path, monkeypatch):
+    """`ctperf maps cohort out --cohort --scheduler ...` with relative paths had failed every
+    study ("no such file"): the cluster's workers run in folders of their own. Sources, the
+    cohort folder, OUT and the options' paths go to them absolute; other sources as they are."""
+    import dataclasses
+
+    from ctperf.workflow.cohort import _absolute
+
+    @dataclasses.dataclass(frozen=True)
+    class Options:
+        brain_mask: Path | None
+        method: str = "bsvd"
+
+    monkeypatch.chdir(tmp_path)
+    todo = [Study("a", Path("cohort") / "a.nii.gz", Path("cohort")), Study("b", "cohort/b"),
+            Study("sub-0000", 0)]
+    got, out, options = _absolute(todo, Path("out"), Options(Path("masks/brain.nii.gz")))
+    assert got[0].source == tmp_path / "cohort" / "a.nii.gz" and got[0].root == tmp_path / "cohort"
+    assert got[1].source == str(tmp_path / "cohort" / "b") and got[1].root is None
+    assert got[2] == todo[2]
+    assert out == tmp_path / "out"
+    assert options == Options(tmp_path / "masks" / "brain.nii.gz")
+
+
 def test_warnings_of_studies_on_another_cluster_are_said_here(tmp_path, caplog):
     """With --scheduler the studies' warnings (an automatic VOF rejected...) had been written
     in the workers' logs only, on the cluster's machines: the client says them too, named by

@@ -167,6 +167,25 @@ def test_a_scan_begun_on_a_slow_upslope_raises_bolus_at_start():
         fit_curves(tissue[:, None] - tissue[0], aif - 40.0, t, method="bsvd", baseline=0)
 
 
+def test_a_baseline_reaching_a_slow_onset_is_no_bolus_at_start():
+    """The phantom's injection-shaped AIFs, noise-free at 0.5 s frames: flat for 5 s or more,
+    then a slow foot that the automatic baseline (16-24 frames) reaches into by up to 9 % of
+    the peak. A rule reading the climb over the whole baseline had raised bolus_at_start on 4
+    of 36 of them (a review; "start the scan earlier", wrong advice): the climb must start at
+    the first frame."""
+    from ctperf.phantom import draw_parameters, subject_seed
+    from ctperf.phantom.hemodynamics import aif_from_params
+
+    t = np.arange(89) * 0.5
+    for index in range(6):  # seed 21's subjects 3 and 4 had been flagged
+        params = draw_parameters(seed=subject_seed(21, index), size=64, slices=2, mas=5000)
+        aif = aif_from_params(t, params["aif"])
+        tissue = 30.0 + 0.03 * np.interp(t - 1.5, t, aif)
+        flag = fit_curves(tissue[:, None], 40.0 + aif, t,
+                          method="bsvd").provenance["qc"]["bolus_at_start"]
+        assert not flag["flag"], (index, flag)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_curves_starting_near_the_arterial_peak_are_refused_by_every_method(method, tmp_path,
                                                                              capsys):

@@ -3,6 +3,8 @@ constant, and maps identical but for float rounding."""
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 
 from ctperf.evaluation.cohort import Reader, evaluate_readers
@@ -140,6 +142,9 @@ def test_studies_a_cohort_run_did_not_finish_are_left_out(tmp_path):
     assert reader.warnings == ["b: left out: the cohort's manifest says 'failed' (maps of an "
                                "earlier run, or none)"]
     assert reader.left_out == {"b": "its manifest says 'failed'"}
+    shutil.rmtree(root / "b")  # a study that failed on its first run has no folder: said too
+    assert load_maps_cohort(root).warnings == reader.warnings
+    io.write_volume(np.full((2, 8, 8), 30.0, np.float32), np.eye(4), root / "b" / "cbf.nii.gz")
     (root / "manifest.json").write_text(json.dumps({"format": "other", "studies": {}}))
     assert sorted(load_maps_cohort(root).maps) == STUDIES
 
@@ -240,3 +245,10 @@ def test_a_study_left_out_is_said_failed_or_missing_and_like_readers_named_apart
     same = [Reader(label="x", kind="method", path=str(tmp_path / "x")) for _ in range(2)]
     _unique_labels(same)  # one folder given twice: only a number tells them apart
     assert [r.label for r in same] == ["x-1", "x-2"]
+    far = [Reader(label="x", kind="method", path=str(tmp_path / user / "runs" / "x"))
+           for user in ("alice", "bob")]
+    _unique_labels(far)  # no part of a path further up than the parent (it may name the user)
+    assert [r.label for r in far] == ["x-1", "x-2"]
+    mine = [Reader(label="bsvd", kind="method", path=str(tmp_path / n)) for n in ("a", "b")]
+    _unique_labels(mine)  # cohorts named by their folders, where those differ
+    assert [r.label for r in mine] == ["bsvd (a)", "bsvd (b)"]

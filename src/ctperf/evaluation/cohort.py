@@ -177,12 +177,12 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
     reader = Reader(label="", kind="truth" if phantom else "method", path=str(root))
     made_by: dict[str, list[str]] = {}  # method -> its studies, from their summary.json
     unfinished = _unfinished(root)
-    for name, state in unfinished.items():
+    for name, state in unfinished.items():  # with a folder of an earlier run, or none
         reader.left_out[name] = f"its manifest says '{state}'"
+        reader.warnings.append(f"{name}: left out: the cohort's manifest says '{state}' (maps "
+                               "of an earlier run, or none)")
     for sub in subs:
         if sub.name in unfinished:
-            reader.warnings.append(f"{sub.name}: left out: the cohort's manifest says "
-                                   f"'{unfinished[sub.name]}' (maps of an earlier run, or none)")
             continue
         folder = sub / "truth" if phantom else sub
         names = [n for n in MAP_NAMES if map_file(folder, n) is not None]

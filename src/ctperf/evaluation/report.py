@@ -8,6 +8,7 @@ import csv
 import io as _io
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -247,17 +248,17 @@ def _absence(study: str, lacking: Sequence[Any]) -> str:
 
 
 def _unique_labels(readers: Sequence[Any]) -> None:
-    """Readers of the same label (two cohorts of one method) named apart by the last part of
-    their folders' paths that differs, e.g. ``bsvd (site-a)`` and ``bsvd (site-b)``; by a
-    number only when the paths are the same."""
+    """Readers of the same label (two cohorts of one method) named apart by their folders'
+    names, else by their parent folders' (``bsvd (site-a)``, ``bsvd (site-b)``; no part of a
+    path further up, which may name the user), else by a number."""
     by_label: dict[str, list[Any]] = {}
     for r in readers:
         by_label.setdefault(r.label, []).append(r)
     for label, same in by_label.items():
         if len(same) < 2:
             continue
-        parts = [Path(r.path).resolve().parts[::-1] for r in same]
-        depth = next((k for k in range(min(map(len, parts)))
-                      if len({p[k] for p in parts}) == len(same)), None)
-        for k, (r, p) in enumerate(zip(same, parts, strict=True)):
-            r.label = f"{label} ({p[depth]})" if depth is not None else f"{label}-{k + 1}"
+        paths = [Path(os.path.abspath(r.path)) for r in same]
+        names = next((n for n in ([p.name for p in paths], [p.parent.name for p in paths])
+                      if all(n) and len(set(n)) == len(same)), None)
+        for k, r in enumerate(same):
+            r.label = f"{label} ({names[k]})" if names else f"{label}-{k + 1}"

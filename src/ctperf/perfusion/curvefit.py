@@ -34,7 +34,7 @@ from ctperf.perfusion.curves import (
     second_difference_sd,
     smooth_time,
     spiky,
-    start_trend,
+    start_climb,
     to_enhancement,
 )
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
@@ -245,11 +245,11 @@ def _check_enhancement(t: np.ndarray, aif: np.ndarray, tissue: np.ndarray) -> No
         off = off_zero_before(curve, k, share)
         if off is not None:
             level, rise = off
-            climb, climb_sd = start_trend(curve, t, k)
+            climb = start_climb(curve, t, k)
             begun = (f" or the bolus had begun before the first frame (the AIF climbs by "
                      f"{climb:.0%} of its rise before then, with no flat start; the scan must "
                      "start before the contrast arrives)"
-                     if curve is aif and climb > share and climb > 5.0 * climb_sd else "")
+                     if curve is aif and climb > share else "")
             raise ValidationError(
                 f"baseline 0 takes the curves as enhancement (0 before the bolus), but before "
                 f"the AIF's bolus arrives (at {t[k] - t[0]:.1f} s) {name} stands at "

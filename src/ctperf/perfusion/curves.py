@@ -59,7 +59,7 @@ __all__ = [
     "second_difference_sd",
     "smooth_time",
     "spiky",
-    "start_trend",
+    "start_climb",
     "time_to_peak",
     "to_enhancement",
     "uniform_grid",
@@ -310,27 +310,35 @@ def start_level(aif: np.ndarray) -> tuple[float, float, float]:
     return float(c[0]) - low, float(c.max()) - low, noise
 
 
-def start_trend(curve: np.ndarray, times: np.ndarray, frames: int) -> tuple[float, float]:
-    """How far a curve rises through its first ``frames`` frames -- the least-squares line's
-    rise from the first to the last of them, as a share of the curve's range above its lowest
-    values (smoothed, as :func:`start_level`) -- and that share's SD from the curve's noise (its
-    second differences); (0, inf) for fewer than two frames or no range. An unenhanced
-    baseline is flat: a curve whose pre-bolus frames climb steadily was filmed from its
-    upslope (the scan began as the bolus arrived), and its baseline holds contrast."""
+def _line_slope(x: np.ndarray, t: np.ndarray, n: int) -> tuple[float, float]:
+    """The least-squares slope of a curve's first ``n`` frames, and the spread of their times
+    (sum of squared deviations from their mean; 0: no slope)."""
+    dt = t[:n] - t[:n].mean()
+    spread = float(dt @ dt)
+    return (float(dt @ x[:n]) / spread if spread > 0 else 0.0), spread
+
+
+def start_climb(curve: np.ndarray, times: np.ndarray, frames: int) -> float:
+    """How far a curve climbs through its first ``frames`` frames from its very first one, as
+    a share of its range above its lowest values (smoothed, as :func:`start_level`): the
+    least-squares line's rise over them, where it exceeds five times its SD from the curve's
+    noise (second differences) and the line through their first half rises at least half as
+    steeply; else 0 (also for fewer than two frames). An unenhanced baseline is flat: a curve
+    climbing from its first frame was filmed from its upslope (the scan began as the bolus
+    arrived), so its baseline holds contrast. One flat at first whose last frames rise is
+    the bolus's foot reached by the frames taken as its baseline (a slow, dispersed onset),
+    not a scan begun late."""
     x = np.asarray(curve, dtype=np.float64)
     t = np.asarray(times, dtype=np.float64)
     n = min(int(frames), x.size)
     _, span, _ = start_level(x)
     if n < 2 or not span > 0:
-        return 0.0, math.inf
-    dt = t[:n] - t[:n].mean()
-    spread = float(dt @ dt)
-    if not spread > 0:
-        return 0.0, math.inf
-    width = float(t[n - 1] - t[0])
-    slope = float(dt @ x[:n]) / spread
-    sd = float(second_difference_sd(x)) / math.sqrt(spread)
-    return slope * width / span, sd * width / span
+        return 0.0
+    slope, spread = _line_slope(x, t, n)
+    if not spread > 0 or not slope * math.sqrt(spread) > 5.0 * float(second_difference_sd(x)):
+        return 0.0
+    first, _ = _line_slope(x, t, max(2, (n + 1) // 2))
+    return slope * float(t[n - 1] - t[0]) / span if first >= 0.5 * slope else 0.0
 
 
 def bolus_started_message(evidence: str) -> str:

@@ -25,8 +25,8 @@ from ctperf.perfusion.curves import (
     enhanced_at_start,
     second_difference_sd,
     smooth_time,
+    start_climb,
     start_level,
-    start_trend,
 )
 
 __all__ = [
@@ -566,13 +566,14 @@ def qc_flags(
         "the contrast arrives")
     rise, span, noise = start_level(aif)
     begun = span > 0 and bool(enhanced_at_start(rise, span, noise, fraction=min_start_fraction))
-    climb, climb_sd = start_trend(aif, t, baseline_frames or 0)
-    climbing = climb > min_start_fraction and climb > 5.0 * climb_sd
-    put("bolus_at_start", begun or climbing, max(rise / span, climb) if span > 0 else None,
+    climb = start_climb(aif, t, baseline_frames or 0)
+    put("bolus_at_start", begun or climb > min_start_fraction,
+        max(rise / span, climb) if span > 0 else None,
         f"the AIF's first frame stands more than {min_start_fraction:.0%} of its rise above its "
-        f"lowest values, or it climbs through its baseline frames by more than "
-        f"{min_start_fraction:.0%} of its rise (a line through them; by more than five times "
-        "its noise; the value is the larger share): the bolus had begun when the scan "
+        f"lowest values, or it climbs from its first frame through its baseline frames by "
+        f"more than {min_start_fraction:.0%} of its rise (a line through them, rising by more "
+        "than five times its noise and from the start; the value is the larger share): the "
+        "bolus had begun when the scan "
         "started (the scan began on its upslope), so the baseline holds "
         "contrast and CBV and CBF are wrong: low with the box model and bayes (a phantom whose "
         "AIF stood at 8 % of its peak: CBV -19 to -23 %, the hypoperfused volume 37 mL "

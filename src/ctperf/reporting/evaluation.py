@@ -4,6 +4,7 @@ volume and training figures, and the sections of ``report.html`` of ``ctperf eva
 from __future__ import annotations
 
 import html
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -140,7 +141,7 @@ def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studie
     pairs = list(dict.fromkeys((r["estimate"], r["reference"]) for r in result["lesions"]))
     for est, ref in pairs:
         rows = [r for r in result["lesions"] if (r["estimate"], r["reference"]) == (est, ref)]
-        tag = f"{est}_vs_{ref}".replace("/", "-")
+        tag = re.sub(r"[^\w.-]+", "_", f"{est}_vs_{ref}").strip("_")  # labels hold spaces
         figs[f"bland_altman_{tag}.png"] = (
             figure_data_uri(bland_altman_figure(rows, title=f"{est} vs {ref}")),
             f"Bland-Altman plots of lesion volumes, {est} vs {ref} (bias and 95 % limits)")

@@ -374,6 +374,9 @@ def _without_identifiers(error: str | None) -> str | None:
 
 #: The study whose task runs in this thread (its context), for :func:`_logs_named`.
 _STUDY: contextvars.ContextVar[str | None] = contextvars.ContextVar("ctperf_study", default=None)
+#: The texts of ctperf's warnings made meanwhile in this context (:func:`_logs_named`).
+_SAID: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("ctperf_said",
+                                                                        default=None)
 
 
 def _named_record_factory(make: Callable[..., logging.LogRecord]
@@ -384,23 +387,13 @@ def _named_record_factory(make: Callable[..., logging.LogRecord]
         if name is not None and record.name.startswith("ctperf"):
             record.msg = (name.replace("%", "%%") + ": " + str(record.msg) if record.args
                           else f"{name}: {record.msg}")
+            said = _SAID.get()
+            if said is not None and record.levelno >= logging.WARNING:
+                said.append(record.getMessage())
         return record
 
     named.ctperf_names_studies = True  # type: ignore[attr-defined]
     return named
-
-
-class _StudyWarnings(logging.Handler):
-    """Keeps the text of ctperf's warnings made while ``study`` runs in this thread's context."""
-
-    def __init__(self, study: str) -> None:
-        super().__init__(logging.WARNING)
-        self.study = study
-        self.said: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if _STUDY.get() == self.study:
-            self.said.append(record.getMessage())
 
 
 @contextlib.contextmanager
@@ -408,16 +401,17 @@ def _logs_named(name: str) -> Iterator[list[str]]:
     """ctperf's log records made meanwhile in this thread begin with the study's ``name`` (a
     cohort's warnings had named no study): a record factory, installed once per process,
     reads the thread's study (a worker of several threads runs several studies at once).
-    Yields the list of the study's warnings, filled as they are made."""
+    Yields the list of the study's warnings, which the factory fills as they are made (no
+    handler: one on ctperf's logger had silenced Python's last-resort printing of them in
+    workers that configure no logging)."""
     if not getattr(logging.getLogRecordFactory(), "ctperf_names_studies", False):
         logging.setLogRecordFactory(_named_record_factory(logging.getLogRecordFactory()))
-    token = _STUDY.set(name)
-    kept = _StudyWarnings(name)
-    logging.getLogger("ctperf").addHandler(kept)
+    said: list[str] = []
+    token, kept = _STUDY.set(name), _SAID.set(said)
     try:
-        yield kept.said
+        yield said
     finally:
-        logging.getLogger("ctperf").removeHandler(kept)
+        _SAID.reset(kept)
         _STUDY.reset(token)
 
 
@@ -556,6 +550,8 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
 
     cluster = None
     environment = dict(os.environ)
+    if client is not None:  # its workers run in other folders, maybe on other machines
+        todo, out, options = _absolute(todo, out, options)
     with _dask_quiet():
         try:
             if client is None:
@@ -592,6 +588,25 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
             # Dask's nannies write their workers' settings (one BLAS thread, a hash seed, ...)
             # into this process's environment, which the caller's later subprocesses inherit
             _restore_environment(environment)
+
+
+def _absolute(todo: list[Study], out: Path, options: Any
+              ) -> tuple[list[Study], Path, Any]:
+    """The studies' paths (sources given as paths, and their cohort folder), ``out`` and the
+    paths among a dataclass's ``options`` (masks, a model) made absolute: an existing
+    cluster's workers run in folders of their own, where a relative COHORT had failed every
+    study ("no such file")."""
+    def whole(value: Any) -> Any:
+        return Path(os.path.abspath(value)) if isinstance(value, os.PathLike) else value
+
+    todo = [dataclasses.replace(
+        s, source=(os.path.abspath(s.source) if isinstance(s.source, str) else whole(s.source)),
+        root=whole(s.root)) if isinstance(s.source, (str, os.PathLike)) else s for s in todo]
+    if dataclasses.is_dataclass(options) and not isinstance(options, type):
+        options = dataclasses.replace(options, **{
+            f.name: whole(getattr(options, f.name)) for f in dataclasses.fields(options)
+            if f.init and isinstance(getattr(options, f.name), os.PathLike)})
+    return todo, whole(out), options
 
 
 def _restore_environment(saved: dict[str, str]) -> None:
