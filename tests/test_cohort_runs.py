@@ -756,7 +756,7 @@ def test_an_existing_clusters_studies_get_absolute_paths(tmp_path, monkeypatch):
     cohort folder, OUT and the options' paths go to them absolute; other sources as they are."""
     import dataclasses
 
-    from ctperf.workflow.cohort import _absolute
+    from ctperf.workflow.cohort import _absolute, _run_study
 
     @dataclasses.dataclass(frozen=True)
     class Options:
@@ -772,6 +772,45 @@ def test_an_existing_clusters_studies_get_absolute_paths(tmp_path, monkeypatch):
     assert got[2] == todo[2]
     assert out == tmp_path / "out"
     assert options == Options(tmp_path / "masks" / "brain.nii.gz")
+
+    def bad_mask(source, target, options):
+        raise InputError(options.brain_mask, "mask grid differs from the study's")
+
+    # the paths made absolute are left out of the manifest's error as the cohort's are
+    row = _run_study(bad_mask, got[0], out / "a", options, base=str(tmp_path))
+    assert row["error"] == "masks/brain.nii.gz: mask grid differs from the study's"
+
+
+def test_studies_at_once_in_one_worker_each_keep_their_writer(tmp_path):
+    """A Dask worker of two threads runs two studies at once: the first to end had set the
+    process's writer back to none under the other, whose folder then named no command (a
+    review: a rerun refused it, "holds the output of ..."). Each thread writes as its own."""
+    import threading
+
+    from ctperf.io.atomic import current_writer
+    from ctperf.workflow.cohort import _run_study
+
+    seen, both = {}, threading.Barrier(2)
+
+    def task(source, target, options):
+        both.wait(timeout=10)
+        if source == "slow":
+            both.wait(timeout=10)  # the fast study has ended
+        seen[source] = current_writer()
+        _echo_task(source, target, {"upper": False})
+
+    def run(name):
+        _run_study(task, Study(name, name), tmp_path / name, {}, writer="ctperf maps")
+        if name == "fast":
+            both.wait(timeout=10)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in ("fast", "slow")]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert seen == {"fast": "ctperf maps", "slow": "ctperf maps"}
+    assert current_writer() is None
 
 
 def test_warnings_of_studies_on_another_cluster_are_said_here(tmp_path, caplog):

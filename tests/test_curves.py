@@ -167,6 +167,32 @@ def test_a_scan_begun_on_a_slow_upslope_raises_bolus_at_start():
         fit_curves(tissue[:, None] - tissue[0], aif - 40.0, t, method="bsvd", baseline=0)
 
 
+def test_a_low_first_frame_is_no_bolus_at_start():
+    """A first frame 10 HU low (a tube's warm-up) before a weak 120 HU bolus: the line through
+    the baseline climbs by 8 % of the rise, but from that one frame only, not from a bolus
+    under way (a review's false alarm)."""
+    t = np.arange(0.0, 50.0, 1.0)
+    x = np.clip(t - 8.0, 0.0, None)
+    aif = 40.0 + 120.0 * (x / 4.5) ** 3 * np.exp(3.0 - x / 1.5)
+    tissue = 30.0 + 0.012 * np.interp(t - 2.0, t, aif - 40.0)
+    aif[0] -= 10.0
+    flag = fit_curves(tissue[:, None], aif, t, method="bsvd").provenance["qc"]["bolus_at_start"]
+    assert not flag["flag"], flag
+
+
+def test_an_aif_begun_on_its_upslope_and_left_with_no_area_says_so():
+    """A scan begun on a steep upslope (the first frame 13 % of the peak up, under the 20 %
+    refusal, one baseline frame): the bolus's tail falls below that baseline and the AIF has
+    no positive area. The refusal had named only no arrival or an inverted curve (a review);
+    it names the begun bolus too."""
+    t = np.arange(0.0, 60.0, 0.5)
+    x = np.clip(t + 1.05, 0.0, None)  # the gamma variate 1.05 s after its start: 13 %
+    aif = 40.0 + 350.0 * (x / 4.5) ** 3 * np.exp(3.0 - x / 1.5)
+    tissue = 30.0 + 0.012 * np.interp(t - 2.0, t, aif - 40.0)
+    with pytest.raises(ValidationError, match="or the bolus had begun before the first frame"):
+        fit_curves(tissue[:, None], aif, t, method="bsvd")
+
+
 def test_a_baseline_reaching_a_slow_onset_is_no_bolus_at_start():
     """The phantom's injection-shaped AIFs, noise-free at 0.5 s frames: flat for 5 s or more,
     then a slow foot that the automatic baseline (16-24 frames) reaches into by up to 9 % of

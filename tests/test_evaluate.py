@@ -341,6 +341,21 @@ def test_further_methods_are_compared_with_the_reference(cohorts):
     assert [f["k"] for f in doc["friedman"]] == [3, 3, 3]
 
 
+def test_cohorts_named_apart_by_what_file_names_drop_keep_their_figures(cohorts, tmp_path):
+    """Labels `unet (a b)` and `unet (a_b)` gave one figure file name: the second pair's
+    Bland-Altman and volume figures replaced the first's, with no word (a review)."""
+    for name in ("a b", "a_b"):
+        shutil.copytree(cohorts["pred"], tmp_path / name)
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(tmp_path / "a b"), str(cohorts["ref"]), str(out),
+                 "--compare", str(tmp_path / "a_b"), "--map-figures", "0"]) == 0
+    figures = sorted(p.name for p in (out / "figures").glob("bland_altman_*.png"))
+    assert figures == ["bland_altman_unet_a_b_vs_nlr-2.png", "bland_altman_unet_a_b_vs_nlr.png"]
+    page = (out / "report.html").read_text()
+    for label in ("unet (a b)", "unet (a_b)"):
+        assert f"Bland-Altman plots of lesion volumes, {label} vs nlr" in page
+
+
 def _leaves(doc, at=""):
     """(path, value) of every leaf of a nested dict/list, in a fixed order."""
     if isinstance(doc, dict):

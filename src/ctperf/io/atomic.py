@@ -44,6 +44,7 @@ __all__ = [
     "output_missing",
     "remove_stale_temporaries",
     "set_writer",
+    "writing_as",
 ]
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ _PARTS_TEXT = ("This folder was written by ctperf, file by file over one or more
                "adds to it and does not replace it whole.\n")
 # The command this process runs (set by the CLI), None from Python.
 _writer: str | None = None
+#: A thread's own writer (:func:`writing_as`), over the process's.
+_thread = threading.local()
 
 
 def set_writer(command: str | None) -> None:
@@ -79,9 +82,26 @@ def set_writer(command: str | None) -> None:
 
 
 def current_writer() -> str | None:
-    """The command :func:`set_writer` named in this process (None: a Python call): a cohort's
-    worker processes take it on (:func:`ctperf.workflow.run_cohort`)."""
-    return _writer
+    """The command this thread writes as (:func:`writing_as`), else the one :func:`set_writer`
+    named in this process (None: a Python call): a cohort's workers take it on
+    (:func:`ctperf.workflow.run_cohort`)."""
+    return getattr(_thread, "writer", _writer)
+
+
+@contextlib.contextmanager
+def writing_as(command: str | None) -> Iterator[None]:
+    """Write as ``command`` in this thread meanwhile: a cohort's study in a worker, whose
+    threads run several studies at once (setting the process's writer, one study's end had
+    taken it from another still running, whose folder then named no command)."""
+    had, before = hasattr(_thread, "writer"), getattr(_thread, "writer", None)
+    _thread.writer = command
+    try:
+        yield
+    finally:
+        if had:
+            _thread.writer = before
+        else:
+            del _thread.writer
 
 
 def _marker_text(folder: Path) -> str:
@@ -322,12 +342,13 @@ def _check_replaceable(target: Path, overwrite: bool) -> None:
                                  "cohort or a training run, written file by file, or an older "
                                  "version's output), which would be replaced whole; choose "
                                  "another folder, or --overwrite")
-    if other != _writer and contents:
+    writer = current_writer()
+    if other != writer and contents:
         # another command's output, or one that names none (written from Python, or by a
         # version that did not name it) replaced by a command, or the reverse
         theirs = (f"the output of `{other}`" if other else
                   "an output that names no command (written from Python, or by an older version)")
-        ours = f"`{_writer}`" if _writer else "this call"
+        ours = f"`{writer}`" if writer else "this call"
         raise InputError(target, f"holds {theirs}, which {ours} would replace whole; choose "
                                  "another folder, or --overwrite")
     added = _not_written(contents, marker)
@@ -385,7 +406,7 @@ def atomic_dir(path: _PathLike, *, overwrite: bool = False) -> Iterator[Path]:
     try:
         (tmp_path / MARKER).write_text(_MARKER_TEXT)
         yield tmp_path
-        command = "" if _writer is None else f"{_COMMAND}{_writer}\n"
+        command = "" if (writer := current_writer()) is None else f"{_COMMAND}{writer}\n"
         (tmp_path / MARKER).write_text(_MARKER_TEXT + command + _INVENTORY
                                        + "".join(f"{p}\n" for p in _contents(tmp_path)))
         os.chmod(tmp_path, 0o777 & ~_umask())  # mkdtemp creates 0700
@@ -427,7 +448,7 @@ def mark_output(folder: _PathLike) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     marker = out / MARKER
     if not marker.exists():
-        command = "" if _writer is None else f"{_COMMAND}{_writer}\n"
+        command = "" if (writer := current_writer()) is None else f"{_COMMAND}{writer}\n"
         marker.write_text(_PARTS_TEXT + command)
     return out
 
@@ -557,8 +578,9 @@ def check_output(out: _PathLike, *, inputs: Iterable[_PathLike | None] = (),
     elif path.exists() and _contents(path):  # kind "extend", into a folder ctperf marked
         marker = _marker_text(path)
         other = _written_by(marker)
-        if _INVENTORY in marker or (other is not None and _writer is not None
-                                    and other != _writer):
+        writer = current_writer()
+        if _INVENTORY in marker or (other is not None and writer is not None
+                                    and other != writer):
             # a single output, which its command replaces whole; or another command's folder
             raise InputError(path, f"holds the output of `{other or 'another command'}`, "
                                    "which this command would mix its own files into; choose a "

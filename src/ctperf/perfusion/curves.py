@@ -90,9 +90,14 @@ def aif_area(aif: np.ndarray, times: np.ndarray) -> float:
     had fitted an inverted one, exit 0)."""
     area = float(np.trapezoid(np.asarray(aif, dtype=np.float64), times))
     if not area > 0:
+        rise, span, noise = start_level(aif)
+        begun = (f"; or the bolus had begun before the first frame, which stands {rise / span:.0%}"
+                 " of its rise above its lowest values, so that its tail falls below that "
+                 "baseline (the scan must start before the contrast arrives)"
+                 if span > 0 and enhanced_at_start(rise, span, noise, fraction=0.05) else "")
         raise ValidationError("the AIF has no positive area: it stays below its pre-bolus "
                               "level (no contrast arrival, or an inverted curve, such as an "
-                              "MR signal not converted to concentration)")
+                              f"MR signal not converted to concentration){begun}")
     return area
 
 
@@ -322,12 +327,13 @@ def start_climb(curve: np.ndarray, times: np.ndarray, frames: int) -> float:
     """How far a curve climbs through its first ``frames`` frames from its very first one, as
     a share of its range above its lowest values (smoothed, as :func:`start_level`): the
     least-squares line's rise over them, where it exceeds five times its SD from the curve's
-    noise (second differences) and the line through their first half rises at least half as
-    steeply; else 0 (also for fewer than two frames). An unenhanced baseline is flat: a curve
-    climbing from its first frame was filmed from its upslope (the scan began as the bolus
-    arrived), so its baseline holds contrast. One flat at first whose last frames rise is
-    the bolus's foot reached by the frames taken as its baseline (a slow, dispersed onset),
-    not a scan begun late."""
+    noise (second differences) and the lines through their first half and through all but
+    the first frame rise at least half as steeply; else 0 (also for fewer than two frames).
+    An unenhanced baseline is flat: a curve climbing from its first frame was filmed from its
+    upslope (the scan began as the bolus arrived), so its baseline holds contrast. One flat
+    at first whose last frames rise is the bolus's foot reached by the frames taken as its
+    baseline (a slow, dispersed onset), and one whose first frame alone stands low is that
+    frame's artefact: neither is a scan begun late."""
     x = np.asarray(curve, dtype=np.float64)
     t = np.asarray(times, dtype=np.float64)
     n = min(int(frames), x.size)
@@ -338,7 +344,9 @@ def start_climb(curve: np.ndarray, times: np.ndarray, frames: int) -> float:
     if not spread > 0 or not slope * math.sqrt(spread) > 5.0 * float(second_difference_sd(x)):
         return 0.0
     first, _ = _line_slope(x, t, max(2, (n + 1) // 2))
-    return slope * float(t[n - 1] - t[0]) / span if first >= 0.5 * slope else 0.0
+    later = _line_slope(x[1:], t[1:], n - 1)[0] if n >= 3 else slope
+    return (slope * float(t[n - 1] - t[0]) / span if min(first, later) >= 0.5 * slope
+            else 0.0)
 
 
 def bolus_started_message(evidence: str) -> str:

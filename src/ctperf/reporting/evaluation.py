@@ -141,7 +141,11 @@ def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studie
     pairs = list(dict.fromkeys((r["estimate"], r["reference"]) for r in result["lesions"]))
     for est, ref in pairs:
         rows = [r for r in result["lesions"] if (r["estimate"], r["reference"]) == (est, ref)]
-        tag = re.sub(r"[^\w.-]+", "_", f"{est}_vs_{ref}").strip("_")  # labels hold spaces
+        tag = base = re.sub(r"_+", "_", re.sub(r"[^\w.-]", "_", f"{est}_vs_{ref}")).strip("_")
+        k = 1
+        while f"volumes_{tag}.png" in figs:  # labels apart only by what the file name drops
+            k += 1
+            tag = f"{base}-{k}"
         figs[f"bland_altman_{tag}.png"] = (
             figure_data_uri(bland_altman_figure(rows, title=f"{est} vs {ref}")),
             f"Bland-Altman plots of lesion volumes, {est} vs {ref} (bias and 95 % limits)")

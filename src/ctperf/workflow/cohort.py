@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ctperf.errors import CTPerfError, InputError
-from ctperf.io.atomic import current_writer, output_missing, set_writer
+from ctperf.io.atomic import current_writer, output_missing, writing_as
 from ctperf.io.state import MANIFEST, MANIFEST_FORMAT, load_manifest
 from ctperf.io.unitobrain import MAP_FOLDERS
 from ctperf.parallel import usable_cores
@@ -416,24 +416,25 @@ def _logs_named(name: str) -> Iterator[list[str]]:
 
 
 def _run_study(task: Task, study: Study, target: Path, options: Any,
-               uid_key: str | None = None, writer: str | None = None) -> dict[str, Any]:
+               uid_key: str | None = None, writer: str | None = None,
+               base: str | None = None) -> dict[str, Any]:
     """Run one study (in a worker or in this process); never raises an ``Exception``.
     ``uid_key``: the client's de-identification secret, which a worker process takes as its
     own (each had drawn its own, and one run's series came out as different studies);
-    ``writer``: the command the client runs, which a worker process writes as (its outputs
-    had named none, and a rerun in the client's process refused them). The row's
-    ``warnings`` are the study's warnings, for a client whose workers' logs it does not see."""
+    ``writer``: the command the client runs, which the study is written as (its outputs had
+    named none, and a rerun in the client's process refused them); ``base``: the client's
+    folder, left out of a failure's paths as the cohort's and the output's are (paths made
+    absolute for another cluster's workers). The row's ``warnings`` are the study's
+    warnings, for a client whose workers' logs it does not see."""
     from ctperf.io.privacy import UID_KEY_VARIABLE
 
     started = _now()
     if uid_key is not None:
         os.environ[UID_KEY_VARIABLE] = uid_key
-    before = current_writer()
-    set_writer(writer)
     said: list[str] = []
     flags = None
     try:
-        with _logs_named(study.name) as said:
+        with writing_as(writer), _logs_named(study.name) as said:
             outcome = task(study.source, target, options)
         if not target.is_dir():
             raise CTPerfError(f"the task wrote no folder {target.name}")
@@ -443,11 +444,9 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
             flags = [str(f) for f in summary["qc_flags"]]
     except Exception as exc:  # a study's failure is recorded, the cohort goes on
         state, error = "failed", _one_line(exc)
-        for folder in (study.root, target.parent):
-            if folder is not None and error is not None:
+        for folder in (study.root, target.parent, base):
+            if folder is not None:
                 error = error.replace(f"{folder}{os.sep}", "")
-    finally:
-        set_writer(before)
     row = {"state": state, "error": error, "started": started, "finished": _now(),
            "warnings": said}
     return row if flags is None else {**row, "qc_flags": flags}
@@ -550,8 +549,10 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
 
     cluster = None
     environment = dict(os.environ)
+    base = None
     if client is not None:  # its workers run in other folders, maybe on other machines
         todo, out, options = _absolute(todo, out, options)
+        base = os.getcwd()
     with _dask_quiet():
         try:
             if client is None:
@@ -567,7 +568,7 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
             with client if cluster is not None else contextlib.nullcontext(client):
                 key = uid_key()
                 futures = {client.submit(_run_study, task, s, out / s.name, options, key,
-                                         current_writer(),
+                                         current_writer(), base,
                                          key=f"ctperf-{s.name}-{time.time_ns()}",
                                          pure=False): s
                            for s in todo}
