@@ -822,7 +822,7 @@ def test_warnings_of_studies_on_another_cluster_are_said_here(tmp_path, caplog):
     import distributed
 
     with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
-                                  dashboard_address=None) as cluster, \
+                                  dashboard_address="127.0.0.1:0") as cluster, \
             caplog.at_level(logging.WARNING):
         summary = run_cohort(_studies("a", "b"), tmp_path / "out", _warning_task, {},
                              scheduler=cluster.scheduler_address)
