@@ -779,6 +779,15 @@ def test_an_existing_clusters_studies_get_absolute_paths(tmp_path, monkeypatch):
     # the paths made absolute are left out of the manifest's error as the cohort's are
     row = _run_study(bad_mask, got[0], out / "a", options, base=str(tmp_path))
     assert row["error"] == "masks/brain.nii.gz: mask grid differs from the study's"
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")  # a path said from another folder keeps its '..'
+    _, _, up = _absolute([], Path("out"), Options(Path("../masks/brain.nii.gz")))
+    row = _run_study(bad_mask, got[0], out / "a", up, base=str(tmp_path / "work"))
+    assert row["error"] == "../masks/brain.nii.gz: mask grid differs from the study's"
+    # a folder is left out where a path begins, not inside another path
+    elsewhere = Options(Path("/mnt") / tmp_path.relative_to("/") / "masks" / "brain.nii.gz")
+    row = _run_study(bad_mask, got[0], out / "a", elsewhere, base=str(tmp_path))
+    assert row["error"].startswith(f"{elsewhere.brain_mask}: ")
 
 
 def test_studies_at_once_in_one_worker_each_keep_their_writer(tmp_path):
@@ -811,6 +820,28 @@ def test_studies_at_once_in_one_worker_each_keep_their_writer(tmp_path):
         th.join()
     assert seen == {"fast": "ctperf maps", "slow": "ctperf maps"}
     assert current_writer() is None
+
+
+def test_a_cluster_of_another_ctperf_version_is_refused(tmp_path):
+    """A worker one commit behind the client had failed every study with a TypeError (a
+    review), and another version maps differently: refused before OUT is made."""
+    from ctperf.versioning import software_version
+    from ctperf.workflow.cohort import _same_version
+
+    class Client:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def run(self, fn):
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return {"tcp://w1": self.answer, "tcp://w2": software_version()}
+
+    _same_version(Client(software_version()), "tcp://h:1")
+    with pytest.raises(CTPerfError, match=r"run ctperf 0\.0\.1, this is .*install the same"):
+        _same_version(Client("0.0.1"), "tcp://h:1")
+    with pytest.raises(CTPerfError, match="could not say their ctperf version"):
+        _same_version(Client(ModuleNotFoundError("No module named 'ctperf'")), "tcp://h:1")
 
 
 def test_warnings_of_studies_on_another_cluster_are_said_here(tmp_path, caplog):

@@ -356,6 +356,17 @@ def test_cohorts_named_apart_by_what_file_names_drop_keep_their_figures(cohorts,
         assert f"Bland-Altman plots of lesion volumes, {label} vs nlr" in page
 
 
+def test_figure_file_names_from_long_or_spaced_labels():
+    """Two cohorts in folders of 125 characters made a figure name the file system refused,
+    and the whole evaluation was lost (a review); a study named with a space gave a file name
+    with one. Names are cut, ended by a digest of the whole, and spelt with _ only."""
+    from ctperf.reporting.evaluation import MAX_NAME_PART, _file_part
+
+    a, b = (f"bsvd ({c * 125})_vs_nlr" for c in "LM")
+    assert len(_file_part(a)) == MAX_NAME_PART and _file_part(a) != _file_part(b)
+    assert _file_part("sub 0000") == "sub_0000"
+
+
 def _leaves(doc, at=""):
     """(path, value) of every leaf of a nested dict/list, in a fixed order."""
     if isinstance(doc, dict):

@@ -94,7 +94,8 @@ def aif_area(aif: np.ndarray, times: np.ndarray) -> float:
         begun = (f"; or the bolus had begun before the first frame, which stands {rise / span:.0%}"
                  " of its rise above its lowest values, so that its tail falls below that "
                  "baseline (the scan must start before the contrast arrives)"
-                 if span > 0 and enhanced_at_start(rise, span, noise, fraction=0.05) else "")
+                 if span > 0 and rise < 0.5 * span  # a bolus still to rise from it
+                 and enhanced_at_start(rise, span, noise, fraction=0.05) else "")
         raise ValidationError("the AIF has no positive area: it stays below its pre-bolus "
                               "level (no contrast arrival, or an inverted curve, such as an "
                               f"MR signal not converted to concentration){begun}")

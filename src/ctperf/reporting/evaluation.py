@@ -3,6 +3,7 @@ volume and training figures, and the sections of ``report.html`` of ``ctperf eva
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 from collections.abc import Mapping, Sequence
@@ -84,6 +85,22 @@ def _studies(n: int) -> str:
     return f"{n} stud{'y' if n == 1 else 'ies'}"
 
 
+#: Longest name part a figure file takes from labels (folder names can be long).
+MAX_NAME_PART = 80
+
+
+def _file_part(text: str) -> str:
+    """``text`` as part of a file name: anything but letters, digits, ``.``, ``-`` and ``_``
+    as one ``_``; longer than :data:`MAX_NAME_PART`, cut and ended with a digest of the whole
+    (two folder names of 125 characters had made a name the file system refused, and the
+    evaluation was lost)."""
+    part = re.sub(r"_+", "_", re.sub(r"[^\w.-]", "_", text)).strip("_")
+    if len(part) > MAX_NAME_PART:
+        digest = hashlib.sha256(text.encode()).hexdigest()[:10]
+        part = f"{part[:MAX_NAME_PART - 11]}-{digest}"
+    return part
+
+
 def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studies: Sequence[str],
              log: Sequence[Mapping[str, Any]] | None, *,
              max_map_figures: int) -> dict[str, tuple[str, str]]:
@@ -135,13 +152,13 @@ def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studie
         fig = side_by_side_figure([(r.label, r.maps[s]) for r in with_maps], names=names,
                                   mask=region,
                                   outlines=outlines, title=f"{s}: maps and differences")
-        figs[f"maps_{s}.png"] = (figure_data_uri(fig),
+        figs[f"maps_{_file_part(s)}.png"] = (figure_data_uri(fig),
                                  f"{s}: maps of each reader, then differences "
                                  f"{readers[0].label} minus each reference{unshown}")
     pairs = list(dict.fromkeys((r["estimate"], r["reference"]) for r in result["lesions"]))
     for est, ref in pairs:
         rows = [r for r in result["lesions"] if (r["estimate"], r["reference"]) == (est, ref)]
-        tag = base = re.sub(r"_+", "_", re.sub(r"[^\w.-]", "_", f"{est}_vs_{ref}")).strip("_")
+        tag = base = _file_part(f"{est}_vs_{ref}")
         k = 1
         while f"volumes_{tag}.png" in figs:  # labels apart only by what the file name drops
             k += 1

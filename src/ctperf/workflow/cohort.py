@@ -445,8 +445,9 @@ def _run_study(task: Task, study: Study, target: Path, options: Any,
     except Exception as exc:  # a study's failure is recorded, the cohort goes on
         state, error = "failed", _one_line(exc)
         for folder in (study.root, target.parent, base):
-            if folder is not None:
-                error = error.replace(f"{folder}{os.sep}", "")
+            if folder is not None:  # where a path begins, not inside another
+                error = re.sub(rf"(?<![\w.{re.escape(os.sep)}-]){re.escape(f'{folder}{os.sep}')}",
+                               "", error)
     row = {"state": state, "error": error, "started": started, "finished": _now(),
            "warnings": said}
     return row if flags is None else {**row, "qc_flags": flags}
@@ -591,17 +592,39 @@ def _on_dask(todo: list[Study], out: Path, task: Task, options: Any, *,
             _restore_environment(environment)
 
 
+def _same_version(client: Any, scheduler: str | None) -> None:
+    """CTPerfError unless every worker of ``client``'s cluster runs this ctperf version (one a
+    commit apart had failed every study with a TypeError; one another version's code would
+    map differently, docs/cohorts.md)."""
+    from ctperf.versioning import software_version
+
+    mine = software_version()
+    try:
+        theirs = set(client.run(software_version).values())
+    except Exception as exc:  # no ctperf there, or one too old to name its version
+        raise CTPerfError(f"the workers of the Dask cluster at {scheduler} could not say "
+                          f"their ctperf version ({_one_line(exc)}): install this ctperf "
+                          f"({mine}) on them") from None
+    if theirs - {mine}:
+        raise CTPerfError(f"the workers of the Dask cluster at {scheduler} run ctperf "
+                          f"{', '.join(sorted(theirs - {mine}))}, this is {mine}: install the "
+                          "same version on them")
+
+
 def _absolute(todo: list[Study], out: Path, options: Any
               ) -> tuple[list[Study], Path, Any]:
     """The studies' paths (sources given as paths, and their cohort folder), ``out`` and the
     paths among a dataclass's ``options`` (masks, a model) made absolute: an existing
     cluster's workers run in folders of their own, where a relative COHORT had failed every
     study ("no such file")."""
-    def whole(value: Any) -> Any:
-        return Path(os.path.abspath(value)) if isinstance(value, os.PathLike) else value
+    here = os.getcwd()
+
+    def whole(value: Any) -> Any:  # joined, not normalised: the client's folder stays a prefix
+        return Path(here, value) if isinstance(value, os.PathLike) else value
 
     todo = [dataclasses.replace(
-        s, source=(os.path.abspath(s.source) if isinstance(s.source, str) else whole(s.source)),
+        s, source=(os.path.join(here, s.source) if isinstance(s.source, str)
+                   else whole(s.source)),
         root=whole(s.root)) if isinstance(s.source, (str, os.PathLike)) else s for s in todo]
     if dataclasses.is_dataclass(options) and not isinstance(options, type):
         options = dataclasses.replace(options, **{
@@ -663,6 +686,8 @@ def run_cohort(studies: Iterable[Study], out: _PathLike, task: Task, options: An
         raise ValueError("study names must be unique")
     client = _connect(scheduler) if scheduler is not None else None
     try:
+        if client is not None:
+            _same_version(client, scheduler)
         root = mark_output(out)
         with folder_lock(root):
             return _run_locked(studies, root, task, options, client=client, workers=workers,
