@@ -360,11 +360,13 @@ def test_figure_file_names_from_long_or_spaced_labels():
     """Two cohorts in folders of 125 characters made a figure name the file system refused,
     and the whole evaluation was lost (a review); a study named with a space gave a file name
     with one. Names are cut, ended by a digest of the whole, and spelt with _ only."""
-    from ctperf.reporting.evaluation import MAX_NAME_PART, _file_part
+    from ctperf.reporting.evaluation import MAX_NAME_PART, _file_part, _unused
 
     a, b = (f"bsvd ({c * 125})_vs_nlr" for c in "LM")
     assert len(_file_part(a)) == MAX_NAME_PART and _file_part(a) != _file_part(b)
     assert _file_part("sub 0000") == "sub_0000"
+    # studies (or labels) apart only by what the name drops keep their own figures
+    assert _unused({"maps_sub_0000.png": None}, "maps", "sub 0000") == "maps_sub_0000-2.png"
 
 
 def _leaves(doc, at=""):

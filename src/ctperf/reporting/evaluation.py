@@ -101,6 +101,18 @@ def _file_part(text: str) -> str:
     return part
 
 
+def _unused(figs: Mapping[str, Any], kind: str, text: str) -> str:
+    """``<kind>_<text>.png`` (:func:`_file_part`), numbered ``-2``, ``-3``... where ``figs``
+    holds that name already: names that differ only in what a file name drops (``a b``,
+    ``a_b``) had replaced each other's figures."""
+    base = f"{kind}_{_file_part(text)}"
+    name, k = f"{base}.png", 1
+    while name in figs:
+        k += 1
+        name = f"{base}-{k}.png"
+    return name
+
+
 def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studies: Sequence[str],
              log: Sequence[Mapping[str, Any]] | None, *,
              max_map_figures: int) -> dict[str, tuple[str, str]]:
@@ -152,21 +164,17 @@ def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studie
         fig = side_by_side_figure([(r.label, r.maps[s]) for r in with_maps], names=names,
                                   mask=region,
                                   outlines=outlines, title=f"{s}: maps and differences")
-        figs[f"maps_{_file_part(s)}.png"] = (figure_data_uri(fig),
+        figs[_unused(figs, "maps", s)] = (figure_data_uri(fig),
                                  f"{s}: maps of each reader, then differences "
                                  f"{readers[0].label} minus each reference{unshown}")
     pairs = list(dict.fromkeys((r["estimate"], r["reference"]) for r in result["lesions"]))
     for est, ref in pairs:
         rows = [r for r in result["lesions"] if (r["estimate"], r["reference"]) == (est, ref)]
-        tag = base = _file_part(f"{est}_vs_{ref}")
-        k = 1
-        while f"volumes_{tag}.png" in figs:  # labels apart only by what the file name drops
-            k += 1
-            tag = f"{base}-{k}"
-        figs[f"bland_altman_{tag}.png"] = (
+        name = _unused(figs, "volumes", f"{est}_vs_{ref}")
+        figs[name.replace("volumes_", "bland_altman_", 1)] = (
             figure_data_uri(bland_altman_figure(rows, title=f"{est} vs {ref}")),
             f"Bland-Altman plots of lesion volumes, {est} vs {ref} (bias and 95 % limits)")
-        figs[f"volumes_{tag}.png"] = (
+        figs[name] = (
             figure_data_uri(volume_scatter_figure(rows, title=f"{est} vs {ref}")),
             f"lesion volumes, {est} against {ref}, with the identity line")
     if log is not None:
