@@ -170,11 +170,10 @@ def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studie
     pairs = list(dict.fromkeys((r["estimate"], r["reference"]) for r in result["lesions"]))
     for est, ref in pairs:
         rows = [r for r in result["lesions"] if (r["estimate"], r["reference"]) == (est, ref)]
-        name = _unused(figs, "volumes", f"{est}_vs_{ref}")
-        figs[name.replace("volumes_", "bland_altman_", 1)] = (
+        figs[_unused(figs, "bland_altman", f"{est}_vs_{ref}")] = (
             figure_data_uri(bland_altman_figure(rows, title=f"{est} vs {ref}")),
             f"Bland-Altman plots of lesion volumes, {est} vs {ref} (bias and 95 % limits)")
-        figs[name] = (
+        figs[_unused(figs, "volumes", f"{est}_vs_{ref}")] = (
             figure_data_uri(volume_scatter_figure(rows, title=f"{est} vs {ref}")),
             f"lesion volumes, {est} against {ref}, with the identity line")
     if log is not None:
