@@ -208,6 +208,25 @@ def test_a_rerun_with_other_options_says_so(tmp_path, caplog):
     assert "2 studies were done with other options (a, c): done again" in caplog.text
 
 
+
+def test_a_path_option_said_relative_or_absolute_is_one_option(tmp_path, monkeypatch):
+    """The options' hash had taken paths as typed: a mask said ``mask.nii.gz`` in one run
+    and by its absolute path (or from the parent folder) in the next redid every study."""
+    (tmp_path / "mask.nii.gz").write_bytes(b"mask")
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    run_cohort(_studies("a"), out, _echo_task, {"upper": False, "mask": Path("mask.nii.gz")},
+               workers=1)
+    monkeypatch.chdir(tmp_path.parent)
+    for said in (tmp_path / "mask.nii.gz", Path(tmp_path.name) / "mask.nii.gz"):
+        assert run_cohort(_studies("a"), out, _echo_task, {"upper": False, "mask": said},
+                          workers=1).skipped == ("a",)
+    (tmp_path / "other.nii.gz").write_bytes(b"mask")  # another file, same size and time
+    os.utime(tmp_path / "other.nii.gz", ns=((tmp_path / "mask.nii.gz").stat().st_mtime_ns,) * 2)
+    assert run_cohort(_studies("a"), out, _echo_task,
+                      {"upper": False, "mask": tmp_path / "other.nii.gz"},
+                      workers=1).done == ("a",)
+
 # --- the engine, in this process ---------------------------------------------------------------
 
 def test_failures_are_recorded_and_reruns_skip_what_is_done(tmp_path):

@@ -276,15 +276,18 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def _plain(value: Any) -> Any:
+def _plain(value: Any, *, resolve: bool = False) -> Any:
+    """``value`` as JSON-ready data; paths as strings, made absolute (symbolic links
+    followed) with ``resolve``."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _plain(getattr(value, f.name), resolve=resolve)
+                for f in dataclasses.fields(value)}
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain(v, resolve=resolve) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
+        return [_plain(v, resolve=resolve) for v in value]
     if isinstance(value, os.PathLike):
-        return os.fspath(value)
+        return os.path.realpath(value) if resolve else os.fspath(value)
     return value
 
 
@@ -305,9 +308,11 @@ def options_hash(task: Task, options: Any) -> str:
     as canonical JSON, with the state (:func:`source_state`) of the files its paths name (a
     checkpoint, a mask): studies done under another hash are computed again (a model replaced
     at the same path had left every study's maps those of the old one). Options that do not
-    change what is written (``progress``, ``overwrite``, ``workers``) are left out."""
+    change what is written (``progress``, ``overwrite``, ``workers``) are left out. Paths
+    count as the files they name: a mask given as ``m.nii.gz`` and as its absolute path is
+    one option (a rerun from the cohort's parent folder had done every study again)."""
     name = f"{getattr(task, '__module__', '')}.{getattr(task, '__qualname__', repr(task))}"
-    plain = _plain(options)
+    plain = _plain(options, resolve=True)
     if isinstance(plain, dict):
         plain = {k: v for k, v in plain.items() if k not in _UNHASHED}
     files = source_state(_path_options(options))
