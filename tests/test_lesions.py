@@ -396,7 +396,8 @@ def test_maps_cli_lesion_defaults_are_lesion_options_defaults():
 
     args = build_parser().parse_args(["maps", "study", "out"])
     given = LesionOptions(core_rcbf=args.core_rcbf, core_cbv=args.core_cbv, tmax_hypo=args.tmax,
-                          smooth_mm=args.lesion_smooth, min_component_ml=args.min_lesion)
+                          smooth_mm=args.lesion_smooth, min_component_ml=args.min_lesion,
+                          reference=args.core_reference)
     assert given == LesionOptions()
 
 
@@ -493,3 +494,74 @@ def test_lesion_options_hold_the_command_lines_ranges(field, value, said):
     with pytest.raises(ValidationError, match=said):
         LesionOptions(**{field: value})
     LesionOptions(core_rcbf=0.0, tmax_hypo=1.0, tmax_severe=30.0)  # the ranges' ends
+
+
+def test_an_old_infarct_on_the_other_side_is_no_reference():
+    """An old infarct (CBF 6, a chronic infarct's, Tmax normal) mirroring the acute core: it
+    had been averaged as normal tissue, so the core met its own low flow (a probe's 36.7 mL
+    core read 1.0 mL, with a mismatch ratio of 87); flow at a core's level is no reference."""
+    maps, brain, _, core, _ = lesion_case(0.0, 0.0, 0.0)
+    old = np.flip(core, axis=2)  # the core's mirror image, in the other hemisphere
+    cbf = np.where(old, 6.0, maps["cbf"])
+    sick = PerfusionMaps(maps={"cbf": cbf, "tmax": maps["tmax"]}, affine=maps.affine)
+    res = segment_lesions(sick, brain=brain)
+    dice = 2 * (res.core & core).sum() / (res.core.sum() + core.sum())
+    # as test_contralateral_reference_follows_a_turned_head: the pixelised borders differ
+    assert dice > 0.9, dice
+    assert res.core[old].sum() == 0  # the old infarct is not late: no acute core
+    # as with a healthy mirror, to 10 %: the old infarct's place in the reference is filled
+    # from the 8 mm neighbourhood around it, which mixes grey and white matter otherwise
+    assert res.volumes_ml["core"] == pytest.approx(
+        segment_lesions(maps, brain=brain).volumes_ml["core"], rel=0.1)
+
+
+def test_a_brain_with_no_normally_perfused_tissue_keeps_its_core(caplog):
+    """Every voxel later than the threshold (a late AIF, --tmax below healthy Tmax): no tissue
+    is normal, and the study had been refused after every voxel was fitted, its maps lost.
+    The brain's median CBF stands for normal flow, and the thresholds and a warning say so."""
+    maps, brain, healthy, core, _ = lesion_case(0.0, 0.0, 0.0)
+    late = PerfusionMaps(maps={"cbf": maps["cbf"], "tmax": maps["tmax"] + 7.0},
+                         affine=maps.affine)
+    with caplog.at_level("WARNING"):
+        res = segment_lesions(late, brain=brain)
+    assert res.hypoperfused.sum() == brain.sum()
+    assert res.thresholds["core"]["reference"] == "brain median: no normally perfused tissue"
+    assert "no normally perfused tissue" in caplog.text
+    assert res.thresholds["reference_cbf_median"] == pytest.approx(
+        np.median(maps["cbf"][brain]))
+    # the brain's median is white matter's 25: the core's white matter (5) is under 30 % of
+    # it, its grey matter (12) not
+    assert np.array_equal(res.core, core & (healthy < 30))
+
+
+def test_the_global_reference_is_a_lesion_option():
+    maps, brain, *_ = lesion_case(0.0, 0.0, 0.0)
+    by_option = segment_lesions(maps, brain=brain, options=replace(
+        THRESHOLDS_ONLY, reference="global"))
+    by_argument = segment_lesions(maps, brain=brain, reference="global")
+    assert np.array_equal(by_option.core, by_argument.core)
+    assert by_option.thresholds["core"]["reference"] == "global"
+    assert by_option.thresholds["midsagittal_plane"] is None
+    with pytest.raises(ValidationError, match="reference must be one of contralateral, global"):
+        LesionOptions(reference="mirror")
+
+
+def test_volume_sd_with_the_cbv_core_rule():
+    """With --core-cbv the volumes' SDs had been dropped, even those of the hypoperfused
+    tissue, which do not depend on the core's rule: the core is drawn from the CBV's SD."""
+    maps, brain = _sd_case(1.5)
+    cbv = np.where(maps["tmax"] > 6, 2.0, 4.0).astype(np.float32)
+    sd = {**{k: maps[k] for k in maps.names}, "cbv": cbv,
+          "cbv_sd": np.full(cbv.shape, 0.3, np.float32)}
+    with_sd = PerfusionMaps(maps=sd, affine=maps.affine)
+    rule = replace(THRESHOLDS_ONLY, core_cbv=2.0)
+    res = segment_lesions(with_sd, brain=brain, options=rule)
+    plain = segment_lesions(with_sd, brain=brain, reference="global")
+    assert res.volumes_sd_ml is not None and plain.volumes_sd_ml is not None
+    # the hypoperfused draws do not depend on the core rule: the same fields, the same SD
+    assert res.volumes_sd_ml["hypoperfused"] == pytest.approx(
+        plain.volumes_sd_ml["hypoperfused"])
+    # CBV at the threshold (2.0) inside the lesion with an SD of 0.3: half of it flips
+    assert res.volumes_sd_ml["core"] > 0.5
+    no_cbv_sd = PerfusionMaps(maps={k: sd[k] for k in sd if k != "cbv_sd"}, affine=maps.affine)
+    assert segment_lesions(no_cbv_sd, brain=brain, options=rule).volumes_sd_ml is None

@@ -550,3 +550,23 @@ def test_truncation_reads_the_late_regions_not_late_noise():
     noisy_cut = np.where(region[brain], tissue + noise, tissue)  # a bolus in the noise: judged
     assert _late_mean(noisy_cut, tmax, kept, brain=brain, spacing=spacing,
                       voxel_ml=0.01) is not None
+
+
+def test_a_brain_late_everywhere_keeps_its_maps_and_is_flagged():
+    """Every tissue curve 8 s later than its artery (a whole brain delayed): no tissue is
+    normally perfused, and the study had been refused after its voxels were fitted, its maps
+    lost ("no normally perfused brain voxels"); now mapped, with the core's reference the
+    brain's median CBF and a flag that says so."""
+    series, truth = synthetic_study(np.random.default_rng(3))
+    late = series.hu.copy()
+    tissue = truth["tissue"]
+    shift = 16  # frames of 0.5 s
+    late[shift:, tissue] = series.hu[:-shift, tissue]
+    late[:shift, tissue] = series.hu[0, tissue]
+    result = run_perfusion(series.replace(hu=late), method="nlr-fast",
+                           aif_mask=truth["artery"], lesion_options=LesionOptions())
+    assert result.lesions.volumes_ml["hypoperfused"] > 0.9 * tissue.sum() * series.voxel_ml
+    assert result.maps.provenance["qc"]["no_normal_tissue"]["flag"]
+    plain = run_perfusion(series, method="nlr-fast", aif_mask=truth["artery"],
+                          lesion_options=LesionOptions())
+    assert not plain.maps.provenance["qc"]["no_normal_tissue"]["flag"]

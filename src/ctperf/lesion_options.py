@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from ctperf.errors import ValidationError
 
-__all__ = ["MAX_SMOOTH_MM", "THRESHOLDS_ONLY", "TMAX_RANGE_S", "LesionOptions"]
+__all__ = ["MAX_SMOOTH_MM", "REFERENCES", "THRESHOLDS_ONLY", "TMAX_RANGE_S", "LesionOptions"]
 
 
 #: The Tmax thresholds a lesion may be defined by, s (``--tmax`` and :class:`LesionOptions`).
@@ -20,6 +20,8 @@ TMAX_RANGE_S = (1.0, 30.0)
 #: The largest radius of the lesions' median (mm): ten times the default, a quarter of a
 #: hemisphere's width (a radius of 10^6 mm had asked for terabytes).
 MAX_SMOOTH_MM = 20.0
+#: The normal-tissue references of the core's relative CBF (``--core-reference``).
+REFERENCES = ("contralateral", "global")
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ class LesionOptions:
     core_within_hypoperfused : bool
         Keep only core voxels that are also hypoperfused (see :mod:`ctperf.perfusion.lesions`);
         False labels low flow wherever it lies.
+    reference : {"contralateral", "global"}
+        The normal CBF the core's relative CBF divides by: normally perfused tissue mirrored
+        across the mid-sagittal plane, around each voxel, or the median of all normally
+        perfused brain (where the other side is not healthy either).
     """
 
     core_rcbf: float = 0.30
@@ -60,8 +66,12 @@ class LesionOptions:
     smooth_mm: float = 2.0
     min_component_ml: float = 0.1
     core_within_hypoperfused: bool = True
+    reference: str = "contralateral"
 
     def __post_init__(self) -> None:
+        if self.reference not in REFERENCES:
+            raise ValidationError(f"lesion option reference must be one of "
+                                  f"{', '.join(REFERENCES)}, got {self.reference!r}")
         for name, value in (("core_rcbf", self.core_rcbf), ("tmax_hypo", self.tmax_hypo),
                             ("tmax_severe", self.tmax_severe), ("smooth_mm", self.smooth_mm),
                             ("min_component_ml", self.min_component_ml)):

@@ -25,7 +25,7 @@ from ctperf.commands import (
     run_study_command,
     study_io_options,
 )
-from ctperf.lesion_options import MAX_SMOOTH_MM, TMAX_RANGE_S, LesionOptions
+from ctperf.lesion_options import MAX_SMOOTH_MM, REFERENCES, TMAX_RANGE_S, LesionOptions
 
 __all__ = ["ORDER", "maps_options", "register", "run"]
 
@@ -72,6 +72,10 @@ def register(subparsers: Any) -> None:
                         "threshold (--core-rcbf)")
     p.add_argument("--core-rcbf", type=fraction, default=LesionOptions.core_rcbf,
                    help="core rCBF threshold, a fraction of normal tissue [%(default)s]")
+    p.add_argument("--core-reference", choices=REFERENCES, default=LesionOptions.reference,
+                   help="normal CBF of the core's rCBF: normally perfused tissue mirrored "
+                        "across the midline, or the median of all normally perfused brain "
+                        "(when the other side is diseased too) [%(default)s]")
     p.add_argument("--tmax", type=float_in(*TMAX_RANGE_S, "--tmax (s)"),
                    default=LesionOptions.tmax_hypo,
                    help="hypoperfusion Tmax threshold s (the tmax10 mask keeps its 10 s) "
@@ -92,7 +96,7 @@ def maps_options(args: argparse.Namespace) -> Any:
 
     lesions = LesionOptions(core_rcbf=args.core_rcbf, core_cbv=args.core_cbv,
                             tmax_hypo=args.tmax, smooth_mm=args.lesion_smooth,
-                            min_component_ml=args.min_lesion)
+                            min_component_ml=args.min_lesion, reference=args.core_reference)
     return MapsOptions(method=args.method, aif_mask=args.aif_mask, vof_mask=args.vof_mask,
                        brain_mask=args.brain_mask, rho=args.rho, kh=args.kh, device=args.device,
                        lesion_options=lesions, **preprocess_step_options(args),

@@ -40,7 +40,12 @@ from ctperf.perfusion.curves import (
 from ctperf.perfusion.inputs import CurveOrigin, partial_volume, voxel_noise_sd
 from ctperf.perfusion.maps import MIN_FRAMES, vessel_curves
 from ctperf.perfusion.onset import pre_bolus_frames
-from ctperf.perfusion.qc import check_first_pass_sampled, lesion_no_bolus_flag, qc_flags
+from ctperf.perfusion.qc import (
+    check_first_pass_sampled,
+    lesion_no_bolus_flag,
+    no_normal_tissue_flag,
+    qc_flags,
+)
 from ctperf.perfusion.voxelfit import SD_MAPS, fit_voxels, measured_ttp
 from ctperf.types import METHODS
 
@@ -424,6 +429,7 @@ def flag_reference() -> str:
     x = np.clip(t - 10.0, 0.0, None)
     maps = qc_flags(times=t, aif=x ** 3 * np.exp(-x / 1.5))
     maps["lesion_no_bolus"] = lesion_no_bolus_flag(None)
+    maps["no_normal_tissue"] = no_normal_tissue_flag(None)
 
     def cell(text: str) -> str:
         return " ".join(text.split()).replace("|", "\\|")

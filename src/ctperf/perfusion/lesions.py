@@ -37,11 +37,15 @@ from ctperf.masks import as_region
 from ctperf.parallel import map_chunks
 from ctperf.types import PerfusionMaps
 
-__all__ = ["MIDPLANE_MAX_YAW_DEG", "THRESHOLDS_ONLY", "LesionOptions", "LesionResult", "MidPlane",
-           "in_patient_terms", "left_right_angle", "midsagittal_plane", "normal_cbf_reference",
-           "segment_lesions"]
+__all__ = ["MIDPLANE_MAX_YAW_DEG", "NO_NORMAL_TISSUE", "THRESHOLDS_ONLY", "LesionOptions",
+           "LesionResult", "MidPlane", "in_patient_terms", "left_right_angle",
+           "midsagittal_plane", "normal_cbf_reference", "segment_lesions"]
 
 log = logging.getLogger(__name__)
+
+#: The core's reference (``thresholds["core"]["reference"]``) where no tissue is normally
+#: perfused: the brain's median CBF.
+NO_NORMAL_TISSUE = "brain median: no normally perfused tissue"
 
 
 @dataclass(frozen=True)
@@ -347,7 +351,7 @@ def segment_lesions(
     brain: np.ndarray | None = None,
     exclude: np.ndarray | None = None,
     options: LesionOptions = THRESHOLDS_ONLY,
-    reference: str | np.ndarray | float = "contralateral",
+    reference: str | np.ndarray | float | None = None,
     sigma_mm: float = 8.0,
     uncertainty_mm: float = 3.0,
     samples: int = 24,
@@ -367,8 +371,8 @@ def segment_lesions(
         Voxels never labelled (vessels, CSF).
     options : LesionOptions
         Thresholds and clean-up; default :data:`THRESHOLDS_ONLY`.
-    reference : "contralateral", "global", float or ndarray (Z, Y, X)
-        Normal CBF for rCBF (see module docstring).
+    reference : "contralateral", "global", float or ndarray (Z, Y, X), optional
+        Normal CBF for rCBF (see module docstring); default ``options.reference``.
     sigma_mm : float
         Neighbourhood of the contralateral reference.
     uncertainty_mm, samples : float, int
@@ -382,6 +386,8 @@ def segment_lesions(
     LesionResult
     """
     o = options
+    if reference is None:
+        reference = o.reference
     cbf, tmax = maps["cbf"].astype(np.float64), maps["tmax"].astype(np.float64)
     valid = np.isfinite(cbf) & np.isfinite(tmax)
     if brain is None:  # maps written with 0 (or -1) outside the head: that is no brain
@@ -398,16 +404,30 @@ def segment_lesions(
     hypo = valid & (tmax > o.tmax_hypo)
     mid_info: dict[str, Any] | None = None
     severe = valid & (tmax > o.tmax_severe)
+    label = reference if isinstance(reference, str) else "given"
     if o.core_cbv is not None:
         cbv = _smooth(maps["cbv"].astype(np.float64), valid, rad)
         core = valid & (cbv < o.core_cbv) & np.isfinite(cbv)
+        core_value, core_sd = cbv, maps["cbv_sd"] if "cbv_sd" in maps.names else None
+        limit = np.full(cbv.shape, o.core_cbv)
         ref_value: float | None = None
     else:
+        normal = _normal_tissue(cbf, valid & ~hypo, o.core_rcbf)
+        if isinstance(reference, str) and not normal.any() and valid.any():
+            # every voxel late (a global delay, a threshold below healthy Tmax): no tissue
+            # to call normal, so the brain's median CBF stands for it
+            reference = float(np.median(cbf[valid]))
+            label = NO_NORMAL_TISSUE
+            log.warning("no brain voxel has Tmax <= %g s, so no normally perfused tissue "
+                        "gives the core's CBF reference: the brain's median CBF (%.1f "
+                        "mL/100 g/min) stands for it, and the core may be too small; check "
+                        "the AIF (a late artery delays every voxel) or use --core-cbv",
+                        o.tmax_hypo, reference)
         if isinstance(reference, str):
             base = left_right_angle(maps.affine)
             plane = midsagittal_plane(region, spacing=(maps.spacing[1], maps.spacing[2]),
                                       base_angle=base) if reference == "contralateral" else None
-            ref = normal_cbf_reference(np.where(valid, cbf, 0.0), valid & ~hypo,
+            ref = normal_cbf_reference(np.where(valid, cbf, 0.0), normal,
                                        spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm,
                                        plane=plane)
             if plane is not None:
@@ -427,6 +447,8 @@ def segment_lesions(
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
         core = valid & (cbf < o.core_rcbf * ref)
+        core_value, core_sd, limit = cbf, maps["cbf_sd"] if "cbf_sd" in maps.names else None, \
+            o.core_rcbf * ref
         ref_value = float(np.median(ref[valid])) if valid.any() else None
     if o.core_within_hypoperfused:
         core &= hypo
@@ -443,18 +465,28 @@ def segment_lesions(
     standard = (o.tmax_hypo, o.tmax_severe) == (6.0, 10.0)
     hir = (volumes["tmax10"] / volumes["hypoperfused"]
            if standard and volumes["hypoperfused"] > 0 else None)
-    thresholds = _thresholds(o, reference if isinstance(reference, str) else "given",
-                             ref_value=ref_value, midplane=mid_info)
+    thresholds = _thresholds(o, label, ref_value=ref_value, midplane=mid_info)
     sd_ml = None
-    if "tmax_sd" in maps.names and "cbf_sd" in maps.names and o.core_cbv is None:
-        sd_ml = _volume_sd(cbf, tmax, maps["cbf_sd"], maps["tmax_sd"], valid,
-                           o.core_rcbf * ref, o, min_voxels=min_voxels,
+    if "tmax_sd" in maps.names and core_sd is not None:
+        sd_ml = _volume_sd(core_value, tmax, core_sd, maps["tmax_sd"], valid,
+                           limit, o, min_voxels=min_voxels,
                            sigma_vox=(uncertainty_mm / maps.spacing[1],
                                       uncertainty_mm / maps.spacing[2]),
                            samples=samples, voxel_ml=voxel_ml)
     return LesionResult(core=core, hypoperfused=hypo, penumbra=penumbra, tmax_severe=severe,
                         volumes_ml=volumes, mismatch_ratio=ratio, thresholds=thresholds,
                         volumes_sd_ml=sd_ml, hypoperfusion_intensity_ratio=hir)
+
+
+def _normal_tissue(cbf: np.ndarray, timely: np.ndarray, core_rcbf: float) -> np.ndarray:
+    """The tissue the core's CBF reference averages: ``timely`` (Tmax not above the
+    hypoperfusion threshold) less what flows as little as a core would against the median of
+    that tissue (an old infarct, or partial volume with CSF, on the side the reference is
+    mirrored from: a probe's old contralateral infarct had made the acute core's reference
+    its own low CBF, and 36.7 mL of core read 1.0)."""
+    if not timely.any():
+        return timely
+    return timely & (cbf >= core_rcbf * float(np.median(cbf[timely])))
 
 
 def _thresholds(o: LesionOptions, reference: str, *, ref_value: float | None,
@@ -475,16 +507,17 @@ def _thresholds(o: LesionOptions, reference: str, *, ref_value: float | None,
     }
 
 
-def _volume_sd(cbf: np.ndarray, tmax: np.ndarray, cbf_sd: np.ndarray, tmax_sd: np.ndarray,
+def _volume_sd(value: np.ndarray, tmax: np.ndarray, value_sd: np.ndarray, tmax_sd: np.ndarray,
                valid: np.ndarray, core_limit: np.ndarray, o: LesionOptions, *,
                min_voxels: float,
                sigma_vox: tuple[float, float], samples: int, voxel_ml: float
                ) -> dict[str, float]:
     """SD of each lesion volume (mL) over draws of the maps from their posterior SDs.
 
-    Each draw perturbs the maps the lesions were thresholded on (``cbf``, ``tmax``, after the
-    lesions' median) and goes through the rest of what the estimate went through: the
-    thresholds of ``o`` and the clean-up of components under ``min_voxels`` (without it, a
+    Each draw perturbs the maps the lesions were thresholded on (``value``, the core's CBF or
+    CBV, below ``core_limit``, and ``tmax``, after the lesions' median) and goes through the
+    rest of what the estimate went through: the thresholds of ``o`` and the clean-up of
+    components under ``min_voxels`` (without it, a
     core of 0 mL had read an SD of 0.5 mL). The median is not drawn again: 24 medians of a
     512 x 512 x 8 study cost 8 times the lesions' own time, and with noise correlated over
     the estimator's neighbourhood (wider than the median's disk) they change the SD little.
@@ -514,7 +547,7 @@ def _volume_sd(cbf: np.ndarray, tmax: np.ndarray, cbf_sd: np.ndarray, tmax_sd: n
     def voxels(a: np.ndarray) -> np.ndarray:
         return np.nan_to_num(np.asarray(a)[sl][inside].astype(np.float64))
 
-    c, t0, c_sd, t_sd, limit = (voxels(a) for a in (cbf, tmax, cbf_sd, tmax_sd, core_limit))
+    c, t0, c_sd, t_sd, limit = (voxels(a) for a in (value, tmax, value_sd, tmax_sd, core_limit))
 
     def kept(mask: np.ndarray) -> np.ndarray:
         if min_voxels <= 0:

@@ -68,6 +68,7 @@ from ctperf.perfusion.qc import (
     flat_edge_share,
     lesion_no_bolus_flag,
     lesion_no_bolus_ml,
+    no_normal_tissue_flag,
     qc_flags,
     skull_shift_px,
 )
@@ -294,6 +295,7 @@ def run_perfusion(
     regions = ndimage.label((lesions.core | lesions.hypoperfused) & ~vessels)[0][brain]
     flags["lesion_no_bolus"] = lesion_no_bolus_flag(lesion_no_bolus_ml(
         tissue, aif_used, t, regions, n_base=n_base, voxel_ml=series.voxel_ml, rho=rho, kh=kh))
+    flags["no_normal_tissue"] = no_normal_tissue_flag(lesions.thresholds["core"].get("reference"))
     pmaps = pmaps.replace(provenance={**provenance, "lesions": lesions.summary()})
     return PerfusionResult(maps=pmaps, lesions=lesions, brain=brain, vessels=vessels,
                            aif=aif_used, vof=vof_used, times=t)

@@ -39,6 +39,7 @@ __all__ = [
     "first_pass",
     "flat_edge_share",
     "frame_gaps",
+    "no_normal_tissue_flag",
     "qc_flags",
     "raised_flags",
     "skull_shift_px",
@@ -340,6 +341,20 @@ def lesion_no_bolus_flag(volume_ml: float | None) -> dict[str, Any]:
                       "or that the bolus never reached; an acute core keeps some blood. Its CBF "
                       "counts it as core and its Tmax is read from noise; the volumes include "
                       "it: read the unenhanced images"}
+
+
+def no_normal_tissue_flag(reference: str | None) -> dict[str, Any]:
+    """The ``no_normal_tissue`` QC entry of the lesions' core reference
+    (``thresholds["core"]["reference"]``; None: not judged)."""
+    from ctperf.perfusion.lesions import NO_NORMAL_TISSUE
+
+    return {"flag": reference == NO_NORMAL_TISSUE, "value": None,
+            "reason": "every brain voxel's Tmax is above the hypoperfusion threshold, so no "
+                      "tissue is normally perfused: a delay of the whole brain (an AIF taken "
+                      "early or in the wrong vessel, poor cardiac output) or a --tmax below "
+                      "healthy tissue's; the core's relative CBF was taken against the brain's "
+                      "median CBF, the core may be too small and the hypoperfused volume is the "
+                      "whole brain. Check the AIF's curve and the Tmax map, or use --core-cbv"}
 
 
 def raised_flags(flags: dict[str, dict[str, Any]]) -> list[str]:

@@ -171,18 +171,9 @@ def _cnn_result(maps: Any, brain: Any, vessels: Any, lesion_options: LesionOptio
     from ctperf.perfusion import PerfusionResult, segment_lesions
 
     prov = dict(maps.provenance)
-    try:
-        lesions = segment_lesions(maps, brain=brain, exclude=vessels, options=lesion_options)
-    except ValidationError as exc:
-        # e.g. every voxel hypoperfused (a poorly trained network): no normal tissue for the
-        # relative CBF, so the brain's median CBF stands for normal
-        normal = float(np.nanmedian(maps["cbf"][brain])) if brain.any() else float("nan")
-        if lesion_options.core_cbv is not None or not np.isfinite(normal):
-            raise
-        lesions = segment_lesions(maps, brain=brain, exclude=vessels, options=lesion_options,
-                                  reference=normal)
-        prov["lesion_fallback"] = (f"{exc}; core relative to the brain's median CBF "
-                                   f"{normal:.1f} mL/100 g/min")
+    # a poorly trained network may mark every voxel hypoperfused: the core's reference is
+    # then the brain's median CBF, and the summary's thresholds say so
+    lesions = segment_lesions(maps, brain=brain, exclude=vessels, options=lesion_options)
     prov["lesions"] = lesions.summary()
     times = np.asarray(prov.get("times_s") or [0.0], dtype=np.float64)
     aif = prov.get("aif") or {}
