@@ -179,6 +179,26 @@ def test_a_study_sampled_otherwise_is_resampled_to_the_training_spacing(trained)
     assert "its last frame stands for the last" in cut.provenance["input_note"]
 
 
+def test_a_network_on_its_own_grid_refuses_a_study_too_short_for_it(trained):
+    """A network trained with --frame-mode resample takes its frames on its own grid; a study
+    a third as long as that grid had been predicted with its last frame repeated, exit 0 and
+    no word (the subsampling networks' span check was skipped for it)."""
+    cohort, path = trained
+    ckpt = load_checkpoint(path)
+    step = float(np.median(np.diff(read_nifti_series(
+        cohort / "sub-0001" / "study.nii.gz").times)))
+    own = {**ckpt, "config": {**ckpt["config"], "frame_mode": "resample",
+                              "frame_interval": 2 * step}}  # 6 frames over the 12
+    series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
+    assert predict_maps(series, own, device="cpu").provenance["input_note"] is None
+    short = series.replace(hu=series.hu[:5], times=series.times[:5])
+    with pytest.raises(ValidationError, match=r"takes 6 frames .* this study spans"):
+        predict_maps(short, own, device="cpu")
+    cut = predict_maps(series.replace(hu=series.hu[:10], times=series.times[:10]), own,
+                       device="cpu")
+    assert "its last frame stands for the last" in cut.provenance["input_note"]
+
+
 def test_a_study_at_another_pixel_scale_is_said(trained, caplog):
     """The network learned one pixel scale: a study whose field of view, at the network's input
     size, gives pixels a quarter the size (a 512 px scan of a small field of view, resized)

@@ -376,10 +376,22 @@ def test_config_is_frozen_validated_and_replaced():
         config.epochs = 3  # type: ignore[misc]
     assert replace(config, epochs=3).epochs == 3 and config.epochs == 50
     bad = [({"schedule": "step"}, "schedule"), ({"contrast_hu": 0.0}, "contrast_hu"),
-           ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"targets": ()}, "targets")]
+           ({"epochs": 0}, "epochs"), ({"lr": -1.0}, "lr"), ({"targets": ()}, "targets"),
+           ({"targets": ("cbv", "cbf", "cbv")}, "targets name cbv more than once")]
     for change, match in bad:
         with pytest.raises(ValidationError, match=match):
             replace(config, **change)
+
+
+@pytest.mark.parametrize("command", ["train", "cv", "reproduce"])
+def test_the_target_option_repeated_adds_maps(command):
+    """``--target cbv --target cbf --target tmax`` had kept only tmax (argparse's default
+    store): a training run without the maps asked for, and no word."""
+    from ctperf.cli import build_parser
+
+    args = build_parser().parse_args([command, "cohort", "out", "--target", "cbv", "--target",
+                                      "cbf", "tmax"])
+    assert args.target == ["cbv", "cbf", "tmax"]
 
 
 def test_a_timing_map_trained_with_another_is_said_to_go_without_shifts(caches, tmp_path,

@@ -32,7 +32,7 @@ def add_reproduce_options(p: argparse.ArgumentParser) -> None:
                    help="U-Net configuration: 'cpu' (a narrow network on 64 x 64 slices of 44 "
                         "frames) or 'paper' (the published network and schedule on the "
                         "studies' own grid, a GPU job) [%(default)s]")
-    p.add_argument("--target", nargs="+", choices=TARGETS, default=None,
+    p.add_argument("--target", nargs="+", action="extend", choices=TARGETS, default=None,
                    help="maps to learn (default: cbv cbf ttp tmax on a phantom, cbv cbf ttp "
                         "on UniToBrain); lesions of the U-Net's maps need cbf and tmax")
     p.add_argument("--one-network", action="store_true",

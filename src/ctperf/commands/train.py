@@ -44,10 +44,11 @@ def add_training_arguments(p: argparse.ArgumentParser) -> None:
                         "studies' own grid and frames, a GPU job) or 'cpu' (a narrow network on "
                         "small slices of fewer frames, for a CPU); the options below override "
                         "it [%(default)s]")
-    p.add_argument("--target", nargs="+", choices=TARGETS, default=None,
-                   help="map(s) to learn (default: the preset's); several give one multi-output "
-                        "model; 'ttp' is the tissue time to peak (UniToBrain's NLR_TTP, which the "
-                        "paper's network learned), 'delay' the box model's delay (NLR_Delay)")
+    p.add_argument("--target", nargs="+", action="extend", choices=TARGETS, default=None,
+                   help="map(s) to learn (default: the preset's); several (--target cbv cbf, "
+                        "or the option repeated) give one multi-output model; 'ttp' is the "
+                        "tissue time to peak (UniToBrain's NLR_TTP, which the paper's network "
+                        "learned), 'delay' the box model's delay (NLR_Delay)")
     p.add_argument("--reference", choices=("nlr", "truth"), default="nlr",
                    help="target maps: box-model NLR (computed into OUT/references, reused by a "
                         "rerun) or the phantom's truth; a UniToBrain cohort brings its own NLR "

@@ -61,20 +61,21 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
     mode, interval = cfg["frame_mode"], cfg.get("frame_interval")
     trained = cfg.get("input_step_s")
     n_frames = int(cfg["frames"])
+    t = np.asarray(times, dtype=np.float64)
+    if mode == "resample" and interval:  # onto its own grid: the span is all that can fail
+        short = _short_span(t, n_frames, float(interval))
+        if short:
+            log.warning("%s", short)
+        return mode, interval, short
     if mode != "subsample" or not trained:
         return mode, interval, None
-    t = np.asarray(times, dtype=np.float64)
     # the steps between the frames the network would take (every one within the tolerance:
     # their median is too)
     steps = np.diff(t[subsample_indices(t.size, n_frames)]) if t.size >= n_frames else None
     if steps is not None and steps.size and float(
             np.max(np.abs(steps / trained - 1.0))) <= STEP_TOLERANCE:
         return mode, interval, None
-    need, have = (n_frames - 1) * trained, float(t[-1] - t[0])
-    if have < 0.9 * need:
-        raise ValidationError(
-            f"the network takes {n_frames} frames {trained:.2f} s apart ({need:.0f} s), as its "
-            f"training studies had them; this study spans {have:.0f} s")
+    short = _short_span(t, n_frames, float(trained))
     if steps is None or not steps.size:
         what = f"{t.size} frames, fewer than the {n_frames} it takes"
     elif float(steps.max() - steps.min()) > STEP_TOLERANCE * trained:
@@ -83,11 +84,26 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
         what = f"frames {float(np.median(steps)):.2f} s apart"
     note = (f"the network takes every n-th frame, {trained:.2f} s apart in its training "
             f"studies; this study gives {what}, so it was resampled to {trained:.2f} s")
-    if have < need:
-        note += (f"; it spans {have:.1f} of the {need:.1f} s the network takes, so its last "
-                 f"frame stands for the last {need - have:.1f} s")
+    if short:
+        note += f"; {short}"
     log.warning("%s", note)
     return "resample", float(trained), note
+
+
+def _short_span(t: np.ndarray, n_frames: int, step: float) -> str | None:
+    """Refuses a study spanning under 90 % of the ``n_frames`` frames ``step`` s apart that
+    the network takes; between 90 and 100 % says how much its last frame stands for (a
+    network that resamples had predicted a study a third as long, its last frame repeated,
+    exit 0 and no word); None when it spans them."""
+    need, have = (n_frames - 1) * step, float(t[-1] - t[0])
+    if have < 0.9 * need:
+        raise ValidationError(
+            f"the network takes {n_frames} frames {step:.2f} s apart ({need:.0f} s), as its "
+            f"training studies had them; this study spans {have:.0f} s")
+    if have < need:
+        return (f"it spans {have:.1f} of the {need:.1f} s the network takes, so its last "
+                f"frame stands for the last {need - have:.1f} s")
+    return None
 
 
 #: A study whose bolus arrives further than this (s), or than the time shifts the network was

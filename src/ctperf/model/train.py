@@ -174,6 +174,9 @@ class TrainConfig:
         object.__setattr__(self, "betas", tuple(self.betas))
         if not self.targets:
             raise ValidationError("targets must name at least one map")
+        twice = sorted({t for t in self.targets if self.targets.count(t) > 1})
+        if twice:
+            raise ValidationError(f"targets name {', '.join(twice)} more than once")
         if self.loss not in _LOSSES:
             raise ValidationError(f"loss must be one of {_LOSSES}, got {self.loss!r}")
         if self.schedule not in _SCHEDULES:

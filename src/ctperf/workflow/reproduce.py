@@ -121,6 +121,9 @@ class ReproduceOptions:
             object.__setattr__(self, "targets", tuple(self.targets))
             if not self.targets:
                 raise ValidationError("targets must name at least one map")
+            twice = sorted({t for t in self.targets if self.targets.count(t) > 1})
+            if twice:
+                raise ValidationError(f"targets name {', '.join(twice)} more than once")
         if self.folds < 2:
             raise ValidationError(f"folds must be 2 or more, got {self.folds}")
         if self.reference not in ("nlr", "truth"):
