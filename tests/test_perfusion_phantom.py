@@ -171,6 +171,19 @@ def test_a_field_of_view_cutting_the_head_is_flagged(subject, outside):
     assert qc["flag"] and qc["value"] > 0.005, qc
 
 
+def test_air_inside_the_head_cuts_no_field_of_view(subject):
+    """A pocket of air inside the brain (air after surgery; a voxel stored as NaN, read as
+    air) meets brain with no skull between, but cuts no field of view: a probe's single NaN
+    voxel had raised ``fov_cut``, whose advice is to reconstruct a wider field of view."""
+    s = subject.series
+    zz, yy, xx = np.nonzero(subject.masks["brain"])
+    k = len(zz) // 2
+    hu = s.hu.copy()
+    hu[:, zz[k], yy[k] - 1:yy[k] + 2, xx[k] - 1:xx[k] + 2] = -1000.0
+    qc = run_perfusion(s.replace(hu=hu), method="bsvd").maps.provenance["qc"]["fov_cut"]
+    assert not qc["flag"] and qc["value"] == 0.0, qc
+
+
 def test_a_field_of_view_inside_the_brain_on_every_side_is_mapped_and_flagged(subject):
     """A matrix that crops the brain itself on all four sides (skull left only at the corners)
     is a cut head, mapped with ``fov_cut``, not taken for a flat background without a head

@@ -357,6 +357,14 @@ def exposed_share(brain: np.ndarray, volume: np.ndarray, *,
     outside = np.asarray(volume) < AIR_HU
     outside[:, [0, -1], :] = True
     outside[:, :, [0, -1]] = True
+    # only air joined in-plane to the image's border: a pocket inside the head (air after
+    # surgery, a voxel read as air) cuts no field of view (a probe's one NaN voxel had)
+    in_plane = np.zeros((3, 3, 3), dtype=bool)
+    in_plane[1] = ndimage.generate_binary_structure(2, 1)
+    labels, _ = ndimage.label(outside, structure=in_plane)
+    border = np.unique(np.concatenate([labels[:, [0, -1], :].ravel(),
+                                       labels[:, :, [0, -1]].ravel()]))
+    outside = np.isin(labels, border[border > 0])
     plane = (1e6, float(spacing[1]), float(spacing[2]))
     to_edge = ndimage.distance_transform_edt(~outside, sampling=plane)
     bone = np.asarray(volume) > BONE_HU

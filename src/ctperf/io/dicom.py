@@ -66,6 +66,7 @@ from ctperf.io.integrity import (
     check_frame_times,
     check_hu_plausible,
     check_memory,
+    interleaved_whole_seconds,
 )
 from ctperf.parallel import usable_cores
 from ctperf.types import CTPSeries
@@ -281,15 +282,27 @@ def _acquisition_over_content(root: Path, slices: list[list[Header]],
     return chosen
 
 
-def _whole_seconds_warning(root: Path, tag: str, times: np.ndarray) -> None:
-    """Warn when whole-second times step unevenly by one second (0, 1, 3, 4, ...): frames a
-    fraction of a second apart, each read up to a second off."""
+def _check_whole_seconds(root: Path, tag: str, times: np.ndarray) -> None:
+    """Refuse whole-second times (T, Z) that step by two values 1 s apart in turn (0, 1, 3,
+    4, 6, ...): frames evenly spaced between whole seconds, each read up to a second off (a
+    probe's 1.2 s frames cut to the second: CBF +36 % with nlr-fast, exit 0 with a warning);
+    the spacing is the user's to give. Steps 1 s apart in a run each (a protocol of two rates,
+    a dropped frame) are read as they are, with a warning."""
+    first = times[:, 0]
     steps = np.diff(times, axis=0)
+    if interleaved_whole_seconds(first):
+        n = first.size
+        raise InputError(root, f"frame times from {tag} are whole seconds, {steps.min():g} or "
+                               f"{steps.max():g} s apart in turn: frames evenly spaced at "
+                               f"about {(first[-1] - first[0]) / (n - 1):.2f} s written to the "
+                               "second, each up to 1 s off, which biases CBF and MTT by tens "
+                               "of per cent (or frames missing at a regular beat); give their "
+                               "spacing with --frame-interval SECONDS (frame_interval=)")
     if np.ptp(steps) == 1.0:
         log.warning("%s: frame times from %s are whole seconds, %g or %g s apart: frames "
-                    "evenly spaced at a fraction of a second are each read up to 1 s off; "
-                    "give their spacing with --frame-interval SECONDS (frame_interval=)",
-                    root, tag, steps.min(), steps.max())
+                    "spaced at a fraction of a second are each read up to 1 s off; give "
+                    "their spacing with --frame-interval SECONDS (frame_interval=) if they "
+                    "are evenly spaced", root, tag, steps.min(), steps.max())
 
 
 def _missing_time_point_warning(root: Path, times: np.ndarray) -> None:
@@ -370,7 +383,7 @@ def _order_frames(root: Path, slices: list[list[Header]],
     if chosen is None and found_first is not None:
         _say_passed_over(root, found_first[2], passed)
         if frame_interval is None:
-            _whole_seconds_warning(root, found_first[2], found_first[1])
+            _check_whole_seconds(root, found_first[2], found_first[1])
         chosen = found_first
     if frame_interval is not None:
         _frame_interval_warning(root, frame_interval, values)
@@ -404,11 +417,28 @@ def _order_frames(root: Path, slices: list[list[Header]],
                                    "frame spacing with frame_interval (--frame-interval "
                                    "SECONDS)")
         order = [[number(h, tag) for h in s] for s in slices]
+        _uneven_numbers_warning(root, order, tag)
         frames = [[h for _, h in sorted(zip(k, s, strict=True), key=lambda p: p[0])]
                   for k, s in zip(order, slices, strict=True)]
         return frames, np.full((len(frames[0]), len(frames)), np.nan), tag
     raise InputError(root, "cannot order frames: no acquisition times and no unique "
                            "TemporalPositionIndex or InstanceNumber within each slice")
+
+
+def _uneven_numbers_warning(root: Path, order: list[list[float]], tag: str) -> None:
+    """A warning when the numbers frames are ordered by step unevenly within a slice (one step
+    half as large again as the usual one, e.g. 1, 2, 4, 5: a frame missing, which
+    frame_interval then reads as no time at all). A hole in TemporalPositionIndex or
+    TemporalPositionIdentifier is refused before (``check_temporal_positions``); acquisition
+    and instance numbers may skip legitimately (a scout, a numbering shared with other
+    series), so they are only warned of."""
+    steps = np.concatenate([np.diff(np.sort(np.asarray(k, dtype=np.float64))) for k in order])
+    usual = float(np.median(steps))
+    if usual > 0 and float(steps.max()) > 1.5 * usual:
+        log.warning("%s: frames ordered by %s, which steps by %g within a slice but by %g "
+                    "once: a frame may be missing there, and with --frame-interval the frames "
+                    "after it are read a frame early; check that every frame was exported",
+                    root, tag, usual, float(steps.max()))
 
 
 def _partial_tag_problem(root: Path, slices: list[list[Header]],

@@ -164,6 +164,16 @@ def rescales(headers: Sequence[Header]) -> list[tuple[float, float]]:
     """(RescaleSlope, RescaleIntercept) of every file. Files of one series may be scaled
     differently (derived images often are, slice by slice): each is read with its own."""
     rescale = [rescale_of(h) for h in headers]
+    for k, (tag, default) in enumerate((("RescaleSlope", 1.0), ("RescaleIntercept", 0.0))):
+        held = [h.get(tag) not in (None, "") for h in headers]
+        other = next((i for i, (r, has) in enumerate(zip(rescale, held, strict=True))
+                      if has and r[k] != default), None)
+        if other is not None and not all(held):  # had been called a damaged image
+            raise InputError(headers[held.index(False)].path,
+                             f"no {tag}, while the series' other images hold one "
+                             f"({rescale[other][k]:g} in {headers[other].path.name}): its "
+                             f"values would be read as {tag} {default:g}; export it again, "
+                             "or restore the tag")
     if len(set(rescale)) > 1:
         log.info("%s: %d different rescales (slope, intercept) in one series, each file read "
                  "with its own", headers[0].path.parent, len(set(rescale)))
@@ -355,28 +365,35 @@ def check_frame_counts(root: Path, slices: Sequence[Sequence[Header]],
 def check_temporal_positions(root: Path, slices: Sequence[Sequence[Header]], *,
                              passes_left_out: int = 0) -> None:
     """Refuse a study missing a whole time point (every slice's image of it), which
-    :func:`check_frame_counts` cannot see: TemporalPositionIndex values with a hole, or fewer
-    time points than NumberOfTemporalPositions (less ``passes_left_out``, the last passes of
-    some slices :func:`trim_unfinished_pass` left out). Images without these tags, or whose
-    index does not tell the frames of a slice apart, are not checked."""
+    :func:`check_frame_counts` cannot see: TemporalPositionIndex values with a hole (or
+    TemporalPositionIdentifier values, when they count in ones: frames ordered by it with
+    --frame-interval had been read evenly spaced across the hole), or fewer time points than
+    NumberOfTemporalPositions (less ``passes_left_out``, the last passes of some slices
+    :func:`trim_unfinished_pass` left out). Images without these tags, or whose index does
+    not tell the frames of a slice apart, are not checked."""
     n_frames = len(slices[0])
     declared = {optional_number(h, "NumberOfTemporalPositions") for s in slices for h in s}
     n_declared = int(declared.pop() or 0) if len(declared) == 1 else 0
     n_declared = max(0, n_declared - passes_left_out)
-    index = [[optional_number(h, "TemporalPositionIndex") for h in s] for s in slices]
-    if all(v is not None for s in index for v in s) and all(len(set(s)) == len(s) for s in index):
+    for tag in ("TemporalPositionIndex", "TemporalPositionIdentifier"):
+        index = [[optional_number(h, tag) for h in s] for s in slices]
+        if any(v is None for s in index for v in s) or any(len(set(s)) < len(s) for s in index):
+            continue
         present = sorted({int(v) for s in index for v in s if v is not None})
+        if tag != "TemporalPositionIndex" and np.median(np.diff(present)) != 1:
+            break  # numbered otherwise than in ones: its holes say nothing
         lo, hi = present[0], max(present[-1], present[0] + n_declared - 1)
         missing = sorted(set(range(lo, hi + 1)) - set(present))
         if missing:
             shown = ", ".join(str(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise InputError(root, f"time point missing: no image has TemporalPositionIndex "
+            raise InputError(root, f"time point missing: no image has {tag} "
                                    f"{shown} (indices {lo} to {hi}"
                                    + (f", NumberOfTemporalPositions {n_declared}"
                                       if n_declared else "")
                                    + f", {len(present)} present); its files were not exported "
                                    "or were deleted, and the frames around it would be read "
                                    "as neighbours: restore them")
+        break  # the first tag that every image holds is the one judged
     if n_declared > n_frames:
         raise InputError(root, f"{n_frames} time points, but NumberOfTemporalPositions says "
                                f"{n_declared}: {n_declared - n_frames} missing (not exported or "
