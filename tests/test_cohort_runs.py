@@ -218,7 +218,9 @@ def test_a_path_option_said_relative_or_absolute_is_one_option(tmp_path, monkeyp
     run_cohort(_studies("a"), out, _echo_task, {"upper": False, "mask": Path("mask.nii.gz")},
                workers=1)
     monkeypatch.chdir(tmp_path.parent)
-    for said in (tmp_path / "mask.nii.gz", Path(tmp_path.name) / "mask.nii.gz"):
+    (tmp_path / "link.nii.gz").symlink_to(tmp_path / "mask.nii.gz")
+    for said in (tmp_path / "mask.nii.gz", Path(tmp_path.name) / "mask.nii.gz",
+                 tmp_path / "link.nii.gz"):
         assert run_cohort(_studies("a"), out, _echo_task, {"upper": False, "mask": said},
                           workers=1).skipped == ("a",)
     (tmp_path / "other.nii.gz").write_bytes(b"mask")  # another file, same size and time

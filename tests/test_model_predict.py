@@ -190,6 +190,8 @@ def test_a_network_on_its_own_grid_refuses_a_study_too_short_for_it(trained):
     own = {**ckpt, "config": {**ckpt["config"], "frame_mode": "resample",
                               "frame_interval": 2 * step}}  # 6 frames over the 12
     series = read_nifti_series(cohort / "sub-0001" / "study.nii.gz")
+    # the checkpoint records its training studies' spans (the cohort's: 12 frames each)
+    assert ckpt["config"]["study_span_s"][0] == pytest.approx(11 * step)
     assert predict_maps(series, own, device="cpu").provenance["input_note"] is None
     short = series.replace(hu=series.hu[:5], times=series.times[:5])
     with pytest.raises(ValidationError, match=r"takes 6 frames .* this study spans"):
@@ -197,6 +199,13 @@ def test_a_network_on_its_own_grid_refuses_a_study_too_short_for_it(trained):
     cut = predict_maps(series.replace(hu=series.hu[:10], times=series.times[:10]), own,
                        device="cpu")
     assert "its last frame stands for the last" in cut.provenance["input_note"]
+    # trained on studies as short as this one (their last frames repeated too): predicted,
+    # and said; a checkpoint that does not say how long its studies were refuses nothing
+    span = float(short.times[-1] - short.times[0])
+    for spans in ([span, 2 * span], None):
+        alike = {**own, "config": {**own["config"], "study_span_s": spans}}
+        note = predict_maps(short, alike, device="cpu").provenance["input_note"]
+        assert "its last frame stands for the last" in note
 
 
 def test_a_study_at_another_pixel_scale_is_said(trained, caplog):

@@ -566,7 +566,7 @@ def test_a_brain_late_everywhere_keeps_its_maps_and_is_flagged():
     result = run_perfusion(series.replace(hu=late), method="nlr-fast",
                            aif_mask=truth["artery"], lesion_options=LesionOptions())
     assert result.lesions.volumes_ml["hypoperfused"] > 0.9 * tissue.sum() * series.voxel_ml
-    assert result.maps.provenance["qc"]["no_normal_tissue"]["flag"]
+    assert result.maps.provenance["qc"]["widespread_hypoperfusion"]["flag"]
     plain = run_perfusion(series, method="nlr-fast", aif_mask=truth["artery"],
                           lesion_options=LesionOptions())
-    assert not plain.maps.provenance["qc"]["no_normal_tissue"]["flag"]
+    assert not plain.maps.provenance["qc"]["widespread_hypoperfusion"]["flag"]

@@ -28,7 +28,7 @@ import numpy as np
 
 from ctperf.errors import InputError
 from ctperf.io.atomic import atomic_file
-from ctperf.io.integrity import check_frame_times, interleaved_whole_seconds
+from ctperf.io.integrity import check_frame_times
 
 __all__ = ["CurveTable", "read_curves_csv", "write_curves_csv"]
 
@@ -180,8 +180,12 @@ def _say_whole_seconds(p: Path, name: str, cells: Sequence[str], times: np.ndarr
     a protocol of several rates (1 s then 3 s) are left unsaid."""
     if any(re.search(r"[.,]\d", cell) for cell in cells):
         return
-    if interleaved_whole_seconds(times):
-        steps = np.unique(np.round(np.diff(times), 6))
+    step = np.round(np.diff(times), 6)
+    steps, counts = np.unique(step, return_counts=True)
+    # two steps 1 s apart, each a quarter of them or more, changing more than twice: frames
+    # between whole seconds (a dropped frame or a protocol of several rates is none of that)
+    if (steps.size == 2 and steps[1] - steps[0] == 1.0 and counts.min() >= 0.25 * step.size
+            and np.count_nonzero(np.diff(step)) > 2):
         log.warning("%s: column %r holds clock times to the whole second, with steps of %s s: "
                     "each frame's time may be off by up to 0.5 s, which moves CBF, MTT and "
                     "Tmax; export the times with fractions of a second, or in seconds",

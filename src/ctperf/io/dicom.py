@@ -66,7 +66,6 @@ from ctperf.io.integrity import (
     check_frame_times,
     check_hu_plausible,
     check_memory,
-    interleaved_whole_seconds,
 )
 from ctperf.parallel import usable_cores
 from ctperf.types import CTPSeries
@@ -282,27 +281,15 @@ def _acquisition_over_content(root: Path, slices: list[list[Header]],
     return chosen
 
 
-def _check_whole_seconds(root: Path, tag: str, times: np.ndarray) -> None:
-    """Refuse whole-second times (T, Z) that step by two values 1 s apart in turn (0, 1, 3,
-    4, 6, ...): frames evenly spaced between whole seconds, each read up to a second off (a
-    probe's 1.2 s frames cut to the second: CBF +36 % with nlr-fast, exit 0 with a warning);
-    the spacing is the user's to give. Steps 1 s apart in a run each (a protocol of two rates,
-    a dropped frame) are read as they are, with a warning."""
-    first = times[:, 0]
+def _whole_seconds_warning(root: Path, tag: str, times: np.ndarray) -> None:
+    """Warn when whole-second times step unevenly by one second (0, 1, 3, 4, ...): frames a
+    fraction of a second apart, each read up to a second off."""
     steps = np.diff(times, axis=0)
-    if interleaved_whole_seconds(first):
-        n = first.size
-        raise InputError(root, f"frame times from {tag} are whole seconds, {steps.min():g} or "
-                               f"{steps.max():g} s apart in turn: frames evenly spaced at "
-                               f"about {(first[-1] - first[0]) / (n - 1):.2f} s written to the "
-                               "second, each up to 1 s off, which biases CBF and MTT by tens "
-                               "of per cent (or frames missing at a regular beat); give their "
-                               "spacing with --frame-interval SECONDS (frame_interval=)")
     if np.ptp(steps) == 1.0:
         log.warning("%s: frame times from %s are whole seconds, %g or %g s apart: frames "
-                    "spaced at a fraction of a second are each read up to 1 s off; give "
-                    "their spacing with --frame-interval SECONDS (frame_interval=) if they "
-                    "are evenly spaced", root, tag, steps.min(), steps.max())
+                    "evenly spaced at a fraction of a second are each read up to 1 s off; "
+                    "give their spacing with --frame-interval SECONDS (frame_interval=)",
+                    root, tag, steps.min(), steps.max())
 
 
 def _missing_time_point_warning(root: Path, times: np.ndarray) -> None:
@@ -383,7 +370,7 @@ def _order_frames(root: Path, slices: list[list[Header]],
     if chosen is None and found_first is not None:
         _say_passed_over(root, found_first[2], passed)
         if frame_interval is None:
-            _check_whole_seconds(root, found_first[2], found_first[1])
+            _whole_seconds_warning(root, found_first[2], found_first[1])
         chosen = found_first
     if frame_interval is not None:
         _frame_interval_warning(root, frame_interval, values)
@@ -750,7 +737,8 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     if len(slices[0]) < 2:
         raise InputError(root, f"one frame per slice ({len(slices)} slices): a 3D volume, a "
                                "perfusion study needs several frames (4D)")
-    check_temporal_positions(root, slices, passes_left_out=left_out)
+    check_temporal_positions(root, slices, passes_left_out=left_out,
+                             evenly=frame_interval is not None)
     check_frame_count(len(slices[0]), root)
     rescale = dict(zip(((h.path, h.frame) for h in headers), rescales(headers),
                        strict=True))

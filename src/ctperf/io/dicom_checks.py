@@ -363,14 +363,21 @@ def check_frame_counts(root: Path, slices: Sequence[Sequence[Header]],
 
 
 def check_temporal_positions(root: Path, slices: Sequence[Sequence[Header]], *,
-                             passes_left_out: int = 0) -> None:
-    """Refuse a study missing a whole time point (every slice's image of it), which
-    :func:`check_frame_counts` cannot see: TemporalPositionIndex values with a hole (or
-    TemporalPositionIdentifier values, when they count in ones: frames ordered by it with
-    --frame-interval had been read evenly spaced across the hole), or fewer time points than
-    NumberOfTemporalPositions (less ``passes_left_out``, the last passes of some slices
-    :func:`trim_unfinished_pass` left out). Images without these tags, or whose index does
-    not tell the frames of a slice apart, are not checked."""
+                             passes_left_out: int = 0, evenly: bool = True) -> None:
+    """Refuse a study spaced ``evenly`` (by --frame-interval) that misses a whole time point
+    (every slice's image of it), which :func:`check_frame_counts` cannot see:
+    TemporalPositionIndex values with a hole (or TemporalPositionIdentifier values, when they
+    count in ones: frames so ordered had been read evenly spaced across the hole), or fewer
+    time points than NumberOfTemporalPositions (less ``passes_left_out``, the last passes of
+    some slices :func:`trim_unfinished_pass` left out). Frames timed by their own clocks are
+    read with the gap (a frame left out for motion is no error): only warned of. Images
+    without these tags, or whose index does not tell the frames of a slice apart, are not
+    checked."""
+    def problem(text: str) -> None:
+        if evenly:
+            raise InputError(root, text + "; restore them")
+        log.warning("%s: %s; read with the gap the frames' times show", root, text)
+
     n_frames = len(slices[0])
     declared = {optional_number(h, "NumberOfTemporalPositions") for s in slices for h in s}
     n_declared = int(declared.pop() or 0) if len(declared) == 1 else 0
@@ -386,15 +393,13 @@ def check_temporal_positions(root: Path, slices: Sequence[Sequence[Header]], *,
         missing = sorted(set(range(lo, hi + 1)) - set(present))
         if missing:
             shown = ", ".join(str(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            raise InputError(root, f"time point missing: no image has {tag} "
-                                   f"{shown} (indices {lo} to {hi}"
-                                   + (f", NumberOfTemporalPositions {n_declared}"
-                                      if n_declared else "")
-                                   + f", {len(present)} present); its files were not exported "
-                                   "or were deleted, and the frames around it would be read "
-                                   "as neighbours: restore them")
+            problem(f"time point missing: no image has {tag} {shown} (indices {lo} to {hi}"
+                    + (f", NumberOfTemporalPositions {n_declared}" if n_declared else "")
+                    + f", {len(present)} present): its files were not exported or were "
+                    "deleted" + (", and the frames around it would be read as neighbours"
+                                 if evenly else ""))
+            return
         break  # the first tag that every image holds is the one judged
     if n_declared > n_frames:
-        raise InputError(root, f"{n_frames} time points, but NumberOfTemporalPositions says "
-                               f"{n_declared}: {n_declared - n_frames} missing (not exported or "
-                               "deleted); restore them")
+        problem(f"{n_frames} time points, but NumberOfTemporalPositions says {n_declared}: "
+                f"{n_declared - n_frames} missing (not exported or deleted)")

@@ -28,7 +28,6 @@ __all__ = [
     "check_memory",
     "fit_times",
     "frame_spacing_problem",
-    "interleaved_whole_seconds",
 ]
 
 PathLike = str | os.PathLike[str]
@@ -135,26 +134,6 @@ def check_frame_times(times: np.ndarray, path: PathLike, *, source: str,
         raise InputError(path, f"{source}: {problem}"
                                + (f"; {remedy}" if problem.startswith("frames are") else ""))
     return t
-
-
-def interleaved_whole_seconds(times: np.ndarray) -> bool:
-    """Whether frame times (s) are whole seconds stepping by two values 1 s apart, the rarer
-    one three times or more, in 8 % of the steps or more and at a regular beat (as the floor
-    or rounding of an even spacing places it: every 5th step for 1.2 s): frames evenly spaced
-    between whole seconds (1.1 to 1.9 s) written to the second, each off by up to 1 s (cut) or
-    0.5 s (rounded). Frames dropped here and there, or a protocol of several rates (1 s, then
-    2 s), is not that."""
-    t = np.asarray(times, dtype=np.float64)
-    if t.size < 3 or not np.all(np.mod(t - t[0], 1.0) == 0):
-        return False
-    step = np.round(np.diff(t), 6)
-    steps, counts = np.unique(step, return_counts=True)
-    if steps.size != 2 or steps[1] - steps[0] != 1.0 or counts.min() < max(3.0,
-                                                                           0.08 * step.size):
-        return False
-    rare = np.flatnonzero(step == steps[int(np.argmin(counts))])
-    # at most 2 apart: the beat of an even spacing, give or take a clock's jitter
-    return bool(np.count_nonzero(np.diff(step)) > 2 and np.ptp(np.diff(rare)) <= 2)
 
 
 def fit_times(times: object) -> np.ndarray:

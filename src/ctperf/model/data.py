@@ -330,6 +330,7 @@ class _Part:
     step: float              # s between its input frames
     pixel: float             # its pixel as the network sees it, mm
     arrival: float | None    # s from its first frame to the bolus, None where none is found
+    span: float              # s from its first frame to its last
     ranges: dict[str, tuple[float, float]]  # whole-image min and max per target
 
 
@@ -355,6 +356,12 @@ def _write_part(i: int, pid: str, load: Callable[[], _Patient], *, size: int | N
     arrival = input_arrival_s(series, x, input_times(series.times, n_frames=frames,
                                                      mode=frame_mode,
                                                      frame_interval=frame_interval))
+    span = float(series.times[-1] - series.times[0])
+    if frame_mode == "resample" and frame_interval and span < (frames - 1) * frame_interval:
+        log.warning("%s spans %.1f s of the %.1f s the network takes (%d frames %g s apart): "
+                    "its last frame stands for the last %.1f s", pid, span,
+                    (frames - 1) * frame_interval, frames, frame_interval,
+                    (frames - 1) * frame_interval - span)
     _, offset = hu_offset(first_frame_as_air(series.hu), spacing=series.spacing)  # calibrated HU
     if offset:
         x -= np.float32(offset)
@@ -382,7 +389,8 @@ def _write_part(i: int, pid: str, load: Callable[[], _Patient], *, size: int | N
     squares = sum(float(np.sum(np.square(frame, dtype=np.float64))) for frame in x)
     return _Part(index=i, pid=pid, names=tuple(names), n_z=x.shape[1], size=size, frames=frames,
                  stats=[float(x.size), total, squares], step=step,
-                 pixel=network_pixel_mm(series, size), arrival=arrival, ranges=ranges)
+                 pixel=network_pixel_mm(series, size), arrival=arrival, span=span,
+                 ranges=ranges)
 
 
 def input_arrival_s(series: CTPSeries, frames: np.ndarray, times: np.ndarray) -> float | None:
@@ -446,7 +454,8 @@ def _index(parts: Sequence[_Part]) -> dict[str, Any]:
             "input_steps_s": {p.pid: p.step for p in parts},
             "pixels_mm": {p.pid: p.pixel for p in parts},
             "arrivals_s": {p.pid: p.arrival for p in parts if p.arrival is not None},
-            "arrivals_on": "input", "targets_lacking": {t: v for t, v in lacking.items() if v}}
+            "arrivals_on": "input", "spans_s": {p.pid: p.span for p in parts},
+            "targets_lacking": {t: v for t, v in lacking.items() if v}}
 
 
 def _warn_mixed_steps(steps: dict[str, float]) -> None:

@@ -528,6 +528,7 @@ def _record(cache: SliceCache, config: TrainConfig, stages: list[tuple[str, Slic
         "bolus_arrival_s": _span(cache.meta.get("arrivals_s"), train_patients),
         # read on the network's input frames ("input"), or on each study's own (older caches)
         "bolus_arrival_on": cache.meta.get("arrivals_on", "study"),
+        "study_span_s": _span(cache.meta.get("spans_s"), train_patients),
         "hu_mean": mean, "hu_std": std, "reference": cache.meta["reference"],
         "cache_version": int(cache.meta["version"]), "orientation": cache.meta.get("orientation"),
         "seed": c.seed,

@@ -43,8 +43,8 @@ from ctperf.perfusion.onset import pre_bolus_frames
 from ctperf.perfusion.qc import (
     check_first_pass_sampled,
     lesion_no_bolus_flag,
-    no_normal_tissue_flag,
     qc_flags,
+    widespread_hypoperfusion_flag,
 )
 from ctperf.perfusion.voxelfit import SD_MAPS, fit_voxels, measured_ttp
 from ctperf.types import METHODS
@@ -429,7 +429,7 @@ def flag_reference() -> str:
     x = np.clip(t - 10.0, 0.0, None)
     maps = qc_flags(times=t, aif=x ** 3 * np.exp(-x / 1.5))
     maps["lesion_no_bolus"] = lesion_no_bolus_flag(None)
-    maps["no_normal_tissue"] = no_normal_tissue_flag(None)
+    maps["widespread_hypoperfusion"] = widespread_hypoperfusion_flag(None, None)
 
     def cell(text: str) -> str:
         return " ".join(text.split()).replace("|", "\\|")

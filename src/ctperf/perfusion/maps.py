@@ -68,9 +68,9 @@ from ctperf.perfusion.qc import (
     flat_edge_share,
     lesion_no_bolus_flag,
     lesion_no_bolus_ml,
-    no_normal_tissue_flag,
     qc_flags,
     skull_shift_px,
+    widespread_hypoperfusion_flag,
 )
 from ctperf.perfusion.voxelfit import SD_MAPS, check_bayes_options, fit_voxels
 from ctperf.types import MAP_UNITS, METHODS, CTPSeries, PerfusionMaps, non_axial_slices
@@ -295,7 +295,10 @@ def run_perfusion(
     regions = ndimage.label((lesions.core | lesions.hypoperfused) & ~vessels)[0][brain]
     flags["lesion_no_bolus"] = lesion_no_bolus_flag(lesion_no_bolus_ml(
         tissue, aif_used, t, regions, n_base=n_base, voxel_ml=series.voxel_ml, rho=rho, kh=kh))
-    flags["no_normal_tissue"] = no_normal_tissue_flag(lesions.thresholds["core"].get("reference"))
+    tissue_voxels = int(np.count_nonzero(brain & ~vessels))
+    flags["widespread_hypoperfusion"] = widespread_hypoperfusion_flag(
+        int(np.count_nonzero(lesions.hypoperfused)) / tissue_voxels if tissue_voxels else None,
+        lesions.thresholds["core"].get("reference"))
     pmaps = pmaps.replace(provenance={**provenance, "lesions": lesions.summary()})
     return PerfusionResult(maps=pmaps, lesions=lesions, brain=brain, vessels=vessels,
                            aif=aif_used, vof=vof_used, times=t)

@@ -34,15 +34,16 @@ __all__ = [
     "MAX_AIF_LEAD_S",
     "MAX_OSVD_STEP_S",
     "MAX_SKULL_SHIFT_PX",
+    "WIDESPREAD_HYPO_SHARE",
     "aif_lag",
     "check_first_pass_sampled",
     "first_pass",
     "flat_edge_share",
     "frame_gaps",
-    "no_normal_tissue_flag",
     "qc_flags",
     "raised_flags",
     "skull_shift_px",
+    "widespread_hypoperfusion_flag",
 ]
 
 
@@ -343,18 +344,29 @@ def lesion_no_bolus_flag(volume_ml: float | None) -> dict[str, Any]:
                       "it: read the unenhanced images"}
 
 
-def no_normal_tissue_flag(reference: str | None) -> dict[str, Any]:
-    """The ``no_normal_tissue`` QC entry of the lesions' core reference
-    (``thresholds["core"]["reference"]``; None: not judged)."""
-    from ctperf.perfusion.lesions import NO_NORMAL_TISSUE
+#: ``widespread_hypoperfusion``: the hypoperfused share of the brain above which it is said.
+#: One hemisphere's whole territory is about half a slab's brain.
+WIDESPREAD_HYPO_SHARE = 0.6
 
-    return {"flag": reference == NO_NORMAL_TISSUE, "value": None,
-            "reason": "every brain voxel's Tmax is above the hypoperfusion threshold, so no "
-                      "tissue is normally perfused: a delay of the whole brain (an AIF taken "
-                      "early or in the wrong vessel, poor cardiac output) or a --tmax below "
-                      "healthy tissue's; the core's relative CBF was taken against the brain's "
-                      "median CBF, the core may be too small and the hypoperfused volume is the "
-                      "whole brain. Check the AIF's curve and the Tmax map, or use --core-cbv"}
+
+def widespread_hypoperfusion_flag(share: float | None, reference: str | None) -> dict[str, Any]:
+    """The ``widespread_hypoperfusion`` QC entry: ``share`` of the brain (outside vessels)
+    hypoperfused, and the lesions' core reference (``thresholds["core"]["reference"]``);
+    None: not judged."""
+    from ctperf.perfusion.lesions import MIN_NORMAL_SHARE, NO_NORMAL_TISSUE
+
+    raised = share is not None and (share > WIDESPREAD_HYPO_SHARE
+                                    or reference == NO_NORMAL_TISSUE)
+    return {"flag": bool(raised), "value": None if share is None else round(share, 4),
+            "reason": f"more than {WIDESPREAD_HYPO_SHARE:.0%} of the brain is hypoperfused (the "
+                      "value is its share), on both sides of the midline: a delay of the whole "
+                      "brain (an AIF taken early or in the wrong vessel, poor cardiac output; "
+                      "bSVD's Tmax, late by 1.5-2.5 s in healthy tissue, adds to it) or a "
+                      "--tmax below healthy tissue's, rather than a stroke. With under "
+                      f"{MIN_NORMAL_SHARE:.0%} of the brain at a normal Tmax, the core's "
+                      "relative CBF was taken against the brain's median CBF (the thresholds "
+                      "say so) and the core may be too small. Check the AIF's curve and the "
+                      "Tmax map, or use --core-cbv"}
 
 
 def raised_flags(flags: dict[str, dict[str, Any]]) -> list[str]:

@@ -309,13 +309,14 @@ def options_hash(task: Task, options: Any) -> str:
     checkpoint, a mask): studies done under another hash are computed again (a model replaced
     at the same path had left every study's maps those of the old one). Options that do not
     change what is written (``progress``, ``overwrite``, ``workers``) are left out. Paths
-    count as the files they name: a mask given as ``m.nii.gz`` and as its absolute path is
-    one option (a rerun from the cohort's parent folder had done every study again)."""
+    count as the files they name, links followed: a mask given as ``m.nii.gz`` and as its
+    absolute path is one option (a rerun from the cohort's parent folder had done every study
+    again); moved to another folder, it is another."""
     name = f"{getattr(task, '__module__', '')}.{getattr(task, '__qualname__', repr(task))}"
     plain = _plain(options, resolve=True)
     if isinstance(plain, dict):
         plain = {k: v for k, v in plain.items() if k not in _UNHASHED}
-    files = source_state(_path_options(options))
+    files = source_state([Path(os.path.realpath(p)) for p in _path_options(options)])
     text = json.dumps({"task": name, "options": plain, "files": files}, sort_keys=True,
                       default=repr)
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
