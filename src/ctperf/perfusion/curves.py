@@ -354,7 +354,9 @@ def bolus_started_message(evidence: str) -> str:
     """The refusal of a study or curves whose bolus had begun before the first frame."""
     return (f"the arterial bolus had begun before the first frame ({evidence}): there is no "
             "unenhanced baseline, so CBF, CBV and delays cannot be measured; the scan must "
-            "start before the contrast arrives")
+            "start before the contrast arrives (or contrast was left in the blood by an "
+            "earlier injection, a CT angiogram just before: its washout makes the baseline "
+            "fall)")
 
 
 def to_enhancement(

@@ -607,7 +607,9 @@ def qc_flags(
         "AIF stood at 8 % of its peak: CBV -19 to -23 %, the hypoperfused volume 37 mL "
         "against 60 with bayes), high with the SVD methods (a probe's noise-free curves: CBV "
         "+38 % at 5 % of the rise, +118 % at 10 %); start the scan earlier (at 20 % the study "
-        "is refused)")
+        "is refused). Contrast left in the blood by an earlier injection (a CT angiogram just "
+        "before), washing out through the scan, raises it too, with below_baseline; a "
+        "probe's maps were then within 1 mL of its lesions without that contrast")
     put("aif_vof_ratio", pv_factor is not None and not pv_range[0] <= pv_factor <= pv_range[1],
         pv_factor, f"VOF/AIF area ratio outside [{pv_range[0]}, {pv_range[1]}]: wrong AIF or VOF "
         "choice")
@@ -662,7 +664,8 @@ def qc_flags(
     put("csf_cut", csf_cut_share is not None and csf_cut_share > max_csf_cut_share,
         csf_cut_share, f"more than {max_csf_cut_share:.0%} of the brain was darker than the "
         "midpoint of its CSF and tissue and was left out as CSF: a large hypodense region (an "
-        "old infarct, oedema) or HU that are not HU. Tissue below 15 HU before the bolus, "
+        "old infarct, oedema), atrophy's wide sulci and ventricles (then the mask is right), "
+        "or HU that are not HU. Tissue below 15 HU before the bolus, "
         "CSF's own density, is left out as CSF before that and is not counted (only a rim "
         "the smoothing lifts above 15 HU is): an old infarct that dense may raise no flag. "
         "Check the brain mask, or pass your own (--brain-mask)")
