@@ -941,3 +941,18 @@ def test_the_software_version_changes_with_the_code(tmp_path):
         assert source_digest(package) not in (after, before) or os.geteuid() == 0
     finally:
         (package / "c.py").chmod(0o644)
+
+
+def test_a_path_field_given_as_a_string_is_hashed_as_its_file(tmp_path):
+    """``MapsOptions(brain_mask="m.nii.gz")`` in Python: the string was not taken for a file,
+    so an edited mask left the hash, and a cohort's stale maps, as they were."""
+    from ctperf.workflow import MapsOptions
+    from ctperf.workflow.cohort import options_hash
+    from ctperf.workflow.study import maps_study
+
+    mask = tmp_path / "m.nii.gz"
+    mask.write_bytes(b"first")
+    options = MapsOptions(brain_mask=str(mask))  # type: ignore[arg-type]
+    before = options_hash(maps_study, options)
+    mask.write_bytes(b"a second mask")
+    assert options_hash(maps_study, options) != before

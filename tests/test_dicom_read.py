@@ -1069,16 +1069,21 @@ def test_bare_implicit_dataset_is_decoded(tmp_path, rng):
     assert series.meta["transfer_syntax"] == "Implicit VR Little Endian"
 
 
-@pytest.mark.parametrize("index, declared, gone, match", [
-    (True, False, 2, "no image has TemporalPositionIndex 3 "),
-    (True, True, 5, "no image has TemporalPositionIndex 6 .*NumberOfTemporalPositions 6"),
-    (False, True, 5, "5 time points, but NumberOfTemporalPositions says 6"),
+@pytest.mark.parametrize("index, declared, gone, match, refused", [
+    (True, False, 2, "no image has TemporalPositionIndex 3 ", True),
+    (True, True, 2, "no image has TemporalPositionIndex 3 .*NumberOfTemporalPositions 6",
+     True),
+    (False, True, 2, "5 time points, but NumberOfTemporalPositions says 6", True),
+    # the last one missing (a scan ended early): no frame is misplaced, it is only said
+    (True, True, 5, "5 time points, TemporalPositionIndex 1 to 5, but NumberOfTemporal", False),
 ])
-def test_missing_time_point_is_refused(tmp_path, rng, caplog, index, declared, gone, match):
+def test_missing_time_point_is_refused(tmp_path, rng, caplog, index, declared, gone, match,
+                                       refused):
     """All images of one time point deleted: every slice has the same frames, but the
     indices have a hole (or fall short of NumberOfTemporalPositions). Spaced evenly by
-    --frame-interval it is refused; timed by the files' own clocks it is read with the gap,
-    with a warning (it had been refused: a frame left out for motion could not be read)."""
+    --frame-interval in the order of their times it is refused; timed by the files' own
+    clocks it is read with the gap, with a warning (it had been refused: a frame left out for
+    motion could not be read)."""
     def edit(ds, t, z):
         if not index:
             del ds.TemporalPositionIndex
@@ -1089,21 +1094,42 @@ def test_missing_time_point_is_refused(tmp_path, rng, caplog, index, declared, g
     for (t, _), path in study.files.items():
         if t == gone:
             path.unlink()
-    with pytest.raises(InputError, match=f"{study.folder.name}: .*{match}"):
-        read_dicom_series(study.folder, frame_interval=1.0)
+    if refused:
+        with pytest.raises(InputError, match=f"{study.folder.name}: .*{match}"):
+            read_dicom_series(study.folder, frame_interval=1.0)
+    caplog.clear()
     with caplog.at_level(logging.WARNING, logger="ctperf.io"):
         series = read_dicom_series(study.folder)
-    assert re.search(match, caplog.text) and "read with the gap" in caplog.text
+    assert re.search(match, caplog.text), caplog.text
+    # said once (the index's warning, not the times' one beside it)
+    assert len(caplog.records) == 1, caplog.text
     kept = [t for t in range(6) if t != gone]
     np.testing.assert_allclose(series.times - series.times[0],
                                study.times[kept] - study.times[kept[0]], atol=1e-3)
 
 
-def test_a_hole_in_temporal_position_identifiers_is_refused(tmp_path, rng, caplog):
+def test_frame_interval_across_a_gap_in_the_files_own_times_is_said(tmp_path, rng, caplog):
+    """A frame missing, no index, the files' own times showing the gap: --frame-interval
+    (which a whole-second clock's warning may advise) spaces the frames evenly across it, and
+    had said nothing."""
+    def no_index(ds, t, z):
+        del ds.TemporalPositionIndex
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=8, edit=no_index)
+    for (t, _), path in study.files.items():
+        if t == 4:
+            path.unlink()
+    with caplog.at_level(logging.WARNING, logger="ctperf.io"):
+        assert read_dicom_series(study.folder, frame_interval=1.6).n_frames == 7
+    assert "missing from every slice? (frame_interval spaces the frames evenly" in caplog.text
+
+
+def test_a_hole_in_temporal_position_identifiers_is_placed(tmp_path, rng, caplog):
     """Files with no times, ordered by TemporalPositionIdentifier with --frame-interval: a
     time point deleted from every slice had been read as 5 evenly spaced frames (a probe's
-    CBF -14 % with nlr-fast, +15 % with bSVD, exit 0). Acquisition numbers with a hole are
-    warned of: they may skip legitimately."""
+    CBF -14 % with nlr-fast, +15 % with bSVD, exit 0); the frames are placed at their
+    positions, the gap kept and said. Acquisition numbers with a hole are warned of: they
+    may skip legitimately, and place nothing."""
     def identifier(ds, t, z):
         for tag in ("AcquisitionTime", "ContentTime", "AcquisitionDateTime",
                     "TemporalPositionIndex"):
@@ -1116,8 +1142,12 @@ def test_a_hole_in_temporal_position_identifiers_is_refused(tmp_path, rng, caplo
     for (t, _), path in study.files.items():
         if t == 2:
             path.unlink()
-    with pytest.raises(InputError, match="no image has TemporalPositionIdentifier 3 "):
-        read_dicom_series(study.folder, frame_interval=1.0)
+    with caplog.at_level("WARNING"):
+        placed = read_dicom_series(study.folder, frame_interval=1.5)
+    np.testing.assert_allclose(placed.times, [0.0, 1.5, 4.5, 6.0, 7.5])
+    assert "no image has TemporalPositionIdentifier 3 " in caplog.text
+    assert "read with the gap" in caplog.text
+    caplog.clear()
     for path in study.files.values():
         if not path.exists():
             continue

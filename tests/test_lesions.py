@@ -574,3 +574,28 @@ def test_volume_sd_with_the_cbv_core_rule():
     assert res.volumes_sd_ml["core"] > 0.5
     no_cbv_sd = PerfusionMaps(maps={k: sd[k] for k in sd if k != "cbv_sd"}, affine=maps.affine)
     assert segment_lesions(no_cbv_sd, brain=brain, options=rule).volumes_sd_ml is None
+
+
+def test_hypoperfusion_on_both_sides_is_said():
+    """A brain late on both sides of the midline (an AIF from an early artery: a review's
+    phantom 3-5 s late read 246-309 mL hypoperfused against 14-32, no flag) is flagged by the
+    share of its less affected side; a one-sided lesion is not."""
+    from ctperf.perfusion.qc import widespread_hypoperfusion_flag
+
+    maps, brain, _, _, lesion = lesion_case(0.0, 0.0, 0.0)
+    one = segment_lesions(maps, brain=brain)
+    sides = one.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"]
+    assert min(sides) == 0.0 and max(sides) == pytest.approx(lesion.sum() / (brain.sum() / 2),
+                                                             rel=0.05)
+    assert not widespread_hypoperfusion_flag(0.1, sides, "contralateral")["flag"]
+    # the other side's front half late too
+    u, v = head_frame(0.0, 0.0, 0.0)
+    tmax = np.where(brain & (u > 0) & (v > 10), 7.0, maps["tmax"])
+    both = segment_lesions(PerfusionMaps(maps={"cbf": maps["cbf"], "tmax": tmax},
+                                         affine=maps.affine), brain=brain)
+    sides = both.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"]
+    flag = widespread_hypoperfusion_flag(0.4, sides, "contralateral")
+    assert flag["flag"] and flag["value"] == pytest.approx(min(sides))
+    # without a midline (the global reference) the whole brain's share is judged
+    assert not widespread_hypoperfusion_flag(0.4, None, "global")["flag"]
+    assert widespread_hypoperfusion_flag(0.7, None, "global")["flag"]

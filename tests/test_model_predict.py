@@ -200,12 +200,14 @@ def test_a_network_on_its_own_grid_refuses_a_study_too_short_for_it(trained):
                        device="cpu")
     assert "its last frame stands for the last" in cut.provenance["input_note"]
     # trained on studies as short as this one (their last frames repeated too): predicted,
-    # and said; a checkpoint that does not say how long its studies were refuses nothing
+    # and said; a checkpoint that does not say how long its studies were judges the window
     span = float(short.times[-1] - short.times[0])
-    for spans in ([span, 2 * span], None):
-        alike = {**own, "config": {**own["config"], "study_span_s": spans}}
-        note = predict_maps(short, alike, device="cpu").provenance["input_note"]
-        assert "its last frame stands for the last" in note
+    alike = {**own, "config": {**own["config"], "study_span_s": [span, 2 * span]}}
+    note = predict_maps(short, alike, device="cpu").provenance["input_note"]
+    assert "its last frame stands for the last" in note
+    unsaid = {**own, "config": {**own["config"], "study_span_s": None}}
+    with pytest.raises(ValidationError, match="this study spans"):
+        predict_maps(short, unsaid, device="cpu")
 
 
 def test_a_study_at_another_pixel_scale_is_said(trained, caplog):

@@ -86,6 +86,8 @@ _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _INDEX_TAGS = ("TemporalPositionIndex", "TemporalPositionIdentifier", "AcquisitionNumber",
                "InstanceNumber")
 _EPOCH = dt.datetime(1970, 1, 1)
+#: Index tags that number time points in ones: frames ordered by one are placed at its values.
+_POSITION_TAGS = ("TemporalPositionIndex", "TemporalPositionIdentifier")
 
 
 def _find_files(root: Path) -> list[Path]:
@@ -285,17 +287,31 @@ def _whole_seconds_warning(root: Path, tag: str, times: np.ndarray) -> None:
     """Warn when whole-second times step unevenly by one second (0, 1, 3, 4, ...): frames a
     fraction of a second apart, each read up to a second off."""
     steps = np.diff(times, axis=0)
-    if np.ptp(steps) == 1.0:
+    # by 1 s more or less in turn: one step longer (a frame missing) or a change of rate
+    # (1 s, then 2 s) are read right as they are
+    first = np.reshape(steps, (len(steps), -1))[:, 0]
+    if np.ptp(steps) == 1.0 and np.count_nonzero(np.diff(first)) > 2:
         log.warning("%s: frame times from %s are whole seconds, %g or %g s apart: frames "
                     "evenly spaced at a fraction of a second are each read up to 1 s off; "
                     "give their spacing with --frame-interval SECONDS (frame_interval=)",
                     root, tag, steps.min(), steps.max())
 
 
-def _missing_time_point_warning(root: Path, times: np.ndarray) -> None:
+def _positions(root: Path, frames: list[list[Header]], tag: str) -> np.ndarray:
+    """The frames' temporal positions (``tag``) from the first, (T,): every slice's the
+    same, or the study is refused."""
+    table = np.array([[number(h, tag) for h in s] for s in frames], dtype=np.float64)
+    if np.ptp(table, axis=0).max() > 0:
+        raise InputError(root, f"the slices hold different {tag} values: their frames "
+                               "cannot be placed in time")
+    return table[0] - table[0, 0]
+
+
+def _missing_time_point_warning(root: Path, times: np.ndarray, *, evenly: bool = False) -> None:
     """Warn when even frames hold one gap of a whole number of steps inside the scan (a time
     point missing from every slice, which no index tag tells: the series is read, with that
-    gap); a slower start or end, or two gaps, is a protocol's change of rate."""
+    gap; or, ``evenly`` spaced by frame_interval, across it); a slower start or end, or two
+    gaps, is a protocol's change of rate."""
     steps = np.diff(times)
     if steps.size < 4:
         return
@@ -308,8 +324,10 @@ def _missing_time_point_warning(root: Path, times: np.ndarray) -> None:
     if gaps.size == 1 and usual.sum() + 1 == steps.size and 0 < gaps[0] < steps.size - 1:
         g = int(gaps[0])
         log.warning("%s: frames every %.3g s but %.3g s apart at %.1f-%.1f s: a time point "
-                    "missing from every slice? (read with the gap)", root, step, steps[g],
-                    times[g], times[g + 1])
+                    "missing from every slice? (%s)", root, step, steps[g], times[g],
+                    times[g + 1],
+                    "frame_interval spaces the frames evenly across it: leave --frame-interval "
+                    "out to read the files' own times" if evenly else "read with the gap")
 
 
 def _order_frames(root: Path, slices: list[list[Header]],
@@ -718,8 +736,11 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     ------
     ctperf.errors.InputError
         Naming the file or folder: unreadable or damaged files, duplicate or missing (frame,
-        slice) images, a time point missing from every slice (a hole in TemporalPositionIndex
-        or fewer than NumberOfTemporalPositions), numeric tags that are not numbers, fewer
+        slice) images, a time point missing from every slice where ``frame_interval`` spaces
+        frames that no temporal position places (a hole in TemporalPositionIndex or
+        TemporalPositionIdentifier, or fewer than NumberOfTemporalPositions; with the files'
+        own times, or placed by their positions, it is read with the gap and warned of),
+        numeric tags that are not numbers, fewer
         than three frames, implausible frame timing (a time tag only some images hold that
         the tag read instead disagrees with, an order of time that TemporalPositionIndex
         contradicts), images whose values are not CT numbers
@@ -737,12 +758,15 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     if len(slices[0]) < 2:
         raise InputError(root, f"one frame per slice ({len(slices)} slices): a 3D volume, a "
                                "perfusion study needs several frames (4D)")
-    check_temporal_positions(root, slices, passes_left_out=left_out,
-                             evenly=frame_interval is not None)
     check_frame_count(len(slices[0]), root)
     rescale = dict(zip(((h.path, h.frame) for h in headers), rescales(headers),
                        strict=True))
     frames, abs_times, source = _order_frames(root, slices, frame_interval)
+    # frames spaced by --frame-interval in the order of a temporal position are placed at
+    # their positions, holes and all; in any other order a hole cannot be placed
+    placed = frame_interval is not None and source in _POSITION_TAGS
+    said = check_temporal_positions(root, slices, passes_left_out=left_out,
+                                    evenly=frame_interval is not None and not placed)
     n_t, n_z = len(frames[0]), len(frames)
     start = float(np.nanmin(abs_times)) if np.isfinite(abs_times).any() else None
     slice_times = None
@@ -751,6 +775,11 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
             raise ValidationError(f"frame_interval must be > 0 s, got {frame_interval}")
         source_tag = "frame_interval"
         times = np.arange(n_t) * float(frame_interval)
+        if placed:
+            times = _positions(root, frames, source) * float(frame_interval)
+        elif start is not None and not said:  # the files' own times show a gap it spaces over
+            _missing_time_point_warning(root, np.nanmean(abs_times - start, axis=1),
+                                        evenly=True)
         source = f"frame_interval {frame_interval:g} s (frames ordered by {source})"
     else:
         source_tag = source
@@ -761,7 +790,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         if np.max(np.ptp(rel, axis=1)) > 1e-3:
             slice_times = rel
     check_frame_times(times, root, source=source_tag)
-    if frame_interval is None:
+    if frame_interval is None and not said:
         _missing_time_point_warning(root, times)
     check_memory(n_t * n_z * rows * cols * 4, root,
                  what=f"the study's {n_t} frames x {n_z} slices of {rows} x {cols} pixels")

@@ -363,21 +363,18 @@ def check_frame_counts(root: Path, slices: Sequence[Sequence[Header]],
 
 
 def check_temporal_positions(root: Path, slices: Sequence[Sequence[Header]], *,
-                             passes_left_out: int = 0, evenly: bool = True) -> None:
-    """Refuse a study spaced ``evenly`` (by --frame-interval) that misses a whole time point
-    (every slice's image of it), which :func:`check_frame_counts` cannot see:
-    TemporalPositionIndex values with a hole (or TemporalPositionIdentifier values, when they
-    count in ones: frames so ordered had been read evenly spaced across the hole), or fewer
-    time points than NumberOfTemporalPositions (less ``passes_left_out``, the last passes of
-    some slices :func:`trim_unfinished_pass` left out). Frames timed by their own clocks are
-    read with the gap (a frame left out for motion is no error): only warned of. Images
-    without these tags, or whose index does not tell the frames of a slice apart, are not
-    checked."""
-    def problem(text: str) -> None:
-        if evenly:
-            raise InputError(root, text + "; restore them")
-        log.warning("%s: %s; read with the gap the frames' times show", root, text)
-
+                             passes_left_out: int = 0, evenly: bool = True) -> bool:
+    """Judge a study missing whole time points (every slice's image of them), which
+    :func:`check_frame_counts` cannot see: TemporalPositionIndex values with a hole (or
+    TemporalPositionIdentifier values, when they count in ones), or fewer time points than
+    NumberOfTemporalPositions (less ``passes_left_out``, the last passes of some slices
+    :func:`trim_unfinished_pass` left out). A hole is refused where the frames are spaced
+    ``evenly`` (by --frame-interval) in an order that cannot place it (frames so read had
+    been spaced evenly across it); where their own times or their positions place them, it
+    is read with the gap and warned of (a frame left out for motion is no error). Time points
+    missing after the last (a scan ended early) are warned of. Images without these tags, or
+    whose index does not tell the frames of a slice apart, are judged by the declared count
+    alone. Returns whether a missing time point was said."""
     n_frames = len(slices[0])
     declared = {optional_number(h, "NumberOfTemporalPositions") for s in slices for h in s}
     n_declared = int(declared.pop() or 0) if len(declared) == 1 else 0
@@ -389,17 +386,31 @@ def check_temporal_positions(root: Path, slices: Sequence[Sequence[Header]], *,
         present = sorted({int(v) for s in index for v in s if v is not None})
         if tag != "TemporalPositionIndex" and np.median(np.diff(present)) != 1:
             break  # numbered otherwise than in ones: its holes say nothing
-        lo, hi = present[0], max(present[-1], present[0] + n_declared - 1)
+        lo, hi = present[0], present[-1]
         missing = sorted(set(range(lo, hi + 1)) - set(present))
+        counted = f", NumberOfTemporalPositions {n_declared}" if n_declared else ""
         if missing:
             shown = ", ".join(str(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
-            problem(f"time point missing: no image has {tag} {shown} (indices {lo} to {hi}"
-                    + (f", NumberOfTemporalPositions {n_declared}" if n_declared else "")
-                    + f", {len(present)} present): its files were not exported or were "
-                    "deleted" + (", and the frames around it would be read as neighbours"
-                                 if evenly else ""))
-            return
-        break  # the first tag that every image holds is the one judged
+            text = (f"time point missing: no image has {tag} {shown} (indices {lo} to {hi}"
+                    f"{counted}, {len(present)} present): its files were not exported or were "
+                    "deleted")
+            if evenly:
+                raise InputError(root, f"{text}, and --frame-interval would space the frames "
+                                       "evenly across it: leave --frame-interval out to read "
+                                       "the files' own times, or restore them")
+            log.warning("%s: %s; read with the gap", root, text)
+            return True
+        if lo + n_declared - 1 > hi:
+            log.warning("%s: %d time points, %s %d to %d, but NumberOfTemporalPositions says "
+                        "%d: the scan ended early, or its last frames were not exported",
+                        root, n_frames, tag, lo, hi, n_declared)
+            return True
+        return False
     if n_declared > n_frames:
-        problem(f"{n_frames} time points, but NumberOfTemporalPositions says {n_declared}: "
+        text = (f"{n_frames} time points, but NumberOfTemporalPositions says {n_declared}: "
                 f"{n_declared - n_frames} missing (not exported or deleted)")
+        if evenly:
+            raise InputError(root, f"{text}, and no index tells where: restore them")
+        log.warning("%s: %s; read with the gaps the frames' times show", root, text)
+        return True
+    return False

@@ -63,11 +63,11 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
     n_frames = int(cfg["frames"])
     t = np.asarray(times, dtype=np.float64)
     if mode == "resample" and interval:  # onto its own grid: the span is all that can fail
-        # refused below 90 % of the shortest training study's span (older checkpoints do not
-        # say it: only said), as short studies are trained on with their last frame repeated
+        # refused below 90 % of the window, or of the shortest training study's span where
+        # the checkpoint records it (short studies are trained on, their last frame repeated)
         spans = cfg.get("study_span_s")
         short = _short_span(t, n_frames, float(interval),
-                            trained=None if spans is None else float(spans[0]))
+                            trained=np.inf if spans is None else float(spans[0]))
         if short:
             log.warning("%s", short)
         return mode, interval, short
@@ -95,18 +95,19 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
 
 
 def _short_span(t: np.ndarray, n_frames: int, step: float, *,
-                trained: float | None = np.inf) -> str | None:
+                trained: float = np.inf) -> str | None:
     """Refuses a study spanning under 90 % of the ``n_frames`` frames ``step`` s apart that
-    the network takes, or of its ``trained`` studies' shortest span when that is shorter
-    (None: not known, nothing refused); short of the network's frames, says how much its last
-    frame stands for (a network that resamples had predicted a study a third as long, its
-    last frame repeated, exit 0 and no word); None when it spans them."""
+    the network takes, or of its ``trained`` studies' shortest span when that is shorter;
+    short of the network's frames, says how much its last frame stands for (a network that
+    resamples had predicted a study a third as long, its last frame repeated, exit 0 and no
+    word); None when it spans them."""
     need, have = (n_frames - 1) * step, float(t[-1] - t[0])
-    floor = None if trained is None else min(need, trained)
-    if floor is not None and have < 0.9 * floor:
+    floor = min(need, trained)
+    if have < 0.9 * floor:
+        shortest = (f", its shortest training study {floor:.0f} s" if floor < need else "")
         raise ValidationError(
-            f"the network takes {n_frames} frames {step:.2f} s apart ({need:.0f} s), and its "
-            f"training studies spanned {floor:.0f} s or more; this study spans {have:.0f} s")
+            f"the network takes {n_frames} frames {step:.2f} s apart ({need:.0f} s{shortest}); "
+            f"this study spans {have:.0f} s")
     if have < need:
         return (f"it spans {have:.1f} of the {need:.1f} s the network takes, so its last "
                 f"frame stands for the last {need - have:.1f} s")

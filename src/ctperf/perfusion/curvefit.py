@@ -429,7 +429,7 @@ def flag_reference() -> str:
     x = np.clip(t - 10.0, 0.0, None)
     maps = qc_flags(times=t, aif=x ** 3 * np.exp(-x / 1.5))
     maps["lesion_no_bolus"] = lesion_no_bolus_flag(None)
-    maps["widespread_hypoperfusion"] = widespread_hypoperfusion_flag(None, None)
+    maps["widespread_hypoperfusion"] = widespread_hypoperfusion_flag(None, None, None)
 
     def cell(text: str) -> str:
         return " ".join(text.split()).replace("|", "\\|")

@@ -408,6 +408,7 @@ def segment_lesions(
     mid_info: dict[str, Any] | None = None
     severe = valid & (tmax > o.tmax_severe)
     label = reference if isinstance(reference, str) else "given"
+    plane: MidPlane | None = None
     if o.core_cbv is not None:
         cbv = _smooth(maps["cbv"].astype(np.float64), valid, rad)
         core = valid & (cbv < o.core_cbv) & np.isfinite(cbv)
@@ -464,6 +465,11 @@ def segment_lesions(
     if min_voxels > 0:
         hypo, severe, core = (_drop_small(m, min_voxels) for m in (hypo, severe, core))
     penumbra = hypo & ~core
+    if plane is not None and mid_info is not None:  # each side's share: a whole brain late?
+        side = plane.distance(cbf.shape) > 0
+        mid_info["hypoperfused_share_by_side"] = [
+            round(int(np.count_nonzero(hypo & s)) / max(int(np.count_nonzero(valid & s)), 1), 4)
+            for s in (~side, side)]
     volumes = {"core": float(core.sum() * voxel_ml), "hypoperfused": float(hypo.sum() * voxel_ml),
                "penumbra": float(penumbra.sum() * voxel_ml),
                "tmax10": float(severe.sum() * voxel_ml)}

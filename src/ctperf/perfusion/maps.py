@@ -298,6 +298,7 @@ def run_perfusion(
     tissue_voxels = int(np.count_nonzero(brain & ~vessels))
     flags["widespread_hypoperfusion"] = widespread_hypoperfusion_flag(
         int(np.count_nonzero(lesions.hypoperfused)) / tissue_voxels if tissue_voxels else None,
+        (lesions.thresholds["midsagittal_plane"] or {}).get("hypoperfused_share_by_side"),
         lesions.thresholds["core"].get("reference"))
     pmaps = pmaps.replace(provenance={**provenance, "lesions": lesions.summary()})
     return PerfusionResult(maps=pmaps, lesions=lesions, brain=brain, vessels=vessels,

@@ -293,9 +293,12 @@ def _plain(value: Any, *, resolve: bool = False) -> Any:
 
 def _path_options(value: Any) -> list[os.PathLike[str]]:
     """The paths among options (fields of dataclasses, values of mappings and sequences):
-    only ``os.PathLike`` values, so that a method's name is never taken for a file."""
+    ``os.PathLike`` values, and strings in a dataclass's fields typed as paths (a mask given
+    as a string in Python had gone unhashed, its edits unseen), so that a method's name is
+    never taken for a file."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = [getattr(value, f.name) for f in dataclasses.fields(value)]
+        value = [Path(v) if isinstance(v := getattr(value, f.name), str) and "Path" in str(f.type)
+                 else v for f in dataclasses.fields(value)]
     elif isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, list | tuple):
