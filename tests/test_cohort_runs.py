@@ -955,4 +955,7 @@ def test_a_path_field_given_as_a_string_is_hashed_as_its_file(tmp_path):
     options = MapsOptions(brain_mask=str(mask))  # type: ignore[arg-type]
     before = options_hash(maps_study, options)
     mask.write_bytes(b"a second mask")
-    assert options_hash(maps_study, options) != before
+    after = options_hash(maps_study, options)
+    assert after != before
+    # and counts as its file, as a Path does: said absolute or relative, one option
+    assert options_hash(maps_study, MapsOptions(brain_mask=mask)) == after

@@ -1070,12 +1070,12 @@ def test_bare_implicit_dataset_is_decoded(tmp_path, rng):
 
 
 @pytest.mark.parametrize("index, declared, gone, match, refused", [
-    (True, False, 2, "no image has TemporalPositionIndex 3 ", True),
-    (True, True, 2, "no image has TemporalPositionIndex 3 .*NumberOfTemporalPositions 6",
+    (True, False, 2, "no image holds time point 3 of 6 by TemporalPositionIndex ", True),
+    (True, True, 2, "time point 3 of 6 by TemporalPositionIndex, NumberOfTemporalPositions 6",
      True),
     (False, True, 2, "5 time points, but NumberOfTemporalPositions says 6", True),
     # the last one missing (a scan ended early): no frame is misplaced, it is only said
-    (True, True, 5, "5 time points, TemporalPositionIndex 1 to 5, but NumberOfTemporal", False),
+    (True, True, 5, "5 time points by TemporalPositionIndex, but NumberOfTemporal", False),
 ])
 def test_missing_time_point_is_refused(tmp_path, rng, caplog, index, declared, gone, match,
                                        refused):
@@ -1106,6 +1106,26 @@ def test_missing_time_point_is_refused(tmp_path, rng, caplog, index, declared, g
     kept = [t for t in range(6) if t != gone]
     np.testing.assert_allclose(series.times - series.times[0],
                                study.times[kept] - study.times[kept[0]], atol=1e-3)
+
+
+@pytest.mark.parametrize("numbering", ["twos", "shuttle", "offset"])
+def test_temporal_positions_not_counted_in_ones_are_placed_by_rank(tmp_path, rng, numbering):
+    """Identifiers counting in twos (1, 3, 5, ...), a shuttle scan's numbering across its
+    table positions (one slice the odd ones, the other the even ones), each slice from its
+    own offset: with --frame-interval the frames are the interval apart (a first placement
+    by the values had doubled every time in twos, and refused the other two)."""
+    def number(ds, t, z):
+        for tag in ("AcquisitionTime", "ContentTime", "AcquisitionDateTime",
+                    "TemporalPositionIndex"):
+            if tag in ds:
+                delattr(ds, tag)
+        ds.TemporalPositionIdentifier = {"twos": 1 + 2 * t, "shuttle": 1 + 2 * t + z % 2,
+                                         "offset": 1 + t + 10 * z}[numbering]
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=6, n_slices=2, edit=number)
+    series = read_dicom_series(study.folder, frame_interval=1.5)
+    np.testing.assert_allclose(series.times, 1.5 * np.arange(6))
+    np.testing.assert_array_equal(series.hu, study.hu)
 
 
 def test_frame_interval_across_a_gap_in_the_files_own_times_is_said(tmp_path, rng, caplog):
@@ -1145,7 +1165,7 @@ def test_a_hole_in_temporal_position_identifiers_is_placed(tmp_path, rng, caplog
     with caplog.at_level("WARNING"):
         placed = read_dicom_series(study.folder, frame_interval=1.5)
     np.testing.assert_allclose(placed.times, [0.0, 1.5, 4.5, 6.0, 7.5])
-    assert "no image has TemporalPositionIdentifier 3 " in caplog.text
+    assert "no image holds time point 3 of 6 by TemporalPositionIdentifier" in caplog.text
     assert "read with the gap" in caplog.text
     caplog.clear()
     for path in study.files.values():

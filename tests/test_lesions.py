@@ -550,7 +550,14 @@ def test_the_global_reference_is_a_lesion_option():
     by_argument = segment_lesions(maps, brain=brain, reference="global")
     assert np.array_equal(by_option.core, by_argument.core)
     assert by_option.thresholds["core"]["reference"] == "global"
-    assert by_option.thresholds["midsagittal_plane"] is None
+    # the midline is still read, for each side's hypoperfused share (widespread_hypoperfusion
+    # had been judged on the whole brain alone with --core-reference global or --core-cbv)
+    assert by_option.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"][1] == 0.0
+    with_cbv = PerfusionMaps(maps={**{k: maps[k] for k in maps.names},
+                                   "cbv": np.where(brain, 4.0, np.nan)}, affine=maps.affine)
+    by_cbv = segment_lesions(with_cbv, brain=brain,
+                             options=replace(THRESHOLDS_ONLY, core_cbv=2.0))
+    assert by_cbv.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"][1] == 0.0
     with pytest.raises(ValidationError, match="reference must be one of contralateral, global"):
         LesionOptions(reference="mirror")
 

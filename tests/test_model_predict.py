@@ -205,9 +205,14 @@ def test_a_network_on_its_own_grid_refuses_a_study_too_short_for_it(trained):
     alike = {**own, "config": {**own["config"], "study_span_s": [span, 2 * span]}}
     note = predict_maps(short, alike, device="cpu").provenance["input_note"]
     assert "its last frame stands for the last" in note
+    # a checkpoint that does not record them (trained before) refuses under half its window
     unsaid = {**own, "config": {**own["config"], "study_span_s": None}}
     with pytest.raises(ValidationError, match="this study spans"):
-        predict_maps(short, unsaid, device="cpu")
+        predict_maps(series.replace(hu=series.hu[:3], times=series.times[:3]), unsaid,
+                     device="cpu")
+    most = series.replace(hu=series.hu[:10], times=series.times[:10])
+    assert "stands for the last" in predict_maps(most, unsaid, device="cpu").provenance[
+        "input_note"]
 
 
 def test_a_study_at_another_pixel_scale_is_said(trained, caplog):

@@ -45,6 +45,7 @@ from ctperf.io.dicom_checks import (
     rescales,
     same_image,
     states_fraction,
+    temporal_positions,
     time_of,
     trim_unfinished_pass,
 )
@@ -86,7 +87,7 @@ _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _INDEX_TAGS = ("TemporalPositionIndex", "TemporalPositionIdentifier", "AcquisitionNumber",
                "InstanceNumber")
 _EPOCH = dt.datetime(1970, 1, 1)
-#: Index tags that number time points in ones: frames ordered by one are placed at its values.
+#: Index tags that number time points: frames ordered by one are placed at its positions.
 _POSITION_TAGS = ("TemporalPositionIndex", "TemporalPositionIdentifier")
 
 
@@ -297,16 +298,6 @@ def _whole_seconds_warning(root: Path, tag: str, times: np.ndarray) -> None:
                     root, tag, steps.min(), steps.max())
 
 
-def _positions(root: Path, frames: list[list[Header]], tag: str) -> np.ndarray:
-    """The frames' temporal positions (``tag``) from the first, (T,): every slice's the
-    same, or the study is refused."""
-    table = np.array([[number(h, tag) for h in s] for s in frames], dtype=np.float64)
-    if np.ptp(table, axis=0).max() > 0:
-        raise InputError(root, f"the slices hold different {tag} values: their frames "
-                               "cannot be placed in time")
-    return table[0] - table[0, 0]
-
-
 def _missing_time_point_warning(root: Path, times: np.ndarray, *, evenly: bool = False) -> None:
     """Warn when even frames hold one gap of a whole number of steps inside the scan (a time
     point missing from every slice, which no index tag tells: the series is read, with that
@@ -422,7 +413,8 @@ def _order_frames(root: Path, slices: list[list[Header]],
                                    "frame spacing with frame_interval (--frame-interval "
                                    "SECONDS)")
         order = [[number(h, tag) for h in s] for s in slices]
-        _uneven_numbers_warning(root, order, tag)
+        if tag not in _POSITION_TAGS:  # their holes are judged by check_temporal_positions
+            _uneven_numbers_warning(root, order, tag)
         frames = [[h for _, h in sorted(zip(k, s, strict=True), key=lambda p: p[0])]
                   for k, s in zip(order, slices, strict=True)]
         return frames, np.full((len(frames[0]), len(frames)), np.nan), tag
@@ -764,9 +756,10 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     frames, abs_times, source = _order_frames(root, slices, frame_interval)
     # frames spaced by --frame-interval in the order of a temporal position are placed at
     # their positions, holes and all; in any other order a hole cannot be placed
-    placed = frame_interval is not None and source in _POSITION_TAGS
+    positions = (temporal_positions(slices, source)
+                 if frame_interval is not None and source in _POSITION_TAGS else None)
     said = check_temporal_positions(root, slices, passes_left_out=left_out,
-                                    evenly=frame_interval is not None and not placed)
+                                    evenly=frame_interval is not None and positions is None)
     n_t, n_z = len(frames[0]), len(frames)
     start = float(np.nanmin(abs_times)) if np.isfinite(abs_times).any() else None
     slice_times = None
@@ -775,8 +768,8 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
             raise ValidationError(f"frame_interval must be > 0 s, got {frame_interval}")
         source_tag = "frame_interval"
         times = np.arange(n_t) * float(frame_interval)
-        if placed:
-            times = _positions(root, frames, source) * float(frame_interval)
+        if positions is not None:
+            times = positions * float(frame_interval)
         elif start is not None and not said:  # the files' own times show a gap it spaces over
             _missing_time_point_warning(root, np.nanmean(abs_times - start, axis=1),
                                         evenly=True)

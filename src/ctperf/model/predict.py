@@ -64,10 +64,14 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
     t = np.asarray(times, dtype=np.float64)
     if mode == "resample" and interval:  # onto its own grid: the span is all that can fail
         # refused below 90 % of the window, or of the shortest training study's span where
-        # the checkpoint records it (short studies are trained on, their last frame repeated)
+        # the checkpoint records it (short studies are trained on, their last frame repeated);
+        # one that does not (trained before) may have learned from studies half as long
         spans = cfg.get("study_span_s")
-        short = _short_span(t, n_frames, float(interval),
-                            trained=np.inf if spans is None else float(spans[0]))
+        n_int = float(interval)
+        short = _short_span(t, n_frames, n_int, trained=(0.5 * (n_frames - 1) * n_int
+                                                         if spans is None else float(spans[0])),
+                            what=("half of it (its training studies' spans not recorded)"
+                                  if spans is None else None))
         if short:
             log.warning("%s", short)
         return mode, interval, short
@@ -95,7 +99,7 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
 
 
 def _short_span(t: np.ndarray, n_frames: int, step: float, *,
-                trained: float = np.inf) -> str | None:
+                trained: float = np.inf, what: str | None = None) -> str | None:
     """Refuses a study spanning under 90 % of the ``n_frames`` frames ``step`` s apart that
     the network takes, or of its ``trained`` studies' shortest span when that is shorter;
     short of the network's frames, says how much its last frame stands for (a network that
@@ -104,7 +108,8 @@ def _short_span(t: np.ndarray, n_frames: int, step: float, *,
     need, have = (n_frames - 1) * step, float(t[-1] - t[0])
     floor = min(need, trained)
     if have < 0.9 * floor:
-        shortest = (f", its shortest training study {floor:.0f} s" if floor < need else "")
+        shortest = (f", {what or 'its shortest training study'} {floor:.0f} s"
+                    if floor < need else "")
         raise ValidationError(
             f"the network takes {n_frames} frames {step:.2f} s apart ({need:.0f} s{shortest}); "
             f"this study spans {have:.0f} s")

@@ -405,10 +405,12 @@ def segment_lesions(
     rad = (o.smooth_mm / maps.spacing[1], o.smooth_mm / maps.spacing[2])
     cbf, tmax = _smooth(cbf, valid, rad), _smooth(tmax, valid, rad)
     hypo = valid & (tmax > o.tmax_hypo)
-    mid_info: dict[str, Any] | None = None
     severe = valid & (tmax > o.tmax_severe)
     label = reference if isinstance(reference, str) else "given"
-    plane: MidPlane | None = None
+    # the midline, whatever the core's rule: the contralateral reference mirrors about it, and
+    # each side's hypoperfused share (a brain late on both sides) is read from it
+    plane, mid_info = _midline(region, maps, warn=o.core_cbv is None
+                               and reference == "contralateral") if valid.any() else (None, None)
     if o.core_cbv is not None:
         cbv = _smooth(maps["cbv"].astype(np.float64), valid, rad)
         core = valid & (cbv < o.core_cbv) & np.isfinite(cbv)
@@ -432,26 +434,10 @@ def segment_lesions(
                         "delays every voxel) or use --core-cbv",
                         100.0 * timely / np.count_nonzero(valid), o.tmax_hypo, reference)
         if isinstance(reference, str):
-            base = left_right_angle(maps.affine)
-            plane = midsagittal_plane(region, spacing=(maps.spacing[1], maps.spacing[2]),
-                                      base_angle=base) if reference == "contralateral" else None
             ref = normal_cbf_reference(np.where(valid, cbf, 0.0), normal,
                                        spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm,
-                                       plane=plane)
-            if plane is not None:
-                yaw = float(np.rad2deg(plane.angle - base))  # from the header's left-right
-                turn, shift = in_patient_terms(plane, maps.affine)
-                mid_info = {"yaw_deg": round(turn, 2),
-                            "offset_mm": np.round(shift, 2).tolist(),
-                            "mirror_overlap": round(plane.score, 4),
-                            "yaw_at_search_limit": abs(yaw) >= MIDPLANE_MAX_YAW_DEG - 0.5}
-                if mid_info["yaw_at_search_limit"]:
-                    log.warning("the mid-sagittal plane's yaw (%.1f deg) reached the search's "
-                                "limit of %g deg: the head may be turned further, or the "
-                                "brain mask be lopsided (a craniectomy's swelling, a large old "
-                                "infarct), and the contralateral reference be taken off the "
-                                "mirror; check the midline, or use --core-cbv", yaw,
-                                MIDPLANE_MAX_YAW_DEG)
+                                       plane=plane if reference == "contralateral" else None,
+                                       symmetry=region)
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
         core = valid & (cbf < o.core_rcbf * ref)
@@ -489,6 +475,27 @@ def segment_lesions(
     return LesionResult(core=core, hypoperfused=hypo, penumbra=penumbra, tmax_severe=severe,
                         volumes_ml=volumes, mismatch_ratio=ratio, thresholds=thresholds,
                         volumes_sd_ml=sd_ml, hypoperfusion_intensity_ratio=hir)
+
+
+def _midline(region: np.ndarray, maps: PerfusionMaps, *, warn: bool
+             ) -> tuple[MidPlane, dict[str, Any]]:
+    """The brain's mid-sagittal plane and what the thresholds say of it; ``warn`` when its yaw
+    reached the search's limit (the contralateral reference may then be off the mirror)."""
+    base = left_right_angle(maps.affine)
+    plane = midsagittal_plane(region, spacing=(maps.spacing[1], maps.spacing[2]),
+                              base_angle=base)
+    yaw = float(np.rad2deg(plane.angle - base))  # from the header's left-right
+    turn, shift = in_patient_terms(plane, maps.affine)
+    info = {"yaw_deg": round(turn, 2), "offset_mm": np.round(shift, 2).tolist(),
+            "mirror_overlap": round(plane.score, 4),
+            "yaw_at_search_limit": abs(yaw) >= MIDPLANE_MAX_YAW_DEG - 0.5}
+    if info["yaw_at_search_limit"] and warn:
+        log.warning("the mid-sagittal plane's yaw (%.1f deg) reached the search's limit of %g "
+                    "deg: the head may be turned further, or the brain mask be lopsided (a "
+                    "craniectomy's swelling, a large old infarct), and the contralateral "
+                    "reference be taken off the mirror; check the midline, or use --core-cbv",
+                    yaw, MIDPLANE_MAX_YAW_DEG)
+    return plane, info
 
 
 def _normal_tissue(cbf: np.ndarray, timely: np.ndarray, core_rcbf: float) -> np.ndarray:

@@ -280,7 +280,7 @@ def _plain(value: Any, *, resolve: bool = False) -> Any:
     """``value`` as JSON-ready data; paths as strings, made absolute (symbolic links
     followed) with ``resolve``."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: _plain(getattr(value, f.name), resolve=resolve)
+        return {f.name: _plain(_as_path(getattr(value, f.name), f), resolve=resolve)
                 for f in dataclasses.fields(value)}
     if isinstance(value, dict):
         return {str(k): _plain(v, resolve=resolve) for k, v in value.items()}
@@ -291,14 +291,18 @@ def _plain(value: Any, *, resolve: bool = False) -> Any:
     return value
 
 
+def _as_path(value: Any, field: dataclasses.Field[Any]) -> Any:
+    """``value`` of a dataclass ``field`` typed as a path, given as a string, as a Path."""
+    return Path(value) if isinstance(value, str) and "Path" in str(field.type) else value
+
+
 def _path_options(value: Any) -> list[os.PathLike[str]]:
     """The paths among options (fields of dataclasses, values of mappings and sequences):
     ``os.PathLike`` values, and strings in a dataclass's fields typed as paths (a mask given
     as a string in Python had gone unhashed, its edits unseen), so that a method's name is
     never taken for a file."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        value = [Path(v) if isinstance(v := getattr(value, f.name), str) and "Path" in str(f.type)
-                 else v for f in dataclasses.fields(value)]
+        value = [_as_path(getattr(value, f.name), f) for f in dataclasses.fields(value)]
     elif isinstance(value, dict):
         value = list(value.values())
     if isinstance(value, list | tuple):
