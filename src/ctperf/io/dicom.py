@@ -45,7 +45,6 @@ from ctperf.io.dicom_checks import (
     rescales,
     same_image,
     states_fraction,
-    temporal_positions,
     time_of,
     trim_unfinished_pass,
 )
@@ -87,8 +86,6 @@ _RAS_FROM_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 _INDEX_TAGS = ("TemporalPositionIndex", "TemporalPositionIdentifier", "AcquisitionNumber",
                "InstanceNumber")
 _EPOCH = dt.datetime(1970, 1, 1)
-#: Index tags that number time points: frames ordered by one are placed at its positions.
-_POSITION_TAGS = ("TemporalPositionIndex", "TemporalPositionIdentifier")
 
 
 def _find_files(root: Path) -> list[Path]:
@@ -413,8 +410,7 @@ def _order_frames(root: Path, slices: list[list[Header]],
                                    "frame spacing with frame_interval (--frame-interval "
                                    "SECONDS)")
         order = [[number(h, tag) for h in s] for s in slices]
-        if tag not in _POSITION_TAGS:  # their holes are judged by check_temporal_positions
-            _uneven_numbers_warning(root, order, tag)
+        _uneven_numbers_warning(root, order, tag)
         frames = [[h for _, h in sorted(zip(k, s, strict=True), key=lambda p: p[0])]
                   for k, s in zip(order, slices, strict=True)]
         return frames, np.full((len(frames[0]), len(frames)), np.nan), tag
@@ -729,10 +725,9 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     ctperf.errors.InputError
         Naming the file or folder: unreadable or damaged files, duplicate or missing (frame,
         slice) images, a time point missing from every slice where ``frame_interval`` spaces
-        frames that no temporal position places (a hole in TemporalPositionIndex or
-        TemporalPositionIdentifier, or fewer than NumberOfTemporalPositions; with the files'
-        own times, or placed by their positions, it is read with the gap and warned of),
-        numeric tags that are not numbers, fewer
+        the frames (a hole in TemporalPositionIndex or TemporalPositionIdentifier, or fewer
+        than NumberOfTemporalPositions; with the files' own times it is read with the gap and
+        warned of), numeric tags that are not numbers, fewer
         than three frames, implausible frame timing (a time tag only some images hold that
         the tag read instead disagrees with, an order of time that TemporalPositionIndex
         contradicts), images whose values are not CT numbers
@@ -753,13 +748,9 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     check_frame_count(len(slices[0]), root)
     rescale = dict(zip(((h.path, h.frame) for h in headers), rescales(headers),
                        strict=True))
-    frames, abs_times, source = _order_frames(root, slices, frame_interval)
-    # frames spaced by --frame-interval in the order of a temporal position are placed at
-    # their positions, holes and all; in any other order a hole cannot be placed
-    positions = (temporal_positions(slices, source)
-                 if frame_interval is not None and source in _POSITION_TAGS else None)
     said = check_temporal_positions(root, slices, passes_left_out=left_out,
-                                    evenly=frame_interval is not None and positions is None)
+                                    evenly=frame_interval is not None)
+    frames, abs_times, source = _order_frames(root, slices, frame_interval)
     n_t, n_z = len(frames[0]), len(frames)
     start = float(np.nanmin(abs_times)) if np.isfinite(abs_times).any() else None
     slice_times = None
@@ -768,9 +759,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
             raise ValidationError(f"frame_interval must be > 0 s, got {frame_interval}")
         source_tag = "frame_interval"
         times = np.arange(n_t) * float(frame_interval)
-        if positions is not None:
-            times = positions * float(frame_interval)
-        elif start is not None and not said:  # the files' own times show a gap it spaces over
+        if start is not None and not said:  # the files' own times show a gap it spaces over
             _missing_time_point_warning(root, np.nanmean(abs_times - start, axis=1),
                                         evenly=True)
         source = f"frame_interval {frame_interval:g} s (frames ordered by {source})"

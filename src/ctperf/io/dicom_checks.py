@@ -22,8 +22,8 @@ log = logging.getLogger(__name__)
 
 __all__ = ["RELATIVE_TIME_TAGS", "TIME_TAGS", "Header", "check_duplicates", "check_frame_counts",
            "check_temporal_positions", "number", "numbers", "optional_number",
-           "rescale_of", "rescales", "same_image", "states_fraction", "temporal_positions",
-           "time_of", "trim_unfinished_pass"]
+           "rescale_of", "rescales", "same_image", "states_fraction", "time_of",
+           "trim_unfinished_pass"]
 
 _EPOCH = dt.datetime(1970, 1, 1)
 
@@ -362,75 +362,55 @@ def check_frame_counts(root: Path, slices: Sequence[Sequence[Header]],
                            f"per slice {counts}); a frame is missing there")
 
 
-def temporal_positions(slices: Sequence[Sequence[Header]], tag: str) -> np.ndarray | None:
-    """Each frame's time point (0, 1, 2, ... from the first; a missing one leaves its number
-    out), (T,) in the order of ``tag``'s values, read from ``tag`` (TemporalPositionIndex or
-    TemporalPositionIdentifier): each slice's values from its first, in units of its usual
-    step (1 for most; 2 in a slice of a shuttle scan numbered across its table positions, or
-    where a scanner counts in twos). None where some image lacks the tag, a slice repeats a
-    value or steps by no whole number of its usual step, or the slices disagree."""
-    rows = []
-    for s in slices:
-        values = [optional_number(h, tag) for h in s]
-        if any(v is None for v in values) or len(set(values)) < len(values):
-            return None
-        v = np.sort(np.asarray(values, dtype=np.float64))
-        step = float(np.min(np.diff(v))) if v.size > 1 else 1.0
-        rel = (v - v[0]) / step
-        if not np.allclose(rel, np.round(rel)):
-            return None
-        rows.append(np.round(rel))
-    if any(not np.array_equal(r, rows[0]) for r in rows):
-        return None
-    return rows[0]
-
-
 def check_temporal_positions(root: Path, slices: Sequence[Sequence[Header]], *,
                              passes_left_out: int = 0, evenly: bool = True) -> bool:
     """Judge a study missing whole time points (every slice's image of them), which
-    :func:`check_frame_counts` cannot see: a hole in :func:`temporal_positions`
-    (TemporalPositionIndex, else TemporalPositionIdentifier), or fewer time points than
+    :func:`check_frame_counts` cannot see: TemporalPositionIndex values with a hole (or
+    TemporalPositionIdentifier values, when they count in ones), or fewer time points than
     NumberOfTemporalPositions (less ``passes_left_out``, the last passes of some slices
-    :func:`trim_unfinished_pass` left out). A hole is refused where the frames are spaced
-    ``evenly`` (by --frame-interval) in an order that cannot place it (frames so read had
-    been spaced evenly across it); where their own times or their positions place them, it
-    is read with the gap and warned of (a frame left out for motion is no error). Time points
-    missing before the first or after the last are warned of. Returns whether a missing time
-    point was said."""
+    :func:`trim_unfinished_pass` left out). Refused where the frames are spaced ``evenly`` (by
+    --frame-interval: frames so read had been spaced evenly across the hole); with their own
+    times they are read with the gap, and warned of (a frame left out for motion is no
+    error). Time points missing before the first or after the last index present misplace no
+    frame: only said. Images without these tags, or whose index does not tell the frames of a
+    slice apart, are judged by the declared count alone. Returns whether a missing time point
+    was said."""
     n_frames = len(slices[0])
     declared = {optional_number(h, "NumberOfTemporalPositions") for s in slices for h in s}
     n_declared = int(declared.pop() or 0) if len(declared) == 1 else 0
     n_declared = max(0, n_declared - passes_left_out)
+
+    def said(text: str) -> bool:
+        if evenly:
+            raise InputError(root, f"{text}, and --frame-interval would space the frames "
+                                   "evenly across it: restore them (or, where the files hold "
+                                   "their own times, leave --frame-interval out)")
+        log.warning("%s: %s; read with the gap the frames' times show", root, text)
+        return True
+
     for tag in ("TemporalPositionIndex", "TemporalPositionIdentifier"):
-        pos = temporal_positions(slices, tag)
-        if pos is None:
+        index = [[optional_number(h, tag) for h in s] for s in slices]
+        if any(v is None for s in index for v in s) or any(len(set(s)) < len(s) for s in index):
             continue
-        missing = sorted(set(range(int(pos[-1]) + 1)) - {int(p) for p in pos})
+        present = sorted({int(v) for s in index for v in s if v is not None})
+        if tag != "TemporalPositionIndex" and np.median(np.diff(present)) != 1:
+            break  # numbered otherwise than in ones: its holes say nothing
+        lo, hi = present[0], present[-1]
+        missing = sorted(set(range(lo, hi + 1)) - set(present))
         counted = f", NumberOfTemporalPositions {n_declared}" if n_declared else ""
         if missing:
-            shown = ", ".join(str(k + 1) for k in missing[:5]) + (" ..." if len(missing) > 5
-                                                                  else "")
-            text = (f"time point missing: no image holds time point {shown} of "
-                    f"{int(pos[-1]) + 1} by {tag}{counted} ({n_frames} present): its files were "
-                    "not exported or were deleted")
-            if evenly:
-                raise InputError(root, f"{text}, and --frame-interval would space the frames "
-                                       "evenly across it: leave --frame-interval out to read "
-                                       "the files' own times, or restore them")
-            log.warning("%s: %s; read with the gap", root, text)
-            return True
-        if n_declared > n_frames:
-            log.warning("%s: %d time points by %s, but NumberOfTemporalPositions says %d: "
-                        "time points before the first or after the last were not exported "
-                        "(or the scan ended early)", root, n_frames, tag, n_declared)
+            shown = ", ".join(str(k) for k in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            return said(f"time point missing: no image has {tag} {shown} (indices {lo} to "
+                        f"{hi}{counted}, {len(present)} present): its files were not exported "
+                        "or were deleted")
+        if n_declared > len(present):
+            log.warning("%s: %d time points, %s %d to %d, but NumberOfTemporalPositions says "
+                        "%d: time points before the first or after the last were not exported "
+                        "(or the scan ended early)", root, len(present), tag, lo, hi,
+                        n_declared)
             return True
         return False
     if n_declared > n_frames:
-        text = (f"{n_frames} time points, but NumberOfTemporalPositions says {n_declared}: "
-                f"{n_declared - n_frames} missing (not exported or deleted)")
-        if evenly:
-            raise InputError(root, f"{text}, and no index tells where: leave --frame-interval "
-                                   "out to read the files' own times, or restore them")
-        log.warning("%s: %s; read with the gaps the frames' times show", root, text)
-        return True
+        return said(f"{n_frames} time points, but NumberOfTemporalPositions says {n_declared}: "
+                    f"{n_declared - n_frames} missing (not exported or deleted)")
     return False
