@@ -357,11 +357,11 @@ def _write_part(i: int, pid: str, load: Callable[[], _Patient], *, size: int | N
                                                      mode=frame_mode,
                                                      frame_interval=frame_interval))
     span = float(series.times[-1] - series.times[0])
-    if frame_mode == "resample" and frame_interval and span < (frames - 1) * frame_interval:
+    window = (frames - 1) * frame_interval if frame_mode == "resample" and frame_interval else 0
+    if span < window:
         log.warning("%s spans %.1f s of the %.1f s the network takes (%d frames %g s apart): "
-                    "its last frame stands for the last %.1f s", pid, span,
-                    (frames - 1) * frame_interval, frames, frame_interval,
-                    (frames - 1) * frame_interval - span)
+                    "its last frame stands for the last %.1f s", pid, span, window, frames,
+                    frame_interval, window - span)
     _, offset = hu_offset(first_frame_as_air(series.hu), spacing=series.spacing)  # calibrated HU
     if offset:
         x -= np.float32(offset)

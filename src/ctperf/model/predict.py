@@ -67,11 +67,12 @@ def _frame_selection(times: np.ndarray, cfg: dict[str, Any]
         # the checkpoint records it (short studies are trained on, their last frame repeated);
         # one that does not (trained before) may have learned from studies half as long
         spans = cfg.get("study_span_s")
-        n_int = float(interval)
-        short = _short_span(t, n_frames, n_int, trained=(0.5 * (n_frames - 1) * n_int
-                                                         if spans is None else float(spans[0])),
-                            what=("half of it (its training studies' spans not recorded)"
-                                  if spans is None else None))
+        if spans is None:
+            shortest = 0.5 * (n_frames - 1) * float(interval)
+            what: str | None = "half of it (its training studies' spans not recorded)"
+        else:
+            shortest, what = float(spans[0]), None
+        short = _short_span(t, n_frames, float(interval), trained=shortest, what=what)
         if short:
             log.warning("%s", short)
         return mode, interval, short

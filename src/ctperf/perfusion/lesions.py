@@ -436,8 +436,7 @@ def segment_lesions(
         if isinstance(reference, str):
             ref = normal_cbf_reference(np.where(valid, cbf, 0.0), normal,
                                        spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm,
-                                       plane=plane if reference == "contralateral" else None,
-                                       symmetry=region)
+                                       plane=plane if reference == "contralateral" else None)
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
         core = valid & (cbf < o.core_rcbf * ref)
