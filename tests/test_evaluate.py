@@ -194,6 +194,26 @@ def test_a_rater_storing_the_voxels_another_way_is_turned_and_another_grid_refus
         load_rater(moved, grids)
 
 
+def test_a_label_the_evaluation_does_not_read_is_refused(cohorts, tmp_path):
+    """A penumbra written as label 3 (an ITK-SNAP file's own numbering) had been dropped in
+    silence: an empty penumbra and a hypoperfused region of core alone."""
+    import nibabel as nib
+
+    from ctperf.evaluation.cohort import load_rater
+
+    relabelled = tmp_path / "rater3"
+    relabelled.mkdir()
+    for study in STUDIES:
+        img = nib.load(cohorts["rater1"] / f"{study}.nii.gz")
+        data = np.asarray(img.dataobj).copy()
+        data[data == 2] = 3
+        nib.save(nib.Nifti1Image(data, img.affine), relabelled / f"{study}.nii.gz")
+    grids = {s: (SHAPE, AFFINE) for s in STUDIES}
+    with pytest.raises(InputError, match=r"study s0\d: labels \[3\] are neither core \(1\) "
+                                         r"nor penumbra \(2\)"):
+        load_rater(relabelled, grids)
+
+
 def test_raters_label_image_and_masks_agree(cohorts):
     from ctperf.evaluation.cohort import evaluate_readers, load_maps_cohort, load_rater
 
@@ -672,8 +692,9 @@ def test_a_lesion_missing_in_some_studies_is_said_not_dropped_silently():
     del readers[0].lesions["b"]["hypoperfused"]
     out = evaluate_readers(readers, studies=studies)
     assert [row["lesion"] for row in out["lesions"]] == ["core"]
-    (said,) = out["table_warnings"]
+    icc, said = sorted(out["table_warnings"])  # ("T" sorts before "h")
     assert said == "hypoperfused, est vs ref: left out of Table 2 (est has none in b)"
+    assert icc.startswith("Table 2's ICC is left empty: every volume is the same")
 
 
 def test_a_reader_without_values_where_the_reference_has_them_is_said():
@@ -700,8 +721,38 @@ def test_a_reader_without_values_where_the_reference_has_them_is_said():
     (row,) = out["maps"]
     assert row["summary"]["coverage"]["mean"] == pytest.approx(1 - worst.mean())
     (said,) = out["table_warnings"]
-    assert said.startswith("cbf, est vs ref: est has no value in 30.") and "compares the rest" \
-        in said
+    assert said.startswith("cbf, est vs ref: est has a value in under 95% of the region where "
+                           "ref has one in 2 of 2 studies: a (69.5%), b (69.5%)")
+    assert "compares the rest" in said
+
+
+def test_one_study_without_values_is_named_though_the_mean_coverage_passes():
+    """The coverage was checked on its mean over studies: one study of 22 without a value
+    passed at 95.0 % and left Table 1 unsaid. Each study is checked; the estimate's own brain
+    mask no longer chooses the region (an empty one had dropped the study unsaid as well)."""
+    from ctperf.evaluation.cohort import Reader, evaluate_readers
+    from ctperf.types import PerfusionMaps
+
+    rng = np.random.default_rng(5)
+    studies = [f"s{i:02d}" for i in range(22)]
+    brain = np.ones((1, 6, 6), dtype=bool)
+    readers = []
+    for label in ("est", "ref"):
+        r = Reader(label=label, kind="method", path=label)
+        for s in studies:
+            cbf = rng.uniform(10.0, 70.0, brain.shape).astype(np.float32)
+            if label == "est" and s == "s21":
+                cbf[:] = np.nan
+            r.maps[s] = PerfusionMaps(maps={"cbf": cbf}, affine=np.eye(4),
+                                      units={"cbf": "mL/100g/min"})
+            r.brain[s] = ~brain if label == "est" and s == "s20" else brain
+        readers.append(r)
+    out = evaluate_readers(readers, studies=studies)
+    assert out["region"] == "brain mask of ref"
+    (row,) = out["maps"]
+    assert row["summary"]["coverage"]["mean"] == pytest.approx(21 / 22)  # s20 compared in full
+    (said,) = out["table_warnings"]
+    assert "in 1 of 22 studies: s21 (no values)" in said
 
 
 def test_an_icc_left_empty_for_want_of_pingouin_is_said(cohorts, tmp_path, monkeypatch, caplog):

@@ -98,7 +98,7 @@ def coefficient_of_repeatability(a: Sequence[float] | np.ndarray,
     return bland_altman(a, b).cr
 
 
-def icc1k(ratings: np.ndarray) -> dict[str, float]:
+def icc1k(ratings: np.ndarray) -> dict[str, Any]:
     """ICC(1,k) of a (cases, readers) table with its 95 % confidence interval, from pingouin.
 
     Parameters
@@ -110,8 +110,9 @@ def icc1k(ratings: np.ndarray) -> dict[str, float]:
     -------
     dict
         ``icc`` (pingouin's ICC(1,k)), ``ci_low``, ``ci_high`` (its 95 % interval, unrounded),
-        ``f``, ``p`` and ``n`` (cases used); NaN but ``n`` with fewer than 5 ratings (2 cases of
-        2 readers) or no spread, and 1 (F infinite, p 0) when the readers agree exactly.
+        ``f``, ``p`` and ``n`` (cases used); NaN but ``n``, with a ``note`` saying why, with
+        fewer than 5 ratings (2 cases of 2 readers), no spread, or cases whose means are all
+        equal (no variance between cases); 1 (F infinite, p 0) when the readers agree exactly.
 
     Raises
     ------
@@ -124,8 +125,15 @@ def icc1k(ratings: np.ndarray) -> dict[str, float]:
     table = table[np.all(np.isfinite(table), axis=1)]
     n, k = table.shape
     nan = float("nan")
-    if n < 2 or n * k < 5 or np.ptp(table) == 0:  # pingouin needs 5 ratings
-        return {"icc": nan, "ci_low": nan, "ci_high": nan, "f": nan, "p": nan, "n": n}
+    empty = {"icc": nan, "ci_low": nan, "ci_high": nan, "f": nan, "p": nan, "n": n}
+    if n < 2 or n * k < 5:  # pingouin needs 5 ratings
+        return {**empty, "note": f"{n} studies with a value from every reader: the ICC needs "
+                                 f"{-(-5 // k)} or more"}
+    if np.ptp(table) == 0:
+        return {**empty, "note": "every volume is the same: no spread to apportion"}
+    if np.ptp(table.mean(axis=1)) == 0:  # (pingouin: -inf)
+        return {**empty, "note": "the studies' mean volumes are all equal: no variance between "
+                                 "studies to compare the readers' disagreement with"}
     within = float(np.sum((table - table.mean(axis=1, keepdims=True)) ** 2))
     if within <= 1e-12 * float(np.sum((table - table.mean()) ** 2)):  # readers agree exactly
         return {"icc": 1.0, "ci_low": 1.0, "ci_high": 1.0, "f": float("inf"), "p": 0.0, "n": n}
@@ -151,7 +159,10 @@ def icc1k(ratings: np.ndarray) -> dict[str, float]:
     f_stat, df1, df2 = float(row["F"]), int(row["df1"]), int(row["df2"])
     low = 1.0 - f_dist.ppf(0.975, df1, df2) / f_stat
     high = 1.0 - 1.0 / (f_stat * f_dist.ppf(0.975, df2, df1))
-    return {"icc": float(row["ICC"]), "ci_low": float(low), "ci_high": float(high),
+    icc = float(row["ICC"])
+    # (MSB - MSW) / MSB of equal mean squares leaves rounding residue of order 1e-16: zero
+    icc = 0.0 if abs(icc) < 1e-12 else icc
+    return {"icc": icc, "ci_low": float(low), "ci_high": float(high),
             "f": f_stat, "p": float(row["pval"]), "n": n}
 
 
@@ -259,6 +270,8 @@ def volume_agreement(a: Sequence[float] | np.ndarray, b: Sequence[float] | np.nd
     if icc:
         try:
             out["icc1k"] = icc1k(np.column_stack([x, y]))
+            if note := out["icc1k"].pop("note", None):
+                out["icc1k_note"] = note
         except CTPerfError as exc:
             out["icc1k_note"] = str(exc)
     return out

@@ -44,6 +44,7 @@ __all__ = [
     "lesion_rule_warnings",
     "load_maps_cohort",
     "load_rater",
+    "region_reader",
 ]
 
 #: Maps compared, in table order.
@@ -341,6 +342,11 @@ def load_rater(root: str | Path, grids: Mapping[str, tuple[Any, ...]], *,
                        if p.exists()), None)
         if labels is not None:
             img = _labels(labels, study, shape, affine, qform)
+            if other := sorted(set(np.unique(img).tolist()) - {0, *RATER_LABELS.values()}):
+                raise InputError(labels, f"study {study}: labels {other} are neither core "
+                                         f"({RATER_LABELS['core']}) nor penumbra "
+                                         f"({RATER_LABELS['penumbra']}), 0 outside: relabel "
+                                         "them (or give core.nii.gz and penumbra.nii.gz masks)")
             les = {n: img == v for n, v in RATER_LABELS.items()}
             les["hypoperfused"] = les["core"] | les["penumbra"]
         else:
@@ -455,6 +461,18 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
             for who, s in unoriented.items()]
 
 
+def region_reader(readers: Sequence[Reader]) -> Reader | None:
+    """The reader whose brain masks are the region maps are compared in: the truth's, else
+    the reference's (the second reader), else the first other method's that has them; None
+    (every voxel finite on both sides) without any. The estimate's own mask comes last so that
+    it cannot choose where it is scored."""
+    truth = next((r for r in readers if r.kind == "truth" and r.brain), None)
+    methods = [r for r in readers if r.kind == "method" and r.brain]
+    reference = readers[1] if len(readers) > 1 else None
+    ordered = sorted(methods, key=lambda r: (r is not reference, r is readers[0]))
+    return truth or next(iter(ordered), None)
+
+
 def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> dict[str, Any]:
     """Tables 1 and 2 and the Friedman tests for a list of readers over the same studies.
 
@@ -478,9 +496,7 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
     """
     studies = list(studies)
     aligned = align_readers(readers, studies)
-    truth = next((r for r in readers if r.kind == "truth"), None)
-    brain_src = truth if truth is not None and truth.brain else next(
-        (r for r in readers if r.kind == "method" and r.brain), None)
+    brain_src = region_reader(readers)
     region_of = {s: (brain_src.brain.get(s) if brain_src is not None else None) for s in studies}
     grid = next((r for r in readers if r.maps), None)
     if grid is None:
@@ -530,11 +546,16 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
             if name in RATIO_MAPS and (said := _scale_mismatch(est, ref, name, studies,
                                                                 region_of)) is not None:
                 warn(said)
-            coverage = summary["coverage"]["mean"]
-            if coverage < MIN_COVERAGE:
-                warn(f"{name}, {est.label} vs {ref.label}: {est.label} has no value in "
-                     f"{1 - coverage:.1%} of the region where {ref.label} has one (mean over "
-                     "studies); Table 1 compares the rest only")
+            short = {s: c["coverage"] for s, c in cases.items()
+                     if not c["coverage"] >= MIN_COVERAGE}  # (NaN: nothing to compare)
+            if short:
+                named = ", ".join(f"{s} ({f'{c:.1%}' if c > 0 else 'no values'})"
+                                  for s, c in list(short.items())[:3])
+                warn(f"{name}, {est.label} vs {ref.label}: {est.label} has a value in under "
+                     f"{MIN_COVERAGE:.0%} of the region where {ref.label} has one in "
+                     f"{len(short)} of {len(cases)} studies: {named}"
+                     f"{' ...' if len(short) > 3 else ''}; Table 1 compares the rest only "
+                     "(a study with no values is left out of it)")
             out["maps"].append({
                 "estimate": est.label, "reference": ref.label, "map": name,
                 "unit": ref.maps[studies[0]].units.get(name, ""), "window": list(

@@ -9,6 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ctperf.evaluation.cohort import region_reader
 from ctperf.evaluation.metrics import MAP_METRICS
 from ctperf.reporting.html import figure_data_uri, figure_html, html_table
 from ctperf.reporting.html import fmt_number as _fmt
@@ -154,10 +155,9 @@ def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studie
     svd = [r.label for r in with_maps if r.delay_is_tmax]
     names = ("cbv", "cbf", "tmax") if svd else ("cbv", "cbf", "delay", "tmax")
     unshown = f" (no delay: {', '.join(svd)}'s delay map is its Tmax)" if svd else ""
+    region_src = region_reader(readers)
     for s in studies[:max_map_figures]:
-        region = (truth.brain.get(s) if truth is not None else None)
-        if region is None:
-            region = next((r.brain[s] for r in with_maps if s in r.brain), None)
+        region = region_src.brain.get(s) if region_src is not None else None
         les = outline_src.lesions.get(s, {})
         outlines = {f"{outline_src.label} {n}": les[n] for n in ("core", "hypoperfused")
                     if n in les}
@@ -241,7 +241,9 @@ def _sections(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) ->
             [[f["lesion"], ", ".join(f["readers"]), f["n"], f["statistic"], _p(f["p"])]
              for f in doc["friedman"]], text_columns=2)
             + '<p class="note">On the lesion volumes of every reader that segmented the lesion; '
-              "n/a when every study's volumes are tied.</p>"))
+              "n/a when every study's volumes are tied. p from the chi-square approximation "
+              "(scipy), which is rough under about 10 studies; no p value in this report is "
+              "corrected for multiple comparisons.</p>"))
     sections.append(("Figures", "".join(figure_html(uri, cap)
                                         for uri, cap in figures.values())))
     sections.append(("Dice and volumes per study", _dice_cases_html(doc)))
