@@ -131,3 +131,13 @@ def test_bayes_with_inf_and_the_spatial_prior(curves):
     fit = fit_bayes(many, aif, TIMES, rho=RHO, kh=KH, mask=mask, spacing=(5.0, 2.0, 2.0))
     assert np.isnan(fit.cbf[5])
     assert np.isfinite(np.delete(fit.cbf, 5)).all()
+
+
+@pytest.mark.parametrize("dtype", [np.complex64, bool, "U4"])
+def test_a_study_of_other_than_real_numbers_is_refused(dtype):
+    """Complex values had lost their imaginary part with only numpy's warning, booleans and
+    numeric strings had been cast without a word."""
+    hu = np.zeros((5, 1, 2, 2)).astype(dtype)
+    with pytest.raises(ValidationError, match="hu must hold real numbers"):
+        CTPSeries(hu=hu, times=np.arange(5.0), affine=np.eye(4))
+    CTPSeries(hu=np.zeros((5, 1, 2, 2), np.int16), times=np.arange(5.0), affine=np.eye(4))

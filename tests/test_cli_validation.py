@@ -74,6 +74,17 @@ def test_bad_numbers_end_in_one_argparse_error(tmp_path, capsys, command, extra,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("rcbf", [["--core-rcbf", "0.4"], ["--core-reference", "global"]])
+def test_two_rules_for_the_core_are_refused(tmp_path, capsys, rcbf):
+    """--core-cbv with --core-rcbf or --core-reference had dropped the latter in silence."""
+    study = tmp_path / "study.nii.gz"
+    study.write_bytes(b"never read")
+    assert main(["maps", str(study), str(tmp_path / "out"), "--core-cbv", "2", *rcbf]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"--core-cbv defines the core by CBV alone: {rcbf[0]}" in line
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("extra", [["--frames", "0"], ["--subjects", "0"], ["--size", "8"],
                                    ["--size", "100000"], ["--frames", "2"],
                                    ["--frame-interval", "inf"], ["--mas", "0"], ["--seed", "-1"],

@@ -88,7 +88,7 @@ def test_readers_lesions_defined_differently_are_said(tmp_path):
     from ctperf.evaluation.cohort import lesion_rule_warnings, load_maps_cohort
     from ctperf.lesion_options import LesionOptions
 
-    def write(root, tmax):
+    def write(root, tmax, smooth=2.0):
         mask = np.zeros((2, 8, 8), dtype=bool)
         mask[:, 2:5, 2:5] = True
         for s in STUDIES:
@@ -97,18 +97,25 @@ def test_readers_lesions_defined_differently_are_said(tmp_path):
             io.write_volume(mask, np.eye(4), folder / "lesions" / "hypoperfused.nii.gz")
             (folder / "summary.json").write_text(json.dumps({"method": "bsvd", "lesions": {
                 "thresholds": {"core": {"label": "rCBF < 0.3 (contralateral reference)"},
-                               "hypoperfused": {"label": f"Tmax > {tmax:.1f} s"}}}}))
+                               "hypoperfused": {"label": f"Tmax > {tmax:.1f} s"},
+                               "smooth_mm": smooth, "min_component_ml": 0.1}}}))
 
     write("late", 12.0)
     write("usual", 6.0)
     write("again", 6.0)
-    late, usual, again = (load_maps_cohort(tmp_path / n, label=n)
-                          for n in ("late", "usual", "again"))
+    write("raw", 6.0, smooth=0.0)
+    late, usual, again, raw = (load_maps_cohort(tmp_path / n, label=n)
+                               for n in ("late", "usual", "again", "raw"))
     said = lesion_rule_warnings([late, usual], list(STUDIES))
     assert said == ["hypoperfused lesion defined differently by the readers (Tmax > 12.0 s: "
                     "late; Tmax > 6.0 s: usual): their volumes and Dice compare different "
                     "definitions"]
     assert lesion_rule_warnings([usual, again], list(STUDIES)) == []
+    # the same thresholds, another clean-up (a probe's maps without the median: unsaid)
+    assert lesion_rule_warnings([raw, usual], list(STUDIES)) == [
+        "lesions cleaned up differently by the readers (median 0 mm, pieces under 0.1 mL "
+        "dropped: raw; median 2 mm, pieces under 0.1 mL dropped: usual): their volumes and "
+        "Dice compare different definitions"]
 
     tmax = np.full((2, 8, 8), 2.0, np.float32)  # maps only: evaluate segments them
     for s in STUDIES:
@@ -252,3 +259,24 @@ def test_a_study_left_out_is_said_failed_or_missing_and_like_readers_named_apart
     mine = [Reader(label="bsvd", kind="method", path=str(tmp_path / n)) for n in ("a", "b")]
     _unique_labels(mine)  # cohorts named by their folders, where those differ
     assert [r.label for r in mine] == ["bsvd (a)", "bsvd (b)"]
+
+
+def test_the_maps_qc_flags_are_said_with_the_tables(tmp_path):
+    """A study whose maps raised no_vof (CBF read 78.8 for 58.8 in a probe's cohort) had been
+    averaged into the tables with no word of its flag."""
+    import json
+
+    from ctperf import io
+    from ctperf.evaluation.cohort import load_maps_cohort
+
+    for s in STUDIES:
+        folder = tmp_path / "est" / s
+        io.write_volume(np.full((2, 8, 8), 30.0, np.float32), np.eye(4), folder / "cbf.nii.gz")
+        qc = {"no_vof": {"flag": s != "b", "value": 0.0}, "truncation": {"flag": False}}
+        (folder / "summary.json").write_text(json.dumps({"method": "bsvd", "qc": qc}))
+    est = load_maps_cohort(tmp_path / "est", label="est")
+    assert est.qc_flags == {"a": ["no_vof"], "c": ["no_vof"]}
+    ref = _readers()[1]
+    out = evaluate_readers([est, ref], studies=STUDIES)
+    assert ("QC flags of est (its summary.json says why; docs/qc.md): no_vof in 2 of 3 "
+            "studies (a, c); the tables include those studies") in out["table_warnings"]

@@ -27,3 +27,18 @@ def test_compare_with_truth_regions_and_lesions(rng):
     assert core["volume_error_ml"] == pytest.approx(-0.020)
     table = truth_table_markdown(out)
     assert "| cbf | mL/100g/min |" in table and "| core | 0.89 |" in table
+
+
+@pytest.mark.parametrize("method, scored", [("bsvd", False), ("nlr-fast", True)])
+def test_an_svd_methods_delay_is_not_scored_as_an_arrival_delay(method, scored):
+    """ctperf demo --method bsvd had scored bSVD's delay map (its Tmax) against the true
+    arrival delay (a probe's MAE 3.46 s, bias +3.46 s), which ctperf evaluate leaves out."""
+    shape = (1, 4, 4)
+    truth = PerfusionMaps(maps={"delay": np.ones(shape), "tmax": np.full(shape, 3.0)},
+                          affine=np.eye(4))
+    est = PerfusionMaps(maps={"delay": np.full(shape, 3.0), "tmax": np.full(shape, 3.0)},
+                        affine=np.eye(4), provenance={"method": method})
+    out = compare_with_truth(est, truth, regions={"brain": np.ones(shape, bool)})
+    assert ("delay" in out["maps"]) is scored and "tmax" in out["maps"]
+    assert ("delay left out: bsvd's delay map is its Tmax" in truth_table_markdown(out)) \
+        is not scored

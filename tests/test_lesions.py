@@ -552,12 +552,14 @@ def test_the_global_reference_is_a_lesion_option():
     assert by_option.thresholds["core"]["reference"] == "global"
     # the midline is still read, for each side's hypoperfused share (widespread_hypoperfusion
     # had been judged on the whole brain alone with --core-reference global or --core-cbv)
-    assert by_option.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"][1] == 0.0
+    assert min(by_option.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"].values(
+    )) == 0.0
     with_cbv = PerfusionMaps(maps={**{k: maps[k] for k in maps.names},
                                    "cbv": np.where(brain, 4.0, np.nan)}, affine=maps.affine)
     by_cbv = segment_lesions(with_cbv, brain=brain,
                              options=replace(THRESHOLDS_ONLY, core_cbv=2.0))
-    assert by_cbv.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"][1] == 0.0
+    assert min(by_cbv.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"].values(
+    )) == 0.0
     with pytest.raises(ValidationError, match="reference must be one of contralateral, global"):
         LesionOptions(reference="mirror")
 
@@ -592,9 +594,18 @@ def test_hypoperfusion_on_both_sides_is_said():
     maps, brain, _, _, lesion = lesion_case(0.0, 0.0, 0.0)
     one = segment_lesions(maps, brain=brain)
     sides = one.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"]
-    assert min(sides) == 0.0 and max(sides) == pytest.approx(lesion.sum() / (brain.sum() / 2),
-                                                             rel=0.05)
+    assert min(sides.values()) == 0.0
+    assert max(sides.values()) == pytest.approx(lesion.sum() / (brain.sum() / 2), rel=0.05)
     assert not widespread_hypoperfusion_flag(0.1, sides, "contralateral")["flag"]
+    # named by the patient's sides (RAS: lower x is left), not by the array's order: the same
+    # head stored with its columns reversed (the affine saying so) had read [left, right]
+    # swapped
+    assert sides["right"] == 0.0 and sides["left"] > 0.2
+    turned = SPACING_AFFINE.copy()
+    turned[0, 0], turned[0, 3] = -1.0, SHAPE[2] - 1.0
+    stored = segment_lesions(PerfusionMaps(maps={k: maps[k][..., ::-1] for k in maps.names},
+                                           affine=turned), brain=brain[..., ::-1])
+    assert stored.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"] == sides
     # the other side's front half late too
     u, v = head_frame(0.0, 0.0, 0.0)
     tmax = np.where(brain & (u > 0) & (v > 10), 7.0, maps["tmax"])
@@ -602,7 +613,7 @@ def test_hypoperfusion_on_both_sides_is_said():
                                          affine=maps.affine), brain=brain)
     sides = both.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"]
     flag = widespread_hypoperfusion_flag(0.4, sides, "contralateral")
-    assert flag["flag"] and flag["value"] == pytest.approx(min(sides))
+    assert flag["flag"] and flag["value"] == pytest.approx(min(sides.values()))
     # without a midline (the global reference) the whole brain's share is judged
     assert not widespread_hypoperfusion_flag(0.4, None, "global")["flag"]
     assert widespread_hypoperfusion_flag(0.7, None, "global")["flag"]

@@ -119,6 +119,10 @@ def test_unit_and_axis_mistakes_are_named(tmp_path, caplog):
     nib.save(five, tmp_path / "five.nii.gz")
     with pytest.raises(InputError, match="remove its singleton 4th axis"):
         read_nifti_series(tmp_path / "five.nii.gz")
+    last = nib.Nifti1Image(np.zeros((4, 5, 2, 6, 1), dtype=np.float32), np.eye(4))
+    nib.save(last, tmp_path / "last.nii.gz")
+    with pytest.raises(InputError, match="remove its singleton 5th axis"):
+        read_nifti_series(tmp_path / "last.nii.gz")
     first = nib.Nifti1Image(np.zeros((12, 5, 4, 3), dtype=np.float32), np.eye(4))
     first.header.set_xyzt_units("mm", "sec")
     first.header["pixdim"][4] = 1.5

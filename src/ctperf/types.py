@@ -203,6 +203,9 @@ class CTPSeries:
             )
         if min(hu.shape) < 1:
             raise ValidationError(f"hu has an empty axis: shape {hu.shape}")
+        if hu.dtype.kind not in "iuf":  # complex, bool, text: not CT numbers
+            raise ValidationError(f"hu must hold real numbers (CT numbers in HU), got dtype "
+                                  f"{hu.dtype}")
         hu = hu.astype(np.float32, copy=False)
         if not np.all(np.isfinite(hu)):
             bad = int(np.count_nonzero(~np.isfinite(hu)))

@@ -25,6 +25,7 @@ from ctperf.commands import (
     run_study_command,
     study_io_options,
 )
+from ctperf.errors import ValidationError
 from ctperf.lesion_options import MAX_SMOOTH_MM, REFERENCES, TMAX_RANGE_S, LesionOptions
 
 __all__ = ["ORDER", "maps_options", "register", "run"]
@@ -70,12 +71,13 @@ def register(subparsers: Any) -> None:
                    metavar="ML",
                    help="define the core as CBV below ML mL/100g instead of the relative CBF "
                         "threshold (--core-rcbf)")
-    p.add_argument("--core-rcbf", type=fraction, default=LesionOptions.core_rcbf,
-                   help="core rCBF threshold, a fraction of normal tissue [%(default)s]")
-    p.add_argument("--core-reference", choices=REFERENCES, default=LesionOptions.reference,
+    p.add_argument("--core-rcbf", type=fraction, default=None,
+                   help=f"core rCBF threshold, a fraction of normal tissue "
+                        f"[{LesionOptions.core_rcbf}]")
+    p.add_argument("--core-reference", choices=REFERENCES, default=None,
                    help="normal CBF of the core's rCBF: normally perfused tissue mirrored "
                         "across the midline, or the median of all normally perfused brain "
-                        "(when the other side is diseased too) [%(default)s]")
+                        f"(when the other side is diseased too) [{LesionOptions.reference}]")
     p.add_argument("--tmax", type=float_in(*TMAX_RANGE_S, "--tmax (s)"),
                    default=LesionOptions.tmax_hypo,
                    help="hypoperfusion Tmax threshold s (the tmax10 mask keeps its 10 s) "
@@ -94,9 +96,15 @@ def maps_options(args: argparse.Namespace) -> Any:
     """The :class:`~ctperf.workflow.MapsOptions` of parsed ``ctperf maps`` arguments."""
     from ctperf.workflow import MapsOptions
 
-    lesions = LesionOptions(core_rcbf=args.core_rcbf, core_cbv=args.core_cbv,
+    rcbf = {"--core-rcbf": args.core_rcbf, "--core-reference": args.core_reference}
+    if args.core_cbv is not None and (given := [k for k, v in rcbf.items() if v is not None]):
+        raise ValidationError(f"--core-cbv defines the core by CBV alone: {' and '.join(given)} "
+                              "(the relative-CBF rule's) would be ignored; give one rule")
+    lesions = LesionOptions(core_rcbf=LesionOptions.core_rcbf if args.core_rcbf is None
+                            else args.core_rcbf, core_cbv=args.core_cbv,
                             tmax_hypo=args.tmax, smooth_mm=args.lesion_smooth,
-                            min_component_ml=args.min_lesion, reference=args.core_reference)
+                            min_component_ml=args.min_lesion,
+                            reference=args.core_reference or LesionOptions.reference)
     return MapsOptions(method=args.method, aif_mask=args.aif_mask, vof_mask=args.vof_mask,
                        brain_mask=args.brain_mask, rho=args.rho, kh=args.kh, device=args.device,
                        lesion_options=lesions, **preprocess_step_options(args),

@@ -69,7 +69,8 @@ class Reader:
     (a map's values implausible for its unit); ``rules[study]`` the definition of its core and
     hypoperfused lesions where known (``summary.json``'s thresholds, or those it was segmented
     with here), as labels such as ``"Tmax > 6.0 s"``; ``left_out[study]`` why a study its
-    cohort's manifest names was not read (its run failed or did not finish).
+    cohort's manifest names was not read (its run failed or did not finish); ``qc_flags[study]``
+    the QC flags its ``summary.json`` raised (docs/qc.md).
     """
 
     label: str
@@ -81,6 +82,7 @@ class Reader:
     warnings: list[str] = field(default_factory=list)
     rules: dict[str, dict[str, str]] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)
+    qc_flags: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def studies(self) -> list[str]:
@@ -222,6 +224,9 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
             reader.brain[sub.name] = les.pop("brain")
         _complete_lesions(les)
         doc = _summary(sub)
+        if raised := [name for name, f in (doc.get("qc") or {}).items()
+                      if isinstance(f, dict) and f.get("flag")]:
+            reader.qc_flags[sub.name] = raised
         if les:  # read from its files: defined as its summary says
             reader.rules[sub.name] = _rule_labels(doc.get("lesions", {}).get("thresholds"))
         if (not phantom and lesion_options is not None and not masks.is_dir()
@@ -269,25 +274,33 @@ def _summary(sub: Path) -> dict[str, Any]:
 
 def _rule_labels(thresholds: Any) -> dict[str, str]:
     """The core's and the hypoperfused lesion's definitions (their ``label``) of a lesion
-    summary's ``thresholds``."""
+    summary's ``thresholds``, and their clean-up (``clean-up``: the maps' median and the
+    smallest piece kept)."""
     if not isinstance(thresholds, dict):
         return {}
-    return {n: str(rule["label"]) for n in ("core", "hypoperfused")
-            if isinstance(rule := thresholds.get(n), dict) and "label" in rule}
+    labels = {n: str(rule["label"]) for n in ("core", "hypoperfused")
+              if isinstance(rule := thresholds.get(n), dict) and "label" in rule}
+    if {"smooth_mm", "min_component_ml"} <= set(thresholds):
+        labels["clean-up"] = (f"median {thresholds['smooth_mm']:g} mm, pieces under "
+                              f"{thresholds['min_component_ml']:g} mL dropped")
+    return labels
 
 
 def lesion_rule_warnings(readers: list[Reader], studies: list[str]) -> list[str]:
     """One line per lesion (core, hypoperfused) that the readers defined differently on
-    ``studies`` (a Tmax threshold of 12 s against 6 s had been compared as one lesion)."""
+    ``studies`` (a Tmax threshold of 12 s against 6 s had been compared as one lesion), and
+    one when their clean-up differs (no median and no smallest piece had passed unsaid)."""
     out = []
-    for name in ("core", "hypoperfused"):
+    for name in ("core", "hypoperfused", "clean-up"):
         seen: dict[str, list[str]] = {}
         for r in readers:
             for rule in sorted({r.rules[s][name] for s in studies
                                 if name in r.rules.get(s, {})}):
                 seen.setdefault(rule, []).append(r.label)
         if len(seen) > 1:
-            out.append(f"{name} lesion defined differently by the readers ("
+            what = ("lesions cleaned up differently by the readers" if name == "clean-up"
+                    else f"{name} lesion defined differently by the readers")
+            out.append(f"{what} ("
                        + "; ".join(f"{rule}: {', '.join(who)}" for rule, who in seen.items())
                        + "): their volumes and Dice compare different definitions")
     return out
@@ -513,6 +526,16 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
 
     for text in aligned:
         warn(text)
+    for r in readers:  # the maps' own doubts, which the tables' figures include
+        by_flag: dict[str, list[str]] = {}
+        for s in studies:
+            for flag in r.qc_flags.get(s, []):
+                by_flag.setdefault(flag, []).append(s)
+        if by_flag:
+            warn(f"QC flags of {r.label} (its summary.json says why; docs/qc.md): " + "; ".join(
+                f"{flag} in {len(ss)} of {len(studies)} studies ({', '.join(ss[:3])}"
+                f"{' ...' if len(ss) > 3 else ''})" for flag, ss in by_flag.items())
+                 + "; the tables include those studies")
 
     for est, ref in _map_pairs(readers):
         for name in MAP_ORDER:

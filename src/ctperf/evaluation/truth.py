@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.evaluation.metrics import dice, map_agreement
-from ctperf.types import PerfusionMaps
+from ctperf.types import SVD_METHODS, PerfusionMaps
 
 __all__ = ["EVALUATED_MAPS", "LESIONS", "compare_with_truth", "truth_table_markdown"]
 
@@ -42,14 +42,20 @@ def compare_with_truth(maps: PerfusionMaps, truth: PerfusionMaps, *,
     -------
     dict
         ``{"maps": {name: {region: MapAgreement.as_dict(), ...}}, "units": {...},
-        "lesions": {name: {"dice", "volume_ml", "true_volume_ml", "volume_error_ml"}}}``.
+        "lesions": {name: {"dice", "volume_ml", "true_volume_ml", "volume_error_ml"}},
+        "left_out": {name: why}}``. An SVD method's ``delay`` map is its Tmax, not an arrival
+        delay, and is left out (as ``ctperf evaluate`` leaves it out of Table 1).
     """
     if maps.shape != truth.shape:
         raise ValueError(f"maps grid {maps.shape} differs from truth grid {truth.shape}")
     voxel_ml = maps.voxel_ml
-    out: dict[str, Any] = {"maps": {}, "units": {}, "lesions": {}}
+    out: dict[str, Any] = {"maps": {}, "units": {}, "lesions": {}, "left_out": {}}
+    method = maps.provenance.get("method")
+    if method in SVD_METHODS and "delay" in maps:
+        out["left_out"]["delay"] = (f"{method}'s delay map is its Tmax, not an arrival delay: "
+                                    "compare tmax")
     for name in EVALUATED_MAPS:
-        if name in maps and name in truth:
+        if name in maps and name in truth and name not in out["left_out"]:
             out["maps"][name] = {region: map_agreement(maps[name], truth[name], mask=m).as_dict()
                                  for region, m in regions.items()}
             out["units"][name] = truth.units[name]
@@ -79,6 +85,7 @@ def truth_table_markdown(result: Mapping[str, Any], *, region: str = "brain") ->
         lines.append(f"| {name} | {result['units'][name]} | {_fmt(a['reference_mean'])} | "
                      f"{_fmt(a['mae'])} | {_fmt(a['bias'])} | {_fmt(a['rmse'])} | "
                      f"{_fmt(a['pearson_r'], 3)} | {_fmt(a['ccc'], 3)} |")
+    lines += [f"\n{name} left out: {why}." for name, why in result.get("left_out", {}).items()]
     if result.get("lesions"):
         lines += ["", "| lesion | Dice | volume mL | true volume mL | error mL |",
                   "|---|---|---|---|---|"]

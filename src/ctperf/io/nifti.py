@@ -389,8 +389,9 @@ def read_nifti_series(path: PathLike, *, frame_interval: float | None = None) ->
     header = img.header
     shape = tuple(int(n) for n in header.get_data_shape())
     if len(shape) != 4:
-        remedy = ("; remove its singleton 4th axis to make it (X, Y, Z, T)"
-                  if len(shape) == 5 and shape[3] == 1 else "")
+        single = [n for n, axis in ((4, 3), (5, 4)) if len(shape) == 5 and shape[axis] == 1]
+        remedy = (f"; remove its singleton {single[0]}th axis to make it (X, Y, Z, T)"
+                  if single else "")
         raise InputError(p, f"a CTP study must be 4D (X, Y, Z, T), this file is {len(shape)}D "
                             f"with shape {shape}{remedy}")
     n_frames, n_slices = shape[3], shape[2]

@@ -142,18 +142,19 @@ def left_right_angle(affine: np.ndarray) -> float:
     return angle
 
 
-def in_patient_terms(plane: MidPlane, affine: np.ndarray) -> tuple[float, np.ndarray]:
+def in_patient_terms(plane: MidPlane, affine: np.ndarray) -> tuple[float, np.ndarray, bool]:
     """The mid-sagittal plane as the patient's head stands, whatever the array's storage order:
     its yaw (degrees, about the head-foot axis: the angle of the head's left-to-right
     axis from the scanner's towards anterior, positive when the patient's right side is turned
-    forward, the nose towards the patient's left) and each slice's midline offset (mm, (Z,),
-    positive to the patient's right of the slice's centre). ``affine``: the maps' RAS affine."""
+    forward, the nose towards the patient's left), each slice's midline offset (mm, (Z,),
+    positive to the patient's right of the slice's centre), and whether the plane's positive
+    side (``plane.distance > 0``) is the patient's right. ``affine``: the maps' RAS affine."""
     a = np.asarray(affine, dtype=np.float64)[:3, :2]
     cols = a / np.maximum(np.linalg.norm(a, axis=0), 1e-12)
     normal = cols[:, 0] * math.cos(plane.angle) + cols[:, 1] * math.sin(plane.angle)
     sign = 1.0 if normal[0] >= 0 else -1.0  # the normal turned to point to the patient's right
     turn = math.degrees(math.atan2(sign * normal[1], sign * normal[0]))
-    return turn, sign * np.asarray(plane.offset, dtype=np.float64)
+    return turn, sign * np.asarray(plane.offset, dtype=np.float64), sign > 0
 
 
 #: Yaw (degrees) searched either side of the affine's left-right axis for the mid-sagittal
@@ -451,10 +452,12 @@ def segment_lesions(
         hypo, severe, core = (_drop_small(m, min_voxels) for m in (hypo, severe, core))
     penumbra = hypo & ~core
     if plane is not None and mid_info is not None:  # each side's share: a whole brain late?
-        side = plane.distance(cbf.shape) > 0
-        mid_info["hypoperfused_share_by_side"] = [
-            round(int(np.count_nonzero(hypo & s)) / max(int(np.count_nonzero(valid & s)), 1), 4)
-            for s in (~side, side)]
+        positive = plane.distance(cbf.shape) > 0
+        right = positive if in_patient_terms(plane, maps.affine)[2] else ~positive
+        mid_info["hypoperfused_share_by_side"] = {
+            name: round(int(np.count_nonzero(hypo & s))
+                        / max(int(np.count_nonzero(valid & s)), 1), 4)
+            for name, s in (("left", ~right), ("right", right))}
     volumes = {"core": float(core.sum() * voxel_ml), "hypoperfused": float(hypo.sum() * voxel_ml),
                "penumbra": float(penumbra.sum() * voxel_ml),
                "tmax10": float(severe.sum() * voxel_ml)}
@@ -484,7 +487,7 @@ def _midline(region: np.ndarray, maps: PerfusionMaps, *, warn: bool
     plane = midsagittal_plane(region, spacing=(maps.spacing[1], maps.spacing[2]),
                               base_angle=base)
     yaw = float(np.rad2deg(plane.angle - base))  # from the header's left-right
-    turn, shift = in_patient_terms(plane, maps.affine)
+    turn, shift, _ = in_patient_terms(plane, maps.affine)
     info = {"yaw_deg": round(turn, 2), "offset_mm": np.round(shift, 2).tolist(),
             "mirror_overlap": round(plane.score, 4),
             "yaw_at_search_limit": abs(yaw) >= MIDPLANE_MAX_YAW_DEG - 0.5}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -353,15 +353,15 @@ WIDESPREAD_SIDE_SHARE = 0.10
 WIDESPREAD_HYPO_SHARE = 0.6
 
 
-def widespread_hypoperfusion_flag(share: float | None, sides: Sequence[float] | None,
+def widespread_hypoperfusion_flag(share: float | None, sides: Mapping[str, float] | None,
                                   reference: str | None) -> dict[str, Any]:
     """The ``widespread_hypoperfusion`` QC entry: ``share`` of the brain (outside vessels)
-    hypoperfused, each side's share (``sides``, from the lesions' mid-sagittal plane; None
-    without it) and the lesions' core reference (``thresholds["core"]["reference"]``). None
-    share: not judged."""
+    hypoperfused, each side's share (``sides``, ``{"left": ..., "right": ...}`` from the
+    lesions' mid-sagittal plane; None without it) and the lesions' core reference
+    (``thresholds["core"]["reference"]``). None share: not judged."""
     from ctperf.perfusion.lesions import MIN_NORMAL_SHARE, NO_NORMAL_TISSUE
 
-    value = None if share is None else round(min(sides) if sides else share, 4)
+    value = None if share is None else round(min(sides.values()) if sides else share, 4)
     raised = value is not None and (
         value > (WIDESPREAD_SIDE_SHARE if sides else WIDESPREAD_HYPO_SHARE)
         or reference == NO_NORMAL_TISSUE)
@@ -623,7 +623,8 @@ def qc_flags(
         "probe's maps were then within 1 mL of its lesions without that contrast")
     put("aif_vof_ratio", pv_factor is not None and not pv_range[0] <= pv_factor <= pv_range[1],
         pv_factor, f"VOF/AIF area ratio outside [{pv_range[0]}, {pv_range[1]}]: wrong AIF or VOF "
-        "choice")
+        "choice (judged on a VOF that was used; with none, no_vof is raised and this flag "
+        "has no value: summary.json's partial_volume has the rejected VOF's ratio)")
     put("no_vof", pv_corrected is False, None if pv_corrected is None else float(pv_corrected),
         "AIF not corrected for partial volume (no plausible VOF): CBF and CBV read high by "
         "as much as the measured AIF is diluted by the arteries' partial volume")

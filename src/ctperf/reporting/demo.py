@@ -35,7 +35,8 @@ def demo_tables_markdown(scores: Mapping[str, Any]) -> str:
 
 
 def write_demo_report(folder: Path, *, method: str, seed: int, shape: Sequence[int],
-                      motion: str, preprocessing: str, tables: str) -> None:
+                      motion: str, preprocessing: str, tables: str,
+                      qc_flags: Sequence[str] = ()) -> None:
     """Write ``folder/report.md`` and ``folder/report.html`` (the figures inline).
 
     Parameters
@@ -56,12 +57,15 @@ def write_demo_report(folder: Path, *, method: str, seed: int, shape: Sequence[i
         What was done before the maps (e.g. ``"registered and filtered"``).
     tables : str
         Markdown tables of :func:`demo_tables_markdown`.
+    qc_flags : sequence of str
+        The maps' raised QC flags, named in the introduction.
     """
     from ctperf.io import atomic_file
 
     title = f"ctperf demo: {method} on a digital phantom"
     intro = (f"Phantom seed {seed}, study {' x '.join(map(str, shape))} (T, Z, Y, X), "
-             f"simulated motion: {motion}, {preprocessing}.")
+             f"simulated motion: {motion}, {preprocessing}. QC flags raised: "
+             + (f"{', '.join(qc_flags)} (maps/summary.json says why)." if qc_flags else "none."))
     optional = (("maps/uncertainty.png", "uncertainty", "posterior standard deviations"),
                 ("maps/vessels.png", "vessels", "the voxels of the AIF (red) and the VOF (blue)"))
     present = tuple(f for f in optional if (folder / f[0]).is_file())  # bayes; automatic AIF

@@ -149,7 +149,8 @@ def run_demo(out: Path, options: DemoOptions, *,
         save_figure(fig, tmp / "comparison.png", dpi=100, facecolor="black")
         table = demo_tables_markdown(scores)
         write_demo_report(tmp, method=o.method, seed=o.seed, shape=subject.series.shape,
-                          motion=o.motion, preprocessing=done, tables=table)
+                          motion=o.motion, preprocessing=done, tables=table,
+                          qc_flags=raised)
     return StudyOutcome(out=out, message=table, summary={"method": o.method,
                                                          "qc_flags": raised})
 
