@@ -41,6 +41,14 @@ def test_demo_tiny_writes_every_output(tmp_path, capsys):
         assert all(math.isfinite(brain[k]) for k in ("mae", "bias", "pearson_r"))
     assert scores["phantom"]["shape"] == [40, 2, 64, 64]
     assert "comparison.png" in (out / "report.md").read_text()
+    # the raised flags named in the report too (only overview.png had shown them there)
+    assert f"QC flags raised: {', '.join(raised)} (maps/summary.json" in (
+        out / "report.md").read_text()
+    # each lesion mask's rule in its NIfTI header (its descrip had been empty)
+    import nibabel as nib
+
+    descrip = nib.load(out / "maps" / "lesions" / "core.nii.gz").header["descrip"]
+    assert bytes(descrip).startswith(b"core: rCBF < 0.3 (contralateral reference)")
     page = (out / "report.html").read_text()
     # self-contained: the four figures inline, nothing fetched from elsewhere
     assert page.count('src="data:image/png;base64,') == 4

@@ -560,17 +560,21 @@ def unsheared_grid(affine: np.ndarray, shape_xyz: Iterable[int]) -> np.ndarray:
 
 def write_volume(volume: np.ndarray, affine: np.ndarray, path: PathLike,
                  *, sidecar: Mapping[str, Any] | None = None, code: int = 1,
-                 qform: Mapping[str, Any] | None = None) -> Path:
+                 qform: Mapping[str, Any] | None = None, description: str | None = None
+                 ) -> Path:
     """Write one (Z, Y, X) volume (map or mask) as 3D NIfTI; booleans are stored as uint8.
     ``code``: the NIfTI space of ``affine`` (the study's, :func:`xform_code`); ``qform``: the
-    study's own qform where it disagreed with its sform (:func:`nifti_space` gives both)."""
+    study's own qform where it disagreed with its sform (:func:`nifti_space` gives both);
+    ``description``: the header's descrip (79 characters; default the sidecar's map and
+    units)."""
     vol = np.asarray(volume)
     if vol.ndim != 3:
         raise ValidationError(f"volume must be 3D (Z, Y, X), got shape {vol.shape}")
     if vol.dtype == bool:
         vol = vol.astype(np.uint8)
     what = "" if sidecar is None else f"{sidecar.get('map', '')} {sidecar.get('units', '')}"
-    img = _image(vol.transpose(2, 1, 0), affine, what.strip(), code=code, qform=qform)
+    img = _image(vol.transpose(2, 1, 0), affine, description or what.strip(), code=code,
+                 qform=qform)
     with atomic_file(path) as tmp:
         nib.save(img, str(tmp))
         if sidecar is not None:  # whole before the image takes its name

@@ -258,8 +258,12 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
     with io.atomic_dir(folder, overwrite=overwrite) as tmp:
         write_maps_and_summary(maps, tmp)
         masks = {**result.lesions.masks(), "brain": result.brain, "vessels": result.vessels}
-        for name, mask in masks.items():
+        rules = {n: r.get("label", "") for n, r in result.lesions.thresholds.items()
+                 if isinstance(r, dict)}
+        rules["penumbra"] = "hypoperfused outside the core"
+        for name, mask in masks.items():  # each mask's rule in its header
             io.write_volume(mask, maps.affine, tmp / "lesions" / f"{name}.nii.gz",
+                            description=f"{name}: {rules[name]}" if rules.get(name) else name,
                             **io.nifti_space(maps.provenance))
         save_figure(maps_overview(result, title=title), tmp / "overview.png", dpi=110,
                     facecolor="black")
