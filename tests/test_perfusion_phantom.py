@@ -287,3 +287,46 @@ def test_no_voxel_is_both_the_aif_and_the_vof():
     vof = {tuple(v) for v in prov["vof"]["voxels_zyx"]}
     assert vof and not aif & vof
     assert not subject.masks["artery"][tuple(np.array(sorted(vof)).T)].any()
+
+
+def _gamma_variate(t: np.ndarray, start: float, peak: float, beta: float) -> np.ndarray:
+    """A bolus of this test's own (gamma variate, shape 3, peak ``peak`` at start + 3 beta)."""
+    x = np.clip(t - start, 0.0, None)
+    return peak * (x / (3.0 * beta)) ** 3 * np.exp(3.0 - x / beta)
+
+
+@pytest.mark.parametrize("earlier, raised", [
+    ("none", False),
+    ("angiogram", False),   # contrast at equilibrium, washing out over minutes
+    ("test bolus", True),   # 30 % of the main bolus, 25 s before it
+])
+def test_the_tail_of_an_earlier_bolus_in_the_vein_is_flagged(rng, earlier, raised):
+    """A test bolus 25 s before the main one leaves its venous tail in the baseline frames: a
+    probe's maps read the core +21 to +28 % (nlr-fast) with no flag where its VOF was used.
+    The VOF's fall through the frames before the bolus says so; a CT angiogram's slow
+    washout and a clean study do not."""
+    from ctperf.perfusion.qc import qc_flags
+
+    t = np.arange(0.0, 50.0)
+    aif = _gamma_variate(t, 9.0, 400.0, 1.5)
+    vof = _gamma_variate(t, 14.0, 420.0, 2.0)
+    if earlier == "test bolus":
+        vof = vof + _gamma_variate(t, 14.0 - 25.0, 0.3 * 420.0, 2.0)
+    elif earlier == "angiogram":
+        vof = vof + 30.0 * np.exp(-t / 180.0)
+    vof = vof + rng.normal(0.0, 2.0, t.size)
+    flags = qc_flags(times=t, aif=aif, venous=vof, baseline_frames=8)
+    assert flags["earlier_bolus"]["flag"] is raised, flags["earlier_bolus"]
+    assert flags["no_vof"]["value"] is None  # venous alone: not the VOF that scaled the AIF
+
+
+def test_an_earlier_bolus_is_flagged_through_the_maps(subject):
+    """The same through run_perfusion: the vein's voxels carry a washout the arteries and the
+    tissue do not (a bolus's venous tail), and the VOF's own fall is read whether or not
+    it scaled the AIF."""
+    t = subject.series.times - subject.series.times[0]
+    tail = _gamma_variate(t, -12.0, 150.0, 2.0).astype(np.float32)
+    hu = subject.series.hu + tail[:, None, None, None] * subject.masks["vein"][None]
+    clean = run_perfusion(subject.series, method="nlr-fast").maps.provenance["qc"]
+    late = run_perfusion(subject.series.replace(hu=hu), method="nlr-fast").maps.provenance["qc"]
+    assert not clean["earlier_bolus"]["flag"] and late["earlier_bolus"]["flag"]

@@ -57,6 +57,7 @@ __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_cu
 #: motion need an image).
 CURVE_QC: tuple[str, ...] = ("truncation", "frame_gap", "aif_late_peak", "aif_wide",
                              "aif_after_tissue", "short_baseline", "bolus_at_start",
+                             "earlier_bolus",
                              "below_baseline", "aif_vof_ratio", "no_vof", "mtt_floor",
                              "osvd_coarse_frames")
 

@@ -302,15 +302,16 @@ def check_peak_not_clipped(aif: np.ndarray, times: np.ndarray, *,
             f"its true peak and area are larger, so CBF and CBV would read too high; {remedy}")
 
 
-def start_level(aif: np.ndarray) -> tuple[float, float, float]:
+def start_level(aif: np.ndarray, *, before: int | None = None) -> tuple[float, float, float]:
     """How far an arterial curve's first frame (smoothed with :func:`bandlimit`) stands above
-    the mean of its three lowest values, the curve's range above them, and the smoothed first
-    frame's noise SD (from second differences); zeros for fewer than four frames."""
+    the mean of its three lowest values (among its first ``before`` frames, at least three,
+    when given), the curve's range above them, and the smoothed first frame's noise SD (from
+    second differences); zeros for fewer than four frames."""
     x = np.asarray(aif, dtype=np.float64)
     if x.size < 4:
         return 0.0, 0.0, 0.0
     c = bandlimit(x)
-    low = float(np.sort(c)[:3].mean())
+    low = float(np.sort(c[:max(3, before)] if before is not None else c)[:3].mean())
     # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
     noise = np.sqrt(0.625) * float(second_difference_sd(x))
     return float(c[0]) - low, float(c.max()) - low, noise

@@ -269,7 +269,7 @@ def run_perfusion(
                 late_mean=_late_mean(tissue, values.get("tmax"), ~vessels[brain],
                                      brain=brain, spacing=spacing,
                                      voxel_ml=series.voxel_ml),
-                vof_used=vof_used, pv_info=pv_info, motion_mm=motion_mm,
+                vof_used=vof_used, vof_found=vof_curve, pv_info=pv_info, motion_mm=motion_mm,
                 uncorrected_motion_mm=uncorrected_motion_mm, slice_share=slice_share,
                 exposed_share=exposed, skull_share=masks.skull_share(base - offset),
                 box_mtt=(values["mtt"][~vessels[brain] & (values["cbv"] > 0)]
@@ -491,6 +491,7 @@ LATE_SMOOTH_MM = LesionOptions.smooth_mm
 def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
         t: np.ndarray, *, brain: np.ndarray, late_mean: np.ndarray | None,
         n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
+        vof_found: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
         uncorrected_motion_mm: np.ndarray | None, slice_share: np.ndarray | None,
         exposed_share: float | None, skull_share: float,
@@ -500,7 +501,8 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
     """The QC flags of :func:`~ctperf.perfusion.qc_flags`; ``pv_asked`` is false when a given
     AIF curve came without a VOF (nothing to correct it with); ``box_mtt``: the box model's
     MTT of the tissue voxels (vessels left out), None for the other methods; ``osvd_step_s``
-    the step of the samples oSVD deconvolved, None for the other methods."""
+    the step of the samples oSVD deconvolved, None for the other methods; ``vof_found`` the VOF
+    found, used or not (``vof_used`` scaled the AIF)."""
     n_t = hu.shape[0]
     # Noise from every 7th brain voxel: a median needs no more, and the gather is (T, N).
     sample = np.flatnonzero(brain.ravel())[::7]
@@ -509,7 +511,8 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
     if motion_mm is None:  # not registered: is the skull still?
         shift = skull_shift_px(hu, n_base=n_base, noise_sd=base_sd or 0.0,
                                offset=hu_offset or 0.0)
-    return qc_flags(times=t, aif=aif_raw, vof=vof_used, tissue_mean=tissue_mean,
+    return qc_flags(times=t, aif=aif_raw, vof=vof_used, venous=vof_found,
+                    tissue_mean=tissue_mean,
                     late_mean=late_mean, brain_mean=brain_mean,
                     baseline_sd=base_sd, baseline_frames=n_base,
                     brain_voxels=int(brain.sum()), voxel_ml=voxel_volume_ml,
