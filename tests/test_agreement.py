@@ -77,7 +77,13 @@ def test_icc1k_equals_the_hand_formula_and_pingouin(rng):
         1.0, 1.0, 1.0, np.inf, 0.0)
     # two cases of two readers are 4 ratings, fewer than the 5 pingouin needs: left empty
     few = icc1k(table[:2, :2])
-    assert np.isnan(few["icc"]) and few["n"] == 2
+    assert np.isnan(few["icc"]) and few["n"] == 2 and "needs 3 or more" in few["note"]
+    assert "needs 2 or more" in icc1k(table[:1].repeat(5, axis=1))["note"]  # one study
+    # studies whose mean volumes are equal, but for rounding (1.1 + 2.2 against 1.65 twice):
+    # pingouin's between-studies mean square is ~1e-32 and its ICC -8e30; left empty, said
+    for equal in ([[1.0, 2.0], [2.0, 1.0], [1.5, 1.5]], [[1.1, 2.2], [2.2, 1.1], [1.65, 1.65]]):
+        flat = icc1k(np.array(equal))
+        assert np.isnan(flat["icc"]) and "no variance between studies" in flat["note"]
     # rows with a NaN are dropped
     with_nan = np.vstack([table, [1.0, np.nan, 2.0]])
     assert icc1k(with_nan)["icc"] == pytest.approx(got["icc"])

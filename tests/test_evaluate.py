@@ -722,7 +722,7 @@ def test_a_reader_without_values_where_the_reference_has_them_is_said():
     assert row["summary"]["coverage"]["mean"] == pytest.approx(1 - worst.mean())
     (said,) = out["table_warnings"]
     assert said.startswith("cbf, est vs ref: est has a value in under 95% of the region where "
-                           "ref has one in 2 of 2 studies: a (69.5%), b (69.5%)")
+                           "ref has one in 2 of 2 studies: a (69.53%), b (69.53%)")
     assert "compares the rest" in said
 
 
@@ -753,6 +753,12 @@ def test_one_study_without_values_is_named_though_the_mean_coverage_passes():
     assert row["summary"]["coverage"]["mean"] == pytest.approx(21 / 22)  # s20 compared in full
     (said,) = out["table_warnings"]
     assert "in 1 of 22 studies: s21 (no values)" in said
+    # the reference's mask empty in one study: the next reader's is taken there, and the
+    # source named (an empty mask had dropped the study, the warning blaming the estimate)
+    readers[1].brain["s05"] = np.zeros_like(brain)
+    out = evaluate_readers(readers, studies=studies)
+    assert out["region"] == "brain mask of ref (s00, s01, s02 ...); brain mask of est (s05)"
+    assert out["maps"][0]["cases"]["s05"]["n_voxels"] == brain.sum()
 
 
 def test_an_icc_left_empty_for_want_of_pingouin_is_said(cohorts, tmp_path, monkeypatch, caplog):

@@ -280,3 +280,15 @@ def test_the_maps_qc_flags_are_said_with_the_tables(tmp_path):
     out = evaluate_readers([est, ref], studies=STUDIES)
     assert ("QC flags of est (its summary.json says why; docs/qc.md): no_vof in 2 of 3 "
             "studies (a, c); the tables include those studies") in out["table_warnings"]
+
+
+def test_a_clean_up_that_is_no_number_is_not_compared():
+    """A summary whose smooth_mm was null (hand-edited, another tool's) had stopped evaluate
+    with a traceback."""
+    from ctperf.evaluation.cohort import _rule_labels
+
+    rules = {"hypoperfused": {"label": "Tmax > 6.0 s"}, "smooth_mm": None,
+             "min_component_ml": 0.1}
+    assert _rule_labels(rules) == {"hypoperfused": "Tmax > 6.0 s"}
+    assert _rule_labels({**rules, "smooth_mm": 2})["clean-up"] == (
+        "median 2 mm, pieces under 0.1 mL dropped")

@@ -393,12 +393,10 @@ def test_lesion_options_refuse_negative_values(field):
 
 def test_maps_cli_lesion_defaults_are_lesion_options_defaults():
     from ctperf.cli import build_parser
+    from ctperf.commands.maps import maps_options
 
     args = build_parser().parse_args(["maps", "study", "out"])
-    given = LesionOptions(core_rcbf=args.core_rcbf, core_cbv=args.core_cbv, tmax_hypo=args.tmax,
-                          smooth_mm=args.lesion_smooth, min_component_ml=args.min_lesion,
-                          reference=args.core_reference)
-    assert given == LesionOptions()
+    assert maps_options(args).lesion_options == LesionOptions()
 
 
 def test_the_smoothing_disk_does_not_depend_on_float32_rounding_of_the_spacing():
@@ -606,6 +604,10 @@ def test_hypoperfusion_on_both_sides_is_said():
     stored = segment_lesions(PerfusionMaps(maps={k: maps[k][..., ::-1] for k in maps.names},
                                            affine=turned), brain=brain[..., ::-1])
     assert stored.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"] == sides
+    # a file that set no orientation: the sides are a guess, and named so
+    guessed = segment_lesions(maps.replace(provenance={"nifti_xform_code": 0}), brain=brain)
+    assert list(guessed.thresholds["midsagittal_plane"]["hypoperfused_share_by_side"]) == [
+        "left (orientation guessed)", "right (orientation guessed)"]
     # the other side's front half late too
     u, v = head_frame(0.0, 0.0, 0.0)
     tmax = np.where(brain & (u > 0) & (v > 10), 7.0, maps["tmax"])

@@ -26,6 +26,7 @@ __all__ = [
     "RadiologicalView",
     "non_axial_slices",
     "orient",
+    "orientation_known",
     "radiological_flips",
     "spacing_zyx",
     "voxel_ml",
@@ -203,6 +204,11 @@ class CTPSeries:
             )
         if min(hu.shape) < 1:
             raise ValidationError(f"hu has an empty axis: shape {hu.shape}")
+        if hu.dtype.kind == "O":  # numbers held as Python objects
+            try:
+                hu = hu.astype(np.float64)
+            except (TypeError, ValueError):
+                pass
         if hu.dtype.kind not in "iuf":  # complex, bool, text: not CT numbers
             raise ValidationError(f"hu must hold real numbers (CT numbers in HU), got dtype "
                                   f"{hu.dtype}")
@@ -351,3 +357,10 @@ class PerfusionMaps:
     def replace(self, **changes: Any) -> PerfusionMaps:
         """A validated copy with some fields changed."""
         return dataclasses.replace(self, **changes)
+
+
+def orientation_known(record: Mapping[str, Any]) -> bool:
+    """False for maps or a study whose files set no orientation (a NIfTI without sform and
+    qform: ``provenance["orientation_unknown"]`` of maps read, ``nifti_xform_code`` 0 of a
+    study's meta and its maps' provenance), where the patient's left and right are a guess."""
+    return not record.get("orientation_unknown") and record.get("nifti_xform_code", 1) != 0

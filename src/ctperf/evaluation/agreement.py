@@ -128,10 +128,11 @@ def icc1k(ratings: np.ndarray) -> dict[str, Any]:
     empty = {"icc": nan, "ci_low": nan, "ci_high": nan, "f": nan, "p": nan, "n": n}
     if n < 2 or n * k < 5:  # pingouin needs 5 ratings
         return {**empty, "note": f"{n} studies with a value from every reader: the ICC needs "
-                                 f"{-(-5 // k)} or more"}
+                                 f"{max(2, -(-5 // k))} or more"}
     if np.ptp(table) == 0:
         return {**empty, "note": "every volume is the same: no spread to apportion"}
-    if np.ptp(table.mean(axis=1)) == 0:  # (pingouin: -inf)
+    # means equal but for rounding (1.1 + 2.2 against 1.65 twice): pingouin reads -1e30
+    if np.ptp(table.mean(axis=1)) <= 1e-9 * np.ptp(table):
         return {**empty, "note": "the studies' mean volumes are all equal: no variance between "
                                  "studies to compare the readers' disagreement with"}
     within = float(np.sum((table - table.mean(axis=1, keepdims=True)) ** 2))

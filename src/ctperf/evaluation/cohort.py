@@ -40,11 +40,11 @@ __all__ = [
     "MAP_ORDER",
     "RATER_LABELS",
     "Reader",
+    "comparison_regions",
     "evaluate_readers",
     "lesion_rule_warnings",
     "load_maps_cohort",
     "load_rater",
-    "region_reader",
 ]
 
 #: Maps compared, in table order.
@@ -280,9 +280,9 @@ def _rule_labels(thresholds: Any) -> dict[str, str]:
         return {}
     labels = {n: str(rule["label"]) for n in ("core", "hypoperfused")
               if isinstance(rule := thresholds.get(n), dict) and "label" in rule}
-    if {"smooth_mm", "min_component_ml"} <= set(thresholds):
-        labels["clean-up"] = (f"median {thresholds['smooth_mm']:g} mm, pieces under "
-                              f"{thresholds['min_component_ml']:g} mL dropped")
+    smooth, smallest = thresholds.get("smooth_mm"), thresholds.get("min_component_ml")
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in (smooth, smallest)):
+        labels["clean-up"] = f"median {smooth:g} mm, pieces under {smallest:g} mL dropped"
     return labels
 
 
@@ -474,16 +474,28 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
             for who, s in unoriented.items()]
 
 
-def region_reader(readers: Sequence[Reader]) -> Reader | None:
-    """The reader whose brain masks are the region maps are compared in: the truth's, else
-    the reference's (the second reader), else the first other method's that has them; None
-    (every voxel finite on both sides) without any. The estimate's own mask comes last so that
-    it cannot choose where it is scored."""
-    truth = next((r for r in readers if r.kind == "truth" and r.brain), None)
-    methods = [r for r in readers if r.kind == "method" and r.brain]
+def comparison_regions(readers: Sequence[Reader], studies: Sequence[str]
+                       ) -> tuple[str, dict[str, np.ndarray | None]]:
+    """Where each study's maps are compared, and its description: the first brain mask with a
+    voxel among the truth's, the reference's (the second reader), the other methods' and last
+    the estimate's own (the first reader; so that it cannot choose where it is scored), per
+    study; None (every voxel finite on both sides) where no reader has one. An empty mask is
+    passed over (one had dropped its study from Table 1 unsaid)."""
     reference = readers[1] if len(readers) > 1 else None
-    ordered = sorted(methods, key=lambda r: (r is not reference, r is readers[0]))
-    return truth or next(iter(ordered), None)
+    methods = sorted((r for r in readers if r.kind == "method"),
+                     key=lambda r: (r is not reference, r is readers[0]))
+    ordered = [r for r in readers if r.kind == "truth"] + methods
+    regions: dict[str, np.ndarray | None] = {}
+    source: dict[str, list[str]] = {}
+    for s in studies:
+        r = next((r for r in ordered if s in r.brain and r.brain[s].any()), None)
+        regions[s] = None if r is None else r.brain[s]
+        source.setdefault("all finite voxels" if r is None else f"brain mask of {r.label}",
+                          []).append(s)
+    if len(source) == 1:
+        return next(iter(source)), regions
+    return "; ".join(f"{what} ({', '.join(ss[:3])}{' ...' if len(ss) > 3 else ''})"
+                     for what, ss in source.items()), regions
 
 
 def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> dict[str, Any]:
@@ -509,14 +521,13 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
     """
     studies = list(studies)
     aligned = align_readers(readers, studies)
-    brain_src = region_reader(readers)
-    region_of = {s: (brain_src.brain.get(s) if brain_src is not None else None) for s in studies}
+    region, region_of = comparison_regions(readers, studies)
     grid = next((r for r in readers if r.maps), None)
     if grid is None:
         raise ValidationError("no reader has maps: the voxel size of the lesions is unknown")
     voxel_ml = {s: grid.maps[s].voxel_ml for s in studies}
     out: dict[str, Any] = {
-        "region": f"brain mask of {brain_src.label}" if brain_src else "all finite voxels",
+        "region": region,
         "voxel_ml": voxel_ml, "maps": [], "lesions": [], "friedman": [], "minmax": {},
         "table_warnings": []}
 
@@ -569,10 +580,14 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
             if name in RATIO_MAPS and (said := _scale_mismatch(est, ref, name, studies,
                                                                 region_of)) is not None:
                 warn(said)
-            short = {s: c["coverage"] for s, c in cases.items()
-                     if not c["coverage"] >= MIN_COVERAGE}  # (NaN: nothing to compare)
+            empty = [s for s, c in cases.items() if not np.isfinite(c["coverage"])]
+            if empty:
+                warn(f"{name}, {est.label} vs {ref.label}: {ref.label} has no value in the "
+                     f"region in {', '.join(empty[:3])}{' ...' if len(empty) > 3 else ''}: "
+                     "left out of Table 1")
+            short = {s: c["coverage"] for s, c in cases.items() if c["coverage"] < MIN_COVERAGE}
             if short:
-                named = ", ".join(f"{s} ({f'{c:.1%}' if c > 0 else 'no values'})"
+                named = ", ".join(f"{s} ({f'{c:.2%}' if c > 0 else 'no values'})"
                                   for s, c in list(short.items())[:3])
                 warn(f"{name}, {est.label} vs {ref.label}: {est.label} has a value in under "
                      f"{MIN_COVERAGE:.0%} of the region where {ref.label} has one in "

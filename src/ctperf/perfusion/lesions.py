@@ -35,7 +35,7 @@ from ctperf.errors import ValidationError
 from ctperf.lesion_options import THRESHOLDS_ONLY, LesionOptions
 from ctperf.masks import as_region
 from ctperf.parallel import map_chunks
-from ctperf.types import PerfusionMaps
+from ctperf.types import PerfusionMaps, orientation_known
 
 __all__ = ["MIDPLANE_MAX_YAW_DEG", "MIN_NORMAL_SHARE", "NO_NORMAL_TISSUE", "THRESHOLDS_ONLY",
            "LesionOptions", "LesionResult", "MidPlane", "in_patient_terms", "left_right_angle",
@@ -454,10 +454,13 @@ def segment_lesions(
     if plane is not None and mid_info is not None:  # each side's share: a whole brain late?
         positive = plane.distance(cbf.shape) > 0
         right = positive if in_patient_terms(plane, maps.affine)[2] else ~positive
+        # a file that set no orientation: its left and right are the reader's guess
+        sides = (("left", "right") if orientation_known(maps.provenance)
+                 else ("left (orientation guessed)", "right (orientation guessed)"))
         mid_info["hypoperfused_share_by_side"] = {
             name: round(int(np.count_nonzero(hypo & s))
                         / max(int(np.count_nonzero(valid & s)), 1), 4)
-            for name, s in (("left", ~right), ("right", right))}
+            for name, s in zip(sides, (~right, right), strict=True)}
     volumes = {"core": float(core.sum() * voxel_ml), "hypoperfused": float(hypo.sum() * voxel_ml),
                "penumbra": float(penumbra.sum() * voxel_ml),
                "tmax10": float(severe.sum() * voxel_ml)}

@@ -9,7 +9,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from ctperf.evaluation.cohort import region_reader
+from ctperf.evaluation.cohort import comparison_regions
 from ctperf.evaluation.metrics import MAP_METRICS
 from ctperf.reporting.html import figure_data_uri, figure_html, html_table
 from ctperf.reporting.html import fmt_number as _fmt
@@ -155,9 +155,9 @@ def evaluation_figures(readers: Sequence[Any], result: Mapping[str, Any], studie
     svd = [r.label for r in with_maps if r.delay_is_tmax]
     names = ("cbv", "cbf", "tmax") if svd else ("cbv", "cbf", "delay", "tmax")
     unshown = f" (no delay: {', '.join(svd)}'s delay map is its Tmax)" if svd else ""
-    region_src = region_reader(readers)
+    _, regions = comparison_regions(readers, studies)
     for s in studies[:max_map_figures]:
-        region = region_src.brain.get(s) if region_src is not None else None
+        region = regions[s]
         les = outline_src.lesions.get(s, {})
         outlines = {f"{outline_src.label} {n}": les[n] for n in ("core", "hypoperfused")
                     if n in les}

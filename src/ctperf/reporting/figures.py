@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ctperf.reporting.windows import colorbar_extend, display_window
-from ctperf.types import PerfusionMaps, RadiologicalView
+from ctperf.types import PerfusionMaps, RadiologicalView, orientation_known
 
 __all__ = [
     "bland_altman_figure",
@@ -143,13 +143,6 @@ def _outline_legend(fig: Any, ax: Any, *, fontsize: int) -> None:
     if handles:
         fig.legend(handles, labels, loc="upper left", bbox_to_anchor=(0.005, 0.995),
                    fontsize=fontsize, facecolor="black", labelcolor="white", frameon=False)
-
-
-def orientation_known(record: Mapping[str, Any]) -> bool:
-    """False for maps or a study whose files set no orientation (a NIfTI without sform and
-    qform: ``provenance["orientation_unknown"]`` of maps read, ``nifti_xform_code`` 0 of a
-    study's meta and its maps' provenance), where the patient's left and right are a guess."""
-    return not record.get("orientation_unknown") and record.get("nifti_xform_code", 1) != 0
 
 
 def radiological_axes(ax: Any, *, mark: bool, color: str = "white", fontsize: int = 8,

@@ -12,14 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.reporting.figures import (
-    colormap,
-    new_figure,
-    orientation_known,
-    radiological_axes,
-)
+from ctperf.reporting.figures import colormap, new_figure, radiological_axes
 from ctperf.reporting.windows import colorbar_extend, display_window, map_title
-from ctperf.types import RadiologicalView, radiological_flips
+from ctperf.types import RadiologicalView, orientation_known, radiological_flips
 
 __all__ = ["maps_overview", "radiological_flips", "vessels_overview", "volume_text"]
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import numpy as np
 
-from ctperf.reporting.figures import new_subplots, orientation_known, radiological_axes
+from ctperf.reporting.figures import new_subplots, radiological_axes
 from ctperf.reporting.windows import BRAIN_WINDOW_HU
-from ctperf.types import RadiologicalView
+from ctperf.types import RadiologicalView, orientation_known
 
 __all__ = ["motion_qc_figure"]
 
