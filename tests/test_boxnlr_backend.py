@@ -82,6 +82,26 @@ def test_numpy_fit_does_not_import_torch():
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 
+def test_auto_device_spares_a_cpu_only_torch_its_import(monkeypatch):
+    """--device auto (the default) imported torch (2-3 s of a 45 s run) to learn that a CPU
+    build sees no GPU; its version says so. Another build is still asked."""
+    from importlib import metadata
+
+    from ctperf.perfusion.backend import resolve_torch_device
+
+    class _Cuda:  # a torch that would say it sees a GPU, were it asked
+        @staticmethod
+        def is_available():
+            return True
+
+    monkeypatch.setitem(sys.modules, "torch", type(sys)("torch"))
+    sys.modules["torch"].cuda = _Cuda  # type: ignore[attr-defined]
+    monkeypatch.setattr(metadata, "version", lambda name: "2.13.0+cpu")
+    assert resolve_torch_device("auto") is None
+    monkeypatch.setattr(metadata, "version", lambda name: "2.13.0")
+    assert resolve_torch_device("auto") == "cuda"
+
+
 def test_auto_device_runs_and_uneven_frames_fall_back_to_numpy(rng):
     pytest.importorskip("torch")
     tissue = _tissue(rng, 20)

@@ -27,6 +27,13 @@ def resolve_torch_device(device: str | None) -> str | None:
     if device is None or device == "cpu":
         return None
     if device == "auto":
+        from importlib import metadata
+
+        try:  # a CPU-only build never sees a GPU: its import (2-3 s) is spared
+            if metadata.version("torch").endswith("+cpu"):
+                return None
+        except metadata.PackageNotFoundError:
+            pass  # (a build without its metadata: asked below)
         try:
             import torch
         except ImportError:
