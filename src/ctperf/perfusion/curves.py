@@ -302,19 +302,38 @@ def check_peak_not_clipped(aif: np.ndarray, times: np.ndarray, *,
             f"its true peak and area are larger, so CBF and CBV would read too high; {remedy}")
 
 
-def start_level(aif: np.ndarray, *, before: int | None = None) -> tuple[float, float, float]:
+def start_level(aif: np.ndarray) -> tuple[float, float, float]:
     """How far an arterial curve's first frame (smoothed with :func:`bandlimit`) stands above
-    the mean of its three lowest values (among its first ``before`` frames, at least three,
-    when given), the curve's range above them, and the smoothed first frame's noise SD (from
-    second differences); zeros for fewer than four frames."""
+    the mean of its three lowest values, the curve's range above them, and the smoothed first
+    frame's noise SD (from second differences); zeros for fewer than four frames."""
     x = np.asarray(aif, dtype=np.float64)
     if x.size < 4:
         return 0.0, 0.0, 0.0
     c = bandlimit(x)
-    low = float(np.sort(c[:max(3, before)] if before is not None else c)[:3].mean())
+    low = float(np.sort(c)[:3].mean())
     # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
     noise = np.sqrt(0.625) * float(second_difference_sd(x))
     return float(c[0]) - low, float(c.max()) - low, noise
+
+
+def baseline_fall(curve: np.ndarray, frames: int) -> tuple[float, float, float]:
+    """How far a curve's first frame stands above the level its first ``frames`` frames (the
+    baseline) end at, the curve's rise above that level, and the baseline's noise SD; zeros for
+    fewer than four baseline frames. The first frame is the curve smoothed with
+    :func:`bandlimit`; the level is the median of the baseline's later half, nearest the bolus;
+    the noise the SD of the baseline frames about a parabola through them (a smooth fall or a
+    hump is not noise; frames whose noise is correlated, as overlapping reconstructions give,
+    are measured as they are, where second differences read such noise low)."""
+    x = np.asarray(curve, dtype=np.float64)
+    n = min(int(frames), x.size)
+    if n < 4:
+        return 0.0, 0.0, 0.0
+    c = bandlimit(x)
+    level = float(np.median(c[n // 2:n]))
+    k = np.arange(n, dtype=np.float64)
+    residual = x[:n] - np.polyval(np.polyfit(k, x[:n], 2 if n >= 5 else 1), k)
+    noise = float(np.sqrt(residual @ residual / max(n - (3 if n >= 5 else 2), 1)))
+    return float(c[0]) - level, float(c.max()) - level, noise
 
 
 def _line_slope(x: np.ndarray, t: np.ndarray, n: int) -> tuple[float, float]:

@@ -22,6 +22,7 @@ from ctperf.masks import (
 from ctperf.perfusion.boxnlr import DEFAULT_BOUNDS
 from ctperf.perfusion.curves import (
     TRUNCATED_END,
+    baseline_fall,
     bolus_arrival_frame,
     enhanced_at_start,
     second_difference_sd,
@@ -629,21 +630,23 @@ def qc_flags(
         "probe's maps were then within 1 mL of its lesions without that contrast")
     vein = vof if venous is None else venous
     fall = None
-    if vein is not None and baseline_frames is not None and baseline_frames >= 3:
-        rise, span, noise = start_level(vein, before=baseline_frames)
-        if span > 0:
-            fall = rise / span if enhanced_at_start(rise, span, noise,
-                                                    fraction=min_start_fraction) else 0.0
-    put("earlier_bolus", fall is not None and fall > min_start_fraction, fall,
+    above = False
+    if vein is not None and baseline_frames is not None:
+        height, rise, noise = baseline_fall(vein, baseline_frames)
+        if rise > 0:
+            fall, above = height / rise, bool(height > 5.0 * noise)
+    put("earlier_bolus", fall is not None and fall > min_start_fraction and above, fall,
         f"the VOF's first frame stands more than {min_start_fraction:.0%} of its rise above "
-        "its lowest baseline frames (the value is that share; over five times its noise): it "
-        "falls through the frames before the bolus, as the tail of an earlier injection "
-        "washes out of the veins (a test bolus, or a CT angiogram shortly before), so every "
-        "curve's baseline holds contrast and the maps and lesion volumes are biased (a probe's "
-        "test bolus of 30 % of the main one, 25 s before it: the core +21 to +28 % with "
-        "nlr-fast, +10 % with bayes, no other flag with its VOF used; 20 s before: +93 % with "
-        "nlr-fast); a CT angiogram's residual contrast read 1-3 %. Leave the contrast time to "
-        "clear between injections")
+        "the level its baseline frames end at (the value is that share; raised where it is "
+        "also over five times the baseline's noise): it falls through the frames before the "
+        "bolus, as the tail of an earlier injection washes out of the veins (a test bolus, or "
+        "a CT angiogram shortly before), so every curve's baseline holds contrast and the "
+        "maps and lesion volumes are biased (a probe's test bolus of 30 % of the main one, "
+        "25 s before it: the core +21 to +28 % with nlr-fast, +10 % with bayes, no other flag "
+        "with its VOF used; 20 s before: +93 % with nlr-fast). A test bolus 30-40 s before, or "
+        "of 10-20 %, leaves too little in the veins to be told from noise, and can still move "
+        "nlr-fast's core (docs/methods.md). Leave the contrast time to clear between "
+        "injections")
     put("aif_vof_ratio", pv_factor is not None and not pv_range[0] <= pv_factor <= pv_range[1],
         pv_factor, f"VOF/AIF area ratio outside [{pv_range[0]}, {pv_range[1]}]: wrong AIF or VOF "
         "choice (judged on a VOF that was used; with none, no_vof is raised and this flag "
