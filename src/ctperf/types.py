@@ -204,10 +204,10 @@ class CTPSeries:
             )
         if min(hu.shape) < 1:
             raise ValidationError(f"hu has an empty axis: shape {hu.shape}")
-        if hu.dtype.kind == "O":  # numbers held as Python objects
+        if hu.dtype.kind == "O":  # values held as Python objects: judged by what they are
             try:
-                hu = hu.astype(np.float64)
-            except (TypeError, ValueError):
+                hu = np.array(hu.tolist())
+            except (TypeError, ValueError, OverflowError):
                 pass
         if hu.dtype.kind not in "iuf":  # complex, bool, text: not CT numbers
             raise ValidationError(f"hu must hold real numbers (CT numbers in HU), got dtype "
