@@ -144,6 +144,12 @@ def test_a_study_of_other_than_real_numbers_is_refused(dtype):
     # numbers held as objects are numbers; a complex one among them is not
     ints = np.zeros((5, 1, 2, 2), dtype=object)
     CTPSeries(hu=ints + 30, times=np.arange(5.0), affine=np.eye(4))
+    from decimal import Decimal
+    from fractions import Fraction
+
+    for real in (Decimal("30.5"), Fraction(61, 2)):  # pydicom's DSdecimal, SQL numerics
+        held = np.full((5, 1, 2, 2), real, dtype=object)
+        assert CTPSeries(hu=held, times=np.arange(5.0), affine=np.eye(4)).hu[0, 0, 0, 0] == 30.5
     for odd in (1j, None, True, "40", 10**400):  # bools and text as objects too
         held = np.full((5, 1, 2, 2), odd, dtype=object)
         with pytest.raises(ValidationError, match="hu must hold real numbers"):

@@ -206,7 +206,10 @@ class CTPSeries:
             raise ValidationError(f"hu has an empty axis: shape {hu.shape}")
         if hu.dtype.kind == "O":  # values held as Python objects: judged by what they are
             try:
-                hu = np.array(hu.tolist())
+                held = np.array(hu.tolist())
+                if held.dtype.kind == "O" and not any(v is None for v in held.flat):
+                    held = held.astype(np.float64)  # Decimal, Fraction
+                hu = held
             except (TypeError, ValueError, OverflowError):
                 pass
         if hu.dtype.kind not in "iuf":  # complex, bool, text: not CT numbers

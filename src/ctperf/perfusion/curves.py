@@ -318,21 +318,21 @@ def start_level(aif: np.ndarray) -> tuple[float, float, float]:
 
 def baseline_fall(curve: np.ndarray, frames: int) -> tuple[float, float, float]:
     """How far a curve's first frame stands above the level its first ``frames`` frames (the
-    baseline) end at, the curve's rise above that level, and the baseline's noise SD; zeros for
-    fewer than four baseline frames. The first frame is the curve smoothed with
-    :func:`bandlimit`; the level is the median of the baseline's later half, nearest the bolus;
-    the noise the SD of the baseline frames about a parabola through them (a smooth fall or a
-    hump is not noise; frames whose noise is correlated, as overlapping reconstructions give,
-    are measured as they are, where second differences read such noise low)."""
+    baseline) end at, the curve's rise above that level, and the smoothed first frame's noise
+    SD; zeros for fewer than three baseline frames. The curve is smoothed with
+    :func:`bandlimit`; the level is the median of the baseline's later half, nearest the bolus
+    (the three lowest of many baseline frames lie a noise SD or more below their level); the
+    noise is read from second differences over the whole curve, as :func:`start_level` reads
+    it (a fall or a hump through the baseline is not noise; a fit through the baseline frames
+    took a hump for noise and missed a test bolus 20 s before).
+    """
     x = np.asarray(curve, dtype=np.float64)
     n = min(int(frames), x.size)
-    if n < 4:
+    if n < 3 or x.size < 4:
         return 0.0, 0.0, 0.0
     c = bandlimit(x)
     level = float(np.median(c[n // 2:n]))
-    k = np.arange(n, dtype=np.float64)
-    residual = x[:n] - np.polyval(np.polyfit(k, x[:n], 2 if n >= 5 else 1), k)
-    noise = float(np.sqrt(residual @ residual / max(n - (3 if n >= 5 else 2), 1)))
+    noise = np.sqrt(0.625) * float(second_difference_sd(x))
     return float(c[0]) - level, float(c.max()) - level, noise
 
 

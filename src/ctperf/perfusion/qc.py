@@ -638,7 +638,7 @@ def qc_flags(
     put("earlier_bolus", fall is not None and fall > min_start_fraction and above, fall,
         f"the VOF's first frame stands more than {min_start_fraction:.0%} of its rise above "
         "the level its baseline frames end at (the value is that share; raised where it is "
-        "also over five times the baseline's noise): it falls through the frames before the "
+        "also over five times its noise): it falls through the frames before the "
         "bolus, as the tail of an earlier injection washes out of the veins (a test bolus, or "
         "a CT angiogram shortly before), so every curve's baseline holds contrast and the "
         "maps and lesion volumes are biased (a probe's test bolus of 30 % of the main one, "
