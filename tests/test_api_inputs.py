@@ -150,6 +150,11 @@ def test_a_study_of_other_than_real_numbers_is_refused(dtype):
     for real in (Decimal("30.5"), Fraction(61, 2)):  # pydicom's DSdecimal, SQL numerics
         held = np.full((5, 1, 2, 2), real, dtype=object)
         assert CTPSeries(hu=held, times=np.arange(5.0), affine=np.eye(4)).hu[0, 0, 0, 0] == 30.5
+    mixed = [np.full((5, 1, 2, 2), Decimal("30.5"), dtype=object) for _ in range(3)]
+    mixed[0][0, 0, 0, 0], mixed[1][0, 0, 0, 0], mixed[2][0, 0, 0, 0] = True, "40", b"40"
+    for held in mixed:  # a bool, text or bytes beside Decimals: no number
+        with pytest.raises(ValidationError, match="hu must hold real numbers"):
+            CTPSeries(hu=held, times=np.arange(5.0), affine=np.eye(4))
     for odd in (1j, None, True, "40", 10**400):  # bools and text as objects too
         held = np.full((5, 1, 2, 2), odd, dtype=object)
         with pytest.raises(ValidationError, match="hu must hold real numbers"):

@@ -8,8 +8,10 @@ patient coordinates in mm, as in NIfTI. :func:`spacing_zyx` returns the voxel si
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import numpy as np
@@ -207,7 +209,9 @@ class CTPSeries:
         if hu.dtype.kind == "O":  # values held as Python objects: judged by what they are
             try:
                 held = np.array(hu.tolist())
-                if held.dtype.kind == "O" and not any(v is None for v in held.flat):
+                if held.dtype.kind == "O" and all(isinstance(v, numbers.Real | Decimal)
+                                                  and not isinstance(v, bool)
+                                                  for v in held.flat):
                     held = held.astype(np.float64)  # Decimal, Fraction
                 hu = held
             except (TypeError, ValueError, OverflowError):

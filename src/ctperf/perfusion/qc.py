@@ -33,6 +33,7 @@ from ctperf.perfusion.curves import (
 
 __all__ = [
     "ARRIVAL_SDS",
+    "EARLIER_BOLUS_MIN_VOF",
     "MAX_AIF_LEAD_S",
     "MAX_OSVD_STEP_S",
     "MAX_SKULL_SHIFT_PX",
@@ -347,6 +348,8 @@ def lesion_no_bolus_flag(volume_ml: float | None) -> dict[str, Any]:
                       "it: read the unenhanced images"}
 
 
+#: ``earlier_bolus`` is judged on a VOF that rises by at least this share of the AIF's peak.
+EARLIER_BOLUS_MIN_VOF = 0.5
 #: ``widespread_hypoperfusion``: the hypoperfused share of the less affected side of the
 #: midline above which it is said (the twelve lesion and healthy phantoms of docs/methods.md:
 #: 1 % at most), and of the whole brain where no midline was found.
@@ -633,12 +636,15 @@ def qc_flags(
     above = False
     if vein is not None and baseline_frames is not None:
         height, rise, noise = baseline_fall(vein, baseline_frames)
-        if rise > 0:
+        # a vein rising under half the AIF's peak is too weak to read (noise correlated over
+        # three frames raised it in 3-5 % of such curves)
+        if rise > 0 and rise >= EARLIER_BOLUS_MIN_VOF * float(np.max(aif)):
             fall, above = height / rise, bool(height > 5.0 * noise)
     put("earlier_bolus", fall is not None and fall > min_start_fraction and above, fall,
         f"the VOF's first frame stands more than {min_start_fraction:.0%} of its rise above "
         "the level its baseline frames end at (the value is that share; raised where it is "
-        "also over five times its noise): it falls through the frames before the "
+        "also over five times its noise; not judged, no value, where the VOF rises less than "
+        f"{EARLIER_BOLUS_MIN_VOF:.0%} of the AIF's peak): it falls through the frames before the "
         "bolus, as the tail of an earlier injection washes out of the veins (a test bolus, or "
         "a CT angiogram shortly before), so every curve's baseline holds contrast and the "
         "maps and lesion volumes are biased (a probe's test bolus of 30 % of the main one, "
