@@ -311,9 +311,13 @@ def start_level(aif: np.ndarray) -> tuple[float, float, float]:
         return 0.0, 0.0, 0.0
     c = bandlimit(x)
     low = float(np.sort(c)[:3].mean())
-    # the noise of one frame, then of the smoothed first frame (weights 3/4 and 1/4)
-    noise = np.sqrt(0.625) * float(second_difference_sd(x))
-    return float(c[0]) - low, float(c.max()) - low, noise
+    return float(c[0]) - low, float(c.max()) - low, _first_frame_noise(x)
+
+
+def _first_frame_noise(x: np.ndarray) -> float:
+    """The noise SD of a curve's first frame smoothed with :func:`bandlimit`: one frame's
+    (from second differences), then weighted 3/4 and 1/4 with its neighbour's."""
+    return float(np.sqrt(0.625) * second_difference_sd(x))
 
 
 def baseline_fall(curve: np.ndarray, frames: int) -> tuple[float, float, float]:
@@ -332,8 +336,7 @@ def baseline_fall(curve: np.ndarray, frames: int) -> tuple[float, float, float]:
         return 0.0, 0.0, 0.0
     c = bandlimit(x)
     level = float(np.median(c[n // 2:n]))
-    noise = np.sqrt(0.625) * float(second_difference_sd(x))
-    return float(c[0]) - level, float(c.max()) - level, noise
+    return float(c[0]) - level, float(c.max()) - level, _first_frame_noise(x)
 
 
 def _line_slope(x: np.ndarray, t: np.ndarray, n: int) -> tuple[float, float]:

@@ -410,8 +410,9 @@ def segment_lesions(
     label = reference if isinstance(reference, str) else "given"
     # the midline, whatever the core's rule: the contralateral reference mirrors about it, and
     # each side's hypoperfused share (a brain late on both sides) is read from it
-    plane, mid_info = _midline(region, maps, warn=o.core_cbv is None
-                               and reference == "contralateral") if valid.any() else (None, None)
+    plane, mid_info, right = _midline(region, maps, warn=o.core_cbv is None
+                                      and reference == "contralateral"
+                                      ) if valid.any() else (None, None, None)
     if o.core_cbv is not None:
         cbv = _smooth(maps["cbv"].astype(np.float64), valid, rad)
         core = valid & (cbv < o.core_cbv) & np.isfinite(cbv)
@@ -451,9 +452,7 @@ def segment_lesions(
     if min_voxels > 0:
         hypo, severe, core = (_drop_small(m, min_voxels) for m in (hypo, severe, core))
     penumbra = hypo & ~core
-    if plane is not None and mid_info is not None:  # each side's share: a whole brain late?
-        positive = plane.distance(cbf.shape) > 0
-        right = positive if in_patient_terms(plane, maps.affine)[2] else ~positive
+    if right is not None and mid_info is not None:  # each side's share: a whole brain late?
         # a file that set no orientation: its left and right are the reader's guess
         sides = (("left", "right") if orientation_known(maps.provenance)
                  else ("left (orientation guessed)", "right (orientation guessed)"))
@@ -483,14 +482,15 @@ def segment_lesions(
 
 
 def _midline(region: np.ndarray, maps: PerfusionMaps, *, warn: bool
-             ) -> tuple[MidPlane, dict[str, Any]]:
-    """The brain's mid-sagittal plane and what the thresholds say of it; ``warn`` when its yaw
-    reached the search's limit (the contralateral reference may then be off the mirror)."""
+             ) -> tuple[MidPlane, dict[str, Any], np.ndarray]:
+    """The brain's mid-sagittal plane, what the thresholds say of it and the voxels on the
+    patient's right of it; ``warn`` when its yaw reached the search's limit (the
+    contralateral reference may then be off the mirror)."""
     base = left_right_angle(maps.affine)
     plane = midsagittal_plane(region, spacing=(maps.spacing[1], maps.spacing[2]),
                               base_angle=base)
     yaw = float(np.rad2deg(plane.angle - base))  # from the header's left-right
-    turn, shift, _ = in_patient_terms(plane, maps.affine)
+    turn, shift, faces_right = in_patient_terms(plane, maps.affine)
     info = {"yaw_deg": round(turn, 2), "offset_mm": np.round(shift, 2).tolist(),
             "mirror_overlap": round(plane.score, 4),
             "yaw_at_search_limit": abs(yaw) >= MIDPLANE_MAX_YAW_DEG - 0.5}
@@ -500,7 +500,8 @@ def _midline(region: np.ndarray, maps: PerfusionMaps, *, warn: bool
                     "craniectomy's swelling, a large old infarct), and the contralateral "
                     "reference be taken off the mirror; check the midline, or use --core-cbv",
                     yaw, MIDPLANE_MAX_YAW_DEG)
-    return plane, info
+    positive = plane.distance(region.shape) > 0
+    return plane, info, positive if faces_right else ~positive
 
 
 def _normal_tissue(cbf: np.ndarray, timely: np.ndarray, core_rcbf: float) -> np.ndarray:
