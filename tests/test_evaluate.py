@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import html
 import json
 import re
 import shutil
@@ -347,6 +348,43 @@ def test_maps_without_lesions_are_segmented_with_the_maps_rules(cohorts, tmp_pat
         # square; the 2 mm median may round its corners (one 2 mm pixel)
         got = reader.lesions[study]["hypoperfused"]
         assert dice(got, ref.lesions[study]["core"]) > 0.7
+
+
+def test_maps_without_lesions_are_segmented_with_the_references_rules(cohorts, tmp_path):
+    """A U-Net's maps (no lesions/) against a REF mapped with --tmax 9: evaluate had segmented
+    them with the default 6 s and compared two definitions (a warning, no way to match them).
+    They now take REF's rules, study by study, from its summary; the report says which."""
+    from ctperf.evaluation.report import evaluate_cohorts
+    from ctperf.lesion_options import LesionOptions
+    from ctperf.perfusion import segment_lesions
+
+    bare, ref = tmp_path / "bare", tmp_path / "ref"
+    shutil.copytree(cohorts["ref"], ref)
+    late = LesionOptions(tmax_hypo=9.0)
+    for study in STUDIES:
+        (bare / study).mkdir(parents=True)
+        for f in (ref / study).glob("*.nii.gz"):
+            shutil.copy(f, bare / study / f.name)
+        if study != "s03":  # s03's summary is another tool's: no thresholds
+            maps = io.read_maps(ref / study)
+            rules = segment_lesions(maps, brain=np.isfinite(maps["cbf"]), options=late)
+            io.write_json({"method": "nlr", "lesions": {"thresholds": rules.thresholds}},
+                          ref / study / "summary.json")
+    doc = evaluate_cohorts(bare, ref, tmp_path / "out", lesion_options=LesionOptions())
+    said = doc["readers"][0]["lesions_segmented"]
+    assert said == ("lesions segmented here from its cbf and tmax maps on 4 studies, with "
+                    "nlr's rules on 3 and the default options on 1 (nlr's not known)")
+    assert doc["readers"][1]["lesions_segmented"] is None
+    assert html.escape(said) in (tmp_path / "out" / "report.html").read_text()
+    cases = next(row["cases"] for row in doc["lesions"]
+                 if (row["lesion"], row["estimate"]) == ("hypoperfused", "bare"))
+    # Tmax is 8 s in a 4 x 4 core square (s04 has none), 3 s elsewhere: nothing above 9 s, the
+    # square (0.32 mL) above 6 s
+    np.testing.assert_allclose([cases[s]["volume_estimate_ml"] for s in STUDIES],
+                               [0.0, 0.0, 0.32, 0.0], atol=1e-9)  # voxel sums in float
+    # only s03's default rule differs from REF's (REF's own there unknown)
+    (rules,) = [w for w in doc["warnings"] if w.startswith("hypoperfused lesion defined")]
+    assert "(Tmax > 6.0 s: bare; Tmax > 9.0 s: bare, nlr)" in rules
 
 
 def test_further_methods_are_compared_with_the_reference(cohorts):

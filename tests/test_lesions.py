@@ -633,3 +633,43 @@ def test_hypoperfusion_on_both_sides_is_said():
     # without a midline (the global reference) the whole brain's share is judged
     assert not widespread_hypoperfusion_flag(0.4, None, "global")["flag"]
     assert widespread_hypoperfusion_flag(0.7, None, "global")["flag"]
+
+
+@pytest.mark.parametrize("options", [
+    LesionOptions(),
+    LesionOptions(core_cbv=1.2, tmax_hypo=8.0, smooth_mm=0.0),
+    LesionOptions(core_rcbf=0.38, reference="global", tmax_severe=12.0, min_component_ml=0.0,
+                  core_within_hypoperfused=False),
+])
+def test_lesion_options_are_read_back_from_a_summarys_thresholds(options):
+    """The options a summary's thresholds were made with (evaluate segments maps without
+    lesions with those of the reference): every field read back, through JSON."""
+    import json
+
+    from ctperf.perfusion import segment_lesions
+
+    rng = np.random.default_rng(0)
+    maps = PerfusionMaps(maps={"cbf": rng.uniform(5, 60, (2, 16, 16)),
+                               "cbv": rng.uniform(0.5, 5, (2, 16, 16)),
+                               "tmax": rng.uniform(0, 12, (2, 16, 16))}, affine=np.eye(4))
+    thresholds = json.loads(json.dumps(segment_lesions(maps, options=options).thresholds))
+    assert LesionOptions.from_thresholds(thresholds) == options
+
+
+def test_lesion_options_are_not_read_from_partial_or_odd_thresholds():
+    from ctperf.perfusion.lesions import NO_NORMAL_TISSUE, _thresholds
+
+    full = _thresholds(LesionOptions(tmax_hypo=8.0), "contralateral", ref_value=40.0,
+                       midplane=None)
+    assert LesionOptions.from_thresholds(full) == LesionOptions(tmax_hypo=8.0)
+    # an older summary (no core_within_hypoperfused), another tool's, values of other types
+    assert LesionOptions.from_thresholds({k: v for k, v in full.items()
+                                          if k != "core_within_hypoperfused"}) is None
+    assert LesionOptions.from_thresholds(None) is None
+    assert LesionOptions.from_thresholds({**full, "smooth_mm": "2"}) is None
+    assert LesionOptions.from_thresholds({**full, "smooth_mm": True}) is None
+    assert LesionOptions.from_thresholds({**full, "core_within_hypoperfused": 1}) is None
+    assert LesionOptions.from_thresholds({**full, "smooth_mm": -1.0}) is None
+    # a reference that fell back to the brain's median: the default, which falls back alike
+    fell = {**full, "core": {**full["core"], "reference": NO_NORMAL_TISSUE}}
+    assert LesionOptions.from_thresholds(fell) == LesionOptions(tmax_hypo=8.0)

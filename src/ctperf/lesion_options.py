@@ -9,6 +9,7 @@ defaults from these fields without importing SciPy.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from ctperf.errors import ValidationError
 
@@ -92,6 +93,34 @@ class LesionOptions:
             if not lo <= value <= hi:
                 raise ValidationError(f"lesion option {name} must be {lo:g} to {hi:g} s, got "
                                       f"{value}")
+
+    @classmethod
+    def from_thresholds(cls, thresholds: Any) -> LesionOptions | None:
+        """The options a lesion summary's ``thresholds`` (``summary.json``'s
+        ``lesions.thresholds``, :attr:`~ctperf.perfusion.LesionResult.thresholds`) were made
+        with, or None when they do not say all of them (an older or another tool's summary).
+
+        A core whose contralateral or global reference fell back to the brain's median (no
+        normally perfused tissue) is given the default reference, which falls back alike."""
+        try:
+            core, hypo, severe = (thresholds[k] for k in ("core", "hypoperfused", "tmax10"))
+            rcbf = {} if "cbv_below_ml_per_100g" in core else {
+                "core_rcbf": core["rcbf_below"],
+                "reference": core["reference"] if core["reference"] in REFERENCES
+                else cls.reference}
+            options = cls(core_cbv=core.get("cbv_below_ml_per_100g"), **rcbf,
+                          tmax_hypo=hypo["tmax_above_s"], tmax_severe=severe["tmax_above_s"],
+                          smooth_mm=thresholds["smooth_mm"],
+                          min_component_ml=thresholds["min_component_ml"],
+                          core_within_hypoperfused=thresholds["core_within_hypoperfused"])
+        except (KeyError, TypeError, ValidationError):
+            return None
+        numbers = (options.core_rcbf, options.tmax_hypo, options.tmax_severe, options.smooth_mm,
+                   options.min_component_ml, *([] if rcbf else [options.core_cbv]))
+        if not (isinstance(options.core_within_hypoperfused, bool) and all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in numbers)):
+            return None
+        return options
 
 
 #: The thresholds of :class:`LesionOptions` on the maps as they are: no median filter, no

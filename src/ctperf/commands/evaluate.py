@@ -25,8 +25,9 @@ def register(subparsers: Any) -> None:
                     "Bland-Altman, coefficient of repeatability, ICC(1,k) per lesion), "
                     "OUT/evaluation.json, OUT/figures/ and OUT/report.html (one self-contained "
                     "file). Map folders without lesions/ (e.g. from `ctperf predict`) get "
-                    "lesions segmented from their cbf and tmax maps with the rules of `ctperf "
-                    "maps`.")
+                    "lesions segmented from their cbf and tmax maps with the rules REF's "
+                    "lesions of the same study were made with (its summary.json), else with "
+                    "the defaults of `ctperf maps`.")
     p.add_argument("pred", type=Path, help="maps cohort to evaluate (e.g. U-Net predictions)")
     p.add_argument("ref", type=Path, help="reference maps cohort (e.g. box-model NLR)")
     p.add_argument("out", type=Path, help="output folder")

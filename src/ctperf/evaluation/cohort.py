@@ -70,7 +70,9 @@ class Reader:
     hypoperfused lesions where known (``summary.json``'s thresholds, or those it was segmented
     with here), as labels such as ``"Tmax > 6.0 s"``; ``left_out[study]`` why a study its
     cohort's manifest names was not read (its run failed or did not finish); ``qc_flags[study]``
-    the QC flags its ``summary.json`` raised (docs/qc.md).
+    the QC flags its ``summary.json`` raised (docs/qc.md); ``lesion_options[study]`` the options
+    its lesions were made with, where known; ``segmented`` the studies whose lesions were
+    segmented here from their maps (they had no ``lesions/``).
     """
 
     label: str
@@ -83,6 +85,8 @@ class Reader:
     rules: dict[str, dict[str, str]] = field(default_factory=dict)
     left_out: dict[str, str] = field(default_factory=dict)
     qc_flags: dict[str, list[str]] = field(default_factory=dict)
+    lesion_options: dict[str, LesionOptions] = field(default_factory=dict)
+    segmented: list[str] = field(default_factory=list)
 
     @property
     def studies(self) -> list[str]:
@@ -156,7 +160,8 @@ _MASKS_UNREAD = ("tmax10", "vessels")
 
 
 def load_maps_cohort(root: str | Path, *, label: str | None = None,
-                     lesion_options: LesionOptions | None = None) -> Reader:
+                     lesion_options: LesionOptions | None = None,
+                     like: Mapping[str, LesionOptions] | None = None) -> Reader:
     """Read a maps cohort (``ctperf maps`` layout) or a phantom cohort (its truth).
 
     Parameters
@@ -170,6 +175,10 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
         Lesion thresholds (:func:`ctperf.perfusion.segment_lesions`) for studies without a
         ``lesions/`` folder (e.g. U-Net predictions): their lesions are segmented from the maps
         when they include ``cbf`` and ``tmax``. Without options such studies have no lesions.
+    like : mapping of str to LesionOptions, optional
+        Per study, options that replace ``lesion_options`` for that study (another reader's
+        :attr:`Reader.lesion_options`: its lesions' own rules, so that both are segmented
+        alike).
     """
     from ctperf.io import kept_qform, map_file, read_maps
     from ctperf.types import MAP_NAMES
@@ -228,12 +237,18 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
                       if isinstance(f, dict) and f.get("flag")]:
             reader.qc_flags[sub.name] = raised
         if les:  # read from its files: defined as its summary says
-            reader.rules[sub.name] = _rule_labels(doc.get("lesions", {}).get("thresholds"))
-        if (not phantom and lesion_options is not None and not masks.is_dir()
+            thresholds = (doc.get("lesions") or {}).get("thresholds")
+            reader.rules[sub.name] = _rule_labels(thresholds)
+            if (made_with := LesionOptions.from_thresholds(thresholds)) is not None:
+                reader.lesion_options[sub.name] = made_with
+        options = (like or {}).get(sub.name, lesion_options)
+        if (not phantom and options is not None and not masks.is_dir()
                 and {"cbf", "tmax"} <= set(names)):
-            segmented, thresholds = _segment(maps, reader.brain.get(sub.name), lesion_options)
+            segmented, thresholds = _segment(maps, reader.brain.get(sub.name), options)
             les.update(segmented)
             reader.rules[sub.name] = _rule_labels(thresholds)
+            reader.lesion_options[sub.name] = options
+            reader.segmented.append(sub.name)
         if les:
             reader.lesions[sub.name] = les
         if doc.get("method"):

@@ -129,7 +129,8 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
         Studies shown as map figures (the first ones, in name order).
     lesion_options : LesionOptions, optional
         Thresholds of :func:`ctperf.perfusion.segment_lesions` for map folders without
-        ``lesions/`` (see :func:`load_maps_cohort`).
+        ``lesions/`` (see :func:`load_maps_cohort`) where ``ref``'s summary of the same study
+        does not give the options its lesions were made with (those are used where it does).
 
     Returns
     -------
@@ -146,7 +147,12 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     from ctperf.reporting.evaluation import evaluation_figures, evaluation_page
     from ctperf.versioning import software_version
 
-    readers = [load_maps_cohort(p, lesion_options=lesion_options) for p in (pred, ref, *compare)]
+    # maps without lesions (a U-Net's) are segmented with the rules of REF's lesions, study by
+    # study, so that both are defined alike; with lesion_options where REF's are not known
+    ref_reader = load_maps_cohort(ref, lesion_options=lesion_options)
+    readers = [load_maps_cohort(p, lesion_options=lesion_options, like=ref_reader.lesion_options)
+               for p in (pred, *compare)]
+    readers.insert(1, ref_reader)
     if truth is not None:
         truth_reader = load_maps_cohort(truth, label="truth")
         if truth_reader.kind != "truth":  # maps of a method are no truth (had been scored so)
@@ -188,7 +194,9 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
            # folder names, not machine paths: the report is made to be shared
            "readers": [{"label": r.label, "kind": r.kind, "path": Path(r.path).name,
                         "software_versions": _versions(r, studies),
-                        "unit_conversions": _conversions(r, studies)} for r in readers],
+                        "unit_conversions": _conversions(r, studies),
+                        "lesions_segmented": _segmentation(r, ref_reader, studies)}
+                       for r in readers],
            "studies": studies, "excluded_studies": excluded,
            "warnings": [f"{r.label}, {w}" for r in readers for w in r.warnings]
            + [f"{r.label}: its maps were made by {len(v)} versions of ctperf ({', '.join(v)})"
@@ -236,6 +244,20 @@ def _conversions(reader: Any, studies: list[str]) -> list[str]:
     """The unit conversions applied in reading a reader's maps of ``studies`` (units their
     sidecars declared)."""
     return _recorded(reader, studies, "unit_conversions")
+
+
+def _segmentation(reader: Any, ref: Any, studies: list[str]) -> str | None:
+    """What a reader's lesions segmented here (:attr:`Reader.segmented`) were defined by: REF's
+    rules where its summary gave them, ctperf's defaults elsewhere; None when none was."""
+    done = [s for s in studies if s in reader.segmented]
+    if not done:
+        return None
+    alike = sum(s in ref.lesion_options for s in done)
+    rules = ([f"{ref.label}'s rules on {alike}"] if alike else []) + (
+        [f"the default options on {len(done) - alike} ({ref.label}'s not known)"]
+        if alike < len(done) else [])
+    return (f"lesions segmented here from its cbf and tmax maps on {len(done)} "
+            f"stud{'y' if len(done) == 1 else 'ies'}, with {' and '.join(rules)}")
 
 
 def _absence(study: str, lacking: Sequence[Any]) -> str:

@@ -205,6 +205,8 @@ def _sections(doc: Mapping[str, Any], figures: Mapping[str, tuple[str, str]]) ->
     readers = "".join(f"<li>{html.escape(r['label'])} ({r['kind']}): "
                       f"<code>{html.escape(r['path'])}</code>"
                       + "".join(f"; {html.escape(n)}" for n in r.get("unit_conversions", []))
+                      + (f"; {html.escape(r['lesions_segmented'])}"
+                         if r.get("lesions_segmented") else "")
                       + "</li>" for r in doc["readers"])
     excluded = "".join(f"<li>{html.escape(s)}: {html.escape(why)}</li>"
                        for s, why in doc["excluded_studies"].items())
