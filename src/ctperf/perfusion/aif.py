@@ -34,6 +34,7 @@ from ctperf.perfusion.curves import (
     TTP_SMOOTH_S,
     brief_peak,
     gaussian_time,
+    positive_area,
     second_difference_sd,
     spiky,
 )
@@ -100,7 +101,7 @@ def curve_features(enh: np.ndarray, times: np.ndarray) -> dict[str, np.ndarray]:
     with np.errstate(divide="ignore", invalid="ignore"):
         frac = np.where(hi > lo, (0.5 * peak - lo) / (hi - lo), 0.0)
     rise = t[i0] + np.clip(frac, 0.0, 1.0) * (t[i] - t[i0]) - t[0]
-    area = np.trapezoid(np.clip(enh, 0, None), t, axis=0)
+    area = positive_area(enh, t)
     with np.errstate(divide="ignore", invalid="ignore"):
         end = np.where(peak > 0, enh[-1] / peak, 1.0)
     return {"peak": peak, "ttp": t[peak_i] - t[0], "rise": rise, "fwhm": fwhm, "area": area,
@@ -373,7 +374,7 @@ def select_vof(
         log.info("VOF: %d of %d candidate voxels left out for a spike", int(spikes.sum()),
                  late.size)
     late = late[~spikes]
-    area = (np.trapezoid(np.clip(enh[:, late], 0, None), t, axis=0) if area is None
+    area = (positive_area(enh[:, late], t) if area is None
             else np.asarray(area, dtype=np.float64)[late])
     if late.size == 0:
         peaked = (t[peak_i] - t[0] >= aif_ttp + min_lag_s) & (peak_all >= need)

@@ -33,6 +33,7 @@ __all__ = [
     "MIN_CLIPPED_TOP_S",
     "RHO_RANGE",
     "SPIKE_SDS",
+    "TIME_BLOCK",
     "TRUNCATED_END",
     "TTP_SMOOTH_S",
     "ArterialTable",
@@ -54,6 +55,7 @@ __all__ = [
     "gaussian_time",
     "off_zero_before",
     "on_frame_times",
+    "positive_area",
     "resample",
     "sample_step",
     "second_difference_sd",
@@ -507,16 +509,41 @@ def gaussian_taps(sd_frames: float) -> np.ndarray:
 def gaussian_time(curves: np.ndarray, sd_frames: float) -> np.ndarray:
     """Curves (T, ...) smoothed along time by a Gaussian of SD ``sd_frames``, float32; the
     first and last frames repeated beyond the ends (as ``scipy.ndimage.gaussian_filter1d(...,
-    mode="nearest")``), summed as whole frames, which are contiguous: several times faster
-    than a filter along the first axis (copied first when they are not contiguous, as after
-    fancy indexing along a later axis)."""
-    c = np.ascontiguousarray(curves, dtype=np.float32)
+    mode="nearest")``), summed as whole frames of a block of :data:`TIME_BLOCK` curves at a
+    time, which stays in the cache: several times faster than a filter along the first axis,
+    and than whole frames of a million voxels."""
+    c = np.asarray(curves)
+    flat = c.reshape(c.shape[0], -1)
     taps = gaussian_taps(sd_frames).astype(np.float32)
     r, n = taps.size // 2, c.shape[0]
-    p = np.concatenate([np.repeat(c[:1], r, axis=0), c, np.repeat(c[-1:], r, axis=0)])
-    out = np.zeros_like(c)
-    for k, w in enumerate(taps):
-        out += w * p[k:k + n]
+    out = np.empty(flat.shape, dtype=np.float32)
+    for start in range(0, flat.shape[1], TIME_BLOCK):
+        block = np.ascontiguousarray(flat[:, start:start + TIME_BLOCK], dtype=np.float32)
+        p = np.concatenate([np.repeat(block[:1], r, axis=0), block,
+                            np.repeat(block[-1:], r, axis=0)])
+        acc = out[:, start:start + TIME_BLOCK]
+        acc[...] = taps[0] * p[:n]
+        for k in range(1, taps.size):
+            acc += taps[k] * p[k:k + n]
+    return out.reshape(c.shape)
+
+
+#: Curves smoothed together by :func:`gaussian_time`: a block of 89 frames is 1.5 MB.
+TIME_BLOCK = 4096
+
+
+def positive_area(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
+    """Area (HU s) under each curve's positive part, (T, N) -> (N,) float64: the trapezoid
+    rule as one weight per frame, applied to blocks of columns (no clipped copy of the whole
+    matrix, which a million voxels' curves had made for ``np.trapezoid``)."""
+    dt = np.diff(np.asarray(times, dtype=np.float64))
+    weights = np.zeros(dt.size + 1)
+    weights[:-1] += 0.5 * dt
+    weights[1:] += 0.5 * dt
+    out = np.empty(curves.shape[1])
+    for start in range(0, curves.shape[1], 16384):
+        block = curves[:, start:start + 16384]
+        out[start:start + block.shape[1]] = weights @ np.maximum(block, 0).astype(np.float64)
     return out
 
 
@@ -551,10 +578,14 @@ def brief_peak(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
     after the partial-volume scaling, and ended the baseline at the jerk). With frames 2.5 s
     or more apart no curve is brief."""
     c = np.asarray(curves)
-    rel = c - c.min(axis=0)
-    above = rel >= 0.5 * rel.max(axis=0)
-    return (above * np.gradient(np.asarray(times, dtype=np.float64))[:, None]).sum(axis=0) \
-        < MIN_BOLUS_WIDTH_S
+    step = np.gradient(np.asarray(times, dtype=np.float64))
+    out = np.empty(c.shape[1], dtype=bool)
+    for start in range(0, c.shape[1], TIME_BLOCK):  # in the cache, as gaussian_time
+        block = c[:, start:start + TIME_BLOCK]
+        rel = block - block.min(axis=0)
+        above = rel >= 0.5 * rel.max(axis=0)
+        out[start:start + block.shape[1]] = step @ above < MIN_BOLUS_WIDTH_S
+    return out
 
 
 def time_to_peak(curves: np.ndarray, times: np.ndarray, *, smooth_s: float = 0.0,

@@ -35,6 +35,7 @@ from ctperf.perfusion.curves import (
     check_peak_not_clipped,
     finite_aif,
     off_zero_before,
+    positive_area,
     second_difference_sd,
 )
 from ctperf.perfusion.qc import check_first_pass_sampled
@@ -195,7 +196,7 @@ def _neighbourhood_area(venh: np.ndarray, t: np.ndarray, search: np.ndarray,
     size = (1, 2 * k + 1, 2 * k + 1)
     n = float((2 * k + 1) ** 2)
     area = np.zeros(search.shape, dtype=np.float64)
-    area[search] = np.trapezoid(np.clip(venh, 0, None), t, axis=0)
+    area[search] = positive_area(venh, t)
     inside = search.astype(np.float64)
     total = ndimage.uniform_filter(area, size=size, mode="constant") * n - area
     count = ndimage.uniform_filter(inside, size=size, mode="constant") * n - inside
