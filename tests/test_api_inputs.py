@@ -159,3 +159,14 @@ def test_a_study_of_other_than_real_numbers_is_refused(dtype):
         held = np.full((5, 1, 2, 2), odd, dtype=object)
         with pytest.raises(ValidationError, match="hu must hold real numbers"):
             CTPSeries(hu=held, times=np.arange(5.0), affine=np.eye(4))
+
+
+def test_a_masked_study_is_refused_and_an_unmasked_one_read():
+    """np.asarray drops a masked array's mask: its hidden values (a reader's fill, garbage) had
+    been read as CT numbers without a word."""
+    hu = np.ma.masked_array(np.full((5, 1, 2, 2), 30.0), mask=False)
+    hu[:, 0, 0, 0] = np.ma.masked
+    with pytest.raises(ValidationError, match=r"masked array with 5 masked values.*filled"):
+        CTPSeries(hu=hu, times=np.arange(5.0))
+    whole = np.ma.masked_array(np.full((5, 1, 2, 2), 30.0), mask=False)
+    assert CTPSeries(hu=whole, times=np.arange(5.0)).hu.dtype == np.float32

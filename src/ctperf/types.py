@@ -199,6 +199,11 @@ class CTPSeries:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if np.ma.is_masked(self.hu):  # np.asarray drops the mask: its hidden values had counted
+            raise ValidationError(
+                f"hu is a masked array with {int(np.ma.count_masked(self.hu))} masked values, "
+                "whose hidden contents would be read as CT numbers; fill them (padding around "
+                "a stripped brain is air: hu.filled(-1024.0))")
         hu = np.asarray(self.hu)
         if hu.ndim != 4:
             raise ValidationError(
