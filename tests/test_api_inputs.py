@@ -170,3 +170,11 @@ def test_a_masked_study_is_refused_and_an_unmasked_one_read():
         CTPSeries(hu=hu, times=np.arange(5.0))
     whole = np.ma.masked_array(np.full((5, 1, 2, 2), 30.0), mask=False)
     assert CTPSeries(hu=whole, times=np.arange(5.0)).hu.dtype == np.float32
+    times = np.ma.masked_array(np.arange(5.0), mask=[0, 0, 1, 0, 0])
+    with pytest.raises(ValidationError, match="times is a masked array with 1 masked value"):
+        CTPSeries(hu=whole, times=times)
+    # a map's masked voxel has no value: NaN, as ctperf writes it
+    cbf = np.ma.masked_array(np.full((1, 2, 2), 40.0), mask=[[[0, 1], [0, 0]]])
+    cbf.data[0, 0, 1] = -50000.0
+    got = PerfusionMaps(maps={"cbf": cbf}, affine=np.eye(4))["cbf"]
+    assert np.isnan(got[0, 0, 1]) and np.all(got[~np.isnan(got)] == 40.0)

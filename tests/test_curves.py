@@ -57,6 +57,22 @@ def test_fit_curves_is_the_methods_fit(method):
     assert np.all(np.abs(given.cbf / truth - 1) <= (0.03 if method == "nlr-fast" else 0.15))
 
 
+@pytest.mark.parametrize("method", ["nlr-fast", "bsvd"])
+def test_a_faint_curves_ttp_is_the_same_given_in_hu_or_as_enhancement(method, rng):
+    """Curves given as enhancement (baseline 0) had their TTP searched from the first frame:
+    a faint curve's noise before the bolus peaked there (TTP 0 s for 26.6 s in HU, a probe's).
+    Now both forms search from where the baseline read from HU ends."""
+    tissue, aif = _hand_curves()
+    faint = 0.05 * tissue[:, :1] + rng.normal(0.0, 2.0, (T_HAND.size, 20))
+    faint[:3] += 8.0  # noise standing high at the start, before the bolus
+    raw = fit_curves(faint + 40.0, aif + 40.0, T_HAND, method=method, rho=RHO, kh=KH)
+    n = raw.provenance["baseline_frames"]
+    enh = fit_curves(faint - faint[:n].mean(axis=0), aif - aif[:n].mean(),
+                     T_HAND, method=method, baseline=0, rho=RHO, kh=KH)
+    assert raw.ttp.min() >= T_HAND[n] - T_HAND[0]
+    np.testing.assert_allclose(enh.ttp, raw.ttp, atol=1e-6)
+
+
 def test_a_gpu_asked_for_a_cpu_method_is_said(caplog):
     """Only the box-model fits have a GPU path: asking bSVD for one runs it on the CPU, with the
     same numbers, and says so (no GPU is needed to run this: the SVD never asks torch)."""

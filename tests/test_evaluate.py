@@ -373,7 +373,8 @@ def test_maps_without_lesions_are_segmented_with_the_references_rules(cohorts, t
     doc = evaluate_cohorts(bare, ref, tmp_path / "out", lesion_options=LesionOptions())
     said = doc["readers"][0]["lesions_segmented"]
     assert said == ("lesions segmented here from its cbf and tmax maps on 4 studies, with "
-                    "nlr's rules on 3 and the default options on 1 (nlr's not known)")
+                    "nlr's rules on 3 and the default options on 1 (nlr's summary does not "
+                    "give them all)")
     assert doc["readers"][1]["lesions_segmented"] is None
     assert html.escape(said) in (tmp_path / "out" / "report.html").read_text()
     cases = next(row["cases"] for row in doc["lesions"]
@@ -385,6 +386,38 @@ def test_maps_without_lesions_are_segmented_with_the_references_rules(cohorts, t
     # only s03's default rule differs from REF's (REF's own there unknown)
     (rules,) = [w for w in doc["warnings"] if w.startswith("hypoperfused lesion defined")]
     assert "(Tmax > 6.0 s: bare; Tmax > 9.0 s: bare, nlr)" in rules
+
+
+def test_a_references_cbv_core_is_not_asked_of_maps_without_cbv(cohorts, tmp_path):
+    """REF's core defined by CBV (--core-cbv) and a PRED without a cbv map: its lesions had
+    ended the evaluation in a KeyError; the options given serve instead, said per study.
+    Without options (the API's None) nothing is segmented, REF's rules or not."""
+    from ctperf.evaluation.cohort import load_maps_cohort
+    from ctperf.evaluation.report import evaluate_cohorts
+    from ctperf.lesion_options import LesionOptions
+    from ctperf.perfusion import segment_lesions
+
+    bare, ref = tmp_path / "bare", tmp_path / "ref"
+    shutil.copytree(cohorts["ref"], ref)
+    by_cbv = LesionOptions(core_cbv=1.0)
+    for study in STUDIES:
+        (bare / study).mkdir(parents=True)
+        for name in ("cbf", "tmax"):
+            shutil.copy(ref / study / f"{name}.nii.gz", bare / study)
+        maps = io.read_maps(ref / study)
+        rules = segment_lesions(maps, brain=np.isfinite(maps["cbf"]), options=by_cbv).thresholds
+        io.write_json({"method": "nlr", "lesions": {"thresholds": rules}},
+                      ref / study / "summary.json")
+    doc = evaluate_cohorts(bare, ref, tmp_path / "out", lesion_options=LesionOptions())
+    assert doc["readers"][0]["lesions_segmented"].endswith(
+        "with the default options on 4 (nlr's summary does not give them all)")
+    assert "bare, s01: the reference's core is defined by CBV and these maps have no cbv: " \
+           "segmented with the options given instead" in doc["warnings"]
+    like = load_maps_cohort(ref).lesion_options
+    assert like["s01"] == by_cbv
+    assert load_maps_cohort(bare, like=like).lesions == {}
+    out = evaluate_cohorts(bare, ref, tmp_path / "none", lesion_options=None)
+    assert out["readers"][0]["lesions_segmented"] is None
 
 
 def test_further_methods_are_compared_with_the_reference(cohorts):

@@ -670,6 +670,12 @@ def test_lesion_options_are_not_read_from_partial_or_odd_thresholds():
     assert LesionOptions.from_thresholds({**full, "smooth_mm": True}) is None
     assert LesionOptions.from_thresholds({**full, "core_within_hypoperfused": 1}) is None
     assert LesionOptions.from_thresholds({**full, "smooth_mm": -1.0}) is None
-    # a reference that fell back to the brain's median: the default, which falls back alike
-    fell = {**full, "core": {**full["core"], "reference": NO_NORMAL_TISSUE}}
+    # a reference that fell back to the brain's median: the one asked for, or (a summary
+    # from before it was written) the default
+    asked = _thresholds(LesionOptions(reference="global"), NO_NORMAL_TISSUE, ref_value=40.0,
+                        midplane=None)
+    assert LesionOptions.from_thresholds(asked) == LesionOptions(reference="global")
+    older = {**full, "core": {k: v for k, v in full["core"].items() if k != "reference_asked"}}
+    assert LesionOptions.from_thresholds(older) == LesionOptions(tmax_hypo=8.0)
+    fell = {**older, "core": {**older["core"], "reference": NO_NORMAL_TISSUE}}
     assert LesionOptions.from_thresholds(fell) == LesionOptions(tmax_hypo=8.0)

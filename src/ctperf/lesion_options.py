@@ -100,14 +100,15 @@ class LesionOptions:
         ``lesions.thresholds``, :attr:`~ctperf.perfusion.LesionResult.thresholds`) were made
         with, or None when they do not say all of them (an older or another tool's summary).
 
-        A core whose contralateral or global reference fell back to the brain's median (no
-        normally perfused tissue) is given the default reference, which falls back alike."""
+        The core's reference is the one asked for (``reference_asked``; a summary from before
+        2026-12-07 names only the one used, and where that fell back to the brain's median the
+        default is taken)."""
         try:
             core, hypo, severe = (thresholds[k] for k in ("core", "hypoperfused", "tmax10"))
             rcbf = {} if "cbv_below_ml_per_100g" in core else {
                 "core_rcbf": core["rcbf_below"],
-                "reference": core["reference"] if core["reference"] in REFERENCES
-                else cls.reference}
+                "reference": core.get("reference_asked", core["reference"]
+                                      if core["reference"] in REFERENCES else cls.reference)}
             options = cls(core_cbv=core.get("cbv_below_ml_per_100g"), **rcbf,
                           tmax_hypo=hypo["tmax_above_s"], tmax_severe=severe["tmax_above_s"],
                           smooth_mm=thresholds["smooth_mm"],

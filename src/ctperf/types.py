@@ -158,6 +158,16 @@ def _check_affine(affine: Any) -> np.ndarray:
     return a
 
 
+def _refuse_masked(value: Any, name: str, read_as: str) -> None:
+    """ValidationError for a NumPy masked array with masked values, whose hidden contents
+    ``np.asarray`` would have read as ``read_as``."""
+    if np.ma.is_masked(value):
+        n = int(np.ma.count_masked(value))
+        raise ValidationError(f"{name} is a masked array with {n} masked value"
+                              f"{'' if n == 1 else 's'}, whose hidden contents would be read as "
+                              f"{read_as}")
+
+
 def _check_increasing(times: np.ndarray, what: str) -> None:
     if not np.all(np.isfinite(times)):
         raise ValidationError(f"{what} contain NaN or Inf")
@@ -199,11 +209,10 @@ class CTPSeries:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if np.ma.is_masked(self.hu):  # np.asarray drops the mask: its hidden values had counted
-            raise ValidationError(
-                f"hu is a masked array with {int(np.ma.count_masked(self.hu))} masked values, "
-                "whose hidden contents would be read as CT numbers; fill them (padding around "
-                "a stripped brain is air: hu.filled(-1024.0))")
+        # np.asarray drops a mask: the hidden values had been read as CT numbers and times
+        _refuse_masked(self.hu, "hu", "CT numbers; fill them (padding around a stripped brain "
+                                      "is air: hu.filled(-1024.0))")
+        _refuse_masked(self.times, "times", "frame times; give every frame its time")
         hu = np.asarray(self.hu)
         if hu.ndim != 4:
             raise ValidationError(
@@ -309,7 +318,10 @@ class PerfusionMaps:
         maps: dict[str, np.ndarray] = {}
         shape = None
         for name, value in self.maps.items():
-            arr = np.asarray(value)
+            # a masked voxel has no value: NaN, as ctperf's maps write it (np.asarray had read
+            # the hidden values)
+            arr = (np.ma.filled(np.ma.asarray(value, dtype=np.float32), np.nan)
+                   if np.ma.is_masked(value) else np.asarray(value))
             if arr.ndim != 3:
                 raise ValidationError(
                     f"map {name!r} must be 3D (Z, Y, X), got shape {arr.shape}"

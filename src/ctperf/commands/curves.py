@@ -85,8 +85,9 @@ def register(subparsers: Any) -> None:
                         "unenhanced HU before the AIF's bolus are then refused; bayes "
                         "accounts for the subtracted baseline's error in its likelihood, so "
                         "noisy curves read differently with 0 than with the baseline "
-                        "subtracted by ctperf, within about their posterior SD: docs/bayes.md)"
-                        " [%(default)s]")
+                        "subtracted by ctperf, by up to a few posterior SDs: docs/bayes.md; "
+                        "each curve's flags are judged on the curves as given, so a noisy "
+                        "curve's can differ between the two too) [%(default)s]")
     add_constants_options(p)
     add_device_option(p, what="the box-model fits")
     p.set_defaults(func=run)

@@ -71,8 +71,9 @@ class Reader:
     with here), as labels such as ``"Tmax > 6.0 s"``; ``left_out[study]`` why a study its
     cohort's manifest names was not read (its run failed or did not finish); ``qc_flags[study]``
     the QC flags its ``summary.json`` raised (docs/qc.md); ``lesion_options[study]`` the options
-    its lesions were made with, where known; ``segmented`` the studies whose lesions were
-    segmented here from their maps (they had no ``lesions/``).
+    its lesions were made with, where known; ``segmented[study]`` for the studies whose lesions
+    were segmented here from their maps (they had no ``lesions/``): whether with another
+    reader's rules (``like`` of :func:`load_maps_cohort`) rather than the options given.
     """
 
     label: str
@@ -86,7 +87,7 @@ class Reader:
     left_out: dict[str, str] = field(default_factory=dict)
     qc_flags: dict[str, list[str]] = field(default_factory=dict)
     lesion_options: dict[str, LesionOptions] = field(default_factory=dict)
-    segmented: list[str] = field(default_factory=list)
+    segmented: dict[str, bool] = field(default_factory=dict)
 
     @property
     def studies(self) -> list[str]:
@@ -174,7 +175,8 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
     lesion_options : LesionOptions, optional
         Lesion thresholds (:func:`ctperf.perfusion.segment_lesions`) for studies without a
         ``lesions/`` folder (e.g. U-Net predictions): their lesions are segmented from the maps
-        when they include ``cbf`` and ``tmax``. Without options such studies have no lesions.
+        when they include ``cbf`` and ``tmax`` (and ``cbv`` for a core defined by CBV). Without
+        options (here or in ``like``) such studies have no lesions.
     like : mapping of str to LesionOptions, optional
         Per study, options that replace ``lesion_options`` for that study (another reader's
         :attr:`Reader.lesion_options`: its lesions' own rules, so that both are segmented
@@ -233,22 +235,22 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
             reader.brain[sub.name] = les.pop("brain")
         _complete_lesions(les)
         doc = _summary(sub)
-        if raised := [name for name, f in (doc.get("qc") or {}).items()
-                      if isinstance(f, dict) and f.get("flag")]:
+        qc, lesion_doc = (d if isinstance(d := doc.get(k), dict) else {} for k in ("qc", "lesions"))
+        if raised := [name for name, f in qc.items() if isinstance(f, dict) and f.get("flag")]:
             reader.qc_flags[sub.name] = raised
         if les:  # read from its files: defined as its summary says
-            thresholds = (doc.get("lesions") or {}).get("thresholds")
+            thresholds = lesion_doc.get("thresholds")
             reader.rules[sub.name] = _rule_labels(thresholds)
             if (made_with := LesionOptions.from_thresholds(thresholds)) is not None:
                 reader.lesion_options[sub.name] = made_with
-        options = (like or {}).get(sub.name, lesion_options)
-        if (not phantom and options is not None and not masks.is_dir()
-                and {"cbf", "tmax"} <= set(names)):
-            segmented, thresholds = _segment(maps, reader.brain.get(sub.name), options)
-            les.update(segmented)
-            reader.rules[sub.name] = _rule_labels(thresholds)
-            reader.lesion_options[sub.name] = options
-            reader.segmented.append(sub.name)
+        if not phantom and not masks.is_dir() and {"cbf", "tmax"} <= set(names):
+            options, alike = _segmenting_options(reader, sub.name, names, lesion_options, like)
+            if options is not None:
+                segmented, thresholds = _segment(maps, reader.brain.get(sub.name), options)
+                les.update(segmented)
+                reader.rules[sub.name] = _rule_labels(thresholds)
+                reader.lesion_options[sub.name] = options
+                reader.segmented[sub.name] = alike
         if les:
             reader.lesions[sub.name] = les
         if doc.get("method"):
@@ -262,6 +264,25 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
     method = next(iter(made_by), None)
     reader.label = label or ("truth" if phantom else (method or root.name))
     return reader
+
+
+def _segmenting_options(reader: Reader, study: str, names: list[str],
+                        given: LesionOptions | None, like: Mapping[str, LesionOptions] | None
+                        ) -> tuple[LesionOptions | None, bool]:
+    """The options a study without lesions is segmented with (None: not segmented), and
+    whether they are ``like``'s: a core defined by CBV needs a ``cbv`` map (its absence had
+    ended the evaluation in a KeyError); said among the reader's warnings when it is missing."""
+    wanted, alike = (like[study], True) if like and study in like else (given, False)
+    if wanted is None or wanted.core_cbv is None or "cbv" in names:
+        return wanted, alike
+    whose = "the reference's core is" if alike else "the core is"
+    if alike and given is not None and given.core_cbv is None:
+        reader.warnings.append(f"{study}: {whose} defined by CBV and these maps have no cbv: "
+                               "segmented with the options given instead")
+        return given, False
+    reader.warnings.append(f"{study}: {whose} defined by CBV and these maps have no cbv: no "
+                           "lesions segmented")
+    return None, False
 
 
 def _unfinished(root: Path) -> dict[str, str]:

@@ -150,7 +150,9 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     # maps without lesions (a U-Net's) are segmented with the rules of REF's lesions, study by
     # study, so that both are defined alike; with lesion_options where REF's are not known
     ref_reader = load_maps_cohort(ref, lesion_options=lesion_options)
-    readers = [load_maps_cohort(p, lesion_options=lesion_options, like=ref_reader.lesion_options)
+    like = None if lesion_options is None else {  # REF's own rules, from its summaries
+        s: o for s, o in ref_reader.lesion_options.items() if s not in ref_reader.segmented}
+    readers = [load_maps_cohort(p, lesion_options=lesion_options, like=like)
                for p in (pred, *compare)]
     readers.insert(1, ref_reader)
     if truth is not None:
@@ -195,7 +197,8 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
            "readers": [{"label": r.label, "kind": r.kind, "path": Path(r.path).name,
                         "software_versions": _versions(r, studies),
                         "unit_conversions": _conversions(r, studies),
-                        "lesions_segmented": _segmentation(r, ref_reader, studies)}
+                        "lesions_segmented": _segmentation(r, ref_reader, studies,
+                                                           lesion_options)}
                        for r in readers],
            "studies": studies, "excluded_studies": excluded,
            "warnings": [f"{r.label}, {w}" for r in readers for w in r.warnings]
@@ -246,15 +249,18 @@ def _conversions(reader: Any, studies: list[str]) -> list[str]:
     return _recorded(reader, studies, "unit_conversions")
 
 
-def _segmentation(reader: Any, ref: Any, studies: list[str]) -> str | None:
+def _segmentation(reader: Any, ref: Any, studies: list[str], given: LesionOptions | None
+                  ) -> str | None:
     """What a reader's lesions segmented here (:attr:`Reader.segmented`) were defined by: REF's
-    rules where its summary gave them, ctperf's defaults elsewhere; None when none was."""
+    rules where its summary gave them all, the options given elsewhere; None when none was."""
     done = [s for s in studies if s in reader.segmented]
     if not done:
         return None
-    alike = sum(s in ref.lesion_options for s in done)
+    alike = sum(reader.segmented[s] for s in done)
+    options = "the default options" if given == LesionOptions() else "the options given"
     rules = ([f"{ref.label}'s rules on {alike}"] if alike else []) + (
-        [f"the default options on {len(done) - alike} ({ref.label}'s not known)"]
+        [f"{options} on {len(done) - alike}"
+         + ("" if reader is ref else f" ({ref.label}'s summary does not give them all)")]
         if alike < len(done) else [])
     return (f"lesions segmented here from its cbf and tmax maps on {len(done)} "
             f"stud{'y' if len(done) == 1 else 'ies'}, with {' and '.join(rules)}")

@@ -210,6 +210,18 @@ def _check(name: str, curve: np.ndarray) -> None:
         raise ValidationError(f"{name} holds NaN or infinite values")
 
 
+def _auto_baseline(vessels: np.ndarray, t: np.ndarray) -> int:
+    """The frames before the bolus, read from the vessels' curves (T, 1 or 2) as the maps read
+    them (:func:`~ctperf.perfusion.onset.pre_bolus_frames`)."""
+    smooth = smooth_time(vessels)
+    rise = smooth.max(axis=0) - smooth[0]
+    if not float(rise.max()) > 0:
+        raise ValidationError("the AIF never rises above its first frame: no bolus, or one "
+                              "that had peaked before it (the curves must start before "
+                              "the contrast arrives)")
+    return pre_bolus_frames(vessels, rise, noise_sd=voxel_noise_sd(vessels, 0), times=t)
+
+
 def _measured_peak(tissue: np.ndarray, t: np.ndarray, grid: np.ndarray | None, n_base: int,
                    aif: np.ndarray) -> np.ndarray:
     """The curves' own time to peak (:func:`~ctperf.perfusion.voxelfit.measured_ttp`, on
@@ -352,13 +364,7 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
         if baseline != "auto":
             raise ValidationError(f"baseline must be 'auto' or a number of frames, got "
                                   f"{baseline!r}")
-        smooth = smooth_time(vessels)
-        rise = smooth.max(axis=0) - smooth[0]
-        if not float(rise.max()) > 0:
-            raise ValidationError("the AIF never rises above its first frame: no bolus, or one "
-                                  "that had peaked before it (the curves must start before "
-                                  "the contrast arrives)")
-        n_base = pre_bolus_frames(vessels, rise, noise_sd=voxel_noise_sd(vessels, 0), times=t)
+        n_base = _auto_baseline(vessels, t)
     else:
         if isinstance(baseline, bool) or not float(baseline).is_integer():
             raise ValidationError(f"baseline must be 'auto' or a whole number of frames, got "
@@ -377,7 +383,11 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
                                   CurveOrigin("given curve"), t, n_base=max(n_base, 1))
     values, grid, fitted = fit_voxels(method, tis.astype(np.float32), aif_used, t, rho=rho,
                                       kh=kh, brain=None, spacing=(1.0, 1.0, 1.0),
-                                      device=device, progress=progress, n_base=n_base or None)
+                                      device=device, progress=progress, n_base=n_base or None,
+                                      # curves of enhancement: their TTP searched from where
+                                      # the baseline read from HU would end (a faint curve's
+                                      # noise before the bolus had peaked, TTP 0 s)
+                                      arrival=None if n_base else _auto_baseline(vessels, t))
     out = {k: np.asarray(values[k], dtype=np.float64) for k in CURVE_PARAMETERS}
     sd = {k: np.asarray(values[k], dtype=np.float64) for k in SD_MAPS if k in values}
     mean = tis.mean(axis=1)

@@ -521,7 +521,7 @@ def _thresholds(o: LesionOptions, reference: str, *, ref_value: float | None,
     core: dict[str, Any] = (
         {"cbv_below_ml_per_100g": o.core_cbv, "label": f"CBV < {o.core_cbv} mL/100g"}
         if o.core_cbv is not None else
-        {"rcbf_below": o.core_rcbf, "reference": reference,
+        {"rcbf_below": o.core_rcbf, "reference": reference, "reference_asked": o.reference,
          "label": f"rCBF < {o.core_rcbf} ({reference} reference)"})
     return {
         "core": core,

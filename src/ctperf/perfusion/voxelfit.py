@@ -59,7 +59,7 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
                spacing: tuple[float, float, float], device: str | None, progress: bool,
                n_base: int | None, guide: np.ndarray | None = None,
                vessels: np.ndarray | None = None,
-               bayes_options: dict[str, Any] | None = None
+               bayes_options: dict[str, Any] | None = None, arrival: int | None = None
                ) -> tuple[dict[str, np.ndarray], np.ndarray | None, dict[str, Any]]:
     """Values (N,) of every brain voxel by map name, the uniform grid the fits saw (None
     when the frames are evenly spaced) and what the provenance should add (``bayes``: its
@@ -67,7 +67,8 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
     the temporal mean image, for ``bayes``'s amplitude pooling; ``vessels`` (N,): the
     voxels ``bayes`` leaves out of its neighbourhoods' averages. ``brain`` None: curves
     without an image (``bayes`` fits each on its own); ``n_base`` None: no baseline was
-    subtracted.
+    subtracted. ``arrival``: the frame the box and SVD methods' TTP is searched from, default
+    the baseline's end (curves given as enhancement have none: the bolus's arrival then).
 
     Unevenly spaced frames (fast, then slow sampling): the box model and SVD see the curves
     linearly interpolated onto a uniform grid at the finest step, from the first frame. Delay,
@@ -111,7 +112,8 @@ def fit_voxels(method: str, tissue: np.ndarray, aif: np.ndarray, t: np.ndarray, 
                                  progress=progress)
             values = {"cbf": res.cbf, "cbv": res.cbv, "mtt": res.mtt, "tmax": res.tmax,
                       "delay": res.tmax}
-        values["ttp"] = measured_ttp(fit_tissue, fit_t, t[min(n_base or 0, t.size - 1)])
+        start = (n_base or 0) if arrival is None else arrival
+        values["ttp"] = measured_ttp(fit_tissue, fit_t, t[min(start, t.size - 1)])
     return values, grid, fitted
 
 
