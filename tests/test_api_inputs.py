@@ -9,7 +9,7 @@ import pytest
 
 from ctperf.errors import ValidationError
 from ctperf.evaluation import ssim
-from ctperf.perfusion import fit_box_nlr, segment_lesions, svd_deconvolve
+from ctperf.perfusion import fit_box_nlr, fit_curves, segment_lesions, svd_deconvolve
 from ctperf.perfusion.bayes import fit_bayes
 from ctperf.preprocess import bilateral_filter
 from ctperf.types import CTPSeries, PerfusionMaps
@@ -173,8 +173,24 @@ def test_a_masked_study_is_refused_and_an_unmasked_one_read():
     times = np.ma.masked_array(np.arange(5.0), mask=[0, 0, 1, 0, 0])
     with pytest.raises(ValidationError, match="times is a masked array with 1 masked value"):
         CTPSeries(hu=whole, times=times)
+    stamps = np.ma.masked_array(np.zeros((5, 1)), mask=False)
+    stamps[2, 0] = np.ma.masked
+    with pytest.raises(ValidationError, match="slice_times is a masked array with 1 masked"):
+        CTPSeries(hu=whole, times=np.arange(5.0), slice_times=stamps)
     # a map's masked voxel has no value: NaN, as ctperf writes it
     cbf = np.ma.masked_array(np.full((1, 2, 2), 40.0), mask=[[[0, 1], [0, 0]]])
     cbf.data[0, 0, 1] = -50000.0
     got = PerfusionMaps(maps={"cbf": cbf}, affine=np.eye(4))["cbf"]
     assert np.isnan(got[0, 0, 1]) and np.all(got[~np.isnan(got)] == 40.0)
+
+
+def test_masked_curves_are_refused(curves):
+    """fit_curves had read a masked tissue sample's hidden 1e4 (CBF 22302 for that curve)."""
+    tissue, aif = curves
+    t = TIMES
+    hidden = np.ma.masked_array(tissue, mask=False)
+    hidden[10, 0] = np.ma.masked
+    with pytest.raises(ValidationError, match="tissue is a masked array with 1 masked value"):
+        fit_curves(hidden, aif, t)
+    fine = fit_curves(np.ma.masked_array(tissue, mask=False), aif, t)
+    np.testing.assert_array_equal(fine.cbf, fit_curves(tissue, aif, t).cbf)

@@ -128,6 +128,23 @@ def test_readers_lesions_defined_differently_are_said(tmp_path):
     assert "Tmax > 8.0 s: net" in lesion_rule_warnings([net, usual], list(STUDIES))[0]
 
 
+def test_rules_that_change_between_studies_alike_are_no_difference():
+    """A REF whose core is CBV < 2 on one study and rCBF < 0.3 on another, and a PRED
+    segmented alike, study by study: pooled over studies their rules had read as differing
+    between the readers; they differ only where a study's rules do."""
+    from ctperf.evaluation.cohort import lesion_rule_warnings
+
+    by_cbv, by_rcbf = "CBV < 2.0 mL/100g", "rCBF < 0.3 (contralateral reference)"
+    ref, pred, other = (Reader(label=n, kind="method", path=n) for n in ("ref", "pred", "other"))
+    ref.rules = {"a": {"core": by_cbv}, "b": {"core": by_rcbf}}
+    pred.rules = {"a": {"core": by_cbv}, "b": {"core": by_rcbf}}
+    other.rules = {"a": {"core": by_rcbf}, "b": {"core": by_rcbf}}
+    assert lesion_rule_warnings([pred, ref], ["a", "b"]) == []
+    assert lesion_rule_warnings([other, ref], ["a", "b"]) == [
+        f"core lesion defined differently by the readers ({by_rcbf}: other; {by_cbv}: ref): "
+        "their volumes and Dice compare different definitions"]
+
+
 def test_studies_a_cohort_run_did_not_finish_are_left_out(tmp_path):
     """A maps cohort whose manifest records a study as failed (a rerun on a damaged input
     keeps the folder of the earlier run): left out with a warning (it had been scored as if

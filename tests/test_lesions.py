@@ -679,3 +679,14 @@ def test_lesion_options_are_not_read_from_partial_or_odd_thresholds():
     assert LesionOptions.from_thresholds(older) == LesionOptions(tmax_hypo=8.0)
     fell = {**older, "core": {**older["core"], "reference": NO_NORMAL_TISSUE}}
     assert LesionOptions.from_thresholds(fell) == LesionOptions(tmax_hypo=8.0)
+    # the reference as segment_lesions was asked (its argument over the options'), or numbers
+    rng = np.random.default_rng(1)
+    maps = PerfusionMaps(maps={"cbf": rng.uniform(5, 60, (2, 16, 16)),
+                               "tmax": rng.uniform(0, 12, (2, 16, 16))}, affine=np.eye(4))
+    by_argument = segment_lesions(maps, options=LesionOptions(), reference="global").thresholds
+    assert LesionOptions.from_thresholds(by_argument) == LesionOptions(reference="global")
+    numbers = segment_lesions(maps, options=LesionOptions(), reference=40.0).thresholds
+    assert numbers["core"]["reference_asked"] == "given"
+    assert LesionOptions.from_thresholds(numbers) is None
+    assert LesionOptions.from_thresholds({**older, "core": {**older["core"],
+                                                            "reference": "given"}}) is None

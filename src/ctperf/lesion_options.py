@@ -102,13 +102,16 @@ class LesionOptions:
 
         The core's reference is the one asked for (``reference_asked``; a summary from before
         2026-12-07 names only the one used, and where that fell back to the brain's median the
-        default is taken)."""
+        default is taken); a reference given as numbers (``"given"``) cannot be taken again:
+        None."""
         try:
             core, hypo, severe = (thresholds[k] for k in ("core", "hypoperfused", "tmax10"))
             rcbf = {} if "cbv_below_ml_per_100g" in core else {
                 "core_rcbf": core["rcbf_below"],
+                # "given" (numbers) is no option: refused below, so None
                 "reference": core.get("reference_asked", core["reference"]
-                                      if core["reference"] in REFERENCES else cls.reference)}
+                                      if core["reference"] in (*REFERENCES, "given")
+                                      else cls.reference)}
             options = cls(core_cbv=core.get("cbv_below_ml_per_100g"), **rcbf,
                           tmax_hypo=hypo["tmax_above_s"], tmax_severe=severe["tmax_above_s"],
                           smooth_mm=thresholds["smooth_mm"],

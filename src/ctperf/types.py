@@ -30,6 +30,7 @@ __all__ = [
     "orient",
     "orientation_known",
     "radiological_flips",
+    "refuse_masked",
     "spacing_zyx",
     "voxel_ml",
 ]
@@ -158,7 +159,7 @@ def _check_affine(affine: Any) -> np.ndarray:
     return a
 
 
-def _refuse_masked(value: Any, name: str, read_as: str) -> None:
+def refuse_masked(value: Any, name: str, read_as: str) -> None:
     """ValidationError for a NumPy masked array with masked values, whose hidden contents
     ``np.asarray`` would have read as ``read_as``."""
     if np.ma.is_masked(value):
@@ -210,9 +211,10 @@ class CTPSeries:
 
     def __post_init__(self) -> None:
         # np.asarray drops a mask: the hidden values had been read as CT numbers and times
-        _refuse_masked(self.hu, "hu", "CT numbers; fill them (padding around a stripped brain "
-                                      "is air: hu.filled(-1024.0))")
-        _refuse_masked(self.times, "times", "frame times; give every frame its time")
+        refuse_masked(self.hu, "hu", "CT numbers; fill them (padding around a stripped brain "
+                                     "is air: hu.filled(-1024.0))")
+        for name in ("times", "slice_times"):
+            refuse_masked(getattr(self, name), name, "frame times; give every frame its time")
         hu = np.asarray(self.hu)
         if hu.ndim != 4:
             raise ValidationError(

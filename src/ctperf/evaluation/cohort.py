@@ -72,8 +72,10 @@ class Reader:
     cohort's manifest names was not read (its run failed or did not finish); ``qc_flags[study]``
     the QC flags its ``summary.json`` raised (docs/qc.md); ``lesion_options[study]`` the options
     its lesions were made with, where known; ``segmented[study]`` for the studies whose lesions
-    were segmented here from their maps (they had no ``lesions/``): whether with another
-    reader's rules (``like`` of :func:`load_maps_cohort`) rather than the options given.
+    were segmented here from their maps (they had no ``lesions/``): with whose rules,
+    ``"like"`` (another reader's: ``like`` of :func:`load_maps_cohort`), ``"given"`` (the
+    options given, the other reader's not known) or ``"no cbv"`` (the options given: the other
+    reader's core is defined by CBV and these maps have none).
     """
 
     label: str
@@ -87,7 +89,7 @@ class Reader:
     left_out: dict[str, str] = field(default_factory=dict)
     qc_flags: dict[str, list[str]] = field(default_factory=dict)
     lesion_options: dict[str, LesionOptions] = field(default_factory=dict)
-    segmented: dict[str, bool] = field(default_factory=dict)
+    segmented: dict[str, str] = field(default_factory=dict)
 
     @property
     def studies(self) -> list[str]:
@@ -244,13 +246,13 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
             if (made_with := LesionOptions.from_thresholds(thresholds)) is not None:
                 reader.lesion_options[sub.name] = made_with
         if not phantom and not masks.is_dir() and {"cbf", "tmax"} <= set(names):
-            options, alike = _segmenting_options(reader, sub.name, names, lesion_options, like)
+            options, whose = _segmenting_options(reader, sub.name, names, lesion_options, like)
             if options is not None:
                 segmented, thresholds = _segment(maps, reader.brain.get(sub.name), options)
                 les.update(segmented)
                 reader.rules[sub.name] = _rule_labels(thresholds)
                 reader.lesion_options[sub.name] = options
-                reader.segmented[sub.name] = alike
+                reader.segmented[sub.name] = whose
         if les:
             reader.lesions[sub.name] = les
         if doc.get("method"):
@@ -268,21 +270,23 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
 
 def _segmenting_options(reader: Reader, study: str, names: list[str],
                         given: LesionOptions | None, like: Mapping[str, LesionOptions] | None
-                        ) -> tuple[LesionOptions | None, bool]:
-    """The options a study without lesions is segmented with (None: not segmented), and
-    whether they are ``like``'s: a core defined by CBV needs a ``cbv`` map (its absence had
-    ended the evaluation in a KeyError); said among the reader's warnings when it is missing."""
-    wanted, alike = (like[study], True) if like and study in like else (given, False)
+                        ) -> tuple[LesionOptions | None, str]:
+    """The options a study without lesions is segmented with (None: not segmented), and whose
+    they are (:attr:`Reader.segmented`): a core defined by CBV needs a ``cbv`` map (its
+    absence had ended the evaluation in a KeyError); said among the reader's warnings when it
+    is missing."""
+    alike = bool(like) and study in like
+    wanted = like[study] if like and alike else given
     if wanted is None or wanted.core_cbv is None or "cbv" in names:
-        return wanted, alike
+        return wanted, "like" if alike else "given"
     whose = "the reference's core is" if alike else "the core is"
     if alike and given is not None and given.core_cbv is None:
         reader.warnings.append(f"{study}: {whose} defined by CBV and these maps have no cbv: "
                                "segmented with the options given instead")
-        return given, False
+        return given, "no cbv"
     reader.warnings.append(f"{study}: {whose} defined by CBV and these maps have no cbv: no "
                            "lesions segmented")
-    return None, False
+    return None, "given"
 
 
 def _unfinished(root: Path) -> dict[str, str]:
@@ -325,13 +329,16 @@ def _rule_labels(thresholds: Any) -> dict[str, str]:
 def lesion_rule_warnings(readers: list[Reader], studies: list[str]) -> list[str]:
     """One line per lesion (core, hypoperfused) that the readers defined differently on
     ``studies`` (a Tmax threshold of 12 s against 6 s had been compared as one lesion), and
-    one when their clean-up differs (no median and no smallest piece had passed unsaid)."""
+    one when their clean-up differs (no median and no smallest piece had passed unsaid). Rules
+    are compared study by study: readers that change rules between studies alike (a cohort
+    mapped in two runs) do not differ."""
     out = []
     for name in ("core", "hypoperfused", "clean-up"):
+        split = [s for s in studies if len({r.rules[s][name] for r in readers
+                                            if name in r.rules.get(s, {})}) > 1]
         seen: dict[str, list[str]] = {}
         for r in readers:
-            for rule in sorted({r.rules[s][name] for s in studies
-                                if name in r.rules.get(s, {})}):
+            for rule in sorted({r.rules[s][name] for s in split if name in r.rules.get(s, {})}):
                 seen.setdefault(rule, []).append(r.label)
         if len(seen) > 1:
             what = ("lesions cleaned up differently by the readers" if name == "clean-up"

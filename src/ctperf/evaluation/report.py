@@ -130,7 +130,8 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     lesion_options : LesionOptions, optional
         Thresholds of :func:`ctperf.perfusion.segment_lesions` for map folders without
         ``lesions/`` (see :func:`load_maps_cohort`) where ``ref``'s summary of the same study
-        does not give the options its lesions were made with (those are used where it does).
+        does not give the options its lesions were made with (those are used where it does);
+        None segments no lesions at all.
 
     Returns
     -------
@@ -256,12 +257,16 @@ def _segmentation(reader: Any, ref: Any, studies: list[str], given: LesionOption
     done = [s for s in studies if s in reader.segmented]
     if not done:
         return None
-    alike = sum(reader.segmented[s] for s in done)
+    count = {why: sum(reader.segmented[s] == why for s in done) for why in ("like", "given",
+                                                                             "no cbv")}
     options = "the default options" if given == LesionOptions() else "the options given"
-    rules = ([f"{ref.label}'s rules on {alike}"] if alike else []) + (
-        [f"{options} on {len(done) - alike}"
-         + ("" if reader is ref else f" ({ref.label}'s summary does not give them all)")]
-        if alike < len(done) else [])
+    unknown = ("" if reader is ref else " (the truth gives no lesion rules)"
+               if ref.kind == "truth" else f" ({ref.label}'s summary does not give them all)")
+    rules = [text for text, n in (
+        (f"{ref.label}'s rules on {count['like']}", count["like"]),
+        (f"{options} on {count['given']}{unknown}", count["given"]),
+        (f"{options} on {count['no cbv']} (no cbv map for {ref.label}'s core by CBV)",
+         count["no cbv"])) if n]
     return (f"lesions segmented here from its cbf and tmax maps on {len(done)} "
             f"stud{'y' if len(done) == 1 else 'ies'}, with {' and '.join(rules)}")
 

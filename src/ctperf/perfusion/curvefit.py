@@ -47,7 +47,7 @@ from ctperf.perfusion.qc import (
     widespread_hypoperfusion_flag,
 )
 from ctperf.perfusion.voxelfit import SD_MAPS, fit_voxels, measured_ttp
-from ctperf.types import METHODS
+from ctperf.types import METHODS, refuse_masked
 
 __all__ = ["CURVE_FLAGS", "CURVE_PARAMETERS", "CurveFit", "curve_flags", "fit_curves",
            "flag_reference"]
@@ -334,6 +334,8 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     """
     if method not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+    for name, value in (("tissue", tissue), ("aif", aif), ("vof", vof), ("times", times)):
+        refuse_masked(value, name, "values of the curves; give the curves without them")
     t = np.asarray(times, dtype=np.float64)
     if t.ndim != 1:
         raise ValidationError(f"times must be 1-D, got shape {t.shape}")

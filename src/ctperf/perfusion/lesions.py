@@ -407,7 +407,7 @@ def segment_lesions(
     cbf, tmax = _smooth(cbf, valid, rad), _smooth(tmax, valid, rad)
     hypo = valid & (tmax > o.tmax_hypo)
     severe = valid & (tmax > o.tmax_severe)
-    label = reference if isinstance(reference, str) else "given"
+    label = asked = reference if isinstance(reference, str) else "given"
     # the midline, whatever the core's rule: the contralateral reference mirrors about it, and
     # each side's hypoperfused share (a brain late on both sides) is read from it
     plane, mid_info, right = _midline(region, maps, warn=o.core_cbv is None
@@ -468,7 +468,7 @@ def segment_lesions(
     standard = (o.tmax_hypo, o.tmax_severe) == (6.0, 10.0)
     hir = (volumes["tmax10"] / volumes["hypoperfused"]
            if standard and volumes["hypoperfused"] > 0 else None)
-    thresholds = _thresholds(o, label, ref_value=ref_value, midplane=mid_info)
+    thresholds = _thresholds(o, label, ref_value=ref_value, midplane=mid_info, asked=asked)
     sd_ml = None
     if "tmax_sd" in maps.names and core_sd is not None:
         sd_ml = _volume_sd(core_value, tmax, core_sd, maps["tmax_sd"], valid,
@@ -516,12 +516,14 @@ def _normal_tissue(cbf: np.ndarray, timely: np.ndarray, core_rcbf: float) -> np.
 
 
 def _thresholds(o: LesionOptions, reference: str, *, ref_value: float | None,
-                midplane: dict[str, Any] | None) -> dict[str, Any]:
-    """The summary's thresholds: numbers, each rule with a readable label."""
+                midplane: dict[str, Any] | None, asked: str | None = None) -> dict[str, Any]:
+    """The summary's thresholds: numbers, each rule with a readable label; ``reference`` the
+    core's reference used, ``asked`` the one asked for (default the options')."""
     core: dict[str, Any] = (
         {"cbv_below_ml_per_100g": o.core_cbv, "label": f"CBV < {o.core_cbv} mL/100g"}
         if o.core_cbv is not None else
-        {"rcbf_below": o.core_rcbf, "reference": reference, "reference_asked": o.reference,
+        {"rcbf_below": o.core_rcbf, "reference": reference,
+         "reference_asked": o.reference if asked is None else asked,
          "label": f"rCBF < {o.core_rcbf} ({reference} reference)"})
     return {
         "core": core,
