@@ -275,8 +275,8 @@ def _segmenting_options(reader: Reader, study: str, names: list[str],
     they are (:attr:`Reader.segmented`): a core defined by CBV needs a ``cbv`` map (its
     absence had ended the evaluation in a KeyError); said among the reader's warnings when it
     is missing."""
-    alike = bool(like) and study in like
-    wanted = like[study] if like and alike else given
+    alike = like is not None and study in like
+    wanted = like[study] if like is not None and alike else given
     if wanted is None or wanted.core_cbv is None or "cbv" in names:
         return wanted, "like" if alike else "given"
     whose = "the reference's core is" if alike else "the core is"
