@@ -128,17 +128,18 @@ def _as_volume(
 
 
 def _smooth_in_plane(vol: np.ndarray, pixel: tuple[float, float], sigma_mm: float, *,
-                     skull: bool | None = None) -> np.ndarray:
+                     skull: bool | None = None, air_out: bool = False) -> np.ndarray:
     """``vol`` (Z, Y, X) smoothed in-plane by a Gaussian of SD ``sigma_mm`` (``pixel`` (dy, dx)
     mm). In a volume with no skull (:func:`skull_present`: a skull-stripped study) air is left
     out (a normalised convolution over the voxels at or above :data:`AIR_HU`, air kept as it
     is): there the brain meets air, whose -1000 HU averaged into the cortex beside it took a
     ring of brain for air or CSF. A head's scalp meets air too, and there air averaged into
     its edge helps cut it from the brain. ``skull``: :func:`skull_present` of ``vol`` when
-    the caller has it."""
+    the caller has it; ``air_out``: air left out whatever the skull (the CSF's threshold, which
+    no scalp reaches)."""
     sigma = (0.0, sigma_mm / pixel[0], sigma_mm / pixel[1])
     solid = vol >= AIR_HU
-    if solid.all() or (skull_present(vol) if skull is None else skull):
+    if solid.all() or (not air_out and (skull_present(vol) if skull is None else skull)):
         return ndimage.gaussian_filter(vol, sigma=sigma)
     weight = ndimage.gaussian_filter(solid.astype(np.float32), sigma=sigma)
     total = ndimage.gaussian_filter(np.where(solid, vol, np.float32(0.0)), sigma=sigma)
@@ -439,7 +440,9 @@ def csf_mask(
 ) -> np.ndarray:
     """Voxels below ``csf_hu`` after in-plane Gaussian smoothing (CSF, air), bool (Z, Y, X).
 
-    The smoothing leaves air out in a skull-stripped study (:func:`_smooth_in_plane`).
+    The smoothing leaves air out (:func:`_smooth_in_plane`): averaged in, it took brain
+    within about 3 mm of air or padding for CSF where no skull lies between (a field of view
+    cutting the head, air over the brain), and with it that brain's lesions.
 
     Parameters
     ----------
@@ -451,7 +454,7 @@ def csf_mask(
     """
     _, dy, dx = (float(v) for v in spacing)
     vol = np.asarray(volume, dtype=np.float32)
-    return _smooth_in_plane(vol, (dy, dx), smooth_mm) < csf_hu
+    return _smooth_in_plane(vol, (dy, dx), smooth_mm, air_out=True) < csf_hu
 
 
 def tissue_csf_midpoint(
