@@ -291,7 +291,8 @@ def run_perfusion(
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
     lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels | dense, rim_mm=rim_mm,
                        options=THRESHOLDS_ONLY if lesion_options is None else lesion_options,
-                       padding=padding)
+                       # a skull-stripped study's padding (no skull: exposed None) is its surface
+                       padding=None if exposed is None else padding)
     # lesions with no bolus at all: brain without blood is no acute core (its Tmax is noise)
     regions = ndimage.label((lesions.core | lesions.hypoperfused) & ~vessels)[0][brain]
     flags["lesion_no_bolus"] = lesion_no_bolus_flag(lesion_no_bolus_ml(
@@ -564,8 +565,8 @@ def _lesions(maps: PerfusionMaps, *, brain: np.ndarray, search: np.ndarray,
              padding: np.ndarray | None = None) -> LesionResult:
     """Lesions, leaving out vessels and the brain's outer rim, where partial volume with
     cortical veins and bone makes Tmax unreliable; not where the brain meets ``padding`` (a
-    field of view cutting the head: no surface there, as at the image's edge, where a cut
-    study stored without padding had kept its rim and one padded had lost it)."""
+    field of view cutting a head with its skull: no surface there, as at the image's edge,
+    where a cut study stored without padding had kept its rim and one padded had lost it)."""
     exclude = vessels.copy()
     if rim_mm > 0:
         plane = (1e6, *maps.spacing[1:])
