@@ -984,6 +984,22 @@ def test_a_curve_peaking_before_the_aif_is_flagged(method):
     assert fit.provenance["curve_flags"]["peaks_before_aif"]["curves"] == [3]
 
 
+@pytest.mark.parametrize("method", ["nlr-fast", "bsvd"])
+def test_a_curve_whose_residue_peaks_before_the_aif_is_flagged(method):
+    """An AIF taken 3 s downstream: a probe's fast curve read Tmax -2 s, exit 0, no flag
+    (peaks_before_aif needs its peak 1 s before the AIF's). Curves of Tmax under -1 s are
+    flagged now; with the AIF where it belongs, none."""
+    tissue, aif = _hand_curves()
+    late_aif = np.interp(T_HAND - 3.0, T_HAND, aif, left=0.0)
+    fit = fit_curves(tissue, late_aif, T_HAND, method=method, baseline=0, rho=RHO, kh=KH)
+    assert fit.tmax[0] < -1.0  # grey matter reached at 0 s, its AIF now at 3 s
+    assert "tmax_before_aif" in fit.flags[0]
+    assert fit.provenance["curve_flags"]["tmax_before_aif"]["curves"] == [
+        i for i in range(3) if fit.tmax[i] < -1.0]
+    fine = fit_curves(tissue, aif, T_HAND, method=method, baseline=0, rho=RHO, kh=KH)
+    assert not any("tmax_before_aif" in f for f in fine.flags)
+
+
 def test_the_aif_lag_of_a_few_noisy_voxels_is_not_read_from_their_noise(rng):
     """The mean of a few voxels (2.7 HU of noise on a 16 HU peak) crossed a fifth of its peak
     by noise alone, seconds before its bolus: ``aif_after_tissue`` was raised on healthy

@@ -76,6 +76,11 @@ CURVE_FLAGS: dict[str, str] = {
                         "whichever is longer, which tissue fed by that artery cannot: the AIF "
                         "was taken downstream of it (a vein, or an artery past a delay); its "
                         "delay, Tmax and CBF are not reliable",
+    "tmax_before_aif": "its Tmax is below 0 by more than 1 s or a frame interval, whichever "
+                       "is longer: its residue peaks before its input does, which tissue fed "
+                       "by that artery cannot (healthy tissue is reached at most about a "
+                       "second before a distant artery): the AIF was taken downstream of it; "
+                       "its delay, Tmax and CBF are not reliable",
     "spike": "one frame stands apart from both its neighbours by more than "
              f"{SPIKE_SDS:g} SDs of its noise and by more of the curve's peak than a bolus "
              "sampled on those frames can (motion, or a streak through that frame): its values "
@@ -410,9 +415,13 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     early = _peaks_before(t, vessels[:, 0], _measured_peak(tis, t, grid, n_base,
                                                             vessels[:, 0]))
     late = out["tmax"] > out["ttp"]  # NaN compares False
+    # (a downstream AIF 3 s late had read one curve's Tmax -2 s with no flag)
+    ahead = out["tmax"] < -max(1.0, float(np.diff(t).max()))
     per_curve = tuple(f + ("peaks_before_aif",) * bool(hit and "no_enhancement" not in f)
+                      + ("tmax_before_aif",) * bool(before and "no_enhancement" not in f)
                       + ("tmax_after_peak",) * bool(after and "no_enhancement" not in f)
-                      for f, hit, after in zip(per_curve, early, late, strict=True))
+                      for f, hit, before, after in zip(per_curve, early, ahead, late,
+                                                       strict=True))
     stuck = np.zeros(len(per_curve), dtype=bool)  # the SVD methods have no bounds
     if method in BOX_METHODS:
         # No flow is a value for a flat curve; for one that enhances it is a simplex that
