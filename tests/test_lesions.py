@@ -691,32 +691,3 @@ def test_lesion_options_are_not_read_from_partial_or_odd_thresholds():
     assert LesionOptions.from_thresholds({**older, "core": {**older["core"],
                                                             "reference": "given"}}) is None
 
-
-def test_the_brain_rim_is_not_left_out_where_the_field_of_view_cuts_it():
-    """The outer rim (2 mm) is left out of the lesions for the partial volume of a surface; a
-    cut by the field of view is no surface: a study cut at the image's edge kept its rim there
-    and one padded with -1024 lost it (a probe's core 3.6 mL against 7.8 for the same voxels).
-    The padding's side now keeps it, with the pixel the brain mask leaves beside the padding."""
-    from ctperf.perfusion.maps import _lesions
-
-    shape = (1, 32, 32)
-    search = np.zeros(shape, bool)
-    search[:, 4:28, 4:29] = True  # brain; x = 29 the pixel the mask left; padding from 30
-    padding = np.zeros(shape, bool)
-    padding[:, :, 30:] = True
-    tmax = np.full(shape, 2.0)
-    tmax[:, 10:20, 20:29] = 9.0  # a lesion against the cut
-    maps = PerfusionMaps(maps={"cbf": np.full(shape, 40.0), "tmax": tmax}, affine=np.eye(4))
-    none = np.zeros(shape, bool)
-    kept = _lesions(maps, brain=search, search=search, vessels=none, rim_mm=2.0,
-                    options=THRESHOLDS_ONLY, padding=padding).hypoperfused
-    lost = _lesions(maps, brain=search, search=search, vessels=none, rim_mm=2.0,
-                    options=THRESHOLDS_ONLY).hypoperfused
-    assert kept[:, 10:20, 20:29].all()
-    assert not lost[:, 10:20, 27:29].any() and lost[:, 10:20, 20:27].all()
-    # a surface away from the padding keeps its rim left out
-    tmax[:, 10:20, 4:8] = 9.0
-    maps = maps.replace(maps={"cbf": maps["cbf"], "tmax": tmax})
-    far = _lesions(maps, brain=search, search=search, vessels=none, rim_mm=2.0,
-                   options=THRESHOLDS_ONLY, padding=padding).hypoperfused
-    assert not far[:, 10:20, 4:6].any() and far[:, 10:20, 6:8].all()

@@ -128,19 +128,22 @@ def _as_volume(
 
 
 def _smooth_in_plane(vol: np.ndarray, pixel: tuple[float, float], sigma_mm: float, *,
-                     skull: bool | None = None, air_out: bool = False) -> np.ndarray:
+                     skull: bool | None = None,
+                     padding: np.ndarray | None = None) -> np.ndarray:
     """``vol`` (Z, Y, X) smoothed in-plane by a Gaussian of SD ``sigma_mm`` (``pixel`` (dy, dx)
     mm). In a volume with no skull (:func:`skull_present`: a skull-stripped study) air is left
     out (a normalised convolution over the voxels at or above :data:`AIR_HU`, air kept as it
     is): there the brain meets air, whose -1000 HU averaged into the cortex beside it took a
     ring of brain for air or CSF. A head's scalp meets air too, and there air averaged into
     its edge helps cut it from the brain. ``skull``: :func:`skull_present` of ``vol`` when
-    the caller has it; ``air_out``: air left out whatever the skull (the CSF's threshold, which
-    no scalp reaches)."""
+    the caller has it; ``padding`` (bool, or None): left out whatever the skull (outside a
+    field of view that cuts the head the brain meets it with no scalp between)."""
     sigma = (0.0, sigma_mm / pixel[0], sigma_mm / pixel[1])
     solid = vol >= AIR_HU
-    if solid.all() or (not air_out and (skull_present(vol) if skull is None else skull)):
-        return ndimage.gaussian_filter(vol, sigma=sigma)
+    if solid.all() or (skull_present(vol) if skull is None else skull):
+        if padding is None or not padding.any():
+            return ndimage.gaussian_filter(vol, sigma=sigma)
+        solid = ~padding
     weight = ndimage.gaussian_filter(solid.astype(np.float32), sigma=sigma)
     total = ndimage.gaussian_filter(np.where(solid, vol, np.float32(0.0)), sigma=sigma)
     return np.where(solid, total / np.maximum(weight, np.float32(1e-6)), vol)
@@ -437,12 +440,14 @@ def csf_mask(
     spacing: Sequence[float] = (1.0, 1.0, 1.0),
     csf_hu: float = 15.0,
     smooth_mm: float = 1.5,
+    padding: np.ndarray | None = None,
 ) -> np.ndarray:
     """Voxels below ``csf_hu`` after in-plane Gaussian smoothing (CSF, air), bool (Z, Y, X).
 
-    The smoothing leaves air out (:func:`_smooth_in_plane`): averaged in, it took brain
-    within about 3 mm of air or padding for CSF where no skull lies between (a field of view
-    cutting the head, air over the brain), and with it that brain's lesions.
+    The smoothing leaves air out in a skull-stripped study, and ``padding``
+    (:func:`padding_mask`) in any (:func:`_smooth_in_plane`): averaged in, the padding outside
+    a field of view that cuts the head took the brain within about 3.5 mm of it for CSF, and
+    with it that brain's lesions.
 
     Parameters
     ----------
@@ -451,10 +456,12 @@ def csf_mask(
     spacing : (dz, dy, dx) mm
     csf_hu, smooth_mm : float
         Threshold in HU and smoothing sigma in mm.
+    padding : ndarray of bool, shape (Z, Y, X), optional
+        :func:`padding_mask` of the study.
     """
     _, dy, dx = (float(v) for v in spacing)
     vol = np.asarray(volume, dtype=np.float32)
-    return _smooth_in_plane(vol, (dy, dx), smooth_mm, air_out=True) < csf_hu
+    return _smooth_in_plane(vol, (dy, dx), smooth_mm, padding=padding) < csf_hu
 
 
 def tissue_csf_midpoint(

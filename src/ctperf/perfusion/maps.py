@@ -290,9 +290,7 @@ def run_perfusion(
     provenance.update(study_space(series.meta))  # the NIfTI space its written maps keep
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
     lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels | dense, rim_mm=rim_mm,
-                       options=THRESHOLDS_ONLY if lesion_options is None else lesion_options,
-                       # a skull-stripped study's padding (no skull: exposed None) is its surface
-                       padding=None if exposed is None else padding)
+                       options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)
     # lesions with no bolus at all: brain without blood is no acute core (its Tmax is noise)
     regions = ndimage.label((lesions.core | lesions.hypoperfused) & ~vessels)[0][brain]
     flags["lesion_no_bolus"] = lesion_no_bolus_flag(lesion_no_bolus_ml(
@@ -561,20 +559,12 @@ def _provenance(method: str, t: np.ndarray, *, rho: float, kh: float, grid: np.n
 
 
 def _lesions(maps: PerfusionMaps, *, brain: np.ndarray, search: np.ndarray,
-             vessels: np.ndarray, rim_mm: float, options: LesionOptions,
-             padding: np.ndarray | None = None) -> LesionResult:
+             vessels: np.ndarray, rim_mm: float, options: LesionOptions) -> LesionResult:
     """Lesions, leaving out vessels and the brain's outer rim, where partial volume with
-    cortical veins and bone makes Tmax unreliable; not where the brain meets ``padding`` (a
-    field of view cutting a head with its skull: no surface there, as at the image's edge,
-    where a cut study stored without padding had kept its rim and one padded had lost it)."""
+    cortical veins and bone makes Tmax unreliable."""
     exclude = vessels.copy()
     if rim_mm > 0:
-        plane = (1e6, *maps.spacing[1:])
-        inside = search
-        if padding is not None:  # with the pixel the brain mask leaves next to it
-            reach = rim_mm + max(maps.spacing[1:])
-            inside = search | (ndimage.distance_transform_edt(~padding, sampling=plane) <= reach)
-        depth = ndimage.distance_transform_edt(inside, sampling=plane)
+        depth = ndimage.distance_transform_edt(search, sampling=(1e6, *maps.spacing[1:]))
         exclude |= brain & (depth <= rim_mm)
     return segment_lesions(maps, brain=brain, exclude=exclude, options=options)
 

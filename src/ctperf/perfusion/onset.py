@@ -194,7 +194,7 @@ def _brain(base: np.ndarray, mean: np.ndarray, given: np.ndarray | None, *,
         base, mean = base - offset, mean - offset
     base, mean = masks.as_air(base, padding), masks.as_air(mean, padding)
     whole = masks.brain_mask(base, spacing=spacing, exclude_csf=False)
-    csf = masks.csf_mask(base, spacing=spacing)
+    csf = masks.csf_mask(base, spacing=spacing, padding=padding)
     brain = whole & ~csf
     cut = masks.tissue_csf_midpoint(mean, whole, csf)
     share = None
