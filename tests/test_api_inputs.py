@@ -194,3 +194,21 @@ def test_masked_curves_are_refused(curves):
         fit_curves(hidden, aif, t)
     fine = fit_curves(np.ma.masked_array(tissue, mask=False), aif, t)
     np.testing.assert_array_equal(fine.cbf, fit_curves(tissue, aif, t).cbf)
+
+
+def test_a_masked_aif_or_reference_is_refused(curves):
+    """A masked AIF given to the maps or a masked normal-CBF reference had its hidden values
+    read (a reference hiding 1e6: core 99.8 mL for 39.8)."""
+    from ctperf.perfusion.curves import finite_aif
+
+    _, aif = curves
+    hidden = np.ma.masked_array(aif, mask=False)
+    hidden[5] = np.ma.masked
+    with pytest.raises(ValidationError, match="aif is a masked array with 1 masked value"):
+        finite_aif(hidden, TIMES)
+    maps = PerfusionMaps(maps={"cbf": np.full((1, 4, 4), 30.0), "tmax": np.full((1, 4, 4), 2.0)},
+                         affine=np.eye(4))
+    normal = np.ma.masked_array(np.full((1, 4, 4), 40.0), mask=False)
+    normal[0, 0, 0] = np.ma.masked
+    with pytest.raises(ValidationError, match="reference is a masked array"):
+        segment_lesions(maps, reference=normal)

@@ -141,7 +141,8 @@ def test_rules_that_change_between_studies_alike_are_no_difference():
     other.rules = {"a": {"core": by_rcbf}, "b": {"core": by_rcbf}}
     assert lesion_rule_warnings([pred, ref], ["a", "b"]) == []
     assert lesion_rule_warnings([other, ref], ["a", "b"]) == [
-        f"core lesion defined differently by the readers ({by_rcbf}: other; {by_cbv}: ref): "
+        f"core lesion defined differently by the readers in a ({by_rcbf}: other; {by_cbv}: "
+        "ref): "
         "their volumes and Dice compare different definitions"]
 
 

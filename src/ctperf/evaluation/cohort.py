@@ -343,7 +343,9 @@ def lesion_rule_warnings(readers: list[Reader], studies: list[str]) -> list[str]
         if len(seen) > 1:
             what = ("lesions cleaned up differently by the readers" if name == "clean-up"
                     else f"{name} lesion defined differently by the readers")
-            out.append(f"{what} ("
+            where = ("" if len(split) == len(studies) else  # name the studies, when not all
+                     f" in {', '.join(split[:5])}{' ...' if len(split) > 5 else ''}")
+            out.append(f"{what}{where} ("
                        + "; ".join(f"{rule}: {', '.join(who)}" for rule, who in seen.items())
                        + "): their volumes and Dice compare different definitions")
     return out

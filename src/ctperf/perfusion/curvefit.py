@@ -339,8 +339,9 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     """
     if method not in METHODS:
         raise ValidationError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
-    for name, value in (("tissue", tissue), ("aif", aif), ("vof", vof), ("times", times)):
+    for name, value in (("tissue", tissue), ("aif", aif), ("vof", vof)):
         refuse_masked(value, name, "values of the curves; give the curves without them")
+    refuse_masked(times, "times", "frame times; give every frame its time")
     t = np.asarray(times, dtype=np.float64)
     if t.ndim != 1:
         raise ValidationError(f"times must be 1-D, got shape {t.shape}")

@@ -19,7 +19,7 @@ import numpy as np
 from scipy import interpolate
 
 from ctperf.errors import ValidationError
-from ctperf.types import CTPSeries
+from ctperf.types import CTPSeries, refuse_masked
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,9 @@ RHO_RANGE, KH_RANGE = (0.5, 2.0), (0.1, 1.0)
 
 def finite_aif(aif: object, times: np.ndarray, *, name: str = "aif") -> np.ndarray:
     """The AIF (or the curve ``name``) as float64 (T,), one finite value per frame of
-    ``times``, or ValidationError (NaN or Inf in it had ended the fits in an IndexError)."""
+    ``times``, or ValidationError (NaN or Inf in it had ended the fits in an IndexError; a
+    masked array's hidden values had been read)."""
+    refuse_masked(aif, name, "the curve's values; give it without them")
     ca = np.asarray(aif, dtype=np.float64)
     if ca.shape != np.shape(times):
         raise ValidationError(f"{name} must have shape ({np.size(times)},), one value per "

@@ -35,7 +35,7 @@ from ctperf.errors import ValidationError
 from ctperf.lesion_options import THRESHOLDS_ONLY, LesionOptions
 from ctperf.masks import as_region
 from ctperf.parallel import map_chunks
-from ctperf.types import PerfusionMaps, orientation_known
+from ctperf.types import PerfusionMaps, orientation_known, refuse_masked
 
 __all__ = ["MIDPLANE_MAX_YAW_DEG", "MIN_NORMAL_SHARE", "NO_NORMAL_TISSUE", "THRESHOLDS_ONLY",
            "LesionOptions", "LesionResult", "MidPlane", "in_patient_terms", "left_right_angle",
@@ -392,6 +392,7 @@ def segment_lesions(
     o = options
     if reference is None:
         reference = o.reference
+    refuse_masked(reference, "reference", "normal CBF; give it without them")
     cbf, tmax = maps["cbf"].astype(np.float64), maps["tmax"].astype(np.float64)
     valid = np.isfinite(cbf) & np.isfinite(tmax)
     if brain is None:  # maps written with 0 (or -1) outside the head: that is no brain
