@@ -11,10 +11,9 @@ their results. Run it on an otherwise idle machine: timings on a shared machine 
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import numpy as np
+from bench_dicom_load import timed  # best of n runs, as the other benchmarks time
 
 from ctperf.perfusion.curves import (
     MIN_BOLUS_WIDTH_S,
@@ -47,15 +46,6 @@ def clipped_trapezoid(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
     return np.trapezoid(np.clip(curves, 0, None), times, axis=0)
 
 
-def best_of(repeat: int, fn: Callable[[], np.ndarray]) -> tuple[float, np.ndarray]:
-    best, out = float("inf"), np.empty(0)
-    for _ in range(repeat):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--voxels", type=int, default=512 * 512 * 8)
@@ -79,8 +69,8 @@ def main() -> None:
     print(f"{args.voxels} curves of {args.frames} frames, best of {args.repeat}")
     print(f"{'step':32s} {'now s':>8s} {'before s':>9s} {'ratio':>6s}  largest difference")
     for name, now, before in rows:
-        t_now, a = best_of(args.repeat, now)
-        t_before, b = best_of(args.repeat, before)
+        t_now, a = timed(now, args.repeat)
+        t_before, b = timed(before, args.repeat)
         diff = float(np.max(np.abs(a.astype(np.float64) - b.astype(np.float64))))
         print(f"{name:32s} {t_now:8.2f} {t_before:9.2f} {t_before / t_now:6.1f}  {diff:.3g}")
 
