@@ -314,14 +314,15 @@ def start_level(aif: np.ndarray) -> tuple[float, float, float]:
     if x.size < 4:
         return 0.0, 0.0, 0.0
     c = bandlimit(x)
-    low = float(np.sort(c)[:3].mean())
-    return float(c[0]) - low, float(c.max()) - low, _first_frame_noise(x)
+    return _above_level(x, c, float(np.sort(c)[:3].mean()))
 
 
-def _first_frame_noise(x: np.ndarray) -> float:
-    """The noise SD of a curve's first frame smoothed with :func:`bandlimit`: one frame's
-    (from second differences), then weighted 3/4 and 1/4 with its neighbour's."""
-    return float(np.sqrt(0.625) * second_difference_sd(x))
+def _above_level(x: np.ndarray, c: np.ndarray, level: float) -> tuple[float, float, float]:
+    """How far the smoothed curve ``c`` (:func:`bandlimit` of ``x``) stands above ``level`` at
+    its first frame and at its peak, and the smoothed first frame's noise SD: one frame's
+    (from second differences of ``x``), then weighted 3/4 and 1/4 with its neighbour's."""
+    noise = float(np.sqrt(0.625) * second_difference_sd(x))
+    return float(c[0]) - level, float(c.max()) - level, noise
 
 
 def baseline_fall(curve: np.ndarray, frames: int) -> tuple[float, float, float]:
@@ -339,8 +340,7 @@ def baseline_fall(curve: np.ndarray, frames: int) -> tuple[float, float, float]:
     if n < 3 or x.size < 4:
         return 0.0, 0.0, 0.0
     c = bandlimit(x)
-    level = float(np.median(c[n // 2:n]))
-    return float(c[0]) - level, float(c.max()) - level, _first_frame_noise(x)
+    return _above_level(x, c, float(np.median(c[n // 2:n])))
 
 
 def _line_slope(x: np.ndarray, t: np.ndarray, n: int) -> tuple[float, float]:
@@ -543,8 +543,8 @@ def positive_area(curves: np.ndarray, times: np.ndarray) -> np.ndarray:
     weights[:-1] += 0.5 * dt
     weights[1:] += 0.5 * dt
     out = np.empty(curves.shape[1])
-    for start in range(0, curves.shape[1], 16384):
-        block = curves[:, start:start + 16384]
+    for start in range(0, curves.shape[1], TIME_BLOCK):
+        block = curves[:, start:start + TIME_BLOCK]
         out[start:start + block.shape[1]] = weights @ np.maximum(block, 0).astype(np.float64)
     return out
 
