@@ -3,7 +3,8 @@
 Lesion subjects: true hypoperfused volume (true Tmax > 6 s inside the mapped brain outside
 vessels; also with the threshold at 5.75 and 6.25 s, how sensitive the truth is) beside
 each method's hypoperfused volume at Tmax thresholds of 6 to 8 s, the same region and the
-lesion clean-up of ``ctperf maps`` (``LesionOptions()``). Lesion-free subjects: core volume
+lesion clean-up of ``ctperf maps`` (``LesionOptions()``), and the core: its volume, the share
+of the true core found, and the ``core_unseen`` QC flag's value. Lesion-free subjects: core volume
 and the right/left median CBF ratio about the estimated mid-sagittal plane (the healthy
 criteria: no core of 1 mL or more, ratio within 0.9-1.1).
 
@@ -52,7 +53,14 @@ def measure(seed: int, *, lesion: bool, method: str, size: int, slices: int,
            # the Tmax accuracy a 10 % volume agreement asks for
            **{f"true_hypoperfused_ml_tmax>{t:g}": round(float(
                ((subject.truth["tmax"] > t) & region).sum()) * voxel_ml, 1) for t in (5.75, 6.25)},
-           "core_ml": round(result.lesions.volumes_ml["core"], 2)}
+           "core_ml": round(result.lesions.volumes_ml["core"], 2),
+           # the true core (the phantom's CBF under 30 % of its healthy CBF) inside the region,
+           # the share of it the maps call core, and the ``core_unseen`` flag's value
+           "true_core_ml": round(float((subject.masks["core"] & region).sum()) * voxel_ml, 2),
+           "core_found_share": round(float((result.lesions.core & subject.masks["core"]
+                                            & region).sum())
+                                     / max(int((subject.masks["core"] & region).sum()), 1), 3),
+           "core_unseen": result.maps.provenance["qc"]["core_unseen"]["value"]}
     for threshold in THRESHOLDS:
         options = dataclasses.replace(LesionOptions(), tmax_hypo=threshold)
         lesions = segment_lesions(result.maps, brain=result.brain, exclude=result.vessels,
@@ -97,10 +105,14 @@ def main() -> None:
                     near = "/".join(f"{row[f'true_hypoperfused_ml_tmax>{t:g}']:.1f}"
                                     for t in (5.75, 6.25))
                     print(f"lesion seed {seed:3d} {row['residue']:<11} {method:<9} "
-                          f"true {true:6.1f} mL (at 5.75/6.25 s {near})  {vols}", flush=True)
+                          f"true {true:6.1f} mL (at 5.75/6.25 s {near})  {vols}  core "
+                          f"{row['core_ml']:.1f} mL for {row['true_core_ml']:.1f} (found "
+                          f"{row['core_found_share']:.0%}, core_unseen {row['core_unseen']})",
+                          flush=True)
                 else:
                     print(f"healthy seed {seed:3d} {row['residue']:<11} {method:<9} core "
-                          f"{row['core_ml']:.2f} mL  CBF right/left {row['cbf_right_left']:.3f}",
+                          f"{row['core_ml']:.2f} mL  CBF right/left {row['cbf_right_left']:.3f}"
+                          f"  core_unseen {row['core_unseen']}",
                           flush=True)
     if args.json:
         with open(args.json, "w") as f:

@@ -46,6 +46,7 @@ from ctperf.perfusion.qc import (
     qc_flags,
     widespread_hypoperfusion_flag,
 )
+from ctperf.perfusion.sensitivity import core_unseen_flag
 from ctperf.perfusion.voxelfit import SD_MAPS, fit_voxels, measured_ttp
 from ctperf.types import METHODS, refuse_masked
 
@@ -452,6 +453,7 @@ def flag_reference() -> str:
     x = np.clip(t - 10.0, 0.0, None)
     maps = qc_flags(times=t, aif=x ** 3 * np.exp(-x / 1.5))
     maps["lesion_no_bolus"] = lesion_no_bolus_flag(None)
+    maps["core_unseen"] = core_unseen_flag(None, None)
     maps["widespread_hypoperfusion"] = widespread_hypoperfusion_flag(None, None, None)
 
     def cell(text: str) -> str:

@@ -72,6 +72,7 @@ from ctperf.perfusion.qc import (
     skull_shift_px,
     widespread_hypoperfusion_flag,
 )
+from ctperf.perfusion.sensitivity import core_contrast, core_unseen_flag
 from ctperf.perfusion.voxelfit import SD_MAPS, check_bayes_options, fit_voxels
 from ctperf.types import MAP_UNITS, METHODS, CTPSeries, PerfusionMaps, non_axial_slices
 
@@ -265,7 +266,11 @@ def run_perfusion(
     # blood-dense before the bolus (a haemorrhage): no ischaemic lesion is called there
     dense = masks.hyperdense_mask(base, brain, spacing=spacing, offset=offset, exclude=vessels)
 
+    # Noise from every 7th brain voxel: a median needs no more, and the gather is (T, N).
+    noise_sd = pre_bolus_noise_sd(hu.reshape(t.size, -1)[:, np.flatnonzero(brain.ravel())[::7]],
+                                  n_base)
     flags = _qc(hu, tissue_mean, brain_mean, t, brain=brain, n_base=n_base, aif_raw=aif_raw,
+                base_sd=noise_sd,
                 late_mean=_late_mean(tissue, values.get("tmax"), ~vessels[brain],
                                      brain=brain, spacing=spacing,
                                      voxel_ml=series.voxel_ml),
@@ -279,6 +284,12 @@ def run_perfusion(
                 hyperdense_ml=float(dense.sum()) * series.voxel_ml,
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None),
                 osvd_step_s=sample_step(t, grid) if method == "osvd" else None)
+    options = THRESHOLDS_ONLY if lesion_options is None else lesion_options
+    flags["core_unseen"] = core_unseen_flag(
+        None if method == "bayes" or noise_sd is None else core_contrast(
+            method, aif_used, t, noise_sd=noise_sd, n_base=n_base, rho=rho, kh=kh,
+            device=device),
+        options.core_rcbf if options.core_cbv is None else None)
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
                              aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),
                              pv_info=pv_info, search=search, brain=brain, vessels=vessels,
@@ -290,7 +301,7 @@ def run_perfusion(
     provenance.update(study_space(series.meta))  # the NIfTI space its written maps keep
     pmaps = PerfusionMaps(maps=maps, affine=series.affine, units=units, provenance=provenance)
     lesions = _lesions(pmaps, brain=brain, search=search, vessels=vessels | dense, rim_mm=rim_mm,
-                       options=THRESHOLDS_ONLY if lesion_options is None else lesion_options)
+                       options=options)
     # lesions with no bolus at all: brain without blood is no acute core (its Tmax is noise)
     regions = ndimage.label((lesions.core | lesions.hypoperfused) & ~vessels)[0][brain]
     flags["lesion_no_bolus"] = lesion_no_bolus_flag(lesion_no_bolus_ml(
@@ -489,7 +500,8 @@ LATE_SMOOTH_MM = LesionOptions.smooth_mm
 
 
 def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
-        t: np.ndarray, *, brain: np.ndarray, late_mean: np.ndarray | None,
+        t: np.ndarray, *, brain: np.ndarray, base_sd: float | None,
+        late_mean: np.ndarray | None,
         n_base: int, aif_raw: np.ndarray, vof_used: np.ndarray | None,
         vof_found: np.ndarray | None,
         pv_info: dict[str, Any], pv_asked: bool, motion_mm: np.ndarray | None,
@@ -502,11 +514,8 @@ def _qc(hu: np.ndarray, tissue_mean: np.ndarray | None, brain_mean: np.ndarray,
     AIF curve came without a VOF (nothing to correct it with); ``box_mtt``: the box model's
     MTT of the tissue voxels (vessels left out), None for the other methods; ``osvd_step_s``
     the step of the samples oSVD deconvolved, None for the other methods; ``vof_found`` the VOF
-    found, used or not (``vof_used`` scaled the AIF)."""
-    n_t = hu.shape[0]
-    # Noise from every 7th brain voxel: a median needs no more, and the gather is (T, N).
-    sample = np.flatnonzero(brain.ravel())[::7]
-    base_sd = pre_bolus_noise_sd(hu.reshape(n_t, -1)[:, sample], n_base)
+    found, used or not (``vof_used`` scaled the AIF); ``base_sd`` the brain voxels' noise (HU
+    per frame, :func:`~ctperf.perfusion.inputs.pre_bolus_noise_sd`)."""
     shift = None
     if motion_mm is None:  # not registered: is the skull still?
         shift = skull_shift_px(hu, n_base=n_base, noise_sd=base_sd or 0.0,
