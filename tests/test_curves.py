@@ -71,6 +71,9 @@ def test_a_faint_curves_ttp_is_the_same_given_in_hu_or_as_enhancement(method, rn
                      T_HAND, method=method, baseline=0, rho=RHO, kh=KH)
     assert raw.ttp.min() >= T_HAND[n] - T_HAND[0]
     np.testing.assert_allclose(enh.ttp, raw.ttp, atol=1e-6)
+    # the sidecar says where: the same frame for both
+    searched = [f.provenance["ttp_searched_from_s"] for f in (raw, enh)]
+    assert searched == [T_HAND[n] - T_HAND[0]] * 2
 
 
 def test_a_gpu_asked_for_a_cpu_method_is_said(caplog):

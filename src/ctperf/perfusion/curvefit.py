@@ -390,13 +390,13 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     # (the VOF is not judged against these curves' timing: they may all be late lesions)
     aif_used, pv = partial_volume(vessels[:, 0], None if v is None else vessels[:, 1],
                                   CurveOrigin("given curve"), t, n_base=max(n_base, 1))
+    # curves of enhancement: their TTP searched from where the baseline read from HU would
+    # end (a faint curve's noise before the bolus had peaked, TTP 0 s)
+    ttp_from = n_base or _auto_baseline(vessels, t)
     values, grid, fitted = fit_voxels(method, tis.astype(np.float32), aif_used, t, rho=rho,
                                       kh=kh, brain=None, spacing=(1.0, 1.0, 1.0),
                                       device=device, progress=progress, n_base=n_base or None,
-                                      # curves of enhancement: their TTP searched from where
-                                      # the baseline read from HU would end (a faint curve's
-                                      # noise before the bolus had peaked, TTP 0 s)
-                                      arrival=None if n_base else _auto_baseline(vessels, t))
+                                      arrival=ttp_from)
     out = {k: np.asarray(values[k], dtype=np.float64) for k in CURVE_PARAMETERS}
     sd = {k: np.asarray(values[k], dtype=np.float64) for k in SD_MAPS if k in values}
     mean = tis.mean(axis=1)
@@ -435,7 +435,11 @@ def fit_curves(tissue: np.ndarray, aif: np.ndarray, times: np.ndarray, *,
     per_curve = tuple(f + ("at_bound",) * bool(hit)
                       for f, hit in zip(per_curve, stuck, strict=True))
     provenance = {"method": method, "constants": {"rho_g_per_ml": rho, "kh": kh},
-                  "baseline_frames": n_base, "partial_volume": pv,
+                  "baseline_frames": n_base,
+                  # the box and SVD methods' TTP: the smoothed curve's peak from this frame on
+                  "ttp_searched_from_s": (None if method == "bayes"
+                                          else float(t[min(ttp_from, t.size - 1)] - t[0])),
+                  "partial_volume": pv,
                   "qc": {k: flags[k] for k in CURVE_QC},
                   "curve_flags": {name: {"curves": [i for i, f in enumerate(per_curve)
                                                     if name in f], "reason": reason}
