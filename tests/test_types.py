@@ -42,5 +42,7 @@ def test_maps_units_and_provenance():
         PerfusionMaps(maps={"cbf": cbf, "cbv": np.ones((2, 3, 5))})
     with pytest.raises(ValidationError, match="Inf"):
         PerfusionMaps(maps={"cbf": np.full((1, 1, 1), np.inf)})
+    with pytest.raises(ValidationError, match="float32's range"):  # finite in float64 only
+        PerfusionMaps(maps={"cbf": np.full((1, 1, 1), 1e39)})
     with pytest.raises(KeyError, match="no map 'mtt'"):
         maps["mtt"]

@@ -334,9 +334,12 @@ class PerfusionMaps:
                 raise ValidationError(
                     f"all maps must share one shape: {name!r} is {arr.shape}, expected {shape}"
                 )
+            # judged as stored: a float64 value past float32's range (1e39) becomes Inf there
+            arr = arr.astype(np.float32, copy=False)
             if np.any(np.isinf(arr)):
-                raise ValidationError(f"map {name!r} contains Inf values")
-            maps[name] = arr.astype(np.float32, copy=False)
+                raise ValidationError(f"map {name!r} contains Inf values (or values beyond "
+                                      "float32's range, 3.4e38, in which maps are kept)")
+            maps[name] = arr
         units = {name: MAP_UNITS.get(name, "1") for name in maps}
         units.update(self.units)
         unknown = set(units) - set(maps)
