@@ -335,7 +335,8 @@ class PerfusionMaps:
                     f"all maps must share one shape: {name!r} is {arr.shape}, expected {shape}"
                 )
             # judged as stored: a float64 value past float32's range (1e39) becomes Inf there
-            arr = arr.astype(np.float32, copy=False)
+            with np.errstate(over="ignore"):  # (said by the error below)
+                arr = arr.astype(np.float32, copy=False)
             if np.any(np.isinf(arr)):
                 raise ValidationError(f"map {name!r} contains Inf values (or values beyond "
                                       "float32's range, 3.4e38, in which maps are kept)")
