@@ -72,7 +72,7 @@ from ctperf.perfusion.qc import (
     skull_shift_px,
     widespread_hypoperfusion_flag,
 )
-from ctperf.perfusion.sensitivity import core_contrast, core_unseen_flag
+from ctperf.perfusion.sensitivity import core_contrast, core_unseen_flag, normal_cbv
 from ctperf.perfusion.voxelfit import SD_MAPS, check_bayes_options, fit_voxels
 from ctperf.types import MAP_UNITS, METHODS, CTPSeries, PerfusionMaps, non_axial_slices
 
@@ -285,10 +285,13 @@ def run_perfusion(
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None),
                 osvd_step_s=sample_step(t, grid) if method == "osvd" else None)
     options = THRESHOLDS_ONLY if lesion_options is None else lesion_options
+    healthy_cbv = normal_cbv(values["cbv"], values["tmax"], ~vessels[brain], options.tmax_hypo)
+    judged = (method != "bayes" and noise_sd is not None and healthy_cbv is not None
+              and options.core_cbv is None)
     flags["core_unseen"] = core_unseen_flag(
-        None if method == "bayes" or noise_sd is None else core_contrast(
-            method, aif_used, t, noise_sd=noise_sd, n_base=n_base, rho=rho, kh=kh,
-            device=device),
+        core_contrast(method, aif_used, t, noise_sd=noise_sd or 0.0, n_base=n_base,
+                      healthy_cbv=healthy_cbv, threshold=options.core_rcbf, rho=rho, kh=kh,
+                      device=device) if judged else None,
         options.core_rcbf if options.core_cbv is None else None)
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
                              aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),

@@ -1,15 +1,18 @@
 """Whether a study's core can be seen: tissue of known perfusion, simulated with the study's own
-arterial input, frame times and noise, read back by the method that made its maps.
+arterial input, frame times, noise and healthy blood volume, read back by the method that made
+its maps.
 
-The core is tissue whose CBF reads under a fraction (30 %) of the healthy reference. At low
-contrast-to-noise, deconvolution reads a low flow high (the maximum of a noisy residue, or a
-truncation that flattens it) and healthy flow low, and the core can vanish from the maps with
-no other sign. :func:`core_contrast` measures that compression on the study's own terms; the
-``core_unseen`` QC flag (:func:`core_unseen_flag`) reports it.
+The core is tissue whose CBF reads under a fraction (30 %) of the healthy reference. Where the
+contrast-to-noise is low, or the frames coarse and the bolus wide, deconvolution reads a low flow
+high (the maximum of a noisy residue, or a truncation that flattens it) and healthy flow low,
+and the core can vanish from the maps with no other sign. :func:`core_contrast` measures that
+compression on the study's own terms; the ``core_unseen`` QC flag (:func:`core_unseen_flag`)
+reports it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -18,43 +21,66 @@ from ctperf.errors import ValidationError
 from ctperf.perfusion.bayes.grid import ResidueGrid
 from ctperf.perfusion.curves import flow_scale
 
-__all__ = ["CORE_PROBE", "HEALTHY_PROBE", "PROBE_CURVES", "core_contrast", "core_unseen_flag"]
+__all__ = ["CORE_PROBE", "HEALTHY_PROBE", "PROBE_CURVES", "PROBE_CUT", "core_contrast",
+           "core_unseen_flag", "normal_cbv"]
 
-#: The healthy tissue of the probe: CBF (mL/100 g/min), CBV (mL/100 g), delay and mean
-#: dispersion (s), exponential residue. About the median of grey and white matter together,
-#: which is what the contralateral reference measures.
-HEALTHY_PROBE = {"cbf": 40.0, "cbv": 2.7, "delay": 0.5, "dispersion": 0.5}
-#: The core of the probe: CBF a fifth of the healthy probe's (well inside the 30 % rule), CBV
-#: half of it, later and more dispersed (docs/methods.md, "Can the core be seen").
-CORE_PROBE = {"cbf": 8.0, "cbv": 1.35, "delay": 3.0, "dispersion": 2.0}
+#: The healthy tissue of the probe: CBV (mL/100 g; the study's own normal tissue's median
+#: where known, :func:`normal_cbv`), MTT, delay and mean dispersion (s), exponential residue:
+#: about grey and white matter together, which is what the contralateral reference measures.
+HEALTHY_PROBE = {"cbv": 2.7, "mtt": 4.0, "delay": 0.5, "dispersion": 0.5}
+#: The core of the probe: CBF two-thirds of the core's threshold (a fifth of the healthy
+#: probe's at the default 30 %: well inside the rule), CBV half the healthy probe's, late and
+#: dispersed (delay and dispersion in the middle of an ischaemic core's 4-10 s and 1-3 s;
+#: docs/methods.md, "Can the core be seen").
+CORE_PROBE = {"threshold_share": 2.0 / 3.0, "cbv_share": 0.5, "delay": 6.0, "dispersion": 2.0}
 #: Curves simulated of each tissue. The read (a ratio of their medians) varies between noise
 #: draws by an SD of 2-3 % of itself (10 draws at 2 and 4 HU per 0.5 s frame: 0.005-0.017).
 PROBE_CURVES = 400
+#: The core probe's curve still above this fraction of its peak at the last frame: the scan
+#: ended before its passage did, and no read of it means much (a 30 s scan had read anything
+#: from 0.12 to 0.82). Half, not the ``truncation`` flag's 30 %: an exponential residue of 10 s
+#: stands at 24-32 % of its peak at the end of 45 s scans whose bolus arrives at 6 s.
+PROBE_CUT = 0.5
 #: Residue of both probes: exponential (gamma transit times of shape 1).
 PROBE_RESIDUE = "gamma:1"
 
 
-def _probe_curves(aif: np.ndarray, times: np.ndarray, *, rho: float, kh: float
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def normal_cbv(cbv: np.ndarray, tmax: np.ndarray, keep: np.ndarray, tmax_hypo: float
+               ) -> float | None:
+    """Median CBV (mL/100 g) of the voxels ``keep`` (vessels left out) whose Tmax is not above
+    ``tmax_hypo``: the study's normal tissue, as its maps read it (scaled by the AIF those maps
+    used, so the probe's curves stand as high as its tissue's). None without such a voxel."""
+    v, t = np.asarray(cbv, dtype=np.float64), np.asarray(tmax, dtype=np.float64)
+    normal = np.asarray(keep, dtype=bool) & np.isfinite(v) & (v > 0) & (t <= tmax_hypo)
+    return float(np.median(v[normal])) if normal.any() else None
+
+
+def _probe_curves(aif: np.ndarray, times: np.ndarray, *, healthy_cbv: float, threshold: float,
+                  rho: float, kh: float) -> tuple[np.ndarray, np.ndarray, float]:
     """Noise-free enhancement (T,) of the healthy and the core probe for this AIF and these
-    frames (the Bayesian grid's forward model: convolution on a 0.05 s grid)."""
-    probes = (HEALTHY_PROBE, CORE_PROBE)
-    mtts = [60.0 * p["cbv"] / p["cbf"] for p in probes]
+    frames (the Bayesian grid's forward model: convolution on a 0.05 s grid), and the core's
+    true relative CBF."""
+    h_cbf = 60.0 * healthy_cbv / HEALTHY_PROBE["mtt"]
+    share = CORE_PROBE["threshold_share"] * threshold
+    probes = ((h_cbf, healthy_cbv, HEALTHY_PROBE),
+              (share * h_cbf, CORE_PROBE["cbv_share"] * healthy_cbv, CORE_PROBE))
     curves = []
-    for probe, mtt in zip(probes, mtts, strict=True):
+    for cbf, cbv, probe in probes:
+        mtt = 60.0 * cbv / cbf
         grid = ResidueGrid(aif, times, scale=flow_scale(rho, kh), mtt_range=(mtt, mtt), n_mtt=1,
                            delay_range=(probe["delay"], probe["delay"]), delay_step=1.0,
                            residues=(PROBE_RESIDUE,), dispersions=(probe["dispersion"],))
-        curves.append(probe["cbf"] * grid.responses[0].astype(np.float64))
-    return curves[0], curves[1]
+        curves.append(cbf * grid.responses[0].astype(np.float64))
+    return curves[0], curves[1], share
 
 
 def core_contrast(method: str, aif: np.ndarray, times: np.ndarray, *, noise_sd: float,
-                  n_base: int, rho: float = 1.04, kh: float = 0.733, device: str | None = None,
+                  n_base: int, healthy_cbv: float | None = None, threshold: float = 0.3,
+                  rho: float = 1.04, kh: float = 0.733, device: str | None = None,
                   seed: int = 0) -> float | None:
     """The relative CBF ``method`` reads for the core probe: the median CBF of
     :data:`PROBE_CURVES` noisy curves of :data:`CORE_PROBE` over that of as many of
-    :data:`HEALTHY_PROBE` (truth: 0.2).
+    :data:`HEALTHY_PROBE` (truth: two-thirds of ``threshold``).
 
     Each curve is the probe's enhancement for this AIF at these frames plus Gaussian noise of
     ``noise_sd`` HU per frame, less the mean of its first ``n_base`` frames (the baseline the
@@ -66,13 +92,18 @@ def core_contrast(method: str, aif: np.ndarray, times: np.ndarray, *, noise_sd: 
         A voxel-wise method of :data:`~ctperf.perfusion.METHODS` (not ``bayes``, which pools
         neighbours: independent curves would judge it by what it does not do).
     aif : ndarray, shape (T,)
-        The AIF as the study's fits used it (partial-volume corrected), HU.
+        The AIF as the study's fits used it, HU.
     times : ndarray, shape (T,)
     noise_sd : float
         The tissue curves' noise, HU per frame
         (:func:`~ctperf.perfusion.inputs.pre_bolus_noise_sd`).
     n_base : int
         Baseline frames subtracted from the study's curves.
+    healthy_cbv : float, optional
+        The healthy probe's CBV, mL/100 g (:func:`normal_cbv`); default
+        ``HEALTHY_PROBE["cbv"]``.
+    threshold : float
+        The core's relative-CBF threshold (``LesionOptions.core_rcbf``).
     rho, kh : float
     device : str, optional
         As for :func:`~ctperf.perfusion.fit_box_nlr`.
@@ -80,14 +111,23 @@ def core_contrast(method: str, aif: np.ndarray, times: np.ndarray, *, noise_sd: 
     Returns
     -------
     float or None
-        None when the healthy probe's median CBF is not positive (nothing to divide by).
+        None where the scan ends before the core probe's passage does (its last frame above
+        :data:`PROBE_CUT` of its peak), or the healthy probe reads no flow or less than the
+        core probe.
     """
     from ctperf.perfusion.voxelfit import fit_voxels  # voxelfit imports the methods
 
     if method == "bayes":
         raise ValidationError("core_contrast judges voxel-wise methods; bayes pools neighbours")
+    cbv = HEALTHY_PROBE["cbv"] if healthy_cbv is None else float(healthy_cbv)
+    if not (math.isfinite(cbv) and cbv > 0 and 0 < threshold < 1):
+        raise ValidationError(f"core_contrast needs a positive healthy CBV and a threshold in "
+                              f"(0, 1), got {healthy_cbv} and {threshold}")
     t = np.asarray(times, dtype=np.float64)
-    healthy, core = _probe_curves(np.asarray(aif, dtype=np.float64), t, rho=rho, kh=kh)
+    healthy, core, _ = _probe_curves(np.asarray(aif, dtype=np.float64), t, healthy_cbv=cbv,
+                                     threshold=threshold, rho=rho, kh=kh)
+    if not core.max() > 0 or core[-1] > PROBE_CUT * core.max():
+        return None  # the scan ends before the core's passage does: nothing to read it from
     rng = np.random.default_rng(seed)
     clean = np.repeat(np.stack([healthy, core], axis=1), PROBE_CURVES, axis=1)  # (T, 2n)
     noisy = clean + rng.normal(0.0, float(noise_sd), clean.shape)
@@ -97,24 +137,26 @@ def core_contrast(method: str, aif: np.ndarray, times: np.ndarray, *, noise_sd: 
                               device=device, progress=False, n_base=n_base)
     cbf = np.nan_to_num(np.asarray(values["cbf"], dtype=np.float64), nan=0.0)
     normal = float(np.median(cbf[:PROBE_CURVES]))
-    if not normal > 0:
-        return None
-    return float(np.median(cbf[PROBE_CURVES:])) / normal
+    read = float(np.median(cbf[PROBE_CURVES:])) / normal if normal > 0 else math.inf
+    return read if read <= 1.0 else None
 
 
 def core_unseen_flag(read: float | None, threshold: float | None) -> dict[str, Any]:
     """The ``core_unseen`` QC entry: ``read``, :func:`core_contrast`'s relative CBF (None: not
     judged), against the core's relative-CBF ``threshold`` (None: the core was not defined by
     relative CBF)."""
-    share = CORE_PROBE["cbf"] / HEALTHY_PROBE["cbf"]
     value = None if read is None or threshold is None else round(float(read), 3)
+    share = CORE_PROBE["threshold_share"]
     return {"flag": value is not None and threshold is not None and value >= threshold,
             "value": value,
-            "reason": f"tissue at {share:.0%} of healthy CBF, simulated with this study's AIF, "
-                      "frames and noise (an exponential residue, delayed and dispersed), reads a "
-                      "relative CBF (the value) at or above the core's threshold with this "
-                      "method: at this contrast-to-noise it reads low flow high (and healthy "
-                      "flow low), so the maps miss half or more of such a core, with no other "
-                      "sign, and what they call core may be noise. Not judged for bayes (it "
-                      "pools neighbours) or a core defined by CBV. Filter the study (--filter), "
-                      "or read the core with bayes or by CBV (--core-cbv)"}
+            "reason": f"tissue at {share:.2g} of the core's relative-CBF threshold (a fifth of "
+                      "healthy CBF at the default 30 %; an exponential residue, 6 s late and "
+                      "dispersed), simulated with this study's AIF, frames, noise and normal "
+                      "tissue's CBV, reads a relative CBF (the value) at or above that "
+                      "threshold with this method: at this study's noise, frames and bolus it "
+                      "reads low flow high and healthy flow low, so the maps miss much of a "
+                      "core, with no other sign, and what they call core may be noise. Not "
+                      "judged (null) for bayes (it pools neighbours), a core defined by CBV, or "
+                      "where the frames miss the probe's passage (a truncated scan). Filter a "
+                      "noisy study (--filter), or read the core with bayes or by CBV "
+                      "(--core-cbv)"}
