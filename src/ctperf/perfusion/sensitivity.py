@@ -20,6 +20,7 @@ import numpy as np
 from ctperf.errors import ValidationError
 from ctperf.perfusion.bayes.grid import ResidueGrid
 from ctperf.perfusion.curves import flow_scale
+from ctperf.perfusion.voxelfit import fit_voxels
 
 __all__ = ["CORE_PROBE", "HEALTHY_PROBE", "PROBE_CURVES", "PROBE_CUT", "core_contrast",
            "core_unseen_flag", "normal_cbv"]
@@ -116,8 +117,6 @@ def core_contrast(method: str, aif: np.ndarray, times: np.ndarray, *, noise_sd: 
         :data:`PROBE_CUT` of its peak), or the healthy probe reads no flow or less than the
         core probe.
     """
-    from ctperf.perfusion.voxelfit import fit_voxels  # voxelfit imports the methods
-
     if method == "bayes":
         raise ValidationError("core_contrast judges voxel-wise methods; bayes pools neighbours")
     cbv = HEALTHY_PROBE["cbv"] if healthy_cbv is None else float(healthy_cbv)
