@@ -61,8 +61,8 @@ def measure(seed: int, *, lesion: bool, method: str, size: int, slices: int,
            # 30 % of each voxel's healthy CBF, is no rule a measurement can apply), the share
            # of it the maps call core, and the ``core_unseen`` flag's value
            "rule_core_ml": round(float(rule_core.sum()) * voxel_ml, 2),
-           "core_found_share": round(float((result.lesions.core & rule_core).sum())
-                                     / max(int(rule_core.sum()), 1), 3),
+           "core_found_share": (round(float((result.lesions.core & rule_core).sum())
+                                      / int(rule_core.sum()), 3) if rule_core.any() else None),
            "core_unseen": result.maps.provenance["qc"]["core_unseen"]["value"]}
     for threshold in THRESHOLDS:
         options = dataclasses.replace(LesionOptions(), tmax_hypo=threshold)
@@ -105,13 +105,15 @@ def main() -> None:
                         f">{t:g}s {row[f'hypoperfused_ml_tmax>{t:g}']:6.1f} "
                         f"({100 * (row[f'hypoperfused_ml_tmax>{t:g}'] / true - 1):+4.0f}%)"
                         for t in THRESHOLDS)
+                    found = (f"{row['core_found_share']:.0%}" if row["rule_core_ml"] > 0
+                             else "n/a")
                     near = "/".join(f"{row[f'true_hypoperfused_ml_tmax>{t:g}']:.1f}"
                                     for t in (5.75, 6.25))
                     print(f"lesion seed {seed:3d} {row['residue']:<11} {method:<9} "
                           f"true {true:6.1f} mL (at 5.75/6.25 s {near})  {vols}  core "
                           f"{row['core_ml']:.1f} mL, the rule on the truth "
-                          f"{row['rule_core_ml']:.1f} (found "
-                          f"{row['core_found_share']:.0%}, core_unseen {row['core_unseen']})",
+                          f"{row['rule_core_ml']:.1f} (found {found}, core_unseen "
+                          f"{row['core_unseen']})",
                           flush=True)
                 else:
                     print(f"healthy seed {seed:3d} {row['residue']:<11} {method:<9} core "

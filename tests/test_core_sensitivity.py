@@ -13,6 +13,7 @@ from ctperf.perfusion.sensitivity import (
     _probe_curves,
     core_contrast,
     core_unseen_flag,
+    normal_cbv,
 )
 from test_perfusion_pipeline import synthetic_study
 
@@ -37,7 +38,9 @@ def test_the_probes_carry_their_blood_volume_and_arrive_late():
     aif = injected_aif(t)
     healthy, core, share = _probe_curves(aif, t, healthy_cbv=3.0, threshold=0.3, rho=RHO, kh=KH)
     assert share == pytest.approx(0.2)
-    for curve, cbv in ((healthy, 3.0), (core, 3.0 * CORE_PROBE["cbv_share"])):
+    # the core: CBF 0.2 x 60 x 3.0 / 4 = 9 with an MTT of 10 s, so CBV 1.5
+    assert CORE_PROBE["mtt"] == 10.0
+    for curve, cbv in ((healthy, 3.0), (core, 1.5)):
         measured = 100.0 * KH / RHO * np.trapezoid(curve, t) / np.trapezoid(aif, t)
         # 2 %: the trapezoid rule on 0.5 s frames
         assert measured == pytest.approx(cbv, rel=0.02)
@@ -112,16 +115,49 @@ def test_low_healthy_flow_is_harder_to_read():
 
 
 def test_a_scan_ending_before_the_cores_passage_is_not_judged():
-    # 30 s of frames: the core probe (6 s late, MTT 10 s) is still at most of its peak at the
-    # last frame; its read had come out anywhere from 0.12 to 0.82 (`truncation` says why)
+    # 30 s of frames and the injection from 18 s: the core probe (6 s late) is still rising at
+    # the last frame; reads of such scans had come out anywhere from 0.12 to 8.8
     t = np.arange(0.0, 30.0, 0.5)
-    assert core_contrast("nlr-fast", injected_aif(t), t, noise_sd=1.0, n_base=8) is None
+    late = injected_aif(t - 12.0)
+    assert core_contrast("nlr-fast", late, t, noise_sd=1.0, n_base=8) is None
+    # a 30 s scan whose bolus came early holds the core's peak: judged
+    assert core_contrast("nlr-fast", injected_aif(t), t, noise_sd=1.0, n_base=8) is not None
+
+
+def test_a_strict_threshold_keeps_the_cores_passage_in_the_scan():
+    # the core probe's MTT stays 10 s whatever the threshold: at 0.1 its CBV had shrunk less
+    # than its flow (MTT 30 s), and a 45 s scan had not held its passage
+    read = core_contrast("bsvd", injected_aif(TIMES), TIMES, noise_sd=1.0, n_base=10,
+                         threshold=0.1)
+    assert read is not None and read < 0.3
+
+
+def test_a_method_that_sees_nothing_reads_one_and_is_flagged():
+    aif = injected_aif(TIMES)
+    # normal tissue read with no blood, and noise ten times the healthy probe's peak
+    assert core_contrast("bsvd", aif, TIMES, noise_sd=1.0, n_base=10, healthy_cbv=0.0) == 1.0
+    read = core_contrast("bsvd", aif, TIMES, noise_sd=200.0, n_base=10)
+    assert 0.8 < read <= 1.0
+    assert core_unseen_flag(read, 0.3)["flag"]
+
+
+def test_normal_cbv_is_the_timely_tissues_median_noise_and_all():
+    cbv = np.array([4.0, 3.0, -1.0, 2.0, 9.0, 1.0])
+    tmax = np.array([2.0, 3.0, 1.0, 2.0, 8.0, 9.0])
+    keep = np.array([True, True, True, True, True, False])
+    # timely and kept: 4, 3, -1, 2 (a noisy voxel's negative CBV counts: median 2.5, not 3)
+    assert normal_cbv(cbv, tmax, keep, 6.0) == pytest.approx(2.5)
+    # every kept voxel late (the whole brain delayed): the median of them all, as the lesions'
+    # reference falls back to the brain's
+    late = np.full(6, 8.0)
+    assert normal_cbv(cbv, late, keep, 6.0) == pytest.approx(3.0)
+    assert normal_cbv(np.full(6, np.nan), tmax, keep, 6.0) is None
 
 
 def test_what_is_not_judged_says_so():
     with pytest.raises(ValidationError, match="bayes"):
         core_contrast("bayes", injected_aif(TIMES), TIMES, noise_sd=1.0, n_base=10)
-    with pytest.raises(ValidationError, match="healthy CBV"):
+    with pytest.raises(ValidationError, match="finite healthy CBV"):
         core_contrast("bsvd", injected_aif(TIMES), TIMES, noise_sd=1.0, n_base=10,
                       healthy_cbv=float("nan"))
     for read, threshold in ((None, 0.3), (0.9, None)):

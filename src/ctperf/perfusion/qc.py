@@ -553,7 +553,9 @@ def qc_flags(
         "its peak: "
         "bolus not washed out (a scan too short), or a baseline drifting upwards, so CBV and "
         "MTT are biased (the "
-        "area after the last frame is missing; fits extrapolate it, in either direction)")
+        "area after the last frame is missing; fits extrapolate it, in either direction), and "
+        "a late core's flow may read high enough to lose it (core_unseen is not judged where "
+        "the scan ends before a core's passage peaks)")
     below = None
     if brain_mean is not None and np.max(brain_mean) > 0 and baseline_frames is not None:
         after = np.asarray(brain_mean)[baseline_frames:]

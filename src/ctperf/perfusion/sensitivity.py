@@ -30,19 +30,18 @@ __all__ = ["CORE_PROBE", "HEALTHY_PROBE", "PROBE_CURVES", "PROBE_CUT", "core_con
 #: about grey and white matter together, which is what the contralateral reference measures.
 HEALTHY_PROBE = {"cbv": 2.7, "mtt": 4.0, "delay": 0.5, "dispersion": 0.5}
 #: The core of the probe: CBF two-thirds of the core's threshold (a fifth of the healthy
-#: probe's at the default 30 %: well inside the rule), CBV half the healthy probe's, late and
-#: dispersed (delay and dispersion in the middle of an ischaemic core's 4-10 s and 1-3 s;
+#: probe's at the default 30 %: well inside the rule), MTT 10 s (so CBV half the healthy
+#: probe's at the default threshold, and the same passage at any threshold), late and dispersed
+#: (delay and dispersion in the middle of an ischaemic core's 4-10 s and 1-3 s;
 #: docs/methods.md, "Can the core be seen").
-CORE_PROBE = {"threshold_share": 2.0 / 3.0, "cbv_share": 0.5, "delay": 6.0, "dispersion": 2.0}
+CORE_PROBE = {"threshold_share": 2.0 / 3.0, "mtt": 10.0, "delay": 6.0, "dispersion": 2.0}
 #: Curves simulated of each tissue. The read (a ratio of their medians) varies between noise
 #: draws by an SD of 2-3 % of itself (10 draws at 2 and 4 HU per 0.5 s frame: 0.005-0.017).
 PROBE_CURVES = 400
-#: The core probe's curve still above this fraction of its peak at the last frame: the scan
-#: ended about when its passage peaked, and no read of it means much (30 s scans had read
-#: anything from 0.12 to 0.82). Not the ``truncation`` flag's 30 %: an exponential residue of
-#: 10 s, 6 s late, stands at 24-68 % of its peak at the end of ctperf's 44.5 s phantoms, whose
-#: boluses peak at 13-22 s, and its read there still follows the maps' cores.
-PROBE_CUT = 0.7
+#: The core probe's curve still at this fraction of its peak at the last frame: the scan ended
+#: before its passage peaked, and no read of it means much (30 s scans whose bolus arrived at
+#: 18 s had read anything from 0.12 to 8.8).
+PROBE_CUT = 0.95
 #: Residue of both probes: exponential (gamma transit times of shape 1).
 PROBE_RESIDUE = "gamma:1"
 
@@ -51,9 +50,18 @@ def normal_cbv(cbv: np.ndarray, tmax: np.ndarray, keep: np.ndarray, tmax_hypo: f
                ) -> float | None:
     """Median CBV (mL/100 g) of the voxels ``keep`` (vessels left out) whose Tmax is not above
     ``tmax_hypo``: the study's normal tissue, as its maps read it (scaled by the AIF those maps
-    used, so the probe's curves stand as high as its tissue's). None without such a voxel."""
+    used, so the probe's curves stand as high as its tissue's). Where under
+    :data:`~ctperf.perfusion.lesions.MIN_NORMAL_SHARE` of them is timely (the whole brain late),
+    the median of them all, as the lesions' reference falls back to the brain's. Noise's
+    negative values count (left out, they had raised the median of a noisy study's CBV
+    several-fold). None without a finite value."""
+    from ctperf.perfusion.lesions import MIN_NORMAL_SHARE
+
     v, t = np.asarray(cbv, dtype=np.float64), np.asarray(tmax, dtype=np.float64)
-    normal = np.asarray(keep, dtype=bool) & np.isfinite(v) & (v > 0) & (t <= tmax_hypo)
+    valid = np.asarray(keep, dtype=bool) & np.isfinite(v)
+    normal = valid & (t <= tmax_hypo)
+    if np.count_nonzero(normal) < MIN_NORMAL_SHARE * np.count_nonzero(valid):
+        normal = valid
     return float(np.median(v[normal])) if normal.any() else None
 
 
@@ -64,11 +72,9 @@ def _probe_curves(aif: np.ndarray, times: np.ndarray, *, healthy_cbv: float, thr
     true relative CBF."""
     h_cbf = 60.0 * healthy_cbv / HEALTHY_PROBE["mtt"]
     share = CORE_PROBE["threshold_share"] * threshold
-    probes = ((h_cbf, healthy_cbv, HEALTHY_PROBE),
-              (share * h_cbf, CORE_PROBE["cbv_share"] * healthy_cbv, CORE_PROBE))
     curves = []
-    for cbf, cbv, probe in probes:
-        mtt = 60.0 * cbv / cbf
+    for cbf, probe in ((h_cbf, HEALTHY_PROBE), (share * h_cbf, CORE_PROBE)):
+        mtt = probe["mtt"]
         grid = ResidueGrid(aif, times, scale=flow_scale(rho, kh), mtt_range=(mtt, mtt), n_mtt=1,
                            delay_range=(probe["delay"], probe["delay"]), delay_step=1.0,
                            residues=(PROBE_RESIDUE,), dispersions=(probe["dispersion"],))
@@ -103,7 +109,7 @@ def core_contrast(method: str, aif: np.ndarray, times: np.ndarray, *, noise_sd: 
         Baseline frames subtracted from the study's curves.
     healthy_cbv : float, optional
         The healthy probe's CBV, mL/100 g (:func:`normal_cbv`); default
-        ``HEALTHY_PROBE["cbv"]``.
+        ``HEALTHY_PROBE["cbv"]``. Zero or less (normal tissue read with no blood): 1.0.
     threshold : float
         The core's relative-CBF threshold (``LesionOptions.core_rcbf``).
     rho, kh : float
@@ -113,16 +119,18 @@ def core_contrast(method: str, aif: np.ndarray, times: np.ndarray, *, noise_sd: 
     Returns
     -------
     float or None
-        None where the scan ends before the core probe's passage does (its last frame above
-        :data:`PROBE_CUT` of its peak), or the healthy probe reads no flow or less than the
-        core probe.
+        1.0 at most (the core read as high as healthy tissue, or healthy tissue read with no
+        flow: nothing of a core can be seen); None where the scan ends before the core probe's
+        passage peaks (its last frame at :data:`PROBE_CUT` of its peak or above).
     """
     if method == "bayes":
         raise ValidationError("core_contrast judges voxel-wise methods; bayes pools neighbours")
     cbv = HEALTHY_PROBE["cbv"] if healthy_cbv is None else float(healthy_cbv)
-    if not (math.isfinite(cbv) and cbv > 0 and 0 < threshold < 1):
-        raise ValidationError(f"core_contrast needs a positive healthy CBV and a threshold in "
+    if not (math.isfinite(cbv) and 0 < threshold < 1):
+        raise ValidationError(f"core_contrast needs a finite healthy CBV and a threshold in "
                               f"(0, 1), got {healthy_cbv} and {threshold}")
+    if cbv <= 0:
+        return 1.0  # normal tissue read with no blood: no core can be told from it
     t = np.asarray(times, dtype=np.float64)
     healthy, core, _ = _probe_curves(np.asarray(aif, dtype=np.float64), t, healthy_cbv=cbv,
                                      threshold=threshold, rho=rho, kh=kh)
@@ -138,7 +146,7 @@ def core_contrast(method: str, aif: np.ndarray, times: np.ndarray, *, noise_sd: 
     cbf = np.nan_to_num(np.asarray(values["cbf"], dtype=np.float64), nan=0.0)
     normal = float(np.median(cbf[:PROBE_CURVES]))
     read = float(np.median(cbf[PROBE_CURVES:])) / normal if normal > 0 else math.inf
-    return read if read <= 1.0 else None
+    return min(read, 1.0)
 
 
 def core_unseen_flag(read: float | None, threshold: float | None) -> dict[str, Any]:
@@ -155,8 +163,9 @@ def core_unseen_flag(read: float | None, threshold: float | None) -> dict[str, A
                       "tissue's CBV, reads a relative CBF (the value) at or above that "
                       "threshold with this method: at this study's noise, frames and bolus it "
                       "reads low flow high and healthy flow low, so the maps miss much of a "
-                      "core, with no other sign, and what they call core may be noise. Not "
-                      "judged (null) for bayes (it pools neighbours), a core defined by CBV, or "
-                      "where the frames miss the probe's passage (a truncated scan). Filter a "
-                      "noisy study (--filter), or read the core with bayes or by CBV "
-                      "(--core-cbv)"}
+                      "core, with no other sign, and what they call core may be noise (1.0: "
+                      "nothing of a core can be seen). Not judged (null) for bayes (it pools "
+                      "neighbours), a core defined by CBV, or where the scan ends before the "
+                      "probe's passage peaks (truncation is raised then, and a core may be lost "
+                      "unjudged). Filter a noisy study (--filter), or read the core with bayes "
+                      "or by CBV (--core-cbv)"}
