@@ -20,6 +20,7 @@ import numpy as np
 from ctperf.errors import ValidationError
 from ctperf.perfusion.bayes.grid import ResidueGrid
 from ctperf.perfusion.curves import flow_scale
+from ctperf.perfusion.lesions import MIN_NORMAL_SHARE
 from ctperf.perfusion.voxelfit import fit_voxels
 
 __all__ = ["CORE_PROBE", "HEALTHY_PROBE", "PROBE_CURVES", "PROBE_CUT", "core_contrast",
@@ -55,8 +56,6 @@ def normal_cbv(cbv: np.ndarray, tmax: np.ndarray, keep: np.ndarray, tmax_hypo: f
     the median of them all, as the lesions' reference falls back to the brain's. Noise's
     negative values count (left out, they had raised the median of a noisy study's CBV
     several-fold). None without a finite value."""
-    from ctperf.perfusion.lesions import MIN_NORMAL_SHARE
-
     v, t = np.asarray(cbv, dtype=np.float64), np.asarray(tmax, dtype=np.float64)
     valid = np.asarray(keep, dtype=bool) & np.isfinite(v)
     normal = valid & (t <= tmax_hypo)
