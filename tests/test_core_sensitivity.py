@@ -120,6 +120,8 @@ def test_a_scan_ending_before_the_cores_passage_is_not_judged():
     t = np.arange(0.0, 30.0, 0.5)
     late = injected_aif(t - 12.0)
     assert core_contrast("nlr-fast", late, t, noise_sd=1.0, n_base=8) is None
+    # whatever the normal tissue's CBV, even none (a broken study's): not judged either
+    assert core_contrast("nlr-fast", late, t, noise_sd=1.0, n_base=8, healthy_cbv=0.0) is None
     # a 30 s scan whose bolus came early holds the core's peak: judged
     assert core_contrast("nlr-fast", injected_aif(t), t, noise_sd=1.0, n_base=8) is not None
 
