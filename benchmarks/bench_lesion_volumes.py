@@ -105,8 +105,8 @@ def main() -> None:
                         f">{t:g}s {row[f'hypoperfused_ml_tmax>{t:g}']:6.1f} "
                         f"({100 * (row[f'hypoperfused_ml_tmax>{t:g}'] / true - 1):+4.0f}%)"
                         for t in THRESHOLDS)
-                    found = (f"{row['core_found_share']:.0%}" if row["rule_core_ml"] > 0
-                             else "n/a")
+                    share = row["core_found_share"]
+                    found = "n/a" if share is None else f"{share:.0%}"
                     near = "/".join(f"{row[f'true_hypoperfused_ml_tmax>{t:g}']:.1f}"
                                     for t in (5.75, 6.25))
                     print(f"lesion seed {seed:3d} {row['residue']:<11} {method:<9} "

@@ -285,14 +285,14 @@ def run_perfusion(
                 pv_asked=not (aif_from.source == "given curve" and vof_curve is None),
                 osvd_step_s=sample_step(t, grid) if method == "osvd" else None)
     options = THRESHOLDS_ONLY if lesion_options is None else lesion_options
+    threshold = options.core_rcbf if options.core_cbv is None else None  # None: core by CBV
     healthy_cbv = normal_cbv(values["cbv"], values["tmax"], ~vessels[brain], options.tmax_hypo)
-    judged = (method != "bayes" and noise_sd is not None and healthy_cbv is not None
-              and options.core_cbv is None)
+    judged = (method != "bayes" and threshold is not None and noise_sd is not None
+              and healthy_cbv is not None)
     flags["core_unseen"] = core_unseen_flag(
         core_contrast(method, aif_used, t, noise_sd=noise_sd or 0.0, n_base=n_base,
                       healthy_cbv=healthy_cbv, threshold=options.core_rcbf, rho=rho, kh=kh,
-                      device=device) if judged else None,
-        options.core_rcbf if options.core_cbv is None else None)
+                      device=device) if judged else None, threshold)
     provenance = _provenance(method, t, rho=rho, kh=kh, grid=grid, n_base=n_base,
                              aif=(aif_from, aif_raw, aif_used), vof=(vof_from, vof_curve, vof_used),
                              pv_info=pv_info, search=search, brain=brain, vessels=vessels,
