@@ -28,6 +28,18 @@ def test_info_dicom(tmp_path, rng, capsys):
     assert "kVp          80" in out and "mAs          150" in out
 
 
+def test_progress_bars_only_on_a_terminal(tmp_path, rng, capsys, monkeypatch):
+    """A log file that stderr is piped into holds messages, not a bar redrawn for every file
+    decoded; on a terminal the bar is drawn."""
+    study = write_fake_study(tmp_path / "s", rng)
+    monkeypatch.delenv("TQDM_DISABLE", raising=False)
+    assert main(["info", str(study.folder)]) == 0
+    assert "decode DICOM" not in capsys.readouterr().err
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    assert main(["info", str(study.folder)]) == 0
+    assert "decode DICOM" in capsys.readouterr().err
+
+
 def test_info_reads_the_headers_once(tmp_path, rng, caplog):
     """A folder with a stray file: the warning about it is given once, not once per pass."""
     study = write_fake_study(tmp_path / "s", rng, n_frames=5, n_slices=2)

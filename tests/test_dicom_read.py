@@ -584,6 +584,57 @@ def test_a_derived_series_beside_the_time_points_is_no_time_point(tmp_path, rng,
     assert uids[5] in caplog.text  # named among what was left out
 
 
+def _shift_times(ds, seconds: float) -> None:
+    """Move an image's acquisition and content times by ``seconds``."""
+    for date, time in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
+        when = dt.datetime.strptime(f"{ds[date].value}{ds[time].value}", "%Y%m%d%H%M%S.%f")
+        when += dt.timedelta(seconds=seconds)
+        ds[date].value, ds[time].value = when.strftime("%Y%m%d"), when.strftime("%H%M%S.%f")
+    when = dt.datetime.strptime(ds.AcquisitionDateTime, "%Y%m%d%H%M%S.%f")
+    ds.AcquisitionDateTime = (when + dt.timedelta(seconds=seconds)).strftime("%Y%m%d%H%M%S.%f")
+
+
+def test_a_plain_ct_on_the_time_points_grid_is_no_time_point(tmp_path, rng, caplog):
+    """A plain CT of the perfusion scan's coverage (same grid and frame of reference, 120 kV)
+    exported beside a scan filed one series per time point had been read as its first frame,
+    20 s before the others (hypoperfused volume 32 % low, exit 0). A series of another kV,
+    kernel or slice thickness is no time point: it is left out, and named."""
+    uids = [generate_uid() for _ in range(6)]
+    per_point = _one_series_per_time_point(uids)
+
+    def edit(ds, t, z):
+        per_point(ds, t, z)
+        if t == 0:          # the plain CT, 20 s before the perfusion scan's first frame
+            ds.KVP, ds.SeriesDescription = 120, "Head NCCT"
+            _shift_times(ds, -20.0)
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=6, edit=edit)
+    with caplog.at_level(logging.WARNING, logger="ctperf.io.dicom"):
+        series = read_dicom_series(study.folder)
+    assert series.n_frames == 5 and series.meta["time_point_series"] == 5
+    np.testing.assert_array_equal(series.hu, study.hu[1:])
+    assert "Head NCCT" in caplog.text and uids[0] in caplog.text
+
+
+def test_an_image_minutes_before_the_time_points_is_named(tmp_path, rng):
+    """An image of the same protocol ten minutes before the scan (a test bolus's) makes a gap
+    no time course has: the refusal names the files on both sides and their series."""
+    uids = [generate_uid() for _ in range(6)]
+    per_point = _one_series_per_time_point(uids)
+
+    def edit(ds, t, z):
+        per_point(ds, t, z)
+        if t == 0:
+            ds.SeriesDescription = "Test bolus"
+            _shift_times(ds, -600.0)
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=6, edit=edit)
+    with pytest.raises(InputError, match=r"a gap of 60\d(\.\d+)? s between frame 0 \(.*series "
+                                         r"100 'Test bolus'\) and frame 1 .*series 101.*another "
+                                         r"scan's image"):
+        read_dicom_series(study.folder)
+
+
 def test_series_that_are_not_time_points_are_listed(tmp_path, rng):
     """Series on another grid (a second study beside it), or two reconstructions of the same
     time points, are not merged: the reader asks which series to read."""
@@ -724,6 +775,20 @@ def test_uneven_slice_spacing(tmp_path, rng):
         read_dicom_series(study.folder)
 
 
+def test_a_stray_image_at_its_own_position_is_named(tmp_path, rng):
+    """One image of another scan filed in the series, at a position of its own: the refusal
+    names that file, not a slice of the scan."""
+    study = write_fake_study(tmp_path / "s", rng, n_frames=5, n_slices=3)
+    ds = pydicom.dcmread(study.files[(0, 0)])
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.ImagePositionPatient = [ds.ImagePositionPatient[0], ds.ImagePositionPatient[1],
+                               float(ds.ImagePositionPatient[2]) + 40.0]
+    ds.save_as(study.folder / "stray.dcm")
+    with pytest.raises(InputError, match=r"stray\.dcm: inconsistent slice spacing.*1 image\(s\) "
+                                         r"at .* 5 at the others: a stray image"):
+        read_dicom_series(study.folder)
+
+
 def test_different_frame_counts(tmp_path, rng):
     study = write_fake_study(tmp_path / "s", rng)
     study.files[(4, 1)].unlink()
@@ -781,6 +846,14 @@ def test_read_study_dispatches_on_path(tmp_path, rng, small_series):
     other.write_text("x")
     with pytest.raises(InputError, match=r"notes\.txt: not a study"):
         read_study(other)
+    export = tmp_path / "export" / "study.zip"
+    export.parent.mkdir()
+    export.write_bytes(b"PK\x03\x04")
+    with pytest.raises(InputError, match=r"study\.zip: an archive: extract it"):
+        read_study(export)
+    with pytest.raises(InputError, match=r"export: no DICOM image files found \(1 other files; "
+                                         r"study\.zip is an archive: extract it first\)"):
+        read_study(export.parent)
     with pytest.raises(InputError, match="no such file"):
         read_study(tmp_path / "absent.nii.gz")
     with pytest.raises(InputError, match="no such file or folder"):

@@ -403,6 +403,17 @@ def test_duplicate_file_is_named_with_two_slices(tmp_path, rng):
         read_dicom_series(study.folder)
 
 
+def test_an_export_copied_whole_is_counted(tmp_path, rng):
+    """A folder holding the export twice names the first pair and counts the rest, so that
+    the user removes the copy, not one file at a time."""
+    study = write_fake_study(tmp_path / "s", rng, n_frames=5, n_slices=2)
+    shutil.copytree(study.folder, tmp_path / "copy")
+    shutil.move(tmp_path / "copy", study.folder / "copy")
+    with pytest.raises(InputError, match=r": duplicate of .*; 10 files in all duplicate "
+                                         r"others \(the folder holds the export twice\?\)"):
+        read_dicom_series(study.folder)
+
+
 def test_duplicate_with_new_uid_is_named(tmp_path, rng):
     study = write_fake_study(tmp_path / "s", rng, n_slices=2)
     ds = pydicom.dcmread(study.files[(3, 0)])

@@ -58,7 +58,8 @@ def command_reference() -> str:
              "command_reference; print(command_reference(), end='')\" > docs/cli.md`). What "
              "the commands write, and the units, are in the README and the pages of `docs/`.",
              "", "Before the command: `ctperf -v COMMAND ...` logs progress details; "
-             "`ctperf --version` prints the version.", ""]
+             "`ctperf --version` prints the version. Progress bars are drawn when standard "
+             "error is a terminal; piped to a file, it holds only the messages.", ""]
     for name, sub in action.choices.items():
         lines += [f"## `ctperf {name}`", "", " ".join((sub.description or "").split()), "",
                   "| argument | meaning |", "|---|---|"]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ __all__ = [
     "positive_int",
     "run_study_command",
     "seed",
+    "show_progress",
 ]
 
 
@@ -54,6 +56,12 @@ def _number(text: str, kind: type) -> Any:
     if kind is float and not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def show_progress() -> bool:
+    """Whether a command draws progress bars: only when stderr is a terminal, so that a log
+    file it is piped into holds messages, not a bar redrawn hundreds of times."""
+    return sys.stderr.isatty()
 
 
 def count(least: int = 1, most: int | None = None) -> Callable[[str], int]:
@@ -211,7 +219,8 @@ def run_study_command(args: argparse.Namespace, task: Callable[..., Any], option
 
     summary = run_cohort_folder(args.study, args.out, task,
                                 dataclasses.replace(options, progress=False),
-                                scheduler=args.scheduler, workers=args.workers, progress=True)
+                                scheduler=args.scheduler, workers=args.workers,
+                                progress=show_progress())
     for line in summary.failure_lines():
         print(f"ctperf {args.command}: {line}", file=sys.stderr)
     for line in summary.flag_lines():
@@ -225,7 +234,7 @@ def study_io_options(args: argparse.Namespace) -> dict[str, Any]:
     :func:`add_study_options`, ``--dicom``, ``--anonymise`` and ``--overwrite`` (progress on)."""
     return {"series_uid": args.series, "frame_interval": args.frame_interval,
             "dicom": args.dicom, "anonymise": args.anonymise, "overwrite": args.overwrite,
-            "progress": True}
+            "progress": show_progress()}
 
 
 def preprocess_step_options(args: argparse.Namespace) -> dict[str, Any]:

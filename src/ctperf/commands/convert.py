@@ -6,7 +6,12 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import add_anonymise_option, add_overwrite_option, add_study_options
+from ctperf.commands import (
+    add_anonymise_option,
+    add_overwrite_option,
+    add_study_options,
+    show_progress,
+)
 
 __all__ = ["ORDER", "register", "run"]
 
@@ -41,6 +46,6 @@ def run(args: argparse.Namespace) -> int:
 
     options = ConvertOptions(compress=args.compress, int16=args.int16, anonymise=args.anonymise,
                              series_uid=args.series, frame_interval=args.frame_interval,
-                             overwrite=args.overwrite, progress=True)
+                             overwrite=args.overwrite, progress=show_progress())
     print(convert_study(args.src, args.dst, options).message)
     return 0

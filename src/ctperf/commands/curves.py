@@ -7,7 +7,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import METHOD_CHOICES, add_constants_options, add_device_option, seed
+from ctperf.commands import (
+    METHOD_CHOICES,
+    add_constants_options,
+    add_device_option,
+    seed,
+    show_progress,
+)
 
 __all__ = ["ORDER", "register", "run"]
 
@@ -115,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         fit = fit_curves(table.tissue, table.aif, table.times, method=args.method,
                          vof=table.vof, baseline=args.baseline, rho=args.rho, kh=args.kh,
-                         device=args.device, progress=True)
+                         device=args.device, progress=show_progress())
     except ValidationError as exc:  # what the curves cannot give: the file's problem
         raise InputError(args.curves, str(exc)) from None
     rows = fit.rows()

@@ -13,6 +13,7 @@ from ctperf.commands import (
     add_preprocess_options,
     count,
     seed,
+    show_progress,
 )
 
 __all__ = ["ORDER", "register", "run"]
@@ -75,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
                           register=args.register, filter=args.filter,
                           spatial_sigma_mm=args.spatial_sigma, range_sigma_hu=args.range_sigma,
                           filter_weights=args.filter_weights, overwrite=args.overwrite,
-                          progress=True)
+                          progress=show_progress())
     outcome = run_demo(args.out, options, echo=print)
     print(outcome.message)
     print(f"wrote {args.out}/report.html (self-contained), report.md, comparison.png, maps/ "
@@ -99,7 +100,7 @@ def _run_neural(args: argparse.Namespace) -> int:
     options = NeuralDemoOptions(seed=args.seed, reproduce=ReproduceOptions(
         register=False, filter=args.filter is not False, spatial_sigma_mm=args.spatial_sigma,
         range_sigma_hu=args.range_sigma, filter_weights=args.filter_weights, workers=1,
-        progress=True))
+        progress=show_progress()))
     print("expected time: about 11 minutes on a 2-core CPU, measured once "
           "(docs/reproduce.md)")
     outcome = run_neural_demo(out, options, echo=print)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ctperf.commands import add_study_options
+from ctperf.commands import add_study_options, show_progress
 
 __all__ = ["ORDER", "describe", "register", "run"]
 
@@ -100,9 +100,9 @@ def run(args: argparse.Namespace) -> int:
             groups = {chosen: groups[chosen]}  # the study the other commands read, described
     if groups:  # headers read once: their warnings said once
         series = io.read_dicom_series(args.study, frame_interval=args.frame_interval,
-                                      progress=True, headers_by_series=groups)
+                                      progress=show_progress(), headers_by_series=groups)
     else:
         series = io.read_study(args.study, series_uid=args.series,
-                               frame_interval=args.frame_interval, progress=True)
+                               frame_interval=args.frame_interval, progress=show_progress())
     print("\n".join(describe(series, args.study)))
     return 0

@@ -16,6 +16,7 @@ from ctperf.commands import (
     positive_float,
     positive_int,
     seed,
+    show_progress,
 )
 
 __all__ = ["ORDER", "register", "run"]
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
 
     check_output(args.outdir, kind="extend", owned_by=("cohort.json",))
     folders = generate_cohort(
-        args.outdir, subjects=args.subjects, seed=args.seed, progress=True, dicom=args.dicom,
+        args.outdir, subjects=args.subjects, seed=args.seed, progress=show_progress(),
+        dicom=args.dicom,
         preview=args.preview, workers=args.workers, scheduler=args.scheduler, size=args.size,
         slices=args.slices, frames=args.frames, frame_interval=args.frame_interval, mas=args.mas,
         motion=args.motion, lesion_free_fraction=args.lesion_free, residues=args.residues,

@@ -17,6 +17,7 @@ from ctperf.commands import (
     count,
     positive_int,
     seed,
+    show_progress,
 )
 
 __all__ = ["ORDER", "add_reproduce_options", "register", "reproduce_options", "run"]
@@ -77,7 +78,7 @@ def reproduce_options(args: argparse.Namespace) -> tuple[Any, Any]:
         range_sigma_hu=args.range_sigma, filter_weights=args.filter_weights,
         method=args.method, reference=args.reference, device=args.device,
         batch_size=args.batch_size,
-        workers=args.workers, lesion_options=LesionOptions(), progress=True)
+        workers=args.workers, lesion_options=LesionOptions(), progress=show_progress())
     return config, options
 
 

@@ -22,6 +22,7 @@ from ctperf.commands import (
     positive_float,
     positive_int,
     seed,
+    show_progress,
 )
 
 __all__ = ["ORDER", "add_training_arguments", "register", "run", "train_config",
@@ -148,7 +149,7 @@ def training_options(args: argparse.Namespace, **extra: Any) -> Any:
                               "--frame-mode resample too, or leave it out")
     return TrainingOptions(reference=args.reference, frame_mode=args.frame_mode,
                            resample_interval=args.resample_interval, cache=args.cache,
-                           test_list=args.test, resume=args.resume, progress=True,
+                           test_list=args.test, resume=args.resume, progress=show_progress(),
                            cache_workers=args.workers, **extra)
 
 

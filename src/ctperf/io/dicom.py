@@ -62,6 +62,8 @@ from ctperf.io.dicom_series import (
 )
 from ctperf.io.dicom_write import PATIENT_STUDY_TAGS
 from ctperf.io.integrity import (
+    FRAME_STEP_RANGE_S,
+    MAX_FRAME_GAP_S,
     check_frame_count,
     check_frame_times,
     check_hu_plausible,
@@ -70,8 +72,8 @@ from ctperf.io.integrity import (
 from ctperf.parallel import usable_cores
 from ctperf.types import CTPSeries
 
-__all__ = ["NoDicomError", "read_dicom_headers", "read_dicom_series", "read_dicom_volume",
-           "time_course_series", "time_point_series"]
+__all__ = ["NoDicomError", "is_archive", "read_dicom_headers", "read_dicom_series",
+           "read_dicom_volume", "time_course_series", "time_point_series"]
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +168,16 @@ def _read_header(path: Path) -> list[Header] | None:
     return [Header(path, ds)]
 
 
+#: Endings of archives a study may come in (a PACS or web export); ctperf does not open them.
+_ARCHIVES = (".zip", ".tar", ".tgz", ".tar.gz", ".tar.bz2", ".tbz2", ".tar.xz", ".txz", ".7z",
+             ".rar")
+
+
+def is_archive(path: Path) -> bool:
+    """Whether ``path`` is named as an archive (.zip, .tar.gz, .7z, ...)."""
+    return path.name.lower().endswith(_ARCHIVES)
+
+
 def read_dicom_headers(folder: PathLike) -> dict[str, list[Any]]:
     """Headers (without pixel data) of every image, by SeriesInstanceUID: one per file, one per
     frame of a multi-frame file."""
@@ -179,7 +191,10 @@ def read_dicom_headers(folder: PathLike) -> dict[str, list[Any]]:
         else:
             groups[str(headers[0].ds.SeriesInstanceUID)].extend(headers)
     if not groups:
-        raise NoDicomError(root, f"no DICOM image files found ({len(skipped)} other files)")
+        archives = [p.name for p in skipped if is_archive(p)]
+        raise NoDicomError(root, f"no DICOM image files found ({len(skipped)} other files"
+                                 + (f"; {archives[0]} is an archive: extract it first)"
+                                    if archives else ")"))
     if skipped:
         names = ", ".join(str(p.relative_to(root)) for p in skipped[:5])
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
@@ -418,6 +433,25 @@ def _order_frames(root: Path, slices: list[list[Header]],
                            "TemporalPositionIndex or InstanceNumber within each slice")
 
 
+def _check_gap(root: Path, frames: list[list[Header]], times: np.ndarray, source: str) -> None:
+    """Refuse a gap between frames longer than a perfusion time course allows
+    (:data:`~ctperf.io.integrity.MAX_FRAME_GAP_S`), naming the files on both sides and their
+    series: an image of another scan (a plain CT, a test bolus) read as a frame."""
+    steps = np.diff(times)
+    if not steps.size or steps.max() <= MAX_FRAME_GAP_S or \
+            np.median(steps) > FRAME_STEP_RANGE_S[1]:     # all far apart: a unit, said after
+        return
+    b = int(np.argmax(steps))
+    side = [frames[0][b], frames[0][b + 1]]
+    named = [f"frame {b + i} ({h.path.name}, series {h.get('SeriesNumber', '?')} "
+             f"'{h.get('SeriesDescription', '')}')" for i, h in enumerate(side)]
+    lone = " (another scan's image? move its files out of the folder)" \
+        if b in (0, steps.size - 1) else ""
+    raise InputError(root, f"{source}: a gap of {steps[b]:g} s between {named[0]} and "
+                           f"{named[1]}, longer than the {MAX_FRAME_GAP_S:g} s a perfusion "
+                           f"time course allows{lone}")
+
+
 def _uneven_numbers_warning(root: Path, order: list[list[float]], tag: str) -> None:
     """A warning when the numbers frames are ordered by step unevenly within a slice (one step
     half as large again as the usual one, e.g. 1, 2, 4, 5: a frame missing, which
@@ -586,9 +620,16 @@ def _geometry(root: Path, headers: Sequence[Header], *, modality: str | None,
     if len(slices) > 1:
         gaps = np.diff(positions @ normal)
         if np.ptp(gaps) > max(POSITION_TOL_MM, 0.01 * np.median(gaps)):
-            bad = int(np.argmax(np.abs(gaps - np.median(gaps))))
-            raise InputError(slices[bad + 1][0].path,
-                             f"inconsistent slice spacing: gaps {np.round(gaps, 3).tolist()} mm")
+            bad = int(np.argmax(np.abs(gaps - np.median(gaps)))) + 1
+            counts = [len(s) for s in slices]
+            stray = ""
+            if min(counts) < max(counts):   # the odd position is the one with fewer images
+                bad = int(np.argmin(counts))
+                stray = (f"; {counts[bad]} image(s) at {positions[bad] @ normal:.2f} mm, "
+                         f"{max(counts)} at the others: a stray image of another scan?")
+            raise InputError(slices[bad][0].path,
+                             f"inconsistent slice spacing: gaps {np.round(gaps, 3).tolist()} mm"
+                             + stray)
         slice_step = (positions[-1] - positions[0]) / (len(slices) - 1)
     else:
         given = [abs(v) for v in (optional_number(headers[0], "SpacingBetweenSlices"),
@@ -771,6 +812,8 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
         times = rel.mean(axis=1)
         if np.max(np.ptp(rel, axis=1)) > 1e-3:
             slice_times = rel
+    if frame_interval is None:
+        _check_gap(root, frames, times, source_tag)
     check_frame_times(times, root, source=source_tag)
     if frame_interval is None and not said:
         _missing_time_point_warning(root, times)

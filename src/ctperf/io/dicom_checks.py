@@ -184,23 +184,28 @@ def check_duplicates(slices: Sequence[Sequence[Header]]) -> None:
     """Refuse two files holding one image: the same SOPInstanceUID, or the same slice position
     and the same timing and index tags."""
     seen_uid: dict[str, Path] = {}
+    found: list[tuple[Path, str]] = []             # (file, what it duplicates)
     for s in slices:
         seen_key: dict[tuple[Any, ...], Path] = {}
         for h in sorted(s, key=lambda h: str(h.path)):
             sop = str(h.get("SOPInstanceUID", "")) or None
             # the frames of one multi-frame file share its SOPInstanceUID
             uid = None if sop is None else sop if h.frame is None else f"{sop} frame {h.frame}"
-            if uid is not None and uid in seen_uid:
-                raise InputError(h.path, f"duplicate of {seen_uid[uid].name} (same "
-                                         f"SOPInstanceUID {sop}); remove one of the two")
-            if uid is not None:
-                seen_uid[uid] = h.path
             key = tuple(str(h.get(tag, "")) for tag in _IDENTITY_TAGS)
-            if any(key) and key in seen_key:
-                raise InputError(h.path, f"duplicate of {seen_key[key].name} (same slice "
-                                         "position, acquisition time and index); remove one of "
-                                         "the two")
-            seen_key[key] = h.path
+            if uid is not None and uid in seen_uid:
+                found.append((h.path, f"{seen_uid[uid].name} (same SOPInstanceUID {sop})"))
+            elif any(key) and key in seen_key:
+                found.append((h.path, f"{seen_key[key].name} (same slice position, "
+                                      "acquisition time and index)"))
+            if uid is not None:
+                seen_uid.setdefault(uid, h.path)
+            seen_key.setdefault(key, h.path)
+    if found:
+        path, original = found[0]
+        advice = ("remove one of the two" if len(found) == 1 else
+                  f"{len(found)} files in all duplicate others (the folder holds the export "
+                  "twice?); remove one of each pair")
+        raise InputError(path, f"duplicate of {original}; {advice}")
 
 
 #: Slices whose frames are imaged this far apart in time (s) or more lie at different table

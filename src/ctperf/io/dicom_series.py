@@ -244,7 +244,7 @@ def _acquired(h: Header) -> float | None:
 class _Grid:
     """Where and when a series with one image per slice was acquired."""
 
-    key: tuple[Any, ...]        # modality, study, frame of reference, rows, columns
+    key: tuple[Any, ...]        # modality, study, frame of reference, rows, columns, protocol
     iop: np.ndarray             # (6,)
     spacing: np.ndarray         # (2,) mm
     depth: np.ndarray           # (Z,) ascending slice positions along the normal, mm
@@ -269,8 +269,25 @@ def _grid(headers: Sequence[Header]) -> _Grid | None:
     if not times or np.any(np.diff(depth) <= POSITION_TOL_MM):
         return None                                # untimed, or several images per slice
     key = (str(h.get("Modality", "")), str(h.get("StudyInstanceUID", "")),
-           str(h.get("FrameOfReferenceUID", "")), h.get("Rows"), h.get("Columns"))
+           str(h.get("FrameOfReferenceUID", "")), h.get("Rows"), h.get("Columns"),
+           *(_protocol(h, tag) for tag in _PROTOCOL_TAGS))
     return _Grid(key, iop, spacing, depth, min(times))
+
+
+#: What one scan's time points share beyond their grid: a plain CT of the same coverage (120
+#: kV, its own kernel and thickness) is no time point of a perfusion scan (70-100 kV).
+_PROTOCOL_TAGS = ("KVP", "ConvolutionKernel", "SliceThickness")
+
+
+def _protocol(h: Header, tag: str) -> str:
+    """``tag``'s value as text ("" without one), numbers to 0.01 (80 and "80.0" agree)."""
+    value = h.get(tag)
+    if isinstance(value, list | tuple | MultiValue):
+        return "\\".join(str(v).strip().upper() for v in value)
+    try:
+        return f"{float(value):.2f}"
+    except (TypeError, ValueError):
+        return str(value or "").strip().upper()
 
 
 def _within(depth: np.ndarray, positions: np.ndarray) -> bool:
@@ -283,9 +300,11 @@ def _time_point_sets(groups: dict[str, list[Header]]) -> list[tuple[str, ...]]:
     """Sets of series that are one scan's time points: at least three, CT of one study and
     frame of reference on one grid (rows, columns, pixel spacing, orientation), one image per
     slice at the slice positions most of them have (or at least half of them: a missing image
-    is then named by the frame count check), each series at its own time. Series on a grid or at
-    slice positions of their own, or without positions or times, belong to none; a set of
-    which two series start at one time (two reconstructions of the time points) is none.
+    is then named by the frame count check), each series at its own time, all of one protocol
+    (kV, kernel, slice thickness: a plain CT of the same coverage is no time point). Series on
+    a grid or at slice positions of their own, or without positions or times, belong to none;
+    a set of which two series start at one time (two reconstructions of the time points) is
+    none.
     Derived series (an average or a MIP over time, maps written back beside the scan) are no
     time points of a scan whose series are original; only derived series make sets of their
     own (a corrected study exported one series per time point)."""

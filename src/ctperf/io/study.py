@@ -9,7 +9,7 @@ from pathlib import Path
 import nibabel as nib
 
 from ctperf.errors import InputError
-from ctperf.io.dicom import NoDicomError, read_dicom_series
+from ctperf.io.dicom import NoDicomError, is_archive, read_dicom_series
 from ctperf.io.nifti import is_nifti, read_nifti_series
 from ctperf.types import CTPSeries
 
@@ -102,4 +102,6 @@ def read_study(path: str | os.PathLike[str], *, series_uid: str | None = None,
         return read_nifti_series(p, frame_interval=frame_interval)
     if not p.exists():
         raise InputError(p, "no such file or folder")
+    if is_archive(p):
+        raise InputError(p, "an archive: extract it, and give the folder (or NIfTI) it holds")
     raise InputError(p, "not a study: expected a DICOM folder or a .nii/.nii.gz file")
