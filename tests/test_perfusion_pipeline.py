@@ -154,6 +154,10 @@ def test_compute_maps_noise_free_recovers_tissue(study):
     vz = np.array(prov["vof"]["voxels_zyx"]).T
     assert truth["sinus"][tuple(vz)].all()
     assert set(prov["qc"]) >= {"truncation", "aif_low_peak", "motion", "few_brain_voxels"}
+    # a one-sided lesion: its core judged against its mirror image, not the brain's median
+    on_median = prov["qc"]["core_on_brain_median"]
+    assert on_median["value"] == prov["lesions"]["thresholds"]["core"][
+        "hypoperfused_on_brain_median"] and not on_median["flag"]
     # The sinus holds the whole arterial area: it corrects the AIF, and only upwards.
     assert prov["partial_volume"]["corrected"] is True and prov["vof"]["used"] is True
     assert prov["aif"]["pv_factor"] > 1.0 and not prov["qc"]["no_vof"]["flag"]

@@ -76,8 +76,10 @@ def register(subparsers: Any) -> None:
                         f"[{LesionOptions.core_rcbf}]")
     p.add_argument("--core-reference", choices=REFERENCES, default=None,
                    help="normal CBF of the core's rCBF: normally perfused tissue mirrored "
-                        "across the midline, or the median of all normally perfused brain "
-                        f"(when the other side is diseased too) [{LesionOptions.reference}]")
+                        "across the midline (where the mirror is hypoperfused too, the "
+                        "median of all normally perfused brain: QC core_on_brain_median), "
+                        "or that median everywhere (mostly white matter's flow: grey "
+                        f"matter's core reads smaller) [{LesionOptions.reference}]")
     p.add_argument("--tmax", type=float_in(*TMAX_RANGE_S, "--tmax (s)"),
                    default=LesionOptions.tmax_hypo,
                    help="hypoperfusion Tmax threshold s (the tmax10 mask keeps its 10 s) "

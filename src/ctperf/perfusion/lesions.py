@@ -323,12 +323,22 @@ def normal_cbf_reference(
     plane : MidPlane, optional
         A known mid-sagittal plane instead of estimating one.
     """
+    return _reference(cbf, normal, spacing=spacing, mode=mode, sigma_mm=sigma_mm,
+                      symmetry=symmetry, plane=plane)[0]
+
+
+def _reference(cbf: np.ndarray, normal: np.ndarray, *, spacing: tuple[float, float, float],
+               mode: str, sigma_mm: float, symmetry: np.ndarray | None = None,
+               plane: MidPlane | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`normal_cbf_reference`, and where it is the median of all normal tissue (bool,
+    (Z, Y, X)): everywhere for ``"global"``; for ``"contralateral"`` where the mirror image's
+    neighbourhood holds (almost) no normally perfused tissue."""
     if not normal.any():
         raise ValidationError("no normally perfused brain voxels to take a CBF reference from")
     values = np.where(normal, cbf, 0.0)
     overall = float(np.median(cbf[normal]))
     if mode == "global":
-        return np.full(cbf.shape, overall)
+        return np.full(cbf.shape, overall), np.ones(cbf.shape, dtype=bool)
     if mode != "contralateral":
         raise ValidationError(
             f"reference must be 'contralateral', 'global' or an array, got {mode!r}")
@@ -344,9 +354,10 @@ def normal_cbf_reference(
     sig = (0.0, sigma_mm / spacing[1], sigma_mm / spacing[2])
     num = ndimage.gaussian_filter(m_val, sig, mode="constant")
     den = ndimage.gaussian_filter(m_w, sig, mode="constant")
+    fallback = ~(den > 0.05)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ref = np.where(den > 0.05, num / den, overall)
-    return ref
+        ref = np.where(fallback, overall, num / den)
+    return ref, fallback
 
 
 def segment_lesions(
@@ -420,6 +431,7 @@ def segment_lesions(
         core_value, core_sd = cbv, maps["cbv_sd"] if "cbv_sd" in maps.names else None
         limit = np.full(cbv.shape, o.core_cbv)
         ref_value: float | None = None
+        brain_median_share = None
     else:
         normal = _normal_tissue(cbf, valid & ~hypo, o.core_rcbf)
         timely = int(np.count_nonzero(valid & ~hypo))
@@ -437,11 +449,16 @@ def segment_lesions(
                         "delays every voxel) or use --core-cbv",
                         100.0 * timely / np.count_nonzero(valid), o.tmax_hypo, reference)
         if isinstance(reference, str):
-            ref = normal_cbf_reference(np.where(valid, cbf, 0.0), normal,
-                                       spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm,
+            ref, fallback = _reference(np.where(valid, cbf, 0.0), normal, spacing=maps.spacing,
+                                       mode=reference, sigma_mm=sigma_mm,
                                        plane=plane if reference == "contralateral" else None)
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
+            fallback = np.full(cbf.shape, label == NO_NORMAL_TISSUE)
+        # the hypoperfused tissue judged against the whole brain's median: bilateral or
+        # midline disease, its grey matter against a median that is mostly white matter
+        brain_median_share = (round(float(np.count_nonzero(fallback & hypo))
+                                    / np.count_nonzero(hypo), 4) if hypo.any() else 0.0)
         core = valid & (cbf < o.core_rcbf * ref)
         core_value, core_sd, limit = cbf, maps["cbf_sd"] if "cbf_sd" in maps.names else None, \
             o.core_rcbf * ref
@@ -469,7 +486,8 @@ def segment_lesions(
     standard = (o.tmax_hypo, o.tmax_severe) == (6.0, 10.0)
     hir = (volumes["tmax10"] / volumes["hypoperfused"]
            if standard and volumes["hypoperfused"] > 0 else None)
-    thresholds = _thresholds(o, label, ref_value=ref_value, midplane=mid_info, asked=asked)
+    thresholds = _thresholds(o, label, ref_value=ref_value, midplane=mid_info, asked=asked,
+                             brain_median_share=brain_median_share)
     sd_ml = None
     if "tmax_sd" in maps.names and core_sd is not None:
         sd_ml = _volume_sd(core_value, tmax, core_sd, maps["tmax_sd"], valid,
@@ -517,14 +535,18 @@ def _normal_tissue(cbf: np.ndarray, timely: np.ndarray, core_rcbf: float) -> np.
 
 
 def _thresholds(o: LesionOptions, reference: str, *, ref_value: float | None,
-                midplane: dict[str, Any] | None, asked: str | None = None) -> dict[str, Any]:
+                midplane: dict[str, Any] | None, asked: str | None = None,
+                brain_median_share: float | None = None) -> dict[str, Any]:
     """The summary's thresholds: numbers, each rule with a readable label; ``reference`` the
-    core's reference used, ``asked`` the one asked for (default the options')."""
+    core's reference used, ``asked`` the one asked for (default the options'),
+    ``brain_median_share`` the share of the hypoperfused tissue whose reference was the
+    median of all normal tissue."""
     core: dict[str, Any] = (
         {"cbv_below_ml_per_100g": o.core_cbv, "label": f"CBV < {o.core_cbv} mL/100g"}
         if o.core_cbv is not None else
         {"rcbf_below": o.core_rcbf, "reference": reference,
          "reference_asked": o.reference if asked is None else asked,
+         "hypoperfused_on_brain_median": brain_median_share,
          "label": f"rCBF < {o.core_rcbf} ({reference} reference)"})
     return {
         "core": core,

@@ -33,6 +33,7 @@ from ctperf.perfusion.curves import (
 
 __all__ = [
     "ARRIVAL_SDS",
+    "CORE_ON_BRAIN_MEDIAN_SHARE",
     "EARLIER_BOLUS_MIN_VOF",
     "MAX_AIF_LEAD_S",
     "MAX_OSVD_STEP_S",
@@ -41,6 +42,7 @@ __all__ = [
     "WIDESPREAD_SIDE_SHARE",
     "aif_lag",
     "check_first_pass_sampled",
+    "core_on_brain_median_flag",
     "first_pass",
     "flat_edge_share",
     "frame_gaps",
@@ -382,6 +384,30 @@ def widespread_hypoperfusion_flag(share: float | None, sides: Mapping[str, float
                       "relative CBF was taken against the brain's median CBF (the thresholds "
                       "say so) and the core may be too small. Check the AIF's curve and the "
                       "Tmax map, or use --core-cbv"}
+
+
+#: ``core_on_brain_median``: the share of the hypoperfused tissue judged against the brain's
+#: median CBF above which it is said.
+CORE_ON_BRAIN_MEDIAN_SHARE = 0.2
+
+
+def core_on_brain_median_flag(share: float | None) -> dict[str, Any]:
+    """The ``core_on_brain_median`` QC entry: ``share`` of the hypoperfused tissue whose core
+    reference was the median CBF of all normally perfused brain
+    (``thresholds["core"]["hypoperfused_on_brain_median"]``). None: not judged (a core by
+    CBV)."""
+    raised = share is not None and share > CORE_ON_BRAIN_MEDIAN_SHARE
+    return {"flag": bool(raised), "value": share,
+            "reason": f"more than {CORE_ON_BRAIN_MEDIAN_SHARE:.0%} of the hypoperfused tissue "
+                      "(the value is its share) had its core judged against the median CBF "
+                      "of all normally perfused brain, not against its mirror image across "
+                      "the midline: the mirror image is hypoperfused too (both MCAs, a basilar "
+                      "or PCA stroke across the midline, both ACAs), or --core-reference global "
+                      "was asked. That median is mostly white matter's, so grey matter's core "
+                      "there is read too small (a probe's bilateral cores: 38.7 mL for 78.7 "
+                      "with nlr-fast, 57.3 with bayes; a basilar-top core 11.5 and 23.9 for "
+                      "43.8). Read the core as a lower bound: check the CBF and CBV maps, or "
+                      "use --core-cbv with a threshold below the white matter's CBV"}
 
 
 def raised_flags(flags: dict[str, dict[str, Any]]) -> list[str]:
