@@ -616,6 +616,52 @@ def test_a_plain_ct_on_the_time_points_grid_is_no_time_point(tmp_path, rng, capl
     assert "Head NCCT" in caplog.text and uids[0] in caplog.text
 
 
+@pytest.mark.parametrize("change", ["no_kernel", "kvp_in_rhythm", "no_kvp"])
+def test_time_points_that_differ_in_a_tag_stay_one_scan(tmp_path, rng, change):
+    """A tag absent from some time points (an anonymiser's or an export's doing) tells nothing,
+    and a time point of another kV within the scan's rhythm is still one of its time points:
+    the review of the protocol split found the first frame dropped (exit 0) or the scan
+    refused as two sets."""
+    uids = [generate_uid() for _ in range(8)]
+    per_point = _one_series_per_time_point(uids)
+
+    def edit(ds, t, z):
+        per_point(ds, t, z)
+        if change == "no_kernel" and t not in (0, 4):
+            ds.ConvolutionKernel = "H30s"
+        elif change == "kvp_in_rhythm" and t == 0:
+            ds.KVP = 100
+        elif change == "no_kvp" and t % 3 == 0:
+            del ds.KVP
+
+    study = write_fake_study(tmp_path / "s", rng, n_frames=8, edit=edit)
+    series = read_dicom_series(study.folder)
+    assert series.n_frames == 8
+    np.testing.assert_array_equal(series.hu, study.hu)
+
+
+def test_a_copied_per_time_point_export_is_a_duplicate(tmp_path, rng):
+    """A scan exported one series per time point and copied into its folder again had been
+    refused as series that are no time course; one copied file had dropped its time point
+    with a warning (exit 0). Both are now refused as duplicates, the original named by its
+    path in the folder."""
+    uids = [generate_uid() for _ in range(5)]
+    study = write_fake_study(tmp_path / "s", rng, n_frames=5,
+                             edit=_one_series_per_time_point(uids))
+    one = study.files[(2, 1)]
+    shutil.copy(one, study.folder / "again.dcm")
+    rel = re.escape(str(one.relative_to(study.folder)))
+    with pytest.raises(InputError, match=rf"(again\.dcm: duplicate of {rel}|{rel}: duplicate of "
+                                         r"again\.dcm) \(same SOPInstanceUID .*\); remove one "
+                                         r"of the two"):
+        read_dicom_series(study.folder)
+    (study.folder / "again.dcm").unlink()
+    shutil.copytree(study.folder, tmp_path / "copy")
+    shutil.move(tmp_path / "copy", study.folder / "copy")
+    with pytest.raises(InputError, match=r"15 files in all duplicate others"):
+        read_dicom_series(study.folder)
+
+
 def test_an_image_minutes_before_the_time_points_is_named(tmp_path, rng):
     """An image of the same protocol ten minutes before the scan (a test bolus's) makes a gap
     no time course has: the refusal names the files on both sides and their series."""

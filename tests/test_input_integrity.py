@@ -399,7 +399,7 @@ def test_duplicate_file_is_named_with_two_slices(tmp_path, rng):
     copy = study.folder / "zz_copy.dcm"
     shutil.copy(study.files[(2, 1)], copy)
     with pytest.raises(InputError, match=rf"zz_copy\.dcm: duplicate of "
-                                         rf"{study.files[(2, 1)].name}"):
+                                         rf"{study.files[(2, 1)].relative_to(study.folder)} "):
         read_dicom_series(study.folder)
 
 

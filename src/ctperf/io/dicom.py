@@ -36,12 +36,14 @@ from ctperf.io.dicom_checks import (
     RELATIVE_TIME_TAGS,
     TIME_TAGS,
     Header,
+    check_copies,
     check_duplicates,
     check_frame_counts,
     check_temporal_positions,
     number,
     numbers,
     optional_number,
+    relative_name,
     rescales,
     same_image,
     states_fraction,
@@ -200,6 +202,7 @@ def read_dicom_headers(folder: PathLike) -> dict[str, list[Any]]:
         more = f" and {len(skipped) - 5} more" if len(skipped) > 5 else ""
         log.warning("%s: skipped %d non-DICOM or non-image files: %s%s", root, len(skipped),
                     names, more)
+    check_copies(root, groups)
     return dict(groups)
 
 
@@ -443,7 +446,7 @@ def _check_gap(root: Path, frames: list[list[Header]], times: np.ndarray, source
         return
     b = int(np.argmax(steps))
     side = [frames[0][b], frames[0][b + 1]]
-    named = [f"frame {b + i} ({h.path.name}, series {h.get('SeriesNumber', '?')} "
+    named = [f"frame {b + i} ({relative_name(root, h.path)}, series {h.get('SeriesNumber', '?')} "
              f"'{h.get('SeriesDescription', '')}')" for i, h in enumerate(side)]
     lone = " (another scan's image? move its files out of the folder)" \
         if b in (0, steps.size - 1) else ""
@@ -780,7 +783,7 @@ def read_dicom_series(folder: PathLike, *, series_uid: str | None = None,
     choice = choose_series(root, without_extras(root, groups), series_uid)
     headers = choice.headers
     slices, affine, (rows, cols) = _geometry(root, headers, modality="CT")
-    check_duplicates(slices)
+    check_duplicates(root, slices)
     slices, left_out = trim_unfinished_pass(root, slices)
     check_frame_counts(root, slices, _depths(slices))
     if len(slices[0]) < 2:

@@ -20,10 +20,10 @@ from ctperf.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RELATIVE_TIME_TAGS", "TIME_TAGS", "Header", "check_duplicates", "check_frame_counts",
-           "check_temporal_positions", "number", "numbers", "optional_number",
-           "rescale_of", "rescales", "same_image", "states_fraction", "time_of",
-           "trim_unfinished_pass"]
+__all__ = ["RELATIVE_TIME_TAGS", "TIME_TAGS", "Header", "check_copies", "check_duplicates",
+           "check_frame_counts", "check_temporal_positions", "number", "numbers",
+           "optional_number", "relative_name", "rescale_of", "rescales", "same_image",
+           "states_fraction", "time_of", "trim_unfinished_pass"]
 
 _EPOCH = dt.datetime(1970, 1, 1)
 
@@ -180,32 +180,59 @@ def rescales(headers: Sequence[Header]) -> list[tuple[float, float]]:
     return rescale
 
 
-def check_duplicates(slices: Sequence[Sequence[Header]]) -> None:
-    """Refuse two files holding one image: the same SOPInstanceUID, or the same slice position
-    and the same timing and index tags."""
-    seen_uid: dict[str, Path] = {}
-    found: list[tuple[Path, str]] = []             # (file, what it duplicates)
+def relative_name(root: Path, path: Path) -> str:
+    """``path`` as named under the study folder ``root`` (its file name where it is not)."""
+    try:
+        return str(path.relative_to(root))
+    except ValueError:
+        return path.name
+
+
+def _refuse_duplicates(root: Path, found: list[tuple[Header, Header, str]]) -> None:
+    """Refuse the duplicates ``found`` (copy, original, how they are one image): the first pair
+    named, the rest counted."""
+    if not found:
+        return
+    copy, original, how = found[0]
+    advice = ("remove one of the two" if len(found) == 1 else
+              f"{len(found)} files in all duplicate others (the folder holds the export "
+              "twice?); remove one of each pair")
+    raise InputError(copy.path, f"duplicate of {relative_name(root, original.path)} ({how}); "
+                                f"{advice}")
+
+
+def check_copies(root: Path, groups: dict[str, list[Header]]) -> None:
+    """Refuse two files of the folder holding one SOPInstanceUID (the frames of a multi-frame
+    file share its UID, each counted with its frame): an export copied into the folder again.
+    Checked over the whole folder before a series is chosen: a scan exported one series per
+    time point and copied had been refused as series that are no time course, and one copied
+    file had dropped its time point with a warning only."""
+    seen: dict[str, Header] = {}
+    found = []
+    for h in sorted((h for g in groups.values() for h in g), key=lambda h: str(h.path)):
+        sop = str(h.get("SOPInstanceUID", "")) or None
+        if sop is None:
+            continue
+        uid = sop if h.frame is None else f"{sop} frame {h.frame}"
+        if uid in seen:
+            found.append((h, seen[uid], f"same SOPInstanceUID {sop}"))
+        else:
+            seen[uid] = h
+    _refuse_duplicates(root, found)
+
+
+def check_duplicates(root: Path, slices: Sequence[Sequence[Header]]) -> None:
+    """Refuse two files of one slice holding one image under two SOPInstanceUIDs: the same
+    timing and index tags (:func:`check_copies` refuses those with one UID)."""
+    found = []
     for s in slices:
-        seen_key: dict[tuple[Any, ...], Path] = {}
+        seen: dict[tuple[Any, ...], Header] = {}
         for h in sorted(s, key=lambda h: str(h.path)):
-            sop = str(h.get("SOPInstanceUID", "")) or None
-            # the frames of one multi-frame file share its SOPInstanceUID
-            uid = None if sop is None else sop if h.frame is None else f"{sop} frame {h.frame}"
             key = tuple(str(h.get(tag, "")) for tag in _IDENTITY_TAGS)
-            if uid is not None and uid in seen_uid:
-                found.append((h.path, f"{seen_uid[uid].name} (same SOPInstanceUID {sop})"))
-            elif any(key) and key in seen_key:
-                found.append((h.path, f"{seen_key[key].name} (same slice position, "
-                                      "acquisition time and index)"))
-            if uid is not None:
-                seen_uid.setdefault(uid, h.path)
-            seen_key.setdefault(key, h.path)
-    if found:
-        path, original = found[0]
-        advice = ("remove one of the two" if len(found) == 1 else
-                  f"{len(found)} files in all duplicate others (the folder holds the export "
-                  "twice?); remove one of each pair")
-        raise InputError(path, f"duplicate of {original}; {advice}")
+            if any(key) and key in seen:
+                found.append((h, seen[key], "same slice position, acquisition time and index"))
+            seen.setdefault(key, h)
+    _refuse_duplicates(root, found)
 
 
 #: Slices whose frames are imaged this far apart in time (s) or more lie at different table

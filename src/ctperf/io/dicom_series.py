@@ -60,11 +60,27 @@ class Choice:
     headers: list[Header]
 
 
-def _listing(groups: dict[str, list[Header]], uids: Sequence[str] | None = None) -> str:
-    """``uids`` (default: all) as 'UID modality 'description' (n files)', for messages."""
+def _listing(groups: dict[str, list[Header]], uids: Sequence[str] | None = None, *,
+             why: dict[str, str] | None = None) -> str:
+    """``uids`` (default: all) as 'UID modality 'description' (n files)', for messages, each
+    followed by its reason in ``why`` where it has one."""
+    why = why or {}
     return "; ".join(f"{uid} {g[0].get('Modality', '?')} "
-                     f"'{g[0].get('SeriesDescription', '')}' ({len(g)} files)"
+                     f"'{g[0].get('SeriesDescription', '')}' ({len(g)} files"
+                     + (f": {why[uid]}" if uid in why else "") + ")"
                      for uid, g in groups.items() if uids is None or uid in uids)
+
+
+def _other_protocols(groups: dict[str, list[Header]], chosen: Sequence[str]) -> dict[str, str]:
+    """Of the series on the grid of the ``chosen`` time points, those left out as another
+    protocol's, with how it differs (:func:`_protocol_difference`)."""
+    grids = {uid: grid for uid, g in groups.items() if (grid := _grid(g)) is not None}
+    scan = [grids[uid] for uid in chosen if uid in grids]
+    if not scan:
+        return {}
+    usual = _usual_protocol(scan)
+    return {uid: why for uid, g in grids.items() if uid not in chosen
+            and g.same_grid(scan[0]) and (why := _protocol_difference(g, usual))}
 
 
 def choose_series(root: Path, groups: dict[str, list[Header]], series_uid: str | None, *,
@@ -114,7 +130,8 @@ def _log_choice(root: Path, groups: dict[str, list[Header]], chosen: tuple[str, 
         if others:
             log.warning("%s: holds %d series; reading the %d that are one scan's time points, "
                         "leaving out %d: %s; --series UID chooses one", root, len(groups),
-                        len(chosen), len(others), _listing(groups, others))
+                        len(chosen), len(others),
+                        _listing(groups, others, why=_other_protocols(groups, chosen)))
         return
     uid = chosen[0]
     if len(candidates) == 1:
@@ -244,11 +261,12 @@ def _acquired(h: Header) -> float | None:
 class _Grid:
     """Where and when a series with one image per slice was acquired."""
 
-    key: tuple[Any, ...]        # modality, study, frame of reference, rows, columns, protocol
+    key: tuple[Any, ...]        # modality, study, frame of reference, rows, columns
     iop: np.ndarray             # (6,)
     spacing: np.ndarray         # (2,) mm
     depth: np.ndarray           # (Z,) ascending slice positions along the normal, mm
     start: float                # s, its first image's time
+    protocol: tuple[str, ...]   # :data:`_PROTOCOL_TAGS`' values ("" where absent)
 
     def same_grid(self, other: _Grid) -> bool:
         return (self.key == other.key and np.allclose(self.iop, other.iop, atol=1e-4)
@@ -269,25 +287,65 @@ def _grid(headers: Sequence[Header]) -> _Grid | None:
     if not times or np.any(np.diff(depth) <= POSITION_TOL_MM):
         return None                                # untimed, or several images per slice
     key = (str(h.get("Modality", "")), str(h.get("StudyInstanceUID", "")),
-           str(h.get("FrameOfReferenceUID", "")), h.get("Rows"), h.get("Columns"),
-           *(_protocol(h, tag) for tag in _PROTOCOL_TAGS))
-    return _Grid(key, iop, spacing, depth, min(times))
+           str(h.get("FrameOfReferenceUID", "")), h.get("Rows"), h.get("Columns"))
+    return _Grid(key, iop, spacing, depth, min(times),
+                 tuple(_protocol(h, tag) for tag in _PROTOCOL_TAGS))
 
 
 #: What one scan's time points share beyond their grid: a plain CT of the same coverage (120
 #: kV, its own kernel and thickness) is no time point of a perfusion scan (70-100 kV).
 _PROTOCOL_TAGS = ("KVP", "ConvolutionKernel", "SliceThickness")
+#: A series of another protocol at a set's start or end is another scan when this many of the
+#: set's usual steps or more lie between it and the set's first or last time point.
+_OTHER_SCAN_STEPS = 3.0
 
 
 def _protocol(h: Header, tag: str) -> str:
-    """``tag``'s value as text ("" without one), numbers to 0.01 (80 and "80.0" agree)."""
+    """``tag``'s value as text ("" without one), numbers to 0.1 (80, "80.0" and 79.99 agree)."""
     value = h.get(tag)
     if isinstance(value, list | tuple | MultiValue):
         return "\\".join(str(v).strip().upper() for v in value)
     try:
-        return f"{float(value):.2f}"
+        return f"{float(value):.1f}"
     except (TypeError, ValueError):
         return str(value or "").strip().upper()
+
+
+def _usual_protocol(grids: Sequence[_Grid]) -> tuple[str, ...]:
+    """Each protocol tag's most common value among ``grids`` that hold it ("" where none)."""
+    usual = []
+    for i in range(len(_PROTOCOL_TAGS)):
+        held = [g.protocol[i] for g in grids if g.protocol[i]]
+        usual.append(max(set(held), key=held.count) if held else "")
+    return tuple(usual)
+
+
+def _protocol_difference(grid: _Grid, usual: tuple[str, ...]) -> str:
+    """How ``grid``'s protocol differs from ``usual`` ("KVP 120.0, the scan's 80.0"), or ""; a
+    tag absent on either side tells nothing (exports and anonymisers drop tags)."""
+    return ", ".join(f"{tag} {mine}, the scan's {theirs}" for tag, mine, theirs
+                     in zip(_PROTOCOL_TAGS, grid.protocol, usual, strict=True)
+                     if mine and theirs and mine != theirs)
+
+
+def _without_other_scans(members: list[tuple[str, _Grid]]) -> list[tuple[str, _Grid]]:
+    """``members`` less the series of another scan on the same grid: of another protocol
+    (:func:`_protocol_difference`) before the first or after the last series of the usual one,
+    and apart from it by :data:`_OTHER_SCAN_STEPS` usual steps or more (a plain CT before the
+    perfusion scan). A series of another protocol within the scan's rhythm stays."""
+    order = sorted(members, key=lambda m: m[1].start)
+    usual = _usual_protocol([g for _, g in order])
+    same = [not _protocol_difference(g, usual) for _, g in order]
+    if all(same) or sum(same) < 2:
+        return members
+    first, last = same.index(True), len(same) - 1 - same[::-1].index(True)
+    starts = np.array([g.start for _, g in order])
+    apart = np.diff(starts) >= _OTHER_SCAN_STEPS * float(np.median(np.diff(
+        starts[first:last + 1])))              # apart[j]: between series j and j + 1
+    lo = next((j + 1 for j in range(first - 1, -1, -1) if apart[j]), 0)
+    hi = next((j + 1 for j in range(last, len(order) - 1) if apart[j]), len(order))
+    kept = {uid for uid, _ in order[lo:hi]}
+    return [m for m in members if m[0] in kept]
 
 
 def _within(depth: np.ndarray, positions: np.ndarray) -> bool:
@@ -300,8 +358,9 @@ def _time_point_sets(groups: dict[str, list[Header]]) -> list[tuple[str, ...]]:
     """Sets of series that are one scan's time points: at least three, CT of one study and
     frame of reference on one grid (rows, columns, pixel spacing, orientation), one image per
     slice at the slice positions most of them have (or at least half of them: a missing image
-    is then named by the frame count check), each series at its own time, all of one protocol
-    (kV, kernel, slice thickness: a plain CT of the same coverage is no time point). Series on
+    is then named by the frame count check), each series at its own time, less a series of
+    another protocol set apart in time before or after them (:func:`_without_other_scans`: a
+    plain CT of the same coverage is no time point). Series on
     a grid or at slice positions of their own, or without positions or times, belong to none;
     a set of which two series start at one time (two reconstructions of the time points) is
     none.
@@ -335,8 +394,9 @@ def _sets_on_grids(groups: dict[str, list[Header]]) -> list[tuple[str, ...]]:
         positions = max((g.depth for _, g in scan), key=sharing)
         # a series at some of the positions is a time point missing images (most of them
         # there), not a one-slice scan (a bolus-tracking monitor) at one of them
-        members = [(uid, g) for uid, g in scan
-                   if 2 * g.depth.size >= positions.size and _within(g.depth, positions)]
+        members = _without_other_scans(
+            [(uid, g) for uid, g in scan
+             if 2 * g.depth.size >= positions.size and _within(g.depth, positions)])
         starts = {g.start for _, g in members}
         if len(members) >= _MIN_TIME_POINT_SERIES and len(starts) == len(members):
             sets.append(tuple(uid for uid, _ in members))
