@@ -1153,7 +1153,7 @@ def test_the_flag_reference_page_is_current():
         "docs/qc.md is out of date: remake it as its first paragraph says")
     t = np.arange(40, dtype=np.float64)
     names = [*qc_flags(times=t, aif=np.exp(-0.5 * ((t - 15) / 3) ** 2)), "lesion_no_bolus",
-             "widespread_hypoperfusion", "core_unseen", "core_on_brain_median",
+             "widespread_hypoperfusion", "core_unseen", "core_off_mirror",
              *CURVE_FLAGS]
     for name in names:
         assert f"| `{name}` |" in page, name

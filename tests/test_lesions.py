@@ -559,30 +559,31 @@ def test_a_core_whose_mirror_is_hypoperfused_too_is_said():
     """Both hemispheres' lesions (both MCAs, a basilar-top stroke): the mirror image holds no
     normal tissue, so the core is judged against the median of all normal tissue, mostly white
     matter's flow, and grey matter's core is lost (a probe's bilateral cores read 38.7 mL for
-    78.7, exit 0, with no flag naming the core). The thresholds give the share of the
-    hypoperfused tissue judged so, and core_on_brain_median is raised on it."""
-    from ctperf.perfusion.qc import CORE_ON_BRAIN_MEDIAN_SHARE, core_on_brain_median_flag
+    78.7, exit 0, with no flag naming the core). The thresholds give the hypoperfused volume
+    whose mirror is mostly no normal tissue, and core_off_mirror is raised on it."""
+    from ctperf.perfusion.qc import CORE_OFF_MIRROR_ML, core_off_mirror_flag
 
     maps, brain, healthy, core, lesion = lesion_case(0.0, 0.0, 0.0)
     one = segment_lesions(maps, brain=brain)
-    assert one.thresholds["core"]["hypoperfused_on_brain_median"] == 0.0
-    assert not core_on_brain_median_flag(0.0)["flag"]
+    assert one.thresholds["core"]["hypoperfused_off_mirror_ml"] == 0.0
+    assert not core_off_mirror_flag(0.0)["flag"]
     both = [np.maximum(a, np.flip(a, axis=2)) for a in (core, lesion)]
     cbf = np.where(both[0], 0.2 * healthy, np.where(both[1], 0.6 * healthy, healthy))
     tmax = np.where(both[0], 12.0, np.where(both[1], 8.0, 2.0))
     sick = PerfusionMaps(maps={"cbf": np.where(brain, cbf, np.nan),
                                "tmax": np.where(brain, tmax, np.nan)}, affine=maps.affine)
     res = segment_lesions(sick, brain=brain)
-    share = res.thresholds["core"]["hypoperfused_on_brain_median"]
-    # the lesions' inner parts have no normal tissue within the mirror's 8 mm neighbourhood;
-    # their rims, next to healthy tissue, do
-    assert CORE_ON_BRAIN_MEDIAN_SHARE < share < 1.0
-    assert core_on_brain_median_flag(share)["flag"]
-    # the global reference judges every voxel so; a core by CBV is not judged
-    assert segment_lesions(maps, brain=brain, reference="global").thresholds["core"][
-        "hypoperfused_on_brain_median"] == 1.0
-    assert core_on_brain_median_flag(None) == {**core_on_brain_median_flag(None),
-                                               "flag": False, "value": None}
+    off = res.thresholds["core"]["hypoperfused_off_mirror_ml"]
+    # the lesions' inner parts have mostly lesion at their mirror; their rims, within the 8 mm
+    # neighbourhood of healthy tissue, some normal tissue
+    hypo_ml = res.volumes_ml["hypoperfused"]
+    assert max(CORE_OFF_MIRROR_ML, 0.5 * hypo_ml) < off < hypo_ml
+    assert core_off_mirror_flag(off)["flag"]
+    # the global reference judges every voxel off the mirror; a core by CBV is not judged
+    glob = segment_lesions(maps, brain=brain, reference="global")
+    assert glob.thresholds["core"]["hypoperfused_off_mirror_ml"] == pytest.approx(
+        glob.volumes_ml["hypoperfused"], abs=0.01)  # rounded to 0.01 mL
+    assert not core_off_mirror_flag(None)["flag"] and core_off_mirror_flag(None)["value"] is None
 
 
 def test_the_global_reference_is_a_lesion_option():

@@ -155,9 +155,9 @@ def test_compute_maps_noise_free_recovers_tissue(study):
     assert truth["sinus"][tuple(vz)].all()
     assert set(prov["qc"]) >= {"truncation", "aif_low_peak", "motion", "few_brain_voxels"}
     # a one-sided lesion: its core judged against its mirror image, not the brain's median
-    on_median = prov["qc"]["core_on_brain_median"]
-    assert on_median["value"] == prov["lesions"]["thresholds"]["core"][
-        "hypoperfused_on_brain_median"] and not on_median["flag"]
+    off_mirror = prov["qc"]["core_off_mirror"]
+    assert off_mirror["value"] == prov["lesions"]["thresholds"]["core"][
+        "hypoperfused_off_mirror_ml"] and not off_mirror["flag"]
     # The sinus holds the whole arterial area: it corrects the AIF, and only upwards.
     assert prov["partial_volume"]["corrected"] is True and prov["vof"]["used"] is True
     assert prov["aif"]["pv_factor"] > 1.0 and not prov["qc"]["no_vof"]["flag"]

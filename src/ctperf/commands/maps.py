@@ -77,7 +77,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--core-reference", choices=REFERENCES, default=None,
                    help="normal CBF of the core's rCBF: normally perfused tissue mirrored "
                         "across the midline (where the mirror is hypoperfused too, the "
-                        "median of all normally perfused brain: QC core_on_brain_median), "
+                        "median of all normally perfused brain: QC core_off_mirror), "
                         "or that median everywhere (mostly white matter's flow: grey "
                         f"matter's core reads smaller) [{LesionOptions.reference}]")
     p.add_argument("--tmax", type=float_in(*TMAX_RANGE_S, "--tmax (s)"),

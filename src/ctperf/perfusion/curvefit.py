@@ -42,7 +42,7 @@ from ctperf.perfusion.maps import MIN_FRAMES, vessel_curves
 from ctperf.perfusion.onset import pre_bolus_frames
 from ctperf.perfusion.qc import (
     check_first_pass_sampled,
-    core_on_brain_median_flag,
+    core_off_mirror_flag,
     lesion_no_bolus_flag,
     qc_flags,
     widespread_hypoperfusion_flag,
@@ -460,7 +460,7 @@ def flag_reference() -> str:
     maps["lesion_no_bolus"] = lesion_no_bolus_flag(None)
     maps["core_unseen"] = core_unseen_flag(None, None)
     maps["widespread_hypoperfusion"] = widespread_hypoperfusion_flag(None, None, None)
-    maps["core_on_brain_median"] = core_on_brain_median_flag(None)
+    maps["core_off_mirror"] = core_off_mirror_flag(None)
 
     def cell(text: str) -> str:
         return " ".join(text.split()).replace("|", "\\|")

@@ -37,7 +37,8 @@ from ctperf.masks import as_region
 from ctperf.parallel import map_chunks
 from ctperf.types import PerfusionMaps, orientation_known, refuse_masked
 
-__all__ = ["MIDPLANE_MAX_YAW_DEG", "MIN_NORMAL_SHARE", "NO_NORMAL_TISSUE", "THRESHOLDS_ONLY",
+__all__ = ["MIDPLANE_MAX_YAW_DEG", "MIN_NORMAL_SHARE", "MIRROR_SUPPORT", "NO_NORMAL_TISSUE",
+           "THRESHOLDS_ONLY",
            "LesionOptions", "LesionResult", "MidPlane", "in_patient_terms", "left_right_angle",
            "midsagittal_plane", "normal_cbf_reference", "segment_lesions"]
 
@@ -46,6 +47,10 @@ log = logging.getLogger(__name__)
 #: The core's reference (``thresholds["core"]["reference"]``) where no tissue is normally
 #: perfused: the brain's median CBF.
 NO_NORMAL_TISSUE = "brain median: no normally perfused tissue"
+#: A voxel's mirror supports its core's reference when at least this share of the brain in
+#: its neighbourhood is normally perfused tissue at the mirror (:func:`segment_lesions`'
+#: ``hypoperfused_off_mirror_ml``).
+MIRROR_SUPPORT = 0.5
 #: Below this share of the brain with a normal Tmax, the core's reference is the brain's
 #: median CBF (:data:`NO_NORMAL_TISSUE`).
 MIN_NORMAL_SHARE = 0.05
@@ -329,16 +334,19 @@ def normal_cbf_reference(
 
 def _reference(cbf: np.ndarray, normal: np.ndarray, *, spacing: tuple[float, float, float],
                mode: str, sigma_mm: float, symmetry: np.ndarray | None = None,
-               plane: MidPlane | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`normal_cbf_reference`, and where it is the median of all normal tissue (bool,
-    (Z, Y, X)): everywhere for ``"global"``; for ``"contralateral"`` where the mirror image's
-    neighbourhood holds (almost) no normally perfused tissue."""
+               plane: MidPlane | None = None, brain: np.ndarray | None = None
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`normal_cbf_reference`, and the mirror's support of it, (Z, Y, X) in [0, 1]: the
+    normal tissue in the mirror image's neighbourhood over the ``brain`` (default ``normal``)
+    in the voxel's own, so 1 where the mirror is healthy brain and 0 where it is lesion, or
+    outside the image (a field of view cut), whatever the voxel's distance to the brain's
+    edge; 0 everywhere for ``"global"``."""
     if not normal.any():
         raise ValidationError("no normally perfused brain voxels to take a CBF reference from")
     values = np.where(normal, cbf, 0.0)
     overall = float(np.median(cbf[normal]))
     if mode == "global":
-        return np.full(cbf.shape, overall), np.ones(cbf.shape, dtype=bool)
+        return np.full(cbf.shape, overall), np.zeros(cbf.shape)
     if mode != "contralateral":
         raise ValidationError(
             f"reference must be 'contralateral', 'global' or an array, got {mode!r}")
@@ -354,10 +362,12 @@ def _reference(cbf: np.ndarray, normal: np.ndarray, *, spacing: tuple[float, flo
     sig = (0.0, sigma_mm / spacing[1], sigma_mm / spacing[2])
     num = ndimage.gaussian_filter(m_val, sig, mode="constant")
     den = ndimage.gaussian_filter(m_w, sig, mode="constant")
-    fallback = ~(den > 0.05)
+    own = ndimage.gaussian_filter((normal if brain is None else brain).astype(np.float64), sig,
+                                  mode="constant")
     with np.errstate(divide="ignore", invalid="ignore"):
-        ref = np.where(fallback, overall, num / den)
-    return ref, fallback
+        ref = np.where(den > 0.05, num / den, overall)
+        support = np.clip(np.where(own > 0, den / own, 0.0), 0.0, 1.0)
+    return ref, support
 
 
 def segment_lesions(
@@ -431,7 +441,7 @@ def segment_lesions(
         core_value, core_sd = cbv, maps["cbv_sd"] if "cbv_sd" in maps.names else None
         limit = np.full(cbv.shape, o.core_cbv)
         ref_value: float | None = None
-        brain_median_share = None
+        off_mirror_ml = None
     else:
         normal = _normal_tissue(cbf, valid & ~hypo, o.core_rcbf)
         timely = int(np.count_nonzero(valid & ~hypo))
@@ -449,16 +459,17 @@ def segment_lesions(
                         "delays every voxel) or use --core-cbv",
                         100.0 * timely / np.count_nonzero(valid), o.tmax_hypo, reference)
         if isinstance(reference, str):
-            ref, fallback = _reference(np.where(valid, cbf, 0.0), normal, spacing=maps.spacing,
-                                       mode=reference, sigma_mm=sigma_mm,
-                                       plane=plane if reference == "contralateral" else None)
+            ref, support = _reference(np.where(valid, cbf, 0.0), normal, spacing=maps.spacing,
+                                      mode=reference, sigma_mm=sigma_mm, brain=valid,
+                                      plane=plane if reference == "contralateral" else None)
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
-            fallback = np.full(cbf.shape, label == NO_NORMAL_TISSUE)
-        # the hypoperfused tissue judged against the whole brain's median: bilateral or
-        # midline disease, its grey matter against a median that is mostly white matter
-        brain_median_share = (round(float(np.count_nonzero(fallback & hypo))
-                                    / np.count_nonzero(hypo), 4) if hypo.any() else 0.0)
+            support = np.full(cbf.shape, float(label != NO_NORMAL_TISSUE))
+        # hypoperfused tissue whose mirror is mostly no normal tissue (both sides diseased, a
+        # lesion across the midline, the other side cut off): its reference is the brain's
+        # median, mostly white matter's flow, or what normal tissue lies at the mirror's edge
+        off_mirror_ml = round(float(np.count_nonzero(hypo & (support < MIRROR_SUPPORT)))
+                              * maps.voxel_ml, 2)
         core = valid & (cbf < o.core_rcbf * ref)
         core_value, core_sd, limit = cbf, maps["cbf_sd"] if "cbf_sd" in maps.names else None, \
             o.core_rcbf * ref
@@ -487,7 +498,7 @@ def segment_lesions(
     hir = (volumes["tmax10"] / volumes["hypoperfused"]
            if standard and volumes["hypoperfused"] > 0 else None)
     thresholds = _thresholds(o, label, ref_value=ref_value, midplane=mid_info, asked=asked,
-                             brain_median_share=brain_median_share)
+                             off_mirror_ml=off_mirror_ml)
     sd_ml = None
     if "tmax_sd" in maps.names and core_sd is not None:
         sd_ml = _volume_sd(core_value, tmax, core_sd, maps["tmax_sd"], valid,
@@ -536,17 +547,16 @@ def _normal_tissue(cbf: np.ndarray, timely: np.ndarray, core_rcbf: float) -> np.
 
 def _thresholds(o: LesionOptions, reference: str, *, ref_value: float | None,
                 midplane: dict[str, Any] | None, asked: str | None = None,
-                brain_median_share: float | None = None) -> dict[str, Any]:
+                off_mirror_ml: float | None = None) -> dict[str, Any]:
     """The summary's thresholds: numbers, each rule with a readable label; ``reference`` the
     core's reference used, ``asked`` the one asked for (default the options'),
-    ``brain_median_share`` the share of the hypoperfused tissue whose reference was the
-    median of all normal tissue."""
+    ``off_mirror_ml`` the hypoperfused volume whose mirror image is mostly no normal tissue."""
     core: dict[str, Any] = (
         {"cbv_below_ml_per_100g": o.core_cbv, "label": f"CBV < {o.core_cbv} mL/100g"}
         if o.core_cbv is not None else
         {"rcbf_below": o.core_rcbf, "reference": reference,
          "reference_asked": o.reference if asked is None else asked,
-         "hypoperfused_on_brain_median": brain_median_share,
+         "hypoperfused_off_mirror_ml": off_mirror_ml,
          "label": f"rCBF < {o.core_rcbf} ({reference} reference)"})
     return {
         "core": core,

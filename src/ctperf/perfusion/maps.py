@@ -65,7 +65,7 @@ from ctperf.perfusion.onset import (
 from ctperf.perfusion.qc import (
     MAX_AIF_LEAD_S,
     aif_lag,
-    core_on_brain_median_flag,
+    core_off_mirror_flag,
     flat_edge_share,
     lesion_no_bolus_flag,
     lesion_no_bolus_ml,
@@ -315,8 +315,8 @@ def run_perfusion(
         int(np.count_nonzero(lesions.hypoperfused)) / tissue_voxels if tissue_voxels else None,
         (lesions.thresholds["midsagittal_plane"] or {}).get("hypoperfused_share_by_side"),
         lesions.thresholds["core"].get("reference"))
-    flags["core_on_brain_median"] = core_on_brain_median_flag(
-        lesions.thresholds["core"].get("hypoperfused_on_brain_median"))
+    flags["core_off_mirror"] = core_off_mirror_flag(
+        lesions.thresholds["core"].get("hypoperfused_off_mirror_ml"))
     pmaps = pmaps.replace(provenance={**provenance, "lesions": lesions.summary()})
     return PerfusionResult(maps=pmaps, lesions=lesions, brain=brain, vessels=vessels,
                            aif=aif_used, vof=vof_used, times=t)

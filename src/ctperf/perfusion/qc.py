@@ -33,7 +33,7 @@ from ctperf.perfusion.curves import (
 
 __all__ = [
     "ARRIVAL_SDS",
-    "CORE_ON_BRAIN_MEDIAN_SHARE",
+    "CORE_OFF_MIRROR_ML",
     "EARLIER_BOLUS_MIN_VOF",
     "MAX_AIF_LEAD_S",
     "MAX_OSVD_STEP_S",
@@ -42,7 +42,7 @@ __all__ = [
     "WIDESPREAD_SIDE_SHARE",
     "aif_lag",
     "check_first_pass_sampled",
-    "core_on_brain_median_flag",
+    "core_off_mirror_flag",
     "first_pass",
     "flat_edge_share",
     "frame_gaps",
@@ -386,28 +386,30 @@ def widespread_hypoperfusion_flag(share: float | None, sides: Mapping[str, float
                       "Tmax map, or use --core-cbv"}
 
 
-#: ``core_on_brain_median``: the share of the hypoperfused tissue judged against the brain's
-#: median CBF above which it is said.
-CORE_ON_BRAIN_MEDIAN_SHARE = 0.2
+#: ``core_off_mirror``: the hypoperfused volume (mL) whose mirror image is mostly no normal
+#: tissue at or above which it is said.
+CORE_OFF_MIRROR_ML = 10.0
 
 
-def core_on_brain_median_flag(share: float | None) -> dict[str, Any]:
-    """The ``core_on_brain_median`` QC entry: ``share`` of the hypoperfused tissue whose core
-    reference was the median CBF of all normally perfused brain
-    (``thresholds["core"]["hypoperfused_on_brain_median"]``). None: not judged (a core by
+def core_off_mirror_flag(volume_ml: float | None) -> dict[str, Any]:
+    """The ``core_off_mirror`` QC entry: the hypoperfused ``volume_ml`` whose mirror image
+    across the midline is mostly no normally perfused tissue
+    (``thresholds["core"]["hypoperfused_off_mirror_ml"]``). None: not judged (a core by
     CBV)."""
-    raised = share is not None and share > CORE_ON_BRAIN_MEDIAN_SHARE
-    return {"flag": bool(raised), "value": share,
-            "reason": f"more than {CORE_ON_BRAIN_MEDIAN_SHARE:.0%} of the hypoperfused tissue "
-                      "(the value is its share) had its core judged against the median CBF "
-                      "of all normally perfused brain, not against its mirror image across "
-                      "the midline: the mirror image is hypoperfused too (both MCAs, a basilar "
-                      "or PCA stroke across the midline, both ACAs), or --core-reference global "
-                      "was asked. That median is mostly white matter's, so grey matter's core "
-                      "there is read too small (a probe's bilateral cores: 38.7 mL for 78.7 "
-                      "with nlr-fast, 57.3 with bayes; a basilar-top core 11.5 and 23.9 for "
-                      "43.8). Read the core as a lower bound: check the CBF and CBV maps, or "
-                      "use --core-cbv with a threshold below the white matter's CBV"}
+    raised = volume_ml is not None and volume_ml >= CORE_OFF_MIRROR_ML
+    return {"flag": bool(raised), "value": volume_ml,
+            "reason": f"{CORE_OFF_MIRROR_ML:g} mL or more of the hypoperfused tissue (the value, "
+                      "mL) has a mirror image across the midline that is mostly not normally "
+                      "perfused tissue: the other side is hypoperfused too (both MCAs, a "
+                      "basilar or PCA stroke across the midline, both ACAs), or lies outside "
+                      "the image, or --core-reference global was asked. The core's relative "
+                      "CBF there is taken against the median CBF of all normally perfused "
+                      "brain, mostly white matter's flow, or against what normal tissue lies "
+                      "at the mirror's edge, so grey matter's core there is read too small (a "
+                      "probe's bilateral cores: 38.7 mL for 78.7 with nlr-fast, 57.3 with "
+                      "bayes; a basilar-top core 11.5 and 23.9 for 43.8). Read the core as a "
+                      "lower bound: check the CBF and CBV maps, or use --core-cbv with a "
+                      "threshold below the white matter's CBV"}
 
 
 def raised_flags(flags: dict[str, dict[str, Any]]) -> list[str]:
