@@ -189,3 +189,6 @@ def test_the_flag_is_raised_where_the_maps_lose_the_core():
 def test_a_core_by_cbv_or_bayes_is_not_judged():
     flag, _ = _core_found(4.0, "bsvd", core_cbv=1.0)
     assert (flag["flag"], flag["value"]) == (False, None)
+    # no core sought (--core-rcbf 0): not judged; it had failed after every voxel was fitted
+    flag, found = _core_found(4.0, "bsvd", core_rcbf=0.0)
+    assert (flag["flag"], flag["value"], found) == (False, None, 0.0)

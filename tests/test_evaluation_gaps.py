@@ -117,6 +117,21 @@ def test_readers_lesions_defined_differently_are_said(tmp_path):
         "dropped: raw; median 2 mm, pieces under 0.1 mL dropped: usual): their volumes and "
         "Dice compare different definitions"]
 
+    # other constants: CBF and CBV scale with them (a kH of 0.5 against 0.733 had read as a
+    # CBF bias of -26 mL/100 g/min between two runs of one method)
+    for root, kh in (("kh_a", 0.5), ("kh_b", 0.733)):
+        write(root, 6.0)
+        for s in STUDIES:
+            path = tmp_path / root / s / "summary.json"
+            doc = json.loads(path.read_text())
+            path.write_text(json.dumps({**doc, "constants": {"rho_g_per_ml": 1.04, "kh": kh}}))
+    kh_a, kh_b = (load_maps_cohort(tmp_path / n, label=n) for n in ("kh_a", "kh_b"))
+    assert lesion_rule_warnings([kh_a, kh_b], list(STUDIES)) == [
+        "maps made with other constants by the readers (rho 1.04, kH 0.5: kh_a; rho 1.04, kH "
+        "0.733: kh_b): their CBF and CBV differ by the constants' ratio as well as by the "
+        "methods"]
+    assert lesion_rule_warnings([kh_b, usual], list(STUDIES)) == []  # one without: unsaid
+
     tmax = np.full((2, 8, 8), 2.0, np.float32)  # maps only: evaluate segments them
     for s in STUDIES:
         folder = tmp_path / "net" / s

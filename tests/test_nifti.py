@@ -173,7 +173,7 @@ def test_a_placeholder_frame_spacing_is_not_taken_for_one(tmp_path, caplog):
     assert series.meta["timing_source"] == "pixdim[4] (unknown unit, taken as s)"
 
 
-def test_frame_interval_replaces_missing_or_wrong_header_timing(tmp_path):
+def test_frame_interval_replaces_missing_or_wrong_header_timing(tmp_path, caplog):
     """Files converted by other tools often carry pixdim[4] = 0 (or 1 whatever the sampling):
     without timing the error says how to give it; with ``frame_interval`` (``--frame-interval``)
     the frames are that far apart, whatever the header or a sidecar says."""
@@ -184,8 +184,17 @@ def test_frame_interval_replaces_missing_or_wrong_header_timing(tmp_path):
     np.testing.assert_allclose(series.times, np.arange(6) * 2.0)
     assert series.meta["timing_source"] == "frame_interval 2 s"
     (tmp_path / "s.json").write_text(json.dumps({"FrameTimes": [0, 1, 2, 3, 4, 5]}))
-    np.testing.assert_allclose(read_nifti_series(path, frame_interval=0.5).times,
-                               np.arange(6) * 0.5)
+    with caplog.at_level("WARNING", logger="ctperf.io.nifti"):
+        np.testing.assert_allclose(read_nifti_series(path, frame_interval=0.5).times,
+                                   np.arange(6) * 0.5)
+    # said, as the DICOM reader says it: a cohort's script passing it for every study had
+    # read 0.5 s frames as 1 s in silence (CBF halved)
+    assert "frame_interval 0.5 s replaces the file's own frame times (FrameTimes: steps of " \
+           "1-1 s)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ctperf.io.nifti"):
+        read_nifti_series(path, frame_interval=1.0)   # the same times: nothing to say
+    assert "replaces" not in caplog.text
     # a sidecar whose times cannot be used (one entry short) is what the option is for: it
     # had refused the study, naming the sidecar's count
     (tmp_path / "s.json").write_text(json.dumps({"FrameTimes": [0, 1, 2, 3, 4],

@@ -47,15 +47,36 @@ def test_preprocess_writes_outputs(moving_head, tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
 
 
-def test_preprocess_no_steps_copies_study(moving_head, tmp_path):
+def test_preprocess_no_steps_copies_study(moving_head, tmp_path, capsys):
     series, path = moving_head
     out = tmp_path / "plain"
     assert main(["preprocess", str(path), str(out), "--no-register", "--no-filter",
                  "--dicom"]) == 0
     result = read_nifti_series(out / "study.nii.gz")
     assert len(list((out / "dicom").rglob("*.dcm"))) == series.hu.shape[0] * series.hu.shape[1]
+    # nothing registered, so no motion measured: null, not 0 mm (the head moves)
+    qc = json.loads((out / "qc.json").read_text())
+    assert qc["displacement_mm"] is None and qc["max_mean_displacement_mm"] is None
+    assert "not registered: motion not measured" in capsys.readouterr().out
     # float32 NIfTI round trip of the unchanged study
     assert np.allclose(result.hu, series.hu, atol=1e-3)
+
+
+@pytest.mark.parametrize("command", ["preprocess", "maps"])
+def test_options_of_a_step_left_off_are_refused(moving_head, tmp_path, capsys, command):
+    """The filter's settings without the filter, or --anonymise without a DICOM copy, had been
+    accepted and ignored: a researcher asking for sigma 5 mm could believe the study filtered."""
+    _, path = moving_head
+    for extra, said in ((["--no-filter", "--spatial-sigma", "5"], "--spatial-sigma sets the "
+                         "bilateral filter, which is off"),
+                        (["--no-filter", "--range-sigma", "40", "--filter-weights", "quadratic"],
+                         "--range-sigma, --filter-weights set the bilateral filter"),
+                        (["--anonymise"], "--anonymise de-identifies the DICOM copy: give "
+                                          "--dicom too")):
+        out = tmp_path / "o"
+        assert main([command, str(path), str(out), "--no-register", *extra]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and not out.exists()
 
 
 def test_missing_study_exits_2(tmp_path, capsys):

@@ -232,6 +232,11 @@ def run_study_command(args: argparse.Namespace, task: Callable[..., Any], option
 def study_io_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keywords of :class:`ctperf.workflow.study.StudyIOOptions` from the options of
     :func:`add_study_options`, ``--dicom``, ``--anonymise`` and ``--overwrite`` (progress on)."""
+    from ctperf.errors import ValidationError
+
+    if args.anonymise and not args.dicom:
+        raise ValidationError("--anonymise de-identifies the DICOM copy: give --dicom too "
+                              "(NIfTI and JSON outputs carry no patient identity)")
     return {"series_uid": args.series, "frame_interval": args.frame_interval,
             "dicom": args.dicom, "anonymise": args.anonymise, "overwrite": args.overwrite,
             "progress": show_progress()}
@@ -240,6 +245,15 @@ def study_io_options(args: argparse.Namespace) -> dict[str, Any]:
 def preprocess_step_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keywords of :class:`ctperf.workflow.study.PreprocessSteps` from the options of
     :func:`add_preprocess_options` and ``--workers``."""
+    from ctperf.errors import ValidationError
+
+    tuned = [name for name, value, default in (
+        ("--spatial-sigma", args.spatial_sigma, 3.0), ("--range-sigma", args.range_sigma, 20.0),
+        ("--filter-weights", args.filter_weights, "linear")) if value != default]
+    if tuned and args.filter is False:
+        raise ValidationError(f"{', '.join(tuned)} set{'s' if len(tuned) == 1 else ''} the "
+                              "bilateral filter, which is off: give --filter too, or leave "
+                              f"{'it' if len(tuned) == 1 else 'them'} out")
     return {"register": args.register, "filter": args.filter,
             "spatial_sigma_mm": args.spatial_sigma, "range_sigma_hu": args.range_sigma,
             "filter_weights": args.filter_weights, "workers": args.workers}

@@ -253,6 +253,10 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
                 reader.rules[sub.name] = _rule_labels(thresholds)
                 reader.lesion_options[sub.name] = options
                 reader.segmented[sub.name] = whose
+        if isinstance(constants := doc.get("constants"), dict) and all(
+                isinstance(constants.get(k), int | float) for k in ("rho_g_per_ml", "kh")):
+            reader.rules.setdefault(sub.name, {})["constants"] = (
+                f"rho {constants['rho_g_per_ml']:g}, kH {constants['kh']:g}")
         if les:
             reader.lesions[sub.name] = les
         if doc.get("method"):
@@ -328,12 +332,14 @@ def _rule_labels(thresholds: Any) -> dict[str, str]:
 
 def lesion_rule_warnings(readers: list[Reader], studies: list[str]) -> list[str]:
     """One line per lesion (core, hypoperfused) that the readers defined differently on
-    ``studies`` (a Tmax threshold of 12 s against 6 s had been compared as one lesion), and
-    one when their clean-up differs (no median and no smallest piece had passed unsaid). Rules
+    ``studies`` (a Tmax threshold of 12 s against 6 s had been compared as one lesion), one
+    when their clean-up differs (no median and no smallest piece had passed unsaid), and one
+    when their maps' constants (rho, kH) differ (a kH of 0.5 against 0.733 had read as a CBF
+    bias of -26 mL/100 g/min between methods). Rules
     are compared study by study: readers that change rules between studies alike (a cohort
     mapped in two runs) do not differ."""
     out = []
-    for name in ("core", "hypoperfused", "clean-up"):
+    for name in ("core", "hypoperfused", "clean-up", "constants"):
         split = [s for s in studies if len({r.rules[s][name] for r in readers
                                             if name in r.rules.get(s, {})}) > 1]
         seen: dict[str, list[str]] = {}
@@ -341,13 +347,16 @@ def lesion_rule_warnings(readers: list[Reader], studies: list[str]) -> list[str]
             for rule in sorted({r.rules[s][name] for s in split if name in r.rules.get(s, {})}):
                 seen.setdefault(rule, []).append(r.label)
         if len(seen) > 1:
-            what = ("lesions cleaned up differently by the readers" if name == "clean-up"
-                    else f"{name} lesion defined differently by the readers")
+            what = {"clean-up": "lesions cleaned up differently by the readers",
+                    "constants": "maps made with other constants by the readers"}.get(
+                        name, f"{name} lesion defined differently by the readers")
             where = ("" if len(split) == len(studies) else  # name the studies, when not all
                      f" in {', '.join(split[:5])}{' ...' if len(split) > 5 else ''}")
             out.append(f"{what}{where} ("
                        + "; ".join(f"{rule}: {', '.join(who)}" for rule, who in seen.items())
-                       + "): their volumes and Dice compare different definitions")
+                       + ("): their CBF and CBV differ by the constants' ratio as well as by "
+                          "the methods" if name == "constants" else
+                          "): their volumes and Dice compare different definitions"))
     return out
 
 

@@ -288,8 +288,8 @@ def run_perfusion(
     options = THRESHOLDS_ONLY if lesion_options is None else lesion_options
     threshold = options.core_rcbf if options.core_cbv is None else None  # None: core by CBV
     healthy_cbv = normal_cbv(values["cbv"], values["tmax"], ~vessels[brain], options.tmax_hypo)
-    judged = (method != "bayes" and threshold is not None and noise_sd is not None
-              and healthy_cbv is not None)
+    judged = (method != "bayes" and threshold is not None and 0.0 < threshold < 1.0
+              and noise_sd is not None and healthy_cbv is not None)  # 0: no core sought
     flags["core_unseen"] = core_unseen_flag(
         core_contrast(method, aif_used, t, noise_sd=noise_sd or 0.0, n_base=n_base,
                       healthy_cbv=healthy_cbv, threshold=options.core_rcbf, rho=rho, kh=kh,

@@ -58,6 +58,10 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
     ax.legend(loc="upper left", fontsize=8)
     ax.set_title("frame-wise displacement (corrected)" if left is None else
                  "displacement: corrected, and measured but not corrected")
+    if getattr(result, "registration", True) is None:  # not registered: nothing measured
+        ax.cla()
+        ax.set_axis_off()
+        ax.set_title("motion not measured (not registered)")
     # radiological, as the maps' overview: the patient's right on the image's left
     radio = RadiologicalView.of(before.affine)
     panels = [(before.hu[0, z_before], "frame 0"), (before.hu[t, z_before], f"frame {t} before"),

@@ -55,6 +55,9 @@ def convert_study(src: Path, dst: Path, options: ConvertOptions) -> StudyOutcome
         from ctperf.io.dicom_write import require_gdcm
 
         require_gdcm()  # before the study is read
+    if to_nifti and o.anonymise:
+        raise InputError(dst, "--anonymise applies to DICOM output; NIfTI carries no patient "
+                              "identity")
     if not to_nifti and o.int16:
         raise InputError(dst, "--int16 applies to NIfTI output; DICOM is always int16")
     if not to_nifti and dst.exists() and not dst.is_dir():

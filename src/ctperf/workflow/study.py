@@ -332,6 +332,11 @@ def preprocess_study(study: Path, out: Path, options: PreprocessOptions) -> Stud
         qc = _preprocess_qc(series, final, result, o, first_frames)
         io.write_json({**qc, "software_version": software_version()}, tmp / "qc.json")
         _write_qc_figure(series, final, result, tmp / "qc.png")
+    if not o.register:  # nothing was measured: no motion is no figure of 0 mm
+        return StudyOutcome(out=out, message=f"wrote {out} (not registered: motion not "
+                                             "measured)",
+                            summary={"max_mean_displacement_mm": None,
+                                     "max_uncorrected_mm": None})
     largest = float(np.max(result.displacement_mm))
     left = float(np.max(result.uncorrected_mm, initial=0.0))
     note = (f"; {int(np.sum(result.uncorrected_mm > 0))} frames moved by up to {left:.1f} mm "
@@ -369,16 +374,19 @@ def _preprocess_qc(series: Any, final: Any, result: Any, o: PreprocessOptions,
                    first_frames: Any) -> dict[str, Any]:
     import numpy as np
 
+    measured = o.register  # without registration no motion was measured: null, not 0 mm
     return {
         "frames": series.n_frames,
         "registered": o.register,
         "filtered": o.filter,
-        "displacement_mm": result.displacement_mm,
-        "max_displacement_mm": result.max_displacement_mm,
-        "max_mean_displacement_mm": float(np.max(result.displacement_mm)),
-        "max_max_displacement_mm": float(np.max(result.max_displacement_mm)),
-        "uncorrected_mm": result.uncorrected_mm,
-        "uncorrected_frames": [int(t) for t in np.flatnonzero(result.uncorrected_mm > 0)],
+        "displacement_mm": result.displacement_mm if measured else None,
+        "max_displacement_mm": result.max_displacement_mm if measured else None,
+        "max_mean_displacement_mm": float(np.max(result.displacement_mm)) if measured else None,
+        "max_max_displacement_mm": (float(np.max(result.max_displacement_mm)) if measured
+                                    else None),
+        "uncorrected_mm": result.uncorrected_mm if measured else None,
+        "uncorrected_frames": ([int(t) for t in np.flatnonzero(result.uncorrected_mm > 0)]
+                               if measured else None),
         "brain_voxels": int(result.mask.sum()),
         # frame-to-frame noise over the brain in the first (pre-contrast) frames
         "noise_sd_hu_before": _noise(first_frames, result.mask),
