@@ -194,8 +194,9 @@ def _refuse_duplicates(root: Path, found: list[tuple[Header, Header, str]]) -> N
     if not found:
         return
     copy, original, how = found[0]
-    advice = ("remove one of the two" if len(found) == 1 else
-              f"{len(found)} files in all duplicate others (the folder holds the export "
+    files = len({c.path for c, _, _ in found})  # a multi-frame file's frames are one file
+    advice = ("remove one of the two" if files == 1 else
+              f"{files} files in all duplicate others (the folder holds the export "
               "twice?); remove one of each pair")
     raise InputError(copy.path, f"duplicate of {relative_name(root, original.path)} ({how}); "
                                 f"{advice}")
@@ -204,12 +205,19 @@ def _refuse_duplicates(root: Path, found: list[tuple[Header, Header, str]]) -> N
 def check_copies(root: Path, groups: dict[str, list[Header]]) -> None:
     """Refuse two files of the folder holding one SOPInstanceUID (the frames of a multi-frame
     file share its UID, each counted with its frame): an export copied into the folder again.
-    Checked over the whole folder before a series is chosen: a scan exported one series per
+    Checked over the whole folder before a series is chosen (a scan exported one series per
     time point and copied had been refused as series that are no time course, and one copied
-    file had dropped its time point with a warning only."""
+    file had dropped its time point with a warning only), but not in a series of one image
+    (a single plain CT image) or a localiser, which no study is read from."""
+    def kept(g: list[Header]) -> bool:
+        kind = str(g[0].get("ImageType", "")).upper()
+        return "LOCALIZER" not in kind and len({(str(h.get("SOPInstanceUID", "")), h.frame)
+                                                 for h in g}) > 1
+
     seen: dict[str, Header] = {}
     found = []
-    for h in sorted((h for g in groups.values() for h in g), key=lambda h: str(h.path)):
+    images = (h for g in groups.values() if kept(g) for h in g)
+    for h in sorted(images, key=lambda h: str(h.path)):
         sop = str(h.get("SOPInstanceUID", "")) or None
         if sop is None:
             continue

@@ -11,6 +11,7 @@ listing the series, when the choice cannot be made.
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -295,11 +296,6 @@ def _grid(headers: Sequence[Header]) -> _Grid | None:
 #: What one scan's time points share beyond their grid: a plain CT of the same coverage (120
 #: kV, its own kernel and thickness) is no time point of a perfusion scan (70-100 kV).
 _PROTOCOL_TAGS = ("KVP", "ConvolutionKernel", "SliceThickness")
-#: A series of another protocol at a set's start or end is another scan when this many of the
-#: set's usual steps or more lie between it and the set's first or last time point.
-_OTHER_SCAN_STEPS = 3.0
-
-
 def _protocol(h: Header, tag: str) -> str:
     """``tag``'s value as text ("" without one), numbers to 0.1 (80, "80.0" and 79.99 agree)."""
     value = h.get(tag)
@@ -312,12 +308,9 @@ def _protocol(h: Header, tag: str) -> str:
 
 
 def _usual_protocol(grids: Sequence[_Grid]) -> tuple[str, ...]:
-    """Each protocol tag's most common value among ``grids`` that hold it ("" where none)."""
-    usual = []
-    for i in range(len(_PROTOCOL_TAGS)):
-        held = [g.protocol[i] for g in grids if g.protocol[i]]
-        usual.append(max(set(held), key=held.count) if held else "")
-    return tuple(usual)
+    """The protocol most of ``grids`` share (a series' whole protocol, not each tag's most
+    common value, which may be no series' at all)."""
+    return Counter(g.protocol for g in grids).most_common(1)[0][0]
 
 
 def _protocol_difference(grid: _Grid, usual: tuple[str, ...]) -> str:
@@ -329,23 +322,15 @@ def _protocol_difference(grid: _Grid, usual: tuple[str, ...]) -> str:
 
 
 def _without_other_scans(members: list[tuple[str, _Grid]]) -> list[tuple[str, _Grid]]:
-    """``members`` less the series of another scan on the same grid: of another protocol
-    (:func:`_protocol_difference`) before the first or after the last series of the usual one,
-    and apart from it by :data:`_OTHER_SCAN_STEPS` usual steps or more (a plain CT before the
-    perfusion scan). A series of another protocol within the scan's rhythm stays."""
-    order = sorted(members, key=lambda m: m[1].start)
-    usual = _usual_protocol([g for _, g in order])
-    same = [not _protocol_difference(g, usual) for _, g in order]
-    if all(same) or sum(same) < 2:
+    """``members`` less the series of another protocol than most of them
+    (:func:`_protocol_difference`): a plain CT of the same coverage before or after the
+    perfusion scan, or an image at another kV, whose HU (iodine's above all) are not the
+    scan's; the reader then names each, and a time point left out inside the scan is a gap
+    it warns of."""
+    if not members:
         return members
-    first, last = same.index(True), len(same) - 1 - same[::-1].index(True)
-    starts = np.array([g.start for _, g in order])
-    apart = np.diff(starts) >= _OTHER_SCAN_STEPS * float(np.median(np.diff(
-        starts[first:last + 1])))              # apart[j]: between series j and j + 1
-    lo = next((j + 1 for j in range(first - 1, -1, -1) if apart[j]), 0)
-    hi = next((j + 1 for j in range(last, len(order) - 1) if apart[j]), len(order))
-    kept = {uid for uid, _ in order[lo:hi]}
-    return [m for m in members if m[0] in kept]
+    usual = _usual_protocol([g for _, g in members])
+    return [(uid, g) for uid, g in members if not _protocol_difference(g, usual)]
 
 
 def _within(depth: np.ndarray, positions: np.ndarray) -> bool:
@@ -358,9 +343,9 @@ def _time_point_sets(groups: dict[str, list[Header]]) -> list[tuple[str, ...]]:
     """Sets of series that are one scan's time points: at least three, CT of one study and
     frame of reference on one grid (rows, columns, pixel spacing, orientation), one image per
     slice at the slice positions most of them have (or at least half of them: a missing image
-    is then named by the frame count check), each series at its own time, less a series of
-    another protocol set apart in time before or after them (:func:`_without_other_scans`: a
-    plain CT of the same coverage is no time point). Series on
+    is then named by the frame count check), each series at its own time, less the series of
+    another protocol (:func:`_without_other_scans`: a plain CT of the same coverage is no time
+    point). Series on
     a grid or at slice positions of their own, or without positions or times, belong to none;
     a set of which two series start at one time (two reconstructions of the time points) is
     none.

@@ -316,7 +316,8 @@ def run_perfusion(
         (lesions.thresholds["midsagittal_plane"] or {}).get("hypoperfused_share_by_side"),
         lesions.thresholds["core"].get("reference"))
     flags["core_off_mirror"] = core_off_mirror_flag(
-        lesions.thresholds["core"].get("hypoperfused_off_mirror_ml"))
+        lesions.thresholds["core"].get("hypoperfused_off_mirror_ml"),
+        lesions.volumes_ml["hypoperfused"])
     pmaps = pmaps.replace(provenance={**provenance, "lesions": lesions.summary()})
     return PerfusionResult(maps=pmaps, lesions=lesions, brain=brain, vessels=vessels,
                            aif=aif_used, vof=vof_used, times=t)
