@@ -296,6 +296,8 @@ def _grid(headers: Sequence[Header]) -> _Grid | None:
 #: What one scan's time points share beyond their grid: a plain CT of the same coverage (120
 #: kV, its own kernel and thickness) is no time point of a perfusion scan (70-100 kV).
 _PROTOCOL_TAGS = ("KVP", "ConvolutionKernel", "SliceThickness")
+
+
 def _protocol(h: Header, tag: str) -> str:
     """``tag``'s value as text ("" without one), numbers to 0.1 (80, "80.0" and 79.99 agree)."""
     value = h.get(tag)
@@ -345,13 +347,11 @@ def _time_point_sets(groups: dict[str, list[Header]]) -> list[tuple[str, ...]]:
     slice at the slice positions most of them have (or at least half of them: a missing image
     is then named by the frame count check), each series at its own time, less the series of
     another protocol (:func:`_without_other_scans`: a plain CT of the same coverage is no time
-    point). Series on
-    a grid or at slice positions of their own, or without positions or times, belong to none;
-    a set of which two series start at one time (two reconstructions of the time points) is
-    none.
-    Derived series (an average or a MIP over time, maps written back beside the scan) are no
-    time points of a scan whose series are original; only derived series make sets of their
-    own (a corrected study exported one series per time point)."""
+    point). Series on a grid or at slice positions of their own, or without positions or times,
+    belong to none; a set of which two series start at one time (two reconstructions of the
+    time points) is none. Derived series (an average or a MIP over time, maps written back
+    beside the scan) are no time points of a scan whose series are original; only derived
+    series make sets of their own (a corrected study exported one series per time point)."""
     original = {uid: g for uid, g in groups.items() if not _derived(g[0])}
     derived = {uid: g for uid, g in groups.items() if _derived(g[0])}
     return _sets_on_grids(original) or _sets_on_grids(derived)

@@ -47,9 +47,9 @@ log = logging.getLogger(__name__)
 #: The core's reference (``thresholds["core"]["reference"]``) where no tissue is normally
 #: perfused: the brain's median CBF.
 NO_NORMAL_TISSUE = "brain median: no normally perfused tissue"
-#: A voxel's mirror supports its core's reference when at least this share of the brain in
-#: its neighbourhood is normally perfused tissue at the mirror (:func:`segment_lesions`'
-#: ``hypoperfused_off_mirror_ml``).
+#: A voxel's mirror supports its core's reference when the tissue not hypoperfused at the
+#: mirror is at least this share of the brain in the voxel's own neighbourhood
+#: (:func:`segment_lesions`' ``hypoperfused_off_mirror_ml``).
 MIRROR_SUPPORT = 0.5
 #: Below this share of the brain with a normal Tmax, the core's reference is the brain's
 #: median CBF (:data:`NO_NORMAL_TISSUE`).
@@ -341,9 +341,7 @@ def _reference(cbf: np.ndarray, normal: np.ndarray, *, spacing: tuple[float, flo
     neighbourhood over the ``brain`` (default ``normal``) in the voxel's own, so 1 where the
     mirror is healthy brain and 0 where it is hypoperfused too, or outside the image (a field
     of view cut), whatever the voxel's distance to the brain's edge; 0 everywhere for
-    ``"global"``. Timely tissue, not the normal tissue averaged: noisy maps' low-flow voxels,
-    left out of the average, had thinned a healthy mirror (a review's unfiltered bSVD maps of
-    a one-sided stroke over 16 slices: 34 mL)."""
+    ``"global"``."""
     if not normal.any():
         raise ValidationError("no normally perfused brain voxels to take a CBF reference from")
     values = np.where(normal, cbf, 0.0)
@@ -472,9 +470,10 @@ def segment_lesions(
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
             support = np.full(cbf.shape, float(label != NO_NORMAL_TISSUE))
-        # hypoperfused tissue whose mirror is mostly no normal tissue (both sides diseased, a
-        # lesion across the midline, the other side cut off): its reference is the brain's
-        # median, mostly white matter's flow, or what normal tissue lies at the mirror's edge
+        # hypoperfused tissue whose mirror is mostly hypoperfused too or outside the brain
+        # (both sides diseased, a lesion across the midline, the other side cut off): its
+        # reference is the brain's median, mostly white matter's flow, or what normal tissue
+        # lies at the mirror's edge
         off_mirror_ml = round(float(np.count_nonzero(hypo & (support < MIRROR_SUPPORT)))
                               * maps.voxel_ml, 2)
         core = valid & (cbf < o.core_rcbf * ref)
@@ -557,7 +556,8 @@ def _thresholds(o: LesionOptions, reference: str, *, ref_value: float | None,
                 off_mirror_ml: float | None = None) -> dict[str, Any]:
     """The summary's thresholds: numbers, each rule with a readable label; ``reference`` the
     core's reference used, ``asked`` the one asked for (default the options'),
-    ``off_mirror_ml`` the hypoperfused volume whose mirror image is mostly no normal tissue."""
+    ``off_mirror_ml`` the hypoperfused volume whose mirror image is mostly hypoperfused too or
+    outside the brain."""
     core: dict[str, Any] = (
         {"cbv_below_ml_per_100g": o.core_cbv, "label": f"CBV < {o.core_cbv} mL/100g"}
         if o.core_cbv is not None else

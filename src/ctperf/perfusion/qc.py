@@ -387,9 +387,10 @@ def widespread_hypoperfusion_flag(share: float | None, sides: Mapping[str, float
                       "Tmax map, or use --core-cbv"}
 
 
-#: ``core_off_mirror``: the hypoperfused volume (mL) whose mirror image is mostly no normal
-#: tissue at or above which it is said, when it is also this share of the hypoperfused volume
-#: or more (noisy bSVD maps of one-sided strokes over 16 slices: 11-34 mL, 3-5 %).
+#: ``core_off_mirror``: the hypoperfused volume (mL) whose mirror image is mostly hypoperfused
+#: too or outside the brain at or above which it is said, when it is also this share of the
+#: hypoperfused volume or more (noisy bSVD maps of one-sided strokes over 16 slices: 11-34
+#: mL, 3-5 %).
 CORE_OFF_MIRROR_ML = 10.0
 CORE_OFF_MIRROR_SHARE = 0.1
 
@@ -397,7 +398,7 @@ CORE_OFF_MIRROR_SHARE = 0.1
 def core_off_mirror_flag(volume_ml: float | None,
                          hypoperfused_ml: float | None = None) -> dict[str, Any]:
     """The ``core_off_mirror`` QC entry: the hypoperfused ``volume_ml`` whose mirror image
-    across the midline is mostly no normally perfused tissue
+    across the midline is mostly hypoperfused too or outside the brain
     (``thresholds["core"]["hypoperfused_off_mirror_ml"]``), of ``hypoperfused_ml`` (default:
     ``volume_ml``). None: not judged (a core by CBV)."""
     whole = volume_ml if hypoperfused_ml is None else hypoperfused_ml
@@ -406,8 +407,8 @@ def core_off_mirror_flag(volume_ml: float | None,
     return {"flag": bool(raised), "value": volume_ml,
             "reason": f"{CORE_OFF_MIRROR_ML:g} mL or more of the hypoperfused tissue, and "
                       f"{CORE_OFF_MIRROR_SHARE:.0%} of it or more (the value: its volume, mL), "
-                      "has a mirror image across the midline that is mostly not normally "
-                      "perfused tissue: the other side is hypoperfused too (both MCAs, a "
+                      "has a mirror image across the midline that is mostly hypoperfused "
+                      "tissue or no brain: the other side is hypoperfused too (both MCAs, a "
                       "basilar or PCA stroke across the midline, both ACAs), or lies outside "
                       "the image, or --core-reference global was asked. The core's relative "
                       "CBF there is taken against the median CBF of all normally perfused "
