@@ -629,18 +629,21 @@ def test_a_plain_ct_on_the_time_points_grid_is_no_time_point(tmp_path, rng, capl
     assert read_dicom_series(study.folder).n_frames == 5
 
 
-@pytest.mark.parametrize("change", ["no_kernel", "no_kvp"])
+@pytest.mark.parametrize("change", ["no_kvp", "kernel_late", "thick_early"])
 def test_time_points_that_differ_in_a_tag_stay_one_scan(tmp_path, rng, change):
-    """A tag absent from some time points (an anonymiser's or an export's doing) tells nothing:
-    the first protocol split had dropped the first frame (exit 0) or refused the scan as two
-    sets."""
+    """A KVP absent from some time points (an anonymiser's or an export's doing) tells nothing,
+    and a kernel or slice thickness of their own does not make time points another scan's: the
+    first protocol split had dropped the first frame (exit 0) or refused the scan as two sets,
+    a later one cut a scan whose kernel changed part-way to the usual kernel's frames."""
     uids = [generate_uid() for _ in range(8)]
     per_point = _one_series_per_time_point(uids)
 
     def edit(ds, t, z):
         per_point(ds, t, z)
-        if change == "no_kernel" and t not in (0, 4):
-            ds.ConvolutionKernel = "H30s"
+        if change == "kernel_late":
+            ds.ConvolutionKernel = "B30f" if t < 4 else "B40f"
+        elif change == "thick_early" and t < 5:
+            ds.SliceThickness = "10"
         elif change == "no_kvp" and t % 3 == 0:
             del ds.KVP
 
@@ -666,6 +669,13 @@ def test_a_copied_per_time_point_export_is_a_duplicate(tmp_path, rng):
                                          r"of the two"):
         read_dicom_series(study.folder)
     (study.folder / "again.dcm").unlink()
+    # one image of another series copied (a scout, a single plain CT image) blocks no study
+    other = write_fake_study(tmp_path / "single", rng, n_frames=1, n_slices=1)
+    shutil.copytree(other.folder, study.folder / "single")
+    one = next(iter(other.files.values()))
+    shutil.copy(one, study.folder / "single" / one.relative_to(other.folder).parent / "copy")
+    assert read_dicom_series(study.folder).n_frames == 5
+    shutil.rmtree(study.folder / "single")
     shutil.copytree(study.folder, tmp_path / "copy")
     shutil.move(tmp_path / "copy", study.folder / "copy")
     with pytest.raises(InputError, match=r"15 files in all duplicate others"):

@@ -582,6 +582,9 @@ def test_a_core_whose_mirror_is_hypoperfused_too_is_said():
     # a few per cent of a large one-sided lesion's volume (a review's noisy bSVD maps over 16
     # slices: 34 mL of 700, speckle across the midline) is not said
     assert not core_off_mirror_flag(34.0, 700.0)["flag"]
+    # but 50 mL is said whatever its share (a review's 14.5 mL core beside a hemisphere's
+    # stroke: 63 mL of 730)
+    assert core_off_mirror_flag(63.0, 730.0)["flag"]
     # the global reference judges every voxel off the mirror; a core by CBV is not judged
     glob = segment_lesions(maps, brain=brain, reference="global")
     assert glob.thresholds["core"]["hypoperfused_off_mirror_ml"] == pytest.approx(

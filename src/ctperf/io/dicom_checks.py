@@ -207,17 +207,23 @@ def check_copies(root: Path, groups: dict[str, list[Header]]) -> None:
     file share its UID, each counted with its frame): an export copied into the folder again.
     Checked over the whole folder before a series is chosen (a scan exported one series per
     time point and copied had been refused as series that are no time course, and one copied
-    file had dropped its time point with a warning only), but not in a series of one image
-    (a single plain CT image) or a localiser, which no study is read from."""
+    file had dropped its time point with a warning only), but not in a localiser, nor in a
+    series of one image unless the folder holds three or more such series (a one-slice scan
+    exported one series per time point): a copied single image of another scan is read from
+    by no study."""
+    def images(g: list[Header]) -> int:
+        return len({(str(h.get("SOPInstanceUID", "")), h.frame) for h in g})
+
+    singles = sum(images(g) == 1 for g in groups.values())
+
     def kept(g: list[Header]) -> bool:
         kind = str(g[0].get("ImageType", "")).upper()
-        return "LOCALIZER" not in kind and len({(str(h.get("SOPInstanceUID", "")), h.frame)
-                                                 for h in g}) > 1
+        return "LOCALIZER" not in kind and (images(g) > 1 or singles >= 3)
 
     seen: dict[str, Header] = {}
     found = []
-    images = (h for g in groups.values() if kept(g) for h in g)
-    for h in sorted(images, key=lambda h: str(h.path)):
+    searched = (h for g in groups.values() if kept(g) for h in g)
+    for h in sorted(searched, key=lambda h: str(h.path)):
         sop = str(h.get("SOPInstanceUID", "")) or None
         if sop is None:
             continue

@@ -77,9 +77,9 @@ def _other_protocols(groups: dict[str, list[Header]], chosen: Sequence[str]) -> 
     protocol's, with how it differs (:func:`_protocol_difference`)."""
     grids = {uid: grid for uid, g in groups.items() if (grid := _grid(g)) is not None}
     scan = [grids[uid] for uid in chosen if uid in grids]
-    if not scan:
-        return {}
     usual = _usual_protocol(scan)
+    if usual is None:
+        return {}
     return {uid: why for uid, g in grids.items() if uid not in chosen
             and g.same_grid(scan[0]) and (why := _protocol_difference(g, usual))}
 
@@ -294,12 +294,14 @@ def _grid(headers: Sequence[Header]) -> _Grid | None:
 
 
 #: What one scan's time points share beyond their grid: a plain CT of the same coverage (120
-#: kV, its own kernel and thickness) is no time point of a perfusion scan (70-100 kV).
-_PROTOCOL_TAGS = ("KVP", "ConvolutionKernel", "SliceThickness")
+#: kV) is no time point of a perfusion scan (70-100 kV), whose HU (iodine's above all) depend
+#: on the kV. A kernel or slice thickness of its own does not tell another scan: a review's
+#: time points whose kernel changed part-way had been cut to the usual kernel's.
+_PROTOCOL_TAGS = ("KVP",)
 
 
 def _protocol(h: Header, tag: str) -> str:
-    """``tag``'s value as text ("" without one), numbers to 0.1 (80, "80.0" and 79.99 agree)."""
+    """``tag``'s value as text ("" without one), numbers to 0.1 (80, "80.0" and 80.04 agree)."""
     value = h.get(tag)
     if isinstance(value, list | tuple | MultiValue):
         return "\\".join(str(v).strip().upper() for v in value)
@@ -309,10 +311,15 @@ def _protocol(h: Header, tag: str) -> str:
         return str(value or "").strip().upper()
 
 
-def _usual_protocol(grids: Sequence[_Grid]) -> tuple[str, ...]:
-    """The protocol most of ``grids`` share (a series' whole protocol, not each tag's most
-    common value, which may be no series' at all)."""
-    return Counter(g.protocol for g in grids).most_common(1)[0][0]
+def _usual_protocol(grids: Sequence[_Grid]) -> tuple[str, ...] | None:
+    """The protocol more than half of ``grids`` holding one share (a series' whole protocol,
+    not each tag's most common value, which may be no series' at all), or None: no protocol
+    held, or none a majority (which is the scan's cannot be told)."""
+    held = [g.protocol for g in grids if any(g.protocol)]
+    if not held:
+        return None
+    usual, count = Counter(held).most_common(1)[0]
+    return usual if 2 * count > len(held) else None
 
 
 def _protocol_difference(grid: _Grid, usual: tuple[str, ...]) -> str:
@@ -324,14 +331,14 @@ def _protocol_difference(grid: _Grid, usual: tuple[str, ...]) -> str:
 
 
 def _without_other_scans(members: list[tuple[str, _Grid]]) -> list[tuple[str, _Grid]]:
-    """``members`` less the series of another protocol than most of them
+    """``members`` less the series at another kV than more than half of them
     (:func:`_protocol_difference`): a plain CT of the same coverage before or after the
     perfusion scan, or an image at another kV, whose HU (iodine's above all) are not the
     scan's; the reader then names each, and a time point left out inside the scan is a gap
     it warns of."""
-    if not members:
-        return members
     usual = _usual_protocol([g for _, g in members])
+    if usual is None:
+        return members
     return [(uid, g) for uid, g in members if not _protocol_difference(g, usual)]
 
 

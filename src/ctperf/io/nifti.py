@@ -336,16 +336,16 @@ def _pixdim_times(p: Path, header: Any, n_frames: int) -> tuple[np.ndarray, str]
 def _replaced_times_warning(p: Path, header: Any, side: Path, frame_interval: float,
                             n_frames: int, n_slices: int) -> None:
     """Warn when ``frame_interval`` replaces frame times the file holds (its sidecar's, else a
-    pixdim[4] other than 1, in a time unit or none) that step otherwise: the DICOM reader says
-    so too, and a cohort's script passing it for every study had read each NIfTI's 0.5 s
-    frames as 1 s (CBF halved) in silence."""
+    pixdim[4] the reader would take: in a time unit, or none and not 1) that step otherwise:
+    the DICOM reader says so too, and a cohort's script passing it for every study had read
+    each NIfTI's 0.5 s frames as 1 s (CBF halved) in silence."""
     own, key = None, "pixdim[4]"
     with contextlib.suppress(InputError):
         if side.exists():
             own, _, _, _, key = _read_sidecar(side, n_frames, n_slices)
-        _, pixdim, step = _pixdim_step(header)
-        # a pixdim[4] the reader would take (of 1, writers leave it unset: no times of its own)
-        if own is None and step is not None and step > 0 and pixdim != 1.0:
+        unit, pixdim, step = _pixdim_step(header)
+        # a pixdim[4] the reader would take: not 1 with no unit (writers leave it so)
+        if own is None and step is not None and step > 0 and (unit, pixdim) != ("unknown", 1.0):
             own = np.arange(n_frames, dtype=np.float64) * step
     if own is None or own.size < 2:
         return

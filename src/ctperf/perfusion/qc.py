@@ -33,6 +33,7 @@ from ctperf.perfusion.curves import (
 
 __all__ = [
     "ARRIVAL_SDS",
+    "CORE_OFF_MIRROR_ALWAYS_ML",
     "CORE_OFF_MIRROR_ML",
     "CORE_OFF_MIRROR_SHARE",
     "EARLIER_BOLUS_MIN_VOF",
@@ -390,9 +391,11 @@ def widespread_hypoperfusion_flag(share: float | None, sides: Mapping[str, float
 #: ``core_off_mirror``: the hypoperfused volume (mL) whose mirror image is mostly hypoperfused
 #: too or outside the brain at or above which it is said, when it is also this share of the
 #: hypoperfused volume or more (noisy bSVD maps of one-sided strokes over 16 slices: 11-34
-#: mL, 3-5 %).
+#: mL, 3-5 %), or whatever its share from :data:`CORE_OFF_MIRROR_ALWAYS_ML` (a review's
+#: 14.5 mL core beside a hemisphere's stroke: 63 mL, 8.6 %).
 CORE_OFF_MIRROR_ML = 10.0
 CORE_OFF_MIRROR_SHARE = 0.1
+CORE_OFF_MIRROR_ALWAYS_ML = 50.0
 
 
 def core_off_mirror_flag(volume_ml: float | None,
@@ -403,13 +406,15 @@ def core_off_mirror_flag(volume_ml: float | None,
     ``volume_ml``). None: not judged (a core by CBV)."""
     whole = volume_ml if hypoperfused_ml is None else hypoperfused_ml
     raised = (volume_ml is not None and whole is not None and volume_ml >= CORE_OFF_MIRROR_ML
-              and volume_ml >= CORE_OFF_MIRROR_SHARE * whole)
+              and (volume_ml >= CORE_OFF_MIRROR_SHARE * whole
+                   or volume_ml >= CORE_OFF_MIRROR_ALWAYS_ML))
     return {"flag": bool(raised), "value": volume_ml,
             "reason": f"{CORE_OFF_MIRROR_ML:g} mL or more of the hypoperfused tissue, and "
-                      f"{CORE_OFF_MIRROR_SHARE:.0%} of it or more (the value: its volume, mL), "
-                      "has a mirror image across the midline that is mostly hypoperfused "
-                      "tissue or no brain: the other side is hypoperfused too (both MCAs, a "
-                      "basilar or PCA stroke across the midline, both ACAs), or lies outside "
+                      f"{CORE_OFF_MIRROR_SHARE:.0%} of it or {CORE_OFF_MIRROR_ALWAYS_ML:g} mL or "
+                      "more (the value: its volume, mL), has a mirror image across the "
+                      "midline that is mostly hypoperfused tissue or no brain: the other side "
+                      "is hypoperfused too (both MCAs, a basilar or PCA stroke across the "
+                      "midline, both ACAs), or lies outside "
                       "the image, or --core-reference global was asked. The core's relative "
                       "CBF there is taken against the median CBF of all normally perfused "
                       "brain, mostly white matter's flow, or against what normal tissue lies "
