@@ -328,50 +328,53 @@ def normal_cbf_reference(
     plane : MidPlane, optional
         A known mid-sagittal plane instead of estimating one.
     """
-    return _reference(cbf, normal, spacing=spacing, mode=mode, sigma_mm=sigma_mm,
-                      symmetry=symmetry, plane=plane)[0]
-
-
-def _reference(cbf: np.ndarray, normal: np.ndarray, *, spacing: tuple[float, float, float],
-               mode: str, sigma_mm: float, symmetry: np.ndarray | None = None,
-               plane: MidPlane | None = None, brain: np.ndarray | None = None,
-               timely: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`normal_cbf_reference`, and the mirror's support of it, (Z, Y, X) in [0, 1]: the
-    ``timely`` tissue (not hypoperfused; default ``normal``) in the mirror image's
-    neighbourhood over the ``brain`` (default ``normal``) in the voxel's own, so 1 where the
-    mirror is healthy brain and 0 where it is hypoperfused too, or outside the image (a field
-    of view cut), whatever the voxel's distance to the brain's edge; 0 everywhere for
-    ``"global"``."""
     if not normal.any():
         raise ValidationError("no normally perfused brain voxels to take a CBF reference from")
     values = np.where(normal, cbf, 0.0)
     overall = float(np.median(cbf[normal]))
     if mode == "global":
-        return np.full(cbf.shape, overall), np.zeros(cbf.shape)
+        return np.full(cbf.shape, overall)
     if mode != "contralateral":
         raise ValidationError(
             f"reference must be 'contralateral', 'global' or an array, got {mode!r}")
     if plane is None:
         plane = midsagittal_plane(normal if symmetry is None else symmetry,
                                   spacing=(spacing[1], spacing[2]))
-    my, mx = plane.mirror(cbf.shape)
-    zz = np.broadcast_to(np.arange(cbf.shape[0], dtype=np.float64)[:, None, None], cbf.shape)
-    coords = [zz, my, mx]
-    m_val = ndimage.map_coordinates(values, coords, order=1, mode="constant", cval=0.0)
-    m_w = ndimage.map_coordinates(normal.astype(np.float64), coords, order=1, mode="constant",
-                                  cval=0.0)
-    sig = (0.0, sigma_mm / spacing[1], sigma_mm / spacing[2])
-    num = ndimage.gaussian_filter(m_val, sig, mode="constant")
-    den = ndimage.gaussian_filter(m_w, sig, mode="constant")
-    own = ndimage.gaussian_filter((normal if brain is None else brain).astype(np.float64), sig,
-                                  mode="constant")
-    mirrored = m_w if timely is None else ndimage.map_coordinates(
-        timely.astype(np.float64), coords, order=1, mode="constant", cval=0.0)
-    there = ndimage.gaussian_filter(mirrored, sig, mode="constant")
+    num = _mirrored_neighbourhood(values, plane, spacing, sigma_mm)
+    den = _mirrored_neighbourhood(normal, plane, spacing, sigma_mm)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ref = np.where(den > 0.05, num / den, overall)
-        support = np.clip(np.where(own > 0, there / own, 0.0), 0.0, 1.0)
-    return ref, support
+        return np.where(den > 0.05, num / den, overall)
+
+
+def _neighbourhood(image: np.ndarray, spacing: tuple[float, float, float],
+                   sigma_mm: float) -> np.ndarray:
+    """In-plane Gaussian sum (SD ``sigma_mm``) of ``image`` (Z, Y, X), zero outside it."""
+    return ndimage.gaussian_filter(np.asarray(image, dtype=np.float64),
+                                   (0.0, sigma_mm / spacing[1], sigma_mm / spacing[2]),
+                                   mode="constant")
+
+
+def _mirrored_neighbourhood(image: np.ndarray, plane: MidPlane,
+                            spacing: tuple[float, float, float], sigma_mm: float) -> np.ndarray:
+    """:func:`_neighbourhood` of ``image`` mirrored across ``plane`` (zero beyond the image):
+    at each voxel, what lies around its mirror image."""
+    my, mx = plane.mirror(image.shape)
+    zz = np.broadcast_to(np.arange(image.shape[0], dtype=np.float64)[:, None, None], image.shape)
+    mirrored = ndimage.map_coordinates(np.asarray(image, dtype=np.float64), [zz, my, mx],
+                                       order=1, mode="constant", cval=0.0)
+    return _neighbourhood(mirrored, spacing, sigma_mm)
+
+
+def _mirror_support(timely: np.ndarray, brain: np.ndarray, plane: MidPlane,
+                    spacing: tuple[float, float, float], sigma_mm: float) -> np.ndarray:
+    """(Z, Y, X) in [0, 1]: the ``timely`` tissue (not hypoperfused) in each voxel's mirror
+    image's neighbourhood over the ``brain`` in its own, so 1 where the mirror is healthy
+    brain and 0 where it is hypoperfused too, or outside the image (a field of view cut),
+    whatever the voxel's distance to the brain's edge."""
+    there = _mirrored_neighbourhood(timely, plane, spacing, sigma_mm)
+    own = _neighbourhood(brain, spacing, sigma_mm)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.clip(np.where(own > 0, there / own, 0.0), 0.0, 1.0)
 
 
 def segment_lesions(
@@ -463,13 +466,16 @@ def segment_lesions(
                         "delays every voxel) or use --core-cbv",
                         100.0 * timely / np.count_nonzero(valid), o.tmax_hypo, reference)
         if isinstance(reference, str):
-            ref, support = _reference(np.where(valid, cbf, 0.0), normal, spacing=maps.spacing,
-                                      mode=reference, sigma_mm=sigma_mm, brain=valid,
-                                      timely=valid & ~hypo,
-                                      plane=plane if reference == "contralateral" else None)
+            ref = normal_cbf_reference(np.where(valid, cbf, 0.0), normal,
+                                       spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm,
+                                       plane=plane if reference == "contralateral" else None)
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
-            support = np.full(cbf.shape, float(label != NO_NORMAL_TISSUE))
+        if reference == "contralateral" and plane is not None:
+            support = _mirror_support(valid & ~hypo, valid, plane, maps.spacing, sigma_mm)
+        else:  # the global rule and the brain's median judge every voxel off the mirror
+            off = reference == "global" or label == NO_NORMAL_TISSUE
+            support = np.full(cbf.shape, 0.0 if off else 1.0)
         # hypoperfused tissue whose mirror is mostly hypoperfused too or outside the brain
         # (both sides diseased, a lesion across the midline, the other side cut off): its
         # reference is the brain's median, mostly white matter's flow, or what normal tissue
