@@ -246,10 +246,12 @@ def preprocess_step_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keywords of :class:`ctperf.workflow.study.PreprocessSteps` from the options of
     :func:`add_preprocess_options` and ``--workers``."""
     from ctperf.errors import ValidationError
+    from ctperf.filter_options import FILTER_WEIGHTS, RANGE_SIGMA_HU, SPATIAL_SIGMA_MM
 
     tuned = [name for name, value, default in (
-        ("--spatial-sigma", args.spatial_sigma, 3.0), ("--range-sigma", args.range_sigma, 20.0),
-        ("--filter-weights", args.filter_weights, "linear")) if value != default]
+        ("--spatial-sigma", args.spatial_sigma, SPATIAL_SIGMA_MM),
+        ("--range-sigma", args.range_sigma, RANGE_SIGMA_HU),
+        ("--filter-weights", args.filter_weights, FILTER_WEIGHTS)) if value != default]
     if tuned and args.filter is False:
         raise ValidationError(f"{', '.join(tuned)} set{'s' if len(tuned) == 1 else ''} the "
                               "bilateral filter, which is off: give --filter too, or leave "
@@ -301,19 +303,26 @@ def add_study_options(parser: Any) -> None:
 def add_filter_options(parser: Any) -> None:
     """``--spatial-sigma``, ``--range-sigma`` (the paper's 3 mm, 20 HU) and ``--filter-weights``
     of the bilateral filter."""
-    from ctperf.filter_options import MAX_RANGE_SIGMA_HU, MAX_SPATIAL_SIGMA_MM
+    from ctperf.filter_options import (
+        FILTER_WEIGHTS,
+        MAX_RANGE_SIGMA_HU,
+        MAX_SPATIAL_SIGMA_MM,
+        RANGE_SIGMA_HU,
+        SPATIAL_SIGMA_MM,
+    )
 
     parser.add_argument("--spatial-sigma",
                         type=float_in(0.01, MAX_SPATIAL_SIGMA_MM, "--spatial-sigma (mm)"),
-                        default=3.0, metavar="MM",
+                        default=SPATIAL_SIGMA_MM, metavar="MM",
                         help="bilateral filter: spatial sigma in mm, up to 20 [%(default)s]")
     parser.add_argument("--range-sigma",
                         type=float_in(0.01, MAX_RANGE_SIGMA_HU, "--range-sigma (HU)"),
-                        default=20.0, metavar="HU",
+                        default=RANGE_SIGMA_HU, metavar="HU",
                         help="bilateral filter: range sigma in HU, up to 500 [%(default)s]; a "
                              "smaller value keeps grey matter/CSF edges sharper "
                              "(docs/preprocessing.md)")
-    parser.add_argument("--filter-weights", choices=("linear", "quadratic"), default="linear",
+    parser.add_argument("--filter-weights", choices=("linear", "quadratic"),
+                        default=FILTER_WEIGHTS,
                         help="bilateral grid weights: linear (faster) or quadratic (closer to "
                              "a brute-force filter next to arteries, slower) [%(default)s]")
 

@@ -13,6 +13,30 @@ from ctperf.types import RadiologicalView, orientation_known
 __all__ = ["motion_qc_figure"]
 
 
+def _displacement_panel(ax: Any, times: np.ndarray, result: Any, left: np.ndarray | None
+                        ) -> None:
+    """Displacement from frame 0 against time: corrected, and ``left`` (measured but not
+    corrected); a study not registered has none measured, and says so."""
+    if getattr(result, "registration", True) is None:
+        ax.set_axis_off()
+        ax.set_title("motion not measured (not registered)")
+        return
+    ax.plot(times, result.displacement_mm, label="mean over brain")
+    ax.plot(times, result.max_displacement_mm, label="max over brain")
+    if left is not None:
+        moved = left > 0
+        ax.plot(times[moved], left[moved], "rx", ms=8, label="measured, NOT corrected (mean)")
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("displacement from frame 0 (mm)")
+    top = max(float(np.max(result.max_displacement_mm)),
+              0.0 if left is None else float(left.max()), 1.0)
+    # room above the data for the legend, and below 0 to show lines lying on it
+    ax.set_ylim(-0.04 * top, 1.5 * top)
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("frame-wise displacement (corrected)" if left is None else
+                 "displacement: corrected, and measured but not corrected")
+
+
 def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
     """Displacement plot and the middle slice of the most displaced frame, before and after.
 
@@ -42,26 +66,7 @@ def motion_qc_figure(before: Any, after: Any, result: Any) -> Any:
     z_before = z if before.shape[1] == after.shape[1] else 0  # or only that slice, as read
     low, high = BRAIN_WINDOW_HU
     fig, axes = new_subplots(1, 4, figsize=(16, 4), layout="constrained")
-    ax = axes[0]
-    ax.plot(before.times, result.displacement_mm, label="mean over brain")
-    ax.plot(before.times, result.max_displacement_mm, label="max over brain")
-    if left is not None:
-        moved = left > 0
-        ax.plot(before.times[moved], left[moved], "rx", ms=8,
-                label="measured, NOT corrected (mean)")
-    ax.set_xlabel("time (s)")
-    ax.set_ylabel("displacement from frame 0 (mm)")
-    top = max(float(np.max(result.max_displacement_mm)),
-              0.0 if left is None else float(left.max()), 1.0)
-    # room above the data for the legend, and below 0 to show lines lying on it
-    ax.set_ylim(-0.04 * top, 1.5 * top)
-    ax.legend(loc="upper left", fontsize=8)
-    ax.set_title("frame-wise displacement (corrected)" if left is None else
-                 "displacement: corrected, and measured but not corrected")
-    if getattr(result, "registration", True) is None:  # not registered: nothing measured
-        ax.cla()
-        ax.set_axis_off()
-        ax.set_title("motion not measured (not registered)")
+    _displacement_panel(axes[0], before.times, result, left)
     # radiological, as the maps' overview: the patient's right on the image's left
     radio = RadiologicalView.of(before.affine)
     panels = [(before.hu[0, z_before], "frame 0"), (before.hu[t, z_before], f"frame {t} before"),

@@ -374,19 +374,21 @@ def _preprocess_qc(series: Any, final: Any, result: Any, o: PreprocessOptions,
                    first_frames: Any) -> dict[str, Any]:
     import numpy as np
 
-    measured = o.register  # without registration no motion was measured: null, not 0 mm
+    motion = {
+        "displacement_mm": result.displacement_mm,
+        "max_displacement_mm": result.max_displacement_mm,
+        "max_mean_displacement_mm": float(np.max(result.displacement_mm)),
+        "max_max_displacement_mm": float(np.max(result.max_displacement_mm)),
+        "uncorrected_mm": result.uncorrected_mm,
+        "uncorrected_frames": [int(t) for t in np.flatnonzero(result.uncorrected_mm > 0)],
+    }
+    if not o.register:  # no motion was measured: null, not 0 mm
+        motion = dict.fromkeys(motion)
     return {
         "frames": series.n_frames,
         "registered": o.register,
         "filtered": o.filter,
-        "displacement_mm": result.displacement_mm if measured else None,
-        "max_displacement_mm": result.max_displacement_mm if measured else None,
-        "max_mean_displacement_mm": float(np.max(result.displacement_mm)) if measured else None,
-        "max_max_displacement_mm": (float(np.max(result.max_displacement_mm)) if measured
-                                    else None),
-        "uncorrected_mm": result.uncorrected_mm if measured else None,
-        "uncorrected_frames": ([int(t) for t in np.flatnonzero(result.uncorrected_mm > 0)]
-                               if measured else None),
+        **motion,
         "brain_voxels": int(result.mask.sum()),
         # frame-to-frame noise over the brain in the first (pre-contrast) frames
         "noise_sd_hu_before": _noise(first_frames, result.mask),
