@@ -465,17 +465,18 @@ def segment_lesions(
                         "it, and the core may be too small; check the AIF (a late artery "
                         "delays every voxel) or use --core-cbv",
                         100.0 * timely / np.count_nonzero(valid), o.tmax_hypo, reference)
+        # the mirror's support of the reference: none for the global rule or the brain's
+        # median, whole for a reference given
+        support = np.full(cbf.shape, float(label != NO_NORMAL_TISSUE))
         if isinstance(reference, str):
+            contralateral = reference == "contralateral"
             ref = normal_cbf_reference(np.where(valid, cbf, 0.0), normal,
                                        spacing=maps.spacing, mode=reference, sigma_mm=sigma_mm,
-                                       plane=plane if reference == "contralateral" else None)
+                                       plane=plane if contralateral else None)
+            support = (_mirror_support(valid & ~hypo, valid, plane, maps.spacing, sigma_mm)
+                       if contralateral and plane is not None else np.zeros(cbf.shape))
         else:
             ref = np.broadcast_to(np.asarray(reference, dtype=np.float64), cbf.shape)
-        if reference == "contralateral" and plane is not None:
-            support = _mirror_support(valid & ~hypo, valid, plane, maps.spacing, sigma_mm)
-        else:  # the global rule and the brain's median judge every voxel off the mirror
-            off = reference == "global" or label == NO_NORMAL_TISSUE
-            support = np.full(cbf.shape, 0.0 if off else 1.0)
         # hypoperfused tissue whose mirror is mostly hypoperfused too or outside the brain
         # (both sides diseased, a lesion across the midline, the other side cut off): its
         # reference is the brain's median, mostly white matter's flow, or what normal tissue
