@@ -327,6 +327,9 @@ def test_curves_cli_on_the_osipi_reference(tmp_path, capsys, method):
     # which ctperf, and the times it read in s (their unit is the file's guess)
     assert sidecar["software_version"] and len(sidecar["times_s"]) == len(osipi["times"])
     np.testing.assert_allclose(sidecar["times_s"], osipi["times"] - osipi["times"][0], atol=1e-4)
+    # which columns were read as what (the AIF's found in another case), and the baseline's rule
+    assert sidecar["columns"] == {"time": "time", "aif": "Arterial", "vof": None}
+    assert sidecar["baseline_asked"] == "auto" and sidecar["baseline_frames"] > 0
     assert "14 curves" in capsys.readouterr().out
     assert out.with_suffix(".png").stat().st_size > 20_000
     # the output exists now: refused without --overwrite, before any work

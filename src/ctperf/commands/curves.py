@@ -62,7 +62,8 @@ def register(subparsers: Any) -> None:
                     "peaking above a quarter of "
                     "the AIF's peak, as only a vessel does), a JSON "
                     "sidecar of the "
-                    "same stem (method, constants, baseline frames, partial-volume step, QC, "
+                    "same stem (method, constants, the columns read as time, AIF and VOF, the "
+                    "baseline asked for and the frames it took, partial-volume step, QC, "
                     "units) and a PNG of the curves the fit read (baseline subtracted, the "
                     "AIF after its partial-volume scaling; no model curves drawn).")
     p.add_argument("curves", type=Path, help="CSV table of curves")
@@ -130,7 +131,9 @@ def run(args: argparse.Namespace) -> int:
         tmp_csv, tmp_json, tmp_png = (stack.enter_context(atomic_file(p))
                                       for p in (args.out, sidecar, figure))
         write_curves_csv(tmp_csv, table.names, rows, flags=fit.flags)
-        write_json({**fit.provenance, "curves": list(table.names), "units": units,
+        write_json({**fit.provenance, "columns": table.columns,
+                    "baseline_asked": args.baseline, "curves": list(table.names),
+                    "units": units,
                     # from the first frame: a clock-time column's time of day is not kept
                     "times_s": [round(float(v - table.times[0]), 4) for v in table.times],
                     "software_version": software_version()}, tmp_json)

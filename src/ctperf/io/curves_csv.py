@@ -40,13 +40,15 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class CurveTable:
     """``times`` (T,) s, ``aif`` (T,), ``vof`` (T,) or None, ``tissue`` (T, N) and the tissue
-    columns' ``names`` (N,), in the file's units."""
+    columns' ``names`` (N,), in the file's units; ``columns`` names the header's columns read
+    as ``time``, ``aif`` and ``vof`` (None when there is none)."""
 
     times: np.ndarray
     aif: np.ndarray
     vof: np.ndarray | None
     tissue: np.ndarray
     names: tuple[str, ...]
+    columns: dict[str, str | None]
 
 
 def _text(path: Path) -> str:
@@ -371,7 +373,9 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
                       remedy="give the time column in seconds")
     return CurveTable(times=times, aif=values[:, where["aif"]],
                       vof=None if vof_at is None else values[:, vof_at],
-                      tissue=values[:, tissue_at], names=tuple(header[i] for i in tissue_at))
+                      tissue=values[:, tissue_at], names=tuple(header[i] for i in tissue_at),
+                      columns={"time": header[where["time"]], "aif": header[where["aif"]],
+                               "vof": None if vof_at is None else header[vof_at]})
 
 
 def write_curves_csv(path: PathLike, names: Sequence[str], rows: Sequence[dict[str, float]],
