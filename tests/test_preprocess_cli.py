@@ -79,6 +79,37 @@ def test_options_of_a_step_left_off_are_refused(moving_head, tmp_path, capsys, c
         assert said in err and "Traceback" not in err and not out.exists()
 
 
+@pytest.mark.parametrize("args", [
+    ["demo", "--method", "bayes", "--range-sigma", "40"],  # bayes does not filter unless told
+    ["demo", "--no-filter", "--spatial-sigma", "5"],
+    ["demo", "--neural", "--no-filter", "--filter-weights", "quadratic"],
+    ["reproduce", "cohort", "--no-filter", "--spatial-sigma", "5"]])
+def test_demo_and_reproduce_refuse_filter_settings_without_the_filter(tmp_path, capsys, args):
+    """The demos and the paper's experiment had ignored them too; refused before any work."""
+    out = tmp_path / "o"
+    assert main([*args, str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "the bilateral filter, which is off: give --filter too" in err
+    assert "Traceback" not in err and not out.exists()
+
+
+def test_the_api_refuses_filter_settings_without_the_filter():
+    """The options of the Python API refuse them as the command line does, by their names."""
+    from ctperf.errors import ValidationError
+    from ctperf.workflow import DemoOptions, MapsOptions, PreprocessOptions, ReproduceOptions
+
+    for make in (lambda: MapsOptions(range_sigma_hu=40.0),  # maps do not filter unless told
+                 lambda: PreprocessOptions(filter=False, spatial_sigma_mm=5.0),
+                 lambda: DemoOptions(method="bayes", filter_weights="quadratic"),
+                 lambda: ReproduceOptions(filter=False, range_sigma_hu=40.0)):
+        with pytest.raises(ValidationError, match="which is off: set filter=True too"):
+            make()
+    # with the filter on, or the settings left at their defaults, nothing is refused
+    MapsOptions(filter=True, range_sigma_hu=40.0)
+    DemoOptions(spatial_sigma_mm=5.0)  # nlr-fast filters by default
+    ReproduceOptions(filter=False)
+
+
 def test_missing_study_exits_2(tmp_path, capsys):
     assert main(["preprocess", str(tmp_path / "nope.nii.gz"), str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err

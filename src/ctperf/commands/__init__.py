@@ -33,6 +33,7 @@ __all__ = [
     "add_scheduler_option",
     "add_study_options",
     "add_workers_option",
+    "check_filter_args",
     "count",
     "device",
     "float_in",
@@ -245,20 +246,19 @@ def study_io_options(args: argparse.Namespace) -> dict[str, Any]:
 def preprocess_step_options(args: argparse.Namespace) -> dict[str, Any]:
     """Keywords of :class:`ctperf.workflow.study.PreprocessSteps` from the options of
     :func:`add_preprocess_options` and ``--workers``."""
-    from ctperf.errors import ValidationError
-    from ctperf.filter_options import FILTER_WEIGHTS, RANGE_SIGMA_HU, SPATIAL_SIGMA_MM
-
-    tuned = [name for name, value, default in (
-        ("--spatial-sigma", args.spatial_sigma, SPATIAL_SIGMA_MM),
-        ("--range-sigma", args.range_sigma, RANGE_SIGMA_HU),
-        ("--filter-weights", args.filter_weights, FILTER_WEIGHTS)) if value != default]
-    if tuned and args.filter is False:
-        raise ValidationError(f"{', '.join(tuned)} set{'s' if len(tuned) == 1 else ''} the "
-                              "bilateral filter, which is off: give --filter too, or leave "
-                              f"{'it' if len(tuned) == 1 else 'them'} out")
+    check_filter_args(args, args.filter)
     return {"register": args.register, "filter": args.filter,
             "spatial_sigma_mm": args.spatial_sigma, "range_sigma_hu": args.range_sigma,
             "filter_weights": args.filter_weights, "workers": args.workers}
+
+
+def check_filter_args(args: argparse.Namespace, filter: bool) -> None:
+    """Refuse the filter's options (:func:`add_filter_options`) set while it is off."""
+    from ctperf.filter_options import check_filter_settings
+
+    check_filter_settings(filter, spatial_sigma_mm=args.spatial_sigma,
+                          range_sigma_hu=args.range_sigma, filter_weights=args.filter_weights,
+                          cli=True)
 
 
 def add_brain_mask_option(parser: Any, *, vessels: bool = False) -> None:
@@ -276,7 +276,7 @@ def add_preprocess_options(parser: Any, *, default: bool, filter_by_method: bool
                            ) -> None:
     """``--register/--no-register`` and ``--filter/--no-filter`` (the paper's two
     preprocessing steps, both on or off by ``default``; with ``filter_by_method`` the filter
-    by default as the method asks, ``ctperf.workflow.analysis.filters_by_default``), then the
+    by default as the method asks, :func:`ctperf.filter_options.filters_by_default`), then the
     filter's options."""
     parser.add_argument("--register", action=argparse.BooleanOptionalAction, default=default,
                         help="rigid motion correction of every frame to the first "

@@ -11,6 +11,7 @@ from ctperf.commands import (
     METHOD_CHOICES,
     add_overwrite_option,
     add_preprocess_options,
+    check_filter_args,
     count,
     seed,
     show_progress,
@@ -65,10 +66,13 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ctperf.filter_options import filters_by_default
     from ctperf.workflow.demo import DemoOptions, run_demo
 
     if args.neural:
         return _run_neural(args)
+    check_filter_args(args, filters_by_default(args.method) if args.filter is None
+                      else args.filter)
     args.out = args.out or Path("ctperf-demo")
 
     options = DemoOptions(size=args.size, slices=args.slices, frames=args.frames,
@@ -94,6 +98,7 @@ def _run_neural(args: argparse.Namespace) -> int:
         raise ValidationError(f"{', '.join(changed)} do not apply to --neural (its cohort is "
                               "24 subjects of 64 x 64 x 4 x 89, no motion, not registered; "
                               "docs/reproduce.md); --seed and --filter/--no-filter do")
+    check_filter_args(args, args.filter is not False)
     import ctperf.model  # noqa: F401  (without PyTorch: refused before a time is promised)
 
     out = args.out or Path("ctperf-demo-neural")

@@ -14,6 +14,7 @@ from ctperf.commands import (
     add_device_option,
     add_preprocess_options,
     add_workers_option,
+    check_filter_args,
     count,
     positive_int,
     seed,
@@ -69,6 +70,7 @@ def reproduce_options(args: argparse.Namespace) -> tuple[Any, Any]:
     from ctperf.model import preset
     from ctperf.workflow.reproduce import ReproduceOptions
 
+    check_filter_args(args, args.filter)
     config = replace(preset(args.preset), device=args.device, seed=args.seed,
                      **({"epochs": args.epochs} if args.epochs is not None else {}))
     options = ReproduceOptions(

@@ -10,20 +10,12 @@ from typing import Any
 import numpy as np
 
 from ctperf.errors import ValidationError
+from ctperf.filter_options import filters_by_default
 from ctperf.types import CTPSeries
 
 log = logging.getLogger(__name__)
 
-__all__ = ["analyse_study", "filters_by_default", "preprocessed_before"]
-
-
-def filters_by_default(method: str) -> bool:
-    """Whether the pipeline filters a study for ``method`` unless told: the paper's bilateral
-    filter for the box model and the SVD methods; not for ``bayes``, whose spatial prior pools
-    neighbouring voxels itself and whose noise model takes each voxel's noise as independent
-    of its neighbours', which the filter's averaging breaks (docs/bayes.md, "Filtered
-    studies")."""
-    return method != "bayes"
+__all__ = ["analyse_study", "preprocessed_before"]
 
 
 def preprocessed_before(meta: Mapping[str, Any]) -> dict[str, Any]:

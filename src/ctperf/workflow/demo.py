@@ -7,8 +7,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ctperf.filter_options import check_filter_settings, filters_by_default
 from ctperf.io.state import holds_output
-from ctperf.workflow.analysis import analyse_study, filters_by_default
+from ctperf.workflow.analysis import analyse_study
 from ctperf.workflow.study import StudyOutcome, write_maps_outputs
 
 __all__ = ["DemoOptions", "run_demo"]
@@ -19,7 +20,7 @@ class DemoOptions:
     """Options of :func:`run_demo`: the phantom (``size`` px over a 230 mm field of view,
     ``slices`` of 5 mm, ``frames`` 0.5 s apart, ``seed``, simulated ``motion``), the perfusion
     ``method`` and the preprocessing steps (``register``, ``filter`` (None: as
-    :func:`~ctperf.workflow.analysis.filters_by_default`) and the filter's ``spatial_sigma_mm``
+    :func:`~ctperf.filter_options.filters_by_default`) and the filter's ``spatial_sigma_mm``
     in mm, ``range_sigma_hu`` in HU, ``filter_weights``)."""
 
     size: int = 256
@@ -35,6 +36,12 @@ class DemoOptions:
     filter_weights: str = "linear"
     overwrite: bool = False
     progress: bool = False
+
+    def __post_init__(self) -> None:
+        check_filter_settings(filters_by_default(self.method) if self.filter is None
+                              else self.filter, spatial_sigma_mm=self.spatial_sigma_mm,
+                              range_sigma_hu=self.range_sigma_hu,
+                              filter_weights=self.filter_weights)
 
 
 def _steps(o: DemoOptions) -> tuple[str, str]:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from ctperf.errors import CTPerfError, InputError, ValidationError
+from ctperf.filter_options import check_filter_settings
 from ctperf.io.state import holds_output
 from ctperf.io.study import phantom_studies
 from ctperf.lesion_options import LesionOptions
@@ -117,6 +118,9 @@ class ReproduceOptions:
     progress: bool = False
 
     def __post_init__(self) -> None:
+        check_filter_settings(self.filter, spatial_sigma_mm=self.spatial_sigma_mm,
+                              range_sigma_hu=self.range_sigma_hu,
+                              filter_weights=self.filter_weights)
         if self.targets is not None:
             object.__setattr__(self, "targets", tuple(self.targets))
             if not self.targets:

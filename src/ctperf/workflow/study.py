@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctperf.filter_options import check_filter_settings
 from ctperf.lesion_options import LesionOptions
 from ctperf.workflow.analysis import analyse_study, preprocessed_before
 
@@ -70,6 +71,11 @@ class PreprocessSteps:
     range_sigma_hu: float = 20.0
     filter_weights: str = "linear"
     workers: int | None = None
+
+    def __post_init__(self) -> None:
+        check_filter_settings(self.filter, spatial_sigma_mm=self.spatial_sigma_mm,
+                              range_sigma_hu=self.range_sigma_hu,
+                              filter_weights=self.filter_weights)
 
 
 @dataclass(frozen=True, kw_only=True)
