@@ -93,10 +93,17 @@ def test_demo_and_reproduce_refuse_filter_settings_without_the_filter(tmp_path, 
     assert "Traceback" not in err and not out.exists()
 
 
-def test_the_api_refuses_filter_settings_without_the_filter():
+def test_the_api_refuses_filter_settings_without_the_filter(tmp_path):
     """The options of the Python API refuse them as the command line does, by their names."""
     from ctperf.errors import ValidationError
-    from ctperf.workflow import DemoOptions, MapsOptions, PreprocessOptions, ReproduceOptions
+    from ctperf.workflow import (
+        DemoOptions,
+        MapsOptions,
+        PredictOptions,
+        PreprocessOptions,
+        ReproduceOptions,
+        write_maps_outputs,
+    )
 
     for make in (lambda: MapsOptions(range_sigma_hu=40.0),  # maps do not filter unless told
                  lambda: PreprocessOptions(filter=False, spatial_sigma_mm=5.0),
@@ -104,8 +111,16 @@ def test_the_api_refuses_filter_settings_without_the_filter():
                  lambda: ReproduceOptions(filter=False, range_sigma_hu=40.0)):
         with pytest.raises(ValidationError, match="which is off: set filter=True too"):
             make()
+    # --anonymise without a DICOM copy likewise, in a command's options and when writing maps
+    for make in (lambda: MapsOptions(anonymise=True), lambda: PredictOptions(
+            model="m.pt", anonymise=True), lambda: PreprocessOptions(anonymise=True)):
+        with pytest.raises(ValidationError, match="set dicom=True too"):
+            make()
+    with pytest.raises(ValidationError, match="give the dicom_source"):
+        write_maps_outputs(None, tmp_path / "maps", anonymise=True)
+    assert not (tmp_path / "maps").exists()
     # with the filter on, or the settings left at their defaults, nothing is refused
-    MapsOptions(filter=True, range_sigma_hu=40.0)
+    MapsOptions(filter=True, range_sigma_hu=40.0, dicom=True, anonymise=True)
     DemoOptions(spatial_sigma_mm=5.0)  # nlr-fast filters by default
     ReproduceOptions(filter=False)
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ctperf.errors import ValidationError
 from ctperf.filter_options import check_filter_settings
 from ctperf.lesion_options import LesionOptions
 from ctperf.workflow.analysis import analyse_study, preprocessed_before
@@ -57,6 +58,11 @@ class StudyIOOptions:
     overwrite: bool = False
     progress: bool = False
 
+    def __post_init__(self) -> None:
+        if self.anonymise and not self.dicom:
+            raise ValidationError("anonymise=True de-identifies the DICOM copy: set dicom=True "
+                                  "too (NIfTI and JSON outputs carry no patient identity)")
+
 
 @dataclass(frozen=True, kw_only=True)
 class PreprocessSteps:
@@ -76,6 +82,8 @@ class PreprocessSteps:
         check_filter_settings(self.filter, spatial_sigma_mm=self.spatial_sigma_mm,
                               range_sigma_hu=self.range_sigma_hu,
                               filter_weights=self.filter_weights)
+        # the study's own options, in the options of a command that has both
+        getattr(super(), "__post_init__", lambda: None)()
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,6 +267,10 @@ def write_maps_outputs(result: Any, folder: Path, *, title: str = "",
     from ctperf import io
     from ctperf.perfusion import SD_MAPS
     from ctperf.reporting import maps_overview, save_figure, vessels_overview
+
+    if anonymise and dicom_source is None:
+        raise ValidationError("anonymise=True de-identifies the DICOM maps: give the "
+                              "dicom_source they are written with")
 
     maps = result.maps
     with io.atomic_dir(folder, overwrite=overwrite) as tmp:
@@ -453,7 +465,7 @@ def predict_study(study: Path, out: Path, options: PredictOptions) -> StudyOutco
                            progress=o.progress)
     given = mask = _read_mask(o.brain_mask, series)
     if mask is None:  # the automatic brain mask, as the maps of `ctperf maps` are bounded by
-        from ctperf.errors import InputError, ValidationError
+        from ctperf.errors import InputError
         from ctperf.masks import brain_mask
 
         try:
