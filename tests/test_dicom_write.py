@@ -253,6 +253,16 @@ def test_a_processed_study_is_marked_derived(tmp_path, small_series):
     back = read_dicom_series(filtered).meta
     assert back["preprocess"] == {"registered": True, "filtered": True}
     assert back["scanner"] == "SIEMENS SOMATOM Force"
+    assert "bilateral" not in back  # no settings recorded, none invented
+    # the filter's settings travel with the steps, as a NIfTI sidecar carries them (maps of a
+    # study filtered then sent as DICOM had recorded no filter settings)
+    settings = {"spatial_sigma_mm": 2.5, "range_sigma_hu": 10.0, "guide": "temporal mean",
+                "filter_weights": "quadratic"}
+    tuned = scanned.replace(meta={**scanned.meta, "bilateral": settings})
+    back = read_dicom_series(write_series_dicom(tuned, tmp_path / "f",
+                                                derived="filtered")).meta
+    assert back["preprocess"] == {"registered": False, "filtered": True}
+    assert back["bilateral"] == settings
     ds = pydicom.dcmread(next(write_series_dicom(scanned, tmp_path / "e").glob("*.dcm")))
     assert ds.Manufacturer == "SIEMENS" and "ContributingEquipmentSequence" not in ds
     assert "preprocess" not in read_dicom_series(tmp_path / "e").meta

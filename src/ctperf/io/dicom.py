@@ -674,14 +674,28 @@ def _median_mas(headers: Sequence[Header]) -> float | None:
     return float(np.median(values)) if values else None
 
 
-def _ctperf_preprocess(first: Header) -> dict[str, bool] | None:
+def _ctperf_preprocess(first: Header) -> tuple[dict[str, bool], dict[str, Any] | None] | None:
     """The steps ``ctperf preprocess`` applied to a series it wrote as DICOM (its contributing
-    equipment item), as a NIfTI sidecar's ``preprocess`` record holds them; None otherwise."""
+    equipment item), as a NIfTI sidecar's ``preprocess`` record holds them, and the bilateral
+    filter's settings (its ``bilateral`` record, None when not given); None otherwise."""
+    from ctperf.io.dicom_write import FILTER_SETTINGS
+
     for item in first.get("ContributingEquipmentSequence") or ():
         if str(item.get("Manufacturer", "")) == "ctperf":
             what = str(item.get("ContributionDescription", ""))
-            return {step: step in what for step in ("registered", "filtered")}
+            steps, _, given = what.partition(f"; {FILTER_SETTINGS}")
+            settings = dict(pair.partition("=")[::2] for pair in given.split(", ")
+                            if "=" in pair)
+            return ({step: step in steps for step in ("registered", "filtered")},
+                    {k: _number_or_text(v) for k, v in settings.items()} or None)
     return None
+
+
+def _number_or_text(value: str) -> float | str:
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def _meta(headers: Sequence[Header], source: str, start: float | None,
@@ -707,9 +721,11 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
         "n_files": n_files,
         "dicom": {k: str(first.get(k)) for k in PATIENT_STUDY_TAGS if first.get(k) is not None},
     }
-    record = _ctperf_preprocess(first)
-    if record is not None:
-        meta["preprocess"] = record
+    done = _ctperf_preprocess(first)
+    if done is not None:
+        meta["preprocess"] = done[0]
+        if done[1] is not None:
+            meta["bilateral"] = done[1]
     if exposure is not None:
         meta["exposure_time_ms"] = exposure
     if current is not None:

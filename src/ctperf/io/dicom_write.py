@@ -31,8 +31,8 @@ from ctperf.io.atomic import atomic_dir
 from ctperf.io.privacy import ANONYMOUS_START, deidentify_dataset
 from ctperf.types import METHODS, CTPSeries, PerfusionMaps
 
-__all__ = ["PATIENT_STUDY_TAGS", "gdcm_compress", "require_gdcm", "write_maps_dicom",
-           "write_series_dicom"]
+__all__ = ["FILTER_SETTINGS", "PATIENT_STUDY_TAGS", "gdcm_compress", "require_gdcm",
+           "write_maps_dicom", "write_series_dicom"]
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,10 @@ def _map_series_number(source: int, method: str) -> int:
     place = METHODS.index(method) if method in METHODS else len(METHODS)
     return 100 * max(source, 1) + 14 * place + 1
 
+
+#: What precedes the bilateral filter's settings (``key=value, ...``) in the contribution
+#: description of a study ``ctperf preprocess`` filtered.
+FILTER_SETTINGS = "bilateral filter: "
 
 #: The end of a series description ctperf wrote for a preprocessed study.
 _EARLIER_STEPS = re.compile(r" \((registered and filtered|registered|filtered|rewritten by "
@@ -317,7 +321,11 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
                       else list(meta.get("image_type") or ["ORIGINAL", "PRIMARY", "AXIAL"]))
     if derived:
         base.DerivationDescription = derived
-        _contributed_by_ctperf(base, derived)
+        # the filter's settings go with the steps, read back as a NIfTI sidecar gives them
+        settings = meta.get("bilateral") if "filtered" in derived else None
+        _contributed_by_ctperf(base, derived + (
+            f"; {FILTER_SETTINGS}" + ", ".join(f"{k}={v}" for k, v in settings.items())
+            if isinstance(settings, Mapping) else ""))
     base.SeriesNumber = number
     base.Rows, base.Columns = n_y, n_x
     base.PixelRepresentation = 1
