@@ -6,6 +6,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import pytest
 
 from ctperf.evaluation.cohort import Reader, evaluate_readers
 from ctperf.evaluation.metrics import psnr
@@ -325,3 +326,69 @@ def test_a_clean_up_that_is_no_number_is_not_compared():
     assert _rule_labels(rules) == {"hypoperfused": "Tmax > 6.0 s"}
     assert _rule_labels({**rules, "smooth_mm": 2})["clean-up"] == (
         "median 2 mm, pieces under 0.1 mL dropped")
+
+
+def test_unoriented_reference_takes_the_oriented_readers_voxel_size():
+    """A reference saved without orientation (MATLAB's save_nii: 1 mm voxels) had lent its
+    guessed geometry to the oriented reader too: its lesion volumes read 64 times too small,
+    or not, by the order of the arguments. The oriented reader's voxels give the volumes."""
+    for unknown in (0, 1):
+        readers = _readers()
+        for s in STUDIES:
+            for i, r in enumerate(readers):
+                maps = r.maps[s]
+                r.maps[s] = maps.replace(
+                    affine=np.eye(4) if i == unknown else np.diag([2.0, 2.0, 5.0, 1.0]),
+                    provenance={**maps.provenance, "orientation_unknown": i == unknown})
+                r.lesions[s] = {"core": maps["cbf"] < 20.0}
+        out = evaluate_readers(readers, studies=STUDIES)
+        assert out["voxel_ml"] == pytest.approx({s: 0.02 for s in STUDIES})  # 2 x 2 x 5 mm
+        core = next(row for row in out["lesions"] if row["lesion"] == "core")
+        n = np.count_nonzero(readers[1].lesions["a"]["core"])
+        assert core["cases"]["a"]["volume_reference_ml"] == pytest.approx(n * 0.02)
+
+
+def test_masks_without_orientation_are_said_in_the_readers_warnings(tmp_path):
+    """Lesion masks with no sform or qform are taken voxel for voxel: the warning had gone to
+    the log only, and Dice of transposed masks stood in the report unexplained."""
+    import nibabel as nib
+
+    from ctperf import io
+    from ctperf.evaluation.cohort import load_maps_cohort
+
+    folder = tmp_path / "other" / "a"
+    io.write_volume(np.full((2, 8, 8), 30.0, np.float32), np.eye(4), folder / "cbf.nii.gz")
+    img = nib.Nifti1Image(np.ones((8, 8, 2), np.uint8), None)
+    img.header.set_sform(None, code=0)
+    img.header.set_qform(None, code=0)
+    (folder / "lesions").mkdir()
+    nib.save(img, folder / "lesions" / "core.nii.gz")
+    reader = load_maps_cohort(tmp_path / "other")
+    assert reader.lesions["a"]["core"].all()
+    (said,) = reader.warnings
+    assert said.startswith("a: core.nii.gz: no orientation") and "voxel for voxel" in said
+
+
+def test_two_files_of_one_map_are_refused(tmp_path):
+    """cbf.nii.gz beside a CBF.nii (another tool's, x 10): one had been taken in silence."""
+    from ctperf import io
+    from ctperf.errors import InputError
+
+    for name in ("cbf.nii.gz", "CBF.nii"):
+        io.write_volume(np.full((2, 8, 8), 30.0, np.float32), np.eye(4), tmp_path / name)
+    with pytest.raises(InputError, match=r"CBF\.nii and cbf\.nii\.gz could each be the cbf map"):
+        io.map_file(tmp_path, "cbf")
+
+
+def test_dice_refuses_what_is_not_a_mask():
+    """A probability map (0.01 counted as a whole voxel) or a label image (2 counted as
+    lesion) had given a Dice; the command line refuses both, the function now too."""
+    from ctperf.errors import ValidationError
+    from ctperf.evaluation.metrics import dice
+
+    prob = np.linspace(0.0, 1.0, 10)
+    with pytest.raises(ValidationError, match="first mask: not a mask"):
+        dice(prob, prob > 0.5)
+    with pytest.raises(ValidationError, match="second mask: not a mask"):
+        dice(np.array([1, 0, 0]), np.array([1, 2, 0]))
+    assert dice(np.array([1, 1, 0]), np.array([True, False, False])) == 2 / 3

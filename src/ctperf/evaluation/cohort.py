@@ -135,11 +135,12 @@ def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
 
 
 def _labels(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
-            qform: np.ndarray | None = None) -> np.ndarray:
+            qform: np.ndarray | None, notes: list[str]) -> np.ndarray:
     """A mask or label image (int64, 0 outside) on the maps' grid of ``study`` (or on the
-    study's own ``qform``, :func:`ctperf.io.read_on_grid`); values between whole numbers, as a
-    probability map has, are refused."""
-    vol = np.nan_to_num(_on_grid(path, study, shape, affine, qform))
+    study's own ``qform``, :func:`ctperf.io.read_on_grid`, whose warnings are appended to
+    ``notes``, led by the study); values between whole numbers, as a probability map has, are
+    refused."""
+    vol = np.nan_to_num(_on_grid(path, study, shape, affine, qform, notes))
     if np.any(vol != np.round(vol)):
         raise InputError(path, f"study {study}: not a mask: values between whole numbers "
                                f"(from {vol.min():.3g} to {vol.max():.3g}), such as a "
@@ -230,8 +231,8 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
                     f"{', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}")
             log.warning("%s: %s", masks, said)
             reader.warnings.append(f"{sub.name}: {said}")
-        les = {n: _labels(f, sub.name, maps.shape, maps.affine, kept_qform(maps.provenance))
-               != 0
+        les = {n: _labels(f, sub.name, maps.shape, maps.affine, kept_qform(maps.provenance),
+                          reader.warnings) != 0
                for n, f in found.items() if f is not None}
         if "brain" in les:
             reader.brain[sub.name] = les.pop("brain")
@@ -373,14 +374,18 @@ def _segment(maps: PerfusionMaps, brain: np.ndarray | None, options: LesionOptio
 
 
 def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
-             qform: np.ndarray | None = None) -> np.ndarray:
-    """A rater's volume on the maps' grid of ``study`` (:func:`ctperf.io.read_on_grid`)."""
+             qform: np.ndarray | None, notes: list[str]) -> np.ndarray:
+    """A rater's volume on the maps' grid of ``study`` (:func:`ctperf.io.read_on_grid`; its
+    warnings appended to ``notes``, led by the study)."""
     from ctperf.io import read_on_grid
 
+    said: list[str] = []
     try:
-        return read_on_grid(path, shape=shape, affine=affine, qform=qform)
+        return read_on_grid(path, shape=shape, affine=affine, qform=qform, notes=said)
     except InputError as exc:
         raise InputError(path, f"study {study}: not on the maps' grid ({exc.problem})") from None
+    finally:
+        notes += [f"{study}: {w}" for w in said]
 
 
 def load_rater(root: str | Path, grids: Mapping[str, tuple[Any, ...]], *,
@@ -408,7 +413,7 @@ def load_rater(root: str | Path, grids: Mapping[str, tuple[Any, ...]], *,
         labels = next((p for p in (root / f"{study}.nii.gz", root / study / "labels.nii.gz")
                        if p.exists()), None)
         if labels is not None:
-            img = _labels(labels, study, shape, affine, qform)
+            img = _labels(labels, study, shape, affine, qform, reader.warnings)
             if other := sorted(set(np.unique(img).tolist()) - {0, *RATER_LABELS.values()}):
                 raise InputError(labels, f"study {study}: labels {other} are neither core "
                                          f"({RATER_LABELS['core']}) nor penumbra "
@@ -417,7 +422,8 @@ def load_rater(root: str | Path, grids: Mapping[str, tuple[Any, ...]], *,
             les = {n: img == v for n, v in RATER_LABELS.items()}
             les["hypoperfused"] = les["core"] | les["penumbra"]
         else:
-            les = {n: _labels(root / study / f"{n}.nii.gz", study, shape, affine, qform) != 0
+            les = {n: _labels(root / study / f"{n}.nii.gz", study, shape, affine, qform,
+                              reader.warnings) != 0
                    for n in LESION_NAMES
                    if (root / study / f"{n}.nii.gz").exists()}
             _complete_lesions(les)
@@ -488,7 +494,9 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
     place: a cohort written by another tool may store the same voxels in another order (rows
     reversed, as a NIfTI converter may), which a voxel-by-voxel comparison would otherwise pair
     wrongly. Grids that do not hold the same voxels are refused, naming the study and both
-    readers. Returns warnings: maps without an orientation, compared voxel for voxel."""
+    readers. Maps without an orientation are compared voxel for voxel on the geometry of a
+    reader that has one (its voxel sizes give the volumes). Returns warnings: maps without an
+    orientation, compared voxel for voxel."""
     with_maps = [r for r in readers if r.maps]
     unoriented: dict[str, list[str]] = {}  # readers without orientation -> their studies
     if not with_maps:
@@ -496,6 +504,17 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
     from ctperf.io import reorient, reorientation
 
     grid = with_maps[1] if len(with_maps) > 1 else with_maps[0]
+
+    def unknown(r: Reader, s: str) -> bool:
+        return bool(r.maps[s].provenance.get("orientation_unknown"))
+
+    for s in studies:  # an unoriented grid takes an oriented reader's geometry (voxel sizes:
+        # a file without orientation may say 1 mm, the volumes had read 64 times too small)
+        if s in grid.maps and unknown(grid, s):
+            known = next((r.maps[s] for r in with_maps if s in r.maps and not unknown(r, s)
+                          and r.maps[s].shape == grid.maps[s].shape), None)
+            if known is not None:
+                grid.maps[s] = grid.maps[s].replace(affine=known.affine)
     for r in readers:
         if r is grid or not r.maps:
             continue
@@ -503,13 +522,12 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
             if s not in r.maps or s not in grid.maps:
                 continue
             own, target = r.maps[s], grid.maps[s]
-            if own.shape == target.shape and np.allclose(own.affine, target.affine, atol=1e-3):
-                continue
-            unknown = [x.label for x in (r, grid)
-                       if x.maps[s].provenance.get("orientation_unknown")]
-            if unknown and own.shape == target.shape:
-                unoriented.setdefault(" and ".join(unknown), []).append(s)
+            without = [x.label for x in (r, grid) if unknown(x, s)]
+            if without and own.shape == target.shape:
+                unoriented.setdefault(" and ".join(without), []).append(s)
                 r.maps[s] = own.replace(affine=target.affine)
+                continue
+            if own.shape == target.shape and np.allclose(own.affine, target.affine, atol=1e-3):
                 continue
             how = reorientation(own.affine, own.shape, target.affine, target_shape=target.shape)
             if how is None:

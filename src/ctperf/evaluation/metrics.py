@@ -22,6 +22,7 @@ __all__ = [
     "MAP_METRICS",
     "UNIT_WINDOWS",
     "MapAgreement",
+    "as_mask",
     "dataset_range",
     "dice",
     "image_range",
@@ -75,12 +76,25 @@ def _paired(estimate: np.ndarray, reference: np.ndarray,
     return est[keep], ref[keep]
 
 
+def as_mask(values: np.ndarray, what: str = "mask") -> np.ndarray:
+    """``values`` as a boolean mask: booleans, or numbers that are all 0 or 1; a probability
+    map or a label image (a 2 taken as lesion, 0.01 as a whole voxel) is refused."""
+    arr = np.asarray(values)
+    if arr.dtype != bool and arr.size and not np.isin(arr, (0, 1)).all():
+        finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
+        span = f" (from {finite.min():.3g} to {finite.max():.3g})" if finite.size else ""
+        raise ValidationError(f"{what}: not a mask: values other than 0 and 1{span}, such as a "
+                              "probability map or a label image; threshold it, or take one "
+                              "label (labels == 1)")
+    return arr.astype(bool)
+
+
 def _kept(est: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
     """Voxels with a value in both maps, within ``mask`` (of their shape: a (Y, X) mask had
     been broadcast over every slice)."""
     keep = np.isfinite(est) & np.isfinite(ref)
     if mask is not None:
-        m = np.asarray(mask, dtype=bool)
+        m = as_mask(mask)
         if m.shape != est.shape:
             raise ValidationError(f"mask shape {m.shape} differs from map shape {est.shape}")
         keep &= m
@@ -123,9 +137,9 @@ def map_agreement_by_region(estimate: np.ndarray, reference: np.ndarray,
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice similarity coefficient 2|A and B| / (|A| + |B|); NaN when both masks are empty."""
-    a = np.asarray(a, dtype=bool)
-    b = np.asarray(b, dtype=bool)
+    """Dice similarity coefficient 2|A and B| / (|A| + |B|); NaN when both masks are empty.
+    The masks are booleans or 0/1 (:func:`as_mask`: a probability map is refused)."""
+    a, b = as_mask(a, "first mask"), as_mask(b, "second mask")
     if a.shape != b.shape:
         raise ValidationError(f"masks differ in shape: {a.shape} != {b.shape}")
     total = int(a.sum()) + int(b.sum())

@@ -198,14 +198,16 @@ def check_plausible(name: str, values: np.ndarray, path: PathLike) -> str | None
 
 
 def map_file(folder: PathLike, name: str) -> Path | None:
-    """The file of map ``name`` in ``folder``: ``<name>.nii.gz``, else ``<name>.nii`` with its
-    name in any case (``CBF.nii``, ``Tmax.nii.gz``, as other software writes them); None."""
+    """The file of map ``name`` in ``folder``: ``<name>.nii.gz`` or ``<name>.nii`` with its
+    name in any case (``CBF.nii``, ``Tmax.nii.gz``, as other software writes them); None.
+    Two such files (``cbf.nii.gz`` and ``CBF.nii``, which may hold different scalings) are
+    refused rather than one taken."""
     root = Path(folder)
-    exact = root / f"{name}.nii.gz"
-    if exact.is_file():
-        return exact
     found = sorted(p for p in root.iterdir() if p.is_file()
                    and p.name.lower() in (f"{name}.nii.gz", f"{name}.nii"))
+    if len(found) > 1:
+        raise InputError(root, f"{' and '.join(p.name for p in found)} could each be the "
+                               f"{name} map: keep one")
     return found[0] if found else None
 
 

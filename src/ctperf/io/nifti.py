@@ -658,26 +658,35 @@ def reorient(arr: np.ndarray, how: Turn) -> np.ndarray:
 
 
 def read_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
-                 atol_mm: float = 1e-3, qform: np.ndarray | None = None) -> np.ndarray:
+                 atol_mm: float = 1e-3, qform: np.ndarray | None = None,
+                 notes: list[str] | None = None) -> np.ndarray:
     """Read a 3D volume onto the grid ``shape``/``affine``: as stored, or turned onto it when
     it holds the same voxels in another order (axes swapped or reversed, as another tool may
     write it); another grid (position, spacing, rotation or extent) is refused. A file without
     orientation (as MATLAB's save_nii writes) of the same shape is taken as stored, and so is
     one on ``qform``, the study's own qform that disagreed with its sform (:func:`kept_qform`):
     a tool placing the study by it (ITK's, where the sform is not in scanner space) saves a
-    mask drawn on it there."""
+    mask drawn on it there. Those two are warned of, and the warnings also appended to
+    ``notes`` (each led by the file's name) when it is given, for a report."""
     vol, own = read_volume(path)
+
+    def warn(text: str) -> None:
+        log.warning("%s: %s", path, text)
+        if notes is not None:
+            notes.append(f"{Path(path).name}: {text}")
+
     if vol.shape == tuple(shape) and np.allclose(own, affine, atol=atol_mm):
         return vol
     if vol.shape == tuple(shape) and qform is not None and np.allclose(own, qform, atol=atol_mm):
-        log.warning("%s: on the study's own qform, where ITK-based tools place the study (its "
-                    "sform is not in scanner space): taken voxel for voxel, as drawn there; a "
-                    "mask drawn on the sform's geometry and saved turned onto the qform's axes "
-                    "would read mirrored: check it", path)
+        warn("on the study's own qform, where ITK-based tools place the study (its sform is "
+             "not in scanner space): taken voxel for voxel, as drawn there; a mask drawn on "
+             "the sform's geometry and saved turned onto the qform's axes would read "
+             "mirrored: check it")
         return vol
     if vol.shape == tuple(shape) and not has_orientation(path):
-        log.warning("%s: no orientation (neither sform nor qform); taken voxel for voxel on "
-                    "the grid of the same shape it is compared with", path)
+        warn("no orientation (neither sform nor qform); taken voxel for voxel on the grid of "
+             "the same shape it is compared with, which pairs the wrong voxels if it is "
+             "stored mirrored")
         return vol
     if vol.shape == tuple(shape) and np.allclose(own, unsheared_grid(affine, shape[::-1]),
                                                  atol=atol_mm):
