@@ -203,3 +203,72 @@ def test_a_source_de_identified_with_its_uids_retained_gets_new_ones(codes, kept
     deidentify_dataset(ds)
     assert (ds.StudyInstanceUID == "1.2.840.99.1") is kept
     assert (ds.FrameOfReferenceUID == "1.2.840.99.2") is kept
+
+
+def _pseudonymised(ds, codes):
+    """What a research tool's de-identification leaves: a pseudonym, shifted dates."""
+    ds.PatientName, ds.PatientID, ds.StudyDate = "SUBJ017", "SUBJ017", "21010304"
+    ds.PatientIdentityRemoved = "YES"
+    items = []
+    for code in codes:
+        item = pydicom.Dataset()
+        item.CodeValue, item.CodingSchemeDesignator = code, "DCM"
+        items.append(item)
+    ds.DeidentificationMethodCodeSequence = items
+
+
+@pytest.mark.parametrize("retained", [False, True])
+def test_a_pseudonymised_source_keeps_its_pseudonyms_or_its_uids_are_replaced(
+        tmp_path, rng, retained):
+    """Maps of a source a research tool de-identified, de-identified again: they kept its UIDs
+    but took a new patient and date, so one study held two patients (a PACS rejects or
+    misfiles them); now they keep its pseudonym and date with its UIDs. A source whose
+    de-identification retained the original UIDs (code 113110) gets new ones: its code sequence
+    had been lost on reading, and the original UIDs had gone out unchanged."""
+    codes = ("113100", "113110") if retained else ("113100",)
+    study = write_fake_study(tmp_path / "s", rng,
+                             edit=lambda ds, t, z: _pseudonymised(ds, codes))
+    source = read_dicom_series(study.folder)
+    maps = PerfusionMaps(maps={"cbf": rng.uniform(0, 90, source.shape[1:])},
+                         affine=source.affine, provenance={"method": "bsvd"})
+    (folder,) = write_maps_dicom(maps, tmp_path / "maps", source=source, anonymise=True)
+    ds = pydicom.dcmread(next(folder.glob("*.dcm")))
+    src = pydicom.dcmread(next(p for p in study.folder.rglob("*") if p.is_file()))
+    assert (ds.StudyInstanceUID == src.StudyInstanceUID) is not retained
+    assert (ds.FrameOfReferenceUID == src.FrameOfReferenceUID) is not retained
+    if retained:
+        assert ds.PatientID.startswith("ANON-") and ds.StudyDate == "20000101"
+    else:
+        assert (ds.PatientID, ds.PatientName, ds.StudyDate) == ("SUBJ017", "SUBJ017", "21010304")
+        assert ds.SeriesDate == src.AcquisitionDate  # the source's own (shifted) time
+    assert ds.PatientIdentityRemoved == "YES"
+
+
+def test_anonymised_patients_stay_apart(study, series, tmp_path):
+    """One dummy PatientID for everyone had filed every patient under one record in a
+    research PACS: each patient's ID becomes its own pseudonym, the same within a run."""
+    other = series.replace(meta={**series.meta, "dicom": {**series.meta["dicom"],
+                                                          "PatientID": "P002"}})
+    ids = [pydicom.dcmread(next(write_series_dicom(s, tmp_path / name, anonymise=True)
+                                .glob("*.dcm"))).PatientID
+           for s, name in ((series, "a"), (other, "b"), (series, "c"))]
+    assert ids[0] == ids[2] != ids[1] and all(i.startswith("ANON-") for i in ids)
+    assert not any("P00" in i for i in ids)
+
+
+def test_a_study_without_identity_gets_a_placeholder_of_its_own(tmp_path, rng, caplog):
+    """A study read from NIfTI had gone to DICOM under PatientID "ctperf", the same for every
+    patient, without a word; now a placeholder of its own study, and a warning that such
+    series do not file beside the scan in PACS."""
+    maps = PerfusionMaps(maps={"cbf": rng.uniform(0, 90, (2, 4, 5))})
+    ids = set()
+    for name in ("a", "b"):
+        with caplog.at_level("WARNING", logger="ctperf"):
+            folders = write_maps_dicom(maps, tmp_path / name)
+        ids |= {pydicom.dcmread(next(f.glob("*.dcm"))).PatientID for f in folders}
+    assert len(ids) == 2 and all(i.startswith("CTPERF-") for i in ids)
+    assert sum("no DICOM patient or study identity" in r.message for r in caplog.records) == 2
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="ctperf"):
+        write_maps_dicom(maps, tmp_path / "anon", anonymise=True)
+    assert not caplog.records  # de-identified output needs no identity

@@ -62,7 +62,7 @@ from ctperf.io.dicom_series import (
     time_point_series,
     without_extras,
 )
-from ctperf.io.dicom_write import PATIENT_STUDY_TAGS
+from ctperf.io.dicom_write import FILTER_SETTINGS, PATIENT_STUDY_TAGS
 from ctperf.io.integrity import (
     FRAME_STEP_RANGE_S,
     MAX_FRAME_GAP_S,
@@ -71,6 +71,7 @@ from ctperf.io.integrity import (
     check_hu_plausible,
     check_memory,
 )
+from ctperf.io.privacy import method_codes
 from ctperf.parallel import usable_cores
 from ctperf.types import CTPSeries
 
@@ -678,8 +679,6 @@ def _ctperf_preprocess(first: Header) -> tuple[dict[str, bool], dict[str, Any] |
     """The steps ``ctperf preprocess`` applied to a series it wrote as DICOM (its contributing
     equipment item), as a NIfTI sidecar's ``preprocess`` record holds them, and the bilateral
     filter's settings (its ``bilateral`` record, None when not given); None otherwise."""
-    from ctperf.io.dicom_write import FILTER_SETTINGS
-
     for item in first.get("ContributingEquipmentSequence") or ():
         if str(item.get("Manufacturer", "")) == "ctperf":
             what = str(item.get("ContributionDescription", ""))
@@ -721,6 +720,9 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
         "n_files": n_files,
         "dicom": {k: str(first.get(k)) for k in PATIENT_STUDY_TAGS if first.get(k) is not None},
     }
+    codes = method_codes(first)  # how a source de-identified before was (kept UIDs or not)
+    if codes:
+        meta["deidentification_codes"] = codes
     done = _ctperf_preprocess(first)
     if done is not None:
         meta["preprocess"] = done[0]

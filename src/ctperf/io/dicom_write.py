@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import datetime as dt
+import hashlib
 import logging
 import os
 import re
@@ -28,7 +29,7 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_ui
 
 from ctperf.errors import ValidationError
 from ctperf.io.atomic import atomic_dir
-from ctperf.io.privacy import ANONYMOUS_START, deidentify_dataset
+from ctperf.io.privacy import ANONYMOUS_START, deidentified_before, deidentify_dataset
 from ctperf.types import METHODS, CTPSeries, PerfusionMaps
 
 __all__ = ["FILTER_SETTINGS", "PATIENT_STUDY_TAGS", "gdcm_compress", "require_gdcm",
@@ -101,14 +102,37 @@ def _parse_dicom_datetime(text: str) -> dt.datetime | None:
 
 def _start_time(meta: Mapping[str, Any], *, anonymise: bool = False) -> dt.datetime:
     """Wall-clock time of t = 0: the reader's ``acquisition_start``, else the study date/time
-    (a dummy date when de-identifying)."""
-    if anonymise:
+    (a dummy date when de-identifying a source not de-identified before)."""
+    tags = meta.get("dicom", {}) or {}
+    if anonymise and not deidentified_before(tags.get("PatientIdentityRemoved"),
+                                             meta.get("deidentification_codes", ())):
         return ANONYMOUS_START
     start = _parse_dicom_datetime(meta.get("acquisition_start", ""))
     if start is None:
-        tags = meta.get("dicom", {}) or {}
         start = _parse_dicom_datetime(f"{tags.get('StudyDate', '')}{tags.get('StudyTime', '')}")
     return start or _DEFAULT_START
+
+
+def _with_identity(meta: Mapping[str, Any], patient: Mapping[str, Any] | None, *,
+                   anonymise: bool, folder: PathLike) -> dict[str, Any]:
+    """``meta`` whose ``dicom`` tags hold ``patient``'s over the source's, and, for a study
+    without any identity (read from NIfTI), a new study of a placeholder patient of its own
+    (one ID for every such study had filed different patients' maps together), with a warning
+    unless de-identifying: such series do not file with the scan in PACS."""
+    tags = {**(meta.get("dicom") or {}), **(patient or {})}
+    if "StudyInstanceUID" not in tags:
+        tags["StudyInstanceUID"] = generate_uid()
+        if "PatientID" not in tags:
+            digest = hashlib.sha256(tags["StudyInstanceUID"].encode()).hexdigest()
+            tags["PatientID"] = f"CTPERF-{digest[:12].upper()}"
+            tags.setdefault("PatientName", "UNKNOWN")
+            if not anonymise:
+                log.warning("%s: the study holds no DICOM patient or study identity (read "
+                            "from NIfTI): its DICOM series go into a new study of a "
+                            "placeholder patient (%s), not beside the scan in PACS; to send "
+                            "them back, compute them from the scan's DICOM series", folder,
+                            tags["PatientID"])
+    return {**meta, "dicom": tags}
 
 
 def _map_series_number(source: int, method: str) -> int:
@@ -145,8 +169,8 @@ def _steps_done(record: Mapping[str, Any]) -> str:
     return " and ".join(step for step in ("registered", "filtered") if record.get(step))
 
 
-def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
-                  *, description: str, sop_class: str, anonymise: bool) -> Dataset:
+def _base_dataset(meta: Mapping[str, Any], *, description: str, sop_class: str,
+                  anonymise: bool) -> Dataset:
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -154,15 +178,11 @@ def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
     ds.SOPClassUID = UID(sop_class)
     ds.Modality = "CT"
     ds.BodyPartExamined = "HEAD"  # the General Series module wants it, or Laterality (Type 2C)
-    tags: dict[str, Any] = {"PatientName": "Anonymous", "PatientID": "ctperf"}
-    tags.update({k: v for k, v in (meta.get("dicom") or {}).items() if k in PATIENT_STUDY_TAGS})
-    tags.update(patient or {})
+    tags = {k: v for k, v in (meta.get("dicom") or {}).items() if k in PATIENT_STUDY_TAGS}
     if "Manufacturer" not in tags:  # Type 2: empty when not known
         tags["Manufacturer"] = str(meta.get("scanner") or "")
     for keyword, value in tags.items():
         setattr(ds, keyword, value)
-    if "StudyInstanceUID" not in ds:
-        ds.StudyInstanceUID = generate_uid()
     start = _start_time(meta, anonymise=anonymise)
     ds.StudyDate = ds.get("StudyDate") or start.strftime("%Y%m%d")
     ds.StudyTime = ds.get("StudyTime") or start.strftime("%H%M%S")
@@ -185,7 +205,7 @@ def _base_dataset(meta: Mapping[str, Any], patient: Mapping[str, Any] | None,
     ds.BitsStored = 16
     ds.HighBit = 15
     if anonymise:
-        deidentify_dataset(ds)
+        deidentify_dataset(ds, codes=meta.get("deidentification_codes", ()))
     ds.SpecificCharacterSet = _character_set(ds)
     return ds
 
@@ -277,7 +297,8 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
         DICOM keywords -> values for patient/study tags (PatientName, PatientID, StudyDate, ...);
         they override ``series.meta["dicom"]``.
     anonymise : bool
-        De-identify (DICOM PS3.15 Annex E basic profile): dummy patient name and ID, no birth
+        De-identify (DICOM PS3.15 Annex E basic profile): dummy patient name, pseudonymous ID
+        (:func:`ctperf.io.privacy.deidentify_dataset`), no birth
         date, accession number, institution or physicians, a dummy date with the times between
         frames kept, study and frame-of-reference UIDs replaced consistently, and
         PatientIdentityRemoved YES. Overrides ``patient``. The source's SeriesDescription is
@@ -301,7 +322,7 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
 
     if compress:
         require_gdcm()  # before any file is written
-    meta = series.meta
+    meta = _with_identity(series.meta, patient, anonymise=anonymise, folder=folder)
     if derived is None:
         derived = _preprocess_steps(meta)
     n_t, n_z, n_y, n_x = series.shape
@@ -315,8 +336,7 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
         if earlier and description is None and number > 1000:
             desc, number = desc[:earlier.start()], number - 1000
         desc, number = f"{desc} ({derived})", 1000 + number
-    base = _base_dataset(meta, patient, description=desc, sop_class=CTImageStorage,
-                         anonymise=anonymise)
+    base = _base_dataset(meta, description=desc, sop_class=CTImageStorage, anonymise=anonymise)
     base.ImageType = (["DERIVED", "SECONDARY", "AXIAL"] if derived
                       else list(meta.get("image_type") or ["ORIGINAL", "PRIMARY", "AXIAL"]))
     if derived:
@@ -464,7 +484,8 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
     -------
     list of Path
         One folder per map. Values are ``stored * RescaleSlope + RescaleIntercept`` with a
-        slope of 0.01 (0.01 precision), stored as uint16 (or int16 for negative maps).
+        slope of 0.01 where the map's range fits 16 bits (coarser, with a warning, where it
+        does not), stored as uint16 (or int16 for negative maps).
     """
     meta = dict(source.meta) if source is not None else {}
     if source is not None and source.hu.shape[1:] != maps.shape:
@@ -479,16 +500,14 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
     n_z, n_y, n_x = maps.shape
     geo = _slice_geometry(maps.affine, n_z)
     frame_uid = meta.get("frame_of_reference_uid") or generate_uid()
-    tags = dict(meta.get("dicom") or {})
-    tags.setdefault("StudyInstanceUID", generate_uid())  # one study for all the maps
-    meta["dicom"] = tags
+    meta = _with_identity(meta, None, anonymise=anonymise, folder=folder)  # one study for all
     written = []
     first = _map_series_number(int(meta.get("series_number") or 1), method)
     for number, name in enumerate(maps.names, start=first):
         values = np.asarray(maps[name], dtype=np.float64)
         stored, kind, slope, intercept = _map_scaling(values)
         desc = f"{name.upper()} [{maps.units[name]}] {method}"
-        base = _base_dataset({**meta, "frame_of_reference_uid": frame_uid}, None,
+        base = _base_dataset({**meta, "frame_of_reference_uid": frame_uid},
                              description=desc, sop_class=CTImageStorage, anonymise=anonymise)
         base.ImageType = ["DERIVED", "SECONDARY", "AXIAL", name.upper()]
         base.SeriesNumber = number

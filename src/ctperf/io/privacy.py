@@ -30,8 +30,11 @@ __all__ = [
     "ANONYMOUS_START",
     "IDENTITY_KEYWORDS",
     "UID_KEY_VARIABLE",
+    "anonymous_id",
     "anonymous_uid",
+    "deidentified_before",
     "deidentify_dataset",
+    "method_codes",
     "public_meta",
     "uid_key",
 ]
@@ -138,32 +141,53 @@ def anonymous_uid(uid: str) -> str:
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
+def anonymous_id(patient_id: str) -> str:
+    """A pseudonymous PatientID for ``patient_id``: a keyed hash of it, as
+    :func:`anonymous_uid` makes UIDs (one patient's studies stay together, different patients
+    apart: one dummy for everyone had filed every patient under one record)."""
+    digest = hmac.new(uid_key().encode("utf-8"), str(patient_id).strip().encode("utf-8"),
+                      hashlib.sha256).hexdigest()
+    return f"ANON-{digest[:12].upper()}"
+
+
 #: PS3.15's Retain UIDs Option: a source de-identified with it still holds its original UIDs.
 RETAIN_UIDS_CODE = "113110"
 
 
-def _method_codes(ds: Dataset) -> set[str]:
-    """The code values of a dataset's DeidentificationMethodCodeSequence."""
-    return {str(item.get("CodeValue", "")).strip()
-            for item in ds.get("DeidentificationMethodCodeSequence", None) or []}
+def method_codes(ds: Any) -> list[str]:
+    """The code values of a dataset's DeidentificationMethodCodeSequence, sorted."""
+    return sorted({str(item.get("CodeValue", "")).strip()
+                   for item in ds.get("DeidentificationMethodCodeSequence", None) or []} - {""})
 
 
-def deidentify_dataset(ds: Dataset) -> None:
+def deidentified_before(removed: Any, codes: Any = ()) -> bool:
+    """Whether a source says it is de-identified (PatientIdentityRemoved ``removed`` YES)
+    without retaining its original UIDs (PS3.15 code 113110 among ``codes``): its UIDs,
+    patient name and ID and study date are pseudonyms already, kept when it is de-identified
+    again (hashed again, maps of a de-identified series had been filed in another study; its
+    UIDs kept under new names and dates, one study had held two patients)."""
+    return (str(removed or "").strip().upper() == "YES"
+            and RETAIN_UIDS_CODE not in {str(c).strip() for c in codes})
+
+
+def deidentify_dataset(ds: Dataset, *, codes: Any = ()) -> None:
     """Apply the Basic Profile to the identity attributes of ``ds``, in place.
 
-    Names and IDs become a dummy (action Z/D), dates a dummy date, descriptive and institution
-    attributes are removed (X), study and frame-of-reference UIDs replaced through
-    :func:`anonymous_uid` (U); series and instance UIDs are new for every written series in
-    any case. PatientIdentityRemoved, DeidentificationMethod and its code sequence record what
-    was done. Timing tags must already count from :data:`ANONYMOUS_START`.
+    Names and IDs become a dummy and a pseudonym (action Z/D), dates a dummy date, descriptive
+    and institution attributes are removed (X), study and frame-of-reference UIDs replaced
+    through :func:`anonymous_uid` (U); series and instance UIDs are new for every written
+    series in any case. A source de-identified before (:func:`deidentified_before`, judged on
+    ``ds`` and the source's de-identification ``codes``) keeps its UIDs, patient name and ID
+    and study date and time. PatientIdentityRemoved, DeidentificationMethod and its code
+    sequence record what was done. Timing tags must already count from
+    :data:`ANONYMOUS_START`, or from the source's own time for a source de-identified before.
     """
-    # a source de-identified before (by ctperf or another tool) keeps its new UIDs: hashed
-    # again, maps of a de-identified series had been filed in another study; unless that
-    # de-identification kept the original UIDs (PS3.15's Retain UIDs Option, code 113110)
-    again = (str(ds.get("PatientIdentityRemoved", "")).strip().upper() == "YES"
-             and RETAIN_UIDS_CODE not in _method_codes(ds))
-    for keyword in ("PatientName", "PatientID"):
-        setattr(ds, keyword, _DUMMY_NAME)
+    again = deidentified_before(ds.get("PatientIdentityRemoved", ""),
+                                [*codes, *method_codes(ds)])
+    kept = {k: ds.get(k) for k in ("PatientName", "PatientID", "StudyDate", "StudyTime")
+            if again and ds.get(k)}
+    ds.PatientName = _DUMMY_NAME
+    ds.PatientID = anonymous_id(str(ds.get("PatientID", "")))
     for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
                     "ReferringPhysicianName"):
         setattr(ds, keyword, "")
@@ -177,6 +201,8 @@ def deidentify_dataset(ds: Dataset) -> None:
             delattr(ds, keyword)
     ds.StudyDate = ANONYMOUS_START.strftime("%Y%m%d")
     ds.StudyTime = ANONYMOUS_START.strftime("%H%M%S")
+    for keyword, value in kept.items():
+        setattr(ds, keyword, value)
     for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):
         if keyword in ds and not again:
             setattr(ds, keyword, anonymous_uid(str(getattr(ds, keyword))))
