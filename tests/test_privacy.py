@@ -114,6 +114,7 @@ def test_anonymised_maps_file_with_anonymised_series(series, tmp_path, rng):
     ds = pydicom.dcmread(next(again[0].glob("*.dcm")))
     assert ds.StudyInstanceUID == series_ds.StudyInstanceUID
     assert ds.FrameOfReferenceUID == series_ds.FrameOfReferenceUID
+    assert ds.PatientID == series_ds.PatientID  # the same patient (not hashed again)
 
 
 def test_default_dicom_output_keeps_identity(series, tmp_path):
@@ -182,27 +183,26 @@ def test_one_cohort_run_gives_one_new_uid_in_every_worker(monkeypatch, tmp_path)
     assert uids == {anonymous_uid(source)} and uid_key()  # this process's, in every worker
 
 
-@pytest.mark.parametrize(("codes", "kept"), [(("113100",), True), (("113100", "113110"), False)])
-def test_a_source_de_identified_with_its_uids_retained_gets_new_ones(codes, kept):
-    """A source de-identified before keeps its UIDs (hashed again, maps of a de-identified
-    series were filed in another study), unless that de-identification retained the original
-    UIDs (PS3.15 code 113110), which had then gone out unchanged."""
+@pytest.mark.parametrize(("method", "codes", "kept"), [
+    ("DICOM PS3.15 Annex E Basic Profile (ctperf)", ("113100",), True),
+    ("DICOM PS3.15 Annex E Basic Profile (ctperf)", ("113100", "113110"), False),
+    ("Another tool's profile", ("113100",), False)])
+def test_only_ctperfs_own_de_identification_keeps_its_uids(method, codes, kept):
+    """A series ctperf de-identified keeps its UIDs when de-identified again (hashed again, maps
+    of a de-identified series were filed in another study), unless that de-identification
+    retained the original UIDs (PS3.15 code 113110). Another tool's is done again from the
+    start: its PatientIdentityRemoved may sit on real names or dates."""
     from pydicom.dataset import Dataset
 
     from ctperf.io.privacy import deidentify_dataset
 
     ds = Dataset()
-    ds.PatientIdentityRemoved = "YES"
+    ds.PatientIdentityRemoved, ds.PatientName, ds.PatientID = "YES", "ANONYMOUS", "ANON-1"
     ds.StudyInstanceUID, ds.FrameOfReferenceUID = "1.2.840.99.1", "1.2.840.99.2"
-    items = []
-    for code in codes:
-        item = Dataset()
-        item.CodeValue, item.CodingSchemeDesignator = code, "DCM"
-        items.append(item)
-    ds.DeidentificationMethodCodeSequence = items
-    deidentify_dataset(ds)
+    deidentify_dataset(ds, method=[method], codes=codes)
     assert (ds.StudyInstanceUID == "1.2.840.99.1") is kept
     assert (ds.FrameOfReferenceUID == "1.2.840.99.2") is kept
+    assert (ds.PatientID == "ANON-1") is kept
 
 
 def _pseudonymised(ds, codes):
@@ -217,31 +217,52 @@ def _pseudonymised(ds, codes):
     ds.DeidentificationMethodCodeSequence = items
 
 
-@pytest.mark.parametrize("retained", [False, True])
-def test_a_pseudonymised_source_keeps_its_pseudonyms_or_its_uids_are_replaced(
-        tmp_path, rng, retained):
-    """Maps of a source a research tool de-identified, de-identified again: they kept its UIDs
-    but took a new patient and date, so one study held two patients (a PACS rejects or
-    misfiles them); now they keep its pseudonym and date with its UIDs. A source whose
-    de-identification retained the original UIDs (code 113110) gets new ones: its code sequence
-    had been lost on reading, and the original UIDs had gone out unchanged."""
-    codes = ("113100", "113110") if retained else ("113100",)
+@pytest.mark.parametrize("codes", [("113100",), ("113100", "113106"), ("113100", "113110")])
+def test_another_tools_de_identification_is_done_again(tmp_path, rng, codes):
+    """A source another tool marked de-identified had kept its UIDs, and (briefly) its names and
+    dates, under --anonymise: a PatientIdentityRemoved YES on a real name (a review's spoof)
+    or real dates (code 113106) passed them on, and a Retain UIDs code (113110) was lost on
+    reading, so the original UIDs went out. Now everything is replaced, as for any source."""
     study = write_fake_study(tmp_path / "s", rng,
                              edit=lambda ds, t, z: _pseudonymised(ds, codes))
     source = read_dicom_series(study.folder)
     maps = PerfusionMaps(maps={"cbf": rng.uniform(0, 90, source.shape[1:])},
                          affine=source.affine, provenance={"method": "bsvd"})
     (folder,) = write_maps_dicom(maps, tmp_path / "maps", source=source, anonymise=True)
-    ds = pydicom.dcmread(next(folder.glob("*.dcm")))
     src = pydicom.dcmread(next(p for p in study.folder.rglob("*") if p.is_file()))
-    assert (ds.StudyInstanceUID == src.StudyInstanceUID) is not retained
-    assert (ds.FrameOfReferenceUID == src.FrameOfReferenceUID) is not retained
-    if retained:
-        assert ds.PatientID.startswith("ANON-") and ds.StudyDate == "20000101"
-    else:
-        assert (ds.PatientID, ds.PatientName, ds.StudyDate) == ("SUBJ017", "SUBJ017", "21010304")
-        assert ds.SeriesDate == src.AcquisitionDate  # the source's own (shifted) time
+    data = file_text(folder)
+    for value in ("SUBJ017", "21010304", "20210304", src.StudyInstanceUID,
+                  src.FrameOfReferenceUID):
+        assert value.encode() not in data, value
+    ds = pydicom.dcmread(next(folder.glob("*.dcm")))
+    assert ds.PatientID.startswith("ANON-") and ds.StudyDate == "20000101"
     assert ds.PatientIdentityRemoved == "YES"
+
+
+def test_a_copy_of_a_de_identified_source_keeps_its_record(tmp_path, rng):
+    """Written without --anonymise, a series from a de-identified source says how it was
+    de-identified (PS3.3 Type 1C): a copy had dropped the Retain UIDs code, and a later
+    --anonymise of the copy then kept the original UIDs."""
+    study = write_fake_study(tmp_path / "s", rng,
+                             edit=lambda ds, t, z: _pseudonymised(ds, ("113100", "113110")))
+    src = pydicom.dcmread(next(p for p in study.folder.rglob("*") if p.is_file()))
+    copy = write_series_dicom(read_dicom_series(study.folder), tmp_path / "copy")
+    ds = pydicom.dcmread(next(copy.glob("*.dcm")))
+    assert ds.PatientIdentityRemoved == "YES" and ds.DeidentificationMethod
+    assert [i.CodeValue for i in ds.DeidentificationMethodCodeSequence] == ["113100", "113110"]
+    again = write_series_dicom(read_dicom_series(copy), tmp_path / "anon", anonymise=True)
+    assert pydicom.dcmread(next(again.glob("*.dcm"))).StudyInstanceUID != src.StudyInstanceUID
+
+
+def test_an_empty_patient_id_gets_a_pseudonym_of_its_study(series, tmp_path):
+    """Every source with an empty PatientID (Type 2) had shared one pseudonym."""
+    ids = set()
+    for name in ("a", "b"):
+        s = series.replace(meta={**series.meta, "dicom": {
+            **series.meta["dicom"], "PatientID": "", "StudyInstanceUID": f"1.2.3.{ord(name)}"}})
+        out = write_series_dicom(s, tmp_path / name, anonymise=True)
+        ids.add(pydicom.dcmread(next(out.glob("*.dcm"))).PatientID)
+    assert len(ids) == 2
 
 
 def test_anonymised_patients_stay_apart(study, series, tmp_path):

@@ -339,8 +339,9 @@ def add_anonymise_option(parser: Any) -> None:
     """``--anonymise``: de-identify the DICOM written (``anonymise=True`` of the io writers)."""
     parser.add_argument("--anonymise", action="store_true",
                         help="de-identify the DICOM files written (DICOM PS3.15 basic profile: "
-                             "no patient name, ID, birth date, accession number or "
-                             "institution; new UIDs); JSON never carries them")
+                             "no patient name, birth date, accession number or institution, a "
+                             "keyed pseudonym for the ID, new UIDs, kept for a series ctperf "
+                             "de-identified; docs/inputs.md, Privacy); JSON never carries them")
 
 
 #: ``--method`` of the model-based commands (``ctperf.types.METHODS``, spelled out here so

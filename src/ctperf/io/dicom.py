@@ -720,9 +720,12 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
         "n_files": n_files,
         "dicom": {k: str(first.get(k)) for k in PATIENT_STUDY_TAGS if first.get(k) is not None},
     }
-    codes = method_codes(first)  # how a source de-identified before was (kept UIDs or not)
-    if codes:
-        meta["deidentification_codes"] = codes
+    # how a source de-identified before was (its tool, whether it kept the original UIDs)
+    method = first.get("DeidentificationMethod")
+    if method is not None or str(first.get("PatientIdentityRemoved", "")).upper() == "YES":
+        meta["deidentification"] = {
+            "method": [str(method)] if isinstance(method, str) else [str(v) for v in method or ()],
+            "codes": method_codes(first)}
     done = _ctperf_preprocess(first)
     if done is not None:
         meta["preprocess"] = done[0]

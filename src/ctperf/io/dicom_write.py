@@ -29,7 +29,7 @@ from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian, generate_ui
 
 from ctperf.errors import ValidationError
 from ctperf.io.atomic import atomic_dir
-from ctperf.io.privacy import ANONYMOUS_START, deidentified_before, deidentify_dataset
+from ctperf.io.privacy import ANONYMOUS_START, deidentify_dataset, record_deidentification
 from ctperf.types import METHODS, CTPSeries, PerfusionMaps
 
 __all__ = ["FILTER_SETTINGS", "PATIENT_STUDY_TAGS", "gdcm_compress", "require_gdcm",
@@ -102,19 +102,18 @@ def _parse_dicom_datetime(text: str) -> dt.datetime | None:
 
 def _start_time(meta: Mapping[str, Any], *, anonymise: bool = False) -> dt.datetime:
     """Wall-clock time of t = 0: the reader's ``acquisition_start``, else the study date/time
-    (a dummy date when de-identifying a source not de-identified before)."""
-    tags = meta.get("dicom", {}) or {}
-    if anonymise and not deidentified_before(tags.get("PatientIdentityRemoved"),
-                                             meta.get("deidentification_codes", ())):
+    (a dummy date when de-identifying)."""
+    if anonymise:
         return ANONYMOUS_START
     start = _parse_dicom_datetime(meta.get("acquisition_start", ""))
     if start is None:
+        tags = meta.get("dicom", {}) or {}
         start = _parse_dicom_datetime(f"{tags.get('StudyDate', '')}{tags.get('StudyTime', '')}")
     return start or _DEFAULT_START
 
 
 def _with_identity(meta: Mapping[str, Any], patient: Mapping[str, Any] | None, *,
-                   anonymise: bool, folder: PathLike) -> dict[str, Any]:
+                   anonymise: bool) -> dict[str, Any]:
     """``meta`` whose ``dicom`` tags hold ``patient``'s over the source's, and, for a study
     without any identity (read from NIfTI), a new study of a placeholder patient of its own
     (one ID for every such study had filed different patients' maps together), with a warning
@@ -127,11 +126,10 @@ def _with_identity(meta: Mapping[str, Any], patient: Mapping[str, Any] | None, *
             tags["PatientID"] = f"CTPERF-{digest[:12].upper()}"
             tags.setdefault("PatientName", "UNKNOWN")
             if not anonymise:
-                log.warning("%s: the study holds no DICOM patient or study identity (read "
-                            "from NIfTI): its DICOM series go into a new study of a "
-                            "placeholder patient (%s), not beside the scan in PACS; to send "
-                            "them back, compute them from the scan's DICOM series", folder,
-                            tags["PatientID"])
+                log.warning("the study holds no DICOM patient or study identity (read from "
+                            "NIfTI): its DICOM series go into a new study of a placeholder "
+                            "patient (%s), not beside the scan in PACS; to send them back, "
+                            "compute them from the scan's DICOM series", tags["PatientID"])
     return {**meta, "dicom": tags}
 
 
@@ -204,8 +202,11 @@ def _base_dataset(meta: Mapping[str, Any], *, description: str, sop_class: str,
     ds.BitsAllocated = 16
     ds.BitsStored = 16
     ds.HighBit = 15
+    before = meta.get("deidentification") or {}
     if anonymise:
-        deidentify_dataset(ds, codes=meta.get("deidentification_codes", ()))
+        deidentify_dataset(ds, method=before.get("method", ()), codes=before.get("codes", ()))
+    elif str(ds.get("PatientIdentityRemoved", "")).upper() == "YES":
+        record_deidentification(ds, before.get("method", ()), before.get("codes", ()))
     ds.SpecificCharacterSet = _character_set(ds)
     return ds
 
@@ -322,7 +323,7 @@ def write_series_dicom(series: CTPSeries, folder: PathLike, *, compress: bool = 
 
     if compress:
         require_gdcm()  # before any file is written
-    meta = _with_identity(series.meta, patient, anonymise=anonymise, folder=folder)
+    meta = _with_identity(series.meta, patient, anonymise=anonymise)
     if derived is None:
         derived = _preprocess_steps(meta)
     n_t, n_z, n_y, n_x = series.shape
@@ -500,7 +501,7 @@ def write_maps_dicom(maps: PerfusionMaps, folder: PathLike, *,
     n_z, n_y, n_x = maps.shape
     geo = _slice_geometry(maps.affine, n_z)
     frame_uid = meta.get("frame_of_reference_uid") or generate_uid()
-    meta = _with_identity(meta, None, anonymise=anonymise, folder=folder)  # one study for all
+    meta = _with_identity(meta, None, anonymise=anonymise)  # one study for all the maps
     written = []
     first = _map_series_number(int(meta.get("series_number") or 1), method)
     for number, name in enumerate(maps.names, start=first):

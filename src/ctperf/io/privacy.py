@@ -32,10 +32,11 @@ __all__ = [
     "UID_KEY_VARIABLE",
     "anonymous_id",
     "anonymous_uid",
-    "deidentified_before",
+    "deidentified_by_ctperf",
     "deidentify_dataset",
     "method_codes",
     "public_meta",
+    "record_deidentification",
     "uid_key",
 ]
 
@@ -141,12 +142,13 @@ def anonymous_uid(uid: str) -> str:
     return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
-def anonymous_id(patient_id: str) -> str:
+def anonymous_id(patient_id: str, study_uid: str = "") -> str:
     """A pseudonymous PatientID for ``patient_id``: a keyed hash of it, as
     :func:`anonymous_uid` makes UIDs (one patient's studies stay together, different patients
-    apart: one dummy for everyone had filed every patient under one record)."""
-    digest = hmac.new(uid_key().encode("utf-8"), str(patient_id).strip().encode("utf-8"),
-                      hashlib.sha256).hexdigest()
+    apart: one dummy for everyone had filed every patient under one record); of the study's
+    UID ``study_uid`` when the ID is empty (every patient without one had shared a hash)."""
+    key = str(patient_id).strip() or f"study {str(study_uid).strip()}"
+    digest = hmac.new(uid_key().encode("utf-8"), key.encode("utf-8"), hashlib.sha256).hexdigest()
     return f"ANON-{digest[:12].upper()}"
 
 
@@ -160,34 +162,39 @@ def method_codes(ds: Any) -> list[str]:
                    for item in ds.get("DeidentificationMethodCodeSequence", None) or []} - {""})
 
 
-def deidentified_before(removed: Any, codes: Any = ()) -> bool:
-    """Whether a source says it is de-identified (PatientIdentityRemoved ``removed`` YES)
-    without retaining its original UIDs (PS3.15 code 113110 among ``codes``): its UIDs,
-    patient name and ID and study date are pseudonyms already, kept when it is de-identified
-    again (hashed again, maps of a de-identified series had been filed in another study; its
-    UIDs kept under new names and dates, one study had held two patients)."""
-    return (str(removed or "").strip().upper() == "YES"
-            and RETAIN_UIDS_CODE not in {str(c).strip() for c in codes})
+def deidentified_by_ctperf(ds: Any, method: Any = (), codes: Any = ()) -> bool:
+    """Whether ``ds`` (a dataset, or a mapping of its keywords) holds a series ctperf
+    de-identified: PatientIdentityRemoved YES, ctperf's DeidentificationMethod (in ``ds`` or
+    ``method``), its dummy name, and no original UIDs retained (PS3.15 code 113110 in ``ds``
+    or ``codes``). Its UIDs and pseudonymous ID are kept when it is de-identified again
+    (hashed again, maps of a de-identified series had been filed in another study). Another
+    tool's de-identification is done again from the start: its PatientIdentityRemoved may sit
+    on a real name (a probe's did) or real dates (code 113106), which were passed on."""
+    given = ds.get("DeidentificationMethod") or method or ()
+    said = [given] if isinstance(given, str) else [str(v) for v in given]
+    return (str(ds.get("PatientIdentityRemoved") or "").strip().upper() == "YES"
+            and bool(said) and said[0] == _METHOD[0]
+            and str(ds.get("PatientName") or "") == _DUMMY_NAME
+            and RETAIN_UIDS_CODE not in {*method_codes(ds), *(str(c).strip() for c in codes)})
 
 
-def deidentify_dataset(ds: Dataset, *, codes: Any = ()) -> None:
+def deidentify_dataset(ds: Dataset, *, method: Any = (), codes: Any = ()) -> None:
     """Apply the Basic Profile to the identity attributes of ``ds``, in place.
 
-    Names and IDs become a dummy and a pseudonym (action Z/D), dates a dummy date, descriptive
-    and institution attributes are removed (X), study and frame-of-reference UIDs replaced
-    through :func:`anonymous_uid` (U); series and instance UIDs are new for every written
-    series in any case. A source de-identified before (:func:`deidentified_before`, judged on
-    ``ds`` and the source's de-identification ``codes``) keeps its UIDs, patient name and ID
-    and study date and time. PatientIdentityRemoved, DeidentificationMethod and its code
-    sequence record what was done. Timing tags must already count from
-    :data:`ANONYMOUS_START`, or from the source's own time for a source de-identified before.
+    Names and IDs become a dummy and a keyed pseudonym (action Z/D), dates a dummy date,
+    descriptive and institution attributes are removed (X), study and frame-of-reference UIDs
+    replaced through :func:`anonymous_uid` (U); series and instance UIDs are new for every
+    written series in any case. A series ctperf de-identified before
+    (:func:`deidentified_by_ctperf`, judged on ``ds`` and its source's DeidentificationMethod
+    ``method`` and code values ``codes``) keeps its UIDs and pseudonymous ID.
+    PatientIdentityRemoved, DeidentificationMethod and its code sequence record what was done.
+    Timing tags must already count from :data:`ANONYMOUS_START`.
     """
-    again = deidentified_before(ds.get("PatientIdentityRemoved", ""),
-                                [*codes, *method_codes(ds)])
-    kept = {k: ds.get(k) for k in ("PatientName", "PatientID", "StudyDate", "StudyTime")
-            if again and ds.get(k)}
+    again = deidentified_by_ctperf(ds, method, codes)
+    ds.PatientID = (str(ds.get("PatientID")) if again else
+                    anonymous_id(str(ds.get("PatientID") or ""),
+                                 str(ds.get("StudyInstanceUID") or "")))
     ds.PatientName = _DUMMY_NAME
-    ds.PatientID = anonymous_id(str(ds.get("PatientID", "")))
     for keyword in ("PatientBirthDate", "PatientSex", "StudyID", "AccessionNumber",
                     "ReferringPhysicianName"):
         setattr(ds, keyword, "")
@@ -201,17 +208,28 @@ def deidentify_dataset(ds: Dataset, *, codes: Any = ()) -> None:
             delattr(ds, keyword)
     ds.StudyDate = ANONYMOUS_START.strftime("%Y%m%d")
     ds.StudyTime = ANONYMOUS_START.strftime("%H%M%S")
-    for keyword, value in kept.items():
-        setattr(ds, keyword, value)
     for keyword in ("StudyInstanceUID", "FrameOfReferenceUID"):
         if keyword in ds and not again:
             setattr(ds, keyword, anonymous_uid(str(getattr(ds, keyword))))
     ds.PatientIdentityRemoved = "YES"
     ds.LongitudinalTemporalInformationModified = "MODIFIED"
-    ds.DeidentificationMethod = _METHOD
-    codes = []
-    for value, meaning in _METHOD_CODES:
+    record_deidentification(ds, _METHOD, _METHOD_CODES)
+
+
+def record_deidentification(ds: Dataset, method: Any, codes: Any) -> None:
+    """Set ``ds``'s DeidentificationMethod (``method``, strings) and its code sequence
+    (``codes``: DCM code values, or (value, meaning) pairs): what a series written from a
+    de-identified source must carry with its PatientIdentityRemoved YES (PS3.3 C.7.1.1, Type
+    1C; a copy without them had lost a Retain UIDs code, and a later de-identification kept the
+    original UIDs)."""
+    ds.DeidentificationMethod = list(method) or ["recorded by the source's tool, not in it"]
+    items = []
+    for code in codes:
+        value, meaning = code if isinstance(code, tuple) else (code, None)
         item = Dataset()
-        item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, "DCM", meaning
-        codes.append(item)
-    ds.DeidentificationMethodCodeSequence = codes
+        item.CodeValue, item.CodingSchemeDesignator = value, "DCM"
+        if meaning is not None:
+            item.CodeMeaning = meaning
+        items.append(item)
+    if items:
+        ds.DeidentificationMethodCodeSequence = items

@@ -63,7 +63,8 @@ def write_subject(subject: PhantomSubject, folder: str | os.PathLike[str], *, di
     with atomic_dir(out) as tmp:
         write_series_nifti(subject.series, tmp / "study.nii.gz", dtype=nifti_dtype)
         if dicom:
-            write_series_dicom(subject.series, tmp / "dicom")
+            write_series_dicom(subject.series, tmp / "dicom", patient={
+                "PatientName": "PHANTOM", "PatientID": f"PHANTOM-{out.name}"})
         write_maps_nifti(subject.truth, tmp / "truth")
         aff = subject.truth.affine
         for name in _EXTRAS:
