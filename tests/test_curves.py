@@ -456,6 +456,14 @@ def test_curves_csv_time_unit_in_the_column_name(tmp_path, name, scale):
     _write_csv(src, scale * np.arange(T_HAND.size, dtype=float), {"aif": aif, "gm": tissue[:, 0]})
     src.write_text(src.read_text().replace("time,", f"{name},", 1))
     np.testing.assert_allclose(read_curves_csv(src).times, np.arange(T_HAND.size, dtype=float))
+    # named whole with --time-column (a review's "time (ms)" had been read as seconds and
+    # refused), or in another language
+    np.testing.assert_allclose(read_curves_csv(src, time_column=name).times,
+                               np.arange(T_HAND.size, dtype=float))
+    other = name.replace("time", "Zeit").replace("Time", "Zeit").replace("TIME", "ZEIT")
+    src.write_text(src.read_text().replace(f"{name},", f"{other},", 1))
+    np.testing.assert_allclose(read_curves_csv(src, time_column=other).times,
+                               np.arange(T_HAND.size, dtype=float))
 
 
 def test_curves_csv_time_unit_named_wrongly(tmp_path):

@@ -40,6 +40,7 @@ __all__ = [
     "MAP_ORDER",
     "RATER_LABELS",
     "Reader",
+    "comparison_grid",
     "comparison_regions",
     "evaluate_readers",
     "lesion_rule_warnings",
@@ -488,43 +489,53 @@ def _map_pairs(readers: Sequence[Reader]) -> list[tuple[Reader, Reader]]:
     return pairs + [(m, t) for t in truth for m in methods]
 
 
+def comparison_grid(readers: Sequence[Reader], study: str) -> Any:
+    """The maps whose grid ``study`` is compared on: the reference's (the second reader with
+    maps, else the first), or, when they carry no orientation, those of an oriented reader of
+    the same shape, the truth's first (a phantom's, stored as ctperf stores the maps made from
+    it), else the first's (its voxel sizes give the volumes: a file without orientation may
+    say 1 mm, and the volumes had read 64 times too small), or the reference's when none is
+    oriented."""
+    with_maps = [r for r in readers if r.maps]
+    grid = with_maps[1] if len(with_maps) > 1 else with_maps[0]
+    target = grid.maps[study]
+    if not target.provenance.get("orientation_unknown"):
+        return target
+    ordered = sorted(with_maps, key=lambda r: r.kind != "truth")
+    return next((r.maps[study] for r in ordered if study in r.maps
+                 and not r.maps[study].provenance.get("orientation_unknown")
+                 and r.maps[study].shape == target.shape), target)
+
+
 def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str]:
-    """Put every reader's maps, lesions and brain masks on the grid of the reference (the
-    second reader with maps, else the first; raters' masks are read on it), study by study, in
-    place: a cohort written by another tool may store the same voxels in another order (rows
-    reversed, as a NIfTI converter may), which a voxel-by-voxel comparison would otherwise pair
-    wrongly. Grids that do not hold the same voxels are refused, naming the study and both
-    readers. Maps without an orientation are compared voxel for voxel on the geometry of a
-    reader that has one (its voxel sizes give the volumes). Returns warnings: maps without an
-    orientation, compared voxel for voxel."""
+    """Put every reader's maps, lesions and brain masks on the grid of each study's
+    :func:`comparison_grid` (raters' masks are read on it), study by study, in place: a
+    cohort written by another tool may store the same voxels in another order (rows reversed,
+    as a NIfTI converter may), which a voxel-by-voxel comparison would otherwise pair wrongly.
+    Grids that do not hold the same voxels are refused, naming the study and both readers.
+    Maps without an orientation are taken voxel for voxel on that grid (the oriented readers
+    are still turned onto it). Returns warnings: maps without an orientation, compared voxel
+    for voxel."""
     with_maps = [r for r in readers if r.maps]
     unoriented: dict[str, list[str]] = {}  # readers without orientation -> their studies
     if not with_maps:
         return []
     from ctperf.io import reorient, reorientation
 
-    grid = with_maps[1] if len(with_maps) > 1 else with_maps[0]
-
-    def unknown(r: Reader, s: str) -> bool:
-        return bool(r.maps[s].provenance.get("orientation_unknown"))
-
-    for s in studies:  # an unoriented grid takes an oriented reader's geometry (voxel sizes:
-        # a file without orientation may say 1 mm, the volumes had read 64 times too small)
-        if s in grid.maps and unknown(grid, s):
-            known = next((r.maps[s] for r in with_maps if s in r.maps and not unknown(r, s)
-                          and r.maps[s].shape == grid.maps[s].shape), None)
-            if known is not None:
-                grid.maps[s] = grid.maps[s].replace(affine=known.affine)
-    for r in readers:
-        if r is grid or not r.maps:
-            continue
-        for s in studies:
-            if s not in r.maps or s not in grid.maps:
+    for s in studies:
+        target = comparison_grid(with_maps, s)
+        owner = next(r for r in with_maps if r.maps.get(s) is target)
+        guessed = bool(target.provenance.get("orientation_unknown"))  # no reader oriented
+        if guessed:
+            unoriented.setdefault(owner.label, []).append(s)
+        for r in with_maps:
+            if r is owner or s not in r.maps:
                 continue
-            own, target = r.maps[s], grid.maps[s]
-            without = [x.label for x in (r, grid) if unknown(x, s)]
-            if without and own.shape == target.shape:
-                unoriented.setdefault(" and ".join(without), []).append(s)
+            own = r.maps[s]
+            if (guessed or own.provenance.get("orientation_unknown")) and \
+                    own.shape == target.shape:
+                if own.provenance.get("orientation_unknown"):
+                    unoriented.setdefault(r.label, []).append(s)
                 r.maps[s] = own.replace(affine=target.affine)
                 continue
             if own.shape == target.shape and np.allclose(own.affine, target.affine, atol=1e-3):
@@ -532,9 +543,9 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
             how = reorientation(own.affine, own.shape, target.affine, target_shape=target.shape)
             if how is None:
                 raise ValidationError(
-                    f"study {s}: the maps of {r.label} and {grid.label} are not on the same grid "
-                    f"(shapes {own.shape} and {target.shape}, affines differ beyond the voxels' "
-                    "order); resample one onto the other")
+                    f"study {s}: the maps of {r.label} and {owner.label} are not on the same "
+                    f"grid (shapes {own.shape} and {target.shape}, affines differ beyond the "
+                    "voxels' order); resample one onto the other")
             r.maps[s] = own.replace(maps={n: reorient(own[n], how) for n in own.names},
                                     affine=target.affine)
             r.lesions[s] = {n: reorient(m, how) for n, m in r.lesions.get(s, {}).items()}
@@ -594,10 +605,9 @@ def evaluate_readers(readers: Sequence[Reader], *, studies: Sequence[str]) -> di
     studies = list(studies)
     aligned = align_readers(readers, studies)
     region, region_of = comparison_regions(readers, studies)
-    grid = next((r for r in readers if r.maps), None)
-    if grid is None:
+    if not any(r.maps for r in readers):
         raise ValidationError("no reader has maps: the voxel size of the lesions is unknown")
-    voxel_ml = {s: grid.maps[s].voxel_ml for s in studies}
+    voxel_ml = {s: comparison_grid(readers, s).voxel_ml for s in studies}
     out: dict[str, Any] = {
         "region": region,
         "voxel_ml": voxel_ml, "maps": [], "lesions": [], "friedman": [], "minmax": {},

@@ -77,16 +77,23 @@ def _paired(estimate: np.ndarray, reference: np.ndarray,
 
 
 def as_mask(values: np.ndarray, what: str = "mask") -> np.ndarray:
-    """``values`` as a boolean mask: booleans, or numbers that are all 0 or 1; a probability
-    map or a label image (a 2 taken as lesion, 0.01 as a whole voxel) is refused."""
+    """``values`` as a boolean mask: booleans, or 0 and one other value (1, or 255 as an 8-bit
+    image stores it); a probability map (a 0.01 taken as a whole voxel), a label image (a 2 as
+    lesion beside 1) or NaN is refused, naming what it holds."""
     arr = np.asarray(values)
-    if arr.dtype != bool and arr.size and not np.isin(arr, (0, 1)).all():
-        finite = arr[np.isfinite(arr)] if np.issubdtype(arr.dtype, np.floating) else arr
-        span = f" (from {finite.min():.3g} to {finite.max():.3g})" if finite.size else ""
-        raise ValidationError(f"{what}: not a mask: values other than 0 and 1{span}, such as a "
-                              "probability map or a label image; threshold it, or take one "
-                              "label (labels == 1)")
-    return arr.astype(bool)
+    if arr.dtype == bool or not arr.size:
+        return arr.astype(bool)
+    if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
+        raise ValidationError(f"{what}: not a mask: it holds NaN; give 0 outside the lesion")
+    others = np.unique(arr[arr != 0])
+    if others.size > 1 or np.any(others != np.round(others)):
+        kind = ("values between whole numbers, such as a probability map: threshold it"
+                if np.any(others != np.round(others)) else
+                "several labels, such as a label image: take one (labels == 1)")
+        raise ValidationError(f"{what}: not a mask: {kind} (values "
+                              f"{', '.join(f'{v:g}' for v in others[:4])}"
+                              f"{' ...' if others.size > 4 else ''})")
+    return arr != 0
 
 
 def _kept(est: np.ndarray, ref: np.ndarray, mask: np.ndarray | None) -> np.ndarray:

@@ -140,6 +140,7 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
     """
     from ctperf import io
     from ctperf.evaluation.cohort import (
+        comparison_grid,
         evaluate_readers,
         lesion_rule_warnings,
         load_maps_cohort,
@@ -179,8 +180,8 @@ def evaluate_cohorts(pred: str | Path, ref: str | Path, out: str | Path, *,
         raise InputError(pred, "no study in common to the cohorts")
     excluded = {s: _absence(s, [r for r in with_maps if s not in r.maps])
                 for r0 in with_maps for s in r0.maps if s not in studies}
-    grids = {s: (readers[1].maps[s].shape, readers[1].maps[s].affine,
-                 io.kept_qform(readers[1].maps[s].provenance)) for s in studies}
+    grids = {s: (g.shape, g.affine, io.kept_qform(g.provenance))
+             for s in studies for g in [comparison_grid(readers, s)]}
     readers += [load_rater(p, grids) for p in raters]
     _unique_labels(readers)
     for r in readers[len(with_maps):]:

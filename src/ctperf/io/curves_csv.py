@@ -266,6 +266,9 @@ def _named_unit(path: Path, name: str, column: str) -> float | None:
     after the time's name (``time (ms)``, ``Time [s]``, ``time_ms``, ``t-min``); None when it
     names none. A bracketed unit that is not a time's is refused."""
     rest = column[len(name):].strip() if column.lower().startswith(name.lower()) else ""
+    if not rest:  # the name asked for holds the unit ("--time-column 'Zeit (ms)'")
+        end = re.search(r"(?:[(\[][^()\[\]]*[)\]]|[_\-\s]\s*[a-z]+)$", column.lower())
+        rest = end.group(0) if end and end.start() > 0 else ""
     bracketed = re.fullmatch(r"[(\[]\s*([^()\[\]]*?)\s*[)\]]", rest)
     if bracketed:
         unit = bracketed.group(1).lower()
