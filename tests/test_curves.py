@@ -253,7 +253,7 @@ def test_curves_starting_near_the_arterial_peak_are_refused_by_every_method(meth
 def test_too_few_rows_name_the_file(tmp_path, capsys):
     tissue, aif = _hand_curves()
     src = tmp_path / "short.csv"
-    _write_csv(src, T_HAND[:6], {"aif": aif[:6], "gm": tissue[:6, 0]})
+    _write_csv(src, 8.0 * T_HAND[:6], {"aif": aif[:6], "gm": tissue[:6, 0]})  # over 20 s
     assert main(["curves", str(src), str(tmp_path / "out.csv")]) == 2
     assert "short.csv: 6 frames: perfusion fits need at least 10" in capsys.readouterr().err
 
@@ -447,6 +447,7 @@ def test_curves_csv_units_row(tmp_path):
 @pytest.mark.parametrize("name, scale", [
     ("time (ms)", 1000.0), ("Time [ms]", 1000.0), ("time_ms", 1000.0), ("TIME-msec", 1000.0),
     ("time (s)", 1.0), ("time_sec", 1.0), ("time (min)", 1 / 60), ("time_point", 1.0),
+    ("time_mins", 1 / 60), ("time_secs", 1.0),
 ])
 def test_curves_csv_time_unit_in_the_column_name(tmp_path, name, scale):
     """The time column's unit in its name, as exports write it, is applied; a suffix that is
@@ -464,6 +465,17 @@ def test_curves_csv_time_unit_in_the_column_name(tmp_path, name, scale):
     src.write_text(src.read_text().replace(f"{name},", f"{other},", 1))
     np.testing.assert_allclose(read_curves_csv(src, time_column=other).times,
                                np.arange(T_HAND.size, dtype=float))
+
+
+def test_curves_csv_too_short_a_time_course_is_refused(tmp_path):
+    """A unit the name did not say (a review's 0.1 min steps under "time_mins") read as
+    seconds made a 4.9 s scan and CBF 60 times too high; a time course shorter than a bolus's
+    passage is refused, naming the column."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    _write_csv(src, np.arange(T_HAND.size) * 0.15, {"aif": aif, "gm": tissue[:, 0]})
+    with pytest.raises(InputError, match=r"the times span 13\.35 s, too short for a bolus"):
+        read_curves_csv(src)
 
 
 def test_curves_csv_time_unit_named_wrongly(tmp_path):

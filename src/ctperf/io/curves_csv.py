@@ -30,7 +30,7 @@ from ctperf.errors import InputError
 from ctperf.io.atomic import atomic_file
 from ctperf.io.integrity import check_frame_times
 
-__all__ = ["CurveTable", "read_curves_csv", "write_curves_csv"]
+__all__ = ["MIN_CURVE_SPAN_S", "CurveTable", "read_curves_csv", "write_curves_csv"]
 
 PathLike = str | os.PathLike[str]
 
@@ -148,8 +148,14 @@ def _role_column(keys: list[str], name: str, default: str) -> tuple[int, str] | 
 
 
 #: Time units a units row may name, in seconds.
-_TIME_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3,
-               "msec": 1e-3, "milliseconds": 1e-3, "min": 60.0, "minutes": 60.0}
+_TIME_UNITS = {"s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3,
+               "msec": 1e-3, "msecs": 1e-3, "millisecond": 1e-3, "milliseconds": 1e-3,
+               "min": 60.0, "mins": 60.0, "minute": 60.0, "minutes": 60.0}
+
+#: The shortest time course the curves may span, s: a bolus's passage through the brain takes
+#: 30 s or more, so a shorter one is another unit read as seconds (a review's 0.1 min steps
+#: under "time_mins" had read as a 4.9 s scan and CBF 60 times too high).
+MIN_CURVE_SPAN_S = 15.0
 
 
 def _number(cell: str, decimal_comma: bool) -> float:
@@ -374,6 +380,11 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     # seconds, spaced as a perfusion acquisition is (milliseconds or minutes are refused)
     check_frame_times(times, p, source=f"column {header[where['time']]!r}",
                       remedy="give the time column in seconds")
+    if times[-1] - times[0] < MIN_CURVE_SPAN_S:
+        raise InputError(p, f"column {header[where['time']]!r}: the times span "
+                            f"{times[-1] - times[0]:g} s, too short for a bolus to pass (30 s "
+                            "or more): another unit read as seconds? Name it in the column "
+                            "('time (min)') or in a row of units under the header")
     return CurveTable(times=times, aif=values[:, where["aif"]],
                       vof=None if vof_at is None else values[:, vof_at],
                       tissue=values[:, tissue_at], names=tuple(header[i] for i in tissue_at),
