@@ -395,6 +395,8 @@ def test_dice_refuses_what_is_not_a_mask():
         dice(np.array([1.0, np.nan, 0.0]), np.array([1, 0, 0]))
     assert dice(np.array([1, 1, 0]), np.array([True, False, False])) == 2 / 3
     assert dice(np.array([255, 255, 0], np.uint8), np.array([1, 0, 0])) == 2 / 3  # 8-bit
+    scaled = np.array([1.00000006, 0.0, 0.0], np.float32)  # a uint8 mask scaled by 1/255
+    assert scaled[0] != 1.0 and dice(scaled, np.array([1, 0, 0])) == 1.0
 
 
 def test_oriented_readers_are_aligned_with_each_other_beside_an_unoriented_reference():
@@ -420,3 +422,6 @@ def test_oriented_readers_are_aligned_with_each_other_beside_an_unoriented_refer
     for row in out["maps"]:
         assert all(c["mae"] == pytest.approx(0.0) for c in row["cases"].values()), row["estimate"]
     assert out["voxel_ml"] == pytest.approx({s: 0.02 for s in STUDIES})
+    # the oriented readers disagree on the voxels' order: which one REF was taken in is said
+    (said,) = [w for w in out["table_warnings"] if "different orders" in w]
+    assert "in the order of truth's" in said

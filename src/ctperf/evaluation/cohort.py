@@ -76,7 +76,8 @@ class Reader:
     were segmented here from their maps (they had no ``lesions/``): with whose rules,
     ``"like"`` (another reader's: ``like`` of :func:`load_maps_cohort`), ``"given"`` (the
     options given, the other reader's not known) or ``"no cbv"`` (the options given: the other
-    reader's core is defined by CBV and these maps have none).
+    reader's core is defined by CBV and these maps have none); ``unoriented`` the studies
+    whose maps or masks carry no orientation (taken voxel for voxel).
     """
 
     label: str
@@ -91,6 +92,7 @@ class Reader:
     qc_flags: dict[str, list[str]] = field(default_factory=dict)
     lesion_options: dict[str, LesionOptions] = field(default_factory=dict)
     segmented: dict[str, str] = field(default_factory=dict)
+    unoriented: set[str] = field(default_factory=set)
 
     @property
     def studies(self) -> list[str]:
@@ -136,12 +138,11 @@ def _background_as_nan(maps: PerfusionMaps, folder: Path) -> PerfusionMaps:
 
 
 def _labels(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
-            qform: np.ndarray | None, notes: list[str]) -> np.ndarray:
+            qform: np.ndarray | None, reader: Reader) -> np.ndarray:
     """A mask or label image (int64, 0 outside) on the maps' grid of ``study`` (or on the
-    study's own ``qform``, :func:`ctperf.io.read_on_grid`, whose warnings are appended to
-    ``notes``, led by the study); values between whole numbers, as a probability map has, are
-    refused."""
-    vol = np.nan_to_num(_on_grid(path, study, shape, affine, qform, notes))
+    study's own ``qform``: :func:`_on_grid`, which tells ``reader``); values between whole
+    numbers, as a probability map has, are refused."""
+    vol = np.nan_to_num(_on_grid(path, study, shape, affine, qform, reader))
     if np.any(vol != np.round(vol)):
         raise InputError(path, f"study {study}: not a mask: values between whole numbers "
                                f"(from {vol.min():.3g} to {vol.max():.3g}), such as a "
@@ -232,8 +233,10 @@ def load_maps_cohort(root: str | Path, *, label: str | None = None,
                     f"{', '.join(unread[:5])}{' ...' if len(unread) > 5 else ''}")
             log.warning("%s: %s", masks, said)
             reader.warnings.append(f"{sub.name}: {said}")
+        if maps.provenance.get("orientation_unknown"):
+            reader.unoriented.add(sub.name)
         les = {n: _labels(f, sub.name, maps.shape, maps.affine, kept_qform(maps.provenance),
-                          reader.warnings) != 0
+                          reader) != 0
                for n, f in found.items() if f is not None}
         if "brain" in les:
             reader.brain[sub.name] = les.pop("brain")
@@ -375,10 +378,12 @@ def _segment(maps: PerfusionMaps, brain: np.ndarray | None, options: LesionOptio
 
 
 def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
-             qform: np.ndarray | None, notes: list[str]) -> np.ndarray:
-    """A rater's volume on the maps' grid of ``study`` (:func:`ctperf.io.read_on_grid`; its
-    warnings appended to ``notes``, led by the study)."""
+             qform: np.ndarray | None, reader: Reader) -> np.ndarray:
+    """A mask's volume on the maps' grid of ``study`` (:func:`ctperf.io.read_on_grid`; its
+    warnings go to ``reader``'s, led by the study, and a file without orientation puts the
+    study among ``reader.unoriented``)."""
     from ctperf.io import read_on_grid
+    from ctperf.io.nifti import has_orientation
 
     said: list[str] = []
     try:
@@ -386,7 +391,9 @@ def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
     except InputError as exc:
         raise InputError(path, f"study {study}: not on the maps' grid ({exc.problem})") from None
     finally:
-        notes += [f"{study}: {w}" for w in said]
+        reader.warnings += [f"{study}: {w}" for w in said]
+        if not has_orientation(path):
+            reader.unoriented.add(study)
 
 
 def load_rater(root: str | Path, grids: Mapping[str, tuple[Any, ...]], *,
@@ -414,7 +421,7 @@ def load_rater(root: str | Path, grids: Mapping[str, tuple[Any, ...]], *,
         labels = next((p for p in (root / f"{study}.nii.gz", root / study / "labels.nii.gz")
                        if p.exists()), None)
         if labels is not None:
-            img = _labels(labels, study, shape, affine, qform, reader.warnings)
+            img = _labels(labels, study, shape, affine, qform, reader)
             if other := sorted(set(np.unique(img).tolist()) - {0, *RATER_LABELS.values()}):
                 raise InputError(labels, f"study {study}: labels {other} are neither core "
                                          f"({RATER_LABELS['core']}) nor penumbra "
@@ -424,7 +431,7 @@ def load_rater(root: str | Path, grids: Mapping[str, tuple[Any, ...]], *,
             les["hypoperfused"] = les["core"] | les["penumbra"]
         else:
             les = {n: _labels(root / study / f"{n}.nii.gz", study, shape, affine, qform,
-                              reader.warnings) != 0
+                              reader) != 0
                    for n in LESION_NAMES
                    if (root / study / f"{n}.nii.gz").exists()}
             _complete_lesions(les)
@@ -490,21 +497,20 @@ def _map_pairs(readers: Sequence[Reader]) -> list[tuple[Reader, Reader]]:
 
 
 def comparison_grid(readers: Sequence[Reader], study: str) -> Any:
-    """The maps whose grid ``study`` is compared on: the reference's (the second reader with
-    maps, else the first), or, when they carry no orientation, those of an oriented reader of
-    the same shape, the truth's first (a phantom's, stored as ctperf stores the maps made from
-    it), else the first's (its voxel sizes give the volumes: a file without orientation may
-    say 1 mm, and the volumes had read 64 times too small), or the reference's when none is
-    oriented."""
+    """The maps on whose grid ``study`` is compared: one oriented reader's, the truth's
+    first, else the reference's (the second reader with maps, else the first), else the first
+    oriented one's; all maps and masks without orientation are taken voxel for voxel on it,
+    so it must have the reference's shape when the reference is unoriented (its voxel sizes
+    give the volumes: a file without orientation may say 1 mm, and the volumes had read 64
+    times too small); the reference's when no reader is oriented."""
     with_maps = [r for r in readers if r.maps]
     grid = with_maps[1] if len(with_maps) > 1 else with_maps[0]
     target = grid.maps[study]
-    if not target.provenance.get("orientation_unknown"):
-        return target
-    ordered = sorted(with_maps, key=lambda r: r.kind != "truth")
+    guessed = bool(target.provenance.get("orientation_unknown"))
+    ordered = sorted(with_maps, key=lambda r: (r.kind != "truth", r is not grid))
     return next((r.maps[study] for r in ordered if study in r.maps
                  and not r.maps[study].provenance.get("orientation_unknown")
-                 and r.maps[study].shape == target.shape), target)
+                 and (not guessed or r.maps[study].shape == target.shape)), target)
 
 
 def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str]:
@@ -522,12 +528,15 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
         return []
     from ctperf.io import reorient, reorientation
 
+    ambiguous: dict[str, list[str]] = {}  # grid owner -> studies of oriented readers whose
+    # stored orders differ, beside maps or masks without orientation
     for s in studies:
         target = comparison_grid(with_maps, s)
         owner = next(r for r in with_maps if r.maps.get(s) is target)
         guessed = bool(target.provenance.get("orientation_unknown"))  # no reader oriented
         if guessed:
             unoriented.setdefault(owner.label, []).append(s)
+        turned = False
         for r in with_maps:
             if r is owner or s not in r.maps:
                 continue
@@ -546,15 +555,23 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
                     f"study {s}: the maps of {r.label} and {owner.label} are not on the same "
                     f"grid (shapes {own.shape} and {target.shape}, affines differ beyond the "
                     "voxels' order); resample one onto the other")
+            turned = True
             r.maps[s] = own.replace(maps={n: reorient(own[n], how) for n in own.names},
                                     affine=target.affine)
             r.lesions[s] = {n: reorient(m, how) for n, m in r.lesions.get(s, {}).items()}
             if s in r.brain:
                 r.brain[s] = reorient(r.brain[s], how)
+        if turned and any(s in r.unoriented or (s in r.maps and bool(
+                r.maps[s].provenance.get("orientation_unknown"))) for r in readers):
+            ambiguous.setdefault(owner.label, []).append(s)
     return [f"the maps of {who} carry no orientation (no sform or qform) in "
             f"{', '.join(s[:3])}{' ...' if len(s) > 3 else ''}: compared voxel for voxel (same "
             "shape), which pairs the wrong voxels if they are stored mirrored"
-            for who, s in unoriented.items()]
+            for who, s in unoriented.items()] + [
+        f"the oriented readers store the voxels in different orders in "
+        f"{', '.join(s[:3])}{' ...' if len(s) > 3 else ''}: the maps and masks without "
+        f"orientation there were taken in the order of {who}'s, which may not be theirs "
+        "(check their Dice against each reader)" for who, s in ambiguous.items()]
 
 
 def comparison_regions(readers: Sequence[Reader], studies: Sequence[str]

@@ -85,13 +85,15 @@ def as_mask(values: np.ndarray, what: str = "mask") -> np.ndarray:
         return arr.astype(bool)
     if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
         raise ValidationError(f"{what}: not a mask: it holds NaN; give 0 outside the lesion")
+    # whole numbers to float32's precision (a uint8 mask scaled by 1/255 reads 1.00000006)
     others = np.unique(arr[arr != 0])
-    if others.size > 1 or np.any(others != np.round(others)):
+    whole = np.isclose(others, np.round(others), rtol=0.0, atol=1e-5)
+    if not whole.all() or np.unique(np.round(others)).size > 1:
         kind = ("values between whole numbers, such as a probability map: threshold it"
-                if np.any(others != np.round(others)) else
+                if not whole.all() else
                 "several labels, such as a label image: take one (labels == 1)")
         raise ValidationError(f"{what}: not a mask: {kind} (values "
-                              f"{', '.join(f'{v:g}' for v in others[:4])}"
+                              f"{', '.join(f'{v:.8g}' for v in others[:4])}"
                               f"{' ...' if others.size > 4 else ''})")
     return arr != 0
 

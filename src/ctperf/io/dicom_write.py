@@ -127,9 +127,10 @@ def _with_identity(meta: Mapping[str, Any], patient: Mapping[str, Any] | None, *
             tags.setdefault("PatientName", "UNKNOWN")
             if not anonymise:
                 log.warning("the study holds no DICOM patient or study identity (read from "
-                            "NIfTI): its DICOM series go into a new study of a placeholder "
-                            "patient (%s), not beside the scan in PACS; to send them back, "
-                            "compute them from the scan's DICOM series", tags["PatientID"])
+                            "NIfTI, or DICOM without a StudyInstanceUID): its DICOM series go "
+                            "into a new study of a placeholder patient (%s), not beside the "
+                            "scan in PACS; to send them back, compute them from the scan's "
+                            "DICOM series", tags["PatientID"])
     return {**meta, "dicom": tags}
 
 

@@ -222,7 +222,8 @@ def record_deidentification(ds: Dataset, method: Any, codes: Any) -> None:
     de-identified source must carry with its PatientIdentityRemoved YES (PS3.3 C.7.1.1, Type
     1C; a copy without them had lost a Retain UIDs code, and a later de-identification kept the
     original UIDs)."""
-    ds.DeidentificationMethod = list(method) or ["recorded by the source's tool, not in it"]
+    ds.DeidentificationMethod = ([str(m) for m in method if str(m).strip()]
+                                 or ["recorded by the source's tool, not in it"])
     items = []
     for code in codes:
         value, meaning = code if isinstance(code, tuple) else (code, None)
