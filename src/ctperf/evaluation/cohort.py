@@ -387,13 +387,13 @@ def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
 
     said: list[str] = []
     try:
-        return read_on_grid(path, shape=shape, affine=affine, qform=qform, notes=said)
+        vol = read_on_grid(path, shape=shape, affine=affine, qform=qform, notes=said)
     except InputError as exc:
         raise InputError(path, f"study {study}: not on the maps' grid ({exc.problem})") from None
-    finally:
-        reader.warnings += [f"{study}: {w}" for w in said]
-        if not has_orientation(path):
-            reader.unoriented.add(study)
+    reader.warnings += [f"{study}: {w}" for w in said]
+    if not has_orientation(path):
+        reader.unoriented.add(study)
+    return vol
 
 
 def load_rater(root: str | Path, grids: Mapping[str, tuple[Any, ...]], *,

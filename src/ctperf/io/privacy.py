@@ -191,7 +191,7 @@ def deidentify_dataset(ds: Dataset, *, method: Any = (), codes: Any = ()) -> Non
     Timing tags must already count from :data:`ANONYMOUS_START`.
     """
     again = deidentified_by_ctperf(ds, method, codes)
-    ds.PatientID = (str(ds.get("PatientID")) if again else
+    ds.PatientID = (str(ds.get("PatientID") or "") if again else
                     anonymous_id(str(ds.get("PatientID") or ""),
                                  str(ds.get("StudyInstanceUID") or "")))
     ds.PatientName = _DUMMY_NAME
