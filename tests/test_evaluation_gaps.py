@@ -397,6 +397,8 @@ def test_dice_refuses_what_is_not_a_mask():
     assert dice(np.array([255, 255, 0], np.uint8), np.array([1, 0, 0])) == 2 / 3  # 8-bit
     scaled = np.array([1.00000006, 0.0, 0.0], np.float32)  # a uint8 mask scaled by 1/255
     assert scaled[0] != 1.0 and dice(scaled, np.array([1, 0, 0])) == 1.0
+    residue = np.array([1.0, 1e-9, -1e-8])  # a resampled mask's zeros
+    assert dice(residue, np.array([1, 0, 0])) == 1.0
 
 
 def test_oriented_readers_are_aligned_with_each_other_beside_an_unoriented_reference():

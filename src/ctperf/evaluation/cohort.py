@@ -77,7 +77,8 @@ class Reader:
     ``"like"`` (another reader's: ``like`` of :func:`load_maps_cohort`), ``"given"`` (the
     options given, the other reader's not known) or ``"no cbv"`` (the options given: the other
     reader's core is defined by CBV and these maps have none); ``unoriented`` the studies
-    whose maps or masks carry no orientation (taken voxel for voxel).
+    whose maps or masks carry no orientation (taken voxel for voxel), ``turned`` those whose
+    oriented masks stored the voxels in another order than the grid they were read on.
     """
 
     label: str
@@ -93,6 +94,7 @@ class Reader:
     lesion_options: dict[str, LesionOptions] = field(default_factory=dict)
     segmented: dict[str, str] = field(default_factory=dict)
     unoriented: set[str] = field(default_factory=set)
+    turned: set[str] = field(default_factory=set)
 
     @property
     def studies(self) -> list[str]:
@@ -382,7 +384,7 @@ def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
     """A mask's volume on the maps' grid of ``study`` (:func:`ctperf.io.read_on_grid`; its
     warnings go to ``reader``'s, led by the study, and a file without orientation puts the
     study among ``reader.unoriented``)."""
-    from ctperf.io import read_on_grid
+    from ctperf.io import read_on_grid, read_volume
     from ctperf.io.nifti import has_orientation
 
     said: list[str] = []
@@ -393,6 +395,8 @@ def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
     reader.warnings += [f"{study}: {w}" for w in said]
     if not has_orientation(path):
         reader.unoriented.add(study)
+    elif not np.allclose(read_volume(path)[1], affine, atol=1e-3):
+        reader.turned.add(study)
     return vol
 
 
@@ -497,20 +501,21 @@ def _map_pairs(readers: Sequence[Reader]) -> list[tuple[Reader, Reader]]:
 
 
 def comparison_grid(readers: Sequence[Reader], study: str) -> Any:
-    """The maps on whose grid ``study`` is compared: one oriented reader's, the truth's
-    first, else the reference's (the second reader with maps, else the first), else the first
-    oriented one's; all maps and masks without orientation are taken voxel for voxel on it,
-    so it must have the reference's shape when the reference is unoriented (its voxel sizes
-    give the volumes: a file without orientation may say 1 mm, and the volumes had read 64
-    times too small); the reference's when no reader is oriented."""
+    """The maps on whose grid ``study`` is compared: the reference's (the second reader with
+    maps, else the first), or, when they carry no orientation, an oriented reader's of the
+    same shape, the truth's first (its voxel sizes give the volumes: a file without
+    orientation may say 1 mm, and the volumes had read 64 times too small); the reference's
+    when no reader is oriented. Every map and mask without orientation is taken voxel for
+    voxel on it."""
     with_maps = [r for r in readers if r.maps]
     grid = with_maps[1] if len(with_maps) > 1 else with_maps[0]
     target = grid.maps[study]
-    guessed = bool(target.provenance.get("orientation_unknown"))
-    ordered = sorted(with_maps, key=lambda r: (r.kind != "truth", r is not grid))
+    if not target.provenance.get("orientation_unknown"):
+        return target
+    ordered = sorted(with_maps, key=lambda r: r.kind != "truth")
     return next((r.maps[study] for r in ordered if study in r.maps
                  and not r.maps[study].provenance.get("orientation_unknown")
-                 and (not guessed or r.maps[study].shape == target.shape)), target)
+                 and r.maps[study].shape == target.shape), target)
 
 
 def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str]:
@@ -561,8 +566,9 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
             r.lesions[s] = {n: reorient(m, how) for n, m in r.lesions.get(s, {}).items()}
             if s in r.brain:
                 r.brain[s] = reorient(r.brain[s], how)
-        if turned and any(s in r.unoriented or (s in r.maps and bool(
-                r.maps[s].provenance.get("orientation_unknown"))) for r in readers):
+        if (turned or any(s in r.turned for r in readers)) and any(
+                s in r.unoriented or (s in r.maps and bool(
+                    r.maps[s].provenance.get("orientation_unknown"))) for r in readers):
             ambiguous.setdefault(owner.label, []).append(s)
     return [f"the maps of {who} carry no orientation (no sform or qform) in "
             f"{', '.join(s[:3])}{' ...' if len(s) > 3 else ''}: compared voxel for voxel (same "

@@ -83,9 +83,13 @@ def as_mask(values: np.ndarray, what: str = "mask") -> np.ndarray:
     arr = np.asarray(values)
     if arr.dtype == bool or not arr.size:
         return arr.astype(bool)
-    if np.issubdtype(arr.dtype, np.floating) and np.isnan(arr).any():
-        raise ValidationError(f"{what}: not a mask: it holds NaN; give 0 outside the lesion")
-    # whole numbers to float32's precision (a uint8 mask scaled by 1/255 reads 1.00000006)
+    if np.issubdtype(arr.dtype, np.floating):
+        if np.isnan(arr).any():
+            raise ValidationError(f"{what}: not a mask: it holds NaN; give 0 outside the "
+                                  "lesion")
+        # whole numbers to float32's precision (a uint8 mask scaled by 1/255 reads
+        # 1.00000006; a resampled one holds 1e-9 where it is 0)
+        arr = np.where(np.abs(arr) < 1e-5, 0.0, arr)
     others = np.unique(arr[arr != 0])
     whole = np.isclose(others, np.round(others), rtol=0.0, atol=1e-5)
     if not whole.all() or np.unique(np.round(others)).size > 1:
