@@ -474,8 +474,23 @@ def test_curves_csv_too_short_a_time_course_is_refused(tmp_path):
     tissue, aif = _hand_curves()
     src = tmp_path / "c.csv"
     _write_csv(src, np.arange(T_HAND.size) * 0.15, {"aif": aif, "gm": tissue[:, 0]})
-    with pytest.raises(InputError, match=r"the times span 13\.35 s, too short for a bolus"):
+    with pytest.raises(InputError, match=r"the times span 13\.35 s, under the 15 s"):
         read_curves_csv(src)
+
+
+def test_curves_csv_dicom_tm_times_are_refused(tmp_path):
+    """DICOM TM values read as seconds (a review's 1.5 s frames jumped 41.5 s at each minute:
+    MTT 2.4 times too long) are refused; seconds of a scan that starts late stay."""
+    tissue, aif = _hand_curves()
+    src = tmp_path / "c.csv"
+    seconds = 600.0 + 1.5 * np.arange(T_HAND.size)
+    tm = (seconds // 60) * 100 + seconds % 60 + 101000.0  # 10:10:00 + ..., hhmmss.ff
+    _write_csv(src, tm, {"aif": aif, "gm": tissue[:, 0]})
+    with pytest.raises(InputError, match=r"holds DICOM TM times \(hhmmss\.ffffff: "
+                                         r"102000\.000000 is 10:20:00"):
+        read_curves_csv(src)
+    _write_csv(src, seconds, {"aif": aif, "gm": tissue[:, 0]})
+    assert read_curves_csv(src).times[0] == 600.0
 
 
 def test_curves_csv_time_unit_named_wrongly(tmp_path):

@@ -286,6 +286,22 @@ def _named_unit(path: Path, name: str, column: str) -> float | None:
     return _TIME_UNITS.get(suffix.group(1)) if suffix else None
 
 
+def _check_not_tm(path: Path, column: str, times: np.ndarray) -> None:
+    """Refuse a time column that holds DICOM TM values (hhmmss.ffffff: read as seconds they
+    jump about 40 s at every minute; a review's 1.5 s frames read MTT 2.4 times too long)."""
+    steps = np.diff(times)
+    if times[0] >= 0 and np.all(times < 240000) and steps.max() > 10 * np.median(steps):
+        h, m, sec = times // 10000, (times // 100) % 100, times % 100
+        clock = h * 3600 + m * 60 + sec
+        d = np.diff(clock)
+        if np.all(m < 60) and np.all(sec < 60) and np.all(d > 0) and \
+                d.max() <= 3 * np.median(d):
+            raise InputError(path, f"column {column!r} holds DICOM TM times (hhmmss.ffffff: "
+                                   f"{times[0]:.6f} is {int(h[0]):02d}:{int(m[0]):02d}:"
+                                   f"{sec[0]:09.6f}), not seconds: give them as hh:mm:ss or "
+                                   "in seconds")
+
+
 def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: str = "aif",
                     vof_column: str = "vof") -> CurveTable:
     """Read a CSV table of curves (see the module's docstring).
@@ -377,14 +393,16 @@ def read_curves_csv(path: PathLike, *, time_column: str = "time", aif_column: st
     if not np.all(np.diff(times) > 0):
         bad = int(np.argmax(np.diff(times) <= 0)) + first + 2
         raise InputError(p, f"times must increase from row to row (line {bad})")
+    if not any(clock) and scale == 1.0:
+        _check_not_tm(p, header[where["time"]], times)
     # seconds, spaced as a perfusion acquisition is (milliseconds or minutes are refused)
     check_frame_times(times, p, source=f"column {header[where['time']]!r}",
                       remedy="give the time column in seconds")
     if times[-1] - times[0] < MIN_CURVE_SPAN_S:
         raise InputError(p, f"column {header[where['time']]!r}: the times span "
-                            f"{times[-1] - times[0]:g} s, too short for a bolus to pass (30 s "
-                            "or more): another unit read as seconds? Name it in the column "
-                            "('time (min)') or in a row of units under the header")
+                            f"{times[-1] - times[0]:g} s, under the {MIN_CURVE_SPAN_S:g} s a "
+                            "bolus's passage takes: another unit read as seconds? Name it in "
+                            "the column ('time (min)') or in a row of units under the header")
     return CurveTable(times=times, aif=values[:, where["aif"]],
                       vof=None if vof_at is None else values[:, vof_at],
                       tissue=values[:, tissue_at], names=tuple(header[i] for i in tissue_at),
