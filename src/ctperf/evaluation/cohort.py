@@ -381,21 +381,20 @@ def _segment(maps: PerfusionMaps, brain: np.ndarray | None, options: LesionOptio
 
 def _on_grid(path: Path, study: str, shape: tuple[int, ...], affine: np.ndarray,
              qform: np.ndarray | None, reader: Reader) -> np.ndarray:
-    """A mask's volume on the maps' grid of ``study`` (:func:`ctperf.io.read_on_grid`; its
-    warnings go to ``reader``'s, led by the study, and a file without orientation puts the
-    study among ``reader.unoriented``)."""
-    from ctperf.io import read_on_grid, read_volume
-    from ctperf.io.nifti import has_orientation
+    """A mask's volume on the maps' grid of ``study`` (:func:`ctperf.io.nifti.place_on_grid`;
+    its warnings go to ``reader``'s, led by the study, and a file without orientation or
+    stored in another order puts the study among ``reader.unoriented`` or ``reader.turned``)."""
+    from ctperf.io.nifti import place_on_grid
 
     said: list[str] = []
     try:
-        vol = read_on_grid(path, shape=shape, affine=affine, qform=qform, notes=said)
+        vol, placed = place_on_grid(path, shape=shape, affine=affine, qform=qform, notes=said)
     except InputError as exc:
         raise InputError(path, f"study {study}: not on the maps' grid ({exc.problem})") from None
     reader.warnings += [f"{study}: {w}" for w in said]
-    if not has_orientation(path):
+    if placed == "unoriented":
         reader.unoriented.add(study)
-    elif not np.allclose(read_volume(path)[1], affine, atol=1e-3):
+    elif placed == "turned":
         reader.turned.add(study)
     return vol
 
@@ -541,6 +540,7 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
         guessed = bool(target.provenance.get("orientation_unknown"))  # no reader oriented
         if guessed:
             unoriented.setdefault(owner.label, []).append(s)
+            owner.unoriented.add(s)
         turned = False
         for r in with_maps:
             if r is owner or s not in r.maps:
@@ -550,6 +550,7 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
                     own.shape == target.shape:
                 if own.provenance.get("orientation_unknown"):
                     unoriented.setdefault(r.label, []).append(s)
+                    r.unoriented.add(s)
                 r.maps[s] = own.replace(affine=target.affine)
                 continue
             if own.shape == target.shape and np.allclose(own.affine, target.affine, atol=1e-3):
@@ -567,8 +568,7 @@ def align_readers(readers: Sequence[Reader], studies: Sequence[str]) -> list[str
             if s in r.brain:
                 r.brain[s] = reorient(r.brain[s], how)
         if (turned or any(s in r.turned for r in readers)) and any(
-                s in r.unoriented or (s in r.maps and bool(
-                    r.maps[s].provenance.get("orientation_unknown"))) for r in readers):
+                s in r.unoriented for r in readers):
             ambiguous.setdefault(owner.label, []).append(s)
     return [f"the maps of {who} carry no orientation (no sform or qform) in "
             f"{', '.join(s[:3])}{' ...' if len(s) > 3 else ''}: compared voxel for voxel (same "

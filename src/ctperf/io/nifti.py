@@ -37,6 +37,7 @@ __all__ = [
     "is_nifti",
     "kept_qform",
     "nifti_space",
+    "place_on_grid",
     "read_mask",
     "read_nifti_series",
     "read_on_grid",
@@ -668,6 +669,16 @@ def read_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
     a tool placing the study by it (ITK's, where the sform is not in scanner space) saves a
     mask drawn on it there. Those two are warned of, and the warnings also appended to
     ``notes`` (each led by the file's name) when it is given, for a report."""
+    return place_on_grid(path, shape=shape, affine=affine, atol_mm=atol_mm, qform=qform,
+                         notes=notes)[0]
+
+
+def place_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
+                  atol_mm: float = 1e-3, qform: np.ndarray | None = None,
+                  notes: list[str] | None = None) -> tuple[np.ndarray, str]:
+    """:func:`read_on_grid`, and how the file was placed: ``"as stored"``, ``"qform"``,
+    ``"unoriented"`` (no sform or qform: taken voxel for voxel), ``"unsheared"`` or
+    ``"turned"`` (its voxels stored in another order)."""
     vol, own = read_volume(path)
 
     def warn(text: str) -> None:
@@ -676,23 +687,23 @@ def read_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
             notes.append(f"{Path(path).name}: {text}")
 
     if vol.shape == tuple(shape) and np.allclose(own, affine, atol=atol_mm):
-        return vol
+        return vol, "as stored"
     if vol.shape == tuple(shape) and qform is not None and np.allclose(own, qform, atol=atol_mm):
         warn("on the study's own qform, where ITK-based tools place the study (its sform is "
              "not in scanner space): taken voxel for voxel, as drawn there; a mask drawn on "
              "the sform's geometry and saved turned onto the qform's axes would read "
              "mirrored: check it")
-        return vol
+        return vol, "qform"
     if vol.shape == tuple(shape) and not has_orientation(path):
         warn("no orientation (neither sform nor qform); taken voxel for voxel on the grid of "
              "the same shape it is compared with, which pairs the wrong voxels if it is "
              "stored mirrored")
-        return vol
+        return vol, "unoriented"
     if vol.shape == tuple(shape) and np.allclose(own, unsheared_grid(affine, shape[::-1]),
                                                  atol=atol_mm):
         log.info("%s: on the unsheared grid of the tilted study (the qform ctperf writes, which "
                  "ITK tools use); taken voxel for voxel", path)
-        return vol
+        return vol, "unsheared"
     how = reorientation(own, vol.shape, affine, atol_mm=atol_mm, target_shape=tuple(shape))
     if how is None:
         axes = (" the same spacing and first voxel, other axes (a rotation or a gantry tilt);"
@@ -701,7 +712,7 @@ def read_on_grid(path: PathLike, *, shape: tuple[int, ...], affine: np.ndarray,
                                f"study's {tuple(shape)}, {_where(affine)} (another position, "
                                f"spacing, rotation or extent;{axes} a file without orientation "
                                "is read as 1 mm voxels at 0); resample it onto the study first")
-    return reorient(vol, how)
+    return reorient(vol, how), "turned"
 
 
 def _where(affine: np.ndarray) -> str:
