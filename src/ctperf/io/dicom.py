@@ -71,7 +71,7 @@ from ctperf.io.integrity import (
     check_hu_plausible,
     check_memory,
 )
-from ctperf.io.privacy import method_codes
+from ctperf.io.privacy import deidentification_record
 from ctperf.parallel import usable_cores
 from ctperf.types import CTPSeries
 
@@ -721,11 +721,9 @@ def _meta(headers: Sequence[Header], source: str, start: float | None,
         "dicom": {k: str(first.get(k)) for k in PATIENT_STUDY_TAGS if first.get(k) is not None},
     }
     # how a source de-identified before was (its tool, whether it kept the original UIDs)
-    method = first.get("DeidentificationMethod")
-    if method is not None or str(first.get("PatientIdentityRemoved", "")).upper() == "YES":
-        meta["deidentification"] = {
-            "method": [str(method)] if isinstance(method, str) else [str(v) for v in method or ()],
-            "codes": method_codes(first)}
+    record = deidentification_record(first)
+    if record is not None:
+        meta["deidentification"] = record
     done = _ctperf_preprocess(first)
     if done is not None:
         meta["preprocess"] = done[0]

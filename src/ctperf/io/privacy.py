@@ -32,6 +32,7 @@ __all__ = [
     "UID_KEY_VARIABLE",
     "anonymous_id",
     "anonymous_uid",
+    "deidentification_record",
     "deidentified_by_ctperf",
     "deidentify_dataset",
     "method_codes",
@@ -137,9 +138,12 @@ def anonymous_uid(uid: str) -> str:
     in :data:`UID_KEY_VARIABLE` (a de-identified series and maps written from one source
     still share study and frame of reference), and that whoever holds the source UIDs cannot
     match them to the new ones without the key."""
-    digest = hmac.new(uid_key().encode("utf-8"), str(uid).strip().encode("utf-8"),
-                      hashlib.sha256).digest()
-    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
+    return f"2.25.{int.from_bytes(_keyed_digest(str(uid).strip())[:16], 'big')}"
+
+
+def _keyed_digest(text: str) -> bytes:
+    """HMAC-SHA-256 of ``text`` under :func:`uid_key`."""
+    return hmac.new(uid_key().encode("utf-8"), text.encode("utf-8"), hashlib.sha256).digest()
 
 
 def anonymous_id(patient_id: str, study_uid: str = "") -> str:
@@ -148,8 +152,7 @@ def anonymous_id(patient_id: str, study_uid: str = "") -> str:
     apart: one dummy for everyone had filed every patient under one record); of the study's
     UID ``study_uid`` when the ID is empty (every patient without one had shared a hash)."""
     key = str(patient_id).strip() or f"study {str(study_uid).strip()}"
-    digest = hmac.new(uid_key().encode("utf-8"), key.encode("utf-8"), hashlib.sha256).hexdigest()
-    return f"ANON-{digest[:12].upper()}"
+    return f"ANON-{_keyed_digest(key).hex()[:12].upper()}"
 
 
 #: PS3.15's Retain UIDs Option: a source de-identified with it still holds its original UIDs.
@@ -162,6 +165,20 @@ def method_codes(ds: Any) -> list[str]:
                    for item in ds.get("DeidentificationMethodCodeSequence", None) or []} - {""})
 
 
+def _texts(value: Any) -> list[str]:
+    """A DICOM value of one or several strings (None: none) as a list."""
+    return [value] if isinstance(value, str) else [str(v) for v in value or ()]
+
+
+def deidentification_record(ds: Any) -> dict[str, list[str]] | None:
+    """How a series says it was de-identified: its DeidentificationMethod (``method``) and code
+    values (``codes``), when it has a method or says PatientIdentityRemoved YES; else None."""
+    method = ds.get("DeidentificationMethod")
+    if method is None and str(ds.get("PatientIdentityRemoved", "")).upper() != "YES":
+        return None
+    return {"method": _texts(method), "codes": method_codes(ds)}
+
+
 def deidentified_by_ctperf(ds: Any, method: Any = (), codes: Any = ()) -> bool:
     """Whether ``ds`` (a dataset, or a mapping of its keywords) holds a series ctperf
     de-identified: PatientIdentityRemoved YES, ctperf's DeidentificationMethod (in ``ds`` or
@@ -170,8 +187,7 @@ def deidentified_by_ctperf(ds: Any, method: Any = (), codes: Any = ()) -> bool:
     (hashed again, maps of a de-identified series had been filed in another study). Another
     tool's de-identification is done again from the start: its PatientIdentityRemoved may sit
     on a real name (a probe's did) or real dates (code 113106), which were passed on."""
-    given = ds.get("DeidentificationMethod") or method or ()
-    said = [given] if isinstance(given, str) else [str(v) for v in given]
+    said = _texts(ds.get("DeidentificationMethod") or method)
     return (str(ds.get("PatientIdentityRemoved") or "").strip().upper() == "YES"
             and bool(said) and said[0] == _METHOD[0]
             and str(ds.get("PatientName") or "") == _DUMMY_NAME
