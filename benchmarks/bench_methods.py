@@ -4,7 +4,9 @@ lesions, time per study, on ctperf's phantom and on a reference ctperf did not m
 ``bayes-shapes`` is ``bayes`` with the residue shapes' prior learned from the study
 (``bayes_options={"learn_shapes": True}``); the OSIPI curves have no positions, so it is not run
 on them. ``bayes-plain`` is ``bayes`` with the plain log-normal prior on MTT, without the
-Jeffreys factor (``bayes_options={"mtt_jeffreys": False}``).
+Jeffreys factor (``bayes_options={"mtt_jeffreys": False}``). ``bayes-still`` is ``bayes``
+whose blocks never depart from their neighbourhood's posterior
+(``bayes_options={"departure_prior": 0.0}``).
 
 1. Phantom subjects (``ctperf.phantom``) at 75, 150 and 300 mAs, one residue shape each (box,
    exponential, gamma), 128 x 128 x 4 x 89 by default, lesion present, fully automatic
@@ -19,7 +21,7 @@ Jeffreys factor (``bayes_options={"mtt_jeffreys": False}``).
    1 + 10 % (CBV) out of 14 each, with rho = kH = 1 as the reference defines CBF.
 
 Usage: ``python benchmarks/bench_methods.py [--size 128] [--slices 4] [--seed 40]
-[--methods nlr nlr-fast bsvd osvd bayes bayes-shapes bayes-plain] [--mas 75 150 300]
+[--methods nlr nlr-fast bsvd osvd bayes bayes-shapes bayes-plain bayes-still] [--mas 75 150 300]
 [--json out.json]``.
 Timings on a shared machine are noisy; compare methods within one run.
 """
@@ -40,10 +42,12 @@ from ctperf.perfusion.boxnlr import fit_box_nlr
 from ctperf.perfusion.svd import svd_deconvolve
 from ctperf.phantom import generate_subject
 
-METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes", "bayes-shapes", "bayes-plain")
+METHODS = ("nlr", "nlr-fast", "ssvd", "bsvd", "osvd", "bayes", "bayes-shapes", "bayes-plain",
+           "bayes-still")
 #: variants: a method of run_perfusion with options
 VARIANTS = {"bayes-shapes": ("bayes", {"bayes_options": {"learn_shapes": True}}),
-            "bayes-plain": ("bayes", {"bayes_options": {"mtt_jeffreys": False}})}
+            "bayes-plain": ("bayes", {"bayes_options": {"mtt_jeffreys": False}}),
+            "bayes-still": ("bayes", {"bayes_options": {"departure_prior": 0.0}})}
 RESIDUES = ("box", "exponential", "gamma")
 OSIPI = Path(__file__).resolve().parent.parent / "tests" / "data" / "osipi_dsc" / "dsc_data.csv"
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import NamedTuple, cast
 
 import numpy as np
-from scipy import sparse
+from scipy import sparse, special
 
 from ctperf.errors import ValidationError
 from ctperf.io.integrity import fit_times
@@ -27,6 +27,7 @@ from ctperf.perfusion.bayes.spatial import (
     Neighbourhood,
     _block_noise,
     _blocks,
+    _cells,
     interpolate_blocks,
     noise_fields,
     pool_amplitudes,
@@ -51,6 +52,14 @@ LATE_CURVE_SNR = 5.0
 #: most this fraction of the voxels: a mask that covers more (an AIF whose peak is too low to
 #: tell vessels from tissue) would leave the prior to a few voxels.
 MAX_VESSEL_FRACTION = 0.2
+
+#: ``fit_bayes``'s prior probability that a block's tissue departs from its neighbourhood's (a
+#: lesion narrower than the neighbourhood, a tissue border): the block's own posterior then joins
+#: its voxels' prior, in proportion to how much better its own mean curve is explained by it
+#: than by the neighbourhood's posterior (:func:`_departures`).
+DEPARTURE_PRIOR = 0.5
+#: Blocks whose probability of departing is below this keep the neighbourhood's prior alone.
+MIN_DEPARTURE = 1e-3
 
 #: Smallest noise SD a curve is given, as a fraction of the arterial curve's peak (a noise-free
 #: curve's estimate is 0): tiny, and in the curves' own units (HU, concentration or any scale).
@@ -90,6 +99,16 @@ class BayesFit:
     edge: np.ndarray
     shape_weights: dict[str, float] | None = None
     delay_range: tuple[float, float] = DELAY_RANGE
+
+
+class _Candidates(NamedTuple):
+    """Blocks (m,) whose voxels weigh the same candidates: the prior's most probable grid
+    points (m, k) and draws from it (m, d), each with its log prior mass."""
+    blocks: np.ndarray
+    top: np.ndarray
+    top_lp: np.ndarray
+    drawn: np.ndarray
+    drawn_lp: np.ndarray
 
 
 class _Search(NamedTuple):
@@ -134,6 +153,7 @@ def fit_bayes(
     grid_options: dict[str, object] | None = None,
     chunk: int = 2048,
     workers: int = 2,
+    departure_prior: float = DEPARTURE_PRIOR,
     progress: bool = False,
 ) -> BayesFit:
     """Posterior estimates and standard deviations of CBF, CBV, MTT, delay and Tmax per voxel.
@@ -214,6 +234,13 @@ def fit_bayes(
         blocks (curves, without the spatial prior) hold most of their posterior within 0.5 s
         of the last delay (tissue behind an occlusion can arrive 15-20 s after the AIF's
         artery); a ``delay_range`` given is kept as it is.
+    departure_prior : float
+        With the spatial prior, the prior probability, in [0, 1), that a block's tissue departs
+        from its neighbourhood's: the prior of its voxels is then a mixture of the
+        neighbourhood's posterior and the block's own (the posterior of its mean curve under
+        the global prior), weighted by the evidence of the block's mean curve for each
+        (:func:`_departures`). Without it (0) a lesion narrower than the neighbourhood, whose
+        enhancement the healthy tissue around it outweighs, takes the healthy tissue's timing.
     chunk : int
         Curves per block of work.
     workers : int
@@ -232,6 +259,8 @@ def fit_bayes(
     aif_area(finite_aif(aif, t), t)
     if t.size < 4:
         raise ValidationError(f"the fit needs at least 4 frames, got {t.size}")
+    if not 0.0 <= departure_prior < 1.0:
+        raise ValidationError(f"departure_prior must lie in [0, 1), got {departure_prior}")
     n = y_all.shape[1]
     m = np.zeros((0, 0, 0), dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     use_space = spatial and mask is not None
@@ -308,6 +337,11 @@ def fit_bayes(
         block_curves = np.asarray(((avg @ to_cell) @ pooled.T).T, dtype=np.float32)  # (T, B)
         block_precision = (avg @ (gain / noise))
         del pooled
+        # the blocks' own mean curves; their noise measured (a filtered study's is more than
+        # the voxels' over their number)
+        own_curves = np.asarray((avg @ y_all.T).T, dtype=np.float32)              # (T, B)
+        own_precision = 1.0 / np.maximum(noise_variance(own_curves, max(1, workers)),
+                                         (avg @ noise) / counts)
     else:
         block = np.arange(n)
         n_blocks, block_size = n, 1
@@ -316,6 +350,8 @@ def fit_bayes(
         w32 = whiten.astype(np.float32)
         block_curves = w32 @ block_curves
         y_all = block_curves if not use_space else w32 @ y_all
+        if use_space:
+            own_curves = w32 @ own_curves
 
     options = dict(grid_options or {})
     given = cast("tuple[float, float]", options.pop("delay_range", DELAY_RANGE))
@@ -375,11 +411,6 @@ def fit_bayes(
         log.info("%d blocks at the grid's last delay: delays extended to %.1f s", late,
                  delays[1])
         grid, keep, log_prior, weights, chunk1, top, top_lp, drawn, drawn_lp = search(delays)
-    # the most probable points in increasing Tmax, once per block: the Tmax map is their
-    # weighted median (_moments)
-    by_tmax = np.argsort(grid.tmax_32[top], axis=1, kind="stable")
-    top = np.take_along_axis(top, by_tmax, axis=1)
-    top_lp = np.take_along_axis(top_lp, by_tmax, axis=1)
     if use_space:
         # the prior of a voxel's own posterior: the block's posterior, which the most probable
         # points carry as weights and the draws as their number
@@ -389,9 +420,21 @@ def fit_bayes(
         # one, and the draws, made from the posterior, carry their mass as their number
         top_lp = log_prior[top]
         drawn_lp = log_prior[drawn] - drawn_lp
-    cand = np.concatenate([top, drawn], axis=1)
-    cand_lp = np.concatenate([top_lp, drawn_lp], axis=1)
-    n_top = top.shape[1]
+    # blocks whose own curve departs from the neighbourhood: their voxels' prior, and their
+    # neighbours', mixes in the block's own posterior
+    everyone = _Candidates(np.arange(n_blocks), top, top_lp, drawn, drawn_lp)
+    groups = [everyone]
+    if use_space and departure_prior > 0.0:
+        departed, eps, own = _departures(own_curves, own_precision, grid, log_prior, top,
+                                         top_lp, max(1, keep // 3), max(1, n_draws // 2),
+                                         chunk1, workers, departure_prior)
+        log.info("%d of %d blocks depart from their neighbourhood", departed.size, n_blocks)
+        if departed.size:
+            mixed = _mixtures(everyone, departed, eps, own,
+                              _block_neighbours(m, block_size, departed), departure_prior)
+            plain = np.setdiff1d(np.arange(n_blocks), mixed.blocks)
+            groups = [_Candidates(plain, top[plain], top_lp[plain], drawn[plain],
+                                  drawn_lp[plain]), mixed]
 
     # Stage 2: each voxel's own curve weighs its block's candidates; the voxels of a block
     # share them, so their projections are one batched product per block.
@@ -403,21 +446,32 @@ def fit_bayes(
     members[block[order], pos] = order
     mom = np.empty((n, len(_COLUMNS)), dtype=np.float64)
     per_chunk = max(1, chunk // width)
+    for j, group in enumerate(groups):
+        # the most probable points in increasing Tmax, once per block: the Tmax map is their
+        # weighted median (_moments)
+        by_tmax = np.argsort(grid.tmax_32[group.top], axis=1, kind="stable")
+        cand = np.concatenate([np.take_along_axis(group.top, by_tmax, axis=1), group.drawn],
+                              axis=1)
+        cand_lp = np.concatenate([np.take_along_axis(group.top_lp, by_tmax, axis=1),
+                                  group.drawn_lp], axis=1)
+        n_top = group.top.shape[1]
 
-    def stage2(s: int, e: int) -> None:
-        vox = members[s:e]                                  # (nb, P)
-        valid = vox >= 0
-        ys = y_all[:, np.where(valid, vox, 0)]              # (T, nb, P)
-        ys = np.ascontiguousarray(np.moveaxis(ys, 0, -1))   # (nb, P, T)
-        bc = grid.responses[cand[s:e]]                      # (nb, M, T)
-        g = np.matmul(ys, np.swapaxes(bc, 1, 2))[valid]     # (n_valid, M)
-        yy = np.einsum("npt,npt->np", ys, ys, dtype=np.float64)[valid]
-        ids = vox[valid]
-        mom[ids] = _moments(g, yy, noise[ids], cand[s:e], cand_lp[s:e], np.nonzero(valid)[0],
-                            grid, n_top)
+        def stage2(s: int, e: int, blocks: np.ndarray = group.blocks, cand: np.ndarray = cand,
+                   cand_lp: np.ndarray = cand_lp, n_top: int = n_top) -> None:
+            vox = members[blocks[s:e]]                          # (nb, P)
+            valid = vox >= 0
+            ys = y_all[:, np.where(valid, vox, 0)]              # (T, nb, P)
+            ys = np.ascontiguousarray(np.moveaxis(ys, 0, -1))   # (nb, P, T)
+            bc = grid.responses[cand[s:e]]                      # (nb, M, T)
+            g = np.matmul(ys, np.swapaxes(bc, 1, 2))[valid]     # (n_valid, M)
+            yy = np.einsum("npt,npt->np", ys, ys, dtype=np.float64)[valid]
+            ids = vox[valid]
+            mom[ids] = _moments(g, yy, noise[ids], cand[s:e], cand_lp[s:e],
+                                np.nonzero(valid)[0], grid, n_top)
 
-    map_chunks(stage2, n_blocks, chunk=per_chunk, workers=max(1, workers), progress=progress,
-               desc="bayes", unit="block")
+        map_chunks(stage2, group.blocks.size, chunk=per_chunk, workers=max(1, workers),
+                   progress=progress, desc="bayes" if j == 0 else "bayes, departing blocks",
+                   unit="block")
     if use_space and block_size > 1 and smooth_blocks:
         # timing: the blocks' steps between neighbours interpolated away (log MTT, delay, Tmax)
         # (as far as the blocks' differences are the noise's)
@@ -464,3 +518,123 @@ def fit_bayes(
                     cbf_sd=col["cbf_sd"], cbv_sd=col["cbv_sd"], mtt_sd=col["mtt_sd"],
                     tmax_sd=col["tmax_sd"], edge=col["edge"], shape_weights=weights,
                     delay_range=(float(grid.delays[0]), float(grid.delays[-1])))
+
+
+def _departures(own: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
+                log_prior: np.ndarray, top: np.ndarray, top_lp: np.ndarray, keep: int,
+                draws: int, chunk: int, workers: int, prior: float
+                ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """The blocks whose own mean curve departs from their neighbourhood's posterior.
+
+    Each block's tissue either follows its neighbourhood (prior probability 1 - ``prior``) or
+    departs from it, its parameters then drawn from the global prior ``log_prior``. The
+    posterior probability of departing comes from the block's own mean curve ``own`` (T, B) of
+    ``precision`` (B,): its evidence under the neighbourhood's posterior (its most probable
+    points ``top`` and their log posterior ``top_lp``, (B, k)) against that under the global
+    prior (searched on the whole grid, coarse to fine, as :func:`_candidates`; the amplitude
+    profiled out in both). Returns the blocks (m,) of probability above
+    :data:`MIN_DEPARTURE`, their probabilities (m,), and for each its own posterior's ``keep``
+    most probable points with their log posterior and ``draws`` draws from it.
+    """
+    n_b = own.shape[1]
+    prec = np.asarray(precision, dtype=np.float64)
+    log_follow = np.empty(n_b)
+
+    def follow(s: int, e: int) -> None:
+        y = np.ascontiguousarray(own[:, s:e].T)                               # (n, T)
+        g = np.maximum(np.einsum("nt,nkt->nk", y, grid.responses[top[s:e]]), 0.0)
+        explained = g * g * grid.inv_norm2[top[s:e]]
+        log_follow[s:e] = special.logsumexp(top_lp[s:e] + 0.5 * prec[s:e, None] * explained,
+                                            axis=1)
+
+    map_chunks(follow, n_b, chunk=chunk, workers=max(1, workers))
+    parts = map_chunks(lambda s, e: _candidates(own[:, s:e], prec[s:e], grid, log_prior, keep,
+                                                draws),
+                       n_b, chunk=chunk, workers=max(1, workers))
+    o_top, o_lp, o_drawn, _, log_z = (np.concatenate([p[j] for p in parts]) for j in range(5))
+    log_depart = log_z - float(special.logsumexp(log_prior.astype(np.float64)))
+    eps = special.expit(math.log(prior / (1.0 - prior)) + log_depart - log_follow)
+    out = np.flatnonzero(eps > MIN_DEPARTURE)
+    return out, eps[out], (o_top[out], o_lp[out], o_drawn[out])
+
+
+def _block_neighbours(mask: np.ndarray, size: int, blocks: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The in-plane neighbours (up, down, left, right) of ``blocks`` (m,) among the blocks of
+    ``mask`` (:func:`_blocks`): pairs (neighbour block, position in ``blocks``)."""
+    cells, shape = _cells(mask, size)
+    used = np.unique(cells)
+    lookup = np.full(int(np.prod(shape)), -1, dtype=np.int64)
+    lookup[used] = np.arange(used.size)
+    z, y, x = np.unravel_index(used[blocks], shape)
+    receivers, donors = [], []
+    for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1)):
+        yy, xx = y + dy, x + dx
+        inside = (yy >= 0) & (yy < shape[1]) & (xx >= 0) & (xx < shape[2])
+        nb = np.full(blocks.size, -1, dtype=np.int64)
+        nb[inside] = lookup[np.ravel_multi_index((z[inside], yy[inside], xx[inside]), shape)]
+        ok = nb >= 0
+        receivers.append(nb[ok])
+        donors.append(np.flatnonzero(ok))
+    return np.concatenate(receivers), np.concatenate(donors)
+
+
+def _mixtures(base: _Candidates, departed: np.ndarray, eps: np.ndarray,
+              own: tuple[np.ndarray, ...], neighbours: tuple[np.ndarray, np.ndarray],
+              prior: float) -> _Candidates:
+    """The candidates of the blocks whose prior mixes in departing blocks' own posteriors.
+
+    A departing block ``departed`` (m,) of probability ``eps`` (m,) gives its voxels the
+    mixture (1 - eps) x the neighbourhood's posterior (``base``, all blocks) + eps x its own
+    (``own``: most probable points, their log posterior, draws; (m, k) and (m, d)). Its
+    in-plane ``neighbours`` (pairs of receiving block and position in ``departed``) mix in
+    its own posterior too, with the weight ``prior`` x the largest probability among their
+    departing neighbours, shared among those in proportion to theirs: the voxels of a block
+    that straddles a lesion's edge, whose mean curve is mostly the healthy side's, can take
+    the lesion's timing where their own curves favour it.
+    """
+    recv, donor = neighbours
+    blocks = np.union1d(departed, recv)
+    n_b = blocks.size
+    at = np.searchsorted(blocks, departed)
+    own_eps = np.zeros(n_b)
+    own_eps[at] = eps
+    near = np.zeros(n_b)                                     # largest departing neighbour's
+    r = np.searchsorted(blocks, recv)
+    np.maximum.at(near, r, eps[donor])
+    total = np.zeros(n_b)
+    np.add.at(total, r, eps[donor])
+    share = prior * near
+    # slots: the block's own posterior, then one per departing neighbour
+    slot = np.zeros(recv.size, dtype=np.int64)
+    order = np.lexsort((donor, r))
+    rs = r[order]
+    first = np.r_[0, np.flatnonzero(np.diff(rs)) + 1]
+    slot[order] = 1 + np.arange(rs.size) - np.repeat(first, np.diff(np.r_[first, rs.size]))
+    n_slot = int(slot.max()) + 1
+    o_top, o_lp, o_drawn = own
+    k, d = o_top.shape[1], o_drawn.shape[1]
+    n_draws = base.drawn.shape[1]
+    top = np.zeros((n_b, n_slot, k), dtype=o_top.dtype)
+    top_lp = np.full((n_b, n_slot, k), -np.inf, dtype=np.float32)
+    drawn = np.zeros((n_b, n_slot, d), dtype=o_drawn.dtype)
+    mass = np.zeros((n_b, n_slot))
+    for rows, where, j, w in ((at, np.arange(departed.size), np.zeros(departed.size, int),
+                               eps * (1.0 - share[at])),
+                              (r, donor, slot, share[r] * eps[donor] / total[r])):
+        top[rows, j] = o_top[where]
+        top_lp[rows, j] = o_lp[where]
+        drawn[rows, j] = o_drawn[where]
+        mass[rows, j] = w
+    stay = (1.0 - own_eps) * (1.0 - share)
+    with np.errstate(divide="ignore"):
+        log_mass = np.log(mass).astype(np.float32)
+        log_stay = np.log(stay).astype(np.float32)[:, None]
+    return _Candidates(
+        blocks,
+        np.concatenate([base.top[blocks], top.reshape(n_b, -1)], axis=1),
+        np.concatenate([base.top_lp[blocks] + log_stay,
+                        (top_lp + log_mass[..., None]).reshape(n_b, -1)], axis=1),
+        np.concatenate([base.drawn[blocks], drawn.reshape(n_b, -1)], axis=1),
+        np.concatenate([base.drawn_lp[blocks] + log_stay - math.log(n_draws),
+                        np.repeat(log_mass - math.log(d), d, axis=1)], axis=1))

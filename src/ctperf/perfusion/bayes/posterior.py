@@ -145,12 +145,14 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     safe = np.maximum(fine, 0)
     lp = _log_posterior(g, grid.inv_norm2[safe].astype(np.float32), prec, log_prior[safe])
     lp[fine < 0] = -np.inf
-    lp -= lp.max(axis=1, keepdims=True)
-    lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
+    high = lp.max(axis=1, keepdims=True)
+    lp -= high
+    log_z = np.log(np.exp(lp).sum(axis=1, keepdims=True))
+    lp -= log_z
     idx, top = _top(lp, safe, min(keep, fine.shape[1]))
     pick = _resample(lp, draws)
     return (idx, top, np.take_along_axis(safe, pick, axis=1).astype(np.int32),
-            np.take_along_axis(lp, pick, axis=1))
+            np.take_along_axis(lp, pick, axis=1), (high + log_z)[:, 0].astype(np.float64))
 
 
 def learn_shape_weights(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
