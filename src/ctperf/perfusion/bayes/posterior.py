@@ -114,7 +114,7 @@ def _resample(lp: np.ndarray, draws: int) -> np.ndarray:
 
 def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
                 log_prior: np.ndarray, keep: int, draws: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The ``keep`` most probable grid points of each curve, and ``draws`` points drawn from its
     posterior, with their normalised log posterior.
 
@@ -124,7 +124,9 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     many drawn by mass (so that the fine points cover where the mass lies, not only its mode).
     ``curves`` (T, n) float32, ``precision`` (n,) = 1 / noise variance of the curves.
     Returns indices (n, keep) int32, their log posterior (n, keep) float32, then the same for
-    the draws (n, draws); a drawn point may appear several times.
+    the draws (n, draws), a drawn point possibly several times; and the log of each curve's
+    evidence (n,) float64: the sum over the fine points of the prior times the likelihood,
+    the amplitude profiled out, without the constant -|y|^2 / 2 noise variance.
     """
     prec = precision.astype(np.float32)
     coarse = grid.coarse
