@@ -339,7 +339,10 @@ def fit_bayes(
         del pooled
         # the blocks' own mean curves; their noise measured (a filtered study's is more than
         # the voxels' over their number)
-        own_curves = np.asarray((avg @ y_all.T).T, dtype=np.float32)              # (T, B)
+        # (frame by frame: a sparse product with the voxels' curves would copy them in
+        # double precision, twice the study's size)
+        own_curves = np.stack([np.bincount(block, weights=frame, minlength=n_blocks)
+                               for frame in y_all]).astype(np.float32) / counts.astype(np.float32)
         own_precision = 1.0 / np.maximum(noise_variance(own_curves, max(1, workers)),
                                          (avg @ noise) / counts)
     else:
