@@ -55,11 +55,14 @@ MAX_VESSEL_FRACTION = 0.2
 
 #: ``fit_bayes``'s prior probability that a block's tissue departs from its neighbourhood's (a
 #: lesion narrower than the neighbourhood, a tissue border): the block's own posterior then joins
-#: its voxels' prior, in proportion to how much better its own mean curve is explained by it
-#: than by the neighbourhood's posterior (:func:`_departures`).
-DEPARTURE_PRIOR = 0.5
-#: Blocks whose probability of departing is below this keep the neighbourhood's prior alone.
-MIN_DEPARTURE = 1e-3
+#: its voxels' prior, as far as its mean curve is better explained by it than by the
+#: neighbourhood's posterior (:func:`_departures`). Where the curves tell the two apart poorly
+#: the probability stays near this prior, so it is small: at 0.5 a lesion-free phantom at low
+#: contrast read 2.6-6.3 mL hypoperfused for 0.2-1.2 mL (docs/bayes.md).
+DEPARTURE_PRIOR = 0.05
+#: The weight a departing block's own posterior takes in its in-plane neighbours' prior, times
+#: its probability of departing (:func:`_mixtures`).
+NEIGHBOUR_SHARE = 0.5
 
 #: Smallest noise SD a curve is given, as a fraction of the arterial curve's peak (a noise-free
 #: curve's estimate is 0): tiny, and in the curves' own units (HU, concentration or any scale).
@@ -235,12 +238,14 @@ def fit_bayes(
         of the last delay (tissue behind an occlusion can arrive 15-20 s after the AIF's
         artery); a ``delay_range`` given is kept as it is.
     departure_prior : float
-        With the spatial prior, the prior probability, in [0, 1), that a block's tissue departs
-        from its neighbourhood's: the prior of its voxels is then a mixture of the
-        neighbourhood's posterior and the block's own (the posterior of its mean curve under
-        the global prior), weighted by the evidence of the block's mean curve for each
-        (:func:`_departures`). Without it (0) a lesion narrower than the neighbourhood, whose
-        enhancement the healthy tissue around it outweighs, takes the healthy tissue's timing.
+        With the spatial prior and blocks of more than one voxel, the prior probability, in
+        [0, 1), that a block's tissue departs from its neighbourhood's: the prior of its voxels
+        is then a mixture of the neighbourhood's posterior and the block's own (the posterior
+        of its mean curve under the global prior, less each voxel's own share of it), weighted
+        by the evidence of the block's mean curve for each, and its in-plane neighbours mix its
+        own posterior in too (:func:`_departures`, :func:`_mixtures`). Without it (0) a lesion
+        narrower than the neighbourhood, whose enhancement the healthy tissue around it
+        outweighs, takes the healthy tissue's timing.
     chunk : int
         Curves per block of work.
     workers : int
@@ -427,14 +432,15 @@ def fit_bayes(
     # neighbours', mixes in the block's own posterior
     everyone = _Candidates(np.arange(n_blocks), top, top_lp, drawn, drawn_lp)
     groups = [everyone]
-    if use_space and departure_prior > 0.0:
-        departed, eps, own = _departures(own_curves, own_precision, grid, log_prior, top,
-                                         top_lp, max(1, keep // 3), max(1, n_draws // 2),
+    # (blocks of one voxel: a voxel's own curve would decide both whether it departs and where)
+    if use_space and departure_prior > 0.0 and block_size > 1:
+        departed, eps, own = _departures(own_curves, own_precision, counts, grid, log_prior,
+                                         top, top_lp, max(1, keep // 3), max(1, n_draws // 2),
                                          chunk1, workers, departure_prior)
         log.info("%d of %d blocks depart from their neighbourhood", departed.size, n_blocks)
         if departed.size:
             mixed = _mixtures(everyone, departed, eps, own,
-                              _block_neighbours(m, block_size, departed), departure_prior)
+                              _block_neighbours(m, block_size, departed), NEIGHBOUR_SHARE)
             plain = np.setdiff1d(np.arange(n_blocks), mixed.blocks)
             groups = [_Candidates(plain, top[plain], top_lp[plain], drawn[plain],
                                   drawn_lp[plain]), mixed]
@@ -523,7 +529,7 @@ def fit_bayes(
                     delay_range=(float(grid.delays[0]), float(grid.delays[-1])))
 
 
-def _departures(own: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
+def _departures(own: np.ndarray, precision: np.ndarray, counts: np.ndarray, grid: ResidueGrid,
                 log_prior: np.ndarray, top: np.ndarray, top_lp: np.ndarray, keep: int,
                 draws: int, chunk: int, workers: int, prior: float
                 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
@@ -535,9 +541,14 @@ def _departures(own: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     ``precision`` (B,): its evidence under the neighbourhood's posterior (its most probable
     points ``top`` and their log posterior ``top_lp``, (B, k)) against that under the global
     prior (searched on the whole grid, coarse to fine, as :func:`_candidates`; the amplitude
-    profiled out in both). Returns the blocks (m,) of probability above
-    :data:`MIN_DEPARTURE`, their probabilities (m,), and for each its own posterior's ``keep``
-    most probable points with their log posterior and ``draws`` draws from it.
+    profiled out in both). Returns the blocks (m,) whose curve favours departing (their
+    probability above the prior; the others, in number most of a study's, keep the
+    neighbourhood's posterior alone), their probabilities (m,), and for each its own posterior's ``keep``
+    most probable points and ``draws`` draws from it, each with its normalised log mass under
+    the block's posterior without the voxel's own share of it: the prior of a voxel that will
+    weigh them with its own curve, which is one of the block's ``counts`` (B,) curves, is the
+    global prior times the block's likelihood to the power 1 - 1 / count (the draws
+    importance-weighted to it).
     """
     n_b = own.shape[1]
     prec = np.asarray(precision, dtype=np.float64)
@@ -554,11 +565,22 @@ def _departures(own: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     parts = map_chunks(lambda s, e: _candidates(own[:, s:e], prec[s:e], grid, log_prior, keep,
                                                 draws),
                        n_b, chunk=chunk, workers=max(1, workers))
-    o_top, o_lp, o_drawn, _, log_z = (np.concatenate([p[j] for p in parts]) for j in range(5))
+    o_top, o_lp, o_drawn, d_lp, log_z = (np.concatenate([p[j] for p in parts])
+                                         for j in range(5))
     log_depart = log_z - float(special.logsumexp(log_prior.astype(np.float64)))
     eps = special.expit(math.log(prior / (1.0 - prior)) + log_depart - log_follow)
-    out = np.flatnonzero(eps > MIN_DEPARTURE)
-    return out, eps[out], (o_top[out], o_lp[out], o_drawn[out])
+    out = np.flatnonzero(eps > prior)
+    own_share = (1.0 / np.asarray(counts, dtype=np.float64)[out])[:, None]
+
+    def without_own(lp: np.ndarray, points: np.ndarray, drawn: bool) -> np.ndarray:
+        # (a draw, made from the posterior, carries its mass as its number: it is weighted by
+        # the ratio of the two)
+        lp = lp[out].astype(np.float64)
+        x = (0.0 if drawn else lp) - own_share * (lp - log_prior[points[out]])
+        return (x - special.logsumexp(x, axis=1, keepdims=True)).astype(np.float32)
+
+    return out, eps[out], (o_top[out], without_own(o_lp, o_top, False), o_drawn[out],
+                           without_own(d_lp, o_drawn, True))
 
 
 def _block_neighbours(mask: np.ndarray, size: int, blocks: np.ndarray
@@ -584,14 +606,14 @@ def _block_neighbours(mask: np.ndarray, size: int, blocks: np.ndarray
 
 def _mixtures(base: _Candidates, departed: np.ndarray, eps: np.ndarray,
               own: tuple[np.ndarray, ...], neighbours: tuple[np.ndarray, np.ndarray],
-              prior: float) -> _Candidates:
+              share: float) -> _Candidates:
     """The candidates of the blocks whose prior mixes in departing blocks' own posteriors.
 
     A departing block ``departed`` (m,) of probability ``eps`` (m,) gives its voxels the
     mixture (1 - eps) x the neighbourhood's posterior (``base``, all blocks) + eps x its own
-    (``own``: most probable points, their log posterior, draws; (m, k) and (m, d)). Its
+    (``own``: most probable points and draws, (m, k) and (m, d), each with its log mass). Its
     in-plane ``neighbours`` (pairs of receiving block and position in ``departed``) mix in
-    its own posterior too, with the weight ``prior`` x the largest probability among their
+    its own posterior too, with the weight ``share`` x the largest probability among their
     departing neighbours, shared among those in proportion to theirs: the voxels of a block
     that straddles a lesion's edge, whose mean curve is mostly the healthy side's, can take
     the lesion's timing where their own curves favour it.
@@ -607,7 +629,7 @@ def _mixtures(base: _Candidates, departed: np.ndarray, eps: np.ndarray,
     np.maximum.at(near, r, eps[donor])
     total = np.zeros(n_b)
     np.add.at(total, r, eps[donor])
-    share = prior * near
+    taken = share * near
     # slots: the block's own posterior, then one per departing neighbour
     slot = np.zeros(recv.size, dtype=np.int64)
     order = np.lexsort((donor, r))
@@ -615,21 +637,23 @@ def _mixtures(base: _Candidates, departed: np.ndarray, eps: np.ndarray,
     first = np.r_[0, np.flatnonzero(np.diff(rs)) + 1]
     slot[order] = 1 + np.arange(rs.size) - np.repeat(first, np.diff(np.r_[first, rs.size]))
     n_slot = int(slot.max()) + 1
-    o_top, o_lp, o_drawn = own
+    o_top, o_lp, o_drawn, o_dlp = own
     k, d = o_top.shape[1], o_drawn.shape[1]
     n_draws = base.drawn.shape[1]
     top = np.zeros((n_b, n_slot, k), dtype=o_top.dtype)
     top_lp = np.full((n_b, n_slot, k), -np.inf, dtype=np.float32)
     drawn = np.zeros((n_b, n_slot, d), dtype=o_drawn.dtype)
+    drawn_lp = np.full((n_b, n_slot, d), -np.inf, dtype=np.float32)
     mass = np.zeros((n_b, n_slot))
     for rows, where, j, w in ((at, np.arange(departed.size), np.zeros(departed.size, int),
-                               eps * (1.0 - share[at])),
-                              (r, donor, slot, share[r] * eps[donor] / total[r])):
+                               eps * (1.0 - taken[at])),
+                              (r, donor, slot, taken[r] * eps[donor] / total[r])):
         top[rows, j] = o_top[where]
         top_lp[rows, j] = o_lp[where]
         drawn[rows, j] = o_drawn[where]
+        drawn_lp[rows, j] = o_dlp[where]
         mass[rows, j] = w
-    stay = (1.0 - own_eps) * (1.0 - share)
+    stay = (1.0 - own_eps) * (1.0 - taken)
     with np.errstate(divide="ignore"):
         log_mass = np.log(mass).astype(np.float32)
         log_stay = np.log(stay).astype(np.float32)[:, None]
@@ -640,4 +664,4 @@ def _mixtures(base: _Candidates, departed: np.ndarray, eps: np.ndarray,
                         (top_lp + log_mass[..., None]).reshape(n_b, -1)], axis=1),
         np.concatenate([base.drawn[blocks], drawn.reshape(n_b, -1)], axis=1),
         np.concatenate([base.drawn_lp[blocks] + log_stay - math.log(n_draws),
-                        np.repeat(log_mass - math.log(d), d, axis=1)], axis=1))
+                        (drawn_lp + log_mass[..., None]).reshape(n_b, -1)], axis=1))
