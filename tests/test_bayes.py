@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import ndimage
 from scipy.signal import fftconvolve
 
 from ctperf.perfusion.bayes import (
@@ -374,18 +375,48 @@ def test_small_low_flow_lesions_keep_their_own_timing():
         (TIMES.size, 2, size, size))
     label = np.repeat(disc[None], 2, axis=0).ravel()
     hyp = {}
-    for prior in (0.0, 0.5):
+    for name, options in (("still", {"departure_prior": 0.0}), ("default", {})):
         fit = fit_bayes(vol.reshape(TIMES.size, -1), _aif(TIMES), TIMES, rho=RHO, kh=KH,
                         mask=np.ones((2, size, size), dtype=bool), spacing=(5.0, px, px),
-                        departure_prior=prior)
-        hyp[prior] = [float(np.mean(fit.tmax[label == k] > 6.0)) for k in range(4)]
-        if prior:
-            lesion_cbf = float(np.median(fit.cbf[label > 0]))
-    # measured (seeds 1-3): 95-100 % of each disc with Tmax > 6 s with departures, none of
-    # the healthy tissue, CBF 4.7-6.2; without them 0, 5-10 and 34-37 %
-    assert min(hyp[0.5][1:]) >= 0.9 and hyp[0.5][0] < 0.005, hyp
-    assert hyp[0.0][1] < 0.2, hyp
+                        **options)
+        hyp[name] = [float(np.mean(fit.tmax[label == k] > 6.0)) for k in range(4)]
+    lesion_cbf = float(np.median(fit.cbf[label > 0]))
+    # measured (seeds 1-3): 98-100 % of each disc with Tmax > 6 s with departures, none of
+    # the healthy tissue, CBF 4.9-6.4; without them 0, 5-10 and 34-37 %
+    assert min(hyp["default"][1:]) >= 0.9 and hyp["default"][0] < 0.005, hyp
+    assert hyp["still"][1] < 0.2, hyp
     assert 3.0 < lesion_cbf < 8.0, lesion_cbf
+
+
+def test_departures_ignore_noise_correlated_between_frames():
+    """Healthy tissue (exponential residues, Tmax 0.5-3.5 s) whose frames share noise with
+    their neighbours (overlapping reconstructions: lag-1 correlation 0.5), which second
+    differences read as 3 times too little: the blocks do not depart for the noise's sake,
+    and a mask of scattered 3 x 3 patches (blocks without neighbours) is fitted."""
+    size, px = 48, 0.98
+    rng = np.random.default_rng(4)
+    xx = np.indices((size, size))[1]
+    delay = 0.5 + 3.0 * xx / size                             # a ramp of delays
+    curves = np.stack([tissue("exponential", 45.0, 4.5, d) for d in np.unique(delay)])
+    vol = curves[np.searchsorted(np.unique(delay), delay)].transpose(2, 0, 1)[:, None]
+    white = rng.standard_normal((TIMES.size + 1, 2, size, size))
+    vol = vol + 4.0 * (white[1:] + white[:-1]) / np.sqrt(2.0)
+    late = {}
+    for name, options in (("still", {"departure_prior": 0.0}), ("default", {})):
+        fit = fit_bayes(vol.reshape(TIMES.size, -1), _aif(TIMES), TIMES, rho=RHO, kh=KH,
+                        mask=np.ones((2, size, size), dtype=bool), spacing=(5.0, px, px),
+                        **options)
+        late[name] = float(np.mean(fit.tmax > 6.0))
+    # measured: none without departures and 0.15 % with them (noise alone, at this contrast;
+    # with the departures' noise from second differences alone, such noise had raised it by
+    # 5 points in a review's heads)
+    assert late["default"] <= late["still"] + 0.005, late
+    patches = np.zeros((2, size, size), dtype=bool)
+    patches[:, 2::8, 2::8] = True
+    patches = ndimage.binary_dilation(patches, np.ones((1, 3, 3), dtype=bool))
+    fit = fit_bayes(vol[:, patches], _aif(TIMES), TIMES, rho=RHO, kh=KH, mask=patches,
+                    spacing=(5.0, px, px))
+    assert np.isfinite(fit.cbf).all()
 
 
 def test_vessels_do_not_set_the_timing_of_the_tissue_around_them():

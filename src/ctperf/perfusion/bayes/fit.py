@@ -342,14 +342,26 @@ def fit_bayes(
         block_curves = np.asarray(((avg @ to_cell) @ pooled.T).T, dtype=np.float32)  # (T, B)
         block_precision = (avg @ (gain / noise))
         del pooled
-        # the blocks' own mean curves; their noise measured (a filtered study's is more than
-        # the voxels' over their number)
-        # (frame by frame: a sparse product with the voxels' curves would copy them in
-        # double precision, twice the study's size)
-        own_curves = np.stack([np.bincount(block, weights=frame, minlength=n_blocks)
-                               for frame in y_all]).astype(np.float32) / counts.astype(np.float32)
-        own_precision = 1.0 / np.maximum(noise_variance(own_curves, max(1, workers)),
-                                         (avg @ noise) / counts)
+        # the blocks' own mean curves, without the vessels as the neighbourhoods' (a vein in a
+        # block had let it depart to the vein's timing), and their noise measured (a
+        # filtered study's is more than the voxels' over their number); frame by frame: a
+        # sparse product with the voxels' curves would copy them in double precision
+        w_own = np.ones(n, dtype=np.float32) if w_pool is None else w_pool
+        own_weight = np.bincount(block, weights=w_own, minlength=n_blocks)
+        w_own = np.where((own_weight > 0)[block], w_own, 1.0)     # all vessels: all of it
+        own_weight = np.bincount(block, weights=w_own, minlength=n_blocks)
+        own_curves = (np.stack([np.bincount(block, weights=frame * w_own, minlength=n_blocks)
+                                for frame in y_all]) / own_weight).astype(np.float32)
+        # the mean's noise also from its voxels' spread about it, frame by frame: noise
+        # correlated between frames (a temporal filter) hides from second differences, and a
+        # block then departed for its noise's sake
+        spread = sum(np.bincount(block, weights=w_own * (frame - mean[block]) ** 2,
+                                 minlength=n_blocks)
+                     for frame, mean in zip(y_all, own_curves, strict=True)) / t.size
+        spread = np.where(own_weight > 1.5, spread / np.maximum(own_weight - 1.0, 1.0), 0.0)
+        own_precision = 1.0 / np.maximum.reduce([noise_variance(own_curves, max(1, workers)),
+                                                 (avg @ noise) / own_weight,
+                                                 spread / own_weight])
     else:
         block = np.arange(n)
         n_blocks, block_size = n, 1
@@ -428,22 +440,18 @@ def fit_bayes(
         # one, and the draws, made from the posterior, carry their mass as their number
         top_lp = log_prior[top]
         drawn_lp = log_prior[drawn] - drawn_lp
-    # blocks whose own curve departs from the neighbourhood: their voxels' prior, and their
-    # neighbours', mixes in the block's own posterior
-    everyone = _Candidates(np.arange(n_blocks), top, top_lp, drawn, drawn_lp)
-    groups = [everyone]
-    # (blocks of one voxel: a voxel's own curve would decide both whether it departs and where)
+    # each block's own posterior joins its voxels' prior as far as its mean curve departs from
+    # the neighbourhood's, and its neighbours' where it favours departing (blocks of one voxel:
+    # a voxel's own curve would decide both whether it departs and where to)
+    groups = [_Candidates(np.arange(n_blocks), top, top_lp, drawn, drawn_lp)]
     if use_space and departure_prior > 0.0 and block_size > 1:
         departed, eps, own = _departures(own_curves, own_precision, counts, grid, log_prior,
                                          top, top_lp, max(1, keep // 3), max(1, n_draws // 2),
                                          chunk1, workers, departure_prior)
         log.info("%d of %d blocks depart from their neighbourhood", departed.size, n_blocks)
         if departed.size:
-            mixed = _mixtures(everyone, departed, eps, own,
-                              _block_neighbours(m, block_size, departed), NEIGHBOUR_SHARE)
-            plain = np.setdiff1d(np.arange(n_blocks), mixed.blocks)
-            groups = [_Candidates(plain, top[plain], top_lp[plain], drawn[plain],
-                                  drawn_lp[plain]), mixed]
+            groups = _mixtures(groups[0], departed, eps, own,
+                               _block_neighbours(m, block_size, departed), NEIGHBOUR_SHARE)
 
     # Stage 2: each voxel's own curve weighs its block's candidates; the voxels of a block
     # share them, so their projections are one batched product per block.
@@ -479,7 +487,7 @@ def fit_bayes(
                                 np.nonzero(valid)[0], grid, n_top)
 
         map_chunks(stage2, group.blocks.size, chunk=per_chunk, workers=max(1, workers),
-                   progress=progress, desc="bayes" if j == 0 else "bayes, departing blocks",
+                   progress=progress, desc="bayes" if j == 0 else "bayes, by departing blocks",
                    unit="block")
     if use_space and block_size > 1 and smooth_blocks:
         # timing: the blocks' steps between neighbours interpolated away (log MTT, delay, Tmax)
@@ -537,39 +545,50 @@ def _departures(own: np.ndarray, precision: np.ndarray, counts: np.ndarray, grid
 
     Each block's tissue either follows its neighbourhood (prior probability 1 - ``prior``) or
     departs from it, its parameters then drawn from the global prior ``log_prior``. The
-    posterior probability of departing comes from the block's own mean curve ``own`` (T, B) of
-    ``precision`` (B,): its evidence under the neighbourhood's posterior (its most probable
-    points ``top`` and their log posterior ``top_lp``, (B, k)) against that under the global
-    prior (searched on the whole grid, coarse to fine, as :func:`_candidates`; the amplitude
-    profiled out in both). Returns the blocks (m,) whose curve favours departing (their
-    probability above the prior; the others, in number most of a study's, keep the
-    neighbourhood's posterior alone), their probabilities (m,), and for each its own posterior's ``keep``
-    most probable points and ``draws`` draws from it, each with its normalised log mass under
-    the block's posterior without the voxel's own share of it: the prior of a voxel that will
-    weigh them with its own curve, which is one of the block's ``counts`` (B,) curves, is the
-    global prior times the block's likelihood to the power 1 - 1 / count (the draws
-    importance-weighted to it).
+    posterior probability of departing comes from the block's own mean curve ``own`` (T, B):
+    its evidence under the neighbourhood's posterior (its most probable points ``top`` and
+    their log posterior ``top_lp``, (B, k)) against that under the global prior, over the
+    ``keep`` most probable points of its own posterior (the whole grid searched coarse to
+    fine, as :func:`_candidates`, with the noise ``precision`` (B,) measured from second
+    differences); the amplitude profiled out in both. The likelihoods take the larger of that
+    noise and the residual of the curve's best fit: noise correlated between frames
+    (overlapping reconstructions, a temporal filter) hides from second differences, and a
+    block then departed for its noise's sake.
+
+    Returns the blocks (m,) whose curve favours departing (probability above ``prior``, the
+    Bayes factor above 1), their probabilities (m,), and each one's own most probable points
+    and ``draws`` draws from its posterior, each with its normalised log mass under the
+    block's posterior without the voxel's own share of it: the prior of a voxel that weighs
+    them with its own curve, one of the block's ``counts`` (B,), is the global prior times
+    the block's likelihood to the power 1 - 1 / count (the draws importance-weighted to it).
     """
-    n_b = own.shape[1]
+    n_b, n_t = own.shape[1], own.shape[0]
     prec = np.asarray(precision, dtype=np.float64)
-    log_follow = np.empty(n_b)
-
-    def follow(s: int, e: int) -> None:
-        y = np.ascontiguousarray(own[:, s:e].T)                               # (n, T)
-        g = np.maximum(np.einsum("nt,nkt->nk", y, grid.responses[top[s:e]]), 0.0)
-        explained = g * g * grid.inv_norm2[top[s:e]]
-        log_follow[s:e] = special.logsumexp(top_lp[s:e] + 0.5 * prec[s:e, None] * explained,
-                                            axis=1)
-
-    map_chunks(follow, n_b, chunk=chunk, workers=max(1, workers))
     parts = map_chunks(lambda s, e: _candidates(own[:, s:e], prec[s:e], grid, log_prior, keep,
                                                 draws),
                        n_b, chunk=chunk, workers=max(1, workers))
-    o_top, o_lp, o_drawn, d_lp, log_z = (np.concatenate([p[j] for p in parts])
-                                         for j in range(5))
-    log_depart = log_z - float(special.logsumexp(log_prior.astype(np.float64)))
-    eps = special.expit(math.log(prior / (1.0 - prior)) + log_depart - log_follow)
-    out = np.flatnonzero(eps > prior)
+    o_top, o_lp, o_drawn, d_lp = (np.concatenate([p[j] for p in parts]) for j in range(4))
+    log_odds = np.empty(n_b)
+
+    def odds(s: int, e: int) -> None:
+        y = np.ascontiguousarray(own[:, s:e].T)                               # (n, T)
+        yy = np.einsum("nt,nt->n", y, y, dtype=np.float64)
+
+        def explained(points: np.ndarray) -> np.ndarray:
+            g = np.maximum(np.einsum("nt,nkt->nk", y, grid.responses[points]), 0.0)
+            return g.astype(np.float64) ** 2 * grid.inv_norm2[points]
+
+        follow, depart = explained(top[s:e]), explained(o_top[s:e])
+        # (four parameters: amplitude, MTT, delay and the shape's)
+        sse = yy - np.maximum(follow.max(axis=1), depart.max(axis=1))
+        p = np.minimum(prec[s:e], (n_t - 4) / np.maximum(sse, 1e-30))[:, None]
+        log_odds[s:e] = (special.logsumexp(log_prior[o_top[s:e]] + 0.5 * p * depart, axis=1)
+                         - special.logsumexp(top_lp[s:e] + 0.5 * p * follow, axis=1))
+
+    map_chunks(odds, n_b, chunk=chunk, workers=max(1, workers))
+    log_odds += math.log(prior / (1.0 - prior)) - float(special.logsumexp(
+        log_prior.astype(np.float64)))
+    out = np.flatnonzero(log_odds > math.log(prior / (1.0 - prior)))
     own_share = (1.0 / np.asarray(counts, dtype=np.float64)[out])[:, None]
 
     def without_own(lp: np.ndarray, points: np.ndarray, drawn: bool) -> np.ndarray:
@@ -579,8 +598,8 @@ def _departures(own: np.ndarray, precision: np.ndarray, counts: np.ndarray, grid
         x = (0.0 if drawn else lp) - own_share * (lp - log_prior[points[out]])
         return (x - special.logsumexp(x, axis=1, keepdims=True)).astype(np.float32)
 
-    return out, eps[out], (o_top[out], without_own(o_lp, o_top, False), o_drawn[out],
-                           without_own(d_lp, o_drawn, True))
+    return out, special.expit(log_odds[out]), (o_top[out], without_own(o_lp, o_top, False),
+                                               o_drawn[out], without_own(d_lp, o_drawn, True))
 
 
 def _block_neighbours(mask: np.ndarray, size: int, blocks: np.ndarray
@@ -606,62 +625,65 @@ def _block_neighbours(mask: np.ndarray, size: int, blocks: np.ndarray
 
 def _mixtures(base: _Candidates, departed: np.ndarray, eps: np.ndarray,
               own: tuple[np.ndarray, ...], neighbours: tuple[np.ndarray, np.ndarray],
-              share: float) -> _Candidates:
-    """The candidates of the blocks whose prior mixes in departing blocks' own posteriors.
+              share: float) -> list[_Candidates]:
+    """Every block's candidates once the departing blocks' own posteriors are mixed in.
 
     A departing block ``departed`` (m,) of probability ``eps`` (m,) gives its voxels the
-    mixture (1 - eps) x the neighbourhood's posterior (``base``, all blocks) + eps x its own
-    (``own``: most probable points and draws, (m, k) and (m, d), each with its log mass). Its
-    in-plane ``neighbours`` (pairs of receiving block and position in ``departed``) mix in
-    its own posterior too, with the weight ``share`` x the largest probability among their
+    mixture (1 - eps) x the neighbourhood's posterior (``base``, every block's) + eps x its
+    own (``own``: most probable points and draws, (m, k) and (m, d), each with its log mass).
+    Its in-plane ``neighbours`` (pairs of receiving block and position in ``departed``) mix
+    its own posterior in too, with the weight ``share`` x the largest probability among their
     departing neighbours, shared among those in proportion to theirs: the voxels of a block
     that straddles a lesion's edge, whose mean curve is mostly the healthy side's, can take
-    the lesion's timing where their own curves favour it.
+    the lesion's timing where their own curves favour it. Returns two groups: the blocks that
+    keep the neighbourhood's posterior alone, and the others.
     """
     recv, donor = neighbours
     blocks = np.union1d(departed, recv)
-    n_b = blocks.size
+    n = blocks.size
     at = np.searchsorted(blocks, departed)
-    own_eps = np.zeros(n_b)
-    own_eps[at] = eps
-    near = np.zeros(n_b)                                     # largest departing neighbour's
     r = np.searchsorted(blocks, recv)
+    own_eps = np.zeros(n)
+    own_eps[at] = eps
+    near = np.zeros(n)                                       # largest departing neighbour's
     np.maximum.at(near, r, eps[donor])
-    total = np.zeros(n_b)
+    total = np.zeros(n)
     np.add.at(total, r, eps[donor])
     taken = share * near
     # slots: the block's own posterior, then one per departing neighbour
-    slot = np.zeros(recv.size, dtype=np.int64)
-    order = np.lexsort((donor, r))
-    rs = r[order]
-    first = np.r_[0, np.flatnonzero(np.diff(rs)) + 1]
-    slot[order] = 1 + np.arange(rs.size) - np.repeat(first, np.diff(np.r_[first, rs.size]))
-    n_slot = int(slot.max()) + 1
+    slot = np.zeros(r.size, dtype=np.int64)
+    if r.size:
+        order = np.lexsort((donor, r))
+        rs = r[order]
+        first = np.r_[0, np.flatnonzero(np.diff(rs)) + 1]
+        slot[order] = 1 + np.arange(rs.size) - np.repeat(first, np.diff(np.r_[first, rs.size]))
+    n_slot = int(slot.max()) + 1 if slot.size else 1
     o_top, o_lp, o_drawn, o_dlp = own
-    k, d = o_top.shape[1], o_drawn.shape[1]
-    n_draws = base.drawn.shape[1]
-    top = np.zeros((n_b, n_slot, k), dtype=o_top.dtype)
-    top_lp = np.full((n_b, n_slot, k), -np.inf, dtype=np.float32)
-    drawn = np.zeros((n_b, n_slot, d), dtype=o_drawn.dtype)
-    drawn_lp = np.full((n_b, n_slot, d), -np.inf, dtype=np.float32)
-    mass = np.zeros((n_b, n_slot))
+    top = np.zeros((n, n_slot, o_top.shape[1]), dtype=o_top.dtype)
+    top_lp = np.full(top.shape, -np.inf, dtype=np.float32)
+    drawn = np.zeros((n, n_slot, o_drawn.shape[1]), dtype=o_drawn.dtype)
+    drawn_lp = np.full(drawn.shape, -np.inf, dtype=np.float32)
+    mass = np.zeros((n, n_slot))
     for rows, where, j, w in ((at, np.arange(departed.size), np.zeros(departed.size, int),
                                eps * (1.0 - taken[at])),
-                              (r, donor, slot, taken[r] * eps[donor] / total[r])):
+                              (r, donor, slot, taken[r] * eps[donor] / np.maximum(total[r],
+                                                                                  1e-300))):
         top[rows, j] = o_top[where]
         top_lp[rows, j] = o_lp[where]
         drawn[rows, j] = o_drawn[where]
         drawn_lp[rows, j] = o_dlp[where]
         mass[rows, j] = w
-    stay = (1.0 - own_eps) * (1.0 - taken)
     with np.errstate(divide="ignore"):
-        log_mass = np.log(mass).astype(np.float32)
-        log_stay = np.log(stay).astype(np.float32)[:, None]
-    return _Candidates(
-        blocks,
-        np.concatenate([base.top[blocks], top.reshape(n_b, -1)], axis=1),
-        np.concatenate([base.top_lp[blocks] + log_stay,
-                        (top_lp + log_mass[..., None]).reshape(n_b, -1)], axis=1),
-        np.concatenate([base.drawn[blocks], drawn.reshape(n_b, -1)], axis=1),
-        np.concatenate([base.drawn_lp[blocks] + log_stay - math.log(n_draws),
-                        (drawn_lp + log_mass[..., None]).reshape(n_b, -1)], axis=1))
+        log_mass = np.log(mass).astype(np.float32)[..., None]
+        log_stay = np.log((1.0 - own_eps) * (1.0 - taken)).astype(np.float32)[:, None]
+    n_draws = base.drawn.shape[1]
+    plain = np.setdiff1d(base.blocks, blocks)
+    return [_Candidates(plain, base.top[plain], base.top_lp[plain], base.drawn[plain],
+                        base.drawn_lp[plain]),
+            _Candidates(blocks,
+                        np.concatenate([base.top[blocks], top.reshape(n, -1)], axis=1),
+                        np.concatenate([base.top_lp[blocks] + log_stay,
+                                        (top_lp + log_mass).reshape(n, -1)], axis=1),
+                        np.concatenate([base.drawn[blocks], drawn.reshape(n, -1)], axis=1),
+                        np.concatenate([base.drawn_lp[blocks] + log_stay - math.log(n_draws),
+                                        (drawn_lp + log_mass).reshape(n, -1)], axis=1))]

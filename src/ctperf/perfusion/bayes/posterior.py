@@ -114,7 +114,7 @@ def _resample(lp: np.ndarray, draws: int) -> np.ndarray:
 
 def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
                 log_prior: np.ndarray, keep: int, draws: int
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The ``keep`` most probable grid points of each curve, and ``draws`` points drawn from its
     posterior, with their normalised log posterior.
 
@@ -124,9 +124,7 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     many drawn by mass (so that the fine points cover where the mass lies, not only its mode).
     ``curves`` (T, n) float32, ``precision`` (n,) = 1 / noise variance of the curves.
     Returns indices (n, keep) int32, their log posterior (n, keep) float32, then the same for
-    the draws (n, draws), a drawn point possibly several times; and the log of each curve's
-    evidence (n,) float64: the sum over the fine points of the prior times the likelihood,
-    the amplitude profiled out, without the constant -|y|^2 / 2 noise variance.
+    the draws (n, draws); a drawn point may appear several times.
     """
     prec = precision.astype(np.float32)
     coarse = grid.coarse
@@ -147,14 +145,12 @@ def _candidates(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
     safe = np.maximum(fine, 0)
     lp = _log_posterior(g, grid.inv_norm2[safe].astype(np.float32), prec, log_prior[safe])
     lp[fine < 0] = -np.inf
-    high = lp.max(axis=1, keepdims=True)
-    lp -= high
-    log_z = np.log(np.exp(lp).sum(axis=1, keepdims=True))
-    lp -= log_z
+    lp -= lp.max(axis=1, keepdims=True)
+    lp -= np.log(np.exp(lp).sum(axis=1, keepdims=True))
     idx, top = _top(lp, safe, min(keep, fine.shape[1]))
     pick = _resample(lp, draws)
     return (idx, top, np.take_along_axis(safe, pick, axis=1).astype(np.int32),
-            np.take_along_axis(lp, pick, axis=1), (high + log_z)[:, 0].astype(np.float64))
+            np.take_along_axis(lp, pick, axis=1))
 
 
 def learn_shape_weights(curves: np.ndarray, precision: np.ndarray, grid: ResidueGrid,
