@@ -59,8 +59,8 @@ class CurveOrigin:
 
 def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.ndarray,
                    venh: np.ndarray, t: np.ndarray, *, n_base: int,
-                   exclude: np.ndarray, region: str = "voxels searched"
-                   ) -> tuple[np.ndarray, CurveOrigin]:
+                   exclude: np.ndarray, region: str = "voxels searched",
+                   check_area: bool = True) -> tuple[np.ndarray, CurveOrigin]:
     """The measured AIF: the given curve, the mean of the given mask, or ctperf's choice.
 
     Parameters
@@ -81,11 +81,14 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
         Searched voxels never chosen (next to bone).
     region : str
         What the searched voxels are, for the error raised when none is an artery.
+    check_area : bool
+        Refuse a curve without a positive area (:func:`check_aif_area`); off where the
+        caller checks the baseline against the curve first.
 
     Returns
     -------
     curve : ndarray, shape (T,)
-        HU enhancement, with a positive area.
+        HU enhancement, with a positive area (``check_area``).
     origin : CurveOrigin
     """
     if aif is not None:
@@ -122,12 +125,18 @@ def arterial_input(aif: np.ndarray | None, aif_mask: np.ndarray | None, vhu: np.
     check_peak_not_clipped(curve, t, remedy="give an AIF mask on an artery whose voxels are "
                                           "not saturated (--aif-mask)")
     check_first_pass_sampled(t, curve)
+    if check_area:
+        check_aif_area(curve, t, origin)
+    return curve, origin
+
+
+def check_aif_area(curve: np.ndarray, t: np.ndarray, origin: CurveOrigin) -> None:
+    """Refuse an AIF (T,) whose area over the frame times ``t`` is not positive."""
     if not np.trapezoid(np.asarray(curve, dtype=np.float64), t) > 0:
         raise ValidationError(
             f"the AIF ({origin.source}) has no positive area: its curve sits below its "
             "pre-bolus baseline, as when the head moved between the baseline and the bolus; "
             "correct motion first (--register) or give an AIF mask (--aif-mask)")
-    return curve, origin
 
 
 def venous_output(vof: np.ndarray | None, vof_mask: np.ndarray | None, vhu: np.ndarray,

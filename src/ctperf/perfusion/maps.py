@@ -39,12 +39,14 @@ from ctperf.perfusion.curves import (
     check_constants,
     on_frame_times,
     sample_step,
+    second_difference_sd,
     smooth_time,
     start_level,
 )
 from ctperf.perfusion.inputs import (
     CurveOrigin,
     arterial_input,
+    check_aif_area,
     partial_volume,
     pre_bolus_noise_sd,
     venous_output,
@@ -59,6 +61,7 @@ from ctperf.perfusion.lesions import (
 from ctperf.perfusion.onset import (
     check_vessels_at_start,
     enhancement,
+    pre_bolus_frames,
     study_start,
     without_still,
 )
@@ -234,7 +237,22 @@ def run_perfusion(
                 if brain_mask is not None else "voxels of the head searched (the automatic "
                 "brain mask with what it encloses)")
     aif_raw, aif_from = arterial_input(aif, aif_mask, vhu, venh, t, n_base=n_base,
-                                       exclude=bony, region=searched)
+                                       exclude=bony, region=searched, check_area=False)
+    # the baseline ends before the AIF's own bolus: small veins, rising late, can outnumber the
+    # arteries among the study's strongest risers and end it seconds after the arteries' bolus
+    # began (a review's AIF then dipped 34 HU below zero, silently, or was refused as having
+    # no area)
+    before_aif = pre_bolus_frames(aif_raw[:, None], np.ones(1), times=t,
+                                  noise_sd=float(second_difference_sd(aif_raw)))
+    if before_aif < n_base:
+        log.warning("the baseline (%d frames, read from the study's vessels) runs into the "
+                    "AIF's bolus: shortened to the %d frames before it", n_base, before_aif)
+        n_base = before_aif
+        base = hu[:n_base].mean(axis=0)
+        enh, venh = enhancement(hu, vhu, search, base=base, n_base=n_base)
+        aif_raw, aif_from = arterial_input(aif, aif_mask, vhu, venh, t, n_base=n_base,
+                                           exclude=bony, region=searched, check_area=False)
+    check_aif_area(aif_raw, t, aif_from)
     # a voxel of the AIF is never the venous reference: an artery peaking late on its noise
     # would otherwise pass the VOF's timing rule and scale the AIF by itself
     arterial = (aif_mask[search] if aif_mask is not None and aif is None
