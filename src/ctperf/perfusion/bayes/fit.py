@@ -549,11 +549,11 @@ def _departures(own: np.ndarray, precision: np.ndarray, counts: np.ndarray, grid
     its evidence under the neighbourhood's posterior (its most probable points ``top`` and
     their log posterior ``top_lp``, (B, k)) against that under the global prior, over the
     ``keep`` most probable points of its own posterior (the whole grid searched coarse to
-    fine, as :func:`_candidates`, with the noise ``precision`` (B,) measured from second
-    differences); the amplitude profiled out in both. The likelihoods take the larger of that
-    noise and the residual of the curve's best fit: noise correlated between frames
-    (overlapping reconstructions, a temporal filter) hides from second differences, and a
-    block then departed for its noise's sake.
+    fine, as :func:`_candidates`, at the curves' measured ``precision`` (B,)); the amplitude
+    profiled out in both. The likelihoods take the larger of that noise and the residual of
+    the curve's best fit: noise correlated between frames (overlapping reconstructions, a
+    temporal filter) hides from second differences, and a block then departed for its noise's
+    sake.
 
     Returns the blocks (m,) whose curve favours departing (probability above ``prior``, the
     Bayes factor above 1), their probabilities (m,), and each one's own most probable points
