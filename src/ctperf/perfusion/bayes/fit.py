@@ -64,6 +64,12 @@ DEPARTURE_PRIOR = 0.05
 #: its probability of departing (:func:`_mixtures`).
 NEIGHBOUR_SHARE = 0.5
 
+#: Below this ratio of the pre-bolus frames' second differences' variance to their first
+#: differences' (3 for noise independent between frames, 2 for overlapping reconstructions, 1.1
+#: for noise smoothed over time by a Gaussian of one frame), ``fit_bayes``'s blocks do not
+#: depart from their neighbourhood (:func:`white_over_time`).
+MIN_DIFFERENCE_RATIO = 1.8
+
 #: Smallest noise SD a curve is given, as a fraction of the arterial curve's peak (a noise-free
 #: curve's estimate is 0): tiny, and in the curves' own units (HU, concentration or any scale).
 NOISE_FLOOR = 1e-6
@@ -444,7 +450,8 @@ def fit_bayes(
     # the neighbourhood's, and its neighbours' where it favours departing (blocks of one voxel:
     # a voxel's own curve would decide both whether it departs and where to)
     groups = [_Candidates(np.arange(n_blocks), top, top_lp, drawn, drawn_lp)]
-    if use_space and departure_prior > 0.0 and block_size > 1:
+    if use_space and departure_prior > 0.0 and block_size > 1 and \
+            white_over_time(y_all, baseline_frames):
         departed, eps, own = _departures(own_curves, own_precision, counts, grid, log_prior,
                                          top, top_lp, max(1, keep // 3), max(1, n_draws // 2),
                                          chunk1, workers, departure_prior)
@@ -687,3 +694,27 @@ def _mixtures(base: _Candidates, departed: np.ndarray, eps: np.ndarray,
                         np.concatenate([base.drawn[blocks], drawn.reshape(n, -1)], axis=1),
                         np.concatenate([base.drawn_lp[blocks] + log_stay - math.log(n_draws),
                                         (drawn_lp + log_mass).reshape(n, -1)], axis=1))]
+
+
+def white_over_time(curves: np.ndarray, baseline_frames: int | None, *,
+                    sample: int = 4096) -> bool:
+    """Whether the noise of ``curves`` (T, N) is independent enough between frames for the
+    blocks' departures: the variance of the pre-bolus frames' second differences over that of
+    their first differences (medians over up to ``sample`` evenly spaced curves) at least
+    :data:`MIN_DIFFERENCE_RATIO`. Noise smoothed over time (a temporal filter) reads too
+    little from second differences, and healthy blocks then departed for its sake (a review's
+    heads: 2.9-3.4 % of healthy tissue read Tmax > 6 s, 0.8-0.9 % without departures); such a
+    study is fitted without them, with a warning. True where there are fewer than 8 pre-bolus
+    frames (``baseline_frames``) to judge by."""
+    if baseline_frames is None or baseline_frames < 8:
+        return True
+    take = np.linspace(0, curves.shape[1] - 1, min(sample, curves.shape[1])).astype(np.int64)
+    base = np.asarray(curves[:baseline_frames, take], dtype=np.float64)
+    first = np.median(np.diff(base, axis=0) ** 2)
+    second = np.median(np.diff(base, n=2, axis=0) ** 2)
+    if not first > 0 or second / first >= MIN_DIFFERENCE_RATIO:
+        return True
+    log.warning("the study's noise is correlated between frames (second over first differences "
+                "%.2f, 3 for independent noise): the blocks do not depart from their "
+                "neighbourhood (departure_prior ignored)", second / first)
+    return False
