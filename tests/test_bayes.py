@@ -430,6 +430,22 @@ def test_departures_ignore_noise_correlated_between_frames(caplog):
     assert np.isfinite(fit.cbf).all()
 
 
+def test_white_over_time_reads_integer_hu_and_smoothed_noise():
+    """The check that switches the departures off: white noise stored as whole HU (whose
+    squared differences are whole numbers: medians had read 1, 4 or 9 for 3) passes at any
+    level; noise smoothed over time by a Gaussian of one frame fails, rounded or not."""
+    from ctperf.perfusion.bayes.fit import white_over_time
+
+    rng = np.random.default_rng(0)
+    for sd in (0.5, 0.8, 1.0, 1.5, 2.0, 8.0):
+        assert white_over_time(np.round(sd * rng.standard_normal((12, 4000))), 12), sd
+    for sd in (3.0, 8.0):
+        smooth = ndimage.gaussian_filter1d(sd * rng.standard_normal((40, 4000)), 1.0, axis=0)
+        assert not white_over_time(smooth, 12), sd
+        assert not white_over_time(np.round(smooth), 12), sd
+    assert white_over_time(np.zeros((12, 10)), 12)          # nothing to judge by
+
+
 def test_vessels_do_not_set_the_timing_of_the_tissue_around_them():
     """A 4 x 4 voxel artery (0.6 x the AIF) in uniform tissue (exponential residue, delay 2 s,
     5 HU): left in the neighbourhoods' averages, its curve, many times the tissue's, gives the

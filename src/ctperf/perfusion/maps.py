@@ -242,7 +242,7 @@ def run_perfusion(
     # arteries among the study's strongest risers and end it seconds after the arteries' bolus
     # began (a review's AIF then dipped 34 HU below zero, silently, or was refused as having
     # no area)
-    before_aif = pre_bolus_frames(aif_raw[:, None], np.ones(1), times=t,
+    before_aif = pre_bolus_frames(aif_raw[:, None], np.ones(1), times=t, sustained=True,
                                   noise_sd=float(second_difference_sd(aif_raw)))
     if before_aif < n_base:
         log.warning("the baseline (%d frames, read from the study's vessels) runs into the "

@@ -54,13 +54,15 @@ MARGIN_SPAN_S = 3.0
 
 def pre_bolus_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
                      share: float = 0.25, most: int = 5000, percentile: float = 5.0,
-                     times: np.ndarray | None = None) -> int:
+                     times: np.ndarray | None = None, sustained: bool = False) -> int:
     """Frames before the bolus: two less than an early percentile of the arrival frames of the
     voxels rising by at least ``share`` of the largest ``rise`` (Z, Y, X), at most ``most`` of
     them (one less where those two frames span more than :data:`MARGIN_SPAN_S` of ``times``,
     s); arrival is where a curve, smoothed over time, first exceeds 20 % of its own rise above
     its start, and four times the smoothed curves' noise (``noise_sd`` of one frame, HU), so
-    that a weak vessel's noise does not cross for it."""
+    that a weak vessel's noise does not cross for it. ``sustained``: arrival is where the run
+    of such frames that holds the curve's peak begins, so that a spike before the bolus (one
+    frame of a motion artefact in a given AIF) is not read as it."""
     flat = rise.ravel()
     n = min(most, int(np.count_nonzero(flat >= share * flat.max())))
     top = np.argpartition(flat, flat.size - max(n, 1))[-max(n, 1):]
@@ -73,7 +75,13 @@ def pre_bolus_frames(hu: np.ndarray, rise: np.ndarray, *, noise_sd: float = 0.0,
     crossed = above.any(axis=0)
     if not crossed.any():
         return 1
-    arrival = int(np.percentile(np.argmax(above[:, crossed], axis=0), percentile))
+    first = np.argmax(above[:, crossed], axis=0)
+    if sustained:  # the frame after the last one below the level before the peak
+        frame = np.arange(rel.shape[0])[:, None]
+        before = ~above[:, crossed] & (frame < np.argmax(rel[:, crossed], axis=0))
+        first = np.where(before.any(axis=0),
+                         rel.shape[0] - np.argmax(before[::-1], axis=0), 0)
+    arrival = int(np.percentile(first, percentile))
     # two frames early: the smoothing (one frame's SD) moves a crossing by up to a frame; one
     # where frames are seconds apart (3 s frames had kept 1 of 3 pre-bolus frames)
     margin = 2
