@@ -463,11 +463,9 @@ def fit_bayes(
     # Stage 2: each voxel's own curve weighs its block's candidates; the voxels of a block
     # share them, so their projections are one batched product per block.
     order = np.argsort(block, kind="stable")
-    counts = np.bincount(block, minlength=n_blocks)
-    width = int(counts.max()) if n_blocks else 1
+    width = int(np.bincount(block, minlength=n_blocks).max()) if n_blocks else 1
     members = np.full((n_blocks, width), -1, dtype=np.int64)
-    pos = np.arange(n) - np.repeat(np.cumsum(counts) - counts, counts)
-    members[block[order], pos] = order
+    members[block[order], _ranks(block[order])] = order
     mom = np.empty((n, len(_COLUMNS)), dtype=np.float64)
     per_chunk = max(1, chunk // width)
     for j, group in enumerate(groups):
@@ -609,6 +607,12 @@ def _departures(own: np.ndarray, precision: np.ndarray, counts: np.ndarray, grid
                                                o_drawn[out], without_own(d_lp, o_drawn, True))
 
 
+def _ranks(keys: np.ndarray) -> np.ndarray:
+    """Each element's position (0, 1, ...) among the equal ones of sorted ``keys`` (n,)."""
+    start = np.r_[0, np.flatnonzero(np.diff(keys)) + 1] if keys.size else np.zeros(0, int)
+    return np.arange(keys.size) - np.repeat(start, np.diff(np.r_[start, keys.size]))
+
+
 def _block_neighbours(mask: np.ndarray, size: int, blocks: np.ndarray
                       ) -> tuple[np.ndarray, np.ndarray]:
     """The in-plane neighbours (up, down, left, right) of ``blocks`` (m,) among the blocks of
@@ -659,11 +663,8 @@ def _mixtures(base: _Candidates, departed: np.ndarray, eps: np.ndarray,
     taken = share * near
     # slots: the block's own posterior, then one per departing neighbour
     slot = np.zeros(r.size, dtype=np.int64)
-    if r.size:
-        order = np.lexsort((donor, r))
-        rs = r[order]
-        first = np.r_[0, np.flatnonzero(np.diff(rs)) + 1]
-        slot[order] = 1 + np.arange(rs.size) - np.repeat(first, np.diff(np.r_[first, rs.size]))
+    order = np.lexsort((donor, r))
+    slot[order] = 1 + _ranks(r[order])
     n_slot = int(slot.max()) + 1 if slot.size else 1
     o_top, o_lp, o_drawn, o_dlp = own
     top = np.zeros((n, n_slot, o_top.shape[1]), dtype=o_top.dtype)
